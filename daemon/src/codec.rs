@@ -1,0 +1,144 @@
+//! Wire encodings shared by every module: base64url without padding
+//! (RFC 4648 §5), RFC 3339 UTC timestamps, and strict JSON.
+//!
+//! PROTOCOL conventions: binary fields are base64url without padding; times are
+//! RFC 3339 UTC strings; parsers reject unknown fields, duplicate keys and
+//! trailing data. Everything here fails closed.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use time::format_description::well_known::Rfc3339;
+use time::{OffsetDateTime, UtcOffset};
+
+/// A value that could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// Not canonical base64url without padding: padding, `+`/`/`, whitespace or
+    /// non-zero trailing bits. A buggy encoder, or an attempt to make two
+    /// encodings of one value.
+    #[error("not base64url without padding")]
+    Base64,
+    /// Not an RFC 3339 timestamp in UTC (`Z` suffix).
+    #[error("not an RFC 3339 UTC timestamp (e.g. 2026-11-26T07:25:21Z)")]
+    Time,
+    /// JSON that does not match the expected shape, has unknown or duplicate
+    /// fields, or trailing data. The message names the field when serde can.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+}
+
+/// Encodes bytes as base64url without padding.
+pub fn b64_encode(bytes: impl AsRef<[u8]>) -> String {
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Decodes base64url without padding, refusing every non-canonical form.
+///
+/// # Errors
+/// [`CodecError::Base64`] for padding, the standard alphabet, whitespace or
+/// non-canonical trailing bits.
+pub fn b64_decode(text: &str) -> Result<Vec<u8>, CodecError> {
+    // The base64 crate's default engine already rejects padding when configured
+    // for NO_PAD and rejects non-zero trailing bits; this is the canonical form.
+    URL_SAFE_NO_PAD.decode(text).map_err(|_| CodecError::Base64)
+}
+
+/// Parses an RFC 3339 timestamp; only the UTC designator `Z` is accepted so
+/// that a time has one spelling on the wire.
+///
+/// # Errors
+/// [`CodecError::Time`] for anything else.
+pub fn parse_time(text: &str) -> Result<OffsetDateTime, CodecError> {
+    if !text.ends_with('Z') {
+        return Err(CodecError::Time);
+    }
+    let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| CodecError::Time)?;
+    if t.offset() != UtcOffset::UTC {
+        return Err(CodecError::Time);
+    }
+    Ok(t)
+}
+
+/// Formats a time as RFC 3339 UTC with second precision (`2026-11-26T07:25:21Z`).
+pub fn format_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// Parses JSON strictly: the target type's serde derive must use
+/// `deny_unknown_fields`; duplicate fields and trailing data are refused by
+/// serde_json for derived structs.
+///
+/// # Errors
+/// [`CodecError::Json`] with serde's description (which names the field).
+pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    serde_json::from_slice(bytes).map_err(|e| CodecError::Json(e.to_string()))
+}
+
+/// Serde helpers for RFC 3339 UTC fields: `#[serde(with = "lavd::codec::rfc3339")]`.
+pub mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::OffsetDateTime;
+
+    /// Serializes as [`super::format_time`].
+    pub fn serialize<S: Serializer>(t: &OffsetDateTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_time(*t))
+    }
+
+    /// Deserializes with [`super::parse_time`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_time(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Serde helpers for base64url-without-padding byte fields.
+pub mod b64 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serializes as [`super::b64_encode`].
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::b64_encode(bytes))
+    }
+
+    /// Deserializes with [`super::b64_decode`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        super::b64_decode(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64url_is_strict() {
+        assert_eq!(b64_decode("AQID").unwrap(), vec![1, 2, 3]);
+        assert_eq!(b64_decode("AQI=").unwrap_err(), CodecError::Base64);
+        assert_eq!(b64_decode("+/8").unwrap_err(), CodecError::Base64);
+        // "AR" would carry non-zero trailing bits for one byte (canonical is "AQ").
+        assert_eq!(b64_decode("AR").unwrap_err(), CodecError::Base64);
+        assert_eq!(b64_encode([0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn times_are_utc_rfc3339() {
+        let t = parse_time("2026-11-26T07:25:21Z").unwrap();
+        assert_eq!(format_time(t), "2026-11-26T07:25:21Z");
+        assert_eq!(
+            parse_time("2026-11-26T07:25:21+01:00").unwrap_err(),
+            CodecError::Time
+        );
+        assert_eq!(parse_time("2026-11-26").unwrap_err(), CodecError::Time);
+    }
+}

@@ -1,0 +1,212 @@
+//! Escrow key metadata. The private key lives in the HSM under the same `kid`;
+//! this table is what lets the daemon list keys, enforce their validity and
+//! retention, and remember destruction after a restart.
+
+use rusqlite::{params, OptionalExtension as _};
+use time::OffsetDateTime;
+
+use super::{Store, StoreError};
+use crate::codec::{format_time, parse_time};
+use crate::jwk::P256PublicKey;
+
+/// One escrow key's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRecord {
+    /// The epoch name, e.g. `2026-12`.
+    pub kid: String,
+    /// The public key (providers seal to it).
+    pub public: P256PublicKey,
+    /// Providers may seal to it from this time.
+    pub not_before: OffsetDateTime,
+    /// Providers must stop sealing to it at this time.
+    pub not_after: OffsetDateTime,
+    /// Retention end: after this the private key is destroyed.
+    pub destroy_after: OffsetDateTime,
+    /// When it was generated.
+    pub created_at: OffsetDateTime,
+    /// When it was destroyed, if it was.
+    pub destroyed_at: Option<OffsetDateTime>,
+    /// Why it was destroyed (`retention` or an operator's `--reason`).
+    pub destroy_reason: Option<String>,
+}
+
+/// Escrow key metadata storage.
+pub trait KeyStore {
+    /// Records a newly generated key.
+    ///
+    /// # Errors
+    /// [`StoreError::DuplicateKid`] if the kid was ever used.
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// All keys, destroyed ones included, ordered by kid.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] or [`StoreError::Corrupt`].
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// One key by kid.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] or [`StoreError::Corrupt`].
+    fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Marks a key destroyed. Final: a destroyed key is never revived.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownKid`] if there is no such key.
+    fn mark_destroyed(
+        &self,
+        kid: &str,
+        at: OffsetDateTime,
+        reason: &str,
+    ) -> Result<(), StoreError>;
+}
+
+impl Store {
+    fn key_from_row(&self, row: &rusqlite::Row<'_>) -> Result<KeyRecord, StoreError> {
+        let text = |i: usize| -> Result<String, StoreError> {
+            row.get::<_, String>(i).map_err(|e| self.sqlite_err(e))
+        };
+        let time = |i: usize| -> Result<OffsetDateTime, StoreError> {
+            parse_time(&text(i)?).map_err(|_| self.corrupt(format!("escrow_keys column {i}")))
+        };
+        let sec1: Vec<u8> = row.get(1).map_err(|e| self.sqlite_err(e))?;
+        let destroyed_at: Option<String> = row.get(6).map_err(|e| self.sqlite_err(e))?;
+        Ok(KeyRecord {
+            kid: text(0)?,
+            public: P256PublicKey::from_sec1(&sec1)
+                .map_err(|_| self.corrupt("escrow_keys.public_sec1"))?,
+            not_before: time(2)?,
+            not_after: time(3)?,
+            destroy_after: time(4)?,
+            created_at: time(5)?,
+            destroyed_at: destroyed_at
+                .map(|t| parse_time(&t))
+                .transpose()
+                .map_err(|_| self.corrupt("escrow_keys.destroyed_at"))?,
+            destroy_reason: row.get(7).map_err(|e| self.sqlite_err(e))?,
+        })
+    }
+}
+
+const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
+
+impl KeyStore for Store {
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let result = conn.execute(
+            &format!("INSERT INTO escrow_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL)"),
+            params![
+                key.kid,
+                key.public.sec1().as_slice(),
+                format_time(key.not_before),
+                format_time(key.not_after),
+                format_time(key.destroy_after),
+                format_time(key.created_at),
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::DuplicateKid(key.kid.clone()))
+            }
+            Err(e) => Err(self.sqlite_err(e)),
+        }
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {KEY_COLUMNS} FROM escrow_keys ORDER BY kid"))
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.sqlite_err(e))?;
+        let mut keys = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.sqlite_err(e))? {
+            keys.push(self.key_from_row(row)?);
+        }
+        Ok(keys)
+    }
+
+    fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(&format!("SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = ?1"))
+            .map_err(|e| self.sqlite_err(e))?;
+        let row = stmt
+            .query_row([kid], |row| Ok(self.key_from_row(row)))
+            .optional()
+            .map_err(|e| self.sqlite_err(e))?;
+        row.transpose()
+    }
+
+    fn mark_destroyed(
+        &self,
+        kid: &str,
+        at: OffsetDateTime,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        // `destroyed_at IS NULL` keeps the first destruction record; a second
+        // call on a destroyed key changes nothing but is not an error.
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE escrow_keys SET destroyed_at = ?2, destroy_reason = ?3
+                 WHERE kid = ?1 AND destroyed_at IS NULL",
+                params![kid, format_time(at), reason],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        if changed == 0 && self.get_key(kid)?.is_none() {
+            return Err(StoreError::UnknownKid(kid.to_string()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwk::P256PrivateKey;
+
+    fn record(kid: &str) -> KeyRecord {
+        let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap();
+        KeyRecord {
+            kid: kid.into(),
+            public: P256PrivateKey::generate().unwrap().public().clone(),
+            not_before: now,
+            not_after: now + time::Duration::days(30),
+            destroy_after: now + time::Duration::days(365),
+            created_at: now,
+            destroyed_at: None,
+            destroy_reason: None,
+        }
+    }
+
+    #[test]
+    fn keys_survive_reopen_and_kids_are_unique() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let rec = record("2026-12");
+        {
+            let store = Store::open(&path).unwrap();
+            store.insert_key(&rec).unwrap();
+            assert!(matches!(
+                store.insert_key(&rec),
+                Err(StoreError::DuplicateKid(k)) if k == "2026-12"
+            ));
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.list_keys().unwrap(), vec![rec.clone()]);
+        let at = rec.created_at + time::Duration::days(1);
+        store.mark_destroyed("2026-12", at, "retention").unwrap();
+        // A second destruction keeps the first record.
+        store
+            .mark_destroyed("2026-12", at + time::Duration::days(1), "again")
+            .unwrap();
+        let got = store.get_key("2026-12").unwrap().unwrap();
+        assert_eq!(got.destroyed_at, Some(at));
+        assert_eq!(got.destroy_reason.as_deref(), Some("retention"));
+        assert!(matches!(
+            store.mark_destroyed("nope", at, "x"),
+            Err(StoreError::UnknownKid(_))
+        ));
+    }
+}

@@ -1,0 +1,161 @@
+//! The embedded store: SQLite (through `rusqlite`, bundled) in WAL mode with
+//! `synchronous=FULL`, so a committed transaction survives a crash or power
+//! loss.
+//!
+//! It holds what must outlive the process and is not key material: escrow key
+//! metadata (the private keys themselves stay in the HSM), warrant budgets and
+//! revocations, and the audit log. Each concern is a small trait
+//! ([`KeyStore`], …) so that a server database can be added later without
+//! touching callers; [`Store`] is the SQLite implementation.
+//!
+//! Trust: the database file is *not* trusted for the audit log (its integrity
+//! comes from signed checkpoints), but it is trusted for budgets and
+//! revocations, so its permissions matter (see docs/OPERATIONS.md).
+
+mod keys;
+
+pub use keys::{KeyRecord, KeyStore};
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::Connection;
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused an operation: disk full, I/O error, a locked or corrupt
+    /// file. The store is unavailable, not the request wrong (HTTP 503).
+    #[error("store {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer `lavd` whose schema this one does not know.
+    #[error("store {path}: schema version {found} is newer than this lavd supports ({supported})")]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// `PRAGMA user_version` in the file.
+        found: i64,
+        /// The newest version this build knows.
+        supported: i64,
+    },
+    /// An escrow key with this `kid` already exists (kids are never reused,
+    /// even after destruction, so a ciphertext names one key forever).
+    #[error("an escrow key with kid `{0}` already exists")]
+    DuplicateKid(String),
+    /// No escrow key has this `kid`.
+    #[error("no escrow key with kid `{0}`")]
+    UnknownKid(String),
+    /// A value read back from the file is not what this code wrote: the
+    /// database was edited or is corrupt.
+    #[error("store {path}: corrupt row: {what}")]
+    Corrupt {
+        /// The database file.
+        path: PathBuf,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many
+/// have run. Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: escrow key metadata.
+    "CREATE TABLE escrow_keys (
+        kid            TEXT PRIMARY KEY NOT NULL,
+        public_sec1    BLOB NOT NULL,
+        not_before     TEXT NOT NULL,
+        not_after      TEXT NOT NULL,
+        destroy_after  TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        destroyed_at   TEXT,
+        destroy_reason TEXT
+    ) STRICT;",
+];
+
+/// The SQLite store. One writer connection behind a mutex: SQLite serialises
+/// writers anyway, and one connection lets concurrent callers share a commit.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating if absent) the database at `path`, sets WAL and
+    /// `synchronous=FULL`, and applies pending migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] if the file cannot be opened or migrated;
+    /// [`StoreError::SchemaTooNew`] if a newer `lavd` wrote it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let err = |source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        // WAL: readers do not block the writer. FULL: a commit is on disk
+        // (fsync of the WAL) before `commit()` returns; this is what
+        // "durable" means everywhere in lavd.
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(err)?;
+        let supported = MIGRATIONS.len() as i64;
+        if version > supported {
+            return Err(StoreError::SchemaTooNew {
+                path: path.to_path_buf(),
+                found: version,
+                supported,
+            });
+        }
+        let tx = conn.transaction().map_err(err)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", i as i64 + 1)
+                .map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave a half-done transaction
+        // behind (rusqlite rolls back on drop), so a poisoned lock is usable.
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sqlite_err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+}
