@@ -1,1 +1,248 @@
-//! (being written)
+//! Escrow key lifecycle: generation, publication as a JWK Set, and
+//! destruction at the end of retention. Ties the HSM (where the private keys
+//! live) to the store (where their metadata lives).
+//!
+//! Order of writes, chosen so that a crash between two steps fails closed:
+//! - generate: HSM first, then the store. A crash leaves an unlisted key on the
+//!   token (harmless: nothing is sealed to it), never a listed key without a
+//!   private half.
+//! - destroy: the store first, then the HSM. A crash leaves a key the daemon
+//!   already treats as destroyed; running `keys destroy` again finishes the
+//!   job on the token.
+
+use time::OffsetDateTime;
+
+use crate::codec::format_time;
+use crate::hsm::{Hsm, HsmError};
+use crate::jwk::{Jwk, JwkSet, LAV_SUITE};
+use crate::store::{KeyRecord, KeyStore, StoreError};
+
+/// A key lifecycle request that was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The kid is not 1–64 characters of `A-Z a-z 0-9 . _ -`.
+    #[error("invalid kid {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
+    InvalidKid(String),
+    /// The dates are not ordered `not_before < not_after <= destroy_after`.
+    #[error("invalid validity: need not_before < not_after <= destroy_after")]
+    InvalidDates,
+    /// A key with this kid exists or existed (kids are never reused).
+    #[error("escrow key {0:?} already exists (kids are never reused, even after destruction)")]
+    DuplicateKid(String),
+    /// No key has this kid.
+    #[error("no escrow key {0:?}")]
+    UnknownKid(String),
+    /// Destruction before the end of retention needs `--force --reason`.
+    #[error(
+        "escrow key {kid:?} is retained until {destroy_after}; destroying it earlier needs --force and --reason"
+    )]
+    RetentionNotReached {
+        /// The key.
+        kid: String,
+        /// Its retention end.
+        destroy_after: String,
+    },
+    /// `--force` without a reason (the reason goes to the audit log).
+    #[error("--force needs a non-empty --reason")]
+    ReasonRequired,
+    /// After destruction the token still reports the private key.
+    #[error("escrow key {0:?} is still on the token after destruction")]
+    StillPresent(String),
+    /// The HSM failed.
+    #[error(transparent)]
+    Hsm(#[from] HsmError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl KeyError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            KeyError::InvalidKid(_) => "invalid_kid",
+            KeyError::InvalidDates => "invalid_dates",
+            KeyError::DuplicateKid(_) => "duplicate_kid",
+            KeyError::UnknownKid(_) => "unknown_key",
+            KeyError::RetentionNotReached { .. } => "retention_not_reached",
+            KeyError::ReasonRequired => "reason_required",
+            KeyError::StillPresent(_) => "key_still_present",
+            KeyError::Hsm(_) => "hsm_unavailable",
+            KeyError::Store(_) => "store_unavailable",
+        }
+    }
+}
+
+impl From<StoreError> for KeyError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::DuplicateKid(k) => KeyError::DuplicateKid(k),
+            StoreError::UnknownKid(k) => KeyError::UnknownKid(k),
+            other => KeyError::Store(other),
+        }
+    }
+}
+
+/// Checks a kid's spelling.
+///
+/// # Errors
+/// [`KeyError::InvalidKid`].
+pub fn check_kid(kid: &str) -> Result<(), KeyError> {
+    let ok = (1..=64).contains(&kid.len())
+        && kid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(KeyError::InvalidKid(kid.to_string()))
+    }
+}
+
+/// The validity of a new key.
+#[derive(Debug, Clone, Copy)]
+pub struct Validity {
+    /// Providers may seal to it from here.
+    pub not_before: OffsetDateTime,
+    /// Providers stop sealing to it here.
+    pub not_after: OffsetDateTime,
+    /// The private key is destroyed after this.
+    pub destroy_after: OffsetDateTime,
+}
+
+/// Generates escrow key `kid` in the HSM and records it.
+///
+/// # Errors
+/// [`KeyError::InvalidKid`], [`KeyError::InvalidDates`],
+/// [`KeyError::DuplicateKid`], or an HSM/store failure.
+pub fn generate(
+    hsm: &Hsm,
+    store: &dyn KeyStore,
+    kid: &str,
+    validity: Validity,
+    now: OffsetDateTime,
+) -> Result<KeyRecord, KeyError> {
+    check_kid(kid)?;
+    if !(validity.not_before < validity.not_after && validity.not_after <= validity.destroy_after)
+    {
+        return Err(KeyError::InvalidDates);
+    }
+    if store.get_key(kid)?.is_some() {
+        return Err(KeyError::DuplicateKid(kid.to_string()));
+    }
+    let public = match hsm.generate_escrow_key(kid) {
+        Err(HsmError::DuplicateKey(_)) => return Err(KeyError::DuplicateKid(kid.to_string())),
+        other => other?,
+    };
+    let record = KeyRecord {
+        kid: kid.to_string(),
+        public,
+        not_before: validity.not_before,
+        not_after: validity.not_after,
+        destroy_after: validity.destroy_after,
+        created_at: now.replace_nanosecond(0).unwrap_or(now),
+        destroyed_at: None,
+        destroy_reason: None,
+    };
+    store.insert_key(&record)?;
+    Ok(record)
+}
+
+/// The JWK Set of PROTOCOL §2: the keys providers may seal to now or later
+/// (not destroyed, `now < not_after`), with their suite and validity.
+///
+/// # Errors
+/// A store failure.
+pub fn jwks(store: &dyn KeyStore, now: OffsetDateTime) -> Result<JwkSet, KeyError> {
+    let keys = store
+        .list_keys()?
+        .into_iter()
+        .filter(|k| k.destroyed_at.is_none() && now < k.not_after)
+        .map(|k| Jwk {
+            kid: Some(k.kid.clone()),
+            use_: Some("enc".into()),
+            lav_suite: Some(LAV_SUITE.into()),
+            not_before: Some(format_time(k.not_before)),
+            not_after: Some(format_time(k.not_after)),
+            ..k.public.to_jwk()
+        })
+        .collect();
+    Ok(JwkSet { keys })
+}
+
+/// Why a key is being destroyed.
+#[derive(Debug, Clone)]
+pub enum DestroyReason {
+    /// Its retention ended.
+    Retention,
+    /// An operator forces it before the end of retention.
+    Forced(String),
+}
+
+/// Destroys escrow key `kid`: marks it destroyed in the store (final), deletes
+/// both halves from the token, and checks with a fresh session that the
+/// private key is gone.
+///
+/// # Errors
+/// [`KeyError::UnknownKid`], [`KeyError::RetentionNotReached`],
+/// [`KeyError::ReasonRequired`], [`KeyError::StillPresent`], or an HSM/store
+/// failure.
+pub fn destroy(
+    hsm: &Hsm,
+    store: &dyn KeyStore,
+    kid: &str,
+    reason: DestroyReason,
+    now: OffsetDateTime,
+) -> Result<KeyRecord, KeyError> {
+    let record = store
+        .get_key(kid)?
+        .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))?;
+    let reason = match reason {
+        DestroyReason::Retention if now <= record.destroy_after => {
+            return Err(KeyError::RetentionNotReached {
+                kid: kid.to_string(),
+                destroy_after: format_time(record.destroy_after),
+            })
+        }
+        DestroyReason::Retention => "retention".to_string(),
+        DestroyReason::Forced(r) if r.trim().is_empty() => return Err(KeyError::ReasonRequired),
+        DestroyReason::Forced(r) => format!("forced: {}", r.trim()),
+    };
+    store.mark_destroyed(kid, now, &reason)?;
+    hsm.destroy_escrow_key(kid)?;
+    if hsm.escrow_key_present(kid)? {
+        return Err(KeyError::StillPresent(kid.to_string()));
+    }
+    store
+        .get_key(kid)?
+        .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))
+}
+
+/// Keys whose retention has ended and that are not destroyed yet.
+///
+/// # Errors
+/// A store failure.
+pub fn due_for_destruction(
+    store: &dyn KeyStore,
+    now: OffsetDateTime,
+) -> Result<Vec<KeyRecord>, KeyError> {
+    Ok(store
+        .list_keys()?
+        .into_iter()
+        .filter(|k| k.destroyed_at.is_none() && now > k.destroy_after)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kid_spelling() {
+        assert!(check_kid("2026-12").is_ok());
+        assert!(check_kid("a.b_c-1").is_ok());
+        for bad in ["", "a b", "ä", "x/y", &"k".repeat(65)] {
+            assert_eq!(check_kid(bad).unwrap_err().code(), "invalid_kid", "{bad}");
+        }
+    }
+}

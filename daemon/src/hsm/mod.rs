@@ -1,1 +1,358 @@
-//! (being written)
+//! The HSM boundary: the only module that names cryptoki.
+//!
+//! It loads the configured PKCS#11 module, finds the token by label or serial,
+//! logs in with a PIN that never leaves a zeroizing buffer, and keeps a bounded
+//! pool of sessions. Every operation is synchronous and runs on a blocking
+//! thread ([`Hsm::run`]); no session is ever held across an `.await`.
+//!
+//! What it trusts: the PKCS#11 module and token. What it guarantees: escrow
+//! private keys are generated inside the token as sensitive, non-extractable,
+//! derive-only objects, and the only secret that ever leaves the token is the
+//! 32-byte ECDH output of one envelope, read from a session object that is
+//! destroyed straight away.
+//!
+//! A lost session or token (see [`error`]) does not make the daemon fail
+//! forever: the pool drops its sessions, finds the token again, logs in again
+//! and retries the operation once.
+
+pub mod error;
+mod keys;
+mod pool;
+
+pub use error::HsmError;
+pub use keys::{AuditKeyInfo, ESCROW_LABEL_PREFIX};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as CkError, RvError};
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+use zeroize::Zeroizing;
+
+use pool::Pool;
+
+/// How the token is chosen. A slot number alone is not offered: slot numbers
+/// change when tokens are added or re-initialised, and a daemon that opened
+/// the wrong token would serve the wrong keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenSelector {
+    /// `CKA_LABEL` of the token (unique among present tokens).
+    Label(String),
+    /// The token's serial number.
+    Serial(String),
+}
+
+impl std::fmt::Display for TokenSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSelector::Label(l) => write!(f, "label {l:?}"),
+            TokenSelector::Serial(s) => write!(f, "serial {s:?}"),
+        }
+    }
+}
+
+/// Vendor behaviour that differs between HSMs, as data rather than `if`s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quirks {
+    /// Put `CKA_VALUE_LEN = 32` in the ECDH derive template. SoftHSM needs it
+    /// (without it the derived value reads as empty).
+    pub derive_sets_value_len: bool,
+}
+
+impl Default for Quirks {
+    fn default() -> Self {
+        Self {
+            derive_sets_value_len: true,
+        }
+    }
+}
+
+/// Validated HSM settings (built by `config`).
+pub struct HsmSettings {
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// Which token.
+    pub token: TokenSelector,
+    /// The user PIN. Zeroized on drop by `secrecy`.
+    pub pin: AuthPin,
+    /// Maximum number of open sessions.
+    pub sessions: usize,
+    /// Vendor quirks.
+    pub quirks: Quirks,
+}
+
+impl std::fmt::Debug for HsmSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HsmSettings")
+            .field("module", &self.module)
+            .field("token", &self.token)
+            .field("pin", &"<redacted>")
+            .field("sessions", &self.sessions)
+            .field("quirks", &self.quirks)
+            .finish()
+    }
+}
+
+/// Observes HSM operations (the metrics module implements it).
+pub trait HsmObserver: Send + Sync + std::fmt::Debug {
+    /// One operation finished.
+    fn operation(&self, op: &'static str, seconds: f64, ok: bool);
+    /// The number of sessions checked out of the pool changed.
+    fn sessions_busy(&self, busy: usize);
+}
+
+#[derive(Debug)]
+struct NoObserver;
+impl HsmObserver for NoObserver {
+    fn operation(&self, _: &'static str, _: f64, _: bool) {}
+    fn sessions_busy(&self, _: usize) {}
+}
+
+/// A logged-in token with a session pool. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Hsm {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pkcs11: Pkcs11,
+    settings: HsmSettings,
+    pool: Pool,
+    /// Escrow and audit private key handles by label, so that the hot path does
+    /// not search the token. Cleared when the pool reconnects.
+    handles: Mutex<HashMap<String, cryptoki::object::ObjectHandle>>,
+    observer: Arc<dyn HsmObserver>,
+}
+
+/// PKCS#11 modules are process-wide: `C_Initialize` may run once per process
+/// and `C_Finalize` would pull the token from under every other user. So each
+/// module is loaded and initialised once and kept for the life of the process.
+fn module(path: &Path) -> Result<Pkcs11, HsmError> {
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+    let mut modules = MODULES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = modules.get(path) {
+        return Ok(p.clone());
+    }
+    if !path.is_file() {
+        return Err(HsmError::Module {
+            path: path.to_path_buf(),
+            reason: "no such file".into(),
+        });
+    }
+    let pkcs11 = Pkcs11::new(path).map_err(|e| HsmError::Module {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    // OS locking: the module may be called from several blocking threads.
+    match pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        // Already initialised in this process by someone else (a test harness
+        // that also inspects the token): the module state is shared, which is
+        // what we want.
+        Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    modules.insert(path.to_path_buf(), pkcs11.clone());
+    Ok(pkcs11)
+}
+
+impl Hsm {
+    /// Loads the module, finds the token and logs in once.
+    ///
+    /// # Errors
+    /// [`HsmError::Module`], [`HsmError::TokenNotFound`] (listing the tokens
+    /// present), [`HsmError::AmbiguousToken`], [`HsmError::Login`], or the
+    /// failing PKCS#11 call.
+    pub fn open(settings: HsmSettings) -> Result<Self, HsmError> {
+        Self::open_with_observer(settings, Arc::new(NoObserver))
+    }
+
+    /// [`Hsm::open`] with an observer for metrics.
+    ///
+    /// # Errors
+    /// As [`Hsm::open`].
+    pub fn open_with_observer(
+        settings: HsmSettings,
+        observer: Arc<dyn HsmObserver>,
+    ) -> Result<Self, HsmError> {
+        let pkcs11 = module(&settings.module)?;
+        let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
+        let pool = Pool::new(slot, settings.sessions.max(1));
+        let hsm = Hsm {
+            inner: Arc::new(Inner {
+                pkcs11,
+                settings,
+                pool,
+                handles: Mutex::new(HashMap::new()),
+                observer,
+            }),
+        };
+        // Log in now so that a wrong PIN fails at start, not on the first request.
+        hsm.with_session("login", |_| Ok(()))?;
+        Ok(hsm)
+    }
+
+    /// The configured token selector.
+    pub fn token(&self) -> &TokenSelector {
+        &self.inner.settings.token
+    }
+
+    /// Runs `f` on a blocking thread, so async callers never hold a session
+    /// across an `.await`.
+    ///
+    /// # Errors
+    /// `f`'s error, or [`HsmError::Worker`] if the blocking task failed.
+    pub async fn run<T, F>(&self, f: F) -> Result<T, HsmError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Hsm) -> Result<T, HsmError> + Send + 'static,
+    {
+        let hsm = self.clone();
+        tokio::task::spawn_blocking(move || f(&hsm))
+            .await
+            .map_err(|e| HsmError::Worker(e.to_string()))?
+    }
+
+    /// True when a session can be had and the user is logged in: the check
+    /// behind `/readyz`. It reconnects if the token came back.
+    pub fn is_ready(&self) -> bool {
+        self.with_session("ready", |s| {
+            let info = s.get_session_info()?;
+            if matches!(
+                info.session_state(),
+                cryptoki::session::SessionState::RoUser | cryptoki::session::SessionState::RwUser
+            ) {
+                Ok(())
+            } else {
+                Err(CkError::Pkcs11(
+                    RvError::UserNotLoggedIn,
+                    cryptoki::context::Function::GetSessionInfo,
+                )
+                .into())
+            }
+        })
+        .is_ok()
+    }
+
+    /// Runs `f` with a pooled, logged-in session. If the session or token was
+    /// lost, reconnects (re-finding the token and logging in) and retries once.
+    fn with_session<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let started = Instant::now();
+        let result = self.try_with_session(&f).or_else(|e| {
+            if e.is_session_lost() {
+                tracing::warn!(error = %e, "HSM session lost; reconnecting");
+                self.reconnect();
+                self.try_with_session(&f)
+            } else {
+                Err(e)
+            }
+        });
+        self.inner
+            .observer
+            .operation(op, started.elapsed().as_secs_f64(), result.is_ok());
+        result
+    }
+
+    fn try_with_session<T>(
+        &self,
+        f: &impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        let inner = &self.inner;
+        let lease = inner
+            .pool
+            .acquire(|slot| self.new_session(slot), |busy| inner.observer.sessions_busy(busy))?;
+        match f(lease.session()) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_session_lost() {
+                    lease.discard();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn new_session(&self, slot: Slot) -> Result<Session, HsmError> {
+        let session = self.inner.pkcs11.open_rw_session(slot)?;
+        // Login is per application and token; when all sessions were closed
+        // (or the token was reset) the user is logged out again.
+        match session.login(cryptoki::session::UserType::User, Some(&self.inner.settings.pin)) {
+            Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Drops every pooled session, forgets cached handles and re-finds the
+    /// token (its slot may have changed).
+    fn reconnect(&self) {
+        let inner = &self.inner;
+        inner.pool.clear();
+        inner
+            .handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        match find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token) {
+            Ok(slot) => inner.pool.set_slot(slot),
+            Err(e) => tracing::warn!(error = %e, "token not found while reconnecting"),
+        }
+    }
+}
+
+impl Inner {
+    fn pool_slot(&self) -> Slot {
+        self.pool.slot()
+    }
+}
+
+/// Finds the one slot whose token matches the selector.
+fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<Slot, HsmError> {
+    let mut present = Vec::new();
+    let mut matches = Vec::new();
+    for slot in pkcs11.get_slots_with_token()? {
+        let info = pkcs11.get_token_info(slot)?;
+        let label = info.label().trim_end().to_string();
+        let serial = info.serial_number().trim_end().to_string();
+        let hit = match wanted {
+            TokenSelector::Label(l) => *l == label,
+            TokenSelector::Serial(s) => *s == serial,
+        };
+        if hit {
+            matches.push(slot);
+        }
+        present.push(format!("{label:?} (serial {serial})"));
+    }
+    match matches.len() {
+        1 => Ok(matches[0]),
+        0 => Err(HsmError::TokenNotFound {
+            wanted: wanted.to_string(),
+            module: module.to_path_buf(),
+            present: if present.is_empty() {
+                "none".into()
+            } else {
+                present.join(", ")
+            },
+        }),
+        count => Err(HsmError::AmbiguousToken {
+            label: match wanted {
+                TokenSelector::Label(l) | TokenSelector::Serial(l) => l.clone(),
+            },
+            count,
+        }),
+    }
+}
+
+/// A 32-byte ECDH output, zeroized on drop.
+pub type SharedSecret = Zeroizing<[u8; 32]>;

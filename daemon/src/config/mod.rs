@@ -1,0 +1,254 @@
+//! Configuration: a TOML file parsed into raw serde types (unknown fields
+//! refused), then validated once into typed settings. Nothing downstream sees
+//! a raw value.
+//!
+//! Relative paths in the file are resolved against the file's own directory,
+//! so a config and its neighbours can move together. The HSM PIN is never in
+//! the file: it comes from a file or an environment variable that the file
+//! names, read through an injectable [`Env`] so tests never touch the process
+//! environment.
+//!
+//! A bad config names the file, the field and the reason; `main` exits 64.
+
+mod raw;
+
+use std::path::{Path, PathBuf};
+
+use cryptoki::types::AuthPin;
+
+use crate::hsm::{HsmSettings, Quirks, TokenSelector};
+
+pub use raw::RawConfig;
+
+/// The default config path.
+pub const DEFAULT_PATH: &str = "/etc/lavd/lavd.toml";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("config {}: {field}: {reason}", file.display())]
+pub struct ConfigError {
+    /// The config file.
+    pub file: PathBuf,
+    /// The dotted field path (`hsm.token_label`), or `(file)` for the file as a whole.
+    pub field: String,
+    /// What is wrong and, where it helps, what to do.
+    pub reason: String,
+}
+
+/// Where environment variables come from (the process, or a test's map).
+pub trait Env {
+    /// The variable's value, if set.
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+/// Validated settings.
+#[derive(Debug)]
+pub struct Settings {
+    /// The file these came from.
+    pub file: PathBuf,
+    /// The HSM.
+    pub hsm: HsmSettings,
+    /// The SQLite database file.
+    pub store_path: PathBuf,
+    /// The audit log.
+    pub audit: AuditSettings,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    /// `CKA_LABEL` of the Ed25519 audit key pair on the token.
+    pub key_label: String,
+    /// The log's origin line in checkpoints (C2SP tlog-checkpoint), e.g.
+    /// `lavd.agency.example/audit`.
+    pub origin: String,
+}
+
+impl Settings {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, field and reason.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            field: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        })?;
+        let raw = RawConfig::parse(&text).map_err(|(field, reason)| ConfigError {
+            file: path.to_path_buf(),
+            field,
+            reason,
+        })?;
+        Self::from_raw(raw, path, env)
+    }
+
+    /// Validates a parsed config. `path` locates relative paths and names the
+    /// file in errors.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the field and reason.
+    pub fn from_raw(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let v = Validator {
+            file: path,
+            base: path.parent().unwrap_or(Path::new(".")),
+        };
+        let hsm = v.hsm(raw.hsm, env)?;
+        let store_path = v.path(&raw.store.path);
+        let audit = AuditSettings {
+            key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
+            origin: v.origin(raw.audit.origin)?,
+        };
+        Ok(Settings {
+            file: path.to_path_buf(),
+            hsm,
+            store_path,
+            audit,
+        })
+    }
+}
+
+struct Validator<'a> {
+    file: &'a Path,
+    base: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err(&self, field: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn nonempty(&self, field: &str, value: String) -> Result<String, ConfigError> {
+        if value.trim().is_empty() {
+            return Err(self.err(field, "must not be empty"));
+        }
+        Ok(value)
+    }
+
+    fn origin(&self, origin: String) -> Result<String, ConfigError> {
+        // C2SP tlog-checkpoint: the origin is a schema-less URL-like name, one
+        // line, no whitespace, so it cannot forge note structure.
+        if origin.is_empty() || origin.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.err(
+                "audit.origin",
+                "must be a non-empty name without spaces, e.g. lavd.agency.example/audit",
+            ));
+        }
+        Ok(origin)
+    }
+
+    fn hsm(&self, raw: raw::RawHsm, env: &dyn Env) -> Result<HsmSettings, ConfigError> {
+        if raw.slot.is_some() {
+            return Err(self.err(
+                "hsm.slot",
+                "a slot number alone is refused: slot numbers change when tokens are added or \
+                 re-initialised, and the daemon would open the wrong token; use token_label or \
+                 token_serial",
+            ));
+        }
+        if raw.pin.is_some() {
+            return Err(self.err(
+                "hsm.pin",
+                "the PIN is never read from the config file; use pin_file or pin_env",
+            ));
+        }
+        let token = match (raw.token_label, raw.token_serial) {
+            (Some(label), None) => TokenSelector::Label(self.nonempty("hsm.token_label", label)?),
+            (None, Some(serial)) => {
+                TokenSelector::Serial(self.nonempty("hsm.token_serial", serial)?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "hsm.token_label",
+                    "set token_label or token_serial, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err("hsm.token_label", "set token_label or token_serial"))
+            }
+        };
+        let pin = match (raw.pin_file, raw.pin_env) {
+            (Some(file), None) => {
+                let file = self.path(&file);
+                let text = zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(
+                    |e| self.err("hsm.pin_file", format!("cannot read {}: {e}", file.display())),
+                )?);
+                warn_if_readable_by_others(&file);
+                let pin = text.trim_end_matches(['\n', '\r']);
+                if pin.is_empty() {
+                    return Err(self.err("hsm.pin_file", format!("{} is empty", file.display())));
+                }
+                AuthPin::new(pin.into())
+            }
+            (None, Some(var)) => {
+                let value = zeroize::Zeroizing::new(env.var(&var).ok_or_else(|| {
+                    self.err("hsm.pin_env", format!("environment variable {var} is not set"))
+                })?);
+                if value.is_empty() {
+                    return Err(self.err("hsm.pin_env", format!("{var} is empty")));
+                }
+                AuthPin::new(value.as_str().into())
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.err("hsm.pin_file", "set pin_file or pin_env, not both"))
+            }
+            (None, None) => return Err(self.err("hsm.pin_file", "set pin_file or pin_env")),
+        };
+        let sessions = raw.sessions.unwrap_or(4);
+        if !(1..=256).contains(&sessions) {
+            return Err(self.err("hsm.sessions", "must be between 1 and 256"));
+        }
+        let defaults = Quirks::default();
+        let quirks = Quirks {
+            derive_sets_value_len: raw
+                .quirks
+                .and_then(|q| q.derive_sets_value_len)
+                .unwrap_or(defaults.derive_sets_value_len),
+        };
+        Ok(HsmSettings {
+            module: self.path(&raw.module),
+            token,
+            pin,
+            sessions,
+            quirks,
+        })
+    }
+}
+
+#[cfg(unix)]
+fn warn_if_readable_by_others(file: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Ok(meta) = std::fs::metadata(file) {
+        if meta.permissions().mode() & 0o007 != 0 {
+            tracing::warn!(file = %file.display(), "the HSM PIN file is readable by other users; chmod 600 it");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn warn_if_readable_by_others(_: &Path) {}
+
+#[cfg(test)]
+mod tests;

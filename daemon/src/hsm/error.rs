@@ -1,0 +1,206 @@
+//! The one place where PKCS#11 return codes become lavd errors.
+//!
+//! Mapping (decided here, nowhere else):
+//! - every failing PKCS#11 call keeps its `CKR_*` name and the `C_*` function
+//!   that returned it ([`HsmError::Pkcs11`]), for operators' logs; the API layer
+//!   never shows them to clients;
+//! - `CKR_SESSION_HANDLE_INVALID`, `CKR_SESSION_CLOSED`, `CKR_DEVICE_REMOVED`,
+//!   `CKR_TOKEN_NOT_PRESENT`, `CKR_USER_NOT_LOGGED_IN`, `CKR_DEVICE_ERROR` and
+//!   `CKR_CRYPTOKI_NOT_INITIALIZED` mean the session or token is gone, not that
+//!   the request was wrong: [`HsmError::is_session_lost`] is true and the pool
+//!   reconnects and logs in again on the next call;
+//! - `CKR_PIN_INCORRECT`/`CKR_PIN_LOCKED` become [`HsmError::Login`] so the
+//!   operator sees a PIN problem, not a generic failure.
+
+use std::path::PathBuf;
+
+use cryptoki::context::Function;
+use cryptoki::error::{Error as CkError, RvError};
+
+/// An HSM operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HsmError {
+    /// The PKCS#11 module could not be loaded: the path is wrong, the file is
+    /// not a PKCS#11 library, or a library it needs is missing.
+    #[error("cannot load PKCS#11 module {path}: {reason}")]
+    Module {
+        /// The configured module path.
+        path: PathBuf,
+        /// The loader's explanation.
+        reason: String,
+    },
+    /// No token with the configured label or serial is present.
+    #[error("no token {wanted} in module {module}; tokens present: {present}")]
+    TokenNotFound {
+        /// `label "x"` or `serial "y"`.
+        wanted: String,
+        /// The module path.
+        module: PathBuf,
+        /// Labels (and serials) of the tokens that are present, or `none`.
+        present: String,
+    },
+    /// More than one token matches the label: choose by serial instead.
+    #[error("{count} tokens have label {label:?}; select the token by serial")]
+    AmbiguousToken {
+        /// The configured label.
+        label: String,
+        /// How many tokens have it.
+        count: usize,
+    },
+    /// The user PIN was refused (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`,
+    /// `CKR_PIN_EXPIRED`). Check the PIN file; repeated failures lock the token.
+    #[error("HSM login failed: {ckr}")]
+    Login {
+        /// The `CKR_*` code.
+        ckr: String,
+    },
+    /// A PKCS#11 call failed.
+    #[error("{function}: {ckr}")]
+    Pkcs11 {
+        /// The `C_*` function that returned the code.
+        function: String,
+        /// The `CKR_*` code.
+        ckr: String,
+        /// Whether this means the session or token was lost (see module docs).
+        session_lost: bool,
+    },
+    /// A cryptoki-side failure that is not a PKCS#11 return code (conversion,
+    /// missing function pointer).
+    #[error("PKCS#11 wrapper: {0}")]
+    Wrapper(String),
+    /// No key with this label exists on the token.
+    #[error("no {kind} key {label:?} on the token")]
+    KeyNotFound {
+        /// `escrow` or `audit`.
+        kind: &'static str,
+        /// The key's label on the token.
+        label: String,
+    },
+    /// A key with this label already exists on the token.
+    #[error("a key labelled {0:?} already exists on the token")]
+    DuplicateKey(String),
+    /// The token returned a public key in a form that is not a valid point.
+    #[error("the token returned an invalid public key for {0:?}")]
+    InvalidPublicKey(String),
+    /// The derived secret could not be read: the token did not honour the
+    /// derive template (see `hsm-config/` for each vendor's policy).
+    #[error("the token returned a {0}-byte derived secret instead of 32 bytes")]
+    DerivedSecretLength(usize),
+    /// Every session was busy for the whole wait: the HSM is overloaded or an
+    /// operation hangs. Raise `sessions` or look at the HSM.
+    #[error("all {0} HSM sessions stayed busy; gave up waiting")]
+    Busy(usize),
+    /// The blocking pool that runs HSM work is gone (shutdown).
+    #[error("HSM worker task failed: {0}")]
+    Worker(String),
+}
+
+impl HsmError {
+    /// True when the session or token was lost and a reconnect may help.
+    pub fn is_session_lost(&self) -> bool {
+        matches!(
+            self,
+            HsmError::Pkcs11 {
+                session_lost: true,
+                ..
+            }
+        )
+    }
+
+    /// The `CKR_*` code, if this error carries one.
+    pub fn ckr(&self) -> Option<&str> {
+        match self {
+            HsmError::Pkcs11 { ckr, .. } | HsmError::Login { ckr } => Some(ckr),
+            _ => None,
+        }
+    }
+}
+
+fn session_lost(rv: RvError) -> bool {
+    matches!(
+        rv,
+        RvError::SessionHandleInvalid
+            | RvError::SessionClosed
+            | RvError::DeviceRemoved
+            | RvError::DeviceError
+            | RvError::TokenNotPresent
+            | RvError::UserNotLoggedIn
+            | RvError::CryptokiNotInitialized
+    )
+}
+
+/// `C_Login` for `Function::Login`: cryptoki's `Debug` names without the prefix.
+pub(crate) fn function_name(f: Function) -> String {
+    format!("C_{f:?}")
+}
+
+/// `CKR_SESSION_HANDLE_INVALID` for `RvError::SessionHandleInvalid`: the
+/// standard name, derived from cryptoki's variant name so that every code
+/// (including ones added later) keeps a recognisable spelling.
+pub(crate) fn ckr_name(rv: RvError) -> String {
+    let debug = format!("{rv:?}");
+    if let Some(rest) = debug.strip_prefix("VendorDefined(") {
+        return format!("CKR_VENDOR_DEFINED({}", rest);
+    }
+    if let Some(rest) = debug.strip_prefix("UnknownErrorCode(") {
+        return format!("CKR_UNKNOWN({}", rest);
+    }
+    let mut name = String::from("CKR");
+    for c in debug.chars() {
+        if c.is_ascii_uppercase() {
+            name.push('_');
+        }
+        name.push(c.to_ascii_uppercase());
+    }
+    name
+}
+
+impl From<CkError> for HsmError {
+    fn from(e: CkError) -> Self {
+        match e {
+            CkError::Pkcs11(rv, Function::Login)
+                if matches!(
+                    rv,
+                    RvError::PinIncorrect | RvError::PinLocked | RvError::PinExpired
+                ) =>
+            {
+                HsmError::Login { ckr: ckr_name(rv) }
+            }
+            CkError::Pkcs11(rv, function) => HsmError::Pkcs11 {
+                function: function_name(function),
+                ckr: ckr_name(rv),
+                session_lost: session_lost(rv),
+            },
+            other => HsmError::Wrapper(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ckr_names_follow_the_standard() {
+        assert_eq!(
+            ckr_name(RvError::SessionHandleInvalid),
+            "CKR_SESSION_HANDLE_INVALID"
+        );
+        assert_eq!(ckr_name(RvError::GeneralError), "CKR_GENERAL_ERROR");
+        assert_eq!(ckr_name(RvError::PinIncorrect), "CKR_PIN_INCORRECT");
+        assert_eq!(function_name(Function::DeriveKey), "C_DeriveKey");
+    }
+
+    #[test]
+    fn lost_sessions_are_recognised() {
+        let e = HsmError::from(CkError::Pkcs11(
+            RvError::SessionHandleInvalid,
+            Function::Sign,
+        ));
+        assert!(e.is_session_lost());
+        assert_eq!(e.to_string(), "C_Sign: CKR_SESSION_HANDLE_INVALID");
+        let e = HsmError::from(CkError::Pkcs11(RvError::PinIncorrect, Function::Login));
+        assert!(matches!(e, HsmError::Login { ref ckr } if ckr == "CKR_PIN_INCORRECT"));
+        assert!(!e.is_session_lost());
+    }
+}

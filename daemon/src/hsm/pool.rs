@@ -1,0 +1,174 @@
+//! A bounded pool of PKCS#11 sessions.
+//!
+//! At most `max` sessions are open. A caller that finds none idle opens one if
+//! it may, or waits. A session that saw a lost-session error is discarded, and
+//! [`Pool::clear`] retires every session at once (sessions checked out at that
+//! moment are closed when they come back rather than reused).
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use cryptoki::session::Session;
+use cryptoki::slot::Slot;
+
+use super::HsmError;
+
+/// How long a caller waits for a free session before giving up.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct State {
+    slot: Slot,
+    idle: Vec<Session>,
+    /// Sessions alive: idle plus checked out.
+    open: usize,
+    /// Bumped by `clear`; leases from an older generation are not reused.
+    generation: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct Pool {
+    max: usize,
+    state: Mutex<State>,
+    freed: Condvar,
+}
+
+impl Pool {
+    pub(super) fn new(slot: Slot, max: usize) -> Self {
+        Pool {
+            max,
+            state: Mutex::new(State {
+                slot,
+                idle: Vec::new(),
+                open: 0,
+                generation: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state stays consistent across a panic in a caller (sessions are
+        // only moved in and out under the lock), so a poisoned lock is usable.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Checks a session out, opening one with `open` if none is idle and the
+    /// pool is not full.
+    pub(super) fn acquire(
+        &self,
+        open: impl FnOnce(Slot) -> Result<Session, HsmError>,
+        busy: impl Fn(usize),
+    ) -> Result<Lease<'_>, HsmError> {
+        let mut state = self.lock();
+        loop {
+            if let Some(session) = state.idle.pop() {
+                busy(state.open - state.idle.len());
+                return Ok(Lease {
+                    pool: self,
+                    session: Some(session),
+                    generation: state.generation,
+                    discard: false,
+                });
+            }
+            if state.open < self.max {
+                state.open += 1;
+                let (slot, generation) = (state.slot, state.generation);
+                drop(state);
+                // Opening and logging in happen outside the lock: they may be slow.
+                return match open(slot) {
+                    Ok(session) => {
+                        let state = self.lock();
+                        busy(state.open - state.idle.len());
+                        Ok(Lease {
+                            pool: self,
+                            session: Some(session),
+                            generation,
+                            discard: false,
+                        })
+                    }
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let (next, timeout) = self
+                .freed
+                .wait_timeout(state, ACQUIRE_TIMEOUT)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = next;
+            if timeout.timed_out() && state.idle.is_empty() && state.open >= self.max {
+                return Err(HsmError::Busy(self.max));
+            }
+        }
+    }
+
+    /// Retires every session (after a lost session or token).
+    pub(super) fn clear(&self) {
+        let retired = {
+            let mut state = self.lock();
+            state.generation += 1;
+            state.open -= state.idle.len();
+            std::mem::take(&mut state.idle)
+        };
+        // Closing happens outside the lock; errors from a dead token are
+        // expected and ignored by cryptoki's Drop.
+        drop(retired);
+        self.freed.notify_all();
+    }
+
+    pub(super) fn slot(&self) -> Slot {
+        self.lock().slot
+    }
+
+    pub(super) fn set_slot(&self, slot: Slot) {
+        self.lock().slot = slot;
+    }
+
+    fn give_back(&self, session: Session, generation: u64, discard: bool) {
+        let mut state = self.lock();
+        if discard || generation != state.generation {
+            state.open -= 1;
+            drop(state);
+            drop(session);
+        } else {
+            state.idle.push(session);
+            drop(state);
+        }
+        self.freed.notify_one();
+    }
+}
+
+/// A checked-out session; returns to the pool on drop.
+#[derive(Debug)]
+pub(super) struct Lease<'a> {
+    pool: &'a Pool,
+    session: Option<Session>,
+    generation: u64,
+    discard: bool,
+}
+
+impl Lease<'_> {
+    pub(super) fn session(&self) -> &Session {
+        // Invariant: `session` is Some from construction until Drop.
+        #[allow(clippy::expect_used)]
+        self.session.as_ref().expect("lease holds a session until dropped")
+    }
+
+    /// Closes the session instead of returning it to the pool.
+    pub(super) fn discard(mut self) {
+        self.discard = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(session) = self.session.take() {
+            self.pool.give_back(session, self.generation, self.discard);
+        }
+    }
+}
