@@ -1,1 +1,261 @@
-//! stub
+//! Test harness for lavd against real SoftHSM 2 tokens.
+//!
+//! Each test process gets its own SoftHSM token directory (SoftHSM reads
+//! `SOFTHSM2_CONF` once per process) with a pool of freshly initialised
+//! tokens; each test claims its own token, so tests in one process never share
+//! keys. The `lavd` CLI runs as a real child process with the same
+//! `SOFTHSM2_CONF`, and the test process can inspect the token directly with
+//! cryptoki (another application on the same token, as an auditor would be).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::session::{Session, UserType};
+use cryptoki::slot::Slot;
+use cryptoki::types::AuthPin;
+
+/// Tokens created per test process.
+const TOKENS: usize = 12;
+/// The user PIN of every test token.
+pub const PIN: &str = "1234";
+const SO_PIN: &str = "5678";
+
+/// The SoftHSM module: `TEST_PKCS11_MODULE` if set (as in rust-cryptoki's
+/// tests), else Debian's path. A missing module fails the test with a message
+/// naming the package; it never skips.
+pub fn module_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TEST_PKCS11_MODULE") {
+        return PathBuf::from(p);
+    }
+    for p in [
+        "/usr/lib/softhsm/libsofthsm2.so",
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+    ] {
+        if Path::new(p).is_file() {
+            return PathBuf::from(p);
+        }
+    }
+    panic!("SoftHSM 2 not found: apt-get install softhsm2, or set TEST_PKCS11_MODULE");
+}
+
+/// The process-wide SoftHSM setup.
+pub struct Harness {
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+    pkcs11: Pkcs11,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness").field("conf", &self.conf).finish()
+    }
+}
+
+/// The harness of this test process, created on first use.
+pub fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    HARNESS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let tokens = dir.path().join("tokens");
+        std::fs::create_dir(&tokens).expect("token dir");
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                tokens.display()
+            ),
+        )
+        .expect("softhsm2.conf");
+        for i in 0..TOKENS {
+            let out = Command::new("softhsm2-util")
+                .env("SOFTHSM2_CONF", &conf)
+                .args(["--init-token", "--free", "--label"])
+                .arg(format!("t{i}"))
+                .args(["--pin", PIN, "--so-pin", SO_PIN])
+                .output()
+                .expect("softhsm2-util (apt-get install softhsm2)");
+            assert!(out.status.success(), "softhsm2-util: {out:?}");
+        }
+        // Before any PKCS#11 call in this process: SoftHSM reads it once.
+        std::env::set_var("SOFTHSM2_CONF", &conf);
+        let pkcs11 = Pkcs11::new(module_path()).expect("load SoftHSM");
+        pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+            .expect("C_Initialize");
+        Harness {
+            dir,
+            conf,
+            pkcs11,
+            next: AtomicUsize::new(0),
+        }
+    })
+}
+
+impl Harness {
+    /// The `SOFTHSM2_CONF` of this process.
+    pub fn conf(&self) -> &Path {
+        &self.conf
+    }
+
+    /// The PKCS#11 context the test itself uses to inspect tokens.
+    pub fn pkcs11(&self) -> &Pkcs11 {
+        &self.pkcs11
+    }
+}
+
+/// One token claimed by one test, with a working directory holding its
+/// `lavd.toml`, PIN file and SQLite store.
+#[derive(Debug)]
+pub struct TestToken {
+    /// The token's label.
+    pub label: String,
+    /// The test's working directory.
+    pub work: tempfile::TempDir,
+}
+
+impl TestToken {
+    /// Claims a fresh token and writes a `lavd.toml` for it.
+    pub fn new() -> Self {
+        let h = harness();
+        let n = h.next.fetch_add(1, Ordering::SeqCst);
+        assert!(n < TOKENS, "more than {TOKENS} tokens claimed in one test process");
+        let work = tempfile::tempdir_in(h.dir.path()).expect("work dir");
+        let token = TestToken {
+            label: format!("t{n}"),
+            work,
+        };
+        std::fs::write(token.path("pin"), format!("{PIN}\n")).expect("pin file");
+        token.write_config("");
+        token
+    }
+
+    /// A path inside the working directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// The config file.
+    pub fn config(&self) -> PathBuf {
+        self.path("lavd.toml")
+    }
+
+    /// Writes `lavd.toml` for this token, with `extra` appended.
+    pub fn write_config(&self, extra: &str) {
+        let text = format!(
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 2\n\n\
+             [store]\npath = \"lavd.db\"\n{extra}",
+            module_path().display().to_string(),
+            self.label
+        );
+        std::fs::write(self.config(), text).expect("lavd.toml");
+    }
+
+    /// Runs the real `lavd` binary with this process's `SOFTHSM2_CONF`.
+    pub fn lavd(&self, args: &[&str]) -> Output {
+        lavd_command(args).output().expect("run lavd")
+    }
+
+    /// `lavd` with `--config` for this token appended to `args`.
+    pub fn lavd_with_config(&self, args: &[&str]) -> Output {
+        let config = self.config();
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--config");
+        all.push(config.to_str().expect("utf-8 path"));
+        self.lavd(&all)
+    }
+
+    /// The slot holding this token.
+    pub fn slot(&self) -> Slot {
+        let p = harness().pkcs11();
+        p.get_slots_with_token()
+            .expect("slots")
+            .into_iter()
+            .find(|s| {
+                p.get_token_info(*s)
+                    .map(|i| i.label().trim_end() == self.label)
+                    .unwrap_or(false)
+            })
+            .expect("token present")
+    }
+
+    /// A new logged-in session of the test's own (not lavd's).
+    pub fn session(&self) -> Session {
+        let session = harness()
+            .pkcs11()
+            .open_rw_session(self.slot())
+            .expect("open session");
+        match session.login(UserType::User, Some(&AuthPin::new(PIN.into()))) {
+            Ok(()) => {}
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => {}
+            Err(e) => panic!("login: {e}"),
+        }
+        session
+    }
+
+    /// Validated settings for using this token in-process through lavd.
+    pub fn settings(&self) -> lavd::config::Settings {
+        lavd::config::Settings::load(&self.config(), &lavd::config::ProcessEnv)
+            .expect("test config is valid")
+    }
+}
+
+impl Default for TestToken {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The `lavd-under-test` binary. Cargo builds a package's binaries before its
+/// integration tests and puts them next to the `deps/` folder that holds the
+/// test executables.
+pub fn lavd_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
+    let bin = dir.join(format!("lavd-under-test{}", std::env::consts::EXE_SUFFIX));
+    assert!(bin.is_file(), "{} not built", bin.display());
+    bin
+}
+
+/// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`.
+pub fn lavd_command(args: &[&str]) -> Command {
+    let mut cmd = Command::new(lavd_binary());
+    cmd.env("SOFTHSM2_CONF", harness().conf())
+        .env("LAVD_LOG", "warn")
+        .args(args);
+    cmd
+}
+
+/// Asserts a command failed with `code` on stderr (`lavd: <code>: …`) and
+/// returns stderr.
+pub fn assert_fails_with(out: &Output, exit: i32, code: &str) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(exit), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("lavd: {code}: ")),
+        "expected code {code}, stderr: {stderr}"
+    );
+    stderr
+}
+
+/// Asserts success and returns stdout.
+pub fn assert_ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}, stderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}

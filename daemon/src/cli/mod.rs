@@ -38,6 +38,52 @@ impl Command {
     }
 }
 
+/// Runs `lavd` with the process's arguments and environment: parse the command
+/// line, set up logging, run the command. A bad configuration exits with 64
+/// (EX_USAGE); any other failure with 1, after printing `lavd: <code>: <message>`.
+pub fn main() -> std::process::ExitCode {
+    use clap::Parser as _;
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LAVD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    match cli.command.run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match error_code(&e) {
+                Some(code) => eprintln!("lavd: {code}: {e:#}"),
+                None => eprintln!("lavd: {e:#}"),
+            }
+            if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+                std::process::ExitCode::from(64)
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The stable code of a command's error, for scripts that read stderr.
+pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
+    if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+        return Some("bad_config");
+    }
+    if let Some(k) = e.downcast_ref::<crate::keys::KeyError>() {
+        return Some(k.code());
+    }
+    if e.downcast_ref::<crate::hsm::HsmError>().is_some() {
+        return Some("hsm_unavailable");
+    }
+    if e.downcast_ref::<crate::store::StoreError>().is_some() {
+        return Some("store_unavailable");
+    }
+    None
+}
+
 /// `--config FILE`, shared by every subcommand that touches the HSM or store.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConfigArg {

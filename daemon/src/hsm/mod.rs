@@ -104,6 +104,9 @@ pub trait HsmObserver: Send + Sync + std::fmt::Debug {
     fn operation(&self, op: &'static str, seconds: f64, ok: bool);
     /// The number of sessions checked out of the pool changed.
     fn sessions_busy(&self, busy: usize);
+    /// The pool dropped its sessions after a lost session or token and
+    /// reconnected.
+    fn reconnected(&self) {}
 }
 
 #[derive(Debug)]
@@ -254,6 +257,7 @@ impl Hsm {
             if e.is_session_lost() {
                 tracing::warn!(error = %e, "HSM session lost; reconnecting");
                 self.reconnect();
+                self.inner.observer.reconnected();
                 self.try_with_session(&f)
             } else {
                 Err(e)

@@ -1,0 +1,281 @@
+//! Escrow key lifecycle through the real `lavd` binary on a real SoftHSM token,
+//! checked from a separate PKCS#11 application (this test process).
+
+use cryptoki::object::{Attribute, AttributeInfo, AttributeType, ObjectClass};
+use softhsm_tests::{assert_fails_with, assert_ok, module_path, TestToken, PIN};
+
+const KID: &str = "2026-12";
+
+fn generate(t: &TestToken, kid: &str, destroy_after: &str) -> std::process::Output {
+    t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        kid,
+        "--not-before",
+        "2026-12-01T00:00:00Z",
+        "--not-after",
+        "2027-01-01T00:00:00Z",
+        "--destroy-after",
+        destroy_after,
+    ])
+}
+
+/// Looks the key up in `session` (handles are only valid while a session of
+/// this application is open).
+fn find_private_key(
+    session: &cryptoki::session::Session,
+    kid: &str,
+) -> Option<cryptoki::object::ObjectHandle> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
+        ])
+        .unwrap();
+    assert!(found.len() <= 1);
+    found.first().copied()
+}
+
+/// Whether the private key is on the token, seen from a new session.
+fn private_key(t: &TestToken, kid: &str) -> Option<cryptoki::object::ObjectHandle> {
+    find_private_key(&t.session(), kid)
+}
+
+#[test]
+fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
+    let t = TestToken::new();
+    let jwk: serde_json::Value =
+        serde_json::from_str(&assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"))).unwrap();
+    assert_eq!(jwk["kid"], KID);
+    assert_eq!(jwk["crv"], "P-256");
+
+    // A new session of another application on the same token.
+    let session = t.session();
+    let key = find_private_key(&session, KID).expect("private key on the token");
+    // get_attribute_info does not drop sensitive attributes silently.
+    let info = session
+        .get_attribute_info(key, &[AttributeType::Value])
+        .unwrap();
+    assert!(matches!(info[0], AttributeInfo::Sensitive), "{info:?}");
+
+    let attrs = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Token,
+                AttributeType::Private,
+                AttributeType::Sensitive,
+                AttributeType::AlwaysSensitive,
+                AttributeType::Extractable,
+                AttributeType::NeverExtractable,
+                AttributeType::Derive,
+                AttributeType::Sign,
+                AttributeType::Decrypt,
+                AttributeType::Unwrap,
+            ],
+        )
+        .unwrap();
+    let expected = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::AlwaysSensitive(true),
+        Attribute::Extractable(false),
+        Attribute::NeverExtractable(true),
+        Attribute::Derive(true),
+        Attribute::Sign(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+    ];
+    assert_eq!(attrs.len(), expected.len(), "{attrs:?}");
+    for (got, want) in attrs.iter().zip(expected.iter()) {
+        assert_eq!(format!("{got:?}"), format!("{want:?}"));
+    }
+    // Making it extractable afterwards is refused by the token.
+    assert!(session
+        .update_attributes(key, &[Attribute::Extractable(true)])
+        .is_err());
+
+    // The same facts as pkcs11-tool (OpenSC) reports them.
+    let out = std::process::Command::new("pkcs11-tool")
+        .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
+        .arg("--module")
+        .arg(module_path())
+        .args(["--token-label", &t.label, "--login", "--pin", PIN])
+        .args(["--list-objects", "--type", "privkey"])
+        .output()
+        .expect("pkcs11-tool (apt-get install opensc)");
+    let listing = assert_ok(&out);
+    assert!(
+        listing.contains(&format!("lav-escrow:{KID}"))
+            && listing.contains("Usage:      derive")
+            && listing.contains("Access:     sensitive, always sensitive, never extractable, local"),
+        "{listing}"
+    );
+}
+
+#[test]
+fn keys_are_listed_after_restart_and_kids_are_never_reused() {
+    let t = TestToken::new();
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&generate(&t, "2027-01", "2030-01-01T00:00:00Z"));
+
+    // A new process reads the JWK Set from the store.
+    let jwks: serde_json::Value =
+        serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "list"]))).unwrap();
+    let keys = jwks["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    for k in keys {
+        assert_eq!(k["use"], "enc");
+        assert_eq!(k["lav_suite"], "16-1-2");
+        assert_eq!(k["kty"], "EC");
+        let mut members: Vec<&str> = k.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+        members.sort_unstable();
+        assert_eq!(
+            members,
+            ["crv", "kid", "kty", "lav_suite", "not_after", "not_before", "use", "x", "y"]
+        );
+    }
+
+    let stderr = assert_fails_with(&generate(&t, KID, "2030-01-01T00:00:00Z"), 1, "duplicate_kid");
+    assert!(stderr.contains(KID));
+    assert_fails_with(&generate(&t, "bad kid", "2030-01-01T00:00:00Z"), 1, "invalid_kid");
+    // destroy_after before not_after
+    assert_fails_with(&generate(&t, "x", "2026-12-15T00:00:00Z"), 1, "invalid_dates");
+}
+
+#[test]
+fn destroy_is_refused_before_retention_and_final_after() {
+    let t = TestToken::new();
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "destroy", "--kid", KID]),
+        1,
+        "retention_not_reached",
+    );
+    assert!(stderr.contains("2030-01-01T00:00:00Z"), "{stderr}");
+    assert!(private_key(&t, KID).is_some(), "a refused destroy must not destroy");
+
+    // --force needs --reason (clap refuses it: usage error, exit 2).
+    let out = t.lavd_with_config(&["keys", "destroy", "--kid", KID, "--force"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(private_key(&t, KID).is_some());
+
+    assert_ok(&t.lavd_with_config(&[
+        "keys",
+        "destroy",
+        "--kid",
+        KID,
+        "--force",
+        "--reason",
+        "court order 42",
+    ]));
+    // Gone from the token, seen from another application's fresh session.
+    assert!(private_key(&t, KID).is_none());
+    // Gone from the published set, and a destroyed kid is never generated again.
+    let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
+    assert!(!jwks.contains(KID), "{jwks}");
+    assert_fails_with(&generate(&t, KID, "2030-01-01T00:00:00Z"), 1, "duplicate_kid");
+    // Destroying again is harmless and the first record stays.
+    assert_ok(&t.lavd_with_config(&[
+        "keys", "destroy", "--kid", KID, "--force", "--reason", "again",
+    ]));
+    assert_fails_with(
+        &t.lavd_with_config(&["keys", "destroy", "--kid", "nope", "--force", "--reason", "x"]),
+        1,
+        "unknown_key",
+    );
+}
+
+#[test]
+fn retention_destroy_succeeds_once_the_date_has_passed() {
+    let t = TestToken::new();
+    let out = t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        "2020-01",
+        "--not-before",
+        "2020-01-01T00:00:00Z",
+        "--not-after",
+        "2020-02-01T00:00:00Z",
+        "--destroy-after",
+        "2021-01-01T00:00:00Z",
+    ]);
+    assert_ok(&out);
+    assert!(private_key(&t, "2020-01").is_some());
+    assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
+    assert!(private_key(&t, "2020-01").is_none());
+}
+
+#[test]
+fn audit_key_is_ed25519_sign_only_and_non_extractable() {
+    let t = TestToken::new();
+    let jwk: serde_json::Value = serde_json::from_str(&assert_ok(
+        &t.lavd_with_config(&["keys", "generate-audit"]),
+    ))
+    .unwrap();
+    assert_eq!(jwk["kty"], "OKP");
+    assert_eq!(jwk["crv"], "Ed25519");
+    let session = t.session();
+    let key = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"lav-audit".to_vec()),
+        ])
+        .unwrap()[0];
+    let info = session
+        .get_attribute_info(key, &[AttributeType::Value])
+        .unwrap();
+    assert!(matches!(info[0], AttributeInfo::Sensitive), "{info:?}");
+    let attrs = session
+        .get_attributes(
+            key,
+            &[
+                AttributeType::Sign,
+                AttributeType::Derive,
+                AttributeType::Decrypt,
+                AttributeType::NeverExtractable,
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        format!("{attrs:?}"),
+        format!(
+            "{:?}",
+            [
+                Attribute::Sign(true),
+                Attribute::Derive(false),
+                Attribute::Decrypt(false),
+                Attribute::NeverExtractable(true)
+            ]
+        )
+    );
+    assert_fails_with(
+        &t.lavd_with_config(&["keys", "generate-audit"]),
+        1,
+        "hsm_unavailable",
+    );
+}
+
+#[test]
+fn a_bad_config_exits_64_naming_file_and_field() {
+    let t = TestToken::new();
+    t.write_config("[bogus]\nx = 1\n");
+    let out = t.lavd_with_config(&["keys", "list"]);
+    let stderr = assert_fails_with(&out, 64, "bad_config");
+    assert!(stderr.contains("lavd.toml") && stderr.contains("bogus"), "{stderr}");
+
+    let t = TestToken::new();
+    std::fs::write(
+        t.config(),
+        std::fs::read_to_string(t.config())
+            .unwrap()
+            .replace("token_label", "slot = 0\n#"),
+    )
+    .unwrap();
+    let stderr = assert_fails_with(&t.lavd_with_config(&["keys", "list"]), 64, "bad_config");
+    assert!(stderr.contains("hsm.slot") && stderr.contains("slot numbers change"), "{stderr}");
+}
