@@ -308,7 +308,22 @@ impl Hsm {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clear();
-        match find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token) {
+        let find = || find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token);
+        let found = match find() {
+            // The module was finalised under us (a library reset): initialise
+            // it again rather than failing until a restart.
+            Err(e) if e.ckr() == Some("CKR_CRYPTOKI_NOT_INITIALIZED") => {
+                match inner
+                    .pkcs11
+                    .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+                {
+                    Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => find(),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            other => other,
+        };
+        match found {
             Ok(slot) => inner.pool.set_slot(slot),
             Err(e) => tracing::warn!(error = %e, "token not found while reconnecting"),
         }

@@ -1,0 +1,71 @@
+//! Recovery after the PKCS#11 module loses every session: another user of the
+//! module in this process finalises it (and, in a second step, does not even
+//! initialise it again). lavd's pool must notice the lost sessions, reconnect,
+//! log in again and retry, without a restart.
+//!
+//! This file holds one test so that the reset cannot pull the module from
+//! under a test running in parallel in the same process.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, ECDH_P256};
+use cryptoki::context::{CInitializeArgs, CInitializeFlags};
+use lavd::hsm::{Hsm, HsmObserver};
+use lavd::jwk::P256PublicKey;
+use softhsm_tests::{harness, TestToken};
+
+#[derive(Debug, Default)]
+struct Counts {
+    reconnects: AtomicUsize,
+}
+
+impl HsmObserver for Counts {
+    fn operation(&self, _: &'static str, _: f64, _: bool) {}
+    fn sessions_busy(&self, _: usize) {}
+    fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn software_peer(escrow: &P256PublicKey) -> (P256PublicKey, [u8; 32]) {
+    let sk = PrivateKey::generate(&ECDH_P256).unwrap();
+    let pk = P256PublicKey::from_sec1(sk.compute_public_key().unwrap().as_ref()).unwrap();
+    let expected = agreement::agree(
+        &sk,
+        UnparsedPublicKey::new(&ECDH_P256, escrow.sec1()),
+        aws_lc_rs::error::Unspecified,
+        |z| Ok(<[u8; 32]>::try_from(z).unwrap()),
+    )
+    .unwrap();
+    (pk, expected)
+}
+
+#[test]
+fn in_hsm_ecdh_survives_a_module_reset() {
+    let t = TestToken::new();
+    let counts = Arc::new(Counts::default());
+    let hsm = Hsm::open_with_observer(t.settings().hsm, counts.clone()).unwrap();
+    let escrow = hsm.generate_escrow_key("k1").unwrap();
+    assert_eq!(hsm.escrow_public_key("k1").unwrap(), escrow);
+    let (peer, expected) = software_peer(&escrow);
+    assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
+    assert_eq!(counts.reconnects.load(Ordering::SeqCst), 0);
+
+    // Another user of the module resets it: every session lavd holds is gone.
+    harness().pkcs11().clone().finalize().unwrap();
+    harness()
+        .pkcs11()
+        .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .unwrap();
+    assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
+    assert_eq!(counts.reconnects.load(Ordering::SeqCst), 1);
+    assert!(hsm.is_ready());
+
+    // Finalised and not re-initialised: lavd initialises the module again.
+    harness().pkcs11().clone().finalize().unwrap();
+    assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
+    assert_eq!(counts.reconnects.load(Ordering::SeqCst), 2);
+    assert!(hsm.is_ready());
+}
+
