@@ -123,8 +123,7 @@ pub fn generate(
     now: OffsetDateTime,
 ) -> Result<KeyRecord, KeyError> {
     check_kid(kid)?;
-    if !(validity.not_before < validity.not_after && validity.not_after <= validity.destroy_after)
-    {
+    if !(validity.not_before < validity.not_after && validity.not_after <= validity.destroy_after) {
         return Err(KeyError::InvalidDates);
     }
     if store.get_key(kid)?.is_some() {

@@ -72,11 +72,17 @@ pub fn harness() -> &'static Harness {
             ),
         )
         .expect("softhsm2.conf");
-        for i in 0..TOKENS {
+        // Tokens must exist before this process initialises SoftHSM: it does
+        // not see tokens created later. `lavd` is the label the sample config
+        // in hsm-config/ uses.
+        let labels = (0..TOKENS)
+            .map(|i| format!("t{i}"))
+            .chain(["lavd".to_string()]);
+        for label in labels {
             let out = Command::new("softhsm2-util")
                 .env("SOFTHSM2_CONF", &conf)
                 .args(["--init-token", "--free", "--label"])
-                .arg(format!("t{i}"))
+                .arg(label)
                 .args(["--pin", PIN, "--so-pin", SO_PIN])
                 .output()
                 .expect("softhsm2-util (apt-get install softhsm2)");
@@ -124,13 +130,17 @@ impl TestToken {
     pub fn new() -> Self {
         let h = harness();
         let n = h.next.fetch_add(1, Ordering::SeqCst);
-        assert!(n < TOKENS, "more than {TOKENS} tokens claimed in one test process");
+        assert!(
+            n < TOKENS,
+            "more than {TOKENS} tokens claimed in one test process"
+        );
         let work = tempfile::tempdir_in(h.dir.path()).expect("work dir");
         let token = TestToken {
             label: format!("t{n}"),
             work,
         };
         std::fs::write(token.path("pin"), format!("{PIN}\n")).expect("pin file");
+        restrict(&token.path("pin"));
         token.write_config("");
         token
     }
@@ -206,6 +216,12 @@ impl TestToken {
         lavd::config::Settings::load(&self.config(), &lavd::config::ProcessEnv)
             .expect("test config is valid")
     }
+}
+
+/// `chmod 600`, as an operator would do for a PIN file.
+pub fn restrict(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
 }
 
 impl Default for TestToken {

@@ -68,4 +68,3 @@ fn in_hsm_ecdh_survives_a_module_reset() {
     assert_eq!(counts.reconnects.load(Ordering::SeqCst), 2);
     assert!(hsm.is_ready());
 }
-

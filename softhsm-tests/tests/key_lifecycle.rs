@@ -110,7 +110,8 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
     assert!(
         listing.contains(&format!("lav-escrow:{KID}"))
             && listing.contains("Usage:      derive")
-            && listing.contains("Access:     sensitive, always sensitive, never extractable, local"),
+            && listing
+                .contains("Access:     sensitive, always sensitive, never extractable, local"),
         "{listing}"
     );
 }
@@ -134,15 +135,37 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
         members.sort_unstable();
         assert_eq!(
             members,
-            ["crv", "kid", "kty", "lav_suite", "not_after", "not_before", "use", "x", "y"]
+            [
+                "crv",
+                "kid",
+                "kty",
+                "lav_suite",
+                "not_after",
+                "not_before",
+                "use",
+                "x",
+                "y"
+            ]
         );
     }
 
-    let stderr = assert_fails_with(&generate(&t, KID, "2030-01-01T00:00:00Z"), 1, "duplicate_kid");
+    let stderr = assert_fails_with(
+        &generate(&t, KID, "2030-01-01T00:00:00Z"),
+        1,
+        "duplicate_kid",
+    );
     assert!(stderr.contains(KID));
-    assert_fails_with(&generate(&t, "bad kid", "2030-01-01T00:00:00Z"), 1, "invalid_kid");
+    assert_fails_with(
+        &generate(&t, "bad kid", "2030-01-01T00:00:00Z"),
+        1,
+        "invalid_kid",
+    );
     // destroy_after before not_after
-    assert_fails_with(&generate(&t, "x", "2026-12-15T00:00:00Z"), 1, "invalid_dates");
+    assert_fails_with(
+        &generate(&t, "x", "2026-12-15T00:00:00Z"),
+        1,
+        "invalid_dates",
+    );
 }
 
 #[test]
@@ -156,7 +179,10 @@ fn destroy_is_refused_before_retention_and_final_after() {
         "retention_not_reached",
     );
     assert!(stderr.contains("2030-01-01T00:00:00Z"), "{stderr}");
-    assert!(private_key(&t, KID).is_some(), "a refused destroy must not destroy");
+    assert!(
+        private_key(&t, KID).is_some(),
+        "a refused destroy must not destroy"
+    );
 
     // --force needs --reason (clap refuses it: usage error, exit 2).
     let out = t.lavd_with_config(&["keys", "destroy", "--kid", KID, "--force"]);
@@ -177,13 +203,19 @@ fn destroy_is_refused_before_retention_and_final_after() {
     // Gone from the published set, and a destroyed kid is never generated again.
     let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
     assert!(!jwks.contains(KID), "{jwks}");
-    assert_fails_with(&generate(&t, KID, "2030-01-01T00:00:00Z"), 1, "duplicate_kid");
+    assert_fails_with(
+        &generate(&t, KID, "2030-01-01T00:00:00Z"),
+        1,
+        "duplicate_kid",
+    );
     // Destroying again is harmless and the first record stays.
     assert_ok(&t.lavd_with_config(&[
         "keys", "destroy", "--kid", KID, "--force", "--reason", "again",
     ]));
     assert_fails_with(
-        &t.lavd_with_config(&["keys", "destroy", "--kid", "nope", "--force", "--reason", "x"]),
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "nope", "--force", "--reason", "x",
+        ]),
         1,
         "unknown_key",
     );
@@ -213,10 +245,8 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
 #[test]
 fn audit_key_is_ed25519_sign_only_and_non_extractable() {
     let t = TestToken::new();
-    let jwk: serde_json::Value = serde_json::from_str(&assert_ok(
-        &t.lavd_with_config(&["keys", "generate-audit"]),
-    ))
-    .unwrap();
+    let jwk: serde_json::Value =
+        serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]))).unwrap();
     assert_eq!(jwk["kty"], "OKP");
     assert_eq!(jwk["crv"], "Ed25519");
     let session = t.session();
@@ -266,7 +296,10 @@ fn a_bad_config_exits_64_naming_file_and_field() {
     t.write_config("[bogus]\nx = 1\n");
     let out = t.lavd_with_config(&["keys", "list"]);
     let stderr = assert_fails_with(&out, 64, "bad_config");
-    assert!(stderr.contains("lavd.toml") && stderr.contains("bogus"), "{stderr}");
+    assert!(
+        stderr.contains("lavd.toml") && stderr.contains("bogus"),
+        "{stderr}"
+    );
 
     let t = TestToken::new();
     std::fs::write(
@@ -277,5 +310,8 @@ fn a_bad_config_exits_64_naming_file_and_field() {
     )
     .unwrap();
     let stderr = assert_fails_with(&t.lavd_with_config(&["keys", "list"]), 64, "bad_config");
-    assert!(stderr.contains("hsm.slot") && stderr.contains("slot numbers change"), "{stderr}");
+    assert!(
+        stderr.contains("hsm.slot") && stderr.contains("slot numbers change"),
+        "{stderr}"
+    );
 }

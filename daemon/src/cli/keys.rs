@@ -89,17 +89,22 @@ impl KeysCommand {
                 let record = keys::generate(&hsm, &store, &kid, validity, now)?;
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&keys::jwks(&store, now)?
-                        .keys
-                        .into_iter()
-                        .find(|k| k.kid.as_deref() == Some(record.kid.as_str()))
-                        .unwrap_or_else(|| record.public.to_jwk()))?
+                    serde_json::to_string_pretty(
+                        &keys::jwks(&store, now)?
+                            .keys
+                            .into_iter()
+                            .find(|k| k.kid.as_deref() == Some(record.kid.as_str()))
+                            .unwrap_or_else(|| record.public.to_jwk())
+                    )?
                 );
             }
             KeysCommand::List { config } => {
                 let settings = config.load()?;
                 let store = Store::open(&settings.store_path)?;
-                println!("{}", serde_json::to_string_pretty(&keys::jwks(&store, now)?)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&keys::jwks(&store, now)?)?
+                );
             }
             KeysCommand::Destroy {
                 config,

@@ -192,9 +192,13 @@ impl Validator<'_> {
         let pin = match (raw.pin_file, raw.pin_env) {
             (Some(file), None) => {
                 let file = self.path(&file);
-                let text = zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(
-                    |e| self.err("hsm.pin_file", format!("cannot read {}: {e}", file.display())),
-                )?);
+                let text =
+                    zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
+                        self.err(
+                            "hsm.pin_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?);
                 warn_if_readable_by_others(&file);
                 let pin = text.trim_end_matches(['\n', '\r']);
                 if pin.is_empty() {
@@ -204,7 +208,10 @@ impl Validator<'_> {
             }
             (None, Some(var)) => {
                 let value = zeroize::Zeroizing::new(env.var(&var).ok_or_else(|| {
-                    self.err("hsm.pin_env", format!("environment variable {var} is not set"))
+                    self.err(
+                        "hsm.pin_env",
+                        format!("environment variable {var} is not set"),
+                    )
                 })?);
                 if value.is_empty() {
                     return Err(self.err("hsm.pin_env", format!("{var} is empty")));

@@ -58,9 +58,15 @@ fn refusals_name_the_field() {
     let cases: &[(&str, &str)] = &[
         ("token_label = \"lavd\"", "slot = 0"),
         ("pin_file = \"pin\"", "pin = \"1234\""),
-        ("token_label = \"lavd\"", "token_label = \"lavd\"\ntoken_serial = \"x\""),
+        (
+            "token_label = \"lavd\"",
+            "token_label = \"lavd\"\ntoken_serial = \"x\"",
+        ),
         ("pin_file = \"pin\"", "pin_file = \"missing\""),
-        ("token_label = \"lavd\"", "token_label = \"lavd\"\nsessions = 0"),
+        (
+            "token_label = \"lavd\"",
+            "token_label = \"lavd\"\nsessions = 0",
+        ),
     ];
     let fields = [
         "hsm.slot",

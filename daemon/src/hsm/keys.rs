@@ -322,10 +322,9 @@ impl Hsm {
             let signature = session
                 .sign(&mechanism, key, message)
                 .inspect_err(|_| self.forget_handle(label))?;
-            signature
-                .as_slice()
-                .try_into()
-                .map_err(|_| HsmError::Wrapper(format!("{}-byte Ed25519 signature", signature.len())))
+            signature.as_slice().try_into().map_err(|_| {
+                HsmError::Wrapper(format!("{}-byte Ed25519 signature", signature.len()))
+            })
         })
     }
 

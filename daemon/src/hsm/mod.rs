@@ -274,9 +274,10 @@ impl Hsm {
         f: &impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let inner = &self.inner;
-        let lease = inner
-            .pool
-            .acquire(|slot| self.new_session(slot), |busy| inner.observer.sessions_busy(busy))?;
+        let lease = inner.pool.acquire(
+            |slot| self.new_session(slot),
+            |busy| inner.observer.sessions_busy(busy),
+        )?;
         match f(lease.session()) {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -292,7 +293,10 @@ impl Hsm {
         let session = self.inner.pkcs11.open_rw_session(slot)?;
         // Login is per application and token; when all sessions were closed
         // (or the token was reset) the user is logged out again.
-        match session.login(cryptoki::session::UserType::User, Some(&self.inner.settings.pin)) {
+        match session.login(
+            cryptoki::session::UserType::User,
+            Some(&self.inner.settings.pin),
+        ) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(e) => Err(e.into()),
         }
@@ -337,39 +341,66 @@ impl Inner {
 }
 
 /// Finds the one slot whose token matches the selector.
+///
+/// A token whose info cannot be read (another process is rewriting it, or it
+/// is failing) is skipped; if that leaves no match, the scan is retried a few
+/// times before reporting the token missing, so a neighbour's activity on a
+/// shared module does not stop this daemon from finding its own token.
 fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<Slot, HsmError> {
-    let mut present = Vec::new();
-    let mut matches = Vec::new();
-    for slot in pkcs11.get_slots_with_token()? {
-        let info = pkcs11.get_token_info(slot)?;
-        let label = info.label().trim_end().to_string();
-        let serial = info.serial_number().trim_end().to_string();
-        let hit = match wanted {
-            TokenSelector::Label(l) => *l == label,
-            TokenSelector::Serial(s) => *s == serial,
-        };
-        if hit {
-            matches.push(slot);
+    let mut attempt = 0;
+    loop {
+        let mut present = Vec::new();
+        let mut matches = Vec::new();
+        let mut unreadable = 0;
+        for slot in pkcs11.get_slots_with_token()? {
+            let info = match pkcs11.get_token_info(slot) {
+                Ok(info) => info,
+                Err(e) => {
+                    tracing::debug!(slot = slot.id(), error = %e, "skipping unreadable token");
+                    unreadable += 1;
+                    continue;
+                }
+            };
+            if !info.token_initialized() {
+                continue;
+            }
+            let label = info.label().trim_end().to_string();
+            let serial = info.serial_number().trim_end().to_string();
+            let hit = match wanted {
+                TokenSelector::Label(l) => *l == label,
+                TokenSelector::Serial(s) => *s == serial,
+            };
+            if hit {
+                matches.push(slot);
+            }
+            present.push(format!("{label:?} (serial {serial})"));
         }
-        present.push(format!("{label:?} (serial {serial})"));
-    }
-    match matches.len() {
-        1 => Ok(matches[0]),
-        0 => Err(HsmError::TokenNotFound {
-            wanted: wanted.to_string(),
-            module: module.to_path_buf(),
-            present: if present.is_empty() {
-                "none".into()
-            } else {
-                present.join(", ")
-            },
-        }),
-        count => Err(HsmError::AmbiguousToken {
-            label: match wanted {
-                TokenSelector::Label(l) | TokenSelector::Serial(l) => l.clone(),
-            },
-            count,
-        }),
+        match matches.len() {
+            1 => return Ok(matches[0]),
+            0 if unreadable > 0 && attempt < 3 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+            }
+            0 => {
+                return Err(HsmError::TokenNotFound {
+                    wanted: wanted.to_string(),
+                    module: module.to_path_buf(),
+                    present: if present.is_empty() {
+                        "none".into()
+                    } else {
+                        present.join(", ")
+                    },
+                })
+            }
+            count => {
+                return Err(HsmError::AmbiguousToken {
+                    label: match wanted {
+                        TokenSelector::Label(l) | TokenSelector::Serial(l) => l.clone(),
+                    },
+                    count,
+                })
+            }
+        }
     }
 }
 

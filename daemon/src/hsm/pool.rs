@@ -156,7 +156,9 @@ impl Lease<'_> {
     pub(super) fn session(&self) -> &Session {
         // Invariant: `session` is Some from construction until Drop.
         #[allow(clippy::expect_used)]
-        self.session.as_ref().expect("lease holds a session until dropped")
+        self.session
+            .as_ref()
+            .expect("lease holds a session until dropped")
     }
 
     /// Closes the session instead of returning it to the pool.
