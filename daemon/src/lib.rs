@@ -21,6 +21,8 @@ pub mod envelope;
 pub mod jwk;
 
 #[cfg(feature = "daemon")]
+pub mod api;
+#[cfg(feature = "daemon")]
 pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod config;

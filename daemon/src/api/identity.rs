@@ -1,0 +1,320 @@
+//! Who is calling: the client certificate's single URI SAN, and the roles the
+//! configuration grants that identity.
+//!
+//! The certificate has already been verified by rustls against the configured
+//! client CAs (and CRLs) when this code reads it. It is still parsed strictly:
+//! a certificate with no URI SAN or with several is refused, because an
+//! identity that is ambiguous cannot be bound to a warrant's `agency`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+/// A caller's role (PROTOCOL §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Reads escrow public keys.
+    Provider,
+    /// Executes warrants (unwrap).
+    Agency,
+    /// Reads the audit log.
+    Auditor,
+    /// Key lifecycle and revocations.
+    Admin,
+}
+
+impl Role {
+    /// Parses the config spelling.
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "provider" => Some(Role::Provider),
+            "agency" => Some(Role::Agency),
+            "auditor" => Some(Role::Auditor),
+            "admin" => Some(Role::Admin),
+            _ => None,
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Provider => "provider",
+            Role::Agency => "agency",
+            Role::Auditor => "auditor",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// Identity → roles, from config.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoleMap(BTreeMap<String, BTreeSet<Role>>);
+
+impl RoleMap {
+    /// Builds the map.
+    pub fn new(map: BTreeMap<String, BTreeSet<Role>>) -> Self {
+        RoleMap(map)
+    }
+
+    /// The roles of `identity` (none if unknown).
+    pub fn roles(&self, identity: &str) -> BTreeSet<Role> {
+        self.0.get(identity).cloned().unwrap_or_default()
+    }
+}
+
+/// A caller whose certificate chained to a configured client CA, identified
+/// by its one URI SAN. Made only by the TLS accept loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerIdentity {
+    uri: String,
+    roles: BTreeSet<Role>,
+    remote: SocketAddr,
+}
+
+impl PeerIdentity {
+    #[allow(dead_code)] // made by the TLS accept loop (api::server), being written
+    pub(crate) fn new(uri: String, roles: BTreeSet<Role>, remote: SocketAddr) -> Self {
+        PeerIdentity { uri, roles, remote }
+    }
+
+    /// The URI SAN, e.g. `spiffe://agency.example/lea`.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Whether the configuration grants `role`.
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role)
+    }
+
+    /// The remote address of the connection.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+}
+
+/// Why a client certificate gives no identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The certificate has no URI SAN.
+    #[error("the client certificate has no URI SAN")]
+    NoUriSan,
+    /// The certificate has more than one URI SAN.
+    #[error("the client certificate has {0} URI SANs; exactly one is required")]
+    SeveralUriSans(usize),
+    /// The URI SAN is not printable ASCII of at most 2048 bytes.
+    #[error("the client certificate's URI SAN is not a printable ASCII URI of at most 2048 bytes")]
+    BadUri,
+    /// The certificate is not the DER this parser expects (a verified
+    /// certificate should never get here).
+    #[error("the client certificate could not be parsed")]
+    Malformed,
+}
+
+impl IdentityError {
+    /// A short label for metrics (`tls_handshake_failures{reason}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            IdentityError::NoUriSan => "no_uri_san",
+            IdentityError::SeveralUriSans(_) => "several_uri_sans",
+            IdentityError::BadUri => "bad_uri_san",
+            IdentityError::Malformed => "malformed_certificate",
+        }
+    }
+}
+
+/// The single URI SAN of a DER X.509 certificate.
+///
+/// # Errors
+/// [`IdentityError`] when there is none, several, or the DER is not a
+/// certificate.
+pub fn uri_san(cert: &[u8]) -> Result<String, IdentityError> {
+    let mut uris = Vec::new();
+    for value in san_extensions(cert)? {
+        // GeneralNames ::= SEQUENCE OF GeneralName
+        let mut names = Der::new(value).expect_one(SEQUENCE)?;
+        while !names.is_empty() {
+            let (tag, value) = names.next()?;
+            // uniformResourceIdentifier [6] IMPLICIT IA5String
+            if tag == 0x86 {
+                uris.push(value);
+            }
+        }
+    }
+    match uris.as_slice() {
+        [] => Err(IdentityError::NoUriSan),
+        [one] => {
+            let ok =
+                !one.is_empty() && one.len() <= 2048 && one.iter().all(|b| b.is_ascii_graphic());
+            if !ok {
+                return Err(IdentityError::BadUri);
+            }
+            String::from_utf8(one.to_vec()).map_err(|_| IdentityError::BadUri)
+        }
+        many => Err(IdentityError::SeveralUriSans(many.len())),
+    }
+}
+
+const SEQUENCE: u8 = 0x30;
+const OID: u8 = 0x06;
+const BOOLEAN: u8 = 0x01;
+const OCTET_STRING: u8 = 0x04;
+/// id-ce-subjectAltName, 2.5.29.17 (RFC 5280 §4.2.1.6).
+const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
+
+/// The extnValue of every subjectAltName extension (RFC 5280 §4.1).
+fn san_extensions(cert: &[u8]) -> Result<Vec<&[u8]>, IdentityError> {
+    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
+    let (tag, tbs) = certificate.next()?;
+    if tag != SEQUENCE {
+        return Err(IdentityError::Malformed);
+    }
+    let mut tbs = Der::new(tbs);
+    let mut found = Vec::new();
+    while !tbs.is_empty() {
+        let (tag, value) = tbs.next()?;
+        // extensions [3] EXPLICIT Extensions
+        if tag != 0xa3 {
+            continue;
+        }
+        let mut extensions = Der::new(value).expect_one(SEQUENCE)?;
+        while !extensions.is_empty() {
+            let (tag, extension) = extensions.next()?;
+            if tag != SEQUENCE {
+                return Err(IdentityError::Malformed);
+            }
+            let mut extension = Der::new(extension);
+            let oid = extension.expect(OID)?;
+            let mut next = extension.next()?;
+            if next.0 == BOOLEAN {
+                next = extension.next()?;
+            }
+            if next.0 != OCTET_STRING || !extension.is_empty() {
+                return Err(IdentityError::Malformed);
+            }
+            if oid == SAN_OID {
+                found.push(next.1);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// A minimal strict DER reader: single-byte tags, definite minimal lengths.
+struct Der<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Der<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Der { rest: bytes }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn next(&mut self) -> Result<(u8, &'a [u8]), IdentityError> {
+        let bad = IdentityError::Malformed;
+        let (&tag, rest) = self.rest.split_first().ok_or(bad.clone())?;
+        if tag & 0x1f == 0x1f {
+            return Err(bad);
+        }
+        let (&first, mut rest) = rest.split_first().ok_or(bad.clone())?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 3 || rest.len() < n || rest[0] == 0 {
+                return Err(bad);
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+            if len < 0x80 {
+                return Err(bad);
+            }
+            rest = &rest[n..];
+            len
+        };
+        if rest.len() < len {
+            return Err(bad);
+        }
+        let (value, rest) = rest.split_at(len);
+        self.rest = rest;
+        Ok((tag, value))
+    }
+
+    fn expect(&mut self, tag: u8) -> Result<&'a [u8], IdentityError> {
+        match self.next()? {
+            (t, value) if t == tag => Ok(value),
+            _ => Err(IdentityError::Malformed),
+        }
+    }
+
+    /// The whole input is one element with `tag`; returns a reader over its
+    /// contents.
+    fn expect_one(mut self, tag: u8) -> Result<Der<'a>, IdentityError> {
+        let value = self.expect(tag)?;
+        if !self.is_empty() {
+            return Err(IdentityError::Malformed);
+        }
+        Ok(Der::new(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    fn cert(sans: Vec<SanType>) -> Vec<u8> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn exactly_one_uri_san_is_the_identity() {
+        let der = cert(vec![
+            SanType::DnsName("lea.agency.example".try_into().unwrap()),
+            uri("spiffe://agency.example/lea"),
+        ]);
+        assert_eq!(uri_san(&der).unwrap(), "spiffe://agency.example/lea");
+    }
+
+    #[test]
+    fn none_or_several_are_refused() {
+        let none = cert(vec![SanType::DnsName("x.example".try_into().unwrap())]);
+        assert_eq!(uri_san(&none).unwrap_err(), IdentityError::NoUriSan);
+        let two = cert(vec![
+            uri("spiffe://a.example/x"),
+            uri("spiffe://b.example/y"),
+        ]);
+        assert_eq!(uri_san(&two).unwrap_err(), IdentityError::SeveralUriSans(2));
+        let no_ext = cert(vec![]);
+        assert_eq!(uri_san(&no_ext).unwrap_err(), IdentityError::NoUriSan);
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        let der = cert(vec![uri("spiffe://agency.example/lea")]);
+        for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
+            assert!(uri_san(&der[..cut]).is_err());
+        }
+        let mut flipped = der.clone();
+        for i in 0..flipped.len() {
+            flipped[i] ^= 0xff;
+            let _ = uri_san(&flipped); // must not panic
+            flipped[i] ^= 0xff;
+        }
+        assert_eq!(
+            uri_san(&[0x30, 0x80]).unwrap_err(),
+            IdentityError::Malformed
+        );
+    }
+}
