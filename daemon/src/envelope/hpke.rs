@@ -526,8 +526,7 @@ pub fn setup_base_s(
     info: &[u8],
     aead: Aead,
 ) -> Result<(P256PublicKey, ContextS), HpkeError> {
-    let sk_e =
-        agreement::PrivateKey::generate(&ECDH_P256).map_err(|_| HpkeError::KeyAgreement)?;
+    let sk_e = agreement::PrivateKey::generate(&ECDH_P256).map_err(|_| HpkeError::KeyAgreement)?;
     setup_base_s_with(pk_r, info, aead, &sk_e)
 }
 
@@ -713,7 +712,10 @@ mod tests {
                 let seq = u64::try_from(seq).unwrap();
                 assert_eq!(ctx_s.0.compute_nonce(seq).to_vec(), h(&e.nonce));
                 assert_eq!(ctx_s.seal(&h(&e.aad), &h(&e.pt)).unwrap(), h(&e.ct));
-                assert_eq!(ctx_r.open(&h(&e.aad), &h(&e.ct)).unwrap().to_vec(), h(&e.pt));
+                assert_eq!(
+                    ctx_r.open(&h(&e.aad), &h(&e.ct)).unwrap().to_vec(),
+                    h(&e.pt)
+                );
                 encryptions_run += 1;
             }
             assert_eq!(ctx_s.0.seq, u64::try_from(v.encryptions.len()).unwrap());
@@ -774,8 +776,8 @@ mod tests {
         struct HsmDown;
         let sk_r = P256PrivateKey::generate().unwrap();
         let (enc, _) = setup_base_s(sk_r.public(), b"", Aead::Aes256Gcm).unwrap();
-        let err = setup_base_r(&enc, sk_r.public(), b"", Aead::Aes256Gcm, |_| Err(HsmDown))
-            .unwrap_err();
+        let err =
+            setup_base_r(&enc, sk_r.public(), b"", Aead::Aes256Gcm, |_| Err(HsmDown)).unwrap_err();
         assert!(matches!(err, HpkeError::Dh(HsmDown)));
         assert_eq!(err.code(), "dh_failed");
     }
@@ -811,7 +813,10 @@ mod tests {
         let sk_r = P256PrivateKey::generate().unwrap();
         let (_, s) = setup_base_s(sk_r.public(), b"", Aead::Aes256Gcm).unwrap();
         assert_eq!(s.export(b"", 255 * 32).unwrap().len(), 255 * 32);
-        assert_eq!(s.export(b"", 255 * 32 + 1).unwrap_err().code(), "output_too_long");
+        assert_eq!(
+            s.export(b"", 255 * 32 + 1).unwrap_err().code(),
+            "output_too_long"
+        );
     }
 
     #[test]

@@ -240,7 +240,11 @@ impl Header {
         check_len("kid", &raw.kid, limits.max_kid_bytes)?;
         check_len("provider", &raw.provider, limits.max_provider_bytes)?;
         check_len("target", &raw.target, limits.max_target_bytes)?;
-        if raw.reference.as_ref().is_some_and(|r| r.len() > REF_MAX_LEN) {
+        if raw
+            .reference
+            .as_ref()
+            .is_some_and(|r| r.len() > REF_MAX_LEN)
+        {
             return Err(EnvelopeError::RefTooLong);
         }
         Ok(Self {
@@ -506,11 +510,12 @@ pub fn open_envelope<E>(
     dh: impl FnOnce(&P256PublicKey) -> Result<DhOutput, E>,
 ) -> Result<Zeroizing<Vec<u8>>, EnvelopeError<E>> {
     let info = envelope_info(&envelope.header_bytes);
-    let mut ctx =
-        hpke::setup_base_r(&envelope.enc, pk_r, &info, Aead::Aes256Gcm, dh).map_err(|e| match e {
+    let mut ctx = hpke::setup_base_r(&envelope.enc, pk_r, &info, Aead::Aes256Gcm, dh).map_err(
+        |e| match e {
             HpkeError::Dh(e) => EnvelopeError::KeyAgreement(e),
             _ => EnvelopeError::OpenFailed,
-        })?;
+        },
+    )?;
     let dek = ctx
         .open(b"", &envelope.ct)
         .map_err(|_| EnvelopeError::OpenFailed)?;
@@ -578,7 +583,8 @@ mod tests {
         let sk = P256PrivateKey::generate().unwrap();
         let other = P256PrivateKey::generate().unwrap();
         let env = seal_envelope(sk.public(), &header(), &[7u8; 16]).unwrap();
-        let err = open_envelope(&env, other.public(), |e| hpke::software_dh(&other, e)).unwrap_err();
+        let err =
+            open_envelope(&env, other.public(), |e| hpke::software_dh(&other, e)).unwrap_err();
         assert_eq!(err.code(), "open_failed");
     }
 }

@@ -184,14 +184,20 @@ struct ResultJson {
     reason: Option<String>,
 }
 
-/// A sealed reply, ready to send. Serializes to the PROTOCOL §5 JSON.
+/// The reply as it is on the wire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Reply {
+struct ReplyJson {
     sealed_to: SealedTo,
     results: Vec<ResultJson>,
     audit: AuditRef,
 }
+
+/// A sealed reply, ready to send; only [`ReplyBuilder`] makes one.
+/// Serializes to the PROTOCOL §5 JSON.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Reply(ReplyJson);
 
 impl Reply {
     /// The reply JSON.
@@ -204,12 +210,12 @@ impl Reply {
 
     /// The number of results.
     pub fn len(&self) -> usize {
-        self.results.len()
+        self.0.results.len()
     }
 
     /// Whether there are no results.
     pub fn is_empty(&self) -> bool {
-        self.results.is_empty()
+        self.0.results.is_empty()
     }
 }
 
@@ -278,11 +284,11 @@ impl ReplyBuilder {
 
     /// The finished reply with the caller's `audit` member.
     pub fn finish(self, audit: AuditRef) -> Reply {
-        Reply {
+        Reply(ReplyJson {
             sealed_to: self.sealed_to,
             results: self.results,
             audit,
-        }
+        })
     }
 }
 
@@ -339,7 +345,7 @@ pub fn open_reply(
     request_headers: &[Vec<u8>],
     reply_json: &[u8],
 ) -> Result<OpenedReply, ReplyError> {
-    let reply: Reply =
+    let reply: ReplyJson =
         serde_json::from_slice(reply_json).map_err(|e| ReplyError::Malformed(e.to_string()))?;
     let expected = recipient.public().thumbprint();
     if reply.sealed_to.kid != expected {
