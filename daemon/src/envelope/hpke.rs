@@ -126,6 +126,10 @@ pub enum HpkeError<E = Infallible> {
     /// (255 × 32 bytes, RFC 5869 §2.3).
     #[error("requested {0} bytes, more than HKDF-SHA256 can produce")]
     OutputTooLong(usize),
+    /// aws-lc refused an HMAC computation or an AEAD key. Should never
+    /// happen: every length is fixed by the suite.
+    #[error("the crypto library failed")]
+    Internal,
 }
 
 impl<E> HpkeError<E> {
@@ -138,6 +142,7 @@ impl<E> HpkeError<E> {
             Self::SealFailed => "seal_failed",
             Self::MessageLimitReached => "message_limit_reached",
             Self::OutputTooLong(_) => "output_too_long",
+            Self::Internal => "crypto_failure",
         }
     }
 }
@@ -151,6 +156,7 @@ fn widen<E>(e: HpkeError) -> HpkeError<E> {
         HpkeError::SealFailed => HpkeError::SealFailed,
         HpkeError::MessageLimitReached => HpkeError::MessageLimitReached,
         HpkeError::OutputTooLong(n) => HpkeError::OutputTooLong(n),
+        HpkeError::Internal => HpkeError::Internal,
     }
 }
 
@@ -184,9 +190,11 @@ fn concat(parts: &[&[u8]]) -> Zeroizing<Vec<u8>> {
 /// salt is an HMAC key of zero length, which HMAC pads to the same block as
 /// RFC 5869's "string of HashLen zeros".
 fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Result<Zeroizing<[u8; N_H]>, HpkeError> {
+    // The salt may be a secret (the shared secret in KeySchedule); aws-lc
+    // cleanses the HMAC_CTX that holds it when `key` drops.
     let key = hmac::Key::new(hmac::HMAC_SHA256, salt);
     let mut prk = Zeroizing::new([0u8; N_H]);
-    hmac::sign_to_buffer(&key, ikm, &mut prk[..]).map_err(|_| HpkeError::KeyAgreement)?;
+    hmac::sign_to_buffer(&key, ikm, &mut prk[..]).map_err(|_| HpkeError::Internal)?;
     Ok(prk)
 }
 
@@ -204,8 +212,7 @@ fn hkdf_expand(prk: &[u8; N_H], info: &[u8], out: &mut [u8]) -> Result<(), HpkeE
         // and starts at 1 as RFC 5869 requires.
         let counter = u8::try_from(i + 1).map_err(|_| HpkeError::OutputTooLong(i))?;
         let block_input = concat(&[&t[..t_len], info, &[counter]]);
-        hmac::sign_to_buffer(&key, &block_input, &mut t[..])
-            .map_err(|_| HpkeError::KeyAgreement)?;
+        hmac::sign_to_buffer(&key, &block_input, &mut t[..]).map_err(|_| HpkeError::Internal)?;
         t_len = N_H;
         chunk.copy_from_slice(&t[..chunk.len()]);
     }
@@ -382,7 +389,7 @@ impl std::fmt::Debug for Context {
 impl Context {
     fn new(schedule: KeySchedule, aead: Aead) -> Result<Self, HpkeError> {
         let unbound =
-            UnboundKey::new(aead.algorithm(), &schedule.key).map_err(|_| HpkeError::SealFailed)?;
+            UnboundKey::new(aead.algorithm(), &schedule.key).map_err(|_| HpkeError::Internal)?;
         Ok(Self {
             aead,
             key: LessSafeKey::new(unbound),

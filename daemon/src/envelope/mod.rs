@@ -177,6 +177,17 @@ impl<E> EnvelopeError<E> {
             Self::SealFailed => "seal_failed",
         }
     }
+
+    /// The PROTOCOL §5 denial reason for this error, or `None` when the error
+    /// is not the envelope's fault ([`EnvelopeError::KeyAgreement`]: fail the
+    /// request instead) or cannot come from parsing or opening.
+    pub fn deny_reason(&self) -> Option<reply::DenyReason> {
+        match self.code() {
+            "malformed_envelope" => Some(reply::DenyReason::MalformedEnvelope),
+            "open_failed" => Some(reply::DenyReason::OpenFailed),
+            _ => None,
+        }
+    }
 }
 
 /// The envelope as it is on the wire; only [`Envelope::parse`] reads it.
@@ -576,6 +587,18 @@ mod tests {
             env.digest().to_vec(),
             digest::digest(&digest::SHA256, &joined).as_ref().to_vec()
         );
+    }
+
+    #[test]
+    fn deny_reasons_follow_codes() {
+        use reply::DenyReason;
+        let parse: EnvelopeError = EnvelopeError::InvalidEnc;
+        assert_eq!(parse.deny_reason(), Some(DenyReason::MalformedEnvelope));
+        let open: EnvelopeError = EnvelopeError::OpenFailed;
+        assert_eq!(open.deny_reason(), Some(DenyReason::OpenFailed));
+        let hsm: EnvelopeError<hpke::DhError> = EnvelopeError::KeyAgreement(hpke::DhError);
+        assert_eq!(hsm.deny_reason(), None);
+        assert_eq!(hsm.code(), "key_agreement_failed");
     }
 
     #[test]
