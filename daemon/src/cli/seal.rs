@@ -189,6 +189,8 @@ pub struct OpenArgs {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnwrapRequest {
+    // Required so a file that is not an unwrap request is refused; its
+    // content is the daemon's concern, not this tool's.
     #[allow(dead_code)]
     warrant: serde::de::IgnoredAny,
     envelopes: Vec<serde_json::Value>,
