@@ -3,6 +3,7 @@
 //! agencies: `open`; auditors: `audit`).
 
 pub mod keys;
+pub mod seal;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,10 @@ pub enum Command {
     /// Escrow and audit key lifecycle (operators).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Seal a message key to an escrow key (providers): prints an envelope.
+    Seal(seal::SealArgs),
+    /// Open an unwrap reply with the agency's recipient key (agencies).
+    Open(seal::OpenArgs),
 }
 
 impl Command {
@@ -34,6 +39,8 @@ impl Command {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Keys(cmd) => cmd.run(),
+            Command::Seal(args) => args.run(),
+            Command::Open(args) => args.run(),
         }
     }
 }

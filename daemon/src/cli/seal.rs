@@ -1,0 +1,275 @@
+//! `lavd seal` (a provider's tool: seal one DEK to an escrow key from the
+//! `GET /v1/keys` JWK Set) and `lavd open` (an agency's tool: open an unwrap
+//! reply with its recipient key and print the DEKs).
+//!
+//! Both trust the files they are given (they are the operator's own); they
+//! still parse them strictly and refuse anything ambiguous.
+
+use std::fmt::Write as _;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use anyhow::{anyhow, bail, Context as _};
+use serde::Deserialize;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::codec::{b64_decode, format_time, parse_time};
+use crate::envelope::reply::{open_reply, Outcome};
+use crate::envelope::{seal_envelope, HeaderBuilder, DEK_MAX_LEN, DEK_MIN_LEN};
+use crate::jwk::{Jwk, JwkSet, P256PrivateKey, P256PublicKey, LAV_SUITE};
+
+/// A DEK given in hex on the command line, held zeroized and never printed.
+#[derive(Clone)]
+pub struct DekHex(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for DekHex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DekHex(<redacted>)")
+    }
+}
+
+impl FromStr for DekHex {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bytes = Zeroizing::new(hex::decode(text).map_err(|_| "not hex".to_owned())?);
+        if !(DEK_MIN_LEN..=DEK_MAX_LEN).contains(&bytes.len()) {
+            return Err(format!(
+                "the DEK is {} bytes; expected {DEK_MIN_LEN}..={DEK_MAX_LEN}",
+                bytes.len()
+            ));
+        }
+        Ok(Self(bytes))
+    }
+}
+
+fn parse_time_arg(text: &str) -> Result<OffsetDateTime, String> {
+    parse_time(text).map_err(|e| e.to_string())
+}
+
+/// `lavd seal`: seal one DEK to an escrow key and print the envelope JSON.
+#[derive(Debug, clap::Args)]
+pub struct SealArgs {
+    /// The escrow keys: the JWK Set served by `GET /v1/keys`.
+    #[arg(long, value_name = "FILE")]
+    pub jwks: PathBuf,
+    /// The escrow key to seal to (for example `2026-11`).
+    #[arg(long, value_name = "KID")]
+    pub kid: String,
+    /// The target identifier (for example `acct:alice@example.com`).
+    #[arg(long, value_name = "TARGET")]
+    pub target: String,
+    /// When the message was sent: RFC 3339 UTC (`2026-11-26T07:25:21Z`).
+    #[arg(long, value_name = "TS", value_parser = parse_time_arg)]
+    pub time: OffsetDateTime,
+    /// This provider's identity: the URI SAN of its client certificate, e.g.
+    /// `spiffe://provider.example/mail`. No default: it is bound into the
+    /// header and the audit log for good, so a guessed value would be wrong
+    /// forever.
+    #[arg(long, value_name = "URI", env = "LAV_PROVIDER_ID")]
+    pub provider: String,
+    /// Optional opaque message reference (at most 256 bytes).
+    #[arg(long = "ref", value_name = "REF")]
+    pub reference: Option<String>,
+    /// The DEK in hex, 16 to 64 bytes. Visible in the process list: use this
+    /// tool only where that is acceptable.
+    #[arg(long, value_name = "HEX")]
+    pub dek_hex: DekHex,
+}
+
+impl SealArgs {
+    /// Seals and prints the envelope JSON on stdout; warnings go to stderr.
+    ///
+    /// # Errors
+    /// An unreadable or invalid JWK Set, a `kid` that is not in it (or is in
+    /// it twice), a key that is not an `enc` key of suite `16-1-2`, or a
+    /// header the daemon would refuse.
+    pub fn run(self) -> anyhow::Result<()> {
+        self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+    }
+
+    /// [`SealArgs::run`] writing to the given streams.
+    ///
+    /// # Errors
+    /// As [`SealArgs::run`].
+    pub fn run_with(self, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
+        let jwks = read_file(&self.jwks)?;
+        let set: JwkSet = serde_json::from_slice(&jwks)
+            .with_context(|| format!("{}: not a JWK Set", self.jwks.display()))?;
+        let jwk = find_key(&set, &self.kid)
+            .with_context(|| format!("{}: key `{}`", self.jwks.display(), self.kid))?;
+        let public = P256PublicKey::from_jwk(jwk)
+            .with_context(|| format!("key `{}` is not a valid P-256 key", self.kid))?;
+        for warning in validity_warnings(jwk, self.time)? {
+            writeln!(err, "warning: key `{}`: {warning}", self.kid)?;
+        }
+
+        let mut header = HeaderBuilder::new(&self.kid, &self.provider, &self.target, self.time);
+        if let Some(reference) = &self.reference {
+            header = header.reference(reference);
+        }
+        let header = header.build().context("invalid header")?;
+        let envelope = seal_envelope(&public, &header, &self.dek_hex.0).context("sealing")?;
+        writeln!(out, "{}", envelope.to_json())?;
+        Ok(())
+    }
+}
+
+/// The one key named `kid`, usable for sealing.
+fn find_key<'a>(set: &'a JwkSet, kid: &str) -> anyhow::Result<&'a Jwk> {
+    let mut matches = set.keys.iter().filter(|k| k.kid.as_deref() == Some(kid));
+    let jwk = matches.next().ok_or_else(|| {
+        let known: Vec<&str> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
+        anyhow!("not in the set (it has: {})", known.join(", "))
+    })?;
+    if matches.next().is_some() {
+        bail!("appears more than once in the set");
+    }
+    if jwk.lav_suite.as_deref() != Some(LAV_SUITE) {
+        bail!(
+            "`lav_suite` is {:?}, not {LAV_SUITE:?}: this tool only seals with suite {LAV_SUITE}",
+            jwk.lav_suite
+        );
+    }
+    if jwk.use_.as_deref() != Some("enc") {
+        bail!("`use` is {:?}, not \"enc\"", jwk.use_);
+    }
+    Ok(jwk)
+}
+
+/// Warnings when `time` is outside the key's `[not_before, not_after)`: the
+/// daemon will still open it, but the provider is sealing to a key outside
+/// its published sealing period.
+fn validity_warnings(jwk: &Jwk, time: OffsetDateTime) -> anyhow::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    match jwk.not_before.as_deref() {
+        None => warnings.push("has no `not_before`".to_owned()),
+        Some(text) => {
+            let not_before = parse_time(text).context("`not_before` is not RFC 3339 UTC")?;
+            if time < not_before {
+                warnings.push(format!(
+                    "time {} is before its not_before {text}",
+                    format_time(time)
+                ));
+            }
+        }
+    }
+    match jwk.not_after.as_deref() {
+        None => warnings.push("has no `not_after`".to_owned()),
+        Some(text) => {
+            let not_after = parse_time(text).context("`not_after` is not RFC 3339 UTC")?;
+            if time >= not_after {
+                warnings.push(format!(
+                    "time {} is at or after its not_after {text}",
+                    format_time(time)
+                ));
+            }
+        }
+    }
+    Ok(warnings)
+}
+
+/// `lavd open`: open an unwrap reply and print one line per envelope.
+#[derive(Debug, clap::Args)]
+pub struct OpenArgs {
+    /// The warrant's recipient key: a private P-256 JWK (with `d`).
+    #[arg(long, value_name = "JWK_FILE")]
+    pub recipient_key: PathBuf,
+    /// The unwrap request body that was sent: `{"warrant":…,"envelopes":[…]}`.
+    #[arg(long, value_name = "FILE")]
+    pub request: PathBuf,
+    /// The reply body that came back.
+    #[arg(long, value_name = "FILE")]
+    pub reply: PathBuf,
+}
+
+/// The unwrap request, read only for its envelopes' header bytes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnwrapRequest {
+    // Required so a file that is not an unwrap request is refused; its
+    // content is the daemon's concern, not this tool's.
+    #[allow(dead_code)]
+    warrant: serde::de::IgnoredAny,
+    envelopes: Vec<serde_json::Value>,
+}
+
+impl OpenArgs {
+    /// Opens the reply and prints, one line per request envelope and
+    /// tab-separated: the envelope's `ref` as a JSON string (or `#<index>`
+    /// when it has none), the status, and the DEK in hex (`ok`) or the
+    /// reason (`denied`). The audit position goes to stderr.
+    ///
+    /// # Errors
+    /// Unreadable files, a key file that is not a private P-256 JWK, or any
+    /// [`crate::envelope::reply::ReplyError`]: no line is printed unless every
+    /// `ok` result opens.
+    ///
+    /// # Security
+    /// Prints DEKs on stdout: that is this tool's purpose.
+    pub fn run(self) -> anyhow::Result<()> {
+        self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+    }
+
+    /// [`OpenArgs::run`] writing to the given streams.
+    ///
+    /// # Errors
+    /// As [`OpenArgs::run`].
+    pub fn run_with(self, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
+        let key_file = Zeroizing::new(read_file(&self.recipient_key)?);
+        let jwk = Jwk::from_json(&key_file)
+            .with_context(|| format!("{}: not a JWK", self.recipient_key.display()))?;
+        let key = P256PrivateKey::from_jwk(&jwk).with_context(|| {
+            format!("{}: not a private P-256 JWK", self.recipient_key.display())
+        })?;
+
+        let request: UnwrapRequest = serde_json::from_slice(&read_file(&self.request)?)
+            .with_context(|| format!("{}: not an unwrap request", self.request.display()))?;
+        // An envelope whose header does not decode was denied by the daemon;
+        // an empty aad makes any `ok` claimed for it fail to open.
+        let headers: Vec<Vec<u8>> = request
+            .envelopes
+            .iter()
+            .map(|e| {
+                e.get("header")
+                    .and_then(serde_json::Value::as_str)
+                    .and_then(|h| b64_decode(h).ok())
+                    .unwrap_or_default()
+            })
+            .collect();
+
+        let opened = open_reply(&key, &headers, &read_file(&self.reply)?)
+            .with_context(|| format!("{}: cannot open the reply", self.reply.display()))?;
+        for result in &opened.results {
+            let label = match &result.reference {
+                Some(r) => serde_json::to_string(r)?,
+                None => format!("#{}", result.index),
+            };
+            let mut line = Zeroizing::new(String::new());
+            match &result.outcome {
+                Outcome::Ok(dek) => {
+                    write!(line, "{label}\tok\t")?;
+                    for byte in dek.iter() {
+                        write!(line, "{byte:02x}")?;
+                    }
+                }
+                Outcome::Denied(reason) => {
+                    write!(line, "{label}\tdenied\t{}", reason.as_str())?;
+                }
+            }
+            writeln!(out, "{}", line.as_str())?;
+        }
+        writeln!(
+            err,
+            "audit: {} leaves from index {} (checkpoint not verified by this tool)",
+            opened.audit.count, opened.audit.first_index
+        )?;
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+}

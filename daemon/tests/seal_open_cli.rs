@@ -1,0 +1,258 @@
+//! `lavd seal` and `lavd open` end to end through real files: a provider
+//! seals from the `GET /v1/keys` JWK Set, the daemon side opens (software DH
+//! standing in for the HSM) and seals the reply, the agency's tool prints the
+//! DEKs.
+#![cfg(feature = "daemon")]
+// A test crate: its helper functions (outside `#[test]`) panic on failure by design.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use lavd::cli::seal::{OpenArgs, SealArgs};
+use lavd::envelope::hpke::software_dh;
+use lavd::envelope::reply::{AuditRef, DenyReason, ReplyBuilder};
+use lavd::envelope::{open_envelope, Envelope, EnvelopeLimits};
+use lavd::jwk::{JwkSet, P256PrivateKey, LAV_SUITE};
+
+/// The two subcommands as the lead will wire them, to test the flag names.
+#[derive(Parser)]
+enum Cmd {
+    Seal(SealArgs),
+    Open(OpenArgs),
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+fn jwks(escrow: &P256PrivateKey, suite: &str) -> String {
+    let mut jwk = escrow.public().to_jwk();
+    jwk.kid = Some("2026-11".into());
+    jwk.use_ = Some("enc".into());
+    jwk.lav_suite = Some(suite.into());
+    jwk.not_before = Some("2026-11-01T00:00:00Z".into());
+    jwk.not_after = Some("2026-12-01T00:00:00Z".into());
+    serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap()
+}
+
+/// Runs `lavd seal` with default flags, each replaceable by `overrides`
+/// (flag, value) pairs; a flag not among the defaults is appended.
+fn seal(jwks_path: &Path, overrides: &[(&str, &str)]) -> (anyhow::Result<()>, String, String) {
+    let mut flags = vec![
+        ("--jwks", jwks_path.to_str().unwrap()),
+        ("--kid", "2026-11"),
+        ("--target", "acct:alice@example.com"),
+        ("--time", "2026-11-26T07:25:21Z"),
+        ("--provider", "spiffe://provider.example/mail"),
+        ("--dek-hex", "000102030405060708090a0b0c0d0e0f"),
+    ];
+    for (flag, value) in overrides {
+        match flags.iter_mut().find(|(f, _)| f == flag) {
+            Some(slot) => slot.1 = value,
+            None => flags.push((flag, value)),
+        }
+    }
+    let mut argv = vec!["lavd", "seal"];
+    for (flag, value) in flags {
+        argv.extend([flag, value]);
+    }
+    let Cmd::Seal(args) = Cmd::try_parse_from(argv).unwrap() else {
+        unreachable!()
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let result = args.run_with(&mut out, &mut err);
+    (
+        result,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+#[test]
+fn seal_then_open_prints_each_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let escrow = P256PrivateKey::generate().unwrap();
+    let jwks_path = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
+
+    let (r, env1, warn) = seal(&jwks_path, &[("--ref", "msg-8812")]);
+    r.unwrap();
+    assert_eq!(warn, "");
+    let (r, env2, _) = seal(&jwks_path, &[]);
+    r.unwrap();
+
+    // The daemon's side, with software DH in place of the HSM.
+    let recipient = P256PrivateKey::generate().unwrap();
+    let mut builder = ReplyBuilder::new(recipient.public()).unwrap();
+    let e1 = Envelope::parse(env1.trim_end().as_bytes(), &EnvelopeLimits::default()).unwrap();
+    assert_eq!(e1.header().provider(), "spiffe://provider.example/mail");
+    let dek = open_envelope(&e1, escrow.public(), |e| software_dh(&escrow, e)).unwrap();
+    builder.push_opened(e1.header_bytes(), &dek).unwrap();
+    builder.push_denied(DenyReason::OutOfWindow);
+    let e2 = Envelope::parse(env2.trim_end().as_bytes(), &EnvelopeLimits::default()).unwrap();
+    let dek = open_envelope(&e2, escrow.public(), |e| software_dh(&escrow, e)).unwrap();
+    builder.push_opened(e2.header_bytes(), &dek).unwrap();
+    let reply = builder
+        .finish(AuditRef {
+            checkpoint: "c".into(),
+            first_index: 7,
+            count: 3,
+        })
+        .to_json();
+
+    let request = format!(
+        r#"{{"warrant":{{"payload":"e30","signatures":[]}},"envelopes":[{},{},{}]}}"#,
+        env1.trim_end(),
+        env2.trim_end(),
+        env2.trim_end()
+    );
+    let request_path = write(dir.path(), "request.json", &request);
+    let reply_path = write(dir.path(), "reply.json", &reply);
+    let key_path = write(
+        dir.path(),
+        "recipient.jwk",
+        &serde_json::to_string(&recipient.to_private_jwk()).unwrap(),
+    );
+
+    // Request envelopes: env1 (ok), env2 (denied), env2 (ok).
+    let Cmd::Open(args) = Cmd::try_parse_from([
+        "lavd",
+        "open",
+        "--recipient-key",
+        key_path.to_str().unwrap(),
+        "--request",
+        request_path.to_str().unwrap(),
+        "--reply",
+        reply_path.to_str().unwrap(),
+    ])
+    .unwrap() else {
+        unreachable!()
+    };
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    args.run_with(&mut out, &mut err).unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "\"msg-8812\"\tok\t000102030405060708090a0b0c0d0e0f\n\
+         #1\tdenied\tout_of_window\n\
+         #2\tok\t000102030405060708090a0b0c0d0e0f\n"
+    );
+    assert_eq!(
+        String::from_utf8(err).unwrap(),
+        "audit: 3 leaves from index 7 (checkpoint not verified by this tool)\n"
+    );
+}
+
+#[test]
+fn seal_refuses_unknown_kid_and_other_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let escrow = P256PrivateKey::generate().unwrap();
+    let good = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
+    let (r, out, _) = seal(&good, &[("--kid", "2027-01")]);
+    let err = format!("{:#}", r.unwrap_err());
+    assert!(
+        err.contains("key `2027-01`: not in the set (it has: 2026-11)"),
+        "{err}"
+    );
+    assert_eq!(out, "");
+
+    let other = write(dir.path(), "other.json", &jwks(&escrow, "16-1-1"));
+    let (r, out, _) = seal(&other, &[]);
+    let err = format!("{:#}", r.unwrap_err());
+    assert!(err.contains("`lav_suite` is Some(\"16-1-1\")"), "{err}");
+    assert_eq!(out, "");
+}
+
+#[test]
+fn seal_warns_outside_the_key_validity() {
+    let dir = tempfile::tempdir().unwrap();
+    let escrow = P256PrivateKey::generate().unwrap();
+    let path = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
+    let (r, out, warn) = seal(&path, &[("--time", "2026-12-01T00:00:00Z")]);
+    r.unwrap();
+    assert!(out.starts_with(r#"{"v":1,"header":""#), "{out}");
+    assert_eq!(
+        warn,
+        "warning: key `2026-11`: time 2026-12-01T00:00:00Z is at or after its not_after 2026-12-01T00:00:00Z\n"
+    );
+    let (r, _, warn) = seal(&path, &[("--time", "2026-10-31T23:59:59Z")]);
+    r.unwrap();
+    assert!(warn.contains("is before its not_before"), "{warn}");
+}
+
+#[test]
+fn dek_hex_is_checked_and_never_printed() {
+    let bad = Cmd::try_parse_from([
+        "lavd",
+        "seal",
+        "--jwks",
+        "k",
+        "--kid",
+        "k",
+        "--target",
+        "t",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--provider",
+        "p",
+        "--dek-hex",
+        "00ff",
+    ])
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        bad.contains("the DEK is 2 bytes; expected 16..=64"),
+        "{bad}"
+    );
+
+    let Cmd::Seal(args) = Cmd::try_parse_from([
+        "lavd",
+        "seal",
+        "--jwks",
+        "k",
+        "--kid",
+        "k",
+        "--target",
+        "t",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--provider",
+        "p",
+        "--dek-hex",
+        "deadbeefdeadbeefdeadbeefdeadbeef",
+    ])
+    .unwrap() else {
+        unreachable!()
+    };
+    let text = format!("{args:?}");
+    assert!(
+        text.contains("DekHex(<redacted>)") && !text.contains("dead"),
+        "{text}"
+    );
+}
+
+#[test]
+fn provider_has_no_default() {
+    // (Assumes LAV_PROVIDER_ID is not set in the test environment; tests do
+    // not modify the process environment.)
+    let err = Cmd::try_parse_from([
+        "lavd",
+        "seal",
+        "--jwks",
+        "k",
+        "--kid",
+        "k",
+        "--target",
+        "t",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--dek-hex",
+        "000102030405060708090a0b0c0d0e0f",
+    ])
+    .err()
+    .unwrap();
+    assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    assert!(err.to_string().contains("--provider <URI>"), "{err}");
+}
