@@ -110,7 +110,9 @@ impl Jwk {
 
     fn expect_ec_p256(&self) -> Result<(), JwkError> {
         if self.kty != "EC" || self.crv.as_deref() != Some("P-256") {
-            return Err(JwkError::UnsupportedKeyType { expected: "EC P-256" });
+            return Err(JwkError::UnsupportedKeyType {
+                expected: "EC P-256",
+            });
         }
         Ok(())
     }

@@ -760,7 +760,12 @@ mod tests {
         assert_eq!(tree.root(0).unwrap(), h(EMPTY_ROOT));
         for (i, leaf) in LEAVES.iter().enumerate() {
             tree.push_leaf(&hex::decode(leaf).unwrap());
-            assert_eq!(tree.root(i as u64 + 1).unwrap(), h(ROOTS[i]), "size {}", i + 1);
+            assert_eq!(
+                tree.root(i as u64 + 1).unwrap(),
+                h(ROOTS[i]),
+                "size {}",
+                i + 1
+            );
         }
         // Every prefix root is still computable from the complete subtrees of
         // the full tree.
@@ -832,18 +837,30 @@ mod tests {
         assert_eq!(code(&leaf, index - 1, size, &proof, &root), "root_mismatch");
         assert_eq!(code(&leaf, index + 1, size, &proof, &root), "root_mismatch");
         assert_eq!(code(&leaf, index ^ 2, size, &proof, &root), "root_mismatch");
-        assert_eq!(code(&leaf, index, size * 2, &proof, &root), "proof_too_short");
-        assert_eq!(code(&leaf, index, size / 2, &proof, &root), "index_out_of_range");
+        assert_eq!(
+            code(&leaf, index, size * 2, &proof, &root),
+            "proof_too_short"
+        );
+        assert_eq!(
+            code(&leaf, index, size / 2, &proof, &root),
+            "index_out_of_range"
+        );
         assert_eq!(code(&leaf, 3, 4, &proof, &root), "proof_too_long");
         assert_eq!(code(&[7; 32], index, size, &proof, &root), "root_mismatch");
-        assert_eq!(code(&leaf, index, size, &proof, &empty_root()), "root_mismatch");
+        assert_eq!(
+            code(&leaf, index, size, &proof, &empty_root()),
+            "root_mismatch"
+        );
         let mut longer = proof.clone();
         longer.push(root);
         assert_eq!(code(&leaf, index, size, &longer, &root), "proof_too_long");
         let mut prefixed = vec![root];
         prefixed.extend_from_slice(&proof);
         assert_eq!(code(&leaf, index, size, &prefixed, &root), "proof_too_long");
-        assert_eq!(code(&leaf, index, size, &proof[..2], &root), "proof_too_short");
+        assert_eq!(
+            code(&leaf, index, size, &proof[..2], &root),
+            "proof_too_short"
+        );
         for i in 0..proof.len() {
             let mut flipped = proof.clone();
             flipped[i][0] ^= 8;
@@ -874,7 +891,10 @@ mod tests {
         // walk reaches the top with proof hashes left over.
         assert_eq!(code(from ^ 2, to, &old, &new, &proof), "proof_too_long");
         assert_eq!(code(from, to * 2, &old, &new, &proof), "proof_too_short");
-        assert_eq!(code(from, to / 2, &old, &new, &proof), "consistency_sizes_reversed");
+        assert_eq!(
+            code(from, to / 2, &old, &new, &proof),
+            "consistency_sizes_reversed"
+        );
         assert_eq!(code(from, to, &[1; 32], &new, &proof), "old_root_mismatch");
         assert_eq!(code(from, to, &old, &[1; 32], &proof), "new_root_mismatch");
         assert_eq!(code(from, to, &new, &old, &proof), "old_root_mismatch");
@@ -1097,7 +1117,11 @@ mod tests {
                 assert!(reader.reads.get() <= bound, "inclusion {index}/{size}");
                 reader.reads.set(0);
                 consistency_proof(&reader, index + 1, size).unwrap();
-                assert!(reader.reads.get() <= bound, "consistency {}/{size}", index + 1);
+                assert!(
+                    reader.reads.get() <= bound,
+                    "consistency {}/{size}",
+                    index + 1
+                );
             }
             reader.reads.set(0);
             root(&reader, size).unwrap();

@@ -395,7 +395,9 @@ fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
     let text = &note[..=split];
     let block = note[split + 2..]
         .strip_suffix('\n')
-        .ok_or(NoteError::Malformed("the last signature line has no newline"))?;
+        .ok_or(NoteError::Malformed(
+            "the last signature line has no newline",
+        ))?;
     if block.is_empty() {
         return Err(NoteError::Malformed("no signature lines"));
     }
@@ -404,13 +406,14 @@ fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
         if signatures.len() == MAX_SIGNATURES {
             return Err(NoteError::TooLarge("signature count"));
         }
-        let rest = line
-            .strip_prefix(SIG_PREFIX)
-            .ok_or(NoteError::Malformed("a signature line does not start with `— `"))?;
+        let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed(
+            "a signature line does not start with `— `",
+        ))?;
         let (name, b64) = rest
             .split_once(' ')
             .ok_or(NoteError::Malformed("a signature line has no signature"))?;
-        check_name(name).map_err(|_| NoteError::Malformed("a signature line has a bad key name"))?;
+        check_name(name)
+            .map_err(|_| NoteError::Malformed("a signature line has a bad key name"))?;
         let bytes = STANDARD
             .decode(b64)
             .map_err(|_| NoteError::Malformed("a signature is not padded standard base64"))?;
@@ -567,7 +570,9 @@ mod tests {
     #[error("test signer failure")]
     struct TestSignerError;
 
-    fn signer(pair: &Ed25519KeyPair) -> impl FnOnce(&[u8]) -> Result<[u8; 64], TestSignerError> + '_ {
+    fn signer(
+        pair: &Ed25519KeyPair,
+    ) -> impl FnOnce(&[u8]) -> Result<[u8; 64], TestSignerError> + '_ {
         move |msg| {
             pair.sign(msg)
                 .as_ref()
@@ -599,19 +604,28 @@ mod tests {
         // Our signer over the published seed reproduces the published note
         // byte for byte (Ed25519 is deterministic).
         let pair = peter_pair();
-        assert_eq!(verifier_key("PeterNeumann", &public(&pair)).unwrap(), PETER_VKEY);
+        assert_eq!(
+            verifier_key("PeterNeumann", &public(&pair)).unwrap(),
+            PETER_VKEY
+        );
         let signed = sign_note(GO_TEXT, "PeterNeumann", &public(&pair), signer(&pair)).unwrap();
         assert_eq!(signed, note);
 
         let enoch_pair = Ed25519KeyPair::from_seed_unchecked(&[0u8; 32]).unwrap();
-        assert_eq!(verifier_key("EnochRoot", &public(&enoch_pair)).unwrap(), ENOCH_VKEY);
+        assert_eq!(
+            verifier_key("EnochRoot", &public(&enoch_pair)).unwrap(),
+            ENOCH_VKEY
+        );
         let both = format!("{GO_TEXT}\n{PETER_SIG}{ENOCH_SIG}");
         let enoch = VerifierKey::parse(ENOCH_VKEY).unwrap();
         // Each key finds its own signature and ignores the other.
         assert_eq!(open_note(&both, &enoch).unwrap(), GO_TEXT);
         assert_eq!(open_note(&both, &peter).unwrap(), GO_TEXT);
         // A verifier for a key that did not sign sees no known signature.
-        assert_eq!(open_note(&note, &enoch).unwrap_err().code(), "note_unverified");
+        assert_eq!(
+            open_note(&note, &enoch).unwrap_err().code(),
+            "note_unverified"
+        );
     }
 
     fn sample(pair: &Ed25519KeyPair) -> (Checkpoint, String, VerifierKey) {
@@ -718,7 +732,10 @@ mod tests {
         let code = |n: &str| verify_checkpoint(n, &key).unwrap_err().code();
 
         // Tampered body.
-        assert_eq!(code(&note.replacen("\n1042\n", "\n1043\n", 1)), "signature_invalid");
+        assert_eq!(
+            code(&note.replacen("\n1042\n", "\n1043\n", 1)),
+            "signature_invalid"
+        );
         // Another key with the same name: its key ID differs, so the
         // signature is ignored and nothing verifies.
         let other = Ed25519KeyPair::generate().unwrap();
@@ -737,19 +754,34 @@ mod tests {
         let ours = line.rsplit(' ').next().unwrap();
         let mut blob = STANDARD.decode(ours).unwrap();
         blob[0] ^= 1;
-        assert_eq!(code(&note.replace(ours, &STANDARD.encode(&blob))), "note_unverified");
+        assert_eq!(
+            code(&note.replace(ours, &STANDARD.encode(&blob))),
+            "note_unverified"
+        );
         // Truncated signature: 4 + 63 bytes, still valid base64.
         let mut blob = STANDARD.decode(ours).unwrap();
         blob.pop();
-        assert_eq!(code(&note.replace(ours, &STANDARD.encode(&blob))), "signature_invalid");
+        assert_eq!(
+            code(&note.replace(ours, &STANDARD.encode(&blob))),
+            "signature_invalid"
+        );
         // Truncated base64 text: not padded base64 any more.
-        assert_eq!(code(&note.replace(ours, &ours[..ours.len() - 1])), "note_malformed");
+        assert_eq!(
+            code(&note.replace(ours, &ours[..ours.len() - 1])),
+            "note_malformed"
+        );
         // Cut by a whole base64 quantum it decodes, to a short signature.
-        assert_eq!(code(&note.replace(ours, &ours[..ours.len() - 4])), "signature_invalid");
+        assert_eq!(
+            code(&note.replace(ours, &ours[..ours.len() - 4])),
+            "signature_invalid"
+        );
         // Truncated note (the final newline lost in transit).
         assert_eq!(code(note.trim_end_matches('\n')), "note_malformed");
         // No signature block at all.
-        assert_eq!(code(&format!("{}\n", note.split("\n\n").next().unwrap())), "note_malformed");
+        assert_eq!(
+            code(&format!("{}\n", note.split("\n\n").next().unwrap())),
+            "note_malformed"
+        );
         // A control character.
         assert_eq!(code(&note.replacen("lavd", "l\rvd", 1)), "note_malformed");
         // Wrong dash.
@@ -769,16 +801,25 @@ mod tests {
         let parse = |b: &str| Checkpoint::parse(b).unwrap_err().code();
         let root = STANDARD.encode([1u8; 32]);
         assert!(Checkpoint::parse(&format!("o\n5\n{root}\n")).is_ok());
-        assert_eq!(parse(&format!("o\n5\n{root}\next\n")), "checkpoint_malformed");
+        assert_eq!(
+            parse(&format!("o\n5\n{root}\next\n")),
+            "checkpoint_malformed"
+        );
         assert_eq!(parse(&format!("o\n05\n{root}\n")), "checkpoint_malformed");
         assert_eq!(parse(&format!("o\n+5\n{root}\n")), "checkpoint_malformed");
-        assert_eq!(parse(&format!("o\n18446744073709551616\n{root}\n")), "checkpoint_malformed");
+        assert_eq!(
+            parse(&format!("o\n18446744073709551616\n{root}\n")),
+            "checkpoint_malformed"
+        );
         assert_eq!(parse(&format!("o\n5\n{root}")), "checkpoint_malformed");
         assert_eq!(parse(&format!("\n5\n{root}\n")), "checkpoint_malformed");
         assert_eq!(parse(&format!("o o\n5\n{root}\n")), "checkpoint_malformed");
         assert_eq!(parse("o\n5\nAAAA\n"), "checkpoint_malformed");
         let unpadded = root.trim_end_matches('=');
-        assert_eq!(parse(&format!("o\n5\n{unpadded}\n")), "checkpoint_malformed");
+        assert_eq!(
+            parse(&format!("o\n5\n{unpadded}\n")),
+            "checkpoint_malformed"
+        );
         let url = STANDARD.encode([0xfb; 32]).replace('+', "-");
         assert_eq!(parse(&format!("o\n5\n{url}\n")), "checkpoint_malformed");
         assert_eq!(parse("o\n5\n"), "checkpoint_malformed");
@@ -787,23 +828,52 @@ mod tests {
         let body = format!("other.example/log\n5\n{root}\n");
         let note = sign_note(&body, "lavd.example/audit", &public(&pair), signer(&pair)).unwrap();
         let key = VerifierKey::new("lavd.example/audit", &public(&pair)).unwrap();
-        assert_eq!(verify_checkpoint(&note, &key).unwrap_err().code(), "origin_mismatch");
+        assert_eq!(
+            verify_checkpoint(&note, &key).unwrap_err().code(),
+            "origin_mismatch"
+        );
     }
 
     #[test]
     fn verifier_keys_are_strict() {
         let code = |s: &str| VerifierKey::parse(s).unwrap_err().code();
-        assert_eq!(code("PeterNeumann+C74F20A3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"), "verifier_key_malformed");
-        assert_eq!(code("PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"), "verifier_key_id_mismatch");
-        assert_eq!(code("PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10T"), "verifier_key_malformed");
+        assert_eq!(
+            code("PeterNeumann+C74F20A3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"),
+            "verifier_key_malformed"
+        );
+        assert_eq!(
+            code("PeterNeumann+c74f20a4+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"),
+            "verifier_key_id_mismatch"
+        );
+        assert_eq!(
+            code("PeterNeumann+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10T"),
+            "verifier_key_malformed"
+        );
         assert_eq!(code("PeterNeumann+c74f20a3"), "verifier_key_malformed");
-        assert_eq!(code("+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"), "verifier_key_malformed");
+        assert_eq!(
+            code("+c74f20a3+ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW"),
+            "verifier_key_malformed"
+        );
         // Type 0x02 (ECDSA) is not what lavd signs with.
-        let mut typed = STANDARD.decode("ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW").unwrap();
+        let mut typed = STANDARD
+            .decode("ARpc2QcUPDhMQegwxbzhKqiBfsVkmqq/LDE4izWy10TW")
+            .unwrap();
         typed[0] = 2;
-        assert_eq!(code(&format!("PeterNeumann+c74f20a3+{}", STANDARD.encode(&typed))), "verifier_key_unsupported");
-        assert_eq!(VerifierKey::new("a b", &[0; 32]).unwrap_err().code(), "verifier_key_malformed");
-        assert_eq!(VerifierKey::new("a+b", &[0; 32]).unwrap_err().code(), "verifier_key_malformed");
+        assert_eq!(
+            code(&format!(
+                "PeterNeumann+c74f20a3+{}",
+                STANDARD.encode(&typed)
+            )),
+            "verifier_key_unsupported"
+        );
+        assert_eq!(
+            VerifierKey::new("a b", &[0; 32]).unwrap_err().code(),
+            "verifier_key_malformed"
+        );
+        assert_eq!(
+            VerifierKey::new("a+b", &[0; 32]).unwrap_err().code(),
+            "verifier_key_malformed"
+        );
     }
 
     #[test]
@@ -818,7 +888,8 @@ mod tests {
         // The HSM signed with another key than the configured public key.
         let err = sign_checkpoint(&checkpoint, &public(&pair), signer(&other)).unwrap_err();
         assert_eq!(err.code(), "signature_self_check_failed");
-        let err = sign_checkpoint(&checkpoint, &public(&pair), |_| Err(TestSignerError)).unwrap_err();
+        let err =
+            sign_checkpoint(&checkpoint, &public(&pair), |_| Err(TestSignerError)).unwrap_err();
         assert_eq!(err.code(), "signer_failed");
         let bad = Checkpoint {
             origin: "has space".into(),

@@ -51,12 +51,8 @@ pub trait KeyStore {
     ///
     /// # Errors
     /// [`StoreError::UnknownKid`] if there is no such key.
-    fn mark_destroyed(
-        &self,
-        kid: &str,
-        at: OffsetDateTime,
-        reason: &str,
-    ) -> Result<(), StoreError>;
+    fn mark_destroyed(&self, kid: &str, at: OffsetDateTime, reason: &str)
+        -> Result<(), StoreError>;
 }
 
 impl Store {
@@ -116,7 +112,9 @@ impl KeyStore for Store {
     fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT {KEY_COLUMNS} FROM escrow_keys ORDER BY kid"))
+            .prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM escrow_keys ORDER BY kid"
+            ))
             .map_err(|e| self.sqlite_err(e))?;
         let mut rows = stmt.query([]).map_err(|e| self.sqlite_err(e))?;
         let mut keys = Vec::new();
@@ -129,7 +127,9 @@ impl KeyStore for Store {
     fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!("SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = ?1"))
+            .prepare(&format!(
+                "SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = ?1"
+            ))
             .map_err(|e| self.sqlite_err(e))?;
         let row = stmt
             .query_row([kid], |row| Ok(self.key_from_row(row)))
