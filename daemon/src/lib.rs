@@ -16,6 +16,7 @@
 //! or SQLite.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod codec;
 pub mod envelope;
 pub mod jwk;

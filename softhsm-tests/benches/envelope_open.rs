@@ -93,7 +93,8 @@ fn main() {
             .expect("find")[0]
         })
         .collect();
-    let sessions: Vec<std::sync::Mutex<_>> = sessions.into_iter().map(std::sync::Mutex::new).collect();
+    let sessions: Vec<std::sync::Mutex<_>> =
+        sessions.into_iter().map(std::sync::Mutex::new).collect();
     let raw = |t: usize, i: u64| {
         let session = sessions[t].lock().expect("session");
         let peer = peers[i as usize % peers.len()];

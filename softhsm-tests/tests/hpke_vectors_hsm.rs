@@ -116,8 +116,8 @@ fn rfc9180_vectors_open_through_the_hsm() {
         let in_software = hpke::software_dh(&sk_r, &enc).unwrap();
         assert_eq!(*in_hsm, *in_software);
 
-        let mut ctx = hpke::setup_base_r(&enc, &pk_r, &h(&v.info), aead, |e| hsm.ecdh(&kid, e))
-            .unwrap();
+        let mut ctx =
+            hpke::setup_base_r(&enc, &pk_r, &h(&v.info), aead, |e| hsm.ecdh(&kid, e)).unwrap();
         for e in &v.encryptions {
             assert_eq!(ctx.open(&h(&e.aad), &h(&e.ct)).unwrap().to_vec(), h(&e.pt));
             opened += 1;

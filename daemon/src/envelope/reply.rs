@@ -28,7 +28,9 @@ use crate::jwk::{P256PrivateKey, P256PublicKey};
 pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum DenyReason {
     /// The envelope could not be parsed.
     MalformedEnvelope,
