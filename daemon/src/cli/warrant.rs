@@ -23,6 +23,9 @@ use crate::warrant::{
 };
 
 /// `lavd warrant` subcommands.
+// Parsed once per process: the size of the largest variant does not matter,
+// and boxing it would only make the type harder to build in tests.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, clap::Subcommand)]
 pub enum WarrantCommand {
     /// Write an unsigned warrant, from claims given as flags or as a JSON file.
@@ -187,7 +190,9 @@ impl WarrantCommand {
             Self::Inspect(args) => {
                 let report = args.report()?;
                 print!("{}", report.text);
-                std::io::stdout().flush().context("writing to standard output")?;
+                std::io::stdout()
+                    .flush()
+                    .context("writing to standard output")?;
                 match report.verdict {
                     Verdict::Refused { code, message } => Err(NotAccepted { code, message }.into()),
                     Verdict::Accepted | Verdict::NotChecked => Ok(()),
@@ -200,9 +205,8 @@ impl WarrantCommand {
 
 fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
     match path {
-        Some(path) => {
-            std::fs::write(path, format!("{text}\n")).with_context(|| format!("writing {}", path.display()))
-        }
+        Some(path) => std::fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("writing {}", path.display())),
         None => {
             let mut stdout = std::io::stdout().lock();
             writeln!(stdout, "{text}").context("writing to standard output")
@@ -234,6 +238,10 @@ impl NewArgs {
             v.clone()
                 .with_context(|| format!("--{name} is required (or give --claims)"))
         };
+        // Checked in the order of `--help`, so the first missing flag is named.
+        let id = required("id", &self.id)?;
+        let legal_basis = required("legal-basis", &self.legal_basis)?;
+        let agency = required("agency", &self.agency)?;
         let recipient_path = self
             .recipient
             .as_ref()
@@ -252,9 +260,9 @@ impl NewArgs {
             bail!("at least one --target is required (or give --claims)");
         }
         let mut claims = serde_json::json!({
-            "id": required("id", &self.id)?,
-            "legal_basis": required("legal-basis", &self.legal_basis)?,
-            "agency": required("agency", &self.agency)?,
+            "id": id,
+            "legal_basis": legal_basis,
+            "agency": agency,
             "recipient": recipient.to_jwk(),
             "targets": self.targets,
             "window": {
@@ -323,7 +331,10 @@ impl InspectArgs {
             Ok(p) => Some(p),
             // The verdict below gives the exact refusal.
             Err(_) if trust.is_some() => {
-                text.push_str(&format!("{}: not a well-formed warrant\n", self.file.display()));
+                text.push_str(&format!(
+                    "{}: not a well-formed warrant\n",
+                    self.file.display()
+                ));
                 None
             }
             Err(e) => bail!("{}: {}: {e}", self.file.display(), e.code()),
@@ -345,8 +356,16 @@ impl InspectArgs {
                     .as_ref()
                     .and_then(|t| t.authority(sig.kid()))
                     .map_or("not a configured authority", |a| a.role());
-                let role = if trust.is_some() { role } else { "(no trust config)" };
-                text.push_str(&format!("  {:<24} {:<6} {role}\n", sig.kid(), sig.alg().name()));
+                let role = if trust.is_some() {
+                    role
+                } else {
+                    "(no trust config)"
+                };
+                text.push_str(&format!(
+                    "  {:<24} {:<6} {role}\n",
+                    sig.kid(),
+                    sig.alg().name()
+                ));
             }
         }
         let verdict = match trust {
@@ -355,7 +374,11 @@ impl InspectArgs {
                 Verdict::NotChecked
             }
             Some(trust) => {
-                let agency_note = if self.agency.is_some() { "" } else { " (the warrant's own agency)" };
+                let agency_note = if self.agency.is_some() {
+                    ""
+                } else {
+                    " (the warrant's own agency)"
+                };
                 let caller = agency.unwrap_or_default();
                 let verifier = Verifier::new(trust, limits);
                 match verifier.verify(&bytes, at, &caller) {
@@ -366,7 +389,9 @@ impl InspectArgs {
                             format_time(w.usable_until()),
                             if w.is_emergency() { " (emergency)" } else { "" },
                         ));
-                        text.push_str("  (revocation and id conflicts are checked by the daemon's store)\n");
+                        text.push_str(
+                            "  (revocation and id conflicts are checked by the daemon's store)\n",
+                        );
                         Verdict::Accepted
                     }
                     Err(e) => {
@@ -389,28 +414,66 @@ impl InspectArgs {
 
 fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
     const SHOWN_TARGETS: usize = 10;
-    let shown: Vec<&str> = c.targets.iter().take(SHOWN_TARGETS).map(String::as_str).collect();
+    let shown: Vec<&str> = c
+        .targets
+        .iter()
+        .take(SHOWN_TARGETS)
+        .map(String::as_str)
+        .collect();
     let more = c.targets.len().saturating_sub(SHOWN_TARGETS);
     let lines = [
         ("id", c.id.clone()),
         ("legal_basis", c.legal_basis.clone()),
         ("agency", c.agency.clone()),
-        ("recipient", format!("P-256 key, thumbprint {}", c.recipient.thumbprint())),
+        (
+            "recipient",
+            format!("P-256 key, thumbprint {}", c.recipient.thumbprint()),
+        ),
         (
             "targets",
             format!(
                 "{}: {}{}",
                 c.targets.len(),
                 shown.join(", "),
-                if more > 0 { format!(", … ({more} more)") } else { String::new() }
+                if more > 0 {
+                    format!(", … ({more} more)")
+                } else {
+                    String::new()
+                }
             ),
         ),
-        ("window", format!("[{}, {})", format_time(c.window.from), format_time(c.window.to))),
-        ("valid", format!("[{}, {})", format_time(c.not_before), format_time(c.expires))),
+        (
+            "window",
+            format!(
+                "[{}, {})",
+                format_time(c.window.from),
+                format_time(c.window.to)
+            ),
+        ),
+        (
+            "valid",
+            format!(
+                "[{}, {})",
+                format_time(c.not_before),
+                format_time(c.expires)
+            ),
+        ),
         ("max_unwraps", c.max_unwraps.to_string()),
-        ("kids", c.kids.as_ref().map_or("any".to_string(), |k| k.join(", "))),
-        ("emergency", if c.emergency { "yes" } else { "no" }.to_string()),
-        ("digest", format!("sha-256 {}", b64_encode(crate::warrant::claims::sha256(payload)))),
+        (
+            "kids",
+            c.kids.as_ref().map_or("any".to_string(), |k| k.join(", ")),
+        ),
+        (
+            "emergency",
+            if c.emergency { "yes" } else { "no" }.to_string(),
+        ),
+        (
+            "digest",
+            format!(
+                "sha-256 {}",
+                b64_encode(crate::warrant::claims::sha256(payload))
+            ),
+        ),
     ];
     for (name, value) in lines {
         text.push_str(&format!("{name:<12} {value}\n"));
@@ -419,7 +482,8 @@ fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
 
 impl KeygenArgs {
     fn run(&self) -> anyhow::Result<()> {
-        let alg = Algorithm::from_name(&self.alg).map_err(|e: WarrantError| anyhow::anyhow!("--alg: {e}"))?;
+        let alg = Algorithm::from_name(&self.alg)
+            .map_err(|e: WarrantError| anyhow::anyhow!("--alg: {e}"))?;
         let key = AuthorityKey::generate(alg, &self.kid)?;
         let private = zeroize::Zeroizing::new(serde_json::to_string(&key.private_jwk()?)?);
         write_private(&self.out, &private)?;

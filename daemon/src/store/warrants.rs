@@ -191,7 +191,11 @@ impl Store {
                 .execute(
                     "DELETE FROM temp.warrant_reservations
                      WHERE token = ?1 AND warrant_id = ?2 AND granted = ?3",
-                    params![token, reservation.id, to_i64(reservation.granted, "granted")?],
+                    params![
+                        token,
+                        reservation.id,
+                        to_i64(reservation.granted, "granted")?
+                    ],
                 )
                 .map_err(|e| self.sqlite_err(e))?;
             if deleted != 1 {
@@ -371,7 +375,11 @@ impl WarrantStore for Store {
             .map_err(|e| self.sqlite_err(e))?
             .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
         let revoked = tx
-            .query_row("SELECT 1 FROM warrant_revocations WHERE id = ?1", [id], |_| Ok(()))
+            .query_row(
+                "SELECT 1 FROM warrant_revocations WHERE id = ?1",
+                [id],
+                |_| Ok(()),
+            )
             .optional()
             .map_err(|e| self.sqlite_err(e))?;
         if revoked.is_some() {
@@ -392,7 +400,9 @@ impl WarrantStore for Store {
         let available = max
             .checked_sub(spent)
             .and_then(|left| left.checked_sub(reserved))
-            .ok_or_else(|| self.corrupt(format!("warrant `{id}` has spent + reserved > max_unwraps")))?;
+            .ok_or_else(|| {
+                self.corrupt(format!("warrant `{id}` has spent + reserved > max_unwraps"))
+            })?;
         let granted = n.min(available);
         let token = if granted > 0 {
             tx.execute(
@@ -458,7 +468,9 @@ impl WarrantStore for Store {
     fn spent(&self, id: &str) -> Result<Option<u64>, StoreError> {
         let conn = self.conn();
         let spent: Option<i64> = conn
-            .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| row.get(0))
+            .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(|e| self.sqlite_err(e))?;
         spent.map(|s| self.to_u64(s, "spent")).transpose()
@@ -489,8 +501,14 @@ mod tests {
     #[test]
     fn ids_are_first_seen_and_only_urgent_to_full_may_change() {
         let (_dir, store) = open();
-        assert_eq!(store.register(&record("a", 1, 9, false, 5)).unwrap(), Registration::New);
-        assert_eq!(store.register(&record("a", 1, 9, false, 5)).unwrap(), Registration::Known);
+        assert_eq!(
+            store.register(&record("a", 1, 9, false, 5)).unwrap(),
+            Registration::New
+        );
+        assert_eq!(
+            store.register(&record("a", 1, 9, false, 5)).unwrap(),
+            Registration::Known
+        );
         // Same normalized claims, both full: still a different payload.
         assert!(matches!(
             store.register(&record("a", 2, 9, false, 5)),
@@ -502,7 +520,10 @@ mod tests {
             Err(StoreError::EmergencySuperseded(id)) if id == "a"
         ));
 
-        assert_eq!(store.register(&record("u", 1, 8, true, 5)).unwrap(), Registration::New);
+        assert_eq!(
+            store.register(&record("u", 1, 8, true, 5)).unwrap(),
+            Registration::New
+        );
         // Another urgent payload with the same id.
         assert!(matches!(
             store.register(&record("u", 2, 8, true, 5)),
@@ -515,8 +536,14 @@ mod tests {
         ));
         let r = store.reserve("u", 2).unwrap();
         store.settle(r, 2).unwrap();
-        assert_eq!(store.register(&record("u", 4, 8, false, 5)).unwrap(), Registration::Upgraded);
-        assert_eq!(store.register(&record("u", 4, 8, false, 5)).unwrap(), Registration::Known);
+        assert_eq!(
+            store.register(&record("u", 4, 8, false, 5)).unwrap(),
+            Registration::Upgraded
+        );
+        assert_eq!(
+            store.register(&record("u", 4, 8, false, 5)).unwrap(),
+            Registration::Known
+        );
         assert!(matches!(
             store.register(&record("u", 1, 8, true, 5)),
             Err(StoreError::EmergencySuperseded(_))
@@ -541,7 +568,10 @@ mod tests {
         assert_eq!(d.granted(), 1);
         assert!(matches!(
             store.settle(b, 2),
-            Err(StoreError::SettleExceedsReservation { granted: 1, opened: 2 })
+            Err(StoreError::SettleExceedsReservation {
+                granted: 1,
+                opened: 2
+            })
         ));
         // A failed settle gives the reservation back whole.
         let e = store.reserve("w", 5).unwrap();
@@ -550,7 +580,10 @@ mod tests {
         store.settle(e, 1).unwrap();
         assert_eq!(store.spent("w").unwrap(), Some(4));
         assert_eq!(store.reserve("w", 1).unwrap().granted(), 0);
-        assert!(matches!(store.reserve("nope", 1), Err(StoreError::UnknownWarrant(_))));
+        assert!(matches!(
+            store.reserve("nope", 1),
+            Err(StoreError::UnknownWarrant(_))
+        ));
     }
 
     #[test]
@@ -583,7 +616,10 @@ mod tests {
         };
         assert!(!store.revoke(&again).unwrap());
         assert_eq!(store.revocation("w").unwrap(), Some(rev));
-        assert!(matches!(store.reserve("w", 1), Err(StoreError::WarrantRevoked(_))));
+        assert!(matches!(
+            store.reserve("w", 1),
+            Err(StoreError::WarrantRevoked(_))
+        ));
         assert!(!store.is_revoked("x").unwrap());
     }
 }

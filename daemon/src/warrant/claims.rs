@@ -120,7 +120,7 @@ fn malformed(what: impl std::fmt::Display) -> WarrantError {
     WarrantError::Malformed(format!("claims: {what}"))
 }
 
-fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantError> {
+pub(crate) fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantError> {
     if value.is_empty() {
         return Err(malformed(format_args!("`{field}` is empty")));
     }
@@ -130,7 +130,9 @@ fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantE
         )));
     }
     if value.chars().any(char::is_control) {
-        return Err(malformed(format_args!("`{field}` contains a control character")));
+        return Err(malformed(format_args!(
+            "`{field}` contains a control character"
+        )));
     }
     Ok(())
 }
@@ -153,7 +155,9 @@ fn check_list(
         let name = format!("{field}[{i}]");
         check_text(&name, v, max_chars)?;
         if v.len() > max_bytes {
-            return Err(malformed(format_args!("`{name}` is longer than {max_bytes} bytes")));
+            return Err(malformed(format_args!(
+                "`{name}` is longer than {max_bytes} bytes"
+            )));
         }
         if !seen.insert(v.as_str()) {
             return Err(malformed(format_args!("`{name}` is a duplicate")));
@@ -194,7 +198,13 @@ impl Claims {
         )?;
         if let Some(kids) = &raw.kids {
             // An escrow kid is an epoch name such as `2026-11`.
-            check_list("kids", kids, MAX_KIDS, MAX_ESCROW_KID_CHARS, MAX_ESCROW_KID_CHARS * 4)?;
+            check_list(
+                "kids",
+                kids,
+                MAX_KIDS,
+                MAX_ESCROW_KID_CHARS,
+                MAX_ESCROW_KID_CHARS * 4,
+            )?;
         }
         if raw.window.from >= raw.window.to {
             return Err(malformed("`window.from` must be before `window.to`"));

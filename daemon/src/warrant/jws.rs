@@ -42,7 +42,10 @@ impl Algorithm {
         match name {
             "ES256" => Ok(Self::Es256),
             "EdDSA" => Ok(Self::EdDsa),
-            other => Err(WarrantError::UnsupportedAlgorithm(truncate(other, 32))),
+            // Echoed in errors and logs: bounded and escaped.
+            other => Err(WarrantError::UnsupportedAlgorithm(
+                truncate(other, 32).escape_debug().to_string(),
+            )),
         }
     }
 
@@ -225,8 +228,9 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
             limit: limits.max_warrant_bytes,
         });
     }
-    let raw: RawJws = serde_json::from_slice(bytes)
-        .map_err(|e| WarrantError::Malformed(format!("not a JWS in General JSON Serialization: {e}")))?;
+    let raw: RawJws = serde_json::from_slice(bytes).map_err(|e| {
+        WarrantError::Malformed(format!("not a JWS in General JSON Serialization: {e}"))
+    })?;
     if raw.signatures.len() > limits.max_signatures {
         return Err(WarrantError::TooLarge {
             what: "signatures",
@@ -234,8 +238,9 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
             limit: limits.max_signatures,
         });
     }
-    let payload = b64_decode(&raw.payload)
-        .map_err(|_| WarrantError::Malformed("`payload` is not base64url without padding".into()))?;
+    let payload = b64_decode(&raw.payload).map_err(|_| {
+        WarrantError::Malformed("`payload` is not base64url without padding".into())
+    })?;
     let signatures = raw
         .signatures
         .into_iter()
@@ -269,9 +274,13 @@ fn parse_signature(index: usize, raw: RawSignature) -> Result<JwsSignature, Warr
     let header: RawHeader = serde_json::from_slice(&protected)
         .map_err(|e| malformed(&format!("protected header: {e}")))?;
     let alg = Algorithm::from_name(&header.alg)?;
-    if header.kid.is_empty() || header.kid.chars().count() > MAX_KID_CHARS {
+    // The kid is echoed in errors and logs, so no control characters.
+    if header.kid.is_empty()
+        || header.kid.chars().count() > MAX_KID_CHARS
+        || header.kid.chars().any(char::is_control)
+    {
         return Err(malformed(&format!(
-            "`kid` must be 1 to {MAX_KID_CHARS} characters"
+            "`kid` must be 1 to {MAX_KID_CHARS} characters without control characters"
         )));
     }
     if let Some(typ) = &header.typ {
@@ -317,25 +326,58 @@ mod tests {
         .unwrap();
         assert_eq!(jws.payload(), b"{}");
         let sig = &jws.signatures()[0];
-        assert_eq!((sig.alg(), sig.kid(), sig.typ()), (Algorithm::Es256, "judicial-3", Some("JOSE+JSON")));
+        assert_eq!(
+            (sig.alg(), sig.kid(), sig.typ()),
+            (Algorithm::Es256, "judicial-3", Some("JOSE+JSON"))
+        );
         // Signing input uses the received strings.
         let protected = b64_encode(r#"{"alg":"ES256","kid":"judicial-3","typ":"JOSE+JSON"}"#);
-        assert_eq!(jws.signing_input(sig), format!("{protected}.e30").into_bytes());
+        assert_eq!(
+            jws.signing_input(sig),
+            format!("{protected}.e30").into_bytes()
+        );
     }
 
     #[test]
     fn refused_header_forms_have_their_codes() {
-        assert_eq!(code(&jws_with_header(r#"{"alg":"none","kid":"a"}"#)), "unsupported_algorithm");
-        assert_eq!(code(&jws_with_header(r#"{"alg":"HS256","kid":"a"}"#)), "unsupported_algorithm");
-        assert_eq!(code(&jws_with_header(r#"{"alg":"es256","kid":"a"}"#)), "unsupported_algorithm");
         assert_eq!(
-            code(&jws_with_header(r#"{"alg":"ES256","kid":"a","crit":["exp"],"exp":1}"#)),
+            code(&jws_with_header(r#"{"alg":"none","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"HS256","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"es256","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(
+                r#"{"alg":"ES256","kid":"a","crit":["exp"],"exp":1}"#
+            )),
             "crit_not_supported"
         );
-        assert_eq!(code(&jws_with_header(r#"{"alg":"ES256","kid":"a","b64":false}"#)), "malformed_warrant");
-        assert_eq!(code(&jws_with_header(r#"{"alg":"ES256","kid":"a","kid":"b"}"#)), "malformed_warrant");
-        assert_eq!(code(&jws_with_header(r#"{"alg":"ES256"}"#)), "malformed_warrant");
-        assert_eq!(code(&jws_with_header(r#"{"alg":"ES256","kid":""}"#)), "malformed_warrant");
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a","b64":false}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a","kid":"b"}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256"}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":""}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a\nb"}"#)),
+            "malformed_warrant"
+        );
         let unprotected = br#"{"payload":"e30","signatures":[{"protected":"e30","header":{"kid":"a"},"signature":"AAAA"}]}"#;
         assert_eq!(code(unprotected), "unprotected_header");
         let null_header = br#"{"payload":"e30","signatures":[{"header":null,"signature":"AAAA"}]}"#;
@@ -348,12 +390,21 @@ mod tests {
         let header = b64_encode(r#"{"alg":"ES256","kid":"a"}"#);
         let flattened = format!(r#"{{"payload":"e30","protected":"{header}","signature":"AAAA"}}"#);
         assert_eq!(code(flattened.as_bytes()), "malformed_warrant");
-        assert_eq!(code(format!("{header}.e30.AAAA").as_bytes()), "malformed_warrant");
+        assert_eq!(
+            code(format!("{header}.e30.AAAA").as_bytes()),
+            "malformed_warrant"
+        );
         let mut trailing = jws_with_header(r#"{"alg":"ES256","kid":"a"}"#);
         trailing.extend_from_slice(b"{}");
         assert_eq!(code(&trailing), "malformed_warrant");
-        assert_eq!(code(br#"{"payload":"e30=","signatures":[]}"#), "malformed_warrant");
-        assert_eq!(code(br#"{"payload":"e30","signatures":[],"payload":"e30"}"#), "malformed_warrant");
+        assert_eq!(
+            code(br#"{"payload":"e30=","signatures":[]}"#),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(br#"{"payload":"e30","signatures":[],"payload":"e30"}"#),
+            "malformed_warrant"
+        );
     }
 
     #[test]
@@ -365,7 +416,11 @@ mod tests {
         let big = vec![b' '; 65];
         assert!(matches!(
             parse(&big, &limits),
-            Err(WarrantError::TooLarge { what: "bytes", found: 65, limit: 64 })
+            Err(WarrantError::TooLarge {
+                what: "bytes",
+                found: 65,
+                limit: 64
+            })
         ));
         let two = br#"{"payload":"","signatures":[{"signature":""},{"signature":""}]}"#;
         let limits = WarrantLimits {
@@ -374,7 +429,11 @@ mod tests {
         };
         assert!(matches!(
             parse(two, &limits),
-            Err(WarrantError::TooLarge { what: "signatures", found: 2, limit: 1 })
+            Err(WarrantError::TooLarge {
+                what: "signatures",
+                found: 2,
+                limit: 1
+            })
         ));
     }
 }

@@ -38,7 +38,7 @@ pub use jws::Algorithm;
 pub use scope::Denial;
 pub use sign::{AuthorityKey, SignError};
 pub use trust::{Authority, Policy, RoleRule, TrustConfig, TrustConfigError, TrustStore};
-pub use verify::{Signer, VerifiedWarrant, Verifier, WarrantLimits};
+pub use verify::{Signer, VerifiedRevocation, VerifiedWarrant, Verifier, WarrantLimits};
 
 use time::OffsetDateTime;
 
@@ -128,6 +128,10 @@ pub enum WarrantError {
         /// Each unmet rule: (role, required, found).
         missing: Vec<(String, usize, usize)>,
     },
+    /// A revocation JWS none of whose signers holds a role the policy names
+    /// (listed in the message): only the policy's authorities may revoke.
+    #[error("a revocation must be signed by an authority of a policy role ({0})")]
+    RevokerNotInPolicy(String),
     /// `now` is before the warrant's `not_before`.
     #[error("warrant is not valid before {0}")]
     NotYetValid(String),
@@ -139,7 +143,9 @@ pub enum WarrantError {
     EmergencyNotAllowed,
     /// An urgent warrant used after its `max_hours` from `not_before`: it must
     /// be replaced by a fully signed warrant with the same `id`.
-    #[error("emergency warrant was usable until {0}; a fully signed warrant with the same id is needed")]
+    #[error(
+        "emergency warrant was usable until {0}; a fully signed warrant with the same id is needed"
+    )]
     EmergencyExpired(String),
     /// The warrant names another agency than the caller's TLS identity: a
     /// warrant passed to the wrong agency, or a stolen one.
@@ -193,7 +199,7 @@ impl WarrantError {
             Self::AlgorithmMismatch { .. } => "algorithm_mismatch",
             Self::BadSignature(_) => "bad_signature",
             Self::AuthorityNotValid { .. } => "authority_not_valid",
-            Self::PolicyNotMet { .. } => "policy_not_met",
+            Self::PolicyNotMet { .. } | Self::RevokerNotInPolicy(_) => "policy_not_met",
             Self::NotYetValid(_) => "warrant_not_yet_valid",
             Self::Expired(_) => "warrant_expired",
             Self::EmergencyNotAllowed => "emergency_not_allowed",
@@ -245,7 +251,10 @@ pub fn admit(
     warrant: &VerifiedWarrant,
     now: OffsetDateTime,
 ) -> Result<Registration, WarrantError> {
-    if let Some(rev) = store.revocation(warrant.id()).map_err(WarrantError::Store)? {
+    if let Some(rev) = store
+        .revocation(warrant.id())
+        .map_err(WarrantError::Store)?
+    {
         return Err(WarrantError::Revoked {
             id: rev.id,
             at: format_time(rev.revoked_at),

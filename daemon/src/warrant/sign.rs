@@ -211,7 +211,10 @@ impl AuthorityKey {
     pub fn private_jwk(&self) -> Result<Jwk, SignError> {
         let d = match &self.pair {
             KeyPair::Es256(p) => {
-                let bin = p.private_key().as_be_bytes().map_err(|_| SignError::Crypto)?;
+                let bin = p
+                    .private_key()
+                    .as_be_bytes()
+                    .map_err(|_| SignError::Crypto)?;
                 Zeroizing::new(b64_encode(bin.as_ref()))
             }
             KeyPair::EdDsa(p) => {
@@ -306,10 +309,23 @@ mod tests {
 
             let mut no_kid = jwk.clone();
             no_kid.kid = None;
-            assert_eq!(AuthorityKey::from_jwk(&no_kid).unwrap_err().code(), "invalid_authority_key");
+            assert_eq!(
+                AuthorityKey::from_jwk(&no_kid).unwrap_err().code(),
+                "invalid_authority_key"
+            );
             let mut wrong_alg = jwk.clone();
-            wrong_alg.alg = Some(if alg == Algorithm::Es256 { "EdDSA" } else { "ES256" }.into());
-            assert_eq!(AuthorityKey::from_jwk(&wrong_alg).unwrap_err().code(), "algorithm_mismatch");
+            wrong_alg.alg = Some(
+                if alg == Algorithm::Es256 {
+                    "EdDSA"
+                } else {
+                    "ES256"
+                }
+                .into(),
+            );
+            assert_eq!(
+                AuthorityKey::from_jwk(&wrong_alg).unwrap_err().code(),
+                "algorithm_mismatch"
+            );
             let mut public_only = jwk.clone();
             public_only.d = None;
             assert!(matches!(
@@ -321,9 +337,18 @@ mod tests {
 
     #[test]
     fn ed25519_seed_must_match_public_key() {
-        let a = AuthorityKey::generate(Algorithm::EdDsa, "a").unwrap().private_jwk().unwrap();
-        let b = AuthorityKey::generate(Algorithm::EdDsa, "a").unwrap().private_jwk().unwrap();
-        let mixed = Jwk { d: b.d.clone(), ..a };
+        let a = AuthorityKey::generate(Algorithm::EdDsa, "a")
+            .unwrap()
+            .private_jwk()
+            .unwrap();
+        let b = AuthorityKey::generate(Algorithm::EdDsa, "a")
+            .unwrap()
+            .private_jwk()
+            .unwrap();
+        let mixed = Jwk {
+            d: b.d.clone(),
+            ..a
+        };
         assert!(matches!(
             AuthorityKey::from_jwk(&mixed),
             Err(SignError::Key(JwkError::InvalidKey))

@@ -145,7 +145,10 @@ impl<'de> Deserialize<'de> for JwkSource {
                     .map(JwkSource)
                     .map_err(E::custom)
             }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<JwkSource, A::Error> {
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<JwkSource, A::Error> {
                 Jwk::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(JwkSource)
             }
         }
@@ -491,17 +494,26 @@ fn key_from_jwk(
     }
     if let Some(kid) = &jwk.kid {
         if kid != &a.kid {
-            return Err(invalid(field, format!("JWK `kid` `{kid}` differs from `{}`", a.kid)));
+            return Err(invalid(
+                field,
+                format!("JWK `kid` `{kid}` differs from `{}`", a.kid),
+            ));
         }
     }
     if let Some(jwk_alg) = &jwk.alg {
         if jwk_alg != alg.name() {
-            return Err(invalid(field, format!("JWK `alg` `{jwk_alg}` differs from `{alg}`")));
+            return Err(invalid(
+                field,
+                format!("JWK `alg` `{jwk_alg}` differs from `{alg}`"),
+            ));
         }
     }
     if let Some(use_) = &jwk.use_ {
         if use_ != "sig" {
-            return Err(invalid(field, format!("JWK `use` is `{use_}`, expected `sig`")));
+            return Err(invalid(
+                field,
+                format!("JWK `use` is `{use_}`, expected `sig`"),
+            ));
         }
     }
     match alg {
@@ -525,15 +537,26 @@ const ED25519_SPKI_PREFIX: [u8; 12] = [
 
 /// Reads one `PUBLIC KEY` PEM block (RFC 7468 §13). DER is canonical, so a
 /// key of the expected type has exactly the fixed prefix above.
-fn key_from_pem(field: &str, text: &str, alg: Algorithm) -> Result<AuthorityPublicKey, TrustConfigError> {
+fn key_from_pem(
+    field: &str,
+    text: &str,
+    alg: Algorithm,
+) -> Result<AuthorityPublicKey, TrustConfigError> {
     const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
     const END: &str = "-----END PUBLIC KEY-----";
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let (Some(&first), Some(&last)) = (lines.first(), lines.last()) else {
         return Err(invalid(field, "empty PEM file"));
     };
     if first != BEGIN || last != END || lines.len() < 3 {
-        return Err(invalid(field, "expected exactly one `PUBLIC KEY` PEM block"));
+        return Err(invalid(
+            field,
+            "expected exactly one `PUBLIC KEY` PEM block",
+        ));
     }
     let body: String = lines[1..lines.len() - 1].concat();
     let der = base64::engine::general_purpose::STANDARD
@@ -548,7 +571,9 @@ fn key_from_pem(field: &str, text: &str, alg: Algorithm) -> Result<AuthorityPubl
                 .map_err(|e| invalid(field, e.to_string()))
         }
         Algorithm::EdDsa => {
-            let key = der.strip_prefix(&ED25519_SPKI_PREFIX[..]).ok_or_else(wrong)?;
+            let key = der
+                .strip_prefix(&ED25519_SPKI_PREFIX[..])
+                .ok_or_else(wrong)?;
             Ed25519PublicKey::from_bytes(key)
                 .map(AuthorityPublicKey::Ed25519)
                 .map_err(|e| invalid(field, e.to_string()))
@@ -585,7 +610,11 @@ mod tests {
 
     #[test]
     fn double_lock_config_validates() {
-        let text = format!("{}{}{DOUBLE_LOCK}", authority("exec-1", "executive"), authority("jud-1", "judicial"));
+        let text = format!(
+            "{}{}{DOUBLE_LOCK}",
+            authority("exec-1", "executive"),
+            authority("jud-1", "judicial")
+        );
         let trust = TrustStore::from_toml(&text, Path::new(".")).unwrap();
         assert_eq!(trust.authorities().count(), 2);
         assert_eq!(trust.policy().require.len(), 2);
@@ -616,38 +645,59 @@ mod tests {
         let trust = TrustStore::load(&path).unwrap();
         assert_eq!(
             trust.authority("jud-1").unwrap().key(),
-            &AuthorityPublicKey::Ed25519(Ed25519PublicKey::from_bytes(ed.public_key().as_ref()).unwrap())
+            &AuthorityPublicKey::Ed25519(
+                Ed25519PublicKey::from_bytes(ed.public_key().as_ref()).unwrap()
+            )
         );
-        assert_eq!(trust.authority("exec-1").unwrap().key(), &AuthorityPublicKey::P256(ec.public().clone()));
+        assert_eq!(
+            trust.authority("exec-1").unwrap().key(),
+            &AuthorityPublicKey::P256(ec.public().clone())
+        );
     }
 
     #[test]
     fn bad_configs_name_the_field() {
-        let two = format!("{}{}", authority("exec-1", "executive"), authority("jud-1", "judicial"));
+        let two = format!(
+            "{}{}",
+            authority("exec-1", "executive"),
+            authority("jud-1", "judicial")
+        );
         // A policy that could never be met.
-        let text = format!("{two}{DOUBLE_LOCK}[[policy.require]]\nrole = \"parliament\"\ncount = 1\n");
+        let text =
+            format!("{two}{DOUBLE_LOCK}[[policy.require]]\nrole = \"parliament\"\ncount = 1\n");
         assert_eq!(field_of(&text), "policy.require[2]");
         // Empty policy.
-        assert_eq!(field_of(&format!("{two}[policy]\nrequire = []\n")), "policy.require");
+        assert_eq!(
+            field_of(&format!("{two}[policy]\nrequire = []\n")),
+            "policy.require"
+        );
         // Zero count.
         assert_eq!(
-            field_of(&format!("{two}[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 0\n")),
+            field_of(&format!(
+                "{two}[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 0\n"
+            )),
             "policy.require[0].count"
         );
         // Duplicate kid.
-        let dup = format!("{}{}{DOUBLE_LOCK}", authority("exec-1", "executive"), authority("exec-1", "judicial"));
+        let dup = format!(
+            "{}{}{DOUBLE_LOCK}",
+            authority("exec-1", "executive"),
+            authority("exec-1", "judicial")
+        );
         assert_eq!(field_of(&dup), "authorities[1].kid");
         // Unknown algorithm.
         let bad_alg = two.replacen("ES256", "RS256", 1) + DOUBLE_LOCK;
         assert_eq!(field_of(&bad_alg), "authorities[0].alg");
         // Validity reversed.
-        let reversed = two.replacen("2028-01-01T00:00:00Z", "2025-01-01T00:00:00Z", 1) + DOUBLE_LOCK;
+        let reversed =
+            two.replacen("2028-01-01T00:00:00Z", "2025-01-01T00:00:00Z", 1) + DOUBLE_LOCK;
         assert_eq!(field_of(&reversed), "authorities[0].valid_until");
         // Emergency hours out of range.
         let e = format!("{two}{DOUBLE_LOCK}[policy.emergency]\nmax_hours = 0\n[[policy.emergency.require]]\nrole = \"executive\"\ncount = 1\n");
         assert_eq!(field_of(&e), "policy.emergency.max_hours");
         // A private key in the trust config.
-        let private = serde_json::to_string(&P256PrivateKey::generate().unwrap().to_private_jwk()).unwrap();
+        let private =
+            serde_json::to_string(&P256PrivateKey::generate().unwrap().to_private_jwk()).unwrap();
         let text = format!(
             "[[authorities]]\nkid = \"exec-1\"\nrole = \"executive\"\nalg = \"ES256\"\njwk = '{private}'\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2028-01-01T00:00:00Z\"\n[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n"
         );
@@ -659,7 +709,10 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let text = format!("{}{DOUBLE_LOCK}colour = \"red\"\n", authority("exec-1", "executive"));
+        let text = format!(
+            "{}{DOUBLE_LOCK}colour = \"red\"\n",
+            authority("exec-1", "executive")
+        );
         assert!(matches!(
             TrustStore::from_toml(&text, Path::new(".")),
             Err(TrustConfigError::Toml(m)) if m.contains("colour")

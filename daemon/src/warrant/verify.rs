@@ -5,8 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use time::{Duration, OffsetDateTime};
 
-use super::claims::{normalized_digest, sha256, Claims};
-use super::jws::{self, Algorithm};
+use super::claims::{
+    check_text, normalized_digest, sha256, Claims, MAX_ID_CHARS, MAX_LEGAL_BASIS_CHARS,
+};
+use super::jws::{self, Algorithm, ParsedJws};
 use super::trust::{RoleRule, TrustStore};
 use super::WarrantError;
 use crate::codec::format_time;
@@ -147,9 +149,68 @@ impl Verifier {
         caller_identity: &str,
     ) -> Result<VerifiedWarrant, WarrantError> {
         let jws = jws::parse(jws_bytes, &self.limits)?;
+        let signers = self.verify_signatures(&jws, now)?;
 
-        // kid → signer, so that a repeated authority counts once.
-        let mut signers: BTreeMap<String, Signer> = BTreeMap::new();
+        let claims = Claims::parse(jws.payload())?;
+        let policy = self.trust.policy();
+        let (rules, emergency_hours) = if claims.emergency {
+            let rule = policy
+                .emergency
+                .as_ref()
+                .ok_or(WarrantError::EmergencyNotAllowed)?;
+            (&rule.require, Some(rule.max_hours))
+        } else {
+            (&policy.require, None)
+        };
+        check_policy(rules, signers.values(), claims.emergency)?;
+
+        if now < claims.not_before {
+            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
+        }
+        let emergency_end =
+            emergency_hours.map(|h| claims.not_before + Duration::hours(i64::from(h)));
+        let usable_until = match emergency_end {
+            Some(end) if end < claims.expires => end,
+            _ => claims.expires,
+        };
+        if now >= usable_until {
+            return Err(match emergency_end {
+                Some(end) if end < claims.expires => {
+                    WarrantError::EmergencyExpired(format_time(end))
+                }
+                _ => WarrantError::Expired(format_time(claims.expires)),
+            });
+        }
+
+        if claims.agency != caller_identity {
+            return Err(WarrantError::AgencyMismatch {
+                warrant: claims.agency.clone(),
+                caller: caller_identity.to_string(),
+            });
+        }
+
+        let digest = sha256(jws.payload());
+        let normalized_digest = normalized_digest(jws.payload())?;
+        let target_set = claims.targets.iter().cloned().collect();
+        Ok(VerifiedWarrant {
+            claims,
+            target_set,
+            digest,
+            normalized_digest,
+            signers: signers.into_values().collect(),
+            usable_until,
+        })
+    }
+
+    /// Every signature of `jws` must be by a configured authority valid at
+    /// `now`, with its configured algorithm, and verify. Returns the distinct
+    /// signers by `kid` (a repeated authority counts once).
+    fn verify_signatures(
+        &self,
+        jws: &ParsedJws,
+        now: OffsetDateTime,
+    ) -> Result<BTreeMap<String, Signer>, WarrantError> {
+        let mut signers = BTreeMap::new();
         for sig in jws.signatures() {
             let authority = self
                 .trust
@@ -181,54 +242,96 @@ impl Verifier {
                 },
             );
         }
+        Ok(signers)
+    }
 
-        let claims = Claims::parse(jws.payload())?;
+    /// Verifies a revocation signed by an authority (PROTOCOL §6: the body
+    /// `{"revocation": <JWS>}` of `POST /v1/warrants/revocations`), whose
+    /// payload is exactly `{"id", "reason", "time"}`.
+    ///
+    /// Every signature must verify as for a warrant, and at least one signer
+    /// must hold a role that the policy (or its emergency rule) names: any one
+    /// such authority may revoke, since revoking only ever takes power away.
+    ///
+    /// # Errors
+    /// As [`Self::verify`] for the JWS and signatures;
+    /// [`WarrantError::Malformed`] for a bad payload;
+    /// [`WarrantError::RevokerNotInPolicy`] when no signer has a policy role.
+    pub fn verify_revocation(
+        &self,
+        jws_bytes: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<VerifiedRevocation, WarrantError> {
+        let jws = jws::parse(jws_bytes, &self.limits)?;
+        let signers = self.verify_signatures(&jws, now)?;
+        let raw: RawRevocation = serde_json::from_slice(jws.payload())
+            .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
+        check_text("id", &raw.id, MAX_ID_CHARS)?;
+        check_text("reason", &raw.reason, MAX_LEGAL_BASIS_CHARS)?;
         let policy = self.trust.policy();
-        let (rules, emergency_hours) = if claims.emergency {
-            let rule = policy
-                .emergency
-                .as_ref()
-                .ok_or(WarrantError::EmergencyNotAllowed)?;
-            (&rule.require, Some(rule.max_hours))
-        } else {
-            (&policy.require, None)
-        };
-        check_policy(rules, signers.values(), claims.emergency)?;
-
-        if now < claims.not_before {
-            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
+        let roles: BTreeSet<&str> = policy
+            .require
+            .iter()
+            .chain(policy.emergency.iter().flat_map(|e| e.require.iter()))
+            .map(|r| r.role.as_str())
+            .collect();
+        if !signers.values().any(|s| roles.contains(s.role.as_str())) {
+            return Err(WarrantError::RevokerNotInPolicy(
+                roles.into_iter().collect::<Vec<_>>().join(", "),
+            ));
         }
-        let emergency_end =
-            emergency_hours.map(|h| claims.not_before + Duration::hours(i64::from(h)));
-        let usable_until = match emergency_end {
-            Some(end) if end < claims.expires => end,
-            _ => claims.expires,
-        };
-        if now >= usable_until {
-            return Err(match emergency_end {
-                Some(end) if end < claims.expires => WarrantError::EmergencyExpired(format_time(end)),
-                _ => WarrantError::Expired(format_time(claims.expires)),
-            });
-        }
-
-        if claims.agency != caller_identity {
-            return Err(WarrantError::AgencyMismatch {
-                warrant: claims.agency.clone(),
-                caller: caller_identity.to_string(),
-            });
-        }
-
-        let digest = sha256(jws.payload());
-        let normalized_digest = normalized_digest(jws.payload())?;
-        let target_set = claims.targets.iter().cloned().collect();
-        Ok(VerifiedWarrant {
-            claims,
-            target_set,
-            digest,
-            normalized_digest,
+        Ok(VerifiedRevocation {
+            id: raw.id,
+            reason: raw.reason,
+            time: raw.time,
+            digest: sha256(jws.payload()),
             signers: signers.into_values().collect(),
-            usable_until,
         })
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    id: String,
+    reason: String,
+    #[serde(with = "crate::codec::rfc3339")]
+    time: OffsetDateTime,
+}
+
+/// A revocation whose every signature verified and that at least one
+/// authority of a policy role signed. Only [`Verifier::verify_revocation`]
+/// makes one.
+#[derive(Debug, Clone)]
+pub struct VerifiedRevocation {
+    id: String,
+    reason: String,
+    time: OffsetDateTime,
+    digest: [u8; 32],
+    signers: Vec<Signer>,
+}
+
+impl VerifiedRevocation {
+    /// The warrant `id` to revoke.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    /// The time the authority put in it (the store records the daemon's own
+    /// time of revocation).
+    pub fn time(&self) -> OffsetDateTime {
+        self.time
+    }
+    /// SHA-256 of the payload bytes, for the audit leaf.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+    /// The distinct signers, ordered by `kid`.
+    pub fn signers(&self) -> &[Signer] {
+        &self.signers
     }
 }
 
