@@ -4,6 +4,7 @@
 
 pub mod keys;
 pub mod seal;
+pub mod warrant;
 
 use std::path::PathBuf;
 
@@ -28,6 +29,9 @@ pub enum Command {
     Seal(seal::SealArgs),
     /// Open an unwrap reply with the agency's recipient key (agencies).
     Open(seal::OpenArgs),
+    /// Create, sign and inspect warrants (authorities).
+    #[command(subcommand)]
+    Warrant(warrant::WarrantCommand),
 }
 
 impl Command {
@@ -41,6 +45,7 @@ impl Command {
             Command::Keys(cmd) => cmd.run(),
             Command::Seal(args) => args.run(),
             Command::Open(args) => args.run(),
+            Command::Warrant(cmd) => cmd.run(),
         }
     }
 }
@@ -81,6 +86,12 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(k) = e.downcast_ref::<crate::keys::KeyError>() {
         return Some(k.code());
+    }
+    if let Some(n) = e.downcast_ref::<warrant::NotAccepted>() {
+        return Some(n.code);
+    }
+    if let Some(w) = e.downcast_ref::<crate::warrant::WarrantError>() {
+        return Some(w.code());
     }
     if e.downcast_ref::<crate::hsm::HsmError>().is_some() {
         return Some("hsm_unavailable");

@@ -13,8 +13,10 @@
 //! revocations, so its permissions matter (see docs/OPERATIONS.md).
 
 mod keys;
+mod warrants;
 
 pub use keys::{KeyRecord, KeyStore};
+pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -51,6 +53,42 @@ pub enum StoreError {
     /// No escrow key has this `kid`.
     #[error("no escrow key with kid `{0}`")]
     UnknownKid(String),
+    /// A warrant `id` was seen before with a different payload (and this is
+    /// not the replacement of an urgent warrant by its fully signed version).
+    #[error("a different warrant with id `{0}` was seen before")]
+    WarrantIdConflict(String),
+    /// An urgent warrant whose `id` already has its fully signed version
+    /// recorded: the full one replaced it.
+    #[error("urgent warrant `{0}` was replaced by its fully signed version")]
+    EmergencySuperseded(String),
+    /// Budget asked for a warrant `id` that was never registered: a caller
+    /// that skipped `register`.
+    #[error("no warrant with id `{0}` is registered")]
+    UnknownWarrant(String),
+    /// Budget asked for a revoked warrant (revoked after it was verified).
+    #[error("warrant `{0}` is revoked")]
+    WarrantRevoked(String),
+    /// A reservation was settled twice, or on another store than the one
+    /// that made it: a caller bug.
+    #[error("reservation for warrant `{0}` is unknown or already settled")]
+    UnknownReservation(String),
+    /// More envelopes reported opened than the reservation granted: a caller
+    /// bug, refused so that the budget can never be exceeded.
+    #[error("settle reports {opened} opened but only {granted} were reserved")]
+    SettleExceedsReservation {
+        /// Units the reservation granted.
+        granted: u64,
+        /// Units reported opened.
+        opened: u64,
+    },
+    /// Committing the spend would exceed `max_unwraps`. Within one process
+    /// reservations prevent this; it happens only if another process shares
+    /// the database file (unsupported), and then nothing is released.
+    #[error("spending on warrant `{0}` would exceed its max_unwraps")]
+    BudgetOverrun(String),
+    /// A number does not fit the database's signed 64-bit integers.
+    #[error("{0} is out of range for the store")]
+    OutOfRange(&'static str),
     /// A value read back from the file is not what this code wrote: the
     /// database was edited or is corrupt.
     #[error("store {path}: corrupt row: {what}")]
@@ -75,6 +113,25 @@ const MIGRATIONS: &[&str] = &[
         created_at     TEXT NOT NULL,
         destroyed_at   TEXT,
         destroy_reason TEXT
+    ) STRICT;",
+    // 2: warrants (first-seen digest and budget per id) and revocations.
+    // `spent` only ever grows, and never past `max_unwraps`. Revocations are
+    // keyed by id alone: an id may be revoked before it is ever presented.
+    "CREATE TABLE warrants (
+        id                TEXT PRIMARY KEY NOT NULL,
+        payload_digest    BLOB NOT NULL CHECK (length(payload_digest) = 32),
+        normalized_digest BLOB NOT NULL CHECK (length(normalized_digest) = 32),
+        emergency         INTEGER NOT NULL CHECK (emergency IN (0, 1)),
+        max_unwraps       INTEGER NOT NULL CHECK (max_unwraps > 0),
+        spent             INTEGER NOT NULL CHECK (spent >= 0 AND spent <= max_unwraps),
+        first_seen        TEXT NOT NULL,
+        upgraded_at       TEXT
+    ) STRICT;
+    CREATE TABLE warrant_revocations (
+        id          TEXT PRIMARY KEY NOT NULL,
+        reason      TEXT NOT NULL,
+        revoked_by  TEXT NOT NULL,
+        revoked_at  TEXT NOT NULL
     ) STRICT;",
 ];
 

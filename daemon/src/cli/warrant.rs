@@ -1,0 +1,511 @@
+//! `lavd warrant …`: tools for authorities and operators, not the daemon.
+//!
+//! - `new`: an unsigned warrant from flags or a claims JSON file;
+//! - `sign`: adds one authority's signature (authorities sign in turn);
+//! - `inspect`: claims, signers, and whether a trust config accepts it;
+//! - `keygen`: a fresh authority key (private JWK file, public JWK).
+//!
+//! Every file is parsed with the daemon's own strict parsers, so a warrant
+//! these tools produce is one the daemon can accept, and `inspect` gives the
+//! daemon's exact refusal code.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use time::OffsetDateTime;
+
+use crate::codec::{b64_encode, format_time, parse_time};
+use crate::jwk::{Jwk, P256PublicKey};
+use crate::warrant::sign::{add_signature, unsigned_warrant};
+use crate::warrant::{
+    jws, Algorithm, AuthorityKey, Claims, TrustStore, Verifier, WarrantError, WarrantLimits,
+};
+
+/// `lavd warrant` subcommands.
+// Parsed once per process: the size of the largest variant does not matter,
+// and boxing it would only make the type harder to build in tests.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, clap::Subcommand)]
+pub enum WarrantCommand {
+    /// Write an unsigned warrant, from claims given as flags or as a JSON file.
+    New(NewArgs),
+    /// Add one authority's signature to a warrant.
+    Sign(SignArgs),
+    /// Show a warrant's claims and signers, and whether a trust config accepts it.
+    Inspect(InspectArgs),
+    /// Generate an authority signing key: a private JWK file and its public JWK.
+    Keygen(KeygenArgs),
+}
+
+/// `lavd warrant new`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NewArgs {
+    /// Claims JSON file (PROTOCOL §4 table); replaces all claim flags.
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "id", "legal_basis", "agency", "recipient", "targets", "window_from", "window_to",
+        "not_before", "expires", "max_unwraps", "kids", "emergency",
+    ])]
+    pub claims: Option<PathBuf>,
+    /// Warrant id (the authorisation reference, ≤ 128 characters).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Statute or legal type.
+    #[arg(long)]
+    pub legal_basis: Option<String>,
+    /// Identity (URI SAN) of the agency that may execute it.
+    #[arg(long)]
+    pub agency: Option<String>,
+    /// The agency's P-256 public JWK file; results are sealed to it.
+    #[arg(long, value_name = "JWK_FILE")]
+    pub recipient: Option<PathBuf>,
+    /// A target identifier (repeat for each).
+    #[arg(long = "target", value_name = "TARGET")]
+    pub targets: Vec<String>,
+    /// Envelope time window start (RFC 3339 UTC, inclusive).
+    #[arg(long)]
+    pub window_from: Option<String>,
+    /// Envelope time window end (RFC 3339 UTC, exclusive).
+    #[arg(long)]
+    pub window_to: Option<String>,
+    /// Executable from (RFC 3339 UTC).
+    #[arg(long)]
+    pub not_before: Option<String>,
+    /// Executable until (RFC 3339 UTC, exclusive).
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// The most envelopes it may ever open.
+    #[arg(long)]
+    pub max_unwraps: Option<u64>,
+    /// An escrow key it may use (repeat; omit for any).
+    #[arg(long = "kid", value_name = "KID")]
+    pub kids: Vec<String>,
+    /// An urgent warrant under the policy's emergency rule.
+    #[arg(long)]
+    pub emergency: bool,
+    /// Output file (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `lavd warrant sign`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SignArgs {
+    /// The authority's private JWK file (must carry `kid`).
+    #[arg(long, value_name = "AUTHORITY_JWK")]
+    pub key: PathBuf,
+    /// The warrant to sign.
+    #[arg(long = "in", value_name = "FILE")]
+    pub input: PathBuf,
+    /// Output file (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+}
+
+/// `lavd warrant inspect`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct InspectArgs {
+    /// The warrant file.
+    pub file: PathBuf,
+    /// Trust config (TOML with `[[authorities]]` and `[policy]`) to check it against.
+    #[arg(long, value_name = "FILE")]
+    pub trust: Option<PathBuf>,
+    /// Check as if this agency identity presented it (default: the warrant's own).
+    #[arg(long)]
+    pub agency: Option<String>,
+    /// Check at this time (RFC 3339 UTC; default: now).
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+}
+
+/// `lavd warrant keygen`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KeygenArgs {
+    /// `ES256` or `EdDSA`.
+    #[arg(long, default_value = "ES256")]
+    pub alg: String,
+    /// The authority's kid, as it will appear in the trust config.
+    #[arg(long)]
+    pub kid: String,
+    /// Private JWK file to create (mode 0600; never overwritten).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Public JWK file (default: standard output).
+    #[arg(long, value_name = "FILE")]
+    pub public_out: Option<PathBuf>,
+}
+
+/// `inspect` found that the trust config refuses the warrant. `main` prints
+/// it and exits non-zero.
+#[derive(Debug, thiserror::Error)]
+#[error("warrant not accepted: {code}: {message}")]
+pub struct NotAccepted {
+    /// The daemon's refusal code (e.g. `policy_not_met`).
+    pub code: &'static str,
+    /// The refusal message.
+    pub message: String,
+}
+
+/// The outcome of checking against a trust config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No `--trust` given: nothing was verified.
+    NotChecked,
+    /// The trust config accepts the warrant at that time for that agency.
+    Accepted,
+    /// Refused, with the daemon's exact code and message.
+    Refused {
+        /// The refusal code.
+        code: &'static str,
+        /// The refusal message.
+        message: String,
+    },
+}
+
+/// What `inspect` prints, and its verdict.
+#[derive(Debug, Clone)]
+pub struct InspectReport {
+    /// Human-readable report.
+    pub text: String,
+    /// The verdict.
+    pub verdict: Verdict,
+}
+
+impl WarrantCommand {
+    /// Runs the subcommand.
+    ///
+    /// # Errors
+    /// Any I/O or parse failure, naming the file; for `inspect`, a
+    /// [`NotAccepted`] when the trust config refuses the warrant.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            Self::New(args) => {
+                let out = args.build()?;
+                write_output(args.out.as_deref(), &out)
+            }
+            Self::Sign(args) => {
+                let out = args.build()?;
+                write_output(args.out.as_deref(), &out)
+            }
+            Self::Inspect(args) => {
+                let report = args.report()?;
+                print!("{}", report.text);
+                std::io::stdout()
+                    .flush()
+                    .context("writing to standard output")?;
+                match report.verdict {
+                    Verdict::Refused { code, message } => Err(NotAccepted { code, message }.into()),
+                    Verdict::Accepted | Verdict::NotChecked => Ok(()),
+                }
+            }
+            Self::Keygen(args) => args.run(),
+        }
+    }
+}
+
+fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
+    match path {
+        Some(path) => std::fs::write(path, format!("{text}\n"))
+            .with_context(|| format!("writing {}", path.display())),
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            writeln!(stdout, "{text}").context("writing to standard output")
+        }
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+fn time_flag(name: &str, value: Option<&str>) -> anyhow::Result<String> {
+    let text = value.with_context(|| format!("--{name} is required (or give --claims)"))?;
+    let t = parse_time(text).with_context(|| format!("--{name} `{text}`"))?;
+    Ok(format_time(t))
+}
+
+impl NewArgs {
+    /// The claims payload bytes: the `--claims` file as it is, or JSON built
+    /// from the flags.
+    ///
+    /// # Errors
+    /// A missing flag, an unreadable file, a bad time or recipient key.
+    pub fn payload(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(path) = &self.claims {
+            return read(path);
+        }
+        let required = |name: &str, v: &Option<String>| -> anyhow::Result<String> {
+            v.clone()
+                .with_context(|| format!("--{name} is required (or give --claims)"))
+        };
+        // Checked in the order of `--help`, so the first missing flag is named.
+        let id = required("id", &self.id)?;
+        let legal_basis = required("legal-basis", &self.legal_basis)?;
+        let agency = required("agency", &self.agency)?;
+        let recipient_path = self
+            .recipient
+            .as_ref()
+            .context("--recipient is required (or give --claims)")?;
+        let jwk = Jwk::from_json(&read(recipient_path)?)
+            .with_context(|| format!("recipient {}", recipient_path.display()))?;
+        if jwk.d.is_some() {
+            bail!(
+                "recipient {} contains a private key (`d`); give the agency's public JWK",
+                recipient_path.display()
+            );
+        }
+        let recipient = P256PublicKey::from_jwk(&jwk)
+            .with_context(|| format!("recipient {}", recipient_path.display()))?;
+        if self.targets.is_empty() {
+            bail!("at least one --target is required (or give --claims)");
+        }
+        let mut claims = serde_json::json!({
+            "id": id,
+            "legal_basis": legal_basis,
+            "agency": agency,
+            "recipient": recipient.to_jwk(),
+            "targets": self.targets,
+            "window": {
+                "from": time_flag("window-from", self.window_from.as_deref())?,
+                "to": time_flag("window-to", self.window_to.as_deref())?,
+            },
+            "not_before": time_flag("not-before", self.not_before.as_deref())?,
+            "expires": time_flag("expires", self.expires.as_deref())?,
+            "max_unwraps": self.max_unwraps.context("--max-unwraps is required (or give --claims)")?,
+        });
+        if !self.kids.is_empty() {
+            claims["kids"] = serde_json::json!(self.kids);
+        }
+        if self.emergency {
+            claims["emergency"] = serde_json::Value::Bool(true);
+        }
+        Ok(claims.to_string().into_bytes())
+    }
+
+    /// The unsigned warrant JSON, after checking the claims strictly.
+    ///
+    /// # Errors
+    /// As [`Self::payload`], or the claims' [`WarrantError`].
+    pub fn build(&self) -> anyhow::Result<String> {
+        let payload = self.payload()?;
+        unsigned_warrant(&payload).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))
+    }
+}
+
+impl SignArgs {
+    /// The warrant with one more signature.
+    ///
+    /// # Errors
+    /// An unreadable or invalid key or warrant, or a repeated signer.
+    pub fn build(&self) -> anyhow::Result<String> {
+        let jwk = Jwk::from_json(&read(&self.key)?)
+            .with_context(|| format!("authority key {}", self.key.display()))?;
+        let key = AuthorityKey::from_jwk(&jwk)
+            .with_context(|| format!("authority key {}", self.key.display()))?;
+        let warrant = read(&self.input)?;
+        add_signature(&warrant, &key, &WarrantLimits::default())
+            .map_err(|e| anyhow::anyhow!("{}: {}: {e}", self.input.display(), e.code()))
+    }
+}
+
+impl InspectArgs {
+    /// Builds the report and the verdict.
+    ///
+    /// # Errors
+    /// An unreadable file, an invalid trust config or `--at`, or (without
+    /// `--trust`) a warrant that does not even parse.
+    pub fn report(&self) -> anyhow::Result<InspectReport> {
+        let bytes = read(&self.file)?;
+        let at = match &self.at {
+            Some(text) => parse_time(text).with_context(|| format!("--at `{text}`"))?,
+            None => OffsetDateTime::now_utc(),
+        };
+        let trust = self
+            .trust
+            .as_ref()
+            .map(|path| TrustStore::load(path))
+            .transpose()?;
+        let mut text = String::new();
+        let limits = WarrantLimits::default();
+        let parsed = match jws::parse(&bytes, &limits) {
+            Ok(p) => Some(p),
+            // The verdict below gives the exact refusal.
+            Err(_) if trust.is_some() => {
+                text.push_str(&format!(
+                    "{}: not a well-formed warrant\n",
+                    self.file.display()
+                ));
+                None
+            }
+            Err(e) => bail!("{}: {}: {e}", self.file.display(), e.code()),
+        };
+        let mut agency = self.agency.clone();
+        if let Some(jws) = &parsed {
+            match Claims::parse(jws.payload()) {
+                Ok(claims) => {
+                    describe_claims(&mut text, &claims, jws.payload());
+                    if agency.is_none() {
+                        agency = Some(claims.agency.clone());
+                    }
+                }
+                Err(e) => text.push_str(&format!("claims: {}: {e}\n", e.code())),
+            }
+            text.push_str(&format!("signatures: {}\n", jws.signatures().len()));
+            for sig in jws.signatures() {
+                let role = trust
+                    .as_ref()
+                    .and_then(|t| t.authority(sig.kid()))
+                    .map_or("not a configured authority", |a| a.role());
+                let role = if trust.is_some() {
+                    role
+                } else {
+                    "(no trust config)"
+                };
+                text.push_str(&format!(
+                    "  {:<24} {:<6} {role}\n",
+                    sig.kid(),
+                    sig.alg().name()
+                ));
+            }
+        }
+        let verdict = match trust {
+            None => {
+                text.push_str("verdict: not checked (give --trust FILE)\n");
+                Verdict::NotChecked
+            }
+            Some(trust) => {
+                let agency_note = if self.agency.is_some() {
+                    ""
+                } else {
+                    " (the warrant's own agency)"
+                };
+                let caller = agency.unwrap_or_default();
+                let verifier = Verifier::new(trust, limits);
+                match verifier.verify(&bytes, at, &caller) {
+                    Ok(w) => {
+                        text.push_str(&format!(
+                            "verdict: accepted at {} for agency `{caller}`{agency_note}; usable until {}{}\n",
+                            format_time(at),
+                            format_time(w.usable_until()),
+                            if w.is_emergency() { " (emergency)" } else { "" },
+                        ));
+                        text.push_str(
+                            "  (revocation and id conflicts are checked by the daemon's store)\n",
+                        );
+                        Verdict::Accepted
+                    }
+                    Err(e) => {
+                        text.push_str(&format!(
+                            "verdict: refused at {}: {}: {e}\n",
+                            format_time(at),
+                            e.code()
+                        ));
+                        Verdict::Refused {
+                            code: e.code(),
+                            message: e.to_string(),
+                        }
+                    }
+                }
+            }
+        };
+        Ok(InspectReport { text, verdict })
+    }
+}
+
+fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
+    const SHOWN_TARGETS: usize = 10;
+    let shown: Vec<&str> = c
+        .targets
+        .iter()
+        .take(SHOWN_TARGETS)
+        .map(String::as_str)
+        .collect();
+    let more = c.targets.len().saturating_sub(SHOWN_TARGETS);
+    let lines = [
+        ("id", c.id.clone()),
+        ("legal_basis", c.legal_basis.clone()),
+        ("agency", c.agency.clone()),
+        (
+            "recipient",
+            format!("P-256 key, thumbprint {}", c.recipient.thumbprint()),
+        ),
+        (
+            "targets",
+            format!(
+                "{}: {}{}",
+                c.targets.len(),
+                shown.join(", "),
+                if more > 0 {
+                    format!(", … ({more} more)")
+                } else {
+                    String::new()
+                }
+            ),
+        ),
+        (
+            "window",
+            format!(
+                "[{}, {})",
+                format_time(c.window.from),
+                format_time(c.window.to)
+            ),
+        ),
+        (
+            "valid",
+            format!(
+                "[{}, {})",
+                format_time(c.not_before),
+                format_time(c.expires)
+            ),
+        ),
+        ("max_unwraps", c.max_unwraps.to_string()),
+        (
+            "kids",
+            c.kids.as_ref().map_or("any".to_string(), |k| k.join(", ")),
+        ),
+        (
+            "emergency",
+            if c.emergency { "yes" } else { "no" }.to_string(),
+        ),
+        (
+            "digest",
+            format!(
+                "sha-256 {}",
+                b64_encode(crate::warrant::claims::sha256(payload))
+            ),
+        ),
+    ];
+    for (name, value) in lines {
+        text.push_str(&format!("{name:<12} {value}\n"));
+    }
+}
+
+impl KeygenArgs {
+    fn run(&self) -> anyhow::Result<()> {
+        let alg = Algorithm::from_name(&self.alg)
+            .map_err(|e: WarrantError| anyhow::anyhow!("--alg: {e}"))?;
+        let key = AuthorityKey::generate(alg, &self.kid)?;
+        let private = zeroize::Zeroizing::new(serde_json::to_string(&key.private_jwk()?)?);
+        write_private(&self.out, &private)?;
+        let public = serde_json::to_string(&key.public_jwk()?)?;
+        write_output(self.public_out.as_deref(), &public)
+    }
+}
+
+/// Creates a new file readable only by its owner; never overwrites a key.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("creating {} (it must not exist)", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}

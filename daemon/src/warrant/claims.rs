@@ -1,0 +1,342 @@
+//! Warrant claims (PROTOCOL §4 table): strict, bounded, typed.
+//!
+//! Bounds beyond PROTOCOL's own (`id` ≤ 128 characters, 1..=1000 targets):
+//! every string is non-empty and free of control characters; a target is at
+//! most [`MAX_TARGET_BYTES`] bytes; `legal_basis` at most
+//! [`MAX_LEGAL_BASIS_CHARS`] characters; `agency` at most
+//! [`MAX_AGENCY_BYTES`] bytes; `kids`, when present, holds 1..=[`MAX_KIDS`]
+//! entries; targets and kids have no duplicates; `max_unwraps` is in
+//! 1..=2^53−1 (the I-JSON exact-integer range, RFC 7493 §2.2); `window.from <
+//! window.to` and `not_before < expires`; `recipient` is a P-256 *public* JWK
+//! (a `d` member is refused: a private key has no business in a warrant).
+//! Explicit `null` is refused for the optional members.
+
+use std::collections::BTreeSet;
+
+use aws_lc_rs::digest;
+use serde::{Deserialize, Deserializer};
+use time::OffsetDateTime;
+
+use super::WarrantError;
+use crate::codec::rfc3339;
+use crate::jwk::{Jwk, P256PublicKey};
+
+/// Longest warrant `id`, in characters (PROTOCOL §4).
+pub const MAX_ID_CHARS: usize = 128;
+/// Most targets in one warrant (PROTOCOL §4).
+pub const MAX_TARGETS: usize = 1000;
+/// Longest target identifier, in bytes.
+pub const MAX_TARGET_BYTES: usize = 512;
+/// Longest `legal_basis`, in characters.
+pub const MAX_LEGAL_BASIS_CHARS: usize = 1024;
+/// Longest `agency` identity, in bytes.
+pub const MAX_AGENCY_BYTES: usize = 2048;
+/// Most escrow key ids in `kids`.
+pub const MAX_KIDS: usize = 1000;
+/// Longest escrow key id in `kids`, in characters.
+pub const MAX_ESCROW_KID_CHARS: usize = 128;
+/// Largest `max_unwraps`: 2^53 − 1, so every JSON implementation reads it exactly.
+pub const MAX_UNWRAPS_LIMIT: u64 = (1 << 53) - 1;
+
+/// `window`: envelope `time` must lie in `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Inclusive start.
+    pub from: OffsetDateTime,
+    /// Exclusive end.
+    pub to: OffsetDateTime,
+}
+
+impl Window {
+    /// Whether `t` lies in `[from, to)`.
+    pub fn contains(&self, t: OffsetDateTime) -> bool {
+        self.from <= t && t < self.to
+    }
+}
+
+/// The claims of a warrant, checked against every bound above. Holding one
+/// says nothing about who signed it: see [`super::VerifiedWarrant`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The authorisation reference, unique.
+    pub id: String,
+    /// Statute or legal type, free text.
+    pub legal_basis: String,
+    /// The identity (URI SAN) of the one agency allowed to execute it.
+    pub agency: String,
+    /// Results are sealed to this key.
+    pub recipient: P256PublicKey,
+    /// Target identifiers, in the warrant's order, without duplicates.
+    pub targets: Vec<String>,
+    /// Envelope time window.
+    pub window: Window,
+    /// Start of executability.
+    pub not_before: OffsetDateTime,
+    /// End of executability (exclusive).
+    pub expires: OffsetDateTime,
+    /// The most envelopes it may ever open.
+    pub max_unwraps: u64,
+    /// Escrow keys it may use; `None` means any.
+    pub kids: Option<Vec<String>>,
+    /// Whether it claims the policy's emergency rule.
+    pub emergency: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaims {
+    id: String,
+    legal_basis: String,
+    agency: String,
+    recipient: Jwk,
+    targets: Vec<String>,
+    window: RawWindow,
+    #[serde(with = "rfc3339")]
+    not_before: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    expires: OffsetDateTime,
+    max_unwraps: u64,
+    #[serde(default, deserialize_with = "some")]
+    kids: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "some")]
+    emergency: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(with = "rfc3339")]
+    from: OffsetDateTime,
+    #[serde(with = "rfc3339")]
+    to: OffsetDateTime,
+}
+
+/// An optional member that, when present, must not be `null`.
+fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+fn malformed(what: impl std::fmt::Display) -> WarrantError {
+    WarrantError::Malformed(format!("claims: {what}"))
+}
+
+pub(crate) fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantError> {
+    if value.is_empty() {
+        return Err(malformed(format_args!("`{field}` is empty")));
+    }
+    if value.chars().count() > max_chars {
+        return Err(malformed(format_args!(
+            "`{field}` is longer than {max_chars} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(malformed(format_args!(
+            "`{field}` contains a control character"
+        )));
+    }
+    Ok(())
+}
+
+fn check_list(
+    field: &str,
+    values: &[String],
+    max: usize,
+    max_chars: usize,
+    max_bytes: usize,
+) -> Result<(), WarrantError> {
+    if values.is_empty() || values.len() > max {
+        return Err(malformed(format_args!(
+            "`{field}` must hold 1 to {max} entries, found {}",
+            values.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, v) in values.iter().enumerate() {
+        let name = format!("{field}[{i}]");
+        check_text(&name, v, max_chars)?;
+        if v.len() > max_bytes {
+            return Err(malformed(format_args!(
+                "`{name}` is longer than {max_bytes} bytes"
+            )));
+        }
+        if !seen.insert(v.as_str()) {
+            return Err(malformed(format_args!("`{name}` is a duplicate")));
+        }
+    }
+    Ok(())
+}
+
+impl Claims {
+    /// Parses the JWS payload bytes strictly (unknown, duplicate or `null`
+    /// members, trailing data, out-of-bounds values are all refused).
+    ///
+    /// # Errors
+    /// [`WarrantError::Malformed`] naming the member.
+    pub fn parse(payload: &[u8]) -> Result<Self, WarrantError> {
+        let raw: RawClaims = serde_json::from_slice(payload).map_err(malformed)?;
+        check_text("id", &raw.id, MAX_ID_CHARS)?;
+        check_text("legal_basis", &raw.legal_basis, MAX_LEGAL_BASIS_CHARS)?;
+        check_text("agency", &raw.agency, MAX_AGENCY_BYTES)?;
+        if raw.agency.len() > MAX_AGENCY_BYTES {
+            return Err(malformed(format_args!(
+                "`agency` is longer than {MAX_AGENCY_BYTES} bytes"
+            )));
+        }
+        if raw.recipient.d.is_some() {
+            return Err(malformed(
+                "`recipient` contains a private key (`d`); give the public JWK only",
+            ));
+        }
+        let recipient = P256PublicKey::from_jwk(&raw.recipient)
+            .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
+        check_list(
+            "targets",
+            &raw.targets,
+            MAX_TARGETS,
+            MAX_TARGET_BYTES,
+            MAX_TARGET_BYTES,
+        )?;
+        if let Some(kids) = &raw.kids {
+            // An escrow kid is an epoch name such as `2026-11`.
+            check_list(
+                "kids",
+                kids,
+                MAX_KIDS,
+                MAX_ESCROW_KID_CHARS,
+                MAX_ESCROW_KID_CHARS * 4,
+            )?;
+        }
+        if raw.window.from >= raw.window.to {
+            return Err(malformed("`window.from` must be before `window.to`"));
+        }
+        if raw.not_before >= raw.expires {
+            return Err(malformed("`not_before` must be before `expires`"));
+        }
+        if raw.max_unwraps == 0 || raw.max_unwraps > MAX_UNWRAPS_LIMIT {
+            return Err(malformed(format_args!(
+                "`max_unwraps` must be in 1..={MAX_UNWRAPS_LIMIT}"
+            )));
+        }
+        Ok(Self {
+            id: raw.id,
+            legal_basis: raw.legal_basis,
+            agency: raw.agency,
+            recipient,
+            targets: raw.targets,
+            window: Window {
+                from: raw.window.from,
+                to: raw.window.to,
+            },
+            not_before: raw.not_before,
+            expires: raw.expires,
+            max_unwraps: raw.max_unwraps,
+            kids: raw.kids,
+            emergency: raw.emergency.unwrap_or(false),
+        })
+    }
+}
+
+/// SHA-256 of the claims with `emergency` removed, in a canonical JSON form
+/// (object members sorted by name, no whitespace, serde_json's string and
+/// number spelling). Two payloads with equal digests are the same warrant up
+/// to urgency and formatting: this is what lets a fully signed warrant replace
+/// an urgent one with the same `id` (PROTOCOL §4).
+///
+/// The form is written to the store: changing it would make every recorded
+/// urgent warrant look like a conflict, so it is fixed here and not left to a
+/// serializer's defaults.
+///
+/// # Errors
+/// [`WarrantError::Malformed`] if `payload` is not a JSON object; callers pass
+/// payloads that [`Claims::parse`] accepted.
+pub fn normalized_digest(payload: &[u8]) -> Result<[u8; 32], WarrantError> {
+    let mut value: serde_json::Value = serde_json::from_slice(payload).map_err(malformed)?;
+    let object = value
+        .as_object_mut()
+        .ok_or_else(|| malformed("not a JSON object"))?;
+    object.remove("emergency");
+    let mut canonical = String::new();
+    write_canonical(&value, &mut canonical);
+    Ok(sha256(canonical.as_bytes()))
+}
+
+fn write_canonical(value: &serde_json::Value, out: &mut String) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(v, out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// SHA-256 of `bytes`.
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = digest::digest(&digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwk::P256PrivateKey;
+
+    fn base() -> serde_json::Value {
+        let recipient = P256PrivateKey::generate().unwrap().public().to_jwk();
+        serde_json::json!({
+            "id": "W-1",
+            "legal_basis": "IPA 2016 s.19",
+            "agency": "spiffe://agency.example/lea/unit-7",
+            "recipient": recipient,
+            "targets": ["acct:alice@example.com"],
+            "window": {"from": "2026-11-01T00:00:00Z", "to": "2026-12-01T00:00:00Z"},
+            "not_before": "2026-11-20T00:00:00Z",
+            "expires": "2026-12-20T00:00:00Z",
+            "max_unwraps": 10
+        })
+    }
+
+    #[test]
+    fn valid_claims_parse() {
+        let claims = Claims::parse(base().to_string().as_bytes()).unwrap();
+        assert_eq!(claims.id, "W-1");
+        assert!(!claims.emergency);
+        assert_eq!(claims.kids, None);
+    }
+
+    #[test]
+    fn normalized_digest_ignores_emergency_order_and_spacing() {
+        let a = base();
+        let mut b = a.clone();
+        b["emergency"] = serde_json::Value::Bool(true);
+        let spaced = serde_json::to_string_pretty(&a).unwrap();
+        let da = normalized_digest(a.to_string().as_bytes()).unwrap();
+        assert_eq!(da, normalized_digest(b.to_string().as_bytes()).unwrap());
+        assert_eq!(da, normalized_digest(spaced.as_bytes()).unwrap());
+        let mut c = a.clone();
+        c["max_unwraps"] = 11.into();
+        assert_ne!(da, normalized_digest(c.to_string().as_bytes()).unwrap());
+    }
+}

@@ -1,0 +1,439 @@
+//! Strict parsing of the JWS General JSON Serialization (RFC 7515 §7.2.1) as
+//! PROTOCOL §4 profiles it.
+//!
+//! Accepted: `{"payload": "<b64url>", "signatures": [{"protected": "<b64url>",
+//! "signature": "<b64url>"}, …]}` and nothing else. Each protected header is
+//! exactly `{"alg", "kid"}` plus an optional `typ`. Refused: unknown or
+//! duplicate members anywhere, the unprotected `header` member (its contents
+//! are not signed), `crit` (RFC 7515 §4.1.11: extensions we do not understand
+//! must be refused, and we understand none), `alg` other than `ES256` and
+//! `EdDSA` (so `none` too), the flattened and compact serializations.
+//!
+//! Nothing here checks a signature; that is [`super::verify`]'s job. The
+//! values this module returns are structurally valid, not trusted.
+
+use serde::{Deserialize, Deserializer};
+
+use super::verify::WarrantLimits;
+use super::WarrantError;
+use crate::codec::{b64_decode, b64_encode};
+
+/// Longest `kid` accepted in a protected header.
+pub const MAX_KID_CHARS: usize = 128;
+/// Longest `typ` accepted in a protected header.
+const MAX_TYP_CHARS: usize = 64;
+
+/// A JWS algorithm this protocol accepts (RFC 7518 §3.4, RFC 8037 §3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    /// ECDSA P-256 with SHA-256; the signature is the 64-byte `r ‖ s`.
+    Es256,
+    /// Ed25519 (RFC 8037 `EdDSA` with an OKP `Ed25519` key).
+    EdDsa,
+}
+
+impl Algorithm {
+    /// Reads a JOSE `alg` name.
+    ///
+    /// # Errors
+    /// [`WarrantError::UnsupportedAlgorithm`] for anything but `ES256` and
+    /// `EdDSA` (names are case-sensitive, RFC 7515 §4.1.1).
+    pub fn from_name(name: &str) -> Result<Self, WarrantError> {
+        match name {
+            "ES256" => Ok(Self::Es256),
+            "EdDSA" => Ok(Self::EdDsa),
+            // Echoed in errors and logs: bounded and escaped.
+            other => Err(WarrantError::UnsupportedAlgorithm(
+                truncate(other, 32).escape_debug().to_string(),
+            )),
+        }
+    }
+
+    /// The JOSE `alg` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Es256 => "ES256",
+            Self::EdDsa => "EdDSA",
+        }
+    }
+}
+
+impl std::fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One signature of a parsed JWS, with its decoded protected header.
+#[derive(Debug, Clone)]
+pub struct JwsSignature {
+    protected_b64: String,
+    alg: Algorithm,
+    kid: String,
+    typ: Option<String>,
+    signature: Vec<u8>,
+}
+
+impl JwsSignature {
+    /// The header's algorithm.
+    pub fn alg(&self) -> Algorithm {
+        self.alg
+    }
+
+    /// The header's key id (the authority).
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The header's optional `typ`.
+    pub fn typ(&self) -> Option<&str> {
+        self.typ.as_deref()
+    }
+
+    /// The decoded signature bytes.
+    pub fn signature(&self) -> &[u8] {
+        &self.signature
+    }
+}
+
+/// A structurally valid, unverified JWS.
+#[derive(Debug, Clone)]
+pub struct ParsedJws {
+    payload_b64: String,
+    payload: Vec<u8>,
+    signatures: Vec<JwsSignature>,
+}
+
+impl ParsedJws {
+    /// The decoded payload bytes (the claims JSON).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// The signatures, in order.
+    pub fn signatures(&self) -> &[JwsSignature] {
+        &self.signatures
+    }
+
+    /// The JWS Signing Input of one signature (RFC 7515 §5.1 step 8):
+    /// `ASCII(BASE64URL(protected) ‖ '.' ‖ BASE64URL(payload))`, built from
+    /// the exact strings received, never re-encoded.
+    pub fn signing_input(&self, sig: &JwsSignature) -> Vec<u8> {
+        signing_input(&sig.protected_b64, &self.payload_b64)
+    }
+
+    /// Appends a signature made over `protected_b64` (used by the signer).
+    pub(crate) fn push_signature(
+        &mut self,
+        protected_b64: String,
+        alg: Algorithm,
+        kid: String,
+        signature: Vec<u8>,
+    ) {
+        self.signatures.push(JwsSignature {
+            protected_b64,
+            alg,
+            kid,
+            typ: None,
+            signature,
+        });
+    }
+
+    /// The payload as it travels (base64url).
+    pub(crate) fn payload_b64(&self) -> &str {
+        &self.payload_b64
+    }
+
+    /// Serializes back to General JSON, keeping every received protected
+    /// header string as it was (so existing signatures still verify).
+    pub fn to_json(&self) -> String {
+        let signatures: Vec<serde_json::Value> = self
+            .signatures
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "protected": s.protected_b64,
+                    "signature": b64_encode(&s.signature),
+                })
+            })
+            .collect();
+        serde_json::json!({ "payload": self.payload_b64, "signatures": signatures }).to_string()
+    }
+
+    /// A JWS with `payload` and no signature yet (what `lavd warrant new` writes).
+    pub fn unsigned(payload: &[u8]) -> Self {
+        Self {
+            payload_b64: b64_encode(payload),
+            payload: payload.to_vec(),
+            signatures: Vec::new(),
+        }
+    }
+}
+
+pub(crate) fn signing_input(protected_b64: &str, payload_b64: &str) -> Vec<u8> {
+    let mut input = Vec::with_capacity(protected_b64.len() + 1 + payload_b64.len());
+    input.extend_from_slice(protected_b64.as_bytes());
+    input.push(b'.');
+    input.extend_from_slice(payload_b64.as_bytes());
+    input
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJws {
+    payload: String,
+    signatures: Vec<RawSignature>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSignature {
+    protected: Option<String>,
+    /// Any value, even `null`, counts as present: the member must not exist.
+    #[serde(default, deserialize_with = "present")]
+    header: bool,
+    signature: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    alg: String,
+    kid: String,
+    #[serde(default)]
+    typ: Option<String>,
+}
+
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    text.chars().take(max).collect()
+}
+
+/// Parses a JWS in General JSON Serialization, enforcing `limits`.
+///
+/// # Errors
+/// [`WarrantError::TooLarge`] before anything is parsed if the bytes (or,
+/// after parsing, the signatures) exceed `limits`;
+/// [`WarrantError::UnprotectedHeader`], [`WarrantError::CritNotSupported`],
+/// [`WarrantError::UnsupportedAlgorithm`] for the refused header forms;
+/// [`WarrantError::Malformed`] naming anything else that is wrong.
+pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantError> {
+    if bytes.len() > limits.max_warrant_bytes {
+        return Err(WarrantError::TooLarge {
+            what: "bytes",
+            found: bytes.len(),
+            limit: limits.max_warrant_bytes,
+        });
+    }
+    let raw: RawJws = serde_json::from_slice(bytes).map_err(|e| {
+        WarrantError::Malformed(format!("not a JWS in General JSON Serialization: {e}"))
+    })?;
+    if raw.signatures.len() > limits.max_signatures {
+        return Err(WarrantError::TooLarge {
+            what: "signatures",
+            found: raw.signatures.len(),
+            limit: limits.max_signatures,
+        });
+    }
+    let payload = b64_decode(&raw.payload).map_err(|_| {
+        WarrantError::Malformed("`payload` is not base64url without padding".into())
+    })?;
+    let signatures = raw
+        .signatures
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| parse_signature(i, s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ParsedJws {
+        payload_b64: raw.payload,
+        payload,
+        signatures,
+    })
+}
+
+fn parse_signature(index: usize, raw: RawSignature) -> Result<JwsSignature, WarrantError> {
+    let malformed = |what: &str| WarrantError::Malformed(format!("signatures[{index}]: {what}"));
+    if raw.header {
+        return Err(WarrantError::UnprotectedHeader);
+    }
+    let protected_b64 = raw
+        .protected
+        .ok_or_else(|| malformed("`protected` is required"))?;
+    let protected = b64_decode(&protected_b64)
+        .map_err(|_| malformed("`protected` is not base64url without padding"))?;
+    // `crit` gets its own code whatever else is in the header, so look for it
+    // before the strict parse (which would report it as an unknown member).
+    let loose: serde_json::Value = serde_json::from_slice(&protected)
+        .map_err(|e| malformed(&format!("protected header is not JSON: {e}")))?;
+    if loose.get("crit").is_some() {
+        return Err(WarrantError::CritNotSupported);
+    }
+    let header: RawHeader = serde_json::from_slice(&protected)
+        .map_err(|e| malformed(&format!("protected header: {e}")))?;
+    let alg = Algorithm::from_name(&header.alg)?;
+    // The kid is echoed in errors and logs, so no control characters.
+    if header.kid.is_empty()
+        || header.kid.chars().count() > MAX_KID_CHARS
+        || header.kid.chars().any(char::is_control)
+    {
+        return Err(malformed(&format!(
+            "`kid` must be 1 to {MAX_KID_CHARS} characters without control characters"
+        )));
+    }
+    if let Some(typ) = &header.typ {
+        if typ.chars().count() > MAX_TYP_CHARS {
+            return Err(malformed(&format!(
+                "`typ` must be at most {MAX_TYP_CHARS} characters"
+            )));
+        }
+    }
+    let signature = b64_decode(&raw.signature)
+        .map_err(|_| malformed("`signature` is not base64url without padding"))?;
+    Ok(JwsSignature {
+        protected_b64,
+        alg,
+        kid: header.kid,
+        typ: header.typ,
+        signature,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jws_with_header(header: &str) -> Vec<u8> {
+        format!(
+            r#"{{"payload":"e30","signatures":[{{"protected":"{}","signature":"AAAA"}}]}}"#,
+            b64_encode(header)
+        )
+        .into_bytes()
+    }
+
+    fn code(bytes: &[u8]) -> &'static str {
+        parse(bytes, &WarrantLimits::default()).unwrap_err().code()
+    }
+
+    #[test]
+    fn well_formed_header_parses() {
+        let jws = parse(
+            &jws_with_header(r#"{"alg":"ES256","kid":"judicial-3","typ":"JOSE+JSON"}"#),
+            &WarrantLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(jws.payload(), b"{}");
+        let sig = &jws.signatures()[0];
+        assert_eq!(
+            (sig.alg(), sig.kid(), sig.typ()),
+            (Algorithm::Es256, "judicial-3", Some("JOSE+JSON"))
+        );
+        // Signing input uses the received strings.
+        let protected = b64_encode(r#"{"alg":"ES256","kid":"judicial-3","typ":"JOSE+JSON"}"#);
+        assert_eq!(
+            jws.signing_input(sig),
+            format!("{protected}.e30").into_bytes()
+        );
+    }
+
+    #[test]
+    fn refused_header_forms_have_their_codes() {
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"none","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"HS256","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"es256","kid":"a"}"#)),
+            "unsupported_algorithm"
+        );
+        assert_eq!(
+            code(&jws_with_header(
+                r#"{"alg":"ES256","kid":"a","crit":["exp"],"exp":1}"#
+            )),
+            "crit_not_supported"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a","b64":false}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a","kid":"b"}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256"}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":""}"#)),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(&jws_with_header(r#"{"alg":"ES256","kid":"a\nb"}"#)),
+            "malformed_warrant"
+        );
+        let unprotected = br#"{"payload":"e30","signatures":[{"protected":"e30","header":{"kid":"a"},"signature":"AAAA"}]}"#;
+        assert_eq!(code(unprotected), "unprotected_header");
+        let null_header = br#"{"payload":"e30","signatures":[{"header":null,"signature":"AAAA"}]}"#;
+        assert_eq!(code(null_header), "unprotected_header");
+    }
+
+    #[test]
+    fn other_serializations_and_trailing_data_are_refused() {
+        // Flattened (RFC 7515 §7.2.2) and compact (§7.1) serializations.
+        let header = b64_encode(r#"{"alg":"ES256","kid":"a"}"#);
+        let flattened = format!(r#"{{"payload":"e30","protected":"{header}","signature":"AAAA"}}"#);
+        assert_eq!(code(flattened.as_bytes()), "malformed_warrant");
+        assert_eq!(
+            code(format!("{header}.e30.AAAA").as_bytes()),
+            "malformed_warrant"
+        );
+        let mut trailing = jws_with_header(r#"{"alg":"ES256","kid":"a"}"#);
+        trailing.extend_from_slice(b"{}");
+        assert_eq!(code(&trailing), "malformed_warrant");
+        assert_eq!(
+            code(br#"{"payload":"e30=","signatures":[]}"#),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(br#"{"payload":"e30","signatures":[],"payload":"e30"}"#),
+            "malformed_warrant"
+        );
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let limits = WarrantLimits {
+            max_warrant_bytes: 64,
+            max_signatures: 1,
+        };
+        let big = vec![b' '; 65];
+        assert!(matches!(
+            parse(&big, &limits),
+            Err(WarrantError::TooLarge {
+                what: "bytes",
+                found: 65,
+                limit: 64
+            })
+        ));
+        let two = br#"{"payload":"","signatures":[{"signature":""},{"signature":""}]}"#;
+        let limits = WarrantLimits {
+            max_warrant_bytes: 1024,
+            max_signatures: 1,
+        };
+        assert!(matches!(
+            parse(two, &limits),
+            Err(WarrantError::TooLarge {
+                what: "signatures",
+                found: 2,
+                limit: 1
+            })
+        ));
+    }
+}

@@ -1,0 +1,360 @@
+//! The verifier: the one place that turns warrant bytes into a
+//! [`VerifiedWarrant`].
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use time::{Duration, OffsetDateTime};
+
+use super::claims::{
+    check_text, normalized_digest, sha256, Claims, MAX_ID_CHARS, MAX_LEGAL_BASIS_CHARS,
+};
+use super::jws::{self, Algorithm, ParsedJws};
+use super::trust::{RoleRule, TrustStore};
+use super::WarrantError;
+use crate::codec::format_time;
+use crate::jwk::P256PublicKey;
+
+/// Size bounds applied before and while parsing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarrantLimits {
+    /// Largest warrant (the whole JWS JSON), in bytes.
+    pub max_warrant_bytes: usize,
+    /// Most signatures in one warrant: each one costs a verification.
+    pub max_signatures: usize,
+}
+
+impl Default for WarrantLimits {
+    /// 256 KiB holds 1000 targets of ~190 bytes after base64url; 16 signatures
+    /// is far beyond any real policy.
+    fn default() -> Self {
+        Self {
+            max_warrant_bytes: 256 * 1024,
+            max_signatures: 16,
+        }
+    }
+}
+
+/// An authority whose signature on the warrant verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signer {
+    /// Its `kid`.
+    pub kid: String,
+    /// Its configured role.
+    pub role: String,
+    /// The algorithm it signed with.
+    pub alg: Algorithm,
+}
+
+/// A warrant whose every signature verified against a configured, currently
+/// valid authority, that meets the policy, is within its validity at the time
+/// of verification, and names the caller as its agency.
+///
+/// Only [`Verifier::verify`] makes one; the fields are private. It does not
+/// say the warrant is unrevoked or that its `id` is not in conflict: that is
+/// [`super::admit`], against the store.
+#[derive(Debug, Clone)]
+pub struct VerifiedWarrant {
+    claims: Claims,
+    target_set: HashSet<String>,
+    digest: [u8; 32],
+    normalized_digest: [u8; 32],
+    signers: Vec<Signer>,
+    usable_until: OffsetDateTime,
+}
+
+impl VerifiedWarrant {
+    /// The claims.
+    pub fn claims(&self) -> &Claims {
+        &self.claims
+    }
+    /// The warrant `id` (the budget and revocation key).
+    pub fn id(&self) -> &str {
+        &self.claims.id
+    }
+    /// SHA-256 of the JWS payload bytes: the audit log's `warrant_digest`.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+    /// SHA-256 of the canonical claims without `emergency`; equal for an
+    /// urgent warrant and its fully signed replacement.
+    pub fn normalized_digest(&self) -> &[u8; 32] {
+        &self.normalized_digest
+    }
+    /// Whether this is an urgent warrant (its audit leaves must say so).
+    pub fn is_emergency(&self) -> bool {
+        self.claims.emergency
+    }
+    /// The distinct authorities that signed, ordered by `kid`.
+    pub fn signers(&self) -> &[Signer] {
+        &self.signers
+    }
+    /// When it stops being usable: `expires`, or for an urgent warrant the end
+    /// of the emergency period if that comes first.
+    pub fn usable_until(&self) -> OffsetDateTime {
+        self.usable_until
+    }
+    /// The key results are sealed to.
+    pub fn recipient(&self) -> &P256PublicKey {
+        &self.claims.recipient
+    }
+    pub(super) fn targets_contain(&self, target: &str) -> bool {
+        self.target_set.contains(target)
+    }
+}
+
+/// Verifies warrants against one trust store.
+#[derive(Debug)]
+pub struct Verifier {
+    trust: TrustStore,
+    limits: WarrantLimits,
+}
+
+impl Verifier {
+    /// A verifier for `trust` with `limits`.
+    pub fn new(trust: TrustStore, limits: WarrantLimits) -> Self {
+        Self { trust, limits }
+    }
+
+    /// The trust store.
+    pub fn trust(&self) -> &TrustStore {
+        &self.trust
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> &WarrantLimits {
+        &self.limits
+    }
+
+    /// Verifies `jws` (General JSON Serialization bytes) at time `now` for the
+    /// caller whose TLS identity is `caller_identity`.
+    ///
+    /// Order: size and structure → every signature (known authority, valid at
+    /// `now`, its configured `alg`, verifies) → claims → emergency rule
+    /// present when claimed → policy (distinct authorities per role) →
+    /// `[not_before, expires)` and the emergency period → agency.
+    ///
+    /// # Errors
+    /// The first [`WarrantError`] met in that order.
+    ///
+    /// # Security
+    /// Every signature present must verify: one bad or unknown signature
+    /// refuses the whole warrant even if the others meet the policy (PROTOCOL
+    /// §4, "an invalid warrant is refused whole"). Two signatures by the same
+    /// authority count once. Claims are parsed only after the signatures
+    /// verified.
+    pub fn verify(
+        &self,
+        jws_bytes: &[u8],
+        now: OffsetDateTime,
+        caller_identity: &str,
+    ) -> Result<VerifiedWarrant, WarrantError> {
+        let jws = jws::parse(jws_bytes, &self.limits)?;
+        let signers = self.verify_signatures(&jws, now)?;
+
+        let claims = Claims::parse(jws.payload())?;
+        let policy = self.trust.policy();
+        let (rules, emergency_hours) = if claims.emergency {
+            let rule = policy
+                .emergency
+                .as_ref()
+                .ok_or(WarrantError::EmergencyNotAllowed)?;
+            (&rule.require, Some(rule.max_hours))
+        } else {
+            (&policy.require, None)
+        };
+        check_policy(rules, signers.values(), claims.emergency)?;
+
+        if now < claims.not_before {
+            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
+        }
+        let emergency_end =
+            emergency_hours.map(|h| claims.not_before + Duration::hours(i64::from(h)));
+        let usable_until = match emergency_end {
+            Some(end) if end < claims.expires => end,
+            _ => claims.expires,
+        };
+        if now >= usable_until {
+            return Err(match emergency_end {
+                Some(end) if end < claims.expires => {
+                    WarrantError::EmergencyExpired(format_time(end))
+                }
+                _ => WarrantError::Expired(format_time(claims.expires)),
+            });
+        }
+
+        if claims.agency != caller_identity {
+            return Err(WarrantError::AgencyMismatch {
+                warrant: claims.agency.clone(),
+                caller: caller_identity.to_string(),
+            });
+        }
+
+        let digest = sha256(jws.payload());
+        let normalized_digest = normalized_digest(jws.payload())?;
+        let target_set = claims.targets.iter().cloned().collect();
+        Ok(VerifiedWarrant {
+            claims,
+            target_set,
+            digest,
+            normalized_digest,
+            signers: signers.into_values().collect(),
+            usable_until,
+        })
+    }
+
+    /// Every signature of `jws` must be by a configured authority valid at
+    /// `now`, with its configured algorithm, and verify. Returns the distinct
+    /// signers by `kid` (a repeated authority counts once).
+    fn verify_signatures(
+        &self,
+        jws: &ParsedJws,
+        now: OffsetDateTime,
+    ) -> Result<BTreeMap<String, Signer>, WarrantError> {
+        let mut signers = BTreeMap::new();
+        for sig in jws.signatures() {
+            let authority = self
+                .trust
+                .authority(sig.kid())
+                .ok_or_else(|| WarrantError::UnknownAuthority(sig.kid().to_string()))?;
+            if !authority.is_valid_at(now) {
+                return Err(WarrantError::AuthorityNotValid {
+                    kid: authority.kid().to_string(),
+                    valid_from: format_time(authority.valid_from()),
+                    valid_until: format_time(authority.valid_until()),
+                });
+            }
+            if authority.alg() != sig.alg() {
+                return Err(WarrantError::AlgorithmMismatch {
+                    kid: authority.kid().to_string(),
+                    configured: authority.alg(),
+                    header: sig.alg(),
+                });
+            }
+            if !authority.verify(&jws.signing_input(sig), sig.signature()) {
+                return Err(WarrantError::BadSignature(authority.kid().to_string()));
+            }
+            signers.insert(
+                authority.kid().to_string(),
+                Signer {
+                    kid: authority.kid().to_string(),
+                    role: authority.role().to_string(),
+                    alg: sig.alg(),
+                },
+            );
+        }
+        Ok(signers)
+    }
+
+    /// Verifies a revocation signed by an authority (PROTOCOL §6: the body
+    /// `{"revocation": <JWS>}` of `POST /v1/warrants/revocations`), whose
+    /// payload is exactly `{"id", "reason", "time"}`.
+    ///
+    /// Every signature must verify as for a warrant, and at least one signer
+    /// must hold a role that the policy (or its emergency rule) names: any one
+    /// such authority may revoke, since revoking only ever takes power away.
+    ///
+    /// # Errors
+    /// As [`Self::verify`] for the JWS and signatures;
+    /// [`WarrantError::Malformed`] for a bad payload;
+    /// [`WarrantError::RevokerNotInPolicy`] when no signer has a policy role.
+    pub fn verify_revocation(
+        &self,
+        jws_bytes: &[u8],
+        now: OffsetDateTime,
+    ) -> Result<VerifiedRevocation, WarrantError> {
+        let jws = jws::parse(jws_bytes, &self.limits)?;
+        let signers = self.verify_signatures(&jws, now)?;
+        let raw: RawRevocation = serde_json::from_slice(jws.payload())
+            .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
+        check_text("id", &raw.id, MAX_ID_CHARS)?;
+        check_text("reason", &raw.reason, MAX_LEGAL_BASIS_CHARS)?;
+        let policy = self.trust.policy();
+        let roles: BTreeSet<&str> = policy
+            .require
+            .iter()
+            .chain(policy.emergency.iter().flat_map(|e| e.require.iter()))
+            .map(|r| r.role.as_str())
+            .collect();
+        if !signers.values().any(|s| roles.contains(s.role.as_str())) {
+            return Err(WarrantError::RevokerNotInPolicy(
+                roles.into_iter().collect::<Vec<_>>().join(", "),
+            ));
+        }
+        Ok(VerifiedRevocation {
+            id: raw.id,
+            reason: raw.reason,
+            time: raw.time,
+            digest: sha256(jws.payload()),
+            signers: signers.into_values().collect(),
+        })
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRevocation {
+    id: String,
+    reason: String,
+    #[serde(with = "crate::codec::rfc3339")]
+    time: OffsetDateTime,
+}
+
+/// A revocation whose every signature verified and that at least one
+/// authority of a policy role signed. Only [`Verifier::verify_revocation`]
+/// makes one.
+#[derive(Debug, Clone)]
+pub struct VerifiedRevocation {
+    id: String,
+    reason: String,
+    time: OffsetDateTime,
+    digest: [u8; 32],
+    signers: Vec<Signer>,
+}
+
+impl VerifiedRevocation {
+    /// The warrant `id` to revoke.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+    /// Why.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    /// The time the authority put in it (the store records the daemon's own
+    /// time of revocation).
+    pub fn time(&self) -> OffsetDateTime {
+        self.time
+    }
+    /// SHA-256 of the payload bytes, for the audit leaf.
+    pub fn digest(&self) -> &[u8; 32] {
+        &self.digest
+    }
+    /// The distinct signers, ordered by `kid`.
+    pub fn signers(&self) -> &[Signer] {
+        &self.signers
+    }
+}
+
+/// Every rule needs `count` distinct authorities of its role.
+fn check_policy<'a>(
+    rules: &[RoleRule],
+    signers: impl Iterator<Item = &'a Signer>,
+    emergency: bool,
+) -> Result<(), WarrantError> {
+    let mut by_role: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for s in signers {
+        by_role.entry(&s.role).or_default().insert(&s.kid);
+    }
+    let missing: Vec<(String, usize, usize)> = rules
+        .iter()
+        .filter_map(|rule| {
+            let found = by_role.get(rule.role.as_str()).map_or(0, BTreeSet::len);
+            (found < rule.count).then(|| (rule.role.clone(), rule.count, found))
+        })
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(WarrantError::PolicyNotMet { emergency, missing })
+    }
+}

@@ -1,0 +1,354 @@
+//! `lavd warrant keygen | new | sign | inspect`, end to end on real files,
+//! parsed through clap with the real flag names: an executive and then a
+//! judicial authority sign in turn, and `inspect` accepts the result against
+//! a double-lock trust config; with one signature it names the missing role.
+//!
+//! (`main.rs` does not dispatch to these yet; the commands run through
+//! `WarrantCommand::run`, exactly as `main` will call them.)
+
+// Helpers outside `#[test]` functions are test code too: a failure should
+// panic the test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use clap::Parser;
+use lavd::cli::warrant::{NotAccepted, Verdict, WarrantCommand};
+use lavd::jwk::P256PrivateKey;
+
+#[derive(Debug, Parser)]
+#[command(name = "lavd-warrant")]
+struct Cli {
+    #[command(subcommand)]
+    command: WarrantCommand,
+}
+
+fn cmd(args: &[&str]) -> WarrantCommand {
+    let mut argv = vec!["lavd-warrant"];
+    argv.extend_from_slice(args);
+    Cli::try_parse_from(argv).unwrap().command
+}
+
+fn run(args: &[&str]) -> anyhow::Result<()> {
+    cmd(args).run()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn inspect(args: &[&str]) -> lavd::cli::warrant::InspectReport {
+    match cmd(args) {
+        WarrantCommand::Inspect(a) => a.report().unwrap(),
+        other => panic!("not inspect: {other:?}"),
+    }
+}
+
+const NEW_FLAGS: &[&str] = &[
+    "--id",
+    "OP-2026-0042",
+    "--legal-basis",
+    "Investigatory Powers Act 2016 s.19",
+    "--agency",
+    "spiffe://agency.example/lea/unit-7",
+    "--target",
+    "acct:alice@example.com",
+    "--target",
+    "acct:bob@example.com",
+    "--window-from",
+    "2026-11-01T00:00:00Z",
+    "--window-to",
+    "2026-12-01T00:00:00Z",
+    "--not-before",
+    "2026-11-24T00:00:00Z",
+    "--expires",
+    "2026-12-24T00:00:00Z",
+    "--max-unwraps",
+    "25",
+    "--kid",
+    "2026-11",
+];
+
+fn write_trust(dir: &Path, exec_pub: &Path, jud_pub: &Path) -> std::path::PathBuf {
+    let jwk = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
+    let text = format!(
+        "[[authorities]]\nkid = \"home-office-1\"\nrole = \"executive\"\nalg = \"ES256\"\njwk = '{}'\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2028-01-01T00:00:00Z\"\n\n\
+         [[authorities]]\nkid = \"ipc-judicial-3\"\nrole = \"judicial\"\nalg = \"EdDSA\"\njwk = '{}'\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2028-01-01T00:00:00Z\"\n\n\
+         [policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n[[policy.require]]\nrole = \"judicial\"\ncount = 1\n",
+        jwk(exec_pub),
+        jwk(jud_pub)
+    );
+    let path = dir.join("trust.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn executive_then_judicial_signing_is_accepted_by_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (exec_key, exec_pub) = (d.join("exec.jwk"), d.join("exec.pub.jwk"));
+    let (jud_key, jud_pub) = (d.join("jud.jwk"), d.join("jud.pub.jwk"));
+    run(&[
+        "keygen",
+        "--alg",
+        "ES256",
+        "--kid",
+        "home-office-1",
+        "--out",
+        s(&exec_key),
+        "--public-out",
+        s(&exec_pub),
+    ])
+    .unwrap();
+    run(&[
+        "keygen",
+        "--alg",
+        "EdDSA",
+        "--kid",
+        "ipc-judicial-3",
+        "--out",
+        s(&jud_key),
+        "--public-out",
+        s(&jud_pub),
+    ])
+    .unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&exec_key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // keygen never overwrites a key.
+    assert!(run(&["keygen", "--kid", "home-office-1", "--out", s(&exec_key)]).is_err());
+    let trust = write_trust(d, &exec_pub, &jud_pub);
+
+    let recipient = d.join("agency.pub.jwk");
+    std::fs::write(
+        &recipient,
+        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
+    )
+    .unwrap();
+    let unsigned = d.join("w0.json");
+    let mut args = vec!["new", "--recipient", s(&recipient), "--out", s(&unsigned)];
+    args.extend_from_slice(NEW_FLAGS);
+    run(&args).unwrap();
+
+    let at = "2026-11-25T12:00:00Z";
+    let agency = "spiffe://agency.example/lea/unit-7";
+    let report = inspect(&["inspect", s(&unsigned), "--trust", s(&trust), "--at", at]);
+    assert!(
+        matches!(
+            &report.verdict,
+            Verdict::Refused {
+                code: "policy_not_met",
+                ..
+            }
+        ),
+        "{}",
+        report.text
+    );
+
+    let once = d.join("w1.json");
+    run(&[
+        "sign",
+        "--key",
+        s(&exec_key),
+        "--in",
+        s(&unsigned),
+        "--out",
+        s(&once),
+    ])
+    .unwrap();
+    let report = inspect(&[
+        "inspect",
+        s(&once),
+        "--trust",
+        s(&trust),
+        "--at",
+        at,
+        "--agency",
+        agency,
+    ]);
+    match &report.verdict {
+        Verdict::Refused { code, message } => {
+            assert_eq!(*code, "policy_not_met");
+            assert_eq!(
+                message,
+                "warrant policy not met: needs 1 judicial (found 0)"
+            );
+        }
+        other => panic!("expected refusal, got {other:?}\n{}", report.text),
+    }
+    assert!(report.text.contains("home-office-1"), "{}", report.text);
+    assert!(
+        report
+            .text
+            .contains("verdict: refused at 2026-11-25T12:00:00Z: policy_not_met"),
+        "{}",
+        report.text
+    );
+    // `run` fails with the exact code, so `main` exits non-zero.
+    let err = run(&["inspect", s(&once), "--trust", s(&trust), "--at", at]).unwrap_err();
+    let refused = err.downcast_ref::<NotAccepted>().unwrap();
+    assert_eq!(refused.code, "policy_not_met");
+
+    // The same authority cannot sign twice.
+    let err = run(&["sign", "--key", s(&exec_key), "--in", s(&once)]).unwrap_err();
+    assert!(err.to_string().contains("already_signed"), "{err}");
+
+    let twice = d.join("w2.json");
+    run(&[
+        "sign",
+        "--key",
+        s(&jud_key),
+        "--in",
+        s(&once),
+        "--out",
+        s(&twice),
+    ])
+    .unwrap();
+    let report = inspect(&[
+        "inspect",
+        s(&twice),
+        "--trust",
+        s(&trust),
+        "--at",
+        at,
+        "--agency",
+        agency,
+    ]);
+    assert_eq!(report.verdict, Verdict::Accepted, "{}", report.text);
+    assert!(report.text.contains("OP-2026-0042"));
+    assert!(report.text.contains("ipc-judicial-3"));
+    run(&["inspect", s(&twice), "--trust", s(&trust), "--at", at]).unwrap();
+
+    // The second signature did not disturb the first: the payload and the
+    // executive's signature are byte-for-byte those of w1.
+    let v1: serde_json::Value = serde_json::from_slice(&std::fs::read(&once).unwrap()).unwrap();
+    let v2: serde_json::Value = serde_json::from_slice(&std::fs::read(&twice).unwrap()).unwrap();
+    assert_eq!(v1["payload"], v2["payload"]);
+    assert_eq!(v1["signatures"][0], v2["signatures"][0]);
+
+    // The daemon's refusals come through inspect with their codes.
+    let report = inspect(&[
+        "inspect",
+        s(&twice),
+        "--trust",
+        s(&trust),
+        "--at",
+        at,
+        "--agency",
+        "spiffe://agency.example/lea/unit-8",
+    ]);
+    assert!(matches!(
+        report.verdict,
+        Verdict::Refused {
+            code: "agency_mismatch",
+            ..
+        }
+    ));
+    let report = inspect(&[
+        "inspect",
+        s(&twice),
+        "--trust",
+        s(&trust),
+        "--at",
+        "2026-12-24T00:00:00Z",
+    ]);
+    assert!(matches!(
+        report.verdict,
+        Verdict::Refused {
+            code: "warrant_expired",
+            ..
+        }
+    ));
+    // Without a trust config nothing is claimed.
+    let report = inspect(&["inspect", s(&twice)]);
+    assert_eq!(report.verdict, Verdict::NotChecked);
+}
+
+#[test]
+fn new_from_claims_file_and_refusals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let recipient = P256PrivateKey::generate().unwrap();
+    let claims = serde_json::json!({
+        "id": "OP-7",
+        "legal_basis": "s.19",
+        "agency": "spiffe://agency.example/lea/unit-7",
+        "recipient": recipient.public().to_jwk(),
+        "targets": ["acct:alice@example.com"],
+        "window": {"from": "2026-11-01T00:00:00Z", "to": "2026-12-01T00:00:00Z"},
+        "not_before": "2026-11-24T00:00:00Z",
+        "expires": "2026-12-24T00:00:00Z",
+        "max_unwraps": 1,
+        "emergency": true
+    });
+    let claims_path = d.join("claims.json");
+    std::fs::write(&claims_path, claims.to_string()).unwrap();
+    let out = d.join("w.json");
+    run(&["new", "--claims", s(&claims_path), "--out", s(&out)]).unwrap();
+    let jws: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(jws["signatures"], serde_json::json!([]));
+    assert_eq!(
+        lavd::codec::b64_decode(jws["payload"].as_str().unwrap()).unwrap(),
+        claims.to_string().into_bytes()
+    );
+
+    // Claims and flags do not mix.
+    let mut argv = vec![
+        "lavd-warrant",
+        "new",
+        "--claims",
+        s(&claims_path),
+        "--id",
+        "x",
+    ];
+    argv.push("--emergency");
+    assert!(Cli::try_parse_from(argv).is_err());
+
+    // Bad claims are refused with the daemon's code.
+    let mut bad = claims.clone();
+    bad["targets"] = serde_json::json!([]);
+    std::fs::write(&claims_path, bad.to_string()).unwrap();
+    let err = run(&["new", "--claims", s(&claims_path)]).unwrap_err();
+    assert!(err.to_string().starts_with("malformed_warrant"), "{err}");
+
+    // The recipient must be a public key: an agency's private key file is refused.
+    let private = d.join("agency.jwk");
+    std::fs::write(
+        &private,
+        serde_json::to_string(&recipient.to_private_jwk()).unwrap(),
+    )
+    .unwrap();
+    let mut args = vec!["new", "--recipient", s(&private)];
+    args.extend_from_slice(NEW_FLAGS);
+    let err = run(&args).unwrap_err();
+    assert!(err.to_string().contains("private key"), "{err}");
+
+    // A missing flag is named.
+    let public = d.join("agency.pub.jwk");
+    std::fs::write(
+        &public,
+        serde_json::to_string(&recipient.public().to_jwk()).unwrap(),
+    )
+    .unwrap();
+    let err = run(&["new", "--recipient", s(&public), "--id", "x"]).unwrap_err();
+    assert!(err.to_string().contains("--legal-basis"), "{err}");
+
+    // Signing needs a key with a kid.
+    let mut no_kid = lavd::warrant::AuthorityKey::generate(lavd::warrant::Algorithm::Es256, "k")
+        .unwrap()
+        .private_jwk()
+        .unwrap();
+    no_kid.kid = None;
+    let key = d.join("nokid.jwk");
+    std::fs::write(&key, serde_json::to_string(&no_kid).unwrap()).unwrap();
+    std::fs::write(&claims_path, claims.to_string()).unwrap();
+    run(&["new", "--claims", s(&claims_path), "--out", s(&out)]).unwrap();
+    let err = run(&["sign", "--key", s(&key), "--in", s(&out)]).unwrap_err();
+    assert!(format!("{err:#}").contains("no `kid`"), "{err:#}");
+}
