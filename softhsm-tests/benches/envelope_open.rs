@@ -129,13 +129,13 @@ fn main() {
     };
 
     // Warm up, then interleave so that drift in machine load hits all alike.
-    measure(2, Duration::from_millis(300), &raw);
-    measure(2, Duration::from_millis(300), &open);
+    measure(2, Duration::from_millis(300), raw);
+    measure(2, Duration::from_millis(300), open);
     let mut rows = Vec::new();
     for threads in [1, 2] {
-        let r = measure(threads, duration, &raw);
-        let o = measure(threads, duration, &open);
-        let s = measure(threads, duration, &seal);
+        let r = measure(threads, duration, raw);
+        let o = measure(threads, duration, open);
+        let s = measure(threads, duration, seal);
         rows.push((threads, r, o, s));
     }
     println!("| threads | raw SoftHSM ECDH derive (ops/s) | HSM-backed open (ops/s) | open / derive | software seal (ops/s) |");
