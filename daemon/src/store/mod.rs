@@ -12,9 +12,11 @@
 //! comes from signed checkpoints), but it is trusted for budgets and
 //! revocations, so its permissions matter (see docs/OPERATIONS.md).
 
+mod audit;
 mod keys;
 mod warrants;
 
+pub use audit::{Appended, AuditAppend, AuditStore, Spend};
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
@@ -89,6 +91,18 @@ pub enum StoreError {
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
     OutOfRange(&'static str),
+    /// A proof or root was asked for outside the tree (index or size too
+    /// large, `from > to`): the client's request is wrong (HTTP 400).
+    #[error("bad proof request: {0}")]
+    BadProofRequest(String),
+    /// An audit event could not be turned into a leaf (a bug: constructors
+    /// validate their input).
+    #[error("audit leaf: {0}")]
+    BadLeaf(String),
+    /// The group commit that carried this batch failed; nothing of it is
+    /// durable and its budget reservation was given back.
+    #[error("audit commit failed: {0}")]
+    CommitFailed(String),
     /// A value read back from the file is not what this code wrote: the
     /// database was edited or is corrupt.
     #[error("store {path}: corrupt row: {what}")]
@@ -133,6 +147,8 @@ const MIGRATIONS: &[&str] = &[
         revoked_by  TEXT NOT NULL,
         revoked_at  TEXT NOT NULL
     ) STRICT;",
+    // 3: the audit log: leaves, complete-subtree hashes, signed checkpoints.
+    audit::MIGRATION,
 ];
 
 /// The SQLite store. One writer connection behind a mutex: SQLite serialises
@@ -141,6 +157,7 @@ const MIGRATIONS: &[&str] = &[
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    group: audit::GroupCommit,
 }
 
 impl Store {
@@ -189,6 +206,7 @@ impl Store {
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            group: audit::GroupCommit::default(),
         })
     }
 

@@ -176,7 +176,7 @@ impl Store {
     /// As [`WarrantStore::settle`]; on error the caller must not commit.
     pub(crate) fn settle_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &rusqlite::Connection,
         reservation: &Reservation,
         opened: u64,
     ) -> Result<(), StoreError> {
@@ -240,17 +240,21 @@ impl Store {
             Ok(value)
         })();
         if result.is_err() {
-            if let Some(token) = reservation.token {
-                // Best effort: the row is in this connection's TEMP table and
-                // vanishes at restart anyway; failing here only under-uses the
-                // budget until then.
-                let _ = conn.execute(
-                    "DELETE FROM temp.warrant_reservations WHERE token = ?1",
-                    [token],
-                );
-            }
+            Self::give_back(&conn, &reservation);
         }
         result
+    }
+
+    /// Returns a reservation's units after its settlement failed. Best
+    /// effort: the row is in this connection's TEMP table and vanishes at
+    /// restart anyway; failing here only under-uses the budget until then.
+    pub(crate) fn give_back(conn: &rusqlite::Connection, reservation: &Reservation) {
+        if let Some(token) = reservation.token {
+            let _ = conn.execute(
+                "DELETE FROM temp.warrant_reservations WHERE token = ?1",
+                [token],
+            );
+        }
     }
 
     /// Records a revocation inside the caller's transaction (so the
@@ -261,7 +265,7 @@ impl Store {
     /// [`StoreError::Sqlite`].
     pub(crate) fn revoke_in(
         &self,
-        tx: &Transaction<'_>,
+        tx: &rusqlite::Connection,
         revocation: &Revocation,
     ) -> Result<bool, StoreError> {
         let inserted = tx

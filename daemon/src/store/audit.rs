@@ -1,0 +1,496 @@
+//! The audit log's storage: leaves, the hashes of every complete subtree
+//! (so that proofs read O(log n) rows), and signed checkpoints.
+//!
+//! Appends use **group commit**: concurrent callers queue their batches, and
+//! whichever caller gets the connection first commits every queued batch in
+//! one transaction (one WAL fsync), each batch inside its own savepoint so
+//! that one failing batch does not sink the others. A batch's budget spend
+//! or revocation ([`Spend`]) commits in the same transaction as its leaves:
+//! there is never a spend without its audit record, nor the reverse. When
+//! [`AuditStore::append`] returns `Ok`, the leaves are durable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
+use time::OffsetDateTime;
+
+use super::{Reservation, Revocation, Store, StoreError};
+use crate::audit::leaf::Event;
+use crate::audit::merkle::{self, Hash, HashReader, TreeError};
+use crate::codec::format_time;
+
+/// The SQL of migration 3.
+pub(super) const MIGRATION: &str = "
+    CREATE TABLE audit_leaves (
+        idx  INTEGER PRIMARY KEY NOT NULL CHECK (idx >= 0),
+        leaf BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE audit_nodes (
+        level INTEGER NOT NULL CHECK (level BETWEEN 0 AND 63),
+        idx   INTEGER NOT NULL CHECK (idx >= 0),
+        hash  BLOB NOT NULL CHECK (length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE audit_checkpoints (
+        size      INTEGER PRIMARY KEY NOT NULL CHECK (size >= 0),
+        note      TEXT NOT NULL,
+        signed_at TEXT NOT NULL
+    ) STRICT;";
+
+/// What commits atomically with a batch's leaves.
+#[derive(Debug)]
+pub enum Spend {
+    /// Nothing: the leaves alone (refused warrants, key events).
+    None,
+    /// An unwrap's budget: `opened` of the reservation's units are spent, the
+    /// rest given back.
+    Settle {
+        /// The reservation made before opening.
+        reservation: Reservation,
+        /// How many envelopes were opened.
+        opened: u64,
+    },
+    /// A revocation.
+    Revoke(Revocation),
+}
+
+/// One batch of leaves to append.
+#[derive(Debug)]
+pub struct AuditAppend {
+    /// The events, in order; each becomes one leaf.
+    pub events: Vec<Event>,
+    /// The time written into every leaf.
+    pub time: OffsetDateTime,
+    /// What commits with them.
+    pub spend: Spend,
+}
+
+/// Where a committed batch landed. Returned only once it is durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Index of the batch's first leaf.
+    pub first_index: u64,
+    /// Number of leaves.
+    pub count: u64,
+    /// Tree size after the commit that made the batch durable (at least
+    /// `first_index + count`).
+    pub tree_size: u64,
+    /// For [`Spend::Revoke`]: false if the id was already revoked.
+    pub newly_revoked: bool,
+}
+
+/// Audit log storage.
+pub trait AuditStore: Send + Sync {
+    /// Appends a batch durably (with its spend) and says where it landed.
+    ///
+    /// # Errors
+    /// The spend's error (nothing of the batch is committed) or
+    /// [`StoreError::Sqlite`].
+    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError>;
+    /// The number of leaves.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn tree_size(&self) -> Result<u64, StoreError>;
+    /// The RFC 6962 root of the first `size` leaves.
+    ///
+    /// # Errors
+    /// [`StoreError::BadProofRequest`] if `size` exceeds the tree.
+    fn root(&self, size: u64) -> Result<Hash, StoreError>;
+    /// Leaves `[start, end)`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The inclusion proof of leaf `index` in the tree of `size`.
+    ///
+    /// # Errors
+    /// [`StoreError::BadProofRequest`] for an index or size outside the tree.
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError>;
+    /// The consistency proof between tree sizes `from` and `to`.
+    ///
+    /// # Errors
+    /// [`StoreError::BadProofRequest`] unless `from <= to <= tree size`.
+    fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError>;
+    /// Keeps a signed checkpoint of tree size `size`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError>;
+    /// The newest saved checkpoint, `(size, note)`.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// How many append transactions have committed since open (group commit
+    /// makes this far smaller than the number of appends under load).
+    fn audit_commits(&self) -> u64;
+}
+
+/// A queued batch and the place its result goes.
+pub(super) struct Pending {
+    batch: AuditAppend,
+    slot: Arc<Mutex<Option<Result<Appended, StoreError>>>>,
+}
+
+/// Group-commit state, part of [`Store`].
+#[derive(Default)]
+pub(super) struct GroupCommit {
+    state: Mutex<GroupState>,
+    /// Signalled when a group commit finishes.
+    finished: std::sync::Condvar,
+    commits: AtomicU64,
+}
+
+#[derive(Default)]
+struct GroupState {
+    queue: Vec<Pending>,
+    /// A caller is committing a group right now.
+    leader: bool,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("commits", &self.commits.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section here leaves the data consistent (push, take),
+    // so a poisoned lock is usable.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Complete-subtree hashes read through a connection (inside a transaction
+/// or savepoint, so that a batch sees its own earlier nodes).
+struct SqlNodes<'a> {
+    conn: &'a Connection,
+    store: &'a Store,
+}
+
+impl HashReader for SqlNodes<'_> {
+    type Error = StoreError;
+
+    fn subtree(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
+        let idx = i64::try_from(index).map_err(|_| StoreError::OutOfRange("audit index"))?;
+        let hash: Option<Vec<u8>> = self
+            .conn
+            .query_row(
+                "SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2",
+                params![level, idx],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.store.sqlite_err(e))?;
+        let hash = hash.ok_or_else(|| {
+            self.store
+                .corrupt(format!("audit_nodes ({level}, {index}) is missing"))
+        })?;
+        hash.try_into().map_err(|_| {
+            self.store
+                .corrupt(format!("audit_nodes ({level}, {index}) is not 32 bytes"))
+        })
+    }
+}
+
+impl Store {
+    fn size_in(&self, conn: &Connection) -> Result<u64, StoreError> {
+        let max: Option<i64> = conn
+            .query_row("SELECT MAX(idx) FROM audit_leaves", [], |row| row.get(0))
+            .map_err(|e| self.sqlite_err(e))?;
+        match max {
+            None => Ok(0),
+            Some(m) => u64::try_from(m)
+                .map(|m| m + 1)
+                .map_err(|_| self.corrupt("negative audit index")),
+        }
+    }
+
+    fn tree_err(&self, e: TreeError<StoreError>) -> StoreError {
+        match e {
+            TreeError::Reader(e) => e,
+            other => StoreError::BadProofRequest(other.to_string()),
+        }
+    }
+
+    /// Appends one batch inside `conn` (a savepoint). Returns its first index.
+    fn append_in(
+        &self,
+        conn: &Connection,
+        batch: &AuditAppend,
+        first: u64,
+    ) -> Result<bool, StoreError> {
+        let newly_revoked = match &batch.spend {
+            Spend::None => false,
+            Spend::Settle {
+                reservation,
+                opened,
+            } => {
+                self.settle_in(conn, reservation, *opened)?;
+                false
+            }
+            Spend::Revoke(revocation) => self.revoke_in(conn, revocation)?,
+        };
+        let mut hashes = Vec::with_capacity(batch.events.len());
+        for (i, event) in batch.events.iter().enumerate() {
+            let seq = first + i as u64;
+            let leaf = event
+                .to_leaf(seq, batch.time)
+                .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
+            conn.execute(
+                "INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)",
+                params![
+                    i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?,
+                    leaf
+                ],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+            hashes.push(merkle::leaf_hash(&leaf));
+        }
+        let reader = SqlNodes { conn, store: self };
+        let nodes =
+            merkle::appended_nodes_batch(first, &hashes, &reader).map_err(|e| self.tree_err(e))?;
+        let mut insert = conn
+            .prepare_cached("INSERT INTO audit_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")
+            .map_err(|e| self.sqlite_err(e))?;
+        for node in nodes {
+            insert
+                .execute(params![
+                    node.level,
+                    i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?,
+                    node.hash.as_slice()
+                ])
+                .map_err(|e| self.sqlite_err(e))?;
+        }
+        Ok(newly_revoked)
+    }
+
+    /// Commits every queued batch in one transaction. Called with the
+    /// connection lock held.
+    fn commit_group(&self, conn: &mut Connection, group: Vec<Pending>) {
+        let mut done: Vec<(Pending, Result<Appended, StoreError>)> =
+            Vec::with_capacity(group.len());
+        let outcome = (|| -> Result<u64, StoreError> {
+            let mut tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| self.sqlite_err(e))?;
+            let mut size = self.size_in(&tx)?;
+            for pending in group {
+                let first = size;
+                let count = pending.batch.events.len() as u64;
+                let result = (|| {
+                    let sp = tx.savepoint().map_err(|e| self.sqlite_err(e))?;
+                    let newly_revoked = self.append_in(&sp, &pending.batch, first)?;
+                    sp.commit().map_err(|e| self.sqlite_err(e))?;
+                    Ok(newly_revoked)
+                })();
+                match result {
+                    Ok(newly_revoked) => {
+                        size += count;
+                        done.push((
+                            pending,
+                            Ok(Appended {
+                                first_index: first,
+                                count,
+                                tree_size: 0,
+                                newly_revoked,
+                            }),
+                        ));
+                    }
+                    Err(e) => done.push((pending, Err(e))),
+                }
+            }
+            tx.commit().map_err(|e| self.sqlite_err(e))?;
+            Ok(size)
+        })();
+        match outcome {
+            Ok(size) => {
+                self.group.commits.fetch_add(1, Ordering::Relaxed);
+                for (pending, mut result) in done {
+                    if let Ok(a) = result.as_mut() {
+                        a.tree_size = size;
+                    }
+                    if result.is_err() {
+                        self.give_back_spend(conn, &pending.batch.spend);
+                    }
+                    *lock(&pending.slot) = Some(result);
+                }
+            }
+            Err(e) => {
+                // Nothing committed: every batch fails, and gets its budget back.
+                let message = e.to_string();
+                for (pending, _) in done {
+                    self.give_back_spend(conn, &pending.batch.spend);
+                    *lock(&pending.slot) = Some(Err(StoreError::CommitFailed(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn give_back_spend(&self, conn: &Connection, spend: &Spend) {
+        if let Spend::Settle { reservation, .. } = spend {
+            Self::give_back(conn, reservation);
+        }
+    }
+}
+
+impl AuditStore for Store {
+    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+        let group = &self.group;
+        let slot = Arc::new(Mutex::new(None));
+        let mut state = lock(&group.state);
+        state.queue.push(Pending {
+            batch,
+            slot: slot.clone(),
+        });
+        loop {
+            if let Some(result) = lock(&slot).take() {
+                return result;
+            }
+            if state.leader {
+                // Someone is committing; our batch goes in the next group.
+                state = group
+                    .finished
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            // Lead: commit everything queued so far in one transaction. New
+            // callers queue up meanwhile and form the next group.
+            state.leader = true;
+            let batches = std::mem::take(&mut state.queue);
+            drop(state);
+            {
+                let mut conn = self.conn();
+                self.commit_group(&mut conn, batches);
+            }
+            state = lock(&group.state);
+            state.leader = false;
+            group.finished.notify_all();
+        }
+    }
+
+    fn tree_size(&self) -> Result<u64, StoreError> {
+        self.size_in(&self.conn())
+    }
+
+    fn root(&self, size: u64) -> Result<Hash, StoreError> {
+        let conn = self.conn();
+        let tree = self.size_in(&conn)?;
+        if size > tree {
+            return Err(StoreError::BadProofRequest(format!(
+                "size {size} exceeds the tree size {tree}"
+            )));
+        }
+        merkle::root(
+            &SqlNodes {
+                conn: &conn,
+                store: self,
+            },
+            size,
+        )
+        .map_err(|e| self.tree_err(e))
+    }
+
+    fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let conn = self.conn();
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT idx, leaf FROM audit_leaves WHERE idx >= ?1 AND idx < ?2 ORDER BY idx",
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        let rows = stmt
+            .query_map(params![to_i(start)?, to_i(end)?], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, leaf) = row.map_err(|e| self.sqlite_err(e))?;
+            out.push((
+                u64::try_from(idx).map_err(|_| self.corrupt("negative audit index"))?,
+                leaf,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        let conn = self.conn();
+        let tree = self.size_in(&conn)?;
+        if size > tree || index >= size {
+            return Err(StoreError::BadProofRequest(format!(
+                "need index < size <= {tree}, got index {index}, size {size}"
+            )));
+        }
+        merkle::inclusion_proof(
+            &SqlNodes {
+                conn: &conn,
+                store: self,
+            },
+            index,
+            size,
+        )
+        .map_err(|e| self.tree_err(e))
+    }
+
+    fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError> {
+        let conn = self.conn();
+        let tree = self.size_in(&conn)?;
+        if from > to || to > tree {
+            return Err(StoreError::BadProofRequest(format!(
+                "need from <= to <= {tree}, got from {from}, to {to}"
+            )));
+        }
+        merkle::consistency_proof(
+            &SqlNodes {
+                conn: &conn,
+                store: self,
+            },
+            from,
+            to,
+        )
+        .map_err(|e| self.tree_err(e))
+    }
+
+    fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (size) DO NOTHING",
+                params![
+                    i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    note,
+                    format_time(at)
+                ],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        Ok(())
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let row: Option<(i64, String)> = self
+            .conn()
+            .query_row(
+                "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()
+            .map_err(|e| self.sqlite_err(e))?;
+        row.map(|(size, note)| {
+            u64::try_from(size)
+                .map(|s| (s, note))
+                .map_err(|_| self.corrupt("negative checkpoint size"))
+        })
+        .transpose()
+    }
+
+    fn audit_commits(&self) -> u64 {
+        self.group.commits.load(Ordering::Relaxed)
+    }
+}
