@@ -12,10 +12,11 @@
 
 use time::OffsetDateTime;
 
+use crate::audit::leaf::{Event, KeyDestroyed, KeyGenerated};
 use crate::codec::format_time;
 use crate::hsm::{Hsm, HsmError};
 use crate::jwk::{Jwk, JwkSet, LAV_SUITE};
-use crate::store::{KeyRecord, KeyStore, StoreError};
+use crate::store::{AuditAppend, AuditStore, KeyRecord, KeyStore, Spend, StoreError};
 
 /// A key lifecycle request that was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,9 @@ pub enum KeyError {
     /// After destruction the token still reports the private key.
     #[error("escrow key {0:?} is still on the token after destruction")]
     StillPresent(String),
+    /// The audit leaf could not be formed (a bug: inputs were validated).
+    #[error("audit leaf: {0}")]
+    Audit(String),
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),
@@ -67,6 +71,7 @@ impl KeyError {
             KeyError::RetentionNotReached { .. } => "retention_not_reached",
             KeyError::ReasonRequired => "reason_required",
             KeyError::StillPresent(_) => "key_still_present",
+            KeyError::Audit(_) => "internal_error",
             KeyError::Hsm(_) => "hsm_unavailable",
             KeyError::Store(_) => "store_unavailable",
         }
@@ -110,14 +115,15 @@ pub struct Validity {
     pub destroy_after: OffsetDateTime,
 }
 
-/// Generates escrow key `kid` in the HSM and records it.
+/// Generates escrow key `kid` in the HSM and records it, with its
+/// `key_generated` audit leaf in the same transaction.
 ///
 /// # Errors
 /// [`KeyError::InvalidKid`], [`KeyError::InvalidDates`],
 /// [`KeyError::DuplicateKid`], or an HSM/store failure.
 pub fn generate(
     hsm: &Hsm,
-    store: &dyn KeyStore,
+    store: &(impl KeyStore + AuditStore),
     kid: &str,
     validity: Validity,
     now: OffsetDateTime,
@@ -143,7 +149,20 @@ pub fn generate(
         destroyed_at: None,
         destroy_reason: None,
     };
-    store.insert_key(&record)?;
+    let event: Event = KeyGenerated::new(
+        kid,
+        record.not_before,
+        record.not_after,
+        record.destroy_after,
+        None,
+    )
+    .map_err(|e| KeyError::Audit(e.to_string()))?
+    .into();
+    store.append(AuditAppend {
+        events: vec![event],
+        time: now,
+        spend: Spend::InsertKey(record.clone()),
+    })?;
     Ok(record)
 }
 
@@ -178,7 +197,8 @@ pub enum DestroyReason {
     Forced(String),
 }
 
-/// Destroys escrow key `kid`: marks it destroyed in the store (final), deletes
+/// Destroys escrow key `kid`: marks it destroyed in the store (final, with
+/// its `key_destroyed` audit leaf in the same transaction), deletes
 /// both halves from the token, and checks with a fresh session that the
 /// private key is gone.
 ///
@@ -188,7 +208,7 @@ pub enum DestroyReason {
 /// failure.
 pub fn destroy(
     hsm: &Hsm,
-    store: &dyn KeyStore,
+    store: &(impl KeyStore + AuditStore),
     kid: &str,
     reason: DestroyReason,
     now: OffsetDateTime,
@@ -207,7 +227,24 @@ pub fn destroy(
         DestroyReason::Forced(r) if r.trim().is_empty() => return Err(KeyError::ReasonRequired),
         DestroyReason::Forced(r) => format!("forced: {}", r.trim()),
     };
-    store.mark_destroyed(kid, now, &reason)?;
+    let forced = reason != "retention";
+    let code = if forced { "forced" } else { "retention" };
+    if record.destroyed_at.is_none() {
+        let event: Event = KeyDestroyed::new(kid, code, forced, None)
+            .map_err(|e| KeyError::Audit(e.to_string()))?
+            .into();
+        store.append(AuditAppend {
+            events: vec![event],
+            time: now,
+            spend: Spend::DestroyKey {
+                kid: kid.to_string(),
+                at: now,
+                reason,
+            },
+        })?;
+    }
+    // Also when the store already says destroyed: finishes an interrupted
+    // destruction on the token.
     hsm.destroy_escrow_key(kid)?;
     if hsm.escrow_key_present(kid)? {
         return Err(KeyError::StillPresent(kid.to_string()));

@@ -12,5 +12,7 @@
 
 pub mod export;
 pub mod leaf;
+#[cfg(feature = "daemon")]
+pub mod log;
 pub mod merkle;
 pub mod note;

@@ -2,6 +2,7 @@
 //! (operators: `serve`, `keys`; providers: `seal`; authorities: `warrant`;
 //! agencies: `open`; auditors: `audit`).
 
+pub mod audit;
 pub mod keys;
 pub mod seal;
 pub mod warrant;
@@ -29,6 +30,9 @@ pub enum Command {
     Seal(seal::SealArgs),
     /// Open an unwrap reply with the agency's recipient key (agencies).
     Open(seal::OpenArgs),
+    /// Export and verify the audit log (operators, auditors).
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Create, sign and inspect warrants (authorities).
     #[command(subcommand)]
     Warrant(warrant::WarrantCommand),
@@ -46,6 +50,7 @@ impl Command {
             Command::Seal(args) => args.run(),
             Command::Open(args) => args.run(),
             Command::Warrant(cmd) => cmd.run(),
+            Command::Audit(cmd) => cmd.run(),
         }
     }
 }
@@ -66,9 +71,15 @@ pub fn main() -> std::process::ExitCode {
     match cli.command.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            let detail = e
+                .downcast_ref::<crate::audit::export::VerifyError>()
+                .map(audit::describe)
+                .filter(|d| !d.is_empty())
+                .map(|d| format!(" ({d})"))
+                .unwrap_or_default();
             match error_code(&e) {
-                Some(code) => eprintln!("lavd: {code}: {e:#}"),
-                None => eprintln!("lavd: {e:#}"),
+                Some(code) => eprintln!("lavd: {code}: {e:#}{detail}"),
+                None => eprintln!("lavd: {e:#}{detail}"),
             }
             if e.downcast_ref::<crate::config::ConfigError>().is_some() {
                 std::process::ExitCode::from(64)
@@ -86,6 +97,15 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(k) = e.downcast_ref::<crate::keys::KeyError>() {
         return Some(k.code());
+    }
+    if let Some(v) = e.downcast_ref::<crate::audit::export::VerifyError>() {
+        return Some(v.code());
+    }
+    if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
+        return Some(match l {
+            crate::audit::log::LogError::Store(_) => "store_unavailable",
+            _ => "hsm_unavailable",
+        });
     }
     if let Some(n) = e.downcast_ref::<warrant::NotAccepted>() {
         return Some(n.code);

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use time::OffsetDateTime;
 
-use super::{Reservation, Revocation, Store, StoreError};
+use super::{KeyRecord, Reservation, Revocation, Store, StoreError};
 use crate::audit::leaf::Event;
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
@@ -53,6 +53,17 @@ pub enum Spend {
     },
     /// A revocation.
     Revoke(Revocation),
+    /// A newly generated escrow key's record.
+    InsertKey(KeyRecord),
+    /// An escrow key's destruction (first record kept).
+    DestroyKey {
+        /// The key.
+        kid: String,
+        /// When.
+        at: OffsetDateTime,
+        /// Why (`retention` or the operator's reason).
+        reason: String,
+    },
 }
 
 /// One batch of leaves to append.
@@ -81,7 +92,7 @@ pub struct Appended {
 }
 
 /// Audit log storage.
-pub trait AuditStore: Send + Sync {
+pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// Appends a batch durably (with its spend) and says where it landed.
     ///
     /// # Errors
@@ -123,6 +134,11 @@ pub trait AuditStore: Send + Sync {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError>;
+    /// Every saved checkpoint, `(size, note)`, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
     /// How many append transactions have committed since open (group commit
     /// makes this far smaller than the number of appends under load).
     fn audit_commits(&self) -> u64;
@@ -233,6 +249,14 @@ impl Store {
                 false
             }
             Spend::Revoke(revocation) => self.revoke_in(conn, revocation)?,
+            Spend::InsertKey(record) => {
+                self.insert_key_in(conn, record)?;
+                false
+            }
+            Spend::DestroyKey { kid, at, reason } => {
+                self.mark_destroyed_in(conn, kid, *at, reason)?;
+                false
+            }
         };
         let mut hashes = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.iter().enumerate() {
@@ -488,6 +512,25 @@ impl AuditStore for Store {
                 .map_err(|_| self.corrupt("negative checkpoint size"))
         })
         .transpose()
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare("SELECT size, note FROM audit_checkpoints ORDER BY size")
+            .map_err(|e| self.sqlite_err(e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (size, note) = row.map_err(|e| self.sqlite_err(e))?;
+            let size = u64::try_from(size).map_err(|_| self.corrupt("negative checkpoint size"))?;
+            out.push((size, note));
+        }
+        Ok(out)
     }
 
     fn audit_commits(&self) -> u64 {

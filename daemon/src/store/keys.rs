@@ -82,11 +82,14 @@ impl Store {
     }
 }
 
-const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
-
-impl KeyStore for Store {
-    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
-        let conn = self.conn();
+impl Store {
+    /// Inserts a key record inside the caller's transaction (so that its
+    /// `key_generated` audit leaf commits with it).
+    pub(crate) fn insert_key_in(
+        &self,
+        conn: &rusqlite::Connection,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
         let result = conn.execute(
             &format!("INSERT INTO escrow_keys ({KEY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, NULL, NULL)"),
             params![
@@ -107,6 +110,34 @@ impl KeyStore for Store {
             }
             Err(e) => Err(self.sqlite_err(e)),
         }
+    }
+
+    /// Marks a key destroyed inside the caller's transaction. `false` if it
+    /// was already destroyed or does not exist: `destroyed_at IS NULL` keeps
+    /// the first destruction record.
+    pub(crate) fn mark_destroyed_in(
+        &self,
+        conn: &rusqlite::Connection,
+        kid: &str,
+        at: OffsetDateTime,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let changed = conn
+            .execute(
+                "UPDATE escrow_keys SET destroyed_at = ?2, destroy_reason = ?3
+                 WHERE kid = ?1 AND destroyed_at IS NULL",
+                params![kid, format_time(at), reason],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        Ok(changed == 1)
+    }
+}
+
+const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
+
+impl KeyStore for Store {
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.insert_key_in(&self.conn(), key)
     }
 
     fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
@@ -144,17 +175,7 @@ impl KeyStore for Store {
         at: OffsetDateTime,
         reason: &str,
     ) -> Result<(), StoreError> {
-        // `destroyed_at IS NULL` keeps the first destruction record; a second
-        // call on a destroyed key changes nothing but is not an error.
-        let changed = self
-            .conn()
-            .execute(
-                "UPDATE escrow_keys SET destroyed_at = ?2, destroy_reason = ?3
-                 WHERE kid = ?1 AND destroyed_at IS NULL",
-                params![kid, format_time(at), reason],
-            )
-            .map_err(|e| self.sqlite_err(e))?;
-        if changed == 0 && self.get_key(kid)?.is_none() {
+        if !self.mark_destroyed_in(&self.conn(), kid, at, reason)? && self.get_key(kid)?.is_none() {
             return Err(StoreError::UnknownKid(kid.to_string()));
         }
         Ok(())

@@ -1,0 +1,140 @@
+//! `lavd audit …`: export the log (operators) and verify an export offline
+//! (auditors, oversight bodies). `verify` needs no HSM, config or daemon:
+//! only the log's verifier key.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use super::ConfigArg;
+use crate::audit::export::{verify_export, verify_export_against, Export, VerifyError};
+use crate::audit::log::AuditLog;
+use crate::audit::note::VerifierKey;
+use crate::hsm::Hsm;
+use crate::store::Store;
+
+/// Audit log subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum AuditCommand {
+    /// Print the log's signed-note verifier key (give it to auditors).
+    Key {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Write every leaf and a freshly signed checkpoint to a file.
+    Export {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Where to write the export (JSON).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Verify an export offline: checkpoint signatures, every leaf against
+    /// the signed root, sequence numbers, and consistency with what you saw
+    /// before. Prints a summary; names the first bad index on failure.
+    Verify {
+        /// The verifier key (`<origin>+<key id>+<base64 key>`), or a file
+        /// holding it.
+        #[arg(long, value_name = "KEY|FILE")]
+        key: String,
+        /// The export to check.
+        #[arg(long, value_name = "FILE")]
+        export: PathBuf,
+        /// A signed checkpoint you kept from earlier: the export must extend it.
+        #[arg(long, value_name = "FILE", conflicts_with = "previous")]
+        checkpoint: Option<PathBuf>,
+        /// An export you verified earlier: its leaves must be a prefix of
+        /// this one's (locates a rewritten leaf exactly).
+        #[arg(long, value_name = "FILE")]
+        previous: Option<PathBuf>,
+        /// Also write the new export's checkpoint here, to pass as
+        /// `--checkpoint` next time.
+        #[arg(long, value_name = "FILE")]
+        save_checkpoint: Option<PathBuf>,
+    },
+}
+
+fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+impl AuditCommand {
+    /// Runs the subcommand.
+    ///
+    /// # Errors
+    /// A config, HSM or store error, or the [`VerifyError`] that failed.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            AuditCommand::Key { config } => {
+                let log = open_log(&config)?;
+                println!("{}", log.verifier_key()?);
+            }
+            AuditCommand::Export { config, out } => {
+                let log = open_log(&config)?;
+                let export = log.export()?;
+                std::fs::write(&out, export.to_json()?)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                eprintln!(
+                    "exported {} entries to {}",
+                    export.entries.len(),
+                    out.display()
+                );
+            }
+            AuditCommand::Verify {
+                key,
+                export,
+                checkpoint,
+                previous,
+                save_checkpoint,
+            } => {
+                let key_text = match std::fs::read_to_string(&key) {
+                    Ok(text) => text.trim().to_string(),
+                    Err(_) => key,
+                };
+                let key = VerifierKey::parse(&key_text).context("the verifier key")?;
+                let new = Export::parse(&read(&export)?)?;
+                let summary = match (checkpoint, previous) {
+                    (Some(path), _) => {
+                        let older = String::from_utf8(read(&path)?)
+                            .context("the checkpoint file is not UTF-8")?;
+                        verify_export(&new, &key, Some(&older))?
+                    }
+                    (None, Some(path)) => {
+                        let previous = Export::parse(&read(&path)?)?;
+                        verify_export_against(&new, &key, &previous)?
+                    }
+                    (None, None) => verify_export(&new, &key, None)?,
+                };
+                print!("{summary}");
+                println!("verdict: the log verifies");
+                if let Some(path) = save_checkpoint {
+                    std::fs::write(&path, &new.checkpoint)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {
+    let settings = config.load()?;
+    let store = Arc::new(Store::open(&settings.store_path)?);
+    let hsm = Hsm::open(settings.hsm)?;
+    Ok(AuditLog::new(
+        store,
+        hsm,
+        &settings.audit.key_label,
+        &settings.audit.origin,
+    )?)
+}
+
+/// The first bad index of a verification failure, for the error line.
+pub fn describe(e: &VerifyError) -> String {
+    match (e.first_bad_index(), e.bad_range()) {
+        (Some(i), _) => format!("first bad index: {i}"),
+        (None, Some(r)) => format!("first bad index in {}..{}", r.start, r.end),
+        (None, None) => String::new(),
+    }
+}
