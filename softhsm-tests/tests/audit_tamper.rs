@@ -1,0 +1,135 @@
+//! Tampering with the audit log directly in the SQLite file (editing,
+//! deleting, reordering or inserting a leaf) is detected by the real
+//! `lavd audit verify` against a checkpoint saved earlier, which names the
+//! first bad index. The log is written through lavd's audit log (a signed
+//! checkpoint per batch, as the daemon does for every unwrap reply).
+
+use std::sync::Arc;
+
+use lavd::audit::leaf::KeyGenerated;
+use lavd::audit::log::AuditLog;
+use lavd::hsm::Hsm;
+use lavd::store::{AuditAppend, Spend, Store};
+use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
+
+const LEAVES: u64 = 24;
+
+fn write_log(t: &TestToken) {
+    let settings = t.settings();
+    let store = Arc::new(Store::open(&settings.store_path).unwrap());
+    let hsm = Hsm::open(settings.hsm).unwrap();
+    let log = AuditLog::new(
+        store,
+        hsm,
+        &settings.audit.key_label,
+        &settings.audit.origin,
+    )
+    .unwrap();
+    let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap();
+    for i in 0..LEAVES {
+        let event = KeyGenerated::new(
+            &format!("k{i}"),
+            t0,
+            t0 + time::Duration::days(31),
+            t0 + time::Duration::days(400),
+            None,
+        )
+        .unwrap();
+        log.append(AuditAppend {
+            events: vec![event.into()],
+            time: t0,
+            spend: Spend::None,
+        })
+        .unwrap();
+    }
+}
+
+struct Case {
+    name: &'static str,
+    sql: &'static str,
+    code: &'static str,
+    first_bad: &'static str,
+}
+
+#[test]
+fn tampering_in_sqlite_is_detected_and_located() {
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    write_log(&t);
+    let vkey = assert_ok(&t.lavd_with_config(&["audit", "key"]));
+    let honest = t.path("honest.json");
+    let checkpoint = t.path("checkpoint");
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", honest.to_str().unwrap()]));
+    let out = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        vkey.trim(),
+        "--export",
+        honest.to_str().unwrap(),
+        "--save-checkpoint",
+        checkpoint.to_str().unwrap(),
+    ]));
+    assert!(out.contains(&format!("{LEAVES} leaves verified")), "{out}");
+    assert!(out.contains("key_generated") && out.contains("verdict: the log verifies"));
+
+    let cases = [
+        Case {
+            name: "edit",
+            sql: "UPDATE audit_leaves SET leaf = CAST(REPLACE(CAST(leaf AS TEXT), '\"k9\"', '\"k9x\"') AS BLOB) WHERE idx = 9",
+            code: "root_mismatch",
+            first_bad: "first bad index: 9",
+        },
+        Case {
+            name: "delete",
+            sql: "DELETE FROM audit_leaves WHERE idx = 9",
+            code: "entry_index_mismatch",
+            first_bad: "first bad index: 9",
+        },
+        Case {
+            name: "reorder",
+            sql: "UPDATE audit_leaves SET idx = 1000000 WHERE idx = 9;
+                  UPDATE audit_leaves SET idx = 9 WHERE idx = 10;
+                  UPDATE audit_leaves SET idx = 10 WHERE idx = 1000000",
+            code: "leaf_seq_mismatch",
+            first_bad: "first bad index: 9",
+        },
+        Case {
+            name: "insert",
+            sql: "UPDATE audit_leaves SET idx = idx + 1000000 WHERE idx >= 9;
+                  UPDATE audit_leaves SET idx = idx - 1000000 + 1 WHERE idx >= 1000000;
+                  INSERT INTO audit_leaves (idx, leaf) SELECT 9, leaf FROM audit_leaves WHERE idx = 8",
+            code: "leaf_seq_mismatch",
+            first_bad: "first bad index: 9",
+        },
+    ];
+    let db = t.path("lavd.db");
+    for case in cases {
+        let copy = t.path(&format!("{}.db", case.name));
+        std::fs::copy(&db, &copy).unwrap();
+        let conn = rusqlite::Connection::open(&copy).unwrap();
+        conn.execute_batch(case.sql).unwrap();
+        drop(conn);
+        t.write_config(""); // reset, then point the store at the copy
+        let text = std::fs::read_to_string(t.config()).unwrap().replace(
+            "path = \"lavd.db\"",
+            &format!("path = \"{}.db\"", case.name),
+        );
+        std::fs::write(t.config(), text).unwrap();
+
+        let export = t.path(&format!("{}.json", case.name));
+        assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]));
+        let verify = t.lavd(&[
+            "audit",
+            "verify",
+            "--key",
+            vkey.trim(),
+            "--export",
+            export.to_str().unwrap(),
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+        ]);
+        let stderr = assert_fails_with(&verify, 1, case.code);
+        assert!(stderr.contains(case.first_bad), "{}: {stderr}", case.name);
+    }
+}
