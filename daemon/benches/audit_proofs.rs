@@ -6,6 +6,8 @@
 //! (`LAVD_BENCH_LEAVES` changes the log size; the database is built in a
 //! temporary directory first, which takes most of the run.)
 
+#![allow(clippy::expect_used)] // a benchmark: any failure should stop it loudly
+
 use std::time::Instant;
 
 use lavd::audit::leaf::{Event, KeyGenerated};
@@ -94,7 +96,16 @@ fn main() {
 
     println!("| operation on {size} leaves | time per call |");
     println!("|---|---:|");
-    println!("| inclusion proof (index, size) | {:.1} µs |", inclusion.as_secs_f64() * 1e6);
-    println!("| consistency proof (from, size) | {:.1} µs |", consistency.as_secs_f64() * 1e6);
-    println!("| root of a random size | {:.1} µs |", roots.as_secs_f64() * 1e6);
+    println!(
+        "| inclusion proof (index, size) | {:.1} µs |",
+        inclusion.as_secs_f64() * 1e6
+    );
+    println!(
+        "| consistency proof (from, size) | {:.1} µs |",
+        consistency.as_secs_f64() * 1e6
+    );
+    println!(
+        "| root of a random size | {:.1} µs |",
+        roots.as_secs_f64() * 1e6
+    );
 }

@@ -34,4 +34,6 @@ pub mod keys;
 #[cfg(feature = "daemon")]
 pub mod store;
 #[cfg(feature = "daemon")]
+pub mod unwrap;
+#[cfg(feature = "daemon")]
 pub mod warrant;

@@ -157,6 +157,13 @@ impl Digest {
         Self(out)
     }
 
+    /// A digest computed elsewhere with the same definition (e.g.
+    /// [`crate::envelope::Envelope::digest`], or a verified warrant's payload
+    /// digest).
+    pub fn from_sha256(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
     /// `warrant_digest`: SHA-256 of the JWS payload bytes (the decoded
     /// `payload` member, exactly as the authorities signed it).
     pub fn of_warrant_payload(payload: &[u8]) -> Self {

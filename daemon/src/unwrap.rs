@@ -1,0 +1,491 @@
+//! The unwrap path, in PROTOCOL §5's order of checks: role (checked by the
+//! API before this is called) → warrant validity → `agency` equals the caller
+//! → per envelope: parse, key known and not destroyed, `kid` allowed,
+//! `target` in `targets`, `time` in `window` → budget → HSM open → audit →
+//! reply.
+//!
+//! Audit before release: the opened DEKs exist only in zeroizing buffers
+//! until the store has committed, in one transaction, every envelope's leaf
+//! and the budget spend; only then are they sealed to the warrant's
+//! recipient. If the audit commit fails, the DEKs are dropped and the request
+//! fails with 503. A refused warrant is itself logged (durably) before the
+//! refusal is returned.
+//!
+//! Everything here is synchronous and blocking (HSM and SQLite): the API
+//! calls it on the blocking pool.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::audit::leaf::{
+    Digest, Event, Revocation as RevocationEvent, Unwrap, UnwrapOutcome, WarrantRef, WarrantRefused,
+};
+use crate::audit::log::{AuditLog, LogError, Receipt};
+use crate::envelope::reply::{AuditRef, DenyReason, ReplyBuilder};
+use crate::envelope::{open_envelope, Envelope, EnvelopeError, EnvelopeLimits};
+use crate::hsm::{Hsm, HsmError};
+use crate::store::{AuditAppend, KeyStore, Revocation, Spend, Store, StoreError, WarrantStore};
+use crate::warrant::{admit, Verifier, WarrantError};
+
+/// What an unwrap needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The HSM holding the escrow keys.
+    pub hsm: &'a Hsm,
+    /// Key metadata, budgets, revocations.
+    pub store: &'a Store,
+    /// The audit log (the same store, plus checkpoint signing).
+    pub log: &'a AuditLog,
+    /// The trust store and policy in force.
+    pub verifier: &'a Verifier,
+    /// Envelope size limits.
+    pub envelope_limits: &'a EnvelopeLimits,
+    /// Most envelopes in one request.
+    pub max_batch: usize,
+}
+
+/// A whole-request failure. The API maps each to its HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum UnwrapError {
+    /// The body is not `{"warrant": …, "envelopes": […]}` (unknown or
+    /// duplicate members, trailing data, wrong types) (HTTP 400).
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// More envelopes than the configured batch limit, or none (HTTP 400).
+    #[error("a request carries 1 to {max} envelopes, this one has {got}")]
+    BatchSize {
+        /// The limit.
+        max: usize,
+        /// What was sent.
+        got: usize,
+    },
+    /// The warrant was refused (400/403/413 by its class; logged).
+    #[error(transparent)]
+    Warrant(#[from] WarrantError),
+    /// The HSM or store failed; nothing was released (HTTP 503).
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl UnwrapError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            UnwrapError::Malformed(_) => "malformed_request",
+            UnwrapError::BatchSize { .. } => "batch_too_large",
+            UnwrapError::Warrant(w) => w.code(),
+            UnwrapError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl From<StoreError> for UnwrapError {
+    fn from(e: StoreError) -> Self {
+        UnwrapError::Unavailable(e.to_string())
+    }
+}
+
+impl From<LogError> for UnwrapError {
+    fn from(e: LogError) -> Self {
+        UnwrapError::Unavailable(e.to_string())
+    }
+}
+
+impl From<HsmError> for UnwrapError {
+    fn from(e: HsmError) -> Self {
+        UnwrapError::Unavailable(e.to_string())
+    }
+}
+
+/// A completed unwrap.
+#[derive(Debug)]
+pub struct Unwrapped {
+    /// The reply body (PROTOCOL §5); carries no plaintext key.
+    pub reply: String,
+    /// The warrant's `id`, for the request's log span.
+    pub warrant_id: String,
+    /// How many envelopes were opened.
+    pub opened: usize,
+    /// Denials by reason code, for metrics.
+    pub denied: BTreeMap<&'static str, usize>,
+    /// Where the request's leaves are.
+    pub receipt: Receipt,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request<'a> {
+    #[serde(borrow)]
+    warrant: &'a RawValue,
+    #[serde(borrow)]
+    envelopes: Vec<&'a RawValue>,
+}
+
+/// One envelope's fate before the HSM.
+enum Plan {
+    Denied {
+        reason: DenyReason,
+        kid: Option<String>,
+        digest: Option<Digest>,
+    },
+    Candidate(Box<Envelope>),
+}
+
+/// Runs one unwrap request for `caller` (already known to hold the agency
+/// role).
+///
+/// # Errors
+/// [`UnwrapError`]; per-envelope refusals are not errors but `denied`
+/// results in the reply.
+pub fn unwrap(
+    ctx: &Context<'_>,
+    caller: &str,
+    body: &[u8],
+    now: OffsetDateTime,
+) -> Result<Unwrapped, UnwrapError> {
+    let request: Request<'_> =
+        serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+    if request.envelopes.is_empty() || request.envelopes.len() > ctx.max_batch {
+        return Err(UnwrapError::BatchSize {
+            max: ctx.max_batch,
+            got: request.envelopes.len(),
+        });
+    }
+
+    // Warrant validity and agency (the verifier checks both), then the
+    // store's view: revoked, id conflict, emergency replaced.
+    let warrant = match ctx
+        .verifier
+        .verify(request.warrant.get().as_bytes(), now, caller)
+        .and_then(|w| admit(ctx.store, &w, now).map(|_| w))
+    {
+        Ok(w) => w,
+        Err(e) => {
+            refuse(ctx, caller, &e, now)?;
+            return Err(e.into());
+        }
+    };
+    let warrant_ref = WarrantRef {
+        id: warrant.id(),
+        digest: Digest::from_sha256(*warrant.digest()),
+        emergency: warrant.is_emergency(),
+    };
+
+    // Per envelope, in order: parse, key, scope.
+    let mut plans = Vec::with_capacity(request.envelopes.len());
+    for raw in &request.envelopes {
+        let envelope = match Envelope::parse(raw.get().as_bytes(), ctx.envelope_limits) {
+            Ok(e) => e,
+            Err(_) => {
+                plans.push(Plan::Denied {
+                    reason: DenyReason::MalformedEnvelope,
+                    kid: None,
+                    digest: None,
+                });
+                continue;
+            }
+        };
+        let header = envelope.header();
+        let kid = Some(header.kid().to_string());
+        let digest = Some(Digest::from_sha256(envelope.digest()));
+        let deny = |reason| Plan::Denied {
+            reason,
+            kid: kid.clone(),
+            digest,
+        };
+        let plan = match ctx.store.get_key(header.kid())? {
+            None => deny(DenyReason::UnknownKey),
+            // Destroyed, or past retention and awaiting destruction: either
+            // way it must never open again.
+            Some(k) if k.destroyed_at.is_some() || now > k.destroy_after => {
+                deny(DenyReason::KeyDestroyed)
+            }
+            Some(_) => match warrant.check_envelope(header.kid(), header.target(), header.time()) {
+                Err(denial) => {
+                    deny(DenyReason::from_code(denial.code()).unwrap_or(DenyReason::OutOfWindow))
+                }
+                Ok(()) => Plan::Candidate(Box::new(envelope)),
+            },
+        };
+        plans.push(plan);
+    }
+
+    // Budget: reserve for every candidate; the ones beyond the grant are
+    // refused in request order.
+    let candidates = plans
+        .iter()
+        .filter(|p| matches!(p, Plan::Candidate(_)))
+        .count() as u64;
+    let reservation = match ctx.store.reserve(warrant.id(), candidates) {
+        Ok(r) => r,
+        Err(StoreError::WarrantRevoked(id)) => {
+            let e = WarrantError::Revoked {
+                id,
+                at: crate::codec::format_time(now),
+            };
+            refuse(ctx, caller, &e, now)?;
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut granted = reservation.granted();
+
+    // HSM open, for the granted candidates only.
+    let mut releases = Vec::with_capacity(plans.len());
+    let mut events = Vec::with_capacity(plans.len());
+    let mut opened = 0u64;
+    let mut hsm_failure = None;
+    for plan in plans {
+        let (release, kid, digest) = match plan {
+            Plan::Denied {
+                reason,
+                kid,
+                digest,
+            } => (Release::Denied(reason), kid, digest),
+            Plan::Candidate(envelope) => {
+                let kid = envelope.header().kid().to_string();
+                let digest = Some(Digest::from_sha256(envelope.digest()));
+                let release = if granted == 0 {
+                    Release::Denied(DenyReason::BudgetExhausted)
+                } else if hsm_failure.is_some() {
+                    // Already failing: do not keep calling a broken HSM.
+                    Release::Denied(DenyReason::OpenFailed)
+                } else {
+                    granted -= 1;
+                    match open_one(ctx, &kid, &envelope) {
+                        Ok(dek) => {
+                            opened += 1;
+                            Release::Opened {
+                                header: envelope.header_bytes().to_vec(),
+                                dek,
+                            }
+                        }
+                        Err(EnvelopeError::KeyAgreement(e)) => {
+                            hsm_failure = Some(e);
+                            Release::Denied(DenyReason::OpenFailed)
+                        }
+                        Err(_) => Release::Denied(DenyReason::OpenFailed),
+                    }
+                };
+                (release, Some(kid), digest)
+            }
+        };
+        let outcome = match &release {
+            Release::Opened { .. } => UnwrapOutcome::Opened,
+            Release::Denied(reason) => UnwrapOutcome::Denied(*reason),
+        };
+        let event: Event = Unwrap::new(caller, &warrant_ref, kid.as_deref(), digest, outcome)
+            .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
+            .into();
+        events.push(event);
+        releases.push(release);
+    }
+    if let Some(e) = hsm_failure {
+        // The HSM is failing: release nothing, spend nothing, and say so.
+        ctx.store.settle(reservation, 0)?;
+        return Err(e.into());
+    }
+
+    // Audit before release: the leaves and the spend in one durable
+    // transaction, and a signed checkpoint that includes them.
+    let receipt = ctx.log.append(AuditAppend {
+        events,
+        time: now,
+        spend: Spend::Settle {
+            reservation,
+            opened,
+        },
+    })?;
+
+    // Release: seal the opened DEKs to the warrant's recipient, in order.
+    let mut builder = ReplyBuilder::new(warrant.recipient())
+        .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?;
+    let mut denied = BTreeMap::new();
+    for release in &releases {
+        match release {
+            Release::Opened { header, dek } => builder
+                .push_opened(header, dek)
+                .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?,
+            Release::Denied(reason) => {
+                *denied.entry(reason.as_str()).or_default() += 1;
+                builder.push_denied(*reason);
+            }
+        }
+    }
+    let reply = builder.finish(AuditRef {
+        checkpoint: receipt.checkpoint.clone(),
+        first_index: receipt.appended.first_index,
+        count: receipt.appended.count,
+    });
+    Ok(Unwrapped {
+        reply: reply.to_json(),
+        warrant_id: warrant.id().to_string(),
+        opened: opened as usize,
+        denied,
+        receipt,
+    })
+}
+
+/// What the reply says about one envelope.
+enum Release {
+    Opened {
+        header: Vec<u8>,
+        dek: Zeroizing<Vec<u8>>,
+    },
+    Denied(DenyReason),
+}
+
+/// Opens one envelope with the DH step in the HSM.
+fn open_one(
+    ctx: &Context<'_>,
+    kid: &str,
+    envelope: &Envelope,
+) -> Result<Zeroizing<Vec<u8>>, EnvelopeError<HsmError>> {
+    let public = ctx
+        .hsm
+        .escrow_public_key(kid)
+        .map_err(EnvelopeError::KeyAgreement)?;
+    open_envelope(envelope, &public, |e| ctx.hsm.ecdh(kid, e))
+}
+
+/// Logs a refused warrant durably (the refusal is an event auditors must
+/// see), then lets the caller return the refusal.
+fn refuse(
+    ctx: &Context<'_>,
+    caller: &str,
+    error: &WarrantError,
+    now: OffsetDateTime,
+) -> Result<(), UnwrapError> {
+    if matches!(error, WarrantError::Store(_)) {
+        return Err(UnwrapError::Unavailable(error.to_string()));
+    }
+    let event: Event = WarrantRefused::new(caller, None, None, error.code())
+        .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
+        .into();
+    ctx.log.append(AuditAppend {
+        events: vec![event],
+        time: now,
+        spend: Spend::None,
+    })?;
+    Ok(())
+}
+
+/// A revocation request, by an admin (`{"id","reason"}`) or by an authority
+/// (`{"revocation": <JWS>}`, PROTOCOL §6).
+#[derive(Debug)]
+pub enum RevocationRequest<'a> {
+    /// From a caller holding the admin role.
+    Admin {
+        /// The admin's identity.
+        caller: &'a str,
+        /// The request body.
+        body: &'a [u8],
+    },
+    /// From any authenticated caller carrying an authority-signed JWS.
+    Authority {
+        /// The caller's identity (who delivered it).
+        caller: &'a str,
+        /// The request body.
+        body: &'a [u8],
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminRevocation {
+    id: String,
+    reason: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthorityRevocation<'a> {
+    #[serde(borrow)]
+    revocation: &'a RawValue,
+}
+
+/// A recorded revocation.
+#[derive(Debug)]
+pub struct Revoked {
+    /// The warrant id.
+    pub id: String,
+    /// False if it was already revoked (revocation is final; the first record stands).
+    pub newly_revoked: bool,
+    /// Where the revocation's leaf is.
+    pub receipt: Receipt,
+}
+
+/// The longest revocation reason kept.
+const MAX_REASON: usize = 1024;
+
+/// Records a revocation durably with its audit leaf.
+///
+/// # Errors
+/// [`UnwrapError::Malformed`] for a bad body, [`UnwrapError::Warrant`] for an
+/// authority JWS that does not verify, [`UnwrapError::Unavailable`].
+pub fn revoke(
+    ctx: &Context<'_>,
+    request: RevocationRequest<'_>,
+    now: OffsetDateTime,
+) -> Result<Revoked, UnwrapError> {
+    let (caller, id, reason, revoked_by, authority) = match request {
+        RevocationRequest::Admin { caller, body } => {
+            let r: AdminRevocation =
+                serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+            (caller, r.id, r.reason, caller.to_string(), None)
+        }
+        RevocationRequest::Authority { caller, body } => {
+            let r: AuthorityRevocation<'_> =
+                serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+            let verified = ctx
+                .verifier
+                .verify_revocation(r.revocation.get().as_bytes(), now)?;
+            let by = verified
+                .signers()
+                .first()
+                .map(|s| s.kid.clone())
+                .unwrap_or_default();
+            (
+                caller,
+                verified.id().to_string(),
+                verified.reason().to_string(),
+                by.clone(),
+                Some(by),
+            )
+        }
+    };
+    let bad = |m: &str| UnwrapError::Malformed(m.to_string());
+    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+        return Err(bad(
+            "`id` must be 1 to 128 characters without control characters",
+        ));
+    }
+    if reason.trim().is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control)
+    {
+        return Err(bad(
+            "`reason` must be 1 to 1024 bytes without control characters",
+        ));
+    }
+    let event: Event = RevocationEvent::new(caller, &id, &reason, authority.as_deref())
+        .map_err(|e| UnwrapError::Malformed(e.to_string()))?
+        .into();
+    let receipt = ctx.log.append(AuditAppend {
+        events: vec![event],
+        time: now,
+        spend: Spend::Revoke(Revocation {
+            id: id.clone(),
+            reason,
+            revoked_by,
+            revoked_at: now,
+        }),
+    })?;
+    Ok(Revoked {
+        id,
+        newly_revoked: receipt.appended.newly_revoked,
+        receipt,
+    })
+}

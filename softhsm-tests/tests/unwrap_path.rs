@@ -1,0 +1,382 @@
+//! The whole unwrap path in-process on a real SoftHSM token and SQLite file
+//! (the HTTP layer adds only the role check and status mapping): a provider
+//! seals envelopes to the published key, two authorities sign a double-lock
+//! warrant, the agency unwraps, and opens the reply with its own key. Then
+//! per-envelope denials, the budget, refusals logged before they are
+//! returned, and revocation.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use lavd::audit::log::AuditLog;
+use lavd::envelope::reply::open_reply;
+use lavd::envelope::{seal_envelope, EnvelopeLimits, HeaderBuilder};
+use lavd::hsm::Hsm;
+use lavd::jwk::{P256PrivateKey, P256PublicKey};
+use lavd::keys::{self, Validity};
+use lavd::store::{AuditStore, Store, WarrantStore};
+use lavd::unwrap::{revoke, unwrap, Context, RevocationRequest, UnwrapError};
+use lavd::warrant::sign::{add_signature, unsigned_warrant};
+use lavd::warrant::{Algorithm, AuthorityKey, TrustStore, Verifier, WarrantLimits};
+use softhsm_tests::{assert_ok, TestToken};
+use time::OffsetDateTime;
+
+const AGENCY: &str = "spiffe://agency.example/lea";
+const PROVIDER: &str = "spiffe://provider.example/messaging";
+
+fn t(s: &str) -> OffsetDateTime {
+    lavd::codec::parse_time(s).unwrap()
+}
+
+struct World {
+    _token: TestToken,
+    hsm: Hsm,
+    store: Arc<Store>,
+    log: AuditLog,
+    verifier: Verifier,
+    exec: AuthorityKey,
+    judge: AuthorityKey,
+    recipient: P256PrivateKey,
+    escrow: P256PublicKey,
+}
+
+impl World {
+    fn new() -> Self {
+        let token = TestToken::new();
+        assert_ok(&token.lavd_with_config(&["keys", "generate-audit"]));
+        let settings = token.settings();
+        let store = Arc::new(Store::open(&settings.store_path).unwrap());
+        let hsm = Hsm::open(settings.hsm).unwrap();
+        let record = keys::generate(
+            &hsm,
+            &*store,
+            "2026-12",
+            Validity {
+                not_before: t("2026-12-01T00:00:00Z"),
+                not_after: t("2027-01-01T00:00:00Z"),
+                destroy_after: t("2028-01-01T00:00:00Z"),
+            },
+            t("2026-11-30T00:00:00Z"),
+        )
+        .unwrap();
+        let log =
+            AuditLog::new(store.clone(), hsm.clone(), "lav-audit", "lavd.test/audit").unwrap();
+        let exec = AuthorityKey::generate(Algorithm::Es256, "home-office-1").unwrap();
+        let judge = AuthorityKey::generate(Algorithm::EdDsa, "ipc-judicial-3").unwrap();
+        let entry = |k: &AuthorityKey, role: &str| {
+            format!(
+                "[[authorities]]\nkid = \"{}\"\nrole = \"{role}\"\nalg = \"{}\"\njwk = '{}'\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"2028-01-01T00:00:00Z\"\n\n",
+                k.kid(),
+                k.alg(),
+                serde_json::to_string(&k.public_jwk().unwrap()).unwrap()
+            )
+        };
+        let trust = format!(
+            "{}{}[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n[[policy.require]]\nrole = \"judicial\"\ncount = 1\n",
+            entry(&exec, "executive"),
+            entry(&judge, "judicial")
+        );
+        let verifier = Verifier::new(
+            TrustStore::from_toml(&trust, Path::new(".")).unwrap(),
+            WarrantLimits::default(),
+        );
+        World {
+            _token: token,
+            hsm,
+            store,
+            log,
+            verifier,
+            exec,
+            judge,
+            recipient: P256PrivateKey::generate().unwrap(),
+            escrow: record.public,
+        }
+    }
+
+    fn ctx(&self) -> (EnvelopeLimits, usize) {
+        (EnvelopeLimits::default(), 16)
+    }
+
+    fn warrant(&self, id: &str, max: u64, signers: &[&AuthorityKey]) -> serde_json::Value {
+        let claims = serde_json::json!({
+            "id": id,
+            "legal_basis": "Investigatory Powers Act 2016 s.19",
+            "agency": AGENCY,
+            "recipient": self.recipient.public().to_jwk(),
+            "targets": ["acct:alice@example.com"],
+            "window": {"from": "2026-12-01T00:00:00Z", "to": "2026-12-15T00:00:00Z"},
+            "not_before": "2026-12-01T00:00:00Z",
+            "expires": "2026-12-31T00:00:00Z",
+            "max_unwraps": max
+        });
+        let mut jws = unsigned_warrant(claims.to_string().as_bytes()).unwrap();
+        for key in signers {
+            jws = add_signature(jws.as_bytes(), key, &WarrantLimits::default()).unwrap();
+        }
+        serde_json::from_str(&jws).unwrap()
+    }
+
+    fn envelope(&self, target: &str, time: &str, reference: &str, dek: &[u8]) -> serde_json::Value {
+        let header = HeaderBuilder::new("2026-12", PROVIDER, target, t(time))
+            .reference(reference)
+            .build()
+            .unwrap();
+        serde_json::from_str(&seal_envelope(&self.escrow, &header, dek).unwrap().to_json()).unwrap()
+    }
+
+    fn unwrap(
+        &self,
+        body: &serde_json::Value,
+        caller: &str,
+        now: &str,
+    ) -> Result<lavd::unwrap::Unwrapped, UnwrapError> {
+        let (limits, max_batch) = self.ctx();
+        let ctx = Context {
+            hsm: &self.hsm,
+            store: &self.store,
+            log: &self.log,
+            verifier: &self.verifier,
+            envelope_limits: &limits,
+            max_batch,
+        };
+        unwrap(&ctx, caller, body.to_string().as_bytes(), t(now))
+    }
+}
+
+fn headers(envelopes: &[serde_json::Value]) -> Vec<Vec<u8>> {
+    envelopes
+        .iter()
+        .map(|e| lavd::codec::b64_decode(e["header"].as_str().unwrap()).unwrap())
+        .collect()
+}
+
+#[test]
+fn double_lock_unwrap_releases_sealed_deks_after_audit() {
+    let w = World::new();
+    let deks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 32]).collect();
+    let envelopes: Vec<_> = deks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            w.envelope(
+                "acct:alice@example.com",
+                "2026-12-03T10:00:00Z",
+                &format!("msg-{i}"),
+                d,
+            )
+        })
+        .collect();
+    let body = serde_json::json!({"warrant": w.warrant("W-1", 10, &[&w.exec, &w.judge]), "envelopes": envelopes});
+    let done = w.unwrap(&body, AGENCY, "2026-12-05T00:00:00Z").unwrap();
+    assert_eq!(done.opened, 3);
+    assert!(!done.reply.contains(&hex::encode(&deks[0])));
+
+    let opened = open_reply(&w.recipient, &headers(&envelopes), done.reply.as_bytes()).unwrap();
+    let got: Vec<Vec<u8>> = opened
+        .results
+        .iter()
+        .map(|r| match &r.outcome {
+            lavd::envelope::reply::Outcome::Ok(dek) => dek.to_vec(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, deks);
+
+    // The leaves are durable and the checkpoint covers them.
+    let size = w.store.tree_size().unwrap();
+    let first = done.receipt.appended.first_index;
+    assert_eq!(done.receipt.appended.count, 3);
+    assert!(first + 3 <= size);
+    for (i, leaf) in w.store.leaves(first, first + 3).unwrap() {
+        let v: serde_json::Value = serde_json::from_slice(&leaf).unwrap();
+        assert_eq!(v["event"], "unwrap");
+        assert_eq!(v["outcome"], "opened");
+        assert_eq!(v["warrant_id"], "W-1");
+        assert_eq!(v["seq"], i);
+        assert_eq!(v["caller"], AGENCY);
+    }
+    let vkey = w.log.verifier_key().unwrap();
+    let cp = lavd::audit::note::verify_note(&done.receipt.checkpoint, &vkey).unwrap();
+    assert!(cp.size >= first + 3);
+    assert_eq!(w.store.spent("W-1").unwrap(), Some(3));
+}
+
+#[test]
+fn per_envelope_denials_and_the_budget() {
+    let w = World::new();
+    let good = |r: &str| {
+        w.envelope(
+            "acct:alice@example.com",
+            "2026-12-03T10:00:00Z",
+            r,
+            &[9; 32],
+        )
+    };
+    let mut tampered = good("tampered");
+    let header = lavd::codec::b64_decode(tampered["header"].as_str().unwrap()).unwrap();
+    let header = String::from_utf8(header)
+        .unwrap()
+        .replace("\"tampered\"", "\"tampereX\"");
+    tampered["header"] = lavd::codec::b64_encode(header.as_bytes()).into();
+    let mut unknown_kid = good("unknown");
+    let h = String::from_utf8(
+        lavd::codec::b64_decode(unknown_kid["header"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap()
+    .replace("2026-12", "2025-01");
+    unknown_kid["header"] = lavd::codec::b64_encode(h.as_bytes()).into();
+    let envelopes = vec![
+        good("a"),
+        w.envelope(
+            "acct:bob@example.com",
+            "2026-12-03T10:00:00Z",
+            "b",
+            &[9; 32],
+        ),
+        w.envelope(
+            "acct:alice@example.com",
+            "2026-12-20T10:00:00Z",
+            "c",
+            &[9; 32],
+        ),
+        unknown_kid,
+        tampered,
+        serde_json::json!({"v": 1}),
+        good("d"),
+        good("e"),
+    ];
+    let body = serde_json::json!({"warrant": w.warrant("W-2", 2, &[&w.exec, &w.judge]), "envelopes": envelopes});
+    let done = w.unwrap(&body, AGENCY, "2026-12-05T00:00:00Z").unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&done.reply).unwrap();
+    let statuses: Vec<String> = reply["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| match r["status"].as_str().unwrap() {
+            "ok" => "ok".to_string(),
+            _ => r["reason"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [
+            "ok",
+            "target_not_in_warrant",
+            "out_of_window",
+            "unknown_key",
+            "open_failed",
+            "malformed_envelope",
+            "budget_exhausted",
+            "budget_exhausted"
+        ]
+    );
+    // "tampered" took the second unit of budget and failed: its unit was
+    // given back, but the later envelopes had already been refused.
+    assert_eq!(w.store.spent("W-2").unwrap(), Some(1));
+    let again = serde_json::json!({"warrant": w.warrant("W-2", 2, &[&w.exec, &w.judge]), "envelopes": [good("f"), good("g")]});
+    let done = w.unwrap(&again, AGENCY, "2026-12-05T00:00:00Z").unwrap();
+    assert_eq!(done.opened, 1);
+    assert_eq!(w.store.spent("W-2").unwrap(), Some(2));
+}
+
+#[test]
+fn refused_warrants_are_logged_and_revocation_is_final() {
+    let w = World::new();
+    let env = w.envelope(
+        "acct:alice@example.com",
+        "2026-12-03T10:00:00Z",
+        "a",
+        &[9; 32],
+    );
+    let size = |w: &World| w.store.tree_size().unwrap();
+    let before = size(&w);
+
+    let one_sig =
+        serde_json::json!({"warrant": w.warrant("W-3", 5, &[&w.exec]), "envelopes": [env.clone()]});
+    let e = w
+        .unwrap(&one_sig, AGENCY, "2026-12-05T00:00:00Z")
+        .unwrap_err();
+    assert_eq!(e.code(), "policy_not_met");
+    let e = w
+        .unwrap(&serde_json::json!({"warrant": w.warrant("W-3", 5, &[&w.exec, &w.judge]), "envelopes": [env.clone()]}), "spiffe://other.example/x", "2026-12-05T00:00:00Z")
+        .unwrap_err();
+    assert_eq!(e.code(), "agency_mismatch");
+    let e = w
+        .unwrap(&serde_json::json!({"warrant": w.warrant("W-3", 5, &[&w.exec, &w.judge]), "envelopes": [env.clone()]}), AGENCY, "2027-01-05T00:00:00Z")
+        .unwrap_err();
+    assert_eq!(e.code(), "warrant_expired");
+    assert_eq!(size(&w), before + 3, "each refusal is a leaf");
+    let last = w.store.leaves(before, before + 3).unwrap();
+    let reasons: Vec<String> = last
+        .iter()
+        .map(|(_, l)| {
+            serde_json::from_slice::<serde_json::Value>(l).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        ["policy_not_met", "agency_mismatch", "warrant_expired"]
+    );
+
+    let e = w
+        .unwrap(
+            &serde_json::json!({"warrant": {}, "envelopes": [], "x": 1}),
+            AGENCY,
+            "2026-12-05T00:00:00Z",
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), "malformed_request");
+    let e = w
+        .unwrap(
+            &serde_json::json!({"warrant": {}, "envelopes": []}),
+            AGENCY,
+            "2026-12-05T00:00:00Z",
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), "batch_too_large");
+
+    // Revoke, then the warrant never opens again, also after a restart.
+    let (limits, max_batch) = w.ctx();
+    let ctx = Context {
+        hsm: &w.hsm,
+        store: &w.store,
+        log: &w.log,
+        verifier: &w.verifier,
+        envelope_limits: &limits,
+        max_batch,
+    };
+    let r = revoke(
+        &ctx,
+        RevocationRequest::Admin {
+            caller: "spiffe://agency.example/admin",
+            body: br#"{"id":"W-4","reason":"court order quashed"}"#,
+        },
+        t("2026-12-05T00:00:00Z"),
+    )
+    .unwrap();
+    assert!(r.newly_revoked);
+    let body = serde_json::json!({"warrant": w.warrant("W-4", 5, &[&w.exec, &w.judge]), "envelopes": [env]});
+    assert_eq!(
+        w.unwrap(&body, AGENCY, "2026-12-05T00:00:00Z")
+            .unwrap_err()
+            .code(),
+        "warrant_revoked"
+    );
+    let again = revoke(
+        &ctx,
+        RevocationRequest::Admin {
+            caller: "spiffe://agency.example/admin",
+            body: br#"{"id":"W-4","reason":"again"}"#,
+        },
+        t("2026-12-06T00:00:00Z"),
+    )
+    .unwrap();
+    assert!(!again.newly_revoked);
+    assert_eq!(
+        w.store.revocation("W-4").unwrap().unwrap().reason,
+        "court order quashed"
+    );
+}
