@@ -4,7 +4,8 @@
 //!
 //! Run: `cargo bench -p lavd --bench audit_proofs`
 //! (`LAVD_BENCH_LEAVES` changes the log size; the database is built in a
-//! temporary directory first, which takes most of the run.)
+//! temporary directory first, which takes most of the run). Under
+//! `cargo test --all-targets` it runs on 2,000 leaves as a smoke test.
 
 #![allow(clippy::expect_used)] // a benchmark: any failure should stop it loudly
 
@@ -15,10 +16,13 @@ use lavd::audit::merkle;
 use lavd::store::{AuditAppend, AuditStore, Spend, Store};
 
 fn main() {
+    // `cargo bench` passes `--bench`; under `cargo test --all-targets` this
+    // runs as a quick smoke test of the same code instead.
+    let benching = std::env::args().any(|a| a == "--bench");
     let leaves: u64 = std::env::var("LAVD_BENCH_LEAVES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1_000_000);
+        .unwrap_or(if benching { 1_000_000 } else { 2_000 });
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(&dir.path().join("bench.db")).expect("store");
     let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").expect("time");
@@ -64,11 +68,11 @@ fn main() {
         x ^= x << 17;
         x % bound
     };
-    const N: u32 = 10_000;
+    let n: u32 = if benching { 10_000 } else { 100 };
 
     let started = Instant::now();
     let mut checked = 0;
-    for _ in 0..N {
+    for _ in 0..n {
         let index = next(size);
         let proof = store.inclusion_proof(index, size).expect("proof");
         if checked < 100 {
@@ -78,21 +82,21 @@ fn main() {
             checked += 1;
         }
     }
-    let inclusion = started.elapsed() / N;
+    let inclusion = started.elapsed() / n;
 
     let started = Instant::now();
-    for _ in 0..N {
+    for _ in 0..n {
         let from = 1 + next(size - 1);
         store.consistency_proof(from, size).expect("proof");
     }
-    let consistency = started.elapsed() / N;
+    let consistency = started.elapsed() / n;
 
     let started = Instant::now();
-    for _ in 0..N {
+    for _ in 0..n {
         let s = 1 + next(size);
         store.root(s).expect("root");
     }
-    let roots = started.elapsed() / N;
+    let roots = started.elapsed() / n;
 
     println!("| operation on {size} leaves | time per call |");
     println!("|---|---:|");
