@@ -169,23 +169,63 @@ pub fn generate(
 /// The JWK Set of PROTOCOL §2: the keys providers may seal to now or later
 /// (not destroyed, `now < not_after`), with their suite and validity.
 ///
+/// # Security
+/// Only for showing what the store holds. What is *published* must come from
+/// [`jwks_checked`], which compares each key with the HSM's.
+///
 /// # Errors
 /// A store failure.
 pub fn jwks(store: &dyn KeyStore, now: OffsetDateTime) -> Result<JwkSet, KeyError> {
-    let keys = store
+    let keys = usable(store, now)?.iter().map(to_jwk).collect();
+    Ok(JwkSet { keys })
+}
+
+/// [`jwks`], keeping only the keys whose public half in the store equals the
+/// one on the token. A store row edited to publish an attacker's key (so that
+/// providers would seal to it) is withheld and logged, never published.
+///
+/// # Errors
+/// A store failure, or an HSM failure other than a missing key.
+pub fn jwks_checked(
+    hsm: &Hsm,
+    store: &dyn KeyStore,
+    now: OffsetDateTime,
+) -> Result<JwkSet, KeyError> {
+    let mut keys = Vec::new();
+    for record in usable(store, now)? {
+        match hsm.escrow_public_key(&record.kid) {
+            Ok(public) if public == record.public => keys.push(to_jwk(&record)),
+            Ok(_) => tracing::error!(
+                kid = %record.kid,
+                "the store's public key differs from the HSM's; not publishing it"
+            ),
+            Err(HsmError::KeyNotFound { .. }) => tracing::error!(
+                kid = %record.kid,
+                "the store lists a key the HSM does not hold; not publishing it"
+            ),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(JwkSet { keys })
+}
+
+fn usable(store: &dyn KeyStore, now: OffsetDateTime) -> Result<Vec<KeyRecord>, KeyError> {
+    Ok(store
         .list_keys()?
         .into_iter()
         .filter(|k| k.destroyed_at.is_none() && now < k.not_after)
-        .map(|k| Jwk {
-            kid: Some(k.kid.clone()),
-            use_: Some("enc".into()),
-            lav_suite: Some(LAV_SUITE.into()),
-            not_before: Some(format_time(k.not_before)),
-            not_after: Some(format_time(k.not_after)),
-            ..k.public.to_jwk()
-        })
-        .collect();
-    Ok(JwkSet { keys })
+        .collect())
+}
+
+fn to_jwk(k: &KeyRecord) -> Jwk {
+    Jwk {
+        kid: Some(k.kid.clone()),
+        use_: Some("enc".into()),
+        lav_suite: Some(LAV_SUITE.into()),
+        not_before: Some(format_time(k.not_before)),
+        not_after: Some(format_time(k.not_after)),
+        ..k.public.to_jwk()
+    }
 }
 
 /// Why a key is being destroyed.

@@ -165,7 +165,7 @@ pub fn unwrap(
     {
         Ok(w) => w,
         Err(e) => {
-            refuse(ctx, caller, &e, now)?;
+            refuse(ctx, caller, request.warrant.get().as_bytes(), &e, now)?;
             return Err(e.into());
         }
     };
@@ -227,7 +227,7 @@ pub fn unwrap(
                 id,
                 at: crate::codec::format_time(now),
             };
-            refuse(ctx, caller, &e, now)?;
+            refuse(ctx, caller, request.warrant.get().as_bytes(), &e, now)?;
             return Err(e.into());
         }
         Err(e) => return Err(e.into()),
@@ -236,7 +236,7 @@ pub fn unwrap(
 
     // HSM open, for the granted candidates only.
     let mut releases = Vec::with_capacity(plans.len());
-    let mut events = Vec::with_capacity(plans.len());
+    let mut meta = Vec::with_capacity(plans.len());
     let mut opened = 0u64;
     let mut hsm_failure = None;
     for plan in plans {
@@ -264,6 +264,12 @@ pub fn unwrap(
                                 dek,
                             }
                         }
+                        // The store lists the key but the token no longer has
+                        // it (destroyed, e.g. after restoring an older store
+                        // backup): it can never open again.
+                        Err(EnvelopeError::KeyAgreement(HsmError::KeyNotFound { .. })) => {
+                            Release::Denied(DenyReason::KeyDestroyed)
+                        }
                         Err(EnvelopeError::KeyAgreement(e)) => {
                             hsm_failure = Some(e);
                             Release::Denied(DenyReason::OpenFailed)
@@ -274,7 +280,25 @@ pub fn unwrap(
                 (release, Some(kid), digest)
             }
         };
-        let outcome = match &release {
+        releases.push(release);
+        meta.push((kid, digest));
+    }
+    if hsm_failure.is_some() {
+        // The HSM is failing: nothing is released or spent. DEKs opened
+        // before the failure are dropped (zeroized) and logged as not opened.
+        for release in &mut releases {
+            if matches!(release, Release::Opened { .. }) {
+                *release = Release::Denied(DenyReason::OpenFailed);
+            }
+        }
+        opened = 0;
+    }
+
+    // Audit before release: every envelope's leaf and the spend in one
+    // durable transaction, and a signed checkpoint that includes them.
+    let mut events = Vec::with_capacity(releases.len());
+    for (release, (kid, digest)) in releases.iter().zip(meta) {
+        let outcome = match release {
             Release::Opened { .. } => UnwrapOutcome::Opened,
             Release::Denied(reason) => UnwrapOutcome::Denied(*reason),
         };
@@ -282,16 +306,7 @@ pub fn unwrap(
             .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
             .into();
         events.push(event);
-        releases.push(release);
     }
-    if let Some(e) = hsm_failure {
-        // The HSM is failing: release nothing, spend nothing, and say so.
-        ctx.store.settle(reservation, 0)?;
-        return Err(e.into());
-    }
-
-    // Audit before release: the leaves and the spend in one durable
-    // transaction, and a signed checkpoint that includes them.
     let receipt = ctx.log.append(AuditAppend {
         events,
         time: now,
@@ -300,6 +315,9 @@ pub fn unwrap(
             opened,
         },
     })?;
+    if let Some(e) = hsm_failure {
+        return Err(e.into());
+    }
 
     // Release: seal the opened DEKs to the warrant's recipient, in order.
     let mut builder = ReplyBuilder::new(warrant.recipient())
@@ -357,21 +375,48 @@ fn open_one(
 fn refuse(
     ctx: &Context<'_>,
     caller: &str,
+    jws: &[u8],
     error: &WarrantError,
     now: OffsetDateTime,
 ) -> Result<(), UnwrapError> {
     if matches!(error, WarrantError::Store(_)) {
         return Err(UnwrapError::Unavailable(error.to_string()));
     }
-    let event: Event = WarrantRefused::new(caller, None, None, error.code())
-        .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
-        .into();
+    let (id, digest) = claimed(jws);
+    let event = WarrantRefused::new(caller, id.as_deref(), digest, error.code())
+        // A claimed id the leaf refuses (too long, odd characters) is left out.
+        .or_else(|_| WarrantRefused::new(caller, None, digest, error.code()))
+        .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?;
+    let event: Event = event.into();
     ctx.log.append(AuditAppend {
         events: vec![event],
         time: now,
         spend: Spend::None,
     })?;
     Ok(())
+}
+
+/// What a refused warrant claims to be: its `id` and the digest of its
+/// payload, for the refusal's audit leaf, so that auditors can tie refusals
+/// to warrants. Nothing here is trusted (the warrant did not verify); both
+/// are `None` when the JWS does not even decode.
+fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(jws) else {
+        return (None, None);
+    };
+    let Some(payload) = value
+        .get("payload")
+        .and_then(|p| p.as_str())
+        .and_then(|p| crate::codec::b64_decode(p).ok())
+    else {
+        return (None, None);
+    };
+    let digest = Digest::of_warrant_payload(&payload);
+    let id = serde_json::from_slice::<serde_json::Value>(&payload)
+        .ok()
+        .and_then(|c| c.get("id").and_then(|i| i.as_str()).map(str::to_string))
+        .filter(|id| !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control));
+    (id, Some(digest))
 }
 
 /// A revocation request, by an admin (`{"id","reason"}`) or by an authority

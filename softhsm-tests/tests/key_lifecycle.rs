@@ -315,3 +315,104 @@ fn a_bad_config_exits_64_naming_file_and_field() {
         "{stderr}"
     );
 }
+
+#[test]
+fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
+    let t = TestToken::new();
+    let gen = |kid: &str, nb: &str, na: &str, da: &str| {
+        assert_ok(&t.lavd_with_config(&[
+            "keys",
+            "generate",
+            "--kid",
+            kid,
+            "--not-before",
+            nb,
+            "--not-after",
+            na,
+            "--destroy-after",
+            da,
+        ]))
+    };
+    gen(
+        "2020-01",
+        "2020-01-01T00:00:00Z",
+        "2020-02-01T00:00:00Z",
+        "2021-01-01T00:00:00Z",
+    );
+    gen(
+        "2020-02",
+        "2020-02-01T00:00:00Z",
+        "2020-03-01T00:00:00Z",
+        "2021-02-01T00:00:00Z",
+    );
+    gen(
+        "2099-01",
+        "2099-01-01T00:00:00Z",
+        "2099-02-01T00:00:00Z",
+        "2100-01-01T00:00:00Z",
+    );
+    let listing = assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
+    assert_eq!(
+        listing.matches("due for destruction").count(),
+        2,
+        "{listing}"
+    );
+    assert!(listing.contains("not yet valid"), "{listing}");
+
+    assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
+    assert!(private_key(&t, "2020-01").is_none());
+    assert!(private_key(&t, "2020-02").is_none());
+    assert!(private_key(&t, "2099-01").is_some());
+    let listing = assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
+    assert_eq!(listing.matches("destroyed ").count(), 2, "{listing}");
+    // Nothing left to do: the job is idempotent.
+    assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
+}
+
+#[test]
+fn an_interrupted_destruction_is_finished_by_running_it_again() {
+    let t = TestToken::new();
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    // The store already says destroyed (the first step), the token still
+    // holds the key (the crash came before the second).
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute(
+        "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', destroy_reason = 'forced: x' WHERE kid = ?1",
+        [KID],
+    )
+    .unwrap();
+    drop(db);
+    assert!(private_key(&t, KID).is_some());
+    // Not published while the store says destroyed.
+    let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
+    assert!(!jwks.contains(KID), "{jwks}");
+    assert_ok(&t.lavd_with_config(&[
+        "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
+    ]));
+    assert!(private_key(&t, KID).is_none());
+}
+
+#[test]
+fn a_public_key_swapped_in_the_store_is_never_published() {
+    let t = TestToken::new();
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&generate(&t, "2027-01", "2030-01-01T00:00:00Z"));
+    // An attacker with write access to the database swaps in their own key.
+    let attacker = lavd::jwk::P256PrivateKey::generate().unwrap();
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute(
+        "UPDATE escrow_keys SET public_sec1 = ?1 WHERE kid = ?2",
+        rusqlite::params![attacker.public().sec1().as_slice(), KID],
+    )
+    .unwrap();
+    drop(db);
+    let jwks: serde_json::Value =
+        serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "list"]))).unwrap();
+    let kids: Vec<&str> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["2027-01"]);
+}

@@ -380,3 +380,91 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
         "court order quashed"
     );
 }
+
+#[test]
+fn destroyed_keys_never_open_again() {
+    let w = World::new();
+    let env = w.envelope(
+        "acct:alice@example.com",
+        "2026-12-03T10:00:00Z",
+        "a",
+        &[9; 32],
+    );
+    let body = |id: &str| serde_json::json!({"warrant": w.warrant(id, 5, &[&w.exec, &w.judge]), "envelopes": [env.clone()]});
+    let reasons = |done: lavd::unwrap::Unwrapped| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&done.reply).unwrap();
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["reason"].as_str().unwrap_or("ok").to_string())
+            .collect()
+    };
+    assert_eq!(
+        reasons(
+            w.unwrap(&body("W-5"), AGENCY, "2026-12-05T00:00:00Z")
+                .unwrap()
+        ),
+        ["ok"]
+    );
+
+    // Gone from the token while the store still lists it (an older store
+    // backup restored): refused per envelope, not a failed request.
+    assert!(w.hsm.destroy_escrow_key("2026-12").unwrap());
+    assert_eq!(
+        reasons(
+            w.unwrap(&body("W-6"), AGENCY, "2026-12-05T00:00:00Z")
+                .unwrap()
+        ),
+        ["key_destroyed"]
+    );
+    // Destroyed through the lifecycle: refused before the HSM is asked.
+    keys::destroy(
+        &w.hsm,
+        &*w.store,
+        "2026-12",
+        keys::DestroyReason::Forced("test".into()),
+        t("2026-12-05T00:00:00Z"),
+    )
+    .unwrap();
+    assert_eq!(
+        reasons(
+            w.unwrap(&body("W-7"), AGENCY, "2026-12-05T00:00:00Z")
+                .unwrap()
+        ),
+        ["key_destroyed"]
+    );
+    assert_eq!(w.store.spent("W-7").unwrap(), Some(0));
+}
+
+#[test]
+fn a_refused_warrant_leaf_names_the_claimed_id_and_digest() {
+    let w = World::new();
+    let env = w.envelope(
+        "acct:alice@example.com",
+        "2026-12-03T10:00:00Z",
+        "a",
+        &[9; 32],
+    );
+    let warrant = w.warrant("W-8", 5, &[&w.exec]);
+    let payload = lavd::codec::b64_decode(warrant["payload"].as_str().unwrap()).unwrap();
+    let body = serde_json::json!({"warrant": warrant, "envelopes": [env]});
+    let before = w.store.tree_size().unwrap();
+    assert_eq!(
+        w.unwrap(&body, AGENCY, "2026-12-05T00:00:00Z")
+            .unwrap_err()
+            .code(),
+        "policy_not_met"
+    );
+    let (_, leaf) = &w.store.leaves(before, before + 1).unwrap()[0];
+    let leaf: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+    assert_eq!(leaf["event"], "warrant_refused");
+    assert_eq!(leaf["warrant_id"], "W-8");
+    assert_eq!(
+        leaf["warrant_digest"],
+        lavd::codec::b64_encode(aws_lc_rs::digest::digest(
+            &aws_lc_rs::digest::SHA256,
+            &payload
+        ))
+    );
+}

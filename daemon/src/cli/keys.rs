@@ -4,10 +4,10 @@ use anyhow::Context as _;
 use time::OffsetDateTime;
 
 use super::ConfigArg;
-use crate::codec::parse_time;
+use crate::codec::{format_time, parse_time};
 use crate::hsm::Hsm;
 use crate::keys::{self, DestroyReason, Validity};
-use crate::store::Store;
+use crate::store::{KeyStore as _, Store};
 
 /// Key lifecycle subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -30,10 +30,15 @@ pub enum KeysCommand {
         #[arg(long, value_parser = time_arg)]
         destroy_after: OffsetDateTime,
     },
-    /// Print the JWK Set of usable escrow public keys (PROTOCOL §2).
+    /// Print the JWK Set of usable escrow public keys (PROTOCOL §2), each
+    /// checked against the HSM's copy.
     List {
         #[command(flatten)]
         config: ConfigArg,
+        /// List every key with its state (active, retained, due for
+        /// destruction, destroyed) instead, one per line.
+        #[arg(long)]
+        all: bool,
     },
     /// Destroy an escrow key's private half in the HSM. Refused before its
     /// retention ends unless --force and --reason are given.
@@ -41,12 +46,16 @@ pub enum KeysCommand {
         #[command(flatten)]
         config: ConfigArg,
         /// The key to destroy.
-        #[arg(long)]
-        kid: String,
+        #[arg(long, required_unless_present = "expired", conflicts_with = "expired")]
+        kid: Option<String>,
+        /// Destroy every key whose retention has ended (for a daily timer).
+        #[arg(long, conflicts_with_all = ["force", "reason"])]
+        expired: bool,
         /// Destroy before the end of retention.
         #[arg(long, requires = "reason")]
         force: bool,
-        /// Why (recorded with the key and in the audit log).
+        /// Why (kept with the key's record; the audit log records that the
+        /// destruction was forced).
         #[arg(long, requires = "force")]
         reason: Option<String>,
     },
@@ -98,34 +107,69 @@ impl KeysCommand {
                     )?
                 );
             }
-            KeysCommand::List { config } => {
+            KeysCommand::List { config, all } => {
                 let settings = config.load()?;
                 let store = Store::open(&settings.store_path)?;
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&keys::jwks(&store, now)?)?
-                );
+                if all {
+                    for k in store.list_keys()? {
+                        let state = match (&k.destroyed_at, &k.destroy_reason) {
+                            (Some(at), reason) => format!(
+                                "destroyed {} ({})",
+                                format_time(*at),
+                                reason.as_deref().unwrap_or("")
+                            ),
+                            (None, _) if now > k.destroy_after => "due for destruction".into(),
+                            (None, _) if now >= k.not_after => {
+                                "retained (no longer sealed to)".into()
+                            }
+                            (None, _) if now < k.not_before => "not yet valid".into(),
+                            (None, _) => "active".into(),
+                        };
+                        println!(
+                            "{}\tnot_before={}\tnot_after={}\tdestroy_after={}\t{state}",
+                            k.kid,
+                            format_time(k.not_before),
+                            format_time(k.not_after),
+                            format_time(k.destroy_after)
+                        );
+                    }
+                } else {
+                    let hsm = Hsm::open(settings.hsm)?;
+                    let set = keys::jwks_checked(&hsm, &store, now)?;
+                    println!("{}", serde_json::to_string_pretty(&set)?);
+                }
             }
             KeysCommand::Destroy {
                 config,
                 kid,
+                expired,
                 force,
                 reason,
             } => {
                 let settings = config.load()?;
                 let store = Store::open(&settings.store_path)?;
                 let hsm = Hsm::open(settings.hsm)?;
-                let reason = if force {
-                    DestroyReason::Forced(reason.unwrap_or_default())
-                } else {
-                    DestroyReason::Retention
+                let kids = match kid {
+                    Some(kid) => vec![kid],
+                    None if expired => keys::due_for_destruction(&store, now)?
+                        .into_iter()
+                        .map(|k| k.kid)
+                        .collect(),
+                    None => Vec::new(),
                 };
-                let record = keys::destroy(&hsm, &store, &kid, reason, now)?;
-                eprintln!(
-                    "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
-                    record.kid,
-                    record.destroy_reason.as_deref().unwrap_or("")
-                );
+                for kid in kids {
+                    let reason = if force {
+                        DestroyReason::Forced(reason.clone().unwrap_or_default())
+                    } else {
+                        DestroyReason::Retention
+                    };
+                    let record = keys::destroy(&hsm, &store, &kid, reason, now)?;
+                    eprintln!(
+                        "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
+                        record.kid,
+                        record.destroy_reason.as_deref().unwrap_or("")
+                    );
+                }
             }
             KeysCommand::GenerateAudit { config } => {
                 let settings = config.load()?;
