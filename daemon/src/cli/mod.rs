@@ -3,6 +3,8 @@
 //! agencies: `open`; auditors: `audit`).
 
 pub mod keys;
+pub mod notify;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -20,6 +22,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: the mutual-TLS API and the admin listener, until
+    /// SIGTERM or SIGINT (SIGHUP reloads certificates, CRLs and roles).
+    Serve(serve::ServeArgs),
     /// Escrow and audit key lifecycle (operators).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -33,7 +38,12 @@ impl Command {
     /// into exit code 64.
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Keys(cmd) => cmd.run(),
+            // The daemon sets up logging from its config file.
+            Command::Serve(args) => serve::run(args),
+            Command::Keys(cmd) => {
+                init_logging(&crate::config::LogSettings::default());
+                cmd.run()
+            }
         }
     }
 }
@@ -44,13 +54,6 @@ impl Command {
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAVD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     match cli.command.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -67,6 +70,27 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// Sets up logging to stderr: `LAVD_LOG` if set, else `log.level`, in
+/// `log.format`. A second call does nothing.
+pub fn init_logging(log: &crate::config::LogSettings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LAVD_LOG")
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    // An error means a subscriber is already set (a test harness): keep it.
+    let _ = match log.format {
+        crate::config::LogFormat::Human => builder.try_init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
 /// The stable code of a command's error, for scripts that read stderr.
 pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if e.downcast_ref::<crate::config::ConfigError>().is_some() {
@@ -80,6 +104,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if e.downcast_ref::<crate::store::StoreError>().is_some() {
         return Some("store_unavailable");
+    }
+    if let Some(s) = e.downcast_ref::<crate::api::ServeError>() {
+        return Some(s.code());
     }
     None
 }
@@ -98,6 +125,10 @@ impl ConfigArg {
     /// # Errors
     /// [`crate::config::ConfigError`].
     pub fn load(&self) -> Result<crate::config::Settings, crate::config::ConfigError> {
-        crate::config::Settings::load(&self.config, &crate::config::ProcessEnv)
+        let settings = crate::config::Settings::load(&self.config, &crate::config::ProcessEnv)?;
+        for warning in &settings.warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(settings)
     }
 }
