@@ -394,6 +394,20 @@ impl Daemon {
         }
     }
 
+    /// Waits until the metric `series` reads `value` (the daemon counts
+    /// some events just after the client has seen their effect); returns
+    /// the last value read.
+    pub fn wait_metric(&self, series: &str, value: f64) -> f64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.metric(series);
+            if now == value || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The value of one metric line (`name{labels}`), 0 if absent.
     pub fn metric(&self, series: &str) -> f64 {
         let text = self.admin_get("/metrics").text();

@@ -53,7 +53,10 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
     }
 
     assert_eq!(
-        daemon.metric("lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"}"),
+        daemon.wait_metric(
+            "lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"}",
+            1.0
+        ),
         1.0
     );
 }
