@@ -120,6 +120,11 @@ impl Metrics {
             "Configuration reloads (SIGHUP), by outcome.",
             &["outcome"],
         )?;
+        // Both outcomes exist from the start, so that an alert on
+        // `increase(...{outcome="failed"}[1h]) > 0` has a series to watch.
+        for outcome in ["ok", "failed"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
         Ok(Metrics {
             registry,
             http_requests,

@@ -487,6 +487,11 @@ impl Client {
         self.connect()?.request(method, path, &[], body)
     }
 
+    /// `GET path` on a new connection, returning transport errors.
+    pub fn get_raw(&self, path: &str) -> std::io::Result<Response> {
+        self.request("GET", path, None)
+    }
+
     /// `GET path` on a new connection, which must succeed at the HTTP level.
     pub fn get(&self, path: &str) -> Response {
         self.request("GET", path, None).expect("request")
