@@ -48,6 +48,11 @@ impl Issued {
     fn key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
     }
+
+    /// The leaf certificate and its key, in PEM.
+    pub fn pem(&self) -> (String, String) {
+        (pem("CERTIFICATE", &self.chain[0]), pem("PRIVATE KEY", &self.key))
+    }
 }
 
 /// A URI SAN.
@@ -210,11 +215,9 @@ impl Pki {
             servers: Ca::new("lavd test server CA"),
             dir,
         };
-        let server = pki.servers.server();
-        std::fs::write(pki.dir.join("server.pem"), pem("CERTIFICATE", &server.chain[0]))
-            .expect("server.pem");
-        std::fs::write(pki.dir.join("server.key"), pem("PRIVATE KEY", &server.key))
-            .expect("server.key");
+        let (cert, key) = pki.servers.server().pem();
+        pki.write("server.pem", &cert);
+        pki.write("server.key", &key);
         crate::restrict(&pki.dir.join("server.key"));
         pki.write("clients.pem", &pki.clients.pem());
         pki
