@@ -8,8 +8,8 @@
 //! series stays bounded whatever clients send.
 
 use prometheus::{
-    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::hsm::HsmObserver;
@@ -147,7 +147,9 @@ impl Metrics {
         self.http_requests
             .with_label_values(&[route, status.as_str()])
             .inc();
-        self.http_seconds.with_label_values(&[route]).observe(seconds);
+        self.http_seconds
+            .with_label_values(&[route])
+            .observe(seconds);
     }
 
     /// One envelope handled by unwrap: `outcome` is `ok` or a PROTOCOL §5

@@ -51,7 +51,10 @@ impl Issued {
 
     /// The leaf certificate and its key, in PEM.
     pub fn pem(&self) -> (String, String) {
-        (pem("CERTIFICATE", &self.chain[0]), pem("PRIVATE KEY", &self.key))
+        (
+            pem("CERTIFICATE", &self.chain[0]),
+            pem("PRIVATE KEY", &self.key),
+        )
     }
 }
 
@@ -266,14 +269,33 @@ impl Daemon {
         })
     }
 
+    /// Starts it with `LAVD_LOG=level` (the harness default is `warn`).
+    pub fn start_logging(token: &TestToken, level: &str) -> Self {
+        Self::spawn(token, Some(level)).unwrap_or_else(|(status, stderr)| {
+            panic!("lavd serve did not start ({status:?}):\n{stderr}")
+        })
+    }
+
     /// Starts it; on failure returns the exit status and stderr.
     pub fn try_start(token: &TestToken) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn(token, None)
+    }
+
+    fn spawn(
+        token: &TestToken,
+        log_level: Option<&str>,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
         let socket = token.path("notify.sock");
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");
         let stderr = token.path("lavd.stderr");
         let config = token.config();
-        let child = crate::lavd_command(&["serve", "--config", config.to_str().expect("utf-8")])
+        let mut command =
+            crate::lavd_command(&["serve", "--config", config.to_str().expect("utf-8")]);
+        if let Some(level) = log_level {
+            command.env("LAVD_LOG", level);
+        }
+        let child = command
             .env("NOTIFY_SOCKET", &socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -500,7 +522,12 @@ impl Client {
     }
 
     /// One request on a new connection.
-    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> std::io::Result<Response> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> std::io::Result<Response> {
         self.connect()?.request(method, path, &[], body)
     }
 

@@ -90,12 +90,13 @@ fn metrics_are_prometheus_text() {
         "{text}"
     );
     assert!(text.contains("op=\"ready\",result=\"ok\""), "{text}");
-    assert!(text.contains("lavd_config_reloads_total{outcome=\"failed\"} 0"), "{text}");
+    assert!(
+        text.contains("lavd_config_reloads_total{outcome=\"failed\"} 0"),
+        "{text}"
+    );
     // Labels are route templates and fixed reasons, never identities.
     assert!(!text.contains("spiffe://"), "{text}");
 
     // Unknown admin paths answer in the error shape too.
-    daemon
-        .admin_get("/v1/keys")
-        .assert_error(404, "not_found");
+    daemon.admin_get("/v1/keys").assert_error(404, "not_found");
 }

@@ -105,10 +105,7 @@ fn unknown_routes_are_404_and_wrong_methods_405() {
         ("GET", "/v1/unwrap"),
         ("PUT", "/v1/warrants/revocations"),
     ] {
-        let r = s
-            .provider
-            .request(method, path, &[], Some(b"{}"))
-            .unwrap();
+        let r = s.provider.request(method, path, &[], Some(b"{}")).unwrap();
         r.assert_error(405, "method_not_allowed");
     }
     assert_eq!(

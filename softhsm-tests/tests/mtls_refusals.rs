@@ -89,7 +89,10 @@ fn a_revoked_certificate_fails_the_handshake() {
     );
     assert_counted_once(&daemon, "certificate_revoked");
     // Another certificate of the same identity and CA, not on the CRL.
-    assert_eq!(pki.client(daemon.api, Some(&good)).get("/v1/keys").status, 200);
+    assert_eq!(
+        pki.client(daemon.api, Some(&good)).get("/v1/keys").status,
+        200
+    );
 }
 
 #[test]

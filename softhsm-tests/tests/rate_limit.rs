@@ -21,7 +21,10 @@ fn an_identity_past_its_burst_gets_429_and_others_do_not() {
     let noisy = pki.client(daemon.api, Some(&pki.clients.identity(NOISY)));
     let mut conn = noisy.connect().unwrap();
     for _ in 0..3 {
-        assert_eq!(conn.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+        assert_eq!(
+            conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+            200
+        );
     }
     let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
     r.assert_error(429, "rate_limited");

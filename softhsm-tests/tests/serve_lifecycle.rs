@@ -35,7 +35,10 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let (_t, pki, mut daemon) = start(30);
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
     let mut idle = client.connect().unwrap();
-    assert_eq!(idle.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    assert_eq!(
+        idle.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
     let mut slow = client.connect().unwrap();
     slow.send(SLOW_HEAD).unwrap();
     std::thread::sleep(Duration::from_millis(300));
@@ -52,7 +55,9 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(idle.closed_within(Duration::from_secs(5)));
-    assert!(daemon.wait_exit_or_running(Duration::from_millis(500)).is_none());
+    assert!(daemon
+        .wait_exit_or_running(Duration::from_millis(500))
+        .is_none());
 
     // The in-flight request completes normally.
     slow.send(b"56789").unwrap();
@@ -79,7 +84,11 @@ fn a_stuck_request_cannot_hold_the_shutdown_past_the_grace() {
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
     assert!(took >= Duration::from_millis(900), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
-    assert!(daemon.stderr().contains("grace period over"), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("grace period over"),
+        "{}",
+        daemon.stderr()
+    );
     set_read_timeout(&mut stuck, Duration::from_secs(2));
     assert!(stuck.read_response().is_err());
 }
@@ -99,7 +108,11 @@ fn a_second_signal_cuts_the_drain_short() {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(daemon.stderr().contains("second signal"), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("second signal"),
+        "{}",
+        daemon.stderr()
+    );
 }
 
 #[test]

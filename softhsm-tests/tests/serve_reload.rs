@@ -66,16 +66,17 @@ fn a_bad_reload_keeps_the_running_configuration() {
     let daemon = Daemon::start(&t);
     let late = pki.client(daemon.api, Some(&pki.clients.identity(LATE)));
     let mut conn = late.connect().unwrap();
-    assert_eq!(conn.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
 
     // An unknown role name, then a key file that does not exist.
     t.write_config(&serve_config(&format!(
         "[roles]\n\"{LATE}\" = [\"superuser\"]\n"
     )));
     reload(&daemon);
-    t.write_config(
-        &serve_config(&roles(&[LATE])).replace("tls/server.key", "tls/missing.key"),
-    );
+    t.write_config(&serve_config(&roles(&[LATE])).replace("tls/server.key", "tls/missing.key"));
     reload(&daemon);
     assert_eq!(
         daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 2.0),
@@ -88,7 +89,10 @@ fn a_bad_reload_keeps_the_running_configuration() {
 
     // Still serving the previous configuration, on the old connection and
     // on new ones (whose handshake needs the old key).
-    assert_eq!(conn.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
     assert_eq!(late.get("/v1/keys").status, 200);
     daemon.wait_readyz(200);
 
@@ -128,7 +132,10 @@ fn sighup_reloads_the_server_certificate_for_new_connections() {
     let e = stale.connect().unwrap_err();
     assert!(e.to_string().contains("UnknownIssuer"), "{e}");
     // The connection made before the rotation is still served.
-    assert_eq!(old.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    assert_eq!(
+        old.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
 }
 
 #[test]

@@ -299,7 +299,10 @@ mod tests {
 
     #[test]
     fn warp_rejections_map_to_stable_codes() {
-        assert_eq!(from_rejection(&warp::reject::not_found()), ApiError::NotFound);
+        assert_eq!(
+            from_rejection(&warp::reject::not_found()),
+            ApiError::NotFound
+        );
         let custom = warp::reject::custom(ApiError::Unavailable("the HSM"));
         assert_eq!(from_rejection(&custom), ApiError::Unavailable("the HSM"));
     }

@@ -34,7 +34,9 @@ pub const UNMATCHED: &str = "unmatched";
 
 /// The routes as a callable: request in, response out.
 pub type Router = Arc<
-    dyn Fn(Request<Full<Bytes>>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+    dyn Fn(
+            Request<Full<Bytes>>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
         + Send
         + Sync,
 >;
@@ -65,7 +67,9 @@ pub struct Api {
 
 impl std::fmt::Debug for Api {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Api").field("state", &self.state).finish_non_exhaustive()
+        f.debug_struct("Api")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
     }
 }
 
@@ -165,7 +169,10 @@ where
     if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
         conn.rejected.store(true, Ordering::SeqCst);
         state.metrics.tls_handshake_failure(reason);
-        tracing::warn!(reason, "client certificate no longer accepted; closing the connection");
+        tracing::warn!(
+            reason,
+            "client certificate no longer accepted; closing the connection"
+        );
         return ApiError::CertificateRejected(reason).into_response();
     }
     if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
@@ -210,7 +217,9 @@ where
         }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "request body unreadable");
-            Err(ApiError::Malformed("the request body could not be read".into()))
+            Err(ApiError::Malformed(
+                "the request body could not be read".into(),
+            ))
         }
     }
 }
@@ -221,13 +230,21 @@ mod tests {
 
     #[tokio::test]
     async fn bodies_over_the_limit_are_refused_whatever_their_framing() {
-        let ok = read_body(Full::new(Bytes::from(vec![7u8; 1024])), 1024, Duration::from_secs(1))
-            .await
-            .unwrap();
+        let ok = read_body(
+            Full::new(Bytes::from(vec![7u8; 1024])),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
         assert_eq!(ok.len(), 1024);
-        let e = read_body(Full::new(Bytes::from(vec![7u8; 1025])), 1024, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let e = read_body(
+            Full::new(Bytes::from(vec![7u8; 1025])),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e.code(), "body_too_large");
     }
 
@@ -241,7 +258,8 @@ mod tests {
             fn poll_frame(
                 self: std::pin::Pin<&mut Self>,
                 _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>>
+            {
                 std::task::Poll::Pending
             }
         }

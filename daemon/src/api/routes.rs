@@ -64,7 +64,9 @@ impl RequestContext {
 
 /// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
 /// request metrics and the log span. Put it right after path and method.
-pub fn route(template: &'static str) -> impl Filter<Extract = (), Error = std::convert::Infallible> + Clone {
+pub fn route(
+    template: &'static str,
+) -> impl Filter<Extract = (), Error = std::convert::Infallible> + Clone {
     warp::ext::optional::<Arc<RequestContext>>()
         .map(move |ctx: Option<Arc<RequestContext>>| {
             if let Some(ctx) = ctx {
@@ -105,9 +107,11 @@ pub const ANY_ROLE: &[Role] = &[];
 
 /// The request's [`RequestContext`].
 pub fn context() -> impl Filter<Extract = (Arc<RequestContext>,), Error = Rejection> + Clone {
-    warp::ext::optional::<Arc<RequestContext>>().and_then(|ctx: Option<Arc<RequestContext>>| async move {
-        ctx.ok_or_else(|| Rejection::from(ApiError::Internal))
-    })
+    warp::ext::optional::<Arc<RequestContext>>().and_then(
+        |ctx: Option<Arc<RequestContext>>| async move {
+            ctx.ok_or_else(|| Rejection::from(ApiError::Internal))
+        },
+    )
 }
 
 /// The body as `T`, parsed strictly ([`crate::codec::from_json`]: unknown
@@ -117,8 +121,8 @@ pub fn context() -> impl Filter<Extract = (Arc<RequestContext>,), Error = Reject
 /// # Errors
 /// Rejects with [`ApiError::Malformed`] (400 `malformed_request`), naming
 /// what serde found wrong.
-pub fn json_body<T: DeserializeOwned + Send>() -> impl Filter<Extract = (T,), Error = Rejection> + Clone
-{
+pub fn json_body<T: DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
     raw_body().and_then(|bytes: warp::hyper::body::Bytes| async move {
         crate::codec::from_json::<T>(&bytes).map_err(|e| {
             Rejection::from(ApiError::Malformed(match e {
@@ -186,9 +190,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(route("/v1/warrants/revocations"))
         .and(require(&[Role::Admin]))
         .and(json_body::<serde_json::Value>())
-        .and_then(|_: PeerIdentity, _: serde_json::Value| {
-            not_yet("POST /v1/warrants/revocations")
-        });
+        .and_then(|_: PeerIdentity, _: serde_json::Value| not_yet("POST /v1/warrants/revocations"));
     let audit = warp::path("v1")
         .and(warp::path("audit"))
         .and(warp::get())

@@ -75,7 +75,8 @@ impl Timeouts {
     /// shortest, between 100 ms and 1 s. A deadline is enforced within that
     /// much of its nominal value.
     fn tick(&self) -> Duration {
-        (self.header_read.min(self.idle) / 4).clamp(Duration::from_millis(100), Duration::from_secs(1))
+        (self.header_read.min(self.idle) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1))
     }
 }
 
@@ -133,9 +134,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 pub async fn serve_api(api: Arc<Api>, addr: SocketAddr) -> Result<Listener, ServeError> {
     let listener = bind(addr).await?;
     let max = api.state.limits.max_connections;
-    Ok(spawn_accept_loop(listener, max, move |tcp, remote, stop| {
-        api_connection(api.clone(), tcp, remote, stop)
-    }))
+    Ok(spawn_accept_loop(
+        listener,
+        max,
+        move |tcp, remote, stop| api_connection(api.clone(), tcp, remote, stop),
+    ))
 }
 
 /// Starts a plain-HTTP listener (the admin endpoints) answering every
@@ -150,9 +153,11 @@ pub async fn serve_plain(
     router: Router,
 ) -> Result<Listener, ServeError> {
     let listener = bind(addr).await?;
-    Ok(spawn_accept_loop(listener, max_connections, move |tcp, _remote, stop| {
-        plain_connection(router.clone(), tcp, timeouts, stop)
-    }))
+    Ok(spawn_accept_loop(
+        listener,
+        max_connections,
+        move |tcp, _remote, stop| plain_connection(router.clone(), tcp, timeouts, stop),
+    ))
 }
 
 async fn plain_connection(
@@ -183,10 +188,20 @@ async fn plain_connection(
         .keep_alive(true)
         .max_headers(100)
         .max_header_size(16 << 10);
-    drive(builder.serve_connection(io, service), &activity, timeouts, stop).await;
+    drive(
+        builder.serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
 }
 
-fn spawn_accept_loop<F, Fut>(listener: TcpListener, max_connections: usize, connection: F) -> Listener
+fn spawn_accept_loop<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    connection: F,
+) -> Listener
 where
     F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -354,7 +369,13 @@ async fn api_connection(
         .keep_alive(true)
         .max_headers(100)
         .max_header_size(limits.max_header_bytes);
-    drive(builder.serve_connection(io, service), &activity, timeouts, stop).await;
+    drive(
+        builder.serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
 }
 
 /// Runs `conn` to completion, enforcing the header and idle deadlines and
@@ -442,9 +463,9 @@ impl Activity {
     fn on_read(&self, n: usize) {
         if n > 0 && self.in_flight.load(Ordering::SeqCst) == 0 {
             let now = self.millis(Instant::now());
-            let _ = self
-                .head_started
-                .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst);
+            let _ =
+                self.head_started
+                    .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst);
         }
     }
 
@@ -485,7 +506,8 @@ pub(crate) struct Busy<'a>(&'a Activity);
 impl Drop for Busy<'_> {
     fn drop(&mut self) {
         let a = self.0;
-        a.idle_since.store(a.millis(Instant::now()), Ordering::SeqCst);
+        a.idle_since
+            .store(a.millis(Instant::now()), Ordering::SeqCst);
         a.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -506,7 +528,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            this.activity.on_read(buf.filled().len().saturating_sub(before));
+            this.activity
+                .on_read(buf.filled().len().saturating_sub(before));
         }
         result
     }

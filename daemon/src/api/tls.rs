@@ -80,8 +80,12 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         let pem = read("tls.client_cas", path)?;
         let mut n = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert
-                .map_err(|e| err("tls.client_cas", format!("{}: bad PEM: {e}", path.display())))?;
+            let cert = cert.map_err(|e| {
+                err(
+                    "tls.client_cas",
+                    format!("{}: bad PEM: {e}", path.display()),
+                )
+            })?;
             roots.add(cert).map_err(|e| {
                 err(
                     "tls.client_cas",
@@ -104,9 +108,9 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         if bytes.starts_with(b"-----BEGIN") {
             let before = crls.len();
             for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
-                crls.push(crl.map_err(|e| {
-                    err("tls.crls", format!("{}: bad PEM: {e}", path.display()))
-                })?);
+                crls.push(
+                    crl.map_err(|e| err("tls.crls", format!("{}: bad PEM: {e}", path.display())))?,
+                );
             }
             if crls.len() == before {
                 return Err(err(
@@ -167,7 +171,11 @@ impl TlsMaterial {
     ///
     /// # Errors
     /// The metrics reason of the failure (`certificate_revoked`, …).
-    pub fn recheck(&self, chain: &[CertificateDer<'static>], now: UnixTime) -> Result<(), &'static str> {
+    pub fn recheck(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<(), &'static str> {
         let (leaf, intermediates) = chain.split_first().ok_or("no_client_certificate")?;
         self.client_verifier
             .verify_client_cert(leaf, intermediates, now)

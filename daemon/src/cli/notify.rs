@@ -112,7 +112,10 @@ mod tests {
         };
         assert_eq!(next(), "READY=1\nSTATUS=serving api=x\n");
         let reloading = next();
-        assert!(reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="), "{reloading}");
+        assert!(
+            reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+            "{reloading}"
+        );
         let usec: u64 = reloading.lines().nth(1).unwrap()["MONOTONIC_USEC=".len()..]
             .parse()
             .unwrap();
@@ -126,9 +129,8 @@ mod tests {
     fn datagrams_reach_an_abstract_socket() {
         use std::os::linux::net::SocketAddrExt as _;
         let name = format!("lavd-test-{}", std::process::id());
-        let rx =
-            UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
-                .unwrap();
+        let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
+            .unwrap();
         Notifier::new(Some(format!("@{name}"))).stopping();
         let mut buf = [0u8; 128];
         let len = rx.recv(&mut buf).unwrap();

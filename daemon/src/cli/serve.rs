@@ -59,7 +59,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .thread_name("lavd")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(state, Notifier::new(std::env::var("NOTIFY_SOCKET").ok())))
+    runtime.block_on(serve(
+        state,
+        Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
+    ))
 }
 
 async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()> {

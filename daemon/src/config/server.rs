@@ -188,11 +188,7 @@ impl Validator<'_> {
                 .map_err(|_| self.err(field, "does not fit this platform's address size")),
             Some(_) => Err(self.err(
                 field,
-                format!(
-                    "must be between {} and {}",
-                    range.start(),
-                    range.end()
-                ),
+                format!("must be between {} and {}", range.start(), range.end()),
             )),
         }
     }
@@ -267,7 +263,9 @@ impl Validator<'_> {
                 let role = Role::parse(name).ok_or_else(|| {
                     self.err(
                         &field,
-                        format!("unknown role {name:?}; roles are provider, agency, auditor, admin"),
+                        format!(
+                            "unknown role {name:?}; roles are provider, agency, auditor, admin"
+                        ),
                     )
                 })?;
                 if !roles.insert(role) {
@@ -354,7 +352,10 @@ impl Validator<'_> {
             None | Some("human") => LogFormat::Human,
             Some("json") => LogFormat::Json,
             Some(other) => {
-                return Err(self.err("log.format", format!("{other:?} is not \"human\" or \"json\"")))
+                return Err(self.err(
+                    "log.format",
+                    format!("{other:?} is not \"human\" or \"json\""),
+                ))
             }
         };
         let level = raw.level.unwrap_or(d.level);

@@ -138,8 +138,14 @@ fn serve_table_refusals_name_the_field() {
         ("[server]\nlisten = \"localhost:80\"\n", "server.listen"),
         ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
         ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
-        ("[limits]\nidle_timeout_secs = 0\n", "limits.idle_timeout_secs"),
-        ("[limits]\nrate_limit_per_second = 0\n", "limits.rate_limit_per_second"),
+        (
+            "[limits]\nidle_timeout_secs = 0\n",
+            "limits.idle_timeout_secs",
+        ),
+        (
+            "[limits]\nrate_limit_per_second = 0\n",
+            "limits.rate_limit_per_second",
+        ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[log]\nlevel = \"lavd=[\"\n", "log.level"),
@@ -155,7 +161,10 @@ fn serve_table_refusals_name_the_field() {
             "[roles]\n\"spiffe://a.example/x\" = [\"agency\", \"agency\"]\n",
             "roles.\"spiffe://a.example/x\"",
         ),
-        ("[roles]\n\"not a uri\" = [\"agency\"]\n", "roles.\"not a uri\""),
+        (
+            "[roles]\n\"not a uri\" = [\"agency\"]\n",
+            "roles.\"not a uri\"",
+        ),
     ];
     for (extra, field) in cases {
         let e = load(&format!("{GOOD}{TLS}{extra}"), &[]).unwrap_err();
