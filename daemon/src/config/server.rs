@@ -306,8 +306,7 @@ impl Validator<'_> {
                 "limits.max_header_bytes",
                 raw.max_header_bytes,
                 d.max_header_bytes,
-                // hyper's own floor for its read buffer is 8 KiB + 1.
-                (8 << 10) + 1..=(1 << 20),
+                1024..=(1 << 20),
             )?,
             max_batch: self.count("limits.max_batch", raw.max_batch, d.max_batch, 1..=10_000)?,
             handshake_timeout: self.secs(
