@@ -10,6 +10,29 @@
 //! By the time a request gets here the pipeline has checked the client
 //! certificate's identity, applied the rate limit and read the whole body
 //! within `limits.max_body_bytes`.
+//!
+//! Adding a route (in [`routes`], then `.or(it).unify()` into the table):
+//!
+//! ```text
+//! let unwrap = warp::path!("v1" / "unwrap")
+//!     .and(warp::post())
+//!     .and(route("/v1/unwrap"))
+//!     .and(require(&[Role::Agency]))
+//!     .and(raw_body())                       // or json_body::<UnwrapRequest>()
+//!     .and(context())                        // to record the warrant id
+//!     .and(with_state(state.clone()))
+//!     .and_then(unwrap_handler);
+//!
+//! async fn unwrap_handler(peer: PeerIdentity, body: Bytes, ctx: Arc<RequestContext>,
+//!                         state: Arc<ServerState>) -> Result<Response, Rejection> {
+//!     let request = parse(&body).map_err(|e| ApiError::Malformed(e.to_string()))?;
+//!     if request.envelopes.len() > state.limits.max_batch { return Err(ApiError::BatchTooLarge { … }.into()) }
+//!     ctx.record_warrant_id(&request.warrant_id);
+//!     let opened = state.hsm.run(move |hsm| …).await;  // never hold a session across .await
+//!     state.metrics.envelope("ok");
+//!     Ok(warp::reply::json(&reply).into_response())
+//! }
+//! ```
 
 use std::sync::{Arc, OnceLock};
 
