@@ -121,10 +121,11 @@ impl Listener {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServeError::Bind { addr, source })
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let err = |source| ServeError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
 }
 
 /// Starts the mutual-TLS API listener.
@@ -132,10 +133,11 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
 /// # Errors
 /// [`ServeError::Bind`].
 pub async fn serve_api(api: Arc<Api>, addr: SocketAddr) -> Result<Listener, ServeError> {
-    let listener = bind(addr).await?;
+    let (listener, local_addr) = bind(addr).await?;
     let max = api.state.limits.max_connections;
     Ok(spawn_accept_loop(
         listener,
+        local_addr,
         max,
         move |tcp, remote, stop| api_connection(api.clone(), tcp, remote, stop),
     ))
@@ -152,9 +154,10 @@ pub async fn serve_plain(
     timeouts: Timeouts,
     router: Router,
 ) -> Result<Listener, ServeError> {
-    let listener = bind(addr).await?;
+    let (listener, local_addr) = bind(addr).await?;
     Ok(spawn_accept_loop(
         listener,
+        local_addr,
         max_connections,
         move |tcp, _remote, stop| plain_connection(router.clone(), tcp, timeouts, stop),
     ))
@@ -199,6 +202,7 @@ async fn plain_connection(
 
 fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
+    local_addr: SocketAddr,
     max_connections: usize,
     connection: F,
 ) -> Listener
@@ -206,9 +210,6 @@ where
     F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let local_addr = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let (stop, stop_rx) = watch::channel(false);
     let abort = Arc::new(Notify::new());
     let task = tokio::spawn(accept_loop(
