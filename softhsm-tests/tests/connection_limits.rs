@@ -104,3 +104,23 @@ fn connections_beyond_the_cap_wait_for_a_free_slot() {
     drop(first);
     assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 200);
 }
+
+#[test]
+fn an_oversized_request_head_is_431_and_closes_the_connection() {
+    let (_t, pki, daemon) = start("max_header_bytes = 4096\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut conn = client.connect().unwrap();
+    let filler = "a".repeat(8000);
+    conn.send(
+        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let r = conn.read_response().unwrap();
+    // hyper refuses it before any route runs: a bare status, no detail.
+    assert_eq!(r.status, 431);
+    assert!(r.body.is_empty());
+    assert!(conn.closed_within(Duration::from_secs(5)));
+    // A normal head on a new connection is served.
+    assert_eq!(client.get("/v1/keys").status, 200);
+}
