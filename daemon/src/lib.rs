@@ -32,6 +32,8 @@ pub mod hsm;
 #[cfg(feature = "daemon")]
 pub mod keys;
 #[cfg(feature = "daemon")]
+pub mod metrics;
+#[cfg(feature = "daemon")]
 pub mod store;
 #[cfg(feature = "daemon")]
 pub mod unwrap;

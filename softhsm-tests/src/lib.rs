@@ -7,6 +7,8 @@
 //! `SOFTHSM2_CONF`, and the test process can inspect the token directly with
 //! cryptoki (another application on the same token, as an auditor would be).
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};

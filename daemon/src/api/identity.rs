@@ -71,7 +71,6 @@ pub struct PeerIdentity {
 }
 
 impl PeerIdentity {
-    #[allow(dead_code)] // made by the TLS accept loop (api::server), being written
     pub(crate) fn new(uri: String, roles: BTreeSet<Role>, remote: SocketAddr) -> Self {
         PeerIdentity { uri, roles, remote }
     }
@@ -84,6 +83,16 @@ impl PeerIdentity {
     /// Whether the configuration grants `role`.
     pub fn has(&self, role: Role) -> bool {
         self.roles.contains(&role)
+    }
+
+    /// Whether the configuration grants any role at all.
+    pub fn has_any_role(&self) -> bool {
+        !self.roles.is_empty()
+    }
+
+    /// The roles the configuration grants.
+    pub fn roles(&self) -> &BTreeSet<Role> {
+        &self.roles
     }
 
     /// The remote address of the connection.

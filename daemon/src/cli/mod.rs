@@ -4,7 +4,9 @@
 
 pub mod audit;
 pub mod keys;
+pub mod notify;
 pub mod seal;
+pub mod serve;
 pub mod warrant;
 
 use std::path::PathBuf;
@@ -23,6 +25,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the daemon: the mutual-TLS API and the admin listener, until
+    /// SIGTERM or SIGINT (SIGHUP reloads certificates, CRLs and roles).
+    Serve(serve::ServeArgs),
     /// Escrow and audit key lifecycle (operators).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -46,13 +51,21 @@ impl Command {
     /// into exit code 64.
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            Command::Keys(cmd) => cmd.run(),
-            Command::Seal(args) => args.run(),
-            Command::Open(args) => args.run(),
-            Command::Warrant(cmd) => cmd.run(),
-            Command::Audit(cmd) => cmd.run(),
+            // The daemon sets up logging from its config file; the tools
+            // log to stderr with the defaults.
+            Command::Serve(args) => serve::run(args),
+            Command::Keys(cmd) => tool(|| cmd.run()),
+            Command::Seal(args) => tool(|| args.run()),
+            Command::Open(args) => tool(|| args.run()),
+            Command::Warrant(cmd) => tool(|| cmd.run()),
+            Command::Audit(cmd) => tool(|| cmd.run()),
         }
     }
+}
+
+fn tool(run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    init_logging(&crate::config::LogSettings::default());
+    run()
 }
 
 /// Runs `lavd` with the process's arguments and environment: parse the command
@@ -61,13 +74,6 @@ impl Command {
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("LAVD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     match cli.command.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -88,6 +94,27 @@ pub fn main() -> std::process::ExitCode {
             }
         }
     }
+}
+
+/// Sets up logging to stderr: `LAVD_LOG` if set, else `log.level`, in
+/// `log.format`. A second call does nothing.
+pub fn init_logging(log: &crate::config::LogSettings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("LAVD_LOG")
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    // An error means a subscriber is already set (a test harness): keep it.
+    let _ = match log.format {
+        crate::config::LogFormat::Human => builder.try_init(),
+        crate::config::LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 /// The stable code of a command's error, for scripts that read stderr.
@@ -119,6 +146,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if e.downcast_ref::<crate::store::StoreError>().is_some() {
         return Some("store_unavailable");
     }
+    if let Some(s) = e.downcast_ref::<crate::api::ServeError>() {
+        return Some(s.code());
+    }
     None
 }
 
@@ -136,6 +166,10 @@ impl ConfigArg {
     /// # Errors
     /// [`crate::config::ConfigError`].
     pub fn load(&self) -> Result<crate::config::Settings, crate::config::ConfigError> {
-        crate::config::Settings::load(&self.config, &crate::config::ProcessEnv)
+        let settings = crate::config::Settings::load(&self.config, &crate::config::ProcessEnv)?;
+        for warning in &settings.warnings {
+            tracing::warn!("{warning}");
+        }
+        Ok(settings)
     }
 }

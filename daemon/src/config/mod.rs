@@ -11,7 +11,9 @@
 //! A bad config names the file, the field and the reason; `main` exits 64.
 
 mod raw;
+mod server;
 
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use cryptoki::types::AuthPin;
@@ -19,6 +21,11 @@ use cryptoki::types::AuthPin;
 use crate::hsm::{HsmSettings, Quirks, TokenSelector};
 
 pub use raw::RawConfig;
+pub use server::{
+    AdminSettings, Limits, LogFormat, LogSettings, ServerSettings, TlsSettings, TlsVersion,
+};
+
+use crate::api::identity::RoleMap;
 
 /// The default config path.
 pub const DEFAULT_PATH: &str = "/etc/lavd/lavd.toml";
@@ -36,7 +43,8 @@ pub struct ConfigError {
 }
 
 /// Where environment variables come from (the process, or a test's map).
-pub trait Env {
+/// `Send + Sync` so that the server can keep it to reload the file on SIGHUP.
+pub trait Env: Send + Sync {
     /// The variable's value, if set.
     fn var(&self, name: &str) -> Option<String>;
 }
@@ -62,6 +70,22 @@ pub struct Settings {
     pub store_path: PathBuf,
     /// The audit log.
     pub audit: AuditSettings,
+    /// `[server]`: the API listener.
+    pub server: ServerSettings,
+    /// `[tls]`: absent in a file used only for key lifecycle commands;
+    /// `lavd serve` refuses to start without it.
+    pub tls: Option<TlsSettings>,
+    /// `[admin]`: the operations listener.
+    pub admin: AdminSettings,
+    /// `[roles]`: who may do what.
+    pub roles: RoleMap,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// Things that are allowed but unwise (a PIN file readable by others),
+    /// for the caller to log once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// Audit log settings.
@@ -102,6 +126,7 @@ impl Settings {
         let v = Validator {
             file: path,
             base: path.parent().unwrap_or(Path::new(".")),
+            warnings: RefCell::new(Vec::new()),
         };
         let hsm = v.hsm(raw.hsm, env)?;
         let store_path = v.path(&raw.store.path);
@@ -109,11 +134,42 @@ impl Settings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
             origin: v.origin(raw.audit.origin)?,
         };
+        let server = v.server(raw.server)?;
+        let tls = raw.tls.map(|t| v.tls(t)).transpose()?;
+        let admin = v.admin(raw.admin)?;
+        let roles = v.roles(raw.roles)?;
+        let limits = v.limits(raw.limits)?;
+        let log = v.log(raw.log)?;
+        if server.listen == admin.listen && server.listen.port() != 0 {
+            return Err(v.err(
+                "admin.listen",
+                "must differ from server.listen: the admin listener is plain HTTP",
+            ));
+        }
         Ok(Settings {
             file: path.to_path_buf(),
             hsm,
             store_path,
             audit,
+            server,
+            tls,
+            admin,
+            roles,
+            limits,
+            log,
+            warnings: v.warnings.into_inner(),
+        })
+    }
+
+    /// The `[tls]` table, which `lavd serve` needs.
+    ///
+    /// # Errors
+    /// [`ConfigError`] on field `tls` when the table is absent.
+    pub fn require_tls(&self) -> Result<&TlsSettings, ConfigError> {
+        self.tls.as_ref().ok_or_else(|| ConfigError {
+            file: self.file.clone(),
+            field: "tls".into(),
+            reason: "lavd serve needs a [tls] table with cert, key and client_cas".into(),
         })
     }
 }
@@ -121,6 +177,7 @@ impl Settings {
 struct Validator<'a> {
     file: &'a Path,
     base: &'a Path,
+    warnings: RefCell<Vec<String>>,
 }
 
 impl Validator<'_> {
@@ -199,7 +256,12 @@ impl Validator<'_> {
                             format!("cannot read {}: {e}", file.display()),
                         )
                     })?);
-                warn_if_readable_by_others(&file);
+                if readable_by_others(&file) {
+                    self.warnings.borrow_mut().push(format!(
+                        "the HSM PIN file {} is readable by other users; chmod 600 it",
+                        file.display()
+                    ));
+                }
                 let pin = text.trim_end_matches(['\n', '\r']);
                 if pin.is_empty() {
                     return Err(self.err("hsm.pin_file", format!("{} is empty", file.display())));
@@ -245,17 +307,15 @@ impl Validator<'_> {
 }
 
 #[cfg(unix)]
-fn warn_if_readable_by_others(file: &Path) {
+fn readable_by_others(file: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    if let Ok(meta) = std::fs::metadata(file) {
-        if meta.permissions().mode() & 0o007 != 0 {
-            tracing::warn!(file = %file.display(), "the HSM PIN file is readable by other users; chmod 600 it");
-        }
-    }
+    std::fs::metadata(file).is_ok_and(|meta| meta.permissions().mode() & 0o007 != 0)
 }
 
 #[cfg(not(unix))]
-fn warn_if_readable_by_others(_: &Path) {}
+fn readable_by_others(_: &Path) -> bool {
+    false
+}
 
 #[cfg(test)]
 mod tests;

@@ -1,5 +1,6 @@
 //! The config file as written: serde types with `deny_unknown_fields`.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -15,6 +16,76 @@ pub struct RawConfig {
     /// `[audit]`
     #[serde(default)]
     pub audit: RawAudit,
+    /// `[server]` (`lavd serve`)
+    #[serde(default)]
+    pub server: RawServer,
+    /// `[tls]` (required by `lavd serve`)
+    pub tls: Option<RawTls>,
+    /// `[admin]` (`lavd serve`)
+    #[serde(default)]
+    pub admin: RawAdmin,
+    /// `[roles]`: identity (URI SAN) → role names.
+    #[serde(default)]
+    pub roles: BTreeMap<String, Vec<String>>,
+    /// `[limits]` (`lavd serve`)
+    #[serde(default)]
+    pub limits: RawLimits,
+    /// `[log]`
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[server]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub(super) listen: Option<String>,
+    pub(super) shutdown_grace_secs: Option<u64>,
+}
+
+/// `[tls]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub(super) cert: PathBuf,
+    pub(super) key: PathBuf,
+    pub(super) client_cas: Vec<PathBuf>,
+    #[serde(default)]
+    pub(super) crls: Vec<PathBuf>,
+    pub(super) min_version: Option<String>,
+    pub(super) allow_unknown_revocation_status: Option<bool>,
+    pub(super) enforce_crl_expiry: Option<bool>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub(super) listen: Option<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub(super) max_body_bytes: Option<u64>,
+    pub(super) max_header_bytes: Option<u64>,
+    pub(super) max_batch: Option<u64>,
+    pub(super) handshake_timeout_secs: Option<u64>,
+    pub(super) header_read_timeout_secs: Option<u64>,
+    pub(super) body_read_timeout_secs: Option<u64>,
+    pub(super) idle_timeout_secs: Option<u64>,
+    pub(super) max_connections: Option<u64>,
+    pub(super) rate_limit_per_second: Option<f64>,
+    pub(super) rate_limit_burst: Option<u64>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub(super) format: Option<String>,
+    pub(super) level: Option<String>,
 }
 
 /// `[hsm]`

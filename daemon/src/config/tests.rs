@@ -88,3 +88,108 @@ fn unknown_fields_are_refused_with_their_place() {
     assert!(e.reason.contains("bogus"), "{e}");
     assert!(e.field.contains("[store]"), "{e}");
 }
+
+const TLS: &str = r#"
+[tls]
+cert = "tls/server.pem"
+key = "tls/server.key"
+client_cas = ["tls/clients.pem"]
+"#;
+
+#[test]
+fn serve_tables_have_documented_defaults() {
+    let s = load(&format!("{GOOD}{TLS}"), &[]).unwrap();
+    assert_eq!(s.server.listen, "0.0.0.0:8443".parse().unwrap());
+    assert_eq!(s.server.shutdown_grace, std::time::Duration::from_secs(30));
+    assert_eq!(s.admin.listen, "127.0.0.1:9090".parse().unwrap());
+    assert_eq!(s.limits, Limits::default());
+    assert_eq!(s.limits.max_body_bytes, 1 << 20);
+    assert_eq!(s.log, LogSettings::default());
+    let tls = s.require_tls().unwrap();
+    assert_eq!(tls.min_version, TlsVersion::Tls13);
+    assert!(tls.cert.is_absolute() && tls.cert.ends_with("tls/server.pem"));
+    assert!(tls.client_cas[0].is_absolute());
+    assert!(!tls.allow_unknown_revocation_status);
+    assert!(tls.enforce_crl_expiry);
+}
+
+#[test]
+fn key_commands_need_no_tls_table_but_serve_does() {
+    let s = load(GOOD, &[]).unwrap();
+    let e = s.require_tls().unwrap_err();
+    assert_eq!(e.field, "tls");
+}
+
+#[test]
+fn roles_map_identities_to_known_roles() {
+    let text = format!(
+        "{GOOD}{TLS}\n[roles]\n\"spiffe://agency.example/lea\" = [\"agency\", \"auditor\"]\n"
+    );
+    let s = load(&text, &[]).unwrap();
+    let roles = s.roles.roles("spiffe://agency.example/lea");
+    assert!(roles.contains(&crate::api::identity::Role::Agency));
+    assert!(roles.contains(&crate::api::identity::Role::Auditor));
+    assert!(s.roles.roles("spiffe://other").is_empty());
+}
+
+#[test]
+fn serve_table_refusals_name_the_field() {
+    let cases: &[(&str, &str)] = &[
+        ("[server]\nlisten = \"localhost:80\"\n", "server.listen"),
+        ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
+        ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
+        (
+            "[limits]\nidle_timeout_secs = 0\n",
+            "limits.idle_timeout_secs",
+        ),
+        (
+            "[limits]\nrate_limit_per_second = 0\n",
+            "limits.rate_limit_per_second",
+        ),
+        ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[log]\nlevel = \"lavd=[\"\n", "log.level"),
+        (
+            "[roles]\n\"spiffe://a.example/x\" = [\"root\"]\n",
+            "roles.\"spiffe://a.example/x\"",
+        ),
+        (
+            "[roles]\n\"spiffe://a.example/x\" = []\n",
+            "roles.\"spiffe://a.example/x\"",
+        ),
+        (
+            "[roles]\n\"spiffe://a.example/x\" = [\"agency\", \"agency\"]\n",
+            "roles.\"spiffe://a.example/x\"",
+        ),
+        (
+            "[roles]\n\"not a uri\" = [\"agency\"]\n",
+            "roles.\"not a uri\"",
+        ),
+    ];
+    for (extra, field) in cases {
+        let e = load(&format!("{GOOD}{TLS}{extra}"), &[]).unwrap_err();
+        assert_eq!(&e.field, field, "{e}");
+    }
+    let e = load(
+        &format!("{GOOD}{}", TLS.replace("[\"tls/clients.pem\"]", "[]")),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "tls.client_cas");
+    let e = load(&format!("{GOOD}{TLS}min_version = \"1.1\"\n"), &[]).unwrap_err();
+    assert_eq!(e.field, "tls.min_version");
+}
+
+#[test]
+fn a_pin_file_readable_by_others_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(&path, GOOD).unwrap();
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let s = Settings::load(&path, &MapEnv(HashMap::new())).unwrap();
+    assert_eq!(s.warnings.len(), 1);
+    assert!(s.warnings[0].contains("chmod 600"), "{:?}", s.warnings);
+}

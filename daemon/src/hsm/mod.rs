@@ -406,3 +406,37 @@ fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<
 
 /// A 32-byte ECDH output, zeroized on drop.
 pub type SharedSecret = Zeroizing<[u8; 32]>;
+
+/// Initialises a token on the module's first uninitialised slot and sets its
+/// user PIN. Only for `lavd dev`, which makes its own SoftHSM token; real
+/// tokens are initialised with the vendor's tools under their own procedures.
+///
+/// # Errors
+/// [`HsmError::TokenNotFound`] if no uninitialised slot exists, or the
+/// failing PKCS#11 call.
+pub fn init_dev_token(
+    module_path: &Path,
+    label: &str,
+    so_pin: &AuthPin,
+    user_pin: &AuthPin,
+) -> Result<(), HsmError> {
+    let pkcs11 = module(module_path)?;
+    let mut free = None;
+    for slot in pkcs11.get_slots_with_token()? {
+        if !pkcs11.get_token_info(slot)?.token_initialized() {
+            free = Some(slot);
+            break;
+        }
+    }
+    let slot = free.ok_or_else(|| HsmError::TokenNotFound {
+        wanted: "an uninitialised slot".into(),
+        module: module_path.to_path_buf(),
+        present: "only initialised tokens".into(),
+    })?;
+    pkcs11.init_token(slot, so_pin, label)?;
+    let session = pkcs11.open_rw_session(slot)?;
+    session.login(cryptoki::session::UserType::So, Some(so_pin))?;
+    session.init_pin(user_pin)?;
+    session.logout()?;
+    Ok(())
+}

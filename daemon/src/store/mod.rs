@@ -151,6 +151,9 @@ const MIGRATIONS: &[&str] = &[
     audit::MIGRATION,
 ];
 
+/// How long a write waits for another process's write lock before failing.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The SQLite store. One writer connection behind a mutex: SQLite serialises
 /// writers anyway, and one connection lets concurrent callers share a commit.
 #[derive(Debug)]
@@ -182,8 +185,7 @@ impl Store {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
 
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
@@ -215,6 +217,29 @@ impl Store {
         &self.path
     }
 
+    /// Whether a write could start now: takes SQLite's write lock
+    /// (`BEGIN IMMEDIATE`) and rolls back at once. The check behind
+    /// `/readyz`. It fails when another process holds the write lock for
+    /// longer than `wait`, or when the file, its WAL or its shared-memory
+    /// index cannot be opened for writing. It does not prove that the disk
+    /// has space for the next commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] with SQLite's reason.
+    pub fn check_writable(&self, wait: std::time::Duration) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.busy_timeout(wait).map_err(|e| self.sqlite_err(e))?;
+        let result = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");
+        if result.is_err() && !conn.is_autocommit() {
+            // BEGIN succeeded and ROLLBACK failed: do not leave the shared
+            // connection inside a transaction.
+            let _ = conn.execute_batch("ROLLBACK;");
+        }
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| self.sqlite_err(e))?;
+        result.map_err(|e| self.sqlite_err(e))
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done transaction
         // behind (rusqlite rolls back on drop), so a poisoned lock is usable.
@@ -235,5 +260,28 @@ impl Store {
             path: self.path.clone(),
             what: what.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn check_writable_fails_while_another_connection_holds_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let store = Store::open(&path).unwrap();
+        store.check_writable(Duration::from_millis(50)).unwrap();
+
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE;").unwrap();
+        let e = store.check_writable(Duration::from_millis(50)).unwrap_err();
+        assert!(matches!(e, StoreError::Sqlite { .. }), "{e}");
+        assert!(store.conn().is_autocommit(), "left inside a transaction");
+
+        other.execute_batch("ROLLBACK;").unwrap();
+        store.check_writable(Duration::from_millis(50)).unwrap();
     }
 }

@@ -1,0 +1,186 @@
+//! The operations endpoints (PROTOCOL §7), on their own plain-HTTP listener
+//! (`[admin] listen`, default `127.0.0.1:9090`), without client
+//! certificates: bind it to loopback or a management network.
+//!
+//! - `GET /healthz`: the process is alive (always 200).
+//! - `GET /readyz`: 200 only when the HSM has a logged-in session, the store
+//!   can take its write lock, and the server is not shutting down; 503
+//!   otherwise. Checked on every call, so it turns false when a dependency
+//!   fails and true again when it recovers, without a restart.
+//! - `GET /metrics`: Prometheus text format.
+//!
+//! Replies say which check failed, never why: the reason (a `CKR_*` code, a
+//! SQLite error, a path) goes to the log when readiness changes.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use warp::filters::BoxedFilter;
+use warp::http::{header, HeaderValue, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use super::error;
+use super::state::ServerState;
+
+/// How long one readiness check may take before it counts as failing.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the store check waits for another writer's lock.
+const STORE_LOCK_WAIT: Duration = Duration::from_millis(500);
+
+/// The readiness checks, with the serialisation that keeps a hung HSM from
+/// tying up more than one blocking thread.
+#[derive(Debug)]
+pub struct Readiness {
+    state: Arc<ServerState>,
+    hsm_probe: Arc<tokio::sync::Mutex<()>>,
+    store_probe: Arc<tokio::sync::Mutex<()>>,
+    /// 0 unknown, 1 ready, 2 not ready: to log changes only.
+    last: AtomicU8,
+}
+
+/// One readiness answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReadyReport {
+    /// All checks pass and the server is not draining.
+    pub ready: bool,
+    /// The HSM has a logged-in session.
+    pub hsm: bool,
+    /// The store can take its write lock.
+    pub store: bool,
+    /// The server is shutting down.
+    pub draining: bool,
+}
+
+impl Readiness {
+    /// Checks for `state`.
+    pub fn new(state: Arc<ServerState>) -> Self {
+        Readiness {
+            state,
+            hsm_probe: Arc::new(tokio::sync::Mutex::new(())),
+            store_probe: Arc::new(tokio::sync::Mutex::new(())),
+            last: AtomicU8::new(0),
+        }
+    }
+
+    /// Runs the checks now.
+    pub async fn check(&self) -> ReadyReport {
+        let (hsm, store) = tokio::join!(self.check_hsm(), self.check_store());
+        let draining = self.state.is_draining();
+        let report = ReadyReport {
+            ready: hsm.is_ok() && store.is_ok() && !draining,
+            hsm: hsm.is_ok(),
+            store: store.is_ok(),
+            draining,
+        };
+        let now = if report.ready { 1 } else { 2 };
+        if self.last.swap(now, Ordering::SeqCst) != now {
+            if report.ready {
+                tracing::info!("ready");
+            } else {
+                tracing::warn!(
+                    hsm = hsm.err().as_deref().unwrap_or("ok"),
+                    store = store.err().as_deref().unwrap_or("ok"),
+                    draining,
+                    "not ready"
+                );
+            }
+        }
+        report
+    }
+
+    async fn check_hsm(&self) -> Result<(), String> {
+        let hsm = self.state.hsm.clone();
+        let probe = self.hsm_probe.clone();
+        bounded(async move {
+            // The guard moves into the blocking task, so a hung HSM holds it
+            // and later probes time out waiting instead of piling up threads.
+            let guard = probe.lock_owned().await;
+            hsm.run(move |h| {
+                let ready = h.is_ready();
+                drop(guard);
+                Ok(ready)
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|ready| {
+                if ready {
+                    Ok(())
+                } else {
+                    Err("no logged-in session".into())
+                }
+            })
+        })
+        .await
+    }
+
+    async fn check_store(&self) -> Result<(), String> {
+        let store = self.state.store.clone();
+        let probe = self.store_probe.clone();
+        bounded(async move {
+            let guard = probe.lock_owned().await;
+            tokio::task::spawn_blocking(move || {
+                let r = store.check_writable(STORE_LOCK_WAIT);
+                drop(guard);
+                r
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+        })
+        .await
+    }
+}
+
+async fn bounded(
+    check: impl std::future::Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    tokio::time::timeout(CHECK_TIMEOUT, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())))
+}
+
+/// The admin route table.
+pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
+    let metrics = readiness.state.metrics.clone();
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"alive": true})).into_response());
+    let readyz = warp::path!("readyz").and(warp::get()).then(move || {
+        let readiness = readiness.clone();
+        async move {
+            let report = readiness.check().await;
+            let status = if report.ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            warp::reply::with_status(warp::reply::json(&report), status).into_response()
+        }
+    });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(move || match metrics.render() {
+            Ok(text) => {
+                let mut r = Response::new(text.into());
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                r
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot render metrics");
+                error::ApiError::Internal.into_response()
+            }
+        });
+    healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}

@@ -1,0 +1,271 @@
+//! What every API request goes through before and after its route, in
+//! order: identity of the connection → the certificate still passes the
+//! current CAs and CRLs → per-identity rate limit → body read within
+//! `max_body_bytes` and `body_read_timeout` → the route table → metrics and
+//! the request log line.
+//!
+//! Each request runs in a `request` span carrying the caller identity, the
+//! remote address, the route template and (recorded by the unwrap handler)
+//! the warrant id. Bodies are never logged.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::{Body, Bytes};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use tracing::Instrument as _;
+use warp::http::{header, HeaderValue, Request};
+use warp::reply::Response;
+
+use super::error::{ApiError, ErrorCode};
+use super::identity::{IdentityError, PeerIdentity};
+use super::routes::RequestContext;
+use super::server::Activity;
+use super::state::ServerState;
+
+/// Route label of requests refused before routing (identity, rate limit,
+/// body size).
+pub const UNROUTED: &str = "unrouted";
+/// Route label of requests that matched no route.
+pub const UNMATCHED: &str = "unmatched";
+
+/// The routes as a callable: request in, response out.
+pub type Router = Arc<
+    dyn Fn(
+            Request<Full<Bytes>>,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Turns a warp filter into a [`Router`].
+pub fn router(filter: warp::filters::BoxedFilter<(Response,)>) -> Router {
+    use hyper::service::Service as _;
+    let service = hyper_util::service::TowerToHyperService::new(warp::service(filter));
+    Arc::new(move |req| {
+        let call = service.call(req);
+        Box::pin(async move {
+            match call.await {
+                Ok(response) => response,
+                // warp's service error type is Infallible.
+                Err(never) => match never {},
+            }
+        })
+    })
+}
+
+/// The API: shared state and routes.
+pub struct Api {
+    /// The shared state.
+    pub state: Arc<ServerState>,
+    /// The `/v1` routes.
+    pub router: Router,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One TLS connection, as the pipeline sees it.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// The certificate's URI SAN, or why it has none usable.
+    pub identity: Result<String, IdentityError>,
+    /// The client certificate chain, leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Set once the chain failed a re-check; every later request is refused.
+    pub rejected: AtomicBool,
+    /// Request activity, for the idle and header timeouts.
+    pub activity: Arc<Activity>,
+}
+
+/// Answers one request on `conn`.
+pub async fn handle<B>(api: Arc<Api>, conn: Arc<ConnInfo>, req: Request<B>) -> Response
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let started = Instant::now();
+    let _busy = conn.activity.request_started();
+    let identity = match &conn.identity {
+        Ok(uri) => uri.as_str(),
+        Err(_) => "(none)",
+    };
+    let span = tracing::info_span!(
+        "request",
+        identity,
+        remote = %conn.remote,
+        method = %req.method(),
+        route = tracing::field::Empty,
+        warrant_id = tracing::field::Empty,
+    );
+    let ctx = Arc::new(RequestContext::new(span.clone()));
+    let mut response = admit_and_route(&api, &conn, ctx.clone(), req)
+        .instrument(span.clone())
+        .await;
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+
+    let route = ctx.route().unwrap_or_else(|| {
+        if response.extensions().get::<Routed>().is_some() {
+            UNMATCHED
+        } else {
+            UNROUTED
+        }
+    });
+    let status = response.status().as_u16();
+    let elapsed = started.elapsed();
+    api.state
+        .metrics
+        .request(route, status, elapsed.as_secs_f64());
+    let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    span.in_scope(|| {
+        tracing::info!(
+            status,
+            code,
+            route,
+            ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            "request"
+        );
+    });
+    response
+}
+
+/// Marks a response that came out of the route table.
+#[derive(Debug, Clone, Copy)]
+struct Routed;
+
+async fn admit_and_route<B>(
+    api: &Api,
+    conn: &ConnInfo,
+    ctx: Arc<RequestContext>,
+    req: Request<B>,
+) -> Response
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let state = &api.state;
+    let uri = match &conn.identity {
+        Ok(uri) => uri.clone(),
+        Err(e) => return ApiError::InvalidClientIdentity(e.clone()).into_response(),
+    };
+    let live = state.current();
+    if conn.rejected.load(Ordering::SeqCst) {
+        return ApiError::CertificateRejected("refused earlier on this connection").into_response();
+    }
+    if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
+        conn.rejected.store(true, Ordering::SeqCst);
+        state.metrics.tls_handshake_failure(reason);
+        tracing::warn!(
+            reason,
+            "client certificate no longer accepted; closing the connection"
+        );
+        return ApiError::CertificateRejected(reason).into_response();
+    }
+    if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
+        return ApiError::RateLimited { retry_after }.into_response();
+    }
+
+    let limit = state.limits.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::BodyTooLarge { limit }.into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match read_body(body, limit, state.limits.body_read_timeout).await {
+        Ok(bytes) => bytes,
+        Err(e) => return e.into_response(),
+    };
+    let mut req = Request::from_parts(parts, Full::new(bytes));
+    let roles = live.roles.roles(&uri);
+    req.extensions_mut()
+        .insert(PeerIdentity::new(uri, roles, conn.remote));
+    req.extensions_mut().insert(ctx);
+    let mut response = (api.router)(req).await;
+    response.extensions_mut().insert(Routed);
+    response
+}
+
+/// Reads a whole body, at most `limit` bytes, within `timeout`.
+async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, ApiError>
+where
+    B: Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::BodyTooLarge { limit })
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "request body unreadable");
+            Err(ApiError::Malformed(
+                "the request body could not be read".into(),
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bodies_over_the_limit_are_refused_whatever_their_framing() {
+        let ok = read_body(
+            Full::new(Bytes::from(vec![7u8; 1024])),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+        assert_eq!(ok.len(), 1024);
+        let e = read_body(
+            Full::new(Bytes::from(vec![7u8; 1025])),
+            1024,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), "body_too_large");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_body_times_out() {
+        // A body that never yields a frame.
+        struct Stalled;
+        impl Body for Stalled {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>>
+            {
+                std::task::Poll::Pending
+            }
+        }
+        let e = read_body(Stalled, 1024, Duration::from_millis(20))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "request_timeout");
+    }
+}

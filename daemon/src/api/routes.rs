@@ -1,0 +1,249 @@
+//! The route table of `/v1` and the filters every route is built from.
+//!
+//! A route is: path → method → [`route`] (names it for metrics and logs) →
+//! [`require`] (role check, yields the caller's [`PeerIdentity`]) → inputs
+//! ([`json_body`], [`with_state`]) → an async handler returning
+//! `Result<impl Reply, Rejection>` whose errors are [`ApiError`]s (use `?`:
+//! `ApiError` converts into a rejection). Path comes before method so that an
+//! unknown path is 404 rather than 405.
+//!
+//! By the time a request gets here the pipeline has checked the client
+//! certificate's identity, applied the rate limit and read the whole body
+//! within `limits.max_body_bytes`.
+//!
+//! Adding a route (in [`routes`], then `.or(it).unify()` into the table):
+//!
+//! ```text
+//! let unwrap = warp::path!("v1" / "unwrap")
+//!     .and(warp::post())
+//!     .and(route("/v1/unwrap"))
+//!     .and(require(&[Role::Agency]))
+//!     .and(raw_body())                       // or json_body::<UnwrapRequest>()
+//!     .and(context())                        // to record the warrant id
+//!     .and(with_state(state.clone()))
+//!     .and_then(unwrap_handler);
+//!
+//! async fn unwrap_handler(peer: PeerIdentity, body: Bytes, ctx: Arc<RequestContext>,
+//!                         state: Arc<ServerState>) -> Result<Response, Rejection> {
+//!     let request = parse(&body).map_err(|e| ApiError::Malformed(e.to_string()))?;
+//!     if request.envelopes.len() > state.limits.max_batch { return Err(ApiError::BatchTooLarge { … }.into()) }
+//!     ctx.record_warrant_id(&request.warrant_id);
+//!     let opened = state.hsm.run(move |hsm| …).await;  // never hold a session across .await
+//!     state.metrics.envelope("ok");
+//!     Ok(warp::reply::json(&reply).into_response())
+//! }
+//! ```
+
+use std::sync::{Arc, OnceLock};
+
+use serde::de::DeserializeOwned;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use super::error::{self, ApiError};
+use super::identity::{PeerIdentity, Role};
+use super::state::ServerState;
+
+/// Per-request context the pipeline puts in the request's extensions, next
+/// to the [`PeerIdentity`].
+#[derive(Debug)]
+pub struct RequestContext {
+    span: tracing::Span,
+    route: OnceLock<&'static str>,
+}
+
+impl RequestContext {
+    pub(crate) fn new(span: tracing::Span) -> Self {
+        RequestContext {
+            span,
+            route: OnceLock::new(),
+        }
+    }
+
+    /// Records the warrant id in the request's log span (not in metrics).
+    /// Call it once the warrant has been parsed, so refused requests are
+    /// traceable too.
+    pub fn record_warrant_id(&self, id: &str) {
+        self.span.record("warrant_id", id);
+    }
+
+    /// The request's span, to enter from blocking code.
+    pub fn span(&self) -> &tracing::Span {
+        &self.span
+    }
+
+    /// The matched route template, if any route matched path and method.
+    pub fn route(&self) -> Option<&'static str> {
+        self.route.get().copied()
+    }
+
+    fn set_route(&self, template: &'static str) {
+        if self.route.set(template).is_ok() {
+            self.span.record("route", template);
+        }
+    }
+}
+
+/// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
+/// request metrics and the log span. Put it right after path and method.
+pub fn route(
+    template: &'static str,
+) -> impl Filter<Extract = (), Error = std::convert::Infallible> + Clone {
+    warp::ext::optional::<Arc<RequestContext>>()
+        .map(move |ctx: Option<Arc<RequestContext>>| {
+            if let Some(ctx) = ctx {
+                ctx.set_route(template);
+            }
+        })
+        .untuple_one()
+}
+
+/// Lets the request through only if the caller holds one of `roles`, and
+/// yields its [`PeerIdentity`]. With an empty slice, any role will do (but an
+/// identity with no role at all is still refused).
+///
+/// # Errors
+/// Rejects with [`ApiError::Forbidden`] (403 `forbidden`).
+pub fn require(
+    roles: &'static [Role],
+) -> impl Filter<Extract = (PeerIdentity,), Error = Rejection> + Clone {
+    warp::ext::optional::<PeerIdentity>().and_then(move |peer: Option<PeerIdentity>| async move {
+        // The pipeline always inserts the identity; its absence is a bug,
+        // and it fails closed.
+        let peer = peer.ok_or(ApiError::Internal)?;
+        let allowed = if roles.is_empty() {
+            peer.has_any_role()
+        } else {
+            roles.iter().any(|r| peer.has(*r))
+        };
+        if allowed {
+            Ok(peer)
+        } else {
+            Err(Rejection::from(ApiError::forbidden(peer.uri(), roles)))
+        }
+    })
+}
+
+/// Any role at all (`GET /v1/keys`).
+pub const ANY_ROLE: &[Role] = &[];
+
+/// The request's [`RequestContext`].
+pub fn context() -> impl Filter<Extract = (Arc<RequestContext>,), Error = Rejection> + Clone {
+    warp::ext::optional::<Arc<RequestContext>>().and_then(
+        |ctx: Option<Arc<RequestContext>>| async move {
+            ctx.ok_or_else(|| Rejection::from(ApiError::Internal))
+        },
+    )
+}
+
+/// The body as `T`, parsed strictly ([`crate::codec::from_json`]: unknown
+/// and duplicate fields and trailing data are refused; `T` must use
+/// `deny_unknown_fields`).
+///
+/// # Errors
+/// Rejects with [`ApiError::Malformed`] (400 `malformed_request`), naming
+/// what serde found wrong.
+pub fn json_body<T: DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    raw_body().and_then(|bytes: warp::hyper::body::Bytes| async move {
+        crate::codec::from_json::<T>(&bytes).map_err(|e| {
+            Rejection::from(ApiError::Malformed(match e {
+                crate::codec::CodecError::Json(m) => format!("body: {m}"),
+                other => format!("body: {other}"),
+            }))
+        })
+    })
+}
+
+/// The body's exact bytes (already bounded by `limits.max_body_bytes`), for
+/// handlers that must keep them as sent.
+pub fn raw_body() -> impl Filter<Extract = (warp::hyper::body::Bytes,), Error = Rejection> + Clone {
+    warp::body::bytes()
+}
+
+/// Hands the shared state to a handler.
+pub fn with_state(
+    state: Arc<ServerState>,
+) -> impl Filter<Extract = (Arc<ServerState>,), Error = std::convert::Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// Runs blocking work (store, HSM through [`crate::hsm::Hsm`]'s sync API)
+/// on the blocking pool, inside the request's span.
+///
+/// # Errors
+/// `f`'s error, or [`ApiError::Internal`] if the task panicked.
+pub async fn blocking<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "blocking task failed");
+            ApiError::Internal
+        })?
+}
+
+/// The `/v1` route table. Every response, success or refusal, comes out
+/// of here as a [`Response`]; refusals have the PROTOCOL error shape.
+pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
+    // GET /v1/keys: the escrow public keys (PROTOCOL §2), for any role.
+    let keys = warp::path!("v1" / "keys")
+        .and(warp::get())
+        .and(route("/v1/keys"))
+        .and(require(ANY_ROLE))
+        .and(with_state(state.clone()))
+        .and_then(get_keys);
+
+    // The endpoints below are wired for roles and bodies so that their
+    // plumbing is tested; their handlers arrive with the envelope, warrant
+    // and audit modules.
+    let unwrap = warp::path!("v1" / "unwrap")
+        .and(warp::post())
+        .and(route("/v1/unwrap"))
+        .and(require(&[Role::Agency]))
+        .and(json_body::<serde_json::Value>())
+        .and_then(|_: PeerIdentity, _: serde_json::Value| not_yet("POST /v1/unwrap"));
+    let revocations = warp::path!("v1" / "warrants" / "revocations")
+        .and(warp::post())
+        .and(route("/v1/warrants/revocations"))
+        .and(require(&[Role::Admin]))
+        .and(json_body::<serde_json::Value>())
+        .and_then(|_: PeerIdentity, _: serde_json::Value| not_yet("POST /v1/warrants/revocations"));
+    let audit = warp::path("v1")
+        .and(warp::path("audit"))
+        .and(warp::get())
+        .and(route("/v1/audit/*"))
+        .and(require(&[Role::Auditor]))
+        .and_then(|_: PeerIdentity| not_yet("/v1/audit"));
+
+    keys.or(unwrap)
+        .unify()
+        .or(revocations)
+        .unify()
+        .or(audit)
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+async fn not_yet(what: &'static str) -> Result<Response, Rejection> {
+    Err(ApiError::NotImplemented(what).into())
+}
+
+async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Response, Rejection> {
+    let store = state.store.clone();
+    let set = blocking(move || {
+        crate::keys::jwks(store.as_ref(), time::OffsetDateTime::now_utc()).map_err(|e| {
+            tracing::error!(error = %e, "cannot list escrow keys");
+            ApiError::Unavailable("the key store")
+        })
+    })
+    .await?;
+    Ok(warp::reply::json(&set).into_response())
+}

@@ -1,0 +1,644 @@
+//! The listeners: a TCP accept loop per listener, a TLS handshake for the
+//! API (warp has no TLS of its own), and hyper's HTTP/1 connection driver
+//! with lavd's timeouts around it.
+//!
+//! Bounds, from `[limits]`: at most `max_connections` API connections (a
+//! semaphore taken *before* `accept`, so the excess waits in the kernel's
+//! backlog rather than costing a task and a handshake), a handshake
+//! deadline, a header-read deadline that starts with the first byte of a
+//! request head, and an idle deadline for keep-alive connections with no
+//! request in flight.
+//!
+//! Shutdown: [`Listener::shutdown`] stops accepting, asks every connection
+//! to finish its in-flight request and close, waits up to the grace period,
+//! then aborts what is left.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::JoinSet;
+use warp::http::Request;
+
+use super::identity::{uri_san, IdentityError};
+use super::pipeline::{self, Api, ConnInfo, Router};
+use super::tls;
+
+/// A listener could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The address is in use, not local, or needs privileges.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: SocketAddr,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ServeError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServeError::Bind { .. } => "cannot_listen",
+        }
+    }
+}
+
+/// The deadlines a connection is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TLS handshake (API only).
+    pub handshake: Duration,
+    /// From the first byte of a request head to its end.
+    pub header_read: Duration,
+    /// With no request in flight and nothing received.
+    pub idle: Duration,
+}
+
+impl Timeouts {
+    /// How often a connection checks its deadlines: a quarter of the
+    /// shortest, between 100 ms and 1 s. A deadline is enforced within that
+    /// much of its nominal value.
+    fn tick(&self) -> Duration {
+        (self.header_read.min(self.idle) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1))
+    }
+}
+
+/// A running listener.
+#[derive(Debug)]
+pub struct Listener {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    abort: Arc<Notify>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+/// How a shutdown ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Connections still open at the end of the grace period and aborted.
+    pub aborted: usize,
+}
+
+impl Listener {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting and lets connections finish their in-flight requests
+    /// until `deadline` completes (the grace period, or a second signal),
+    /// then aborts the rest.
+    pub async fn shutdown(mut self, deadline: impl std::future::Future<Output = ()>) -> Drained {
+        let _ = self.stop.send(true);
+        tokio::select! {
+            joined = &mut self.task => Drained {
+                aborted: joined.unwrap_or(0),
+            },
+            () = deadline => {
+                self.abort.notify_one();
+                Drained {
+                    aborted: (&mut self.task).await.unwrap_or(0),
+                }
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let err = |source| ServeError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let local = listener.local_addr().map_err(err)?;
+    Ok((listener, local))
+}
+
+/// Starts the mutual-TLS API listener.
+///
+/// # Errors
+/// [`ServeError::Bind`].
+pub async fn serve_api(api: Arc<Api>, addr: SocketAddr) -> Result<Listener, ServeError> {
+    let (listener, local_addr) = bind(addr).await?;
+    let max = api.state.limits.max_connections;
+    Ok(spawn_accept_loop(
+        listener,
+        local_addr,
+        max,
+        move |tcp, remote, stop| api_connection(api.clone(), tcp, remote, stop),
+    ))
+}
+
+/// Starts a plain-HTTP listener (the admin endpoints) answering every
+/// request with `router`. Request bodies are not read.
+///
+/// # Errors
+/// [`ServeError::Bind`].
+pub async fn serve_plain(
+    addr: SocketAddr,
+    max_connections: usize,
+    timeouts: Timeouts,
+    router: Router,
+) -> Result<Listener, ServeError> {
+    let (listener, local_addr) = bind(addr).await?;
+    Ok(spawn_accept_loop(
+        listener,
+        local_addr,
+        max_connections,
+        move |tcp, _remote, stop| plain_connection(router.clone(), tcp, timeouts, stop),
+    ))
+}
+
+async fn plain_connection(
+    router: Router,
+    tcp: TcpStream,
+    timeouts: Timeouts,
+    stop: watch::Receiver<bool>,
+) {
+    let activity = Arc::new(Activity::new());
+    let busy = activity.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let router = router.clone();
+        let activity = busy.clone();
+        async move {
+            let _busy = activity.request_started();
+            let (parts, _unread) = req.into_parts();
+            Ok::<_, Infallible>(router(Request::from_parts(parts, Full::new(Bytes::new()))).await)
+        }
+    });
+    let io = TokioIo::new(Tracked {
+        inner: tcp,
+        activity: activity.clone(),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_headers(100)
+        .max_header_size(16 << 10);
+    drive(
+        builder.serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
+}
+
+fn spawn_accept_loop<F, Fut>(
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    max_connections: usize,
+    connection: F,
+) -> Listener
+where
+    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stop, stop_rx) = watch::channel(false);
+    let abort = Arc::new(Notify::new());
+    let task = tokio::spawn(accept_loop(
+        listener,
+        max_connections,
+        connection,
+        stop_rx,
+        abort.clone(),
+    ));
+    Listener {
+        local_addr,
+        stop,
+        abort,
+        task,
+    }
+}
+
+/// Accepts until told to stop, then waits for the connections to finish
+/// (or for the abort signal). Returns the number of aborted connections.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    connection: F,
+    mut stop: watch::Receiver<bool>,
+    abort: Arc<Notify>,
+) -> usize
+where
+    F: Fn(TcpStream, SocketAddr, watch::Receiver<bool>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let mut connections = JoinSet::new();
+    loop {
+        while let Some(done) = connections.try_join_next() {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "connection task failed");
+            }
+        }
+        let permit = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (tcp, remote) = tokio::select! {
+            _ = stopped(&mut stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let conn = connection(tcp, remote, stop.clone());
+        connections.spawn(async move {
+            conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = async { while connections.join_next().await.is_some() {} } => 0,
+        _ = abort.notified() => {
+            let left = connections.len();
+            connections.abort_all();
+            while connections.join_next().await.is_some() {}
+            left
+        }
+    }
+}
+
+/// One API connection: TLS handshake, identity, then HTTP/1 until it ends.
+async fn api_connection(
+    api: Arc<Api>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
+    let state = api.state.clone();
+    let metrics = state.metrics.clone();
+    metrics.connection_delta(1);
+    let _open = scopeguard(move || metrics.connection_delta(-1));
+    let limits = &state.limits;
+    let timeouts = Timeouts {
+        handshake: limits.handshake_timeout,
+        header_read: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+    };
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.current().tls.server_config.clone());
+    let handshake = tokio::select! {
+        // Shutting down: a connection that has not sent a request yet has
+        // nothing to drain.
+        _ = stopped(&mut stop) => return,
+        r = tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)) => r,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            let reason = tls::handshake_failure_reason(&e);
+            state.metrics.tls_handshake_failure(reason);
+            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            state.metrics.tls_handshake_failure("handshake_timeout");
+            tracing::info!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+
+    let chain: Vec<_> = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let identity = match chain.first() {
+        // The verifier requires a certificate; none here would be a rustls
+        // bug, and is refused like an unreadable one.
+        None => Err(IdentityError::Malformed),
+        Some(leaf) => uri_san(leaf.as_ref()),
+    };
+    if let Err(e) = &identity {
+        state.metrics.tls_handshake_failure(e.reason());
+        tracing::info!(%remote, reason = e.reason(), "client certificate names no identity; its requests are refused");
+    }
+
+    let activity = Arc::new(Activity::new());
+    let conn = Arc::new(ConnInfo {
+        remote,
+        identity,
+        chain,
+        rejected: AtomicBool::new(false),
+        activity: activity.clone(),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let api = api.clone();
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(pipeline::handle(api, conn, req).await) }
+    });
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // lavd enforces its own header and idle deadlines (see `drive`):
+        // hyper's header timeout would also run while a keep-alive
+        // connection waits for its next request.
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_headers(100)
+        .max_header_size(limits.max_header_bytes);
+    drive(
+        builder.serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
+}
+
+/// Runs `conn` to completion, enforcing the header and idle deadlines and
+/// closing gracefully when `stop` turns true.
+pub(crate) async fn drive<I, S, B>(
+    conn: http1::Connection<I, S>,
+    activity: &Activity,
+    timeouts: Timeouts,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let mut tick = tokio::time::interval(timeouts.tick());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopped(&mut stop), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = tick.tick() => match activity.check(Instant::now(), &timeouts) {
+                Verdict::Fine => {}
+                Verdict::Idle => if !closing {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                },
+                Verdict::HeaderTimeout => {
+                    tracing::debug!("request head not received in time; closing");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// What a connection has been doing, for its deadlines. Times are
+/// milliseconds since the connection started.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    in_flight: AtomicUsize,
+    /// When the first byte of a request head arrived with no request in
+    /// flight; [`NONE`] when no head is being read.
+    head_started: AtomicU64,
+    /// When the last request finished (or the connection started).
+    idle_since: AtomicU64,
+}
+
+const NONE: u64 = u64::MAX;
+
+/// A connection's state against its deadlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    Fine,
+    Idle,
+    HeaderTimeout,
+}
+
+impl Activity {
+    pub(crate) fn new() -> Self {
+        Activity {
+            epoch: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            head_started: AtomicU64::new(NONE),
+            idle_since: AtomicU64::new(0),
+        }
+    }
+
+    fn millis(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis()).unwrap_or(NONE - 1)
+    }
+
+    fn on_read(&self, n: usize) {
+        if n > 0 && self.in_flight.load(Ordering::SeqCst) == 0 {
+            let now = self.millis(Instant::now());
+            let _ =
+                self.head_started
+                    .compare_exchange(NONE, now, Ordering::SeqCst, Ordering::SeqCst);
+        }
+    }
+
+    /// A request head was parsed; the returned guard marks its end.
+    pub(crate) fn request_started(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.head_started.store(NONE, Ordering::SeqCst);
+        Busy(self)
+    }
+
+    pub(crate) fn check(&self, now: Instant, t: &Timeouts) -> Verdict {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Verdict::Fine;
+        }
+        let now = self.millis(now);
+        let head = self.head_started.load(Ordering::SeqCst);
+        if head != NONE {
+            if now.saturating_sub(head) > millis(t.header_read) {
+                return Verdict::HeaderTimeout;
+            }
+            return Verdict::Fine;
+        }
+        if now.saturating_sub(self.idle_since.load(Ordering::SeqCst)) > millis(t.idle) {
+            return Verdict::Idle;
+        }
+        Verdict::Fine
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(NONE - 1)
+}
+
+/// A request in flight; dropping it marks the request finished.
+#[derive(Debug)]
+pub(crate) struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        let a = self.0;
+        a.idle_since
+            .store(a.millis(Instant::now()), Ordering::SeqCst);
+        a.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An IO stream that tells its [`Activity`] when request bytes arrive.
+struct Tracked<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = result {
+            this.activity
+                .on_read(buf.filled().len().saturating_sub(before));
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Completes once `stop` is true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it here.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timeouts() -> Timeouts {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            header_read: Duration::from_secs(2),
+            idle: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn idle_counts_from_the_end_of_the_last_request() {
+        let a = Activity::new();
+        let t = timeouts();
+        let start = a.epoch;
+        assert_eq!(a.check(start + Duration::from_secs(4), &t), Verdict::Fine);
+        assert_eq!(a.check(start + Duration::from_secs(6), &t), Verdict::Idle);
+        {
+            let _busy = a.request_started();
+            // In flight: never idle, however long it takes.
+            assert_eq!(a.check(start + Duration::from_secs(60), &t), Verdict::Fine);
+        }
+        let done = a.idle_since.load(Ordering::SeqCst);
+        let after = start + Duration::from_millis(done);
+        assert_eq!(a.check(after + Duration::from_secs(4), &t), Verdict::Fine);
+        assert_eq!(a.check(after + Duration::from_secs(6), &t), Verdict::Idle);
+    }
+
+    #[test]
+    fn a_started_head_must_finish_within_the_header_timeout() {
+        let a = Activity::new();
+        let t = timeouts();
+        a.on_read(10);
+        let head = a.head_started.load(Ordering::SeqCst);
+        assert_ne!(head, NONE);
+        let at = a.epoch + Duration::from_millis(head);
+        assert_eq!(a.check(at + Duration::from_secs(1), &t), Verdict::Fine);
+        assert_eq!(
+            a.check(at + Duration::from_secs(3), &t),
+            Verdict::HeaderTimeout
+        );
+        // Once the head is complete the request is in flight.
+        let _busy = a.request_started();
+        assert_eq!(a.check(at + Duration::from_secs(30), &t), Verdict::Fine);
+    }
+
+    #[test]
+    fn bytes_read_during_a_request_are_not_a_new_head() {
+        let a = Activity::new();
+        let busy = a.request_started();
+        a.on_read(100);
+        drop(busy);
+        assert_eq!(a.head_started.load(Ordering::SeqCst), NONE);
+    }
+}

@@ -1,0 +1,232 @@
+//! The rustls side of the API listener: the server configuration (one
+//! crypto provider, aws-lc-rs), the client-certificate verifier, and the
+//! names under which handshake failures are counted.
+//!
+//! Choices, each failing closed:
+//! - TLS 1.3 only unless `tls.min_version = "1.2"`;
+//! - a client certificate is required and must chain to a configured client
+//!   CA; with CRLs configured, a certificate whose status is unknown is
+//!   refused (unless `allow_unknown_revocation_status`) and so is every
+//!   certificate once a CRL is past its `nextUpdate` (unless
+//!   `enforce_crl_expiry = false`);
+//! - no session resumption: a resumed TLS session would skip the revocation
+//!   and expiry checks of the client certificate, and one full handshake per
+//!   keep-alive connection costs little;
+//! - ALPN offers `http/1.1` only: the API is served by hyper's HTTP/1 server,
+//!   which has the fewest moving parts to bound (no stream multiplexing).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{CertificateError, RootCertStore, ServerConfig};
+
+use crate::config::{ConfigError, TlsSettings, TlsVersion};
+
+/// The TLS material of one configuration generation.
+#[derive(Debug, Clone)]
+pub struct TlsMaterial {
+    /// What the acceptor uses for new connections.
+    pub server_config: Arc<ServerConfig>,
+    /// The same verifier as in `server_config`, kept to re-check the
+    /// certificate of connections that outlive a reload.
+    pub client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+/// The one crypto provider of the process.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// Reads the files `tls` names and builds the server configuration.
+///
+/// # Errors
+/// [`ConfigError`] naming the `tls.*` field whose file is missing, empty or
+/// not what it should be, with `config_file` as the file.
+pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, ConfigError> {
+    let err = |field: &str, reason: String| ConfigError {
+        file: config_file.to_path_buf(),
+        field: field.into(),
+        reason,
+    };
+    let read = |field: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| err(field, format!("cannot read {}: {e}", path.display())))
+    };
+
+    let chain_pem = read("tls.cert", &tls.cert)?;
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err("tls.cert", format!("{}: bad PEM: {e}", tls.cert.display())))?;
+    if chain.is_empty() {
+        return Err(err(
+            "tls.cert",
+            format!("{} holds no CERTIFICATE block", tls.cert.display()),
+        ));
+    }
+    let key_pem = zeroize::Zeroizing::new(read("tls.key", &tls.key)?);
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        err(
+            "tls.key",
+            format!("{}: no usable private key: {e}", tls.key.display()),
+        )
+    })?;
+
+    let mut roots = RootCertStore::empty();
+    for path in &tls.client_cas {
+        let pem = read("tls.client_cas", path)?;
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| {
+                err(
+                    "tls.client_cas",
+                    format!("{}: bad PEM: {e}", path.display()),
+                )
+            })?;
+            roots.add(cert).map_err(|e| {
+                err(
+                    "tls.client_cas",
+                    format!("{}: not a usable CA certificate: {e}", path.display()),
+                )
+            })?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(err(
+                "tls.client_cas",
+                format!("{} holds no CERTIFICATE block", path.display()),
+            ));
+        }
+    }
+
+    let mut crls = Vec::new();
+    for path in &tls.crls {
+        let bytes = read("tls.crls", path)?;
+        if bytes.starts_with(b"-----BEGIN") {
+            let before = crls.len();
+            for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
+                crls.push(
+                    crl.map_err(|e| err("tls.crls", format!("{}: bad PEM: {e}", path.display())))?,
+                );
+            }
+            if crls.len() == before {
+                return Err(err(
+                    "tls.crls",
+                    format!("{} holds no X509 CRL block", path.display()),
+                ));
+            }
+        } else {
+            crls.push(CertificateRevocationListDer::from(bytes));
+        }
+    }
+
+    let provider = provider();
+    let mut verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .with_crls(crls);
+    if tls.allow_unknown_revocation_status {
+        verifier = verifier.allow_unknown_revocation_status();
+    }
+    if tls.enforce_crl_expiry {
+        verifier = verifier.enforce_revocation_expiration();
+    }
+    let client_verifier = verifier
+        .build()
+        .map_err(|e| err("tls.crls", format!("cannot build the client verifier: {e}")))?;
+
+    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| err("tls.min_version", e.to_string()))?
+        .with_client_cert_verifier(client_verifier.clone())
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            err(
+                "tls.key",
+                format!(
+                    "{} does not go with the certificate in {}: {e}",
+                    tls.key.display(),
+                    tls.cert.display()
+                ),
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(TlsMaterial {
+        server_config: Arc::new(config),
+        client_verifier,
+    })
+}
+
+impl TlsMaterial {
+    /// Checks a connection's client chain (leaf first) against this
+    /// generation's CAs and CRLs at `now`.
+    ///
+    /// # Errors
+    /// The metrics reason of the failure (`certificate_revoked`, …).
+    pub fn recheck(
+        &self,
+        chain: &[CertificateDer<'static>],
+        now: UnixTime,
+    ) -> Result<(), &'static str> {
+        let (leaf, intermediates) = chain.split_first().ok_or("no_client_certificate")?;
+        self.client_verifier
+            .verify_client_cert(leaf, intermediates, now)
+            .map(|_| ())
+            .map_err(|e| rustls_reason(&e))
+    }
+}
+
+/// The metrics reason for a failed handshake (as tokio-rustls reports it).
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    if let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        return rustls_reason(tls);
+    }
+    match e.kind() {
+        std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::ConnectionReset
+        | std::io::ErrorKind::ConnectionAborted
+        | std::io::ErrorKind::BrokenPipe => "connection_closed",
+        _ => "io_error",
+    }
+}
+
+/// A short, bounded label for a rustls error.
+pub fn rustls_reason(e: &rustls::Error) -> &'static str {
+    match e {
+        rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        rustls::Error::InvalidCertificate(c) => match c {
+            CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                "certificate_expired"
+            }
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                "certificate_not_yet_valid"
+            }
+            CertificateError::Revoked => "certificate_revoked",
+            CertificateError::UnknownIssuer => "unknown_issuer",
+            CertificateError::UnknownRevocationStatus => "unknown_revocation_status",
+            CertificateError::ExpiredRevocationList
+            | CertificateError::ExpiredRevocationListContext { .. } => "crl_expired",
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
+                "certificate_wrong_purpose"
+            }
+            CertificateError::BadSignature => "certificate_bad_signature",
+            _ => "certificate_invalid",
+        },
+        rustls::Error::PeerIncompatible(_) => "incompatible_peer",
+        rustls::Error::NoApplicationProtocol => "no_application_protocol",
+        rustls::Error::AlertReceived(_) => "alert_received",
+        rustls::Error::InvalidMessage(_)
+        | rustls::Error::PeerMisbehaved(_)
+        | rustls::Error::InappropriateMessage { .. }
+        | rustls::Error::InappropriateHandshakeMessage { .. } => "protocol_error",
+        _ => "tls_error",
+    }
+}

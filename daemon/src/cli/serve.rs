@@ -1,0 +1,191 @@
+//! `lavd serve`: the daemon's life, in order. Config (a bad file exits 64
+//! before anything starts) → logging → build (TLS material and roles, the
+//! store, the HSM with its login) → serve (API and admin listeners, then
+//! `READY=1`) → wait for a signal (SIGHUP reloads, SIGTERM/SIGINT stop) →
+//! drain (stop accepting, finish in-flight requests within
+//! `server.shutdown_grace_secs`, a second signal cuts it short) → exit 0.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+use super::notify::Notifier;
+use super::ConfigArg;
+use crate::api::admin::{self, Readiness};
+use crate::api::pipeline::{self, Api};
+use crate::api::state::StartupSettings;
+use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
+use crate::config::{Env, ProcessEnv, Settings};
+use crate::hsm::Hsm;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Connections the admin listener serves at once (probes and scrapes).
+const ADMIN_CONNECTIONS: usize = 64;
+/// How long the admin listener may take to close after the API drained.
+const ADMIN_GRACE: Duration = Duration::from_secs(1);
+
+/// `lavd serve` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+///
+/// # Errors
+/// [`crate::config::ConfigError`] (exit 64) for a bad config or TLS file;
+/// an HSM, store or listen error otherwise.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let env: Arc<dyn Env> = Arc::new(ProcessEnv);
+    let settings = Settings::load(&args.config.config, env.as_ref())?;
+    let live = Reloadable::build(&settings, 1)?;
+    super::init_logging(&settings.log);
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+
+    let metrics = Arc::new(Metrics::new().context("metrics")?);
+    let startup = StartupSettings::of(&settings);
+    let store = Arc::new(Store::open(&settings.store_path)?);
+    let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
+    let state = Arc::new(ServerState::new(startup, live, env, hsm, store, metrics));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lavd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(
+        state,
+        Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
+    ))
+}
+
+async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()> {
+    // Signal handlers first, so that a signal sent right after READY=1 is
+    // never lost.
+    let mut signals = Signals::new()?;
+    let startup = state.startup();
+    let timeouts = Timeouts {
+        handshake: state.limits.handshake_timeout,
+        header_read: state.limits.header_read_timeout,
+        idle: state.limits.idle_timeout,
+    };
+    let api = Arc::new(Api {
+        state: state.clone(),
+        router: pipeline::router(routes::routes(state.clone())),
+    });
+    let api = server::serve_api(api, startup.server.listen).await?;
+    let readiness = Arc::new(Readiness::new(state.clone()));
+    let admin = server::serve_plain(
+        startup.admin.listen,
+        ADMIN_CONNECTIONS,
+        timeouts,
+        pipeline::router(admin::routes(readiness)),
+    )
+    .await?;
+    let status = format!(
+        "serving api={} admin={}",
+        api.local_addr(),
+        admin.local_addr()
+    );
+    tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), "serving");
+    notifier.ready(&status);
+
+    loop {
+        match signals.next().await {
+            Event::Reload => {
+                notifier.reloading();
+                match state.reload() {
+                    Ok(outcome) => {
+                        tracing::info!(generation = outcome.generation, "configuration reloaded");
+                        if !outcome.needs_restart.is_empty() {
+                            tracing::warn!(
+                                tables = ?outcome.needs_restart,
+                                "these tables changed but apply only after a restart"
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload failed; still serving the previous configuration");
+                    }
+                }
+                notifier.ready(&status);
+            }
+            Event::Stop(name) => {
+                tracing::info!(signal = name, "stopping");
+                break;
+            }
+        }
+    }
+
+    notifier.stopping();
+    state.start_draining();
+    let grace = startup.server.shutdown_grace;
+    tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
+    let drained = api
+        .shutdown(async {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                name = signals.next_stop() => {
+                    tracing::warn!(signal = name, "second signal: not waiting any longer");
+                }
+            }
+        })
+        .await;
+    if drained.aborted > 0 {
+        tracing::warn!(
+            aborted = drained.aborted,
+            "grace period over; closed connections with requests still in flight"
+        );
+    }
+    admin.shutdown(tokio::time::sleep(ADMIN_GRACE)).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+enum Event {
+    Reload,
+    Stop(&'static str),
+}
+
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot handle {name}"))
+        };
+        Ok(Signals {
+            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) -> Event {
+        tokio::select! {
+            _ = self.hangup.recv() => Event::Reload,
+            _ = self.terminate.recv() => Event::Stop("SIGTERM"),
+            _ = self.interrupt.recv() => Event::Stop("SIGINT"),
+        }
+    }
+
+    /// The name of the next SIGTERM or SIGINT (SIGHUP is ignored while
+    /// stopping).
+    async fn next_stop(&mut self) -> &'static str {
+        loop {
+            if let Event::Stop(name) = self.next().await {
+                return name;
+            }
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The `lavd serve` tables: `[server]`, `[tls]`, `[admin]`, `[roles]`,
+//! `[limits]` and `[log]`. Every limit has a documented default
+//! (docs/configuration.md) and a range outside which the file is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::raw::{RawAdmin, RawLimits, RawLog, RawServer, RawTls};
+use super::{ConfigError, Validator};
+use crate::api::identity::{Role, RoleMap};
+
+/// `[server]`: the mutual-TLS API listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Where the API listens (`listen`, default `0.0.0.0:8443`).
+    pub listen: SocketAddr,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT
+    /// (`shutdown_grace_secs`, default 30).
+    pub shutdown_grace: Duration,
+}
+
+/// `[admin]`: the plain-HTTP operations listener (`/healthz`, `/readyz`,
+/// `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Where it listens (`listen`, default `127.0.0.1:9090`).
+    pub listen: SocketAddr,
+}
+
+/// The lowest TLS version the API accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3 (`min_version = "1.2"`), for clients that cannot do 1.3.
+    Tls12,
+    /// TLS 1.3 only (the default; PROTOCOL §1).
+    Tls13,
+}
+
+/// `[tls]`: the server certificate and the client CAs. Files are read when
+/// the server is built and again on every reload (SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// PEM chain of the server certificate, leaf first (`cert`).
+    pub cert: PathBuf,
+    /// PEM private key of the server certificate (`key`).
+    pub key: PathBuf,
+    /// PEM bundles of the CAs that client certificates must chain to
+    /// (`client_cas`, at least one).
+    pub client_cas: Vec<PathBuf>,
+    /// CRLs (PEM or DER) checked for every client certificate (`crls`).
+    pub crls: Vec<PathBuf>,
+    /// `min_version`, `"1.3"` (default) or `"1.2"`.
+    pub min_version: TlsVersion,
+    /// Accept a client certificate whose issuer has no configured CRL
+    /// (`allow_unknown_revocation_status`, default false). Only meaningful
+    /// when `crls` is not empty.
+    pub allow_unknown_revocation_status: bool,
+    /// Refuse clients when a CRL is past its `nextUpdate`
+    /// (`enforce_crl_expiry`, default true): a stale CRL may miss revocations.
+    pub enforce_crl_expiry: bool,
+}
+
+/// `[limits]`: bounds on what one client can make the daemon do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request body; larger is refused with 413 `body_too_large`
+    /// (`max_body_bytes`, default 1 MiB).
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers); larger closes the
+    /// connection with 431 (`max_header_bytes`, default 16 KiB).
+    pub max_header_bytes: usize,
+    /// Most envelopes in one unwrap request (`max_batch`, default 100).
+    pub max_batch: usize,
+    /// The TLS handshake must finish within this (`handshake_timeout_secs`,
+    /// default 10).
+    pub handshake_timeout: Duration,
+    /// A request head must arrive within this once its first byte has
+    /// (`header_read_timeout_secs`, default 10).
+    pub header_read_timeout: Duration,
+    /// A request body must arrive within this once its head has
+    /// (`body_read_timeout_secs`, default 30); else 408 `request_timeout`.
+    pub body_read_timeout: Duration,
+    /// A keep-alive connection with no request in flight is closed after this
+    /// (`idle_timeout_secs`, default 60).
+    pub idle_timeout: Duration,
+    /// Most simultaneous API connections; more wait in the listen backlog
+    /// (`max_connections`, default 1024).
+    pub max_connections: usize,
+    /// Sustained requests per second allowed to one identity
+    /// (`rate_limit_per_second`, default 20).
+    pub rate_limit_per_second: f64,
+    /// Requests one identity may make in a burst (`rate_limit_burst`,
+    /// default 40).
+    pub rate_limit_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 16 << 10,
+            max_batch: 100,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            rate_limit_per_second: 20.0,
+            rate_limit_burst: 40,
+        }
+    }
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One readable line per event (`format = "human"`, the default).
+    Human,
+    /// One JSON object per line, with the request span's fields
+    /// (`format = "json"`), for log shippers.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogSettings {
+    /// `format`.
+    pub format: LogFormat,
+    /// A `tracing` filter directive (`level`, default `info`); the
+    /// `LAVD_LOG` environment variable overrides it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
+impl Validator<'_> {
+    fn socket_addr(
+        &self,
+        field: &str,
+        value: Option<String>,
+        default: &str,
+    ) -> Result<SocketAddr, ConfigError> {
+        let text = value.unwrap_or_else(|| default.to_string());
+        text.parse().map_err(|_| {
+            self.err(
+                field,
+                format!("{text:?} is not an IP address and port, e.g. 127.0.0.1:9090 or [::]:8443"),
+            )
+        })
+    }
+
+    fn secs(
+        &self,
+        field: &str,
+        value: Option<u64>,
+        default: Duration,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(s) if (1..=max).contains(&s) => Ok(Duration::from_secs(s)),
+            Some(_) => Err(self.err(field, format!("must be between 1 and {max} seconds"))),
+        }
+    }
+
+    fn count(
+        &self,
+        field: &str,
+        value: Option<u64>,
+        default: usize,
+        range: std::ops::RangeInclusive<u64>,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(n) if range.contains(&n) => usize::try_from(n)
+                .map_err(|_| self.err(field, "does not fit this platform's address size")),
+            Some(_) => Err(self.err(
+                field,
+                format!("must be between {} and {}", range.start(), range.end()),
+            )),
+        }
+    }
+
+    pub(super) fn server(&self, raw: RawServer) -> Result<ServerSettings, ConfigError> {
+        Ok(ServerSettings {
+            listen: self.socket_addr("server.listen", raw.listen, DEFAULT_LISTEN)?,
+            shutdown_grace: self.secs(
+                "server.shutdown_grace_secs",
+                raw.shutdown_grace_secs,
+                Duration::from_secs(30),
+                3600,
+            )?,
+        })
+    }
+
+    pub(super) fn admin(&self, raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
+        Ok(AdminSettings {
+            listen: self.socket_addr("admin.listen", raw.listen, DEFAULT_ADMIN_LISTEN)?,
+        })
+    }
+
+    pub(super) fn tls(&self, raw: RawTls) -> Result<TlsSettings, ConfigError> {
+        if raw.client_cas.is_empty() {
+            return Err(self.err(
+                "tls.client_cas",
+                "list at least one PEM bundle of client CAs: every API client must present a \
+                 certificate that chains to one",
+            ));
+        }
+        let min_version = match raw.min_version.as_deref() {
+            None | Some("1.3") => TlsVersion::Tls13,
+            Some("1.2") => TlsVersion::Tls12,
+            Some(other) => {
+                return Err(self.err(
+                    "tls.min_version",
+                    format!("{other:?} is not \"1.3\" or \"1.2\""),
+                ))
+            }
+        };
+        Ok(TlsSettings {
+            cert: self.path(&raw.cert),
+            key: self.path(&raw.key),
+            client_cas: raw.client_cas.iter().map(|p| self.path(p)).collect(),
+            crls: raw.crls.iter().map(|p| self.path(p)).collect(),
+            min_version,
+            allow_unknown_revocation_status: raw.allow_unknown_revocation_status.unwrap_or(false),
+            enforce_crl_expiry: raw.enforce_crl_expiry.unwrap_or(true),
+        })
+    }
+
+    pub(super) fn roles(&self, raw: BTreeMap<String, Vec<String>>) -> Result<RoleMap, ConfigError> {
+        let mut map = BTreeMap::new();
+        for (identity, names) in raw {
+            let field = format!("roles.{identity:?}");
+            // The same rule as the certificate side (api::identity::uri_san):
+            // an identity that no certificate can carry is a typo.
+            let printable = !identity.is_empty()
+                && identity.len() <= 2048
+                && identity.bytes().all(|b| b.is_ascii_graphic());
+            if !printable || !identity.contains(':') {
+                return Err(self.err(
+                    &field,
+                    "an identity is a certificate's URI SAN, e.g. spiffe://agency.example/lea",
+                ));
+            }
+            if names.is_empty() {
+                return Err(self.err(&field, "list at least one role, or remove the entry"));
+            }
+            let mut roles = BTreeSet::new();
+            for name in &names {
+                let role = Role::parse(name).ok_or_else(|| {
+                    self.err(
+                        &field,
+                        format!(
+                            "unknown role {name:?}; roles are provider, agency, auditor, admin"
+                        ),
+                    )
+                })?;
+                if !roles.insert(role) {
+                    return Err(self.err(&field, format!("role {name:?} is listed twice")));
+                }
+            }
+            map.insert(identity, roles);
+        }
+        Ok(RoleMap::new(map))
+    }
+
+    pub(super) fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
+        let d = Limits::default();
+        let rate = match raw.rate_limit_per_second {
+            None => d.rate_limit_per_second,
+            Some(r) if r.is_finite() && r > 0.0 && r <= 1e6 => r,
+            Some(_) => {
+                return Err(self.err(
+                    "limits.rate_limit_per_second",
+                    "must be a number above 0 and at most 1000000",
+                ))
+            }
+        };
+        let burst = self.count(
+            "limits.rate_limit_burst",
+            raw.rate_limit_burst,
+            d.rate_limit_burst as usize,
+            1..=1_000_000,
+        )?;
+        Ok(Limits {
+            max_body_bytes: self.count(
+                "limits.max_body_bytes",
+                raw.max_body_bytes,
+                d.max_body_bytes,
+                1024..=(64 << 20),
+            )?,
+            max_header_bytes: self.count(
+                "limits.max_header_bytes",
+                raw.max_header_bytes,
+                d.max_header_bytes,
+                1024..=(1 << 20),
+            )?,
+            max_batch: self.count("limits.max_batch", raw.max_batch, d.max_batch, 1..=10_000)?,
+            handshake_timeout: self.secs(
+                "limits.handshake_timeout_secs",
+                raw.handshake_timeout_secs,
+                d.handshake_timeout,
+                300,
+            )?,
+            header_read_timeout: self.secs(
+                "limits.header_read_timeout_secs",
+                raw.header_read_timeout_secs,
+                d.header_read_timeout,
+                300,
+            )?,
+            body_read_timeout: self.secs(
+                "limits.body_read_timeout_secs",
+                raw.body_read_timeout_secs,
+                d.body_read_timeout,
+                3600,
+            )?,
+            idle_timeout: self.secs(
+                "limits.idle_timeout_secs",
+                raw.idle_timeout_secs,
+                d.idle_timeout,
+                3600,
+            )?,
+            max_connections: self.count(
+                "limits.max_connections",
+                raw.max_connections,
+                d.max_connections,
+                1..=100_000,
+            )?,
+            rate_limit_per_second: rate,
+            rate_limit_burst: u32::try_from(burst)
+                .map_err(|_| self.err("limits.rate_limit_burst", "too large"))?,
+        })
+    }
+
+    pub(super) fn log(&self, raw: RawLog) -> Result<LogSettings, ConfigError> {
+        let d = LogSettings::default();
+        let format = match raw.format.as_deref() {
+            None | Some("human") => LogFormat::Human,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(self.err(
+                    "log.format",
+                    format!("{other:?} is not \"human\" or \"json\""),
+                ))
+            }
+        };
+        let level = raw.level.unwrap_or(d.level);
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            return Err(self.err(
+                "log.level",
+                format!("{level:?} is not a tracing filter (e.g. info, or lavd=debug,warn): {e}"),
+            ));
+        }
+        Ok(LogSettings { format, level })
+    }
+}

@@ -1,0 +1,256 @@
+//! Prometheus metrics, served as text on the admin listener's `/metrics`.
+//!
+//! The metrics live in their own [`prometheus::Registry`], never the global
+//! one, so tests and embedders get a fresh set. Every label value is a
+//! `&'static str` chosen by lavd's code (a route template, an outcome
+//! code, an HSM operation name), never a value from a request: no warrant
+//! ids, targets, kids or identities can reach a label, and the number of
+//! series stays bounded whatever clients send.
+
+use prometheus::{
+    Encoder as _, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+use crate::hsm::HsmObserver;
+
+/// lavd's metrics. Shared as `Arc<Metrics>`; every method is cheap and
+/// lock-free apart from prometheus's own per-series locks.
+pub struct Metrics {
+    registry: Registry,
+    http_requests: IntCounterVec,
+    http_seconds: HistogramVec,
+    envelopes: IntCounterVec,
+    hsm_seconds: HistogramVec,
+    hsm_sessions_busy: IntGauge,
+    hsm_reconnects: IntCounter,
+    store_commit_seconds: HistogramVec,
+    tls_handshake_failures: IntCounterVec,
+    connections_open: IntGauge,
+    config_reloads: IntCounterVec,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+/// Buckets for operations that take microseconds to a second (HSM calls,
+/// SQLite commits with fsync).
+const FAST_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets for whole requests.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    /// Creates every metric in a new registry.
+    ///
+    /// # Errors
+    /// A prometheus error if a metric is ill-formed (a programming error in
+    /// this function; the names are constants).
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok::<_, prometheus::Error>(c)
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            let h = HistogramVec::new(
+                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                labels,
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok::<_, prometheus::Error>(h)
+        };
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok::<_, prometheus::Error>(g)
+        };
+        let http_requests = counter(
+            "lavd_http_requests_total",
+            "API requests answered, by route template and HTTP status.",
+            &["route", "status"],
+        )?;
+        let http_seconds = histogram(
+            "lavd_http_request_duration_seconds",
+            "Time from request head to response, by route template.",
+            &["route"],
+            REQUEST_BUCKETS,
+        )?;
+        let envelopes = counter(
+            "lavd_envelopes_total",
+            "Envelopes handled by unwrap, by outcome (ok or the denial reason).",
+            &["outcome"],
+        )?;
+        let hsm_seconds = histogram(
+            "lavd_hsm_operation_duration_seconds",
+            "HSM operations, by operation and result.",
+            &["op", "result"],
+            FAST_BUCKETS,
+        )?;
+        let hsm_sessions_busy = gauge(
+            "lavd_hsm_sessions_busy",
+            "HSM sessions checked out of the pool.",
+        )?;
+        let hsm_reconnects = IntCounter::new(
+            "lavd_hsm_reconnects_total",
+            "Times the HSM session pool reconnected after a lost session or token.",
+        )?;
+        registry.register(Box::new(hsm_reconnects.clone()))?;
+        let store_commit_seconds = histogram(
+            "lavd_store_commit_duration_seconds",
+            "Durable store commits (fsync included), by operation.",
+            &["op"],
+            FAST_BUCKETS,
+        )?;
+        let tls_handshake_failures = counter(
+            "lavd_tls_handshake_failures_total",
+            "API connections refused at or right after the TLS handshake, by reason.",
+            &["reason"],
+        )?;
+        let connections_open = gauge("lavd_connections_open", "Open API connections.")?;
+        let config_reloads = counter(
+            "lavd_config_reloads_total",
+            "Configuration reloads (SIGHUP), by outcome.",
+            &["outcome"],
+        )?;
+        // Both outcomes exist from the start, so that an alert on
+        // `increase(...{outcome="failed"}[1h]) > 0` has a series to watch.
+        for outcome in ["ok", "failed"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
+        Ok(Metrics {
+            registry,
+            http_requests,
+            http_seconds,
+            envelopes,
+            hsm_seconds,
+            hsm_sessions_busy,
+            hsm_reconnects,
+            store_commit_seconds,
+            tls_handshake_failures,
+            connections_open,
+            config_reloads,
+        })
+    }
+
+    /// One API request answered. `route` is the route template
+    /// (`/v1/keys`), or `unmatched`/`unrouted` for requests that matched none.
+    pub fn request(&self, route: &'static str, status: u16, seconds: f64) {
+        let status = status.to_string();
+        self.http_requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+        self.http_seconds
+            .with_label_values(&[route])
+            .observe(seconds);
+    }
+
+    /// One envelope handled by unwrap: `outcome` is `ok` or a PROTOCOL §5
+    /// denial reason (`out_of_window`, …).
+    pub fn envelope(&self, outcome: &'static str) {
+        self.envelopes.with_label_values(&[outcome]).inc();
+    }
+
+    /// One durable store commit took `seconds`; `op` names what was
+    /// committed (`audit_append`, `budget`, …).
+    pub fn store_commit(&self, op: &'static str, seconds: f64) {
+        self.store_commit_seconds
+            .with_label_values(&[op])
+            .observe(seconds);
+    }
+
+    /// One API connection refused during or right after the TLS handshake.
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// An API connection opened (`+1`) or closed (`-1`).
+    pub fn connection_delta(&self, delta: i64) {
+        self.connections_open.add(delta);
+    }
+
+    /// A configuration reload finished.
+    pub fn config_reload(&self, ok: bool) {
+        self.config_reloads
+            .with_label_values(&[if ok { "ok" } else { "failed" }])
+            .inc();
+    }
+
+    /// The Prometheus text exposition format (version 0.0.4).
+    ///
+    /// # Errors
+    /// A prometheus encoding error (only for ill-formed metrics).
+    pub fn render(&self) -> Result<String, prometheus::Error> {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+impl HsmObserver for Metrics {
+    fn operation(&self, op: &'static str, seconds: f64, ok: bool) {
+        self.hsm_seconds
+            .with_label_values(&[op, if ok { "ok" } else { "error" }])
+            .observe(seconds);
+    }
+
+    fn sessions_busy(&self, busy: usize) {
+        self.hsm_sessions_busy
+            .set(i64::try_from(busy).unwrap_or(i64::MAX));
+    }
+
+    fn reconnected(&self) {
+        self.hsm_reconnects.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_static_labels() {
+        let m = Metrics::new().unwrap();
+        m.request("/v1/keys", 200, 0.002);
+        m.request("unmatched", 404, 0.001);
+        m.envelope("out_of_window");
+        m.store_commit("audit_append", 0.003);
+        m.tls_handshake_failure("certificate_expired");
+        m.operation("ecdh", 0.0002, true);
+        m.sessions_busy(3);
+        m.reconnected();
+        m.config_reload(false);
+        let text = m.render().unwrap();
+        for line in [
+            "lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"} 1",
+            "lavd_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
+            "lavd_envelopes_total{outcome=\"out_of_window\"} 1",
+            "lavd_store_commit_duration_seconds_count{op=\"audit_append\"} 1",
+            "lavd_tls_handshake_failures_total{reason=\"certificate_expired\"} 1",
+            "lavd_hsm_operation_duration_seconds_count{op=\"ecdh\",result=\"ok\"} 1",
+            "lavd_hsm_sessions_busy 3",
+            "lavd_hsm_reconnects_total 1",
+            "lavd_config_reloads_total{outcome=\"failed\"} 1",
+            "lavd_connections_open 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
+        }
+    }
+
+    #[test]
+    fn each_instance_has_its_own_registry() {
+        let a = Metrics::new().unwrap();
+        let b = Metrics::new().unwrap();
+        a.envelope("ok");
+        assert!(!b.render().unwrap().contains("lavd_envelopes_total{"));
+    }
+}

@@ -1,0 +1,102 @@
+//! The admin listener of a real `lavd serve`: `/healthz`, `/readyz` turning
+//! false when the store cannot take its write lock and true again when it
+//! can (no restart), and `/metrics` in Prometheus text format.
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::TestToken;
+
+#[test]
+fn readyz_follows_the_store_without_a_restart() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(""));
+    let daemon = Daemon::start(&t);
+
+    let health = daemon.admin_get("/healthz");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json(), serde_json::json!({"alive": true}));
+
+    let ready = daemon.wait_readyz(200);
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({"ready": true, "hsm": true, "store": true, "draining": false})
+    );
+
+    // Another process holds SQLite's write lock: lavd could not commit.
+    let other = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let not_ready = daemon.wait_readyz(503);
+    assert_eq!(
+        not_ready.json(),
+        serde_json::json!({"ready": false, "hsm": true, "store": false, "draining": false})
+    );
+    // Liveness does not depend on readiness.
+    assert_eq!(daemon.admin_get("/healthz").status, 200);
+
+    other.execute_batch("ROLLBACK;").unwrap();
+    drop(other);
+    daemon.wait_readyz(200);
+
+    // The change was logged with its reason, which the probe does not show.
+    let log = daemon.stderr();
+    assert!(log.contains("not ready"), "{log}");
+    assert!(!not_ready.text().contains("lock"), "{}", not_ready.text());
+}
+
+#[test]
+fn metrics_are_prometheus_text() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let provider = "spiffe://provider.example/mail";
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{provider}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(provider)));
+    assert_eq!(client.get("/v1/keys").status, 200);
+    assert!(pki.client(daemon.api, None).get_raw("/v1/keys").is_err());
+    daemon.wait_metric(
+        "lavd_tls_handshake_failures_total{reason=\"no_client_certificate\"}",
+        1.0,
+    );
+    let r = daemon.admin_get("/metrics");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let text = r.text();
+    // Labelled families appear once they have a series; the envelope and
+    // store-commit ones are fed by the unwrap handler.
+    for family in [
+        "lavd_http_requests_total",
+        "lavd_http_request_duration_seconds",
+        "lavd_hsm_operation_duration_seconds",
+        "lavd_hsm_sessions_busy",
+        "lavd_hsm_reconnects_total",
+        "lavd_tls_handshake_failures_total",
+        "lavd_connections_open",
+        "lavd_config_reloads_total",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "missing {family}:\n{text}"
+        );
+    }
+    // The HSM observer saw the login and the readiness checks.
+    assert!(
+        text.contains("lavd_hsm_operation_duration_seconds_count{op=\"login\",result=\"ok\"} 1"),
+        "{text}"
+    );
+    assert!(text.contains("op=\"ready\",result=\"ok\""), "{text}");
+    assert!(
+        text.contains("lavd_config_reloads_total{outcome=\"failed\"} 0"),
+        "{text}"
+    );
+    // Labels are route templates and fixed reasons, never identities.
+    assert!(!text.contains("spiffe://"), "{text}");
+
+    // Unknown admin paths answer in the error shape too.
+    daemon.admin_get("/v1/keys").assert_error(404, "not_found");
+}

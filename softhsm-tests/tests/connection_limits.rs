@@ -1,0 +1,126 @@
+//! Connection-level limits of `lavd serve`: the TLS handshake, request-head
+//! and keep-alive idle deadlines, and the cap on simultaneous connections.
+
+use std::io::Read as _;
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::TestToken;
+
+const PROVIDER: &str = "spiffe://provider.example/mail";
+
+fn start(limits: &str) -> (TestToken, Pki, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n[limits]\n{limits}"
+    )));
+    let daemon = Daemon::start(&t);
+    (t, pki, daemon)
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let (_t, pki, daemon) = start("idle_timeout_secs = 1\nheader_read_timeout_secs = 30\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut conn = client.connect().unwrap();
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    let started = Instant::now();
+    assert!(conn.closed_within(Duration::from_secs(5)));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+}
+
+#[test]
+fn a_request_head_must_arrive_within_the_header_timeout() {
+    let (_t, pki, daemon) = start("idle_timeout_secs = 30\nheader_read_timeout_secs = 1\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut conn = client.connect().unwrap();
+    // A keep-alive connection that is merely idle is not affected ...
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    // ... but a head that starts and never ends is cut off.
+    conn.send(b"GET /v1/keys HTTP/1.1\r\nhost: loc").unwrap();
+    let started = Instant::now();
+    assert!(conn.closed_within(Duration::from_secs(5)));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+}
+
+#[test]
+fn a_silent_client_is_dropped_after_the_handshake_timeout() {
+    let (_t, _pki, daemon) = start("handshake_timeout_secs = 1\n");
+    let mut tcp = TcpStream::connect(daemon.api).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    // The server closes without sending anything.
+    assert!(matches!(tcp.read(&mut buf), Ok(0) | Err(_)));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_tls_handshake_failures_total{reason=\"handshake_timeout\"}",
+            1.0
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn connections_beyond_the_cap_wait_for_a_free_slot() {
+    let (_t, pki, daemon) = start("max_connections = 1\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut first = client.connect().unwrap();
+    assert_eq!(
+        first.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+
+    let (tx, rx) = mpsc::channel();
+    let second_client = client.clone();
+    std::thread::spawn(move || {
+        let status = second_client.get("/v1/keys").status;
+        let _ = tx.send(status);
+    });
+    // The second connection is not served while the first holds the slot.
+    assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err());
+    assert_eq!(daemon.metric("lavd_connections_open"), 1.0);
+    drop(first);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 200);
+}
+
+#[test]
+fn an_oversized_request_head_is_431_and_closes_the_connection() {
+    let (_t, pki, daemon) = start("max_header_bytes = 4096\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut conn = client.connect().unwrap();
+    let filler = "a".repeat(8000);
+    conn.send(
+        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    let r = conn.read_response().unwrap();
+    // hyper refuses it before any route runs: a bare status, no detail.
+    assert_eq!(r.status, 431);
+    assert!(r.body.is_empty());
+    assert!(conn.closed_within(Duration::from_secs(5)));
+    // A normal head on a new connection is served.
+    assert_eq!(client.get("/v1/keys").status, 200);
+}

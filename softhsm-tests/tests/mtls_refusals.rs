@@ -1,0 +1,173 @@
+//! Who may not talk to the API, over real TLS to a real `lavd serve`: each
+//! refusal with its exact TLS alert (handshake refusals) or HTTP status and
+//! error code (authenticated but unusable identities), and the metric reason
+//! it is counted under.
+
+use rustls::AlertDescription;
+use softhsm_tests::server::{assert_alert, serve_config, uri, Ca, Client, Daemon, Pki};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+const PROVIDER: &str = "spiffe://provider.example/mail";
+
+/// A daemon whose `[tls]` table ends with `tls_extra`.
+fn start(tls_extra: &str) -> (TestToken, Pki, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{tls_extra}[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    (t, pki, daemon)
+}
+
+/// Asserts the handshake-failure counter for `reason` reaches exactly 1.
+fn assert_counted_once(daemon: &Daemon, reason: &str) {
+    let series = format!("lavd_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    assert_eq!(daemon.wait_metric(&series, 1.0), 1.0, "{series}");
+}
+
+#[test]
+fn no_client_certificate_fails_the_handshake() {
+    let (_t, pki, daemon) = start("");
+    let anonymous = pki.client(daemon.api, None);
+    assert_alert(
+        anonymous.request("GET", "/v1/keys", None),
+        AlertDescription::CertificateRequired,
+    );
+    assert_counted_once(&daemon, "no_client_certificate");
+    // The same PKI with a certificate is served.
+    let provider = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    assert_eq!(provider.get("/v1/keys").status, 200);
+}
+
+#[test]
+fn a_certificate_from_another_ca_fails_the_handshake() {
+    let (_t, pki, daemon) = start("");
+    let stranger_ca = Ca::new("some other CA");
+    // Same identity, wrong issuer.
+    let stranger = pki.client(daemon.api, Some(&stranger_ca.identity(PROVIDER)));
+    assert_alert(
+        stranger.request("GET", "/v1/keys", None),
+        AlertDescription::UnknownCA,
+    );
+    assert_counted_once(&daemon, "unknown_issuer");
+}
+
+#[test]
+fn an_expired_certificate_fails_the_handshake() {
+    let (_t, pki, daemon) = start("");
+    let now = OffsetDateTime::now_utc();
+    let expired = pki.clients.client_valid(
+        vec![uri(PROVIDER)],
+        now - time::Duration::days(10),
+        now - time::Duration::days(1),
+    );
+    assert_alert(
+        pki.client(daemon.api, Some(&expired))
+            .request("GET", "/v1/keys", None),
+        AlertDescription::CertificateExpired,
+    );
+    assert_counted_once(&daemon, "certificate_expired");
+}
+
+#[test]
+fn a_revoked_certificate_fails_the_handshake() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let revoked = pki.clients.identity(PROVIDER);
+    let good = pki.clients.identity(PROVIDER);
+    pki.write("clients.crl.pem", &pki.clients.crl(&[&revoked]));
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    assert_alert(
+        pki.client(daemon.api, Some(&revoked))
+            .request("GET", "/v1/keys", None),
+        AlertDescription::CertificateRevoked,
+    );
+    assert_counted_once(&daemon, "certificate_revoked");
+    // Another certificate of the same identity and CA, not on the CRL.
+    assert_eq!(
+        pki.client(daemon.api, Some(&good)).get("/v1/keys").status,
+        200
+    );
+}
+
+#[test]
+fn tls_1_2_is_refused_unless_configured() {
+    let (_t, pki, daemon) = start("");
+    let identity = pki.clients.identity(PROVIDER);
+    let old = Client::new(
+        daemon.api,
+        &pki.servers,
+        Some(&identity),
+        &[&rustls::version::TLS12],
+    );
+    assert_alert(
+        old.request("GET", "/v1/keys", None),
+        AlertDescription::ProtocolVersion,
+    );
+    assert_counted_once(&daemon, "incompatible_peer");
+
+    let (_t2, pki2, daemon2) = start("min_version = \"1.2\"\n");
+    let identity2 = pki2.clients.identity(PROVIDER);
+    let old2 = Client::new(
+        daemon2.api,
+        &pki2.servers,
+        Some(&identity2),
+        &[&rustls::version::TLS12],
+    );
+    assert_eq!(old2.get("/v1/keys").status, 200);
+}
+
+#[test]
+fn a_certificate_without_exactly_one_uri_san_gets_invalid_client_identity() {
+    let (_t, pki, daemon) = start("");
+    let dns_only = pki.clients.client(vec![rcgen::SanType::DnsName(
+        "mail.provider.example".try_into().unwrap(),
+    )]);
+    let mut conn = pki.client(daemon.api, Some(&dns_only)).connect().unwrap();
+    // Every request on the connection is refused, not just the first.
+    for path in ["/v1/keys", "/v1/unwrap", "/nowhere"] {
+        let r = conn.request("GET", path, &[], None).unwrap();
+        let message = r.assert_error(403, "invalid_client_identity");
+        assert!(message.contains("no URI SAN"), "{message}");
+    }
+
+    let two = pki
+        .clients
+        .client(vec![uri(PROVIDER), uri("spiffe://provider.example/other")]);
+    let r = pki.client(daemon.api, Some(&two)).get("/v1/keys");
+    let message = r.assert_error(403, "invalid_client_identity");
+    assert!(message.contains("2 URI SANs"), "{message}");
+
+    assert_counted_once(&daemon, "no_uri_san");
+    assert_counted_once(&daemon, "several_uri_sans");
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_http_requests_total{route=\"unrouted\",status=\"403\"}",
+            4.0
+        ),
+        4.0
+    );
+}
+
+#[test]
+fn an_identity_without_a_role_is_forbidden() {
+    let (_t, pki, daemon) = start("");
+    let nobody = "spiffe://provider.example/unlisted";
+    let r = pki
+        .client(daemon.api, Some(&pki.clients.identity(nobody)))
+        .get("/v1/keys");
+    let message = r.assert_error(403, "forbidden");
+    assert!(message.contains(nobody), "{message}");
+    // A provider may read keys but not unwrap.
+    let r = pki
+        .client(daemon.api, Some(&pki.clients.identity(PROVIDER)))
+        .request("POST", "/v1/unwrap", Some(b"{}"))
+        .unwrap();
+    let message = r.assert_error(403, "forbidden");
+    assert!(message.contains("agency"), "{message}");
+}

@@ -1,0 +1,51 @@
+//! Per-identity rate limiting: an identity past its burst gets 429
+//! `rate_limited` with `Retry-After`, on any connection; other identities
+//! are not affected.
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::TestToken;
+
+const NOISY: &str = "spiffe://provider.example/noisy";
+const QUIET: &str = "spiffe://provider.example/quiet";
+
+#[test]
+fn an_identity_past_its_burst_gets_429_and_others_do_not() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    // One token every 100 s: the burst cannot refill during the test.
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{NOISY}\" = [\"provider\"]\n\"{QUIET}\" = [\"provider\"]\n\
+         [limits]\nrate_limit_per_second = 0.01\nrate_limit_burst = 3\n"
+    )));
+    let daemon = Daemon::start(&t);
+    let noisy = pki.client(daemon.api, Some(&pki.clients.identity(NOISY)));
+    let mut conn = noisy.connect().unwrap();
+    for _ in 0..3 {
+        assert_eq!(
+            conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+            200
+        );
+    }
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    r.assert_error(429, "rate_limited");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((90..=100).contains(&retry), "retry-after {retry}");
+
+    // A new connection of the same identity shares its bucket.
+    noisy.get("/v1/keys").assert_error(429, "rate_limited");
+    // Refused requests do not reach the routes, whatever they ask for.
+    noisy
+        .request("POST", "/v1/unwrap", Some(b"{}"))
+        .unwrap()
+        .assert_error(429, "rate_limited");
+
+    let quiet = pki.client(daemon.api, Some(&pki.clients.identity(QUIET)));
+    assert_eq!(quiet.get("/v1/keys").status, 200);
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_http_requests_total{route=\"unrouted\",status=\"429\"}",
+            3.0
+        ),
+        3.0
+    );
+}

@@ -1,0 +1,62 @@
+//! A provider fetches the escrow public keys over mutual TLS from a real
+//! `lavd serve` on SoftHSM: the JWK Set is the one `lavd keys list` prints.
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::{assert_ok, TestToken};
+
+const PROVIDER: &str = "spiffe://provider.example/mail";
+
+#[test]
+fn a_provider_fetches_the_jwks_that_keys_list_prints() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    for (kid, from, to) in [
+        ("2026-11", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
+        ("2099-01", "2099-01-01T00:00:00Z", "2099-02-01T00:00:00Z"),
+    ] {
+        assert_ok(&t.lavd_with_config(&[
+            "keys",
+            "generate",
+            "--kid",
+            kid,
+            "--not-before",
+            from,
+            "--not-after",
+            to,
+            "--destroy-after",
+            "2100-01-01T00:00:00Z",
+        ]));
+    }
+    let listed: serde_json::Value =
+        serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "list"]))).unwrap();
+
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let provider = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let r = provider.get("/v1/keys");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let served = r.json();
+    assert_eq!(served, listed);
+    // Only the key still usable is listed, with the PROTOCOL §2 fields.
+    let keys = served["keys"].as_array().unwrap();
+    assert!(!keys.is_empty());
+    for k in keys {
+        assert_eq!(k["kty"], "EC");
+        assert_eq!(k["crv"], "P-256");
+        assert_eq!(k["use"], "enc");
+        assert_eq!(k["lav_suite"], "16-1-2");
+    }
+
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"}",
+            1.0
+        ),
+        1.0
+    );
+}

@@ -1,0 +1,150 @@
+//! The life of `lavd serve`: SIGTERM drains in-flight requests and exits 0,
+//! a stuck request cannot hold the shutdown past the grace period, a second
+//! signal cuts it short, and a bad start exits with the right code.
+
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use softhsm_tests::server::{serve_config, set_read_timeout, Daemon, Pki};
+use softhsm_tests::{assert_fails_with, TestToken};
+
+const PROVIDER: &str = "spiffe://provider.example/mail";
+
+fn start(grace_secs: u64) -> (TestToken, Pki, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(
+        &serve_config(&format!("[roles]\n\"{PROVIDER}\" = [\"provider\"]\n")).replace(
+            "shutdown_grace_secs = 10",
+            &format!("shutdown_grace_secs = {grace_secs}"),
+        ),
+    );
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    (t, pki, daemon)
+}
+
+/// The head of a request whose 10-byte body is still to come: the only way
+/// to hold a request in flight from outside.
+const SLOW_HEAD: &[u8] =
+    b"GET /v1/keys HTTP/1.1\r\nhost: localhost\r\ncontent-length: 10\r\n\r\n01234";
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
+    let (_t, pki, mut daemon) = start(30);
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut idle = client.connect().unwrap();
+    assert_eq!(
+        idle.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    let mut slow = client.connect().unwrap();
+    slow.send(SLOW_HEAD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+
+    // Draining: not ready, no new connections, idle ones closed at once.
+    let r = daemon.wait_readyz(503);
+    assert_eq!(r.json()["draining"], true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(daemon.api).is_ok() {
+        assert!(Instant::now() < deadline, "still accepting connections");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(idle.closed_within(Duration::from_secs(5)));
+    assert!(daemon
+        .wait_exit_or_running(Duration::from_millis(500))
+        .is_none());
+
+    // The in-flight request completes normally.
+    slow.send(b"56789").unwrap();
+    let r = slow.read_response().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["keys"].is_array());
+
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+}
+
+#[test]
+fn a_stuck_request_cannot_hold_the_shutdown_past_the_grace() {
+    let (_t, pki, mut daemon) = start(1);
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut stuck = client.connect().unwrap();
+    stuck.send(SLOW_HEAD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    let started = Instant::now();
+    daemon.signal(Signal::TERM);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    let took = started.elapsed();
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    assert!(took >= Duration::from_millis(900), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        daemon.stderr().contains("grace period over"),
+        "{}",
+        daemon.stderr()
+    );
+    set_read_timeout(&mut stuck, Duration::from_secs(2));
+    assert!(stuck.read_response().is_err());
+}
+
+#[test]
+fn a_second_signal_cuts_the_drain_short() {
+    let (_t, pki, mut daemon) = start(60);
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut stuck = client.connect().unwrap();
+    stuck.send(SLOW_HEAD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    let started = Instant::now();
+    daemon.signal(Signal::INT);
+    let status = daemon.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        daemon.stderr().contains("second signal"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+#[test]
+fn a_bad_start_exits_64_for_config_and_1_for_a_busy_port() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+
+    // No [tls] table.
+    t.write_config("");
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 64, "bad_config");
+    assert!(stderr.contains(": tls: "), "{stderr}");
+
+    // A client CA bundle that does not exist.
+    t.write_config(&serve_config("").replace("tls/clients.pem", "tls/nope.pem"));
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 64, "bad_config");
+    assert!(stderr.contains("tls.client_cas"), "{stderr}");
+
+    // A key that is not the certificate's.
+    let (_, other_key) = pki.servers.server().pem();
+    pki.write("other.key", &other_key);
+    t.write_config(&serve_config("").replace("tls/server.key", "tls/other.key"));
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 64, "bad_config");
+    assert!(stderr.contains("tls.key"), "{stderr}");
+
+    // The API port is taken.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    t.write_config(&serve_config("").replace(
+        "listen = \"127.0.0.1:0\"\nshutdown",
+        &format!("listen = \"127.0.0.1:{port}\"\nshutdown"),
+    ));
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 1, "cannot_listen");
+    assert!(stderr.contains(&port.to_string()), "{stderr}");
+    drop(busy);
+}

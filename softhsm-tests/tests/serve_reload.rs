@@ -1,0 +1,174 @@
+//! SIGHUP reloads the role map, the server certificate and the CRLs of a
+//! running `lavd serve` without dropping open connections; a bad file
+//! keeps the running configuration; a connection whose certificate a
+//! reloaded CRL revokes is refused and closed.
+
+use std::time::Duration;
+
+use rustix::process::Signal;
+use softhsm_tests::server::{assert_alert, serve_config, Ca, Client, Daemon, Pki};
+use softhsm_tests::TestToken;
+
+const PROVIDER: &str = "spiffe://provider.example/mail";
+const LATE: &str = "spiffe://provider.example/late";
+
+fn roles(list: &[&str]) -> String {
+    let mut s = String::from("[roles]\n");
+    for id in list {
+        s.push_str(&format!("\"{id}\" = [\"provider\"]\n"));
+    }
+    s
+}
+
+/// Sends SIGHUP and waits for the reload cycle's notifications.
+fn reload(daemon: &Daemon) {
+    daemon.signal(Signal::HUP);
+    let reloading = daemon.expect_notify("RELOADING=1");
+    assert!(
+        reloading.lines().any(|l| l
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|v| v.parse::<u64>().is_ok())),
+        "{reloading}"
+    );
+    daemon.expect_notify("READY=1");
+}
+
+#[test]
+fn sighup_applies_a_new_role_map_without_dropping_open_connections() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&roles(&[PROVIDER])));
+    let daemon = Daemon::start(&t);
+
+    let late = pki.client(daemon.api, Some(&pki.clients.identity(LATE)));
+    let mut conn = late.connect().unwrap();
+    conn.request("GET", "/v1/keys", &[], None)
+        .unwrap()
+        .assert_error(403, "forbidden");
+
+    t.write_config(&serve_config(&roles(&[PROVIDER, LATE])));
+    reload(&daemon);
+
+    // The same keep-alive connection, now with the new role.
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0
+    );
+}
+
+#[test]
+fn a_bad_reload_keeps_the_running_configuration() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&roles(&[LATE])));
+    let daemon = Daemon::start(&t);
+    let late = pki.client(daemon.api, Some(&pki.clients.identity(LATE)));
+    let mut conn = late.connect().unwrap();
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+
+    // An unknown role name, then a key file that does not exist.
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{LATE}\" = [\"superuser\"]\n"
+    )));
+    reload(&daemon);
+    t.write_config(&serve_config(&roles(&[LATE])).replace("tls/server.key", "tls/missing.key"));
+    reload(&daemon);
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 2.0),
+        2.0
+    );
+    let log = daemon.stderr();
+    assert!(log.contains("reload failed"), "{log}");
+    assert!(log.contains("unknown role \"superuser\""), "{log}");
+    assert!(log.contains("tls.key"), "{log}");
+
+    // Still serving the previous configuration, on the old connection and
+    // on new ones (whose handshake needs the old key).
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    assert_eq!(late.get("/v1/keys").status, 200);
+    daemon.wait_readyz(200);
+
+    // A good file afterwards is applied.
+    t.write_config(&serve_config(&roles(&[PROVIDER])));
+    reload(&daemon);
+    conn.request("GET", "/v1/keys", &[], None)
+        .unwrap()
+        .assert_error(403, "forbidden");
+}
+
+#[test]
+fn sighup_reloads_the_server_certificate_for_new_connections() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&roles(&[PROVIDER])));
+    let daemon = Daemon::start(&t);
+    let identity = pki.clients.identity(PROVIDER);
+    let mut old = pki.client(daemon.api, Some(&identity)).connect().unwrap();
+
+    let new_ca = Ca::new("rotated server CA");
+    let server = new_ca.server();
+    let (cert_pem, key_pem) = server.pem();
+    pki.write("server.pem", &cert_pem);
+    pki.write("server.key", &key_pem);
+    reload(&daemon);
+
+    let rotated = Client::new(
+        daemon.api,
+        &new_ca,
+        Some(&identity),
+        &[&rustls::version::TLS13],
+    );
+    assert_eq!(rotated.get("/v1/keys").status, 200);
+    // A client that only trusts the old server CA now refuses the server.
+    let stale = pki.client(daemon.api, Some(&identity));
+    let e = stale.connect().unwrap_err();
+    assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+    // The connection made before the rotation is still served.
+    assert_eq!(
+        old.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+}
+
+#[test]
+fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let revoked = pki.clients.identity(PROVIDER);
+    let kept = pki.clients.identity(LATE);
+    pki.write("clients.crl.pem", &pki.clients.crl(&[]));
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n{}",
+        roles(&[PROVIDER, LATE])
+    )));
+    let daemon = Daemon::start(&t);
+    let mut a = pki.client(daemon.api, Some(&revoked)).connect().unwrap();
+    let mut b = pki.client(daemon.api, Some(&kept)).connect().unwrap();
+    assert_eq!(a.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    assert_eq!(b.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+
+    pki.write("clients.crl.pem", &pki.clients.crl(&[&revoked]));
+    reload(&daemon);
+
+    let r = a.request("GET", "/v1/keys", &[], None).unwrap();
+    let message = r.assert_error(403, "client_certificate_rejected");
+    assert!(message.contains("certificate_revoked"), "{message}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(a.closed_within(Duration::from_secs(5)));
+    // The other certificate's connection is untouched.
+    assert_eq!(b.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    // And the revoked one cannot come back.
+    assert_alert(
+        pki.client(daemon.api, Some(&revoked))
+            .request("GET", "/v1/keys", None),
+        rustls::AlertDescription::CertificateRevoked,
+    );
+}
