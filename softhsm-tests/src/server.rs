@@ -239,14 +239,78 @@ impl Pki {
 }
 
 /// `[tls]`, `[server]` and `[admin]` for a test daemon on ephemeral ports,
-/// plus `extra` tables (`[roles]`, `[limits]`, …).
+/// plus `extra` tables (`[roles]`, `[limits]`, …), and the double-lock
+/// trust configuration of [`authorities`].
 pub fn serve_config(extra: &str) -> String {
     format!(
         "\n[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\n\
          [admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\nclient_cas = [\"tls/clients.pem\"]\n\
-         {extra}\n"
+         {extra}\n{}",
+        authorities().trust_toml()
     )
+}
+
+/// The warrant authorities of this test process: one executive (ES256) and
+/// one judicial (EdDSA), under a double-lock policy.
+pub struct Authorities {
+    /// `executive-1`.
+    pub executive: lavd::warrant::AuthorityKey,
+    /// `judicial-1`.
+    pub judicial: lavd::warrant::AuthorityKey,
+}
+
+impl std::fmt::Debug for Authorities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authorities").finish_non_exhaustive()
+    }
+}
+
+/// The process's [`Authorities`], made on first use.
+pub fn authorities() -> &'static Authorities {
+    static AUTHORITIES: std::sync::OnceLock<Authorities> = std::sync::OnceLock::new();
+    AUTHORITIES.get_or_init(|| {
+        use lavd::warrant::{Algorithm, AuthorityKey};
+        Authorities {
+            executive: AuthorityKey::generate(Algorithm::Es256, "executive-1").expect("key"),
+            judicial: AuthorityKey::generate(Algorithm::EdDsa, "judicial-1").expect("key"),
+        }
+    })
+}
+
+impl Authorities {
+    /// `[[authorities]]` and `[policy]` for lavd.toml.
+    pub fn trust_toml(&self) -> String {
+        let entry = |k: &lavd::warrant::AuthorityKey, role: &str| {
+            format!(
+                "[[authorities]]\nkid = \"{}\"\nrole = \"{role}\"\nalg = \"{}\"\njwk = '{}'\n\
+                 valid_from = \"2020-01-01T00:00:00Z\"\nvalid_until = \"2100-01-01T00:00:00Z\"\n\n",
+                k.kid(),
+                k.alg(),
+                serde_json::to_string(&k.public_jwk().expect("jwk")).expect("json")
+            )
+        };
+        format!(
+            "{}{}[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n\
+             [[policy.require]]\nrole = \"judicial\"\ncount = 1\n",
+            entry(&self.executive, "executive"),
+            entry(&self.judicial, "judicial")
+        )
+    }
+
+    /// A JWS warrant over `claims`, signed by `signers` in turn.
+    pub fn sign(
+        claims: &serde_json::Value,
+        signers: &[&lavd::warrant::AuthorityKey],
+    ) -> serde_json::Value {
+        use lavd::warrant::sign::{add_signature, unsigned_warrant};
+        let limits = lavd::warrant::WarrantLimits::default();
+        let mut jws = unsigned_warrant(claims.to_string().as_bytes()).expect("claims");
+        for key in signers {
+            jws = add_signature(jws.as_bytes(), key, &limits).expect("sign");
+        }
+        serde_json::from_str(&jws).expect("json")
+    }
 }
 
 /// A `lavd serve` child process.
@@ -285,6 +349,13 @@ impl Daemon {
         token: &TestToken,
         log_level: Option<&str>,
     ) -> Result<Self, (Option<ExitStatus>, String)> {
+        // lavd serve needs the audit signing key; make it once per token.
+        let marker = token.path("audit-key-made");
+        if !marker.exists() {
+            let out = token.lavd_with_config(&["keys", "generate-audit"]);
+            assert!(out.status.success(), "generate-audit: {out:?}");
+            std::fs::write(&marker, "").expect("marker");
+        }
         let socket = token.path("notify.sock");
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");

@@ -82,13 +82,18 @@ fn malformed_json_on_a_post_route_is_400() {
             .unwrap();
         r.assert_error(400, "malformed_request");
     }
-    // Well-formed JSON gets past the role check and the parser to the
-    // (not yet implemented) handler, on the same connection.
+    // A well-formed request gets past the role check and the parser to the
+    // warrant check, on the same connection.
     let r = s
         .agency
-        .request("POST", "/v1/unwrap", &[], Some(b"{\"warrant\":{}}"))
+        .request(
+            "POST",
+            "/v1/unwrap",
+            &[],
+            Some(b"{\"warrant\":{},\"envelopes\":[{}]}"),
+        )
         .unwrap();
-    r.assert_error(501, "not_implemented");
+    r.assert_error(400, "malformed_warrant");
 }
 
 #[test]

@@ -23,9 +23,13 @@ fn json_request_lines_name_the_caller_and_never_the_body() {
         .unwrap()
         .assert_error(400, "malformed_request");
     client
-        .request("POST", "/v1/unwrap", Some(b"{}"))
+        .request(
+            "POST",
+            "/v1/unwrap",
+            Some(b"{\"warrant\":{},\"envelopes\":[{}]}"),
+        )
         .unwrap()
-        .assert_error(501, "not_implemented");
+        .assert_error(400, "malformed_warrant");
     daemon.signal(rustix::process::Signal::TERM);
     assert_eq!(
         daemon.wait_exit(std::time::Duration::from_secs(10)).code(),
@@ -45,7 +49,7 @@ fn json_request_lines_name_the_caller_and_never_the_body() {
     assert_eq!(requests.len(), 2, "{log}");
     for (line, (status, code)) in requests
         .iter()
-        .zip([(400, "malformed_request"), (501, "not_implemented")])
+        .zip([(400, "malformed_request"), (400, "malformed_warrant")])
     {
         assert_eq!(line["fields"]["status"], status, "{line}");
         assert_eq!(line["fields"]["code"], code, "{line}");

@@ -137,6 +137,12 @@ fn a_bad_start_exits_64_for_config_and_1_for_a_busy_port() {
     let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 64, "bad_config");
     assert!(stderr.contains("tls.key"), "{stderr}");
 
+    // No audit signing key on the token: nothing could be audited.
+    t.write_config(&serve_config(""));
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 1, "no_audit_key");
+    assert!(stderr.contains("generate-audit"), "{stderr}");
+    softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+
     // The API port is taken.
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();

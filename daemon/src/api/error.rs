@@ -73,10 +73,18 @@ pub enum ApiError {
     /// working; the request may succeed later. Details are in the log.
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
-    /// The endpoint is part of the protocol but not served by this build yet.
-    #[error("{0} is not implemented yet")]
-    NotImplemented(&'static str),
     /// A bug: something that should not fail did. Details are in the log.
+    /// A domain refusal with its own code and status: a warrant refused
+    /// (400/403/413 by its class), a proof asked for outside the tree.
+    #[error("{message}")]
+    Refused {
+        /// The stable code (e.g. `policy_not_met`, `warrant_revoked`).
+        code: &'static str,
+        /// The HTTP status.
+        status: StatusCode,
+        /// What was wrong, for the client.
+        message: String,
+    },
     #[error("internal error")]
     Internal,
 }
@@ -100,7 +108,7 @@ impl ApiError {
             ApiError::BatchTooLarge { .. } => "batch_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
-            ApiError::NotImplemented(_) => "not_implemented",
+            ApiError::Refused { code, .. } => code,
             ApiError::Internal => "internal_error",
         }
     }
@@ -120,7 +128,7 @@ impl ApiError {
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Refused { status, .. } => *status,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -262,7 +270,6 @@ mod tests {
                 "rate_limited",
             ),
             (ApiError::Unavailable("the store"), 503, "unavailable"),
-            (ApiError::NotImplemented("unwrap"), 501, "not_implemented"),
             (ApiError::Internal, 500, "internal_error"),
         ];
         for (e, status, code) in cases {

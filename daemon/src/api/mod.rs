@@ -6,7 +6,8 @@
 //! limit, TLS handshake against the client CAs and CRLs, the certificate's
 //! single URI SAN) → [`pipeline`] (certificate re-check against the current
 //! configuration, rate limit, bounded body, metrics, the request span) →
-//! [`routes`] (role check, strict JSON, handler). [`admin`] serves the
+//! [`routes`] (role check, strict JSON) → [`handlers`] (the unwrap path of
+//! [`crate::unwrap`], revocation, the audit endpoints). [`admin`] serves the
 //! operations endpoints on a separate plain-HTTP listener. [`state`] holds
 //! what a SIGHUP reload replaces.
 //!
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod handlers;
 pub mod identity;
 pub mod pipeline;
 pub mod ratelimit;

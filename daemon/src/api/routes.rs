@@ -42,6 +42,7 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use super::error::{self, ApiError};
+use super::handlers;
 use super::identity::{PeerIdentity, Role};
 use super::state::ServerState;
 
@@ -199,50 +200,85 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(with_state(state.clone()))
         .and_then(get_keys);
 
-    // The endpoints below are wired for roles and bodies so that their
-    // plumbing is tested; their handlers arrive with the envelope, warrant
-    // and audit modules.
     let unwrap = warp::path!("v1" / "unwrap")
         .and(warp::post())
         .and(route("/v1/unwrap"))
         .and(require(&[Role::Agency]))
-        .and(json_body::<serde_json::Value>())
-        .and_then(|_: PeerIdentity, _: serde_json::Value| not_yet("POST /v1/unwrap"));
+        .and(raw_body())
+        .and(context())
+        .and(with_state(state.clone()))
+        .and_then(handlers::post_unwrap);
+    // Admin, or any caller delivering an authority-signed revocation: the
+    // handler decides which once it has seen the body.
     let revocations = warp::path!("v1" / "warrants" / "revocations")
         .and(warp::post())
         .and(route("/v1/warrants/revocations"))
-        .and(require(&[Role::Admin]))
-        .and(json_body::<serde_json::Value>())
-        .and_then(|_: PeerIdentity, _: serde_json::Value| not_yet("POST /v1/warrants/revocations"));
-    let audit = warp::path("v1")
-        .and(warp::path("audit"))
+        .and(require(ANY_ROLE))
+        .and(raw_body())
+        .and(with_state(state.clone()))
+        .and_then(handlers::post_revocation);
+    let auditor = || require(&[Role::Auditor]);
+    let audit_key = warp::path!("v1" / "audit" / "key")
         .and(warp::get())
-        .and(route("/v1/audit/*"))
-        .and(require(&[Role::Auditor]))
-        .and_then(|_: PeerIdentity| not_yet("/v1/audit"));
+        .and(route("/v1/audit/key"))
+        .and(auditor())
+        .and(with_state(state.clone()))
+        .and_then(handlers::audit_key);
+    let audit_checkpoint = warp::path!("v1" / "audit" / "checkpoint")
+        .and(warp::get())
+        .and(route("/v1/audit/checkpoint"))
+        .and(auditor())
+        .and(with_state(state.clone()))
+        .and_then(handlers::audit_checkpoint);
+    let audit_entries = warp::path!("v1" / "audit" / "entries")
+        .and(warp::get())
+        .and(route("/v1/audit/entries"))
+        .and(auditor())
+        .and(warp::query::<handlers::EntriesQuery>())
+        .and(with_state(state.clone()))
+        .and_then(handlers::audit_entries);
+    let audit_inclusion = warp::path!("v1" / "audit" / "proof" / "inclusion")
+        .and(warp::get())
+        .and(route("/v1/audit/proof/inclusion"))
+        .and(auditor())
+        .and(warp::query::<handlers::InclusionQuery>())
+        .and(with_state(state.clone()))
+        .and_then(handlers::audit_inclusion);
+    let audit_consistency = warp::path!("v1" / "audit" / "proof" / "consistency")
+        .and(warp::get())
+        .and(route("/v1/audit/proof/consistency"))
+        .and(auditor())
+        .and(warp::query::<handlers::ConsistencyQuery>())
+        .and(with_state(state.clone()))
+        .and_then(handlers::audit_consistency);
 
     keys.or(unwrap)
         .unify()
         .or(revocations)
         .unify()
-        .or(audit)
+        .or(audit_key)
+        .unify()
+        .or(audit_checkpoint)
+        .unify()
+        .or(audit_entries)
+        .unify()
+        .or(audit_inclusion)
+        .unify()
+        .or(audit_consistency)
         .unify()
         .recover(error::recover)
         .unify()
         .boxed()
 }
 
-async fn not_yet(what: &'static str) -> Result<Response, Rejection> {
-    Err(ApiError::NotImplemented(what).into())
-}
-
 async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Response, Rejection> {
-    let store = state.store.clone();
+    let st = state.clone();
     let set = blocking(move || {
-        crate::keys::jwks(store.as_ref(), time::OffsetDateTime::now_utc()).map_err(|e| {
-            tracing::error!(error = %e, "cannot list escrow keys");
-            ApiError::Unavailable("the key store")
-        })
+        crate::keys::jwks_checked(&st.hsm, st.store.as_ref(), time::OffsetDateTime::now_utc())
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot list escrow keys");
+                ApiError::Unavailable("the key store")
+            })
     })
     .await?;
     Ok(warp::reply::json(&set).into_response())

@@ -14,10 +14,17 @@ use std::sync::{Arc, RwLock};
 use super::identity::RoleMap;
 use super::ratelimit::RateLimiter;
 use super::tls::{self, TlsMaterial};
+use crate::audit::leaf::{
+    AuthoritiesLoaded, AuthoritySummary, Digest, EmergencySummary, Event, PolicySummary,
+};
+use crate::audit::log::AuditLog;
 use crate::config::{ConfigError, Env, Limits, Settings};
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
 use crate::store::Store;
+use crate::store::{AuditAppend, Spend};
+use crate::warrant::trust::AuthorityPublicKey;
+use crate::warrant::{TrustStore, Verifier, WarrantLimits};
 
 /// The parts of the configuration that a reload replaces.
 ///
@@ -33,6 +40,10 @@ pub struct Reloadable {
     pub tls: TlsMaterial,
     /// Identity → roles.
     pub roles: RoleMap,
+    /// The authorities and policy warrants are checked against.
+    pub verifier: Arc<Verifier>,
+    /// Digest of the trust configuration (as in its `authorities_loaded` leaf).
+    pub trust_digest: Digest,
 }
 
 impl Reloadable {
@@ -43,10 +54,14 @@ impl Reloadable {
     /// [`ConfigError`] naming the field whose file or value is unusable.
     pub fn build(settings: &Settings, generation: u64) -> Result<Self, ConfigError> {
         let tls = tls::load(settings.require_tls()?, &settings.file)?;
+        let trust = settings.require_trust()?.clone();
+        let trust_digest = trust_digest(&trust);
         Ok(Reloadable {
             generation,
             tls,
             roles: settings.roles.clone(),
+            verifier: Arc::new(Verifier::new(trust, WarrantLimits::default())),
+            trust_digest,
         })
     }
 }
@@ -59,6 +74,8 @@ pub struct ServerState {
     /// The store. Its methods block (SQLite, fsync): call them on the
     /// blocking pool (`tokio::task::spawn_blocking` or [`super::blocking`]).
     pub store: Arc<Store>,
+    /// The audit log (the store's leaves plus HSM-signed checkpoints).
+    pub audit: AuditLog,
     /// Metrics; handlers count envelopes and store commits here.
     pub metrics: Arc<Metrics>,
     /// `[limits]` at start (a reload does not change them).
@@ -133,11 +150,13 @@ impl ServerState {
         env: Arc<dyn Env>,
         hsm: Hsm,
         store: Arc<Store>,
+        audit: AuditLog,
         metrics: Arc<Metrics>,
     ) -> Self {
         ServerState {
             hsm,
             store,
+            audit,
             metrics,
             limits: startup.limits.clone(),
             rate_limiter: RateLimiter::new(
@@ -190,11 +209,22 @@ impl ServerState {
         let settings = Settings::load(&self.config_file, self.env.as_ref())?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let next = Reloadable::build(&settings, generation)?;
+        let trust_changed = next.trust_digest != self.current().trust_digest;
+        let trust = settings.require_trust()?.clone();
         *self
             .live
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         self.generation.store(generation, Ordering::SeqCst);
+        if trust_changed {
+            // Auditors must see from which point on which authorities were
+            // trusted. The new rules already apply; a failure to log is
+            // reported loudly (the log then lacks this change) but does not
+            // undo a reload an operator asked for.
+            if let Err(e) = self.log_authorities_loaded(&trust) {
+                tracing::error!(error = %e, "could not log the authorities_loaded event");
+            }
+        }
         let now = StartupSettings::of(&settings);
         let was = &self.startup;
         let mut needs_restart = Vec::new();
@@ -220,6 +250,23 @@ impl ServerState {
 
     /// Marks the server as shutting down: `/readyz` turns false so that
     /// load balancers stop sending new work.
+    /// Appends the `authorities_loaded` leaf for `trust` (at start and after
+    /// a reload that changed it), durably.
+    ///
+    /// # Errors
+    /// A leaf, store or HSM error, as text.
+    pub fn log_authorities_loaded(&self, trust: &TrustStore) -> Result<(), String> {
+        let event = authorities_loaded(trust).map_err(|e| e.to_string())?;
+        self.audit
+            .append(AuditAppend {
+                events: vec![event],
+                time: time::OffsetDateTime::now_utc(),
+                spend: Spend::None,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
@@ -228,4 +275,78 @@ impl ServerState {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
+}
+
+/// The trust configuration as canonical JSON (sorted keys, no whitespace):
+/// every authority with its public key, role, algorithm and validity, and
+/// the policy. Its SHA-256 is the `config_digest` of `authorities_loaded`,
+/// so an auditor can tell whether two loads were the same configuration.
+fn trust_canonical(trust: &TrustStore) -> Vec<u8> {
+    let authorities: Vec<serde_json::Value> = trust
+        .authorities()
+        .map(|a| {
+            let jwk = match a.key() {
+                AuthorityPublicKey::P256(k) => k.to_jwk(),
+                AuthorityPublicKey::Ed25519(k) => k.to_jwk(),
+            };
+            serde_json::json!({
+                "kid": a.kid(),
+                "role": a.role(),
+                "alg": a.alg().name(),
+                "jwk": jwk,
+                "valid_from": crate::codec::format_time(a.valid_from()),
+                "valid_until": crate::codec::format_time(a.valid_until()),
+            })
+        })
+        .collect();
+    let (require, emergency) = policy_summary(trust);
+    let value = serde_json::json!({
+        "authorities": authorities,
+        "policy": {"require": require, "emergency": emergency},
+    });
+    // serde_json's map is ordered (no preserve_order feature), so this is
+    // canonical.
+    value.to_string().into_bytes()
+}
+
+fn policy_summary(
+    trust: &TrustStore,
+) -> (
+    std::collections::BTreeMap<String, u32>,
+    Option<EmergencySummary>,
+) {
+    let rules = |rules: &[crate::warrant::trust::RoleRule]| {
+        rules
+            .iter()
+            .map(|r| (r.role.clone(), u32::try_from(r.count).unwrap_or(u32::MAX)))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let policy = trust.policy();
+    let emergency = policy.emergency.as_ref().map(|e| EmergencySummary {
+        require: rules(&e.require),
+        max_hours: e.max_hours,
+    });
+    (rules(&policy.require), emergency)
+}
+
+fn trust_digest(trust: &TrustStore) -> Digest {
+    Digest::of_trust_config(&trust_canonical(trust))
+}
+
+fn authorities_loaded(trust: &TrustStore) -> Result<Event, crate::audit::leaf::LeafError> {
+    let authorities = trust
+        .authorities()
+        .map(|a| AuthoritySummary {
+            kid: a.kid().to_string(),
+            role: a.role().to_string(),
+            alg: a.alg().name().to_string(),
+        })
+        .collect();
+    let (require, emergency) = policy_summary(trust);
+    Ok(AuthoritiesLoaded::new(
+        trust_digest(trust),
+        authorities,
+        PolicySummary { require, emergency },
+    )?
+    .into())
 }

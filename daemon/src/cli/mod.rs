@@ -131,6 +131,10 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
         return Some(match l {
             crate::audit::log::LogError::Store(_) => "store_unavailable",
+            crate::audit::log::LogError::Hsm(crate::hsm::HsmError::KeyNotFound {
+                kind: "audit",
+                ..
+            }) => "no_audit_key",
             _ => "hsm_unavailable",
         });
     }

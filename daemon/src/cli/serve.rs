@@ -17,6 +17,7 @@ use crate::api::admin::{self, Readiness};
 use crate::api::pipeline::{self, Api};
 use crate::api::state::StartupSettings;
 use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
+use crate::audit::log::AuditLog;
 use crate::config::{Env, ProcessEnv, Settings};
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
@@ -50,9 +51,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new().context("metrics")?);
     let startup = StartupSettings::of(&settings);
+    let trust = settings.require_trust()?.clone();
     let store = Arc::new(Store::open(&settings.store_path)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
-    let state = Arc::new(ServerState::new(startup, live, env, hsm, store, metrics));
+    let audit = AuditLog::new(
+        store.clone(),
+        hsm.clone(),
+        &settings.audit.key_label,
+        &settings.audit.origin,
+    )
+    .context("the audit log (run `lavd keys generate-audit` first)")?;
+    let state = Arc::new(ServerState::new(
+        startup, live, env, hsm, store, audit, metrics,
+    ));
+    // The first leaf of every run: which authorities and policy are trusted.
+    state
+        .log_authorities_loaded(&trust)
+        .map_err(|e| anyhow::anyhow!("cannot write the audit log: {e}"))?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -86,6 +86,8 @@ pub struct Settings {
     /// Things that are allowed but unwise (a PIN file readable by others),
     /// for the caller to log once logging is set up.
     pub warnings: Vec<String>,
+    /// `[[authorities]]` and `[policy]`, validated; `lavd serve` needs them.
+    pub trust: Option<std::sync::Arc<crate::warrant::TrustStore>>,
 }
 
 /// Audit log settings.
@@ -138,6 +140,7 @@ impl Settings {
         let tls = raw.tls.map(|t| v.tls(t)).transpose()?;
         let admin = v.admin(raw.admin)?;
         let roles = v.roles(raw.roles)?;
+        let trust = v.trust(raw.authorities, raw.policy)?;
         let limits = v.limits(raw.limits)?;
         let log = v.log(raw.log)?;
         if server.listen == admin.listen && server.listen.port() != 0 {
@@ -158,6 +161,21 @@ impl Settings {
             limits,
             log,
             warnings: v.warnings.into_inner(),
+            trust,
+        })
+    }
+
+    /// The authorities and policy, which `lavd serve` needs.
+    ///
+    /// # Errors
+    /// [`ConfigError`] on field `policy` when they are absent.
+    pub fn require_trust(
+        &self,
+    ) -> Result<&std::sync::Arc<crate::warrant::TrustStore>, ConfigError> {
+        self.trust.as_ref().ok_or_else(|| ConfigError {
+            file: self.file.clone(),
+            field: "policy".into(),
+            reason: "lavd serve needs [[authorities]] and a [policy] table".into(),
         })
     }
 
@@ -171,6 +189,34 @@ impl Settings {
             field: "tls".into(),
             reason: "lavd serve needs a [tls] table with cert, key and client_cas".into(),
         })
+    }
+}
+
+impl Validator<'_> {
+    fn trust(
+        &self,
+        authorities: Vec<crate::warrant::trust::AuthorityConfig>,
+        policy: Option<crate::warrant::trust::PolicyConfig>,
+    ) -> Result<Option<std::sync::Arc<crate::warrant::TrustStore>>, ConfigError> {
+        use crate::warrant::trust::{TrustConfig, TrustConfigError};
+        let policy = match (authorities.is_empty(), policy) {
+            (true, None) => return Ok(None),
+            (false, None) => {
+                return Err(self.err("policy", "[[authorities]] without a [policy] table"))
+            }
+            (_, Some(policy)) => policy,
+        };
+        let config = TrustConfig {
+            authorities,
+            policy,
+        };
+        config
+            .validate(self.base)
+            .map(|t| Some(std::sync::Arc::new(t)))
+            .map_err(|e| match e {
+                TrustConfigError::Invalid { field, reason } => self.err(&field, reason),
+                other => self.err("authorities", other.to_string()),
+            })
     }
 }
 

@@ -33,6 +33,12 @@ pub struct RawConfig {
     /// `[log]`
     #[serde(default)]
     pub log: RawLog,
+    /// `[[authorities]]`: who may sign warrants (see `warrant::trust`).
+    #[serde(default)]
+    pub authorities: Vec<crate::warrant::trust::AuthorityConfig>,
+    /// `[policy]`: how many distinct authorities of each role must sign.
+    #[serde(default)]
+    pub policy: Option<crate::warrant::trust::PolicyConfig>,
 }
 
 /// `[server]`

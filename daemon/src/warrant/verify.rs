@@ -105,14 +105,17 @@ impl VerifiedWarrant {
 /// Verifies warrants against one trust store.
 #[derive(Debug)]
 pub struct Verifier {
-    trust: TrustStore,
+    trust: std::sync::Arc<TrustStore>,
     limits: WarrantLimits,
 }
 
 impl Verifier {
     /// A verifier for `trust` with `limits`.
-    pub fn new(trust: TrustStore, limits: WarrantLimits) -> Self {
-        Self { trust, limits }
+    pub fn new(trust: impl Into<std::sync::Arc<TrustStore>>, limits: WarrantLimits) -> Self {
+        Self {
+            trust: trust.into(),
+            limits,
+        }
     }
 
     /// The trust store.

@@ -1,0 +1,322 @@
+//! The `/v1` handlers beyond `/v1/keys`: unwrap, revocation and the audit
+//! endpoints (PROTOCOL §5, §4, §6). Each does its blocking work (HSM,
+//! SQLite) on the blocking pool through [`blocking`], and turns the domain
+//! errors into [`ApiError`]s here, so that statuses are decided in
+//! [`super::error`] and nowhere else.
+
+use std::sync::Arc;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+use warp::http::StatusCode;
+use warp::hyper::body::Bytes;
+use warp::reply::Response;
+use warp::{Rejection, Reply};
+
+use super::error::ApiError;
+use super::identity::{PeerIdentity, Role};
+use super::routes::{blocking, RequestContext};
+use super::state::ServerState;
+use crate::audit::log::LogError;
+use crate::codec::b64_encode;
+use crate::envelope::EnvelopeLimits;
+use crate::store::StoreError;
+use crate::unwrap::{self, RevocationRequest, UnwrapError};
+use crate::warrant::{ErrorClass, WarrantError};
+
+/// At most this many leaves per `GET /v1/audit/entries` page.
+pub const MAX_ENTRIES_PAGE: u64 = 1000;
+
+fn json(value: &impl serde::Serialize) -> Response {
+    let mut response = warp::reply::json(value).into_response();
+    response.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    response
+}
+
+fn warrant_error(e: &WarrantError) -> ApiError {
+    let status = match e.class() {
+        ErrorClass::Malformed => StatusCode::BAD_REQUEST,
+        ErrorClass::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorClass::Forbidden => StatusCode::FORBIDDEN,
+        ErrorClass::Unavailable => {
+            tracing::error!(error = %e, "warrant check could not reach the store");
+            return ApiError::Unavailable("the store");
+        }
+    };
+    ApiError::Refused {
+        code: e.code(),
+        status,
+        message: e.to_string(),
+    }
+}
+
+fn unwrap_error(e: UnwrapError) -> ApiError {
+    match e {
+        UnwrapError::Malformed(m) => ApiError::Malformed(m),
+        UnwrapError::BatchSize { got: 0, max } => ApiError::Malformed(format!(
+            "a request carries 1 to {max} envelopes, this one has none"
+        )),
+        UnwrapError::BatchSize { max, got } => ApiError::BatchTooLarge {
+            count: got,
+            limit: max,
+        },
+        UnwrapError::Warrant(w) => warrant_error(&w),
+        UnwrapError::Unavailable(detail) => {
+            // The detail (CKR codes, SQLite errors) is for operators only.
+            tracing::error!(error = %detail, "unwrap failed; nothing was released");
+            ApiError::Unavailable("the HSM or the store")
+        }
+    }
+}
+
+/// `POST /v1/unwrap` (agency).
+pub async fn post_unwrap(
+    peer: PeerIdentity,
+    body: Bytes,
+    ctx: Arc<RequestContext>,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let live = state.current();
+    let st = state.clone();
+    let caller = peer.uri().to_string();
+    let result = blocking(move || {
+        let limits = EnvelopeLimits::default();
+        let context = unwrap::Context {
+            hsm: &st.hsm,
+            store: &st.store,
+            log: &st.audit,
+            verifier: &live.verifier,
+            envelope_limits: &limits,
+            max_batch: st.limits.max_batch,
+        };
+        Ok(unwrap::unwrap(
+            &context,
+            &caller,
+            &body,
+            OffsetDateTime::now_utc(),
+        ))
+    })
+    .await?;
+    let done = result.map_err(unwrap_error)?;
+    ctx.record_warrant_id(&done.warrant_id);
+    for _ in 0..done.opened {
+        state.metrics.envelope("ok");
+    }
+    for (reason, n) in &done.denied {
+        for _ in 0..*n {
+            state.metrics.envelope(reason);
+        }
+    }
+    let mut response = Response::new(done.reply.into());
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    response.headers_mut().insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("no-store"),
+    );
+    Ok(response)
+}
+
+/// `POST /v1/warrants/revocations`: an admin's `{"id","reason"}`, or an
+/// authority's `{"revocation": <JWS>}` delivered by any authenticated
+/// caller (PROTOCOL §4, §6).
+pub async fn post_revocation(
+    peer: PeerIdentity,
+    body: Bytes,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let by_authority = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.as_object().map(|o| o.contains_key("revocation")))
+        .unwrap_or(false);
+    if !by_authority && !peer.has(Role::Admin) {
+        return Err(ApiError::forbidden(peer.uri(), &[Role::Admin]).into());
+    }
+    let live = state.current();
+    let st = state.clone();
+    let caller = peer.uri().to_string();
+    let result = blocking(move || {
+        let limits = EnvelopeLimits::default();
+        let context = unwrap::Context {
+            hsm: &st.hsm,
+            store: &st.store,
+            log: &st.audit,
+            verifier: &live.verifier,
+            envelope_limits: &limits,
+            max_batch: st.limits.max_batch,
+        };
+        let request = if by_authority {
+            RevocationRequest::Authority {
+                caller: &caller,
+                body: &body,
+            }
+        } else {
+            RevocationRequest::Admin {
+                caller: &caller,
+                body: &body,
+            }
+        };
+        Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
+    })
+    .await?;
+    let revoked = result.map_err(unwrap_error)?;
+    let receipt = &revoked.receipt;
+    Ok(json(&serde_json::json!({
+        "id": revoked.id,
+        "revoked": true,
+        "already_revoked": !revoked.newly_revoked,
+        "audit": {
+            "checkpoint": receipt.checkpoint,
+            "first_index": receipt.appended.first_index,
+            "count": receipt.appended.count,
+        },
+    })))
+}
+
+fn store_error(e: StoreError) -> ApiError {
+    match e {
+        StoreError::BadProofRequest(m) => ApiError::Refused {
+            code: "bad_proof_request",
+            status: StatusCode::BAD_REQUEST,
+            message: m,
+        },
+        other => {
+            tracing::error!(error = %other, "audit read failed");
+            ApiError::Unavailable("the store")
+        }
+    }
+}
+
+fn log_error(e: LogError) -> ApiError {
+    match e {
+        LogError::Store(s) => store_error(s),
+        other => {
+            tracing::error!(error = %other, "checkpoint signing failed");
+            ApiError::Unavailable("the HSM")
+        }
+    }
+}
+
+/// `GET /v1/audit/key` (auditor).
+pub async fn audit_key(
+    _peer: PeerIdentity,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let key = state.audit.verifier_key().map_err(log_error)?;
+    Ok(json(&serde_json::json!({
+        "origin": state.audit.origin(),
+        "verifier_key": key,
+    })))
+}
+
+/// `GET /v1/audit/checkpoint` (auditor): a checkpoint of the whole log,
+/// signed now if the log grew since the last one.
+pub async fn audit_checkpoint(
+    _peer: PeerIdentity,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let checkpoint = blocking(move || state.audit.current_checkpoint().map_err(log_error)).await?;
+    Ok(json(&serde_json::json!({ "checkpoint": checkpoint })))
+}
+
+/// `?start=&end=` of `GET /v1/audit/entries`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntriesQuery {
+    start: u64,
+    end: Option<u64>,
+}
+
+/// `GET /v1/audit/entries?start=&end=` (auditor): leaves `[start, end)`, at
+/// most [`MAX_ENTRIES_PAGE`] of them; `end` defaults to a full page.
+pub async fn audit_entries(
+    _peer: PeerIdentity,
+    query: EntriesQuery,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let end = query
+        .end
+        .unwrap_or(query.start.saturating_add(MAX_ENTRIES_PAGE));
+    if end < query.start || end - query.start > MAX_ENTRIES_PAGE {
+        return Err(ApiError::Malformed(format!(
+            "need start <= end and at most {MAX_ENTRIES_PAGE} entries per page"
+        ))
+        .into());
+    }
+    let leaves = blocking(move || {
+        state
+            .audit
+            .store()
+            .leaves(query.start, end)
+            .map_err(store_error)
+    })
+    .await?;
+    let entries: Vec<serde_json::Value> = leaves
+        .into_iter()
+        .map(|(index, leaf)| serde_json::json!({"index": index, "leaf": b64_encode(leaf)}))
+        .collect();
+    Ok(json(&serde_json::json!({ "entries": entries })))
+}
+
+/// `?index=&size=` of the inclusion proof endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InclusionQuery {
+    index: u64,
+    size: u64,
+}
+
+/// `GET /v1/audit/proof/inclusion?index=&size=` (auditor).
+pub async fn audit_inclusion(
+    _peer: PeerIdentity,
+    query: InclusionQuery,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let proof = blocking(move || {
+        state
+            .audit
+            .store()
+            .inclusion_proof(query.index, query.size)
+            .map_err(store_error)
+    })
+    .await?;
+    Ok(json(&serde_json::json!({
+        "index": query.index,
+        "size": query.size,
+        "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
+    })))
+}
+
+/// `?from=&to=` of the consistency proof endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsistencyQuery {
+    from: u64,
+    to: u64,
+}
+
+/// `GET /v1/audit/proof/consistency?from=&to=` (auditor).
+pub async fn audit_consistency(
+    _peer: PeerIdentity,
+    query: ConsistencyQuery,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let proof = blocking(move || {
+        state
+            .audit
+            .store()
+            .consistency_proof(query.from, query.to)
+            .map_err(store_error)
+    })
+    .await?;
+    Ok(json(&serde_json::json!({
+        "from": query.from,
+        "to": query.to,
+        "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
+    })))
+}
