@@ -141,6 +141,11 @@ async fn bounded(
         .unwrap_or_else(|_| Err(format!("no answer within {} s", CHECK_TIMEOUT.as_secs())))
 }
 
+/// The admin listener's routes, as (method, path); `docs/openapi.yaml` lists
+/// them too.
+pub const ADMIN_ROUTES: &[(&str, &str)] =
+    &[("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")];
+
 /// The admin route table.
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();

@@ -86,11 +86,29 @@ impl RequestContext {
     }
 }
 
+/// Every `/v1` route, as (method, template). `docs/openapi.yaml` must list
+/// exactly these (`softhsm-tests/tests/openapi_routes.rs`), and [`route`]
+/// refuses (in debug builds, so in every test) a template missing here.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/keys"),
+    ("POST", "/v1/unwrap"),
+    ("POST", "/v1/warrants/revocations"),
+    ("GET", "/v1/audit/key"),
+    ("GET", "/v1/audit/checkpoint"),
+    ("GET", "/v1/audit/entries"),
+    ("GET", "/v1/audit/proof/inclusion"),
+    ("GET", "/v1/audit/proof/consistency"),
+];
+
 /// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
 /// request metrics and the log span. Put it right after path and method.
 pub fn route(
     template: &'static str,
 ) -> impl Filter<Extract = (), Error = std::convert::Infallible> + Clone {
+    debug_assert!(
+        ROUTES.iter().any(|(_, t)| *t == template),
+        "route {template} is not in api::routes::ROUTES (and docs/openapi.yaml)"
+    );
     warp::ext::optional::<Arc<RequestContext>>()
         .map(move |ctx: Option<Arc<RequestContext>>| {
             if let Some(ctx) = ctx {
