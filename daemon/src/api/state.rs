@@ -26,12 +26,12 @@ use crate::store::{AuditAppend, Spend};
 use crate::warrant::trust::AuthorityPublicKey;
 use crate::warrant::{TrustStore, Verifier, WarrantLimits};
 
-/// The parts of the configuration that a reload replaces.
+/// The parts of the configuration that a reload replaces: certificates,
+/// CRLs, roles, and the warrant authorities and policy.
 ///
-/// To make more of the configuration reloadable (the warrant authorities and
-/// policy, for example), add a field here and build it in
-/// [`Reloadable::build`]: it is then checked with the rest before any swap,
-/// and a handler reads it with `state.current().your_field`.
+/// To make more of the configuration reloadable, add a field here and build
+/// it in [`Reloadable::build`]: it is then checked with the rest before any
+/// swap, and a handler reads it with `state.current().your_field`.
 #[derive(Debug)]
 pub struct Reloadable {
     /// Counts up from 1 with every successful reload.
@@ -115,6 +115,11 @@ pub struct StartupSettings {
     pub log: crate::config::LogSettings,
     /// `[store] path`.
     pub store_path: PathBuf,
+    /// `[hsm]` as far as a change matters (module, token, sessions,
+    /// quirks, environment; not the PIN).
+    pub hsm: String,
+    /// `[audit]`.
+    pub audit: crate::config::AuditSettings,
 }
 
 impl StartupSettings {
@@ -127,6 +132,15 @@ impl StartupSettings {
             limits: s.limits.clone(),
             log: s.log.clone(),
             store_path: s.store_path.clone(),
+            hsm: format!(
+                "{} {} {} {:?} {:?}",
+                s.hsm.module.display(),
+                s.hsm.token,
+                s.hsm.sessions,
+                s.hsm.quirks,
+                s.hsm.module_env
+            ),
+            audit: s.audit.clone(),
         }
     }
 }
@@ -209,22 +223,23 @@ impl ServerState {
         let settings = Settings::load(&self.config_file, self.env.as_ref())?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let next = Reloadable::build(&settings, generation)?;
-        let trust_changed = next.trust_digest != self.current().trust_digest;
-        let trust = settings.require_trust()?.clone();
+        if next.trust_digest != self.current().trust_digest {
+            // No change of who may sign warrants without its audit leaf:
+            // the leaf is durable before the new trust applies, and if it
+            // cannot be written the reload fails and the old trust stays.
+            let trust = settings.require_trust()?;
+            self.log_authorities_loaded(trust)
+                .map_err(|e| ConfigError {
+                    file: self.config_file.clone(),
+                    field: "authorities".into(),
+                    reason: format!("not applied: its audit record could not be written: {e}"),
+                })?;
+        }
         *self
             .live
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         self.generation.store(generation, Ordering::SeqCst);
-        if trust_changed {
-            // Auditors must see from which point on which authorities were
-            // trusted. The new rules already apply; a failure to log is
-            // reported loudly (the log then lacks this change) but does not
-            // undo a reload an operator asked for.
-            if let Err(e) = self.log_authorities_loaded(&trust) {
-                tracing::error!(error = %e, "could not log the authorities_loaded event");
-            }
-        }
         let now = StartupSettings::of(&settings);
         let was = &self.startup;
         let mut needs_restart = Vec::new();
@@ -234,6 +249,8 @@ impl ServerState {
             ("limits", now.limits != was.limits),
             ("log", now.log != was.log),
             ("store", now.store_path != was.store_path),
+            ("hsm", now.hsm != was.hsm),
+            ("audit", now.audit != was.audit),
         ] {
             if changed {
                 needs_restart.push(table);
@@ -248,8 +265,6 @@ impl ServerState {
         })
     }
 
-    /// Marks the server as shutting down: `/readyz` turns false so that
-    /// load balancers stop sending new work.
     /// Appends the `authorities_loaded` leaf for `trust` (at start and after
     /// a reload that changed it), durably.
     ///
@@ -267,6 +282,8 @@ impl ServerState {
         Ok(())
     }
 
+    /// Marks the server as shutting down: `/readyz` turns false so that
+    /// load balancers stop sending new work.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }

@@ -49,6 +49,18 @@ pub struct AuditLog {
     public: Ed25519PublicKey,
     origin: String,
     latest: Arc<Mutex<Option<(u64, String)>>>,
+    commit_timer: Option<CommitTimer>,
+}
+
+/// Receives the duration of every durable append, in seconds (the daemon's
+/// `lavd_store_commit_duration_seconds`).
+#[derive(Clone)]
+struct CommitTimer(Arc<dyn Fn(f64) + Send + Sync>);
+
+impl std::fmt::Debug for CommitTimer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CommitTimer")
+    }
 }
 
 impl AuditLog {
@@ -71,7 +83,15 @@ impl AuditLog {
             public,
             origin: origin.to_string(),
             latest: Arc::new(Mutex::new(latest)),
+            commit_timer: None,
         })
+    }
+
+    /// Reports how long each durable append took (group commit included).
+    #[must_use]
+    pub fn with_commit_timer(mut self, timer: Arc<dyn Fn(f64) + Send + Sync>) -> Self {
+        self.commit_timer = Some(CommitTimer(timer));
+        self
     }
 
     /// The signed-note verifier key (`<origin>+<key id>+<base64 key>`).
@@ -101,7 +121,11 @@ impl AuditLog {
     /// be signed: the leaves stay in the log, and the caller must not
     /// release anything that needed the checkpoint.
     pub fn append(&self, batch: AuditAppend) -> Result<Receipt, LogError> {
+        let started = std::time::Instant::now();
         let appended = self.store.append(batch)?;
+        if let Some(timer) = &self.commit_timer {
+            (timer.0)(started.elapsed().as_secs_f64());
+        }
         let checkpoint = self.checkpoint_covering(appended.first_index + appended.count)?;
         Ok(Receipt {
             appended,

@@ -67,6 +67,14 @@ pub enum KeysCommand {
     },
 }
 
+fn report(record: &crate::store::KeyRecord) {
+    eprintln!(
+        "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
+        record.kid,
+        record.destroy_reason.as_deref().unwrap_or("")
+    );
+}
+
 fn time_arg(s: &str) -> Result<OffsetDateTime, String> {
     parse_time(s).map_err(|e| e.to_string())
 }
@@ -149,26 +157,36 @@ impl KeysCommand {
                 let settings = config.load()?;
                 let store = Store::open(&settings.store_path)?;
                 let hsm = Hsm::open(settings.hsm)?;
-                let kids = match kid {
-                    Some(kid) => vec![kid],
-                    None if expired => keys::due_for_destruction(&store, now)?
-                        .into_iter()
-                        .map(|k| k.kid)
-                        .collect(),
-                    None => Vec::new(),
-                };
-                for kid in kids {
+                if let Some(kid) = kid {
                     let reason = if force {
-                        DestroyReason::Forced(reason.clone().unwrap_or_default())
+                        DestroyReason::Forced(reason.unwrap_or_default())
                     } else {
                         DestroyReason::Retention
                     };
-                    let record = keys::destroy(&hsm, &store, &kid, reason, now)?;
-                    eprintln!(
-                        "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
-                        record.kid,
-                        record.destroy_reason.as_deref().unwrap_or("")
-                    );
+                    report(&keys::destroy(&hsm, &store, &kid, reason, now)?);
+                } else if expired {
+                    // The daily job: destroy every key past retention, and
+                    // finish any destruction a crash interrupted. One failing
+                    // key does not stop the others.
+                    let mut failed = Vec::new();
+                    for k in keys::due_for_destruction(&store, now)? {
+                        match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
+                            Ok(record) => report(&record),
+                            Err(e) => {
+                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), k.kid);
+                                failed.push(k.kid);
+                            }
+                        }
+                    }
+                    for k in store.list_keys()? {
+                        if k.destroyed_at.is_some() && hsm.escrow_key_present(&k.kid)? {
+                            hsm.destroy_escrow_key(&k.kid)?;
+                            eprintln!("escrow key {}: finished an interrupted destruction", k.kid);
+                        }
+                    }
+                    if !failed.is_empty() {
+                        anyhow::bail!("could not destroy: {}", failed.join(", "));
+                    }
                 }
             }
             KeysCommand::GenerateAudit { config } => {

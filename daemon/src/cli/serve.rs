@@ -60,7 +60,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &settings.audit.key_label,
         &settings.audit.origin,
     )
-    .context("the audit log (run `lavd keys generate-audit` first)")?;
+    .context("the audit log (run `lavd keys generate-audit` first)")?
+    .with_commit_timer({
+        let metrics = metrics.clone();
+        Arc::new(move |seconds| metrics.store_commit("audit_append", seconds))
+    });
     let state = Arc::new(ServerState::new(
         startup, live, env, hsm, store, audit, metrics,
     ));

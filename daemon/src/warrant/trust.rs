@@ -298,8 +298,16 @@ impl TrustStore {
     /// # Errors
     /// Any [`TrustConfigError`], naming the field.
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Self, TrustConfigError> {
-        let config: TrustConfig =
-            toml::from_str(text).map_err(|e| TrustConfigError::Toml(e.to_string()))?;
+        let toml_err = |e: toml::de::Error| TrustConfigError::Toml(e.to_string());
+        let mut doc: toml::Table = toml::from_str(text).map_err(toml_err)?;
+        // A daemon config (it has `[hsm]`) also works: only its
+        // `[[authorities]]` and `[policy]` are read, so `lavd warrant inspect
+        // --trust /etc/lavd/lavd.toml` checks against what the daemon trusts.
+        // A dedicated trust file stays strict: an unknown key is refused.
+        if doc.contains_key("hsm") {
+            doc.retain(|k, _| k == "authorities" || k == "policy");
+        }
+        let config: TrustConfig = toml::Value::Table(doc).try_into().map_err(toml_err)?;
         config.validate(base_dir)
     }
 
