@@ -28,6 +28,8 @@ pub mod cli;
 #[cfg(feature = "daemon")]
 pub mod config;
 #[cfg(feature = "daemon")]
+pub mod dev;
+#[cfg(feature = "daemon")]
 pub mod hsm;
 #[cfg(feature = "daemon")]
 pub mod keys;

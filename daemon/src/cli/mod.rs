@@ -3,6 +3,7 @@
 //! agencies: `open`; auditors: `audit`).
 
 pub mod audit;
+pub mod https;
 pub mod keys;
 pub mod notify;
 pub mod seal;
@@ -28,6 +29,9 @@ pub enum Command {
     /// Run the daemon: the mutual-TLS API and the admin listener, until
     /// SIGTERM or SIGINT (SIGHUP reloads certificates, CRLs and roles).
     Serve(serve::ServeArgs),
+    /// A complete development daemon on its own SoftHSM token, with demo
+    /// certificates, authorities and keys. Never for production.
+    Dev(crate::dev::DevArgs),
     /// Escrow and audit key lifecycle (operators).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -54,6 +58,7 @@ impl Command {
             // The daemon sets up logging from its config file; the tools
             // log to stderr with the defaults.
             Command::Serve(args) => serve::run(args),
+            Command::Dev(args) => args.run(),
             Command::Keys(cmd) => tool(|| cmd.run()),
             Command::Seal(args) => tool(|| args.run()),
             Command::Open(args) => tool(|| args.run()),

@@ -32,7 +32,7 @@ const ADMIN_GRACE: Duration = Duration::from_secs(1);
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
     #[command(flatten)]
-    config: ConfigArg,
+    pub config: ConfigArg,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

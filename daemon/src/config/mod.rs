@@ -342,12 +342,26 @@ impl Validator<'_> {
                 .and_then(|q| q.derive_sets_value_len)
                 .unwrap_or(defaults.derive_sets_value_len),
         };
+        let mut module_env = Vec::new();
+        for (name, value) in raw.env.unwrap_or_default() {
+            let ok = !name.is_empty()
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !value.contains('\0');
+            if !ok {
+                return Err(self.err(
+                    &format!("hsm.env.{name}"),
+                    "names are letters, digits and `_`; values have no NUL",
+                ));
+            }
+            module_env.push((name, value));
+        }
         Ok(HsmSettings {
             module: self.path(&raw.module),
             token,
             pin,
             sessions,
             quirks,
+            module_env,
         })
     }
 }

@@ -109,6 +109,7 @@ pub struct RawHsm {
     pub(super) pin: Option<toml::Value>,
     pub(super) sessions: Option<usize>,
     pub(super) quirks: Option<RawQuirks>,
+    pub(super) env: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[hsm.quirks]`

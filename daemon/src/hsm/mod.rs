@@ -84,6 +84,10 @@ pub struct HsmSettings {
     pub sessions: usize,
     /// Vendor quirks.
     pub quirks: Quirks,
+    /// Environment variables the module reads when it is loaded (SoftHSM's
+    /// `SOFTHSM2_CONF`, YubiHSM's `YUBIHSM_PKCS11_CONF`, …), set in this
+    /// process just before the module is first loaded.
+    pub module_env: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for HsmSettings {
@@ -94,6 +98,7 @@ impl std::fmt::Debug for HsmSettings {
             .field("pin", &"<redacted>")
             .field("sessions", &self.sessions)
             .field("quirks", &self.quirks)
+            .field("module_env", &self.module_env)
             .finish()
     }
 }
@@ -136,7 +141,7 @@ struct Inner {
 /// PKCS#11 modules are process-wide: `C_Initialize` may run once per process
 /// and `C_Finalize` would pull the token from under every other user. So each
 /// module is loaded and initialised once and kept for the life of the process.
-fn module(path: &Path) -> Result<Pkcs11, HsmError> {
+fn module(path: &Path, env: &[(String, String)]) -> Result<Pkcs11, HsmError> {
     static MODULES: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
     let mut modules = MODULES
         .get_or_init(Default::default)
@@ -150,6 +155,13 @@ fn module(path: &Path) -> Result<Pkcs11, HsmError> {
             path: path.to_path_buf(),
             reason: "no such file".into(),
         });
+    }
+    // Modules read their configuration from the environment once, when they
+    // initialise: set it now. This runs before the module is loaded, which
+    // lavd does at start-up, before it starts any thread that reads the
+    // environment.
+    for (name, value) in env {
+        std::env::set_var(name, value);
     }
     let pkcs11 = Pkcs11::new(path).map_err(|e| HsmError::Module {
         path: path.to_path_buf(),
@@ -186,7 +198,7 @@ impl Hsm {
         settings: HsmSettings,
         observer: Arc<dyn HsmObserver>,
     ) -> Result<Self, HsmError> {
-        let pkcs11 = module(&settings.module)?;
+        let pkcs11 = module(&settings.module, &settings.module_env)?;
         let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
         let pool = Pool::new(slot, settings.sessions.max(1));
         let hsm = Hsm {
@@ -416,11 +428,12 @@ pub type SharedSecret = Zeroizing<[u8; 32]>;
 /// failing PKCS#11 call.
 pub fn init_dev_token(
     module_path: &Path,
+    module_env: &[(String, String)],
     label: &str,
     so_pin: &AuthPin,
     user_pin: &AuthPin,
 ) -> Result<(), HsmError> {
-    let pkcs11 = module(module_path)?;
+    let pkcs11 = module(module_path, module_env)?;
     let mut free = None;
     for slot in pkcs11.get_slots_with_token()? {
         if !pkcs11.get_token_info(slot)?.token_initialized() {
