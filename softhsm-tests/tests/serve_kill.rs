@@ -4,8 +4,9 @@
 //! budget they all compete for), then restarted on the same token and
 //! store. After every restart:
 //!
-//! - the audit log verifies with the real `lavd audit` commands, and extends
-//!   the checkpoint saved after the previous crash;
+//! - the audit log verifies with the real `lavd audit verify --url`, as the
+//!   auditor fetches it from the restarted daemon, and extends the
+//!   checkpoint saved after the previous crash;
 //! - each warrant's spent budget equals the number of `opened` leaves it has
 //!   in the log, and never exceeds its `max_unwraps`;
 //! - every reply a client received is in the log: its leaves at the indices
@@ -142,6 +143,18 @@ fn sigkill_under_concurrent_unwraps_loses_no_released_key_and_no_budget() {
     let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
         .trim()
         .to_string();
+    // The auditor's files for `lavd audit verify --url`.
+    let (cert_pem, key_pem) = parties.auditor.pem();
+    pki.write("servers-ca.pem", &pki.servers.pem());
+    pki.write("auditor.pem", &cert_pem);
+    pki.write("auditor.key", &key_pem);
+    softhsm_tests::restrict(&t.path("tls/auditor.key"));
+    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
+    let (ca, auditor_cert, auditor_key) = (
+        tls("servers-ca.pem"),
+        tls("auditor.pem"),
+        tls("auditor.key"),
+    );
     let mut received: Vec<Received> = Vec::new();
     let mut cut = 0;
     let mut previous_checkpoint: Option<std::path::PathBuf> = None;
@@ -172,19 +185,24 @@ fn sigkill_under_concurrent_unwraps_loses_no_released_key_and_no_budget() {
         daemon.wait_readyz(200);
         let c = parties.clients(&pki, daemon.api);
 
-        // (a) The log verifies, and extends what was verified last round.
-        // Verified from an export (`lavd audit export` + `lavd audit verify
-        // --export`), with the restarted daemon serving meanwhile.
-        let export = t.path(&format!("export-{round}.json"));
+        // (a) The log verifies, and extends what was verified last round:
+        // `lavd audit verify --url` fetches it from the restarted daemon as
+        // the auditor.
         let checkpoint = t.path(&format!("checkpoint-{round}"));
-        assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]));
+        let url = format!("https://{}", daemon.api);
         let mut verify = vec![
             "audit",
             "verify",
             "--key",
             &key,
-            "--export",
-            export.to_str().unwrap(),
+            "--url",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            &auditor_cert,
+            "--client-key",
+            &auditor_key,
             "--save-checkpoint",
             checkpoint.to_str().unwrap(),
         ];
