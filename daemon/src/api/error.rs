@@ -73,7 +73,6 @@ pub enum ApiError {
     /// working; the request may succeed later. Details are in the log.
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
-    /// A bug: something that should not fail did. Details are in the log.
     /// A domain refusal with its own code and status: a warrant refused
     /// (400/403/413 by its class), a proof asked for outside the tree.
     #[error("{message}")]
@@ -85,6 +84,7 @@ pub enum ApiError {
         /// What was wrong, for the client.
         message: String,
     },
+    /// A bug: something that should not fail did. Details are in the log.
     #[error("internal error")]
     Internal,
 }
