@@ -266,9 +266,18 @@ pub fn unwrap(
                         }
                         // The store lists the key but the token no longer has
                         // it (destroyed, e.g. after restoring an older store
-                        // backup): it can never open again.
+                        // backup): it can never open again. Unless the token
+                        // finds no audit key either: then its object store is
+                        // unusable, the key may well be intact, and saying (and
+                        // logging) `key_destroyed` would be false.
                         Err(EnvelopeError::KeyAgreement(HsmError::KeyNotFound { .. })) => {
-                            Release::Denied(DenyReason::KeyDestroyed)
+                            match ctx.log.key_on_token() {
+                                Ok(()) => Release::Denied(DenyReason::KeyDestroyed),
+                                Err(e) => {
+                                    hsm_failure = Some(e);
+                                    Release::Denied(DenyReason::OpenFailed)
+                                }
+                            }
                         }
                         Err(EnvelopeError::KeyAgreement(e)) => {
                             hsm_failure = Some(e);

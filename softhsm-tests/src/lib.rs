@@ -8,6 +8,7 @@
 //! cryptoki (another application on the same token, as an auditor would be).
 
 pub mod server;
+pub mod vault;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

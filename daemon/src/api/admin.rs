@@ -3,8 +3,9 @@
 //! certificates: bind it to loopback or a management network.
 //!
 //! - `GET /healthz`: the process is alive (always 200).
-//! - `GET /readyz`: 200 only when the HSM has a logged-in session, the store
-//!   can take its write lock, and the server is not shutting down; 503
+//! - `GET /readyz`: 200 only when the HSM has a logged-in session and its
+//!   token still finds the audit signing key, the store can take its write
+//!   lock, and the server is not shutting down; 503
 //!   otherwise. Checked on every call, so it turns false when a dependency
 //!   fails and true again when it recovers, without a restart.
 //! - `GET /metrics`: Prometheus text format.
@@ -45,7 +46,7 @@ pub struct Readiness {
 pub struct ReadyReport {
     /// All checks pass and the server is not draining.
     pub ready: bool,
-    /// The HSM has a logged-in session.
+    /// The HSM has a logged-in session and finds the audit key.
     pub hsm: bool,
     /// The store can take its write lock.
     pub store: bool,
@@ -92,25 +93,27 @@ impl Readiness {
 
     async fn check_hsm(&self) -> Result<(), String> {
         let hsm = self.state.hsm.clone();
+        let audit = self.state.audit.clone();
         let probe = self.hsm_probe.clone();
         bounded(async move {
             // The guard moves into the blocking task, so a hung HSM holds it
             // and later probes time out waiting instead of piling up threads.
             let guard = probe.lock_owned().await;
             hsm.run(move |h| {
-                let ready = h.is_ready();
+                // A logged-in session, and a token that still finds the
+                // audit key: the session alone can outlive the token's
+                // object store.
+                let ready = if h.is_ready() {
+                    audit.key_on_token().map_err(|e| e.to_string())
+                } else {
+                    Err("no logged-in session".to_string())
+                };
                 drop(guard);
                 Ok(ready)
             })
             .await
             .map_err(|e| e.to_string())
-            .and_then(|ready| {
-                if ready {
-                    Ok(())
-                } else {
-                    Err("no logged-in session".into())
-                }
-            })
+            .and_then(|ready| ready)
         })
         .await
     }

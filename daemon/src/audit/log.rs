@@ -103,6 +103,26 @@ impl AuditLog {
             .map_err(|e| LogError::Sign(e.to_string()))
     }
 
+    /// Checks, with a fresh search of the token (not the handle cache), that
+    /// the token still holds this log's signing key. A token whose object
+    /// store is gone (a network HSM's partition lost, a SoftHSM token
+    /// directory removed) can keep answering session calls and even signing
+    /// with handles it already knows while finding no key at all, so a
+    /// logged-in session alone does not prove the token is usable.
+    ///
+    /// # Errors
+    /// [`HsmError::KeyNotFound`] when the key is not found,
+    /// [`HsmError::KeyReplaced`] when another key carries its label, or the
+    /// failing PKCS#11 call.
+    pub fn key_on_token(&self) -> Result<(), HsmError> {
+        let found = self.hsm.audit_key(&self.key_label)?;
+        if found.public == self.public {
+            Ok(())
+        } else {
+            Err(HsmError::KeyReplaced(self.key_label.clone()))
+        }
+    }
+
     /// The log's origin.
     pub fn origin(&self) -> &str {
         &self.origin

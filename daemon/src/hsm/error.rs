@@ -82,6 +82,10 @@ pub enum HsmError {
     /// The token returned a public key in a form that is not a valid point.
     #[error("the token returned an invalid public key for {0:?}")]
     InvalidPublicKey(String),
+    /// The key under this label is not the one lavd started with: it was
+    /// replaced on the token while lavd was running.
+    #[error("the key labelled {0:?} on the token is not the one lavd started with")]
+    KeyReplaced(String),
     /// The derived secret could not be read: the token did not honour the
     /// derive template (see `hsm-config/` for each vendor's policy).
     #[error("the token returned a {0}-byte derived secret instead of 32 bytes")]

@@ -1,0 +1,117 @@
+//! `/readyz` of a real `lavd serve` follows the token, not just the
+//! session: when the token's object store disappears under the running
+//! daemon (its SoftHSM token directory moved away: what a network HSM
+//! losing its partition looks like from PKCS#11), the session stays
+//! logged in but the token finds no key. Readiness must turn false, and an
+//! unwrap must fail as unavailable rather than deny (and log) the intact
+//! escrow key as `key_destroyed`. With the directory back and the daemon
+//! restarted, the same envelope opens: the key was never destroyed.
+//!
+//! SoftHSM marks a token whose directory vanished invalid for the rest of
+//! the process (it re-reads token files only when their generation
+//! changes, and never re-validates a token it found broken), so recovery
+//! without a restart cannot be shown on SoftHSM; the in-process module reset
+//! of `hsm_reset.rs` covers reconnecting.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rustix::process::Signal;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+/// The SoftHSM directory of `t`'s token: the one whose `token.object`
+/// holds its label (32 bytes, space-padded).
+fn token_dir(t: &TestToken) -> PathBuf {
+    let tokens = t.work.path().parent().unwrap().join("tokens");
+    let mut label = t.label.as_bytes().to_vec();
+    label.resize(32, b' ');
+    let found: Vec<PathBuf> = std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|d| d.unwrap().path())
+        .filter(|d| {
+            std::fs::read(d.join("token.object"))
+                .map(|o| o.windows(32).any(|w| w == label.as_slice()))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "token directories for {}: {found:?}",
+        t.label
+    );
+    found.into_iter().next().unwrap()
+}
+
+#[test]
+fn readiness_turns_false_when_the_token_loses_its_objects() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let now = OffsetDateTime::now_utc();
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-READY", recipient.public(), 10));
+    let body = |r: &str| {
+        serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+            &escrow, "E-1", TARGET, now - time::Duration::hours(1), r, &[5; 32],
+        )]})
+    };
+    let r = vault::post(&c.agency, "/v1/unwrap", &body("before"));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+
+    let size_before = vault::tree_size(&c.auditor);
+    let dir = token_dir(&t);
+    let away = dir.with_extension("away");
+    std::fs::rename(&dir, &away).unwrap();
+
+    let r = daemon.wait_readyz(503);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"ready": false, "hsm": false, "store": true, "draining": false})
+    );
+    assert_eq!(daemon.admin_get("/healthz").status, 200);
+    let during = body("during");
+    let r = vault::post(&c.agency, "/v1/unwrap", &during);
+    r.assert_error(503, "unavailable");
+    // The attempt is logged as a failed open, not as a destroyed key (the
+    // token cannot sign a checkpoint over it now, so read the leaves alone).
+    let r = c
+        .auditor
+        .get(&format!("/v1/audit/entries?start={size_before}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let leaves: Vec<serde_json::Value> = r.json()["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let bytes = lavd::codec::b64_decode(e["leaf"].as_str().unwrap()).unwrap();
+            serde_json::from_slice(&bytes).unwrap()
+        })
+        .collect();
+    assert_eq!(leaves.len(), 1, "{leaves:?}");
+    assert_eq!(leaves[0]["event"], "unwrap");
+    assert_eq!(leaves[0]["outcome"], "denied");
+    assert_eq!(leaves[0]["reason"], "open_failed");
+    let log = daemon.stderr();
+    assert!(log.contains("not ready"), "{log}");
+
+    // Back, and restarted: the same envelope opens.
+    std::fs::rename(&away, &dir).unwrap();
+    daemon.signal(Signal::TERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(&pki, daemon.api);
+    let r = vault::post(&c.agency, "/v1/unwrap", &during);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}

@@ -1,0 +1,144 @@
+//! SIGTERM while a large unwrap batch is inside the HSM: the daemon stops
+//! taking work but finishes the batch, audits it and sends the whole reply,
+//! then exits 0. The batch's leaves and spend are durable, and the log the
+//! real `lavd audit` commands export afterwards extends the checkpoint the
+//! reply carried.
+
+use std::time::{Duration, Instant};
+
+use lavd::envelope::reply::{open_reply, Outcome};
+use rustix::process::Signal;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{assert_ok, TestToken};
+use time::OffsetDateTime;
+
+/// Large enough that the batch is still inside the HSM when the signal
+/// lands: 200 envelopes open in about 70 ms on a developer machine, 1000 in
+/// about 300 ms, which leaves room for a slow metrics poll.
+const BATCH: usize = 1000;
+const ECDH_OK: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
+
+#[test]
+fn sigterm_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(
+        &serve_config(&format!(
+            "{}[limits]\nmax_batch = {BATCH}\n",
+            vault::roles_toml()
+        ))
+        .replace("shutdown_grace_secs = 10", "shutdown_grace_secs = 120"),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let now = OffsetDateTime::now_utc();
+    let deks: Vec<Vec<u8>> = (0..BATCH)
+        .map(|i| (i as u32).to_be_bytes().repeat(8))
+        .collect();
+    let envelopes: Vec<_> = deks
+        .iter()
+        .enumerate()
+        .map(|(i, dek)| {
+            vault::seal(
+                &escrow,
+                "E-1",
+                TARGET,
+                now - time::Duration::minutes(i as i64 + 1),
+                &format!("msg-{i}"),
+                dek,
+            )
+        })
+        .collect();
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-DRAIN", recipient.public(), 1000));
+    let body = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
+
+    let before = daemon.metric(ECDH_OK);
+    let mut conn = c.agency.connect().unwrap();
+    let sender = std::thread::spawn(move || {
+        let started = Instant::now();
+        let r = conn
+            .request("POST", "/v1/unwrap", &[], Some(body.to_string().as_bytes()))
+            .unwrap();
+        (r, started.elapsed())
+    });
+
+    // Signal once the batch is being opened in the HSM, and not yet done.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let in_hsm = loop {
+        let done = daemon.metric(ECDH_OK) - before;
+        if done >= 1.0 {
+            break done;
+        }
+        assert!(Instant::now() < deadline, "the batch never reached the HSM");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    daemon.signal(Signal::TERM);
+    assert!(
+        in_hsm < BATCH as f64,
+        "the batch was over before the signal ({in_hsm} opened): make it larger"
+    );
+    daemon.expect_notify("STOPPING=1");
+
+    let (r, took) = sender.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply = r.json();
+    assert_eq!(vault::statuses(&reply), vec!["ok"; BATCH]);
+    let opened = open_reply(&recipient, &vault::headers(&envelopes), &r.body).unwrap();
+    for (result, dek) in opened.results.iter().zip(&deks) {
+        match &result.outcome {
+            Outcome::Ok(got) => assert_eq!(got.as_slice(), dek.as_slice()),
+            other => panic!("{}: {other:?}", result.index),
+        }
+    }
+    assert_eq!(opened.audit.count, BATCH as u64);
+
+    let status = daemon.wait_exit(Duration::from_secs(120));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    eprintln!("batch of {BATCH}: {took:?}, {in_hsm} opened when signalled");
+
+    // Durable: the spend, and the leaves under the reply's checkpoint.
+    let spent: u64 = rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .query_row(
+            "SELECT spent FROM warrants WHERE id = 'W-DRAIN'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(spent, BATCH as u64);
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]));
+    let export = t.path("export.json");
+    let checkpoint = t.path("reply-checkpoint");
+    std::fs::write(&checkpoint, &opened.audit.checkpoint).unwrap();
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]));
+    let summary = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        key.trim(),
+        "--export",
+        export.to_str().unwrap(),
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+    ]));
+    assert!(summary.contains("verdict: the log verifies"), "{summary}");
+    let exported: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+    let entries = exported["entries"].as_array().unwrap();
+    let first = opened.audit.first_index as usize;
+    for (i, envelope) in envelopes.iter().enumerate() {
+        let entry = &entries[first + i];
+        assert_eq!(entry["index"], first + i);
+        let leaf = lavd::codec::b64_decode(entry["leaf"].as_str().unwrap()).unwrap();
+        let leaf: serde_json::Value = serde_json::from_slice(&leaf).unwrap();
+        assert_eq!(leaf["outcome"], "opened");
+        assert_eq!(leaf["warrant_id"], "W-DRAIN");
+        assert_eq!(leaf["envelope_digest"], vault::envelope_digest(envelope));
+    }
+}
