@@ -4,14 +4,14 @@
 //! losing its partition looks like from PKCS#11), the session stays
 //! logged in but the token finds no key. Readiness must turn false, and an
 //! unwrap must fail as unavailable rather than deny (and log) the intact
-//! escrow key as `key_destroyed`. With the directory back and the daemon
-//! restarted, the same envelope opens: the key was never destroyed.
+//! escrow key as `key_destroyed`. With the directory back, readiness returns
+//! without a restart and the same envelope opens: the key was never
+//! destroyed.
 //!
 //! SoftHSM marks a token whose directory vanished invalid for the rest of
-//! the process (it re-reads token files only when their generation
-//! changes, and never re-validates a token it found broken), so recovery
-//! without a restart cannot be shown on SoftHSM; the in-process module reset
-//! of `hsm_reset.rs` covers reconnecting.
+//! the module's life (it never re-validates a token it found broken), so the
+//! recovery goes through the readiness probe's module reset
+//! (`Hsm::reset_module`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -71,7 +71,9 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
 
     let size_before = vault::tree_size(&c.auditor);
     let dir = token_dir(&t);
-    let away = dir.with_extension("away");
+    // Out of the token directory altogether: SoftHSM finds tokens in any
+    // subdirectory of it when the module starts again.
+    let away = t.path("token-away");
     std::fs::rename(&dir, &away).unwrap();
 
     let r = daemon.wait_readyz(503);
@@ -105,13 +107,12 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     let log = daemon.stderr();
     assert!(log.contains("not ready"), "{log}");
 
-    // Back, and restarted: the same envelope opens.
+    // Back, without a restart: the probe resets the module, readiness
+    // returns, and the same envelope opens (the key was never destroyed).
     std::fs::rename(&away, &dir).unwrap();
-    daemon.signal(Signal::TERM);
-    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
-    let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
-    let c = parties.clients(&pki, daemon.api);
     let r = vault::post(&c.agency, "/v1/unwrap", &during);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    daemon.signal(Signal::TERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }

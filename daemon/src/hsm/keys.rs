@@ -160,6 +160,7 @@ impl Hsm {
     /// The failing PKCS#11 call.
     pub fn escrow_key_present(&self, kid: &str) -> Result<bool, HsmError> {
         let label = escrow_label(kid);
+        let _shared = self.shared();
         let session = self.new_session(self.inner.pool_slot())?;
         Ok(find_one(&session, ObjectClass::PRIVATE_KEY, &label)?.is_some())
     }

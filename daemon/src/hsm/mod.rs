@@ -136,6 +136,9 @@ struct Inner {
     /// not search the token. Cleared when the pool reconnects.
     handles: Mutex<HashMap<String, cryptoki::object::ObjectHandle>>,
     observer: Arc<dyn HsmObserver>,
+    /// Every operation holds this shared; [`Hsm::reset_module`] holds it
+    /// exclusively, so the module is never finalised under a running call.
+    gate: std::sync::RwLock<()>,
 }
 
 /// PKCS#11 modules are process-wide: `C_Initialize` may run once per process
@@ -208,6 +211,7 @@ impl Hsm {
                 pool,
                 handles: Mutex::new(HashMap::new()),
                 observer,
+                gate: std::sync::RwLock::new(()),
             }),
         };
         // Log in now so that a wrong PIN fails at start, not on the first request.
@@ -264,6 +268,7 @@ impl Hsm {
         op: &'static str,
         f: impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
+        let _shared = self.shared();
         let started = Instant::now();
         let result = self.try_with_session(&f).or_else(|e| {
             if e.is_session_lost() {
@@ -312,6 +317,58 @@ impl Hsm {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
             Err(e) => Err(e.into()),
         }
+    }
+
+    pub(crate) fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        // The guarded value is `()`: a panic elsewhere cannot leave it
+        // inconsistent, so a poisoned lock is usable.
+        self.inner
+            .gate
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Resets the PKCS#11 module: waits for every running operation, drops
+    /// all sessions, `C_Finalize`, `C_Initialize`, and finds the token again.
+    /// For a token that stays broken for the life of the module's state
+    /// (SoftHSM never re-validates a token whose storage vanished; some
+    /// network HSM clients behave alike after losing the partition): the
+    /// readiness probe calls it when the token fails, so the daemon recovers
+    /// when the token comes back, without a restart.
+    ///
+    /// # Security
+    /// The module is process-wide: this also ends the sessions of any other
+    /// user of the module in this process (lavd has none).
+    ///
+    /// # Errors
+    /// The failing `C_Initialize`, or [`HsmError::TokenNotFound`].
+    pub fn reset_module(&self) -> Result<(), HsmError> {
+        let inner = &self.inner;
+        let _exclusive = inner
+            .gate
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.pool.clear();
+        inner
+            .handles
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        match inner.pkcs11.clone().finalize() {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
+            Err(e) => tracing::warn!(error = %e, "C_Finalize failed during a module reset"),
+        }
+        match inner
+            .pkcs11
+            .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        {
+            Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let slot = find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token)?;
+        inner.pool.set_slot(slot);
+        inner.observer.reconnected();
+        Ok(())
     }
 
     /// Drops every pooled session, forgets cached handles and re-finds the
