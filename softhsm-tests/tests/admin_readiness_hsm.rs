@@ -82,6 +82,8 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
         serde_json::json!({"ready": false, "hsm": false, "store": true, "draining": false})
     );
     assert_eq!(daemon.admin_get("/healthz").status, 200);
+    // Nor does it publish an empty key set as if there were no keys.
+    c.provider.get("/v1/keys").assert_error(503, "unavailable");
     let during = body("during");
     let r = vault::post(&c.agency, "/v1/unwrap", &during);
     r.assert_error(503, "unavailable");

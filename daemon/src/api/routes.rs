@@ -292,6 +292,12 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
 async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Response, Rejection> {
     let st = state.clone();
     let set = blocking(move || {
+        // A token that lost its objects finds no escrow key: that is an
+        // unavailable HSM, not an empty key set.
+        st.audit.key_on_token().map_err(|e| {
+            tracing::error!(error = %e, "the token is not usable");
+            ApiError::Unavailable("the HSM")
+        })?;
         crate::keys::jwks_checked(&st.hsm, st.store.as_ref(), time::OffsetDateTime::now_utc())
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot list escrow keys");

@@ -1,0 +1,97 @@
+//! Who may sign warrants is itself audited: `lavd serve` writes an
+//! `authorities_loaded` leaf when it starts, a SIGHUP that leaves the
+//! authorities and policy unchanged writes none, and a SIGHUP that changes
+//! them writes a new one before the new rules apply. Here the policy is
+//! loosened to accept one executive signature: a warrant refused before the
+//! reload is accepted after it, and the log shows when and why.
+
+use rustix::process::Signal;
+use softhsm_tests::server::{authorities, serve_config, Authorities, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+fn reload(daemon: &Daemon) {
+    daemon.signal(Signal::HUP);
+    daemon.expect_notify("RELOADING=1");
+    daemon.expect_notify("READY=1");
+}
+
+fn loaded(auditor: &softhsm_tests::server::Client) -> Vec<serde_json::Value> {
+    let size = vault::tree_size(auditor);
+    vault::entries(auditor, 0, size)
+        .into_iter()
+        .filter(|e| e.leaf["event"] == "authorities_loaded")
+        .map(|e| e.leaf)
+        .collect()
+}
+
+#[test]
+fn trust_changes_are_logged_before_they_apply() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+
+    let first = loaded(&c.auditor);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let kids: Vec<&str> = first[0]["authorities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["executive-1", "judicial-1"]);
+    assert_eq!(first[0]["policy"]["require"]["judicial"], 1);
+
+    // Unchanged configuration: no new leaf.
+    reload(&daemon);
+    assert_eq!(loaded(&c.auditor).len(), 1);
+
+    // A one-signature warrant is refused under the double lock...
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let a = authorities();
+    let warrant = Authorities::sign(
+        &vault::claims("W-ONE", recipient.public(), 5),
+        &[&a.executive],
+    );
+    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
+    )]});
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+
+    // ...until the policy is changed to need only an executive.
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
+    assert_ne!(loosened, config);
+    std::fs::write(t.config(), loosened).unwrap();
+    reload(&daemon);
+    let after = loaded(&c.auditor);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(
+        after[1]["policy"]["require"].get("judicial").is_none(),
+        "{}",
+        after[1]
+    );
+    assert_ne!(after[0]["config_digest"], after[1]["config_digest"]);
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+
+    // The change is in the log before the unwrap it allowed.
+    let size = vault::tree_size(&c.auditor);
+    let events: Vec<String> = vault::entries(&c.auditor, 0, size)
+        .into_iter()
+        .map(|e| e.leaf["event"].as_str().unwrap().to_string())
+        .collect();
+    let change = events
+        .iter()
+        .rposition(|e| e == "authorities_loaded")
+        .unwrap();
+    let opened = events.iter().rposition(|e| e == "unwrap").unwrap();
+    assert!(change < opened, "{events:?}");
+}
