@@ -278,3 +278,41 @@ pub fn assert_ok(out: &Output) -> String {
     );
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
 }
+
+/// Counts what lavd's HSM layer reports: reconnects and the most sessions
+/// busy at once.
+#[derive(Debug, Default)]
+pub struct HsmCounts {
+    /// Pool reconnects after a lost session or token.
+    pub reconnects: std::sync::atomic::AtomicUsize,
+    /// The highest number of sessions checked out at once.
+    pub max_busy: std::sync::atomic::AtomicUsize,
+}
+
+impl lavd::hsm::HsmObserver for HsmCounts {
+    fn operation(&self, _: &'static str, _: f64, _: bool) {}
+    fn sessions_busy(&self, busy: usize) {
+        self.max_busy.fetch_max(busy, Ordering::SeqCst);
+    }
+    fn reconnected(&self) {
+        self.reconnects.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A software ephemeral P-256 key for checking in-HSM ECDH: its public point
+/// goes into the HSM, and the software side computes the shared secret the
+/// HSM must return, from the escrow public key.
+pub fn software_peer(escrow: &lavd::jwk::P256PublicKey) -> (lavd::jwk::P256PublicKey, [u8; 32]) {
+    use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, ECDH_P256};
+    let sk = PrivateKey::generate(&ECDH_P256).expect("key");
+    let pk = lavd::jwk::P256PublicKey::from_sec1(sk.compute_public_key().expect("public").as_ref())
+        .expect("point");
+    let expected = agreement::agree(
+        &sk,
+        UnparsedPublicKey::new(&ECDH_P256, escrow.sec1()),
+        aws_lc_rs::error::Unspecified,
+        |z| <[u8; 32]>::try_from(z).map_err(|_| aws_lc_rs::error::Unspecified),
+    )
+    .expect("ECDH");
+    (pk, expected)
+}

@@ -6,45 +6,17 @@
 //! This file holds one test so that the reset cannot pull the module from
 //! under a test running in parallel in the same process.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, ECDH_P256};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags};
-use lavd::hsm::{Hsm, HsmObserver};
-use lavd::jwk::P256PublicKey;
-use softhsm_tests::{harness, TestToken};
-
-#[derive(Debug, Default)]
-struct Counts {
-    reconnects: AtomicUsize,
-}
-
-impl HsmObserver for Counts {
-    fn operation(&self, _: &'static str, _: f64, _: bool) {}
-    fn sessions_busy(&self, _: usize) {}
-    fn reconnected(&self) {
-        self.reconnects.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-fn software_peer(escrow: &P256PublicKey) -> (P256PublicKey, [u8; 32]) {
-    let sk = PrivateKey::generate(&ECDH_P256).unwrap();
-    let pk = P256PublicKey::from_sec1(sk.compute_public_key().unwrap().as_ref()).unwrap();
-    let expected = agreement::agree(
-        &sk,
-        UnparsedPublicKey::new(&ECDH_P256, escrow.sec1()),
-        aws_lc_rs::error::Unspecified,
-        |z| Ok(<[u8; 32]>::try_from(z).unwrap()),
-    )
-    .unwrap();
-    (pk, expected)
-}
+use lavd::hsm::Hsm;
+use softhsm_tests::{harness, software_peer, HsmCounts, TestToken};
 
 #[test]
 fn in_hsm_ecdh_survives_a_module_reset() {
     let t = TestToken::new();
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(HsmCounts::default());
     let hsm = Hsm::open_with_observer(t.settings().hsm, counts.clone()).unwrap();
     let escrow = hsm.generate_escrow_key("k1").unwrap();
     assert_eq!(hsm.escrow_public_key("k1").unwrap(), escrow);

@@ -4,49 +4,16 @@
 //! (Recovery after a module reset is in `hsm_reset.rs`: it must have its
 //! process to itself.)
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use aws_lc_rs::agreement::{self, PrivateKey, UnparsedPublicKey, ECDH_P256};
-use lavd::hsm::{Hsm, HsmError, HsmObserver};
-use lavd::jwk::P256PublicKey;
-use softhsm_tests::TestToken;
-
-#[derive(Debug, Default)]
-struct Counts {
-    reconnects: AtomicUsize,
-    max_busy: AtomicUsize,
-}
-
-impl HsmObserver for Counts {
-    fn operation(&self, _: &'static str, _: f64, _: bool) {}
-    fn sessions_busy(&self, busy: usize) {
-        self.max_busy.fetch_max(busy, Ordering::SeqCst);
-    }
-    fn reconnected(&self) {
-        self.reconnects.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
-/// A software ephemeral key: its public point goes into the HSM, and the
-/// software side computes the same shared secret from the escrow public key.
-fn software_peer(escrow: &P256PublicKey) -> (P256PublicKey, [u8; 32]) {
-    let sk = PrivateKey::generate(&ECDH_P256).unwrap();
-    let pk = P256PublicKey::from_sec1(sk.compute_public_key().unwrap().as_ref()).unwrap();
-    let expected = agreement::agree(
-        &sk,
-        UnparsedPublicKey::new(&ECDH_P256, escrow.sec1()),
-        aws_lc_rs::error::Unspecified,
-        |z| Ok(<[u8; 32]>::try_from(z).unwrap()),
-    )
-    .unwrap();
-    (pk, expected)
-}
+use lavd::hsm::{Hsm, HsmError};
+use softhsm_tests::{software_peer, HsmCounts, TestToken};
 
 #[test]
 fn the_pool_never_opens_more_sessions_than_configured() {
     let t = TestToken::new();
-    let counts = Arc::new(Counts::default());
+    let counts = Arc::new(HsmCounts::default());
     let settings = t.settings().hsm;
     assert_eq!(settings.sessions, 2);
     let hsm = Hsm::open_with_observer(settings, counts.clone()).unwrap();
