@@ -409,7 +409,7 @@ fn refuse(
 /// payload, for the refusal's audit leaf, so that auditors can tie refusals
 /// to warrants. Nothing here is trusted (the warrant did not verify); both
 /// are `None` when the JWS does not even decode.
-fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
+pub(crate) fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(jws) else {
         return (None, None);
     };
@@ -426,6 +426,13 @@ fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
         .and_then(|c| c.get("id").and_then(|i| i.as_str()).map(str::to_string))
         .filter(|id| !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control));
     (id, Some(digest))
+}
+
+/// The warrant `id` an unwrap request body claims, unverified: for the
+/// request's log span, so that refused requests can be traced too.
+pub fn claimed_warrant_id(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    claimed(value.get("warrant")?.to_string().as_bytes()).0
 }
 
 /// A revocation request, by an admin (`{"id","reason"}`) or by an authority

@@ -128,6 +128,22 @@ fn the_readme_walkthrough_works_as_written() {
     assert!(stdout.contains("unwrap                      1"), "{stdout}");
     assert!(stdout.contains("verdict: the log verifies"), "{stdout}");
     let keys_before = std::fs::read_to_string(work.path().join("keys.json")).unwrap();
+
+    // curl without a client certificate does not get past the handshake
+    // (exit 35 or 56: the server requires a certificate), and gets no reply.
+    let no_cert = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(dir.join("pki/ca.pem"))
+        .arg(format!("https://localhost:{api}/v1/keys"))
+        .output()
+        .unwrap();
+    assert!(
+        matches!(no_cert.status.code(), Some(35) | Some(56)),
+        "curl without a certificate: {:?} {}",
+        no_cert.status.code(),
+        String::from_utf8_lossy(&no_cert.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&no_cert.stdout), "000");
     stop(child);
 
     // Started again on the same directory: same keys, same log.

@@ -79,6 +79,10 @@ pub async fn post_unwrap(
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    // The claimed id, unverified, so that refusals can be traced too.
+    if let Some(id) = unwrap::claimed_warrant_id(&body) {
+        ctx.record_warrant_id(&id);
+    }
     let live = state.current();
     let st = state.clone();
     let caller = peer.uri().to_string();
@@ -101,7 +105,6 @@ pub async fn post_unwrap(
     })
     .await?;
     let done = result.map_err(unwrap_error)?;
-    ctx.record_warrant_id(&done.warrant_id);
     for _ in 0..done.opened {
         state.metrics.envelope("ok");
     }
