@@ -28,6 +28,7 @@ use crate::audit::log::{AuditLog, LogError, Receipt};
 use crate::envelope::reply::{AuditRef, DenyReason, ReplyBuilder};
 use crate::envelope::{open_envelope, Envelope, EnvelopeError, EnvelopeLimits};
 use crate::hsm::{Hsm, HsmError};
+use crate::jwk::P256PublicKey;
 use crate::store::{AuditAppend, KeyStore, Revocation, Spend, Store, StoreError, WarrantStore};
 use crate::warrant::{admit, Verifier, WarrantError};
 
@@ -132,7 +133,10 @@ enum Plan {
         kid: Option<String>,
         digest: Option<Digest>,
     },
-    Candidate(Box<Envelope>),
+    /// Passed every check before the budget; opens with this escrow public
+    /// key (from the store: a wrong one could only make HPKE fail, never
+    /// open a key, since the DH runs with the HSM's private key).
+    Candidate(Box<Envelope>, P256PublicKey),
 }
 
 /// Runs one unwrap request for `caller` (already known to hold the agency
@@ -176,6 +180,8 @@ pub fn unwrap(
     };
 
     // Per envelope, in order: parse, key, scope.
+    let mut keys: std::collections::HashMap<String, Option<crate::store::KeyRecord>> =
+        std::collections::HashMap::new();
     let mut plans = Vec::with_capacity(request.envelopes.len());
     for raw in &request.envelopes {
         let envelope = match Envelope::parse(raw.get().as_bytes(), ctx.envelope_limits) {
@@ -197,18 +203,28 @@ pub fn unwrap(
             kid: kid.clone(),
             digest,
         };
-        let plan = match ctx.store.get_key(header.kid())? {
+        // One store read per key, not per envelope: a batch usually names
+        // one or two epochs.
+        let record = match keys.get(header.kid()) {
+            Some(r) => r.clone(),
+            None => {
+                let r = ctx.store.get_key(header.kid())?;
+                keys.insert(header.kid().to_string(), r.clone());
+                r
+            }
+        };
+        let plan = match record {
             None => deny(DenyReason::UnknownKey),
             // Destroyed, or past retention and awaiting destruction: either
             // way it must never open again.
             Some(k) if k.destroyed_at.is_some() || now > k.destroy_after => {
                 deny(DenyReason::KeyDestroyed)
             }
-            Some(_) => match warrant.check_envelope(header.kid(), header.target(), header.time()) {
+            Some(k) => match warrant.check_envelope(header.kid(), header.target(), header.time()) {
                 Err(denial) => {
                     deny(DenyReason::from_code(denial.code()).unwrap_or(DenyReason::OutOfWindow))
                 }
-                Ok(()) => Plan::Candidate(Box::new(envelope)),
+                Ok(()) => Plan::Candidate(Box::new(envelope), k.public),
             },
         };
         plans.push(plan);
@@ -218,7 +234,7 @@ pub fn unwrap(
     // refused in request order.
     let candidates = plans
         .iter()
-        .filter(|p| matches!(p, Plan::Candidate(_)))
+        .filter(|p| matches!(p, Plan::Candidate(..)))
         .count() as u64;
     let reservation = match ctx.store.reserve(warrant.id(), candidates) {
         Ok(r) => r,
@@ -246,7 +262,7 @@ pub fn unwrap(
                 kid,
                 digest,
             } => (Release::Denied(reason), kid, digest),
-            Plan::Candidate(envelope) => {
+            Plan::Candidate(envelope, public) => {
                 let kid = envelope.header().kid().to_string();
                 let digest = Some(Digest::from_sha256(envelope.digest()));
                 let release = if granted == 0 {
@@ -256,7 +272,7 @@ pub fn unwrap(
                     Release::Denied(DenyReason::OpenFailed)
                 } else {
                     granted -= 1;
-                    match open_one(ctx, &kid, &envelope) {
+                    match open_envelope(&envelope, &public, |e| ctx.hsm.ecdh(&kid, e)) {
                         Ok(dek) => {
                             opened += 1;
                             Release::Opened {
@@ -364,19 +380,6 @@ enum Release {
         dek: Zeroizing<Vec<u8>>,
     },
     Denied(DenyReason),
-}
-
-/// Opens one envelope with the DH step in the HSM.
-fn open_one(
-    ctx: &Context<'_>,
-    kid: &str,
-    envelope: &Envelope,
-) -> Result<Zeroizing<Vec<u8>>, EnvelopeError<HsmError>> {
-    let public = ctx
-        .hsm
-        .escrow_public_key(kid)
-        .map_err(EnvelopeError::KeyAgreement)?;
-    open_envelope(envelope, &public, |e| ctx.hsm.ecdh(kid, e))
 }
 
 /// Logs a refused warrant durably (the refusal is an event auditors must

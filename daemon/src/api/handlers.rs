@@ -79,10 +79,8 @@ pub async fn post_unwrap(
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    // The claimed id, unverified, so that refusals can be traced too.
-    if let Some(id) = unwrap::claimed_warrant_id(&body) {
-        ctx.record_warrant_id(&id);
-    }
+    // `Bytes` clones share the buffer.
+    let claimed_from = body.clone();
     let live = state.current();
     let st = state.clone();
     let caller = peer.uri().to_string();
@@ -104,7 +102,20 @@ pub async fn post_unwrap(
         ))
     })
     .await?;
-    let done = result.map_err(unwrap_error)?;
+    let done = match result {
+        Ok(done) => {
+            ctx.record_warrant_id(&done.warrant_id);
+            done
+        }
+        Err(e) => {
+            // The claimed id, unverified, so that refusals can be traced
+            // too (parsed again only on this path).
+            if let Some(id) = unwrap::claimed_warrant_id(&claimed_from) {
+                ctx.record_warrant_id(&id);
+            }
+            return Err(unwrap_error(e).into());
+        }
+    };
     for _ in 0..done.opened {
         state.metrics.envelope("ok");
     }

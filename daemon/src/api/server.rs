@@ -184,15 +184,8 @@ async fn plain_connection(
         inner: tcp,
         activity: activity.clone(),
     });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_headers(100)
-        .max_header_size(16 << 10);
     drive(
-        builder.serve_connection(io, service),
+        http1_builder(16 << 10).serve_connection(io, service),
         &activity,
         timeouts,
         stop,
@@ -360,18 +353,8 @@ async fn api_connection(
         inner: stream,
         activity: activity.clone(),
     });
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // lavd enforces its own header and idle deadlines (see `drive`):
-        // hyper's header timeout would also run while a keep-alive
-        // connection waits for its next request.
-        .header_read_timeout(None)
-        .keep_alive(true)
-        .max_headers(100)
-        .max_header_size(limits.max_header_bytes);
     drive(
-        builder.serve_connection(io, service),
+        http1_builder(limits.max_header_bytes).serve_connection(io, service),
         &activity,
         timeouts,
         stop,
@@ -583,6 +566,20 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
         }
     }
     Guard(Some(f))
+}
+
+/// The HTTP/1.1 settings of both listeners. lavd enforces its own header and
+/// idle deadlines (see `drive`): hyper's header timeout would also run while a
+/// keep-alive connection waits for its next request.
+fn http1_builder(max_header_bytes: usize) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .keep_alive(true)
+        .max_headers(100)
+        .max_header_size(max_header_bytes);
+    builder
 }
 
 #[cfg(test)]
