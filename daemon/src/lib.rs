@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod bounds;
 pub mod codec;
 pub mod envelope;
 pub mod jwk;

@@ -230,8 +230,61 @@ pub fn unwrap(
         plans.push(plan);
     }
 
+    // Every leaf, built now, before the budget and before any HSM call:
+    // each candidate's as `opened`, which later steps can only downgrade to
+    // `denied` (infallibly). Nothing after the HSM can then fail on input,
+    // so no key is opened that the log will not record, and no reservation
+    // is left behind by a bad field. A leaf that cannot be built (a field
+    // outside the leaf's rules that the header check let through: a bug,
+    // since both use the one rule of `crate::bounds`) makes that envelope
+    // `malformed_envelope`, and the rest of the batch proceeds.
+    let leaf = |kid: Option<&str>, digest: Option<Digest>, outcome| {
+        Unwrap::new(caller, &warrant_ref, kid, digest, outcome)
+    };
+    let mut leaves = Vec::with_capacity(plans.len());
+    for plan in &mut plans {
+        let built = match plan {
+            Plan::Denied {
+                reason,
+                kid,
+                digest,
+            } => leaf(kid.as_deref(), *digest, UnwrapOutcome::Denied(*reason)),
+            Plan::Candidate(envelope, _) => leaf(
+                Some(envelope.header().kid()),
+                Some(Digest::from_sha256(envelope.digest())),
+                UnwrapOutcome::Opened,
+            ),
+        };
+        let built = match built {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(error = %e, "an envelope the header check accepted does not fit an audit leaf; denied as malformed");
+                *plan = Plan::Denied {
+                    reason: DenyReason::MalformedEnvelope,
+                    kid: None,
+                    digest: None,
+                };
+                // Only the caller and the warrant id are left in it, both
+                // checked at the edge: failing here fails the request
+                // before anything is reserved or opened.
+                leaf(
+                    None,
+                    None,
+                    UnwrapOutcome::Denied(DenyReason::MalformedEnvelope),
+                )
+                .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
+            }
+        };
+        leaves.push(built);
+    }
+    // Also before the HSM: the reply's key agreement with the recipient.
+    let mut builder = ReplyBuilder::new(warrant.recipient())
+        .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?;
+
     // Budget: reserve for every candidate; the ones beyond the grant are
-    // refused in request order.
+    // refused in request order. From here to the settle inside the audit
+    // append there is no early return: the reservation is always settled,
+    // or given back by the store when the append fails.
     let candidates = plans
         .iter()
         .filter(|p| matches!(p, Plan::Candidate(..)))
@@ -252,27 +305,21 @@ pub fn unwrap(
 
     // HSM open, for the granted candidates only.
     let mut releases = Vec::with_capacity(plans.len());
-    let mut meta = Vec::with_capacity(plans.len());
     let mut opened = 0u64;
     let mut hsm_failure = None;
-    for plan in plans {
-        let (release, kid, digest) = match plan {
-            Plan::Denied {
-                reason,
-                kid,
-                digest,
-            } => (Release::Denied(reason), kid, digest),
+    for (plan, leaf) in plans.into_iter().zip(leaves.iter_mut()) {
+        let release = match plan {
+            Plan::Denied { reason, .. } => Release::Denied(reason),
             Plan::Candidate(envelope, public) => {
-                let kid = envelope.header().kid().to_string();
-                let digest = Some(Digest::from_sha256(envelope.digest()));
-                let release = if granted == 0 {
+                let kid = envelope.header().kid();
+                if granted == 0 {
                     Release::Denied(DenyReason::BudgetExhausted)
                 } else if hsm_failure.is_some() {
                     // Already failing: do not keep calling a broken HSM.
                     Release::Denied(DenyReason::OpenFailed)
                 } else {
                     granted -= 1;
-                    match open_envelope(&envelope, &public, |e| ctx.hsm.ecdh(&kid, e)) {
+                    match open_envelope(&envelope, &public, |e| ctx.hsm.ecdh(kid, e)) {
                         Ok(dek) => {
                             opened += 1;
                             Release::Opened {
@@ -301,52 +348,49 @@ pub fn unwrap(
                         }
                         Err(_) => Release::Denied(DenyReason::OpenFailed),
                     }
-                };
-                (release, Some(kid), digest)
+                }
             }
         };
+        if let Release::Denied(reason) = release {
+            leaf.deny(reason);
+        }
         releases.push(release);
-        meta.push((kid, digest));
     }
     if hsm_failure.is_some() {
         // The HSM is failing: nothing is released or spent. DEKs opened
         // before the failure are dropped (zeroized) and logged as not opened.
-        for release in &mut releases {
-            if matches!(release, Release::Opened { .. }) {
-                *release = Release::Denied(DenyReason::OpenFailed);
-            }
-        }
+        deny_opened(&mut releases, &mut leaves, DenyReason::OpenFailed);
         opened = 0;
     }
 
     // Audit before release: every envelope's leaf and the spend in one
-    // durable transaction, and a signed checkpoint that includes them.
-    let mut events = Vec::with_capacity(releases.len());
-    for (release, (kid, digest)) in releases.iter().zip(meta) {
-        let outcome = match release {
-            Release::Opened { .. } => UnwrapOutcome::Opened,
-            Release::Denied(reason) => UnwrapOutcome::Denied(*reason),
-        };
-        let event: Event = Unwrap::new(caller, &warrant_ref, kid.as_deref(), digest, outcome)
-            .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
-            .into();
-        events.push(event);
-    }
+    // durable transaction, and a signed checkpoint that includes them. That
+    // transaction looks at revocation once more: if a revocation committed
+    // while this request was in flight, it spends nothing and writes the
+    // leaves that would have said `opened` as denied `warrant_revoked`.
     let receipt = ctx.log.append(AuditAppend {
-        events,
+        events: leaves.into_iter().map(Event::from).collect(),
         time: now,
         spend: Spend::Settle {
             reservation,
             opened,
         },
     })?;
+    if receipt.appended.revoked_in_flight {
+        // As the store wrote it; the DEKs are dropped (zeroized), never
+        // sealed.
+        for release in &mut releases {
+            if matches!(release, Release::Opened { .. }) {
+                *release = Release::Denied(DenyReason::WarrantRevoked);
+            }
+        }
+        opened = 0;
+    }
     if let Some(e) = hsm_failure {
         return Err(e.into());
     }
 
     // Release: seal the opened DEKs to the warrant's recipient, in order.
-    let mut builder = ReplyBuilder::new(warrant.recipient())
-        .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?;
     let mut denied = BTreeMap::new();
     for release in &releases {
         match release {
@@ -371,6 +415,17 @@ pub fn unwrap(
         denied,
         receipt,
     })
+}
+
+/// Turns every opened envelope into a denial for `reason`, in the reply
+/// and in its leaf alike; the DEKs are dropped, and so zeroized.
+fn deny_opened(releases: &mut [Release], leaves: &mut [Unwrap], reason: DenyReason) {
+    for (release, leaf) in releases.iter_mut().zip(leaves) {
+        if matches!(release, Release::Opened { .. }) {
+            *release = Release::Denied(reason);
+            leaf.deny(reason);
+        }
+    }
 }
 
 /// What the reply says about one envelope.
@@ -427,7 +482,7 @@ pub(crate) fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
     let id = serde_json::from_slice::<serde_json::Value>(&payload)
         .ok()
         .and_then(|c| c.get("id").and_then(|i| i.as_str()).map(str::to_string))
-        .filter(|id| !id.is_empty() && id.len() <= 128 && !id.chars().any(char::is_control));
+        .filter(|id| crate::bounds::warrant_id(id).is_ok());
     (id, Some(digest))
 }
 
@@ -483,9 +538,6 @@ pub struct Revoked {
     pub receipt: Receipt,
 }
 
-/// The longest revocation reason kept.
-const MAX_REASON: usize = 1024;
-
 /// Records a revocation durably with its audit leaf.
 ///
 /// # Errors
@@ -522,18 +574,13 @@ pub fn revoke(
             )
         }
     };
-    let bad = |m: &str| UnwrapError::Malformed(m.to_string());
-    if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
-        return Err(bad(
-            "`id` must be 1 to 128 characters without control characters",
-        ));
-    }
-    if reason.trim().is_empty() || reason.len() > MAX_REASON || reason.chars().any(char::is_control)
-    {
-        return Err(bad(
-            "`reason` must be 1 to 1024 bytes without control characters",
-        ));
-    }
+    // The one definition of each bound, as the claims, the authority form
+    // and the audit leaf use it: an id that can be executed can be revoked.
+    let bound = |field: &str, check: fn(&str) -> Result<(), crate::bounds::BoundError>, v: &str| {
+        check(v).map_err(|why| UnwrapError::Malformed(format!("`{field}` {why}")))
+    };
+    bound("id", crate::bounds::warrant_id, &id)?;
+    bound("reason", crate::bounds::reason, &reason)?;
     let event: Event = RevocationEvent::new(caller, &id, &reason, authority.as_deref())
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();

@@ -207,3 +207,161 @@ fn a_budget_spend_commits_with_its_leaves_or_not_at_all() {
     assert_eq!(store.spent("W-1").unwrap(), Some(2));
     assert_eq!(store.reserve("W-1", 5).unwrap().granted(), 1);
 }
+
+fn denied_event(id: &str) -> Event {
+    let w = WarrantRef {
+        id,
+        digest: Digest::of_warrant_payload(b"payload"),
+        emergency: false,
+    };
+    Unwrap::new(
+        "spiffe://agency.example/lea",
+        &w,
+        Some("2026-12"),
+        Some(Digest::of_envelope(b"{}", &[4; 65])),
+        UnwrapOutcome::Denied(lavd::audit::leaf::DenyReason::OutOfWindow),
+    )
+    .unwrap()
+    .into()
+}
+
+fn revocation(id: &str) -> AuditAppend {
+    AuditAppend {
+        events: vec![lavd::audit::leaf::Revocation::new(
+            "spiffe://vault.example/admin",
+            id,
+            "quashed",
+            None,
+        )
+        .unwrap()
+        .into()],
+        time: now(),
+        spend: Spend::Revoke(lavd::store::Revocation {
+            id: id.into(),
+            reason: "quashed".into(),
+            revoked_by: "spiffe://vault.example/admin".into(),
+            revoked_at: now(),
+        }),
+    }
+}
+
+/// PROTOCOL §8: a settle that commits after the warrant's revocation spends
+/// nothing and writes the leaves that would have said `opened` as denied
+/// `warrant_revoked`; other denials keep their reason. A settle before the
+/// revocation is untouched.
+#[test]
+fn a_settle_after_a_committed_revocation_opens_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lavd.db")).unwrap();
+    store.register(&warrant("W-1", 10)).unwrap();
+    store.register(&warrant("W-2", 10)).unwrap();
+
+    // Reserved before the revocation, settled after it.
+    let late = store.reserve("W-1", 2).unwrap();
+    let early = store.reserve("W-2", 1).unwrap();
+    let before = store
+        .append(AuditAppend {
+            events: vec![opened_event("W-2")],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: early,
+                opened: 1,
+            },
+        })
+        .unwrap();
+    assert!(!before.revoked_in_flight);
+    let rev = store.append(revocation("W-1")).unwrap();
+    assert!(rev.newly_revoked);
+    let after = store
+        .append(AuditAppend {
+            events: vec![
+                opened_event("W-1"),
+                denied_event("W-1"),
+                opened_event("W-1"),
+            ],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: late,
+                opened: 2,
+            },
+        })
+        .unwrap();
+    assert!(after.revoked_in_flight);
+    assert!(after.first_index > rev.first_index);
+    assert_eq!(store.spent("W-1").unwrap(), Some(0));
+    assert_eq!(store.spent("W-2").unwrap(), Some(1));
+    let leaves = store
+        .leaves(after.first_index, after.first_index + after.count)
+        .unwrap();
+    let outcomes: Vec<(String, String)> = leaves
+        .iter()
+        .map(|(_, leaf)| {
+            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+            (
+                v["outcome"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("denied", "warrant_revoked"),
+            ("denied", "out_of_window"),
+            ("denied", "warrant_revoked"),
+        ]
+        .map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    // The leaves parse as valid events, and the reservation was settled:
+    // nothing is left reserved (the store refuses new reservations anyway).
+    for (_, leaf) in &leaves {
+        lavd::audit::leaf::Leaf::parse(leaf).unwrap();
+    }
+    assert!(matches!(
+        store.reserve("W-1", 1),
+        Err(StoreError::WarrantRevoked(_))
+    ));
+}
+
+/// The revocation and the settle in one group commit: the order of the
+/// batches in the group decides, as it decides their order in the log.
+#[test]
+fn a_revocation_earlier_in_the_same_group_is_seen_by_the_settle() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lavd.db")).unwrap();
+    for trial in 0..40 {
+        let id = format!("W-{trial}");
+        store.register(&warrant(&id, 10)).unwrap();
+        let r = store.reserve(&id, 1).unwrap();
+        let (settled, revoked) = std::thread::scope(|s| {
+            let settle = s.spawn(|| {
+                store
+                    .append(AuditAppend {
+                        events: vec![opened_event(&id)],
+                        time: now(),
+                        spend: Spend::Settle {
+                            reservation: r,
+                            opened: 1,
+                        },
+                    })
+                    .unwrap()
+            });
+            let revoke = s.spawn(|| store.append(revocation(&id)).unwrap());
+            (settle.join().unwrap(), revoke.join().unwrap())
+        });
+        let leaf = &store
+            .leaves(settled.first_index, settled.first_index + 1)
+            .unwrap()[0]
+            .1;
+        let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+        if settled.first_index > revoked.first_index {
+            assert!(settled.revoked_in_flight, "trial {trial}");
+            assert_eq!(v["reason"], "warrant_revoked");
+            assert_eq!(store.spent(&id).unwrap(), Some(0));
+        } else {
+            assert!(!settled.revoked_in_flight, "trial {trial}");
+            assert_eq!(v["outcome"], "opened");
+            assert_eq!(store.spent(&id).unwrap(), Some(1));
+        }
+    }
+}

@@ -3,6 +3,7 @@
 // A test crate: its helper functions (outside `#[test]`) panic on failure by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use lavd::bounds::{BoundError, Unit};
 use lavd::codec::{b64_encode, parse_time};
 use lavd::envelope::hpke::{self, Aead};
 use lavd::envelope::{
@@ -146,14 +147,23 @@ fn oversize_ref_is_refused_and_256_bytes_is_accepted() {
     let over = HEADER.replace("msg-8812", &"r".repeat(257));
     assert_eq!(
         refused(&envelope_json(&over, &f.enc, &f.ct)),
-        EnvelopeError::RefTooLong
+        EnvelopeError::HeaderField {
+            field: "ref",
+            why: BoundError::TooLong {
+                max: 256,
+                unit: Unit::Bytes
+            }
+        }
     );
     let time = parse_time("2026-11-26T07:25:21Z").unwrap();
     let built = HeaderBuilder::new("2026-11", "spiffe://p", "acct:a", time)
         .reference("r".repeat(257))
         .build()
         .unwrap_err();
-    assert_eq!(built, EnvelopeError::RefTooLong);
+    assert!(
+        matches!(built, EnvelopeError::HeaderField { field: "ref", .. }),
+        "{built:?}"
+    );
 }
 
 #[test]
@@ -231,9 +241,81 @@ fn size_limits_are_enforced() {
         refused(&envelope_json(&long_target, &f.enc, &f.ct)),
         EnvelopeError::HeaderField {
             field: "target",
-            limit: 512
+            why: BoundError::TooLong {
+                max: 512,
+                unit: Unit::Bytes
+            }
         }
     );
+}
+
+/// Every header field has the rule the audit leaf (and, for `kid` and
+/// `target`, the warrant claims) use: nothing that parses here can be
+/// refused after the HSM has opened a key.
+#[test]
+fn header_fields_have_the_audit_leafs_rules() {
+    let f = fixture();
+    let cases: [(&str, &str, &'static str, BoundError); 10] = [
+        ("\"2026-11\"", "\"2026 11\"", "kid", BoundError::Whitespace),
+        (
+            "\"2026-11\"",
+            "\"2026\\u00a011\"",
+            "kid",
+            BoundError::Whitespace,
+        ),
+        (
+            "\"2026-11\"",
+            "\"2026\\u202811\"",
+            "kid",
+            BoundError::Whitespace,
+        ),
+        (
+            "\"2026-11\"",
+            "\"2026\\u001b11\"",
+            "kid",
+            BoundError::Control,
+        ),
+        ("\"2026-11\"", "\"\"", "kid", BoundError::Empty),
+        (
+            "acct:alice@example.com",
+            "acct:alice\\u0085@example.com",
+            "target",
+            BoundError::Control,
+        ),
+        (
+            "acct:alice@example.com",
+            "acct:alice\\u3000@example.com",
+            "target",
+            BoundError::Whitespace,
+        ),
+        (
+            "spiffe://provider.example/mail",
+            "spiffe://provider.example/mail x",
+            "provider",
+            BoundError::Whitespace,
+        ),
+        ("msg-8812", "msg\\n8812", "ref", BoundError::Control),
+        ("\"msg-8812\"", "\"\"", "ref", BoundError::Empty),
+    ];
+    for (from, to, field, why) in cases {
+        let header = HEADER.replacen(from, to, 1);
+        assert_ne!(header, HEADER, "{from} not in the header");
+        assert_eq!(
+            refused(&envelope_json(&header, &f.enc, &f.ct)),
+            EnvelopeError::HeaderField { field, why },
+            "{header}"
+        );
+        let err: EnvelopeError = EnvelopeError::HeaderField { field, why };
+        assert_eq!(err.code(), "malformed_envelope");
+    }
+    // At the bound: a 64-byte kid parses (and opens nothing, being unknown).
+    let header = HEADER.replacen("2026-11", &"k".repeat(64), 1);
+    parse(&envelope_json(&header, &f.enc, &f.ct)).unwrap();
+    let header = HEADER.replacen("2026-11", &"k".repeat(65), 1);
+    assert!(matches!(
+        refused(&envelope_json(&header, &f.enc, &f.ct)),
+        EnvelopeError::HeaderField { field: "kid", .. }
+    ));
 }
 
 /// Seals `dek` with HPKE directly (bypassing `seal_envelope`'s length check)

@@ -32,17 +32,17 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
+use crate::bounds;
 use crate::codec;
 
 /// The largest leaf accepted or written, in bytes.
 pub const MAX_LEAF_BYTES: usize = 64 * 1024;
 /// The longest caller identity (a URI SAN), in bytes.
 const MAX_IDENTITY_BYTES: usize = 2048;
-/// The longest identifier (warrant `id`, `kid`, role, algorithm), in bytes.
-/// PROTOCOL bounds warrant ids at 128 characters, at most 512 UTF-8 bytes.
+/// The longest authority `kid`, role or algorithm name, in bytes. Warrant
+/// ids, escrow kids and revocation reasons have their bounds in
+/// [`crate::bounds`], shared with every layer that reads them.
 const MAX_ID_BYTES: usize = 512;
-/// The longest free-text reason (a revocation reason), in bytes.
-const MAX_TEXT_BYTES: usize = 1024;
 /// The most authorities one `authorities_loaded` leaf lists.
 const MAX_AUTHORITIES: usize = 256;
 
@@ -134,6 +134,15 @@ fn check_code(name: &'static str, value: &str) -> Result<(), LeafError> {
     } else {
         Err(field(name, "not a snake_case code"))
     }
+}
+
+/// A field with one definition in [`crate::bounds`].
+fn check_bound(
+    name: &'static str,
+    value: &str,
+    check: fn(&str) -> Result<(), bounds::BoundError>,
+) -> Result<(), LeafError> {
+    check(value).map_err(|why| field(name, why.as_str()))
 }
 
 fn check_caller(value: &str) -> Result<(), LeafError> {
@@ -299,9 +308,9 @@ impl Unwrap {
 
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
-        check_text("warrant_id", &self.warrant_id, MAX_ID_BYTES)?;
+        check_bound("warrant_id", &self.warrant_id, bounds::warrant_id)?;
         if let Some(kid) = &self.kid {
-            check_token("kid", kid, MAX_ID_BYTES)?;
+            check_bound("kid", kid, bounds::kid)?;
         }
         match (self.outcome, self.reason) {
             (OutcomeTag::Opened, None) => {
@@ -318,6 +327,17 @@ impl Unwrap {
             }
         }
         Ok(())
+    }
+
+    /// Turns the outcome into `denied` with `reason` (a no-op's worth of
+    /// change for an already denied one: its reason is replaced). Cannot
+    /// fail: a denied record needs nothing an opened one lacks. This is how
+    /// the unwrap path builds every leaf before the budget and the HSM, as
+    /// `opened` for a candidate, and then only ever downgrades it, so that
+    /// nothing after the HSM can fail on input.
+    pub fn deny(&mut self, reason: DenyReason) {
+        self.outcome = OutcomeTag::Denied;
+        self.reason = Some(reason);
     }
 
     /// The agency identity that asked.
@@ -392,7 +412,7 @@ impl WarrantRefused {
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
         if let Some(id) = &self.warrant_id {
-            check_text("warrant_id", id, MAX_ID_BYTES)?;
+            check_bound("warrant_id", id, bounds::warrant_id)?;
         }
         check_code("reason", &self.reason)
     }
@@ -467,8 +487,8 @@ impl Revocation {
 
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
-        check_text("warrant_id", &self.warrant_id, MAX_ID_BYTES)?;
-        check_text("reason", &self.reason, MAX_TEXT_BYTES)?;
+        check_bound("warrant_id", &self.warrant_id, bounds::warrant_id)?;
+        check_bound("reason", &self.reason, bounds::reason)?;
         match (&self.by, &self.authority) {
             (RevokedBy::Admin, None) => Ok(()),
             (RevokedBy::Authority, Some(kid)) => check_token("authority", kid, MAX_ID_BYTES),
@@ -536,7 +556,7 @@ impl KeyGenerated {
     }
 
     fn validate(&self) -> Result<(), LeafError> {
-        check_token("kid", &self.kid, MAX_ID_BYTES)?;
+        check_bound("kid", &self.kid, bounds::kid)?;
         if let Some(c) = &self.caller {
             check_caller(c)?;
         }
@@ -591,7 +611,7 @@ impl KeyDestroyed {
     }
 
     fn validate(&self) -> Result<(), LeafError> {
-        check_token("kid", &self.kid, MAX_ID_BYTES)?;
+        check_bound("kid", &self.kid, bounds::kid)?;
         check_code("reason", &self.reason)?;
         if let Some(c) = &self.caller {
             check_caller(c)?;
@@ -779,6 +799,21 @@ impl Event {
             Self::KeyGenerated(_) => "key_generated",
             Self::KeyDestroyed(_) => "key_destroyed",
             Self::AuthoritiesLoaded(_) => "authorities_loaded",
+        }
+    }
+
+    /// For an `unwrap` event of warrant `id` that says `opened`: the same
+    /// event denied with `reason`. `None` for every other event. The store
+    /// uses it inside the transaction that settles an unwrap, when it finds
+    /// the warrant revoked by then (PROTOCOL §8).
+    pub fn denied_if_opened(&self, id: &str, reason: DenyReason) -> Option<Self> {
+        match self {
+            Self::Unwrap(u) if u.warrant_id == id && u.outcome == OutcomeTag::Opened => {
+                let mut denied = u.clone();
+                denied.deny(reason);
+                Some(Self::Unwrap(denied))
+            }
+            _ => None,
         }
     }
 

@@ -43,11 +43,14 @@ pub const CT_MIN_LEN: usize = DEK_MIN_LEN + hpke::N_T;
 pub const CT_MAX_LEN: usize = DEK_MAX_LEN + hpke::N_T;
 /// PROTOCOL §3: `ref` is at most 256 bytes. Fixed by the protocol, so not a
 /// configurable limit.
-pub const REF_MAX_LEN: usize = 256;
+pub const REF_MAX_LEN: usize = crate::bounds::MAX_REF_BYTES;
 
 /// Configurable size bounds for untrusted envelopes (PROTOCOL: "every size has
 /// a configured upper bound"). The `ct` length is not here: PROTOCOL fixes the
 /// DEK at 16..=64 bytes, so `ct` is always [`CT_MIN_LEN`]..=[`CT_MAX_LEN`].
+/// Nor are the header fields' own bounds: each has one definition in
+/// [`crate::bounds`], shared with the warrant claims and the audit leaves, so
+/// that a header this accepts can always be logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeLimits {
     /// Whole envelope JSON. Default 4096: a maximal header (2048) in base64url
@@ -57,12 +60,6 @@ pub struct EnvelopeLimits {
     /// (64 + 512 + 512 + 256 + the time and member names, about 1450)
     /// with some room for JSON escapes.
     pub max_header_bytes: usize,
-    /// `kid`. Default 64: kids are short epoch names such as `2026-11`.
-    pub max_kid_bytes: usize,
-    /// `provider` (a URI SAN). Default 512.
-    pub max_provider_bytes: usize,
-    /// `target` (an account identifier). Default 512.
-    pub max_target_bytes: usize,
 }
 
 impl Default for EnvelopeLimits {
@@ -70,9 +67,6 @@ impl Default for EnvelopeLimits {
         Self {
             max_envelope_bytes: 4096,
             max_header_bytes: 2048,
-            max_kid_bytes: 64,
-            max_provider_bytes: 512,
-            max_target_bytes: 512,
         }
     }
 }
@@ -118,17 +112,17 @@ pub enum EnvelopeError<E = Infallible> {
     /// `suite` is not `16-1-2`: sealed with another HPKE suite.
     #[error("header suite is not {LAV_SUITE}")]
     UnsupportedSuite,
-    /// A header field is empty or longer than its limit.
-    #[error("header field `{field}` must be 1..={limit} bytes")]
+    /// A header field is outside its bounds ([`crate::bounds`]): empty, too
+    /// long, a control character, whitespace in an identifier (`kid`,
+    /// `provider`, `target`). A buggy provider, or an attempt to put text
+    /// into the audit log or the operator's terminal.
+    #[error("header field `{field}` {why}")]
     HeaderField {
         /// The field name.
         field: &'static str,
-        /// Its upper bound.
-        limit: usize,
+        /// What is wrong with it.
+        why: crate::bounds::BoundError,
     },
-    /// `ref` is longer than 256 bytes (PROTOCOL §3).
-    #[error("header `ref` is longer than {REF_MAX_LEN} bytes")]
-    RefTooLong,
     /// `enc` is not a 65-byte uncompressed P-256 point on the curve (wrong
     /// length, compressed, identity, off-curve). A buggy provider, or an
     /// invalid-curve attack.
@@ -168,7 +162,6 @@ impl<E> EnvelopeError<E> {
             | Self::HeaderJson(_)
             | Self::UnsupportedSuite
             | Self::HeaderField { .. }
-            | Self::RefTooLong
             | Self::InvalidEnc
             | Self::CtLength(_) => "malformed_envelope",
             Self::OpenFailed => "open_failed",
@@ -248,15 +241,19 @@ impl Header {
         if raw.suite != LAV_SUITE {
             return Err(EnvelopeError::UnsupportedSuite);
         }
-        check_len("kid", &raw.kid, limits.max_kid_bytes)?;
-        check_len("provider", &raw.provider, limits.max_provider_bytes)?;
-        check_len("target", &raw.target, limits.max_target_bytes)?;
-        if raw
-            .reference
-            .as_ref()
-            .is_some_and(|r| r.len() > REF_MAX_LEN)
-        {
-            return Err(EnvelopeError::RefTooLong);
+        // Every field with the one rule the warrant claims and the audit
+        // leaves use too: nothing accepted here can be refused later, after
+        // the HSM has opened a key.
+        let field = |field: &'static str,
+                     check: fn(&str) -> Result<(), crate::bounds::BoundError>,
+                     value: &str| {
+            check(value).map_err(|why| EnvelopeError::HeaderField { field, why })
+        };
+        field("kid", crate::bounds::kid, &raw.kid)?;
+        field("provider", crate::bounds::provider, &raw.provider)?;
+        field("target", crate::bounds::target, &raw.target)?;
+        if let Some(reference) = &raw.reference {
+            field("ref", crate::bounds::message_ref, reference)?;
         }
         Ok(Self {
             kid: raw.kid,
@@ -291,13 +288,6 @@ impl Header {
     pub fn reference(&self) -> Option<&str> {
         self.reference.as_deref()
     }
-}
-
-fn check_len(field: &'static str, value: &str, limit: usize) -> Result<(), EnvelopeError> {
-    if value.is_empty() || value.len() > limit {
-        return Err(EnvelopeError::HeaderField { field, limit });
-    }
-    Ok(())
 }
 
 /// Builds canonical header bytes for a provider: members in PROTOCOL order

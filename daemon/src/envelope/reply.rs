@@ -27,7 +27,8 @@ use crate::jwk::{P256PrivateKey, P256PublicKey};
 /// HPKE `info` of every reply context.
 pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 
-/// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons.
+/// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
+/// and `warrant_revoked` (PROTOCOL §8).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -48,11 +49,16 @@ pub enum DenyReason {
     OpenFailed,
     /// The warrant's `max_unwraps` is used up.
     BudgetExhausted,
+    /// The warrant was revoked while the request was in flight: the
+    /// revocation's leaf committed before this request's leaves, so nothing
+    /// of it is released (PROTOCOL §8). Requests that arrive after the
+    /// revocation are refused whole with 403 `warrant_revoked` instead.
+    WarrantRevoked,
 }
 
 impl DenyReason {
     /// Every reason, in PROTOCOL order.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -61,6 +67,7 @@ impl DenyReason {
         Self::OutOfWindow,
         Self::OpenFailed,
         Self::BudgetExhausted,
+        Self::WarrantRevoked,
     ];
 
     /// The wire string.
@@ -74,6 +81,7 @@ impl DenyReason {
             Self::OutOfWindow => "out_of_window",
             Self::OpenFailed => "open_failed",
             Self::BudgetExhausted => "budget_exhausted",
+            Self::WarrantRevoked => "warrant_revoked",
         }
     }
 
@@ -375,9 +383,6 @@ pub fn open_reply(
     let lenient = EnvelopeLimits {
         max_envelope_bytes: usize::MAX,
         max_header_bytes: usize::MAX,
-        max_kid_bytes: usize::MAX,
-        max_provider_bytes: usize::MAX,
-        max_target_bytes: usize::MAX,
     };
     let mut results = Vec::with_capacity(reply.results.len());
     for (index, (result, header)) in reply.results.iter().zip(request_headers).enumerate() {

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use time::OffsetDateTime;
 
 use super::{KeyRecord, Reservation, Revocation, Store, StoreError};
-use crate::audit::leaf::Event;
+use crate::audit::leaf::{DenyReason, Event};
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
 
@@ -44,7 +44,12 @@ pub enum Spend {
     /// Nothing: the leaves alone (refused warrants, key events).
     None,
     /// An unwrap's budget: `opened` of the reservation's units are spent, the
-    /// rest given back.
+    /// rest given back. Unless the warrant is revoked by the time this
+    /// commits (a revocation that committed while the unwrap was in flight,
+    /// PROTOCOL §8): then nothing is spent, every `opened` unwrap leaf of the
+    /// warrant in the batch is written as denied `warrant_revoked` instead,
+    /// and [`Appended::revoked_in_flight`] tells the caller to release
+    /// nothing.
     Settle {
         /// The reservation made before opening.
         reservation: Reservation,
@@ -89,6 +94,11 @@ pub struct Appended {
     pub tree_size: u64,
     /// For [`Spend::Revoke`]: false if the id was already revoked.
     pub newly_revoked: bool,
+    /// For [`Spend::Settle`]: the warrant was found revoked inside the
+    /// transaction that settled it, so nothing was spent and its leaves say
+    /// denied `warrant_revoked` where they would have said `opened`. The
+    /// caller must release nothing.
+    pub revoked_in_flight: bool,
 }
 
 /// Audit log storage.
@@ -232,20 +242,32 @@ impl Store {
         }
     }
 
-    /// Appends one batch inside `conn` (a savepoint). Returns its first index.
+    /// Appends one batch inside `conn` (a savepoint). Returns
+    /// `(newly_revoked, revoked_in_flight)`.
     fn append_in(
         &self,
         conn: &Connection,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<(bool, bool), StoreError> {
+        // The revocation check that counts: in the transaction that writes
+        // the unwrap's leaves, so it sees every revocation whose leaf comes
+        // before them in the log (an earlier group, or an earlier batch of
+        // this group, which has written its row in this same transaction),
+        // and none after. The check at `reserve` only saves work.
+        let mut revoked = None;
         let newly_revoked = match &batch.spend {
             Spend::None => false,
             Spend::Settle {
                 reservation,
                 opened,
             } => {
-                self.settle_in(conn, reservation, *opened)?;
+                if self.revoked_in(conn, reservation.id())? {
+                    self.settle_in(conn, reservation, 0)?;
+                    revoked = Some(reservation.id());
+                } else {
+                    self.settle_in(conn, reservation, *opened)?;
+                }
                 false
             }
             Spend::Revoke(revocation) => self.revoke_in(conn, revocation)?,
@@ -261,7 +283,11 @@ impl Store {
         let mut hashes = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.iter().enumerate() {
             let seq = first + i as u64;
-            let leaf = event
+            let denied =
+                revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
+            let leaf = denied
+                .as_ref()
+                .unwrap_or(event)
                 .to_leaf(seq, batch.time)
                 .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
             conn.execute(
@@ -289,7 +315,7 @@ impl Store {
                 ])
                 .map_err(|e| self.sqlite_err(e))?;
         }
-        Ok(newly_revoked)
+        Ok((newly_revoked, revoked.is_some()))
     }
 
     /// Commits every queued batch in one transaction. Called with the
@@ -307,12 +333,12 @@ impl Store {
                 let count = pending.batch.events.len() as u64;
                 let result = (|| {
                     let sp = tx.savepoint().map_err(|e| self.sqlite_err(e))?;
-                    let newly_revoked = self.append_in(&sp, &pending.batch, first)?;
+                    let flags = self.append_in(&sp, &pending.batch, first)?;
                     sp.commit().map_err(|e| self.sqlite_err(e))?;
-                    Ok(newly_revoked)
+                    Ok(flags)
                 })();
                 match result {
-                    Ok(newly_revoked) => {
+                    Ok((newly_revoked, revoked_in_flight)) => {
                         size += count;
                         done.push((
                             pending,
@@ -321,6 +347,7 @@ impl Store {
                                 count,
                                 tree_size: 0,
                                 newly_revoked,
+                                revoked_in_flight,
                             }),
                         ));
                     }

@@ -257,6 +257,26 @@ impl Store {
         }
     }
 
+    /// Whether `id` is revoked, read inside the caller's transaction.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub(crate) fn revoked_in(
+        &self,
+        tx: &rusqlite::Connection,
+        id: &str,
+    ) -> Result<bool, StoreError> {
+        let row = tx
+            .query_row(
+                "SELECT 1 FROM warrant_revocations WHERE id = ?1",
+                [id],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(|e| self.sqlite_err(e))?;
+        Ok(row.is_some())
+    }
+
     /// Records a revocation inside the caller's transaction (so the
     /// revocation's audit leaf can commit with it). `false` if `id` was
     /// already revoked.
@@ -378,15 +398,7 @@ impl WarrantStore for Store {
             .optional()
             .map_err(|e| self.sqlite_err(e))?
             .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
-        let revoked = tx
-            .query_row(
-                "SELECT 1 FROM warrant_revocations WHERE id = ?1",
-                [id],
-                |_| Ok(()),
-            )
-            .optional()
-            .map_err(|e| self.sqlite_err(e))?;
-        if revoked.is_some() {
+        if self.revoked_in(&tx, id)? {
             return Err(StoreError::WarrantRevoked(id.to_string()));
         }
         let reserved: i64 = tx

@@ -1,8 +1,11 @@
 //! Warrant claims (PROTOCOL §4 table): strict, bounded, typed.
 //!
 //! Bounds beyond PROTOCOL's own (`id` ≤ 128 characters, 1..=1000 targets):
-//! every string is non-empty and free of control characters; a target is at
-//! most [`MAX_TARGET_BYTES`] bytes; `legal_basis` at most
+//! every string is non-empty and free of control characters; `id`, each
+//! target and each of `kids` are checked by the one function of
+//! [`crate::bounds`] that every other layer uses for that field (a target is
+//! at most [`MAX_TARGET_BYTES`] bytes without whitespace, a kid at most
+//! [`crate::bounds::MAX_KID_BYTES`]); `legal_basis` at most
 //! [`MAX_LEGAL_BASIS_CHARS`] characters; `agency` at most
 //! [`MAX_AGENCY_BYTES`] bytes; `kids`, when present, holds 1..=[`MAX_KIDS`]
 //! entries; targets and kids have no duplicates; `max_unwraps` is in
@@ -22,19 +25,17 @@ use crate::codec::rfc3339;
 use crate::jwk::{Jwk, P256PublicKey};
 
 /// Longest warrant `id`, in characters (PROTOCOL §4).
-pub const MAX_ID_CHARS: usize = 128;
+pub const MAX_ID_CHARS: usize = crate::bounds::MAX_WARRANT_ID_CHARS;
 /// Most targets in one warrant (PROTOCOL §4).
 pub const MAX_TARGETS: usize = 1000;
 /// Longest target identifier, in bytes.
-pub const MAX_TARGET_BYTES: usize = 512;
+pub const MAX_TARGET_BYTES: usize = crate::bounds::MAX_TARGET_BYTES;
 /// Longest `legal_basis`, in characters.
 pub const MAX_LEGAL_BASIS_CHARS: usize = 1024;
 /// Longest `agency` identity, in bytes.
 pub const MAX_AGENCY_BYTES: usize = 2048;
 /// Most escrow key ids in `kids`.
 pub const MAX_KIDS: usize = 1000;
-/// Longest escrow key id in `kids`, in characters.
-pub const MAX_ESCROW_KID_CHARS: usize = 128;
 /// Largest `max_unwraps`: 2^53 − 1, so every JSON implementation reads it exactly.
 pub const MAX_UNWRAPS_LIMIT: u64 = (1 << 53) - 1;
 
@@ -120,7 +121,7 @@ fn malformed(what: impl std::fmt::Display) -> WarrantError {
     WarrantError::Malformed(format!("claims: {what}"))
 }
 
-pub(crate) fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantError> {
+fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantError> {
     if value.is_empty() {
         return Err(malformed(format_args!("`{field}` is empty")));
     }
@@ -137,12 +138,21 @@ pub(crate) fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(
     Ok(())
 }
 
+/// A field with one definition in [`crate::bounds`]; the message names the
+/// field and what is wrong ("`id` is longer than 128 characters").
+pub(crate) fn check_bound(
+    field: &str,
+    value: &str,
+    check: fn(&str) -> Result<(), crate::bounds::BoundError>,
+) -> Result<(), WarrantError> {
+    check(value).map_err(|why| malformed(format_args!("`{field}` {why}")))
+}
+
 fn check_list(
     field: &str,
     values: &[String],
     max: usize,
-    max_chars: usize,
-    max_bytes: usize,
+    check: fn(&str) -> Result<(), crate::bounds::BoundError>,
 ) -> Result<(), WarrantError> {
     if values.is_empty() || values.len() > max {
         return Err(malformed(format_args!(
@@ -153,12 +163,7 @@ fn check_list(
     let mut seen = BTreeSet::new();
     for (i, v) in values.iter().enumerate() {
         let name = format!("{field}[{i}]");
-        check_text(&name, v, max_chars)?;
-        if v.len() > max_bytes {
-            return Err(malformed(format_args!(
-                "`{name}` is longer than {max_bytes} bytes"
-            )));
-        }
+        check_bound(&name, v, check)?;
         if !seen.insert(v.as_str()) {
             return Err(malformed(format_args!("`{name}` is a duplicate")));
         }
@@ -174,7 +179,7 @@ impl Claims {
     /// [`WarrantError::Malformed`] naming the member.
     pub fn parse(payload: &[u8]) -> Result<Self, WarrantError> {
         let raw: RawClaims = serde_json::from_slice(payload).map_err(malformed)?;
-        check_text("id", &raw.id, MAX_ID_CHARS)?;
+        check_bound("id", &raw.id, crate::bounds::warrant_id)?;
         check_text("legal_basis", &raw.legal_basis, MAX_LEGAL_BASIS_CHARS)?;
         check_text("agency", &raw.agency, MAX_AGENCY_BYTES)?;
         if raw.agency.len() > MAX_AGENCY_BYTES {
@@ -189,22 +194,9 @@ impl Claims {
         }
         let recipient = P256PublicKey::from_jwk(&raw.recipient)
             .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
-        check_list(
-            "targets",
-            &raw.targets,
-            MAX_TARGETS,
-            MAX_TARGET_BYTES,
-            MAX_TARGET_BYTES,
-        )?;
+        check_list("targets", &raw.targets, MAX_TARGETS, crate::bounds::target)?;
         if let Some(kids) = &raw.kids {
-            // An escrow kid is an epoch name such as `2026-11`.
-            check_list(
-                "kids",
-                kids,
-                MAX_KIDS,
-                MAX_ESCROW_KID_CHARS,
-                MAX_ESCROW_KID_CHARS * 4,
-            )?;
+            check_list("kids", kids, MAX_KIDS, crate::bounds::kid)?;
         }
         if raw.window.from >= raw.window.to {
             return Err(malformed("`window.from` must be before `window.to`"));

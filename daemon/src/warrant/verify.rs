@@ -5,9 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use time::{Duration, OffsetDateTime};
 
-use super::claims::{
-    check_text, normalized_digest, sha256, Claims, MAX_ID_CHARS, MAX_LEGAL_BASIS_CHARS,
-};
+use super::claims::{check_bound, normalized_digest, sha256, Claims};
 use super::jws::{self, Algorithm, ParsedJws};
 use super::trust::{RoleRule, TrustStore};
 use super::WarrantError;
@@ -269,8 +267,9 @@ impl Verifier {
         let signers = self.verify_signatures(&jws, now)?;
         let raw: RawRevocation = serde_json::from_slice(jws.payload())
             .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
-        check_text("id", &raw.id, MAX_ID_CHARS)?;
-        check_text("reason", &raw.reason, MAX_LEGAL_BASIS_CHARS)?;
+        // The same bounds as the admin form and the audit leaf.
+        check_bound("id", &raw.id, crate::bounds::warrant_id)?;
+        check_bound("reason", &raw.reason, crate::bounds::reason)?;
         let policy = self.trust.policy();
         let roles: BTreeSet<&str> = policy
             .require

@@ -1,0 +1,238 @@
+//! The bounds of every untrusted text field that more than one layer reads:
+//! one function per field, used by every layer that checks it (claims
+//! parsing, revocation requests, envelope headers, audit leaves), so that no
+//! value accepted at the edge can be refused later by a layer with a stricter
+//! rule. Two layers with two rules for one field is how an unrevocable
+//! warrant (ids counted in characters by one layer and in bytes by another)
+//! and an unaudited HSM open (a `kid` the header accepted and the audit leaf
+//! refused) happened.
+//!
+//! Units are chosen once per field and named in the constant: warrant ids and
+//! reasons are counted in characters (Unicode scalar values), as PROTOCOL §4
+//! counts `id`; protocol identifiers (kids, targets, identities, `ref`) in
+//! UTF-8 bytes. "Control character" is Unicode general category Cc
+//! ([`char::is_control`]); "whitespace" is Unicode `White_Space`
+//! ([`char::is_whitespace`]), so no-break and other non-ASCII spaces count.
+//!
+//! Builds without the `daemon` feature: the provider-side header builder and
+//! the audit leaves use it.
+
+/// Longest warrant `id`, in characters (PROTOCOL §4: "≤ 128 chars").
+pub const MAX_WARRANT_ID_CHARS: usize = 128;
+/// Longest revocation `reason`, in characters.
+pub const MAX_REASON_CHARS: usize = 1024;
+/// Longest escrow key id (`kid`), in bytes: kids are short epoch names such
+/// as `2026-11`.
+pub const MAX_KID_BYTES: usize = 64;
+/// Longest target identifier, in bytes.
+pub const MAX_TARGET_BYTES: usize = 512;
+/// Longest provider identity (its URI SAN) in an envelope header, in bytes.
+pub const MAX_PROVIDER_BYTES: usize = 512;
+/// Longest envelope `ref`, in bytes (PROTOCOL §3: "≤ 256 bytes").
+pub const MAX_REF_BYTES: usize = 256;
+
+/// The unit a length bound counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// UTF-8 bytes.
+    Bytes,
+    /// Unicode scalar values.
+    Chars,
+}
+
+impl std::fmt::Display for Unit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Unit::Bytes => "bytes",
+            Unit::Chars => "characters",
+        })
+    }
+}
+
+/// Why a value is outside its field's bounds. The message completes a
+/// sentence that starts with the field's name ("`id` is longer than 128
+/// characters").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BoundError {
+    /// The empty string.
+    #[error("is empty")]
+    Empty,
+    /// Only whitespace, where the field must say something.
+    #[error("is only whitespace")]
+    Blank,
+    /// Longer than the field's bound.
+    #[error("is longer than {max} {unit}")]
+    TooLong {
+        /// The bound.
+        max: usize,
+        /// What it counts.
+        unit: Unit,
+    },
+    /// A control character (Cc), which could forge lines in logs and
+    /// terminals.
+    #[error("contains a control character")]
+    Control,
+    /// Whitespace in an identifier, where a space and a no-break space would
+    /// make two look-alike names.
+    #[error("contains whitespace")]
+    Whitespace,
+}
+
+impl BoundError {
+    /// A short fixed description, for errors that carry `&'static str`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BoundError::Empty => "empty",
+            BoundError::Blank => "only whitespace",
+            BoundError::TooLong { .. } => "too long",
+            BoundError::Control => "contains a control character",
+            BoundError::Whitespace => "contains whitespace",
+        }
+    }
+}
+
+fn length(value: &str, unit: Unit) -> usize {
+    match unit {
+        Unit::Bytes => value.len(),
+        Unit::Chars => value.chars().count(),
+    }
+}
+
+/// Free text: 1..=`max` `unit`s, no control character.
+///
+/// # Errors
+/// [`BoundError::Empty`], [`BoundError::TooLong`], [`BoundError::Control`].
+pub fn text(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
+    if value.is_empty() {
+        return Err(BoundError::Empty);
+    }
+    // Cheap guard first: a value of more than 4·max bytes has more than max
+    // characters too, so a huge input is not walked char by char.
+    if value.len() > max.saturating_mul(4) || length(value, unit) > max {
+        return Err(BoundError::TooLong { max, unit });
+    }
+    if value.chars().any(char::is_control) {
+        return Err(BoundError::Control);
+    }
+    Ok(())
+}
+
+/// An identifier: [`text`] without whitespace.
+///
+/// # Errors
+/// As [`text`], and [`BoundError::Whitespace`].
+pub fn token(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
+    text(value, max, unit)?;
+    if value.chars().any(char::is_whitespace) {
+        return Err(BoundError::Whitespace);
+    }
+    Ok(())
+}
+
+/// A warrant `id`: 1..=[`MAX_WARRANT_ID_CHARS`] characters, no control
+/// character. Used by the claims, both revocation forms, the audit leaves
+/// and the claimed id of a refused warrant.
+///
+/// # Errors
+/// As [`text`].
+pub fn warrant_id(value: &str) -> Result<(), BoundError> {
+    text(value, MAX_WARRANT_ID_CHARS, Unit::Chars)
+}
+
+/// A revocation `reason`: 1..=[`MAX_REASON_CHARS`] characters, not only
+/// whitespace, no control character. Used by both revocation forms and the
+/// `revocation` audit leaf.
+///
+/// # Errors
+/// As [`text`], and [`BoundError::Blank`].
+pub fn reason(value: &str) -> Result<(), BoundError> {
+    text(value, MAX_REASON_CHARS, Unit::Chars)?;
+    if value.trim().is_empty() {
+        return Err(BoundError::Blank);
+    }
+    Ok(())
+}
+
+/// An escrow key id (`kid`): 1..=[`MAX_KID_BYTES`] bytes, no control
+/// character, no whitespace. Used by the envelope header, the warrant's
+/// `kids` and every audit leaf that names a key. (New keys are further
+/// limited to a portable charset by `lavd keys generate`; that is a naming
+/// rule for keys lavd creates, inside this one.)
+///
+/// # Errors
+/// As [`token`].
+pub fn kid(value: &str) -> Result<(), BoundError> {
+    token(value, MAX_KID_BYTES, Unit::Bytes)
+}
+
+/// A target identifier: 1..=[`MAX_TARGET_BYTES`] bytes, no control
+/// character, no whitespace. Used by the warrant's `targets` and the
+/// envelope header, which are matched exactly against each other.
+///
+/// # Errors
+/// As [`token`].
+pub fn target(value: &str) -> Result<(), BoundError> {
+    token(value, MAX_TARGET_BYTES, Unit::Bytes)
+}
+
+/// The sealing provider's identity in an envelope header:
+/// 1..=[`MAX_PROVIDER_BYTES`] bytes, no control character, no whitespace.
+///
+/// # Errors
+/// As [`token`].
+pub fn provider(value: &str) -> Result<(), BoundError> {
+    token(value, MAX_PROVIDER_BYTES, Unit::Bytes)
+}
+
+/// An envelope `ref`: opaque, 1..=[`MAX_REF_BYTES`] bytes, no control
+/// character (absent is how a header says "no reference").
+///
+/// # Errors
+/// As [`text`].
+pub fn message_ref(value: &str) -> Result<(), BoundError> {
+    text(value, MAX_REF_BYTES, Unit::Bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_reasons_count_characters() {
+        // 128 Cyrillic letters are 256 bytes: within the bound.
+        let id = "Ж".repeat(128);
+        assert_eq!(warrant_id(&id), Ok(()));
+        assert_eq!(
+            warrant_id(&"Ж".repeat(129)),
+            Err(BoundError::TooLong {
+                max: 128,
+                unit: Unit::Chars
+            })
+        );
+        assert_eq!(reason(&"ж".repeat(1024)), Ok(()));
+        assert!(matches!(
+            reason(&"ж".repeat(1025)),
+            Err(BoundError::TooLong { .. })
+        ));
+        assert_eq!(reason(" \u{a0} "), Err(BoundError::Blank));
+        assert_eq!(warrant_id(""), Err(BoundError::Empty));
+        assert_eq!(warrant_id("W\u{7}1"), Err(BoundError::Control));
+        // Spaces are allowed in ids (free text), not in identifiers.
+        assert_eq!(warrant_id("W 1"), Ok(()));
+    }
+
+    #[test]
+    fn identifiers_refuse_whitespace_and_controls() {
+        assert_eq!(kid("2026-12"), Ok(()));
+        for bad in ["2026 12", "2026\u{a0}12", "2026\u{2028}12", "\u{3000}"] {
+            assert_eq!(kid(bad), Err(BoundError::Whitespace), "{bad:?}");
+        }
+        assert_eq!(kid("2026\u{1b}12"), Err(BoundError::Control));
+        assert_eq!(kid(&"k".repeat(65)).unwrap_err().as_str(), "too long");
+        assert_eq!(target("acct:a\u{85}b"), Err(BoundError::Control));
+        assert_eq!(target("acct:a b"), Err(BoundError::Whitespace));
+        assert_eq!(message_ref(&"r".repeat(256)), Ok(()));
+        assert!(message_ref(&"r".repeat(257)).is_err());
+        assert_eq!(message_ref("a b"), Ok(()));
+    }
+}
