@@ -8,8 +8,13 @@
 //! until the store has committed, in one transaction, every envelope's leaf
 //! and the budget spend; only then are they sealed to the warrant's
 //! recipient. If the audit commit fails, the DEKs are dropped and the request
-//! fails with 503. A refused warrant is itself logged (durably) before the
-//! refusal is returned.
+//! fails with 503. That transaction also looks at revocation once more: a
+//! revocation that committed while the request was in flight turns every
+//! would-be `opened` envelope into `warrant_revoked` (PROTOCOL §8), and its
+//! DEKs are dropped. Every leaf is built before the budget is reserved and
+//! before the HSM is called, so nothing after the HSM can fail on input. A
+//! refused warrant is itself logged (durably) before the refusal is
+//! returned.
 //!
 //! Everything here is synchronous and blocking (HSM and SQLite): the API
 //! calls it on the blocking pool.

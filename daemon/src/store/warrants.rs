@@ -12,6 +12,12 @@
 //! settle transaction commits). The settle `UPDATE` also refuses, in SQL, to
 //! push `spent` past `max_unwraps`, so even a second process wrongly sharing
 //! the file cannot make released keys exceed the budget.
+//!
+//! Revocation: `reserve` refuses a revoked `id`, but a revocation can commit
+//! between `reserve` and the settle. The audit append that settles an unwrap
+//! ([`super::Spend::Settle`]) therefore reads the revocation again in its own
+//! transaction (`Store::revoked_in`) and, if it finds one, spends nothing
+//! and records the would-be opened envelopes as denied `warrant_revoked`.
 
 use rusqlite::{params, OptionalExtension as _, Transaction, TransactionBehavior};
 use time::OffsetDateTime;

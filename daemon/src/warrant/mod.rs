@@ -244,8 +244,10 @@ impl WarrantError {
 /// [`WarrantError::EmergencySuperseded`], or [`WarrantError::Store`].
 ///
 /// # Security
-/// Revocation is checked again, atomically, by
-/// [`WarrantStore::reserve`]; this early check only avoids needless work.
+/// Revocation is checked again by [`WarrantStore::reserve`] and, the check
+/// that decides, inside the audit transaction that settles the unwrap's
+/// budget and writes its leaves ([`crate::store::Spend::Settle`]); this
+/// early check only avoids needless work.
 pub fn admit(
     store: &dyn WarrantStore,
     warrant: &VerifiedWarrant,
