@@ -162,11 +162,14 @@ fn no_key_opens_after_its_revocation_commits() {
     let has = |trials: &[Trial], s: Seen| trials.iter().any(|t| t.seen == s);
     // If the machine is so fast (or so slow) that 0 to 40 ms never put the
     // revocation on one side of the commit, look for that side on purpose.
-    for n in TRIALS..TRIALS + EXTRA_TRIALS {
+    // Each extra trial waits longer (or shorter) than the last, in case the
+    // machine got slower (or faster) since the warm-up.
+    for (k, n) in (TRIALS..TRIALS + EXTRA_TRIALS).enumerate() {
+        let k = k as u32;
         let delay = if !has(&trials, Seen::OpenedBefore) {
-            batch_time * 2
+            batch_time * (2 + k)
         } else if !has(&trials, Seen::RevokedInFlight) {
-            batch_time / 2
+            batch_time / (2 + k)
         } else {
             break;
         };

@@ -1198,6 +1198,51 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_opened_unwraps_of_the_warrant_are_denied_in_flight() {
+        let w = warrant("W-1", false);
+        let revoked = DenyReason::WarrantRevoked;
+        let denied = opened(AGENCY, &w, 1)
+            .denied_if_opened("W-1", revoked)
+            .unwrap();
+        let Event::Unwrap(u) = &denied else {
+            panic!("{denied:?}")
+        };
+        assert_eq!(u.outcome(), UnwrapOutcome::Denied(revoked));
+        assert_eq!(u.kid(), Some("2026-11"));
+        // Still a valid leaf, byte for byte what a parse gives back.
+        let bytes = denied
+            .to_leaf(7, datetime!(2026-12-01 00:00:00 UTC))
+            .unwrap();
+        assert_eq!(Leaf::parse(&bytes).unwrap().to_bytes().unwrap(), bytes);
+        // Another warrant's, an already denied one, another event: untouched.
+        assert_eq!(opened(AGENCY, &w, 1).denied_if_opened("W-2", revoked), None);
+        assert_eq!(
+            super::tests::denied(AGENCY, &w, DenyReason::OutOfWindow)
+                .denied_if_opened("W-1", revoked),
+            None
+        );
+        let rev: Event = Revocation::new(AGENCY, "W-1", "r", None).unwrap().into();
+        assert_eq!(rev.denied_if_opened("W-1", revoked), None);
+    }
+
+    #[test]
+    fn ids_and_reasons_are_bounded_in_characters_as_the_claims_bound_them() {
+        let id = "Ж".repeat(128);
+        let reason = "ё".repeat(1024);
+        Revocation::new(AGENCY, &id, &reason, None).unwrap();
+        WarrantRefused::new(AGENCY, Some(&id), None, "warrant_revoked").unwrap();
+        let code = |r: Result<Revocation, LeafError>| r.unwrap_err().code();
+        assert_eq!(
+            code(Revocation::new(AGENCY, &"Ж".repeat(129), "r", None)),
+            "audit_field_invalid"
+        );
+        assert_eq!(
+            code(Revocation::new(AGENCY, "W-1", &"ё".repeat(1025), None)),
+            "audit_field_invalid"
+        );
+    }
+
+    #[test]
     fn constructors_refuse_unsafe_values() {
         let w = warrant("W-1", false);
         let code = |r: Result<Unwrap, LeafError>| r.unwrap_err().code();
