@@ -63,7 +63,8 @@ fn an_8_mib_body_without_expect_gets_its_413() {
         bytes.extend_from_slice(b"\r\n");
     }
     bytes.extend_from_slice(b"0\r\n\r\n");
-    conn.send(&bytes).expect("the whole chunked body is written");
+    conn.send(&bytes)
+        .expect("the whole chunked body is written");
     let r = conn.read_response().unwrap();
     r.assert_error(413, "body_too_large");
     assert_eq!(r.header("connection"), Some("close"));
@@ -143,5 +144,8 @@ print(r.status, json.loads(r.read())["error"]["code"])
         "python: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "413 body_too_large");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "413 body_too_large"
+    );
 }

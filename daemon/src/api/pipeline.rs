@@ -289,7 +289,10 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(e.0.code(), "body_too_large");
-        assert!(e.1.is_some(), "an oversized body is handed back to be drained");
+        assert!(
+            e.1.is_some(),
+            "an oversized body is handed back to be drained"
+        );
     }
 
     #[tokio::test]
