@@ -83,7 +83,8 @@ pub const LINGER_MAX_TIME: Duration = Duration::from_secs(5);
 /// counts as busy meanwhile, so its idle and header deadlines do not cut the
 /// drain short. `response` gets `Connection: close`.
 ///
-/// A body already at its end needs nothing: the connection stays open.
+/// A body already at its end needs nothing: the connection stays open. A
+/// body declared longer than [`LINGER_MAX_BYTES`] is not drained at all.
 pub(crate) fn linger<B>(body: B, activity: &Arc<Activity>, response: &mut warp::reply::Response)
 where
     B: hyper::body::Body + Send + Unpin + 'static,
@@ -97,6 +98,11 @@ where
         warp::http::header::CONNECTION,
         warp::http::HeaderValue::from_static("close"),
     );
+    if body.size_hint().lower() > LINGER_MAX_BYTES {
+        // Declared longer than the drain would read: the client sees a
+        // reset whatever happens, so do not spend the reads.
+        return;
+    }
     let busy = activity.request_started();
     tokio::spawn(async move {
         let _busy = busy;
