@@ -95,3 +95,86 @@ fn trust_changes_are_logged_before_they_apply() {
     let opened = events.iter().rposition(|e| e == "unwrap").unwrap();
     assert!(change < opened, "{events:?}");
 }
+
+/// Fails closed: when the `authorities_loaded` leaf of a trust change cannot
+/// be written (here the store is write-locked by another process for longer
+/// than the daemon's busy timeout), the reload fails and the old policy stays
+/// in force; a later SIGHUP, with the store back, applies it. Meanwhile the
+/// reload runs on the blocking pool, and the API keeps answering.
+#[test]
+fn a_trust_change_whose_leaf_cannot_be_written_does_not_apply() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    assert_eq!(loaded(&c.auditor).len(), 1);
+
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let a = authorities();
+    let warrant = Authorities::sign(
+        &vault::claims("W-LOCKED", recipient.public(), 5),
+        &[&a.executive],
+    );
+    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
+    )]});
+
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
+    assert_ne!(loosened, config);
+    std::fs::write(t.config(), loosened).unwrap();
+
+    // Another writer holds the store's write lock.
+    let blocker = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let sent = std::time::Instant::now();
+    daemon.signal(Signal::HUP);
+    daemon.expect_notify("RELOADING=1");
+    // The reload waits for the lock; requests that need no store are
+    // answered meanwhile (the store's one connection is held by the waiting
+    // writer, so store reads wait too).
+    c.provider
+        .get("/v1/no-such-route")
+        .assert_error(404, "not_found");
+    assert_eq!(daemon.admin_get("/healthz").status, 200);
+    if let Some(m) = daemon.recv_notify(std::time::Duration::from_millis(100)) {
+        panic!(
+            "the reload should still be waiting for the store, got {m:?} after {:?}",
+            sent.elapsed()
+        );
+    }
+    daemon.expect_notify("READY=1");
+    assert!(
+        sent.elapsed() >= std::time::Duration::from_secs(5),
+        "the reload did not wait for the store: {:?}",
+        sent.elapsed()
+    );
+    blocker.execute_batch("ROLLBACK").unwrap();
+    drop(blocker);
+
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 1.0),
+        1.0
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("not applied: its audit record could not be written"),
+        "{}",
+        daemon.stderr()
+    );
+    assert_eq!(loaded(&c.auditor).len(), 1);
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+
+    // With the store back, the same file applies, logged first.
+    reload(&daemon);
+    let after = loaded(&c.auditor);
+    assert_eq!(after.len(), 2, "{after:?}");
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}

@@ -7,14 +7,19 @@
 //! Each request runs in a `request` span carrying the caller identity, the
 //! remote address, the route template and (recorded by the unwrap handler)
 //! the warrant id. Bodies are never logged.
+//!
+//! A request answered before its body was read whole (refused identity, rate
+//! limit, body too large or too slow) hands the unread body to
+//! [`server::linger`], which drains it within fixed bounds before the
+//! connection closes, so that the client reads the answer instead of a reset.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt as _, Full, Limited};
-use hyper::body::{Body, Bytes};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Body, Buf as _, Bytes};
 use rustls::pki_types::{CertificateDer, UnixTime};
 use tracing::Instrument as _;
 use warp::http::{header, HeaderValue, Request};
@@ -23,7 +28,7 @@ use warp::reply::Response;
 use super::error::{ApiError, ErrorCode};
 use super::identity::{IdentityError, PeerIdentity};
 use super::routes::RequestContext;
-use super::server::Activity;
+use super::server::{self, Activity};
 use super::state::ServerState;
 
 /// Route label of requests refused before routing (identity, rate limit,
@@ -91,7 +96,7 @@ pub struct ConnInfo {
 /// Answers one request on `conn`.
 pub async fn handle<B>(api: Arc<Api>, conn: Arc<ConnInfo>, req: Request<B>) -> Response
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -110,9 +115,12 @@ where
         warrant_id = tracing::field::Empty,
     );
     let ctx = Arc::new(RequestContext::new(span.clone()));
-    let mut response = admit_and_route(&api, &conn, ctx.clone(), req)
+    let (mut response, unread) = admit_and_route(&api, &conn, ctx.clone(), req)
         .instrument(span.clone())
         .await;
+    if let Some(body) = unread {
+        server::linger(body, &conn.activity, &mut response);
+    }
     response
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -146,25 +154,31 @@ where
 #[derive(Debug, Clone, Copy)]
 struct Routed;
 
+/// The answer, and the request body if it was not read to its end.
 async fn admit_and_route<B>(
     api: &Api,
     conn: &ConnInfo,
     ctx: Arc<RequestContext>,
     req: Request<B>,
-) -> Response
+) -> (Response, Option<B>)
 where
-    B: Body + Send + 'static,
+    B: Body + Send + Unpin + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (parts, body) = req.into_parts();
+    let early = |e: ApiError, body: B| (e.into_response(), Some(body));
     let state = &api.state;
     let uri = match &conn.identity {
         Ok(uri) => uri.clone(),
-        Err(e) => return ApiError::InvalidClientIdentity(e.clone()).into_response(),
+        Err(e) => return early(ApiError::InvalidClientIdentity(e.clone()), body),
     };
     let live = state.current();
     if conn.rejected.load(Ordering::SeqCst) {
-        return ApiError::CertificateRejected("refused earlier on this connection").into_response();
+        return early(
+            ApiError::CertificateRejected("refused earlier on this connection"),
+            body,
+        );
     }
     if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
         conn.rejected.store(true, Ordering::SeqCst);
@@ -173,25 +187,24 @@ where
             reason,
             "client certificate no longer accepted; closing the connection"
         );
-        return ApiError::CertificateRejected(reason).into_response();
+        return early(ApiError::CertificateRejected(reason), body);
     }
     if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
-        return ApiError::RateLimited { retry_after }.into_response();
+        return early(ApiError::RateLimited { retry_after }, body);
     }
 
     let limit = state.limits.max_body_bytes;
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::BodyTooLarge { limit }.into_response();
+        return early(ApiError::BodyTooLarge { limit }, body);
     }
-    let (parts, body) = req.into_parts();
     let bytes = match read_body(body, limit, state.limits.body_read_timeout).await {
         Ok(bytes) => bytes,
-        Err(e) => return e.into_response(),
+        Err((e, unread)) => return (e.into_response(), unread),
     };
     let mut req = Request::from_parts(parts, Full::new(bytes));
     let roles = live.roles.roles(&uri);
@@ -200,25 +213,54 @@ where
     req.extensions_mut().insert(ctx);
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
-    response
+    (response, None)
 }
 
-/// Reads a whole body, at most `limit` bytes, within `timeout`.
-async fn read_body<B>(body: B, limit: usize, timeout: Duration) -> Result<Bytes, ApiError>
+/// Why a body was not read whole.
+enum BodyError {
+    TooLarge,
+    Unreadable(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Reads a whole body, at most `limit` bytes, within `timeout`. On failure,
+/// the error and the body if there may be more of it to drain (not after a
+/// transport error: that body has ended).
+async fn read_body<B>(
+    mut body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, (ApiError, Option<B>)>
 where
-    B: Body,
+    B: Body + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::RequestTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::BodyTooLarge { limit })
+    let read = async {
+        let mut bytes = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| BodyError::Unreadable(e.into()))?;
+            if let Ok(mut data) = frame.into_data() {
+                if data.remaining() > limit - bytes.len() {
+                    return Err(BodyError::TooLarge);
+                }
+                while data.has_remaining() {
+                    let chunk = data.chunk();
+                    bytes.extend_from_slice(chunk);
+                    let n = chunk.len();
+                    data.advance(n);
+                }
+            }
         }
-        Ok(Err(e)) => {
+        Ok(Bytes::from(bytes))
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => Err((ApiError::RequestTimeout, Some(body))),
+        Ok(Err(BodyError::TooLarge)) => Err((ApiError::BodyTooLarge { limit }, Some(body))),
+        Ok(Err(BodyError::Unreadable(e))) => {
             tracing::debug!(error = %e, "request body unreadable");
-            Err(ApiError::Malformed(
-                "the request body could not be read".into(),
+            Err((
+                ApiError::Malformed("the request body could not be read".into()),
+                None,
             ))
         }
     }
@@ -236,6 +278,7 @@ mod tests {
             Duration::from_secs(1),
         )
         .await
+        .map_err(|(e, _)| e)
         .unwrap();
         assert_eq!(ok.len(), 1024);
         let e = read_body(
@@ -245,7 +288,11 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(e.code(), "body_too_large");
+        assert_eq!(e.0.code(), "body_too_large");
+        assert!(
+            e.1.is_some(),
+            "an oversized body is handed back to be drained"
+        );
     }
 
     #[tokio::test]
@@ -266,6 +313,6 @@ mod tests {
         let e = read_body(Stalled, 1024, Duration::from_millis(20))
             .await
             .unwrap_err();
-        assert_eq!(e.code(), "request_timeout");
+        assert_eq!(e.0.code(), "request_timeout");
     }
 }

@@ -9,6 +9,15 @@
 //! request head, and an idle deadline for keep-alive connections with no
 //! request in flight.
 //!
+//! Early answers: a reply sent before its request's body was read (413,
+//! 429, 408, a refused identity…) is marked `Connection: close`, and the rest
+//! of the body is read and discarded in the background, at most
+//! [`LINGER_MAX_BYTES`] for at most [`LINGER_MAX_TIME`], before the
+//! connection closes with a TLS `close_notify` (what nginx calls a lingering
+//! close). Closing a socket with unread data makes the kernel send a reset,
+//! and a client still writing its body (one that does not send
+//! `Expect: 100-continue`) would then lose the answer.
+//!
 //! Shutdown: [`Listener::shutdown`] stops accepting, asks every connection
 //! to finish its in-flight request and close, waits up to the grace period,
 //! then aborts what is left.
@@ -57,6 +66,72 @@ impl ServeError {
             ServeError::Bind { .. } => "cannot_listen",
         }
     }
+}
+
+/// At most this much of an unread request body is read and discarded after
+/// an early answer, before the connection is closed (64 MiB, the largest
+/// `max_body_bytes`).
+pub const LINGER_MAX_BYTES: u64 = 64 << 20;
+/// At most this long is spent reading and discarding an unread request body
+/// after an early answer (nginx's `lingering_timeout` default).
+pub const LINGER_MAX_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and discards what is left of `body` after an early answer, within
+/// [`LINGER_MAX_BYTES`] and [`LINGER_MAX_TIME`], on its own task: hyper reads
+/// the connection for as long as the body is wanted, and closes it (with a
+/// TLS `close_notify`) once the body is finished or dropped. The connection
+/// counts as busy meanwhile, so its idle and header deadlines do not cut the
+/// drain short. `response` gets `Connection: close`.
+///
+/// A body already at its end needs nothing: the connection stays open. A
+/// body declared longer than [`LINGER_MAX_BYTES`] is not drained at all.
+pub(crate) fn linger<B>(body: B, activity: &Arc<Activity>, response: &mut warp::reply::Response)
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+{
+    use http_body_util::BodyExt as _;
+    if body.is_end_stream() {
+        return;
+    }
+    response.headers_mut().insert(
+        warp::http::header::CONNECTION,
+        warp::http::HeaderValue::from_static("close"),
+    );
+    if body.size_hint().lower() > LINGER_MAX_BYTES {
+        // Declared longer than the drain would read: the client sees a
+        // reset whatever happens, so do not spend the reads.
+        return;
+    }
+    let busy = activity.request_started();
+    tokio::spawn(async move {
+        let _busy = busy;
+        let mut body = body;
+        let mut read = 0u64;
+        let discard = async {
+            while read < LINGER_MAX_BYTES {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Some(data) = frame.data_ref() {
+                            read += hyper::body::Buf::remaining(data) as u64;
+                        }
+                    }
+                    // The end of the body, or the client gave up.
+                    Some(Err(_)) | None => return true,
+                }
+            }
+            false
+        };
+        let finished = tokio::time::timeout(LINGER_MAX_TIME, discard)
+            .await
+            .unwrap_or(false);
+        if !finished {
+            tracing::debug!(
+                read,
+                "unread request body beyond the linger bounds; closing"
+            );
+        }
+    });
 }
 
 /// The deadlines a connection is held to.
@@ -176,8 +251,10 @@ async fn plain_connection(
         let activity = busy.clone();
         async move {
             let _busy = activity.request_started();
-            let (parts, _unread) = req.into_parts();
-            Ok::<_, Infallible>(router(Request::from_parts(parts, Full::new(Bytes::new()))).await)
+            let (parts, unread) = req.into_parts();
+            let mut response = router(Request::from_parts(parts, Full::new(Bytes::new()))).await;
+            linger(unread, &activity, &mut response);
+            Ok::<_, Infallible>(response)
         }
     });
     let io = TokioIo::new(Tracked {
@@ -453,11 +530,12 @@ impl Activity {
         }
     }
 
-    /// A request head was parsed; the returned guard marks its end.
-    pub(crate) fn request_started(&self) -> Busy<'_> {
+    /// A request head was parsed (or an unread body is being drained); the
+    /// returned guard marks its end.
+    pub(crate) fn request_started(self: &Arc<Self>) -> Busy {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.head_started.store(NONE, Ordering::SeqCst);
-        Busy(self)
+        Busy(self.clone())
     }
 
     pub(crate) fn check(&self, now: Instant, t: &Timeouts) -> Verdict {
@@ -485,11 +563,11 @@ fn millis(d: Duration) -> u64 {
 
 /// A request in flight; dropping it marks the request finished.
 #[derive(Debug)]
-pub(crate) struct Busy<'a>(&'a Activity);
+pub(crate) struct Busy(Arc<Activity>);
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        let a = self.0;
+        let a = &self.0;
         a.idle_since
             .store(a.millis(Instant::now()), Ordering::SeqCst);
         a.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -596,7 +674,7 @@ mod tests {
 
     #[test]
     fn idle_counts_from_the_end_of_the_last_request() {
-        let a = Activity::new();
+        let a = Arc::new(Activity::new());
         let t = timeouts();
         let start = a.epoch;
         assert_eq!(a.check(start + Duration::from_secs(4), &t), Verdict::Fine);
@@ -614,7 +692,7 @@ mod tests {
 
     #[test]
     fn a_started_head_must_finish_within_the_header_timeout() {
-        let a = Activity::new();
+        let a = Arc::new(Activity::new());
         let t = timeouts();
         a.on_read(10);
         let head = a.head_started.load(Ordering::SeqCst);
@@ -632,7 +710,7 @@ mod tests {
 
     #[test]
     fn bytes_read_during_a_request_are_not_a_new_head() {
-        let a = Activity::new();
+        let a = Arc::new(Activity::new());
         let busy = a.request_started();
         a.on_read(100);
         drop(busy);

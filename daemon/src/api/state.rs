@@ -208,7 +208,12 @@ impl ServerState {
     }
 
     /// Reads the config file again and swaps in its reloadable parts if all
-    /// of them build. Counts the outcome in the metrics.
+    /// of them build. Counts the outcome in the metrics. A change of the
+    /// authorities or policy applies only once its `authorities_loaded` leaf
+    /// is durable; if it cannot be written, nothing applies.
+    ///
+    /// It blocks (files, TLS, and for a trust change an fsync and an HSM
+    /// signature): call it on the blocking pool.
     ///
     /// # Errors
     /// [`ConfigError`] when the file or a file it names is unusable; the

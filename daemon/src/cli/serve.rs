@@ -1,7 +1,8 @@
 //! `lavd serve`: the daemon's life, in order. Config (a bad file exits 64
 //! before anything starts) → logging → build (TLS material and roles, the
 //! store, the HSM with its login) → serve (API and admin listeners, then
-//! `READY=1`) → wait for a signal (SIGHUP reloads, SIGTERM/SIGINT stop) →
+//! `READY=1`) → wait for a signal (SIGHUP reloads on the blocking pool,
+//! SIGTERM/SIGINT stop) →
 //! drain (stop accepting, finish in-flight requests within
 //! `server.shutdown_grace_secs`, a second signal cuts it short) → exit 0.
 
@@ -119,7 +120,23 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         match signals.next().await {
             Event::Reload => {
                 notifier.reloading();
-                match state.reload() {
+                // Reading files, building TLS and, for a trust change,
+                // writing and fsyncing its audit leaf and signing a
+                // checkpoint in the HSM all block: the blocking pool does
+                // it. Awaiting it here keeps reloads one at a time and in
+                // signal order; a stop signal waits for the reload in
+                // progress.
+                let reloading = state.clone();
+                let reloaded = tokio::task::spawn_blocking(move || reloading.reload())
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(crate::config::ConfigError {
+                            file: state.config_file().to_path_buf(),
+                            field: "(reload)".into(),
+                            reason: format!("the reload task failed: {e}"),
+                        })
+                    });
+                match reloaded {
                     Ok(outcome) => {
                         tracing::info!(generation = outcome.generation, "configuration reloaded");
                         if !outcome.needs_restart.is_empty() {

@@ -90,6 +90,13 @@ pub enum HsmError {
     /// derive template (see `hsm-config/` for each vendor's policy).
     #[error("the token returned a {0}-byte derived secret instead of 32 bytes")]
     DerivedSecretLength(usize),
+    /// The session object holding a derived secret could not be destroyed
+    /// (`C_DestroyObject` failed with something other than a lost session):
+    /// a buggy token, or one whose policy forbids destroying it. The session
+    /// is closed instead of returned to the pool, which destroys the object
+    /// with it.
+    #[error("the derived secret could not be destroyed ({0}); its session was closed")]
+    DerivedSecretNotDestroyed(String),
     /// Every session was busy for the whole wait: the HSM is overloaded or an
     /// operation hangs. Raise `sessions` or look at the HSM.
     #[error("all {0} HSM sessions stayed busy; gave up waiting")]
@@ -109,6 +116,12 @@ impl HsmError {
                 ..
             }
         )
+    }
+
+    /// True when the session may hold something that must not outlive the
+    /// operation, so it must be closed rather than reused.
+    pub fn taints_session(&self) -> bool {
+        matches!(self, HsmError::DerivedSecretNotDestroyed(_))
     }
 
     /// The `CKR_*` code, if this error carries one.

@@ -81,6 +81,54 @@ fn read_ec_point(
     Err(HsmError::InvalidPublicKey(label.to_string()))
 }
 
+/// Reads the 32-byte value of the session object `derived` and destroys the
+/// object, whatever the read gave: the secret must not outlive the call on
+/// the token.
+///
+/// # Security
+/// The copy cryptoki returns is wiped here, but cryptoki 0.12's
+/// `get_attributes` first reads the value into a buffer of its own that it
+/// frees without wiping, and it has no call that fills a caller's buffer: so
+/// 32 bytes of each envelope's ECDH secret stay in freed heap until the
+/// allocator reuses them (`docs/THREAT_MODEL.md` §5.5).
+///
+/// If the object cannot be destroyed (for a reason other than a lost session,
+/// which takes the object with it), the error is
+/// [`HsmError::DerivedSecretNotDestroyed`], and the pool closes the session
+/// instead of reusing it: closing a session destroys its objects.
+///
+/// # Errors
+/// The failing read, [`HsmError::DerivedSecretLength`], or the destroy error.
+fn take_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret, HsmError> {
+    let read = read_secret(session, derived);
+    if let Err(e) = session.destroy_object(derived) {
+        let e = HsmError::from(e);
+        if e.is_session_lost() {
+            return Err(e);
+        }
+        return Err(HsmError::DerivedSecretNotDestroyed(e.to_string()));
+    }
+    read
+}
+
+fn read_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret, HsmError> {
+    let mut secret = Zeroizing::new([0u8; 32]);
+    let mut found = 0usize;
+    for attr in session.get_attributes(derived, &[AttributeType::Value])? {
+        if let Attribute::Value(mut value) = attr {
+            found = value.len();
+            if value.len() == 32 {
+                secret.copy_from_slice(&value);
+            }
+            value.zeroize();
+        }
+    }
+    if found != 32 {
+        return Err(HsmError::DerivedSecretLength(found));
+    }
+    Ok(secret)
+}
+
 impl Hsm {
     /// Generates a P-256 escrow key pair in the token under `kid`.
     ///
@@ -198,26 +246,7 @@ impl Hsm {
             let derived = session
                 .derive_key(&Mechanism::Ecdh1Derive(params), key, &template)
                 .inspect_err(|_| self.forget_handle(&label))?;
-            let read = session.get_attributes(derived, &[AttributeType::Value]);
-            // Destroy first, whatever the read gave: the secret must not
-            // outlive this call on the token.
-            let destroyed = session.destroy_object(derived);
-            let mut secret = Zeroizing::new([0u8; 32]);
-            let mut found = 0usize;
-            for attr in read? {
-                if let Attribute::Value(mut value) = attr {
-                    found = value.len();
-                    if value.len() == 32 {
-                        secret.copy_from_slice(&value);
-                    }
-                    value.zeroize();
-                }
-            }
-            destroyed?;
-            if found != 32 {
-                return Err(HsmError::DerivedSecretLength(found));
-            }
-            Ok(secret)
+            take_secret(session, derived)
         })
     }
 
@@ -375,5 +404,122 @@ mod tests {
         wrapped[1] = 64;
         assert_eq!(unwrap_ec_point(&wrapped, 65), None);
         assert_eq!(unwrap_ec_point(&point[..64], 65), None);
+    }
+
+    /// Busy sessions as the pool last reported them.
+    #[derive(Debug, Default)]
+    struct LastBusy(std::sync::atomic::AtomicUsize);
+    impl crate::hsm::HsmObserver for LastBusy {
+        fn operation(&self, _: &'static str, _: f64, _: bool) {}
+        fn sessions_busy(&self, busy: usize) {
+            self.0.store(busy, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A real SoftHSM token (the only test in this crate that loads the
+    /// module: it is process-wide and reads `SOFTHSM2_CONF` once). SoftHSM
+    /// refuses `C_DestroyObject` on an object with `CKA_DESTROYABLE` false
+    /// (`CKR_ACTION_PROHIBITED`), which stands in for a token that fails to
+    /// destroy the derived secret.
+    #[test]
+    fn a_session_holding_a_secret_it_could_not_destroy_is_closed_not_reused() {
+        use crate::hsm::{HsmSettings, Quirks, TokenSelector};
+        use cryptoki::types::AuthPin;
+        use std::sync::atomic::Ordering;
+        use std::sync::{Arc, Mutex};
+
+        let module = [
+            "/usr/lib/softhsm/libsofthsm2.so",
+            "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+            "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        ]
+        .into_iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+        .expect("SoftHSM 2 is installed (.ci/setup)");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("tokens")).unwrap();
+        let conf = dir.path().join("softhsm2.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+                dir.path().join("tokens").display()
+            ),
+        )
+        .unwrap();
+        let env = vec![("SOFTHSM2_CONF".to_string(), conf.display().to_string())];
+        crate::hsm::init_dev_token(
+            &module,
+            &env,
+            "pool-discard",
+            &AuthPin::new("so-pin-1234".into()),
+            &AuthPin::new("user-pin-1234".into()),
+        )
+        .unwrap();
+        let busy = Arc::new(LastBusy::default());
+        let hsm = Hsm::open_with_observer(
+            HsmSettings {
+                module,
+                token: TokenSelector::Label("pool-discard".into()),
+                pin: AuthPin::new("user-pin-1234".into()),
+                sessions: 2,
+                quirks: Quirks::default(),
+                module_env: env,
+            },
+            busy.clone(),
+        )
+        .unwrap();
+        let secret = |destroyable: bool| {
+            vec![
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Destroyable(destroyable),
+                Attribute::Value(vec![7; 32]),
+            ]
+        };
+
+        // The normal path: read, destroyed, the session goes back to the pool.
+        let got = hsm
+            .with_session("test", |s| {
+                let object = s.create_object(&secret(true))?;
+                take_secret(s, object)
+            })
+            .unwrap();
+        assert_eq!(*got, [7; 32]);
+        assert_eq!(hsm.open_sessions(), 1);
+        assert_eq!(busy.0.load(Ordering::SeqCst), 0);
+
+        // The destroy fails: the session is closed, not returned.
+        let left = Mutex::new(None);
+        let e = hsm
+            .with_session("test", |s| {
+                let object = s.create_object(&secret(false))?;
+                *left.lock().unwrap() = Some(object);
+                take_secret(s, object)
+            })
+            .unwrap_err();
+        match &e {
+            HsmError::DerivedSecretNotDestroyed(why) => {
+                assert_eq!(why, "C_DestroyObject: CKR_ACTION_PROHIBITED")
+            }
+            other => panic!("expected DerivedSecretNotDestroyed, got {other:?}"),
+        }
+        assert_eq!(hsm.open_sessions(), 0);
+        assert_eq!(busy.0.load(Ordering::SeqCst), 0);
+
+        // And the secret went with it: from a new session, its handle names
+        // nothing.
+        let object = left.lock().unwrap().take().unwrap();
+        let e = hsm
+            .with_session("test", |s| {
+                Ok(s.get_attributes(object, &[AttributeType::Value])?)
+            })
+            .unwrap_err();
+        assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
+        assert_eq!(hsm.open_sessions(), 1);
     }
 }

@@ -203,7 +203,7 @@ impl Hsm {
     ) -> Result<Self, HsmError> {
         let pkcs11 = module(&settings.module, &settings.module_env)?;
         let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
-        let pool = Pool::new(slot, settings.sessions.max(1));
+        let pool = Pool::new(slot, settings.sessions.max(1), observer.clone());
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pkcs11,
@@ -291,14 +291,11 @@ impl Hsm {
         f: &impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let inner = &self.inner;
-        let lease = inner.pool.acquire(
-            |slot| self.new_session(slot),
-            |busy| inner.observer.sessions_busy(busy),
-        )?;
+        let lease = inner.pool.acquire(|slot| self.new_session(slot))?;
         match f(lease.session()) {
             Ok(v) => Ok(v),
             Err(e) => {
-                if e.is_session_lost() {
+                if e.is_session_lost() || e.taints_session() {
                     lease.discard();
                 }
                 Err(e)
@@ -369,6 +366,11 @@ impl Hsm {
         inner.pool.set_slot(slot);
         inner.observer.reconnected();
         Ok(())
+    }
+
+    /// Sessions the pool has open (idle plus checked out).
+    pub fn open_sessions(&self) -> usize {
+        self.inner.pool.open_sessions()
     }
 
     /// Drops every pooled session, forgets cached handles and re-finds the

@@ -1,17 +1,22 @@
 //! A bounded pool of PKCS#11 sessions.
 //!
 //! At most `max` sessions are open. A caller that finds none idle opens one if
-//! it may, or waits. A session that saw a lost-session error is discarded, and
-//! [`Pool::clear`] retires every session at once (sessions checked out at that
-//! moment are closed when they come back rather than reused).
+//! it may, or waits. A session that saw a lost-session error, or that may
+//! still hold a secret object it could not destroy, is discarded (closed, which
+//! destroys its session objects) instead of returned, and [`Pool::clear`]
+//! retires every session at once (sessions checked out at that moment are
+//! closed when they come back rather than reused).
+//!
+//! The number of sessions checked out is reported to the observer on every
+//! change, under the pool's lock, so the last value it saw is the current one.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 
-use super::HsmError;
+use super::{HsmError, HsmObserver};
 
 /// How long a caller waits for a free session before giving up.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -26,17 +31,26 @@ struct State {
     generation: u64,
 }
 
+impl State {
+    /// Sessions checked out: open but not idle.
+    fn busy(&self) -> usize {
+        self.open - self.idle.len()
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct Pool {
     max: usize,
     state: Mutex<State>,
     freed: Condvar,
+    observer: Arc<dyn HsmObserver>,
 }
 
 impl Pool {
-    pub(super) fn new(slot: Slot, max: usize) -> Self {
+    pub(super) fn new(slot: Slot, max: usize, observer: Arc<dyn HsmObserver>) -> Self {
         Pool {
             max,
+            observer,
             state: Mutex::new(State {
                 slot,
                 idle: Vec::new(),
@@ -60,12 +74,11 @@ impl Pool {
     pub(super) fn acquire(
         &self,
         open: impl FnOnce(Slot) -> Result<Session, HsmError>,
-        busy: impl Fn(usize),
     ) -> Result<Lease<'_>, HsmError> {
         let mut state = self.lock();
         loop {
             if let Some(session) = state.idle.pop() {
-                busy(state.open - state.idle.len());
+                self.observer.sessions_busy(state.busy());
                 return Ok(Lease {
                     pool: self,
                     session: Some(session),
@@ -81,7 +94,7 @@ impl Pool {
                 return match open(slot) {
                     Ok(session) => {
                         let state = self.lock();
-                        busy(state.open - state.idle.len());
+                        self.observer.sessions_busy(state.busy());
                         Ok(Lease {
                             pool: self,
                             session: Some(session),
@@ -90,7 +103,10 @@ impl Pool {
                         })
                     }
                     Err(e) => {
-                        self.lock().open -= 1;
+                        let mut state = self.lock();
+                        state.open -= 1;
+                        self.observer.sessions_busy(state.busy());
+                        drop(state);
                         self.freed.notify_one();
                         Err(e)
                     }
@@ -113,7 +129,9 @@ impl Pool {
             let mut state = self.lock();
             state.generation += 1;
             state.open -= state.idle.len();
-            std::mem::take(&mut state.idle)
+            let retired = std::mem::take(&mut state.idle);
+            self.observer.sessions_busy(state.busy());
+            retired
         };
         // Closing happens outside the lock; errors from a dead token are
         // expected and ignored by cryptoki's Drop.
@@ -129,14 +147,31 @@ impl Pool {
         self.lock().slot = slot;
     }
 
+    /// Sessions open: idle plus checked out.
+    pub(super) fn open_sessions(&self) -> usize {
+        self.lock().open
+    }
+
     fn give_back(&self, session: Session, generation: u64, discard: bool) {
         let mut state = self.lock();
         if discard || generation != state.generation {
             state.open -= 1;
+            self.observer.sessions_busy(state.busy());
             drop(state);
-            drop(session);
+            // `C_CloseSession` destroys the session's objects with it
+            // (PKCS#11 v2.40 §5.6 and §4.4): a secret that could not be
+            // destroyed goes with its session.
+            if let Err(e) = session.close() {
+                let e = HsmError::from(e);
+                if e.is_session_lost() {
+                    tracing::debug!(error = %e, "discarded HSM session was already gone");
+                } else {
+                    tracing::warn!(error = %e, "could not close a discarded HSM session");
+                }
+            }
         } else {
             state.idle.push(session);
+            self.observer.sessions_busy(state.busy());
             drop(state);
         }
         self.freed.notify_one();

@@ -323,12 +323,17 @@ impl Store {
     fn commit_group(&self, conn: &mut Connection, group: Vec<Pending>) {
         let mut done: Vec<(Pending, Result<Appended, StoreError>)> =
             Vec::with_capacity(group.len());
+        // Outside the transaction closure, so that a group that fails before
+        // its first batch (BEGIN IMMEDIATE busy past the timeout) still
+        // answers every caller below; dropped unanswered, they would wait
+        // forever.
+        let mut queue = group.into_iter();
         let outcome = (|| -> Result<u64, StoreError> {
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| self.sqlite_err(e))?;
             let mut size = self.size_in(&tx)?;
-            for pending in group {
+            for pending in queue.by_ref() {
                 let first = size;
                 let count = pending.batch.events.len() as u64;
                 let result = (|| {
@@ -373,7 +378,7 @@ impl Store {
             Err(e) => {
                 // Nothing committed: every batch fails, and gets its budget back.
                 let message = e.to_string();
-                for (pending, _) in done {
+                for pending in done.into_iter().map(|(p, _)| p).chain(queue) {
                     self.give_back_spend(conn, &pending.batch.spend);
                     *lock(&pending.slot) = Some(Err(StoreError::CommitFailed(message.clone())));
                 }
