@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
 use time::OffsetDateTime;
 use warp::http::StatusCode;
 use warp::hyper::body::Bytes;
@@ -15,7 +14,7 @@ use warp::{Rejection, Reply};
 
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
-use super::routes::{blocking, RequestContext};
+use super::routes::{blocking, IndexQuery, RequestContext};
 use super::state::ServerState;
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
@@ -238,25 +237,21 @@ pub async fn audit_checkpoint(
     Ok(json(&serde_json::json!({ "checkpoint": checkpoint })))
 }
 
-/// `?start=&end=` of `GET /v1/audit/entries`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntriesQuery {
-    start: u64,
-    end: Option<u64>,
-}
-
 /// `GET /v1/audit/entries?start=&end=` (auditor): leaves `[start, end)`, at
-/// most [`MAX_ENTRIES_PAGE`] of them; `end` defaults to a full page.
+/// most [`MAX_ENTRIES_PAGE`] of them; `end` defaults to a full page (or the
+/// largest index the store holds).
 pub async fn audit_entries(
     _peer: PeerIdentity,
-    query: EntriesQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let end = query
-        .end
-        .unwrap_or(query.start.saturating_add(MAX_ENTRIES_PAGE));
-    if end < query.start || end - query.start > MAX_ENTRIES_PAGE {
+    let start = query.required("start")?;
+    let end = query.optional("end").unwrap_or(
+        start
+            .saturating_add(MAX_ENTRIES_PAGE)
+            .min(crate::store::MAX_INDEX),
+    );
+    if end < start || end - start > MAX_ENTRIES_PAGE {
         return Err(ApiError::Malformed(format!(
             "need start <= end and at most {MAX_ENTRIES_PAGE} entries per page"
         ))
@@ -266,7 +261,7 @@ pub async fn audit_entries(
         state
             .audit
             .store()
-            .leaves(query.start, end)
+            .leaves(start, end)
             .map_err(store_error)
     })
     .await?;
@@ -277,60 +272,46 @@ pub async fn audit_entries(
     Ok(json(&serde_json::json!({ "entries": entries })))
 }
 
-/// `?index=&size=` of the inclusion proof endpoint.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InclusionQuery {
-    index: u64,
-    size: u64,
-}
-
 /// `GET /v1/audit/proof/inclusion?index=&size=` (auditor).
 pub async fn audit_inclusion(
     _peer: PeerIdentity,
-    query: InclusionQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    let (index, size) = (query.required("index")?, query.required("size")?);
     let proof = blocking(move || {
         state
             .audit
             .store()
-            .inclusion_proof(query.index, query.size)
+            .inclusion_proof(index, size)
             .map_err(store_error)
     })
     .await?;
     Ok(json(&serde_json::json!({
-        "index": query.index,
-        "size": query.size,
+        "index": index,
+        "size": size,
         "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
     })))
-}
-
-/// `?from=&to=` of the consistency proof endpoint.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsistencyQuery {
-    from: u64,
-    to: u64,
 }
 
 /// `GET /v1/audit/proof/consistency?from=&to=` (auditor).
 pub async fn audit_consistency(
     _peer: PeerIdentity,
-    query: ConsistencyQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    let (from, to) = (query.required("from")?, query.required("to")?);
     let proof = blocking(move || {
         state
             .audit
             .store()
-            .consistency_proof(query.from, query.to)
+            .consistency_proof(from, to)
             .map_err(store_error)
     })
     .await?;
     Ok(json(&serde_json::json!({
-        "from": query.from,
-        "to": query.to,
+        "from": from,
+        "to": to,
         "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
     })))
 }
