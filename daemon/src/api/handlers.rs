@@ -71,6 +71,19 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
     }
 }
 
+/// 503 `log_inconsistent`: the audit log found its stored tree does not
+/// extend its last signed checkpoint ([`crate::audit::log::AuditLog::inconsistency`]).
+/// Unwraps are refused before anything is opened; the reason is in the log.
+fn log_inconsistent() -> ApiError {
+    ApiError::Refused {
+        code: "log_inconsistent",
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the audit log does not extend its last signed checkpoint; nothing is released \
+                  until an operator has investigated"
+            .into(),
+    }
+}
+
 /// `POST /v1/unwrap` (agency).
 pub async fn post_unwrap(
     peer: PeerIdentity,
@@ -78,6 +91,9 @@ pub async fn post_unwrap(
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    if state.audit.inconsistency().is_some() {
+        return Err(log_inconsistent().into());
+    }
     // `Bytes` clones share the buffer.
     let claimed_from = body.clone();
     let live = state.current();
@@ -111,6 +127,12 @@ pub async fn post_unwrap(
             // too (parsed again only on this path).
             if let Some(id) = unwrap::claimed_warrant_id(&claimed_from) {
                 ctx.record_warrant_id(&id);
+            }
+            // This request is the one that found the log inconsistent (its
+            // checkpoint was refused): say so, with the stable code.
+            if state.audit.inconsistency().is_some() {
+                tracing::error!(error = %e, "unwrap failed; nothing was released");
+                return Err(log_inconsistent().into());
             }
             return Err(unwrap_error(e).into());
         }
@@ -177,7 +199,14 @@ pub async fn post_revocation(
         Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
     })
     .await?;
-    let revoked = result.map_err(unwrap_error)?;
+    let revoked = result.map_err(|e| {
+        if state.audit.inconsistency().is_some() {
+            tracing::error!(error = %e, "revocation: no checkpoint could be signed");
+            log_inconsistent()
+        } else {
+            unwrap_error(e)
+        }
+    })?;
     let receipt = &revoked.receipt;
     Ok(json(&serde_json::json!({
         "id": revoked.id,
@@ -208,6 +237,7 @@ fn store_error(e: StoreError) -> ApiError {
 fn log_error(e: LogError) -> ApiError {
     match e {
         LogError::Store(s) => store_error(s),
+        LogError::Inconsistent(_) => log_inconsistent(),
         other => {
             tracing::error!(error = %other, "checkpoint signing failed");
             ApiError::Unavailable("the HSM")

@@ -144,6 +144,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
         return Some(match l {
             crate::audit::log::LogError::Store(_) => "store_unavailable",
+            crate::audit::log::LogError::Inconsistent(_) => "log_inconsistent",
             crate::audit::log::LogError::Hsm(crate::hsm::HsmError::KeyNotFound {
                 kind: "audit",
                 ..
