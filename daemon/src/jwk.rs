@@ -413,8 +413,13 @@ mod tests {
             let bytes: [u8; 32] = hex::decode(point).unwrap().try_into().unwrap();
             // An independent implementation agrees that each is of small order.
             let dalek = ed25519_dalek::VerifyingKey::from_bytes(&bytes).unwrap();
-            assert!(dalek.is_weak(), "{point} is not small-order per ed25519-dalek");
-            let why = ed(point).weakness().unwrap_or_else(|| panic!("{point} accepted"));
+            assert!(
+                dalek.is_weak(),
+                "{point} is not small-order per ed25519-dalek"
+            );
+            let why = ed(point)
+                .weakness()
+                .unwrap_or_else(|| panic!("{point} accepted"));
             assert!(why.contains("small order"), "{point}: {why}");
         }
         // y ≥ p: p itself (≡ 0), p + 1 (≡ 1, the identity again) and 2^255 - 1.
@@ -423,13 +428,17 @@ mod tests {
             "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
             "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
         ] {
-            let why = ed(point).weakness().unwrap_or_else(|| panic!("{point} accepted"));
+            let why = ed(point)
+                .weakness()
+                .unwrap_or_else(|| panic!("{point} accepted"));
             assert!(why.contains("non-canonical"), "{point}: {why}");
         }
         // "-0": the identity with the sign bit set.
-        assert!(ed("0100000000000000000000000000000000000000000000000000000000000080")
-            .weakness()
-            .is_some());
+        assert!(
+            ed("0100000000000000000000000000000000000000000000000000000000000080")
+                .weakness()
+                .is_some()
+        );
         // Real keys pass.
         for _ in 0..32 {
             let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();

@@ -30,7 +30,11 @@ fn setup() -> Setup {
     let daemon = Daemon::start(&t);
     let c = Parties::new(&pki).clients(&pki, daemon.api);
     let escrow = vault::published_key(&c.provider, "E-1");
-    let warrant = vault::double_lock(&vault::claims("LOG-CONSISTENCY-1", vault::recipient().public(), 10));
+    let warrant = vault::double_lock(&vault::claims(
+        "LOG-CONSISTENCY-1",
+        vault::recipient().public(),
+        10,
+    ));
     Setup {
         t,
         daemon,
@@ -67,8 +71,10 @@ fn tamper(t: &TestToken, sql: &str) -> rusqlite::Connection {
 fn leaves_in_file(t: &TestToken) -> u64 {
     let conn = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
     conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    conn.query_row("SELECT MAX(idx) + 1 FROM audit_leaves", [], |r| r.get::<_, i64>(0))
-        .unwrap() as u64
+    conn.query_row("SELECT MAX(idx) + 1 FROM audit_leaves", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap() as u64
 }
 
 /// After the tamper: refused unwraps, not ready, the ERROR with both sizes
@@ -136,7 +142,9 @@ fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
         "UPDATE audit_leaves SET leaf = CAST(REPLACE(CAST(leaf AS TEXT), '\"E-1\"', '\"E-9\"') AS BLOB) WHERE idx = 0",
     );
     let leaf: Vec<u8> = conn
-        .query_row("SELECT leaf FROM audit_leaves WHERE idx = 0", [], |r| r.get(0))
+        .query_row("SELECT leaf FROM audit_leaves WHERE idx = 0", [], |r| {
+            r.get(0)
+        })
         .unwrap();
     assert!(String::from_utf8_lossy(&leaf).contains("E-9"));
     let node = |level: u32, idx: u64| -> Option<Hash> {

@@ -33,7 +33,10 @@ fn audit_entries_start_and_end_beyond_the_store_are_400() {
     for (path, param) in [
         (format!("/v1/audit/entries?start={TOO_BIG}"), "start"),
         (format!("/v1/audit/entries?start=0&end={TOO_BIG}"), "end"),
-        ("/v1/audit/entries?start=18446744073709551616".into(), "start"),
+        (
+            "/v1/audit/entries?start=18446744073709551616".into(),
+            "start",
+        ),
         ("/v1/audit/entries?start=-1".into(), "start"),
         ("/v1/audit/entries?start=x".into(), "start"),
         ("/v1/audit/entries".into(), "start"),
@@ -54,10 +57,19 @@ fn audit_entries_start_and_end_beyond_the_store_are_400() {
 fn inclusion_proof_index_and_size_beyond_the_store_are_400() {
     let (_t, daemon, auditor) = setup();
     for (path, param) in [
-        (format!("/v1/audit/proof/inclusion?index={TOO_BIG}&size=1"), "index"),
-        (format!("/v1/audit/proof/inclusion?index=0&size={TOO_BIG}"), "size"),
+        (
+            format!("/v1/audit/proof/inclusion?index={TOO_BIG}&size=1"),
+            "index",
+        ),
+        (
+            format!("/v1/audit/proof/inclusion?index=0&size={TOO_BIG}"),
+            "size",
+        ),
         ("/v1/audit/proof/inclusion?index=0".into(), "size"),
-        ("/v1/audit/proof/inclusion?index=0&size=1&depth=2".into(), "depth"),
+        (
+            "/v1/audit/proof/inclusion?index=0&size=1&depth=2".into(),
+            "depth",
+        ),
     ] {
         assert_malformed(&auditor, &path, param);
     }
@@ -73,8 +85,14 @@ fn inclusion_proof_index_and_size_beyond_the_store_are_400() {
 fn consistency_proof_from_and_to_beyond_the_store_are_400() {
     let (_t, daemon, auditor) = setup();
     for (path, param) in [
-        (format!("/v1/audit/proof/consistency?from={TOO_BIG}&to={TOO_BIG}"), "from"),
-        (format!("/v1/audit/proof/consistency?from=0&to={TOO_BIG}"), "to"),
+        (
+            format!("/v1/audit/proof/consistency?from={TOO_BIG}&to={TOO_BIG}"),
+            "from",
+        ),
+        (
+            format!("/v1/audit/proof/consistency?from=0&to={TOO_BIG}"),
+            "to",
+        ),
         ("/v1/audit/proof/consistency?from=0".into(), "to"),
         ("/v1/audit/proof/consistency?from=1.0&to=2".into(), "from"),
     ] {

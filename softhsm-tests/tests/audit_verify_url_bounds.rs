@@ -170,7 +170,8 @@ fn an_endless_reply_is_cut_at_the_size_bound() {
     let (code, stderr, took) = verify(f.dir.path(), port, &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("lavd: response_too_large: ") || stderr.contains("lavd: response_timeout: "),
+        stderr.contains("lavd: response_too_large: ")
+            || stderr.contains("lavd: response_timeout: "),
         "{stderr}"
     );
     assert!(took < Duration::from_secs(45), "took {took:?}");

@@ -65,7 +65,12 @@ fn jwcrypto_sign(dir: &Path, payload: &[u8]) -> serde_json::Value {
     );
     let jws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     // It is the flattened form, not the General one.
-    let mut members: Vec<&str> = jws.as_object().unwrap().keys().map(String::as_str).collect();
+    let mut members: Vec<&str> = jws
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
     members.sort_unstable();
     assert_eq!(members, ["payload", "protected", "signature"], "{jws}");
     jws

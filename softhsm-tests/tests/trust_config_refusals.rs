@@ -123,7 +123,10 @@ const SMALL_ORDER_POINTS: [&str; 8] = [
 const NON_CANONICAL: &str = "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f";
 
 fn okp_jwk(point: &[u8]) -> String {
-    format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{}"}}"#, b64_encode(point))
+    format!(
+        r#"{{"kty":"OKP","crv":"Ed25519","x":"{}"}}"#,
+        b64_encode(point)
+    )
 }
 
 /// A JWS over `payload` signed by `executive`, plus a `judicial-1` EdDSA

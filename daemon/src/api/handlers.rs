@@ -287,14 +287,8 @@ pub async fn audit_entries(
         ))
         .into());
     }
-    let leaves = blocking(move || {
-        state
-            .audit
-            .store()
-            .leaves(start, end)
-            .map_err(store_error)
-    })
-    .await?;
+    let leaves =
+        blocking(move || state.audit.store().leaves(start, end).map_err(store_error)).await?;
     let entries: Vec<serde_json::Value> = leaves
         .into_iter()
         .map(|(index, leaf)| serde_json::json!({"index": index, "leaf": b64_encode(leaf)}))

@@ -431,7 +431,10 @@ mod tests {
             "start=%31",
             "start=0&end=9223372036854775808",
         ] {
-            assert!(refused(raw).contains("integer from 0 to 9223372036854775807"), "{raw}");
+            assert!(
+                refused(raw).contains("integer from 0 to 9223372036854775807"),
+                "{raw}"
+            );
         }
         assert!(refused("").contains("`start` is required"));
         assert!(refused("start=1&start=2").contains("twice"));

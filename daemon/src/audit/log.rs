@@ -143,7 +143,9 @@ impl AuditLog {
                 Err(LogError::Inconsistent(reason)) => return Ok(log.mark_inconsistent(reason)),
                 Err(e) => return Err(e),
             }
-            *log.latest.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signed);
+            *log.latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signed);
         }
         Ok(log)
     }

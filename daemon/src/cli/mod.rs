@@ -127,7 +127,8 @@ pub fn init_logging(log: &crate::config::LogSettings) {
 /// config given alone (`lavd warrant inspect --trust`). Both exit 64.
 fn is_bad_config(e: &anyhow::Error) -> bool {
     e.downcast_ref::<crate::config::ConfigError>().is_some()
-        || e.downcast_ref::<crate::warrant::TrustConfigError>().is_some()
+        || e.downcast_ref::<crate::warrant::TrustConfigError>()
+            .is_some()
 }
 
 /// The stable code of a command's error, for scripts that read stderr.

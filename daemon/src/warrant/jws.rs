@@ -289,9 +289,8 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
             limit: limits.max_warrant_bytes,
         });
     }
-    let raw: RawJws = serde_json::from_slice(bytes).map_err(|e| {
-        WarrantError::Malformed(format!("not a JWS in JSON Serialization: {e}"))
-    })?;
+    let raw: RawJws = serde_json::from_slice(bytes)
+        .map_err(|e| WarrantError::Malformed(format!("not a JWS in JSON Serialization: {e}")))?;
     let (payload_b64, raw_signatures) = raw.into_signatures()?;
     if raw_signatures.len() > limits.max_signatures {
         return Err(WarrantError::TooLarge {
@@ -456,7 +455,10 @@ mod tests {
         assert_eq!(jws.signing_input(sig), format!("{header}.e30").into_bytes());
         // It re-serializes in the General form, keeping the header string.
         let general = parse(jws.to_json().as_bytes(), &WarrantLimits::default()).unwrap();
-        assert_eq!(general.signing_input(&general.signatures()[0]), jws.signing_input(sig));
+        assert_eq!(
+            general.signing_input(&general.signatures()[0]),
+            jws.signing_input(sig)
+        );
     }
 
     #[test]
@@ -465,7 +467,9 @@ mod tests {
         let general_sig = format!(r#"[{{"protected":"{header}","signature":"AAAA"}}]"#);
         // Mixed forms, even with `null` members.
         for mixed in [
-            format!(r#"{{"payload":"e30","signatures":{general_sig},"protected":"{header}","signature":"AAAA"}}"#),
+            format!(
+                r#"{{"payload":"e30","signatures":{general_sig},"protected":"{header}","signature":"AAAA"}}"#
+            ),
             format!(r#"{{"payload":"e30","signatures":{general_sig},"signature":"AAAA"}}"#),
             format!(r#"{{"payload":"e30","signatures":{general_sig},"protected":null}}"#),
             format!(r#"{{"payload":"e30","signatures":{general_sig},"header":{{}}}}"#),
@@ -486,7 +490,10 @@ mod tests {
             code(format!(r#"{{"payload":"e30","protected":"{header}"}}"#).as_bytes()),
             "malformed_warrant"
         );
-        assert_eq!(code(br#"{"payload":"e30","signature":"AAAA"}"#), "malformed_warrant");
+        assert_eq!(
+            code(br#"{"payload":"e30","signature":"AAAA"}"#),
+            "malformed_warrant"
+        );
         assert_eq!(
             code(format!(r#"{{"payload":"e30","protected":"{header}","signature":1}}"#).as_bytes()),
             "malformed_warrant"
