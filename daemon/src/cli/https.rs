@@ -180,56 +180,52 @@ impl Client {
             path: path.to_string(),
             limit,
         };
-        {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .context("TLS handshake")?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
-                .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-            let tls = self
-                .connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .context("TLS handshake")?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .context("HTTP handshake")?;
-            tokio::spawn(connection);
-            let request = hyper::Request::get(path)
-                .header(hyper::header::HOST, self.host.as_str())
-                .body(Empty::<Bytes>::new())
-                .context("building the request")?;
-            let response = sender.send_request(request).await.context("sending")?;
-            let status = response.status();
-            // Refuse an announced oversize at once; count what arrives
-            // otherwise (chunked, or a length that lies).
-            let announced = response
-                .headers()
-                .get(hyper::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if announced.is_some_and(|n| n > limit as u64) {
-                return Err(too_large().into());
-            }
-            let body = match http_body_util::Limited::new(response.into_body(), limit)
-                .collect()
-                .await
-            {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-                    return Err(too_large().into())
-                }
-                Err(e) => return Err(anyhow!(e).context("reading the reply")),
-            };
-            let value: serde_json::Value =
-                serde_json::from_slice(&body).context("the reply is not JSON")?;
-            if status != hyper::StatusCode::OK {
-                bail!(
-                    "GET {path}: {status}: {}: {}",
-                    value["error"]["code"].as_str().unwrap_or("?"),
-                    value["error"]["message"].as_str().unwrap_or("")
-                );
-            }
-            Ok(value)
+                .context("HTTP handshake")?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, self.host.as_str())
+            .body(Empty::<Bytes>::new())
+            .context("building the request")?;
+        let response = sender.send_request(request).await.context("sending")?;
+        let status = response.status();
+        // Refuse an announced oversize at once; count what arrives
+        // otherwise (chunked, or a length that lies).
+        let announced = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Err(too_large().into());
         }
+        let body = match http_body_util::Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().into()),
+            Err(e) => return Err(anyhow!(e).context("reading the reply")),
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).context("the reply is not JSON")?;
+        if status != hyper::StatusCode::OK {
+            bail!(
+                "GET {path}: {status}: {}: {}",
+                value["error"]["code"].as_str().unwrap_or("?"),
+                value["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(value)
     }
 }
