@@ -276,6 +276,41 @@ impl P256PrivateKey {
     }
 }
 
+/// The `y` coordinates (little-endian, sign bit cleared) of the eight
+/// points of small order on edwards25519: the identity (y = 1), the point of
+/// order 2 (y = p - 1), the two of order 4 (y = 0, both signs of x) and the
+/// four of order 8 (two `y` values, both signs of x). The encodings are the
+/// small-order points listed in Chalkias, Garillot, Nikolaenko, "Taming the
+/// many EdDSAs" (SSR 2020), also libsodium's blocklist;
+/// `small_order_and_non_canonical_keys_are_weak` checks each against
+/// ed25519-dalek's `is_weak`. With
+/// the sign bit ignored this also catches the non-canonical "-0" encodings
+/// of the order-1 and order-2 points.
+const ED25519_SMALL_ORDER_Y: [[u8; 32]; 5] = [
+    [0; 32],
+    {
+        let mut one = [0; 32];
+        one[0] = 1;
+        one
+    },
+    {
+        let mut p_minus_1 = [0xff; 32];
+        p_minus_1[0] = 0xec;
+        p_minus_1[31] = 0x7f;
+        p_minus_1
+    },
+    [
+        0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10, 0x67,
+        0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77, 0x92, 0xac,
+        0x03, 0x7a,
+    ],
+    [
+        0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef, 0x98,
+        0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88, 0x6d, 0x53,
+        0xfc, 0x05,
+    ],
+];
+
 /// A validated Ed25519 public key (RFC 8037 OKP JWK).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ed25519PublicKey([u8; 32]);
@@ -314,6 +349,32 @@ impl Ed25519PublicKey {
         &self.0
     }
 
+    /// Why this key must not be trusted to verify signatures, if it must not:
+    /// a non-canonical encoding (`y` ≥ p, RFC 8032 §5.1.3 step 1) or a point
+    /// of small order (order 1, 2, 4 or 8), checked by hand against the
+    /// eight small-order points.
+    ///
+    /// # Security
+    /// Under a small-order key, `[s]B = R + [k]A` holds for `R` = identity
+    /// and `s` = 0 whatever the message: RFC 8032 verification (and so
+    /// aws-lc-rs) accepts that one constant signature on every payload. Only
+    /// keys that sign (authorities) need the check; it is done where they
+    /// are configured.
+    pub fn weakness(&self) -> Option<&'static str> {
+        let mut y = self.0;
+        // The top bit is the sign of x; the rest is y, little-endian.
+        y[31] &= 0x7f;
+        // p = 2^255 - 19 is ed ff … ff 7f: y ≥ p iff bytes 1..=31 are all
+        // ones (under the mask) and byte 0 is at least 0xed.
+        if y[31] == 0x7f && y[1..31].iter().all(|b| *b == 0xff) && y[0] >= 0xed {
+            return Some("non-canonical Ed25519 encoding (y is not below 2^255 - 19)");
+        }
+        if ED25519_SMALL_ORDER_Y.contains(&y) {
+            return Some("Ed25519 point of small order (it would accept a constant signature on any message)");
+        }
+        None
+    }
+
     /// The public JWK.
     pub fn to_jwk(&self) -> Jwk {
         Jwk {
@@ -328,6 +389,80 @@ impl Ed25519PublicKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The eight small-order points as encoded in "Taming the many EdDSAs"
+    /// (Chalkias, Garillot, Nikolaenko, SSR 2020) and libsodium's blocklist.
+    const SMALL_ORDER_POINTS: [&str; 8] = [
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0000000000000000000000000000000000000000000000000000000000000080",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",
+        "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac03fa",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",
+        "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc85",
+    ];
+
+    fn ed(hex_key: &str) -> Ed25519PublicKey {
+        Ed25519PublicKey::from_bytes(&hex::decode(hex_key).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn small_order_and_non_canonical_keys_are_weak() {
+        for point in SMALL_ORDER_POINTS {
+            let bytes: [u8; 32] = hex::decode(point).unwrap().try_into().unwrap();
+            // An independent implementation agrees that each is of small order.
+            let dalek = ed25519_dalek::VerifyingKey::from_bytes(&bytes).unwrap();
+            assert!(
+                dalek.is_weak(),
+                "{point} is not small-order per ed25519-dalek"
+            );
+            let why = ed(point)
+                .weakness()
+                .unwrap_or_else(|| panic!("{point} accepted"));
+            assert!(why.contains("small order"), "{point}: {why}");
+        }
+        // y ≥ p: p itself (≡ 0), p + 1 (≡ 1, the identity again) and 2^255 - 1.
+        for point in [
+            "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+            "ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+        ] {
+            let why = ed(point)
+                .weakness()
+                .unwrap_or_else(|| panic!("{point} accepted"));
+            assert!(why.contains("non-canonical"), "{point}: {why}");
+        }
+        // "-0": the identity with the sign bit set.
+        assert!(
+            ed("0100000000000000000000000000000000000000000000000000000000000080")
+                .weakness()
+                .is_some()
+        );
+        // Real keys pass.
+        for _ in 0..32 {
+            let pair = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+            use aws_lc_rs::signature::KeyPair as _;
+            let key = Ed25519PublicKey::from_bytes(pair.public_key().as_ref()).unwrap();
+            assert_eq!(key.weakness(), None);
+        }
+    }
+
+    /// Why the check exists: RFC 8032 verification as aws-lc-rs does it
+    /// accepts the constant signature (R = identity, s = 0) on any message
+    /// under the identity key, so only refusing the key stops it.
+    #[test]
+    fn the_constant_signature_verifies_under_a_small_order_key() {
+        use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
+        let identity = hex::decode(SMALL_ORDER_POINTS[0]).unwrap();
+        let mut signature = identity.clone();
+        signature.extend_from_slice(&[0; 32]);
+        for message in [&b"any warrant"[..], b"another one", b""] {
+            assert!(UnparsedPublicKey::new(&ED25519, &identity)
+                .verify(message, &signature)
+                .is_ok());
+        }
+    }
 
     #[test]
     fn rfc7638_thumbprint_example() {

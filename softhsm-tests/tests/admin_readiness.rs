@@ -19,7 +19,7 @@ fn readyz_follows_the_store_without_a_restart() {
     let ready = daemon.wait_readyz(200);
     assert_eq!(
         ready.json(),
-        serde_json::json!({"ready": true, "hsm": true, "store": true, "draining": false})
+        serde_json::json!({"ready": true, "hsm": true, "store": true, "log": true, "draining": false})
     );
 
     // Another process holds SQLite's write lock: lavd could not commit.
@@ -28,7 +28,7 @@ fn readyz_follows_the_store_without_a_restart() {
     let not_ready = daemon.wait_readyz(503);
     assert_eq!(
         not_ready.json(),
-        serde_json::json!({"ready": false, "hsm": true, "store": false, "draining": false})
+        serde_json::json!({"ready": false, "hsm": true, "store": false, "log": true, "draining": false})
     );
     // Liveness does not depend on readiness.
     assert_eq!(daemon.admin_get("/healthz").status, 200);

@@ -79,7 +79,7 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     let r = daemon.wait_readyz(503);
     assert_eq!(
         r.json(),
-        serde_json::json!({"ready": false, "hsm": false, "store": true, "draining": false})
+        serde_json::json!({"ready": false, "hsm": false, "store": true, "log": true, "draining": false})
     );
     assert_eq!(daemon.admin_get("/healthz").status, 200);
     // Nor does it publish an empty key set as if there were no keys.

@@ -5,7 +5,9 @@
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 only when the HSM has a logged-in session and its
 //!   token still finds the audit signing key, the store can take its write
-//!   lock, and the server is not shutting down; 503
+//!   lock, the audit log is consistent with its last signed checkpoint (once
+//!   it is not, it stays not ready until restarted), and the server is not
+//!   shutting down; 503
 //!   otherwise. Checked on every call, so it turns false when a dependency
 //!   fails and true again when it recovers, without a restart.
 //! - `GET /metrics`: Prometheus text format.
@@ -50,6 +52,8 @@ pub struct ReadyReport {
     pub hsm: bool,
     /// The store can take its write lock.
     pub store: bool,
+    /// The audit log's stored tree extends its last signed checkpoint.
+    pub log: bool,
     /// The server is shutting down.
     pub draining: bool,
 }
@@ -69,10 +73,12 @@ impl Readiness {
     pub async fn check(&self) -> ReadyReport {
         let (hsm, store) = tokio::join!(self.check_hsm(), self.check_store());
         let draining = self.state.is_draining();
+        let log = self.state.audit.inconsistency().is_none();
         let report = ReadyReport {
-            ready: hsm.is_ok() && store.is_ok() && !draining,
+            ready: hsm.is_ok() && store.is_ok() && log && !draining,
             hsm: hsm.is_ok(),
             store: store.is_ok(),
+            log,
             draining,
         };
         let now = if report.ready { 1 } else { 2 };
@@ -83,6 +89,7 @@ impl Readiness {
                 tracing::warn!(
                     hsm = hsm.err().as_deref().unwrap_or("ok"),
                     store = store.err().as_deref().unwrap_or("ok"),
+                    log = self.state.audit.inconsistency().unwrap_or("ok"),
                     draining,
                     "not ready"
                 );

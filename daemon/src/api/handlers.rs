@@ -6,7 +6,6 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
 use time::OffsetDateTime;
 use warp::http::StatusCode;
 use warp::hyper::body::Bytes;
@@ -15,7 +14,7 @@ use warp::{Rejection, Reply};
 
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
-use super::routes::{blocking, RequestContext};
+use super::routes::{blocking, IndexQuery, RequestContext};
 use super::state::ServerState;
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
@@ -72,6 +71,19 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
     }
 }
 
+/// 503 `log_inconsistent`: the audit log found its stored tree does not
+/// extend its last signed checkpoint ([`crate::audit::log::AuditLog::inconsistency`]).
+/// Unwraps are refused before anything is opened; the reason is in the log.
+fn log_inconsistent() -> ApiError {
+    ApiError::Refused {
+        code: "log_inconsistent",
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: "the audit log does not extend its last signed checkpoint; nothing is released \
+                  until an operator has investigated"
+            .into(),
+    }
+}
+
 /// `POST /v1/unwrap` (agency).
 pub async fn post_unwrap(
     peer: PeerIdentity,
@@ -79,6 +91,9 @@ pub async fn post_unwrap(
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    if state.audit.inconsistency().is_some() {
+        return Err(log_inconsistent().into());
+    }
     // `Bytes` clones share the buffer.
     let claimed_from = body.clone();
     let live = state.current();
@@ -112,6 +127,12 @@ pub async fn post_unwrap(
             // too (parsed again only on this path).
             if let Some(id) = unwrap::claimed_warrant_id(&claimed_from) {
                 ctx.record_warrant_id(&id);
+            }
+            // This request is the one that found the log inconsistent (its
+            // checkpoint was refused): say so, with the stable code.
+            if state.audit.inconsistency().is_some() {
+                tracing::error!(error = %e, "unwrap failed; nothing was released");
+                return Err(log_inconsistent().into());
             }
             return Err(unwrap_error(e).into());
         }
@@ -178,7 +199,14 @@ pub async fn post_revocation(
         Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
     })
     .await?;
-    let revoked = result.map_err(unwrap_error)?;
+    let revoked = result.map_err(|e| {
+        if state.audit.inconsistency().is_some() {
+            tracing::error!(error = %e, "revocation: no checkpoint could be signed");
+            log_inconsistent()
+        } else {
+            unwrap_error(e)
+        }
+    })?;
     let receipt = &revoked.receipt;
     Ok(json(&serde_json::json!({
         "id": revoked.id,
@@ -209,6 +237,7 @@ fn store_error(e: StoreError) -> ApiError {
 fn log_error(e: LogError) -> ApiError {
     match e {
         LogError::Store(s) => store_error(s),
+        LogError::Inconsistent(_) => log_inconsistent(),
         other => {
             tracing::error!(error = %other, "checkpoint signing failed");
             ApiError::Unavailable("the HSM")
@@ -238,38 +267,28 @@ pub async fn audit_checkpoint(
     Ok(json(&serde_json::json!({ "checkpoint": checkpoint })))
 }
 
-/// `?start=&end=` of `GET /v1/audit/entries`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EntriesQuery {
-    start: u64,
-    end: Option<u64>,
-}
-
 /// `GET /v1/audit/entries?start=&end=` (auditor): leaves `[start, end)`, at
-/// most [`MAX_ENTRIES_PAGE`] of them; `end` defaults to a full page.
+/// most [`MAX_ENTRIES_PAGE`] of them; `end` defaults to a full page (or the
+/// largest index the store holds).
 pub async fn audit_entries(
     _peer: PeerIdentity,
-    query: EntriesQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let end = query
-        .end
-        .unwrap_or(query.start.saturating_add(MAX_ENTRIES_PAGE));
-    if end < query.start || end - query.start > MAX_ENTRIES_PAGE {
+    let start = query.required("start")?;
+    let end = query.optional("end").unwrap_or(
+        start
+            .saturating_add(MAX_ENTRIES_PAGE)
+            .min(crate::store::MAX_INDEX),
+    );
+    if end < start || end - start > MAX_ENTRIES_PAGE {
         return Err(ApiError::Malformed(format!(
             "need start <= end and at most {MAX_ENTRIES_PAGE} entries per page"
         ))
         .into());
     }
-    let leaves = blocking(move || {
-        state
-            .audit
-            .store()
-            .leaves(query.start, end)
-            .map_err(store_error)
-    })
-    .await?;
+    let leaves =
+        blocking(move || state.audit.store().leaves(start, end).map_err(store_error)).await?;
     let entries: Vec<serde_json::Value> = leaves
         .into_iter()
         .map(|(index, leaf)| serde_json::json!({"index": index, "leaf": b64_encode(leaf)}))
@@ -277,60 +296,46 @@ pub async fn audit_entries(
     Ok(json(&serde_json::json!({ "entries": entries })))
 }
 
-/// `?index=&size=` of the inclusion proof endpoint.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InclusionQuery {
-    index: u64,
-    size: u64,
-}
-
 /// `GET /v1/audit/proof/inclusion?index=&size=` (auditor).
 pub async fn audit_inclusion(
     _peer: PeerIdentity,
-    query: InclusionQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    let (index, size) = (query.required("index")?, query.required("size")?);
     let proof = blocking(move || {
         state
             .audit
             .store()
-            .inclusion_proof(query.index, query.size)
+            .inclusion_proof(index, size)
             .map_err(store_error)
     })
     .await?;
     Ok(json(&serde_json::json!({
-        "index": query.index,
-        "size": query.size,
+        "index": index,
+        "size": size,
         "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
     })))
-}
-
-/// `?from=&to=` of the consistency proof endpoint.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsistencyQuery {
-    from: u64,
-    to: u64,
 }
 
 /// `GET /v1/audit/proof/consistency?from=&to=` (auditor).
 pub async fn audit_consistency(
     _peer: PeerIdentity,
-    query: ConsistencyQuery,
+    query: IndexQuery,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
+    let (from, to) = (query.required("from")?, query.required("to")?);
     let proof = blocking(move || {
         state
             .audit
             .store()
-            .consistency_proof(query.from, query.to)
+            .consistency_proof(from, to)
             .map_err(store_error)
     })
     .await?;
     Ok(json(&serde_json::json!({
-        "from": query.from,
-        "to": query.to,
+        "from": from,
+        "to": to,
         "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
     })))
 }

@@ -181,6 +181,95 @@ pub fn raw_body() -> impl Filter<Extract = (warp::hyper::body::Bytes,), Error = 
     warp::body::bytes()
 }
 
+/// The numeric query parameters of a route (`?start=&end=`, `?index=&size=`,
+/// `?from=&to=`): leaf indexes and tree sizes, each checked here against the
+/// one bound the store can represent ([`crate::store::MAX_INDEX`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexQuery(std::collections::BTreeMap<&'static str, u64>);
+
+impl IndexQuery {
+    /// A required parameter (the parser made sure it is present).
+    ///
+    /// # Errors
+    /// [`ApiError::Internal`] if `name` was not declared required: a bug.
+    pub fn required(&self, name: &str) -> Result<u64, ApiError> {
+        self.0.get(name).copied().ok_or(ApiError::Internal)
+    }
+
+    /// An optional parameter.
+    pub fn optional(&self, name: &str) -> Option<u64> {
+        self.0.get(name).copied()
+    }
+
+    /// Parses a raw query string. Each parameter is a decimal integer from 0
+    /// to [`crate::store::MAX_INDEX`] written with ASCII digits only; every
+    /// name in `required` must be present, no name outside `required` and
+    /// `optional` may appear, and none twice.
+    ///
+    /// # Errors
+    /// [`ApiError::Malformed`] naming the parameter and what is wrong.
+    pub fn parse(
+        raw: &str,
+        required: &[&'static str],
+        optional: &[&'static str],
+    ) -> Result<Self, ApiError> {
+        let mut values = std::collections::BTreeMap::new();
+        for pair in raw.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let Some(known) = required.iter().chain(optional).find(|n| **n == name) else {
+                return Err(ApiError::Malformed(format!(
+                    "unknown query parameter `{}`",
+                    name.chars().take(32).collect::<String>().escape_debug()
+                )));
+            };
+            let number = parse_index(value).ok_or_else(|| {
+                ApiError::Malformed(format!(
+                    "query parameter `{known}` must be an integer from 0 to {}",
+                    crate::store::MAX_INDEX
+                ))
+            })?;
+            if values.insert(*known, number).is_some() {
+                return Err(ApiError::Malformed(format!(
+                    "query parameter `{known}` is given twice"
+                )));
+            }
+        }
+        if let Some(missing) = required.iter().find(|n| !values.contains_key(*n)) {
+            return Err(ApiError::Malformed(format!(
+                "query parameter `{missing}` is required"
+            )));
+        }
+        Ok(IndexQuery(values))
+    }
+}
+
+/// A leaf index or tree size: ASCII digits, at most [`crate::store::MAX_INDEX`].
+fn parse_index(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>()
+        .ok()
+        .filter(|n| *n <= crate::store::MAX_INDEX)
+}
+
+/// The route's [`IndexQuery`]: `required` and `optional` name its numeric
+/// query parameters.
+///
+/// # Errors
+/// Rejects with [`ApiError::Malformed`] (400 `malformed_request`).
+pub fn index_query(
+    required: &'static [&'static str],
+    optional: &'static [&'static str],
+) -> impl Filter<Extract = (IndexQuery,), Error = Rejection> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .and_then(move |raw: String| async move {
+            IndexQuery::parse(&raw, required, optional).map_err(Rejection::from)
+        })
+}
+
 /// Hands the shared state to a handler.
 pub fn with_state(
     state: Arc<ServerState>,
@@ -252,21 +341,21 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(route("/v1/audit/entries"))
         .and(auditor())
-        .and(warp::query::<handlers::EntriesQuery>())
+        .and(index_query(&["start"], &["end"]))
         .and(with_state(state.clone()))
         .and_then(handlers::audit_entries);
     let audit_inclusion = warp::path!("v1" / "audit" / "proof" / "inclusion")
         .and(warp::get())
         .and(route("/v1/audit/proof/inclusion"))
         .and(auditor())
-        .and(warp::query::<handlers::InclusionQuery>())
+        .and(index_query(&["index", "size"], &[]))
         .and(with_state(state.clone()))
         .and_then(handlers::audit_inclusion);
     let audit_consistency = warp::path!("v1" / "audit" / "proof" / "consistency")
         .and(warp::get())
         .and(route("/v1/audit/proof/consistency"))
         .and(auditor())
-        .and(warp::query::<handlers::ConsistencyQuery>())
+        .and(index_query(&["from", "to"], &[]))
         .and(with_state(state.clone()))
         .and_then(handlers::audit_consistency);
 
@@ -306,4 +395,49 @@ async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Respon
     })
     .await?;
     Ok(warp::reply::json(&set).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(raw: &str) -> String {
+        match IndexQuery::parse(raw, &["start"], &["end"]) {
+            Err(ApiError::Malformed(m)) => m,
+            other => panic!("{raw}: expected malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn index_query_takes_the_store_bound() {
+        let q = IndexQuery::parse("start=9223372036854775807&end=5", &["start"], &["end"]).unwrap();
+        assert_eq!(q.required("start").unwrap(), crate::store::MAX_INDEX);
+        assert_eq!(q.optional("end"), Some(5));
+        assert_eq!(
+            IndexQuery::parse("start=0", &["start"], &["end"])
+                .unwrap()
+                .optional("end"),
+            None
+        );
+        for raw in [
+            "start=9223372036854775808",
+            "start=18446744073709551615",
+            "start=18446744073709551616",
+            "start=-1",
+            "start=+1",
+            "start=1e3",
+            "start=",
+            "start",
+            "start=%31",
+            "start=0&end=9223372036854775808",
+        ] {
+            assert!(
+                refused(raw).contains("integer from 0 to 9223372036854775807"),
+                "{raw}"
+            );
+        }
+        assert!(refused("").contains("`start` is required"));
+        assert!(refused("start=1&start=2").contains("twice"));
+        assert!(refused("start=1&colour=red").contains("unknown"));
+    }
 }

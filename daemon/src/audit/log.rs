@@ -5,12 +5,28 @@
 //! Checkpoints are signed after the leaves are durable and outside the store
 //! lock. Concurrent callers share signatures: a caller whose leaves are
 //! already covered by the newest checkpoint reuses it.
+//!
+//! The log does not sign whatever tree head the store presents. At open it
+//! verifies the newest stored checkpoint's signature and proves the stored
+//! tree consistent with it; before each new checkpoint it proves the tree
+//! consistent with the last checkpoint this process signed (an RFC 6962
+//! consistency proof read from the stored subtree hashes, checked with
+//! [`super::merkle::verify_consistency`]: one proof per checkpoint), and each
+//! append must land at or beyond the largest tree size already seen (so a
+//! truncation refilled to the old size is not "covered" by the old
+//! checkpoint unproved). A failure
+//! means the database was truncated or rewritten behind the daemon's back:
+//! the log turns [inconsistent](AuditLog::inconsistency) for the rest of the
+//! process's life, logs an ERROR naming both sizes and signs nothing more.
+//! What this does not detect is in `docs/THREAT_MODEL.md`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use time::OffsetDateTime;
 
 use super::export::{Export, ExportEntry};
+use super::merkle::{self, Hash};
 use super::note::{self, Checkpoint};
 use crate::hsm::{Hsm, HsmError};
 use crate::jwk::Ed25519PublicKey;
@@ -29,6 +45,22 @@ pub enum LogError {
     /// returned a signature that does not verify under the audit key.
     #[error("checkpoint signing: {0}")]
     Sign(String),
+    /// The stored tree is not an extension of the last checkpoint this log
+    /// signed, or of the newest checkpoint in the store: leaves or subtree
+    /// hashes were removed or rewritten behind the daemon's back (or the
+    /// stored checkpoint does not verify under the audit key). Nothing is
+    /// signed until an operator has investigated and restarted the daemon.
+    #[error("the audit log is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// The newest checkpoint this log has signed or verified: the tree every
+/// later one must extend.
+#[derive(Debug, Clone)]
+struct Signed {
+    size: u64,
+    root: Hash,
+    note: String,
 }
 
 /// Where a batch landed, and a signed checkpoint that includes it.
@@ -48,7 +80,12 @@ pub struct AuditLog {
     key_label: String,
     public: Ed25519PublicKey,
     origin: String,
-    latest: Arc<Mutex<Option<(u64, String)>>>,
+    latest: Arc<Mutex<Option<Signed>>>,
+    /// Set once, on the first inconsistency found; never cleared.
+    inconsistent: Arc<OnceLock<String>>,
+    /// The largest tree size this process has seen the store hold; the
+    /// store's tree never shrinks.
+    seen: Arc<AtomicU64>,
     commit_timer: Option<CommitTimer>,
 }
 
@@ -64,10 +101,15 @@ impl std::fmt::Debug for CommitTimer {
 }
 
 impl AuditLog {
-    /// Opens the log with the HSM's audit key `key_label`.
+    /// Opens the log with the HSM's audit key `key_label`, and checks the
+    /// store against its newest checkpoint: the signature verifies under the
+    /// audit key, and the stored tree is consistent with it. A log that fails
+    /// this check still opens (so that it can be exported and examined) but
+    /// is [inconsistent](Self::inconsistency) and signs nothing.
     ///
     /// # Errors
-    /// [`LogError::Hsm`] if the audit key is missing; [`LogError::Store`].
+    /// [`LogError::Hsm`] if the audit key is missing; [`LogError::Store`]
+    /// when the store cannot be read at all.
     pub fn new(
         store: Arc<dyn AuditStore>,
         hsm: Hsm,
@@ -75,16 +117,113 @@ impl AuditLog {
         origin: &str,
     ) -> Result<Self, LogError> {
         let public = hsm.audit_key(key_label)?.public;
-        let latest = store.latest_checkpoint()?;
-        Ok(AuditLog {
+        let log = AuditLog {
             store,
             hsm,
             key_label: key_label.to_string(),
             public,
             origin: origin.to_string(),
-            latest: Arc::new(Mutex::new(latest)),
+            latest: Arc::new(Mutex::new(None)),
+            inconsistent: Arc::new(OnceLock::new()),
+            seen: Arc::new(AtomicU64::new(0)),
             commit_timer: None,
+        };
+        if let Some((size, note)) = log.store.latest_checkpoint()? {
+            let signed = match log.verify_stored(size, &note) {
+                Ok(signed) => signed,
+                Err(LogError::Inconsistent(reason)) => {
+                    return Ok(log.mark_inconsistent(reason));
+                }
+                Err(e) => return Err(e),
+            };
+            let tree = log.store.tree_size()?;
+            log.seen.fetch_max(tree, Ordering::SeqCst);
+            match log.prove_extends(&signed, tree) {
+                Ok(_) => {}
+                Err(LogError::Inconsistent(reason)) => return Ok(log.mark_inconsistent(reason)),
+                Err(e) => return Err(e),
+            }
+            *log.latest
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(signed);
+        }
+        Ok(log)
+    }
+
+    /// Why the log is inconsistent, once it is: the daemon then refuses
+    /// unwraps (503 `log_inconsistent`) and `/readyz` is false.
+    pub fn inconsistency(&self) -> Option<&str> {
+        self.inconsistent.get().map(String::as_str)
+    }
+
+    /// Records the first inconsistency and logs it.
+    fn mark_inconsistent(self, reason: String) -> Self {
+        self.record_inconsistency(reason);
+        self
+    }
+
+    fn record_inconsistency(&self, reason: String) -> LogError {
+        if self.inconsistent.set(reason.clone()).is_ok() {
+            tracing::error!(
+                "audit log inconsistent: {reason}; no checkpoint will be signed and no key \
+                 released until an operator has investigated (lavd audit export | lavd audit \
+                 verify) and restarted the daemon"
+            );
+        }
+        LogError::Inconsistent(reason)
+    }
+
+    /// The stored checkpoint `note` of tree size `size`, verified under the
+    /// audit key.
+    fn verify_stored(&self, size: u64, note: &str) -> Result<Signed, LogError> {
+        let key = note::VerifierKey::new(&self.origin, self.public.bytes())
+            .map_err(|e| LogError::Sign(e.to_string()))?;
+        let checkpoint = note::verify_checkpoint(note, &key).map_err(|e| {
+            LogError::Inconsistent(format!(
+                "the newest stored checkpoint (size {size}) does not verify under the audit key: {e}"
+            ))
+        })?;
+        if checkpoint.size != size {
+            return Err(LogError::Inconsistent(format!(
+                "the newest stored checkpoint is filed under size {size} but says size {}",
+                checkpoint.size
+            )));
+        }
+        Ok(Signed {
+            size,
+            root: checkpoint.root,
+            note: note.to_string(),
         })
+    }
+
+    /// Proves that the stored tree of `tree` leaves extends `signed`, and
+    /// returns its root. The proof comes from the store's subtree hashes and
+    /// is checked with our own verifier.
+    ///
+    /// # Errors
+    /// [`LogError::Inconsistent`] (already recorded) naming both sizes;
+    /// [`LogError::Store`] for a store that cannot be read.
+    fn prove_extends(&self, signed: &Signed, tree: u64) -> Result<Hash, LogError> {
+        let (old, new) = (signed.size, tree);
+        let broken = |what: String| {
+            self.record_inconsistency(format!(
+                "the stored tree of size {new} does not extend the checkpoint of size {old}: {what}"
+            ))
+        };
+        if new < old {
+            return Err(broken("it has fewer leaves".into()));
+        }
+        // Missing or malformed subtree hashes, or a size the store no
+        // longer has, are the same finding: the tree was changed under us.
+        let read = |e: StoreError| match e {
+            StoreError::Corrupt { .. } | StoreError::BadProofRequest(_) => broken(e.to_string()),
+            other => LogError::Store(other),
+        };
+        let root = self.store.root(new).map_err(read)?;
+        let proof = self.store.consistency_proof(old, new).map_err(read)?;
+        merkle::verify_consistency(old, new, &signed.root, &root, &proof)
+            .map_err(|e| broken(format!("consistency proof: {e}")))?;
+        Ok(root)
     }
 
     /// Reports how long each durable append took (group commit included).
@@ -140,12 +279,30 @@ impl AuditLog {
     /// durable, [`LogError::Hsm`]/[`LogError::Sign`] if no checkpoint could
     /// be signed: the leaves stay in the log, and the caller must not
     /// release anything that needed the checkpoint.
+    ///
+    /// The leaves are written even when the log is inconsistent (they are
+    /// the best record there is), but no checkpoint is then signed:
+    /// [`LogError::Inconsistent`].
     pub fn append(&self, batch: AuditAppend) -> Result<Receipt, LogError> {
+        // Every commit whose result was seen before this append started is
+        // in an earlier group: this batch lands at or beyond its size.
+        let floor = self.seen.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
         let appended = self.store.append(batch)?;
         if let Some(timer) = &self.commit_timer {
             (timer.0)(started.elapsed().as_secs_f64());
         }
+        // Leaves put below a size this process had already seen mean the
+        // store lost leaves (a truncation, perhaps refilled to the same
+        // size): the old checkpoint would otherwise "cover" them unproved.
+        if appended.first_index < floor {
+            return Err(self.record_inconsistency(format!(
+                "the store had a tree of size {} when this process had already seen size {floor}: \
+                 leaves were removed",
+                appended.first_index
+            )));
+        }
+        self.seen.fetch_max(appended.tree_size, Ordering::SeqCst);
         let checkpoint = self.checkpoint_covering(appended.first_index + appended.count)?;
         Ok(Receipt {
             appended,
@@ -157,20 +314,31 @@ impl AuditLog {
     ///
     /// # Errors
     /// As [`AuditLog::append`].
+    ///
+    /// Before signing, the stored tree must be proved consistent with the
+    /// last checkpoint signed (or verified at open); otherwise
+    /// [`LogError::Inconsistent`], now and for every later call.
     pub fn checkpoint_covering(&self, size: u64) -> Result<String, LogError> {
+        if let Some(reason) = self.inconsistency() {
+            return Err(LogError::Inconsistent(reason.to_string()));
+        }
         // One signer at a time; whoever waits here will most likely find
         // that the checkpoint just signed already covers it.
         let mut latest = self
             .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((signed, note)) = latest.as_ref() {
-            if *signed >= size {
-                return Ok(note.clone());
+        if let Some(signed) = latest.as_ref() {
+            if signed.size >= size {
+                return Ok(signed.note.clone());
             }
         }
         let tree = self.store.tree_size()?;
-        let root = self.store.root(tree)?;
+        self.seen.fetch_max(tree, Ordering::SeqCst);
+        let root = match latest.as_ref() {
+            Some(signed) => self.prove_extends(signed, tree)?,
+            None => self.store.root(tree)?,
+        };
         let checkpoint = Checkpoint {
             origin: self.origin.clone(),
             size: tree,
@@ -185,7 +353,11 @@ impl AuditLog {
         })?;
         self.store
             .save_checkpoint(tree, &note, OffsetDateTime::now_utc())?;
-        *latest = Some((tree, note.clone()));
+        *latest = Some(Signed {
+            size: tree,
+            root,
+            note: note.clone(),
+        });
         Ok(note)
     }
 
@@ -219,6 +391,11 @@ impl AuditLog {
                     None => return Err(LogError::Store(e)),
                 }
             }
+            // The same for a tree that does not extend its checkpoint.
+            Err(e @ LogError::Inconsistent(_)) => match self.store.latest_checkpoint()? {
+                Some((_, note)) => note,
+                None => return Err(e),
+            },
             Err(e) => return Err(e),
         };
         let size = note::verify_checkpoint(&checkpoint, &key)

@@ -59,6 +59,24 @@ pub enum AuditCommand {
         /// The auditor's client private key (PEM).
         #[arg(long, value_name = "FILE")]
         client_key: Option<PathBuf>,
+        /// With `--url`: the largest reply the daemon may send to one
+        /// request, in bytes (a page of 1000 leaves is well under 1 MiB).
+        #[arg(
+            long,
+            value_name = "BYTES",
+            default_value_t = super::https::DEFAULT_MAX_RESPONSE_BYTES,
+            value_parser = clap::value_parser!(usize)
+        )]
+        max_response_bytes: usize,
+        /// With `--url`: the longest one request may take, in seconds, from
+        /// connecting to the last byte of the reply.
+        #[arg(
+            long,
+            value_name = "SECS",
+            default_value_t = super::https::DEFAULT_TIMEOUT_SECS,
+            value_parser = clap::value_parser!(u64).range(1..=3600)
+        )]
+        timeout: u64,
         /// A signed checkpoint you kept from earlier: the export must extend it.
         #[arg(long, value_name = "FILE", conflicts_with = "previous")]
         checkpoint: Option<PathBuf>,
@@ -106,10 +124,16 @@ impl AuditCommand {
                 ca,
                 cert,
                 client_key,
+                max_response_bytes,
+                timeout,
                 checkpoint,
                 previous,
                 save_checkpoint,
             } => {
+                let limits = super::https::Limits {
+                    max_response_bytes,
+                    timeout: std::time::Duration::from_secs(timeout),
+                };
                 let key_text = match std::fs::read_to_string(&key) {
                     Ok(text) => text.trim().to_string(),
                     Err(_) => key,
@@ -118,7 +142,7 @@ impl AuditCommand {
                 let new = match (export, url, ca, cert, client_key) {
                     (Some(export), ..) => Export::parse(&read(&export)?)?,
                     (None, Some(url), Some(ca), Some(cert), Some(client_key)) => {
-                        fetch_export(&url, &ca, &cert, &client_key, &key)?
+                        fetch_export(&url, &ca, &cert, &client_key, &key, limits)?
                     }
                     _ => anyhow::bail!(
                         "give --export FILE, or --url with --ca, --cert and --client-key"
@@ -157,8 +181,9 @@ fn fetch_export(
     cert: &std::path::Path,
     client_key: &std::path::Path,
     key: &VerifierKey,
+    limits: super::https::Limits,
 ) -> anyhow::Result<Export> {
-    let client = super::https::Client::new(url, ca, cert, client_key)?;
+    let client = super::https::Client::new(url, ca, cert, client_key, limits)?;
     let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no checkpoint in the reply"))?

@@ -2,15 +2,78 @@
 //! verify --url`): GET requests with a client certificate, against a server
 //! certificate checked with a given CA bundle. Same crypto provider as the
 //! server (rustls on aws-lc-rs).
+//!
+//! The server is not trusted: every request (connect, handshake, the whole
+//! reply) must finish within [`Limits::timeout`], and no reply body may be
+//! larger than [`Limits::max_response_bytes`], so a hostile or broken server
+//! can neither hang the tool nor exhaust its memory.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Bytes;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// Default of `--max-response-bytes`: 64 MiB, far above a page of 1000
+/// leaves.
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+/// Default of `--timeout`, in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
+
+/// What one request may cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The largest reply body accepted, in bytes.
+    pub max_response_bytes: usize,
+    /// The longest one request may take, from connecting to the last byte
+    /// of the reply.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
+        }
+    }
+}
+
+/// A request the server did not answer acceptably within [`Limits`]: a
+/// hostile, broken or overloaded server.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpsError {
+    /// No complete reply within `--timeout`.
+    #[error("GET {path}: no complete reply within {} s (--timeout)", timeout.as_secs_f64())]
+    Timeout {
+        /// The request path.
+        path: String,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// A reply body larger than `--max-response-bytes` (announced or sent).
+    #[error("GET {path}: the reply is larger than {limit} bytes (--max-response-bytes)")]
+    TooLarge {
+        /// The request path.
+        path: String,
+        /// The bound.
+        limit: usize,
+    },
+}
+
+impl HttpsError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            HttpsError::Timeout { .. } => "response_timeout",
+            HttpsError::TooLarge { .. } => "response_too_large",
+        }
+    }
+}
 
 /// A client for one server.
 pub struct Client {
@@ -19,6 +82,7 @@ pub struct Client {
     server_name: ServerName<'static>,
     connector: tokio_rustls::TlsConnector,
     runtime: tokio::runtime::Runtime,
+    limits: Limits,
 }
 
 impl std::fmt::Debug for Client {
@@ -32,11 +96,17 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client for `url` (`https://host:port`), trusting `ca` for the
-    /// server and presenting `cert`/`key`.
+    /// server and presenting `cert`/`key`, each request bounded by `limits`.
     ///
     /// # Errors
     /// A bad URL, or an unreadable or invalid PEM file.
-    pub fn new(url: &str, ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<Self> {
+    pub fn new(
+        url: &str,
+        ca: &Path,
+        cert: &Path,
+        key: &Path,
+        limits: Limits,
+    ) -> anyhow::Result<Self> {
         let rest = url
             .strip_prefix("https://")
             .ok_or_else(|| anyhow!("the URL must start with https://"))?;
@@ -81,6 +151,7 @@ impl Client {
             server_name,
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             runtime,
+            limits,
         })
     }
 
@@ -88,44 +159,73 @@ impl Client {
     ///
     /// # Errors
     /// A connection or TLS failure, a non-200 status (with the server's
-    /// error code and message), or a body that is not JSON.
+    /// error code and message), a body that is not JSON, or an
+    /// [`HttpsError`] when the reply breaks the [`Limits`].
     pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        self.runtime.block_on(async {
-            let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let timeout = self.limits.timeout;
+        self.runtime
+            .block_on(async { tokio::time::timeout(timeout, self.fetch(path)).await })
+            .unwrap_or_else(|_| {
+                Err(HttpsError::Timeout {
+                    path: path.to_string(),
+                    timeout,
+                }
+                .into())
+            })
+    }
+
+    async fn fetch(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let limit = self.limits.max_response_bytes;
+        let too_large = || HttpsError::TooLarge {
+            path: path.to_string(),
+            limit,
+        };
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+        let tls = self
+            .connector
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .context("TLS handshake")?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
                 .await
-                .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-            let tls = self
-                .connector
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .context("TLS handshake")?;
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                    .await
-                    .context("HTTP handshake")?;
-            tokio::spawn(connection);
-            let request = hyper::Request::get(path)
-                .header(hyper::header::HOST, self.host.as_str())
-                .body(Empty::<Bytes>::new())
-                .context("building the request")?;
-            let response = sender.send_request(request).await.context("sending")?;
-            let status = response.status();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .context("reading the reply")?
-                .to_bytes();
-            let value: serde_json::Value =
-                serde_json::from_slice(&body).context("the reply is not JSON")?;
-            if status != hyper::StatusCode::OK {
-                bail!(
-                    "GET {path}: {status}: {}: {}",
-                    value["error"]["code"].as_str().unwrap_or("?"),
-                    value["error"]["message"].as_str().unwrap_or("")
-                );
-            }
-            Ok(value)
-        })
+                .context("HTTP handshake")?;
+        tokio::spawn(connection);
+        let request = hyper::Request::get(path)
+            .header(hyper::header::HOST, self.host.as_str())
+            .body(Empty::<Bytes>::new())
+            .context("building the request")?;
+        let response = sender.send_request(request).await.context("sending")?;
+        let status = response.status();
+        // Refuse an announced oversize at once; count what arrives
+        // otherwise (chunked, or a length that lies).
+        let announced = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Err(too_large().into());
+        }
+        let body = match http_body_util::Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().into()),
+            Err(e) => return Err(anyhow!(e).context("reading the reply")),
+        };
+        let value: serde_json::Value =
+            serde_json::from_slice(&body).context("the reply is not JSON")?;
+        if status != hyper::StatusCode::OK {
+            bail!(
+                "GET {path}: {status}: {}: {}",
+                value["error"]["code"].as_str().unwrap_or("?"),
+                value["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(value)
     }
 }

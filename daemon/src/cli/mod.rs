@@ -74,8 +74,9 @@ fn tool(run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
 }
 
 /// Runs `lavd` with the process's arguments and environment: parse the command
-/// line, set up logging, run the command. A bad configuration exits with 64
-/// (EX_USAGE); any other failure with 1, after printing `lavd: <code>: <message>`.
+/// line, set up logging, run the command. A bad configuration (the daemon's,
+/// or a trust config given alone) exits with 64 (EX_USAGE); any other failure
+/// with 1, after printing `lavd: <code>: <message>`.
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
     let cli = Cli::parse();
@@ -92,7 +93,7 @@ pub fn main() -> std::process::ExitCode {
                 Some(code) => eprintln!("lavd: {code}: {e:#}{detail}"),
                 None => eprintln!("lavd: {e:#}{detail}"),
             }
-            if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+            if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
             } else {
                 std::process::ExitCode::FAILURE
@@ -122,9 +123,17 @@ pub fn init_logging(log: &crate::config::LogSettings) {
     };
 }
 
+/// A configuration that cannot be used: the daemon's config file, or a trust
+/// config given alone (`lavd warrant inspect --trust`). Both exit 64.
+fn is_bad_config(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<crate::config::ConfigError>().is_some()
+        || e.downcast_ref::<crate::warrant::TrustConfigError>()
+            .is_some()
+}
+
 /// The stable code of a command's error, for scripts that read stderr.
 pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
-    if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+    if is_bad_config(e) {
         return Some("bad_config");
     }
     if let Some(k) = e.downcast_ref::<crate::keys::KeyError>() {
@@ -133,9 +142,13 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(v) = e.downcast_ref::<crate::audit::export::VerifyError>() {
         return Some(v.code());
     }
+    if let Some(h) = e.downcast_ref::<https::HttpsError>() {
+        return Some(h.code());
+    }
     if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
         return Some(match l {
             crate::audit::log::LogError::Store(_) => "store_unavailable",
+            crate::audit::log::LogError::Inconsistent(_) => "log_inconsistent",
             crate::audit::log::LogError::Hsm(crate::hsm::HsmError::KeyNotFound {
                 kind: "audit",
                 ..

@@ -61,8 +61,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &settings.audit.key_label,
         &settings.audit.origin,
     )
-    .context("the audit log (run `lavd keys generate-audit` first)")?
-    .with_commit_timer({
+    .context("the audit log (run `lavd keys generate-audit` first)")?;
+    // A store that does not extend its newest checkpoint (truncated or
+    // rewritten while the daemon was stopped) is refused before serving.
+    if let Some(reason) = audit.inconsistency() {
+        return Err(crate::audit::log::LogError::Inconsistent(reason.to_string()).into());
+    }
+    let audit = audit.with_commit_timer({
         let metrics = metrics.clone();
         Arc::new(move |seconds| metrics.store_commit("audit_append", seconds))
     });

@@ -20,6 +20,11 @@ use crate::audit::leaf::{DenyReason, Event};
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
 
+/// The largest leaf index or tree size the store can hold: SQLite's INTEGER
+/// is a signed 64-bit number. Every index or size that comes from outside
+/// (a query parameter) is checked against this bound at the API edge.
+pub const MAX_INDEX: u64 = i64::MAX as u64;
+
 /// The SQL of migration 3.
 pub(super) const MIGRATION: &str = "
     CREATE TABLE audit_leaves (

@@ -16,7 +16,7 @@ mod audit;
 mod keys;
 mod warrants;
 
-pub use audit::{Appended, AuditAppend, AuditStore, Spend};
+pub use audit::{Appended, AuditAppend, AuditStore, Spend, MAX_INDEX};
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 

@@ -1,13 +1,17 @@
-//! Strict parsing of the JWS General JSON Serialization (RFC 7515 §7.2.1) as
-//! PROTOCOL §4 profiles it.
+//! Strict parsing of the JWS JSON serializations (RFC 7515 §7.2) as
+//! PROTOCOL §4 (and §8, v1.1) profiles them.
 //!
-//! Accepted: `{"payload": "<b64url>", "signatures": [{"protected": "<b64url>",
-//! "signature": "<b64url>"}, …]}` and nothing else. Each protected header is
-//! exactly `{"alg", "kid"}` plus an optional `typ`. Refused: unknown or
-//! duplicate members anywhere, the unprotected `header` member (its contents
-//! are not signed), `crit` (RFC 7515 §4.1.11: extensions we do not understand
-//! must be refused, and we understand none), `alg` other than `ES256` and
-//! `EdDSA` (so `none` too), the flattened and compact serializations.
+//! Accepted: the General form `{"payload": "<b64url>", "signatures":
+//! [{"protected": "<b64url>", "signature": "<b64url>"}, …]}`, and the
+//! flattened form `{"payload", "protected", "signature"}` (RFC 7515 §7.2.2),
+//! read as a General JWS with that one signature; nothing else. Each
+//! protected header is exactly `{"alg", "kid"}` plus an optional `typ`.
+//! Refused: unknown or duplicate members anywhere, an object that mixes both
+//! forms (`signatures` next to a top-level `protected`, `signature` or
+//! `header`), the unprotected `header` member (its contents are not signed),
+//! `crit` (RFC 7515 §4.1.11: extensions we do not understand must be
+//! refused, and we understand none), `alg` other than `ES256` and `EdDSA`
+//! (so `none` too), and the compact serialization.
 //!
 //! Nothing here checks a signature; that is [`super::verify`]'s job. The
 //! values this module returns are structurally valid, not trusted.
@@ -178,11 +182,63 @@ pub(crate) fn signing_input(protected_b64: &str, payload_b64: &str) -> Vec<u8> {
     input
 }
 
+/// Either JSON serialization as received; which one it is, and that it is
+/// not both, is decided in [`parse`]. The flattened members are kept as
+/// values so that even `null` counts as present when looking for a mix.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawJws {
     payload: String,
-    signatures: Vec<RawSignature>,
+    #[serde(default)]
+    signatures: Option<Vec<RawSignature>>,
+    #[serde(default, deserialize_with = "some_value")]
+    protected: Option<serde_json::Value>,
+    /// Any value, even `null`, counts as present: the member must not exist.
+    #[serde(default, deserialize_with = "present")]
+    header: bool,
+    #[serde(default, deserialize_with = "some_value")]
+    signature: Option<serde_json::Value>,
+}
+
+impl RawJws {
+    /// The signatures of either form, refusing a mix of both.
+    fn into_signatures(self) -> Result<(String, Vec<RawSignature>), WarrantError> {
+        let flattened = self.protected.is_some() || self.signature.is_some() || self.header;
+        let signatures = match (self.signatures, flattened) {
+            (Some(_), true) => {
+                return Err(WarrantError::Malformed(
+                    "the JWS mixes the General (`signatures`) and flattened (`protected`, \
+                     `header`, `signature`) JSON serializations"
+                        .into(),
+                ))
+            }
+            (Some(signatures), false) => signatures,
+            (None, true) => {
+                let text = |v: Option<serde_json::Value>, name: &str| match v {
+                    None => Ok(None),
+                    Some(serde_json::Value::String(s)) => Ok(Some(s)),
+                    Some(_) => Err(WarrantError::Malformed(format!(
+                        "flattened JWS: `{name}` must be a string"
+                    ))),
+                };
+                let protected = text(self.protected, "protected")?;
+                let signature = text(self.signature, "signature")?.ok_or_else(|| {
+                    WarrantError::Malformed("flattened JWS: `signature` is required".into())
+                })?;
+                vec![RawSignature {
+                    protected,
+                    header: self.header,
+                    signature,
+                }]
+            }
+            (None, false) => {
+                return Err(WarrantError::Malformed(
+                    "not a JWS in JSON serialization: neither `signatures` nor `signature`".into(),
+                ))
+            }
+        };
+        Ok((self.payload, signatures))
+    }
 }
 
 #[derive(Deserialize)]
@@ -208,11 +264,16 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     serde::de::IgnoredAny::deserialize(d).map(|_| true)
 }
 
+fn some_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
+}
+
 fn truncate(text: &str, max: usize) -> String {
     text.chars().take(max).collect()
 }
 
-/// Parses a JWS in General JSON Serialization, enforcing `limits`.
+/// Parses a JWS in General or flattened JSON Serialization (the latter as a
+/// General JWS with one signature), enforcing `limits`.
 ///
 /// # Errors
 /// [`WarrantError::TooLarge`] before anything is parsed if the bytes (or,
@@ -228,27 +289,26 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
             limit: limits.max_warrant_bytes,
         });
     }
-    let raw: RawJws = serde_json::from_slice(bytes).map_err(|e| {
-        WarrantError::Malformed(format!("not a JWS in General JSON Serialization: {e}"))
-    })?;
-    if raw.signatures.len() > limits.max_signatures {
+    let raw: RawJws = serde_json::from_slice(bytes)
+        .map_err(|e| WarrantError::Malformed(format!("not a JWS in JSON Serialization: {e}")))?;
+    let (payload_b64, raw_signatures) = raw.into_signatures()?;
+    if raw_signatures.len() > limits.max_signatures {
         return Err(WarrantError::TooLarge {
             what: "signatures",
-            found: raw.signatures.len(),
+            found: raw_signatures.len(),
             limit: limits.max_signatures,
         });
     }
-    let payload = b64_decode(&raw.payload).map_err(|_| {
+    let payload = b64_decode(&payload_b64).map_err(|_| {
         WarrantError::Malformed("`payload` is not base64url without padding".into())
     })?;
-    let signatures = raw
-        .signatures
+    let signatures = raw_signatures
         .into_iter()
         .enumerate()
         .map(|(i, s)| parse_signature(i, s))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ParsedJws {
-        payload_b64: raw.payload,
+        payload_b64,
         payload,
         signatures,
     })
@@ -385,11 +445,70 @@ mod tests {
     }
 
     #[test]
-    fn other_serializations_and_trailing_data_are_refused() {
-        // Flattened (RFC 7515 §7.2.2) and compact (§7.1) serializations.
+    fn flattened_form_is_one_general_signature() {
         let header = b64_encode(r#"{"alg":"ES256","kid":"a"}"#);
         let flattened = format!(r#"{{"payload":"e30","protected":"{header}","signature":"AAAA"}}"#);
-        assert_eq!(code(flattened.as_bytes()), "malformed_warrant");
+        let jws = parse(flattened.as_bytes(), &WarrantLimits::default()).unwrap();
+        assert_eq!(jws.signatures().len(), 1);
+        let sig = &jws.signatures()[0];
+        assert_eq!((sig.alg(), sig.kid()), (Algorithm::Es256, "a"));
+        assert_eq!(jws.signing_input(sig), format!("{header}.e30").into_bytes());
+        // It re-serializes in the General form, keeping the header string.
+        let general = parse(jws.to_json().as_bytes(), &WarrantLimits::default()).unwrap();
+        assert_eq!(
+            general.signing_input(&general.signatures()[0]),
+            jws.signing_input(sig)
+        );
+    }
+
+    #[test]
+    fn flattened_form_keeps_every_other_rule() {
+        let header = b64_encode(r#"{"alg":"ES256","kid":"a"}"#);
+        let general_sig = format!(r#"[{{"protected":"{header}","signature":"AAAA"}}]"#);
+        // Mixed forms, even with `null` members.
+        for mixed in [
+            format!(
+                r#"{{"payload":"e30","signatures":{general_sig},"protected":"{header}","signature":"AAAA"}}"#
+            ),
+            format!(r#"{{"payload":"e30","signatures":{general_sig},"signature":"AAAA"}}"#),
+            format!(r#"{{"payload":"e30","signatures":{general_sig},"protected":null}}"#),
+            format!(r#"{{"payload":"e30","signatures":{general_sig},"header":{{}}}}"#),
+        ] {
+            let e = parse(mixed.as_bytes(), &WarrantLimits::default()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{mixed}");
+            assert!(e.to_string().contains("mixes"), "{mixed}: {e}");
+        }
+        // The unprotected header, crit, a missing or non-string member.
+        let unprotected = format!(
+            r#"{{"payload":"e30","protected":"{header}","header":{{"kid":"a"}},"signature":"AAAA"}}"#
+        );
+        assert_eq!(code(unprotected.as_bytes()), "unprotected_header");
+        let crit = b64_encode(r#"{"alg":"ES256","kid":"a","crit":["exp"],"exp":1}"#);
+        let with_crit = format!(r#"{{"payload":"e30","protected":"{crit}","signature":"AAAA"}}"#);
+        assert_eq!(code(with_crit.as_bytes()), "crit_not_supported");
+        assert_eq!(
+            code(format!(r#"{{"payload":"e30","protected":"{header}"}}"#).as_bytes()),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(br#"{"payload":"e30","signature":"AAAA"}"#),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(format!(r#"{{"payload":"e30","protected":"{header}","signature":1}}"#).as_bytes()),
+            "malformed_warrant"
+        );
+        assert_eq!(
+            code(format!(r#"{{"payload":"e30","protected":"{header}","signature":"AAAA","signature":"AAAA"}}"#).as_bytes()),
+            "malformed_warrant"
+        );
+        assert_eq!(code(br#"{"payload":"e30"}"#), "malformed_warrant");
+    }
+
+    #[test]
+    fn other_serializations_and_trailing_data_are_refused() {
+        // The compact serialization (RFC 7515 §7.1).
+        let header = b64_encode(r#"{"alg":"ES256","kid":"a"}"#);
         assert_eq!(
             code(format!("{header}.e30.AAAA").as_bytes()),
             "malformed_warrant"

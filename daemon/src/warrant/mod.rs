@@ -1,7 +1,8 @@
 //! Warrants (PROTOCOL §4): is this request authorised?
 //!
 //! A warrant is a JWS in General JSON Serialization (RFC 7515 §7.2.1) with one
-//! signature per approving authority. This module turns those untrusted bytes
+//! signature per approving authority (a one-signature warrant may also come
+//! flattened, §7.2.2). This module turns those untrusted bytes
 //! into a [`VerifiedWarrant`] and nothing else can: [`Verifier::verify`] is its
 //! only constructor. On the way it checks, in this order:
 //!
@@ -62,7 +63,7 @@ pub enum ErrorClass {
 /// Why a warrant was refused. Every variant has a stable [`code`](Self::code).
 #[derive(Debug, thiserror::Error)]
 pub enum WarrantError {
-    /// Not a JWS in General JSON Serialization, bad base64url, an unknown or
+    /// Not a JWS in (General or flattened) JSON Serialization, bad base64url, an unknown or
     /// duplicate member, a claim out of its bounds. A buggy client, or probing.
     #[error("malformed warrant: {0}")]
     Malformed(String),

@@ -348,6 +348,9 @@ impl TrustConfig {
     /// [`TrustConfigError::Io`] for an unreadable PEM file.
     pub fn validate(&self, base_dir: &Path) -> Result<TrustStore, TrustConfigError> {
         let mut authorities = BTreeMap::new();
+        // Each key once: one key holder configured under two kids would
+        // count as two authorities and could meet a multi-party policy alone.
+        let mut keys: Vec<(usize, String, AuthorityPublicKey)> = Vec::new();
         for (i, a) in self.authorities.iter().enumerate() {
             let authority = validate_authority(&format!("authorities[{i}]"), a, base_dir)?;
             if authorities.contains_key(&authority.kid) {
@@ -356,6 +359,17 @@ impl TrustConfig {
                     format!("`{}` is configured twice", authority.kid),
                 ));
             }
+            if let Some((j, other, _)) = keys.iter().find(|(_, _, k)| *k == authority.key) {
+                return Err(invalid(
+                    format!("authorities[{i}]"),
+                    format!(
+                        "`{}` has the same public key as `{other}` (authorities[{j}]): one key \
+                         holder would count as two authorities; configure each key once",
+                        authority.kid
+                    ),
+                ));
+            }
+            keys.push((i, authority.kid.clone(), authority.key.clone()));
             authorities.insert(authority.kid.clone(), authority);
         }
         let mut per_role: BTreeMap<&str, usize> = BTreeMap::new();
@@ -457,13 +471,17 @@ fn validate_authority(
             "must be after `valid_from`",
         ));
     }
-    let key = match (&a.jwk, &a.pem_file) {
-        (Some(jwk), None) => key_from_jwk(&format!("{field}.jwk"), &jwk.0, a, alg)?,
+    let (key, key_field) = match (&a.jwk, &a.pem_file) {
+        (Some(jwk), None) => {
+            let key_field = format!("{field}.jwk");
+            (key_from_jwk(&key_field, &jwk.0, a, alg)?, key_field)
+        }
         (None, Some(path)) => {
+            let key_field = format!("{field}.pem_file");
             let path = base_dir.join(path);
             let text = std::fs::read_to_string(&path)
                 .map_err(|source| TrustConfigError::Io { path, source })?;
-            key_from_pem(&format!("{field}.pem_file"), &text, alg)?
+            (key_from_pem(&key_field, &text, alg)?, key_field)
         }
         _ => {
             return Err(invalid(
@@ -472,6 +490,11 @@ fn validate_authority(
             ))
         }
     };
+    if let AuthorityPublicKey::Ed25519(k) = &key {
+        if let Some(why) = k.weakness() {
+            return Err(invalid(key_field, format!("`{}`: {why}", a.kid)));
+        }
+    }
     let parsed = match &key {
         AuthorityPublicKey::P256(k) => ParsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, k.sec1()),
         AuthorityPublicKey::Ed25519(k) => ParsedPublicKey::new(&ED25519, k.bytes()),

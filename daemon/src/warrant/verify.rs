@@ -7,7 +7,7 @@ use time::{Duration, OffsetDateTime};
 
 use super::claims::{check_bound, normalized_digest, sha256, Claims};
 use super::jws::{self, Algorithm, ParsedJws};
-use super::trust::{RoleRule, TrustStore};
+use super::trust::{AuthorityPublicKey, RoleRule, TrustStore};
 use super::WarrantError;
 use crate::codec::format_time;
 use crate::jwk::P256PublicKey;
@@ -126,7 +126,7 @@ impl Verifier {
         &self.limits
     }
 
-    /// Verifies `jws` (General JSON Serialization bytes) at time `now` for the
+    /// Verifies `jws` (General or flattened JSON Serialization bytes) at time `now` for the
     /// caller whose TLS identity is `caller_identity`.
     ///
     /// Order: size and structure → every signature (known authority, valid at
@@ -163,7 +163,14 @@ impl Verifier {
         } else {
             (&policy.require, None)
         };
-        check_policy(rules, signers.values(), claims.emergency)?;
+        // Counted by key, not by kid: the trust config refuses one key under
+        // two kids, and this holds even if that check were ever bypassed.
+        let signed_with = signers.values().filter_map(|s| {
+            self.trust
+                .authority(&s.kid)
+                .map(|a| (s.role.as_str(), a.key()))
+        });
+        check_policy(rules, signed_with, claims.emergency)?;
 
         if now < claims.not_before {
             return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
@@ -337,20 +344,25 @@ impl VerifiedRevocation {
     }
 }
 
-/// Every rule needs `count` distinct authorities of its role.
+/// Every rule needs `count` distinct authorities of its role, an authority
+/// being a public key: `signed_with` gives the role and key of each verified
+/// signer, and the same key under two kids counts once.
 fn check_policy<'a>(
     rules: &[RoleRule],
-    signers: impl Iterator<Item = &'a Signer>,
+    signed_with: impl Iterator<Item = (&'a str, &'a AuthorityPublicKey)>,
     emergency: bool,
 ) -> Result<(), WarrantError> {
-    let mut by_role: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-    for s in signers {
-        by_role.entry(&s.role).or_default().insert(&s.kid);
+    let mut by_role: BTreeMap<&str, Vec<&AuthorityPublicKey>> = BTreeMap::new();
+    for (role, key) in signed_with {
+        let keys = by_role.entry(role).or_default();
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
     }
     let missing: Vec<(String, usize, usize)> = rules
         .iter()
         .filter_map(|rule| {
-            let found = by_role.get(rule.role.as_str()).map_or(0, BTreeSet::len);
+            let found = by_role.get(rule.role.as_str()).map_or(0, Vec::len);
             (found < rule.count).then(|| (rule.role.clone(), rule.count, found))
         })
         .collect();
@@ -358,5 +370,31 @@ fn check_policy<'a>(
         Ok(())
     } else {
         Err(WarrantError::PolicyNotMet { emergency, missing })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jwk::P256PrivateKey;
+
+    #[test]
+    fn the_policy_counts_keys_not_kids() {
+        let rules = [RoleRule {
+            role: "judicial".into(),
+            count: 2,
+        }];
+        let a = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
+        let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
+        // Two signers (two kids) holding one key: one authority.
+        let same = [("judicial", &a), ("judicial", &a)];
+        match check_policy(&rules, same.into_iter(), false) {
+            Err(WarrantError::PolicyNotMet { missing, .. }) => {
+                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
+            }
+            other => panic!("expected policy_not_met, got {other:?}"),
+        }
+        let two = [("judicial", &a), ("judicial", &b)];
+        check_policy(&rules, two.into_iter(), false).unwrap();
     }
 }

@@ -1,0 +1,180 @@
+//! The daemon does not sign whatever tree head the store presents. Leaves
+//! truncated, or rewritten with their subtree hashes recomputed, in the
+//! SQLite file behind a running `lavd serve` (through another connection)
+//! are caught before the next checkpoint: that unwrap and every later one
+//! get 503 `log_inconsistent`, `/readyz` turns 503 with `"log": false`, and
+//! stderr has an ERROR naming both tree sizes. A restart on the tampered
+//! file refuses to start (`log_inconsistent`).
+
+use std::time::Duration;
+
+use lavd::audit::merkle::{leaf_hash, node_hash, Hash};
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Clients, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+struct Setup {
+    t: TestToken,
+    daemon: Daemon,
+    c: Clients,
+    warrant: serde_json::Value,
+    escrow: lavd::jwk::P256PublicKey,
+}
+
+fn setup() -> Setup {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let warrant = vault::double_lock(&vault::claims(
+        "LOG-CONSISTENCY-1",
+        vault::recipient().public(),
+        10,
+    ));
+    Setup {
+        t,
+        daemon,
+        c,
+        warrant,
+        escrow,
+    }
+}
+
+fn unwrap(s: &Setup, n: u8) -> softhsm_tests::server::Response {
+    let envelope = vault::seal(
+        &s.escrow,
+        "E-1",
+        TARGET,
+        OffsetDateTime::now_utc() - time::Duration::hours(1),
+        &format!("m{n}"),
+        &[n; 32],
+    );
+    vault::post(
+        &s.c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": s.warrant, "envelopes": [envelope]}),
+    )
+}
+
+fn tamper(t: &TestToken, sql: &str) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute_batch(sql).unwrap();
+    conn
+}
+
+/// The number of leaves in the file, read behind the daemon's back.
+fn leaves_in_file(t: &TestToken) -> u64 {
+    let conn = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.query_row("SELECT MAX(idx) + 1 FROM audit_leaves", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap() as u64
+}
+
+/// After the tamper: refused unwraps, not ready, the ERROR with both sizes
+/// (`sizes` gets the leaves in the file after the refused unwrap); then a
+/// restart that refuses too.
+fn assert_refused_from_now_on(mut s: Setup, sizes: impl Fn(u64) -> [u64; 2]) {
+    let message = unwrap(&s, 2).assert_error(503, "log_inconsistent");
+    let sizes = sizes(leaves_in_file(&s.t));
+    assert!(message.contains("audit log"), "{message}");
+    // Every later request too, before anything is opened.
+    unwrap(&s, 3).assert_error(503, "log_inconsistent");
+    s.c.auditor
+        .get("/v1/audit/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    let ready = s.daemon.wait_readyz(503).json();
+    assert_eq!(ready["log"], false, "{ready}");
+    assert_eq!(ready["hsm"], true, "{ready}");
+    assert_eq!(ready["store"], true, "{ready}");
+    let stderr = s.daemon.stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("ERROR") && l.contains("audit log inconsistent"))
+        .unwrap_or_else(|| panic!("no ERROR line:\n{stderr}"));
+    for size in sizes {
+        assert!(line.contains(&format!("size {size}")), "{line}");
+    }
+
+    s.daemon.signal(rustix::process::Signal::TERM);
+    s.daemon.wait_exit(Duration::from_secs(30));
+    let (status, stderr) = Daemon::try_start(&s.t).expect_err("a restart on a tampered store");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(stderr.contains("lavd: log_inconsistent: "), "{stderr}");
+}
+
+#[test]
+fn a_truncated_log_is_not_signed_and_unwraps_are_refused() {
+    let s = setup();
+    let r = unwrap(&s, 1);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&s.c.auditor);
+    // Drop the last leaf (the `opened` one) and every subtree hash over it,
+    // as someone hiding an unwrap would; the next unwrap refills that index.
+    let last = size - 1;
+    tamper(
+        &s.t,
+        &format!(
+            "DELETE FROM audit_leaves WHERE idx >= {last};
+             DELETE FROM audit_nodes WHERE ((idx + 1) << level) > {last};"
+        ),
+    );
+    // The refilled leaf lands at `last`, below the size already seen.
+    assert_refused_from_now_on(s, |_| [last, size]);
+}
+
+#[test]
+fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
+    let s = setup();
+    let r = unwrap(&s, 1);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&s.c.auditor);
+    // Rewrite leaf 0 (the `key_generated` of E-1) and recompute, honestly,
+    // every subtree hash above it: the tree is well formed, just different.
+    let conn = tamper(
+        &s.t,
+        "UPDATE audit_leaves SET leaf = CAST(REPLACE(CAST(leaf AS TEXT), '\"E-1\"', '\"E-9\"') AS BLOB) WHERE idx = 0",
+    );
+    let leaf: Vec<u8> = conn
+        .query_row("SELECT leaf FROM audit_leaves WHERE idx = 0", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(String::from_utf8_lossy(&leaf).contains("E-9"));
+    let node = |level: u32, idx: u64| -> Option<Hash> {
+        conn.query_row(
+            "SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2",
+            rusqlite::params![level, idx as i64],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .ok()
+        .map(|h| h.try_into().unwrap())
+    };
+    let mut hash = leaf_hash(&leaf);
+    let mut level = 0;
+    while node(level, 0).is_some() {
+        conn.execute(
+            "UPDATE audit_nodes SET hash = ?1 WHERE level = ?2 AND idx = 0",
+            rusqlite::params![hash.as_slice(), level],
+        )
+        .unwrap();
+        match node(level, 1) {
+            Some(right) if node(level + 1, 0).is_some() => hash = node_hash(&hash, &right),
+            _ => break,
+        }
+        level += 1;
+    }
+    drop(conn);
+    // The next unwrap grows the tree: its consistency proof against the
+    // checkpoint of `size` fails.
+    assert_refused_from_now_on(s, |grown| {
+        assert!(grown > size);
+        [grown, size]
+    });
+}

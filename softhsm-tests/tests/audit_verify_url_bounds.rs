@@ -1,0 +1,191 @@
+//! `lavd audit verify --url` does not trust the server it fetches from: a
+//! hostile TLS server (played here by a thread of the test, with a
+//! certificate the verifier trusts) that never answers, streams a reply
+//! forever or announces a huge one makes the real CLI exit 1 within its
+//! bounds (`--timeout`, `--max-response-bytes`, and their defaults) with
+//! `response_timeout` or `response_too_large`.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::signature::KeyPair as _;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::PrivateKeyDer;
+use softhsm_tests::lavd_command;
+use softhsm_tests::server::Ca;
+
+#[derive(Clone, Copy)]
+enum Hostile {
+    /// Reads the request, then holds the connection without a byte.
+    Silent,
+    /// A chunked 200 reply that never ends.
+    Endless,
+    /// Announces a 1 TB body.
+    Huge,
+}
+
+/// Starts the hostile server; returns its port.
+fn hostile_server(ca: &Ca, mode: Hostile) -> u16 {
+    let issued = ca.server();
+    let (_, key_pem) = issued.pem();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(issued.chain.clone(), key)
+    .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let config = config.clone();
+            std::thread::spawn(move || serve(tcp, config, mode));
+        }
+    });
+    port
+}
+
+fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
+    let conn = rustls::ServerConnection::new(config).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tls.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    match mode {
+        Hostile::Silent => std::thread::sleep(Duration::from_secs(120)),
+        Hostile::Endless => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            if tls.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+            while tls.write_all(chunk.as_bytes()).is_ok() {}
+        }
+        Hostile::Huge => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        content-length: 1000000000000\r\n\r\n[";
+            let _ = tls.write_all(head.as_bytes());
+            std::thread::sleep(Duration::from_secs(120));
+        }
+    }
+}
+
+struct Files {
+    dir: tempfile::TempDir,
+    servers: Ca,
+}
+
+fn files() -> Files {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = Ca::new("hostile server CA");
+    let clients = Ca::new("auditor CA");
+    let (cert, key) = clients.identity("spiffe://oversight.example/auditor").pem();
+    std::fs::write(dir.path().join("ca.pem"), servers.pem()).unwrap();
+    std::fs::write(dir.path().join("auditor.pem"), cert).unwrap();
+    std::fs::write(dir.path().join("auditor.key"), key).unwrap();
+    Files { dir, servers }
+}
+
+/// Runs the real CLI against `port` with `extra` flags; returns (exit code,
+/// stderr, how long it took).
+fn verify(dir: &Path, port: u16, extra: &[&str]) -> (Option<i32>, String, Duration) {
+    let signer = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
+    let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
+    let vkey = lavd::audit::note::verifier_key("hostile.example/log", &public).unwrap();
+    let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
+    let url = format!("https://localhost:{port}");
+    let mut args = vec![
+        "audit".to_string(),
+        "verify".into(),
+        "--key".into(),
+        vkey,
+        "--url".into(),
+        url,
+        "--ca".into(),
+        p("ca.pem"),
+        "--cert".into(),
+        p("auditor.pem"),
+        "--client-key".into(),
+        p("auditor.key"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = Instant::now();
+    let out = lavd_command(&args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn a_server_that_never_answers_is_cut_at_the_timeout() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Silent);
+    let (code, stderr, took) = verify(f.dir.path(), port, &["--timeout", "2"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: response_timeout: ")
+            && stderr.contains("/v1/audit/checkpoint")
+            && stderr.contains("--timeout"),
+        "{stderr}"
+    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[test]
+fn an_endless_reply_is_cut_at_the_size_bound() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Endless);
+    let (code, stderr, took) = verify(
+        f.dir.path(),
+        port,
+        &["--max-response-bytes", "1000000", "--timeout", "60"],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: response_too_large: ")
+            && stderr.contains("larger than 1000000 bytes")
+            && stderr.contains("--max-response-bytes"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+
+    // The defaults bound it too (64 MiB, 30 s), whichever comes first.
+    let (code, stderr, took) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: response_too_large: ")
+            || stderr.contains("lavd: response_timeout: "),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(45), "took {took:?}");
+}
+
+#[test]
+fn an_announced_huge_reply_is_refused_at_once() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Huge);
+    let (code, stderr, took) = verify(f.dir.path(), port, &["--timeout", "60"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: response_too_large: ") && stderr.contains("67108864"),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}

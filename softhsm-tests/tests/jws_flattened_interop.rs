@@ -1,0 +1,153 @@
+//! A warrant and an authority revocation signed by an independent JOSE
+//! implementation (Python `jwcrypto`, which writes a one-signature JWS in
+//! the flattened JSON serialization, RFC 7515 §7.2.2) are accepted by a real
+//! `lavd serve` over mTLS (PROTOCOL §8); an object mixing the flattened and
+//! General forms is refused `malformed_warrant`.
+//!
+//! jwcrypto lives in the venv that `.ci/setup` makes; this test installs
+//! nothing, and fails (never skips) when the venv is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use softhsm_tests::server::{authorities, serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::{Duration, OffsetDateTime};
+
+/// Signs stdin-given payload bytes with a private JWK as a one-signature JWS
+/// and prints jwcrypto's JSON serialization of it (flattened for one
+/// signature).
+const SIGN: &str = r#"
+import json, sys
+from jwcrypto import jwk, jws
+key = jwk.JWK.from_json(open(sys.argv[1]).read())
+payload = open(sys.argv[2], "rb").read()
+token = jws.JWS(payload)
+token.add_signature(key, alg=sys.argv[3],
+                    protected=json.dumps({"alg": sys.argv[3], "kid": sys.argv[4]}))
+sys.stdout.write(token.serialize())
+"#;
+
+fn interop_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/setup (it makes the venv with jwcrypto)",
+        python.display()
+    );
+    python
+}
+
+/// jwcrypto's JWS over `payload`, signed by the harness's executive
+/// authority (ES256, `executive-1`).
+fn jwcrypto_sign(dir: &Path, payload: &[u8]) -> serde_json::Value {
+    let executive = &authorities().executive;
+    let key = dir.join("executive-1.jwk");
+    let data = dir.join("payload");
+    std::fs::write(
+        &key,
+        serde_json::to_string(&executive.private_jwk().unwrap()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(&data, payload).unwrap();
+    let out = Command::new(interop_python())
+        .args(["-c", SIGN])
+        .arg(&key)
+        .arg(&data)
+        .args([executive.alg().name(), executive.kid()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "jwcrypto: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // It is the flattened form, not the General one.
+    let mut members: Vec<&str> = jws
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    members.sort_unstable();
+    assert_eq!(members, ["payload", "protected", "signature"], "{jws}");
+    jws
+}
+
+#[test]
+fn a_flattened_jws_from_jwcrypto_unwraps_and_revokes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fail early, before any daemon, if the venv is missing.
+    interop_python();
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    // The harness's authorities, with an emergency rule that one executive
+    // signature meets.
+    let config = serve_config(&vault::roles_toml())
+        + "[policy.emergency]\nmax_hours = 72\n[[policy.emergency.require]]\n\
+           role = \"executive\"\ncount = 1\n";
+    t.write_config(&config);
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let now = OffsetDateTime::now_utc();
+    let envelope = vault::seal(
+        &escrow,
+        "E-1",
+        TARGET,
+        now - Duration::hours(1),
+        "m",
+        &[7; 32],
+    );
+
+    let recipient = vault::recipient();
+    let mut claims = vault::claims("URGENT-FLAT-1", recipient.public(), 5);
+    claims["emergency"] = serde_json::Value::Bool(true);
+    let warrant = jwcrypto_sign(dir.path(), claims.to_string().as_bytes());
+
+    // Mixed with a General `signatures` member: refused whole.
+    let mut mixed = warrant.clone();
+    mixed["signatures"] = serde_json::json!([{
+        "protected": warrant["protected"],
+        "signature": warrant["signature"],
+    }]);
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": mixed, "envelopes": [envelope]}),
+    );
+    let message = r.assert_error(400, "malformed_warrant");
+    assert!(message.contains("mixes"), "{message}");
+
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"]);
+
+    // The executive revokes it with a flattened JWS too.
+    let revocation = serde_json::json!({
+        "id": "URGENT-FLAT-1",
+        "reason": "signed in error",
+        "time": lavd::codec::format_time(now),
+    });
+    let signed = jwcrypto_sign(dir.path(), revocation.to_string().as_bytes());
+    let r = vault::post(
+        &c.provider,
+        "/v1/warrants/revocations",
+        &serde_json::json!({ "revocation": signed }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["revoked"], true);
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+    );
+    r.assert_error(403, "warrant_revoked");
+}
