@@ -231,8 +231,14 @@ impl TestToken {
     /// (SoftHSM itself, or the fault module of [`Shim`]), with `extra`
     /// appended.
     pub fn write_config_with_module(&self, module: &Path, extra: &str) {
+        self.write_config_with(module, 2, extra);
+    }
+
+    /// Writes `lavd.toml` for this token loading `module` with a pool of
+    /// `sessions` HSM sessions, with `extra` appended.
+    pub fn write_config_with(&self, module: &Path, sessions: usize, extra: &str) {
         let text = format!(
-            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 2\n\n\
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n\n\
              [store]\npath = \"lavd.db\"\n{extra}",
             module.display().to_string(),
             self.label
@@ -307,7 +313,14 @@ impl Default for TestToken {
 /// The `lavd-under-test` binary. Cargo builds a package's binaries before its
 /// integration tests and puts them next to the `deps/` folder that holds the
 /// test executables.
+///
+/// `LAVD_BINARY`, when set, names another binary that runs
+/// [`lavd::cli::main`] (the benchmark, which is not an integration test,
+/// runs itself).
 pub fn lavd_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LAVD_BINARY") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
