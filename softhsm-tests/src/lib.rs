@@ -45,6 +45,70 @@ pub fn module_path() -> PathBuf {
     panic!("SoftHSM 2 not found: apt-get install softhsm2, or set TEST_PKCS11_MODULE");
 }
 
+/// The latency and fault module (`pkcs11-shim/`), built by `build.rs`: a
+/// PKCS#11 module that forwards every call to SoftHSM, optionally after a
+/// delay, or fails calls on demand. See [`Shim`].
+pub fn shim_module_path() -> PathBuf {
+    PathBuf::from(env!("LAVD_PKCS11_SHIM"))
+}
+
+/// The settings file of the fault module for one test daemon. Rewriting it
+/// changes the module's behaviour in the running `lavd` within a few
+/// milliseconds (it re-reads the file when it changes).
+#[derive(Debug)]
+pub struct Shim {
+    path: PathBuf,
+    stats: PathBuf,
+}
+
+impl Shim {
+    /// A settings file in `token`'s working directory, forwarding to SoftHSM
+    /// with no delay and no fault.
+    pub fn new(token: &TestToken) -> Self {
+        let shim = Shim {
+            path: token.path("shim.conf"),
+            stats: token.path("shim.stats"),
+        };
+        shim.set("");
+        shim
+    }
+
+    /// `[hsm]` for `lavd.toml` loading the module, to pass to
+    /// [`TestToken::write_config_with_module`].
+    pub fn hsm_env(&self) -> String {
+        format!(
+            "[hsm.env]\nLAVD_SHIM_CONFIG = {:?}\n",
+            self.path.display().to_string()
+        )
+    }
+
+    /// Replaces the settings with `settings` (lines such as `delay_us = 1000`
+    /// or `fault = device_error`); the forwarded module and the stats file
+    /// are always set.
+    pub fn set(&self, settings: &str) {
+        let text = format!(
+            "module = {}\nstats = {}\n{settings}\n",
+            module_path().display(),
+            self.stats.display()
+        );
+        // Write then rename, so that the module never reads half a file.
+        let tmp = self.path.with_extension("tmp");
+        std::fs::write(&tmp, text).expect("shim settings");
+        std::fs::rename(&tmp, &self.path).expect("shim settings");
+    }
+
+    /// How many faults the module has injected so far (0 before the first).
+    pub fn faults(&self) -> u64 {
+        let Ok(text) = std::fs::read_to_string(&self.stats) else {
+            return 0;
+        };
+        text.lines()
+            .find_map(|l| l.strip_prefix("faults "))
+            .and_then(|n| n.parse().ok())
+            .expect("faults line in the shim's stats")
+    }
+}
+
 /// The process-wide SoftHSM setup.
 pub struct Harness {
     dir: tempfile::TempDir,
@@ -160,10 +224,23 @@ impl TestToken {
 
     /// Writes `lavd.toml` for this token, with `extra` appended.
     pub fn write_config(&self, extra: &str) {
+        self.write_config_with_module(&module_path(), extra);
+    }
+
+    /// Writes `lavd.toml` for this token loading the PKCS#11 `module`
+    /// (SoftHSM itself, or the fault module of [`Shim`]), with `extra`
+    /// appended.
+    pub fn write_config_with_module(&self, module: &Path, extra: &str) {
+        self.write_config_with(module, 2, extra);
+    }
+
+    /// Writes `lavd.toml` for this token loading `module` with a pool of
+    /// `sessions` HSM sessions, with `extra` appended.
+    pub fn write_config_with(&self, module: &Path, sessions: usize, extra: &str) {
         let text = format!(
-            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 2\n\n\
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n\n\
              [store]\npath = \"lavd.db\"\n{extra}",
-            module_path().display().to_string(),
+            module.display().to_string(),
             self.label
         );
         std::fs::write(self.config(), text).expect("lavd.toml");
@@ -236,7 +313,14 @@ impl Default for TestToken {
 /// The `lavd-under-test` binary. Cargo builds a package's binaries before its
 /// integration tests and puts them next to the `deps/` folder that holds the
 /// test executables.
+///
+/// `LAVD_BINARY`, when set, names another binary that runs
+/// [`lavd::cli::main`] (the benchmark, which is not an integration test,
+/// runs itself).
 pub fn lavd_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("LAVD_BINARY") {
+        return PathBuf::from(bin);
+    }
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()

@@ -409,6 +409,11 @@ impl Daemon {
         }
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The next sd_notify datagram, if one arrives within `timeout`.
     pub fn recv_notify(&self, timeout: Duration) -> Option<String> {
         self.notify

@@ -4,7 +4,7 @@
 //! `lavd serve` over mTLS (PROTOCOL §8); an object mixing the flattened and
 //! General forms is refused `malformed_warrant`.
 //!
-//! jwcrypto lives in the venv that `.ci/setup` makes; this test installs
+//! jwcrypto lives in the venv that `.ci/setup --tests` makes; this test installs
 //! nothing, and fails (never skips) when the venv is missing.
 
 use std::path::{Path, PathBuf};
@@ -33,7 +33,7 @@ fn interop_python() -> PathBuf {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
     assert!(
         python.is_file(),
-        "{} is missing: run .ci/setup (it makes the venv with jwcrypto)",
+        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto)",
         python.display()
     );
     python

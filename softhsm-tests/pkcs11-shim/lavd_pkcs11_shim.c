@@ -1,0 +1,464 @@
+/*
+ * lavd-pkcs11-shim: a PKCS#11 module that forwards every call to another
+ * module (SoftHSM in the tests) and, on demand, adds a delay per call to
+ * emulate a network HSM, or injects faults.
+ *
+ * Tests and benchmarks only. `lavd serve` loads it like any vendor module
+ * (`[hsm] module = ".../liblavd_pkcs11_shim.so"`); it reads its settings from
+ * the file named by the environment variable LAVD_SHIM_CONFIG (set it in
+ * lavd.toml's `[hsm.env]`), and re-reads that file when it changes, at most
+ * every 5 ms, so a test can start and clear a fault while lavd runs:
+ *
+ *   module = /usr/lib/softhsm/libsofthsm2.so   # required; read once
+ *   delay_us = 1000            # added before every forwarded call
+ *   fault = none | device_removed | session_handle_invalid | device_error | hang
+ *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below
+ *   fault_after = 0            # matching calls let through first (since the last change)
+ *   fault_probability = 1.0    # chance that a matching call after that fails
+ *   fault_limit = 0            # most faults to inject (0: no limit)
+ *   stats = /path/to/file      # where "calls N" / "faults N" are written after each fault
+ *
+ * `hang` blocks the call until the file no longer says `hang`, then forwards
+ * it. C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
+ * delayed or faulted: they are library calls, not device round trips.
+ *
+ * The function signatures are PKCS#11 v2.40's (OASIS), as declared in
+ * p11-kit's <p11-kit/pkcs11.h>.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+/* The lower-case (GNU) names of p11-kit's header. */
+#define CRYPTOKI_GNU 1
+#include <p11-kit/pkcs11.h>
+
+enum fault { FAULT_NONE, FAULT_RV, FAULT_HANG };
+
+struct settings {
+	char module[4096];
+	long delay_us;
+	enum fault fault;
+	ck_rv_t fault_rv;
+	char fault_calls[4096]; /* ",C_A,C_B," or empty for every call */
+	unsigned long fault_after;
+	double fault_probability;
+	unsigned long fault_limit;
+	char stats[4096];
+};
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static struct settings cfg;          /* guarded by `lock` */
+static struct timespec cfg_mtime;    /* guarded by `lock` */
+static off_t cfg_size = -1;          /* guarded by `lock` */
+static ino_t cfg_ino;                /* guarded by `lock` */
+static unsigned long matching_calls; /* guarded by `lock`; reset on change */
+static unsigned long faults;         /* guarded by `lock` */
+static atomic_ulong calls;
+static atomic_long next_check_ns;
+static struct ck_function_list *real;
+static struct ck_function_list shim;
+static unsigned int rng_state = 1;   /* guarded by `lock` */
+
+static long now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+	return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+static void trim(char *s)
+{
+	char *end = s + strlen(s);
+	while (end > s && (end[-1] == ' ' || end[-1] == '\t' || end[-1] == '\n' || end[-1] == '\r'))
+		*--end = 0;
+	char *start = s;
+	while (*start == ' ' || *start == '\t')
+		start++;
+	memmove(s, start, strlen(start) + 1);
+}
+
+/* Parses the file into `out`. Unknown keys and values abort the process:
+ * a test that misspells a fault must not pass by injecting nothing. */
+static int parse(const char *path, struct settings *out)
+{
+	FILE *f = fopen(path, "r");
+	if (!f)
+		return -1;
+	memset(out, 0, sizeof(*out));
+	out->fault_probability = 1.0;
+	char line[8192];
+	while (fgets(line, sizeof line, f)) {
+		char *hash = strchr(line, '#');
+		if (hash)
+			*hash = 0;
+		trim(line);
+		if (!*line)
+			continue;
+		char *eq = strchr(line, '=');
+		if (!eq) {
+			fprintf(stderr, "lavd-pkcs11-shim: %s: line without '=': %s\n", path, line);
+			abort();
+		}
+		*eq = 0;
+		char *key = line, *value = eq + 1;
+		trim(key);
+		trim(value);
+		if (!strcmp(key, "module")) {
+			snprintf(out->module, sizeof out->module, "%s", value);
+		} else if (!strcmp(key, "delay_us")) {
+			out->delay_us = strtol(value, NULL, 10);
+		} else if (!strcmp(key, "fault")) {
+			if (!strcmp(value, "none")) {
+				out->fault = FAULT_NONE;
+			} else if (!strcmp(value, "hang")) {
+				out->fault = FAULT_HANG;
+			} else if (!strcmp(value, "device_removed")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_DEVICE_REMOVED;
+			} else if (!strcmp(value, "session_handle_invalid")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_SESSION_HANDLE_INVALID;
+			} else if (!strcmp(value, "device_error")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_DEVICE_ERROR;
+			} else {
+				fprintf(stderr, "lavd-pkcs11-shim: %s: unknown fault `%s`\n", path, value);
+				abort();
+			}
+		} else if (!strcmp(key, "fault_calls")) {
+			snprintf(out->fault_calls, sizeof out->fault_calls, ",%s,", value);
+			for (char *c = out->fault_calls; *c; c++)
+				if (*c == ' ')
+					*c = ',';
+		} else if (!strcmp(key, "fault_after")) {
+			out->fault_after = strtoul(value, NULL, 10);
+		} else if (!strcmp(key, "fault_probability")) {
+			out->fault_probability = strtod(value, NULL);
+		} else if (!strcmp(key, "fault_limit")) {
+			out->fault_limit = strtoul(value, NULL, 10);
+		} else if (!strcmp(key, "stats")) {
+			snprintf(out->stats, sizeof out->stats, "%s", value);
+		} else {
+			fprintf(stderr, "lavd-pkcs11-shim: %s: unknown key `%s`\n", path, key);
+			abort();
+		}
+	}
+	fclose(f);
+	return 0;
+}
+
+/* Re-reads the settings file if it changed. Called with `lock` held. */
+static void reload_locked(int force)
+{
+	const char *path = getenv("LAVD_SHIM_CONFIG");
+	struct stat st;
+	if (!path || stat(path, &st) != 0)
+		return;
+	if (!force && st.st_size == cfg_size && st.st_ino == cfg_ino &&
+	    st.st_mtim.tv_sec == cfg_mtime.tv_sec && st.st_mtim.tv_nsec == cfg_mtime.tv_nsec)
+		return;
+	struct settings next;
+	if (parse(path, &next) != 0)
+		return;
+	/* The module to forward to is fixed once loaded. */
+	if (cfg.module[0])
+		memcpy(next.module, cfg.module, sizeof next.module);
+	cfg = next;
+	cfg_size = st.st_size;
+	cfg_ino = st.st_ino;
+	cfg_mtime = st.st_mtim;
+	matching_calls = 0;
+}
+
+static void maybe_reload(void)
+{
+	long now = now_ns();
+	if (now < atomic_load(&next_check_ns))
+		return;
+	atomic_store(&next_check_ns, now + 5000000L);
+	pthread_mutex_lock(&lock);
+	reload_locked(0);
+	pthread_mutex_unlock(&lock);
+}
+
+static void write_stats_locked(void)
+{
+	if (!cfg.stats[0])
+		return;
+	char tmp[4200];
+	snprintf(tmp, sizeof tmp, "%s.tmp", cfg.stats);
+	FILE *f = fopen(tmp, "w");
+	if (!f)
+		return;
+	fprintf(f, "calls %lu\nfaults %lu\n", atomic_load(&calls), faults);
+	fclose(f);
+	rename(tmp, cfg.stats);
+}
+
+/* What to do with one call of `name`: CKR_OK to forward it, or the fault. */
+static ck_rv_t before(const char *name)
+{
+	atomic_fetch_add(&calls, 1);
+	maybe_reload();
+	for (;;) {
+		pthread_mutex_lock(&lock);
+		long delay = cfg.delay_us;
+		enum fault fault = cfg.fault;
+		ck_rv_t rv = CKR_OK;
+		int hang = 0;
+		if (fault != FAULT_NONE) {
+			int matches = 1;
+			if (cfg.fault_calls[0]) {
+				char needle[128];
+				snprintf(needle, sizeof needle, ",%s,", name);
+				matches = strstr(cfg.fault_calls, needle) != NULL;
+			}
+			if (matches) {
+				matching_calls++;
+				int limited = cfg.fault_limit && faults >= cfg.fault_limit;
+				int roll = cfg.fault_probability >= 1.0 ||
+					   (double)rand_r(&rng_state) / RAND_MAX < cfg.fault_probability;
+				if (matching_calls > cfg.fault_after && !limited && roll) {
+					if (fault == FAULT_HANG) {
+						hang = 1;
+					} else {
+						rv = cfg.fault_rv;
+					}
+					faults++;
+					write_stats_locked();
+				}
+			}
+		}
+		pthread_mutex_unlock(&lock);
+		if (hang) {
+			/* Hold the call until the file stops saying `hang`. */
+			for (;;) {
+				struct timespec ts = { 0, 5000000L };
+				nanosleep(&ts, NULL);
+				pthread_mutex_lock(&lock);
+				reload_locked(0);
+				int still = cfg.fault == FAULT_HANG;
+				pthread_mutex_unlock(&lock);
+				if (!still)
+					break;
+			}
+			continue;
+		}
+		if (delay > 0) {
+			struct timespec ts = { delay / 1000000L, (delay % 1000000L) * 1000L };
+			while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+				;
+		}
+		return rv;
+	}
+}
+
+#define FWD(name, params, args)                        \
+	static ck_rv_t shim_##name params              \
+	{                                              \
+		ck_rv_t rv = before(#name);            \
+		if (rv != CKR_OK)                      \
+			return rv;                     \
+		return real->name args;                \
+	}
+
+FWD(C_GetSlotList, (unsigned char token_present, ck_slot_id_t *slot_list, unsigned long *count), (token_present, slot_list, count))
+FWD(C_GetSlotInfo, (ck_slot_id_t slot_id, struct ck_slot_info *info), (slot_id, info))
+FWD(C_GetTokenInfo, (ck_slot_id_t slot_id, struct ck_token_info *info), (slot_id, info))
+FWD(C_GetMechanismList, (ck_slot_id_t slot_id, ck_mechanism_type_t *mechanism_list, unsigned long *count), (slot_id, mechanism_list, count))
+FWD(C_GetMechanismInfo, (ck_slot_id_t slot_id, ck_mechanism_type_t type, struct ck_mechanism_info *info), (slot_id, type, info))
+FWD(C_InitToken, (ck_slot_id_t slot_id, unsigned char *pin, unsigned long pin_len, unsigned char *label), (slot_id, pin, pin_len, label))
+FWD(C_InitPIN, (ck_session_handle_t session, unsigned char *pin, unsigned long pin_len), (session, pin, pin_len))
+FWD(C_SetPIN, (ck_session_handle_t session, unsigned char *old_pin, unsigned long old_len, unsigned char *new_pin, unsigned long new_len), (session, old_pin, old_len, new_pin, new_len))
+FWD(C_OpenSession, (ck_slot_id_t slot_id, ck_flags_t flags, void *application, ck_notify_t notify, ck_session_handle_t *session), (slot_id, flags, application, notify, session))
+FWD(C_CloseSession, (ck_session_handle_t session), (session))
+FWD(C_CloseAllSessions, (ck_slot_id_t slot_id), (slot_id))
+FWD(C_GetSessionInfo, (ck_session_handle_t session, struct ck_session_info *info), (session, info))
+FWD(C_GetOperationState, (ck_session_handle_t session, unsigned char *operation_state, unsigned long *operation_state_len), (session, operation_state, operation_state_len))
+FWD(C_SetOperationState, (ck_session_handle_t session, unsigned char *operation_state, unsigned long operation_state_len, ck_object_handle_t encryption_key, ck_object_handle_t authentiation_key), (session, operation_state, operation_state_len, encryption_key, authentiation_key))
+FWD(C_Login, (ck_session_handle_t session, ck_user_type_t user_type, unsigned char *pin, unsigned long pin_len), (session, user_type, pin, pin_len))
+FWD(C_Logout, (ck_session_handle_t session), (session))
+FWD(C_CreateObject, (ck_session_handle_t session, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *object), (session, templ, count, object))
+FWD(C_CopyObject, (ck_session_handle_t session, ck_object_handle_t object, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *new_object), (session, object, templ, count, new_object))
+FWD(C_DestroyObject, (ck_session_handle_t session, ck_object_handle_t object), (session, object))
+FWD(C_GetObjectSize, (ck_session_handle_t session, ck_object_handle_t object, unsigned long *size), (session, object, size))
+FWD(C_GetAttributeValue, (ck_session_handle_t session, ck_object_handle_t object, struct ck_attribute *templ, unsigned long count), (session, object, templ, count))
+FWD(C_SetAttributeValue, (ck_session_handle_t session, ck_object_handle_t object, struct ck_attribute *templ, unsigned long count), (session, object, templ, count))
+FWD(C_FindObjectsInit, (ck_session_handle_t session, struct ck_attribute *templ, unsigned long count), (session, templ, count))
+FWD(C_FindObjects, (ck_session_handle_t session, ck_object_handle_t *object, unsigned long max_object_count, unsigned long *object_count), (session, object, max_object_count, object_count))
+FWD(C_FindObjectsFinal, (ck_session_handle_t session), (session))
+FWD(C_EncryptInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_Encrypt, (ck_session_handle_t session, unsigned char *data, unsigned long data_len, unsigned char *encrypted_data, unsigned long *encrypted_data_len), (session, data, data_len, encrypted_data, encrypted_data_len))
+FWD(C_EncryptUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len, unsigned char *encrypted_part, unsigned long *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
+FWD(C_EncryptFinal, (ck_session_handle_t session, unsigned char *last_encrypted_part, unsigned long *last_encrypted_part_len), (session, last_encrypted_part, last_encrypted_part_len))
+FWD(C_DecryptInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_Decrypt, (ck_session_handle_t session, unsigned char *encrypted_data, unsigned long encrypted_data_len, unsigned char *data, unsigned long *data_len), (session, encrypted_data, encrypted_data_len, data, data_len))
+FWD(C_DecryptUpdate, (ck_session_handle_t session, unsigned char *encrypted_part, unsigned long encrypted_part_len, unsigned char *part, unsigned long *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
+FWD(C_DecryptFinal, (ck_session_handle_t session, unsigned char *last_part, unsigned long *last_part_len), (session, last_part, last_part_len))
+FWD(C_DigestInit, (ck_session_handle_t session, struct ck_mechanism *mechanism), (session, mechanism))
+FWD(C_Digest, (ck_session_handle_t session, unsigned char *data, unsigned long data_len, unsigned char *digest, unsigned long *digest_len), (session, data, data_len, digest, digest_len))
+FWD(C_DigestUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len), (session, part, part_len))
+FWD(C_DigestKey, (ck_session_handle_t session, ck_object_handle_t key), (session, key))
+FWD(C_DigestFinal, (ck_session_handle_t session, unsigned char *digest, unsigned long *digest_len), (session, digest, digest_len))
+FWD(C_SignInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_Sign, (ck_session_handle_t session, unsigned char *data, unsigned long data_len, unsigned char *signature, unsigned long *signature_len), (session, data, data_len, signature, signature_len))
+FWD(C_SignUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len), (session, part, part_len))
+FWD(C_SignFinal, (ck_session_handle_t session, unsigned char *signature, unsigned long *signature_len), (session, signature, signature_len))
+FWD(C_SignRecoverInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_SignRecover, (ck_session_handle_t session, unsigned char *data, unsigned long data_len, unsigned char *signature, unsigned long *signature_len), (session, data, data_len, signature, signature_len))
+FWD(C_VerifyInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_Verify, (ck_session_handle_t session, unsigned char *data, unsigned long data_len, unsigned char *signature, unsigned long signature_len), (session, data, data_len, signature, signature_len))
+FWD(C_VerifyUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len), (session, part, part_len))
+FWD(C_VerifyFinal, (ck_session_handle_t session, unsigned char *signature, unsigned long signature_len), (session, signature, signature_len))
+FWD(C_VerifyRecoverInit, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t key), (session, mechanism, key))
+FWD(C_VerifyRecover, (ck_session_handle_t session, unsigned char *signature, unsigned long signature_len, unsigned char *data, unsigned long *data_len), (session, signature, signature_len, data, data_len))
+FWD(C_DigestEncryptUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len, unsigned char *encrypted_part, unsigned long *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
+FWD(C_DecryptDigestUpdate, (ck_session_handle_t session, unsigned char *encrypted_part, unsigned long encrypted_part_len, unsigned char *part, unsigned long *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
+FWD(C_SignEncryptUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len, unsigned char *encrypted_part, unsigned long *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
+FWD(C_DecryptVerifyUpdate, (ck_session_handle_t session, unsigned char *encrypted_part, unsigned long encrypted_part_len, unsigned char *part, unsigned long *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
+FWD(C_GenerateKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *key), (session, mechanism, templ, count, key))
+FWD(C_GenerateKeyPair, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *public_key_template, unsigned long public_key_attribute_count, struct ck_attribute *private_key_template, unsigned long private_key_attribute_count, ck_object_handle_t *public_key, ck_object_handle_t *private_key), (session, mechanism, public_key_template, public_key_attribute_count, private_key_template, private_key_attribute_count, public_key, private_key))
+FWD(C_WrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t wrapping_key, ck_object_handle_t key, unsigned char *wrapped_key, unsigned long *wrapped_key_len), (session, mechanism, wrapping_key, key, wrapped_key, wrapped_key_len))
+FWD(C_UnwrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t unwrapping_key, unsigned char *wrapped_key, unsigned long wrapped_key_len, struct ck_attribute *templ, unsigned long attribute_count, ck_object_handle_t *key), (session, mechanism, unwrapping_key, wrapped_key, wrapped_key_len, templ, attribute_count, key))
+FWD(C_DeriveKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t base_key, struct ck_attribute *templ, unsigned long attribute_count, ck_object_handle_t *key), (session, mechanism, base_key, templ, attribute_count, key))
+FWD(C_SeedRandom, (ck_session_handle_t session, unsigned char *seed, unsigned long seed_len), (session, seed, seed_len))
+FWD(C_GenerateRandom, (ck_session_handle_t session, unsigned char *random_data, unsigned long random_len), (session, random_data, random_len))
+FWD(C_GetFunctionStatus, (ck_session_handle_t session), (session))
+FWD(C_CancelFunction, (ck_session_handle_t session), (session))
+FWD(C_WaitForSlotEvent, (ck_flags_t flags, ck_slot_id_t *slot, void *reserved), (flags, slot, reserved))
+
+static ck_rv_t shim_C_Initialize(void *init_args)
+{
+	return real->C_Initialize(init_args);
+}
+
+static ck_rv_t shim_C_Finalize(void *reserved)
+{
+	return real->C_Finalize(reserved);
+}
+
+static ck_rv_t shim_C_GetInfo(struct ck_info *info)
+{
+	return real->C_GetInfo(info);
+}
+
+static ck_rv_t shim_C_GetFunctionList(struct ck_function_list **list);
+
+/* Loads the real module once. Returns 0 on success. */
+static int load(void)
+{
+	if (real)
+		return 0;
+	reload_locked(1);
+	if (!cfg.module[0]) {
+		fprintf(stderr, "lavd-pkcs11-shim: LAVD_SHIM_CONFIG unset, unreadable, or without `module`\n");
+		return -1;
+	}
+	void *handle = dlopen(cfg.module, RTLD_NOW | RTLD_LOCAL);
+	if (!handle) {
+		fprintf(stderr, "lavd-pkcs11-shim: %s\n", dlerror());
+		return -1;
+	}
+	ck_rv_t (*get)(struct ck_function_list **) =
+		(ck_rv_t (*)(struct ck_function_list **))dlsym(handle, "C_GetFunctionList");
+	if (!get || get(&real) != CKR_OK || !real) {
+		fprintf(stderr, "lavd-pkcs11-shim: %s has no usable C_GetFunctionList\n", cfg.module);
+		real = NULL;
+		return -1;
+	}
+	shim.version = real->version;
+#define SET(name) shim.name = shim_##name;
+	SET(C_Initialize) SET(C_Finalize) SET(C_GetInfo) SET(C_GetFunctionList)
+	SET(C_GetSlotList)
+	SET(C_GetSlotInfo)
+	SET(C_GetTokenInfo)
+	SET(C_GetMechanismList)
+	SET(C_GetMechanismInfo)
+	SET(C_InitToken)
+	SET(C_InitPIN)
+	SET(C_SetPIN)
+	SET(C_OpenSession)
+	SET(C_CloseSession)
+	SET(C_CloseAllSessions)
+	SET(C_GetSessionInfo)
+	SET(C_GetOperationState)
+	SET(C_SetOperationState)
+	SET(C_Login)
+	SET(C_Logout)
+	SET(C_CreateObject)
+	SET(C_CopyObject)
+	SET(C_DestroyObject)
+	SET(C_GetObjectSize)
+	SET(C_GetAttributeValue)
+	SET(C_SetAttributeValue)
+	SET(C_FindObjectsInit)
+	SET(C_FindObjects)
+	SET(C_FindObjectsFinal)
+	SET(C_EncryptInit)
+	SET(C_Encrypt)
+	SET(C_EncryptUpdate)
+	SET(C_EncryptFinal)
+	SET(C_DecryptInit)
+	SET(C_Decrypt)
+	SET(C_DecryptUpdate)
+	SET(C_DecryptFinal)
+	SET(C_DigestInit)
+	SET(C_Digest)
+	SET(C_DigestUpdate)
+	SET(C_DigestKey)
+	SET(C_DigestFinal)
+	SET(C_SignInit)
+	SET(C_Sign)
+	SET(C_SignUpdate)
+	SET(C_SignFinal)
+	SET(C_SignRecoverInit)
+	SET(C_SignRecover)
+	SET(C_VerifyInit)
+	SET(C_Verify)
+	SET(C_VerifyUpdate)
+	SET(C_VerifyFinal)
+	SET(C_VerifyRecoverInit)
+	SET(C_VerifyRecover)
+	SET(C_DigestEncryptUpdate)
+	SET(C_DecryptDigestUpdate)
+	SET(C_SignEncryptUpdate)
+	SET(C_DecryptVerifyUpdate)
+	SET(C_GenerateKey)
+	SET(C_GenerateKeyPair)
+	SET(C_WrapKey)
+	SET(C_UnwrapKey)
+	SET(C_DeriveKey)
+	SET(C_SeedRandom)
+	SET(C_GenerateRandom)
+	SET(C_GetFunctionStatus)
+	SET(C_CancelFunction)
+	SET(C_WaitForSlotEvent)
+#undef SET
+	return 0;
+}
+
+static ck_rv_t shim_C_GetFunctionList(struct ck_function_list **list)
+{
+	if (!list)
+		return CKR_ARGUMENTS_BAD;
+	pthread_mutex_lock(&lock);
+	int failed = load();
+	pthread_mutex_unlock(&lock);
+	if (failed)
+		return CKR_GENERAL_ERROR;
+	*list = &shim;
+	return CKR_OK;
+}
+
+__attribute__((visibility("default"))) ck_rv_t C_GetFunctionList(struct ck_function_list **list)
+{
+	return shim_C_GetFunctionList(list);
+}

@@ -1,0 +1,712 @@
+//! `lavd-bench`: every throughput and latency figure of `docs/benchmarks.md`
+//! from one run on one machine, so that the ratios between them mean
+//! something on a shared, noisy host.
+//!
+//! ```sh
+//! cargo run --release -p softhsm-tests --bin lavd-bench -- [--quick] [--json FILE]
+//! ```
+//!
+//! It prints a markdown table and writes the same figures as JSON (default
+//! `target/lavd-bench.json`):
+//!
+//! - (a) the limit: raw `C_DeriveKey` (ECDH1, CKD_NULL), `C_GetAttributeValue`
+//!   and `C_DestroyObject` per second on this program's own sessions, on 1
+//!   session, on one per core, and on as many as the daemon's pool;
+//! - (b) HSM-backed HPKE open through the library and its session pool;
+//! - (c) end-to-end `POST /v1/unwrap` over mTLS with durable audit, envelopes
+//!   per second, at batch 1, 100 and 1000 and 1, 4 and 16 clients (envelopes
+//!   and warrant built before timing; replies not opened while timing);
+//! - (d) single-envelope latency p50/p99 on kept-alive connections at 1 and 8
+//!   clients, beside one derive plus one durable SQLite commit on the same
+//!   disk;
+//! - (e) the daemon's peak RSS (`VmHWM`) after (c), whose largest load is 16
+//!   clients × 1000 envelopes;
+//! - (f) (c) at batch 1000 on a daemon whose log already holds 1,000,000
+//!   leaves (100,000 with `--quick`);
+//! - (g) (a) and (c) at batch 1000 through the latency module
+//!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions.
+//!
+//! `--quick` runs each measurement briefly: a smoke run, not figures.
+//!
+//! The daemon is the real `lavd serve` on a SoftHSM token; this binary runs
+//! itself as `lavd` for that (the integration tests' `lavd-under-test` is not
+//! built by `cargo run`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: any failure stops it loudly
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use lavd::envelope::{open_envelope, seal_envelope, Envelope, HeaderBuilder};
+use lavd::hsm::Hsm;
+use lavd::jwk::P256PublicKey;
+use serde_json::json;
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+
+const KID: &str = "E-1";
+/// The daemon's HSM session pool in (c)–(f).
+const POOL: usize = 4;
+/// The pool, and the client count, through the latency module in (g).
+const SHIM_POOL: usize = 16;
+/// Emulated network-HSM round trip in (g).
+const SHIM_DELAY_US: u64 = 1000;
+/// PKCS#11 calls per envelope open: derive, read, destroy.
+const CALLS_PER_OPEN: u64 = 3;
+
+struct Options {
+    quick: bool,
+    json: PathBuf,
+}
+
+impl Options {
+    fn parse() -> Self {
+        let mut options = Options {
+            quick: false,
+            json: PathBuf::from("target/lavd-bench.json"),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.quick = true,
+                "--json" => options.json = args.next().expect("--json FILE").into(),
+                other => {
+                    eprintln!("lavd-bench: unknown argument {other}\nusage: lavd-bench [--quick] [--json FILE]");
+                    std::process::exit(64);
+                }
+            }
+        }
+        options
+    }
+
+    /// Time per throughput measurement.
+    fn seconds(&self) -> Duration {
+        Duration::from_secs_f64(if self.quick { 0.3 } else { 3.0 })
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    // The daemon this benchmark starts is this very binary.
+    if std::env::var_os("LAVD_BENCH_AS_LAVD").is_some() {
+        return lavd::cli::main();
+    }
+    let options = Options::parse();
+    // Edition 2021: set before any thread starts; the children inherit it.
+    std::env::set_var("LAVD_BENCH_AS_LAVD", "1");
+    std::env::set_var("LAVD_BINARY", std::env::current_exe().expect("own path"));
+
+    let mut report = Report::default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    report.note("cores", cores as f64);
+
+    // (a), (b): this process's own sessions and lavd's library.
+    let token = TestToken::new();
+    let pki = Pki::new(&token);
+    token.write_config_with(
+        &softhsm_tests::module_path(),
+        POOL,
+        &serve_config(&bench_toml()),
+    );
+    let escrow = vault::generate_escrow_key(&token, KID);
+    let envelopes = sealed(&escrow, 1000);
+    let peers: Vec<P256PublicKey> = envelopes.iter().map(|e| e.enc().clone()).collect();
+    let pkcs11 = softhsm_tests::harness().pkcs11();
+    let mut session_counts = vec![1, cores, POOL];
+    session_counts.dedup();
+    for n in session_counts {
+        let raw = Raw::new(pkcs11, &token, n);
+        let ops = measure(n, options.seconds(), |t, i| {
+            raw.op(t, &peers[i as usize % peers.len()])
+        });
+        report.row(
+            "a",
+            &format!("raw derive+read+destroy, {n} session(s)"),
+            ops,
+            "ops/s",
+        );
+    }
+    {
+        let mut settings = token.settings().hsm;
+        settings.sessions = POOL;
+        let hsm = Hsm::open(settings).expect("open HSM");
+        for threads in [1, cores] {
+            let ops = measure(threads, options.seconds(), |_, i| {
+                let env = &envelopes[i as usize % envelopes.len()];
+                open_envelope(env, &escrow, |e| hsm.ecdh(KID, e)).expect("open");
+            });
+            report.row(
+                "b",
+                &format!("HSM-backed HPKE open, {threads} thread(s)"),
+                ops,
+                "ops/s",
+            );
+        }
+    }
+
+    // (c), (d), (e): the daemon.
+    let envelope_json: Vec<serde_json::Value> = envelopes
+        .iter()
+        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+        .collect();
+    let daemon = Daemon::start(&token);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let agency = parties.clients(&pki, daemon.api).agency;
+    let warrant = big_warrant("BENCH-C");
+    let mut best_1000 = 0f64;
+    for batch in [1usize, 100, 1000] {
+        let body = unwrap_body(&warrant, &envelope_json[..batch]);
+        for clients in [1usize, 4, 16] {
+            let rate = unwrap_rate(&agency, &body, batch, clients, options.seconds());
+            if batch == 1000 {
+                best_1000 = best_1000.max(rate);
+            }
+            report.row(
+                "c",
+                &format!("/v1/unwrap, batch {batch}, {clients} client(s)"),
+                rate,
+                "envelopes/s",
+            );
+        }
+    }
+    report.row(
+        "c",
+        "/v1/unwrap, batch 1000, best",
+        best_1000,
+        "envelopes/s",
+    );
+    let single = unwrap_body(&warrant, &envelope_json[..1]);
+    let requests = if options.quick { 50 } else { 1000 };
+    for clients in [1usize, 8] {
+        let (p50, p99) = latency(&agency, &single, clients, requests);
+        report.row(
+            "d",
+            &format!("single-envelope p50, {clients} client(s)"),
+            p50 * 1e3,
+            "ms",
+        );
+        report.row(
+            "d",
+            &format!("single-envelope p99, {clients} client(s)"),
+            p99 * 1e3,
+            "ms",
+        );
+    }
+    let derive = {
+        let raw = Raw::new(pkcs11, &token, 1);
+        let n = if options.quick { 100 } else { 2000 };
+        let started = Instant::now();
+        for i in 0..n {
+            raw.op(0, &peers[i % peers.len()]);
+        }
+        started.elapsed().as_secs_f64() / n as f64
+    };
+    let commit = commit_seconds(
+        &token.path("commit-probe.db"),
+        if options.quick { 20 } else { 200 },
+    );
+    report.row(
+        "d",
+        "one derive+read+destroy (mean, 1 session)",
+        derive * 1e3,
+        "ms",
+    );
+    report.row(
+        "d",
+        "one durable SQLite commit (median)",
+        commit * 1e3,
+        "ms",
+    );
+    let rss = peak_rss_mib(daemon.pid());
+    report.row("e", "daemon peak RSS after (c)", rss, "MiB");
+    drop(daemon);
+
+    // (f): the same at batch 1000 on a log that already holds many leaves.
+    let leaves: u64 = if options.quick { 100_000 } else { 1_000_000 };
+    let big = TestToken::new();
+    let big_pki = Pki::new(&big);
+    big.write_config_with(
+        &softhsm_tests::module_path(),
+        POOL,
+        &serve_config(&bench_toml()),
+    );
+    let big_escrow = vault::generate_escrow_key(&big, KID);
+    prefill(&big.path("lavd.db"), leaves);
+    let big_envelopes: Vec<serde_json::Value> = sealed(&big_escrow, 1000)
+        .iter()
+        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+        .collect();
+    let daemon = Daemon::start(&big);
+    daemon.wait_readyz(200);
+    let agency = Parties::new(&big_pki).clients(&big_pki, daemon.api).agency;
+    let body = unwrap_body(&big_warrant("BENCH-F"), &big_envelopes);
+    let mut best_big = 0f64;
+    for clients in [1usize, 4, 16] {
+        best_big = best_big.max(unwrap_rate(
+            &agency,
+            &body,
+            1000,
+            clients,
+            options.seconds(),
+        ));
+    }
+    report.row(
+        "f",
+        &format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves"),
+        best_big,
+        "envelopes/s",
+    );
+    drop(daemon);
+
+    // (g): through the latency module.
+    let slow = TestToken::new();
+    let slow_pki = Pki::new(&slow);
+    let shim = Shim::new(&slow);
+    slow.write_config_with(
+        &shim_module_path(),
+        SHIM_POOL,
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&bench_toml())),
+    );
+    let slow_escrow = vault::generate_escrow_key(&slow, KID);
+    let slow_envelopes: Vec<serde_json::Value> = sealed(&slow_escrow, 1000)
+        .iter()
+        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+        .collect();
+    let daemon = Daemon::start(&slow);
+    daemon.wait_readyz(200);
+    shim.set(&format!("delay_us = {SHIM_DELAY_US}"));
+    {
+        // This process's own sessions through the module: load it as a
+        // second PKCS#11 library (it forwards to the SoftHSM already loaded).
+        std::env::set_var("LAVD_SHIM_CONFIG", slow.path("shim.conf"));
+        let shimmed = Pkcs11::new(shim_module_path()).expect("load the latency module");
+        match shimmed.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+            Ok(()) => {}
+            Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::CryptokiAlreadyInitialized,
+                _,
+            )) => {}
+            Err(e) => panic!("initialize the latency module: {e}"),
+        }
+        let slow_peers: Vec<P256PublicKey> = sealed(&slow_escrow, 64)
+            .iter()
+            .map(|e| e.enc().clone())
+            .collect();
+        for n in [1, SHIM_POOL] {
+            let raw = Raw::new(&shimmed, &slow, n);
+            let ops = measure(n, options.seconds(), |t, i| {
+                raw.op(t, &slow_peers[i as usize % slow_peers.len()])
+            });
+            report.row(
+                "g",
+                &format!("raw derive+read+destroy at 1 ms/call, {n} session(s)"),
+                ops,
+                "ops/s",
+            );
+        }
+    }
+    let agency = Parties::new(&slow_pki)
+        .clients(&slow_pki, daemon.api)
+        .agency;
+    let body = unwrap_body(&big_warrant("BENCH-G"), &slow_envelopes);
+    let mut conn = agency.connect().expect("connect");
+    let started = Instant::now();
+    let r = conn
+        .request("POST", "/v1/unwrap", &[], Some(&body))
+        .expect("unwrap");
+    let batch_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let ideal = (CALLS_PER_OPEN * 1000 * SHIM_DELAY_US) as f64 / 1e6 / SHIM_POOL as f64;
+    report.row(
+        "g",
+        "one 1000-envelope /v1/unwrap at 1 ms/call",
+        batch_seconds * 1e3,
+        "ms",
+    );
+    report.row(
+        "g",
+        "ideal (3 calls × 1000 × 1 ms / 16 sessions)",
+        ideal * 1e3,
+        "ms",
+    );
+    drop(daemon);
+
+    // The targets, as ratios from this run.
+    let raw_cores = report.value(&format!("raw derive+read+destroy, {cores} session(s)"));
+    report.ratio(
+        "(c) best at batch 1000 / (a) on one session per core",
+        best_1000 / raw_cores,
+        "≥ 0.85",
+    );
+    report.ratio("(g) batch time / ideal", batch_seconds / ideal, "≤ 1.25");
+    let p50 = report.value("single-envelope p50, 1 client(s)") / 1e3;
+    report.ratio(
+        "(d) p50 at 1 client / (derive + commit)",
+        p50 / (derive + commit),
+        "≤ 1.5",
+    );
+    report.ratio("(e) peak RSS / 64 MiB", rss / 64.0, "≤ 1");
+    report.ratio(
+        "(f) / (c), best at batch 1000",
+        best_big / best_1000,
+        "≥ 0.9",
+    );
+
+    report.print(options.quick);
+    if let Some(dir) = options.json.parent() {
+        std::fs::create_dir_all(dir).expect("json dir");
+    }
+    std::fs::write(&options.json, report.json(options.quick)).expect("write json");
+    eprintln!("wrote {}", options.json.display());
+    std::process::ExitCode::SUCCESS
+}
+
+/// `[roles]` plus limits that let the benchmark through: large bodies and
+/// batches, and a rate limit it never reaches.
+fn bench_toml() -> String {
+    format!(
+        "{}\n[limits]\nmax_body_bytes = 16777216\nmax_batch = 1000\n\
+         rate_limit_per_second = 1000000\nrate_limit_burst = 1000000\n",
+        vault::roles_toml()
+    )
+}
+
+/// A double-lock warrant with a budget the benchmark never exhausts.
+fn big_warrant(id: &str) -> serde_json::Value {
+    let recipient = vault::recipient();
+    vault::double_lock(&vault::claims(id, recipient.public(), 1_000_000_000_000))
+}
+
+/// `n` envelopes to escrow key `KID`, each with its own DEK.
+fn sealed(escrow: &P256PublicKey, n: usize) -> Vec<Envelope> {
+    let now = time::OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            let header = HeaderBuilder::new(
+                KID,
+                vault::PROVIDER,
+                TARGET,
+                now - time::Duration::minutes(1 + i as i64 % 600),
+            )
+            .reference(format!("bench-{i}"))
+            .build()
+            .expect("header");
+            seal_envelope(escrow, &header, format!("bench-dek-{i:022}").as_bytes()).expect("seal")
+        })
+        .collect()
+}
+
+fn unwrap_body(warrant: &serde_json::Value, envelopes: &[serde_json::Value]) -> Vec<u8> {
+    json!({"warrant": warrant, "envelopes": envelopes})
+        .to_string()
+        .into_bytes()
+}
+
+/// Runs `op(thread, i)` on `threads` threads for `duration`; ops per second.
+fn measure<F>(threads: usize, duration: Duration, op: F) -> f64
+where
+    F: Fn(usize, u64) + Sync,
+{
+    let stop = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (stop, count, op) = (&stop, &count, &op);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    op(t, i);
+                    i += 1;
+                }
+                count.fetch_add(i, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+    });
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
+/// its own kept-alive connection, send `body` until `duration` has passed
+/// (each at least once); the clock stops when the last reply arrives.
+fn unwrap_rate(
+    agency: &Client,
+    body: &[u8],
+    batch: usize,
+    clients: usize,
+    duration: Duration,
+) -> f64 {
+    let envelopes = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..clients {
+            let envelopes = &envelopes;
+            s.spawn(move || {
+                let mut conn = agency.connect().expect("connect");
+                loop {
+                    let r = conn
+                        .request("POST", "/v1/unwrap", &[], Some(body))
+                        .expect("unwrap");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    envelopes.fetch_add(batch as u64, Ordering::Relaxed);
+                    if started.elapsed() >= duration {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// p50 and p99 in seconds of `requests` single-envelope unwraps per client,
+/// `clients` at once, each on its own kept-alive connection.
+fn latency(agency: &Client, body: &[u8], clients: usize, requests: usize) -> (f64, f64) {
+    let mut all: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                s.spawn(move || {
+                    let mut conn = agency.connect().expect("connect");
+                    // One untimed request warms the connection.
+                    conn.request("POST", "/v1/unwrap", &[], Some(body))
+                        .expect("unwrap");
+                    (0..requests)
+                        .map(|_| {
+                            let started = Instant::now();
+                            let r = conn
+                                .request("POST", "/v1/unwrap", &[], Some(body))
+                                .expect("unwrap");
+                            let t = started.elapsed().as_secs_f64();
+                            assert_eq!(r.status, 200, "{}", r.text());
+                            t
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client"))
+            .collect()
+    });
+    all.sort_by(f64::total_cmp);
+    let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
+    (at(0.50), at(0.99))
+}
+
+/// This program's own sessions on `token` (through `pkcs11`), one per
+/// thread, each doing exactly the per-envelope HSM work with no lavd code.
+struct Raw {
+    sessions: Vec<std::sync::Mutex<(Session, cryptoki::object::ObjectHandle)>>,
+}
+
+impl Raw {
+    fn new(pkcs11: &Pkcs11, token: &TestToken, n: usize) -> Self {
+        let slot = pkcs11
+            .get_slots_with_token()
+            .expect("slots")
+            .into_iter()
+            .find(|s| {
+                pkcs11
+                    .get_token_info(*s)
+                    .map(|i| i.label().trim_end() == token.label)
+                    .unwrap_or(false)
+            })
+            .expect("token present");
+        let sessions = (0..n)
+            .map(|_| {
+                let session = pkcs11.open_rw_session(slot).expect("open session");
+                match session.login(
+                    UserType::User,
+                    Some(&AuthPin::new(softhsm_tests::PIN.into())),
+                ) {
+                    Ok(())
+                    | Err(cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::UserAlreadyLoggedIn,
+                        _,
+                    )) => {}
+                    Err(e) => panic!("login: {e}"),
+                }
+                let key = session
+                    .find_objects(&[
+                        Attribute::Class(ObjectClass::PRIVATE_KEY),
+                        Attribute::Label(format!("lav-escrow:{KID}").into_bytes()),
+                    ])
+                    .expect("find")[0];
+                std::sync::Mutex::new((session, key))
+            })
+            .collect();
+        Raw { sessions }
+    }
+
+    fn op(&self, thread: usize, peer: &P256PublicKey) {
+        let guard = self.sessions[thread].lock().expect("session");
+        let (session, key) = &*guard;
+        let params = Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1());
+        let derived = session
+            .derive_key(
+                &Mechanism::Ecdh1Derive(params),
+                *key,
+                &[
+                    Attribute::Class(ObjectClass::SECRET_KEY),
+                    Attribute::KeyType(KeyType::GENERIC_SECRET),
+                    Attribute::Token(false),
+                    Attribute::Sensitive(false),
+                    Attribute::Extractable(true),
+                    Attribute::ValueLen(32u64.into()),
+                ],
+            )
+            .expect("derive");
+        let value = session
+            .get_attributes(derived, &[AttributeType::Value])
+            .expect("read");
+        session.destroy_object(derived).expect("destroy");
+        assert!(matches!(&value[0], Attribute::Value(v) if v.len() == 32));
+    }
+}
+
+/// The median time of a durable commit of one ~300-byte row in SQLite with
+/// lavd's settings (WAL, `synchronous=FULL`), in a file at `path`: the
+/// store's part of an unwrap's cost on this disk.
+fn commit_seconds(path: &std::path::Path, n: usize) -> f64 {
+    let conn = rusqlite::Connection::open(path).expect("probe db");
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .expect("wal");
+    conn.pragma_update(None, "synchronous", "FULL")
+        .expect("full");
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS t (v BLOB)")
+        .expect("table");
+    let row = vec![7u8; 300];
+    let mut times: Vec<f64> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [&row])
+                .expect("insert");
+            started.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// Appends `leaves` key-generation leaves to the store at `path` before the
+/// daemon starts, in group commits of 1000, as the store itself writes them.
+fn prefill(path: &std::path::Path, leaves: u64) {
+    use lavd::audit::leaf::{Event, KeyGenerated};
+    use lavd::store::{AuditAppend, AuditStore, Spend, Store};
+    let store = Store::open(path).expect("store");
+    let t0 = time::OffsetDateTime::now_utc();
+    let event: Event = KeyGenerated::new(
+        "prefill",
+        t0,
+        t0 + time::Duration::days(31),
+        t0 + time::Duration::days(400),
+        None,
+    )
+    .expect("event")
+    .into();
+    let mut written = 0;
+    while written < leaves {
+        let n = 1000.min(leaves - written);
+        store
+            .append(AuditAppend {
+                events: vec![event.clone(); n as usize],
+                time: t0,
+                spend: Spend::None,
+            })
+            .expect("append");
+        written += n;
+    }
+}
+
+/// `VmHWM` (peak resident set) of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kib / 1024.0
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<(String, String, f64, String)>,
+    ratios: Vec<(String, f64, String)>,
+    notes: Vec<(String, f64)>,
+}
+
+impl Report {
+    fn row(&mut self, part: &str, what: &str, value: f64, unit: &str) {
+        eprintln!("({part}) {what}: {value:.2} {unit}");
+        self.rows
+            .push((part.into(), what.into(), value, unit.into()));
+    }
+
+    fn ratio(&mut self, what: &str, value: f64, target: &str) {
+        self.ratios.push((what.into(), value, target.into()));
+    }
+
+    fn note(&mut self, what: &str, value: f64) {
+        self.notes.push((what.into(), value));
+    }
+
+    fn value(&self, what: &str) -> f64 {
+        self.rows
+            .iter()
+            .find(|r| r.1 == what)
+            .map(|r| r.2)
+            .unwrap_or_else(|| panic!("no figure {what}"))
+    }
+
+    fn print(&self, quick: bool) {
+        if quick {
+            println!("(--quick: a smoke run; these are not figures)\n");
+        }
+        println!("| part | measurement | value | unit |\n|---|---|---:|---|");
+        for (part, what, value, unit) in &self.rows {
+            println!("| ({part}) | {what} | {value:.1} | {unit} |");
+        }
+        println!("\n| target | ratio | wanted |\n|---|---:|---|");
+        for (what, value, target) in &self.ratios {
+            println!("| {what} | {value:.2} | {target} |");
+        }
+    }
+
+    fn json(&self, quick: bool) -> String {
+        let rows: Vec<_> = self
+            .rows
+            .iter()
+            .map(|(part, what, value, unit)| json!({"part": part, "measurement": what, "value": value, "unit": unit}))
+            .collect();
+        let ratios: Vec<_> = self
+            .ratios
+            .iter()
+            .map(|(what, value, target)| json!({"ratio": what, "value": value, "wanted": target}))
+            .collect();
+        let notes: serde_json::Map<_, _> = self
+            .notes
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+        let doc = json!({
+            "quick": quick,
+            "date": lavd::codec::format_time(time::OffsetDateTime::now_utc()),
+            "machine": notes,
+            "rows": rows,
+            "ratios": ratios,
+        });
+        serde_json::to_string_pretty(&doc).expect("json")
+    }
+}
