@@ -66,8 +66,10 @@ const REFUSED: Series = Series {
     color: VERMILLION,
 };
 
-/// One bar: its label and one value per series.
+/// One bar: its machine key (a month, code or status, as in the JSON), its
+/// label and one value per series.
 struct Row {
+    key: String,
     label: String,
     values: Vec<u64>,
 }
@@ -133,8 +135,9 @@ impl Chart<'_> {
             let label = escape(&row.label);
             let _ = write!(
                 out,
-                "<g data-row=\"{label}\" data-total=\"{total}\">\
+                "<g data-key=\"{}\" data-row=\"{label}\" data-total=\"{total}\">\
                  <text x=\"0\" y=\"{}\" class=\"label\">{label}</text>",
+                escape(&row.key),
                 y + 12
             );
             let mut x = 0.0f64;
@@ -206,7 +209,10 @@ impl Chart<'_> {
         out.push_str("</tbody></table>");
     }
 
-    fn section(&self, heading: &str, intro: &str, out: &mut String) {
+    /// The section: heading, intro, the chart with its table beside it
+    /// (then `beside`), and `below` under both (`beside` and `below` are
+    /// HTML made here, every log string already escaped).
+    fn section(&self, heading: &str, intro: &str, beside: &str, below: &str, out: &mut String) {
         let _ = write!(
             out,
             "<section aria-labelledby=\"{id}-h\"><h2 id=\"{id}-h\">{}</h2><p class=\"intro\">{}</p>\
@@ -216,9 +222,12 @@ impl Chart<'_> {
             id = self.id
         );
         self.svg(out);
-        out.push_str("</figure>");
+        out.push_str("</figure><div>");
         self.table(out);
-        out.push_str("</div></section>");
+        out.push_str(beside);
+        out.push_str("</div></div>");
+        out.push_str(below);
+        out.push_str("</section>");
     }
 }
 
@@ -279,9 +288,12 @@ svg .total { fill: #1a1a1a; font-weight: 700; }
 svg .empty { fill: #666; font-style: italic; }
 table { border-collapse: collapse; width: 100%; font-size: 13px; margin: 0 0 8px; }
 caption { text-align: left; font-weight: 600; padding: 0 0 4px; }
-th, td { border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; overflow-wrap: anywhere; }
+th, td { border-bottom: 1px solid #ddd; padding: 3px 6px; text-align: left; vertical-align: top; }
+tbody th { overflow-wrap: anywhere; font-weight: 600; }
+.t { white-space: nowrap; }
+table + table { margin-top: 14px; }
 thead th { border-bottom: 2px solid #999; }
-.n { text-align: right; font-variant-numeric: tabular-nums; }
+.n { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 pre { background: #f4f4f4; padding: 10px; white-space: pre-wrap; overflow-wrap: anywhere; font-size: 12px; }
 dl.facts { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 0 0 8px; }
 dl.facts dt { font-weight: 600; }
@@ -373,6 +385,7 @@ pub fn render(report: &Report) -> String {
             .monthly
             .iter()
             .map(|m| Row {
+                key: format!("{} {}", m.month, m.agency),
                 label: format!("{} · {}", m.month, m.agency),
                 values: vec![m.opened, m.denied, m.refused],
             })
@@ -383,12 +396,15 @@ pub fn render(report: &Report) -> String {
         "Each envelope an agency asked to open is one unwrap entry, opened or denied; a request \
          refused for its warrant is one refusal. Agencies are the identities in their client \
          certificates.",
+        "",
+        "",
         &mut out,
     );
 
     let single = |map: &std::collections::BTreeMap<String, u64>| -> Vec<Row> {
         map.iter()
             .map(|(k, v)| Row {
+                key: k.clone(),
                 label: k.clone(),
                 values: vec![*v],
             })
@@ -406,6 +422,8 @@ pub fn render(report: &Report) -> String {
         "Denials by reason",
         "An envelope is denied when the warrant was valid but does not reach it (outside the \
          window, another target, budget spent, key destroyed, …).",
+        "",
+        "",
         &mut out,
     );
     Chart {
@@ -423,10 +441,35 @@ pub fn render(report: &Report) -> String {
         "Refused warrants by code",
         "A whole request is refused when its warrant is not accepted: not signed as the policy \
          requires, expired, revoked, for another agency, …",
+        "",
+        "",
         &mut out,
     );
 
     let u = &report.urgent;
+    let d = &u.duration_seconds;
+    let mut urgent_facts = String::new();
+    let _ = write!(
+        urgent_facts,
+        "<table class=\"urgent-facts\"><caption>Urgent procedure: use and duration</caption><tbody>\
+         <tr><th scope=\"row\">urgent warrants</th><td class=\"n\" data-urgent=\"warrants\">{}</td></tr>\
+         <tr><th scope=\"row\">envelopes opened under them</th><td class=\"n\" data-urgent=\"opened\">{}</td></tr>\
+         <tr><th scope=\"row\">envelopes denied under them</th><td class=\"n\" data-urgent=\"denied\">{}</td></tr>\
+         <tr><th scope=\"row\">duration: shortest</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
+         <tr><th scope=\"row\">duration: median</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
+         <tr><th scope=\"row\">duration: longest</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
+         </tbody></table>",
+        u.warrants,
+        u.opened,
+        u.denied,
+        d.min,
+        human_duration(d.min),
+        d.median,
+        human_duration(d.median),
+        d.max,
+        human_duration(d.max),
+    );
+
     const URGENT: Series = Series {
         key: "warrants",
         label: "urgent warrants",
@@ -448,6 +491,7 @@ pub fn render(report: &Report) -> String {
         ]
         .into_iter()
         .map(|(s, n)| Row {
+            key: s.as_str().to_owned(),
             label: urgent_label(s).to_owned(),
             values: vec![n],
         })
@@ -457,30 +501,10 @@ pub fn render(report: &Report) -> String {
         "Urgent procedure",
         "An urgent warrant is signed under the policy's emergency rule and usable only for a \
          few hours; it should be replaced by a fully signed warrant with the same id.",
+        &urgent_facts,
+        "",
         &mut out,
     );
-    let d = &u.duration_seconds;
-    let _ = write!(
-        out,
-        "<table class=\"urgent-facts\"><caption>Urgent procedure: use and duration</caption><tbody>\
-         <tr><th scope=\"row\">urgent warrants</th><td class=\"n\" data-urgent=\"warrants\">{}</td></tr>\
-         <tr><th scope=\"row\">envelopes opened under them</th><td class=\"n\" data-urgent=\"opened\">{}</td></tr>\
-         <tr><th scope=\"row\">envelopes denied under them</th><td class=\"n\" data-urgent=\"denied\">{}</td></tr>\
-         <tr><th scope=\"row\">duration: shortest</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
-         <tr><th scope=\"row\">duration: median</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
-         <tr><th scope=\"row\">duration: longest</th><td class=\"n\" data-seconds=\"{}\">{}</td></tr>\
-         </tbody></table>",
-        u.warrants,
-        u.opened,
-        u.denied,
-        d.min,
-        human_duration(d.min),
-        d.median,
-        human_duration(d.median),
-        d.max,
-        human_duration(d.max),
-    );
-
     let r = &report.revocations;
     Chart {
         id: "revocations",
@@ -506,6 +530,7 @@ pub fn render(report: &Report) -> String {
             .monthly
             .iter()
             .map(|m| Row {
+                key: m.month.clone(),
                 label: m.month.clone(),
                 values: vec![m.admin, m.authority],
             })
@@ -515,10 +540,39 @@ pub fn render(report: &Report) -> String {
         "Revocations",
         "A revoked warrant opens nothing more, ever. Admins revoke with their role; authorities \
          with a signed revocation.",
+        "",
+        "",
         &mut out,
     );
 
     let k = &report.keys;
+    let mut epochs = String::new();
+    epochs.push_str(
+        "<table class=\"epochs\"><caption>Key epochs</caption><thead><tr>\
+         <th scope=\"col\">key</th><th scope=\"col\">generated</th><th scope=\"col\">valid</th>\
+         <th scope=\"col\">retained until</th><th scope=\"col\">destroyed</th>\
+         <th scope=\"col\">status</th></tr></thead><tbody>",
+    );
+    if k.epochs.is_empty() {
+        epochs.push_str("<tr><td colspan=\"6\">none</td></tr>");
+    }
+    for e in &k.epochs {
+        let _ = write!(
+            epochs,
+            "<tr data-kid=\"{kid}\" data-status=\"{status}\"><th scope=\"row\">{kid}</th><td class=\"t\">{}</td>\
+             <td class=\"t\">{} –<br>{}</td><td class=\"t\">{}</td><td class=\"t\">{}</td><td>{}</td></tr>",
+            escape(&e.generated),
+            escape(&e.not_before),
+            escape(&e.not_after),
+            escape(&e.destroy_after),
+            escape(e.destroyed.as_deref().unwrap_or("—")),
+            key_label(e.status),
+            kid = escape(&e.kid),
+            status = e.status.as_str(),
+        );
+    }
+    epochs.push_str("</tbody></table>");
+
     Chart {
         id: "keys",
         title: "Escrow keys by status",
@@ -535,6 +589,7 @@ pub fn render(report: &Report) -> String {
         rows: KeyStatus::ALL
             .iter()
             .map(|s| Row {
+                key: s.as_str().to_owned(),
                 label: key_label(*s).to_owned(),
                 values: vec![k.by_status.get(s.as_str()).copied().unwrap_or(0)],
             })
@@ -551,34 +606,10 @@ pub fn render(report: &Report) -> String {
              destruction).",
             k.grace_hours
         ),
+        "",
+        &epochs,
         &mut out,
     );
-    out.push_str(
-        "<table class=\"epochs\"><caption>Key epochs</caption><thead><tr>\
-         <th scope=\"col\">key</th><th scope=\"col\">generated</th><th scope=\"col\">valid</th>\
-         <th scope=\"col\">retained until</th><th scope=\"col\">destroyed</th>\
-         <th scope=\"col\">status</th></tr></thead><tbody>",
-    );
-    if k.epochs.is_empty() {
-        out.push_str("<tr><td colspan=\"6\">none</td></tr>");
-    }
-    for e in &k.epochs {
-        let _ = write!(
-            out,
-            "<tr data-kid=\"{kid}\" data-status=\"{status}\"><th scope=\"row\">{kid}</th><td>{}</td>\
-             <td>{} – {}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            escape(&e.generated),
-            escape(&e.not_before),
-            escape(&e.not_after),
-            escape(&e.destroy_after),
-            escape(e.destroyed.as_deref().unwrap_or("—")),
-            key_label(e.status),
-            kid = escape(&e.kid),
-            status = e.status.as_str(),
-        );
-    }
-    out.push_str("</tbody></table>");
-
     if let Some(detail) = &report.detail {
         out.push_str(
             "<section aria-labelledby=\"detail-h\"><h2 id=\"detail-h\">Per warrant (detail form)</h2>\
@@ -597,7 +628,7 @@ pub fn render(report: &Report) -> String {
             let _ = write!(
                 out,
                 "<tr data-warrant=\"{id}\"><th scope=\"row\">{id}</th><td>{}</td><td class=\"n\">{}</td>\
-                 <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>{} – {}</td></tr>",
+                 <td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td class=\"t\">{} –<br>{}</td></tr>",
                 agencies.join("<br>"),
                 w.opened,
                 w.denied,
@@ -652,11 +683,11 @@ pub fn render(report: &Report) -> String {
         root = escape(&v.root),
         checkpoint = escape(&v.checkpoint),
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
         "</main><footer>Made by <code>lavd audit report</code> (JSON schema <code>{SCHEMA}</code>) \
          from a log verified as <code>lavd audit verify</code> does. How each figure is derived: \
-         docs/audit.md, \"Reports\". As of {}.</footer></body></html>\n",
+         docs/audit.md, \"Reports\". As of {}.</footer></body></html>",
         escape(report.period.as_of.as_deref().unwrap_or("—"))
     );
     out

@@ -179,6 +179,17 @@ pub enum UrgentStatus {
     Pending,
 }
 
+impl UrgentStatus {
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::Lapsed => "lapsed",
+            Self::Pending => "pending",
+        }
+    }
+}
+
 /// Use of the urgent procedure.
 ///
 /// An urgent warrant is a warrant id with an `unwrap` leaf saying

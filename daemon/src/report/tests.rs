@@ -442,9 +442,10 @@ fn each_chart_carries_its_figures() {
             "{chart}"
         );
     }
-    assert!(
-        page.contains("<g data-row=\"2026-05 · spiffe://police.example/unit-9\" data-total=\"8\">")
-    );
+    assert!(page.contains(
+        "<g data-key=\"2026-05 spiffe://police.example/unit-9\" \
+         data-row=\"2026-05 · spiffe://police.example/unit-9\" data-total=\"8\">"
+    ));
     assert!(page.contains("data-series=\"refused\" data-value=\"4\""));
     assert!(
         !page.contains("http://") || !page.contains("src="),
