@@ -28,6 +28,8 @@ use time::OffsetDateTime;
 
 const AGENCY: &str = "spiffe://agency.example/lea";
 const ALICE: &str = "acct:alice@example.com";
+/// A warrant id an attacker chose: the detail page must show it as text.
+const HOSTILE_ID: &str = "<script>alert(\"OP-2026-0002\")</script>";
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -201,10 +203,9 @@ impl Script<'_> {
         emergency: bool,
         signers: &[&str],
     ) -> Value {
-        let file = self.work.join(format!(
-            "{id}{}.json",
-            if emergency { "-urgent" } else { "" }
-        ));
+        // Ids may hold anything (see the hostile one below): number the files.
+        let n = std::fs::read_dir(self.work).unwrap().count();
+        let file = self.work.join(format!("warrant-{n}.json"));
         let file = file.to_str().unwrap();
         let recipient = self.dev.dir.join("agency-recipient.pub.jwk");
         let max = max_unwraps.to_string();
@@ -716,9 +717,10 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     let envs = vec![s.envelope(ALICE)];
     assert_eq!(s.outcomes(&w1, envs), ["budget_exhausted"]);
 
-    // Refused: one signature where the policy needs two.
+    // Refused: one signature where the policy needs two, on a warrant whose
+    // id is markup.
     let half = s.warrant(
-        "OP-2026-0002",
+        HOSTILE_ID,
         t0 - time::Duration::hours(1),
         5,
         false,
@@ -888,6 +890,7 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
         "OP-2026-0002",
         "URG-2026-000",
         "investigation closed",
+        "alert(",
     ] {
         assert!(
             !page.contains(id) && !report.to_string().contains(id),
@@ -945,9 +948,20 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     assert_eq!(rows["URG-2026-0002"]["urgent"], "lapsed");
     assert_eq!(rows["URG-2026-0003"]["urgent"], "pending");
     assert_eq!(rows["OP-2026-0001"]["revoked"], true);
-    assert!(std::fs::read_to_string(&detail)
-        .unwrap()
-        .contains("data-form=\"detail\""));
+    assert_eq!(
+        rows.get(HOSTILE_ID).map(|r| &r["refused"]),
+        Some(&json!(1)),
+        "{detail_json}"
+    );
+    // Rendered, the hostile id is text, not an element.
+    let dom = chromium(&["--dump-dom"], &detail, &profile);
+    let dom = String::from_utf8(dom.stdout).unwrap();
+    assert!(dom.contains("data-form=\"detail\""));
+    assert!(!dom.contains("<script"), "{dom}");
+    assert!(
+        dom.contains("&lt;script&gt;alert(\"OP-2026-0002\")&lt;/script&gt;"),
+        "{dom}"
+    );
 
     // A tampered log: no report, and the verifier's own code.
     let mut tampered = export_json.clone();
