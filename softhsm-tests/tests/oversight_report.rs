@@ -957,6 +957,7 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     let dom = chromium(&["--dump-dom"], &detail, &profile);
     let dom = String::from_utf8(dom.stdout).unwrap();
     assert!(dom.contains("data-form=\"detail\""));
+    std::fs::copy(&detail, shot_dir.join("detail.html")).unwrap();
     assert!(!dom.contains("<script"), "{dom}");
     assert!(
         dom.contains("&lt;script&gt;alert(\"OP-2026-0002\")&lt;/script&gt;"),

@@ -1,6 +1,7 @@
-//! `lavd audit …`: export the log (operators) and verify an export offline
-//! (auditors, oversight bodies). `verify` needs no HSM, config or daemon:
-//! only the log's verifier key.
+//! `lavd audit …`: export the log (operators), verify an export offline and
+//! turn it into the oversight report (auditors, oversight bodies; `report`
+//! is in [`super::report`]). `verify` and `report` need no HSM, config or
+//! daemon: only the log's verifier key.
 
 use std::path::PathBuf;
 use std::sync::Arc;
