@@ -930,6 +930,41 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     assert_eq!(rendered, charts_from_json(&report));
     assert!(dom.contains(&format!("data-size=\"{}\"", report["verification"]["size"])));
 
+    // A period: one around the whole log gives the same figures; one after
+    // it counts nothing; an empty one is refused before anything is read.
+    let period = |from: &str, to: Option<&str>| -> Output {
+        let mut args = report_args(&w.join("period.html"), &w.join("period.json"), &export);
+        args.extend(["--from".to_owned(), from.to_owned()]);
+        if let Some(to) = to {
+            args.extend(["--to".to_owned(), to.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        lavd(&args)
+    };
+    softhsm_tests::assert_ok(&period(
+        "2000-01-01T00:00:00Z",
+        Some("2100-01-01T00:00:00Z"),
+    ));
+    let mut around = read_json(&w.join("period.json"));
+    assert_eq!(around["period"]["from"], "2000-01-01T00:00:00Z");
+    around["period"] = report["period"].clone();
+    assert_eq!(around, report);
+    softhsm_tests::assert_ok(&period("2100-01-01T00:00:00Z", None));
+    let after = read_json(&w.join("period.json"));
+    assert_eq!(after["period"]["leaves"], 0);
+    assert_eq!(
+        after["totals"],
+        json!({"opened": 0, "denied": 0, "refused": 0, "revocations": 0,
+               "urgent_warrants": 0, "keys_generated": 0, "keys_destroyed": 0})
+    );
+    let empty = period("2026-01-02T00:00:00Z", Some("2026-01-01T00:00:00Z"));
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("--from must be before --to"),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+
     // The detail form, from the same export.
     let detail = w.join("detail.html");
     let mut args = report_args(&detail, &w.join("detail.json"), &export);
