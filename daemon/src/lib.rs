@@ -37,6 +37,8 @@ pub mod keys;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]
+pub mod report;
+#[cfg(feature = "daemon")]
 pub mod store;
 #[cfg(feature = "daemon")]
 pub mod unwrap;

@@ -314,6 +314,10 @@ pub struct Summary {
     pub callers: BTreeMap<String, CallerCounts>,
     /// Per warrant id.
     pub warrants: BTreeMap<String, WarrantCounts>,
+    /// Every leaf, parsed, in index order. A `Summary` is only returned once
+    /// every check has passed, so these are verified leaves: what the
+    /// oversight report ([`crate::report`]) is built from.
+    pub leaves: Vec<Leaf>,
 }
 
 impl Summary {
@@ -330,10 +334,16 @@ impl Summary {
             refused: BTreeMap::new(),
             callers: BTreeMap::new(),
             warrants: BTreeMap::new(),
+            leaves: Vec::new(),
         }
     }
 
-    fn add(&mut self, leaf: &Leaf) {
+    fn add(&mut self, leaf: Leaf) {
+        self.count(&leaf);
+        self.leaves.push(leaf);
+    }
+
+    fn count(&mut self, leaf: &Leaf) {
         self.span = Some(match self.span {
             None => (leaf.time, leaf.time),
             Some((first, _)) => (first, leaf.time),
@@ -543,7 +553,7 @@ fn verify_inner(
             break;
         };
         tree.push_leaf(&leaf.0);
-        summary.add(&leaf.1);
+        summary.add(leaf.1);
     }
     if structural.is_none() && count < main.size {
         structural = Some(VerifyError::EntriesMissing {

@@ -573,6 +573,18 @@ impl KeyGenerated {
     pub fn kid(&self) -> &str {
         &self.kid
     }
+    /// Start of the key's validity.
+    pub fn not_before(&self) -> OffsetDateTime {
+        self.not_before
+    }
+    /// End of the key's validity (providers stop sealing to it).
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+    /// End of retention: the key is due for destruction after it.
+    pub fn destroy_after(&self) -> OffsetDateTime {
+        self.destroy_after
+    }
 }
 
 /// `key_destroyed`: an escrow key destroyed in the HSM.
@@ -622,6 +634,14 @@ impl KeyDestroyed {
     /// The key's `kid`.
     pub fn kid(&self) -> &str {
         &self.kid
+    }
+    /// The reason code (`retention`, `forced`).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+    /// Whether it was destroyed before its `destroy_after`.
+    pub fn forced(&self) -> bool {
+        self.forced
     }
 }
 

@@ -1,6 +1,7 @@
-//! `lavd audit …`: export the log (operators) and verify an export offline
-//! (auditors, oversight bodies). `verify` needs no HSM, config or daemon:
-//! only the log's verifier key.
+//! `lavd audit …`: export the log (operators), verify an export offline and
+//! turn it into the oversight report (auditors, oversight bodies; `report`
+//! is in [`super::report`]). `verify` and `report` need no HSM, config or
+//! daemon: only the log's verifier key.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -34,61 +35,17 @@ pub enum AuditCommand {
     /// the signed root, sequence numbers, and consistency with what you saw
     /// before. Prints a summary; names the first bad index on failure.
     Verify {
-        /// The verifier key (`<origin>+<key id>+<base64 key>`), or a file
-        /// holding it.
-        #[arg(long, value_name = "KEY|FILE")]
-        key: String,
-        /// The export to check.
-        #[arg(
-            long,
-            value_name = "FILE",
-            required_unless_present = "url",
-            conflicts_with = "url"
-        )]
-        export: Option<PathBuf>,
-        /// Fetch the log from a running daemon instead (`https://host:port`),
-        /// as an auditor: needs `--ca`, `--cert` and `--client-key`.
-        #[arg(long, value_name = "URL", requires_all = ["ca", "cert", "client_key"])]
-        url: Option<String>,
-        /// CA bundle that the daemon's server certificate chains to.
-        #[arg(long, value_name = "FILE")]
-        ca: Option<PathBuf>,
-        /// The auditor's client certificate (PEM).
-        #[arg(long, value_name = "FILE")]
-        cert: Option<PathBuf>,
-        /// The auditor's client private key (PEM).
-        #[arg(long, value_name = "FILE")]
-        client_key: Option<PathBuf>,
-        /// With `--url`: the largest reply the daemon may send to one
-        /// request, in bytes (a page of 1000 leaves is well under 1 MiB).
-        #[arg(
-            long,
-            value_name = "BYTES",
-            default_value_t = super::https::DEFAULT_MAX_RESPONSE_BYTES,
-            value_parser = clap::value_parser!(usize)
-        )]
-        max_response_bytes: usize,
-        /// With `--url`: the longest one request may take, in seconds, from
-        /// connecting to the last byte of the reply.
-        #[arg(
-            long,
-            value_name = "SECS",
-            default_value_t = super::https::DEFAULT_TIMEOUT_SECS,
-            value_parser = clap::value_parser!(u64).range(1..=3600)
-        )]
-        timeout: u64,
-        /// A signed checkpoint you kept from earlier: the export must extend it.
-        #[arg(long, value_name = "FILE", conflicts_with = "previous")]
-        checkpoint: Option<PathBuf>,
-        /// An export you verified earlier: its leaves must be a prefix of
-        /// this one's (locates a rewritten leaf exactly).
-        #[arg(long, value_name = "FILE")]
-        previous: Option<PathBuf>,
+        #[command(flatten)]
+        source: LogSource,
         /// Also write the new export's checkpoint here, to pass as
         /// `--checkpoint` next time.
         #[arg(long, value_name = "FILE")]
         save_checkpoint: Option<PathBuf>,
     },
+    /// Verify the log exactly as `verify` does, then write the oversight
+    /// report: one self-contained HTML page and, optionally, the same
+    /// figures as JSON. Nothing is written from a log that does not verify.
+    Report(super::report::ReportArgs),
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -118,48 +75,10 @@ impl AuditCommand {
                 );
             }
             AuditCommand::Verify {
-                key,
-                export,
-                url,
-                ca,
-                cert,
-                client_key,
-                max_response_bytes,
-                timeout,
-                checkpoint,
-                previous,
+                source,
                 save_checkpoint,
             } => {
-                let limits = super::https::Limits {
-                    max_response_bytes,
-                    timeout: std::time::Duration::from_secs(timeout),
-                };
-                let key_text = match std::fs::read_to_string(&key) {
-                    Ok(text) => text.trim().to_string(),
-                    Err(_) => key,
-                };
-                let key = VerifierKey::parse(&key_text).context("the verifier key")?;
-                let new = match (export, url, ca, cert, client_key) {
-                    (Some(export), ..) => Export::parse(&read(&export)?)?,
-                    (None, Some(url), Some(ca), Some(cert), Some(client_key)) => {
-                        fetch_export(&url, &ca, &cert, &client_key, &key, limits)?
-                    }
-                    _ => anyhow::bail!(
-                        "give --export FILE, or --url with --ca, --cert and --client-key"
-                    ),
-                };
-                let summary = match (checkpoint, previous) {
-                    (Some(path), _) => {
-                        let older = String::from_utf8(read(&path)?)
-                            .context("the checkpoint file is not UTF-8")?;
-                        verify_export(&new, &key, Some(&older))?
-                    }
-                    (None, Some(path)) => {
-                        let previous = Export::parse(&read(&path)?)?;
-                        verify_export_against(&new, &key, &previous)?
-                    }
-                    (None, None) => verify_export(&new, &key, None)?,
-                };
+                let (new, summary) = source.verify()?;
                 print!("{summary}");
                 println!("verdict: the log verifies");
                 if let Some(path) = save_checkpoint {
@@ -167,8 +86,106 @@ impl AuditCommand {
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
             }
+            AuditCommand::Report(args) => args.run()?,
         }
         Ok(())
+    }
+}
+
+/// Where the log to verify comes from and what it must extend: the inputs
+/// of `lavd audit verify`, shared with `lavd audit report` so that both
+/// verify the same way.
+#[derive(Debug, clap::Args)]
+pub struct LogSource {
+    /// The verifier key (`<origin>+<key id>+<base64 key>`), or a file
+    /// holding it.
+    #[arg(long, value_name = "KEY|FILE")]
+    pub key: String,
+    /// The export to check.
+    #[arg(
+        long,
+        value_name = "FILE",
+        required_unless_present = "url",
+        conflicts_with = "url"
+    )]
+    pub export: Option<PathBuf>,
+    /// Fetch the log from a running daemon instead (`https://host:port`),
+    /// as an auditor: needs `--ca`, `--cert` and `--client-key`.
+    #[arg(long, value_name = "URL", requires_all = ["ca", "cert", "client_key"])]
+    pub url: Option<String>,
+    /// CA bundle that the daemon's server certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// The auditor's client certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub cert: Option<PathBuf>,
+    /// The auditor's client private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub client_key: Option<PathBuf>,
+    /// With `--url`: the largest reply the daemon may send to one
+    /// request, in bytes (a page of 1000 leaves is well under 1 MiB).
+    #[arg(
+        long,
+        value_name = "BYTES",
+        default_value_t = super::https::DEFAULT_MAX_RESPONSE_BYTES,
+        value_parser = clap::value_parser!(usize)
+    )]
+    pub max_response_bytes: usize,
+    /// With `--url`: the longest one request may take, in seconds, from
+    /// connecting to the last byte of the reply.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = super::https::DEFAULT_TIMEOUT_SECS,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    pub timeout: u64,
+    /// A signed checkpoint you kept from earlier: the export must extend it.
+    #[arg(long, value_name = "FILE", conflicts_with = "previous")]
+    pub checkpoint: Option<PathBuf>,
+    /// An export you verified earlier: its leaves must be a prefix of
+    /// this one's (locates a rewritten leaf exactly).
+    #[arg(long, value_name = "FILE")]
+    pub previous: Option<PathBuf>,
+}
+
+impl LogSource {
+    /// Reads or fetches the log and verifies it: the export and what the
+    /// verifier says it contains.
+    ///
+    /// # Errors
+    /// An unreadable file or a failed fetch, or the [`VerifyError`] that
+    /// failed.
+    pub fn verify(self) -> anyhow::Result<(Export, crate::audit::export::Summary)> {
+        let key_text = match std::fs::read_to_string(&self.key) {
+            Ok(text) => text.trim().to_string(),
+            Err(_) => self.key,
+        };
+        let key = VerifierKey::parse(&key_text).context("the verifier key")?;
+        let new = match (self.export, self.url, self.ca, self.cert, self.client_key) {
+            (Some(export), ..) => Export::parse(&read(&export)?)?,
+            (None, Some(url), Some(ca), Some(cert), Some(client_key)) => {
+                let limits = super::https::Limits {
+                    max_response_bytes: self.max_response_bytes,
+                    timeout: std::time::Duration::from_secs(self.timeout),
+                };
+                fetch_export(&url, &ca, &cert, &client_key, &key, limits)?
+            }
+            _ => anyhow::bail!("give --export FILE, or --url with --ca, --cert and --client-key"),
+        };
+        let summary = match (self.checkpoint, self.previous) {
+            (Some(path), _) => {
+                let older =
+                    String::from_utf8(read(&path)?).context("the checkpoint file is not UTF-8")?;
+                verify_export(&new, &key, Some(&older))?
+            }
+            (None, Some(path)) => {
+                let previous = Export::parse(&read(&path)?)?;
+                verify_export_against(&new, &key, &previous)?
+            }
+            (None, None) => verify_export(&new, &key, None)?,
+        };
+        Ok((new, summary))
     }
 }
 

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod https;
 pub mod keys;
 pub mod notify;
+pub mod report;
 pub mod seal;
 pub mod serve;
 pub mod warrant;

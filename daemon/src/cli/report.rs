@@ -1,0 +1,84 @@
+//! `lavd audit report`: verify the log as `lavd audit verify` does, then
+//! write the oversight report ([`crate::report`]). Like `verify`, it needs
+//! no HSM, config or daemon: only the log's verifier key.
+//!
+//! Witnessed tiles (`--tiles`) and a policy file for the urgent rule
+//! (`--policy`) will be further inputs once the log publishes tiles; they
+//! plug in as another [`LogSource`] and as an [`Options`] field.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+
+use super::audit::LogSource;
+use crate::report::{html, Options, Report};
+
+/// `lavd audit report`.
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    #[command(flatten)]
+    source: LogSource,
+    /// Where to write the HTML report.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Also write the same figures as JSON here.
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Count only entries at or after this time (RFC 3339 UTC).
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    from: Option<time::OffsetDateTime>,
+    /// Count only entries before this time (RFC 3339 UTC); later entries
+    /// are ignored altogether.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    to: Option<time::OffsetDateTime>,
+    /// Add per-warrant rows (warrant ids, agencies, revocation reasons): for
+    /// an internal oversight reader, not for publication.
+    #[arg(long)]
+    detail: bool,
+}
+
+fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
+    crate::codec::parse_time(text).map_err(|e| e.to_string())
+}
+
+impl ReportArgs {
+    /// Verifies, then writes the report files.
+    ///
+    /// # Errors
+    /// The [`crate::audit::export::VerifyError`] that failed (nothing is
+    /// written then), a `--from` after `--to`, or a file that cannot be
+    /// written.
+    pub fn run(self) -> anyhow::Result<()> {
+        if let (Some(from), Some(to)) = (self.from, self.to) {
+            anyhow::ensure!(from < to, "--from must be before --to");
+        }
+        let (export, summary) = self.source.verify()?;
+        let report = Report::build(
+            &export,
+            &summary,
+            &Options {
+                from: self.from,
+                to: self.to,
+                detail: self.detail,
+            },
+        );
+        let json = report.to_json().context("encoding the JSON report")?;
+        let page = html::render(&report);
+        if let Some(path) = &self.json {
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        std::fs::write(&self.out, page)
+            .with_context(|| format!("writing {}", self.out.display()))?;
+        eprintln!(
+            "verified {} entries of {}; wrote the {} report to {}",
+            summary.size,
+            summary.origin,
+            match report.form {
+                crate::report::Form::Aggregate => "aggregate",
+                crate::report::Form::Detail => "detail",
+            },
+            self.out.display()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,775 @@
+//! The oversight report (`lavd audit report`): what the audit log says, as
+//! the aggregates an oversight body reads — envelopes opened, denied and
+//! refused per month and agency, denials by reason, refused warrants by
+//! code, use of the urgent procedure, revocations and key epochs — as JSON
+//! ([`Report`], schema [`SCHEMA`]) and as one self-contained HTML page
+//! ([`html::render`]).
+//!
+//! Trust: only verified leaves. A [`Report`] is built from a [`Summary`],
+//! which only the verifier ([`crate::audit::export::verify_export`]) returns,
+//! after every leaf has been checked against the signed checkpoint; nothing
+//! here reads an unverified byte, and every figure is a count over those
+//! leaves. The leaves' text is still attacker-influenced (caller identities
+//! come from client certificates, warrant ids from whoever presented a
+//! warrant), so the page escapes every string it prints. How each figure is
+//! derived is documented on its field and in docs/audit.md ("Reports").
+
+pub mod html;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+
+use crate::audit::export::{Export, Summary};
+use crate::audit::leaf::{Event, Leaf, UnwrapOutcome};
+use crate::codec;
+
+/// The `schema` value of the JSON report; bumped on any incompatible change.
+pub const SCHEMA: &str = "lavd.oversight-report/1";
+
+/// How long after its `destroy_after` a retention destruction still counts
+/// as on time: one day, the schedule OPERATIONS.md §2 prescribes for
+/// `lavd keys destroy --expired`.
+pub const DESTROY_GRACE: Duration = Duration::days(1);
+
+/// The refusal code of an urgent warrant used after its urgent period.
+const EMERGENCY_EXPIRED: &str = "emergency_expired";
+/// The refusal code of an urgent warrant presented after a fully signed one
+/// replaced it.
+const EMERGENCY_SUPERSEDED: &str = "emergency_superseded";
+
+/// Which form of the report: what it may be shown to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Form {
+    /// Counts only: no warrant ids, targets, envelope digests or refs. For
+    /// publication.
+    Aggregate,
+    /// Adds one row per warrant and per revocation (ids, agencies, reasons):
+    /// for an internal oversight reader.
+    Detail,
+}
+
+/// What to report on.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Count only leaves at or after this time.
+    pub from: Option<OffsetDateTime>,
+    /// Count only leaves before this time; the report is "as of" the last
+    /// leaf before it, and later leaves are ignored altogether.
+    pub to: Option<OffsetDateTime>,
+    /// The detail form.
+    pub detail: bool,
+}
+
+/// The report: the figures of one verified log, for one period.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// [`SCHEMA`].
+    pub schema: &'static str,
+    /// Aggregate or detail.
+    pub form: Form,
+    /// The period and the times of the leaves it covers.
+    pub period: Period,
+    /// What was verified.
+    pub verification: Verification,
+    /// Headline counts over the period.
+    pub totals: Totals,
+    /// Unwrap outcomes and refusals per month and agency.
+    pub monthly: Vec<MonthRow>,
+    /// Denied envelopes by reason.
+    pub denials_by_reason: BTreeMap<String, u64>,
+    /// Refused warrants by refusal code.
+    pub refusals_by_code: BTreeMap<String, u64>,
+    /// Use of the urgent procedure.
+    pub urgent: Urgent,
+    /// Revocations.
+    pub revocations: Revocations,
+    /// Escrow key epochs.
+    pub keys: Keys,
+    /// Per-warrant rows; only in the detail form.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
+}
+
+/// The period of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Period {
+    /// `--from`, if given.
+    pub from: Option<String>,
+    /// `--to`, if given.
+    pub to: Option<String>,
+    /// Time of the first leaf in the period.
+    pub first_leaf: Option<String>,
+    /// Time of the last leaf in the period.
+    pub last_leaf: Option<String>,
+    /// Time of the last leaf before `to`: the moment the report describes
+    /// (whether an urgent warrant lapsed or a key is overdue is judged then).
+    pub as_of: Option<String>,
+    /// Leaves in the period.
+    pub leaves: u64,
+}
+
+/// The verification block: what the figures are backed by.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// The log's origin.
+    pub origin: String,
+    /// Number of leaves verified (the whole log, whatever the period).
+    pub size: u64,
+    /// The verified root hash, standard base64 as in the checkpoint.
+    pub root: String,
+    /// The signed checkpoint, as text.
+    pub checkpoint: String,
+    /// Sizes of the other signed checkpoints shown to be prefixes of it.
+    pub consistent_with: Vec<u64>,
+    /// Witness cosignatures on the checkpoint. Always empty for now: lavd
+    /// has no witnesses yet.
+    pub witnesses: Vec<String>,
+}
+
+/// Headline counts over the period.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Totals {
+    /// `unwrap` leaves with `outcome: opened`.
+    pub opened: u64,
+    /// `unwrap` leaves with `outcome: denied`.
+    pub denied: u64,
+    /// `warrant_refused` leaves.
+    pub refused: u64,
+    /// `revocation` leaves.
+    pub revocations: u64,
+    /// Urgent warrants first seen in the period.
+    pub urgent_warrants: u64,
+    /// `key_generated` leaves.
+    pub keys_generated: u64,
+    /// `key_destroyed` leaves.
+    pub keys_destroyed: u64,
+}
+
+/// One month and agency.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct MonthRow {
+    /// `YYYY-MM` (UTC) of the leaves' `time`.
+    pub month: String,
+    /// The caller identity of the leaves.
+    pub agency: String,
+    /// `unwrap` leaves, opened.
+    pub opened: u64,
+    /// `unwrap` leaves, denied.
+    pub denied: u64,
+    /// `warrant_refused` leaves.
+    pub refused: u64,
+}
+
+/// What became of an urgent warrant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UrgentStatus {
+    /// A fully signed warrant with the same id was used after it (or the
+    /// urgent one was refused as `emergency_superseded`).
+    Replaced,
+    /// Not replaced, and either refused as `emergency_expired` or past its
+    /// urgent period as of the report.
+    Lapsed,
+    /// Neither yet: possibly still inside its urgent period.
+    Pending,
+}
+
+impl UrgentStatus {
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Replaced => "replaced",
+            Self::Lapsed => "lapsed",
+            Self::Pending => "pending",
+        }
+    }
+}
+
+/// Use of the urgent procedure.
+///
+/// An urgent warrant is a warrant id with an `unwrap` leaf saying
+/// `emergency: true`, or a `warrant_refused` leaf `emergency_expired`. It is
+/// counted in the period of its first such leaf (`first`). Then:
+/// - replaced: a later `unwrap` leaf with the same id and `emergency:
+///   false`, or a `warrant_refused` leaf `emergency_superseded` with the
+///   same id (the first of these is `replaced_at`);
+/// - lapsed: not replaced, and a `warrant_refused` leaf `emergency_expired`
+///   with the same id, or `as_of >= first + max_hours` (the emergency rule of
+///   the last `authorities_loaded` leaf before `first`; the urgent period
+///   starts at the warrant's `not_before`, which is at or before `first`, so
+///   it has surely ended then);
+/// - pending otherwise.
+///
+/// Duration: `replaced_at - first` when replaced, else the time between the
+/// first and the last `emergency: true` unwrap leaf (0 when it was only
+/// refused). Leaves after `to` are ignored.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Urgent {
+    /// Urgent warrants first seen in the period.
+    pub warrants: u64,
+    /// Of those, replaced by a fully signed warrant.
+    pub replaced: u64,
+    /// Of those, lapsed.
+    pub lapsed: u64,
+    /// Of those, neither yet.
+    pub pending: u64,
+    /// `emergency: true` unwrap leaves in the period, opened.
+    pub opened: u64,
+    /// `emergency: true` unwrap leaves in the period, denied.
+    pub denied: u64,
+    /// Durations of the urgent warrants, in seconds.
+    pub duration_seconds: DurationStats,
+}
+
+/// Summary of a set of durations, in whole seconds.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DurationStats {
+    /// The shortest (0 when there are none).
+    pub min: i64,
+    /// The lower median (0 when there are none).
+    pub median: i64,
+    /// The longest (0 when there are none).
+    pub max: i64,
+}
+
+impl DurationStats {
+    fn of(mut seconds: Vec<i64>) -> Self {
+        seconds.sort_unstable();
+        match (seconds.first(), seconds.last()) {
+            (Some(&min), Some(&max)) => Self {
+                min,
+                median: seconds[(seconds.len() - 1) / 2],
+                max,
+            },
+            _ => Self::default(),
+        }
+    }
+}
+
+/// Revocations.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Revocations {
+    /// `revocation` leaves in the period.
+    pub total: u64,
+    /// Of those, by a caller with the `admin` role (`by: admin`).
+    pub by_admin: u64,
+    /// Of those, by an authority's signed revocation (`by: authority`).
+    pub by_authority: u64,
+    /// Per month.
+    pub monthly: Vec<RevocationMonth>,
+}
+
+/// Revocations in one month.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct RevocationMonth {
+    /// `YYYY-MM` (UTC).
+    pub month: String,
+    /// By an admin.
+    pub admin: u64,
+    /// By an authority.
+    pub authority: u64,
+}
+
+/// Where an escrow key stands, as of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// Destroyed after its `destroy_after`, within [`DESTROY_GRACE`].
+    OnTime,
+    /// Destroyed more than [`DESTROY_GRACE`] after its `destroy_after`.
+    Late,
+    /// Destroyed before its `destroy_after` (`forced: true`, an operator's
+    /// decision).
+    Early,
+    /// Not destroyed, and more than [`DESTROY_GRACE`] past its
+    /// `destroy_after` as of the report.
+    Overdue,
+    /// Not destroyed, and not yet due.
+    Retained,
+}
+
+impl KeyStatus {
+    /// Every status, in the order the page shows them.
+    pub const ALL: [KeyStatus; 5] = [
+        Self::OnTime,
+        Self::Late,
+        Self::Early,
+        Self::Overdue,
+        Self::Retained,
+    ];
+
+    /// The JSON name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::OnTime => "on_time",
+            Self::Late => "late",
+            Self::Early => "early",
+            Self::Overdue => "overdue",
+            Self::Retained => "retained",
+        }
+    }
+}
+
+/// Escrow key epochs: every key whose `key_generated` leaf is before `to`
+/// and that was not destroyed before `from`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Keys {
+    /// Keys listed.
+    pub keys: u64,
+    /// Of those, generated in the period.
+    pub generated: u64,
+    /// Of those, destroyed in the period.
+    pub destroyed: u64,
+    /// Keys per status.
+    pub by_status: BTreeMap<&'static str, u64>,
+    /// [`DESTROY_GRACE`] in hours.
+    pub grace_hours: i64,
+    /// One row per key, by generation time. Key ids are public (the JWK
+    /// Set), so they are in both forms.
+    pub epochs: Vec<KeyEpoch>,
+}
+
+/// One escrow key.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyEpoch {
+    /// The key id.
+    pub kid: String,
+    /// Time of its `key_generated` leaf.
+    pub generated: String,
+    /// Its validity start.
+    pub not_before: String,
+    /// Its validity end.
+    pub not_after: String,
+    /// End of its retention.
+    pub destroy_after: String,
+    /// Time of its `key_destroyed` leaf, if any before `to`.
+    pub destroyed: Option<String>,
+    /// Where it stands.
+    pub status: KeyStatus,
+}
+
+/// The detail form's rows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Detail {
+    /// One row per warrant id seen in the period, by id.
+    pub warrants: Vec<WarrantRow>,
+    /// One row per revocation in the period, in log order.
+    pub revocations: Vec<RevocationRow>,
+}
+
+/// One warrant, in the period.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct WarrantRow {
+    /// The warrant id.
+    pub id: String,
+    /// Caller identities that used or presented it (not who revoked it).
+    pub agencies: Vec<String>,
+    /// Envelopes opened under it.
+    pub opened: u64,
+    /// Envelopes denied under it.
+    pub denied: u64,
+    /// Requests refused with it.
+    pub refused: u64,
+    /// What became of it, if it was an urgent warrant first seen in the
+    /// period.
+    pub urgent: Option<UrgentStatus>,
+    /// Its urgent duration in seconds, likewise.
+    pub urgent_seconds: Option<i64>,
+    /// Whether a revocation leaf in the period names it.
+    pub revoked: bool,
+    /// Time of its first leaf in the period.
+    pub first_seen: String,
+    /// Time of its last leaf in the period.
+    pub last_seen: String,
+}
+
+/// One revocation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevocationRow {
+    /// Time of the leaf.
+    pub time: String,
+    /// The revoked warrant id.
+    pub warrant_id: String,
+    /// `admin` or `authority`.
+    pub by: &'static str,
+    /// The revoker's reason (free text).
+    pub reason: String,
+}
+
+/// What the log shows of one urgent warrant.
+#[derive(Debug, Default)]
+struct UrgentTrack {
+    first: Option<OffsetDateTime>,
+    last_use: Option<OffsetDateTime>,
+    replaced_at: Option<OffsetDateTime>,
+    expired_refusal: bool,
+    max_hours: Option<u32>,
+}
+
+impl UrgentTrack {
+    fn seen(&mut self, time: OffsetDateTime, max_hours: Option<u32>) {
+        if self.first.is_none() {
+            self.first = Some(time);
+            self.max_hours = max_hours;
+        }
+    }
+
+    fn outcome(&self, as_of: OffsetDateTime) -> Option<(UrgentStatus, i64)> {
+        let first = self.first?;
+        if let Some(at) = self.replaced_at {
+            return Some((UrgentStatus::Replaced, (at - first).whole_seconds()));
+        }
+        let used = self
+            .last_use
+            .map_or(0, |last| (last - first).whole_seconds());
+        let period_over = self
+            .max_hours
+            .is_some_and(|h| as_of >= first + Duration::hours(i64::from(h)));
+        let status = if self.expired_refusal || period_over {
+            UrgentStatus::Lapsed
+        } else {
+            UrgentStatus::Pending
+        };
+        Some((status, used))
+    }
+}
+
+fn month(t: OffsetDateTime) -> String {
+    format!("{:04}-{:02}", t.year(), u8::from(t.month()))
+}
+
+impl Report {
+    /// Builds the report from a verified export: `summary` is what
+    /// [`crate::audit::export::verify_export`] returned for `export`.
+    pub fn build(export: &Export, summary: &Summary, options: &Options) -> Self {
+        let before_to = |t: OffsetDateTime| options.to.is_none_or(|to| t < to);
+        let in_period = |t: OffsetDateTime| before_to(t) && options.from.is_none_or(|f| t >= f);
+        let history: Vec<&Leaf> = summary
+            .leaves
+            .iter()
+            .filter(|l| before_to(l.time))
+            .collect();
+        let as_of = history.last().map(|l| l.time);
+        let period: Vec<&Leaf> = history
+            .iter()
+            .copied()
+            .filter(|l| in_period(l.time))
+            .collect();
+
+        let mut totals = Totals::default();
+        let mut monthly: BTreeMap<(String, String), MonthRow> = BTreeMap::new();
+        let mut denials: BTreeMap<String, u64> = BTreeMap::new();
+        let mut refusals: BTreeMap<String, u64> = BTreeMap::new();
+        let mut revocations = Revocations::default();
+        let mut revocation_months: BTreeMap<String, RevocationMonth> = BTreeMap::new();
+        let mut warrants: BTreeMap<String, WarrantRow> = BTreeMap::new();
+        let mut agencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut revocation_rows = Vec::new();
+        let mut urgent = Urgent::default();
+
+        for leaf in &period {
+            let time = codec::format_time(leaf.time);
+            match &leaf.event {
+                Event::Unwrap(u) => {
+                    let m = monthly_row(&mut monthly, leaf.time, u.caller());
+                    let w = warrant_row(
+                        &mut warrants,
+                        &mut agencies,
+                        u.warrant_id(),
+                        Some(u.caller()),
+                        &time,
+                    );
+                    match u.outcome() {
+                        UnwrapOutcome::Opened => {
+                            totals.opened += 1;
+                            m.opened += 1;
+                            w.opened += 1;
+                            urgent.opened += u64::from(u.emergency());
+                        }
+                        UnwrapOutcome::Denied(reason) => {
+                            totals.denied += 1;
+                            m.denied += 1;
+                            w.denied += 1;
+                            urgent.denied += u64::from(u.emergency());
+                            *denials.entry(reason.as_str().to_owned()).or_default() += 1;
+                        }
+                    }
+                }
+                Event::WarrantRefused(r) => {
+                    totals.refused += 1;
+                    monthly_row(&mut monthly, leaf.time, r.caller()).refused += 1;
+                    *refusals.entry(r.reason().to_owned()).or_default() += 1;
+                    if let Some(id) = r.warrant_id() {
+                        warrant_row(&mut warrants, &mut agencies, id, Some(r.caller()), &time)
+                            .refused += 1;
+                    }
+                }
+                Event::Revocation(r) => {
+                    totals.revocations += 1;
+                    let by_authority = r.authority().is_some();
+                    let m = revocation_months
+                        .entry(month(leaf.time))
+                        .or_insert_with(|| RevocationMonth {
+                            month: month(leaf.time),
+                            ..RevocationMonth::default()
+                        });
+                    if by_authority {
+                        revocations.by_authority += 1;
+                        m.authority += 1;
+                    } else {
+                        revocations.by_admin += 1;
+                        m.admin += 1;
+                    }
+                    warrant_row(&mut warrants, &mut agencies, r.warrant_id(), None, &time)
+                        .revoked = true;
+                    revocation_rows.push(RevocationRow {
+                        time: time.clone(),
+                        warrant_id: r.warrant_id().to_owned(),
+                        by: if by_authority { "authority" } else { "admin" },
+                        reason: r.reason().to_owned(),
+                    });
+                }
+                Event::KeyGenerated(_) => totals.keys_generated += 1,
+                Event::KeyDestroyed(_) => totals.keys_destroyed += 1,
+                Event::AuthoritiesLoaded(_) => {}
+            }
+        }
+        revocations.total = totals.revocations;
+        revocations.monthly = revocation_months.into_values().collect();
+
+        // Urgent warrants and keys need the history before the period too.
+        let mut tracks: BTreeMap<&str, UrgentTrack> = BTreeMap::new();
+        let mut max_hours: Option<u32> = None;
+        for leaf in &history {
+            match &leaf.event {
+                Event::AuthoritiesLoaded(a) => {
+                    max_hours = a.policy().emergency.as_ref().map(|e| e.max_hours);
+                }
+                Event::Unwrap(u) if u.emergency() => {
+                    let t = tracks.entry(u.warrant_id()).or_default();
+                    t.seen(leaf.time, max_hours);
+                    t.last_use = Some(leaf.time);
+                }
+                Event::Unwrap(u) => {
+                    if let Some(t) = tracks.get_mut(u.warrant_id()) {
+                        t.replaced_at.get_or_insert(leaf.time);
+                    }
+                }
+                Event::WarrantRefused(r) => {
+                    let Some(id) = r.warrant_id() else { continue };
+                    if r.reason() == EMERGENCY_EXPIRED {
+                        let t = tracks.entry(id).or_default();
+                        t.seen(leaf.time, max_hours);
+                        t.expired_refusal = true;
+                    } else if r.reason() == EMERGENCY_SUPERSEDED {
+                        if let Some(t) = tracks.get_mut(id) {
+                            t.replaced_at.get_or_insert(leaf.time);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut durations = Vec::new();
+        if let Some(as_of) = as_of {
+            for (id, track) in &tracks {
+                let Some(first) = track.first else { continue };
+                if !in_period(first) {
+                    continue;
+                }
+                let Some((status, seconds)) = track.outcome(as_of) else {
+                    continue;
+                };
+                urgent.warrants += 1;
+                match status {
+                    UrgentStatus::Replaced => urgent.replaced += 1,
+                    UrgentStatus::Lapsed => urgent.lapsed += 1,
+                    UrgentStatus::Pending => urgent.pending += 1,
+                }
+                durations.push(seconds);
+                if let Some(w) = warrants.get_mut(*id) {
+                    w.urgent = Some(status);
+                    w.urgent_seconds = Some(seconds);
+                }
+            }
+        }
+        urgent.duration_seconds = DurationStats::of(durations);
+        totals.urgent_warrants = urgent.warrants;
+
+        let keys = key_epochs(&history, options, as_of, &in_period);
+
+        for (id, callers) in agencies {
+            if let Some(w) = warrants.get_mut(&id) {
+                w.agencies = callers.into_iter().collect();
+            }
+        }
+        let detail = options.detail.then(|| Detail {
+            warrants: warrants.into_values().collect(),
+            revocations: revocation_rows,
+        });
+
+        Self {
+            schema: SCHEMA,
+            form: if options.detail {
+                Form::Detail
+            } else {
+                Form::Aggregate
+            },
+            period: Period {
+                from: options.from.map(codec::format_time),
+                to: options.to.map(codec::format_time),
+                first_leaf: period.first().map(|l| codec::format_time(l.time)),
+                last_leaf: period.last().map(|l| codec::format_time(l.time)),
+                as_of: as_of.map(codec::format_time),
+                leaves: period.len() as u64,
+            },
+            verification: Verification {
+                origin: summary.origin.clone(),
+                size: summary.size,
+                root: STANDARD.encode(summary.root),
+                checkpoint: export.checkpoint.clone(),
+                consistent_with: summary.consistent_with.clone(),
+                witnesses: Vec::new(),
+            },
+            totals,
+            monthly: monthly.into_values().collect(),
+            denials_by_reason: denials,
+            refusals_by_code: refusals,
+            urgent,
+            revocations,
+            keys,
+            detail,
+        }
+    }
+
+    /// The report as pretty JSON, with a final newline.
+    ///
+    /// # Errors
+    /// A serialization failure (not expected: every field is plain data).
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        let mut out = serde_json::to_vec_pretty(self)?;
+        out.push(b'\n');
+        Ok(out)
+    }
+}
+
+fn warrant_row<'a>(
+    warrants: &'a mut BTreeMap<String, WarrantRow>,
+    agencies: &mut BTreeMap<String, BTreeSet<String>>,
+    id: &str,
+    caller: Option<&str>,
+    time: &str,
+) -> &'a mut WarrantRow {
+    let callers = agencies.entry(id.to_owned()).or_default();
+    if let Some(caller) = caller {
+        callers.insert(caller.to_owned());
+    }
+    let w = warrants.entry(id.to_owned()).or_insert_with(|| WarrantRow {
+        id: id.to_owned(),
+        first_seen: time.to_owned(),
+        ..WarrantRow::default()
+    });
+    time.clone_into(&mut w.last_seen);
+    w
+}
+
+fn monthly_row<'a>(
+    monthly: &'a mut BTreeMap<(String, String), MonthRow>,
+    time: OffsetDateTime,
+    caller: &str,
+) -> &'a mut MonthRow {
+    monthly
+        .entry((month(time), caller.to_owned()))
+        .or_insert_with(|| MonthRow {
+            month: month(time),
+            agency: caller.to_owned(),
+            ..MonthRow::default()
+        })
+}
+
+/// Every key generated before `to` and not destroyed before `from`, with its
+/// status as of the report.
+fn key_epochs(
+    history: &[&Leaf],
+    options: &Options,
+    as_of: Option<OffsetDateTime>,
+    in_period: &dyn Fn(OffsetDateTime) -> bool,
+) -> Keys {
+    struct Epoch {
+        generated: OffsetDateTime,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+        destroy_after: OffsetDateTime,
+        destroyed: Option<(OffsetDateTime, bool)>,
+    }
+    let mut epochs: BTreeMap<&str, Epoch> = BTreeMap::new();
+    for leaf in history {
+        match &leaf.event {
+            Event::KeyGenerated(k) => {
+                epochs.entry(k.kid()).or_insert(Epoch {
+                    generated: leaf.time,
+                    not_before: k.not_before(),
+                    not_after: k.not_after(),
+                    destroy_after: k.destroy_after(),
+                    destroyed: None,
+                });
+            }
+            Event::KeyDestroyed(k) => {
+                // A kid is never generated twice, and destroyed once; a
+                // destruction without its generation leaf has no dates to
+                // judge it by and is left out.
+                if let Some(e) = epochs.get_mut(k.kid()) {
+                    e.destroyed.get_or_insert((leaf.time, k.forced()));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut keys = Keys {
+        grace_hours: DESTROY_GRACE.whole_hours(),
+        by_status: KeyStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+        ..Keys::default()
+    };
+    let mut rows: Vec<(OffsetDateTime, KeyEpoch)> = Vec::new();
+    for (kid, e) in epochs {
+        if let (Some(from), Some((at, _))) = (options.from, e.destroyed) {
+            if at < from {
+                continue;
+            }
+        }
+        let status = match (e.destroyed, as_of) {
+            (Some((at, forced)), _) if forced || at < e.destroy_after => KeyStatus::Early,
+            (Some((at, _)), _) if at <= e.destroy_after + DESTROY_GRACE => KeyStatus::OnTime,
+            (Some(_), _) => KeyStatus::Late,
+            (None, Some(now)) if now > e.destroy_after + DESTROY_GRACE => KeyStatus::Overdue,
+            (None, _) => KeyStatus::Retained,
+        };
+        keys.keys += 1;
+        keys.generated += u64::from(in_period(e.generated));
+        keys.destroyed += u64::from(e.destroyed.is_some_and(|(at, _)| in_period(at)));
+        *keys.by_status.entry(status.as_str()).or_default() += 1;
+        rows.push((
+            e.generated,
+            KeyEpoch {
+                kid: kid.to_owned(),
+                generated: codec::format_time(e.generated),
+                not_before: codec::format_time(e.not_before),
+                not_after: codec::format_time(e.not_after),
+                destroy_after: codec::format_time(e.destroy_after),
+                destroyed: e.destroyed.map(|(at, _)| codec::format_time(at)),
+                status,
+            },
+        ));
+    }
+    rows.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.kid.cmp(&b.1.kid)));
+    keys.epochs = rows.into_iter().map(|(_, row)| row).collect();
+    keys
+}
+
+#[cfg(test)]
+mod tests;

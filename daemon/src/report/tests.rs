@@ -1,0 +1,478 @@
+use std::collections::BTreeMap;
+
+use time::macros::datetime;
+
+use super::*;
+use crate::audit::export::Export;
+use crate::audit::leaf::tests::{denied, opened, warrant};
+use crate::audit::leaf::{
+    AuthoritiesLoaded, AuthoritySummary, DenyReason, Digest, EmergencySummary, KeyDestroyed,
+    KeyGenerated, PolicySummary, Revocation, WarrantRefused,
+};
+
+const A: &str = "spiffe://agency.example/lea";
+const B: &str = "spiffe://police.example/unit-9";
+const ADMIN: &str = "spiffe://agency.example/admin";
+
+fn policy(max_hours: u32) -> Event {
+    AuthoritiesLoaded::new(
+        Digest::of_trust_config(b"[policy]\n"),
+        vec![AuthoritySummary {
+            kid: "executive-1".into(),
+            role: "executive".into(),
+            alg: "ES256".into(),
+        }],
+        PolicySummary {
+            require: BTreeMap::from([("executive".into(), 1)]),
+            emergency: Some(EmergencySummary {
+                require: BTreeMap::from([("executive".into(), 1)]),
+                max_hours,
+            }),
+        },
+    )
+    .unwrap()
+    .into()
+}
+
+fn key(kid: &str, destroy_after: OffsetDateTime) -> Event {
+    KeyGenerated::new(
+        kid,
+        datetime!(2026-01-01 00:00 UTC),
+        datetime!(2026-02-01 00:00 UTC),
+        destroy_after,
+        None,
+    )
+    .unwrap()
+    .into()
+}
+
+fn destroyed(kid: &str, forced: bool) -> Event {
+    KeyDestroyed::new(
+        kid,
+        if forced { "forced" } else { "retention" },
+        forced,
+        None,
+    )
+    .unwrap()
+    .into()
+}
+
+fn refused(caller: &str, id: Option<&str>, code: &'static str) -> Event {
+    WarrantRefused::new(caller, id, None, code).unwrap().into()
+}
+
+fn revoked(id: &str, authority: Option<&str>) -> Event {
+    Revocation::new(ADMIN, id, "the investigation closed", authority)
+        .unwrap()
+        .into()
+}
+
+/// A verifier's summary of these leaves. The aggregation trusts its input
+/// (the verifier's tests are in `audit::export`); here only the figures are
+/// under test.
+fn summary(events: &[(OffsetDateTime, Event)]) -> (Export, Summary) {
+    let leaves: Vec<Leaf> = (0u64..)
+        .zip(events)
+        .map(|(seq, (time, event))| Leaf {
+            seq,
+            time: *time,
+            event: event.clone(),
+        })
+        .collect();
+    let export = Export {
+        origin: "lavd.example/audit".into(),
+        checkpoint: "lavd.example/audit\n3\nroot\n\n— lavd.example/audit sig\n".into(),
+        earlier_checkpoints: Vec::new(),
+        entries: Vec::new(),
+    };
+    let summary = Summary {
+        origin: "lavd.example/audit".into(),
+        size: leaves.len() as u64,
+        root: [7; 32],
+        consistent_with: vec![2],
+        span: None,
+        events: BTreeMap::new(),
+        opened: 0,
+        denied: BTreeMap::new(),
+        refused: BTreeMap::new(),
+        callers: BTreeMap::new(),
+        warrants: BTreeMap::new(),
+        leaves,
+    };
+    (export, summary)
+}
+
+/// The scripted mix: two agencies over two months, denials, refusals, three
+/// urgent warrants (replaced, lapsed, pending), two revocations, four keys
+/// (on time, late, early, overdue) and one still retained.
+fn mix() -> Vec<(OffsetDateTime, Event)> {
+    let full = warrant("W-FULL", false);
+    let u1 = warrant("W-URGENT-1", true);
+    let u1_full = warrant("W-URGENT-1", false);
+    let u2 = warrant("W-URGENT-2", true);
+    let u3 = warrant("W-URGENT-3", true);
+    vec![
+        (datetime!(2026-01-01 00:00 UTC), policy(2)),
+        (
+            datetime!(2026-01-01 00:01 UTC),
+            key("2026-01", datetime!(2026-06-01 00:00 UTC)),
+        ),
+        (
+            datetime!(2026-01-01 00:02 UTC),
+            key("2026-02", datetime!(2026-06-02 00:00 UTC)),
+        ),
+        (
+            datetime!(2026-01-01 00:03 UTC),
+            key("2026-03", datetime!(2026-12-01 00:00 UTC)),
+        ),
+        (
+            datetime!(2026-01-01 00:04 UTC),
+            key("2026-04", datetime!(2026-06-03 00:00 UTC)),
+        ),
+        (
+            datetime!(2026-01-01 00:05 UTC),
+            key("2026-05", datetime!(2027-06-01 00:00 UTC)),
+        ),
+        (datetime!(2026-05-03 10:00 UTC), opened(A, &full, 1)),
+        (datetime!(2026-05-03 10:00 UTC), opened(A, &full, 2)),
+        (
+            datetime!(2026-05-03 10:00 UTC),
+            denied(A, &full, DenyReason::OutOfWindow),
+        ),
+        (
+            datetime!(2026-05-20 09:00 UTC),
+            refused(B, Some("W-BAD"), "policy_not_met"),
+        ),
+        (
+            datetime!(2026-05-21 09:00 UTC),
+            refused(B, None, "malformed_warrant"),
+        ),
+        // Urgent 1: used, then replaced 90 minutes later.
+        (datetime!(2026-05-22 08:00 UTC), opened(B, &u1, 3)),
+        (datetime!(2026-05-22 09:30 UTC), opened(B, &u1_full, 4)),
+        (
+            datetime!(2026-05-22 09:40 UTC),
+            refused(B, Some("W-URGENT-1"), "emergency_superseded"),
+        ),
+        // Urgent 2: used twice 30 minutes apart, then refused as expired.
+        (datetime!(2026-05-23 08:00 UTC), opened(B, &u2, 5)),
+        (
+            datetime!(2026-05-23 08:30 UTC),
+            denied(B, &u2, DenyReason::BudgetExhausted),
+        ),
+        (
+            datetime!(2026-05-23 11:00 UTC),
+            refused(B, Some("W-URGENT-2"), "emergency_expired"),
+        ),
+        (datetime!(2026-06-01 12:00 UTC), destroyed("2026-01", false)),
+        (datetime!(2026-06-04 12:00 UTC), destroyed("2026-02", false)),
+        (datetime!(2026-06-01 12:00 UTC), destroyed("2026-03", true)),
+        (datetime!(2026-06-10 08:00 UTC), revoked("W-FULL", None)),
+        (
+            datetime!(2026-06-10 09:00 UTC),
+            revoked("W-URGENT-2", Some("executive-1")),
+        ),
+        (
+            datetime!(2026-06-10 10:00 UTC),
+            refused(A, Some("W-FULL"), "warrant_revoked"),
+        ),
+        // Urgent 3: first used one hour before the end of the log.
+        (datetime!(2026-06-10 10:00 UTC), opened(A, &u3, 6)),
+        (datetime!(2026-06-10 11:00 UTC), opened(A, &full, 7)),
+    ]
+}
+
+fn build(events: &[(OffsetDateTime, Event)], options: &Options) -> Report {
+    let (export, summary) = summary(events);
+    Report::build(&export, &summary, options)
+}
+
+#[test]
+fn figures_count_each_event_of_the_mix() {
+    let r = build(&mix(), &Options::default());
+    assert_eq!(r.schema, "lavd.oversight-report/1");
+    assert_eq!(r.form, Form::Aggregate);
+    assert!(r.detail.is_none());
+    let t = &r.totals;
+    assert_eq!((t.opened, t.denied, t.refused, t.revocations), (7, 2, 5, 2));
+    assert_eq!((t.keys_generated, t.keys_destroyed), (5, 3));
+    assert_eq!(r.period.leaves, 25);
+    assert_eq!(r.period.as_of.as_deref(), Some("2026-06-10T11:00:00Z"));
+
+    let row = |month: &str, agency: &str| {
+        r.monthly
+            .iter()
+            .find(|m| m.month == month && m.agency == agency)
+            .map(|m| (m.opened, m.denied, m.refused))
+    };
+    assert_eq!(r.monthly.len(), 3);
+    assert_eq!(row("2026-05", A), Some((2, 1, 0)));
+    assert_eq!(row("2026-05", B), Some((3, 1, 4)));
+    assert_eq!(row("2026-06", A), Some((2, 0, 1)));
+
+    assert_eq!(
+        r.denials_by_reason,
+        BTreeMap::from([("budget_exhausted".into(), 1), ("out_of_window".into(), 1)])
+    );
+    assert_eq!(r.refusals_by_code["policy_not_met"], 1);
+    assert_eq!(r.refusals_by_code["emergency_expired"], 1);
+    assert_eq!(r.refusals_by_code.values().sum::<u64>(), 5);
+
+    let u = &r.urgent;
+    assert_eq!(
+        (u.warrants, u.replaced, u.lapsed, u.pending),
+        (3, 1, 1, 1),
+        "{u:?}"
+    );
+    assert_eq!((u.opened, u.denied), (3, 1));
+    // Replaced after 90 min; lapsed after 30 min of use; pending: 0 s.
+    assert_eq!(
+        u.duration_seconds,
+        DurationStats {
+            min: 0,
+            median: 1800,
+            max: 5400
+        }
+    );
+
+    assert_eq!(
+        (
+            r.revocations.total,
+            r.revocations.by_admin,
+            r.revocations.by_authority
+        ),
+        (2, 1, 1)
+    );
+    assert_eq!(
+        r.revocations.monthly,
+        vec![RevocationMonth {
+            month: "2026-06".into(),
+            admin: 1,
+            authority: 1
+        }]
+    );
+
+    let k = &r.keys;
+    assert_eq!((k.keys, k.generated, k.destroyed), (5, 5, 3));
+    let status: BTreeMap<&str, KeyStatus> = k
+        .epochs
+        .iter()
+        .map(|e| (e.kid.as_str(), e.status))
+        .collect();
+    assert_eq!(status["2026-01"], KeyStatus::OnTime); // 12 h after
+    assert_eq!(status["2026-02"], KeyStatus::Late); // 2.5 days after
+    assert_eq!(status["2026-03"], KeyStatus::Early); // forced
+    assert_eq!(status["2026-04"], KeyStatus::Overdue); // 7 days past, as of the log
+    assert_eq!(status["2026-05"], KeyStatus::Retained);
+    assert_eq!(k.by_status["on_time"], 1);
+    assert_eq!(k.by_status.values().sum::<u64>(), 5);
+
+    assert_eq!(r.verification.size, 25);
+    assert_eq!(r.verification.consistent_with, vec![2]);
+    assert!(r.verification.witnesses.is_empty());
+}
+
+#[test]
+fn an_urgent_warrant_lapses_by_the_policy_hours_alone() {
+    let u = warrant("W-U", true);
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(2)),
+        (datetime!(2026-05-01 10:00 UTC), opened(A, &u, 1)),
+        (
+            datetime!(2026-05-01 11:59 UTC),
+            refused(A, None, "malformed_warrant"),
+        ),
+    ];
+    assert_eq!(build(&events, &Options::default()).urgent.pending, 1);
+    let mut later = events.clone();
+    later.push((
+        datetime!(2026-05-01 12:00 UTC),
+        refused(A, None, "malformed_warrant"),
+    ));
+    let r = build(&later, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.pending), (1, 0));
+    // Without an emergency rule in the log, nothing says it lapsed.
+    let r = build(&later[1..], &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.pending), (0, 1));
+}
+
+#[test]
+fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
+    let options = Options {
+        from: Some(datetime!(2026-05-22 00:00 UTC)),
+        to: Some(datetime!(2026-06-02 00:00 UTC)),
+        detail: false,
+    };
+    let r = build(&mix(), &options);
+    assert_eq!(r.period.from.as_deref(), Some("2026-05-22T00:00:00Z"));
+    assert_eq!(r.period.as_of.as_deref(), Some("2026-06-01T12:00:00Z"));
+    assert_eq!(
+        (r.totals.opened, r.totals.denied, r.totals.refused),
+        (3, 1, 2)
+    );
+    assert_eq!(r.totals.revocations, 0);
+    // Urgent 3 is after the period; 1 and 2 are in it.
+    assert_eq!(
+        (r.urgent.warrants, r.urgent.replaced, r.urgent.lapsed),
+        (2, 1, 1)
+    );
+    // Keys: all generated before; as of 1 June, 2026-04 is not yet overdue
+    // and 2026-02 not yet destroyed.
+    let status: BTreeMap<&str, KeyStatus> = r
+        .keys
+        .epochs
+        .iter()
+        .map(|e| (e.kid.as_str(), e.status))
+        .collect();
+    assert_eq!(status["2026-02"], KeyStatus::Retained);
+    assert_eq!(status["2026-04"], KeyStatus::Retained);
+    assert_eq!((r.keys.generated, r.keys.destroyed), (0, 2));
+    // A key destroyed before the period is not listed.
+    let r = build(
+        &mix(),
+        &Options {
+            from: Some(datetime!(2026-06-05 00:00 UTC)),
+            ..Options::default()
+        },
+    );
+    assert!(r.keys.epochs.iter().all(|e| e.kid != "2026-01"));
+    assert_eq!(r.keys.keys, 2);
+}
+
+#[test]
+fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
+    let aggregate = build(&mix(), &Options::default());
+    let json = String::from_utf8(aggregate.to_json().unwrap()).unwrap();
+    let page = html::render(&aggregate);
+    let digest = Digest::of_warrant_payload(b"W-FULL").to_string();
+    let envelope = Digest::of_envelope(&[1], &[0x04; 65]).to_string();
+    for text in [&json, &page] {
+        for secret in [
+            "W-FULL",
+            "W-URGENT",
+            "W-BAD",
+            &digest,
+            &envelope,
+            "investigation",
+        ] {
+            assert!(!text.contains(secret), "{secret} in the aggregate form");
+        }
+    }
+    assert!(page.contains("data-form=\"aggregate\""));
+    assert!(json.contains("\"form\": \"aggregate\""));
+
+    let detail = build(
+        &mix(),
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let rows = &detail.detail.as_ref().unwrap().warrants;
+    let ids: Vec<&str> = rows.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["W-BAD", "W-FULL", "W-URGENT-1", "W-URGENT-2", "W-URGENT-3"]
+    );
+    let full = &rows[1];
+    assert_eq!(
+        (full.opened, full.denied, full.refused, full.revoked),
+        (3, 1, 1, true)
+    );
+    assert_eq!(full.agencies, [A]);
+    assert_eq!(rows[2].urgent, Some(UrgentStatus::Replaced));
+    assert_eq!(rows[2].urgent_seconds, Some(5400));
+    let page = html::render(&detail);
+    assert!(page.contains("data-form=\"detail\""));
+    assert!(page.contains("<th scope=\"row\">W-URGENT-2</th>"));
+    assert!(page.contains("the investigation closed"));
+    // Never envelope digests, even in detail.
+    assert!(!page.contains(&envelope));
+    assert!(!String::from_utf8(detail.to_json().unwrap())
+        .unwrap()
+        .contains(&envelope));
+}
+
+#[test]
+fn hostile_identities_and_ids_are_escaped() {
+    let caller = "spiffe://evil.example/<script>alert(1)</script>";
+    let id = "<script>alert(\"w\")</script><img src=x onerror=alert(2)>";
+    let w = warrant(id, true);
+    let events = vec![
+        (datetime!(2026-05-01 10:00 UTC), opened(caller, &w, 1)),
+        (
+            datetime!(2026-05-01 10:01 UTC),
+            refused(caller, Some(id), "emergency_expired"),
+        ),
+        (datetime!(2026-05-01 10:02 UTC), revoked(id, None)),
+    ];
+    let report = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let page = html::render(&report);
+    assert!(!page.contains("<script"), "{page}");
+    assert!(!page.contains("<img"), "{page}");
+    assert!(page.contains("spiffe://evil.example/&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(page.contains(
+        "&lt;script&gt;alert(&quot;w&quot;)&lt;/script&gt;&lt;img src=x onerror=alert(2)&gt;"
+    ));
+    // In attributes too (the chart's data-row).
+    assert!(page.contains("data-row=\"2026-05 · spiffe://evil.example/&lt;script&gt;"));
+}
+
+#[test]
+fn each_chart_carries_its_figures() {
+    let r = build(&mix(), &Options::default());
+    let page = html::render(&r);
+    for chart in [
+        "monthly",
+        "denials",
+        "refusals",
+        "urgent",
+        "revocations",
+        "keys",
+    ] {
+        assert!(page.contains(&format!("data-chart=\"{chart}\"")), "{chart}");
+        assert!(
+            page.contains(&format!("<title id=\"{chart}-title\">")),
+            "{chart}"
+        );
+    }
+    assert!(page.contains(
+        "<g data-key=\"2026-05 spiffe://police.example/unit-9\" \
+         data-row=\"2026-05 · spiffe://police.example/unit-9\" data-total=\"8\">"
+    ));
+    assert!(page.contains("data-series=\"refused\" data-value=\"4\""));
+    assert!(
+        !page.contains("http://") || !page.contains("src="),
+        "no fetches"
+    );
+    assert!(!page.contains("<link"));
+    assert!(!page.contains("@import"));
+    // An empty period still renders every chart.
+    let empty = build(&[], &Options::default());
+    let page = html::render(&empty);
+    assert!(page.contains("None in this period"));
+    assert_eq!(empty.urgent.duration_seconds, DurationStats::default());
+}
+
+#[test]
+fn durations_read_as_words() {
+    assert_eq!(html::human_duration(0), "0 s");
+    assert_eq!(html::human_duration(45), "45 s");
+    assert_eq!(html::human_duration(1830), "30 min 30 s");
+    assert_eq!(html::human_duration(5400), "1 h 30 min");
+    assert_eq!(html::human_duration(3 * 86_400 + 4 * 3600 + 59), "3 d 4 h");
+    assert_eq!(
+        DurationStats::of(vec![9, 1, 5, 3]),
+        DurationStats {
+            min: 1,
+            median: 3,
+            max: 9
+        }
+    );
+}
