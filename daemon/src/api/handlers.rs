@@ -339,3 +339,87 @@ pub async fn audit_consistency(
         "proof": proof.iter().map(b64_encode).collect::<Vec<_>>(),
     })))
 }
+
+/// `GET /v1/log/checkpoint` (auditor): the C2SP `tlog-tiles` checkpoint, the
+/// same signed note as `/v1/audit/checkpoint`, as `text/plain`, cacheable for
+/// a few seconds at most.
+pub async fn log_checkpoint(
+    _peer: PeerIdentity,
+    state: Arc<ServerState>,
+) -> Result<Response, Rejection> {
+    let checkpoint = blocking(move || state.audit.current_checkpoint().map_err(log_error)).await?;
+    let mut response = checkpoint.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("private, max-age=5"),
+    );
+    Ok(response)
+}
+
+/// `GET /v1/log/tile/…` (auditor): a tile of hashes or an entry bundle
+/// (C2SP `tlog-tiles`), given the path after `tile/`. Served only when the
+/// newest signed checkpoint covers all of it (so a client can verify it),
+/// from one store read; immutable once served.
+///
+/// # Errors
+/// 400 `malformed_request` for a path that is not a canonical tile path,
+/// 404 `not_found` for a tile the newest checkpoint does not cover.
+pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
+    use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
+    let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    let bytes = blocking(move || {
+        let store = state.audit.store();
+        let size = store
+            .latest_checkpoint()
+            .map_err(store_error)?
+            .map_or(0, |(size, _)| size);
+        // Beyond the checkpoint (or beyond any tree): not there yet.
+        let (Some(needed), Some(first)) = (tile.needs_tree_size(), tile.first_node()) else {
+            return Err(ApiError::NotFound);
+        };
+        if needed > size {
+            return Err(ApiError::NotFound);
+        }
+        let end = first + u64::from(tile.width);
+        match tile.level {
+            Some(_) => {
+                // needs_tree_size succeeded, so the tree level is below 64.
+                let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
+                let hashes = store.node_hashes(level, first, end).map_err(store_error)?;
+                Ok(encode_hashes(&hashes))
+            }
+            None => {
+                let leaves: Vec<Vec<u8>> = store
+                    .leaves(first, end)
+                    .map_err(store_error)?
+                    .into_iter()
+                    .map(|(_, leaf)| leaf)
+                    .collect();
+                encode_bundle(&leaves).map_err(|i| {
+                    tracing::error!(
+                        index = first + i as u64,
+                        "a stored leaf is too long for a tile"
+                    );
+                    ApiError::Internal
+                })
+            }
+        }
+    })
+    .await?;
+    let mut response = bytes.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        warp::http::header::CACHE_CONTROL,
+        warp::http::HeaderValue::from_static("private, max-age=31536000, immutable"),
+    );
+    Ok(response)
+}

@@ -121,9 +121,11 @@ where
     if let Some(body) = unread {
         server::linger(body, &conn.activity, &mut response);
     }
+    // Nothing is cached unless its route says so (immutable log tiles).
     response
         .headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        .entry(header::CACHE_CONTROL)
+        .or_insert(HeaderValue::from_static("no-store"));
 
     let route = ctx.route().unwrap_or_else(|| {
         if response.extensions().get::<Routed>().is_some() {

@@ -98,6 +98,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/audit/entries"),
     ("GET", "/v1/audit/proof/inclusion"),
     ("GET", "/v1/audit/proof/consistency"),
+    ("GET", "/v1/log/checkpoint"),
+    ("GET", "/v1/log/tile/{L}/{N}"),
+    ("GET", "/v1/log/tile/entries/{N}"),
 ];
 
 /// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
@@ -359,6 +362,33 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(with_state(state.clone()))
         .and_then(handlers::audit_consistency);
 
+    // The log as C2SP tlog-tiles (PROTOCOL §8): `{N}` is the tile index in
+    // `x001/x234/067` form, optionally followed by `.p/<W>`.
+    let log_checkpoint = warp::path!("v1" / "log" / "checkpoint")
+        .and(warp::get())
+        .and(route("/v1/log/checkpoint"))
+        .and(auditor())
+        .and(with_state(state.clone()))
+        .and_then(handlers::log_checkpoint);
+    let log_entries = warp::path!("v1" / "log" / "tile" / "entries" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(route("/v1/log/tile/entries/{N}"))
+        .and(auditor())
+        .and(with_state(state.clone()))
+        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
+            handlers::log_tile(format!("entries/{}", tail.as_str()), state)
+        });
+    let log_tile = warp::path!("v1" / "log" / "tile" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(route("/v1/log/tile/{L}/{N}"))
+        .and(auditor())
+        .and(with_state(state.clone()))
+        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
+            handlers::log_tile(tail.as_str().to_string(), state)
+        });
+
     keys.or(unwrap)
         .unify()
         .or(revocations)
@@ -372,6 +402,12 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .or(audit_inclusion)
         .unify()
         .or(audit_consistency)
+        .unify()
+        .or(log_checkpoint)
+        .unify()
+        .or(log_entries)
+        .unify()
+        .or(log_tile)
         .unify()
         .recover(error::recover)
         .unify()

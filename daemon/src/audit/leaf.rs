@@ -35,8 +35,10 @@ use time::OffsetDateTime;
 use crate::bounds;
 use crate::codec;
 
-/// The largest leaf accepted or written, in bytes.
-pub const MAX_LEAF_BYTES: usize = 64 * 1024;
+/// The largest leaf accepted or written, in bytes: 65,535, the most a
+/// C2SP `tlog-tiles` entry bundle can carry (a big-endian `u16` length), so
+/// that every leaf can be served as a tile entry.
+pub const MAX_LEAF_BYTES: usize = u16::MAX as usize;
 /// The longest caller identity (a URI SAN), in bytes.
 const MAX_IDENTITY_BYTES: usize = 2048;
 /// The longest authority `kid`, role or algorithm name, in bytes. Warrant

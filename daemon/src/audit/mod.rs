@@ -16,3 +16,4 @@ pub mod leaf;
 pub mod log;
 pub mod merkle;
 pub mod note;
+pub mod tiles;

@@ -129,6 +129,14 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// The stored hashes of the complete subtrees `(level, i)` for `i` in
+    /// `[start, end)`, in one read: what a C2SP tile is made of.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if any of them is missing (the caller asks
+    /// only for subtrees its checkpoint says are complete);
+    /// [`StoreError::Sqlite`].
+    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError>;
     /// The inclusion proof of leaf `index` in the tree of `size`.
     ///
     /// # Errors
@@ -476,6 +484,39 @@ impl AuditStore for Store {
                 u64::try_from(idx).map_err(|_| self.corrupt("negative audit index"))?,
                 leaf,
             ));
+        }
+        Ok(out)
+    }
+
+    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
+        let conn = self.conn();
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT idx, hash FROM audit_nodes WHERE level = ?1 AND idx >= ?2 AND idx < ?3 \
+                 ORDER BY idx",
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        let rows = stmt
+            .query_map(params![level, to_i(start)?, to_i(end)?], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut out = Vec::with_capacity(usize::try_from(end.saturating_sub(start)).unwrap_or(0));
+        for (expected, row) in (start..end).zip(rows) {
+            let (idx, hash) = row.map_err(|e| self.sqlite_err(e))?;
+            if u64::try_from(idx).ok() != Some(expected) {
+                return Err(self.corrupt(format!("audit_nodes ({level}, {expected}) is missing")));
+            }
+            out.push(hash.try_into().map_err(|_| {
+                self.corrupt(format!("audit_nodes ({level}, {idx}) is not 32 bytes"))
+            })?);
+        }
+        if (out.len() as u64) < end.saturating_sub(start) {
+            return Err(self.corrupt(format!(
+                "audit_nodes ({level}, {}) is missing",
+                start + out.len() as u64
+            )));
         }
         Ok(out)
     }

@@ -1,0 +1,157 @@
+//! The audit log as C2SP `tlog-tiles` under `/v1/log/`, read over mTLS by an
+//! auditor from a real `lavd serve` holding more than 256 leaves:
+//!
+//! - `/v1/log/checkpoint` is the signed checkpoint as `text/plain`, cached a
+//!   few seconds at most;
+//! - the root computed from the tiles alone (the log's own RFC 6962 code
+//!   reading tiles through `TileReader`) equals the checkpoint's root, and so
+//!   do inclusion proofs made from tiles and from the proof API;
+//! - entry bundles hold the exact leaves (as `/v1/audit/entries` gives
+//!   them), and each hashes to its level-0 tile hash;
+//! - full and partial tiles carry the spec's content type and are immutable;
+//! - paths that are not the canonical spelling are 400 `malformed_request`,
+//!   tiles the checkpoint does not cover are 404 `not_found`, and only the
+//!   auditor role may read them.
+
+use lavd::audit::merkle::{self, leaf_hash};
+use lavd::audit::note::verify_note;
+use lavd::audit::tiles::{decode_bundle, Tile, TileReader, TileSource};
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+/// Tiles fetched from the daemon as the auditor.
+struct Http<'a>(&'a Client);
+
+impl TileSource for Http<'_> {
+    fn fetch(&self, tile: &Tile) -> Result<Vec<u8>, String> {
+        let r = self
+            .0
+            .get_raw(&format!("/v1/log/{}", tile.path()))
+            .map_err(|e| e.to_string())?;
+        if r.status != 200 {
+            return Err(format!("{}: {}", r.status, r.text()));
+        }
+        assert_eq!(r.header("content-type"), Some("application/octet-stream"));
+        assert_eq!(
+            r.header("cache-control"),
+            Some("private, max-age=31536000, immutable")
+        );
+        Ok(r.body)
+    }
+}
+
+#[test]
+fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{}[limits]\nmax_batch = 200\nrate_limit_per_second = 1000\nrate_limit_burst = 1000\n",
+        vault::roles_toml()
+    )));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("TILES-1", recipient.public(), 1000));
+    let now = OffsetDateTime::now_utc();
+    // Two batches: the log passes 256 leaves (a full level-0 tile, a
+    // partial one, a level-1 tile of width 1).
+    for batch in 0..2 {
+        let envelopes: Vec<_> = (0..150)
+            .map(|i| {
+                vault::seal(
+                    &escrow,
+                    "E-1",
+                    TARGET,
+                    now - time::Duration::minutes(i + 1),
+                    &format!("tiles-{batch}-{i}"),
+                    format!("tiles-dek-{batch}-{i:08}").as_bytes(),
+                )
+            })
+            .collect();
+        let r = vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    // The checkpoint, as tlog-tiles serves it.
+    let r = c.auditor.get("/v1/log/checkpoint");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(r.header("cache-control"), Some("private, max-age=5"));
+    let checkpoint = verify_note(&r.text(), &vault::verifier_key(&c.auditor)).expect("verifies");
+    let size = checkpoint.size;
+    assert!(size > 300, "{size}");
+
+    // The root and proofs from tiles alone.
+    let reader = TileReader::new(Http(&c.auditor), size);
+    assert_eq!(merkle::root(&reader, size).unwrap(), checkpoint.root);
+    for index in [0, 255, 256, size - 1] {
+        let from_tiles = merkle::inclusion_proof(&reader, index, size).unwrap();
+        let r = c.auditor.get(&format!(
+            "/v1/audit/proof/inclusion?index={index}&size={size}"
+        ));
+        let api: Vec<String> = r.json()["proof"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string())
+            .collect();
+        let tiles: Vec<String> = from_tiles.iter().map(lavd::codec::b64_encode).collect();
+        assert_eq!(tiles, api, "inclusion proof of {index}");
+    }
+
+    // Entry bundles: the exact leaves, hashing to the level-0 tiles.
+    let entries = vault::entries(&c.auditor, 0, size);
+    for (tile, first) in [
+        (Tile::entries(0, 256), 0usize),
+        (Tile::entries(1, (size - 256) as u16), 256),
+    ] {
+        let bundle = Http(&c.auditor).fetch(&tile).unwrap();
+        let leaves = decode_bundle(&tile, &bundle).unwrap();
+        let hashes = reader
+            .tile(&Tile::hashes(0, tile.index, tile.width))
+            .unwrap();
+        for (i, leaf) in leaves.iter().enumerate() {
+            assert_eq!(leaf, &entries[first + i].bytes, "leaf {}", first + i);
+            assert_eq!(leaf_hash(leaf), hashes[i], "leaf hash {}", first + i);
+        }
+    }
+
+    // Refusals: the exact codes.
+    for bad in [
+        "/v1/log/tile/0/x000/000",
+        "/v1/log/tile/0/0",
+        "/v1/log/tile/00/000",
+        "/v1/log/tile/64/000",
+        "/v1/log/tile/0/000.p/0",
+        "/v1/log/tile/0/000.p/256",
+        "/v1/log/tile/entries/000.p/007",
+    ] {
+        c.auditor.get(bad).assert_error(400, "malformed_request");
+    }
+    let beyond = size - 256 + 1;
+    for missing in [
+        "/v1/log/tile/0/002".to_string(),
+        format!("/v1/log/tile/0/001.p/{beyond}"),
+        format!("/v1/log/tile/entries/001.p/{beyond}"),
+        "/v1/log/tile/1/000".to_string(),
+        "/v1/log/tile/8/000".to_string(),
+        "/v1/log/tile/63/x999/999".to_string(),
+    ] {
+        c.auditor.get(&missing).assert_error(404, "not_found");
+    }
+    c.provider
+        .get("/v1/log/tile/0/000")
+        .assert_error(403, "forbidden");
+    c.provider
+        .get("/v1/log/checkpoint")
+        .assert_error(403, "forbidden");
+}
