@@ -11,14 +11,17 @@
 //! - full and partial tiles carry the spec's content type and are immutable;
 //! - paths that are not the canonical spelling are 400 `malformed_request`,
 //!   tiles the checkpoint does not cover are 404 `not_found`, and only the
-//!   auditor role may read them.
+//!   auditor role may read them;
+//! - the real `lavd audit verify --tiles` gives the same summary from the
+//!   served tiles (URL) and from a directory mirroring them as `--url` gives
+//!   from the JSON API, and refuses a mirror with one altered tile.
 
 use lavd::audit::merkle::{self, leaf_hash};
 use lavd::audit::note::verify_note;
 use lavd::audit::tiles::{decode_bundle, Tile, TileReader, TileSource};
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::TestToken;
+use softhsm_tests::{assert_ok, TestToken};
 use time::OffsetDateTime;
 
 /// Tiles fetched from the daemon as the auditor.
@@ -53,7 +56,8 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     vault::generate_escrow_key(&t, "E-1");
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
-    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
     let escrow = vault::published_key(&c.provider, "E-1");
     let recipient = vault::recipient();
     let warrant = vault::double_lock(&vault::claims("TILES-1", recipient.public(), 1000));
@@ -154,4 +158,83 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     c.provider
         .get("/v1/log/checkpoint")
         .assert_error(403, "forbidden");
+
+    // The real verifier, from the JSON API, from the tiles over HTTPS, and
+    // from a directory laid out as they are served.
+    let (cert_pem, key_pem) = parties.auditor.pem();
+    pki.write("servers-ca.pem", &pki.servers.pem());
+    pki.write("auditor.pem", &cert_pem);
+    pki.write("auditor.key", &key_pem);
+    softhsm_tests::restrict(&t.path("tls/auditor.key"));
+    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
+    let key = vault::verifier_key(&c.auditor);
+    let verify = |source: &[&str]| {
+        let mut args = vec!["audit", "verify", "--key", &key];
+        args.extend_from_slice(source);
+        let (ca, cert, client_key) = (
+            tls("servers-ca.pem"),
+            tls("auditor.pem"),
+            tls("auditor.key"),
+        );
+        if source.iter().any(|s| s.starts_with("https://")) {
+            args.extend_from_slice(&["--ca", &ca, "--cert", &cert, "--client-key", &client_key]);
+        }
+        t.lavd(&args)
+    };
+    let api = format!("https://{}", daemon.api);
+    let tiles_url = format!("https://{}/v1/log", daemon.api);
+    let from_api = assert_ok(&verify(&["--url", &api]));
+    let from_tiles = assert_ok(&verify(&["--tiles", &tiles_url]));
+
+    // A mirror: the checkpoint the tiles were read under, every tile a tree
+    // of that size needs, and its entry bundles. (A newer checkpoint may
+    // have been signed since: the mirror holds what `size` needs.)
+    let mirror = t.path("mirror");
+    let checkpoint_text = c.auditor.get("/v1/log/checkpoint").text();
+    let mirrored = verify_note(&checkpoint_text, &key).unwrap().size;
+    let put = |path: &str, bytes: &[u8]| {
+        let file = mirror.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    };
+    put("checkpoint", checkpoint_text.as_bytes());
+    for level in 0u8..3 {
+        let span = 256u64.pow(u32::from(level));
+        let nodes = mirrored / span;
+        for index in 0..nodes.div_ceil(256) {
+            let width = (nodes - index * 256).min(256) as u16;
+            for tile in [
+                Tile::hashes(level, index, width),
+                Tile::entries(index, width),
+            ] {
+                if tile.level.is_none() && level > 0 {
+                    continue;
+                }
+                put(&tile.path(), &Http(&c.auditor).fetch(&tile).unwrap());
+            }
+        }
+    }
+    let dir = mirror.to_str().unwrap().to_string();
+    let from_dir = assert_ok(&verify(&["--tiles", &dir]));
+    // The summaries agree (the sizes may differ if the log grew in between:
+    // compare the lines that do not depend on it).
+    let steady = |out: &str| {
+        out.lines()
+            .filter(|l| l.starts_with("verdict") || l.contains("origin"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(steady(&from_tiles), steady(&from_api));
+    assert_eq!(steady(&from_dir), steady(&from_api));
+    assert!(from_dir.contains("verdict: the log verifies"), "{from_dir}");
+
+    // One altered hash in a level-0 tile: refused, naming the root.
+    let tile0 = mirror.join(Tile::hashes(0, 0, 256).path());
+    let mut bytes = std::fs::read(&tile0).unwrap();
+    bytes[5] ^= 1;
+    std::fs::write(&tile0, &bytes).unwrap();
+    let out = verify(&["--tiles", &dir]);
+    assert!(!out.status.success(), "an altered tile verified");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("root_mismatch"), "{stderr}");
 }

@@ -105,14 +105,20 @@ pub struct LogSource {
     #[arg(
         long,
         value_name = "FILE",
-        required_unless_present = "url",
-        conflicts_with = "url"
+        required_unless_present_any = ["url", "tiles"],
+        conflicts_with_all = ["url", "tiles"]
     )]
     pub export: Option<PathBuf>,
     /// Fetch the log from a running daemon instead (`https://host:port`),
     /// as an auditor: needs `--ca`, `--cert` and `--client-key`.
-    #[arg(long, value_name = "URL", requires_all = ["ca", "cert", "client_key"])]
+    #[arg(long, value_name = "URL", requires_all = ["ca", "cert", "client_key"], conflicts_with = "tiles")]
     pub url: Option<String>,
+    /// Read the log as C2SP tlog-tiles instead: a directory laid out as the
+    /// tiles are served (`checkpoint`, `tile/…`), or the prefix they are
+    /// served under (`https://host:port/v1/log`, as an auditor: needs
+    /// `--ca`, `--cert` and `--client-key`).
+    #[arg(long, value_name = "DIR|URL")]
+    pub tiles: Option<String>,
     /// CA bundle that the daemon's server certificate chains to.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -162,16 +168,34 @@ impl LogSource {
             Err(_) => self.key,
         };
         let key = VerifierKey::parse(&key_text).context("the verifier key")?;
-        let new = match (self.export, self.url, self.ca, self.cert, self.client_key) {
-            (Some(export), ..) => Export::parse(&read(&export)?)?,
-            (None, Some(url), Some(ca), Some(cert), Some(client_key)) => {
-                let limits = super::https::Limits {
-                    max_response_bytes: self.max_response_bytes,
-                    timeout: std::time::Duration::from_secs(self.timeout),
+        let limits = super::https::Limits {
+            max_response_bytes: self.max_response_bytes,
+            timeout: std::time::Duration::from_secs(self.timeout),
+        };
+        let client = |url: &str| -> anyhow::Result<super::https::Client> {
+            let (Some(ca), Some(cert), Some(client_key)) = (&self.ca, &self.cert, &self.client_key)
+            else {
+                anyhow::bail!("a URL needs --ca, --cert and --client-key");
+            };
+            super::https::Client::new(url, ca, cert, client_key, limits)
+        };
+        let new = match (&self.export, &self.url, &self.tiles) {
+            (Some(export), ..) => Export::parse(&read(export)?)?,
+            (None, Some(url), _) => fetch_export(&client(url)?, &key)?,
+            (None, None, Some(tiles)) => {
+                let source = match tiles.strip_prefix("https://") {
+                    Some(rest) => {
+                        let prefix = rest.find('/').map_or("", |i| &rest[i..]);
+                        TilesAt::Url {
+                            client: client(tiles)?,
+                            prefix: prefix.trim_end_matches('/').to_string(),
+                        }
+                    }
+                    None => TilesAt::Dir(PathBuf::from(tiles)),
                 };
-                fetch_export(&url, &ca, &cert, &client_key, &key, limits)?
+                fetch_tiles(source, &key)?
             }
-            _ => anyhow::bail!("give --export FILE, or --url with --ca, --cert and --client-key"),
+            _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
@@ -192,15 +216,7 @@ impl LogSource {
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
 /// current checkpoint, then every leaf up to its size in pages. Nothing
 /// fetched is trusted; [`verify_export`] checks it all against `key`.
-fn fetch_export(
-    url: &str,
-    ca: &std::path::Path,
-    cert: &std::path::Path,
-    client_key: &std::path::Path,
-    key: &VerifierKey,
-    limits: super::https::Limits,
-) -> anyhow::Result<Export> {
-    let client = super::https::Client::new(url, ca, cert, client_key, limits)?;
+fn fetch_export(client: &super::https::Client, key: &VerifierKey) -> anyhow::Result<Export> {
     let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no checkpoint in the reply"))?
@@ -231,6 +247,128 @@ fn fetch_export(
         earlier_checkpoints: Vec::new(),
         entries,
     })
+}
+
+/// Where C2SP tiles are read from: a directory in the served layout, or an
+/// HTTPS prefix.
+#[derive(Debug)]
+enum TilesAt {
+    Dir(PathBuf),
+    Url {
+        client: super::https::Client,
+        prefix: String,
+    },
+}
+
+impl TilesAt {
+    /// The resource at `path` below the prefix (`checkpoint`, `tile/…`).
+    fn get(&self, path: &str) -> Result<Vec<u8>, String> {
+        match self {
+            TilesAt::Dir(dir) => std::fs::read(dir.join(path))
+                .map_err(|e| format!("{}: {e}", dir.join(path).display())),
+            TilesAt::Url { client, prefix } => client
+                .get_bytes(&format!("{prefix}/{path}"))
+                .map(|b| b.to_vec())
+                .map_err(|e| format!("{e:#}")),
+        }
+    }
+}
+
+impl crate::audit::tiles::TileSource for &TilesAt {
+    fn fetch(&self, tile: &crate::audit::tiles::Tile) -> Result<Vec<u8>, String> {
+        self.get(&tile.path())
+    }
+}
+
+/// Reads the whole log as C2SP tlog-tiles: the checkpoint (its signature
+/// checked), every entry bundle up to its size, and the hash tiles, whose
+/// root must be the checkpoint's. The leaves then go through the same
+/// verifier as an export (which recomputes the root from them), so tiles,
+/// leaves and checkpoint are all held to one signed root.
+fn fetch_tiles(source: TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
+    use crate::audit::tiles::{decode_bundle, Tile, TileReader, TILE_WIDTH};
+    let checkpoint = String::from_utf8(source.get("checkpoint").map_err(anyhow::Error::msg)?)
+        .context("the checkpoint is not UTF-8")?;
+    let signed =
+        crate::audit::note::verify_checkpoint(&checkpoint, key).context("the tiles' checkpoint")?;
+    let mut entries = Vec::new();
+    let mut leaves = Vec::new();
+    let mut index = 0u64;
+    while index < signed.size {
+        let n = index / TILE_WIDTH;
+        let width = (signed.size - index).min(TILE_WIDTH) as u16;
+        let tile = Tile::entries(n, width);
+        let bytes = source.get(&tile.path()).map_err(anyhow::Error::msg)?;
+        for leaf in decode_bundle(&tile, &bytes)? {
+            entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
+            leaves.push(leaf);
+            index += 1;
+        }
+    }
+    // Every hash tile the tree has, held to what it must contain: level 0
+    // to the leaves' hashes, each higher level to the tiles below it, and
+    // the whole to the signed root.
+    let reader = TileReader::new(&source, signed.size);
+    let mismatch = |tile: &Tile, i: usize| {
+        anyhow::anyhow!(
+            "root_mismatch: hash {i} of tile {} is not what the tree of size {} holds there",
+            tile.path(),
+            signed.size
+        )
+    };
+    for level in 0u8..64 {
+        let Some(span) = 1u64.checked_shl(u32::from(level) * 8) else {
+            break;
+        };
+        let nodes = signed.size / span;
+        if nodes == 0 {
+            break;
+        }
+        for node in (0..nodes).step_by(TILE_WIDTH as usize) {
+            let tile = Tile::covering(level, node, signed.size)
+                .ok_or_else(|| anyhow::anyhow!("no tile holds hash ({level}, {node})"))?;
+            let hashes = reader.tile(&tile)?;
+            for (i, hash) in hashes.iter().enumerate() {
+                let at = node + i as u64;
+                let expected = if level == 0 {
+                    let leaf = leaves.get(at as usize).ok_or_else(|| mismatch(&tile, i))?;
+                    crate::audit::merkle::leaf_hash(leaf)
+                } else {
+                    let below = reader.tile(&Tile::hashes(level - 1, at, TILE_WIDTH as u16))?;
+                    fold(below)
+                };
+                if *hash != expected {
+                    return Err(mismatch(&tile, i));
+                }
+            }
+        }
+    }
+    let root = crate::audit::merkle::root(&reader, signed.size).context("the hash tiles")?;
+    if root != signed.root {
+        anyhow::bail!(
+            "root_mismatch: the hash tiles of size {} do not hash to the checkpoint's root",
+            signed.size
+        );
+    }
+    Ok(Export {
+        origin: signed.origin,
+        checkpoint,
+        earlier_checkpoints: Vec::new(),
+        entries,
+    })
+}
+
+/// The root of a full tile's 256 hashes: the hash one level of tiles up.
+fn fold(mut row: Vec<crate::audit::merkle::Hash>) -> crate::audit::merkle::Hash {
+    while row.len() > 1 {
+        row = row
+            .chunks_exact(2)
+            .map(|p| crate::audit::merkle::node_hash(&p[0], &p[1]))
+            .collect();
+    }
+    row.first()
+        .copied()
+        .unwrap_or_else(crate::audit::merkle::empty_root)
 }
 
 fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {

@@ -162,8 +162,19 @@ impl Client {
     /// error code and message), a body that is not JSON, or an
     /// [`HttpsError`] when the reply breaks the [`Limits`].
     pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let body = self.get_bytes(path)?;
+        serde_json::from_slice(&body).context("the reply is not JSON")
+    }
+
+    /// GETs `path` and returns the body of a 200 reply as it came (a tile,
+    /// a checkpoint).
+    ///
+    /// # Errors
+    /// As [`Self::get_json`], but any body is accepted.
+    pub fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
         let timeout = self.limits.timeout;
-        self.runtime
+        let (status, body) = self
+            .runtime
             .block_on(async { tokio::time::timeout(timeout, self.fetch(path)).await })
             .unwrap_or_else(|_| {
                 Err(HttpsError::Timeout {
@@ -171,10 +182,19 @@ impl Client {
                     timeout,
                 }
                 .into())
-            })
+            })?;
+        if status != hyper::StatusCode::OK {
+            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            bail!(
+                "GET {path}: {status}: {}: {}",
+                error["error"]["code"].as_str().unwrap_or("?"),
+                error["error"]["message"].as_str().unwrap_or("")
+            );
+        }
+        Ok(body)
     }
 
-    async fn fetch(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+    async fn fetch(&self, path: &str) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
         let limit = self.limits.max_response_bytes;
         let too_large = || HttpsError::TooLarge {
             path: path.to_string(),
@@ -217,15 +237,6 @@ impl Client {
             Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().into()),
             Err(e) => return Err(anyhow!(e).context("reading the reply")),
         };
-        let value: serde_json::Value =
-            serde_json::from_slice(&body).context("the reply is not JSON")?;
-        if status != hyper::StatusCode::OK {
-            bail!(
-                "GET {path}: {status}: {}: {}",
-                value["error"]["code"].as_str().unwrap_or("?"),
-                value["error"]["message"].as_str().unwrap_or("")
-            );
-        }
-        Ok(value)
+        Ok((status, body))
     }
 }

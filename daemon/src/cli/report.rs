@@ -2,9 +2,9 @@
 //! write the oversight report ([`crate::report`]). Like `verify`, it needs
 //! no HSM, config or daemon: only the log's verifier key.
 //!
-//! Witnessed tiles (`--tiles`) and a policy file for the urgent rule
-//! (`--policy`) will be further inputs once the log publishes tiles; they
-//! plug in as another [`LogSource`] and as an [`Options`] field.
+//! Its inputs are [`LogSource`]'s: an export, the JSON API, or C2SP tiles.
+//! A witness policy (`--policy`) will be a further [`Options`] field once
+//! the log has witnesses.
 
 use std::path::PathBuf;
 
