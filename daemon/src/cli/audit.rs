@@ -46,6 +46,26 @@ pub enum AuditCommand {
     /// report: one self-contained HTML page and, optionally, the same
     /// figures as JSON. Nothing is written from a log that does not verify.
     Report(super::report::ReportArgs),
+    /// Mirror the log's C2SP tiles into a directory, incrementally: fetch
+    /// the newest checkpoint, check its signature and that it extends the
+    /// one already mirrored, fetch only the tiles and entry bundles the
+    /// directory lacks, hold every tile to the signed root, and only then
+    /// replace the mirrored checkpoint. Safe to interrupt and run again.
+    Mirror {
+        /// The log's verifier key (`<origin>+<key id>+<base64 key>`), or a
+        /// file holding it.
+        #[arg(long, value_name = "KEY|FILE")]
+        key: String,
+        /// The prefix the tiles are served under (`https://host:port/v1/log`).
+        #[arg(long, value_name = "URL")]
+        url: String,
+        /// The mirror directory (created if missing); `lavd audit verify
+        /// --tiles DIR` reads it.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
 }
 
 fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
@@ -87,6 +107,12 @@ impl AuditCommand {
                 }
             }
             AuditCommand::Report(args) => args.run()?,
+            AuditCommand::Mirror {
+                key,
+                url,
+                dir,
+                remote,
+            } => mirror(&verifier_key(key)?, &url, &dir, &remote)?,
         }
         Ok(())
     }
@@ -111,7 +137,7 @@ pub struct LogSource {
     pub export: Option<PathBuf>,
     /// Fetch the log from a running daemon instead (`https://host:port`),
     /// as an auditor: needs `--ca`, `--cert` and `--client-key`.
-    #[arg(long, value_name = "URL", requires_all = ["ca", "cert", "client_key"], conflicts_with = "tiles")]
+    #[arg(long, value_name = "URL", conflicts_with = "tiles")]
     pub url: Option<String>,
     /// Read the log as C2SP tlog-tiles instead: a directory laid out as the
     /// tiles are served (`checkpoint`, `tile/…`), or the prefix they are
@@ -119,6 +145,21 @@ pub struct LogSource {
     /// `--ca`, `--cert` and `--client-key`).
     #[arg(long, value_name = "DIR|URL")]
     pub tiles: Option<String>,
+    #[command(flatten)]
+    pub remote: Remote,
+    /// A signed checkpoint you kept from earlier: the export must extend it.
+    #[arg(long, value_name = "FILE", conflicts_with = "previous")]
+    pub checkpoint: Option<PathBuf>,
+    /// An export you verified earlier: its leaves must be a prefix of
+    /// this one's (locates a rewritten leaf exactly).
+    #[arg(long, value_name = "FILE")]
+    pub previous: Option<PathBuf>,
+}
+
+/// How the tools reach a daemon (or a tile server) as an auditor: mutual
+/// TLS with the auditor's certificate, every request bounded.
+#[derive(Debug, clap::Args)]
+pub struct Remote {
     /// CA bundle that the daemon's server certificate chains to.
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -146,13 +187,25 @@ pub struct LogSource {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub timeout: u64,
-    /// A signed checkpoint you kept from earlier: the export must extend it.
-    #[arg(long, value_name = "FILE", conflicts_with = "previous")]
-    pub checkpoint: Option<PathBuf>,
-    /// An export you verified earlier: its leaves must be a prefix of
-    /// this one's (locates a rewritten leaf exactly).
-    #[arg(long, value_name = "FILE")]
-    pub previous: Option<PathBuf>,
+}
+
+impl Remote {
+    /// A client for `url` (`https://host:port[/prefix]`).
+    ///
+    /// # Errors
+    /// A missing `--ca`, `--cert` or `--client-key`, or what
+    /// [`super::https::Client::new`] refuses.
+    pub fn client(&self, url: &str) -> anyhow::Result<super::https::Client> {
+        let (Some(ca), Some(cert), Some(client_key)) = (&self.ca, &self.cert, &self.client_key)
+        else {
+            anyhow::bail!("a URL needs --ca, --cert and --client-key");
+        };
+        let limits = super::https::Limits {
+            max_response_bytes: self.max_response_bytes,
+            timeout: std::time::Duration::from_secs(self.timeout),
+        };
+        super::https::Client::new(url, ca, cert, client_key, limits)
+    }
 }
 
 impl LogSource {
@@ -163,37 +216,17 @@ impl LogSource {
     /// An unreadable file or a failed fetch, or the [`VerifyError`] that
     /// failed.
     pub fn verify(self) -> anyhow::Result<(Export, crate::audit::export::Summary)> {
-        let key_text = match std::fs::read_to_string(&self.key) {
-            Ok(text) => text.trim().to_string(),
-            Err(_) => self.key,
-        };
-        let key = VerifierKey::parse(&key_text).context("the verifier key")?;
-        let limits = super::https::Limits {
-            max_response_bytes: self.max_response_bytes,
-            timeout: std::time::Duration::from_secs(self.timeout),
-        };
-        let client = |url: &str| -> anyhow::Result<super::https::Client> {
-            let (Some(ca), Some(cert), Some(client_key)) = (&self.ca, &self.cert, &self.client_key)
-            else {
-                anyhow::bail!("a URL needs --ca, --cert and --client-key");
-            };
-            super::https::Client::new(url, ca, cert, client_key, limits)
-        };
+        let key = verifier_key(self.key)?;
+        let client = |url: &str| self.remote.client(url);
         let new = match (&self.export, &self.url, &self.tiles) {
             (Some(export), ..) => Export::parse(&read(export)?)?,
             (None, Some(url), _) => fetch_export(&client(url)?, &key)?,
             (None, None, Some(tiles)) => {
                 let source = match tiles.strip_prefix("https://") {
-                    Some(rest) => {
-                        let prefix = rest.find('/').map_or("", |i| &rest[i..]);
-                        TilesAt::Url {
-                            client: client(tiles)?,
-                            prefix: prefix.trim_end_matches('/').to_string(),
-                        }
-                    }
+                    Some(_) => TilesAt::url(client(tiles)?, tiles),
                     None => TilesAt::Dir(PathBuf::from(tiles)),
                 };
-                fetch_tiles(source, &key)?
+                fetch_tiles(&source, &key)?
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
@@ -249,6 +282,59 @@ fn fetch_export(client: &super::https::Client, key: &VerifierKey) -> anyhow::Res
     })
 }
 
+/// The verifier key given on the command line, or read from the file it
+/// names.
+fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
+    let text = match std::fs::read_to_string(&key) {
+        Ok(text) => text.trim().to_string(),
+        Err(_) => key,
+    };
+    VerifierKey::parse(&text).context("the verifier key")
+}
+
+/// `lavd audit mirror`: see [`AuditCommand::Mirror`].
+fn mirror(
+    key: &VerifierKey,
+    url: &str,
+    dir: &std::path::Path,
+    remote: &Remote,
+) -> anyhow::Result<()> {
+    let held = match std::fs::read(dir.join("checkpoint")) {
+        Ok(bytes) => {
+            let text = String::from_utf8(bytes).context("the mirrored checkpoint is not UTF-8")?;
+            Some(
+                crate::audit::note::verify_checkpoint(&text, key)
+                    .context("the mirrored checkpoint")?,
+            )
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading {}", dir.join("checkpoint").display()))
+        }
+    };
+    let upstream = TilesAt::url(remote.client(url)?, url);
+    let checkpoint = String::from_utf8(upstream.get("checkpoint")?)
+        .context("the log's checkpoint is not UTF-8")?;
+    let fetched = std::rc::Rc::new(std::cell::Cell::new(0));
+    let source = TilesAt::Mirror {
+        dir: dir.to_path_buf(),
+        remote: Box::new(upstream),
+        fetched: fetched.clone(),
+    };
+    let export = read_tiles(&source, key, checkpoint.clone(), held.as_ref())?;
+    // Every tile is in the directory and verified: now the checkpoint.
+    write_atomically(&dir.join("checkpoint"), checkpoint.as_bytes())
+        .with_context(|| format!("writing {}", dir.join("checkpoint").display()))?;
+    println!(
+        "mirrored {} entries of {} into {}: {} tiles fetched, the rest already held",
+        export.entries.len(),
+        export.origin,
+        dir.display(),
+        fetched.get()
+    );
+    Ok(())
+}
+
 /// Where C2SP tiles are read from: a directory in the served layout, or an
 /// HTTPS prefix.
 #[derive(Debug)]
@@ -258,25 +344,72 @@ enum TilesAt {
         client: super::https::Client,
         prefix: String,
     },
+    /// A local mirror of a remote: tiles already there are read from the
+    /// directory (a served tile never changes), the others fetched and kept.
+    Mirror {
+        dir: PathBuf,
+        remote: Box<TilesAt>,
+        fetched: std::rc::Rc<std::cell::Cell<u64>>,
+    },
 }
 
 impl TilesAt {
+    /// The tiles served under `url`'s path (`https://host:port/v1/log`).
+    fn url(client: super::https::Client, url: &str) -> Self {
+        let rest = url.strip_prefix("https://").unwrap_or(url);
+        let prefix = rest.find('/').map_or("", |i| &rest[i..]);
+        TilesAt::Url {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
+    }
+
     /// The resource at `path` below the prefix (`checkpoint`, `tile/…`).
-    fn get(&self, path: &str) -> Result<Vec<u8>, String> {
+    fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         match self {
             TilesAt::Dir(dir) => std::fs::read(dir.join(path))
-                .map_err(|e| format!("{}: {e}", dir.join(path).display())),
+                .with_context(|| format!("reading {}", dir.join(path).display())),
             TilesAt::Url { client, prefix } => client
                 .get_bytes(&format!("{prefix}/{path}"))
-                .map(|b| b.to_vec())
-                .map_err(|e| format!("{e:#}")),
+                .map(|b| b.to_vec()),
+            TilesAt::Mirror {
+                dir,
+                remote,
+                fetched,
+            } => {
+                let file = dir.join(path);
+                if let Ok(bytes) = std::fs::read(&file) {
+                    return Ok(bytes);
+                }
+                let bytes = remote.get(path)?;
+                write_atomically(&file, &bytes)
+                    .with_context(|| format!("writing {}", file.display()))?;
+                fetched.set(fetched.get() + 1);
+                Ok(bytes)
+            }
         }
     }
 }
 
+/// Writes `bytes` to `file` through a temporary file and a rename, so that
+/// an interrupted mirror never leaves half a tile.
+fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("partial-download");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, file)
+}
+
 impl crate::audit::tiles::TileSource for &TilesAt {
     fn fetch(&self, tile: &crate::audit::tiles::Tile) -> Result<Vec<u8>, String> {
+        // Keep the stable code of a bounded request in the text.
         self.get(&tile.path())
+            .map_err(|e| match e.downcast_ref::<super::https::HttpsError>() {
+                Some(h) => format!("{}: {e:#}", h.code()),
+                None => format!("{e:#}"),
+            })
     }
 }
 
@@ -285,12 +418,32 @@ impl crate::audit::tiles::TileSource for &TilesAt {
 /// root must be the checkpoint's. The leaves then go through the same
 /// verifier as an export (which recomputes the root from them), so tiles,
 /// leaves and checkpoint are all held to one signed root.
-fn fetch_tiles(source: TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
+fn fetch_tiles(source: &TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
+    let checkpoint =
+        String::from_utf8(source.get("checkpoint")?).context("the checkpoint is not UTF-8")?;
+    read_tiles(source, key, checkpoint, None)
+}
+
+/// [`fetch_tiles`] under a given `checkpoint`; with `older` (a checkpoint
+/// verified before), the tiles must also prove the tree extends it.
+fn read_tiles(
+    source: &TilesAt,
+    key: &VerifierKey,
+    checkpoint: String,
+    older: Option<&crate::audit::note::Checkpoint>,
+) -> anyhow::Result<Export> {
     use crate::audit::tiles::{decode_bundle, Tile, TileReader, TILE_WIDTH};
-    let checkpoint = String::from_utf8(source.get("checkpoint").map_err(anyhow::Error::msg)?)
-        .context("the checkpoint is not UTF-8")?;
     let signed =
         crate::audit::note::verify_checkpoint(&checkpoint, key).context("the tiles' checkpoint")?;
+    if let Some(older) = older {
+        if older.size > signed.size {
+            anyhow::bail!(
+                "consistency_sizes_reversed: the log's checkpoint has size {}, smaller than the {} already held",
+                signed.size,
+                older.size
+            );
+        }
+    }
     let mut entries = Vec::new();
     let mut leaves = Vec::new();
     let mut index = 0u64;
@@ -298,7 +451,7 @@ fn fetch_tiles(source: TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
         let n = index / TILE_WIDTH;
         let width = (signed.size - index).min(TILE_WIDTH) as u16;
         let tile = Tile::entries(n, width);
-        let bytes = source.get(&tile.path()).map_err(anyhow::Error::msg)?;
+        let bytes = source.get(&tile.path())?;
         for leaf in decode_bundle(&tile, &bytes)? {
             entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
             leaves.push(leaf);
@@ -308,7 +461,7 @@ fn fetch_tiles(source: TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
     // Every hash tile the tree has, held to what it must contain: level 0
     // to the leaves' hashes, each higher level to the tiles below it, and
     // the whole to the signed root.
-    let reader = TileReader::new(&source, signed.size);
+    let reader = TileReader::new(source, signed.size);
     let mismatch = |tile: &Tile, i: usize| {
         anyhow::anyhow!(
             "root_mismatch: hash {i} of tile {} is not what the tree of size {} holds there",
@@ -349,6 +502,18 @@ fn fetch_tiles(source: TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
             "root_mismatch: the hash tiles of size {} do not hash to the checkpoint's root",
             signed.size
         );
+    }
+    // The older tree's root, from the same (verified) tiles: equal means
+    // the new tree extends it.
+    if let Some(older) = older {
+        let old_root = crate::audit::merkle::root(&reader, older.size).context("the hash tiles")?;
+        if old_root != older.root {
+            anyhow::bail!(
+                "old_root_mismatch: the log of size {} does not extend the checkpoint of size {} already held",
+                signed.size,
+                older.size
+            );
+        }
     }
     Ok(Export {
         origin: signed.origin,

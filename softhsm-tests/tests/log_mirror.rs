@@ -1,0 +1,154 @@
+//! `lavd audit mirror` against a real `lavd serve`, then `lavd audit verify
+//! --tiles` on the mirror:
+//!
+//! - a first mirror fetches every tile and verifies;
+//! - after the log grows, a second one fetches only what is new, proves the
+//!   new tree extends the mirrored checkpoint, and verifies;
+//! - a run cut short (here by a response limit smaller than a tile) leaves
+//!   the previous checkpoint in place, so the mirror still verifies as it
+//!   was, and the next run completes it;
+//! - a mirrored tile altered on disk is caught by the next run.
+
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{assert_ok, TestToken};
+use time::OffsetDateTime;
+
+fn unwrap_batch(
+    c: &Client,
+    escrow: &lavd::jwk::P256PublicKey,
+    warrant: &serde_json::Value,
+    tag: &str,
+) {
+    let now = OffsetDateTime::now_utc();
+    let envelopes: Vec<_> = (0..150)
+        .map(|i| {
+            vault::seal(
+                escrow,
+                "E-1",
+                TARGET,
+                now - time::Duration::minutes(i + 1),
+                &format!("{tag}-{i}"),
+                format!("mirror-dek-{tag}-{i:08}").as_bytes(),
+            )
+        })
+        .collect();
+    let r = vault::post(
+        c,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// The number of tiles a mirror run says it fetched.
+fn fetched(out: &str) -> u64 {
+    out.split(": ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {out:?}"))
+}
+
+/// The `… N leaves verified` line of a verify summary.
+fn size_line(out: &str) -> String {
+    out.lines()
+        .find(|l| l.contains("leaves verified"))
+        .unwrap_or_else(|| panic!("no size in {out:?}"))
+        .to_string()
+}
+
+#[test]
+fn a_mirror_fetches_incrementally_resumes_and_verifies() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{}[limits]\nmax_batch = 200\nrate_limit_per_second = 1000\nrate_limit_burst = 1000\n",
+        vault::roles_toml()
+    )));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("MIRROR-1", recipient.public(), 10_000));
+    unwrap_batch(&c.agency, &escrow, &warrant, "a");
+    unwrap_batch(&c.agency, &escrow, &warrant, "b");
+
+    let (cert_pem, key_pem) = parties.auditor.pem();
+    pki.write("servers-ca.pem", &pki.servers.pem());
+    pki.write("auditor.pem", &cert_pem);
+    pki.write("auditor.key", &key_pem);
+    softhsm_tests::restrict(&t.path("tls/auditor.key"));
+    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
+    let (ca, cert, client_key) = (
+        tls("servers-ca.pem"),
+        tls("auditor.pem"),
+        tls("auditor.key"),
+    );
+    let key = vault::verifier_key(&c.auditor);
+    let url = format!("https://{}/v1/log", daemon.api);
+    let dir = t.path("mirror").to_str().unwrap().to_string();
+    let mirror = |extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "mirror",
+            "--key",
+            &key,
+            "--url",
+            &url,
+            "--dir",
+            &dir,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--client-key",
+            &client_key,
+        ];
+        args.extend_from_slice(extra);
+        t.lavd(&args)
+    };
+    let verify = || assert_ok(&t.lavd(&["audit", "verify", "--key", &key, "--tiles", &dir]));
+
+    // First run: everything.
+    let first = fetched(&assert_ok(&mirror(&[])));
+    let verified = verify();
+    assert!(verified.contains("verdict: the log verifies"), "{verified}");
+    assert!(first >= 5, "{first} tiles for a log of over 300 leaves");
+
+    // The log grows; the next run fetches only the new tiles.
+    unwrap_batch(&c.agency, &escrow, &warrant, "c");
+    let second = fetched(&assert_ok(&mirror(&[])));
+    assert!(
+        second < first + 3,
+        "second run fetched {second}, first {first}"
+    );
+    let grown = verify();
+    assert_ne!(size_line(&grown), size_line(&verified), "{grown}");
+
+    // Cut short: a limit smaller than a full tile stops the run after the
+    // checkpoint; the mirror keeps its old checkpoint and still verifies.
+    unwrap_batch(&c.agency, &escrow, &warrant, "d");
+    let cut = mirror(&["--max-response-bytes", "4096"]);
+    assert!(!cut.status.success(), "a run with a 4 KiB limit completed");
+    let stderr = String::from_utf8_lossy(&cut.stderr);
+    assert!(stderr.contains("response_too_large"), "{stderr}");
+    assert_eq!(size_line(&verify()), size_line(&grown));
+    // And the next run completes it.
+    assert_ok(&mirror(&[]));
+    let resumed = verify();
+    assert_ne!(size_line(&resumed), size_line(&grown), "{resumed}");
+
+    // A mirrored tile altered on disk: the next run refuses it.
+    let tile = t.path("mirror").join("tile/0/000");
+    let mut bytes = std::fs::read(&tile).unwrap();
+    bytes[0] ^= 0x80;
+    std::fs::write(&tile, &bytes).unwrap();
+    let out = mirror(&[]);
+    assert!(!out.status.success(), "an altered mirror was accepted");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("root_mismatch"), "{stderr}");
+}
