@@ -17,3 +17,4 @@ pub mod log;
 pub mod merkle;
 pub mod note;
 pub mod tiles;
+pub mod witness;

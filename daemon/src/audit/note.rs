@@ -35,7 +35,7 @@ use super::merkle::Hash;
 /// The signed-note signature type byte for Ed25519.
 const ED25519_TYPE: u8 = 0x01;
 /// The signature line prefix: em dash (U+2014) and a space.
-const SIG_PREFIX: &str = "\u{2014} ";
+pub(crate) const SIG_PREFIX: &str = "\u{2014} ";
 /// The largest note accepted, in bytes: 16 post-quantum signatures fit.
 pub const MAX_NOTE_BYTES: usize = 128 * 1024;
 /// The most signature lines accepted in one note.
@@ -153,7 +153,7 @@ impl<E: std::error::Error + 'static> SignError<E> {
 
 /// Checks a key name: non-empty, bounded, no Unicode whitespace, no `+`, no
 /// control characters (signed-note §Format).
-fn check_name(name: &str) -> Result<(), NoteError> {
+pub(crate) fn check_name(name: &str) -> Result<(), NoteError> {
     if name.is_empty() {
         return Err(NoteError::VerifierKey("empty key name"));
     }
@@ -373,15 +373,15 @@ impl Checkpoint {
 }
 
 /// One signature line of a note, decoded.
-struct SignatureLine<'a> {
-    name: &'a str,
-    key_id: u32,
-    signature: Vec<u8>,
+pub(crate) struct SignatureLine<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) key_id: u32,
+    pub(crate) signature: Vec<u8>,
 }
 
 /// Splits a signed note into its text (ending in `\n`) and its signature
 /// lines, checking the signed-note format.
-fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
+pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), NoteError> {
     if note.len() > MAX_NOTE_BYTES {
         return Err(NoteError::TooLarge("note size"));
     }

@@ -147,6 +147,10 @@ pub struct LogSource {
     pub tiles: Option<String>,
     #[command(flatten)]
     pub remote: Remote,
+    /// A C2SP tlog-policy file: the log's checkpoint must be signed by one
+    /// of its logs and cosigned by a quorum of its witnesses.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
     /// A signed checkpoint you kept from earlier: the export must extend it.
     #[arg(long, value_name = "FILE", conflicts_with = "previous")]
     pub checkpoint: Option<PathBuf>,
@@ -230,6 +234,13 @@ impl LogSource {
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
+        // The witness policy first: a checkpoint without its quorum is not
+        // one the verifier may rely on, whatever the leaves say.
+        if let Some(path) = &self.policy {
+            let policy = crate::audit::witness::Policy::parse(&read(path)?)
+                .with_context(|| format!("the policy {}", path.display()))?;
+            policy.verify(&new.checkpoint)?;
+        }
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =

@@ -146,6 +146,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(h) = e.downcast_ref::<https::HttpsError>() {
         return Some(h.code());
     }
+    if let Some(w) = e.downcast_ref::<crate::audit::witness::WitnessError>() {
+        return Some(w.code());
+    }
     if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
         return Some(match l {
             crate::audit::log::LogError::Store(_) => "store_unavailable",

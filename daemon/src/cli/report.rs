@@ -2,9 +2,8 @@
 //! write the oversight report ([`crate::report`]). Like `verify`, it needs
 //! no HSM, config or daemon: only the log's verifier key.
 //!
-//! Its inputs are [`LogSource`]'s: an export, the JSON API, or C2SP tiles.
-//! A witness policy (`--policy`) will be a further [`Options`] field once
-//! the log has witnesses.
+//! Its inputs are [`LogSource`]'s: an export, the JSON API, or C2SP tiles,
+//! optionally held to a C2SP witness policy (`--policy`).
 
 use std::path::PathBuf;
 

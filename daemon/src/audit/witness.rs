@@ -1,0 +1,581 @@
+//! Witness cosignatures and witness policies: C2SP `tlog-cosignature`
+//! (Ed25519 `cosignature/v1`, <https://c2sp.org/tlog-cosignature>) and C2SP
+//! `tlog-policy` (<https://c2sp.org/tlog-policy>).
+//!
+//! A witness cosigns a checkpoint after checking it is consistent with every
+//! checkpoint of that log it has seen; a verifier holding a policy (the logs
+//! it accepts, the witnesses it knows, and a quorum rule over them) accepts a
+//! checkpoint only when the log signed it and a quorum of witnesses
+//! cosigned it. That is what keeps the operator, who holds the log's key,
+//! from showing different logs to different auditors.
+//!
+//! Trust: nothing. Every signature is checked here with aws-lc-rs against
+//! the keys of the policy; lines by unknown keys are ignored, as signed-note
+//! requires.
+
+use aws_lc_rs::digest;
+use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
+use super::note::{self, Checkpoint, NoteError, VerifierKey};
+
+/// The signed-note signature type of Ed25519 `cosignature/v1` keys.
+pub const COSIGNATURE_V1_TYPE: u8 = 0x04;
+
+/// An Ed25519 `cosignature/v1` witness key: its name and public key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CosignerKey {
+    name: String,
+    key_id: u32,
+    public_key: [u8; 32],
+}
+
+impl std::fmt::Debug for CosignerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CosignerKey({self})")
+    }
+}
+
+impl std::fmt::Display for CosignerKey {
+    /// The vkey: `<name>+<hex key ID>+<base64(0x04 ‖ public key)>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut typed = [0u8; 33];
+        typed[0] = COSIGNATURE_V1_TYPE;
+        typed[1..].copy_from_slice(&self.public_key);
+        write!(
+            f,
+            "{}+{:08x}+{}",
+            self.name,
+            self.key_id,
+            STANDARD.encode(typed)
+        )
+    }
+}
+
+/// Why a cosignature, a witness key or a policy was refused. Each has a
+/// stable [`code`](WitnessError::code).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WitnessError {
+    /// A vkey that is not a `cosignature/v1` (type 0x04) Ed25519 key, or
+    /// whose key ID does not match.
+    #[error("bad witness key: {0}")]
+    Key(String),
+    /// A cosignature line by a known witness whose signature does not verify
+    /// (a forged or corrupted line, or a cosignature of another checkpoint).
+    #[error("the cosignature of {name} does not verify")]
+    CosignatureInvalid {
+        /// The witness's key name.
+        name: String,
+    },
+    /// A policy file that breaks C2SP `tlog-policy` (line given).
+    #[error("policy line {line}: {why}")]
+    Policy {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// The checkpoint is not signed by any log the policy names.
+    #[error("the checkpoint is not signed by a log the policy accepts")]
+    UnknownLog,
+    /// The witnesses that validly cosigned do not make the quorum.
+    #[error("the checkpoint's cosignatures do not meet the policy's quorum (valid: {valid:?})")]
+    QuorumNotMet {
+        /// Names (in the policy) of the witnesses whose cosignature verified.
+        valid: Vec<String>,
+    },
+    /// The note itself is malformed.
+    #[error(transparent)]
+    Note(#[from] NoteError),
+}
+
+impl WitnessError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            WitnessError::Key(_) => "bad_witness_key",
+            WitnessError::CosignatureInvalid { .. } => "cosignature_invalid",
+            WitnessError::Policy { .. } => "bad_policy",
+            WitnessError::UnknownLog => "unknown_log",
+            WitnessError::QuorumNotMet { .. } => "quorum_not_met",
+            WitnessError::Note(e) => e.code(),
+        }
+    }
+}
+
+impl CosignerKey {
+    /// The key of witness `name` with a raw Ed25519 public key.
+    ///
+    /// # Errors
+    /// [`WitnessError::Key`] for a name that cannot be a key name.
+    pub fn new(name: &str, public_key: &[u8; 32]) -> Result<Self, WitnessError> {
+        note::check_name(name).map_err(|e| WitnessError::Key(e.to_string()))?;
+        Ok(CosignerKey {
+            name: name.to_string(),
+            key_id: cosigner_key_id(name, public_key),
+            public_key: *public_key,
+        })
+    }
+
+    /// Parses a vkey `<name>+<8 hex>+<base64(0x04 ‖ key)>`.
+    ///
+    /// # Errors
+    /// [`WitnessError::Key`] naming what is wrong.
+    pub fn parse(text: &str) -> Result<Self, WitnessError> {
+        let bad = |why: &str| WitnessError::Key(format!("{text}: {why}"));
+        let mut parts = text.splitn(3, '+');
+        let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad("expected <name>+<id>+<key>"));
+        };
+        if id_hex.len() != 8 || !id_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("the key ID is not 8 hex digits"));
+        }
+        let id = u32::from_str_radix(id_hex, 16).map_err(|_| bad("the key ID is not hex"))?;
+        let typed = STANDARD
+            .decode(key_b64)
+            .map_err(|_| bad("the key is not padded standard base64"))?;
+        let Some((&COSIGNATURE_V1_TYPE, public)) = typed.split_first() else {
+            return Err(bad("not a cosignature/v1 (type 0x04) key"));
+        };
+        let public: [u8; 32] = public
+            .try_into()
+            .map_err(|_| bad("an Ed25519 key is 32 bytes"))?;
+        let key = CosignerKey::new(name, &public)?;
+        if key.key_id != id {
+            return Err(bad("the key ID does not match the name and key"));
+        }
+        Ok(key)
+    }
+
+    /// The witness's key name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The 32-bit key ID.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    /// The raw public key.
+    pub fn public_key(&self) -> &[u8; 32] {
+        &self.public_key
+    }
+}
+
+/// `SHA-256(name ‖ "\n" ‖ 0x04 ‖ public key)[:4]`, big-endian
+/// (C2SP tlog-cosignature, "Format").
+pub fn cosigner_key_id(name: &str, public_key: &[u8; 32]) -> u32 {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    ctx.update(name.as_bytes());
+    ctx.update(&[0x0A, COSIGNATURE_V1_TYPE]);
+    ctx.update(public_key);
+    let d = ctx.finish();
+    let b = d.as_ref();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// The message an Ed25519 `cosignature/v1` signs: `cosignature/v1\n`,
+/// `time <timestamp>\n`, then the checkpoint's whole note body (with its
+/// final newline, without signature lines).
+pub fn cosigned_message(body: &str, timestamp: u64) -> Vec<u8> {
+    format!("cosignature/v1\ntime {timestamp}\n{body}").into_bytes()
+}
+
+/// A cosignature line `— <name> base64(key ID ‖ timestamp ‖ signature)`
+/// for `body`, signed by `sign` (which gets the [`cosigned_message`]).
+///
+/// # Errors
+/// `sign`'s error.
+pub fn cosignature_line<E>(
+    key: &CosignerKey,
+    body: &str,
+    timestamp: u64,
+    sign: impl FnOnce(&[u8]) -> Result<[u8; 64], E>,
+) -> Result<String, E> {
+    let signature = sign(&cosigned_message(body, timestamp))?;
+    let mut bytes = Vec::with_capacity(76);
+    bytes.extend_from_slice(&key.key_id.to_be_bytes());
+    bytes.extend_from_slice(&timestamp.to_be_bytes());
+    bytes.extend_from_slice(&signature);
+    Ok(format!(
+        "{}{} {}\n",
+        note::SIG_PREFIX,
+        key.name,
+        STANDARD.encode(bytes)
+    ))
+}
+
+/// The cosignatures in `note` by `key`, verified: the timestamp of each
+/// (there is normally one). Lines by other keys are ignored.
+///
+/// # Errors
+/// [`WitnessError::CosignatureInvalid`] for a line that claims to be by
+/// `key` and does not verify (or is not 8 + 64 bytes); note format errors.
+pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, WitnessError> {
+    let (body, lines) = note::split_note(note)?;
+    let public = UnparsedPublicKey::new(&ED25519, key.public_key);
+    let invalid = || WitnessError::CosignatureInvalid {
+        name: key.name.clone(),
+    };
+    let mut times = Vec::new();
+    for line in lines {
+        if line.name != key.name || line.key_id != key.key_id {
+            continue;
+        }
+        let Ok([t0, t1, t2, t3, t4, t5, t6, t7]) =
+            <[u8; 8]>::try_from(line.signature.get(..8).ok_or_else(invalid)?)
+        else {
+            return Err(invalid());
+        };
+        let timestamp = u64::from_be_bytes([t0, t1, t2, t3, t4, t5, t6, t7]);
+        let signature = &line.signature[8..];
+        if signature.len() != 64 || timestamp > i64::MAX as u64 {
+            return Err(invalid());
+        }
+        public
+            .verify(&cosigned_message(body, timestamp), signature)
+            .map_err(|_| invalid())?;
+        times.push(timestamp);
+    }
+    Ok(times)
+}
+
+/// A C2SP `tlog-policy`: the logs accepted, the witnesses known, and the
+/// quorum rule.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    logs: Vec<VerifierKey>,
+    witnesses: Vec<(String, CosignerKey, Option<String>)>,
+    groups: Vec<(String, usize, Vec<String>)>,
+    quorum: String,
+}
+
+/// The most logs, witnesses and groups a policy may define (the spec asks
+/// implementations to support at least 32 of each).
+const MAX_POLICY_ITEMS: usize = 256;
+
+impl Policy {
+    /// Parses a policy file.
+    ///
+    /// # Errors
+    /// [`WitnessError::Policy`] naming the line and the rule it breaks.
+    pub fn parse(text: &[u8]) -> Result<Self, WitnessError> {
+        // Tab, newline, printable ASCII and any high-bit octet only.
+        if let Some(i) = text
+            .iter()
+            .position(|&b| !(b == b'\t' || b == b'\n' || (0x20..0x7f).contains(&b) || b >= 0x80))
+        {
+            let line = text[..i].iter().filter(|&&b| b == b'\n').count() + 1;
+            return Err(WitnessError::Policy {
+                line,
+                why: "a control character other than tab".into(),
+            });
+        }
+        let text = String::from_utf8_lossy(text);
+        let mut policy = Policy {
+            logs: Vec::new(),
+            witnesses: Vec::new(),
+            groups: Vec::new(),
+            quorum: String::new(),
+        };
+        let mut quorum = None;
+        for (n, raw) in text.split('\n').enumerate() {
+            let line = n + 1;
+            let bad = |why: String| WitnessError::Policy { line, why };
+            let words: Vec<&str> = raw.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
+            let Some(&keyword) = words.first() else {
+                continue;
+            };
+            if keyword.starts_with('#') {
+                continue;
+            }
+            if policy.logs.len() + policy.witnesses.len() + policy.groups.len() >= MAX_POLICY_ITEMS
+            {
+                return Err(bad(format!("more than {MAX_POLICY_ITEMS} definitions")));
+            }
+            match (keyword, &words[1..]) {
+                ("log", [vkey] | [vkey, _]) => {
+                    let key = VerifierKey::parse(vkey).map_err(|e| bad(format!("log key: {e}")))?;
+                    if policy
+                        .logs
+                        .iter()
+                        .any(|k| k.public_key() == key.public_key())
+                    {
+                        return Err(bad("a log with this key is already defined".into()));
+                    }
+                    policy.logs.push(key);
+                }
+                ("witness", [name, vkey] | [name, vkey, _]) => {
+                    let key = CosignerKey::parse(vkey).map_err(|e| bad(e.to_string()))?;
+                    policy.check_new_name(name).map_err(bad)?;
+                    if policy
+                        .witnesses
+                        .iter()
+                        .any(|(_, k, _)| k.public_key == key.public_key)
+                    {
+                        return Err(bad("a witness with this key is already defined".into()));
+                    }
+                    let url = words.get(3).map(|u| u.to_string());
+                    policy.witnesses.push((name.to_string(), key, url));
+                }
+                ("group", [name, k, members @ ..]) if !members.is_empty() => {
+                    policy.check_new_name(name).map_err(bad)?;
+                    let n = members.len();
+                    let threshold = match *k {
+                        "all" => n,
+                        "any" => 1,
+                        k if !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()) => k
+                            .parse::<usize>()
+                            .ok()
+                            .filter(|k| (1..=n).contains(k))
+                            .ok_or_else(|| bad(format!("a threshold of 1 to {n}")))?,
+                        other => return Err(bad(format!("`{other}` is not all, any or a number"))),
+                    };
+                    for (i, m) in members.iter().enumerate() {
+                        if *m == "none" {
+                            return Err(bad("`none` cannot be a group member".into()));
+                        }
+                        if !policy.is_defined(m) {
+                            return Err(bad(format!("`{m}` is not defined on an earlier line")));
+                        }
+                        if members[..i].contains(m) {
+                            return Err(bad(format!("`{m}` is listed twice")));
+                        }
+                    }
+                    policy.groups.push((
+                        name.to_string(),
+                        threshold,
+                        members.iter().map(|m| m.to_string()).collect(),
+                    ));
+                }
+                ("quorum", [name]) => {
+                    if quorum.is_some() {
+                        return Err(bad("a second quorum line".into()));
+                    }
+                    if *name != "none" && !policy.is_defined(name) {
+                        return Err(bad(format!("`{name}` is not defined on an earlier line")));
+                    }
+                    quorum = Some(name.to_string());
+                }
+                _ => {
+                    return Err(bad(format!(
+                        "not a log, witness, group or quorum line: {raw}"
+                    )))
+                }
+            }
+        }
+        policy.quorum = quorum.ok_or(WitnessError::Policy {
+            line: 0,
+            why: "no quorum line".into(),
+        })?;
+        Ok(policy)
+    }
+
+    fn is_defined(&self, name: &str) -> bool {
+        self.witnesses.iter().any(|(n, ..)| n == name)
+            || self.groups.iter().any(|(n, ..)| n == name)
+    }
+
+    fn check_new_name(&self, name: &str) -> Result<(), String> {
+        if name == "none" {
+            return Err("`none` is a reserved name".into());
+        }
+        if self.is_defined(name) {
+            return Err(format!("`{name}` is already defined"));
+        }
+        Ok(())
+    }
+
+    /// The witnesses it names: (policy name, key, URL).
+    pub fn witnesses(&self) -> impl Iterator<Item = (&str, &CosignerKey, Option<&str>)> {
+        self.witnesses
+            .iter()
+            .map(|(n, k, u)| (n.as_str(), k, u.as_deref()))
+    }
+
+    /// Checks a signed checkpoint against the policy: signed by one of its
+    /// logs, and cosigned by witnesses that make the quorum. Returns the
+    /// checkpoint and the names of the witnesses whose cosignature verified.
+    ///
+    /// # Errors
+    /// [`WitnessError::UnknownLog`], [`WitnessError::CosignatureInvalid`]
+    /// (a bad line by a known witness rejects the note),
+    /// [`WitnessError::QuorumNotMet`], note errors.
+    pub fn verify(&self, checkpoint: &str) -> Result<(Checkpoint, Vec<String>), WitnessError> {
+        let verified = self
+            .logs
+            .iter()
+            .find_map(|key| note::verify_checkpoint(checkpoint, key).ok())
+            .ok_or(WitnessError::UnknownLog)?;
+        let mut valid = Vec::new();
+        for (name, key, _) in &self.witnesses {
+            if !verify_cosignatures(checkpoint, key)?.is_empty() {
+                valid.push(name.clone());
+            }
+        }
+        if !self.met(&self.quorum, &valid) {
+            return Err(WitnessError::QuorumNotMet { valid });
+        }
+        Ok((verified, valid))
+    }
+
+    /// Whether `name` (a witness, a group or `none`) has witnessed, given
+    /// the witnesses whose cosignature verified.
+    fn met(&self, name: &str, valid: &[String]) -> bool {
+        if name == "none" {
+            return true;
+        }
+        if let Some((_, k, members)) = self.groups.iter().find(|(n, ..)| n == name) {
+            return members.iter().filter(|m| self.met(m, valid)).count() >= *k;
+        }
+        valid.iter().any(|v| v == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::Signer as _;
+
+    /// The example checkpoint and cosignature line of C2SP
+    /// tlog-cosignature ("Transparency Log Cosignatures", the example and
+    /// "Ed25519 signed message").
+    const SPEC_BODY: &str =
+        "example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n";
+    const SPEC_LINE: &str = "jWbPPwAAAABkGFDLEZMHwSRaJNiIDoe9DYn/zXcrtPHeolMI5OWXEhZCB9dlrDJsX3b2oyin1nPZqhf5nNo0xUe+mbIUBkBIfZ+qnA==";
+
+    #[test]
+    fn the_signed_message_and_line_layout_match_the_spec_example() {
+        assert_eq!(
+            cosigned_message(SPEC_BODY, 1_679_315_147),
+            b"cosignature/v1\ntime 1679315147\nexample.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n"
+        );
+        // The example line: 4 bytes of key ID, the 8-byte big-endian
+        // timestamp of the example's `time` line, a 64-byte signature.
+        let bytes = STANDARD.decode(SPEC_LINE).unwrap();
+        assert_eq!(bytes.len(), 4 + 8 + 64);
+        assert_eq!(
+            u64::from_be_bytes(bytes[4..12].try_into().unwrap()),
+            1_679_315_147
+        );
+    }
+
+    fn witness(name: &str, seed: u8) -> (ed25519_dalek::SigningKey, CosignerKey) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
+        (sk, key)
+    }
+
+    fn cosign(note: &str, sk: &ed25519_dalek::SigningKey, key: &CosignerKey, t: u64) -> String {
+        let body = &note[..note.rfind("\n\n").unwrap() + 1];
+        let line = cosignature_line::<()>(key, body, t, |m| Ok(sk.sign(m).to_bytes())).unwrap();
+        format!("{note}{line}")
+    }
+
+    fn log_note() -> (String, VerifierKey) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let key = VerifierKey::new("log.example/a", sk.verifying_key().as_bytes()).unwrap();
+        let body = format!("log.example/a\n5\n{}\n", STANDARD.encode([3u8; 32]));
+        let sig = sk.sign(body.as_bytes()).to_bytes();
+        let mut line = key.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sig);
+        (
+            format!("{body}\n— log.example/a {}\n", STANDARD.encode(line)),
+            key,
+        )
+    }
+
+    #[test]
+    fn key_ids_and_vkeys_round_trip() {
+        let (_, key) = witness("witness.example/w1", 1);
+        let text = key.to_string();
+        assert!(text.starts_with("witness.example/w1+"));
+        assert_eq!(CosignerKey::parse(&text).unwrap(), key);
+        // The log's own (type 0x01) key is not a cosigner key.
+        let (_, log) = log_note();
+        assert!(CosignerKey::parse(&log.to_string()).is_err());
+        // A wrong key ID is refused.
+        let mut wrong = text.clone();
+        wrong.replace_range(19..20, if &text[19..20] == "0" { "1" } else { "0" });
+        assert_eq!(
+            CosignerKey::parse(&wrong).unwrap_err().code(),
+            "bad_witness_key"
+        );
+    }
+
+    #[test]
+    fn cosignatures_verify_and_forgeries_do_not() {
+        let (note_text, _) = log_note();
+        let (sk, key) = witness("witness.example/w1", 1);
+        let cosigned = cosign(&note_text, &sk, &key, 1_700_000_000);
+        assert_eq!(
+            verify_cosignatures(&cosigned, &key).unwrap(),
+            [1_700_000_000]
+        );
+        assert!(verify_cosignatures(&note_text, &key).unwrap().is_empty());
+        // Another key under the same name and key ID cannot pass.
+        let (other, _) = witness("witness.example/w1", 2);
+        let forged = cosign(&note_text, &other, &key, 1_700_000_000);
+        assert_eq!(
+            verify_cosignatures(&forged, &key).unwrap_err().code(),
+            "cosignature_invalid"
+        );
+        // A cosignature of another checkpoint does not carry over.
+        let moved = cosigned.replacen("\n5\n", "\n6\n", 1);
+        assert!(verify_cosignatures(&moved, &key).is_err());
+    }
+
+    #[test]
+    fn policies_parse_per_the_spec_and_quorums_count() {
+        let (note_text, log) = log_note();
+        let w: Vec<_> = (1..=3)
+            .map(|i| witness(&format!("w{i}.example"), i))
+            .collect();
+        let text = format!(
+            "# two of three\nlog {log}\nwitness A {}\nwitness B {}\n\twitness C {} https://c.example/\ngroup two 2 A B C\nquorum two\n",
+            w[0].1, w[1].1, w[2].1
+        );
+        let policy = Policy::parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            policy.verify(&note_text).unwrap_err().code(),
+            "quorum_not_met"
+        );
+        let one = cosign(&note_text, &w[0].0, &w[0].1, 1);
+        assert_eq!(policy.verify(&one).unwrap_err().code(), "quorum_not_met");
+        let two = cosign(&one, &w[2].0, &w[2].1, 2);
+        let (checkpoint, valid) = policy.verify(&two).unwrap();
+        assert_eq!(checkpoint.size, 5);
+        assert_eq!(valid, ["A", "C"]);
+
+        let none = Policy::parse(format!("log {log}\nquorum none\n").as_bytes()).unwrap();
+        assert!(none.verify(&note_text).is_ok());
+        let other_log = Policy::parse(b"quorum none\n").unwrap();
+        assert_eq!(
+            other_log.verify(&note_text).unwrap_err().code(),
+            "unknown_log"
+        );
+
+        for bad in [
+            "quorum X\n".to_string(),
+            format!("witness A {}\nwitness A {}\nquorum A\n", w[0].1, w[1].1),
+            format!("witness A {}\nwitness B {}\nquorum A\n", w[0].1, w[0].1),
+            format!("witness A {}\ngroup G 2 A\nquorum G\n", w[0].1),
+            format!("witness A {}\ngroup G 0 A\nquorum G\n", w[0].1),
+            format!("witness A {}\ngroup G any A A\nquorum G\n", w[0].1),
+            format!("witness A {}\ngroup G any none\nquorum G\n", w[0].1),
+            format!("witness none {}\nquorum none\n", w[0].1),
+            format!("group G any A\nwitness A {}\nquorum G\n", w[0].1),
+            format!("witness A {}\n", w[0].1),
+            "quorum none\nquorum none\n".to_string(),
+            format!("log {}\nquorum none\n", w[0].1),
+            "quorum none\u{7}\n".to_string(),
+            "frobnicate\nquorum none\n".to_string(),
+        ] {
+            let e = Policy::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "bad_policy", "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! `lavd audit verify --policy FILE` (C2SP tlog-policy) on a real export:
+//! the checkpoint must be signed by a log the policy names and cosigned by a
+//! quorum of its witnesses (C2SP tlog-cosignature, Ed25519 `cosignature/v1`).
+//! The cosignatures here are made by ed25519-dalek from the spec's message
+//! format, independently of lavd's signing code; each refusal asserts its
+//! exact code.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use ed25519_dalek::Signer as _;
+use softhsm_tests::vault;
+use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
+
+/// A witness: its signing key and its `cosignature/v1` vkey, written out by
+/// hand from the spec (type 0x04, key ID over name ‖ 0x0A ‖ 0x04 ‖ key).
+fn witness(name: &str, seed: u8) -> (ed25519_dalek::SigningKey, u32, String) {
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+    let public = sk.verifying_key().to_bytes();
+    let mut input = name.as_bytes().to_vec();
+    input.extend_from_slice(&[0x0A, 0x04]);
+    input.extend_from_slice(&public);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
+    let id = u32::from_be_bytes(digest.as_ref()[..4].try_into().unwrap());
+    let mut typed = vec![0x04];
+    typed.extend_from_slice(&public);
+    (
+        sk,
+        id,
+        format!("{name}+{id:08x}+{}", STANDARD.encode(typed)),
+    )
+}
+
+/// `checkpoint` with a cosignature line by the witness appended.
+fn cosign(checkpoint: &str, name: &str, sk: &ed25519_dalek::SigningKey, id: u32) -> String {
+    let body = &checkpoint[..checkpoint.rfind("\n\n").unwrap() + 1];
+    let time = 1_764_000_000u64;
+    let message = format!("cosignature/v1\ntime {time}\n{body}");
+    let mut bytes = id.to_be_bytes().to_vec();
+    bytes.extend_from_slice(&time.to_be_bytes());
+    bytes.extend_from_slice(&sk.sign(message.as_bytes()).to_bytes());
+    format!("{checkpoint}\u{2014} {name} {}\n", STANDARD.encode(bytes))
+}
+
+#[test]
+fn verify_with_a_policy_requires_the_witness_quorum() {
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    vault::generate_escrow_key(&t, "E-1");
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+    let export_path = t.path("export.json");
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export_path.to_str().unwrap()]));
+    let export: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&export_path).unwrap()).unwrap();
+    let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
+
+    let (a_sk, a_id, a_vkey) = witness("witness-a.example", 1);
+    let (b_sk, b_id, b_vkey) = witness("witness-b.example", 2);
+    let write = |name: &str, text: &str| {
+        let path = t.path(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let with_checkpoint = |name: &str, checkpoint: &str| {
+        let mut e = export.clone();
+        e["checkpoint"] = checkpoint.into();
+        write(name, &e.to_string())
+    };
+    let quorum2 = write(
+        "quorum2.policy",
+        &format!(
+            "log {key}\nwitness A {a_vkey}\nwitness B {b_vkey}\ngroup both all A B\nquorum both\n"
+        ),
+    );
+    let verify = |export: &str, policy: &str| {
+        t.lavd(&[
+            "audit", "verify", "--key", &key, "--export", export, "--policy", policy,
+        ])
+    };
+
+    // No witness has cosigned: refused.
+    let plain = export_path.to_str().unwrap();
+    assert_fails_with(&verify(plain, &quorum2), 1, "quorum_not_met");
+    // One of two: still refused.
+    let one = with_checkpoint(
+        "one.json",
+        &cosign(&checkpoint, "witness-a.example", &a_sk, a_id),
+    );
+    assert_fails_with(&verify(&one, &quorum2), 1, "quorum_not_met");
+    // Both: verifies, with the usual summary.
+    let both_checkpoint = cosign(
+        &cosign(&checkpoint, "witness-a.example", &a_sk, a_id),
+        "witness-b.example",
+        &b_sk,
+        b_id,
+    );
+    let both = with_checkpoint("both.json", &both_checkpoint);
+    let out = assert_ok(&verify(&both, &quorum2));
+    assert!(out.contains("verdict: the log verifies"), "{out}");
+    // A line that claims to be B's but is signed by another key.
+    let (mallory, _, _) = witness("mallory.example", 3);
+    let forged = with_checkpoint(
+        "forged.json",
+        &cosign(
+            &cosign(&checkpoint, "witness-a.example", &a_sk, a_id),
+            "witness-b.example",
+            &mallory,
+            b_id,
+        ),
+    );
+    assert_fails_with(&verify(&forged, &quorum2), 1, "cosignature_invalid");
+    // A policy naming another key for the same origin: not this log.
+    let origin = key.split('+').next().unwrap();
+    let impostor = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let impostor =
+        lavd::audit::note::verifier_key(origin, impostor.verifying_key().as_bytes()).unwrap();
+    let other_log = write(
+        "other-log.policy",
+        &format!("log {impostor}\nquorum none\n"),
+    );
+    assert_fails_with(&verify(plain, &other_log), 1, "unknown_log");
+    // `quorum none` and this log: no witness needed.
+    let none = write("none.policy", &format!("log {key}\nquorum none\n"));
+    assert_ok(&verify(plain, &none));
+    // A malformed policy names its line.
+    let bad = write("bad.policy", &format!("log {key}\nquorum nobody\n"));
+    let stderr = assert_fails_with(&verify(plain, &bad), 1, "bad_policy");
+    assert!(stderr.contains("line 2"), "{stderr}");
+}
