@@ -2,8 +2,10 @@
 //! (read from README.md between its `walkthrough` markers, not copied here)
 //! against a real `lavd dev` process: a provider seals a message key, two
 //! authorities sign a warrant in turn, the agency unwraps with curl and opens
-//! the reply, and an auditor verifies the log over the API. Then `lavd dev`
-//! restarts on the same directory with the same state.
+//! the reply, an auditor verifies the log over the API, and an oversight
+//! report is made from it (and rendered in headless Chromium: the README's
+//! picture of it is that screenshot). Then `lavd dev` restarts on the same
+//! directory with the same state.
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -127,6 +129,40 @@ fn the_readme_walkthrough_works_as_written() {
     );
     assert!(stdout.contains("unwrap                      1"), "{stdout}");
     assert!(stdout.contains("verdict: the log verifies"), "{stdout}");
+    // Step 5: the report counts the one envelope opened above, and renders.
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.path().join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["totals"]["opened"], 1, "{report}");
+    let shot_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("readme-walkthrough");
+    std::fs::create_dir_all(&shot_dir).unwrap();
+    let shot = shot_dir.join("report-walkthrough.png");
+    let _ = std::fs::remove_file(&shot);
+    let chromium = Command::new("timeout")
+        .args([
+            "120",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args([
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--window-size=1200,2300",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            work.path().join("chromium").display()
+        ))
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(format!(
+            "file://{}",
+            work.path().join("report.html").display()
+        ))
+        .output()
+        .expect("chromium is missing: run .ci/setup --tests (it installs Debian's chromium)");
+    assert!(chromium.status.success(), "{chromium:?}");
+    assert_eq!(&std::fs::read(&shot).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     let keys_before = std::fs::read_to_string(work.path().join("keys.json")).unwrap();
 
     // curl without a client certificate does not get past the handshake
