@@ -166,15 +166,17 @@ impl<I, T> State<I, T> {
     }
 }
 
-struct Batch<I, T, F> {
-    hsm: Hsm,
+/// One caller's batch. `C` is what each job is given: the [`Hsm`] (the
+/// tests use a unit context).
+struct Batch<C, I, T, F> {
+    context: C,
     job: F,
     stops: fn(&T) -> bool,
     state: Mutex<State<I, T>>,
     settled: Condvar,
 }
 
-impl<I, T, F> Batch<I, T, F> {
+impl<C, I, T, F> Batch<C, I, T, F> {
     fn lock(&self) -> MutexGuard<'_, State<I, T>> {
         // Only indices, counters and moved values change under this lock; no
         // job runs under it.
@@ -184,11 +186,12 @@ impl<I, T, F> Batch<I, T, F> {
     }
 }
 
-impl<I, T, F> Task for Batch<I, T, F>
+impl<C, I, T, F> Task for Batch<C, I, T, F>
 where
+    C: Send + Sync,
     I: Send,
     T: Send,
-    F: Fn(&Hsm, I) -> T + Send + Sync,
+    F: Fn(&C, I) -> T + Send + Sync,
 {
     fn claim(&self) -> Option<usize> {
         let mut state = self.lock();
@@ -209,10 +212,12 @@ where
     fn run(&self, index: usize) {
         let input = self.lock().inputs[index].take();
         let outcome = match input {
-            Some(input) => match catch_unwind(AssertUnwindSafe(|| (self.job)(&self.hsm, input))) {
-                Ok(value) => JobOutcome::Done(value),
-                Err(_) => JobOutcome::Panicked,
-            },
+            Some(input) => {
+                match catch_unwind(AssertUnwindSafe(|| (self.job)(&self.context, input))) {
+                    Ok(value) => JobOutcome::Done(value),
+                    Err(_) => JobOutcome::Panicked,
+                }
+            }
             // Each index is claimed once: unreachable, and harmless.
             None => JobOutcome::NotRun,
         };
@@ -228,6 +233,52 @@ where
         if state.settled() {
             self.settled.notify_all();
         }
+    }
+}
+
+impl Spreader {
+    /// Runs a batch and waits for it: see [`Hsm::spread`].
+    fn spread<C, I, T, F>(
+        &self,
+        context: C,
+        inputs: Vec<I>,
+        job: F,
+        stops: fn(&T) -> bool,
+    ) -> Vec<JobOutcome<T>>
+    where
+        C: Send + Sync + 'static,
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(&C, I) -> T + Send + Sync + 'static,
+    {
+        let count = inputs.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let batch = Arc::new(Batch {
+            context,
+            job,
+            stops,
+            state: Mutex::new(State {
+                inputs: inputs.into_iter().map(Some).collect(),
+                outcomes: (0..count).map(|_| JobOutcome::NotRun).collect(),
+                next: 0,
+                running: 0,
+                stopped: false,
+            }),
+            settled: Condvar::new(),
+        });
+        self.submit(batch.clone(), count);
+        let mut state = batch.lock();
+        while !state.settled() {
+            state = batch
+                .settled
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        // Inputs never started are dropped here, on the caller's thread.
+        state.inputs.clear();
+        std::mem::take(&mut state.outcomes)
     }
 }
 
@@ -250,33 +301,121 @@ impl Hsm {
         T: Send + 'static,
         F: Fn(&Hsm, I) -> T + Send + Sync + 'static,
     {
-        let count = inputs.len();
-        if count == 0 {
-            return Vec::new();
+        self.inner.spreader.spread(self.clone(), inputs, job, stops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn never(_: &usize) -> bool {
+        false
+    }
+
+    #[test]
+    fn outcomes_come_back_in_input_order_from_many_workers() {
+        let spreader = Spreader::start(4).unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        let outcomes = spreader.spread(
+            (),
+            (0..200usize).collect(),
+            move |(), i| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                // Uneven job times, so that completion order differs from
+                // input order.
+                std::thread::sleep(Duration::from_micros((i as u64 * 7919) % 500));
+                r.fetch_sub(1, Ordering::SeqCst);
+                i * 2
+            },
+            never,
+        );
+        let got: Vec<usize> = outcomes
+            .into_iter()
+            .map(|o| match o {
+                JobOutcome::Done(v) => v,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, (0..200).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "never ran two jobs at once"
+        );
+        assert!(
+            most.load(Ordering::SeqCst) <= 4,
+            "more jobs at once than workers"
+        );
+        spreader.close();
+    }
+
+    #[test]
+    fn a_stopping_outcome_or_a_panic_leaves_later_inputs_unrun() {
+        // One worker, so that "later" is exact: a job is claimed only after
+        // the previous outcome is recorded.
+        let spreader = Spreader::start(1).unwrap();
+        let outcomes = spreader.spread((), (0..100usize).collect(), |(), i| i, |i| *i == 10);
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                JobOutcome::Done(v) => assert!(i <= 10 && *v == i, "{i}"),
+                JobOutcome::NotRun => assert!(i > 10, "{i}"),
+                JobOutcome::Panicked => panic!("{i}"),
+            }
         }
-        let batch = Arc::new(Batch {
-            hsm: self.clone(),
-            job,
-            stops,
-            state: Mutex::new(State {
-                inputs: inputs.into_iter().map(Some).collect(),
-                outcomes: (0..count).map(|_| JobOutcome::NotRun).collect(),
-                next: 0,
-                running: 0,
-                stopped: false,
-            }),
-            settled: Condvar::new(),
+
+        let outcomes = spreader.spread(
+            (),
+            (0..100usize).collect(),
+            |(), i| {
+                assert!(i != 5, "a bug in a job");
+                i
+            },
+            never,
+        );
+        assert!(matches!(outcomes[4], JobOutcome::Done(4)));
+        assert!(matches!(outcomes[5], JobOutcome::Panicked));
+        assert!(outcomes[6..]
+            .iter()
+            .all(|o| matches!(o, JobOutcome::NotRun)));
+        // The worker survived the panic.
+        let outcomes = spreader.spread((), vec![1usize], |(), i| i, never);
+        assert!(matches!(outcomes[..], [JobOutcome::Done(1)]));
+        spreader.close();
+    }
+
+    #[test]
+    fn a_small_batch_is_not_queued_behind_a_large_one() {
+        let spreader = Spreader::start(2).unwrap();
+        let order = Arc::new(Mutex::new(Vec::new()));
+        std::thread::scope(|s| {
+            let large = s.spawn(|| {
+                let outcomes = spreader.spread(
+                    (),
+                    (0..400usize).collect(),
+                    |(), i| {
+                        std::thread::sleep(Duration::from_millis(1));
+                        i
+                    },
+                    never,
+                );
+                order.lock().unwrap().push("large");
+                outcomes.len()
+            });
+            // Once the large batch holds both workers.
+            std::thread::sleep(Duration::from_millis(20));
+            for _ in 0..3 {
+                let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
+                assert!(matches!(outcomes[..], [JobOutcome::Done(7)]));
+                order.lock().unwrap().push("small");
+            }
+            assert_eq!(large.join().unwrap(), 400);
         });
-        self.inner.spreader.submit(batch.clone(), count);
-        let mut state = batch.lock();
-        while !state.settled() {
-            state = batch
-                .settled
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        // Inputs never started are dropped here, on the caller's thread.
-        state.inputs.clear();
-        std::mem::take(&mut state.outcomes)
+        assert_eq!(*order.lock().unwrap(), ["small", "small", "small", "large"]);
+        spreader.close();
     }
 }
