@@ -17,7 +17,9 @@
 //! returned.
 //!
 //! Everything here is synchronous and blocking (HSM and SQLite): the API
-//! calls it on the blocking pool.
+//! calls it on the blocking pool. A batch's HSM opens run concurrently on
+//! the HSM's worker threads, one per session, shared fairly with other
+//! requests ([`Hsm::spread`]); the replies keep request order.
 
 use std::collections::BTreeMap;
 
@@ -32,7 +34,7 @@ use crate::audit::leaf::{
 use crate::audit::log::{AuditLog, LogError, Receipt};
 use crate::envelope::reply::{AuditRef, DenyReason, ReplyBuilder};
 use crate::envelope::{open_envelope, Envelope, EnvelopeError, EnvelopeLimits};
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, JobOutcome};
 use crate::jwk::P256PublicKey;
 use crate::store::{AuditAppend, KeyStore, Revocation, Spend, Store, StoreError, WarrantStore};
 use crate::warrant::{admit, Verifier, WarrantError};
@@ -308,58 +310,93 @@ pub fn unwrap(
     };
     let mut granted = reservation.granted();
 
-    // HSM open, for the granted candidates only.
+    // HSM open, for the granted candidates only (the first `granted` in
+    // request order), spread over the session pool and shared fairly with
+    // other requests. Until its open succeeds, a candidate stands as
+    // `open_failed`.
     let mut releases = Vec::with_capacity(plans.len());
+    let mut to_open = Vec::new();
+    for plan in plans {
+        releases.push(match plan {
+            Plan::Denied { reason, .. } => Release::Denied(reason),
+            Plan::Candidate(..) if granted == 0 => Release::Denied(DenyReason::BudgetExhausted),
+            Plan::Candidate(envelope, public) => {
+                granted -= 1;
+                to_open.push((releases.len(), envelope, public));
+                Release::Denied(DenyReason::OpenFailed)
+            }
+        });
+    }
+    let positions: Vec<usize> = to_open.iter().map(|(at, ..)| *at).collect();
+    let outcomes = ctx.hsm.spread(
+        to_open,
+        |hsm, (_, envelope, public)| {
+            let opened =
+                open_envelope(&envelope, &public, |e| hsm.ecdh(envelope.header().kid(), e));
+            (envelope, opened)
+        },
+        // A failing HSM stops the batch: do not keep calling it. A missing
+        // key is that envelope's own fate, decided below.
+        |(_, opened)| {
+            matches!(opened, Err(EnvelopeError::KeyAgreement(e))
+                if !matches!(e, HsmError::KeyNotFound { .. }))
+        },
+    );
     let mut opened = 0u64;
     let mut hsm_failure = None;
-    for (plan, leaf) in plans.into_iter().zip(leaves.iter_mut()) {
-        let release = match plan {
-            Plan::Denied { reason, .. } => Release::Denied(reason),
-            Plan::Candidate(envelope, public) => {
-                let kid = envelope.header().kid();
-                if granted == 0 {
-                    Release::Denied(DenyReason::BudgetExhausted)
-                } else if hsm_failure.is_some() {
-                    // Already failing: do not keep calling a broken HSM.
-                    Release::Denied(DenyReason::OpenFailed)
-                } else {
-                    granted -= 1;
-                    match open_envelope(&envelope, &public, |e| ctx.hsm.ecdh(kid, e)) {
-                        Ok(dek) => {
-                            opened += 1;
-                            Release::Opened {
-                                header: envelope.header_bytes().to_vec(),
-                                dek,
-                            }
-                        }
-                        // The store lists the key but the token no longer has
-                        // it (destroyed, e.g. after restoring an older store
-                        // backup): it can never open again. Unless the token
-                        // finds no audit key either: then its object store is
-                        // unusable, the key may well be intact, and saying (and
-                        // logging) `key_destroyed` would be false.
-                        Err(EnvelopeError::KeyAgreement(HsmError::KeyNotFound { .. })) => {
-                            match ctx.log.key_on_token() {
-                                Ok(()) => Release::Denied(DenyReason::KeyDestroyed),
-                                Err(e) => {
-                                    hsm_failure = Some(e);
-                                    Release::Denied(DenyReason::OpenFailed)
-                                }
-                            }
-                        }
-                        Err(EnvelopeError::KeyAgreement(e)) => {
-                            hsm_failure = Some(e);
-                            Release::Denied(DenyReason::OpenFailed)
-                        }
-                        Err(_) => Release::Denied(DenyReason::OpenFailed),
-                    }
+    // Whether the token still finds the audit key, asked once per request.
+    let mut token_sound = None;
+    for (at, outcome) in positions.into_iter().zip(outcomes) {
+        let release = match outcome {
+            JobOutcome::Done((envelope, Ok(dek))) => {
+                opened += 1;
+                Release::Opened {
+                    header: envelope.header_bytes().to_vec(),
+                    dek,
                 }
             }
+            // The store lists the key but the token no longer has it
+            // (destroyed, e.g. after restoring an older store backup): it
+            // can never open again. Unless the token finds no audit key
+            // either: then its object store is unusable, the key may well be
+            // intact, and saying (and logging) `key_destroyed` would be false.
+            JobOutcome::Done((
+                _,
+                Err(EnvelopeError::KeyAgreement(HsmError::KeyNotFound { .. })),
+            )) => {
+                let sound = *token_sound.get_or_insert_with(|| match ctx.log.key_on_token() {
+                    Ok(()) => true,
+                    Err(e) => {
+                        hsm_failure.get_or_insert(e);
+                        false
+                    }
+                });
+                if sound {
+                    Release::Denied(DenyReason::KeyDestroyed)
+                } else {
+                    Release::Denied(DenyReason::OpenFailed)
+                }
+            }
+            JobOutcome::Done((_, Err(EnvelopeError::KeyAgreement(e)))) => {
+                hsm_failure.get_or_insert(e);
+                Release::Denied(DenyReason::OpenFailed)
+            }
+            // Not opened after an HSM failure elsewhere in the batch, or an
+            // envelope HPKE refuses: `open_failed`.
+            JobOutcome::Done((_, Err(_))) | JobOutcome::NotRun => {
+                Release::Denied(DenyReason::OpenFailed)
+            }
+            JobOutcome::Panicked => {
+                hsm_failure.get_or_insert(HsmError::Worker("an envelope open panicked".into()));
+                Release::Denied(DenyReason::OpenFailed)
+            }
         };
+        releases[at] = release;
+    }
+    for (release, leaf) in releases.iter().zip(leaves.iter_mut()) {
         if let Release::Denied(reason) = release {
-            leaf.deny(reason);
+            leaf.deny(*reason);
         }
-        releases.push(release);
     }
     if hsm_failure.is_some() {
         // The HSM is failing: nothing is released or spent. DEKs opened

@@ -52,6 +52,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new().context("metrics")?);
     let startup = StartupSettings::of(&settings);
+    let blocking_threads = startup.server.blocking_threads;
     let trust = settings.require_trust()?.clone();
     let store = Arc::new(Store::open(&settings.store_path)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
@@ -82,6 +83,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("lavd")
+        .max_blocking_threads(blocking_threads)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(serve(

@@ -47,6 +47,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub(super) listen: Option<String>,
     pub(super) shutdown_grace_secs: Option<u64>,
+    pub(super) blocking_threads: Option<u64>,
 }
 
 /// `[tls]`

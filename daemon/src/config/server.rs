@@ -19,6 +19,11 @@ pub struct ServerSettings {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT
     /// (`shutdown_grace_secs`, default 30).
     pub shutdown_grace: Duration,
+    /// Most threads doing blocking request work at once: store reads and
+    /// commits, and waiting for a batch's HSM opens (`blocking_threads`,
+    /// default 512, 4 to 4096). The HSM calls themselves run on one worker
+    /// thread per `[hsm] sessions`, not on these.
+    pub blocking_threads: usize,
 }
 
 /// `[admin]`: the plain-HTTP operations listener (`/healthz`, `/readyz`,
@@ -144,6 +149,8 @@ impl Default for LogSettings {
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// Tokio's own default for its blocking pool, kept as lavd's.
+const DEFAULT_BLOCKING_THREADS: usize = 512;
 
 impl Validator<'_> {
     fn socket_addr(
@@ -201,6 +208,12 @@ impl Validator<'_> {
                 raw.shutdown_grace_secs,
                 Duration::from_secs(30),
                 3600,
+            )?,
+            blocking_threads: self.count(
+                "server.blocking_threads",
+                raw.blocking_threads,
+                DEFAULT_BLOCKING_THREADS,
+                4..=4096,
             )?,
         })
     }

@@ -101,6 +101,7 @@ fn serve_tables_have_documented_defaults() {
     let s = load(&format!("{GOOD}{TLS}"), &[]).unwrap();
     assert_eq!(s.server.listen, "0.0.0.0:8443".parse().unwrap());
     assert_eq!(s.server.shutdown_grace, std::time::Duration::from_secs(30));
+    assert_eq!(s.server.blocking_threads, 512);
     assert_eq!(s.admin.listen, "127.0.0.1:9090".parse().unwrap());
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.limits.max_body_bytes, 1 << 20);
@@ -136,6 +137,14 @@ fn roles_map_identities_to_known_roles() {
 fn serve_table_refusals_name_the_field() {
     let cases: &[(&str, &str)] = &[
         ("[server]\nlisten = \"localhost:80\"\n", "server.listen"),
+        (
+            "[server]\nblocking_threads = 3\n",
+            "server.blocking_threads",
+        ),
+        (
+            "[server]\nblocking_threads = 4097\n",
+            "server.blocking_threads",
+        ),
         ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
         ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
         (

@@ -3,7 +3,9 @@
 //! It loads the configured PKCS#11 module, finds the token by label or serial,
 //! logs in with a PIN that never leaves a zeroizing buffer, and keeps a bounded
 //! pool of sessions. Every operation is synchronous and runs on a blocking
-//! thread ([`Hsm::run`]); no session is ever held across an `.await`.
+//! thread ([`Hsm::run`]); no session is ever held across an `.await`. A batch
+//! of operations (a request's envelope opens) is spread over one worker
+//! thread per session, shared fairly between requests ([`Hsm::spread`]).
 //!
 //! What it trusts: the PKCS#11 module and token. What it guarantees: escrow
 //! private keys are generated inside the token as sensitive, non-extractable,
@@ -18,9 +20,11 @@
 pub mod error;
 mod keys;
 mod pool;
+mod spread;
 
 pub use error::HsmError;
 pub use keys::{AuditKeyInfo, ESCROW_LABEL_PREFIX};
+pub use spread::JobOutcome;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -80,7 +84,8 @@ pub struct HsmSettings {
     pub token: TokenSelector,
     /// The user PIN. Zeroized on drop by `secrecy`.
     pub pin: AuthPin,
-    /// Maximum number of open sessions.
+    /// Maximum number of open sessions, and the number of worker threads
+    /// that run [`Hsm::spread`] batches.
     pub sessions: usize,
     /// Vendor quirks.
     pub quirks: Quirks,
@@ -139,6 +144,14 @@ struct Inner {
     /// Every operation holds this shared; [`Hsm::reset_module`] holds it
     /// exclusively, so the module is never finalised under a running call.
     gate: std::sync::RwLock<()>,
+    /// The workers behind [`Hsm::spread`], one per session.
+    spreader: Arc<spread::Spreader>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.spreader.close();
+    }
 }
 
 /// PKCS#11 modules are process-wide: `C_Initialize` may run once per process
@@ -204,6 +217,7 @@ impl Hsm {
         let pkcs11 = module(&settings.module, &settings.module_env)?;
         let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
         let pool = Pool::new(slot, settings.sessions.max(1), observer.clone());
+        let spreader = spread::Spreader::start(settings.sessions.max(1))?;
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pkcs11,
@@ -212,6 +226,7 @@ impl Hsm {
                 handles: Mutex::new(HashMap::new()),
                 observer,
                 gate: std::sync::RwLock::new(()),
+                spreader,
             }),
         };
         // Log in now so that a wrong PIN fails at start, not on the first request.

@@ -1,7 +1,10 @@
 //! A bounded pool of PKCS#11 sessions.
 //!
 //! At most `max` sessions are open. A caller that finds none idle opens one if
-//! it may, or waits. A session that saw a lost-session error, or that may
+//! it may, or waits. Callers are served in the order they asked: one that
+//! gives a session back and asks again at once queues behind those already
+//! waiting, so the HSM workers of a large batch cannot keep a session from
+//! the checkpoint signer or a readiness probe. A session that saw a lost-session error, or that may
 //! still hold a secret object it could not destroy, is discarded (closed, which
 //! destroys its session objects) instead of returned, and [`Pool::clear`]
 //! retires every session at once (sessions checked out at that moment are
@@ -10,8 +13,9 @@
 //! The number of sessions checked out is reported to the observer on every
 //! change, under the pool's lock, so the last value it saw is the current one.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
@@ -29,6 +33,9 @@ struct State {
     open: usize,
     /// Bumped by `clear`; leases from an older generation are not reused.
     generation: u64,
+    /// Tickets of the callers waiting, first come first.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
 }
 
 impl State {
@@ -56,6 +63,8 @@ impl Pool {
                 idle: Vec::new(),
                 open: 0,
                 generation: 0,
+                queue: VecDeque::new(),
+                next_ticket: 0,
             }),
             freed: Condvar::new(),
         }
@@ -70,56 +79,74 @@ impl Pool {
     }
 
     /// Checks a session out, opening one with `open` if none is idle and the
-    /// pool is not full.
+    /// pool is not full, in turn with the other callers.
     pub(super) fn acquire(
         &self,
         open: impl FnOnce(Slot) -> Result<Session, HsmError>,
     ) -> Result<Lease<'_>, HsmError> {
+        let deadline = Instant::now() + ACQUIRE_TIMEOUT;
         let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push_back(ticket);
         loop {
-            if let Some(session) = state.idle.pop() {
-                self.observer.sessions_busy(state.busy());
-                return Ok(Lease {
-                    pool: self,
-                    session: Some(session),
-                    generation: state.generation,
-                    discard: false,
-                });
+            if state.queue.front() == Some(&ticket) {
+                if let Some(session) = state.idle.pop() {
+                    state.queue.pop_front();
+                    self.observer.sessions_busy(state.busy());
+                    let generation = state.generation;
+                    drop(state);
+                    // The next in line may find another idle session.
+                    self.freed.notify_all();
+                    return Ok(Lease {
+                        pool: self,
+                        session: Some(session),
+                        generation,
+                        discard: false,
+                    });
+                }
+                if state.open < self.max {
+                    state.queue.pop_front();
+                    state.open += 1;
+                    let (slot, generation) = (state.slot, state.generation);
+                    drop(state);
+                    self.freed.notify_all();
+                    // Opening and logging in happen outside the lock: they may be slow.
+                    return match open(slot) {
+                        Ok(session) => {
+                            let state = self.lock();
+                            self.observer.sessions_busy(state.busy());
+                            Ok(Lease {
+                                pool: self,
+                                session: Some(session),
+                                generation,
+                                discard: false,
+                            })
+                        }
+                        Err(e) => {
+                            let mut state = self.lock();
+                            state.open -= 1;
+                            self.observer.sessions_busy(state.busy());
+                            drop(state);
+                            self.freed.notify_all();
+                            Err(e)
+                        }
+                    };
+                }
             }
-            if state.open < self.max {
-                state.open += 1;
-                let (slot, generation) = (state.slot, state.generation);
+            let now = Instant::now();
+            if now >= deadline {
+                state.queue.retain(|t| *t != ticket);
                 drop(state);
-                // Opening and logging in happen outside the lock: they may be slow.
-                return match open(slot) {
-                    Ok(session) => {
-                        let state = self.lock();
-                        self.observer.sessions_busy(state.busy());
-                        Ok(Lease {
-                            pool: self,
-                            session: Some(session),
-                            generation,
-                            discard: false,
-                        })
-                    }
-                    Err(e) => {
-                        let mut state = self.lock();
-                        state.open -= 1;
-                        self.observer.sessions_busy(state.busy());
-                        drop(state);
-                        self.freed.notify_one();
-                        Err(e)
-                    }
-                };
-            }
-            let (next, timeout) = self
-                .freed
-                .wait_timeout(state, ACQUIRE_TIMEOUT)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            state = next;
-            if timeout.timed_out() && state.idle.is_empty() && state.open >= self.max {
+                // Whoever was behind this caller may be first now.
+                self.freed.notify_all();
                 return Err(HsmError::Busy(self.max));
             }
+            state = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
     }
 
@@ -174,7 +201,8 @@ impl Pool {
             self.observer.sessions_busy(state.busy());
             drop(state);
         }
-        self.freed.notify_one();
+        // Only the first in line may take it: wake them all to find it.
+        self.freed.notify_all();
     }
 }
 

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! It prints a markdown table and writes the same figures as JSON (default
-//! `target/lavd-bench.json`):
+//! `lavd-bench.json` in `$CARGO_TARGET_DIR`, else in `target/`), with the
+//! machine's CPU model, core count and load average at the start and the
+//! end of the run (a shared machine's figures mean little without them):
 //!
 //! - (a) the limit: raw `C_DeriveKey` (ECDH1, CKD_NULL), `C_GetAttributeValue`
 //!   and `C_DestroyObject` per second on this program's own sessions, on 1
@@ -71,7 +73,9 @@ impl Options {
     fn parse() -> Self {
         let mut options = Options {
             quick: false,
-            json: PathBuf::from("target/lavd-bench.json"),
+            json: std::env::var_os("CARGO_TARGET_DIR")
+                .map_or_else(|| PathBuf::from("target"), PathBuf::from)
+                .join("lavd-bench.json"),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -106,6 +110,7 @@ fn main() -> std::process::ExitCode {
     let mut report = Report::default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     report.note("cores", cores as f64);
+    report.note("load average (1 min) at start", load_average());
 
     // (a), (b): this process's own sessions and lavd's library.
     let token = TestToken::new();
@@ -318,16 +323,24 @@ fn main() -> std::process::ExitCode {
         .agency;
     let body = unwrap_body(&big_warrant("BENCH-G"), &slow_envelopes);
     let mut conn = agency.connect().expect("connect");
-    let started = Instant::now();
-    let r = conn
-        .request("POST", "/v1/unwrap", &[], Some(&body))
-        .expect("unwrap");
-    let batch_seconds = started.elapsed().as_secs_f64();
-    assert_eq!(r.status, 200, "{}", r.text());
+    // The median of three batches: one is too exposed to a neighbour's burst.
+    let mut times: Vec<f64> = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            let r = conn
+                .request("POST", "/v1/unwrap", &[], Some(&body))
+                .expect("unwrap");
+            let t = started.elapsed().as_secs_f64();
+            assert_eq!(r.status, 200, "{}", r.text());
+            t
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let batch_seconds = times[1];
     let ideal = (CALLS_PER_OPEN * 1000 * SHIM_DELAY_US) as f64 / 1e6 / SHIM_POOL as f64;
     report.row(
         "g",
-        "one 1000-envelope /v1/unwrap at 1 ms/call",
+        "one 1000-envelope /v1/unwrap at 1 ms/call (median of 3)",
         batch_seconds * 1e3,
         "ms",
     );
@@ -347,6 +360,16 @@ fn main() -> std::process::ExitCode {
         "≥ 0.85",
     );
     report.ratio("(g) batch time / ideal", batch_seconds / ideal, "≤ 1.25");
+    // A sleep of 1 ms takes longer on a loaded machine: the same batch
+    // against what this program's own 16 sessions did through the module.
+    let raw_slow = report.value(&format!(
+        "raw derive+read+destroy at 1 ms/call, {SHIM_POOL} session(s)"
+    ));
+    report.ratio(
+        "(g) batch time / (1000 ÷ (g) raw on 16 sessions)",
+        batch_seconds / (1000.0 / raw_slow),
+        "(the module's own limit)",
+    );
     let p50 = report.value("single-envelope p50, 1 client(s)") / 1e3;
     report.ratio(
         "(d) p50 at 1 client / (derive + commit)",
@@ -360,6 +383,7 @@ fn main() -> std::process::ExitCode {
         "≥ 0.9",
     );
 
+    report.note("load average (1 min) at end", load_average());
     report.print(options.quick);
     if let Some(dir) = options.json.parent() {
         std::fs::create_dir_all(dir).expect("json dir");
@@ -629,6 +653,26 @@ fn prefill(path: &std::path::Path, leaves: u64) {
     }
 }
 
+/// The 1-minute load average (`/proc/loadavg`), 0 where there is none.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// The CPU model (`/proc/cpuinfo`).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// `VmHWM` (peak resident set) of process `pid`, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -674,6 +718,17 @@ impl Report {
         if quick {
             println!("(--quick: a smoke run; these are not figures)\n");
         }
+        println!(
+            "{}, CPU {}, {}",
+            lavd::codec::format_time(time::OffsetDateTime::now_utc()),
+            cpu_model(),
+            self.notes
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!();
         println!("| part | measurement | value | unit |\n|---|---|---:|---|");
         for (part, what, value, unit) in &self.rows {
             println!("| ({part}) | {what} | {value:.1} | {unit} |");
@@ -704,6 +759,7 @@ impl Report {
             "quick": quick,
             "date": lavd::codec::format_time(time::OffsetDateTime::now_utc()),
             "machine": notes,
+            "cpu": cpu_model(),
             "rows": rows,
             "ratios": ratios,
         });

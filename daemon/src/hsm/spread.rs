@@ -1,0 +1,429 @@
+//! Spreads a batch of HSM jobs over the session pool, fairly.
+//!
+//! One worker thread per pooled session takes jobs from a ring of batches:
+//! a free worker claims the next job of the batch at the front of the ring
+//! and, if that batch has more, puts it at the back. So every batch in
+//! flight gets an equal share of the workers whatever its size: a
+//! one-envelope request that arrives while a 1000-envelope batch runs waits
+//! for the next free worker, not for the batch. A batch's jobs run on up to
+//! all the workers at once; its caller waits on its own (blocking) thread
+//! until every job it started has finished, and gets the outcomes in the
+//! order of the inputs.
+//!
+//! A job whose result says stop (an HSM failure) stops its batch: jobs not
+//! yet started are never run ([`JobOutcome::NotRun`]); jobs already running
+//! finish. A job that panics stops its batch too.
+//!
+//! The workers are plain threads, not async tasks: a job holds a session
+//! only inside one synchronous HSM call, and nothing here awaits.
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use super::{Hsm, HsmError};
+
+/// What became of one input of [`Hsm::spread`].
+#[derive(Debug)]
+pub enum JobOutcome<T> {
+    /// The job ran and returned this.
+    Done(T),
+    /// The job was not started: an earlier outcome stopped the batch.
+    NotRun,
+    /// The job panicked (a bug); the batch was stopped.
+    Panicked,
+}
+
+/// One batch, as the workers see it (its input and result types erased).
+trait Task: Send + Sync {
+    /// Claims the next input's index; `None` when none is left or the batch
+    /// was stopped.
+    fn claim(&self) -> Option<usize>;
+    /// Whether a later [`Task::claim`] could return an index.
+    fn more(&self) -> bool;
+    /// Runs the claimed input `index` and records its outcome.
+    fn run(&self, index: usize);
+}
+
+struct Ring {
+    tasks: VecDeque<Arc<dyn Task>>,
+    closed: bool,
+}
+
+/// The workers and their ring of batches.
+pub(super) struct Spreader {
+    ring: Mutex<Ring>,
+    ready: Condvar,
+    workers: usize,
+}
+
+impl std::fmt::Debug for Spreader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spreader")
+            .field("workers", &self.workers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Spreader {
+    /// Starts `workers` threads.
+    ///
+    /// # Errors
+    /// [`HsmError::Worker`] if a thread cannot be started.
+    pub(super) fn start(workers: usize) -> Result<Arc<Self>, HsmError> {
+        let spreader = Arc::new(Spreader {
+            ring: Mutex::new(Ring {
+                tasks: VecDeque::new(),
+                closed: false,
+            }),
+            ready: Condvar::new(),
+            workers,
+        });
+        for i in 0..workers {
+            let worker = spreader.clone();
+            let started = std::thread::Builder::new()
+                .name(format!("lavd-hsm-{i}"))
+                .spawn(move || worker.work());
+            if let Err(e) = started {
+                spreader.close();
+                return Err(HsmError::Worker(format!("cannot start an HSM worker: {e}")));
+            }
+        }
+        Ok(spreader)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ring> {
+        // Tasks are only moved in and out under the lock, and no job runs
+        // under it: a poisoned lock still holds a consistent ring.
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops the workers once they finish what they are running (the
+    /// [`Hsm`] is gone, so no batch can be waiting).
+    pub(super) fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
+    }
+
+    fn submit(&self, task: Arc<dyn Task>, jobs: usize) {
+        self.lock().tasks.push_back(task);
+        for _ in 0..jobs.min(self.workers) {
+            self.ready.notify_one();
+        }
+    }
+
+    fn work(&self) {
+        loop {
+            let mut spent = Vec::new();
+            let claimed = {
+                let mut ring = self.lock();
+                loop {
+                    if ring.closed {
+                        break None;
+                    }
+                    let Some(task) = ring.tasks.pop_front() else {
+                        ring = self
+                            .ready
+                            .wait(ring)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        continue;
+                    };
+                    let index = task.claim();
+                    if task.more() {
+                        ring.tasks.push_back(task.clone());
+                    }
+                    match index {
+                        Some(index) => break Some((task, index)),
+                        // Dropped after the lock is released: the last
+                        // reference to a batch holds an `Hsm`, whose drop
+                        // closes this very ring.
+                        None => spent.push(task),
+                    }
+                }
+            };
+            drop(spent);
+            match claimed {
+                Some((task, index)) => task.run(index),
+                None => return,
+            }
+        }
+    }
+}
+
+struct State<I, T> {
+    inputs: Vec<Option<I>>,
+    outcomes: Vec<JobOutcome<T>>,
+    next: usize,
+    running: usize,
+    stopped: bool,
+}
+
+impl<I, T> State<I, T> {
+    fn settled(&self) -> bool {
+        self.running == 0 && (self.stopped || self.next == self.inputs.len())
+    }
+}
+
+/// One caller's batch. `C` is what each job is given: the [`Hsm`] (the
+/// tests use a unit context).
+struct Batch<C, I, T, F> {
+    context: C,
+    job: F,
+    stops: fn(&T) -> bool,
+    state: Mutex<State<I, T>>,
+    settled: Condvar,
+}
+
+impl<C, I, T, F> Batch<C, I, T, F> {
+    fn lock(&self) -> MutexGuard<'_, State<I, T>> {
+        // Only indices, counters and moved values change under this lock; no
+        // job runs under it.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<C, I, T, F> Task for Batch<C, I, T, F>
+where
+    C: Send + Sync,
+    I: Send,
+    T: Send,
+    F: Fn(&C, I) -> T + Send + Sync,
+{
+    fn claim(&self) -> Option<usize> {
+        let mut state = self.lock();
+        if state.stopped || state.next == state.inputs.len() {
+            return None;
+        }
+        let index = state.next;
+        state.next += 1;
+        state.running += 1;
+        Some(index)
+    }
+
+    fn more(&self) -> bool {
+        let state = self.lock();
+        !state.stopped && state.next < state.inputs.len()
+    }
+
+    fn run(&self, index: usize) {
+        let input = self.lock().inputs[index].take();
+        let outcome = match input {
+            Some(input) => {
+                match catch_unwind(AssertUnwindSafe(|| (self.job)(&self.context, input))) {
+                    Ok(value) => JobOutcome::Done(value),
+                    Err(_) => JobOutcome::Panicked,
+                }
+            }
+            // Each index is claimed once: unreachable, and harmless.
+            None => JobOutcome::NotRun,
+        };
+        let stop = match &outcome {
+            JobOutcome::Done(value) => (self.stops)(value),
+            JobOutcome::Panicked => true,
+            JobOutcome::NotRun => false,
+        };
+        let mut state = self.lock();
+        state.stopped |= stop;
+        state.outcomes[index] = outcome;
+        state.running -= 1;
+        if state.settled() {
+            self.settled.notify_all();
+        }
+    }
+}
+
+impl Spreader {
+    /// Runs a batch and waits for it: see [`Hsm::spread`].
+    fn spread<C, I, T, F>(
+        &self,
+        context: C,
+        inputs: Vec<I>,
+        job: F,
+        stops: fn(&T) -> bool,
+    ) -> Vec<JobOutcome<T>>
+    where
+        C: Send + Sync + 'static,
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(&C, I) -> T + Send + Sync + 'static,
+    {
+        let count = inputs.len();
+        if count == 0 {
+            return Vec::new();
+        }
+        let batch = Arc::new(Batch {
+            context,
+            job,
+            stops,
+            state: Mutex::new(State {
+                inputs: inputs.into_iter().map(Some).collect(),
+                outcomes: (0..count).map(|_| JobOutcome::NotRun).collect(),
+                next: 0,
+                running: 0,
+                stopped: false,
+            }),
+            settled: Condvar::new(),
+        });
+        self.submit(batch.clone(), count);
+        let mut state = batch.lock();
+        while !state.settled() {
+            state = batch
+                .settled
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        // Inputs never started are dropped here, on the caller's thread.
+        state.inputs.clear();
+        std::mem::take(&mut state.outcomes)
+    }
+}
+
+impl Hsm {
+    /// Runs `job` on every input on the HSM workers, as many at once as the
+    /// pool has sessions, sharing the workers fairly with every other batch
+    /// in flight, and returns the outcomes in the order of `inputs`.
+    ///
+    /// Blocking: call it from a blocking thread. The first outcome for
+    /// which `stops` is true (or a panic) stops the batch: inputs not yet
+    /// started come back as [`JobOutcome::NotRun`] and are dropped there.
+    pub fn spread<I, T, F>(
+        &self,
+        inputs: Vec<I>,
+        job: F,
+        stops: fn(&T) -> bool,
+    ) -> Vec<JobOutcome<T>>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(&Hsm, I) -> T + Send + Sync + 'static,
+    {
+        self.inner.spreader.spread(self.clone(), inputs, job, stops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn never(_: &usize) -> bool {
+        false
+    }
+
+    #[test]
+    fn outcomes_come_back_in_input_order_from_many_workers() {
+        let spreader = Spreader::start(4).unwrap();
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (r, m) = (running.clone(), most.clone());
+        let outcomes = spreader.spread(
+            (),
+            (0..200usize).collect(),
+            move |(), i| {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                m.fetch_max(now, Ordering::SeqCst);
+                // Uneven job times, so that completion order differs from
+                // input order.
+                std::thread::sleep(Duration::from_micros((i as u64 * 7919) % 500));
+                r.fetch_sub(1, Ordering::SeqCst);
+                i * 2
+            },
+            never,
+        );
+        let got: Vec<usize> = outcomes
+            .into_iter()
+            .map(|o| match o {
+                JobOutcome::Done(v) => v,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, (0..200).map(|i| i * 2).collect::<Vec<_>>());
+        assert!(
+            most.load(Ordering::SeqCst) > 1,
+            "never ran two jobs at once"
+        );
+        assert!(
+            most.load(Ordering::SeqCst) <= 4,
+            "more jobs at once than workers"
+        );
+        spreader.close();
+    }
+
+    #[test]
+    fn a_stopping_outcome_or_a_panic_leaves_later_inputs_unrun() {
+        // One worker, so that "later" is exact: a job is claimed only after
+        // the previous outcome is recorded.
+        let spreader = Spreader::start(1).unwrap();
+        let outcomes = spreader.spread((), (0..100usize).collect(), |(), i| i, |i| *i == 10);
+        for (i, outcome) in outcomes.iter().enumerate() {
+            match outcome {
+                JobOutcome::Done(v) => assert!(i <= 10 && *v == i, "{i}"),
+                JobOutcome::NotRun => assert!(i > 10, "{i}"),
+                JobOutcome::Panicked => panic!("{i}"),
+            }
+        }
+
+        let outcomes = spreader.spread(
+            (),
+            (0..100usize).collect(),
+            |(), i| {
+                assert!(i != 5, "a bug in a job");
+                i
+            },
+            never,
+        );
+        assert!(matches!(outcomes[4], JobOutcome::Done(4)));
+        assert!(matches!(outcomes[5], JobOutcome::Panicked));
+        assert!(outcomes[6..]
+            .iter()
+            .all(|o| matches!(o, JobOutcome::NotRun)));
+        // The worker survived the panic.
+        let outcomes = spreader.spread((), vec![1usize], |(), i| i, never);
+        assert!(matches!(outcomes[..], [JobOutcome::Done(1)]));
+        spreader.close();
+    }
+
+    #[test]
+    fn a_small_batch_is_not_queued_behind_a_large_one() {
+        let spreader = Spreader::start(2).unwrap();
+        let large_done = Arc::new(AtomicUsize::new(0));
+        std::thread::scope(|s| {
+            let done = large_done.clone();
+            let large = s.spawn(|| {
+                spreader.spread(
+                    (),
+                    (0..400usize).collect(),
+                    move |(), i| {
+                        std::thread::sleep(Duration::from_millis(1));
+                        done.fetch_add(1, Ordering::SeqCst);
+                        i
+                    },
+                    never,
+                )
+            });
+            // Once the large batch holds both workers.
+            while large_done.load(Ordering::SeqCst) < 10 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            for round in 0..3 {
+                let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
+                assert!(matches!(outcomes[..], [JobOutcome::Done(7)]));
+                // Round-robin: each small job waits for one large job per
+                // worker at most, so most of the large batch is still to
+                // come (waiting for the whole batch would leave none).
+                let done = large_done.load(Ordering::SeqCst);
+                assert!(
+                    done < 300,
+                    "small batch {round} ran after {done} of 400 large jobs"
+                );
+            }
+            assert_eq!(large.join().unwrap().len(), 400);
+        });
+        spreader.close();
+    }
+}

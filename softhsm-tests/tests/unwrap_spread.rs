@@ -1,0 +1,212 @@
+//! A batch's envelope opens are spread over the HSM session pool, and the
+//! unwrap rules hold as they did when a batch opened one envelope after
+//! another. Through the latency and fault module (`softhsm-tests/pkcs11-shim`)
+//! in front of SoftHSM, on a real `lavd serve` over mutual TLS:
+//!
+//! - an HSM failure in the middle of a 1000-envelope batch on 8 sessions
+//!   fails the whole request (503): no `opened` leaf, every leaf
+//!   `open_failed`, nothing spent; once the fault clears the same batch opens
+//!   in full, and the reply, opened with the recipient's key, gives every DEK
+//!   in request order; the budget is then spent exactly;
+//! - the pool is shared fairly: single-envelope requests sent while a
+//!   1000-envelope batch runs at 1 ms per PKCS#11 call finish before it, and
+//!   that batch itself keeps several sessions busy at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use lavd::envelope::reply::{open_reply, Outcome};
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+use time::OffsetDateTime;
+
+const DERIVES: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
+const BUSY: &str = "lavd_hsm_sessions_busy";
+
+/// `[roles]` plus limits that let a 1000-envelope batch through.
+fn config(shim: &Shim) -> String {
+    format!(
+        "{}\n{}\n[limits]\nmax_body_bytes = 16777216\nmax_batch = 1000\n\
+         rate_limit_per_second = 1000\nrate_limit_burst = 1000\n",
+        shim.hsm_env(),
+        serve_config(&vault::roles_toml())
+    )
+}
+
+/// `n` envelopes to `E-1`, the i-th sealing [`dek`]`(tag, i)`.
+fn batch(escrow: &lavd::jwk::P256PublicKey, tag: &str, n: usize) -> Vec<serde_json::Value> {
+    let now = OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            vault::seal(
+                escrow,
+                "E-1",
+                TARGET,
+                now - time::Duration::minutes(i as i64 % 600 + 1),
+                &format!("{tag}-{i}"),
+                &dek(tag, i),
+            )
+        })
+        .collect()
+}
+
+fn dek(tag: &str, i: usize) -> Vec<u8> {
+    format!("{tag}-{i:06}-a-sixteen-plus-byte-dek").into_bytes()
+}
+
+fn start(sessions: usize) -> (TestToken, Pki, Shim, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with(&shim_module_path(), sessions, &config(&shim));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    (t, pki, shim, daemon)
+}
+
+fn unwrap(
+    agency: &Client,
+    warrant: &serde_json::Value,
+    envelopes: &[serde_json::Value],
+) -> softhsm_tests::server::Response {
+    vault::post(
+        agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    )
+}
+
+#[test]
+fn a_mid_batch_hsm_failure_on_spread_opens_releases_and_spends_nothing() {
+    let (_t, pki, shim, daemon) = start(8);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let id = "SPREAD-FAULT-1";
+    // Exactly one batch's worth: anything the failed request spent would
+    // make the clean batch below end in `budget_exhausted`.
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 1000));
+    let envelopes = batch(&escrow, "spread", 1000);
+
+    // The 301st derive and every later one fail, while up to 8 run at once.
+    shim.set("fault = device_error\nfault_calls = C_DeriveKey\nfault_after = 300");
+    let before = vault::tree_size(&c.auditor);
+    let r = unwrap(&c.agency, &warrant, &envelopes);
+    r.assert_error(503, "unavailable");
+    assert!(shim.faults() > 0, "the module injected nothing");
+    // Audit before release: the request's leaves are all there, none says
+    // `opened`, and every one says why not.
+    let after = vault::tree_size(&c.auditor);
+    let leaves = vault::entries(&c.auditor, before, after);
+    let ours: Vec<_> = leaves
+        .iter()
+        .filter(|e| e.leaf["warrant_id"] == id)
+        .collect();
+    assert_eq!(ours.len(), 1000, "one leaf per envelope");
+    for (i, e) in ours.iter().enumerate() {
+        assert_eq!(e.leaf["outcome"], "denied", "leaf {i}: {}", e.leaf);
+        assert_eq!(e.leaf["reason"], "open_failed", "leaf {i}: {}", e.leaf);
+    }
+
+    // Cleared: the same batch opens in full, in request order, and the
+    // budget was untouched by the failed request.
+    shim.set("");
+    let r = unwrap(&c.agency, &warrant, &envelopes);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), vec!["ok"; 1000]);
+    let opened = open_reply(&recipient, &vault::headers(&envelopes), &r.body).unwrap();
+    assert_eq!(opened.results.len(), 1000);
+    for (i, result) in opened.results.iter().enumerate() {
+        assert_eq!(result.index, i);
+        assert_eq!(
+            result.reference.as_deref(),
+            Some(format!("spread-{i}").as_str())
+        );
+        match &result.outcome {
+            Outcome::Ok(got) => assert_eq!(got.as_slice(), dek("spread", i), "envelope {i}"),
+            other => panic!("envelope {i}: {other:?}"),
+        }
+    }
+
+    // Spent exactly: one more is over the grant.
+    let r = unwrap(&c.agency, &warrant, &batch(&escrow, "over", 1));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
+}
+
+#[test]
+fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
+    let (_t, pki, shim, daemon) = start(4);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let big_warrant = vault::double_lock(&vault::claims("SPREAD-BIG", recipient.public(), 1000));
+    let small_warrant = vault::double_lock(&vault::claims("SPREAD-SMALL", recipient.public(), 10));
+    let big = batch(&escrow, "big", 1000);
+    let smalls: Vec<_> = (0..3)
+        .map(|i| batch(&escrow, &format!("small{i}"), 1))
+        .collect();
+
+    // A network HSM: 1 ms per call, so the batch takes at least
+    // 3 calls × 1000 / 4 sessions = 750 ms however fast this machine is.
+    shim.set("delay_us = 1000");
+    let finished = Mutex::new(Vec::new());
+    let done = AtomicBool::new(false);
+    let busiest = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let mut most = 0.0f64;
+            while !done.load(Ordering::SeqCst) {
+                most = most.max(daemon.metric(BUSY));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        });
+        // Stops the watcher however this closure ends, a failed assert too.
+        let _stop = Stop(&done);
+        let large = s.spawn(|| {
+            let r = unwrap(&c.agency, &big_warrant, &big);
+            finished.lock().unwrap().push("big");
+            r
+        });
+        // Only once the batch is opening.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.metric(DERIVES) < 1.0 {
+            assert!(Instant::now() < deadline, "the batch never reached the HSM");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (i, small) in smalls.iter().enumerate() {
+            let r = unwrap(&c.agency, &small_warrant, small);
+            assert_eq!(r.status, 200, "small {i}: {}", r.text());
+            assert_eq!(vault::statuses(&r.json()), ["ok"], "small {i}");
+            finished.lock().unwrap().push("small");
+        }
+        let r = large.join().unwrap();
+        drop(_stop);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(vault::statuses(&r.json()), vec!["ok"; 1000]);
+        watcher.join().unwrap()
+    });
+    assert_eq!(
+        *finished.lock().unwrap(),
+        ["small", "small", "small", "big"],
+        "a single-envelope request waited for the large batch"
+    );
+    // One session for the batch and one for a small request would be 2.
+    assert!(
+        busiest >= 3.0,
+        "at most {busiest} sessions were busy at once: the batch was not spread"
+    );
+}
+
+struct Stop<'a>(&'a AtomicBool);
+
+impl Drop for Stop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
