@@ -44,3 +44,5 @@ pub mod store;
 pub mod unwrap;
 #[cfg(feature = "daemon")]
 pub mod warrant;
+#[cfg(feature = "daemon")]
+pub mod witness;

@@ -435,6 +435,188 @@ impl Policy {
     }
 }
 
+/// The most consistency proof lines an `add-checkpoint` request may carry
+/// (C2SP tlog-witness).
+pub const MAX_PROOF_LINES: usize = 63;
+
+/// The largest `add-checkpoint` body accepted: 63 proof lines and a note
+/// with a few signatures fit well within it.
+pub const MAX_ADD_CHECKPOINT_BYTES: usize = 16 * 1024;
+
+/// A C2SP tlog-witness `add-checkpoint` request: the size of the checkpoint
+/// the client believes the witness last cosigned, a consistency proof from
+/// it, and the new checkpoint (a signed note).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddCheckpoint {
+    /// `old <size>`.
+    pub old_size: u64,
+    /// The RFC 6962 consistency proof from `old_size` to the checkpoint.
+    pub proof: Vec<super::merkle::Hash>,
+    /// The signed checkpoint.
+    pub checkpoint: String,
+}
+
+impl AddCheckpoint {
+    /// The request body: `old <n>\n`, one base64 hash per line, an empty
+    /// line, the checkpoint.
+    pub fn encode(&self) -> String {
+        let mut body = format!("old {}\n", self.old_size);
+        for hash in &self.proof {
+            body.push_str(&STANDARD.encode(hash));
+            body.push('\n');
+        }
+        body.push('\n');
+        body.push_str(&self.checkpoint);
+        body
+    }
+
+    /// Parses a request body, strictly.
+    ///
+    /// # Errors
+    /// A message naming what is malformed (the witness answers 400).
+    pub fn parse(body: &[u8]) -> Result<Self, String> {
+        if body.len() > MAX_ADD_CHECKPOINT_BYTES {
+            return Err(format!("the body is over {MAX_ADD_CHECKPOINT_BYTES} bytes"));
+        }
+        let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
+        let (first, mut rest) = text
+            .split_once('\n')
+            .ok_or("no `old <size>` line ending in a newline")?;
+        let size = first
+            .strip_prefix("old ")
+            .ok_or("the first line is not `old <size>`")?;
+        let canonical = size == "0" || (!size.starts_with('0') && !size.is_empty());
+        if !canonical || !size.bytes().all(|b| b.is_ascii_digit()) {
+            return Err("the old size is not a decimal without leading zeros".into());
+        }
+        let old_size: u64 = size.parse().map_err(|_| "the old size is too large")?;
+        let mut proof = Vec::new();
+        loop {
+            let (line, after) = rest
+                .split_once('\n')
+                .ok_or("no empty line before the checkpoint")?;
+            rest = after;
+            if line.is_empty() {
+                break;
+            }
+            if proof.len() == MAX_PROOF_LINES {
+                return Err(format!("more than {MAX_PROOF_LINES} proof lines"));
+            }
+            let bytes = STANDARD
+                .decode(line)
+                .map_err(|_| format!("proof line {} is not standard base64", proof.len() + 1))?;
+            let hash: super::merkle::Hash = bytes
+                .try_into()
+                .map_err(|_| format!("proof line {} is not a 32-byte hash", proof.len() + 1))?;
+            proof.push(hash);
+        }
+        Ok(AddCheckpoint {
+            old_size,
+            proof,
+            checkpoint: rest.to_string(),
+        })
+    }
+}
+
+/// What a witness makes of an `add-checkpoint`: the C2SP tlog-witness
+/// outcome, each with its HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddOutcome {
+    /// 200: the checkpoint was recorded; the body is these cosignature lines.
+    Cosigned(String),
+    /// 400: a malformed body, or an old size above the checkpoint's.
+    BadRequest(String),
+    /// 403: no signature by a key the witness trusts for the origin.
+    Forbidden,
+    /// 404: an origin the witness does not know.
+    UnknownOrigin,
+    /// 409: the old size is not the size last cosigned (the body is that
+    /// size, `text/x.tlog.size`), or a checkpoint of that same size with
+    /// another root (a fork; `size` is then the recorded size too).
+    Conflict {
+        /// The size the witness last cosigned for the origin.
+        size: u64,
+    },
+    /// 422: the consistency proof does not verify.
+    BadProof(String),
+}
+
+impl AddOutcome {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            AddOutcome::Cosigned(_) => 200,
+            AddOutcome::BadRequest(_) => 400,
+            AddOutcome::Forbidden => 403,
+            AddOutcome::UnknownOrigin => 404,
+            AddOutcome::Conflict { .. } => 409,
+            AddOutcome::BadProof(_) => 422,
+        }
+    }
+}
+
+/// The checks of C2SP tlog-witness `add-checkpoint`, in its order, given
+/// the keys the witness trusts for each origin (`trusted`) and what it last
+/// cosigned for the request's origin (`recorded`: size and root, `None`
+/// when never). Returns the verified checkpoint to record and cosign, or
+/// the answer. The caller must run this and record the result atomically
+/// (a compare-and-swap on `recorded`), so that two requests can never roll
+/// the recorded size back.
+///
+/// # Errors
+/// The [`AddOutcome`] to answer when the checkpoint must not be cosigned.
+pub fn check_add_checkpoint(
+    request: &AddCheckpoint,
+    trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
+    recorded: &dyn Fn(&str) -> Option<(u64, super::merkle::Hash)>,
+) -> Result<Checkpoint, AddOutcome> {
+    // The origin is the first line of the note.
+    let origin = request.checkpoint.split('\n').next().unwrap_or_default();
+    let keys = trusted(origin);
+    if keys.is_empty() {
+        return Err(AddOutcome::UnknownOrigin);
+    }
+    // A malformed note is a bad request; a well-formed one that no trusted
+    // key signed is forbidden.
+    if let Err(e) = note::split_note(&request.checkpoint) {
+        return Err(AddOutcome::BadRequest(e.to_string()));
+    }
+    let checkpoint = keys
+        .iter()
+        .find_map(|key| note::verify_checkpoint(&request.checkpoint, key).ok())
+        .ok_or(AddOutcome::Forbidden)?;
+    if request.old_size > checkpoint.size {
+        return Err(AddOutcome::BadRequest(format!(
+            "old size {} is above the checkpoint's size {}",
+            request.old_size, checkpoint.size
+        )));
+    }
+    let (size, root) = recorded(origin).unwrap_or((0, super::merkle::empty_root()));
+    if request.old_size != size {
+        return Err(AddOutcome::Conflict { size });
+    }
+    if size == checkpoint.size && root != checkpoint.root && size != 0 {
+        return Err(AddOutcome::Conflict { size });
+    }
+    if size == 0 {
+        if !request.proof.is_empty() {
+            return Err(AddOutcome::BadProof(
+                "the proof from size 0 must be empty".into(),
+            ));
+        }
+    } else {
+        super::merkle::verify_consistency(
+            size,
+            checkpoint.size,
+            &root,
+            &checkpoint.root,
+            &request.proof,
+        )
+        .map_err(|e| AddOutcome::BadProof(e.to_string()))?;
+    }
+    Ok(checkpoint)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -577,5 +759,147 @@ mod tests {
             let e = Policy::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(e.code(), "bad_policy", "{bad:?}");
         }
+    }
+
+    /// A log of `n` leaves signed by the test log key, with its tree.
+    fn signed_tree(n: u64, salt: u8) -> (crate::audit::merkle::MemoryTree, String) {
+        let mut tree = crate::audit::merkle::MemoryTree::new();
+        for i in 0..n {
+            tree.push_leaf(&[salt, i as u8, (i >> 8) as u8]);
+        }
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let key = VerifierKey::new("log.example/a", sk.verifying_key().as_bytes()).unwrap();
+        let body = format!(
+            "log.example/a\n{n}\n{}\n",
+            STANDARD.encode(tree.root(n).unwrap())
+        );
+        let mut line = key.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());
+        (
+            tree,
+            format!("{body}\n— log.example/a {}\n", STANDARD.encode(line)),
+        )
+    }
+
+    #[test]
+    fn add_checkpoint_bodies_round_trip_and_malformed_ones_are_refused() {
+        let (tree, checkpoint) = signed_tree(20, 0);
+        let request = AddCheckpoint {
+            old_size: 7,
+            proof: crate::audit::merkle::consistency_proof(&tree, 7, 20).unwrap(),
+            checkpoint,
+        };
+        let body = request.encode();
+        assert!(body.starts_with("old 7\n"));
+        assert_eq!(AddCheckpoint::parse(body.as_bytes()).unwrap(), request);
+        let hash = format!("{}\n", STANDARD.encode([0u8; 32]));
+        for bad in [
+            "".to_string(),
+            "old 07\n\nx".to_string(),
+            "old -1\n\nx".to_string(),
+            "old\n\nx".to_string(),
+            "new 1\n\nx".to_string(),
+            "old 1\nnot base64!\n\nx".to_string(),
+            format!("old 1\n{}\n\nx", STANDARD.encode([0u8; 31])),
+            format!("old 1\n{}\nx", hash.repeat(64)),
+            "old 1\n".to_string(),
+        ] {
+            assert!(AddCheckpoint::parse(bad.as_bytes()).is_err(), "{bad:?}");
+        }
+        assert!(AddCheckpoint::parse(format!("old 1\n{}\nx", hash.repeat(63)).as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn add_checkpoint_answers_every_case_of_the_spec() {
+        let (tree, checkpoint) = signed_tree(20, 0);
+        let (_, log) = log_note();
+        let trusted = |origin: &str| {
+            if origin == "log.example/a" {
+                vec![log.clone()]
+            } else {
+                Vec::new()
+            }
+        };
+        let request = |old: u64, checkpoint: &str| AddCheckpoint {
+            old_size: old,
+            proof: if old == 0 {
+                Vec::new()
+            } else {
+                crate::audit::merkle::consistency_proof(&tree, old, 20).unwrap()
+            },
+            checkpoint: checkpoint.to_string(),
+        };
+        let never = |_: &str| None;
+        let at = |size: u64| {
+            let root = tree.root(size.min(20)).unwrap();
+            move |_: &str| Some((size, root))
+        };
+
+        // First sight: old 0, empty proof.
+        let ok = check_add_checkpoint(&request(0, &checkpoint), &trusted, &never).unwrap();
+        assert_eq!(ok.size, 20);
+        // From a recorded 7, with the proof.
+        assert!(check_add_checkpoint(&request(7, &checkpoint), &trusted, &at(7)).is_ok());
+        // Unknown origin: 404.
+        let other = checkpoint.replacen("log.example/a", "log.example/b", 1);
+        assert_eq!(
+            check_add_checkpoint(&request(0, &other), &trusted, &never).unwrap_err(),
+            AddOutcome::UnknownOrigin
+        );
+        // Not signed by the trusted key: 403.
+        let unsigned = checkpoint.replacen("\n20\n", "\n21\n", 1);
+        assert_eq!(
+            check_add_checkpoint(&request(0, &unsigned), &trusted, &never).unwrap_err(),
+            AddOutcome::Forbidden
+        );
+        // Old size above the checkpoint's: 400.
+        let mut above = request(0, &checkpoint);
+        above.old_size = 21;
+        assert_eq!(
+            check_add_checkpoint(&above, &trusted, &at(21))
+                .unwrap_err()
+                .status(),
+            400
+        );
+        // Old size not the recorded one: 409 with the recorded size.
+        assert_eq!(
+            check_add_checkpoint(&request(7, &checkpoint), &trusted, &at(9)).unwrap_err(),
+            AddOutcome::Conflict { size: 9 }
+        );
+        // The same size with another root (a fork): 409.
+        let fork = |_: &str| Some((20u64, [7u8; 32]));
+        let mut same = request(0, &checkpoint);
+        same.old_size = 20;
+        assert_eq!(
+            check_add_checkpoint(&same, &trusted, &fork).unwrap_err(),
+            AddOutcome::Conflict { size: 20 }
+        );
+        // A wrong proof: 422.
+        let mut wrong = request(7, &checkpoint);
+        wrong.proof[0][0] ^= 1;
+        assert_eq!(
+            check_add_checkpoint(&wrong, &trusted, &at(7))
+                .unwrap_err()
+                .status(),
+            422
+        );
+        // A proof from 0: must be empty.
+        let mut from_zero = request(0, &checkpoint);
+        from_zero.proof = vec![[0; 32]];
+        assert_eq!(
+            check_add_checkpoint(&from_zero, &trusted, &never)
+                .unwrap_err()
+                .status(),
+            422
+        );
+        // A fork of the recorded tree at a larger size: the proof cannot
+        // verify against what was recorded.
+        let (_, forked) = signed_tree(20, 1);
+        assert_eq!(
+            check_add_checkpoint(&request(7, &forked), &trusted, &at(7))
+                .unwrap_err()
+                .status(),
+            422
+        );
     }
 }

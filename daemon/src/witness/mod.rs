@@ -1,0 +1,264 @@
+//! The witness side of C2SP `tlog-witness`: what `lavd witness serve` (not
+//! built yet, issue 12) will run for each `add-checkpoint`. It keeps, per
+//! log origin, the size and root it last cosigned, in SQLite, and records a
+//! new checkpoint and cosigns it in one transaction that re-reads the
+//! recorded state under SQLite's write lock: a compare-and-swap, so two
+//! requests can never roll the recorded size back (the race the spec
+//! describes).
+//!
+//! Trust: the request is untrusted; the checks are
+//! [`crate::audit::witness::check_add_checkpoint`]. The store file is
+//! trusted for the witness's own history.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
+
+use crate::audit::merkle::Hash;
+use crate::audit::note::VerifierKey;
+use crate::audit::witness::{
+    check_add_checkpoint, cosignature_line, AddCheckpoint, AddOutcome, CosignerKey,
+};
+
+/// A witness state store failure: the witness answers 503 and cosigns
+/// nothing.
+#[derive(Debug, thiserror::Error)]
+#[error("witness store {path}: {source}")]
+pub struct StateError {
+    path: PathBuf,
+    #[source]
+    source: rusqlite::Error,
+}
+
+/// What a witness has cosigned, per log.
+#[derive(Debug)]
+pub struct WitnessState {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl WitnessState {
+    /// Opens (creating) the state file, WAL with `synchronous=FULL`: an
+    /// answered cosignature's state is on disk.
+    ///
+    /// # Errors
+    /// [`StateError`].
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let err = |source| StateError {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS cosigned (
+                origin     TEXT PRIMARY KEY NOT NULL,
+                size       INTEGER NOT NULL CHECK (size >= 0),
+                root       BLOB NOT NULL CHECK (length(root) = 32),
+                checkpoint TEXT NOT NULL
+            ) STRICT;",
+        )
+        .map_err(err)?;
+        Ok(WitnessState {
+            path: path.to_path_buf(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// The size and root last cosigned for `origin`.
+    ///
+    /// # Errors
+    /// [`StateError`].
+    pub fn recorded(&self, origin: &str) -> Result<Option<(u64, Hash)>, StateError> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read(&conn, origin).map_err(|source| self.err(source))
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Handles one `add-checkpoint` body: checks it against the recorded
+    /// state, and on success records the checkpoint and returns its
+    /// cosignature line, all inside one write transaction. `trusted` gives
+    /// the log keys the witness trusts for an origin; `sign` signs with the
+    /// witness key (`key`); `now` is the cosignature's timestamp.
+    ///
+    /// # Errors
+    /// [`StateError`] (answer 503); a signing failure rolls the record back
+    /// and is returned as `Ok(Err(e))`.
+    pub fn add_checkpoint<E>(
+        &self,
+        body: &[u8],
+        trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
+        key: &CosignerKey,
+        now: u64,
+        sign: impl FnOnce(&[u8]) -> Result<[u8; 64], E>,
+    ) -> Result<Result<AddOutcome, E>, StateError> {
+        let request = match AddCheckpoint::parse(body) {
+            Ok(r) => r,
+            Err(why) => return Ok(Ok(AddOutcome::BadRequest(why))),
+        };
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let origin = request
+            .checkpoint
+            .split('\n')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let recorded = read(&tx, &origin).map_err(|e| self.err(e))?;
+        let checkpoint = match check_add_checkpoint(&request, trusted, &|_| recorded) {
+            Ok(c) => c,
+            Err(outcome) => return Ok(Ok(outcome)),
+        };
+        let body_end = request.checkpoint.rfind("\n\n").map_or(0, |i| i + 1);
+        let line = match cosignature_line(key, &request.checkpoint[..body_end], now, sign) {
+            Ok(line) => line,
+            Err(e) => return Ok(Err(e)),
+        };
+        let size = i64::try_from(checkpoint.size)
+            .map_err(|_| self.err(rusqlite::Error::IntegralValueOutOfRange(1, i64::MAX)))?;
+        tx.execute(
+            "INSERT INTO cosigned (origin, size, root, checkpoint) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (origin) DO UPDATE SET size = ?2, root = ?3, checkpoint = ?4",
+            params![origin, size, checkpoint.root.to_vec(), request.checkpoint],
+        )
+        .map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(Ok(AddOutcome::Cosigned(line)))
+    }
+}
+
+fn read(conn: &Connection, origin: &str) -> Result<Option<(u64, Hash)>, rusqlite::Error> {
+    conn.query_row(
+        "SELECT size, root FROM cosigned WHERE origin = ?1",
+        [origin],
+        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+    )
+    .optional()
+    .map(|row| {
+        row.and_then(|(size, root)| Some((u64::try_from(size).ok()?, <Hash>::try_from(root).ok()?)))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::merkle::MemoryTree;
+    use crate::audit::witness::verify_cosignatures;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use ed25519_dalek::Signer as _;
+
+    fn signed(tree: &MemoryTree, n: u64) -> String {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let key = VerifierKey::new("log.example/a", sk.verifying_key().as_bytes()).unwrap();
+        let body = format!(
+            "log.example/a\n{n}\n{}\n",
+            STANDARD.encode(tree.root(n).unwrap())
+        );
+        let mut line = key.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());
+        format!("{body}\n— log.example/a {}\n", STANDARD.encode(line))
+    }
+
+    /// Many clients race to add checkpoints of growing sizes, each with the
+    /// old size it last saw: every cosigned checkpoint extends the one
+    /// recorded before it, the recorded size never goes back, and every
+    /// cosignature verifies under the witness key.
+    #[test]
+    fn racing_add_checkpoints_never_roll_the_recorded_size_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::open(&dir.path().join("witness.db")).unwrap();
+        let mut tree = MemoryTree::new();
+        for i in 0..200u32 {
+            tree.push_leaf(&i.to_be_bytes());
+        }
+        let log_sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let log = VerifierKey::new("log.example/a", log_sk.verifying_key().as_bytes()).unwrap();
+        let trusted = |origin: &str| {
+            if origin == "log.example/a" {
+                vec![log.clone()]
+            } else {
+                Vec::new()
+            }
+        };
+        let witness_sk = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let key =
+            CosignerKey::new("witness.example/w", witness_sk.verifying_key().as_bytes()).unwrap();
+        let cosigned = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (state, tree, trusted, key, witness_sk, cosigned) =
+                    (&state, &tree, &trusted, &key, &witness_sk, &cosigned);
+                s.spawn(move || {
+                    for round in 0..20u64 {
+                        let size = 1 + (t * 20 + round * 7) % 200;
+                        let old = state.recorded("log.example/a").unwrap().map_or(0, |r| r.0);
+                        let proof = if old == 0 || old > size {
+                            Vec::new()
+                        } else {
+                            crate::audit::merkle::consistency_proof(tree, old, size).unwrap()
+                        };
+                        let body = AddCheckpoint {
+                            old_size: old,
+                            proof,
+                            checkpoint: signed(tree, size),
+                        }
+                        .encode();
+                        let outcome = state
+                            .add_checkpoint(body.as_bytes(), trusted, key, 1_700_000_000, |m| {
+                                Ok::<_, ()>(witness_sk.sign(m).to_bytes())
+                            })
+                            .unwrap()
+                            .unwrap();
+                        match outcome {
+                            AddOutcome::Cosigned(line) => {
+                                let note = format!("{}{line}", signed(tree, size));
+                                assert_eq!(verify_cosignatures(&note, key).unwrap().len(), 1);
+                                cosigned.lock().unwrap().push((old, size));
+                            }
+                            // Another client moved the state: learn and go on.
+                            AddOutcome::Conflict { .. } | AddOutcome::BadRequest(_) => {}
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                });
+            }
+        });
+        let cosigned = cosigned.into_inner().unwrap();
+        assert!(cosigned.len() >= 8, "{cosigned:?}");
+        // Each cosignature was made from the size recorded just before it:
+        // replayed in order, the sizes chain and never decrease.
+        let mut recorded = 0;
+        let mut chain: Vec<(u64, u64)> = cosigned.clone();
+        while let Some(i) = chain.iter().position(|(old, _)| *old == recorded) {
+            let (_, size) = chain.remove(i);
+            assert!(size >= recorded);
+            recorded = size;
+        }
+        assert!(chain.is_empty(), "unchained cosignatures: {chain:?}");
+        assert_eq!(
+            state.recorded("log.example/a").unwrap().map(|r| r.0),
+            Some(recorded)
+        );
+    }
+}
