@@ -231,6 +231,24 @@ impl Pki {
         std::fs::write(self.dir.join(name), contents).expect("write tls file");
     }
 
+    /// Writes the server CA and `who`'s certificate and key (`chmod 600`)
+    /// under `tls/` as `servers-ca.pem`, `<name>.pem` and `<name>.key`, for
+    /// the `lavd audit` commands' `--ca`, `--cert` and `--client-key`;
+    /// returns those three paths.
+    pub fn cli_files(&self, who: &Issued, name: &str) -> (String, String, String) {
+        let (cert, key) = who.pem();
+        self.write("servers-ca.pem", &self.servers.pem());
+        self.write(&format!("{name}.pem"), &cert);
+        self.write(&format!("{name}.key"), &key);
+        crate::restrict(&self.dir.join(format!("{name}.key")));
+        let path = |f: String| self.dir.join(f).to_str().expect("utf-8 path").to_string();
+        (
+            path("servers-ca.pem".into()),
+            path(format!("{name}.pem")),
+            path(format!("{name}.key")),
+        )
+    }
+
     /// A client of the API at `addr` presenting `identity` (or no
     /// certificate).
     pub fn client(&self, addr: SocketAddr, identity: Option<&Issued>) -> Client {

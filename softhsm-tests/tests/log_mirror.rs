@@ -77,17 +77,7 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     unwrap_batch(&c.agency, &escrow, &warrant, "a");
     unwrap_batch(&c.agency, &escrow, &warrant, "b");
 
-    let (cert_pem, key_pem) = parties.auditor.pem();
-    pki.write("servers-ca.pem", &pki.servers.pem());
-    pki.write("auditor.pem", &cert_pem);
-    pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&t.path("tls/auditor.key"));
-    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
-    let (ca, cert, client_key) = (
-        tls("servers-ca.pem"),
-        tls("auditor.pem"),
-        tls("auditor.key"),
-    );
+    let (ca, cert, client_key) = pki.cli_files(&parties.auditor, "auditor");
     let key = vault::verifier_key(&c.auditor);
     let url = format!("https://{}/v1/log", daemon.api);
     let dir = t.path("mirror").to_str().unwrap().to_string();

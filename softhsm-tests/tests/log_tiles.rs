@@ -161,21 +161,11 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
 
     // The real verifier, from the JSON API, from the tiles over HTTPS, and
     // from a directory laid out as they are served.
-    let (cert_pem, key_pem) = parties.auditor.pem();
-    pki.write("servers-ca.pem", &pki.servers.pem());
-    pki.write("auditor.pem", &cert_pem);
-    pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&t.path("tls/auditor.key"));
-    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
+    let (ca, cert, client_key) = pki.cli_files(&parties.auditor, "auditor");
     let key = vault::verifier_key(&c.auditor);
     let verify = |source: &[&str]| {
         let mut args = vec!["audit", "verify", "--key", &key];
         args.extend_from_slice(source);
-        let (ca, cert, client_key) = (
-            tls("servers-ca.pem"),
-            tls("auditor.pem"),
-            tls("auditor.key"),
-        );
         if source.iter().any(|s| s.starts_with("https://")) {
             args.extend_from_slice(&["--ca", &ca, "--cert", &cert, "--client-key", &client_key]);
         }

@@ -14,15 +14,14 @@
 //! it the test fails, it does not skip.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::{json, Value};
+use softhsm_tests::dev::{chromium, stop, Dev};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
@@ -31,64 +30,14 @@ const ALICE: &str = "acct:alice@example.com";
 /// A warrant id an attacker chose: the detail page must show it as text.
 const HOSTILE_ID: &str = "<script>alert(\"OP-2026-0002\")</script>";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The demo's clients and files, on top of the shared `lavd dev` harness.
+trait DevExt {
+    fn pki(&self, name: &str) -> String;
+    fn config(&self) -> String;
+    fn curl(&self, who: &str, path: &str, body: Option<&Path>) -> (u16, Value);
 }
 
-fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
-}
-
-struct Dev {
-    dir: PathBuf,
-    api: u16,
-    admin: u16,
-}
-
-impl Dev {
-    fn start(&self, log: &Path) -> Child {
-        let child = Command::new(softhsm_tests::lavd_binary())
-            .args(["dev", "--dir", self.dir.to_str().unwrap()])
-            .args(["--listen", &format!("127.0.0.1:{}", self.api)])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", self.admin)])
-            .env("LAVD_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap();
-        let admin = SocketAddr::from(([127, 0, 0, 1], self.admin));
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !ready(admin) {
-            assert!(
-                Instant::now() < deadline,
-                "lavd dev did not become ready:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        child
-    }
-
-    fn url(&self) -> String {
-        format!("https://localhost:{}", self.api)
-    }
-
+impl DevExt for Dev {
     fn pki(&self, name: &str) -> String {
         self.dir.join("pki").join(name).to_str().unwrap().to_owned()
     }
@@ -117,23 +66,6 @@ impl Dev {
             status.parse().unwrap(),
             serde_json::from_str(body).unwrap_or(Value::Null),
         )
-    }
-}
-
-fn stop(mut child: Child) {
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0));
-            return;
-        }
-        assert!(Instant::now() < deadline, "lavd dev did not stop");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -577,34 +509,6 @@ fn charts_from_json(report: &Value) -> Charts {
     charts
 }
 
-fn chromium(args: &[&str], page: &Path, profile: &Path) -> Output {
-    let out = Command::new("timeout")
-        .args([
-            "120",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args([
-            "--no-first-run",
-            "--hide-scrollbars",
-            "--disable-extensions",
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .args(args)
-        .arg(format!("file://{}", page.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "chromium failed: {:?}\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 #[test]
 fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     // Chromium is part of the test environment: fail, never skip.
@@ -616,11 +520,7 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
 
     let work = tempfile::tempdir().unwrap();
     let w = work.path();
-    let dev = Dev {
-        dir: w.join("lavd-dev"),
-        api: free_port(),
-        admin: free_port(),
-    };
+    let dev = Dev::new(w.join("lavd-dev"));
     // First start: the token, certificates, authorities and this month's key.
     stop(dev.start(&w.join("dev1.log")));
 

@@ -7,75 +7,10 @@
 //! picture of it is that screenshot). Then `lavd dev` restarts on the same
 //! directory with the same state.
 
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_secs(1)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut reply = String::new();
-    let _ = s.read_to_string(&mut reply);
-    reply.starts_with("HTTP/1.1 200") || reply.starts_with("HTTP/1.0 200")
-}
-
-fn start_dev(dir: &Path, api: u16, admin: u16, log: &Path) -> Child {
-    let child = Command::new(softhsm_tests::lavd_binary())
-        .args(["dev", "--dir", dir.to_str().unwrap()])
-        .args(["--listen", &format!("127.0.0.1:{api}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        .env("LAVD_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
-    let admin = SocketAddr::from(([127, 0, 0, 1], admin));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ready(admin) {
-        assert!(
-            Instant::now() < deadline,
-            "lavd dev did not become ready:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    child
-}
-
-fn stop(mut child: Child) {
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.code(), Some(0));
-            return;
-        }
-        assert!(Instant::now() < deadline, "lavd dev did not stop");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use softhsm_tests::dev::{chromium, stop, Dev};
 
 fn walkthrough() -> String {
     let readme =
@@ -93,10 +28,9 @@ fn walkthrough() -> String {
 #[test]
 fn the_readme_walkthrough_works_as_written() {
     let work = tempfile::tempdir().unwrap();
-    let dir = work.path().join("lavd-dev");
-    let (api, admin) = (free_port(), free_port());
-    let log = work.path().join("dev.log");
-    let child = start_dev(&dir, api, admin, &log);
+    let dev = Dev::new(work.path().join("lavd-dev"));
+    let (dir, api) = (dev.dir.clone(), dev.api);
+    let child = dev.start(&work.path().join("dev.log"));
 
     // `lavd` on PATH is the binary under test.
     let bin = work.path().join("bin");
@@ -137,31 +71,14 @@ fn the_readme_walkthrough_works_as_written() {
     std::fs::create_dir_all(&shot_dir).unwrap();
     let shot = shot_dir.join("report-walkthrough.png");
     let _ = std::fs::remove_file(&shot);
-    let chromium = Command::new("timeout")
-        .args([
-            "120",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args([
-            "--no-first-run",
-            "--hide-scrollbars",
+    chromium(
+        &[
+            &format!("--screenshot={}", shot.display()),
             "--window-size=1200,2300",
-        ])
-        .arg(format!(
-            "--user-data-dir={}",
-            work.path().join("chromium").display()
-        ))
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(format!(
-            "file://{}",
-            work.path().join("report.html").display()
-        ))
-        .output()
-        .expect("chromium is missing: run .ci/setup --tests (it installs Debian's chromium)");
-    assert!(chromium.status.success(), "{chromium:?}");
+        ],
+        &work.path().join("report.html"),
+        &work.path().join("chromium"),
+    );
     assert_eq!(&std::fs::read(&shot).unwrap()[..8], b"\x89PNG\r\n\x1a\n");
     let keys_before = std::fs::read_to_string(work.path().join("keys.json")).unwrap();
 
@@ -183,7 +100,7 @@ fn the_readme_walkthrough_works_as_written() {
     stop(child);
 
     // Started again on the same directory: same keys, same log.
-    let child = start_dev(&dir, api, admin, &work.path().join("dev2.log"));
+    let child = dev.start(&work.path().join("dev2.log"));
     let second = std::fs::read_to_string(work.path().join("dev2.log")).unwrap();
     assert!(second.contains("using the existing"), "{second}");
     let keys_after = Command::new("curl")

@@ -146,17 +146,7 @@ fn sigkill_under_concurrent_unwraps_loses_no_released_key_and_no_budget() {
         .trim()
         .to_string();
     // The auditor's files for `lavd audit verify --url`.
-    let (cert_pem, key_pem) = parties.auditor.pem();
-    pki.write("servers-ca.pem", &pki.servers.pem());
-    pki.write("auditor.pem", &cert_pem);
-    pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&t.path("tls/auditor.key"));
-    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
-    let (ca, auditor_cert, auditor_key) = (
-        tls("servers-ca.pem"),
-        tls("auditor.pem"),
-        tls("auditor.key"),
-    );
+    let (ca, auditor_cert, auditor_key) = pki.cli_files(&parties.auditor, "auditor");
     let mut received: Vec<Received> = Vec::new();
     let mut cut = 0;
     let mut previous_checkpoint: Option<std::path::PathBuf> = None;
