@@ -53,7 +53,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("metrics")?);
     let startup = StartupSettings::of(&settings);
     let trust = settings.require_trust()?.clone();
-    let store = Arc::new(Store::open(&settings.store_path)?);
+    let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
     let audit = AuditLog::new(
         store.clone(),
