@@ -7,6 +7,7 @@
 //! `SOFTHSM2_CONF`, and the test process can inspect the token directly with
 //! cryptoki (another application on the same token, as an auditor would be).
 
+pub mod pg;
 pub mod server;
 pub mod vault;
 

@@ -388,8 +388,14 @@ impl Validator<'_> {
                     ("store.ca_file", raw.ca_file.is_some()),
                     ("store.pool_size", raw.pool_size.is_some()),
                     ("store.pool_wait_secs", raw.pool_wait_secs.is_some()),
-                    ("store.statement_timeout_secs", raw.statement_timeout_secs.is_some()),
-                    ("store.reservation_lease_secs", raw.reservation_lease_secs.is_some()),
+                    (
+                        "store.statement_timeout_secs",
+                        raw.statement_timeout_secs.is_some(),
+                    ),
+                    (
+                        "store.reservation_lease_secs",
+                        raw.reservation_lease_secs.is_some(),
+                    ),
                 ] {
                     if set {
                         return Err(self.err(field, "applies only with store.url (PostgreSQL)"));
@@ -471,7 +477,10 @@ impl Validator<'_> {
             }
             (crate::store::postgres::SslMode::VerifyFull, Some(ca)) => {
                 let pem = std::fs::read(ca).map_err(|e| {
-                    self.err("store.ca_file", format!("cannot read {}: {e}", ca.display()))
+                    self.err(
+                        "store.ca_file",
+                        format!("cannot read {}: {e}", ca.display()),
+                    )
                 })?;
                 crate::store::postgres::tls::RustlsConnect::new(&pem)
                     .map_err(|e| self.err("store.ca_file", format!("{}: {e}", ca.display())))?;

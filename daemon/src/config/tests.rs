@@ -239,7 +239,10 @@ fn a_postgres_store_is_configured_with_its_password_held_apart() {
     // The password never shows in a debug print.
     assert!(!format!("{pg:?}").contains("s3cret"));
 
-    let env = PG.replace("password_file = \"dbpass\"", "password_env = \"LAVD_DB_PASSWORD\"");
+    let env = PG.replace(
+        "password_file = \"dbpass\"",
+        "password_env = \"LAVD_DB_PASSWORD\"",
+    );
     let s = load_pg(&env, &[("LAVD_DB_PASSWORD", "from-env")]).unwrap();
     let crate::store::StoreSettings::Postgres(pg) = &s.store else {
         panic!()
@@ -256,24 +259,64 @@ fn a_postgres_store_is_configured_with_its_password_held_apart() {
 fn postgres_refusals_name_the_field() {
     let url = "url = \"postgresql://lavd@db.example:5432/lavd?sslmode=verify-full\"";
     let cases: &[(&str, &str, &str)] = &[
-        ("password_file = \"dbpass\"", "password = \"x\"", "store.password"),
-        (url, "url = \"postgresql://lavd:pw@db.example/lavd\"", "store.url"),
-        (url, "url = \"postgresql://lavd@db.example/lavd?sslmode=require\"", "store.url"),
+        (
+            "password_file = \"dbpass\"",
+            "password = \"x\"",
+            "store.password",
+        ),
+        (
+            url,
+            "url = \"postgresql://lavd:pw@db.example/lavd\"",
+            "store.url",
+        ),
+        (
+            url,
+            "url = \"postgresql://lavd@db.example/lavd?sslmode=require\"",
+            "store.url",
+        ),
         (url, "url = \"mysql://lavd@db.example/lavd\"", "store.url"),
-        (url, "url = \"postgresql://lavd@db.example/lavd\"\npath = \"x.db\"", "store.url"),
+        (
+            url,
+            "url = \"postgresql://lavd@db.example/lavd\"\npath = \"x.db\"",
+            "store.url",
+        ),
         (url, "", "store.path"),
-        ("password_file = \"dbpass\"", "password_file = \"missing\"", "store.password_file"),
-        ("password_file = \"dbpass\"", "password_env = \"UNSET_VAR\"", "store.password_env"),
+        (
+            "password_file = \"dbpass\"",
+            "password_file = \"missing\"",
+            "store.password_file",
+        ),
+        (
+            "password_file = \"dbpass\"",
+            "password_env = \"UNSET_VAR\"",
+            "store.password_env",
+        ),
         (
             "password_file = \"dbpass\"",
             "password_file = \"dbpass\"\npassword_env = \"X\"",
             "store.password_file",
         ),
         ("ca_file = \"ca.pem\"\n", "", "store.ca_file"),
-        ("ca_file = \"ca.pem\"", "ca_file = \"missing.pem\"", "store.ca_file"),
-        ("ca_file = \"ca.pem\"", "ca_file = \"not-a-cert.pem\"", "store.ca_file"),
-        ("ca_file = \"ca.pem\"", "ca_file = \"ca.pem\"\npool_size = 0", "store.pool_size"),
-        ("ca_file = \"ca.pem\"", "ca_file = \"ca.pem\"\npool_size = 1000", "store.pool_size"),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"missing.pem\"",
+            "store.ca_file",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"not-a-cert.pem\"",
+            "store.ca_file",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\npool_size = 0",
+            "store.pool_size",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\npool_size = 1000",
+            "store.pool_size",
+        ),
         (
             "ca_file = \"ca.pem\"",
             "ca_file = \"ca.pem\"\nstatement_timeout_secs = 0",
@@ -297,7 +340,10 @@ fn postgres_refusals_name_the_field() {
         assert_eq!(e.field, *field, "{to}: {e}");
     }
     // PostgreSQL settings with an SQLite path.
-    let e = load(&GOOD.replace("path = \"lavd.db\"", "path = \"lavd.db\"\npool_size = 4"), &[])
-        .unwrap_err();
+    let e = load(
+        &GOOD.replace("path = \"lavd.db\"", "path = \"lavd.db\"\npool_size = 4"),
+        &[],
+    )
+    .unwrap_err();
     assert_eq!(e.field, "store.pool_size");
 }

@@ -71,7 +71,9 @@ pub enum StoreError {
         reason: String,
     },
     /// The file was written by a newer `lavd` whose schema this one does not know.
-    #[error("store {store}: schema version {found} is newer than this lavd supports ({supported})")]
+    #[error(
+        "store {store}: schema version {found} is newer than this lavd supports ({supported})"
+    )]
     SchemaTooNew {
         /// The database file or server.
         store: String,

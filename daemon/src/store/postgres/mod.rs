@@ -511,7 +511,11 @@ impl PgStore {
         })
     }
 
-    fn insert_key_in(&self, tx: &mut impl GenericClient, key: &KeyRecord) -> Result<(), StoreError> {
+    fn insert_key_in(
+        &self,
+        tx: &mut impl GenericClient,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
         let sec1 = key.public.sec1();
         let result = tx.execute(
             &format!(
@@ -968,7 +972,9 @@ impl PgStore {
         let mut node_hashes = Vec::with_capacity(nodes.len());
         for node in nodes {
             levels.push(i16::from(node.level));
-            idxs.push(i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?);
+            idxs.push(
+                i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?,
+            );
             node_hashes.push(node.hash.to_vec());
         }
         tx.execute(
@@ -1207,7 +1213,9 @@ mod tests {
         assert_eq!(ok.sslmode, SslMode::VerifyFull);
         assert_eq!(ok.describe, "postgresql://db.example:5433/lavd");
         assert_eq!(
-            parse_url("postgresql://lavd@db.example/lavd").unwrap().sslmode,
+            parse_url("postgresql://lavd@db.example/lavd")
+                .unwrap()
+                .sslmode,
             SslMode::VerifyFull
         );
         assert_eq!(
