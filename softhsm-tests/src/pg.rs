@@ -137,6 +137,25 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Writes `token`'s `lavd.toml` with this database as its store (the
+    /// password in `dbpass`, mode 600) and `extra` appended: every `lavd`
+    /// the token runs, and every replica, then shares it.
+    pub fn write_token_config(&self, token: &crate::TestToken, extra: &str) {
+        let pass = token.path("dbpass");
+        std::fs::write(&pass, format!("{}\n", password())).expect("dbpass");
+        crate::restrict(&pass);
+        let text = format!(
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 4\n\n\
+             [store]\nurl = \"{}\"\npassword_file = \"dbpass\"\npool_size = 8\n{extra}",
+            crate::module_path().display().to_string(),
+            token.label,
+            self.url()
+        );
+        std::fs::write(token.config(), text).expect("lavd.toml");
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         // Not `admin()`: a drop must not panic (it may run during a panic).
