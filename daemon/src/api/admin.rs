@@ -169,6 +169,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 /// The admin route table.
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
+    let store = readiness.state.store.clone();
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"alive": true})).into_response());
@@ -186,7 +187,7 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     });
     let metrics = warp::path!("metrics")
         .and(warp::get())
-        .map(move || match metrics.render() {
+        .map(move || match metrics.render_with_store_retries(store.retries()) {
             Ok(text) => {
                 let mut r = Response::new(text.into());
                 r.headers_mut().insert(

@@ -198,8 +198,9 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub enum Store {
     /// The embedded SQLite file.
     Sqlite(SqliteStore),
-    /// A PostgreSQL database shared by replicas.
-    Postgres(PgStore),
+    /// A PostgreSQL database shared by replicas (boxed: its pool and queue
+    /// are larger than the SQLite store).
+    Postgres(Box<PgStore>),
 }
 
 /// Where the store is, as `[store]` configures it.
@@ -230,7 +231,7 @@ impl Store {
     pub fn open_settings(settings: &StoreSettings) -> Result<Self, StoreError> {
         match settings {
             StoreSettings::Sqlite { path } => Self::open(path),
-            StoreSettings::Postgres(pg) => PgStore::connect(pg).map(Store::Postgres),
+            StoreSettings::Postgres(pg) => PgStore::connect(pg).map(|s| Store::Postgres(Box::new(s))),
         }
     }
 
