@@ -8,6 +8,7 @@
 //! cryptoki (another application on the same token, as an auditor would be).
 
 pub mod pg;
+pub mod replicas;
 pub mod server;
 pub mod vault;
 

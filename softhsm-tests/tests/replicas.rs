@@ -8,83 +8,11 @@ use std::time::Instant;
 
 use lavd::audit::merkle::{self, MemoryTree};
 use lavd::audit::note::{self, VerifierKey};
-use lavd::jwk::{P256PrivateKey, P256PublicKey};
-use softhsm_tests::pg::TestDb;
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Clients, Parties, TARGET};
-use softhsm_tests::{assert_ok, TestToken};
-use time::{Duration, OffsetDateTime};
+use softhsm_tests::assert_ok;
+use softhsm_tests::replicas::Cluster;
+use softhsm_tests::vault;
 
-const REPLICAS: usize = 3;
-
-struct Cluster {
-    t: TestToken,
-    pki: Pki,
-    // Dropped after the daemons (fields drop in order).
-    daemons: Vec<Daemon>,
-    clients: Vec<Clients>,
-    parties: Parties,
-    escrow: P256PublicKey,
-    recipient: P256PrivateKey,
-    _db: TestDb,
-}
-
-impl Cluster {
-    fn start() -> Self {
-        let t = TestToken::new();
-        let pki = Pki::new(&t);
-        let db = TestDb::create();
-        db.write_token_config(
-            &t,
-            &serve_config(&format!(
-                "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
-                vault::roles_toml()
-            )),
-        );
-        vault::generate_escrow_key(&t, "E-1");
-        let parties = Parties::new(&pki);
-        let daemons: Vec<Daemon> = (0..REPLICAS)
-            .map(|i| Daemon::start_replica(&t, &format!("replica-{i}")))
-            .collect();
-        for d in &daemons {
-            d.wait_readyz(200);
-        }
-        let clients: Vec<Clients> = daemons
-            .iter()
-            .map(|d| parties.clients(&pki, d.api))
-            .collect();
-        // The key generated through the CLI is listed by every replica.
-        let escrow = vault::published_key(&clients[0].provider, "E-1");
-        for c in &clients[1..] {
-            assert_eq!(vault::published_key(&c.provider, "E-1"), escrow);
-        }
-        Cluster {
-            t,
-            pki,
-            daemons,
-            clients,
-            parties,
-            escrow,
-            recipient: vault::recipient(),
-            _db: db,
-        }
-    }
-
-    fn envelope(&self, n: usize) -> serde_json::Value {
-        vault::seal(
-            &self.escrow,
-            "E-1",
-            TARGET,
-            OffsetDateTime::now_utc() - Duration::hours(1),
-            &format!("m{n}"),
-            &[7; 32],
-        )
-    }
-
-    fn warrant(&self, id: &str, max: u64) -> serde_json::Value {
-        vault::double_lock(&vault::claims(id, self.recipient.public(), max))
-    }
-}
+const REPLICAS: usize = softhsm_tests::replicas::REPLICAS;
 
 /// 3 replicas × 8 client threads race for a budget of 10, round after
 /// round: exactly 10 envelopes open in each round, and the database's
@@ -96,7 +24,7 @@ fn the_budget_is_exact_across_three_replicas() {
     let started = Instant::now();
     let c = Cluster::start();
     let envelope = c.envelope(0);
-    let mut client = c._db.client();
+    let mut client = c.db.client();
     for round in 0..ROUNDS {
         let id = format!("W-RACE-{round}");
         let body =

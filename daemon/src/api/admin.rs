@@ -185,9 +185,8 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
             warp::reply::with_status(warp::reply::json(&report), status).into_response()
         }
     });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .map(move || match metrics.render_with_store_retries(store.retries()) {
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        match metrics.render_with_store_retries(store.retries()) {
             Ok(text) => {
                 let mut r = Response::new(text.into());
                 r.headers_mut().insert(
@@ -200,7 +199,8 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
                 tracing::error!(error = %e, "cannot render metrics");
                 error::ApiError::Internal.into_response()
             }
-        });
+        }
+    });
     healthz
         .or(readyz)
         .unify()

@@ -231,7 +231,9 @@ impl Store {
     pub fn open_settings(settings: &StoreSettings) -> Result<Self, StoreError> {
         match settings {
             StoreSettings::Sqlite { path } => Self::open(path),
-            StoreSettings::Postgres(pg) => PgStore::connect(pg).map(|s| Store::Postgres(Box::new(s))),
+            StoreSettings::Postgres(pg) => {
+                PgStore::connect(pg).map(|s| Store::Postgres(Box::new(s)))
+            }
         }
     }
 
