@@ -38,13 +38,18 @@ pub struct Cluster {
 impl Cluster {
     /// Starts the replicas and waits until each is ready.
     pub fn start() -> Self {
+        Self::start_with_limits("")
+    }
+
+    /// As [`Cluster::start`], with `limits` (TOML lines) added to `[limits]`.
+    pub fn start_with_limits(limits: &str) -> Self {
         let t = TestToken::new();
         let pki = Pki::new(&t);
         let db = TestDb::create();
         db.write_token_config(
             &t,
             &serve_config(&format!(
-                "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
+                "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n{limits}\n",
                 vault::roles_toml()
             )),
         );
