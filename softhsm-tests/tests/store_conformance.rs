@@ -684,3 +684,39 @@ fn postgres_pool_wait_is_bounded_when_every_connection_is_busy() {
     tx.rollback().unwrap();
     assert_eq!(store.spent("P").unwrap(), Some(0));
 }
+
+/// TLS to the server through rustls (`sslmode=verify-full`): the server's
+/// certificate (the cluster's own, from `SHOW ssl_cert_file`) verifies
+/// against `ca_file` and the host name, and the store works over it; a CA
+/// that did not sign it is refused before any query.
+#[test]
+fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
+    let db = TestDb::create();
+    let cert_file: String = db
+        .client()
+        .query_one("SHOW ssl_cert_file", &[])
+        .unwrap()
+        .get(0);
+    let ssl: String = db.client().query_one("SHOW ssl", &[]).unwrap().get(0);
+    assert_eq!(ssl, "on", "the test server must have TLS on (Debian's default)");
+    let mut settings = db.settings();
+    // The certificate names `localhost` (Debian's snakeoil certificate).
+    settings.url = settings
+        .url
+        .replace("127.0.0.1", "localhost")
+        .replace("sslmode=disable", "sslmode=verify-full");
+    settings.ca_file = Some(cert_file.into());
+    let store = PgStore::connect(&settings).unwrap();
+    store.register(&record("T", 1, 1, false, 5)).unwrap();
+    assert_eq!(store.spent("T").unwrap(), Some(0));
+    store.check_writable(Duration::from_secs(1)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    settings.ca_file = Some(other_ca);
+    let e = PgStore::connect(&settings).unwrap_err();
+    assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
+    assert!(format!("{e:?}").contains("UnknownIssuer") || format!("{e:?}").contains("certificate"), "{e:?}");
+}
