@@ -118,19 +118,22 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
     // The kill did cut a batch between its reservation and its settle: the
     // dead replica's reservation is still there, held only until its lease
     // (reservation_lease_secs, 300 s by default) expires.
-    let held: Vec<(i64, bool)> = c
-        .db
-        .client()
-        .query(
-            "SELECT granted, expires_at <= now() + interval '300 seconds'
+    let held: Vec<(i64, bool)> =
+        c.db.client()
+            .query(
+                "SELECT granted, expires_at <= now() + interval '300 seconds'
              FROM warrant_reservations WHERE warrant_id = 'W-FAILOVER'",
-            &[],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(held, [(BATCH as i64, true)], "the kill did not land mid-batch");
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+    assert_eq!(
+        held,
+        [(BATCH as i64, true)],
+        "the kill did not land mid-batch"
+    );
     println!(
         "failover: {} batches of {BATCH} after a SIGKILL at {:?}, {size} leaves, {:?}",
         replies.len(),

@@ -698,7 +698,10 @@ fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
         .unwrap()
         .get(0);
     let ssl: String = db.client().query_one("SHOW ssl", &[]).unwrap().get(0);
-    assert_eq!(ssl, "on", "the test server must have TLS on (Debian's default)");
+    assert_eq!(
+        ssl, "on",
+        "the test server must have TLS on (Debian's default)"
+    );
     let mut settings = db.settings();
     // The certificate names `localhost` (Debian's snakeoil certificate).
     settings.url = settings
@@ -718,5 +721,8 @@ fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
     settings.ca_file = Some(other_ca);
     let e = PgStore::connect(&settings).unwrap_err();
     assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
-    assert!(format!("{e:?}").contains("UnknownIssuer") || format!("{e:?}").contains("certificate"), "{e:?}");
+    assert!(
+        format!("{e:?}").contains("UnknownIssuer") || format!("{e:?}").contains("certificate"),
+        "{e:?}"
+    );
 }

@@ -366,6 +366,41 @@ impl Validator<'_> {
     }
 }
 
+/// A PostgreSQL store given on the command line (`lavd store copy --to`),
+/// validated exactly as `[store] url` and its fields are in a config file;
+/// errors name the same fields (`store.url`, …) and exit 64.
+///
+/// # Errors
+/// [`ConfigError`] naming the field.
+pub fn postgres_target(
+    url: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    ca_file: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<crate::store::StoreSettings, ConfigError> {
+    let v = Validator {
+        file: Path::new("(command line)"),
+        base: Path::new("."),
+        warnings: RefCell::new(Vec::new()),
+    };
+    v.store(
+        raw::RawStore {
+            path: None,
+            url: Some(url),
+            password_file,
+            password_env,
+            password: None,
+            ca_file,
+            pool_size: None,
+            pool_wait_secs: None,
+            statement_timeout_secs: None,
+            reservation_lease_secs: None,
+        },
+        env,
+    )
+}
+
 impl Validator<'_> {
     fn store(
         &self,

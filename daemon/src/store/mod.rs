@@ -124,6 +124,10 @@ pub enum StoreError {
     /// and then nothing is released.
     #[error("spending on warrant `{0}` would exceed its max_unwraps")]
     BudgetOverrun(String),
+    /// `lavd store copy` refused: the target is not empty, or the source log
+    /// does not verify. Nothing was committed.
+    #[error("store copy refused: {0}")]
+    CopyRefused(String),
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
     OutOfRange(&'static str),

@@ -54,6 +54,7 @@
 //! or by `lavd store migrate`. A database whose schema is newer than this
 //! binary is refused ([`StoreError::SchemaTooNew`]).
 
+pub mod copy;
 mod pool;
 pub mod tls;
 
@@ -960,12 +961,24 @@ impl PgStore {
             &[&indices, &leaves],
         )
         .map_err(|e| self.pg_err(e))?;
+        self.insert_nodes(tx, first, &hashes)?;
+        Ok((newly_revoked, revoked.is_some()))
+    }
+
+    /// Writes the subtree hashes that leaves `first..` (hashed as `hashes`)
+    /// complete, reading earlier ones through `tx`.
+    fn insert_nodes(
+        &self,
+        tx: &mut Transaction<'_>,
+        first: u64,
+        hashes: &[Hash],
+    ) -> Result<(), StoreError> {
         let nodes = {
             let reader = PgNodes {
                 client: RefCell::new(&mut *tx),
                 store: self,
             };
-            merkle::appended_nodes_batch(first, &hashes, &reader).map_err(Self::tree_err)?
+            merkle::appended_nodes_batch(first, hashes, &reader).map_err(Self::tree_err)?
         };
         let mut levels = Vec::with_capacity(nodes.len());
         let mut idxs = Vec::with_capacity(nodes.len());
@@ -983,7 +996,7 @@ impl PgStore {
             &[&levels, &idxs, &node_hashes],
         )
         .map_err(|e| self.pg_err(e))?;
-        Ok((newly_revoked, revoked.is_some()))
+        Ok(())
     }
 
     /// One attempt at committing a group: every batch in its own savepoint,
