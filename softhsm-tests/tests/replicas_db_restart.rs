@@ -51,6 +51,10 @@ fn pg_ctl(action: &str) {
     assert!(out.status.success(), "pg_ctlcluster {action}: {out:?}");
 }
 
+/// One request's HTTP status, code (`ok` for a 200) and, for a 200, its
+/// leaves `(first_index, count)`.
+type Outcome = (u16, String, Option<(u64, u64)>);
+
 /// Starts the cluster again if the test fails while it is down.
 struct Restart;
 
@@ -81,7 +85,7 @@ fn a_database_restart_under_load_is_503_store_unavailable_then_recovers_without_
                 let agency = c.clients[i % REPLICAS].agency.clone();
                 let (body, stop) = (&body, &stop);
                 s.spawn(move || {
-                    let mut seen: Vec<(u16, String, Option<(u64, u64)>)> = Vec::new();
+                    let mut seen: Vec<Outcome> = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
                         let Ok(r) = agency.request("POST", "/v1/unwrap", Some(body.as_bytes()))
                         else {

@@ -110,25 +110,17 @@ impl PgStore {
             .map_err(se)?;
         let mut rows = stmt.query([]).map_err(se)?;
         while let Some(r) = rows.next().map_err(se)? {
-            let (kid, sec1, nb, na, da, ca, dd, dr): (
-                String,
-                Vec<u8>,
-                String,
-                String,
-                String,
-                String,
-                Option<String>,
-                Option<String>,
-            ) = (
-                r.get(0).map_err(se)?,
-                r.get(1).map_err(se)?,
+            let kid: String = r.get(0).map_err(se)?;
+            let sec1: Vec<u8> = r.get(1).map_err(se)?;
+            let times: [String; 4] = [
                 r.get(2).map_err(se)?,
                 r.get(3).map_err(se)?,
                 r.get(4).map_err(se)?,
                 r.get(5).map_err(se)?,
-                r.get(6).map_err(se)?,
-                r.get(7).map_err(se)?,
-            );
+            ];
+            let [nb, na, da, ca] = &times;
+            let dd: Option<String> = r.get(6).map_err(se)?;
+            let dr: Option<String> = r.get(7).map_err(se)?;
             tx.execute(
                 "INSERT INTO escrow_keys (kid, public_sec1, not_before, not_after, destroy_after,
                                           created_at, destroyed_at, destroy_reason)
@@ -150,25 +142,14 @@ impl PgStore {
             .map_err(se)?;
         let mut rows = stmt.query([]).map_err(se)?;
         while let Some(r) = rows.next().map_err(se)? {
-            let (id, pd, nd, em, max, spent, fs, up): (
-                String,
-                Vec<u8>,
-                Vec<u8>,
-                bool,
-                i64,
-                i64,
-                String,
-                Option<String>,
-            ) = (
-                r.get(0).map_err(se)?,
-                r.get(1).map_err(se)?,
-                r.get(2).map_err(se)?,
-                r.get(3).map_err(se)?,
-                r.get(4).map_err(se)?,
-                r.get(5).map_err(se)?,
-                r.get(6).map_err(se)?,
-                r.get(7).map_err(se)?,
-            );
+            let id: String = r.get(0).map_err(se)?;
+            let pd: Vec<u8> = r.get(1).map_err(se)?;
+            let nd: Vec<u8> = r.get(2).map_err(se)?;
+            let em: bool = r.get(3).map_err(se)?;
+            let max: i64 = r.get(4).map_err(se)?;
+            let spent: i64 = r.get(5).map_err(se)?;
+            let fs: String = r.get(6).map_err(se)?;
+            let up: Option<String> = r.get(7).map_err(se)?;
             tx.execute(
                 "INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
                                        max_unwraps, spent, first_seen, upgraded_at)
