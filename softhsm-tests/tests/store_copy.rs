@@ -176,3 +176,47 @@ fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {
         &[7; 32],
     )
 }
+
+/// `lavd store migrate --config` on a PostgreSQL store: applies the schema
+/// and prints its version; run twice, it changes nothing. A bad `[store]`
+/// exits 64 naming the field, before any connection.
+#[test]
+fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
+    let t = TestToken::new();
+    let db = TestDb::create();
+    db.write_token_config(&t, "");
+    for _ in 0..2 {
+        let printed = assert_ok(&t.lavd_with_config(&["store", "migrate"]));
+        assert_eq!(
+            printed.trim(),
+            format!(
+                "postgresql://{}/{}: schema version 1",
+                "127.0.0.1:5432",
+                db.name()
+            )
+        );
+    }
+    let versions: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+
+    let good = std::fs::read_to_string(t.config()).unwrap();
+    for (from, to, field) in [
+        ("sslmode=disable", "sslmode=require", "store.url"),
+        ("sslmode=disable", "sslmode=verify-full", "store.ca_file"),
+        (
+            "password_file = \"dbpass\"",
+            "password = \"x\"",
+            "store.password",
+        ),
+        ("pool_size = 8", "pool_size = 0", "store.pool_size"),
+    ] {
+        std::fs::write(t.config(), good.replace(from, to)).unwrap();
+        let out = t.lavd_with_config(&["store", "migrate"]);
+        let stderr = softhsm_tests::assert_fails_with(&out, 64, "bad_config");
+        assert!(stderr.contains(field), "{field}: {stderr}");
+    }
+}
