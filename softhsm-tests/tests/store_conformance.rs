@@ -726,3 +726,58 @@ fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
         "{e:?}"
     );
 }
+
+/// Serialization failures are retried and counted. The test database runs
+/// every transaction SERIALIZABLE (lavd itself uses READ COMMITTED with row
+/// locks, where they are rare), so that concurrent settles on one warrant
+/// really fail with SQLSTATE 40001. Whatever still fails after the retries
+/// spends nothing: `spent` equals the settles that succeeded.
+#[test]
+fn postgres_serialization_failures_are_retried_and_counted() {
+    let db = TestDb::create();
+    db.client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+            db.name()
+        ))
+        .unwrap();
+    let store = PgStore::connect(&db.settings()).unwrap();
+    store.register(&record("S", 1, 1, false, 10_000)).unwrap();
+    let (ok, failed): (usize, usize) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let store = &store;
+                s.spawn(move || {
+                    let (mut ok, mut failed) = (0, 0);
+                    for _ in 0..25 {
+                        let result = store.reserve("S", 1).and_then(|r| store.settle(r, 1));
+                        match result {
+                            Ok(()) => ok += 1,
+                            Err(StoreError::Postgres { source, .. })
+                                if source.code()
+                                    == Some(
+                                        &::postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,
+                                    ) =>
+                            {
+                                failed += 1
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    });
+    println!(
+        "{ok} settled, {failed} failed after retries, {} retries",
+        store.retries()
+    );
+    assert!(store.retries() > 0, "no serialization failure happened");
+    assert_eq!(store.spent("S").unwrap(), Some(ok as u64));
+    assert_eq!(ok + failed, 200);
+}

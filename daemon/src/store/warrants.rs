@@ -56,7 +56,8 @@ pub enum Registration {
 
 /// Units of budget granted to one request, to be settled exactly once.
 /// Deliberately not `Clone`. If dropped unsettled, its units stay reserved
-/// until the process restarts: the budget is under-used, never exceeded.
+/// until the process restarts (SQLite) or its lease expires (PostgreSQL,
+/// `reservation_lease_secs`): the budget is under-used, never exceeded.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a reservation must be settled, or its units stay reserved until restart"]
 pub struct Reservation {
