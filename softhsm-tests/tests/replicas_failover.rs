@@ -18,18 +18,23 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
     let started = Instant::now();
     let mut c = Cluster::start_with_limits("max_batch = 1000\nmax_body_bytes = 8388608\n");
     let envelopes: Vec<_> = (0..BATCH).map(|n| c.envelope(n)).collect();
-    let body = serde_json::json!({
-        "warrant": c.warrant("W-FAILOVER", 1_000_000),
-        "envelopes": envelopes,
-    })
-    .to_string();
+    // The client of replica 0 uses its own warrant, so that the database
+    // shows when replica 0 is between a reservation and its settle.
+    let bodies: Vec<String> = ["W-FAILOVER-0", "W-FAILOVER"]
+        .iter()
+        .map(|id| {
+            serde_json::json!({"warrant": c.warrant(id, 1_000_000), "envelopes": envelopes})
+                .to_string()
+        })
+        .collect();
+    let mut watch = c.db.client();
     const REQUESTS_PER_CLIENT: usize = 3;
     let clients: Vec<_> = c.clients.iter().map(|cl| cl.agency.clone()).collect();
     let (replies, killed_at) = std::thread::scope(|s| {
         let load: Vec<_> = (0..REPLICAS)
             .map(|i| {
                 let clients = &clients;
-                let body = &body;
+                let body = &bodies[usize::from(i != 0)];
                 s.spawn(move || {
                     let mut replies = Vec::new();
                     let mut replica = i;
@@ -54,8 +59,24 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
                 })
             })
             .collect();
-        // Kill replica 0 while its first batch is in flight.
-        std::thread::sleep(Duration::from_millis(700));
+        // Kill replica 0 while its batch is in flight: once its reservation
+        // is in the database and before its settle removes it (the HSM
+        // opens 1000 envelopes in between).
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let held: i64 = watch
+                .query_one(
+                    "SELECT count(*) FROM warrant_reservations WHERE warrant_id = 'W-FAILOVER-0'",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if held > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "replica 0 never reserved");
+            std::thread::sleep(Duration::from_millis(2));
+        }
         let killed_at = Instant::now();
         c.daemons[0].signal(rustix::process::Signal::KILL);
         let replies: Vec<_> = load.into_iter().flat_map(|h| h.join().unwrap()).collect();
@@ -108,7 +129,10 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
         .count();
     let spent: i64 =
         c.db.client()
-            .query_one("SELECT spent FROM warrants WHERE id = 'W-FAILOVER'", &[])
+            .query_one(
+                "SELECT sum(spent)::BIGINT FROM warrants WHERE id LIKE 'W-FAILOVER%'",
+                &[],
+            )
             .unwrap()
             .get(0);
     assert_eq!(spent as usize, opened);
@@ -122,7 +146,7 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
         c.db.client()
             .query(
                 "SELECT granted, expires_at <= now() + interval '300 seconds'
-             FROM warrant_reservations WHERE warrant_id = 'W-FAILOVER'",
+             FROM warrant_reservations WHERE warrant_id LIKE 'W-FAILOVER%'",
                 &[],
             )
             .unwrap()
