@@ -4,8 +4,10 @@
 //! `pool_wait` for one (then [`StoreError::Unavailable`]). A connection the
 //! server closed (restart, network loss, `idle_in_transaction` timeout) is
 //! dropped when it comes back and a new one is opened on demand, which is
-//! how the store reconnects by itself. Connections are opened lazily, so a
-//! store whose database is down still starts serving `/readyz` (false).
+//! how the store reconnects by itself. Connections are opened on demand;
+//! `lavd serve` still needs the database once at start (to migrate and to
+//! check the log against its newest checkpoint), so a replica does not start
+//! while the database is down, but one that runs survives it.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
