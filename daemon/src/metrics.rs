@@ -25,6 +25,7 @@ pub struct Metrics {
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
     store_commit_seconds: HistogramVec,
+    store_retries: IntCounter,
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGauge,
     config_reloads: IntCounterVec,
@@ -109,6 +110,12 @@ impl Metrics {
             &["op"],
             FAST_BUCKETS,
         )?;
+        let store_retries = IntCounter::new(
+            "lavd_store_retries_total",
+            "Store transactions run again after a serialization failure or a deadlock \
+             (PostgreSQL; always 0 on SQLite).",
+        )?;
+        registry.register(Box::new(store_retries.clone()))?;
         let tls_handshake_failures = counter(
             "lavd_tls_handshake_failures_total",
             "API connections refused at or right after the TLS handshake, by reason.",
@@ -134,6 +141,7 @@ impl Metrics {
             hsm_sessions_busy,
             hsm_reconnects,
             store_commit_seconds,
+            store_retries,
             tls_handshake_failures,
             connections_open,
             config_reloads,
@@ -183,6 +191,19 @@ impl Metrics {
         self.config_reloads
             .with_label_values(&[if ok { "ok" } else { "failed" }])
             .inc();
+    }
+
+    /// [`Metrics::render`], with `lavd_store_retries_total` brought up to
+    /// `total`, the store's own count (it only grows).
+    ///
+    /// # Errors
+    /// As [`Metrics::render`].
+    pub fn render_with_store_retries(&self, total: u64) -> Result<String, prometheus::Error> {
+        let seen = self.store_retries.get();
+        if total > seen {
+            self.store_retries.inc_by(total - seen);
+        }
+        self.render()
     }
 
     /// The Prometheus text exposition format (version 0.0.4).

@@ -74,9 +74,15 @@ pub enum UnwrapError {
     /// The warrant was refused (400/403/413 by its class; logged).
     #[error(transparent)]
     Warrant(#[from] WarrantError),
-    /// The HSM or store failed; nothing was released (HTTP 503).
+    /// The HSM failed (or something other than the store); nothing was
+    /// released (HTTP 503 `unavailable`).
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// The store failed or could not be reached (a PostgreSQL server down,
+    /// a pool wait or statement timeout, a commit that failed); nothing was
+    /// released (HTTP 503 `store_unavailable`).
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
 }
 
 impl UnwrapError {
@@ -87,19 +93,23 @@ impl UnwrapError {
             UnwrapError::BatchSize { .. } => "batch_too_large",
             UnwrapError::Warrant(w) => w.code(),
             UnwrapError::Unavailable(_) => "unavailable",
+            UnwrapError::StoreUnavailable(_) => "store_unavailable",
         }
     }
 }
 
 impl From<StoreError> for UnwrapError {
     fn from(e: StoreError) -> Self {
-        UnwrapError::Unavailable(e.to_string())
+        UnwrapError::StoreUnavailable(e.to_string())
     }
 }
 
 impl From<LogError> for UnwrapError {
     fn from(e: LogError) -> Self {
-        UnwrapError::Unavailable(e.to_string())
+        match e {
+            LogError::Store(e) => e.into(),
+            other => UnwrapError::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -489,7 +499,7 @@ fn refuse(
     now: OffsetDateTime,
 ) -> Result<(), UnwrapError> {
     if matches!(error, WarrantError::Store(_)) {
-        return Err(UnwrapError::Unavailable(error.to_string()));
+        return Err(UnwrapError::StoreUnavailable(error.to_string()));
     }
     let (id, digest) = claimed(jws);
     let event = WarrantRefused::new(caller, id.as_deref(), digest, error.code())

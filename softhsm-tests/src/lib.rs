@@ -8,6 +8,8 @@
 //! cryptoki (another application on the same token, as an auditor would be).
 
 pub mod dev;
+pub mod pg;
+pub mod replicas;
 pub mod server;
 pub mod vault;
 

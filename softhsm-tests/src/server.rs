@@ -363,9 +363,26 @@ impl Daemon {
         Self::spawn(token, None)
     }
 
+    /// Starts one of several replicas of `token`'s config (all on one
+    /// token and one shared store): `name` keeps its notify socket and
+    /// stderr apart from the others'.
+    pub fn start_replica(token: &TestToken, name: &str) -> Self {
+        Self::spawn_named(token, None, name).unwrap_or_else(|(status, stderr)| {
+            panic!("lavd serve replica {name} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
     fn spawn(
         token: &TestToken,
         log_level: Option<&str>,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn_named(token, log_level, "lavd")
+    }
+
+    fn spawn_named(
+        token: &TestToken,
+        log_level: Option<&str>,
+        name: &str,
     ) -> Result<Self, (Option<ExitStatus>, String)> {
         // lavd serve needs the audit signing key; make it once per token.
         let marker = token.path("audit-key-made");
@@ -374,10 +391,16 @@ impl Daemon {
             assert!(out.status.success(), "generate-audit: {out:?}");
             std::fs::write(&marker, "").expect("marker");
         }
-        let socket = token.path("notify.sock");
+        let (socket, stderr) = if name == "lavd" {
+            (token.path("notify.sock"), token.path("lavd.stderr"))
+        } else {
+            (
+                token.path(&format!("notify-{name}.sock")),
+                token.path(&format!("{name}.stderr")),
+            )
+        };
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");
-        let stderr = token.path("lavd.stderr");
         let config = token.config();
         let mut command =
             crate::lavd_command(&["serve", "--config", config.to_str().expect("utf-8")]);

@@ -16,7 +16,7 @@ const LEAVES: u64 = 24;
 
 fn write_log(t: &TestToken) {
     let settings = t.settings();
-    let store = Arc::new(Store::open(&settings.store_path).unwrap());
+    let store = Arc::new(Store::open_settings(&settings.store).unwrap());
     let hsm = Hsm::open(settings.hsm).unwrap();
     let log = AuditLog::new(
         store,

@@ -45,7 +45,7 @@ impl World {
         let token = TestToken::new();
         assert_ok(&token.lavd_with_config(&["keys", "generate-audit"]));
         let settings = token.settings();
-        let store = Arc::new(Store::open(&settings.store_path).unwrap());
+        let store = Arc::new(Store::open_settings(&settings.store).unwrap());
         let hsm = Hsm::open(settings.hsm).unwrap();
         let record = keys::generate(
             &hsm,

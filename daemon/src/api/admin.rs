@@ -169,6 +169,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 /// The admin route table.
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
+    let store = readiness.state.store.clone();
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"alive": true})).into_response());
@@ -184,9 +185,8 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
             warp::reply::with_status(warp::reply::json(&report), status).into_response()
         }
     });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .map(move || match metrics.render() {
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        match metrics.render_with_store_retries(store.retries()) {
             Ok(text) => {
                 let mut r = Response::new(text.into());
                 r.headers_mut().insert(
@@ -199,7 +199,8 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
                 tracing::error!(error = %e, "cannot render metrics");
                 error::ApiError::Internal.into_response()
             }
-        });
+        }
+    });
     healthz
         .or(readyz)
         .unify()

@@ -73,6 +73,11 @@ pub enum ApiError {
     /// working; the request may succeed later. Details are in the log.
     #[error("{0} is unavailable; retry later")]
     Unavailable(&'static str),
+    /// The store (the SQLite file, or the PostgreSQL server) failed or could
+    /// not be reached in time; nothing was released and the request may
+    /// succeed later, on this replica or another. Details are in the log.
+    #[error("the store is unavailable; retry later")]
+    StoreUnavailable,
     /// A domain refusal with its own code and status: a warrant refused
     /// (400/403/413 by its class), a proof asked for outside the tree.
     #[error("{message}")]
@@ -108,6 +113,7 @@ impl ApiError {
             ApiError::BatchTooLarge { .. } => "batch_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::StoreUnavailable => "store_unavailable",
             ApiError::Refused { code, .. } => code,
             ApiError::Internal => "internal_error",
         }
@@ -127,7 +133,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::StoreUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Refused { status, .. } => *status,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -269,7 +277,8 @@ mod tests {
                 429,
                 "rate_limited",
             ),
-            (ApiError::Unavailable("the store"), 503, "unavailable"),
+            (ApiError::Unavailable("the HSM"), 503, "unavailable"),
+            (ApiError::StoreUnavailable, 503, "store_unavailable"),
             (ApiError::Internal, 500, "internal_error"),
         ];
         for (e, status, code) in cases {

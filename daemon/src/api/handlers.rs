@@ -42,7 +42,7 @@ fn warrant_error(e: &WarrantError) -> ApiError {
         ErrorClass::Forbidden => StatusCode::FORBIDDEN,
         ErrorClass::Unavailable => {
             tracing::error!(error = %e, "warrant check could not reach the store");
-            return ApiError::Unavailable("the store");
+            return ApiError::StoreUnavailable;
         }
     };
     ApiError::Refused {
@@ -64,9 +64,14 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
         },
         UnwrapError::Warrant(w) => warrant_error(&w),
         UnwrapError::Unavailable(detail) => {
-            // The detail (CKR codes, SQLite errors) is for operators only.
+            // The detail (CKR codes) is for operators only.
             tracing::error!(error = %detail, "unwrap failed; nothing was released");
             ApiError::Unavailable("the HSM or the store")
+        }
+        UnwrapError::StoreUnavailable(detail) => {
+            // The detail (SQLite or PostgreSQL errors) is for operators only.
+            tracing::error!(error = %detail, "unwrap failed in the store; nothing was released");
+            ApiError::StoreUnavailable
         }
     }
 }
@@ -229,7 +234,7 @@ fn store_error(e: StoreError) -> ApiError {
         },
         other => {
             tracing::error!(error = %other, "audit read failed");
-            ApiError::Unavailable("the store")
+            ApiError::StoreUnavailable
         }
     }
 }

@@ -113,8 +113,8 @@ pub struct StartupSettings {
     pub limits: Limits,
     /// `[log]`.
     pub log: crate::config::LogSettings,
-    /// `[store] path`.
-    pub store_path: PathBuf,
+    /// `[store]`.
+    pub store: crate::store::StoreSettings,
     /// `[hsm]` as far as a change matters (module, token, sessions,
     /// quirks, environment; not the PIN).
     pub hsm: String,
@@ -131,7 +131,7 @@ impl StartupSettings {
             admin: s.admin.clone(),
             limits: s.limits.clone(),
             log: s.log.clone(),
-            store_path: s.store_path.clone(),
+            store: s.store.clone(),
             hsm: format!(
                 "{} {} {} {:?} {:?}",
                 s.hsm.module.display(),
@@ -253,7 +253,7 @@ impl ServerState {
             ("admin", now.admin != was.admin),
             ("limits", now.limits != was.limits),
             ("log", now.log != was.log),
-            ("store", now.store_path != was.store_path),
+            ("store", now.store != was.store),
             ("hsm", now.hsm != was.hsm),
             ("audit", now.audit != was.audit),
         ] {

@@ -19,6 +19,13 @@
 //! the log turns [inconsistent](AuditLog::inconsistency) for the rest of the
 //! process's life, logs an ERROR naming both sizes and signs nothing more.
 //! What this does not detect is in `docs/THREAT_MODEL.md`.
+//!
+//! With several replicas on one PostgreSQL store, the in-memory state here
+//! (the last checkpoint this process signed, the largest size it saw) stays
+//! valid: the shared tree only grows, so another replica's appends never
+//! invalidate it; they only make a later checkpoint necessary, which is
+//! proved consistent with this process's last one like any other. Tree sizes
+//! and indices always come from the store, inside its transactions.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

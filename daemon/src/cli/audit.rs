@@ -549,7 +549,7 @@ fn fold(mut row: Vec<crate::audit::merkle::Hash>) -> crate::audit::merkle::Hash 
 
 fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {
     let settings = config.load()?;
-    let store = Arc::new(Store::open(&settings.store_path)?);
+    let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open(settings.hsm)?;
     Ok(AuditLog::new(
         store,

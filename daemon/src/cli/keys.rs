@@ -96,7 +96,7 @@ impl KeysCommand {
             } => {
                 let settings = config.load()?;
                 keys::check_kid(&kid)?;
-                let store = Store::open(&settings.store_path)?;
+                let store = Store::open_settings(&settings.store)?;
                 let hsm = Hsm::open(settings.hsm)?;
                 let validity = Validity {
                     not_before,
@@ -117,7 +117,7 @@ impl KeysCommand {
             }
             KeysCommand::List { config, all } => {
                 let settings = config.load()?;
-                let store = Store::open(&settings.store_path)?;
+                let store = Store::open_settings(&settings.store)?;
                 if all {
                     for k in store.list_keys()? {
                         let state = match (&k.destroyed_at, &k.destroy_reason) {
@@ -155,7 +155,7 @@ impl KeysCommand {
                 reason,
             } => {
                 let settings = config.load()?;
-                let store = Store::open(&settings.store_path)?;
+                let store = Store::open_settings(&settings.store)?;
                 let hsm = Hsm::open(settings.hsm)?;
                 if let Some(kid) = kid {
                     let reason = if force {

@@ -9,6 +9,7 @@ pub mod notify;
 pub mod report;
 pub mod seal;
 pub mod serve;
+pub mod store;
 pub mod warrant;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub enum Command {
     /// Create, sign and inspect warrants (authorities).
     #[command(subcommand)]
     Warrant(warrant::WarrantCommand),
+    /// Store schema management (operators).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
 }
 
 impl Command {
@@ -65,6 +69,7 @@ impl Command {
             Command::Open(args) => tool(|| args.run()),
             Command::Warrant(cmd) => tool(|| cmd.run()),
             Command::Audit(cmd) => tool(|| cmd.run()),
+            Command::Store(cmd) => tool(|| cmd.run()),
         }
     }
 }

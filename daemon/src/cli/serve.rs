@@ -54,7 +54,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let startup = StartupSettings::of(&settings);
     let blocking_threads = startup.server.blocking_threads;
     let trust = settings.require_trust()?.clone();
-    let store = Arc::new(Store::open(&settings.store_path)?);
+    let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
     let audit = AuditLog::new(
         store.clone(),

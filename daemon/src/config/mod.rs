@@ -66,8 +66,8 @@ pub struct Settings {
     pub file: PathBuf,
     /// The HSM.
     pub hsm: HsmSettings,
-    /// The SQLite database file.
-    pub store_path: PathBuf,
+    /// `[store]`: an SQLite file or a PostgreSQL database.
+    pub store: crate::store::StoreSettings,
     /// The audit log.
     pub audit: AuditSettings,
     /// `[server]`: the API listener.
@@ -131,7 +131,7 @@ impl Settings {
             warnings: RefCell::new(Vec::new()),
         };
         let hsm = v.hsm(raw.hsm, env)?;
-        let store_path = v.path(&raw.store.path);
+        let store = v.store(raw.store, env)?;
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
             origin: v.origin(raw.audit.origin)?,
@@ -152,7 +152,7 @@ impl Settings {
         Ok(Settings {
             file: path.to_path_buf(),
             hsm,
-            store_path,
+            store,
             audit,
             server,
             tls,
@@ -363,6 +363,199 @@ impl Validator<'_> {
             quirks,
             module_env,
         })
+    }
+}
+
+/// A PostgreSQL store given on the command line (`lavd store copy --to`),
+/// validated exactly as `[store] url` and its fields are in a config file;
+/// errors name the same fields (`store.url`, …) and exit 64.
+///
+/// # Errors
+/// [`ConfigError`] naming the field.
+pub fn postgres_target(
+    url: String,
+    password_file: Option<PathBuf>,
+    password_env: Option<String>,
+    ca_file: Option<PathBuf>,
+    env: &dyn Env,
+) -> Result<crate::store::StoreSettings, ConfigError> {
+    let v = Validator {
+        file: Path::new("(command line)"),
+        base: Path::new("."),
+        warnings: RefCell::new(Vec::new()),
+    };
+    v.store(
+        raw::RawStore {
+            path: None,
+            url: Some(url),
+            password_file,
+            password_env,
+            password: None,
+            ca_file,
+            pool_size: None,
+            pool_wait_secs: None,
+            statement_timeout_secs: None,
+            reservation_lease_secs: None,
+        },
+        env,
+    )
+}
+
+impl Validator<'_> {
+    fn store(
+        &self,
+        raw: raw::RawStore,
+        env: &dyn Env,
+    ) -> Result<crate::store::StoreSettings, ConfigError> {
+        use crate::store::{PgSettings, StoreSettings};
+        if raw.password.is_some() {
+            return Err(self.err(
+                "store.password",
+                "the database password is never read from the config file; use password_file \
+                 or password_env",
+            ));
+        }
+        let url = match (raw.path, raw.url) {
+            (Some(path), None) => {
+                for (field, set) in [
+                    ("store.password_file", raw.password_file.is_some()),
+                    ("store.password_env", raw.password_env.is_some()),
+                    ("store.ca_file", raw.ca_file.is_some()),
+                    ("store.pool_size", raw.pool_size.is_some()),
+                    ("store.pool_wait_secs", raw.pool_wait_secs.is_some()),
+                    (
+                        "store.statement_timeout_secs",
+                        raw.statement_timeout_secs.is_some(),
+                    ),
+                    (
+                        "store.reservation_lease_secs",
+                        raw.reservation_lease_secs.is_some(),
+                    ),
+                ] {
+                    if set {
+                        return Err(self.err(field, "applies only with store.url (PostgreSQL)"));
+                    }
+                }
+                return Ok(StoreSettings::Sqlite {
+                    path: self.path(&path),
+                });
+            }
+            (None, Some(url)) => url,
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "store.url",
+                    "set path (SQLite) or url (PostgreSQL), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    "store.path",
+                    "set path (an SQLite file) or url (a PostgreSQL database)",
+                ))
+            }
+        };
+        let parsed =
+            crate::store::postgres::parse_url(&url).map_err(|why| self.err("store.url", why))?;
+        let password = match (raw.password_file, raw.password_env) {
+            (Some(file), None) => {
+                let file = self.path(&file);
+                let text =
+                    zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
+                        self.err(
+                            "store.password_file",
+                            format!("cannot read {}: {e}", file.display()),
+                        )
+                    })?);
+                if readable_by_others(&file) {
+                    self.warnings.borrow_mut().push(format!(
+                        "the database password file {} is readable by other users; chmod 600 it",
+                        file.display()
+                    ));
+                }
+                let password = text.trim_end_matches(['\n', '\r']);
+                if password.is_empty() {
+                    return Err(self.err(
+                        "store.password_file",
+                        format!("{} is empty", file.display()),
+                    ));
+                }
+                Some(zeroize::Zeroizing::new(password.to_string()))
+            }
+            (None, Some(var)) => {
+                let value = zeroize::Zeroizing::new(env.var(&var).ok_or_else(|| {
+                    self.err(
+                        "store.password_env",
+                        format!("environment variable {var} is not set"),
+                    )
+                })?);
+                if value.is_empty() {
+                    return Err(self.err("store.password_env", format!("{var} is empty")));
+                }
+                Some(value)
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "store.password_file",
+                    "set password_file or password_env, not both",
+                ))
+            }
+            // Certificate or trust authentication: no password.
+            (None, None) => None,
+        };
+        let ca_file = raw.ca_file.map(|f| self.path(&f));
+        match (parsed.sslmode, &ca_file) {
+            (crate::store::postgres::SslMode::VerifyFull, None) => {
+                return Err(self.err(
+                    "store.ca_file",
+                    "sslmode=verify-full (the default) needs the CA of the server's certificate",
+                ))
+            }
+            (crate::store::postgres::SslMode::VerifyFull, Some(ca)) => {
+                let pem = std::fs::read(ca).map_err(|e| {
+                    self.err(
+                        "store.ca_file",
+                        format!("cannot read {}: {e}", ca.display()),
+                    )
+                })?;
+                crate::store::postgres::tls::RustlsConnect::new(&pem)
+                    .map_err(|e| self.err("store.ca_file", format!("{}: {e}", ca.display())))?;
+            }
+            (crate::store::postgres::SslMode::Disable, Some(_)) => {
+                return Err(self.err("store.ca_file", "set, but the url says sslmode=disable"))
+            }
+            (crate::store::postgres::SslMode::Disable, None) => {}
+        }
+        let bounded = |field: &str, value: Option<u64>, default: u64, max: u64| {
+            let value = value.unwrap_or(default);
+            if (1..=max).contains(&value) {
+                Ok(value)
+            } else {
+                Err(self.err(field, format!("must be between 1 and {max}")))
+            }
+        };
+        let pool_size = bounded("store.pool_size", raw.pool_size, 8, 256)?;
+        let pool_wait = bounded("store.pool_wait_secs", raw.pool_wait_secs, 5, 300)?;
+        let statement_timeout = bounded(
+            "store.statement_timeout_secs",
+            raw.statement_timeout_secs,
+            5,
+            300,
+        )?;
+        let lease = bounded(
+            "store.reservation_lease_secs",
+            raw.reservation_lease_secs,
+            300,
+            86_400,
+        )?;
+        Ok(StoreSettings::Postgres(PgSettings {
+            url,
+            password,
+            ca_file,
+            pool_size: pool_size as usize,
+            pool_wait: std::time::Duration::from_secs(pool_wait),
+            statement_timeout: std::time::Duration::from_secs(statement_timeout),
+            reservation_lease: std::time::Duration::from_secs(lease),
+        }))
     }
 }
 

@@ -124,7 +124,19 @@ pub struct RawQuirks {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStore {
-    pub(super) path: PathBuf,
+    /// An SQLite file.
+    pub(super) path: Option<PathBuf>,
+    /// Or a PostgreSQL URL, with the settings below.
+    pub(super) url: Option<String>,
+    pub(super) password_file: Option<PathBuf>,
+    pub(super) password_env: Option<String>,
+    /// Present only to refuse it with a reason.
+    pub(super) password: Option<toml::Value>,
+    pub(super) ca_file: Option<PathBuf>,
+    pub(super) pool_size: Option<u64>,
+    pub(super) pool_wait_secs: Option<u64>,
+    pub(super) statement_timeout_secs: Option<u64>,
+    pub(super) reservation_lease_secs: Option<u64>,
 }
 
 /// `[audit]`

@@ -40,7 +40,10 @@ fn a_good_config_resolves_relative_paths() {
     let s = load(GOOD, &[]).unwrap();
     assert_eq!(s.hsm.token, TokenSelector::Label("lavd".into()));
     assert_eq!(s.hsm.sessions, 4);
-    assert!(s.store_path.ends_with("lavd.db") && s.store_path.is_absolute());
+    assert!(matches!(
+        &s.store,
+        crate::store::StoreSettings::Sqlite { path } if path.ends_with("lavd.db") && path.is_absolute()
+    ));
     assert_eq!(s.audit.key_label, "lav-audit");
 }
 
@@ -201,4 +204,155 @@ fn a_pin_file_readable_by_others_is_a_warning() {
     let s = Settings::load(&path, &MapEnv(HashMap::new())).unwrap();
     assert_eq!(s.warnings.len(), 1);
     assert!(s.warnings[0].contains("chmod 600"), "{:?}", s.warnings);
+}
+
+const PG: &str = r#"
+[hsm]
+module = "/usr/lib/softhsm/libsofthsm2.so"
+token_label = "lavd"
+pin_file = "pin"
+[store]
+url = "postgresql://lavd@db.example:5432/lavd?sslmode=verify-full"
+password_file = "dbpass"
+ca_file = "ca.pem"
+"#;
+
+/// Loads `text` from a directory that also holds `pin`, `dbpass` and a CA
+/// certificate `ca.pem`.
+fn load_pg(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(&path, text).unwrap();
+    std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+    std::fs::write(dir.path().join("dbpass"), "s3cret\n").unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["db.example".into()]).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("not-a-cert.pem"), "hello").unwrap();
+    let env = MapEnv(
+        env.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    Settings::load(&path, &env)
+}
+
+#[test]
+fn a_postgres_store_is_configured_with_its_password_held_apart() {
+    let s = load_pg(PG, &[]).unwrap();
+    let crate::store::StoreSettings::Postgres(pg) = &s.store else {
+        panic!("{:?}", s.store)
+    };
+    assert_eq!(pg.password.as_deref().map(String::as_str), Some("s3cret"));
+    assert_eq!(pg.pool_size, 8);
+    assert!(pg.ca_file.as_ref().unwrap().is_absolute());
+    // The password never shows in a debug print.
+    assert!(!format!("{pg:?}").contains("s3cret"));
+
+    let env = PG.replace(
+        "password_file = \"dbpass\"",
+        "password_env = \"LAVD_DB_PASSWORD\"",
+    );
+    let s = load_pg(&env, &[("LAVD_DB_PASSWORD", "from-env")]).unwrap();
+    let crate::store::StoreSettings::Postgres(pg) = &s.store else {
+        panic!()
+    };
+    assert_eq!(pg.password.as_deref().map(String::as_str), Some("from-env"));
+
+    let plain = PG
+        .replace("sslmode=verify-full", "sslmode=disable")
+        .replace("ca_file = \"ca.pem\"\n", "");
+    assert!(load_pg(&plain, &[]).is_ok());
+}
+
+#[test]
+fn postgres_refusals_name_the_field() {
+    let url = "url = \"postgresql://lavd@db.example:5432/lavd?sslmode=verify-full\"";
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "password_file = \"dbpass\"",
+            "password = \"x\"",
+            "store.password",
+        ),
+        (
+            url,
+            "url = \"postgresql://lavd:pw@db.example/lavd\"",
+            "store.url",
+        ),
+        (
+            url,
+            "url = \"postgresql://lavd@db.example/lavd?sslmode=require\"",
+            "store.url",
+        ),
+        (url, "url = \"mysql://lavd@db.example/lavd\"", "store.url"),
+        (
+            url,
+            "url = \"postgresql://lavd@db.example/lavd\"\npath = \"x.db\"",
+            "store.url",
+        ),
+        (url, "", "store.path"),
+        (
+            "password_file = \"dbpass\"",
+            "password_file = \"missing\"",
+            "store.password_file",
+        ),
+        (
+            "password_file = \"dbpass\"",
+            "password_env = \"UNSET_VAR\"",
+            "store.password_env",
+        ),
+        (
+            "password_file = \"dbpass\"",
+            "password_file = \"dbpass\"\npassword_env = \"X\"",
+            "store.password_file",
+        ),
+        ("ca_file = \"ca.pem\"\n", "", "store.ca_file"),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"missing.pem\"",
+            "store.ca_file",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"not-a-cert.pem\"",
+            "store.ca_file",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\npool_size = 0",
+            "store.pool_size",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\npool_size = 1000",
+            "store.pool_size",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\nstatement_timeout_secs = 0",
+            "store.statement_timeout_secs",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\npool_wait_secs = 0",
+            "store.pool_wait_secs",
+        ),
+        (
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\nreservation_lease_secs = 0",
+            "store.reservation_lease_secs",
+        ),
+    ];
+    for (from, to, field) in cases {
+        let text = PG.replace(from, to);
+        assert_ne!(text, PG, "{from}");
+        let e = load_pg(&text, &[]).unwrap_err();
+        assert_eq!(e.field, *field, "{to}: {e}");
+    }
+    // PostgreSQL settings with an SQLite path.
+    let e = load(
+        &GOOD.replace("path = \"lavd.db\"", "path = \"lavd.db\"\npool_size = 4"),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "store.pool_size");
 }

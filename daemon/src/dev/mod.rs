@@ -231,7 +231,7 @@ fn create(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<(
         &AuthPin::new(pin.into()),
     )
     .context("initialising the SoftHSM token")?;
-    let store = Store::open(&settings.store_path)?;
+    let store = Store::open_settings(&settings.store)?;
     let hsm = Hsm::open(settings.hsm)?;
     let audit = hsm.generate_audit_key(&settings.audit.key_label)?;
     write(

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use time::OffsetDateTime;
 
-use super::{KeyRecord, Reservation, Revocation, Store, StoreError};
+use super::{KeyRecord, Reservation, Revocation, SqliteStore, StoreError};
 use crate::audit::leaf::{DenyReason, Event};
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
@@ -173,7 +173,9 @@ pub(super) struct Pending {
     slot: Arc<Mutex<Option<Result<Appended, StoreError>>>>,
 }
 
-/// Group-commit state, part of [`Store`].
+/// Group-commit state, part of each store: the leader/follower queue that
+/// lets one transaction carry every batch queued while the previous one
+/// committed. The backend supplies the commit.
 #[derive(Default)]
 pub(super) struct GroupCommit {
     state: Mutex<GroupState>,
@@ -203,11 +205,72 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+impl Pending {
+    /// The batch to commit.
+    pub(super) fn batch(&self) -> &AuditAppend {
+        &self.batch
+    }
+
+    /// Hands the caller its result.
+    pub(super) fn answer(&self, result: Result<Appended, StoreError>) {
+        *lock(&self.slot) = Some(result);
+    }
+}
+
+impl GroupCommit {
+    /// Queues `batch` and waits for its result. Whichever caller finds no
+    /// commit running becomes the leader and calls `commit` with every batch
+    /// queued so far (its own included); `commit` must answer each one. New
+    /// callers queue up meanwhile and form the next group.
+    pub(super) fn submit(
+        &self,
+        batch: AuditAppend,
+        commit: impl Fn(Vec<Pending>),
+    ) -> Result<Appended, StoreError> {
+        let slot = Arc::new(Mutex::new(None));
+        let mut state = lock(&self.state);
+        state.queue.push(Pending {
+            batch,
+            slot: slot.clone(),
+        });
+        loop {
+            if let Some(result) = lock(&slot).take() {
+                return result;
+            }
+            if state.leader {
+                // Someone is committing; our batch goes in the next group.
+                state = self
+                    .finished
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            state.leader = true;
+            let batches = std::mem::take(&mut state.queue);
+            drop(state);
+            commit(batches);
+            state = lock(&self.state);
+            state.leader = false;
+            self.finished.notify_all();
+        }
+    }
+
+    /// Counts one committed transaction.
+    pub(super) fn committed(&self) {
+        self.commits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Transactions committed since open.
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
 /// Complete-subtree hashes read through a connection (inside a transaction
 /// or savepoint, so that a batch sees its own earlier nodes).
 struct SqlNodes<'a> {
     conn: &'a Connection,
-    store: &'a Store,
+    store: &'a SqliteStore,
 }
 
 impl HashReader for SqlNodes<'_> {
@@ -235,7 +298,7 @@ impl HashReader for SqlNodes<'_> {
     }
 }
 
-impl Store {
+impl SqliteStore {
     fn size_in(&self, conn: &Connection) -> Result<u64, StoreError> {
         let max: Option<i64> = conn
             .query_row("SELECT MAX(idx) FROM audit_leaves", [], |row| row.get(0))
@@ -377,7 +440,7 @@ impl Store {
         })();
         match outcome {
             Ok(size) => {
-                self.group.commits.fetch_add(1, Ordering::Relaxed);
+                self.group.committed();
                 for (pending, mut result) in done {
                     if let Ok(a) = result.as_mut() {
                         a.tree_size = size;
@@ -385,7 +448,7 @@ impl Store {
                     if result.is_err() {
                         self.give_back_spend(conn, &pending.batch.spend);
                     }
-                    *lock(&pending.slot) = Some(result);
+                    pending.answer(result);
                 }
             }
             Err(e) => {
@@ -393,7 +456,7 @@ impl Store {
                 let message = e.to_string();
                 for pending in done.into_iter().map(|(p, _)| p).chain(queue) {
                     self.give_back_spend(conn, &pending.batch.spend);
-                    *lock(&pending.slot) = Some(Err(StoreError::CommitFailed(message.clone())));
+                    pending.answer(Err(StoreError::CommitFailed(message.clone())));
                 }
             }
         }
@@ -406,40 +469,12 @@ impl Store {
     }
 }
 
-impl AuditStore for Store {
+impl AuditStore for SqliteStore {
     fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
-        let group = &self.group;
-        let slot = Arc::new(Mutex::new(None));
-        let mut state = lock(&group.state);
-        state.queue.push(Pending {
-            batch,
-            slot: slot.clone(),
-        });
-        loop {
-            if let Some(result) = lock(&slot).take() {
-                return result;
-            }
-            if state.leader {
-                // Someone is committing; our batch goes in the next group.
-                state = group
-                    .finished
-                    .wait(state)
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                continue;
-            }
-            // Lead: commit everything queued so far in one transaction. New
-            // callers queue up meanwhile and form the next group.
-            state.leader = true;
-            let batches = std::mem::take(&mut state.queue);
-            drop(state);
-            {
-                let mut conn = self.conn();
-                self.commit_group(&mut conn, batches);
-            }
-            state = lock(&group.state);
-            state.leader = false;
-            group.finished.notify_all();
-        }
+        self.group.submit(batch, |batches| {
+            let mut conn = self.conn();
+            self.commit_group(&mut conn, batches);
+        })
     }
 
     fn tree_size(&self) -> Result<u64, StoreError> {
@@ -612,6 +647,6 @@ impl AuditStore for Store {
     }
 
     fn audit_commits(&self) -> u64 {
-        self.group.commits.load(Ordering::Relaxed)
+        self.group.commits()
     }
 }

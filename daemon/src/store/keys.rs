@@ -5,7 +5,7 @@
 use rusqlite::{params, OptionalExtension as _};
 use time::OffsetDateTime;
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 use crate::codec::{format_time, parse_time};
 use crate::jwk::P256PublicKey;
 
@@ -55,7 +55,7 @@ pub trait KeyStore {
         -> Result<(), StoreError>;
 }
 
-impl Store {
+impl SqliteStore {
     fn key_from_row(&self, row: &rusqlite::Row<'_>) -> Result<KeyRecord, StoreError> {
         let text = |i: usize| -> Result<String, StoreError> {
             row.get::<_, String>(i).map_err(|e| self.sqlite_err(e))
@@ -82,7 +82,7 @@ impl Store {
     }
 }
 
-impl Store {
+impl SqliteStore {
     /// Inserts a key record inside the caller's transaction (so that its
     /// `key_generated` audit leaf commits with it).
     pub(crate) fn insert_key_in(
@@ -135,7 +135,7 @@ impl Store {
 
 const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
 
-impl KeyStore for Store {
+impl KeyStore for SqliteStore {
     fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
         self.insert_key_in(&self.conn(), key)
     }
@@ -207,14 +207,14 @@ mod tests {
         let path = dir.path().join("lavd.db");
         let rec = record("2026-12");
         {
-            let store = Store::open(&path).unwrap();
+            let store = SqliteStore::open(&path).unwrap();
             store.insert_key(&rec).unwrap();
             assert!(matches!(
                 store.insert_key(&rec),
                 Err(StoreError::DuplicateKid(k)) if k == "2026-12"
             ));
         }
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         assert_eq!(store.list_keys().unwrap(), vec![rec.clone()]);
         let at = rec.created_at + time::Duration::days(1);
         store.mark_destroyed("2026-12", at, "retention").unwrap();

@@ -1,12 +1,19 @@
-//! The embedded store: SQLite (through `rusqlite`, bundled) in WAL mode with
-//! `synchronous=FULL`, so a committed transaction survives a crash or power
-//! loss.
+//! The store: what must outlive the process and is not key material: escrow
+//! key metadata (the private keys themselves stay in the HSM), warrant
+//! budgets and revocations, and the audit log. Each concern is a small trait
+//! ([`KeyStore`], [`WarrantStore`], [`AuditStore`]).
 //!
-//! It holds what must outlive the process and is not key material: escrow key
-//! metadata (the private keys themselves stay in the HSM), warrant budgets and
-//! revocations, and the audit log. Each concern is a small trait
-//! ([`KeyStore`], …) so that a server database can be added later without
-//! touching callers; [`Store`] is the SQLite implementation.
+//! Two backends implement them:
+//! - [`SqliteStore`], the embedded default (`[store] path`): SQLite (through
+//!   `rusqlite`, bundled) in WAL mode with `synchronous=FULL`, so a committed
+//!   transaction survives a crash or power loss. One process per file.
+//! - [`PgStore`] (`[store] url`): PostgreSQL, shared by several `lavd serve`
+//!   replicas; what it guarantees across them is in [`postgres`]'s own doc.
+//!
+//! [`Store`], what callers hold, is an enum over the two rather than a trait
+//! object: the backend set is closed, callers keep taking `&Store` and
+//! calling `Store::open` unchanged, and the SQLite-only internals
+//! (`settle_with`, the `rusqlite` transaction helpers) stay typed.
 //!
 //! Trust: the database file is *not* trusted for the audit log (its integrity
 //! comes from signed checkpoints), but it is trusted for budgets and
@@ -14,7 +21,10 @@
 
 mod audit;
 mod keys;
+pub mod postgres;
 mod warrants;
+
+pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{Appended, AuditAppend, AuditStore, Spend, MAX_INDEX};
 pub use keys::{KeyRecord, KeyStore};
@@ -24,6 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::Connection;
+
+use crate::audit::merkle;
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +50,34 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    /// PostgreSQL refused an operation or could not be reached (connection
+    /// refused or lost, statement timeout, a serialization failure still
+    /// failing after its retries). The store is unavailable (HTTP 503).
+    #[error("store {store}: {source}")]
+    Postgres {
+        /// The server and database (never the password).
+        store: String,
+        /// The client's error.
+        #[source]
+        source: ::postgres::Error,
+    },
+    /// No database connection became free within the pool wait, or none
+    /// could be opened: the store is unavailable (HTTP 503).
+    #[error("store {store}: {reason}")]
+    Unavailable {
+        /// The server and database.
+        store: String,
+        /// What happened.
+        reason: String,
+    },
     /// The file was written by a newer `lavd` whose schema this one does not know.
-    #[error("store {path}: schema version {found} is newer than this lavd supports ({supported})")]
+    #[error(
+        "store {store}: schema version {found} is newer than this lavd supports ({supported})"
+    )]
     SchemaTooNew {
-        /// The database file.
-        path: PathBuf,
-        /// `PRAGMA user_version` in the file.
+        /// The database file or server.
+        store: String,
+        /// `PRAGMA user_version` in the file, or `schema_version` in PostgreSQL.
         found: i64,
         /// The newest version this build knows.
         supported: i64,
@@ -83,11 +117,17 @@ pub enum StoreError {
         /// Units reported opened.
         opened: u64,
     },
-    /// Committing the spend would exceed `max_unwraps`. Within one process
-    /// reservations prevent this; it happens only if another process shares
-    /// the database file (unsupported), and then nothing is released.
+    /// Committing the spend would exceed `max_unwraps`. Reservations prevent
+    /// this (in SQLite within the one process; in PostgreSQL across replicas
+    /// while their lease runs); it happens when a second process wrongly
+    /// shares an SQLite file or a PostgreSQL reservation outlived its lease,
+    /// and then nothing is released.
     #[error("spending on warrant `{0}` would exceed its max_unwraps")]
     BudgetOverrun(String),
+    /// `lavd store copy` refused: the target is not empty, or the source log
+    /// does not verify. Nothing was committed.
+    #[error("store copy refused: {0}")]
+    CopyRefused(String),
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
     OutOfRange(&'static str),
@@ -105,10 +145,10 @@ pub enum StoreError {
     CommitFailed(String),
     /// A value read back from the file is not what this code wrote: the
     /// database was edited or is corrupt.
-    #[error("store {path}: corrupt row: {what}")]
+    #[error("store {store}: corrupt row: {what}")]
     Corrupt {
-        /// The database file.
-        path: PathBuf,
+        /// The database file or server.
+        store: String,
         /// What was wrong.
         what: String,
     },
@@ -151,19 +191,246 @@ const MIGRATIONS: &[&str] = &[
     audit::MIGRATION,
 ];
 
+/// The SQLite schema version this build writes.
+pub const SQLITE_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 /// How long a write waits for another process's write lock before failing.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The store a daemon uses: one of the two backends.
+#[derive(Debug)]
+pub enum Store {
+    /// The embedded SQLite file.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database shared by replicas (boxed: its pool and queue
+    /// are larger than the SQLite store).
+    Postgres(Box<PgStore>),
+}
+
+/// Where the store is, as `[store]` configures it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// `[store] path`: an SQLite file.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// `[store] url`: a PostgreSQL database.
+    Postgres(PgSettings),
+}
+
+impl Store {
+    /// Opens an SQLite store (see [`SqliteStore::open`]).
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`].
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        SqliteStore::open(path).map(Store::Sqlite)
+    }
+
+    /// Opens the configured store, applying pending migrations.
+    ///
+    /// # Errors
+    /// As [`SqliteStore::open`] or [`PgStore::connect`].
+    pub fn open_settings(settings: &StoreSettings) -> Result<Self, StoreError> {
+        match settings {
+            StoreSettings::Sqlite { path } => Self::open(path),
+            StoreSettings::Postgres(pg) => {
+                PgStore::connect(pg).map(|s| Store::Postgres(Box::new(s)))
+            }
+        }
+    }
+
+    /// Whether a write could start now: the check behind `/readyz`.
+    ///
+    /// # Errors
+    /// The backend's reason.
+    pub fn check_writable(&self, wait: std::time::Duration) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.check_writable(wait),
+            Store::Postgres(s) => s.check_writable(wait),
+        }
+    }
+
+    /// Where the store is, for logs (never a password).
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Sqlite(s) => s.path().display().to_string(),
+            Store::Postgres(s) => s.describe().to_string(),
+        }
+    }
+
+    /// Database transactions that failed on a serialization failure or a
+    /// deadlock and were retried (always 0 for SQLite, whose one writer
+    /// cannot deadlock).
+    pub fn retries(&self) -> u64 {
+        match self {
+            Store::Sqlite(_) => 0,
+            Store::Postgres(s) => s.retries(),
+        }
+    }
+}
+
+impl KeyStore for Store {
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.insert_key(key),
+            Store::Postgres(s) => s.insert_key(key),
+        }
+    }
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.list_keys(),
+            Store::Postgres(s) => s.list_keys(),
+        }
+    }
+    fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.get_key(kid),
+            Store::Postgres(s) => s.get_key(kid),
+        }
+    }
+    fn mark_destroyed(
+        &self,
+        kid: &str,
+        at: time::OffsetDateTime,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.mark_destroyed(kid, at, reason),
+            Store::Postgres(s) => s.mark_destroyed(kid, at, reason),
+        }
+    }
+}
+
+impl WarrantStore for Store {
+    fn register(&self, record: &WarrantRecord) -> Result<Registration, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.register(record),
+            Store::Postgres(s) => s.register(record),
+        }
+    }
+    fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.reserve(id, n),
+            Store::Postgres(s) => s.reserve(id, n),
+        }
+    }
+    fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.settle(reservation, opened),
+            Store::Postgres(s) => s.settle(reservation, opened),
+        }
+    }
+    fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.revoke(revocation),
+            Store::Postgres(s) => s.revoke(revocation),
+        }
+    }
+    fn revocation(&self, id: &str) -> Result<Option<Revocation>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.revocation(id),
+            Store::Postgres(s) => s.revocation(id),
+        }
+    }
+    fn spent(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.spent(id),
+            Store::Postgres(s) => s.spent(id),
+        }
+    }
+}
+
+impl AuditStore for Store {
+    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.append(batch),
+            Store::Postgres(s) => s.append(batch),
+        }
+    }
+    fn tree_size(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.tree_size(),
+            Store::Postgres(s) => s.tree_size(),
+        }
+    }
+    fn root(&self, size: u64) -> Result<merkle::Hash, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.root(size),
+            Store::Postgres(s) => s.root(size),
+        }
+    }
+    fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.leaves(start, end),
+            Store::Postgres(s) => s.leaves(start, end),
+        }
+    }
+    fn node_hashes(
+        &self,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<merkle::Hash>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.node_hashes(level, start, end),
+            Store::Postgres(s) => s.node_hashes(level, start, end),
+        }
+    }
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<merkle::Hash>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.inclusion_proof(index, size),
+            Store::Postgres(s) => s.inclusion_proof(index, size),
+        }
+    }
+    fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<merkle::Hash>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.consistency_proof(from, to),
+            Store::Postgres(s) => s.consistency_proof(from, to),
+        }
+    }
+    fn save_checkpoint(
+        &self,
+        size: u64,
+        note: &str,
+        at: time::OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.save_checkpoint(size, note, at),
+            Store::Postgres(s) => s.save_checkpoint(size, note, at),
+        }
+    }
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.latest_checkpoint(),
+            Store::Postgres(s) => s.latest_checkpoint(),
+        }
+    }
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.checkpoints(),
+            Store::Postgres(s) => s.checkpoints(),
+        }
+    }
+    fn audit_commits(&self) -> u64 {
+        match self {
+            Store::Sqlite(s) => s.audit_commits(),
+            Store::Postgres(s) => s.audit_commits(),
+        }
+    }
+}
 
 /// The SQLite store. One writer connection behind a mutex: SQLite serialises
 /// writers anyway, and one connection lets concurrent callers share a commit.
 #[derive(Debug)]
-pub struct Store {
+pub struct SqliteStore {
     path: PathBuf,
     conn: Mutex<Connection>,
     group: audit::GroupCommit,
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if absent) the database at `path`, sets WAL and
     /// `synchronous=FULL`, and applies pending migrations.
     ///
@@ -193,7 +460,7 @@ impl Store {
         let supported = MIGRATIONS.len() as i64;
         if version > supported {
             return Err(StoreError::SchemaTooNew {
-                path: path.to_path_buf(),
+                store: path.display().to_string(),
                 found: version,
                 supported,
             });
@@ -257,7 +524,7 @@ impl Store {
 
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
-            path: self.path.clone(),
+            store: self.path.display().to_string(),
             what: what.into(),
         }
     }
@@ -272,7 +539,7 @@ mod tests {
     fn check_writable_fails_while_another_connection_holds_the_write_lock() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lavd.db");
-        let store = Store::open(&path).unwrap();
+        let store = SqliteStore::open(&path).unwrap();
         store.check_writable(Duration::from_millis(50)).unwrap();
 
         let other = Connection::open(&path).unwrap();

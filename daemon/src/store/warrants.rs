@@ -16,13 +16,13 @@
 //! Revocation: `reserve` refuses a revoked `id`, but a revocation can commit
 //! between `reserve` and the settle. The audit append that settles an unwrap
 //! ([`super::Spend::Settle`]) therefore reads the revocation again in its own
-//! transaction (`Store::revoked_in`) and, if it finds one, spends nothing
+//! transaction (`SqliteStore::revoked_in`) and, if it finds one, spends nothing
 //! and records the would-be opened envelopes as denied `warrant_revoked`.
 
 use rusqlite::{params, OptionalExtension as _, Transaction, TransactionBehavior};
 use time::OffsetDateTime;
 
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 use crate::codec::{format_time, parse_time};
 
 /// What is recorded about a warrant the first time its `id` is seen.
@@ -56,7 +56,8 @@ pub enum Registration {
 
 /// Units of budget granted to one request, to be settled exactly once.
 /// Deliberately not `Clone`. If dropped unsettled, its units stay reserved
-/// until the process restarts: the budget is under-used, never exceeded.
+/// until the process restarts (SQLite) or its lease expires (PostgreSQL,
+/// `reservation_lease_secs`): the budget is under-used, never exceeded.
 #[derive(Debug, PartialEq, Eq)]
 #[must_use = "a reservation must be settled, or its units stay reserved until restart"]
 pub struct Reservation {
@@ -67,6 +68,21 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// A reservation a backend granted; `token` names its row, if any.
+    pub(super) fn new(id: &str, requested: u64, granted: u64, token: Option<i64>) -> Self {
+        Self {
+            id: id.to_string(),
+            requested,
+            granted,
+            token,
+        }
+    }
+
+    /// The backend's handle on the reservation's row.
+    pub(super) fn token(&self) -> Option<i64> {
+        self.token
+    }
+
     /// The warrant `id`.
     pub fn id(&self) -> &str {
         &self.id
@@ -158,11 +174,11 @@ const CREATE_RESERVATIONS: &str = "CREATE TEMP TABLE IF NOT EXISTS warrant_reser
     granted    INTEGER NOT NULL CHECK (granted > 0)
 ) STRICT";
 
-fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
+pub(super) fn to_i64(v: u64, what: &'static str) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::OutOfRange(what))
 }
 
-impl Store {
+impl SqliteStore {
     fn to_u64(&self, v: i64, what: &str) -> Result<u64, StoreError> {
         u64::try_from(v).map_err(|_| self.corrupt(format!("negative {what}")))
     }
@@ -310,7 +326,7 @@ impl Store {
     }
 }
 
-impl WarrantStore for Store {
+impl WarrantStore for SqliteStore {
     fn register(&self, record: &WarrantRecord) -> Result<Registration, StoreError> {
         let max = to_i64(record.max_unwraps, "max_unwraps")?;
         let mut conn = self.conn();
@@ -514,9 +530,9 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, Store) {
+    fn open() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("lavd.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("lavd.db")).unwrap();
         (dir, store)
     }
 

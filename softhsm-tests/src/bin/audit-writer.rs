@@ -21,7 +21,7 @@ fn main() {
     let config = std::path::Path::new(&args[1]);
     let threads: usize = args[2].parse().expect("THREADS");
     let settings = Settings::load(config, &ProcessEnv).expect("config");
-    let store = Arc::new(Store::open(&settings.store_path).expect("store"));
+    let store = Arc::new(Store::open_settings(&settings.store).expect("store"));
     let hsm = Hsm::open(settings.hsm).expect("hsm");
     let log = AuditLog::new(
         store,

@@ -1,0 +1,113 @@
+//! `lavd store`: schema management for the configured store.
+
+use std::path::PathBuf;
+
+use clap::Subcommand;
+
+use super::ConfigArg;
+use crate::store::{PgStore, SqliteStore, StoreSettings, SQLITE_SCHEMA_VERSION};
+
+/// `lavd store …`
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// Apply pending schema migrations to the configured store (SQLite or
+    /// PostgreSQL) and print the schema version. Refuses a schema newer than
+    /// this binary. `lavd serve` also migrates at start.
+    Migrate {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Copy an SQLite store into a new, empty PostgreSQL database: key
+    /// metadata, warrants and budgets, revocations, the whole log and its
+    /// checkpoints, in one transaction. The log is re-verified on the way
+    /// (every checkpoint's signature under `--key` and its root against the
+    /// copied leaves; the root must come out identical). Refuses a target
+    /// that is not empty; an interrupted copy commits nothing, so it is safe
+    /// to run again. Stop the daemon that uses the SQLite file first.
+    Copy {
+        /// The SQLite database file.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The target, a `postgresql://` URL as in `[store] url`.
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// File holding the target's password.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Environment variable holding the target's password.
+        #[arg(long, value_name = "VAR")]
+        password_env: Option<String>,
+        /// CA of the target server's certificate (for `sslmode=verify-full`).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
+        /// The audit log's verifier key (`lavd audit key`).
+        #[arg(long, value_name = "VKEY")]
+        key: String,
+    },
+}
+
+impl StoreCommand {
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// A bad config (exit 64) or the store's error.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            StoreCommand::Migrate { config } => {
+                let settings = config.load()?;
+                let (store, version) = match &settings.store {
+                    StoreSettings::Sqlite { path } => {
+                        SqliteStore::open(path)?;
+                        (path.display().to_string(), SQLITE_SCHEMA_VERSION)
+                    }
+                    StoreSettings::Postgres(pg) => {
+                        let store = PgStore::connect(pg)?;
+                        (store.describe().to_string(), store.migrate()?)
+                    }
+                };
+                println!("{store}: schema version {version}");
+                Ok(())
+            }
+            StoreCommand::Copy {
+                from,
+                to,
+                password_file,
+                password_env,
+                ca_file,
+                key,
+            } => {
+                let target = crate::config::postgres_target(
+                    to,
+                    password_file,
+                    password_env,
+                    ca_file,
+                    &crate::config::ProcessEnv,
+                )?;
+                let StoreSettings::Postgres(pg) = target else {
+                    anyhow::bail!("--to must be a postgresql:// URL");
+                };
+                let key = crate::audit::note::VerifierKey::parse(&key)
+                    .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+                if !from.is_file() {
+                    anyhow::bail!("--from {}: no such file", from.display());
+                }
+                let source = SqliteStore::open(&from)?;
+                let target = PgStore::connect(&pg)?;
+                let report = target.copy_from_sqlite(&source, &key)?;
+                println!(
+                    "copied {} keys, {} warrants, {} revocations, {} leaves and {} checkpoints \
+                     from {} to {}; root {}",
+                    report.keys,
+                    report.warrants,
+                    report.revocations,
+                    report.leaves,
+                    report.checkpoints,
+                    from.display(),
+                    target.describe(),
+                    crate::codec::b64_encode(report.root)
+                );
+                Ok(())
+            }
+        }
+    }
+}

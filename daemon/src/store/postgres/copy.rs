@@ -1,0 +1,326 @@
+//! `lavd store copy`: an SQLite store into an empty PostgreSQL one, in one
+//! PostgreSQL transaction.
+//!
+//! Copied: key metadata, warrants (first-seen payloads, budgets with their
+//! `spent`), revocations, every audit leaf and every saved checkpoint.
+//! Not copied: the subtree hashes, which are recomputed from the leaves
+//! here; and reservations (per-process in SQLite, gone with the process).
+//!
+//! The log is re-verified while copying: each leaf's `seq` is its index,
+//! every stored checkpoint's signature verifies under the audit key and its
+//! root equals the root recomputed from the copied leaves, and the
+//! recomputed root of the whole tree equals SQLite's. Anything else aborts
+//! the transaction. The target must be empty; an interrupted copy commits
+//! nothing, so running it again is safe.
+
+use postgres::Transaction;
+
+use super::{PgNodes, PgStore};
+use crate::audit::merkle;
+use crate::audit::note::{self, VerifierKey};
+use crate::store::{AuditStore as _, SqliteStore, StoreError};
+
+/// What a copy moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyReport {
+    /// Escrow key records.
+    pub keys: u64,
+    /// Warrants.
+    pub warrants: u64,
+    /// Revocations.
+    pub revocations: u64,
+    /// Audit leaves (the tree size).
+    pub leaves: u64,
+    /// Saved checkpoints, each verified.
+    pub checkpoints: u64,
+    /// The RFC 6962 root of the whole tree, identical on both sides.
+    pub root: merkle::Hash,
+}
+
+/// Leaves per insert.
+const CHUNK: usize = 1000;
+
+impl PgStore {
+    /// Copies `from` into this (empty) store; see the module doc.
+    ///
+    /// # Errors
+    /// [`StoreError::CopyRefused`] for a non-empty target or a log that does
+    /// not verify; the backends' errors. Nothing is committed on error.
+    pub fn copy_from_sqlite(
+        &self,
+        from: &SqliteStore,
+        key: &VerifierKey,
+    ) -> Result<CopyReport, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+        // Keep any lavd already pointed at the target from appending.
+        self.size_in(&mut tx, true)?;
+        let used: i64 = tx
+            .query_one(
+                "SELECT (SELECT count(*) FROM escrow_keys) + (SELECT count(*) FROM warrants)
+                      + (SELECT count(*) FROM warrant_revocations)
+                      + (SELECT count(*) FROM audit_leaves)
+                      + (SELECT count(*) FROM audit_checkpoints)",
+                &[],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))?;
+        if used > 0 {
+            return Err(StoreError::CopyRefused(format!(
+                "the target {} is not empty ({used} rows); copy only into a new database",
+                self.describe
+            )));
+        }
+        let sqlite = from.conn();
+        // One read transaction: a consistent snapshot of the source.
+        sqlite
+            .execute_batch("BEGIN")
+            .map_err(|e| from.sqlite_err(e))?;
+        let result = self.copy_rows(&sqlite, from, &mut tx, key);
+        let _ = sqlite.execute_batch("ROLLBACK");
+        drop(sqlite);
+        let report = result?;
+        // The source's own stored tree, read once its connection is free:
+        // the root must be identical.
+        if from.tree_size()? != report.leaves || from.root(report.leaves)? != report.root {
+            return Err(StoreError::CopyRefused(
+                "the source's stored tree does not match its leaves".into(),
+            ));
+        }
+        tx.commit().map_err(|e| self.pg_err(e))?;
+        Ok(report)
+    }
+
+    fn copy_rows(
+        &self,
+        sqlite: &rusqlite::Connection,
+        from: &SqliteStore,
+        tx: &mut Transaction<'_>,
+        key: &VerifierKey,
+    ) -> Result<CopyReport, StoreError> {
+        let se = |e| from.sqlite_err(e);
+        let refused = |what: String| StoreError::CopyRefused(what);
+
+        let mut keys = 0;
+        let mut stmt = sqlite
+            .prepare(
+                "SELECT kid, public_sec1, not_before, not_after, destroy_after, created_at,
+                        destroyed_at, destroy_reason FROM escrow_keys ORDER BY kid",
+            )
+            .map_err(se)?;
+        let mut rows = stmt.query([]).map_err(se)?;
+        while let Some(r) = rows.next().map_err(se)? {
+            let kid: String = r.get(0).map_err(se)?;
+            let sec1: Vec<u8> = r.get(1).map_err(se)?;
+            let times: [String; 4] = [
+                r.get(2).map_err(se)?,
+                r.get(3).map_err(se)?,
+                r.get(4).map_err(se)?,
+                r.get(5).map_err(se)?,
+            ];
+            let [nb, na, da, ca] = &times;
+            let dd: Option<String> = r.get(6).map_err(se)?;
+            let dr: Option<String> = r.get(7).map_err(se)?;
+            tx.execute(
+                "INSERT INTO escrow_keys (kid, public_sec1, not_before, not_after, destroy_after,
+                                          created_at, destroyed_at, destroy_reason)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&kid, &sec1, &nb, &na, &da, &ca, &dd, &dr],
+            )
+            .map_err(|e| self.pg_err(e))?;
+            keys += 1;
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut warrants = 0;
+        let mut stmt = sqlite
+            .prepare(
+                "SELECT id, payload_digest, normalized_digest, emergency, max_unwraps, spent,
+                        first_seen, upgraded_at FROM warrants ORDER BY id",
+            )
+            .map_err(se)?;
+        let mut rows = stmt.query([]).map_err(se)?;
+        while let Some(r) = rows.next().map_err(se)? {
+            let id: String = r.get(0).map_err(se)?;
+            let pd: Vec<u8> = r.get(1).map_err(se)?;
+            let nd: Vec<u8> = r.get(2).map_err(se)?;
+            let em: bool = r.get(3).map_err(se)?;
+            let max: i64 = r.get(4).map_err(se)?;
+            let spent: i64 = r.get(5).map_err(se)?;
+            let fs: String = r.get(6).map_err(se)?;
+            let up: Option<String> = r.get(7).map_err(se)?;
+            tx.execute(
+                "INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
+                                       max_unwraps, spent, first_seen, upgraded_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                &[&id, &pd, &nd, &em, &max, &spent, &fs, &up],
+            )
+            .map_err(|e| self.pg_err(e))?;
+            warrants += 1;
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut revocations = 0;
+        let mut stmt = sqlite
+            .prepare(
+                "SELECT id, reason, revoked_by, revoked_at FROM warrant_revocations ORDER BY id",
+            )
+            .map_err(se)?;
+        let mut rows = stmt.query([]).map_err(se)?;
+        while let Some(r) = rows.next().map_err(se)? {
+            let (id, reason, by, at): (String, String, String, String) = (
+                r.get(0).map_err(se)?,
+                r.get(1).map_err(se)?,
+                r.get(2).map_err(se)?,
+                r.get(3).map_err(se)?,
+            );
+            tx.execute(
+                "INSERT INTO warrant_revocations (id, reason, revoked_by, revoked_at)
+                 VALUES ($1, $2, $3, $4)",
+                &[&id, &reason, &by, &at],
+            )
+            .map_err(|e| self.pg_err(e))?;
+            revocations += 1;
+        }
+        drop(rows);
+        drop(stmt);
+
+        // The leaves, in order, with the tree recomputed as they go in.
+        let mut size: u64 = 0;
+        let mut stmt = sqlite
+            .prepare("SELECT idx, leaf FROM audit_leaves ORDER BY idx")
+            .map_err(se)?;
+        let mut rows = stmt.query([]).map_err(se)?;
+        let mut chunk: Vec<Vec<u8>> = Vec::with_capacity(CHUNK);
+        loop {
+            let row = rows.next().map_err(se)?;
+            if let Some(r) = row {
+                let idx: i64 = r.get(0).map_err(se)?;
+                let leaf: Vec<u8> = r.get(1).map_err(se)?;
+                let expected = size + chunk.len() as u64;
+                if u64::try_from(idx).ok() != Some(expected) {
+                    return Err(refused(format!(
+                        "the source log has leaf {idx} where leaf {expected} should be"
+                    )));
+                }
+                let seq = serde_json::from_slice::<serde_json::Value>(&leaf)
+                    .ok()
+                    .and_then(|v| v.get("seq").and_then(serde_json::Value::as_u64));
+                if seq != Some(expected) {
+                    return Err(refused(format!(
+                        "the source leaf {expected} does not carry seq {expected}"
+                    )));
+                }
+                chunk.push(leaf);
+            }
+            let last = row.is_none();
+            if chunk.len() == CHUNK || (last && !chunk.is_empty()) {
+                self.insert_leaves(tx, size, &chunk)?;
+                size += chunk.len() as u64;
+                chunk.clear();
+            }
+            if last {
+                break;
+            }
+        }
+        drop(rows);
+        drop(stmt);
+        tx.execute(
+            "UPDATE audit_head SET size = $1 WHERE id = 1",
+            &[&i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?],
+        )
+        .map_err(|e| self.pg_err(e))?;
+
+        // Every checkpoint: signed by the audit key, and a root of the
+        // recomputed tree.
+        let mut checkpoints = 0;
+        let mut stmt = sqlite
+            .prepare("SELECT size, note, signed_at FROM audit_checkpoints ORDER BY size")
+            .map_err(se)?;
+        let stored = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(se)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(se)?;
+        drop(stmt);
+        for (cp_size, text, signed_at) in stored {
+            let cp_size = u64::try_from(cp_size)
+                .map_err(|_| refused(format!("negative checkpoint size {cp_size}")))?;
+            let cp = note::verify_checkpoint(&text, key).map_err(|e| {
+                refused(format!(
+                    "the stored checkpoint of size {cp_size} does not verify under the audit key: {e}"
+                ))
+            })?;
+            if cp.size != cp_size || cp.size > size {
+                return Err(refused(format!(
+                    "the stored checkpoint filed under size {cp_size} says size {} (tree {size})",
+                    cp.size
+                )));
+            }
+            let root = {
+                let reader = PgNodes {
+                    client: std::cell::RefCell::new(&mut *tx),
+                    store: self,
+                };
+                merkle::root(&reader, cp.size).map_err(Self::tree_err)?
+            };
+            if root != cp.root {
+                return Err(refused(format!(
+                    "the leaves do not hash to the checkpoint of size {cp_size}: the source log \
+                     was altered"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES ($1, $2, $3)",
+                &[
+                    &i64::try_from(cp_size).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    &text,
+                    &signed_at,
+                ],
+            )
+            .map_err(|e| self.pg_err(e))?;
+            checkpoints += 1;
+        }
+        let root = {
+            let reader = PgNodes {
+                client: std::cell::RefCell::new(&mut *tx),
+                store: self,
+            };
+            merkle::root(&reader, size).map_err(Self::tree_err)?
+        };
+        Ok(CopyReport {
+            keys,
+            warrants,
+            revocations,
+            leaves: size,
+            checkpoints,
+            root,
+        })
+    }
+
+    fn insert_leaves(
+        &self,
+        tx: &mut Transaction<'_>,
+        first: u64,
+        leaves: &[Vec<u8>],
+    ) -> Result<(), StoreError> {
+        let indices = (0..leaves.len() as u64)
+            .map(|i| i64::try_from(first + i).map_err(|_| StoreError::OutOfRange("audit index")))
+            .collect::<Result<Vec<_>, _>>()?;
+        tx.execute(
+            "INSERT INTO audit_leaves (idx, leaf) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
+            &[&indices, &leaves],
+        )
+        .map_err(|e| self.pg_err(e))?;
+        let hashes: Vec<_> = leaves.iter().map(|l| merkle::leaf_hash(l)).collect();
+        self.insert_nodes(tx, first, &hashes)
+    }
+}

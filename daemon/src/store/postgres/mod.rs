@@ -1,0 +1,1284 @@
+//! The PostgreSQL store (`[store] url`): one database shared by several
+//! `lavd serve` replicas.
+//!
+//! # What it guarantees, whatever the number of replicas
+//!
+//! Every rule is enforced by the database, inside one transaction, never by
+//! a read in one statement and a write decided from it in another:
+//!
+//! - **Budget.** `warrants.spent` carries `CHECK (spent <= max_unwraps)`, and
+//!   the spend is a conditional `UPDATE … WHERE spent + n <= max_unwraps` in
+//!   the same transaction as the unwrap's audit leaves. Reservations are rows
+//!   (`warrant_reservations`) with a lease (`expires_at`, database clock,
+//!   `reservation_lease_secs`, default 300 s): `reserve` locks the warrant
+//!   row (`FOR UPDATE`), counts only unexpired reservations and deletes the
+//!   expired ones. A replica killed between reserve and settle therefore
+//!   holds its units for at most the lease, never longer. A request that
+//!   outlives its lease can still not overspend: the conditional `UPDATE` is
+//!   the final guard, and then it fails with 503 and releases nothing.
+//! - **One log.** The append transaction locks the single `audit_head` row
+//!   (`FOR UPDATE`), takes the tree size from it, writes the leaves and
+//!   subtree hashes and advances it: leaves get contiguous indices in commit
+//!   order across replicas, in one RFC 6962 tree. Nothing about the tree is
+//!   cached in memory across transactions. Each replica still group-commits:
+//!   the batches queued while its previous transaction ran share one commit.
+//! - **Revocation.** The settle reads `warrant_revocations` inside the append
+//!   transaction, after taking the head lock that every revocation's own
+//!   append also takes: a revocation committed before it is seen, from any
+//!   replica, and then nothing is spent or released.
+//! - **First-seen payload, urgent → full.** `INSERT … ON CONFLICT DO
+//!   NOTHING` records the first payload; the urgent → full replacement is one
+//!   conditional `UPDATE … WHERE emergency AND normalized_digest = …`, so two
+//!   replicas racing on one id agree on one outcome.
+//! - **Keys.** `kid` is the primary key (a duplicate insert fails on the
+//!   constraint); destruction is `UPDATE … WHERE destroyed_at IS NULL`, so two
+//!   retention jobs at once keep the first record and do no harm.
+//!
+//! # Failure
+//!
+//! Connections come from a bounded pool (`pool_size`, waited for at most
+//! `pool_wait_secs`); every statement runs under `statement_timeout`, so no
+//! request waits on the database past those bounds. A transaction that fails
+//! on a serialization failure or a deadlock (SQLSTATE 40001, 40P01) is
+//! retried up to [`MAX_RETRIES`] times and counted ([`PgStore::retries`]).
+//! A lost connection is discarded and a new one opened on the next call, so
+//! the store reconnects by itself when the server returns. A transaction cut
+//! by a server restart is rolled back by PostgreSQL: no partial commit.
+//!
+//! Durability is the server's: a commit is durable when PostgreSQL says so,
+//! which with the default `synchronous_commit = on` means flushed to its WAL
+//! (and to a synchronous standby, if one is configured; see OPERATIONS).
+//!
+//! Schema: versioned migrations recorded in `schema_version`, applied at
+//! start under an advisory lock (so replicas starting together migrate once)
+//! or by `lavd store migrate`. A database whose schema is newer than this
+//! binary is refused ([`StoreError::SchemaTooNew`]).
+
+pub mod copy;
+mod pool;
+pub mod tls;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use postgres::error::SqlState;
+use postgres::{GenericClient, Transaction};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use super::audit::{GroupCommit, Pending};
+use super::warrants::to_i64;
+use super::{
+    Appended, AuditAppend, AuditStore, KeyRecord, KeyStore, Registration, Reservation, Revocation,
+    Spend, StoreError, WarrantRecord, WarrantStore,
+};
+use crate::audit::leaf::DenyReason;
+use crate::audit::merkle::{self, Hash, HashReader, TreeError};
+use crate::codec::{format_time, parse_time};
+use crate::jwk::P256PublicKey;
+use pool::{Pool, Tls};
+
+/// How many times a transaction that hit a serialization failure or a
+/// deadlock is run again before the error is returned.
+pub const MAX_RETRIES: u32 = 3;
+
+/// `[store]` for PostgreSQL, validated.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    /// The URL as configured (it holds no password: the config refuses one).
+    pub url: String,
+    /// From `password_file` or `password_env`; held zeroized.
+    pub password: Option<Zeroizing<String>>,
+    /// The CA that signs the server's certificate (needed unless
+    /// `sslmode=disable`).
+    pub ca_file: Option<PathBuf>,
+    /// Most connections this process opens.
+    pub pool_size: usize,
+    /// Longest wait for a free connection.
+    pub pool_wait: Duration,
+    /// PostgreSQL's `statement_timeout` (and `lock_timeout`) for every
+    /// statement.
+    pub statement_timeout: Duration,
+    /// How long an unsettled reservation holds its units.
+    pub reservation_lease: Duration,
+}
+
+impl std::fmt::Debug for PgSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgSettings")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .field("pool_size", &self.pool_size)
+            .field("pool_wait", &self.pool_wait)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("reservation_lease", &self.reservation_lease)
+            .finish()
+    }
+}
+
+/// The `sslmode` values lavd accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    /// No TLS (a local socket, or a network the operator vouches for).
+    Disable,
+    /// TLS, the certificate verified against `ca_file` and the host name.
+    VerifyFull,
+}
+
+/// A parsed `[store] url`.
+#[derive(Debug)]
+pub struct ParsedUrl {
+    /// The client's configuration (sslmode removed and set by us).
+    pub config: postgres::Config,
+    /// The TLS mode.
+    pub sslmode: SslMode,
+    /// `host:port/dbname`, for messages.
+    pub describe: String,
+}
+
+/// Parses a `postgresql://` URL. `sslmode` is `verify-full` (the default)
+/// or `disable`; the weaker libpq modes (`prefer`, `require`, `verify-ca`)
+/// are refused, since they do not check whom the store talks to. A password
+/// in the URL is refused (use `password_file` or `password_env`).
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn parse_url(url: &str) -> Result<ParsedUrl, String> {
+    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+        return Err("must be a postgresql:// URL".into());
+    }
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let mut sslmode = SslMode::VerifyFull;
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("sslmode", "verify-full")) => sslmode = SslMode::VerifyFull,
+            Some(("sslmode", "disable")) => sslmode = SslMode::Disable,
+            Some(("sslmode", other)) => {
+                return Err(format!(
+                    "sslmode={other} is refused: use verify-full (with ca_file) or disable"
+                ))
+            }
+            Some(("password", _)) => {
+                return Err("holds a password: use password_file or password_env".into())
+            }
+            _ => rest.push(pair),
+        }
+    }
+    let cleaned = if rest.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}?{}", rest.join("&"))
+    };
+    let mut config: postgres::Config = cleaned.parse().map_err(|e| format!("{e}"))?;
+    if config.get_password().is_some() {
+        return Err("holds a password: use password_file or password_env".into());
+    }
+    if config.get_user().is_none() {
+        return Err("names no user (postgresql://USER@host/db)".into());
+    }
+    let Some(dbname) = config.get_dbname().map(str::to_string) else {
+        return Err("names no database (postgresql://user@host/DB)".into());
+    };
+    let host = match config.get_hosts() {
+        [postgres::config::Host::Tcp(h)] => h.clone(),
+        [] => return Err("names no host".into()),
+        [_] => return Err("names a Unix socket; lavd connects over TCP".into()),
+        _ => return Err("names several hosts; give one (a load balancer or the primary)".into()),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    config.ssl_mode(match sslmode {
+        SslMode::Disable => postgres::config::SslMode::Disable,
+        SslMode::VerifyFull => postgres::config::SslMode::Require,
+    });
+    Ok(ParsedUrl {
+        config,
+        sslmode,
+        describe: format!("postgresql://{host}:{port}/{dbname}"),
+    })
+}
+
+/// The schema, one migration per entry, recorded in `schema_version`.
+/// Append only: never edit a migration that has shipped.
+const MIGRATIONS: &[&str] = &[
+    // 1: everything, as in SQLite's migrations 1–3, plus the reservation
+    // leases and the log head that replicas need.
+    "CREATE TABLE escrow_keys (
+        kid            TEXT PRIMARY KEY,
+        public_sec1    BYTEA NOT NULL,
+        not_before     TEXT NOT NULL,
+        not_after      TEXT NOT NULL,
+        destroy_after  TEXT NOT NULL,
+        created_at     TEXT NOT NULL,
+        destroyed_at   TEXT,
+        destroy_reason TEXT
+    );
+    CREATE TABLE warrants (
+        id                TEXT PRIMARY KEY,
+        payload_digest    BYTEA NOT NULL CHECK (octet_length(payload_digest) = 32),
+        normalized_digest BYTEA NOT NULL CHECK (octet_length(normalized_digest) = 32),
+        emergency         BOOLEAN NOT NULL,
+        max_unwraps       BIGINT NOT NULL CHECK (max_unwraps > 0),
+        spent             BIGINT NOT NULL CHECK (spent >= 0 AND spent <= max_unwraps),
+        first_seen        TEXT NOT NULL,
+        upgraded_at       TEXT
+    );
+    CREATE TABLE warrant_revocations (
+        id          TEXT PRIMARY KEY,
+        reason      TEXT NOT NULL,
+        revoked_by  TEXT NOT NULL,
+        revoked_at  TEXT NOT NULL
+    );
+    CREATE TABLE warrant_reservations (
+        token       BIGSERIAL PRIMARY KEY,
+        warrant_id  TEXT NOT NULL REFERENCES warrants (id),
+        granted     BIGINT NOT NULL CHECK (granted > 0),
+        expires_at  TIMESTAMPTZ NOT NULL
+    );
+    CREATE INDEX warrant_reservations_by_warrant ON warrant_reservations (warrant_id, expires_at);
+    CREATE TABLE audit_head (
+        id    SMALLINT PRIMARY KEY CHECK (id = 1),
+        size  BIGINT NOT NULL CHECK (size >= 0)
+    );
+    INSERT INTO audit_head (id, size) VALUES (1, 0);
+    CREATE TABLE audit_leaves (
+        idx  BIGINT PRIMARY KEY CHECK (idx >= 0),
+        leaf BYTEA NOT NULL
+    );
+    CREATE TABLE audit_nodes (
+        level SMALLINT NOT NULL CHECK (level BETWEEN 0 AND 63),
+        idx   BIGINT NOT NULL CHECK (idx >= 0),
+        hash  BYTEA NOT NULL CHECK (octet_length(hash) = 32),
+        PRIMARY KEY (level, idx)
+    );
+    CREATE TABLE audit_checkpoints (
+        size      BIGINT PRIMARY KEY CHECK (size >= 0),
+        note      TEXT NOT NULL,
+        signed_at TEXT NOT NULL
+    );",
+];
+
+/// The advisory lock key that serialises migrations across replicas
+/// (`lavd` in ASCII).
+const MIGRATION_LOCK: i64 = 0x6c61_7664;
+
+/// The PostgreSQL store.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: Pool,
+    describe: String,
+    lease: Duration,
+    group: GroupCommit,
+    retries: AtomicU64,
+}
+
+/// Whether `e` is worth running the transaction again.
+fn retryable(e: &StoreError) -> bool {
+    matches!(e, StoreError::Postgres { source, .. }
+        if source.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            || source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
+}
+
+impl PgStore {
+    /// Connects (one connection, to migrate) and applies pending migrations.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] if the server cannot be reached or refuses;
+    /// [`StoreError::SchemaTooNew`]; [`StoreError::Unavailable`] for a
+    /// `ca_file` that cannot be used.
+    pub fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
+        let store = Self::new(settings)?;
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The store without touching the server (connections open on demand).
+    fn new(settings: &PgSettings) -> Result<Self, StoreError> {
+        let unusable = |reason: String| StoreError::Unavailable {
+            store: settings.url.clone(),
+            reason,
+        };
+        let parsed = parse_url(&settings.url).map_err(unusable)?;
+        let describe = parsed.describe.clone();
+        let mut config = parsed.config;
+        if let Some(password) = &settings.password {
+            config.password(password.as_bytes());
+        }
+        let ms = settings.statement_timeout.as_millis().max(1);
+        config.options(&format!(
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            ms.saturating_mul(4)
+        ));
+        config.connect_timeout(settings.pool_wait);
+        config.keepalives(true);
+        config.application_name("lavd");
+        let tls = match parsed.sslmode {
+            SslMode::Disable => Tls::Disabled,
+            SslMode::VerifyFull => {
+                let Some(ca) = &settings.ca_file else {
+                    return Err(unusable("sslmode=verify-full needs ca_file".into()));
+                };
+                let pem = std::fs::read(ca)
+                    .map_err(|e| unusable(format!("cannot read {}: {e}", ca.display())))?;
+                Tls::VerifyFull(
+                    tls::RustlsConnect::new(&pem)
+                        .map_err(|e| unusable(format!("{}: {e}", ca.display())))?,
+                )
+            }
+        };
+        Ok(Self {
+            pool: Pool::new(
+                config,
+                tls,
+                settings.pool_size,
+                settings.pool_wait,
+                describe.clone(),
+            ),
+            describe,
+            lease: settings.reservation_lease,
+            group: GroupCommit::default(),
+            retries: AtomicU64::new(0),
+        })
+    }
+
+    /// `postgresql://host:port/dbname`.
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// Transactions retried after a serialization failure or a deadlock.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    fn pg_err(&self, source: postgres::Error) -> StoreError {
+        StoreError::Postgres {
+            store: self.describe.clone(),
+            source,
+        }
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            store: self.describe.clone(),
+            what: what.into(),
+        }
+    }
+
+    /// Applies pending migrations, under an advisory lock so that replicas
+    /// starting together do it once. Returns the schema version.
+    ///
+    /// # Errors
+    /// [`StoreError::SchemaTooNew`], [`StoreError::Postgres`].
+    pub fn migrate(&self) -> Result<i64, StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .map_err(|e| self.pg_err(e))?;
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (
+                version    INTEGER PRIMARY KEY,
+                applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+            )",
+        )
+        .map_err(|e| self.pg_err(e))?;
+        let found: i32 = tx
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))?;
+        let supported = MIGRATIONS.len() as i64;
+        if i64::from(found) > supported {
+            return Err(StoreError::SchemaTooNew {
+                store: self.describe.clone(),
+                found: i64::from(found),
+                supported,
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            tx.batch_execute(sql).map_err(|e| self.pg_err(e))?;
+            let version = i as i32 + 1;
+            tx.execute(
+                "INSERT INTO schema_version (version) VALUES ($1)",
+                &[&version],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        }
+        tx.commit().map_err(|e| self.pg_err(e))?;
+        Ok(supported)
+    }
+
+    /// Whether a write could start now: a connection within `wait`, to a
+    /// primary (not a read-only standby), with the schema in place.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Postgres`].
+    pub fn check_writable(&self, wait: Duration) -> Result<(), StoreError> {
+        let mut conn = self.pool.get_within(wait)?;
+        let row = conn
+            .query_one(
+                "SELECT pg_is_in_recovery(), (SELECT size FROM audit_head WHERE id = 1)",
+                &[],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        let standby: bool = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        if standby {
+            return Err(StoreError::Unavailable {
+                store: self.describe.clone(),
+                reason: "the server is a read-only standby".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in a transaction and commits, running it again (up to
+    /// [`MAX_RETRIES`] times) after a serialization failure or a deadlock.
+    fn with_tx<T>(
+        &self,
+        mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let result = (|| {
+                let mut conn = self.pool.get()?;
+                let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+                let value = f(&mut tx)?;
+                tx.commit().map_err(|e| self.pg_err(e))?;
+                Ok(value)
+            })();
+            match result {
+                Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One read on a pooled connection.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.pool.get()?;
+        f(&mut conn)
+    }
+
+    fn to_u64(&self, v: i64, what: &str) -> Result<u64, StoreError> {
+        u64::try_from(v).map_err(|_| self.corrupt(format!("negative {what}")))
+    }
+
+    fn digest(&self, bytes: Vec<u8>, what: &str) -> Result<[u8; 32], StoreError> {
+        bytes
+            .try_into()
+            .map_err(|_| self.corrupt(format!("warrants.{what} is not 32 bytes")))
+    }
+
+    fn lease_secs(&self) -> f64 {
+        self.lease.as_secs_f64()
+    }
+}
+
+// ---- keys -----------------------------------------------------------------
+
+const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
+
+impl PgStore {
+    fn key_from_row(&self, row: &postgres::Row) -> Result<KeyRecord, StoreError> {
+        let text = |i: usize| -> Result<String, StoreError> {
+            row.try_get::<_, String>(i).map_err(|e| self.pg_err(e))
+        };
+        let time = |i: usize| -> Result<OffsetDateTime, StoreError> {
+            parse_time(&text(i)?).map_err(|_| self.corrupt(format!("escrow_keys column {i}")))
+        };
+        let sec1: Vec<u8> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+        let destroyed_at: Option<String> = row.try_get(6).map_err(|e| self.pg_err(e))?;
+        Ok(KeyRecord {
+            kid: text(0)?,
+            public: P256PublicKey::from_sec1(&sec1)
+                .map_err(|_| self.corrupt("escrow_keys.public_sec1"))?,
+            not_before: time(2)?,
+            not_after: time(3)?,
+            destroy_after: time(4)?,
+            created_at: time(5)?,
+            destroyed_at: destroyed_at
+                .map(|t| parse_time(&t))
+                .transpose()
+                .map_err(|_| self.corrupt("escrow_keys.destroyed_at"))?,
+            destroy_reason: row.try_get(7).map_err(|e| self.pg_err(e))?,
+        })
+    }
+
+    fn insert_key_in(
+        &self,
+        tx: &mut impl GenericClient,
+        key: &KeyRecord,
+    ) -> Result<(), StoreError> {
+        let sec1 = key.public.sec1();
+        let result = tx.execute(
+            &format!(
+                "INSERT INTO escrow_keys ({KEY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, NULL)"
+            ),
+            &[
+                &key.kid,
+                &sec1.as_slice(),
+                &format_time(key.not_before),
+                &format_time(key.not_after),
+                &format_time(key.destroy_after),
+                &format_time(key.created_at),
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                Err(StoreError::DuplicateKid(key.kid.clone()))
+            }
+            Err(e) => Err(self.pg_err(e)),
+        }
+    }
+
+    fn mark_destroyed_in(
+        &self,
+        tx: &mut impl GenericClient,
+        kid: &str,
+        at: OffsetDateTime,
+        reason: &str,
+    ) -> Result<bool, StoreError> {
+        let changed = tx
+            .execute(
+                "UPDATE escrow_keys SET destroyed_at = $2, destroy_reason = $3
+                 WHERE kid = $1 AND destroyed_at IS NULL",
+                &[&kid, &format_time(at), &reason],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        Ok(changed == 1)
+    }
+}
+
+impl KeyStore for PgStore {
+    fn insert_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+        self.with_tx(|tx| self.insert_key_in(tx, key))
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.read(|c| {
+            let rows = c
+                .query(
+                    &format!("SELECT {KEY_COLUMNS} FROM escrow_keys ORDER BY kid"),
+                    &[],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            rows.iter().map(|r| self.key_from_row(r)).collect()
+        })
+    }
+
+    fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
+        self.read(|c| {
+            let row = c
+                .query_opt(
+                    &format!("SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = $1"),
+                    &[&kid],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            row.map(|r| self.key_from_row(&r)).transpose()
+        })
+    }
+
+    fn mark_destroyed(
+        &self,
+        kid: &str,
+        at: OffsetDateTime,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let changed = self.with_tx(|tx| self.mark_destroyed_in(tx, kid, at, reason))?;
+        if !changed && self.get_key(kid)?.is_none() {
+            return Err(StoreError::UnknownKid(kid.to_string()));
+        }
+        Ok(())
+    }
+}
+
+// ---- warrants -------------------------------------------------------------
+
+impl PgStore {
+    /// Deletes the reservation's row and spends `opened`, refusing in SQL to
+    /// pass `max_unwraps`. A row already gone means its lease expired and
+    /// another reservation may hold those units now: the conditional
+    /// `UPDATE` alone then decides.
+    fn settle_in(
+        &self,
+        tx: &mut impl GenericClient,
+        reservation: &Reservation,
+        opened: u64,
+    ) -> Result<(), StoreError> {
+        if opened > reservation.granted() {
+            return Err(StoreError::SettleExceedsReservation {
+                granted: reservation.granted(),
+                opened,
+            });
+        }
+        if let Some(token) = reservation.token() {
+            tx.execute(
+                "DELETE FROM warrant_reservations WHERE token = $1 AND warrant_id = $2",
+                &[&token, &reservation.id()],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        }
+        if opened > 0 {
+            let updated = tx
+                .execute(
+                    "UPDATE warrants SET spent = spent + $2
+                     WHERE id = $1 AND spent + $2 <= max_unwraps",
+                    &[&reservation.id(), &to_i64(opened, "opened")?],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            if updated != 1 {
+                return Err(StoreError::BudgetOverrun(reservation.id().to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Frees a reservation whose settle failed. Best effort: the lease frees
+    /// it anyway.
+    fn give_back(&self, reservation: &Reservation) {
+        if let Some(token) = reservation.token() {
+            if let Ok(mut conn) = self.pool.get() {
+                let _ = conn.execute(
+                    "DELETE FROM warrant_reservations WHERE token = $1",
+                    &[&token],
+                );
+            }
+        }
+    }
+
+    fn revoked_in(&self, tx: &mut impl GenericClient, id: &str) -> Result<bool, StoreError> {
+        let row = tx
+            .query_opt("SELECT 1 FROM warrant_revocations WHERE id = $1", &[&id])
+            .map_err(|e| self.pg_err(e))?;
+        Ok(row.is_some())
+    }
+
+    fn revoke_in(
+        &self,
+        tx: &mut impl GenericClient,
+        revocation: &Revocation,
+    ) -> Result<bool, StoreError> {
+        let inserted = tx
+            .execute(
+                "INSERT INTO warrant_revocations (id, reason, revoked_by, revoked_at)
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING",
+                &[
+                    &revocation.id,
+                    &revocation.reason,
+                    &revocation.revoked_by,
+                    &format_time(revocation.revoked_at),
+                ],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        Ok(inserted == 1)
+    }
+}
+
+impl WarrantStore for PgStore {
+    fn register(&self, record: &WarrantRecord) -> Result<Registration, StoreError> {
+        let max = to_i64(record.max_unwraps, "max_unwraps")?;
+        let payload = record.payload_digest.as_slice();
+        let normalized = record.normalized_digest.as_slice();
+        let seen = format_time(record.seen_at);
+        self.with_tx(|tx| {
+            // First seen: the primary key decides between racing replicas.
+            let inserted = tx
+                .execute(
+                    "INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
+                                           max_unwraps, spent, first_seen, upgraded_at)
+                     VALUES ($1, $2, $3, $4, $5, 0, $6, NULL) ON CONFLICT (id) DO NOTHING",
+                    &[&record.id, &payload, &normalized, &record.emergency, &max, &seen],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            if inserted == 1 {
+                return Ok(Registration::New);
+            }
+            // Urgent → full: one conditional write; of two racing
+            // replacements the second finds `emergency` false and falls
+            // through to `Known`.
+            if !record.emergency {
+                let upgraded = tx
+                    .execute(
+                        "UPDATE warrants SET payload_digest = $2, emergency = FALSE, upgraded_at = $3
+                         WHERE id = $1 AND emergency AND normalized_digest = $4
+                           AND max_unwraps = $5 AND payload_digest <> $2",
+                        &[&record.id, &payload, &seen, &normalized, &max],
+                    )
+                    .map_err(|e| self.pg_err(e))?;
+                if upgraded == 1 {
+                    return Ok(Registration::Upgraded);
+                }
+            }
+            // The row can change only by the one-way urgent → full update
+            // above, so this classifies against its final state.
+            let row = tx
+                .query_one(
+                    "SELECT payload_digest, normalized_digest, emergency, max_unwraps
+                     FROM warrants WHERE id = $1",
+                    &[&record.id],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            let stored_payload = self.digest(row.try_get(0).map_err(|e| self.pg_err(e))?, "payload_digest")?;
+            let stored_normalized =
+                self.digest(row.try_get(1).map_err(|e| self.pg_err(e))?, "normalized_digest")?;
+            let emergency: bool = row.try_get(2).map_err(|e| self.pg_err(e))?;
+            let stored_max: i64 = row.try_get(3).map_err(|e| self.pg_err(e))?;
+            if stored_payload == record.payload_digest {
+                Ok(Registration::Known)
+            } else if stored_normalized != record.normalized_digest || stored_max != max {
+                Err(StoreError::WarrantIdConflict(record.id.clone()))
+            } else if !emergency && record.emergency {
+                Err(StoreError::EmergencySuperseded(record.id.clone()))
+            } else {
+                Err(StoreError::WarrantIdConflict(record.id.clone()))
+            }
+        })
+    }
+
+    fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError> {
+        let lease = self.lease_secs();
+        self.with_tx(|tx| {
+            // The row lock orders every reservation of this warrant, from
+            // every replica.
+            let row = tx
+                .query_opt(
+                    "SELECT max_unwraps, spent FROM warrants WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .map_err(|e| self.pg_err(e))?
+                .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
+            let max: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+            let spent: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            if self.revoked_in(tx, id)? {
+                return Err(StoreError::WarrantRevoked(id.to_string()));
+            }
+            tx.execute(
+                "DELETE FROM warrant_reservations WHERE warrant_id = $1 AND expires_at <= now()",
+                &[&id],
+            )
+            .map_err(|e| self.pg_err(e))?;
+            let reserved: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM warrant_reservations
+                     WHERE warrant_id = $1 AND expires_at > now()",
+                    &[&id],
+                )
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| self.pg_err(e))?;
+            let (max, spent, reserved) = (
+                self.to_u64(max, "max_unwraps")?,
+                self.to_u64(spent, "spent")?,
+                self.to_u64(reserved, "reserved")?,
+            );
+            // A late settle (past its lease) may leave spent + reserved
+            // above max for a while: nothing is then available.
+            let available = max.saturating_sub(spent).saturating_sub(reserved);
+            let granted = n.min(available);
+            let token = if granted > 0 {
+                let token: i64 = tx
+                    .query_one(
+                        "INSERT INTO warrant_reservations (warrant_id, granted, expires_at)
+                         VALUES ($1, $2, now() + make_interval(secs => $3))
+                         RETURNING token",
+                        &[&id, &to_i64(granted, "granted")?, &lease],
+                    )
+                    .and_then(|r| r.try_get(0))
+                    .map_err(|e| self.pg_err(e))?;
+                Some(token)
+            } else {
+                None
+            };
+            Ok(Reservation::new(id, n, granted, token))
+        })
+    }
+
+    fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
+        let result = self.with_tx(|tx| self.settle_in(tx, &reservation, opened));
+        if result.is_err() {
+            self.give_back(&reservation);
+        }
+        result
+    }
+
+    fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
+        self.with_tx(|tx| self.revoke_in(tx, revocation))
+    }
+
+    fn revocation(&self, id: &str) -> Result<Option<Revocation>, StoreError> {
+        let row = self.read(|c| {
+            c.query_opt(
+                "SELECT reason, revoked_by, revoked_at FROM warrant_revocations WHERE id = $1",
+                &[&id],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        row.map(|row| {
+            let at: String = row.try_get(2).map_err(|e| self.pg_err(e))?;
+            Ok(Revocation {
+                id: id.to_string(),
+                reason: row.try_get(0).map_err(|e| self.pg_err(e))?,
+                revoked_by: row.try_get(1).map_err(|e| self.pg_err(e))?,
+                revoked_at: parse_time(&at)
+                    .map_err(|_| self.corrupt("warrant_revocations.revoked_at"))?,
+            })
+        })
+        .transpose()
+    }
+
+    fn spent(&self, id: &str) -> Result<Option<u64>, StoreError> {
+        let spent: Option<i64> = self.read(|c| {
+            c.query_opt("SELECT spent FROM warrants WHERE id = $1", &[&id])
+                .map_err(|e| self.pg_err(e))?
+                .map(|r| r.try_get(0).map_err(|e| self.pg_err(e)))
+                .transpose()
+        })?;
+        spent.map(|s| self.to_u64(s, "spent")).transpose()
+    }
+}
+
+// ---- audit ----------------------------------------------------------------
+
+/// Complete-subtree hashes read through a client or a transaction (which
+/// then sees its own earlier batches' nodes).
+struct PgNodes<'a, C> {
+    client: RefCell<&'a mut C>,
+    store: &'a PgStore,
+}
+
+impl<C: GenericClient> HashReader for PgNodes<'_, C> {
+    type Error = StoreError;
+
+    fn subtree(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
+        let idx = i64::try_from(index).map_err(|_| StoreError::OutOfRange("audit index"))?;
+        let row = self
+            .client
+            .borrow_mut()
+            .query_opt(
+                "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
+                &[&i16::from(level), &idx],
+            )
+            .map_err(|e| self.store.pg_err(e))?;
+        let hash: Vec<u8> = row
+            .ok_or_else(|| {
+                self.store
+                    .corrupt(format!("audit_nodes ({level}, {index}) is missing"))
+            })?
+            .try_get(0)
+            .map_err(|e| self.store.pg_err(e))?;
+        hash.try_into().map_err(|_| {
+            self.store
+                .corrupt(format!("audit_nodes ({level}, {index}) is not 32 bytes"))
+        })
+    }
+}
+
+impl PgStore {
+    fn size_in(&self, c: &mut impl GenericClient, lock: bool) -> Result<u64, StoreError> {
+        let sql = if lock {
+            "SELECT size FROM audit_head WHERE id = 1 FOR UPDATE"
+        } else {
+            "SELECT size FROM audit_head WHERE id = 1"
+        };
+        let size: i64 = c
+            .query_opt(sql, &[])
+            .map_err(|e| self.pg_err(e))?
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?
+            .try_get(0)
+            .map_err(|e| self.pg_err(e))?;
+        self.to_u64(size, "audit_head.size")
+    }
+
+    fn tree_err(e: TreeError<StoreError>) -> StoreError {
+        match e {
+            TreeError::Reader(e) => e,
+            other => StoreError::BadProofRequest(other.to_string()),
+        }
+    }
+
+    /// Appends one batch inside `tx` (a savepoint of the group's
+    /// transaction, which holds the head lock). Returns `(newly_revoked,
+    /// revoked_in_flight)`.
+    fn append_in(
+        &self,
+        tx: &mut Transaction<'_>,
+        batch: &AuditAppend,
+        first: u64,
+    ) -> Result<(bool, bool), StoreError> {
+        // As in SQLite: the revocation check that counts is this one, under
+        // the head lock that every revocation's append also takes.
+        let mut revoked = None;
+        let newly_revoked = match &batch.spend {
+            Spend::None => false,
+            Spend::Settle {
+                reservation,
+                opened,
+            } => {
+                if self.revoked_in(tx, reservation.id())? {
+                    self.settle_in(tx, reservation, 0)?;
+                    revoked = Some(reservation.id());
+                } else {
+                    self.settle_in(tx, reservation, *opened)?;
+                }
+                false
+            }
+            Spend::Revoke(revocation) => self.revoke_in(tx, revocation)?,
+            Spend::InsertKey(record) => {
+                self.insert_key_in(tx, record)?;
+                false
+            }
+            Spend::DestroyKey { kid, at, reason } => {
+                self.mark_destroyed_in(tx, kid, *at, reason)?;
+                false
+            }
+        };
+        let mut indices = Vec::with_capacity(batch.events.len());
+        let mut leaves = Vec::with_capacity(batch.events.len());
+        let mut hashes = Vec::with_capacity(batch.events.len());
+        for (i, event) in batch.events.iter().enumerate() {
+            let seq = first + i as u64;
+            let denied =
+                revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
+            let leaf = denied
+                .as_ref()
+                .unwrap_or(event)
+                .to_leaf(seq, batch.time)
+                .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
+            hashes.push(merkle::leaf_hash(&leaf));
+            indices.push(i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?);
+            leaves.push(leaf);
+        }
+        tx.execute(
+            "INSERT INTO audit_leaves (idx, leaf) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
+            &[&indices, &leaves],
+        )
+        .map_err(|e| self.pg_err(e))?;
+        self.insert_nodes(tx, first, &hashes)?;
+        Ok((newly_revoked, revoked.is_some()))
+    }
+
+    /// Writes the subtree hashes that leaves `first..` (hashed as `hashes`)
+    /// complete, reading earlier ones through `tx`.
+    fn insert_nodes(
+        &self,
+        tx: &mut Transaction<'_>,
+        first: u64,
+        hashes: &[Hash],
+    ) -> Result<(), StoreError> {
+        let nodes = {
+            let reader = PgNodes {
+                client: RefCell::new(&mut *tx),
+                store: self,
+            };
+            merkle::appended_nodes_batch(first, hashes, &reader).map_err(Self::tree_err)?
+        };
+        let mut levels = Vec::with_capacity(nodes.len());
+        let mut idxs = Vec::with_capacity(nodes.len());
+        let mut node_hashes = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            levels.push(i16::from(node.level));
+            idxs.push(
+                i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?,
+            );
+            node_hashes.push(node.hash.to_vec());
+        }
+        tx.execute(
+            "INSERT INTO audit_nodes (level, idx, hash)
+             SELECT * FROM UNNEST($1::SMALLINT[], $2::BIGINT[], $3::BYTEA[])",
+            &[&levels, &idxs, &node_hashes],
+        )
+        .map_err(|e| self.pg_err(e))?;
+        Ok(())
+    }
+
+    /// One attempt at committing a group: every batch in its own savepoint,
+    /// the head advanced, one commit. `Err` means nothing committed.
+    fn try_group(
+        &self,
+        group: &[Pending],
+    ) -> Result<(u64, Vec<Result<Appended, StoreError>>), StoreError> {
+        let mut conn = self.pool.get()?;
+        let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+        let mut size = self.size_in(&mut tx, true)?;
+        let mut results = Vec::with_capacity(group.len());
+        for pending in group {
+            let batch = pending.batch();
+            let first = size;
+            let count = batch.events.len() as u64;
+            let result = (|| {
+                let mut sp = tx.savepoint("batch").map_err(|e| self.pg_err(e))?;
+                let flags = self.append_in(&mut sp, batch, first)?;
+                sp.commit().map_err(|e| self.pg_err(e))?;
+                Ok(flags)
+            })();
+            match result {
+                Ok((newly_revoked, revoked_in_flight)) => {
+                    size += count;
+                    results.push(Ok(Appended {
+                        first_index: first,
+                        count,
+                        tree_size: 0,
+                        newly_revoked,
+                        revoked_in_flight,
+                    }));
+                }
+                // The whole group is run again.
+                Err(e) if retryable(&e) => return Err(e),
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        tx.execute(
+            "UPDATE audit_head SET size = $1 WHERE id = 1",
+            &[&i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?],
+        )
+        .map_err(|e| self.pg_err(e))?;
+        tx.commit().map_err(|e| self.pg_err(e))?;
+        Ok((size, results))
+    }
+
+    fn commit_group(&self, group: Vec<Pending>) {
+        let mut attempt = 0;
+        let outcome = loop {
+            match self.try_group(&group) {
+                Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                other => break other,
+            }
+        };
+        match outcome {
+            Ok((size, results)) => {
+                self.group.committed();
+                for (pending, mut result) in group.into_iter().zip(results) {
+                    if let Ok(a) = result.as_mut() {
+                        a.tree_size = size;
+                    }
+                    if result.is_err() {
+                        self.give_back_spend(&pending.batch().spend);
+                    }
+                    pending.answer(result);
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for pending in group {
+                    self.give_back_spend(&pending.batch().spend);
+                    pending.answer(Err(StoreError::CommitFailed(message.clone())));
+                }
+            }
+        }
+    }
+
+    fn give_back_spend(&self, spend: &Spend) {
+        if let Spend::Settle { reservation, .. } = spend {
+            self.give_back(reservation);
+        }
+    }
+
+    /// Runs `f` with a tree-reading client and the current tree size.
+    fn with_tree<T>(
+        &self,
+        f: impl FnOnce(&PgNodes<'_, postgres::Client>, u64) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.read(|c| {
+            let tree = self.size_in(c, false)?;
+            let reader = PgNodes {
+                client: RefCell::new(c),
+                store: self,
+            };
+            f(&reader, tree)
+        })
+    }
+}
+
+impl AuditStore for PgStore {
+    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+        self.group
+            .submit(batch, |batches| self.commit_group(batches))
+    }
+
+    fn tree_size(&self) -> Result<u64, StoreError> {
+        self.read(|c| self.size_in(c, false))
+    }
+
+    fn root(&self, size: u64) -> Result<Hash, StoreError> {
+        self.with_tree(|reader, tree| {
+            if size > tree {
+                return Err(StoreError::BadProofRequest(format!(
+                    "size {size} exceeds the tree size {tree}"
+                )));
+            }
+            merkle::root(reader, size).map_err(Self::tree_err)
+        })
+    }
+
+    fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let (start, end) = (to_i(start)?, to_i(end)?);
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT idx, leaf FROM audit_leaves WHERE idx >= $1 AND idx < $2 ORDER BY idx",
+                &[&start, &end],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        rows.iter()
+            .map(|row| {
+                let idx: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+                let leaf: Vec<u8> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+                Ok((self.to_u64(idx, "audit index")?, leaf))
+            })
+            .collect()
+    }
+
+    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let (first, last) = (to_i(start)?, to_i(end)?);
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT idx, hash FROM audit_nodes WHERE level = $1 AND idx >= $2 AND idx < $3 \
+                 ORDER BY idx",
+                &[&i16::from(level), &first, &last],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (expected, row) in (start..end).zip(rows.iter()) {
+            let idx: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+            if self.to_u64(idx, "audit index")? != expected {
+                return Err(self.corrupt(format!("audit_nodes ({level}, {expected}) is missing")));
+            }
+            let hash: Vec<u8> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            out.push(hash.try_into().map_err(|_| {
+                self.corrupt(format!("audit_nodes ({level}, {idx}) is not 32 bytes"))
+            })?);
+        }
+        if (out.len() as u64) < end.saturating_sub(start) {
+            return Err(self.corrupt(format!(
+                "audit_nodes ({level}, {}) is missing",
+                start + out.len() as u64
+            )));
+        }
+        Ok(out)
+    }
+
+    fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
+        self.with_tree(|reader, tree| {
+            if size > tree || index >= size {
+                return Err(StoreError::BadProofRequest(format!(
+                    "need index < size <= {tree}, got index {index}, size {size}"
+                )));
+            }
+            merkle::inclusion_proof(reader, index, size).map_err(Self::tree_err)
+        })
+    }
+
+    fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError> {
+        self.with_tree(|reader, tree| {
+            if from > to || to > tree {
+                return Err(StoreError::BadProofRequest(format!(
+                    "need from <= to <= {tree}, got from {from}, to {to}"
+                )));
+            }
+            merkle::consistency_proof(reader, from, to).map_err(Self::tree_err)
+        })
+    }
+
+    fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError> {
+        let size = i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        // Two replicas may sign the same size: with one key and one tree
+        // their notes are identical (Ed25519 is deterministic), and the
+        // first is kept.
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (size) DO NOTHING",
+                &[&size, &note, &format_time(at)],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        Ok(())
+    }
+
+    fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
+        let row = self.read(|c| {
+            c.query_opt(
+                "SELECT size, note FROM audit_checkpoints ORDER BY size DESC LIMIT 1",
+                &[],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        row.map(|row| {
+            let size: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+            let note: String = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            Ok((self.to_u64(size, "checkpoint size")?, note))
+        })
+        .transpose()
+    }
+
+    fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT size, note FROM audit_checkpoints ORDER BY size",
+                &[],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        rows.iter()
+            .map(|row| {
+                let size: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+                let note: String = row.try_get(1).map_err(|e| self.pg_err(e))?;
+                Ok((self.to_u64(size, "checkpoint size")?, note))
+            })
+            .collect()
+    }
+
+    fn audit_commits(&self) -> u64 {
+        self.group.commits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_parsed_strictly() {
+        let ok = parse_url("postgresql://lavd@db.example:5433/lavd?sslmode=verify-full").unwrap();
+        assert_eq!(ok.sslmode, SslMode::VerifyFull);
+        assert_eq!(ok.describe, "postgresql://db.example:5433/lavd");
+        assert_eq!(
+            parse_url("postgresql://lavd@db.example/lavd")
+                .unwrap()
+                .sslmode,
+            SslMode::VerifyFull
+        );
+        assert_eq!(
+            parse_url("postgresql://lavd@localhost/lavd?sslmode=disable")
+                .unwrap()
+                .sslmode,
+            SslMode::Disable
+        );
+        for (url, why) in [
+            ("mysql://x@h/d", "postgresql://"),
+            ("postgresql://lavd:secret@h/d", "password"),
+            ("postgresql://lavd@h/d?password=x", "password"),
+            ("postgresql://lavd@h/d?sslmode=require", "sslmode=require"),
+            ("postgresql://lavd@h/d?sslmode=prefer", "sslmode=prefer"),
+            ("postgresql://h/d", "no user"),
+            ("postgresql://lavd@h", "no database"),
+        ] {
+            let e = parse_url(url).unwrap_err();
+            assert!(e.contains(why), "{url}: {e}");
+        }
+    }
+}

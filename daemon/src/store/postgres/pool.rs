@@ -1,0 +1,179 @@
+//! A bounded pool of synchronous PostgreSQL connections.
+//!
+//! At most `pool_size` connections are open; a caller waits at most
+//! `pool_wait` for one (then [`StoreError::Unavailable`]). A connection the
+//! server closed (restart, network loss, `idle_in_transaction` timeout) is
+//! dropped when it comes back and a new one is opened on demand, which is
+//! how the store reconnects by itself. Connections are opened on demand;
+//! `lavd serve` still needs the database once at start (to migrate and to
+//! check the log against its newest checkpoint), so a replica does not start
+//! while the database is down, but one that runs survives it.
+
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use postgres::{Client, NoTls};
+
+use super::tls::RustlsConnect;
+use crate::store::StoreError;
+
+/// How connections are secured.
+#[derive(Debug, Clone)]
+pub(super) enum Tls {
+    /// `sslmode=disable`.
+    Disabled,
+    /// `sslmode=verify-full`.
+    VerifyFull(RustlsConnect),
+}
+
+pub(super) struct Pool {
+    config: postgres::Config,
+    tls: Tls,
+    size: usize,
+    wait: Duration,
+    describe: String,
+    state: Mutex<State>,
+    freed: Condvar,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("store", &self.describe)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+struct State {
+    idle: Vec<Client>,
+    /// Connections open, idle or lent.
+    open: usize,
+}
+
+/// A lent connection; goes back to the pool on drop unless it is closed.
+pub(super) struct Conn<'a> {
+    pool: &'a Pool,
+    client: Option<Client>,
+}
+
+impl std::ops::Deref for Conn<'_> {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        // Some from construction until drop.
+        self.client.as_ref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for Conn<'_> {
+    fn deref_mut(&mut self) -> &mut Client {
+        self.client.as_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for Conn<'_> {
+    fn drop(&mut self) {
+        let mut state = self.pool.lock();
+        match self.client.take() {
+            Some(client) if !client.is_closed() => state.idle.push(client),
+            _ => state.open -= 1,
+        }
+        drop(state);
+        self.pool.freed.notify_one();
+    }
+}
+
+impl Pool {
+    pub(super) fn new(
+        config: postgres::Config,
+        tls: Tls,
+        size: usize,
+        wait: Duration,
+        describe: String,
+    ) -> Self {
+        Self {
+            config,
+            tls,
+            size,
+            wait,
+            describe,
+            state: Mutex::new(State {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the counts consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection, waiting at most `min(pool_wait, wait)`.
+    pub(super) fn get_within(&self, wait: Duration) -> Result<Conn<'_>, StoreError> {
+        let deadline = Instant::now() + wait.min(self.wait);
+        let mut state = self.lock();
+        loop {
+            if let Some(client) = state.idle.pop() {
+                if client.is_closed() {
+                    state.open -= 1;
+                    continue;
+                }
+                return Ok(Conn {
+                    pool: self,
+                    client: Some(client),
+                });
+            }
+            if state.open < self.size {
+                state.open += 1;
+                drop(state);
+                return match self.connect() {
+                    Ok(client) => Ok(Conn {
+                        pool: self,
+                        client: Some(client),
+                    }),
+                    Err(e) => {
+                        self.lock().open -= 1;
+                        self.freed.notify_one();
+                        Err(e)
+                    }
+                };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(StoreError::Unavailable {
+                    store: self.describe.clone(),
+                    reason: format!(
+                        "no database connection became free within {} ms (pool_size {})",
+                        self.wait.as_millis(),
+                        self.size
+                    ),
+                });
+            }
+            state = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// A connection, waiting at most `pool_wait`.
+    pub(super) fn get(&self) -> Result<Conn<'_>, StoreError> {
+        self.get_within(self.wait)
+    }
+
+    fn connect(&self) -> Result<Client, StoreError> {
+        let result = match &self.tls {
+            Tls::Disabled => self.config.connect(NoTls),
+            Tls::VerifyFull(tls) => self.config.connect(tls.clone()),
+        };
+        result.map_err(|source| StoreError::Postgres {
+            store: self.describe.clone(),
+            source,
+        })
+    }
+}

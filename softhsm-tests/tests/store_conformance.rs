@@ -1,0 +1,795 @@
+//! One store conformance suite, run against both backends: SQLite (one
+//! process, one store) and PostgreSQL (a fresh database per test, and
+//! several `Store`s on it standing in for replicas). Then the rules only
+//! PostgreSQL has: reservation leases, the schema version, an unreachable
+//! server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use lavd::audit::leaf::{Digest, Event, KeyGenerated, Unwrap, UnwrapOutcome, WarrantRef};
+use lavd::audit::merkle::{self, MemoryTree};
+use lavd::codec::parse_time;
+use lavd::jwk::P256PrivateKey;
+use lavd::store::{
+    AuditAppend, AuditStore, KeyRecord, KeyStore, PgStore, Registration, Revocation, Spend, Store,
+    StoreError, StoreSettings, WarrantRecord, WarrantStore,
+};
+use softhsm_tests::pg::TestDb;
+use time::OffsetDateTime;
+
+/// A database and how to open stores on it.
+enum Backend {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestDb),
+}
+
+impl Backend {
+    fn sqlite() -> Self {
+        Backend::Sqlite(tempfile::tempdir().unwrap())
+    }
+
+    fn postgres() -> Self {
+        Backend::Postgres(TestDb::create())
+    }
+
+    fn open(&self) -> Store {
+        match self {
+            Backend::Sqlite(dir) => Store::open(&dir.path().join("lavd.db")).unwrap(),
+            Backend::Postgres(db) => {
+                Store::open_settings(&StoreSettings::Postgres(db.settings())).unwrap()
+            }
+        }
+    }
+
+    /// The stores that share the database concurrently: three "replicas"
+    /// on PostgreSQL; one on SQLite (one process per file).
+    fn replicas(&self) -> Vec<Store> {
+        match self {
+            Backend::Sqlite(_) => vec![self.open()],
+            Backend::Postgres(_) => (0..3).map(|_| self.open()).collect(),
+        }
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(&super::Backend::sqlite()); })*
+        }
+        mod postgres {
+            $(#[test] fn $name() { super::$name(&super::Backend::postgres()); })*
+        }
+    };
+}
+
+conformance!(
+    kids_are_unique_and_the_first_destruction_is_kept,
+    warrant_ids_are_first_seen_and_only_urgent_to_full_may_change,
+    racing_registrations_agree_on_one_outcome,
+    grants_are_partial_and_failed_settles_give_back,
+    the_budget_is_exact_under_concurrent_replicas,
+    a_settle_after_a_committed_revocation_opens_nothing,
+    concurrent_appends_land_contiguously_in_one_log,
+    stored_roots_and_proofs_match_an_independent_tree,
+    checkpoints_are_kept_by_size,
+);
+
+fn now() -> OffsetDateTime {
+    parse_time("2026-12-05T10:00:00Z").unwrap()
+}
+
+fn key_record(kid: &str) -> KeyRecord {
+    KeyRecord {
+        kid: kid.into(),
+        public: P256PrivateKey::generate().unwrap().public().clone(),
+        not_before: now(),
+        not_after: now() + time::Duration::days(30),
+        destroy_after: now() + time::Duration::days(365),
+        created_at: now(),
+        destroyed_at: None,
+        destroy_reason: None,
+    }
+}
+
+fn key_event(i: usize) -> Event {
+    KeyGenerated::new(
+        &format!("k{i}"),
+        parse_time("2026-12-01T00:00:00Z").unwrap(),
+        parse_time("2027-01-01T00:00:00Z").unwrap(),
+        parse_time("2028-01-01T00:00:00Z").unwrap(),
+        None,
+    )
+    .unwrap()
+    .into()
+}
+
+fn batch(events: Vec<Event>) -> AuditAppend {
+    AuditAppend {
+        events,
+        time: now(),
+        spend: Spend::None,
+    }
+}
+
+fn record(id: &str, payload: u8, normalized: u8, emergency: bool, max: u64) -> WarrantRecord {
+    WarrantRecord {
+        id: id.into(),
+        payload_digest: [payload; 32],
+        normalized_digest: [normalized; 32],
+        emergency,
+        max_unwraps: max,
+        seen_at: now(),
+    }
+}
+
+fn event(id: &str, outcome: UnwrapOutcome) -> Event {
+    let w = WarrantRef {
+        id,
+        digest: Digest::of_warrant_payload(b"payload"),
+        emergency: false,
+    };
+    Unwrap::new(
+        "spiffe://agency.example/lea",
+        &w,
+        Some("2026-12"),
+        Some(Digest::of_envelope(b"{}", &[4; 65])),
+        outcome,
+    )
+    .unwrap()
+    .into()
+}
+
+fn opened(id: &str) -> Event {
+    event(id, UnwrapOutcome::Opened)
+}
+
+fn revocation(id: &str) -> AuditAppend {
+    AuditAppend {
+        events: vec![lavd::audit::leaf::Revocation::new(
+            "spiffe://vault.example/admin",
+            id,
+            "quashed",
+            None,
+        )
+        .unwrap()
+        .into()],
+        time: now(),
+        spend: Spend::Revoke(Revocation {
+            id: id.into(),
+            reason: "quashed".into(),
+            revoked_by: "spiffe://vault.example/admin".into(),
+            revoked_at: now(),
+        }),
+    }
+}
+
+fn kids_are_unique_and_the_first_destruction_is_kept(b: &Backend) {
+    let rec = key_record("2026-12");
+    {
+        let store = b.open();
+        store.insert_key(&rec).unwrap();
+        assert!(matches!(
+            store.insert_key(&rec),
+            Err(StoreError::DuplicateKid(k)) if k == "2026-12"
+        ));
+    }
+    let replicas = b.replicas();
+    for store in &replicas {
+        assert_eq!(store.list_keys().unwrap(), vec![rec.clone()]);
+    }
+    // Two retention jobs at once: one record, the first.
+    let at = rec.created_at + time::Duration::days(1);
+    std::thread::scope(|s| {
+        for store in &replicas {
+            s.spawn(move || store.mark_destroyed("2026-12", at, "retention").unwrap());
+        }
+    });
+    replicas[0]
+        .mark_destroyed("2026-12", at + time::Duration::days(1), "again")
+        .unwrap();
+    let got = replicas[replicas.len() - 1]
+        .get_key("2026-12")
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.destroyed_at, Some(at));
+    assert_eq!(got.destroy_reason.as_deref(), Some("retention"));
+    assert!(matches!(
+        replicas[0].mark_destroyed("nope", at, "x"),
+        Err(StoreError::UnknownKid(_))
+    ));
+    assert_eq!(replicas[0].get_key("nope").unwrap(), None);
+}
+
+fn warrant_ids_are_first_seen_and_only_urgent_to_full_may_change(b: &Backend) {
+    let store = b.open();
+    assert_eq!(
+        store.register(&record("a", 1, 9, false, 5)).unwrap(),
+        Registration::New
+    );
+    assert_eq!(
+        store.register(&record("a", 1, 9, false, 5)).unwrap(),
+        Registration::Known
+    );
+    assert!(matches!(
+        store.register(&record("a", 2, 9, false, 5)),
+        Err(StoreError::WarrantIdConflict(id)) if id == "a"
+    ));
+    assert!(matches!(
+        store.register(&record("a", 3, 9, true, 5)),
+        Err(StoreError::EmergencySuperseded(id)) if id == "a"
+    ));
+    assert_eq!(
+        store.register(&record("u", 1, 8, true, 5)).unwrap(),
+        Registration::New
+    );
+    assert!(matches!(
+        store.register(&record("u", 2, 8, true, 5)),
+        Err(StoreError::WarrantIdConflict(_))
+    ));
+    assert!(matches!(
+        store.register(&record("u", 3, 7, false, 5)),
+        Err(StoreError::WarrantIdConflict(_))
+    ));
+    // Same claims, another budget.
+    assert!(matches!(
+        store.register(&record("u", 3, 8, false, 6)),
+        Err(StoreError::WarrantIdConflict(_))
+    ));
+    let r = store.reserve("u", 2).unwrap();
+    store.settle(r, 2).unwrap();
+    assert_eq!(
+        store.register(&record("u", 4, 8, false, 5)).unwrap(),
+        Registration::Upgraded
+    );
+    assert_eq!(
+        store.register(&record("u", 4, 8, false, 5)).unwrap(),
+        Registration::Known
+    );
+    assert!(matches!(
+        store.register(&record("u", 1, 8, true, 5)),
+        Err(StoreError::EmergencySuperseded(_))
+    ));
+    assert_eq!(store.spent("u").unwrap(), Some(2));
+    assert_eq!(store.spent("never").unwrap(), None);
+}
+
+fn racing_registrations_agree_on_one_outcome(b: &Backend) {
+    let replicas = b.replicas();
+    for round in 0..5 {
+        let id = format!("race-{round}");
+        let outcomes = |rec: WarrantRecord| -> Vec<Registration> {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..12)
+                    .map(|t| {
+                        let store = &replicas[t % replicas.len()];
+                        let rec = rec.clone();
+                        s.spawn(move || store.register(&rec).unwrap())
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let first = outcomes(record(&id, 1, 8, true, 5));
+        assert_eq!(
+            first.iter().filter(|r| **r == Registration::New).count(),
+            1,
+            "{first:?}"
+        );
+        assert!(first
+            .iter()
+            .all(|r| matches!(r, Registration::New | Registration::Known)));
+        let upgrade = outcomes(record(&id, 2, 8, false, 5));
+        assert_eq!(
+            upgrade
+                .iter()
+                .filter(|r| **r == Registration::Upgraded)
+                .count(),
+            1,
+            "{upgrade:?}"
+        );
+        assert!(upgrade
+            .iter()
+            .all(|r| matches!(r, Registration::Upgraded | Registration::Known)));
+    }
+}
+
+fn grants_are_partial_and_failed_settles_give_back(b: &Backend) {
+    let store = b.open();
+    store.register(&record("w", 1, 1, false, 4)).unwrap();
+    let a = store.reserve("w", 3).unwrap();
+    assert_eq!((a.requested(), a.granted()), (3, 3));
+    let bb = store.reserve("w", 3).unwrap();
+    assert_eq!(bb.granted(), 1);
+    let c = store.reserve("w", 1).unwrap();
+    assert_eq!(c.granted(), 0);
+    store.settle(c, 0).unwrap();
+    store.settle(a, 2).unwrap();
+    let d = store.reserve("w", 5).unwrap();
+    assert_eq!(d.granted(), 1);
+    assert!(matches!(
+        store.settle(bb, 2),
+        Err(StoreError::SettleExceedsReservation {
+            granted: 1,
+            opened: 2
+        })
+    ));
+    let e = store.reserve("w", 5).unwrap();
+    assert_eq!(e.granted(), 1);
+    store.settle(d, 1).unwrap();
+    store.settle(e, 1).unwrap();
+    assert_eq!(store.spent("w").unwrap(), Some(4));
+    assert_eq!(store.reserve("w", 1).unwrap().granted(), 0);
+    assert!(matches!(
+        store.reserve("nope", 1),
+        Err(StoreError::UnknownWarrant(_))
+    ));
+}
+
+/// 24 threads spread over the replicas race for the last 10 units of a
+/// budget, round after round: exactly 10 are granted and spent, with their
+/// leaves, each round.
+fn the_budget_is_exact_under_concurrent_replicas(b: &Backend) {
+    let replicas = b.replicas();
+    const ROUNDS: usize = 10;
+    const THREADS: usize = 24;
+    for round in 0..ROUNDS {
+        let id = format!("W-{round}");
+        replicas[0].register(&record(&id, 1, 1, false, 50)).unwrap();
+        // Spend 40 first, leaving the last 10.
+        let r = replicas[0].reserve(&id, 40).unwrap();
+        replicas[0].settle(r, 40).unwrap();
+        let opened: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let store = &replicas[t % replicas.len()];
+                    let id = id.clone();
+                    s.spawn(move || {
+                        let r = store.reserve(&id, 1).unwrap();
+                        let granted = r.granted();
+                        let outcome = if granted == 1 {
+                            UnwrapOutcome::Opened
+                        } else {
+                            UnwrapOutcome::Denied(lavd::audit::leaf::DenyReason::BudgetExhausted)
+                        };
+                        store
+                            .append(AuditAppend {
+                                events: vec![event(&id, outcome)],
+                                time: now(),
+                                spend: Spend::Settle {
+                                    reservation: r,
+                                    opened: granted,
+                                },
+                            })
+                            .unwrap();
+                        granted as usize
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(opened, 10, "round {round}");
+        for store in &replicas {
+            assert_eq!(store.spent(&id).unwrap(), Some(50));
+        }
+    }
+}
+
+fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
+    let replicas = b.replicas();
+    let (a, z) = (&replicas[0], &replicas[replicas.len() - 1]);
+    a.register(&record("W-1", 1, 1, false, 10)).unwrap();
+    a.register(&record("W-2", 2, 2, false, 10)).unwrap();
+    let late = a.reserve("W-1", 2).unwrap();
+    let early = a.reserve("W-2", 1).unwrap();
+    let before = a
+        .append(AuditAppend {
+            events: vec![opened("W-2")],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: early,
+                opened: 1,
+            },
+        })
+        .unwrap();
+    assert!(!before.revoked_in_flight);
+    // The revocation commits through another replica.
+    let rev = z.append(revocation("W-1")).unwrap();
+    assert!(rev.newly_revoked);
+    assert!(!z.append(revocation("W-1")).unwrap().newly_revoked);
+    let after = a
+        .append(AuditAppend {
+            events: vec![
+                opened("W-1"),
+                event(
+                    "W-1",
+                    UnwrapOutcome::Denied(lavd::audit::leaf::DenyReason::OutOfWindow),
+                ),
+                opened("W-1"),
+            ],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: late,
+                opened: 2,
+            },
+        })
+        .unwrap();
+    assert!(after.revoked_in_flight);
+    assert!(after.first_index > rev.first_index);
+    assert_eq!(a.spent("W-1").unwrap(), Some(0));
+    assert_eq!(z.spent("W-2").unwrap(), Some(1));
+    let outcomes: Vec<(String, String)> = a
+        .leaves(after.first_index, after.first_index + after.count)
+        .unwrap()
+        .iter()
+        .map(|(_, leaf)| {
+            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+            (
+                v["outcome"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("denied", "warrant_revoked"),
+            ("denied", "out_of_window"),
+            ("denied", "warrant_revoked"),
+        ]
+        .map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    assert!(matches!(
+        a.reserve("W-1", 1),
+        Err(StoreError::WarrantRevoked(_))
+    ));
+    assert!(z.is_revoked("W-1").unwrap());
+}
+
+fn concurrent_appends_land_contiguously_in_one_log(b: &Backend) {
+    let replicas = b.replicas();
+    const THREADS: usize = 24;
+    const PER_THREAD: usize = 15;
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let store = &replicas[t % replicas.len()];
+                s.spawn(move || {
+                    (0..PER_THREAD)
+                        .map(|i| {
+                            store
+                                .append(batch(vec![key_event(t * 100 + i), key_event(t * 100 + i)]))
+                                .unwrap()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    let appends = THREADS * PER_THREAD;
+    let mut indices = BTreeSet::new();
+    for r in &results {
+        assert_eq!(r.count, 2);
+        assert!(r.tree_size >= r.first_index + r.count);
+        for i in r.first_index..r.first_index + r.count {
+            assert!(indices.insert(i), "index {i} used twice");
+        }
+    }
+    assert_eq!(indices.len(), 2 * appends);
+    assert_eq!(*indices.iter().next_back().unwrap(), 2 * appends as u64 - 1);
+    for store in &replicas {
+        assert_eq!(store.tree_size().unwrap(), 2 * appends as u64);
+    }
+    // Each replica still group-commits: far fewer transactions than appends.
+    let commits: u64 = replicas.iter().map(|s| s.audit_commits()).sum();
+    println!(
+        "{appends} appends in {commits} commits over {} stores",
+        replicas.len()
+    );
+    assert!(
+        commits * 2 <= appends as u64,
+        "{commits} commits for {appends} appends"
+    );
+    for (index, leaf) in replicas[0].leaves(0, 2 * appends as u64).unwrap() {
+        let v: serde_json::Value = serde_json::from_slice(&leaf).unwrap();
+        assert_eq!(v["seq"], index);
+    }
+}
+
+fn stored_roots_and_proofs_match_an_independent_tree(b: &Backend) {
+    let replicas = b.replicas();
+    let mut memory = MemoryTree::new();
+    let mut roots = vec![merkle::empty_root()];
+    for i in 0..40 {
+        let store = &replicas[i % replicas.len()];
+        let n = 1 + i % 3;
+        let a = store
+            .append(batch((0..n).map(|j| key_event(i * 10 + j)).collect()))
+            .unwrap();
+        for (_, leaf) in store
+            .leaves(a.first_index, a.first_index + a.count)
+            .unwrap()
+        {
+            memory.push_leaf(&leaf);
+            roots.push(merkle::root(&memory, memory.size()).unwrap());
+        }
+    }
+    let store = b.open();
+    let size = store.tree_size().unwrap();
+    assert_eq!(size, memory.size());
+    for s in [1, 2, 3, 7, 8, 9, 64, size] {
+        assert_eq!(store.root(s).unwrap(), roots[s as usize]);
+        for index in [0, s / 2, s - 1] {
+            let proof = store.inclusion_proof(index, s).unwrap();
+            assert_eq!(proof, merkle::inclusion_proof(&memory, index, s).unwrap());
+        }
+        for from in [0, 1, s / 3, s] {
+            let proof = store.consistency_proof(from, s).unwrap();
+            assert_eq!(proof, merkle::consistency_proof(&memory, from, s).unwrap());
+        }
+    }
+    // The hashes a C2SP tile is made of, in one range read: every level's
+    // complete subtrees, equal to the independent tree's; a range past the
+    // stored ones is an error, not a short answer.
+    for level in 0..=6u8 {
+        let count = size >> level;
+        let hashes = store.node_hashes(level, 0, count).unwrap();
+        let expected: Vec<_> = (0..count)
+            .map(|i| merkle::HashReader::subtree(&memory, level, i).unwrap())
+            .collect();
+        assert_eq!(hashes, expected, "level {level}");
+    }
+    assert!(store.node_hashes(0, 0, size + 1).is_err());
+    for err in [
+        store.root(size + 1).unwrap_err(),
+        store.inclusion_proof(size, size).unwrap_err(),
+        store.consistency_proof(2, 1).unwrap_err(),
+        store.consistency_proof(1, size + 1).unwrap_err(),
+    ] {
+        assert!(matches!(err, StoreError::BadProofRequest(_)), "{err}");
+    }
+}
+
+fn checkpoints_are_kept_by_size(b: &Backend) {
+    let replicas = b.replicas();
+    let (a, z) = (&replicas[0], &replicas[replicas.len() - 1]);
+    assert_eq!(a.latest_checkpoint().unwrap(), None);
+    a.save_checkpoint(3, "note three", now()).unwrap();
+    z.save_checkpoint(7, "note seven", now()).unwrap();
+    // The first note of a size is kept.
+    z.save_checkpoint(3, "other", now()).unwrap();
+    assert_eq!(
+        z.latest_checkpoint().unwrap(),
+        Some((7, "note seven".into()))
+    );
+    assert_eq!(
+        a.checkpoints().unwrap(),
+        vec![(3, "note three".into()), (7, "note seven".into())]
+    );
+}
+
+// ---- PostgreSQL only -------------------------------------------------------
+
+/// A replica killed between reserve and settle holds its units for the
+/// lease, no longer; and a settle that comes back after its lease expired
+/// and the units went to another request cannot overspend: the
+/// conditional UPDATE refuses it.
+#[test]
+fn postgres_reservation_leases_bound_a_dead_replicas_hold() {
+    let db = TestDb::create();
+    let lease = Duration::from_secs(2);
+    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
+    let (a, b) = (open(), open());
+    a.register(&record("L", 1, 1, false, 3)).unwrap();
+    let first = a.reserve("L", 1).unwrap();
+    a.settle(first, 1).unwrap();
+    // "Replica A dies" holding 2 units: its reservation is never settled.
+    let held = a.reserve("L", 2).unwrap();
+    assert_eq!(held.granted(), 2);
+    let started = Instant::now();
+    assert_eq!(b.reserve("L", 2).unwrap().granted(), 0);
+    // After the lease, replica B gets them.
+    while started.elapsed() < lease + Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken = b.reserve("L", 2).unwrap();
+    assert_eq!(taken.granted(), 2);
+    b.settle(taken, 2).unwrap();
+    assert_eq!(b.spent("L").unwrap(), Some(3));
+    // A's late settle: nothing is spent beyond the budget.
+    assert!(matches!(a.settle(held, 2), Err(StoreError::BudgetOverrun(id)) if id == "L"));
+    assert_eq!(a.spent("L").unwrap(), Some(3));
+    // And the CHECK holds even against a direct write.
+    let e = db
+        .client()
+        .execute("UPDATE warrants SET spent = 4 WHERE id = 'L'", &[])
+        .unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(&::postgres::error::SqlState::CHECK_VIOLATION),
+        "{e}"
+    );
+}
+
+#[test]
+fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
+    let db = TestDb::create();
+    let store = PgStore::connect(&db.settings()).unwrap();
+    assert_eq!(store.migrate().unwrap(), 1);
+    // Twice is harmless.
+    drop(store);
+    PgStore::connect(&db.settings()).unwrap();
+    let versions: Vec<i32> = db
+        .client()
+        .query("SELECT version FROM schema_version ORDER BY version", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(versions, [1]);
+    db.client()
+        .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
+        .unwrap();
+    let e = PgStore::connect(&db.settings()).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            StoreError::SchemaTooNew {
+                found: 99,
+                supported: 1,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn postgres_unreachable_fails_within_the_pool_wait() {
+    let db = TestDb::create();
+    let mut settings = db.settings();
+    // Nothing listens on port 1.
+    settings.url = settings.url.replace(":5432/", ":1/");
+    settings.pool_wait = Duration::from_secs(1);
+    let started = Instant::now();
+    let e = PgStore::connect(&settings).unwrap_err();
+    assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn postgres_pool_wait_is_bounded_when_every_connection_is_busy() {
+    let db = TestDb::create();
+    let mut settings = db.settings();
+    settings.pool_size = 1;
+    settings.pool_wait = Duration::from_millis(500);
+    let store = PgStore::connect(&settings).unwrap();
+    store.register(&record("P", 1, 1, false, 5)).unwrap();
+    // Hold the warrant row from outside: the one pooled connection blocks in
+    // reserve (until the statement timeout), and a second call cannot get a
+    // connection within the pool wait.
+    let mut outside = db.client();
+    let mut tx = outside.transaction().unwrap();
+    tx.execute("SELECT 1 FROM warrants WHERE id = 'P' FOR UPDATE", &[])
+        .unwrap();
+    std::thread::scope(|s| {
+        let blocked = s.spawn(|| store.reserve("P", 1));
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        let e = store.spent("P").unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // The blocked statement ends at the statement timeout (5 s), not
+        // later.
+        let e = blocked.join().unwrap().unwrap_err();
+        assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
+    });
+    tx.rollback().unwrap();
+    assert_eq!(store.spent("P").unwrap(), Some(0));
+}
+
+/// TLS to the server through rustls (`sslmode=verify-full`): the server's
+/// certificate (the cluster's own, from `SHOW ssl_cert_file`) verifies
+/// against `ca_file` and the host name, and the store works over it; a CA
+/// that did not sign it is refused before any query.
+#[test]
+fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
+    let db = TestDb::create();
+    let cert_file: String = db
+        .client()
+        .query_one("SHOW ssl_cert_file", &[])
+        .unwrap()
+        .get(0);
+    let ssl: String = db.client().query_one("SHOW ssl", &[]).unwrap().get(0);
+    assert_eq!(
+        ssl, "on",
+        "the test server must have TLS on (Debian's default)"
+    );
+    let mut settings = db.settings();
+    // The certificate names `localhost` (Debian's snakeoil certificate).
+    settings.url = settings
+        .url
+        .replace("127.0.0.1", "localhost")
+        .replace("sslmode=disable", "sslmode=verify-full");
+    settings.ca_file = Some(cert_file.into());
+    let store = PgStore::connect(&settings).unwrap();
+    store.register(&record("T", 1, 1, false, 5)).unwrap();
+    assert_eq!(store.spent("T").unwrap(), Some(0));
+    store.check_writable(Duration::from_secs(1)).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, other.cert.pem()).unwrap();
+    settings.ca_file = Some(other_ca);
+    let e = PgStore::connect(&settings).unwrap_err();
+    assert!(matches!(e, StoreError::Postgres { .. }), "{e}");
+    assert!(
+        format!("{e:?}").contains("UnknownIssuer") || format!("{e:?}").contains("certificate"),
+        "{e:?}"
+    );
+}
+
+/// Serialization failures are retried and counted. The test database runs
+/// every transaction SERIALIZABLE (lavd itself uses READ COMMITTED with row
+/// locks, where they are rare), so that concurrent settles on one warrant
+/// really fail with SQLSTATE 40001. Whatever still fails after the retries
+/// spends nothing: `spent` equals the settles that succeeded.
+#[test]
+fn postgres_serialization_failures_are_retried_and_counted() {
+    let db = TestDb::create();
+    db.client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+            db.name()
+        ))
+        .unwrap();
+    let store = PgStore::connect(&db.settings()).unwrap();
+    store.register(&record("S", 1, 1, false, 10_000)).unwrap();
+    let (ok, failed): (usize, usize) = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let store = &store;
+                s.spawn(move || {
+                    let (mut ok, mut failed) = (0, 0);
+                    for _ in 0..25 {
+                        let result = store.reserve("S", 1).and_then(|r| store.settle(r, 1));
+                        match result {
+                            Ok(()) => ok += 1,
+                            Err(StoreError::Postgres { source, .. })
+                                if source.code()
+                                    == Some(
+                                        &::postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,
+                                    ) =>
+                            {
+                                failed += 1
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    });
+    println!(
+        "{ok} settled, {failed} failed after retries, {} retries",
+        store.retries()
+    );
+    assert!(store.retries() > 0, "no serialization failure happened");
+    assert_eq!(store.spent("S").unwrap(), Some(ok as u64));
+    assert_eq!(ok + failed, 200);
+}

@@ -1,0 +1,222 @@
+//! `lavd store copy`: a store written by a real `lavd serve` on SQLite is
+//! copied into a new PostgreSQL database with the real CLI, and a `lavd
+//! serve` on PostgreSQL carries on from it: same keys, same budgets, same
+//! revocations, the same log (identical root). A copy whose log does not
+//! verify commits nothing and can be run again; a non-empty target is
+//! refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use softhsm_tests::pg::TestDb;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{assert_ok, lavd_command, TestToken};
+use time::{Duration, OffsetDateTime};
+
+#[test]
+fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let config = serve_config(&format!(
+        "{}[limits]\nrate_limit_per_second = 10000.0\nrate_limit_burst = 10000\n",
+        vault::roles_toml()
+    ));
+    t.write_config(&config);
+    vault::generate_escrow_key(&t, "E-1");
+    let parties = Parties::new(&pki);
+    let recipient = vault::recipient();
+    let w1 = vault::double_lock(&vault::claims("W-1", recipient.public(), 10));
+    let w2 = vault::double_lock(&vault::claims("W-2", recipient.public(), 10));
+
+    // Some history on SQLite: 3 of W-1's 10 units spent, W-2 revoked.
+    let (escrow, sqlite_size) = {
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let c = parties.clients(&pki, daemon.api);
+        let escrow = vault::published_key(&c.provider, "E-1");
+        let envelopes: Vec<_> = (0..3).map(|n| seal(&escrow, n)).collect();
+        let r = vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": w1, "envelopes": envelopes}),
+        );
+        assert_eq!(vault::statuses(&r.json()), ["ok"; 3]);
+        let r = vault::post(
+            &c.admin,
+            "/v1/warrants/revocations",
+            &serde_json::json!({"id": "W-2", "reason": "quashed"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let size = vault::tree_size(&c.auditor);
+        let leaves: Vec<Vec<u8>> = vault::entries(&c.auditor, 0, size)
+            .into_iter()
+            .map(|e| e.bytes)
+            .collect();
+        (escrow, (size, leaves))
+    };
+    let (sqlite_size, sqlite_leaves) = sqlite_size;
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+
+    let db = TestDb::create();
+    let db_path = t.path("lavd.db");
+    let copy = |key: &str| {
+        lavd_command(&[
+            "store",
+            "copy",
+            "--from",
+            db_path.to_str().unwrap(),
+            "--to",
+            &db.url(),
+            "--password-env",
+            "LAVD_TEST_DB_PASSWORD",
+            "--key",
+            key,
+        ])
+        .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
+        .output()
+        .expect("lavd store copy")
+    };
+    // A key that did not sign the log: the copy is refused, and commits
+    // nothing (the leaves it had written are rolled back).
+    let other = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();
+    let out = copy(&other);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("store copy refused"), "{stderr}");
+    let rows: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM audit_leaves", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    // Run again with the right key.
+    let out = copy(&key);
+    let printed = assert_ok(&out);
+    assert!(
+        printed.contains(&format!("{sqlite_size} leaves")),
+        "{printed}"
+    );
+    // A second copy into the now non-empty target is refused.
+    let out = copy(&key);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not empty"),
+        "{out:?}"
+    );
+
+    // lavd serve on PostgreSQL carries on.
+    db.write_token_config(&t, &config);
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(&pki, daemon.api);
+    assert_eq!(vault::published_key(&c.provider, "E-1"), escrow);
+    // The copied log is the prefix of the one it serves.
+    let size = vault::tree_size(&c.auditor);
+    assert!(size >= sqlite_size);
+    let copied: Vec<Vec<u8>> = vault::entries(&c.auditor, 0, sqlite_size)
+        .into_iter()
+        .map(|e| e.bytes)
+        .collect();
+    assert_eq!(copied, sqlite_leaves);
+    let envelopes: Vec<_> = (0..10).map(|n| seal(&escrow, n)).collect();
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": w1, "envelopes": envelopes}),
+    );
+    let statuses = vault::statuses(&r.json());
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "ok").count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "budget_exhausted").count(),
+        3
+    );
+    vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": w2, "envelopes": [seal(&escrow, 0)]}),
+    )
+    .assert_error(403, "warrant_revoked");
+    // The whole log, old and new leaves, verifies against the daemon.
+    let (cert_pem, key_pem) = parties.auditor.pem();
+    pki.write("servers-ca.pem", &pki.servers.pem());
+    pki.write("auditor.pem", &cert_pem);
+    pki.write("auditor.key", &key_pem);
+    softhsm_tests::restrict(&t.path("tls/auditor.key"));
+    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
+    let url = format!("https://{}", daemon.api);
+    let summary = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--url",
+        &url,
+        "--ca",
+        &tls("servers-ca.pem"),
+        "--cert",
+        &tls("auditor.pem"),
+        "--client-key",
+        &tls("auditor.key"),
+    ]));
+    assert!(summary.contains("verdict: the log verifies"), "{summary}");
+}
+
+fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {
+    vault::seal(
+        escrow,
+        "E-1",
+        TARGET,
+        OffsetDateTime::now_utc() - Duration::hours(1),
+        &format!("m{n}"),
+        &[7; 32],
+    )
+}
+
+/// `lavd store migrate --config` on a PostgreSQL store: applies the schema
+/// and prints its version; run twice, it changes nothing. A bad `[store]`
+/// exits 64 naming the field, before any connection.
+#[test]
+fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
+    let t = TestToken::new();
+    let db = TestDb::create();
+    db.write_token_config(&t, "");
+    for _ in 0..2 {
+        let printed = assert_ok(&t.lavd_with_config(&["store", "migrate"]));
+        assert_eq!(
+            printed.trim(),
+            format!(
+                "postgresql://{}/{}: schema version 1",
+                "127.0.0.1:5432",
+                db.name()
+            )
+        );
+    }
+    let versions: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 1);
+
+    let good = std::fs::read_to_string(t.config()).unwrap();
+    for (from, to, field) in [
+        ("sslmode=disable", "sslmode=require", "store.url"),
+        ("sslmode=disable", "sslmode=verify-full", "store.ca_file"),
+        (
+            "password_file = \"dbpass\"",
+            "password = \"x\"",
+            "store.password",
+        ),
+        ("pool_size = 8", "pool_size = 0", "store.pool_size"),
+    ] {
+        std::fs::write(t.config(), good.replace(from, to)).unwrap();
+        let out = t.lavd_with_config(&["store", "migrate"]);
+        let stderr = softhsm_tests::assert_fails_with(&out, 64, "bad_config");
+        assert!(stderr.contains(field), "{field}: {stderr}");
+    }
+}
