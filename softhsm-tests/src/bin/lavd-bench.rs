@@ -26,7 +26,11 @@
 //! - (f) (c) at batch 1000 on a daemon whose log already holds 1,000,000
 //!   leaves (100,000 with `--quick`);
 //! - (g) (a) and (c) at batch 1000 through the latency module
-//!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions.
+//!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions;
+//! - (h) batch-1000 throughput, audit commits per second and
+//!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
+//!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --tests`
+//!   installs and starts).
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //!
@@ -170,7 +174,13 @@ fn main() -> std::process::ExitCode {
     for batch in [1usize, 100, 1000] {
         let body = unwrap_body(&warrant, &envelope_json[..batch]);
         for clients in [1usize, 4, 16] {
-            let rate = unwrap_rate(&agency, &body, batch, clients, options.seconds());
+            let rate = unwrap_rate(
+                std::slice::from_ref(&agency),
+                &body,
+                batch,
+                clients,
+                options.seconds(),
+            );
             if batch == 1000 {
                 best_1000 = best_1000.max(rate);
             }
@@ -191,7 +201,7 @@ fn main() -> std::process::ExitCode {
     let single = unwrap_body(&warrant, &envelope_json[..1]);
     let requests = if options.quick { 50 } else { 1000 };
     for clients in [1usize, 8] {
-        let (p50, p99) = latency(&agency, &single, clients, requests);
+        let (p50, p99) = latency(std::slice::from_ref(&agency), &single, clients, requests);
         report.row(
             "d",
             &format!("single-envelope p50, {clients} client(s)"),
@@ -256,7 +266,7 @@ fn main() -> std::process::ExitCode {
     let mut best_big = 0f64;
     for clients in [1usize, 4, 16] {
         best_big = best_big.max(unwrap_rate(
-            &agency,
+            std::slice::from_ref(&agency),
             &body,
             1000,
             clients,
@@ -352,7 +362,94 @@ fn main() -> std::process::ExitCode {
     );
     drop(daemon);
 
+    // (h): replicas. The same batch-1000 load (4 clients a replica) and
+    // single-envelope latency (one client a replica) on 1 replica over
+    // SQLite, 1 over PostgreSQL and 3 over PostgreSQL, each on a fresh
+    // token and store, with the audit appends they made per second (the
+    // daemons' `lavd_store_commit_duration_seconds_count`, one per request).
+    let mut h = Vec::new();
+    for (label, postgres, replicas) in [
+        ("SQLite, 1 replica", false, 1usize),
+        ("PostgreSQL, 1 replica", true, 1),
+        ("PostgreSQL, 3 replicas", true, 3),
+    ] {
+        let token = TestToken::new();
+        let pki = Pki::new(&token);
+        let db = postgres.then(softhsm_tests::pg::TestDb::create);
+        match &db {
+            Some(db) => db.write_token_config(&token, &serve_config(&bench_toml())),
+            None => token.write_config_with(
+                &softhsm_tests::module_path(),
+                POOL,
+                &serve_config(&bench_toml()),
+            ),
+        }
+        let escrow = vault::generate_escrow_key(&token, KID);
+        let envelopes: Vec<serde_json::Value> = sealed(&escrow, 1000)
+            .iter()
+            .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+            .collect();
+        let daemons: Vec<Daemon> = (0..replicas)
+            .map(|i| Daemon::start_replica(&token, &format!("replica-{i}")))
+            .collect();
+        for d in &daemons {
+            d.wait_readyz(200);
+        }
+        let parties = Parties::new(&pki);
+        let agencies: Vec<Client> = daemons
+            .iter()
+            .map(|d| parties.clients(&pki, d.api).agency)
+            .collect();
+        let warrant = big_warrant("BENCH-H");
+        let commits = || -> f64 {
+            daemons
+                .iter()
+                .map(|d| d.metric("lavd_store_commit_duration_seconds_count{op=\"audit_append\"}"))
+                .sum()
+        };
+        let body = unwrap_body(&warrant, &envelopes);
+        let before = commits();
+        let started = Instant::now();
+        let rate = unwrap_rate(&agencies, &body, 1000, 4 * replicas, options.seconds());
+        let commit_rate = (commits() - before) / started.elapsed().as_secs_f64();
+        let single = unwrap_body(&warrant, &envelopes[..1]);
+        let (p50, p99) = latency(&agencies, &single, replicas, requests);
+        report.row(
+            "h",
+            &format!("{label}: /v1/unwrap, batch 1000"),
+            rate,
+            "envelopes/s",
+        );
+        report.row(
+            "h",
+            &format!("{label}: audit commits during it"),
+            commit_rate,
+            "commits/s",
+        );
+        report.row(
+            "h",
+            &format!("{label}: single-envelope p50"),
+            p50 * 1e3,
+            "ms",
+        );
+        report.row(
+            "h",
+            &format!("{label}: single-envelope p99"),
+            p99 * 1e3,
+            "ms",
+        );
+        h.push(rate);
+        // The daemons stop before their database is dropped.
+        drop(daemons);
+        drop(db);
+    }
+
     // The targets, as ratios from this run.
+    report.ratio(
+        "(h) 1 replica on PostgreSQL / 1 on SQLite, batch 1000",
+        h[1] / h[0],
+        "≥ 0.70",
+    );
     let raw_cores = report.value(&format!("raw derive+read+destroy, {cores} session(s)"));
     report.ratio(
         "(c) best at batch 1000 / (a) on one session per core",
@@ -461,10 +558,11 @@ where
 }
 
 /// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
-/// its own kept-alive connection, send `body` until `duration` has passed
-/// (each at least once); the clock stops when the last reply arrives.
+/// its own kept-alive connection to one of `agencies` (round robin), send
+/// `body` until `duration` has passed (each at least once); the clock stops
+/// when the last reply arrives.
 fn unwrap_rate(
-    agency: &Client,
+    agencies: &[Client],
     body: &[u8],
     batch: usize,
     clients: usize,
@@ -473,8 +571,10 @@ fn unwrap_rate(
     let envelopes = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
-        for _ in 0..clients {
+        for i in 0..clients {
             let envelopes = &envelopes;
+            // Clients spread over the replicas, as a load balancer would.
+            let agency = &agencies[i % agencies.len()];
             s.spawn(move || {
                 let mut conn = agency.connect().expect("connect");
                 loop {
@@ -494,11 +594,13 @@ fn unwrap_rate(
 }
 
 /// p50 and p99 in seconds of `requests` single-envelope unwraps per client,
-/// `clients` at once, each on its own kept-alive connection.
-fn latency(agency: &Client, body: &[u8], clients: usize, requests: usize) -> (f64, f64) {
+/// `clients` at once, each on its own kept-alive connection to one of
+/// `agencies` (round robin).
+fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) -> (f64, f64) {
     let mut all: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
-            .map(|_| {
+            .map(|i| {
+                let agency = &agencies[i % agencies.len()];
                 s.spawn(move || {
                     let mut conn = agency.connect().expect("connect");
                     // One untimed request warms the connection.
