@@ -422,9 +422,9 @@ fn main() -> std::process::ExitCode {
         );
         report.row(
             "h",
-            &format!("{label}: audit commits during it"),
+            &format!("{label}: audit appends during it (one a request)"),
             commit_rate,
-            "commits/s",
+            "appends/s",
         );
         report.row(
             "h",
