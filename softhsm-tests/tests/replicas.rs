@@ -232,3 +232,135 @@ fn a_revocation_through_one_replica_stops_the_others() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+/// PROTOCOL §8 across replicas: a revocation through replica A racing a
+/// 100-envelope unwrap in flight on replica B. Whatever the timing, no
+/// `opened` leaf of the warrant follows its `revocation` leaf in the one
+/// log, a 200 from B is all `ok` (committed before) or all
+/// `warrant_revoked` (caught in flight, nothing spent), and a later
+/// request is refused whole.
+#[test]
+fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
+    const BATCH: usize = 100;
+    const TRIALS: usize = 20;
+    let started = Instant::now();
+    let c = Cluster::start();
+    let envelopes: Vec<_> = (0..BATCH).map(|i| c.envelope(i)).collect();
+    let (a, b) = (&c.clients[0], &c.clients[1]);
+    // How long an unrevoked batch takes on B.
+    let warm = c.warrant("W-XR-WARM", 1000);
+    let t0 = Instant::now();
+    let r = vault::post(
+        &b.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warm, "envelopes": envelopes}),
+    );
+    let batch_time = t0.elapsed();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    let trial = |n: usize, delay: std::time::Duration| -> (String, u64, &'static str) {
+        let id = format!("W-XR-{n}");
+        let unwrap_body =
+            serde_json::json!({"warrant": c.warrant(&id, 1000), "envelopes": envelopes})
+                .to_string();
+        let revoke_body = serde_json::json!({"id": id, "reason": "quashed"}).to_string();
+        let mut agency = b.agency.connect().expect("agency on B");
+        let mut admin = a.admin.connect().expect("admin on A");
+        let (unwrap, revoke) = std::thread::scope(|s| {
+            let unwrap = s.spawn(|| {
+                agency
+                    .request("POST", "/v1/unwrap", &[], Some(unwrap_body.as_bytes()))
+                    .expect("unwrap")
+            });
+            let revoke = s.spawn(|| {
+                std::thread::sleep(delay);
+                admin
+                    .request(
+                        "POST",
+                        "/v1/warrants/revocations",
+                        &[],
+                        Some(revoke_body.as_bytes()),
+                    )
+                    .expect("revocation")
+            });
+            (unwrap.join().unwrap(), revoke.join().unwrap())
+        });
+        assert_eq!(revoke.status, 200, "{}", revoke.text());
+        let revoked_at = revoke.json()["audit"]["first_index"].as_u64().unwrap();
+        let outcome = match unwrap.status {
+            200 => {
+                let statuses = vault::statuses(&unwrap.json());
+                if statuses.iter().all(|s| s == "ok") {
+                    "before"
+                } else {
+                    assert_eq!(statuses, ["warrant_revoked"; BATCH], "{id}");
+                    "in flight"
+                }
+            }
+            _ => {
+                unwrap.assert_error(403, "warrant_revoked");
+                "refused"
+            }
+        };
+        (id, revoked_at, outcome)
+    };
+    let mut outcomes: Vec<_> = (0..TRIALS)
+        .map(|n| trial(n, std::time::Duration::from_millis((n as u64 * 3) % 41)))
+        .collect();
+    // If 0–40 ms never caught a settle in flight, aim at the batch's middle.
+    for k in 0..10u32 {
+        if outcomes.iter().any(|o| o.2 == "in flight") {
+            break;
+        }
+        outcomes.push(trial(TRIALS + k as usize, batch_time / (2 + k)));
+    }
+
+    // The one log, read through the third replica.
+    let auditor = &c.clients[2].auditor;
+    let size = vault::tree_size(auditor);
+    let log = vault::entries(auditor, 0, size);
+    let mut db = c.db.client();
+    for (id, revoked_at, outcome) in &outcomes {
+        let revocation: Vec<u64> = log
+            .iter()
+            .filter(|e| e.leaf["event"] == "revocation" && e.leaf["warrant_id"] == id.as_str())
+            .map(|e| e.index)
+            .collect();
+        assert_eq!(revocation, [*revoked_at], "{id}");
+        for e in log
+            .iter()
+            .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id.as_str())
+        {
+            if e.leaf["outcome"] == "opened" {
+                assert!(
+                    e.index < *revoked_at,
+                    "{id}: opened leaf {} after revocation {revoked_at}",
+                    e.index
+                );
+            } else {
+                assert_eq!(e.leaf["reason"], "warrant_revoked", "{id}");
+                assert!(e.index > *revoked_at, "{id}");
+            }
+        }
+        let spent: i64 = db
+            .query_opt("SELECT spent FROM warrants WHERE id = $1", &[id])
+            .unwrap()
+            .map_or(0, |row| row.get(0));
+        let expected = if *outcome == "before" {
+            BATCH as i64
+        } else {
+            0
+        };
+        assert_eq!(spent, expected, "{id} ({outcome})");
+    }
+    let count = |o: &str| outcomes.iter().filter(|t| t.2 == o).count();
+    println!(
+        "{} trials in {:.1} s: before {}, in flight {}, refused {}",
+        outcomes.len(),
+        started.elapsed().as_secs_f64(),
+        count("before"),
+        count("in flight"),
+        count("refused")
+    );
+    assert!(count("in flight") > 0, "no settle was caught in flight");
+}
