@@ -239,6 +239,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn store_retries_follow_the_stores_own_count_and_never_go_back() {
+        let m = Metrics::new().unwrap();
+        let line = |text: String| {
+            text.lines()
+                .find(|l| l.starts_with("lavd_store_retries_total "))
+                .map(str::to_string)
+        };
+        assert_eq!(
+            line(m.render_with_store_retries(0).unwrap()).as_deref(),
+            Some("lavd_store_retries_total 0")
+        );
+        assert_eq!(
+            line(m.render_with_store_retries(5).unwrap()).as_deref(),
+            Some("lavd_store_retries_total 5")
+        );
+        // A store reopened with a smaller count does not make it go back.
+        assert_eq!(
+            line(m.render_with_store_retries(3).unwrap()).as_deref(),
+            Some("lavd_store_retries_total 5")
+        );
+        assert_eq!(
+            line(m.render_with_store_retries(7).unwrap()).as_deref(),
+            Some("lavd_store_retries_total 7")
+        );
+    }
+
+    #[test]
     fn renders_every_family_with_static_labels() {
         let m = Metrics::new().unwrap();
         m.request("/v1/keys", 200, 0.002);
