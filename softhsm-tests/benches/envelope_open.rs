@@ -11,8 +11,7 @@
 //! Each at 1 and 2 threads. Run: `cargo bench -p softhsm-tests --bench envelope_open`
 //! (`LAVD_BENCH_SECONDS` sets the time per measurement, default 3).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::Mechanism;
@@ -20,7 +19,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass};
 use lavd::envelope::{open_envelope, seal_envelope, Envelope, HeaderBuilder};
 use lavd::hsm::Hsm;
 use lavd::jwk::P256PublicKey;
-use softhsm_tests::TestToken;
+use softhsm_tests::{measure, TestToken};
 
 const KID: &str = "bench";
 
@@ -33,32 +32,6 @@ fn seconds() -> Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(if benching { 3.0 } else { 0.05 });
     Duration::from_secs_f64(s)
-}
-
-/// Runs `op(thread, i)` on `threads` threads for `duration`; ops per second.
-fn measure<F>(threads: usize, duration: Duration, op: F) -> f64
-where
-    F: Fn(usize, u64) + Sync,
-{
-    let stop = AtomicBool::new(false);
-    let count = AtomicU64::new(0);
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (stop, count, op) = (&stop, &count, &op);
-            s.spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    op(t, i);
-                    i += 1;
-                }
-                count.fetch_add(i, Ordering::Relaxed);
-            });
-        }
-        std::thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-    });
-    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn main() {

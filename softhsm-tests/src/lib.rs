@@ -403,3 +403,31 @@ pub fn software_peer(escrow: &lavd::jwk::P256PublicKey) -> (lavd::jwk::P256Publi
     .expect("ECDH");
     (pk, expected)
 }
+
+/// For the benchmarks: runs `op(thread, i)` on `threads` threads for
+/// `duration`; ops per second.
+pub fn measure<F>(threads: usize, duration: std::time::Duration, op: F) -> f64
+where
+    F: Fn(usize, u64) + Sync,
+{
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    let stop = AtomicBool::new(false);
+    let count = AtomicU64::new(0);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (stop, count, op) = (&stop, &count, &op);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    op(t, i);
+                    i += 1;
+                }
+                count.fetch_add(i, Ordering::Relaxed);
+            });
+        }
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+    });
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}

@@ -41,7 +41,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a benchmark: any failure stops it loudly
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -56,7 +56,7 @@ use lavd::jwk::P256PublicKey;
 use serde_json::json;
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::{shim_module_path, Shim, TestToken};
+use softhsm_tests::{measure, shim_module_path, Shim, TestToken};
 
 const KID: &str = "E-1";
 /// The daemon's HSM session pool in (c)–(f).
@@ -529,32 +529,6 @@ fn unwrap_body(warrant: &serde_json::Value, envelopes: &[serde_json::Value]) -> 
     json!({"warrant": warrant, "envelopes": envelopes})
         .to_string()
         .into_bytes()
-}
-
-/// Runs `op(thread, i)` on `threads` threads for `duration`; ops per second.
-fn measure<F>(threads: usize, duration: Duration, op: F) -> f64
-where
-    F: Fn(usize, u64) + Sync,
-{
-    let stop = AtomicBool::new(false);
-    let count = AtomicU64::new(0);
-    let started = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (stop, count, op) = (&stop, &count, &op);
-            s.spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    op(t, i);
-                    i += 1;
-                }
-                count.fetch_add(i, Ordering::Relaxed);
-            });
-        }
-        std::thread::sleep(duration);
-        stop.store(true, Ordering::Relaxed);
-    });
-    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
