@@ -537,59 +537,6 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_first_seen_and_only_urgent_to_full_may_change() {
-        let (_dir, store) = open();
-        assert_eq!(
-            store.register(&record("a", 1, 9, false, 5)).unwrap(),
-            Registration::New
-        );
-        assert_eq!(
-            store.register(&record("a", 1, 9, false, 5)).unwrap(),
-            Registration::Known
-        );
-        // Same normalized claims, both full: still a different payload.
-        assert!(matches!(
-            store.register(&record("a", 2, 9, false, 5)),
-            Err(StoreError::WarrantIdConflict(id)) if id == "a"
-        ));
-        // Urgent after full.
-        assert!(matches!(
-            store.register(&record("a", 3, 9, true, 5)),
-            Err(StoreError::EmergencySuperseded(id)) if id == "a"
-        ));
-
-        assert_eq!(
-            store.register(&record("u", 1, 8, true, 5)).unwrap(),
-            Registration::New
-        );
-        // Another urgent payload with the same id.
-        assert!(matches!(
-            store.register(&record("u", 2, 8, true, 5)),
-            Err(StoreError::WarrantIdConflict(_))
-        ));
-        // Different claims.
-        assert!(matches!(
-            store.register(&record("u", 3, 7, false, 5)),
-            Err(StoreError::WarrantIdConflict(_))
-        ));
-        let r = store.reserve("u", 2).unwrap();
-        store.settle(r, 2).unwrap();
-        assert_eq!(
-            store.register(&record("u", 4, 8, false, 5)).unwrap(),
-            Registration::Upgraded
-        );
-        assert_eq!(
-            store.register(&record("u", 4, 8, false, 5)).unwrap(),
-            Registration::Known
-        );
-        assert!(matches!(
-            store.register(&record("u", 1, 8, true, 5)),
-            Err(StoreError::EmergencySuperseded(_))
-        ));
-        assert_eq!(store.spent("u").unwrap(), Some(2));
-    }
-
-    #[test]
     fn partial_grants_and_give_back() {
         let (_dir, store) = open();
         store.register(&record("w", 1, 1, false, 4)).unwrap();
