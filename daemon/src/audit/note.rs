@@ -200,17 +200,23 @@ impl std::fmt::Debug for VerifierKey {
 impl std::fmt::Display for VerifierKey {
     /// `<name>+<hex key ID>+<base64(0x01 ‖ public key)>`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut typed = [0u8; 33];
-        typed[0] = ED25519_TYPE;
-        typed[1..].copy_from_slice(&self.public_key);
-        write!(
-            f,
-            "{}+{:08x}+{}",
-            self.name,
+        f.write_str(&format_vkey(
+            &self.name,
             self.key_id,
-            STANDARD.encode(typed)
-        )
+            ED25519_TYPE,
+            &self.public_key,
+        ))
     }
+}
+
+/// A signed-note verifier key: `<name>+<hex key ID>+<base64(type ‖ key)>`
+/// (the log's type 0x01 keys here, witnesses' type 0x04 in
+/// [`super::witness`]).
+pub(crate) fn format_vkey(name: &str, key_id: u32, kind: u8, public_key: &[u8; 32]) -> String {
+    let mut typed = [0u8; 33];
+    typed[0] = kind;
+    typed[1..].copy_from_slice(public_key);
+    format!("{name}+{key_id:08x}+{}", STANDARD.encode(typed))
 }
 
 impl VerifierKey {

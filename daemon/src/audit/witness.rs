@@ -40,16 +40,12 @@ impl std::fmt::Debug for CosignerKey {
 impl std::fmt::Display for CosignerKey {
     /// The vkey: `<name>+<hex key ID>+<base64(0x04 ‖ public key)>`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut typed = [0u8; 33];
-        typed[0] = COSIGNATURE_V1_TYPE;
-        typed[1..].copy_from_slice(&self.public_key);
-        write!(
-            f,
-            "{}+{:08x}+{}",
-            self.name,
+        f.write_str(&note::format_vkey(
+            &self.name,
             self.key_id,
-            STANDARD.encode(typed)
-        )
+            COSIGNATURE_V1_TYPE,
+            &self.public_key,
+        ))
     }
 }
 
