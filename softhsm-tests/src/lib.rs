@@ -404,6 +404,31 @@ pub fn software_peer(escrow: &lavd::jwk::P256PublicKey) -> (lavd::jwk::P256Publi
     (pk, expected)
 }
 
+/// Appends one `key_generated` leaf for kid `kid` (all at one fixed time)
+/// through `log`, the way the daemon appends, and returns the checkpoint
+/// that covers it: filler for tests that need a log of some length.
+///
+/// # Panics
+/// If the append fails.
+pub fn append_key_generated(log: &lavd::audit::log::AuditLog, kid: &str) -> String {
+    let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").expect("fixed time");
+    let event = lavd::audit::leaf::KeyGenerated::new(
+        kid,
+        t0,
+        t0 + time::Duration::days(31),
+        t0 + time::Duration::days(400),
+        None,
+    )
+    .expect("a valid key_generated event");
+    log.append(lavd::store::AuditAppend {
+        events: vec![event.into()],
+        time: t0,
+        spend: lavd::store::Spend::None,
+    })
+    .expect("append")
+    .checkpoint
+}
+
 /// For the benchmarks: runs `op(thread, i)` on `threads` threads for
 /// `duration`; ops per second.
 pub fn measure<F>(threads: usize, duration: std::time::Duration, op: F) -> f64

@@ -6,11 +6,10 @@
 
 use std::sync::Arc;
 
-use lavd::audit::leaf::KeyGenerated;
 use lavd::audit::log::AuditLog;
 use lavd::hsm::Hsm;
-use lavd::store::{AuditAppend, Spend, Store};
-use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
+use lavd::store::Store;
+use softhsm_tests::{append_key_generated, assert_fails_with, assert_ok, TestToken};
 
 const LEAVES: u64 = 24;
 
@@ -25,22 +24,8 @@ fn write_log(t: &TestToken) {
         &settings.audit.origin,
     )
     .unwrap();
-    let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap();
     for i in 0..LEAVES {
-        let event = KeyGenerated::new(
-            &format!("k{i}"),
-            t0,
-            t0 + time::Duration::days(31),
-            t0 + time::Duration::days(400),
-            None,
-        )
-        .unwrap();
-        log.append(AuditAppend {
-            events: vec![event.into()],
-            time: t0,
-            spend: Spend::None,
-        })
-        .unwrap();
+        append_key_generated(&log, &format!("k{i}"));
     }
 }
 

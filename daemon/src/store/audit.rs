@@ -149,6 +149,14 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError>;
     /// Keeps a signed checkpoint of tree size `size`.
     ///
+    /// Not flushed to disk on its own: the checkpoint is durable once the
+    /// next append commits (SQLite `synchronous=NORMAL` for this one write,
+    /// PostgreSQL `synchronous_commit = off` for its transaction), so a
+    /// crash may lose the newest checkpoints, never a leaf. Nothing is lost
+    /// with them: a checkpoint is a function of durable leaves and the audit
+    /// key (the note has no timestamp and Ed25519 is deterministic), so the
+    /// same bytes can be signed again.
+    ///
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError>;
@@ -405,6 +413,10 @@ impl SqliteStore {
         // forever.
         let mut queue = group.into_iter();
         let outcome = (|| -> Result<u64, StoreError> {
+            // Every append is flushed before it returns, whatever an
+            // earlier checkpoint save left set (see `save_checkpoint`).
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.sqlite_err(e))?;
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| self.sqlite_err(e))?;
@@ -595,17 +607,23 @@ impl AuditStore for SqliteStore {
     }
 
     fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError> {
-        self.conn()
-            .execute(
-                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (size) DO NOTHING",
-                params![
-                    i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?,
-                    note,
-                    format_time(at)
-                ],
-            )
+        let size = i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        let conn = self.conn();
+        // No WAL fsync of its own: the next append's FULL commit flushes it
+        // (the WAL is one sequential file), and a crash before that loses
+        // only a checkpoint that can be signed again (see the trait).
+        conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| self.sqlite_err(e))?;
+        let inserted = conn.execute(
+            "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (size) DO NOTHING",
+            params![size, note, format_time(at)],
+        );
+        // Back to FULL for every other write on this connection (warrant
+        // registrations); the audit append sets it again itself.
+        let restored = conn.pragma_update(None, "synchronous", "FULL");
+        inserted.map_err(|e| self.sqlite_err(e))?;
+        restored.map_err(|e| self.sqlite_err(e))?;
         Ok(())
     }
 
