@@ -15,6 +15,7 @@ use lavd::hsm::Hsm;
 use lavd::jwk::{P256PrivateKey, P256PublicKey};
 use lavd::keys::{self, Validity};
 use lavd::store::{AuditStore, Store, WarrantStore};
+use lavd::unwrap::gate::EnvelopeGate;
 use lavd::unwrap::{revoke, unwrap, Context, RevocationRequest, UnwrapError};
 use lavd::warrant::sign::{add_signature, unsigned_warrant};
 use lavd::warrant::{Algorithm, AuthorityKey, TrustStore, Verifier, WarrantLimits};
@@ -34,6 +35,7 @@ struct World {
     store: Arc<Store>,
     log: AuditLog,
     verifier: Verifier,
+    gate: EnvelopeGate,
     exec: AuthorityKey,
     judge: AuthorityKey,
     recipient: P256PrivateKey,
@@ -86,6 +88,7 @@ impl World {
             store,
             log,
             verifier,
+            gate: EnvelopeGate::new(64),
             exec,
             judge,
             recipient: P256PrivateKey::generate().unwrap(),
@@ -138,6 +141,7 @@ impl World {
             verifier: &self.verifier,
             envelope_limits: &limits,
             max_batch,
+            gate: &self.gate,
         };
         unwrap(&ctx, caller, body.to_string().as_bytes(), t(now))
     }
@@ -347,6 +351,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
         verifier: &w.verifier,
         envelope_limits: &limits,
         max_batch,
+        gate: &w.gate,
     };
     let r = revoke(
         &ctx,

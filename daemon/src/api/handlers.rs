@@ -113,6 +113,7 @@ pub async fn post_unwrap(
             verifier: &live.verifier,
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
+            gate: &st.envelope_gate,
         };
         Ok(unwrap::unwrap(
             &context,
@@ -189,6 +190,7 @@ pub async fn post_revocation(
             verifier: &live.verifier,
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
+            gate: &st.envelope_gate,
         };
         let request = if by_authority {
             RevocationRequest::Authority {

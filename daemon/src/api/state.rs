@@ -82,6 +82,9 @@ pub struct ServerState {
     pub limits: Limits,
     /// The per-identity rate limiter.
     pub(crate) rate_limiter: RateLimiter,
+    /// Bounds the envelopes unwrap requests work on at once
+    /// (`[limits] max_envelopes_in_flight`).
+    pub envelope_gate: crate::unwrap::gate::EnvelopeGate,
     config_file: PathBuf,
     env: Arc<dyn Env>,
     live: RwLock<Arc<Reloadable>>,
@@ -176,6 +179,9 @@ impl ServerState {
             rate_limiter: RateLimiter::new(
                 startup.limits.rate_limit_per_second,
                 startup.limits.rate_limit_burst,
+            ),
+            envelope_gate: crate::unwrap::gate::EnvelopeGate::new(
+                startup.limits.max_envelopes_in_flight,
             ),
             config_file: startup.file.clone(),
             env,

@@ -78,6 +78,7 @@ pub struct RawLimits {
     pub(super) max_body_bytes: Option<u64>,
     pub(super) max_header_bytes: Option<u64>,
     pub(super) max_batch: Option<u64>,
+    pub(super) max_envelopes_in_flight: Option<u64>,
     pub(super) handshake_timeout_secs: Option<u64>,
     pub(super) header_read_timeout_secs: Option<u64>,
     pub(super) body_read_timeout_secs: Option<u64>,

@@ -78,6 +78,10 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most envelopes in one unwrap request (`max_batch`, default 100).
     pub max_batch: usize,
+    /// Most envelopes all unwrap requests work on at once; more wait
+    /// (`max_envelopes_in_flight`, default 4096; see
+    /// [`crate::unwrap::gate`]).
+    pub max_envelopes_in_flight: usize,
     /// The TLS handshake must finish within this (`handshake_timeout_secs`,
     /// default 10).
     pub handshake_timeout: Duration,
@@ -107,6 +111,7 @@ impl Default for Limits {
             max_body_bytes: 1 << 20,
             max_header_bytes: 16 << 10,
             max_batch: 100,
+            max_envelopes_in_flight: 4096,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -322,6 +327,12 @@ impl Validator<'_> {
                 1024..=(1 << 20),
             )?,
             max_batch: self.count("limits.max_batch", raw.max_batch, d.max_batch, 1..=10_000)?,
+            max_envelopes_in_flight: self.count(
+                "limits.max_envelopes_in_flight",
+                raw.max_envelopes_in_flight,
+                d.max_envelopes_in_flight,
+                1..=10_000_000,
+            )?,
             handshake_timeout: self.secs(
                 "limits.handshake_timeout_secs",
                 raw.handshake_timeout_secs,

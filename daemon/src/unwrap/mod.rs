@@ -21,6 +21,8 @@
 //! the HSM's worker threads, one per session, shared fairly with other
 //! requests ([`Hsm::spread`]); the replies keep request order.
 
+pub mod gate;
+
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
@@ -54,6 +56,8 @@ pub struct Context<'a> {
     pub envelope_limits: &'a EnvelopeLimits,
     /// Most envelopes in one request.
     pub max_batch: usize,
+    /// Bounds the envelopes all requests work on at once.
+    pub gate: &'a gate::EnvelopeGate,
 }
 
 /// A whole-request failure. The API maps each to its HTTP status.
@@ -176,6 +180,9 @@ pub fn unwrap(
             got: request.envelopes.len(),
         });
     }
+    // Held until the reply is built: the envelopes parsed, their leaves,
+    // keys and results are what the gate bounds.
+    let _permit = ctx.gate.enter(request.envelopes.len());
 
     // Warrant validity and agency (the verifier checks both), then the
     // store's view: revoked, id conflict, emergency replaced.
