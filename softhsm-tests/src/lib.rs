@@ -12,6 +12,7 @@ pub mod pg;
 pub mod replicas;
 pub mod server;
 pub mod vault;
+pub mod witness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
