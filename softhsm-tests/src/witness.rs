@@ -211,3 +211,101 @@ impl Witness {
         self.daemon = Daemon::start_witness(&self.t, &self.config, "witness");
     }
 }
+
+/// `softhsm-tests/interop/witness.py`: the independent witness, written
+/// in Python from the C2SP texts, serving plain HTTP on loopback.
+pub struct PyWitness {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Its cosignature/v1 vkey, as it computed it.
+    pub vkey: String,
+}
+
+impl PyWitness {
+    /// Starts it as `name`, with the Ed25519 seed `seed`, keeping its state
+    /// in `state` (JSON), witnessing `log` (origin and vkey).
+    pub fn start(
+        name: &str,
+        seed: &[u8; 32],
+        state: &std::path::Path,
+        origin: &str,
+        log_vkey: &str,
+    ) -> Self {
+        use std::io::BufRead as _;
+        let seed_file = state.with_extension("seed");
+        std::fs::write(&seed_file, hex::encode(seed)).expect("seed file");
+        let mut child = std::process::Command::new(crate::interop_python())
+            .arg(py_witness_script())
+            .args(["serve", "--name", name, "--seed-file"])
+            .arg(&seed_file)
+            .arg("--state")
+            .arg(state)
+            .arg("--log")
+            .arg(format!("{origin}={log_vkey}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start witness.py");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut next = |prefix: &str| {
+            let line = lines.next().expect("witness.py output").expect("utf-8");
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"))
+                .to_string()
+        };
+        let vkey = next("vkey ");
+        let port: u16 = next("listening ").parse().expect("port");
+        PyWitness {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            vkey,
+        }
+    }
+
+    /// `POST /add-checkpoint` with `body`.
+    pub fn add(&self, body: &str) -> Response {
+        let tcp = std::net::TcpStream::connect(self.addr).expect("connect witness.py");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        crate::server::Conn::new(tcp)
+            .request("POST", "/add-checkpoint", &[], Some(body.as_bytes()))
+            .expect("add-checkpoint")
+    }
+}
+
+impl Drop for PyWitness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of `softhsm-tests/interop/witness.py`.
+pub fn py_witness_script() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/witness.py")
+}
+
+/// Runs `witness.py` with `args` and `stdin`; returns the exit code and
+/// stdout.
+pub fn py_witness(args: &[&str], stdin: &str) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(crate::interop_python())
+        .arg(py_witness_script())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run witness.py");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("witness.py");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
