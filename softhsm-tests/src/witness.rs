@@ -23,6 +23,8 @@ pub struct Log {
     pub daemon: Daemon,
     /// Its clients.
     pub c: Clients,
+    /// The client certificates of the parties.
+    pub parties: Parties,
     /// The log's signed-note verifier key.
     pub vkey: String,
     /// The checkpoints' origin.
@@ -40,7 +42,8 @@ impl Log {
         t.write_config(&serve_config(&vault::roles_toml()));
         vault::generate_escrow_key(&t, "E-1");
         let daemon = Daemon::start(&t);
-        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        let parties = Parties::new(&pki);
+        let c = parties.clients(&pki, daemon.api);
         let escrow = vault::published_key(&c.provider, "E-1");
         let warrant = vault::double_lock(&vault::claims(
             "WITNESSED-1",
@@ -54,6 +57,7 @@ impl Log {
             pki,
             daemon,
             c,
+            parties,
             vkey,
             origin,
             warrant,
@@ -63,6 +67,32 @@ impl Log {
 
     /// One unwrap (one leaf); returns the checkpoint of its reply.
     pub fn unwrap(&self, n: u32) -> String {
+        self.unwrap_via(&self.c, n)
+    }
+
+    /// Stops `lavd serve` (SIGTERM, exit 0).
+    pub fn stop(&mut self) {
+        self.daemon.signal(rustix::process::Signal::TERM);
+        let status = self.daemon.wait_exit(std::time::Duration::from_secs(30));
+        assert!(status.success(), "{status:?}: {}", self.daemon.stderr());
+    }
+
+    /// Starts `lavd serve` again on its config.
+    pub fn start_again(&mut self) {
+        self.daemon = Daemon::start(&self.t);
+        self.c = self.parties.clients(&self.pki, self.daemon.api);
+    }
+
+    /// Starts another `lavd serve` on the same token with `config` (another
+    /// store, say), and its clients.
+    pub fn serve(&self, config: &std::path::Path, name: &str) -> (Daemon, Clients) {
+        let daemon = Daemon::start_config(&self.t, config, name);
+        let c = self.parties.clients(&self.pki, daemon.api);
+        (daemon, c)
+    }
+
+    /// [`Log::unwrap`] through the daemon of `c`.
+    pub fn unwrap_via(&self, c: &Clients, n: u32) -> String {
         let envelope = vault::seal(
             &self.escrow,
             "E-1",
@@ -72,7 +102,7 @@ impl Log {
             &[7; 32],
         );
         let r = vault::post(
-            &self.c.agency,
+            &c.agency,
             "/v1/unwrap",
             &serde_json::json!({"warrant": self.warrant, "envelopes": [envelope]}),
         );
@@ -86,11 +116,24 @@ impl Log {
     /// The log's consistency proof from `from` to `to`, as the standard
     /// base64 lines of an add-checkpoint body.
     pub fn proof(&self, from: u64, to: u64) -> Vec<String> {
+        proof_via(&self.c, from, to)
+    }
+
+    /// The add-checkpoint body for `checkpoint` from `old`, with the log's
+    /// own proof.
+    pub fn body(&self, old: u64, checkpoint: &str) -> String {
+        body(old, &self.proof(old, size(checkpoint)), checkpoint)
+    }
+}
+
+/// The consistency proof from `from` to `to` of the daemon of `c`, as the
+/// standard base64 lines of an add-checkpoint body (none from 0).
+pub fn proof_via(c: &Clients, from: u64, to: u64) -> Vec<String> {
+    {
         if from == 0 {
             return Vec::new();
         }
-        let r = self
-            .c
+        let r = c
             .auditor
             .get(&format!("/v1/audit/proof/consistency?from={from}&to={to}"));
         assert_eq!(r.status, 200, "{}", r.text());
@@ -106,12 +149,6 @@ impl Log {
                 )
             })
             .collect()
-    }
-
-    /// The add-checkpoint body for `checkpoint` from `old`, with the log's
-    /// own proof.
-    pub fn body(&self, old: u64, checkpoint: &str) -> String {
-        body(old, &self.proof(old, size(checkpoint)), checkpoint)
     }
 }
 
