@@ -221,6 +221,36 @@ impl TestToken {
         self.work.path().join(name)
     }
 
+    /// The SoftHSM directory of this token: the one whose `token.object`
+    /// holds its label (32 bytes, space-padded). Moving it away is what a
+    /// network HSM losing its partition looks like from PKCS#11.
+    pub fn token_dir(&self) -> PathBuf {
+        let tokens = self
+            .work
+            .path()
+            .parent()
+            .expect("harness dir")
+            .join("tokens");
+        let mut label = self.label.as_bytes().to_vec();
+        label.resize(32, b' ');
+        let found: Vec<PathBuf> = std::fs::read_dir(&tokens)
+            .expect("token dir")
+            .map(|d| d.expect("dir entry").path())
+            .filter(|d| {
+                std::fs::read(d.join("token.object"))
+                    .map(|o| o.windows(32).any(|w| w == label.as_slice()))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "token directories for {}: {found:?}",
+            self.label
+        );
+        found.into_iter().next().expect("one")
+    }
+
     /// The config file.
     pub fn config(&self) -> PathBuf {
         self.path("lavd.toml")

@@ -255,7 +255,7 @@ fn racing_add_checkpoints_never_roll_the_witness_back() {
 #[test]
 fn dev_key_files_and_the_rate_limit() {
     let t = TestToken::new();
-    let _pki = Pki::new(&t);
+    let pki = Pki::new(&t);
     std::fs::write(t.path("witness.seed"), hex::encode([5u8; 32])).unwrap();
     let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
     let log_vkey =
@@ -265,7 +265,7 @@ fn dev_key_files_and_the_rate_limit() {
             "name = \"witness.test/dev\"\nstate = \"witness.db\"\n{}key_file = \"witness.seed\"\n\n\
              [server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
              [tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
-             [limits]\nrate_limit_per_second = 0.1\nrate_limit_burst = 3\n\n\
+             [limits]\nrate_limit_per_second = 0.1\nrate_limit_burst = 3\nmax_body_bytes = 4096\n\n\
              [[logs]]\norigin = \"log.test/a\"\nvkey = {log_vkey:?}\n",
             if dev { "dev = true\n" } else { "" }
         )
@@ -282,8 +282,13 @@ fn dev_key_files_and_the_rate_limit() {
     std::fs::write(&path, config(true)).unwrap();
     let d = Daemon::start_witness(&t, &path, "witness");
     assert!(d.stderr().contains("dev = true"), "{}", d.stderr());
-    let client = _pki.client(d.api, None);
-    let statuses: Vec<u16> = (0..5)
+    let client = pki.client(d.api, None);
+    // Above max_body_bytes: 413 before the body is read.
+    let r = client
+        .request("POST", "/add-checkpoint", Some(&[b'x'; 5000]))
+        .unwrap();
+    r.assert_error(413, "body_too_large");
+    let statuses: Vec<u16> = (0..4)
         .map(|_| {
             client
                 .request("POST", "/add-checkpoint", Some(b"old 0\n\nlog.test/a\n1\n"))
@@ -291,9 +296,10 @@ fn dev_key_files_and_the_rate_limit() {
                 .status
         })
         .collect();
-    // Three in the burst (each refused by the spec's checks: no signature
-    // line makes the note malformed), then 429 at 0.1 per second.
-    assert_eq!(statuses, [400, 400, 400, 429, 429]);
+    // The burst of three (the 413 took one; the rest are refused by the
+    // spec's checks: no signature line makes the note malformed), then 429
+    // at 0.1 per second.
+    assert_eq!(statuses, [400, 400, 429, 429]);
     assert_eq!(d.metric("lavd_witness_requests_total{status=\"429\"}"), 2.0);
     // The dev key: its vkey is the seed's.
     let printed =
@@ -306,4 +312,33 @@ fn dev_key_files_and_the_rate_limit() {
     )
     .unwrap();
     assert_eq!(printed.trim(), expected.to_string());
+}
+
+/// `/readyz` follows the witness's token: with its storage gone (what a
+/// network HSM losing its partition looks like) it is 503 with
+/// `"key": false`, and add-checkpoint answers 503 without recording
+/// anything; with the storage back it is ready again without a restart and
+/// cosigns from the size recorded before.
+#[test]
+fn readiness_follows_the_witness_token() {
+    let log = Log::start();
+    let w = Witness::start("witness.test/ready", &log.origin, &log.vkey, "");
+    let c1 = log.unwrap(1);
+    assert_cosigned(&w, &c1, &w.add(&log.body(0, &c1)));
+    let dir = w.t.token_dir();
+    let away = w.t.path("token-away");
+    std::fs::rename(&dir, &away).unwrap();
+    let r = w.daemon.wait_readyz(503);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"ready": false, "key": false, "state": true, "draining": false})
+    );
+    let c2 = log.unwrap(2);
+    w.add(&log.body(size(&c1), &c2))
+        .assert_error(503, "unavailable");
+    std::fs::rename(&away, &dir).unwrap();
+    w.daemon.wait_readyz(200);
+    // Nothing was recorded by the failed attempt.
+    assert_size_conflict(&w.add(&log.body(0, &c2)), size(&c1));
+    assert_cosigned(&w, &c2, &w.add(&log.body(size(&c1), &c2)));
 }

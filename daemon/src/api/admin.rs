@@ -107,24 +107,7 @@ impl Readiness {
             // and later probes time out waiting instead of piling up threads.
             let guard = probe.lock_owned().await;
             hsm.run(move |h| {
-                // A logged-in session, and a token that still finds the
-                // audit key: the session alone can outlive the token's
-                // object store.
-                let check = |h: &crate::hsm::Hsm| {
-                    if h.is_ready() {
-                        audit.key_on_token().map_err(|e| e.to_string())
-                    } else {
-                        Err("no logged-in session".to_string())
-                    }
-                };
-                // A token that fails may be broken only in the module's
-                // state (its storage came back, the partition reconnected):
-                // reset the module once and look again, so the daemon
-                // recovers without a restart.
-                let ready = check(h).or_else(|first| match h.reset_module() {
-                    Ok(()) => check(h),
-                    Err(e) => Err(format!("{first}; module reset: {e}")),
-                });
+                let ready = h.check_ready(|_| audit.key_on_token().map_err(|e| e.to_string()));
                 drop(guard);
                 Ok(ready)
             })

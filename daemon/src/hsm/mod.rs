@@ -340,6 +340,29 @@ impl Hsm {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The readiness check of a daemon signing with key `label`: a
+    /// logged-in session, and a token that still finds the key (`has_key`:
+    /// the session alone can outlive the token's object store). A token
+    /// that fails may be broken only in the module's state (its storage
+    /// came back, the partition reconnected): the module is reset once and
+    /// checked again, so the daemon recovers without a restart.
+    ///
+    /// # Errors
+    /// Why it is not ready, for the log.
+    pub fn check_ready(&self, has_key: impl Fn(&Hsm) -> Result<(), String>) -> Result<(), String> {
+        let check = |h: &Hsm| {
+            if h.is_ready() {
+                has_key(h)
+            } else {
+                Err("no logged-in session".to_string())
+            }
+        };
+        check(self).or_else(|first| match self.reset_module() {
+            Ok(()) => check(self),
+            Err(e) => Err(format!("{first}; module reset: {e}")),
+        })
+    }
+
     /// Resets the PKCS#11 module: waits for every running operation, drops
     /// all sessions, `C_Finalize`, `C_Initialize`, and finds the token again.
     /// For a token that stays broken for the life of the module's state

@@ -90,10 +90,20 @@ impl Signer {
     }
 
     /// True when the key can be used now: the token has a logged-in session
-    /// and still holds the key (always, for a dev key).
+    /// and still holds the key (always, for a dev key); see
+    /// [`Hsm::check_ready`].
     fn ready(&self) -> bool {
         match self {
-            Signer::Hsm { hsm, label } => hsm.is_ready() && hsm.audit_key(label).is_ok(),
+            Signer::Hsm { hsm, label } => {
+                match hsm.check_ready(|h| h.audit_key(label).map(|_| ()).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => true,
+                    Err(why) => {
+                        tracing::warn!(why, "the witness key cannot sign");
+                        false
+                    }
+                }
+            }
             Signer::Dev(_) => true,
         }
     }
