@@ -340,6 +340,8 @@ pub struct Daemon {
     pub api: SocketAddr,
     /// The admin address.
     pub admin: SocketAddr,
+    /// The public log listener's address, when `[audit.public]` is set.
+    pub public_log: Option<SocketAddr>,
     stderr: PathBuf,
 }
 
@@ -419,6 +421,7 @@ impl Daemon {
             notify,
             api: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            public_log: None,
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -443,6 +446,9 @@ impl Daemon {
                     }
                     if let Some(a) = word.strip_prefix("admin=") {
                         daemon.admin = a.parse().expect("admin address");
+                    }
+                    if let Some(a) = word.strip_prefix("public_log=") {
+                        daemon.public_log = Some(a.parse().expect("public log address"));
                     }
                 }
                 return Ok(daemon);
