@@ -325,6 +325,16 @@ pub fn serve_config(extra: &str) -> String {
     )
 }
 
+/// `lavd serve` on a fresh token whose config is [`serve_config`] of
+/// `extra`, started.
+pub fn start_serve(extra: &str) -> (TestToken, Pki, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(extra));
+    let daemon = Daemon::start(&t);
+    (t, pki, daemon)
+}
+
 /// The warrant authorities of this test process: one executive (ES256) and
 /// one judicial (EdDSA), under a double-lock policy.
 pub struct Authorities {

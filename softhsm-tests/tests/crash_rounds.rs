@@ -19,9 +19,8 @@ use rusqlite::OptionalExtension as _;
 use rustix::process::Signal;
 use softhsm_tests::crash::{self, Checker, Load, Received, Rng};
 use softhsm_tests::replicas::{Cluster, REPLICAS};
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties};
-use softhsm_tests::TestToken;
+use softhsm_tests::server::Daemon;
+use softhsm_tests::vault::{self, Vault};
 
 /// CI's rounds per backend (the test this replaced ran 20 on SQLite alone).
 const ROUNDS: u64 = 10;
@@ -77,20 +76,15 @@ fn sqlite_sigkill_rounds_lose_no_released_key_and_no_budget() {
     let started = Instant::now();
     let rounds = crash::rounds(ROUNDS);
     let mut rng = Rng::from_env();
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&format!(
-        "{}[limits]\nmax_batch = 10\nrate_limit_per_second = 100000\nrate_limit_burst = 100000\n",
-        vault::roles_toml()
-    )));
-    vault::generate_escrow_key(&t, "E-1");
-    let parties = Parties::new(&pki);
+    let Vault {
+        mut daemon,
+        t,
+        pki,
+        parties,
+        escrow,
+    } = Vault::start("max_batch = 10\nrate_limit_per_second = 100000\nrate_limit_burst = 100000\n");
     let recipient = Arc::new(vault::recipient());
     let warrants = warrants(&recipient);
-
-    let mut daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let escrow = vault::published_key(&parties.clients(&pki, daemon.api).provider, "E-1");
     let mut checker = Checker::new(&t, &pki, &parties);
     let mut received: Vec<Received> = Vec::new();
     let mut cut = 0;

@@ -17,8 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use softhsm_tests::load::{Kind, Plan, Tally};
-use softhsm_tests::server::{serve_config, Client, Daemon, Pki, TlsConn};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::server::{Client, TlsConn};
+use softhsm_tests::vault::{self, Vault, TARGET};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
 
@@ -31,21 +31,11 @@ fn serial() -> MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A daemon with the four parties' roles and `limits` (rate limits off),
-/// escrow key `E-1`; returns the provider-published key too.
-fn start(limits: &str) -> (TestToken, Pki, Parties, Daemon, lavd::jwk::P256PublicKey) {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&format!(
-        "{}[limits]\nrate_limit_per_second = 1000000\nrate_limit_burst = 1000000\n{limits}",
-        vault::roles_toml()
-    )));
-    vault::generate_escrow_key(&t, "E-1");
-    let parties = Parties::new(&pki);
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let escrow = vault::published_key(&parties.clients(&pki, daemon.api).provider, "E-1");
-    (t, pki, parties, daemon, escrow)
+/// A [`Vault`] with `limits` and the rate limit off.
+fn start(limits: &str) -> Vault {
+    Vault::start(&format!(
+        "rate_limit_per_second = 1000000\nrate_limit_burst = 1000000\n{limits}"
+    ))
 }
 
 /// An unwrap body under `warrant` for envelopes `m<n>`.
@@ -112,13 +102,20 @@ fn a_thousand_idle_tls_connections_are_held_while_unwraps_continue() {
     raise_fd_limit(4 * IDLE as u64);
     // max_connections stays at its default, 1024: the 1,000 idle
     // connections and the unwrapping one all fit, so all are served.
-    let (_t, pki, parties, daemon, escrow) =
-        start(&format!("idle_timeout_secs = {IDLE_TIMEOUT_SECS}\n"));
+    let Vault {
+        daemon,
+        pki,
+        parties,
+        escrow,
+        ..
+    } = start(&format!("idle_timeout_secs = {IDLE_TIMEOUT_SECS}\n"));
     let c = parties.clients(&pki, daemon.api);
     let recipient = vault::recipient();
     let warrant = vault::double_lock(&vault::claims("W-IDLE", recipient.public(), 1_000_000));
     let body = unwrap_body(&escrow, &warrant, &["m1"], TARGET);
 
+    // Warm (the first requests of a fresh daemon are slower), then timed.
+    timed_unwraps(&c.agency, &body, 20);
     let alone = timed_unwraps(&c.agency, &body, 100);
 
     // Open the idle connections (handshake done, no request), 4 threads.
@@ -229,8 +226,13 @@ fn dribble(
 #[test]
 fn slow_clients_are_cut_off_by_the_timeouts() {
     let _serial = serial();
-    let (_t, pki, parties, daemon, escrow) =
-        start("header_read_timeout_secs = 2\nbody_read_timeout_secs = 3\nidle_timeout_secs = 30\n");
+    let Vault {
+        daemon,
+        pki,
+        parties,
+        escrow,
+        ..
+    } = start("header_read_timeout_secs = 2\nbody_read_timeout_secs = 3\nidle_timeout_secs = 30\n");
     let c = parties.clients(&pki, daemon.api);
     // Deadlines are checked every quarter of the shortest timeout (0.5 s);
     // 3 s more covers that and a loaded machine.
@@ -334,7 +336,13 @@ fn run_workers(t: &TestToken, plan: &mut Plan, per_worker: u64, phase: &str) -> 
 fn a_mixed_stream_from_several_processes_gets_every_expected_answer_in_flat_memory() {
     let _serial = serial();
     let total = requests();
-    let (t, pki, parties, mut daemon, escrow) = start("max_body_bytes = 65536\n");
+    let Vault {
+        mut daemon,
+        t,
+        pki,
+        parties,
+        escrow,
+    } = start("max_body_bytes = 65536\n");
     let started = Instant::now();
     let recipient = vault::recipient();
     let a = softhsm_tests::server::authorities();
@@ -551,6 +559,14 @@ fn a_mixed_stream_from_several_processes_gets_every_expected_answer_in_flat_memo
         samples[0],
         samples.len()
     );
+    // The series, about ten points of it.
+    let step = (samples.len() / 10).max(1);
+    let series: Vec<String> = samples
+        .iter()
+        .step_by(step)
+        .map(|kib| format!("{:.1}", *kib as f64 / 1024.0))
+        .collect();
+    eprintln!("  RSS MiB every {step} s: {}", series.join(" "));
     for (kind, answers) in &tally.responses {
         eprintln!("  {kind}: {answers:?}");
     }

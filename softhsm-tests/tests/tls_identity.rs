@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use rcgen::ExtendedKeyUsagePurpose;
-use softhsm_tests::server::{serve_config, uri, Daemon, Issued, Pki};
+use softhsm_tests::server::{serve_config, start_serve, uri, Daemon, Issued, Pki};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
 
@@ -23,13 +23,9 @@ const GET_KEYS: &[u8] = b"GET /v1/keys HTTP/1.1\r\nHost: localhost\r\nConnection
 
 /// A daemon whose `[tls]` table ends with `tls_extra`.
 fn start(tls_extra: &str) -> (TestToken, Pki, Daemon) {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&format!(
+    start_serve(&format!(
         "{tls_extra}[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
-    )));
-    let daemon = Daemon::start(&t);
-    (t, pki, daemon)
+    ))
 }
 
 /// The files OpenSSL and curl read for one client: the server CA, the
