@@ -297,14 +297,19 @@ fn requests() -> u64 {
 
 const WORKERS: u64 = 4;
 
-/// The daemon's resident set size in KiB, from /proc.
-fn rss_kib(pid: u32) -> u64 {
+/// A line of the daemon's /proc status in KiB (`VmRSS`, `RssAnon`).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// The daemon's resident set size in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 /// Runs `per_worker` requests in each of [`WORKERS`] `load-client`
@@ -531,9 +536,11 @@ fn a_mixed_stream_from_several_processes_gets_every_expected_answer_in_flat_memo
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            // VmRSS, and its anonymous part (the heap; the rest is mapped
+            // files such as SQLite's WAL index and the libraries).
             let mut samples = Vec::new();
             while !stop.load(Ordering::SeqCst) {
-                samples.push(rss_kib(pid));
+                samples.push((rss_kib(pid), status_kib(pid, "RssAnon")));
                 std::thread::sleep(Duration::from_secs(1));
             }
             samples
@@ -544,9 +551,9 @@ fn a_mixed_stream_from_several_processes_gets_every_expected_answer_in_flat_memo
     let took = run_started.elapsed();
     stop.store(true, Ordering::SeqCst);
     let mut samples = sampler.join().unwrap();
-    samples.push(rss_kib(pid));
-    let rss_last = *samples.last().unwrap();
-    let rss_max = *samples.iter().max().unwrap();
+    samples.push((rss_kib(pid), status_kib(pid, "RssAnon")));
+    let rss_last = samples.last().unwrap().0;
+    let rss_max = samples.iter().map(|s| s.0).max().unwrap();
 
     eprintln!(
         "mixed stream: {} requests from {WORKERS} processes in {took:?} ({:.0}/s); by status {:?}; \
@@ -556,17 +563,21 @@ fn a_mixed_stream_from_several_processes_gets_every_expected_answer_in_flat_memo
         tally.requests as f64 / took.as_secs_f64(),
         tally.by_status(),
         tally.unexpected_count,
-        samples[0],
+        samples[0].0,
         samples.len()
     );
     // The series, about ten points of it.
     let step = (samples.len() / 10).max(1);
-    let series: Vec<String> = samples
-        .iter()
-        .step_by(step)
-        .map(|kib| format!("{:.1}", *kib as f64 / 1024.0))
-        .collect();
-    eprintln!("  RSS MiB every {step} s: {}", series.join(" "));
+    let series = |part: fn(&(u64, u64)) -> u64| {
+        samples
+            .iter()
+            .step_by(step)
+            .map(|s| format!("{:.1}", part(s) as f64 / 1024.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!("  VmRSS MiB every {step} s: {}", series(|s| s.0));
+    eprintln!("  RssAnon MiB every {step} s: {}", series(|s| s.1));
     for (kind, answers) in &tally.responses {
         eprintln!("  {kind}: {answers:?}");
     }
