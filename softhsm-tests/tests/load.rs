@@ -170,7 +170,7 @@ fn a_thousand_idle_tls_connections_are_held_while_unwraps_continue() {
     );
     // Idle connections cost a parked task each, nothing per request. The
     // bound is generous because other work shares this 2-core machine; it
-    // fails on a daemon that serves connections in turn or polls them.
+    // catches a cost per request that grows with the open connections.
     assert!(
         p50i <= p50a * 5 + Duration::from_millis(100),
         "median unwrap {p50a:?} alone, {p50i:?} among {IDLE} idle connections"
