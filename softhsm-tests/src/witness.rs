@@ -9,42 +9,29 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine as _;
 use time::OffsetDateTime;
 
-use crate::server::{path_str, serve_config, Client, Daemon, Pki, Response};
-use crate::vault::{self, Clients, Parties, TARGET};
+use crate::server::{path_str, Client, Daemon, Pki, Response};
+use crate::vault::{self, Clients, Vault, TARGET};
 use crate::{assert_ok, module_path, TestToken};
 
-/// A running lavd log and the parties that drive it.
+/// A running lavd log ([`Vault`]) and the parties that drive it.
 pub struct Log {
-    /// The log's token and working directory.
-    pub t: TestToken,
-    /// Its certificates.
-    pub pki: Pki,
-    /// `lavd serve`.
-    pub daemon: Daemon,
-    /// Its clients.
+    /// `lavd serve`, its token, PKI and parties.
+    pub v: Vault,
+    /// Clients of the running daemon.
     pub c: Clients,
-    /// The client certificates of the parties.
-    pub parties: Parties,
     /// The log's signed-note verifier key.
     pub vkey: String,
     /// The checkpoints' origin.
     pub origin: String,
     warrant: serde_json::Value,
-    escrow: lavd::jwk::P256PublicKey,
 }
 
 impl Log {
     /// Starts `lavd serve` with one escrow key and a warrant for 1000
     /// unwraps.
     pub fn start() -> Self {
-        let t = TestToken::new();
-        let pki = Pki::new(&t);
-        t.write_config(&serve_config(&vault::roles_toml()));
-        vault::generate_escrow_key(&t, "E-1");
-        let daemon = Daemon::start(&t);
-        let parties = Parties::new(&pki);
-        let c = parties.clients(&pki, daemon.api);
-        let escrow = vault::published_key(&c.provider, "E-1");
+        let v = Vault::start("");
+        let c = v.parties.clients(&v.pki, v.daemon.api);
         let warrant = vault::double_lock(&vault::claims(
             "WITNESSED-1",
             vault::recipient().public(),
@@ -53,15 +40,11 @@ impl Log {
         let vkey = vault::verifier_key(&c.auditor);
         let origin = vkey.split('+').next().expect("vkey name").to_string();
         Log {
-            t,
-            pki,
-            daemon,
+            v,
             c,
-            parties,
             vkey,
             origin,
             warrant,
-            escrow,
         }
     }
 
@@ -72,29 +55,30 @@ impl Log {
 
     /// Stops `lavd serve` (SIGTERM, exit 0).
     pub fn stop(&mut self) {
-        self.daemon.signal(rustix::process::Signal::TERM);
-        let status = self.daemon.wait_exit(std::time::Duration::from_secs(30));
-        assert!(status.success(), "{status:?}: {}", self.daemon.stderr());
+        let d = &mut self.v.daemon;
+        d.signal(rustix::process::Signal::TERM);
+        let status = d.wait_exit(std::time::Duration::from_secs(30));
+        assert!(status.success(), "{status:?}: {}", d.stderr());
     }
 
     /// Starts `lavd serve` again on its config.
     pub fn start_again(&mut self) {
-        self.daemon = Daemon::start(&self.t);
-        self.c = self.parties.clients(&self.pki, self.daemon.api);
+        self.v.daemon = Daemon::start(&self.v.t);
+        self.c = self.v.parties.clients(&self.v.pki, self.v.daemon.api);
     }
 
     /// Starts another `lavd serve` on the same token with `config` (another
     /// store, say), and its clients.
     pub fn serve(&self, config: &std::path::Path, name: &str) -> (Daemon, Clients) {
-        let daemon = Daemon::start_config(&self.t, config, name);
-        let c = self.parties.clients(&self.pki, daemon.api);
+        let daemon = Daemon::start_config(&self.v.t, config, name);
+        let c = self.v.parties.clients(&self.v.pki, daemon.api);
         (daemon, c)
     }
 
     /// [`Log::unwrap`] through the daemon of `c`.
     pub fn unwrap_via(&self, c: &Clients, n: u32) -> String {
         let envelope = vault::seal(
-            &self.escrow,
+            &self.v.escrow,
             "E-1",
             TARGET,
             OffsetDateTime::now_utc() - time::Duration::hours(1),
@@ -176,12 +160,13 @@ pub fn size(checkpoint: &str) -> u64 {
 
 /// A `lavd witness serve` process on its own token.
 pub struct Witness {
+    /// The process (`api` is the witness listener; dropped, so killed,
+    /// before its token).
+    pub daemon: Daemon,
     /// The witness's token and working directory.
     pub t: TestToken,
     /// Its server certificate.
     pub pki: Pki,
-    /// The process (`api` is the witness listener).
-    pub daemon: Daemon,
     /// Its cosignature/v1 vkey, as `lavd witness keygen` printed it.
     pub vkey: String,
     /// Its name.

@@ -26,7 +26,7 @@ use softhsm_tests::{assert_fails_with, assert_ok};
 fn witnesses_and_the_policy_refuse_a_forked_branch() {
     let mut log = Log::start();
     let lavd_w = Witness::start("witness.test/lavd", &log.origin, &log.vkey, "");
-    let py_state = log.t.path("py-witness.json");
+    let py_state = log.v.t.path("py-witness.json");
     let py_w = PyWitness::start(
         "witness.test/py",
         &[21; 32],
@@ -47,15 +47,15 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
     // The fork: the store copied while the daemon is stopped, then one
     // daemon per copy on the same token.
     log.stop();
-    let db = log.t.path("lavd.db");
-    let fork_db = log.t.path("fork.db");
+    let db = log.v.t.path("lavd.db");
+    let fork_db = log.v.t.path("fork.db");
     rusqlite::Connection::open(&db)
         .unwrap()
         .execute("VACUUM INTO ?1", [path_str(&fork_db)])
         .unwrap();
-    let config = std::fs::read_to_string(log.t.config()).unwrap();
+    let config = std::fs::read_to_string(log.v.t.config()).unwrap();
     assert!(config.contains("path = \"lavd.db\""));
-    let fork_config = log.t.path("fork.toml");
+    let fork_config = log.v.t.path("fork.toml");
     std::fs::write(
         &fork_config,
         config.replace("path = \"lavd.db\"", "path = \"fork.db\""),
@@ -123,8 +123,8 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
     fork.signal(rustix::process::Signal::TERM);
     assert!(fork.wait_exit(std::time::Duration::from_secs(30)).success());
     let export = |config: &std::path::Path, name: &str| {
-        let out = log.t.path(name);
-        assert_ok(&log.t.lavd(&[
+        let out = log.v.t.path(name);
+        assert_ok(&log.v.t.lavd(&[
             "audit",
             "export",
             "--config",
@@ -136,11 +136,11 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
             serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
         (out, json)
     };
-    let (_, branch1) = export(&log.t.config(), "branch1.json");
+    let (_, branch1) = export(&log.v.t.config(), "branch1.json");
     let (branch2_path, branch2) = export(&fork_config, "branch2.json");
     assert_eq!(branch1["checkpoint"].as_str(), Some(c2.as_str()));
     assert_eq!(branch2["checkpoint"].as_str(), Some(f2.as_str()));
-    let policy = log.t.path("witnesses.policy");
+    let policy = log.v.t.path("witnesses.policy");
     std::fs::write(
         &policy,
         format!(
@@ -152,7 +152,7 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
     let with_checkpoint = |export: &serde_json::Value, name: &str, checkpoint: String| {
         let mut e = export.clone();
         e["checkpoint"] = checkpoint.into();
-        let path = log.t.path(name);
+        let path = log.v.t.path(name);
         std::fs::write(&path, e.to_string()).unwrap();
         path_str(&path)
     };
@@ -162,7 +162,7 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
         if let Some(p) = &policy {
             args.extend(["--policy", p]);
         }
-        log.t.lavd(&args)
+        log.v.t.lavd(&args)
     };
 
     // Branch 1 with the witnesses' cosignatures of its head: verifies.

@@ -32,6 +32,9 @@ use crate::config::{ConfigError, TlsSettings, TlsVersion};
 pub struct TlsMaterial {
     /// What the acceptor uses for new connections.
     pub server_config: Arc<ServerConfig>,
+    /// The same certificate without client authentication, for the public
+    /// log listener (`[audit.public]`).
+    pub public_config: Arc<ServerConfig>,
     /// The same verifier as in `server_config`, kept to re-check the
     /// certificate of connections that outlive a reload.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
@@ -119,13 +122,32 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         .with_protocol_versions(versions(tls.min_version))
         .map_err(|e| err("tls.min_version", e.to_string()))?
         .with_client_cert_verifier(client_verifier.clone())
-        .with_single_cert(chain, key)
+        .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| mismatch(&tls.cert, &tls.key, config_file, &e))?;
-    finish(&mut config);
+    one_shot_sessions(&mut config);
+    // `[audit.public]`: the same certificate and versions, and no client
+    // certificate asked for.
+    let public = no_client_auth(
+        chain,
+        key,
+        tls.min_version,
+        &tls.cert,
+        &tls.key,
+        config_file,
+    )?;
     Ok(TlsMaterial {
         server_config: Arc::new(config),
+        public_config: Arc::new(public),
         client_verifier,
     })
+}
+
+/// HTTP/1.1 only, and no session resumption: no tickets, no session cache,
+/// so no 0-RTT data and every connection proves its certificate afresh.
+fn one_shot_sessions(config: &mut ServerConfig) {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 /// The server configuration of a listener that asks for no client
@@ -140,18 +162,35 @@ pub fn load_public(
     config_file: &Path,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let (chain, key) = read_identity(&tls.cert, &tls.key, config_file)?;
+    no_client_auth(
+        chain,
+        key,
+        tls.min_version,
+        &tls.cert,
+        &tls.key,
+        config_file,
+    )
+    .map(Arc::new)
+}
+
+/// A server configuration for `chain` and `key` that asks for no client
+/// certificate (`[audit.public]`, `lavd witness serve`).
+fn no_client_auth(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    min_version: TlsVersion,
+    cert_path: &Path,
+    key_path: &Path,
+    config_file: &Path,
+) -> Result<ServerConfig, ConfigError> {
     let mut config = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(versions(tls.min_version))
-        .map_err(|e| ConfigError {
-            file: config_file.to_path_buf(),
-            field: "tls.min_version".into(),
-            reason: e.to_string(),
-        })?
+        .with_protocol_versions(versions(min_version))
+        .map_err(|e| file_error(config_file, "tls.min_version", e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| mismatch(&tls.cert, &tls.key, config_file, &e))?;
-    finish(&mut config);
-    Ok(Arc::new(config))
+        .map_err(|e| mismatch(cert_path, key_path, config_file, &e))?;
+    one_shot_sessions(&mut config);
+    Ok(config)
 }
 
 fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
@@ -162,13 +201,6 @@ fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVers
         TlsVersion::Tls13 => &TLS13,
         TlsVersion::Tls12 => &TLS12,
     }
-}
-
-/// HTTP/1.1 only, and no session resumption (see the module comment).
-fn finish(config: &mut ServerConfig) {
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
 }
 
 fn mismatch(cert: &Path, key: &Path, config_file: &Path, e: &rustls::Error) -> ConfigError {
