@@ -187,6 +187,9 @@ pub struct Witness {
     rate_limiter: RateLimiter,
     metrics: WitnessMetrics,
     draining: AtomicBool,
+    /// Held by the readiness check for as long as it runs, so a hung HSM
+    /// ties up one blocking thread, not one per probe.
+    probe: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Witness {
@@ -220,6 +223,7 @@ impl Witness {
             limits,
             metrics,
             draining: AtomicBool::new(false),
+            probe: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -403,17 +407,23 @@ pub fn admin_routes(witness: Arc<Witness>) -> warp::filters::BoxedFilter<(Respon
         move || {
             let w = ready.clone();
             async move {
-                let checked = tokio::task::spawn_blocking(move || {
-                    let key = w.signer.ready();
-                    let state = w.state.check().is_ok();
-                    let draining = w.draining.load(Ordering::SeqCst);
-                    WitnessReady {
-                        ready: key && state && !draining,
-                        key,
-                        state,
-                        draining,
-                    }
-                });
+                let checked = async {
+                    let guard = w.probe.clone().lock_owned().await;
+                    let w = w.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _guard = guard;
+                        let key = w.signer.ready();
+                        let state = w.state.check().is_ok();
+                        let draining = w.draining.load(Ordering::SeqCst);
+                        WitnessReady {
+                            ready: key && state && !draining,
+                            key,
+                            state,
+                            draining,
+                        }
+                    })
+                    .await
+                };
                 // A hung HSM answers "not ready" rather than hanging the probe.
                 let report = tokio::time::timeout(std::time::Duration::from_secs(5), checked)
                     .await
