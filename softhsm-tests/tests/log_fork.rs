@@ -110,6 +110,15 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
         let r = add(&body(s1, &proof_via(&fork_c, s1, s2), &f2));
         assert_eq!(r.status, 422, "{name}: {}", r.text());
     }
+    // lavd's witness kept the fork's requests, signed by the log, as
+    // evidence in its log.
+    let stderr = lavd_w.daemon.stderr();
+    let f1_root = f1.lines().nth(2).unwrap();
+    assert!(
+        stderr.contains("contradicts what this witness cosigned") && stderr.contains(f1_root),
+        "{stderr}"
+    );
+
     // Branch 1 goes on being cosigned.
     let c2 = log.unwrap(4);
     let mut c2_cosigned = c2.clone();

@@ -61,6 +61,12 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
     // Old size not the recorded one: 409, the recorded size as the body.
     assert_size_conflict(&w.add(&log.body(s1, &c3)), s2);
     assert_size_conflict(&w.add(&log.body(0, &c3)), s2);
+    // A routine 409 (the client did not know the size) is not evidence.
+    assert!(
+        !w.daemon.stderr().contains("contradicts"),
+        "{}",
+        w.daemon.stderr()
+    );
 
     // Old size above the checkpoint's: 400.
     let r = w.add(&body(s3 + 1, &[], &c3));

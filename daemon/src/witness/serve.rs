@@ -283,20 +283,46 @@ impl Witness {
                     }
                     // Signed by the log and inconsistent with what was
                     // cosigned: evidence of misbehaviour, kept in the log
-                    // (the spec allows it).
-                    AddOutcome::BadProof(_) | AddOutcome::Conflict { .. } => {
-                        tracing::warn!(
-                            origin,
-                            status = outcome.status(),
-                            request = %String::from_utf8_lossy(body),
-                            "refused a checkpoint the log signed"
-                        );
+                    // (the spec allows it). A 409 for an old size the
+                    // client did not know is routine, and is not.
+                    AddOutcome::BadProof(_) => self.evidence(origin, 422, body),
+                    AddOutcome::Conflict { size } if self.another_root_at(*size, body) => {
+                        self.evidence(origin, 409, body);
                     }
                     _ => {}
                 }
                 answer(outcome)
             }
         }
+    }
+}
+
+impl Witness {
+    fn evidence(&self, origin: &str, status: u16, body: &[u8]) {
+        tracing::warn!(
+            origin,
+            status,
+            request = %String::from_utf8_lossy(body),
+            "refused a checkpoint the log signed: it contradicts what this witness cosigned"
+        );
+    }
+
+    /// True when the (log-signed) checkpoint of `body` has the recorded
+    /// size `size` and another root: a fork.
+    fn another_root_at(&self, size: u64, body: &[u8]) -> bool {
+        let Ok(request) = crate::audit::witness::AddCheckpoint::parse(body) else {
+            return false;
+        };
+        let origin = request.checkpoint.split('\n').next().unwrap_or_default();
+        let Some(checkpoint) = self
+            .trusted(origin)
+            .iter()
+            .find_map(|key| crate::audit::note::verify_checkpoint(&request.checkpoint, key).ok())
+        else {
+            return false;
+        };
+        matches!(self.state.recorded(origin), Ok(Some((recorded, root)))
+            if recorded == size && checkpoint.size == size && checkpoint.root != root)
     }
 }
 
