@@ -93,6 +93,10 @@ pub struct HsmSettings {
     /// `SOFTHSM2_CONF`, YubiHSM's `YUBIHSM_PKCS11_CONF`, …), set in this
     /// process just before the module is first loaded.
     pub module_env: Vec<(String, String)>,
+    /// The call deadline: how long a caller waits for an HSM call (or for a
+    /// session or worker to run it on) before it gives up with
+    /// [`HsmError::Timeout`]. See [`spread`] for what happens to the call.
+    pub call_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for HsmSettings {
@@ -104,6 +108,7 @@ impl std::fmt::Debug for HsmSettings {
             .field("sessions", &self.sessions)
             .field("quirks", &self.quirks)
             .field("module_env", &self.module_env)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -216,8 +221,13 @@ impl Hsm {
     ) -> Result<Self, HsmError> {
         let pkcs11 = module(&settings.module, &settings.module_env)?;
         let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
-        let pool = Pool::new(slot, settings.sessions.max(1), observer.clone());
-        let spreader = spread::Spreader::start(settings.sessions.max(1))?;
+        let pool = Pool::new(
+            slot,
+            settings.sessions.max(1),
+            settings.call_timeout,
+            observer.clone(),
+        );
+        let spreader = spread::Spreader::start(settings.sessions.max(1), settings.call_timeout)?;
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pkcs11,
@@ -253,6 +263,50 @@ impl Hsm {
         tokio::task::spawn_blocking(move || f(&hsm))
             .await
             .map_err(|e| HsmError::Worker(e.to_string()))?
+    }
+
+    /// How many HSM calls outlived the call deadline and have not returned:
+    /// while any has, `/readyz` is false.
+    pub fn stuck_calls(&self) -> usize {
+        self.inner.spreader.stuck()
+    }
+
+    /// The configured call deadline.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        self.inner.settings.call_timeout
+    }
+
+    /// Runs one synchronous operation on an HSM worker and waits for it at
+    /// most the call deadline (see [`spread`]). Blocking: call it from a
+    /// blocking thread, never from an HSM worker.
+    ///
+    /// # Errors
+    /// `f`'s error, [`HsmError::Timeout`] if it did not return in time (or
+    /// every worker is held by calls that did not), [`HsmError::Worker`] if
+    /// it panicked.
+    pub(crate) fn call<I, T>(
+        &self,
+        op: &'static str,
+        input: I,
+        f: fn(&Hsm, I) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+    {
+        fn stops<T>(_: &Result<T, HsmError>) -> bool {
+            false
+        }
+        let outcome = self.spread(vec![input], f, stops::<T>).pop();
+        match outcome {
+            Some(JobOutcome::Done(result)) => result,
+            Some(JobOutcome::TimedOut) => Err(HsmError::Timeout {
+                op,
+                after: self.call_timeout(),
+            }),
+            Some(JobOutcome::Panicked) => Err(HsmError::Worker(format!("{op} panicked"))),
+            Some(JobOutcome::NotRun) | None => Err(HsmError::Worker(format!("{op} did not run"))),
+        }
     }
 
     /// True when a session can be had and the user is logged in: the check
@@ -352,14 +406,32 @@ impl Hsm {
     /// The module is process-wide: this also ends the sessions of any other
     /// user of the module in this process (lavd has none).
     ///
+    /// It waits at most the call deadline for running operations: a call
+    /// that hangs in the module keeps the module from being reset (it would
+    /// be finalised under that call), and the reset fails with
+    /// [`HsmError::Timeout`] instead of waiting with it.
+    ///
     /// # Errors
-    /// The failing `C_Initialize`, or [`HsmError::TokenNotFound`].
+    /// The failing `C_Initialize`, [`HsmError::TokenNotFound`], or
+    /// [`HsmError::Timeout`].
     pub fn reset_module(&self) -> Result<(), HsmError> {
         let inner = &self.inner;
-        let _exclusive = inner
-            .gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let deadline = Instant::now() + inner.settings.call_timeout;
+        let _exclusive = loop {
+            match inner.gate.try_write() {
+                Ok(guard) => break guard,
+                Err(std::sync::TryLockError::Poisoned(p)) => break p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    return Err(HsmError::Timeout {
+                        op: "module reset (waiting for running calls)",
+                        after: inner.settings.call_timeout,
+                    })
+                }
+            }
+        };
         inner.pool.clear();
         inner
             .handles
