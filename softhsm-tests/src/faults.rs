@@ -15,8 +15,18 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::server::Client;
-use crate::vault;
+use time::OffsetDateTime;
+
+use crate::server::{serve_config, Client, Daemon, Pki};
+use crate::vault::{self, Parties, TARGET};
+use crate::TestToken;
+
+/// Agency threads of [`Case::run`]'s load.
+pub const THREADS: usize = 4;
+/// Envelopes in [`Case`]'s request.
+pub const BATCH: usize = 4;
+/// How long [`Case::run`] holds a fault that has an inside.
+pub const HOLD: Duration = Duration::from_millis(2000);
 
 /// One answered unwrap request.
 #[derive(Debug, Clone)]
@@ -114,8 +124,6 @@ pub fn under_load<R>(
 pub struct Figures {
     /// The fault's name, for the printed line.
     pub name: String,
-    /// Faults the module or the test injected.
-    pub faults_injected: u64,
     /// Requests answered.
     pub requests: usize,
     /// Answers by `(status, code)`.
@@ -134,13 +142,7 @@ pub struct Figures {
 
 impl Figures {
     /// Sorts `answers` against the fault's window `[on, off)`.
-    pub fn new(
-        name: &str,
-        answers: &[Answer],
-        on: Instant,
-        off: Instant,
-        faults_injected: u64,
-    ) -> Self {
+    pub fn new(name: &str, answers: &[Answer], on: Instant, off: Instant) -> Self {
         let mut by_code = BTreeMap::new();
         for a in answers {
             *by_code.entry((a.status, a.code.clone())).or_default() += 1;
@@ -151,7 +153,6 @@ impl Figures {
             .collect();
         Figures {
             name: name.to_string(),
-            faults_injected,
             requests: answers.len(),
             by_code,
             max_answer: answers.iter().map(|a| a.took).max().unwrap_or_default(),
@@ -196,7 +197,6 @@ impl Figures {
                 self.name
             );
         }
-        assert!(self.faults_injected > 0, "{}: no fault injected", self.name);
         assert_eq!(self.released_in_fault, 0, "{}: {self:?}", self.name);
         assert!(
             self.max_answer <= bound,
@@ -219,10 +219,9 @@ impl Figures {
             .map(|((s, c), n)| format!("{s} {c}: {n}"))
             .collect();
         println!(
-            "FIGURES {}: faults injected {}, requests {}, [{}], in fault {} (released 0 expected: {}), \
+            "FIGURES {}: requests {}, [{}], in fault {} (released 0 expected: {}), \
              max answer {} ms (in fault {} ms), 200 after clearing {}{extra}",
             self.name,
-            self.faults_injected,
             self.requests,
             codes.join(", "),
             self.in_fault,
@@ -312,4 +311,151 @@ pub fn verify_log(
     ]));
     assert!(summary.contains("verdict: the log verifies"), "{summary}");
     summary
+}
+
+/// A daemon on `t` (its config already written), with the parties, a
+/// warrant with a large budget and one request of [`BATCH`] envelopes.
+#[derive(Debug)]
+pub struct Case {
+    /// The PKI of the daemon and its clients.
+    pub pki: Pki,
+    /// The parties' certificates.
+    pub parties: Parties,
+    /// The daemon.
+    pub daemon: Daemon,
+    /// The agency's client.
+    pub agency: Client,
+    /// The auditor's client.
+    pub auditor: Client,
+    /// The unwrap request every thread sends.
+    pub request: serde_json::Value,
+    /// Its warrant's id.
+    pub id: String,
+}
+
+impl Case {
+    /// Generates escrow key `E-1` on `t`, starts the daemon and waits until
+    /// it is ready.
+    pub fn start(t: &TestToken, pki: Pki, id: &str) -> Self {
+        vault::generate_escrow_key(t, "E-1");
+        let daemon = Daemon::start(t);
+        daemon.wait_readyz(200);
+        let parties = Parties::new(&pki);
+        let c = parties.clients(&pki, daemon.api);
+        let escrow = vault::published_key(&c.provider, "E-1");
+        let recipient = vault::recipient();
+        let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 1_000_000));
+        let now = OffsetDateTime::now_utc();
+        let envelopes: Vec<_> = (0..BATCH)
+            .map(|i| {
+                vault::seal(
+                    &escrow,
+                    "E-1",
+                    TARGET,
+                    now - time::Duration::hours(1),
+                    &format!("m{i}"),
+                    &[7; 32],
+                )
+            })
+            .collect();
+        Case {
+            pki,
+            parties,
+            agency: c.agency,
+            auditor: c.auditor,
+            daemon,
+            request: serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+            id: id.to_string(),
+        }
+    }
+
+    /// Sends the request until it is refused 503 `code` (asserting that
+    /// every earlier answer is a 200); returns how many envelopes those
+    /// 200s opened.
+    pub fn probe_until_refused(&self, code: &str) -> usize {
+        let mut opened = 0;
+        assert!(
+            wait_until(Duration::from_secs(30), || {
+                let r = vault::post(&self.agency, "/v1/unwrap", &self.request);
+                if r.status == 503 {
+                    r.assert_error(503, code);
+                    return true;
+                }
+                assert_eq!(r.status, 200, "{}", r.text());
+                opened += vault::statuses(&r.json())
+                    .iter()
+                    .filter(|s| *s == "ok")
+                    .count();
+                false
+            }),
+            "the fault never refused a request"
+        );
+        opened
+    }
+
+    /// [`THREADS`] agency threads of load; after 0.7 s `inject` starts the
+    /// fault and returns when it is in force (with the envelopes the
+    /// test's own probes opened); with an inside, `/readyz` must turn 503
+    /// and the fault is held [`HOLD`]; `clear` ends it, `/readyz` must turn
+    /// 200, and the load runs on 0.7 s. Then every answer must be a 200 or
+    /// 503 `code` within `bound` ([`Figures::assert_fail_closed`]), the
+    /// budget (`spent`) must equal the `opened` leaves, the opened leaves
+    /// no answer carried must be the probes' plus at most one request per
+    /// thread, a new request must succeed, and the log must verify.
+    /// Returns the figures, the opened leaves, and the opened leaves of
+    /// requests answered 503 after their commit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        t: &TestToken,
+        name: &str,
+        code: &str,
+        bound: Duration,
+        with_inside: bool,
+        inject: impl FnOnce(&Case) -> usize,
+        clear: impl FnOnce(),
+        spent: impl FnOnce() -> i64,
+    ) -> (Figures, usize, usize) {
+        let body = self.request.to_string();
+        let (answers, (on, off, probes_opened)) =
+            under_load(std::slice::from_ref(&self.agency), &body, THREADS, || {
+                std::thread::sleep(Duration::from_millis(700));
+                let probes_opened = inject(self);
+                let on = Instant::now();
+                if with_inside {
+                    self.daemon.wait_readyz(503);
+                    std::thread::sleep(HOLD.saturating_sub(on.elapsed()));
+                }
+                let off = Instant::now();
+                clear();
+                self.daemon.wait_readyz(200);
+                std::thread::sleep(Duration::from_millis(700));
+                (on, off, probes_opened)
+            });
+        let figures = Figures::new(name, &answers, on, off);
+        if with_inside {
+            figures.assert_fail_closed(code, bound);
+        } else {
+            figures.assert_answers(code, bound);
+        }
+        let (opened, not_carried) = audit_accounting(&self.auditor, &self.id, &answers);
+        assert_eq!(spent(), opened as i64, "{name}: budget");
+        assert!(
+            not_carried >= probes_opened && not_carried <= probes_opened + THREADS * BATCH,
+            "{name}: {not_carried} opened leaves without an answer, {probes_opened} from probes"
+        );
+        let r = vault::post(&self.agency, "/v1/unwrap", &self.request);
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+        verify_log(t, &self.pki, &self.parties.auditor, self.daemon.api);
+        (figures, opened, not_carried - probes_opened)
+    }
+}
+
+/// [`serve_config`] with the four parties' roles and no effective rate
+/// limit.
+pub fn limits() -> String {
+    serve_config(&format!(
+        "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
+        vault::roles_toml()
+    ))
 }

@@ -23,29 +23,15 @@
 
 use std::time::{Duration, Instant};
 
-use softhsm_tests::faults::{audit_accounting, under_load, verify_log, wait_until, Figures};
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::faults::{limits, wait_until, Case};
+use softhsm_tests::server::Pki;
 use softhsm_tests::{shim_module_path, Shim, TestToken};
-use time::OffsetDateTime;
 
 const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
-const THREADS: usize = 4;
-const BATCH: usize = 4;
-/// How long the fault stays in force under load.
-const FAULT_FOR: Duration = Duration::from_millis(2500);
+const CODE: &str = "hsm_unavailable";
 
 fn bound() -> Duration {
     2 * CALL_TIMEOUT + Duration::from_secs(5)
-}
-
-fn spent(t: &TestToken, id: &str) -> i64 {
-    rusqlite::Connection::open(t.path("lavd.db"))
-        .unwrap()
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
-            row.get(0)
-        })
-        .unwrap()
 }
 
 fn fault_under_load(fault: &str) {
@@ -57,87 +43,50 @@ fn fault_under_load(fault: &str) {
         &shim_module_path(),
         2,
         &format!("call_timeout_ms = {}\n", CALL_TIMEOUT.as_millis()),
-        &format!(
-            "{}\n{}",
-            shim.hsm_env(),
-            serve_config(&format!(
-                "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
-                vault::roles_toml()
-            ))
-        ),
+        &format!("{}\n{}", shim.hsm_env(), limits()),
     );
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let recipient = vault::recipient();
     let id = format!("W-{fault}");
-    let warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 1_000_000));
-    let now = OffsetDateTime::now_utc();
-    let envelopes: Vec<_> = (0..BATCH)
-        .map(|i| {
-            vault::seal(
-                &escrow,
-                "E-1",
-                TARGET,
-                now - time::Duration::hours(1),
-                &format!("m{i}"),
-                &[7; 32],
-            )
-        })
-        .collect();
-    let request = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
-    let body = request.to_string();
-
-    let (answers, (on, off, readyz_after, direct)) =
-        under_load(&[c.agency.clone()], &body, THREADS, || {
-            std::thread::sleep(Duration::from_millis(700));
+    let case = Case::start(&t, pki, &id);
+    let (mut readyz_after, mut direct) = (Duration::ZERO, Duration::ZERO);
+    let (figures, opened, cut) = case.run(
+        &t,
+        fault,
+        CODE,
+        bound(),
+        true,
+        |case| {
+            // Every device call fails (or hangs) from now on.
             shim.set(&format!("fault = {fault}"));
             assert!(
                 wait_until(Duration::from_secs(10), || shim.faults() > 0),
                 "{fault}: the module injected nothing"
             );
             let on = Instant::now();
-            daemon.wait_readyz(503);
-            let readyz_after = on.elapsed();
+            case.daemon.wait_readyz(503);
+            readyz_after = on.elapsed();
             // A request of the test's own, in the middle of the fault.
             let sent = Instant::now();
-            vault::post(&c.agency, "/v1/unwrap", &request).assert_error(503, "hsm_unavailable");
-            let direct = sent.elapsed();
-            std::thread::sleep(FAULT_FOR.saturating_sub(on.elapsed()));
-            let off = Instant::now();
-            shim.set("");
-            daemon.wait_readyz(200);
-            std::thread::sleep(Duration::from_millis(700));
-            (on, off, readyz_after, direct)
-        });
-
-    let figures = Figures::new(fault, &answers, on, off, shim.faults());
-    figures.assert_fail_closed("hsm_unavailable", bound());
-    assert!(direct <= bound(), "{fault}: {direct:?}");
-
-    // The log: every 200's ok results are opened leaves; the budget spent
-    // is exactly the opened leaves; opened leaves without a reply only from
-    // requests in flight at the onset.
-    let (opened, not_released) = audit_accounting(&c.auditor, &id, &answers);
-    assert_eq!(spent(&t, &id), opened as i64, "{fault}: budget");
-    assert!(
-        not_released <= THREADS * BATCH,
-        "{fault}: {not_released} opened leaves without a reply"
+            let opened = case.probe_until_refused(CODE);
+            direct = sent.elapsed();
+            opened
+        },
+        || shim.set(""),
+        || {
+            rusqlite::Connection::open(t.path("lavd.db"))
+                .unwrap()
+                .query_row("SELECT spent FROM warrants WHERE id = ?1", [&id], |row| {
+                    row.get(0)
+                })
+                .unwrap()
+        },
     );
-    // After: the log verifies, and the same daemon opens again (the load
-    // already showed it; once more on a connection of the test's own).
-    let r = vault::post(&c.agency, "/v1/unwrap", &request);
-    assert_eq!(r.status, 200, "{fault}: {}", r.text());
-    assert_eq!(vault::statuses(&r.json()), ["ok"; BATCH]);
-
-    verify_log(&t, &pki, &parties.auditor, daemon.api);
+    assert!(direct <= bound(), "{fault}: {direct:?}");
+    let injected = shim.faults();
     figures.print(&format!(
-        ", /readyz 503 after {} ms, direct request answered in {} ms, opened leaves {opened} \
-         (= spent), opened but not released (commit before a failed checkpoint) {not_released}, \
-         log verified, {:.1} s",
+        ", faults injected by the module {injected}, /readyz 503 after {} ms, direct request \
+         answered in {} ms, \
+         opened leaves {opened} (= spent), opened but not released (commit before a failed \
+         checkpoint) {cut}, log verified, {:.1} s",
         readyz_after.as_millis(),
         direct.as_millis(),
         started.elapsed().as_secs_f64()
