@@ -183,50 +183,59 @@ fn pg_print(figures: &Figures, opened: usize, cut: usize, started: Instant) {
     ));
 }
 
-#[test]
-fn postgres_stopped_under_load_is_503_store_unavailable_and_recovers_when_started() {
+/// A fault of the own cluster's server under load: `inject` acts on the
+/// cluster (and returns what the test's probes opened), `clear` undoes it.
+fn own_cluster_fault(
+    name: &str,
+    id: &str,
+    with_inside: bool,
+    inject: impl FnOnce(&pg_cluster::OwnCluster, &Case) -> usize,
+    clear: impl FnOnce(&pg_cluster::OwnCluster),
+) {
     let _turn = OWN_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
     let started = Instant::now();
     let cluster = pg_cluster::ensure();
     let _start = StartOnDrop(cluster);
-    let (t, db, case) = pg_case("W-PG-STOP");
+    let (t, db, case) = pg_case(id);
     let (figures, opened, cut) = case.run(
         &t,
-        "postgres stopped",
+        name,
         CODE,
         BOUND,
-        true,
-        |case| {
-            cluster.ctl("stop");
-            case.probe_until_refused(CODE)
-        },
-        || cluster.ctl("start"),
-        || pg_spent(&db, "W-PG-STOP"),
+        with_inside,
+        |case| inject(cluster, case),
+        || clear(cluster),
+        || pg_spent(&db, id),
     );
     pg_print(&figures, opened, cut, started);
 }
 
 #[test]
+fn postgres_stopped_under_load_is_503_store_unavailable_and_recovers_when_started() {
+    own_cluster_fault(
+        "postgres stopped",
+        "W-PG-STOP",
+        true,
+        |cluster, case| {
+            cluster.ctl("stop");
+            case.probe_until_refused(CODE)
+        },
+        |cluster| cluster.ctl("start"),
+    );
+}
+
+#[test]
 fn postgres_restarted_under_load_answers_only_200_or_503_store_unavailable_and_recovers() {
-    let _turn = OWN_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
-    let started = Instant::now();
-    let cluster = pg_cluster::ensure();
-    let _start = StartOnDrop(cluster);
-    let (t, db, case) = pg_case("W-PG-RESTART");
-    let (figures, opened, cut) = case.run(
-        &t,
+    own_cluster_fault(
         "postgres restarted",
-        CODE,
-        BOUND,
+        "W-PG-RESTART",
         false,
-        |_| {
+        |cluster, _| {
             cluster.ctl("restart");
             0
         },
-        || {},
-        || pg_spent(&db, "W-PG-RESTART"),
+        |_| {},
     );
-    pg_print(&figures, opened, cut, started);
 }
 
 #[test]

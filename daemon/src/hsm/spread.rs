@@ -20,12 +20,14 @@
 //! `NotRun`, and the batch is stopped. PKCS#11 has no way to cancel a call,
 //! so a job that hangs keeps its worker thread and its session until the
 //! module returns: neither is reused before that, and whatever the job
-//! returns then is dropped (a DEK is zeroized). While as many jobs hang as
-//! there are workers, no worker is free, and a new batch is answered at
-//! once with every job `TimedOut` instead of waiting a whole deadline for
-//! nothing; service resumes by itself when the hung calls return. A call
-//! that never returns keeps its worker for the life of the process (see
-//! OPERATIONS, HSM faults).
+//! returns then is dropped (a DEK is zeroized). While any job hangs past
+//! its deadline, the HSM is taken to be failing: a new batch is answered
+//! at once with every job `TimedOut`, instead of each caller waiting a
+//! whole deadline for a call that would most likely hang too (and callers
+//! queued behind a signer each waiting one more). Service resumes by
+//! itself when the hung calls return. A call that never returns keeps its
+//! worker for the life of the process (see OPERATIONS §7, the call
+//! deadline).
 //!
 //! The workers are plain threads, not async tasks: a job holds a session
 //! only inside one synchronous HSM call, and nothing here awaits.
@@ -308,9 +310,10 @@ impl Spreader {
         if count == 0 {
             return Vec::new();
         }
-        if self.stuck() >= self.workers {
-            // Every worker is held by a call that outlived its deadline:
-            // waiting would only reach the deadline too.
+        if self.stuck() > 0 {
+            // A call outlived its deadline and has not returned: the HSM
+            // is failing, and waiting would most likely reach the deadline
+            // too.
             return (0..count).map(|_| JobOutcome::TimedOut).collect();
         }
         let batch = Arc::new(Batch {
@@ -426,7 +429,7 @@ mod tests {
             "{waited:?}"
         );
         assert_eq!(spreader.stuck(), 1);
-        // The only worker hangs: a new batch is answered at once.
+        // A call hangs past its deadline: a new batch is answered at once.
         let started = Instant::now();
         let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
         assert!(matches!(outcomes[..], [JobOutcome::TimedOut]));
