@@ -7,8 +7,10 @@
 //! `SOFTHSM2_CONF`, and the test process can inspect the token directly with
 //! cryptoki (another application on the same token, as an auditor would be).
 
+pub mod crash;
 pub mod dev;
 pub mod faults;
+pub mod load;
 pub mod pg;
 pub mod pg_cluster;
 pub mod replicas;
@@ -332,12 +334,19 @@ pub fn lavd_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("LAVD_BINARY") {
         return PathBuf::from(bin);
     }
+    package_binary("lavd-under-test")
+}
+
+/// One of this package's binaries (`lavd-under-test`, `audit-writer`,
+/// `load-client`), built by Cargo before the integration tests, next to
+/// the `deps/` folder that holds the test executables.
+pub fn package_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let bin = dir.join(format!("lavd-under-test{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(bin.is_file(), "{} not built", bin.display());
     bin
 }

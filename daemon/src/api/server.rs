@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use warp::http::Request;
 
 use super::identity::{uri_san, IdentityError};
-use super::pipeline::{self, Api, ConnInfo, Router};
+use super::pipeline::{self, Access, Api, ConnInfo, Router};
 use super::tls;
 
 /// A listener could not be started.
@@ -203,13 +203,17 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
     Ok((listener, local))
 }
 
-/// Starts the mutual-TLS API listener.
+/// Starts an API listener: the mutual-TLS API, or the public log listener,
+/// as `api.access` says, with at most `max_connections` at once.
 ///
 /// # Errors
 /// [`ServeError::Bind`].
-pub async fn serve_api(api: Arc<Api>, addr: SocketAddr) -> Result<Listener, ServeError> {
+pub async fn serve_api(
+    api: Arc<Api>,
+    addr: SocketAddr,
+    max: usize,
+) -> Result<Listener, ServeError> {
     let (listener, local_addr) = bind(addr).await?;
-    let max = api.state.limits.max_connections;
     Ok(spawn_accept_loop(
         listener,
         local_addr,
@@ -374,7 +378,13 @@ async fn api_connection(
         idle: limits.idle_timeout,
     };
 
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.current().tls.server_config.clone());
+    let public = matches!(api.access, Access::Public(_));
+    let tls = state.current().tls.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(if public {
+        tls.public_config
+    } else {
+        tls.server_config
+    });
     let handshake = tokio::select! {
         // Shutting down: a connection that has not sent a request yet has
         // nothing to drain.
@@ -404,11 +414,12 @@ async fn api_connection(
         .unwrap_or_default();
     let identity = match chain.first() {
         // The verifier requires a certificate; none here would be a rustls
-        // bug, and is refused like an unreadable one.
+        // bug, and is refused like an unreadable one. The public listener
+        // asks for none and names no one.
         None => Err(IdentityError::Malformed),
         Some(leaf) => uri_san(leaf.as_ref()),
     };
-    if let Err(e) = &identity {
+    if let (false, Err(e)) = (public, &identity) {
         state.metrics.tls_handshake_failure(e.reason());
         tracing::info!(%remote, reason = e.reason(), "client certificate names no identity; its requests are refused");
     }

@@ -32,6 +32,9 @@ use crate::config::{ConfigError, TlsSettings, TlsVersion};
 pub struct TlsMaterial {
     /// What the acceptor uses for new connections.
     pub server_config: Arc<ServerConfig>,
+    /// The same certificate without client authentication, for the public
+    /// log listener (`[audit.public]`).
+    pub public_config: Arc<ServerConfig>,
     /// The same verifier as in `server_config`, kept to re-check the
     /// certificate of connections that outlive a reload.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
@@ -141,28 +144,45 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
     };
-    let mut config = ServerConfig::builder_with_provider(provider)
+    let key_err = |e: rustls::Error| {
+        err(
+            "tls.key",
+            format!(
+                "{} does not go with the certificate in {}: {e}",
+                tls.key.display(),
+                tls.cert.display()
+            ),
+        )
+    };
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
         .map_err(|e| err("tls.min_version", e.to_string()))?
         .with_client_cert_verifier(client_verifier.clone())
+        .with_single_cert(chain.clone(), key.clone_key())
+        .map_err(key_err)?;
+    one_shot_sessions(&mut config);
+    // `[audit.public]`: the same certificate and versions, and no client
+    // certificate asked for.
+    let mut public = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .map_err(|e| err("tls.min_version", e.to_string()))?
+        .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            err(
-                "tls.key",
-                format!(
-                    "{} does not go with the certificate in {}: {e}",
-                    tls.key.display(),
-                    tls.cert.display()
-                ),
-            )
-        })?;
+        .map_err(key_err)?;
+    one_shot_sessions(&mut public);
+    Ok(TlsMaterial {
+        server_config: Arc::new(config),
+        public_config: Arc::new(public),
+        client_verifier,
+    })
+}
+
+/// HTTP/1.1 only, and no session resumption: no tickets, no session cache,
+/// so no 0-RTT data and every connection proves its certificate afresh.
+fn one_shot_sessions(config: &mut ServerConfig) {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(TlsMaterial {
-        server_config: Arc::new(config),
-        client_verifier,
-    })
 }
 
 impl TlsMaterial {

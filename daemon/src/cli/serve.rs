@@ -15,7 +15,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use super::notify::Notifier;
 use super::ConfigArg;
 use crate::api::admin::{self, Readiness};
-use crate::api::pipeline::{self, Api};
+use crate::api::pipeline::{self, Access, Api};
+use crate::api::ratelimit::RateLimiter;
 use crate::api::state::StartupSettings;
 use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
 use crate::audit::log::AuditLog;
@@ -105,8 +106,23 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     let api = Arc::new(Api {
         state: state.clone(),
         router: pipeline::router(routes::routes(state.clone())),
+        access: Access::Mutual,
     });
-    let api = server::serve_api(api, startup.server.listen).await?;
+    let api = server::serve_api(api, startup.server.listen, state.limits.max_connections).await?;
+    let public = match &startup.audit.public {
+        None => None,
+        Some(p) => {
+            let api = Arc::new(Api {
+                state: state.clone(),
+                router: pipeline::router(routes::public_routes(state.clone())),
+                access: Access::Public(RateLimiter::new(
+                    f64::from(p.rate_limit_per_second),
+                    p.rate_limit_burst,
+                )),
+            });
+            Some(server::serve_api(api, p.listen, p.max_connections).await?)
+        }
+    };
     let readiness = Arc::new(Readiness::new(state.clone()));
     let admin = server::serve_plain(
         startup.admin.listen,
@@ -115,12 +131,17 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         pipeline::router(admin::routes(readiness)),
     )
     .await?;
+    let public_addr = public.as_ref().map(|l| l.local_addr().to_string());
     let status = format!(
-        "serving api={} admin={}",
+        "serving api={} admin={}{}",
         api.local_addr(),
-        admin.local_addr()
+        admin.local_addr(),
+        public_addr
+            .as_deref()
+            .map(|a| format!(" public_log={a}"))
+            .unwrap_or_default()
     );
-    tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), "serving");
+    tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), public_log = public_addr.as_deref(), "serving");
     notifier.ready(&status);
 
     loop {
@@ -170,6 +191,11 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     state.start_draining();
     let grace = startup.server.shutdown_grace;
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
+    // The public log listener has nothing to drain that matters: tiles
+    // can be fetched again.
+    if let Some(public) = public {
+        public.shutdown(std::future::ready(())).await;
+    }
     let drained = api
         .shutdown(async {
             tokio::select! {

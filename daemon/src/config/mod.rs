@@ -22,7 +22,8 @@ use crate::hsm::{HsmSettings, Quirks, TokenSelector};
 
 pub use raw::RawConfig;
 pub use server::{
-    AdminSettings, Limits, LogFormat, LogSettings, ServerSettings, TlsSettings, TlsVersion,
+    AdminSettings, Limits, LogFormat, LogSettings, PublicLogSettings, ServerSettings, TlsSettings,
+    TlsVersion,
 };
 
 use crate::api::identity::RoleMap;
@@ -103,6 +104,10 @@ pub struct AuditSettings {
     /// The log's origin line in checkpoints (C2SP tlog-checkpoint), e.g.
     /// `lavd.agency.example/audit`.
     pub origin: String,
+    /// `[audit.public]`: a listener serving the log's tiles without a
+    /// client certificate, or `None` (the default: only the auditor role
+    /// reads the log).
+    pub public: Option<PublicLogSettings>,
 }
 
 impl Settings {
@@ -140,6 +145,7 @@ impl Settings {
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
             origin: v.origin(raw.audit.origin)?,
+            public: raw.audit.public.map(|p| v.public_log(p)).transpose()?,
         };
         let server = v.server(raw.server)?;
         let tls = raw.tls.map(|t| v.tls(t)).transpose()?;
@@ -153,6 +159,17 @@ impl Settings {
                 "admin.listen",
                 "must differ from server.listen: the admin listener is plain HTTP",
             ));
+        }
+        if let Some(public) = &audit.public {
+            if public.listen.port() != 0
+                && (public.listen == server.listen || public.listen == admin.listen)
+            {
+                return Err(v.err(
+                    "audit.public.listen",
+                    "must differ from server.listen and admin.listen: the public log listener \
+                     asks for no client certificate",
+                ));
+            }
         }
         Ok(Settings {
             file: path.to_path_buf(),

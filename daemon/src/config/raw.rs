@@ -148,6 +148,19 @@ pub struct RawAudit {
     pub(super) key_label: String,
     #[serde(default = "default_origin")]
     pub(super) origin: String,
+    /// `[audit.public]`: absent unless the log is published.
+    #[serde(default)]
+    pub(super) public: Option<RawPublicLog>,
+}
+
+/// `[audit.public]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublicLog {
+    pub(super) listen: String,
+    pub(super) max_connections: Option<u64>,
+    pub(super) rate_limit_per_second: Option<u64>,
+    pub(super) rate_limit_burst: Option<u64>,
 }
 
 impl Default for RawAudit {
@@ -155,6 +168,7 @@ impl Default for RawAudit {
         Self {
             key_label: default_audit_label(),
             origin: default_origin(),
+            public: None,
         }
     }
 }

@@ -158,6 +158,26 @@ fn serve_table_refusals_name_the_field() {
             "server.blocking_threads",
         ),
         ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
+        (
+            "[audit.public]\nlisten = \"0.0.0.0:8443\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9090\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"nowhere\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_burst = 0\n",
+            "audit.public.rate_limit_burst",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nmax_connections = 100001\n",
+            "audit.public.max_connections",
+        ),
         ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
         (
             "[limits]\nidle_timeout_secs = 0\n",
