@@ -26,7 +26,7 @@ pub const THREADS: usize = 4;
 /// Envelopes in [`Case`]'s request.
 pub const BATCH: usize = 4;
 /// How long [`Case::run`] holds a fault that has an inside.
-pub const HOLD: Duration = Duration::from_millis(3000);
+pub const HOLD: Duration = Duration::from_millis(4000);
 
 /// One answered unwrap request.
 #[derive(Debug, Clone)]
