@@ -9,8 +9,10 @@
 
 pub mod crash;
 pub mod dev;
+pub mod faults;
 pub mod load;
 pub mod pg;
+pub mod pg_cluster;
 pub mod replicas;
 pub mod server;
 pub mod vault;
@@ -273,8 +275,14 @@ impl TestToken {
     /// Writes `lavd.toml` for this token loading `module` with a pool of
     /// `sessions` HSM sessions, with `extra` appended.
     pub fn write_config_with(&self, module: &Path, sessions: usize, extra: &str) {
+        self.write_config_hsm(module, sessions, "", extra);
+    }
+
+    /// As [`TestToken::write_config_with`], with `hsm` (lines such as
+    /// `call_timeout_ms = 1000`) added to `[hsm]`.
+    pub fn write_config_hsm(&self, module: &Path, sessions: usize, hsm: &str, extra: &str) {
         let text = format!(
-            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n\n\
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n{hsm}\n\
              [store]\npath = \"lavd.db\"\n{extra}",
             module.display().to_string(),
             self.label

@@ -58,10 +58,12 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     );
     assert_eq!(daemon.admin_get("/healthz").status, 200);
     // Nor does it publish an empty key set as if there were no keys.
-    c.provider.get("/v1/keys").assert_error(503, "unavailable");
+    c.provider
+        .get("/v1/keys")
+        .assert_error(503, "hsm_unavailable");
     let during = body("during");
     let r = vault::post(&c.agency, "/v1/unwrap", &during);
-    r.assert_error(503, "unavailable");
+    r.assert_error(503, "hsm_unavailable");
     // The attempt is logged as a failed open, not as a destroyed key (the
     // token cannot sign a checkpoint over it now, so read the leaves alone).
     let r = c

@@ -341,7 +341,7 @@ fn readiness_follows_the_witness_token() {
     );
     let c2 = log.unwrap(2);
     w.add(&log.body(size(&c1), &c2))
-        .assert_error(503, "unavailable");
+        .assert_error(503, "hsm_unavailable");
     std::fs::rename(&away, &dir).unwrap();
     w.daemon.wait_readyz(200);
     // Nothing was recorded by the failed attempt.

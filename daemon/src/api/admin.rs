@@ -4,7 +4,8 @@
 //!
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 only when the HSM has a logged-in session and its
-//!   token still finds the audit signing key, the store can take its write
+//!   token still finds the audit signing key, no HSM call is still running
+//!   past its deadline (`[hsm] call_timeout_ms`), the store can take its write
 //!   lock, the audit log is consistent with its last signed checkpoint (once
 //!   it is not, it stays not ready until restarted), and the server is not
 //!   shutting down; 503
@@ -99,6 +100,15 @@ impl Readiness {
     }
 
     async fn check_hsm(&self) -> Result<(), String> {
+        let stuck = self.state.hsm.stuck_calls();
+        if stuck > 0 {
+            // The module holds calls it has not answered: the probe's own
+            // call would most likely hang with them.
+            return Err(format!(
+                "{stuck} HSM calls have not returned within {} ms",
+                self.state.hsm.call_timeout().as_millis()
+            ));
+        }
         let hsm = self.state.hsm.clone();
         let audit = self.state.audit.clone();
         let probe = self.hsm_probe.clone();

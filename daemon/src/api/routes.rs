@@ -460,12 +460,15 @@ async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Respon
         // unavailable HSM, not an empty key set.
         st.audit.key_on_token().map_err(|e| {
             tracing::error!(error = %e, "the token is not usable");
-            ApiError::Unavailable("the HSM")
+            ApiError::HsmUnavailable
         })?;
         crate::keys::jwks_checked(&st.hsm, st.store.as_ref(), time::OffsetDateTime::now_utc())
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot list escrow keys");
-                ApiError::Unavailable("the key store")
+                match e {
+                    crate::keys::KeyError::Store(_) => ApiError::StoreUnavailable,
+                    _ => ApiError::HsmUnavailable,
+                }
             })
     })
     .await?;

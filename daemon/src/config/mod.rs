@@ -34,6 +34,11 @@ use crate::api::identity::RoleMap;
 /// The default config path.
 pub const DEFAULT_PATH: &str = "/etc/lavd/lavd.toml";
 
+/// `[hsm] call_timeout_ms` when unset: far above any healthy call (SoftHSM
+/// answers in well under a millisecond, network HSMs in tens), short enough
+/// that a hung HSM answers clients with 503 rather than holding them.
+pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 5_000;
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("config {}: {field}: {reason}", file.display())]
@@ -360,6 +365,13 @@ impl Validator<'_> {
         if !(1..=256).contains(&sessions) {
             return Err(self.err("hsm.sessions", "must be between 1 and 256"));
         }
+        let call_timeout_ms = raw.call_timeout_ms.unwrap_or(DEFAULT_HSM_CALL_TIMEOUT_MS);
+        if !(50..=600_000).contains(&call_timeout_ms) {
+            return Err(self.err(
+                "hsm.call_timeout_ms",
+                "must be between 50 and 600000 (10 minutes)",
+            ));
+        }
         let defaults = Quirks::default();
         let quirks = Quirks {
             derive_sets_value_len: raw
@@ -387,6 +399,7 @@ impl Validator<'_> {
             sessions,
             quirks,
             module_env,
+            call_timeout: std::time::Duration::from_millis(call_timeout_ms),
         })
     }
 }

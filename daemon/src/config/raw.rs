@@ -109,6 +109,7 @@ pub struct RawHsm {
     /// Present only to refuse it with a reason.
     pub(super) pin: Option<toml::Value>,
     pub(super) sessions: Option<usize>,
+    pub(super) call_timeout_ms: Option<u64>,
     pub(super) quirks: Option<RawQuirks>,
     pub(super) env: Option<std::collections::BTreeMap<String, String>>,
 }

@@ -269,7 +269,7 @@ impl Witness {
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "cannot sign with the witness key");
-                ApiError::Unavailable("the witness key").into_response()
+                ApiError::HsmUnavailable.into_response()
             }
             Ok(Ok(outcome)) => {
                 match &outcome {
