@@ -322,7 +322,7 @@ fn dev_key_files_and_the_rate_limit() {
 
 /// `/readyz` follows the witness's token: with its storage gone (what a
 /// network HSM losing its partition looks like) it is 503 with
-/// `"key": false`, and add-checkpoint answers 503 without recording
+/// `"key": false`, and add-checkpoint answers 503 `hsm_unavailable` without recording
 /// anything; with the storage back it is ready again without a restart and
 /// cosigns from the size recorded before.
 #[test]
