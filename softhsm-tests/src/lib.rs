@@ -7,11 +7,16 @@
 //! `SOFTHSM2_CONF`, and the test process can inspect the token directly with
 //! cryptoki (another application on the same token, as an auditor would be).
 
+pub mod crash;
 pub mod dev;
+pub mod faults;
+pub mod load;
 pub mod pg;
+pub mod pg_cluster;
 pub mod replicas;
 pub mod server;
 pub mod vault;
+pub mod witness;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -220,6 +225,36 @@ impl TestToken {
         self.work.path().join(name)
     }
 
+    /// The SoftHSM directory of this token: the one whose `token.object`
+    /// holds its label (32 bytes, space-padded). Moving it away is what a
+    /// network HSM losing its partition looks like from PKCS#11.
+    pub fn token_dir(&self) -> PathBuf {
+        let tokens = self
+            .work
+            .path()
+            .parent()
+            .expect("harness dir")
+            .join("tokens");
+        let mut label = self.label.as_bytes().to_vec();
+        label.resize(32, b' ');
+        let found: Vec<PathBuf> = std::fs::read_dir(&tokens)
+            .expect("token dir")
+            .map(|d| d.expect("dir entry").path())
+            .filter(|d| {
+                std::fs::read(d.join("token.object"))
+                    .map(|o| o.windows(32).any(|w| w == label.as_slice()))
+                    .unwrap_or(false)
+            })
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "token directories for {}: {found:?}",
+            self.label
+        );
+        found.into_iter().next().expect("one")
+    }
+
     /// The config file.
     pub fn config(&self) -> PathBuf {
         self.path("lavd.toml")
@@ -240,8 +275,14 @@ impl TestToken {
     /// Writes `lavd.toml` for this token loading `module` with a pool of
     /// `sessions` HSM sessions, with `extra` appended.
     pub fn write_config_with(&self, module: &Path, sessions: usize, extra: &str) {
+        self.write_config_hsm(module, sessions, "", extra);
+    }
+
+    /// As [`TestToken::write_config_with`], with `hsm` (lines such as
+    /// `call_timeout_ms = 1000`) added to `[hsm]`.
+    pub fn write_config_hsm(&self, module: &Path, sessions: usize, hsm: &str, extra: &str) {
         let text = format!(
-            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n\n\
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = {sessions}\n{hsm}\n\
              [store]\npath = \"lavd.db\"\n{extra}",
             module.display().to_string(),
             self.label
@@ -324,14 +365,34 @@ pub fn lavd_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("LAVD_BINARY") {
         return PathBuf::from(bin);
     }
+    package_binary("lavd-under-test")
+}
+
+/// One of this package's binaries (`lavd-under-test`, `audit-writer`,
+/// `load-client`), built by Cargo before the integration tests, next to
+/// the `deps/` folder that holds the test executables.
+pub fn package_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>/deps/<test>");
-    let bin = dir.join(format!("lavd-under-test{}", std::env::consts::EXE_SUFFIX));
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(bin.is_file(), "{} not built", bin.display());
     bin
+}
+
+/// The Python of the interop venv (`target/interop-venv`, made by
+/// `.ci/setup --tests` with jwcrypto and cryptography). A missing venv fails
+/// the test with what to run; it never skips.
+pub fn interop_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto and cryptography)",
+        python.display()
+    );
+    python
 }
 
 /// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`.

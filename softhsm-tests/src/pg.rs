@@ -32,21 +32,20 @@ pub fn password() -> String {
     std::env::var("LAVD_TEST_PG_PASSWORD").unwrap_or_else(|_| "lavd_test".into())
 }
 
-fn admin() -> postgres::Client {
+fn admin(port: u16) -> postgres::Client {
     let mut config = postgres::Config::new();
     config
         .host(&host())
-        .port(port())
+        .port(port)
         .user(USER)
         .password(password())
         .dbname("postgres")
         .connect_timeout(Duration::from_secs(5));
     config.connect(postgres::NoTls).unwrap_or_else(|e| {
         panic!(
-            "PostgreSQL is not reachable at {}:{} as {USER} ({e}); run .ci/setup --tests, \
+            "PostgreSQL is not reachable at {}:{port} as {USER} ({e}); run .ci/setup --tests, \
              which installs and starts it and creates the role",
             host(),
-            port()
         )
     })
 }
@@ -55,6 +54,7 @@ fn admin() -> postgres::Client {
 #[derive(Debug)]
 pub struct TestDb {
     name: String,
+    port: u16,
 }
 
 impl TestDb {
@@ -63,6 +63,15 @@ impl TestDb {
     /// # Panics
     /// When the server is unreachable or refuses: the test fails.
     pub fn create() -> Self {
+        Self::create_on(port())
+    }
+
+    /// Creates a fresh database on the local server listening on `port`
+    /// (another cluster than the shared one, e.g. [`crate::pg_cluster`]'s).
+    ///
+    /// # Panics
+    /// When the server is unreachable or refuses: the test fails.
+    pub fn create_on(port: u16) -> Self {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -73,10 +82,10 @@ impl TestDb {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        admin()
+        admin(port)
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .unwrap_or_else(|e| panic!("CREATE DATABASE {name}: {e}"));
-        Self { name }
+        Self { name, port }
     }
 
     /// The database's name.
@@ -89,7 +98,7 @@ impl TestDb {
         format!(
             "postgresql://{USER}@{}:{}/{}?sslmode=disable",
             host(),
-            port(),
+            self.port,
             self.name
         )
     }
@@ -112,12 +121,19 @@ impl TestDb {
         self.settings_with_lease(Duration::from_secs(300))
     }
 
+    /// A client of the server's `postgres` database (not this one), for
+    /// tests that act on this database from outside: limit or cut its
+    /// connections.
+    pub fn admin(&self) -> postgres::Client {
+        admin(self.port)
+    }
+
     /// A client connected to it, for tests that look under the store.
     pub fn client(&self) -> postgres::Client {
         let mut config = postgres::Config::new();
         config
             .host(&host())
-            .port(port())
+            .port(self.port)
             .user(USER)
             .password(password())
             .dbname(&self.name);
@@ -162,7 +178,7 @@ impl Drop for TestDb {
         let mut config = postgres::Config::new();
         config
             .host(&host())
-            .port(port())
+            .port(self.port)
             .user(USER)
             .password(password())
             .dbname("postgres")

@@ -49,6 +49,19 @@ impl Issued {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.clone()))
     }
 
+    /// A certificate and its key read back from [`Issued::pem`]'s PEM (a
+    /// child process rebuilding a party the test made).
+    pub fn from_pem(cert: &str, key: &str) -> Self {
+        use rustls::pki_types::pem::PemObject as _;
+        let cert = CertificateDer::from_pem_slice(cert.as_bytes()).expect("certificate PEM");
+        let key = PrivatePkcs8KeyDer::from_pem_slice(key.as_bytes()).expect("PKCS#8 key PEM");
+        Issued {
+            chain: vec![cert],
+            key: key.secret_pkcs8_der().to_vec(),
+            serial: 0,
+        }
+    }
+
     /// The leaf certificate and its key, in PEM.
     pub fn pem(&self) -> (String, String) {
         (
@@ -121,9 +134,27 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Issued {
+        self.client_for(
+            sans,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
+            not_before,
+            not_after,
+        )
+    }
+
+    /// A certificate with `sans` whose extended key usages are `purposes`
+    /// (a client certificate when they hold `ClientAuth`), valid in
+    /// `[not_before, not_after]`.
+    pub fn client_for(
+        &self,
+        sans: Vec<SanType>,
+        purposes: Vec<ExtendedKeyUsagePurpose>,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Issued {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.subject_alt_names = sans;
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = purposes;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = not_before;
         params.not_after = not_after;
@@ -140,6 +171,31 @@ impl Ca {
         params.not_before = now - time::Duration::days(1);
         params.not_after = now + time::Duration::days(7);
         self.issue(params)
+    }
+
+    /// An intermediate CA named `name`, issued by this one: its
+    /// [`Ca::server`] certificates chain through it.
+    pub fn intermediate(&self, name: &str) -> Ca {
+        let key = KeyPair::generate().expect("CA key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name);
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = now + time::Duration::days(30);
+        params.key_identifier_method = KeyIdMethod::Sha256;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("sign intermediate");
+        Ca {
+            cert: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            next_serial: std::sync::atomic::AtomicU64::new(100),
+        }
     }
 
     fn issue(&self, mut params: CertificateParams) -> Issued {
@@ -269,6 +325,16 @@ pub fn serve_config(extra: &str) -> String {
     )
 }
 
+/// `lavd serve` on a fresh token whose config is [`serve_config`] of
+/// `extra`, started.
+pub fn start_serve(extra: &str) -> (TestToken, Pki, Daemon) {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(extra));
+    let daemon = Daemon::start(&t);
+    (t, pki, daemon)
+}
+
 /// The warrant authorities of this test process: one executive (ES256) and
 /// one judicial (EdDSA), under a double-lock policy.
 pub struct Authorities {
@@ -340,6 +406,8 @@ pub struct Daemon {
     pub api: SocketAddr,
     /// The admin address.
     pub admin: SocketAddr,
+    /// The public log listener's address, when `[audit.public]` is set.
+    pub public_log: Option<SocketAddr>,
     stderr: PathBuf,
 }
 
@@ -391,6 +459,65 @@ impl Daemon {
             assert!(out.status.success(), "generate-audit: {out:?}");
             std::fs::write(&marker, "").expect("marker");
         }
+        let config = token.config();
+        Self::spawn_process(
+            token,
+            &["serve", "--config", config.to_str().expect("utf-8")],
+            log_level,
+            name,
+        )
+    }
+
+    /// Starts `lavd serve --config config` (another config on `token`,
+    /// e.g. another store) and waits for `READY=1`; `name` keeps its notify
+    /// socket and stderr apart.
+    pub fn start_config(token: &TestToken, config: &Path, name: &str) -> Self {
+        Self::spawn_process(
+            token,
+            &["serve", "--config", config.to_str().expect("utf-8")],
+            None,
+            name,
+        )
+        .unwrap_or_else(|(status, stderr)| {
+            panic!("lavd serve {name} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
+    /// Starts `lavd witness serve --config config` in `token`'s working
+    /// directory and waits for `READY=1`; `api` is then the witness's
+    /// listener. `name` keeps its notify socket and stderr apart. On
+    /// failure returns the exit status and stderr.
+    pub fn try_start_witness(
+        token: &TestToken,
+        config: &Path,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn_process(
+            token,
+            &[
+                "witness",
+                "serve",
+                "--config",
+                config.to_str().expect("utf-8"),
+            ],
+            None,
+            name,
+        )
+    }
+
+    /// [`Daemon::try_start_witness`], panicking with stderr on failure.
+    pub fn start_witness(token: &TestToken, config: &Path, name: &str) -> Self {
+        Self::try_start_witness(token, config, name).unwrap_or_else(|(status, stderr)| {
+            panic!("lavd witness serve {name} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
+    fn spawn_process(
+        token: &TestToken,
+        args: &[&str],
+        log_level: Option<&str>,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
         let (socket, stderr) = if name == "lavd" {
             (token.path("notify.sock"), token.path("lavd.stderr"))
         } else {
@@ -401,9 +528,7 @@ impl Daemon {
         };
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");
-        let config = token.config();
-        let mut command =
-            crate::lavd_command(&["serve", "--config", config.to_str().expect("utf-8")]);
+        let mut command = crate::lavd_command(args);
         if let Some(level) = log_level {
             command.env("LAVD_LOG", level);
         }
@@ -413,12 +538,13 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
-            .expect("spawn lavd serve");
+            .expect("spawn lavd");
         let mut daemon = Daemon {
             child,
             notify,
             api: SocketAddr::from(([0, 0, 0, 0], 0)),
             admin: SocketAddr::from(([0, 0, 0, 0], 0)),
+            public_log: None,
             stderr,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -443,6 +569,9 @@ impl Daemon {
                     }
                     if let Some(a) = word.strip_prefix("admin=") {
                         daemon.admin = a.parse().expect("admin address");
+                    }
+                    if let Some(a) = word.strip_prefix("public_log=") {
+                        daemon.public_log = Some(a.parse().expect("public log address"));
                     }
                 }
                 return Ok(daemon);
@@ -602,8 +731,18 @@ impl Client {
         identity: Option<&Issued>,
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> Self {
+        Self::trusting(addr, server_ca.cert(), identity, versions)
+    }
+
+    /// A client trusting the CA certificate `server_ca`.
+    pub fn trusting(
+        addr: SocketAddr,
+        server_ca: CertificateDer<'static>,
+        identity: Option<&Issued>,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Self {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(server_ca.cert()).expect("server CA");
+        roots.add(server_ca).expect("server CA");
         let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),
         ))
@@ -621,6 +760,11 @@ impl Client {
             addr,
             config: Arc::new(config),
         }
+    }
+
+    /// The address it connects to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// A new TLS connection, handshake done from the client's side (in TLS

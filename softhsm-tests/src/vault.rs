@@ -11,7 +11,7 @@ use lavd::envelope::{seal_envelope, HeaderBuilder};
 use lavd::jwk::{JwkSet, P256PrivateKey, P256PublicKey};
 use time::{Duration, OffsetDateTime};
 
-use crate::server::{Client, Issued, Pki, Response};
+use crate::server::{serve_config, Client, Daemon, Issued, Pki, Response};
 use crate::{assert_ok, TestToken};
 
 /// Seals message keys (role `provider`).
@@ -53,6 +53,46 @@ pub fn generate_escrow_key(t: &TestToken, kid: &str) -> P256PublicKey {
     ]));
     let jwk = lavd::jwk::Jwk::from_json(printed.as_bytes()).expect("printed JWK");
     P256PublicKey::from_jwk(&jwk).expect("escrow public key")
+}
+
+/// A `lavd serve` on a fresh token with the four parties' roles, escrow
+/// key `E-1`, and `limits` (TOML lines) in `[limits]`, ready.
+#[derive(Debug)]
+pub struct Vault {
+    /// The daemon (dropped, so killed, before its token).
+    pub daemon: Daemon,
+    /// Its token and working directory.
+    pub t: TestToken,
+    /// Its PKI.
+    pub pki: Pki,
+    /// The parties' certificates.
+    pub parties: Parties,
+    /// `E-1` as the daemon publishes it.
+    pub escrow: P256PublicKey,
+}
+
+impl Vault {
+    /// Starts it and waits until it is ready.
+    pub fn start(limits: &str) -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        t.write_config(&serve_config(&format!(
+            "{}[limits]\n{limits}",
+            roles_toml()
+        )));
+        generate_escrow_key(&t, "E-1");
+        let parties = Parties::new(&pki);
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let escrow = published_key(&parties.clients(&pki, daemon.api).provider, "E-1");
+        Vault {
+            daemon,
+            t,
+            pki,
+            parties,
+            escrow,
+        }
+    }
 }
 
 /// The client certificates of the four parties, issued once; clients for a

@@ -13,7 +13,6 @@
 //! recovery goes through the readiness probe's module reset
 //! (`Hsm::reset_module`).
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use rustix::process::Signal;
@@ -21,30 +20,6 @@ use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
-
-/// The SoftHSM directory of `t`'s token: the one whose `token.object`
-/// holds its label (32 bytes, space-padded).
-fn token_dir(t: &TestToken) -> PathBuf {
-    let tokens = t.work.path().parent().unwrap().join("tokens");
-    let mut label = t.label.as_bytes().to_vec();
-    label.resize(32, b' ');
-    let found: Vec<PathBuf> = std::fs::read_dir(&tokens)
-        .unwrap()
-        .map(|d| d.unwrap().path())
-        .filter(|d| {
-            std::fs::read(d.join("token.object"))
-                .map(|o| o.windows(32).any(|w| w == label.as_slice()))
-                .unwrap_or(false)
-        })
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "token directories for {}: {found:?}",
-        t.label
-    );
-    found.into_iter().next().unwrap()
-}
 
 #[test]
 fn readiness_turns_false_when_the_token_loses_its_objects() {
@@ -70,7 +45,7 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 
     let size_before = vault::tree_size(&c.auditor);
-    let dir = token_dir(&t);
+    let dir = t.token_dir();
     // Out of the token directory altogether: SoftHSM finds tokens in any
     // subdirectory of it when the module starts again.
     let away = t.path("token-away");
@@ -83,10 +58,12 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     );
     assert_eq!(daemon.admin_get("/healthz").status, 200);
     // Nor does it publish an empty key set as if there were no keys.
-    c.provider.get("/v1/keys").assert_error(503, "unavailable");
+    c.provider
+        .get("/v1/keys")
+        .assert_error(503, "hsm_unavailable");
     let during = body("during");
     let r = vault::post(&c.agency, "/v1/unwrap", &during);
-    r.assert_error(503, "unavailable");
+    r.assert_error(503, "hsm_unavailable");
     // The attempt is logged as a failed open, not as a destroyed key (the
     // token cannot sign a checkpoint over it now, so read the leaves alone).
     let r = c

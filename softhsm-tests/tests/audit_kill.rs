@@ -15,13 +15,7 @@ fn sigkill_during_concurrent_appends_loses_nothing_reported_durable() {
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     let vkey = assert_ok(&t.lavd_with_config(&["audit", "key"]));
     let vkey = vkey.trim();
-    let writer = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("audit-writer");
+    let writer = softhsm_tests::package_binary("audit-writer");
     let mut durable: Vec<(u64, u64)> = Vec::new();
     let mut previous_checkpoint: Option<std::path::PathBuf> = None;
     for round in 0..20u64 {

@@ -82,7 +82,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
         let before = shim.faults();
         shim.set(&format!("fault = {fault}\nfault_calls = C_DeriveKey"));
         let r = unwrap(&batch(&escrow, fault, 3));
-        r.assert_error(503, "unavailable");
+        r.assert_error(503, "hsm_unavailable");
         assert!(
             shim.faults() > before,
             "{fault}: the module injected nothing"

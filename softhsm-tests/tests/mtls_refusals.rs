@@ -4,7 +4,9 @@
 //! it is counted under.
 
 use rustls::AlertDescription;
-use softhsm_tests::server::{assert_alert, serve_config, uri, Ca, Client, Daemon, Pki};
+use softhsm_tests::server::{
+    assert_alert, serve_config, start_serve, uri, Ca, Client, Daemon, Pki,
+};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
 
@@ -12,13 +14,9 @@ const PROVIDER: &str = "spiffe://provider.example/mail";
 
 /// A daemon whose `[tls]` table ends with `tls_extra`.
 fn start(tls_extra: &str) -> (TestToken, Pki, Daemon) {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&format!(
+    start_serve(&format!(
         "{tls_extra}[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
-    )));
-    let daemon = Daemon::start(&t);
-    (t, pki, daemon)
+    ))
 }
 
 /// Asserts the handshake-failure counter for `reason` reaches exactly 1.

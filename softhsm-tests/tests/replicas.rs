@@ -116,29 +116,8 @@ fn three_replicas_write_one_log() {
     let key = assert_ok(&c.t.lavd_with_config(&["audit", "key"]))
         .trim()
         .to_string();
-    let (cert_pem, key_pem) = c.parties.auditor.pem();
-    c.pki.write("servers-ca.pem", &c.pki.servers.pem());
-    c.pki.write("auditor.pem", &cert_pem);
-    c.pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&c.t.path("tls/auditor.key"));
-    let tls = |name: &str| c.t.path("tls").join(name).to_str().unwrap().to_string();
     for d in &c.daemons {
-        let url = format!("https://{}", d.api);
-        let summary = assert_ok(&c.t.lavd(&[
-            "audit",
-            "verify",
-            "--key",
-            &key,
-            "--url",
-            &url,
-            "--ca",
-            &tls("servers-ca.pem"),
-            "--cert",
-            &tls("auditor.pem"),
-            "--client-key",
-            &tls("auditor.key"),
-        ]));
-        assert!(summary.contains("verdict: the log verifies"), "{summary}");
+        softhsm_tests::faults::verify_log(&c.t, &c.pki, &c.parties.auditor, d.api);
     }
 
     // One tree: every leaf index used once; the replies' leaves are where

@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use softhsm_tests::replicas::{Cluster, REPLICAS};
-use softhsm_tests::{assert_ok, vault};
+use softhsm_tests::vault;
 
 const BATCH: usize = 1000;
 
@@ -86,32 +86,8 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
     assert_eq!(replies.len(), REPLICAS * REQUESTS_PER_CLIENT);
 
     // The log verifies against each survivor.
-    let key = assert_ok(&c.t.lavd_with_config(&["audit", "key"]))
-        .trim()
-        .to_string();
-    let (cert_pem, key_pem) = c.parties.auditor.pem();
-    c.pki.write("servers-ca.pem", &c.pki.servers.pem());
-    c.pki.write("auditor.pem", &cert_pem);
-    c.pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&c.t.path("tls/auditor.key"));
-    let tls = |name: &str| c.t.path("tls").join(name).to_str().unwrap().to_string();
     for d in &c.daemons[1..] {
-        let url = format!("https://{}", d.api);
-        let summary = assert_ok(&c.t.lavd(&[
-            "audit",
-            "verify",
-            "--key",
-            &key,
-            "--url",
-            &url,
-            "--ca",
-            &tls("servers-ca.pem"),
-            "--cert",
-            &tls("auditor.pem"),
-            "--client-key",
-            &tls("auditor.key"),
-        ]));
-        assert!(summary.contains("verdict: the log verifies"), "{summary}");
+        softhsm_tests::faults::verify_log(&c.t, &c.pki, &c.parties.auditor, d.api);
     }
     let auditor = &c.clients[1].auditor;
     let size = vault::tree_size(auditor);

@@ -142,28 +142,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     )
     .assert_error(403, "warrant_revoked");
     // The whole log, old and new leaves, verifies against the daemon.
-    let (cert_pem, key_pem) = parties.auditor.pem();
-    pki.write("servers-ca.pem", &pki.servers.pem());
-    pki.write("auditor.pem", &cert_pem);
-    pki.write("auditor.key", &key_pem);
-    softhsm_tests::restrict(&t.path("tls/auditor.key"));
-    let tls = |name: &str| t.path("tls").join(name).to_str().unwrap().to_string();
-    let url = format!("https://{}", daemon.api);
-    let summary = assert_ok(&t.lavd(&[
-        "audit",
-        "verify",
-        "--key",
-        &key,
-        "--url",
-        &url,
-        "--ca",
-        &tls("servers-ca.pem"),
-        "--cert",
-        &tls("auditor.pem"),
-        "--client-key",
-        &tls("auditor.key"),
-    ]));
-    assert!(summary.contains("verdict: the log verifies"), "{summary}");
+    softhsm_tests::faults::verify_log(&t, &pki, &parties.auditor, daemon.api);
 }
 
 fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {

@@ -96,7 +96,7 @@ fn a_mid_batch_hsm_failure_on_spread_opens_releases_and_spends_nothing() {
     shim.set("fault = device_error\nfault_calls = C_DeriveKey\nfault_after = 300");
     let before = vault::tree_size(&c.auditor);
     let r = unwrap(&c.agency, &warrant, &envelopes);
-    r.assert_error(503, "unavailable");
+    r.assert_error(503, "hsm_unavailable");
     assert!(shim.faults() > 0, "the module injected nothing");
     // Audit before release: the request's leaves are all there, none says
     // `opened`, and every one says why not.

@@ -4,7 +4,8 @@
 //!
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 only when the HSM has a logged-in session and its
-//!   token still finds the audit signing key, the store can take its write
+//!   token still finds the audit signing key, no HSM call is still running
+//!   past its deadline (`[hsm] call_timeout_ms`), the store can take its write
 //!   lock, the audit log is consistent with its last signed checkpoint (once
 //!   it is not, it stays not ready until restarted), and the server is not
 //!   shutting down; 503
@@ -99,6 +100,15 @@ impl Readiness {
     }
 
     async fn check_hsm(&self) -> Result<(), String> {
+        let stuck = self.state.hsm.stuck_calls();
+        if stuck > 0 {
+            // The module holds calls it has not answered: the probe's own
+            // call would most likely hang with them.
+            return Err(format!(
+                "{stuck} HSM calls have not returned within {} ms",
+                self.state.hsm.call_timeout().as_millis()
+            ));
+        }
         let hsm = self.state.hsm.clone();
         let audit = self.state.audit.clone();
         let probe = self.hsm_probe.clone();
@@ -107,24 +117,7 @@ impl Readiness {
             // and later probes time out waiting instead of piling up threads.
             let guard = probe.lock_owned().await;
             hsm.run(move |h| {
-                // A logged-in session, and a token that still finds the
-                // audit key: the session alone can outlive the token's
-                // object store.
-                let check = |h: &crate::hsm::Hsm| {
-                    if h.is_ready() {
-                        audit.key_on_token().map_err(|e| e.to_string())
-                    } else {
-                        Err("no logged-in session".to_string())
-                    }
-                };
-                // A token that fails may be broken only in the module's
-                // state (its storage came back, the partition reconnected):
-                // reset the module once and look again, so the daemon
-                // recovers without a restart.
-                let ready = check(h).or_else(|first| match h.reset_module() {
-                    Ok(()) => check(h),
-                    Err(e) => Err(format!("{first}; module reset: {e}")),
-                });
+                let ready = h.check_ready(|_| audit.key_on_token().map_err(|e| e.to_string()));
                 drop(guard);
                 Ok(ready)
             })
@@ -170,14 +163,36 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
     let store = readiness.state.store.clone();
+    table(
+        move || {
+            let readiness = readiness.clone();
+            async move {
+                let report = readiness.check().await;
+                (report.ready, serde_json::json!(report))
+            }
+        },
+        move || metrics.render_with_store_retries(store.retries()),
+    )
+}
+
+/// An admin listener's routes: `/healthz` (always 200), `/readyz` (the
+/// JSON report `ready` makes; 200 when it says ready, else 503) and
+/// `/metrics` (what `render` makes). `lavd serve` and `lavd witness serve`
+/// share it.
+pub fn table<R, F, M>(ready: R, render: M) -> BoxedFilter<(Response,)>
+where
+    R: Fn() -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = (bool, serde_json::Value)> + Send,
+    M: Fn() -> Result<String, prometheus::Error> + Clone + Send + Sync + 'static,
+{
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"alive": true})).into_response());
     let readyz = warp::path!("readyz").and(warp::get()).then(move || {
-        let readiness = readiness.clone();
+        let ready = ready.clone();
         async move {
-            let report = readiness.check().await;
-            let status = if report.ready {
+            let (ok, report) = ready().await;
+            let status = if ok {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -185,22 +200,9 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
             warp::reply::with_status(warp::reply::json(&report), status).into_response()
         }
     });
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        match metrics.render_with_store_retries(store.retries()) {
-            Ok(text) => {
-                let mut r = Response::new(text.into());
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                r
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot render metrics");
-                error::ApiError::Internal.into_response()
-            }
-        }
-    });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(move || metrics_response(render()));
     healthz
         .or(readyz)
         .unify()
@@ -209,4 +211,22 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
         .recover(error::recover)
         .unify()
         .boxed()
+}
+
+/// `/metrics`' answer: the Prometheus text format, or a bare 500.
+fn metrics_response(rendered: Result<String, prometheus::Error>) -> Response {
+    match rendered {
+        Ok(text) => {
+            let mut r = Response::new(text.into());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render metrics");
+            error::ApiError::Internal.into_response()
+        }
+    }
 }

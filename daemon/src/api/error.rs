@@ -69,10 +69,12 @@ pub enum ApiError {
         /// When a request would be allowed again.
         retry_after: Duration,
     },
-    /// A dependency the request needs (`"the HSM"`, `"the store"`) is not
-    /// working; the request may succeed later. Details are in the log.
-    #[error("{0} is unavailable; retry later")]
-    Unavailable(&'static str),
+    /// The HSM failed (a lost token or session, a device error) or did not
+    /// answer within `[hsm] call_timeout_ms`; nothing was released and the
+    /// request may succeed later. Details (the `CKR_*` code, the call) are
+    /// in the log.
+    #[error("the HSM is unavailable; retry later")]
+    HsmUnavailable,
     /// The store (the SQLite file, or the PostgreSQL server) failed or could
     /// not be reached in time; nothing was released and the request may
     /// succeed later, on this replica or another. Details are in the log.
@@ -112,7 +114,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BatchTooLarge { .. } => "batch_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::HsmUnavailable => "hsm_unavailable",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::Refused { code, .. } => code,
             ApiError::Internal => "internal_error",
@@ -133,7 +135,7 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) | ApiError::StoreUnavailable => {
+            ApiError::HsmUnavailable | ApiError::StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ApiError::Refused { status, .. } => *status,
@@ -277,7 +279,7 @@ mod tests {
                 429,
                 "rate_limited",
             ),
-            (ApiError::Unavailable("the HSM"), 503, "unavailable"),
+            (ApiError::HsmUnavailable, 503, "hsm_unavailable"),
             (ApiError::StoreUnavailable, 503, "store_unavailable"),
             (ApiError::Internal, 500, "internal_error"),
         ];
@@ -319,7 +321,7 @@ mod tests {
             from_rejection(&warp::reject::not_found()),
             ApiError::NotFound
         );
-        let custom = warp::reject::custom(ApiError::Unavailable("the HSM"));
-        assert_eq!(from_rejection(&custom), ApiError::Unavailable("the HSM"));
+        let custom = warp::reject::custom(ApiError::HsmUnavailable);
+        assert_eq!(from_rejection(&custom), ApiError::HsmUnavailable);
     }
 }

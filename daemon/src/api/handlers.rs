@@ -63,10 +63,14 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
             limit: max,
         },
         UnwrapError::Warrant(w) => warrant_error(&w),
-        UnwrapError::Unavailable(detail) => {
+        UnwrapError::HsmUnavailable(detail) => {
             // The detail (CKR codes) is for operators only.
-            tracing::error!(error = %detail, "unwrap failed; nothing was released");
-            ApiError::Unavailable("the HSM or the store")
+            tracing::error!(error = %detail, "unwrap failed in the HSM; nothing was released");
+            ApiError::HsmUnavailable
+        }
+        UnwrapError::Internal(detail) => {
+            tracing::error!(error = %detail, "unwrap failed (a bug); nothing was released");
+            ApiError::Internal
         }
         UnwrapError::StoreUnavailable(detail) => {
             // The detail (SQLite or PostgreSQL errors) is for operators only.
@@ -247,7 +251,7 @@ fn log_error(e: LogError) -> ApiError {
         LogError::Inconsistent(_) => log_inconsistent(),
         other => {
             tracing::error!(error = %other, "checkpoint signing failed");
-            ApiError::Unavailable("the HSM")
+            ApiError::HsmUnavailable
         }
     }
 }

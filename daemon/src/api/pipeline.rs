@@ -2,7 +2,8 @@
 //! order: identity of the connection → the certificate still passes the
 //! current CAs and CRLs → per-identity rate limit → body read within
 //! `max_body_bytes` and `body_read_timeout` → the route table → metrics and
-//! the request log line.
+//! the request log line. On the public log listener ([`Access::Public`])
+//! the first three steps are one: a rate limit per IP address.
 //!
 //! Each request runs in a `request` span carrying the caller identity, the
 //! remote address, the route template and (recorded by the unwrap handler)
@@ -68,6 +69,20 @@ pub struct Api {
     pub state: Arc<ServerState>,
     /// The `/v1` routes.
     pub router: Router,
+    /// Who may call, and how callers are told apart.
+    pub access: Access,
+}
+
+/// How a listener admits callers.
+#[derive(Debug)]
+pub enum Access {
+    /// The API: mutual TLS; the caller is the client certificate's URI SAN,
+    /// its roles come from `[roles]`, and it is rate-limited per identity.
+    Mutual,
+    /// The public log listener (`[audit.public]`): no client certificate, no
+    /// role; callers are rate-limited per IP address, and the router holds
+    /// only the read-only `/v1/log/` paths.
+    Public(super::ratelimit::RateLimiter),
 }
 
 impl std::fmt::Debug for Api {
@@ -102,9 +117,10 @@ where
 {
     let started = Instant::now();
     let _busy = conn.activity.request_started();
-    let identity = match &conn.identity {
-        Ok(uri) => uri.as_str(),
-        Err(_) => "(none)",
+    let identity = match (&api.access, &conn.identity) {
+        (Access::Public(_), _) => "(public)",
+        (Access::Mutual, Ok(uri)) => uri.as_str(),
+        (Access::Mutual, Err(_)) => "(none)",
     };
     let span = tracing::info_span!(
         "request",
@@ -171,51 +187,84 @@ where
     let (parts, body) = req.into_parts();
     let early = |e: ApiError, body: B| (e.into_response(), Some(body));
     let state = &api.state;
-    let uri = match &conn.identity {
-        Ok(uri) => uri.clone(),
-        Err(e) => return early(ApiError::InvalidClientIdentity(e.clone()), body),
+    let (uri, roles) = match &api.access {
+        Access::Public(limiter) => {
+            let ip = conn.remote.ip().to_string();
+            if let Err(retry_after) = limiter.check(&ip, Instant::now()) {
+                return early(ApiError::RateLimited { retry_after }, body);
+            }
+            (format!("public:{ip}"), Default::default())
+        }
+        Access::Mutual => {
+            let uri = match &conn.identity {
+                Ok(uri) => uri.clone(),
+                Err(e) => return early(ApiError::InvalidClientIdentity(e.clone()), body),
+            };
+            let live = state.current();
+            if conn.rejected.load(Ordering::SeqCst) {
+                return early(
+                    ApiError::CertificateRejected("refused earlier on this connection"),
+                    body,
+                );
+            }
+            if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
+                conn.rejected.store(true, Ordering::SeqCst);
+                state.metrics.tls_handshake_failure(reason);
+                tracing::warn!(
+                    reason,
+                    "client certificate no longer accepted; closing the connection"
+                );
+                return early(ApiError::CertificateRejected(reason), body);
+            }
+            if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
+                return early(ApiError::RateLimited { retry_after }, body);
+            }
+            let roles = live.roles.roles(&uri);
+            (uri, roles)
+        }
     };
-    let live = state.current();
-    if conn.rejected.load(Ordering::SeqCst) {
-        return early(
-            ApiError::CertificateRejected("refused earlier on this connection"),
-            body,
-        );
-    }
-    if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
-        conn.rejected.store(true, Ordering::SeqCst);
-        state.metrics.tls_handshake_failure(reason);
-        tracing::warn!(
-            reason,
-            "client certificate no longer accepted; closing the connection"
-        );
-        return early(ApiError::CertificateRejected(reason), body);
-    }
-    if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
-        return early(ApiError::RateLimited { retry_after }, body);
-    }
 
-    let limit = state.limits.max_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return early(ApiError::BodyTooLarge { limit }, body);
-    }
-    let bytes = match read_body(body, limit, state.limits.body_read_timeout).await {
+    let bytes = match read_bounded_body(
+        &parts.headers,
+        body,
+        state.limits.max_body_bytes,
+        state.limits.body_read_timeout,
+    )
+    .await
+    {
         Ok(bytes) => bytes,
         Err((e, unread)) => return (e.into_response(), unread),
     };
     let mut req = Request::from_parts(parts, Full::new(bytes));
-    let roles = live.roles.roles(&uri);
     req.extensions_mut()
         .insert(PeerIdentity::new(uri, roles, conn.remote));
     req.extensions_mut().insert(ctx);
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
     (response, None)
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout`; a
+/// `Content-Length` above the limit is refused before reading. On failure,
+/// the error and the body if there may be more of it to drain.
+pub(crate) async fn read_bounded_body<B>(
+    headers: &warp::http::HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, (ApiError, Option<B>)>
+where
+    B: Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err((ApiError::BodyTooLarge { limit }, Some(body)));
+    }
+    read_body(body, limit, timeout).await
 }
 
 /// Why a body was not read whole.

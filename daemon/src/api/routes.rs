@@ -362,33 +362,6 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(with_state(state.clone()))
         .and_then(handlers::audit_consistency);
 
-    // The log as C2SP tlog-tiles (PROTOCOL §8): `{N}` is the tile index in
-    // `x001/x234/067` form, optionally followed by `.p/<W>`.
-    let log_checkpoint = warp::path!("v1" / "log" / "checkpoint")
-        .and(warp::get())
-        .and(route("/v1/log/checkpoint"))
-        .and(auditor())
-        .and(with_state(state.clone()))
-        .and_then(handlers::log_checkpoint);
-    let log_entries = warp::path!("v1" / "log" / "tile" / "entries" / ..)
-        .and(warp::path::tail())
-        .and(warp::get())
-        .and(route("/v1/log/tile/entries/{N}"))
-        .and(auditor())
-        .and(with_state(state.clone()))
-        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
-            handlers::log_tile(format!("entries/{}", tail.as_str()), state)
-        });
-    let log_tile = warp::path!("v1" / "log" / "tile" / ..)
-        .and(warp::path::tail())
-        .and(warp::get())
-        .and(route("/v1/log/tile/{L}/{N}"))
-        .and(auditor())
-        .and(with_state(state.clone()))
-        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
-            handlers::log_tile(tail.as_str().to_string(), state)
-        });
-
     keys.or(unwrap)
         .unify()
         .or(revocations)
@@ -403,13 +376,79 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(audit_consistency)
         .unify()
-        .or(log_checkpoint)
+        .or(log_routes(state, auditor()))
         .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+/// The routes of the public log listener (`[audit.public]`): the same
+/// read-only `/v1/log/` paths, open to anyone the listener admits.
+pub fn public_routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
+    let anyone =
+        warp::ext::optional::<PeerIdentity>().and_then(|peer: Option<PeerIdentity>| async move {
+            // The pipeline always inserts the (role-less) caller; its absence is
+            // a bug, and it fails closed.
+            peer.ok_or_else(|| Rejection::from(ApiError::Internal))
+        });
+    log_routes(state, anyone)
+        .recover(error::recover)
+        .unify()
+        .map(shared_cache)
+        .boxed()
+}
+
+/// On the public listener the log is the same for everyone, so shared caches
+/// (a CDN in front of an oversight body's mirror) may keep what the auditor
+/// routes mark `private`.
+fn shared_cache(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if let Some(value) = headers.get(warp::http::header::CACHE_CONTROL) {
+        if let Some(rest) = value.to_str().ok().and_then(|v| v.strip_prefix("private")) {
+            if let Ok(public) = warp::http::HeaderValue::from_str(&format!("public{rest}")) {
+                headers.insert(warp::http::header::CACHE_CONTROL, public);
+            }
+        }
+    }
+    response
+}
+
+/// The log as C2SP tlog-tiles (PROTOCOL §8), for callers `guard` admits:
+/// `{N}` is the tile index in `x001/x234/067` form, optionally followed by
+/// `.p/<W>`.
+fn log_routes<G>(state: Arc<ServerState>, guard: G) -> BoxedFilter<(Response,)>
+where
+    G: Filter<Extract = (PeerIdentity,), Error = Rejection> + Clone + Send + Sync + 'static,
+{
+    let log_checkpoint = warp::path!("v1" / "log" / "checkpoint")
+        .and(warp::get())
+        .and(route("/v1/log/checkpoint"))
+        .and(guard.clone())
+        .and(with_state(state.clone()))
+        .and_then(handlers::log_checkpoint);
+    let log_entries = warp::path!("v1" / "log" / "tile" / "entries" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(route("/v1/log/tile/entries/{N}"))
+        .and(guard.clone())
+        .and(with_state(state.clone()))
+        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
+            handlers::log_tile(format!("entries/{}", tail.as_str()), state)
+        });
+    let log_tile = warp::path!("v1" / "log" / "tile" / ..)
+        .and(warp::path::tail())
+        .and(warp::get())
+        .and(route("/v1/log/tile/{L}/{N}"))
+        .and(guard)
+        .and(with_state(state))
+        .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
+            handlers::log_tile(tail.as_str().to_string(), state)
+        });
+    log_checkpoint
         .or(log_entries)
         .unify()
         .or(log_tile)
-        .unify()
-        .recover(error::recover)
         .unify()
         .boxed()
 }
@@ -421,12 +460,15 @@ async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Respon
         // unavailable HSM, not an empty key set.
         st.audit.key_on_token().map_err(|e| {
             tracing::error!(error = %e, "the token is not usable");
-            ApiError::Unavailable("the HSM")
+            ApiError::HsmUnavailable
         })?;
         crate::keys::jwks_checked(&st.hsm, st.store.as_ref(), time::OffsetDateTime::now_utc())
             .map_err(|e| {
                 tracing::error!(error = %e, "cannot list escrow keys");
-                ApiError::Unavailable("the key store")
+                match e {
+                    crate::keys::KeyError::Store(_) => ApiError::StoreUnavailable,
+                    _ => ApiError::HsmUnavailable,
+                }
             })
     })
     .await?;

@@ -42,7 +42,7 @@ use tokio::task::JoinSet;
 use warp::http::Request;
 
 use super::identity::{uri_san, IdentityError};
-use super::pipeline::{self, Api, ConnInfo, Router};
+use super::pipeline::{self, Access, Api, ConnInfo, Router};
 use super::tls;
 
 /// A listener could not be started.
@@ -203,13 +203,17 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
     Ok((listener, local))
 }
 
-/// Starts the mutual-TLS API listener.
+/// Starts an API listener: the mutual-TLS API, or the public log listener,
+/// as `api.access` says, with at most `max_connections` at once.
 ///
 /// # Errors
 /// [`ServeError::Bind`].
-pub async fn serve_api(api: Arc<Api>, addr: SocketAddr) -> Result<Listener, ServeError> {
+pub async fn serve_api(
+    api: Arc<Api>,
+    addr: SocketAddr,
+    max: usize,
+) -> Result<Listener, ServeError> {
     let (listener, local_addr) = bind(addr).await?;
-    let max = api.state.limits.max_connections;
     Ok(spawn_accept_loop(
         listener,
         local_addr,
@@ -263,6 +267,90 @@ async fn plain_connection(
     });
     drive(
         http1_builder(16 << 10).serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
+}
+
+/// What a listener without client certificates answers each request with:
+/// the request (body unread), the peer's address, and the connection's
+/// activity (for [`linger`]).
+pub type PublicHandler = Arc<
+    dyn Fn(
+            Request<Incoming>,
+            SocketAddr,
+            Arc<Activity>,
+        ) -> Pin<Box<dyn std::future::Future<Output = warp::reply::Response> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Starts a TLS listener that asks for no client certificate (a witness,
+/// which anyone may call), with the API's connection bounds: at most
+/// `max_connections`, the handshake, header and idle deadlines of
+/// `timeouts`, heads of at most `max_header_bytes`.
+///
+/// # Errors
+/// [`ServeError::Bind`].
+pub async fn serve_public_tls(
+    addr: SocketAddr,
+    max_connections: usize,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
+    tls: Arc<rustls::ServerConfig>,
+    handler: PublicHandler,
+) -> Result<Listener, ServeError> {
+    let (listener, local_addr) = bind(addr).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    Ok(spawn_accept_loop(
+        listener,
+        local_addr,
+        max_connections,
+        move |tcp, remote, stop| {
+            public_connection(
+                acceptor.clone(),
+                handler.clone(),
+                tcp,
+                remote,
+                timeouts,
+                max_header_bytes,
+                stop,
+            )
+        },
+    ))
+}
+
+async fn public_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: PublicHandler,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(Ok(stream)) = accept_tls(&acceptor, tcp, remote, timeouts.handshake, &mut stop).await
+    else {
+        return;
+    };
+    let activity = Arc::new(Activity::new());
+    let busy = activity.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let handler = handler.clone();
+        let activity = busy.clone();
+        async move {
+            let _busy = activity.request_started();
+            Ok::<_, Infallible>(handler(req, remote, activity.clone()).await)
+        }
+    });
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    drive(
+        http1_builder(max_header_bytes).serve_connection(io, service),
         &activity,
         timeouts,
         stop,
@@ -356,6 +444,34 @@ where
     }
 }
 
+/// The TLS handshake within `timeout`: the stream, or the metrics reason
+/// of its failure (logged here); None when the listener stops first (a
+/// connection that has not sent a request yet has nothing to drain).
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str>> {
+    let handshake = tokio::select! {
+        _ = stopped(stop) => return None,
+        r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
+    };
+    Some(match handshake {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => {
+            let reason = tls::handshake_failure_reason(&e);
+            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
+            Err(reason)
+        }
+        Err(_) => {
+            tracing::info!(%remote, "TLS handshake timed out");
+            Err("handshake_timeout")
+        }
+    })
+}
+
 /// One API connection: TLS handshake, identity, then HTTP/1 until it ends.
 async fn api_connection(
     api: Arc<Api>,
@@ -374,26 +490,20 @@ async fn api_connection(
         idle: limits.idle_timeout,
     };
 
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.current().tls.server_config.clone());
-    let handshake = tokio::select! {
-        // Shutting down: a connection that has not sent a request yet has
-        // nothing to drain.
-        _ = stopped(&mut stop) => return,
-        r = tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)) => r,
-    };
-    let stream = match handshake {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            let reason = tls::handshake_failure_reason(&e);
+    let public = matches!(api.access, Access::Public(_));
+    let tls = state.current().tls.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(if public {
+        tls.public_config
+    } else {
+        tls.server_config
+    });
+    let stream = match accept_tls(&acceptor, tcp, remote, timeouts.handshake, &mut stop).await {
+        None => return,
+        Some(Err(reason)) => {
             state.metrics.tls_handshake_failure(reason);
-            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
             return;
         }
-        Err(_) => {
-            state.metrics.tls_handshake_failure("handshake_timeout");
-            tracing::info!(%remote, "TLS handshake timed out");
-            return;
-        }
+        Some(Ok(stream)) => stream,
     };
 
     let chain: Vec<_> = stream
@@ -404,11 +514,12 @@ async fn api_connection(
         .unwrap_or_default();
     let identity = match chain.first() {
         // The verifier requires a certificate; none here would be a rustls
-        // bug, and is refused like an unreadable one.
+        // bug, and is refused like an unreadable one. The public listener
+        // asks for none and names no one.
         None => Err(IdentityError::Malformed),
         Some(leaf) => uri_san(leaf.as_ref()),
     };
-    if let Err(e) = &identity {
+    if let (false, Err(e)) = (public, &identity) {
         state.metrics.tls_handshake_failure(e.reason());
         tracing::info!(%remote, reason = e.reason(), "client certificate names no identity; its requests are refused");
     }

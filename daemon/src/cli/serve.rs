@@ -15,7 +15,8 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use super::notify::Notifier;
 use super::ConfigArg;
 use crate::api::admin::{self, Readiness};
-use crate::api::pipeline::{self, Api};
+use crate::api::pipeline::{self, Access, Api};
+use crate::api::ratelimit::RateLimiter;
 use crate::api::state::StartupSettings;
 use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
 use crate::audit::log::AuditLog;
@@ -25,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Connections the admin listener serves at once (probes and scrapes).
-const ADMIN_CONNECTIONS: usize = 64;
+pub(super) const ADMIN_CONNECTIONS: usize = 64;
 /// How long the admin listener may take to close after the API drained.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 
@@ -105,8 +106,23 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     let api = Arc::new(Api {
         state: state.clone(),
         router: pipeline::router(routes::routes(state.clone())),
+        access: Access::Mutual,
     });
-    let api = server::serve_api(api, startup.server.listen).await?;
+    let api = server::serve_api(api, startup.server.listen, state.limits.max_connections).await?;
+    let public = match &startup.audit.public {
+        None => None,
+        Some(p) => {
+            let api = Arc::new(Api {
+                state: state.clone(),
+                router: pipeline::router(routes::public_routes(state.clone())),
+                access: Access::Public(RateLimiter::new(
+                    f64::from(p.rate_limit_per_second),
+                    p.rate_limit_burst,
+                )),
+            });
+            Some(server::serve_api(api, p.listen, p.max_connections).await?)
+        }
+    };
     let readiness = Arc::new(Readiness::new(state.clone()));
     let admin = server::serve_plain(
         startup.admin.listen,
@@ -115,12 +131,17 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         pipeline::router(admin::routes(readiness)),
     )
     .await?;
+    let public_addr = public.as_ref().map(|l| l.local_addr().to_string());
     let status = format!(
-        "serving api={} admin={}",
+        "serving api={} admin={}{}",
         api.local_addr(),
-        admin.local_addr()
+        admin.local_addr(),
+        public_addr
+            .as_deref()
+            .map(|a| format!(" public_log={a}"))
+            .unwrap_or_default()
     );
-    tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), "serving");
+    tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), public_log = public_addr.as_deref(), "serving");
     notifier.ready(&status);
 
     loop {
@@ -168,7 +189,23 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
 
     notifier.stopping();
     state.start_draining();
-    let grace = startup.server.shutdown_grace;
+    // The public log listener has nothing to drain that matters: tiles
+    // can be fetched again.
+    if let Some(public) = public {
+        public.shutdown(std::future::ready(())).await;
+    }
+    drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
+    Ok(())
+}
+
+/// Stops accepting and lets in-flight requests finish within `grace` (a
+/// second signal cuts it short), then closes the admin listener.
+pub(super) async fn drain(
+    api: server::Listener,
+    admin: server::Listener,
+    grace: Duration,
+    signals: &mut Signals,
+) {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
     let drained = api
         .shutdown(async {
@@ -188,22 +225,25 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     }
     admin.shutdown(tokio::time::sleep(ADMIN_GRACE)).await;
     tracing::info!("stopped");
-    Ok(())
 }
 
-enum Event {
+/// What a signal asks for.
+pub(super) enum Event {
+    /// SIGHUP.
     Reload,
+    /// SIGTERM or SIGINT, by name.
     Stop(&'static str),
 }
 
-struct Signals {
+/// The signals a daemon handles, installed before it reports ready.
+pub(super) struct Signals {
     hangup: Signal,
     terminate: Signal,
     interrupt: Signal,
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Self> {
+    pub(super) fn new() -> anyhow::Result<Self> {
         let install = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot handle {name}"))
         };
@@ -214,7 +254,7 @@ impl Signals {
         })
     }
 
-    async fn next(&mut self) -> Event {
+    pub(super) async fn next(&mut self) -> Event {
         tokio::select! {
             _ = self.hangup.recv() => Event::Reload,
             _ = self.terminate.recv() => Event::Stop("SIGTERM"),
@@ -224,7 +264,7 @@ impl Signals {
 
     /// The name of the next SIGTERM or SIGINT (SIGHUP is ignored while
     /// stopping).
-    async fn next_stop(&mut self) -> &'static str {
+    pub(super) async fn next_stop(&mut self) -> &'static str {
         loop {
             if let Event::Stop(name) = self.next().await {
                 return name;

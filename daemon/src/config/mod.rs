@@ -12,6 +12,7 @@
 
 mod raw;
 mod server;
+mod witness;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -22,13 +23,21 @@ use crate::hsm::{HsmSettings, Quirks, TokenSelector};
 
 pub use raw::RawConfig;
 pub use server::{
-    AdminSettings, Limits, LogFormat, LogSettings, ServerSettings, TlsSettings, TlsVersion,
+    AdminSettings, Limits, LogFormat, LogSettings, PublicLogSettings, ServerSettings, TlsSettings,
+    TlsVersion,
 };
+
+pub use witness::{PublicTlsSettings, WitnessKeySource, WitnessSettings, WitnessedLog};
 
 use crate::api::identity::RoleMap;
 
 /// The default config path.
 pub const DEFAULT_PATH: &str = "/etc/lavd/lavd.toml";
+
+/// `[hsm] call_timeout_ms` when unset: far above any healthy call (SoftHSM
+/// answers in well under a millisecond, network HSMs in tens), short enough
+/// that a hung HSM answers clients with 503 rather than holding them.
+pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 5_000;
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +107,10 @@ pub struct AuditSettings {
     /// The log's origin line in checkpoints (C2SP tlog-checkpoint), e.g.
     /// `lavd.agency.example/audit`.
     pub origin: String,
+    /// `[audit.public]`: a listener serving the log's tiles without a
+    /// client certificate, or `None` (the default: only the auditor role
+    /// reads the log).
+    pub public: Option<PublicLogSettings>,
 }
 
 impl Settings {
@@ -106,17 +119,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] naming the file, field and reason.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            field: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        let raw = RawConfig::parse(&text).map_err(|(field, reason)| ConfigError {
-            file: path.to_path_buf(),
-            field,
-            reason,
-        })?;
-        Self::from_raw(raw, path, env)
+        Self::from_raw(read_toml(path)?, path, env)
     }
 
     /// Validates a parsed config. `path` locates relative paths and names the
@@ -135,6 +138,7 @@ impl Settings {
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
             origin: v.origin(raw.audit.origin)?,
+            public: raw.audit.public.map(|p| v.public_log(p)).transpose()?,
         };
         let server = v.server(raw.server)?;
         let tls = raw.tls.map(|t| v.tls(t)).transpose()?;
@@ -148,6 +152,17 @@ impl Settings {
                 "admin.listen",
                 "must differ from server.listen: the admin listener is plain HTTP",
             ));
+        }
+        if let Some(public) = &audit.public {
+            if public.listen.port() != 0
+                && (public.listen == server.listen || public.listen == admin.listen)
+            {
+                return Err(v.err(
+                    "audit.public.listen",
+                    "must differ from server.listen and admin.listen: the public log listener \
+                     asks for no client certificate",
+                ));
+            }
         }
         Ok(Settings {
             file: path.to_path_buf(),
@@ -218,6 +233,21 @@ impl Validator<'_> {
                 other => self.err("authorities", other.to_string()),
             })
     }
+}
+
+/// Reads and parses the TOML file `path` into `T` (unknown fields refused
+/// by `T`'s serde attributes).
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: "(file)".into(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    raw::parse_toml(&text).map_err(|(field, reason)| ConfigError {
+        file: path.to_path_buf(),
+        field,
+        reason,
+    })
 }
 
 struct Validator<'a> {
@@ -335,6 +365,13 @@ impl Validator<'_> {
         if !(1..=256).contains(&sessions) {
             return Err(self.err("hsm.sessions", "must be between 1 and 256"));
         }
+        let call_timeout_ms = raw.call_timeout_ms.unwrap_or(DEFAULT_HSM_CALL_TIMEOUT_MS);
+        if !(50..=600_000).contains(&call_timeout_ms) {
+            return Err(self.err(
+                "hsm.call_timeout_ms",
+                "must be between 50 and 600000 (10 minutes)",
+            ));
+        }
         let defaults = Quirks::default();
         let quirks = Quirks {
             derive_sets_value_len: raw
@@ -362,6 +399,7 @@ impl Validator<'_> {
             sessions,
             quirks,
             module_env,
+            call_timeout: std::time::Duration::from_millis(call_timeout_ms),
         })
     }
 }

@@ -110,6 +110,7 @@ pub struct RawHsm {
     /// Present only to refuse it with a reason.
     pub(super) pin: Option<toml::Value>,
     pub(super) sessions: Option<usize>,
+    pub(super) call_timeout_ms: Option<u64>,
     pub(super) quirks: Option<RawQuirks>,
     pub(super) env: Option<std::collections::BTreeMap<String, String>>,
 }
@@ -148,6 +149,19 @@ pub struct RawAudit {
     pub(super) key_label: String,
     #[serde(default = "default_origin")]
     pub(super) origin: String,
+    /// `[audit.public]`: absent unless the log is published.
+    #[serde(default)]
+    pub(super) public: Option<RawPublicLog>,
+}
+
+/// `[audit.public]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPublicLog {
+    pub(super) listen: String,
+    pub(super) max_connections: Option<u64>,
+    pub(super) rate_limit_per_second: Option<u64>,
+    pub(super) rate_limit_burst: Option<u64>,
 }
 
 impl Default for RawAudit {
@@ -155,6 +169,7 @@ impl Default for RawAudit {
         Self {
             key_label: default_audit_label(),
             origin: default_origin(),
+            public: None,
         }
     }
 }
@@ -174,14 +189,21 @@ impl RawConfig {
     /// # Errors
     /// `(field, reason)` as above.
     pub fn parse(text: &str) -> Result<Self, (String, String)> {
-        toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|span| locate(text, span.start))
-                .unwrap_or_else(|| "(file)".into());
-            (field, e.message().trim().to_string())
-        })
+        parse_toml(text)
     }
+}
+
+/// Parses TOML into `T`; on error `(field, reason)` as [`RawConfig::parse`].
+pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (String, String)> {
+    toml::from_str(text).map_err(|e| {
+        let field = e
+            .span()
+            .map(|span| locate(text, span.start))
+            .unwrap_or_else(|| "(file)".into());
+        (field, e.message().trim().to_string())
+    })
 }
 
 /// `line N` plus the enclosing `[table]`, for a byte offset.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::raw::{RawAdmin, RawLimits, RawLog, RawServer, RawTls};
+use super::raw::{RawAdmin, RawLimits, RawLog, RawPublicLog, RawServer, RawTls};
 use super::{ConfigError, Validator};
 use crate::api::identity::{Role, RoleMap};
 
@@ -32,6 +32,24 @@ pub struct ServerSettings {
 pub struct AdminSettings {
     /// Where it listens (`listen`, default `127.0.0.1:9090`).
     pub listen: SocketAddr,
+}
+
+/// `[audit.public]`: a listener that serves the log's tiles and checkpoint
+/// (`/v1/log/…`) over TLS without asking for a client certificate, for an
+/// oversight body that publishes the log. What that reveals is in
+/// docs/THREAT_MODEL.md ("A public log").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicLogSettings {
+    /// Where it listens (`listen`, required).
+    pub listen: SocketAddr,
+    /// Most simultaneous connections (`max_connections`, default 256).
+    pub max_connections: usize,
+    /// Sustained requests per second from one IP address
+    /// (`rate_limit_per_second`, default 50).
+    pub rate_limit_per_second: u32,
+    /// Requests one IP address may make in a burst (`rate_limit_burst`,
+    /// default 200: a mirror catching up fetches many tiles at once).
+    pub rate_limit_burst: u32,
 }
 
 /// The lowest TLS version the API accepts.
@@ -229,6 +247,28 @@ impl Validator<'_> {
         })
     }
 
+    pub(super) fn public_log(&self, raw: RawPublicLog) -> Result<PublicLogSettings, ConfigError> {
+        let per_ip = |field: &str, value, default| {
+            self.count(field, value, default, 1..=100_000)
+                .and_then(|n| u32::try_from(n).map_err(|_| self.err(field, "too large")))
+        };
+        Ok(PublicLogSettings {
+            listen: self.socket_addr("audit.public.listen", Some(raw.listen), DEFAULT_LISTEN)?,
+            max_connections: self.count(
+                "audit.public.max_connections",
+                raw.max_connections,
+                256,
+                1..=100_000,
+            )?,
+            rate_limit_per_second: per_ip(
+                "audit.public.rate_limit_per_second",
+                raw.rate_limit_per_second,
+                50,
+            )?,
+            rate_limit_burst: per_ip("audit.public.rate_limit_burst", raw.rate_limit_burst, 200)?,
+        })
+    }
+
     pub(super) fn tls(&self, raw: RawTls) -> Result<TlsSettings, ConfigError> {
         if raw.client_cas.is_empty() {
             return Err(self.err(
@@ -237,16 +277,7 @@ impl Validator<'_> {
                  certificate that chains to one",
             ));
         }
-        let min_version = match raw.min_version.as_deref() {
-            None | Some("1.3") => TlsVersion::Tls13,
-            Some("1.2") => TlsVersion::Tls12,
-            Some(other) => {
-                return Err(self.err(
-                    "tls.min_version",
-                    format!("{other:?} is not \"1.3\" or \"1.2\""),
-                ))
-            }
-        };
+        let min_version = self.tls_version(raw.min_version.as_deref())?;
         Ok(TlsSettings {
             cert: self.path(&raw.cert),
             key: self.path(&raw.key),
@@ -256,6 +287,18 @@ impl Validator<'_> {
             allow_unknown_revocation_status: raw.allow_unknown_revocation_status.unwrap_or(false),
             enforce_crl_expiry: raw.enforce_crl_expiry.unwrap_or(true),
         })
+    }
+
+    /// `tls.min_version`: `"1.3"` (the default) or `"1.2"`.
+    pub(super) fn tls_version(&self, raw: Option<&str>) -> Result<TlsVersion, ConfigError> {
+        match raw {
+            None | Some("1.3") => Ok(TlsVersion::Tls13),
+            Some("1.2") => Ok(TlsVersion::Tls12),
+            Some(other) => Err(self.err(
+                "tls.min_version",
+                format!("{other:?} is not \"1.3\" or \"1.2\""),
+            )),
+        }
     }
 
     pub(super) fn roles(&self, raw: BTreeMap<String, Vec<String>>) -> Result<RoleMap, ConfigError> {

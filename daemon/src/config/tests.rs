@@ -40,6 +40,10 @@ fn a_good_config_resolves_relative_paths() {
     let s = load(GOOD, &[]).unwrap();
     assert_eq!(s.hsm.token, TokenSelector::Label("lavd".into()));
     assert_eq!(s.hsm.sessions, 4);
+    assert_eq!(
+        s.hsm.call_timeout,
+        std::time::Duration::from_millis(crate::config::DEFAULT_HSM_CALL_TIMEOUT_MS)
+    );
     assert!(matches!(
         &s.store,
         crate::store::StoreSettings::Sqlite { path } if path.ends_with("lavd.db") && path.is_absolute()
@@ -70,6 +74,10 @@ fn refusals_name_the_field() {
             "token_label = \"lavd\"",
             "token_label = \"lavd\"\nsessions = 0",
         ),
+        (
+            "token_label = \"lavd\"",
+            "token_label = \"lavd\"\ncall_timeout_ms = 10",
+        ),
     ];
     let fields = [
         "hsm.slot",
@@ -77,6 +85,7 @@ fn refusals_name_the_field() {
         "hsm.token_label",
         "hsm.pin_file",
         "hsm.sessions",
+        "hsm.call_timeout_ms",
     ];
     for ((from, to), field) in cases.iter().zip(fields) {
         let e = load(&GOOD.replace(from, to), &[]).unwrap_err();
@@ -149,6 +158,26 @@ fn serve_table_refusals_name_the_field() {
             "server.blocking_threads",
         ),
         ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
+        (
+            "[audit.public]\nlisten = \"0.0.0.0:8443\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9090\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"nowhere\"\n",
+            "audit.public.listen",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_burst = 0\n",
+            "audit.public.rate_limit_burst",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nmax_connections = 100001\n",
+            "audit.public.max_connections",
+        ),
         ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
         (
             "[limits]\nidle_timeout_secs = 0\n",

@@ -101,6 +101,17 @@ pub enum HsmError {
     /// operation hangs. Raise `sessions` or look at the HSM.
     #[error("all {0} HSM sessions stayed busy; gave up waiting")]
     Busy(usize),
+    /// An HSM call did not return within the call deadline
+    /// (`[hsm] call_timeout_ms`), or every worker was held by calls that
+    /// had not: the HSM, or the network to it, hangs. The call itself may
+    /// still return later; its result is dropped.
+    #[error("{op}: the HSM did not answer within {} ms", after.as_millis())]
+    Timeout {
+        /// The operation.
+        op: &'static str,
+        /// The deadline.
+        after: std::time::Duration,
+    },
     /// The blocking pool that runs HSM work is gone (shutdown).
     #[error("HSM worker task failed: {0}")]
     Worker(String),

@@ -341,11 +341,23 @@ impl Hsm {
         })
     }
 
-    /// Signs `message` with the Ed25519 audit key (pure EdDSA, `CKM_EDDSA`).
+    /// Signs `message` with the Ed25519 audit key (pure EdDSA, `CKM_EDDSA`),
+    /// on an HSM worker, waiting at most the call deadline. Blocking; never
+    /// call it from an HSM worker.
     ///
     /// # Errors
-    /// [`HsmError::KeyNotFound`], or the failing PKCS#11 call.
+    /// [`HsmError::KeyNotFound`], [`HsmError::Timeout`], or the failing
+    /// PKCS#11 call.
     pub fn sign_ed25519(&self, label: &str, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        self.call(
+            "sign_ed25519",
+            (label.to_string(), message.to_vec()),
+            |hsm, (label, message)| hsm.sign_ed25519_here(&label, &message),
+        )
+    }
+
+    /// [`Hsm::sign_ed25519`] on the calling thread, without a deadline.
+    fn sign_ed25519_here(&self, label: &str, message: &[u8]) -> Result<[u8; 64], HsmError> {
         self.with_session("sign_ed25519", |session| {
             let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, label, "audit")?;
             let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
@@ -466,6 +478,7 @@ mod tests {
                 sessions: 2,
                 quirks: Quirks::default(),
                 module_env: env,
+                call_timeout: std::time::Duration::from_secs(30),
             },
             busy.clone(),
         )

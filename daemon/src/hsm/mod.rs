@@ -93,6 +93,10 @@ pub struct HsmSettings {
     /// `SOFTHSM2_CONF`, YubiHSM's `YUBIHSM_PKCS11_CONF`, …), set in this
     /// process just before the module is first loaded.
     pub module_env: Vec<(String, String)>,
+    /// The call deadline: how long a caller waits for an HSM call (or for a
+    /// session or worker to run it on) before it gives up with
+    /// [`HsmError::Timeout`]. See [`spread`] for what happens to the call.
+    pub call_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for HsmSettings {
@@ -104,6 +108,7 @@ impl std::fmt::Debug for HsmSettings {
             .field("sessions", &self.sessions)
             .field("quirks", &self.quirks)
             .field("module_env", &self.module_env)
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -143,7 +148,7 @@ struct Inner {
     observer: Arc<dyn HsmObserver>,
     /// Every operation holds this shared; [`Hsm::reset_module`] holds it
     /// exclusively, so the module is never finalised under a running call.
-    gate: std::sync::RwLock<()>,
+    gate: Gate,
     /// The workers behind [`Hsm::spread`], one per session.
     spreader: Arc<spread::Spreader>,
 }
@@ -216,8 +221,13 @@ impl Hsm {
     ) -> Result<Self, HsmError> {
         let pkcs11 = module(&settings.module, &settings.module_env)?;
         let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
-        let pool = Pool::new(slot, settings.sessions.max(1), observer.clone());
-        let spreader = spread::Spreader::start(settings.sessions.max(1))?;
+        let pool = Pool::new(
+            slot,
+            settings.sessions.max(1),
+            settings.call_timeout,
+            observer.clone(),
+        );
+        let spreader = spread::Spreader::start(settings.sessions.max(1), settings.call_timeout)?;
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pkcs11,
@@ -225,7 +235,7 @@ impl Hsm {
                 pool,
                 handles: Mutex::new(HashMap::new()),
                 observer,
-                gate: std::sync::RwLock::new(()),
+                gate: Gate::default(),
                 spreader,
             }),
         };
@@ -253,6 +263,50 @@ impl Hsm {
         tokio::task::spawn_blocking(move || f(&hsm))
             .await
             .map_err(|e| HsmError::Worker(e.to_string()))?
+    }
+
+    /// How many HSM calls outlived the call deadline and have not returned:
+    /// while any has, `/readyz` is false.
+    pub fn stuck_calls(&self) -> usize {
+        self.inner.spreader.stuck()
+    }
+
+    /// The configured call deadline.
+    pub fn call_timeout(&self) -> std::time::Duration {
+        self.inner.settings.call_timeout
+    }
+
+    /// Runs one synchronous operation on an HSM worker and waits for it at
+    /// most the call deadline (see [`spread`]). Blocking: call it from a
+    /// blocking thread, never from an HSM worker.
+    ///
+    /// # Errors
+    /// `f`'s error, [`HsmError::Timeout`] if it did not return in time (or
+    /// another call is still running past its deadline), [`HsmError::Worker`]
+    /// if it panicked.
+    pub(crate) fn call<I, T>(
+        &self,
+        op: &'static str,
+        input: I,
+        f: fn(&Hsm, I) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+    {
+        fn stops<T>(_: &Result<T, HsmError>) -> bool {
+            false
+        }
+        let outcome = self.spread(vec![input], f, stops::<T>).pop();
+        match outcome {
+            Some(JobOutcome::Done(result)) => result,
+            Some(JobOutcome::TimedOut) => Err(HsmError::Timeout {
+                op,
+                after: self.call_timeout(),
+            }),
+            Some(JobOutcome::Panicked) => Err(HsmError::Worker(format!("{op} panicked"))),
+            Some(JobOutcome::NotRun) | None => Err(HsmError::Worker(format!("{op} did not run"))),
+        }
     }
 
     /// True when a session can be had and the user is logged in: the check
@@ -331,16 +385,35 @@ impl Hsm {
         }
     }
 
-    pub(crate) fn shared(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        // The guarded value is `()`: a panic elsewhere cannot leave it
-        // inconsistent, so a poisoned lock is usable.
-        self.inner
-            .gate
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    pub(crate) fn shared(&self) -> GateGuard<'_> {
+        self.inner.gate.shared()
     }
 
-    /// Resets the PKCS#11 module: waits for every running operation, drops
+    /// The readiness check of a daemon signing with key `label`: a
+    /// logged-in session, and a token that still finds the key (`has_key`:
+    /// the session alone can outlive the token's object store). A token
+    /// that fails may be broken only in the module's state (its storage
+    /// came back, the partition reconnected): the module is reset once and
+    /// checked again, so the daemon recovers without a restart.
+    ///
+    /// # Errors
+    /// Why it is not ready, for the log.
+    pub fn check_ready(&self, has_key: impl Fn(&Hsm) -> Result<(), String>) -> Result<(), String> {
+        let check = |h: &Hsm| {
+            if h.is_ready() {
+                has_key(h)
+            } else {
+                Err("no logged-in session".to_string())
+            }
+        };
+        check(self).or_else(|first| match self.reset_module() {
+            Ok(()) => check(self),
+            Err(e) => Err(format!("{first}; module reset: {e}")),
+        })
+    }
+
+    /// Resets the PKCS#11 module: waits for every running operation (new
+    /// ones wait for the reset), drops
     /// all sessions, `C_Finalize`, `C_Initialize`, and finds the token again.
     /// For a token that stays broken for the life of the module's state
     /// (SoftHSM never re-validates a token whose storage vanished; some
@@ -352,14 +425,22 @@ impl Hsm {
     /// The module is process-wide: this also ends the sessions of any other
     /// user of the module in this process (lavd has none).
     ///
+    /// It waits at most the call deadline for running operations: a call
+    /// that hangs in the module keeps the module from being reset (it would
+    /// be finalised under that call), and the reset fails with
+    /// [`HsmError::Timeout`] instead of waiting with it.
+    ///
     /// # Errors
-    /// The failing `C_Initialize`, or [`HsmError::TokenNotFound`].
+    /// The failing `C_Initialize`, [`HsmError::TokenNotFound`], or
+    /// [`HsmError::Timeout`].
     pub fn reset_module(&self) -> Result<(), HsmError> {
         let inner = &self.inner;
-        let _exclusive = inner
-            .gate
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(_exclusive) = inner.gate.exclusive(inner.settings.call_timeout) else {
+            return Err(HsmError::Timeout {
+                op: "module reset (waiting for running calls)",
+                after: inner.settings.call_timeout,
+            });
+        };
         inner.pool.clear();
         inner
             .handles
@@ -417,6 +498,94 @@ impl Hsm {
             Ok(slot) => inner.pool.set_slot(slot),
             Err(e) => tracing::warn!(error = %e, "token not found while reconnecting"),
         }
+    }
+}
+
+/// A read-write gate whose writer waits with a deadline. A waiting writer
+/// holds back new readers (so a reset is not starved by a stream of calls)
+/// but gives up at its deadline (so a call that hangs in the module holds
+/// back the others for at most that long, and a reset never waits forever).
+#[derive(Debug, Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    readers: usize,
+    writer: bool,
+    writers_waiting: usize,
+}
+
+/// A hold on the [`Gate`], shared or exclusive; released on drop.
+#[derive(Debug)]
+pub(crate) struct GateGuard<'a> {
+    gate: &'a Gate,
+    exclusive: bool,
+}
+
+impl Gate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        // Counters only change under the lock and no code runs under it: a
+        // poisoned lock still holds consistent counts.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn shared(&self) -> GateGuard<'_> {
+        let mut state = self.lock();
+        while state.writer || state.writers_waiting > 0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        state.readers += 1;
+        GateGuard {
+            gate: self,
+            exclusive: false,
+        }
+    }
+
+    fn exclusive(&self, timeout: std::time::Duration) -> Option<GateGuard<'_>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        state.writers_waiting += 1;
+        while state.writer || state.readers > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                state.writers_waiting -= 1;
+                drop(state);
+                self.changed.notify_all();
+                return None;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        state.writers_waiting -= 1;
+        state.writer = true;
+        Some(GateGuard {
+            gate: self,
+            exclusive: true,
+        })
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.gate.lock();
+        if self.exclusive {
+            state.writer = false;
+        } else {
+            state.readers -= 1;
+        }
+        drop(state);
+        self.gate.changed.notify_all();
     }
 }
 
@@ -526,4 +695,55 @@ pub fn init_dev_token(
     session.init_pin(user_pin)?;
     session.logout()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_reset_waits_for_running_calls_at_most_its_deadline_and_holds_back_new_ones() {
+        let gate = Gate::default();
+        // A call that hangs: the reset gives up at its deadline, and calls
+        // go on afterwards.
+        let hung = gate.shared();
+        let started = Instant::now();
+        assert!(gate.exclusive(Duration::from_millis(100)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(gate.shared());
+        drop(hung);
+        // No call running: the reset proceeds, and a call waits for it.
+        let reset = gate.exclusive(Duration::from_millis(100)).unwrap();
+        std::thread::scope(|s| {
+            let call = s.spawn(|| {
+                let _call = gate.shared();
+                Instant::now()
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let released = Instant::now();
+            drop(reset);
+            assert!(
+                call.join().unwrap() >= released,
+                "a call ran during the reset"
+            );
+        });
+        // A waiting reset holds back new calls (it is not starved by them).
+        let running = gate.shared();
+        std::thread::scope(|s| {
+            let reset = s.spawn(|| gate.exclusive(Duration::from_secs(10)).is_some());
+            while gate.lock().writers_waiting == 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let call = s.spawn(|| {
+                let _call = gate.shared();
+                Instant::now()
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let released = Instant::now();
+            drop(running);
+            assert!(reset.join().unwrap());
+            assert!(call.join().unwrap() >= released);
+        });
+    }
 }

@@ -22,9 +22,6 @@ use cryptoki::slot::Slot;
 
 use super::{HsmError, HsmObserver};
 
-/// How long a caller waits for a free session before giving up.
-const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[derive(Debug)]
 struct State {
     slot: Slot,
@@ -48,15 +45,24 @@ impl State {
 #[derive(Debug)]
 pub(super) struct Pool {
     max: usize,
+    /// How long a caller waits for a free session before giving up: the
+    /// call deadline.
+    acquire_timeout: Duration,
     state: Mutex<State>,
     freed: Condvar,
     observer: Arc<dyn HsmObserver>,
 }
 
 impl Pool {
-    pub(super) fn new(slot: Slot, max: usize, observer: Arc<dyn HsmObserver>) -> Self {
+    pub(super) fn new(
+        slot: Slot,
+        max: usize,
+        acquire_timeout: Duration,
+        observer: Arc<dyn HsmObserver>,
+    ) -> Self {
         Pool {
             max,
+            acquire_timeout,
             observer,
             state: Mutex::new(State {
                 slot,
@@ -84,7 +90,7 @@ impl Pool {
         &self,
         open: impl FnOnce(Slot) -> Result<Session, HsmError>,
     ) -> Result<Lease<'_>, HsmError> {
-        let deadline = Instant::now() + ACQUIRE_TIMEOUT;
+        let deadline = Instant::now() + self.acquire_timeout;
         let mut state = self.lock();
         let ticket = state.next_ticket;
         state.next_ticket += 1;

@@ -14,12 +14,29 @@
 //! yet started are never run ([`JobOutcome::NotRun`]); jobs already running
 //! finish. A job that panics stops its batch too.
 //!
+//! The call deadline (`[hsm] call_timeout_ms`): a caller whose batch has
+//! made no progress (no job started or finished) for that long gives up.
+//! Its running jobs come back as [`JobOutcome::TimedOut`], the rest as
+//! `NotRun`, and the batch is stopped. PKCS#11 has no way to cancel a call,
+//! so a job that hangs keeps its worker thread and its session until the
+//! module returns: neither is reused before that, and whatever the job
+//! returns then is dropped (a DEK is zeroized). While any job hangs past
+//! its deadline, the HSM is taken to be failing: a new batch is answered
+//! at once with every job `TimedOut`, instead of each caller waiting a
+//! whole deadline for a call that would most likely hang too (and callers
+//! queued behind a signer each waiting one more). Service resumes by
+//! itself when the hung calls return. A call that never returns keeps its
+//! worker for the life of the process (see OPERATIONS §7, the call
+//! deadline).
+//!
 //! The workers are plain threads, not async tasks: a job holds a session
 //! only inside one synchronous HSM call, and nothing here awaits.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use super::{Hsm, HsmError};
 
@@ -32,6 +49,10 @@ pub enum JobOutcome<T> {
     NotRun,
     /// The job panicked (a bug); the batch was stopped.
     Panicked,
+    /// The job did not finish within the call deadline (or no worker was
+    /// free because others hang): the caller stopped waiting. What the job
+    /// returns later is dropped.
+    TimedOut,
 }
 
 /// One batch, as the workers see it (its input and result types erased).
@@ -55,22 +76,29 @@ pub(super) struct Spreader {
     ring: Mutex<Ring>,
     ready: Condvar,
     workers: usize,
+    /// How long a batch may go without progress before its caller gives up.
+    call_timeout: Duration,
+    /// Jobs whose caller gave up and that have not returned yet.
+    stuck: Arc<AtomicUsize>,
 }
 
 impl std::fmt::Debug for Spreader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Spreader")
             .field("workers", &self.workers)
+            .field("call_timeout", &self.call_timeout)
+            .field("stuck", &self.stuck.load(Ordering::SeqCst))
             .finish_non_exhaustive()
     }
 }
 
 impl Spreader {
-    /// Starts `workers` threads.
+    /// Starts `workers` threads; callers wait at most `call_timeout`
+    /// without progress.
     ///
     /// # Errors
     /// [`HsmError::Worker`] if a thread cannot be started.
-    pub(super) fn start(workers: usize) -> Result<Arc<Self>, HsmError> {
+    pub(super) fn start(workers: usize, call_timeout: Duration) -> Result<Arc<Self>, HsmError> {
         let spreader = Arc::new(Spreader {
             ring: Mutex::new(Ring {
                 tasks: VecDeque::new(),
@@ -78,6 +106,8 @@ impl Spreader {
             }),
             ready: Condvar::new(),
             workers,
+            call_timeout,
+            stuck: Arc::new(AtomicUsize::new(0)),
         });
         for i in 0..workers {
             let worker = spreader.clone();
@@ -90,6 +120,11 @@ impl Spreader {
             }
         }
         Ok(spreader)
+    }
+
+    /// Jobs whose caller gave up at the deadline and that still run.
+    pub(super) fn stuck(&self) -> usize {
+        self.stuck.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -158,6 +193,10 @@ struct State<I, T> {
     next: usize,
     running: usize,
     stopped: bool,
+    /// When a job last started or finished.
+    progress: Instant,
+    /// The caller gave up waiting: outcomes are no longer wanted.
+    abandoned: bool,
 }
 
 impl<I, T> State<I, T> {
@@ -174,6 +213,8 @@ struct Batch<C, I, T, F> {
     stops: fn(&T) -> bool,
     state: Mutex<State<I, T>>,
     settled: Condvar,
+    /// The spreader's count of jobs running for callers that gave up.
+    stuck: Arc<AtomicUsize>,
 }
 
 impl<C, I, T, F> Batch<C, I, T, F> {
@@ -201,6 +242,10 @@ where
         let index = state.next;
         state.next += 1;
         state.running += 1;
+        state.progress = Instant::now();
+        // Stands until the job records its outcome: what the caller gets if
+        // it gives up first.
+        state.outcomes[index] = JobOutcome::TimedOut;
         Some(index)
     }
 
@@ -224,12 +269,22 @@ where
         let stop = match &outcome {
             JobOutcome::Done(value) => (self.stops)(value),
             JobOutcome::Panicked => true,
-            JobOutcome::NotRun => false,
+            JobOutcome::NotRun | JobOutcome::TimedOut => false,
         };
         let mut state = self.lock();
-        state.stopped |= stop;
-        state.outcomes[index] = outcome;
         state.running -= 1;
+        if state.abandoned {
+            // The caller gave up at the deadline and counted this job as
+            // stuck; it returned at last. Its outcome is dropped (after the
+            // lock: a DEK is zeroized on drop).
+            self.stuck.fetch_sub(1, Ordering::SeqCst);
+            drop(state);
+            drop(outcome);
+            return;
+        }
+        state.stopped |= stop;
+        state.progress = Instant::now();
+        state.outcomes[index] = outcome;
         if state.settled() {
             self.settled.notify_all();
         }
@@ -255,6 +310,12 @@ impl Spreader {
         if count == 0 {
             return Vec::new();
         }
+        if self.stuck() > 0 {
+            // A call outlived its deadline and has not returned: the HSM
+            // is failing, and waiting would most likely reach the deadline
+            // too.
+            return (0..count).map(|_| JobOutcome::TimedOut).collect();
+        }
         let batch = Arc::new(Batch {
             context,
             job,
@@ -265,16 +326,35 @@ impl Spreader {
                 next: 0,
                 running: 0,
                 stopped: false,
+                progress: Instant::now(),
+                abandoned: false,
             }),
             settled: Condvar::new(),
+            stuck: self.stuck.clone(),
         });
         self.submit(batch.clone(), count);
         let mut state = batch.lock();
         while !state.settled() {
+            let waited = state.progress.elapsed();
+            if waited >= self.call_timeout {
+                // No job started or finished for a whole deadline: give
+                // up. Running jobs keep their outcome `TimedOut` and are
+                // counted stuck until they return; the rest never start.
+                state.stopped = true;
+                state.abandoned = true;
+                self.stuck.fetch_add(state.running, Ordering::SeqCst);
+                tracing::warn!(
+                    running = state.running,
+                    timeout_ms = self.call_timeout.as_millis() as u64,
+                    "HSM calls did not return within the call deadline; gave up waiting"
+                );
+                break;
+            }
             state = batch
                 .settled
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .wait_timeout(state, self.call_timeout - waited)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
         // Inputs never started are dropped here, on the caller's thread.
         state.inputs.clear();
@@ -290,6 +370,8 @@ impl Hsm {
     /// Blocking: call it from a blocking thread. The first outcome for
     /// which `stops` is true (or a panic) stops the batch: inputs not yet
     /// started come back as [`JobOutcome::NotRun`] and are dropped there.
+    /// A batch that makes no progress for the call deadline is given up:
+    /// see the module docs ([`JobOutcome::TimedOut`]).
     pub fn spread<I, T, F>(
         &self,
         inputs: Vec<I>,
@@ -311,13 +393,62 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
+    /// A deadline no test job comes near.
+    const LONG: Duration = Duration::from_secs(60);
+
     fn never(_: &usize) -> bool {
         false
     }
 
     #[test]
+    fn a_hung_job_is_given_up_at_the_deadline_and_its_worker_is_not_reused_until_it_returns() {
+        let spreader = Spreader::start(1, Duration::from_millis(200)).unwrap();
+        let release = Arc::new(std::sync::Barrier::new(2));
+        let r = release.clone();
+        let started = Instant::now();
+        let outcomes = spreader.spread(
+            (),
+            vec![0usize, 1, 2],
+            move |(), i| {
+                if i == 0 {
+                    r.wait();
+                }
+                i
+            },
+            never,
+        );
+        let waited = started.elapsed();
+        assert!(matches!(outcomes[0], JobOutcome::TimedOut), "{outcomes:?}");
+        assert!(outcomes[1..]
+            .iter()
+            .all(|o| matches!(o, JobOutcome::NotRun)));
+        // The deadline, not the hang; generous upper bound for a loaded
+        // 2-core machine.
+        assert!(
+            waited >= Duration::from_millis(200) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        assert_eq!(spreader.stuck(), 1);
+        // A call hangs past its deadline: a new batch is answered at once.
+        let started = Instant::now();
+        let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
+        assert!(matches!(outcomes[..], [JobOutcome::TimedOut]));
+        assert!(started.elapsed() < Duration::from_millis(200));
+        // The hung call returns: its outcome is dropped, the worker serves again.
+        release.wait();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while spreader.stuck() != 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(spreader.stuck(), 0);
+        let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
+        assert!(matches!(outcomes[..], [JobOutcome::Done(7)]));
+        spreader.close();
+    }
+
+    #[test]
     fn outcomes_come_back_in_input_order_from_many_workers() {
-        let spreader = Spreader::start(4).unwrap();
+        let spreader = Spreader::start(4, LONG).unwrap();
         let running = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (r, m) = (running.clone(), most.clone());
@@ -358,13 +489,13 @@ mod tests {
     fn a_stopping_outcome_or_a_panic_leaves_later_inputs_unrun() {
         // One worker, so that "later" is exact: a job is claimed only after
         // the previous outcome is recorded.
-        let spreader = Spreader::start(1).unwrap();
+        let spreader = Spreader::start(1, LONG).unwrap();
         let outcomes = spreader.spread((), (0..100usize).collect(), |(), i| i, |i| *i == 10);
         for (i, outcome) in outcomes.iter().enumerate() {
             match outcome {
                 JobOutcome::Done(v) => assert!(i <= 10 && *v == i, "{i}"),
                 JobOutcome::NotRun => assert!(i > 10, "{i}"),
-                JobOutcome::Panicked => panic!("{i}"),
+                JobOutcome::Panicked | JobOutcome::TimedOut => panic!("{i}"),
             }
         }
 
@@ -390,7 +521,7 @@ mod tests {
 
     #[test]
     fn a_small_batch_is_not_queued_behind_a_large_one() {
-        let spreader = Spreader::start(2).unwrap();
+        let spreader = Spreader::start(2, LONG).unwrap();
         let large_done = Arc::new(AtomicUsize::new(0));
         std::thread::scope(|s| {
             let done = large_done.clone();

@@ -430,6 +430,12 @@ pub struct SqliteStore {
     group: audit::GroupCommit,
 }
 
+/// Free space below which the SQLite store is not ready (`/readyz`): room
+/// for the leaves and tree hashes of a few thousand envelopes, so that a
+/// file system that is filling up turns the daemon not ready before commits
+/// start to fail.
+pub const SQLITE_MIN_FREE: u64 = 4 * 1024 * 1024;
+
 impl SqliteStore {
     /// Opens (creating if absent) the database at `path`, sets WAL and
     /// `synchronous=FULL`, and applies pending migrations.
@@ -488,12 +494,43 @@ impl SqliteStore {
     /// (`BEGIN IMMEDIATE`) and rolls back at once. The check behind
     /// `/readyz`. It fails when another process holds the write lock for
     /// longer than `wait`, or when the file, its WAL or its shared-memory
-    /// index cannot be opened for writing. It does not prove that the disk
-    /// has space for the next commit.
+    /// index cannot be opened for writing. Then the file system: it fails
+    /// when it is mounted read-only or has less than [`SQLITE_MIN_FREE`]
+    /// bytes free for unprivileged writers. (A commit can still fail for
+    /// want of space with more free than that, e.g. a very large batch:
+    /// that commit is refused whole, and nothing is released.)
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`] with SQLite's reason.
+    /// [`StoreError::Sqlite`] with SQLite's reason, or
+    /// [`StoreError::Unavailable`] naming the file system's state.
     pub fn check_writable(&self, wait: std::time::Duration) -> Result<(), StoreError> {
+        self.check_lock(wait)?;
+        let unavailable = |reason: String| StoreError::Unavailable {
+            store: self.path.display().to_string(),
+            reason,
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let fs = rustix::fs::statvfs(dir)
+            .map_err(|e| unavailable(format!("statvfs {}: {e}", dir.display())))?;
+        if fs.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY) {
+            return Err(unavailable(format!(
+                "{} is on a read-only file system",
+                dir.display()
+            )));
+        }
+        let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+        if free < SQLITE_MIN_FREE {
+            return Err(unavailable(format!(
+                "{free} bytes free on its file system (at least {SQLITE_MIN_FREE} wanted)"
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_lock(&self, wait: std::time::Duration) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.busy_timeout(wait).map_err(|e| self.sqlite_err(e))?;
         let result = conn.execute_batch("BEGIN IMMEDIATE; ROLLBACK;");

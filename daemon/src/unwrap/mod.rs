@@ -78,10 +78,14 @@ pub enum UnwrapError {
     /// The warrant was refused (400/403/413 by its class; logged).
     #[error(transparent)]
     Warrant(#[from] WarrantError),
-    /// The HSM failed (or something other than the store); nothing was
-    /// released (HTTP 503 `unavailable`).
-    #[error("unavailable: {0}")]
-    Unavailable(String),
+    /// The HSM failed, or did not answer within the call deadline; nothing
+    /// was released (HTTP 503 `hsm_unavailable`).
+    #[error("HSM unavailable: {0}")]
+    HsmUnavailable(String),
+    /// Something that should not fail did (a bug); nothing was released
+    /// (HTTP 500 `internal_error`).
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The store failed or could not be reached (a PostgreSQL server down,
     /// a pool wait or statement timeout, a commit that failed); nothing was
     /// released (HTTP 503 `store_unavailable`).
@@ -96,8 +100,9 @@ impl UnwrapError {
             UnwrapError::Malformed(_) => "malformed_request",
             UnwrapError::BatchSize { .. } => "batch_too_large",
             UnwrapError::Warrant(w) => w.code(),
-            UnwrapError::Unavailable(_) => "unavailable",
+            UnwrapError::HsmUnavailable(_) => "hsm_unavailable",
             UnwrapError::StoreUnavailable(_) => "store_unavailable",
+            UnwrapError::Internal(_) => "internal_error",
         }
     }
 }
@@ -112,14 +117,16 @@ impl From<LogError> for UnwrapError {
     fn from(e: LogError) -> Self {
         match e {
             LogError::Store(e) => e.into(),
-            other => UnwrapError::Unavailable(other.to_string()),
+            LogError::Hsm(_) | LogError::Sign(_) => UnwrapError::HsmUnavailable(e.to_string()),
+            // The API answers `log_inconsistent` for it.
+            LogError::Inconsistent(_) => UnwrapError::Internal(e.to_string()),
         }
     }
 }
 
 impl From<HsmError> for UnwrapError {
     fn from(e: HsmError) -> Self {
-        UnwrapError::Unavailable(e.to_string())
+        UnwrapError::HsmUnavailable(e.to_string())
     }
 }
 
@@ -296,14 +303,14 @@ pub fn unwrap(
                     None,
                     UnwrapOutcome::Denied(DenyReason::MalformedEnvelope),
                 )
-                .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?
+                .map_err(|e| UnwrapError::Internal(format!("audit leaf: {e}")))?
             }
         };
         leaves.push(built);
     }
     // Also before the HSM: the reply's key agreement with the recipient.
     let mut builder = ReplyBuilder::new(warrant.recipient())
-        .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?;
+        .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")))?;
 
     // Budget: reserve for every candidate; the ones beyond the grant are
     // refused in request order. From here to the settle inside the audit
@@ -407,6 +414,15 @@ pub fn unwrap(
                 hsm_failure.get_or_insert(HsmError::Worker("an envelope open panicked".into()));
                 Release::Denied(DenyReason::OpenFailed)
             }
+            // The HSM did not answer within the call deadline: whatever
+            // the call returns later is dropped by the worker.
+            JobOutcome::TimedOut => {
+                hsm_failure.get_or_insert(HsmError::Timeout {
+                    op: "ecdh_derive",
+                    after: ctx.hsm.call_timeout(),
+                });
+                Release::Denied(DenyReason::OpenFailed)
+            }
         };
         releases[at] = release;
     }
@@ -455,7 +471,7 @@ pub fn unwrap(
         match release {
             Release::Opened { header, dek } => builder
                 .push_opened(header, dek)
-                .map_err(|e| UnwrapError::Unavailable(format!("reply sealing: {e}")))?,
+                .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")))?,
             Release::Denied(reason) => {
                 *denied.entry(reason.as_str()).or_default() += 1;
                 builder.push_denied(*reason);
@@ -512,7 +528,7 @@ fn refuse(
     let event = WarrantRefused::new(caller, id.as_deref(), digest, error.code())
         // A claimed id the leaf refuses (too long, odd characters) is left out.
         .or_else(|_| WarrantRefused::new(caller, None, digest, error.code()))
-        .map_err(|e| UnwrapError::Unavailable(format!("audit leaf: {e}")))?;
+        .map_err(|e| UnwrapError::Internal(format!("audit leaf: {e}")))?;
     let event: Event = event.into();
     ctx.log.append(AuditAppend {
         events: vec![event],
@@ -601,7 +617,8 @@ pub struct Revoked {
 ///
 /// # Errors
 /// [`UnwrapError::Malformed`] for a bad body, [`UnwrapError::Warrant`] for an
-/// authority JWS that does not verify, [`UnwrapError::Unavailable`].
+/// authority JWS that does not verify, [`UnwrapError::HsmUnavailable`] or
+/// [`UnwrapError::StoreUnavailable`].
 pub fn revoke(
     ctx: &Context<'_>,
     request: RevocationRequest<'_>,

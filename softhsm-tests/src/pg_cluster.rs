@@ -1,0 +1,140 @@
+//! A PostgreSQL cluster of the tests' own, for the tests that stop and
+//! restart their server: `<version> store_faults` on port 5439. The
+//! shared cluster (`main`, which every other test uses at the same time)
+//! is never touched. The name sorts after `main`, so tools that take the
+//! first cluster `pg_lsclusters` lists (`.ci/setup`,
+//! `replicas_db_restart.rs`) still find `main`.
+//!
+//! [`ensure`] creates it on first use (`pg_createcluster`, as root or
+//! through `sudo -n`; Debian's `postgresql` package, which `.ci/setup
+//! --tests` installs, provides it), starts it if it is down, and creates
+//! the tests' role in it, so CI needs nothing set up beforehand.
+
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The cluster's name.
+pub const NAME: &str = "store_faults";
+/// The port it listens on.
+pub const PORT: u16 = 5439;
+
+/// The tests' own cluster, ready: see the module docs.
+#[derive(Debug)]
+pub struct OwnCluster {
+    version: String,
+}
+
+fn privileged(program: &str) -> Command {
+    if rustix::process::getuid().is_root() {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.arg("-n").arg(program);
+        c
+    }
+}
+
+fn run(mut command: Command) -> Output {
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e} (run .ci/setup --tests)"));
+    assert!(out.status.success(), "{command:?}: {out:?}");
+    out
+}
+
+/// `(version, name, status)` of every cluster.
+fn clusters() -> Vec<(String, String, String)> {
+    let out = run({
+        let mut c = Command::new("pg_lsclusters");
+        c.arg("-h");
+        c
+    });
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() >= 4).then(|| (w[0].to_string(), w[1].to_string(), w[3].to_string()))
+        })
+        .collect()
+}
+
+/// The tests' own cluster, created, started and with the tests' role.
+///
+/// # Panics
+/// When PostgreSQL is not installed or the cluster cannot be made: the
+/// test fails naming the command.
+pub fn ensure() -> &'static OwnCluster {
+    static CLUSTER: OnceLock<OwnCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        let all = clusters();
+        let version = match all.iter().find(|(_, n, _)| n == NAME) {
+            Some((v, _, _)) => v.clone(),
+            None => {
+                let (v, _, _) = all
+                    .first()
+                    .expect("no PostgreSQL cluster at all: run .ci/setup --tests")
+                    .clone();
+                let mut c = privileged("pg_createcluster");
+                c.args([&v, NAME, "--port", &PORT.to_string()]);
+                run(c);
+                v
+            }
+        };
+        let cluster = OwnCluster { version };
+        cluster.ctl("start");
+        let mut c = privileged("runuser");
+        c.args([
+            "-u",
+            "postgres",
+            "--",
+            "psql",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ])
+        .args(["-p", &PORT.to_string(), "-d", "postgres", "-c"])
+        .arg(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lavd_test') \
+                 THEN CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'; END IF; END $$;",
+        );
+        run(c);
+        cluster
+    })
+}
+
+impl OwnCluster {
+    /// `pg_ctlcluster <version> store_faults <action>` (`start`, `stop`,
+    /// `restart`; stops are `-m fast`: sessions are cut, as in a crash of
+    /// the server's clients' view). Starting a running cluster is a no-op.
+    ///
+    /// # Panics
+    /// When the command fails.
+    pub fn ctl(&self, action: &str) {
+        if action == "start"
+            && clusters()
+                .iter()
+                .any(|(_, n, s)| n == NAME && s.starts_with("online"))
+        {
+            return;
+        }
+        let mut c = privileged("pg_ctlcluster");
+        c.args([&self.version, NAME, action]);
+        if action != "start" {
+            c.args(["-m", "fast"]);
+        }
+        run(c);
+    }
+}
+
+/// Starts the cluster again when dropped: a test that fails while the
+/// server is down leaves it running for the next.
+#[derive(Debug)]
+pub struct StartOnDrop(pub &'static OwnCluster);
+
+impl Drop for StartOnDrop {
+    fn drop(&mut self) {
+        let mut c = privileged("pg_ctlcluster");
+        c.args([&self.0.version, NAME, "start"]);
+        let _ = c.output();
+    }
+}

@@ -1,0 +1,121 @@
+//! `[audit.public]`: a second listener serving the log's checkpoint and
+//! tiles (`/v1/log/…`) over TLS without a client certificate, for an
+//! oversight body that publishes the log. Against a real `lavd serve`:
+//!
+//! - a client with no certificate reads the same checkpoint and the same
+//!   tile bytes as the auditor does over mutual TLS, marked cacheable by
+//!   shared caches;
+//! - only the read-only log paths are there: every other API path is 404
+//!   `not_found`, and the mutual-TLS API still refuses a client without a
+//!   certificate;
+//! - callers are rate-limited per address (429 `rate_limited`);
+//! - without `[audit.public]` no such listener exists.
+
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+#[test]
+fn the_public_listener_serves_the_log_and_nothing_else() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{}[limits]\nrate_limit_per_second = 1000\nrate_limit_burst = 1000\n\n\
+         [audit.public]\nlisten = \"127.0.0.1:0\"\nrate_limit_per_second = 1\nrate_limit_burst = 40\n",
+        vault::roles_toml()
+    )));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let public_addr = daemon
+        .public_log
+        .expect("READY=1 names the public listener");
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("PUBLIC-1", recipient.public(), 10));
+    let now = OffsetDateTime::now_utc();
+    let envelopes: Vec<_> = (0..3)
+        .map(|i| {
+            vault::seal(
+                &escrow,
+                "E-1",
+                TARGET,
+                now - time::Duration::minutes(i + 1),
+                &format!("public-{i}"),
+                format!("public-dek-{i:08}").as_bytes(),
+            )
+        })
+        .collect();
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Anyone: the server's CA, no client certificate.
+    let anyone = Client::new(public_addr, &pki.servers, None, &[&rustls::version::TLS13]);
+    let theirs = anyone.get("/v1/log/checkpoint");
+    assert_eq!(theirs.status, 200, "{}", theirs.text());
+    assert_eq!(theirs.header("cache-control"), Some("public, max-age=5"));
+    let ours = c.auditor.get("/v1/log/checkpoint");
+    assert_eq!(theirs.text(), ours.text(), "one log for everyone");
+    let size = lavd::audit::note::verify_note(&theirs.text(), &vault::verifier_key(&c.auditor))
+        .expect("the public checkpoint verifies")
+        .size;
+    let partial = format!("/v1/log/tile/0/000.p/{size}");
+    let bundle = format!("/v1/log/tile/entries/000.p/{size}");
+    for path in [&partial, &bundle] {
+        let theirs = anyone.get(path);
+        assert_eq!(theirs.status, 200, "{path}: {}", theirs.text());
+        assert_eq!(theirs.body, c.auditor.get(path).body, "{path}");
+        assert_eq!(
+            theirs.header("cache-control"),
+            Some("public, max-age=31536000, immutable"),
+            "{path}"
+        );
+    }
+
+    // Nothing but the log.
+    for (method, path) in [
+        ("GET", "/v1/keys"),
+        ("GET", "/v1/audit/checkpoint"),
+        ("GET", "/v1/audit/entries?start=0"),
+        ("GET", "/v1/audit/key"),
+        ("POST", "/v1/unwrap"),
+        ("POST", "/v1/warrants/revocations"),
+    ] {
+        let r = anyone.request(method, path, Some(b"{}")).expect("request");
+        r.assert_error(404, "not_found");
+    }
+    anyone
+        .get("/v1/log/tile/0/x000/000")
+        .assert_error(400, "malformed_request");
+    // The API itself still wants a certificate.
+    let no_cert_on_api = Client::new(daemon.api, &pki.servers, None, &[&rustls::version::TLS13]);
+    assert!(
+        no_cert_on_api.get_raw("/v1/log/checkpoint").is_err(),
+        "the mutual-TLS API answered a client without a certificate"
+    );
+
+    // Per-address rate limit: the burst is 40 at 1 a second, and the
+    // requests above used some of it.
+    let limited = (0..60)
+        .map(|_| anyone.get("/v1/log/checkpoint"))
+        .find(|r| r.status != 200)
+        .expect("the burst runs out");
+    limited.assert_error(429, "rate_limited");
+    assert!(limited.header("retry-after").is_some());
+}
+
+#[test]
+fn without_the_table_there_is_no_public_listener() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let daemon = Daemon::start(&t);
+    assert_eq!(daemon.public_log, None);
+}
