@@ -138,6 +138,7 @@ impl World {
             verifier: &self.verifier,
             envelope_limits: &limits,
             max_batch,
+            witnessing: None,
         };
         unwrap(&ctx, caller, body.to_string().as_bytes(), t(now))
     }
@@ -347,6 +348,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
         verifier: &w.verifier,
         envelope_limits: &limits,
         max_batch,
+        witnessing: None,
     };
     let r = revoke(
         &ctx,

@@ -12,6 +12,7 @@
 
 mod raw;
 mod server;
+mod witnesses;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ pub use raw::RawConfig;
 pub use server::{
     AdminSettings, Limits, LogFormat, LogSettings, ServerSettings, TlsSettings, TlsVersion,
 };
+pub use witnesses::{WitnessEndpoint, WitnessSettings};
 
 use crate::api::identity::RoleMap;
 
@@ -98,6 +100,9 @@ pub struct AuditSettings {
     /// The log's origin line in checkpoints (C2SP tlog-checkpoint), e.g.
     /// `lavd.agency.example/audit`.
     pub origin: String,
+    /// `[[audit.witnesses]]` and the witness policy: absent when no witness
+    /// is configured.
+    pub witnesses: Option<WitnessSettings>,
 }
 
 impl Settings {
@@ -132,9 +137,12 @@ impl Settings {
         };
         let hsm = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
+        let witnesses = v.witnesses(&raw.audit)?;
+        let origin = v.origin(raw.audit.origin)?;
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
-            origin: v.origin(raw.audit.origin)?,
+            origin,
+            witnesses,
         };
         let server = v.server(raw.server)?;
         let tls = raw.tls.map(|t| v.tls(t)).transpose()?;

@@ -147,6 +147,23 @@ pub struct RawAudit {
     pub(super) key_label: String,
     #[serde(default = "default_origin")]
     pub(super) origin: String,
+    /// `[[audit.witnesses]]`
+    #[serde(default)]
+    pub(super) witnesses: Vec<RawWitness>,
+    pub(super) witness_policy: Option<PathBuf>,
+    pub(super) release_after_witness: Option<bool>,
+    pub(super) witness_timeout_secs: Option<u64>,
+    pub(super) witness_request_timeout_secs: Option<u64>,
+}
+
+/// `[[audit.witnesses]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWitness {
+    pub(super) name: String,
+    pub(super) url: String,
+    pub(super) key: String,
+    pub(super) ca_file: PathBuf,
 }
 
 impl Default for RawAudit {
@@ -154,6 +171,11 @@ impl Default for RawAudit {
         Self {
             key_label: default_audit_label(),
             origin: default_origin(),
+            witnesses: Vec::new(),
+            witness_policy: None,
+            release_after_witness: None,
+            witness_timeout_secs: None,
+            witness_request_timeout_secs: None,
         }
     }
 }
