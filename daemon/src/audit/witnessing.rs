@@ -504,7 +504,24 @@ fn parse_size(body: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    //! The submitter against in-process witnesses: `WitnessState` (the
+    //! witness side's own checks and store) behind a small HTTPS server.
+    //! The end-to-end test with real `lavd witness serve` processes is
+    //! `softhsm-tests/tests/log_witnessed.rs`.
+    use std::path::Path;
+
+    use ed25519_dalek::Signer as _;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    use rustls_pki_types::pem::PemObject as _;
+
+    use super::*;
+    use crate::audit::leaf::{Event, KeyGenerated};
+    use crate::audit::note::{self, Checkpoint, VerifierKey};
+    use crate::audit::witness::{AddOutcome, Policy};
+    use crate::codec::parse_time;
+    use crate::store::{AuditAppend, Spend, Store};
+    use crate::witness::WitnessState;
 
     #[test]
     fn size_bodies_are_read_strictly() {
@@ -513,5 +530,259 @@ mod tests {
         for bad in ["50", "050\n", "\n", "5 0\n", "-1\n", "50\n\n", "x\n"] {
             assert_eq!(parse_size(bad), None, "{bad:?}");
         }
+    }
+
+    const LOG_SEED: [u8; 32] = [9; 32];
+    const ORIGIN: &str = "log.test/witnessed";
+
+    fn log_key() -> VerifierKey {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        VerifierKey::new(ORIGIN, sk.verifying_key().as_bytes()).unwrap()
+    }
+
+    /// Appends `n` leaves and saves a checkpoint of the whole tree, signed
+    /// by the test log key; returns its size.
+    fn grow(store: &Store, n: usize) -> u64 {
+        let events: Vec<Event> = (0..n)
+            .map(|i| {
+                KeyGenerated::new(
+                    &format!("k{i}"),
+                    parse_time("2026-12-01T00:00:00Z").unwrap(),
+                    parse_time("2027-01-01T00:00:00Z").unwrap(),
+                    parse_time("2028-01-01T00:00:00Z").unwrap(),
+                    None,
+                )
+                .unwrap()
+                .into()
+            })
+            .collect();
+        store
+            .append(AuditAppend {
+                events,
+                time: parse_time("2026-12-02T00:00:00Z").unwrap(),
+                spend: Spend::None,
+            })
+            .unwrap();
+        let size = store.tree_size().unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        let checkpoint = Checkpoint {
+            origin: ORIGIN.into(),
+            size,
+            root: store.root(size).unwrap(),
+        };
+        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
+            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
+            .unwrap();
+        size
+    }
+
+    /// A witness named `name` trusting `trusts` for the origin, served over
+    /// HTTPS on a loopback port; returns its URL and key.
+    async fn witness(
+        dir: &Path,
+        name: &str,
+        seed: u8,
+        trusts: VerifierKey,
+        ca: &crate::dev::pki::DevCa,
+    ) -> (String, CosignerKey, Arc<WitnessState>) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
+        let state = Arc::new(WitnessState::open(&dir.join(format!("{seed}.db"))).unwrap());
+        let server = ca.server().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![
+                rustls_pki_types::CertificateDer::from_pem_slice(server.cert_pem.as_bytes())
+                    .unwrap(),
+            ],
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (served_state, served_key) = (state.clone(), key.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (state, key, trusts, sk) = (
+                    served_state.clone(),
+                    served_key.clone(),
+                    trusts.clone(),
+                    sk.clone(),
+                );
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (state, key, trusts, sk) =
+                            (state.clone(), key.clone(), trusts.clone(), sk.clone());
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let trusted = |origin: &str| {
+                                if origin == ORIGIN {
+                                    vec![trusts.clone()]
+                                } else {
+                                    Vec::new()
+                                }
+                            };
+                            let outcome = state
+                                .add_checkpoint(&body, &trusted, &key, 1_700_000_000, |m| {
+                                    Ok::<_, ()>(sk.sign(m).to_bytes())
+                                })
+                                .unwrap()
+                                .unwrap();
+                            let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(outcome.status()).unwrap();
+                            match outcome {
+                                AddOutcome::Cosigned(line) => {
+                                    *response.body_mut() = Full::new(Bytes::from(line));
+                                }
+                                AddOutcome::Conflict { size } => {
+                                    response.headers_mut().insert(
+                                        hyper::header::CONTENT_TYPE,
+                                        hyper::header::HeaderValue::from_static("text/x.tlog.size"),
+                                    );
+                                    *response.body_mut() =
+                                        Full::new(Bytes::from(format!("{size}\n")));
+                                }
+                                _ => {}
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+                );
+            }
+        });
+        (format!("https://localhost:{port}"), key, state)
+    }
+
+    fn settings(
+        dir: &Path,
+        witnesses: &[(&str, &CosignerKey)],
+        policy: &str,
+        ca: &crate::dev::pki::DevCa,
+    ) -> WitnessSettings {
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, &ca.ca.cert_pem).unwrap();
+        WitnessSettings {
+            witnesses: witnesses
+                .iter()
+                .map(|(url, key)| WitnessEndpoint {
+                    name: key.name().to_string(),
+                    url: url.to_string(),
+                    key: (*key).clone(),
+                    ca_file: ca_file.clone(),
+                })
+                .collect(),
+            policy_file: dir.join("policy"),
+            policy: Arc::new(Policy::parse(policy.as_bytes()).unwrap()),
+            policy_text: policy.as_bytes().to_vec(),
+            release_after_witness: true,
+            timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Two witnesses under a quorum of both, and a third that trusts
+    /// another log key (403) outside the quorum: the quorum is reached, the
+    /// 403 holds up nothing, the served checkpoint has both lines, and a
+    /// witness that cosigned a size the store does not know about answers
+    /// 409 and the submitter recovers from its size.
+    #[test]
+    fn submitters_reach_the_quorum_and_recover_from_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let other = VerifierKey::new(ORIGIN, &[1; 32]).unwrap();
+        let ((u1, k1, s1), (u2, k2, _), (u3, k3, _)) = runtime.block_on(async {
+            (
+                witness(dir.path(), "w1.test", 1, log_key(), &ca).await,
+                witness(dir.path(), "w2.test", 2, log_key(), &ca).await,
+                witness(dir.path(), "w3.test", 3, other, &ca).await,
+            )
+        });
+        // w1 already cosigned size 3 for another client: the store knows
+        // nothing of it, so the first request (old 0) gets its 409.
+        let first = grow(&store, 3);
+        let note = store.checkpoint_at(first).unwrap().unwrap();
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: note,
+        }
+        .encode();
+        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let outcome = s1
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, 1, |m| {
+                Ok::<_, ()>(sk1.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+        let size = grow(&store, 4);
+
+        let policy_text = format!(
+            "witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup both all A B\nquorum both\n"
+        );
+        let witnessing = Arc::new(Witnessing::new(
+            settings(
+                dir.path(),
+                &[(&u1, &k1), (&u2, &k2), (&u3, &k3)],
+                &policy_text,
+                &ca,
+            ),
+            store.clone(),
+            None,
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let waiter = witnessing.clone();
+        let cosigned = std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap()
+            .unwrap();
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        let (checkpoint, valid) = policy.verify(&cosigned).unwrap();
+        assert_eq!(
+            (checkpoint.size, valid),
+            (size, vec!["A".into(), "B".into()])
+        );
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
+        assert_eq!(store.last_cosigned("w3.test").unwrap(), None);
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(policy.verify(&served).is_ok());
+        // Nothing covers a size the log has not reached: the wait ends.
+        let mut short = settings(
+            dir.path(),
+            &[(&u1, &k1), (&u2, &k2), (&u3, &k3)],
+            &policy_text,
+            &ca,
+        );
+        short.timeout = Duration::from_millis(200);
+        let bounded = Witnessing::new(short, store.clone(), None);
+        assert!(matches!(
+            bounded.wait_for_quorum(size + 1),
+            Err(WaitError::Timeout { size: s, .. }) if s == size + 1
+        ));
+        drop(runtime);
     }
 }

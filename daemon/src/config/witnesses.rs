@@ -41,7 +41,7 @@ pub struct WitnessSettings {
     /// The parsed policy: the quorum that serving and release use.
     pub policy: Arc<Policy>,
     /// The policy file as read, to tell whether it changed.
-    policy_text: Vec<u8>,
+    pub(crate) policy_text: Vec<u8>,
     /// No DEK leaves until its leaves are in a checkpoint the quorum
     /// cosigned.
     pub release_after_witness: bool,
