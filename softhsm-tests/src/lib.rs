@@ -12,6 +12,8 @@ pub mod pg;
 pub mod replicas;
 pub mod server;
 pub mod vault;
+pub mod witness;
+pub mod witnessed;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

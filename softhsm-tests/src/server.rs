@@ -391,6 +391,50 @@ impl Daemon {
             assert!(out.status.success(), "generate-audit: {out:?}");
             std::fs::write(&marker, "").expect("marker");
         }
+        let config = token.config();
+        Self::spawn_process(
+            token,
+            &["serve", "--config", config.to_str().expect("utf-8")],
+            log_level,
+            name,
+        )
+    }
+
+    /// Starts `lavd witness serve --config config` in `token`'s working
+    /// directory and waits for `READY=1`; `api` is then the witness's
+    /// listener. `name` keeps its notify socket and stderr apart. On
+    /// failure returns the exit status and stderr.
+    pub fn try_start_witness(
+        token: &TestToken,
+        config: &Path,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn_process(
+            token,
+            &[
+                "witness",
+                "serve",
+                "--config",
+                config.to_str().expect("utf-8"),
+            ],
+            None,
+            name,
+        )
+    }
+
+    /// [`Daemon::try_start_witness`], panicking with stderr on failure.
+    pub fn start_witness(token: &TestToken, config: &Path, name: &str) -> Self {
+        Self::try_start_witness(token, config, name).unwrap_or_else(|(status, stderr)| {
+            panic!("lavd witness serve {name} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
+    fn spawn_process(
+        token: &TestToken,
+        args: &[&str],
+        log_level: Option<&str>,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
         let (socket, stderr) = if name == "lavd" {
             (token.path("notify.sock"), token.path("lavd.stderr"))
         } else {
@@ -401,9 +445,7 @@ impl Daemon {
         };
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");
-        let config = token.config();
-        let mut command =
-            crate::lavd_command(&["serve", "--config", config.to_str().expect("utf-8")]);
+        let mut command = crate::lavd_command(args);
         if let Some(level) = log_level {
             command.env("LAVD_LOG", level);
         }
@@ -413,7 +455,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).expect("stderr file"))
             .spawn()
-            .expect("spawn lavd serve");
+            .expect("spawn lavd");
         let mut daemon = Daemon {
             child,
             notify,

@@ -111,3 +111,20 @@ fn the_samples_witness_block_validates_with_its_policy() {
         .quorum_met_by([&w.witnesses[0].key, &w.witnesses[1].key]));
     assert!(!w.policy.quorum_met_by([&w.witnesses[0].key]));
 }
+
+/// The witness sample parses and validates as `lavd witness serve` reads
+/// it, and `dev`-only key files are refused in it.
+#[test]
+fn the_witness_sample_validates() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hsm-config/witness/softhsm2.toml");
+    let env = MapEnv(HashMap::from([("LAVD_WITNESS_PIN", PIN.to_string())]));
+    let settings =
+        lavd::config::WitnessSettings::load(&path, &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.name, "witness.oversight.example/w1");
+    assert_eq!(settings.logs.len(), 1);
+    assert!(settings.require_tls().is_ok());
+    assert!(matches!(
+        settings.key,
+        lavd::config::WitnessKeySource::Hsm { ref label, .. } if label == "lav-witness"
+    ));
+}

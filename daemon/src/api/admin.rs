@@ -170,14 +170,36 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
     let store = readiness.state.store.clone();
+    table(
+        move || {
+            let readiness = readiness.clone();
+            async move {
+                let report = readiness.check().await;
+                (report.ready, serde_json::json!(report))
+            }
+        },
+        move || metrics.render_with_store_retries(store.retries()),
+    )
+}
+
+/// An admin listener's routes: `/healthz` (always 200), `/readyz` (the
+/// JSON report `ready` makes; 200 when it says ready, else 503) and
+/// `/metrics` (what `render` makes). `lavd serve` and `lavd witness serve`
+/// share it.
+pub fn table<R, F, M>(ready: R, render: M) -> BoxedFilter<(Response,)>
+where
+    R: Fn() -> F + Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = (bool, serde_json::Value)> + Send,
+    M: Fn() -> Result<String, prometheus::Error> + Clone + Send + Sync + 'static,
+{
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(|| warp::reply::json(&serde_json::json!({"alive": true})).into_response());
     let readyz = warp::path!("readyz").and(warp::get()).then(move || {
-        let readiness = readiness.clone();
+        let ready = ready.clone();
         async move {
-            let report = readiness.check().await;
-            let status = if report.ready {
+            let (ok, report) = ready().await;
+            let status = if ok {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -185,22 +207,9 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
             warp::reply::with_status(warp::reply::json(&report), status).into_response()
         }
     });
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        match metrics.render_with_store_retries(store.retries()) {
-            Ok(text) => {
-                let mut r = Response::new(text.into());
-                r.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-                );
-                r
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot render metrics");
-                error::ApiError::Internal.into_response()
-            }
-        }
-    });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .map(move || metrics_response(render()));
     healthz
         .or(readyz)
         .unify()
@@ -209,4 +218,22 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
         .recover(error::recover)
         .unify()
         .boxed()
+}
+
+/// `/metrics`' answer: the Prometheus text format, or a bare 500.
+fn metrics_response(rendered: Result<String, prometheus::Error>) -> Response {
+    match rendered {
+        Ok(text) => {
+            let mut r = Response::new(text.into());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot render metrics");
+            error::ApiError::Internal.into_response()
+        }
+    }
 }

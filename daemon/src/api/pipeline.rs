@@ -195,16 +195,14 @@ where
         return early(ApiError::RateLimited { retry_after }, body);
     }
 
-    let limit = state.limits.max_body_bytes;
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return early(ApiError::BodyTooLarge { limit }, body);
-    }
-    let bytes = match read_body(body, limit, state.limits.body_read_timeout).await {
+    let bytes = match read_bounded_body(
+        &parts.headers,
+        body,
+        state.limits.max_body_bytes,
+        state.limits.body_read_timeout,
+    )
+    .await
+    {
         Ok(bytes) => bytes,
         Err((e, unread)) => return (e.into_response(), unread),
     };
@@ -216,6 +214,29 @@ where
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
     (response, None)
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout`; a
+/// `Content-Length` above the limit is refused before reading. On failure,
+/// the error and the body if there may be more of it to drain.
+pub(crate) async fn read_bounded_body<B>(
+    headers: &warp::http::HeaderMap,
+    body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<Bytes, (ApiError, Option<B>)>
+where
+    B: Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err((ApiError::BodyTooLarge { limit }, Some(body)));
+    }
+    read_body(body, limit, timeout).await
 }
 
 /// Why a body was not read whole.

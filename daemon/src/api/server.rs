@@ -270,6 +270,90 @@ async fn plain_connection(
     .await;
 }
 
+/// What a listener without client certificates answers each request with:
+/// the request (body unread), the peer's address, and the connection's
+/// activity (for [`linger`]).
+pub type PublicHandler = Arc<
+    dyn Fn(
+            Request<Incoming>,
+            SocketAddr,
+            Arc<Activity>,
+        ) -> Pin<Box<dyn std::future::Future<Output = warp::reply::Response> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Starts a TLS listener that asks for no client certificate (a witness,
+/// which anyone may call), with the API's connection bounds: at most
+/// `max_connections`, the handshake, header and idle deadlines of
+/// `timeouts`, heads of at most `max_header_bytes`.
+///
+/// # Errors
+/// [`ServeError::Bind`].
+pub async fn serve_public_tls(
+    addr: SocketAddr,
+    max_connections: usize,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
+    tls: Arc<rustls::ServerConfig>,
+    handler: PublicHandler,
+) -> Result<Listener, ServeError> {
+    let (listener, local_addr) = bind(addr).await?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    Ok(spawn_accept_loop(
+        listener,
+        local_addr,
+        max_connections,
+        move |tcp, remote, stop| {
+            public_connection(
+                acceptor.clone(),
+                handler.clone(),
+                tcp,
+                remote,
+                timeouts,
+                max_header_bytes,
+                stop,
+            )
+        },
+    ))
+}
+
+async fn public_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    handler: PublicHandler,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeouts: Timeouts,
+    max_header_bytes: usize,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Some(Ok(stream)) = accept_tls(&acceptor, tcp, remote, timeouts.handshake, &mut stop).await
+    else {
+        return;
+    };
+    let activity = Arc::new(Activity::new());
+    let busy = activity.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let handler = handler.clone();
+        let activity = busy.clone();
+        async move {
+            let _busy = activity.request_started();
+            Ok::<_, Infallible>(handler(req, remote, activity.clone()).await)
+        }
+    });
+    let io = TokioIo::new(Tracked {
+        inner: stream,
+        activity: activity.clone(),
+    });
+    drive(
+        http1_builder(max_header_bytes).serve_connection(io, service),
+        &activity,
+        timeouts,
+        stop,
+    )
+    .await;
+}
+
 fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     local_addr: SocketAddr,
@@ -356,6 +440,34 @@ where
     }
 }
 
+/// The TLS handshake within `timeout`: the stream, or the metrics reason
+/// of its failure (logged here); None when the listener stops first (a
+/// connection that has not sent a request yet has nothing to drain).
+async fn accept_tls(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    timeout: Duration,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Result<tokio_rustls::server::TlsStream<TcpStream>, &'static str>> {
+    let handshake = tokio::select! {
+        _ = stopped(stop) => return None,
+        r = tokio::time::timeout(timeout, acceptor.accept(tcp)) => r,
+    };
+    Some(match handshake {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => {
+            let reason = tls::handshake_failure_reason(&e);
+            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
+            Err(reason)
+        }
+        Err(_) => {
+            tracing::info!(%remote, "TLS handshake timed out");
+            Err("handshake_timeout")
+        }
+    })
+}
+
 /// One API connection: TLS handshake, identity, then HTTP/1 until it ends.
 async fn api_connection(
     api: Arc<Api>,
@@ -375,25 +487,13 @@ async fn api_connection(
     };
 
     let acceptor = tokio_rustls::TlsAcceptor::from(state.current().tls.server_config.clone());
-    let handshake = tokio::select! {
-        // Shutting down: a connection that has not sent a request yet has
-        // nothing to drain.
-        _ = stopped(&mut stop) => return,
-        r = tokio::time::timeout(timeouts.handshake, acceptor.accept(tcp)) => r,
-    };
-    let stream = match handshake {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => {
-            let reason = tls::handshake_failure_reason(&e);
+    let stream = match accept_tls(&acceptor, tcp, remote, timeouts.handshake, &mut stop).await {
+        None => return,
+        Some(Err(reason)) => {
             state.metrics.tls_handshake_failure(reason);
-            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
             return;
         }
-        Err(_) => {
-            state.metrics.tls_handshake_failure("handshake_timeout");
-            tracing::info!(%remote, "TLS handshake timed out");
-            return;
-        }
+        Some(Ok(stream)) => stream,
     };
 
     let chain: Vec<_> = stream

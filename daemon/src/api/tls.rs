@@ -48,32 +48,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// [`ConfigError`] naming the `tls.*` field whose file is missing, empty or
 /// not what it should be, with `config_file` as the file.
 pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, ConfigError> {
-    let err = |field: &str, reason: String| ConfigError {
-        file: config_file.to_path_buf(),
-        field: field.into(),
-        reason,
-    };
-    let read = |field: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| err(field, format!("cannot read {}: {e}", path.display())))
-    };
+    let err = |field: &str, reason: String| file_error(config_file, field, reason);
+    let read = |field: &str, path: &Path| read_file(config_file, field, path);
 
-    let chain_pem = read("tls.cert", &tls.cert)?;
-    let chain = CertificateDer::pem_slice_iter(&chain_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err("tls.cert", format!("{}: bad PEM: {e}", tls.cert.display())))?;
-    if chain.is_empty() {
-        return Err(err(
-            "tls.cert",
-            format!("{} holds no CERTIFICATE block", tls.cert.display()),
-        ));
-    }
-    let key_pem = zeroize::Zeroizing::new(read("tls.key", &tls.key)?);
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        err(
-            "tls.key",
-            format!("{}: no usable private key: {e}", tls.key.display()),
-        )
-    })?;
+    let (chain, key) = read_identity(&tls.cert, &tls.key, config_file)?;
 
     let mut roots = RootCertStore::empty();
     for path in &tls.client_cas {
@@ -137,31 +115,120 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         .build()
         .map_err(|e| err("tls.crls", format!("cannot build the client verifier: {e}")))?;
 
-    let versions: &[&'static rustls::SupportedProtocolVersion] = match tls.min_version {
-        TlsVersion::Tls13 => &[&rustls::version::TLS13],
-        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
-    };
     let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(versions)
+        .with_protocol_versions(versions(tls.min_version))
         .map_err(|e| err("tls.min_version", e.to_string()))?
         .with_client_cert_verifier(client_verifier.clone())
         .with_single_cert(chain, key)
-        .map_err(|e| {
-            err(
-                "tls.key",
-                format!(
-                    "{} does not go with the certificate in {}: {e}",
-                    tls.key.display(),
-                    tls.cert.display()
-                ),
-            )
-        })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+        .map_err(|e| mismatch(&tls.cert, &tls.key, config_file, &e))?;
+    finish(&mut config);
     Ok(TlsMaterial {
         server_config: Arc::new(config),
         client_verifier,
+    })
+}
+
+/// The server configuration of a listener that asks for no client
+/// certificate (a witness's, which anyone may call): the same provider,
+/// versions, ALPN and no-resumption choices as the API's.
+///
+/// # Errors
+/// [`ConfigError`] naming `tls.cert` or `tls.key`, with `config_file` as
+/// the file.
+pub fn load_public(
+    tls: &crate::config::PublicTlsSettings,
+    config_file: &Path,
+) -> Result<Arc<ServerConfig>, ConfigError> {
+    let (chain, key) = read_identity(&tls.cert, &tls.key, config_file)?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions(tls.min_version))
+        .map_err(|e| ConfigError {
+            file: config_file.to_path_buf(),
+            field: "tls.min_version".into(),
+            reason: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| mismatch(&tls.cert, &tls.key, config_file, &e))?;
+    finish(&mut config);
+    Ok(Arc::new(config))
+}
+
+fn versions(min: TlsVersion) -> &'static [&'static rustls::SupportedProtocolVersion] {
+    static TLS13: [&rustls::SupportedProtocolVersion; 1] = [&rustls::version::TLS13];
+    static TLS12: [&rustls::SupportedProtocolVersion; 2] =
+        [&rustls::version::TLS13, &rustls::version::TLS12];
+    match min {
+        TlsVersion::Tls13 => &TLS13,
+        TlsVersion::Tls12 => &TLS12,
+    }
+}
+
+/// HTTP/1.1 only, and no session resumption (see the module comment).
+fn finish(config: &mut ServerConfig) {
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
+fn mismatch(cert: &Path, key: &Path, config_file: &Path, e: &rustls::Error) -> ConfigError {
+    ConfigError {
+        file: config_file.to_path_buf(),
+        field: "tls.key".into(),
+        reason: format!(
+            "{} does not go with the certificate in {}: {e}",
+            key.display(),
+            cert.display()
+        ),
+    }
+}
+
+/// Reads the server certificate chain (`tls.cert`) and its private key
+/// (`tls.key`).
+fn read_identity(
+    cert: &Path,
+    key: &Path,
+    config_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), ConfigError> {
+    let err = |field: &str, reason: String| file_error(config_file, field, reason);
+    let read = |field: &str, path: &Path| read_file(config_file, field, path);
+    let chain_pem = read("tls.cert", cert)?;
+    let chain = CertificateDer::pem_slice_iter(&chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| err("tls.cert", format!("{}: bad PEM: {e}", cert.display())))?;
+    if chain.is_empty() {
+        return Err(err(
+            "tls.cert",
+            format!("{} holds no CERTIFICATE block", cert.display()),
+        ));
+    }
+    let key_pem = zeroize::Zeroizing::new(read("tls.key", key)?);
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        err(
+            "tls.key",
+            format!("{}: no usable private key: {e}", key.display()),
+        )
+    })?;
+    Ok((chain, private))
+}
+
+/// A [`ConfigError`] on `field` of `config_file`.
+fn file_error(config_file: &Path, field: &str, reason: String) -> ConfigError {
+    ConfigError {
+        file: config_file.to_path_buf(),
+        field: field.into(),
+        reason,
+    }
+}
+
+/// Reads the file that `field` names.
+fn read_file(config_file: &Path, field: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| {
+        file_error(
+            config_file,
+            field,
+            format!("cannot read {}: {e}", path.display()),
+        )
     })
 }
 

@@ -32,7 +32,7 @@ use hyper::body::Bytes;
 
 use super::witness::{verify_cosignatures, AddCheckpoint, CosignerKey};
 use crate::cli::https::{Endpoint, Limits};
-use crate::config::{WitnessEndpoint, WitnessSettings};
+use crate::config::{WitnessClientSettings, WitnessEndpoint};
 use crate::metrics::Metrics;
 use crate::store::{AuditStore, Cosignature, StoreError};
 
@@ -76,7 +76,7 @@ pub enum WaitError {
 /// The witnesses of one daemon: settings, the submitters' wake-up, and the
 /// waiters' wake-up.
 pub struct Witnessing {
-    settings: WitnessSettings,
+    settings: WitnessClientSettings,
     store: Arc<dyn AuditStore>,
     metrics: Option<Arc<Metrics>>,
     /// The newest size this process signed: wakes the submitters.
@@ -96,7 +96,7 @@ impl std::fmt::Debug for Witnessing {
 impl Witnessing {
     /// The witnessing of `store`'s log under `settings`.
     pub fn new(
-        settings: WitnessSettings,
+        settings: WitnessClientSettings,
         store: Arc<dyn AuditStore>,
         metrics: Option<Arc<Metrics>>,
     ) -> Self {
@@ -110,7 +110,7 @@ impl Witnessing {
     }
 
     /// The settings.
-    pub fn settings(&self) -> &WitnessSettings {
+    pub fn settings(&self) -> &WitnessClientSettings {
         &self.settings
     }
 
@@ -679,10 +679,10 @@ mod tests {
         witnesses: &[(&str, &CosignerKey)],
         policy: &str,
         ca: &crate::dev::pki::DevCa,
-    ) -> WitnessSettings {
+    ) -> WitnessClientSettings {
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, &ca.ca.cert_pem).unwrap();
-        WitnessSettings {
+        WitnessClientSettings {
             witnesses: witnesses
                 .iter()
                 .map(|(url, key)| WitnessEndpoint {

@@ -1,6 +1,6 @@
 //! The `lavd` command line: one subcommand family per role that uses it
 //! (operators: `serve`, `keys`; providers: `seal`; authorities: `warrant`;
-//! agencies: `open`; auditors: `audit`).
+//! agencies: `open`; auditors: `audit`; oversight bodies: `witness`).
 
 pub mod audit;
 pub mod https;
@@ -11,6 +11,7 @@ pub mod seal;
 pub mod serve;
 pub mod store;
 pub mod warrant;
+pub mod witness;
 
 use std::path::PathBuf;
 
@@ -50,6 +51,10 @@ pub enum Command {
     /// Store schema management (operators).
     #[command(subcommand)]
     Store(store::StoreCommand),
+    /// A C2SP tlog-witness that cosigns the log's checkpoints (oversight
+    /// bodies): `serve`, `keygen`, `vkey`.
+    #[command(subcommand)]
+    Witness(witness::WitnessCommand),
 }
 
 impl Command {
@@ -70,6 +75,8 @@ impl Command {
             Command::Warrant(cmd) => tool(|| cmd.run()),
             Command::Audit(cmd) => tool(|| cmd.run()),
             Command::Store(cmd) => tool(|| cmd.run()),
+            // `witness serve` sets up logging from its config file.
+            Command::Witness(cmd) => cmd.run(),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Connections the admin listener serves at once (probes and scrapes).
-const ADMIN_CONNECTIONS: usize = 64;
+pub(super) const ADMIN_CONNECTIONS: usize = 64;
 /// How long the admin listener may take to close after the API drained.
 const ADMIN_GRACE: Duration = Duration::from_secs(1);
 
@@ -187,7 +187,18 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
 
     notifier.stopping();
     state.start_draining();
-    let grace = startup.server.shutdown_grace;
+    drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
+    Ok(())
+}
+
+/// Stops accepting and lets in-flight requests finish within `grace` (a
+/// second signal cuts it short), then closes the admin listener.
+pub(super) async fn drain(
+    api: server::Listener,
+    admin: server::Listener,
+    grace: Duration,
+    signals: &mut Signals,
+) {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
     let drained = api
         .shutdown(async {
@@ -207,22 +218,25 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     }
     admin.shutdown(tokio::time::sleep(ADMIN_GRACE)).await;
     tracing::info!("stopped");
-    Ok(())
 }
 
-enum Event {
+/// What a signal asks for.
+pub(super) enum Event {
+    /// SIGHUP.
     Reload,
+    /// SIGTERM or SIGINT, by name.
     Stop(&'static str),
 }
 
-struct Signals {
+/// The signals a daemon handles, installed before it reports ready.
+pub(super) struct Signals {
     hangup: Signal,
     terminate: Signal,
     interrupt: Signal,
 }
 
 impl Signals {
-    fn new() -> anyhow::Result<Self> {
+    pub(super) fn new() -> anyhow::Result<Self> {
         let install = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot handle {name}"))
         };
@@ -233,7 +247,7 @@ impl Signals {
         })
     }
 
-    async fn next(&mut self) -> Event {
+    pub(super) async fn next(&mut self) -> Event {
         tokio::select! {
             _ = self.hangup.recv() => Event::Reload,
             _ = self.terminate.recv() => Event::Stop("SIGTERM"),
@@ -243,7 +257,7 @@ impl Signals {
 
     /// The name of the next SIGTERM or SIGINT (SIGHUP is ignored while
     /// stopping).
-    async fn next_stop(&mut self) -> &'static str {
+    pub(super) async fn next_stop(&mut self) -> &'static str {
         loop {
             if let Event::Stop(name) = self.next().await {
                 return name;

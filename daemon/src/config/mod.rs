@@ -12,6 +12,7 @@
 
 mod raw;
 mod server;
+mod witness;
 mod witnesses;
 
 use std::cell::RefCell;
@@ -25,7 +26,9 @@ pub use raw::RawConfig;
 pub use server::{
     AdminSettings, Limits, LogFormat, LogSettings, ServerSettings, TlsSettings, TlsVersion,
 };
-pub use witnesses::{WitnessEndpoint, WitnessSettings};
+pub use witnesses::{WitnessClientSettings, WitnessEndpoint};
+
+pub use witness::{PublicTlsSettings, WitnessKeySource, WitnessSettings, WitnessedLog};
 
 use crate::api::identity::RoleMap;
 
@@ -102,7 +105,7 @@ pub struct AuditSettings {
     pub origin: String,
     /// `[[audit.witnesses]]` and the witness policy: absent when no witness
     /// is configured.
-    pub witnesses: Option<WitnessSettings>,
+    pub witnesses: Option<WitnessClientSettings>,
 }
 
 impl Settings {
@@ -111,17 +114,7 @@ impl Settings {
     /// # Errors
     /// [`ConfigError`] naming the file, field and reason.
     pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            field: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        })?;
-        let raw = RawConfig::parse(&text).map_err(|(field, reason)| ConfigError {
-            file: path.to_path_buf(),
-            field,
-            reason,
-        })?;
-        Self::from_raw(raw, path, env)
+        Self::from_raw(read_toml(path)?, path, env)
     }
 
     /// Validates a parsed config. `path` locates relative paths and names the
@@ -226,6 +219,21 @@ impl Validator<'_> {
                 other => self.err("authorities", other.to_string()),
             })
     }
+}
+
+/// Reads and parses the TOML file `path` into `T` (unknown fields refused
+/// by `T`'s serde attributes).
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        field: "(file)".into(),
+        reason: format!("cannot read: {e}"),
+    })?;
+    raw::parse_toml(&text).map_err(|(field, reason)| ConfigError {
+        file: path.to_path_buf(),
+        field,
+        reason,
+    })
 }
 
 struct Validator<'a> {

@@ -195,14 +195,21 @@ impl RawConfig {
     /// # Errors
     /// `(field, reason)` as above.
     pub fn parse(text: &str) -> Result<Self, (String, String)> {
-        toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|span| locate(text, span.start))
-                .unwrap_or_else(|| "(file)".into());
-            (field, e.message().trim().to_string())
-        })
+        parse_toml(text)
     }
+}
+
+/// Parses TOML into `T`; on error `(field, reason)` as [`RawConfig::parse`].
+pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, (String, String)> {
+    toml::from_str(text).map_err(|e| {
+        let field = e
+            .span()
+            .map(|span| locate(text, span.start))
+            .unwrap_or_else(|| "(file)".into());
+        (field, e.message().trim().to_string())
+    })
 }
 
 /// `line N` plus the enclosing `[table]`, for a byte offset.

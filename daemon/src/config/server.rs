@@ -232,16 +232,7 @@ impl Validator<'_> {
                  certificate that chains to one",
             ));
         }
-        let min_version = match raw.min_version.as_deref() {
-            None | Some("1.3") => TlsVersion::Tls13,
-            Some("1.2") => TlsVersion::Tls12,
-            Some(other) => {
-                return Err(self.err(
-                    "tls.min_version",
-                    format!("{other:?} is not \"1.3\" or \"1.2\""),
-                ))
-            }
-        };
+        let min_version = self.tls_version(raw.min_version.as_deref())?;
         Ok(TlsSettings {
             cert: self.path(&raw.cert),
             key: self.path(&raw.key),
@@ -251,6 +242,18 @@ impl Validator<'_> {
             allow_unknown_revocation_status: raw.allow_unknown_revocation_status.unwrap_or(false),
             enforce_crl_expiry: raw.enforce_crl_expiry.unwrap_or(true),
         })
+    }
+
+    /// `tls.min_version`: `"1.3"` (the default) or `"1.2"`.
+    pub(super) fn tls_version(&self, raw: Option<&str>) -> Result<TlsVersion, ConfigError> {
+        match raw {
+            None | Some("1.3") => Ok(TlsVersion::Tls13),
+            Some("1.2") => Ok(TlsVersion::Tls12),
+            Some(other) => Err(self.err(
+                "tls.min_version",
+                format!("{other:?} is not \"1.3\" or \"1.2\""),
+            )),
+        }
     }
 
     pub(super) fn roles(&self, raw: BTreeMap<String, Vec<String>>) -> Result<RoleMap, ConfigError> {

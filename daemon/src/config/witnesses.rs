@@ -33,7 +33,7 @@ pub struct WitnessEndpoint {
 
 /// The validated witness configuration.
 #[derive(Debug, Clone)]
-pub struct WitnessSettings {
+pub struct WitnessClientSettings {
     /// Every configured witness, in file order.
     pub witnesses: Vec<WitnessEndpoint>,
     /// The policy file's path.
@@ -51,7 +51,7 @@ pub struct WitnessSettings {
     pub request_timeout: Duration,
 }
 
-impl PartialEq for WitnessSettings {
+impl PartialEq for WitnessClientSettings {
     fn eq(&self, other: &Self) -> bool {
         self.witnesses == other.witnesses
             && self.policy_file == other.policy_file
@@ -62,10 +62,13 @@ impl PartialEq for WitnessSettings {
     }
 }
 
-impl Eq for WitnessSettings {}
+impl Eq for WitnessClientSettings {}
 
 impl Validator<'_> {
-    pub(super) fn witnesses(&self, raw: &RawAudit) -> Result<Option<WitnessSettings>, ConfigError> {
+    pub(super) fn witnesses(
+        &self,
+        raw: &RawAudit,
+    ) -> Result<Option<WitnessClientSettings>, ConfigError> {
         let Some(policy_path) = &raw.witness_policy else {
             if let Some(first) = raw.witnesses.first() {
                 return Err(self.err(
@@ -187,7 +190,7 @@ impl Validator<'_> {
             }
             Ok(Duration::from_secs(s))
         };
-        Ok(Some(WitnessSettings {
+        Ok(Some(WitnessClientSettings {
             witnesses,
             policy_file,
             policy: Arc::new(policy),

@@ -1,5 +1,5 @@
-//! The witness side of C2SP `tlog-witness`: what `lavd witness serve` (not
-//! built yet, issue 12) will run for each `add-checkpoint`. It keeps, per
+//! The witness side of C2SP `tlog-witness`: what `lavd witness serve` runs
+//! for each `add-checkpoint` ([`serve`] is its HTTP side). It keeps, per
 //! log origin, the size and root it last cosigned, in SQLite, and records a
 //! new checkpoint and cosigns it in one transaction that re-reads the
 //! recorded state under SQLite's write lock: a compare-and-swap, so two
@@ -9,6 +9,8 @@
 //! Trust: the request is untrusted; the checks are
 //! [`crate::audit::witness::check_add_checkpoint`]. The store file is
 //! trusted for the witness's own history.
+
+pub mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -81,6 +83,22 @@ impl WitnessState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         read(&conn, origin).map_err(|source| self.err(source))
+    }
+
+    /// Reads the state file (the readiness check).
+    ///
+    /// # Errors
+    /// [`StateError`].
+    pub fn check(&self) -> Result<(), StateError> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        conn.query_row("SELECT count(*) FROM cosigned", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .map(|_| ())
+        .map_err(|e| self.err(e))
     }
 
     fn err(&self, source: rusqlite::Error) -> StateError {

@@ -1,0 +1,233 @@
+//! `lavd witness …`: a C2SP tlog-witness for an oversight body to run
+//! beside (never inside) the log operator's infrastructure.
+//!
+//! - `serve`: config (a bad file exits 64) → logging → key (the HSM token,
+//!   logged in, holding it) → state file → listeners (witness over TLS,
+//!   admin plain HTTP) → `READY=1` → SIGTERM/SIGINT → `STOPPING=1`, finish
+//!   in-flight requests within `server.shutdown_grace_secs` → exit 0.
+//! - `keygen`: makes the witness's Ed25519 key on its token (sign only,
+//!   non-extractable, as lavd's audit key) and prints its vkey.
+//! - `vkey`: prints the vkey of the configured key, for log operators'
+//!   `[[audit.witnesses]]` and verifiers' policies.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+
+use super::notify::Notifier;
+use super::serve::{drain, Event, Signals, ADMIN_CONNECTIONS};
+use crate::api::{pipeline, server, Timeouts};
+use crate::audit::witness::CosignerKey;
+use crate::config::{ConfigError, ProcessEnv, WitnessKeySource, WitnessSettings};
+use crate::hsm::Hsm;
+use crate::witness::serve::{self as witness_serve, Signer, Witness};
+use crate::witness::WitnessState;
+
+/// The default config path of `lavd witness`.
+pub const DEFAULT_WITNESS_CONFIG: &str = "/etc/lavd/witness.toml";
+
+/// `lavd witness` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum WitnessCommand {
+    /// Run the witness: `POST /add-checkpoint` over TLS and the admin
+    /// listener, until SIGTERM or SIGINT.
+    Serve(WitnessConfigArg),
+    /// Generate the witness's Ed25519 key in its HSM token and print its
+    /// cosignature/v1 vkey.
+    Keygen(WitnessConfigArg),
+    /// Print the witness's cosignature/v1 vkey.
+    Vkey(WitnessConfigArg),
+}
+
+/// `--config FILE` of `lavd witness`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WitnessConfigArg {
+    /// The witness's config file.
+    #[arg(long, value_name = "FILE", default_value = DEFAULT_WITNESS_CONFIG)]
+    pub config: PathBuf,
+}
+
+impl WitnessCommand {
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// [`ConfigError`] (exit 64) for a bad config, key file or TLS file; an
+    /// HSM, state or listen error otherwise.
+    pub fn run(self) -> anyhow::Result<()> {
+        match self {
+            WitnessCommand::Serve(args) => serve(&args.config),
+            WitnessCommand::Keygen(args) => {
+                super::init_logging(&crate::config::LogSettings::default());
+                let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
+                let WitnessKeySource::Hsm { hsm, label } = settings.key else {
+                    return Err(ConfigError {
+                        file: settings.file,
+                        field: "key_file".into(),
+                        reason: "keygen makes a key in the [hsm] token; a dev key file is made \
+                                 by hand (32 random bytes, hex)"
+                            .into(),
+                    }
+                    .into());
+                };
+                let hsm = Hsm::open(hsm)?;
+                let info = hsm
+                    .generate_audit_key(&label)
+                    .context("generating the witness key")?;
+                println!("{}", CosignerKey::new(&settings.name, info.public.bytes())?);
+                Ok(())
+            }
+            WitnessCommand::Vkey(args) => {
+                super::init_logging(&crate::config::LogSettings::default());
+                let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
+                let signer = signer(settings.key, &settings.file)?;
+                println!(
+                    "{}",
+                    CosignerKey::new(&settings.name, &signer.public_key()?)?
+                );
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Opens the key the config names.
+fn signer(key: WitnessKeySource, file: &Path) -> anyhow::Result<Signer> {
+    match key {
+        WitnessKeySource::Hsm { hsm, label } => {
+            let hsm = Hsm::open(hsm)?;
+            let signer = Signer::Hsm { hsm, label };
+            signer
+                .public_key()
+                .context("the witness key (run `lavd witness keygen` first)")?;
+            Ok(signer)
+        }
+        WitnessKeySource::DevFile(path) => {
+            let bad = |reason: String| ConfigError {
+                file: file.to_path_buf(),
+                field: "key_file".into(),
+                reason,
+            };
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?,
+            );
+            let mut seed = zeroize::Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(text.trim(), seed.as_mut_slice()).map_err(|_| {
+                bad(format!(
+                    "{} must hold a 32-byte Ed25519 seed in hex (64 characters)",
+                    path.display()
+                ))
+            })?;
+            let pair = aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(seed.as_slice())
+                .map_err(|e| bad(format!("{}: not an Ed25519 seed: {e}", path.display())))?;
+            Ok(Signer::Dev(pair))
+        }
+    }
+}
+
+fn serve(config: &Path) -> anyhow::Result<()> {
+    let settings = WitnessSettings::load(config, &ProcessEnv)?;
+    let tls = crate::api::tls::load_public(settings.require_tls()?, &settings.file)?;
+    super::init_logging(&settings.log);
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
+    if matches!(settings.key, WitnessKeySource::DevFile(_)) {
+        tracing::warn!("dev = true: the witness key is in a file; never run a witness like this");
+    }
+    let signer = signer(settings.key, &settings.file)?;
+    let state = WitnessState::open(&settings.state)?;
+    let witness = Arc::new(Witness::new(
+        &settings.name,
+        signer,
+        state,
+        settings.logs,
+        settings.limits.clone(),
+    )?);
+    tracing::info!(vkey = %witness.key(), "witness key");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lavd-witness")
+        .max_blocking_threads(settings.server.blocking_threads)
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(
+        witness,
+        tls,
+        &settings.server,
+        &settings.admin,
+        &settings.limits,
+        Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
+    ))
+}
+
+async fn run(
+    witness: Arc<Witness>,
+    tls: Arc<rustls::ServerConfig>,
+    server_settings: &crate::config::ServerSettings,
+    admin_settings: &crate::config::AdminSettings,
+    limits: &crate::config::Limits,
+    notifier: Notifier,
+) -> anyhow::Result<()> {
+    let mut signals = Signals::new()?;
+    let timeouts = Timeouts {
+        handshake: limits.handshake_timeout,
+        header_read: limits.header_read_timeout,
+        idle: limits.idle_timeout,
+    };
+    let handler: server::PublicHandler = {
+        let witness = witness.clone();
+        Arc::new(move |req, remote, activity| {
+            Box::pin(witness_serve::handle(
+                witness.clone(),
+                req,
+                remote,
+                activity,
+            ))
+        })
+    };
+    let listener = server::serve_public_tls(
+        server_settings.listen,
+        limits.max_connections,
+        timeouts,
+        limits.max_header_bytes,
+        tls,
+        handler,
+    )
+    .await?;
+    let admin = server::serve_plain(
+        admin_settings.listen,
+        ADMIN_CONNECTIONS,
+        timeouts,
+        pipeline::router(witness_serve::admin_routes(witness.clone())),
+    )
+    .await?;
+    // `api=` and `admin=` as `lavd serve` writes them, for the same tools.
+    let status = format!(
+        "serving witness api={} admin={}",
+        listener.local_addr(),
+        admin.local_addr()
+    );
+    tracing::info!(api = %listener.local_addr(), admin = %admin.local_addr(), "serving");
+    notifier.ready(&status);
+    let name = loop {
+        match signals.next().await {
+            Event::Reload => {
+                tracing::warn!("SIGHUP: the witness reloads nothing; restart it to apply a change");
+            }
+            Event::Stop(name) => break name,
+        }
+    };
+    tracing::info!(signal = name, "stopping");
+    notifier.stopping();
+    witness.start_draining();
+    drain(
+        listener,
+        admin,
+        server_settings.shutdown_grace,
+        &mut signals,
+    )
+    .await;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! The config file of `lavd witness serve`: its own small TOML file, parsed
+//! and validated like lavd's (unknown keys refused, relative paths against
+//! the file, exit 64 naming file, field and reason), reusing lavd's
+//! `[hsm]`, `[server]`, `[admin]`, `[limits]` and `[log]` tables and their
+//! checks.
+//!
+//! ```toml
+//! name = "witness.example.org/w1"   # the cosigner key name
+//! state = "witness.db"              # SQLite: what it last cosigned, per log
+//! key_label = "lav-witness"         # its Ed25519 key on the [hsm] token
+//! [server]  listen, shutdown_grace_secs
+//! [tls]     cert, key, min_version  (server-only TLS: no client certificates)
+//! [admin]   listen                  (/healthz, /readyz, /metrics)
+//! [limits]  max_body_bytes, rate_limit_per_second, rate_limit_burst, …
+//! [hsm]     as lavd's
+//! [[logs]]  origin, vkey            (each log it witnesses)
+//! ```
+//!
+//! `dev = true` with `key_file` (a hex Ed25519 seed) replaces `[hsm]`;
+//! without `dev = true` a key file is refused.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use super::raw::{RawAdmin, RawHsm, RawLimits, RawLog, RawServer};
+use super::{
+    AdminSettings, ConfigError, Env, Limits, LogSettings, ServerSettings, TlsVersion, Validator,
+};
+use crate::audit::note::VerifierKey;
+use crate::hsm::HsmSettings;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWitnessConfig {
+    name: String,
+    state: PathBuf,
+    #[serde(default)]
+    dev: bool,
+    key_file: Option<PathBuf>,
+    key_label: Option<String>,
+    hsm: Option<RawHsm>,
+    #[serde(default)]
+    server: RawServer,
+    tls: Option<RawPublicTls>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    limits: RawLimits,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    logs: Vec<RawWitnessedLog>,
+}
+
+/// `[tls]` of a listener without client certificates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPublicTls {
+    cert: PathBuf,
+    key: PathBuf,
+    min_version: Option<String>,
+}
+
+/// `[[logs]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWitnessedLog {
+    origin: String,
+    vkey: String,
+}
+
+/// The server certificate of a listener that asks for no client
+/// certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicTlsSettings {
+    /// PEM chain, leaf first (`tls.cert`).
+    pub cert: PathBuf,
+    /// PEM private key (`tls.key`).
+    pub key: PathBuf,
+    /// `tls.min_version`, `"1.3"` (default) or `"1.2"`.
+    pub min_version: TlsVersion,
+}
+
+/// Where the witness's signing key is.
+#[derive(Debug)]
+pub enum WitnessKeySource {
+    /// An Ed25519 key pair labelled `label` on the `[hsm]` token.
+    Hsm {
+        /// The token.
+        hsm: HsmSettings,
+        /// `key_label`.
+        label: String,
+    },
+    /// A hex Ed25519 seed in a file (`dev = true` only).
+    DevFile(PathBuf),
+}
+
+/// One log the witness cosigns: its origin and a key it trusts for it.
+#[derive(Debug, Clone)]
+pub struct WitnessedLog {
+    /// The checkpoint origin line.
+    pub origin: String,
+    /// The log's signed-note verifier key.
+    pub key: VerifierKey,
+}
+
+/// Validated `lavd witness serve` settings.
+#[derive(Debug)]
+pub struct WitnessSettings {
+    /// The file these came from.
+    pub file: PathBuf,
+    /// The cosigner key name.
+    pub name: String,
+    /// The SQLite state file.
+    pub state: PathBuf,
+    /// The signing key.
+    pub key: WitnessKeySource,
+    /// `[server]`: the witness listener.
+    pub server: ServerSettings,
+    /// `[tls]`.
+    pub tls: Option<PublicTlsSettings>,
+    /// `[admin]`.
+    pub admin: AdminSettings,
+    /// `[limits]`.
+    pub limits: Limits,
+    /// `[log]`.
+    pub log: LogSettings,
+    /// `[[logs]]`.
+    pub logs: Vec<WitnessedLog>,
+    /// Allowed but unwise things, to log once logging is set up.
+    pub warnings: Vec<String>,
+}
+
+impl WitnessSettings {
+    /// Reads and validates `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file, field and reason.
+    pub fn load(path: &Path, env: &dyn Env) -> Result<Self, ConfigError> {
+        let raw: RawWitnessConfig = super::read_toml(path)?;
+        let v = Validator {
+            file: path,
+            base: path.parent().unwrap_or(Path::new(".")),
+            warnings: std::cell::RefCell::new(Vec::new()),
+        };
+        crate::audit::note::check_name(&raw.name).map_err(|e| v.err("name", e.to_string()))?;
+        let key = match (raw.dev, raw.key_file, raw.hsm) {
+            (_, Some(_), Some(_)) => {
+                return Err(v.err("key_file", "set key_file (dev only) or [hsm], not both"))
+            }
+            (false, Some(_), None) => {
+                return Err(v.err(
+                    "key_file",
+                    "a witness key in a file is allowed only with dev = true: a production \
+                     witness keeps its key in an HSM ([hsm] and key_label)",
+                ))
+            }
+            (true, Some(file), None) => {
+                if raw.key_label.is_some() {
+                    return Err(v.err("key_label", "names a key in [hsm]; unused with key_file"));
+                }
+                WitnessKeySource::DevFile(v.path(&file))
+            }
+            (_, None, Some(hsm)) => WitnessKeySource::Hsm {
+                hsm: v.hsm(hsm, env)?,
+                label: v.nonempty(
+                    "key_label",
+                    raw.key_label.unwrap_or_else(|| "lav-witness".into()),
+                )?,
+            },
+            (_, None, None) => {
+                return Err(v.err(
+                    "hsm",
+                    "the witness key: set [hsm] (and key_label), or key_file with dev = true",
+                ))
+            }
+        };
+        let tls = raw.tls.map(|t| v.public_tls(t)).transpose()?;
+        let server = v.server(raw.server)?;
+        let admin = v.admin(raw.admin)?;
+        if server.listen == admin.listen && server.listen.port() != 0 {
+            return Err(v.err(
+                "admin.listen",
+                "must differ from server.listen: the admin listener is plain HTTP",
+            ));
+        }
+        let mut logs = Vec::new();
+        for (i, log) in raw.logs.into_iter().enumerate() {
+            let field = |f: &str| format!("logs[{i}].{f}");
+            if log.origin.is_empty()
+                || log
+                    .origin
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control())
+            {
+                return Err(v.err(
+                    &field("origin"),
+                    "must be a non-empty name without spaces, as in the log's checkpoints",
+                ));
+            }
+            let key = VerifierKey::parse(&log.vkey)
+                .map_err(|e| v.err(&field("vkey"), format!("not a signed-note vkey: {e}")))?;
+            logs.push(WitnessedLog {
+                origin: log.origin,
+                key,
+            });
+        }
+        if logs.is_empty() {
+            return Err(v.err("logs", "list at least one [[logs]] entry (origin, vkey)"));
+        }
+        Ok(WitnessSettings {
+            file: path.to_path_buf(),
+            name: raw.name,
+            state: v.path(&raw.state),
+            key,
+            server,
+            tls,
+            admin,
+            limits: v.limits(raw.limits)?,
+            log: v.log(raw.log)?,
+            logs,
+            warnings: v.warnings.into_inner(),
+        })
+    }
+
+    /// The `[tls]` table, which `lavd witness serve` needs.
+    ///
+    /// # Errors
+    /// [`ConfigError`] on field `tls` when the table is absent.
+    pub fn require_tls(&self) -> Result<&PublicTlsSettings, ConfigError> {
+        self.tls.as_ref().ok_or_else(|| ConfigError {
+            file: self.file.clone(),
+            field: "tls".into(),
+            reason: "lavd witness serve needs a [tls] table with cert and key".into(),
+        })
+    }
+}
+
+impl Validator<'_> {
+    fn public_tls(&self, raw: RawPublicTls) -> Result<PublicTlsSettings, ConfigError> {
+        Ok(PublicTlsSettings {
+            cert: self.path(&raw.cert),
+            key: self.path(&raw.key),
+            min_version: self.tls_version(raw.min_version.as_deref())?,
+        })
+    }
+}

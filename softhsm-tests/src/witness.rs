@@ -1,0 +1,213 @@
+//! The parties of the witness tests: a real `lavd serve` whose unwraps make
+//! real, log-signed checkpoints (with consistency proofs from its own API),
+//! and real `lavd witness serve` processes on their own SoftHSM tokens,
+//! over TLS without client certificates.
+
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine as _;
+use time::OffsetDateTime;
+
+use crate::server::{path_str, serve_config, Client, Daemon, Pki, Response};
+use crate::vault::{self, Clients, Parties, TARGET};
+use crate::{assert_ok, module_path, TestToken};
+
+/// A running lavd log and the parties that drive it.
+pub struct Log {
+    /// The log's token and working directory.
+    pub t: TestToken,
+    /// Its certificates.
+    pub pki: Pki,
+    /// `lavd serve`.
+    pub daemon: Daemon,
+    /// Its clients.
+    pub c: Clients,
+    /// The log's signed-note verifier key.
+    pub vkey: String,
+    /// The checkpoints' origin.
+    pub origin: String,
+    warrant: serde_json::Value,
+    escrow: lavd::jwk::P256PublicKey,
+}
+
+impl Log {
+    /// Starts `lavd serve` with one escrow key and a warrant for 1000
+    /// unwraps.
+    pub fn start() -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        t.write_config(&serve_config(&vault::roles_toml()));
+        vault::generate_escrow_key(&t, "E-1");
+        let daemon = Daemon::start(&t);
+        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        let escrow = vault::published_key(&c.provider, "E-1");
+        let warrant = vault::double_lock(&vault::claims(
+            "WITNESSED-1",
+            vault::recipient().public(),
+            1000,
+        ));
+        let vkey = vault::verifier_key(&c.auditor);
+        let origin = vkey.split('+').next().expect("vkey name").to_string();
+        Log {
+            t,
+            pki,
+            daemon,
+            c,
+            vkey,
+            origin,
+            warrant,
+            escrow,
+        }
+    }
+
+    /// One unwrap (one leaf); returns the checkpoint of its reply.
+    pub fn unwrap(&self, n: u32) -> String {
+        let envelope = vault::seal(
+            &self.escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("w{n}"),
+            &[7; 32],
+        );
+        let r = vault::post(
+            &self.c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": self.warrant, "envelopes": [envelope]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["audit"]["checkpoint"]
+            .as_str()
+            .expect("checkpoint in the reply")
+            .to_string()
+    }
+
+    /// The log's consistency proof from `from` to `to`, as the standard
+    /// base64 lines of an add-checkpoint body.
+    pub fn proof(&self, from: u64, to: u64) -> Vec<String> {
+        if from == 0 {
+            return Vec::new();
+        }
+        let r = self
+            .c
+            .auditor
+            .get(&format!("/v1/audit/proof/consistency?from={from}&to={to}"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["proof"]
+            .as_array()
+            .expect("proof")
+            .iter()
+            .map(|h| {
+                STANDARD.encode(
+                    URL_SAFE_NO_PAD
+                        .decode(h.as_str().expect("hash"))
+                        .expect("base64url"),
+                )
+            })
+            .collect()
+    }
+
+    /// The add-checkpoint body for `checkpoint` from `old`, with the log's
+    /// own proof.
+    pub fn body(&self, old: u64, checkpoint: &str) -> String {
+        body(old, &self.proof(old, size(checkpoint)), checkpoint)
+    }
+}
+
+/// An add-checkpoint body (C2SP tlog-witness): the old size line, the
+/// proof lines, an empty line, the checkpoint.
+pub fn body(old: u64, proof: &[String], checkpoint: &str) -> String {
+    let mut text = format!("old {old}\n");
+    for line in proof {
+        text.push_str(line);
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(checkpoint);
+    text
+}
+
+/// The tree size line of a checkpoint.
+pub fn size(checkpoint: &str) -> u64 {
+    checkpoint
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .expect("checkpoint size line")
+}
+
+/// A `lavd witness serve` process on its own token.
+pub struct Witness {
+    /// The witness's token and working directory.
+    pub t: TestToken,
+    /// Its server certificate.
+    pub pki: Pki,
+    /// The process (`api` is the witness listener).
+    pub daemon: Daemon,
+    /// Its cosignature/v1 vkey, as `lavd witness keygen` printed it.
+    pub vkey: String,
+    /// Its name.
+    pub name: String,
+    /// Its config file.
+    pub config: PathBuf,
+}
+
+impl Witness {
+    /// Makes a token, a key (`lavd witness keygen`) and a config
+    /// witnessing `log` (origin and vkey) with `extra` appended (a
+    /// `[limits]` table, say), and starts `lavd witness serve`.
+    pub fn start(name: &str, origin: &str, log_vkey: &str, extra: &str) -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let config = t.path("witness.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "name = {name:?}\nstate = \"witness.db\"\nkey_label = \"lav-witness\"\n\n\
+                 [server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace_secs = 10\n\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
+                 [hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 2\n\n\
+                 [[logs]]\norigin = {origin:?}\nvkey = {log_vkey:?}\n\n{extra}",
+                path_str(&module_path()),
+                t.label
+            ),
+        )
+        .expect("witness.toml");
+        let vkey = assert_ok(&t.lavd(&["witness", "keygen", "--config", &path_str(&config)]))
+            .trim()
+            .to_string();
+        let daemon = Daemon::start_witness(&t, &config, "witness");
+        Witness {
+            t,
+            pki,
+            daemon,
+            vkey,
+            name: name.to_string(),
+            config,
+        }
+    }
+
+    /// A client of the witness listener (no client certificate).
+    pub fn client(&self) -> Client {
+        self.pki.client(self.daemon.api, None)
+    }
+
+    /// `POST /add-checkpoint` with `body`.
+    pub fn add(&self, body: &str) -> Response {
+        self.client()
+            .request("POST", "/add-checkpoint", Some(body.as_bytes()))
+            .expect("add-checkpoint")
+    }
+
+    /// Stops the process (SIGTERM: `STOPPING=1`, exit 0) and starts it again on the same
+    /// config, key and state file.
+    pub fn restart(&mut self) {
+        self.daemon.signal(rustix::process::Signal::TERM);
+        self.daemon.expect_notify("STOPPING=1");
+        let status = self.daemon.wait_exit(std::time::Duration::from_secs(30));
+        assert!(status.success(), "{status:?}: {}", self.daemon.stderr());
+        self.daemon = Daemon::start_witness(&self.t, &self.config, "witness");
+    }
+}

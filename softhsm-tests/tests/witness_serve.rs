@@ -1,0 +1,309 @@
+//! `lavd witness serve`: a real process, its key in a real SoftHSM token,
+//! over real TLS (no client certificate), cosigning real checkpoints of a
+//! real `lavd serve` log with the log's own consistency proofs. Each answer
+//! of C2SP tlog-witness `add-checkpoint` is asserted with its exact status,
+//! content type and body; the state survives a restart; racing clients
+//! never roll it back; the admin listener reports readiness and metrics;
+//! the rate limit answers 429; a key file outside dev mode exits 64.
+
+use lavd::audit::witness::{verify_cosignatures, CosignerKey};
+use softhsm_tests::server::{path_str, Daemon, Pki};
+use softhsm_tests::witness::{body, size, Log, Witness};
+use softhsm_tests::{assert_fails_with, TestToken};
+
+/// The cosignature a 200 answer carries verifies under the vkey
+/// `lavd witness keygen` printed, with a timestamp of about now.
+fn assert_cosigned(w: &Witness, checkpoint: &str, r: &softhsm_tests::server::Response) {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    let line = r.text();
+    assert!(line.starts_with(&format!("\u{2014} {} ", w.name)), "{line}");
+    assert!(
+        line.ends_with('\n') && line.matches('\n').count() == 1,
+        "{line:?}"
+    );
+    let key = CosignerKey::parse(&w.vkey).unwrap();
+    let times = verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Generous: the clocks are the same machine's, the bound only catches
+    // a timestamp that is not "now" at all.
+    assert!(
+        times.len() == 1 && times[0].abs_diff(now) < 600,
+        "{times:?} vs {now}"
+    );
+}
+
+fn assert_size_conflict(r: &softhsm_tests::server::Response, recorded: u64) {
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/x.tlog.size"));
+    assert_eq!(r.text(), format!("{recorded}\n"));
+}
+
+#[test]
+fn add_checkpoint_answers_every_status_of_the_spec() {
+    let log = Log::start();
+    let mut w = Witness::start("witness.test/w1", &log.origin, &log.vkey, "");
+    w.daemon.wait_readyz(200);
+    let c1 = log.unwrap(1);
+    let c2 = log.unwrap(2);
+    let c3 = log.unwrap(3);
+    let (s1, s2, s3) = (size(&c1), size(&c2), size(&c3));
+    assert!(s1 < s2 && s2 < s3);
+
+    // First sight: old 0, no proof.
+    assert_cosigned(&w, &c1, &w.add(&log.body(0, &c1)));
+    // From the recorded size, with the log's proof.
+    assert_cosigned(&w, &c2, &w.add(&log.body(s1, &c2)));
+
+    // Old size not the recorded one: 409, the recorded size as the body.
+    assert_size_conflict(&w.add(&log.body(s1, &c3)), s2);
+    assert_size_conflict(&w.add(&log.body(0, &c3)), s2);
+
+    // Old size above the checkpoint's: 400.
+    let r = w.add(&body(s3 + 1, &[], &c3));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+
+    // A proof that does not verify: 422.
+    let mut proof = log.proof(s2, s3);
+    assert!(!proof.is_empty());
+    proof[0] = {
+        use base64::Engine as _;
+        let mut h = base64::engine::general_purpose::STANDARD
+            .decode(&proof[0])
+            .unwrap();
+        h[0] ^= 1;
+        base64::engine::general_purpose::STANDARD.encode(h)
+    };
+    let r = w.add(&body(s2, &proof, &c3));
+    assert_eq!(r.status, 422, "{}", r.text());
+    // A proof from 0 must be empty.
+    let r = w.add(&body(0, &log.proof(s1, s3)[..1], &c3));
+    assert_eq!(
+        r.status,
+        409,
+        "old 0 is not the recorded size: {}",
+        r.text()
+    );
+
+    // Signed by no key trusted for the origin (the root changed under the
+    // log's signature): 403.
+    let mut forged = c3.clone();
+    let root_line = forged.lines().nth(2).unwrap().to_string();
+    let other_root = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+    };
+    forged = forged.replacen(&root_line, &other_root, 1);
+    let r = w.add(&body(s2, &log.proof(s2, s3), &forged));
+    assert_eq!(r.status, 403, "{}", r.text());
+
+    // An origin the witness does not witness: 404.
+    let other = c3.replacen(&log.origin, "other.example/log", 1);
+    let r = w.add(&body(0, &[], &other));
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+
+    // Malformed bodies: 400.
+    for bad in [
+        "".to_string(),
+        "garbage".to_string(),
+        format!("old 01\n\n{c3}"),
+        format!("old {s2}\nnot base64!\n\n{c3}"),
+        format!("old {s2}\n{c3}"),
+    ] {
+        let r = w.add(&bad);
+        assert_eq!(r.status, 400, "{bad:?}: {}", r.text());
+    }
+
+    // The good one still goes through after all that.
+    assert_cosigned(&w, &c3, &w.add(&log.body(s2, &c3)));
+
+    // Rollback: an older checkpoint after a newer one is refused, whatever
+    // old size the client claims.
+    assert_size_conflict(&w.add(&log.body(0, &c1)), s3);
+    assert_size_conflict(&w.add(&log.body(s1, &c2)), s3);
+    let r = w.add(&body(s3, &[], &c2));
+    assert_eq!(
+        r.status,
+        400,
+        "old size above the checkpoint's: {}",
+        r.text()
+    );
+
+    // Method and path.
+    let client = w.client();
+    let r = client.request("GET", "/add-checkpoint", None).unwrap();
+    assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
+    assert_eq!(
+        client.request("POST", "/other", Some(b"x")).unwrap().status,
+        404
+    );
+
+    // Metrics: statuses, cosignatures, and the recorded size per origin.
+    let m = |series: &str| w.daemon.metric(series);
+    assert_eq!(m("lavd_witness_requests_total{status=\"200\"}"), 3.0);
+    assert_eq!(m("lavd_witness_requests_total{status=\"409\"}"), 5.0);
+    assert_eq!(m("lavd_witness_requests_total{status=\"422\"}"), 1.0);
+    assert_eq!(m("lavd_witness_requests_total{status=\"403\"}"), 1.0);
+    assert_eq!(
+        m(&format!(
+            "lavd_witness_cosignatures_total{{origin=\"{}\"}}",
+            log.origin
+        )),
+        3.0
+    );
+    assert_eq!(
+        m(&format!(
+            "lavd_witness_recorded_size{{origin=\"{}\"}}",
+            log.origin
+        )),
+        s3 as f64
+    );
+    let ready = w.daemon.admin_get("/readyz");
+    assert_eq!(ready.status, 200);
+    assert_eq!(
+        ready.json(),
+        serde_json::json!({"ready": true, "key": true, "state": true, "draining": false})
+    );
+    assert_eq!(w.daemon.admin_get("/healthz").status, 200);
+
+    // The state survives a restart (SIGTERM: STOPPING=1, exit 0).
+    w.restart();
+    assert_eq!(
+        w.daemon.metric(&format!(
+            "lavd_witness_recorded_size{{origin=\"{}\"}}",
+            log.origin
+        )),
+        s3 as f64
+    );
+    assert_size_conflict(&w.add(&log.body(s2, &c3)), s3);
+    let c4 = log.unwrap(4);
+    assert_cosigned(&w, &c4, &w.add(&log.body(s3, &c4)));
+}
+
+/// Many clients race add-checkpoints of growing real checkpoints, each
+/// from the size it last learned: every cosignature chains from the size
+/// recorded just before it, and the recorded size never goes back.
+#[test]
+fn racing_add_checkpoints_never_roll_the_witness_back() {
+    let log = Log::start();
+    let w = Witness::start(
+        "witness.test/race",
+        &log.origin,
+        &log.vkey,
+        "[limits]\nrate_limit_per_second = 10000\nrate_limit_burst = 10000\n",
+    );
+    let checkpoints: Vec<String> = (0..12).map(|i| log.unwrap(i)).collect();
+    let cosigned = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for task in 0..8usize {
+            let (log, w, checkpoints, cosigned) = (&log, &w, &checkpoints, &cosigned);
+            s.spawn(move || {
+                let mut known = 0u64;
+                for round in 0..12usize {
+                    let checkpoint = &checkpoints[(task * 5 + round * 7) % checkpoints.len()];
+                    let to = size(checkpoint);
+                    if known > to {
+                        continue;
+                    }
+                    let r = w.add(&log.body(known, checkpoint));
+                    match r.status {
+                        200 => {
+                            let key = CosignerKey::parse(&w.vkey).unwrap();
+                            let line = r.text();
+                            verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap();
+                            cosigned.lock().unwrap().push((known, to));
+                            known = to;
+                        }
+                        409 => known = r.text().trim().parse().unwrap(),
+                        other => panic!("{other}: {}", r.text()),
+                    }
+                }
+            });
+        }
+    });
+    let cosigned = cosigned.into_inner().unwrap();
+    assert!(cosigned.len() >= 2, "{cosigned:?}");
+    // Replayed in order, every cosignature starts where the last ended.
+    let mut recorded = 0;
+    let mut chain = cosigned.clone();
+    while let Some(i) = chain.iter().position(|(old, _)| *old == recorded) {
+        let (_, to) = chain.remove(i);
+        assert!(to >= recorded);
+        recorded = to;
+    }
+    assert!(
+        chain.is_empty(),
+        "unchained cosignatures: {chain:?} of {cosigned:?}"
+    );
+    assert_eq!(
+        w.daemon.metric(&format!(
+            "lavd_witness_recorded_size{{origin=\"{}\"}}",
+            log.origin
+        )),
+        recorded as f64
+    );
+}
+
+/// A key file is refused outside dev mode (exit 64, naming the field); in
+/// dev mode it serves, and a client over its per-IP rate gets 429.
+#[test]
+fn dev_key_files_and_the_rate_limit() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    std::fs::write(t.path("witness.seed"), hex::encode([5u8; 32])).unwrap();
+    let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let log_vkey =
+        lavd::audit::note::verifier_key("log.test/a", sk.verifying_key().as_bytes()).unwrap();
+    let config = |dev: bool| {
+        format!(
+            "name = \"witness.test/dev\"\nstate = \"witness.db\"\n{}key_file = \"witness.seed\"\n\n\
+             [server]\nlisten = \"127.0.0.1:0\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n\n\
+             [limits]\nrate_limit_per_second = 0.1\nrate_limit_burst = 3\n\n\
+             [[logs]]\norigin = \"log.test/a\"\nvkey = {log_vkey:?}\n",
+            if dev { "dev = true\n" } else { "" }
+        )
+    };
+    let path = t.path("witness.toml");
+    std::fs::write(&path, config(false)).unwrap();
+    let out = t.lavd(&["witness", "serve", "--config", &path_str(&path)]);
+    let stderr = assert_fails_with(&out, 64, "bad_config");
+    assert!(
+        stderr.contains("key_file") && stderr.contains("dev = true"),
+        "{stderr}"
+    );
+
+    std::fs::write(&path, config(true)).unwrap();
+    let d = Daemon::start_witness(&t, &path, "witness");
+    assert!(d.stderr().contains("dev = true"), "{}", d.stderr());
+    let client = _pki.client(d.api, None);
+    let statuses: Vec<u16> = (0..5)
+        .map(|_| {
+            client
+                .request("POST", "/add-checkpoint", Some(b"old 0\n\nlog.test/a\n1\n"))
+                .unwrap()
+                .status
+        })
+        .collect();
+    // Three in the burst (each refused by the spec's checks: no signature
+    // line makes the note malformed), then 429 at 0.1 per second.
+    assert_eq!(statuses, [400, 400, 400, 429, 429]);
+    assert_eq!(d.metric("lavd_witness_requests_total{status=\"429\"}"), 2.0);
+    // The dev key: its vkey is the seed's.
+    let printed =
+        softhsm_tests::assert_ok(&t.lavd(&["witness", "vkey", "--config", &path_str(&path)]));
+    let expected = CosignerKey::new(
+        "witness.test/dev",
+        ed25519_dalek::SigningKey::from_bytes(&[5; 32])
+            .verifying_key()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(printed.trim(), expected.to_string());
+}
