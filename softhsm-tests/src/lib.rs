@@ -336,6 +336,19 @@ pub fn lavd_binary() -> PathBuf {
     bin
 }
 
+/// The Python of the interop venv (`target/interop-venv`, made by
+/// `.ci/setup --tests` with jwcrypto and cryptography). A missing venv fails
+/// the test with what to run; it never skips.
+pub fn interop_python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto and cryptography)",
+        python.display()
+    );
+    python
+}
+
 /// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`.
 pub fn lavd_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(lavd_binary());

@@ -400,6 +400,21 @@ impl Daemon {
         )
     }
 
+    /// Starts `lavd serve --config config` (another config on `token`,
+    /// e.g. another store) and waits for `READY=1`; `name` keeps its notify
+    /// socket and stderr apart.
+    pub fn start_config(token: &TestToken, config: &Path, name: &str) -> Self {
+        Self::spawn_process(
+            token,
+            &["serve", "--config", config.to_str().expect("utf-8")],
+            None,
+            name,
+        )
+        .unwrap_or_else(|(status, stderr)| {
+            panic!("lavd serve {name} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
     /// Starts `lavd witness serve --config config` in `token`'s working
     /// directory and waits for `READY=1`; `api` is then the witness's
     /// listener. `name` keeps its notify socket and stderr apart. On

@@ -23,6 +23,8 @@ pub struct Log {
     pub daemon: Daemon,
     /// Its clients.
     pub c: Clients,
+    /// The client certificates of the parties.
+    pub parties: Parties,
     /// The log's signed-note verifier key.
     pub vkey: String,
     /// The checkpoints' origin.
@@ -40,7 +42,8 @@ impl Log {
         t.write_config(&serve_config(&vault::roles_toml()));
         vault::generate_escrow_key(&t, "E-1");
         let daemon = Daemon::start(&t);
-        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        let parties = Parties::new(&pki);
+        let c = parties.clients(&pki, daemon.api);
         let escrow = vault::published_key(&c.provider, "E-1");
         let warrant = vault::double_lock(&vault::claims(
             "WITNESSED-1",
@@ -54,6 +57,7 @@ impl Log {
             pki,
             daemon,
             c,
+            parties,
             vkey,
             origin,
             warrant,
@@ -63,6 +67,32 @@ impl Log {
 
     /// One unwrap (one leaf); returns the checkpoint of its reply.
     pub fn unwrap(&self, n: u32) -> String {
+        self.unwrap_via(&self.c, n)
+    }
+
+    /// Stops `lavd serve` (SIGTERM, exit 0).
+    pub fn stop(&mut self) {
+        self.daemon.signal(rustix::process::Signal::TERM);
+        let status = self.daemon.wait_exit(std::time::Duration::from_secs(30));
+        assert!(status.success(), "{status:?}: {}", self.daemon.stderr());
+    }
+
+    /// Starts `lavd serve` again on its config.
+    pub fn start_again(&mut self) {
+        self.daemon = Daemon::start(&self.t);
+        self.c = self.parties.clients(&self.pki, self.daemon.api);
+    }
+
+    /// Starts another `lavd serve` on the same token with `config` (another
+    /// store, say), and its clients.
+    pub fn serve(&self, config: &std::path::Path, name: &str) -> (Daemon, Clients) {
+        let daemon = Daemon::start_config(&self.t, config, name);
+        let c = self.parties.clients(&self.pki, daemon.api);
+        (daemon, c)
+    }
+
+    /// [`Log::unwrap`] through the daemon of `c`.
+    pub fn unwrap_via(&self, c: &Clients, n: u32) -> String {
         let envelope = vault::seal(
             &self.escrow,
             "E-1",
@@ -72,7 +102,7 @@ impl Log {
             &[7; 32],
         );
         let r = vault::post(
-            &self.c.agency,
+            &c.agency,
             "/v1/unwrap",
             &serde_json::json!({"warrant": self.warrant, "envelopes": [envelope]}),
         );
@@ -86,11 +116,24 @@ impl Log {
     /// The log's consistency proof from `from` to `to`, as the standard
     /// base64 lines of an add-checkpoint body.
     pub fn proof(&self, from: u64, to: u64) -> Vec<String> {
+        proof_via(&self.c, from, to)
+    }
+
+    /// The add-checkpoint body for `checkpoint` from `old`, with the log's
+    /// own proof.
+    pub fn body(&self, old: u64, checkpoint: &str) -> String {
+        body(old, &self.proof(old, size(checkpoint)), checkpoint)
+    }
+}
+
+/// The consistency proof from `from` to `to` of the daemon of `c`, as the
+/// standard base64 lines of an add-checkpoint body (none from 0).
+pub fn proof_via(c: &Clients, from: u64, to: u64) -> Vec<String> {
+    {
         if from == 0 {
             return Vec::new();
         }
-        let r = self
-            .c
+        let r = c
             .auditor
             .get(&format!("/v1/audit/proof/consistency?from={from}&to={to}"));
         assert_eq!(r.status, 200, "{}", r.text());
@@ -106,12 +149,6 @@ impl Log {
                 )
             })
             .collect()
-    }
-
-    /// The add-checkpoint body for `checkpoint` from `old`, with the log's
-    /// own proof.
-    pub fn body(&self, old: u64, checkpoint: &str) -> String {
-        body(old, &self.proof(old, size(checkpoint)), checkpoint)
     }
 }
 
@@ -210,4 +247,102 @@ impl Witness {
         assert!(status.success(), "{status:?}: {}", self.daemon.stderr());
         self.daemon = Daemon::start_witness(&self.t, &self.config, "witness");
     }
+}
+
+/// `softhsm-tests/interop/witness.py`: the independent witness, written
+/// in Python from the C2SP texts, serving plain HTTP on loopback.
+pub struct PyWitness {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// Its cosignature/v1 vkey, as it computed it.
+    pub vkey: String,
+}
+
+impl PyWitness {
+    /// Starts it as `name`, with the Ed25519 seed `seed`, keeping its state
+    /// in `state` (JSON), witnessing `log` (origin and vkey).
+    pub fn start(
+        name: &str,
+        seed: &[u8; 32],
+        state: &std::path::Path,
+        origin: &str,
+        log_vkey: &str,
+    ) -> Self {
+        use std::io::BufRead as _;
+        let seed_file = state.with_extension("seed");
+        std::fs::write(&seed_file, hex::encode(seed)).expect("seed file");
+        let mut child = std::process::Command::new(crate::interop_python())
+            .arg(py_witness_script())
+            .args(["serve", "--name", name, "--seed-file"])
+            .arg(&seed_file)
+            .arg("--state")
+            .arg(state)
+            .arg("--log")
+            .arg(format!("{origin}={log_vkey}"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start witness.py");
+        let mut lines = std::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let mut next = |prefix: &str| {
+            let line = lines.next().expect("witness.py output").expect("utf-8");
+            line.strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"))
+                .to_string()
+        };
+        let vkey = next("vkey ");
+        let port: u16 = next("listening ").parse().expect("port");
+        PyWitness {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            vkey,
+        }
+    }
+
+    /// `POST /add-checkpoint` with `body`.
+    pub fn add(&self, body: &str) -> Response {
+        let tcp = std::net::TcpStream::connect(self.addr).expect("connect witness.py");
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .expect("timeout");
+        crate::server::Conn::new(tcp)
+            .request("POST", "/add-checkpoint", &[], Some(body.as_bytes()))
+            .expect("add-checkpoint")
+    }
+}
+
+impl Drop for PyWitness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The path of `softhsm-tests/interop/witness.py`.
+pub fn py_witness_script() -> PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/witness.py")
+}
+
+/// Runs `witness.py` with `args` and `stdin`; returns the exit code and
+/// stdout.
+pub fn py_witness(args: &[&str], stdin: &str) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(crate::interop_python())
+        .arg(py_witness_script())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run witness.py");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin.as_bytes())
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("witness.py");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }

@@ -7,12 +7,12 @@
 //! jwcrypto lives in the venv that `.ci/setup --tests` makes; this test installs
 //! nothing, and fails (never skips) when the venv is missing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use softhsm_tests::server::{authorities, serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::TestToken;
+use softhsm_tests::{interop_python, TestToken};
 use time::{Duration, OffsetDateTime};
 
 /// Signs stdin-given payload bytes with a private JWK as a one-signature JWS
@@ -28,16 +28,6 @@ token.add_signature(key, alg=sys.argv[3],
                     protected=json.dumps({"alg": sys.argv[3], "kid": sys.argv[4]}))
 sys.stdout.write(token.serialize())
 "#;
-
-fn interop_python() -> PathBuf {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
-    assert!(
-        python.is_file(),
-        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto)",
-        python.display()
-    );
-    python
-}
 
 /// jwcrypto's JWS over `payload`, signed by the harness's executive
 /// authority (ES256, `executive-1`).
