@@ -1,6 +1,7 @@
-//! A witnessed log, with real processes: `lavd serve` with two `lavd witness
-//! serve` witnesses under a quorum of both, and a third witness that does
-//! not trust the log's key (it answers 403) and is not in the quorum.
+//! A witnessed log, with real processes: `lavd serve` with a `lavd witness
+//! serve` and the independent Python witness (`interop/witness.py`) under a
+//! quorum of both, and a third witness (`lavd witness serve`) that does not
+//! trust the log's key (it answers 403) and is not in the quorum.
 //!
 //! - unwraps under `release_after_witness` get a reply whose checkpoint both
 //!   quorum witnesses cosigned and that covers their leaves;
@@ -22,8 +23,8 @@ use lavd::audit::witness::Policy;
 use softhsm_tests::assert_ok;
 use softhsm_tests::server::{path_str, serve_config, Daemon};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::witness::Witness;
-use softhsm_tests::witnessed::LogWithWitnesses;
+use softhsm_tests::witness::{PyWitness, Witness};
+use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
 use time::OffsetDateTime;
 
 /// How long an unwrap waits for the quorum. Long enough that two local
@@ -44,13 +45,25 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[test]
 fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     let log = LogWithWitnesses::new(&serve_config(&vault::roles_toml()));
+    // A `lavd witness serve` and the independent Python witness make the
+    // quorum.
     let w1 = log.witness("w1.example");
-    let w2 = log.witness("w2.example");
+    let w2 = PyWitness::start(
+        "w2.example",
+        &[7; 32],
+        &log.t.path("py-witness.json"),
+        &log.origin,
+        &log.vkey,
+    );
     // Trusts another key for this origin: every submission is 403.
     let other = lavd::audit::note::verifier_key(&log.origin, &[5; 32]).unwrap();
     let w3 = Witness::start("w3.example", &log.origin, &other, "");
     let policy_file = log.configure(
-        &[&w1, &w2, &w3],
+        &[
+            Entry::from(&w1),
+            Entry::python(&w2, "w2.example"),
+            Entry::from(&w3),
+        ],
         &format!(
             "witness A {}\nwitness B {}\nwitness C {}\ngroup both all A B\nquorum both\n",
             w1.vkey, w2.vkey, w3.vkey
@@ -183,7 +196,7 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
         r.json()["entries"].as_array().unwrap().clone()
     };
     let before = leaves().len() as u64;
-    w2.daemon.signal(rustix::process::Signal::STOP);
+    w1.daemon.signal(rustix::process::Signal::STOP);
     let withheld = seal(10);
     let r = unwrap_envelope(&withheld);
     assert_eq!(r.status, 503, "{}", r.text());
@@ -198,9 +211,9 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(leaf["envelope_digest"], vault::envelope_digest(&withheld));
 
     // 5. The witness runs again: the service resumes.
-    w2.daemon.signal(rustix::process::Signal::CONT);
-    eventually("w2 to cosign the newest checkpoint", || {
-        daemon.metric("lavd_witness_cosigned_size{witness=\"w2.example\"}") >= (before + 1) as f64
+    w1.daemon.signal(rustix::process::Signal::CONT);
+    eventually("w1 to cosign the newest checkpoint", || {
+        daemon.metric("lavd_witness_cosigned_size{witness=\"w1.example\"}") >= (before + 1) as f64
     });
     let r = unwrap(11);
     assert_eq!(r.status, 200, "{}", r.text());
@@ -244,6 +257,70 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
         .is_ok());
     assert!(
         daemon.metric("lavd_witness_requests_total{outcome=\"conflict\",witness=\"w1.example\"}")
+            >= 1.0
+    );
+}
+
+/// Two replicas on one PostgreSQL store under `release_after_witness`,
+/// where only replica 0 can reach the witness (replica 1 started on a
+/// config whose URL for it is a closed port): replica 1 releases only once
+/// the cosignature that replica 0's submitter stored covers its leaves, so
+/// the wait reads the store, not the replica's own submitter.
+#[test]
+fn a_replica_releases_on_a_cosignature_another_replica_stored() {
+    let log = LogWithWitnesses::on_postgres(&serve_config(&format!(
+        "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
+        vault::roles_toml()
+    )));
+    let w1 = log.witness("w1.example");
+    let policy_text = format!("witness A {}\nquorum A\n", w1.vkey);
+    let audit = "release_after_witness = true\nwitness_timeout_secs = 30";
+    let policy_file = log.configure(&[Entry::from(&w1)], &policy_text, audit);
+    let policy = Policy::parse(&std::fs::read(&policy_file).unwrap()).unwrap();
+    let reaches = Daemon::start_replica(&log.t, "replica-0");
+    let mut unreachable = Entry::from(&w1);
+    unreachable.url = "http://127.0.0.1:1".into();
+    unreachable.ca_pem = None;
+    log.configure(&[unreachable], &policy_text, audit);
+    let blind = Daemon::start_replica(&log.t, "replica-1");
+    for d in [&reaches, &blind] {
+        d.wait_readyz(200);
+    }
+    let parties = Parties::new(&log.pki);
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-REPLICAS", recipient.public(), 100));
+    for (n, d) in [&blind, &reaches, &blind].into_iter().enumerate() {
+        let agency = parties.clients(&log.pki, d.api).agency;
+        let envelope = vault::seal(
+            &log.escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("r{n}"),
+            &[3; 16],
+        );
+        let r = vault::post(
+            &agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let reply = r.json();
+        assert_eq!(vault::statuses(&reply), ["ok"]);
+        let (checkpoint, _) = policy
+            .verify(reply["audit"]["checkpoint"].as_str().unwrap())
+            .expect("cosigned by the quorum");
+        let end = reply["audit"]["first_index"].as_u64().unwrap()
+            + reply["audit"]["count"].as_u64().unwrap();
+        assert!(checkpoint.size >= end);
+    }
+    // Every cosignature came through replica 0; replica 1 never reached
+    // the witness.
+    let cosigned = "lavd_witness_requests_total{outcome=\"cosigned\",witness=\"w1.example\"}";
+    assert_eq!(blind.metric(cosigned), 0.0);
+    assert!(reaches.metric(cosigned) >= 1.0);
+    assert!(
+        blind.metric("lavd_witness_requests_total{outcome=\"unavailable\",witness=\"w1.example\"}")
             >= 1.0
     );
 }

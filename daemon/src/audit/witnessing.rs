@@ -236,8 +236,11 @@ impl Witnessing {
     /// A witness whose URL or CA file cannot be used.
     pub fn spawn_submitters(self: &Arc<Self>) -> anyhow::Result<()> {
         for w in &self.settings.witnesses {
-            let endpoint = Endpoint::new(&w.url, &w.ca_file, None)
-                .map_err(|e| anyhow::anyhow!("witness {}: {e:#}", w.name))?;
+            let endpoint = match &w.ca_file {
+                Some(ca) => Endpoint::new(&w.url, ca, None),
+                None => Endpoint::new_plain(&w.url),
+            }
+            .map_err(|e| anyhow::anyhow!("witness {}: {e:#}", w.name))?;
             let this = self.clone();
             let w = w.clone();
             tokio::spawn(async move { this.submit_loop(w, endpoint).await });
@@ -689,7 +692,7 @@ mod tests {
                     name: key.name().to_string(),
                     url: url.to_string(),
                     key: (*key).clone(),
-                    ca_file: ca_file.clone(),
+                    ca_file: Some(ca_file.clone()),
                 })
                 .collect(),
             policy_file: dir.join("policy"),

@@ -82,8 +82,8 @@ pub struct Endpoint {
     host: String,
     port: u16,
     prefix: String,
-    server_name: ServerName<'static>,
-    connector: tokio_rustls::TlsConnector,
+    /// The server name and TLS settings; `None` for plain `http://`.
+    tls: Option<(ServerName<'static>, tokio_rustls::TlsConnector)>,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -117,6 +117,25 @@ impl Endpoint {
         let rest = url
             .strip_prefix("https://")
             .ok_or_else(|| anyhow!("the URL must start with https://"))?;
+        let mut endpoint = Self::plain(rest, 443)?;
+        endpoint.tls = Some(Self::tls(&endpoint.host, ca, client)?);
+        Ok(endpoint)
+    }
+
+    /// The server of a plain `http://host[:port][/prefix]` URL (a witness
+    /// on loopback, say: what it returns is checked by signature, not by
+    /// the channel).
+    ///
+    /// # Errors
+    /// A bad URL.
+    pub fn new_plain(url: &str) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("the URL must start with http://"))?;
+        Self::plain(rest, 80)
+    }
+
+    fn plain(rest: &str, default_port: u16) -> anyhow::Result<Self> {
         let (authority, prefix) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
@@ -126,10 +145,23 @@ impl Endpoint {
                 h.trim_start_matches('[').trim_end_matches(']').to_string(),
                 p.parse::<u16>().context("the URL's port")?,
             ),
-            None => (authority.to_string(), 443),
+            None => (authority.to_string(), default_port),
         };
-        let server_name =
-            ServerName::try_from(host.clone()).map_err(|_| anyhow!("bad host in URL: {host}"))?;
+        Ok(Endpoint {
+            host,
+            port,
+            prefix: prefix.to_string(),
+            tls: None,
+        })
+    }
+
+    fn tls(
+        host: &str,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<(ServerName<'static>, tokio_rustls::TlsConnector)> {
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|_| anyhow!("bad host in URL: {host}"))?;
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_file_iter(ca)
             .with_context(|| format!("reading {}", ca.display()))?
@@ -157,13 +189,10 @@ impl Endpoint {
             }
             None => builder.with_no_client_auth(),
         };
-        Ok(Endpoint {
-            host,
-            port,
-            prefix: prefix.to_string(),
+        Ok((
             server_name,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        })
+            tokio_rustls::TlsConnector::from(Arc::new(config)),
+        ))
     }
 
     /// The URL's path prefix (empty, or starting with `/`, no trailing `/`).
@@ -211,16 +240,16 @@ impl Endpoint {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-        let tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .context("TLS handshake")?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .context("HTTP handshake")?;
-        tokio::spawn(connection);
+        let mut sender = match &self.tls {
+            Some((server_name, connector)) => {
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .context("TLS handshake")?;
+                http1(tls).await?
+            }
+            None => http1(tcp).await?,
+        };
         let request = hyper::Request::builder()
             .uri(path)
             .header(hyper::header::HOST, self.host.as_str());
@@ -265,6 +294,19 @@ impl Endpoint {
             body,
         })
     }
+}
+
+/// An HTTP/1.1 connection over `io`, its driver spawned.
+async fn http1<IO>(io: IO) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .context("HTTP handshake")?;
+    tokio::spawn(connection);
+    Ok(sender)
 }
 
 /// A blocking client for one server, for the command-line tools.

@@ -163,7 +163,7 @@ pub struct RawWitness {
     pub(super) name: String,
     pub(super) url: String,
     pub(super) key: String,
-    pub(super) ca_file: PathBuf,
+    pub(super) ca_file: Option<PathBuf>,
 }
 
 impl Default for RawAudit {

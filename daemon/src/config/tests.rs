@@ -457,6 +457,29 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[0].ca_file",
         "ca.pem",
     );
+    // https needs the witness's CA; plain http takes none.
+    refused(
+        &both.replace("ca_file = \"ca.pem\"\n", ""),
+        &files,
+        "audit.witnesses[0].ca_file",
+        "needs the CA",
+    );
+    let plain = both.replace("https://w2.example:8444", "http://127.0.0.1:8444");
+    refused(&plain, &files, "audit.witnesses[1].ca_file", "http://");
+    let plain = format!(
+        "[audit]\nwitness_policy = \"p.policy\"\n{}[[audit.witnesses]]\nname = \"w2.example\"\n\
+         url = \"http://127.0.0.1:8444/prefix/\"\nkey = \"{k2}\"\n",
+        witness_entry("w1.example", &k1)
+    );
+    let w = load_with(&plain, &files).unwrap().audit.witnesses.unwrap();
+    assert_eq!(w.witnesses[1].url, "http://127.0.0.1:8444/prefix");
+    assert_eq!(w.witnesses[1].ca_file, None);
+    refused(
+        &plain.replace("http://127.0.0.1", "ftp://127.0.0.1"),
+        &files,
+        "audit.witnesses[1].url",
+        "ftp://",
+    );
     refused(
         &both.replace(
             "release_after_witness = true",

@@ -27,8 +27,9 @@ pub struct WitnessEndpoint {
     pub url: String,
     /// Its `cosignature/v1` key.
     pub key: CosignerKey,
-    /// The CA bundle its TLS certificate is checked against.
-    pub ca_file: PathBuf,
+    /// The CA bundle its TLS certificate is checked against (https); none
+    /// for plain http.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The validated witness configuration.
@@ -134,22 +135,45 @@ impl Validator<'_> {
                 ));
             }
             let url = w.url.trim_end_matches('/');
-            let valid_url = url
-                .strip_prefix("https://")
-                .is_some_and(|rest| !rest.is_empty() && !rest.contains(['?', '#', ' ']));
-            if !valid_url {
+            let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
+                (Some(rest), _) => (true, rest),
+                (None, Some(rest)) => (false, rest),
+                (None, None) => (false, ""),
+            };
+            if rest.is_empty() || rest.contains(['?', '#', ' ']) {
                 return Err(self.err(
                     &field("url"),
-                    format!("`{}` is not an https:// submission prefix", w.url),
+                    format!(
+                        "`{}` is not an https:// (or http://) submission prefix",
+                        w.url
+                    ),
                 ));
             }
-            let ca_file = self.path(&w.ca_file);
-            if !ca_file.is_file() {
-                return Err(self.err(
-                    &field("ca_file"),
-                    format!("{} is not a readable file", ca_file.display()),
-                ));
-            }
+            // Over https the witness's certificate is checked against
+            // `ca_file`; plain http needs none (the cosignature is checked
+            // against the witness key either way).
+            let ca_file = match (tls, &w.ca_file) {
+                (true, Some(ca)) => {
+                    let ca = self.path(ca);
+                    if !ca.is_file() {
+                        return Err(self.err(
+                            &field("ca_file"),
+                            format!("{} is not a readable file", ca.display()),
+                        ));
+                    }
+                    Some(ca)
+                }
+                (true, None) => {
+                    return Err(self.err(
+                        &field("ca_file"),
+                        "an https:// witness needs the CA of its certificate",
+                    ))
+                }
+                (false, Some(_)) => {
+                    return Err(self.err(&field("ca_file"), "an http:// witness has no CA"))
+                }
+                (false, None) => None,
+            };
             if !policy.witnesses().any(|(_, k, _)| k == &key) {
                 return Err(self.err(
                     &field("key"),

@@ -61,7 +61,7 @@ use serde_json::json;
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::witness::Witness;
-use softhsm_tests::witnessed::LogWithWitnesses;
+use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
 use softhsm_tests::{measure, shim_module_path, Shim, TestToken};
 
 const KID: &str = "E-1";
@@ -468,7 +468,7 @@ fn main() -> std::process::ExitCode {
             }
             policy.push_str(&format!("group q all {}\nquorum q\n", names.join(" ")));
             log.configure(
-                &witnesses.iter().collect::<Vec<_>>(),
+                &witnesses.iter().map(Entry::from).collect::<Vec<_>>(),
                 &policy,
                 "release_after_witness = true",
             );
