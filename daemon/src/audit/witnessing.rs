@@ -254,14 +254,26 @@ impl Witnessing {
         }
     }
 
+    /// Runs a store call on a thread of its own, not on the runtime's
+    /// blocking pool: unwraps waiting for the quorum hold blocking-pool
+    /// threads, and the cosignature they wait for must still get stored
+    /// when every one of those threads is taken.
     async fn store_call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn AuditStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .unwrap_or_else(|e| Err(StoreError::CommitFailed(format!("store task: {e}"))))
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("lavd-witness-store".into())
+            .spawn(move || {
+                let _ = tx.send(f(store.as_ref()));
+            });
+        if let Err(e) = spawned {
+            return Err(StoreError::CommitFailed(format!("store thread: {e}")));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::CommitFailed("the store thread panicked".into())))
     }
 
     async fn submit_loop(self: Arc<Self>, w: WitnessEndpoint, endpoint: Endpoint) {
@@ -519,7 +531,7 @@ mod tests {
     use rustls_pki_types::pem::PemObject as _;
 
     use super::*;
-    use crate::audit::leaf::{Event, KeyGenerated};
+    use crate::audit::leaf::{Event, WarrantRefused};
     use crate::audit::note::{self, Checkpoint, VerifierKey};
     use crate::audit::witness::{AddOutcome, Policy};
     use crate::codec::parse_time;
@@ -546,19 +558,9 @@ mod tests {
     /// Appends `n` leaves and saves a checkpoint of the whole tree, signed
     /// by the test log key; returns its size.
     fn grow(store: &Store, n: usize) -> u64 {
-        let events: Vec<Event> = (0..n)
-            .map(|i| {
-                KeyGenerated::new(
-                    &format!("k{i}"),
-                    parse_time("2026-12-01T00:00:00Z").unwrap(),
-                    parse_time("2027-01-01T00:00:00Z").unwrap(),
-                    parse_time("2028-01-01T00:00:00Z").unwrap(),
-                    None,
-                )
-                .unwrap()
-                .into()
-            })
-            .collect();
+        let refused =
+            WarrantRefused::new("spiffe://agency.test/a", None, None, "malformed_warrant");
+        let events: Vec<Event> = (0..n).map(|_| refused.clone().unwrap().into()).collect();
         store
             .append(AuditAppend {
                 events,
