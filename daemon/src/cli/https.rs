@@ -240,6 +240,10 @@ impl Endpoint {
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
             .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+        // A request is small writes (headers, body, TLS records): without
+        // this, Nagle's algorithm can hold the last one for the peer's
+        // delayed ACK, tens of milliseconds a request.
+        tcp.set_nodelay(true).context("TCP_NODELAY")?;
         let mut sender = match &self.tls {
             Some((server_name, connector)) => {
                 let tls = connector
