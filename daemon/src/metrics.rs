@@ -3,7 +3,8 @@
 //! The metrics live in their own [`prometheus::Registry`], never the global
 //! one, so tests and embedders get a fresh set. Every label value is a
 //! `&'static str` chosen by lavd's code (a route template, an outcome
-//! code, an HSM operation name), never a value from a request: no warrant
+//! code, an HSM operation name) or the name of a configured witness, never
+//! a value from a request: no warrant
 //! ids, targets, kids or identities can reach a label, and the number of
 //! series stays bounded whatever clients send.
 
@@ -29,6 +30,8 @@ pub struct Metrics {
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGauge,
     config_reloads: IntCounterVec,
+    witness_requests: IntCounterVec,
+    witness_cosigned_size: prometheus::IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,8 +135,25 @@ impl Metrics {
         for outcome in ["ok", "failed"] {
             config_reloads.with_label_values(&[outcome]);
         }
+        let witness_requests = counter(
+            "lavd_witness_requests_total",
+            "add-checkpoint requests sent to witnesses, by witness (configured name) and \
+             outcome (cosigned, conflict, bad_proof, forbidden, unknown_origin, bad_request, \
+             bad_cosignature, unavailable).",
+            &["witness", "outcome"],
+        )?;
+        let witness_cosigned_size = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "lavd_witness_cosigned_size",
+                "The largest checkpoint size each witness has cosigned (verified and stored).",
+            ),
+            &["witness"],
+        )?;
+        registry.register(Box::new(witness_cosigned_size.clone()))?;
         Ok(Metrics {
             registry,
+            witness_requests,
+            witness_cosigned_size,
             http_requests,
             http_seconds,
             envelopes,
@@ -184,6 +204,20 @@ impl Metrics {
     /// An API connection opened (`+1`) or closed (`-1`).
     pub fn connection_delta(&self, delta: i64) {
         self.connections_open.add(delta);
+    }
+
+    /// One `add-checkpoint` request to `witness` ended with `outcome`.
+    pub fn witness_request(&self, witness: &str, outcome: &'static str) {
+        self.witness_requests
+            .with_label_values(&[witness, outcome])
+            .inc();
+    }
+
+    /// `witness` has cosigned the checkpoint of tree size `size`.
+    pub fn witness_cosigned(&self, witness: &str, size: u64) {
+        self.witness_cosigned_size
+            .with_label_values(&[witness])
+            .set(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
     /// A configuration reload finished.

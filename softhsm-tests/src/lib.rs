@@ -17,6 +17,7 @@ pub mod replicas;
 pub mod server;
 pub mod vault;
 pub mod witness;
+pub mod witnessed;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -68,6 +68,50 @@ fn the_softhsm_sample_opens_a_real_token() {
     assert!(hsm.is_ready());
 }
 
+/// The commented witness block of the SoftHSM sample, uncommented, with
+/// `witnesses.policy` beside it, validates: two witnesses whose keys the
+/// policy names, and its quorum.
+#[test]
+fn the_samples_witness_block_validates_with_its_policy() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../hsm-config");
+    let text = std::fs::read_to_string(dir.join("softhsm2.toml")).unwrap();
+    let begin = text.find("# witnesses:begin\n").expect("begin marker");
+    let end = text.find("# witnesses:end\n").expect("end marker");
+    let block: String = text[begin..end]
+        .lines()
+        .skip(1)
+        .map(|l| l.strip_prefix("# ").or(l.strip_prefix("#")).unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = tmp.path().join("witness-ca.pem");
+    std::fs::write(&ca, "").unwrap();
+    let config = format!("{}{block}\n{}", &text[..begin], &text[end..])
+        .replace("/etc/lavd/witness-ca.pem", ca.to_str().unwrap());
+    std::fs::copy(
+        dir.join("witnesses.policy"),
+        tmp.path().join("witnesses.policy"),
+    )
+    .unwrap();
+    let path = tmp.path().join("lavd.toml");
+    std::fs::write(&path, config).unwrap();
+    let settings = load(&path);
+    let w = settings.audit.witnesses.expect("witness settings");
+    let names: Vec<&str> = w.witnesses.iter().map(|w| w.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["witness.oversight.example/w1", "witness.ngo.example/w2"]
+    );
+    assert_eq!(w.witnesses[1].url, "https://witness.ngo.example/lavd");
+    assert!(!w.release_after_witness);
+    assert_eq!(w.timeout.as_secs(), 10);
+    // Both are needed: one alone is not the quorum.
+    assert!(w
+        .policy
+        .quorum_met_by([&w.witnesses[0].key, &w.witnesses[1].key]));
+    assert!(!w.policy.quorum_met_by([&w.witnesses[0].key]));
+}
+
 /// The witness sample parses and validates as `lavd witness serve` reads
 /// it, and `dev`-only key files are refused in it.
 #[test]

@@ -13,8 +13,8 @@ use lavd::audit::merkle::{self, MemoryTree};
 use lavd::codec::parse_time;
 use lavd::jwk::P256PrivateKey;
 use lavd::store::{
-    AuditAppend, AuditStore, KeyRecord, KeyStore, PgStore, Registration, Revocation, Spend, Store,
-    StoreError, StoreSettings, WarrantRecord, WarrantStore,
+    AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, PgStore, Registration, Revocation,
+    Spend, Store, StoreError, StoreSettings, WarrantRecord, WarrantStore,
 };
 use softhsm_tests::pg::TestDb;
 use time::OffsetDateTime;
@@ -74,6 +74,7 @@ conformance!(
     concurrent_appends_land_contiguously_in_one_log,
     stored_roots_and_proofs_match_an_independent_tree,
     checkpoints_are_kept_by_size,
+    cosignatures_are_kept_per_size_and_witness_and_read_newest_first,
 );
 
 fn now() -> OffsetDateTime {
@@ -573,6 +574,46 @@ fn checkpoints_are_kept_by_size(b: &Backend) {
     );
 }
 
+/// Witness cosignatures: one line per (size, witness), the first kept; a
+/// witness's last cosigned size; reads from a size, largest first, bounded;
+/// visible to every replica at once (a waiting unwrap on one replica sees
+/// what another replica's submitter stored).
+fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend) {
+    let replicas = b.replicas();
+    let (a, z) = (&replicas[0], &replicas[replicas.len() - 1]);
+    let c = |size: u64, witness: &str, line: &str| Cosignature {
+        size,
+        witness: witness.into(),
+        line: line.into(),
+    };
+    assert_eq!(a.last_cosigned("w1").unwrap(), None);
+    assert_eq!(a.cosignatures(0, 10).unwrap(), []);
+    assert_eq!(a.checkpoint_at(3).unwrap(), None);
+    a.save_checkpoint(3, "note three", now()).unwrap();
+    a.save_checkpoint(7, "note seven", now()).unwrap();
+    assert_eq!(z.checkpoint_at(3).unwrap().as_deref(), Some("note three"));
+    assert_eq!(z.checkpoint_at(4).unwrap(), None);
+    a.save_cosignature(&c(3, "w1", "— w1 a\n")).unwrap();
+    z.save_cosignature(&c(3, "w2", "— w2 b\n")).unwrap();
+    z.save_cosignature(&c(7, "w1", "— w1 c\n")).unwrap();
+    // The first line of a witness on a size is kept.
+    a.save_cosignature(&c(7, "w1", "— w1 other\n")).unwrap();
+    assert_eq!(z.last_cosigned("w1").unwrap(), Some(7));
+    assert_eq!(a.last_cosigned("w2").unwrap(), Some(3));
+    assert_eq!(a.last_cosigned("w3").unwrap(), None);
+    assert_eq!(
+        a.cosignatures(0, 10).unwrap(),
+        [
+            c(7, "w1", "— w1 c\n"),
+            c(3, "w1", "— w1 a\n"),
+            c(3, "w2", "— w2 b\n")
+        ]
+    );
+    assert_eq!(z.cosignatures(4, 10).unwrap(), [c(7, "w1", "— w1 c\n")]);
+    assert_eq!(z.cosignatures(0, 2).unwrap().len(), 2);
+    assert_eq!(z.cosignatures(8, 10).unwrap(), []);
+}
+
 // ---- PostgreSQL only -------------------------------------------------------
 
 /// A replica killed between reserve and settle holds its units for the
@@ -620,7 +661,7 @@ fn postgres_reservation_leases_bound_a_dead_replicas_hold() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 1);
+    assert_eq!(store.migrate().unwrap(), 2);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -631,7 +672,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert_eq!(versions, [1]);
+    assert_eq!(versions, [1, 2]);
     db.client()
         .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
         .unwrap();
@@ -641,7 +682,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 1,
+                supported: 2,
                 ..
             }
         ),

@@ -60,6 +60,21 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
 
     let db = TestDb::create();
     let db_path = t.path("lavd.db");
+    // A witness cosignature of the newest checkpoint, as the submitter
+    // stores it: the copy carries it.
+    let cosigned_size: i64 = {
+        let sqlite = rusqlite::Connection::open(&db_path).unwrap();
+        let size: i64 = sqlite
+            .query_row("SELECT MAX(size) FROM audit_checkpoints", [], |r| r.get(0))
+            .unwrap();
+        sqlite
+            .execute(
+                "INSERT INTO audit_cosignatures (size, witness, line) VALUES (?1, 'w1', ?2)",
+                rusqlite::params![size, "\u{2014} w1 AAAA\n"],
+            )
+            .unwrap();
+        size
+    };
     let copy = |key: &str| {
         lavd_command(&[
             "store",
@@ -97,6 +112,16 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         printed.contains(&format!("{sqlite_size} leaves")),
         "{printed}"
     );
+    assert!(printed.contains("1 cosignatures"), "{printed}");
+    let row = db
+        .client()
+        .query_one("SELECT size, witness, line FROM audit_cosignatures", &[])
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, String>(1)),
+        (cosigned_size, "w1".to_string())
+    );
+    assert_eq!(row.get::<_, String>(2), "\u{2014} w1 AAAA\n");
     // A second copy into the now non-empty target is refused.
     let out = copy(&key);
     assert!(!out.status.success());
@@ -169,7 +194,7 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         assert_eq!(
             printed.trim(),
             format!(
-                "postgresql://{}/{}: schema version 1",
+                "postgresql://{}/{}: schema version 2",
                 "127.0.0.1:5432",
                 db.name()
             )
@@ -180,7 +205,7 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         .query_one("SELECT count(*) FROM schema_version", &[])
         .unwrap()
         .get(0);
-    assert_eq!(versions, 1);
+    assert_eq!(versions, 2);
 
     let good = std::fs::read_to_string(t.config()).unwrap();
     for (from, to, field) in [

@@ -142,6 +142,7 @@ impl World {
             envelope_limits: &limits,
             max_batch,
             gate: &self.gate,
+            witnessing: None,
         };
         unwrap(&ctx, caller, body.to_string().as_bytes(), t(now))
     }
@@ -352,6 +353,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
         envelope_limits: &limits,
         max_batch,
         gate: &w.gate,
+        witnessing: None,
     };
     let r = revoke(
         &ctx,

@@ -80,6 +80,18 @@ pub enum ApiError {
     /// succeed later, on this replica or another. Details are in the log.
     #[error("the store is unavailable; retry later")]
     StoreUnavailable,
+    /// `release_after_witness`: the request's leaves were logged (and its
+    /// budget spent) but no checkpoint covering them was cosigned by the
+    /// witness quorum within `witness_timeout_secs`, so no key was released.
+    /// The opened leaves stay in the log for auditors.
+    #[error(
+        "the witnesses did not cosign the audit log within {timeout_secs} s; no key was \
+         released, and the request's audit entries and budget spend stand"
+    )]
+    WitnessUnavailable {
+        /// The configured wait.
+        timeout_secs: u64,
+    },
     /// A domain refusal with its own code and status: a warrant refused
     /// (400/403/413 by its class), a proof asked for outside the tree.
     #[error("{message}")]
@@ -116,6 +128,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::HsmUnavailable => "hsm_unavailable",
             ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::WitnessUnavailable { .. } => "witness_unavailable",
             ApiError::Refused { code, .. } => code,
             ApiError::Internal => "internal_error",
         }
@@ -135,9 +148,9 @@ impl ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::HsmUnavailable | ApiError::StoreUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::HsmUnavailable
+            | ApiError::StoreUnavailable
+            | ApiError::WitnessUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Refused { status, .. } => *status,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -281,6 +294,11 @@ mod tests {
             ),
             (ApiError::HsmUnavailable, 503, "hsm_unavailable"),
             (ApiError::StoreUnavailable, 503, "store_unavailable"),
+            (
+                ApiError::WitnessUnavailable { timeout_secs: 10 },
+                503,
+                "witness_unavailable",
+            ),
             (ApiError::Internal, 500, "internal_error"),
         ];
         for (e, status, code) in cases {

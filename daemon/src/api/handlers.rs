@@ -77,6 +77,14 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
             tracing::error!(error = %detail, "unwrap failed in the store; nothing was released");
             ApiError::StoreUnavailable
         }
+        UnwrapError::WitnessUnavailable(wait) => {
+            tracing::error!(error = %wait, "unwrap logged but not released: no witness quorum in time");
+            let timeout_secs = match wait {
+                crate::audit::witnessing::WaitError::Timeout { timeout, .. } => timeout.as_secs(),
+                crate::audit::witnessing::WaitError::Store(_) => 0,
+            };
+            ApiError::WitnessUnavailable { timeout_secs }
+        }
     }
 }
 
@@ -118,6 +126,7 @@ pub async fn post_unwrap(
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,
+            witnessing: st.witnessing.as_deref(),
         };
         Ok(unwrap::unwrap(
             &context,
@@ -195,6 +204,7 @@ pub async fn post_revocation(
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,
+            witnessing: st.witnessing.as_deref(),
         };
         let request = if by_authority {
             RevocationRequest::Authority {
@@ -268,13 +278,27 @@ pub async fn audit_key(
     })))
 }
 
+/// The checkpoint both checkpoint endpoints serve. The log signs one now if
+/// it grew since the last; with witnesses, what is served is the newest
+/// checkpoint their quorum cosigned, with every cosignature (before any
+/// is, the newest signed one with what it has), see
+/// [`crate::audit::witnessing::Witnessing::served`].
+fn served_checkpoint(state: &ServerState) -> Result<String, ApiError> {
+    let signed = state.audit.current_checkpoint().map_err(log_error)?;
+    match &state.witnessing {
+        None => Ok(signed),
+        Some(w) => Ok(w.served().map_err(store_error)?.unwrap_or(signed)),
+    }
+}
+
 /// `GET /v1/audit/checkpoint` (auditor): a checkpoint of the whole log,
-/// signed now if the log grew since the last one.
+/// signed now if the log grew since the last one (with witnesses: the
+/// newest cosigned one, see [`served_checkpoint`]).
 pub async fn audit_checkpoint(
     _peer: PeerIdentity,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let checkpoint = blocking(move || state.audit.current_checkpoint().map_err(log_error)).await?;
+    let checkpoint = blocking(move || served_checkpoint(&state)).await?;
     Ok(json(&serde_json::json!({ "checkpoint": checkpoint })))
 }
 
@@ -358,7 +382,7 @@ pub async fn log_checkpoint(
     _peer: PeerIdentity,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let checkpoint = blocking(move || state.audit.current_checkpoint().map_err(log_error)).await?;
+    let checkpoint = blocking(move || served_checkpoint(&state)).await?;
     let mut response = checkpoint.into_response();
     let headers = response.headers_mut();
     headers.insert(

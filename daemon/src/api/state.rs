@@ -80,6 +80,8 @@ pub struct ServerState {
     pub metrics: Arc<Metrics>,
     /// `[limits]` at start (a reload does not change them).
     pub limits: Limits,
+    /// The witnesses (`[[audit.witnesses]]`), when configured.
+    pub witnessing: Option<Arc<crate::audit::witnessing::Witnessing>>,
     /// The per-identity rate limiter.
     pub(crate) rate_limiter: RateLimiter,
     /// Bounds the envelopes unwrap requests work on at once
@@ -175,6 +177,7 @@ impl ServerState {
             store,
             audit,
             metrics,
+            witnessing: None,
             limits: startup.limits.clone(),
             rate_limiter: RateLimiter::new(
                 startup.limits.rate_limit_per_second,
@@ -190,6 +193,16 @@ impl ServerState {
             draining: AtomicBool::new(false),
             startup,
         }
+    }
+
+    /// Adds the witnesses (`[[audit.witnesses]]`), when configured.
+    #[must_use]
+    pub fn with_witnessing(
+        mut self,
+        witnessing: Option<Arc<crate::audit::witnessing::Witnessing>>,
+    ) -> Self {
+        self.witnessing = witnessing;
+        self
     }
 
     /// A snapshot of the reloadable state; keep it for the whole request.

@@ -94,6 +94,9 @@ pub struct AuditLog {
     /// store's tree never shrinks.
     seen: Arc<AtomicU64>,
     commit_timer: Option<CommitTimer>,
+    /// Told the size of every checkpoint this process signs (the witness
+    /// submitters).
+    on_signed: Option<SignedHook>,
 }
 
 /// Receives the duration of every durable append, in seconds (the daemon's
@@ -104,6 +107,16 @@ struct CommitTimer(Arc<dyn Fn(f64) + Send + Sync>);
 impl std::fmt::Debug for CommitTimer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CommitTimer")
+    }
+}
+
+/// Receives the tree size of every checkpoint signed.
+#[derive(Clone)]
+struct SignedHook(Arc<dyn Fn(u64) + Send + Sync>);
+
+impl std::fmt::Debug for SignedHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SignedHook")
     }
 }
 
@@ -134,6 +147,7 @@ impl AuditLog {
             inconsistent: Arc::new(OnceLock::new()),
             seen: Arc::new(AtomicU64::new(0)),
             commit_timer: None,
+            on_signed: None,
         };
         if let Some((size, note)) = log.store.latest_checkpoint()? {
             let signed = match log.verify_stored(size, &note) {
@@ -237,6 +251,14 @@ impl AuditLog {
     #[must_use]
     pub fn with_commit_timer(mut self, timer: Arc<dyn Fn(f64) + Send + Sync>) -> Self {
         self.commit_timer = Some(CommitTimer(timer));
+        self
+    }
+
+    /// Tells `hook` the tree size of every checkpoint this log signs, once
+    /// it is stored (the witness submitters wait on it).
+    #[must_use]
+    pub fn with_signed_hook(mut self, hook: Arc<dyn Fn(u64) + Send + Sync>) -> Self {
+        self.on_signed = Some(SignedHook(hook));
         self
     }
 
@@ -365,6 +387,10 @@ impl AuditLog {
             root,
             note: note.clone(),
         });
+        drop(latest);
+        if let Some(hook) = &self.on_signed {
+            (hook.0)(tree);
+        }
         Ok(note)
     }
 

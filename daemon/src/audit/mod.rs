@@ -18,3 +18,5 @@ pub mod merkle;
 pub mod note;
 pub mod tiles;
 pub mod witness;
+#[cfg(feature = "daemon")]
+pub mod witnessing;

@@ -418,6 +418,20 @@ impl Policy {
         Ok((verified, valid))
     }
 
+    /// Whether the witnesses with these keys (each known to have cosigned
+    /// one checkpoint) make the policy's quorum. Keys the policy does not
+    /// name count for nothing.
+    pub fn quorum_met_by<'a>(&self, cosigned: impl IntoIterator<Item = &'a CosignerKey>) -> bool {
+        let keys: Vec<&CosignerKey> = cosigned.into_iter().collect();
+        let valid: Vec<String> = self
+            .witnesses
+            .iter()
+            .filter(|(_, key, _)| keys.contains(&key))
+            .map(|(name, ..)| name.clone())
+            .collect();
+        self.met(&self.quorum, &valid)
+    }
+
     /// Whether `name` (a witness, a group or `none`) has witnessed, given
     /// the witnesses whose cosignature verified.
     fn met(&self, name: &str, valid: &[String]) -> bool {

@@ -1,7 +1,8 @@
-//! A small mutual-TLS HTTPS client for the command-line tools (`lavd audit
-//! verify --url`): GET requests with a client certificate, against a server
-//! certificate checked with a given CA bundle. Same crypto provider as the
-//! server (rustls on aws-lc-rs).
+//! A small HTTPS client: for the command-line tools (`lavd audit verify
+//! --url`, GET with a client certificate) and for the daemon's witness
+//! submitter (POST `add-checkpoint`, no client certificate), against a
+//! server certificate checked with a given CA bundle. Same crypto provider
+//! as the server (rustls on aws-lc-rs).
 //!
 //! The server is not trusted: every request (connect, handshake, the whole
 //! reply) must finish within [`Limits::timeout`], and no reply body may be
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -75,12 +76,246 @@ impl HttpsError {
     }
 }
 
-/// A client for one server.
-pub struct Client {
+/// One HTTPS server (host, port, TLS settings), for async callers: the
+/// CLI's [`Client`] and the daemon's witness submitter.
+pub struct Endpoint {
     host: String,
     port: u16,
-    server_name: ServerName<'static>,
-    connector: tokio_rustls::TlsConnector,
+    prefix: String,
+    /// The server name and TLS settings; `None` for plain `http://`.
+    tls: Option<(ServerName<'static>, tokio_rustls::TlsConnector)>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A reply, whatever its status.
+#[derive(Debug)]
+pub struct Reply {
+    /// The HTTP status.
+    pub status: hyper::StatusCode,
+    /// The `Content-Type`, if any (and if it is text).
+    pub content_type: Option<String>,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Endpoint {
+    /// The server of `url` (`https://host[:port][/prefix]`), trusting `ca`
+    /// for its certificate and presenting `client` (certificate and key
+    /// files) when given.
+    ///
+    /// # Errors
+    /// A bad URL, or an unreadable or invalid PEM file.
+    pub fn new(url: &str, ca: &Path, client: Option<(&Path, &Path)>) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("https://")
+            .ok_or_else(|| anyhow!("the URL must start with https://"))?;
+        let mut endpoint = Self::plain(rest, 443)?;
+        endpoint.tls = Some(Self::tls(&endpoint.host, ca, client)?);
+        Ok(endpoint)
+    }
+
+    /// The server of a plain `http://host[:port][/prefix]` URL (a witness
+    /// on loopback, say: what it returns is checked by signature, not by
+    /// the channel).
+    ///
+    /// # Errors
+    /// A bad URL.
+    pub fn new_plain(url: &str) -> anyhow::Result<Self> {
+        let rest = url
+            .strip_prefix("http://")
+            .ok_or_else(|| anyhow!("the URL must start with http://"))?;
+        Self::plain(rest, 80)
+    }
+
+    fn plain(rest: &str, default_port: u16) -> anyhow::Result<Self> {
+        let (authority, prefix) = match rest.find('/') {
+            Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
+            None => (rest, ""),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (
+                h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                p.parse::<u16>().context("the URL's port")?,
+            ),
+            None => (authority.to_string(), default_port),
+        };
+        Ok(Endpoint {
+            host,
+            port,
+            prefix: prefix.to_string(),
+            tls: None,
+        })
+    }
+
+    fn tls(
+        host: &str,
+        ca: &Path,
+        client: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<(ServerName<'static>, tokio_rustls::TlsConnector)> {
+        let server_name = ServerName::try_from(host.to_string())
+            .map_err(|_| anyhow!("bad host in URL: {host}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca)
+            .with_context(|| format!("reading {}", ca.display()))?
+        {
+            roots
+                .add(cert.with_context(|| format!("a certificate in {}", ca.display()))?)
+                .context("adding the CA")?;
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS versions")?
+            .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .with_context(|| format!("reading {}", cert.display()))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .with_context(|| format!("a certificate in {}", cert.display()))?;
+                let key = PrivateKeyDer::from_pem_file(key)
+                    .with_context(|| format!("reading the private key {}", key.display()))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .context("the client certificate and key")?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        Ok((
+            server_name,
+            tokio_rustls::TlsConnector::from(Arc::new(config)),
+        ))
+    }
+
+    /// The URL's path prefix (empty, or starting with `/`, no trailing `/`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Sends one request (`body` with its content type makes it a POST,
+    /// none a GET) and reads the reply, bounded by `limits`.
+    ///
+    /// # Errors
+    /// A connection or TLS failure, or an [`HttpsError`] when the reply
+    /// breaks the [`Limits`].
+    pub async fn send(
+        &self,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+        limits: Limits,
+    ) -> anyhow::Result<Reply> {
+        let timeout = limits.timeout;
+        tokio::time::timeout(
+            timeout,
+            self.exchange(path, body, limits.max_response_bytes),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(HttpsError::Timeout {
+                path: path.to_string(),
+                timeout,
+            }
+            .into())
+        })
+    }
+
+    async fn exchange(
+        &self,
+        path: &str,
+        body: Option<(&'static str, Bytes)>,
+        limit: usize,
+    ) -> anyhow::Result<Reply> {
+        let too_large = || HttpsError::TooLarge {
+            path: path.to_string(),
+            limit,
+        };
+        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+        // A request is small writes (headers, body, TLS records): without
+        // this, Nagle's algorithm can hold the last one for the peer's
+        // delayed ACK, tens of milliseconds a request.
+        tcp.set_nodelay(true).context("TCP_NODELAY")?;
+        let mut sender = match &self.tls {
+            Some((server_name, connector)) => {
+                let tls = connector
+                    .connect(server_name.clone(), tcp)
+                    .await
+                    .context("TLS handshake")?;
+                http1(tls).await?
+            }
+            None => http1(tcp).await?,
+        };
+        let request = hyper::Request::builder()
+            .uri(path)
+            .header(hyper::header::HOST, self.host.as_str());
+        let request = match body {
+            Some((content_type, bytes)) => request
+                .method(hyper::Method::POST)
+                .header(hyper::header::CONTENT_TYPE, content_type)
+                .body(Full::new(bytes)),
+            None => request
+                .method(hyper::Method::GET)
+                .body(Full::new(Bytes::new())),
+        }
+        .context("building the request")?;
+        let response = sender.send_request(request).await.context("sending")?;
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        // Refuse an announced oversize at once; count what arrives
+        // otherwise (chunked, or a length that lies).
+        let announced = response
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limit as u64) {
+            return Err(too_large().into());
+        }
+        let body = match http_body_util::Limited::new(response.into_body(), limit)
+            .collect()
+            .await
+        {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().into()),
+            Err(e) => return Err(anyhow!(e).context("reading the reply")),
+        };
+        Ok(Reply {
+            status,
+            content_type,
+            body,
+        })
+    }
+}
+
+/// An HTTP/1.1 connection over `io`, its driver spawned.
+async fn http1<IO>(io: IO) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .context("HTTP handshake")?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// A blocking client for one server, for the command-line tools.
+pub struct Client {
+    endpoint: Endpoint,
     runtime: tokio::runtime::Runtime,
     limits: Limits,
 }
@@ -88,8 +323,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("endpoint", &self.endpoint)
             .finish_non_exhaustive()
     }
 }
@@ -107,49 +341,13 @@ impl Client {
         key: &Path,
         limits: Limits,
     ) -> anyhow::Result<Self> {
-        let rest = url
-            .strip_prefix("https://")
-            .ok_or_else(|| anyhow!("the URL must start with https://"))?;
-        let authority = rest.split('/').next().unwrap_or(rest);
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                p.parse::<u16>().context("the URL's port")?,
-            ),
-            None => (authority.to_string(), 443),
-        };
-        let server_name =
-            ServerName::try_from(host.clone()).map_err(|_| anyhow!("bad host in URL: {host}"))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca)
-            .with_context(|| format!("reading {}", ca.display()))?
-        {
-            roots
-                .add(cert.with_context(|| format!("a certificate in {}", ca.display()))?)
-                .context("adding the CA")?;
-        }
-        let chain = CertificateDer::pem_file_iter(cert)
-            .with_context(|| format!("reading {}", cert.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("a certificate in {}", cert.display()))?;
-        let key = PrivateKeyDer::from_pem_file(key)
-            .with_context(|| format!("reading the private key {}", key.display()))?;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .context("TLS versions")?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key)
-            .context("the client certificate and key")?;
+        let endpoint = Endpoint::new(url, ca, Some((cert, key)))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .context("the async runtime")?;
         Ok(Client {
-            host,
-            port,
-            server_name,
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            endpoint,
             runtime,
             limits,
         })
@@ -172,71 +370,18 @@ impl Client {
     /// # Errors
     /// As [`Self::get_json`], but any body is accepted.
     pub fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
-        let timeout = self.limits.timeout;
-        let (status, body) = self
+        let reply = self
             .runtime
-            .block_on(async { tokio::time::timeout(timeout, self.fetch(path)).await })
-            .unwrap_or_else(|_| {
-                Err(HttpsError::Timeout {
-                    path: path.to_string(),
-                    timeout,
-                }
-                .into())
-            })?;
-        if status != hyper::StatusCode::OK {
-            let error: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            .block_on(self.endpoint.send(path, None, self.limits))?;
+        if reply.status != hyper::StatusCode::OK {
+            let error: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
             bail!(
-                "GET {path}: {status}: {}: {}",
+                "GET {path}: {}: {}: {}",
+                reply.status,
                 error["error"]["code"].as_str().unwrap_or("?"),
                 error["error"]["message"].as_str().unwrap_or("")
             );
         }
-        Ok(body)
-    }
-
-    async fn fetch(&self, path: &str) -> anyhow::Result<(hyper::StatusCode, Bytes)> {
-        let limit = self.limits.max_response_bytes;
-        let too_large = || HttpsError::TooLarge {
-            path: path.to_string(),
-            limit,
-        };
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
-        let tls = self
-            .connector
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .context("TLS handshake")?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                .await
-                .context("HTTP handshake")?;
-        tokio::spawn(connection);
-        let request = hyper::Request::get(path)
-            .header(hyper::header::HOST, self.host.as_str())
-            .body(Empty::<Bytes>::new())
-            .context("building the request")?;
-        let response = sender.send_request(request).await.context("sending")?;
-        let status = response.status();
-        // Refuse an announced oversize at once; count what arrives
-        // otherwise (chunked, or a length that lies).
-        let announced = response
-            .headers()
-            .get(hyper::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > limit as u64) {
-            return Err(too_large().into());
-        }
-        let body = match http_body_util::Limited::new(response.into_body(), limit)
-            .collect()
-            .await
-        {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => return Err(too_large().into()),
-            Err(e) => return Err(anyhow!(e).context("reading the reply")),
-        };
-        Ok((status, body))
+        Ok(reply.body)
     }
 }

@@ -20,6 +20,7 @@ use crate::api::ratelimit::RateLimiter;
 use crate::api::state::StartupSettings;
 use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
 use crate::audit::log::AuditLog;
+use crate::audit::witnessing::Witnessing;
 use crate::config::{Env, ProcessEnv, Settings};
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
@@ -73,9 +74,24 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let metrics = metrics.clone();
         Arc::new(move |seconds| metrics.store_commit("audit_append", seconds))
     });
-    let state = Arc::new(ServerState::new(
-        startup, live, env, hsm, store, audit, metrics,
-    ));
+    let witnessing = settings.audit.witnesses.clone().map(|w| {
+        Arc::new(Witnessing::new(
+            w,
+            store.clone() as Arc<dyn crate::store::AuditStore>,
+            Some(metrics.clone()),
+        ))
+    });
+    let audit = match &witnessing {
+        Some(w) => {
+            let w = w.clone();
+            audit.with_signed_hook(Arc::new(move |size| w.signed(size)))
+        }
+        None => audit,
+    };
+    let state = Arc::new(
+        ServerState::new(startup, live, env, hsm, store, audit, metrics)
+            .with_witnessing(witnessing),
+    );
     // The first leaf of every run: which authorities and policy are trusted.
     state
         .log_authorities_loaded(&trust)
@@ -98,6 +114,9 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     // never lost.
     let mut signals = Signals::new()?;
     let startup = state.startup();
+    if let Some(witnessing) = &state.witnessing {
+        witnessing.spawn_submitters()?;
+    }
     let timeouts = Timeouts {
         handshake: state.limits.handshake_timeout,
         header_read: state.limits.header_read_timeout,

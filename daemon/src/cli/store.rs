@@ -95,13 +95,14 @@ impl StoreCommand {
                 let target = PgStore::connect(&pg)?;
                 let report = target.copy_from_sqlite(&source, &key)?;
                 println!(
-                    "copied {} keys, {} warrants, {} revocations, {} leaves and {} checkpoints \
-                     from {} to {}; root {}",
+                    "copied {} keys, {} warrants, {} revocations, {} leaves, {} checkpoints and \
+                     {} cosignatures from {} to {}; root {}",
                     report.keys,
                     report.warrants,
                     report.revocations,
                     report.leaves,
                     report.checkpoints,
+                    report.cosignatures,
                     from.display(),
                     target.describe(),
                     crate::codec::b64_encode(report.root)

@@ -13,6 +13,7 @@
 mod raw;
 mod server;
 mod witness;
+mod witnesses;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ pub use server::{
     AdminSettings, Limits, LogFormat, LogSettings, PublicLogSettings, ServerSettings, TlsSettings,
     TlsVersion,
 };
+pub use witnesses::{WitnessClientSettings, WitnessEndpoint};
 
 pub use witness::{PublicTlsSettings, WitnessKeySource, WitnessSettings, WitnessedLog};
 
@@ -111,6 +113,9 @@ pub struct AuditSettings {
     /// client certificate, or `None` (the default: only the auditor role
     /// reads the log).
     pub public: Option<PublicLogSettings>,
+    /// `[[audit.witnesses]]` and the witness policy: absent when no witness
+    /// is configured.
+    pub witnesses: Option<WitnessClientSettings>,
 }
 
 impl Settings {
@@ -135,10 +140,13 @@ impl Settings {
         };
         let hsm = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
+        let witnesses = v.witnesses(&raw.audit)?;
+        let origin = v.origin(raw.audit.origin)?;
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
-            origin: v.origin(raw.audit.origin)?,
+            origin,
             public: raw.audit.public.map(|p| v.public_log(p)).transpose()?,
+            witnesses,
         };
         let server = v.server(raw.server)?;
         let tls = raw.tls.map(|t| v.tls(t)).transpose()?;

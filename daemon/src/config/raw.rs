@@ -152,6 +152,13 @@ pub struct RawAudit {
     /// `[audit.public]`: absent unless the log is published.
     #[serde(default)]
     pub(super) public: Option<RawPublicLog>,
+    /// `[[audit.witnesses]]`
+    #[serde(default)]
+    pub(super) witnesses: Vec<RawWitness>,
+    pub(super) witness_policy: Option<PathBuf>,
+    pub(super) release_after_witness: Option<bool>,
+    pub(super) witness_timeout_secs: Option<u64>,
+    pub(super) witness_request_timeout_secs: Option<u64>,
 }
 
 /// `[audit.public]`
@@ -164,12 +171,27 @@ pub struct RawPublicLog {
     pub(super) rate_limit_burst: Option<u64>,
 }
 
+/// `[[audit.witnesses]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWitness {
+    pub(super) name: String,
+    pub(super) url: String,
+    pub(super) key: String,
+    pub(super) ca_file: Option<PathBuf>,
+}
+
 impl Default for RawAudit {
     fn default() -> Self {
         Self {
             key_label: default_audit_label(),
             origin: default_origin(),
             public: None,
+            witnesses: Vec::new(),
+            witness_policy: None,
+            release_after_witness: None,
+            witness_timeout_secs: None,
+            witness_request_timeout_secs: None,
         }
     }
 }

@@ -385,3 +385,137 @@ fn postgres_refusals_name_the_field() {
     .unwrap_err();
     assert_eq!(e.field, "store.pool_size");
 }
+
+/// `GOOD` plus `audit`, in a directory that also holds `files`.
+fn load_with(audit: &str, files: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(&path, format!("{GOOD}{audit}")).unwrap();
+    Settings::load(&path, &MapEnv(HashMap::new()))
+}
+
+fn witness_key(name: &str, seed: u8) -> String {
+    crate::audit::witness::CosignerKey::new(name, &[seed; 32])
+        .unwrap()
+        .to_string()
+}
+
+fn witness_entry(name: &str, key: &str) -> String {
+    format!(
+        "[[audit.witnesses]]\nname = \"{name}\"\nurl = \"https://{name}:8444\"\nkey = \"{key}\"\nca_file = \"ca.pem\"\n"
+    )
+}
+
+#[test]
+fn witnesses_and_their_policy_must_name_the_same_keys() {
+    let (k1, k2) = (witness_key("w1.example", 1), witness_key("w2.example", 2));
+    let policy = format!("witness A {k1}\nwitness B {k2}\ngroup G all A B\nquorum G\n");
+    let files = [("ca.pem", ""), ("p.policy", policy.as_str())];
+    let both = format!(
+        "[audit]\nwitness_policy = \"p.policy\"\nrelease_after_witness = true\n{}{}",
+        witness_entry("w1.example", &k1),
+        witness_entry("w2.example", &k2)
+    );
+    let s = load_with(&both, &files).unwrap();
+    let w = s.audit.witnesses.unwrap();
+    assert!(w.release_after_witness);
+    assert_eq!(w.timeout.as_secs(), 10);
+    assert_eq!(w.witnesses.len(), 2);
+
+    let refused = |audit: &str, files: &[(&str, &str)], field: &str, says: &str| {
+        let e = load_with(audit, files).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.reason.contains(says), "{e}");
+    };
+    // The policy names w2, which no entry configures.
+    refused(
+        &format!(
+            "[audit]\nwitness_policy = \"p.policy\"\n{}",
+            witness_entry("w1.example", &k1)
+        ),
+        &files,
+        "audit.witnesses",
+        "`B`",
+    );
+    // An entry the policy does not name.
+    let k3 = witness_key("w3.example", 3);
+    refused(
+        &format!("{both}{}", witness_entry("w3.example", &k3)),
+        &files,
+        "audit.witnesses[2].key",
+        "w3.example",
+    );
+    // A name that is not its key's name.
+    refused(
+        &format!(
+            "[audit]\nwitness_policy = \"p.policy\"\n{}{}",
+            witness_entry("w1.example", &k1),
+            witness_entry("other.example", &k2)
+        ),
+        &files,
+        "audit.witnesses[1].name",
+        "other.example",
+    );
+    // Witnesses, or release_after_witness, without a policy.
+    refused(
+        &format!("[audit]\n{}", witness_entry("w1.example", &k1)),
+        &files,
+        "audit.witness_policy",
+        "w1.example",
+    );
+    refused(
+        "[audit]\nrelease_after_witness = true\n",
+        &files,
+        "audit.release_after_witness",
+        "witness_policy",
+    );
+    // A policy that does not parse, a missing CA, a timeout out of range.
+    refused(
+        "[audit]\nwitness_policy = \"p.policy\"\n",
+        &[("p.policy", "quorum X\n")],
+        "audit.witness_policy",
+        "line 1",
+    );
+    refused(
+        &both,
+        &[("p.policy", policy.as_str())],
+        "audit.witnesses[0].ca_file",
+        "ca.pem",
+    );
+    // https needs the witness's CA; plain http takes none.
+    refused(
+        &both.replace("ca_file = \"ca.pem\"\n", ""),
+        &files,
+        "audit.witnesses[0].ca_file",
+        "needs the CA",
+    );
+    let plain = both.replace("https://w2.example:8444", "http://127.0.0.1:8444");
+    refused(&plain, &files, "audit.witnesses[1].ca_file", "http://");
+    let plain = format!(
+        "[audit]\nwitness_policy = \"p.policy\"\n{}[[audit.witnesses]]\nname = \"w2.example\"\n\
+         url = \"http://127.0.0.1:8444/prefix/\"\nkey = \"{k2}\"\n",
+        witness_entry("w1.example", &k1)
+    );
+    let w = load_with(&plain, &files).unwrap().audit.witnesses.unwrap();
+    assert_eq!(w.witnesses[1].url, "http://127.0.0.1:8444/prefix");
+    assert_eq!(w.witnesses[1].ca_file, None);
+    refused(
+        &plain.replace("http://127.0.0.1", "ftp://127.0.0.1"),
+        &files,
+        "audit.witnesses[1].url",
+        "ftp://",
+    );
+    refused(
+        &both.replace(
+            "release_after_witness = true",
+            "release_after_witness = true\nwitness_timeout_secs = 0",
+        ),
+        &files,
+        "audit.witness_timeout_secs",
+        "1 to 300",
+    );
+}

@@ -43,6 +43,30 @@ pub(super) const MIGRATION: &str = "
         signed_at TEXT NOT NULL
     ) STRICT;";
 
+/// The SQL of migration 4: witness cosignatures, one line per checkpoint
+/// size and witness, each verified against the configured key before it is
+/// stored.
+pub(super) const COSIGNATURES_MIGRATION: &str = "
+    CREATE TABLE audit_cosignatures (
+        size    INTEGER NOT NULL CHECK (size >= 0),
+        witness TEXT NOT NULL,
+        line    TEXT NOT NULL,
+        PRIMARY KEY (size, witness)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX audit_cosignatures_by_witness ON audit_cosignatures (witness, size);";
+
+/// A stored witness cosignature: the checkpoint size it is on, the
+/// witness's key name, and the signature line (with its newline).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cosignature {
+    /// The tree size of the cosigned checkpoint.
+    pub size: u64,
+    /// The witness's key name.
+    pub witness: String,
+    /// The `— <name> <base64>` line, newline-terminated.
+    pub line: String,
+}
+
 /// What commits atomically with a batch's leaves.
 #[derive(Debug)]
 pub enum Spend {
@@ -170,6 +194,29 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn checkpoints(&self) -> Result<Vec<(u64, String)>, StoreError>;
+    /// Keeps a witness's cosignature line of the checkpoint of tree size
+    /// `size` (already verified by the caller). A second line by the same
+    /// witness on the same size is ignored: the first is kept.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] / [`StoreError::Postgres`].
+    fn save_cosignature(&self, cosignature: &Cosignature) -> Result<(), StoreError>;
+    /// The largest checkpoint size `witness` has cosigned, if any.
+    ///
+    /// # Errors
+    /// As [`AuditStore::save_cosignature`].
+    fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError>;
+    /// The cosignatures of checkpoints of size at least `from`, largest
+    /// size first, at most `limit` of them.
+    ///
+    /// # Errors
+    /// As [`AuditStore::save_cosignature`].
+    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError>;
+    /// The saved checkpoint of tree size `size`, if any.
+    ///
+    /// # Errors
+    /// As [`AuditStore::save_cosignature`].
+    fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StoreError>;
     /// How many append transactions have committed since open (group commit
     /// makes this far smaller than the number of appends under load).
     fn audit_commits(&self) -> u64;
@@ -662,6 +709,81 @@ impl AuditStore for SqliteStore {
             out.push((size, note));
         }
         Ok(out)
+    }
+
+    fn save_cosignature(&self, c: &Cosignature) -> Result<(), StoreError> {
+        self.conn()
+            .execute(
+                "INSERT INTO audit_cosignatures (size, witness, line) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (size, witness) DO NOTHING",
+                params![
+                    i64::try_from(c.size).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    c.witness,
+                    c.line
+                ],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        Ok(())
+    }
+
+    fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {
+        let size: Option<i64> = self
+            .conn()
+            .query_row(
+                "SELECT MAX(size) FROM audit_cosignatures WHERE witness = ?1",
+                params![witness],
+                |row| row.get(0),
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        size.map(|s| u64::try_from(s).map_err(|_| self.corrupt("negative cosigned size")))
+            .transpose()
+    }
+
+    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= ?1
+                 ORDER BY size DESC, witness LIMIT ?2",
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        let rows = stmt
+            .query_map(
+                params![
+                    i64::try_from(from).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    i64::try_from(limit).unwrap_or(i64::MAX)
+                ],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, String>(2)?,
+                    ))
+                },
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (size, witness, line) = row.map_err(|e| self.sqlite_err(e))?;
+            let size = u64::try_from(size).map_err(|_| self.corrupt("negative cosigned size"))?;
+            out.push(Cosignature {
+                size,
+                witness,
+                line,
+            });
+        }
+        Ok(out)
+    }
+
+    fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StoreError> {
+        self.conn()
+            .query_row(
+                "SELECT note FROM audit_checkpoints WHERE size = ?1",
+                params![i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| self.sqlite_err(e))
     }
 
     fn audit_commits(&self) -> u64 {

@@ -26,7 +26,7 @@ mod warrants;
 
 pub use self::postgres::{PgSettings, PgStore};
 
-pub use audit::{Appended, AuditAppend, AuditStore, Spend, MAX_INDEX};
+pub use audit::{Appended, AuditAppend, AuditStore, Cosignature, Spend, MAX_INDEX};
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
@@ -189,6 +189,8 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;",
     // 3: the audit log: leaves, complete-subtree hashes, signed checkpoints.
     audit::MIGRATION,
+    // 4: witness cosignatures of checkpoints.
+    audit::COSIGNATURES_MIGRATION,
 ];
 
 /// The SQLite schema version this build writes.
@@ -411,6 +413,30 @@ impl AuditStore for Store {
         match self {
             Store::Sqlite(s) => s.checkpoints(),
             Store::Postgres(s) => s.checkpoints(),
+        }
+    }
+    fn save_cosignature(&self, cosignature: &Cosignature) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.save_cosignature(cosignature),
+            Store::Postgres(s) => s.save_cosignature(cosignature),
+        }
+    }
+    fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.last_cosigned(witness),
+            Store::Postgres(s) => s.last_cosigned(witness),
+        }
+    }
+    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.cosignatures(from, limit),
+            Store::Postgres(s) => s.cosignatures(from, limit),
+        }
+    }
+    fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.checkpoint_at(size),
+            Store::Postgres(s) => s.checkpoint_at(size),
         }
     }
     fn audit_commits(&self) -> u64 {

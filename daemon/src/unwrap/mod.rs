@@ -34,6 +34,7 @@ use crate::audit::leaf::{
     Digest, Event, Revocation as RevocationEvent, Unwrap, UnwrapOutcome, WarrantRef, WarrantRefused,
 };
 use crate::audit::log::{AuditLog, LogError, Receipt};
+use crate::audit::witnessing::{WaitError, Witnessing};
 use crate::envelope::reply::{AuditRef, DenyReason, ReplyBuilder};
 use crate::envelope::{open_envelope, Envelope, EnvelopeError, EnvelopeLimits};
 use crate::hsm::{Hsm, HsmError, JobOutcome};
@@ -58,6 +59,10 @@ pub struct Context<'a> {
     pub max_batch: usize,
     /// Bounds the envelopes all requests work on at once.
     pub gate: &'a gate::EnvelopeGate,
+    /// The witnesses, when configured: the reply carries a checkpoint their
+    /// quorum cosigned when there is one, and under
+    /// `release_after_witness` nothing is released without it.
+    pub witnessing: Option<&'a Witnessing>,
 }
 
 /// A whole-request failure. The API maps each to its HTTP status.
@@ -91,6 +96,12 @@ pub enum UnwrapError {
     /// released (HTTP 503 `store_unavailable`).
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
+    /// `release_after_witness`: no checkpoint covering the request's leaves
+    /// was cosigned by the witness quorum in time. The leaves are logged
+    /// and the budget spent; the DEKs were dropped, nothing was released
+    /// (HTTP 503 `witness_unavailable`).
+    #[error("{0}")]
+    WitnessUnavailable(WaitError),
 }
 
 impl UnwrapError {
@@ -103,6 +114,7 @@ impl UnwrapError {
             UnwrapError::HsmUnavailable(_) => "hsm_unavailable",
             UnwrapError::StoreUnavailable(_) => "store_unavailable",
             UnwrapError::Internal(_) => "internal_error",
+            UnwrapError::WitnessUnavailable(_) => "witness_unavailable",
         }
     }
 }
@@ -464,6 +476,7 @@ pub fn unwrap(
     if let Some(e) = hsm_failure {
         return Err(e.into());
     }
+    let checkpoint = witnessed(ctx, &receipt, opened)?;
 
     // Release: seal the opened DEKs to the warrant's recipient, in order.
     let mut denied = BTreeMap::new();
@@ -479,7 +492,7 @@ pub fn unwrap(
         }
     }
     let reply = builder.finish(AuditRef {
-        checkpoint: receipt.checkpoint.clone(),
+        checkpoint,
         first_index: receipt.appended.first_index,
         count: receipt.appended.count,
     });
@@ -490,6 +503,37 @@ pub fn unwrap(
         denied,
         receipt,
     })
+}
+
+/// The checkpoint the reply carries: one the witness quorum cosigned that
+/// covers the request's leaves when there is one (waiting for it, bounded,
+/// under `release_after_witness` when anything is to be released), else the
+/// log's own checkpoint of the receipt. The reply's `first_index` and
+/// `count` lie inside either.
+///
+/// # Errors
+/// [`UnwrapError::WitnessUnavailable`] when the wait timed out: the caller
+/// returns it, and the opened DEKs are dropped unsealed.
+fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String, UnwrapError> {
+    let Some(witnessing) = ctx.witnessing else {
+        return Ok(receipt.checkpoint.clone());
+    };
+    let needed = receipt.appended.first_index + receipt.appended.count;
+    if witnessing.settings().release_after_witness && opened > 0 {
+        return witnessing.wait_for_quorum(needed).map_err(|e| match e {
+            WaitError::Store(s) => s.into(),
+            timeout @ WaitError::Timeout { .. } => UnwrapError::WitnessUnavailable(timeout),
+        });
+    }
+    match witnessing.quorum_covering(needed) {
+        Ok(Some(cosigned)) => Ok(cosigned),
+        Ok(None) => Ok(receipt.checkpoint.clone()),
+        Err(e) => {
+            // The reply is still sound with the log's own checkpoint.
+            tracing::warn!(error = %e, "cannot read cosignatures; replying with the log's checkpoint");
+            Ok(receipt.checkpoint.clone())
+        }
+    }
 }
 
 /// Turns every opened envelope into a denial for `reason`, in the reply

@@ -30,7 +30,11 @@
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
 //!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --tests`
-//!   installs and starts).
+//!   installs and starts);
+//! - (i) single-envelope p50/p99 at 1 client without witnesses, and with
+//!   `release_after_witness` and 1 and 2 local `lavd witness serve`
+//!   witnesses (the quorum: all of them), each on a fresh token, in the
+//!   same run.
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
@@ -64,6 +68,8 @@ use lavd::jwk::P256PublicKey;
 use serde_json::json;
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::witness::Witness;
+use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
 use softhsm_tests::{measure, shim_module_path, Shim, TestToken};
 
 const KID: &str = "E-1";
@@ -99,8 +105,8 @@ impl Options {
                 "--json" => options.json = args.next().expect("--json FILE").into(),
                 "--only" => {
                     let parts = args.next().unwrap_or_default();
-                    if parts.is_empty() || !parts.chars().all(|c| ('a'..='h').contains(&c)) {
-                        eprintln!("lavd-bench: --only takes letters a to h, such as `--only de`");
+                    if parts.is_empty() || !parts.chars().all(|c| ('a'..='i').contains(&c)) {
+                        eprintln!("lavd-bench: --only takes letters a to i, such as `--only de`");
                         std::process::exit(64);
                     }
                     options.only = Some(parts);
@@ -478,6 +484,63 @@ fn main() -> std::process::ExitCode {
             // The daemons stop before their database is dropped.
             drop(daemons);
             drop(db);
+        }
+    }
+
+    if options.runs('i') {
+        // (i): the cost of release_after_witness. One daemon per case, each
+        // on a fresh token and SQLite store: no witnesses; then 1 and 2 local
+        // witnesses (each `lavd witness serve` on its own token, over TLS)
+        // whose quorum is all of them.
+        for n in [0usize, 1, 2] {
+            let log = LogWithWitnesses::new(&serve_config(&bench_toml()));
+            let witnesses: Vec<Witness> = (0..n)
+                .map(|i| log.witness(&format!("w{i}.bench")))
+                .collect();
+            if n > 0 {
+                let mut policy = String::new();
+                let mut names = Vec::new();
+                for (i, w) in witnesses.iter().enumerate() {
+                    policy.push_str(&format!("witness W{i} {}\n", w.vkey));
+                    names.push(format!("W{i}"));
+                }
+                policy.push_str(&format!("group q all {}\nquorum q\n", names.join(" ")));
+                log.configure(
+                    &witnesses.iter().map(Entry::from).collect::<Vec<_>>(),
+                    &policy,
+                    "release_after_witness = true",
+                );
+            }
+            let daemon = Daemon::start(&log.t);
+            daemon.wait_readyz(200);
+            let agency = Parties::new(&log.pki).clients(&log.pki, daemon.api).agency;
+            let envelope: serde_json::Value =
+                serde_json::from_str(&sealed(&log.escrow, 1)[0].to_json()).expect("json");
+            let single = unwrap_body(&big_warrant("BENCH-I"), &[envelope]);
+            let (p50, p99) = latency(
+                std::slice::from_ref(&agency),
+                &single,
+                1,
+                latency_requests(&options),
+            );
+            let label = match n {
+                0 => "no witnesses".to_string(),
+                n => format!("release_after_witness, {n} local witness(es)"),
+            };
+            report.row(
+                "i",
+                &format!("{label}: single-envelope p50"),
+                p50 * 1e3,
+                "ms",
+            );
+            report.row(
+                "i",
+                &format!("{label}: single-envelope p99"),
+                p99 * 1e3,
+                "ms",
+            );
+            drop(daemon);
+            drop(witnesses);
         }
     }
 

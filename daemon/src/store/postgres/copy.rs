@@ -2,7 +2,10 @@
 //! PostgreSQL transaction.
 //!
 //! Copied: key metadata, warrants (first-seen payloads, budgets with their
-//! `spent`), revocations, every audit leaf and every saved checkpoint.
+//! `spent`), revocations, every audit leaf, every saved checkpoint and every
+//! witness cosignature (each on a copied checkpoint; the lines were verified
+//! against the witness keys before they were stored, and a verifier checks
+//! them again against its own policy).
 //! Not copied: the subtree hashes, which are recomputed from the leaves
 //! here; and reservations (per-process in SQLite, gone with the process).
 //!
@@ -33,6 +36,8 @@ pub struct CopyReport {
     pub leaves: u64,
     /// Saved checkpoints, each verified.
     pub checkpoints: u64,
+    /// Witness cosignatures.
+    pub cosignatures: u64,
     /// The RFC 6962 root of the whole tree, identical on both sides.
     pub root: merkle::Hash,
 }
@@ -60,7 +65,8 @@ impl PgStore {
                 "SELECT (SELECT count(*) FROM escrow_keys) + (SELECT count(*) FROM warrants)
                       + (SELECT count(*) FROM warrant_revocations)
                       + (SELECT count(*) FROM audit_leaves)
-                      + (SELECT count(*) FROM audit_checkpoints)",
+                      + (SELECT count(*) FROM audit_checkpoints)
+                      + (SELECT count(*) FROM audit_cosignatures)",
                 &[],
             )
             .and_then(|r| r.try_get(0))
@@ -289,6 +295,36 @@ impl PgStore {
             .map_err(|e| self.pg_err(e))?;
             checkpoints += 1;
         }
+        // Every cosignature, on a checkpoint copied above.
+        let mut cosignatures = 0;
+        let mut stmt = sqlite
+            .prepare("SELECT size, witness, line FROM audit_cosignatures ORDER BY size, witness")
+            .map_err(se)?;
+        let mut rows = stmt.query([]).map_err(se)?;
+        while let Some(r) = rows.next().map_err(se)? {
+            let (cp_size, witness, line): (i64, String, String) = (
+                r.get(0).map_err(se)?,
+                r.get(1).map_err(se)?,
+                r.get(2).map_err(se)?,
+            );
+            let inserted = tx
+                .execute(
+                    "INSERT INTO audit_cosignatures (size, witness, line)
+                     SELECT $1, $2, $3 WHERE EXISTS
+                         (SELECT 1 FROM audit_checkpoints WHERE size = $1)",
+                    &[&cp_size, &witness, &line],
+                )
+                .map_err(|e| self.pg_err(e))?;
+            if inserted != 1 {
+                return Err(refused(format!(
+                    "the source has a cosignature by {witness} of size {cp_size}, which has no \
+                     saved checkpoint"
+                )));
+            }
+            cosignatures += 1;
+        }
+        drop(rows);
+        drop(stmt);
         let root = {
             let reader = PgNodes {
                 client: std::cell::RefCell::new(&mut *tx),
@@ -302,6 +338,7 @@ impl PgStore {
             revocations,
             leaves: size,
             checkpoints,
+            cosignatures,
             root,
         })
     }

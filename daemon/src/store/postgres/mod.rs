@@ -71,8 +71,8 @@ use zeroize::Zeroizing;
 use super::audit::{GroupCommit, Pending};
 use super::warrants::to_i64;
 use super::{
-    Appended, AuditAppend, AuditStore, KeyRecord, KeyStore, Registration, Reservation, Revocation,
-    Spend, StoreError, WarrantRecord, WarrantStore,
+    Appended, AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, Registration, Reservation,
+    Revocation, Spend, StoreError, WarrantRecord, WarrantStore,
 };
 use crate::audit::leaf::DenyReason;
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
@@ -259,6 +259,14 @@ const MIGRATIONS: &[&str] = &[
         note      TEXT NOT NULL,
         signed_at TEXT NOT NULL
     );",
+    // 2: witness cosignatures of checkpoints (SQLite's migration 4).
+    "CREATE TABLE audit_cosignatures (
+        size    BIGINT NOT NULL CHECK (size >= 0),
+        witness TEXT NOT NULL,
+        line    TEXT NOT NULL,
+        PRIMARY KEY (size, witness)
+    );
+    CREATE INDEX audit_cosignatures_by_witness ON audit_cosignatures (witness, size);",
 ];
 
 /// The advisory lock key that serialises migrations across replicas
@@ -1243,6 +1251,69 @@ impl AuditStore for PgStore {
                 Ok((self.to_u64(size, "checkpoint size")?, note))
             })
             .collect()
+    }
+
+    fn save_cosignature(&self, c: &Cosignature) -> Result<(), StoreError> {
+        let size = i64::try_from(c.size).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        // Two replicas may each store the same witness's cosignature of one
+        // size: the first is kept.
+        self.with_tx(|tx| {
+            tx.execute(
+                "INSERT INTO audit_cosignatures (size, witness, line) VALUES ($1, $2, $3)
+                 ON CONFLICT (size, witness) DO NOTHING",
+                &[&size, &c.witness, &c.line],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        Ok(())
+    }
+
+    fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {
+        let size: Option<i64> = self.read(|c| {
+            c.query_one(
+                "SELECT MAX(size) FROM audit_cosignatures WHERE witness = $1",
+                &[&witness],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))
+        })?;
+        size.map(|s| self.to_u64(s, "cosigned size")).transpose()
+    }
+
+    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
+        let from = i64::try_from(from).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= $1
+                 ORDER BY size DESC, witness LIMIT $2",
+                &[&from, &limit],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        rows.iter()
+            .map(|row| {
+                let size: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+                Ok(Cosignature {
+                    size: self.to_u64(size, "cosigned size")?,
+                    witness: row.try_get(1).map_err(|e| self.pg_err(e))?,
+                    line: row.try_get(2).map_err(|e| self.pg_err(e))?,
+                })
+            })
+            .collect()
+    }
+
+    fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StoreError> {
+        let size = i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        let row = self.read(|c| {
+            c.query_opt(
+                "SELECT note FROM audit_checkpoints WHERE size = $1",
+                &[&size],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        row.map(|r| r.try_get(0).map_err(|e| self.pg_err(e)))
+            .transpose()
     }
 
     fn audit_commits(&self) -> u64 {

@@ -1,0 +1,793 @@
+//! The daemon as a client of its witnesses (C2SP `tlog-witness`): it submits
+//! every checkpoint it signs to each configured witness, keeps the
+//! cosignatures that verify, and serves checkpoints with them.
+//!
+//! - **Submitting.** One task per witness, so at most one `add-checkpoint`
+//!   is in flight to each. A task always sends the newest checkpoint in the
+//!   store (checkpoints signed while a request was in flight are batched
+//!   into the next one), with the old size the witness last cosigned (from
+//!   the store, so from any replica; 0 at first) and a consistency proof
+//!   from it, read from the store's subtree hashes. Each answer is handled
+//!   as the spec says: 200 → every returned line by the witness's key is
+//!   verified *before* it is stored (a line that does not verify is dropped
+//!   and logged); 409 with `text/x.tlog.size` → the witness's size is
+//!   learned and the request sent again from it (a few times at most); 400,
+//!   403, 404, 422, a 409 without a size → ERROR naming the witness, then
+//!   backoff; timeouts, 5xx and connection errors → backoff and retry.
+//! - **Serving** ([`Witnessing::served`]): the newest checkpoint whose
+//!   stored cosignatures meet the policy's quorum, with all of them; before
+//!   any checkpoint does, the newest signed one with what it has.
+//! - **Waiting** ([`Witnessing::wait_for_quorum`], `release_after_witness`):
+//!   polls the store, so a cosignature stored by another replica's
+//!   submitter counts as soon as it is committed.
+//!
+//! Trust: the witnesses are not trusted. Their replies are bounded in time
+//! and size, and only lines that verify under the configured keys are
+//! stored. The store is trusted for what this daemon wrote.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use hyper::body::Bytes;
+
+use super::witness::{verify_cosignatures, AddCheckpoint, CosignerKey};
+use crate::cli::https::{Endpoint, Limits};
+use crate::config::{WitnessClientSettings, WitnessEndpoint};
+use crate::metrics::Metrics;
+use crate::store::{AuditStore, Cosignature, StoreError};
+
+/// How many stored cosignature rows serving looks at, newest first: enough
+/// for a quorum that lags this many checkpoints behind the newest one.
+const SERVE_SCAN_ROWS: u64 = 1024;
+/// How often a waiting unwrap looks at the store again when nothing was
+/// stored by this process meanwhile (another replica may have stored it).
+const WAIT_POLL: Duration = Duration::from_millis(50);
+/// How often a submitter looks at the store for checkpoints signed by
+/// another replica (its own are announced at once).
+const SUBMIT_POLL: Duration = Duration::from_secs(1);
+/// Backoff after a failed request: doubling from the first to the last.
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How many times one checkpoint is sent again after learning the
+/// witness's size from a 409.
+const MAX_CONFLICT_RETRIES: usize = 3;
+/// The largest reply a witness may send (a few cosignature lines).
+const MAX_REPLY_BYTES: usize = 16 * 1024;
+
+/// Why an unwrap under `release_after_witness` releases nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    /// No checkpoint covering the leaves met the quorum in time.
+    #[error(
+        "no checkpoint of at least {size} leaves was cosigned by the witness quorum within {} s",
+        timeout.as_secs_f64()
+    )]
+    Timeout {
+        /// The tree size that had to be cosigned.
+        size: u64,
+        /// The bound.
+        timeout: Duration,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The witnesses of one daemon: settings, the submitters' wake-up, and the
+/// waiters' wake-up.
+pub struct Witnessing {
+    settings: WitnessClientSettings,
+    store: Arc<dyn AuditStore>,
+    metrics: Option<Arc<Metrics>>,
+    /// The newest size this process signed: wakes the submitters.
+    signed: tokio::sync::watch::Sender<u64>,
+    /// Bumped when this process stores a cosignature: wakes the waiters.
+    stored: (Mutex<u64>, Condvar),
+}
+
+impl std::fmt::Debug for Witnessing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Witnessing")
+            .field("witnesses", &self.settings.witnesses.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Witnessing {
+    /// The witnessing of `store`'s log under `settings`.
+    pub fn new(
+        settings: WitnessClientSettings,
+        store: Arc<dyn AuditStore>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        Witnessing {
+            settings,
+            store,
+            metrics,
+            signed: tokio::sync::watch::channel(0).0,
+            stored: (Mutex::new(0), Condvar::new()),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &WitnessClientSettings {
+        &self.settings
+    }
+
+    /// Tells the submitters that a checkpoint of `size` was signed.
+    pub fn signed(&self, size: u64) {
+        self.signed.send_if_modified(|newest| {
+            let newer = size > *newest;
+            if newer {
+                *newest = size;
+            }
+            newer
+        });
+    }
+
+    /// The configured key of witness `name`.
+    fn key(&self, name: &str) -> Option<&CosignerKey> {
+        self.settings
+            .witnesses
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| &w.key)
+    }
+
+    /// Among `rows` (largest size first), the largest size whose
+    /// cosignatures meet the quorum, with those cosignatures.
+    fn first_quorum(&self, rows: &[Cosignature]) -> Option<(u64, Vec<String>)> {
+        let mut i = 0;
+        while i < rows.len() {
+            let size = rows[i].size;
+            let group: Vec<&Cosignature> =
+                rows[i..].iter().take_while(|c| c.size == size).collect();
+            i += group.len();
+            let keys = group.iter().filter_map(|c| self.key(&c.witness));
+            if self.settings.policy.quorum_met_by(keys) {
+                return Some((size, group.iter().map(|c| c.line.clone()).collect()));
+            }
+        }
+        None
+    }
+
+    /// The note of size `size` with `lines` appended.
+    fn with_lines(&self, size: u64, lines: &[String]) -> Result<Option<String>, StoreError> {
+        Ok(self.store.checkpoint_at(size)?.map(|mut note| {
+            for line in lines {
+                note.push_str(line);
+            }
+            note
+        }))
+    }
+
+    /// The checkpoint to serve: the newest one the quorum cosigned, with
+    /// all its cosignatures; before any is, the newest signed checkpoint
+    /// with the cosignatures it has. `None` when the log has signed none.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn served(&self) -> Result<Option<String>, StoreError> {
+        let rows = self.store.cosignatures(0, SERVE_SCAN_ROWS)?;
+        if let Some((size, lines)) = self.first_quorum(&rows) {
+            if let Some(note) = self.with_lines(size, &lines)? {
+                return Ok(Some(note));
+            }
+        }
+        let Some((size, mut note)) = self.store.latest_checkpoint()? else {
+            return Ok(None);
+        };
+        for c in rows.iter().filter(|c| c.size == size) {
+            note.push_str(&c.line);
+        }
+        Ok(Some(note))
+    }
+
+    /// A checkpoint of at least `size` leaves that the quorum cosigned, with
+    /// its cosignatures, if the store has one now.
+    ///
+    /// # Errors
+    /// The store's.
+    pub fn quorum_covering(&self, size: u64) -> Result<Option<String>, StoreError> {
+        let rows = self.store.cosignatures(size, SERVE_SCAN_ROWS)?;
+        match self.first_quorum(&rows) {
+            Some((at, lines)) => self.with_lines(at, &lines),
+            None => Ok(None),
+        }
+    }
+
+    /// Waits, blocking, until a checkpoint of at least `size` leaves is
+    /// cosigned by the quorum (by this process's submitters or another
+    /// replica's), for at most the configured `witness_timeout_secs`.
+    ///
+    /// # Errors
+    /// [`WaitError::Timeout`]; the store's errors.
+    pub fn wait_for_quorum(&self, size: u64) -> Result<String, WaitError> {
+        let timeout = self.settings.timeout;
+        let deadline = Instant::now() + timeout;
+        let (lock, wake) = &self.stored;
+        loop {
+            let seen = *lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(note) = self.quorum_covering(size)? {
+                return Ok(note);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(WaitError::Timeout { size, timeout });
+            }
+            let guard = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if *guard == seen {
+                // Woken by a local store, or after the poll interval for
+                // another replica's.
+                let _ = wake
+                    .wait_timeout(guard, WAIT_POLL.min(deadline - now))
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+            }
+        }
+    }
+
+    /// Starts one submitter task per witness on the current tokio runtime.
+    ///
+    /// # Errors
+    /// A witness whose URL or CA file cannot be used.
+    pub fn spawn_submitters(self: &Arc<Self>) -> anyhow::Result<()> {
+        for w in &self.settings.witnesses {
+            let endpoint = match &w.ca_file {
+                Some(ca) => Endpoint::new(&w.url, ca, None),
+                None => Endpoint::new_plain(&w.url),
+            }
+            .map_err(|e| anyhow::anyhow!("witness {}: {e:#}", w.name))?;
+            let this = self.clone();
+            let w = w.clone();
+            tokio::spawn(async move { this.submit_loop(w, endpoint).await });
+        }
+        Ok(())
+    }
+
+    fn outcome(&self, witness: &str, outcome: &'static str) {
+        if let Some(m) = &self.metrics {
+            m.witness_request(witness, outcome);
+        }
+    }
+
+    /// Runs a store call on a thread of its own, not on the runtime's
+    /// blocking pool: unwraps waiting for the quorum hold blocking-pool
+    /// threads, and the cosignature they wait for must still get stored
+    /// when every one of those threads is taken.
+    async fn store_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn AuditStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("lavd-witness-store".into())
+            .spawn(move || {
+                let _ = tx.send(f(store.as_ref()));
+            });
+        if let Err(e) = spawned {
+            return Err(StoreError::CommitFailed(format!("store thread: {e}")));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::CommitFailed("the store thread panicked".into())))
+    }
+
+    async fn submit_loop(self: Arc<Self>, w: WitnessEndpoint, endpoint: Endpoint) {
+        let mut signed = self.signed.subscribe();
+        let mut backoff = BACKOFF_MIN;
+        let name = w.name.clone();
+        if let Ok(Some(size)) = self.store_call(move |s| s.last_cosigned(&name)).await {
+            if let Some(m) = &self.metrics {
+                m.witness_cosigned(&w.name, size);
+            }
+        }
+        loop {
+            match self.submit_newest(&w, &endpoint).await {
+                Ok(()) => backoff = BACKOFF_MIN,
+                Err(()) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            }
+            tokio::select! {
+                changed = signed.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                () = tokio::time::sleep(SUBMIT_POLL) => {}
+            }
+        }
+    }
+
+    /// Sends the newest stored checkpoint to `w` unless it has cosigned it
+    /// already. `Err` means: back off before the next try (already logged).
+    async fn submit_newest(&self, w: &WitnessEndpoint, endpoint: &Endpoint) -> Result<(), ()> {
+        let name = w.name.clone();
+        let read = self
+            .store_call(move |s| Ok((s.latest_checkpoint()?, s.last_cosigned(&name)?)))
+            .await;
+        let (latest, cosigned) = match read {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(witness = %w.name, error = %e, "witness submitter: store read failed");
+                return Err(());
+            }
+        };
+        let Some((size, note)) = latest else {
+            return Ok(());
+        };
+        let mut old = cosigned.unwrap_or(0);
+        if old >= size {
+            return Ok(());
+        }
+        for _ in 0..=MAX_CONFLICT_RETRIES {
+            match self.add_checkpoint(w, endpoint, old, size, &note).await? {
+                Sent::Cosigned => return Ok(()),
+                Sent::Learned(learned) => {
+                    if learned == old || learned > size {
+                        // The same size with another root (a fork of what
+                        // it recorded), or more than this log has signed:
+                        // the witness's view and ours disagree.
+                        tracing::error!(
+                            witness = %w.name, learned, old, size,
+                            "witness reports a size it cannot have cosigned from this log's \
+                             checkpoints (a fork, or another log with this origin); backing off"
+                        );
+                        return Err(());
+                    }
+                    old = learned;
+                }
+            }
+        }
+        tracing::error!(witness = %w.name, size, "witness keeps answering 409; backing off");
+        Err(())
+    }
+
+    async fn add_checkpoint(
+        &self,
+        w: &WitnessEndpoint,
+        endpoint: &Endpoint,
+        old: u64,
+        size: u64,
+        note: &str,
+    ) -> Result<Sent, ()> {
+        let proof = if old == 0 {
+            Vec::new()
+        } else {
+            match self
+                .store_call(move |s| s.consistency_proof(old, size))
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!(
+                        witness = %w.name, old, size, error = %e,
+                        "no consistency proof for the witness; backing off"
+                    );
+                    self.outcome(&w.name, "no_proof");
+                    return Err(());
+                }
+            }
+        };
+        let body = AddCheckpoint {
+            old_size: old,
+            proof,
+            checkpoint: note.to_string(),
+        }
+        .encode();
+        let path = format!("{}/add-checkpoint", endpoint.prefix());
+        let limits = Limits {
+            max_response_bytes: MAX_REPLY_BYTES,
+            timeout: self.settings.request_timeout,
+        };
+        let reply = match endpoint
+            .send(&path, Some(("text/plain", Bytes::from(body))), limits)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(witness = %w.name, error = %format!("{e:#}"), "witness unreachable; will retry");
+                self.outcome(&w.name, "unavailable");
+                return Err(());
+            }
+        };
+        let text = String::from_utf8_lossy(&reply.body);
+        let excerpt: String = text.chars().take(200).collect();
+        match reply.status.as_u16() {
+            200 => self.cosigned(w, size, note, &text).await,
+            409 => {
+                let learned = (reply.content_type.as_deref() == Some("text/x.tlog.size"))
+                    .then(|| parse_size(&text))
+                    .flatten();
+                match learned {
+                    Some(n) => {
+                        tracing::info!(witness = %w.name, sent = old, learned = n, "witness has another size; retrying from it");
+                        self.outcome(&w.name, "conflict");
+                        Ok(Sent::Learned(n))
+                    }
+                    None => {
+                        tracing::error!(
+                            witness = %w.name, size, body = %excerpt,
+                            "witness answered 409 without a size: it holds a checkpoint of this \
+                             size with another root (a fork?); backing off"
+                        );
+                        self.outcome(&w.name, "conflict");
+                        Err(())
+                    }
+                }
+            }
+            status @ (400 | 403 | 404 | 422) => {
+                let outcome = match status {
+                    400 => "bad_request",
+                    403 => "forbidden",
+                    404 => "unknown_origin",
+                    _ => "bad_proof",
+                };
+                tracing::error!(
+                    witness = %w.name, status, old, size, body = %excerpt,
+                    "witness refused the checkpoint ({outcome}); backing off"
+                );
+                self.outcome(&w.name, outcome);
+                Err(())
+            }
+            status => {
+                tracing::warn!(witness = %w.name, status, body = %excerpt, "witness unavailable; will retry");
+                self.outcome(&w.name, "unavailable");
+                Err(())
+            }
+        }
+    }
+
+    /// A 200: keeps the first returned line that verifies under `w`'s key.
+    async fn cosigned(
+        &self,
+        w: &WitnessEndpoint,
+        size: u64,
+        note: &str,
+        body: &str,
+    ) -> Result<Sent, ()> {
+        let mut good = None;
+        for line in body.split_inclusive('\n') {
+            if !line.ends_with('\n') || !line.starts_with(super::note::SIG_PREFIX) {
+                continue;
+            }
+            match verify_cosignatures(&format!("{note}{line}"), &w.key) {
+                Ok(times) if !times.is_empty() => {
+                    good.get_or_insert_with(|| line.to_string());
+                }
+                // Another key's line: ignored, as the spec requires.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(witness = %w.name, size, error = %e, "witness returned a cosignature that does not verify; dropped");
+                }
+            }
+        }
+        let Some(line) = good else {
+            tracing::error!(witness = %w.name, size, "witness answered 200 without a valid cosignature by its key; backing off");
+            self.outcome(&w.name, "bad_cosignature");
+            return Err(());
+        };
+        let cosignature = Cosignature {
+            size,
+            witness: w.name.clone(),
+            line,
+        };
+        if let Err(e) = self
+            .store_call(move |s| s.save_cosignature(&cosignature))
+            .await
+        {
+            tracing::error!(witness = %w.name, size, error = %e, "cannot store a cosignature; will retry");
+            self.outcome(&w.name, "unavailable");
+            return Err(());
+        }
+        self.outcome(&w.name, "cosigned");
+        if let Some(m) = &self.metrics {
+            m.witness_cosigned(&w.name, size);
+        }
+        let (lock, wake) = &self.stored;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        wake.notify_all();
+        Ok(Sent::Cosigned)
+    }
+}
+
+/// What one request achieved.
+enum Sent {
+    Cosigned,
+    /// A 409 with the witness's size.
+    Learned(u64),
+}
+
+/// A `text/x.tlog.size` body: a decimal without leading zeros and a
+/// newline.
+fn parse_size(body: &str) -> Option<u64> {
+    let digits = body.strip_suffix('\n')?;
+    let canonical = digits == "0" || (!digits.is_empty() && !digits.starts_with('0'));
+    if !canonical || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The submitter against in-process witnesses: `WitnessState` (the
+    //! witness side's own checks and store) behind a small HTTPS server.
+    //! The end-to-end test with real `lavd witness serve` processes is
+    //! `softhsm-tests/tests/log_witnessed.rs`.
+    use std::path::Path;
+
+    use ed25519_dalek::Signer as _;
+    use http_body_util::{BodyExt as _, Full};
+    use hyper::body::Bytes;
+    use rustls_pki_types::pem::PemObject as _;
+
+    use super::*;
+    use crate::audit::leaf::{Event, WarrantRefused};
+    use crate::audit::note::{self, Checkpoint, VerifierKey};
+    use crate::audit::witness::{AddOutcome, Policy};
+    use crate::codec::parse_time;
+    use crate::store::{AuditAppend, Spend, Store};
+    use crate::witness::WitnessState;
+
+    #[test]
+    fn size_bodies_are_read_strictly() {
+        assert_eq!(parse_size("0\n"), Some(0));
+        assert_eq!(parse_size("50\n"), Some(50));
+        for bad in ["50", "050\n", "\n", "5 0\n", "-1\n", "50\n\n", "x\n"] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
+
+    const LOG_SEED: [u8; 32] = [9; 32];
+    const ORIGIN: &str = "log.test/witnessed";
+
+    fn log_key() -> VerifierKey {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        VerifierKey::new(ORIGIN, sk.verifying_key().as_bytes()).unwrap()
+    }
+
+    /// Appends `n` leaves and saves a checkpoint of the whole tree, signed
+    /// by the test log key; returns its size.
+    fn grow(store: &Store, n: usize) -> u64 {
+        let refused =
+            WarrantRefused::new("spiffe://agency.test/a", None, None, "malformed_warrant");
+        let events: Vec<Event> = (0..n).map(|_| refused.clone().unwrap().into()).collect();
+        store
+            .append(AuditAppend {
+                events,
+                time: parse_time("2026-12-02T00:00:00Z").unwrap(),
+                spend: Spend::None,
+            })
+            .unwrap();
+        let size = store.tree_size().unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        let checkpoint = Checkpoint {
+            origin: ORIGIN.into(),
+            size,
+            root: store.root(size).unwrap(),
+        };
+        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
+            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
+            .unwrap();
+        size
+    }
+
+    /// A witness named `name` trusting `trusts` for the origin, served over
+    /// HTTPS on a loopback port; returns its URL and key.
+    async fn witness(
+        dir: &Path,
+        name: &str,
+        seed: u8,
+        trusts: VerifierKey,
+        ca: &crate::dev::pki::DevCa,
+    ) -> (String, CosignerKey, Arc<WitnessState>) {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
+        let state = Arc::new(WitnessState::open(&dir.join(format!("{seed}.db"))).unwrap());
+        let server = ca.server().unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![
+                rustls_pki_types::CertificateDer::from_pem_slice(server.cert_pem.as_bytes())
+                    .unwrap(),
+            ],
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(server.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (served_state, served_key) = (state.clone(), key.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let (state, key, trusts, sk) = (
+                    served_state.clone(),
+                    served_key.clone(),
+                    trusts.clone(),
+                    sk.clone(),
+                );
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (state, key, trusts, sk) =
+                            (state.clone(), key.clone(), trusts.clone(), sk.clone());
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let trusted = |origin: &str| {
+                                if origin == ORIGIN {
+                                    vec![trusts.clone()]
+                                } else {
+                                    Vec::new()
+                                }
+                            };
+                            let outcome = state
+                                .add_checkpoint(&body, &trusted, &key, 1_700_000_000, |m| {
+                                    Ok::<_, ()>(sk.sign(m).to_bytes())
+                                })
+                                .unwrap()
+                                .unwrap();
+                            let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() =
+                                hyper::StatusCode::from_u16(outcome.status()).unwrap();
+                            match outcome {
+                                AddOutcome::Cosigned(line) => {
+                                    *response.body_mut() = Full::new(Bytes::from(line));
+                                }
+                                AddOutcome::Conflict { size } => {
+                                    response.headers_mut().insert(
+                                        hyper::header::CONTENT_TYPE,
+                                        hyper::header::HeaderValue::from_static("text/x.tlog.size"),
+                                    );
+                                    *response.body_mut() =
+                                        Full::new(Bytes::from(format!("{size}\n")));
+                                }
+                                _ => {}
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), service),
+                );
+            }
+        });
+        (format!("https://localhost:{port}"), key, state)
+    }
+
+    fn settings(
+        dir: &Path,
+        witnesses: &[(&str, &CosignerKey)],
+        policy: &str,
+        ca: &crate::dev::pki::DevCa,
+    ) -> WitnessClientSettings {
+        let ca_file = dir.join("ca.pem");
+        std::fs::write(&ca_file, &ca.ca.cert_pem).unwrap();
+        WitnessClientSettings {
+            witnesses: witnesses
+                .iter()
+                .map(|(url, key)| WitnessEndpoint {
+                    name: key.name().to_string(),
+                    url: url.to_string(),
+                    key: (*key).clone(),
+                    ca_file: Some(ca_file.clone()),
+                })
+                .collect(),
+            policy_file: dir.join("policy"),
+            policy: Arc::new(Policy::parse(policy.as_bytes()).unwrap()),
+            policy_text: policy.as_bytes().to_vec(),
+            release_after_witness: true,
+            timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// Two witnesses under a quorum of both, and a third that trusts
+    /// another log key (403) outside the quorum: the quorum is reached, the
+    /// 403 holds up nothing, the served checkpoint has both lines, and a
+    /// witness that cosigned a size the store does not know about answers
+    /// 409 and the submitter recovers from its size.
+    #[test]
+    fn submitters_reach_the_quorum_and_recover_from_a_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let other = VerifierKey::new(ORIGIN, &[1; 32]).unwrap();
+        let ((u1, k1, s1), (u2, k2, _), (u3, k3, _)) = runtime.block_on(async {
+            (
+                witness(dir.path(), "w1.test", 1, log_key(), &ca).await,
+                witness(dir.path(), "w2.test", 2, log_key(), &ca).await,
+                witness(dir.path(), "w3.test", 3, other, &ca).await,
+            )
+        });
+        // w1 already cosigned size 3 for another client: the store knows
+        // nothing of it, so the first request (old 0) gets its 409.
+        let first = grow(&store, 3);
+        let note = store.checkpoint_at(first).unwrap().unwrap();
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: note,
+        }
+        .encode();
+        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let outcome = s1
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, 1, |m| {
+                Ok::<_, ()>(sk1.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+        let size = grow(&store, 4);
+
+        let policy_text = format!(
+            "witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup both all A B\nquorum both\n"
+        );
+        let witnessing = Arc::new(Witnessing::new(
+            settings(
+                dir.path(),
+                &[(&u1, &k1), (&u2, &k2), (&u3, &k3)],
+                &policy_text,
+                &ca,
+            ),
+            store.clone(),
+            None,
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let waiter = witnessing.clone();
+        let cosigned = std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap()
+            .unwrap();
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        let (checkpoint, valid) = policy.verify(&cosigned).unwrap();
+        assert_eq!(
+            (checkpoint.size, valid),
+            (size, vec!["A".into(), "B".into()])
+        );
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
+        assert_eq!(store.last_cosigned("w3.test").unwrap(), None);
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(policy.verify(&served).is_ok());
+        // Nothing covers a size the log has not reached: the wait ends.
+        let mut short = settings(
+            dir.path(),
+            &[(&u1, &k1), (&u2, &k2), (&u3, &k3)],
+            &policy_text,
+            &ca,
+        );
+        short.timeout = Duration::from_millis(200);
+        let bounded = Witnessing::new(short, store.clone(), None);
+        assert!(matches!(
+            bounded.wait_for_quorum(size + 1),
+            Err(WaitError::Timeout { size: s, .. }) if s == size + 1
+        ));
+        drop(runtime);
+    }
+}

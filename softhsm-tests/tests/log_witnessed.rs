@@ -1,0 +1,326 @@
+//! A witnessed log, with real processes: `lavd serve` with a `lavd witness
+//! serve` and the independent Python witness (`interop/witness.py`) under a
+//! quorum of both, and a third witness (`lavd witness serve`) that does not
+//! trust the log's key (it answers 403) and is not in the quorum.
+//!
+//! - unwraps under `release_after_witness` get a reply whose checkpoint both
+//!   quorum witnesses cosigned and that covers their leaves;
+//!   `/v1/log/checkpoint` carries both cosignatures and `lavd audit verify
+//!   --tiles URL --policy FILE` accepts the log;
+//! - the 403 witness is logged (ERROR naming it, metric) and holds up
+//!   nothing;
+//! - with one quorum witness stopped (SIGSTOP: its requests time out), an
+//!   unwrap is 503 `witness_unavailable`, nothing is released, and its
+//!   leaf is logged as opened with the budget spent; once the witness runs
+//!   again the service resumes;
+//! - a restarted daemon whose store lacks a witness's cosignatures (it sends
+//!   `old 0`) learns the witness's size from its 409 and recovers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use lavd::audit::witness::Policy;
+use softhsm_tests::assert_ok;
+use softhsm_tests::server::{path_str, serve_config, Daemon};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::witness::{PyWitness, Witness};
+use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
+use time::OffsetDateTime;
+
+/// How long an unwrap waits for the quorum. Long enough that two local
+/// witnesses answer well within it on a loaded 2-core machine (they answer
+/// in milliseconds), short enough to keep the timeout case quick.
+const WITNESS_TIMEOUT_SECS: u64 = 8;
+
+/// Polls `f` until it is true, for up to a minute (a generous bound for a
+/// loaded machine: the submitter backs off at most 5 s between tries).
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
+    let log = LogWithWitnesses::new(&serve_config(&vault::roles_toml()));
+    // A `lavd witness serve` and the independent Python witness make the
+    // quorum.
+    let w1 = log.witness("w1.example");
+    let w2 = PyWitness::start(
+        "w2.example",
+        &[7; 32],
+        &log.t.path("py-witness.json"),
+        &log.origin,
+        &log.vkey,
+    );
+    // Trusts another key for this origin: every submission is 403.
+    let other = lavd::audit::note::verifier_key(&log.origin, &[5; 32]).unwrap();
+    let w3 = Witness::start("w3.example", &log.origin, &other, "");
+    let policy_file = log.configure(
+        &[
+            Entry::from(&w1),
+            Entry::python(&w2, "w2.example"),
+            Entry::from(&w3),
+        ],
+        &format!(
+            "witness A {}\nwitness B {}\nwitness C {}\ngroup both all A B\nquorum both\n",
+            w1.vkey, w2.vkey, w3.vkey
+        ),
+        &format!(
+            "release_after_witness = true\nwitness_timeout_secs = {WITNESS_TIMEOUT_SECS}\n\
+             witness_request_timeout_secs = 2"
+        ),
+    );
+    let policy = Policy::parse(&std::fs::read(&policy_file).unwrap()).unwrap();
+    let (t, pki, log_vkey, escrow) = (&log.t, &log.pki, log.vkey.clone(), log.escrow.clone());
+
+    let mut daemon = Daemon::start(t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(pki);
+    let c = parties.clients(pki, daemon.api);
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-WITNESSED", recipient.public(), 100));
+    let seal = |n: u32| {
+        vault::seal(
+            &escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("m{n}"),
+            &[n as u8; 16],
+        )
+    };
+    let unwrap_envelope = |envelope: &serde_json::Value| {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        )
+    };
+    let unwrap = |n: u32| unwrap_envelope(&seal(n));
+
+    // 1. Released only with a checkpoint the quorum cosigned, covering the
+    //    request's leaves.
+    for n in 0..3 {
+        let r = unwrap(n);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let reply = r.json();
+        assert_eq!(vault::statuses(&reply), ["ok"]);
+        let note = reply["audit"]["checkpoint"].as_str().unwrap();
+        let (checkpoint, valid) = policy
+            .verify(note)
+            .expect("the reply's checkpoint has the quorum");
+        assert!(valid.contains(&"A".to_string()) && valid.contains(&"B".to_string()));
+        let end = reply["audit"]["first_index"].as_u64().unwrap()
+            + reply["audit"]["count"].as_u64().unwrap();
+        assert!(checkpoint.size >= end, "{} < {end}", checkpoint.size);
+    }
+
+    // 2. The served checkpoints carry both cosignatures.
+    for path in ["/v1/log/checkpoint", "/v1/audit/checkpoint"] {
+        let r = c.auditor.get(path);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let note = if path.contains("/log/") {
+            r.text()
+        } else {
+            r.json()["checkpoint"].as_str().unwrap().to_string()
+        };
+        let (_, valid) = policy
+            .verify(&note)
+            .unwrap_or_else(|e| panic!("{path}: {e}\n{note}"));
+        assert_eq!(valid, ["A", "B"], "{path}");
+    }
+    // The real verifier, from the tiles, under the policy.
+    let (ca, cert, client_key) = pki.cli_files(&parties.auditor, "auditor");
+    let tiles = format!("https://{}/v1/log", daemon.api);
+    let verify = |policy: &str| {
+        t.lavd(&[
+            "audit",
+            "verify",
+            "--key",
+            &log_vkey,
+            "--tiles",
+            &tiles,
+            "--policy",
+            policy,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--client-key",
+            &client_key,
+        ])
+    };
+    assert_ok(&verify(&path_str(&policy_file)));
+    // A policy that also needs the 403 witness rejects it.
+    let strict = log.t.path("strict.policy");
+    std::fs::write(
+        &strict,
+        format!(
+            "log {log_vkey}\nwitness A {}\nwitness B {}\nwitness C {}\ngroup all3 all A B C\nquorum all3\n",
+            w1.vkey, w2.vkey, w3.vkey
+        ),
+    )
+    .unwrap();
+    let out = verify(&path_str(&strict));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("quorum_not_met"),
+        "{out:?}"
+    );
+
+    // 3. The 403 witness is logged by name and counted; it held up nothing.
+    assert!(
+        daemon.metric("lavd_witness_requests_total{outcome=\"forbidden\",witness=\"w3.example\"}")
+            >= 1.0
+    );
+    assert!(
+        daemon.metric("lavd_witness_requests_total{outcome=\"cosigned\",witness=\"w1.example\"}")
+            >= 1.0
+    );
+    let stderr = daemon.stderr();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("w3.example") && l.contains("403")),
+        "{stderr}"
+    );
+
+    // 4. One quorum witness stopped: 503 witness_unavailable, no key, the
+    //    leaf logged as opened and the budget spent.
+    let leaves = || {
+        let r = c.auditor.get("/v1/audit/entries?start=0");
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["entries"].as_array().unwrap().clone()
+    };
+    let before = leaves().len() as u64;
+    w1.daemon.signal(rustix::process::Signal::STOP);
+    let withheld = seal(10);
+    let r = unwrap_envelope(&withheld);
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "witness_unavailable");
+    assert!(r.json().get("results").is_none());
+    let after = leaves();
+    assert_eq!(after.len() as u64, before + 1);
+    let bytes = lavd::codec::b64_decode(after.last().unwrap()["leaf"].as_str().unwrap()).unwrap();
+    let leaf: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(leaf["event"], "unwrap", "{leaf}");
+    assert_eq!(leaf["outcome"], "opened", "{leaf}");
+    assert_eq!(leaf["envelope_digest"], vault::envelope_digest(&withheld));
+
+    // 5. The witness runs again: the service resumes.
+    w1.daemon.signal(rustix::process::Signal::CONT);
+    eventually("w1 to cosign the newest checkpoint", || {
+        daemon.metric("lavd_witness_cosigned_size{witness=\"w1.example\"}") >= (before + 1) as f64
+    });
+    let r = unwrap(11);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(policy
+        .verify(r.json()["audit"]["checkpoint"].as_str().unwrap())
+        .is_ok());
+
+    // 6. A store that lacks w1's cosignatures: the restarted daemon sends
+    //    `old 0`, learns w1's size from its 409, and recovers from it.
+    daemon.signal(rustix::process::Signal::TERM);
+    assert!(daemon.wait_exit(Duration::from_secs(30)).success());
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    // The withheld envelope's unit is spent: 3 + 1 withheld + 1.
+    let spent: i64 = db
+        .query_row(
+            "SELECT spent FROM warrants WHERE id = 'W-WITNESSED'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(spent, 5);
+    let removed = db
+        .execute(
+            "DELETE FROM audit_cosignatures WHERE witness = 'w1.example'",
+            [],
+        )
+        .unwrap();
+    assert!(removed > 0);
+    drop(db);
+    let daemon = Daemon::start(t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(pki, daemon.api);
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [seal(12)]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(policy
+        .verify(r.json()["audit"]["checkpoint"].as_str().unwrap())
+        .is_ok());
+    assert!(
+        daemon.metric("lavd_witness_requests_total{outcome=\"conflict\",witness=\"w1.example\"}")
+            >= 1.0
+    );
+}
+
+/// Two replicas on one PostgreSQL store under `release_after_witness`,
+/// where only replica 0 can reach the witness (replica 1 started on a
+/// config whose URL for it is a closed port): replica 1 releases only once
+/// the cosignature that replica 0's submitter stored covers its leaves, so
+/// the wait reads the store, not the replica's own submitter.
+#[test]
+fn a_replica_releases_on_a_cosignature_another_replica_stored() {
+    let log = LogWithWitnesses::on_postgres(&serve_config(&format!(
+        "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n",
+        vault::roles_toml()
+    )));
+    let w1 = log.witness("w1.example");
+    let policy_text = format!("witness A {}\nquorum A\n", w1.vkey);
+    let audit = "release_after_witness = true\nwitness_timeout_secs = 30";
+    let policy_file = log.configure(&[Entry::from(&w1)], &policy_text, audit);
+    let policy = Policy::parse(&std::fs::read(&policy_file).unwrap()).unwrap();
+    let reaches = Daemon::start_replica(&log.t, "replica-0");
+    let mut unreachable = Entry::from(&w1);
+    unreachable.url = "http://127.0.0.1:1".into();
+    unreachable.ca_pem = None;
+    log.configure(&[unreachable], &policy_text, audit);
+    let blind = Daemon::start_replica(&log.t, "replica-1");
+    for d in [&reaches, &blind] {
+        d.wait_readyz(200);
+    }
+    let parties = Parties::new(&log.pki);
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-REPLICAS", recipient.public(), 100));
+    for (n, d) in [&blind, &reaches, &blind].into_iter().enumerate() {
+        let agency = parties.clients(&log.pki, d.api).agency;
+        let envelope = vault::seal(
+            &log.escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("r{n}"),
+            &[3; 16],
+        );
+        let r = vault::post(
+            &agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        let reply = r.json();
+        assert_eq!(vault::statuses(&reply), ["ok"]);
+        let (checkpoint, _) = policy
+            .verify(reply["audit"]["checkpoint"].as_str().unwrap())
+            .expect("cosigned by the quorum");
+        let end = reply["audit"]["first_index"].as_u64().unwrap()
+            + reply["audit"]["count"].as_u64().unwrap();
+        assert!(checkpoint.size >= end);
+    }
+    // Every cosignature came through replica 0; replica 1 never reached
+    // the witness.
+    let cosigned = "lavd_witness_requests_total{outcome=\"cosigned\",witness=\"w1.example\"}";
+    assert_eq!(blind.metric(cosigned), 0.0);
+    assert!(reaches.metric(cosigned) >= 1.0);
+    assert!(
+        blind.metric("lavd_witness_requests_total{outcome=\"unavailable\",witness=\"w1.example\"}")
+            >= 1.0
+    );
+}
