@@ -420,14 +420,31 @@ impl Policy {
 
     /// Whether `name` (a witness, a group or `none`) has witnessed, given
     /// the witnesses whose cosignature verified.
+    ///
+    /// Groups name only witnesses and groups of earlier lines, so one pass
+    /// in definition order decides every group once. (Deciding a group by
+    /// recursing into its members revisits shared subgroups: a chain of
+    /// groups that each name the two before took Fibonacci-many steps, so a
+    /// 64-line policy never finished.)
     fn met(&self, name: &str, valid: &[String]) -> bool {
         if name == "none" {
             return true;
         }
-        if let Some((_, k, members)) = self.groups.iter().find(|(n, ..)| n == name) {
-            return members.iter().filter(|m| self.met(m, valid)).count() >= *k;
+        let mut decided: Vec<bool> = Vec::with_capacity(self.groups.len());
+        for (_, k, members) in &self.groups {
+            let count = members
+                .iter()
+                .filter(|m| match self.groups.iter().position(|(n, ..)| n == *m) {
+                    Some(i) => decided.get(i).copied().unwrap_or(false),
+                    None => valid.iter().any(|v| v == *m),
+                })
+                .count();
+            decided.push(count >= *k);
         }
-        valid.iter().any(|v| v == name)
+        match self.groups.iter().position(|(n, ..)| n == name) {
+            Some(i) => decided.get(i).copied().unwrap_or(false),
+            None => valid.iter().any(|v| v == name),
+        }
     }
 }
 
