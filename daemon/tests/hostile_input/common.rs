@@ -261,6 +261,11 @@ pub fn field_text(max: usize) -> impl Strategy<Value = String> {
     ]
 }
 
+/// A time RFC 3339 can write (years 1970..=9999), to the second.
+pub fn time() -> impl Strategy<Value = time::OffsetDateTime> {
+    (0i64..253_402_300_799).prop_map(|s| time::OffsetDateTime::from_unix_timestamp(s).unwrap())
+}
+
 /// Text for a field that must be in bounds (a valid identifier).
 pub fn token() -> impl Strategy<Value = String> {
     "[a-zA-Z0-9:/._@-]{1,40}"

@@ -5,15 +5,9 @@ use lavd::codec::{b64_encode, parse_time};
 use lavd::envelope::{seal_envelope, Envelope, EnvelopeLimits, Header, HeaderBuilder};
 use lavd::jwk::P256PrivateKey;
 use proptest::prelude::*;
-use time::OffsetDateTime;
 
-use crate::common::{self, apply, apply_json, edits, field_text, json_edits, token};
+use crate::common::{self, apply, apply_json, edits, field_text, json_edits, time, token};
 use crate::targets;
-
-fn time() -> impl Strategy<Value = OffsetDateTime> {
-    // 1970..=9999: every year RFC 3339 can write.
-    (0i64..253_402_300_799).prop_map(|s| OffsetDateTime::from_unix_timestamp(s).unwrap())
-}
 
 /// A sealed envelope whose header fields are in bounds.
 fn sealed() -> impl Strategy<Value = Envelope> {

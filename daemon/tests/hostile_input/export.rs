@@ -16,15 +16,11 @@ use lavd::envelope::reply::DenyReason;
 use proptest::prelude::*;
 use time::OffsetDateTime;
 
-use crate::common::{self, apply, apply_json, edits, field_text, json_edits};
+use crate::common::{self, apply, apply_json, edits, field_text, json_edits, time};
 use crate::note::sign;
 use crate::targets::{self, assert_code, EXPORT_CODES, LEAF_CODES, NOTE_CODES};
 
 const ORIGIN: &str = "lavd.example/audit";
-
-fn time() -> impl Strategy<Value = OffsetDateTime> {
-    (0i64..253_402_300_799).prop_map(|s| OffsetDateTime::from_unix_timestamp(s).unwrap())
-}
 
 /// An event of any type, or `None` when a field was out of bounds (the
 /// constructor's typed refusal is checked here too).
