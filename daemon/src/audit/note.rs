@@ -183,6 +183,19 @@ pub fn key_id(name: &str, public_key: &[u8; 32]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// The key ID of a verifier key string: exactly 8 lower-case hex digits, the
+/// spelling lavd writes, so that a key has one string (the log's keys here,
+/// witnesses' keys in [`super::witness`]).
+pub(crate) fn parse_key_id(hex: &str) -> Option<u32> {
+    let canonical = hex.len() == 8
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    canonical
+        .then(|| u32::from_str_radix(hex, 16).ok())
+        .flatten()
+}
+
 /// A signed-note verifier key for an Ed25519 key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct VerifierKey {
@@ -248,17 +261,9 @@ impl VerifierKey {
             .split_once('+')
             .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
         check_name(name)?;
-        if id_hex.len() != 8
-            || !id_hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            return Err(NoteError::VerifierKey(
-                "key ID is not 8 lower-case hex digits",
-            ));
-        }
-        let id = u32::from_str_radix(id_hex, 16)
-            .map_err(|_| NoteError::VerifierKey("key ID is not hex"))?;
+        let id = parse_key_id(id_hex).ok_or(NoteError::VerifierKey(
+            "key ID is not 8 lower-case hex digits",
+        ))?;
         let typed = STANDARD
             .decode(key_b64)
             .map_err(|_| NoteError::VerifierKey("key is not padded standard base64"))?;

@@ -138,13 +138,18 @@ impl Tile {
         };
         // A partial tile ends in `<last>.p/<W>`.
         let mut width = TILE_WIDTH as u16;
-        if segments.len() >= 2 && segments[segments.len() - 2].ends_with(".p") {
-            let w = segments.pop().unwrap_or_default();
-            width = decimal(w, 255)
-                .filter(|w| *w >= 1)
-                .ok_or_else(|| bad("a partial width is 1 to 255"))? as u16;
-            let last = segments.len() - 1;
-            segments[last] = segments[last].trim_end_matches(".p");
+        if segments.len() >= 2 {
+            let last = segments.len() - 2;
+            // One `.p` suffix exactly: `000.p.p/5` is not a second name of
+            // `000.p/5`.
+            if let Some(index) = segments[last].strip_suffix(".p") {
+                segments[last] = index;
+                let w = segments.pop().unwrap_or_default();
+                width = decimal(w, 255)
+                    .filter(|w| *w >= 1)
+                    .ok_or_else(|| bad("a partial width is 1 to 255"))?
+                    as u16;
+            }
         }
         let index = decode_index(&segments).ok_or_else(|| {
             bad("the index is zero-padded 3-digit elements, all but the last starting with `x`")
@@ -445,6 +450,9 @@ mod tests {
             "0/x001",
             "0/-01",
             "0/000/.p/1",
+            // Found by fuzz/regressions/tiles/partial-suffix-twice.
+            "0/000.p.p/5",
+            "entries/x001.p.p/5",
         ] {
             assert!(Tile::parse(bad).is_err(), "{bad:?} parsed");
         }

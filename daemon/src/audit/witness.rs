@@ -125,10 +125,10 @@ impl CosignerKey {
         else {
             return Err(bad("expected <name>+<id>+<key>"));
         };
-        if id_hex.len() != 8 || !id_hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad("the key ID is not 8 hex digits"));
-        }
-        let id = u32::from_str_radix(id_hex, 16).map_err(|_| bad("the key ID is not hex"))?;
+        // One spelling per key, as for the log's keys: `04D2…` is refused
+        // (fuzz/regressions/witness/vkey-upper-case-key-id).
+        let id = note::parse_key_id(id_hex)
+            .ok_or_else(|| bad("the key ID is not 8 lower-case hex digits"))?;
         let typed = STANDARD
             .decode(key_b64)
             .map_err(|_| bad("the key is not padded standard base64"))?;
@@ -434,14 +434,31 @@ impl Policy {
 
     /// Whether `name` (a witness, a group or `none`) has witnessed, given
     /// the witnesses whose cosignature verified.
+    ///
+    /// Groups name only witnesses and groups of earlier lines, so one pass
+    /// in definition order decides every group once. (Deciding a group by
+    /// recursing into its members revisits shared subgroups: a chain of
+    /// groups that each name the two before took Fibonacci-many steps, so a
+    /// 64-line policy never finished.)
     fn met(&self, name: &str, valid: &[String]) -> bool {
         if name == "none" {
             return true;
         }
-        if let Some((_, k, members)) = self.groups.iter().find(|(n, ..)| n == name) {
-            return members.iter().filter(|m| self.met(m, valid)).count() >= *k;
+        let mut decided: Vec<bool> = Vec::with_capacity(self.groups.len());
+        for (_, k, members) in &self.groups {
+            let count = members
+                .iter()
+                .filter(|m| match self.groups.iter().position(|(n, ..)| n == *m) {
+                    Some(i) => decided.get(i).copied().unwrap_or(false),
+                    None => valid.iter().any(|v| v == *m),
+                })
+                .count();
+            decided.push(count >= *k);
         }
-        valid.iter().any(|v| v == name)
+        match self.groups.iter().position(|(n, ..)| n == name) {
+            Some(i) => decided.get(i).copied().unwrap_or(false),
+            None => valid.iter().any(|v| v == name),
+        }
     }
 }
 

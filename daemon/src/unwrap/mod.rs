@@ -632,11 +632,37 @@ pub enum RevocationRequest<'a> {
     },
 }
 
-#[derive(Deserialize)]
+/// An admin's revocation body `{"id","reason"}` (PROTOCOL §6), parsed and
+/// bounded: the edge where those untrusted bytes become values.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AdminRevocation {
-    id: String,
-    reason: String,
+pub struct AdminRevocation {
+    /// The warrant id to revoke.
+    pub id: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl AdminRevocation {
+    /// Parses an admin's body strictly (unknown, duplicate or missing
+    /// members and trailing data refused) and checks `id` and `reason` with
+    /// the one definition of their bounds that the claims, the authority
+    /// form and the audit leaf use: an id that can be executed can be
+    /// revoked.
+    ///
+    /// # Errors
+    /// [`UnwrapError::Malformed`] (`malformed_request`) naming what is wrong.
+    pub fn parse(body: &[u8]) -> Result<Self, UnwrapError> {
+        let r: Self =
+            serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+        let bound =
+            |field: &str, check: fn(&str) -> Result<(), crate::bounds::BoundError>, v: &str| {
+                check(v).map_err(|why| UnwrapError::Malformed(format!("`{field}` {why}")))
+            };
+        bound("id", crate::bounds::warrant_id, &r.id)?;
+        bound("reason", crate::bounds::reason, &r.reason)?;
+        Ok(r)
+    }
 }
 
 #[derive(Deserialize)]
@@ -644,6 +670,17 @@ struct AdminRevocation {
 struct AuthorityRevocation<'a> {
     #[serde(borrow)]
     revocation: &'a RawValue,
+}
+
+/// The JWS of an authority's revocation body `{"revocation": <JWS>}`
+/// (PROTOCOL §6), as bytes for [`Verifier::verify_revocation`].
+///
+/// # Errors
+/// [`UnwrapError::Malformed`] (`malformed_request`) for any other body.
+pub fn authority_revocation_jws(body: &[u8]) -> Result<&[u8], UnwrapError> {
+    let r: AuthorityRevocation<'_> =
+        serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+    Ok(r.revocation.get().as_bytes())
 }
 
 /// A recorded revocation.
@@ -670,16 +707,13 @@ pub fn revoke(
 ) -> Result<Revoked, UnwrapError> {
     let (caller, id, reason, revoked_by, authority) = match request {
         RevocationRequest::Admin { caller, body } => {
-            let r: AdminRevocation =
-                serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+            let r = AdminRevocation::parse(body)?;
             (caller, r.id, r.reason, caller.to_string(), None)
         }
         RevocationRequest::Authority { caller, body } => {
-            let r: AuthorityRevocation<'_> =
-                serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
             let verified = ctx
                 .verifier
-                .verify_revocation(r.revocation.get().as_bytes(), now)?;
+                .verify_revocation(authority_revocation_jws(body)?, now)?;
             let by = verified
                 .signers()
                 .first()
@@ -694,13 +728,9 @@ pub fn revoke(
             )
         }
     };
-    // The one definition of each bound, as the claims, the authority form
-    // and the audit leaf use it: an id that can be executed can be revoked.
-    let bound = |field: &str, check: fn(&str) -> Result<(), crate::bounds::BoundError>, v: &str| {
-        check(v).map_err(|why| UnwrapError::Malformed(format!("`{field}` {why}")))
-    };
-    bound("id", crate::bounds::warrant_id, &id)?;
-    bound("reason", crate::bounds::reason, &reason)?;
+    // `id` and `reason` were checked at the edge by the one definition of
+    // their bounds: AdminRevocation::parse, or RevocationClaims::parse
+    // inside verify_revocation.
     let event: Event = RevocationEvent::new(caller, &id, &reason, authority.as_deref())
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();

@@ -39,7 +39,9 @@ pub use jws::Algorithm;
 pub use scope::Denial;
 pub use sign::{AuthorityKey, SignError};
 pub use trust::{Authority, Policy, RoleRule, TrustConfig, TrustConfigError, TrustStore};
-pub use verify::{Signer, VerifiedRevocation, VerifiedWarrant, Verifier, WarrantLimits};
+pub use verify::{
+    RevocationClaims, Signer, VerifiedRevocation, VerifiedWarrant, Verifier, WarrantLimits,
+};
 
 use time::OffsetDateTime;
 

@@ -272,11 +272,7 @@ impl Verifier {
     ) -> Result<VerifiedRevocation, WarrantError> {
         let jws = jws::parse(jws_bytes, &self.limits)?;
         let signers = self.verify_signatures(&jws, now)?;
-        let raw: RawRevocation = serde_json::from_slice(jws.payload())
-            .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
-        // The same bounds as the admin form and the audit leaf.
-        check_bound("id", &raw.id, crate::bounds::warrant_id)?;
-        check_bound("reason", &raw.reason, crate::bounds::reason)?;
+        let raw = RevocationClaims::parse(jws.payload())?;
         let policy = self.trust.policy();
         let roles: BTreeSet<&str> = policy
             .require
@@ -299,13 +295,34 @@ impl Verifier {
     }
 }
 
-#[derive(serde::Deserialize)]
+/// The payload of an authority's revocation JWS, exactly `{"id", "reason",
+/// "time"}`, parsed and bounded. Holding one says nothing about who signed
+/// it: see [`VerifiedRevocation`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRevocation {
-    id: String,
-    reason: String,
+pub struct RevocationClaims {
+    /// The warrant id to revoke.
+    pub id: String,
+    /// Why.
+    pub reason: String,
+    /// When the authority signed it (RFC 3339 UTC).
     #[serde(with = "crate::codec::rfc3339")]
-    time: OffsetDateTime,
+    pub time: OffsetDateTime,
+}
+
+impl RevocationClaims {
+    /// Parses a revocation payload strictly, with the same bounds for `id`
+    /// and `reason` as the admin form and the audit leaf.
+    ///
+    /// # Errors
+    /// [`WarrantError::Malformed`] (`malformed_warrant`) naming the member.
+    pub fn parse(payload: &[u8]) -> Result<Self, WarrantError> {
+        let raw: Self = serde_json::from_slice(payload)
+            .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
+        check_bound("id", &raw.id, crate::bounds::warrant_id)?;
+        check_bound("reason", &raw.reason, crate::bounds::reason)?;
+        Ok(raw)
+    }
 }
 
 /// A revocation whose every signature verified and that at least one
