@@ -8,12 +8,15 @@
 //! - only the read-only log paths are there: every other API path is 404
 //!   `not_found`, and the mutual-TLS API still refuses a client without a
 //!   certificate;
+//! - the real `lavd audit verify --tiles URL` verifies the log from the
+//!   public listener with no client certificate, with the same summary as
+//!   from the API's tiles;
 //! - callers are rate-limited per address (429 `rate_limited`);
 //! - without `[audit.public]` no such listener exists.
 
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::TestToken;
+use softhsm_tests::{assert_ok, TestToken};
 use time::OffsetDateTime;
 
 #[test]
@@ -99,6 +102,56 @@ fn the_public_listener_serves_the_log_and_nothing_else() {
     assert!(
         no_cert_on_api.get_raw("/v1/log/checkpoint").is_err(),
         "the mutual-TLS API answered a client without a certificate"
+    );
+
+    // The real verifier reads the public tiles with no client certificate,
+    // and says what it says from the API.
+    let (ca, cert, client_key) = pki.cli_files(&parties.auditor, "auditor");
+    let key = vault::verifier_key(&c.auditor);
+    let public_url = format!("https://{public_addr}/v1/log");
+    let api_url = format!("https://{}/v1/log", daemon.api);
+    let from_public = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--tiles",
+        &public_url,
+        "--ca",
+        &ca,
+    ]));
+    let from_api = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--tiles",
+        &api_url,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--client-key",
+        &client_key,
+    ]));
+    assert_eq!(from_public, from_api);
+    // Half a client identity is refused, not silently dropped.
+    let half = t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--tiles",
+        &public_url,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+    ]);
+    assert!(!half.status.success());
+    assert!(
+        String::from_utf8_lossy(&half.stderr).contains("give both --cert and --client-key"),
+        "{half:?}"
     );
 
     // Per-address rate limit: the burst is 40 at 1 a second, and the

@@ -160,8 +160,9 @@ pub struct LogSource {
     pub previous: Option<PathBuf>,
 }
 
-/// How the tools reach a daemon (or a tile server) as an auditor: mutual
-/// TLS with the auditor's certificate, every request bounded.
+/// How the tools reach a daemon (or a tile server): mutual TLS with the
+/// auditor's certificate, or plain server-authenticated TLS for a public log
+/// listener, every request bounded.
 #[derive(Debug, clap::Args)]
 pub struct Remote {
     /// CA bundle that the daemon's server certificate chains to.
@@ -200,15 +201,21 @@ impl Remote {
     /// A missing `--ca`, `--cert` or `--client-key`, or what
     /// [`super::https::Client::new`] refuses.
     pub fn client(&self, url: &str) -> anyhow::Result<super::https::Client> {
-        let (Some(ca), Some(cert), Some(client_key)) = (&self.ca, &self.cert, &self.client_key)
-        else {
-            anyhow::bail!("a URL needs --ca, --cert and --client-key");
+        let Some(ca) = &self.ca else {
+            anyhow::bail!("a URL needs --ca (and, for the API, --cert and --client-key)");
+        };
+        // The API wants the auditor's certificate; a public log listener
+        // (`[audit.public]`) wants none.
+        let client = match (&self.cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+            (None, None) => None,
+            _ => anyhow::bail!("give both --cert and --client-key, or neither"),
         };
         let limits = super::https::Limits {
             max_response_bytes: self.max_response_bytes,
             timeout: std::time::Duration::from_secs(self.timeout),
         };
-        super::https::Client::new(url, ca, cert, client_key, limits)
+        super::https::Client::new(url, ca, client, limits)
     }
 }
 

@@ -330,18 +330,18 @@ impl std::fmt::Debug for Client {
 
 impl Client {
     /// A client for `url` (`https://host:port`), trusting `ca` for the
-    /// server and presenting `cert`/`key`, each request bounded by `limits`.
+    /// server and presenting `client` (certificate and key files) when
+    /// given, each request bounded by `limits`.
     ///
     /// # Errors
     /// A bad URL, or an unreadable or invalid PEM file.
     pub fn new(
         url: &str,
         ca: &Path,
-        cert: &Path,
-        key: &Path,
+        client: Option<(&Path, &Path)>,
         limits: Limits,
     ) -> anyhow::Result<Self> {
-        let endpoint = Endpoint::new(url, ca, Some((cert, key)))?;
+        let endpoint = Endpoint::new(url, ca, client)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
