@@ -426,6 +426,18 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     assert_eq!(w.timeout.as_secs(), 10);
     assert_eq!(w.witnesses.len(), 2);
 
+    // Adding a witness without a gap (OPERATIONS §14, step 2): configured
+    // and named by the policy, outside the quorum until it has caught up.
+    let k3 = witness_key("w3.example", 3);
+    let adding = format!("witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup G all A B\nquorum G\n");
+    let adding_files = [("ca.pem", ""), ("p.policy", adding.as_str())];
+    let s = load_with(
+        &format!("{both}{}", witness_entry("w3.example", &k3)),
+        &adding_files,
+    )
+    .unwrap();
+    assert_eq!(s.audit.witnesses.unwrap().witnesses.len(), 3);
+
     let refused = |audit: &str, files: &[(&str, &str)], field: &str, says: &str| {
         let e = load_with(audit, files).unwrap_err();
         assert_eq!(e.field, field, "{e}");
@@ -442,7 +454,6 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "`B`",
     );
     // An entry the policy does not name.
-    let k3 = witness_key("w3.example", 3);
     refused(
         &format!("{both}{}", witness_entry("w3.example", &k3)),
         &files,
