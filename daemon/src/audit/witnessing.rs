@@ -594,6 +594,18 @@ mod tests {
         trusts: VerifierKey,
         ca: &crate::dev::pki::DevCa,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
+        witness_of(dir, name, seed, ORIGIN, trusts, ca).await
+    }
+
+    /// As [`witness`], for a witness that knows only the log `knows`.
+    async fn witness_of(
+        dir: &Path,
+        name: &str,
+        seed: u8,
+        knows: &'static str,
+        trusts: VerifierKey,
+        ca: &crate::dev::pki::DevCa,
+    ) -> (String, CosignerKey, Arc<WitnessState>) {
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
         let state = Arc::new(WitnessState::open(&dir.join(format!("{seed}.db"))).unwrap());
@@ -637,7 +649,7 @@ mod tests {
                         async move {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
                             let trusted = |origin: &str| {
-                                if origin == ORIGIN {
+                                if origin == knows {
                                     vec![trusts.clone()]
                                 } else {
                                     Vec::new()
@@ -788,6 +800,94 @@ mod tests {
             bounded.wait_for_quorum(size + 1),
             Err(WaitError::Timeout { size: s, .. }) if s == size + 1
         ));
+        drop(runtime);
+    }
+
+    /// A witness that does not know the log (404) and one whose record
+    /// contradicts the log (its root at the size it cosigned is not this
+    /// log's, so the proof from there fails: 422) are each logged, counted
+    /// and backed off, and hold up neither the quorum of the others nor
+    /// each other.
+    #[test]
+    fn unknown_origin_and_bad_proof_answers_are_counted_and_hold_nothing_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let ((u1, k1, _), (u4, k4, _), (u5, k5, s5)) = runtime.block_on(async {
+            (
+                witness(dir.path(), "w1.test", 1, log_key(), &ca).await,
+                witness_of(dir.path(), "w4.test", 4, "log.test/another", log_key(), &ca).await,
+                witness(dir.path(), "w5.test", 5, log_key(), &ca).await,
+            )
+        });
+        // w5 cosigns size 3, then its record is corrupted (another root at
+        // that size), as a witness that was shown a fork would hold.
+        let first = grow(&store, 3);
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: store.checkpoint_at(first).unwrap().unwrap(),
+        }
+        .encode();
+        let sk5 = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let outcome = s5
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, 1, |m| {
+                Ok::<_, ()>(sk5.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+        rusqlite::Connection::open(dir.path().join("5.db"))
+            .unwrap()
+            .execute("UPDATE cosigned SET root = zeroblob(32)", [])
+            .unwrap();
+        let size = grow(&store, 4);
+
+        let policy_text =
+            format!("witness A {k1}\nwitness D {k4}\nwitness E {k5}\ngroup q all A\nquorum q\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(
+                dir.path(),
+                &[(&u1, &k1), (&u4, &k4), (&u5, &k5)],
+                &policy_text,
+                &ca,
+            ),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let waiter = witnessing.clone();
+        std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap()
+            .unwrap();
+        let counted = |series: &str| {
+            metrics
+                .render()
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with(series))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !(counted(r#"lavd_witness_requests_total{outcome="unknown_origin",witness="w4.test"}"#)
+            && counted(r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "404 and 422 not both counted:\n{}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // w5's 409 (its size, 3) was learned before the 422; nothing it
+        // said was stored, nor anything of w4.
+        assert!(counted(r#"lavd_witness_requests_total{outcome="conflict",witness="w5.test"}"#));
+        assert_eq!(store.last_cosigned("w4.test").unwrap(), None);
+        assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
         drop(runtime);
     }
 }
