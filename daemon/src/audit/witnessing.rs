@@ -872,9 +872,11 @@ mod tests {
                 .any(|l| l.starts_with(series))
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !(counted(r#"lavd_witness_requests_total{outcome="unknown_origin",witness="w4.test"}"#)
-            && counted(r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#))
-        {
+        while !(counted(
+            r#"lavd_witness_requests_total{outcome="unknown_origin",witness="w4.test"}"#,
+        ) && counted(
+            r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#,
+        )) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "404 and 422 not both counted:\n{}",
@@ -884,7 +886,9 @@ mod tests {
         }
         // w5's 409 (its size, 3) was learned before the 422; nothing it
         // said was stored, nor anything of w4.
-        assert!(counted(r#"lavd_witness_requests_total{outcome="conflict",witness="w5.test"}"#));
+        assert!(counted(
+            r#"lavd_witness_requests_total{outcome="conflict",witness="w5.test"}"#
+        ));
         assert_eq!(store.last_cosigned("w4.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));

@@ -429,7 +429,8 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     // Adding a witness without a gap (OPERATIONS §14, step 2): configured
     // and named by the policy, outside the quorum until it has caught up.
     let k3 = witness_key("w3.example", 3);
-    let adding = format!("witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup G all A B\nquorum G\n");
+    let adding =
+        format!("witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup G all A B\nquorum G\n");
     let adding_files = [("ca.pem", ""), ("p.policy", adding.as_str())];
     let s = load_with(
         &format!("{both}{}", witness_entry("w3.example", &k3)),
