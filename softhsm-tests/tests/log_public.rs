@@ -15,35 +15,28 @@
 //! - without `[audit.public]` no such listener exists.
 
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::vault::{self, Vault, TARGET};
 use softhsm_tests::{assert_ok, TestToken};
 use time::OffsetDateTime;
 
 #[test]
 fn the_public_listener_serves_the_log_and_nothing_else() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&format!(
-        "{}[limits]\nrate_limit_per_second = 1000\nrate_limit_burst = 1000\n\n\
+    let v = Vault::start(
+        "rate_limit_per_second = 1000\nrate_limit_burst = 1000\n\n\
          [audit.public]\nlisten = \"127.0.0.1:0\"\nrate_limit_per_second = 1\nrate_limit_burst = 40\n",
-        vault::roles_toml()
-    )));
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
+    );
+    let (t, pki, parties, daemon, escrow) = (&v.t, &v.pki, &v.parties, &v.daemon, &v.escrow);
     let public_addr = daemon
         .public_log
         .expect("READY=1 names the public listener");
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let escrow = vault::published_key(&c.provider, "E-1");
+    let c = parties.clients(pki, daemon.api);
     let recipient = vault::recipient();
     let warrant = vault::double_lock(&vault::claims("PUBLIC-1", recipient.public(), 10));
     let now = OffsetDateTime::now_utc();
     let envelopes: Vec<_> = (0..3)
         .map(|i| {
             vault::seal(
-                &escrow,
+                escrow,
                 "E-1",
                 TARGET,
                 now - time::Duration::minutes(i + 1),
