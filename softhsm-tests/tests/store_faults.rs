@@ -1,7 +1,13 @@
 //! Store faults under load: agency threads unwrap all the time while the
 //! store fails.
 //! - SQLite: the store on a small file system (a 32 MiB tmpfs the test
-//!   mounts, as root) that fills up.
+//!   mounts, as root) that fills up; and the store's file system turned
+//!   read-only under the running daemon (an ext4 image on a loop device,
+//!   mounted `errors=remount-ro`, whose error the test triggers through
+//!   `/sys/fs/ext4/<dev>/trigger_fs_error`: what the kernel does to a disk
+//!   that fails under a database). That one cannot be undone while the
+//!   files are open, so it is cleared as an operator would: stop the
+//!   daemon, `e2fsck`, mount again, start it.
 //! - PostgreSQL, on a cluster of the tests' own ([`softhsm_tests::pg_cluster`],
 //!   never the shared one): the server stopped, then started; the server
 //!   restarted; the database refusing new connections (`CONNECTION LIMIT
@@ -39,9 +45,11 @@ use std::process::Command;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use softhsm_tests::faults::{limits, Case, Figures};
+use softhsm_tests::faults::{audit_accounting, limits, under_load, verify_log, Case, Figures};
+use softhsm_tests::faults::{BATCH, HOLD, THREADS};
 use softhsm_tests::pg::TestDb;
 use softhsm_tests::pg_cluster::{self, StartOnDrop};
+use softhsm_tests::server::Daemon;
 use softhsm_tests::server::Pki;
 use softhsm_tests::TestToken;
 
@@ -152,6 +160,177 @@ fn sqlite_on_a_full_file_system_is_503_store_unavailable_and_recovers_when_space
         ", 1 fault injected, filler {} MiB, opened leaves {opened} (= spent), leaves committed, then 503 (checkpoint \
          not saved; not released) {cut}, log verified, {:.1} s",
         filled / (1024 * 1024),
+        started.elapsed().as_secs_f64()
+    ));
+}
+
+/// An ext4 file system in an image file on a loop device, mounted
+/// `errors=remount-ro`; unmounted and detached on drop.
+struct Ext4 {
+    image: PathBuf,
+    at: PathBuf,
+    device: String,
+}
+
+impl Ext4 {
+    fn mount(image: &Path, at: &Path) -> Self {
+        assert!(
+            rustix::process::getuid().is_root(),
+            "this test mounts a loop device and must run as root (as CI does)"
+        );
+        let run = |cmd: &mut Command| {
+            let out = cmd.output().expect("spawn");
+            assert!(out.status.success(), "{cmd:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        run(Command::new("mkfs.ext4").arg("-q").arg(image));
+        let device = run(Command::new("losetup").args(["-f", "--show"]).arg(image))
+            .trim()
+            .to_string();
+        // A loop device reused from an earlier run may still be marked
+        // read-only.
+        run(Command::new("blockdev").args(["--setrw", &device]));
+        std::fs::create_dir_all(at).unwrap();
+        let fs = Ext4 {
+            image: image.to_path_buf(),
+            at: at.to_path_buf(),
+            device,
+        };
+        fs.mount_again();
+        fs
+    }
+
+    fn mount_again(&self) {
+        let out = Command::new("mount")
+            .args(["-o", "errors=remount-ro", &self.device])
+            .arg(&self.at)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount {}: {out:?}", self.device);
+    }
+
+    /// The kernel's reaction to an I/O error under ext4 with
+    /// `errors=remount-ro`: the file system turns read-only at once, open
+    /// files included.
+    fn fail(&self) {
+        let name = Path::new(&self.device).file_name().unwrap();
+        std::fs::write(
+            Path::new("/sys/fs/ext4")
+                .join(name)
+                .join("trigger_fs_error"),
+            "lavd store_faults test",
+        )
+        .unwrap();
+    }
+
+    /// What an operator does once the disk is back: unmount, check, mount.
+    fn repair(&self) {
+        let out = Command::new("umount").arg(&self.at).output().unwrap();
+        assert!(out.status.success(), "umount: {out:?}");
+        let out = Command::new("e2fsck")
+            .args(["-fy", &self.device])
+            .output()
+            .unwrap();
+        // 0: clean, 1: errors corrected (the error the test triggered).
+        assert!(
+            matches!(out.status.code(), Some(0 | 1)),
+            "e2fsck {}: {out:?}",
+            self.image.display()
+        );
+        self.mount_again();
+    }
+}
+
+impl Drop for Ext4 {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).output();
+        let _ = Command::new("losetup").args(["-d", &self.device]).output();
+    }
+}
+
+#[test]
+fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_nothing() {
+    let started = Instant::now();
+    let t = TestToken::new();
+    let mnt = t.path("ro-fs");
+    let fs = Ext4::mount(&t.path("ro-fs.img"), &mnt);
+    let db = mnt.join("lavd.db");
+    let pki = Pki::new(&t);
+    t.write_config(&limits());
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let config = config.replace(
+        "path = \"lavd.db\"",
+        &format!("path = {:?}", db.display().to_string()),
+    );
+    std::fs::write(t.config(), config).unwrap();
+    let case = Case::start(&t, pki, "W-READ-ONLY");
+    let body = case.request.to_string();
+    let (answers, (on, probes_opened)) =
+        under_load(std::slice::from_ref(&case.agency), &body, THREADS, || {
+            std::thread::sleep(Duration::from_millis(700));
+            fs.fail();
+            let probes_opened = case.probe_until_refused(CODE);
+            let on = Instant::now();
+            case.daemon.wait_readyz(503);
+            std::thread::sleep(HOLD);
+            (on, probes_opened)
+        });
+    let off = Instant::now();
+    let figures = Figures::new("sqlite read-only", &answers, on, off);
+    figures.assert_only_ok_or_refused(CODE, BOUND);
+    let inside: Vec<_> = answers.iter().filter(|a| a.sent >= on).collect();
+    assert!(!inside.is_empty(), "no request was sent while read-only");
+    assert!(
+        inside.iter().all(|a| a.status == 503 && a.code == CODE),
+        "answered other than 503 {CODE} while the store was read-only: {:?}",
+        inside.iter().find(|a| a.status != 503)
+    );
+
+    // The operator's repair: stop, check, mount, start.
+    let Case {
+        pki,
+        parties,
+        daemon,
+        request,
+        id,
+        ..
+    } = case;
+    drop(daemon);
+    fs.repair();
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(&pki, daemon.api);
+    let r = softhsm_tests::vault::post(&c.agency, "/v1/unwrap", &request);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Every 200 before the fault has its leaves in the log; the budget is
+    // exactly the opened leaves (the probes', the answers', the one just
+    // sent, and at most one request per thread committed as the disk
+    // failed).
+    let (opened, not_carried) = audit_accounting(&c.auditor, &id, &answers);
+    let spent: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row(
+            "SELECT spent FROM warrants WHERE id = 'W-READ-ONLY'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(spent, opened as i64, "budget");
+    let after = BATCH; // the request sent after the repair
+    assert!(
+        not_carried >= probes_opened + after
+            && not_carried <= probes_opened + after + THREADS * BATCH,
+        "{not_carried} opened leaves without an answer before the repair, {probes_opened} from probes"
+    );
+    verify_log(&t, &pki, &parties.auditor, daemon.api);
+    figures.print(&format!(
+        ", 1 fault injected (ext4 error, remount-ro), opened leaves {opened} (= spent), leaves \
+         committed, then 503 {}, repaired (e2fsck) and restarted, log verified, {:.1} s",
+        not_carried - probes_opened - after,
         started.elapsed().as_secs_f64()
     ));
 }

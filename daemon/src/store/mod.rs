@@ -521,8 +521,10 @@ impl SqliteStore {
     /// `/readyz`. It fails when another process holds the write lock for
     /// longer than `wait`, or when the file, its WAL or its shared-memory
     /// index cannot be opened for writing. Then the file system: it fails
-    /// when it is mounted read-only or has less than [`SQLITE_MIN_FREE`]
-    /// bytes free for unprivileged writers. (A commit can still fail for
+    /// when it is mounted read-only, has less than [`SQLITE_MIN_FREE`]
+    /// bytes free for unprivileged writers, or refuses a one-byte synced
+    /// write to `<store>.ready` beside the store (a disk the kernel turned
+    /// read-only after an I/O error shows only then). (A commit can still fail for
     /// want of space with more free than that, e.g. a very large batch:
     /// that commit is refused whole, and nothing is released.)
     ///
@@ -553,7 +555,24 @@ impl SqliteStore {
                 "{free} bytes free on its file system (at least {SQLITE_MIN_FREE} wanted)"
             )));
         }
-        Ok(())
+        // A file system the kernel turned read-only after an I/O error
+        // (ext4 `errors=remount-ro`) still says it is writable to statvfs,
+        // and SQLite's write lock lives in shared memory, so it is still
+        // granted: only a real write shows it. One byte, synced, in a file
+        // beside the store.
+        let mut probe = self.path.clone().into_os_string();
+        probe.push(".ready");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(&probe)?;
+            std::io::Write::write_all(&mut f, b"1")?;
+            f.sync_data()
+        };
+        write()
+            .map_err(|e| unavailable(format!("cannot write {}: {e}", Path::new(&probe).display())))
     }
 
     fn check_lock(&self, wait: std::time::Duration) -> Result<(), StoreError> {
