@@ -111,6 +111,17 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
+/// The fault tests' config, with the SQLite store at `db` (on the file
+/// system the test makes fail).
+fn write_config_with_store_at(t: &TestToken, db: &Path) {
+    t.write_config(&limits());
+    let config = std::fs::read_to_string(t.config()).unwrap().replace(
+        "path = \"lavd.db\"",
+        &format!("path = {:?}", db.display().to_string()),
+    );
+    std::fs::write(t.config(), config).unwrap();
+}
+
 #[test]
 fn sqlite_on_a_full_file_system_is_503_store_unavailable_and_recovers_when_space_returns() {
     let started = Instant::now();
@@ -119,14 +130,7 @@ fn sqlite_on_a_full_file_system_is_503_store_unavailable_and_recovers_when_space
     let _fs = Tmpfs::mount(&mnt, "32m");
     let db = mnt.join("lavd.db");
     let pki = Pki::new(&t);
-    t.write_config(&limits());
-    // The store on the small file system.
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let config = config.replace(
-        "path = \"lavd.db\"",
-        &format!("path = {:?}", db.display().to_string()),
-    );
-    std::fs::write(t.config(), config).unwrap();
+    write_config_with_store_at(&t, &db);
     let case = Case::start(&t, pki, "W-DISK-FULL");
     let filler = mnt.join("filler");
     let mut filled = 0;
@@ -260,13 +264,7 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
     let fs = Ext4::mount(&t.path("ro-fs.img"), &mnt);
     let db = mnt.join("lavd.db");
     let pki = Pki::new(&t);
-    t.write_config(&limits());
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let config = config.replace(
-        "path = \"lavd.db\"",
-        &format!("path = {:?}", db.display().to_string()),
-    );
-    std::fs::write(t.config(), config).unwrap();
+    write_config_with_store_at(&t, &db);
     let case = Case::start(&t, pki, "W-READ-ONLY");
     let body = case.request.to_string();
     let (answers, (on, probes_opened)) =
