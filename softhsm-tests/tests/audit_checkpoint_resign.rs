@@ -1,15 +1,24 @@
+//! What becomes of a checkpoint around the commit of its leaves.
+//!
 //! A saved checkpoint is not flushed to disk on its own (it becomes durable
 //! with the next append's commit), so a crash can lose the newest ones. This
 //! shows that nothing is lost with them: after the rows are gone, the log
 //! still opens consistent, and the checkpoint it signs again in the real
 //! SoftHSM token for the same tree is byte for byte the one handed out
 //! before (the note has no timestamp; Ed25519 is deterministic).
+//!
+//! A checkpoint's signature is started inside the append transaction, while
+//! its COMMIT runs. When that COMMIT fails (here a deferred foreign key
+//! that SQLite checks only at COMMIT, put in by a trigger on the leaves),
+//! the signature over the tree that never was is dropped: the append fails,
+//! no checkpoint of that size is saved, returned or served, and the next
+//! checkpoint of that size is over the leaves that did commit.
 
 use std::sync::Arc;
 
-use lavd::audit::log::AuditLog;
+use lavd::audit::log::{AuditLog, LogError};
 use lavd::hsm::Hsm;
-use lavd::store::Store;
+use lavd::store::{AuditAppend, Spend, Store, StoreError};
 use softhsm_tests::{append_key_generated, assert_ok, TestToken};
 
 fn open_log(t: &TestToken) -> AuditLog {
@@ -68,4 +77,66 @@ fn a_lost_checkpoint_is_signed_again_byte_for_byte() {
         log.store().latest_checkpoint().unwrap(),
         Some((5, newest.clone()))
     );
+}
+
+/// Makes every later append transaction fail at COMMIT, and no earlier:
+/// each leaf inserted adds a row breaking a deferred foreign key.
+fn fail_commits(t: &TestToken, fail: bool) {
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute_batch(if fail {
+        "CREATE TABLE trap_parent (id INTEGER PRIMARY KEY);
+         CREATE TABLE trap (parent INTEGER REFERENCES trap_parent (id)
+                            DEFERRABLE INITIALLY DEFERRED);
+         CREATE TRIGGER trap_commit AFTER INSERT ON audit_leaves
+         BEGIN INSERT INTO trap (parent) VALUES (1); END;"
+    } else {
+        "DROP TRIGGER trap_commit; DROP TABLE trap; DROP TABLE trap_parent;"
+    })
+    .unwrap();
+}
+
+#[test]
+fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    let log = open_log(&t);
+    let first = append_key_generated(&log, "k0");
+    // That checkpoint was signed while its commit ran.
+    assert_eq!(log.signatures_overlapped(), 1);
+
+    fail_commits(&t, true);
+    let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap();
+    let doomed = lavd::audit::leaf::KeyDestroyed::new("k0", "retention", false, None).unwrap();
+    let err = log
+        .append(AuditAppend {
+            events: vec![doomed.into()],
+            time: t0,
+            spend: Spend::None,
+        })
+        .expect_err("an append whose COMMIT fails");
+    assert!(
+        matches!(&err, LogError::Store(StoreError::CommitFailed(m)) if m.contains("FOREIGN KEY")),
+        "{err:?}"
+    );
+    // The tree of two leaves was signed, inside the transaction…
+    assert_eq!(log.signatures_overlapped(), 2);
+    // …and that signature went nowhere: not saved, not the log's newest.
+    let store = log.store();
+    assert_eq!(store.tree_size().unwrap(), 1);
+    assert_eq!(store.checkpoint_at(2).unwrap(), None);
+    assert_eq!(store.latest_checkpoint().unwrap(), Some((1, first.clone())));
+    assert_eq!(log.current_checkpoint().unwrap(), first);
+
+    // The next leaf takes index 1; the checkpoint of two leaves is over it.
+    fail_commits(&t, false);
+    let second = append_key_generated(&log, "k1");
+    let key = lavd::audit::note::VerifierKey::parse(&log.verifier_key().unwrap()).unwrap();
+    let checkpoint = lavd::audit::note::verify_checkpoint(&second, &key).unwrap();
+    assert_eq!(checkpoint.size, 2);
+    assert_eq!(checkpoint.root, store.root(2).unwrap());
+    let leaves = store.leaves(1, 2).unwrap();
+    assert!(String::from_utf8_lossy(&leaves[0].1).contains("\"k1\""));
+    assert_eq!(store.latest_checkpoint().unwrap(), Some((2, second)));
+    drop(log);
+    assert_eq!(open_log(&t).inconsistency(), None);
 }

@@ -2,9 +2,16 @@
 //! in the HSM. This is what the daemon and the `lavd audit` commands use;
 //! the rest of [`crate::audit`] is storage- and HSM-independent.
 //!
-//! Checkpoints are signed after the leaves are durable and outside the store
-//! lock. Concurrent callers share signatures: a caller whose leaves are
-//! already covered by the newest checkpoint reuses it.
+//! A checkpoint is handed out, saved or logged only once the leaves it
+//! covers are durable. Its signature, though, is started before: the caller
+//! that commits an append transaction (group commit), if no other signer is
+//! busy, proves the uncommitted tree consistent inside that transaction and
+//! starts the HSM signature on another thread, then commits; the signature
+//! and the commit's fsync run at the same time, and the note is kept only if
+//! both succeed (see [`AuditLog::append`]). Otherwise checkpoints are signed
+//! after the commit and outside the store lock. Concurrent callers share
+//! signatures: a caller whose leaves are already covered by the newest
+//! checkpoint reuses it.
 //!
 //! The log does not sign whatever tree head the store presents. At open it
 //! verifies the newest stored checkpoint's signature and proves the stored
@@ -28,7 +35,8 @@
 //! and indices always come from the store, inside its transactions.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
+use std::thread::{Scope, ScopedJoinHandle};
 
 use time::OffsetDateTime;
 
@@ -37,7 +45,7 @@ use super::merkle::{self, Hash};
 use super::note::{self, Checkpoint};
 use crate::hsm::{Hsm, HsmError};
 use crate::jwk::Ed25519PublicKey;
-use crate::store::{Appended, AuditAppend, AuditStore, StoreError};
+use crate::store::{Appended, AuditAppend, AuditStore, StoreError, Uncommitted};
 
 /// A log operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +105,23 @@ pub struct AuditLog {
     /// Told the size of every checkpoint this process signs (the witness
     /// submitters).
     on_signed: Option<SignedHook>,
+    /// Signatures started inside an append transaction, kept or not.
+    overlapped: Arc<AtomicU64>,
+}
+
+/// A checkpoint signature started inside an append transaction, before its
+/// COMMIT, by [`AuditLog::start_signing`]; and the `latest` lock taken for
+/// it, held until the append has returned.
+struct Overlap<'log, 'scope> {
+    latest: Option<MutexGuard<'log, Option<Signed>>>,
+    signing: Option<Signing<'scope>>,
+}
+
+/// A signature under way: the tree size and root signed, and the signer.
+struct Signing<'scope> {
+    size: u64,
+    root: Hash,
+    signer: ScopedJoinHandle<'scope, Result<String, LogError>>,
 }
 
 /// Receives the duration of every durable append, in seconds (the daemon's
@@ -148,6 +173,7 @@ impl AuditLog {
             seen: Arc::new(AtomicU64::new(0)),
             commit_timer: None,
             on_signed: None,
+            overlapped: Arc::new(AtomicU64::new(0)),
         };
         if let Some((size, note)) = log.store.latest_checkpoint()? {
             let signed = match log.verify_stored(size, &note) {
@@ -225,6 +251,23 @@ impl AuditLog {
     /// [`LogError::Inconsistent`] (already recorded) naming both sizes;
     /// [`LogError::Store`] for a store that cannot be read.
     fn prove_extends(&self, signed: &Signed, tree: u64) -> Result<Hash, LogError> {
+        self.check_extends(
+            signed,
+            tree,
+            || self.store.root(tree),
+            || self.store.consistency_proof(signed.size, tree),
+        )
+    }
+
+    /// [`Self::prove_extends`] with the new tree's root and the proof read
+    /// by `root` and `proof` (from the store, or inside a transaction).
+    fn check_extends(
+        &self,
+        signed: &Signed,
+        tree: u64,
+        root: impl FnOnce() -> Result<Hash, StoreError>,
+        proof: impl FnOnce() -> Result<Vec<Hash>, StoreError>,
+    ) -> Result<Hash, LogError> {
         let (old, new) = (signed.size, tree);
         let broken = |what: String| {
             self.record_inconsistency(format!(
@@ -240,8 +283,8 @@ impl AuditLog {
             StoreError::Corrupt { .. } | StoreError::BadProofRequest(_) => broken(e.to_string()),
             other => LogError::Store(other),
         };
-        let root = self.store.root(new).map_err(read)?;
-        let proof = self.store.consistency_proof(old, new).map_err(read)?;
+        let root = root().map_err(read)?;
+        let proof = proof().map_err(read)?;
         merkle::verify_consistency(old, new, &signed.root, &root, &proof)
             .map_err(|e| broken(format!("consistency proof: {e}")))?;
         Ok(root)
@@ -312,31 +355,170 @@ impl AuditLog {
     /// The leaves are written even when the log is inconsistent (they are
     /// the best record there is), but no checkpoint is then signed:
     /// [`LogError::Inconsistent`].
+    ///
+    /// # Security
+    /// The checkpoint may have been signed while the leaves were being
+    /// committed (see [`Self::start_signing`]): it is returned and saved
+    /// only after the store has said the commit succeeded, with the tree
+    /// the signature covers. A signature over a tree whose commit failed
+    /// stays inside this call and is dropped: never saved, returned, served
+    /// or logged (signing it is harmless on its own; letting it out would
+    /// be a signed tree head the log does not have, which a witness would
+    /// take for a fork).
     pub fn append(&self, batch: AuditAppend) -> Result<Receipt, LogError> {
         // Every commit whose result was seen before this append started is
         // in an earlier group: this batch lands at or beyond its size.
         let floor = self.seen.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        let appended = self.store.append(batch)?;
-        if let Some(timer) = &self.commit_timer {
-            (timer.0)(started.elapsed().as_secs_f64());
-        }
-        // Leaves put below a size this process had already seen mean the
-        // store lost leaves (a truncation, perhaps refilled to the same
-        // size): the old checkpoint would otherwise "cover" them unproved.
-        if appended.first_index < floor {
-            return Err(self.record_inconsistency(format!(
-                "the store had a tree of size {} when this process had already seen size {floor}: \
-                 leaves were removed",
-                appended.first_index
-            )));
-        }
-        self.seen.fetch_max(appended.tree_size, Ordering::SeqCst);
-        let checkpoint = self.checkpoint_covering(appended.first_index + appended.count)?;
-        Ok(Receipt {
-            appended,
-            checkpoint,
+        // The scope joins a signer whose result was not taken (a failed
+        // commit) before this returns; its note is dropped with it.
+        std::thread::scope(|scope| {
+            let mut overlap = Overlap {
+                latest: None,
+                signing: None,
+            };
+            let appended = self.store.append_with(batch, &mut |tree| {
+                self.start_signing(scope, &mut overlap, tree);
+            })?;
+            if let Some(timer) = &self.commit_timer {
+                (timer.0)(started.elapsed().as_secs_f64());
+            }
+            // Leaves put below a size this process had already seen mean the
+            // store lost leaves (a truncation, perhaps refilled to the same
+            // size): the old checkpoint would otherwise "cover" them unproved.
+            if appended.first_index < floor {
+                return Err(self.record_inconsistency(format!(
+                    "the store had a tree of size {} when this process had already seen size \
+                     {floor}: leaves were removed",
+                    appended.first_index
+                )));
+            }
+            self.seen.fetch_max(appended.tree_size, Ordering::SeqCst);
+            let checkpoint = match overlap {
+                // Committed, and the tree committed is the one signed (the
+                // hook's last call was in the transaction that committed).
+                Overlap {
+                    latest: Some(latest),
+                    signing: Some(Signing { size, root, signer }),
+                } if size == appended.tree_size => {
+                    let note = signer
+                        .join()
+                        .map_err(|_| LogError::Sign("the checkpoint signer panicked".into()))??;
+                    self.keep(latest, size, root, note)?
+                }
+                _ => {
+                    drop(overlap);
+                    self.checkpoint_covering(appended.first_index + appended.count)?
+                }
+            };
+            Ok(Receipt {
+                appended,
+                checkpoint,
+            })
         })
+    }
+
+    /// The hook [`Self::append`] gives the store: called inside the append
+    /// transaction, just before COMMIT, by the caller that commits it.
+    /// Unless another signer holds `latest` (then the commit goes ahead
+    /// alone and this append signs, or finds its leaves covered, after it),
+    /// it takes `latest`, proves the uncommitted tree consistent with the
+    /// last checkpoint (the transaction sees its own rows) and starts the
+    /// signature of its root on a thread of `scope`. A consistency failure
+    /// is recorded as for any checkpoint; the append then signs nothing.
+    fn start_signing<'log, 'scope>(
+        &'log self,
+        scope: &'scope Scope<'scope, 'log>,
+        overlap: &mut Overlap<'log, 'scope>,
+        tree: &Uncommitted<'_>,
+    ) {
+        // A signature started by an earlier call belongs to a transaction
+        // that was run again (PostgreSQL): it never committed. Dropped here;
+        // the scope joins its thread.
+        overlap.signing = None;
+        if self.inconsistency().is_some() {
+            return;
+        }
+        if overlap.latest.is_none() {
+            overlap.latest = match self.latest.try_lock() {
+                Ok(latest) => Some(latest),
+                Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                // Never wait for it here: its holder may be waiting for the
+                // store this transaction holds.
+                Err(TryLockError::WouldBlock) => return,
+            };
+        }
+        let Some(latest) = overlap.latest.as_ref() else {
+            return;
+        };
+        let size = tree.size();
+        let root = match latest.as_ref() {
+            Some(signed) if signed.size >= size => return,
+            Some(signed) => self.check_extends(
+                signed,
+                size,
+                || tree.root(),
+                || tree.consistency_proof(signed.size),
+            ),
+            None => tree.root().map_err(LogError::Store),
+        };
+        // An inconsistency is recorded already; a read that failed is tried
+        // again after the commit, by `checkpoint_covering`.
+        let Ok(root) = root else {
+            return;
+        };
+        self.overlapped.fetch_add(1, Ordering::Relaxed);
+        overlap.signing = Some(Signing {
+            size,
+            root,
+            signer: scope.spawn(move || self.sign(size, root)),
+        });
+    }
+
+    /// How many checkpoint signatures were started inside an append
+    /// transaction, before its COMMIT (kept or not).
+    pub fn signatures_overlapped(&self) -> u64 {
+        self.overlapped.load(Ordering::Relaxed)
+    }
+
+    /// Signs the checkpoint of the tree of `size` leaves and root `root` in
+    /// the HSM, and checks the signature under the audit key.
+    fn sign(&self, size: u64, root: Hash) -> Result<String, LogError> {
+        let checkpoint = Checkpoint {
+            origin: self.origin.clone(),
+            size,
+            root,
+        };
+        note::sign_checkpoint(&checkpoint, self.public.bytes(), |msg| {
+            self.hsm.sign_ed25519(&self.key_label, msg)
+        })
+        .map_err(|e| match e {
+            note::SignError::Signer(h) => LogError::Hsm(h),
+            other => LogError::Sign(other.to_string()),
+        })
+    }
+
+    /// Saves `note`, the checkpoint of a durable tree of `size` leaves and
+    /// root `root`, makes it the newest, and tells the witnesses.
+    fn keep(
+        &self,
+        mut latest: MutexGuard<'_, Option<Signed>>,
+        size: u64,
+        root: Hash,
+        note: String,
+    ) -> Result<String, LogError> {
+        self.store
+            .save_checkpoint(size, &note, OffsetDateTime::now_utc())?;
+        *latest = Some(Signed {
+            size,
+            root,
+            note: note.clone(),
+        });
+        drop(latest);
+        if let Some(hook) = &self.on_signed {
+            (hook.0)(size);
+        }
+        Ok(note)
     }
 
     /// A signed checkpoint of a tree of at least `size` leaves.
@@ -353,7 +535,7 @@ impl AuditLog {
         }
         // One signer at a time; whoever waits here will most likely find
         // that the checkpoint just signed already covers it.
-        let mut latest = self
+        let latest = self
             .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -368,30 +550,8 @@ impl AuditLog {
             Some(signed) => self.prove_extends(signed, tree)?,
             None => self.store.root(tree)?,
         };
-        let checkpoint = Checkpoint {
-            origin: self.origin.clone(),
-            size: tree,
-            root,
-        };
-        let note = note::sign_checkpoint(&checkpoint, self.public.bytes(), |msg| {
-            self.hsm.sign_ed25519(&self.key_label, msg)
-        })
-        .map_err(|e| match e {
-            note::SignError::Signer(h) => LogError::Hsm(h),
-            other => LogError::Sign(other.to_string()),
-        })?;
-        self.store
-            .save_checkpoint(tree, &note, OffsetDateTime::now_utc())?;
-        *latest = Some(Signed {
-            size: tree,
-            root,
-            note: note.clone(),
-        });
-        drop(latest);
-        if let Some(hook) = &self.on_signed {
-            (hook.0)(tree);
-        }
-        Ok(note)
+        let note = self.sign(tree, root)?;
+        self.keep(latest, tree, root, note)
     }
 
     /// The newest checkpoint, signing one if the log has grown since.

@@ -130,6 +130,62 @@ pub struct Appended {
     pub revoked_in_flight: bool,
 }
 
+/// The tree an append transaction is about to commit, read through that
+/// transaction (which sees its own rows): what the hook of
+/// [`AuditStore::append_with`] is given, before COMMIT.
+///
+/// # Security
+/// Until the append returns `Ok`, this tree may never exist: the COMMIT can
+/// still fail. Whatever is computed from it (a signed checkpoint) must be
+/// kept back until then and dropped otherwise.
+pub struct Uncommitted<'a> {
+    pub(super) size: u64,
+    pub(super) nodes: &'a dyn HashReader<Error = StoreError>,
+}
+
+impl std::fmt::Debug for Uncommitted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uncommitted")
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Uncommitted<'_> {
+    /// The number of leaves the transaction commits.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The RFC 6962 root of the whole uncommitted tree.
+    ///
+    /// # Errors
+    /// As [`AuditStore::root`].
+    pub fn root(&self) -> Result<Hash, StoreError> {
+        merkle::root(&self.nodes, self.size).map_err(tree_error)
+    }
+
+    /// The consistency proof from tree size `from` to the uncommitted tree.
+    ///
+    /// # Errors
+    /// As [`AuditStore::consistency_proof`].
+    pub fn consistency_proof(&self, from: u64) -> Result<Vec<Hash>, StoreError> {
+        merkle::consistency_proof(&self.nodes, from, self.size).map_err(tree_error)
+    }
+}
+
+/// The hook of [`AuditStore::append_with`].
+pub type BeforeCommit<'a> = dyn FnMut(&Uncommitted<'_>) + 'a;
+
+/// A tree computation's error as the store reports it: the reader's own
+/// error, or a request outside the tree.
+pub(super) fn tree_error(e: TreeError<StoreError>) -> StoreError {
+    match e {
+        TreeError::Reader(e) => e,
+        other => StoreError::BadProofRequest(other.to_string()),
+    }
+}
+
 /// Audit log storage.
 pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// Appends a batch durably (with its spend) and says where it landed.
@@ -137,7 +193,27 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// The spend's error (nothing of the batch is committed) or
     /// [`StoreError::Sqlite`].
-    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError>;
+    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+        self.append_with(batch, &mut |_| {})
+    }
+    /// As [`AuditStore::append`]; and when this caller commits the
+    /// transaction that carries its batch (group commit: the caller that
+    /// finds no commit running commits every batch queued), `before_commit`
+    /// is called inside that transaction, once every batch of the group is
+    /// written and just before COMMIT, with the tree it commits. It is not
+    /// called when another caller's transaction carries the batch, and it
+    /// may be called more than once (PostgreSQL runs a transaction again
+    /// after a serialization failure): each call supersedes the ones before,
+    /// whose transactions never committed. The tree it saw is committed
+    /// only if this returns `Ok` with `tree_size` equal to its size.
+    ///
+    /// # Errors
+    /// As [`AuditStore::append`].
+    fn append_with(
+        &self,
+        batch: AuditAppend,
+        before_commit: &mut BeforeCommit<'_>,
+    ) -> Result<Appended, StoreError>;
     /// The number of leaves.
     ///
     /// # Errors
@@ -280,7 +356,7 @@ impl GroupCommit {
     pub(super) fn submit(
         &self,
         batch: AuditAppend,
-        commit: impl Fn(Vec<Pending>),
+        mut commit: impl FnMut(Vec<Pending>),
     ) -> Result<Appended, StoreError> {
         let slot = Arc::new(Mutex::new(None));
         let mut state = lock(&self.state);
@@ -366,13 +442,6 @@ impl SqliteStore {
         }
     }
 
-    fn tree_err(&self, e: TreeError<StoreError>) -> StoreError {
-        match e {
-            TreeError::Reader(e) => e,
-            other => StoreError::BadProofRequest(other.to_string()),
-        }
-    }
-
     /// Appends one batch inside `conn` (a savepoint). Returns
     /// `(newly_revoked, revoked_in_flight)`.
     fn append_in(
@@ -432,8 +501,7 @@ impl SqliteStore {
             hashes.push(merkle::leaf_hash(&leaf));
         }
         let reader = SqlNodes { conn, store: self };
-        let nodes =
-            merkle::appended_nodes_batch(first, &hashes, &reader).map_err(|e| self.tree_err(e))?;
+        let nodes = merkle::appended_nodes_batch(first, &hashes, &reader).map_err(tree_error)?;
         let mut insert = conn
             .prepare_cached("INSERT INTO audit_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")
             .map_err(|e| self.sqlite_err(e))?;
@@ -449,9 +517,15 @@ impl SqliteStore {
         Ok((newly_revoked, revoked.is_some()))
     }
 
-    /// Commits every queued batch in one transaction. Called with the
-    /// connection lock held.
-    fn commit_group(&self, conn: &mut Connection, group: Vec<Pending>) {
+    /// Commits every queued batch in one transaction, calling
+    /// `before_commit` just before COMMIT. Called with the connection lock
+    /// held.
+    fn commit_group(
+        &self,
+        conn: &mut Connection,
+        group: Vec<Pending>,
+        before_commit: &mut BeforeCommit<'_>,
+    ) {
         let mut done: Vec<(Pending, Result<Appended, StoreError>)> =
             Vec::with_capacity(group.len());
         // Outside the transaction closure, so that a group that fails before
@@ -494,6 +568,13 @@ impl SqliteStore {
                     Err(e) => done.push((pending, Err(e))),
                 }
             }
+            before_commit(&Uncommitted {
+                size,
+                nodes: &SqlNodes {
+                    conn: &tx,
+                    store: self,
+                },
+            });
             tx.commit().map_err(|e| self.sqlite_err(e))?;
             Ok(size)
         })();
@@ -529,10 +610,14 @@ impl SqliteStore {
 }
 
 impl AuditStore for SqliteStore {
-    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+    fn append_with(
+        &self,
+        batch: AuditAppend,
+        before_commit: &mut BeforeCommit<'_>,
+    ) -> Result<Appended, StoreError> {
         self.group.submit(batch, |batches| {
             let mut conn = self.conn();
-            self.commit_group(&mut conn, batches);
+            self.commit_group(&mut conn, batches, before_commit);
         })
     }
 
@@ -555,7 +640,7 @@ impl AuditStore for SqliteStore {
             },
             size,
         )
-        .map_err(|e| self.tree_err(e))
+        .map_err(tree_error)
     }
 
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
@@ -631,7 +716,7 @@ impl AuditStore for SqliteStore {
             index,
             size,
         )
-        .map_err(|e| self.tree_err(e))
+        .map_err(tree_error)
     }
 
     fn consistency_proof(&self, from: u64, to: u64) -> Result<Vec<Hash>, StoreError> {
@@ -650,7 +735,7 @@ impl AuditStore for SqliteStore {
             from,
             to,
         )
-        .map_err(|e| self.tree_err(e))
+        .map_err(tree_error)
     }
 
     fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError> {

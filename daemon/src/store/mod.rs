@@ -26,7 +26,9 @@ mod warrants;
 
 pub use self::postgres::{PgSettings, PgStore};
 
-pub use audit::{Appended, AuditAppend, AuditStore, Cosignature, Spend, MAX_INDEX};
+pub use audit::{
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Spend, Uncommitted, MAX_INDEX,
+};
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
@@ -345,10 +347,14 @@ impl WarrantStore for Store {
 }
 
 impl AuditStore for Store {
-    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+    fn append_with(
+        &self,
+        batch: AuditAppend,
+        before_commit: &mut BeforeCommit<'_>,
+    ) -> Result<Appended, StoreError> {
         match self {
-            Store::Sqlite(s) => s.append(batch),
-            Store::Postgres(s) => s.append(batch),
+            Store::Sqlite(s) => s.append_with(batch, before_commit),
+            Store::Postgres(s) => s.append_with(batch, before_commit),
         }
     }
     fn tree_size(&self) -> Result<u64, StoreError> {

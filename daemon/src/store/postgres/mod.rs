@@ -68,7 +68,7 @@ use postgres::{GenericClient, Transaction};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::audit::{GroupCommit, Pending};
+use super::audit::{tree_error, BeforeCommit, GroupCommit, Pending, Uncommitted};
 use super::warrants::to_i64;
 use super::{
     Appended, AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, Registration, Reservation,
@@ -906,10 +906,7 @@ impl PgStore {
     }
 
     fn tree_err(e: TreeError<StoreError>) -> StoreError {
-        match e {
-            TreeError::Reader(e) => e,
-            other => StoreError::BadProofRequest(other.to_string()),
-        }
+        tree_error(e)
     }
 
     /// Appends one batch inside `tx` (a savepoint of the group's
@@ -1008,10 +1005,12 @@ impl PgStore {
     }
 
     /// One attempt at committing a group: every batch in its own savepoint,
-    /// the head advanced, one commit. `Err` means nothing committed.
+    /// the head advanced, `before_commit` called, one commit. `Err` means
+    /// nothing committed.
     fn try_group(
         &self,
         group: &[Pending],
+        before_commit: &mut BeforeCommit<'_>,
     ) -> Result<(u64, Vec<Result<Appended, StoreError>>), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
@@ -1048,14 +1047,23 @@ impl PgStore {
             &[&i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?],
         )
         .map_err(|e| self.pg_err(e))?;
+        // The head lock is still held: the tree the hook sees is the one
+        // this COMMIT makes, whatever other replicas append.
+        before_commit(&Uncommitted {
+            size,
+            nodes: &PgNodes {
+                client: RefCell::new(&mut tx),
+                store: self,
+            },
+        });
         tx.commit().map_err(|e| self.pg_err(e))?;
         Ok((size, results))
     }
 
-    fn commit_group(&self, group: Vec<Pending>) {
+    fn commit_group(&self, group: Vec<Pending>, before_commit: &mut BeforeCommit<'_>) {
         let mut attempt = 0;
         let outcome = loop {
-            match self.try_group(&group) {
+            match self.try_group(&group, before_commit) {
                 Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
                     attempt += 1;
                     self.retries.fetch_add(1, Ordering::Relaxed);
@@ -1109,9 +1117,13 @@ impl PgStore {
 }
 
 impl AuditStore for PgStore {
-    fn append(&self, batch: AuditAppend) -> Result<Appended, StoreError> {
+    fn append_with(
+        &self,
+        batch: AuditAppend,
+        before_commit: &mut BeforeCommit<'_>,
+    ) -> Result<Appended, StoreError> {
         self.group
-            .submit(batch, |batches| self.commit_group(batches))
+            .submit(batch, |batches| self.commit_group(batches, before_commit))
     }
 
     fn tree_size(&self) -> Result<u64, StoreError> {
