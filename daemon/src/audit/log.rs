@@ -420,12 +420,19 @@ impl AuditLog {
 
     /// The hook [`Self::append`] gives the store: called inside the append
     /// transaction, just before COMMIT, by the caller that commits it.
-    /// Unless another signer holds `latest` (then the commit goes ahead
-    /// alone and this append signs, or finds its leaves covered, after it),
-    /// it takes `latest`, proves the uncommitted tree consistent with the
-    /// last checkpoint (the transaction sees its own rows) and starts the
+    /// Unless another signer holds `latest`, or other appends are queued
+    /// behind this transaction (then the commit goes ahead alone, and this
+    /// append signs, or finds its leaves covered, after it), it takes
+    /// `latest`, proves the uncommitted tree consistent with the last
+    /// checkpoint (the transaction sees its own rows) and starts the
     /// signature of its root on a thread of `scope`. A consistency failure
     /// is recorded as for any checkpoint; the append then signs nothing.
+    ///
+    /// Why not under load: the next group's transaction then takes the
+    /// store as soon as this one commits, so saving this checkpoint waits
+    /// for that commit while `latest` is held, and the callers queued
+    /// there could sign a larger tree after it (batch-1 throughput at 16
+    /// clients fell when every group overlapped: `docs/benchmarks.md`).
     fn start_signing<'log, 'scope>(
         &'log self,
         scope: &'scope Scope<'scope, 'log>,
@@ -436,7 +443,7 @@ impl AuditLog {
         // that was run again (PostgreSQL): it never committed. Dropped here;
         // the scope joins its thread.
         overlap.signing = None;
-        if self.inconsistency().is_some() {
+        if self.inconsistency().is_some() || tree.others_queued() {
             return;
         }
         if overlap.latest.is_none() {

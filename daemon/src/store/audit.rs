@@ -141,12 +141,15 @@ pub struct Appended {
 pub struct Uncommitted<'a> {
     pub(super) size: u64,
     pub(super) nodes: &'a dyn HashReader<Error = StoreError>,
+    /// Other appends of this process are queued for the next transaction.
+    pub(super) queued: bool,
 }
 
 impl std::fmt::Debug for Uncommitted<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Uncommitted")
             .field("size", &self.size)
+            .field("queued", &self.queued)
             .finish_non_exhaustive()
     }
 }
@@ -155,6 +158,12 @@ impl Uncommitted<'_> {
     /// The number of leaves the transaction commits.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether other appends of this process were queued, waiting for this
+    /// transaction to end, when it was about to commit.
+    pub fn others_queued(&self) -> bool {
+        self.queued
     }
 
     /// The RFC 6962 root of the whole uncommitted tree.
@@ -386,6 +395,11 @@ impl GroupCommit {
         }
     }
 
+    /// Whether batches are queued for the next group.
+    pub(super) fn queued(&self) -> bool {
+        !lock(&self.state).queue.is_empty()
+    }
+
     /// Counts one committed transaction.
     pub(super) fn committed(&self) {
         self.commits.fetch_add(1, Ordering::Relaxed);
@@ -574,6 +588,7 @@ impl SqliteStore {
                     conn: &tx,
                     store: self,
                 },
+                queued: self.group.queued(),
             });
             tx.commit().map_err(|e| self.sqlite_err(e))?;
             Ok(size)

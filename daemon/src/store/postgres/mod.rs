@@ -1055,6 +1055,7 @@ impl PgStore {
                 client: RefCell::new(&mut tx),
                 store: self,
             },
+            queued: self.group.queued(),
         });
         tx.commit().map_err(|e| self.pg_err(e))?;
         Ok((size, results))
