@@ -5,6 +5,10 @@
 //! of usability; a verifier built for new trust (as a reload builds one)
 //! knows nothing of the old one's warrants.
 
+// The helpers are test code: a failed fixture should panic the test (clippy
+// only recognises `#[test]` functions as tests).
+#![allow(clippy::unwrap_used)]
+
 mod warrant_common;
 
 use std::path::Path;
