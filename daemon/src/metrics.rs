@@ -25,6 +25,8 @@ pub struct Metrics {
     hsm_seconds: HistogramVec,
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
+    hsm_calls_stuck: IntGauge,
+    hsm_call_timeouts: IntCounter,
     store_commit_seconds: HistogramVec,
     store_retries: IntCounter,
     tls_handshake_failures: IntCounterVec,
@@ -38,6 +40,18 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Metrics")
     }
+}
+
+/// Figures that other parts keep and `/metrics` reports as they are at
+/// scrape time ([`Metrics::render_with`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scraped {
+    /// The store's count of retried transactions.
+    pub store_retries: u64,
+    /// [`crate::hsm::Hsm::stuck_calls`].
+    pub hsm_calls_stuck: usize,
+    /// [`crate::hsm::Hsm::timed_out_calls`].
+    pub hsm_call_timeouts: u64,
 }
 
 /// Buckets for operations that take microseconds to a second (HSM calls,
@@ -107,6 +121,16 @@ impl Metrics {
             "Times the HSM session pool reconnected after a lost session or token.",
         )?;
         registry.register(Box::new(hsm_reconnects.clone()))?;
+        let hsm_calls_stuck = gauge(
+            "lavd_hsm_calls_stuck",
+            "HSM calls that outlived [hsm] call_timeout_ms and have not returned (a hung \
+             module or device); /readyz is false while this is above 0.",
+        )?;
+        let hsm_call_timeouts = IntCounter::new(
+            "lavd_hsm_call_timeouts_total",
+            "HSM calls whose caller gave up at [hsm] call_timeout_ms (answered hsm_unavailable).",
+        )?;
+        registry.register(Box::new(hsm_call_timeouts.clone()))?;
         let store_commit_seconds = histogram(
             "lavd_store_commit_duration_seconds",
             "Durable store commits (fsync included), by operation.",
@@ -160,6 +184,8 @@ impl Metrics {
             hsm_seconds,
             hsm_sessions_busy,
             hsm_reconnects,
+            hsm_calls_stuck,
+            hsm_call_timeouts,
             store_commit_seconds,
             store_retries,
             tls_handshake_failures,
@@ -227,16 +253,25 @@ impl Metrics {
             .inc();
     }
 
-    /// [`Metrics::render`], with `lavd_store_retries_total` brought up to
-    /// `total`, the store's own count (it only grows).
+    /// [`Metrics::render`], with the figures kept elsewhere brought up to
+    /// date first: `lavd_store_retries_total` and
+    /// `lavd_hsm_call_timeouts_total` up to the store's and the HSM's own
+    /// counts (they only grow), `lavd_hsm_calls_stuck` set.
     ///
     /// # Errors
     /// As [`Metrics::render`].
-    pub fn render_with_store_retries(&self, total: u64) -> Result<String, prometheus::Error> {
-        let seen = self.store_retries.get();
-        if total > seen {
-            self.store_retries.inc_by(total - seen);
+    pub fn render_with(&self, now: Scraped) -> Result<String, prometheus::Error> {
+        for (counter, total) in [
+            (&self.store_retries, now.store_retries),
+            (&self.hsm_call_timeouts, now.hsm_call_timeouts),
+        ] {
+            let seen = counter.get();
+            if total > seen {
+                counter.inc_by(total - seen);
+            }
         }
+        self.hsm_calls_stuck
+            .set(i64::try_from(now.hsm_calls_stuck).unwrap_or(i64::MAX));
         self.render()
     }
 
@@ -273,30 +308,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn store_retries_follow_the_stores_own_count_and_never_go_back() {
+    fn scraped_counts_follow_their_sources_and_never_go_back() {
         let m = Metrics::new().unwrap();
-        let line = |text: String| {
+        let line = |text: String, family: &str| {
             text.lines()
-                .find(|l| l.starts_with("lavd_store_retries_total "))
+                .find(|l| l.starts_with(&format!("{family} ")))
                 .map(str::to_string)
         };
-        assert_eq!(
-            line(m.render_with_store_retries(0).unwrap()).as_deref(),
-            Some("lavd_store_retries_total 0")
-        );
-        assert_eq!(
-            line(m.render_with_store_retries(5).unwrap()).as_deref(),
-            Some("lavd_store_retries_total 5")
-        );
-        // A store reopened with a smaller count does not make it go back.
-        assert_eq!(
-            line(m.render_with_store_retries(3).unwrap()).as_deref(),
-            Some("lavd_store_retries_total 5")
-        );
-        assert_eq!(
-            line(m.render_with_store_retries(7).unwrap()).as_deref(),
-            Some("lavd_store_retries_total 7")
-        );
+        let scrape = |store_retries, hsm_call_timeouts, hsm_calls_stuck| {
+            m.render_with(Scraped {
+                store_retries,
+                hsm_calls_stuck,
+                hsm_call_timeouts,
+            })
+            .unwrap()
+        };
+        for (retries, timeouts, stuck, want_retries, want_timeouts) in [
+            (0, 0, 0, 0, 0),
+            (5, 2, 2, 5, 2),
+            // A store reopened with a smaller count does not make it go back.
+            (3, 2, 0, 5, 2),
+            (7, 4, 1, 7, 4),
+        ] {
+            let text = scrape(retries, timeouts, stuck);
+            assert_eq!(
+                line(text.clone(), "lavd_store_retries_total"),
+                Some(format!("lavd_store_retries_total {want_retries}"))
+            );
+            assert_eq!(
+                line(text.clone(), "lavd_hsm_call_timeouts_total"),
+                Some(format!("lavd_hsm_call_timeouts_total {want_timeouts}"))
+            );
+            assert_eq!(
+                line(text, "lavd_hsm_calls_stuck"),
+                Some(format!("lavd_hsm_calls_stuck {stuck}"))
+            );
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
 
@@ -253,8 +254,26 @@ static ck_rv_t before(const char *name)
 			continue;
 		}
 		if (delay > 0) {
-			struct timespec ts = { delay / 1000000L, (delay % 1000000L) * 1000L };
-			while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			/*
+			 * Linux's default 50 us timer slack lets a 1 ms sleep run
+			 * late; a network round trip has no such slack. Once per
+			 * thread, ask for none. The wake-up time is absolute, so a
+			 * signal cannot stretch the delay either.
+			 */
+			static __thread int slack_set;
+			if (!slack_set) {
+				prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+				slack_set = 1;
+			}
+			struct timespec until;
+			clock_gettime(CLOCK_MONOTONIC, &until);
+			until.tv_sec += delay / 1000000L;
+			until.tv_nsec += (delay % 1000000L) * 1000L;
+			if (until.tv_nsec >= 1000000000L) {
+				until.tv_sec += 1;
+				until.tv_nsec -= 1000000000L;
+			}
+			while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
 				;
 		}
 		return rv;

@@ -215,10 +215,15 @@ impl Ca {
 
     /// A CRL (PEM) revoking `revoked`, valid for a day.
     pub fn crl(&self, revoked: &[&Issued]) -> String {
+        self.crl_until(revoked, OffsetDateTime::now_utc() + time::Duration::days(1))
+    }
+
+    /// A CRL (PEM) revoking `revoked`, whose `nextUpdate` is `next_update`.
+    pub fn crl_until(&self, revoked: &[&Issued], next_update: OffsetDateTime) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - time::Duration::minutes(5),
-            next_update: now + time::Duration::days(1),
+            next_update,
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
             revoked_certs: revoked

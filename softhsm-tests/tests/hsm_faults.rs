@@ -9,7 +9,9 @@
 //!   most twice (its envelope opens, then the checkpoint signature), each
 //!   wait bounded by `[hsm] call_timeout_ms` (1 s here), so
 //!   2 × 1 s plus 5 s of slack for a loaded 2-core machine;
-//! - `/readyz` turns 503 while the fault lasts;
+//! - `/readyz` turns 503 while the fault lasts; during a hang `/metrics`
+//!   shows the calls past their deadline (`lavd_hsm_calls_stuck`,
+//!   `lavd_hsm_call_timeouts_total`), and neither moves for a failing call;
 //! - nothing is released during the fault; every 200's `ok` results are
 //!   `opened` leaves; the budget spent equals the `opened` leaves; the only
 //!   `opened` leaves no reply carried are those of requests in flight when
@@ -68,6 +70,19 @@ fn fault_under_load(fault: &str) {
             let sent = Instant::now();
             let opened = case.probe_until_refused(CODE);
             direct = sent.elapsed();
+            // Only a hang leaves calls past their deadline; failing calls
+            // return at once.
+            let stuck = case.daemon.metric("lavd_hsm_calls_stuck");
+            let timeouts = case.daemon.metric("lavd_hsm_call_timeouts_total");
+            if fault == "hang" {
+                assert!(stuck >= 1.0, "{fault}: lavd_hsm_calls_stuck {stuck}");
+                assert!(
+                    timeouts >= 1.0,
+                    "{fault}: lavd_hsm_call_timeouts_total {timeouts}"
+                );
+            } else {
+                assert_eq!((stuck, timeouts), (0.0, 0.0), "{fault}: stuck, timed out");
+            }
             opened
         },
         || shim.set(""),
@@ -81,6 +96,8 @@ fn fault_under_load(fault: &str) {
         },
     );
     assert!(direct <= bound(), "{fault}: {direct:?}");
+    // The hung calls returned when the fault cleared.
+    assert_eq!(case.daemon.metric("lavd_hsm_calls_stuck"), 0.0, "{fault}");
     let injected = shim.faults();
     figures.print(&format!(
         ", faults injected by the module {injected}, /readyz 503 after {} ms, direct request \

@@ -69,6 +69,40 @@ fn an_expired_certificate_fails_the_handshake() {
     assert_counted_once(&daemon, "certificate_expired");
 }
 
+/// A connection keeps its certificate check between requests only until
+/// the certificate's `notAfter`: the next request on it after that is
+/// refused, and the connection closed.
+#[test]
+fn a_certificate_that_expires_on_an_open_connection_is_refused_on_it() {
+    let (_t, pki, daemon) = start("");
+    let now = OffsetDateTime::now_utc();
+    // Six seconds leave room for the handshake and first request on a
+    // loaded machine; X.509 times have whole seconds.
+    let not_after = now + time::Duration::seconds(6);
+    let short = pki.clients.client_valid(
+        vec![uri(PROVIDER)],
+        now - time::Duration::days(1),
+        not_after,
+    );
+    let mut conn = pki.client(daemon.api, Some(&short)).connect().unwrap();
+    for _ in 0..2 {
+        let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    sleep_until(not_after + time::Duration::seconds(2));
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    let message = r.assert_error(403, "client_certificate_rejected");
+    assert!(message.contains("certificate_expired"), "{message}");
+    assert_eq!(r.header("connection"), Some("close"));
+}
+
+fn sleep_until(at: OffsetDateTime) {
+    let left = at - OffsetDateTime::now_utc();
+    if left.is_positive() {
+        std::thread::sleep(left.unsigned_abs());
+    }
+}
+
 #[test]
 fn a_revoked_certificate_fails_the_handshake() {
     let t = TestToken::new();

@@ -172,3 +172,40 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
         rustls::AlertDescription::CertificateRevoked,
     );
 }
+
+/// A connection keeps its certificate check between requests only until a
+/// CRL's `nextUpdate` (with `enforce_crl_expiry`, the default): after it,
+/// the next request on an open connection is refused.
+#[test]
+fn a_crl_past_its_next_update_refuses_open_connections() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    pki.write("clients.crl.pem", &pki.clients.crl(&[]));
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n{}",
+        roles(&[PROVIDER])
+    )));
+    let daemon = Daemon::start(&t);
+
+    // Eight seconds leave room for the reload, the handshake and two
+    // requests on a loaded machine.
+    let next_update = time::OffsetDateTime::now_utc() + time::Duration::seconds(8);
+    pki.write("clients.crl.pem", &pki.clients.crl_until(&[], next_update));
+    reload(&daemon);
+    let mut conn = pki
+        .client(daemon.api, Some(&pki.clients.identity(PROVIDER)))
+        .connect()
+        .unwrap();
+    for _ in 0..2 {
+        let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let left = next_update + time::Duration::seconds(2) - time::OffsetDateTime::now_utc();
+    if left.is_positive() {
+        std::thread::sleep(left.unsigned_abs());
+    }
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    let message = r.assert_error(403, "client_certificate_rejected");
+    assert!(message.contains("crl_expired"), "{message}");
+    assert_eq!(r.header("connection"), Some("close"));
+}

@@ -4,10 +4,15 @@
 //! revoked warrant, a batch too large or empty; then every per-envelope
 //! denial reason in one request, and the budget. Every refused warrant is a
 //! `warrant_refused` leaf the auditor can read; requests refused before the
-//! warrant is looked at (role, batch size, shape) leave none.
+//! warrant is looked at (role, batch size, shape) leave none. The daemon
+//! keeps the warrants it verified (`lavd::warrant::cache`): a kept warrant
+//! is still refused with its exact code when it is revoked, when it
+//! expires, when another agency sends it, and when a reload removes an
+//! authority that signed it.
 
 use lavd::envelope::reply::{open_reply, Outcome};
-use softhsm_tests::server::{serve_config, Daemon, Pki};
+use rustix::process::Signal;
+use softhsm_tests::server::{authorities, serve_config, Authorities, Daemon, Pki};
 use softhsm_tests::vault::{self, Clients, Parties, AGENCY, TARGET};
 use softhsm_tests::{assert_ok, TestToken};
 use time::{Duration, OffsetDateTime};
@@ -382,6 +387,109 @@ fn each_envelope_is_denied_for_its_own_reason_and_only_opened_ones_spend() {
     // Denied envelopes are not refused warrants.
     let refused = refused_leaves(c);
     assert!(refused.is_empty(), "{refused:?}");
+}
+
+/// One fresh envelope for `TARGET` under `E-1` with `warrant`.
+fn one(s: &Setup, warrant: &serde_json::Value) -> serde_json::Value {
+    let escrow = vault::published_key(&s.c.provider, "E-1");
+    let envelope = vault::seal(
+        &escrow,
+        "E-1",
+        TARGET,
+        OffsetDateTime::now_utc() - Duration::hours(1),
+        "m",
+        &[7; 32],
+    );
+    body(warrant, &[envelope])
+}
+
+fn opens(s: &Setup, warrant: &serde_json::Value) {
+    let r = vault::post(&s.c.agency, "/v1/unwrap", &one(s, warrant));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}
+
+#[test]
+fn a_kept_warrant_is_refused_when_revoked_expired_or_sent_by_another_agency() {
+    let s = setup("", |t| {
+        vault::generate_escrow_key(t, "E-1");
+    });
+    let recipient = vault::recipient();
+    let other = s
+        .pki
+        .client(s.daemon.api, Some(&s.pki.clients.identity(OTHER_AGENCY)));
+
+    // Another agency, before and after the warrant is kept: one code.
+    let warrant = vault::double_lock(&vault::claims("W-KEPT", recipient.public(), 100));
+    vault::post(&other, "/v1/unwrap", &one(&s, &warrant)).assert_error(403, "agency_mismatch");
+    opens(&s, &warrant);
+    opens(&s, &warrant);
+    vault::post(&other, "/v1/unwrap", &one(&s, &warrant)).assert_error(403, "agency_mismatch");
+    opens(&s, &warrant);
+
+    // Revoked after being kept.
+    let r = vault::post(
+        &s.c.admin,
+        "/v1/warrants/revocations",
+        &serde_json::json!({"id": "W-KEPT", "reason": "quashed on review"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let message = vault::post(&s.c.agency, "/v1/unwrap", &one(&s, &warrant))
+        .assert_error(403, "warrant_revoked");
+    assert!(message.contains("W-KEPT"), "{message}");
+
+    // Expires while kept. Eight seconds leave room for two requests on a
+    // loaded machine; RFC 3339 times here have whole seconds.
+    let now = OffsetDateTime::now_utc();
+    let expires = now + Duration::seconds(8);
+    let mut claims = vault::claims("W-SHORT", recipient.public(), 100);
+    claims["expires"] = vault::at(now, Duration::seconds(8)).into();
+    let short = vault::double_lock(&claims);
+    opens(&s, &short);
+    opens(&s, &short);
+    let left = expires + Duration::seconds(2) - OffsetDateTime::now_utc();
+    if left.is_positive() {
+        std::thread::sleep(left.unsigned_abs());
+    }
+    vault::post(&s.c.agency, "/v1/unwrap", &one(&s, &short)).assert_error(403, "warrant_expired");
+}
+
+#[test]
+fn a_reload_that_removes_a_signer_refuses_a_kept_warrant() {
+    let s = setup("", |t| {
+        vault::generate_escrow_key(t, "E-1");
+    });
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-RELOAD", recipient.public(), 100));
+    opens(&s, &warrant);
+    opens(&s, &warrant);
+
+    // The judicial authority that signed is removed, and the policy needs
+    // only an executive: were the kept warrant trusted, it would pass.
+    let config = std::fs::read_to_string(s.t.config()).unwrap();
+    let judicial = authorities().judicial.kid().to_string();
+    let start = config
+        .find(&format!("kid = \"{judicial}\""))
+        .and_then(|at| config[..at].rfind("[[authorities]]"))
+        .unwrap();
+    let end = start + config[start..].find("\n\n").unwrap() + 2;
+    let changed = format!("{}{}", &config[..start], &config[end..])
+        .replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
+    assert!(!changed.contains(&judicial), "{changed}");
+    std::fs::write(s.t.config(), changed).unwrap();
+    s.daemon.signal(Signal::HUP);
+    s.daemon.expect_notify("RELOADING=1");
+    s.daemon.expect_notify("READY=1");
+
+    let message = vault::post(&s.c.agency, "/v1/unwrap", &one(&s, &warrant))
+        .assert_error(403, "unknown_authority");
+    assert!(message.contains(&judicial), "{message}");
+    // A warrant the executive alone signed is what opens now.
+    let single = Authorities::sign(
+        &vault::claims("W-ONE", recipient.public(), 100),
+        &[&authorities().executive],
+    );
+    opens(&s, &single);
 }
 
 fn envelope_kid(envelope: &serde_json::Value) -> String {

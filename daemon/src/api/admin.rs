@@ -163,6 +163,7 @@ pub const ADMIN_ROUTES: &[(&str, &str)] =
 pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
     let store = readiness.state.store.clone();
+    let hsm = readiness.state.hsm.clone();
     table(
         move || {
             let readiness = readiness.clone();
@@ -171,7 +172,13 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
                 (report.ready, serde_json::json!(report))
             }
         },
-        move || metrics.render_with_store_retries(store.retries()),
+        move || {
+            metrics.render_with(crate::metrics::Scraped {
+                store_retries: store.retries(),
+                hsm_calls_stuck: hsm.stuck_calls(),
+                hsm_call_timeouts: hsm.timed_out_calls(),
+            })
+        },
     )
 }
 

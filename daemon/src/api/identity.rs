@@ -5,6 +5,9 @@
 //! client CAs (and CRLs) when this code reads it. It is still parsed strictly:
 //! a certificate with no URI SAN or with several is refused, because an
 //! identity that is ambiguous cannot be bound to a warrant's `agency`.
+//!
+//! The same minimal DER reader gives the times that bound how long a
+//! connection's certificate check holds ([`not_after`], [`crl_next_update`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -163,7 +166,107 @@ pub fn uri_san(cert: &[u8]) -> Result<String, IdentityError> {
     }
 }
 
+/// The `notAfter` of a DER X.509 certificate (RFC 5280 §4.1.2.5), in
+/// seconds since the Unix epoch.
+///
+/// # Errors
+/// [`IdentityError::Malformed`] when the DER is not a certificate or the
+/// time is not in RFC 5280's form.
+pub fn not_after(cert: &[u8]) -> Result<u64, IdentityError> {
+    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
+    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
+    // version [0] EXPLICIT, optional; serialNumber; signature; issuer.
+    let (mut tag, _) = tbs.next()?;
+    if tag == 0xa0 {
+        tag = tbs.next()?.0;
+    }
+    if tag != INTEGER {
+        return Err(IdentityError::Malformed);
+    }
+    tbs.expect(SEQUENCE)?;
+    tbs.expect(SEQUENCE)?;
+    let mut validity = Der::new(tbs.expect(SEQUENCE)?);
+    let _not_before = validity.next()?;
+    let (tag, value) = validity.next()?;
+    if !validity.is_empty() {
+        return Err(IdentityError::Malformed);
+    }
+    der_time(tag, value)
+}
+
+/// The `nextUpdate` of a DER X.509 CRL (RFC 5280 §5.1.2.5), in seconds
+/// since the Unix epoch, or `None` when it has none.
+///
+/// # Errors
+/// [`IdentityError::Malformed`] when the DER is not a CRL or a time is not
+/// in RFC 5280's form.
+pub fn crl_next_update(crl: &[u8]) -> Result<Option<u64>, IdentityError> {
+    let mut list = Der::new(crl).expect_one(SEQUENCE)?;
+    let mut tbs = Der::new(list.expect(SEQUENCE)?);
+    // version, optional; signature; issuer; thisUpdate.
+    let (mut tag, _) = tbs.next()?;
+    if tag == INTEGER {
+        tag = tbs.next()?.0;
+    }
+    if tag != SEQUENCE {
+        return Err(IdentityError::Malformed);
+    }
+    tbs.expect(SEQUENCE)?;
+    let (tag, value) = tbs.next()?;
+    der_time(tag, value)?;
+    if tbs.is_empty() {
+        return Ok(None);
+    }
+    match tbs.next()? {
+        (tag @ (UTC_TIME | GENERALIZED_TIME), value) => der_time(tag, value).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime
+/// (`YYYYMMDDHHMMSSZ`), the only forms RFC 5280 §4.1.2.5 allows, in
+/// seconds since the Unix epoch.
+fn der_time(tag: u8, value: &[u8]) -> Result<u64, IdentityError> {
+    let bad = || IdentityError::Malformed;
+    let (year, rest) = match (tag, value.len()) {
+        (UTC_TIME, 13) => {
+            let yy = i32::try_from(digits(&value[..2]).ok_or_else(bad)?).map_err(|_| bad())?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &value[2..])
+        }
+        (GENERALIZED_TIME, 15) => (
+            i32::try_from(digits(&value[..4]).ok_or_else(bad)?).map_err(|_| bad())?,
+            &value[4..],
+        ),
+        _ => return Err(bad()),
+    };
+    if rest[10] != b'Z' {
+        return Err(bad());
+    }
+    let two = |i: usize| {
+        digits(&rest[i..i + 2])
+            .and_then(|n| u8::try_from(n).ok())
+            .ok_or_else(bad)
+    };
+    let month = time::Month::try_from(two(0)?).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(year, month, two(2)?).map_err(|_| bad())?;
+    let at = date
+        .with_hms(two(4)?, two(6)?, two(8)?)
+        .map_err(|_| bad())?
+        .assume_utc();
+    u64::try_from(at.unix_timestamp()).map_err(|_| bad())
+}
+
+/// The value of ASCII decimal `digits`, or `None` if one is not a digit.
+fn digits(digits: &[u8]) -> Option<u32> {
+    digits.iter().try_fold(0u32, |n, d| {
+        d.is_ascii_digit().then(|| n * 10 + u32::from(d - b'0'))
+    })
+}
+
 const SEQUENCE: u8 = 0x30;
+const INTEGER: u8 = 0x02;
+const UTC_TIME: u8 = 0x17;
+const GENERALIZED_TIME: u8 = 0x18;
 const OID: u8 = 0x06;
 const BOOLEAN: u8 = 0x01;
 const OCTET_STRING: u8 = 0x04;
@@ -310,6 +413,52 @@ mod tests {
     }
 
     #[test]
+    fn not_after_and_next_update_are_read_in_both_time_forms() {
+        let key = KeyPair::generate().unwrap();
+        for (at, text) in [
+            // UTCTime up to 2049, GeneralizedTime from 2050 (RFC 5280).
+            (
+                time::macros::datetime!(2027-03-04 05:06:07 UTC),
+                "2027-03-04T05:06:07Z",
+            ),
+            (
+                time::macros::datetime!(2051-01-02 03:04:05 UTC),
+                "2051-01-02T03:04:05Z",
+            ),
+        ] {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.not_before = time::macros::datetime!(2026-01-01 00:00 UTC);
+            params.not_after = at;
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            let expected =
+                u64::try_from(crate::codec::parse_time(text).unwrap().unix_timestamp()).unwrap();
+            assert_eq!(not_after(&der).unwrap(), expected);
+
+            let issuer = rcgen::Issuer::new(params, &key);
+            let crl = rcgen::CertificateRevocationListParams {
+                this_update: time::macros::datetime!(2026-01-01 00:00 UTC),
+                next_update: at,
+                crl_number: rcgen::SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: vec![],
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(&issuer)
+            .unwrap();
+            assert_eq!(crl_next_update(crl.der()).unwrap(), Some(expected));
+        }
+        assert!(not_after(b"\x30\x00").is_err());
+        assert!(crl_next_update(b"\x30\x00").is_err());
+        assert!(der_time(UTC_TIME, b"270304050607+").is_err());
+        assert!(der_time(GENERALIZED_TIME, b"2027023005060Z").is_err());
+        assert!(der_time(GENERALIZED_TIME, b"20270230050607Z").is_err());
+        // 1950 is before the epoch: not a usable bound.
+        assert!(der_time(UTC_TIME, b"500101000000Z").is_err());
+        assert_eq!(der_time(UTC_TIME, b"700101000000Z").unwrap(), 0);
+    }
+
+    #[test]
     fn garbage_is_malformed_not_a_panic() {
         let der = cert(vec![uri("spiffe://agency.example/lea")]);
         for cut in [0, 1, 2, 10, der.len() / 2, der.len() - 1] {
@@ -318,7 +467,10 @@ mod tests {
         let mut flipped = der.clone();
         for i in 0..flipped.len() {
             flipped[i] ^= 0xff;
-            let _ = uri_san(&flipped); // must not panic
+            // None of these may panic.
+            let _ = uri_san(&flipped);
+            let _ = not_after(&flipped);
+            let _ = crl_next_update(&flipped);
             flipped[i] ^= 0xff;
         }
         assert_eq!(

@@ -1,6 +1,8 @@
 //! What every API request goes through before and after its route, in
 //! order: identity of the connection → the certificate still passes the
-//! current CAs and CRLs → per-identity rate limit → body read within
+//! current CAs and CRLs (checked in full again only after a reload, or once
+//! the chain's earliest `notAfter` or a CRL's `nextUpdate` is reached:
+//! [`ConnInfo`]) → per-identity rate limit → body read within
 //! `max_body_bytes` and `body_read_timeout` → the route table → metrics and
 //! the request log line. On the public log listener ([`Access::Public`])
 //! the first three steps are one: a rate limit per IP address.
@@ -16,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt as _, Full};
@@ -30,6 +32,7 @@ use super::error::{ApiError, ErrorCode};
 use super::identity::{IdentityError, PeerIdentity};
 use super::routes::RequestContext;
 use super::server::{self, Activity};
+use super::state::Reloadable;
 use super::state::ServerState;
 
 /// Route label of requests refused before routing (identity, rate limit,
@@ -104,8 +107,83 @@ pub struct ConnInfo {
     pub chain: Vec<CertificateDer<'static>>,
     /// Set once the chain failed a re-check; every later request is refused.
     pub rejected: AtomicBool,
+    /// The earliest `notAfter` in the chain (seconds since the Unix epoch),
+    /// or 0 when one could not be read: a passed re-check holds no longer.
+    pub chain_valid_until: u64,
+    /// The last re-check that passed, while it holds.
+    pub rechecked: Mutex<Option<Rechecked>>,
     /// Request activity, for the idle and header timeouts.
     pub activity: Arc<Activity>,
+}
+
+/// A re-check of a connection's chain that passed: it holds for later
+/// requests on that connection while the configuration generation is the
+/// same and the clock is in `[at, until)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rechecked {
+    /// The configuration generation whose CAs and CRLs it passed.
+    pub generation: u64,
+    /// When it passed (seconds since the Unix epoch).
+    pub at: u64,
+    /// The earliest of the chain's `notAfter` and the CRLs' `nextUpdate`.
+    pub until: u64,
+}
+
+impl ConnInfo {
+    /// The connection as the accept loop found it: `chain` leaf first,
+    /// `identity` read from its leaf.
+    pub fn new(
+        remote: SocketAddr,
+        identity: Result<String, IdentityError>,
+        chain: Vec<CertificateDer<'static>>,
+        activity: Arc<Activity>,
+    ) -> Self {
+        let chain_valid_until = chain.iter().fold(u64::MAX, |until, cert| {
+            super::identity::not_after(cert.as_ref()).map_or(0, |t| until.min(t))
+        });
+        ConnInfo {
+            remote,
+            identity,
+            chain,
+            rejected: AtomicBool::new(false),
+            chain_valid_until,
+            rechecked: Mutex::new(None),
+            activity,
+        }
+    }
+
+    /// Checks the chain against `live`'s CAs and CRLs at `now`, the check a
+    /// full handshake would make, unless one under the same generation
+    /// passed and still holds. A reload (new CAs or CRLs) makes a new
+    /// generation; an expiring certificate or CRL ends the pass at its
+    /// time; a clock that went back checks again.
+    ///
+    /// # Errors
+    /// The metrics reason of the failure (`certificate_revoked`, …).
+    fn recheck(&self, live: &Reloadable, now: UnixTime) -> Result<(), &'static str> {
+        let secs = now.as_secs();
+        let holds =
+            |p: &Rechecked| p.generation == live.generation && p.at <= secs && secs < p.until;
+        if self.lock_rechecked().as_ref().is_some_and(holds) {
+            return Ok(());
+        }
+        let result = live.tls.recheck(&self.chain, now);
+        *self.lock_rechecked() = result.is_ok().then_some(Rechecked {
+            generation: live.generation,
+            at: secs,
+            until: self.chain_valid_until.min(live.tls.crls_valid_until),
+        });
+        result
+    }
+
+    fn lock_rechecked(&self) -> std::sync::MutexGuard<'_, Option<Rechecked>> {
+        // Only a copy in or out happens under the lock: it cannot be
+        // poisoned in practice, and a value left by a panic would be a
+        // whole one.
+        self.rechecked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Answers one request on `conn`.
@@ -207,7 +285,7 @@ where
                     body,
                 );
             }
-            if let Err(reason) = live.tls.recheck(&conn.chain, UnixTime::now()) {
+            if let Err(reason) = conn.recheck(&live, UnixTime::now()) {
                 conn.rejected.store(true, Ordering::SeqCst);
                 state.metrics.tls_handshake_failure(reason);
                 tracing::warn!(

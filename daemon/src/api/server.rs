@@ -25,7 +25,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -525,13 +525,7 @@ async fn api_connection(
     }
 
     let activity = Arc::new(Activity::new());
-    let conn = Arc::new(ConnInfo {
-        remote,
-        identity,
-        chain,
-        rejected: AtomicBool::new(false),
-        activity: activity.clone(),
-    });
+    let conn = Arc::new(ConnInfo::new(remote, identity, chain, activity.clone()));
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
         let conn = conn.clone();

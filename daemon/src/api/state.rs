@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::identity::RoleMap;
 use super::ratelimit::RateLimiter;
@@ -91,6 +91,10 @@ pub struct ServerState {
     env: Arc<dyn Env>,
     live: RwLock<Arc<Reloadable>>,
     generation: AtomicU64,
+    /// Held for a whole reload, so that reloads are one at a time and no
+    /// two [`Reloadable`]s ever share a generation (connections keep a
+    /// passed certificate check per generation).
+    reloading: Mutex<()>,
     draining: AtomicBool,
     /// The settings at start, to warn about edits a reload cannot apply.
     startup: StartupSettings,
@@ -190,6 +194,7 @@ impl ServerState {
             env,
             generation: AtomicU64::new(live.generation),
             live: RwLock::new(Arc::new(live)),
+            reloading: Mutex::new(()),
             draining: AtomicBool::new(false),
             startup,
         }
@@ -244,6 +249,12 @@ impl ServerState {
     }
 
     fn try_reload(&self) -> Result<ReloadOutcome, ConfigError> {
+        // A reload that panicked left nothing half-applied (the swap is
+        // one assignment at its end), so a poisoned lock is still usable.
+        let _one_at_a_time = self
+            .reloading
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = Settings::load(&self.config_file, self.env.as_ref())?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let next = Reloadable::build(&settings, generation)?;

@@ -38,6 +38,12 @@ pub struct TlsMaterial {
     /// The same verifier as in `server_config`, kept to re-check the
     /// certificate of connections that outlive a reload.
     pub client_verifier: Arc<dyn ClientCertVerifier>,
+    /// Until when (seconds since the Unix epoch) a chain that passed
+    /// [`TlsMaterial::recheck`] keeps passing as far as the CRLs go: the
+    /// earliest `nextUpdate` of the configured CRLs; `u64::MAX` without CRLs
+    /// or when none has a `nextUpdate`, and 0 (a pass holds for no time at
+    /// all) when one could not be read for it.
+    pub crls_valid_until: u64,
 }
 
 /// The one crypto provider of the process.
@@ -104,6 +110,16 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         }
     }
 
+    let crls_valid_until =
+        crls.iter().fold(
+            u64::MAX,
+            |until, crl| match super::identity::crl_next_update(crl.as_ref()) {
+                Ok(Some(next)) => until.min(next),
+                Ok(None) => until,
+                Err(_) => 0,
+            },
+        );
+
     let provider = provider();
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
@@ -139,6 +155,7 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         server_config: Arc::new(config),
         public_config: Arc::new(public),
         client_verifier,
+        crls_valid_until,
     })
 }
 

@@ -45,6 +45,15 @@ pub enum TilePathError {
     Malformed(String),
 }
 
+impl TilePathError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TilePathError::Malformed(_) => "tile_path_malformed",
+        }
+    }
+}
+
 impl Tile {
     /// The tile of hashes at `level` (0..=63) and `index`, `width` wide.
     pub fn hashes(level: u8, index: u64, width: u16) -> Self {
@@ -270,6 +279,19 @@ pub enum TileError {
         /// The tree size.
         size: u64,
     },
+}
+
+impl TileError {
+    /// The stable error code: what `lavd audit verify --tiles` prints before
+    /// the message.
+    pub fn code(&self) -> &'static str {
+        match self {
+            TileError::HashTileLength { .. } => "tile_length_mismatch",
+            TileError::Bundle { .. } => "bundle_malformed",
+            TileError::Fetch { .. } => "tile_unavailable",
+            TileError::OutsideTree { .. } => "tile_outside_tree",
+        }
+    }
 }
 
 /// Splits an entry bundle `tile` into its leaves.

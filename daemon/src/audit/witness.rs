@@ -500,41 +500,41 @@ impl AddCheckpoint {
     /// Parses a request body, strictly.
     ///
     /// # Errors
-    /// A message naming what is malformed (the witness answers 400).
-    pub fn parse(body: &[u8]) -> Result<Self, String> {
+    /// An [`AddCheckpointError`] naming what is malformed (the witness
+    /// answers 400 with its message).
+    pub fn parse(body: &[u8]) -> Result<Self, AddCheckpointError> {
         if body.len() > MAX_ADD_CHECKPOINT_BYTES {
-            return Err(format!("the body is over {MAX_ADD_CHECKPOINT_BYTES} bytes"));
+            return Err(AddCheckpointError::TooLarge);
         }
-        let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
-        let (first, mut rest) = text
-            .split_once('\n')
-            .ok_or("no `old <size>` line ending in a newline")?;
+        let text = std::str::from_utf8(body).map_err(|_| AddCheckpointError::NotUtf8)?;
+        let (first, mut rest) = text.split_once('\n').ok_or(AddCheckpointError::NoOldLine)?;
         let size = first
             .strip_prefix("old ")
-            .ok_or("the first line is not `old <size>`")?;
+            .ok_or(AddCheckpointError::NoOldLine)?;
         let canonical = size == "0" || (!size.starts_with('0') && !size.is_empty());
         if !canonical || !size.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("the old size is not a decimal without leading zeros".into());
+            return Err(AddCheckpointError::OldSize);
         }
-        let old_size: u64 = size.parse().map_err(|_| "the old size is too large")?;
+        let old_size: u64 = size.parse().map_err(|_| AddCheckpointError::OldSize)?;
         let mut proof = Vec::new();
         loop {
             let (line, after) = rest
                 .split_once('\n')
-                .ok_or("no empty line before the checkpoint")?;
+                .ok_or(AddCheckpointError::NoBlankLine)?;
             rest = after;
             if line.is_empty() {
                 break;
             }
             if proof.len() == MAX_PROOF_LINES {
-                return Err(format!("more than {MAX_PROOF_LINES} proof lines"));
+                return Err(AddCheckpointError::TooManyProofLines);
             }
+            let line_number = proof.len() + 1;
             let bytes = STANDARD
                 .decode(line)
-                .map_err(|_| format!("proof line {} is not standard base64", proof.len() + 1))?;
+                .map_err(|_| AddCheckpointError::ProofLine(line_number))?;
             let hash: super::merkle::Hash = bytes
                 .try_into()
-                .map_err(|_| format!("proof line {} is not a 32-byte hash", proof.len() + 1))?;
+                .map_err(|_| AddCheckpointError::ProofLine(line_number))?;
             proof.push(hash);
         }
         Ok(AddCheckpoint {
@@ -542,6 +542,48 @@ impl AddCheckpoint {
             proof,
             checkpoint: rest.to_string(),
         })
+    }
+}
+
+/// Why an `add-checkpoint` body does not parse. Every variant is answered
+/// 400 with its message; the code is for logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddCheckpointError {
+    /// Over [`MAX_ADD_CHECKPOINT_BYTES`].
+    #[error("the body is over {MAX_ADD_CHECKPOINT_BYTES} bytes")]
+    TooLarge,
+    /// Not UTF-8.
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    /// The first line is not `old <size>` ending in a newline.
+    #[error("the first line is not `old <size>` ending in a newline")]
+    NoOldLine,
+    /// The old size is not a decimal without leading zeros that fits 64 bits.
+    #[error("the old size is not a decimal without leading zeros below 2^64")]
+    OldSize,
+    /// No empty line separates the proof from the checkpoint.
+    #[error("no empty line before the checkpoint")]
+    NoBlankLine,
+    /// More than [`MAX_PROOF_LINES`] proof lines.
+    #[error("more than {MAX_PROOF_LINES} proof lines")]
+    TooManyProofLines,
+    /// A proof line (1-based) that is not a standard-base64 32-byte hash.
+    #[error("proof line {0} is not a standard-base64 32-byte hash")]
+    ProofLine(usize),
+}
+
+impl AddCheckpointError {
+    /// The stable error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AddCheckpointError::TooLarge => "add_checkpoint_too_large",
+            AddCheckpointError::NotUtf8 => "body_not_utf8",
+            AddCheckpointError::NoOldLine => "old_line_malformed",
+            AddCheckpointError::OldSize => "old_size_malformed",
+            AddCheckpointError::NoBlankLine => "proof_not_terminated",
+            AddCheckpointError::TooManyProofLines => "proof_too_long",
+            AddCheckpointError::ProofLine(_) => "proof_line_malformed",
+        }
     }
 }
 
@@ -820,19 +862,38 @@ mod tests {
         assert!(body.starts_with("old 7\n"));
         assert_eq!(AddCheckpoint::parse(body.as_bytes()).unwrap(), request);
         let hash = format!("{}\n", STANDARD.encode([0u8; 32]));
-        for bad in [
-            "".to_string(),
-            "old 07\n\nx".to_string(),
-            "old -1\n\nx".to_string(),
-            "old\n\nx".to_string(),
-            "new 1\n\nx".to_string(),
-            "old 1\nnot base64!\n\nx".to_string(),
-            format!("old 1\n{}\n\nx", STANDARD.encode([0u8; 31])),
-            format!("old 1\n{}\nx", hash.repeat(64)),
-            "old 1\n".to_string(),
+        for (bad, code) in [
+            ("".to_string(), "old_line_malformed"),
+            ("old 07\n\nx".to_string(), "old_size_malformed"),
+            ("old -1\n\nx".to_string(), "old_size_malformed"),
+            (
+                "old 18446744073709551616\n\nx".to_string(),
+                "old_size_malformed",
+            ),
+            ("old\n\nx".to_string(), "old_line_malformed"),
+            ("new 1\n\nx".to_string(), "old_line_malformed"),
+            (
+                "old 1\nnot base64!\n\nx".to_string(),
+                "proof_line_malformed",
+            ),
+            (
+                format!("old 1\n{}\n\nx", STANDARD.encode([0u8; 31])),
+                "proof_line_malformed",
+            ),
+            (format!("old 1\n{}\nx", hash.repeat(64)), "proof_too_long"),
+            ("old 1\n".to_string(), "proof_not_terminated"),
+            (
+                format!("old 1\n\n{}", "x".repeat(MAX_ADD_CHECKPOINT_BYTES)),
+                "add_checkpoint_too_large",
+            ),
         ] {
-            assert!(AddCheckpoint::parse(bad.as_bytes()).is_err(), "{bad:?}");
+            let e = AddCheckpoint::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), code, "{bad:?}: {e}");
         }
+        assert_eq!(
+            AddCheckpoint::parse(b"old 1\n\n\xff").unwrap_err().code(),
+            "body_not_utf8"
+        );
         assert!(AddCheckpoint::parse(format!("old 1\n{}\nx", hash.repeat(63)).as_bytes()).is_ok());
     }
 

@@ -462,6 +462,8 @@ fn read_tiles(
             );
         }
     }
+    // A refused tile is reported by its stable code, then what was wrong.
+    let refused = |e: crate::audit::tiles::TileError| anyhow::anyhow!("{}: {e}", e.code());
     let mut entries = Vec::new();
     let mut leaves = Vec::new();
     let mut index = 0u64;
@@ -470,7 +472,7 @@ fn read_tiles(
         let width = (signed.size - index).min(TILE_WIDTH) as u16;
         let tile = Tile::entries(n, width);
         let bytes = source.get(&tile.path())?;
-        for leaf in decode_bundle(&tile, &bytes)? {
+        for leaf in decode_bundle(&tile, &bytes).map_err(refused)? {
             entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
             leaves.push(leaf);
             index += 1;
@@ -498,14 +500,16 @@ fn read_tiles(
         for node in (0..nodes).step_by(TILE_WIDTH as usize) {
             let tile = Tile::covering(level, node, signed.size)
                 .ok_or_else(|| anyhow::anyhow!("no tile holds hash ({level}, {node})"))?;
-            let hashes = reader.tile(&tile)?;
+            let hashes = reader.tile(&tile).map_err(refused)?;
             for (i, hash) in hashes.iter().enumerate() {
                 let at = node + i as u64;
                 let expected = if level == 0 {
                     let leaf = leaves.get(at as usize).ok_or_else(|| mismatch(&tile, i))?;
                     crate::audit::merkle::leaf_hash(leaf)
                 } else {
-                    let below = reader.tile(&Tile::hashes(level - 1, at, TILE_WIDTH as u16))?;
+                    let below = reader
+                        .tile(&Tile::hashes(level - 1, at, TILE_WIDTH as u16))
+                        .map_err(refused)?;
                     fold(below)
                 };
                 if *hash != expected {

@@ -271,6 +271,12 @@ impl Hsm {
         self.inner.spreader.stuck()
     }
 
+    /// How many HSM calls have outlived the call deadline since the start
+    /// (their callers were answered `hsm_unavailable`).
+    pub fn timed_out_calls(&self) -> u64 {
+        self.inner.spreader.timed_out()
+    }
+
     /// The configured call deadline.
     pub fn call_timeout(&self) -> std::time::Duration {
         self.inner.settings.call_timeout

@@ -34,7 +34,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -80,6 +80,9 @@ pub(super) struct Spreader {
     call_timeout: Duration,
     /// Jobs whose caller gave up and that have not returned yet.
     stuck: Arc<AtomicUsize>,
+    /// Jobs whose caller gave up at the deadline, ever (a counter for
+    /// `/metrics`).
+    timed_out: AtomicU64,
 }
 
 impl std::fmt::Debug for Spreader {
@@ -108,6 +111,7 @@ impl Spreader {
             workers,
             call_timeout,
             stuck: Arc::new(AtomicUsize::new(0)),
+            timed_out: AtomicU64::new(0),
         });
         for i in 0..workers {
             let worker = spreader.clone();
@@ -125,6 +129,11 @@ impl Spreader {
     /// Jobs whose caller gave up at the deadline and that still run.
     pub(super) fn stuck(&self) -> usize {
         self.stuck.load(Ordering::SeqCst)
+    }
+
+    /// Jobs whose caller gave up at the deadline since the start.
+    pub(super) fn timed_out(&self) -> u64 {
+        self.timed_out.load(Ordering::SeqCst)
     }
 
     fn lock(&self) -> MutexGuard<'_, Ring> {
@@ -343,6 +352,8 @@ impl Spreader {
                 state.stopped = true;
                 state.abandoned = true;
                 self.stuck.fetch_add(state.running, Ordering::SeqCst);
+                self.timed_out
+                    .fetch_add(state.running as u64, Ordering::SeqCst);
                 tracing::warn!(
                     running = state.running,
                     timeout_ms = self.call_timeout.as_millis() as u64,

@@ -27,6 +27,7 @@
 //! the caller's identity as established by mutual TLS. The warrant bytes are
 //! attacker-controlled until verified.
 
+pub mod cache;
 pub mod claims;
 pub mod jws;
 pub mod scope;

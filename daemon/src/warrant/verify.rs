@@ -2,12 +2,14 @@
 //! [`VerifiedWarrant`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use time::{Duration, OffsetDateTime};
 
+use super::cache::{self, Cache};
 use super::claims::{check_bound, normalized_digest, sha256, Claims};
 use super::jws::{self, Algorithm, ParsedJws};
-use super::trust::{AuthorityPublicKey, RoleRule, TrustStore};
+use super::trust::{Authority, AuthorityPublicKey, RoleRule, TrustStore};
 use super::WarrantError;
 use crate::codec::format_time;
 use crate::jwk::P256PublicKey;
@@ -52,67 +54,86 @@ pub struct Signer {
 /// [`super::admit`], against the store.
 #[derive(Debug, Clone)]
 pub struct VerifiedWarrant {
+    signed: Arc<Signed>,
+}
+
+/// What checking a warrant finds that neither time nor the caller can
+/// change: signatures verified against one trust store, claims parsed,
+/// policy met. What [`super::cache`] keeps.
+#[derive(Debug)]
+struct Signed {
     claims: Claims,
     target_set: HashSet<String>,
     digest: [u8; 32],
     normalized_digest: [u8; 32],
     signers: Vec<Signer>,
+    /// The `kid` of every signature, in the JWS's order: whether each
+    /// authority is valid is asked again at every use.
+    signature_kids: Vec<String>,
+    /// The end of the emergency period, for an urgent warrant.
+    emergency_end: Option<OffsetDateTime>,
     usable_until: OffsetDateTime,
 }
 
 impl VerifiedWarrant {
     /// The claims.
     pub fn claims(&self) -> &Claims {
-        &self.claims
+        &self.signed.claims
     }
     /// The warrant `id` (the budget and revocation key).
     pub fn id(&self) -> &str {
-        &self.claims.id
+        &self.signed.claims.id
     }
     /// SHA-256 of the JWS payload bytes: the audit log's `warrant_digest`.
     pub fn digest(&self) -> &[u8; 32] {
-        &self.digest
+        &self.signed.digest
     }
     /// SHA-256 of the canonical claims without `emergency`; equal for an
     /// urgent warrant and its fully signed replacement.
     pub fn normalized_digest(&self) -> &[u8; 32] {
-        &self.normalized_digest
+        &self.signed.normalized_digest
     }
     /// Whether this is an urgent warrant (its audit leaves must say so).
     pub fn is_emergency(&self) -> bool {
-        self.claims.emergency
+        self.signed.claims.emergency
     }
     /// The distinct authorities that signed, ordered by `kid`.
     pub fn signers(&self) -> &[Signer] {
-        &self.signers
+        &self.signed.signers
     }
     /// When it stops being usable: `expires`, or for an urgent warrant the end
     /// of the emergency period if that comes first.
     pub fn usable_until(&self) -> OffsetDateTime {
-        self.usable_until
+        self.signed.usable_until
     }
     /// The key results are sealed to.
     pub fn recipient(&self) -> &P256PublicKey {
-        &self.claims.recipient
+        &self.signed.claims.recipient
     }
     pub(super) fn targets_contain(&self, target: &str) -> bool {
-        self.target_set.contains(target)
+        self.signed.target_set.contains(target)
     }
 }
 
 /// Verifies warrants against one trust store.
+///
+/// It keeps the warrants it verified ([`super::cache`]); since a reload
+/// builds a new verifier for the new trust store, that memory is one trust
+/// generation's.
 #[derive(Debug)]
 pub struct Verifier {
-    trust: std::sync::Arc<TrustStore>,
+    trust: Arc<TrustStore>,
     limits: WarrantLimits,
+    cache: Cache<Signed>,
 }
 
 impl Verifier {
     /// A verifier for `trust` with `limits`.
-    pub fn new(trust: impl Into<std::sync::Arc<TrustStore>>, limits: WarrantLimits) -> Self {
+    pub fn new(trust: impl Into<Arc<TrustStore>>, limits: WarrantLimits) -> Self {
         Self {
             trust: trust.into(),
             limits,
+            cache: Cache::new(cache::MAX_ENTRIES, cache::MAX_BYTES),
         }
     }
 
@@ -124,6 +145,11 @@ impl Verifier {
     /// The limits.
     pub fn limits(&self) -> &WarrantLimits {
         &self.limits
+    }
+
+    /// How many verified warrants this verifier keeps ([`super::cache`]).
+    pub fn cached_warrants(&self) -> usize {
+        self.cache.len()
     }
 
     /// Verifies `jws` (General or flattened JSON Serialization bytes) at time `now` for the
@@ -142,13 +168,44 @@ impl Verifier {
     /// refuses the whole warrant even if the others meet the policy (PROTOCOL
     /// §4, "an invalid warrant is refused whole"). Two signatures by the same
     /// authority count once. Claims are parsed only after the signatures
-    /// verified.
+    /// verified. A warrant verified before (the same bytes, this trust
+    /// store) is not verified again, but each signer's validity, the time
+    /// and the agency are checked at every call ([`super::cache`]).
     pub fn verify(
         &self,
         jws_bytes: &[u8],
         now: OffsetDateTime,
         caller_identity: &str,
     ) -> Result<VerifiedWarrant, WarrantError> {
+        // A warrant seen before skips the checks that neither time nor the
+        // caller can change (its signatures, claims and policy against this
+        // trust store); the rest runs below for every request. Since those
+        // checks come first and only a warrant that passed everything is
+        // kept, a kept warrant is refused with the code a fresh check
+        // would give.
+        let key = cache::key(jws_bytes);
+        let (signed, fresh) = match self.cache.get(&key, now) {
+            Some(signed) => (signed, false),
+            None => (Arc::new(self.check_signed(jws_bytes, now)?), true),
+        };
+        self.check_use(&signed, now, caller_identity)?;
+        if fresh {
+            self.cache.insert(
+                key,
+                signed.clone(),
+                signed.usable_until,
+                cache::weight(jws_bytes.len()),
+                now,
+            );
+        }
+        Ok(VerifiedWarrant { signed })
+    }
+
+    /// The checks of [`Self::verify`] that time and the caller cannot change
+    /// once they pass: size and structure, every signature (with each
+    /// authority's validity at `now`, to keep the order of refusals), claims,
+    /// the emergency rule, the policy.
+    fn check_signed(&self, jws_bytes: &[u8], now: OffsetDateTime) -> Result<Signed, WarrantError> {
         let jws = jws::parse(jws_bytes, &self.limits)?;
         let signers = self.verify_signatures(&jws, now)?;
 
@@ -172,42 +229,66 @@ impl Verifier {
         });
         check_policy(rules, signed_with, claims.emergency)?;
 
-        if now < claims.not_before {
-            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
-        }
         let emergency_end =
             emergency_hours.map(|h| claims.not_before + Duration::hours(i64::from(h)));
         let usable_until = match emergency_end {
             Some(end) if end < claims.expires => end,
             _ => claims.expires,
         };
-        if now >= usable_until {
-            return Err(match emergency_end {
+        let digest = sha256(jws.payload());
+        let normalized_digest = normalized_digest(jws.payload())?;
+        let target_set = claims.targets.iter().cloned().collect();
+        Ok(Signed {
+            claims,
+            target_set,
+            digest,
+            normalized_digest,
+            signers: signers.into_values().collect(),
+            signature_kids: jws
+                .signatures()
+                .iter()
+                .map(|s| s.kid().to_string())
+                .collect(),
+            emergency_end,
+            usable_until,
+        })
+    }
+
+    /// The checks of [`Self::verify`] made for every use: each signer
+    /// still a valid authority at `now`, `[not_before, usable_until)`, the
+    /// agency.
+    fn check_use(
+        &self,
+        signed: &Signed,
+        now: OffsetDateTime,
+        caller_identity: &str,
+    ) -> Result<(), WarrantError> {
+        for kid in &signed.signature_kids {
+            let authority = self
+                .trust
+                .authority(kid)
+                .ok_or_else(|| WarrantError::UnknownAuthority(kid.clone()))?;
+            check_authority_valid(authority, now)?;
+        }
+        let claims = &signed.claims;
+        if now < claims.not_before {
+            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
+        }
+        if now >= signed.usable_until {
+            return Err(match signed.emergency_end {
                 Some(end) if end < claims.expires => {
                     WarrantError::EmergencyExpired(format_time(end))
                 }
                 _ => WarrantError::Expired(format_time(claims.expires)),
             });
         }
-
         if claims.agency != caller_identity {
             return Err(WarrantError::AgencyMismatch {
                 warrant: claims.agency.clone(),
                 caller: caller_identity.to_string(),
             });
         }
-
-        let digest = sha256(jws.payload());
-        let normalized_digest = normalized_digest(jws.payload())?;
-        let target_set = claims.targets.iter().cloned().collect();
-        Ok(VerifiedWarrant {
-            claims,
-            target_set,
-            digest,
-            normalized_digest,
-            signers: signers.into_values().collect(),
-            usable_until,
-        })
+        Ok(())
     }
 
     /// Every signature of `jws` must be by a configured authority valid at
@@ -224,13 +305,7 @@ impl Verifier {
                 .trust
                 .authority(sig.kid())
                 .ok_or_else(|| WarrantError::UnknownAuthority(sig.kid().to_string()))?;
-            if !authority.is_valid_at(now) {
-                return Err(WarrantError::AuthorityNotValid {
-                    kid: authority.kid().to_string(),
-                    valid_from: format_time(authority.valid_from()),
-                    valid_until: format_time(authority.valid_until()),
-                });
-            }
+            check_authority_valid(authority, now)?;
             if authority.alg() != sig.alg() {
                 return Err(WarrantError::AlgorithmMismatch {
                     kid: authority.kid().to_string(),
@@ -359,6 +434,18 @@ impl VerifiedRevocation {
     pub fn signers(&self) -> &[Signer] {
         &self.signers
     }
+}
+
+/// `authority` must be valid at `now`.
+fn check_authority_valid(authority: &Authority, now: OffsetDateTime) -> Result<(), WarrantError> {
+    if authority.is_valid_at(now) {
+        return Ok(());
+    }
+    Err(WarrantError::AuthorityNotValid {
+        kid: authority.kid().to_string(),
+        valid_from: format_time(authority.valid_from()),
+        valid_until: format_time(authority.valid_until()),
+    })
 }
 
 /// Every rule needs `count` distinct authorities of its role, an authority

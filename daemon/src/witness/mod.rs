@@ -127,7 +127,7 @@ impl WitnessState {
     ) -> Result<Result<AddOutcome, E>, StateError> {
         let request = match AddCheckpoint::parse(body) {
             Ok(r) => r,
-            Err(why) => return Ok(Ok(AddOutcome::BadRequest(why))),
+            Err(why) => return Ok(Ok(AddOutcome::BadRequest(why.to_string()))),
         };
         let mut conn = self
             .conn

@@ -128,6 +128,28 @@ pub const WITNESS_CODES: &[&str] = &[
     "quorum_not_met",
 ];
 
+/// Codes of an `add-checkpoint` body that does not parse (docs/audit.md,
+/// the witness section; `AddCheckpointError::code`).
+pub const ADD_CHECKPOINT_CODES: &[&str] = &[
+    "add_checkpoint_too_large",
+    "body_not_utf8",
+    "old_line_malformed",
+    "old_size_malformed",
+    "proof_not_terminated",
+    "proof_too_long",
+    "proof_line_malformed",
+];
+
+/// Codes of a tile path or tile refused (docs/audit.md, the tiles section;
+/// `TilePathError::code`, `TileError::code`).
+pub const TILE_CODES: &[&str] = &[
+    "tile_path_malformed",
+    "tile_length_mismatch",
+    "bundle_malformed",
+    "tile_unavailable",
+    "tile_outside_tree",
+];
+
 /// C2SP tlog-witness `add-checkpoint` answers other than 200.
 pub const ADD_CHECKPOINT_STATUSES: &[u16] = &[400, 403, 404, 409, 422];
 
@@ -332,15 +354,22 @@ pub fn tiles(data: &[u8]) {
         match Tile::parse(text) {
             // Only the canonical spelling parses.
             Ok(tile) => assert_eq!(tile.path(), format!("tile/{text}")),
-            Err(TilePathError::Malformed(why)) => assert!(!why.is_empty()),
+            Err(e) => {
+                let TilePathError::Malformed(why) = &e;
+                assert!(!why.is_empty());
+                assert_code(e.code(), &[TILE_CODES], "Tile::parse", data);
+            }
         }
     }
     // The bytes as an entry bundle of every width that could hold them.
     for width in [1u16, 2, 3, 255, 256] {
         let tile = Tile::entries(0, width);
-        if let Ok(leaves) = decode_bundle(&tile, data) {
-            assert_eq!(leaves.len(), usize::from(width));
-            assert_eq!(encode_bundle(&leaves).as_deref(), Ok(data));
+        match decode_bundle(&tile, data) {
+            Ok(leaves) => {
+                assert_eq!(leaves.len(), usize::from(width));
+                assert_eq!(encode_bundle(&leaves).as_deref(), Ok(data));
+            }
+            Err(e) => assert_code(e.code(), &[TILE_CODES], "decode_bundle", data),
         }
     }
 }
@@ -398,7 +427,12 @@ pub fn witness(data: &[u8]) {
             }
         }
         // The witness answers a body that does not parse with 400.
-        Err(why) => assert!(!why.is_empty()),
+        Err(e) => assert_code(
+            e.code(),
+            &[ADD_CHECKPOINT_CODES],
+            "AddCheckpoint::parse",
+            data,
+        ),
     }
 }
 

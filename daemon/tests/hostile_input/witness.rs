@@ -203,5 +203,10 @@ proptest! {
 #[test]
 fn a_proof_line_that_is_not_a_hash_is_refused() {
     let short = STANDARD.encode([0u8; 31]);
-    assert!(AddCheckpoint::parse(format!("old 1\n{short}\n\nx").as_bytes()).is_err());
+    let e = AddCheckpoint::parse(format!("old 1\n{short}\n\nx").as_bytes()).unwrap_err();
+    assert_eq!(e.code(), "proof_line_malformed");
+    assert_eq!(
+        e.to_string(),
+        "proof line 1 is not a standard-base64 32-byte hash"
+    );
 }
