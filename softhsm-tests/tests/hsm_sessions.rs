@@ -1,5 +1,6 @@
 //! The HSM layer in-process on a real SoftHSM token: typed errors for bad
-//! setups and the bounded session pool under concurrency. ECDH results are
+//! setups, the bounded session pool under concurrency, and the memory SoftHSM
+//! keeps per derivation and per signature (nothing of lavd's). ECDH results are
 //! checked against a software computation from the other side of the exchange.
 //! (Recovery after a module reset is in `hsm_reset.rs`: it must have its
 //! process to itself.)
@@ -113,8 +114,9 @@ fn kept_per_call(n: u64, mut f: impl FnMut(u64)) -> u64 {
 /// secret among them) freed at `C_DestroyObject` but the object itself, its
 /// mutex and its set node kept: 240 bytes measured. With the signatures
 /// below, that is what grows with the number of unwraps on SoftHSM
-/// (docs/RELIABILITY.md, "Load"); a derived object left alive would keep
-/// its attributes too, several KiB.
+/// (docs/RELIABILITY.md, "Load"). A derived object left alive keeps its
+/// attributes too: 8,455 bytes each, measured with the same loop without
+/// `C_DestroyObject`.
 #[test]
 fn a_derivation_leaves_softhsm_only_the_shell_of_a_destroyed_object() {
     let t = TestToken::new();
