@@ -189,3 +189,14 @@ pub fn run(plan: &Plan) -> Tally {
     }
     tally
 }
+
+/// A line of process `pid`'s `/proc/<pid>/status` in KiB (`VmRSS`,
+/// `RssAnon`, …).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
