@@ -11,6 +11,10 @@
  *
  *   module = /usr/lib/softhsm/libsofthsm2.so   # required; read once
  *   delay_us = 1000            # added before every forwarded call
+ *   latency_us = 1000          # or: every forwarded call returns no sooner
+ *                              # than this after it was made; the forwarded
+ *                              # module's own work runs inside it, as a
+ *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below
  *   fault_after = 0            # matching calls let through first (since the last change)
@@ -46,6 +50,7 @@ enum fault { FAULT_NONE, FAULT_RV, FAULT_HANG };
 struct settings {
 	char module[4096];
 	long delay_us;
+	long latency_us;
 	enum fault fault;
 	ck_rv_t fault_rv;
 	char fault_calls[4096]; /* ",C_A,C_B," or empty for every call */
@@ -116,6 +121,8 @@ static int parse(const char *path, struct settings *out)
 			snprintf(out->module, sizeof out->module, "%s", value);
 		} else if (!strcmp(key, "delay_us")) {
 			out->delay_us = strtol(value, NULL, 10);
+		} else if (!strcmp(key, "latency_us")) {
+			out->latency_us = strtol(value, NULL, 10);
 		} else if (!strcmp(key, "fault")) {
 			if (!strcmp(value, "none")) {
 				out->fault = FAULT_NONE;
@@ -204,14 +211,48 @@ static void write_stats_locked(void)
 	rename(tmp, cfg.stats);
 }
 
-/* What to do with one call of `name`: CKR_OK to forward it, or the fault. */
-static ck_rv_t before(const char *name)
+/* Sleeps until the absolute CLOCK_MONOTONIC time `until`, with no timer
+ * slack: Linux's default 50 us slack lets a 1 ms sleep run late, and a
+ * network round trip has no such slack. The wake-up time is absolute, so a
+ * signal cannot stretch the sleep either. */
+static void sleep_until(const struct timespec *until)
 {
+	static __thread int slack_set;
+	if (!slack_set) {
+		prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+		slack_set = 1;
+	}
+	while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, until, NULL) == EINTR)
+		;
+}
+
+/* Now plus `us` microseconds, on CLOCK_MONOTONIC. */
+static struct timespec after_us(long us)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	t.tv_sec += us / 1000000L;
+	t.tv_nsec += (us % 1000000L) * 1000L;
+	if (t.tv_nsec >= 1000000000L) {
+		t.tv_sec += 1;
+		t.tv_nsec -= 1000000000L;
+	}
+	return t;
+}
+
+/* What to do with one call of `name`: CKR_OK to forward it, or the fault.
+ * Sets `*until` to when a forwarded call may return under `latency_us`, or
+ * to zero. */
+static ck_rv_t before(const char *name, struct timespec *until)
+{
+	until->tv_sec = 0;
+	until->tv_nsec = 0;
 	atomic_fetch_add(&calls, 1);
 	maybe_reload();
 	for (;;) {
 		pthread_mutex_lock(&lock);
 		long delay = cfg.delay_us;
+		long latency = cfg.latency_us;
 		enum fault fault = cfg.fault;
 		ck_rv_t rv = CKR_OK;
 		int hang = 0;
@@ -254,28 +295,11 @@ static ck_rv_t before(const char *name)
 			continue;
 		}
 		if (delay > 0) {
-			/*
-			 * Linux's default 50 us timer slack lets a 1 ms sleep run
-			 * late; a network round trip has no such slack. Once per
-			 * thread, ask for none. The wake-up time is absolute, so a
-			 * signal cannot stretch the delay either.
-			 */
-			static __thread int slack_set;
-			if (!slack_set) {
-				prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
-				slack_set = 1;
-			}
-			struct timespec until;
-			clock_gettime(CLOCK_MONOTONIC, &until);
-			until.tv_sec += delay / 1000000L;
-			until.tv_nsec += (delay % 1000000L) * 1000L;
-			if (until.tv_nsec >= 1000000000L) {
-				until.tv_sec += 1;
-				until.tv_nsec -= 1000000000L;
-			}
-			while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL) == EINTR)
-				;
+			struct timespec wake = after_us(delay);
+			sleep_until(&wake);
 		}
+		if (latency > 0 && rv == CKR_OK)
+			*until = after_us(latency);
 		return rv;
 	}
 }
@@ -283,10 +307,14 @@ static ck_rv_t before(const char *name)
 #define FWD(name, params, args)                        \
 	static ck_rv_t shim_##name params              \
 	{                                              \
-		ck_rv_t rv = before(#name);            \
+		struct timespec until;                 \
+		ck_rv_t rv = before(#name, &until);    \
 		if (rv != CKR_OK)                      \
 			return rv;                     \
-		return real->name args;                \
+		rv = real->name args;                  \
+		if (until.tv_sec || until.tv_nsec)     \
+			sleep_until(&until);           \
+		return rv;                             \
 	}
 
 FWD(C_GetSlotList, (unsigned char token_present, ck_slot_id_t *slot_list, unsigned long *count), (token_present, slot_list, count))

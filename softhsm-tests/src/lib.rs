@@ -91,9 +91,11 @@ impl Shim {
         )
     }
 
-    /// Replaces the settings with `settings` (lines such as `delay_us = 1000`
+    /// Replaces the settings with `settings` (lines such as `latency_us = 1000`
     /// or `fault = device_error`); the forwarded module and the stats file
-    /// are always set.
+    /// are always set. Returns once every call the module starts from then
+    /// on sees them: it looks at the file at most every 5 ms, by a clock
+    /// (`CLOCK_MONOTONIC_COARSE`) that may lag a few milliseconds.
     pub fn set(&self, settings: &str) {
         let text = format!(
             "module = {}\nstats = {}\n{settings}\n",
@@ -104,6 +106,7 @@ impl Shim {
         let tmp = self.path.with_extension("tmp");
         std::fs::write(&tmp, text).expect("shim settings");
         std::fs::rename(&tmp, &self.path).expect("shim settings");
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
     /// How many faults the module has injected so far (0 before the first).
