@@ -36,14 +36,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
-use std::thread::{Scope, ScopedJoinHandle};
 
 use time::OffsetDateTime;
 
 use super::export::{Export, ExportEntry};
 use super::merkle::{self, Hash};
 use super::note::{self, Checkpoint};
-use crate::hsm::{Hsm, HsmError};
+use crate::hsm::{Hsm, HsmError, PendingCall};
 use crate::jwk::Ed25519PublicKey;
 use crate::store::{Appended, AuditAppend, AuditStore, StoreError, Uncommitted};
 
@@ -112,16 +111,17 @@ pub struct AuditLog {
 /// A checkpoint signature started inside an append transaction, before its
 /// COMMIT, by [`AuditLog::start_signing`]; and the `latest` lock taken for
 /// it, held until the append has returned.
-struct Overlap<'log, 'scope> {
+struct Overlap<'log> {
     latest: Option<MutexGuard<'log, Option<Signed>>>,
-    signing: Option<Signing<'scope>>,
+    signing: Option<Signing>,
 }
 
-/// A signature under way: the tree size and root signed, and the signer.
-struct Signing<'scope> {
+/// A signature under way on an HSM worker: the tree size and root signed,
+/// and the call.
+struct Signing {
     size: u64,
     root: Hash,
-    signer: ScopedJoinHandle<'scope, Result<String, LogError>>,
+    signature: PendingCall<(String, Vec<u8>), [u8; 64]>,
 }
 
 /// Receives the duration of every durable append, in seconds (the daemon's
@@ -370,51 +370,52 @@ impl AuditLog {
         // in an earlier group: this batch lands at or beyond its size.
         let floor = self.seen.load(Ordering::SeqCst);
         let started = std::time::Instant::now();
-        // The scope joins a signer whose result was not taken (a failed
-        // commit) before this returns; its note is dropped with it.
-        std::thread::scope(|scope| {
-            let mut overlap = Overlap {
-                latest: None,
-                signing: None,
-            };
-            let appended = self.store.append_with(batch, &mut |tree| {
-                self.start_signing(scope, &mut overlap, tree);
-            })?;
-            if let Some(timer) = &self.commit_timer {
-                (timer.0)(started.elapsed().as_secs_f64());
+        // A signature whose result is not taken (a failed commit) is
+        // dropped with `overlap`: the worker finishes it and drops it.
+        let mut overlap = Overlap {
+            latest: None,
+            signing: None,
+        };
+        let appended = self.store.append_with(batch, &mut |tree| {
+            self.start_signing(&mut overlap, tree);
+        })?;
+        if let Some(timer) = &self.commit_timer {
+            (timer.0)(started.elapsed().as_secs_f64());
+        }
+        // Leaves put below a size this process had already seen mean the
+        // store lost leaves (a truncation, perhaps refilled to the same
+        // size): the old checkpoint would otherwise "cover" them unproved.
+        if appended.first_index < floor {
+            return Err(self.record_inconsistency(format!(
+                "the store had a tree of size {} when this process had already seen size \
+                 {floor}: leaves were removed",
+                appended.first_index
+            )));
+        }
+        self.seen.fetch_max(appended.tree_size, Ordering::SeqCst);
+        let checkpoint = match overlap {
+            // Committed, and the tree committed is the one signed (the
+            // hook's last call was in the transaction that committed).
+            Overlap {
+                latest: Some(latest),
+                signing:
+                    Some(Signing {
+                        size,
+                        root,
+                        signature,
+                    }),
+            } if size == appended.tree_size => {
+                let note = self.sign_with(size, root, |_| signature.wait())?;
+                self.keep(latest, size, root, note)?
             }
-            // Leaves put below a size this process had already seen mean the
-            // store lost leaves (a truncation, perhaps refilled to the same
-            // size): the old checkpoint would otherwise "cover" them unproved.
-            if appended.first_index < floor {
-                return Err(self.record_inconsistency(format!(
-                    "the store had a tree of size {} when this process had already seen size \
-                     {floor}: leaves were removed",
-                    appended.first_index
-                )));
+            _ => {
+                drop(overlap);
+                self.checkpoint_covering(appended.first_index + appended.count)?
             }
-            self.seen.fetch_max(appended.tree_size, Ordering::SeqCst);
-            let checkpoint = match overlap {
-                // Committed, and the tree committed is the one signed (the
-                // hook's last call was in the transaction that committed).
-                Overlap {
-                    latest: Some(latest),
-                    signing: Some(Signing { size, root, signer }),
-                } if size == appended.tree_size => {
-                    let note = signer
-                        .join()
-                        .map_err(|_| LogError::Sign("the checkpoint signer panicked".into()))??;
-                    self.keep(latest, size, root, note)?
-                }
-                _ => {
-                    drop(overlap);
-                    self.checkpoint_covering(appended.first_index + appended.count)?
-                }
-            };
-            Ok(Receipt {
-                appended,
-                checkpoint,
-            })
+        };
+        Ok(Receipt {
+            appended,
+            checkpoint,
         })
     }
 
@@ -425,7 +426,7 @@ impl AuditLog {
     /// append signs, or finds its leaves covered, after it), it takes
     /// `latest`, proves the uncommitted tree consistent with the last
     /// checkpoint (the transaction sees its own rows) and starts the
-    /// signature of its root on a thread of `scope`. A consistency failure
+    /// signature of its root on an HSM worker. A consistency failure
     /// is recorded as for any checkpoint; the append then signs nothing.
     ///
     /// Why not under load: the next group's transaction then takes the
@@ -433,15 +434,10 @@ impl AuditLog {
     /// for that commit while `latest` is held, and the callers queued
     /// there could sign a larger tree after it (batch-1 throughput at 16
     /// clients fell when every group overlapped: `docs/benchmarks.md`).
-    fn start_signing<'log, 'scope>(
-        &'log self,
-        scope: &'scope Scope<'scope, 'log>,
-        overlap: &mut Overlap<'log, 'scope>,
-        tree: &Uncommitted<'_>,
-    ) {
+    fn start_signing<'log>(&'log self, overlap: &mut Overlap<'log>, tree: &Uncommitted<'_>) {
         // A signature started by an earlier call belongs to a transaction
         // that was run again (PostgreSQL): it never committed. Dropped here;
-        // the scope joins its thread.
+        // the worker finishes it and drops the result.
         overlap.signing = None;
         if self.inconsistency().is_some() || tree.others_queued() {
             return;
@@ -475,10 +471,14 @@ impl AuditLog {
             return;
         };
         self.overlapped.fetch_add(1, Ordering::Relaxed);
+        // The bytes `sign_with` will ask for: the checkpoint's note body.
+        let body = self.checkpoint(size, root).to_body();
         overlap.signing = Some(Signing {
             size,
             root,
-            signer: scope.spawn(move || self.sign(size, root)),
+            signature: self
+                .hsm
+                .start_sign_ed25519(&self.key_label, body.into_bytes()),
         });
     }
 
@@ -491,18 +491,35 @@ impl AuditLog {
     /// Signs the checkpoint of the tree of `size` leaves and root `root` in
     /// the HSM, and checks the signature under the audit key.
     fn sign(&self, size: u64, root: Hash) -> Result<String, LogError> {
-        let checkpoint = Checkpoint {
+        self.sign_with(size, root, |msg| {
+            self.hsm.sign_ed25519(&self.key_label, msg)
+        })
+    }
+
+    /// The checkpoint of the tree of `size` leaves and root `root`.
+    fn checkpoint(&self, size: u64, root: Hash) -> Checkpoint {
+        Checkpoint {
             origin: self.origin.clone(),
             size,
             root,
-        };
-        note::sign_checkpoint(&checkpoint, self.public.bytes(), |msg| {
-            self.hsm.sign_ed25519(&self.key_label, msg)
-        })
-        .map_err(|e| match e {
-            note::SignError::Signer(h) => LogError::Hsm(h),
-            other => LogError::Sign(other.to_string()),
-        })
+        }
+    }
+
+    /// [`Self::sign`] with `signer` giving the HSM's signature of the note
+    /// body (a signature started earlier, say). The signature is checked
+    /// under the audit key either way, so one over other bytes is refused.
+    fn sign_with(
+        &self,
+        size: u64,
+        root: Hash,
+        signer: impl FnOnce(&[u8]) -> Result<[u8; 64], HsmError>,
+    ) -> Result<String, LogError> {
+        note::sign_checkpoint(&self.checkpoint(size, root), self.public.bytes(), signer).map_err(
+            |e| match e {
+                note::SignError::Signer(h) => LogError::Hsm(h),
+                other => LogError::Sign(other.to_string()),
+            },
+        )
     }
 
     /// Saves `note`, the checkpoint of a durable tree of `size` leaves and

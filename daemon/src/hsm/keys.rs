@@ -8,7 +8,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 use zeroize::{Zeroize as _, Zeroizing};
 
-use super::{Hsm, HsmError, SharedSecret};
+use super::{Hsm, HsmError, PendingCall, SharedSecret};
 use crate::jwk::{Ed25519PublicKey, P256PublicKey};
 
 /// Token objects of escrow keys are labelled `lav-escrow:<kid>`.
@@ -349,9 +349,19 @@ impl Hsm {
     /// [`HsmError::KeyNotFound`], [`HsmError::Timeout`], or the failing
     /// PKCS#11 call.
     pub fn sign_ed25519(&self, label: &str, message: &[u8]) -> Result<[u8; 64], HsmError> {
-        self.call(
+        self.start_sign_ed25519(label, message.to_vec()).wait()
+    }
+
+    /// [`Hsm::sign_ed25519`] handed to an HSM worker without waiting:
+    /// [`PendingCall::wait`] returns the signature.
+    pub(crate) fn start_sign_ed25519(
+        &self,
+        label: &str,
+        message: Vec<u8>,
+    ) -> PendingCall<(String, Vec<u8>), [u8; 64]> {
+        self.start_call(
             "sign_ed25519",
-            (label.to_string(), message.to_vec()),
+            (label.to_string(), message),
             |hsm, (label, message)| hsm.sign_ed25519_here(&label, &message),
         )
     }

@@ -137,6 +137,38 @@ pub struct Hsm {
     inner: Arc<Inner>,
 }
 
+/// An operation handed to an HSM worker by [`Hsm::start_call`].
+#[derive(Debug)]
+pub(crate) struct PendingCall<I, T> {
+    op: &'static str,
+    hsm: Hsm,
+    #[allow(clippy::type_complexity)]
+    submitted: spread::Submitted<Hsm, I, Result<T, HsmError>, fn(&Hsm, I) -> Result<T, HsmError>>,
+}
+
+impl<I, T> PendingCall<I, T> {
+    /// Waits for the operation for as long as the batch of workers it is in
+    /// makes progress within the call deadline. Blocking: call it from a
+    /// blocking thread, never from an HSM worker.
+    ///
+    /// # Errors
+    /// The operation's error, [`HsmError::Timeout`] if it did not return in
+    /// time (or another call is still running past its deadline, so it was
+    /// never started), [`HsmError::Worker`] if it panicked.
+    pub(crate) fn wait(self) -> Result<T, HsmError> {
+        let op = self.op;
+        match self.hsm.inner.spreader.wait(self.submitted).pop() {
+            Some(JobOutcome::Done(result)) => result,
+            Some(JobOutcome::TimedOut) => Err(HsmError::Timeout {
+                op,
+                after: self.hsm.call_timeout(),
+            }),
+            Some(JobOutcome::Panicked) => Err(HsmError::Worker(format!("{op} panicked"))),
+            Some(JobOutcome::NotRun) | None => Err(HsmError::Worker(format!("{op} did not run"))),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     pkcs11: Pkcs11,
@@ -282,20 +314,17 @@ impl Hsm {
         self.inner.settings.call_timeout
     }
 
-    /// Runs one synchronous operation on an HSM worker and waits for it at
-    /// most the call deadline (see [`spread`]). Blocking: call it from a
-    /// blocking thread, never from an HSM worker.
-    ///
-    /// # Errors
-    /// `f`'s error, [`HsmError::Timeout`] if it did not return in time (or
-    /// another call is still running past its deadline), [`HsmError::Worker`]
-    /// if it panicked.
-    pub(crate) fn call<I, T>(
+    /// Hands one synchronous operation to an HSM worker (see [`spread`])
+    /// and returns at once; [`PendingCall::wait`] waits for it at most the
+    /// call deadline. So a caller can do its own work (a store commit)
+    /// while the HSM works, without a thread of its own. Dropped without a
+    /// wait, the operation still runs and its result is dropped.
+    pub(crate) fn start_call<I, T>(
         &self,
         op: &'static str,
         input: I,
         f: fn(&Hsm, I) -> Result<T, HsmError>,
-    ) -> Result<T, HsmError>
+    ) -> PendingCall<I, T>
     where
         I: Send + 'static,
         T: Send + 'static,
@@ -303,15 +332,13 @@ impl Hsm {
         fn stops<T>(_: &Result<T, HsmError>) -> bool {
             false
         }
-        let outcome = self.spread(vec![input], f, stops::<T>).pop();
-        match outcome {
-            Some(JobOutcome::Done(result)) => result,
-            Some(JobOutcome::TimedOut) => Err(HsmError::Timeout {
-                op,
-                after: self.call_timeout(),
-            }),
-            Some(JobOutcome::Panicked) => Err(HsmError::Worker(format!("{op} panicked"))),
-            Some(JobOutcome::NotRun) | None => Err(HsmError::Worker(format!("{op} did not run"))),
+        PendingCall {
+            op,
+            hsm: self.clone(),
+            submitted: self
+                .inner
+                .spreader
+                .submit_batch(self.clone(), vec![input], f, stops::<T>),
         }
     }
 

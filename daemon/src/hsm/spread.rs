@@ -300,15 +300,35 @@ where
     }
 }
 
+/// A batch handed to the workers and not yet waited for
+/// ([`Spreader::submit_batch`]). Dropped without [`Spreader::wait`], its
+/// jobs still run and their outcomes are dropped with the batch.
+pub(crate) struct Submitted<C, I, T, F> {
+    /// `None`: not submitted, because a call is past its deadline (the HSM
+    /// is failing): every job is `TimedOut`.
+    batch: Option<Arc<Batch<C, I, T, F>>>,
+    count: usize,
+}
+
+impl<C, I, T, F> std::fmt::Debug for Submitted<C, I, T, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submitted")
+            .field("count", &self.count)
+            .field("refused", &self.batch.is_none())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Spreader {
-    /// Runs a batch and waits for it: see [`Hsm::spread`].
-    fn spread<C, I, T, F>(
+    /// Hands a batch to the workers without waiting for it: see
+    /// [`Hsm::spread`], which is this and [`Spreader::wait`].
+    pub(super) fn submit_batch<C, I, T, F>(
         &self,
         context: C,
         inputs: Vec<I>,
         job: F,
         stops: fn(&T) -> bool,
-    ) -> Vec<JobOutcome<T>>
+    ) -> Submitted<C, I, T, F>
     where
         C: Send + Sync + 'static,
         I: Send + 'static,
@@ -316,14 +336,11 @@ impl Spreader {
         F: Fn(&C, I) -> T + Send + Sync + 'static,
     {
         let count = inputs.len();
-        if count == 0 {
-            return Vec::new();
-        }
-        if self.stuck() > 0 {
-            // A call outlived its deadline and has not returned: the HSM
-            // is failing, and waiting would most likely reach the deadline
-            // too.
-            return (0..count).map(|_| JobOutcome::TimedOut).collect();
+        if count == 0 || self.stuck() > 0 {
+            // None to run; or a call outlived its deadline and has not
+            // returned: the HSM is failing, and waiting would most likely
+            // reach the deadline too.
+            return Submitted { batch: None, count };
         }
         let batch = Arc::new(Batch {
             context,
@@ -342,6 +359,18 @@ impl Spreader {
             stuck: self.stuck.clone(),
         });
         self.submit(batch.clone(), count);
+        Submitted {
+            batch: Some(batch),
+            count,
+        }
+    }
+
+    /// Waits for a submitted batch, for as long as it makes progress
+    /// within the call deadline, and returns its outcomes in input order.
+    pub(super) fn wait<C, I, T, F>(&self, submitted: Submitted<C, I, T, F>) -> Vec<JobOutcome<T>> {
+        let Some(batch) = submitted.batch else {
+            return (0..submitted.count).map(|_| JobOutcome::TimedOut).collect();
+        };
         let mut state = batch.lock();
         while !state.settled() {
             let waited = state.progress.elapsed();
@@ -370,6 +399,24 @@ impl Spreader {
         // Inputs never started are dropped here, on the caller's thread.
         state.inputs.clear();
         std::mem::take(&mut state.outcomes)
+    }
+
+    /// Runs a batch and waits for it: see [`Hsm::spread`].
+    fn spread<C, I, T, F>(
+        &self,
+        context: C,
+        inputs: Vec<I>,
+        job: F,
+        stops: fn(&T) -> bool,
+    ) -> Vec<JobOutcome<T>>
+    where
+        C: Send + Sync + 'static,
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(&C, I) -> T + Send + Sync + 'static,
+    {
+        let submitted = self.submit_batch(context, inputs, job, stops);
+        self.wait(submitted)
     }
 }
 
