@@ -292,7 +292,8 @@ module = "{module}"
 token_label = "lavd-dev"
 # The PIN comes from a file or an environment variable, never from here.
 pin_file = "pin"
-sessions = 4
+# SoftHSM computes in this process: one session per core (docs/OPERATIONS.md §7).
+sessions = {sessions}
 
 # Environment the PKCS#11 module reads when it loads.
 [hsm.env]
@@ -361,6 +362,7 @@ count = 1
 "#,
         module = module.display(),
         softhsm_conf = softhsm_conf.display(),
+        sessions = std::thread::available_parallelism().map_or(1, |n| n.get().min(256)),
     )
 }
 

@@ -76,8 +76,6 @@ use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
 use softhsm_tests::{measure, shim_module_path, Shim, TestToken};
 
 const KID: &str = "E-1";
-/// The daemon's HSM session pool in (c)–(f).
-const POOL: usize = 4;
 /// The pool, and the client count, through the latency module in (g).
 const SHIM_POOL: usize = 16;
 /// Emulated network-HSM round trip in (g).
@@ -96,6 +94,8 @@ struct Options {
     json: PathBuf,
     /// The parts to run (`--only`), each a letter `a`–`h`; all by default.
     only: Option<String>,
+    /// The daemon's HSM sessions in (b)–(f) and (h) (`--pool`).
+    pool: usize,
 }
 
 impl Options {
@@ -106,6 +106,9 @@ impl Options {
                 .map_or_else(|| PathBuf::from("target"), PathBuf::from)
                 .join("lavd-bench.json"),
             only: None,
+            // One session per core, as docs/OPERATIONS.md §7 advises for
+            // SoftHSM, unless `--pool` says otherwise.
+            pool: std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -120,8 +123,17 @@ impl Options {
                     }
                     options.only = Some(parts);
                 }
+                "--pool" => {
+                    options.pool = match args.next().and_then(|n| n.parse().ok()) {
+                        Some(n @ 1..=256) => n,
+                        _ => {
+                            eprintln!("lavd-bench: --pool takes a session count from 1 to 256");
+                            std::process::exit(64);
+                        }
+                    }
+                }
                 other => {
-                    eprintln!("lavd-bench: unknown argument {other}\nusage: lavd-bench [--quick] [--only PARTS] [--json FILE]");
+                    eprintln!("lavd-bench: unknown argument {other}\nusage: lavd-bench [--quick] [--only PARTS] [--pool N] [--json FILE]");
                     std::process::exit(64);
                 }
             }
@@ -161,6 +173,7 @@ fn main() -> std::process::ExitCode {
     let mut report = Report::default();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     report.note("cores", cores as f64);
+    report.note("daemon HSM sessions in (b)-(f), (h)", options.pool as f64);
     report.note("load average (1 min) at start", load_average());
 
     // (a), (b): this process's own sessions and lavd's library.
@@ -168,7 +181,7 @@ fn main() -> std::process::ExitCode {
     let pki = Pki::new(&token);
     token.write_config_with(
         &softhsm_tests::module_path(),
-        POOL,
+        options.pool,
         &serve_config(&bench_toml()),
     );
     let escrow = vault::generate_escrow_key(&token, KID);
@@ -176,7 +189,7 @@ fn main() -> std::process::ExitCode {
     let peers: Vec<P256PublicKey> = envelopes.iter().map(|e| e.enc().clone()).collect();
     let pkcs11 = softhsm_tests::harness().pkcs11();
     if options.runs('a') {
-        let mut session_counts = vec![1, cores, POOL];
+        let mut session_counts = vec![1, cores, options.pool];
         session_counts.dedup();
         for n in session_counts {
             let raw = Raw::new(pkcs11, &token, n);
@@ -194,7 +207,7 @@ fn main() -> std::process::ExitCode {
 
     if options.runs('b') {
         let mut settings = token.settings().hsm;
-        settings.sessions = POOL;
+        settings.sessions = options.pool;
         let hsm = Hsm::open(settings).expect("open HSM");
         for threads in [1, cores] {
             let ops = measure(threads, options.seconds(), |_, i| {
@@ -336,7 +349,7 @@ fn main() -> std::process::ExitCode {
         let big_pki = Pki::new(&big);
         big.write_config_with(
             &softhsm_tests::module_path(),
-            POOL,
+            options.pool,
             &serve_config(&bench_toml()),
         );
         let big_escrow = vault::generate_escrow_key(&big, KID);
@@ -454,7 +467,7 @@ fn main() -> std::process::ExitCode {
                 Some(db) => db.write_token_config(&token, &serve_config(&bench_toml())),
                 None => token.write_config_with(
                     &softhsm_tests::module_path(),
-                    POOL,
+                    options.pool,
                     &serve_config(&bench_toml()),
                 ),
             }
