@@ -1172,7 +1172,10 @@ impl Report {
         println!();
         println!("| part | measurement | value | unit |\n|---|---|---:|---|");
         for (part, what, value, unit) in &self.rows {
-            println!("| ({part}) | {what} | {value:.1} | {unit} |");
+            // Milliseconds to the tenth of a millisecond hide (d)'s
+            // sub-millisecond costs: two decimals there.
+            let digits = if *unit == "ms" { 2 } else { 1 };
+            println!("| ({part}) | {what} | {value:.digits$} | {unit} |");
         }
         println!("\n| target | ratio | wanted |\n|---|---:|---|");
         for (what, value, target) in &self.ratios {
