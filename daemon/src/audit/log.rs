@@ -6,7 +6,7 @@
 //! covers are durable. Its signature, though, is started before: the caller
 //! that commits an append transaction (group commit), if no other signer is
 //! busy, proves the uncommitted tree consistent inside that transaction and
-//! starts the HSM signature on another thread, then commits; the signature
+//! hands the HSM signature to an HSM worker, then commits; the signature
 //! and the commit's fsync run at the same time, and the note is kept only if
 //! both succeed (see [`AuditLog::append`]). Otherwise checkpoints are signed
 //! after the commit and outside the store lock. Concurrent callers share

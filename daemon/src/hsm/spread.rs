@@ -544,6 +544,51 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_submitted_and_waited_for_later_gets_its_outcome_and_a_dropped_one_still_runs() {
+        let spreader = Spreader::start(1, LONG).unwrap();
+        let ran = Arc::new(AtomicUsize::new(0));
+        // Waited for after the job has finished: the outcome was kept.
+        let r = ran.clone();
+        let submitted = spreader.submit_batch(
+            (),
+            vec![21usize],
+            move |(), i| {
+                r.fetch_add(1, Ordering::SeqCst);
+                i * 2
+            },
+            never,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ran.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(matches!(
+            spreader.wait(submitted)[..],
+            [JobOutcome::Done(42)]
+        ));
+        // Dropped without a wait: the job still runs (the audit log drops
+        // a signature whose commit failed this way), and the worker is
+        // free again afterwards.
+        let r = ran.clone();
+        drop(spreader.submit_batch(
+            (),
+            vec![1usize],
+            move |(), _| r.fetch_add(1, Ordering::SeqCst),
+            never,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ran.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(ran.load(Ordering::SeqCst), 2);
+        assert!(matches!(
+            spreader.spread((), vec![3usize], |(), i| i, never)[..],
+            [JobOutcome::Done(3)]
+        ));
+        spreader.close();
+    }
+
+    #[test]
     fn a_stopping_outcome_or_a_panic_leaves_later_inputs_unrun() {
         // One worker, so that "later" is exact: a job is claimed only after
         // the previous outcome is recorded.
