@@ -137,13 +137,15 @@ pub struct Hsm {
     inner: Arc<Inner>,
 }
 
+/// The synchronous operation of a [`PendingCall`].
+type Operation<I, T> = fn(&Hsm, I) -> Result<T, HsmError>;
+
 /// An operation handed to an HSM worker by [`Hsm::start_call`].
 #[derive(Debug)]
 pub(crate) struct PendingCall<I, T> {
     op: &'static str,
     hsm: Hsm,
-    #[allow(clippy::type_complexity)]
-    submitted: spread::Submitted<Hsm, I, Result<T, HsmError>, fn(&Hsm, I) -> Result<T, HsmError>>,
+    submitted: spread::Submitted<Hsm, I, Result<T, HsmError>, Operation<I, T>>,
 }
 
 impl<I, T> PendingCall<I, T> {
@@ -323,7 +325,7 @@ impl Hsm {
         &self,
         op: &'static str,
         input: I,
-        f: fn(&Hsm, I) -> Result<T, HsmError>,
+        f: Operation<I, T>,
     ) -> PendingCall<I, T>
     where
         I: Send + 'static,
