@@ -153,7 +153,8 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
         .collect();
 
     // A network HSM: 1 ms per call, so the batch takes at least
-    // 3 calls × 1000 / 4 sessions = 750 ms however fast this machine is.
+    // 4 calls × 1000 / 4 sessions = 1 s however fast this machine is
+    // (`C_DeriveKey`, `C_GetAttributeValue` twice, `C_DestroyObject`).
     shim.set("delay_us = 1000");
     let finished = Mutex::new(Vec::new());
     let done = AtomicBool::new(false);
