@@ -425,11 +425,8 @@ impl HashReader for SqlNodes<'_> {
         let idx = i64::try_from(index).map_err(|_| StoreError::OutOfRange("audit index"))?;
         let hash: Option<Vec<u8>> = self
             .conn
-            .query_row(
-                "SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2",
-                params![level, idx],
-                |row| row.get(0),
-            )
+            .prepare_cached("SELECT hash FROM audit_nodes WHERE level = ?1 AND idx = ?2")
+            .and_then(|mut s| s.query_row(params![level, idx], |row| row.get(0)))
             .optional()
             .map_err(|e| self.store.sqlite_err(e))?;
         let hash = hash.ok_or_else(|| {
@@ -446,7 +443,8 @@ impl HashReader for SqlNodes<'_> {
 impl SqliteStore {
     fn size_in(&self, conn: &Connection) -> Result<u64, StoreError> {
         let max: Option<i64> = conn
-            .query_row("SELECT MAX(idx) FROM audit_leaves", [], |row| row.get(0))
+            .prepare_cached("SELECT MAX(idx) FROM audit_leaves")
+            .and_then(|mut s| s.query_row([], |row| row.get(0)))
             .map_err(|e| self.sqlite_err(e))?;
         match max {
             None => Ok(0),
@@ -504,14 +502,10 @@ impl SqliteStore {
                 .unwrap_or(event)
                 .to_leaf(seq, batch.time)
                 .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
-            conn.execute(
-                "INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)",
-                params![
-                    i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?,
-                    leaf
-                ],
-            )
-            .map_err(|e| self.sqlite_err(e))?;
+            let idx = i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?;
+            conn.prepare_cached("INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)")
+                .and_then(|mut s| s.execute(params![idx, leaf]))
+                .map_err(|e| self.sqlite_err(e))?;
             hashes.push(merkle::leaf_hash(&leaf));
         }
         let reader = SqlNodes { conn, store: self };
@@ -761,11 +755,12 @@ impl AuditStore for SqliteStore {
         // only a checkpoint that can be signed again (see the trait).
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(|e| self.sqlite_err(e))?;
-        let inserted = conn.execute(
-            "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (size) DO NOTHING",
-            params![size, note, format_time(at)],
-        );
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (size) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![size, note, format_time(at)]));
         // Back to FULL for every other write on this connection (warrant
         // registrations); the audit append sets it again itself.
         let restored = conn.pragma_update(None, "synchronous", "FULL");

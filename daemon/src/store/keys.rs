@@ -158,7 +158,7 @@ impl KeyStore for SqliteStore {
     fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(&format!(
+            .prepare_cached(&format!(
                 "SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = ?1"
             ))
             .map_err(|e| self.sqlite_err(e))?;

@@ -468,6 +468,9 @@ pub struct SqliteStore {
 /// start to fail.
 pub const SQLITE_MIN_FREE: u64 = 4 * 1024 * 1024;
 
+/// Prepared statements kept per SQLite connection: more than the store has.
+const STATEMENT_CACHE: usize = 64;
+
 impl SqliteStore {
     /// Opens (creating if absent) the database at `path`, sets WAL and
     /// `synchronous=FULL`, and applies pending migrations.
@@ -491,6 +494,9 @@ impl SqliteStore {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        // Every statement of the unwrap path stays prepared (the tree's
+        // node reads alone are dozens a request): room for all of them.
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))

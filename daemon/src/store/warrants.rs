@@ -209,28 +209,26 @@ impl SqliteStore {
             });
         }
         if let Some(token) = reservation.token {
+            let granted = to_i64(reservation.granted, "granted")?;
             let deleted = tx
-                .execute(
+                .prepare_cached(
                     "DELETE FROM temp.warrant_reservations
                      WHERE token = ?1 AND warrant_id = ?2 AND granted = ?3",
-                    params![
-                        token,
-                        reservation.id,
-                        to_i64(reservation.granted, "granted")?
-                    ],
                 )
+                .and_then(|mut s| s.execute(params![token, reservation.id, granted]))
                 .map_err(|e| self.sqlite_err(e))?;
             if deleted != 1 {
                 return Err(StoreError::UnknownReservation(reservation.id.clone()));
             }
         }
         if opened > 0 {
+            let opened = to_i64(opened, "opened")?;
             let updated = tx
-                .execute(
+                .prepare_cached(
                     "UPDATE warrants SET spent = spent + ?2
                      WHERE id = ?1 AND spent + ?2 <= max_unwraps",
-                    params![reservation.id, to_i64(opened, "opened")?],
                 )
+                .and_then(|mut s| s.execute(params![reservation.id, opened]))
                 .map_err(|e| self.sqlite_err(e))?;
             if updated != 1 {
                 return Err(StoreError::BudgetOverrun(reservation.id.clone()));
@@ -289,11 +287,8 @@ impl SqliteStore {
         id: &str,
     ) -> Result<bool, StoreError> {
         let row = tx
-            .query_row(
-                "SELECT 1 FROM warrant_revocations WHERE id = ?1",
-                [id],
-                |_| Ok(()),
-            )
+            .prepare_cached("SELECT 1 FROM warrant_revocations WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |_| Ok(())))
             .optional()
             .map_err(|e| self.sqlite_err(e))?;
         Ok(row.is_some())
@@ -406,17 +401,19 @@ impl WarrantStore for SqliteStore {
 
     fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError> {
         let mut conn = self.conn();
-        conn.execute_batch(CREATE_RESERVATIONS)
+        conn.prepare_cached(CREATE_RESERVATIONS)
+            .and_then(|mut s| s.execute([]))
             .map_err(|e| self.sqlite_err(e))?;
         // The connection mutex is held from here to commit, so no other
         // reservation or settle of this process interleaves.
         let tx = conn.transaction().map_err(|e| self.sqlite_err(e))?;
         let (max, spent) = tx
-            .query_row(
-                "SELECT max_unwraps, spent FROM warrants WHERE id = ?1",
-                [id],
-                |row| Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?)),
-            )
+            .prepare_cached("SELECT max_unwraps, spent FROM warrants WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })
+            })
             .optional()
             .map_err(|e| self.sqlite_err(e))?
             .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
@@ -424,11 +421,10 @@ impl WarrantStore for SqliteStore {
             return Err(StoreError::WarrantRevoked(id.to_string()));
         }
         let reserved: i64 = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT COALESCE(SUM(granted), 0) FROM temp.warrant_reservations WHERE warrant_id = ?1",
-                [id],
-                |row| row.get(0),
             )
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
             .map_err(|e| self.sqlite_err(e))?;
         let (max, spent, reserved) = (
             self.to_u64(max, "max_unwraps")?,
@@ -443,10 +439,11 @@ impl WarrantStore for SqliteStore {
             })?;
         let granted = n.min(available);
         let token = if granted > 0 {
-            tx.execute(
+            let granted = to_i64(granted, "granted")?;
+            tx.prepare_cached(
                 "INSERT INTO temp.warrant_reservations (warrant_id, granted) VALUES (?1, ?2)",
-                params![id, to_i64(granted, "granted")?],
             )
+            .and_then(|mut s| s.execute(params![id, granted]))
             .map_err(|e| self.sqlite_err(e))?;
             Some(tx.last_insert_rowid())
         } else {
