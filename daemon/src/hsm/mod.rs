@@ -24,7 +24,7 @@ mod spread;
 
 pub use error::HsmError;
 pub use keys::{AuditKeyInfo, ESCROW_LABEL_PREFIX};
-pub use spread::JobOutcome;
+pub use spread::{JobOutcome, StartedSpread};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

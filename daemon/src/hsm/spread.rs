@@ -401,7 +401,8 @@ impl Spreader {
         std::mem::take(&mut state.outcomes)
     }
 
-    /// Runs a batch and waits for it: see [`Hsm::spread`].
+    /// Runs a batch and waits for it, as [`Hsm::spread`] does.
+    #[cfg(test)]
     fn spread<C, I, T, F>(
         &self,
         context: C,
@@ -441,7 +442,47 @@ impl Hsm {
         T: Send + 'static,
         F: Fn(&Hsm, I) -> T + Send + Sync + 'static,
     {
-        self.inner.spreader.spread(self.clone(), inputs, job, stops)
+        self.start_spread(inputs, job, stops).wait()
+    }
+
+    /// [`Hsm::spread`] without waiting: the jobs start on the workers at
+    /// once, and [`StartedSpread::wait`] returns their outcomes. So the
+    /// caller can do its own work while the HSM works. Dropped without a
+    /// wait, the jobs still run and their outcomes are dropped (a DEK is
+    /// zeroized).
+    pub fn start_spread<I, T, F>(
+        &self,
+        inputs: Vec<I>,
+        job: F,
+        stops: fn(&T) -> bool,
+    ) -> StartedSpread<I, T, F>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(&Hsm, I) -> T + Send + Sync + 'static,
+    {
+        StartedSpread {
+            hsm: self.clone(),
+            submitted: self
+                .inner
+                .spreader
+                .submit_batch(self.clone(), inputs, job, stops),
+        }
+    }
+}
+
+/// A batch started by [`Hsm::start_spread`].
+#[derive(Debug)]
+pub struct StartedSpread<I, T, F> {
+    hsm: Hsm,
+    submitted: Submitted<Hsm, I, T, F>,
+}
+
+impl<I, T, F> StartedSpread<I, T, F> {
+    /// Waits for the batch as [`Hsm::spread`] does, and returns the
+    /// outcomes in the order of the inputs. Blocking.
+    pub fn wait(self) -> Vec<JobOutcome<T>> {
+        self.hsm.inner.spreader.wait(self.submitted)
     }
 }
 

@@ -320,10 +320,6 @@ pub fn unwrap(
         };
         leaves.push(built);
     }
-    // Also before the HSM: the reply's key agreement with the recipient.
-    let mut builder = ReplyBuilder::new(warrant.recipient())
-        .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")))?;
-
     // Budget: reserve for every candidate; the ones beyond the grant are
     // refused in request order. From here to the settle inside the audit
     // append there is no early return: the reservation is always settled,
@@ -364,7 +360,7 @@ pub fn unwrap(
         });
     }
     let positions: Vec<usize> = to_open.iter().map(|(at, ..)| *at).collect();
-    let outcomes = ctx.hsm.spread(
+    let opening = ctx.hsm.start_spread(
         to_open,
         |hsm, (_, envelope, public)| {
             let opened =
@@ -378,6 +374,13 @@ pub fn unwrap(
                 if !matches!(e, HsmError::KeyNotFound { .. }))
         },
     );
+    // While the HSM opens: the reply's key agreement with the recipient, in
+    // software, so that it adds nothing to the request's time. It can only
+    // fail with the RNG; then nothing is released, and what was opened is
+    // logged as not opened, as after an HSM failure.
+    let builder = ReplyBuilder::new(warrant.recipient())
+        .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")));
+    let outcomes = opening.wait();
     let mut opened = 0u64;
     let mut hsm_failure = None;
     // Whether the token still finds the audit key, asked once per request.
@@ -443,9 +446,10 @@ pub fn unwrap(
             leaf.deny(*reason);
         }
     }
-    if hsm_failure.is_some() {
-        // The HSM is failing: nothing is released or spent. DEKs opened
-        // before the failure are dropped (zeroized) and logged as not opened.
+    if hsm_failure.is_some() || builder.is_err() {
+        // The HSM is failing, or the reply cannot be sealed: nothing is
+        // released or spent. DEKs opened before the failure are dropped
+        // (zeroized) and logged as not opened.
         deny_opened(&mut releases, &mut leaves, DenyReason::OpenFailed);
         opened = 0;
     }
@@ -476,6 +480,7 @@ pub fn unwrap(
     if let Some(e) = hsm_failure {
         return Err(e.into());
     }
+    let mut builder = builder?;
     let checkpoint = witnessed(ctx, &receipt, opened)?;
 
     // Release: seal the opened DEKs to the warrant's recipient, in order.
