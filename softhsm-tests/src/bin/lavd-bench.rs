@@ -21,8 +21,10 @@
 //!   daemon with one HSM session per core (`--pool N` to change it);
 //! - (d) single-envelope latency p50/p99 on kept-alive connections at 1 and 8
 //!   clients, on the daemon of (c) before (c) runs, beside one derive plus
-//!   one durable SQLite commit on the same disk, and one Ed25519 checkpoint
-//!   signature in the HSM (which every reply's checkpoint needs);
+//!   one durable SQLite commit on the same disk, one Ed25519 checkpoint
+//!   signature in the HSM (which every reply's checkpoint needs), and the
+//!   same request made one byte too long, refused before any work (the
+//!   round trip every request pays: mTLS, HTTP, routing, the blocking pool);
 //! - (e) the daemon's peak RSS (`VmHWM`) under (c)'s largest load, 16
 //!   clients × 1000 envelopes, on a fresh daemon (the target), and after
 //!   all of (c) on the daemon that ran it (which also holds SoftHSM's own
@@ -262,6 +264,15 @@ fn main() -> std::process::ExitCode {
                     "ms",
                 );
             }
+            // The floor under any unwrap's latency: the same request, one
+            // byte longer, refused as malformed on the blocking thread
+            // before the warrant, the store or the HSM. What is left is
+            // mTLS, HTTP, routing, the hop to the blocking pool and back,
+            // and both ends' own work.
+            let mut refused = single.clone();
+            refused.push(b'x');
+            let (floor, _) = latency_of(std::slice::from_ref(&agency), &refused, 400, 1, requests);
+            report.row("d", D_FLOOR, floor * 1e3, "ms");
             let derive = {
                 let raw = Raw::new(pkcs11, &token, 1);
                 let n = if options.quick { 100 } else { 2000 };
@@ -642,7 +653,7 @@ fn main() -> std::process::ExitCode {
     let g_raw = G_LATENCY.raw_row(SHIM_POOL);
     let g_raw_added = G_ADDED.raw_row(SHIM_POOL);
     let f_best = format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves");
-    let ratios: [Target<'_>; 11] = [
+    let ratios: [Target<'_>; 12] = [
         (
             "(h) 1 replica on PostgreSQL / 1 on SQLite, batch 1000",
             &[
@@ -698,6 +709,15 @@ fn main() -> std::process::ExitCode {
             &["single-envelope p50, 1 client(s)", D_DERIVE, D_COMMIT],
             |v| v[0] / (v[1] + v[2]),
             "≤ 1.5",
+        ),
+        // The least any daemon on this stack could score: a request that
+        // did nothing but the derive and the commit would still pay the
+        // round trip of one that does nothing at all.
+        (
+            "(d) floor: (refused request p50 + derive + commit) / (derive + commit)",
+            &[D_FLOOR, D_DERIVE, D_COMMIT],
+            |v| (v[0] + v[1] + v[2]) / (v[1] + v[2]),
+            "(for comparison)",
         ),
         // What the target leaves out: a reply carries a checkpoint signed
         // over its leaves, one more HSM private-key operation per request
@@ -792,6 +812,7 @@ const G_IDEAL: &str = "ideal (4 calls × 1000 × 1 ms / 16 sessions)";
 const D_DERIVE: &str = "one derive+read+destroy (mean, 1 session)";
 const D_DERIVE_SPACED: &str = "one derive+read+destroy, 1 ms apart (median, 1 session)";
 const D_COMMIT: &str = "one durable SQLite commit (median)";
+const D_FLOOR: &str = "the same request refused as malformed before any work, p50, 1 client";
 const D_SIGN: &str = "one checkpoint signature, Ed25519 in the HSM (mean, 1 session)";
 const D_SIGN_SPACED: &str =
     "one checkpoint signature, Ed25519 in the HSM, 1 ms apart (median, 1 session)";
@@ -902,6 +923,17 @@ fn unwrap_rate(
 /// `clients` at once, each on its own kept-alive connection to one of
 /// `agencies` (round robin).
 fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) -> (f64, f64) {
+    latency_of(agencies, body, 200, clients, requests)
+}
+
+/// [`latency`] of requests answered with `status`.
+fn latency_of(
+    agencies: &[Client],
+    body: &[u8],
+    status: u16,
+    clients: usize,
+    requests: usize,
+) -> (f64, f64) {
     let mut all: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|i| {
@@ -909,8 +941,10 @@ fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) ->
                 s.spawn(move || {
                     let mut conn = agency.connect().expect("connect");
                     // One untimed request warms the connection.
-                    conn.request("POST", "/v1/unwrap", &[], Some(body))
+                    let warm = conn
+                        .request("POST", "/v1/unwrap", &[], Some(body))
                         .expect("unwrap");
+                    assert_eq!(warm.status, status, "{}", warm.text());
                     (0..requests)
                         .map(|_| {
                             let started = Instant::now();
@@ -918,7 +952,7 @@ fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) ->
                                 .request("POST", "/v1/unwrap", &[], Some(body))
                                 .expect("unwrap");
                             let t = started.elapsed().as_secs_f64();
-                            assert_eq!(r.status, 200, "{}", r.text());
+                            assert_eq!(r.status, status, "{}", r.text());
                             t
                         })
                         .collect::<Vec<_>>()
