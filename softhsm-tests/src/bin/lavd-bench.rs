@@ -8,8 +8,10 @@
 //!
 //! It prints a markdown table and writes the same figures as JSON (default
 //! `lavd-bench.json` in `$CARGO_TARGET_DIR`, else in `target/`), with the
-//! machine's CPU model, core count and load average at the start and the
-//! end of the run (a shared machine's figures mean little without them):
+//! machine's CPU model, core count, load average at the start and the end
+//! of the run, and the share of CPU time the hypervisor gave to other guests
+//! during it (steal, from `/proc/stat`): a shared machine's figures mean
+//! little without them.
 //!
 //! - (a) the limit: raw `C_DeriveKey` (ECDH1, CKD_NULL), `C_GetAttributeValue`
 //!   and `C_DestroyObject` per second on this program's own sessions, on 1
@@ -182,6 +184,7 @@ fn main() -> std::process::ExitCode {
     report.note("cores", cores as f64);
     report.note("daemon HSM sessions in (b)-(f), (h)", options.pool as f64);
     report.note("load average (1 min) at start", load_average());
+    let cpu_at_start = cpu_times();
 
     // (a), (b): this process's own sessions and lavd's library.
     let token = TestToken::new();
@@ -653,7 +656,7 @@ fn main() -> std::process::ExitCode {
     let g_raw = G_LATENCY.raw_row(SHIM_POOL);
     let g_raw_added = G_ADDED.raw_row(SHIM_POOL);
     let f_best = format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves");
-    let ratios: [Target<'_>; 12] = [
+    let ratios: [Target<'_>; 13] = [
         (
             "(h) 1 replica on PostgreSQL / 1 on SQLite, batch 1000",
             &[
@@ -719,6 +722,15 @@ fn main() -> std::process::ExitCode {
             |v| (v[0] + v[1] + v[2]) / (v[1] + v[2]),
             "(for comparison)",
         ),
+        // The same floor for a reply that carries a checkpoint signed over
+        // its own leaves: the signature runs beside the commit, so the
+        // longer of the two.
+        (
+            "(d) floor with the reply's signature: (refused request + derive + longer of commit and signature) / (derive + commit)",
+            &[D_FLOOR, D_DERIVE, D_COMMIT, D_SIGN],
+            |v| (v[0] + v[1] + v[2].max(v[3])) / (v[1] + v[2]),
+            "(for comparison)",
+        ),
         // What the target leaves out: a reply carries a checkpoint signed
         // over its leaves, one more HSM private-key operation per request
         // at 1 client (under load, one per group commit).
@@ -754,6 +766,14 @@ fn main() -> std::process::ExitCode {
     }
 
     report.note("load average (1 min) at end", load_average());
+    if let (Some(start), Some(end)) = (cpu_at_start, cpu_times()) {
+        let total = end.total.saturating_sub(start.total).max(1);
+        let steal = end.steal.saturating_sub(start.steal);
+        report.note(
+            "CPU time stolen by the hypervisor during the run (%)",
+            (1000.0 * steal as f64 / total as f64).round() / 10.0,
+        );
+    }
     report.print(options.quick);
     if let Some(dir) = options.json.parent() {
         std::fs::create_dir_all(dir).expect("json dir");
@@ -1129,6 +1149,31 @@ fn prefill(path: &std::path::Path, leaves: u64) {
             .expect("append");
         written += n;
     }
+}
+
+/// All CPUs' time so far, in clock ticks, and its part stolen by the
+/// hypervisor (the first line of `/proc/stat`); `None` where there is none.
+struct CpuTimes {
+    total: u64,
+    steal: u64,
+}
+
+fn cpu_times() -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|v| v.parse().ok())
+        .collect::<Option<_>>()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]:
+    // guest time is already counted in user and nice.
+    let counted = fields.get(..8)?;
+    Some(CpuTimes {
+        total: counted.iter().sum(),
+        steal: counted[7],
+    })
 }
 
 /// The 1-minute load average (`/proc/loadavg`), 0 where there is none.
