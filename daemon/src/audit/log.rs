@@ -457,12 +457,15 @@ impl AuditLog {
         let size = tree.size();
         let root = match latest.as_ref() {
             Some(signed) if signed.size >= size => return,
-            Some(signed) => self.check_extends(
-                signed,
-                size,
-                || tree.root(),
-                || tree.consistency_proof(signed.size),
-            ),
+            Some(signed) => {
+                // Read at once; `check_extends` sees the root's error first,
+                // as when it reads them itself.
+                let (root, proof) = match tree.root_and_consistency_proof(signed.size) {
+                    Ok((root, proof)) => (Ok(root), Ok(proof)),
+                    Err(e) => (Err(e), Ok(Vec::new())),
+                };
+                self.check_extends(signed, size, || root, || proof)
+            }
             None => tree.root().map_err(LogError::Store),
         };
         // An inconsistency is recorded already; a read that failed is tried

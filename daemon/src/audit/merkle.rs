@@ -26,6 +26,9 @@ use aws_lc_rs::digest;
 /// A SHA-256 hash: a leaf hash, an interior node or a tree root.
 pub type Hash = [u8; 32];
 
+/// A complete subtree's `(level, index)` (see [`HashReader`]).
+pub type NodeId = (u8, u64);
+
 /// The root of the empty tree, `SHA-256("")` (RFC 6962 §2.1).
 pub fn empty_root() -> Hash {
     sha256(&[])
@@ -66,6 +69,20 @@ pub trait HashReader {
     /// # Errors
     /// The store's error, including for a subtree it does not hold.
     fn subtree(&self, level: u8, index: u64) -> Result<Hash, Self::Error>;
+
+    /// Reads the subtrees of `wanted` that it holds, at once, for
+    /// [`fetch_ahead`]. A subtree left out is read later with
+    /// [`Self::subtree`], which then reports what is wrong with it. The
+    /// default fetches nothing: a reader whose reads are cheap (SQLite, in
+    /// memory) keeps it; one whose every read is a round trip (PostgreSQL)
+    /// answers with one query.
+    ///
+    /// # Errors
+    /// The store's error. [`fetch_ahead`] then reads one subtree at a time.
+    fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, Self::Error> {
+        let _ = wanted;
+        Ok(Vec::new())
+    }
 }
 
 impl<R: HashReader + ?Sized> HashReader for &R {
@@ -74,6 +91,75 @@ impl<R: HashReader + ?Sized> HashReader for &R {
     fn subtree(&self, level: u8, index: u64) -> Result<Hash, Self::Error> {
         (**self).subtree(level, index)
     }
+
+    fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, Self::Error> {
+        (**self).fetch(wanted)
+    }
+}
+
+/// The reader [`fetch_ahead`] hands its computation: first it only records
+/// what is asked for, then it answers from what was fetched, or from the
+/// reader underneath.
+pub struct Ahead<'r, R: ?Sized> {
+    reader: &'r R,
+    recording: bool,
+    wanted: std::cell::RefCell<Vec<NodeId>>,
+    fetched: HashMap<NodeId, Hash>,
+}
+
+impl<R: ?Sized> std::fmt::Debug for Ahead<'_, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ahead")
+            .field("recording", &self.recording)
+            .field("fetched", &self.fetched.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: HashReader + ?Sized> HashReader for Ahead<'_, R> {
+    type Error = R::Error;
+
+    fn subtree(&self, level: u8, index: u64) -> Result<Hash, Self::Error> {
+        if self.recording {
+            self.wanted.borrow_mut().push((level, index));
+            return Ok([0; 32]);
+        }
+        match self.fetched.get(&(level, index)) {
+            Some(hash) => Ok(*hash),
+            None => self.reader.subtree(level, index),
+        }
+    }
+}
+
+/// Runs `compute` (a root, a proof, or several) over `reader` with every
+/// subtree hash it needs read in one [`HashReader::fetch`]. Which subtrees
+/// a computation here reads depends only on the sizes and indices, never on
+/// the hashes' values, so a first run over a reader that records the
+/// requests and answers zeros names them all; its result is dropped. The
+/// second run is the real one: its result and its errors are those of
+/// `compute` over `reader` alone.
+///
+/// # Errors
+/// Those of `compute`.
+pub fn fetch_ahead<R: HashReader + ?Sized, T>(
+    reader: &R,
+    compute: impl Fn(&Ahead<'_, R>) -> Result<T, TreeError<R::Error>>,
+) -> Result<T, TreeError<R::Error>> {
+    let mut ahead = Ahead {
+        reader,
+        recording: true,
+        wanted: std::cell::RefCell::new(Vec::new()),
+        fetched: HashMap::new(),
+    };
+    let _ = compute(&ahead);
+    ahead.recording = false;
+    let mut wanted = ahead.wanted.take();
+    wanted.sort_unstable();
+    wanted.dedup();
+    if let Ok(found) = reader.fetch(&wanted) {
+        ahead.fetched = found.into_iter().collect();
+    }
+    compute(&ahead)
 }
 
 /// A complete subtree hash to persist: `(level, index)` covers leaves
@@ -1127,5 +1213,93 @@ mod tests {
             root(&reader, size).unwrap();
             assert!(reader.reads.get() <= depth + 1, "root {size}");
         }
+    }
+
+    /// A store whose reads are counted and which answers `fetch` from the
+    /// same tree, leaving out the subtrees in `lost`.
+    struct Fetching {
+        tree: MemoryTree,
+        lost: Vec<NodeId>,
+        reads: Cell<u32>,
+        fetches: Cell<u32>,
+    }
+
+    impl HashReader for Fetching {
+        type Error = MissingNode;
+
+        fn subtree(&self, level: u8, index: u64) -> Result<Hash, MissingNode> {
+            self.reads.set(self.reads.get() + 1);
+            if self.lost.contains(&(level, index)) {
+                return Err(MissingNode { level, index });
+            }
+            self.tree.subtree(level, index)
+        }
+
+        fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, MissingNode> {
+            self.fetches.set(self.fetches.get() + 1);
+            Ok(wanted
+                .iter()
+                .filter(|w| !self.lost.contains(w))
+                .filter_map(|&(l, i)| Some(((l, i), self.tree.subtree(l, i).ok()?)))
+                .collect())
+        }
+    }
+
+    #[test]
+    fn fetch_ahead_reads_everything_in_one_fetch_and_gives_the_same_results_and_errors() {
+        let mut tree = MemoryTree::new();
+        for i in 0..300u32 {
+            tree.push_leaf(&i.to_be_bytes());
+        }
+        let reader = Fetching {
+            tree: tree.clone(),
+            lost: Vec::new(),
+            reads: Cell::new(0),
+            fetches: Cell::new(0),
+        };
+        for (from, to) in [(0, 1), (1, 2), (7, 8), (100, 257), (255, 300), (299, 300)] {
+            reader.reads.set(0);
+            reader.fetches.set(0);
+            let got = fetch_ahead(&reader, |r| {
+                Ok((
+                    root(r, to)?,
+                    consistency_proof(r, from, to)?,
+                    inclusion_proof(r, from, to)?,
+                ))
+            })
+            .unwrap();
+            let want = (
+                root(&tree, to).unwrap(),
+                consistency_proof(&tree, from, to).unwrap(),
+                inclusion_proof(&tree, from, to).unwrap(),
+            );
+            assert_eq!(got, want, "{from} → {to}");
+            assert_eq!(
+                (reader.fetches.get(), reader.reads.get()),
+                (1, 0),
+                "{from} → {to}"
+            );
+        }
+        // A subtree the fetch leaves out is read on its own, and its error
+        // is the computation's, as without fetching ahead.
+        let broken = Fetching {
+            tree,
+            lost: vec![(5, 8)],
+            reads: Cell::new(0),
+            fetches: Cell::new(0),
+        };
+        let err = fetch_ahead(&broken, |r| root(r, 300)).unwrap_err();
+        assert_eq!(broken.reads.get(), 1);
+        assert!(
+            matches!(err, TreeError::Reader(MissingNode { level: 5, index: 8 })),
+            "{err:?}"
+        );
+        assert_eq!(
+            format!(
+                "{:?}",
+                fetch_ahead(&broken, |r| consistency_proof(r, 5, 301))
+            ),
+            format!("{:?}", consistency_proof(&broken, 5, 301)),
+        );
     }
 }

@@ -181,6 +181,23 @@ impl Uncommitted<'_> {
     pub fn consistency_proof(&self, from: u64) -> Result<Vec<Hash>, StoreError> {
         merkle::consistency_proof(&self.nodes, from, self.size).map_err(tree_error)
     }
+
+    /// [`Self::root`] and [`Self::consistency_proof`] from `from`, with the
+    /// subtree hashes of both read at once ([`merkle::fetch_ahead`]): one
+    /// query on PostgreSQL, where each read is a round trip made while the
+    /// transaction holds the head lock.
+    ///
+    /// # Errors
+    /// As the two.
+    pub fn root_and_consistency_proof(&self, from: u64) -> Result<(Hash, Vec<Hash>), StoreError> {
+        merkle::fetch_ahead(&self.nodes, |nodes| {
+            Ok((
+                merkle::root(nodes, self.size)?,
+                merkle::consistency_proof(nodes, from, self.size)?,
+            ))
+        })
+        .map_err(tree_error)
+    }
 }
 
 /// The hook of [`AuditStore::append_with`].

@@ -64,6 +64,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use postgres::error::SqlState;
+use postgres::types::Type;
 use postgres::{GenericClient, Transaction};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
@@ -75,7 +76,7 @@ use super::{
     Revocation, Spend, StoreError, WarrantRecord, WarrantStore,
 };
 use crate::audit::leaf::DenyReason;
-use crate::audit::merkle::{self, Hash, HashReader, TreeError};
+use crate::audit::merkle::{self, Hash, HashReader, NodeId, TreeError};
 use crate::codec::{format_time, parse_time};
 use crate::jwk::P256PublicKey;
 use pool::{Pool, Tls};
@@ -586,9 +587,9 @@ impl KeyStore for PgStore {
     fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {
         self.read(|c| {
             let row = c
-                .query_opt(
+                .query_typed_opt(
                     &format!("SELECT {KEY_COLUMNS} FROM escrow_keys WHERE kid = $1"),
-                    &[&kid],
+                    &[(&kid, Type::TEXT)],
                 )
                 .map_err(|e| self.pg_err(e))?;
             row.map(|r| self.key_from_row(&r)).transpose()
@@ -629,18 +630,21 @@ impl PgStore {
             });
         }
         if let Some(token) = reservation.token() {
-            tx.execute(
+            tx.execute_typed(
                 "DELETE FROM warrant_reservations WHERE token = $1 AND warrant_id = $2",
-                &[&token, &reservation.id()],
+                &[(&token, Type::INT8), (&reservation.id(), Type::TEXT)],
             )
             .map_err(|e| self.pg_err(e))?;
         }
         if opened > 0 {
             let updated = tx
-                .execute(
+                .execute_typed(
                     "UPDATE warrants SET spent = spent + $2
                      WHERE id = $1 AND spent + $2 <= max_unwraps",
-                    &[&reservation.id(), &to_i64(opened, "opened")?],
+                    &[
+                        (&reservation.id(), Type::TEXT),
+                        (&to_i64(opened, "opened")?, Type::INT8),
+                    ],
                 )
                 .map_err(|e| self.pg_err(e))?;
             if updated != 1 {
@@ -655,9 +659,9 @@ impl PgStore {
     fn give_back(&self, reservation: &Reservation) {
         if let Some(token) = reservation.token() {
             if let Ok(mut conn) = self.pool.get() {
-                let _ = conn.execute(
+                let _ = conn.execute_typed(
                     "DELETE FROM warrant_reservations WHERE token = $1",
-                    &[&token],
+                    &[(&token, Type::INT8)],
                 );
             }
         }
@@ -665,7 +669,10 @@ impl PgStore {
 
     fn revoked_in(&self, tx: &mut impl GenericClient, id: &str) -> Result<bool, StoreError> {
         let row = tx
-            .query_opt("SELECT 1 FROM warrant_revocations WHERE id = $1", &[&id])
+            .query_typed_opt(
+                "SELECT 1 FROM warrant_revocations WHERE id = $1",
+                &[(&id, Type::TEXT)],
+            )
             .map_err(|e| self.pg_err(e))?;
         Ok(row.is_some())
     }
@@ -700,11 +707,18 @@ impl WarrantStore for PgStore {
         self.with_tx(|tx| {
             // First seen: the primary key decides between racing replicas.
             let inserted = tx
-                .execute(
+                .execute_typed(
                     "INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
                                            max_unwraps, spent, first_seen, upgraded_at)
                      VALUES ($1, $2, $3, $4, $5, 0, $6, NULL) ON CONFLICT (id) DO NOTHING",
-                    &[&record.id, &payload, &normalized, &record.emergency, &max, &seen],
+                    &[
+                        (&record.id, Type::TEXT),
+                        (&payload, Type::BYTEA),
+                        (&normalized, Type::BYTEA),
+                        (&record.emergency, Type::BOOL),
+                        (&max, Type::INT8),
+                        (&seen, Type::TEXT),
+                    ],
                 )
                 .map_err(|e| self.pg_err(e))?;
             if inserted == 1 {
@@ -715,11 +729,17 @@ impl WarrantStore for PgStore {
             // through to `Known`.
             if !record.emergency {
                 let upgraded = tx
-                    .execute(
+                    .execute_typed(
                         "UPDATE warrants SET payload_digest = $2, emergency = FALSE, upgraded_at = $3
                          WHERE id = $1 AND emergency AND normalized_digest = $4
                            AND max_unwraps = $5 AND payload_digest <> $2",
-                        &[&record.id, &payload, &seen, &normalized, &max],
+                        &[
+                            (&record.id, Type::TEXT),
+                            (&payload, Type::BYTEA),
+                            (&seen, Type::TEXT),
+                            (&normalized, Type::BYTEA),
+                            (&max, Type::INT8),
+                        ],
                     )
                     .map_err(|e| self.pg_err(e))?;
                 if upgraded == 1 {
@@ -729,10 +749,10 @@ impl WarrantStore for PgStore {
             // The row can change only by the one-way urgent → full update
             // above, so this classifies against its final state.
             let row = tx
-                .query_one(
+                .query_typed_one(
                     "SELECT payload_digest, normalized_digest, emergency, max_unwraps
                      FROM warrants WHERE id = $1",
-                    &[&record.id],
+                    &[(&record.id, Type::TEXT)],
                 )
                 .map_err(|e| self.pg_err(e))?;
             let stored_payload = self.digest(row.try_get(0).map_err(|e| self.pg_err(e))?, "payload_digest")?;
@@ -758,9 +778,9 @@ impl WarrantStore for PgStore {
             // The row lock orders every reservation of this warrant, from
             // every replica.
             let row = tx
-                .query_opt(
+                .query_typed_opt(
                     "SELECT max_unwraps, spent FROM warrants WHERE id = $1 FOR UPDATE",
-                    &[&id],
+                    &[(&id, Type::TEXT)],
                 )
                 .map_err(|e| self.pg_err(e))?
                 .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
@@ -769,16 +789,16 @@ impl WarrantStore for PgStore {
             if self.revoked_in(tx, id)? {
                 return Err(StoreError::WarrantRevoked(id.to_string()));
             }
-            tx.execute(
+            tx.execute_typed(
                 "DELETE FROM warrant_reservations WHERE warrant_id = $1 AND expires_at <= now()",
-                &[&id],
+                &[(&id, Type::TEXT)],
             )
             .map_err(|e| self.pg_err(e))?;
             let reserved: i64 = tx
-                .query_one(
+                .query_typed_one(
                     "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM warrant_reservations
                      WHERE warrant_id = $1 AND expires_at > now()",
-                    &[&id],
+                    &[(&id, Type::TEXT)],
                 )
                 .and_then(|r| r.try_get(0))
                 .map_err(|e| self.pg_err(e))?;
@@ -793,11 +813,15 @@ impl WarrantStore for PgStore {
             let granted = n.min(available);
             let token = if granted > 0 {
                 let token: i64 = tx
-                    .query_one(
+                    .query_typed_one(
                         "INSERT INTO warrant_reservations (warrant_id, granted, expires_at)
                          VALUES ($1, $2, now() + make_interval(secs => $3))
                          RETURNING token",
-                        &[&id, &to_i64(granted, "granted")?, &lease],
+                        &[
+                            (&id, Type::TEXT),
+                            (&to_i64(granted, "granted")?, Type::INT8),
+                            (&lease, Type::FLOAT8),
+                        ],
                     )
                     .and_then(|r| r.try_get(0))
                     .map_err(|e| self.pg_err(e))?;
@@ -823,9 +847,9 @@ impl WarrantStore for PgStore {
 
     fn revocation(&self, id: &str) -> Result<Option<Revocation>, StoreError> {
         let row = self.read(|c| {
-            c.query_opt(
+            c.query_typed_opt(
                 "SELECT reason, revoked_by, revoked_at FROM warrant_revocations WHERE id = $1",
-                &[&id],
+                &[(&id, Type::TEXT)],
             )
             .map_err(|e| self.pg_err(e))
         })?;
@@ -844,10 +868,13 @@ impl WarrantStore for PgStore {
 
     fn spent(&self, id: &str) -> Result<Option<u64>, StoreError> {
         let spent: Option<i64> = self.read(|c| {
-            c.query_opt("SELECT spent FROM warrants WHERE id = $1", &[&id])
-                .map_err(|e| self.pg_err(e))?
-                .map(|r| r.try_get(0).map_err(|e| self.pg_err(e)))
-                .transpose()
+            c.query_typed_opt(
+                "SELECT spent FROM warrants WHERE id = $1",
+                &[(&id, Type::TEXT)],
+            )
+            .map_err(|e| self.pg_err(e))?
+            .map(|r| r.try_get(0).map_err(|e| self.pg_err(e)))
+            .transpose()
         })?;
         spent.map(|s| self.to_u64(s, "spent")).transpose()
     }
@@ -870,9 +897,9 @@ impl<C: GenericClient> HashReader for PgNodes<'_, C> {
         let row = self
             .client
             .borrow_mut()
-            .query_opt(
+            .query_typed_opt(
                 "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
-                &[&i16::from(level), &idx],
+                &[(&i16::from(level), Type::INT2), (&idx, Type::INT8)],
             )
             .map_err(|e| self.store.pg_err(e))?;
         let hash: Vec<u8> = row
@@ -887,6 +914,44 @@ impl<C: GenericClient> HashReader for PgNodes<'_, C> {
                 .corrupt(format!("audit_nodes ({level}, {index}) is not 32 bytes"))
         })
     }
+
+    /// One query for all of `wanted`. A row that is missing or not 32 bytes
+    /// is left out: [`Self::subtree`] then reads it again and names it.
+    fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, StoreError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let levels: Vec<i16> = wanted.iter().map(|&(level, _)| i16::from(level)).collect();
+        let idxs = wanted
+            .iter()
+            .map(|&(_, index)| i64::try_from(index))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| StoreError::OutOfRange("audit index"))?;
+        let rows = self
+            .client
+            .borrow_mut()
+            .query_typed(
+                "SELECT n.level, n.idx, n.hash
+                 FROM UNNEST($1::SMALLINT[], $2::BIGINT[]) AS w (level, idx)
+                 JOIN audit_nodes n ON n.level = w.level AND n.idx = w.idx",
+                &[(&levels, Type::INT2_ARRAY), (&idxs, Type::INT8_ARRAY)],
+            )
+            .map_err(|e| self.store.pg_err(e))?;
+        let mut found = Vec::with_capacity(rows.len());
+        for row in rows {
+            let level: i16 = row.try_get(0).map_err(|e| self.store.pg_err(e))?;
+            let idx: i64 = row.try_get(1).map_err(|e| self.store.pg_err(e))?;
+            let hash: Vec<u8> = row.try_get(2).map_err(|e| self.store.pg_err(e))?;
+            if let (Ok(level), Ok(idx), Ok(hash)) = (
+                u8::try_from(level),
+                u64::try_from(idx),
+                Hash::try_from(hash),
+            ) {
+                found.push(((level, idx), hash));
+            }
+        }
+        Ok(found)
+    }
 }
 
 impl PgStore {
@@ -897,7 +962,7 @@ impl PgStore {
             "SELECT size FROM audit_head WHERE id = 1"
         };
         let size: i64 = c
-            .query_opt(sql, &[])
+            .query_typed_opt(sql, &[])
             .map_err(|e| self.pg_err(e))?
             .ok_or_else(|| self.corrupt("audit_head has no row"))?
             .try_get(0)
@@ -961,9 +1026,9 @@ impl PgStore {
             indices.push(i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?);
             leaves.push(leaf);
         }
-        tx.execute(
+        tx.execute_typed(
             "INSERT INTO audit_leaves (idx, leaf) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
-            &[&indices, &leaves],
+            &[(&indices, Type::INT8_ARRAY), (&leaves, Type::BYTEA_ARRAY)],
         )
         .map_err(|e| self.pg_err(e))?;
         self.insert_nodes(tx, first, &hashes)?;
@@ -995,10 +1060,14 @@ impl PgStore {
             );
             node_hashes.push(node.hash.to_vec());
         }
-        tx.execute(
+        tx.execute_typed(
             "INSERT INTO audit_nodes (level, idx, hash)
              SELECT * FROM UNNEST($1::SMALLINT[], $2::BIGINT[], $3::BYTEA[])",
-            &[&levels, &idxs, &node_hashes],
+            &[
+                (&levels, Type::INT2_ARRAY),
+                (&idxs, Type::INT8_ARRAY),
+                (&node_hashes, Type::BYTEA_ARRAY),
+            ],
         )
         .map_err(|e| self.pg_err(e))?;
         Ok(())
@@ -1042,9 +1111,12 @@ impl PgStore {
                 Err(e) => results.push(Err(e)),
             }
         }
-        tx.execute(
+        tx.execute_typed(
             "UPDATE audit_head SET size = $1 WHERE id = 1",
-            &[&i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?],
+            &[(
+                &i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                Type::INT8,
+            )],
         )
         .map_err(|e| self.pg_err(e))?;
         // The head lock is still held: the tree the hook sees is the one
@@ -1138,7 +1210,7 @@ impl AuditStore for PgStore {
                     "size {size} exceeds the tree size {tree}"
                 )));
             }
-            merkle::root(reader, size).map_err(Self::tree_err)
+            merkle::fetch_ahead(reader, |r| merkle::root(r, size)).map_err(Self::tree_err)
         })
     }
 
@@ -1199,7 +1271,8 @@ impl AuditStore for PgStore {
                     "need index < size <= {tree}, got index {index}, size {size}"
                 )));
             }
-            merkle::inclusion_proof(reader, index, size).map_err(Self::tree_err)
+            merkle::fetch_ahead(reader, |r| merkle::inclusion_proof(r, index, size))
+                .map_err(Self::tree_err)
         })
     }
 
@@ -1210,7 +1283,8 @@ impl AuditStore for PgStore {
                     "need from <= to <= {tree}, got from {from}, to {to}"
                 )));
             }
-            merkle::consistency_proof(reader, from, to).map_err(Self::tree_err)
+            merkle::fetch_ahead(reader, |r| merkle::consistency_proof(r, from, to))
+                .map_err(Self::tree_err)
         })
     }
 
@@ -1223,10 +1297,14 @@ impl AuditStore for PgStore {
         self.with_tx(|tx| {
             tx.batch_execute("SET LOCAL synchronous_commit = off")
                 .map_err(|e| self.pg_err(e))?;
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES ($1, $2, $3)
                  ON CONFLICT (size) DO NOTHING",
-                &[&size, &note, &format_time(at)],
+                &[
+                    (&size, Type::INT8),
+                    (&note, Type::TEXT),
+                    (&format_time(at), Type::TEXT),
+                ],
             )
             .map_err(|e| self.pg_err(e))
         })?;
