@@ -78,7 +78,7 @@ pub trait HashReader {
     /// answers with one query.
     ///
     /// # Errors
-    /// The store's error. [`fetch_ahead`] then reads one subtree at a time.
+    /// The store's error; [`fetch_ahead`] fails with it.
     fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, Self::Error> {
         let _ = wanted;
         Ok(Vec::new())
@@ -140,7 +140,8 @@ impl<R: HashReader + ?Sized> HashReader for Ahead<'_, R> {
 /// `compute` over `reader` alone.
 ///
 /// # Errors
-/// Those of `compute`.
+/// Those of `compute`, and the reader's own when the fetch fails (a store
+/// that cannot answer one query would not answer the single reads either).
 pub fn fetch_ahead<R: HashReader + ?Sized, T>(
     reader: &R,
     compute: impl Fn(&Ahead<'_, R>) -> Result<T, TreeError<R::Error>>,
@@ -156,9 +157,11 @@ pub fn fetch_ahead<R: HashReader + ?Sized, T>(
     let mut wanted = ahead.wanted.take();
     wanted.sort_unstable();
     wanted.dedup();
-    if let Ok(found) = reader.fetch(&wanted) {
-        ahead.fetched = found.into_iter().collect();
-    }
+    ahead.fetched = reader
+        .fetch(&wanted)
+        .map_err(TreeError::Reader)?
+        .into_iter()
+        .collect();
     compute(&ahead)
 }
 
@@ -1216,10 +1219,11 @@ mod tests {
     }
 
     /// A store whose reads are counted and which answers `fetch` from the
-    /// same tree, leaving out the subtrees in `lost`.
+    /// same tree, leaving out the subtrees in `lost`, or fails it.
     struct Fetching {
         tree: MemoryTree,
         lost: Vec<NodeId>,
+        fetch_fails: bool,
         reads: Cell<u32>,
         fetches: Cell<u32>,
     }
@@ -1237,6 +1241,12 @@ mod tests {
 
         fn fetch(&self, wanted: &[NodeId]) -> Result<Vec<(NodeId, Hash)>, MissingNode> {
             self.fetches.set(self.fetches.get() + 1);
+            if self.fetch_fails {
+                return Err(MissingNode {
+                    level: 63,
+                    index: 0,
+                });
+            }
             Ok(wanted
                 .iter()
                 .filter(|w| !self.lost.contains(w))
@@ -1254,6 +1264,7 @@ mod tests {
         let reader = Fetching {
             tree: tree.clone(),
             lost: Vec::new(),
+            fetch_fails: false,
             reads: Cell::new(0),
             fetches: Cell::new(0),
         };
@@ -1282,9 +1293,10 @@ mod tests {
         }
         // A subtree the fetch leaves out is read on its own, and its error
         // is the computation's, as without fetching ahead.
-        let broken = Fetching {
+        let mut broken = Fetching {
             tree,
             lost: vec![(5, 8)],
+            fetch_fails: false,
             reads: Cell::new(0),
             fetches: Cell::new(0),
         };
@@ -1301,5 +1313,21 @@ mod tests {
             ),
             format!("{:?}", consistency_proof(&broken, 5, 301)),
         );
+        // A fetch that fails fails the computation with its error, before
+        // any single read.
+        broken.fetch_fails = true;
+        broken.reads.set(0);
+        let err = fetch_ahead(&broken, |r| root(r, 300)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TreeError::Reader(MissingNode {
+                    level: 63,
+                    index: 0
+                })
+            ),
+            "{err:?}"
+        );
+        assert_eq!(broken.reads.get(), 0);
     }
 }
