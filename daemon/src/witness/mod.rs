@@ -265,10 +265,17 @@ mod tests {
         let cosigned = cosigned.into_inner().unwrap();
         assert!(cosigned.len() >= 8, "{cosigned:?}");
         // Each cosignature was made from the size recorded just before it:
-        // replayed in order, the sizes chain and never decrease.
+        // replayed in order, the sizes chain and never decrease. The list
+        // is in the order the calls returned, not the order the state took
+        // them, so a same-size cosignature at the recorded size goes before
+        // one that advances from it: it can only have been made then.
         let mut recorded = 0;
         let mut chain: Vec<(u64, u64)> = cosigned.clone();
-        while let Some(i) = chain.iter().position(|(old, _)| *old == recorded) {
+        while let Some(i) = chain
+            .iter()
+            .position(|&(old, size)| old == recorded && size == recorded)
+            .or_else(|| chain.iter().position(|&(old, _)| old == recorded))
+        {
             let (_, size) = chain.remove(i);
             assert!(size >= recorded);
             recorded = size;
