@@ -264,23 +264,20 @@ mod tests {
         });
         let cosigned = cosigned.into_inner().unwrap();
         assert!(cosigned.len() >= 8, "{cosigned:?}");
-        // Each cosignature was made from the size recorded just before it:
-        // replayed in order, the sizes chain and never decrease. The list
-        // is in the order the calls returned, not the order the state took
-        // them, so a same-size cosignature at the recorded size goes before
-        // one that advances from it: it can only have been made then.
-        let mut recorded = 0;
+        // Each cosignature was made from the size recorded just before it,
+        // and the recorded size never goes back, so the state's own order
+        // is the cosignatures sorted by (old, new): at each recorded size
+        // the same-size ones, then the one advance. The list is in the
+        // order the calls returned, which can differ; sorted, each must
+        // start where the last ended.
         let mut chain: Vec<(u64, u64)> = cosigned.clone();
-        while let Some(i) = chain
-            .iter()
-            .position(|&(old, size)| old == recorded && size == recorded)
-            .or_else(|| chain.iter().position(|&(old, _)| old == recorded))
-        {
-            let (_, size) = chain.remove(i);
-            assert!(size >= recorded);
+        chain.sort_unstable();
+        let mut recorded = 0;
+        for &(old, size) in &chain {
+            assert_eq!(old, recorded, "unchained cosignatures: {chain:?}");
+            assert!(size >= old, "{chain:?}");
             recorded = size;
         }
-        assert!(chain.is_empty(), "unchained cosignatures: {chain:?}");
         assert_eq!(
             state.recorded("log.example/a").unwrap().map(|r| r.0),
             Some(recorded)
