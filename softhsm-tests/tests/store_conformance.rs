@@ -661,18 +661,49 @@ fn postgres_reservation_leases_bound_a_dead_replicas_hold() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 2);
+    assert_eq!(store.migrate().unwrap(), 3);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
-    let versions: Vec<i32> = db
-        .client()
-        .query("SELECT version FROM schema_version ORDER BY version", &[])
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(versions, [1, 2]);
+    let versions = || -> Vec<i32> {
+        db.client()
+            .query("SELECT version FROM schema_version ORDER BY version", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    assert_eq!(versions(), [1, 2, 3]);
+    // A database at version 2 with a warrant in it (as the previous release
+    // left it) is brought to 3, and the new functions serve that warrant.
+    {
+        let store = PgStore::connect(&db.settings()).unwrap();
+        store.register(&record("W2", 1, 2, false, 3)).unwrap();
+        store.settle(store.reserve("W2", 1).unwrap(), 1).unwrap();
+    }
+    db.client()
+        .batch_execute(
+            "DROP FUNCTION lavd_register, lavd_reserve, lavd_settle, lavd_save_checkpoint;
+             DELETE FROM schema_version WHERE version = 3",
+        )
+        .unwrap();
+    assert_eq!(versions(), [1, 2]);
+    let store = PgStore::connect(&db.settings()).unwrap();
+    assert_eq!(versions(), [1, 2, 3]);
+    assert!(matches!(
+        store.register(&record("W2", 1, 2, false, 3)),
+        Ok(Registration::Known)
+    ));
+    let taken = store.reserve("W2", 5).unwrap();
+    assert_eq!(taken.granted(), 2);
+    store.settle(taken, 2).unwrap();
+    assert_eq!(store.spent("W2").unwrap(), Some(3));
+    store.save_checkpoint(0, "note zero", now()).unwrap();
+    assert_eq!(
+        store.latest_checkpoint().unwrap(),
+        Some((0, "note zero".into()))
+    );
+    drop(store);
     db.client()
         .execute("INSERT INTO schema_version (version) VALUES (99)", &[])
         .unwrap();
@@ -682,7 +713,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 2,
+                supported: 3,
                 ..
             }
         ),

@@ -53,6 +53,13 @@
 //! start under an advisory lock (so replicas starting together migrate once)
 //! or by `lavd store migrate`. A database whose schema is newer than this
 //! binary is refused ([`StoreError::SchemaTooNew`]).
+//!
+//! Round trips: the three per-request writes outside the audit append
+//! (first-seen registration, reservation, checkpoint save) are PL/pgSQL
+//! functions from migration 3, one round trip each instead of a BEGIN, their
+//! statements and a COMMIT; the statements inside are the same, each with
+//! its own snapshot as before. Per-request statements are sent typed
+//! (`query_typed`/`execute_typed`): no separate prepare round trip.
 
 pub mod copy;
 mod pool;
@@ -268,6 +275,113 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (size, witness)
     );
     CREATE INDEX audit_cosignatures_by_witness ON audit_cosignatures (witness, size);",
+    // 3: the per-request writes as functions, so that each is one round
+    // trip: registration, reservation and checkpoint save instead of 4–7
+    // each (BEGIN, their statements, COMMIT), and the settle inside the
+    // append (under the head lock) instead of 3. The same statements as
+    // before, in the same order. In a
+    // volatile function each statement takes a new snapshot under READ
+    // COMMITTED, as separate statements did; a single statement with CTEs
+    // would not (its snapshot predates the row lock it waits for).
+    //
+    // First seen, then urgent → full; `r_outcome` is `new`, `upgraded` or
+    // `known` with the stored row, which the caller classifies.
+    "CREATE FUNCTION lavd_register(p_id TEXT, p_payload BYTEA, p_normalized BYTEA,
+                                   p_emergency BOOLEAN, p_max BIGINT, p_seen TEXT)
+     RETURNS TABLE (r_outcome TEXT, r_payload BYTEA, r_normalized BYTEA,
+                    r_emergency BOOLEAN, r_max BIGINT)
+     LANGUAGE plpgsql VOLATILE AS $$
+     BEGIN
+         INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
+                               max_unwraps, spent, first_seen, upgraded_at)
+         VALUES (p_id, p_payload, p_normalized, p_emergency, p_max, 0, p_seen, NULL)
+         ON CONFLICT (id) DO NOTHING;
+         IF FOUND THEN
+             RETURN QUERY SELECT 'new'::TEXT, NULL::BYTEA, NULL::BYTEA, NULL::BOOLEAN, NULL::BIGINT;
+             RETURN;
+         END IF;
+         IF NOT p_emergency THEN
+             UPDATE warrants SET payload_digest = p_payload, emergency = FALSE, upgraded_at = p_seen
+             WHERE id = p_id AND emergency AND normalized_digest = p_normalized
+               AND max_unwraps = p_max AND payload_digest <> p_payload;
+             IF FOUND THEN
+                 RETURN QUERY SELECT 'upgraded'::TEXT, NULL::BYTEA, NULL::BYTEA, NULL::BOOLEAN, NULL::BIGINT;
+                 RETURN;
+             END IF;
+         END IF;
+         RETURN QUERY SELECT 'known'::TEXT, w.payload_digest, w.normalized_digest, w.emergency, w.max_unwraps
+                      FROM warrants w WHERE w.id = p_id;
+     END $$;
+    -- The warrant row lock orders every reservation of it, from every
+    -- replica; `r_status` is `unknown`, `revoked` or `ok` with what was
+    -- granted (0: no token).
+    CREATE FUNCTION lavd_reserve(p_id TEXT, p_n BIGINT, p_lease FLOAT8)
+     RETURNS TABLE (r_status TEXT, r_granted BIGINT, r_token BIGINT)
+     LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_max BIGINT;
+         v_spent BIGINT;
+         v_reserved BIGINT;
+         v_granted BIGINT;
+         v_token BIGINT;
+     BEGIN
+         SELECT w.max_unwraps, w.spent INTO v_max, v_spent FROM warrants w WHERE w.id = p_id FOR UPDATE;
+         IF NOT FOUND THEN
+             RETURN QUERY SELECT 'unknown'::TEXT, NULL::BIGINT, NULL::BIGINT;
+             RETURN;
+         END IF;
+         IF EXISTS (SELECT 1 FROM warrant_revocations r WHERE r.id = p_id) THEN
+             RETURN QUERY SELECT 'revoked'::TEXT, NULL::BIGINT, NULL::BIGINT;
+             RETURN;
+         END IF;
+         DELETE FROM warrant_reservations r WHERE r.warrant_id = p_id AND r.expires_at <= now();
+         SELECT COALESCE(SUM(r.granted), 0)::BIGINT INTO v_reserved FROM warrant_reservations r
+         WHERE r.warrant_id = p_id AND r.expires_at > now();
+         -- A late settle (past its lease) may leave spent + reserved above
+         -- max for a while: nothing is then available.
+         v_granted := LEAST(p_n, GREATEST(v_max - v_spent - v_reserved, 0));
+         IF v_granted > 0 THEN
+             INSERT INTO warrant_reservations (warrant_id, granted, expires_at)
+             VALUES (p_id, v_granted, now() + make_interval(secs => p_lease))
+             RETURNING token INTO v_token;
+         END IF;
+         RETURN QUERY SELECT 'ok'::TEXT, v_granted, v_token;
+     END $$;
+    -- The settle: the reservation's row deleted and `p_opened` spent,
+    -- refused in SQL past `max_unwraps`; with `p_check_revoked`, a revoked
+    -- warrant spends nothing. `revoked`, `overrun` (the caller fails and
+    -- rolls back) or `ok`.
+    CREATE FUNCTION lavd_settle(p_id TEXT, p_token BIGINT, p_opened BIGINT,
+                                p_check_revoked BOOLEAN)
+     RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_revoked BOOLEAN := FALSE;
+     BEGIN
+         IF p_check_revoked AND EXISTS (SELECT 1 FROM warrant_revocations r WHERE r.id = p_id) THEN
+             v_revoked := TRUE;
+             p_opened := 0;
+         END IF;
+         IF p_token IS NOT NULL THEN
+             DELETE FROM warrant_reservations r WHERE r.token = p_token AND r.warrant_id = p_id;
+         END IF;
+         IF p_opened > 0 THEN
+             UPDATE warrants SET spent = spent + p_opened
+             WHERE id = p_id AND spent + p_opened <= max_unwraps;
+             IF NOT FOUND THEN
+                 RETURN 'overrun';
+             END IF;
+         END IF;
+         RETURN CASE WHEN v_revoked THEN 'revoked' ELSE 'ok' END;
+     END $$;
+    -- A checkpoint, without a WAL flush of its own (see `save_checkpoint`):
+    -- the local setting holds until this call's own commit.
+    CREATE FUNCTION lavd_save_checkpoint(p_size BIGINT, p_note TEXT, p_at TEXT)
+     RETURNS VOID LANGUAGE plpgsql VOLATILE AS $$
+     BEGIN
+         PERFORM set_config('synchronous_commit', 'off', true);
+         INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (p_size, p_note, p_at)
+         ON CONFLICT (size) DO NOTHING;
+     END $$;",
 ];
 
 /// The advisory lock key that serialises migrations across replicas
@@ -467,6 +581,28 @@ impl PgStore {
         }
     }
 
+    /// One statement on a pooled connection, in its own implicit
+    /// transaction (one round trip: no BEGIN or COMMIT of its own), run
+    /// again like [`PgStore::with_tx`]'s after a serialization failure or a
+    /// deadlock. For the migration's functions, which do a transaction's
+    /// work in one call.
+    fn with_statement<T>(
+        &self,
+        mut f: impl FnMut(&mut postgres::Client) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut attempt = 0;
+        loop {
+            let result = self.pool.get().and_then(|mut conn| f(&mut conn));
+            match result {
+                Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    self.retries.fetch_add(1, Ordering::Relaxed);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// One read on a pooled connection.
     fn read<T>(
         &self,
@@ -614,44 +750,42 @@ impl KeyStore for PgStore {
 
 impl PgStore {
     /// Deletes the reservation's row and spends `opened`, refusing in SQL to
-    /// pass `max_unwraps`. A row already gone means its lease expired and
-    /// another reservation may hold those units now: the conditional
-    /// `UPDATE` alone then decides.
+    /// pass `max_unwraps` (`lavd_settle`, migration 3). A row already gone
+    /// means its lease expired and another reservation may hold those units
+    /// now: the conditional `UPDATE` alone then decides. With
+    /// `check_revoked`, a warrant revoked by now spends nothing, and `true`
+    /// comes back.
     fn settle_in(
         &self,
         tx: &mut impl GenericClient,
         reservation: &Reservation,
         opened: u64,
-    ) -> Result<(), StoreError> {
+        check_revoked: bool,
+    ) -> Result<bool, StoreError> {
         if opened > reservation.granted() {
             return Err(StoreError::SettleExceedsReservation {
                 granted: reservation.granted(),
                 opened,
             });
         }
-        if let Some(token) = reservation.token() {
-            tx.execute_typed(
-                "DELETE FROM warrant_reservations WHERE token = $1 AND warrant_id = $2",
-                &[(&token, Type::INT8), (&reservation.id(), Type::TEXT)],
+        let status: String = tx
+            .query_typed_one(
+                "SELECT lavd_settle($1, $2, $3, $4)",
+                &[
+                    (&reservation.id(), Type::TEXT),
+                    (&reservation.token(), Type::INT8),
+                    (&to_i64(opened, "opened")?, Type::INT8),
+                    (&check_revoked, Type::BOOL),
+                ],
             )
+            .and_then(|r| r.try_get(0))
             .map_err(|e| self.pg_err(e))?;
+        match status.as_str() {
+            "ok" => Ok(false),
+            "revoked" if check_revoked => Ok(true),
+            "overrun" => Err(StoreError::BudgetOverrun(reservation.id().to_string())),
+            other => Err(self.corrupt(format!("lavd_settle returned {other:?}"))),
         }
-        if opened > 0 {
-            let updated = tx
-                .execute_typed(
-                    "UPDATE warrants SET spent = spent + $2
-                     WHERE id = $1 AND spent + $2 <= max_unwraps",
-                    &[
-                        (&reservation.id(), Type::TEXT),
-                        (&to_i64(opened, "opened")?, Type::INT8),
-                    ],
-                )
-                .map_err(|e| self.pg_err(e))?;
-            if updated != 1 {
-                return Err(StoreError::BudgetOverrun(reservation.id().to_string()));
-            }
-        }
-        Ok(())
     }
 
     /// Frees a reservation whose settle failed. Best effort: the lease frees
@@ -665,16 +799,6 @@ impl PgStore {
                 );
             }
         }
-    }
-
-    fn revoked_in(&self, tx: &mut impl GenericClient, id: &str) -> Result<bool, StoreError> {
-        let row = tx
-            .query_typed_opt(
-                "SELECT 1 FROM warrant_revocations WHERE id = $1",
-                &[(&id, Type::TEXT)],
-            )
-            .map_err(|e| self.pg_err(e))?;
-        Ok(row.is_some())
     }
 
     fn revoke_in(
@@ -704,137 +828,89 @@ impl WarrantStore for PgStore {
         let payload = record.payload_digest.as_slice();
         let normalized = record.normalized_digest.as_slice();
         let seen = format_time(record.seen_at);
-        self.with_tx(|tx| {
-            // First seen: the primary key decides between racing replicas.
-            let inserted = tx
-                .execute_typed(
-                    "INSERT INTO warrants (id, payload_digest, normalized_digest, emergency,
-                                           max_unwraps, spent, first_seen, upgraded_at)
-                     VALUES ($1, $2, $3, $4, $5, 0, $6, NULL) ON CONFLICT (id) DO NOTHING",
-                    &[
-                        (&record.id, Type::TEXT),
-                        (&payload, Type::BYTEA),
-                        (&normalized, Type::BYTEA),
-                        (&record.emergency, Type::BOOL),
-                        (&max, Type::INT8),
-                        (&seen, Type::TEXT),
-                    ],
-                )
-                .map_err(|e| self.pg_err(e))?;
-            if inserted == 1 {
-                return Ok(Registration::New);
-            }
-            // Urgent → full: one conditional write; of two racing
-            // replacements the second finds `emergency` false and falls
-            // through to `Known`.
-            if !record.emergency {
-                let upgraded = tx
-                    .execute_typed(
-                        "UPDATE warrants SET payload_digest = $2, emergency = FALSE, upgraded_at = $3
-                         WHERE id = $1 AND emergency AND normalized_digest = $4
-                           AND max_unwraps = $5 AND payload_digest <> $2",
-                        &[
-                            (&record.id, Type::TEXT),
-                            (&payload, Type::BYTEA),
-                            (&seen, Type::TEXT),
-                            (&normalized, Type::BYTEA),
-                            (&max, Type::INT8),
-                        ],
-                    )
-                    .map_err(|e| self.pg_err(e))?;
-                if upgraded == 1 {
-                    return Ok(Registration::Upgraded);
-                }
-            }
-            // The row can change only by the one-way urgent → full update
-            // above, so this classifies against its final state.
-            let row = tx
-                .query_typed_one(
-                    "SELECT payload_digest, normalized_digest, emergency, max_unwraps
-                     FROM warrants WHERE id = $1",
-                    &[(&record.id, Type::TEXT)],
-                )
-                .map_err(|e| self.pg_err(e))?;
-            let stored_payload = self.digest(row.try_get(0).map_err(|e| self.pg_err(e))?, "payload_digest")?;
-            let stored_normalized =
-                self.digest(row.try_get(1).map_err(|e| self.pg_err(e))?, "normalized_digest")?;
-            let emergency: bool = row.try_get(2).map_err(|e| self.pg_err(e))?;
-            let stored_max: i64 = row.try_get(3).map_err(|e| self.pg_err(e))?;
-            if stored_payload == record.payload_digest {
-                Ok(Registration::Known)
-            } else if stored_normalized != record.normalized_digest || stored_max != max {
-                Err(StoreError::WarrantIdConflict(record.id.clone()))
-            } else if !emergency && record.emergency {
-                Err(StoreError::EmergencySuperseded(record.id.clone()))
-            } else {
-                Err(StoreError::WarrantIdConflict(record.id.clone()))
-            }
-        })
+        // First seen (the primary key decides between racing replicas), then
+        // the one-way urgent → full update: `lavd_register`, migration 3.
+        let row = self.with_statement(|c| {
+            c.query_typed_one(
+                "SELECT r_outcome, r_payload, r_normalized, r_emergency, r_max
+                 FROM lavd_register($1, $2, $3, $4, $5, $6)",
+                &[
+                    (&record.id, Type::TEXT),
+                    (&payload, Type::BYTEA),
+                    (&normalized, Type::BYTEA),
+                    (&record.emergency, Type::BOOL),
+                    (&max, Type::INT8),
+                    (&seen, Type::TEXT),
+                ],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let outcome: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        match outcome {
+            "new" => return Ok(Registration::New),
+            "upgraded" => return Ok(Registration::Upgraded),
+            "known" => {}
+            other => return Err(self.corrupt(format!("lavd_register returned {other:?}"))),
+        }
+        // The row can change only by the one-way urgent → full update, so
+        // this classifies against its final state.
+        let stored_payload = self.digest(
+            row.try_get(1).map_err(|e| self.pg_err(e))?,
+            "payload_digest",
+        )?;
+        let stored_normalized = self.digest(
+            row.try_get(2).map_err(|e| self.pg_err(e))?,
+            "normalized_digest",
+        )?;
+        let emergency: bool = row.try_get(3).map_err(|e| self.pg_err(e))?;
+        let stored_max: i64 = row.try_get(4).map_err(|e| self.pg_err(e))?;
+        if stored_payload == record.payload_digest {
+            Ok(Registration::Known)
+        } else if stored_normalized != record.normalized_digest || stored_max != max {
+            Err(StoreError::WarrantIdConflict(record.id.clone()))
+        } else if !emergency && record.emergency {
+            Err(StoreError::EmergencySuperseded(record.id.clone()))
+        } else {
+            Err(StoreError::WarrantIdConflict(record.id.clone()))
+        }
     }
 
     fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError> {
         let lease = self.lease_secs();
-        self.with_tx(|tx| {
-            // The row lock orders every reservation of this warrant, from
-            // every replica.
-            let row = tx
-                .query_typed_opt(
-                    "SELECT max_unwraps, spent FROM warrants WHERE id = $1 FOR UPDATE",
-                    &[(&id, Type::TEXT)],
-                )
-                .map_err(|e| self.pg_err(e))?
-                .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
-            let max: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
-            let spent: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
-            if self.revoked_in(tx, id)? {
-                return Err(StoreError::WarrantRevoked(id.to_string()));
-            }
-            tx.execute_typed(
-                "DELETE FROM warrant_reservations WHERE warrant_id = $1 AND expires_at <= now()",
-                &[(&id, Type::TEXT)],
+        let wanted = to_i64(n, "envelopes")?;
+        // Under the warrant's row lock: revocation, expired leases dropped,
+        // what is left granted (`lavd_reserve`, migration 3).
+        let row = self.with_statement(|c| {
+            c.query_typed_one(
+                "SELECT r_status, r_granted, r_token FROM lavd_reserve($1, $2, $3)",
+                &[
+                    (&id, Type::TEXT),
+                    (&wanted, Type::INT8),
+                    (&lease, Type::FLOAT8),
+                ],
             )
-            .map_err(|e| self.pg_err(e))?;
-            let reserved: i64 = tx
-                .query_typed_one(
-                    "SELECT COALESCE(SUM(granted), 0)::BIGINT FROM warrant_reservations
-                     WHERE warrant_id = $1 AND expires_at > now()",
-                    &[(&id, Type::TEXT)],
-                )
-                .and_then(|r| r.try_get(0))
-                .map_err(|e| self.pg_err(e))?;
-            let (max, spent, reserved) = (
-                self.to_u64(max, "max_unwraps")?,
-                self.to_u64(spent, "spent")?,
-                self.to_u64(reserved, "reserved")?,
-            );
-            // A late settle (past its lease) may leave spent + reserved
-            // above max for a while: nothing is then available.
-            let available = max.saturating_sub(spent).saturating_sub(reserved);
-            let granted = n.min(available);
-            let token = if granted > 0 {
-                let token: i64 = tx
-                    .query_typed_one(
-                        "INSERT INTO warrant_reservations (warrant_id, granted, expires_at)
-                         VALUES ($1, $2, now() + make_interval(secs => $3))
-                         RETURNING token",
-                        &[
-                            (&id, Type::TEXT),
-                            (&to_i64(granted, "granted")?, Type::INT8),
-                            (&lease, Type::FLOAT8),
-                        ],
-                    )
-                    .and_then(|r| r.try_get(0))
-                    .map_err(|e| self.pg_err(e))?;
-                Some(token)
-            } else {
-                None
-            };
-            Ok(Reservation::new(id, n, granted, token))
-        })
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let status: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        match status {
+            "ok" => {}
+            "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
+            "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
+            other => return Err(self.corrupt(format!("lavd_reserve returned {other:?}"))),
+        }
+        let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
+        let token: Option<i64> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+        let granted = self.to_u64(granted, "granted")?;
+        if granted > n || (granted > 0) != token.is_some() {
+            return Err(self.corrupt(format!(
+                "lavd_reserve granted {granted} of {n} with token {token:?}"
+            )));
+        }
+        Ok(Reservation::new(id, n, granted, token))
     }
 
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
-        let result = self.with_tx(|tx| self.settle_in(tx, &reservation, opened));
+        let result = self.with_tx(|tx| self.settle_in(tx, &reservation, opened, false).map(drop));
         if result.is_err() {
             self.give_back(&reservation);
         }
@@ -992,11 +1068,8 @@ impl PgStore {
                 reservation,
                 opened,
             } => {
-                if self.revoked_in(tx, reservation.id())? {
-                    self.settle_in(tx, reservation, 0)?;
+                if self.settle_in(tx, reservation, *opened, true)? {
                     revoked = Some(reservation.id());
-                } else {
-                    self.settle_in(tx, reservation, *opened)?;
                 }
                 false
             }
@@ -1294,12 +1367,11 @@ impl AuditStore for PgStore {
         // their notes are identical (Ed25519 is deterministic), and the
         // first is kept. No WAL flush of its own: the next synchronous
         // commit flushes it (see the trait).
-        self.with_tx(|tx| {
-            tx.batch_execute("SET LOCAL synchronous_commit = off")
-                .map_err(|e| self.pg_err(e))?;
-            tx.execute_typed(
-                "INSERT INTO audit_checkpoints (size, note, signed_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (size) DO NOTHING",
+        // One call (`lavd_save_checkpoint`, migration 3), which sets
+        // `synchronous_commit = off` for its own implicit transaction.
+        self.with_statement(|c| {
+            c.execute_typed(
+                "SELECT lavd_save_checkpoint($1, $2, $3)",
                 &[
                     (&size, Type::INT8),
                     (&note, Type::TEXT),
