@@ -1330,4 +1330,37 @@ mod tests {
         );
         assert_eq!(broken.reads.get(), 0);
     }
+
+    #[test]
+    fn fetch_ahead_serves_a_batch_append_from_one_fetch() {
+        for first in [0u32, 1, 6, 7, 255, 299] {
+            for count in [1u32, 2, 100] {
+                let mut tree = MemoryTree::new();
+                for i in 0..first {
+                    tree.push_leaf(&i.to_be_bytes());
+                }
+                let hashes: Vec<Hash> = (first..first + count)
+                    .map(|i| leaf_hash(&i.to_be_bytes()))
+                    .collect();
+                let want = appended_nodes_batch(u64::from(first), &hashes, &tree).unwrap();
+                let reader = Fetching {
+                    tree,
+                    lost: Vec::new(),
+                    fetch_fails: false,
+                    reads: Cell::new(0),
+                    fetches: Cell::new(0),
+                };
+                let got = fetch_ahead(&reader, |r| {
+                    appended_nodes_batch(u64::from(first), &hashes, r)
+                })
+                .unwrap();
+                assert_eq!(got, want, "{first} + {count}");
+                assert_eq!(
+                    (reader.fetches.get(), reader.reads.get()),
+                    (1, 0),
+                    "{first} + {count}"
+                );
+            }
+        }
+    }
 }

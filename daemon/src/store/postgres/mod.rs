@@ -1121,7 +1121,9 @@ impl PgStore {
                 client: RefCell::new(&mut *tx),
                 store: self,
             };
-            merkle::appended_nodes_batch(first, hashes, &reader).map_err(Self::tree_err)?
+            // The earlier subtrees the new ones complete, read in one query.
+            merkle::fetch_ahead(&reader, |r| merkle::appended_nodes_batch(first, hashes, r))
+                .map_err(Self::tree_err)?
         };
         let mut levels = Vec::with_capacity(nodes.len());
         let mut idxs = Vec::with_capacity(nodes.len());
