@@ -556,36 +556,25 @@ impl PgStore {
         Ok(())
     }
 
-    /// Runs `f` in a transaction and commits, running it again (up to
-    /// [`MAX_RETRIES`] times) after a serialization failure or a deadlock.
+    /// Runs `f` in a transaction and commits, running it again like
+    /// [`PgStore::with_statement`].
     fn with_tx<T>(
         &self,
         mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut attempt = 0;
-        loop {
-            let result = (|| {
-                let mut conn = self.pool.get()?;
-                let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
-                let value = f(&mut tx)?;
-                tx.commit().map_err(|e| self.pg_err(e))?;
-                Ok(value)
-            })();
-            match result {
-                Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
-                    attempt += 1;
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                }
-                other => return other,
-            }
-        }
+        self.with_statement(|conn| {
+            let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+            let value = f(&mut tx)?;
+            tx.commit().map_err(|e| self.pg_err(e))?;
+            Ok(value)
+        })
     }
 
-    /// One statement on a pooled connection, in its own implicit
-    /// transaction (one round trip: no BEGIN or COMMIT of its own), run
-    /// again like [`PgStore::with_tx`]'s after a serialization failure or a
-    /// deadlock. For the migration's functions, which do a transaction's
-    /// work in one call.
+    /// Runs `f` on a pooled connection, again (up to [`MAX_RETRIES`] times)
+    /// after a serialization failure or a deadlock. Alone, for one
+    /// statement in its own implicit transaction (one round trip: no BEGIN
+    /// or COMMIT of its own), such as a call to one of migration 3's
+    /// functions, which do a transaction's work in one call.
     fn with_statement<T>(
         &self,
         mut f: impl FnMut(&mut postgres::Client) -> Result<T, StoreError>,
