@@ -54,11 +54,11 @@
 //! or by `lavd store migrate`. A database whose schema is newer than this
 //! binary is refused ([`StoreError::SchemaTooNew`]).
 //!
-//! Round trips: the three per-request writes outside the audit append
-//! (first-seen registration, reservation, checkpoint save) are PL/pgSQL
-//! functions from migration 3, one round trip each instead of a BEGIN, their
-//! statements and a COMMIT; the statements inside are the same, each with
-//! its own snapshot as before. Per-request statements are sent typed
+//! Round trips: the per-request writes (first-seen registration,
+//! reservation, checkpoint save, and the settle inside the audit append) are
+//! PL/pgSQL functions from migration 3, one round trip each instead of their
+//! statements (and, outside the append, a BEGIN and a COMMIT); the
+//! statements inside are the same, each with its own snapshot as before. Per-request statements are sent typed
 //! (`query_typed`/`execute_typed`): no separate prepare round trip.
 
 pub mod copy;
@@ -279,10 +279,10 @@ const MIGRATIONS: &[&str] = &[
     // trip: registration, reservation and checkpoint save instead of 4–7
     // each (BEGIN, their statements, COMMIT), and the settle inside the
     // append (under the head lock) instead of 3. The same statements as
-    // before, in the same order. In a
-    // volatile function each statement takes a new snapshot under READ
-    // COMMITTED, as separate statements did; a single statement with CTEs
-    // would not (its snapshot predates the row lock it waits for).
+    // before, in the same order. In a volatile function each statement
+    // takes a new snapshot under READ COMMITTED, as separate statements
+    // did; a single statement with CTEs would not (its snapshot predates
+    // the row lock it waits for).
     //
     // First seen, then urgent → full; `r_outcome` is `new`, `upgraded` or
     // `known` with the stored row, which the caller classifies.
@@ -557,12 +557,12 @@ impl PgStore {
     }
 
     /// Runs `f` in a transaction and commits, running it again like
-    /// [`PgStore::with_statement`].
+    /// [`PgStore::with_retries`].
     fn with_tx<T>(
         &self,
         mut f: impl FnMut(&mut Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        self.with_statement(|conn| {
+        self.with_retries(|conn| {
             let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
             let value = f(&mut tx)?;
             tx.commit().map_err(|e| self.pg_err(e))?;
@@ -571,11 +571,10 @@ impl PgStore {
     }
 
     /// Runs `f` on a pooled connection, again (up to [`MAX_RETRIES`] times)
-    /// after a serialization failure or a deadlock. Alone, for one
-    /// statement in its own implicit transaction (one round trip: no BEGIN
-    /// or COMMIT of its own), such as a call to one of migration 3's
-    /// functions, which do a transaction's work in one call.
-    fn with_statement<T>(
+    /// after a serialization failure or a deadlock. Used alone for one
+    /// statement in its own implicit transaction (one round trip, no BEGIN
+    /// or COMMIT): a call to one of migration 3's functions.
+    fn with_retries<T>(
         &self,
         mut f: impl FnMut(&mut postgres::Client) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
@@ -819,7 +818,7 @@ impl WarrantStore for PgStore {
         let seen = format_time(record.seen_at);
         // First seen (the primary key decides between racing replicas), then
         // the one-way urgent → full update: `lavd_register`, migration 3.
-        let row = self.with_statement(|c| {
+        let row = self.with_retries(|c| {
             c.query_typed_one(
                 "SELECT r_outcome, r_payload, r_normalized, r_emergency, r_max
                  FROM lavd_register($1, $2, $3, $4, $5, $6)",
@@ -869,7 +868,7 @@ impl WarrantStore for PgStore {
         let wanted = to_i64(n, "envelopes")?;
         // Under the warrant's row lock: revocation, expired leases dropped,
         // what is left granted (`lavd_reserve`, migration 3).
-        let row = self.with_statement(|c| {
+        let row = self.with_retries(|c| {
             c.query_typed_one(
                 "SELECT r_status, r_granted, r_token FROM lavd_reserve($1, $2, $3)",
                 &[
@@ -1360,7 +1359,7 @@ impl AuditStore for PgStore {
         // commit flushes it (see the trait).
         // One call (`lavd_save_checkpoint`, migration 3), which sets
         // `synchronous_commit = off` for its own implicit transaction.
-        self.with_statement(|c| {
+        self.with_retries(|c| {
             c.execute_typed(
                 "SELECT lavd_save_checkpoint($1, $2, $3)",
                 &[
