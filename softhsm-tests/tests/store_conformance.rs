@@ -72,6 +72,7 @@ conformance!(
     the_budget_is_exact_under_concurrent_replicas,
     a_settle_after_a_committed_revocation_opens_nothing,
     concurrent_appends_land_contiguously_in_one_log,
+    a_failed_batch_fails_alone_in_its_group,
     stored_roots_and_proofs_match_an_independent_tree,
     checkpoints_are_kept_by_size,
     cosignatures_are_kept_per_size_and_witness_and_read_newest_first,
@@ -502,6 +503,93 @@ fn concurrent_appends_land_contiguously_in_one_log(b: &Backend) {
     }
 }
 
+/// A batch that fails inside a group commit (its key already stored: on
+/// PostgreSQL a unique violation, which aborts the transaction up to its
+/// savepoint) fails alone. The batches before and after it in the same
+/// transaction land contiguously, the head and every subtree match an
+/// independent tree, and the failed batch leaves nothing.
+fn a_failed_batch_fails_alone_in_its_group(b: &Backend) {
+    let store = b.open();
+    store.insert_key(&key_record("dup")).unwrap();
+    let commits = store.audit_commits();
+    let (leader, rest) = std::thread::scope(|s| {
+        // The first append holds its transaction open in its hook, so the
+        // five after it queue and share the next transaction, in order.
+        let leader = s.spawn(|| {
+            store
+                .append_with(batch(vec![key_event(0)]), &mut |_| {
+                    std::thread::sleep(Duration::from_millis(600));
+                })
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        let handles: Vec<_> = (1..=5)
+            .map(|i| {
+                std::thread::sleep(Duration::from_millis(40));
+                let store = &store;
+                s.spawn(move || {
+                    let mut b = batch(vec![key_event(i), key_event(i)]);
+                    if i == 3 {
+                        b.spend = Spend::InsertKey(key_record("dup"));
+                    }
+                    store.append(b)
+                })
+            })
+            .collect();
+        let rest: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (leader.join().unwrap(), rest)
+    });
+    assert_eq!(
+        store.audit_commits() - commits,
+        2,
+        "one group after the leader's"
+    );
+    assert_eq!((leader.first_index, leader.count), (0, 1));
+    let mut expected_first = 1;
+    for (i, result) in (1..=5).zip(&rest) {
+        if i == 3 {
+            assert!(
+                matches!(result, Err(StoreError::DuplicateKid(k)) if k == "dup"),
+                "{result:?}"
+            );
+            continue;
+        }
+        let a = result.as_ref().unwrap();
+        assert_eq!(
+            (a.first_index, a.count, a.tree_size),
+            (expected_first, 2, 9)
+        );
+        expected_first += 2;
+    }
+    assert_eq!(store.tree_size().unwrap(), 9);
+    let kids: Vec<_> = store
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.kid)
+        .collect();
+    assert_eq!(kids, ["dup"]);
+    let mut memory = MemoryTree::new();
+    let mut generated = Vec::new();
+    for (index, leaf) in store.leaves(0, 9).unwrap() {
+        let v: serde_json::Value = serde_json::from_slice(&leaf).unwrap();
+        assert_eq!(v["seq"], index);
+        generated.push(v["kid"].as_str().unwrap().to_string());
+        memory.push_leaf(&leaf);
+    }
+    assert_eq!(
+        generated,
+        ["k0", "k1", "k1", "k2", "k2", "k4", "k4", "k5", "k5"]
+    );
+    assert_eq!(store.root(9).unwrap(), merkle::root(&memory, 9).unwrap());
+    for level in 0..=3u8 {
+        let expected: Vec<_> = (0..9u64 >> level)
+            .map(|i| merkle::HashReader::subtree(&memory, level, i).unwrap())
+            .collect();
+        assert_eq!(store.node_hashes(level, 0, 9 >> level).unwrap(), expected);
+    }
+}
+
 fn stored_roots_and_proofs_match_an_independent_tree(b: &Backend) {
     let replicas = b.replicas();
     let mut memory = MemoryTree::new();
@@ -719,6 +807,58 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
         ),
         "{e}"
     );
+}
+
+/// PostgreSQL answers COMMIT on a transaction that a failed statement
+/// aborted with a rollback, not an error. So a read that fails inside the
+/// append transaction's hook (the checkpoint's subtrees, which the hook may
+/// give up on and read again later) fails the append: its leaves were not
+/// written, and `Ok` would let a key go out unlogged. The read is made to
+/// fail with row-level security forced on `audit_nodes`, under a policy
+/// that raises while armed.
+#[test]
+fn postgres_a_read_that_failed_in_the_append_hook_fails_the_append() {
+    let db = TestDb::create();
+    let store = Store::open_settings(&StoreSettings::Postgres(db.settings())).unwrap();
+    store
+        .append(batch(vec![key_event(0), key_event(1)]))
+        .unwrap();
+    let mut outside = db.client();
+    outside
+        .batch_execute(
+            "CREATE TABLE test_armed (armed BOOLEAN NOT NULL);
+             CREATE FUNCTION test_read_check() RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF EXISTS (SELECT 1 FROM test_armed WHERE armed) THEN
+                     RAISE EXCEPTION 'test: reads of audit_nodes fail';
+                 END IF;
+                 RETURN TRUE;
+             END $$;
+             ALTER TABLE audit_nodes ENABLE ROW LEVEL SECURITY;
+             ALTER TABLE audit_nodes FORCE ROW LEVEL SECURITY;
+             CREATE POLICY test_read ON audit_nodes FOR SELECT USING (test_read_check());
+             CREATE POLICY test_write ON audit_nodes FOR INSERT WITH CHECK (TRUE);
+             INSERT INTO test_armed VALUES (TRUE);",
+        )
+        .unwrap();
+    let mut read = None;
+    let e = store
+        .append_with(batch(vec![key_event(2)]), &mut |tree| {
+            read = Some(tree.root());
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&e, StoreError::CommitFailed(m) if m.contains("aborted")),
+        "{e}"
+    );
+    assert!(
+        matches!(&read, Some(Err(StoreError::Postgres { .. }))),
+        "{read:?}"
+    );
+    outside.batch_execute("DELETE FROM test_armed").unwrap();
+    assert_eq!(store.tree_size().unwrap(), 2);
+    let a = store.append(batch(vec![key_event(3)])).unwrap();
+    assert_eq!((a.first_index, a.tree_size), (2, 3));
 }
 
 #[test]

@@ -223,7 +223,8 @@ impl PgStore {
             }
             let last = row.is_none();
             if chunk.len() == CHUNK || (last && !chunk.is_empty()) {
-                self.insert_leaves(tx, size, &chunk)?;
+                let hashes: Vec<_> = chunk.iter().map(|l| merkle::leaf_hash(l)).collect();
+                self.write_leaves(tx, size, &chunk, &hashes, None)?;
                 size += chunk.len() as u64;
                 chunk.clear();
             }
@@ -272,10 +273,7 @@ impl PgStore {
                 )));
             }
             let root = {
-                let reader = PgNodes {
-                    client: std::cell::RefCell::new(&mut *tx),
-                    store: self,
-                };
+                let reader = PgNodes::new(&mut *tx, self);
                 merkle::root(&reader, cp.size).map_err(Self::tree_err)?
             };
             if root != cp.root {
@@ -326,10 +324,7 @@ impl PgStore {
         drop(rows);
         drop(stmt);
         let root = {
-            let reader = PgNodes {
-                client: std::cell::RefCell::new(&mut *tx),
-                store: self,
-            };
+            let reader = PgNodes::new(&mut *tx, self);
             merkle::root(&reader, size).map_err(Self::tree_err)?
         };
         Ok(CopyReport {
@@ -341,23 +336,5 @@ impl PgStore {
             cosignatures,
             root,
         })
-    }
-
-    fn insert_leaves(
-        &self,
-        tx: &mut Transaction<'_>,
-        first: u64,
-        leaves: &[Vec<u8>],
-    ) -> Result<(), StoreError> {
-        let indices = (0..leaves.len() as u64)
-            .map(|i| i64::try_from(first + i).map_err(|_| StoreError::OutOfRange("audit index")))
-            .collect::<Result<Vec<_>, _>>()?;
-        tx.execute(
-            "INSERT INTO audit_leaves (idx, leaf) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
-            &[&indices, &leaves],
-        )
-        .map_err(|e| self.pg_err(e))?;
-        let hashes: Vec<_> = leaves.iter().map(|l| merkle::leaf_hash(l)).collect();
-        self.insert_nodes(tx, first, &hashes)
     }
 }

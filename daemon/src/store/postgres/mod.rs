@@ -59,7 +59,10 @@
 //! PL/pgSQL functions from migration 3, one round trip each instead of their
 //! statements (and, outside the append, a BEGIN and a COMMIT); the
 //! statements inside are the same, each with its own snapshot as before. Per-request statements are sent typed
-//! (`query_typed`/`execute_typed`): no separate prepare round trip.
+//! (`query_typed`/`execute_typed`): no separate prepare round trip. The
+//! append transaction locks the head and opens its first savepoint in one
+//! round trip (the simple-query protocol takes both), and writes a batch's
+//! leaves, subtree hashes and new head size in one statement.
 
 pub mod copy;
 mod pool;
@@ -951,6 +954,28 @@ impl WarrantStore for PgStore {
 struct PgNodes<'a, C> {
     client: RefCell<&'a mut C>,
     store: &'a PgStore,
+    /// The first statement that failed. Inside a transaction PostgreSQL has
+    /// then aborted it, and it answers a later COMMIT with a rollback, not
+    /// an error: a caller that went on after such a read must not commit.
+    failed: RefCell<Option<String>>,
+}
+
+impl<'a, C: GenericClient> PgNodes<'a, C> {
+    fn new(client: &'a mut C, store: &'a PgStore) -> Self {
+        PgNodes {
+            client: RefCell::new(client),
+            store,
+            failed: RefCell::new(None),
+        }
+    }
+
+    fn sql_err(&self, e: postgres::Error) -> StoreError {
+        let e = self.store.pg_err(e);
+        self.failed
+            .borrow_mut()
+            .get_or_insert_with(|| e.to_string());
+        e
+    }
 }
 
 impl<C: GenericClient> HashReader for PgNodes<'_, C> {
@@ -965,7 +990,7 @@ impl<C: GenericClient> HashReader for PgNodes<'_, C> {
                 "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
                 &[(&i16::from(level), Type::INT2), (&idx, Type::INT8)],
             )
-            .map_err(|e| self.store.pg_err(e))?;
+            .map_err(|e| self.sql_err(e))?;
         let hash: Vec<u8> = row
             .ok_or_else(|| {
                 self.store
@@ -1000,7 +1025,7 @@ impl<C: GenericClient> HashReader for PgNodes<'_, C> {
                  JOIN audit_nodes n ON n.level = w.level AND n.idx = w.idx",
                 &[(&levels, Type::INT2_ARRAY), (&idxs, Type::INT8_ARRAY)],
             )
-            .map_err(|e| self.store.pg_err(e))?;
+            .map_err(|e| self.sql_err(e))?;
         let mut found = Vec::with_capacity(rows.len());
         for row in rows {
             let level: i16 = row.try_get(0).map_err(|e| self.store.pg_err(e))?;
@@ -1071,7 +1096,6 @@ impl PgStore {
                 false
             }
         };
-        let mut indices = Vec::with_capacity(batch.events.len());
         let mut leaves = Vec::with_capacity(batch.events.len());
         let mut hashes = Vec::with_capacity(batch.events.len());
         for (i, event) in batch.events.iter().enumerate() {
@@ -1084,61 +1108,82 @@ impl PgStore {
                 .to_leaf(seq, batch.time)
                 .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
             hashes.push(merkle::leaf_hash(&leaf));
-            indices.push(i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?);
             leaves.push(leaf);
         }
-        tx.execute_typed(
-            "INSERT INTO audit_leaves (idx, leaf) SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])",
-            &[(&indices, Type::INT8_ARRAY), (&leaves, Type::BYTEA_ARRAY)],
-        )
-        .map_err(|e| self.pg_err(e))?;
-        self.insert_nodes(tx, first, &hashes)?;
+        self.write_leaves(
+            tx,
+            first,
+            &leaves,
+            &hashes,
+            Some(first + batch.events.len() as u64),
+        )?;
         Ok((newly_revoked, revoked.is_some()))
     }
 
-    /// Writes the subtree hashes that leaves `first..` (hashed as `hashes`)
-    /// complete, reading earlier ones through `tx`.
-    fn insert_nodes(
+    /// Writes leaves `first..` (hashed as `hashes`), the subtree hashes
+    /// they complete and, with `head`, the head's new size, in one statement
+    /// after at most one read (of the earlier subtrees, through `tx`).
+    fn write_leaves(
         &self,
         tx: &mut Transaction<'_>,
         first: u64,
+        leaves: &[Vec<u8>],
         hashes: &[Hash],
+        head: Option<u64>,
     ) -> Result<(), StoreError> {
+        let index = |i: u64| i64::try_from(i).map_err(|_| StoreError::OutOfRange("audit index"));
         let nodes = {
-            let reader = PgNodes {
-                client: RefCell::new(&mut *tx),
-                store: self,
-            };
-            // The earlier subtrees the new ones complete, read in one query.
+            let reader = PgNodes::new(&mut *tx, self);
             merkle::fetch_ahead(&reader, |r| merkle::appended_nodes_batch(first, hashes, r))
                 .map_err(Self::tree_err)?
         };
+        let indices = (first..first + leaves.len() as u64)
+            .map(index)
+            .collect::<Result<Vec<_>, _>>()?;
         let mut levels = Vec::with_capacity(nodes.len());
         let mut idxs = Vec::with_capacity(nodes.len());
         let mut node_hashes = Vec::with_capacity(nodes.len());
         for node in nodes {
             levels.push(i16::from(node.level));
-            idxs.push(
-                i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?,
-            );
+            idxs.push(index(node.index)?);
             node_hashes.push(node.hash.to_vec());
         }
+        let head = head
+            .map(|size| i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size")))
+            .transpose()?;
+        // Data-modifying CTEs run to completion whether or not the outer
+        // statement reads them.
         tx.execute_typed(
-            "INSERT INTO audit_nodes (level, idx, hash)
-             SELECT * FROM UNNEST($1::SMALLINT[], $2::BIGINT[], $3::BYTEA[])",
+            "WITH leaves AS (
+                 INSERT INTO audit_leaves (idx, leaf)
+                 SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])
+             ), head AS (
+                 UPDATE audit_head SET size = $6 WHERE id = 1 AND $6 IS NOT NULL
+             )
+             INSERT INTO audit_nodes (level, idx, hash)
+             SELECT * FROM UNNEST($3::SMALLINT[], $4::BIGINT[], $5::BYTEA[])",
             &[
+                (&indices, Type::INT8_ARRAY),
+                (&leaves, Type::BYTEA_ARRAY),
                 (&levels, Type::INT2_ARRAY),
                 (&idxs, Type::INT8_ARRAY),
                 (&node_hashes, Type::BYTEA_ARRAY),
+                (&head, Type::INT8),
             ],
         )
         .map_err(|e| self.pg_err(e))?;
         Ok(())
     }
 
-    /// One attempt at committing a group: every batch in its own savepoint,
-    /// the head advanced, `before_commit` called, one commit. `Err` means
-    /// nothing committed.
+    /// One attempt at committing a group: the head locked, every batch in
+    /// its own savepoint (each batch's write also advances the head, so a
+    /// batch rolled back takes its advance with it), `before_commit`
+    /// called, one commit. `Err` means nothing committed.
+    ///
+    /// Round trips for a group of one batch: BEGIN; the head lock and the
+    /// savepoint; the batch's spend; its leaves, nodes and head (one more
+    /// before it when a new node needs an earlier subtree); whatever the
+    /// hook reads; COMMIT.
     fn try_group(
         &self,
         group: &[Pending],
@@ -1146,19 +1191,14 @@ impl PgStore {
     ) -> Result<(u64, Vec<Result<Appended, StoreError>>), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
-        let mut size = self.size_in(&mut tx, true)?;
+        let mut size = self.lock_head_with_savepoint(&mut tx)?;
         let mut results = Vec::with_capacity(group.len());
-        for pending in group {
+        for (i, pending) in group.iter().enumerate() {
             let batch = pending.batch();
             let first = size;
             let count = batch.events.len() as u64;
-            let result = (|| {
-                let mut sp = tx.savepoint("batch").map_err(|e| self.pg_err(e))?;
-                let flags = self.append_in(&mut sp, batch, first)?;
-                sp.commit().map_err(|e| self.pg_err(e))?;
-                Ok(flags)
-            })();
-            match result {
+            let last = i + 1 == group.len();
+            match self.append_in(&mut tx, batch, first) {
                 Ok((newly_revoked, revoked_in_flight)) => {
                     size += count;
                     results.push(Ok(Appended {
@@ -1168,32 +1208,61 @@ impl PgStore {
                         newly_revoked,
                         revoked_in_flight,
                     }));
+                    // COMMIT keeps the last batch's savepoint's work.
+                    if !last {
+                        tx.batch_execute("RELEASE SAVEPOINT batch; SAVEPOINT batch")
+                            .map_err(|e| self.pg_err(e))?;
+                    }
                 }
                 // The whole group is run again.
                 Err(e) if retryable(&e) => return Err(e),
-                Err(e) => results.push(Err(e)),
+                Err(e) => {
+                    results.push(Err(e));
+                    // The savepoint stays, for the next batch.
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT batch")
+                        .map_err(|e| self.pg_err(e))?;
+                }
             }
         }
-        tx.execute_typed(
-            "UPDATE audit_head SET size = $1 WHERE id = 1",
-            &[(
-                &i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size"))?,
-                Type::INT8,
-            )],
-        )
-        .map_err(|e| self.pg_err(e))?;
         // The head lock is still held: the tree the hook sees is the one
         // this COMMIT makes, whatever other replicas append.
+        let nodes = PgNodes::new(&mut tx, self);
         before_commit(&Uncommitted {
             size,
-            nodes: &PgNodes {
-                client: RefCell::new(&mut tx),
-                store: self,
-            },
+            nodes: &nodes,
             queued: self.group.queued(),
         });
+        // The hook's own reads may fail (and it goes on: a checkpoint can
+        // be signed after the commit). One that failed aborted the
+        // transaction, and COMMIT would then roll it back, reporting
+        // success: the appends would be answered `Ok` unwritten.
+        if let Some(failed) = nodes.failed.into_inner() {
+            return Err(StoreError::CommitFailed(format!(
+                "a read inside the append transaction failed, so PostgreSQL aborted it: {failed}"
+            )));
+        }
         tx.commit().map_err(|e| self.pg_err(e))?;
         Ok((size, results))
+    }
+
+    /// Locks the head row, returns its size and opens the savepoint `batch`:
+    /// one round trip (the simple-query protocol takes several statements).
+    fn lock_head_with_savepoint(&self, tx: &mut Transaction<'_>) -> Result<u64, StoreError> {
+        let messages = tx
+            .simple_query("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch")
+            .map_err(|e| self.pg_err(e))?;
+        let size = messages
+            .iter()
+            .find_map(|m| match m {
+                postgres::SimpleQueryMessage::Row(row) => Some(row.get(0)),
+                _ => None,
+            })
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?
+            .ok_or_else(|| self.corrupt("audit_head.size is NULL"))?;
+        let size: i64 = size
+            .parse()
+            .map_err(|_| self.corrupt(format!("audit_head.size is {size:?}")))?;
+        self.to_u64(size, "audit_head.size")
     }
 
     fn commit_group(&self, group: Vec<Pending>, before_commit: &mut BeforeCommit<'_>) {
@@ -1243,10 +1312,7 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         self.read(|c| {
             let tree = self.size_in(c, false)?;
-            let reader = PgNodes {
-                client: RefCell::new(c),
-                store: self,
-            };
+            let reader = PgNodes::new(c, self);
             f(&reader, tree)
         })
     }
