@@ -1063,9 +1063,9 @@ impl PgStore {
         tree_error(e)
     }
 
-    /// Appends one batch inside `tx` (a savepoint of the group's
-    /// transaction, which holds the head lock). Returns `(newly_revoked,
-    /// revoked_in_flight)`.
+    /// Appends one batch inside `tx` (the group's transaction, which holds
+    /// the head lock, with the batch's savepoint open), its head update
+    /// included. Returns `(newly_revoked, revoked_in_flight)`.
     fn append_in(
         &self,
         tx: &mut Transaction<'_>,
