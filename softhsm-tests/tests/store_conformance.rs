@@ -704,6 +704,72 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
 
 // ---- PostgreSQL only -------------------------------------------------------
 
+/// SQLite rolls a whole transaction back by itself after some errors
+/// (`RAISE(ROLLBACK)` in a trigger, as here; also a full disk, an I/O
+/// error, an interrupt). A savepoint opened after that begins a new
+/// transaction, which its release commits on its own. So a group whose
+/// transaction SQLite rolled back fails whole, at once: the batch before
+/// the failed one is gone with it, and the batch after it is not written
+/// alone (which would leave a gap in the log, and spend budget for a batch
+/// answered as failed).
+#[test]
+fn sqlite_a_group_whose_transaction_sqlite_rolled_back_fails_whole() {
+    let b = Backend::sqlite();
+    let Backend::Sqlite(dir) = &b else {
+        unreachable!()
+    };
+    let store = b.open();
+    let outside = rusqlite::Connection::open(dir.path().join("lavd.db")).unwrap();
+    outside
+        .execute_batch(
+            "CREATE TRIGGER test_rollback BEFORE INSERT ON audit_leaves
+             WHEN instr(CAST(NEW.leaf AS TEXT), '\"kid\":\"k2\"') > 0
+             BEGIN SELECT RAISE(ROLLBACK, 'test: the whole transaction rolled back'); END;",
+        )
+        .unwrap();
+    let (leader, rest) = std::thread::scope(|s| {
+        // As in `a_failed_batch_fails_alone_in_its_group`: the three after
+        // the leader share one transaction, the second of them failing.
+        let leader = s.spawn(|| {
+            store
+                .append_with(batch(vec![key_event(0)]), &mut |_| {
+                    std::thread::sleep(Duration::from_millis(600));
+                })
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        let handles: Vec<_> = (1..=3)
+            .map(|i| {
+                std::thread::sleep(Duration::from_millis(40));
+                let store = &store;
+                // The third (at index 4, after 1 + 3) completes no subtree:
+                // written alone, it would need no read of the others.
+                let n = [3, 2, 1][i - 1];
+                s.spawn(move || store.append(batch(vec![key_event(i); n])))
+            })
+            .collect();
+        let rest: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (leader.join().unwrap(), rest)
+    });
+    assert_eq!((leader.first_index, leader.count), (0, 1));
+    for result in &rest {
+        assert!(
+            matches!(result, Err(StoreError::CommitFailed(m))
+                if m.contains("SQLite rolled the append transaction back")
+                    && m.contains("the whole transaction rolled back")),
+            "{result:?}"
+        );
+    }
+    assert_eq!(store.tree_size().unwrap(), 1);
+    outside.execute_batch("DROP TRIGGER test_rollback").unwrap();
+    let a = store.append(batch(vec![key_event(4)])).unwrap();
+    assert_eq!((a.first_index, a.tree_size), (1, 2));
+    for (index, leaf) in store.leaves(0, 2).unwrap() {
+        let v: serde_json::Value = serde_json::from_slice(&leaf).unwrap();
+        assert_eq!(v["seq"], index);
+    }
+}
+
 /// A replica killed between reserve and settle holds its units for the
 /// lease, no longer; and a settle that comes back after its lease expired
 /// and the units went to another request cannot overspend: the

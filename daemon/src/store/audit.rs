@@ -590,7 +590,20 @@ impl SqliteStore {
                             }),
                         ));
                     }
-                    Err(e) => done.push((pending, Err(e))),
+                    Err(e) => {
+                        // After some errors (a full disk, an I/O error, an
+                        // interrupt, a trigger's RAISE(ROLLBACK)) SQLite has
+                        // rolled the whole transaction back by itself. The
+                        // next batch's savepoint would then begin a new
+                        // transaction, committed alone at its release, after
+                        // a gap where this group's earlier batches were.
+                        if tx.is_autocommit() {
+                            let message = format!("SQLite rolled the append transaction back: {e}");
+                            done.push((pending, Err(e)));
+                            return Err(StoreError::CommitFailed(message));
+                        }
+                        done.push((pending, Err(e)));
+                    }
                 }
             }
             before_commit(&Uncommitted {
@@ -619,7 +632,10 @@ impl SqliteStore {
             }
             Err(e) => {
                 // Nothing committed: every batch fails, and gets its budget back.
-                let message = e.to_string();
+                let message = match e {
+                    StoreError::CommitFailed(message) => message,
+                    other => other.to_string(),
+                };
                 for pending in done.into_iter().map(|(p, _)| p).chain(queue) {
                     self.give_back_spend(conn, &pending.batch.spend);
                     pending.answer(Err(StoreError::CommitFailed(message.clone())));
