@@ -503,6 +503,37 @@ fn concurrent_appends_land_contiguously_in_one_log(b: &Backend) {
     }
 }
 
+/// Appends one leaf (index 0 on an empty log) whose commit holds its
+/// transaction open in its hook for 600 ms, and meanwhile `batches`, 40 ms
+/// apart: they queue, in order, and share the next transaction.
+fn in_one_group(
+    store: &Store,
+    batches: Vec<AuditAppend>,
+) -> (
+    lavd::store::Appended,
+    Vec<Result<lavd::store::Appended, StoreError>>,
+) {
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| {
+            store
+                .append_with(batch(vec![key_event(0)]), &mut |_| {
+                    std::thread::sleep(Duration::from_millis(600));
+                })
+                .unwrap()
+        });
+        std::thread::sleep(Duration::from_millis(150));
+        let handles: Vec<_> = batches
+            .into_iter()
+            .map(|b| {
+                std::thread::sleep(Duration::from_millis(40));
+                s.spawn(move || store.append(b))
+            })
+            .collect();
+        let rest = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        (leader.join().unwrap(), rest)
+    })
+}
+
 /// A batch that fails inside a group commit (its key already stored: on
 /// PostgreSQL a unique violation, which aborts the transaction up to its
 /// savepoint) fails alone. The batches before and after it in the same
@@ -512,33 +543,14 @@ fn a_failed_batch_fails_alone_in_its_group(b: &Backend) {
     let store = b.open();
     store.insert_key(&key_record("dup")).unwrap();
     let commits = store.audit_commits();
-    let (leader, rest) = std::thread::scope(|s| {
-        // The first append holds its transaction open in its hook, so the
-        // five after it queue and share the next transaction, in order.
-        let leader = s.spawn(|| {
-            store
-                .append_with(batch(vec![key_event(0)]), &mut |_| {
-                    std::thread::sleep(Duration::from_millis(600));
-                })
-                .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(150));
-        let handles: Vec<_> = (1..=5)
-            .map(|i| {
-                std::thread::sleep(Duration::from_millis(40));
-                let store = &store;
-                s.spawn(move || {
-                    let mut b = batch(vec![key_event(i), key_event(i)]);
-                    if i == 3 {
-                        b.spend = Spend::InsertKey(key_record("dup"));
-                    }
-                    store.append(b)
-                })
-            })
-            .collect();
-        let rest: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (leader.join().unwrap(), rest)
+    let batches = (1..=5).map(|i| {
+        let mut b = batch(vec![key_event(i), key_event(i)]);
+        if i == 3 {
+            b.spend = Spend::InsertKey(key_record("dup"));
+        }
+        b
     });
+    let (leader, rest) = in_one_group(&store, batches.collect());
     assert_eq!(
         store.audit_commits() - commits,
         2,
@@ -727,30 +739,10 @@ fn sqlite_a_group_whose_transaction_sqlite_rolled_back_fails_whole() {
              BEGIN SELECT RAISE(ROLLBACK, 'test: the whole transaction rolled back'); END;",
         )
         .unwrap();
-    let (leader, rest) = std::thread::scope(|s| {
-        // As in `a_failed_batch_fails_alone_in_its_group`: the three after
-        // the leader share one transaction, the second of them failing.
-        let leader = s.spawn(|| {
-            store
-                .append_with(batch(vec![key_event(0)]), &mut |_| {
-                    std::thread::sleep(Duration::from_millis(600));
-                })
-                .unwrap()
-        });
-        std::thread::sleep(Duration::from_millis(150));
-        let handles: Vec<_> = (1..=3)
-            .map(|i| {
-                std::thread::sleep(Duration::from_millis(40));
-                let store = &store;
-                // The third (at index 4, after 1 + 3) completes no subtree:
-                // written alone, it would need no read of the others.
-                let n = [3, 2, 1][i - 1];
-                s.spawn(move || store.append(batch(vec![key_event(i); n])))
-            })
-            .collect();
-        let rest: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        (leader.join().unwrap(), rest)
-    });
+    // The third batch (at index 4, after 1 + 3) completes no subtree:
+    // written alone, it would need no read of the others.
+    let batches = [3, 2, 1].map(|n| batch(vec![key_event(4 - n); n]));
+    let (leader, rest) = in_one_group(&store, batches.into());
     assert_eq!((leader.first_index, leader.count), (0, 1));
     for result in &rest {
         assert!(
