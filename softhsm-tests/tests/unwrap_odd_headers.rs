@@ -81,10 +81,13 @@ fn an_odd_kid_is_denied_and_the_rest_of_the_batch_opens() {
     // The trigger: max_unwraps = 1, [kid "2026 12", good].
     let one = vault::double_lock(&vault::claims("W-ONE", recipient.public(), 1));
     let odd = with_header(&seal("x"), &header("2026 12", TARGET));
+    // Sealed once: the header carries the time to the second, and the
+    // reply's result is bound to the header that was sent.
+    let good = seal("a");
     let r = vault::post(
         &c.agency,
         "/v1/unwrap",
-        &serde_json::json!({"warrant": one, "envelopes": [odd, seal("a")]}),
+        &serde_json::json!({"warrant": one, "envelopes": [odd, good]}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let reply = r.json();
@@ -98,7 +101,7 @@ fn an_odd_kid_is_denied_and_the_rest_of_the_batch_opens() {
     );
     assert_eq!(spent(&t, "W-ONE"), 1);
     // The good envelope's DEK is released to the recipient.
-    let headers = vault::headers(&[odd, seal("a")]);
+    let headers = vault::headers(&[odd, good]);
     let opened = lavd::envelope::reply::open_reply(&recipient, &headers, &r.body).unwrap();
     assert!(matches!(
         &opened.results[1].outcome,
