@@ -374,6 +374,31 @@ impl Pending {
     }
 }
 
+impl Drop for Pending {
+    /// A batch dropped unanswered (the commit that carried it panicked)
+    /// fails, so that its caller neither waits forever nor takes it as
+    /// written.
+    fn drop(&mut self) {
+        let mut slot = lock(&self.slot);
+        if slot.is_none() {
+            *slot = Some(Err(StoreError::CommitFailed(
+                "the group commit that carried this batch ended without an answer".into(),
+            )));
+        }
+    }
+}
+
+/// The leader's turn: ended when dropped, also when its commit panics, so
+/// that the callers queued behind it can form the next group.
+struct Leading<'a>(&'a GroupCommit);
+
+impl Drop for Leading<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).leader = false;
+        self.0.finished.notify_all();
+    }
+}
+
 impl GroupCommit {
     /// Queues `batch` and waits for its result. Whichever caller finds no
     /// commit running becomes the leader and calls `commit` with every batch
@@ -405,10 +430,10 @@ impl GroupCommit {
             state.leader = true;
             let batches = std::mem::take(&mut state.queue);
             drop(state);
+            let leading = Leading(self);
             commit(batches);
+            drop(leading);
             state = lock(&self.state);
-            state.leader = false;
-            self.finished.notify_all();
         }
     }
 
@@ -555,8 +580,8 @@ impl SqliteStore {
             Vec::with_capacity(group.len());
         // Outside the transaction closure, so that a group that fails before
         // its first batch (BEGIN IMMEDIATE busy past the timeout) still
-        // answers every caller below; dropped unanswered, they would wait
-        // forever.
+        // answers every caller below, with the cause and its budget given
+        // back (dropped unanswered, they would get only a generic error).
         let mut queue = group.into_iter();
         let outcome = (|| -> Result<u64, StoreError> {
             // Every append is flushed before it returns, whatever an
@@ -916,5 +941,68 @@ impl AuditStore for SqliteStore {
 
     fn audit_commits(&self) -> u64 {
         self.group.commits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::panic::AssertUnwindSafe;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn empty() -> AuditAppend {
+        AuditAppend {
+            events: Vec::new(),
+            time: time::OffsetDateTime::UNIX_EPOCH,
+            spend: Spend::None,
+        }
+    }
+
+    fn written(pending: &Pending) {
+        pending.answer(Ok(Appended {
+            first_index: 0,
+            count: 0,
+            tree_size: 0,
+            newly_revoked: false,
+            revoked_in_flight: false,
+        }));
+    }
+
+    /// A commit that panics (a bug; release builds check overflow) fails
+    /// every batch of its group, and the next group still commits: no
+    /// caller waits forever behind it. (Threads are not joined, so that a
+    /// caller stuck forever fails the test instead of hanging it.)
+    #[test]
+    fn a_commit_that_panics_fails_its_group_and_the_next_one_commits() {
+        let group = Arc::new(GroupCommit::default());
+        let (done, results) = mpsc::channel();
+        // The first leader holds its commit while two more queue; they form
+        // the next group, whose commit panics.
+        let g = group.clone();
+        std::thread::spawn(move || {
+            g.submit(empty(), |batches| {
+                std::thread::sleep(Duration::from_millis(300));
+                batches.iter().for_each(written);
+            })
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        for _ in 0..2 {
+            let (g, done) = (group.clone(), done.clone());
+            std::thread::spawn(move || {
+                let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                    g.submit(empty(), |_| panic!("a bug in the commit"))
+                }));
+                done.send(result.map(|r| r.is_ok()).ok()).unwrap();
+            });
+        }
+        // The second group's leader panicked; the other caller got an error.
+        let mut outcomes: Vec<_> = (0..2)
+            .map(|_| results.recv_timeout(Duration::from_secs(5)).unwrap())
+            .collect();
+        outcomes.sort();
+        assert_eq!(outcomes, [None, Some(false)]);
+        let result = group.submit(empty(), |batches| batches.iter().for_each(written));
+        assert!(result.is_ok(), "{result:?}");
     }
 }
