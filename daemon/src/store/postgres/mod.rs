@@ -58,11 +58,12 @@
 //! reservation, checkpoint save, and the settle inside the audit append) are
 //! PL/pgSQL functions from migration 3, one round trip each instead of their
 //! statements (and, outside the append, a BEGIN and a COMMIT); the
-//! statements inside are the same, each with its own snapshot as before. Per-request statements are sent typed
-//! (`query_typed`/`execute_typed`): no separate prepare round trip. The
-//! append transaction locks the head and opens its first savepoint in one
-//! round trip (the simple-query protocol takes both), and writes a batch's
-//! leaves, subtree hashes and new head size in one statement.
+//! statements inside are the same, each with its own snapshot as before.
+//! Per-request statements are sent typed (`query_typed`/`execute_typed`):
+//! no separate prepare round trip. The append transaction locks the head and
+//! opens its first savepoint in one round trip (the simple-query protocol
+//! takes both), and writes a batch's leaves, subtree hashes and new head
+//! size in one statement.
 
 pub mod copy;
 mod pool;
