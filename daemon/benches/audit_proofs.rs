@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use lavd::audit::leaf::{Event, KeyGenerated};
+use lavd::audit::leaf::{Digest, Event, Unwrap, UnwrapOutcome, WarrantRef};
 use lavd::audit::merkle;
 use lavd::store::{AuditAppend, AuditStore, Spend, Store};
 
@@ -26,12 +26,18 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = Store::open(&dir.path().join("bench.db")).expect("store");
     let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").expect("time");
-    let event: Event = KeyGenerated::new(
-        "2026-12",
-        t0,
-        t0 + time::Duration::days(31),
-        t0 + time::Duration::days(400),
-        None,
+    // What a deployed log mostly holds: unwrap leaves, one an envelope.
+    let warrant = WarrantRef {
+        id: "BENCH-1",
+        digest: Digest::of_warrant_payload(b"payload"),
+        emergency: false,
+    };
+    let event: Event = Unwrap::new(
+        "spiffe://agency.example/lea",
+        &warrant,
+        Some("2026-12"),
+        Some(Digest::of_envelope(b"{}", &[4; 65])),
+        UnwrapOutcome::Opened,
     )
     .expect("event")
     .into();

@@ -851,12 +851,21 @@ impl Event {
     }
 
     /// The canonical leaf bytes of this event at index `seq`, recorded at
-    /// `time` (to the second). The store calls this inside the transaction
-    /// that assigns `seq`.
+    /// `time` (to the second).
     ///
     /// # Errors
     /// [`LeafError::TooLarge`]; [`LeafError::Encode`] (not expected).
     pub fn to_leaf(&self, seq: u64, time: OffsetDateTime) -> Result<Vec<u8>, LeafError> {
+        self.to_leaf_at(seq, &LeafTime::new(time))
+    }
+
+    /// [`Event::to_leaf`] with the time already formatted: the store
+    /// formats a batch's one time once for all its leaves, inside the
+    /// transaction that assigns `seq`.
+    ///
+    /// # Errors
+    /// As [`Event::to_leaf`].
+    pub fn to_leaf_at(&self, seq: u64, time: &LeafTime) -> Result<Vec<u8>, LeafError> {
         let mut map = match self {
             Self::Unwrap(e) => object(e)?,
             Self::WarrantRefused(e) => object(e)?,
@@ -866,7 +875,7 @@ impl Event {
             Self::AuthoritiesLoaded(e) => object(e)?,
         };
         map.insert("seq".into(), Value::from(seq));
-        map.insert("time".into(), Value::String(codec::format_time(time)));
+        map.insert("time".into(), Value::String(time.0.clone()));
         map.insert("event".into(), Value::String(self.name().into()));
         let bytes = serde_json::to_vec(&Value::Object(map))
             .map_err(|e| LeafError::Encode(e.to_string()))?;
@@ -874,6 +883,17 @@ impl Event {
             return Err(LeafError::TooLarge);
         }
         Ok(bytes)
+    }
+}
+
+/// A leaf's `time` field, formatted (RFC 3339, UTC, to the second).
+#[derive(Debug, Clone)]
+pub struct LeafTime(String);
+
+impl LeafTime {
+    /// `time`, as every leaf recorded at it says it.
+    pub fn new(time: OffsetDateTime) -> Self {
+        Self(codec::format_time(time))
     }
 }
 

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use time::OffsetDateTime;
 
 use super::{KeyRecord, Reservation, Revocation, SqliteStore, StoreError};
-use crate::audit::leaf::{DenyReason, Event};
+use crate::audit::leaf::{DenyReason, Event, LeafTime};
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
 
@@ -210,6 +210,32 @@ pub(super) fn tree_error(e: TreeError<StoreError>) -> StoreError {
         TreeError::Reader(e) => e,
         other => StoreError::BadProofRequest(other.to_string()),
     }
+}
+
+/// The leaves of `batch` from index `first`, and their RFC 6962 leaf
+/// hashes, as both stores write them; the batch's time is formatted once.
+/// With `revoked` (the warrant whose revocation the batch's settle found),
+/// that warrant's unwraps that would say `opened` say denied
+/// `warrant_revoked`.
+pub(super) fn encode_leaves(
+    batch: &AuditAppend,
+    first: u64,
+    revoked: Option<&str>,
+) -> Result<(Vec<Vec<u8>>, Vec<Hash>), StoreError> {
+    let time = LeafTime::new(batch.time);
+    let mut leaves = Vec::with_capacity(batch.events.len());
+    let mut hashes = Vec::with_capacity(batch.events.len());
+    for (i, event) in batch.events.iter().enumerate() {
+        let denied = revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
+        let leaf = denied
+            .as_ref()
+            .unwrap_or(event)
+            .to_leaf_at(first + i as u64, &time)
+            .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
+        hashes.push(merkle::leaf_hash(&leaf));
+        leaves.push(leaf);
+    }
+    Ok((leaves, hashes))
 }
 
 /// Audit log storage.
@@ -534,21 +560,15 @@ impl SqliteStore {
                 false
             }
         };
-        let mut hashes = Vec::with_capacity(batch.events.len());
-        for (i, event) in batch.events.iter().enumerate() {
-            let seq = first + i as u64;
-            let denied =
-                revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
-            let leaf = denied
-                .as_ref()
-                .unwrap_or(event)
-                .to_leaf(seq, batch.time)
-                .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
-            let idx = i64::try_from(seq).map_err(|_| StoreError::OutOfRange("audit index"))?;
-            conn.prepare_cached("INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)")
-                .and_then(|mut s| s.execute(params![idx, leaf]))
+        let (leaves, hashes) = encode_leaves(batch, first, revoked)?;
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let mut insert = conn
+            .prepare_cached("INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)")
+            .map_err(|e| self.sqlite_err(e))?;
+        for (seq, leaf) in (first..).zip(&leaves) {
+            insert
+                .execute(params![to_i(seq)?, leaf])
                 .map_err(|e| self.sqlite_err(e))?;
-            hashes.push(merkle::leaf_hash(&leaf));
         }
         let reader = SqlNodes { conn, store: self };
         let nodes = merkle::appended_nodes_batch(first, &hashes, &reader).map_err(tree_error)?;
@@ -557,11 +577,7 @@ impl SqliteStore {
             .map_err(|e| self.sqlite_err(e))?;
         for node in nodes {
             insert
-                .execute(params![
-                    node.level,
-                    i64::try_from(node.index).map_err(|_| StoreError::OutOfRange("audit index"))?,
-                    node.hash.as_slice()
-                ])
+                .execute(params![node.level, to_i(node.index)?, node.hash.as_slice()])
                 .map_err(|e| self.sqlite_err(e))?;
         }
         Ok((newly_revoked, revoked.is_some()))

@@ -80,13 +80,12 @@ use postgres::{GenericClient, Transaction};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::audit::{tree_error, BeforeCommit, GroupCommit, Pending, Uncommitted};
+use super::audit::{encode_leaves, tree_error, BeforeCommit, GroupCommit, Pending, Uncommitted};
 use super::warrants::to_i64;
 use super::{
     Appended, AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, Registration, Reservation,
     Revocation, Spend, StoreError, WarrantRecord, WarrantStore,
 };
-use crate::audit::leaf::DenyReason;
 use crate::audit::merkle::{self, Hash, HashReader, NodeId, TreeError};
 use crate::codec::{format_time, parse_time};
 use crate::jwk::P256PublicKey;
@@ -1097,20 +1096,7 @@ impl PgStore {
                 false
             }
         };
-        let mut leaves = Vec::with_capacity(batch.events.len());
-        let mut hashes = Vec::with_capacity(batch.events.len());
-        for (i, event) in batch.events.iter().enumerate() {
-            let seq = first + i as u64;
-            let denied =
-                revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
-            let leaf = denied
-                .as_ref()
-                .unwrap_or(event)
-                .to_leaf(seq, batch.time)
-                .map_err(|e| StoreError::BadLeaf(e.to_string()))?;
-            hashes.push(merkle::leaf_hash(&leaf));
-            leaves.push(leaf);
-        }
+        let (leaves, hashes) = encode_leaves(batch, first, revoked)?;
         self.write_leaves(
             tx,
             first,
