@@ -164,7 +164,9 @@ pub fn harness() -> &'static Harness {
                 .arg(label)
                 .args(["--pin", PIN, "--so-pin", SO_PIN])
                 .output()
-                .expect("softhsm2-util (apt-get install softhsm2)");
+                .unwrap_or_else(|e| {
+                    panic!("softhsm2-util ({e}): run .ci/setup, which installs SoftHSM 2")
+                });
             assert!(out.status.success(), "softhsm2-util: {out:?}");
         }
         // Before any PKCS#11 call in this process: SoftHSM reads it once.

@@ -3,8 +3,12 @@
 //! something on a shared, noisy host.
 //!
 //! ```sh
-//! cargo run --release -p softhsm-tests --bin lavd-bench -- [--quick] [--only PARTS] [--pool N] [--json FILE]
+//! .ci/bench [--quick] [--only PARTS] [--pool N] [--json FILE]
 //! ```
+//!
+//! `.ci/bench` installs what this needs (`.ci/setup --bench`), then runs
+//! `cargo run --locked --release -p softhsm-tests --bin lavd-bench --` with
+//! the arguments.
 //!
 //! It prints a markdown table and writes the same figures as JSON (default
 //! `lavd-bench.json` in `$CARGO_TARGET_DIR`, else in `target/`), with the
@@ -40,7 +44,7 @@
 //!   each call (`delay_us`, for comparison);
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
-//!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --tests`
+//!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --bench`
 //!   installs and starts);
 //! - (i) single-envelope p50/p99 at 1 client without witnesses, and with
 //!   `release_after_witness` and 1 and 2 local `lavd witness serve`
