@@ -707,9 +707,6 @@ fn main() -> std::process::ExitCode {
             |v| v[0] / 1e3 / (1000.0 / v[1]),
             "(the module's own limit)",
         ),
-        // The same with the delay added before each call, SoftHSM's work
-        // after it on this machine's two cores (the figure before
-        // 2026-12-02 17:00).
         // What the host's timer alone costs a call: 16 sessions through
         // the module making calls that do no work. The batch cannot beat
         // this ratio.
@@ -719,6 +716,9 @@ fn main() -> std::process::ExitCode {
             |v| v[0] / (SHIM_DELAY_US as f64 / 1e3),
             "(for comparison)",
         ),
+        // The same with the delay added before each call, SoftHSM's work
+        // after it on this machine's two cores (the figure before
+        // 2026-12-02 17:00).
         (
             "(g), 1 ms added to each call: batch time / ideal",
             &[G_ADDED.batch_row, G_IDEAL],
