@@ -20,7 +20,9 @@ fn host() -> String {
     std::env::var("LAVD_TEST_PG_HOST").unwrap_or_else(|_| "127.0.0.1".into())
 }
 
-fn port() -> u16 {
+/// The port of the shared server the tests use (`LAVD_TEST_PG_PORT`,
+/// default 5432); `.ci/setup` starts the cluster on the same one.
+pub fn port() -> u16 {
     std::env::var("LAVD_TEST_PG_PORT")
         .ok()
         .and_then(|p| p.parse().ok())

@@ -1,10 +1,10 @@
 //! A PostgreSQL cluster of the tests' own, for the tests that stop and
 //! restart their server: `<version> store_faults` on port 5439. The
 //! shared cluster (`main`, which every other test uses at the same time)
-//! is never touched. It stays online after the tests: `.ci/setup` looks
-//! for the cluster on the tests' port (5432), not for any online one. The
-//! name sorts after `main`, so a tool that takes the first cluster
-//! `pg_lsclusters` lists (`replicas_db_restart.rs`) still finds `main`.
+//! is never touched. It stays online after the tests: `.ci/setup` and
+//! `replicas_db_restart.rs` find the shared cluster by the tests' port
+//! ([`crate::pg::port`], 5432 by default), not as the first or any online
+//! cluster.
 //!
 //! [`ensure`] creates it on first use (`pg_createcluster`, as root or
 //! through `sudo -n`; Debian's `postgresql` package, which `.ci/setup

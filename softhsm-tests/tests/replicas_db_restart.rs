@@ -16,18 +16,20 @@ use std::time::{Duration, Instant};
 use softhsm_tests::replicas::{Cluster, REPLICAS};
 use softhsm_tests::vault;
 
-/// `(version, name)` of the first cluster `pg_lsclusters` lists.
+/// `(version, name)` of the cluster the tests' databases live on: the one
+/// on [`softhsm_tests::pg::port`], as `.ci/setup` picks it.
 fn cluster() -> (String, String) {
     let out = Command::new("pg_lsclusters")
         .arg("-h")
         .output()
         .expect("pg_lsclusters (run .ci/setup --tests)");
     let text = String::from_utf8(out.stdout).unwrap();
-    let mut words = text.lines().next().expect("a cluster").split_whitespace();
-    (
-        words.next().unwrap().to_string(),
-        words.next().unwrap().to_string(),
-    )
+    let port = softhsm_tests::pg::port().to_string();
+    text.lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.len() >= 3 && w[2] == port)
+        .map(|w| (w[0].to_string(), w[1].to_string()))
+        .unwrap_or_else(|| panic!("no PostgreSQL cluster on port {port}: {text}"))
 }
 
 fn pg_ctl(action: &str) {
