@@ -31,6 +31,9 @@
 //!   signature in the HSM (which every reply's checkpoint needs), and the
 //!   same request made one byte too long, refused before any work (the
 //!   round trip every request pays: mTLS, HTTP, routing, the blocking pool);
+//!   and, from the daemon's own histograms over the 1-client requests, the
+//!   mean time from request head to response, of its HSM derive, of its
+//!   checkpoint signature and of its audit append transaction;
 //! - (e) the daemon's peak RSS (`VmHWM`) under (c)'s largest load, 16
 //!   clients × 1000 envelopes, on a fresh daemon (the target), and after
 //!   all of (c) on the daemon that ran it (which also holds SoftHSM's own
@@ -260,7 +263,9 @@ fn main() -> std::process::ExitCode {
             let single = unwrap_body(&warrant, &envelope_json[..1]);
             let requests = latency_requests(&options);
             for clients in [1usize, 8] {
-                let (p50, p99) = latency(std::slice::from_ref(&agency), &single, clients, requests);
+                let before = (clients == 1).then(|| DaemonMeans::read(&daemon));
+                let Latency { p50, p99, mean } =
+                    latency(std::slice::from_ref(&agency), &single, clients, requests);
                 report.row(
                     "d",
                     &format!("single-envelope p50, {clients} client(s)"),
@@ -273,6 +278,20 @@ fn main() -> std::process::ExitCode {
                     p99 * 1e3,
                     "ms",
                 );
+                if let Some(before) = before {
+                    // Where the time of the 1-client requests went inside
+                    // the daemon, from its own histograms: means, so
+                    // beside the client's mean.
+                    report.row("d", "single-envelope mean, 1 client(s)", mean * 1e3, "ms");
+                    for (what, mean) in DaemonMeans::read(&daemon).since(&before) {
+                        report.row(
+                            "d",
+                            &format!("inside the daemon, 1 client (mean): {what}"),
+                            mean * 1e3,
+                            "ms",
+                        );
+                    }
+                }
             }
             // The floor under any unwrap's latency: the same request, one
             // byte longer, refused as malformed on the blocking thread
@@ -281,8 +300,8 @@ fn main() -> std::process::ExitCode {
             // and both ends' own work.
             let mut refused = single.clone();
             refused.push(b'x');
-            let (floor, _) = latency_of(std::slice::from_ref(&agency), &refused, 400, 1, requests);
-            report.row("d", D_FLOOR, floor * 1e3, "ms");
+            let floor = latency_of(std::slice::from_ref(&agency), &refused, 400, 1, requests);
+            report.row("d", D_FLOOR, floor.p50 * 1e3, "ms");
             let derive = {
                 let raw = Raw::new(pkcs11, &token, 1);
                 let n = if options.quick { 100 } else { 2000 };
@@ -577,7 +596,8 @@ fn main() -> std::process::ExitCode {
             let rate = unwrap_rate(&agencies, &body, 1000, 4 * replicas, options.seconds());
             let commit_rate = (commits() - before) / started.elapsed().as_secs_f64();
             let single = unwrap_body(&warrant, &envelopes[..1]);
-            let (p50, p99) = latency(&agencies, &single, replicas, latency_requests(&options));
+            let Latency { p50, p99, .. } =
+                latency(&agencies, &single, replicas, latency_requests(&options));
             report.row(
                 "h",
                 &format!("{label}: /v1/unwrap, batch 1000"),
@@ -638,7 +658,7 @@ fn main() -> std::process::ExitCode {
             let envelope: serde_json::Value =
                 serde_json::from_str(&sealed(&log.escrow, 1)[0].to_json()).expect("json");
             let single = unwrap_body(&big_warrant("BENCH-I"), &[envelope]);
-            let (p50, p99) = latency(
+            let Latency { p50, p99, .. } = latency(
                 std::slice::from_ref(&agency),
                 &single,
                 1,
@@ -870,6 +890,67 @@ const D_SIGN: &str = "one checkpoint signature, Ed25519 in the HSM (mean, 1 sess
 const D_SIGN_SPACED: &str =
     "one checkpoint signature, Ed25519 in the HSM, 1 ms apart (median, 1 session)";
 
+/// The daemon's histograms that split (d)'s time: what each measures, and
+/// its series (name and labels, as `/metrics` prints them).
+const D_INSIDE: [(&str, &str, &str); 4] = [
+    (
+        "request, head to response",
+        "lavd_http_request_duration_seconds",
+        "{route=\"/v1/unwrap\"}",
+    ),
+    (
+        "HSM derive (ecdh_derive, on its worker)",
+        "lavd_hsm_operation_duration_seconds",
+        "{op=\"ecdh_derive\",result=\"ok\"}",
+    ),
+    (
+        "checkpoint signature (sign_ed25519, on its worker)",
+        "lavd_hsm_operation_duration_seconds",
+        "{op=\"sign_ed25519\",result=\"ok\"}",
+    ),
+    (
+        "audit append transaction, fsync included",
+        "lavd_store_commit_duration_seconds",
+        "{op=\"audit_append\"}",
+    ),
+];
+
+/// The sums and counts of [`D_INSIDE`]'s histograms at one moment.
+struct DaemonMeans(Vec<(f64, f64)>);
+
+impl DaemonMeans {
+    fn read(daemon: &Daemon) -> Self {
+        Self(
+            D_INSIDE
+                .iter()
+                .map(|(_, name, labels)| {
+                    (
+                        daemon.metric(&format!("{name}_sum{labels}")),
+                        daemon.metric(&format!("{name}_count{labels}")),
+                    )
+                })
+                .collect(),
+        )
+    }
+
+    /// The mean of each histogram's observations since `before`, in
+    /// seconds. Every one of them observes each 1-client request, so one
+    /// that observed nothing (a renamed series) stops the run.
+    fn since(&self, before: &Self) -> Vec<(&'static str, f64)> {
+        D_INSIDE
+            .iter()
+            .zip(self.0.iter().zip(&before.0))
+            .map(|((what, name, labels), ((sum, count), (sum0, count0)))| {
+                assert!(
+                    count > count0,
+                    "the daemon's {name}{labels} observed nothing during (d)"
+                );
+                (*what, (sum - sum0) / (count - count0))
+            })
+            .collect()
+    }
+}
+
 /// (a) on one session per core, measured between (c)'s batch-1000 runs.
 fn a_beside_row(cores: usize) -> String {
     format!(
@@ -972,10 +1053,17 @@ fn unwrap_rate(
     envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-/// p50 and p99 in seconds of `requests` single-envelope unwraps per client,
-/// `clients` at once, each on its own kept-alive connection to one of
-/// `agencies` (round robin).
-fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) -> (f64, f64) {
+/// The latency of timed requests, in seconds.
+struct Latency {
+    p50: f64,
+    p99: f64,
+    mean: f64,
+}
+
+/// The latency of `requests` single-envelope unwraps per client, `clients`
+/// at once, each on its own kept-alive connection to one of `agencies`
+/// (round robin).
+fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) -> Latency {
     latency_of(agencies, body, 200, clients, requests)
 }
 
@@ -986,7 +1074,7 @@ fn latency_of(
     status: u16,
     clients: usize,
     requests: usize,
-) -> (f64, f64) {
+) -> Latency {
     let mut all: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
             .map(|i| {
@@ -1019,7 +1107,11 @@ fn latency_of(
     });
     all.sort_by(f64::total_cmp);
     let at = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-    (at(0.50), at(0.99))
+    Latency {
+        p50: at(0.50),
+        p99: at(0.99),
+        mean: all.iter().sum::<f64>() / all.len() as f64,
+    }
 }
 
 /// This program's own sessions on `token` (through `pkcs11`), one per
