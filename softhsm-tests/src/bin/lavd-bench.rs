@@ -1339,6 +1339,31 @@ fn peak_rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// Whether `value` meets `wanted` ("≥ 0.85", "≤ 1.5"), on the exact value;
+/// `None` for a ratio printed for comparison, with no target.
+fn met(value: f64, wanted: &str) -> Option<bool> {
+    let bound = |n: &str| -> f64 { n.parse().expect("a target's bound is a number") };
+    match wanted.strip_prefix("≥ ") {
+        Some(n) => Some(value >= bound(n)),
+        None => wanted.strip_prefix("≤ ").map(|n| value <= bound(n)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::met;
+
+    #[test]
+    fn a_target_is_judged_on_the_exact_ratio_not_the_printed_one() {
+        assert_eq!(met(0.8469, "≥ 0.85"), Some(false));
+        assert_eq!(met(0.85, "≥ 0.85"), Some(true));
+        assert_eq!(met(1.5001, "≤ 1.5"), Some(false));
+        assert_eq!(met(0.70, "≤ 1"), Some(true));
+        assert_eq!(met(1.09, "(the module's own limit)"), None);
+        assert_eq!(met(1.29, "(for comparison)"), None);
+    }
+}
+
 #[derive(Default)]
 struct Report {
     rows: Vec<(String, String, f64, String)>,
@@ -1388,9 +1413,16 @@ impl Report {
             let digits = if *unit == "ms" { 2 } else { 1 };
             println!("| ({part}) | {what} | {value:.digits$} | {unit} |");
         }
-        println!("\n| target | ratio | wanted |\n|---|---:|---|");
+        // Three decimals, and whether the target is met judged on the
+        // exact value: 0.847 printed as 0.85 beside "≥ 0.85" reads as met.
+        println!("\n| target | ratio | wanted | met |\n|---|---:|---|---|");
         for (what, value, target) in &self.ratios {
-            println!("| {what} | {value:.2} | {target} |");
+            let met = match met(*value, target) {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            };
+            println!("| {what} | {value:.3} | {target} | {met} |");
         }
     }
 
@@ -1403,7 +1435,9 @@ impl Report {
         let ratios: Vec<_> = self
             .ratios
             .iter()
-            .map(|(what, value, target)| json!({"ratio": what, "value": value, "wanted": target}))
+            .map(|(what, value, target)| {
+                json!({"ratio": what, "value": value, "wanted": target, "met": met(*value, target)})
+            })
             .collect();
         let notes: serde_json::Map<_, _> = self
             .notes
