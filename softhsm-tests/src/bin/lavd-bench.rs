@@ -88,7 +88,7 @@ use lavd::envelope::{open_envelope, seal_envelope, Envelope, HeaderBuilder};
 use lavd::hsm::Hsm;
 use lavd::jwk::P256PublicKey;
 use serde_json::json;
-use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki, Response};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::witness::Witness;
 use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
@@ -531,7 +531,7 @@ fn main() -> std::process::ExitCode {
                         .request("POST", "/v1/unwrap", &[], Some(&body))
                         .expect("unwrap");
                     let t = started.elapsed().as_secs_f64();
-                    assert_eq!(r.status, 200, "{}", r.text());
+                    assert_opened(&r, 1000);
                     t
                 })
                 .collect();
@@ -1041,7 +1041,7 @@ fn unwrap_rate(
                     let r = conn
                         .request("POST", "/v1/unwrap", &[], Some(body))
                         .expect("unwrap");
-                    assert_eq!(r.status, 200, "{}", r.text());
+                    assert_opened(&r, batch);
                     envelopes.fetch_add(batch as u64, Ordering::Relaxed);
                     if started.elapsed() >= duration {
                         break;
@@ -1051,6 +1051,54 @@ fn unwrap_rate(
         }
     });
     envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Stops the run unless `r` is a 200 reply whose `batch` results all say
+/// `ok`. A 200 reply may deny every envelope (a budget spent, a window
+/// passed, an HSM that failed the open), and counting those envelopes
+/// would report work the HSM never did.
+fn assert_opened(r: &Response, batch: usize) {
+    #[derive(serde::Deserialize)]
+    struct Reply<'a> {
+        #[serde(borrow)]
+        results: Vec<Outcome<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Outcome<'a> {
+        status: &'a str,
+        reason: Option<&'a str>,
+    }
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply: Reply = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("not an unwrap reply ({e}): {}", r.text()));
+    assert_eq!(
+        reply.results.len(),
+        batch,
+        "{batch} envelopes sent, {} results back",
+        reply.results.len()
+    );
+    if let Some((i, o)) = reply
+        .results
+        .iter()
+        .enumerate()
+        .find(|(_, o)| o.status != "ok")
+    {
+        panic!(
+            "envelope {i} of {batch} not opened: {} {}",
+            o.status,
+            o.reason.unwrap_or("(no reason)")
+        );
+    }
+}
+
+/// [`assert_opened`] for a single-envelope request that should be
+/// answered 200, else only that `r` has `status`.
+fn assert_answered(r: &Response, status: u16) {
+    if status == 200 {
+        assert_opened(r, 1);
+    } else {
+        assert_eq!(r.status, status, "{}", r.text());
+    }
 }
 
 /// The latency of timed requests, in seconds.
@@ -1085,7 +1133,7 @@ fn latency_of(
                     let warm = conn
                         .request("POST", "/v1/unwrap", &[], Some(body))
                         .expect("unwrap");
-                    assert_eq!(warm.status, status, "{}", warm.text());
+                    assert_answered(&warm, status);
                     (0..requests)
                         .map(|_| {
                             let started = Instant::now();
@@ -1093,7 +1141,7 @@ fn latency_of(
                                 .request("POST", "/v1/unwrap", &[], Some(body))
                                 .expect("unwrap");
                             let t = started.elapsed().as_secs_f64();
-                            assert_eq!(r.status, status, "{}", r.text());
+                            assert_answered(&r, status);
                             t
                         })
                         .collect::<Vec<_>>()
@@ -1351,7 +1399,39 @@ fn met(value: f64, wanted: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::met;
+    use super::{assert_opened, met};
+    use softhsm_tests::server::Response;
+
+    fn reply(status: u16, body: &str) -> Response {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    const OPENED_TWO: &str = r#"{"sealed_to":{"kid":"k","enc":"e"},"results":[{"status":"ok","ct":"a"},{"status":"ok","ct":"b"}],"audit":{"checkpoint":"c","first_index":0,"count":2}}"#;
+
+    #[test]
+    fn a_reply_counts_only_when_every_envelope_opened() {
+        assert_opened(&reply(200, OPENED_TWO), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "envelope 1 of 2 not opened: denied budget_exhausted")]
+    fn a_reply_with_a_denial_stops_the_run() {
+        let body = OPENED_TWO.replace(
+            r#"{"status":"ok","ct":"b"}"#,
+            r#"{"status":"denied","reason":"budget_exhausted"}"#,
+        );
+        assert_opened(&reply(200, &body), 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "3 envelopes sent, 2 results back")]
+    fn a_reply_with_too_few_results_stops_the_run() {
+        assert_opened(&reply(200, OPENED_TWO), 3);
+    }
 
     #[test]
     fn a_target_is_judged_on_the_exact_ratio_not_the_printed_one() {
