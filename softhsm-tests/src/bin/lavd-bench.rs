@@ -57,6 +57,10 @@
 //!   witnesses (the quorum: all of them), each on a fresh token, in the
 //!   same run.
 //!
+//! Every timed unwrap reply must hold exactly its batch's results, all
+//! `ok`; anything else stops the run, so no figure counts an envelope the
+//! HSM did not open.
+//!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
 //! the single-envelope latency and, with its 16 × 1000 load, the peak RSS),
