@@ -58,8 +58,9 @@
 //!   same run.
 //!
 //! Every timed unwrap reply must hold exactly its batch's results, all
-//! `ok`; anything else stops the run, so no figure counts an envelope the
-//! HSM did not open.
+//! `ok`, and (d)'s refused request must be refused with 400
+//! `malformed_request`; anything else stops the run, so no figure counts
+//! an envelope the HSM did not open, or a refusal made for another reason.
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
@@ -304,7 +305,15 @@ fn main() -> std::process::ExitCode {
             // and both ends' own work.
             let mut refused = single.clone();
             refused.push(b'x');
-            let floor = latency_of(std::slice::from_ref(&agency), &refused, 400, 1, requests);
+            let floor = latency_of(
+                std::slice::from_ref(&agency),
+                &refused,
+                |r| {
+                    r.assert_error(400, "malformed_request");
+                },
+                1,
+                requests,
+            );
             report.row("d", D_FLOOR, floor.p50 * 1e3, "ms");
             let derive = {
                 let raw = Raw::new(pkcs11, &token, 1);
@@ -1075,16 +1084,6 @@ fn assert_opened(r: &Response, batch: usize) {
     }
 }
 
-/// [`assert_opened`] for a single-envelope request that should be
-/// answered 200, else only that `r` has `status`.
-fn assert_answered(r: &Response, status: u16) {
-    if status == 200 {
-        assert_opened(r, 1);
-    } else {
-        assert_eq!(r.status, status, "{}", r.text());
-    }
-}
-
 /// The latency of timed requests, in seconds.
 struct Latency {
     p50: f64,
@@ -1096,14 +1095,14 @@ struct Latency {
 /// at once, each on its own kept-alive connection to one of `agencies`
 /// (round robin).
 fn latency(agencies: &[Client], body: &[u8], clients: usize, requests: usize) -> Latency {
-    latency_of(agencies, body, 200, clients, requests)
+    latency_of(agencies, body, |r| assert_opened(r, 1), clients, requests)
 }
 
-/// [`latency`] of requests answered with `status`.
+/// [`latency`] of requests whose every answer passes `check`.
 fn latency_of(
     agencies: &[Client],
     body: &[u8],
-    status: u16,
+    check: fn(&Response),
     clients: usize,
     requests: usize,
 ) -> Latency {
@@ -1117,7 +1116,7 @@ fn latency_of(
                     let warm = conn
                         .request("POST", "/v1/unwrap", &[], Some(body))
                         .expect("unwrap");
-                    assert_answered(&warm, status);
+                    check(&warm);
                     (0..requests)
                         .map(|_| {
                             let started = Instant::now();
@@ -1125,7 +1124,7 @@ fn latency_of(
                                 .request("POST", "/v1/unwrap", &[], Some(body))
                                 .expect("unwrap");
                             let t = started.elapsed().as_secs_f64();
-                            assert_answered(&r, status);
+                            check(&r);
                             t
                         })
                         .collect::<Vec<_>>()
