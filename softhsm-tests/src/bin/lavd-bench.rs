@@ -47,7 +47,9 @@
 //!   each call (`delay_us`, for comparison); in the target's mode also the
 //!   mean time of a call that does no work (`C_GetSessionInfo`) through the
 //!   module on 1 and 16 sessions: the host's own floor (timer wake-ups, the
-//!   hypervisor's share), which no daemon can beat;
+//!   hypervisor's share), which no daemon can beat; and in both modes the
+//!   time this program's own 16 sessions take to finish exactly 1000 opens
+//!   (median of 3), a batch's shape with no lavd code;
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
 //!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --bench`
