@@ -273,7 +273,7 @@ pub fn destroy(
         let event: Event = KeyDestroyed::new(kid, code, forced, None)
             .map_err(|e| KeyError::Audit(e.to_string()))?
             .into();
-        store.append(AuditAppend {
+        match store.append(AuditAppend {
             events: vec![event],
             time: now,
             spend: Spend::DestroyKey {
@@ -281,7 +281,12 @@ pub fn destroy(
                 at: now,
                 reason,
             },
-        })?;
+        }) {
+            // Another destruction (another replica's retention job) was
+            // recorded first, with its own leaf: finish on the token below.
+            Ok(_) | Err(StoreError::KeyAlreadyDestroyed(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     // Also when the store already says destroyed: finishes an interrupted
     // destruction on the token.

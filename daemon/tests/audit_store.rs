@@ -215,11 +215,11 @@ fn a_revocation_earlier_in_the_same_group_is_seen_by_the_settle() {
             .1;
         let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
         if settled.first_index > revoked.first_index {
-            assert!(settled.revoked_in_flight, "trial {trial}");
+            assert!(settled.withdrawn.revoked, "trial {trial}");
             assert_eq!(v["reason"], "warrant_revoked");
             assert_eq!(store.spent(&id).unwrap(), Some(0));
         } else {
-            assert!(!settled.revoked_in_flight, "trial {trial}");
+            assert!(!settled.withdrawn.revoked, "trial {trial}");
             assert_eq!(v["outcome"], "opened");
             assert_eq!(store.spent(&id).unwrap(), Some(1));
         }

@@ -71,6 +71,7 @@ conformance!(
     grants_are_partial_and_failed_settles_give_back,
     the_budget_is_exact_under_concurrent_replicas,
     a_settle_after_a_committed_revocation_opens_nothing,
+    a_settle_after_a_committed_destruction_opens_nothing_of_that_key,
     concurrent_appends_land_contiguously_in_one_log,
     a_failed_batch_fails_alone_in_its_group,
     stored_roots_and_proofs_match_an_independent_tree,
@@ -127,6 +128,10 @@ fn record(id: &str, payload: u8, normalized: u8, emergency: bool, max: u64) -> W
 }
 
 fn event(id: &str, outcome: UnwrapOutcome) -> Event {
+    event_of_key(id, "2026-12", outcome)
+}
+
+fn event_of_key(id: &str, kid: &str, outcome: UnwrapOutcome) -> Event {
     let w = WarrantRef {
         id,
         digest: Digest::of_warrant_payload(b"payload"),
@@ -135,7 +140,7 @@ fn event(id: &str, outcome: UnwrapOutcome) -> Event {
     Unwrap::new(
         "spiffe://agency.example/lea",
         &w,
-        Some("2026-12"),
+        Some(kid),
         Some(Digest::of_envelope(b"{}", &[4; 65])),
         outcome,
     )
@@ -395,7 +400,7 @@ fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
             },
         })
         .unwrap();
-    assert!(!before.revoked_in_flight);
+    assert!(!before.withdrawn.revoked);
     // The revocation commits through another replica.
     let rev = z.append(revocation("W-1")).unwrap();
     assert!(rev.newly_revoked);
@@ -417,7 +422,7 @@ fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
             },
         })
         .unwrap();
-    assert!(after.revoked_in_flight);
+    assert!(after.withdrawn.revoked);
     assert!(after.first_index > rev.first_index);
     assert_eq!(a.spent("W-1").unwrap(), Some(0));
     assert_eq!(z.spent("W-2").unwrap(), Some(1));
@@ -447,6 +452,90 @@ fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
         Err(StoreError::WarrantRevoked(_))
     ));
     assert!(z.is_revoked("W-1").unwrap());
+}
+
+fn destruction(kid: &str) -> AuditAppend {
+    AuditAppend {
+        events: vec![
+            lavd::audit::leaf::KeyDestroyed::new(kid, "forced", true, None)
+                .unwrap()
+                .into(),
+        ],
+        time: now(),
+        spend: Spend::DestroyKey {
+            kid: kid.into(),
+            at: now(),
+            reason: "forced: test".into(),
+        },
+    }
+}
+
+/// `(outcome, reason)` of leaves `[first, first + count)`.
+fn outcomes(store: &Store, first: u64, count: u64) -> Vec<(String, String)> {
+    store
+        .leaves(first, first + count)
+        .unwrap()
+        .iter()
+        .map(|(_, leaf)| {
+            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+            (
+                v["outcome"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A key destroyed (its record and leaf committed, through another
+/// replica) while an unwrap of it was in flight: the settle spends nothing
+/// for that key's envelopes and writes them denied `key_destroyed`; the
+/// other key's envelope opens and is spent. A second destruction of the
+/// same key writes no second `key_destroyed` leaf.
+fn a_settle_after_a_committed_destruction_opens_nothing_of_that_key(b: &Backend) {
+    let replicas = b.replicas();
+    let (a, z) = (&replicas[0], &replicas[replicas.len() - 1]);
+    a.insert_key(&key_record("2026-12")).unwrap();
+    a.insert_key(&key_record("2027-01")).unwrap();
+    a.register(&record("W-1", 1, 1, false, 10)).unwrap();
+    let reservation = a.reserve("W-1", 3).unwrap();
+    assert_eq!(reservation.granted(), 3);
+    let destroyed = z.append(destruction("2026-12")).unwrap();
+    let size = z.tree_size().unwrap();
+    assert!(matches!(
+        a.append(destruction("2026-12")),
+        Err(StoreError::KeyAlreadyDestroyed(kid)) if kid == "2026-12"
+    ));
+    assert_eq!(z.tree_size().unwrap(), size, "a second key_destroyed leaf");
+    let settled = a
+        .append(AuditAppend {
+            events: vec![
+                event_of_key("W-1", "2026-12", UnwrapOutcome::Opened),
+                event_of_key("W-1", "2027-01", UnwrapOutcome::Opened),
+                event_of_key("W-1", "2026-12", UnwrapOutcome::Opened),
+            ],
+            time: now(),
+            spend: Spend::Settle {
+                reservation,
+                opened: 3,
+            },
+        })
+        .unwrap();
+    assert!(settled.first_index > destroyed.first_index);
+    assert!(!settled.withdrawn.revoked);
+    assert!(!settled.withdrawn.budget_lapsed);
+    assert_eq!(settled.withdrawn.destroyed_kids, ["2026-12"]);
+    assert_eq!(z.spent("W-1").unwrap(), Some(1));
+    assert_eq!(
+        outcomes(a, settled.first_index, settled.count),
+        [
+            ("denied", "key_destroyed"),
+            ("opened", "-"),
+            ("denied", "key_destroyed"),
+        ]
+        .map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    // The units withheld went back: 9 remain.
+    assert_eq!(a.reserve("W-1", 100).unwrap().granted(), 9);
 }
 
 fn concurrent_appends_land_contiguously_in_one_log(b: &Backend) {
@@ -800,6 +889,78 @@ fn postgres_reservation_leases_bound_a_dead_replicas_hold() {
         e.code(),
         Some(&::postgres::error::SqlState::CHECK_VIOLATION),
         "{e}"
+    );
+}
+
+/// The same late settle, carried by the unwrap's audit append: the HSM has
+/// opened by then, so its leaves are written all the same, denied
+/// `budget_exhausted`, and nothing is spent or released.
+#[test]
+fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
+    let db = TestDb::create();
+    let lease = Duration::from_secs(2);
+    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
+    let (a, b) = (open(), open());
+    a.register(&record("L", 1, 1, false, 2)).unwrap();
+    let held = a.reserve("L", 2).unwrap();
+    assert_eq!(held.granted(), 2);
+    let started = Instant::now();
+    while started.elapsed() < lease + Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken = b.reserve("L", 2).unwrap();
+    assert_eq!(taken.granted(), 2);
+    b.append(AuditAppend {
+        events: vec![opened("L"), opened("L")],
+        time: now(),
+        spend: Spend::Settle {
+            reservation: taken,
+            opened: 2,
+        },
+    })
+    .unwrap();
+    let size = a.tree_size().unwrap();
+    let late = a
+        .append(AuditAppend {
+            events: vec![
+                opened("L"),
+                event(
+                    "L",
+                    UnwrapOutcome::Denied(lavd::audit::leaf::DenyReason::OutOfWindow),
+                ),
+                opened("L"),
+            ],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: held,
+                opened: 2,
+            },
+        })
+        .unwrap();
+    assert!(late.withdrawn.budget_lapsed);
+    assert_eq!(late.first_index, size);
+    assert_eq!(a.tree_size().unwrap(), size + 3);
+    assert_eq!(a.spent("L").unwrap(), Some(2));
+    let rows: Vec<(String, String)> = a
+        .leaves(size, size + 3)
+        .unwrap()
+        .iter()
+        .map(|(_, leaf)| {
+            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+            (
+                v["outcome"].as_str().unwrap().to_string(),
+                v["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("denied", "budget_exhausted"),
+            ("denied", "out_of_window"),
+            ("denied", "budget_exhausted"),
+        ]
+        .map(|(o, r)| (o.to_string(), r.to_string()))
     );
 }
 

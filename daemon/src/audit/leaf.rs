@@ -824,10 +824,23 @@ impl Event {
         }
     }
 
+    /// For an `unwrap` event of warrant `id` that says `opened`: its key's
+    /// `kid` (an opened envelope always names one). `None` for every other
+    /// event.
+    pub fn opened_kid(&self, id: &str) -> Option<&str> {
+        match self {
+            Self::Unwrap(u) if u.warrant_id == id && u.outcome == OutcomeTag::Opened => {
+                u.kid.as_deref()
+            }
+            _ => None,
+        }
+    }
+
     /// For an `unwrap` event of warrant `id` that says `opened`: the same
     /// event denied with `reason`. `None` for every other event. The store
     /// uses it inside the transaction that settles an unwrap, when it finds
-    /// the warrant revoked by then (PROTOCOL §8).
+    /// the warrant revoked by then (PROTOCOL §8), or the envelope's key
+    /// destroyed.
     pub fn denied_if_opened(&self, id: &str, reason: DenyReason) -> Option<Self> {
         match self {
             Self::Unwrap(u) if u.warrant_id == id && u.outcome == OutcomeTag::Opened => {

@@ -73,12 +73,14 @@ pub enum Spend {
     /// Nothing: the leaves alone (refused warrants, key events).
     None,
     /// An unwrap's budget: `opened` of the reservation's units are spent, the
-    /// rest given back. Unless the warrant is revoked by the time this
-    /// commits (a revocation that committed while the unwrap was in flight,
-    /// PROTOCOL §8): then nothing is spent, every `opened` unwrap leaf of the
-    /// warrant in the batch is written as denied `warrant_revoked` instead,
-    /// and [`Appended::revoked_in_flight`] tells the caller to release
-    /// nothing.
+    /// rest given back. Unless something changed while the unwrap was in
+    /// flight, as the transaction that commits this batch finds it
+    /// ([`Withdrawn`]): the warrant was revoked (PROTOCOL §8), an envelope's
+    /// key was destroyed, or (PostgreSQL) the reservation's lease ran out
+    /// and other replicas spent the budget. Then the `opened` unwrap leaves
+    /// it concerns are written as denied instead, their units are not
+    /// spent, and [`Appended::withdrawn`] tells the caller which of its
+    /// opened keys it must not release.
     Settle {
         /// The reservation made before opening.
         reservation: Reservation,
@@ -111,8 +113,67 @@ pub struct AuditAppend {
     pub spend: Spend,
 }
 
+/// What the transaction that settled an unwrap found changed since the
+/// unwrap was planned. Each makes the batch's unwrap leaves that would have
+/// said `opened` say denied instead (for the reason [`Withdrawn::reason`]
+/// gives), and what they name is neither spent nor released.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// The warrant was revoked: `warrant_revoked`, for every envelope.
+    pub revoked: bool,
+    /// (PostgreSQL) the reservation outlived its lease and other replicas
+    /// spent the budget it held: `budget_exhausted`, for every envelope.
+    pub budget_lapsed: bool,
+    /// These keys were destroyed: `key_destroyed`, for their envelopes.
+    pub destroyed_kids: Vec<String>,
+}
+
+impl Withdrawn {
+    /// Why an envelope of key `kid` that opened must be denied, if it must.
+    pub fn reason(&self, kid: &str) -> Option<DenyReason> {
+        if self.revoked {
+            Some(DenyReason::WarrantRevoked)
+        } else if self.budget_lapsed {
+            Some(DenyReason::BudgetExhausted)
+        } else if self.destroyed_kids.iter().any(|k| k == kid) {
+            Some(DenyReason::KeyDestroyed)
+        } else {
+            None
+        }
+    }
+
+    /// Whether anything was withdrawn.
+    pub fn any(&self) -> bool {
+        self.revoked || self.budget_lapsed || !self.destroyed_kids.is_empty()
+    }
+}
+
+/// The distinct keys of the batch's unwrap leaves of warrant `id` that say
+/// `opened`, and how many such leaves each key has.
+pub(super) fn opened_kids(batch: &AuditAppend, id: &str) -> Vec<(String, u64)> {
+    let mut kids: Vec<(String, u64)> = Vec::new();
+    for kid in batch.events.iter().filter_map(|e| e.opened_kid(id)) {
+        match kids.iter_mut().find(|(k, _)| k == kid) {
+            Some((_, n)) => *n += 1,
+            None => kids.push((kid.to_string(), 1)),
+        }
+    }
+    kids
+}
+
+/// `opened` less the leaves of `destroyed` keys among `kids` (as
+/// [`opened_kids`] counts them): the units a settle spends.
+pub(super) fn spendable(opened: u64, kids: &[(String, u64)], destroyed: &[String]) -> u64 {
+    let withheld: u64 = kids
+        .iter()
+        .filter(|(k, _)| destroyed.contains(k))
+        .map(|(_, n)| n)
+        .sum();
+    opened.saturating_sub(withheld)
+}
+
 /// Where a committed batch landed. Returned only once it is durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     /// Index of the batch's first leaf.
     pub first_index: u64,
@@ -123,11 +184,11 @@ pub struct Appended {
     pub tree_size: u64,
     /// For [`Spend::Revoke`]: false if the id was already revoked.
     pub newly_revoked: bool,
-    /// For [`Spend::Settle`]: the warrant was found revoked inside the
-    /// transaction that settled it, so nothing was spent and its leaves say
-    /// denied `warrant_revoked` where they would have said `opened`. The
-    /// caller must release nothing.
-    pub revoked_in_flight: bool,
+    /// For [`Spend::Settle`]: what the transaction that settled it found
+    /// withdrawn. The leaves it concerns say denied where they would have
+    /// said `opened`, their units were not spent, and the caller must not
+    /// release those keys.
+    pub withdrawn: Withdrawn,
 }
 
 /// The tree an append transaction is about to commit, read through that
@@ -214,19 +275,22 @@ pub(super) fn tree_error(e: TreeError<StoreError>) -> StoreError {
 
 /// The leaves of `batch` from index `first`, and their RFC 6962 leaf
 /// hashes, as both stores write them; the batch's time is formatted once.
-/// With `revoked` (the warrant whose revocation the batch's settle found),
-/// that warrant's unwraps that would say `opened` say denied
-/// `warrant_revoked`.
+/// With `withdrawn` (the settled warrant's id and what its settle found),
+/// that warrant's unwraps that would say `opened` say denied for the reason
+/// [`Withdrawn::reason`] gives, where it gives one.
 pub(super) fn encode_leaves(
     batch: &AuditAppend,
     first: u64,
-    revoked: Option<&str>,
+    withdrawn: Option<(&str, &Withdrawn)>,
 ) -> Result<(Vec<Vec<u8>>, Vec<Hash>), StoreError> {
     let time = LeafTime::new(batch.time);
     let mut leaves = Vec::with_capacity(batch.events.len());
     let mut hashes = Vec::with_capacity(batch.events.len());
     for (i, event) in batch.events.iter().enumerate() {
-        let denied = revoked.and_then(|id| event.denied_if_opened(id, DenyReason::WarrantRevoked));
+        let denied = withdrawn.and_then(|(id, w)| {
+            let reason = w.reason(event.opened_kid(id)?)?;
+            event.denied_if_opened(id, reason)
+        });
         let leaf = denied
             .as_ref()
             .unwrap_or(event)
@@ -523,31 +587,37 @@ impl SqliteStore {
     }
 
     /// Appends one batch inside `conn` (a savepoint). Returns
-    /// `(newly_revoked, revoked_in_flight)`.
+    /// `(newly_revoked, withdrawn)`.
     fn append_in(
         &self,
         conn: &Connection,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(bool, bool), StoreError> {
-        // The revocation check that counts: in the transaction that writes
-        // the unwrap's leaves, so it sees every revocation whose leaf comes
-        // before them in the log (an earlier group, or an earlier batch of
-        // this group, which has written its row in this same transaction),
-        // and none after. The check at `reserve` only saves work.
-        let mut revoked = None;
+    ) -> Result<(bool, Withdrawn), StoreError> {
+        // The revocation and destruction checks that count: in the
+        // transaction that writes the unwrap's leaves, so they see every
+        // revocation or destruction whose leaf comes before them in the log
+        // (an earlier group, or an earlier batch of this group, which has
+        // written its row in this same transaction), and none after. The
+        // checks before the HSM opens only save work.
+        let mut withdrawn = Withdrawn::default();
+        let mut settled = None;
         let newly_revoked = match &batch.spend {
             Spend::None => false,
             Spend::Settle {
                 reservation,
                 opened,
             } => {
+                let kids = opened_kids(batch, reservation.id());
+                withdrawn.destroyed_kids = self.destroyed_among(conn, &kids)?;
                 if self.revoked_in(conn, reservation.id())? {
                     self.settle_in(conn, reservation, 0)?;
-                    revoked = Some(reservation.id());
+                    withdrawn.revoked = true;
                 } else {
-                    self.settle_in(conn, reservation, *opened)?;
+                    let spend = spendable(*opened, &kids, &withdrawn.destroyed_kids);
+                    self.settle_in(conn, reservation, spend)?;
                 }
+                settled = Some(reservation.id());
                 false
             }
             Spend::Revoke(revocation) => self.revoke_in(conn, revocation)?,
@@ -556,11 +626,15 @@ impl SqliteStore {
                 false
             }
             Spend::DestroyKey { kid, at, reason } => {
-                self.mark_destroyed_in(conn, kid, *at, reason)?;
+                // One `key_destroyed` leaf per key: a second destruction
+                // that raced the first fails alone.
+                if !self.mark_destroyed_in(conn, kid, *at, reason)? {
+                    return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
+                }
                 false
             }
         };
-        let (leaves, hashes) = encode_leaves(batch, first, revoked)?;
+        let (leaves, hashes) = encode_leaves(batch, first, settled.map(|id| (id, &withdrawn)))?;
         let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
         let mut insert = conn
             .prepare_cached("INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)")
@@ -580,7 +654,30 @@ impl SqliteStore {
                 .execute(params![node.level, to_i(node.index)?, node.hash.as_slice()])
                 .map_err(|e| self.sqlite_err(e))?;
         }
-        Ok((newly_revoked, revoked.is_some()))
+        Ok((newly_revoked, withdrawn))
+    }
+
+    /// Which of `kids` (as [`opened_kids`] lists them) are destroyed, as
+    /// the transaction `conn` sees them.
+    fn destroyed_among(
+        &self,
+        conn: &Connection,
+        kids: &[(String, u64)],
+    ) -> Result<Vec<String>, StoreError> {
+        let mut destroyed = Vec::new();
+        let mut stmt = conn
+            .prepare_cached("SELECT 1 FROM escrow_keys WHERE kid = ?1 AND destroyed_at IS NOT NULL")
+            .map_err(|e| self.sqlite_err(e))?;
+        for (kid, _) in kids {
+            let row = stmt
+                .query_row([kid], |_| Ok(()))
+                .optional()
+                .map_err(|e| self.sqlite_err(e))?;
+            if row.is_some() {
+                destroyed.push(kid.clone());
+            }
+        }
+        Ok(destroyed)
     }
 
     /// Commits every queued batch in one transaction, calling
@@ -618,7 +715,7 @@ impl SqliteStore {
                     Ok(flags)
                 })();
                 match result {
-                    Ok((newly_revoked, revoked_in_flight)) => {
+                    Ok((newly_revoked, withdrawn)) => {
                         size += count;
                         done.push((
                             pending,
@@ -627,7 +724,7 @@ impl SqliteStore {
                                 count,
                                 tree_size: 0,
                                 newly_revoked,
-                                revoked_in_flight,
+                                withdrawn,
                             }),
                         ));
                     }
@@ -981,7 +1078,7 @@ mod tests {
             count: 0,
             tree_size: 0,
             newly_revoked: false,
-            revoked_in_flight: false,
+            withdrawn: Withdrawn::default(),
         }));
     }
 

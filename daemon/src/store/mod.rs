@@ -27,7 +27,8 @@ mod warrants;
 pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{
-    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Spend, Uncommitted, MAX_INDEX,
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Spend, Uncommitted, Withdrawn,
+    MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
@@ -130,6 +131,10 @@ pub enum StoreError {
     /// does not verify. Nothing was committed.
     #[error("store copy refused: {0}")]
     CopyRefused(String),
+    /// A key's destruction was recorded already (two destructions raced):
+    /// the later one writes no second `key_destroyed` leaf.
+    #[error("escrow key `{0}` is already recorded as destroyed")]
+    KeyAlreadyDestroyed(String),
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
     OutOfRange(&'static str),

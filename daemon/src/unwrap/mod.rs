@@ -390,6 +390,7 @@ pub fn unwrap(
             JobOutcome::Done((envelope, Ok(dek))) => {
                 opened += 1;
                 Release::Opened {
+                    kid: envelope.header().kid().to_string(),
                     header: envelope.header_bytes().to_vec(),
                     dek,
                 }
@@ -456,9 +457,11 @@ pub fn unwrap(
 
     // Audit before release: every envelope's leaf and the spend in one
     // durable transaction, and a signed checkpoint that includes them. That
-    // transaction looks at revocation once more: if a revocation committed
-    // while this request was in flight, it spends nothing and writes the
-    // leaves that would have said `opened` as denied `warrant_revoked`.
+    // transaction looks at revocation and key destruction once more: what
+    // was revoked or destroyed while this request was in flight (or, on
+    // PostgreSQL, a budget spent by others after this reservation's lease
+    // ran out) is not spent, and the leaves that would have said `opened`
+    // say denied instead (`Withdrawn`).
     let receipt = ctx.log.append(AuditAppend {
         events: leaves.into_iter().map(Event::from).collect(),
         time: now,
@@ -467,15 +470,18 @@ pub fn unwrap(
             opened,
         },
     })?;
-    if receipt.appended.revoked_in_flight {
-        // As the store wrote it; the DEKs are dropped (zeroized), never
+    let withdrawn = &receipt.appended.withdrawn;
+    if withdrawn.any() {
+        // As the store wrote it; those DEKs are dropped (zeroized), never
         // sealed.
         for release in &mut releases {
-            if matches!(release, Release::Opened { .. }) {
-                *release = Release::Denied(DenyReason::WarrantRevoked);
+            if let Release::Opened { kid, .. } = release {
+                if let Some(reason) = withdrawn.reason(kid) {
+                    *release = Release::Denied(reason);
+                    opened = opened.saturating_sub(1);
+                }
             }
         }
-        opened = 0;
     }
     if let Some(e) = hsm_failure {
         return Err(e.into());
@@ -487,7 +493,7 @@ pub fn unwrap(
     let mut denied = BTreeMap::new();
     for release in &releases {
         match release {
-            Release::Opened { header, dek } => builder
+            Release::Opened { header, dek, .. } => builder
                 .push_opened(header, dek)
                 .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")))?,
             Release::Denied(reason) => {
@@ -555,6 +561,7 @@ fn deny_opened(releases: &mut [Release], leaves: &mut [Unwrap], reason: DenyReas
 /// What the reply says about one envelope.
 enum Release {
     Opened {
+        kid: String,
         header: Vec<u8>,
         dek: Zeroizing<Vec<u8>>,
     },

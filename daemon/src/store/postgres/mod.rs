@@ -80,7 +80,10 @@ use postgres::{GenericClient, Transaction};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use super::audit::{encode_leaves, tree_error, BeforeCommit, GroupCommit, Pending, Uncommitted};
+use super::audit::{
+    encode_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit, Pending,
+    Uncommitted, Withdrawn,
+};
 use super::warrants::to_i64;
 use super::{
     Appended, AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, Registration, Reservation,
@@ -692,6 +695,40 @@ impl PgStore {
             .map_err(|e| self.pg_err(e))?;
         Ok(changed == 1)
     }
+
+    /// Which of `kids` (as `opened_kids` lists them) are destroyed, as `tx`
+    /// sees them: one round trip, and none when no envelope opened.
+    fn destroyed_among(
+        &self,
+        tx: &mut impl GenericClient,
+        kids: &[(String, u64)],
+    ) -> Result<Vec<String>, StoreError> {
+        if kids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let names: Vec<&str> = kids.iter().map(|(k, _)| k.as_str()).collect();
+        let rows = tx
+            .query_typed(
+                "SELECT kid FROM escrow_keys WHERE kid = ANY($1) AND destroyed_at IS NOT NULL",
+                &[(&names, Type::TEXT_ARRAY)],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        rows.iter()
+            .map(|r| r.try_get::<_, String>(0).map_err(|e| self.pg_err(e)))
+            .collect()
+    }
+}
+
+/// What settling a reservation did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settled {
+    /// Spent what was asked.
+    Spent,
+    /// The warrant is revoked: nothing spent.
+    Revoked,
+    /// The reservation outlived its lease and spending would pass
+    /// `max_unwraps`: nothing spent.
+    Lapsed,
 }
 
 impl KeyStore for PgStore {
@@ -743,16 +780,18 @@ impl PgStore {
     /// Deletes the reservation's row and spends `opened`, refusing in SQL to
     /// pass `max_unwraps` (`lavd_settle`, migration 3). A row already gone
     /// means its lease expired and another reservation may hold those units
-    /// now: the conditional `UPDATE` alone then decides. With
-    /// `check_revoked`, a warrant revoked by now spends nothing, and `true`
-    /// comes back.
+    /// now: the conditional `UPDATE` alone then decides, and when it
+    /// refuses, nothing is spent and `Settled::Lapsed` comes back (the
+    /// reservation's row, if it was still there, is deleted all the same).
+    /// With `check_revoked`, a warrant revoked by now spends nothing, and
+    /// `Settled::Revoked` comes back.
     fn settle_in(
         &self,
         tx: &mut impl GenericClient,
         reservation: &Reservation,
         opened: u64,
         check_revoked: bool,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<Settled, StoreError> {
         if opened > reservation.granted() {
             return Err(StoreError::SettleExceedsReservation {
                 granted: reservation.granted(),
@@ -772,9 +811,9 @@ impl PgStore {
             .and_then(|r| r.try_get(0))
             .map_err(|e| self.pg_err(e))?;
         match status.as_str() {
-            "ok" => Ok(false),
-            "revoked" if check_revoked => Ok(true),
-            "overrun" => Err(StoreError::BudgetOverrun(reservation.id().to_string())),
+            "ok" => Ok(Settled::Spent),
+            "revoked" if check_revoked => Ok(Settled::Revoked),
+            "overrun" => Ok(Settled::Lapsed),
             other => Err(self.corrupt(format!("lavd_settle returned {other:?}"))),
         }
     }
@@ -901,7 +940,12 @@ impl WarrantStore for PgStore {
     }
 
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
-        let result = self.with_tx(|tx| self.settle_in(tx, &reservation, opened, false).map(drop));
+        let result = self.with_tx(
+            |tx| match self.settle_in(tx, &reservation, opened, false)? {
+                Settled::Lapsed => Err(StoreError::BudgetOverrun(reservation.id().to_string())),
+                Settled::Spent | Settled::Revoked => Ok(()),
+            },
+        );
         if result.is_err() {
             self.give_back(&reservation);
         }
@@ -1065,25 +1109,35 @@ impl PgStore {
 
     /// Appends one batch inside `tx` (the group's transaction, which holds
     /// the head lock, with the batch's savepoint open), its head update
-    /// included. Returns `(newly_revoked, revoked_in_flight)`.
+    /// included. Returns `(newly_revoked, withdrawn)`.
     fn append_in(
         &self,
         tx: &mut Transaction<'_>,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(bool, bool), StoreError> {
-        // As in SQLite: the revocation check that counts is this one, under
-        // the head lock that every revocation's append also takes.
-        let mut revoked = None;
+    ) -> Result<(bool, Withdrawn), StoreError> {
+        // As in SQLite: the revocation and destruction checks that count
+        // are these, under the head lock that every revocation's and
+        // destruction's append also takes.
+        let mut withdrawn = Withdrawn::default();
+        let mut settled = None;
         let newly_revoked = match &batch.spend {
             Spend::None => false,
             Spend::Settle {
                 reservation,
                 opened,
             } => {
-                if self.settle_in(tx, reservation, *opened, true)? {
-                    revoked = Some(reservation.id());
+                let kids = opened_kids(batch, reservation.id());
+                withdrawn.destroyed_kids = self.destroyed_among(tx, &kids)?;
+                let spend = spendable(*opened, &kids, &withdrawn.destroyed_kids);
+                match self.settle_in(tx, reservation, spend, true)? {
+                    Settled::Spent => {}
+                    Settled::Revoked => withdrawn.revoked = true,
+                    // The HSM has opened; the leaves are written all the
+                    // same (as denied), so that no open goes unlogged.
+                    Settled::Lapsed => withdrawn.budget_lapsed = true,
                 }
+                settled = Some(reservation.id());
                 false
             }
             Spend::Revoke(revocation) => self.revoke_in(tx, revocation)?,
@@ -1092,11 +1146,15 @@ impl PgStore {
                 false
             }
             Spend::DestroyKey { kid, at, reason } => {
-                self.mark_destroyed_in(tx, kid, *at, reason)?;
+                // One `key_destroyed` leaf per key: a second destruction
+                // that raced the first (on another replica) fails alone.
+                if !self.mark_destroyed_in(tx, kid, *at, reason)? {
+                    return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
+                }
                 false
             }
         };
-        let (leaves, hashes) = encode_leaves(batch, first, revoked)?;
+        let (leaves, hashes) = encode_leaves(batch, first, settled.map(|id| (id, &withdrawn)))?;
         self.write_leaves(
             tx,
             first,
@@ -1104,7 +1162,7 @@ impl PgStore {
             &hashes,
             Some(first + batch.events.len() as u64),
         )?;
-        Ok((newly_revoked, revoked.is_some()))
+        Ok((newly_revoked, withdrawn))
     }
 
     /// Writes leaves `first..` (hashed as `hashes`), the subtree hashes
@@ -1186,14 +1244,14 @@ impl PgStore {
             let count = batch.events.len() as u64;
             let last = i + 1 == group.len();
             match self.append_in(&mut tx, batch, first) {
-                Ok((newly_revoked, revoked_in_flight)) => {
+                Ok((newly_revoked, withdrawn)) => {
                     size += count;
                     results.push(Ok(Appended {
                         first_index: first,
                         count,
                         tree_size: 0,
                         newly_revoked,
-                        revoked_in_flight,
+                        withdrawn,
                     }));
                     // COMMIT keeps the last batch's savepoint's work.
                     if !last {

@@ -1,0 +1,132 @@
+//! A key destroyed while an unwrap of it is in flight, against a real
+//! `lavd serve` over mutual TLS, through the fault module in front of
+//! SoftHSM. The module's `hang` on `C_DestroyObject` pins the order:
+//!
+//! 1. the unwrap's plan finds the key live, its budget is reserved, and the
+//!    HSM derives its secret (the key is still on the token); the request
+//!    then waits in the call that destroys the derived secret;
+//! 2. `lavd keys destroy --force`, another process, commits the key's
+//!    destruction and its `key_destroyed` leaf, then waits in the call that
+//!    would delete the key from the token;
+//! 3. both are let go.
+//!
+//! The unwrap's leaf then comes after the `key_destroyed` leaf, so it must
+//! not say `opened`, and nothing may be released or spent: the reply says
+//! `key_destroyed`, and the warrant's one unit still opens another key's
+//! envelope.
+
+use std::time::{Duration, Instant};
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{assert_ok, shim_module_path, Shim, TestToken};
+use time::OffsetDateTime;
+
+/// Polls `f` every 20 ms for up to 20 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    // The hung call must outlast `lavd keys destroy`'s start, not time out.
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 60000\n",
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    vault::generate_escrow_key(&t, "E-2");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let seal = |kid: &str, tag: &str| {
+        let escrow = vault::published_key(&c.provider, kid);
+        vault::seal(
+            &escrow,
+            kid,
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            tag,
+            &[7; 32],
+        )
+    };
+    let doomed = seal("E-2", "doomed");
+    let other = seal("E-1", "other");
+    let recipient = vault::recipient();
+    let id = "W-DESTROYED-IN-FLIGHT";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 1));
+    let unwrap = |envelope: &serde_json::Value| {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        )
+    };
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let destroyed = || -> bool {
+        db.query_row(
+            "SELECT destroyed_at IS NOT NULL FROM escrow_keys WHERE kid = 'E-2'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+
+    shim.set("fault = hang\nfault_calls = C_DestroyObject");
+    let (reply, destroy) = std::thread::scope(|s| {
+        let request = s.spawn(|| unwrap(&doomed));
+        // 1: the derive is done, and the request waits.
+        eventually("the unwrap's derived secret", || shim.faults() > 0);
+        assert!(!request.is_finished());
+        let destroy = s.spawn(|| {
+            t.lavd_with_config(&[
+                "keys", "destroy", "--kid", "E-2", "--force", "--reason", "seized",
+            ])
+        });
+        // 2: the destruction is committed; its token call waits.
+        eventually("the committed destruction", destroyed);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!request.is_finished(), "the unwrap answered while held");
+        assert!(!destroy.is_finished(), "the key left the token while held");
+        // 3.
+        shim.set("");
+        (request.join().unwrap(), destroy.join().unwrap())
+    });
+    assert_ok(&destroy);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
+    assert_eq!(vault::statuses(&reply), ["key_destroyed"]);
+
+    // In the log: the unwrap's leaf after the destruction's, denied.
+    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
+    let destruction = log
+        .iter()
+        .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == "E-2")
+        .expect("key_destroyed leaf")
+        .index;
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    assert!(first > destruction, "{first} <= {destruction}");
+    let leaf = &log[usize::try_from(first).unwrap()].leaf;
+    assert_eq!(leaf["event"], "unwrap");
+    assert_eq!(leaf["outcome"], "denied");
+    assert_eq!(leaf["reason"], "key_destroyed");
+    assert!(!log
+        .iter()
+        .any(|e| e.leaf["kid"] == "E-2" && e.leaf["outcome"] == "opened"));
+
+    // Nothing was spent: the warrant's one unit opens another key's envelope.
+    let r = unwrap(&other);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"]);
+    let r = unwrap(&other);
+    assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
+}
