@@ -58,6 +58,22 @@ fn urgent_warrant_is_usable_for_max_hours_only() {
     );
 }
 
+/// `not_before` + `max_hours` past the last representable time (year
+/// 9999): refused with its code, not a panic.
+#[test]
+fn urgent_warrant_at_the_end_of_time_is_refused_not_a_panic() {
+    let a = Authorities::new();
+    let v = a.verifier(DOUBLE_LOCK_WITH_EMERGENCY);
+    let mut c = urgent("U-9999");
+    c["not_before"] = "9999-12-31T00:00:00Z".into();
+    c["expires"] = "9999-12-31T12:00:00Z".into();
+    let bytes = signed(&c, &[&a.exec1]);
+    assert_eq!(
+        v.verify(&bytes, now(), AGENCY).unwrap_err().code(),
+        "warrant_not_yet_valid"
+    );
+}
+
 #[test]
 fn urgent_warrant_needs_an_emergency_rule_and_meets_it() {
     let a = Authorities::new();

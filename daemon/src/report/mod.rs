@@ -429,7 +429,9 @@ impl UrgentTrack {
             .map_or(0, |last| (last - first).whole_seconds());
         let period_over = self
             .max_hours
-            .is_some_and(|h| as_of >= first + Duration::hours(i64::from(h)));
+            // Past the last representable time, the period never ends.
+            .and_then(|h| first.checked_add(Duration::hours(i64::from(h))))
+            .is_some_and(|end| as_of >= end);
         let status = if self.expired_refusal || period_over {
             UrgentStatus::Lapsed
         } else {

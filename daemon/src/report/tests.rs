@@ -296,6 +296,19 @@ fn an_urgent_warrant_lapses_by_the_policy_hours_alone() {
     assert_eq!((r.urgent.lapsed, r.urgent.pending), (0, 1));
 }
 
+/// An urgent warrant first used so late that `max_hours` more would pass
+/// the last representable time: still pending, not a panic.
+#[test]
+fn an_urgent_period_past_the_end_of_time_never_lapses() {
+    let u = warrant("W-U", true);
+    let events = vec![
+        (datetime!(9999-12-31 00:00 UTC), policy(720)),
+        (datetime!(9999-12-31 23:00 UTC), opened(A, &u, 1)),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.pending), (0, 1));
+}
+
 #[test]
 fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
     let options = Options {

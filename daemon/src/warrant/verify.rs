@@ -229,8 +229,10 @@ impl Verifier {
         });
         check_policy(rules, signed_with, claims.emergency)?;
 
-        let emergency_end =
-            emergency_hours.map(|h| claims.not_before + Duration::hours(i64::from(h)));
+        // `None` past the last representable time (year 9999): then
+        // `expires`, which is representable, comes first anyway.
+        let emergency_end = emergency_hours
+            .and_then(|h| claims.not_before.checked_add(Duration::hours(i64::from(h))));
         let usable_until = match emergency_end {
             Some(end) if end < claims.expires => end,
             _ => claims.expires,
