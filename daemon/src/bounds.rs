@@ -30,6 +30,11 @@ pub const MAX_TARGET_BYTES: usize = 512;
 pub const MAX_PROVIDER_BYTES: usize = 512;
 /// Longest envelope `ref`, in bytes (PROTOCOL §3: "≤ 256 bytes").
 pub const MAX_REF_BYTES: usize = 256;
+/// Longest authority key id (the `kid` that names a warrant's or a
+/// revocation's signer), in characters.
+pub const MAX_AUTHORITY_KID_CHARS: usize = 128;
+/// Longest authority role name, in characters.
+pub const MAX_ROLE_CHARS: usize = 64;
 
 /// The unit a length bound counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,6 +187,27 @@ pub fn target(value: &str) -> Result<(), BoundError> {
 /// As [`token`].
 pub fn provider(value: &str) -> Result<(), BoundError> {
     token(value, MAX_PROVIDER_BYTES, Unit::Bytes)
+}
+
+/// An authority's key id: 1..=[`MAX_AUTHORITY_KID_CHARS`] characters, no
+/// control character, no whitespace. Used by the trust configuration, the
+/// protected header of every warrant and revocation signature, the
+/// authority signing tool, and the audit leaves that name an authority.
+///
+/// # Errors
+/// As [`token`].
+pub fn authority_kid(value: &str) -> Result<(), BoundError> {
+    token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)
+}
+
+/// An authority role name: 1..=[`MAX_ROLE_CHARS`] characters, no control
+/// character, no whitespace. Used by the trust configuration (authorities
+/// and policy rules) and the `authorities_loaded` audit leaf.
+///
+/// # Errors
+/// As [`token`].
+pub fn role(value: &str) -> Result<(), BoundError> {
+    token(value, MAX_ROLE_CHARS, Unit::Chars)
 }
 
 /// An envelope `ref`: opaque, 1..=[`MAX_REF_BYTES`] bytes, no control

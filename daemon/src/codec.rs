@@ -84,6 +84,58 @@ pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     serde_json::from_slice(bytes).map_err(|e| CodecError::Json(e.to_string()))
 }
 
+/// The raw text of member `name` of the JSON object `bytes` (the last one,
+/// if `name` repeats), or `None` when `bytes` is not a JSON object or has
+/// no such member. Not strict, and meant for untrusted bytes that are read
+/// only for a hint (a refused request's claimed warrant id): the other
+/// members are skipped unparsed, and nothing is allocated per member or
+/// per nested value, whatever the input holds.
+pub fn json_member<'a>(bytes: &'a [u8], name: &str) -> Option<&'a serde_json::value::RawValue> {
+    use serde::de::{DeserializeSeed, Deserializer as _, IgnoredAny, MapAccess, Visitor};
+
+    /// Whether a key equals the name, decided without keeping the key.
+    struct KeyIs<'n>(&'n str);
+    impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    impl<'de> Visitor<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a member name")
+        }
+        fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+            Ok(key == self.0)
+        }
+    }
+
+    struct Member<'n>(&'n str);
+    impl<'de> Visitor<'de> for Member<'_> {
+        type Value = Option<&'de serde_json::value::RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = None;
+            while let Some(is) = map.next_key_seed(KeyIs(self.0))? {
+                if is {
+                    found = Some(map.next_value()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+    }
+
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let found = de.deserialize_map(Member(name)).ok()?;
+    de.end().ok()?;
+    found
+}
+
 /// Serde helpers for RFC 3339 UTC fields: `#[serde(with = "lavd::codec::rfc3339")]`.
 pub mod rfc3339 {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -120,6 +172,23 @@ pub mod b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_member_reads_one_member_of_an_object_only() {
+        fn get<'a>(json: &'a str, name: &str) -> Option<&'a str> {
+            json_member(json.as_bytes(), name).map(|r| r.get())
+        }
+        assert_eq!(
+            get(r#"{"a":[1,{"b":2}],"w":{"x":"y"}}"#, "w"),
+            Some(r#"{"x":"y"}"#)
+        );
+        assert_eq!(get(r#"{"w":1,"w":"last"}"#, "w"), Some(r#""last""#));
+        assert_eq!(get(r#"{"a":1}"#, "w"), None);
+        assert_eq!(get(r#"{"\u0077":7}"#, "w"), Some("7"));
+        for not_an_object in [r#"["w"]"#, r#""w""#, "", "{", r#"{"w":1} x"#, "[0,0,0]"] {
+            assert_eq!(get(not_an_object, "w"), None, "{not_an_object}");
+        }
+    }
 
     #[test]
     fn base64url_is_strict() {

@@ -114,6 +114,7 @@ pub async fn post_unwrap(
     // `Bytes` clones share the buffer.
     let claimed_from = body.clone();
     let live = state.current();
+    let max_warrant_bytes = live.verifier.limits().max_warrant_bytes;
     let st = state.clone();
     let caller = peer.uri().to_string();
     let result = blocking(move || {
@@ -144,7 +145,7 @@ pub async fn post_unwrap(
         Err(e) => {
             // The claimed id, unverified, so that refusals can be traced
             // too (parsed again only on this path).
-            if let Some(id) = unwrap::claimed_warrant_id(&claimed_from) {
+            if let Some(id) = unwrap::claimed_warrant_id(&claimed_from, max_warrant_bytes) {
                 ctx.record_warrant_id(&id);
             }
             // This request is the one that found the log inconsistent (its
@@ -184,10 +185,9 @@ pub async fn post_revocation(
     body: Bytes,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let by_authority = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v.as_object().map(|o| o.contains_key("revocation")))
-        .unwrap_or(false);
+    // Which form, read without building the body: this runs before the
+    // role check, for any caller.
+    let by_authority = crate::codec::json_member(&body, "revocation").is_some();
     if !by_authority && !peer.has(Role::Admin) {
         return Err(ApiError::forbidden(peer.uri(), &[Role::Admin]).into());
     }

@@ -41,8 +41,8 @@ use crate::codec;
 pub const MAX_LEAF_BYTES: usize = u16::MAX as usize;
 /// The longest caller identity (a URI SAN), in bytes.
 const MAX_IDENTITY_BYTES: usize = 2048;
-/// The longest authority `kid`, role or algorithm name, in bytes. Warrant
-/// ids, escrow kids and revocation reasons have their bounds in
+/// The longest algorithm name, in bytes. Warrant ids, escrow kids,
+/// authority kids, roles and revocation reasons have their bounds in
 /// [`crate::bounds`], shared with every layer that reads them.
 const MAX_ID_BYTES: usize = 512;
 /// The most authorities one `authorities_loaded` leaf lists.
@@ -493,7 +493,9 @@ impl Revocation {
         check_bound("reason", &self.reason, bounds::reason)?;
         match (&self.by, &self.authority) {
             (RevokedBy::Admin, None) => Ok(()),
-            (RevokedBy::Authority, Some(kid)) => check_token("authority", kid, MAX_ID_BYTES),
+            (RevokedBy::Authority, Some(kid)) => {
+                check_bound("authority", kid, bounds::authority_kid)
+            }
             _ => Err(field("authority", "present exactly when `by` is authority")),
         }
     }
@@ -723,8 +725,8 @@ impl AuthoritiesLoaded {
             }
         }
         for a in &self.authorities {
-            check_token("authorities.kid", &a.kid, MAX_ID_BYTES)?;
-            check_token("authorities.role", &a.role, MAX_ID_BYTES)?;
+            check_bound("authorities.kid", &a.kid, bounds::authority_kid)?;
+            check_bound("authorities.role", &a.role, bounds::role)?;
             check_token("authorities.alg", &a.alg, MAX_ID_BYTES)?;
         }
         check_requirements(&self.policy.require)?;
@@ -759,7 +761,7 @@ fn check_requirements(require: &BTreeMap<String, u32>) -> Result<(), LeafError> 
         ));
     }
     for role in require.keys() {
-        check_token("policy.require", role, MAX_ID_BYTES)?;
+        check_bound("policy.require", role, bounds::role)?;
     }
     Ok(())
 }

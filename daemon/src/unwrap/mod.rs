@@ -580,7 +580,7 @@ fn refuse(
     if matches!(error, WarrantError::Store(_)) {
         return Err(UnwrapError::StoreUnavailable(error.to_string()));
     }
-    let (id, digest) = claimed(jws);
+    let (id, digest) = claimed(jws, ctx.verifier.limits().max_warrant_bytes);
     let event = WarrantRefused::new(caller, id.as_deref(), digest, error.code())
         // A claimed id the leaf refuses (too long, odd characters) is left out.
         .or_else(|_| WarrantRefused::new(caller, None, digest, error.code()))
@@ -597,31 +597,34 @@ fn refuse(
 /// What a refused warrant claims to be: its `id` and the digest of its
 /// payload, for the refusal's audit leaf, so that auditors can tie refusals
 /// to warrants. Nothing here is trusted (the warrant did not verify); both
-/// are `None` when the JWS does not even decode.
-pub(crate) fn claimed(jws: &[u8]) -> (Option<String>, Option<Digest>) {
-    let Ok(value) = serde_json::from_slice::<serde_json::Value>(jws) else {
+/// are `None` when the JWS does not even decode, or is larger than
+/// `max_bytes` (the verifier's bound, which refused it unparsed as
+/// `warrant_too_large`). Only the members read are parsed, so a hostile
+/// JWS costs no more memory than its own size.
+pub(crate) fn claimed(jws: &[u8], max_bytes: usize) -> (Option<String>, Option<Digest>) {
+    if jws.len() > max_bytes {
         return (None, None);
-    };
-    let Some(payload) = value
-        .get("payload")
-        .and_then(|p| p.as_str())
-        .and_then(|p| crate::codec::b64_decode(p).ok())
+    }
+    let string = |raw: &serde_json::value::RawValue| serde_json::from_str::<String>(raw.get()).ok();
+    let Some(payload) = crate::codec::json_member(jws, "payload")
+        .and_then(string)
+        .and_then(|p| crate::codec::b64_decode(&p).ok())
     else {
         return (None, None);
     };
     let digest = Digest::of_warrant_payload(&payload);
-    let id = serde_json::from_slice::<serde_json::Value>(&payload)
-        .ok()
-        .and_then(|c| c.get("id").and_then(|i| i.as_str()).map(str::to_string))
+    let id = crate::codec::json_member(&payload, "id")
+        .and_then(string)
         .filter(|id| crate::bounds::warrant_id(id).is_ok());
     (id, Some(digest))
 }
 
 /// The warrant `id` an unwrap request body claims, unverified: for the
-/// request's log span, so that refused requests can be traced too.
-pub fn claimed_warrant_id(body: &[u8]) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    claimed(value.get("warrant")?.to_string().as_bytes()).0
+/// request's log span, so that refused requests can be traced too. `None`
+/// above `max_warrant_bytes`, as [`claimed`].
+pub fn claimed_warrant_id(body: &[u8], max_warrant_bytes: usize) -> Option<String> {
+    let warrant = crate::codec::json_member(body, "warrant")?;
+    claimed(warrant.get().as_bytes(), max_warrant_bytes).0
 }
 
 /// A revocation request, by an admin (`{"id","reason"}`) or by an authority

@@ -23,7 +23,7 @@ use super::WarrantError;
 use crate::codec::{b64_decode, b64_encode};
 
 /// Longest `kid` accepted in a protected header.
-pub const MAX_KID_CHARS: usize = 128;
+pub const MAX_KID_CHARS: usize = crate::bounds::MAX_AUTHORITY_KID_CHARS;
 /// Longest `typ` accepted in a protected header.
 const MAX_TYP_CHARS: usize = 64;
 
@@ -334,13 +334,11 @@ fn parse_signature(index: usize, raw: RawSignature) -> Result<JwsSignature, Warr
     let header: RawHeader = serde_json::from_slice(&protected)
         .map_err(|e| malformed(&format!("protected header: {e}")))?;
     let alg = Algorithm::from_name(&header.alg)?;
-    // The kid is echoed in errors and logs, so no control characters.
-    if header.kid.is_empty()
-        || header.kid.chars().count() > MAX_KID_CHARS
-        || header.kid.chars().any(char::is_control)
-    {
+    // The kid is echoed in errors, logs and audit leaves: the one rule of
+    // `crate::bounds` for authority kids, as the trust config has.
+    if let Err(e) = crate::bounds::authority_kid(&header.kid) {
         return Err(malformed(&format!(
-            "`kid` must be 1 to {MAX_KID_CHARS} characters without control characters"
+            "`kid` {e} (1 to {MAX_KID_CHARS} characters, no control characters or whitespace)"
         )));
     }
     if let Some(typ) = &header.typ {

@@ -29,8 +29,9 @@ pub enum SignError {
     /// The private JWK has no `kid`; the signature must name its authority.
     #[error("authority key has no `kid`")]
     MissingKid,
-    /// The JWK's `kid` is empty or longer than 128 characters.
-    #[error("authority key `kid` must be 1 to {MAX_KID_CHARS} characters")]
+    /// The JWK's `kid` is empty, longer than 128 characters, or holds a
+    /// control character or whitespace.
+    #[error("authority key `kid` must be 1 to {MAX_KID_CHARS} characters, without control characters or whitespace")]
     BadKid,
     /// The JWK's `alg` does not fit its key type (EC P-256 is `ES256`, OKP
     /// Ed25519 is `EdDSA`).
@@ -93,10 +94,7 @@ impl std::fmt::Debug for AuthorityKey {
 }
 
 fn check_kid(kid: &str) -> Result<(), SignError> {
-    if kid.is_empty() || kid.chars().count() > MAX_KID_CHARS {
-        return Err(SignError::BadKid);
-    }
-    Ok(())
+    crate::bounds::authority_kid(kid).map_err(|_| SignError::BadKid)
 }
 
 impl AuthorityKey {

@@ -46,12 +46,10 @@ use base64::Engine as _;
 use serde::{Deserialize, Deserializer};
 use time::OffsetDateTime;
 
-use super::jws::{Algorithm, MAX_KID_CHARS};
+use super::jws::Algorithm;
 use crate::codec::{format_time, parse_time};
 use crate::jwk::{Ed25519PublicKey, Jwk, P256PublicKey};
 
-/// Longest role name.
-const MAX_ROLE_CHARS: usize = 64;
 /// Longest emergency usability, in hours (30 days): beyond that it is not urgent.
 pub const MAX_EMERGENCY_HOURS: u32 = 720;
 
@@ -441,14 +439,20 @@ fn validate_rules(
     Ok(out)
 }
 
-fn check_name(field: &str, value: &str, max: usize) -> Result<(), TrustConfigError> {
-    if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
-        return Err(invalid(
+/// `rule` (one of `crate::bounds`, shared with the JWS header and the audit
+/// leaves that record the name) as a config error naming `field`.
+fn check_name(
+    field: &str,
+    value: &str,
+    rule: fn(&str) -> Result<(), crate::bounds::BoundError>,
+    max: usize,
+) -> Result<(), TrustConfigError> {
+    rule(value).map_err(|e| {
+        invalid(
             field,
-            format!("must be 1 to {max} characters without control characters"),
-        ));
-    }
-    Ok(())
+            format!("{e} (1 to {max} characters, no control characters or whitespace)"),
+        )
+    })
 }
 
 fn validate_authority(
@@ -456,8 +460,18 @@ fn validate_authority(
     a: &AuthorityConfig,
     base_dir: &Path,
 ) -> Result<Authority, TrustConfigError> {
-    check_name(&format!("{field}.kid"), &a.kid, MAX_KID_CHARS)?;
-    check_name(&format!("{field}.role"), &a.role, MAX_ROLE_CHARS)?;
+    check_name(
+        &format!("{field}.kid"),
+        &a.kid,
+        crate::bounds::authority_kid,
+        crate::bounds::MAX_AUTHORITY_KID_CHARS,
+    )?;
+    check_name(
+        &format!("{field}.role"),
+        &a.role,
+        crate::bounds::role,
+        crate::bounds::MAX_ROLE_CHARS,
+    )?;
     let alg = Algorithm::from_name(&a.alg)
         .map_err(|_| invalid(format!("{field}.alg"), "must be `ES256` or `EdDSA`"))?;
     let time = |name: &str, text: &str| {
@@ -693,6 +707,20 @@ mod tests {
             authority("exec-1", "executive"),
             authority("jud-1", "judicial")
         );
+        // Authority kids and roles follow the one rule of `crate::bounds`
+        // that the audit leaves recording them follow: no whitespace.
+        for (kid, role, field) in [
+            ("judicial 3", "judicial", "authorities[1].kid"),
+            ("jud-3", "high court", "authorities[1].role"),
+            ("jud\u{a0}3", "judicial", "authorities[1].kid"),
+        ] {
+            let text = format!(
+                "{}{}{DOUBLE_LOCK}",
+                authority("exec-1", "executive"),
+                authority(kid, role)
+            );
+            assert_eq!(field_of(&text), field, "{kid:?} {role:?}");
+        }
         // A policy that could never be met.
         let text =
             format!("{two}{DOUBLE_LOCK}[[policy.require]]\nrole = \"parliament\"\ncount = 1\n");

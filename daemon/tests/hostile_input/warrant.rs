@@ -119,3 +119,42 @@ proptest! {
         }
     }
 }
+
+/// A refused request's claimed warrant id (for its log span and refusal
+/// leaf) is read only up to the verifier's size bound, like the warrant
+/// itself: one byte over it claims nothing. Found by review: the probe
+/// parsed any size into a `serde_json::Value` tree.
+#[test]
+fn a_claimed_warrant_id_is_read_within_the_size_bound_only() {
+    let (a, _) = fixture();
+    let max = WarrantLimits::default().max_warrant_bytes;
+    let warrant = wc::signed(&wc::claims("W-CLAIMED"), &[&a.exec1, &a.jud1]);
+    let padded = |len: usize| {
+        let pad = " ".repeat(len - warrant.len());
+        format!("{{{pad}{}", std::str::from_utf8(&warrant[1..]).unwrap())
+    };
+    let body = |w: &str| format!(r#"{{"envelopes":[],"warrant":{w}}}"#);
+    let at_max = padded(max);
+    assert_eq!(at_max.len(), max);
+    assert_eq!(
+        lavd::unwrap::claimed_warrant_id(body(&at_max).as_bytes(), max).as_deref(),
+        Some("W-CLAIMED")
+    );
+    assert_eq!(
+        lavd::unwrap::claimed_warrant_id(body(&padded(max + 1)).as_bytes(), max),
+        None
+    );
+    // Not an object, or no warrant: nothing, and no error.
+    for junk in [
+        "[0,0,0]",
+        "{}",
+        r#"{"warrant":[0,0]}"#,
+        r#"{"warrant":"x"}"#,
+    ] {
+        assert_eq!(
+            lavd::unwrap::claimed_warrant_id(junk.as_bytes(), max),
+            None,
+            "{junk}"
+        );
+    }
+}
