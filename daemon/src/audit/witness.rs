@@ -660,11 +660,19 @@ pub fn check_add_checkpoint(
             request.old_size, checkpoint.size
         )));
     }
+    // A tree of size 0 has one root; a checkpoint claiming another is no
+    // tree at all (and two of them must never both be cosigned).
+    if checkpoint.size == 0 && checkpoint.root != super::merkle::empty_root() {
+        return Err(AddOutcome::BadProof(
+            "a checkpoint of size 0 must carry the empty tree's root".into(),
+        ));
+    }
     let (size, root) = recorded(origin).unwrap_or((0, super::merkle::empty_root()));
     if request.old_size != size {
         return Err(AddOutcome::Conflict { size });
     }
-    if size == checkpoint.size && root != checkpoint.root && size != 0 {
+    // C2SP tlog-witness: the same size must have the same root.
+    if size == checkpoint.size && root != checkpoint.root {
         return Err(AddOutcome::Conflict { size });
     }
     if size == 0 {
@@ -989,5 +997,23 @@ mod tests {
                 .status(),
             422
         );
+        // Size 0: the empty tree's root is cosigned; any other root is 422,
+        // whether or not an empty tree was recorded before.
+        let (_, empty) = signed_tree(0, 0);
+        assert_eq!(
+            check_add_checkpoint(&request(0, &empty), &trusted, &never)
+                .unwrap()
+                .size,
+            0
+        );
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let body = format!("log.example/a\n0\n{}\n", STANDARD.encode([7u8; 32]));
+        let mut line = log.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());
+        let bogus = format!("{body}\n— log.example/a {}\n", STANDARD.encode(line));
+        let refused = check_add_checkpoint(&request(0, &bogus), &trusted, &never);
+        assert_eq!(refused.unwrap_err().status(), 422);
+        let refused = check_add_checkpoint(&request(0, &bogus), &trusted, &at(0));
+        assert_eq!(refused.unwrap_err().status(), 422);
     }
 }

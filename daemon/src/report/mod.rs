@@ -744,11 +744,15 @@ fn key_epochs(
                 continue;
             }
         }
+        // `None` when the grace would end past the last representable time
+        // (a key kept "forever", to 9999-12-31): then it never ends.
+        let grace_end = e.destroy_after.checked_add(DESTROY_GRACE);
+        let past_grace = |t: OffsetDateTime| grace_end.is_some_and(|end| t > end);
         let status = match (e.destroyed, as_of) {
             (Some((at, forced)), _) if forced || at < e.destroy_after => KeyStatus::Early,
-            (Some((at, _)), _) if at <= e.destroy_after + DESTROY_GRACE => KeyStatus::OnTime,
+            (Some((at, _)), _) if !past_grace(at) => KeyStatus::OnTime,
             (Some(_), _) => KeyStatus::Late,
-            (None, Some(now)) if now > e.destroy_after + DESTROY_GRACE => KeyStatus::Overdue,
+            (None, Some(now)) if past_grace(now) => KeyStatus::Overdue,
             (None, _) => KeyStatus::Retained,
         };
         keys.keys += 1;

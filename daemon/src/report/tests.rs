@@ -309,6 +309,18 @@ fn an_urgent_period_past_the_end_of_time_never_lapses() {
     assert_eq!((r.urgent.lapsed, r.urgent.pending), (0, 1));
 }
 
+/// A key kept "forever" (`destroy_after` on the last day of year 9999,
+/// which `lavd keys generate` accepts): retained, not a panic.
+#[test]
+fn a_retention_past_the_end_of_time_is_retained() {
+    let events = vec![(
+        datetime!(2026-05-01 00:00 UTC),
+        key("forever", datetime!(9999-12-31 23:59:59 UTC)),
+    )];
+    let r = build(&events, &Options::default());
+    assert_eq!(r.keys.by_status["retained"], 1);
+}
+
 #[test]
 fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
     let options = Options {
