@@ -154,6 +154,41 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
         ])
     };
     assert_ok(&verify(&path_str(&policy_file)));
+    // The oversight report made under the policy names the witnesses whose
+    // cosignatures it verified; without a policy it names none.
+    let report = |policy: Option<&str>| {
+        let json = t.path("report.json");
+        let mut args = vec![
+            "audit",
+            "report",
+            "--key",
+            &log_vkey,
+            "--tiles",
+            &tiles,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--client-key",
+            &client_key,
+        ];
+        let out_html = path_str(&t.path("report.html"));
+        let out_json = path_str(&json);
+        args.extend(["--out", &out_html, "--json", &out_json]);
+        if let Some(p) = policy {
+            args.extend(["--policy", p]);
+        }
+        assert_ok(&t.lavd(&args));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let html = std::fs::read_to_string(t.path("report.html")).unwrap();
+        (v["verification"]["witnesses"].clone(), html)
+    };
+    let (witnesses, html) = report(Some(&path_str(&policy_file)));
+    assert_eq!(witnesses, serde_json::json!(["A", "B"]));
+    assert!(html.contains("data-witnesses=\"2\""), "{html}");
+    let (witnesses, html) = report(None);
+    assert_eq!(witnesses, serde_json::json!([]));
+    assert!(html.contains("data-witnesses=\"0\""), "{html}");
     // A policy that also needs the 403 witness rejects it.
     let strict = log.t.path("strict.policy");
     std::fs::write(

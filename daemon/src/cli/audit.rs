@@ -98,7 +98,7 @@ impl AuditCommand {
                 source,
                 save_checkpoint,
             } => {
-                let (new, summary) = source.verify()?;
+                let (new, summary, _) = source.verify()?;
                 print!("{summary}");
                 println!("verdict: the log verifies");
                 if let Some(path) = save_checkpoint {
@@ -220,13 +220,14 @@ impl Remote {
 }
 
 impl LogSource {
-    /// Reads or fetches the log and verifies it: the export and what the
-    /// verifier says it contains.
+    /// Reads or fetches the log and verifies it: the export, what the
+    /// verifier says it contains, and (with `--policy`) the names of the
+    /// policy's witnesses whose cosignatures on the checkpoint verified.
     ///
     /// # Errors
     /// An unreadable file or a failed fetch, or the [`VerifyError`] that
     /// failed.
-    pub fn verify(self) -> anyhow::Result<(Export, crate::audit::export::Summary)> {
+    pub fn verify(self) -> anyhow::Result<(Export, crate::audit::export::Summary, Vec<String>)> {
         let key = verifier_key(self.key)?;
         let client = |url: &str| self.remote.client(url);
         let new = match (&self.export, &self.url, &self.tiles) {
@@ -243,10 +244,11 @@ impl LogSource {
         };
         // The witness policy first: a checkpoint without its quorum is not
         // one the verifier may rely on, whatever the leaves say.
+        let mut witnesses = Vec::new();
         if let Some(path) = &self.policy {
             let policy = crate::audit::witness::Policy::parse(&read(path)?)
                 .with_context(|| format!("the policy {}", path.display()))?;
-            policy.verify(&new.checkpoint)?;
+            witnesses = policy.verify(&new.checkpoint)?.1;
         }
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
@@ -260,7 +262,7 @@ impl LogSource {
             }
             (None, None) => verify_export(&new, &key, None)?,
         };
-        Ok((new, summary))
+        Ok((new, summary, witnesses))
     }
 }
 

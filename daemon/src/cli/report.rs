@@ -51,8 +51,8 @@ impl ReportArgs {
         if let (Some(from), Some(to)) = (self.from, self.to) {
             anyhow::ensure!(from < to, "--from must be before --to");
         }
-        let (export, summary) = self.source.verify()?;
-        let report = Report::build(
+        let (export, summary, witnesses) = self.source.verify()?;
+        let mut report = Report::build(
             &export,
             &summary,
             &Options {
@@ -61,6 +61,7 @@ impl ReportArgs {
                 detail: self.detail,
             },
         );
+        report.verification.witnesses = witnesses;
         let json = report.to_json().context("encoding the JSON report")?;
         let page = html::render(&report);
         if let Some(path) = &self.json {

@@ -677,11 +677,20 @@ pub fn render(report: &Report) -> String {
          <dl class=\"facts\"><dt>origin</dt><dd>{origin}</dd><dt>size</dt><dd data-size=\"{size}\">{size}</dd>\
          <dt>root hash</dt><dd><code>{root}</code></dd>\
          <dt>consistent with earlier checkpoints of sizes</dt><dd>{consistent}</dd>\
-         <dt>witness cosignatures</dt><dd>none (lavd has no witnesses yet)</dd></dl>\
+         <dt>witness cosignatures</dt><dd data-witnesses=\"{count}\">{witnesses}</dd></dl>\
          <pre aria-label=\"the signed checkpoint\">{checkpoint}</pre></section>",
         size = v.size,
         root = escape(&v.root),
         checkpoint = escape(&v.checkpoint),
+        count = v.witnesses.len(),
+        witnesses = if v.witnesses.is_empty() {
+            "none checked (no witness policy was given)".to_owned()
+        } else {
+            format!(
+                "verified under the witness policy, which they meet: {}",
+                escape(&v.witnesses.join(", "))
+            )
+        },
     );
     let _ = writeln!(
         out,

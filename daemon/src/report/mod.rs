@@ -126,8 +126,9 @@ pub struct Verification {
     pub checkpoint: String,
     /// Sizes of the other signed checkpoints shown to be prefixes of it.
     pub consistent_with: Vec<u64>,
-    /// Witness cosignatures on the checkpoint. Always empty for now: lavd
-    /// has no witnesses yet.
+    /// The witnesses whose cosignatures on the checkpoint verified under
+    /// the `--policy` it was held to (which met its quorum); empty without
+    /// a policy, as nothing then says which witnesses to trust.
     pub witnesses: Vec<String>,
 }
 
