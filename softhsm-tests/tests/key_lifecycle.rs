@@ -73,6 +73,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
                 AttributeType::Sign,
                 AttributeType::Decrypt,
                 AttributeType::Unwrap,
+                AttributeType::Copyable,
             ],
         )
         .unwrap();
@@ -87,6 +88,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
         Attribute::Sign(false),
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
+        Attribute::Copyable(false),
     ];
     assert_eq!(attrs.len(), expected.len(), "{attrs:?}");
     for (got, want) in attrs.iter().zip(expected.iter()) {
@@ -96,6 +98,8 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
     assert!(session
         .update_attributes(key, &[Attribute::Extractable(true)])
         .is_err());
+    // So is a copy, which would outlive the key's destruction.
+    assert!(session.copy_object(key, &[]).is_err());
 
     // The same facts as pkcs11-tool (OpenSC) reports them.
     let out = std::process::Command::new("pkcs11-tool")
@@ -268,6 +272,7 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
                 AttributeType::Derive,
                 AttributeType::Decrypt,
                 AttributeType::NeverExtractable,
+                AttributeType::Copyable,
             ],
         )
         .unwrap();
@@ -279,10 +284,12 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
                 Attribute::Sign(true),
                 Attribute::Derive(false),
                 Attribute::Decrypt(false),
-                Attribute::NeverExtractable(true)
+                Attribute::NeverExtractable(true),
+                Attribute::Copyable(false)
             ]
         )
     );
+    assert!(session.copy_object(key, &[]).is_err());
     assert_fails_with(
         &t.lavd_with_config(&["keys", "generate-audit"]),
         1,

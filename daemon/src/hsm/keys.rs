@@ -166,6 +166,9 @@ impl Hsm {
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Modifiable(false),
+                // PKCS#11 defaults CKA_COPYABLE to true: a copy made with
+                // the PIN would survive the key's destruction at retention.
+                Attribute::Copyable(false),
                 Attribute::Derive(true),
                 Attribute::Sign(false),
                 Attribute::Decrypt(false),
@@ -300,6 +303,8 @@ impl Hsm {
                 Attribute::Sensitive(true),
                 Attribute::Extractable(false),
                 Attribute::Modifiable(false),
+                // No second copy of the log's signing key on the token.
+                Attribute::Copyable(false),
                 Attribute::Sign(true),
                 Attribute::Derive(false),
                 Attribute::Decrypt(false),
