@@ -14,6 +14,10 @@
 //! not say `opened`, and nothing may be released or spent: the reply says
 //! `key_destroyed`, and the warrant's one unit still opens another key's
 //! envelope.
+//!
+//! And the other order, the key gone from the token before the derive while
+//! the daemon holds its handle from earlier unwraps: `key_destroyed` too,
+//! not a 503 for the whole request.
 
 use std::time::{Duration, Instant};
 
@@ -128,5 +132,73 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["ok"]);
     let r = unwrap(&other);
+    assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
+}
+
+/// The other order: the key leaves the token before the unwrap's derive,
+/// while the daemon still holds the key's handle from an earlier unwrap.
+/// The stale handle is looked up again, so the envelope is `key_destroyed`
+/// (nothing released or spent), not a failing HSM that fails the request.
+#[test]
+fn a_key_destroyed_before_the_derive_of_a_cached_handle_is_key_destroyed() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 60000\n",
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    vault::generate_escrow_key(&t, "E-2");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let seal = |kid: &str, tag: &str| {
+        let escrow = vault::published_key(&c.provider, kid);
+        vault::seal(
+            &escrow,
+            kid,
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            tag,
+            &[7; 32],
+        )
+    };
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-STALE", recipient.public(), 3));
+    let unwrap = |envelope: &serde_json::Value| {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        )
+    };
+    // Every session of the pool learns E-2's handle.
+    for n in 0..2 {
+        let r = unwrap(&seal("E-2", &format!("warm-{n}")));
+        assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    }
+    let doomed = seal("E-2", "doomed");
+
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let reply = std::thread::scope(|s| {
+        let request = s.spawn(|| unwrap(&doomed));
+        eventually("the held derive", || shim.faults() > 0);
+        // The whole destruction, token included, while the derive waits.
+        assert_ok(&t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "E-2", "--force", "--reason", "seized",
+        ]));
+        assert!(!request.is_finished(), "the unwrap answered while held");
+        shim.set("");
+        request.join().unwrap()
+    });
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(vault::statuses(&reply.json()), ["key_destroyed"]);
+    // Nothing was spent: of the 3 units, the warm-ups spent 2 and 1 is left.
+    let r = unwrap(&seal("E-1", "after"));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    let r = unwrap(&seal("E-1", "over"));
     assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
 }

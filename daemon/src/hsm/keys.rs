@@ -235,7 +235,8 @@ impl Hsm {
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         self.with_session("ecdh_derive", |session| {
             let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
-            let params = Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1());
+            let mechanism =
+                || Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1()));
             let mut template = vec![
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::GENERIC_SECRET),
@@ -246,9 +247,25 @@ impl Hsm {
             if value_len {
                 template.push(Attribute::ValueLen(32u64.into()));
             }
-            let derived = session
-                .derive_key(&Mechanism::Ecdh1Derive(params), key, &template)
-                .inspect_err(|_| self.forget_handle(&label))?;
+            let derived = match session.derive_key(&mechanism(), key, &template) {
+                Ok(derived) => derived,
+                Err(e) => {
+                    self.forget_handle(&label);
+                    if !stale_handle(&e) {
+                        return Err(e.into());
+                    }
+                    // A handle kept from an earlier call names nothing once
+                    // the key was destroyed (by `lavd keys destroy`, another
+                    // process): look it up again, so that a destroyed key is
+                    // `KeyNotFound` (the envelope's `key_destroyed`), not a
+                    // failing HSM that fails the whole batch.
+                    let key =
+                        self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
+                    session
+                        .derive_key(&mechanism(), key, &template)
+                        .inspect_err(|_| self.forget_handle(&label))?
+                }
+            };
             take_secret(session, derived)
         })
     }
@@ -408,6 +425,7 @@ impl Hsm {
         Ok(handle)
     }
 
+    /// Forgets the cached handle of `label`.
     fn forget_handle(&self, label: &str) {
         self.inner
             .handles
@@ -415,6 +433,15 @@ impl Hsm {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(label);
     }
+}
+
+/// Whether `e` says the object handle passed names no object (any more).
+fn stale_handle(e: &cryptoki::error::Error) -> bool {
+    use cryptoki::error::{Error, RvError};
+    matches!(
+        e,
+        Error::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)
+    )
 }
 
 #[cfg(test)]
