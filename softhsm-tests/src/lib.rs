@@ -311,17 +311,35 @@ impl TestToken {
     }
 
     /// The slot holding this token.
+    ///
+    /// Looked up again for up to a second: this process's SoftHSM re-reads
+    /// a token's files when another process (a `lavd` command of the test)
+    /// changed them, and under load a lookup right then has been seen to
+    /// miss the token once in a few runs.
     pub fn slot(&self) -> Slot {
         let p = harness().pkcs11();
-        p.get_slots_with_token()
-            .expect("slots")
-            .into_iter()
-            .find(|s| {
-                p.get_token_info(*s)
-                    .map(|i| i.label().trim_end() == self.label)
-                    .unwrap_or(false)
-            })
-            .expect("token present")
+        let mut errors = Vec::new();
+        for _ in 0..50 {
+            let found = p
+                .get_slots_with_token()
+                .expect("slots")
+                .into_iter()
+                .find(|s| match p.get_token_info(*s) {
+                    Ok(i) => i.label().trim_end() == self.label,
+                    Err(e) => {
+                        errors.push(format!("{s:?}: {e}"));
+                        false
+                    }
+                });
+            if let Some(slot) = found {
+                return slot;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!(
+            "token {} not present; C_GetTokenInfo errors: {errors:?}",
+            self.label
+        )
     }
 
     /// A new logged-in session of the test's own (not lavd's).

@@ -380,15 +380,31 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
 fn an_interrupted_destruction_is_finished_by_running_it_again() {
     let t = TestToken::new();
     assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&generate(&t, "2027-02", "2030-01-01T00:00:00Z"));
     // The store already says destroyed (the first step), the token still
     // holds the key (the crash came before the second).
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    db.execute(
-        "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', destroy_reason = 'forced: x' WHERE kid = ?1",
-        [KID],
-    )
-    .unwrap();
-    drop(db);
+    let interrupt = |kid: &str| {
+        let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+        db.execute(
+            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', destroy_reason = 'forced: x' WHERE kid = ?1",
+            [kid],
+        )
+        .unwrap();
+    };
+    // The daily job finishes it on the token.
+    interrupt("2027-02");
+    assert!(private_key(&t, "2027-02").is_some());
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    assert_ok(&out);
+    assert!(private_key(&t, "2027-02").is_none());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("escrow key 2027-02: finished an interrupted destruction"),
+        "{out:?}"
+    );
+    assert!(private_key(&t, KID).is_some());
+    // So does `--kid`, run again.
+    interrupt(KID);
     assert!(private_key(&t, KID).is_some());
     // Not published while the store says destroyed.
     let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));

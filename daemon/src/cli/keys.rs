@@ -179,9 +179,28 @@ impl KeysCommand {
                         }
                     }
                     for k in store.list_keys()? {
-                        if k.destroyed_at.is_some() && hsm.escrow_key_present(&k.kid)? {
-                            hsm.destroy_escrow_key(&k.kid)?;
-                            eprintln!("escrow key {}: finished an interrupted destruction", k.kid);
+                        if k.destroyed_at.is_none() {
+                            continue;
+                        }
+                        let finished = hsm
+                            .escrow_key_present(&k.kid)
+                            .and_then(|present| {
+                                if present {
+                                    hsm.destroy_escrow_key(&k.kid)?;
+                                }
+                                Ok(present)
+                            })
+                            .map_err(keys::KeyError::from);
+                        match finished {
+                            Ok(true) => eprintln!(
+                                "escrow key {}: finished an interrupted destruction",
+                                k.kid
+                            ),
+                            Ok(false) => {}
+                            Err(e) => {
+                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), k.kid);
+                                failed.push(k.kid);
+                            }
                         }
                     }
                     if !failed.is_empty() {
