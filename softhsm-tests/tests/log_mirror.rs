@@ -7,6 +7,8 @@
 //! - a run cut short (here by a response limit smaller than a tile) leaves
 //!   the previous checkpoint in place, so the mirror still verifies as it
 //!   was, and the next run completes it;
+//! - a tile fetched but refused is dropped, so the next run fetches it
+//!   again and completes, instead of failing on it for good;
 //! - a mirrored tile altered on disk is caught by the next run.
 
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
@@ -131,6 +133,30 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     assert_ok(&mirror(&[]));
     let resumed = verify();
     assert_ne!(size_line(&resumed), size_line(&grown), "{resumed}");
+
+    // A tile fetched but refused (here: planted where a run cut short
+    // would have staged the new entry bundle) is dropped, not kept: the
+    // run after it fetches it again and completes.
+    unwrap_batch(&c.agency, &escrow, &warrant, "e");
+    let size = vault::tree_size(&c.auditor);
+    let bundle = if size % 256 == 0 {
+        format!("tile/entries/{:03}", size / 256 - 1)
+    } else {
+        format!("tile/entries/{:03}.p/{}", size / 256, size % 256)
+    };
+    let incoming = t.path("mirror").join(".incoming");
+    let planted = incoming.join(&bundle);
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    std::fs::write(&planted, b"not an entry bundle").unwrap();
+    let refused = mirror(&[]);
+    assert!(
+        !refused.status.success(),
+        "a bad staged bundle was accepted"
+    );
+    assert!(!incoming.exists(), "the refused tiles were kept");
+    assert_eq!(size_line(&verify()), size_line(&resumed));
+    assert_ok(&mirror(&[]));
+    assert_ne!(size_line(&verify()), size_line(&resumed));
 
     // A mirrored tile altered on disk: the next run refuses it.
     let tile = t.path("mirror").join("tile/0/000");

@@ -335,14 +335,38 @@ fn mirror(
     let upstream = TilesAt::url(remote.client(url)?, url);
     let checkpoint = String::from_utf8(upstream.get("checkpoint")?)
         .context("the log's checkpoint is not UTF-8")?;
-    let fetched = std::rc::Rc::new(std::cell::Cell::new(0));
+    let state = std::rc::Rc::new(MirrorRun::default());
     let source = TilesAt::Mirror {
         dir: dir.to_path_buf(),
         remote: Box::new(upstream),
-        fetched: fetched.clone(),
+        run: state.clone(),
     };
-    let export = read_tiles(&source, key, checkpoint.clone(), held.as_ref())?;
-    // Every tile is in the directory and verified: now the checkpoint.
+    let incoming = dir.join(INCOMING);
+    let export = match read_tiles(&source, key, checkpoint.clone(), held.as_ref()) {
+        Ok(export) => export,
+        Err(e) => {
+            // Tiles that were fetched whole but refused are dropped, so
+            // that the next run fetches them again instead of failing on
+            // the same bytes; after a failed fetch (a cut connection, a
+            // limit) they are kept for the next run to resume with.
+            if !state.fetch_failed.get() {
+                let _ = std::fs::remove_dir_all(&incoming);
+            }
+            return Err(e);
+        }
+    };
+    // Every tile is verified: the new ones move into place, then the
+    // checkpoint.
+    for path in state.staged.borrow().iter() {
+        let file = dir.join(path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        std::fs::rename(incoming.join(path), &file)
+            .with_context(|| format!("moving {} into place", file.display()))?;
+    }
+    let _ = std::fs::remove_dir_all(&incoming);
     write_atomically(&dir.join("checkpoint"), checkpoint.as_bytes())
         .with_context(|| format!("writing {}", dir.join("checkpoint").display()))?;
     println!(
@@ -350,9 +374,24 @@ fn mirror(
         export.entries.len(),
         export.origin,
         dir.display(),
-        fetched.get()
+        state.fetched.get()
     );
     Ok(())
+}
+
+/// Where a mirror run keeps the tiles it fetched until the tree they make
+/// is verified: a tile in the mirror itself is always a verified one.
+const INCOMING: &str = ".incoming";
+
+/// What one mirror run fetched.
+#[derive(Debug, Default)]
+struct MirrorRun {
+    /// Tiles fetched from the log, this run or an earlier one cut short.
+    fetched: std::cell::Cell<u64>,
+    /// Their paths under [`INCOMING`], to move into place once verified.
+    staged: std::cell::RefCell<std::collections::BTreeSet<String>>,
+    /// Whether a fetch failed (rather than a fetched tile being refused).
+    fetch_failed: std::cell::Cell<bool>,
 }
 
 /// Where C2SP tiles are read from: a directory in the served layout, or an
@@ -365,11 +404,12 @@ enum TilesAt {
         prefix: String,
     },
     /// A local mirror of a remote: tiles already there are read from the
-    /// directory (a served tile never changes), the others fetched and kept.
+    /// directory (a served tile never changes), the others fetched and
+    /// staged until verified.
     Mirror {
         dir: PathBuf,
         remote: Box<TilesAt>,
-        fetched: std::rc::Rc<std::cell::Cell<u64>>,
+        run: std::rc::Rc<MirrorRun>,
     },
 }
 
@@ -392,19 +432,24 @@ impl TilesAt {
             TilesAt::Url { client, prefix } => client
                 .get_bytes(&format!("{prefix}/{path}"))
                 .map(|b| b.to_vec()),
-            TilesAt::Mirror {
-                dir,
-                remote,
-                fetched,
-            } => {
-                let file = dir.join(path);
-                if let Ok(bytes) = std::fs::read(&file) {
+            TilesAt::Mirror { dir, remote, run } => {
+                if let Ok(bytes) = std::fs::read(dir.join(path)) {
                     return Ok(bytes);
                 }
-                let bytes = remote.get(path)?;
-                write_atomically(&file, &bytes)
-                    .with_context(|| format!("writing {}", file.display()))?;
-                fetched.set(fetched.get() + 1);
+                let staged = dir.join(INCOMING).join(path);
+                let bytes = match std::fs::read(&staged) {
+                    Ok(bytes) => bytes,
+                    Err(_) => {
+                        let bytes = remote
+                            .get(path)
+                            .inspect_err(|_| run.fetch_failed.set(true))?;
+                        write_atomically(&staged, &bytes)
+                            .with_context(|| format!("writing {}", staged.display()))?;
+                        run.fetched.set(run.fetched.get() + 1);
+                        bytes
+                    }
+                };
+                run.staged.borrow_mut().insert(path.to_string());
                 Ok(bytes)
             }
         }
