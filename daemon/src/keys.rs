@@ -158,11 +158,25 @@ pub fn generate(
     )
     .map_err(|e| KeyError::Audit(e.to_string()))?
     .into();
-    store.append(AuditAppend {
+    if let Err(e) = store.append(AuditAppend {
         events: vec![event],
         time: now,
         spend: Spend::InsertKey(record.clone()),
-    })?;
+    }) {
+        // The pair is on the token: unknown to the store, it would hold the
+        // kid forever and never be destroyed at retention.
+        return match store.get_key(kid) {
+            // The commit took effect after all (its outcome was unknown).
+            Ok(Some(stored)) if stored.public == record.public => Ok(record),
+            Ok(None) => {
+                if let Err(d) = hsm.destroy_escrow_key(kid) {
+                    tracing::error!(kid, error = %d, "could not delete the key pair the store did not record; delete it by its label before generating this kid again");
+                }
+                Err(e.into())
+            }
+            _ => Err(e.into()),
+        };
+    }
     Ok(record)
 }
 

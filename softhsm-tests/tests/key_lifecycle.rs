@@ -439,3 +439,43 @@ fn a_public_key_swapped_in_the_store_is_never_published() {
         .collect();
     assert_eq!(kids, ["2027-01"]);
 }
+
+/// A generation that fails after the HSM made the pair leaves nothing on
+/// the token, so the same kid can be generated once the fault is gone:
+/// through the fault module, reading the new public key fails (the device
+/// error counts as a lost session, and is not retried, which would meet
+/// the pair just made); and, on plain SoftHSM, the store refuses the record.
+#[test]
+fn a_failed_generation_leaves_no_key_pair_behind() {
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    shim.set("fault = device_error\nfault_calls = C_GetAttributeValue");
+    let out = generate(&t, KID, "2030-01-01T00:00:00Z");
+    assert_fails_with(&out, 1, "hsm_unavailable");
+    assert!(shim.faults() > 0);
+    assert!(
+        private_key(&t, KID).is_none(),
+        "a pair was left on the token"
+    );
+    shim.set("");
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert!(private_key(&t, KID).is_some());
+
+    // The store refuses the record (a trigger stands in for a failing
+    // database): the pair the HSM made is deleted again.
+    t.write_config("");
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE INSERT ON escrow_keys BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+    )
+    .unwrap();
+    let out = generate(&t, "2027-03", "2030-01-01T00:00:00Z");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        private_key(&t, "2027-03").is_none(),
+        "an orphan pair was left"
+    );
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert_ok(&generate(&t, "2027-03", "2030-01-01T00:00:00Z"));
+}

@@ -141,7 +141,7 @@ impl Hsm {
     /// [`HsmError::DuplicateKey`] if the token already has a key with this kid.
     pub fn generate_escrow_key(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
         let label = escrow_label(kid);
-        self.with_session("generate_escrow_key", |session| {
+        self.with_session_once("generate_escrow_key", |session| {
             if find_one(session, ObjectClass::PRIVATE_KEY, &label)?.is_some()
                 || find_one(session, ObjectClass::PUBLIC_KEY, &label)?.is_some()
             {
@@ -176,13 +176,17 @@ impl Hsm {
                 Attribute::Label(label.as_bytes().to_vec()),
                 Attribute::Id(id),
             ];
-            let (public, _private) = session.generate_key_pair(
+            let (public, private) = session.generate_key_pair(
                 &Mechanism::EccKeyPairGen,
                 &public_template,
                 &private_template,
             )?;
-            let point = read_ec_point(session, public, &label, 65)?;
-            P256PublicKey::from_sec1(&point).map_err(|_| HsmError::InvalidPublicKey(label.clone()))
+            read_ec_point(session, public, &label, 65)
+                .and_then(|point| {
+                    P256PublicKey::from_sec1(&point)
+                        .map_err(|_| HsmError::InvalidPublicKey(label.clone()))
+                })
+                .inspect_err(|_| discard_pair(session, public, private))
         })
     }
 
@@ -300,7 +304,7 @@ impl Hsm {
     /// # Errors
     /// [`HsmError::DuplicateKey`] if the label is taken.
     pub fn generate_audit_key(&self, label: &str) -> Result<AuditKeyInfo, HsmError> {
-        self.with_session("generate_audit_key", |session| {
+        self.with_session_once("generate_audit_key", |session| {
             if find_one(session, ObjectClass::PRIVATE_KEY, label)?.is_some()
                 || find_one(session, ObjectClass::PUBLIC_KEY, label)?.is_some()
             {
@@ -328,17 +332,21 @@ impl Hsm {
                 Attribute::Unwrap(false),
                 Attribute::Label(label.as_bytes().to_vec()),
             ];
-            let (public, _) = session.generate_key_pair(
+            let (public, private) = session.generate_key_pair(
                 &Mechanism::EccEdwardsKeyPairGen,
                 &public_template,
                 &private_template,
             )?;
-            let point = read_ec_point(session, public, label, 32)?;
-            Ok(AuditKeyInfo {
-                label: label.to_string(),
-                public: Ed25519PublicKey::from_bytes(&point)
-                    .map_err(|_| HsmError::InvalidPublicKey(label.to_string()))?,
-            })
+            read_ec_point(session, public, label, 32)
+                .and_then(|point| {
+                    Ed25519PublicKey::from_bytes(&point)
+                        .map_err(|_| HsmError::InvalidPublicKey(label.to_string()))
+                })
+                .map(|public| AuditKeyInfo {
+                    label: label.to_string(),
+                    public,
+                })
+                .inspect_err(|_| discard_pair(session, public, private))
         })
     }
 
@@ -432,6 +440,19 @@ impl Hsm {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(label);
+    }
+}
+
+/// Deletes a key pair just generated whose public half could not be read:
+/// left on the token, it would hold its label (the kid could never be
+/// generated again) and, unknown to the store, never be destroyed. Best
+/// effort: if the token fails here too, the error that led here is the one
+/// reported, and `lavd keys generate` names the label in it.
+fn discard_pair(session: &Session, public: ObjectHandle, private: ObjectHandle) {
+    for handle in [private, public] {
+        if let Err(e) = session.destroy_object(handle) {
+            tracing::error!(error = %e, "could not delete a key pair whose generation failed");
+        }
     }
 }
 

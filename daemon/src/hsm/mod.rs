@@ -372,6 +372,28 @@ impl Hsm {
         op: &'static str,
         f: impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
+        self.with_session_retrying(op, true, f)
+    }
+
+    /// As [`Hsm::with_session`], but never runs `f` twice: for an operation
+    /// that may have taken effect on the device although its answer was
+    /// lost (generating a key pair), where a second run would meet the
+    /// first one's result. A lost session still reconnects, for the next
+    /// call.
+    fn with_session_once<T>(
+        &self,
+        op: &'static str,
+        f: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
+        self.with_session_retrying(op, false, f)
+    }
+
+    fn with_session_retrying<T>(
+        &self,
+        op: &'static str,
+        retry: bool,
+        f: impl Fn(&Session) -> Result<T, HsmError>,
+    ) -> Result<T, HsmError> {
         let _shared = self.shared();
         let started = Instant::now();
         let result = self.try_with_session(&f).or_else(|e| {
@@ -379,7 +401,11 @@ impl Hsm {
                 tracing::warn!(error = %e, "HSM session lost; reconnecting");
                 self.reconnect();
                 self.inner.observer.reconnected();
-                self.try_with_session(&f)
+                if retry {
+                    self.try_with_session(&f)
+                } else {
+                    Err(e)
+                }
             } else {
                 Err(e)
             }
