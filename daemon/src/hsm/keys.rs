@@ -597,5 +597,25 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
         assert_eq!(hsm.open_sessions(), 1);
+
+        // A job that panics while it holds a secret (the spreader catches
+        // the panic): its session is closed too, and the secret with it.
+        let left = Mutex::new(None);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            hsm.with_session("test", |s| -> Result<(), HsmError> {
+                *left.lock().unwrap() = Some(s.create_object(&secret(true))?);
+                panic!("a job panicked holding a secret");
+            })
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(hsm.open_sessions(), 0);
+        assert_eq!(busy.0.load(Ordering::SeqCst), 0);
+        let object = left.lock().unwrap().take().unwrap();
+        let e = hsm
+            .with_session("test", |s| {
+                Ok(s.get_attributes(object, &[AttributeType::Value])?)
+            })
+            .unwrap_err();
+        assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
     }
 }

@@ -239,7 +239,11 @@ impl Lease<'_> {
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if let Some(session) = self.session.take() {
-            self.pool.give_back(session, self.generation, self.discard);
+            // Dropped by a panic (the caller's job caught it): whatever the
+            // job left in the session, a derived secret it had not yet
+            // destroyed included, goes with it, never to the next caller.
+            let discard = self.discard || std::thread::panicking();
+            self.pool.give_back(session, self.generation, discard);
         }
     }
 }
