@@ -776,7 +776,12 @@ impl Client {
     /// 1.3 the server's verdict on the client certificate arrives with the
     /// first read).
     pub fn connect(&self) -> std::io::Result<TlsConn> {
-        let mut tcp = TcpStream::connect(self.addr)?;
+        self.connect_over(TcpStream::connect(self.addr)?)
+    }
+
+    /// As [`Client::connect`], over `tcp`, already connected to
+    /// [`Client::addr`] (with socket options of the test's choosing).
+    pub fn connect_over(&self, mut tcp: TcpStream) -> std::io::Result<TlsConn> {
         tcp.set_read_timeout(Some(Duration::from_secs(30)))?;
         // Without it, Nagle's algorithm holds the request behind the
         // handshake's last flight until a delayed ACK (~40 ms a connection).

@@ -124,3 +124,44 @@ fn an_oversized_request_head_is_431_and_closes_the_connection() {
     // A normal head on a new connection is served.
     assert_eq!(client.get("/v1/keys").status, 200);
 }
+
+/// A peer that sends requests and never reads the responses cannot keep its
+/// connection (and, at `max_connections = 1`, every other client out): once
+/// the daemon's writes have waited for the idle timeout, it drops it. (The
+/// header timeout, long here, would otherwise end some such connections,
+/// depending on where the last read fell.)
+#[test]
+fn a_peer_that_never_reads_its_responses_is_cut_off() {
+    let (_t, pki, daemon) = start(
+        "idle_timeout_secs = 1\nheader_read_timeout_secs = 60\nmax_connections = 1\n\
+         rate_limit_per_second = 1000000.0\nrate_limit_burst = 1000000\n",
+    );
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    // A receive buffer of 4 KiB, set before connecting so that the window
+    // the peer advertises stays small: the daemon's writes block early.
+    let fd = rustix::net::socket(
+        rustix::net::AddressFamily::INET,
+        rustix::net::SocketType::STREAM,
+        None,
+    )
+    .unwrap();
+    rustix::net::sockopt::set_socket_recv_buffer_size(&fd, 4096).unwrap();
+    rustix::net::connect(&fd, &daemon.api).unwrap();
+    let mut hog = client.connect_over(TcpStream::from(fd)).unwrap();
+    // About 10 MB of 404 answers (cheap to make), more than the daemon's
+    // socket send buffer (up to 4 MiB by default) and the peer's hold.
+    let burst = "GET /v1/nothing-here HTTP/1.1\r\nhost: localhost\r\n\r\n".repeat(40_000);
+    let writer = std::thread::spawn(move || {
+        // Blocks once the daemon stops reading; fails when it is cut off.
+        let _ = hog.send(burst.as_bytes());
+        hog
+    });
+    let started = Instant::now();
+    let r = client
+        .request("GET", "/v1/keys", None)
+        .expect("a second client is served once the first is cut off");
+    assert_eq!(r.status, 200);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    drop(writer.join().unwrap());
+}

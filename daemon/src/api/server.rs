@@ -584,6 +584,12 @@ pub(crate) async fn drive<I, S, B>(
                     tracing::debug!("request head not received in time; closing");
                     return;
                 }
+                // Graceful shutdown waits for the response to be written,
+                // which a peer that does not read would make forever.
+                Verdict::WriteStalled => {
+                    tracing::debug!("the peer has not read its responses for the idle timeout; closing");
+                    return;
+                }
             },
         }
     }
@@ -600,6 +606,10 @@ pub struct Activity {
     head_started: AtomicU64,
     /// When the last request finished (or the connection started).
     idle_since: AtomicU64,
+    /// Since when a write to the peer has been waiting (the peer's window
+    /// and our buffers full: it does not read); [`NONE`] while writes go
+    /// through.
+    write_blocked_since: AtomicU64,
 }
 
 const NONE: u64 = u64::MAX;
@@ -610,6 +620,7 @@ pub(crate) enum Verdict {
     Fine,
     Idle,
     HeaderTimeout,
+    WriteStalled,
 }
 
 impl Activity {
@@ -619,6 +630,22 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             head_started: AtomicU64::new(NONE),
             idle_since: AtomicU64::new(0),
+            write_blocked_since: AtomicU64::new(NONE),
+        }
+    }
+
+    /// Notes the outcome of a write, flush or shutdown towards the peer.
+    fn on_write<T>(&self, result: &Poll<T>) {
+        if result.is_pending() {
+            let now = self.millis(Instant::now());
+            let _ = self.write_blocked_since.compare_exchange(
+                NONE,
+                now,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            );
+        } else {
+            self.write_blocked_since.store(NONE, Ordering::SeqCst);
         }
     }
 
@@ -644,10 +671,15 @@ impl Activity {
     }
 
     pub(crate) fn check(&self, now: Instant, t: &Timeouts) -> Verdict {
+        let now_ms = self.millis(now);
+        let blocked = self.write_blocked_since.load(Ordering::SeqCst);
+        if blocked != NONE && now_ms.saturating_sub(blocked) > millis(t.idle) {
+            return Verdict::WriteStalled;
+        }
         if self.in_flight.load(Ordering::SeqCst) > 0 {
             return Verdict::Fine;
         }
-        let now = self.millis(now);
+        let now = now_ms;
         let head = self.head_started.load(Ordering::SeqCst);
         if head != NONE {
             if now.saturating_sub(head) > millis(t.header_read) {
@@ -708,15 +740,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.activity.on_write(&result);
+        result
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.activity.on_write(&result);
+        result
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.activity.on_write(&result);
+        result
     }
 
     fn poll_write_vectored(
@@ -724,7 +765,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.activity.on_write(&result);
+        result
     }
 
     fn is_write_vectored(&self) -> bool {
