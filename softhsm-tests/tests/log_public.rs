@@ -84,8 +84,15 @@ fn the_public_listener_serves_the_log_and_nothing_else() {
         ("POST", "/v1/unwrap"),
         ("POST", "/v1/warrants/revocations"),
     ] {
-        let r = anyone.request(method, path, Some(b"{}")).expect("request");
+        let r = anyone.request(method, path, None).expect("request");
         r.assert_error(404, "not_found");
+    }
+    // And no body is read there, whatever the path: refused before it is.
+    for path in ["/v1/unwrap", "/v1/log/checkpoint"] {
+        let r = anyone
+            .request("POST", path, Some(&[b'x'; 2048]))
+            .expect("request");
+        r.assert_error(413, "body_too_large");
     }
     anyone
         .get("/v1/log/tile/0/x000/000")

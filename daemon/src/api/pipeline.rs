@@ -302,10 +302,16 @@ where
         }
     };
 
+    // The public listener serves only GETs of the log: it reads no body
+    // from anyone, so none can hold memory there for the body timeout.
+    let max_body = match &api.access {
+        Access::Public(_) => 0,
+        Access::Mutual => state.limits.max_body_bytes,
+    };
     let bytes = match read_bounded_body(
         &parts.headers,
         body,
-        state.limits.max_body_bytes,
+        max_body,
         state.limits.body_read_timeout,
     )
     .await
