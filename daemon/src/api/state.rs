@@ -125,7 +125,7 @@ pub struct StartupSettings {
     /// `[store]`.
     pub store: crate::store::StoreSettings,
     /// `[hsm]` as far as a change matters (module, token, sessions,
-    /// quirks, environment; not the PIN).
+    /// quirks, environment, call timeout; not the PIN).
     pub hsm: String,
     /// `[audit]`.
     pub audit: crate::config::AuditSettings,
@@ -142,12 +142,13 @@ impl StartupSettings {
             log: s.log.clone(),
             store: s.store.clone(),
             hsm: format!(
-                "{} {} {} {:?} {:?}",
+                "{} {} {} {:?} {:?} {:?}",
                 s.hsm.module.display(),
                 s.hsm.token,
                 s.hsm.sessions,
                 s.hsm.quirks,
-                s.hsm.module_env
+                s.hsm.module_env,
+                s.hsm.call_timeout
             ),
             audit: s.audit.clone(),
         }

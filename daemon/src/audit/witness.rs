@@ -370,6 +370,11 @@ impl Policy {
         Ok(policy)
     }
 
+    /// Whether the quorum needs any cosignature (it is not `none`).
+    pub fn needs_cosignatures(&self) -> bool {
+        self.quorum != "none"
+    }
+
     fn is_defined(&self, name: &str) -> bool {
         self.witnesses.iter().any(|(n, ..)| n == name)
             || self.groups.iter().any(|(n, ..)| n == name)

@@ -342,11 +342,13 @@ impl Validator<'_> {
         let d = Limits::default();
         let rate = match raw.rate_limit_per_second {
             None => d.rate_limit_per_second,
-            Some(r) if r.is_finite() && r > 0.0 && r <= 1e6 => r,
+            // At least one request in 1000 s: below that, the wait a refusal
+            // names would not fit a `Duration`.
+            Some(r) if r.is_finite() && (0.001..=1e6).contains(&r) => r,
             Some(_) => {
                 return Err(self.err(
                     "limits.rate_limit_per_second",
-                    "must be a number above 0 and at most 1000000",
+                    "must be a number from 0.001 to 1000000",
                 ))
             }
         };

@@ -187,6 +187,10 @@ fn serve_table_refusals_name_the_field() {
             "[limits]\nrate_limit_per_second = 0\n",
             "limits.rate_limit_per_second",
         ),
+        (
+            "[limits]\nrate_limit_per_second = 1e-20\n",
+            "limits.rate_limit_per_second",
+        ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[log]\nlevel = \"lavd=[\"\n", "log.level"),
@@ -471,6 +475,14 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         &files,
         "audit.witnesses[1].name",
         "other.example",
+    );
+    // release_after_witness under a quorum of none.
+    let none = format!("witness A {k1}\nwitness B {k2}\nquorum none\n");
+    refused(
+        &both,
+        &[("ca.pem", ""), ("p.policy", none.as_str())],
+        "audit.release_after_witness",
+        "`none`",
     );
     // Witnesses, or release_after_witness, without a policy.
     refused(

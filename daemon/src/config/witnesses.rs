@@ -204,6 +204,18 @@ impl Validator<'_> {
                 ),
             ));
         }
+        // Waiting for a quorum of none would wait for a cosignature row
+        // that nothing need ever write: every opening unwrap would time out
+        // after spending its budget.
+        if raw.release_after_witness == Some(true) && !policy.needs_cosignatures() {
+            return Err(self.err(
+                "audit.release_after_witness",
+                format!(
+                    "{}'s quorum is `none`: there would be no cosignatures to wait for",
+                    policy_file.display()
+                ),
+            ));
+        }
         let secs = |field: &str, value: Option<u64>, default: u64| {
             let s = value.unwrap_or(default);
             if s == 0 || s > MAX_WITNESS_TIMEOUT_SECS {
