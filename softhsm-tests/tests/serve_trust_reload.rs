@@ -178,3 +178,52 @@ fn a_trust_change_whose_leaf_cannot_be_written_does_not_apply() {
     let r = vault::post(&c.agency, "/v1/unwrap", &body);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
+
+/// The other failure after the leaf: it is committed, but the HSM cannot
+/// sign the checkpoint (through the fault module, `C_Sign` failing). The
+/// log then says the new policy, so the new policy applies: the log must
+/// never record one trust while the daemon enforces another.
+#[test]
+fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &serve);
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    assert_eq!(loaded(&c.auditor).len(), 1);
+
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let a = authorities();
+    let warrant = Authorities::sign(
+        &vault::claims("W-UNSIGNED", recipient.public(), 5),
+        &[&a.executive],
+    );
+    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
+    )]});
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
+    assert_ne!(loosened, config);
+    std::fs::write(t.config(), loosened).unwrap();
+    shim.set("fault = device_error\nfault_calls = C_Sign");
+    reload(&daemon);
+    assert!(shim.faults() > 0, "the checkpoint was signed after all");
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0
+    );
+    shim.set("");
+    let after = loaded(&c.auditor);
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert!(after[1]["policy"]["require"].get("judicial").is_none());
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}

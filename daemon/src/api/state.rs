@@ -263,13 +263,20 @@ impl ServerState {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it
             // cannot be written the reload fails and the old trust stays.
+            // Once the leaf is durable the new trust applies, even if no
+            // checkpoint covers it yet: the log must never say one trust
+            // while the daemon enforces another.
             let trust = settings.require_trust()?;
-            self.log_authorities_loaded(trust)
+            let unsigned = self
+                .log_authorities_loaded(trust)
                 .map_err(|e| ConfigError {
                     file: self.config_file.clone(),
                     field: "authorities".into(),
                     reason: format!("not applied: its audit record could not be written: {e}"),
                 })?;
+            if let Some(e) = unsigned {
+                tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");
+            }
         }
         *self
             .live
@@ -306,16 +313,17 @@ impl ServerState {
     ///
     /// # Errors
     /// A leaf, store or HSM error, as text.
-    pub fn log_authorities_loaded(&self, trust: &TrustStore) -> Result<(), String> {
+    pub fn log_authorities_loaded(&self, trust: &TrustStore) -> Result<Option<String>, String> {
         let event = authorities_loaded(trust).map_err(|e| e.to_string())?;
-        self.audit
-            .append(AuditAppend {
+        let (_, receipt) = self
+            .audit
+            .append_committed(AuditAppend {
                 events: vec![event],
                 time: time::OffsetDateTime::now_utc(),
                 spend: Spend::None,
             })
             .map_err(|e| e.to_string())?;
-        Ok(())
+        Ok(receipt.err().map(|e| e.to_string()))
     }
 
     /// Marks the server as shutting down: `/readyz` turns false so that

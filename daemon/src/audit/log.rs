@@ -366,6 +366,23 @@ impl AuditLog {
     /// be a signed tree head the log does not have, which a witness would
     /// take for a fork).
     pub fn append(&self, batch: AuditAppend) -> Result<Receipt, LogError> {
+        let (_, receipt) = self.append_committed(batch)?;
+        receipt
+    }
+
+    /// As [`Self::append`], but telling a batch that was not committed
+    /// (`Err`) from one whose leaves are durable although no checkpoint
+    /// covering them could be had (`Ok((appended, Err(_)))`: the HSM
+    /// failed to sign after the commit, or the log is inconsistent). For a
+    /// caller whose effect must follow its leaf, such as a change of the
+    /// authorities, the committed leaf is the fact that counts.
+    ///
+    /// # Errors
+    /// As [`Self::append`], for a batch that was not committed.
+    pub fn append_committed(
+        &self,
+        batch: AuditAppend,
+    ) -> Result<(Appended, Result<Receipt, LogError>), LogError> {
         // Every commit whose result was seen before this append started is
         // in an earlier group: this batch lands at or beyond its size.
         let floor = self.seen.load(Ordering::SeqCst);
@@ -382,6 +399,17 @@ impl AuditLog {
         if let Some(timer) = &self.commit_timer {
             (timer.0)(started.elapsed().as_secs_f64());
         }
+        let receipt = self.receipt(appended.clone(), floor, overlap);
+        Ok((appended, receipt))
+    }
+
+    /// The checkpoint of a committed append, signed overlapped or now.
+    fn receipt(
+        &self,
+        appended: Appended,
+        floor: u64,
+        overlap: Overlap,
+    ) -> Result<Receipt, LogError> {
         // Leaves put below a size this process had already seen mean the
         // store lost leaves (a truncation, perhaps refilled to the same
         // size): the old checkpoint would otherwise "cover" them unproved.

@@ -93,9 +93,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .with_witnessing(witnessing),
     );
     // The first leaf of every run: which authorities and policy are trusted.
-    state
+    // At the start a checkpoint that cannot be signed fails it too, as
+    // before: the HSM cannot serve.
+    if let Some(e) = state
         .log_authorities_loaded(&trust)
-        .map_err(|e| anyhow::anyhow!("cannot write the audit log: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot write the audit log: {e}"))?
+    {
+        anyhow::bail!("cannot sign the audit log's checkpoint: {e}");
+    }
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
