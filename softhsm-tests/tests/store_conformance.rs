@@ -426,20 +426,8 @@ fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
     assert!(after.first_index > rev.first_index);
     assert_eq!(a.spent("W-1").unwrap(), Some(0));
     assert_eq!(z.spent("W-2").unwrap(), Some(1));
-    let outcomes: Vec<(String, String)> = a
-        .leaves(after.first_index, after.first_index + after.count)
-        .unwrap()
-        .iter()
-        .map(|(_, leaf)| {
-            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
-            (
-                v["outcome"].as_str().unwrap().to_string(),
-                v["reason"].as_str().unwrap_or("-").to_string(),
-            )
-        })
-        .collect();
     assert_eq!(
-        outcomes,
+        outcomes(a, after.first_index, after.count),
         [
             ("denied", "warrant_revoked"),
             ("denied", "out_of_window"),
@@ -471,7 +459,7 @@ fn destruction(kid: &str) -> AuditAppend {
 }
 
 /// `(outcome, reason)` of leaves `[first, first + count)`.
-fn outcomes(store: &Store, first: u64, count: u64) -> Vec<(String, String)> {
+fn outcomes(store: &impl AuditStore, first: u64, count: u64) -> Vec<(String, String)> {
     store
         .leaves(first, first + count)
         .unwrap()
@@ -941,20 +929,8 @@ fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
     assert_eq!(late.first_index, size);
     assert_eq!(a.tree_size().unwrap(), size + 3);
     assert_eq!(a.spent("L").unwrap(), Some(2));
-    let rows: Vec<(String, String)> = a
-        .leaves(size, size + 3)
-        .unwrap()
-        .iter()
-        .map(|(_, leaf)| {
-            let v: serde_json::Value = serde_json::from_slice(leaf).unwrap();
-            (
-                v["outcome"].as_str().unwrap().to_string(),
-                v["reason"].as_str().unwrap_or("-").to_string(),
-            )
-        })
-        .collect();
     assert_eq!(
-        rows,
+        outcomes(&a, size, 3),
         [
             ("denied", "budget_exhausted"),
             ("denied", "out_of_window"),
