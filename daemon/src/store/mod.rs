@@ -131,9 +131,9 @@ pub enum StoreError {
     /// does not verify. Nothing was committed.
     #[error("store copy refused: {0}")]
     CopyRefused(String),
-    /// A key's destruction was recorded already (two destructions raced):
-    /// the later one writes no second `key_destroyed` leaf.
-    #[error("escrow key `{0}` is already recorded as destroyed")]
+    /// A key's destruction was recorded already (two destructions raced),
+    /// or the store has no such key: no `key_destroyed` leaf is written.
+    #[error("escrow key `{0}` is unknown or already recorded as destroyed")]
     KeyAlreadyDestroyed(String),
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
