@@ -26,6 +26,26 @@ fn loaded(auditor: &softhsm_tests::server::Client) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// An unwrap request for one envelope under warrant `id`, signed by the
+/// executive alone: refused under the double lock.
+fn one_signature_request(c: &softhsm_tests::vault::Clients, id: &str) -> serde_json::Value {
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let a = authorities();
+    let warrant = Authorities::sign(&vault::claims(id, recipient.public(), 5), &[&a.executive]);
+    serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
+    )]})
+}
+
+/// Rewrites the config so that the policy needs only an executive.
+fn loosen_policy(t: &TestToken) {
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
+    assert_ne!(loosened, config);
+    std::fs::write(t.config(), loosened).unwrap();
+}
+
 #[test]
 fn trust_changes_are_logged_before_they_apply() {
     let t = TestToken::new();
@@ -53,23 +73,11 @@ fn trust_changes_are_logged_before_they_apply() {
     assert_eq!(loaded(&c.auditor).len(), 1);
 
     // A one-signature warrant is refused under the double lock...
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let recipient = vault::recipient();
-    let a = authorities();
-    let warrant = Authorities::sign(
-        &vault::claims("W-ONE", recipient.public(), 5),
-        &[&a.executive],
-    );
-    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
-        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
-    )]});
+    let body = one_signature_request(&c, "W-ONE");
     vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
 
     // ...until the policy is changed to need only an executive.
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
-    assert_ne!(loosened, config);
-    std::fs::write(t.config(), loosened).unwrap();
+    loosen_policy(&t);
     reload(&daemon);
     let after = loaded(&c.auditor);
     assert_eq!(after.len(), 2, "{after:?}");
@@ -113,21 +121,9 @@ fn a_trust_change_whose_leaf_cannot_be_written_does_not_apply() {
     let c = parties.clients(&pki, daemon.api);
     assert_eq!(loaded(&c.auditor).len(), 1);
 
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let recipient = vault::recipient();
-    let a = authorities();
-    let warrant = Authorities::sign(
-        &vault::claims("W-LOCKED", recipient.public(), 5),
-        &[&a.executive],
-    );
-    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
-        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
-    )]});
+    let body = one_signature_request(&c, "W-LOCKED");
 
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
-    assert_ne!(loosened, config);
-    std::fs::write(t.config(), loosened).unwrap();
+    loosen_policy(&t);
 
     // Another writer holds the store's write lock.
     let blocker = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
@@ -197,22 +193,10 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     let c = parties.clients(&pki, daemon.api);
     assert_eq!(loaded(&c.auditor).len(), 1);
 
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let recipient = vault::recipient();
-    let a = authorities();
-    let warrant = Authorities::sign(
-        &vault::claims("W-UNSIGNED", recipient.public(), 5),
-        &[&a.executive],
-    );
-    let body = serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
-        &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[7; 32],
-    )]});
+    let body = one_signature_request(&c, "W-UNSIGNED");
     vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
 
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let loosened = config.replace("[[policy.require]]\nrole = \"judicial\"\ncount = 1\n", "");
-    assert_ne!(loosened, config);
-    std::fs::write(t.config(), loosened).unwrap();
+    loosen_policy(&t);
     shim.set("fault = device_error\nfault_calls = C_Sign");
     reload(&daemon);
     assert!(shim.faults() > 0, "the checkpoint was signed after all");
