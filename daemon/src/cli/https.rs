@@ -170,6 +170,9 @@ impl Endpoint {
                 .add(cert.with_context(|| format!("a certificate in {}", ca.display()))?)
                 .context("adding the CA")?;
         }
+        if roots.is_empty() {
+            return Err(anyhow!("{} holds no PEM certificate", ca.display()));
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])

@@ -418,7 +418,11 @@ fn witness_entry(name: &str, key: &str) -> String {
 fn witnesses_and_their_policy_must_name_the_same_keys() {
     let (k1, k2) = (witness_key("w1.example", 1), witness_key("w2.example", 2));
     let policy = format!("witness A {k1}\nwitness B {k2}\ngroup G all A B\nquorum G\n");
-    let files = [("ca.pem", ""), ("p.policy", policy.as_str())];
+    let ca = rcgen::generate_simple_self_signed(vec!["w1.example".into()])
+        .unwrap()
+        .cert
+        .pem();
+    let files = [("ca.pem", ca.as_str()), ("p.policy", policy.as_str())];
     let both = format!(
         "[audit]\nwitness_policy = \"p.policy\"\nrelease_after_witness = true\n{}{}",
         witness_entry("w1.example", &k1),
@@ -435,7 +439,7 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     let k3 = witness_key("w3.example", 3);
     let adding =
         format!("witness A {k1}\nwitness B {k2}\nwitness C {k3}\ngroup G all A B\nquorum G\n");
-    let adding_files = [("ca.pem", ""), ("p.policy", adding.as_str())];
+    let adding_files = [("ca.pem", ca.as_str()), ("p.policy", adding.as_str())];
     let s = load_with(
         &format!("{both}{}", witness_entry("w3.example", &k3)),
         &adding_files,
@@ -476,11 +480,25 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].name",
         "other.example",
     );
+    // A URL whose port does not parse, a CA file with no certificate:
+    // refused at load, naming the field.
+    refused(
+        &both.replace("https://w1.example:8444", "https://w1.example:x"),
+        &files,
+        "audit.witnesses[0].url",
+        "port",
+    );
+    refused(
+        &both,
+        &[("ca.pem", "not a certificate"), ("p.policy", policy.as_str())],
+        "audit.witnesses[0].ca_file",
+        "no PEM certificate",
+    );
     // release_after_witness under a quorum of none.
     let none = format!("witness A {k1}\nwitness B {k2}\nquorum none\n");
     refused(
         &both,
-        &[("ca.pem", ""), ("p.policy", none.as_str())],
+        &[("ca.pem", ca.as_str()), ("p.policy", none.as_str())],
         "audit.release_after_witness",
         "`none`",
     );

@@ -174,6 +174,17 @@ impl Validator<'_> {
                 }
                 (false, None) => None,
             };
+            // What the submitter will build, built once here, so that a bad
+            // port or a CA file without a certificate is a config error
+            // (exit 64) and not a failure after the start's first leaf.
+            if let Err(e) = crate::cli::https::Endpoint::new_plain(&format!("http://{rest}")) {
+                return Err(self.err(&field("url"), format!("`{}`: {e:#}", w.url)));
+            }
+            if let Some(ca) = &ca_file {
+                if let Err(e) = crate::cli::https::Endpoint::new(url, ca, None) {
+                    return Err(self.err(&field("ca_file"), format!("{e:#}")));
+                }
+            }
             if !policy.witnesses().any(|(_, k, _)| k == &key) {
                 return Err(self.err(
                     &field("key"),
