@@ -490,7 +490,10 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     );
     refused(
         &both,
-        &[("ca.pem", "not a certificate"), ("p.policy", policy.as_str())],
+        &[
+            ("ca.pem", "not a certificate"),
+            ("p.policy", policy.as_str()),
+        ],
         "audit.witnesses[0].ca_file",
         "no PEM certificate",
     );
