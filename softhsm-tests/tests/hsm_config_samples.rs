@@ -85,7 +85,12 @@ fn the_samples_witness_block_validates_with_its_policy() {
         .join("\n");
     let tmp = tempfile::tempdir().unwrap();
     let ca = tmp.path().join("witness-ca.pem");
-    std::fs::write(&ca, "").unwrap();
+    // A real certificate: the witness CA file is read at load.
+    let cert = rcgen::generate_simple_self_signed(vec!["witness.oversight.example".into()])
+        .unwrap()
+        .cert
+        .pem();
+    std::fs::write(&ca, cert).unwrap();
     let config = format!("{}{block}\n{}", &text[..begin], &text[end..])
         .replace("/etc/lavd/witness-ca.pem", ca.to_str().unwrap());
     std::fs::copy(
