@@ -589,13 +589,16 @@ mod tests {
 
         // And the secret went with it: from a new session, its handle names
         // nothing.
-        let object = left.lock().unwrap().take().unwrap();
-        let e = hsm
-            .with_session("test", |s| {
-                Ok(s.get_attributes(object, &[AttributeType::Value])?)
-            })
-            .unwrap_err();
-        assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
+        let gone = |left: &Mutex<Option<ObjectHandle>>| {
+            let object = left.lock().unwrap().take().unwrap();
+            let e = hsm
+                .with_session("test", |s| {
+                    Ok(s.get_attributes(object, &[AttributeType::Value])?)
+                })
+                .unwrap_err();
+            assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
+        };
+        gone(&left);
         assert_eq!(hsm.open_sessions(), 1);
 
         // A job that panics while it holds a secret (the spreader catches
@@ -610,12 +613,6 @@ mod tests {
         assert!(panicked.is_err());
         assert_eq!(hsm.open_sessions(), 0);
         assert_eq!(busy.0.load(Ordering::SeqCst), 0);
-        let object = left.lock().unwrap().take().unwrap();
-        let e = hsm
-            .with_session("test", |s| {
-                Ok(s.get_attributes(object, &[AttributeType::Value])?)
-            })
-            .unwrap_err();
-        assert_eq!(e.ckr(), Some("CKR_OBJECT_HANDLE_INVALID"), "{e}");
+        gone(&left);
     }
 }
