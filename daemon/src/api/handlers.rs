@@ -79,11 +79,9 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
         }
         UnwrapError::WitnessUnavailable(wait) => {
             tracing::error!(error = %wait, "unwrap logged but not released: no witness quorum in time");
-            let timeout_secs = match wait {
-                crate::audit::witnessing::WaitError::Timeout { timeout, .. } => timeout.as_secs(),
-                crate::audit::witnessing::WaitError::Store(_) => 0,
-            };
-            ApiError::WitnessUnavailable { timeout_secs }
+            ApiError::WitnessUnavailable {
+                timeout_secs: wait.timeout().as_secs(),
+            }
         }
     }
 }

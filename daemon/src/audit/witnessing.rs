@@ -68,9 +68,30 @@ pub enum WaitError {
         /// The bound.
         timeout: Duration,
     },
-    /// The store could not be read.
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    /// The store could still not be read at the deadline (each failed read
+    /// is retried until then: a PostgreSQL failover takes seconds).
+    #[error(
+        "the cosignatures of {size} leaves could not be read from the store within {} s: {error}",
+        timeout.as_secs_f64()
+    )]
+    Store {
+        /// The tree size that had to be cosigned.
+        size: u64,
+        /// The bound.
+        timeout: Duration,
+        /// The last read's error.
+        #[source]
+        error: StoreError,
+    },
+}
+
+impl WaitError {
+    /// The configured wait that ran out.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            WaitError::Timeout { timeout, .. } | WaitError::Store { timeout, .. } => *timeout,
+        }
+    }
 }
 
 /// The witnesses of one daemon: settings, the submitters' wake-up, and the
@@ -200,8 +221,12 @@ impl Witnessing {
     /// cosigned by the quorum (by this process's submitters or another
     /// replica's), for at most the configured `witness_timeout_secs`.
     ///
+    /// A failed store read is retried until the deadline: the unwrap has
+    /// already spent its budget, so giving up early would waste it.
+    ///
     /// # Errors
-    /// [`WaitError::Timeout`]; the store's errors.
+    /// [`WaitError::Timeout`]; [`WaitError::Store`] when the last read
+    /// before the deadline failed.
     pub fn wait_for_quorum(&self, size: u64) -> Result<String, WaitError> {
         let timeout = self.settings.timeout;
         let deadline = Instant::now() + timeout;
@@ -210,12 +235,24 @@ impl Witnessing {
             let seen = *lock
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some(note) = self.quorum_covering(size)? {
-                return Ok(note);
-            }
+            let failed = match self.quorum_covering(size) {
+                Ok(Some(note)) => return Ok(note),
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(%error, size, "cannot read cosignatures; retrying until the witness deadline");
+                    Some(error)
+                }
+            };
             let now = Instant::now();
             if now >= deadline {
-                return Err(WaitError::Timeout { size, timeout });
+                return Err(match failed {
+                    Some(error) => WaitError::Store {
+                        size,
+                        timeout,
+                        error,
+                    },
+                    None => WaitError::Timeout { size, timeout },
+                });
             }
             let guard = lock
                 .lock()
@@ -893,5 +930,66 @@ mod tests {
         assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
         drop(runtime);
+    }
+
+    /// A store read that fails during the wait (as in a PostgreSQL
+    /// failover; here a real SQLite error, the cosignature table renamed
+    /// away for a while by another connection) is retried until the
+    /// deadline instead of ending the wait of an unwrap that has already
+    /// spent its budget; a store still unreadable at the deadline ends it
+    /// with [`WaitError::Store`].
+    #[test]
+    fn a_store_read_failing_during_the_wait_is_retried_until_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("lavd.db");
+        let store = Arc::new(Store::open(&db).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let key = CosignerKey::new("w1.test", sk.verifying_key().as_bytes()).unwrap();
+        let size = grow(&store, 2);
+        // Lines are checked when stored by the submitter; the wait only
+        // counts stored rows by witness.
+        let line = "\u{2014} w1.test stored-line\n".to_string();
+        store
+            .save_cosignature(&Cosignature {
+                size,
+                witness: "w1.test".into(),
+                line: line.clone(),
+            })
+            .unwrap();
+        let policy = format!("witness A {key}\nquorum A\n");
+        let mut settings = settings(dir.path(), &[("https://localhost:1", &key)], &policy, &ca);
+        settings.timeout = Duration::from_secs(20);
+        let witnessing = Witnessing::new(settings.clone(), store.clone(), None);
+
+        let other = rusqlite::Connection::open(&db).unwrap();
+        other
+            .execute_batch("ALTER TABLE audit_cosignatures RENAME TO hidden")
+            .unwrap();
+        assert!(witnessing.quorum_covering(size).is_err(), "the read fails");
+        let restorer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            other
+                .execute_batch("ALTER TABLE hidden RENAME TO audit_cosignatures")
+                .unwrap();
+            other
+        });
+        let cosigned = witnessing.wait_for_quorum(size).unwrap();
+        assert!(cosigned.ends_with(&line), "{cosigned}");
+        let other = restorer.join().unwrap();
+
+        settings.timeout = Duration::from_millis(300);
+        let bounded = Witnessing::new(settings, store.clone(), None);
+        other
+            .execute_batch("ALTER TABLE audit_cosignatures RENAME TO hidden")
+            .unwrap();
+        let started = Instant::now();
+        let failed = bounded.wait_for_quorum(size);
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        assert!(
+            matches!(&failed, Err(WaitError::Store { size: s, .. }) if *s == size),
+            "{failed:?}"
+        );
+        assert_eq!(failed.unwrap_err().timeout(), Duration::from_millis(300));
     }
 }

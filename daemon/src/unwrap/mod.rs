@@ -523,18 +523,20 @@ pub fn unwrap(
 /// `count` lie inside either.
 ///
 /// # Errors
-/// [`UnwrapError::WitnessUnavailable`] when the wait timed out: the caller
-/// returns it, and the opened DEKs are dropped unsealed.
+/// [`UnwrapError::WitnessUnavailable`] when the wait timed out or the store
+/// stayed unreadable until then: the caller returns it, and the opened DEKs
+/// are dropped unsealed.
 fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String, UnwrapError> {
     let Some(witnessing) = ctx.witnessing else {
         return Ok(receipt.checkpoint.clone());
     };
     let needed = receipt.appended.first_index + receipt.appended.count;
     if witnessing.settings().release_after_witness && opened > 0 {
-        return witnessing.wait_for_quorum(needed).map_err(|e| match e {
-            WaitError::Store(s) => s.into(),
-            timeout @ WaitError::Timeout { .. } => UnwrapError::WitnessUnavailable(timeout),
-        });
+        // Either way the leaves are logged and the budget spent: a
+        // store_unavailable would invite a retry that spends it again.
+        return witnessing
+            .wait_for_quorum(needed)
+            .map_err(UnwrapError::WitnessUnavailable);
     }
     match witnessing.quorum_covering(needed) {
         Ok(Some(cosigned)) => Ok(cosigned),
