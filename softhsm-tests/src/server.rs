@@ -26,6 +26,8 @@ pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     cert: CertificateDer<'static>,
     next_serial: std::sync::atomic::AtomicU64,
+    /// Its own serial (0 for a root), for its issuer's CRLs.
+    serial: u64,
 }
 
 impl std::fmt::Debug for Ca {
@@ -99,6 +101,7 @@ impl Ca {
             cert: cert.der().clone(),
             issuer: Issuer::new(params, key),
             next_serial: std::sync::atomic::AtomicU64::new(100),
+            serial: 0,
         }
     }
 
@@ -125,6 +128,14 @@ impl Ca {
     /// A client certificate for one URI identity.
     pub fn identity(&self, identity: &str) -> Issued {
         self.client(vec![uri(identity)])
+    }
+
+    /// [`Ca::identity`] from an intermediate CA: the chain sent is the leaf,
+    /// then this CA's certificate.
+    pub fn chained_identity(&self, identity: &str) -> Issued {
+        let mut issued = self.identity(identity);
+        issued.chain.push(self.cert.clone());
+        issued
     }
 
     /// A client certificate with `sans` valid in `[not_before, not_after]`.
@@ -176,6 +187,9 @@ impl Ca {
     /// An intermediate CA named `name`, issued by this one: its
     /// [`Ca::server`] certificates chain through it.
     pub fn intermediate(&self, name: &str) -> Ca {
+        let serial = self
+            .next_serial
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let key = KeyPair::generate().expect("CA key");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         let mut dn = DistinguishedName::new();
@@ -188,6 +202,7 @@ impl Ca {
         params.not_after = now + time::Duration::days(30);
         params.key_identifier_method = KeyIdMethod::Sha256;
         params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from(serial));
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("sign intermediate");
@@ -195,6 +210,7 @@ impl Ca {
             cert: cert.der().clone(),
             issuer: Issuer::new(params, key),
             next_serial: std::sync::atomic::AtomicU64::new(100),
+            serial,
         }
     }
 
@@ -218,18 +234,32 @@ impl Ca {
         self.crl_until(revoked, OffsetDateTime::now_utc() + time::Duration::days(1))
     }
 
+    /// A CRL (PEM) revoking the intermediate CAs `revoked`, valid for a day.
+    pub fn crl_of_cas(&self, revoked: &[&Ca]) -> String {
+        let serials: Vec<u64> = revoked.iter().map(|c| c.serial).collect();
+        self.crl_of(
+            &serials,
+            OffsetDateTime::now_utc() + time::Duration::days(1),
+        )
+    }
+
     /// A CRL (PEM) revoking `revoked`, whose `nextUpdate` is `next_update`.
     pub fn crl_until(&self, revoked: &[&Issued], next_update: OffsetDateTime) -> String {
+        let serials: Vec<u64> = revoked.iter().map(|c| c.serial).collect();
+        self.crl_of(&serials, next_update)
+    }
+
+    fn crl_of(&self, serials: &[u64], next_update: OffsetDateTime) -> String {
         let now = OffsetDateTime::now_utc();
         let params = CertificateRevocationListParams {
             this_update: now - time::Duration::minutes(5),
             next_update,
             crl_number: SerialNumber::from(now.unix_timestamp() as u64),
             issuing_distribution_point: None,
-            revoked_certs: revoked
+            revoked_certs: serials
                 .iter()
-                .map(|c| RevokedCertParams {
-                    serial_number: SerialNumber::from(c.serial),
+                .map(|serial| RevokedCertParams {
+                    serial_number: SerialNumber::from(*serial),
                     revocation_time: now - time::Duration::minutes(1),
                     reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                     invalidity_date: None,

@@ -127,6 +127,43 @@ fn a_revoked_certificate_fails_the_handshake() {
     );
 }
 
+/// With CRLs, the whole chain's revocation status is checked, not the
+/// leaf's alone: a client certificate from an intermediate CA that the
+/// root's CRL revokes fails the handshake, though its own CA's CRL does not
+/// list it; before the root revoked the intermediate, it was let in.
+#[test]
+fn a_certificate_from_a_revoked_intermediate_ca_fails_the_handshake() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let intermediate = pki.clients.intermediate("lavd test client intermediate");
+    let client = intermediate.chained_identity(PROVIDER);
+    pki.write("intermediate.crl.pem", &intermediate.crl(&[]));
+    let config = |root_crl: &str| {
+        pki.write("clients.crl.pem", root_crl);
+        t.write_config(&serve_config(&format!(
+            "crls = [\"tls/clients.crl.pem\", \"tls/intermediate.crl.pem\"]\n\
+             [roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+        )));
+    };
+
+    config(&pki.clients.crl(&[]));
+    let daemon = Daemon::start(&t);
+    assert_eq!(
+        pki.client(daemon.api, Some(&client)).get("/v1/keys").status,
+        200
+    );
+    drop(daemon);
+
+    config(&pki.clients.crl_of_cas(&[&intermediate]));
+    let daemon = Daemon::start(&t);
+    assert_alert(
+        pki.client(daemon.api, Some(&client))
+            .request("GET", "/v1/keys", None),
+        AlertDescription::CertificateRevoked,
+    );
+    assert_counted_once(&daemon, "certificate_revoked");
+}
+
 #[test]
 fn tls_1_2_is_refused_unless_configured() {
     let (_t, pki, daemon) = start("");
