@@ -356,7 +356,7 @@ impl Witnessing {
                 return Err(());
             }
         };
-        let Some((size, note)) = latest else {
+        let Some((mut size, mut note)) = latest else {
             return Ok(());
         };
         let mut old = cosigned.unwrap_or(0);
@@ -366,20 +366,48 @@ impl Witnessing {
         for _ in 0..=MAX_CONFLICT_RETRIES {
             match self.add_checkpoint(w, endpoint, old, size, &note).await? {
                 Sent::Cosigned => return Ok(()),
-                Sent::Learned(learned) => {
-                    if learned == old || learned > size {
-                        // The same size with another root (a fork of what
-                        // it recorded), or more than this log has signed:
-                        // the witness's view and ours disagree.
-                        tracing::error!(
-                            witness = %w.name, learned, old, size,
-                            "witness reports a size it cannot have cosigned from this log's \
-                             checkpoints (a fork, or another log with this origin); backing off"
-                        );
-                        return Err(());
+                Sent::Learned(learned) if learned > size => {
+                    // Another replica (PostgreSQL) may have signed and sent
+                    // a newer checkpoint since the read above.
+                    match self.store_call(|s| s.latest_checkpoint()).await {
+                        Ok(Some((newest, newest_note))) if newest >= learned => {
+                            tracing::info!(
+                                witness = %w.name, learned, size, newest,
+                                "witness already has a newer checkpoint of this log \
+                                 (another replica's); moving to the newest"
+                            );
+                            if newest == learned {
+                                // Its cosignature is the sender's to store.
+                                return Ok(());
+                            }
+                            (size, note, old) = (newest, newest_note, learned);
+                        }
+                        Ok(_) => {
+                            // More than this log has signed.
+                            tracing::error!(
+                                witness = %w.name, learned, size,
+                                "witness reports a size this log has not signed (a fork, or \
+                                 another log with this origin); backing off"
+                            );
+                            return Err(());
+                        }
+                        Err(e) => {
+                            tracing::warn!(witness = %w.name, error = %e, "witness submitter: store read failed");
+                            return Err(());
+                        }
                     }
-                    old = learned;
                 }
+                Sent::Learned(learned) if learned == old => {
+                    // The same size with another root: a fork of what it
+                    // recorded.
+                    tracing::error!(
+                        witness = %w.name, learned, old, size,
+                        "witness reports a size it cannot have cosigned from this log's \
+                         checkpoints (a fork, or another log with this origin); backing off"
+                    );
+                    return Err(());
+                }
+                Sent::Learned(learned) => old = learned,
             }
         }
         tracing::error!(witness = %w.name, size, "witness keeps answering 409; backing off");
@@ -631,10 +659,14 @@ mod tests {
         trusts: VerifierKey,
         ca: &crate::dev::pki::DevCa,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
-        witness_of(dir, name, seed, ORIGIN, trusts, ca).await
+        witness_of(dir, name, seed, ORIGIN, trusts, ca, None).await
     }
 
-    /// As [`witness`], for a witness that knows only the log `knows`.
+    /// Run by a test witness on each request before it answers it.
+    type Hook = Arc<dyn Fn(&WitnessState) + Send + Sync>;
+
+    /// As [`witness`], for a witness that knows only the log `knows`, and
+    /// runs `before` on each request.
     async fn witness_of(
         dir: &Path,
         name: &str,
@@ -642,6 +674,7 @@ mod tests {
         knows: &'static str,
         trusts: VerifierKey,
         ca: &crate::dev::pki::DevCa,
+        before: Option<Hook>,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
@@ -673,18 +706,27 @@ mod tests {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     continue;
                 };
-                let (state, key, trusts, sk) = (
+                let (state, key, trusts, sk, before) = (
                     served_state.clone(),
                     served_key.clone(),
                     trusts.clone(),
                     sk.clone(),
+                    before.clone(),
                 );
                 let service = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (state, key, trusts, sk) =
-                            (state.clone(), key.clone(), trusts.clone(), sk.clone());
+                        let (state, key, trusts, sk, before) = (
+                            state.clone(),
+                            key.clone(),
+                            trusts.clone(),
+                            sk.clone(),
+                            before.clone(),
+                        );
                         async move {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
+                            if let Some(before) = &before {
+                                before(&state);
+                            }
                             let trusted = |origin: &str| {
                                 if origin == knows {
                                     vec![trusts.clone()]
@@ -854,7 +896,16 @@ mod tests {
         let ((u1, k1, _), (u4, k4, _), (u5, k5, s5)) = runtime.block_on(async {
             (
                 witness(dir.path(), "w1.test", 1, log_key(), &ca).await,
-                witness_of(dir.path(), "w4.test", 4, "log.test/another", log_key(), &ca).await,
+                witness_of(
+                    dir.path(),
+                    "w4.test",
+                    4,
+                    "log.test/another",
+                    log_key(),
+                    &ca,
+                    None,
+                )
+                .await,
                 witness(dir.path(), "w5.test", 5, log_key(), &ca).await,
             )
         });
@@ -991,5 +1042,70 @@ mod tests {
             "{failed:?}"
         );
         assert_eq!(failed.unwrap_err().timeout(), Duration::from_millis(300));
+    }
+
+    /// Two PostgreSQL replicas share one store: while this replica's
+    /// request for size 3 is on its way, the other signs sizes 5 and 6 and
+    /// the witness cosigns 5 for it, so the witness answers 409 with 5,
+    /// more than this submitter read. That is a race, not a fork: the
+    /// submitter reads the store again, finds 6, and sends it from 5.
+    #[test]
+    fn a_witness_ahead_because_another_replica_submitted_is_caught_up_not_a_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let first = grow(&store, 3);
+        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let k1 = CosignerKey::new("w1.test", sk1.verifying_key().as_bytes()).unwrap();
+        let other_replica: Hook = {
+            let (store, k1, done) = (
+                store.clone(),
+                k1.clone(),
+                Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            );
+            Arc::new(move |state: &WitnessState| {
+                if done.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    return;
+                }
+                let theirs = grow(&store, 2);
+                let body = AddCheckpoint {
+                    old_size: 0,
+                    proof: Vec::new(),
+                    checkpoint: store.checkpoint_at(theirs).unwrap().unwrap(),
+                }
+                .encode();
+                let outcome = state
+                    .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, 1, |m| {
+                        Ok::<_, ()>(sk1.sign(m).to_bytes())
+                    })
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(outcome.status(), 200);
+                grow(&store, 1);
+            })
+        };
+        let (u1, k1, _) = runtime.block_on(witness_of(
+            dir.path(),
+            "w1.test",
+            1,
+            ORIGIN,
+            log_key(),
+            &ca,
+            Some(other_replica),
+        ));
+        let policy_text = format!("witness A {k1}\nquorum A\n");
+        let settings = settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca);
+        let w = settings.witnesses[0].clone();
+        let endpoint = Endpoint::new(&w.url, w.ca_file.as_ref().unwrap(), None).unwrap();
+        let witnessing = Witnessing::new(settings, store.clone(), None);
+        assert_eq!(first, 3);
+        assert_eq!(
+            runtime.block_on(witnessing.submit_newest(&w, &endpoint)),
+            Ok(())
+        );
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(6));
+        assert!(witnessing.quorum_covering(6).unwrap().is_some());
+        drop(runtime);
     }
 }
