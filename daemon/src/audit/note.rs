@@ -417,29 +417,36 @@ pub(crate) fn split_note(note: &str) -> Result<(&str, Vec<SignatureLine<'_>>), N
         if signatures.len() == MAX_SIGNATURES {
             return Err(NoteError::TooLarge("signature count"));
         }
-        let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed(
-            "a signature line does not start with `— `",
-        ))?;
-        let (name, b64) = rest
-            .split_once(' ')
-            .ok_or(NoteError::Malformed("a signature line has no signature"))?;
-        check_name(name)
-            .map_err(|_| NoteError::Malformed("a signature line has a bad key name"))?;
-        let bytes = STANDARD
-            .decode(b64)
-            .map_err(|_| NoteError::Malformed("a signature is not padded standard base64"))?;
-        // Four bytes of key ID and at least one of signature.
-        if bytes.len() < 5 {
-            return Err(NoteError::Malformed("a signature is too short"));
-        }
-        let key_id = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        signatures.push(SignatureLine {
-            name,
-            key_id,
-            signature: bytes[4..].to_vec(),
-        });
+        signatures.push(signature_line(line)?);
     }
     Ok((text, signatures))
+}
+
+/// One signature line (`— <name> <base64>`, without its newline), decoded.
+///
+/// # Errors
+/// [`NoteError::Malformed`].
+pub(crate) fn signature_line(line: &str) -> Result<SignatureLine<'_>, NoteError> {
+    let rest = line.strip_prefix(SIG_PREFIX).ok_or(NoteError::Malformed(
+        "a signature line does not start with `— `",
+    ))?;
+    let (name, b64) = rest
+        .split_once(' ')
+        .ok_or(NoteError::Malformed("a signature line has no signature"))?;
+    check_name(name).map_err(|_| NoteError::Malformed("a signature line has a bad key name"))?;
+    let bytes = STANDARD
+        .decode(b64)
+        .map_err(|_| NoteError::Malformed("a signature is not padded standard base64"))?;
+    // Four bytes of key ID and at least one of signature.
+    if bytes.len() < 5 {
+        return Err(NoteError::Malformed("a signature is too short"));
+    }
+    let key_id = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+    Ok(SignatureLine {
+        name,
+        key_id,
+        signature: bytes[4..].to_vec(),
+    })
 }
 
 /// Opens a signed note: checks the format and that it carries a valid

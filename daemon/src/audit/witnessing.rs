@@ -155,8 +155,18 @@ impl Witnessing {
             .map(|w| &w.key)
     }
 
+    /// The configured key that made the stored cosignature `c`. Rows are
+    /// kept by witness name, so `None` also for a line by another key of
+    /// that name: one the witness had before the configuration replaced it.
+    fn key_of(&self, c: &Cosignature) -> Option<&CosignerKey> {
+        let key = self.key(&c.witness)?;
+        let line = super::note::signature_line(c.line.strip_suffix('\n')?).ok()?;
+        (line.name == key.name() && line.key_id == key.key_id()).then_some(key)
+    }
+
     /// Among `rows` (largest size first), the largest size whose
-    /// cosignatures meet the quorum, with those cosignatures.
+    /// cosignatures by the configured keys meet the quorum, with all its
+    /// cosignatures.
     fn first_quorum(&self, rows: &[Cosignature]) -> Option<(u64, Vec<String>)> {
         let mut i = 0;
         while i < rows.len() {
@@ -164,7 +174,7 @@ impl Witnessing {
             let group: Vec<&Cosignature> =
                 rows[i..].iter().take_while(|c| c.size == size).collect();
             i += group.len();
-            let keys = group.iter().filter_map(|c| self.key(&c.witness));
+            let keys = group.iter().filter_map(|c| self.key_of(c));
             if self.settings.policy.quorum_met_by(keys) {
                 return Some((size, group.iter().map(|c| c.line.clone()).collect()));
             }
@@ -650,6 +660,30 @@ mod tests {
         size
     }
 
+    /// Stores `key`'s cosignature (signed with `sk`) of the checkpoint of
+    /// `size`, as the submitter would; returns its line.
+    fn cosign(
+        store: &Store,
+        size: u64,
+        key: &CosignerKey,
+        sk: &ed25519_dalek::SigningKey,
+    ) -> String {
+        let note = store.checkpoint_at(size).unwrap().unwrap();
+        let (body, _) = note::split_note(&note).unwrap();
+        let line = crate::audit::witness::cosignature_line(key, body, 1_700_000_000, |m| {
+            Ok::<_, ()>(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_cosignature(&Cosignature {
+                size,
+                witness: key.name().to_string(),
+                line: line.clone(),
+            })
+            .unwrap();
+        line
+    }
+
     /// A witness named `name` trusting `trusts` for the origin, served over
     /// HTTPS on a loopback port; returns its URL and key.
     async fn witness(
@@ -998,16 +1032,7 @@ mod tests {
         let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let key = CosignerKey::new("w1.test", sk.verifying_key().as_bytes()).unwrap();
         let size = grow(&store, 2);
-        // Lines are checked when stored by the submitter; the wait only
-        // counts stored rows by witness.
-        let line = "\u{2014} w1.test stored-line\n".to_string();
-        store
-            .save_cosignature(&Cosignature {
-                size,
-                witness: "w1.test".into(),
-                line: line.clone(),
-            })
-            .unwrap();
+        let line = cosign(&store, size, &key, &sk);
         let policy = format!("witness A {key}\nquorum A\n");
         let mut settings = settings(dir.path(), &[("https://localhost:1", &key)], &policy, &ca);
         settings.timeout = Duration::from_secs(20);
@@ -1107,5 +1132,47 @@ mod tests {
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(6));
         assert!(witnessing.quorum_covering(6).unwrap().is_some());
         drop(runtime);
+    }
+
+    /// Stored cosignatures are kept by witness name. After the witness's
+    /// key is replaced under the same name, the rows the old key signed
+    /// count for nothing: neither a quorum to wait for nor the served
+    /// checkpoint's; the new key's rows do.
+    #[test]
+    fn cosignatures_by_a_replaced_key_of_the_same_name_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let old_sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let old_key = CosignerKey::new("w1.test", old_sk.verifying_key().as_bytes()).unwrap();
+        let new_sk = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let new_key = CosignerKey::new("w1.test", new_sk.verifying_key().as_bytes()).unwrap();
+        let first = grow(&store, 2);
+        cosign(&store, first, &old_key, &old_sk);
+        let second = grow(&store, 1);
+
+        let policy_text = format!("witness A {new_key}\nquorum A\n");
+        let mut settings = settings(
+            dir.path(),
+            &[("https://localhost:1", &new_key)],
+            &policy_text,
+            &ca,
+        );
+        settings.timeout = Duration::from_millis(200);
+        let witnessing = Witnessing::new(settings, store.clone(), None);
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        assert_eq!(witnessing.quorum_covering(first).unwrap(), None);
+        assert!(matches!(
+            witnessing.wait_for_quorum(first),
+            Err(WaitError::Timeout { .. })
+        ));
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(policy.verify(&served).is_err(), "{served}");
+
+        cosign(&store, second, &new_key, &new_sk);
+        let covering = witnessing.quorum_covering(first).unwrap().unwrap();
+        assert_eq!(policy.verify(&covering).unwrap().0.size, second);
+        let served = witnessing.served().unwrap().unwrap();
+        assert_eq!(policy.verify(&served).unwrap().0.size, second);
     }
 }
