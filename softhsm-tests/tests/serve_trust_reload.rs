@@ -211,3 +211,55 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     let r = vault::post(&c.agency, "/v1/unwrap", &body);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
+
+/// One configuration decides a request. A request is admitted when its head
+/// arrives, but its body may take a while; a SIGHUP meanwhile that both
+/// takes the agency's role away and loosens the policy to one signature
+/// must not let through a one-signature warrant from that agency, which
+/// neither the old configuration (double lock) nor the new (no agency)
+/// allows: the caller is admitted again under the new one. Before, the
+/// caller was judged under the old configuration and the warrant under the
+/// new, and the envelope opened.
+#[test]
+fn a_reload_while_the_body_is_read_applies_to_the_whole_request() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let body = one_signature_request(&c, "W-MIXED").to_string();
+    let (head_part, rest) = body.as_bytes().split_at(body.len() / 2);
+
+    let mut conn = c.agency.connect().unwrap();
+    conn.send(
+        format!(
+            "POST /v1/unwrap HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    conn.send(head_part).unwrap();
+    // Admitted under the old configuration by now (the daemon answers the
+    // head at once; the wait only makes the old code's failure certain).
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    loosen_policy(&t);
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
+    assert!(config.contains(&agency_role), "{config}");
+    std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
+    reload(&daemon);
+
+    conn.send(rest).unwrap();
+    conn.read_response().unwrap().assert_error(403, "forbidden");
+    // Nothing was opened or spent: no unwrap leaf at all.
+    let size = vault::tree_size(&c.auditor);
+    assert!(vault::entries(&c.auditor, 0, size)
+        .iter()
+        .all(|e| e.leaf["event"] != "unwrap"));
+}

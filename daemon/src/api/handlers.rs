@@ -15,7 +15,7 @@ use warp::{Rejection, Reply};
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
 use super::routes::{blocking, IndexQuery, RequestContext};
-use super::state::ServerState;
+use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
 use crate::envelope::EnvelopeLimits;
@@ -102,6 +102,7 @@ fn log_inconsistent() -> ApiError {
 /// `POST /v1/unwrap` (agency).
 pub async fn post_unwrap(
     peer: PeerIdentity,
+    live: Arc<Reloadable>,
     body: Bytes,
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
@@ -111,7 +112,6 @@ pub async fn post_unwrap(
     }
     // `Bytes` clones share the buffer.
     let claimed_from = body.clone();
-    let live = state.current();
     let max_warrant_bytes = live.verifier.limits().max_warrant_bytes;
     let st = state.clone();
     let caller = peer.uri().to_string();
@@ -180,6 +180,7 @@ pub async fn post_unwrap(
 /// caller (PROTOCOL §4, §6).
 pub async fn post_revocation(
     peer: PeerIdentity,
+    live: Arc<Reloadable>,
     body: Bytes,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
@@ -189,7 +190,6 @@ pub async fn post_revocation(
     if !by_authority && !peer.has(Role::Admin) {
         return Err(ApiError::forbidden(peer.uri(), &[Role::Admin]).into());
     }
-    let live = state.current();
     let st = state.clone();
     let caller = peer.uri().to_string();
     let result = blocking(move || {

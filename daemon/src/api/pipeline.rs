@@ -265,7 +265,8 @@ where
     let (parts, body) = req.into_parts();
     let early = |e: ApiError, body: B| (e.into_response(), Some(body));
     let state = &api.state;
-    let (uri, roles) = match &api.access {
+    let mut live = state.current();
+    let (uri, mut roles) = match &api.access {
         Access::Public(limiter) => {
             let ip = conn.remote.ip();
             if let Err(retry_after) = limiter.check(&rate_key(ip), Instant::now()) {
@@ -278,21 +279,8 @@ where
                 Ok(uri) => uri.clone(),
                 Err(e) => return early(ApiError::InvalidClientIdentity(e.clone()), body),
             };
-            let live = state.current();
-            if conn.rejected.load(Ordering::SeqCst) {
-                return early(
-                    ApiError::CertificateRejected("refused earlier on this connection"),
-                    body,
-                );
-            }
-            if let Err(reason) = conn.recheck(&live, UnixTime::now()) {
-                conn.rejected.store(true, Ordering::SeqCst);
-                state.metrics.tls_handshake_failure(reason);
-                tracing::warn!(
-                    reason,
-                    "client certificate no longer accepted; closing the connection"
-                );
-                return early(ApiError::CertificateRejected(reason), body);
+            if let Err(e) = admit(state, conn, &live) {
+                return early(e, body);
             }
             if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
                 return early(ApiError::RateLimited { retry_after }, body);
@@ -319,13 +307,56 @@ where
         Ok(bytes) => bytes,
         Err((e, unread)) => return (e.into_response(), unread),
     };
+    // One configuration decides the whole request: after a reload while
+    // the body was read (a slow client can make that take the whole
+    // `body_read_timeout`), the caller is admitted again under the new
+    // one, which the handler then uses too. Otherwise a single reload that
+    // both revoked a caller and loosened the warrant policy could let
+    // through a request that neither configuration allows.
+    if matches!(api.access, Access::Mutual) {
+        let newest = state.current();
+        if !Arc::ptr_eq(&newest, &live) {
+            if let Err(e) = admit(state, conn, &newest) {
+                return (e.into_response(), None);
+            }
+            roles = newest.roles.roles(&uri);
+            live = newest;
+        }
+    }
     let mut req = Request::from_parts(parts, Full::new(bytes));
     req.extensions_mut()
         .insert(PeerIdentity::new(uri, roles, conn.remote));
+    req.extensions_mut().insert(Admitted(live));
     req.extensions_mut().insert(ctx);
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
     (response, None)
+}
+
+/// The configuration a request was admitted under (its caller's
+/// certificate re-check and roles); its handler uses the same one
+/// ([`super::routes::admitted`]).
+#[derive(Clone)]
+pub(crate) struct Admitted(pub(crate) Arc<Reloadable>);
+
+/// Whether the connection's client certificate is still accepted under
+/// `live` (a reload may have changed the CAs or CRLs, or time may have run
+/// out on it); a refusal closes the connection.
+fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), ApiError> {
+    if conn.rejected.load(Ordering::SeqCst) {
+        return Err(ApiError::CertificateRejected(
+            "refused earlier on this connection",
+        ));
+    }
+    conn.recheck(live, UnixTime::now()).map_err(|reason| {
+        conn.rejected.store(true, Ordering::SeqCst);
+        state.metrics.tls_handshake_failure(reason);
+        tracing::warn!(
+            reason,
+            "client certificate no longer accepted; closing the connection"
+        );
+        ApiError::CertificateRejected(reason)
+    })
 }
 
 /// Reads a request body of at most `limit` bytes within `timeout`; a

@@ -44,7 +44,8 @@ use warp::{Filter, Rejection, Reply};
 use super::error::{self, ApiError};
 use super::handlers;
 use super::identity::{PeerIdentity, Role};
-use super::state::ServerState;
+use super::pipeline::Admitted;
+use super::state::{Reloadable, ServerState};
 
 /// Per-request context the pipeline puts in the request's extensions, next
 /// to the [`PeerIdentity`].
@@ -144,6 +145,19 @@ pub fn require(
         } else {
             Err(Rejection::from(ApiError::forbidden(peer.uri(), roles)))
         }
+    })
+}
+
+/// The configuration the pipeline admitted the request under, so that the
+/// caller's roles and the handler's trust (authorities, policy) come from
+/// one snapshot.
+pub fn admitted() -> impl Filter<Extract = (Arc<Reloadable>,), Error = Rejection> + Clone {
+    warp::ext::optional::<Admitted>().and_then(|admitted: Option<Admitted>| async move {
+        // The pipeline always inserts it; its absence is a bug, and it
+        // fails closed.
+        admitted
+            .map(|a| a.0)
+            .ok_or_else(|| Rejection::from(ApiError::Internal))
     })
 }
 
@@ -314,6 +328,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(route("/v1/unwrap"))
         .and(require(&[Role::Agency]))
+        .and(admitted())
         .and(raw_body())
         .and(context())
         .and(with_state(state.clone()))
@@ -324,6 +339,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(route("/v1/warrants/revocations"))
         .and(require(ANY_ROLE))
+        .and(admitted())
         .and(raw_body())
         .and(with_state(state.clone()))
         .and_then(handlers::post_revocation);
