@@ -211,3 +211,20 @@ fn small_order_and_non_canonical_ed25519_keys_are_refused_at_load() {
     let out = inspect(dir.path(), &forged, &trust);
     assert_fails_with(&out, 1, "bad_signature");
 }
+
+/// A warrant signature bound below what the policy requires would refuse
+/// every warrant: `lavd serve` refuses the config instead, naming the field.
+#[test]
+fn a_signature_bound_below_the_policy_is_refused() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{}[limits]\nmax_warrant_signatures = 1\n",
+        roles_toml()
+    )));
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 64, "bad_config");
+    assert!(
+        stderr.contains("limits.max_warrant_signatures") && stderr.contains("2 signatures"),
+        "{stderr}"
+    );
+}

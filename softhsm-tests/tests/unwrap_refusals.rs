@@ -499,3 +499,61 @@ fn envelope_kid(envelope: &serde_json::Value) -> String {
         .unwrap()
         .to_string()
 }
+
+/// Every size has a configured bound (PROTOCOL, "Conventions"): the
+/// warrant's bytes and signatures and each envelope's bytes and header come
+/// from `[limits]`, not from constants. With them lowered, a warrant over
+/// either bound is 413 `warrant_too_large`, and an envelope over either is
+/// denied `malformed_envelope` beside one within them that opens.
+#[test]
+fn warrant_and_envelope_bounds_come_from_the_configuration() {
+    let v = vault::Vault::start(
+        "max_warrant_bytes = 3072\nmax_warrant_signatures = 2\n\
+         max_envelope_bytes = 1024\nmax_envelope_header_bytes = 400\n",
+    );
+    let c = v.parties.clients(&v.pki, v.daemon.api);
+    let recipient = vault::recipient();
+    let now = OffsetDateTime::now_utc();
+    let seal = |reference: &str| {
+        vault::seal(
+            &v.escrow,
+            "E-1",
+            TARGET,
+            now - Duration::hours(1),
+            reference,
+            &[9; 32],
+        )
+    };
+    let envelopes = [seal("short"), seal(&"r".repeat(256))];
+    let unwrap = |warrant: &serde_json::Value| {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+        )
+    };
+
+    // 80 targets: well under the default 256 KiB, over 3 KiB.
+    let mut claims = vault::claims("BOUNDS-BIG", recipient.public(), 5);
+    claims["targets"] = (0..80)
+        .map(|i| format!("acct:target-{i:04}@example.com"))
+        .chain([TARGET.to_string()])
+        .collect();
+    let big = vault::double_lock(&claims);
+    assert!(big.to_string().len() > 3072);
+    let message = unwrap(&big).assert_error(413, "warrant_too_large");
+    assert!(message.contains("3072"), "{message}");
+
+    // A third signature (a copy of the first: counted before any is
+    // verified).
+    let mut three = vault::double_lock(&vault::claims("BOUNDS-THREE", recipient.public(), 5));
+    let first = three["signatures"][0].clone();
+    three["signatures"].as_array_mut().unwrap().push(first);
+    let message = unwrap(&three).assert_error(413, "warrant_too_large");
+    assert!(message.contains("signatures"), "{message}");
+
+    let ok = vault::double_lock(&vault::claims("BOUNDS-OK", recipient.public(), 5));
+    let r = unwrap(&ok);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok", "malformed_envelope"]);
+}

@@ -18,7 +18,6 @@ use super::routes::{blocking, IndexQuery, RequestContext};
 use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
-use crate::envelope::EnvelopeLimits;
 use crate::store::StoreError;
 use crate::unwrap::{self, RevocationRequest, UnwrapError};
 use crate::warrant::{ErrorClass, WarrantError};
@@ -116,7 +115,7 @@ pub async fn post_unwrap(
     let st = state.clone();
     let caller = peer.uri().to_string();
     let result = blocking(move || {
-        let limits = EnvelopeLimits::default();
+        let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,
             store: &st.store,
@@ -193,7 +192,7 @@ pub async fn post_revocation(
     let st = state.clone();
     let caller = peer.uri().to_string();
     let result = blocking(move || {
-        let limits = EnvelopeLimits::default();
+        let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,
             store: &st.store,

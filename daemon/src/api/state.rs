@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::store::{AuditAppend, Spend};
 use crate::warrant::trust::AuthorityPublicKey;
-use crate::warrant::{TrustStore, Verifier, WarrantLimits};
+use crate::warrant::{TrustStore, Verifier};
 
 /// The parts of the configuration that a reload replaces: certificates,
 /// CRLs, roles, and the warrant authorities and policy.
@@ -52,7 +52,13 @@ impl Reloadable {
     ///
     /// # Errors
     /// [`ConfigError`] naming the field whose file or value is unusable.
-    pub fn build(settings: &Settings, generation: u64) -> Result<Self, ConfigError> {
+    /// `limits` are the running daemon's: `[limits]` applies only at a
+    /// start, so a reload passes the ones the daemon started with.
+    pub fn build(
+        settings: &Settings,
+        limits: &Limits,
+        generation: u64,
+    ) -> Result<Self, ConfigError> {
         let tls = tls::load(settings.require_tls()?, &settings.file)?;
         let trust = settings.require_trust()?.clone();
         let trust_digest = trust_digest(&trust);
@@ -60,7 +66,7 @@ impl Reloadable {
             generation,
             tls,
             roles: settings.roles.clone(),
-            verifier: Arc::new(Verifier::new(trust, WarrantLimits::default())),
+            verifier: Arc::new(Verifier::new(trust, limits.warrant())),
             trust_digest,
         })
     }
@@ -258,7 +264,7 @@ impl ServerState {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = Settings::load(&self.config_file, self.env.as_ref())?;
         let generation = self.generation.load(Ordering::SeqCst) + 1;
-        let next = Reloadable::build(&settings, generation)?;
+        let next = Reloadable::build(&settings, &self.limits, generation)?;
         if next.trust_digest != self.current().trust_digest {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it

@@ -46,7 +46,7 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let env: Arc<dyn Env> = Arc::new(ProcessEnv);
     let settings = Settings::load(&args.config.config, env.as_ref())?;
-    let live = Reloadable::build(&settings, 1)?;
+    let live = Reloadable::build(&settings, &settings.limits, 1)?;
     super::init_logging(&settings.log);
     for warning in &settings.warnings {
         tracing::warn!("{warning}");

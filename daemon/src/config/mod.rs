@@ -154,6 +154,17 @@ impl Settings {
         let roles = v.roles(raw.roles)?;
         let trust = v.trust(raw.authorities, raw.policy)?;
         let limits = v.limits(raw.limits)?;
+        if let Some(trust) = &trust {
+            let needed: usize = trust.policy().require.iter().map(|r| r.count).sum();
+            if needed > limits.max_warrant_signatures {
+                return Err(v.err(
+                    "limits.max_warrant_signatures",
+                    format!(
+                        "is below the {needed} signatures [policy] requires: no warrant could pass"
+                    ),
+                ));
+            }
+        }
         let log = v.log(raw.log)?;
         if server.listen == admin.listen && server.listen.port() != 0 {
             return Err(v.err(

@@ -10,6 +10,8 @@ use std::time::Duration;
 use super::raw::{RawAdmin, RawLimits, RawLog, RawPublicLog, RawServer, RawTls};
 use super::{ConfigError, Validator};
 use crate::api::identity::{Role, RoleMap};
+use crate::envelope::EnvelopeLimits;
+use crate::warrant::WarrantLimits;
 
 /// `[server]`: the mutual-TLS API listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +102,18 @@ pub struct Limits {
     /// (`max_envelopes_in_flight`, default 4096; see
     /// [`crate::unwrap::gate`]).
     pub max_envelopes_in_flight: usize,
+    /// Largest warrant, the whole JWS JSON (`max_warrant_bytes`, default
+    /// 256 KiB, at most `max_body_bytes`); larger is 413 `warrant_too_large`.
+    pub max_warrant_bytes: usize,
+    /// Most signatures in one warrant, each a verification
+    /// (`max_warrant_signatures`, default 16); more is 413
+    /// `warrant_too_large`.
+    pub max_warrant_signatures: usize,
+    /// Largest envelope JSON (`max_envelope_bytes`, default 4096).
+    pub max_envelope_bytes: usize,
+    /// Largest decoded envelope header (`max_envelope_header_bytes`, default
+    /// 2048, at most `max_envelope_bytes`).
+    pub max_envelope_header_bytes: usize,
     /// The TLS handshake must finish within this (`handshake_timeout_secs`,
     /// default 10).
     pub handshake_timeout: Duration,
@@ -123,6 +137,24 @@ pub struct Limits {
     pub rate_limit_burst: u32,
 }
 
+impl Limits {
+    /// The warrant bounds, for the verifier.
+    pub fn warrant(&self) -> WarrantLimits {
+        WarrantLimits {
+            max_warrant_bytes: self.max_warrant_bytes,
+            max_signatures: self.max_warrant_signatures,
+        }
+    }
+
+    /// The envelope bounds, for parsing each envelope of a request.
+    pub fn envelope(&self) -> EnvelopeLimits {
+        EnvelopeLimits {
+            max_envelope_bytes: self.max_envelope_bytes,
+            max_header_bytes: self.max_envelope_header_bytes,
+        }
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -130,6 +162,10 @@ impl Default for Limits {
             max_header_bytes: 16 << 10,
             max_batch: 100,
             max_envelopes_in_flight: 4096,
+            max_warrant_bytes: WarrantLimits::default().max_warrant_bytes,
+            max_warrant_signatures: WarrantLimits::default().max_signatures,
+            max_envelope_bytes: EnvelopeLimits::default().max_envelope_bytes,
+            max_envelope_header_bytes: EnvelopeLimits::default().max_header_bytes,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -358,13 +394,53 @@ impl Validator<'_> {
             d.rate_limit_burst as usize,
             1..=1_000_000,
         )?;
+        let max_body_bytes = self.count(
+            "limits.max_body_bytes",
+            raw.max_body_bytes,
+            d.max_body_bytes,
+            1024..=(64 << 20),
+        )?;
+        let max_warrant_bytes = self.count(
+            "limits.max_warrant_bytes",
+            raw.max_warrant_bytes,
+            d.max_warrant_bytes,
+            1024..=(16 << 20),
+        )?;
+        if max_warrant_bytes > max_body_bytes {
+            return Err(self.err(
+                "limits.max_warrant_bytes",
+                "must not exceed limits.max_body_bytes, which bounds the request that carries it",
+            ));
+        }
+        let max_envelope_bytes = self.count(
+            "limits.max_envelope_bytes",
+            raw.max_envelope_bytes,
+            d.max_envelope_bytes,
+            256..=(64 << 10),
+        )?;
+        let max_envelope_header_bytes = self.count(
+            "limits.max_envelope_header_bytes",
+            raw.max_envelope_header_bytes,
+            d.max_envelope_header_bytes,
+            128..=(32 << 10),
+        )?;
+        if max_envelope_header_bytes > max_envelope_bytes {
+            return Err(self.err(
+                "limits.max_envelope_header_bytes",
+                "must not exceed limits.max_envelope_bytes, which bounds the envelope that carries it",
+            ));
+        }
         Ok(Limits {
-            max_body_bytes: self.count(
-                "limits.max_body_bytes",
-                raw.max_body_bytes,
-                d.max_body_bytes,
-                1024..=(64 << 20),
+            max_body_bytes,
+            max_warrant_bytes,
+            max_warrant_signatures: self.count(
+                "limits.max_warrant_signatures",
+                raw.max_warrant_signatures,
+                d.max_warrant_signatures,
+                1..=64,
             )?,
+            max_envelope_bytes,
+            max_envelope_header_bytes,
             max_header_bytes: self.count(
                 "limits.max_header_bytes",
                 raw.max_header_bytes,

@@ -192,6 +192,22 @@ fn serve_table_refusals_name_the_field() {
             "limits.rate_limit_per_second",
         ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        (
+            "[limits]\nmax_warrant_bytes = 2097152\n",
+            "limits.max_warrant_bytes",
+        ),
+        (
+            "[limits]\nmax_warrant_signatures = 0\n",
+            "limits.max_warrant_signatures",
+        ),
+        (
+            "[limits]\nmax_envelope_bytes = 100\n",
+            "limits.max_envelope_bytes",
+        ),
+        (
+            "[limits]\nmax_envelope_bytes = 1024\nmax_envelope_header_bytes = 2048\n",
+            "limits.max_envelope_header_bytes",
+        ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[log]\nlevel = \"lavd=[\"\n", "log.level"),
         (
