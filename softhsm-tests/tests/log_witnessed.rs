@@ -181,14 +181,22 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
         assert_ok(&t.lavd(&args));
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         let html = std::fs::read_to_string(t.path("report.html")).unwrap();
-        (v["verification"]["witnesses"].clone(), html)
+        // Signature lines shown: only those that were verified.
+        let lines = v["verification"]["checkpoint"]
+            .as_str()
+            .unwrap()
+            .matches("\u{2014} ")
+            .count();
+        (v["verification"]["witnesses"].clone(), html, lines)
     };
-    let (witnesses, html) = report(Some(&path_str(&policy_file)));
+    let (witnesses, html, lines) = report(Some(&path_str(&policy_file)));
     assert_eq!(witnesses, serde_json::json!(["A", "B"]));
     assert!(html.contains("data-witnesses=\"2\""), "{html}");
-    let (witnesses, html) = report(None);
+    assert_eq!(lines, 3, "the log's line and the two witnesses'");
+    let (witnesses, html, lines) = report(None);
     assert_eq!(witnesses, serde_json::json!([]));
     assert!(html.contains("data-witnesses=\"0\""), "{html}");
+    assert_eq!(lines, 1, "the log's line alone");
     // A policy that also needs the 403 witness rejects it.
     let strict = log.t.path("strict.policy");
     std::fs::write(

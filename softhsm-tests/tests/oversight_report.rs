@@ -8,7 +8,9 @@
 //! - headless Chromium renders the page: a screenshot is taken, and the
 //!   numbers of every chart, read back from the rendered DOM, equal the JSON;
 //! - a tampered export produces no report and exits with the verifier's
-//!   code, exactly as `lavd audit verify` does.
+//!   code, exactly as `lavd audit verify` does;
+//! - a signature line appended to the checkpoint by whoever handed over the
+//!   export is not shown as one: only the lines that verified are.
 //!
 //! Chromium is required (`.ci/setup` installs Debian's `chromium`): without
 //! it the test fails, it does not skip.
@@ -927,4 +929,30 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
         !bad_html.exists() && !bad_json.exists(),
         "a report was written"
     );
+
+    // A line anyone appended to the checkpoint, claiming a witness: the log
+    // still verifies (lines by unknown keys are ignored, as C2SP requires),
+    // but the page and the JSON show only the lines that were checked.
+    let mut dressed = export_json.clone();
+    let fake = format!(
+        "\u{2014} witness.example.org {}\n",
+        base64::engine::general_purpose::STANDARD.encode([7u8; 76])
+    );
+    dressed["checkpoint"] = Value::String(format!(
+        "{}{fake}",
+        export_json["checkpoint"].as_str().unwrap()
+    ));
+    let dressed_file = w.join("dressed.json");
+    std::fs::write(&dressed_file, dressed.to_string()).unwrap();
+    let (dressed_html, dressed_json) = (w.join("dressed.html"), w.join("dressed-report.json"));
+    let args = report_args(&dressed_html, &dressed_json, &dressed_file);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    softhsm_tests::assert_ok(&lavd(&args));
+    let shown = read_json(&dressed_json);
+    assert_eq!(
+        shown["verification"]["checkpoint"],
+        export_json["checkpoint"]
+    );
+    let page = std::fs::read_to_string(&dressed_html).unwrap();
+    assert!(!page.contains("witness.example.org"), "{page}");
 }

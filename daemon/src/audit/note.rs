@@ -449,6 +449,29 @@ pub(crate) fn signature_line(line: &str) -> Result<SignatureLine<'_>, NoteError>
     })
 }
 
+/// `note` with only the signature lines for which `keep(name, key_id)`:
+/// for showing a verified note without lines nobody checked (anyone who
+/// hands over a note can append lines claiming any name).
+///
+/// # Errors
+/// [`NoteError`] for a note that is not well formed.
+pub fn with_signatures_by(
+    note: &str,
+    keep: impl Fn(&str, u32) -> bool,
+) -> Result<String, NoteError> {
+    let (text, _) = split_note(note)?;
+    let mut out = String::from(text);
+    out.push('\n');
+    for line in note[text.len() + 1..].lines() {
+        let parsed = signature_line(line)?;
+        if keep(parsed.name, parsed.key_id) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// Opens a signed note: checks the format and that it carries a valid
 /// signature by `key`, and returns the note text (which is only meaningful
 /// after this check). Signatures by other keys are ignored, as the spec

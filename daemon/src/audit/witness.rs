@@ -254,6 +254,14 @@ pub struct Policy {
 const MAX_POLICY_ITEMS: usize = 256;
 
 impl Policy {
+    /// The key of witness `name`, if the policy has one.
+    pub fn witness_key(&self, name: &str) -> Option<&CosignerKey> {
+        self.witnesses
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, key, _)| key)
+    }
+
     /// Parses a policy file.
     ///
     /// # Errors

@@ -98,11 +98,11 @@ impl AuditCommand {
                 source,
                 save_checkpoint,
             } => {
-                let (new, summary, _) = source.verify()?;
-                print!("{summary}");
+                let verified = source.verify()?;
+                print!("{}", verified.summary);
                 println!("verdict: the log verifies");
                 if let Some(path) = save_checkpoint {
-                    std::fs::write(&path, &new.checkpoint)
+                    std::fs::write(&path, &verified.export.checkpoint)
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
             }
@@ -227,7 +227,7 @@ impl LogSource {
     /// # Errors
     /// An unreadable file or a failed fetch, or the [`VerifyError`] that
     /// failed.
-    pub fn verify(self) -> anyhow::Result<(Export, crate::audit::export::Summary, Vec<String>)> {
+    pub fn verify(self) -> anyhow::Result<Verified> {
         let key = verifier_key(self.key)?;
         let client = |url: &str| self.remote.client(url);
         let new = match (&self.export, &self.url, &self.tiles) {
@@ -245,10 +245,12 @@ impl LogSource {
         // The witness policy first: a checkpoint without its quorum is not
         // one the verifier may rely on, whatever the leaves say.
         let mut witnesses = Vec::new();
+        let mut policy = None;
         if let Some(path) = &self.policy {
-            let policy = crate::audit::witness::Policy::parse(&read(path)?)
+            let parsed = crate::audit::witness::Policy::parse(&read(path)?)
                 .with_context(|| format!("the policy {}", path.display()))?;
-            witnesses = policy.verify(&new.checkpoint)?.1;
+            witnesses = parsed.verify(&new.checkpoint)?.1;
+            policy = Some(parsed);
         }
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
@@ -262,8 +264,39 @@ impl LogSource {
             }
             (None, None) => verify_export(&new, &key, None)?,
         };
-        Ok((new, summary, witnesses))
+        // The log's line and the policy witnesses' that verified; any other
+        // line was checked by nobody, so it is not shown as a signature.
+        let checked = |name: &str, key_id: u32| {
+            (name == key.name() && key_id == key.key_id())
+                || witnesses.iter().any(|w| {
+                    policy
+                        .as_ref()
+                        .and_then(|p| p.witness_key(w))
+                        .is_some_and(|k| k.name() == name && k.key_id() == key_id)
+                })
+        };
+        let checked_checkpoint = crate::audit::note::with_signatures_by(&new.checkpoint, checked)?;
+        Ok(Verified {
+            export: new,
+            summary,
+            witnesses,
+            checked_checkpoint,
+        })
     }
+}
+
+/// What [`LogSource::verify`] verified.
+#[derive(Debug)]
+pub struct Verified {
+    /// The log as read.
+    pub export: Export,
+    /// What it holds, every check passed.
+    pub summary: crate::audit::export::Summary,
+    /// The policy witnesses whose cosignatures verified (`--policy`).
+    pub witnesses: Vec<String>,
+    /// The newest checkpoint with only the signature lines that verified:
+    /// the log's and those witnesses'.
+    pub checked_checkpoint: String,
 }
 
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the

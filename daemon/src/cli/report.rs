@@ -51,17 +51,18 @@ impl ReportArgs {
         if let (Some(from), Some(to)) = (self.from, self.to) {
             anyhow::ensure!(from < to, "--from must be before --to");
         }
-        let (export, summary, witnesses) = self.source.verify()?;
+        let verified = self.source.verify()?;
+        let summary = &verified.summary;
         let mut report = Report::build(
-            &export,
-            &summary,
+            &verified.checked_checkpoint,
+            summary,
             &Options {
                 from: self.from,
                 to: self.to,
                 detail: self.detail,
             },
         );
-        report.verification.witnesses = witnesses;
+        report.verification.witnesses = verified.witnesses;
         let json = report.to_json().context("encoding the JSON report")?;
         let page = html::render(&report);
         if let Some(path) = &self.json {

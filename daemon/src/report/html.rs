@@ -91,8 +91,11 @@ const LEGEND_HEIGHT: u32 = 30;
 
 impl Chart<'_> {
     fn svg(&self, out: &mut String) {
-        let rows = u32::try_from(self.rows.len()).unwrap_or(u32::MAX / ROW_HEIGHT);
-        let height = LEGEND_HEIGHT + rows.max(1) * ROW_HEIGHT + 8;
+        let rows = u32::try_from(self.rows.len()).unwrap_or(u32::MAX);
+        let height = rows
+            .max(1)
+            .saturating_mul(ROW_HEIGHT)
+            .saturating_add(LEGEND_HEIGHT + 8);
         let max = self
             .rows
             .iter()
@@ -130,7 +133,7 @@ impl Chart<'_> {
             );
         }
         for (i, row) in (0u32..).zip(&self.rows) {
-            let y = LEGEND_HEIGHT + i * ROW_HEIGHT;
+            let y = i.saturating_mul(ROW_HEIGHT).saturating_add(LEGEND_HEIGHT);
             let total: u64 = row.values.iter().sum();
             let label = escape(&row.label);
             let _ = write!(
@@ -312,6 +315,8 @@ pub fn render(report: &Report) -> String {
     let _ = write!(
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
+         style-src 'unsafe-inline'\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta name=\"generator\" content=\"lavd audit report ({SCHEMA})\">\
          <title>Oversight report: {origin}</title><style>{STYLE}</style></head>\n<body>\

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use serde::Serialize;
 use time::{Duration, OffsetDateTime};
 
-use crate::audit::export::{Export, Summary};
+use crate::audit::export::Summary;
 use crate::audit::leaf::{Event, Leaf, UnwrapOutcome};
 use crate::codec;
 
@@ -447,9 +447,11 @@ fn month(t: OffsetDateTime) -> String {
 }
 
 impl Report {
-    /// Builds the report from a verified export: `summary` is what
-    /// [`crate::audit::export::verify_export`] returned for `export`.
-    pub fn build(export: &Export, summary: &Summary, options: &Options) -> Self {
+    /// Builds the report from a verified log: `summary` is what
+    /// [`crate::audit::export::verify_export`] returned, and `checkpoint`
+    /// its newest checkpoint with only the signature lines that were
+    /// verified (the page shows it as "the signed checkpoint").
+    pub fn build(checkpoint: &str, summary: &Summary, options: &Options) -> Self {
         let before_to = |t: OffsetDateTime| options.to.is_none_or(|to| t < to);
         let in_period = |t: OffsetDateTime| before_to(t) && options.from.is_none_or(|f| t >= f);
         let history: Vec<&Leaf> = summary
@@ -635,7 +637,7 @@ impl Report {
                 origin: summary.origin.clone(),
                 size: summary.size,
                 root: STANDARD.encode(summary.root),
-                checkpoint: export.checkpoint.clone(),
+                checkpoint: checkpoint.to_string(),
                 consistent_with: summary.consistent_with.clone(),
                 witnesses: Vec::new(),
             },

@@ -184,7 +184,7 @@ fn mix() -> Vec<(OffsetDateTime, Event)> {
 
 fn build(events: &[(OffsetDateTime, Event)], options: &Options) -> Report {
     let (export, summary) = summary(events);
-    Report::build(&export, &summary, options)
+    Report::build(&export.checkpoint, &summary, options)
 }
 
 #[test]
@@ -369,6 +369,11 @@ fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
     let aggregate = build(&mix(), &Options::default());
     let json = String::from_utf8(aggregate.to_json().unwrap()).unwrap();
     let page = html::render(&aggregate);
+    // No script, no fetch: the page may only use its own inline style.
+    let csp = "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
+               style-src 'unsafe-inline'\">";
+    assert!(page.find(csp) < page.find("<style>"), "{page}");
+    assert!(page.contains(csp));
     let digest = Digest::of_warrant_payload(b"W-FULL").to_string();
     let envelope = Digest::of_envelope(&[1], &[0x04; 65]).to_string();
     for text in [&json, &page] {
