@@ -144,7 +144,7 @@ impl World {
             gate: &self.gate,
             witnessing: None,
         };
-        unwrap(&ctx, caller, body.to_string().as_bytes(), t(now))
+        unwrap(&ctx, caller, body.to_string().as_bytes(), &|| t(now))
     }
 }
 
@@ -474,4 +474,63 @@ fn a_refused_warrant_leaf_names_the_claimed_id_and_digest() {
             &payload
         ))
     );
+}
+
+/// The clock is read when the request's turn at the envelope gate comes,
+/// not when it arrived: a warrant that expires while its request waits at
+/// the gate behind other work is refused `warrant_expired`, and nothing
+/// opens. Before, the time was taken before the wait, and the envelope
+/// opened after the warrant's expiry.
+#[test]
+fn a_warrant_that_expires_while_its_request_waits_at_the_gate_is_refused() {
+    let w = World::new();
+    let env = w.envelope(
+        "acct:alice@example.com",
+        "2026-12-03T00:00:00Z",
+        "gate-1",
+        &[5; 32],
+    );
+    // It expires at 2026-12-31T00:00:00Z.
+    let body = serde_json::json!({
+        "warrant": w.warrant("W-GATE", 5, &[&w.exec, &w.judge]),
+        "envelopes": [env],
+    })
+    .to_string();
+    let clock = std::sync::Mutex::new(t("2026-12-30T23:59:59Z"));
+    let before = w.store.tree_size().unwrap();
+    let held = w.gate.enter(64);
+    let (limits, max_batch) = w.ctx();
+    let ctx = Context {
+        hsm: &w.hsm,
+        store: &w.store,
+        log: &w.log,
+        verifier: &w.verifier,
+        envelope_limits: &limits,
+        max_batch,
+        gate: &w.gate,
+        witnessing: None,
+    };
+    let e = std::thread::scope(|s| {
+        let waiting = s.spawn(|| unwrap(&ctx, AGENCY, body.as_bytes(), &|| *clock.lock().unwrap()));
+        // The request waits for the gate's whole capacity, held here.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(
+            !waiting.is_finished(),
+            "the request did not wait at the gate"
+        );
+        *clock.lock().unwrap() = t("2026-12-31T00:00:01Z");
+        drop(held);
+        waiting.join().unwrap().unwrap_err()
+    });
+    assert_eq!(e.code(), "warrant_expired");
+    // Its only leaf is the refusal.
+    let leaves = w
+        .store
+        .leaves(before, w.store.tree_size().unwrap())
+        .unwrap();
+    let events: Vec<String> = leaves
+        .iter()
+        .map(|(_, l)| serde_json::from_slice::<serde_json::Value>(l).unwrap()["event"].to_string())
+        .collect();
+    assert_eq!(events, ["\"warrant_refused\""]);
 }

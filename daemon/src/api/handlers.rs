@@ -130,7 +130,7 @@ pub async fn post_unwrap(
             &context,
             &caller,
             &body,
-            OffsetDateTime::now_utc(),
+            &OffsetDateTime::now_utc,
         ))
     })
     .await?;

@@ -180,7 +180,10 @@ enum Plan {
 }
 
 /// Runs one unwrap request for `caller` (already known to hold the agency
-/// role).
+/// role). `clock` is read once, after the request's turn at the envelope
+/// gate: the warrant's validity, the keys' retention and the leaves' time
+/// are judged when the work starts, not when the request arrived (a
+/// request may wait at the gate behind others for as long as they take).
 ///
 /// # Errors
 /// [`UnwrapError`]; per-envelope refusals are not errors but `denied`
@@ -189,7 +192,7 @@ pub fn unwrap(
     ctx: &Context<'_>,
     caller: &str,
     body: &[u8],
-    now: OffsetDateTime,
+    clock: &dyn Fn() -> OffsetDateTime,
 ) -> Result<Unwrapped, UnwrapError> {
     let request: Request<'_> =
         serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
@@ -202,6 +205,7 @@ pub fn unwrap(
     // Held until the reply is built: the envelopes parsed, their leaves,
     // keys and results are what the gate bounds.
     let _permit = ctx.gate.enter(request.envelopes.len());
+    let now = clock();
 
     // Warrant validity and agency (the verifier checks both), then the
     // store's view: revoked, id conflict, emergency replaced.
