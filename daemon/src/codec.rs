@@ -76,12 +76,50 @@ pub fn format_time(t: OffsetDateTime) -> String {
 
 /// Parses JSON strictly: the target type's serde derive must use
 /// `deny_unknown_fields`; duplicate fields and trailing data are refused by
-/// serde_json for derived structs.
+/// serde_json for derived structs, and the top level must be an object
+/// ([`Object`]).
 ///
 /// # Errors
 /// [`CodecError::Json`] with serde's description (which names the field).
 pub fn from_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
-    serde_json::from_slice(bytes).map_err(|e| CodecError::Json(e.to_string()))
+    from_object_slice(bytes).map_err(|e| CodecError::Json(e.to_string()))
+}
+
+/// A JSON object read as `T`, and only an object. serde_json reads a
+/// derived struct from an array of its members' values in declaration order
+/// too (`["2026-11","16-1-2",…]` for an envelope header); no party to
+/// PROTOCOL writes that, other parsers refuse it, and `deny_unknown_fields`
+/// does not cover it. Use it for every struct read from untrusted JSON: at
+/// the top ([`from_object_slice`]) and for nested struct members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Only<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Only<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Object<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(Only(std::marker::PhantomData))
+    }
+}
+
+/// `serde_json::from_slice`, with the top level an [`Object`].
+///
+/// # Errors
+/// serde_json's, naming what was wrong: an array where an object belongs is
+/// "invalid type: sequence, expected a JSON object".
+pub fn from_object_slice<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
+    serde_json::from_slice::<Object<T>>(bytes).map(|o| o.0)
 }
 
 /// The raw text of member `name` of the JSON object `bytes` (the last one,

@@ -100,7 +100,7 @@ impl Jwk {
     /// # Errors
     /// [`JwkError::Json`] naming what serde found wrong.
     pub fn from_json(bytes: &[u8]) -> Result<Self, JwkError> {
-        serde_json::from_slice(bytes).map_err(|e| JwkError::Json(e.to_string()))
+        crate::codec::from_object_slice(bytes).map_err(|e| JwkError::Json(e.to_string()))
     }
 
     fn member(&self, name: &'static str, value: Option<&str>) -> Result<Vec<u8>, JwkError> {

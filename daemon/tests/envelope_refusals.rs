@@ -348,3 +348,19 @@ fn dek_of_15_or_65_bytes_is_refused() {
         assert_eq!(dek.len(), len);
     }
 }
+
+/// An envelope or its header written as an array of the members' values
+/// (which serde_json would read into the same struct) is
+/// `malformed_envelope`: PROTOCOL's envelope and header are objects.
+#[test]
+fn an_envelope_or_header_written_as_an_array_is_malformed() {
+    let f = fixture();
+    assert!(parse(&envelope_json(HEADER, &f.enc, &f.ct)).is_ok());
+    let array_header = r#"["2026-11","16-1-2","spiffe://provider.example/mail","acct:alice@example.com","2026-11-26T07:25:21Z","msg-8812"]"#;
+    let array_envelope = format!(r#"[1,"{}","{}","{}"]"#, b64_encode(HEADER), f.enc, f.ct);
+    for json in [envelope_json(array_header, &f.enc, &f.ct), array_envelope] {
+        let e = parse(&json).unwrap_err();
+        assert_eq!(e.code(), "malformed_envelope", "{json}: {e}");
+        assert!(e.to_string().contains("expected a JSON object"), "{e}");
+    }
+}

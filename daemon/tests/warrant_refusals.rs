@@ -758,3 +758,78 @@ fn revoked_and_conflicting_ids_are_refused_after_restart() {
         lavd::store::Registration::Known
     );
 }
+
+/// serde_json reads a derived struct from an array of its members' values
+/// as readily as from an object. PROTOCOL's objects are objects: each of
+/// them written as an array, with every signature valid over the bytes
+/// sent, is `malformed_warrant`, and the same warrant as objects verifies.
+#[test]
+fn objects_written_as_arrays_are_malformed() {
+    let a = Authorities::new();
+    let v = a.verifier(DOUBLE_LOCK);
+    let c = claims("W-array");
+    let ordered = |c: &serde_json::Value| {
+        // The members in RawClaims' declaration order, as positional values.
+        serde_json::json!([
+            c["id"],
+            c["legal_basis"],
+            c["agency"],
+            c["recipient"],
+            c["targets"],
+            c["window"],
+            c["not_before"],
+            c["expires"],
+            c["max_unwraps"]
+        ])
+    };
+    assert!(v
+        .verify(&signed(&c, &[&a.exec1, &a.jud1]), now(), AGENCY)
+        .is_ok());
+
+    let mut window = c.clone();
+    window["window"] = serde_json::json!([c["window"]["from"], c["window"]["to"]]);
+    let mut recipient = c.clone();
+    recipient["recipient"] = serde_json::json!([
+        c["recipient"]["kty"],
+        c["recipient"]["crv"],
+        c["recipient"]["x"],
+        c["recipient"]["y"]
+    ]);
+    for (what, payload) in [
+        ("the claims", ordered(&c)),
+        ("the window", window),
+        ("the recipient", recipient),
+    ] {
+        let e = v
+            .verify(&signed(&payload, &[&a.exec1, &a.jud1]), now(), AGENCY)
+            .unwrap_err();
+        assert_eq!(e.code(), "malformed_warrant", "{what}: {e}");
+        assert!(
+            e.to_string().contains("expected a JSON object"),
+            "{what}: {e}"
+        );
+    }
+
+    // The JWS itself, a signature entry, and a protected header.
+    let good = signed(&c, &[&a.exec1, &a.jud1]);
+    let jws: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    let as_array = serde_json::json!([jws["payload"], jws["signatures"]]);
+    let mut entry = jws.clone();
+    entry["signatures"][0] = serde_json::json!([
+        jws["signatures"][0]["protected"],
+        jws["signatures"][0]["signature"]
+    ]);
+    let array_header = format!(r#"["{}","{}"]"#, a.exec1.alg(), a.exec1.kid());
+    let header = jws_raw(
+        c.to_string().as_bytes(),
+        &[(array_header, &a.exec1), (self::header(&a.jud1), &a.jud1)],
+    );
+    for (what, bytes) in [
+        ("the JWS", as_array.to_string().into_bytes()),
+        ("a signature entry", entry.to_string().into_bytes()),
+        ("a protected header", header),
+    ] {
+        let e = v.verify(&bytes, now(), AGENCY).unwrap_err();
+        assert_eq!(e.code(), "malformed_warrant", "{what}: {e}");
+    }
+}

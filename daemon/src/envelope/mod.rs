@@ -236,8 +236,8 @@ impl Header {
                 limit: limits.max_header_bytes,
             });
         }
-        let raw: HeaderJson =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::HeaderJson(e.to_string()))?;
+        let raw: HeaderJson = crate::codec::from_object_slice(bytes)
+            .map_err(|e| EnvelopeError::HeaderJson(e.to_string()))?;
         if raw.suite != LAV_SUITE {
             return Err(EnvelopeError::UnsupportedSuite);
         }
@@ -382,8 +382,8 @@ impl Envelope {
         }
         // serde_json refuses trailing data; the derive with
         // `deny_unknown_fields` refuses unknown and duplicate members.
-        let raw: EnvelopeJson =
-            serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+        let raw: EnvelopeJson = crate::codec::from_object_slice(bytes)
+            .map_err(|e| EnvelopeError::Json(e.to_string()))?;
         if raw.v != ENVELOPE_VERSION {
             return Err(EnvelopeError::UnsupportedVersion(raw.v));
         }

@@ -195,7 +195,7 @@ pub fn unwrap(
     clock: &dyn Fn() -> OffsetDateTime,
 ) -> Result<Unwrapped, UnwrapError> {
     let request: Request<'_> =
-        serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+        crate::codec::from_object_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
     if request.envelopes.is_empty() || request.envelopes.len() > ctx.max_batch {
         return Err(UnwrapError::BatchSize {
             max: ctx.max_batch,
@@ -674,8 +674,8 @@ impl AdminRevocation {
     /// # Errors
     /// [`UnwrapError::Malformed`] (`malformed_request`) naming what is wrong.
     pub fn parse(body: &[u8]) -> Result<Self, UnwrapError> {
-        let r: Self =
-            serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+        let r: Self = crate::codec::from_object_slice(body)
+            .map_err(|e| UnwrapError::Malformed(e.to_string()))?;
         let bound =
             |field: &str, check: fn(&str) -> Result<(), crate::bounds::BoundError>, v: &str| {
                 check(v).map_err(|why| UnwrapError::Malformed(format!("`{field}` {why}")))
@@ -700,7 +700,7 @@ struct AuthorityRevocation<'a> {
 /// [`UnwrapError::Malformed`] (`malformed_request`) for any other body.
 pub fn authority_revocation_jws(body: &[u8]) -> Result<&[u8], UnwrapError> {
     let r: AuthorityRevocation<'_> =
-        serde_json::from_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
+        crate::codec::from_object_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
     Ok(r.revocation.get().as_bytes())
 }
 

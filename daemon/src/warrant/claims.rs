@@ -21,7 +21,7 @@ use serde::{Deserialize, Deserializer};
 use time::OffsetDateTime;
 
 use super::WarrantError;
-use crate::codec::rfc3339;
+use crate::codec::{rfc3339, Object};
 use crate::jwk::{Jwk, P256PublicKey};
 
 /// Longest warrant `id`, in characters (PROTOCOL §4).
@@ -89,9 +89,9 @@ struct RawClaims {
     id: String,
     legal_basis: String,
     agency: String,
-    recipient: Jwk,
+    recipient: Object<Jwk>,
     targets: Vec<String>,
-    window: RawWindow,
+    window: Object<RawWindow>,
     #[serde(with = "rfc3339")]
     not_before: OffsetDateTime,
     #[serde(with = "rfc3339")]
@@ -178,7 +178,7 @@ impl Claims {
     /// # Errors
     /// [`WarrantError::Malformed`] naming the member.
     pub fn parse(payload: &[u8]) -> Result<Self, WarrantError> {
-        let raw: RawClaims = serde_json::from_slice(payload).map_err(malformed)?;
+        let raw: RawClaims = crate::codec::from_object_slice(payload).map_err(malformed)?;
         check_bound("id", &raw.id, crate::bounds::warrant_id)?;
         check_text("legal_basis", &raw.legal_basis, MAX_LEGAL_BASIS_CHARS)?;
         check_text("agency", &raw.agency, MAX_AGENCY_BYTES)?;
@@ -187,18 +187,18 @@ impl Claims {
                 "`agency` is longer than {MAX_AGENCY_BYTES} bytes"
             )));
         }
-        if raw.recipient.d.is_some() {
+        if raw.recipient.0.d.is_some() {
             return Err(malformed(
                 "`recipient` contains a private key (`d`); give the public JWK only",
             ));
         }
-        let recipient = P256PublicKey::from_jwk(&raw.recipient)
+        let recipient = P256PublicKey::from_jwk(&raw.recipient.0)
             .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
         check_list("targets", &raw.targets, MAX_TARGETS, crate::bounds::target)?;
         if let Some(kids) = &raw.kids {
             check_list("kids", kids, MAX_KIDS, crate::bounds::kid)?;
         }
-        if raw.window.from >= raw.window.to {
+        if raw.window.0.from >= raw.window.0.to {
             return Err(malformed("`window.from` must be before `window.to`"));
         }
         if raw.not_before >= raw.expires {
@@ -216,8 +216,8 @@ impl Claims {
             recipient,
             targets: raw.targets,
             window: Window {
-                from: raw.window.from,
-                to: raw.window.to,
+                from: raw.window.0.from,
+                to: raw.window.0.to,
             },
             not_before: raw.not_before,
             expires: raw.expires,

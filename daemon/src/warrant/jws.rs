@@ -190,7 +190,7 @@ pub(crate) fn signing_input(protected_b64: &str, payload_b64: &str) -> Vec<u8> {
 struct RawJws {
     payload: String,
     #[serde(default)]
-    signatures: Option<Vec<RawSignature>>,
+    signatures: Option<Vec<crate::codec::Object<RawSignature>>>,
     #[serde(default, deserialize_with = "some_value")]
     protected: Option<serde_json::Value>,
     /// Any value, even `null`, counts as present: the member must not exist.
@@ -212,7 +212,7 @@ impl RawJws {
                         .into(),
                 ))
             }
-            (Some(signatures), false) => signatures,
+            (Some(signatures), false) => signatures.into_iter().map(|s| s.0).collect(),
             (None, true) => {
                 let text = |v: Option<serde_json::Value>, name: &str| match v {
                     None => Ok(None),
@@ -289,7 +289,7 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
             limit: limits.max_warrant_bytes,
         });
     }
-    let raw: RawJws = serde_json::from_slice(bytes)
+    let raw: RawJws = crate::codec::from_object_slice(bytes)
         .map_err(|e| WarrantError::Malformed(format!("not a JWS in JSON Serialization: {e}")))?;
     let (payload_b64, raw_signatures) = raw.into_signatures()?;
     if raw_signatures.len() > limits.max_signatures {
@@ -331,7 +331,7 @@ fn parse_signature(index: usize, raw: RawSignature) -> Result<JwsSignature, Warr
     if loose.get("crit").is_some() {
         return Err(WarrantError::CritNotSupported);
     }
-    let header: RawHeader = serde_json::from_slice(&protected)
+    let header: RawHeader = crate::codec::from_object_slice(&protected)
         .map_err(|e| malformed(&format!("protected header: {e}")))?;
     let alg = Algorithm::from_name(&header.alg)?;
     // The kid is echoed in errors, logs and audit leaves: the one rule of

@@ -394,7 +394,7 @@ impl RevocationClaims {
     /// # Errors
     /// [`WarrantError::Malformed`] (`malformed_warrant`) naming the member.
     pub fn parse(payload: &[u8]) -> Result<Self, WarrantError> {
-        let raw: Self = serde_json::from_slice(payload)
+        let raw: Self = crate::codec::from_object_slice(payload)
             .map_err(|e| WarrantError::Malformed(format!("revocation: {e}")))?;
         check_bound("id", &raw.id, crate::bounds::warrant_id)?;
         check_bound("reason", &raw.reason, crate::bounds::reason)?;
