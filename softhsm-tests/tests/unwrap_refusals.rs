@@ -501,21 +501,23 @@ fn envelope_kid(envelope: &serde_json::Value) -> String {
 }
 
 /// Every size has a configured bound (PROTOCOL, "Conventions"): the
-/// warrant's bytes and signatures and each envelope's bytes and header come
-/// from `[limits]`, not from constants. With them lowered, a warrant over
-/// either bound is 413 `warrant_too_large`, and an envelope over either is
-/// denied `malformed_envelope` beside one within them that opens.
+/// warrant's bytes and signatures and each envelope's bytes come from
+/// `[limits]`, not from constants. A warrant over either of its bounds is
+/// 413 `warrant_too_large`. The envelope bound can only be raised (below
+/// its default it would deny envelopes PROTOCOL allows): raised to 9000, an
+/// envelope of about 8000 bytes (whitespace inside its JSON) opens, which
+/// the default 7168 would deny, and one of about 9500 is denied
+/// `malformed_envelope`.
 #[test]
 fn warrant_and_envelope_bounds_come_from_the_configuration() {
     let v = vault::Vault::start(
-        "max_warrant_bytes = 3072\nmax_warrant_signatures = 2\n\
-         max_envelope_bytes = 1024\nmax_envelope_header_bytes = 400\n",
+        "max_warrant_bytes = 3072\nmax_warrant_signatures = 2\nmax_envelope_bytes = 9000\n",
     );
     let c = v.parties.clients(&v.pki, v.daemon.api);
     let recipient = vault::recipient();
     let now = OffsetDateTime::now_utc();
-    let seal = |reference: &str| {
-        vault::seal(
+    let padded = |reference: &str, size: usize| {
+        let sealed = vault::seal(
             &v.escrow,
             "E-1",
             TARGET,
@@ -523,14 +525,20 @@ fn warrant_and_envelope_bounds_come_from_the_configuration() {
             reference,
             &[9; 32],
         )
+        .to_string();
+        let text = format!("{{{}{}", " ".repeat(size - sealed.len()), &sealed[1..]);
+        assert_eq!(text.len(), size);
+        text
     };
-    let envelopes = [seal("short"), seal(&"r".repeat(256))];
+    let envelopes = [padded("near", 8000), padded("over", 9500)];
     let unwrap = |warrant: &serde_json::Value| {
-        vault::post(
-            &c.agency,
-            "/v1/unwrap",
-            &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
-        )
+        let body = format!(
+            r#"{{"warrant":{warrant},"envelopes":[{},{}]}}"#,
+            envelopes[0], envelopes[1]
+        );
+        c.agency
+            .request("POST", "/v1/unwrap", Some(body.as_bytes()))
+            .expect("request")
     };
 
     // 80 targets: well under the default 256 KiB, over 3 KiB.

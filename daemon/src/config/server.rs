@@ -412,17 +412,19 @@ impl Validator<'_> {
                 "must not exceed limits.max_body_bytes, which bounds the request that carries it",
             ));
         }
+        // Not below what a PROTOCOL-valid envelope may need: a lower bound
+        // would deny envelopes whose keys could then never be opened.
         let max_envelope_bytes = self.count(
             "limits.max_envelope_bytes",
             raw.max_envelope_bytes,
             d.max_envelope_bytes,
-            256..=(64 << 10),
+            crate::envelope::MIN_ENVELOPE_BOUND as u64..=(64 << 10),
         )?;
         let max_envelope_header_bytes = self.count(
             "limits.max_envelope_header_bytes",
             raw.max_envelope_header_bytes,
             d.max_envelope_header_bytes,
-            128..=(32 << 10),
+            crate::envelope::MIN_HEADER_BOUND as u64..=(48 << 10),
         )?;
         if max_envelope_header_bytes > max_envelope_bytes {
             return Err(self.err(

@@ -53,20 +53,32 @@ pub const REF_MAX_LEN: usize = crate::bounds::MAX_REF_BYTES;
 /// that a header this accepts can always be logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeLimits {
-    /// Whole envelope JSON. Default 4096: a maximal header (2048) in base64url
-    /// is 2731 characters, plus `enc` (87), `ct` (107) and the framing.
+    /// Whole envelope JSON. Default 7168: a maximal header
+    /// ([`MIN_HEADER_BOUND`]) in base64url is 6144 characters, plus `enc`
+    /// (87), `ct` (at most 107) and the framing, with room for whitespace.
     pub max_envelope_bytes: usize,
-    /// Decoded header bytes. Default 2048: room for every field at its limit
-    /// (64 + 512 + 512 + 256 + the time and member names, about 1450)
-    /// with some room for JSON escapes.
+    /// Header bytes as sent (before base64url), JSON escapes included.
+    /// Default and least value [`MIN_HEADER_BOUND`].
     pub max_header_bytes: usize,
 }
+
+/// The least bound on a header's bytes: every field at its PROTOCOL limit
+/// (kid 64, provider 512, target 512, `ref` 256 bytes) written with JSON
+/// escapes that triple it (`\u00e9` for the two bytes of `é`, as Python's
+/// `json.dumps` writes by default), plus the time and the member names:
+/// 4124 bytes; rounded up to leave room for whitespace. A lower bound would
+/// deny envelopes PROTOCOL allows, and their keys could never be opened.
+pub const MIN_HEADER_BOUND: usize = 4608;
+
+/// The least bound on an envelope's bytes: [`MIN_HEADER_BOUND`] in
+/// base64url, `enc`, the longest `ct`, the framing and room for whitespace.
+pub const MIN_ENVELOPE_BOUND: usize = 7168;
 
 impl Default for EnvelopeLimits {
     fn default() -> Self {
         Self {
-            max_envelope_bytes: 4096,
-            max_header_bytes: 2048,
+            max_envelope_bytes: MIN_ENVELOPE_BOUND,
+            max_header_bytes: MIN_HEADER_BOUND,
         }
     }
 }
