@@ -940,11 +940,48 @@ fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
     );
 }
 
+/// The other order of a late settle: the request that took the lapsed
+/// units (within its lease) settles after the late one. The late settle
+/// may spend only units no live reservation holds, so it is the one
+/// refused, and the request within its lease spends what it was granted.
+/// Before migration 4 the late settle spent them first and the other was
+/// refused.
+#[test]
+fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
+    let db = TestDb::create();
+    let lease = Duration::from_secs(2);
+    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
+    let (a, b) = (open(), open());
+    a.register(&record("L", 1, 1, false, 2)).unwrap();
+    let held = a.reserve("L", 2).unwrap();
+    assert_eq!(held.granted(), 2);
+    let started = Instant::now();
+    while started.elapsed() < lease + Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let taken = b.reserve("L", 2).unwrap();
+    assert_eq!(taken.granted(), 2);
+    assert!(matches!(a.settle(held, 2), Err(StoreError::BudgetOverrun(id)) if id == "L"));
+    assert_eq!(a.spent("L").unwrap(), Some(0));
+    b.settle(taken, 2).unwrap();
+    assert_eq!(b.spent("L").unwrap(), Some(2));
+
+    // A lapsed reservation whose units nobody took still spends them.
+    a.register(&record("M", 1, 1, false, 2)).unwrap();
+    let slow = a.reserve("M", 2).unwrap();
+    let started = Instant::now();
+    while started.elapsed() < lease + Duration::from_millis(300) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.settle(slow, 2).unwrap();
+    assert_eq!(a.spent("M").unwrap(), Some(2));
+}
+
 #[test]
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 3);
+    assert_eq!(store.migrate().unwrap(), 4);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -956,9 +993,9 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             .map(|r| r.get(0))
             .collect()
     };
-    assert_eq!(versions(), [1, 2, 3]);
+    assert_eq!(versions(), [1, 2, 3, 4]);
     // A database at version 2 with a warrant in it (as the previous release
-    // left it) is brought to 3, and the new functions serve that warrant.
+    // left it) is brought to 4, and the new functions serve that warrant.
     {
         let store = PgStore::connect(&db.settings()).unwrap();
         store.register(&record("W2", 1, 2, false, 3)).unwrap();
@@ -967,12 +1004,12 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     db.client()
         .batch_execute(
             "DROP FUNCTION lavd_register, lavd_reserve, lavd_settle, lavd_save_checkpoint;
-             DELETE FROM schema_version WHERE version = 3",
+             DELETE FROM schema_version WHERE version >= 3",
         )
         .unwrap();
     assert_eq!(versions(), [1, 2]);
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(versions(), [1, 2, 3]);
+    assert_eq!(versions(), [1, 2, 3, 4]);
     assert!(matches!(
         store.register(&record("W2", 1, 2, false, 3)),
         Ok(Registration::Known)
@@ -996,7 +1033,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 3,
+                supported: 4,
                 ..
             }
         ),

@@ -388,6 +388,42 @@ const MIGRATIONS: &[&str] = &[
          INSERT INTO audit_checkpoints (size, note, signed_at) VALUES (p_size, p_note, p_at)
          ON CONFLICT (size) DO NOTHING;
      END $$;",
+    // 4: a settle whose reservation lapsed and was reclaimed (its row
+    // deleted by `lavd_reserve` for another reservation) spends only units
+    // no live reservation holds, so the late request, not the one within
+    // its lease, is refused. The warrant's row is locked first, in the
+    // order `lavd_reserve` takes them.
+    "CREATE OR REPLACE FUNCTION lavd_settle(p_id TEXT, p_token BIGINT, p_opened BIGINT,
+                                           p_check_revoked BOOLEAN)
+     RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_revoked BOOLEAN := FALSE;
+         v_live BOOLEAN := TRUE;
+         v_held BIGINT := 0;
+     BEGIN
+         PERFORM 1 FROM warrants w WHERE w.id = p_id FOR UPDATE;
+         IF p_check_revoked AND EXISTS (SELECT 1 FROM warrant_revocations r WHERE r.id = p_id) THEN
+             v_revoked := TRUE;
+             p_opened := 0;
+         END IF;
+         IF p_token IS NOT NULL THEN
+             DELETE FROM warrant_reservations r WHERE r.token = p_token AND r.warrant_id = p_id;
+             v_live := FOUND;
+         END IF;
+         IF p_opened > 0 THEN
+             IF NOT v_live THEN
+                 SELECT COALESCE(SUM(r.granted), 0)::BIGINT INTO v_held
+                 FROM warrant_reservations r
+                 WHERE r.warrant_id = p_id AND r.expires_at > now();
+             END IF;
+             UPDATE warrants SET spent = spent + p_opened
+             WHERE id = p_id AND spent + p_opened + v_held <= max_unwraps;
+             IF NOT FOUND THEN
+                 RETURN 'overrun';
+             END IF;
+         END IF;
+         RETURN CASE WHEN v_revoked THEN 'revoked' ELSE 'ok' END;
+     END $$;",
 ];
 
 /// The advisory lock key that serialises migrations across replicas
@@ -778,11 +814,12 @@ impl KeyStore for PgStore {
 
 impl PgStore {
     /// Deletes the reservation's row and spends `opened`, refusing in SQL to
-    /// pass `max_unwraps` (`lavd_settle`, migration 3). A row already gone
-    /// means its lease expired and another reservation may hold those units
-    /// now: the conditional `UPDATE` alone then decides, and when it
-    /// refuses, nothing is spent and `Settled::Lapsed` comes back (the
-    /// reservation's row, if it was still there, is deleted all the same).
+    /// pass `max_unwraps` (`lavd_settle`, migrations 3 and 4). A row
+    /// already gone means its lease expired and another reservation may
+    /// hold those units now: only units no live reservation holds are then
+    /// spent, and when they do not suffice, nothing is spent and
+    /// `Settled::Lapsed` comes back (the reservation's row, if it was still
+    /// there, is deleted all the same).
     /// With `check_revoked`, a warrant revoked by now spends nothing, and
     /// `Settled::Revoked` comes back.
     fn settle_in(
