@@ -194,7 +194,7 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         assert_eq!(
             printed.trim(),
             format!(
-                "postgresql://{}/{}: schema version 3",
+                "postgresql://{}/{}: schema version 4",
                 "127.0.0.1:5432",
                 db.name()
             )
@@ -205,7 +205,7 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         .query_one("SELECT count(*) FROM schema_version", &[])
         .unwrap()
         .get(0);
-    assert_eq!(versions, 3);
+    assert_eq!(versions, 4);
 
     let good = std::fs::read_to_string(t.config()).unwrap();
     for (from, to, field) in [
