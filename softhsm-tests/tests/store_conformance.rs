@@ -1188,6 +1188,44 @@ fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
 /// locks, where they are rare), so that concurrent settles on one warrant
 /// really fail with SQLSTATE 40001. Whatever still fails after the retries
 /// spends nothing: `spent` equals the settles that succeeded.
+/// Replicas starting at once on a database whose default isolation is
+/// SERIALIZABLE: each migrates under the advisory lock in READ COMMITTED,
+/// so one that waited for another's migration sees it and does not run it
+/// again (which failed with "relation already exists"), and a short
+/// statement timeout does not cut the wait.
+#[test]
+fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
+    let db = TestDb::create();
+    db.client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+            db.name()
+        ))
+        .unwrap();
+    let settings = db.settings();
+    let barrier = std::sync::Barrier::new(4);
+    let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    PgStore::connect(&settings)
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let versions: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM schema_version", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(versions, 4);
+}
+
 #[test]
 fn postgres_serialization_failures_are_retried_and_counted() {
     let db = TestDb::create();

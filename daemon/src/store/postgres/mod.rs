@@ -540,7 +540,19 @@ impl PgStore {
     /// [`StoreError::SchemaTooNew`], [`StoreError::Postgres`].
     pub fn migrate(&self) -> Result<i64, StoreError> {
         let mut conn = self.pool.get()?;
-        let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
+        // READ COMMITTED whatever the database's default: under REPEATABLE
+        // READ or SERIALIZABLE the snapshot would be taken by the lock
+        // statement, before its wait, and a replica that waited for
+        // another's migration would not see it and run it again. The
+        // request path's timeouts do not bound a migration, or the wait
+        // for another replica's.
+        let mut tx = conn
+            .build_transaction()
+            .isolation_level(::postgres::IsolationLevel::ReadCommitted)
+            .start()
+            .map_err(|e| self.pg_err(e))?;
+        tx.batch_execute("SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = '300s'")
+            .map_err(|e| self.pg_err(e))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .map_err(|e| self.pg_err(e))?;
         tx.batch_execute(
