@@ -478,7 +478,18 @@ impl PgStore {
             ms.saturating_mul(4)
         ));
         config.connect_timeout(settings.pool_wait);
+        // A server that vanishes without a reset (a partition, a powered-off
+        // host) must not hold a request, or the group commit behind it, for
+        // the kernel's defaults (two hours of idle before the first
+        // keepalive; some fifteen minutes of retransmission): keepalives
+        // find it in about 11 s while a reply is awaited, and data sent but
+        // never acknowledged fails the connection after the statement
+        // timeout and 5 s more.
         config.keepalives(true);
+        config.keepalives_idle(Duration::from_secs(5));
+        config.keepalives_interval(Duration::from_secs(2));
+        config.keepalives_retries(3);
+        config.tcp_user_timeout(settings.statement_timeout + Duration::from_secs(5));
         config.application_name("lavd");
         let tls = match parsed.sslmode {
             SslMode::Disable => Tls::Disabled,
