@@ -885,9 +885,17 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     assert_eq!(rows["URG-2026-0002"]["urgent"], "lapsed");
     assert_eq!(rows["URG-2026-0003"]["urgent"], "pending");
     assert_eq!(rows["OP-2026-0001"]["revoked"], true);
+    // The one-signature warrant never met the policy: its id is listed as
+    // claimed, apart from the warrants' rows.
+    assert!(!rows.contains_key(HOSTILE_ID), "{detail_json}");
     assert_eq!(
-        rows.get(HOSTILE_ID).map(|r| &r["refused"]),
-        Some(&json!(1)),
+        detail_json["detail"]["claimed"],
+        json!([{
+            "time": detail_json["detail"]["claimed"][0]["time"],
+            "agency": AGENCY,
+            "claimed_id": HOSTILE_ID,
+            "code": "policy_not_met"
+        }]),
         "{detail_json}"
     );
     // Rendered, the hostile id is text, not an element.

@@ -646,6 +646,25 @@ pub fn render(report: &Report) -> String {
             );
         }
         out.push_str(
+            "</tbody></table><table class=\"claimed-rows\"><caption>Refused before the warrant's \
+             signatures met the policy: the ids are only what each request claimed, and are \
+             counted in no warrant's row</caption><thead><tr><th scope=\"col\">time</th>\
+             <th scope=\"col\">agency</th><th scope=\"col\">claimed id</th>\
+             <th scope=\"col\">code</th></tr></thead><tbody>",
+        );
+        for c in &detail.claimed {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&c.time),
+                escape(&c.agency),
+                c.claimed_id
+                    .as_deref()
+                    .map_or_else(|| "(none)".into(), escape),
+                escape(&c.code),
+            );
+        }
+        out.push_str(
             "</tbody></table><table class=\"revocation-rows\"><caption>Revocations</caption><thead><tr>\
              <th scope=\"col\">time</th><th scope=\"col\">warrant id</th><th scope=\"col\">by</th>\
              <th scope=\"col\">reason</th></tr></thead><tbody>",

@@ -357,8 +357,15 @@ pub struct KeyEpoch {
 /// The detail form's rows.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Detail {
-    /// One row per warrant id seen in the period, by id.
+    /// One row per warrant id seen in the period, by id: ids of warrants
+    /// whose signatures met the policy, so that an id in a row is one the
+    /// authorities signed.
     pub warrants: Vec<WarrantRow>,
+    /// Refusals of warrants that did not get as far (malformed, a bad or
+    /// unknown signature, too few signatures), in log order. Their ids are
+    /// only what the request claimed, which any caller can write: they are
+    /// listed apart, never counted in a warrant's row.
+    pub claimed: Vec<ClaimedRow>,
     /// One row per revocation in the period, in log order.
     pub revocations: Vec<RevocationRow>,
 }
@@ -387,6 +394,37 @@ pub struct WarrantRow {
     pub first_seen: String,
     /// Time of its last leaf in the period.
     pub last_seen: String,
+}
+
+/// A refusal whose warrant id was claimed, not signed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClaimedRow {
+    /// Time of the leaf.
+    pub time: String,
+    /// Who sent it.
+    pub agency: String,
+    /// The id the request claimed, if the leaf names one.
+    pub claimed_id: Option<String>,
+    /// The refusal code.
+    pub code: String,
+}
+
+/// Whether a refusal with `code` came after the warrant's signatures met
+/// the policy (`warrant::Verifier::verify` checks structure, signatures,
+/// claims and the emergency rule, then the policy, then time and agency;
+/// `warrant::admit` then revocation and ids): only then does the id it
+/// names come from the authorities.
+fn after_the_policy(code: &str) -> bool {
+    matches!(
+        code,
+        "warrant_not_yet_valid"
+            | "warrant_expired"
+            | "emergency_expired"
+            | "agency_mismatch"
+            | "warrant_revoked"
+            | "warrant_id_conflict"
+            | "emergency_superseded"
+    )
 }
 
 /// One revocation.
@@ -473,6 +511,7 @@ impl Report {
         let mut revocations = Revocations::default();
         let mut revocation_months: BTreeMap<String, RevocationMonth> = BTreeMap::new();
         let mut warrants: BTreeMap<String, WarrantRow> = BTreeMap::new();
+        let mut claimed: Vec<ClaimedRow> = Vec::new();
         let mut agencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut revocation_rows = Vec::new();
         let mut urgent = Urgent::default();
@@ -509,9 +548,23 @@ impl Report {
                     totals.refused += 1;
                     monthly_row(&mut monthly, leaf.time, r.caller()).refused += 1;
                     *refusals.entry(r.reason().to_owned()).or_default() += 1;
-                    if let Some(id) = r.warrant_id() {
-                        warrant_row(&mut warrants, &mut agencies, id, Some(r.caller()), &time)
+                    match r.warrant_id() {
+                        Some(id) if after_the_policy(r.reason()) => {
+                            warrant_row(
+                                &mut warrants,
+                                &mut agencies,
+                                id,
+                                Some(r.caller()),
+                                &time,
+                            )
                             .refused += 1;
+                        }
+                        claimed_id => claimed.push(ClaimedRow {
+                            time: time.clone(),
+                            agency: r.caller().to_owned(),
+                            claimed_id: claimed_id.map(str::to_owned),
+                            code: r.reason().to_owned(),
+                        }),
                     }
                 }
                 Event::Revocation(r) => {
@@ -615,6 +668,7 @@ impl Report {
         }
         let detail = options.detail.then(|| Detail {
             warrants: warrants.into_values().collect(),
+            claimed,
             revocations: revocation_rows,
         });
 

@@ -400,18 +400,32 @@ fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
     );
     let rows = &detail.detail.as_ref().unwrap().warrants;
     let ids: Vec<&str> = rows.iter().map(|w| w.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        ["W-BAD", "W-FULL", "W-URGENT-1", "W-URGENT-2", "W-URGENT-3"]
-    );
-    let full = &rows[1];
+    // W-BAD was refused before its signatures met the policy: its id is
+    // only claimed, so it has no row of its own.
+    assert_eq!(ids, ["W-FULL", "W-URGENT-1", "W-URGENT-2", "W-URGENT-3"]);
+    let full = &rows[0];
     assert_eq!(
         (full.opened, full.denied, full.refused, full.revoked),
         (3, 1, 1, true)
     );
     assert_eq!(full.agencies, [A]);
-    assert_eq!(rows[2].urgent, Some(UrgentStatus::Replaced));
-    assert_eq!(rows[2].urgent_seconds, Some(5400));
+    assert_eq!(rows[1].urgent, Some(UrgentStatus::Replaced));
+    assert_eq!(rows[1].urgent_seconds, Some(5400));
+    let claimed: Vec<(&str, Option<&str>, &str)> = detail
+        .detail
+        .as_ref()
+        .unwrap()
+        .claimed
+        .iter()
+        .map(|c| (c.agency.as_str(), c.claimed_id.as_deref(), c.code.as_str()))
+        .collect();
+    assert_eq!(
+        claimed,
+        [
+            (B, Some("W-BAD"), "policy_not_met"),
+            (B, None, "malformed_warrant")
+        ]
+    );
     let page = html::render(&detail);
     assert!(page.contains("data-form=\"detail\""));
     assert!(page.contains("<th scope=\"row\">W-URGENT-2</th>"));
@@ -421,6 +435,36 @@ fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
     assert!(!String::from_utf8(detail.to_json().unwrap())
         .unwrap()
         .contains(&envelope));
+}
+
+/// Any caller can send a badly signed warrant that claims another
+/// agency's warrant id. Such a refusal is listed apart, as a claimed id: the
+/// real warrant's row keeps its own agencies, refusal count and first
+/// sighting.
+#[test]
+fn a_claimed_id_is_not_merged_into_the_warrant_of_that_id() {
+    let mut events = mix();
+    events.push((
+        datetime!(2026-05-01 00:00 UTC),
+        refused(B, Some("W-FULL"), "bad_signature"),
+    ));
+    events.sort_by_key(|(t, _)| *t);
+    let report = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let detail = report.detail.as_ref().unwrap();
+    let full = detail.warrants.iter().find(|w| w.id == "W-FULL").unwrap();
+    assert_eq!(full.agencies, [A]);
+    assert_eq!(full.refused, 1);
+    assert_eq!(full.first_seen, "2026-05-03T10:00:00Z");
+    assert!(detail.claimed.iter().any(|c| c.agency == B
+        && c.claimed_id.as_deref() == Some("W-FULL")
+        && c.code == "bad_signature"));
+    assert_eq!(report.totals.refused, 6);
 }
 
 #[test]
