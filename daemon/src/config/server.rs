@@ -103,7 +103,8 @@ pub struct Limits {
     /// [`crate::unwrap::gate`]).
     pub max_envelopes_in_flight: usize,
     /// Largest warrant, the whole JWS JSON (`max_warrant_bytes`, default
-    /// 256 KiB, at most `max_body_bytes`); larger is 413 `warrant_too_large`.
+    /// 256 KiB or `max_body_bytes` if that is smaller; at most
+    /// `max_body_bytes`); larger is 413 `warrant_too_large`.
     pub max_warrant_bytes: usize,
     /// Most signatures in one warrant, each a verification
     /// (`max_warrant_signatures`, default 16); more is 413
@@ -400,10 +401,11 @@ impl Validator<'_> {
             d.max_body_bytes,
             1024..=(64 << 20),
         )?;
+        // Unset, it follows a smaller max_body_bytes down.
         let max_warrant_bytes = self.count(
             "limits.max_warrant_bytes",
             raw.max_warrant_bytes,
-            d.max_warrant_bytes,
+            d.max_warrant_bytes.min(max_body_bytes),
             1024..=(16 << 20),
         )?;
         if max_warrant_bytes > max_body_bytes {

@@ -117,6 +117,14 @@ fn serve_tables_have_documented_defaults() {
     assert_eq!(s.admin.listen, "127.0.0.1:9090".parse().unwrap());
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.limits.max_body_bytes, 1 << 20);
+    assert_eq!(s.limits.max_warrant_bytes, 256 << 10);
+    // Unset, the warrant bound follows a smaller body bound down.
+    let small = load(
+        &format!("{GOOD}{TLS}[limits]\nmax_body_bytes = 4096\n"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(small.limits.max_warrant_bytes, 4096);
     assert_eq!(s.log, LogSettings::default());
     let tls = s.require_tls().unwrap();
     assert_eq!(tls.min_version, TlsVersion::Tls13);
@@ -194,6 +202,10 @@ fn serve_table_refusals_name_the_field() {
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
         (
             "[limits]\nmax_warrant_bytes = 2097152\n",
+            "limits.max_warrant_bytes",
+        ),
+        (
+            "[limits]\nmax_body_bytes = 4096\nmax_warrant_bytes = 8192\n",
             "limits.max_warrant_bytes",
         ),
         (
