@@ -222,14 +222,9 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
 /// new, and the envelope opened.
 #[test]
 fn a_reload_while_the_body_is_read_applies_to_the_whole_request() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&vault::roles_toml()));
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
+    let v = vault::Vault::start("");
+    let (t, daemon) = (&v.t, &v.daemon);
+    let c = v.parties.clients(&v.pki, daemon.api);
     let body = one_signature_request(&c, "W-MIXED").to_string();
     let (head_part, rest) = body.as_bytes().split_at(body.len() / 2);
 
@@ -248,12 +243,12 @@ fn a_reload_while_the_body_is_read_applies_to_the_whole_request() {
     // head at once; the wait only makes the old code's failure certain).
     std::thread::sleep(std::time::Duration::from_millis(500));
 
-    loosen_policy(&t);
+    loosen_policy(t);
     let config = std::fs::read_to_string(t.config()).unwrap();
     let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
     assert!(config.contains(&agency_role), "{config}");
     std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
-    reload(&daemon);
+    reload(daemon);
 
     conn.send(rest).unwrap();
     conn.read_response().unwrap().assert_error(403, "forbidden");

@@ -839,6 +839,11 @@ fn sqlite_a_group_whose_transaction_sqlite_rolled_back_fails_whole() {
     }
 }
 
+/// Sleeps until a reservation made now is past `lease`.
+fn past_the_lease(lease: Duration) {
+    std::thread::sleep(lease + Duration::from_millis(300));
+}
+
 /// A replica killed between reserve and settle holds its units for the
 /// lease, no longer; and a settle that comes back after its lease expired
 /// and the units went to another request cannot overspend: the
@@ -892,10 +897,7 @@ fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
     a.register(&record("L", 1, 1, false, 2)).unwrap();
     let held = a.reserve("L", 2).unwrap();
     assert_eq!(held.granted(), 2);
-    let started = Instant::now();
-    while started.elapsed() < lease + Duration::from_millis(300) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    past_the_lease(lease);
     let taken = b.reserve("L", 2).unwrap();
     assert_eq!(taken.granted(), 2);
     b.append(AuditAppend {
@@ -955,10 +957,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
     a.register(&record("L", 1, 1, false, 2)).unwrap();
     let held = a.reserve("L", 2).unwrap();
     assert_eq!(held.granted(), 2);
-    let started = Instant::now();
-    while started.elapsed() < lease + Duration::from_millis(300) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    past_the_lease(lease);
     let taken = b.reserve("L", 2).unwrap();
     assert_eq!(taken.granted(), 2);
     assert!(matches!(a.settle(held, 2), Err(StoreError::BudgetOverrun(id)) if id == "L"));
@@ -969,10 +968,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
     // A lapsed reservation whose units nobody took still spends them.
     a.register(&record("M", 1, 1, false, 2)).unwrap();
     let slow = a.reserve("M", 2).unwrap();
-    let started = Instant::now();
-    while started.elapsed() < lease + Duration::from_millis(300) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    past_the_lease(lease);
     a.settle(slow, 2).unwrap();
     assert_eq!(a.spent("M").unwrap(), Some(2));
 }

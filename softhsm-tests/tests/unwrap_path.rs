@@ -96,8 +96,18 @@ impl World {
         }
     }
 
-    fn ctx(&self) -> (EnvelopeLimits, usize) {
-        (EnvelopeLimits::default(), 16)
+    /// The unwrap context over this world, with `limits`.
+    fn context<'a>(&'a self, limits: &'a EnvelopeLimits) -> Context<'a> {
+        Context {
+            hsm: &self.hsm,
+            store: &self.store,
+            log: &self.log,
+            verifier: &self.verifier,
+            envelope_limits: limits,
+            max_batch: 16,
+            gate: &self.gate,
+            witnessing: None,
+        }
     }
 
     fn warrant(&self, id: &str, max: u64, signers: &[&AuthorityKey]) -> serde_json::Value {
@@ -133,18 +143,13 @@ impl World {
         caller: &str,
         now: &str,
     ) -> Result<lavd::unwrap::Unwrapped, UnwrapError> {
-        let (limits, max_batch) = self.ctx();
-        let ctx = Context {
-            hsm: &self.hsm,
-            store: &self.store,
-            log: &self.log,
-            verifier: &self.verifier,
-            envelope_limits: &limits,
-            max_batch,
-            gate: &self.gate,
-            witnessing: None,
-        };
-        unwrap(&ctx, caller, body.to_string().as_bytes(), &|| t(now))
+        let limits = EnvelopeLimits::default();
+        unwrap(
+            &self.context(&limits),
+            caller,
+            body.to_string().as_bytes(),
+            &|| t(now),
+        )
     }
 }
 
@@ -344,17 +349,8 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
     assert_eq!(e.code(), "batch_too_large");
 
     // Revoke, then the warrant never opens again, also after a restart.
-    let (limits, max_batch) = w.ctx();
-    let ctx = Context {
-        hsm: &w.hsm,
-        store: &w.store,
-        log: &w.log,
-        verifier: &w.verifier,
-        envelope_limits: &limits,
-        max_batch,
-        gate: &w.gate,
-        witnessing: None,
-    };
+    let limits = EnvelopeLimits::default();
+    let ctx = w.context(&limits);
     let r = revoke(
         &ctx,
         RevocationRequest::Admin {
@@ -499,17 +495,8 @@ fn a_warrant_that_expires_while_its_request_waits_at_the_gate_is_refused() {
     let clock = std::sync::Mutex::new(t("2026-12-30T23:59:59Z"));
     let before = w.store.tree_size().unwrap();
     let held = w.gate.enter(64);
-    let (limits, max_batch) = w.ctx();
-    let ctx = Context {
-        hsm: &w.hsm,
-        store: &w.store,
-        log: &w.log,
-        verifier: &w.verifier,
-        envelope_limits: &limits,
-        max_batch,
-        gate: &w.gate,
-        witnessing: None,
-    };
+    let limits = EnvelopeLimits::default();
+    let ctx = w.context(&limits);
     let e = std::thread::scope(|s| {
         let waiting = s.spawn(|| unwrap(&ctx, AGENCY, body.as_bytes(), &|| *clock.lock().unwrap()));
         // The request waits for the gate's whole capacity, held here.
