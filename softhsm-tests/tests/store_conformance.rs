@@ -13,8 +13,8 @@ use lavd::audit::merkle::{self, MemoryTree};
 use lavd::codec::parse_time;
 use lavd::jwk::P256PrivateKey;
 use lavd::store::{
-    AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, PgStore, Registration, Revocation,
-    Spend, Store, StoreError, StoreSettings, WarrantRecord, WarrantStore,
+    AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, PgStore, Registration, Reservation,
+    Revocation, Spend, Store, StoreError, StoreSettings, WarrantRecord, WarrantStore,
 };
 use softhsm_tests::pg::TestDb;
 use time::OffsetDateTime;
@@ -844,6 +844,24 @@ fn past_the_lease(lease: Duration) {
     std::thread::sleep(lease + Duration::from_millis(300));
 }
 
+/// The reservation lease of [`lapsed_and_taken`]'s replicas.
+const LEASE: Duration = Duration::from_secs(2);
+
+/// Two replicas of a [`LEASE`] on a warrant `L` of 2 units: `a`'s
+/// reservation of both lapses, then `b` is granted them.
+fn lapsed_and_taken(db: &TestDb) -> (PgStore, PgStore, Reservation, Reservation) {
+    let lease = LEASE;
+    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
+    let (a, b) = (open(), open());
+    a.register(&record("L", 1, 1, false, 2)).unwrap();
+    let held = a.reserve("L", 2).unwrap();
+    assert_eq!(held.granted(), 2);
+    past_the_lease(lease);
+    let taken = b.reserve("L", 2).unwrap();
+    assert_eq!(taken.granted(), 2);
+    (a, b, held, taken)
+}
+
 /// A replica killed between reserve and settle holds its units for the
 /// lease, no longer; and a settle that comes back after its lease expired
 /// and the units went to another request cannot overspend: the
@@ -891,15 +909,7 @@ fn postgres_reservation_leases_bound_a_dead_replicas_hold() {
 #[test]
 fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
     let db = TestDb::create();
-    let lease = Duration::from_secs(2);
-    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
-    let (a, b) = (open(), open());
-    a.register(&record("L", 1, 1, false, 2)).unwrap();
-    let held = a.reserve("L", 2).unwrap();
-    assert_eq!(held.granted(), 2);
-    past_the_lease(lease);
-    let taken = b.reserve("L", 2).unwrap();
-    assert_eq!(taken.granted(), 2);
+    let (a, b, held, taken) = lapsed_and_taken(&db);
     b.append(AuditAppend {
         events: vec![opened("L"), opened("L")],
         time: now(),
@@ -951,15 +961,7 @@ fn postgres_a_settle_past_its_lease_still_writes_its_leaves() {
 #[test]
 fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
     let db = TestDb::create();
-    let lease = Duration::from_secs(2);
-    let open = || PgStore::connect(&db.settings_with_lease(lease)).unwrap();
-    let (a, b) = (open(), open());
-    a.register(&record("L", 1, 1, false, 2)).unwrap();
-    let held = a.reserve("L", 2).unwrap();
-    assert_eq!(held.granted(), 2);
-    past_the_lease(lease);
-    let taken = b.reserve("L", 2).unwrap();
-    assert_eq!(taken.granted(), 2);
+    let (a, b, held, taken) = lapsed_and_taken(&db);
     assert!(matches!(a.settle(held, 2), Err(StoreError::BudgetOverrun(id)) if id == "L"));
     assert_eq!(a.spent("L").unwrap(), Some(0));
     b.settle(taken, 2).unwrap();
@@ -968,7 +970,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
     // A lapsed reservation whose units nobody took still spends them.
     a.register(&record("M", 1, 1, false, 2)).unwrap();
     let slow = a.reserve("M", 2).unwrap();
-    past_the_lease(lease);
+    past_the_lease(LEASE);
     a.settle(slow, 2).unwrap();
     assert_eq!(a.spent("M").unwrap(), Some(2));
 }
