@@ -241,6 +241,7 @@ impl Witnessing {
         let timeout = self.settings.timeout;
         let deadline = Instant::now() + timeout;
         let (lock, wake) = &self.stored;
+        let mut warned = false;
         loop {
             let seen = *lock
                 .lock()
@@ -249,7 +250,10 @@ impl Witnessing {
                 Ok(Some(note)) => return Ok(note),
                 Ok(None) => None,
                 Err(error) => {
-                    tracing::warn!(%error, size, "cannot read cosignatures; retrying until the witness deadline");
+                    // Once per wait: it is retried every poll interval.
+                    if !std::mem::replace(&mut warned, true) {
+                        tracing::warn!(%error, size, "cannot read cosignatures; retrying until the witness deadline");
+                    }
                     Some(error)
                 }
             };
