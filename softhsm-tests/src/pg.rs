@@ -144,6 +144,24 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("connect to {}: {e}", self.name))
     }
 
+    /// The number of rows in `table`.
+    pub fn rows(&self, table: &str) -> i64 {
+        self.client()
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .unwrap_or_else(|e| panic!("count {table}: {e}"))
+            .get(0)
+    }
+
+    /// Makes SERIALIZABLE the default isolation of new connections to it.
+    pub fn default_serializable(&self) {
+        self.client()
+            .batch_execute(&format!(
+                "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+                self.name
+            ))
+            .unwrap_or_else(|e| panic!("alter {}: {e}", self.name));
+    }
+
     /// The `[store]` table for a lavd config file, with the password in
     /// `password_file`.
     pub fn store_toml(&self, password_file: &std::path::Path) -> String {

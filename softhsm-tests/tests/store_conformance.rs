@@ -1194,12 +1194,7 @@ fn postgres_tls_verify_full_connects_and_refuses_another_ca() {
 #[test]
 fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
     let db = TestDb::create();
-    db.client()
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
-            db.name()
-        ))
-        .unwrap();
+    db.default_serializable();
     let settings = db.settings();
     let barrier = std::sync::Barrier::new(4);
     let results: Vec<Result<(), String>> = std::thread::scope(|s| {
@@ -1216,23 +1211,13 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    let versions: i64 = db
-        .client()
-        .query_one("SELECT count(*) FROM schema_version", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(versions, 4);
+    assert_eq!(db.rows("schema_version"), 4);
 }
 
 #[test]
 fn postgres_serialization_failures_are_retried_and_counted() {
     let db = TestDb::create();
-    db.client()
-        .batch_execute(&format!(
-            "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
-            db.name()
-        ))
-        .unwrap();
+    db.default_serializable();
     let store = PgStore::connect(&db.settings()).unwrap();
     store.register(&record("S", 1, 1, false, 10_000)).unwrap();
     let (ok, failed): (usize, usize) = std::thread::scope(|s| {

@@ -99,12 +99,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     assert!(!out.status.success(), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("store copy refused"), "{stderr}");
-    let rows: i64 = db
-        .client()
-        .query_one("SELECT count(*) FROM audit_leaves", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0);
+    assert_eq!(db.rows("audit_leaves"), 0);
     // Run again with the right key.
     let out = copy(&key);
     let printed = assert_ok(&out);
@@ -200,12 +195,7 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
             )
         );
     }
-    let versions: i64 = db
-        .client()
-        .query_one("SELECT count(*) FROM schema_version", &[])
-        .unwrap()
-        .get(0);
-    assert_eq!(versions, 4);
+    assert_eq!(db.rows("schema_version"), 4);
 
     let good = std::fs::read_to_string(t.config()).unwrap();
     for (from, to, field) in [
