@@ -154,12 +154,18 @@ impl TestDb {
 
     /// Makes SERIALIZABLE the default isolation of new connections to it.
     pub fn default_serializable(&self) {
+        self.set_default("default_transaction_isolation", "serializable");
+    }
+
+    /// Sets the database's default of `setting` for new connections
+    /// (`ALTER DATABASE … SET`).
+    pub fn set_default(&self, setting: &str, value: &str) {
         self.client()
             .batch_execute(&format!(
-                "ALTER DATABASE {} SET default_transaction_isolation = 'serializable'",
+                "ALTER DATABASE {} SET {setting} = '{value}'",
                 self.name
             ))
-            .unwrap_or_else(|e| panic!("alter {}: {e}", self.name));
+            .unwrap_or_else(|e| panic!("alter {} set {setting}: {e}", self.name));
     }
 
     /// The `[store]` table for a lavd config file, with the password in

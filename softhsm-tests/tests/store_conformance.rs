@@ -1214,6 +1214,35 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
     assert_eq!(db.rows("schema_version"), 4);
 }
 
+/// A database whose default `synchronous_commit` is `off` or `local` would
+/// acknowledge spends and leaves that a crash or a failover then loses, after
+/// lavd released keys against them: every session of the store commits
+/// under `on` instead. A stronger value the operator chose is kept.
+#[test]
+fn postgres_sessions_commit_durably_whatever_the_database_default() {
+    for (default, expected) in [
+        ("off", "on"),
+        ("local", "on"),
+        ("remote_write", "remote_write"),
+        ("remote_apply", "remote_apply"),
+    ] {
+        let db = TestDb::create();
+        db.set_default("synchronous_commit", default);
+        let mut plain = db.client();
+        let found: String = plain
+            .query_one("SHOW synchronous_commit", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(found, default, "a plain session gets the database default");
+        let store = PgStore::connect(&db.settings()).unwrap();
+        assert_eq!(
+            store.synchronous_commit().unwrap(),
+            expected,
+            "default {default}"
+        );
+    }
+}
+
 #[test]
 fn postgres_serialization_failures_are_retried_and_counted() {
     let db = TestDb::create();

@@ -46,8 +46,10 @@
 //! by a server restart is rolled back by PostgreSQL: no partial commit.
 //!
 //! Durability is the server's: a commit is durable when PostgreSQL says so,
-//! which with the default `synchronous_commit = on` means flushed to its WAL
-//! (and to a synchronous standby, if one is configured; see OPERATIONS).
+//! which with `synchronous_commit = on` means flushed to its WAL (and to a
+//! synchronous standby, if one is configured; see OPERATIONS). A role or
+//! database default of `off` or `local` is raised to `on` in each of lavd's
+//! sessions (`pool::durable_commits`).
 //!
 //! Schema: versioned migrations recorded in `schema_version`, applied at
 //! start under an advisory lock (so replicas starting together migrate once)
@@ -523,6 +525,19 @@ impl PgStore {
     /// `postgresql://host:port/dbname`.
     pub fn describe(&self) -> &str {
         &self.describe
+    }
+
+    /// The `synchronous_commit` that lavd's sessions commit under: the
+    /// role's or database's, unless that was `off` or `local`, which each
+    /// new connection raises to `on`.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] or [`StoreError::Unavailable`].
+    pub fn synchronous_commit(&self) -> Result<String, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query_one("SELECT current_setting('synchronous_commit')", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))
     }
 
     /// Transactions retried after a serialization failure or a deadlock.

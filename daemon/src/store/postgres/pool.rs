@@ -9,6 +9,7 @@
 //! check the log against its newest checkpoint), so a replica does not start
 //! while the database is down, but one that runs survives it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,8 @@ pub(super) struct Pool {
     describe: String,
     state: Mutex<State>,
     freed: Condvar,
+    /// Whether a weak `synchronous_commit` was raised already (warned once).
+    raised: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -102,6 +105,7 @@ impl Pool {
                 open: 0,
             }),
             freed: Condvar::new(),
+            raised: AtomicBool::new(false),
         }
     }
 
@@ -171,9 +175,40 @@ impl Pool {
             Tls::Disabled => self.config.connect(NoTls),
             Tls::VerifyFull(tls) => self.config.connect(tls.clone()),
         };
-        result.map_err(|source| StoreError::Postgres {
+        let pg_err = |source| StoreError::Postgres {
             store: self.describe.clone(),
             source,
-        })
+        };
+        let mut client = result.map_err(pg_err)?;
+        if let Some(found) = durable_commits(&mut client).map_err(pg_err)? {
+            if !self.raised.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    store = %self.describe,
+                    found = %found,
+                    "synchronous_commit is `{found}` for lavd's role or database: \
+                     lavd sets it to `on` in each of its sessions, because a key \
+                     is released only after its audit entry is durable"
+                );
+            }
+        }
+        Ok(client)
     }
+}
+
+/// Makes a commit's acknowledgement mean the commit is durable, in this
+/// session, whatever the role or database default: `off` acknowledges before
+/// the WAL is flushed (a crash loses commits that lavd already acted on, so a
+/// key could be out with no audit entry), and `local` does not wait for
+/// synchronous standbys (a failover loses them the same way). Stronger
+/// settings an operator chose (`on`, `remote_write`, `remote_apply`) are
+/// kept. Returns the value it replaced, if any.
+fn durable_commits(client: &mut Client) -> Result<Option<String>, postgres::Error> {
+    let found: String = client
+        .query_one("SELECT current_setting('synchronous_commit')", &[])?
+        .try_get(0)?;
+    if matches!(found.as_str(), "off" | "local") {
+        client.batch_execute("SET synchronous_commit = on")?;
+        return Ok(Some(found));
+    }
+    Ok(None)
 }
