@@ -14,6 +14,14 @@
 //! ([`char::is_control`]); "whitespace" is Unicode `White_Space`
 //! ([`char::is_whitespace`]), so no-break and other non-ASCII spaces count.
 //!
+//! Names that people read and compare (warrant ids, authority key ids and
+//! roles) also refuse format characters (Cf: zero-width, joiners,
+//! bidirectional controls), and prose people read (revocation reasons, a
+//! warrant's `legal_basis`) refuses bidirectional controls, which reorder
+//! what is displayed. Protocol identifiers that a provider chose and sealed
+//! (targets, provider identities, `ref`) keep the older rule: an envelope
+//! sealed under it must stay openable, and they are matched byte for byte.
+//!
 //! Builds without the `daemon` feature: the provider-side header builder and
 //! the audit leaves use it.
 
@@ -81,6 +89,15 @@ pub enum BoundError {
     /// make two look-alike names.
     #[error("contains whitespace")]
     Whitespace,
+    /// An invisible format character (Cf, [`is_format`]) in a name people
+    /// read and compare: `W-1` and `W-1` followed by a zero-width space are
+    /// two warrants that look like one.
+    #[error("contains an invisible format character (Unicode Cf)")]
+    Format,
+    /// A bidirectional control ([`is_bidi_control`]) in text people read: it
+    /// reorders what is displayed, so the text reads as something else.
+    #[error("contains a bidirectional control character")]
+    Bidi,
 }
 
 impl BoundError {
@@ -92,8 +109,68 @@ impl BoundError {
             BoundError::TooLong { .. } => "too long",
             BoundError::Control => "contains a control character",
             BoundError::Whitespace => "contains whitespace",
+            BoundError::Format => "contains an invisible format character",
+            BoundError::Bidi => "contains a bidirectional control character",
         }
     }
+}
+
+/// Whether `c` is a format character: Unicode general category Cf, as
+/// listed in Unicode 15.1's `extracted/DerivedGeneralCategory.txt` (170 code
+/// points). They are invisible, and join, hide or reorder what is displayed.
+pub fn is_format(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0xAD | 0x600..=0x605
+            | 0x61C
+            | 0x6DD
+            | 0x70F
+            | 0x890..=0x891
+            | 0x8E2
+            | 0x180E
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x2064
+            | 0x2066..=0x206F
+            | 0xFEFF
+            | 0xFFF9..=0xFFFB
+            | 0x110BD
+            | 0x110CD
+            | 0x13430..=0x1343F
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0001
+            | 0xE0020..=0xE007F
+    )
+}
+
+/// Whether `c` is a bidirectional control: Unicode property `Bidi_Control`,
+/// as listed in Unicode 15.1's `PropList.txt` (the marks, embeddings,
+/// overrides and isolates). A subset of [`is_format`].
+pub fn is_bidi_control(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x61C | 0x200E..=0x200F | 0x202A..=0x202E | 0x2066..=0x2069
+    )
+}
+
+/// `value` read by people as a name: no format character.
+fn name(value: &str) -> Result<(), BoundError> {
+    if value.chars().any(is_format) {
+        return Err(BoundError::Format);
+    }
+    Ok(())
+}
+
+/// `value` read by people as prose: no bidirectional control.
+///
+/// # Errors
+/// [`BoundError::Bidi`].
+pub fn prose(value: &str) -> Result<(), BoundError> {
+    if value.chars().any(is_bidi_control) {
+        return Err(BoundError::Bidi);
+    }
+    Ok(())
 }
 
 fn length(value: &str, unit: Unit) -> usize {
@@ -135,27 +212,28 @@ pub fn token(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
 }
 
 /// A warrant `id`: 1..=[`MAX_WARRANT_ID_CHARS`] characters, no control
-/// character. Used by the claims, both revocation forms, the audit leaves
-/// and the claimed id of a refused warrant.
+/// character, no format character. Used by the claims, both revocation
+/// forms, the audit leaves and the claimed id of a refused warrant.
 ///
 /// # Errors
-/// As [`text`].
+/// As [`text`], and [`BoundError::Format`].
 pub fn warrant_id(value: &str) -> Result<(), BoundError> {
-    text(value, MAX_WARRANT_ID_CHARS, Unit::Chars)
+    text(value, MAX_WARRANT_ID_CHARS, Unit::Chars)?;
+    name(value)
 }
 
 /// A revocation `reason`: 1..=[`MAX_REASON_CHARS`] characters, not only
-/// whitespace, no control character. Used by both revocation forms and the
-/// `revocation` audit leaf.
+/// whitespace, no control character, no bidirectional control. Used by both
+/// revocation forms and the `revocation` audit leaf.
 ///
 /// # Errors
-/// As [`text`], and [`BoundError::Blank`].
+/// As [`text`], [`BoundError::Blank`] and [`BoundError::Bidi`].
 pub fn reason(value: &str) -> Result<(), BoundError> {
     text(value, MAX_REASON_CHARS, Unit::Chars)?;
     if value.trim().is_empty() {
         return Err(BoundError::Blank);
     }
-    Ok(())
+    prose(value)
 }
 
 /// An escrow key id (`kid`): 1..=[`MAX_KID_BYTES`] bytes, no control
@@ -190,24 +268,28 @@ pub fn provider(value: &str) -> Result<(), BoundError> {
 }
 
 /// An authority's key id: 1..=[`MAX_AUTHORITY_KID_CHARS`] characters, no
-/// control character, no whitespace. Used by the trust configuration, the
-/// protected header of every warrant and revocation signature, the
-/// authority signing tool, and the audit leaves that name an authority.
+/// control character, no whitespace, no format character. Used by the trust
+/// configuration, the protected header of every warrant and revocation
+/// signature, the authority signing tool, and the audit leaves that name an
+/// authority.
 ///
 /// # Errors
-/// As [`token`].
+/// As [`token`], and [`BoundError::Format`].
 pub fn authority_kid(value: &str) -> Result<(), BoundError> {
-    token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)
+    token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)?;
+    name(value)
 }
 
 /// An authority role name: 1..=[`MAX_ROLE_CHARS`] characters, no control
-/// character, no whitespace. Used by the trust configuration (authorities
-/// and policy rules) and the `authorities_loaded` audit leaf.
+/// character, no whitespace, no format character. Used by the trust
+/// configuration (authorities and policy rules) and the
+/// `authorities_loaded` audit leaf.
 ///
 /// # Errors
-/// As [`token`].
+/// As [`token`], and [`BoundError::Format`].
 pub fn role(value: &str) -> Result<(), BoundError> {
-    token(value, MAX_ROLE_CHARS, Unit::Chars)
+    token(value, MAX_ROLE_CHARS, Unit::Chars)?;
+    name(value)
 }
 
 /// An envelope `ref`: opaque, 1..=[`MAX_REF_BYTES`] bytes, no control
@@ -245,6 +327,31 @@ mod tests {
         assert_eq!(warrant_id("W\u{7}1"), Err(BoundError::Control));
         // Spaces are allowed in ids (free text), not in identifiers.
         assert_eq!(warrant_id("W 1"), Ok(()));
+    }
+
+    #[test]
+    fn names_refuse_format_characters_and_prose_refuses_bidi_controls() {
+        let count: usize = (0..=u32::from(char::MAX))
+            .filter_map(char::from_u32)
+            .filter(|&c| is_format(c))
+            .count();
+        assert_eq!(count, 170, "Unicode 15.1 has 170 Cf code points");
+        assert!((0..=u32::from(char::MAX))
+            .filter_map(char::from_u32)
+            .filter(|&c| is_bidi_control(c))
+            .all(is_format));
+        for bad in ["W-1\u{200b}", "W-\u{202e}1-W", "\u{feff}W", "W\u{2066}1"] {
+            assert_eq!(warrant_id(bad), Err(BoundError::Format), "{bad:?}");
+        }
+        assert_eq!(authority_kid("judge\u{200d}1"), Err(BoundError::Format));
+        assert_eq!(role("judicial\u{ad}"), Err(BoundError::Format));
+        assert_eq!(reason("ended \u{202e}early"), Err(BoundError::Bidi));
+        assert_eq!(reason("ended\u{200f}"), Err(BoundError::Bidi));
+        // Prose may join (ZWNJ in Persian, ZWJ in emoji sequences).
+        assert_eq!(reason("می\u{200c}خواهم"), Ok(()));
+        // Sealed protocol identifiers keep the older rule.
+        assert_eq!(target("acct:\u{1f469}\u{200d}\u{1f4bb}"), Ok(()));
+        assert_eq!(warrant_id("W-\u{0416}"), Ok(()));
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! `reason` (1..=1024 characters), at every entry point of a real `lavd
 //! serve` over mutual TLS: an id of 128 Cyrillic letters (256 bytes) unwraps,
 //! is revoked by the admin and by an authority JWS, and is then refused with
-//! 403 `warrant_revoked`; an id of 129 characters is refused with its exact
-//! code by the unwrap, the admin revocation and the authority revocation.
+//! 403 `warrant_revoked`; an id of 129 characters, or with an invisible
+//! format character, is refused with its exact code by the unwrap, the admin
+//! revocation and the authority revocation.
 //! Before the fix, revocation counted bytes: such a warrant could never be
 //! revoked.
 
@@ -137,56 +138,55 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
         .collect();
     assert_eq!(refused, [by_admin.clone(), by_authority.clone()]);
 
-    // 129 characters: refused with its exact code at every entry point.
+    // 129 characters, and an id with an invisible format character (it
+    // would look like `W-1`): refused with their exact code at every entry
+    // point.
     let too_long = format!("ОРДЕР-{}", "Ж".repeat(123));
     assert_eq!(too_long.chars().count(), 129);
-    // A warrant carrying it: the authorities' own tools refuse to sign it,
-    // so sign over the raw claims.
-    let claims = vault::claims(&too_long, recipient.public(), 10);
     let a = authorities();
-    let payload = b64_encode(claims.to_string());
-    let sig = |k: &lavd::warrant::AuthorityKey| {
-        let protected =
-            b64_encode(serde_json::json!({"alg": k.alg().name(), "kid": k.kid()}).to_string());
-        let s = k.sign(format!("{protected}.{payload}").as_bytes()).unwrap();
-        serde_json::json!({"protected": protected, "signature": b64_encode(s)})
-    };
-    let long_warrant = serde_json::json!({
-        "payload": payload,
-        "signatures": [sig(&a.executive), sig(&a.judicial)],
-    });
-    let message = unwrap(&long_warrant).assert_error(400, "malformed_warrant");
-    assert!(
-        message.contains("`id` is longer than 128 characters"),
-        "{message}"
-    );
-    let message = vault::post(
-        &c.admin,
-        "/v1/warrants/revocations",
-        &serde_json::json!({"id": too_long, "reason": reason}),
-    )
-    .assert_error(400, "malformed_request");
-    assert!(
-        message.contains("`id` is longer than 128 characters"),
-        "{message}"
-    );
-    let message = vault::post(
-        &c.agency,
-        "/v1/warrants/revocations",
-        &serde_json::json!({"revocation": authority_revocation(&too_long, reason)}),
-    )
-    .assert_error(400, "malformed_warrant");
-    assert!(
-        message.contains("`id` is longer than 128 characters"),
-        "{message}"
-    );
+    for (bad, why) in [
+        (too_long.as_str(), "`id` is longer than 128 characters"),
+        ("W-1\u{200b}", "`id` contains an invisible format character"),
+    ] {
+        // A warrant carrying it: the authorities' own tools refuse to sign
+        // it, so sign over the raw claims.
+        let claims = vault::claims(bad, recipient.public(), 10);
+        let payload = b64_encode(claims.to_string());
+        let sig = |k: &lavd::warrant::AuthorityKey| {
+            let protected =
+                b64_encode(serde_json::json!({"alg": k.alg().name(), "kid": k.kid()}).to_string());
+            let s = k.sign(format!("{protected}.{payload}").as_bytes()).unwrap();
+            serde_json::json!({"protected": protected, "signature": b64_encode(s)})
+        };
+        let bad_warrant = serde_json::json!({
+            "payload": payload,
+            "signatures": [sig(&a.executive), sig(&a.judicial)],
+        });
+        let message = unwrap(&bad_warrant).assert_error(400, "malformed_warrant");
+        assert!(message.contains(why), "{message}");
+        let message = vault::post(
+            &c.admin,
+            "/v1/warrants/revocations",
+            &serde_json::json!({"id": bad, "reason": reason}),
+        )
+        .assert_error(400, "malformed_request");
+        assert!(message.contains(why), "{message}");
+        let message = vault::post(
+            &c.agency,
+            "/v1/warrants/revocations",
+            &serde_json::json!({"revocation": authority_revocation(bad, reason)}),
+        )
+        .assert_error(400, "malformed_warrant");
+        assert!(message.contains(why), "{message}");
+    }
 
     // The reason's bound, in both forms: 1025 characters, only whitespace,
-    // a control character.
+    // a control character, a bidirectional override.
     for bad in [
         "ё".repeat(1025),
         " \u{a0} ".to_string(),
         "a\u{85}b".to_string(),
+        "quashed \u{202e}lacol".to_string(),
     ] {
         vault::post(
             &c.admin,

@@ -27,6 +27,12 @@ pub fn escape(text: &str) -> String {
             '>' => out.push_str("&gt;"),
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
+            // Invisible characters that reorder or hide what is displayed
+            // (a log written before their refusal, or a caller's name) are
+            // shown, not obeyed.
+            c if crate::bounds::is_format(c) => {
+                out.push_str(&format!("[U+{:04X}]", u32::from(c)));
+            }
             c => out.push(c),
         }
     }

@@ -498,6 +498,27 @@ fn hostile_identities_and_ids_are_escaped() {
     assert!(page.contains("data-row=\"2026-05 · spiffe://evil.example/&lt;script&gt;"));
 }
 
+/// A caller's name (or a field of a log written before format characters
+/// were refused) with a right-to-left override would display reversed, and
+/// a zero-width space would make two names look alike: the page shows such
+/// characters as their code points.
+#[test]
+fn invisible_format_characters_are_shown_not_obeyed() {
+    let caller = "spiffe://police.example/\u{202e}tinu-lagelli\u{200b}";
+    let w = warrant("W-1", false);
+    let events = vec![(datetime!(2026-05-01 10:00 UTC), opened(caller, &w, 1))];
+    let report = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let page = html::render(&report);
+    assert!(!page.chars().any(crate::bounds::is_format), "{page}");
+    assert!(page.contains("spiffe://police.example/[U+202E]tinu-lagelli[U+200B]"));
+}
+
 #[test]
 fn each_chart_carries_its_figures() {
     let r = build(&mix(), &Options::default());

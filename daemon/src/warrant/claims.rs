@@ -1,7 +1,8 @@
 //! Warrant claims (PROTOCOL §4 table): strict, bounded, typed.
 //!
 //! Bounds beyond PROTOCOL's own (`id` ≤ 128 characters, 1..=1000 targets):
-//! every string is non-empty and free of control characters; `id`, each
+//! every string is non-empty and free of control characters, and
+//! `legal_basis` and `agency` of bidirectional controls; `id`, each
 //! target and each of `kids` are checked by the one function of
 //! [`crate::bounds`] that every other layer uses for that field (a target is
 //! at most [`MAX_TARGET_BYTES`] bytes without whitespace, a kid at most
@@ -135,7 +136,7 @@ fn check_text(field: &str, value: &str, max_chars: usize) -> Result<(), WarrantE
             "`{field}` contains a control character"
         )));
     }
-    Ok(())
+    crate::bounds::prose(value).map_err(|e| malformed(format_args!("`{field}` {e}")))
 }
 
 /// A field with one definition in [`crate::bounds`]; the message names the
