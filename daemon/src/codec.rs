@@ -113,6 +113,33 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
     }
 }
 
+/// For `#[serde(deserialize_with = "crate::codec::object")]` on a struct
+/// member that is also serialized (where the member cannot be an
+/// [`Object`]): reads it as one.
+///
+/// # Errors
+/// As [`Object`].
+pub fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Object<T> as serde::Deserialize>::deserialize(d).map(|o| o.0)
+}
+
+/// As [`object`], for a list of structs.
+///
+/// # Errors
+/// As [`Object`].
+pub fn objects<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Vec<Object<T>> as serde::Deserialize>::deserialize(d)
+        .map(|v| v.into_iter().map(|o| o.0).collect())
+}
+
 /// `serde_json::from_slice`, with the top level an [`Object`].
 ///
 /// # Errors

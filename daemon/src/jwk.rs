@@ -123,6 +123,7 @@ impl Jwk {
 #[serde(deny_unknown_fields)]
 pub struct JwkSet {
     /// The keys.
+    #[serde(deserialize_with = "crate::codec::objects")]
     pub keys: Vec<Jwk>,
 }
 

@@ -298,6 +298,34 @@ fn malformed_replies_are_refused() {
                 .replacen(r#""results":"#, r#""results":[],"results":"#, 1),
             "duplicate field `results`",
         ),
+        // Objects written as arrays of their members' values: serde_json's
+        // derive reads those too unless told not to.
+        (
+            edit(&f.reply, |v| {
+                let o = v.as_object().unwrap();
+                *v = json!([o["sealed_to"], o["results"], o["audit"]]);
+            }),
+            "expected a JSON object",
+        ),
+        (
+            edit(&f.reply, |v| {
+                v["sealed_to"] = json!([v["sealed_to"]["kid"], v["sealed_to"]["enc"]]);
+            }),
+            "expected a JSON object",
+        ),
+        (
+            edit(&f.reply, |v| {
+                v["results"][1] = json!([v["results"][1]["status"], v["results"][1]["reason"]]);
+            }),
+            "expected a JSON object",
+        ),
+        (
+            edit(&f.reply, |v| {
+                let a = &v["audit"];
+                v["audit"] = json!([a["checkpoint"], a["first_index"], a["count"]]);
+            }),
+            "expected a JSON object",
+        ),
     ];
     for (reply, needle) in cases {
         let err = open(&f, &reply).unwrap_err();

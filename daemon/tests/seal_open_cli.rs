@@ -164,6 +164,41 @@ fn seal_refuses_unknown_kid_and_other_suite() {
     assert_eq!(out, "");
 }
 
+/// A JWK Set, or a key in it, written as an array of its members' values
+/// (serde_json's derive reads that form too) is not a JWK Set.
+#[test]
+fn seal_refuses_arrays_where_objects_belong() {
+    let dir = tempfile::tempdir().unwrap();
+    let escrow = P256PrivateKey::generate().unwrap();
+    let set: serde_json::Value = serde_json::from_str(&jwks(&escrow, LAV_SUITE)).unwrap();
+    let key = &set["keys"][0];
+    let members = [
+        "kty",
+        "crv",
+        "x",
+        "y",
+        "d",
+        "kid",
+        "use",
+        "alg",
+        "lav_suite",
+        "not_before",
+        "not_after",
+    ];
+    let positional: Vec<serde_json::Value> = members.iter().map(|m| key[m].clone()).collect();
+    for (name, text) in [
+        ("set.json", serde_json::json!([set["keys"]])),
+        ("key.json", serde_json::json!({ "keys": [positional] })),
+    ] {
+        let path = write(dir.path(), name, &text.to_string());
+        let (r, out, _) = seal(&path, &[]);
+        let err = format!("{:#}", r.unwrap_err());
+        assert!(err.contains("not a JWK Set"), "{err}");
+        assert!(err.contains("expected a JSON object"), "{err}");
+        assert_eq!(out, "");
+    }
+}
+
 #[test]
 fn seal_warns_outside_the_key_validity() {
     let dir = tempfile::tempdir().unwrap();

@@ -96,7 +96,7 @@ impl SealArgs {
     /// As [`SealArgs::run`].
     pub fn run_with(self, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
         let jwks = read_file(&self.jwks)?;
-        let set: JwkSet = serde_json::from_slice(&jwks)
+        let set: JwkSet = crate::codec::from_object_slice(&jwks)
             .with_context(|| format!("{}: not a JWK Set", self.jwks.display()))?;
         let jwk = find_key(&set, &self.kid)
             .with_context(|| format!("{}: key `{}`", self.jwks.display(), self.kid))?;

@@ -198,8 +198,11 @@ struct ResultJson {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReplyJson {
+    #[serde(deserialize_with = "crate::codec::object")]
     sealed_to: SealedTo,
+    #[serde(deserialize_with = "crate::codec::objects")]
     results: Vec<ResultJson>,
+    #[serde(deserialize_with = "crate::codec::object")]
     audit: AuditRef,
 }
 
@@ -355,8 +358,8 @@ pub fn open_reply(
     request_headers: &[Vec<u8>],
     reply_json: &[u8],
 ) -> Result<OpenedReply, ReplyError> {
-    let reply: ReplyJson =
-        serde_json::from_slice(reply_json).map_err(|e| ReplyError::Malformed(e.to_string()))?;
+    let reply: ReplyJson = crate::codec::from_object_slice(reply_json)
+        .map_err(|e| ReplyError::Malformed(e.to_string()))?;
     let expected = recipient.public().thumbprint();
     if reply.sealed_to.kid != expected {
         return Err(ReplyError::RecipientMismatch {
