@@ -31,6 +31,9 @@ pub struct Metrics {
     store_retries: IntCounter,
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGauge,
+    public_requests: IntCounterVec,
+    public_tls_handshake_failures: IntCounterVec,
+    public_connections_open: IntGauge,
     config_reloads: IntCounterVec,
     witness_requests: IntCounterVec,
     witness_cosigned_size: prometheus::IntGaugeVec,
@@ -149,6 +152,23 @@ impl Metrics {
             &["reason"],
         )?;
         let connections_open = gauge("lavd_connections_open", "Open API connections.")?;
+        // The public log listener (`[audit.public]`) has its own families:
+        // anyone may connect to it, and its traffic must not hide, or pass
+        // for, the mutual-TLS API's.
+        let public_requests = counter(
+            "lavd_public_requests_total",
+            "Requests answered on the public log listener, by route template and HTTP status.",
+            &["route", "status"],
+        )?;
+        let public_tls_handshake_failures = counter(
+            "lavd_public_tls_handshake_failures_total",
+            "Public log listener connections refused at the TLS handshake, by reason.",
+            &["reason"],
+        )?;
+        let public_connections_open = gauge(
+            "lavd_public_connections_open",
+            "Open connections to the public log listener.",
+        )?;
         let config_reloads = counter(
             "lavd_config_reloads_total",
             "Configuration reloads (SIGHUP), by outcome.",
@@ -190,6 +210,9 @@ impl Metrics {
             store_retries,
             tls_handshake_failures,
             connections_open,
+            public_requests,
+            public_tls_handshake_failures,
+            public_connections_open,
             config_reloads,
         })
     }
@@ -230,6 +253,26 @@ impl Metrics {
     /// An API connection opened (`+1`) or closed (`-1`).
     pub fn connection_delta(&self, delta: i64) {
         self.connections_open.add(delta);
+    }
+
+    /// One request answered on the public log listener.
+    pub fn public_request(&self, route: &'static str, status: u16) {
+        let status = status.to_string();
+        self.public_requests
+            .with_label_values(&[route, status.as_str()])
+            .inc();
+    }
+
+    /// One public log listener connection refused at the TLS handshake.
+    pub fn public_tls_handshake_failure(&self, reason: &'static str) {
+        self.public_tls_handshake_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// A public log listener connection opened (`+1`) or closed (`-1`).
+    pub fn public_connection_delta(&self, delta: i64) {
+        self.public_connections_open.add(delta);
     }
 
     /// One `add-checkpoint` request to `witness` ended with `outcome`.
@@ -358,6 +401,9 @@ mod tests {
         m.sessions_busy(3);
         m.reconnected();
         m.config_reload(false);
+        m.public_request("/v1/log/checkpoint", 200);
+        m.public_tls_handshake_failure("handshake_timeout");
+        m.public_connection_delta(1);
         let text = m.render().unwrap();
         for line in [
             "lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"} 1",
@@ -370,6 +416,9 @@ mod tests {
             "lavd_hsm_reconnects_total 1",
             "lavd_config_reloads_total{outcome=\"failed\"} 1",
             "lavd_connections_open 0",
+            "lavd_public_requests_total{route=\"/v1/log/checkpoint\",status=\"200\"} 1",
+            "lavd_public_tls_handshake_failures_total{reason=\"handshake_timeout\"} 1",
+            "lavd_public_connections_open 1",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line}:\n{text}");
         }

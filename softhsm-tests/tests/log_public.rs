@@ -11,6 +11,8 @@
 //! - the real `lavd audit verify --tiles URL` verifies the log from the
 //!   public listener with no client certificate, with the same summary as
 //!   from the API's tiles;
+//! - its requests, connections and failed handshakes are counted in their
+//!   own metric families, not in the API's;
 //! - callers are rate-limited per address (429 `rate_limited`);
 //! - without `[audit.public]` no such listener exists.
 
@@ -153,6 +155,54 @@ fn the_public_listener_serves_the_log_and_nothing_else() {
         String::from_utf8_lossy(&half.stderr).contains("give both --cert and --client-key"),
         "{half:?}"
     );
+
+    // Its traffic is counted apart from the API's: requests, open
+    // connections, and handshakes that failed (plain HTTP sent to it).
+    let api_checkpoints = "lavd_http_requests_total{route=\"/v1/log/checkpoint\",status=\"200\"}";
+    let public_checkpoints =
+        "lavd_public_requests_total{route=\"/v1/log/checkpoint\",status=\"200\"}";
+    let (api_before, public_before) = (
+        daemon.metric(api_checkpoints),
+        daemon.metric(public_checkpoints),
+    );
+    for _ in 0..5 {
+        assert_eq!(anyone.get("/v1/log/checkpoint").status, 200);
+    }
+    assert_eq!(daemon.metric(public_checkpoints), public_before + 5.0);
+    assert_eq!(daemon.metric(api_checkpoints), api_before);
+    let family = |name: &str| -> f64 {
+        daemon
+            .admin_get("/metrics")
+            .text()
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with(&format!("{name}_")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (api_open, api_failed) = (
+        family("lavd_connections_open"),
+        family("lavd_tls_handshake_failures_total"),
+    );
+    let public_open = family("lavd_public_connections_open");
+    let mut raw = std::net::TcpStream::connect(public_addr).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while family("lavd_public_connections_open") < public_open + 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the connection is not counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::io::Write::write_all(&mut raw, b"GET /v1/log/checkpoint HTTP/1.1\r\n\r\n").unwrap();
+    while family("lavd_public_tls_handshake_failures_total") < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure is not counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(family("lavd_connections_open"), api_open);
+    assert_eq!(family("lavd_tls_handshake_failures_total"), api_failed);
 
     // Per-address rate limit: the burst is 40 at 1 a second, and the
     // requests above used some of it.

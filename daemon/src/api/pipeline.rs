@@ -230,9 +230,13 @@ where
     });
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
-    api.state
-        .metrics
-        .request(route, status, elapsed.as_secs_f64());
+    match api.access {
+        Access::Mutual => api
+            .state
+            .metrics
+            .request(route, status, elapsed.as_secs_f64()),
+        Access::Public(_) => api.state.metrics.public_request(route, status),
+    }
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
     span.in_scope(|| {
         tracing::info!(

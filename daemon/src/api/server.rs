@@ -480,9 +480,19 @@ async fn api_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let state = api.state.clone();
+    let public = matches!(api.access, Access::Public(_));
+    // The public log listener's connections are counted apart: anyone may
+    // open them.
     let metrics = state.metrics.clone();
-    metrics.connection_delta(1);
-    let _open = scopeguard(move || metrics.connection_delta(-1));
+    let delta = move |d| {
+        if public {
+            metrics.public_connection_delta(d);
+        } else {
+            metrics.connection_delta(d);
+        }
+    };
+    delta(1);
+    let _open = scopeguard(move || delta(-1));
     let limits = &state.limits;
     let timeouts = Timeouts {
         handshake: limits.handshake_timeout,
@@ -490,7 +500,6 @@ async fn api_connection(
         idle: limits.idle_timeout,
     };
 
-    let public = matches!(api.access, Access::Public(_));
     let tls = state.current().tls.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(if public {
         tls.public_config
@@ -500,7 +509,11 @@ async fn api_connection(
     let stream = match accept_tls(&acceptor, tcp, remote, timeouts.handshake, &mut stop).await {
         None => return,
         Some(Err(reason)) => {
-            state.metrics.tls_handshake_failure(reason);
+            if public {
+                state.metrics.public_tls_handshake_failure(reason);
+            } else {
+                state.metrics.tls_handshake_failure(reason);
+            }
             return;
         }
         Some(Ok(stream)) => stream,
