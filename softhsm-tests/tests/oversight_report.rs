@@ -679,6 +679,7 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     let vkey = dev.dir.join("audit.vkey");
     let vkey = vkey.to_str().unwrap();
     let by_url = (w.join("url.html"), w.join("url.json"));
+    let before_fetch = now();
     softhsm_tests::assert_ok(&lavd(&[
         "audit",
         "report",
@@ -737,13 +738,22 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     let mut from_url = read_json(&by_url.1);
     assert_eq!(report["schema"], "lavd.oversight-report/1");
     assert_eq!(report["form"], "aggregate");
+    // A live log is judged when it was fetched (it held nothing more
+    // then); an export, at its newest leaf, unless the reader says more.
+    let observed = time_of(&from_url["period"]["observed"]);
+    assert!(observed >= before_fetch, "{observed} < {before_fetch}");
+    assert_eq!(from_url["period"]["as_of"], from_url["period"]["observed"]);
+    assert_eq!(report["period"]["observed"], Value::Null);
     // Over the API or from the export: the same leaves, the same figures.
     from_url["verification"] = report["verification"].clone();
+    from_url["period"] = report["period"].clone();
     assert_eq!(from_url, report);
 
     // The figures equal counts made here from the leaves...
     let export_json = read_json(&export);
     let leaves = leaves(&export_json);
+    let newest = leaves.iter().map(|l| time_of(&l["time"])).max().unwrap();
+    assert_eq!(time_of(&report["period"]["as_of"]), newest);
     assert_eq!(report["verification"]["size"], leaves.len() as u64);
     assert_eq!(
         report["verification"]["checkpoint"],

@@ -230,6 +230,15 @@ impl LogSource {
     pub fn verify(self) -> anyhow::Result<Verified> {
         let key = verifier_key(self.key)?;
         let client = |url: &str| self.remote.client(url);
+        // A live log's checkpoint was its newest when fetched, so it held
+        // nothing else from before the fetch began (to within the time a
+        // request takes to commit).
+        let started = time::OffsetDateTime::now_utc();
+        let live = self.url.is_some()
+            || self
+                .tiles
+                .as_deref()
+                .is_some_and(|t| t.starts_with("https://"));
         let new = match (&self.export, &self.url, &self.tiles) {
             (Some(export), ..) => Export::parse(&read(export)?)?,
             (None, Some(url), _) => fetch_export(&client(url)?, &key)?,
@@ -277,6 +286,7 @@ impl LogSource {
         };
         let checked_checkpoint = crate::audit::note::with_signatures_by(&new.checkpoint, checked)?;
         Ok(Verified {
+            fetched_at: (live && self.export.is_none()).then_some(started),
             export: new,
             summary,
             witnesses,
@@ -297,6 +307,8 @@ pub struct Verified {
     /// The newest checkpoint with only the signature lines that verified:
     /// the log's and those witnesses'.
     pub checked_checkpoint: String,
+    /// For a live log (`--url`, `--tiles https://…`): when its fetch began.
+    pub fetched_at: Option<time::OffsetDateTime>,
 }
 
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the

@@ -34,6 +34,12 @@ pub struct ReportArgs {
     /// an internal oversight reader, not for publication.
     #[arg(long)]
     detail: bool,
+    /// State that the log held no entries beyond those given at this time
+    /// (RFC 3339 UTC), e.g. when an export was made: overdue keys and lapsed
+    /// urgent warrants are then judged at it. A live log (`--url`, `--tiles
+    /// https://…`) is judged at its fetch without this.
+    #[arg(long, value_name = "TIME", value_parser = parse_time)]
+    as_of: Option<time::OffsetDateTime>,
 }
 
 fn parse_time(text: &str) -> Result<time::OffsetDateTime, String> {
@@ -59,6 +65,7 @@ impl ReportArgs {
             &Options {
                 from: self.from,
                 to: self.to,
+                observed: self.as_of.or(verified.fetched_at),
                 detail: self.detail,
             },
         );

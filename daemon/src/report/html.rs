@@ -726,8 +726,12 @@ pub fn render(report: &Report) -> String {
         out,
         "</main><footer>Made by <code>lavd audit report</code> (JSON schema <code>{SCHEMA}</code>) \
          from a log verified as <code>lavd audit verify</code> does. How each figure is derived: \
-         docs/audit.md, \"Reports\". As of {}.</footer></body></html>",
-        escape(report.period.as_of.as_deref().unwrap_or("—"))
+         docs/audit.md, \"Reports\". As of {}{}.</footer></body></html>",
+        escape(report.period.as_of.as_deref().unwrap_or("—")),
+        match &report.period.observed {
+            Some(seen) => format!(" (the log was seen to hold nothing more at {})", escape(seen)),
+            None => " (its newest entry: nothing shows the log held nothing more after it)".to_owned(),
+        }
     );
     out
 }

@@ -58,11 +58,30 @@ pub enum Form {
 pub struct Options {
     /// Count only leaves at or after this time.
     pub from: Option<OffsetDateTime>,
-    /// Count only leaves before this time; the report is "as of" the last
-    /// leaf before it, and later leaves are ignored altogether.
+    /// Count only leaves before this time; later leaves are ignored
+    /// altogether.
     pub to: Option<OffsetDateTime>,
+    /// A time at which the log is known to have held no leaf beyond the
+    /// verified ones: when a live log was fetched, or what the reader states
+    /// (`--as-of`). Without it, nothing shows the log was complete after its
+    /// newest leaf.
+    pub observed: Option<OffsetDateTime>,
     /// The detail form.
     pub detail: bool,
+}
+
+/// The moment the report describes, at which it judges whether an urgent
+/// warrant lapsed or a key is overdue: the newest leaf before `to`, or
+/// later, as far as `observed` shows the log complete (never past `to`).
+/// The newest leaf, not the last: a leaf's time is when its request's work
+/// started, so leaves can be slightly out of time order.
+fn as_of(history: &[&Leaf], options: &Options) -> Option<OffsetDateTime> {
+    let newest = history.iter().map(|l| l.time).max();
+    let complete_until = match (options.observed, options.to) {
+        (Some(seen), Some(to)) => Some(seen.min(to)),
+        (seen, _) => seen,
+    };
+    newest.max(complete_until)
 }
 
 /// The report: the figures of one verified log, for one period.
@@ -106,9 +125,13 @@ pub struct Period {
     pub first_leaf: Option<String>,
     /// Time of the last leaf in the period.
     pub last_leaf: Option<String>,
-    /// Time of the last leaf before `to`: the moment the report describes
-    /// (whether an urgent warrant lapsed or a key is overdue is judged then).
+    /// The moment the report describes (whether an urgent warrant lapsed or
+    /// a key is overdue is judged then): the newest leaf before `to`, or
+    /// `observed` if later (at most `to`).
     pub as_of: Option<String>,
+    /// When the log was seen to hold nothing beyond the verified leaves: the
+    /// fetch of a live log, or `--as-of`; `null` for a file with neither.
+    pub observed: Option<String>,
     /// Leaves in the period.
     pub leaves: u64,
 }
@@ -497,7 +520,7 @@ impl Report {
             .iter()
             .filter(|l| before_to(l.time))
             .collect();
-        let as_of = history.last().map(|l| l.time);
+        let as_of = as_of(&history, options);
         let period: Vec<&Leaf> = history
             .iter()
             .copied()
@@ -685,6 +708,7 @@ impl Report {
                 first_leaf: period.first().map(|l| codec::format_time(l.time)),
                 last_leaf: period.last().map(|l| codec::format_time(l.time)),
                 as_of: as_of.map(codec::format_time),
+                observed: options.observed.map(codec::format_time),
                 leaves: period.len() as u64,
             },
             verification: Verification {

@@ -326,7 +326,7 @@ fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
     let options = Options {
         from: Some(datetime!(2026-05-22 00:00 UTC)),
         to: Some(datetime!(2026-06-02 00:00 UTC)),
-        detail: false,
+        ..Options::default()
     };
     let r = build(&mix(), &options);
     assert_eq!(r.period.from.as_deref(), Some("2026-05-22T00:00:00Z"));
@@ -570,4 +570,74 @@ fn durations_read_as_words() {
             max: 9
         }
     );
+}
+
+/// A quiet log: its newest leaf is long before a key's grace ended. Judged
+/// at that leaf the key is retained; judged when the log was seen to hold
+/// nothing more (a live fetch, or `--as-of`), it is overdue. Never past
+/// `--to`, and a time before the newest leaf changes nothing.
+#[test]
+fn a_quiet_log_is_judged_when_it_was_seen_complete() {
+    let events = vec![
+        (datetime!(2026-01-01 00:00 UTC), policy(2)),
+        (
+            datetime!(2026-01-01 00:01 UTC),
+            key("2026-01", datetime!(2026-06-01 00:00 UTC)),
+        ),
+    ];
+    let status = |options: &Options| {
+        let r = build(&events, options);
+        let key = r.keys.epochs.iter().find(|k| k.kid == "2026-01").unwrap();
+        (key.status, r.period.as_of.clone().unwrap())
+    };
+    assert_eq!(
+        status(&Options::default()),
+        (KeyStatus::Retained, "2026-01-01T00:01:00Z".to_owned())
+    );
+    let seen = Options {
+        observed: Some(datetime!(2026-06-03 00:00 UTC)),
+        ..Options::default()
+    };
+    assert_eq!(
+        status(&seen),
+        (KeyStatus::Overdue, "2026-06-03T00:00:00Z".to_owned())
+    );
+    assert_eq!(
+        build(&events, &seen).period.observed.as_deref(),
+        Some("2026-06-03T00:00:00Z")
+    );
+    let until = Options {
+        to: Some(datetime!(2026-06-01 12:00 UTC)),
+        ..seen.clone()
+    };
+    assert_eq!(
+        status(&until),
+        (KeyStatus::Retained, "2026-06-01T12:00:00Z".to_owned())
+    );
+    let early = Options {
+        observed: Some(datetime!(2025-12-01 00:00 UTC)),
+        ..Options::default()
+    };
+    assert_eq!(status(&early).1, "2026-01-01T00:01:00Z");
+    assert!(html::render(&build(&events, &seen))
+        .contains("the log was seen to hold nothing more at 2026-06-03T00:00:00Z"));
+}
+
+/// Leaves are timed when their request's work starts, so the last leaf is
+/// not always the newest: the report is as of the newest.
+#[test]
+fn as_of_is_the_newest_leaf_not_the_last() {
+    let events = vec![
+        (datetime!(2026-01-01 00:00 UTC), policy(2)),
+        (
+            datetime!(2026-01-01 00:00:05 UTC),
+            key("2026-01", datetime!(2026-06-01 00:00 UTC)),
+        ),
+        (
+            datetime!(2026-01-01 00:00:04 UTC),
+            key("2026-02", datetime!(2026-06-01 00:00 UTC)),
+        ),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(r.period.as_of.as_deref(), Some("2026-01-01T00:00:05Z"));
 }
