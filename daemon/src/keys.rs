@@ -135,13 +135,13 @@ pub fn generate(
     if store.get_key(kid)?.is_some() {
         return Err(KeyError::DuplicateKid(kid.to_string()));
     }
-    let public = match hsm.generate_escrow_key(kid) {
+    let generated = match hsm.generate_escrow_key(kid) {
         Err(HsmError::DuplicateKey(_)) => return Err(KeyError::DuplicateKid(kid.to_string())),
         other => other?,
     };
     let record = KeyRecord {
         kid: kid.to_string(),
-        public,
+        public: generated.public.clone(),
         not_before: validity.not_before,
         not_after: validity.not_after,
         destroy_after: validity.destroy_after,
@@ -164,17 +164,33 @@ pub fn generate(
         spend: Spend::InsertKey(record.clone()),
     }) {
         // The pair is on the token: unknown to the store, it would hold the
-        // kid forever and never be destroyed at retention.
+        // label forever and never be destroyed at retention.
+        let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
+        let discard = || {
+            if let Err(d) = hsm.discard_generated(&generated) {
+                tracing::error!(kid, %label, error = %d, "could not delete the key pair the store did not record; delete it (the private key whose public half is not the one `lavd keys list` shows) before generating this kid again");
+            }
+        };
         return match store.get_key(kid) {
             // The commit took effect after all (its outcome was unknown).
             Ok(Some(stored)) if stored.public == record.public => Ok(record),
             Ok(None) => {
-                if let Err(d) = hsm.destroy_escrow_key(kid) {
-                    tracing::error!(kid, error = %d, "could not delete the key pair the store did not record; delete it by its label before generating this kid again");
-                }
+                discard();
                 Err(e.into())
             }
-            _ => Err(e.into()),
+            // Another generation of this kid, at the same time, was
+            // recorded instead: this pair is not the one the store names,
+            // and must not stay beside it under the same label (every
+            // lookup would be ambiguous, and the destruction at retention
+            // would stop at the ambiguity and leave both private keys).
+            Ok(Some(_)) => {
+                discard();
+                Err(KeyError::DuplicateKid(kid.to_string()))
+            }
+            Err(read) => {
+                tracing::error!(kid, %label, error = %read, "the store failed, and whether it recorded this kid cannot be read: if `lavd keys list` does not show it once the store is back, delete the pair by its label before generating this kid again");
+                Err(e.into())
+            }
         };
     }
     Ok(record)

@@ -40,7 +40,7 @@ fn main() {
     let mut settings = token.settings().hsm;
     settings.sessions = 2;
     let hsm = Hsm::open(settings).expect("open HSM");
-    let escrow = hsm.generate_escrow_key(KID).expect("escrow key");
+    let escrow = hsm.generate_escrow_key(KID).expect("escrow key").public;
 
     let header = HeaderBuilder::new(
         KID,

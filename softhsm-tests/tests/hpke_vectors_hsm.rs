@@ -139,7 +139,7 @@ fn rfc9180_vectors_open_through_the_hsm() {
 fn tampered_envelopes_never_open_through_the_hsm() {
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
-    let escrow = hsm.generate_escrow_key("2026-12").unwrap();
+    let escrow = hsm.generate_escrow_key("2026-12").unwrap().public;
     let header = HeaderBuilder::new(
         "2026-12",
         "spiffe://provider.example/messaging",

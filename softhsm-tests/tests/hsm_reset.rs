@@ -18,7 +18,7 @@ fn in_hsm_ecdh_survives_a_module_reset() {
     let t = TestToken::new();
     let counts = Arc::new(HsmCounts::default());
     let hsm = Hsm::open_with_observer(t.settings().hsm, counts.clone()).unwrap();
-    let escrow = hsm.generate_escrow_key("k1").unwrap();
+    let escrow = hsm.generate_escrow_key("k1").unwrap().public;
     assert_eq!(hsm.escrow_public_key("k1").unwrap(), escrow);
     let (peer, expected) = software_peer(&escrow);
     assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);

@@ -18,7 +18,7 @@ fn the_pool_never_opens_more_sessions_than_configured() {
     let settings = t.settings().hsm;
     assert_eq!(settings.sessions, 2);
     let hsm = Hsm::open_with_observer(settings, counts.clone()).unwrap();
-    let escrow = hsm.generate_escrow_key("k2").unwrap();
+    let escrow = hsm.generate_escrow_key("k2").unwrap().public;
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
@@ -37,7 +37,7 @@ fn the_pool_never_opens_more_sessions_than_configured() {
 fn a_destroyed_key_is_not_found_and_stays_gone() {
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
-    let escrow = hsm.generate_escrow_key("k3").unwrap();
+    let escrow = hsm.generate_escrow_key("k3").unwrap().public;
     let (peer, _) = software_peer(&escrow);
     hsm.ecdh("k3", &peer).unwrap(); // caches the handle
     assert!(hsm.destroy_escrow_key("k3").unwrap());
@@ -121,7 +121,7 @@ fn kept_per_call(n: u64, mut f: impl FnMut(u64)) -> u64 {
 fn a_derivation_leaves_softhsm_only_the_shell_of_a_destroyed_object() {
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
-    let escrow = hsm.generate_escrow_key("k5").unwrap();
+    let escrow = hsm.generate_escrow_key("k5").unwrap().public;
     let (peer, expected) = software_peer(&escrow);
     let per = kept_per_call(20_000, |_| {
         assert_eq!(*hsm.ecdh("k5", &peer).unwrap(), expected);

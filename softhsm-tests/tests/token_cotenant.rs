@@ -122,3 +122,50 @@ fn a_tenant_without_the_pin_can_neither_remove_nor_shadow_the_escrow_key() {
     let reply: serde_json::Value = serde_json::from_slice(&r.body).expect("reply");
     assert_eq!(vault::statuses(&reply), ["ok"]);
 }
+/// A tenant of the token without the PIN can write public objects under a
+/// label lavd will use (monthly kids are predictable): they are not lavd's
+/// (not `CKA_PRIVATE`), so they do not make the kid "taken".
+#[test]
+fn a_public_decoy_under_the_label_does_not_block_a_generation() {
+    let t = TestToken::new();
+    let session = harness()
+        .pkcs11()
+        .open_rw_session(t.slot())
+        .expect("a session without the PIN");
+    let label = b"lav-escrow:E-2".to_vec();
+    let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    session
+        .generate_key_pair(
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::EcParams(params),
+                Attribute::Label(label.clone()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(false),
+                Attribute::Sensitive(false),
+                Attribute::Derive(true),
+                Attribute::Label(label),
+            ],
+        )
+        .expect("public decoys");
+    drop(session);
+    vault::generate_escrow_key(&t, "E-2");
+    assert!(private_key_of_ours(&t, "E-2"));
+}
+
+/// Whether the token holds lavd's (`CKA_PRIVATE`) private key for `kid`.
+fn private_key_of_ours(t: &TestToken, kid: &str) -> bool {
+    let found = t
+        .session()
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
+            Attribute::Private(true),
+        ])
+        .unwrap();
+    found.len() == 1
+}

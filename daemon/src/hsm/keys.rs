@@ -161,14 +161,10 @@ impl Hsm {
     ///
     /// # Errors
     /// [`HsmError::DuplicateKey`] if the token already has a key with this kid.
-    pub fn generate_escrow_key(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
+    pub fn generate_escrow_key(&self, kid: &str) -> Result<GeneratedKey, HsmError> {
         let label = escrow_label(kid);
         self.with_session_once("generate_escrow_key", |session| {
-            if find_one(session, ObjectClass::PRIVATE_KEY, &label)?.is_some()
-                || find_one(session, ObjectClass::PUBLIC_KEY, &label)?.is_some()
-            {
-                return Err(HsmError::DuplicateKey(label.clone()));
-            }
+            label_free(session, &label)?;
             let id = kid.as_bytes().to_vec();
             let public_template = [
                 Attribute::Token(true),
@@ -210,7 +206,30 @@ impl Hsm {
                     P256PublicKey::from_sec1(&point)
                         .map_err(|_| HsmError::InvalidPublicKey(label.clone()))
                 })
+                .map(|key| GeneratedKey {
+                    public: key,
+                    label: label.clone(),
+                    handles: [private, public],
+                })
                 .inspect_err(|_| discard_pair(session, public, private))
+        })
+    }
+
+    /// Deletes a pair [`Hsm::generate_escrow_key`] just made, by its own
+    /// handles: not by its label, which another generation of the same kid
+    /// may also have used (two `lavd keys generate --kid K` at once, each
+    /// past the check that the label is free); deleting by label would
+    /// delete the pair the store recorded.
+    ///
+    /// # Errors
+    /// The failing PKCS#11 call.
+    pub fn discard_generated(&self, key: &GeneratedKey) -> Result<(), HsmError> {
+        self.forget_handle(&key.label);
+        self.with_session_once("discard_generated", |session| {
+            for handle in key.handles {
+                session.destroy_object(handle)?;
+            }
+            Ok(())
         })
     }
 
@@ -329,11 +348,7 @@ impl Hsm {
     /// [`HsmError::DuplicateKey`] if the label is taken.
     pub fn generate_audit_key(&self, label: &str) -> Result<AuditKeyInfo, HsmError> {
         self.with_session_once("generate_audit_key", |session| {
-            if find_one(session, ObjectClass::PRIVATE_KEY, label)?.is_some()
-                || find_one(session, ObjectClass::PUBLIC_KEY, label)?.is_some()
-            {
-                return Err(HsmError::DuplicateKey(label.to_string()));
-            }
+            label_free(session, label)?;
             let public_template = [
                 Attribute::Token(true),
                 // Readable without the PIN would also mean destroyable
@@ -474,6 +489,44 @@ impl Hsm {
 /// generated again) and, unknown to the store, never be destroyed. Best
 /// effort: if the token fails here too, the error that led here is the one
 /// reported, and `lavd keys generate` names the label in it.
+/// Before generating under `label`: no key of ours has it. Only private
+/// objects are looked at, as in [`find_one`]: public objects a co-tenant
+/// without the PIN wrote under the label could otherwise block a kid (or the
+/// audit key) from ever being generated.
+fn label_free(session: &Session, label: &str) -> Result<(), HsmError> {
+    for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+        if !private_objects(session, class, label)?.is_empty() {
+            return Err(HsmError::DuplicateKey(label.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// An escrow key pair just generated: its public key, and the handles it
+/// can be discarded by ([`Hsm::discard_generated`]) until the store records
+/// it.
+#[derive(Debug)]
+pub struct GeneratedKey {
+    /// The public key.
+    pub public: P256PublicKey,
+    label: String,
+    /// Private, then public.
+    handles: [ObjectHandle; 2],
+}
+
+/// Every `CKA_PRIVATE` object of `class` under `label`.
+fn private_objects(
+    session: &Session,
+    class: ObjectClass,
+    label: &str,
+) -> Result<Vec<ObjectHandle>, HsmError> {
+    Ok(session.find_objects(&[
+        Attribute::Class(class),
+        Attribute::Label(label.as_bytes().to_vec()),
+        Attribute::Private(true),
+    ])?)
+}
+
 fn discard_pair(session: &Session, public: ObjectHandle, private: ObjectHandle) {
     for handle in [private, public] {
         if let Err(e) = session.destroy_object(handle) {

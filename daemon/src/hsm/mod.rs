@@ -23,7 +23,7 @@ mod pool;
 mod spread;
 
 pub use error::HsmError;
-pub use keys::{AuditKeyInfo, ESCROW_LABEL_PREFIX};
+pub use keys::{AuditKeyInfo, GeneratedKey, ESCROW_LABEL_PREFIX};
 pub use spread::{JobOutcome, StartedSpread};
 
 use std::collections::HashMap;
