@@ -215,7 +215,8 @@ pub fn jwks(store: &dyn KeyStore, now: OffsetDateTime) -> Result<JwkSet, KeyErro
 /// providers would seal to it) is withheld and logged, never published.
 ///
 /// # Errors
-/// A store failure, or an HSM failure other than a missing key.
+/// A store failure, or an HSM failure other than one key's objects missing,
+/// ambiguous or unreadable.
 pub fn jwks_checked(
     hsm: &Hsm,
     store: &dyn KeyStore,
@@ -233,6 +234,15 @@ pub fn jwks_checked(
                 kid = %record.kid,
                 "the store lists a key the HSM does not hold; not publishing it"
             ),
+            // What is wrong is this key's objects on the token, not the
+            // token: the other keys are still published.
+            Err(e @ (HsmError::DuplicateKey(_) | HsmError::InvalidPublicKey(_))) => {
+                tracing::error!(
+                    kid = %record.kid,
+                    error = %e,
+                    "the HSM's objects for this key are unusable; not publishing it"
+                );
+            }
             Err(e) => return Err(e.into()),
         }
     }

@@ -1,7 +1,7 @@
-//! Two generations of one escrow key id at once, through the real `lavd
-//! keys generate` on a real SoftHSM token (through the fault module, which
-//! holds one generation at the HSM while another application makes its
-//! pair), checked from this test process.
+//! Two key pairs under one escrow key's label, on a real SoftHSM token,
+//! checked from this test process: two generations of one kid at once,
+//! through the real `lavd keys generate` (the fault module holds one at the
+//! HSM while the other runs), and a pair a PIN holder adds by hand.
 
 use cryptoki::object::{Attribute, ObjectClass};
 use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
@@ -79,4 +79,53 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
         .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
         .unwrap();
     assert!(left.is_empty(), "{} objects left", left.len());
+}
+
+/// A second pair under one key's label (a PIN holder's, or one left by a
+/// build without the fix above) makes that key ambiguous: it is withheld
+/// from the published set and logged, and the other keys are still
+/// published. Before, the whole set failed (`GET /v1/keys` answered 503 for
+/// every key).
+#[test]
+fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
+    let t = TestToken::new();
+    t.write_config("");
+    assert_ok(&generate(&t, "2026-11", "2030-01-01T00:00:00Z"));
+    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    let session = t.session();
+    let label = format!("lav-escrow:{KID}").into_bytes();
+    let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    session
+        .generate_key_pair(
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::EcParams(params),
+                Attribute::Label(label.clone()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Derive(true),
+                Attribute::Label(label),
+            ],
+        )
+        .expect("a second pair");
+    let out = t.lavd_with_config(&["keys", "list"]);
+    let listed = assert_ok(&out);
+    let set: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let kids: Vec<&str> = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["2026-11"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("unusable; not publishing it") && stderr.contains(KID),
+        "{stderr}"
+    );
 }
