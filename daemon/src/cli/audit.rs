@@ -348,13 +348,21 @@ fn fetch_export(client: &super::https::Client, key: &VerifierKey) -> anyhow::Res
 }
 
 /// The verifier key given on the command line, or read from the file it
-/// names.
+/// names. The key's text first: `origin+id+base64` is also a relative path
+/// (origins hold `/`, and so can base64), and a file put at that path by
+/// whoever handed over the log, holding their own key for the same origin,
+/// must never stand in for the key the auditor typed.
 fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
-    let text = match std::fs::read_to_string(&key) {
-        Ok(text) => text.trim().to_string(),
-        Err(_) => key,
-    };
-    VerifierKey::parse(&text).context("the verifier key")
+    let literal = VerifierKey::parse(&key);
+    if let Ok(parsed) = literal {
+        return Ok(parsed);
+    }
+    match std::fs::read_to_string(&key) {
+        Ok(text) => {
+            VerifierKey::parse(text.trim()).with_context(|| format!("the verifier key in {key}"))
+        }
+        Err(_) => literal.context("the verifier key"),
+    }
 }
 
 /// `lavd audit mirror`: see [`AuditCommand::Mirror`].
@@ -668,5 +676,40 @@ pub fn describe(e: &VerifyError) -> String {
         (Some(i), _) => format!("first bad index: {i}"),
         (None, Some(r)) => format!("first bad index in {}..{}", r.start, r.end),
         (None, None) => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A key's text is also a path: a file at that path, holding another
+    /// key for the same origin (someone handing over a log bundle with it
+    /// inside, the auditor running the verifier from there), is not read.
+    #[test]
+    fn a_file_at_the_keys_own_text_does_not_replace_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = format!("{}/audit", dir.path().display());
+        let real = VerifierKey::new(&origin, &[7; 32]).unwrap();
+        let forged = VerifierKey::new(&origin, &[9; 32]).unwrap();
+        let path = PathBuf::from(real.to_string());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, forged.to_string()).unwrap();
+        assert_eq!(
+            verifier_key(real.to_string()).unwrap().to_string(),
+            real.to_string()
+        );
+        // A file is still read when the argument is not a key.
+        let file = dir.path().join("audit.vkey");
+        std::fs::write(&file, format!("{real}\n")).unwrap();
+        assert_eq!(
+            verifier_key(file.display().to_string())
+                .unwrap()
+                .to_string(),
+            real.to_string()
+        );
+        let err = verifier_key("no-such-file".into()).unwrap_err();
+        assert!(format!("{err:#}").contains("the verifier key"), "{err:#}");
     }
 }
