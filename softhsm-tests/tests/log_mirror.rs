@@ -158,6 +158,37 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     assert_ok(&mirror(&[]));
     assert_ne!(size_line(&verify()), size_line(&resumed));
 
+    // A symbolic link anywhere in the mirror (a seed mirror handed over
+    // with one) is refused before anything is fetched or written: writing
+    // through it would put fetched, unverified bytes outside the mirror.
+    let victim = t.path("victim");
+    std::fs::write(&victim, b"untouched").unwrap();
+    let link = t.path("mirror").join("checkpoint.partial-download");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let out = mirror(&[]);
+    assert!(!out.status.success(), "a mirror holding a link was used");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is a symbolic link"), "{stderr}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+    std::fs::remove_file(&link).unwrap();
+
+    // A tiles directory whose checkpoint is a device (or a FIFO) is refused
+    // at once, not read until memory runs out.
+    let odd = t.path("odd-tiles");
+    std::fs::create_dir_all(&odd).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", odd.join("checkpoint")).unwrap();
+    let out = t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--tiles",
+        odd.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("not a regular file"), "{stderr}");
+
     // A mirrored tile altered on disk: the next run refuses it.
     let tile = t.path("mirror").join("tile/0/000");
     let mut bytes = std::fs::read(&tile).unwrap();

@@ -372,17 +372,18 @@ fn mirror(
     dir: &std::path::Path,
     remote: &Remote,
 ) -> anyhow::Result<()> {
-    let held = match std::fs::read(dir.join("checkpoint")) {
-        Ok(bytes) => {
+    refuse_links_below(dir)?;
+    let held_file = dir.join("checkpoint");
+    let held = match std::fs::symlink_metadata(&held_file) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        _ => {
+            let bytes = read_regular(&held_file, max_resource_bytes("checkpoint"))
+                .with_context(|| format!("reading {}", held_file.display()))?;
             let text = String::from_utf8(bytes).context("the mirrored checkpoint is not UTF-8")?;
             Some(
                 crate::audit::note::verify_checkpoint(&text, key)
                     .context("the mirrored checkpoint")?,
             )
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            return Err(e).with_context(|| format!("reading {}", dir.join("checkpoint").display()))
         }
     };
     let upstream = TilesAt::url(remote.client(url)?, url);
@@ -480,17 +481,18 @@ impl TilesAt {
     /// The resource at `path` below the prefix (`checkpoint`, `tile/…`).
     fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         match self {
-            TilesAt::Dir(dir) => std::fs::read(dir.join(path))
+            TilesAt::Dir(dir) => read_regular(&dir.join(path), max_resource_bytes(path))
                 .with_context(|| format!("reading {}", dir.join(path).display())),
             TilesAt::Url { client, prefix } => client
                 .get_bytes(&format!("{prefix}/{path}"))
                 .map(|b| b.to_vec()),
             TilesAt::Mirror { dir, remote, run } => {
-                if let Ok(bytes) = std::fs::read(dir.join(path)) {
+                let limit = max_resource_bytes(path);
+                if let Ok(bytes) = read_regular(&dir.join(path), limit) {
                     return Ok(bytes);
                 }
                 let staged = dir.join(INCOMING).join(path);
-                let bytes = match std::fs::read(&staged) {
+                let bytes = match read_regular(&staged, limit) {
                     Ok(bytes) => bytes,
                     Err(_) => {
                         let bytes = remote
@@ -509,14 +511,89 @@ impl TilesAt {
     }
 }
 
+/// The most bytes the resource at `path` can hold: a signed note, a hash
+/// tile (256 hashes) or an entry bundle (256 entries of a length prefix and
+/// at most [`crate::audit::tiles::MAX_ENTRY_BYTES`]).
+fn max_resource_bytes(path: &str) -> u64 {
+    use crate::audit::tiles::{MAX_ENTRY_BYTES, TILE_WIDTH};
+    if path == "checkpoint" {
+        crate::audit::note::MAX_NOTE_BYTES as u64
+    } else if path.starts_with("tile/entries/") {
+        TILE_WIDTH * (2 + MAX_ENTRY_BYTES as u64)
+    } else {
+        TILE_WIDTH * 32
+    }
+}
+
+/// Reads `file` if it is a regular file of at most `limit` bytes. A tiles
+/// directory is untrusted: a `checkpoint` linked to `/dev/zero` would be
+/// read until memory ran out, and a FIFO would block for ever.
+fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let meta = std::fs::metadata(file)?;
+    anyhow::ensure!(meta.is_file(), "not a regular file");
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= limit,
+        "larger than the {limit} bytes it can hold"
+    );
+    Ok(bytes)
+}
+
+/// Refuses a mirror directory holding a symbolic link anywhere below it: a
+/// mirror holds only the files and directories it made, and writing
+/// through a link (a seed mirror handed over with `tile -> /elsewhere` or
+/// `checkpoint.partial-download -> ~/.bashrc`) would put fetched bytes
+/// outside the mirror, before they are verified.
+fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(at) = pending.pop() {
+        let entries = match std::fs::read_dir(&at) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", at.display())),
+        };
+        for entry in entries {
+            let entry = entry.with_context(|| format!("reading {}", at.display()))?;
+            let kind = entry
+                .file_type()
+                .with_context(|| format!("reading {}", entry.path().display()))?;
+            if kind.is_symlink() {
+                anyhow::bail!(
+                    "{} is a symbolic link: a mirror directory holds only the files it wrote",
+                    entry.path().display()
+                );
+            }
+            if kind.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `file` through a temporary file and a rename, so that
-/// an interrupted mirror never leaves half a tile.
+/// an interrupted mirror never leaves half a tile. The temporary file is
+/// created new: a link left at its name is removed (not followed), and
+/// anything put there meanwhile makes the write fail.
 fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = file.with_extension("partial-download");
-    std::fs::write(&tmp, bytes)?;
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?
+        .write_all(bytes)?;
     std::fs::rename(&tmp, file)
 }
 
@@ -711,5 +788,41 @@ mod tests {
         );
         let err = verifier_key("no-such-file".into()).unwrap_err();
         assert!(format!("{err:#}").contains("the verifier key"), "{err:#}");
+    }
+
+    /// A link left at the temporary file's name is replaced, not written
+    /// through.
+    #[test]
+    fn an_atomic_write_does_not_follow_a_link_at_its_temporary_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"untouched").unwrap();
+        let file = dir.path().join("m/checkpoint");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("m/checkpoint.partial-download"))
+            .unwrap();
+        write_atomically(&file, b"new").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+        assert_eq!(std::fs::read(&file).unwrap(), b"new");
+    }
+
+    /// Reads from an untrusted directory are of regular files, within the
+    /// resource's bound.
+    #[test]
+    fn reads_are_of_bounded_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = dir.path().join("checkpoint");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let err = read_regular(&zero, 1024).unwrap_err();
+        assert!(format!("{err}").contains("not a regular file"), "{err}");
+        let big = dir.path().join("tile");
+        std::fs::write(&big, vec![0u8; 8193]).unwrap();
+        let err = read_regular(&big, max_resource_bytes("tile/0/000")).unwrap_err();
+        assert!(
+            format!("{err}").contains("larger than the 8192 bytes"),
+            "{err}"
+        );
+        std::fs::write(&big, vec![0u8; 8192]).unwrap();
+        assert_eq!(read_regular(&big, 8192).unwrap().len(), 8192);
     }
 }
