@@ -192,6 +192,32 @@ pub struct Remote {
         value_parser = clap::value_parser!(u64).range(1..=3600)
     )]
     pub timeout: u64,
+    /// The most entries a log read from a URL or tiles may claim: its
+    /// signed size is refused above this (`log_too_large`) before anything
+    /// else is fetched. The whole log is held in memory while it is
+    /// verified, some hundreds of bytes an entry; raise it for a larger log.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = DEFAULT_MAX_ENTRIES,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_entries: u64,
+}
+
+/// `--max-entries` by default: 2^24 entries, a few GiB of memory to verify.
+pub const DEFAULT_MAX_ENTRIES: u64 = 1 << 24;
+
+/// Refuses a signed tree larger than `--max-entries`: a log holding its key
+/// can sign any size up to 2^64 − 1, and the verifier would fetch and hold
+/// entries until memory ran out.
+fn within_max_entries(size: u64, max: u64) -> anyhow::Result<()> {
+    if size > max {
+        anyhow::bail!(
+            "log_too_large: the signed checkpoint claims {size} entries, more than --max-entries {max}"
+        );
+    }
+    Ok(())
 }
 
 impl Remote {
@@ -241,13 +267,13 @@ impl LogSource {
                 .is_some_and(|t| t.starts_with("https://"));
         let new = match (&self.export, &self.url, &self.tiles) {
             (Some(export), ..) => Export::parse(&read(export)?)?,
-            (None, Some(url), _) => fetch_export(&client(url)?, &key)?,
+            (None, Some(url), _) => fetch_export(&client(url)?, &key, self.remote.max_entries)?,
             (None, None, Some(tiles)) => {
                 let source = match tiles.strip_prefix("https://") {
                     Some(_) => TilesAt::url(client(tiles)?, tiles),
                     None => TilesAt::Dir(PathBuf::from(tiles)),
                 };
-                fetch_tiles(&source, &key)?
+                fetch_tiles(&source, &key, self.remote.max_entries)?
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
@@ -314,13 +340,18 @@ pub struct Verified {
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
 /// current checkpoint, then every leaf up to its size in pages. Nothing
 /// fetched is trusted; [`verify_export`] checks it all against `key`.
-fn fetch_export(client: &super::https::Client, key: &VerifierKey) -> anyhow::Result<Export> {
+fn fetch_export(
+    client: &super::https::Client,
+    key: &VerifierKey,
+    max_entries: u64,
+) -> anyhow::Result<Export> {
     let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
         .as_str()
         .ok_or_else(|| anyhow::anyhow!("no checkpoint in the reply"))?
         .to_string();
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
+    within_max_entries(signed.size, max_entries)?;
     let mut entries = Vec::new();
     let mut start = 0u64;
     while start < signed.size {
@@ -396,7 +427,13 @@ fn mirror(
         run: state.clone(),
     };
     let incoming = dir.join(INCOMING);
-    let export = match read_tiles(&source, key, checkpoint.clone(), held.as_ref()) {
+    let export = match read_tiles(
+        &source,
+        key,
+        checkpoint.clone(),
+        held.as_ref(),
+        remote.max_entries,
+    ) {
         Ok(export) => export,
         Err(e) => {
             // Tiles that were fetched whole but refused are dropped, so
@@ -613,10 +650,10 @@ impl crate::audit::tiles::TileSource for &TilesAt {
 /// root must be the checkpoint's. The leaves then go through the same
 /// verifier as an export (which recomputes the root from them), so tiles,
 /// leaves and checkpoint are all held to one signed root.
-fn fetch_tiles(source: &TilesAt, key: &VerifierKey) -> anyhow::Result<Export> {
+fn fetch_tiles(source: &TilesAt, key: &VerifierKey, max_entries: u64) -> anyhow::Result<Export> {
     let checkpoint =
         String::from_utf8(source.get("checkpoint")?).context("the checkpoint is not UTF-8")?;
-    read_tiles(source, key, checkpoint, None)
+    read_tiles(source, key, checkpoint, None, max_entries)
 }
 
 /// [`fetch_tiles`] under a given `checkpoint`; with `older` (a checkpoint
@@ -626,10 +663,12 @@ fn read_tiles(
     key: &VerifierKey,
     checkpoint: String,
     older: Option<&crate::audit::note::Checkpoint>,
+    max_entries: u64,
 ) -> anyhow::Result<Export> {
     use crate::audit::tiles::{decode_bundle, Tile, TileReader, TILE_WIDTH};
     let signed =
         crate::audit::note::verify_checkpoint(&checkpoint, key).context("the tiles' checkpoint")?;
+    within_max_entries(signed.size, max_entries)?;
     if let Some(older) = older {
         if older.size > signed.size {
             anyhow::bail!(
@@ -641,23 +680,6 @@ fn read_tiles(
     }
     // A refused tile is reported by its stable code, then what was wrong.
     let refused = |e: crate::audit::tiles::TileError| anyhow::anyhow!("{}: {e}", e.code());
-    let mut entries = Vec::new();
-    let mut leaves = Vec::new();
-    let mut index = 0u64;
-    while index < signed.size {
-        let n = index / TILE_WIDTH;
-        let width = (signed.size - index).min(TILE_WIDTH) as u16;
-        let tile = Tile::entries(n, width);
-        let bytes = source.get(&tile.path())?;
-        for leaf in decode_bundle(&tile, &bytes).map_err(refused)? {
-            entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
-            leaves.push(leaf);
-            index += 1;
-        }
-    }
-    // Every hash tile the tree has, held to what it must contain: level 0
-    // to the leaves' hashes, each higher level to the tiles below it, and
-    // the whole to the signed root.
     let reader = TileReader::new(source, signed.size);
     let mismatch = |tile: &Tile, i: usize| {
         anyhow::anyhow!(
@@ -666,6 +688,34 @@ fn read_tiles(
             signed.size
         )
     };
+    let mut entries = Vec::new();
+    let mut leaves = Vec::new();
+    let mut index = 0u64;
+    while index < signed.size {
+        let n = index / TILE_WIDTH;
+        let width = (signed.size - index).min(TILE_WIDTH) as u16;
+        let tile = Tile::entries(n, width);
+        let bytes = source.get(&tile.path())?;
+        let bundle = decode_bundle(&tile, &bytes).map_err(refused)?;
+        // Each bundle is held to its level-0 hash tile as it comes (the
+        // tile is kept for the checks below), so that bundles that are not
+        // the log's are refused at the first, not held in memory until the
+        // last has been read.
+        let hashes = Tile::covering(0, index, signed.size)
+            .ok_or_else(|| anyhow::anyhow!("no tile holds hash (0, {index})"))
+            .and_then(|level0| Ok((reader.tile(&level0).map_err(refused)?, level0)))?;
+        for (i, leaf) in bundle.into_iter().enumerate() {
+            if hashes.0.get(i) != Some(&crate::audit::merkle::leaf_hash(&leaf)) {
+                return Err(mismatch(&hashes.1, i));
+            }
+            entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
+            leaves.push(leaf);
+            index += 1;
+        }
+    }
+    // Every hash tile the tree has, held to what it must contain: level 0
+    // to the leaves' hashes, each higher level to the tiles below it, and
+    // the whole to the signed root.
     for level in 0u8..64 {
         let Some(span) = 1u64.checked_shl(u32::from(level) * 8) else {
             break;
@@ -788,6 +838,68 @@ mod tests {
         );
         let err = verifier_key("no-such-file".into()).unwrap_err();
         assert!(format!("{err:#}").contains("the verifier key"), "{err:#}");
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("test signer")]
+    struct TestSigner;
+
+    /// A tiles directory holding a checkpoint of `size` leaves and `root`,
+    /// signed by a fresh software key; returns the directory and the key.
+    fn signed_tiles(size: u64, root: [u8; 32]) -> (tempfile::TempDir, VerifierKey) {
+        use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair as _};
+        let pair = Ed25519KeyPair::generate().unwrap();
+        let public: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
+        let origin = "lavd.test/audit";
+        let note = crate::audit::note::sign_checkpoint(
+            &crate::audit::note::Checkpoint {
+                origin: origin.into(),
+                size,
+                root,
+            },
+            &public,
+            |m| pair.sign(m).as_ref().try_into().map_err(|_| TestSigner),
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("checkpoint"), note).unwrap();
+        (dir, VerifierKey::new(origin, &public).unwrap())
+    }
+
+    /// A log holding its key can sign any size: one above `--max-entries`
+    /// is refused before a tile is read.
+    #[test]
+    fn a_signed_size_above_the_bound_is_refused_before_fetching() {
+        let (dir, key) = signed_tiles(1 << 40, [0; 32]);
+        let err =
+            fetch_tiles(&TilesAt::Dir(dir.path().into()), &key, DEFAULT_MAX_ENTRIES).unwrap_err();
+        assert!(format!("{err:#}").starts_with("log_too_large: "), "{err:#}");
+    }
+
+    /// Entry bundles are held to their hash tile as they are read: a first
+    /// bundle that is not the log's is refused before the second is read
+    /// (here there is none), not after every bundle has been held in memory.
+    #[test]
+    fn a_bundle_is_refused_before_the_next_is_read() {
+        let (dir, key) = signed_tiles(512, [0; 32]);
+        let mut bundle = Vec::new();
+        for i in 0..256u16 {
+            bundle.extend_from_slice(&2u16.to_be_bytes());
+            bundle.extend_from_slice(&i.to_be_bytes());
+        }
+        let tile = |path: &str, bytes: &[u8]| {
+            let file = dir.path().join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, bytes).unwrap();
+        };
+        tile("tile/entries/000", &bundle);
+        tile("tile/0/000", &[0; 256 * 32]);
+        let err =
+            fetch_tiles(&TilesAt::Dir(dir.path().into()), &key, DEFAULT_MAX_ENTRIES).unwrap_err();
+        assert!(
+            format!("{err:#}").starts_with("root_mismatch: hash 0 of tile tile/0/000"),
+            "{err:#}"
+        );
     }
 
     /// A link left at the temporary file's name is replaced, not written
