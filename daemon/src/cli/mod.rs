@@ -92,6 +92,18 @@ fn tool(run: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
 /// with 1, after printing `lavd: <code>: <message>`.
 pub fn main() -> std::process::ExitCode {
     use clap::Parser as _;
+    // Before anything secret is read: no core dump, and no debugger or
+    // `/proc/<pid>/mem` reader running as the same user, may see the HSM
+    // PIN (kept to log in again), the database password, the TLS key or a
+    // DEK in flight. systemd's `LimitCORE=0` covers only the unit, and a
+    // `core_pattern` pipe ignores it; containers, `lavd dev` and a plain
+    // shell had nothing.
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        eprintln!("lavd: cannot make the process non-dumpable (prctl PR_SET_DUMPABLE): {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     match cli.command.run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
