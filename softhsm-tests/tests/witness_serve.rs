@@ -190,6 +190,50 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
     assert_size_conflict(&w.add(&log.body(s2, &c3)), s3);
     let c4 = log.unwrap(4);
     assert_cosigned(&w, &c4, &w.add(&log.body(s3, &c4)));
+
+    // A lost state is not a new witness's: without its file the witness
+    // does not start (it would cosign, from size 0, a branch contradicting
+    // what it cosigned), until the file is restored. Before, it made a new
+    // empty one and served.
+    w.daemon.signal(rustix::process::Signal::TERM);
+    w.daemon.expect_notify("STOPPING=1");
+    assert!(w
+        .daemon
+        .wait_exit(std::time::Duration::from_secs(30))
+        .success());
+    let moved: Vec<(std::path::PathBuf, std::path::PathBuf)> = ["", "-wal", "-shm"]
+        .iter()
+        .map(|suffix| {
+            (
+                w.t.path(&format!("witness.db{suffix}")),
+                w.t.path(&format!("saved.db{suffix}")),
+            )
+        })
+        .filter(|(from, _)| from.exists())
+        .collect();
+    for (from, to) in &moved {
+        std::fs::rename(from, to).unwrap();
+    }
+    // Bounded: a witness that serves on an empty state never exits.
+    let out = std::process::Command::new("timeout")
+        .args(["--signal=KILL", "30"])
+        .arg(softhsm_tests::lavd_binary())
+        .args(["witness", "serve", "--config", &path_str(&w.config)])
+        .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
+        .env("LAVD_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = assert_fails_with(&out, 64, "bad_config");
+    assert!(
+        stderr.contains("state") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    assert!(!w.t.path("witness.db").exists(), "an empty state was made");
+    for (from, to) in &moved {
+        std::fs::rename(to, from).unwrap();
+    }
+    w.daemon = Daemon::start_witness(&w.t, &w.config, "witness");
+    assert_size_conflict(&w.add(&log.body(0, &c4)), size(&c4));
 }
 
 /// Many clients race add-checkpoints of growing real checkpoints, each

@@ -716,7 +716,7 @@ mod tests {
     ) -> (String, CosignerKey, Arc<WitnessState>) {
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
-        let state = Arc::new(WitnessState::open(&dir.join(format!("{seed}.db"))).unwrap());
+        let state = Arc::new(WitnessState::create(&dir.join(format!("{seed}.db"))).unwrap());
         let server = ca.server().unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::aws_lc_rs::default_provider(),

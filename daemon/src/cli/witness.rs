@@ -74,6 +74,12 @@ impl WitnessCommand {
                 let info = hsm
                     .generate_audit_key(&label)
                     .context("generating the witness key")?;
+                // A new key is a new witness: its state starts here, empty.
+                // `serve` never makes one (a lost state must not pass for a
+                // new witness's).
+                if !settings.state.exists() {
+                    WitnessState::create(&settings.state)?;
+                }
                 println!("{}", CosignerKey::new(&settings.name, info.public.bytes())?);
                 Ok(())
             }
@@ -136,8 +142,27 @@ fn serve(config: &Path) -> anyhow::Result<()> {
     if matches!(settings.key, WitnessKeySource::DevFile(_)) {
         tracing::warn!("dev = true: the witness key is in a file; never run a witness like this");
     }
+    let dev = matches!(settings.key, WitnessKeySource::DevFile(_));
     let signer = signer(settings.key, &settings.file)?;
-    let state = WitnessState::open(&settings.state)?;
+    let state = if settings.state.exists() {
+        WitnessState::open(&settings.state)?
+    } else if dev {
+        tracing::warn!(state = %settings.state.display(), "dev = true: creating an empty witness state");
+        WitnessState::create(&settings.state)?
+    } else {
+        return Err(ConfigError {
+            file: settings.file,
+            field: "state".into(),
+            reason: format!(
+                "{} does not exist: a witness started on an empty state would cosign, from \
+                 size 0, a branch contradicting what it cosigned before (docs/OPERATIONS.md \
+                 §13); `lavd witness keygen` makes a new witness's state, or restore this one \
+                 from its backup",
+                settings.state.display()
+            ),
+        }
+        .into());
+    };
     let witness = Arc::new(Witness::new(
         &settings.name,
         signer,

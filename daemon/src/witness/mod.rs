@@ -15,7 +15,7 @@ pub mod serve;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, TransactionBehavior};
 
 use crate::audit::merkle::Hash;
 use crate::audit::note::VerifierKey;
@@ -41,17 +41,44 @@ pub struct WitnessState {
 }
 
 impl WitnessState {
-    /// Opens (creating) the state file, WAL with `synchronous=FULL`: an
-    /// answered cosignature's state is on disk.
+    /// Opens the state file, which must exist, WAL with `synchronous=FULL`:
+    /// an answered cosignature's state is on disk. A missing file is not
+    /// made here: a witness started on an empty state (a typo in `state`, a
+    /// volume mounted empty, a deleted file) would cosign, from size 0, a
+    /// branch that contradicts what it cosigned before. [`Self::create`]
+    /// makes a new witness's state.
+    ///
+    /// # Errors
+    /// [`StateError`], for a missing file too.
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE)
+    }
+
+    /// Creates a new, empty state file for a new witness, refusing one that
+    /// exists.
     ///
     /// # Errors
     /// [`StateError`].
-    pub fn open(path: &Path) -> Result<Self, StateError> {
+    pub fn create(path: &Path) -> Result<Self, StateError> {
+        if path.exists() {
+            return Err(StateError {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
+            });
+        }
+        Self::open_with(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        )
+    }
+
+    fn open_with(path: &Path, flags: OpenFlags) -> Result<Self, StateError> {
         let err = |source| StateError {
             path: path.to_path_buf(),
             source,
         };
-        let conn = Connection::open(path).map_err(err)?;
+        let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+            .map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL")
@@ -205,7 +232,7 @@ mod tests {
     #[test]
     fn racing_add_checkpoints_never_roll_the_recorded_size_back() {
         let dir = tempfile::tempdir().unwrap();
-        let state = WitnessState::open(&dir.path().join("witness.db")).unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
         let mut tree = MemoryTree::new();
         for i in 0..200u32 {
             tree.push_leaf(&i.to_be_bytes());
