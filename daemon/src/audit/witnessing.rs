@@ -773,7 +773,7 @@ mod tests {
                                 }
                             };
                             let outcome = state
-                                .add_checkpoint(&body, &trusted, &key, 1_700_000_000, |m| {
+                                .add_checkpoint(&body, &trusted, &key, &|| 1_700_000_000, |m| {
                                     Ok::<_, ()>(sk.sign(m).to_bytes())
                                 })
                                 .unwrap()
@@ -866,7 +866,7 @@ mod tests {
         .encode();
         let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
         let outcome = s1
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, 1, |m| {
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
                 Ok::<_, ()>(sk1.sign(m).to_bytes())
             })
             .unwrap()
@@ -958,7 +958,7 @@ mod tests {
         .encode();
         let sk5 = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
         let outcome = s5
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, 1, |m| {
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, &|| 1, |m| {
                 Ok::<_, ()>(sk5.sign(m).to_bytes())
             })
             .unwrap()
@@ -1105,7 +1105,7 @@ mod tests {
                 }
                 .encode();
                 let outcome = state
-                    .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, 1, |m| {
+                    .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
                         Ok::<_, ()>(sk1.sign(m).to_bytes())
                     })
                     .unwrap()

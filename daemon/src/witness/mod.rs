@@ -38,6 +38,9 @@ pub struct StateError {
 pub struct WitnessState {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// The latest cosignature timestamp this process gave: no later
+    /// cosignature has an earlier one.
+    last_time: std::sync::atomic::AtomicU64,
 }
 
 impl WitnessState {
@@ -97,6 +100,7 @@ impl WitnessState {
         Ok(WitnessState {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
+            last_time: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -139,7 +143,10 @@ impl WitnessState {
     /// state, and on success records the checkpoint and returns its
     /// cosignature line, all inside one write transaction. `trusted` gives
     /// the log keys the witness trusts for an origin; `sign` signs with the
-    /// witness key (`key`); `now` is the cosignature's timestamp.
+    /// witness key (`key`); `clock` gives the cosignature's timestamp, read
+    /// once the transaction holds the state (a request that waited behind
+    /// another is not stamped before it), and never earlier than one this
+    /// process gave already.
     ///
     /// # Errors
     /// [`StateError`] (answer 503); a signing failure rolls the record back
@@ -149,7 +156,7 @@ impl WitnessState {
         body: &[u8],
         trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
         key: &CosignerKey,
-        now: u64,
+        clock: &dyn Fn() -> u64,
         sign: impl FnOnce(&[u8]) -> Result<[u8; 64], E>,
     ) -> Result<Result<AddOutcome, E>, StateError> {
         let request = match AddCheckpoint::parse(body) {
@@ -174,13 +181,21 @@ impl WitnessState {
             Ok(c) => c,
             Err(outcome) => return Ok(Ok(outcome)),
         };
+        // The state holds sizes as SQLite integers: a larger one (which a
+        // log could sign) is refused before anything is signed.
+        let Ok(size) = i64::try_from(checkpoint.size) else {
+            return Ok(Ok(AddOutcome::BadRequest(format!(
+                "checkpoint size {} is above the {} this witness records",
+                checkpoint.size,
+                i64::MAX
+            ))));
+        };
+        let now = clock().max(self.last_time.load(std::sync::atomic::Ordering::SeqCst));
         let body_end = request.checkpoint.rfind("\n\n").map_or(0, |i| i + 1);
         let line = match cosignature_line(key, &request.checkpoint[..body_end], now, sign) {
             Ok(line) => line,
             Err(e) => return Ok(Err(e)),
         };
-        let size = i64::try_from(checkpoint.size)
-            .map_err(|_| self.err(rusqlite::Error::IntegralValueOutOfRange(1, i64::MAX)))?;
         tx.execute(
             "INSERT INTO cosigned (origin, size, root, checkpoint) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (origin) DO UPDATE SET size = ?2, root = ?3, checkpoint = ?4",
@@ -188,6 +203,8 @@ impl WitnessState {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
+        self.last_time
+            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
         Ok(Ok(AddOutcome::Cosigned(line)))
     }
 }
@@ -270,7 +287,7 @@ mod tests {
                         }
                         .encode();
                         let outcome = state
-                            .add_checkpoint(body.as_bytes(), trusted, key, 1_700_000_000, |m| {
+                            .add_checkpoint(body.as_bytes(), trusted, key, &|| 1_700_000_000, |m| {
                                 Ok::<_, ()>(witness_sk.sign(m).to_bytes())
                             })
                             .unwrap()
@@ -308,6 +325,86 @@ mod tests {
         assert_eq!(
             state.recorded("log.example/a").unwrap().map(|r| r.0),
             Some(recorded)
+        );
+    }
+
+    /// A log key, a witness key and a signed checkpoint of `size` leaves
+    /// with an arbitrary root, for the single-request cases below.
+    fn one_log() -> (
+        VerifierKey,
+        ed25519_dalek::SigningKey,
+        CosignerKey,
+        ed25519_dalek::SigningKey,
+    ) {
+        let log_sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let log = VerifierKey::new("log.example/a", log_sk.verifying_key().as_bytes()).unwrap();
+        let witness_sk = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let key =
+            CosignerKey::new("witness.example/w", witness_sk.verifying_key().as_bytes()).unwrap();
+        (log, log_sk, key, witness_sk)
+    }
+
+    fn note(log_sk: &ed25519_dalek::SigningKey, size: u64, root: [u8; 32]) -> String {
+        let body = format!("log.example/a\n{size}\n{}\n", STANDARD.encode(root));
+        let key = VerifierKey::new("log.example/a", log_sk.verifying_key().as_bytes()).unwrap();
+        let mut line = key.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&log_sk.sign(body.as_bytes()).to_bytes());
+        format!("{body}\n\u{2014} log.example/a {}\n", STANDARD.encode(line))
+    }
+
+    /// A request stamped by a clock that went back (a step, or a request
+    /// that read it before waiting behind another) is not given an earlier
+    /// timestamp than a cosignature already given.
+    #[test]
+    fn cosignature_timestamps_never_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let (log, log_sk, key, witness_sk) = one_log();
+        let trusted = |_: &str| vec![log.clone()];
+        let sign = |m: &[u8]| Ok::<_, ()>(witness_sk.sign(m).to_bytes());
+        let mut times = Vec::new();
+        for (old, size, clock) in [(0u64, 0u64, 200u64), (0, 0, 100)] {
+            let checkpoint = note(&log_sk, size, crate::audit::merkle::empty_root());
+            let body = AddCheckpoint {
+                old_size: old,
+                proof: Vec::new(),
+                checkpoint: checkpoint.clone(),
+            }
+            .encode();
+            let AddOutcome::Cosigned(line) = state
+                .add_checkpoint(body.as_bytes(), &trusted, &key, &|| clock, sign)
+                .unwrap()
+                .unwrap()
+            else {
+                panic!("not cosigned");
+            };
+            times.extend(verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap());
+        }
+        assert_eq!(times, [200, 200]);
+    }
+
+    /// A size the state cannot record (at or above 2^63), though the log
+    /// signed it, is refused as a bad request before it is signed.
+    #[test]
+    fn a_size_beyond_the_state_is_refused_before_signing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let (log, log_sk, key, _) = one_log();
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: note(&log_sk, 1 << 63, [7; 32]),
+        }
+        .encode();
+        let outcome = state
+            .add_checkpoint(body.as_bytes(), &|_| vec![log.clone()], &key, &|| 1, |_| {
+                Err::<[u8; 64], _>("signed")
+            })
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(&outcome, AddOutcome::BadRequest(why) if why.contains("above")),
+            "{outcome:?}"
         );
     }
 }

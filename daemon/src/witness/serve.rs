@@ -247,14 +247,16 @@ impl Witness {
 
     /// Runs `add-checkpoint` on `body` (blocking: SQLite and the HSM).
     fn add_checkpoint(&self, body: &[u8]) -> Response {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let clock = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        };
         let outcome = self.state.add_checkpoint(
             body,
             &|origin| self.trusted(origin),
             &self.key,
-            now,
+            &clock,
             |message| self.signer.sign(message),
         );
         let origin = std::str::from_utf8(body)
@@ -281,11 +283,17 @@ impl Witness {
                         }
                         tracing::info!(origin, "cosigned");
                     }
-                    // Signed by the log and inconsistent with what was
-                    // cosigned: evidence of misbehaviour, kept in the log
-                    // (the spec allows it). A 409 for an old size the
-                    // client did not know is routine, and is not.
-                    AddOutcome::BadProof(_) => self.evidence(origin, 422, body),
+                    // A proof that does not verify is the client's: anyone
+                    // can send the log's real checkpoint with a byte of its
+                    // proof changed, so it proves nothing against the log.
+                    AddOutcome::BadProof(_) => {
+                        tracing::info!(origin, "refused a consistency proof that does not verify")
+                    }
+                    // Signed by the log, at the recorded size, with another
+                    // root: two roots the log signed for one size, evidence
+                    // of a fork, kept in the log (the spec allows it). A 409
+                    // for an old size the client did not know is routine,
+                    // and is not.
                     AddOutcome::Conflict { size } if self.another_root_at(*size, body) => {
                         self.evidence(origin, 409, body);
                     }
