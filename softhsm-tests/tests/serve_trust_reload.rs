@@ -258,3 +258,44 @@ fn a_reload_while_the_body_is_read_applies_to_the_whole_request() {
         .iter()
         .all(|e| e.leaf["event"] != "unwrap"));
 }
+
+/// `[limits]` applies only after a restart, so a reloaded policy is held to
+/// the signature bound that runs: a policy needing two signatures, under a
+/// running bound of one, is refused (the old policy stays). Before, the
+/// new file's own bound was checked, the reload succeeded, and every
+/// warrant was then refused `warrant_too_large`.
+#[test]
+fn a_reloaded_policy_is_held_to_the_running_signature_bound() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let config = |bound: u32| {
+        serve_config(&format!(
+            "{}[limits]\nmax_warrant_signatures = {bound}\n",
+            vault::roles_toml()
+        ))
+    };
+    t.write_config(&config(1));
+    loosen_policy(&t);
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let body = one_signature_request(&c, "W-BOUND");
+
+    t.write_config(&config(2));
+    reload(&daemon);
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 1.0),
+        1.0
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("above the running limits.max_warrant_signatures 1"),
+        "{}",
+        daemon.stderr()
+    );
+    // The running policy (one executive signature) still applies.
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}

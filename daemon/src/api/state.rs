@@ -263,6 +263,23 @@ impl ServerState {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let settings = Settings::load(&self.config_file, self.env.as_ref())?;
+        // `[limits]` keeps its startup values: the new policy is held to
+        // the signature bound that runs, not to the file's.
+        if let Some(trust) = &settings.trust {
+            let needed = trust.policy().signatures_needed();
+            if needed > self.limits.max_warrant_signatures {
+                return Err(ConfigError {
+                    file: self.config_file.clone(),
+                    field: "policy".into(),
+                    reason: format!(
+                        "needs {needed} signatures, above the running \
+                         limits.max_warrant_signatures {} (limits apply only after a \
+                         restart): no warrant could pass",
+                        self.limits.max_warrant_signatures
+                    ),
+                });
+            }
+        }
         let generation = self.generation.load(Ordering::SeqCst) + 1;
         let next = Reloadable::build(&settings, &self.limits, generation)?;
         if next.trust_digest != self.current().trust_digest {

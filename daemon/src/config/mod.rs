@@ -155,7 +155,7 @@ impl Settings {
         let trust = v.trust(raw.authorities, raw.policy)?;
         let limits = v.limits(raw.limits)?;
         if let Some(trust) = &trust {
-            let needed: usize = trust.policy().require.iter().map(|r| r.count).sum();
+            let needed = trust.policy().signatures_needed();
             if needed > limits.max_warrant_signatures {
                 return Err(v.err(
                     "limits.max_warrant_signatures",

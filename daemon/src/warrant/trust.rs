@@ -281,6 +281,16 @@ pub struct Policy {
     pub emergency: Option<EmergencyRule>,
 }
 
+impl Policy {
+    /// The most signatures a warrant that meets the policy must carry: the
+    /// ordinary rule's, or the urgent procedure's if it needs more. A
+    /// signature bound below it would refuse every such warrant.
+    pub fn signatures_needed(&self) -> usize {
+        let sum = |rules: &[RoleRule]| rules.iter().map(|r| r.count).sum::<usize>();
+        sum(&self.require).max(self.emergency.as_ref().map_or(0, |e| sum(&e.require)))
+    }
+}
+
 /// Validated authorities and policy; the [`super::Verifier`]'s only input
 /// besides the warrant.
 #[derive(Debug)]
@@ -665,6 +675,31 @@ mod tests {
         assert_eq!(trust.policy().require.len(), 2);
         assert!(trust.policy().emergency.is_none());
         assert_eq!(trust.authority("jud-1").unwrap().role(), "judicial");
+    }
+
+    /// The signatures a warrant must carry are the larger of the ordinary
+    /// rule's and the urgent procedure's: a bound set from the ordinary
+    /// rule alone would refuse every urgent warrant.
+    #[test]
+    fn signatures_needed_counts_the_larger_rule() {
+        let text = format!(
+            "{}{}{}[policy]\n[[policy.require]]\nrole = \"judicial\"\ncount = 1\n\
+             [policy.emergency]\nmax_hours = 48\n[[policy.emergency.require]]\n\
+             role = \"executive\"\ncount = 1\n[[policy.emergency.require]]\n\
+             role = \"judicial\"\ncount = 2\n",
+            authority("exec-1", "executive"),
+            authority("jud-1", "judicial"),
+            authority("jud-2", "judicial")
+        );
+        let trust = TrustStore::from_toml(&text, Path::new(".")).unwrap();
+        assert_eq!(trust.policy().signatures_needed(), 3);
+        let double = format!(
+            "{}{}{DOUBLE_LOCK}",
+            authority("exec-1", "executive"),
+            authority("jud-1", "judicial")
+        );
+        let trust = TrustStore::from_toml(&double, Path::new(".")).unwrap();
+        assert_eq!(trust.policy().signatures_needed(), 2);
     }
 
     #[test]
