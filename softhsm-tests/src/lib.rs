@@ -541,3 +541,52 @@ where
     });
     count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
+
+/// Makes a P-256 key pair under `label` on `session`'s token, as another
+/// application would: with `private`, both halves are `CKA_PRIVATE` (a PIN
+/// holder's pair; the session must be logged in), else neither is (a
+/// co-tenant's decoys, made without the PIN).
+///
+/// # Panics
+/// When the token refuses: the test fails.
+pub fn foreign_pair(session: &Session, label: &str, private: bool) {
+    use cryptoki::object::Attribute;
+    // DER of the P-256 curve's OID (RFC 5480).
+    let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    let label = label.as_bytes().to_vec();
+    session
+        .generate_key_pair(
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(private),
+                Attribute::EcParams(params),
+                Attribute::Label(label.clone()),
+            ],
+            &[
+                Attribute::Token(true),
+                Attribute::Private(private),
+                Attribute::Sensitive(private),
+                Attribute::Derive(true),
+                Attribute::Label(label),
+            ],
+        )
+        .expect("a key pair under the label");
+}
+
+/// `lavd keys generate --kid KID` on `t`'s config, sealable in December
+/// 2026, retained until `destroy_after`.
+pub fn generate_key(t: &TestToken, kid: &str, destroy_after: &str) -> Output {
+    t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        kid,
+        "--not-before",
+        "2026-12-01T00:00:00Z",
+        "--not-after",
+        "2027-01-01T00:00:00Z",
+        "--destroy-after",
+        destroy_after,
+    ])
+}

@@ -8,21 +8,6 @@ use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
 
 const KID: &str = "2026-12";
 
-fn generate(t: &TestToken, kid: &str, destroy_after: &str) -> std::process::Output {
-    t.lavd_with_config(&[
-        "keys",
-        "generate",
-        "--kid",
-        kid,
-        "--not-before",
-        "2026-12-01T00:00:00Z",
-        "--not-after",
-        "2027-01-01T00:00:00Z",
-        "--destroy-after",
-        destroy_after,
-    ])
-}
-
 /// Two generations of one kid at once (two hosts running `lavd keys
 /// generate --kid K` together on one token): each checks that the store and
 /// the token have no K, then makes its pair. Played here by holding one
@@ -40,7 +25,7 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
     t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
     shim.set("fault = hang\nfault_calls = C_GenerateKeyPair");
     let (held, winner) = std::thread::scope(|s| {
-        let held = s.spawn(|| generate(&t, KID, "2030-01-01T00:00:00Z"));
+        let held = s.spawn(|| softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while shim.faults() == 0 {
             assert!(
@@ -51,7 +36,11 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
         }
         // The other generation, on the plain module, from start to end.
         t.write_config("");
-        let winner = assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+        let winner = assert_ok(&softhsm_tests::generate_key(
+            &t,
+            KID,
+            "2030-01-01T00:00:00Z",
+        ));
         shim.set("");
         (held.join().unwrap(), winner)
     });
@@ -90,29 +79,18 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
 fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
     let t = TestToken::new();
     t.write_config("");
-    assert_ok(&generate(&t, "2026-11", "2030-01-01T00:00:00Z"));
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2026-11",
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
     let session = t.session();
-    let label = format!("lav-escrow:{KID}").into_bytes();
-    let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    session
-        .generate_key_pair(
-            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
-            &[
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::EcParams(params),
-                Attribute::Label(label.clone()),
-            ],
-            &[
-                Attribute::Token(true),
-                Attribute::Private(true),
-                Attribute::Sensitive(true),
-                Attribute::Derive(true),
-                Attribute::Label(label),
-            ],
-        )
-        .expect("a second pair");
+    softhsm_tests::foreign_pair(&session, &format!("lav-escrow:{KID}"), true);
     let out = t.lavd_with_config(&["keys", "list"]);
     let listed = assert_ok(&out);
     let set: serde_json::Value = serde_json::from_str(&listed).unwrap();

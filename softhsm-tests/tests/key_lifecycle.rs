@@ -6,21 +6,6 @@ use softhsm_tests::{assert_fails_with, assert_ok, module_path, TestToken, PIN};
 
 const KID: &str = "2026-12";
 
-fn generate(t: &TestToken, kid: &str, destroy_after: &str) -> std::process::Output {
-    t.lavd_with_config(&[
-        "keys",
-        "generate",
-        "--kid",
-        kid,
-        "--not-before",
-        "2026-12-01T00:00:00Z",
-        "--not-after",
-        "2027-01-01T00:00:00Z",
-        "--destroy-after",
-        destroy_after,
-    ])
-}
-
 /// Looks the key up in `session` (handles are only valid while a session of
 /// this application is open).
 fn find_private_key(
@@ -45,8 +30,12 @@ fn private_key(t: &TestToken, kid: &str) -> Option<cryptoki::object::ObjectHandl
 #[test]
 fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
     let t = TestToken::new();
-    let jwk: serde_json::Value =
-        serde_json::from_str(&assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"))).unwrap();
+    let jwk: serde_json::Value = serde_json::from_str(&assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    )))
+    .unwrap();
     assert_eq!(jwk["kid"], KID);
     assert_eq!(jwk["crv"], "P-256");
 
@@ -123,8 +112,16 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
 #[test]
 fn keys_are_listed_after_restart_and_kids_are_never_reused() {
     let t = TestToken::new();
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
-    assert_ok(&generate(&t, "2027-01", "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2027-01",
+        "2030-01-01T00:00:00Z",
+    ));
 
     // A new process reads the JWK Set from the store.
     let jwks: serde_json::Value =
@@ -154,19 +151,19 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
     }
 
     let stderr = assert_fails_with(
-        &generate(&t, KID, "2030-01-01T00:00:00Z"),
+        &softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"),
         1,
         "duplicate_kid",
     );
     assert!(stderr.contains(KID));
     assert_fails_with(
-        &generate(&t, "bad kid", "2030-01-01T00:00:00Z"),
+        &softhsm_tests::generate_key(&t, "bad kid", "2030-01-01T00:00:00Z"),
         1,
         "invalid_kid",
     );
     // destroy_after before not_after
     assert_fails_with(
-        &generate(&t, "x", "2026-12-15T00:00:00Z"),
+        &softhsm_tests::generate_key(&t, "x", "2026-12-15T00:00:00Z"),
         1,
         "invalid_dates",
     );
@@ -175,7 +172,11 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
 #[test]
 fn destroy_is_refused_before_retention_and_final_after() {
     let t = TestToken::new();
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
 
     let stderr = assert_fails_with(
         &t.lavd_with_config(&["keys", "destroy", "--kid", KID]),
@@ -208,7 +209,7 @@ fn destroy_is_refused_before_retention_and_final_after() {
     let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
     assert!(!jwks.contains(KID), "{jwks}");
     assert_fails_with(
-        &generate(&t, KID, "2030-01-01T00:00:00Z"),
+        &softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"),
         1,
         "duplicate_kid",
     );
@@ -379,8 +380,16 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
 #[test]
 fn an_interrupted_destruction_is_finished_by_running_it_again() {
     let t = TestToken::new();
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
-    assert_ok(&generate(&t, "2027-02", "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2027-02",
+        "2030-01-01T00:00:00Z",
+    ));
     // The store already says destroyed (the first step), the token still
     // holds the key (the crash came before the second).
     let interrupt = |kid: &str| {
@@ -418,8 +427,16 @@ fn an_interrupted_destruction_is_finished_by_running_it_again() {
 #[test]
 fn a_public_key_swapped_in_the_store_is_never_published() {
     let t = TestToken::new();
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
-    assert_ok(&generate(&t, "2027-01", "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2027-01",
+        "2030-01-01T00:00:00Z",
+    ));
     // An attacker with write access to the database swaps in their own key.
     let attacker = lavd::jwk::P256PrivateKey::generate().unwrap();
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
@@ -451,7 +468,7 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
     let shim = softhsm_tests::Shim::new(&t);
     t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
     shim.set("fault = device_error\nfault_calls = C_GetAttributeValue");
-    let out = generate(&t, KID, "2030-01-01T00:00:00Z");
+    let out = softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z");
     assert_fails_with(&out, 1, "hsm_unavailable");
     assert!(shim.faults() > 0);
     assert!(
@@ -459,7 +476,11 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
         "a pair was left on the token"
     );
     shim.set("");
-    assert_ok(&generate(&t, KID, "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
     assert!(private_key(&t, KID).is_some());
 
     // The store refuses the record (a trigger stands in for a failing
@@ -470,12 +491,16 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
         "CREATE TRIGGER refuse BEFORE INSERT ON escrow_keys BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
     )
     .unwrap();
-    let out = generate(&t, "2027-03", "2030-01-01T00:00:00Z");
+    let out = softhsm_tests::generate_key(&t, "2027-03", "2030-01-01T00:00:00Z");
     assert!(!out.status.success(), "{out:?}");
     assert!(
         private_key(&t, "2027-03").is_none(),
         "an orphan pair was left"
     );
     db.execute_batch("DROP TRIGGER refuse").unwrap();
-    assert_ok(&generate(&t, "2027-03", "2030-01-01T00:00:00Z"));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2027-03",
+        "2030-01-01T00:00:00Z",
+    ));
 }

@@ -132,26 +132,7 @@ fn a_public_decoy_under_the_label_does_not_block_a_generation() {
         .pkcs11()
         .open_rw_session(t.slot())
         .expect("a session without the PIN");
-    let label = b"lav-escrow:E-2".to_vec();
-    let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-    session
-        .generate_key_pair(
-            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
-            &[
-                Attribute::Token(true),
-                Attribute::Private(false),
-                Attribute::EcParams(params),
-                Attribute::Label(label.clone()),
-            ],
-            &[
-                Attribute::Token(true),
-                Attribute::Private(false),
-                Attribute::Sensitive(false),
-                Attribute::Derive(true),
-                Attribute::Label(label),
-            ],
-        )
-        .expect("public decoys");
+    softhsm_tests::foreign_pair(&session, "lav-escrow:E-2", false);
     drop(session);
     vault::generate_escrow_key(&t, "E-2");
     assert!(private_key_of_ours(&t, "E-2"));
