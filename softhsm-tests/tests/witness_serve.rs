@@ -36,6 +36,19 @@ fn assert_cosigned(w: &Witness, checkpoint: &str, r: &softhsm_tests::server::Res
     );
 }
 
+/// `lavd witness serve` expected to refuse its config: bounded, since a
+/// witness that serves never exits (killed after 30 s, and the test fails).
+fn serve_bounded(config: &std::path::Path) -> std::process::Output {
+    std::process::Command::new("timeout")
+        .args(["--signal=KILL", "30"])
+        .arg(softhsm_tests::lavd_binary())
+        .args(["witness", "serve", "--config", &path_str(config)])
+        .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
+        .env("LAVD_LOG", "warn")
+        .output()
+        .expect("timeout (coreutils)")
+}
+
 fn assert_size_conflict(r: &softhsm_tests::server::Response, recorded: u64) {
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.header("content-type"), Some("text/x.tlog.size"));
@@ -221,16 +234,7 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
     for (from, to) in &moved {
         std::fs::rename(from, to).unwrap();
     }
-    // Bounded: a witness that serves on an empty state never exits.
-    let out = std::process::Command::new("timeout")
-        .args(["--signal=KILL", "30"])
-        .arg(softhsm_tests::lavd_binary())
-        .args(["witness", "serve", "--config", &path_str(&w.config)])
-        .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
-        .env("LAVD_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = assert_fails_with(&out, 64, "bad_config");
+    let stderr = assert_fails_with(&serve_bounded(&w.config), 64, "bad_config");
     assert!(
         stderr.contains("state") && stderr.contains("does not exist"),
         "{stderr}"
@@ -328,6 +332,18 @@ fn dev_key_files_and_the_rate_limit() {
         )
     };
     let path = t.path("witness.toml");
+    // A log whose vkey is named for another origin could never be
+    // cosigned (a checkpoint's key name is its origin): refused at load.
+    std::fs::write(
+        &path,
+        config(true).replace("origin = \"log.test/a\"", "origin = \"log.test/b\""),
+    )
+    .unwrap();
+    let stderr = assert_fails_with(&serve_bounded(&path), 64, "bad_config");
+    assert!(
+        stderr.contains("logs[0].vkey") && stderr.contains("log.test/b"),
+        "{stderr}"
+    );
     std::fs::write(&path, config(false)).unwrap();
     let out = t.lavd(&["witness", "serve", "--config", &path_str(&path)]);
     let stderr = assert_fails_with(&out, 64, "bad_config");

@@ -202,6 +202,20 @@ impl WitnessSettings {
             }
             let key = VerifierKey::parse(&log.vkey)
                 .map_err(|e| v.err(&field("vkey"), format!("not a signed-note vkey: {e}")))?;
+            // A C2SP checkpoint's key name is its origin: a vkey named
+            // otherwise verifies none of this log's checkpoints, and the
+            // witness would answer 403 for ever.
+            if key.name() != log.origin {
+                return Err(v.err(
+                    &field("vkey"),
+                    format!(
+                        "is the key of `{}`, not of origin `{}`: a log's checkpoints are \
+                         signed by a key named as its origin",
+                        key.name(),
+                        log.origin
+                    ),
+                ));
+            }
             logs.push(WitnessedLog {
                 origin: log.origin,
                 key,
