@@ -165,7 +165,7 @@ pub fn generate(
     }) {
         // The pair is on the token: unknown to the store, it would hold the
         // label forever and never be destroyed at retention.
-        let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
+        let label = generated.label();
         let discard = || {
             if let Err(d) = hsm.discard_generated(&generated) {
                 tracing::error!(kid, %label, error = %d, "could not delete the key pair the store did not record; delete it (the private key whose public half is not the one `lavd keys list` shows) before generating this kid again");

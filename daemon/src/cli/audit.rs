@@ -701,22 +701,22 @@ fn read_tiles(
         // tile is kept for the checks below), so that bundles that are not
         // the log's are refused at the first, not held in memory until the
         // last has been read.
-        let hashes = Tile::covering(0, index, signed.size)
-            .ok_or_else(|| anyhow::anyhow!("no tile holds hash (0, {index})"))
-            .and_then(|level0| Ok((reader.tile(&level0).map_err(refused)?, level0)))?;
+        let level0 = Tile::covering(0, index, signed.size)
+            .ok_or_else(|| anyhow::anyhow!("no tile holds hash (0, {index})"))?;
+        let hashes = reader.tile(&level0).map_err(refused)?;
         for (i, leaf) in bundle.into_iter().enumerate() {
-            if hashes.0.get(i) != Some(&crate::audit::merkle::leaf_hash(&leaf)) {
-                return Err(mismatch(&hashes.1, i));
+            if hashes.get(i) != Some(&crate::audit::merkle::leaf_hash(&leaf)) {
+                return Err(mismatch(&level0, i));
             }
             entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
             leaves.push(leaf);
             index += 1;
         }
     }
-    // Every hash tile the tree has, held to what it must contain: level 0
-    // to the leaves' hashes, each higher level to the tiles below it, and
-    // the whole to the signed root.
-    for level in 0u8..64 {
+    // Every hash tile above level 0 (held to the leaves above, as each
+    // bundle came), held to the tiles below it, and the whole to the signed
+    // root.
+    for level in 1u8..64 {
         let Some(span) = 1u64.checked_shl(u32::from(level) * 8) else {
             break;
         };
@@ -730,16 +730,10 @@ fn read_tiles(
             let hashes = reader.tile(&tile).map_err(refused)?;
             for (i, hash) in hashes.iter().enumerate() {
                 let at = node + i as u64;
-                let expected = if level == 0 {
-                    let leaf = leaves.get(at as usize).ok_or_else(|| mismatch(&tile, i))?;
-                    crate::audit::merkle::leaf_hash(leaf)
-                } else {
-                    let below = reader
-                        .tile(&Tile::hashes(level - 1, at, TILE_WIDTH as u16))
-                        .map_err(refused)?;
-                    fold(below)
-                };
-                if *hash != expected {
+                let below = reader
+                    .tile(&Tile::hashes(level - 1, at, TILE_WIDTH as u16))
+                    .map_err(refused)?;
+                if *hash != fold(below) {
                     return Err(mismatch(&tile, i));
                 }
             }

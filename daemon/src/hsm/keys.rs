@@ -484,11 +484,6 @@ impl Hsm {
     }
 }
 
-/// Deletes a key pair just generated whose public half could not be read:
-/// left on the token, it would hold its label (the kid could never be
-/// generated again) and, unknown to the store, never be destroyed. Best
-/// effort: if the token fails here too, the error that led here is the one
-/// reported, and `lavd keys generate` names the label in it.
 /// Before generating under `label`: no key of ours has it. Only private
 /// objects are looked at, as in [`find_one`]: public objects a co-tenant
 /// without the PIN wrote under the label could otherwise block a kid (or the
@@ -514,6 +509,13 @@ pub struct GeneratedKey {
     handles: [ObjectHandle; 2],
 }
 
+impl GeneratedKey {
+    /// The label the pair was made under (`lav-escrow:<kid>`).
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
 /// Every `CKA_PRIVATE` object of `class` under `label`.
 fn private_objects(
     session: &Session,
@@ -527,6 +529,11 @@ fn private_objects(
     ])?)
 }
 
+/// Deletes a key pair just generated whose public half could not be read:
+/// left on the token, it would hold its label (the kid could never be
+/// generated again) and, unknown to the store, never be destroyed. Best
+/// effort: if the token fails here too, the error that led here is the one
+/// reported, and `lavd keys generate` names the label in it.
 fn discard_pair(session: &Session, public: ObjectHandle, private: ObjectHandle) {
     for handle in [private, public] {
         if let Err(e) = session.destroy_object(handle) {
