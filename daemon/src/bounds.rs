@@ -17,7 +17,7 @@
 //! Names that people read and compare (warrant ids, authority key ids and
 //! roles) also refuse format characters (Cf: zero-width, joiners,
 //! bidirectional controls), and prose people read (revocation reasons, a
-//! warrant's `legal_basis`) refuses bidirectional controls, which reorder
+//! warrant's `legal_basis` and `agency`) refuses bidirectional controls, which reorder
 //! what is displayed. Protocol identifiers that a provider chose and sealed
 //! (targets, provider identities, `ref`) keep the older rule: an envelope
 //! sealed under it must stay openable, and they are matched byte for byte.
