@@ -25,6 +25,7 @@ pub struct Metrics {
     hsm_seconds: HistogramVec,
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
+    hsm_login_refused: IntGauge,
     hsm_calls_stuck: IntGauge,
     hsm_call_timeouts: IntCounter,
     store_commit_seconds: HistogramVec,
@@ -124,6 +125,11 @@ impl Metrics {
             "Times the HSM session pool reconnected after a lost session or token.",
         )?;
         registry.register(Box::new(hsm_reconnects.clone()))?;
+        let hsm_login_refused = gauge(
+            "lavd_hsm_login_refused",
+            "1 while the token has refused the PIN and no login is tried again (sessions \
+             already logged in still serve): replace the PIN and reload.",
+        )?;
         let hsm_calls_stuck = gauge(
             "lavd_hsm_calls_stuck",
             "HSM calls that outlived [hsm] call_timeout_ms and have not returned (a hung \
@@ -204,6 +210,7 @@ impl Metrics {
             hsm_seconds,
             hsm_sessions_busy,
             hsm_reconnects,
+            hsm_login_refused,
             hsm_calls_stuck,
             hsm_call_timeouts,
             store_commit_seconds,
@@ -343,6 +350,10 @@ impl HsmObserver for Metrics {
 
     fn reconnected(&self) {
         self.hsm_reconnects.inc();
+    }
+
+    fn login_refused(&self, refused: bool) {
+        self.hsm_login_refused.set(i64::from(refused));
     }
 }
 

@@ -16,6 +16,7 @@
  *                              # module's own work runs inside it, as a
  *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
+ *           | pin_incorrect         # CKR_PIN_INCORRECT (with fault_calls = C_Login)
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below
  *   fault_after = 0            # matching calls let through first (since the last change)
  *   fault_probability = 1.0    # chance that a matching call after that fails
@@ -137,6 +138,9 @@ static int parse(const char *path, struct settings *out)
 			} else if (!strcmp(value, "device_error")) {
 				out->fault = FAULT_RV;
 				out->fault_rv = CKR_DEVICE_ERROR;
+			} else if (!strcmp(value, "pin_incorrect")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_PIN_INCORRECT;
 			} else {
 				fprintf(stderr, "lavd-pkcs11-shim: %s: unknown fault `%s`\n", path, value);
 				abort();

@@ -54,6 +54,14 @@ pub enum HsmError {
         /// The `CKR_*` code.
         ckr: String,
     },
+    /// The token refused the PIN earlier and no login is tried again until
+    /// the PIN is replaced (reload) or the daemon restarts: each try would
+    /// count towards locking the token.
+    #[error("HSM login held back: the token refused the PIN ({ckr}); replace it and reload")]
+    LoginHeld {
+        /// The `CKR_*` code of the refusal.
+        ckr: String,
+    },
     /// A PKCS#11 call failed.
     #[error("{function}: {ckr}")]
     Pkcs11 {

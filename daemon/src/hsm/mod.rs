@@ -122,6 +122,9 @@ pub trait HsmObserver: Send + Sync + std::fmt::Debug {
     /// The pool dropped its sessions after a lost session or token and
     /// reconnected.
     fn reconnected(&self) {}
+    /// The token refused the PIN and logins are held back (`true`), or
+    /// the PIN was replaced and they are tried again (`false`).
+    fn login_refused(&self, _refused: bool) {}
 }
 
 #[derive(Debug)]
@@ -185,6 +188,32 @@ struct Inner {
     gate: Gate,
     /// The workers behind [`Hsm::spread`], one per session.
     spreader: Arc<spread::Spreader>,
+    /// The PIN new sessions log in with, and whether the token refused it.
+    login: Mutex<Login>,
+    /// Held across each `C_Login`: logins run one at a time, so sessions
+    /// opened together spend one try of the token's PIN counter, not one
+    /// each.
+    logging_in: Mutex<()>,
+}
+
+/// The PIN in use and the login latch. A token counts wrong PINs and locks
+/// after a few; each new session of a daemon whose PIN was changed on the
+/// token would spend one. So after one refusal no login is tried again
+/// until the PIN is replaced ([`Hsm::set_pin`], on reload) or the daemon
+/// restarts.
+struct Login {
+    pin: Arc<AuthPin>,
+    /// The `CKR_*` code of the refusal while latched.
+    refused: Option<String>,
+}
+
+impl std::fmt::Debug for Login {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Login")
+            .field("pin", &"<redacted>")
+            .field("refused", &self.refused)
+            .finish()
+    }
 }
 
 impl Drop for Inner {
@@ -262,10 +291,16 @@ impl Hsm {
             observer.clone(),
         );
         let spreader = spread::Spreader::start(settings.sessions.max(1), settings.call_timeout)?;
+        let login = Mutex::new(Login {
+            pin: Arc::new(settings.pin.clone()),
+            refused: None,
+        });
         let hsm = Hsm {
             inner: Arc::new(Inner {
                 pkcs11,
                 settings,
+                login,
+                logging_in: Mutex::new(()),
                 pool,
                 handles: Mutex::new(HashMap::new()),
                 observer,
@@ -421,7 +456,25 @@ impl Hsm {
         f: &impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let inner = &self.inner;
-        let lease = inner.pool.acquire(|slot| self.new_session(slot))?;
+        // While logins are held back, a caller waits for a session that is
+        // logged in rather than failing for want of a new one; so does a
+        // caller whose login was refused (or held back) meanwhile.
+        let may_open = self.login_refused().is_none();
+        let lease = match inner.pool.acquire(may_open, |slot| self.new_session(slot)) {
+            Err(first @ (HsmError::Login { .. } | HsmError::LoginHeld { .. }))
+                if may_open && self.login_refused().is_some() =>
+            {
+                // With none logged in, the refusal itself is the answer.
+                inner
+                    .pool
+                    .acquire(false, |slot| self.new_session(slot))
+                    .map_err(|e| match e {
+                        HsmError::LoginHeld { .. } => first,
+                        e => e,
+                    })?
+            }
+            other => other?,
+        };
         match f(lease.session()) {
             Ok(v) => Ok(v),
             Err(e) => {
@@ -435,15 +488,81 @@ impl Hsm {
 
     fn new_session(&self, slot: Slot) -> Result<Session, HsmError> {
         let session = self.inner.pkcs11.open_rw_session(slot)?;
+        let _turn = self
+            .inner
+            .logging_in
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Read under the turn: a refusal by the login just before this one
+        // holds this one back.
+        let pin = {
+            let login = self.login();
+            if let Some(ckr) = &login.refused {
+                return Err(HsmError::LoginHeld { ckr: ckr.clone() });
+            }
+            login.pin.clone()
+        };
         // Login is per application and token; when all sessions were closed
         // (or the token was reset) the user is logged out again.
-        match session.login(
-            cryptoki::session::UserType::User,
-            Some(&self.inner.settings.pin),
-        ) {
+        match session.login(cryptoki::session::UserType::User, Some(&pin)) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                let e = HsmError::from(e);
+                if let HsmError::Login { ckr } = &e {
+                    let mut login = self.login();
+                    // Latch only for the PIN that was refused: one put in
+                    // place meanwhile has not been tried yet.
+                    if Arc::ptr_eq(&login.pin, &pin) && login.refused.is_none() {
+                        tracing::error!(
+                            ckr = %ckr,
+                            "the token refused the HSM PIN; no login is tried again (each \
+                             try counts towards locking the token) until the PIN is replaced \
+                             and lavd reloaded (SIGHUP) or restarted; sessions already logged \
+                             in still serve"
+                        );
+                        login.refused = Some(ckr.clone());
+                        self.inner.observer.login_refused(true);
+                    }
+                }
+                Err(e)
+            }
         }
+    }
+
+    fn login(&self) -> std::sync::MutexGuard<'_, Login> {
+        // Two fields set under the lock with no code between: a poisoned
+        // lock still holds a consistent state.
+        self.inner
+            .login
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the PIN new sessions log in with and lifts the login latch,
+    /// so the next login tries `pin` (on a reload: a rotated PIN applies
+    /// without a restart; sessions already logged in are unaffected).
+    /// Returns whether the PIN differs from the one in use.
+    pub fn set_pin(&self, pin: AuthPin) -> bool {
+        use secrecy::ExposeSecret;
+        let mut login = self.login();
+        let changed = login.pin.expose_secret() != pin.expose_secret();
+        if changed {
+            login.pin = Arc::new(pin);
+        }
+        if let Some(ckr) = login.refused.take() {
+            self.inner.observer.login_refused(false);
+            tracing::info!(
+                was = %ckr,
+                pin_changed = changed,
+                "HSM logins are tried again, with the PIN just read"
+            );
+        }
+        changed
+    }
+
+    /// The code of the login refusal holding new sessions back, if any.
+    pub fn login_refused(&self) -> Option<String> {
+        self.login().refused.clone()
     }
 
     pub(crate) fn shared(&self) -> GateGuard<'_> {
@@ -467,9 +586,18 @@ impl Hsm {
                 Err("no logged-in session".to_string())
             }
         };
-        check(self).or_else(|first| match self.reset_module() {
-            Ok(()) => check(self),
-            Err(e) => Err(format!("{first}; module reset: {e}")),
+        check(self).or_else(|first| {
+            // A refused PIN is not a module fault: a reset would end the
+            // sessions still logged in, and could not log in again.
+            if let Some(ckr) = self.login_refused() {
+                return Err(format!(
+                    "{first}; the token refused the PIN ({ckr}): replace it and reload or restart"
+                ));
+            }
+            match self.reset_module() {
+                Ok(()) => check(self),
+                Err(e) => Err(format!("{first}; module reset: {e}")),
+            }
         })
     }
 

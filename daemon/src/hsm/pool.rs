@@ -85,9 +85,13 @@ impl Pool {
     }
 
     /// Checks a session out, opening one with `open` if none is idle and the
-    /// pool is not full, in turn with the other callers.
+    /// pool is not full, in turn with the other callers. With `may_open`
+    /// false it opens one only when none is open at all (so that the caller
+    /// gets `open`'s error rather than a wait for nothing); otherwise it
+    /// waits for an open one.
     pub(super) fn acquire(
         &self,
+        may_open: bool,
         open: impl FnOnce(Slot) -> Result<Session, HsmError>,
     ) -> Result<Lease<'_>, HsmError> {
         let deadline = Instant::now() + self.acquire_timeout;
@@ -111,7 +115,7 @@ impl Pool {
                         discard: false,
                     });
                 }
-                if state.open < self.max {
+                if state.open < self.max && (may_open || state.open == 0) {
                     state.queue.pop_front();
                     state.open += 1;
                     let (slot, generation) = (state.slot, state.generation);
