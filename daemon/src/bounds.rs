@@ -21,6 +21,9 @@
 //! what is displayed. Protocol identifiers that a provider chose and sealed
 //! (targets, provider identities, `ref`) keep the older rule: an envelope
 //! sealed under it must stay openable, and they are matched byte for byte.
+//! The audit leaves hold these names and reasons under the older rule
+//! ([`logged`]): looser than the edge, never stricter, so that a log written
+//! before the change still verifies.
 //!
 //! Builds without the `daemon` feature: the provider-side header builder and
 //! the audit leaves use it.
@@ -213,27 +216,74 @@ pub fn token(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
 
 /// A warrant `id`: 1..=[`MAX_WARRANT_ID_CHARS`] characters, no control
 /// character, no format character. Used by the claims, both revocation
-/// forms, the audit leaves and the claimed id of a refused warrant.
+/// forms and the claimed id of a refused warrant.
 ///
 /// # Errors
 /// As [`text`], and [`BoundError::Format`].
 pub fn warrant_id(value: &str) -> Result<(), BoundError> {
-    text(value, MAX_WARRANT_ID_CHARS, Unit::Chars)?;
+    logged::warrant_id(value)?;
     name(value)
 }
 
 /// A revocation `reason`: 1..=[`MAX_REASON_CHARS`] characters, not only
 /// whitespace, no control character, no bidirectional control. Used by both
-/// revocation forms and the `revocation` audit leaf.
+/// revocation forms.
 ///
 /// # Errors
 /// As [`text`], [`BoundError::Blank`] and [`BoundError::Bidi`].
 pub fn reason(value: &str) -> Result<(), BoundError> {
-    text(value, MAX_REASON_CHARS, Unit::Chars)?;
-    if value.trim().is_empty() {
-        return Err(BoundError::Blank);
-    }
+    logged::reason(value)?;
     prose(value)
+}
+
+/// The bounds of the same fields as the audit log holds them: the rules
+/// above without the format and bidirectional checks, which came later
+/// (2026-12). Every value the rules above admit passes these, so every leaf
+/// lavd writes now does; and a leaf an earlier lavd wrote, with a format
+/// character in an id or a bidirectional control in a reason, still parses,
+/// so its signed log still verifies and reports (the report shows such
+/// characters as code points). Only the audit leaves use these.
+pub mod logged {
+    use super::{text, token, BoundError, Unit};
+    use super::{MAX_AUTHORITY_KID_CHARS, MAX_REASON_CHARS, MAX_ROLE_CHARS, MAX_WARRANT_ID_CHARS};
+
+    /// A logged warrant id: [`super::warrant_id`] but for format characters.
+    ///
+    /// # Errors
+    /// As [`text`].
+    pub fn warrant_id(value: &str) -> Result<(), BoundError> {
+        text(value, MAX_WARRANT_ID_CHARS, Unit::Chars)
+    }
+
+    /// A logged revocation reason: [`super::reason`] but for
+    /// bidirectional controls.
+    ///
+    /// # Errors
+    /// As [`text`], and [`BoundError::Blank`].
+    pub fn reason(value: &str) -> Result<(), BoundError> {
+        text(value, MAX_REASON_CHARS, Unit::Chars)?;
+        if value.trim().is_empty() {
+            return Err(BoundError::Blank);
+        }
+        Ok(())
+    }
+
+    /// A logged authority key id: [`super::authority_kid`] but for format
+    /// characters.
+    ///
+    /// # Errors
+    /// As [`token`].
+    pub fn authority_kid(value: &str) -> Result<(), BoundError> {
+        token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)
+    }
+
+    /// A logged role name: [`super::role`] but for format characters.
+    ///
+    /// # Errors
+    /// As [`token`].
+    pub fn role(value: &str) -> Result<(), BoundError> {
+        token(value, MAX_ROLE_CHARS, Unit::Chars)
+    }
 }
 
 /// An escrow key id (`kid`): 1..=[`MAX_KID_BYTES`] bytes, no control
@@ -270,25 +320,25 @@ pub fn provider(value: &str) -> Result<(), BoundError> {
 /// An authority's key id: 1..=[`MAX_AUTHORITY_KID_CHARS`] characters, no
 /// control character, no whitespace, no format character. Used by the trust
 /// configuration, the protected header of every warrant and revocation
-/// signature, the authority signing tool, and the audit leaves that name an
-/// authority.
+/// signature and the authority signing tool (the audit leaves that name an
+/// authority use [`logged::authority_kid`]).
 ///
 /// # Errors
 /// As [`token`], and [`BoundError::Format`].
 pub fn authority_kid(value: &str) -> Result<(), BoundError> {
-    token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)?;
+    logged::authority_kid(value)?;
     name(value)
 }
 
 /// An authority role name: 1..=[`MAX_ROLE_CHARS`] characters, no control
 /// character, no whitespace, no format character. Used by the trust
-/// configuration (authorities and policy rules) and the
-/// `authorities_loaded` audit leaf.
+/// configuration (authorities and policy rules); the `authorities_loaded`
+/// audit leaf uses [`logged::role`].
 ///
 /// # Errors
 /// As [`token`], and [`BoundError::Format`].
 pub fn role(value: &str) -> Result<(), BoundError> {
-    token(value, MAX_ROLE_CHARS, Unit::Chars)?;
+    logged::role(value)?;
     name(value)
 }
 

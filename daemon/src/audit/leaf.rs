@@ -310,7 +310,7 @@ impl Unwrap {
 
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
-        check_bound("warrant_id", &self.warrant_id, bounds::warrant_id)?;
+        check_bound("warrant_id", &self.warrant_id, bounds::logged::warrant_id)?;
         if let Some(kid) = &self.kid {
             check_bound("kid", kid, bounds::kid)?;
         }
@@ -414,7 +414,7 @@ impl WarrantRefused {
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
         if let Some(id) = &self.warrant_id {
-            check_bound("warrant_id", id, bounds::warrant_id)?;
+            check_bound("warrant_id", id, bounds::logged::warrant_id)?;
         }
         check_code("reason", &self.reason)
     }
@@ -489,12 +489,12 @@ impl Revocation {
 
     fn validate(&self) -> Result<(), LeafError> {
         check_caller(&self.caller)?;
-        check_bound("warrant_id", &self.warrant_id, bounds::warrant_id)?;
-        check_bound("reason", &self.reason, bounds::reason)?;
+        check_bound("warrant_id", &self.warrant_id, bounds::logged::warrant_id)?;
+        check_bound("reason", &self.reason, bounds::logged::reason)?;
         match (&self.by, &self.authority) {
             (RevokedBy::Admin, None) => Ok(()),
             (RevokedBy::Authority, Some(kid)) => {
-                check_bound("authority", kid, bounds::authority_kid)
+                check_bound("authority", kid, bounds::logged::authority_kid)
             }
             _ => Err(field("authority", "present exactly when `by` is authority")),
         }
@@ -725,8 +725,8 @@ impl AuthoritiesLoaded {
             }
         }
         for a in &self.authorities {
-            check_bound("authorities.kid", &a.kid, bounds::authority_kid)?;
-            check_bound("authorities.role", &a.role, bounds::role)?;
+            check_bound("authorities.kid", &a.kid, bounds::logged::authority_kid)?;
+            check_bound("authorities.role", &a.role, bounds::logged::role)?;
             check_token("authorities.alg", &a.alg, MAX_ID_BYTES)?;
         }
         check_requirements(&self.policy.require)?;
@@ -761,7 +761,7 @@ fn check_requirements(require: &BTreeMap<String, u32>) -> Result<(), LeafError> 
         ));
     }
     for role in require.keys() {
-        check_bound("policy.require", role, bounds::role)?;
+        check_bound("policy.require", role, bounds::logged::role)?;
     }
     Ok(())
 }
@@ -1280,6 +1280,34 @@ pub(crate) mod tests {
         );
         let rev: Event = Revocation::new(AGENCY, "W-1", "r", None).unwrap().into();
         assert_eq!(rev.denied_if_opened("W-1", revoked), None);
+    }
+
+    /// Before 2026-12 the edge admitted format characters in ids and
+    /// bidirectional controls in reasons, and lavd logged them. Such a
+    /// signed log must still parse (and so verify and report), although the
+    /// edge now refuses those values.
+    #[test]
+    fn leaves_an_earlier_lavd_wrote_with_format_characters_still_parse() {
+        let plain =
+            Event::from(Revocation::new(AGENCY, "W-1", "case closed", Some("judge-1")).unwrap())
+                .to_leaf(3, T)
+                .unwrap();
+        let old = String::from_utf8(plain)
+            .unwrap()
+            .replace("\"W-1\"", "\"W-1\u{200b}\"")
+            .replace("\"case closed\"", "\"\u{200f}case closed\"")
+            .replace("\"judge-1\"", "\"judge\u{200d}1\"");
+        let leaf = Leaf::parse(old.as_bytes()).unwrap();
+        let Event::Revocation(r) = &leaf.event else {
+            panic!("{leaf:?}")
+        };
+        assert_eq!(r.warrant_id, "W-1\u{200b}");
+        assert_eq!(r.reason, "\u{200f}case closed");
+        assert_eq!(r.authority.as_deref(), Some("judge\u{200d}1"));
+        assert_eq!(leaf.to_bytes().unwrap(), old.as_bytes());
+        // The edge refuses them now.
+        assert!(crate::bounds::warrant_id(&r.warrant_id).is_err());
+        assert!(crate::bounds::reason(&r.reason).is_err());
     }
 
     #[test]
