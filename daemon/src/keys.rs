@@ -273,7 +273,8 @@ fn to_jwk(k: &KeyRecord) -> Jwk {
 pub enum DestroyReason {
     /// Its retention ended.
     Retention,
-    /// An operator forces it before the end of retention.
+    /// An operator forces it, with a reason: before the end of retention,
+    /// or after it (then logged as a retention destruction).
     Forced(String),
 }
 
@@ -307,7 +308,10 @@ pub fn destroy(
         DestroyReason::Forced(r) if r.trim().is_empty() => return Err(KeyError::ReasonRequired),
         DestroyReason::Forced(r) => format!("forced: {}", r.trim()),
     };
-    let forced = reason != "retention";
+    // The leaf's `forced` means "destroyed before its destroy_after": a
+    // `--force` after that date is a retention destruction in the log (the
+    // operator's text stays in the store row).
+    let forced = now <= record.destroy_after;
     let code = if forced { "forced" } else { "retention" };
     if record.destroyed_at.is_none() {
         let event: Event = KeyDestroyed::new(kid, code, forced, None)

@@ -440,6 +440,32 @@ fn destroyed_keys_never_open_again() {
     assert_eq!(w.store.spent("W-7").unwrap(), Some(0));
 }
 
+/// `forced: true` in a `key_destroyed` leaf means "before its
+/// destroy_after": a `--force` once that date has passed is logged as a
+/// retention destruction, and the operator's text stays in the store.
+#[test]
+fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
+    let w = World::new();
+    let before = w.store.tree_size().unwrap();
+    let record = keys::destroy(
+        &w.hsm,
+        &*w.store,
+        "2026-12",
+        keys::DestroyReason::Forced("court order 7".into()),
+        t("2028-02-01T00:00:00Z"),
+    )
+    .unwrap();
+    assert_eq!(
+        record.destroy_reason.as_deref(),
+        Some("forced: court order 7")
+    );
+    let (_, leaf) = &w.store.leaves(before, before + 1).unwrap()[0];
+    let leaf: serde_json::Value = serde_json::from_slice(leaf).unwrap();
+    assert_eq!(leaf["event"], "key_destroyed", "{leaf}");
+    assert_eq!(leaf["reason"], "retention", "{leaf}");
+    assert_eq!(leaf["forced"], false, "{leaf}");
+}
+
 #[test]
 fn a_refused_warrant_leaf_names_the_claimed_id_and_digest() {
     let w = World::new();

@@ -593,9 +593,9 @@ impl KeyGenerated {
 
 /// `key_destroyed`: an escrow key destroyed in the HSM.
 ///
-/// Fields: `kid`, `reason` (a code: `retention_expired`, `operator`, …),
-/// `forced` (destroyed before its `destroy_after`), `caller` (null for the
-/// local CLI or the daemon's own schedule).
+/// Fields: `kid`, `reason` (a code: `retention`, `forced`), `forced`
+/// (destroyed before its `destroy_after`), `caller` (null for the local CLI
+/// or the daemon's own schedule).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyDestroyed {

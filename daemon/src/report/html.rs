@@ -264,7 +264,7 @@ fn key_label(s: KeyStatus) -> &'static str {
     match s {
         KeyStatus::OnTime => "destroyed on time",
         KeyStatus::Late => "destroyed late",
-        KeyStatus::Early => "destroyed early (forced)",
+        KeyStatus::Early => "destroyed early (before its due date)",
         KeyStatus::Overdue => "overdue (not destroyed)",
         KeyStatus::Retained => "retained (not yet due)",
     }

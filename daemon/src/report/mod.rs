@@ -830,7 +830,10 @@ fn key_epochs(
         let grace_end = e.destroy_after.checked_add(DESTROY_GRACE);
         let past_grace = |t: OffsetDateTime| grace_end.is_some_and(|end| t > end);
         let status = match (e.destroyed, as_of) {
-            (Some((at, forced)), _) if forced || at < e.destroy_after => KeyStatus::Early,
+            // By the leaf's time alone, which the log proves: a `forced`
+            // flag after the due date (lavd before 2026-12 set it for any
+            // `--force`) does not hide a late destruction.
+            (Some((at, _)), _) if at < e.destroy_after => KeyStatus::Early,
             (Some((at, _)), _) if !past_grace(at) => KeyStatus::OnTime,
             (Some(_), _) => KeyStatus::Late,
             (None, Some(now)) if past_grace(now) => KeyStatus::Overdue,

@@ -519,6 +519,22 @@ fn invisible_format_characters_are_shown_not_obeyed() {
     assert!(page.contains("spiffe://police.example/[U+202E]tinu-lagelli[U+200B]"));
 }
 
+/// A key destroyed months after its due date is late, whatever the leaf's
+/// `forced` flag says (lavd before 2026-12 set it for any `--force`).
+#[test]
+fn a_forced_destruction_after_the_due_date_is_late() {
+    let events = vec![
+        (
+            datetime!(2026-01-01 00:00 UTC),
+            key("K", datetime!(2026-06-01 00:00 UTC)),
+        ),
+        (datetime!(2026-09-01 00:00 UTC), destroyed("K", true)),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(r.keys.epochs[0].status, KeyStatus::Late);
+    assert_eq!(r.keys.by_status["early"], 0);
+}
+
 #[test]
 fn each_chart_carries_its_figures() {
     let r = build(&mix(), &Options::default());
