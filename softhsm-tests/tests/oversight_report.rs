@@ -231,6 +231,7 @@ struct Expected {
     denials: BTreeMap<String, u64>,
     refusals: BTreeMap<String, u64>,
     revocations: BTreeMap<String, u64>,
+    revoked: BTreeSet<String>,
     generated: u64,
     destroyed: u64,
     urgent: BTreeMap<String, &'static str>,
@@ -291,7 +292,10 @@ fn expected(leaves: &[Value]) -> Expected {
                     _ => {}
                 }
             }
-            "revocation" => *e.revocations.entry(s("by")).or_default() += 1,
+            "revocation" => {
+                *e.revocations.entry(s("by")).or_default() += 1;
+                e.revoked.insert(s("warrant_id"));
+            }
             "key_generated" => {
                 e.generated += 1;
                 generated.insert(s("kid"), time_of(&leaf["destroy_after"]));
@@ -366,6 +370,7 @@ fn assert_figures(report: &Value, e: &Expected) {
         r["by_authority"],
         e.revocations.get("authority").copied().unwrap_or(0)
     );
+    assert_eq!(r["warrants"], e.revoked.len() as u64);
     assert_eq!(t["keys_generated"], e.generated);
     assert_eq!(t["keys_destroyed"], e.destroyed);
     let u = &report["urgent"];

@@ -372,7 +372,7 @@ pub fn render(report: &Report) -> String {
         ("denied", t.denied),
         ("refused", t.refused),
         ("urgent warrants", t.urgent_warrants),
-        ("revocations", t.revocations),
+        ("warrants revoked", report.revocations.warrants),
         ("keys destroyed", t.keys_destroyed),
     ] {
         let _ = write!(
@@ -521,8 +521,9 @@ pub fn render(report: &Report) -> String {
         id: "revocations",
         title: "Revocations by month",
         desc: format!(
-            "Stacked bars, one per month: {} revocations, {} by an admin, {} by an authority.",
-            r.total, r.by_admin, r.by_authority
+            "Stacked bars, one per month: {} revocations of {} warrants newly revoked, {} by an \
+             admin, {} by an authority.",
+            r.total, r.warrants, r.by_admin, r.by_authority
         ),
         row_header: "month",
         series: &[

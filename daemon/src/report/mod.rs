@@ -278,8 +278,12 @@ impl DurationStats {
 /// Revocations.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Revocations {
-    /// `revocation` leaves in the period.
+    /// `revocation` leaves in the period. A warrant revoked again (a
+    /// retried request, or an admin and then an authority) counts each time.
     pub total: u64,
+    /// Warrants whose first `revocation` leaf is in the period: each
+    /// warrant once.
+    pub warrants: u64,
     /// Of those, by a caller with the `admin` role (`by: admin`).
     pub by_admin: u64,
     /// Of those, by an authority's signed revocation (`by: authority`).
@@ -538,6 +542,16 @@ impl Report {
         let mut agencies: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         let mut revocation_rows = Vec::new();
         let mut urgent = Urgent::default();
+        // Warrants with a revocation leaf before the period: a later one is
+        // a repeat (a retried or re-delivered revocation), not a new one.
+        let mut revoked: BTreeSet<&str> = history
+            .iter()
+            .filter(|l| !in_period(l.time))
+            .filter_map(|l| match &l.event {
+                Event::Revocation(r) => Some(r.warrant_id()),
+                _ => None,
+            })
+            .collect();
 
         for leaf in &period {
             let time = codec::format_time(leaf.time);
@@ -592,6 +606,9 @@ impl Report {
                 }
                 Event::Revocation(r) => {
                     totals.revocations += 1;
+                    if revoked.insert(r.warrant_id()) {
+                        revocations.warrants += 1;
+                    }
                     let by_authority = r.authority().is_some();
                     let m = revocation_months
                         .entry(month(leaf.time))

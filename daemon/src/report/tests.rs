@@ -238,10 +238,11 @@ fn figures_count_each_event_of_the_mix() {
     assert_eq!(
         (
             r.revocations.total,
+            r.revocations.warrants,
             r.revocations.by_admin,
             r.revocations.by_authority
         ),
-        (2, 1, 1)
+        (2, 2, 1, 1)
     );
     assert_eq!(
         r.revocations.monthly,
@@ -533,6 +534,39 @@ fn a_forced_destruction_after_the_due_date_is_late() {
     let r = build(&events, &Options::default());
     assert_eq!(r.keys.epochs[0].status, KeyStatus::Late);
     assert_eq!(r.keys.by_status["early"], 0);
+}
+
+/// Revoking a warrant again (a retried request, an admin and then an
+/// authority, a revocation re-delivered) adds a leaf, not a warrant.
+#[test]
+fn a_warrant_revoked_again_counts_once() {
+    let events = vec![
+        (datetime!(2026-04-20 10:00 UTC), revoked("W-2", None)),
+        (datetime!(2026-05-01 10:00 UTC), revoked("W-1", None)),
+        (
+            datetime!(2026-05-01 10:05 UTC),
+            revoked("W-1", Some("judicial-3")),
+        ),
+        (
+            datetime!(2026-05-01 10:06 UTC),
+            revoked("W-1", Some("judicial-3")),
+        ),
+        (datetime!(2026-05-02 10:00 UTC), revoked("W-2", None)),
+    ];
+    let r = build(
+        &events,
+        &Options {
+            from: Some(datetime!(2026-05-01 00:00 UTC)),
+            ..Options::default()
+        },
+    );
+    assert_eq!((r.revocations.total, r.revocations.warrants), (4, 1));
+    assert_eq!(r.totals.revocations, 4);
+    let page = html::render(&r);
+    assert!(
+        page.contains("<dt>warrants revoked</dt><dd data-total=\"warrants_revoked\">1</dd>"),
+        "{page}"
+    );
 }
 
 #[test]
