@@ -1243,6 +1243,49 @@ fn postgres_sessions_commit_durably_whatever_the_database_default() {
     }
 }
 
+/// Under a `repeatable read` default, two replicas reserving the last unit
+/// of a warrant both granted it: each read the reservations in a snapshot
+/// taken before it waited for the warrant's row lock. lavd's sessions run
+/// `read committed` instead (`serializable`, also correct, is kept), so the
+/// second sees the first's reservation.
+#[test]
+fn postgres_reservations_never_overgrant_whatever_the_default_isolation() {
+    for (default, expected) in [
+        ("repeatable read", "read committed"),
+        ("read committed", "read committed"),
+        ("serializable", "serializable"),
+    ] {
+        let db = TestDb::create();
+        db.set_default("default_transaction_isolation", default);
+        let a = PgStore::connect(&db.settings()).unwrap();
+        let b = PgStore::connect(&db.settings()).unwrap();
+        assert_eq!(a.transaction_isolation().unwrap(), expected, "{default}");
+        a.register(&record("R", 1, 1, false, 1)).unwrap();
+        // Hold the warrant's row so that both reservations start, take
+        // their snapshots and wait behind it.
+        let mut holder = db.client();
+        let mut tx = holder.transaction().unwrap();
+        tx.execute("SELECT 1 FROM warrants WHERE id = 'R' FOR UPDATE", &[])
+            .unwrap();
+        let granted: Vec<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = [&a, &b]
+                .into_iter()
+                .map(|store| {
+                    s.spawn(move || {
+                        // A serialization failure that outlives the
+                        // retries grants nothing.
+                        store.reserve("R", 1).map_or(0, |r| r.granted())
+                    })
+                })
+                .collect();
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            tx.commit().unwrap();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(granted.iter().sum::<u64>(), 1, "{default}: {granted:?}");
+    }
+}
+
 #[test]
 fn postgres_serialization_failures_are_retried_and_counted() {
     let db = TestDb::create();

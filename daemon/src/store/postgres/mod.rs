@@ -540,6 +540,21 @@ impl PgStore {
             .map_err(|e| self.pg_err(e))
     }
 
+    /// The `default_transaction_isolation` lavd's sessions run under
+    /// (a `repeatable read` default is lowered to `read committed`).
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] or [`StoreError::Unavailable`].
+    pub fn transaction_isolation(&self) -> Result<String, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query_one(
+            "SELECT current_setting('default_transaction_isolation')",
+            &[],
+        )
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| self.pg_err(e))
+    }
+
     /// Transactions retried after a serialization failure or a deadlock.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)

@@ -37,6 +37,8 @@ pub(super) struct Pool {
     freed: Condvar,
     /// Whether a weak `synchronous_commit` was raised already (warned once).
     raised: AtomicBool,
+    /// Whether a `repeatable read` default was lowered already (warned once).
+    isolated: AtomicBool,
 }
 
 impl std::fmt::Debug for Pool {
@@ -106,6 +108,7 @@ impl Pool {
             }),
             freed: Condvar::new(),
             raised: AtomicBool::new(false),
+            isolated: AtomicBool::new(false),
         }
     }
 
@@ -191,8 +194,43 @@ impl Pool {
                 );
             }
         }
+        if let Some(found) = locking_isolation(&mut client).map_err(pg_err)? {
+            if !self.isolated.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    store = %self.describe,
+                    found = %found,
+                    "default_transaction_isolation is `{found}` for lavd's role or \
+                     database: lavd sets `read committed` in each of its sessions, \
+                     because its budget reservations read the rows they wait to lock"
+                );
+            }
+        }
         Ok(client)
     }
+}
+
+/// Runs this session's transactions at an isolation lavd's locking is right
+/// under, whatever the role or database default. lavd's transactions lock
+/// the rows they change (`FOR UPDATE` on the warrant and the log head) and
+/// then read: each statement must see what the lock holder committed.
+/// `repeatable read` reads a snapshot taken before the wait, so two replicas
+/// reserving on one warrant would both grant its last unit. `read
+/// committed` is what lavd is built for; `serializable` is kept (it is
+/// correct too, but contending replicas then retry: watch
+/// `lavd_store_retries_total`). `read uncommitted` is `read committed` in
+/// PostgreSQL. Returns the value it replaced, if any.
+fn locking_isolation(client: &mut Client) -> Result<Option<String>, postgres::Error> {
+    let found: String = client
+        .query_one(
+            "SELECT current_setting('default_transaction_isolation')",
+            &[],
+        )?
+        .try_get(0)?;
+    if found == "repeatable read" {
+        client.batch_execute("SET default_transaction_isolation = 'read committed'")?;
+        return Ok(Some(found));
+    }
+    Ok(None)
 }
 
 /// Makes a commit's acknowledgement mean the commit is durable, in this
