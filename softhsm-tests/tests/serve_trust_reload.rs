@@ -8,7 +8,7 @@
 use rustix::process::Signal;
 use softhsm_tests::server::{authorities, serve_config, Authorities, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::TestToken;
+use softhsm_tests::{shim_module_path, Shim, TestToken};
 use time::OffsetDateTime;
 
 fn reload(daemon: &Daemon) {
@@ -298,4 +298,78 @@ fn a_reloaded_policy_is_held_to_the_running_signature_bound() {
     // The running policy (one executive signature) still applies.
     let r = vault::post(&c.agency, "/v1/unwrap", &body);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}
+
+/// A request that waits for its turn at the envelope gate starts its work
+/// when it gets the turn: a reload that applied meanwhile decides it, and
+/// its caller is admitted again under that reload first. Here the reload
+/// both loosened the policy (so the one-signature warrant would pass) and
+/// took the caller's agency role away: the request is refused `forbidden`
+/// and logs nothing. Before, it ran under the configuration it was
+/// admitted under, however long it had waited.
+#[test]
+fn a_reload_while_a_request_waits_at_the_gate_decides_it() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with(
+        &shim_module_path(),
+        2,
+        &format!(
+            "{}\n{}",
+            shim.hsm_env(),
+            serve_config(&format!(
+                "{}[limits]\nmax_envelopes_in_flight = 1\n",
+                vault::roles_toml()
+            ))
+        ),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let holder = serde_json::json!({
+        "warrant": vault::double_lock(&vault::claims("W-HOLDER", vault::recipient().public(), 5)),
+        "envelopes": [vault::seal(
+            &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "h", &[8; 32],
+        )],
+    });
+    let waiting = one_signature_request(&c, "W-WAITING");
+
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let (held, queued) = std::thread::scope(|s| {
+        let held = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &holder));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shim.faults() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(
+            shim.faults() > 0,
+            "the holder's derive never reached the module"
+        );
+        // The gate (one envelope) is held: this one waits for its turn,
+        // admitted under the configuration in force now.
+        let queued = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &waiting));
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        assert!(!queued.is_finished(), "the second request did not wait");
+
+        loosen_policy(&t);
+        let config = std::fs::read_to_string(t.config()).unwrap();
+        let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
+        assert!(config.contains(&agency_role), "{config}");
+        std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
+        reload(&daemon);
+        shim.set("");
+        (held.join().unwrap(), queued.join().unwrap())
+    });
+    // The holder was past the gate, under the old configuration.
+    assert_eq!(vault::statuses(&held.json()), ["ok"], "{}", held.text());
+    queued.assert_error(403, "forbidden");
+    let size = vault::tree_size(&c.auditor);
+    let entries = vault::entries(&c.auditor, 0, size);
+    assert!(
+        entries.iter().all(|e| e.leaf["warrant_id"] != "W-WAITING"),
+        "the withdrawn request logged something"
+    );
 }

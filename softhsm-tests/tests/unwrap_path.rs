@@ -103,6 +103,7 @@ impl World {
             store: &self.store,
             log: &self.log,
             verifier: &self.verifier,
+            readmit: None,
             envelope_limits: limits,
             max_batch: 16,
             gate: &self.gate,

@@ -14,6 +14,7 @@ use warp::{Rejection, Reply};
 
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
+use super::pipeline::Readmission;
 use super::routes::{blocking, IndexQuery, RequestContext};
 use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
@@ -76,6 +77,9 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
             tracing::error!(error = %detail, "unwrap failed in the store; nothing was released");
             ApiError::StoreUnavailable
         }
+        // The handler answers with the admission's own error first; this
+        // is only reached if that was lost.
+        UnwrapError::Withdrawn(_) => ApiError::Internal,
         UnwrapError::WitnessUnavailable(wait) => {
             tracing::error!(error = %wait, "unwrap logged but not released: no witness quorum in time");
             ApiError::WitnessUnavailable {
@@ -99,9 +103,10 @@ fn log_inconsistent() -> ApiError {
 }
 
 /// `POST /v1/unwrap` (agency).
-pub async fn post_unwrap(
+pub(crate) async fn post_unwrap(
     peer: PeerIdentity,
     live: Arc<Reloadable>,
+    readmission: Readmission,
     body: Bytes,
     ctx: Arc<RequestContext>,
     state: Arc<ServerState>,
@@ -114,13 +119,32 @@ pub async fn post_unwrap(
     let max_warrant_bytes = live.verifier.limits().max_warrant_bytes;
     let st = state.clone();
     let caller = peer.uri().to_string();
+    // Why the caller was not admitted again after its gate turn.
+    let withdrawn: Arc<std::sync::Mutex<Option<ApiError>>> = Arc::default();
+    let refusal = withdrawn.clone();
     let result = blocking(move || {
         let limits = st.limits.envelope();
+        // A reload while the request waited at the envelope gate: the
+        // caller is admitted again under the configuration in force when
+        // its work starts, and that one's trust judges the warrant.
+        let readmit = || {
+            readmission
+                .current(&live, &[Role::Agency])
+                .map(|newer| newer.map(|r| r.verifier.clone()))
+                .map_err(|e| {
+                    let why = e.to_string();
+                    *refusal
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    unwrap::UnwrapError::Withdrawn(why)
+                })
+        };
         let context = unwrap::Context {
             hsm: &st.hsm,
             store: &st.store,
             log: &st.audit,
             verifier: &live.verifier,
+            readmit: Some(unwrap::Readmit(&readmit)),
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,
@@ -134,6 +158,14 @@ pub async fn post_unwrap(
         ))
     })
     .await?;
+    if let Err(unwrap::UnwrapError::Withdrawn(_)) = &result {
+        let e = withdrawn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or(ApiError::Internal);
+        return Err(e.into());
+    }
     let done = match result {
         Ok(done) => {
             ctx.record_warrant_id(&done.warrant_id);
@@ -198,6 +230,7 @@ pub async fn post_revocation(
             store: &st.store,
             log: &st.audit,
             verifier: &live.verifier,
+            readmit: None,
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,

@@ -209,7 +209,7 @@ where
         warrant_id = tracing::field::Empty,
     );
     let ctx = Arc::new(RequestContext::new(span.clone()));
-    let (mut response, unread) = admit_and_route(&api, &conn, ctx.clone(), req)
+    let (mut response, unread) = admit_and_route(&api, conn.clone(), ctx.clone(), req)
         .instrument(span.clone())
         .await;
     if let Some(body) = unread {
@@ -257,7 +257,7 @@ struct Routed;
 /// The answer, and the request body if it was not read to its end.
 async fn admit_and_route<B>(
     api: &Api,
-    conn: &ConnInfo,
+    conn_arc: Arc<ConnInfo>,
     ctx: Arc<RequestContext>,
     req: Request<B>,
 ) -> (Response, Option<B>)
@@ -266,6 +266,7 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let conn: &ConnInfo = &conn_arc;
     let (parts, body) = req.into_parts();
     let early = |e: ApiError, body: B| (e.into_response(), Some(body));
     let state = &api.state;
@@ -328,6 +329,13 @@ where
         }
     }
     let mut req = Request::from_parts(parts, Full::new(bytes));
+    if matches!(api.access, Access::Mutual) {
+        req.extensions_mut().insert(Readmission {
+            state: state.clone(),
+            conn: conn_arc.clone(),
+            uri: uri.clone(),
+        });
+    }
     req.extensions_mut()
         .insert(PeerIdentity::new(uri, roles, conn.remote));
     req.extensions_mut().insert(Admitted(live));
@@ -335,6 +343,42 @@ where
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
     (response, None)
+}
+
+/// Admits a request's caller again under a newer configuration, for a
+/// handler whose work starts later than its admission (an unwrap that
+/// waited for its turn at the envelope gate while a reload applied).
+#[derive(Clone)]
+pub(crate) struct Readmission {
+    state: Arc<ServerState>,
+    conn: Arc<ConnInfo>,
+    uri: String,
+}
+
+impl Readmission {
+    /// `Ok(None)` while `admitted` is still the configuration in force;
+    /// else the newer one, once the caller's certificate passes under it
+    /// and it still holds one of `roles`.
+    ///
+    /// # Errors
+    /// [`ApiError::CertificateRejected`] (the connection is then closed)
+    /// or [`ApiError::Forbidden`].
+    pub(crate) fn current(
+        &self,
+        admitted: &Arc<Reloadable>,
+        roles: &'static [super::identity::Role],
+    ) -> Result<Option<Arc<Reloadable>>, ApiError> {
+        let newest = self.state.current();
+        if Arc::ptr_eq(&newest, admitted) {
+            return Ok(None);
+        }
+        admit(&self.state, &self.conn, &newest)?;
+        let held = newest.roles.roles(&self.uri);
+        if !roles.iter().any(|r| held.contains(r)) {
+            return Err(ApiError::forbidden(&self.uri, roles));
+        }
+        Ok(Some(newest))
+    }
 }
 
 /// The configuration a request was admitted under (its caller's

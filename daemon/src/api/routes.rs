@@ -44,7 +44,7 @@ use warp::{Filter, Rejection, Reply};
 use super::error::{self, ApiError};
 use super::handlers;
 use super::identity::{PeerIdentity, Role};
-use super::pipeline::Admitted;
+use super::pipeline::{Admitted, Readmission};
 use super::state::{Reloadable, ServerState};
 
 /// Per-request context the pipeline puts in the request's extensions, next
@@ -158,6 +158,15 @@ pub fn admitted() -> impl Filter<Extract = (Arc<Reloadable>,), Error = Rejection
         admitted
             .map(|a| a.0)
             .ok_or_else(|| Rejection::from(ApiError::Internal))
+    })
+}
+
+/// The request's [`Readmission`] (mutual-TLS listeners only).
+pub(crate) fn readmission() -> impl Filter<Extract = (Readmission,), Error = Rejection> + Clone {
+    warp::ext::optional::<Readmission>().and_then(|r: Option<Readmission>| async move {
+        // The pipeline inserts it on the API listener; its absence is a
+        // bug, and it fails closed.
+        r.ok_or_else(|| Rejection::from(ApiError::Internal))
     })
 }
 
@@ -329,6 +338,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(route("/v1/unwrap"))
         .and(require(&[Role::Agency]))
         .and(admitted())
+        .and(readmission())
         .and(raw_body())
         .and(context())
         .and(with_state(state.clone()))

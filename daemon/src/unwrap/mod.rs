@@ -24,6 +24,7 @@
 pub mod gate;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -51,8 +52,15 @@ pub struct Context<'a> {
     pub store: &'a Store,
     /// The audit log (the same store, plus checkpoint signing).
     pub log: &'a AuditLog,
-    /// The trust store and policy in force.
+    /// The trust store and policy in force when the request was admitted.
     pub verifier: &'a Verifier,
+    /// Called once the request has its turn at the gate, when its work
+    /// starts: `Ok(None)` if the configuration it was admitted under is
+    /// still in force, `Ok(Some(newer))` with the trust of a configuration
+    /// reloaded meanwhile that admitted the caller again, or
+    /// [`UnwrapError::Withdrawn`] if that one does not admit it. `None`:
+    /// no reload applies (a library caller).
+    pub readmit: Option<Readmit<'a>>,
     /// Envelope size limits.
     pub envelope_limits: &'a EnvelopeLimits,
     /// Most envelopes in one request.
@@ -63,6 +71,16 @@ pub struct Context<'a> {
     /// quorum cosigned when there is one, and under
     /// `release_after_witness` nothing is released without it.
     pub witnessing: Option<&'a Witnessing>,
+}
+
+/// See [`Context::readmit`].
+#[derive(Clone, Copy)]
+pub struct Readmit<'a>(pub &'a dyn Fn() -> Result<Option<Arc<Verifier>>, UnwrapError>);
+
+impl std::fmt::Debug for Readmit<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readmit(..)")
+    }
 }
 
 /// A whole-request failure. The API maps each to its HTTP status.
@@ -96,6 +114,11 @@ pub enum UnwrapError {
     /// released (HTTP 503 `store_unavailable`).
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
+    /// A configuration reloaded while the request waited for its turn no
+    /// longer admits the caller (its certificate or role); nothing was
+    /// done or logged (the API answers as for a refused admission).
+    #[error("not admitted under the reloaded configuration: {0}")]
+    Withdrawn(String),
     /// `release_after_witness`: no checkpoint covering the request's leaves
     /// was cosigned by the witness quorum in time. The leaves are logged
     /// and the budget spent; the DEKs were dropped, nothing was released
@@ -115,6 +138,7 @@ impl UnwrapError {
             UnwrapError::StoreUnavailable(_) => "store_unavailable",
             UnwrapError::Internal(_) => "internal_error",
             UnwrapError::WitnessUnavailable(_) => "witness_unavailable",
+            UnwrapError::Withdrawn(_) => "forbidden",
         }
     }
 }
@@ -205,12 +229,16 @@ pub fn unwrap(
     // Held until the reply is built: the envelopes parsed, their leaves,
     // keys and results are what the gate bounds.
     let _permit = ctx.gate.enter(request.envelopes.len());
+    let newer = match ctx.readmit {
+        Some(Readmit(readmit)) => readmit()?,
+        None => None,
+    };
+    let verifier = newer.as_deref().unwrap_or(ctx.verifier);
     let now = clock();
 
     // Warrant validity and agency (the verifier checks both), then the
     // store's view: revoked, id conflict, emergency replaced.
-    let warrant = match ctx
-        .verifier
+    let warrant = match verifier
         .verify(request.warrant.get().as_bytes(), now, caller)
         .and_then(|w| admit(ctx.store, &w, now).map(|_| w))
     {
