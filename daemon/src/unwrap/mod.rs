@@ -75,7 +75,7 @@ pub struct Context<'a> {
 
 /// See [`Context::readmit`].
 #[derive(Clone, Copy)]
-pub struct Readmit<'a>(pub &'a dyn Fn() -> Result<Option<Arc<Verifier>>, UnwrapError>);
+pub struct Readmit<'a>(pub &'a (dyn Fn() -> Result<Option<Arc<Verifier>>, UnwrapError> + Sync));
 
 impl std::fmt::Debug for Readmit<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
