@@ -189,8 +189,9 @@ pub(crate) fn signing_input(protected_b64: &str, payload_b64: &str) -> Vec<u8> {
 #[serde(deny_unknown_fields)]
 struct RawJws {
     payload: String,
-    #[serde(default)]
-    signatures: Option<Vec<crate::codec::Object<RawSignature>>>,
+    /// `Some(None)` for an explicit `null`: present, so a mix still shows.
+    #[serde(default, deserialize_with = "present_or_null")]
+    signatures: Option<Option<Vec<crate::codec::Object<RawSignature>>>>,
     #[serde(default, deserialize_with = "some_value")]
     protected: Option<serde_json::Value>,
     /// Any value, even `null`, counts as present: the member must not exist.
@@ -212,7 +213,12 @@ impl RawJws {
                         .into(),
                 ))
             }
-            (Some(signatures), false) => signatures.into_iter().map(|s| s.0).collect(),
+            (Some(None), false) => {
+                return Err(WarrantError::Malformed(
+                    "`signatures` must be an array, not null".into(),
+                ))
+            }
+            (Some(Some(signatures)), false) => signatures.into_iter().map(|s| s.0).collect(),
             (None, true) => {
                 let text = |v: Option<serde_json::Value>, name: &str| match v {
                     None => Ok(None),
@@ -262,6 +268,12 @@ struct RawHeader {
 
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     serde::de::IgnoredAny::deserialize(d).map(|_| true)
+}
+
+fn present_or_null<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 fn some_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
@@ -471,6 +483,9 @@ mod tests {
             format!(r#"{{"payload":"e30","signatures":{general_sig},"signature":"AAAA"}}"#),
             format!(r#"{{"payload":"e30","signatures":{general_sig},"protected":null}}"#),
             format!(r#"{{"payload":"e30","signatures":{general_sig},"header":{{}}}}"#),
+            format!(
+                r#"{{"payload":"e30","signatures":null,"protected":"{header}","signature":"AAAA"}}"#
+            ),
         ] {
             let e = parse(mixed.as_bytes(), &WarrantLimits::default()).unwrap_err();
             assert_eq!(e.code(), "malformed_warrant", "{mixed}");
@@ -492,6 +507,13 @@ mod tests {
             code(br#"{"payload":"e30","signature":"AAAA"}"#),
             "malformed_warrant"
         );
+        let null = parse(
+            br#"{"payload":"e30","signatures":null}"#,
+            &WarrantLimits::default(),
+        )
+        .unwrap_err();
+        assert_eq!(null.code(), "malformed_warrant");
+        assert!(null.to_string().contains("not null"), "{null}");
         assert_eq!(
             code(format!(r#"{{"payload":"e30","protected":"{header}","signature":1}}"#).as_bytes()),
             "malformed_warrant"
