@@ -729,9 +729,16 @@ pub fn render(report: &Report) -> String {
          from a log verified as <code>lavd audit verify</code> does. How each figure is derived: \
          docs/audit.md, \"Reports\". As of {}{}.</footer></body></html>",
         escape(report.period.as_of.as_deref().unwrap_or("—")),
-        match &report.period.observed {
-            Some(seen) => format!(" (the log was seen to hold nothing more at {})", escape(seen)),
-            None => " (its newest entry: nothing shows the log held nothing more after it)".to_owned(),
+        match (&report.period.observed, report.period.later_leaf) {
+            (_, true) => " (the end of the period: a verified entry after it shows the log held \
+                           nothing more before it)"
+                .to_owned(),
+            (Some(seen), false) => {
+                format!(" (the log was seen to hold nothing more at {})", escape(seen))
+            }
+            (None, false) => {
+                " (its newest entry: nothing shows the log held nothing more after it)".to_owned()
+            }
         }
     );
     out

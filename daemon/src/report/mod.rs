@@ -75,9 +75,12 @@ pub struct Options {
 /// later, as far as `observed` shows the log complete (never past `to`).
 /// The newest leaf, not the last: a leaf's time is when its request's work
 /// started, so leaves can be slightly out of time order.
-fn as_of(history: &[&Leaf], options: &Options) -> Option<OffsetDateTime> {
+/// A verified leaf at or after `to` shows the log complete up to `to` too
+/// (`past_to`).
+fn as_of(history: &[&Leaf], options: &Options, past_to: bool) -> Option<OffsetDateTime> {
     let newest = history.iter().map(|l| l.time).max();
     let complete_until = match (options.observed, options.to) {
+        (_, Some(to)) if past_to => Some(to),
         (Some(seen), Some(to)) => Some(seen.min(to)),
         (seen, _) => seen,
     };
@@ -127,11 +130,15 @@ pub struct Period {
     pub last_leaf: Option<String>,
     /// The moment the report describes (whether an urgent warrant lapsed or
     /// a key is overdue is judged then): the newest leaf before `to`, or
-    /// `observed` if later (at most `to`).
+    /// `observed` if later (at most `to`), or `to` when a leaf at or after
+    /// it was verified.
     pub as_of: Option<String>,
     /// When the log was seen to hold nothing beyond the verified leaves: the
     /// fetch of a live log, or `--as-of`; `null` for a file with neither.
     pub observed: Option<String>,
+    /// Whether a verified leaf at or after `to` shows that the log held
+    /// nothing more before `to` (then `as_of` is `to`).
+    pub later_leaf: bool,
     /// Leaves in the period.
     pub leaves: u64,
 }
@@ -524,7 +531,10 @@ impl Report {
             .iter()
             .filter(|l| before_to(l.time))
             .collect();
-        let as_of = as_of(&history, options);
+        let past_to = options
+            .to
+            .is_some_and(|to| summary.leaves.iter().any(|l| l.time >= to));
+        let as_of = as_of(&history, options, past_to);
         let period: Vec<&Leaf> = history
             .iter()
             .copied()
@@ -726,6 +736,7 @@ impl Report {
                 last_leaf: period.last().map(|l| codec::format_time(l.time)),
                 as_of: as_of.map(codec::format_time),
                 observed: options.observed.map(codec::format_time),
+                later_leaf: past_to,
                 leaves: period.len() as u64,
             },
             verification: Verification {

@@ -331,7 +331,10 @@ fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
     };
     let r = build(&mix(), &options);
     assert_eq!(r.period.from.as_deref(), Some("2026-05-22T00:00:00Z"));
-    assert_eq!(r.period.as_of.as_deref(), Some("2026-06-01T12:00:00Z"));
+    // Judged at the period's end: the mix's later leaves show that the log
+    // held nothing more before it.
+    assert_eq!(r.period.as_of.as_deref(), Some("2026-06-02T00:00:00Z"));
+    assert!(r.period.later_leaf);
     assert_eq!(
         (r.totals.opened, r.totals.denied, r.totals.refused),
         (3, 1, 2)
@@ -342,7 +345,7 @@ fn a_period_counts_its_leaves_and_judges_as_of_its_end() {
         (r.urgent.warrants, r.urgent.replaced, r.urgent.lapsed),
         (2, 1, 1)
     );
-    // Keys: all generated before; as of 1 June, 2026-04 is not yet overdue
+    // Keys: all generated before; as of 2 June, 2026-04 is not yet overdue
     // and 2026-02 not yet destroyed.
     let status: BTreeMap<&str, KeyStatus> = r
         .keys
@@ -567,6 +570,43 @@ fn a_warrant_revoked_again_counts_once() {
         page.contains("<dt>warrants revoked</dt><dd data-total=\"warrants_revoked\">1</dd>"),
         "{page}"
     );
+}
+
+/// A quiet period followed by a verified leaf after `--to`: that leaf
+/// shows the log held nothing more before `--to`, so the key overdue by
+/// then is overdue, not retained.
+#[test]
+fn a_leaf_after_the_period_shows_it_complete() {
+    let events = vec![
+        (
+            datetime!(2026-01-01 00:00 UTC),
+            key("K", datetime!(2026-03-01 00:00 UTC)),
+        ),
+        (datetime!(2026-01-02 00:00 UTC), revoked("W-1", None)),
+        (datetime!(2026-08-01 00:00 UTC), revoked("W-2", None)),
+    ];
+    let to = datetime!(2026-07-01 00:00 UTC);
+    let r = build(
+        &events,
+        &Options {
+            to: Some(to),
+            ..Options::default()
+        },
+    );
+    assert_eq!(r.keys.epochs[0].status, KeyStatus::Overdue);
+    assert_eq!(r.period.as_of.as_deref(), Some("2026-07-01T00:00:00Z"));
+    assert!(r.period.later_leaf);
+    assert!(html::render(&r).contains("a verified entry after it shows"));
+    // Without the later leaf, nothing shows it: judged at the newest leaf.
+    let r = build(
+        &events[..2],
+        &Options {
+            to: Some(to),
+            ..Options::default()
+        },
+    );
+    assert_eq!(r.keys.epochs[0].status, KeyStatus::Retained);
+    assert!(!r.period.later_leaf);
 }
 
 #[test]
