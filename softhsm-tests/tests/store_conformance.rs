@@ -801,6 +801,35 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
 /// the failed one is gone with it, and the batch after it is not written
 /// alone (which would leave a gap in the log, and spend budget for a batch
 /// answered as failed).
+/// Several processes opening one file that needs migrating (a service and a
+/// CLI command after an upgrade; here a new file): each migration runs
+/// once, under the write lock. Before, each read the version first and
+/// then ran the migrations itself, and all but one failed ("table already
+/// exists").
+#[test]
+fn sqlite_stores_opening_a_file_at_once_migrate_it_once() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let barrier = std::sync::Barrier::new(4);
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..4)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        Store::open(&path).map(drop).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            results.iter().all(Result::is_ok),
+            "round {round}: {results:?}"
+        );
+    }
+}
+
 #[test]
 fn sqlite_a_group_whose_transaction_sqlite_rolled_back_fails_whole() {
     let b = Backend::sqlite();

@@ -489,16 +489,33 @@ impl SqliteStore {
             source,
         };
         let mut conn = Connection::open(path).map_err(err)?;
+        // First: switching to WAL takes a lock too, which another process
+        // opening the file at the same moment may hold.
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // WAL: readers do not block the writer. FULL: a commit is on disk
         // (fsync of the WAL) before `commit()` returns; this is what
         // "durable" means everywhere in lavd.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
+        // SQLite answers a switch to WAL that meets another connection's
+        // lock with "database is locked" at once, without waiting: only
+        // when processes create the file together (an existing file is in
+        // WAL already and the switch is a no-op), so wait here.
+        let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         // Every statement of the unwrap path stays prepared (the tree's
         // node reads alone are dozens a request): room for all of them.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
@@ -514,13 +531,23 @@ impl SqliteStore {
                 supported,
             });
         }
-        let tx = conn.transaction().map_err(err)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-            tx.execute_batch(sql).map_err(err)?;
-            tx.pragma_update(None, "user_version", i as i64 + 1)
+        if version < supported {
+            // Under the write lock, and the version read again under it:
+            // processes opening the file at once (a service and a CLI
+            // command after an upgrade) migrate it once, not each.
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(err)?;
+            let version: i64 = tx
+                .pragma_query_value(None, "user_version", |row| row.get(0))
+                .map_err(err)?;
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+                tx.execute_batch(sql).map_err(err)?;
+                tx.pragma_update(None, "user_version", i as i64 + 1)
+                    .map_err(err)?;
+            }
+            tx.commit().map_err(err)?;
         }
-        tx.commit().map_err(err)?;
         Ok(Self {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
