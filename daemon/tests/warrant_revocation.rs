@@ -99,3 +99,18 @@ fn bad_revocations_are_refused_with_their_codes() {
         .verify_revocation(&signed(&revocation("W-r"), &[&a.exec2]), now())
         .is_ok());
 }
+
+/// A revocation co-signed by an authority whose role the policy does not
+/// name is recorded under the one whose role it names, though the other's
+/// kid sorts first.
+#[test]
+fn a_revocation_is_credited_to_the_signer_the_policy_names() {
+    let a = Authorities::new();
+    let judicial_only = "[policy]\n[[policy.require]]\nrole = \"judicial\"\ncount = 1\n";
+    let v = a.verifier(judicial_only);
+    let rev = v
+        .verify_revocation(&signed(&revocation("W-r"), &[&a.exec1, &a.jud1]), now())
+        .unwrap();
+    assert_eq!(rev.signers()[0].kid, "executive-1");
+    assert_eq!(rev.authorised_by(), "judicial-1");
+}

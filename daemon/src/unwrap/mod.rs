@@ -763,11 +763,7 @@ pub fn revoke(
             let verified = ctx
                 .verifier
                 .verify_revocation(authority_revocation_jws(body)?, now)?;
-            let by = verified
-                .signers()
-                .first()
-                .map(|s| s.kid.clone())
-                .unwrap_or_default();
+            let by = verified.authorised_by().to_string();
             (
                 caller,
                 verified.id().to_string(),

@@ -357,17 +357,26 @@ impl Verifier {
             .chain(policy.emergency.iter().flat_map(|e| e.require.iter()))
             .map(|r| r.role.as_str())
             .collect();
-        if !signers.values().any(|s| roles.contains(s.role.as_str())) {
+        // The signers are ordered by kid: the first that holds a policy
+        // role is the one on whose authority the warrant is revoked (a
+        // co-signer whose role the policy does not name could not have
+        // revoked alone, and is not credited).
+        let Some(authorised_by) = signers
+            .values()
+            .find(|s| roles.contains(s.role.as_str()))
+            .map(|s| s.kid.clone())
+        else {
             return Err(WarrantError::RevokerNotInPolicy(
                 roles.into_iter().collect::<Vec<_>>().join(", "),
             ));
-        }
+        };
         Ok(VerifiedRevocation {
             id: raw.id,
             reason: raw.reason,
             time: raw.time,
             digest: sha256(jws.payload()),
             signers: signers.into_values().collect(),
+            authorised_by,
         })
     }
 }
@@ -412,9 +421,15 @@ pub struct VerifiedRevocation {
     time: OffsetDateTime,
     digest: [u8; 32],
     signers: Vec<Signer>,
+    authorised_by: String,
 }
 
 impl VerifiedRevocation {
+    /// The kid of the first signer (by kid) whose role the policy names:
+    /// the authority the revocation is recorded under.
+    pub fn authorised_by(&self) -> &str {
+        &self.authorised_by
+    }
     /// The warrant `id` to revoke.
     pub fn id(&self) -> &str {
         &self.id
