@@ -101,6 +101,15 @@ pub enum BoundError {
     /// reorders what is displayed, so the text reads as something else.
     #[error("contains a bidirectional control character")]
     Bidi,
+    /// A character that displays as nothing though it is not Cf
+    /// ([`is_ignorable`]: Hangul fillers, variation selectors, the
+    /// combining grapheme joiner) in a name people read and compare.
+    #[error("contains an invisible character (Unicode Default_Ignorable_Code_Point)")]
+    Invisible,
+    /// Whitespace at the start or end of a name: `W-1` and `W-1 ` are two
+    /// warrants that look like one.
+    #[error("begins or ends with whitespace")]
+    Padded,
 }
 
 impl BoundError {
@@ -114,6 +123,8 @@ impl BoundError {
             BoundError::Whitespace => "contains whitespace",
             BoundError::Format => "contains an invisible format character",
             BoundError::Bidi => "contains a bidirectional control character",
+            BoundError::Invisible => "contains an invisible character",
+            BoundError::Padded => "begins or ends with whitespace",
         }
     }
 }
@@ -147,6 +158,33 @@ pub fn is_format(c: char) -> bool {
     )
 }
 
+/// Whether `c` is invisible though not a format character: the code points
+/// of Unicode 15.1's `Default_Ignorable_Code_Point`
+/// (`DerivedCoreProperties.txt`) outside Cf. That property holds 4,174 code
+/// points; 138 are Cf ([`is_format`]) and these are the other 4,036: the
+/// combining grapheme joiner, the Hangul fillers (letters that render as
+/// nothing), variation selectors, and reserved code points set aside as
+/// ignorable.
+pub fn is_ignorable(c: char) -> bool {
+    matches!(
+        u32::from(c),
+        0x34F
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180D
+            | 0x180F
+            | 0x2065
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFFA0
+            | 0xFFF0..=0xFFF8
+            | 0xE0000
+            | 0xE0002..=0xE001F
+            | 0xE0080..=0xE00FF
+            | 0xE0100..=0xE0FFF
+    )
+}
+
 /// Whether `c` is a bidirectional control: Unicode property `Bidi_Control`,
 /// as listed in Unicode 15.1's `PropList.txt` (the marks, embeddings,
 /// overrides and isolates). A subset of [`is_format`].
@@ -157,10 +195,20 @@ pub fn is_bidi_control(c: char) -> bool {
     )
 }
 
-/// `value` read by people as a name: no format character.
+/// `value` read by people as a name: no format character, nothing else
+/// invisible, no whitespace at either end.
 fn name(value: &str) -> Result<(), BoundError> {
     if value.chars().any(is_format) {
         return Err(BoundError::Format);
+    }
+    if value.chars().any(is_ignorable) {
+        return Err(BoundError::Invisible);
+    }
+    if value.trim().is_empty() {
+        return Err(BoundError::Blank);
+    }
+    if value.trim() != value {
+        return Err(BoundError::Padded);
     }
     Ok(())
 }
@@ -215,11 +263,13 @@ pub fn token(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
 }
 
 /// A warrant `id`: 1..=[`MAX_WARRANT_ID_CHARS`] characters, no control
-/// character, no format character. Used by the claims, both revocation
-/// forms and the claimed id of a refused warrant.
+/// character, no format or other invisible character, not only whitespace
+/// and none at either end. Used by the claims, both revocation forms and
+/// the claimed id of a refused warrant.
 ///
 /// # Errors
-/// As [`text`], and [`BoundError::Format`].
+/// As [`text`], and [`BoundError::Format`], [`BoundError::Invisible`],
+/// [`BoundError::Blank`], [`BoundError::Padded`].
 pub fn warrant_id(value: &str) -> Result<(), BoundError> {
     logged::warrant_id(value)?;
     name(value)
@@ -324,7 +374,7 @@ pub fn provider(value: &str) -> Result<(), BoundError> {
 /// authority use [`logged::authority_kid`]).
 ///
 /// # Errors
-/// As [`token`], and [`BoundError::Format`].
+/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`].
 pub fn authority_kid(value: &str) -> Result<(), BoundError> {
     logged::authority_kid(value)?;
     name(value)
@@ -336,7 +386,7 @@ pub fn authority_kid(value: &str) -> Result<(), BoundError> {
 /// audit leaf uses [`logged::role`].
 ///
 /// # Errors
-/// As [`token`], and [`BoundError::Format`].
+/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`].
 pub fn role(value: &str) -> Result<(), BoundError> {
     logged::role(value)?;
     name(value)
@@ -402,6 +452,30 @@ mod tests {
         // Sealed protocol identifiers keep the older rule.
         assert_eq!(target("acct:\u{1f469}\u{200d}\u{1f4bb}"), Ok(()));
         assert_eq!(warrant_id("W-\u{0416}"), Ok(()));
+    }
+
+    #[test]
+    fn names_refuse_invisible_letters_and_padding() {
+        let count = (0..=u32::from(char::MAX))
+            .filter_map(char::from_u32)
+            .filter(|&c| is_ignorable(c))
+            .inspect(|&c| assert!(!is_format(c), "{c:?} is Cf"))
+            .count();
+        assert_eq!(count, 4036, "Unicode 15.1: 4,174 ignorable, 138 of them Cf");
+        for bad in ["W-1\u{3164}", "\u{115f}", "W-1\u{fe0f}", "W\u{34f}-1"] {
+            assert_eq!(warrant_id(bad), Err(BoundError::Invisible), "{bad:?}");
+        }
+        assert_eq!(authority_kid("judge-1\u{ffa0}"), Err(BoundError::Invisible));
+        assert_eq!(role("judicial\u{e0100}"), Err(BoundError::Invisible));
+        assert_eq!(warrant_id(" "), Err(BoundError::Blank));
+        assert_eq!(warrant_id("\u{3000}\u{a0}"), Err(BoundError::Blank));
+        for bad in ["W-1 ", " W-1", "W-1\u{a0}", "\u{2003}W-1"] {
+            assert_eq!(warrant_id(bad), Err(BoundError::Padded), "{bad:?}");
+        }
+        // Inside, a space is part of the name; the log keeps the older rule.
+        assert_eq!(warrant_id("UK IPA 2026/42"), Ok(()));
+        assert_eq!(logged::warrant_id("W-1 "), Ok(()));
+        assert_eq!(logged::warrant_id("W-1\u{3164}"), Ok(()));
     }
 
     #[test]
