@@ -291,3 +291,85 @@ fn provider_has_no_default() {
     assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
     assert!(err.to_string().contains("--provider <URI>"), "{err}");
 }
+
+/// `--dek-file FILE` (or `-` for standard input) keeps the DEK out of the
+/// process list; exactly one of it and `--dek-hex` is given.
+#[test]
+fn seal_reads_the_dek_from_a_file_or_standard_input() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let escrow = P256PrivateKey::generate().unwrap();
+    let jwks_path = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
+    let dek = "f0e1d2c3b4a5968778695a4b3c2d1e0f";
+    let opened = |envelope: &str| {
+        let e =
+            Envelope::parse(envelope.trim_end().as_bytes(), &EnvelopeLimits::default()).unwrap();
+        let dek = open_envelope(&e, escrow.public(), |e| software_dh(&escrow, e)).unwrap();
+        hex::encode(&*dek)
+    };
+    let base = [
+        "--jwks",
+        jwks_path.to_str().unwrap(),
+        "--kid",
+        "2026-11",
+        "--target",
+        "acct:alice@example.com",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--provider",
+        "spiffe://provider.example/mail",
+    ];
+    let parse = |extra: &[&str]| {
+        let mut argv = vec!["lavd", "seal"];
+        argv.extend(base);
+        argv.extend(extra);
+        Cmd::try_parse_from(argv)
+    };
+
+    // A file, with its line end.
+    let file = write(dir.path(), "dek", &format!("{dek}\n"));
+    let Ok(Cmd::Seal(args)) = parse(&["--dek-file", file.to_str().unwrap()]) else {
+        panic!("--dek-file refused")
+    };
+    let mut out = Vec::new();
+    args.run_with(&mut out, &mut Vec::new()).unwrap();
+    assert_eq!(opened(&String::from_utf8(out).unwrap()), dek);
+
+    // Standard input, through the real binary.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lavd"))
+        .arg("seal")
+        .args(base)
+        .args(["--dek-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{dek}\n").as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{output:?}");
+    assert_eq!(opened(&String::from_utf8(output.stdout).unwrap()), dek);
+
+    // Not hex, too short, or too long a file: refused, naming the file.
+    for bad in ["zz\n", "00ff\n", &"0".repeat(300)] {
+        let file = write(dir.path(), "bad", bad);
+        let Ok(Cmd::Seal(args)) = parse(&["--dek-file", file.to_str().unwrap()]) else {
+            panic!("parse")
+        };
+        let e = args.run_with(&mut Vec::new(), &mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("bad"), "{e}");
+    }
+    // Both, or neither.
+    let both = parse(&["--dek-file", "-", "--dek-hex", dek]).err().unwrap();
+    assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);
+    let neither = parse(&[]).err().unwrap();
+    assert_eq!(
+        neither.kind(),
+        clap::error::ErrorKind::MissingRequiredArgument
+    );
+}

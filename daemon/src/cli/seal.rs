@@ -73,10 +73,51 @@ pub struct SealArgs {
     /// Optional opaque message reference (at most 256 bytes).
     #[arg(long = "ref", value_name = "REF")]
     pub reference: Option<String>,
-    /// The DEK in hex, 16 to 64 bytes. Visible in the process list: use this
-    /// tool only where that is acceptable.
-    #[arg(long, value_name = "HEX")]
-    pub dek_hex: DekHex,
+    /// The DEK in hex, 16 to 64 bytes. Visible in the process list and the
+    /// shell's history: prefer `--dek-file`.
+    #[arg(long, value_name = "HEX", required_unless_present = "dek_file")]
+    pub dek_hex: Option<DekHex>,
+    /// A file holding the DEK in hex (one line), or `-` for standard input:
+    /// kept out of the process list.
+    #[arg(long, value_name = "FILE", conflicts_with = "dek_hex")]
+    pub dek_file: Option<PathBuf>,
+}
+
+/// The most a `--dek-file` holds: 64 bytes in hex and a line end, with room.
+const MAX_DEK_FILE_BYTES: u64 = 256;
+
+impl SealArgs {
+    /// The DEK, from `--dek-hex` or `--dek-file`.
+    fn dek(&self) -> anyhow::Result<DekHex> {
+        use std::io::Read as _;
+        if let Some(dek) = &self.dek_hex {
+            return Ok(DekHex(dek.0.clone()));
+        }
+        let Some(path) = &self.dek_file else {
+            bail!("give the DEK with --dek-file or --dek-hex");
+        };
+        let mut text = Zeroizing::new(Vec::new());
+        let read = if path.as_os_str() == "-" {
+            std::io::stdin()
+                .lock()
+                .take(MAX_DEK_FILE_BYTES + 1)
+                .read_to_end(&mut text)
+        } else {
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_DEK_FILE_BYTES + 1).read_to_end(&mut text))
+        };
+        read.with_context(|| format!("cannot read {}", path.display()))?;
+        if text.len() as u64 > MAX_DEK_FILE_BYTES {
+            bail!(
+                "{}: more than {MAX_DEK_FILE_BYTES} bytes: not a DEK in hex",
+                path.display()
+            );
+        }
+        let text =
+            std::str::from_utf8(&text).map_err(|_| anyhow!("{}: not hex", path.display()))?;
+        DekHex::from_str(text.trim_end_matches(['\n', '\r']))
+            .map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
 }
 
 impl SealArgs {
@@ -111,7 +152,8 @@ impl SealArgs {
             header = header.reference(reference);
         }
         let header = header.build().context("invalid header")?;
-        let envelope = seal_envelope(&public, &header, &self.dek_hex.0).context("sealing")?;
+        let dek = self.dek()?;
+        let envelope = seal_envelope(&public, &header, &dek.0).context("sealing")?;
         writeln!(out, "{}", envelope.to_json())?;
         Ok(())
     }
