@@ -228,7 +228,8 @@ impl UrgentStatus {
 /// counted in the period of its first such leaf (`first`). Then:
 /// - replaced: a later `unwrap` leaf with the same id and `emergency:
 ///   false`, or a `warrant_refused` leaf `emergency_superseded` with the
-///   same id (the first of these is `replaced_at`);
+///   same id (the first of these is `replaced_at`), unless an
+///   `emergency_expired` refusal came before it;
 /// - lapsed: not replaced, and a `warrant_refused` leaf `emergency_expired`
 ///   with the same id, or `as_of >= first + max_hours` (the emergency rule of
 ///   the last `authorities_loaded` leaf before `first`; the urgent period
@@ -480,7 +481,8 @@ struct UrgentTrack {
     first: Option<OffsetDateTime>,
     last_use: Option<OffsetDateTime>,
     replaced_at: Option<OffsetDateTime>,
-    expired_refusal: bool,
+    /// The first `emergency_expired` refusal naming it.
+    expired_refusal: Option<OffsetDateTime>,
     max_hours: Option<u32>,
 }
 
@@ -494,8 +496,13 @@ impl UrgentTrack {
 
     fn outcome(&self, as_of: OffsetDateTime) -> Option<(UrgentStatus, i64)> {
         let first = self.first?;
+        // Replaced, unless the log shows it lapsed first: an
+        // `emergency_expired` refusal before the replacement's first use is
+        // the daemon's record that the urgent period ended unreplaced.
         if let Some(at) = self.replaced_at {
-            return Some((UrgentStatus::Replaced, (at - first).whole_seconds()));
+            if self.expired_refusal.is_none_or(|lapsed| lapsed > at) {
+                return Some((UrgentStatus::Replaced, (at - first).whole_seconds()));
+            }
         }
         let used = self
             .last_use
@@ -505,7 +512,7 @@ impl UrgentTrack {
             // Past the last representable time, the period never ends.
             .and_then(|h| first.checked_add(Duration::hours(i64::from(h))))
             .is_some_and(|end| as_of >= end);
-        let status = if self.expired_refusal || period_over {
+        let status = if self.expired_refusal.is_some() || period_over {
             UrgentStatus::Lapsed
         } else {
             UrgentStatus::Pending
@@ -673,7 +680,7 @@ impl Report {
                     if r.reason() == EMERGENCY_EXPIRED {
                         let t = tracks.entry(id).or_default();
                         t.seen(leaf.time, max_hours);
-                        t.expired_refusal = true;
+                        t.expired_refusal.get_or_insert(leaf.time);
                     } else if r.reason() == EMERGENCY_SUPERSEDED {
                         if let Some(t) = tracks.get_mut(id) {
                             t.replaced_at.get_or_insert(leaf.time);

@@ -297,6 +297,32 @@ fn an_urgent_warrant_lapses_by_the_policy_hours_alone() {
     assert_eq!((r.urgent.lapsed, r.urgent.pending), (0, 1));
 }
 
+/// Used under the urgent rule, refused as expired once its period ended,
+/// and only then used fully signed: the log shows it lapsed before it was
+/// replaced. A replacement seen before any such refusal is a replacement.
+#[test]
+fn an_urgent_warrant_refused_as_expired_before_its_replacement_lapsed() {
+    let u = warrant("W-U", true);
+    let full = warrant("W-U", false);
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-01 10:00 UTC), opened(A, &u, 1)),
+        (
+            datetime!(2026-05-04 18:00 UTC),
+            refused(A, Some("W-U"), "emergency_expired"),
+        ),
+        (datetime!(2026-05-31 10:00 UTC), opened(A, &full, 2)),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (1, 0));
+    // Replaced first, refused later (a stale copy presented again): replaced.
+    let mut swapped = events.clone();
+    swapped[2].0 = datetime!(2026-06-01 10:00 UTC);
+    swapped.sort_by_key(|(t, _)| *t);
+    let r = build(&swapped, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (0, 1));
+}
+
 /// An urgent warrant first used so late that `max_hours` more would pass
 /// the last representable time: still pending, not a panic.
 #[test]
