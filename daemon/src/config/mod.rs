@@ -617,13 +617,13 @@ impl Validator<'_> {
 }
 
 #[cfg(unix)]
-fn readable_by_others(file: &Path) -> bool {
+pub(super) fn readable_by_others(file: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(file).is_ok_and(|meta| meta.permissions().mode() & 0o007 != 0)
 }
 
 #[cfg(not(unix))]
-fn readable_by_others(_: &Path) -> bool {
+pub(super) fn readable_by_others(_: &Path) -> bool {
     false
 }
 

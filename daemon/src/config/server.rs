@@ -315,9 +315,16 @@ impl Validator<'_> {
             ));
         }
         let min_version = self.tls_version(raw.min_version.as_deref())?;
+        let key = self.path(&raw.key);
+        if super::readable_by_others(&key) {
+            self.warnings.borrow_mut().push(format!(
+                "the TLS private key {} is readable by other users; chmod 600 it",
+                key.display()
+            ));
+        }
         Ok(TlsSettings {
             cert: self.path(&raw.cert),
-            key: self.path(&raw.key),
+            key,
             client_cas: raw.client_cas.iter().map(|p| self.path(p)).collect(),
             crls: raw.crls.iter().map(|p| self.path(p)).collect(),
             min_version,

@@ -267,6 +267,31 @@ fn a_pin_file_readable_by_others_is_a_warning() {
     assert!(s.warnings[0].contains("chmod 600"), "{:?}", s.warnings);
 }
 
+#[test]
+fn a_tls_key_readable_by_others_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(&path, format!("{GOOD}{TLS}")).unwrap();
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    std::fs::set_permissions(&pin, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::create_dir(dir.path().join("tls")).unwrap();
+    let key = dir.path().join("tls/server.key");
+    std::fs::write(&key, "not read here").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let s = Settings::load(&path, &MapEnv(HashMap::new())).unwrap();
+    assert!(s.warnings.is_empty(), "{:?}", s.warnings);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let s = Settings::load(&path, &MapEnv(HashMap::new())).unwrap();
+    assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+    assert!(
+        s.warnings[0].contains("TLS private key") && s.warnings[0].contains("chmod 600"),
+        "{:?}",
+        s.warnings
+    );
+}
+
 const PG: &str = r#"
 [hsm]
 module = "/usr/lib/softhsm/libsofthsm2.so"
