@@ -264,7 +264,9 @@ where
     }
 
     fn run(&self, index: usize) {
-        let input = self.lock().inputs[index].take();
+        // Empty when the caller gave up between this job's claim and now
+        // (it cleared the inputs): the job does not run.
+        let input = self.lock().inputs.get_mut(index).and_then(Option::take);
         let outcome = match input {
             Some(input) => {
                 match catch_unwind(AssertUnwindSafe(|| (self.job)(&self.context, input))) {
@@ -293,7 +295,9 @@ where
         }
         state.stopped |= stop;
         state.progress = Instant::now();
-        state.outcomes[index] = outcome;
+        if let Some(slot) = state.outcomes.get_mut(index) {
+            *slot = outcome;
+        }
         if state.settled() {
             self.settled.notify_all();
         }
@@ -377,12 +381,22 @@ impl Spreader {
             if waited >= self.call_timeout {
                 // No job started or finished for a whole deadline: give
                 // up. Running jobs keep their outcome `TimedOut` and are
-                // counted stuck until they return; the rest never start.
+                // counted stuck until they return. The rest never start:
+                // no worker was free within the deadline (others hang, or
+                // are that far behind), so they are `TimedOut` too, not
+                // `NotRun` (which says an earlier outcome stopped the
+                // batch, and would let the jobs that did finish be
+                // released).
                 state.stopped = true;
                 state.abandoned = true;
+                let unstarted = state.inputs.len() - state.next;
+                let next = state.next;
+                for outcome in &mut state.outcomes[next..] {
+                    *outcome = JobOutcome::TimedOut;
+                }
                 self.stuck.fetch_add(state.running, Ordering::SeqCst);
                 self.timed_out
-                    .fetch_add(state.running as u64, Ordering::SeqCst);
+                    .fetch_add((state.running + unstarted) as u64, Ordering::SeqCst);
                 tracing::warn!(
                     running = state.running,
                     timeout_ms = self.call_timeout.as_millis() as u64,
@@ -517,10 +531,11 @@ mod tests {
             never,
         );
         let waited = started.elapsed();
-        assert!(matches!(outcomes[0], JobOutcome::TimedOut), "{outcomes:?}");
-        assert!(outcomes[1..]
-            .iter()
-            .all(|o| matches!(o, JobOutcome::NotRun)));
+        // The hung job and the two no worker was free for.
+        assert!(
+            outcomes.iter().all(|o| matches!(o, JobOutcome::TimedOut)),
+            "{outcomes:?}"
+        );
         // The deadline, not the hang; generous upper bound for a loaded
         // 2-core machine.
         assert!(
@@ -542,6 +557,80 @@ mod tests {
         assert_eq!(spreader.stuck(), 0);
         let outcomes = spreader.spread((), vec![7usize], |(), i| i, never);
         assert!(matches!(outcomes[..], [JobOutcome::Done(7)]));
+        spreader.close();
+    }
+
+    /// A batch whose jobs got no worker within the deadline (the workers
+    /// went to another batch's hung call) is given up with those jobs
+    /// `TimedOut`: before, they came back `NotRun`, and the jobs that had
+    /// finished were released as if an earlier outcome had stopped it.
+    #[test]
+    fn jobs_that_got_no_worker_within_the_deadline_time_out() {
+        let spreader = Spreader::start(1, Duration::from_millis(200)).unwrap();
+        let (first_running, first_runs) = std::sync::mpsc::channel::<()>();
+        let (finish_first, first_may_finish) = std::sync::mpsc::channel::<()>();
+        let first_may_finish = Mutex::new(first_may_finish);
+        let b = spreader.submit_batch(
+            (),
+            vec![0usize, 1, 2],
+            move |(), i| {
+                if i == 0 {
+                    first_running.send(()).unwrap();
+                    first_may_finish.lock().unwrap().recv().unwrap();
+                }
+                i
+            },
+            never,
+        );
+        first_runs.recv().unwrap();
+        // Another batch, whose call hangs, joins the ring behind it.
+        let release = Arc::new(std::sync::Barrier::new(2));
+        let r = release.clone();
+        let x = spreader.submit_batch(
+            (),
+            vec![9usize],
+            move |(), i| {
+                r.wait();
+                i
+            },
+            never,
+        );
+        finish_first.send(()).unwrap();
+        let outcomes = spreader.wait(b);
+        assert!(matches!(outcomes[0], JobOutcome::Done(0)), "{outcomes:?}");
+        assert!(
+            outcomes.iter().any(|o| matches!(o, JobOutcome::TimedOut)),
+            "{outcomes:?}"
+        );
+        assert!(
+            !outcomes.iter().any(|o| matches!(o, JobOutcome::NotRun)),
+            "{outcomes:?}"
+        );
+        assert!(spreader.timed_out() >= 1);
+        // The hung call returns; its own caller never waited (dropped).
+        drop(x);
+        release.wait();
+        spreader.close();
+    }
+
+    /// A job claimed by a worker that is then held off the CPU past the
+    /// deadline runs after its caller gave up and cleared the inputs: it
+    /// does nothing, and is no longer counted stuck. Before, it indexed the
+    /// cleared inputs, panicked, killed its worker and stayed stuck.
+    #[test]
+    fn a_job_claimed_before_the_caller_gave_up_and_run_after_does_nothing() {
+        let spreader = Spreader::start(0, Duration::from_millis(50)).unwrap();
+        let submitted = spreader.submit_batch((), vec![1usize], |(), i| i, never);
+        let batch = submitted.batch.clone().unwrap();
+        let index = batch.claim().unwrap();
+        assert!(matches!(
+            spreader.wait(submitted)[..],
+            [JobOutcome::TimedOut]
+        ));
+        assert_eq!(spreader.stuck(), 1);
+        let ran = catch_unwind(AssertUnwindSafe(|| batch.run(index)));
+        assert!(ran.is_ok(), "the late job panicked");
+        assert_eq!(spreader.stuck(), 0);
         spreader.close();
     }
 
