@@ -233,12 +233,22 @@ impl Hsm {
         })
     }
 
-    /// The public key of escrow key `kid`, read from the token.
+    /// The public key of escrow key `kid`, read from the token on an HSM
+    /// worker, waiting at most the call deadline (a request path calls it:
+    /// `GET /v1/keys`). Blocking; never call it from an HSM worker.
     ///
     /// # Errors
-    /// [`HsmError::KeyNotFound`] if the token has no such key.
+    /// [`HsmError::KeyNotFound`] if the token has no such key,
+    /// [`HsmError::Timeout`], or the failing PKCS#11 call.
     pub fn escrow_public_key(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
-        let label = escrow_label(kid);
+        self.start_call("escrow_public_key", escrow_label(kid), |hsm, label| {
+            hsm.escrow_public_key_here(&label)
+        })
+        .wait()
+    }
+
+    fn escrow_public_key_here(&self, label: &str) -> Result<P256PublicKey, HsmError> {
+        let label = label.to_string();
         self.with_session("escrow_public_key", |session| {
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?.ok_or_else(|| {
                 HsmError::KeyNotFound {
@@ -258,7 +268,7 @@ impl Hsm {
     /// The failing PKCS#11 call.
     pub fn escrow_key_present(&self, kid: &str) -> Result<bool, HsmError> {
         let label = escrow_label(kid);
-        let _shared = self.shared();
+        let _shared = self.shared("escrow_key_present")?;
         let session = self.new_session(self.inner.pool_slot())?;
         Ok(find_one(&session, ObjectClass::PRIVATE_KEY, &label)?.is_some())
     }
@@ -391,11 +401,21 @@ impl Hsm {
         })
     }
 
-    /// The audit key's public half.
+    /// The audit key's public half, read on an HSM worker, waiting at most
+    /// the call deadline (request paths and `/readyz` call it). Blocking;
+    /// never call it from an HSM worker.
     ///
     /// # Errors
-    /// [`HsmError::KeyNotFound`] if there is no audit key under `label`.
+    /// [`HsmError::KeyNotFound`] if there is no audit key under `label`,
+    /// [`HsmError::Timeout`], or the failing PKCS#11 call.
     pub fn audit_key(&self, label: &str) -> Result<AuditKeyInfo, HsmError> {
+        self.start_call("audit_public_key", label.to_string(), |hsm, label| {
+            hsm.audit_key_here(&label)
+        })
+        .wait()
+    }
+
+    fn audit_key_here(&self, label: &str) -> Result<AuditKeyInfo, HsmError> {
         self.with_session("audit_public_key", |session| {
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(|| {
                 HsmError::KeyNotFound {

@@ -429,7 +429,7 @@ impl Hsm {
         retry: bool,
         f: impl Fn(&Session) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
-        let _shared = self.shared();
+        let _shared = self.shared(op)?;
         let started = Instant::now();
         let result = self.try_with_session(&f).or_else(|e| {
             if e.is_session_lost() {
@@ -565,8 +565,17 @@ impl Hsm {
         self.login().refused.clone()
     }
 
-    pub(crate) fn shared(&self) -> GateGuard<'_> {
-        self.inner.gate.shared()
+    /// A shared hold on the module (no reset runs under it), waiting at
+    /// most the call deadline for a reset to finish.
+    ///
+    /// # Errors
+    /// [`HsmError::Timeout`] naming `op`.
+    pub(crate) fn shared(&self, op: &'static str) -> Result<GateGuard<'_>, HsmError> {
+        let after = self.inner.settings.call_timeout;
+        self.inner
+            .gate
+            .shared_within(after)
+            .ok_or(HsmError::Timeout { op, after })
     }
 
     /// The readiness check of a daemon signing with key `label`: a
@@ -723,19 +732,37 @@ impl Gate {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    #[cfg(test)]
     fn shared(&self) -> GateGuard<'_> {
+        loop {
+            if let Some(guard) = self.shared_within(std::time::Duration::from_secs(3600)) {
+                return guard;
+            }
+        }
+    }
+
+    /// A shared hold, waiting at most `timeout` for a reset (a writer) to
+    /// finish: a reset stuck in `C_Initialize` of a module that hangs holds
+    /// callers back for at most that long, not for ever.
+    fn shared_within(&self, timeout: std::time::Duration) -> Option<GateGuard<'_>> {
+        let deadline = Instant::now() + timeout;
         let mut state = self.lock();
         while state.writer || state.writers_waiting > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
             state = self
                 .changed
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
         }
         state.readers += 1;
-        GateGuard {
+        Some(GateGuard {
             gate: self,
             exclusive: false,
-        }
+        })
     }
 
     fn exclusive(&self, timeout: std::time::Duration) -> Option<GateGuard<'_>> {
@@ -890,6 +917,20 @@ pub fn init_dev_token(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A reset that hangs (in `C_Initialize` of a network HSM's client)
+    /// holds calls back for at most their deadline: before, they waited
+    /// for it without bound, each on a blocking thread.
+    #[test]
+    fn a_call_waits_for_a_reset_at_most_its_deadline() {
+        let gate = Gate::default();
+        let reset = gate.exclusive(Duration::from_millis(100)).unwrap();
+        let started = Instant::now();
+        assert!(gate.shared_within(Duration::from_millis(100)).is_none());
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        drop(reset);
+        assert!(gate.shared_within(Duration::from_millis(100)).is_some());
+    }
 
     #[test]
     fn a_reset_waits_for_running_calls_at_most_its_deadline_and_holds_back_new_ones() {

@@ -1,0 +1,65 @@
+//! The HSM reads a request makes outside the envelope batch (the escrow
+//! keys' public halves for `GET /v1/keys`, the audit key's for the check
+//! that follows a missing escrow key) run on the HSM workers under the call
+//! deadline, as the envelope opens and the checkpoint signature do. A module
+//! that hangs in `C_FindObjectsInit` is answered 503 `hsm_unavailable`
+//! within the deadline; before, the request waited as long as the module
+//! did, on a blocking thread of its own.
+
+use std::time::{Duration, Instant};
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+
+#[test]
+fn a_hung_key_read_is_answered_within_the_call_deadline() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 1000\n",
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    assert_eq!(c.provider.get("/v1/keys").status, 200);
+
+    // The first read (the audit key's), then the second (the escrow key's).
+    for after in [0, 1] {
+        shim.set(&format!(
+            "fault = hang\nfault_calls = C_FindObjectsInit\nfault_after = {after}"
+        ));
+        let faults = shim.faults();
+        let (answer, took) = std::thread::scope(|s| {
+            // Whatever happens, the fault clears after 15 s, so that a
+            // request that waits for the module ends (and the test fails,
+            // not hangs).
+            let clear = s.spawn(|| {
+                std::thread::sleep(Duration::from_secs(15));
+                shim.set("");
+            });
+            let started = Instant::now();
+            let answer = c.provider.get("/v1/keys");
+            let took = started.elapsed();
+            clear.join().unwrap();
+            (answer, took)
+        });
+        answer.assert_error(503, "hsm_unavailable");
+        assert!(
+            took < Duration::from_secs(6),
+            "read {after}: answered after {took:?}"
+        );
+        assert!(
+            shim.faults() > faults,
+            "read {after} never reached the module"
+        );
+        // The hung call returned when the fault cleared: service again.
+        daemon.wait_readyz(200);
+        assert_eq!(c.provider.get("/v1/keys").status, 200);
+    }
+}
