@@ -2,7 +2,7 @@
 //! `rate_limited` with `Retry-After`, on any connection; other identities
 //! are not affected.
 
-use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::server::{serve_config, uri, Daemon, Pki};
 use softhsm_tests::TestToken;
 
 const NOISY: &str = "spiffe://provider.example/noisy";
@@ -48,4 +48,25 @@ fn an_identity_past_its_burst_gets_429_and_others_do_not() {
         ),
         3.0
     );
+}
+
+/// A certificate without exactly one URI SAN has no identity to rate-limit
+/// by: its request is answered 403 `invalid_client_identity` and the
+/// connection is closed, so that each further try costs a handshake (and
+/// counts against the connection limit). Before, the connection stayed
+/// open for as many unthrottled 403s as the client liked.
+#[test]
+fn a_certificate_without_an_identity_gets_its_connection_closed() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{NOISY}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    let two = pki.clients.client(vec![uri(NOISY), uri(QUIET)]);
+    let mut conn = pki.client(daemon.api, Some(&two)).connect().unwrap();
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    r.assert_error(403, "invalid_client_identity");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(conn.closed_within(std::time::Duration::from_secs(5)));
 }

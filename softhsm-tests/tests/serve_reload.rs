@@ -173,6 +173,38 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
     );
 }
 
+/// The rate limit is checked before the certificate is checked again: a
+/// request over its identity's limit costs no certificate work (a client
+/// can make every request re-check its chain). Here the certificate was
+/// revoked by a reload: past the limit the request is 429; the first
+/// request within it again is refused and the connection closed.
+#[test]
+fn the_rate_limit_comes_before_the_certificate_check() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let revoked = pki.clients.identity(PROVIDER);
+    pki.write("clients.crl.pem", &pki.clients.crl(&[]));
+    // Two requests, then one every 5 s.
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n{}[limits]\nrate_limit_per_second = 0.2\n\
+         rate_limit_burst = 2\n",
+        roles(&[PROVIDER])
+    )));
+    let daemon = Daemon::start(&t);
+    let mut a = pki.client(daemon.api, Some(&revoked)).connect().unwrap();
+    for _ in 0..2 {
+        assert_eq!(a.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
+    }
+    pki.write("clients.crl.pem", &pki.clients.crl(&[&revoked]));
+    reload(&daemon);
+    let r = a.request("GET", "/v1/keys", &[], None).unwrap();
+    r.assert_error(429, "rate_limited");
+    std::thread::sleep(Duration::from_millis(5100));
+    let r = a.request("GET", "/v1/keys", &[], None).unwrap();
+    r.assert_error(403, "client_certificate_rejected");
+    assert!(a.closed_within(Duration::from_secs(5)));
+}
+
 /// A connection keeps its certificate check between requests only until a
 /// CRL's `nextUpdate` (with `enforce_crl_expiry`, the default): after it,
 /// the next request on an open connection is refused.

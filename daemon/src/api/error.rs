@@ -193,9 +193,14 @@ impl ApiError {
                 headers.insert(header::RETRY_AFTER, v);
             }
         }
-        if matches!(self, ApiError::CertificateRejected(_)) {
+        if matches!(
+            self,
+            ApiError::CertificateRejected(_) | ApiError::InvalidClientIdentity(_)
+        ) {
             // The connection's certificate will not pass again: make the
-            // client reconnect (and be checked) rather than retry on it.
+            // client reconnect (and be checked) rather than retry on it. (A
+            // certificate without one URI SAN has no identity to rate-limit
+            // by: each try costs it a handshake.)
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response.extensions_mut().insert(ErrorCode(self.code()));

@@ -284,11 +284,14 @@ where
                 Ok(uri) => uri.clone(),
                 Err(e) => return early(ApiError::InvalidClientIdentity(e.clone()), body),
             };
-            if let Err(e) = admit(state, conn, &live) {
-                return early(e, body);
-            }
+            // The rate limit first: a request over it costs no certificate
+            // work (a client can make every request re-check its chain,
+            // e.g. with an expired extra certificate in it).
             if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
                 return early(ApiError::RateLimited { retry_after }, body);
+            }
+            if let Err(e) = admit(state, conn, &live) {
+                return early(e, body);
             }
             let roles = live.roles.roles(&uri);
             (uri, roles)
