@@ -212,6 +212,24 @@ pub fn seal(
     serde_json::from_str(&envelope.to_json()).expect("envelope JSON")
 }
 
+/// `n` envelopes to escrow key `E-1` for [`TARGET`], the i-th sent i+1
+/// minutes ago with reference `{tag}-{i}` and DEK `{tag}-{i}-sixteen-bytes-dek`.
+pub fn batch(escrow: &P256PublicKey, tag: &str, n: usize) -> Vec<serde_json::Value> {
+    let now = OffsetDateTime::now_utc();
+    (0..n)
+        .map(|i| {
+            seal(
+                escrow,
+                "E-1",
+                TARGET,
+                now - Duration::minutes(i as i64 + 1),
+                &format!("{tag}-{i}"),
+                format!("{tag}-{i}-sixteen-bytes-dek").as_bytes(),
+            )
+        })
+        .collect()
+}
+
 /// The header bytes of each envelope (empty where there is none), as
 /// `open_reply` wants them.
 pub fn headers(envelopes: &[serde_json::Value]) -> Vec<Vec<u8>> {

@@ -12,25 +12,8 @@
 use std::time::Duration;
 
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
-use time::OffsetDateTime;
-
-fn batch(escrow: &lavd::jwk::P256PublicKey, tag: &str, n: usize) -> Vec<serde_json::Value> {
-    let now = OffsetDateTime::now_utc();
-    (0..n)
-        .map(|i| {
-            vault::seal(
-                escrow,
-                "E-1",
-                TARGET,
-                now - time::Duration::minutes(i as i64 + 1),
-                &format!("{tag}-{i}"),
-                format!("{tag}-{i}-sixteen-bytes-dek").as_bytes(),
-            )
-        })
-        .collect()
-}
 
 /// The `opened` leaves of warrant `id` in the whole log.
 fn opened_leaves(auditor: &Client, id: &str) -> usize {
@@ -70,7 +53,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
     };
 
     // Forwarding: the module is transparent.
-    let r = unwrap(&batch(&escrow, "clean", 2));
+    let r = unwrap(&vault::batch(&escrow, "clean", 2));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["ok", "ok"]);
     assert_eq!(opened_leaves(&c.auditor, id), 2);
@@ -81,7 +64,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
     for (opened, fault) in (2..).zip(faults) {
         let before = shim.faults();
         shim.set(&format!("fault = {fault}\nfault_calls = C_DeriveKey"));
-        let r = unwrap(&batch(&escrow, fault, 3));
+        let r = unwrap(&vault::batch(&escrow, fault, 3));
         r.assert_error(503, "hsm_unavailable");
         assert!(
             shim.faults() > before,
@@ -95,7 +78,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
 
         // Cleared: the same daemon opens again.
         shim.set("");
-        let r = unwrap(&batch(&escrow, &format!("{fault}-after"), 1));
+        let r = unwrap(&vault::batch(&escrow, &format!("{fault}-after"), 1));
         assert_eq!(r.status, 200, "{fault}: {}", r.text());
         assert_eq!(vault::statuses(&r.json()), ["ok"]);
     }
@@ -104,7 +87,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
     // A hung derive holds its request until the fault clears, then the
     // request completes normally.
     shim.set("fault = hang\nfault_calls = C_DeriveKey");
-    let envelopes = batch(&escrow, "hang", 1);
+    let envelopes = vault::batch(&escrow, "hang", 1);
     let pending = std::thread::scope(|s| {
         let request = s.spawn(|| unwrap(&envelopes));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -122,7 +105,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
     assert_eq!(opened_leaves(&c.auditor, id), 6);
 
     // The budget is spent exactly: nothing went to the failed requests.
-    let r = unwrap(&batch(&escrow, "over", 1));
+    let r = unwrap(&vault::batch(&escrow, "over", 1));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
 }

@@ -10,25 +10,8 @@
 
 use rustix::process::Signal;
 use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
-use time::OffsetDateTime;
-
-fn batch(escrow: &lavd::jwk::P256PublicKey, tag: &str, n: usize) -> Vec<serde_json::Value> {
-    let now = OffsetDateTime::now_utc();
-    (0..n)
-        .map(|i| {
-            vault::seal(
-                escrow,
-                "E-1",
-                TARGET,
-                now - time::Duration::minutes(i as i64 + 1),
-                &format!("{tag}-{i}"),
-                format!("{tag}-{i}-sixteen-bytes-dek").as_bytes(),
-            )
-        })
-        .collect()
-}
 
 fn reload(daemon: &Daemon) {
     daemon.signal(Signal::HUP);
@@ -58,7 +41,7 @@ fn a_refused_pin_is_tried_once_until_a_reload() {
         vault::post(
             &c.agency,
             "/v1/unwrap",
-            &serde_json::json!({"warrant": warrant, "envelopes": batch(&escrow, tag, n)}),
+            &serde_json::json!({"warrant": warrant, "envelopes": vault::batch(&escrow, tag, n)}),
         )
     };
 
