@@ -46,6 +46,14 @@ fn loosen_policy(t: &TestToken) {
     std::fs::write(t.config(), loosened).unwrap();
 }
 
+/// Rewrites the config so that the agency's identity has no role.
+fn take_the_agency_role(t: &TestToken) {
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
+    assert!(config.contains(&agency_role), "{config}");
+    std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
+}
+
 #[test]
 fn trust_changes_are_logged_before_they_apply() {
     let t = TestToken::new();
@@ -244,10 +252,7 @@ fn a_reload_while_the_body_is_read_applies_to_the_whole_request() {
     std::thread::sleep(std::time::Duration::from_millis(500));
 
     loosen_policy(t);
-    let config = std::fs::read_to_string(t.config()).unwrap();
-    let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
-    assert!(config.contains(&agency_role), "{config}");
-    std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
+    take_the_agency_role(t);
     reload(daemon);
 
     conn.send(rest).unwrap();
@@ -355,10 +360,7 @@ fn a_reload_while_a_request_waits_at_the_gate_decides_it() {
         assert!(!queued.is_finished(), "the second request did not wait");
 
         loosen_policy(&t);
-        let config = std::fs::read_to_string(t.config()).unwrap();
-        let agency_role = format!("\"{}\" = [\"agency\"]\n", vault::AGENCY);
-        assert!(config.contains(&agency_role), "{config}");
-        std::fs::write(t.config(), config.replace(&agency_role, "")).unwrap();
+        take_the_agency_role(&t);
         reload(&daemon);
         shim.set("");
         (held.join().unwrap(), queued.join().unwrap())
