@@ -311,7 +311,7 @@ pub fn destroy(
     // The leaf's `forced` means "destroyed before its destroy_after": a
     // `--force` after that date is a retention destruction in the log (the
     // operator's text stays in the store row).
-    let forced = now <= record.destroy_after;
+    let forced = now < record.destroy_after;
     let code = if forced { "forced" } else { "retention" };
     if record.destroyed_at.is_none() {
         let event: Event = KeyDestroyed::new(kid, code, forced, None)

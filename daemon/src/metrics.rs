@@ -128,7 +128,7 @@ impl Metrics {
         let hsm_login_refused = gauge(
             "lavd_hsm_login_refused",
             "1 while the token has refused the PIN and no login is tried again (sessions \
-             already logged in still serve): replace the PIN and reload.",
+             already logged in still serve): put the new PIN in place and reload.",
         )?;
         let hsm_calls_stuck = gauge(
             "lavd_hsm_calls_stuck",

@@ -16,12 +16,17 @@
  *                              # module's own work runs inside it, as a
  *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
- *           | pin_incorrect         # CKR_PIN_INCORRECT (with fault_calls = C_Login)
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below
  *   fault_after = 0            # matching calls let through first (since the last change)
  *   fault_probability = 1.0    # chance that a matching call after that fails
  *   fault_limit = 0            # most faults to inject (0: no limit)
  *   stats = /path/to/file      # where "calls N" / "faults N" are written after each fault
+ *   pin = NEW:REAL             # the user PIN was changed on the token to NEW:
+ *                              # C_Login as user with NEW is forwarded with REAL
+ *                              # (the forwarded token's PIN); with anything else it
+ *                              # returns CKR_PIN_INCORRECT, counted as a fault.
+ *                              # The PIN is checked on every C_Login, logged in or
+ *                              # not, as some tokens do. Independent of `fault`.
  *
  * `hang` blocks the call until the file no longer says `hang`, then forwards
  * it. C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
@@ -59,6 +64,8 @@ struct settings {
 	double fault_probability;
 	unsigned long fault_limit;
 	char stats[4096];
+	char pin_new[256];  /* empty: no PIN change */
+	char pin_real[256];
 };
 
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -138,9 +145,6 @@ static int parse(const char *path, struct settings *out)
 			} else if (!strcmp(value, "device_error")) {
 				out->fault = FAULT_RV;
 				out->fault_rv = CKR_DEVICE_ERROR;
-			} else if (!strcmp(value, "pin_incorrect")) {
-				out->fault = FAULT_RV;
-				out->fault_rv = CKR_PIN_INCORRECT;
 			} else {
 				fprintf(stderr, "lavd-pkcs11-shim: %s: unknown fault `%s`\n", path, value);
 				abort();
@@ -156,6 +160,15 @@ static int parse(const char *path, struct settings *out)
 			out->fault_probability = strtod(value, NULL);
 		} else if (!strcmp(key, "fault_limit")) {
 			out->fault_limit = strtoul(value, NULL, 10);
+		} else if (!strcmp(key, "pin")) {
+			char *colon = strchr(value, ':');
+			if (!colon) {
+				fprintf(stderr, "lavd-pkcs11-shim: %s: pin is NEW:REAL\n", path);
+				abort();
+			}
+			*colon = 0;
+			snprintf(out->pin_new, sizeof out->pin_new, "%s", value);
+			snprintf(out->pin_real, sizeof out->pin_real, "%s", colon + 1);
 		} else if (!strcmp(key, "stats")) {
 			snprintf(out->stats, sizeof out->stats, "%s", value);
 		} else {
@@ -335,7 +348,38 @@ FWD(C_CloseAllSessions, (ck_slot_id_t slot_id), (slot_id))
 FWD(C_GetSessionInfo, (ck_session_handle_t session, struct ck_session_info *info), (session, info))
 FWD(C_GetOperationState, (ck_session_handle_t session, unsigned char *operation_state, unsigned long *operation_state_len), (session, operation_state, operation_state_len))
 FWD(C_SetOperationState, (ck_session_handle_t session, unsigned char *operation_state, unsigned long operation_state_len, ck_object_handle_t encryption_key, ck_object_handle_t authentiation_key), (session, operation_state, operation_state_len, encryption_key, authentiation_key))
-FWD(C_Login, (ck_session_handle_t session, ck_user_type_t user_type, unsigned char *pin, unsigned long pin_len), (session, user_type, pin, pin_len))
+/* C_Login, with the PIN change of `pin = NEW:REAL` applied. */
+static ck_rv_t shim_C_Login(ck_session_handle_t session, ck_user_type_t user_type,
+			    unsigned char *pin, unsigned long pin_len)
+{
+	struct timespec until;
+	ck_rv_t rv = before("C_Login", &until);
+	if (rv != CKR_OK)
+		return rv;
+	char real_pin[256];
+	int changed = 0;
+	pthread_mutex_lock(&lock);
+	if (cfg.pin_new[0] && user_type == CKU_USER) {
+		changed = 1;
+		size_t n = strlen(cfg.pin_new);
+		if (!pin || pin_len != n || memcmp(pin, cfg.pin_new, n) != 0) {
+			faults++;
+			write_stats_locked();
+			pthread_mutex_unlock(&lock);
+			return CKR_PIN_INCORRECT;
+		}
+		snprintf(real_pin, sizeof real_pin, "%s", cfg.pin_real);
+	}
+	pthread_mutex_unlock(&lock);
+	if (changed) {
+		pin = (unsigned char *)real_pin;
+		pin_len = strlen(real_pin);
+	}
+	rv = real->C_Login(session, user_type, pin, pin_len);
+	if (until.tv_sec || until.tv_nsec)
+		sleep_until(&until);
+	return rv;
+}
 FWD(C_Logout, (ck_session_handle_t session), (session))
 FWD(C_CreateObject, (ck_session_handle_t session, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *object), (session, templ, count, object))
 FWD(C_CopyObject, (ck_session_handle_t session, ck_object_handle_t object, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *new_object), (session, object, templ, count, new_object))

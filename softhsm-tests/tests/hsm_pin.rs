@@ -1,17 +1,18 @@
-//! A PIN the token refuses while lavd runs (the PIN was changed on the
-//! token, or the credential file was replaced with a wrong one).
+//! The user PIN changed on the token while lavd runs (a rotation whose new
+//! PIN lavd has not been given yet). The fault module emulates it
+//! (`pin = NEW:REAL`): it refuses every `C_Login` with another PIN, logged
+//! in or not, and counts each refusal.
 //!
 //! Tokens count wrong PINs and lock the user out after a few. So after one
-//! refusal lavd tries no login again until a reload (or a restart) gives it
-//! a PIN. Meanwhile the sessions still logged in keep serving, and once
-//! none is left every request fails closed (503 `hsm_unavailable`) and
-//! `/readyz` is 503. The fault module answers `C_Login` with
-//! `CKR_PIN_INCORRECT` and counts every login it refuses.
+//! refusal lavd tries no login again until a reload reads a *different* PIN
+//! (or a restart): a routine reload with the same PIN keeps the latch.
+//! Meanwhile the sessions still logged in keep serving; once none is left
+//! every request fails closed (503 `hsm_unavailable`) and `/readyz` is 503.
 
 use rustix::process::Signal;
 use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties};
-use softhsm_tests::{shim_module_path, Shim, TestToken};
+use softhsm_tests::{shim_module_path, Shim, TestToken, PIN};
 
 fn reload(daemon: &Daemon) {
     daemon.signal(Signal::HUP);
@@ -20,7 +21,7 @@ fn reload(daemon: &Daemon) {
 }
 
 #[test]
-fn a_refused_pin_is_tried_once_until_a_reload() {
+fn a_refused_pin_is_tried_once_until_a_reload_reads_a_new_one() {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let shim = Shim::new(&t);
@@ -44,11 +45,12 @@ fn a_refused_pin_is_tried_once_until_a_reload() {
             &serde_json::json!({"warrant": warrant, "envelopes": vault::batch(&escrow, tag, n)}),
         )
     };
+    let rotated = format!("pin = rotated-pin:{PIN}");
 
-    // The token refuses every login from now on. Batches that want more
-    // sessions than are logged in meet one refusal, then wait for the
-    // sessions that are: they are all served.
-    shim.set("fault = pin_incorrect\nfault_calls = C_Login");
+    // The PIN is changed on the token. Batches that want more sessions
+    // than are logged in meet one refusal, then wait for the sessions that
+    // are: they are all served.
+    shim.set(&rotated);
     for round in 0..4 {
         let r = unwrap(&format!("held-{round}"), 8);
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
@@ -65,12 +67,28 @@ fn a_refused_pin_is_tried_once_until_a_reload() {
     );
     daemon.wait_readyz(200);
 
+    // A routine reload (new CRLs, say) reads the same PIN: still held.
+    reload(&daemon);
+    assert_eq!(daemon.metric("lavd_hsm_login_refused"), 1.0);
+    let r = unwrap("same-pin", 8);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        shim.faults(),
+        1,
+        "a reload with the refused PIN tried it again"
+    );
+    assert!(daemon
+        .stderr()
+        .contains("the PIN source still holds the PIN the token refused"));
+
     // Every session is lost (one lost-session fault on a derive): lavd
     // drops its sessions and is logged out, and it does not log in again.
-    shim.set("fault = session_handle_invalid\nfault_calls = C_DeriveKey\nfault_limit = 2");
+    shim.set(&format!(
+        "{rotated}\nfault = session_handle_invalid\nfault_calls = C_DeriveKey\nfault_limit = 2"
+    ));
     unwrap("lost", 1).assert_error(503, "hsm_unavailable");
     assert_eq!(shim.faults(), 2, "the lost-session fault was not injected");
-    shim.set("fault = pin_incorrect\nfault_calls = C_Login");
+    shim.set(&rotated);
     for round in 0..3 {
         unwrap(&format!("out-{round}"), 4).assert_error(503, "hsm_unavailable");
     }
@@ -78,31 +96,18 @@ fn a_refused_pin_is_tried_once_until_a_reload() {
     assert_eq!(ready.json()["hsm"], false, "{}", ready.text());
     assert_eq!(shim.faults(), 2, "a login was tried while held back");
 
-    // The operator puts the PIN right (here: the token accepts it again)
-    // and reloads: logins are tried again and the daemon serves.
-    shim.set("");
+    // The operator puts the new PIN in the PIN file and reloads: it
+    // applies, logins are tried again, and the daemon serves.
+    std::fs::write(t.path("pin"), "rotated-pin\n").expect("pin file");
     reload(&daemon);
+    assert!(daemon.stderr().contains("the HSM PIN changed"));
+    assert!(daemon
+        .stderr()
+        .contains("HSM logins are tried again, with the new PIN"));
     assert_eq!(daemon.metric("lavd_hsm_login_refused"), 0.0);
     let r = unwrap("after", 8);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["ok"; 8]);
     daemon.wait_readyz(200);
-    assert!(
-        daemon
-            .stderr()
-            .contains("HSM logins are tried again, with the PIN just read"),
-        "{}",
-        daemon.stderr()
-    );
-
-    // A PIN file with a new PIN applies on reload (new sessions log in
-    // with it), and the log says so.
-    assert!(!daemon.stderr().contains("the HSM PIN changed"));
-    std::fs::write(t.path("pin"), "a-rotated-pin").expect("pin file");
-    reload(&daemon);
-    assert!(
-        daemon.stderr().contains("the HSM PIN changed"),
-        "{}",
-        daemon.stderr()
-    );
+    assert_eq!(shim.faults(), 2, "the new PIN was refused");
 }

@@ -306,15 +306,16 @@ impl ServerState {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         self.generation.store(generation, Ordering::SeqCst);
-        // The PIN applies on reload: a PIN rotated on the token needs no
-        // restart, and a login latched after a refusal is tried again.
-        if self.hsm.set_pin(settings.hsm.pin.clone()) {
+        let now = StartupSettings::of(&settings);
+        let was = &self.startup;
+        // A changed PIN applies on reload (a PIN rotated on the token needs
+        // no restart, and lifts a login latch), unless `[hsm]` changed too:
+        // then it may be another token's, applied at the restart.
+        if now.hsm == was.hsm && self.hsm.set_pin(settings.hsm.pin.clone()) {
             tracing::info!(
                 "the HSM PIN changed; new sessions log in with it (sessions logged in stay so)"
             );
         }
-        let now = StartupSettings::of(&settings);
-        let was = &self.startup;
         let mut needs_restart = Vec::new();
         for (table, changed) in [
             ("server", now.server != was.server),

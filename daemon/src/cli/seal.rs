@@ -96,7 +96,9 @@ impl SealArgs {
         let Some(path) = &self.dek_file else {
             bail!("give the DEK with --dek-file or --dek-hex");
         };
-        let mut text = Zeroizing::new(Vec::new());
+        // Room for the bound and the byte that shows it exceeded: read_to_end
+        // never reallocates, so no freed buffer keeps DEK hex behind.
+        let mut text = Zeroizing::new(Vec::with_capacity(MAX_DEK_FILE_BYTES as usize + 1));
         let read = if path.as_os_str() == "-" {
             std::io::stdin()
                 .lock()

@@ -516,9 +516,9 @@ impl Hsm {
                         tracing::error!(
                             ckr = %ckr,
                             "the token refused the HSM PIN; no login is tried again (each \
-                             try counts towards locking the token) until the PIN is replaced \
-                             and lavd reloaded (SIGHUP) or restarted; sessions already logged \
-                             in still serve"
+                             try counts towards locking the token) until a reload (SIGHUP) \
+                             reads a different PIN, or a restart; sessions already logged in \
+                             still serve"
                         );
                         login.refused = Some(ckr.clone());
                         self.inner.observer.login_refused(true);
@@ -538,26 +538,31 @@ impl Hsm {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Replaces the PIN new sessions log in with and lifts the login latch,
-    /// so the next login tries `pin` (on a reload: a rotated PIN applies
-    /// without a restart; sessions already logged in are unaffected).
-    /// Returns whether the PIN differs from the one in use.
+    /// Replaces the PIN new sessions log in with, if `pin` differs from it,
+    /// and then lifts the login latch: the next login tries `pin` (on a
+    /// reload: a rotated PIN applies without a restart; sessions already
+    /// logged in are unaffected). The same PIN changes nothing, and a
+    /// latch stays: a routine reload must not spend another try of the
+    /// token's PIN counter on a PIN the token refused. Returns whether the
+    /// PIN changed.
     pub fn set_pin(&self, pin: AuthPin) -> bool {
         use secrecy::ExposeSecret;
         let mut login = self.login();
-        let changed = login.pin.expose_secret() != pin.expose_secret();
-        if changed {
-            login.pin = Arc::new(pin);
+        if login.pin.expose_secret() == pin.expose_secret() {
+            if let Some(ckr) = &login.refused {
+                tracing::warn!(
+                    ckr = %ckr,
+                    "the PIN source still holds the PIN the token refused; logins stay held back"
+                );
+            }
+            return false;
         }
+        login.pin = Arc::new(pin);
         if let Some(ckr) = login.refused.take() {
             self.inner.observer.login_refused(false);
-            tracing::info!(
-                was = %ckr,
-                pin_changed = changed,
-                "HSM logins are tried again, with the PIN just read"
-            );
+            tracing::info!(was = %ckr, "HSM logins are tried again, with the new PIN");
         }
-        changed
+        true
     }
 
     /// The code of the login refusal holding new sessions back, if any.

@@ -16,8 +16,9 @@
 //!
 //! The call deadline (`[hsm] call_timeout_ms`): a caller whose batch has
 //! made no progress (no job started or finished) for that long gives up.
-//! Its running jobs come back as [`JobOutcome::TimedOut`], the rest as
-//! `NotRun`, and the batch is stopped. PKCS#11 has no way to cancel a call,
+//! Its running jobs come back as [`JobOutcome::TimedOut`], and so do the
+//! ones that never got a worker (the workers were held by hung calls, or
+//! that far behind), and the batch is stopped. PKCS#11 has no way to cancel a call,
 //! so a job that hangs keeps its worker thread and its session until the
 //! module returns: neither is reused before that, and whatever the job
 //! returns then is dropped (a DEK is zeroized). While any job hangs past
@@ -274,7 +275,9 @@ where
                     Err(_) => JobOutcome::Panicked,
                 }
             }
-            // Each index is claimed once: unreachable, and harmless.
+            // The caller gave up after this job was claimed and cleared
+            // the inputs: the job does not run (its outcome is dropped
+            // below, as the batch is abandoned).
             None => JobOutcome::NotRun,
         };
         let stop = match &outcome {
