@@ -733,9 +733,16 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
         .map(|a| (*a).to_owned())
         .collect()
     };
+    // A link where the page goes is replaced, not written through (the
+    // report is written through a rename).
+    let victim = w.join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    std::os::unix::fs::symlink(&victim, &html).unwrap();
     let args = report_args(&html, &json_file, &export);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     softhsm_tests::assert_ok(&lavd(&args));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    assert!(std::fs::symlink_metadata(&html).unwrap().is_file());
 
     let read_json =
         |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };

@@ -86,7 +86,7 @@ impl AuditCommand {
             AuditCommand::Export { config, out } => {
                 let log = open_log(&config)?;
                 let export = log.export()?;
-                std::fs::write(&out, export.to_json()?)
+                write_atomically(&out, &export.to_json()?)
                     .with_context(|| format!("writing {}", out.display()))?;
                 eprintln!(
                     "exported {} entries to {}",
@@ -102,7 +102,7 @@ impl AuditCommand {
                 print!("{}", verified.summary);
                 println!("verdict: the log verifies");
                 if let Some(path) = save_checkpoint {
-                    std::fs::write(&path, &verified.export.checkpoint)
+                    write_atomically(&path, verified.export.checkpoint.as_bytes())
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
             }
@@ -613,10 +613,12 @@ fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Writes `bytes` to `file` through a temporary file and a rename, so that
-/// an interrupted mirror never leaves half a tile. The temporary file is
-/// created new: a link left at its name is removed (not followed), and
-/// anything put there meanwhile makes the write fail.
-fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+/// an interrupted mirror never leaves half a tile, and an interrupted
+/// report or export never half a file. The temporary file is created new:
+/// a link left at its name is removed (not followed), and anything put
+/// there meanwhile makes the write fail. A link at `file` itself is
+/// replaced, not written through.
+pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write as _;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;

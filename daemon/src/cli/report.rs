@@ -72,10 +72,13 @@ impl ReportArgs {
         report.verification.witnesses = verified.witnesses;
         let json = report.to_json().context("encoding the JSON report")?;
         let page = html::render(&report);
+        // Each through a rename: an interrupted run leaves the previous
+        // file or the whole new one, never half a report.
         if let Some(path) = &self.json {
-            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+            super::audit::write_atomically(path, &json)
+                .with_context(|| format!("writing {}", path.display()))?;
         }
-        std::fs::write(&self.out, page)
+        super::audit::write_atomically(&self.out, page.as_bytes())
             .with_context(|| format!("writing {}", self.out.display()))?;
         eprintln!(
             "verified {} entries of {}; wrote the {} report to {}",
