@@ -70,3 +70,67 @@ fn a_certificate_without_an_identity_gets_its_connection_closed() {
     assert_eq!(r.header("connection"), Some("close"));
     assert!(conn.closed_within(std::time::Duration::from_secs(5)));
 }
+
+/// A client past its limit can ask for 429s as fast as it can send; the
+/// daemon writes at most one request line of them a second, and the next
+/// line it writes counts those it left out. Every 429 is either a line or
+/// in such a count, so nothing is lost from the log's account.
+#[test]
+fn rate_limited_requests_are_logged_one_line_a_second_with_a_count() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{NOISY}\" = [\"provider\"]\n\
+         [limits]\nrate_limit_per_second = 0.01\nrate_limit_burst = 1\n"
+    )));
+    let daemon = Daemon::start_logging(&t, "info");
+    let noisy = pki.client(daemon.api, Some(&pki.clients.identity(NOISY)));
+    let mut conn = noisy.connect().unwrap();
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    const REFUSED: usize = 40;
+    for _ in 0..REFUSED {
+        conn.request("GET", "/v1/keys", &[], None)
+            .unwrap()
+            .assert_error(429, "rate_limited");
+    }
+    // After the window, one more: its line carries the count of the rest.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    conn.request("GET", "/v1/keys", &[], None)
+        .unwrap()
+        .assert_error(429, "rate_limited");
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_http_requests_total{route=\"unrouted\",status=\"429\"}",
+            (REFUSED + 1) as f64,
+        ),
+        (REFUSED + 1) as f64
+    );
+
+    let stderr = daemon.stderr();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("status=429"))
+        .collect();
+    let left_out: usize = lines
+        .iter()
+        .filter_map(|l| l.split("rate_limited_left_out=").nth(1))
+        .map(|v| {
+            v.split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    // 40 requests on one kept-alive connection take far less than a second
+    // here; a slow host may cross into a second window once.
+    assert!((2..=3).contains(&lines.len()), "{lines:#?}");
+    assert!(
+        lines.last().unwrap().contains("rate_limited_left_out="),
+        "{lines:#?}"
+    );
+    assert_eq!(lines.len() + left_out, REFUSED + 1, "{lines:#?}");
+}

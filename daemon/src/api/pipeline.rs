@@ -30,6 +30,7 @@ use warp::reply::Response;
 
 use super::error::{ApiError, ErrorCode};
 use super::identity::{IdentityError, PeerIdentity};
+use super::ratelimit::LineThrottle;
 use super::routes::RequestContext;
 use super::server::{self, Activity};
 use super::state::Reloadable;
@@ -238,17 +239,30 @@ where
         Access::Public(_) => api.state.metrics.public_request(route, status),
     }
     let code = response.extensions().get::<ErrorCode>().map(|c| c.0);
-    span.in_scope(|| {
-        tracing::info!(
-            status,
-            code,
-            route,
-            ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
-            "request"
-        );
-    });
+    // A client past its rate limit can ask for a 429 as fast as it can
+    // send: those lines are throttled, the others all written.
+    let left_out = if status == 429 {
+        RATE_LIMITED_LINES.admit(Instant::now())
+    } else {
+        Some(0)
+    };
+    if let Some(left_out) = left_out {
+        span.in_scope(|| {
+            tracing::info!(
+                status,
+                code,
+                route,
+                ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+                rate_limited_left_out = (left_out > 0).then_some(left_out),
+                "request"
+            );
+        });
+    }
     response
 }
+
+/// The request lines of 429s: one a second, whatever the listener.
+static RATE_LIMITED_LINES: LineThrottle = LineThrottle::new();
 
 /// Marks a response that came out of the route table.
 #[derive(Debug, Clone, Copy)]

@@ -71,6 +71,64 @@ impl RateLimiter {
     }
 }
 
+/// Keeps a log line that a client can cause once per request (a 429, a
+/// failed handshake) from flooding the log: at most one such line a
+/// second is written; the others are counted, and the next line written
+/// says how many were left out. The metrics still count every one.
+#[derive(Debug)]
+pub struct LineThrottle {
+    window: Mutex<Option<Window>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    opened: Instant,
+    left_out: u64,
+}
+
+/// How long one written line stands for the lines after it.
+const LINE_WINDOW: Duration = Duration::from_secs(1);
+
+impl LineThrottle {
+    /// A throttle that has written nothing yet.
+    pub const fn new() -> Self {
+        LineThrottle {
+            window: Mutex::new(None),
+        }
+    }
+
+    /// Whether to write the line at `now`: `Some(n)`, with the `n` lines
+    /// left out since the last one written, or `None` (counted) within a
+    /// second of it.
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        // As with the buckets, a poisoned lock costs at most a count.
+        let mut window = self
+            .window
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match window.as_mut() {
+            Some(w) if now.saturating_duration_since(w.opened) < LINE_WINDOW => {
+                w.left_out += 1;
+                None
+            }
+            _ => {
+                let left_out = window.map_or(0, |w| w.left_out);
+                *window = Some(Window {
+                    opened: now,
+                    left_out: 0,
+                });
+                Some(left_out)
+            }
+        }
+    }
+}
+
+impl Default for LineThrottle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 fn refill(b: Bucket, now: Instant, per_second: f64, burst: f64) -> Bucket {
     let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
     Bucket {
@@ -104,6 +162,20 @@ mod tests {
             limiter.check("spiffe://a", t2).unwrap();
         }
         assert!(limiter.check("spiffe://a", t2).is_err());
+    }
+
+    #[test]
+    fn one_line_a_second_then_the_count_of_those_left_out() {
+        let lines = LineThrottle::new();
+        let t0 = Instant::now();
+        assert_eq!(lines.admit(t0), Some(0));
+        for ms in [1, 500, 999] {
+            assert_eq!(lines.admit(t0 + Duration::from_millis(ms)), None);
+        }
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(lines.admit(t1), Some(3));
+        assert_eq!(lines.admit(t1), None);
+        assert_eq!(lines.admit(t1 + Duration::from_secs(5)), Some(1));
     }
 
     #[test]

@@ -462,15 +462,24 @@ async fn accept_tls(
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => {
             let reason = tls::handshake_failure_reason(&e);
-            tracing::info!(%remote, reason, error = %e, "TLS handshake failed");
+            if let Some(left_out) = HANDSHAKE_LINES.admit(std::time::Instant::now()) {
+                tracing::info!(%remote, reason, error = %e, left_out, "TLS handshake failed");
+            }
             Err(reason)
         }
         Err(_) => {
-            tracing::info!(%remote, "TLS handshake timed out");
+            if let Some(left_out) = HANDSHAKE_LINES.admit(std::time::Instant::now()) {
+                tracing::info!(%remote, left_out, "TLS handshake timed out");
+            }
             Err("handshake_timeout")
         }
     })
 }
+
+/// Lines about failed handshakes, which anyone who can connect can cause:
+/// one a second (`left_out` counts the others since the last line; the
+/// metric `lavd_tls_handshake_failures_total` counts every one).
+static HANDSHAKE_LINES: super::ratelimit::LineThrottle = super::ratelimit::LineThrottle::new();
 
 /// One API connection: TLS handshake, identity, then HTTP/1 until it ends.
 async fn api_connection(

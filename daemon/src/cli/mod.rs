@@ -134,8 +134,11 @@ pub fn init_logging(log: &crate::config::LogSettings) {
     let filter = EnvFilter::try_from_env("LAVD_LOG")
         .or_else(|_| EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a terminal: journald, files and log shippers get
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter);
     // An error means a subscriber is already set (a test harness): keep it.
     let _ = match log.format {
