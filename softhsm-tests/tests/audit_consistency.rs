@@ -178,3 +178,39 @@ fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
         [grown, size]
     });
 }
+
+/// A log's origin is part of every checkpoint signature, so it can never
+/// change. A configuration that changes `audit.origin` after the first
+/// checkpoint is refused at start as a configuration error naming the field
+/// and the origin the log has (exit 64, `bad_config`), not reported as a
+/// tampered log. A configuration without `audit.origin` gets a warning
+/// naming the placeholder it falls back to.
+#[test]
+fn a_changed_audit_origin_is_refused_as_bad_config_naming_the_logs_origin() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let mut daemon = Daemon::start(&t);
+    assert!(
+        daemon.stderr().contains("audit.origin is not set"),
+        "{}",
+        daemon.stderr()
+    );
+    drop(pki);
+    daemon.signal(rustix::process::Signal::TERM);
+    daemon.wait_exit(Duration::from_secs(30));
+
+    t.write_config(&serve_config(&format!(
+        "{}\n[audit]\norigin = \"lavd.agency.example/audit\"\n",
+        vault::roles_toml()
+    )));
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a changed origin");
+    assert_eq!(status.and_then(|st| st.code()), Some(64), "{stderr}");
+    assert!(stderr.contains("lavd: bad_config: "), "{stderr}");
+    assert!(
+        stderr.contains("audit.origin") && stderr.contains("\"lavd.invalid/audit\""),
+        "{stderr}"
+    );
+    // Not the words of a tampered log.
+    assert!(!stderr.contains("does not verify"), "{stderr}");
+}

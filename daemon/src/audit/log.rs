@@ -197,6 +197,34 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The origin the store's newest checkpoint was signed under, when it
+    /// is not `configured` and the checkpoint does verify under it with this
+    /// log's audit key: the configuration changed `audit.origin` (or
+    /// `audit.key_label`'s key signs another log), which no checkpoint can
+    /// follow, since the origin is part of what every signature covers.
+    /// `None` when the origins agree, when there is no checkpoint yet, or
+    /// when it verifies under neither (that is [`Self::inconsistency`]'s to
+    /// report).
+    pub fn origin_changed(&self) -> Result<Option<String>, LogError> {
+        Ok(self
+            .store
+            .latest_checkpoint()?
+            .and_then(|(_, note)| self.signed_under_another_origin(&note)))
+    }
+
+    /// The origin `note` names, if it is not this log's and `note` verifies
+    /// under it with this log's audit key.
+    fn signed_under_another_origin(&self, note: &str) -> Option<String> {
+        let stored = note.split('\n').next().unwrap_or_default();
+        if stored == self.origin {
+            return None;
+        }
+        let key = note::VerifierKey::new(stored, self.public.bytes()).ok()?;
+        note::verify_checkpoint(note, &key)
+            .ok()
+            .map(|_| stored.to_string())
+    }
+
     /// Why the log is inconsistent, once it is: the daemon then refuses
     /// unwraps (503 `log_inconsistent`) and `/readyz` is false.
     pub fn inconsistency(&self) -> Option<&str> {
@@ -226,9 +254,19 @@ impl AuditLog {
         let key = note::VerifierKey::new(&self.origin, self.public.bytes())
             .map_err(|e| LogError::Sign(e.to_string()))?;
         let checkpoint = note::verify_checkpoint(note, &key).map_err(|e| {
-            LogError::Inconsistent(format!(
-                "the newest stored checkpoint (size {size}) does not verify under the audit key: {e}"
-            ))
+            LogError::Inconsistent(match self.signed_under_another_origin(note) {
+                // Not tampering: the configuration names another origin.
+                Some(stored) => format!(
+                    "the stored checkpoints are signed under the origin {stored:?}, and \
+                     audit.origin is {:?}; a log's origin is fixed at its first checkpoint: \
+                     set audit.origin = {stored:?}",
+                    self.origin
+                ),
+                None => format!(
+                    "the newest stored checkpoint (size {size}) does not verify under the \
+                     audit key: {e}"
+                ),
+            })
         })?;
         if checkpoint.size != size {
             return Err(LogError::Inconsistent(format!(

@@ -65,6 +65,20 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &settings.audit.origin,
     )
     .context("the audit log (run `lavd keys generate-audit` first)")?;
+    // A log's origin is fixed at its first checkpoint: a changed
+    // `audit.origin` is the configuration's error, not the log's.
+    if let Some(stored) = audit.origin_changed()? {
+        return Err(crate::config::ConfigError {
+            file: args.config.config.clone(),
+            field: "audit.origin".into(),
+            reason: format!(
+                "the log's checkpoints are signed under the origin {stored:?}, and a log's \
+                 origin is fixed at its first checkpoint (it is part of every signature); \
+                 set audit.origin = {stored:?}"
+            ),
+        }
+        .into());
+    }
     // A store that does not extend its newest checkpoint (truncated or
     // rewritten while the daemon was stopped) is refused before serving.
     if let Some(reason) = audit.inconsistency() {

@@ -141,7 +141,18 @@ impl Settings {
         let hsm = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
         let witnesses = v.witnesses(&raw.audit)?;
-        let origin = v.origin(raw.audit.origin)?;
+        let origin = match raw.audit.origin {
+            Some(origin) => v.origin(origin)?,
+            None => {
+                v.warnings.borrow_mut().push(format!(
+                    "audit.origin is not set: checkpoints are signed under the placeholder \
+                     {:?}, and a log's origin can never change after its first checkpoint; \
+                     set it (e.g. \"lavd.agency.example/audit\") before the log's first start",
+                    raw::DEFAULT_ORIGIN
+                ));
+                raw::DEFAULT_ORIGIN.to_string()
+            }
+        };
         let audit = AuditSettings {
             key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
             origin,

@@ -151,8 +151,9 @@ pub struct RawStore {
 pub struct RawAudit {
     #[serde(default = "default_audit_label")]
     pub(super) key_label: String,
-    #[serde(default = "default_origin")]
-    pub(super) origin: String,
+    /// `None` when absent: the placeholder [`DEFAULT_ORIGIN`], with a warning.
+    #[serde(default)]
+    pub(super) origin: Option<String>,
     /// `[audit.public]`: absent unless the log is published.
     #[serde(default)]
     pub(super) public: Option<RawPublicLog>,
@@ -189,7 +190,7 @@ impl Default for RawAudit {
     fn default() -> Self {
         Self {
             key_label: default_audit_label(),
-            origin: default_origin(),
+            origin: None,
             public: None,
             witnesses: Vec::new(),
             witness_policy: None,
@@ -204,9 +205,10 @@ fn default_audit_label() -> String {
     "lav-audit".into()
 }
 
-fn default_origin() -> String {
-    "lavd.invalid/audit".into()
-}
+/// The origin of a log whose configuration names none: a placeholder that
+/// says so (`.invalid`, RFC 6761), kept for configurations written before
+/// the warning.
+pub(super) const DEFAULT_ORIGIN: &str = "lavd.invalid/audit";
 
 impl RawConfig {
     /// Parses TOML. On error returns `(field, reason)`: the dotted path of the

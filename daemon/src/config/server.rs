@@ -279,9 +279,15 @@ impl Validator<'_> {
     }
 
     pub(super) fn admin(&self, raw: RawAdmin) -> Result<AdminSettings, ConfigError> {
-        Ok(AdminSettings {
-            listen: self.socket_addr("admin.listen", raw.listen, DEFAULT_ADMIN_LISTEN)?,
-        })
+        let listen = self.socket_addr("admin.listen", raw.listen, DEFAULT_ADMIN_LISTEN)?;
+        if !listen.ip().is_loopback() {
+            self.warnings.borrow_mut().push(format!(
+                "admin.listen {listen} is not a loopback address: /metrics, /readyz and \
+                 /healthz answer anyone who can reach it, over plain HTTP without \
+                 authentication; restrict it (a firewall, or the Kubernetes NetworkPolicy)"
+            ));
+        }
+        Ok(AdminSettings { listen })
     }
 
     pub(super) fn public_log(&self, raw: RawPublicLog) -> Result<PublicLogSettings, ConfigError> {
