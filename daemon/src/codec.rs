@@ -50,7 +50,7 @@ pub fn b64_decode(text: &str) -> Result<Vec<u8>, CodecError> {
 /// # Errors
 /// [`CodecError::Time`] for anything else.
 pub fn parse_time(text: &str) -> Result<OffsetDateTime, CodecError> {
-    if !text.ends_with('Z') {
+    if !is_utc_timestamp(text.as_bytes()) {
         return Err(CodecError::Time);
     }
     let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| CodecError::Time)?;
@@ -58,6 +58,32 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, CodecError> {
         return Err(CodecError::Time);
     }
     Ok(t)
+}
+
+/// Whether `text` has the one shape times take here, RFC 3339's
+/// `date-time` with its upper-case `T` and `Z`, digits where digits go, an
+/// optional fraction of 1 to 9 digits, and no leap second:
+/// `YYYY-MM-DDTHH:MM:SS[.F]Z`. The `time` crate's parser is laxer (any
+/// byte between date and time, fractions of any length, `:60`), and what it
+/// lets through would reach claims and leaves.
+fn is_utc_timestamp(text: &[u8]) -> bool {
+    const SHAPE: &[u8; 19] = b"dddd-dd-ddTdd:dd:dd";
+    let Some((head, rest)) = text.split_at_checked(SHAPE.len()) else {
+        return false;
+    };
+    let shaped = head.iter().zip(SHAPE).all(|(&c, &want)| match want {
+        b'd' => c.is_ascii_digit(),
+        other => c == other,
+    });
+    let fraction_ok = match rest {
+        [b'Z'] => true,
+        [b'.', digits @ .., b'Z'] => {
+            (1..=9).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit)
+        }
+        _ => false,
+    };
+    // The seconds' tens digit: 0 to 5 (no leap second).
+    shaped && fraction_ok && head[17] <= b'5'
 }
 
 /// Formats a time as RFC 3339 UTC with second precision (`2026-11-26T07:25:21Z`).
@@ -274,5 +300,33 @@ mod tests {
             CodecError::Time
         );
         assert_eq!(parse_time("2026-11-26").unwrap_err(), CodecError::Time);
+        // Fractions of 1 to 9 digits (JavaScript's `toISOString` writes 3).
+        let t = parse_time("2026-11-26T07:25:21.000Z").unwrap();
+        assert_eq!(format_time(t), "2026-11-26T07:25:21Z");
+        assert_eq!(
+            parse_time("2026-11-26T07:25:21.123456789Z")
+                .unwrap()
+                .nanosecond(),
+            123_456_789
+        );
+        // What the `time` crate alone would take, and nothing else that is
+        // not the one shape.
+        for bad in [
+            "2026-11-26\u{1}07:25:21Z",
+            "2026-11-26 07:25:21Z",
+            "2026-11-26t07:25:21Z",
+            "2026-11-26T07:25:21z",
+            "2026-11-26507:25:21Z",
+            "2026-11-26T23:59:60Z",
+            "2026-11-26T07:25:21.Z",
+            "2026-11-26T07:25:21.0000000000Z",
+            "2026-11-26T07:25:21.1a3Z",
+            "+2026-11-26T07:25:21Z",
+            "2026-11-26T07:25:21Z ",
+            "2026-11-26T07:25:21",
+            "",
+        ] {
+            assert_eq!(parse_time(bad).unwrap_err(), CodecError::Time, "{bad:?}");
+        }
     }
 }

@@ -129,6 +129,15 @@ pub fn generate(
     now: OffsetDateTime,
 ) -> Result<KeyRecord, KeyError> {
     check_kid(kid)?;
+    // The store and the `key_generated` leaf keep whole seconds: the dates
+    // are checked as they will be kept, or a fraction could pass here and
+    // make a leaf that no longer parses (`not_before == not_after`).
+    let whole = |t: OffsetDateTime| t.replace_nanosecond(0).unwrap_or(t);
+    let validity = Validity {
+        not_before: whole(validity.not_before),
+        not_after: whole(validity.not_after),
+        destroy_after: whole(validity.destroy_after),
+    };
     if !(validity.not_before < validity.not_after && validity.not_after <= validity.destroy_after) {
         return Err(KeyError::InvalidDates);
     }

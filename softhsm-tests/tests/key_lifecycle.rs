@@ -167,6 +167,55 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
         1,
         "invalid_dates",
     );
+    // Dates apart only by a fraction of a second are one second as the log
+    // keeps them: refused, not written as a leaf that would no longer parse.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    let fraction = |nb: &str, na: &str| {
+        t.lavd_with_config(&[
+            "keys",
+            "generate",
+            "--kid",
+            "y",
+            "--not-before",
+            nb,
+            "--not-after",
+            na,
+            "--destroy-after",
+            "2030-01-01T00:00:00Z",
+        ])
+    };
+    assert_fails_with(
+        &fraction("2027-01-01T00:00:00.2Z", "2027-01-01T00:00:00.7Z"),
+        1,
+        "invalid_dates",
+    );
+    // A fraction with whole seconds between is kept to the second.
+    assert_ok(&fraction(
+        "2027-01-01T00:00:00.2Z",
+        "2027-01-01T00:00:01.7Z",
+    ));
+    let vkey = assert_ok(&t.lavd_with_config(&["audit", "key"]));
+    let export = t.path("export.json");
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]));
+    let out = assert_ok(&t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        vkey.trim(),
+        "--export",
+        export.to_str().unwrap(),
+    ]));
+    assert!(out.contains("verdict: the log verifies"), "{out}");
+    let jwks: serde_json::Value =
+        serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "list"]))).unwrap();
+    let y = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["kid"] == "y")
+        .unwrap();
+    assert_eq!(y["not_before"], "2027-01-01T00:00:00Z");
+    assert_eq!(y["not_after"], "2027-01-01T00:00:01Z");
 }
 
 #[test]
