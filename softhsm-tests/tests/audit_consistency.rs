@@ -89,6 +89,10 @@ fn assert_refused_from_now_on(mut s: Setup, sizes: impl Fn(u64) -> [u64; 2]) {
     s.c.auditor
         .get("/v1/audit/checkpoint")
         .assert_error(503, "log_inconsistent");
+    // No tile either (tiles are cached as immutable).
+    s.c.auditor
+        .get("/v1/log/tile/0/000.p/1")
+        .assert_error(503, "log_inconsistent");
     let ready = s.daemon.wait_readyz(503).json();
     assert_eq!(ready["log"], false, "{ready}");
     assert_eq!(ready["hsm"], true, "{ready}");

@@ -433,10 +433,17 @@ pub async fn log_checkpoint(
 ///
 /// # Errors
 /// 400 `malformed_request` for a path that is not a canonical tile path,
-/// 404 `not_found` for a tile the newest checkpoint does not cover.
+/// 404 `not_found` for a tile the newest checkpoint does not cover, 503
+/// `log_inconsistent` once the log found its store rewritten.
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
+    // Tiles are immutable and cached for a year: none is served from a
+    // store the log found rewritten (503 `log_inconsistent`, as for the
+    // checkpoint), or caches would keep tiles that match no checkpoint.
+    if state.audit.inconsistency().is_some() {
+        return Err(log_inconsistent().into());
+    }
     let bytes = blocking(move || {
         let store = state.audit.store();
         let size = store

@@ -479,9 +479,13 @@ impl Policy {
 /// (C2SP tlog-witness).
 pub const MAX_PROOF_LINES: usize = 63;
 
-/// The largest `add-checkpoint` body accepted: 63 proof lines and a note
-/// with a few signatures fit well within it.
-pub const MAX_ADD_CHECKPOINT_BYTES: usize = 16 * 1024;
+/// The largest `add-checkpoint` body accepted: the largest note
+/// ([`super::note::MAX_NOTE_BYTES`], which holds the 16 signatures
+/// signed-note asks verifiers to take, post-quantum ones included) plus
+/// the `old` line and 63 proof lines (each 44 bytes of base64 and a
+/// newline).
+pub const MAX_ADD_CHECKPOINT_BYTES: usize =
+    super::note::MAX_NOTE_BYTES + 32 + MAX_PROOF_LINES * 45 + 1;
 
 /// A C2SP tlog-witness `add-checkpoint` request: the size of the checkpoint
 /// the client believes the witness last cosigned, a consistency proof from
@@ -916,6 +920,18 @@ mod tests {
             "body_not_utf8"
         );
         assert!(AddCheckpoint::parse(format!("old 1\n{}\nx", hash.repeat(63)).as_bytes()).is_ok());
+        // A checkpoint that also carries post-quantum signatures of other
+        // keys (an ML-DSA-65 signature is 3,309 bytes): with 15 of them and
+        // 63 proof lines, the body is far over 16 KiB, and is read.
+        let (_, mut checkpoint) = signed_tree(20, 0);
+        for i in 0..15 {
+            let line = STANDARD.encode([i as u8; 4 + 3309]);
+            checkpoint.push_str(&format!("— pq{i}.example {line}\n"));
+        }
+        let big = format!("old 1\n{}\n{checkpoint}", hash.repeat(63));
+        assert!(big.len() > 60 * 1024, "{}", big.len());
+        let parsed = AddCheckpoint::parse(big.as_bytes()).unwrap();
+        assert_eq!(parsed.checkpoint, checkpoint);
     }
 
     #[test]

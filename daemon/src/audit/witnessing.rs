@@ -167,7 +167,14 @@ impl Witnessing {
     /// Among `rows` (largest size first), the largest size whose
     /// cosignatures by the configured keys meet the quorum, with all its
     /// cosignatures.
+    ///
+    /// `None` under `quorum none`: then every signed checkpoint meets the
+    /// quorum, and the newest one is the one to serve, not the newest that
+    /// happens to carry a cosignature.
     fn first_quorum(&self, rows: &[Cosignature]) -> Option<(u64, Vec<String>)> {
+        if !self.settings.policy.needs_cosignatures() {
+            return None;
+        }
         let mut i = 0;
         while i < rows.len() {
             let size = rows[i].size;
@@ -1178,5 +1185,39 @@ mod tests {
         assert_eq!(policy.verify(&covering).unwrap().0.size, second);
         let served = witnessing.served().unwrap().unwrap();
         assert_eq!(policy.verify(&served).unwrap().0.size, second);
+    }
+
+    /// Under `quorum none` every signed checkpoint meets the quorum: the
+    /// newest is served (with what cosignatures it has), not the newest a
+    /// witness happened to cosign before it went quiet.
+    #[test]
+    fn under_quorum_none_the_newest_checkpoint_is_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let key = CosignerKey::new("w1.test", sk.verifying_key().as_bytes()).unwrap();
+        let first = grow(&store, 2);
+        cosign(&store, first, &key, &sk);
+        let second = grow(&store, 3);
+
+        let policy_text = format!("witness A {key}\nquorum none\n");
+        let settings = settings(
+            dir.path(),
+            &[("https://localhost:1", &key)],
+            &policy_text,
+            &ca,
+        );
+        let witnessing = Witnessing::new(settings, store.clone(), None);
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        let served = witnessing.served().unwrap().unwrap();
+        assert_eq!(policy.verify(&served).unwrap().0.size, second);
+        assert_eq!(witnessing.quorum_covering(first).unwrap(), None);
+
+        // Cosigned later, it carries the line.
+        let line = cosign(&store, second, &key, &sk);
+        let served = witnessing.served().unwrap().unwrap();
+        assert_eq!(policy.verify(&served).unwrap().0.size, second);
+        assert!(served.ends_with(&line), "{served}");
     }
 }
