@@ -296,6 +296,60 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
     assert!(private_key(&t, "2020-01").is_none());
 }
 
+/// Two retention jobs at once (OPERATIONS allows it: a racing second
+/// destruction only finishes on the token). Job A finds the private key,
+/// then its `C_DestroyObject` is held (the fault module's `hang`) while job
+/// B destroys the pair; released, A's call meets an object that is gone
+/// (`CKR_OBJECT_HANDLE_INVALID`). Both jobs succeed: the key is gone, which
+/// is all either was asked. Before, A failed `hsm_unavailable` (exit 1).
+#[test]
+fn two_retention_jobs_at_once_both_succeed() {
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    let through_shim = t.path("lavd-shim.toml");
+    std::fs::copy(t.config(), &through_shim).unwrap();
+    t.write_config("");
+    assert_ok(&t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        "2020-01",
+        "--not-before",
+        "2020-01-01T00:00:00Z",
+        "--not-after",
+        "2020-02-01T00:00:00Z",
+        "--destroy-after",
+        "2021-01-01T00:00:00Z",
+    ]));
+
+    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
+    let a = softhsm_tests::lavd_command(&[
+        "keys",
+        "destroy",
+        "--kid",
+        "2020-01",
+        "--config",
+        through_shim.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    assert!(
+        softhsm_tests::faults::wait_until(std::time::Duration::from_secs(30), || shim.faults()
+            >= 1),
+        "job A never reached C_DestroyObject"
+    );
+    assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
+    assert!(private_key(&t, "2020-01").is_none());
+
+    shim.set("");
+    let a = a.wait_with_output().unwrap();
+    assert_ok(&a);
+    assert!(private_key(&t, "2020-01").is_none());
+}
+
 #[test]
 fn audit_key_is_ed25519_sign_only_and_non_extractable() {
     let t = TestToken::new();

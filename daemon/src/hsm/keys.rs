@@ -339,10 +339,10 @@ impl Hsm {
         self.with_session("destroy_escrow_key", |session| {
             let private = find_one(session, ObjectClass::PRIVATE_KEY, &label)?;
             if let Some(handle) = private {
-                session.destroy_object(handle)?;
+                destroy_if_present(session, handle)?;
             }
             if let Some(handle) = find_one(session, ObjectClass::PUBLIC_KEY, &label)? {
-                session.destroy_object(handle)?;
+                destroy_if_present(session, handle)?;
             }
             Ok(private.is_some())
         })
@@ -569,6 +569,20 @@ fn stale_handle(e: &cryptoki::error::Error) -> bool {
         e,
         Error::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _)
     )
+}
+
+/// Destroys `handle`. An object that another process destroyed between the
+/// search and this call (two retention jobs at once, which the operations
+/// guide allows) is gone all the same: `CKR_OBJECT_HANDLE_INVALID` is
+/// success here, and the caller's presence check on a fresh session says
+/// whether the key is really gone.
+fn destroy_if_present(session: &Session, handle: ObjectHandle) -> Result<(), HsmError> {
+    match session.destroy_object(handle) {
+        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::ObjectHandleInvalid, _)) => {
+            Ok(())
+        }
+        other => Ok(other?),
+    }
 }
 
 #[cfg(test)]

@@ -177,7 +177,9 @@ pub struct Totals {
     pub urgent_warrants: u64,
     /// `key_generated` leaves.
     pub keys_generated: u64,
-    /// `key_destroyed` leaves.
+    /// Keys whose destruction falls in the period: each key once, at its
+    /// first `key_destroyed` leaf. A destruction applied again after a store
+    /// restore (OPERATIONS §4) adds a leaf, not a key.
     pub keys_destroyed: u64,
 }
 
@@ -650,7 +652,8 @@ impl Report {
                     });
                 }
                 Event::KeyGenerated(_) => totals.keys_generated += 1,
-                Event::KeyDestroyed(_) => totals.keys_destroyed += 1,
+                // Counted per key below, from the keys' history.
+                Event::KeyDestroyed(_) => {}
                 Event::AuthoritiesLoaded(_) => {}
             }
         }
@@ -717,6 +720,7 @@ impl Report {
         totals.urgent_warrants = urgent.warrants;
 
         let keys = key_epochs(&history, options, as_of, &in_period);
+        totals.keys_destroyed = keys.destroyed;
 
         for (id, callers) in agencies {
             if let Some(w) = warrants.get_mut(&id) {

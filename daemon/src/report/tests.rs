@@ -565,6 +565,27 @@ fn a_forced_destruction_after_the_due_date_is_late() {
     assert_eq!(r.keys.by_status["early"], 0);
 }
 
+/// A destruction applied again after a store restore adds a leaf for a
+/// key already destroyed: the totals count the key once, as its row does.
+#[test]
+fn a_key_destroyed_again_counts_once() {
+    let events = vec![
+        (
+            datetime!(2026-01-01 00:00 UTC),
+            key("K", datetime!(2026-03-01 00:00 UTC)),
+        ),
+        (datetime!(2026-03-02 00:00 UTC), destroyed("K", false)),
+        (datetime!(2026-03-05 00:00 UTC), destroyed("K", false)),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(r.totals.keys_destroyed, 1);
+    assert_eq!(r.keys.destroyed, 1);
+    assert_eq!(
+        r.keys.epochs[0].destroyed.as_deref(),
+        Some("2026-03-02T00:00:00Z")
+    );
+}
+
 /// Revoking a warrant again (a retried request, an admin and then an
 /// authority, a revocation re-delivered) adds a leaf, not a warrant.
 #[test]
