@@ -135,6 +135,11 @@ pub struct StartupSettings {
     pub hsm: String,
     /// `[audit]`.
     pub audit: crate::config::AuditSettings,
+    /// The files restart-only tables read once, at start, by table: the
+    /// database's and the witnesses' CA files, with a digest of their
+    /// contents (`None` when unreadable). A file replaced in place is a
+    /// change that needs a restart, as a changed path is.
+    pub files: Vec<(&'static str, PathBuf, Option<[u8; 32]>)>,
 }
 
 impl StartupSettings {
@@ -157,8 +162,65 @@ impl StartupSettings {
                 s.hsm.call_timeout
             ),
             audit: s.audit.clone(),
+            files: restart_files(s),
         }
     }
+}
+
+impl StartupSettings {
+    /// The tables that differ between `self` and `was` (the running
+    /// configuration) and apply only after a restart: their settings, or a
+    /// file they read at start.
+    pub fn restart_tables(&self, was: &StartupSettings) -> Vec<&'static str> {
+        let now = self;
+        let mut needs_restart = Vec::new();
+        for (table, changed) in [
+            ("server", now.server != was.server),
+            ("admin", now.admin != was.admin),
+            ("limits", now.limits != was.limits),
+            ("log", now.log != was.log),
+            ("store", now.store != was.store),
+            ("hsm", now.hsm != was.hsm),
+            ("audit", now.audit != was.audit),
+        ] {
+            let files = |of: &StartupSettings| {
+                of.files
+                    .iter()
+                    .filter(|(t, ..)| *t == table)
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            if changed || files(now) != files(was) {
+                needs_restart.push(table);
+            }
+        }
+        needs_restart
+    }
+}
+
+/// [`StartupSettings::files`] of `s`.
+fn restart_files(s: &Settings) -> Vec<(&'static str, PathBuf, Option<[u8; 32]>)> {
+    let mut files = Vec::new();
+    if let crate::store::StoreSettings::Postgres(pg) = &s.store {
+        files.extend(pg.ca_file.iter().map(|f| ("store", f.clone())));
+    }
+    if let Some(w) = &s.audit.witnesses {
+        files.extend(
+            w.witnesses
+                .iter()
+                .filter_map(|e| e.ca_file.clone())
+                .map(|f| ("audit", f)),
+        );
+    }
+    files
+        .into_iter()
+        .map(|(table, path)| {
+            let digest = std::fs::read(&path)
+                .ok()
+                .map(|bytes| crate::warrant::claims::sha256(&bytes));
+            (table, path, digest)
+        })
+        .collect()
 }
 
 /// What a successful reload changed.
@@ -316,20 +378,7 @@ impl ServerState {
                 "the HSM PIN changed; new sessions log in with it (sessions logged in stay so)"
             );
         }
-        let mut needs_restart = Vec::new();
-        for (table, changed) in [
-            ("server", now.server != was.server),
-            ("admin", now.admin != was.admin),
-            ("limits", now.limits != was.limits),
-            ("log", now.log != was.log),
-            ("store", now.store != was.store),
-            ("hsm", now.hsm != was.hsm),
-            ("audit", now.audit != was.audit),
-        ] {
-            if changed {
-                needs_restart.push(table);
-            }
-        }
+        let needs_restart = now.restart_tables(was);
         for warning in &settings.warnings {
             tracing::warn!("{warning}");
         }
@@ -441,4 +490,40 @@ fn authorities_loaded(trust: &TrustStore) -> Result<Event, crate::audit::leaf::L
         PolicySummary { require, emergency },
     )?
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CA file replaced in place (a rotated Secret) is read only at
+    /// start, so a reload names its table as needing a restart, as it does
+    /// a changed path; an untouched file is no change.
+    #[test]
+    fn a_ca_file_replaced_in_place_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.toml");
+        std::fs::write(
+            &path,
+            "[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"lavd\"\n\
+             pin_file = \"pin\"\n[store]\n\
+             url = \"postgresql://lavd@db.example:5432/lavd?sslmode=verify-full\"\n\
+             password_file = \"dbpass\"\nca_file = \"ca.pem\"\n[audit]\norigin = \"o.test/a\"\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+        std::fs::write(dir.path().join("dbpass"), "s3cret\n").unwrap();
+        let ca = |name: &str| {
+            let ca = rcgen::generate_simple_self_signed(vec![name.into()]).unwrap();
+            std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        };
+        let load = || {
+            StartupSettings::of(&Settings::load(&path, &crate::config::ProcessEnv).expect("config"))
+        };
+        ca("db.example");
+        let was = load();
+        assert_eq!(load().restart_tables(&was), Vec::<&str>::new());
+        ca("db2.example");
+        assert_eq!(load().restart_tables(&was), vec!["store"]);
+    }
 }
