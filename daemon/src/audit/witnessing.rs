@@ -189,6 +189,44 @@ impl Witnessing {
         None
     }
 
+    /// The size the submitter of witness `me` (which last cosigned `old`)
+    /// should join before it sends the newest checkpoint: the largest size
+    /// among `rows` (largest first) that other configured witnesses
+    /// cosigned, short of the quorum, above any size that met it, and above
+    /// `old` (a witness never goes back). Each submitter sending only the
+    /// newest checkpoint, at its own pace, would leave the witnesses'
+    /// cosignatures on different sizes under a steady stream of
+    /// checkpoints, and the quorum, which counts one size, might never be
+    /// met; joining the size others already cosigned makes it land there.
+    /// `None` under `quorum none`.
+    fn pending_size(&self, rows: &[Cosignature], me: &str, old: u64) -> Option<u64> {
+        if !self.settings.policy.needs_cosignatures() {
+            return None;
+        }
+        let mut i = 0;
+        while i < rows.len() {
+            let size = rows[i].size;
+            let group: Vec<&Cosignature> =
+                rows[i..].iter().take_while(|c| c.size == size).collect();
+            i += group.len();
+            if size <= old
+                || self
+                    .settings
+                    .policy
+                    .quorum_met_by(group.iter().filter_map(|c| self.key_of(c)))
+            {
+                return None;
+            }
+            let by_others = group
+                .iter()
+                .any(|c| c.witness != me && self.key_of(c).is_some());
+            if by_others && group.iter().all(|c| c.witness != me) {
+                return Some(size);
+            }
+        }
+        None
+    }
+
     /// The note of size `size` with `lines` appended.
     fn with_lines(&self, size: u64, lines: &[String]) -> Result<Option<String>, StoreError> {
         Ok(self.store.checkpoint_at(size)?.map(|mut note| {
@@ -345,7 +383,12 @@ impl Witnessing {
         }
         loop {
             match self.submit_newest(&w, &endpoint).await {
-                Ok(()) => backoff = BACKOFF_MIN,
+                // It joined an older size; the newest is next, at once.
+                Ok(Submitted::Older) => {
+                    backoff = BACKOFF_MIN;
+                    continue;
+                }
+                Ok(Submitted::Newest) => backoff = BACKOFF_MIN,
                 Err(()) => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -364,13 +407,25 @@ impl Witnessing {
     }
 
     /// Sends the newest stored checkpoint to `w` unless it has cosigned it
-    /// already. `Err` means: back off before the next try (already logged).
-    async fn submit_newest(&self, w: &WitnessEndpoint, endpoint: &Endpoint) -> Result<(), ()> {
+    /// already; but first, a size other witnesses cosigned that has not met
+    /// the quorum yet, if `w` can still cosign it ([`Self::pending_size`]).
+    /// `Err` means: back off before the next try (already logged).
+    async fn submit_newest(
+        &self,
+        w: &WitnessEndpoint,
+        endpoint: &Endpoint,
+    ) -> Result<Submitted, ()> {
         let name = w.name.clone();
         let read = self
-            .store_call(move |s| Ok((s.latest_checkpoint()?, s.last_cosigned(&name)?)))
+            .store_call(move |s| {
+                Ok((
+                    s.latest_checkpoint()?,
+                    s.last_cosigned(&name)?,
+                    s.cosignatures(0, SERVE_SCAN_ROWS)?,
+                ))
+            })
             .await;
-        let (latest, cosigned) = match read {
+        let (latest, cosigned, rows) = match read {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(witness = %w.name, error = %e, "witness submitter: store read failed");
@@ -378,15 +433,22 @@ impl Witnessing {
             }
         };
         let Some((mut size, mut note)) = latest else {
-            return Ok(());
+            return Ok(Submitted::Newest);
         };
         let mut old = cosigned.unwrap_or(0);
+        let mut submitted = Submitted::Newest;
+        if let Some(pending) = self.pending_size(&rows, &w.name, old).filter(|p| *p < size) {
+            if let Ok(Some(pending_note)) = self.store_call(move |s| s.checkpoint_at(pending)).await
+            {
+                (size, note, submitted) = (pending, pending_note, Submitted::Older);
+            }
+        }
         if old >= size {
-            return Ok(());
+            return Ok(Submitted::Newest);
         }
         for _ in 0..=MAX_CONFLICT_RETRIES {
             match self.add_checkpoint(w, endpoint, old, size, &note).await? {
-                Sent::Cosigned => return Ok(()),
+                Sent::Cosigned => return Ok(submitted),
                 Sent::Learned(learned) if learned > size => {
                     // Another replica (PostgreSQL) may have signed and sent
                     // a newer checkpoint since the read above.
@@ -399,9 +461,10 @@ impl Witnessing {
                             );
                             if newest == learned {
                                 // Its cosignature is the sender's to store.
-                                return Ok(());
+                                return Ok(Submitted::Newest);
                             }
-                            (size, note, old) = (newest, newest_note, learned);
+                            (size, note, old, submitted) =
+                                (newest, newest_note, learned, Submitted::Newest);
                         }
                         Ok(_) => {
                             // More than this log has signed.
@@ -583,6 +646,16 @@ impl Witnessing {
         wake.notify_all();
         Ok(Sent::Cosigned)
     }
+}
+
+/// Which checkpoint [`Witnessing::submit_newest`] had cosigned (or found
+/// cosigned already) when it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Submitted {
+    /// The newest, or nothing was to be sent.
+    Newest,
+    /// An older one other witnesses had cosigned: the newest is next.
+    Older,
 }
 
 /// What one request achieved.
@@ -1138,7 +1211,7 @@ mod tests {
         assert_eq!(first, 3);
         assert_eq!(
             runtime.block_on(witnessing.submit_newest(&w, &endpoint)),
-            Ok(())
+            Ok(Submitted::Newest)
         );
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(6));
         assert!(witnessing.quorum_covering(6).unwrap().is_some());
@@ -1185,6 +1258,58 @@ mod tests {
         assert_eq!(policy.verify(&covering).unwrap().0.size, second);
         let served = witnessing.served().unwrap().unwrap();
         assert_eq!(policy.verify(&served).unwrap().0.size, second);
+    }
+
+    /// Witness A cosigned an older checkpoint and went quiet; the log has
+    /// signed a newer one since. B's submitter joins A's size first, so the
+    /// quorum (both) is met there, then sends the newest. Sending only the
+    /// newest, as before, left A's and B's cosignatures on different sizes
+    /// and no size with both: under a steady stream of checkpoints and slow
+    /// witnesses, the quorum might never be met.
+    #[test]
+    fn a_submitter_joins_the_size_others_cosigned_before_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let a_sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let a_key = CosignerKey::new("w1.test", a_sk.verifying_key().as_bytes()).unwrap();
+        let (b_url, b_key, _) =
+            runtime.block_on(async { witness(dir.path(), "w2.test", 2, log_key(), &ca).await });
+        let first = grow(&store, 3);
+        cosign(&store, first, &a_key, &a_sk);
+        let newest = grow(&store, 4);
+
+        let policy_text =
+            format!("witness A {a_key}\nwitness B {b_key}\ngroup both all A B\nquorum both\n");
+        let mut settings = settings(
+            dir.path(),
+            // A is unreachable from here on.
+            &[("https://localhost:1", &a_key), (&b_url, &b_key)],
+            &policy_text,
+            &ca,
+        );
+        settings.timeout = Duration::from_secs(10);
+        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(newest);
+        let waiter = witnessing.clone();
+        let cosigned = std::thread::spawn(move || waiter.wait_for_quorum(first))
+            .join()
+            .unwrap()
+            .unwrap();
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        assert_eq!(policy.verify(&cosigned).unwrap().0.size, first);
+        // Then B moves on to the newest.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.last_cosigned("w2.test").unwrap() != Some(newest) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "B never sent the newest"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(runtime);
     }
 
     /// Under `quorum none` every signed checkpoint meets the quorum: the
