@@ -252,6 +252,32 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(leaf["event"], "unwrap", "{leaf}");
     assert_eq!(leaf["outcome"], "opened", "{leaf}");
     assert_eq!(leaf["envelope_digest"], vault::envelope_digest(&withheld));
+    // The served checkpoint (the quorum's newest) is now older than the log:
+    // a report read from the daemon does not take the time of the read as
+    // a moment the log held nothing more (`period.observed` stays null).
+    let stale = t.path("stale.json");
+    let api = format!("https://{}", daemon.api);
+    assert_ok(&t.lavd(&[
+        "audit",
+        "report",
+        "--key",
+        &log_vkey,
+        "--url",
+        &api,
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--client-key",
+        &client_key,
+        "--out",
+        &path_str(&t.path("stale.html")),
+        "--json",
+        &path_str(&stale),
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&stale).unwrap()).unwrap();
+    assert_eq!(v["period"]["observed"], serde_json::Value::Null, "{v}");
+    assert!(v["verification"]["size"].as_u64().unwrap() < after.len() as u64);
 
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);

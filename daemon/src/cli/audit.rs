@@ -256,24 +256,29 @@ impl LogSource {
     pub fn verify(self) -> anyhow::Result<Verified> {
         let key = verifier_key(self.key)?;
         let client = |url: &str| self.remote.client(url);
-        // A live log's checkpoint was its newest when fetched, so it held
-        // nothing else from before the fetch began (to within the time a
-        // request takes to commit).
+        // A log read from the daemon whose checkpoint was its newest (the
+        // daemon held no entry past it once the read was done) held nothing
+        // else from before the read began (to within the time a request
+        // takes to commit). A served checkpoint can be older than the log
+        // (the newest one the witness quorum cosigned), and tiles may come
+        // through a cache or a mirror: neither says when the log was
+        // complete.
         let started = time::OffsetDateTime::now_utc();
-        let live = self.url.is_some()
-            || self
-                .tiles
-                .as_deref()
-                .is_some_and(|t| t.starts_with("https://"));
-        let new = match (&self.export, &self.url, &self.tiles) {
-            (Some(export), ..) => Export::parse(&read(export)?)?,
-            (None, Some(url), _) => fetch_export(&client(url)?, &key, self.remote.max_entries)?,
+        let (new, complete_when_read) = match (&self.export, &self.url, &self.tiles) {
+            (Some(export), ..) => (Export::parse(&read(export)?)?, false),
+            (None, Some(url), _) => {
+                let daemon = client(url)?;
+                let export = fetch_export(&daemon, &key, self.remote.max_entries)?;
+                let size = crate::audit::note::verify_checkpoint(&export.checkpoint, &key)?.size;
+                let newest = !holds_entries_from(&daemon, size)?;
+                (export, newest)
+            }
             (None, None, Some(tiles)) => {
                 let source = match tiles.strip_prefix("https://") {
                     Some(_) => TilesAt::url(client(tiles)?, tiles),
                     None => TilesAt::Dir(PathBuf::from(tiles)),
                 };
-                fetch_tiles(&source, &key, self.remote.max_entries)?
+                (fetch_tiles(&source, &key, self.remote.max_entries)?, false)
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
@@ -312,7 +317,7 @@ impl LogSource {
         };
         let checked_checkpoint = crate::audit::note::with_signatures_by(&new.checkpoint, checked)?;
         Ok(Verified {
-            fetched_at: (live && self.export.is_none()).then_some(started),
+            fetched_at: complete_when_read.then_some(started),
             export: new,
             summary,
             witnesses,
@@ -333,13 +338,24 @@ pub struct Verified {
     /// The newest checkpoint with only the signature lines that verified:
     /// the log's and those witnesses'.
     pub checked_checkpoint: String,
-    /// For a live log (`--url`, `--tiles https://…`): when its fetch began.
+    /// For a log read from the daemon (`--url`) whose served checkpoint was
+    /// its newest: when the read began.
     pub fetched_at: Option<time::OffsetDateTime>,
 }
 
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
 /// current checkpoint, then every leaf up to its size in pages. Nothing
 /// fetched is trusted; [`verify_export`] checks it all against `key`.
+/// Whether the daemon holds an entry at index `size` or beyond: then the
+/// checkpoint it served was not its newest.
+fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Result<bool> {
+    let page = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
+    Ok(!page["entries"]
+        .as_array()
+        .ok_or_else(|| anyhow::anyhow!("no entries in the reply"))?
+        .is_empty())
+}
+
 fn fetch_export(
     client: &super::https::Client,
     key: &VerifierKey,
