@@ -28,7 +28,8 @@ use crate::jwk::{P256PrivateKey, P256PublicKey};
 pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
-/// and `warrant_revoked` (PROTOCOL §8).
+/// `warrant_revoked` (PROTOCOL §8), and lavd's `warrant_expired` and
+/// `emergency_expired` (a deadline passed in flight; docs/warrants.md).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -54,11 +55,19 @@ pub enum DenyReason {
     /// of it is released (PROTOCOL §8). Requests that arrive after the
     /// revocation are refused whole with 403 `warrant_revoked` instead.
     WarrantRevoked,
+    /// The warrant's `expires` passed while the request was in flight, after
+    /// it was admitted and before its audit commit: nothing of it is
+    /// released past the end. Requests that arrive later are refused whole
+    /// with 403 `warrant_expired`.
+    WarrantExpired,
+    /// As [`Self::WarrantExpired`], for the end of an urgent warrant's
+    /// hours (403 `emergency_expired` for later requests).
+    EmergencyExpired,
 }
 
 impl DenyReason {
-    /// Every reason, in PROTOCOL order.
-    pub const ALL: [Self; 9] = [
+    /// Every reason, in PROTOCOL order, then lavd's additions.
+    pub const ALL: [Self; 11] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -68,6 +77,8 @@ impl DenyReason {
         Self::OpenFailed,
         Self::BudgetExhausted,
         Self::WarrantRevoked,
+        Self::WarrantExpired,
+        Self::EmergencyExpired,
     ];
 
     /// The wire string.
@@ -82,6 +93,8 @@ impl DenyReason {
             Self::OpenFailed => "open_failed",
             Self::BudgetExhausted => "budget_exhausted",
             Self::WarrantRevoked => "warrant_revoked",
+            Self::WarrantExpired => "warrant_expired",
+            Self::EmergencyExpired => "emergency_expired",
         }
     }
 

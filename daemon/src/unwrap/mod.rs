@@ -204,10 +204,13 @@ enum Plan {
 }
 
 /// Runs one unwrap request for `caller` (already known to hold the agency
-/// role). `clock` is read once, after the request's turn at the envelope
-/// gate: the warrant's validity, the keys' retention and the leaves' time
-/// are judged when the work starts, not when the request arrived (a
-/// request may wait at the gate behind others for as long as they take).
+/// role). `clock` is read after the request's turn at the envelope gate:
+/// the warrant's validity, the keys' retention and the leaves' time are
+/// judged when the work starts, not when the request arrived (a request
+/// may wait at the gate behind others for as long as they take). It is
+/// read once more just before the audit commit, for the deadlines alone: a
+/// warrant or key retention that ended while the HSM opened releases
+/// nothing past its end.
 ///
 /// # Errors
 /// [`UnwrapError`]; per-envelope refusals are not errors but `denied`
@@ -486,6 +489,33 @@ pub fn unwrap(
         deny_opened(&mut releases, &mut leaves, DenyReason::OpenFailed);
         opened = 0;
     }
+    // The deadlines once more, at the last moment before the audit commit:
+    // the warrant's end (or its urgent hours'), and each key's retention.
+    // A request admitted just before one of them, whose opens ran past it
+    // (a large batch, a slow HSM), releases nothing past it: those
+    // envelopes are denied, unspent. Later requests are refused whole.
+    let settling = clock();
+    if let Some(lapsed) = warrant.lapsed(settling) {
+        let reason = match lapsed {
+            WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
+            _ => DenyReason::WarrantExpired,
+        };
+        opened -= count_opened(&releases);
+        deny_opened(&mut releases, &mut leaves, reason);
+    } else {
+        let retained = |kid: &str| {
+            keys.get(kid)
+                .and_then(Option::as_ref)
+                .is_some_and(|k| settling <= k.destroy_after)
+        };
+        for (release, leaf) in releases.iter_mut().zip(leaves.iter_mut()) {
+            if matches!(release, Release::Opened { kid, .. } if !retained(kid)) {
+                *release = Release::Denied(DenyReason::KeyDestroyed);
+                leaf.deny(DenyReason::KeyDestroyed);
+                opened -= 1;
+            }
+        }
+    }
 
     // Audit before release: every envelope's leaf and the spend in one
     // durable transaction, and a signed checkpoint that includes them. That
@@ -579,6 +609,14 @@ fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String
             Ok(receipt.checkpoint.clone())
         }
     }
+}
+
+/// How many of `releases` are opened.
+fn count_opened(releases: &[Release]) -> u64 {
+    releases
+        .iter()
+        .filter(|r| matches!(r, Release::Opened { .. }))
+        .count() as u64
 }
 
 /// Turns every opened envelope into a denial for `reason`, in the reply

@@ -75,6 +75,21 @@ struct Signed {
     usable_until: OffsetDateTime,
 }
 
+impl Signed {
+    /// See [`VerifiedWarrant::lapsed`].
+    fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {
+        if now < self.usable_until {
+            return None;
+        }
+        Some(match self.emergency_end {
+            Some(end) if end < self.claims.expires => {
+                WarrantError::EmergencyExpired(format_time(end))
+            }
+            _ => WarrantError::Expired(format_time(self.claims.expires)),
+        })
+    }
+}
+
 impl VerifiedWarrant {
     /// The claims.
     pub fn claims(&self) -> &Claims {
@@ -105,6 +120,14 @@ impl VerifiedWarrant {
     /// of the emergency period if that comes first.
     pub fn usable_until(&self) -> OffsetDateTime {
         self.signed.usable_until
+    }
+    /// Why the warrant is no longer usable at `now`, if it is not:
+    /// [`WarrantError::Expired`] at `expires`, or
+    /// [`WarrantError::EmergencyExpired`] at the end of an urgent warrant's
+    /// hours when that comes first. The one rule both the verification and
+    /// an unwrap's last look before its audit commit apply.
+    pub fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {
+        self.signed.lapsed(now)
     }
     /// The key results are sealed to.
     pub fn recipient(&self) -> &P256PublicKey {
@@ -276,13 +299,8 @@ impl Verifier {
         if now < claims.not_before {
             return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
         }
-        if now >= signed.usable_until {
-            return Err(match signed.emergency_end {
-                Some(end) if end < claims.expires => {
-                    WarrantError::EmergencyExpired(format_time(end))
-                }
-                _ => WarrantError::Expired(format_time(claims.expires)),
-            });
+        if let Some(lapsed) = signed.lapsed(now) {
+            return Err(lapsed);
         }
         if claims.agency != caller_identity {
             return Err(WarrantError::AgencyMismatch {

@@ -1,0 +1,212 @@
+//! A deadline that passes while an unwrap is in flight, against a real
+//! `lavd serve` over mutual TLS, through the fault module in front of
+//! SoftHSM. The module's `hang` on `C_DeriveKey` holds the request inside
+//! its HSM open, after it was admitted, until the deadline has passed:
+//!
+//! - the warrant's `expires`: every envelope that opened is denied
+//!   `warrant_expired`, nothing is released or spent, and the leaves say
+//!   so; the next request is refused whole (403 `warrant_expired`);
+//! - the key's `destroy_after` (its retention ended; the key is not yet
+//!   destroyed): that key's envelope is denied `key_destroyed`, another
+//!   key's in the same request opens.
+//!
+//! Before, both were judged only when the request's work started, so a
+//! request admitted a moment before the end released keys after it.
+
+use std::time::{Duration, Instant};
+
+use lavd::jwk::P256PublicKey;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Clients, Parties, TARGET};
+use softhsm_tests::{assert_ok, shim_module_path, Shim, TestToken};
+use time::OffsetDateTime;
+
+/// Polls `f` every 20 ms for up to 20 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Sleeps until `t` has passed, by the wall clock the daemon reads too.
+fn sleep_past(t: OffsetDateTime) {
+    while OffsetDateTime::now_utc() <= t {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A daemon through the fault module (a held call does not time out),
+/// with escrow key `E-1`.
+struct Setup {
+    /// Kept running; dropped, so killed, before its token.
+    _daemon: Daemon,
+    c: Clients,
+    shim: Shim,
+    t: TestToken,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let shim = Shim::new(&t);
+        t.write_config_hsm(
+            &shim_module_path(),
+            2,
+            "call_timeout_ms = 60000\n",
+            &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+        );
+        vault::generate_escrow_key(&t, "E-1");
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        Setup {
+            _daemon: daemon,
+            c,
+            shim,
+            t,
+        }
+    }
+
+    fn seal(&self, escrow: &P256PublicKey, kid: &str, tag: &str) -> serde_json::Value {
+        vault::seal(
+            escrow,
+            kid,
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            tag,
+            &[7; 32],
+        )
+    }
+
+    /// Posts `envelopes` under `warrant` on another thread, holds its HSM
+    /// open until `deadline` has passed, then lets it go; returns the reply.
+    fn held_past(
+        &self,
+        warrant: &serde_json::Value,
+        envelopes: &[serde_json::Value],
+        deadline: OffsetDateTime,
+    ) -> softhsm_tests::server::Response {
+        self.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+        std::thread::scope(|s| {
+            let request = s.spawn(|| {
+                vault::post(
+                    &self.c.agency,
+                    "/v1/unwrap",
+                    &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+                )
+            });
+            eventually("the unwrap's HSM open", || self.shim.faults() > 0);
+            // Admitted and opening before the deadline, or the test shows
+            // nothing.
+            assert!(
+                OffsetDateTime::now_utc() < deadline,
+                "the request reached the HSM only after the deadline"
+            );
+            sleep_past(deadline);
+            assert!(!request.is_finished(), "the unwrap answered while held");
+            self.shim.set("");
+            request.join().unwrap()
+        })
+    }
+}
+
+#[test]
+fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
+    let setup = Setup::new();
+    let c = &setup.c;
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let envelopes = [
+        setup.seal(&escrow, "E-1", "one"),
+        setup.seal(&escrow, "E-1", "two"),
+    ];
+    let recipient = vault::recipient();
+    let id = "W-EXPIRES-IN-FLIGHT";
+    let mut claims = vault::claims(id, recipient.public(), 10);
+    // Fractions of a second are part of the claims' time format.
+    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(4);
+    claims["expires"] = serde_json::json!(expires
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap());
+    let warrant = vault::double_lock(&claims);
+
+    let reply = setup.held_past(&warrant, &envelopes, expires);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
+    assert_eq!(
+        vault::statuses(&reply),
+        ["warrant_expired", "warrant_expired"]
+    );
+
+    // In the log: both leaves denied for that reason; nothing spent.
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    let log = vault::entries(&c.auditor, first, first + 2);
+    for e in &log {
+        assert_eq!(e.leaf["event"], "unwrap");
+        assert_eq!(e.leaf["outcome"], "denied");
+        assert_eq!(e.leaf["reason"], "warrant_expired");
+    }
+    let db = rusqlite::Connection::open(setup.t.path("lavd.db")).unwrap();
+    let spent: i64 = db
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(spent, 0);
+
+    // A later request is refused whole, as before.
+    vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [envelopes[0]]}),
+    )
+    .assert_error(403, "warrant_expired");
+}
+
+#[test]
+fn a_key_whose_retention_ends_while_its_unwrap_is_in_flight_is_not_released() {
+    let setup = Setup::new();
+    let (t, c) = (&setup.t, &setup.c);
+    // E-2's retention ends a few seconds from now (whole seconds, as the
+    // store keeps them).
+    let now = OffsetDateTime::now_utc();
+    let at = |s: i64| lavd::codec::format_time(now + time::Duration::seconds(s));
+    let destroy_after = lavd::codec::parse_time(&at(5)).unwrap();
+    let printed = assert_ok(&t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        "E-2",
+        "--not-before",
+        &at(-3600),
+        "--not-after",
+        &at(4),
+        "--destroy-after",
+        &at(5),
+    ]));
+    let doomed_key =
+        P256PublicKey::from_jwk(&lavd::jwk::Jwk::from_json(printed.as_bytes()).unwrap()).unwrap();
+    let live_key = vault::published_key(&c.provider, "E-1");
+    let envelopes = [
+        setup.seal(&doomed_key, "E-2", "doomed"),
+        setup.seal(&live_key, "E-1", "live"),
+    ];
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims(
+        "W-RETENTION-IN-FLIGHT",
+        recipient.public(),
+        10,
+    ));
+
+    let reply = setup.held_past(&warrant, &envelopes, destroy_after);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
+    assert_eq!(vault::statuses(&reply), ["key_destroyed", "ok"]);
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    let log = vault::entries(&c.auditor, first, first + 2);
+    assert_eq!(log[0].leaf["outcome"], "denied");
+    assert_eq!(log[0].leaf["reason"], "key_destroyed");
+    assert_eq!(log[1].leaf["outcome"], "opened");
+}
