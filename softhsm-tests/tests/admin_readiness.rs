@@ -56,9 +56,12 @@ fn metrics_are_prometheus_text() {
     let client = pki.client(daemon.api, Some(&pki.clients.identity(provider)));
     assert_eq!(client.get("/v1/keys").status, 200);
     assert!(pki.client(daemon.api, None).get_raw("/v1/keys").is_err());
-    daemon.wait_metric(
-        "lavd_tls_handshake_failures_total{reason=\"no_client_certificate\"}",
-        1.0,
+    assert_eq!(
+        daemon.wait_metric(
+            "lavd_tls_handshake_failures_total{reason=\"no_client_certificate\"}",
+            1.0,
+        ),
+        1.0
     );
     let r = daemon.admin_get("/metrics");
     assert_eq!(r.status, 200);

@@ -70,7 +70,10 @@ fn a_silent_client_is_dropped_after_the_handshake_timeout() {
     assert!(matches!(tcp.read(&mut buf), Ok(0) | Err(_)));
     let took = started.elapsed();
     assert!(
-        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        // Not before the timeout; the upper bound only tells "cut by the
+        // timeout" from "never cut" (the read gives up at 5 s), with room
+        // for a loaded host.
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
         "{took:?}"
     );
     assert_eq!(

@@ -595,7 +595,8 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
     )
     .unwrap();
     let out = softhsm_tests::generate_key(&t, "2027-03", "2030-01-01T00:00:00Z");
-    assert!(!out.status.success(), "{out:?}");
+    let stderr = assert_fails_with(&out, 1, "store_unavailable");
+    assert!(stderr.contains("refused by the test"), "{stderr}");
     assert!(
         private_key(&t, "2027-03").is_none(),
         "an orphan pair was left"

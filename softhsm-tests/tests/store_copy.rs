@@ -96,9 +96,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     // nothing (the leaves it had written are rolled back).
     let other = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();
     let out = copy(&other);
-    assert!(!out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("store copy refused"), "{stderr}");
+    softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
     assert_eq!(db.rows("audit_leaves"), 0);
     // Run again with the right key.
     let out = copy(&key);
@@ -119,11 +117,8 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     assert_eq!(row.get::<_, String>(2), "\u{2014} w1 AAAA\n");
     // A second copy into the now non-empty target is refused.
     let out = copy(&key);
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("not empty"),
-        "{out:?}"
-    );
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
+    assert!(stderr.contains("not empty"), "{stderr}");
 
     // lavd serve on PostgreSQL carries on.
     db.write_token_config(&t, &config);

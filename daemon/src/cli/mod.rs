@@ -196,8 +196,12 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if e.downcast_ref::<crate::hsm::HsmError>().is_some() {
         return Some("hsm_unavailable");
     }
-    if e.downcast_ref::<crate::store::StoreError>().is_some() {
-        return Some("store_unavailable");
+    if let Some(s) = e.downcast_ref::<crate::store::StoreError>() {
+        return Some(match s {
+            // Not the store failing: it refused, and says why.
+            crate::store::StoreError::CopyRefused(_) => "store_copy_refused",
+            _ => "store_unavailable",
+        });
     }
     if let Some(s) = e.downcast_ref::<crate::api::ServeError>() {
         return Some(s.code());

@@ -103,8 +103,14 @@ impl SqliteStore {
         );
         match result {
             Ok(_) => Ok(()),
+            // The kid's key alone: another constraint (a CHECK, a trigger)
+            // failing is the store's error, not a kid in use.
             Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                if matches!(
+                    e.extended_code,
+                    rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY
+                        | rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+                ) =>
             {
                 Err(StoreError::DuplicateKid(key.kid.clone()))
             }
