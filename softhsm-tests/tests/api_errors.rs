@@ -150,3 +150,64 @@ fn role_checks_come_before_the_body_is_parsed() {
         1.0
     );
 }
+
+/// A body must be sent as `application/json`. An HTML form can post
+/// `text/plain` across sites without a CORS preflight, from a browser that
+/// holds the admin's client certificate; its text can be exactly the JSON
+/// of a revocation. Refused: 415 `unsupported_media_type`, and nothing is
+/// revoked; the same body as JSON is taken (any case, with parameters).
+#[test]
+fn a_body_not_sent_as_json_is_415_and_does_nothing() {
+    const ADMIN: &str = "spiffe://ops.example/admin";
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{ADMIN}\" = [\"admin\"]\n\"{AGENCY}\" = [\"agency\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    let mut admin = pki
+        .client(daemon.api, Some(&pki.clients.identity(ADMIN)))
+        .connect()
+        .unwrap();
+    // What `<form enctype="text/plain">` with the field name
+    // `{"id":"W-CSRF","reason":"x` and the value `"}` sends.
+    let body = b"{\"id\":\"W-CSRF\",\"reason\":\"x=\"}\r\n";
+    let post = |conn: &mut TlsConn, path: &str, content_type: Option<&str>| {
+        let mut head = format!("POST {path} HTTP/1.1\r\nhost: localhost\r\n");
+        if let Some(t) = content_type {
+            head.push_str(&format!("content-type: {t}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body);
+        conn.send(&bytes).unwrap();
+        conn.read_response().unwrap()
+    };
+    for t in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+        Some("application/jsonx"),
+        None,
+    ] {
+        let message = post(&mut admin, "/v1/warrants/revocations", t)
+            .assert_error(415, "unsupported_media_type");
+        assert!(message.contains("application/json"), "{message}");
+    }
+    // The unwrap route too.
+    let mut agency = pki
+        .client(daemon.api, Some(&pki.clients.identity(AGENCY)))
+        .connect()
+        .unwrap();
+    post(&mut agency, "/v1/unwrap", Some("text/plain")).assert_error(415, "unsupported_media_type");
+
+    // Nothing was revoked: the first JSON revocation is the new one.
+    let r = post(
+        &mut admin,
+        "/v1/warrants/revocations",
+        Some("Application/JSON; charset=utf-8"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["revoked"], true, "{}", r.text());
+    assert_eq!(r.json()["already_revoked"], false, "{}", r.text());
+}

@@ -49,6 +49,12 @@ pub enum ApiError {
     /// or stalled client.
     #[error("the request body did not arrive in time")]
     RequestTimeout,
+    /// A body sent as something other than `application/json`. Refused so
+    /// that a web page cannot make a browser holding a client certificate
+    /// post a form (`text/plain`, which needs no CORS preflight) that the
+    /// JSON parser would accept: a cross-site revocation or unwrap.
+    #[error("the request body must be sent as application/json; it was sent as {0}")]
+    UnsupportedMediaType(String),
     /// The body is larger than `limits.max_body_bytes`.
     #[error("the request body is larger than {limit} bytes")]
     BodyTooLarge {
@@ -123,6 +129,7 @@ impl ApiError {
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::RequestTimeout => "request_timeout",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BatchTooLarge { .. } => "batch_too_large",
             ApiError::RateLimited { .. } => "rate_limited",
@@ -144,6 +151,7 @@ impl ApiError {
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::BodyTooLarge { .. } | ApiError::BatchTooLarge { .. } => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -284,6 +292,11 @@ mod tests {
             (ApiError::NotFound, 404, "not_found"),
             (ApiError::MethodNotAllowed, 405, "method_not_allowed"),
             (ApiError::RequestTimeout, 408, "request_timeout"),
+            (
+                ApiError::UnsupportedMediaType("text/plain".into()),
+                415,
+                "unsupported_media_type",
+            ),
             (ApiError::BodyTooLarge { limit: 10 }, 413, "body_too_large"),
             (
                 ApiError::BatchTooLarge { count: 5, limit: 4 },

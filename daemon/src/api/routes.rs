@@ -202,9 +202,33 @@ pub fn json_body<T: DeserializeOwned + Send>(
 }
 
 /// The body's exact bytes (already bounded by `limits.max_body_bytes`), for
-/// handlers that must keep them as sent.
+/// handlers that must keep them as sent; only a body sent as
+/// `application/json` ([`ApiError::UnsupportedMediaType`], 415, otherwise).
 pub fn raw_body() -> impl Filter<Extract = (warp::hyper::body::Bytes,), Error = Rejection> + Clone {
-    warp::body::bytes()
+    warp::header::optional::<String>("content-type")
+        .and_then(|sent: Option<String>| async move {
+            match sent {
+                Some(t) if is_json(&t) => Ok(()),
+                Some(t) => Err(Rejection::from(ApiError::UnsupportedMediaType(format!(
+                    "{:?}",
+                    t.chars().take(100).collect::<String>()
+                )))),
+                None => Err(Rejection::from(ApiError::UnsupportedMediaType(
+                    "no content-type".into(),
+                ))),
+            }
+        })
+        .untuple_one()
+        .and(warp::body::bytes())
+}
+
+/// Whether a `content-type` value names JSON: `application/json`, in any
+/// case, with or without parameters (`; charset=utf-8`).
+fn is_json(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// The numeric query parameters of a route (`?start=&end=`, `?index=&size=`,
