@@ -258,15 +258,23 @@ pub async fn post_revocation(
             unwrap_error(e)
         }
     })?;
-    let receipt = &revoked.receipt;
+    // Committed, so in force: said so even when no checkpoint could be
+    // signed over its leaf (`checkpoint: null`; the next one covers it).
+    let checkpoint = match &revoked.checkpoint {
+        Ok(note) => Some(note.as_str()),
+        Err(e) => {
+            tracing::error!(error = %e, id = %revoked.id, "the revocation is committed and in force, but no checkpoint could be signed over its leaf");
+            None
+        }
+    };
     Ok(json(&serde_json::json!({
         "id": revoked.id,
         "revoked": true,
         "already_revoked": !revoked.newly_revoked,
         "audit": {
-            "checkpoint": receipt.checkpoint,
-            "first_index": receipt.appended.first_index,
-            "count": receipt.appended.count,
+            "checkpoint": checkpoint,
+            "first_index": revoked.appended.first_index,
+            "count": revoked.appended.count,
         },
     })))
 }

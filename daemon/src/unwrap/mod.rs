@@ -778,7 +778,13 @@ pub struct Revoked {
     /// False if it was already revoked (revocation is final; the first record stands).
     pub newly_revoked: bool,
     /// Where the revocation's leaf is.
-    pub receipt: Receipt,
+    pub appended: crate::store::Appended,
+    /// A signed checkpoint covering the leaf, or why none could be had
+    /// (the HSM failed to sign after the commit, or the log is
+    /// inconsistent). Either way the revocation is committed, so final:
+    /// a "retry later" would be false, and a retry would only write a
+    /// second leaf.
+    pub checkpoint: Result<String, crate::audit::log::LogError>,
 }
 
 /// Records a revocation durably with its audit leaf.
@@ -786,7 +792,8 @@ pub struct Revoked {
 /// # Errors
 /// [`UnwrapError::Malformed`] for a bad body, [`UnwrapError::Warrant`] for an
 /// authority JWS that does not verify, [`UnwrapError::HsmUnavailable`] or
-/// [`UnwrapError::StoreUnavailable`].
+/// [`UnwrapError::StoreUnavailable`] when nothing was committed. Once the
+/// revocation is committed it is `Ok`, with or without a checkpoint.
 pub fn revoke(
     ctx: &Context<'_>,
     request: RevocationRequest<'_>,
@@ -817,7 +824,7 @@ pub fn revoke(
     let event: Event = RevocationEvent::new(caller, &id, &reason, authority.as_deref())
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();
-    let receipt = ctx.log.append(AuditAppend {
+    let (appended, receipt) = ctx.log.append_committed(AuditAppend {
         events: vec![event],
         time: now,
         spend: Spend::Revoke(Revocation {
@@ -829,7 +836,8 @@ pub fn revoke(
     })?;
     Ok(Revoked {
         id,
-        newly_revoked: receipt.appended.newly_revoked,
-        receipt,
+        newly_revoked: appended.newly_revoked,
+        appended,
+        checkpoint: receipt.map(|r| r.checkpoint),
     })
 }

@@ -1,0 +1,75 @@
+//! A revocation whose leaf commits but over which no checkpoint can be
+//! signed (the HSM fails every `C_Sign`, through the fault module in front
+//! of SoftHSM). The revocation is in force from its commit (PROTOCOL §8), so
+//! the reply says so, 200 with `audit.checkpoint: null`, not 503 "retry
+//! later" (a retry would only write a second leaf and answer
+//! `already_revoked`); the warrant is refused from then on, and the next
+//! checkpoint covers the leaf.
+
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+use time::OffsetDateTime;
+
+#[test]
+fn a_committed_revocation_without_a_checkpoint_is_reported_in_force() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with_module(
+        &shim_module_path(),
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let id = "W-REVOKED-UNSIGNED";
+    let warrant = vault::double_lock(&vault::claims(id, vault::recipient().public(), 5));
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let envelope = vault::seal(
+        &escrow,
+        "E-1",
+        TARGET,
+        OffsetDateTime::now_utc() - time::Duration::hours(1),
+        "m",
+        &[7; 32],
+    );
+    let unwrap = || {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        )
+    };
+    assert_eq!(unwrap().status, 200);
+    let before = vault::tree_size(&c.auditor);
+
+    shim.set("fault = device_error\nfault_calls = C_Sign");
+    let r = vault::post(
+        &c.admin,
+        "/v1/warrants/revocations",
+        &serde_json::json!({"id": id, "reason": "quashed"}),
+    );
+    assert!(shim.faults() > 0, "no signature was attempted");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = r.json();
+    assert_eq!(body["revoked"], true);
+    assert_eq!(body["already_revoked"], false);
+    assert_eq!(
+        body["audit"]["checkpoint"],
+        serde_json::Value::Null,
+        "{body}"
+    );
+    assert_eq!(body["audit"]["first_index"], before);
+    assert_eq!(body["audit"]["count"], 1);
+
+    // In force at once, and logged: once the HSM signs again, the next
+    // checkpoint covers the revocation's leaf.
+    shim.set("");
+    unwrap().assert_error(403, "warrant_revoked");
+    assert!(vault::tree_size(&c.auditor) > before);
+    let leaf = &vault::entries(&c.auditor, before, before + 1)[0].leaf;
+    assert_eq!(leaf["event"], "revocation", "{leaf}");
+    assert_eq!(leaf["warrant_id"], id, "{leaf}");
+}
