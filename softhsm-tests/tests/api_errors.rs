@@ -120,6 +120,26 @@ fn unknown_routes_are_404_and_wrong_methods_405() {
         ),
         5.0
     );
+    // One name per resource: a trailing slash names none.
+    for path in ["/v1/keys/", "/v1/audit/checkpoint/"] {
+        let r = s.provider.request("GET", path, &[], None).unwrap();
+        r.assert_error(404, "not_found");
+    }
+    // A route that takes no query parameters refuses them, as the routes
+    // that take some refuse unknown ones: no filter seems to have worked.
+    let r = s
+        .provider
+        .request("GET", "/v1/keys?kid=2026-11", &[], None)
+        .unwrap();
+    let message = r.assert_error(400, "malformed_request");
+    assert!(message.contains("no query parameters"), "{message}");
+    assert_eq!(
+        s.provider
+            .request("GET", "/v1/keys", &[], None)
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 #[test]

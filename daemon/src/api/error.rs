@@ -32,7 +32,7 @@ pub enum ApiError {
     #[error("the client certificate is no longer accepted: {0}")]
     CertificateRejected(&'static str),
     /// The identity does not hold any role that may use this endpoint.
-    #[error("{identity} may not use this endpoint (it needs the {needed} role)")]
+    #[error("{identity} may not use this endpoint ({needed})")]
     Forbidden {
         /// The caller's URI SAN.
         identity: String,
@@ -174,9 +174,10 @@ impl ApiError {
         ApiError::Forbidden {
             identity: identity.to_string(),
             needed: if needed.is_empty() {
-                "any".into()
+                // `ANY_ROLE`: the caller holds none.
+                "it holds no role in [roles]".into()
             } else {
-                needed
+                format!("it needs the {needed} role")
             },
         }
     }
@@ -348,6 +349,12 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "spiffe://a.example/x may not use this endpoint (it needs the provider or agency role)"
+        );
+        // A route any role may use, and a caller with none.
+        let e = ApiError::forbidden("spiffe://a.example/x", &[]);
+        assert_eq!(
+            e.to_string(),
+            "spiffe://a.example/x may not use this endpoint (it holds no role in [roles])"
         );
     }
 

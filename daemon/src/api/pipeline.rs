@@ -55,7 +55,15 @@ pub type Router = Arc<
 pub fn router(filter: warp::filters::BoxedFilter<(Response,)>) -> Router {
     use hyper::service::Service as _;
     let service = hyper_util::service::TowerToHyperService::new(warp::service(filter));
-    Arc::new(move |req| {
+    Arc::new(move |req: Request<Full<Bytes>>| {
+        // One name per resource: `/v1/keys/` is not `/v1/keys` (warp's
+        // path matching would take both).
+        let path = req.uri().path();
+        if path.len() > 1 && path.ends_with('/') {
+            let response = ApiError::NotFound.into_response();
+            return Box::pin(async move { response })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
+        }
         let call = service.call(req);
         Box::pin(async move {
             match call.await {

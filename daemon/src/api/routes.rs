@@ -320,6 +320,27 @@ pub fn index_query(
         })
 }
 
+/// Refuses any query string on a route that takes none (400
+/// `malformed_request`), as the routes that take some refuse unknown
+/// parameters: `GET /v1/keys?kid=…` must not look like a filter that
+/// worked.
+pub fn no_query() -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::query::raw()
+        .or(warp::any().map(String::new))
+        .unify()
+        .and_then(|raw: String| async move {
+            if raw.is_empty() {
+                Ok(())
+            } else {
+                Err(Rejection::from(ApiError::Malformed(format!(
+                    "this endpoint takes no query parameters; got {:?}",
+                    raw.chars().take(100).collect::<String>()
+                ))))
+            }
+        })
+        .untuple_one()
+}
+
 /// Hands the shared state to a handler.
 pub fn with_state(
     state: Arc<ServerState>,
@@ -353,6 +374,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
     let keys = warp::path!("v1" / "keys")
         .and(warp::get())
         .and(route("/v1/keys"))
+        .and(no_query())
         .and(require(ANY_ROLE))
         .and(with_state(state.clone()))
         .and_then(get_keys);
@@ -360,6 +382,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
     let unwrap = warp::path!("v1" / "unwrap")
         .and(warp::post())
         .and(route("/v1/unwrap"))
+        .and(no_query())
         .and(require(&[Role::Agency]))
         .and(admitted())
         .and(readmission())
@@ -372,6 +395,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
     let revocations = warp::path!("v1" / "warrants" / "revocations")
         .and(warp::post())
         .and(route("/v1/warrants/revocations"))
+        .and(no_query())
         .and(require(ANY_ROLE))
         .and(admitted())
         .and(raw_body())
@@ -381,12 +405,14 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
     let audit_key = warp::path!("v1" / "audit" / "key")
         .and(warp::get())
         .and(route("/v1/audit/key"))
+        .and(no_query())
         .and(auditor())
         .and(with_state(state.clone()))
         .and_then(handlers::audit_key);
     let audit_checkpoint = warp::path!("v1" / "audit" / "checkpoint")
         .and(warp::get())
         .and(route("/v1/audit/checkpoint"))
+        .and(no_query())
         .and(auditor())
         .and(with_state(state.clone()))
         .and_then(handlers::audit_checkpoint);
@@ -474,6 +500,7 @@ where
     let log_checkpoint = warp::path!("v1" / "log" / "checkpoint")
         .and(warp::get())
         .and(route("/v1/log/checkpoint"))
+        .and(no_query())
         .and(guard.clone())
         .and(with_state(state.clone()))
         .and_then(handlers::log_checkpoint);
@@ -481,6 +508,7 @@ where
         .and(warp::path::tail())
         .and(warp::get())
         .and(route("/v1/log/tile/entries/{N}"))
+        .and(no_query())
         .and(guard.clone())
         .and(with_state(state.clone()))
         .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
@@ -490,6 +518,7 @@ where
         .and(warp::path::tail())
         .and(warp::get())
         .and(route("/v1/log/tile/{L}/{N}"))
+        .and(no_query())
         .and(guard)
         .and(with_state(state))
         .and_then(|tail: warp::path::Tail, _peer: PeerIdentity, state| {
