@@ -106,19 +106,31 @@ pub struct Load {
     pub stop: Arc<AtomicBool>,
 }
 
+/// How an agency thread's round ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The round was over ([`Load::stop`]).
+    Stopped,
+    /// A request it had sent got no answer: the connection failed.
+    Cut,
+    /// It could not connect at all.
+    NoConnection,
+}
+
 /// One agency thread: unwraps small batches (1 to 3 envelopes) on one
 /// keep-alive connection, alternating warrants, until its daemon dies under
 /// it or the round is over. Every DEK in every reply must be the one
-/// sealed. Also says whether the kill cut a request it had sent.
-pub fn agency_thread(load: Load, round: u64, thread: usize) -> (Vec<Received>, bool) {
+/// sealed. Also says how it ended, which [`join_round`] holds against
+/// whether its daemon was killed.
+pub fn agency_thread(load: Load, round: u64, thread: usize) -> (Vec<Received>, Ended) {
     let mut received = Vec::new();
     let Ok(mut conn) = load.agency.connect() else {
-        return (received, false);
+        return (received, Ended::NoConnection);
     };
     let now = OffsetDateTime::now_utc();
     for n in 0usize.. {
         if load.stop.load(Ordering::SeqCst) {
-            return (received, false);
+            return (received, Ended::Stopped);
         }
         let (warrant_id, warrant) = &load.warrants[n % load.warrants.len()];
         let size = 1 + (n + thread) % 3;
@@ -142,8 +154,8 @@ pub fn agency_thread(load: Load, round: u64, thread: usize) -> (Vec<Received>, b
         let body = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
         let Ok(r) = conn.request("POST", "/v1/unwrap", &[], Some(body.to_string().as_bytes()))
         else {
-            // The daemon was killed.
-            return (received, true);
+            // The daemon was killed (if it was not, `join_round` says so).
+            return (received, Ended::Cut);
         };
         assert_eq!(r.status, 200, "{}", r.text());
         let reply = r.json();
@@ -315,15 +327,25 @@ impl Checker {
 
 /// Waits up to `timeout` for the threads of a round and gathers their
 /// replies; returns how many requests the kill cut.
+///
+/// A thread whose daemon was not killed (`killed(thread)` false) must have
+/// run to the end of the round: a connection it could not make, or a
+/// request that got no answer, is a failure of a daemon that should have
+/// been serving, not a casualty of the kill.
 pub fn join_round(
-    threads: Vec<std::thread::JoinHandle<(Vec<Received>, bool)>>,
+    threads: Vec<std::thread::JoinHandle<(Vec<Received>, Ended)>>,
     received: &mut Vec<Received>,
+    killed: impl Fn(usize) -> bool,
 ) -> usize {
     let mut cut = 0;
-    for thread in threads {
-        let (replies, cut_mid_request) = thread.join().expect("agency thread");
+    for (i, thread) in threads.into_iter().enumerate() {
+        let (replies, ended) = thread.join().expect("agency thread");
         received.extend(replies);
-        cut += usize::from(cut_mid_request);
+        assert!(
+            killed(i) || ended == Ended::Stopped,
+            "agency thread {i}, whose daemon was not killed, ended {ended:?}"
+        );
+        cut += usize::from(ended == Ended::Cut);
     }
     cut
 }

@@ -175,9 +175,9 @@ impl Figures {
     }
 
     /// Asserts what every fault test promises: only 200 and 503 `code`,
-    /// some requests inside the fault and all of them refused, nothing
-    /// released inside it, no answer slower than `bound`, and 200s again
-    /// after it.
+    /// some requests inside the fault and none of them releasing a key (a
+    /// 503, or a 200 that opened nothing), no answer slower than `bound`,
+    /// and 200s again after it.
     pub fn assert_fail_closed(&self, code: &str, bound: Duration) {
         assert!(
             self.in_fault > 0,

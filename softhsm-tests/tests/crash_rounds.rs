@@ -106,7 +106,8 @@ fn sqlite_sigkill_rounds_lose_no_released_key_and_no_budget() {
         std::thread::sleep(crash::kill_delay(&mut rng, 60));
         daemon.signal(Signal::KILL);
         daemon.wait_exit(Duration::from_secs(30));
-        cut += crash::join_round(threads, &mut received);
+        // The one daemon: every thread's.
+        cut += crash::join_round(threads, &mut received, |_| true);
 
         daemon = Daemon::start(&t);
         daemon.wait_readyz(200);
@@ -173,7 +174,15 @@ fn postgres_replica_sigkill_rounds_lose_no_released_key_and_no_budget() {
         killed_total += victims.len();
         // The survivors' threads end after their current request.
         stop.store(true, Ordering::SeqCst);
-        cut += crash::join_round(threads, &mut received);
+        cut += crash::join_round(threads, &mut received, |thread| {
+            victims.contains(&(thread % REPLICAS))
+        });
+        // And the survivors still serve.
+        for (r, daemon) in c.daemons.iter().enumerate() {
+            if !victims.contains(&r) {
+                daemon.wait_readyz(200);
+            }
+        }
 
         for &v in &victims {
             c.daemons[v] = Daemon::start_replica(&c.t, &format!("replica-{v}"));

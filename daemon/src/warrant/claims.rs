@@ -37,6 +37,8 @@ pub const MAX_LEGAL_BASIS_CHARS: usize = 1024;
 pub const MAX_AGENCY_BYTES: usize = 2048;
 /// Most escrow key ids in `kids`.
 pub const MAX_KIDS: usize = 1000;
+/// The longest `recipient.kid`, in characters (a name or a thumbprint).
+pub const MAX_RECIPIENT_KID_BYTES: usize = 256;
 /// Largest `max_unwraps`: 2^53 − 1, so every JSON implementation reads it exactly.
 pub const MAX_UNWRAPS_LIMIT: u64 = (1 << 53) - 1;
 
@@ -188,10 +190,35 @@ impl Claims {
                 "`agency` is longer than {MAX_AGENCY_BYTES} bytes"
             )));
         }
-        if raw.recipient.0.d.is_some() {
+        let jwk = &raw.recipient.0;
+        if jwk.d.is_some() {
             return Err(malformed(
                 "`recipient` contains a private key (`d`); give the public JWK only",
             ));
+        }
+        // A key agreement key (RFC 7517 §4.2 `use`: `enc`), and nothing
+        // that belongs to another kind of key: a signing key's `alg`, an
+        // escrow key's suite and dates.
+        if jwk.use_.as_deref().is_some_and(|u| u != "enc") {
+            return Err(malformed(
+                "`recipient.use` must be \"enc\" (results are sealed to it), or absent",
+            ));
+        }
+        for (member, present) in [
+            ("alg", jwk.alg.is_some()),
+            ("lav_suite", jwk.lav_suite.is_some()),
+            ("not_before", jwk.not_before.is_some()),
+            ("not_after", jwk.not_after.is_some()),
+        ] {
+            if present {
+                return Err(malformed(format_args!(
+                    "`recipient.{member}` is not a member of a recipient key (kty, crv, x, y, \
+                     and optionally kid and use)"
+                )));
+            }
+        }
+        if let Some(kid) = &jwk.kid {
+            check_text("recipient.kid", kid, MAX_RECIPIENT_KID_BYTES)?;
         }
         let recipient = P256PublicKey::from_jwk(&raw.recipient.0)
             .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
@@ -317,6 +344,32 @@ mod tests {
         assert_eq!(claims.id, "W-1");
         assert!(!claims.emergency);
         assert_eq!(claims.kids, None);
+    }
+
+    /// The recipient is a key agreement key: `use` other than `enc`, a
+    /// signing key's `alg`, an escrow key's suite or dates are refused,
+    /// each named; `kid` and `use: enc` are taken.
+    #[test]
+    fn a_recipient_with_members_of_another_kind_of_key_is_refused() {
+        let mut ok = base();
+        ok["recipient"]["kid"] = "agency-2026".into();
+        ok["recipient"]["use"] = "enc".into();
+        Claims::parse(ok.to_string().as_bytes()).unwrap();
+        for (member, value, named) in [
+            ("use", "sig", "recipient.use"),
+            ("alg", "ES256", "recipient.alg"),
+            ("lav_suite", "16-1-2", "recipient.lav_suite"),
+            ("not_before", "junk", "recipient.not_before"),
+            ("not_after", "2026-12-01T00:00:00Z", "recipient.not_after"),
+            ("kid", "\u{1b}[31m", "recipient.kid"),
+            ("kid", "", "recipient.kid"),
+        ] {
+            let mut c = base();
+            c["recipient"][member] = value.into();
+            let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{member}");
+            assert!(e.to_string().contains(named), "{member}: {e}");
+        }
     }
 
     #[test]
