@@ -100,14 +100,16 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
     assert_eq!(leaf["warrant_id"], by_admin.as_str());
     assert_eq!(leaf["reason"], reason);
     assert_eq!(leaf["by"], "admin");
+    assert!(leaf.get("revocation_digest").is_none(), "{leaf}");
 
     // An authority's JWS, delivered by the agency (any authenticated caller
     // may deliver one); a reason of 1024 Cyrillic characters (2048 bytes).
     let long_reason = "ё".repeat(1024);
+    let jws = authority_revocation(&by_authority, &long_reason);
     let r = vault::post(
         &c.agency,
         "/v1/warrants/revocations",
-        &serde_json::json!({"revocation": authority_revocation(&by_authority, &long_reason)}),
+        &serde_json::json!({"revocation": jws}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     let leaf = revocation_leaf(&c, &r.json());
@@ -115,6 +117,17 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
     assert_eq!(leaf["reason"], long_reason.as_str());
     assert_eq!(leaf["by"], "authority");
     assert_eq!(leaf["authority"], "judicial-1");
+    // The leaf names what the authority signed: the payload's digest and
+    // its time, so an auditor holding the JWS can tie the two.
+    let payload = lavd::codec::b64_decode(jws["payload"].as_str().unwrap()).unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &payload);
+    assert_eq!(
+        leaf["revocation_digest"],
+        b64_encode(digest.as_ref()),
+        "{leaf}"
+    );
+    let signed: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(leaf["signed_time"], signed["time"], "{leaf}");
 
     // Both are refused from now on, and the refusal leaf names the id the
     // warrant claims (the claimed id has the same bound).

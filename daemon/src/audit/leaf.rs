@@ -449,7 +449,10 @@ enum RevokedBy {
 /// Fields: `caller` (who sent the request), `warrant_id`, `reason` (the
 /// revoker's free text), `by` (`admin` for the admin role, `authority` for a
 /// revocation JWS), `authority` (the signing authority's `kid`, null for
-/// `admin`).
+/// `admin`); for a revocation JWS also `revocation_digest` (SHA-256 of the
+/// payload the authority signed, which ties the leaf to the signed object)
+/// and `signed_time` (the `time` in it). Leaves written before those two
+/// were added lack them, and stay valid.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Revocation {
@@ -458,11 +461,26 @@ pub struct Revocation {
     reason: String,
     by: RevokedBy,
     authority: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    revocation_digest: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signed_time: Option<String>,
+}
+
+/// What an authority signed, for its revocation's leaf.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedRevocation<'a> {
+    /// The signing authority's `kid`.
+    pub authority: &'a str,
+    /// SHA-256 of the JWS payload.
+    pub digest: [u8; 32],
+    /// The payload's `time`.
+    pub time: OffsetDateTime,
 }
 
 impl Revocation {
-    /// A revocation; `authority` is the kid of the authority whose JWS
-    /// authorised it, `None` when the caller's `admin` role did.
+    /// A revocation; `signed` is what the authority whose JWS authorised
+    /// it signed, `None` when the caller's `admin` role did.
     ///
     /// # Errors
     /// [`LeafError::Field`] for bad text.
@@ -470,18 +488,20 @@ impl Revocation {
         caller: &str,
         warrant_id: &str,
         reason: &str,
-        authority: Option<&str>,
+        signed: Option<SignedRevocation<'_>>,
     ) -> Result<Self, LeafError> {
         let record = Self {
             caller: caller.to_owned(),
             warrant_id: warrant_id.to_owned(),
             reason: reason.to_owned(),
-            by: if authority.is_some() {
+            by: if signed.is_some() {
                 RevokedBy::Authority
             } else {
                 RevokedBy::Admin
             },
-            authority: authority.map(str::to_owned),
+            authority: signed.map(|s| s.authority.to_owned()),
+            revocation_digest: signed.map(|s| Digest::from_sha256(s.digest)),
+            signed_time: signed.map(|s| codec::format_time(s.time)),
         };
         record.validate()?;
         Ok(record)
@@ -491,11 +511,27 @@ impl Revocation {
         check_caller(&self.caller)?;
         check_bound("warrant_id", &self.warrant_id, bounds::logged::warrant_id)?;
         check_bound("reason", &self.reason, bounds::logged::reason)?;
-        match (&self.by, &self.authority) {
-            (RevokedBy::Admin, None) => Ok(()),
-            (RevokedBy::Authority, Some(kid)) => {
+        if let Some(t) = &self.signed_time {
+            // The one spelling `format_time` writes.
+            if codec::parse_time(t).map(codec::format_time).as_deref() != Ok(t.as_str()) {
+                return Err(field("signed_time", "not a time to the second, in UTC"));
+            }
+        }
+        let signed = (self.revocation_digest.is_some(), self.signed_time.is_some());
+        match (&self.by, &self.authority, signed) {
+            (RevokedBy::Admin, None, (false, false)) => Ok(()),
+            // Before 2026-12-04, without the digest and time.
+            (RevokedBy::Authority, Some(kid), (true, true) | (false, false)) => {
                 check_bound("authority", kid, bounds::logged::authority_kid)
             }
+            (_, _, (true, false) | (false, true)) => Err(field(
+                "revocation_digest",
+                "present exactly when `signed_time` is",
+            )),
+            (RevokedBy::Admin, None, _) => Err(field(
+                "revocation_digest",
+                "only for a revocation an authority signed",
+            )),
             _ => Err(field("authority", "present exactly when `by` is authority")),
         }
     }
@@ -515,6 +551,11 @@ impl Revocation {
     /// The authority kid, for an authority-signed revocation.
     pub fn authority(&self) -> Option<&str> {
         self.authority.as_deref()
+    }
+    /// SHA-256 of the payload the authority signed (leaves since
+    /// 2026-12-04).
+    pub fn revocation_digest(&self) -> Option<&Digest> {
+        self.revocation_digest.as_ref()
     }
 }
 
@@ -1103,7 +1144,11 @@ pub(crate) mod tests {
                 AGENCY,
                 "UK-IPA-2026-0043",
                 "urgent warrant not confirmed",
-                Some("judicial-3"),
+                Some(SignedRevocation {
+                    authority: "judicial-3",
+                    digest: [3; 32],
+                    time: datetime!(2026-11-02 10:00:00 UTC),
+                }),
             )
             .unwrap()
             .into(),
@@ -1288,15 +1333,19 @@ pub(crate) mod tests {
     /// edge now refuses those values.
     #[test]
     fn leaves_an_earlier_lavd_wrote_with_format_characters_still_parse() {
-        let plain =
-            Event::from(Revocation::new(AGENCY, "W-1", "case closed", Some("judge-1")).unwrap())
-                .to_leaf(3, T)
-                .unwrap();
+        let plain = Event::from(Revocation::new(AGENCY, "W-1", "case closed", None).unwrap())
+            .to_leaf(3, T)
+            .unwrap();
         let old = String::from_utf8(plain)
             .unwrap()
             .replace("\"W-1\"", "\"W-1\u{200b}\"")
             .replace("\"case closed\"", "\"\u{200f}case closed\"")
-            .replace("\"judge-1\"", "\"judge\u{200d}1\"");
+            // An authority's revocation as lavd wrote it then: without
+            // `revocation_digest` and `signed_time`, which stays valid.
+            .replace(
+                "\"authority\":null,\"by\":\"admin\"",
+                "\"authority\":\"judge\u{200d}1\",\"by\":\"authority\"",
+            );
         let leaf = Leaf::parse(old.as_bytes()).unwrap();
         let Event::Revocation(r) = &leaf.event else {
             panic!("{leaf:?}")

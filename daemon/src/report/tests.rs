@@ -62,7 +62,12 @@ fn refused(caller: &str, id: Option<&str>, code: &'static str) -> Event {
 }
 
 fn revoked(id: &str, authority: Option<&str>) -> Event {
-    Revocation::new(ADMIN, id, "the investigation closed", authority)
+    let signed = authority.map(|authority| crate::audit::leaf::SignedRevocation {
+        authority,
+        digest: [5; 32],
+        time: datetime!(2026-05-01 00:00 UTC),
+    });
+    Revocation::new(ADMIN, id, "the investigation closed", signed)
         .unwrap()
         .into()
 }

@@ -799,7 +799,7 @@ pub fn revoke(
     request: RevocationRequest<'_>,
     now: OffsetDateTime,
 ) -> Result<Revoked, UnwrapError> {
-    let (caller, id, reason, revoked_by, authority) = match request {
+    let (caller, id, reason, revoked_by, signed) = match request {
         RevocationRequest::Admin { caller, body } => {
             let r = AdminRevocation::parse(body)?;
             (caller, r.id, r.reason, caller.to_string(), None)
@@ -814,14 +814,22 @@ pub fn revoke(
                 verified.id().to_string(),
                 verified.reason().to_string(),
                 by.clone(),
-                Some(by),
+                Some((by, *verified.digest(), verified.time())),
             )
         }
     };
     // `id` and `reason` were checked at the edge by the one definition of
     // their bounds: AdminRevocation::parse, or RevocationClaims::parse
     // inside verify_revocation.
-    let event: Event = RevocationEvent::new(caller, &id, &reason, authority.as_deref())
+    let signed =
+        signed.as_ref().map(
+            |(authority, digest, time)| crate::audit::leaf::SignedRevocation {
+                authority,
+                digest: *digest,
+                time: *time,
+            },
+        );
+    let event: Event = RevocationEvent::new(caller, &id, &reason, signed)
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();
     let (appended, receipt) = ctx.log.append_committed(AuditAppend {

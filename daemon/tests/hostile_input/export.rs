@@ -59,8 +59,17 @@ fn event() -> impl Strategy<Value = Option<Event>> {
                 .map(Into::into),
                 2 => WarrantRefused::new(caller, Some(&id), Some(w.digest), "bad_signature")
                     .map(Into::into),
-                3 => Revocation::new(caller, &id, &reason, flag.then_some(kid.as_str()))
-                    .map(Into::into),
+                3 => Revocation::new(
+                    caller,
+                    &id,
+                    &reason,
+                    flag.then_some(lavd::audit::leaf::SignedRevocation {
+                        authority: kid.as_str(),
+                        digest: w.digest.as_bytes().to_owned(),
+                        time: t,
+                    }),
+                )
+                .map(Into::into),
                 4 => KeyGenerated::new(
                     &kid,
                     t,
