@@ -106,4 +106,14 @@ fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
         stderr.contains("unusable; not publishing it") && stderr.contains(KID),
         "{stderr}"
     );
+    // Its destruction removes both pairs under the label: none outlives
+    // the key the log says is destroyed. Before, it stopped at the
+    // ambiguity and left both private keys.
+    assert_ok(&t.lavd_with_config(&[
+        "keys", "destroy", "--kid", KID, "--force", "--reason", "test",
+    ]));
+    let left = session
+        .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
+        .unwrap();
+    assert!(left.is_empty(), "{} objects left", left.len());
 }

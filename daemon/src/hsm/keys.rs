@@ -327,9 +327,12 @@ impl Hsm {
         })
     }
 
-    /// Destroys both halves of escrow key `kid` on the token. Returns whether a
-    /// private key was there. Idempotent: destroying an absent key is not an
-    /// error, so an interrupted destruction can be completed.
+    /// Destroys both halves of escrow key `kid` on the token: every
+    /// private and public key object under its label, so a second pair
+    /// there (a PIN holder's, or one a crashed generation left) does not
+    /// outlive the key the log says is destroyed. Returns whether a private
+    /// key was there. Idempotent: destroying an absent key is not an error,
+    /// so an interrupted destruction can be completed.
     ///
     /// # Errors
     /// The failing PKCS#11 call.
@@ -337,14 +340,18 @@ impl Hsm {
         let label = escrow_label(kid);
         self.forget_handle(&label);
         self.with_session("destroy_escrow_key", |session| {
-            let private = find_one(session, ObjectClass::PRIVATE_KEY, &label)?;
-            if let Some(handle) = private {
-                destroy_if_present(session, handle)?;
+            let mut private = false;
+            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
+                let found = session.find_objects(&[
+                    Attribute::Class(class),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                ])?;
+                private |= class == ObjectClass::PRIVATE_KEY && !found.is_empty();
+                for handle in found {
+                    destroy_if_present(session, handle)?;
+                }
             }
-            if let Some(handle) = find_one(session, ObjectClass::PUBLIC_KEY, &label)? {
-                destroy_if_present(session, handle)?;
-            }
-            Ok(private.is_some())
+            Ok(private)
         })
     }
 
