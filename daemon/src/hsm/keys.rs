@@ -340,18 +340,27 @@ impl Hsm {
         let label = escrow_label(kid);
         self.forget_handle(&label);
         self.with_session("destroy_escrow_key", |session| {
-            let mut private = false;
-            for class in [ObjectClass::PRIVATE_KEY, ObjectClass::PUBLIC_KEY] {
-                let found = session.find_objects(&[
+            // Ours are CKA_PRIVATE, as `find_one` looks for them; a public
+            // half from an earlier build is not, and is taken when no
+            // CKA_PRIVATE one is there.
+            let all = |class, private: Option<bool>| {
+                let mut template = vec![
                     Attribute::Class(class),
                     Attribute::Label(label.as_bytes().to_vec()),
-                ])?;
-                private |= class == ObjectClass::PRIVATE_KEY && !found.is_empty();
-                for handle in found {
-                    destroy_if_present(session, handle)?;
-                }
+                ];
+                template.extend(private.map(Attribute::Private));
+                session.find_objects(&template)
+            };
+            let privates = all(ObjectClass::PRIVATE_KEY, Some(true))?;
+            let mut publics = all(ObjectClass::PUBLIC_KEY, Some(true))?;
+            if publics.is_empty() {
+                publics = all(ObjectClass::PUBLIC_KEY, None)?;
             }
-            Ok(private)
+            let had_private = !privates.is_empty();
+            for handle in privates.into_iter().chain(publics) {
+                destroy_if_present(session, handle)?;
+            }
+            Ok(had_private)
         })
     }
 
