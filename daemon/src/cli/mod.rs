@@ -105,7 +105,14 @@ pub fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let cli = Cli::parse();
-    match cli.command.run() {
+    let result = cli.command.run();
+    // Every `Hsm` is dropped by now; its worker threads end once their
+    // last job does. Exit only then, so that no PKCS#11 call runs beside
+    // the module's exit-time destructors (`hsm::quiesce`).
+    if !crate::hsm::quiesce(std::time::Duration::from_secs(5)) {
+        eprintln!("lavd: an HSM call is still running at exit (the HSM does not answer)");
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             let detail = e

@@ -24,7 +24,7 @@ mod spread;
 
 pub use error::HsmError;
 pub use keys::{AuditKeyInfo, GeneratedKey, ESCROW_LABEL_PREFIX};
-pub use spread::{JobOutcome, StartedSpread};
+pub use spread::{quiesce, JobOutcome, StartedSpread};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

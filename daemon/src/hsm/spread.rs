@@ -96,6 +96,54 @@ impl std::fmt::Debug for Spreader {
     }
 }
 
+/// The HSM worker threads still running, process-wide: see [`quiesce`].
+static ALIVE: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
+
+/// One worker thread's place in [`ALIVE`], given back when the thread ends
+/// (or when it could not be started).
+struct Alive;
+
+impl Alive {
+    fn enter() -> Self {
+        *ALIVE
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        Alive
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        let mut alive = ALIVE
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *alive -= 1;
+        ALIVE.1.notify_all();
+    }
+}
+
+/// Waits, up to `timeout`, until every HSM worker thread has ended, and
+/// says whether they all did. For the end of the process: the last
+/// reference to an [`Hsm`] can be a worker's (the job it just ran held
+/// one), and dropping it closes the pool's sessions on that thread, so
+/// returning from `main` at once would run the PKCS#11 module's exit-time
+/// destructors beside those calls (a crash inside SoftHSM, seen once in
+/// CI). Once every `Hsm` is dropped the workers end as soon as their job
+/// does; a worker held in a hung HSM call does not, hence the timeout.
+pub fn quiesce(timeout: Duration) -> bool {
+    let alive = ALIVE
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (alive, _) = ALIVE
+        .1
+        .wait_timeout_while(alive, timeout, |n| *n > 0)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *alive == 0
+}
+
 impl Spreader {
     /// Starts `workers` threads; callers wait at most `call_timeout`
     /// without progress.
@@ -116,9 +164,13 @@ impl Spreader {
         });
         for i in 0..workers {
             let worker = spreader.clone();
+            let alive = Alive::enter();
             let started = std::thread::Builder::new()
                 .name(format!("lavd-hsm-{i}"))
-                .spawn(move || worker.work());
+                .spawn(move || {
+                    let _alive = alive;
+                    worker.work();
+                });
             if let Err(e) = started {
                 spreader.close();
                 return Err(HsmError::Worker(format!("cannot start an HSM worker: {e}")));
