@@ -117,3 +117,46 @@ fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
         .unwrap();
     assert!(left.is_empty(), "{} objects left", left.len());
 }
+
+/// A key whose private half is gone from the token (a vendor tool, an HSM
+/// policy) is not published, though its public half and the store's record
+/// still agree: providers would seal to a key that can never open. The
+/// other keys still are.
+#[test]
+fn a_key_without_its_private_half_is_not_published() {
+    let t = TestToken::new();
+    t.write_config("");
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2026-11",
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    let session = t.session();
+    let private = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(format!("lav-escrow:{KID}").into_bytes()),
+        ])
+        .unwrap();
+    assert_eq!(private.len(), 1);
+    session.destroy_object(private[0]).unwrap();
+    let out = t.lavd_with_config(&["keys", "list"]);
+    let set: serde_json::Value = serde_json::from_str(&assert_ok(&out)).unwrap();
+    let kids: Vec<&str> = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["2026-11"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not hold") && stderr.contains(KID),
+        "{stderr}"
+    );
+}

@@ -238,8 +238,8 @@ impl Hsm {
     /// `GET /v1/keys`). Blocking; never call it from an HSM worker.
     ///
     /// # Errors
-    /// [`HsmError::KeyNotFound`] if the token has no such key,
-    /// [`HsmError::Timeout`], or the failing PKCS#11 call.
+    /// [`HsmError::KeyNotFound`] if the token has no such key, or only its
+    /// public half, [`HsmError::Timeout`], or the failing PKCS#11 call.
     pub fn escrow_public_key(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
         self.start_call("escrow_public_key", escrow_label(kid), |hsm, label| {
             hsm.escrow_public_key_here(&label)
@@ -250,12 +250,15 @@ impl Hsm {
     fn escrow_public_key_here(&self, label: &str) -> Result<P256PublicKey, HsmError> {
         let label = label.to_string();
         self.with_session("escrow_public_key", |session| {
-            let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?.ok_or_else(|| {
-                HsmError::KeyNotFound {
-                    kind: "escrow",
-                    label: label.clone(),
-                }
-            })?;
+            let missing = || HsmError::KeyNotFound {
+                kind: "escrow",
+                label: label.clone(),
+            };
+            // A public half alone is no key: what is published must be
+            // openable, so the private half must be there too (deleted by
+            // a vendor tool or an HSM policy, it would not be).
+            find_one(session, ObjectClass::PRIVATE_KEY, &label)?.ok_or_else(missing)?;
+            let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?.ok_or_else(missing)?;
             let point = read_ec_point(session, handle, &label, 65)?;
             P256PublicKey::from_sec1(&point).map_err(|_| HsmError::InvalidPublicKey(label.clone()))
         })
