@@ -104,14 +104,17 @@ fn unknown_routes_are_404_and_wrong_methods_405() {
         let message = r.assert_error(404, "not_found");
         assert!(!message.contains(path), "{message}");
     }
-    for (method, path) in [
-        ("POST", "/v1/keys"),
-        ("DELETE", "/v1/keys"),
-        ("GET", "/v1/unwrap"),
-        ("PUT", "/v1/warrants/revocations"),
+    for (method, path, allow) in [
+        ("POST", "/v1/keys", "GET"),
+        ("DELETE", "/v1/keys", "GET"),
+        ("GET", "/v1/unwrap", "POST"),
+        ("PUT", "/v1/warrants/revocations", "POST"),
+        ("POST", "/v1/log/tile/0/000", "GET"),
     ] {
         let r = s.provider.request(method, path, &[], Some(b"{}")).unwrap();
         r.assert_error(405, "method_not_allowed");
+        // RFC 9110 §15.5.6: a 405 names the methods the resource takes.
+        assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
     }
     assert_eq!(
         s.daemon.wait_metric(

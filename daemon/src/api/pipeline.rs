@@ -218,11 +218,18 @@ where
         warrant_id = tracing::field::Empty,
     );
     let ctx = Arc::new(RequestContext::new(span.clone()));
+    let allow = allowed_method(req.uri().path());
     let (mut response, unread) = admit_and_route(&api, conn.clone(), ctx.clone(), req)
         .instrument(span.clone())
         .await;
     if let Some(body) = unread {
         server::linger(body, &conn.activity, &mut response);
+    }
+    // A 405 says which method the path takes (RFC 9110 §15.5.6).
+    if response.status() == warp::http::StatusCode::METHOD_NOT_ALLOWED {
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
     }
     // Nothing is cached unless its route says so (immutable log tiles).
     response
@@ -271,6 +278,16 @@ where
 
 /// The request lines of 429s: one a second, whatever the listener.
 static RATE_LIMITED_LINES: LineThrottle = LineThrottle::new();
+
+/// The method `path` takes: each route takes one, POST for the two that
+/// take a body ([`super::routes::ROUTES`]), GET for every other (the log's
+/// tiles, the admin listener's routes).
+fn allowed_method(path: &str) -> &'static str {
+    super::routes::ROUTES
+        .iter()
+        .find(|(_, template)| *template == path)
+        .map_or("GET", |(method, _)| method)
+}
 
 /// Marks a response that came out of the route table.
 #[derive(Debug, Clone, Copy)]
