@@ -335,3 +335,54 @@ pub fn verifier_key(auditor: &Client) -> String {
         .expect("verifier_key")
         .to_string()
 }
+
+/// A `lavd serve` through the fault module ([`crate::Shim`]) whose held
+/// calls do not time out (`call_timeout_ms = 60000`), with escrow keys
+/// `kids` and the four parties' clients: for tests that hold a request in
+/// an HSM call while something else happens.
+#[derive(Debug)]
+pub struct Held {
+    /// Kept running; dropped, so killed, before its token.
+    pub daemon: Daemon,
+    /// The parties' clients of it.
+    pub c: Clients,
+    /// The fault module's settings.
+    pub shim: crate::Shim,
+    /// Its token and working directory.
+    pub t: TestToken,
+}
+
+impl Held {
+    /// Starts it, ready.
+    pub fn new(kids: &[&str]) -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let shim = crate::Shim::new(&t);
+        t.write_config_hsm(
+            &crate::shim_module_path(),
+            2,
+            "call_timeout_ms = 60000\n",
+            &format!("{}\n{}", shim.hsm_env(), serve_config(&roles_toml())),
+        );
+        for kid in kids {
+            generate_escrow_key(&t, kid);
+        }
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        Held { daemon, c, shim, t }
+    }
+
+    /// An envelope sealed to `escrow` (key `kid`) an hour ago, as a
+    /// provider would.
+    pub fn seal(&self, escrow: &P256PublicKey, kid: &str, tag: &str) -> serde_json::Value {
+        seal(
+            escrow,
+            kid,
+            TARGET,
+            OffsetDateTime::now_utc() - Duration::hours(1),
+            tag,
+            &[7; 32],
+        )
+    }
+}

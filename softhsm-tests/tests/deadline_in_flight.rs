@@ -16,9 +16,8 @@
 use std::time::{Duration, Instant};
 
 use lavd::jwk::P256PublicKey;
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Clients, Parties, TARGET};
-use softhsm_tests::{assert_ok, shim_module_path, Shim, TestToken};
+use softhsm_tests::assert_ok;
+use softhsm_tests::vault::{self, Held};
 use time::OffsetDateTime;
 
 /// Polls `f` every 20 ms for up to 20 s.
@@ -37,85 +36,40 @@ fn sleep_past(t: OffsetDateTime) {
     }
 }
 
-/// A daemon through the fault module (a held call does not time out),
-/// with escrow key `E-1`.
-struct Setup {
-    /// Kept running; dropped, so killed, before its token.
-    _daemon: Daemon,
-    c: Clients,
-    shim: Shim,
-    t: TestToken,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let t = TestToken::new();
-        let pki = Pki::new(&t);
-        let shim = Shim::new(&t);
-        t.write_config_hsm(
-            &shim_module_path(),
-            2,
-            "call_timeout_ms = 60000\n",
-            &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+/// Posts `envelopes` under `warrant` on another thread, holds its HSM open
+/// until `deadline` has passed, then lets it go; returns the reply.
+fn held_past(
+    h: &Held,
+    warrant: &serde_json::Value,
+    envelopes: &[serde_json::Value],
+    deadline: OffsetDateTime,
+) -> softhsm_tests::server::Response {
+    h.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    std::thread::scope(|s| {
+        let request = s.spawn(|| {
+            vault::post(
+                &h.c.agency,
+                "/v1/unwrap",
+                &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+            )
+        });
+        eventually("the unwrap's HSM open", || h.shim.faults() > 0);
+        // Admitted and opening before the deadline, or the test shows
+        // nothing.
+        assert!(
+            OffsetDateTime::now_utc() < deadline,
+            "the request reached the HSM only after the deadline"
         );
-        vault::generate_escrow_key(&t, "E-1");
-        let daemon = Daemon::start(&t);
-        daemon.wait_readyz(200);
-        let c = Parties::new(&pki).clients(&pki, daemon.api);
-        Setup {
-            _daemon: daemon,
-            c,
-            shim,
-            t,
-        }
-    }
-
-    fn seal(&self, escrow: &P256PublicKey, kid: &str, tag: &str) -> serde_json::Value {
-        vault::seal(
-            escrow,
-            kid,
-            TARGET,
-            OffsetDateTime::now_utc() - time::Duration::hours(1),
-            tag,
-            &[7; 32],
-        )
-    }
-
-    /// Posts `envelopes` under `warrant` on another thread, holds its HSM
-    /// open until `deadline` has passed, then lets it go; returns the reply.
-    fn held_past(
-        &self,
-        warrant: &serde_json::Value,
-        envelopes: &[serde_json::Value],
-        deadline: OffsetDateTime,
-    ) -> softhsm_tests::server::Response {
-        self.shim.set("fault = hang\nfault_calls = C_DeriveKey");
-        std::thread::scope(|s| {
-            let request = s.spawn(|| {
-                vault::post(
-                    &self.c.agency,
-                    "/v1/unwrap",
-                    &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
-                )
-            });
-            eventually("the unwrap's HSM open", || self.shim.faults() > 0);
-            // Admitted and opening before the deadline, or the test shows
-            // nothing.
-            assert!(
-                OffsetDateTime::now_utc() < deadline,
-                "the request reached the HSM only after the deadline"
-            );
-            sleep_past(deadline);
-            assert!(!request.is_finished(), "the unwrap answered while held");
-            self.shim.set("");
-            request.join().unwrap()
-        })
-    }
+        sleep_past(deadline);
+        assert!(!request.is_finished(), "the unwrap answered while held");
+        h.shim.set("");
+        request.join().unwrap()
+    })
 }
 
 #[test]
 fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
-    let setup = Setup::new();
+    let setup = Held::new(&["E-1"]);
     let c = &setup.c;
     let escrow = vault::published_key(&c.provider, "E-1");
     let envelopes = [
@@ -132,7 +86,7 @@ fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
         .unwrap());
     let warrant = vault::double_lock(&claims);
 
-    let reply = setup.held_past(&warrant, &envelopes, expires);
+    let reply = held_past(&setup, &warrant, &envelopes, expires);
     assert_eq!(reply.status, 200, "{}", reply.text());
     let reply = reply.json();
     assert_eq!(
@@ -167,7 +121,7 @@ fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
 
 #[test]
 fn a_key_whose_retention_ends_while_its_unwrap_is_in_flight_is_not_released() {
-    let setup = Setup::new();
+    let setup = Held::new(&["E-1"]);
     let (t, c) = (&setup.t, &setup.c);
     // E-2's retention ends a few seconds from now (whole seconds, as the
     // store keeps them).
@@ -200,7 +154,7 @@ fn a_key_whose_retention_ends_while_its_unwrap_is_in_flight_is_not_released() {
         10,
     ));
 
-    let reply = setup.held_past(&warrant, &envelopes, destroy_after);
+    let reply = held_past(&setup, &warrant, &envelopes, destroy_after);
     assert_eq!(reply.status, 200, "{}", reply.text());
     let reply = reply.json();
     assert_eq!(vault::statuses(&reply), ["key_destroyed", "ok"]);

@@ -21,10 +21,8 @@
 
 use std::time::{Duration, Instant};
 
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Clients, Parties, TARGET};
-use softhsm_tests::{assert_ok, shim_module_path, Shim, TestToken};
-use time::OffsetDateTime;
+use softhsm_tests::assert_ok;
+use softhsm_tests::vault::{self, Held};
 
 /// Polls `f` every 20 ms for up to 20 s.
 fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -35,59 +33,11 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A daemon through the fault module, with escrow keys `E-1` and `E-2`.
-struct Setup {
-    /// Kept running; dropped, so killed, before its token.
-    _daemon: Daemon,
-    c: Clients,
-    shim: Shim,
-    t: TestToken,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let t = TestToken::new();
-        let pki = Pki::new(&t);
-        let shim = Shim::new(&t);
-        // A held call must outlast `lavd keys destroy`'s start, not time out.
-        t.write_config_hsm(
-            &shim_module_path(),
-            2,
-            "call_timeout_ms = 60000\n",
-            &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
-        );
-        vault::generate_escrow_key(&t, "E-1");
-        vault::generate_escrow_key(&t, "E-2");
-        let daemon = Daemon::start(&t);
-        daemon.wait_readyz(200);
-        let c = Parties::new(&pki).clients(&pki, daemon.api);
-        Setup {
-            _daemon: daemon,
-            c,
-            shim,
-            t,
-        }
-    }
-
-    /// An envelope sealed to `kid`, as a provider would.
-    fn seal(&self, kid: &str, tag: &str) -> serde_json::Value {
-        let escrow = vault::published_key(&self.c.provider, kid);
-        vault::seal(
-            &escrow,
-            kid,
-            TARGET,
-            OffsetDateTime::now_utc() - time::Duration::hours(1),
-            tag,
-            &[7; 32],
-        )
-    }
-}
-
 #[test]
 fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
-    let setup = Setup::new();
+    let setup = Held::new(&["E-1", "E-2"]);
     let (t, c, shim) = (&setup.t, &setup.c, &setup.shim);
-    let seal = |kid: &str, tag: &str| setup.seal(kid, tag);
+    let seal = |kid: &str, tag: &str| setup.seal(&vault::published_key(&c.provider, kid), kid, tag);
     let doomed = seal("E-2", "doomed");
     let other = seal("E-1", "other");
     let recipient = vault::recipient();
@@ -166,9 +116,9 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
 /// (nothing released or spent), not a failing HSM that fails the request.
 #[test]
 fn a_key_destroyed_before_the_derive_of_a_cached_handle_is_key_destroyed() {
-    let setup = Setup::new();
+    let setup = Held::new(&["E-1", "E-2"]);
     let (t, c, shim) = (&setup.t, &setup.c, &setup.shim);
-    let seal = |kid: &str, tag: &str| setup.seal(kid, tag);
+    let seal = |kid: &str, tag: &str| setup.seal(&vault::published_key(&c.provider, kid), kid, tag);
     let recipient = vault::recipient();
     let warrant = vault::double_lock(&vault::claims("W-STALE", recipient.public(), 3));
     let unwrap = |envelope: &serde_json::Value| {
