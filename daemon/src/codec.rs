@@ -60,6 +60,30 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, CodecError> {
     Ok(t)
 }
 
+/// A time in an envelope header, which a provider sealed, perhaps years
+/// before it is opened: the shape [`parse_time`] takes, or anything lavd
+/// took there before 2026-12-04 (RFC 3339 as the `time` crate reads it,
+/// in UTC with `Z`), so that no stored envelope becomes unopenable; never
+/// a control character. The header is hashed as sent (`envelope_digest`),
+/// and its time is only compared with the warrant's window, so a second
+/// spelling changes nothing else.
+///
+/// # Errors
+/// [`CodecError::Time`].
+pub fn parse_sealed_time(text: &str) -> Result<OffsetDateTime, CodecError> {
+    if let Ok(t) = parse_time(text) {
+        return Ok(t);
+    }
+    if !text.ends_with('Z') || text.chars().any(char::is_control) {
+        return Err(CodecError::Time);
+    }
+    let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| CodecError::Time)?;
+    if t.offset() != UtcOffset::UTC {
+        return Err(CodecError::Time);
+    }
+    Ok(t)
+}
+
 /// Whether `text` has the one shape times take here, RFC 3339's
 /// `date-time` with its upper-case `T` and `Z`, digits where digits go, an
 /// optional fraction of 1 to 9 digits, and no leap second:
@@ -244,6 +268,18 @@ pub mod rfc3339 {
     }
 }
 
+/// Serde helper for an envelope header's time: [`parse_sealed_time`].
+pub mod rfc3339_sealed {
+    use serde::{Deserialize, Deserializer};
+    use time::OffsetDateTime;
+
+    /// Deserializes with [`super::parse_sealed_time`].
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<OffsetDateTime, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_sealed_time(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 /// Serde helpers for base64url-without-padding byte fields.
 pub mod b64 {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -327,6 +363,28 @@ mod tests {
             "",
         ] {
             assert_eq!(parse_time(bad).unwrap_err(), CodecError::Time, "{bad:?}");
+        }
+        // An envelope header sealed before the shape was fixed still opens:
+        // what the `time` crate took then is taken there, control
+        // characters never.
+        for old in [
+            "2026-11-26 07:25:21Z",
+            "2026-11-26t07:25:21Z",
+            "2026-11-26T07:25:21.0000000000Z",
+        ] {
+            assert!(parse_sealed_time(old).is_ok(), "{old:?}");
+        }
+        for bad in [
+            "2026-11-26\u{1}07:25:21Z",
+            "2026-11-26T07:25:21+01:00",
+            "2026-11-26T07:25:21z",
+            "2026-11-26",
+        ] {
+            assert_eq!(
+                parse_sealed_time(bad).unwrap_err(),
+                CodecError::Time,
+                "{bad:?}"
+            );
         }
     }
 }

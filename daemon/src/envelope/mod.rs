@@ -213,7 +213,7 @@ struct HeaderJson {
     suite: String,
     provider: String,
     target: String,
-    #[serde(with = "crate::codec::rfc3339")]
+    #[serde(deserialize_with = "crate::codec::rfc3339_sealed::deserialize")]
     time: OffsetDateTime,
     #[serde(rename = "ref", default, deserialize_with = "present_string")]
     reference: Option<String>,

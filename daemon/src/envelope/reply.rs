@@ -28,8 +28,9 @@ use crate::jwk::{P256PrivateKey, P256PublicKey};
 pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
-/// `warrant_revoked` (PROTOCOL §8), and lavd's `warrant_expired` and
-/// `emergency_expired` (a deadline passed in flight; docs/warrants.md).
+/// `warrant_revoked` (PROTOCOL §8), and, in audit leaves only, lavd's
+/// `warrant_expired` and `emergency_expired` (a deadline passed in flight;
+/// docs/warrants.md).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,13 +56,14 @@ pub enum DenyReason {
     /// of it is released (PROTOCOL §8). Requests that arrive after the
     /// revocation are refused whole with 403 `warrant_revoked` instead.
     WarrantRevoked,
-    /// The warrant's `expires` passed while the request was in flight, after
-    /// it was admitted and before its audit commit: nothing of it is
-    /// released past the end. Requests that arrive later are refused whole
-    /// with 403 `warrant_expired`.
+    /// In audit leaves only: the warrant's `expires` passed while the
+    /// request was in flight, after it was admitted and before its audit
+    /// commit. Nothing of it is released; the request is refused whole
+    /// (403 `warrant_expired`, as one that arrives later), so no reply
+    /// carries this reason.
     WarrantExpired,
     /// As [`Self::WarrantExpired`], for the end of an urgent warrant's
-    /// hours (403 `emergency_expired` for later requests).
+    /// hours (403 `emergency_expired`).
     EmergencyExpired,
 }
 

@@ -492,10 +492,15 @@ pub fn unwrap(
     // The deadlines once more, at the last moment before the audit commit:
     // the warrant's end (or its urgent hours'), and each key's retention.
     // A request admitted just before one of them, whose opens ran past it
-    // (a large batch, a slow HSM), releases nothing past it: those
-    // envelopes are denied, unspent. Later requests are refused whole.
+    // (a large batch, a slow HSM), releases nothing past it. A warrant
+    // that lapsed refuses the request whole, as it refuses one that arrives
+    // after its end (403 `warrant_expired` or `emergency_expired`: codes
+    // PROTOCOL §5 has), once its leaves, denied with that reason and
+    // unspent, are durable: the HSM opened, and every open is logged. A
+    // key past its retention denies its envelopes `key_destroyed`.
     let settling = clock();
-    if let Some(lapsed) = warrant.lapsed(settling) {
+    let lapsed = warrant.lapsed(settling);
+    if let Some(lapsed) = &lapsed {
         let reason = match lapsed {
             WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
             _ => DenyReason::WarrantExpired,
@@ -547,6 +552,9 @@ pub fn unwrap(
     }
     if let Some(e) = hsm_failure {
         return Err(e.into());
+    }
+    if let Some(lapsed) = lapsed {
+        return Err(lapsed.into());
     }
     let mut builder = builder?;
     let checkpoint = witnessed(ctx, &receipt, opened)?;

@@ -196,16 +196,27 @@ impl Claims {
                 "`recipient` contains a private key (`d`); give the public JWK only",
             ));
         }
-        // A key agreement key (RFC 7517 §4.2 `use`: `enc`), and nothing
-        // that belongs to another kind of key: a signing key's `alg`, an
-        // escrow key's suite and dates.
+        // A key agreement key (RFC 7517 §4.2 `use`: `enc`; an `alg`, if
+        // any, of the ECDH-ES family, RFC 7518 §4.6, which JOSE libraries
+        // write on such keys), and nothing that belongs to another kind of
+        // key: a signing algorithm, an escrow key's suite and dates.
         if jwk.use_.as_deref().is_some_and(|u| u != "enc") {
             return Err(malformed(
                 "`recipient.use` must be \"enc\" (results are sealed to it), or absent",
             ));
         }
+        if let Some(alg) = jwk.alg.as_deref() {
+            if !matches!(
+                alg,
+                "ECDH-ES" | "ECDH-ES+A128KW" | "ECDH-ES+A192KW" | "ECDH-ES+A256KW"
+            ) {
+                return Err(malformed(
+                    "`recipient.alg` must name key agreement (ECDH-ES, RFC 7518 §4.6), or be \
+                     absent: results are sealed to this key",
+                ));
+            }
+        }
         for (member, present) in [
-            ("alg", jwk.alg.is_some()),
             ("lav_suite", jwk.lav_suite.is_some()),
             ("not_before", jwk.not_before.is_some()),
             ("not_after", jwk.not_after.is_some()),
@@ -213,7 +224,7 @@ impl Claims {
             if present {
                 return Err(malformed(format_args!(
                     "`recipient.{member}` is not a member of a recipient key (kty, crv, x, y, \
-                     and optionally kid and use)"
+                     and optionally kid, use and alg)"
                 )));
             }
         }
@@ -354,6 +365,7 @@ mod tests {
         let mut ok = base();
         ok["recipient"]["kid"] = "agency-2026".into();
         ok["recipient"]["use"] = "enc".into();
+        ok["recipient"]["alg"] = "ECDH-ES".into();
         Claims::parse(ok.to_string().as_bytes()).unwrap();
         for (member, value, named) in [
             ("use", "sig", "recipient.use"),
