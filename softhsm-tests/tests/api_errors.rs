@@ -128,6 +128,14 @@ fn unknown_routes_are_404_and_wrong_methods_405() {
         let r = s.provider.request("GET", path, &[], None).unwrap();
         r.assert_error(404, "not_found");
     }
+    // Counted as unmatched routes, as the unknown paths above.
+    assert_eq!(
+        s.daemon.wait_metric(
+            "lavd_http_requests_total{route=\"unmatched\",status=\"404\"}",
+            7.0
+        ),
+        7.0
+    );
     // A route that takes no query parameters refuses them, as the routes
     // that take some refuse unknown ones: no filter seems to have worked.
     let r = s

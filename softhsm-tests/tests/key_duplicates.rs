@@ -147,3 +147,34 @@ fn only_the_other_key_is_published(t: &TestToken) -> String {
     assert_eq!(kids, ["2026-11"]);
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// A key the store already records destroyed while the token still holds
+/// two pairs under its label (what an older build could leave): the daily
+/// job finishes the destruction, both pairs. Before, it looked for the key
+/// first, met the ambiguity and failed on every run.
+#[test]
+fn the_daily_job_finishes_a_destruction_that_left_two_pairs() {
+    let t = two_keys();
+    let session = t.session();
+    softhsm_tests::foreign_pair(&session, &format!("lav-escrow:{KID}"), true);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let marked = db
+        .execute(
+            "UPDATE escrow_keys SET destroyed_at = '2026-12-01T00:00:00Z' WHERE kid = ?1",
+            [KID],
+        )
+        .unwrap();
+    assert_eq!(marked, 1);
+    drop(db);
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("finished an interrupted destruction") && stderr.contains(KID),
+        "{stderr}"
+    );
+    let left = session
+        .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
+        .unwrap();
+    assert!(left.is_empty(), "{} objects left", left.len());
+}

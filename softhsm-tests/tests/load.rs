@@ -172,10 +172,9 @@ fn a_thousand_idle_tls_connections_are_held_while_unwraps_continue() {
     );
     // Idle connections cost a parked task each, nothing per request: the
     // figures above show it, but speed is the benchmarks' to judge, not a
-    // test's (a timed bound here would fail on a busy host); what is
-    // asserted is that every unwrap succeeded among the idle connections
-    // and that they stayed open while it ran.
-    assert_eq!(among_idle.len(), 100);
+    // test's (a timed bound here would fail on a busy host). What this
+    // test asserts is that the unwraps succeed among the idle connections
+    // (`timed_unwraps` checks each) and that those stay open meanwhile.
 
     // Then each is closed by the idle timeout: not before it, and within
     // it plus the deadline check interval (at most 1 s) and a margin for a

@@ -60,7 +60,9 @@ pub fn router(filter: warp::filters::BoxedFilter<(Response,)>) -> Router {
         // path matching would take both).
         let path = req.uri().path();
         if path.len() > 1 && path.ends_with('/') {
-            let response = ApiError::NotFound.into_response();
+            // Counted as an unmatched route, as any other unknown path.
+            let mut response = ApiError::NotFound.into_response();
+            response.extensions_mut().insert(Routed);
             return Box::pin(async move { response })
                 as std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send>>;
         }
@@ -257,7 +259,7 @@ where
     // A client past its rate limit can ask for a 429 as fast as it can
     // send: those lines are throttled, the others all written.
     let left_out = if status == 429 {
-        RATE_LIMITED_LINES.admit(Instant::now())
+        RATE_LIMITED_LINES.admit(identity, Instant::now())
     } else {
         Some(0)
     };
@@ -276,8 +278,10 @@ where
     response
 }
 
-/// The request lines of 429s: one a second, whatever the listener.
-static RATE_LIMITED_LINES: LineThrottle = LineThrottle::new();
+/// The request lines of 429s: one a second per identity (per listener
+/// kind: the public listener's callers are all `(public)`).
+static RATE_LIMITED_LINES: std::sync::LazyLock<LineThrottle> =
+    std::sync::LazyLock::new(LineThrottle::new);
 
 /// The method `path` takes: each route takes one, POST for the two that
 /// take a body ([`super::routes::ROUTES`]), GET for every other (the log's

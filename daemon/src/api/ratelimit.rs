@@ -73,11 +73,14 @@ impl RateLimiter {
 
 /// Keeps a log line that a client can cause once per request (a 429, a
 /// failed handshake) from flooding the log: at most one such line a
-/// second is written; the others are counted, and the next line written
-/// says how many were left out. The metrics still count every one.
-#[derive(Debug)]
+/// second per key (the identity refused, the handshake failure's reason),
+/// so that one noisy client hides neither another's lines nor a rarer,
+/// more telling failure; the others are counted, and the next line written
+/// for that key says how many were left out. The metrics still count every
+/// one.
+#[derive(Debug, Default)]
 pub struct LineThrottle {
-    window: Mutex<Option<Window>>,
+    windows: Mutex<HashMap<String, Window>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,43 +92,57 @@ struct Window {
 /// How long one written line stands for the lines after it.
 const LINE_WINDOW: Duration = Duration::from_secs(1);
 
+/// Above this many keys, the windows that have closed are dropped (their
+/// counts of lines left out with them: the metrics keep the totals).
+const LINE_KEYS: usize = 1024;
+
 impl LineThrottle {
     /// A throttle that has written nothing yet.
-    pub const fn new() -> Self {
-        LineThrottle {
-            window: Mutex::new(None),
-        }
+    pub fn new() -> Self {
+        Self::default()
     }
 
-    /// Whether to write the line at `now`: `Some(n)`, with the `n` lines
-    /// left out since the last one written, or `None` (counted) within a
-    /// second of it.
-    pub fn admit(&self, now: Instant) -> Option<u64> {
+    /// Whether to write the line for `key` at `now`: `Some(n)`, with the
+    /// `n` lines for `key` left out since the last one written, or `None`
+    /// (counted) within a second of it.
+    pub fn admit(&self, key: &str, now: Instant) -> Option<u64> {
         // As with the buckets, a poisoned lock costs at most a count.
-        let mut window = self
-            .window
+        let mut windows = self
+            .windows
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match window.as_mut() {
+        if windows.len() >= LINE_KEYS && !windows.contains_key(key) {
+            windows.retain(|_, w| now.saturating_duration_since(w.opened) < LINE_WINDOW);
+            if windows.len() >= LINE_KEYS {
+                // Every key had a line within the second: the next line
+                // for each is written, which bounds the log as well.
+                windows.clear();
+            }
+        }
+        match windows.get_mut(key) {
             Some(w) if now.saturating_duration_since(w.opened) < LINE_WINDOW => {
                 w.left_out += 1;
                 None
             }
-            _ => {
-                let left_out = window.map_or(0, |w| w.left_out);
-                *window = Some(Window {
+            Some(w) => {
+                let left_out = w.left_out;
+                *w = Window {
                     opened: now,
                     left_out: 0,
-                });
+                };
                 Some(left_out)
             }
+            None => {
+                windows.insert(
+                    key.to_string(),
+                    Window {
+                        opened: now,
+                        left_out: 0,
+                    },
+                );
+                Some(0)
+            }
         }
-    }
-}
-
-impl Default for LineThrottle {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -165,17 +182,24 @@ mod tests {
     }
 
     #[test]
-    fn one_line_a_second_then_the_count_of_those_left_out() {
+    fn one_line_a_second_per_key_then_the_count_of_those_left_out() {
         let lines = LineThrottle::new();
         let t0 = Instant::now();
-        assert_eq!(lines.admit(t0), Some(0));
+        assert_eq!(lines.admit("a", t0), Some(0));
         for ms in [1, 500, 999] {
-            assert_eq!(lines.admit(t0 + Duration::from_millis(ms)), None);
+            assert_eq!(lines.admit("a", t0 + Duration::from_millis(ms)), None);
         }
+        // Another key is not held back by the first.
+        assert_eq!(lines.admit("b", t0 + Duration::from_millis(2)), Some(0));
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(lines.admit(t1), Some(3));
-        assert_eq!(lines.admit(t1), None);
-        assert_eq!(lines.admit(t1 + Duration::from_secs(5)), Some(1));
+        assert_eq!(lines.admit("a", t1), Some(3));
+        assert_eq!(lines.admit("a", t1), None);
+        assert_eq!(lines.admit("a", t1 + Duration::from_secs(5)), Some(1));
+        // Many keys at once stay bounded.
+        for i in 0..3 * LINE_KEYS {
+            lines.admit(&format!("k{i}"), t1);
+        }
+        assert!(lines.windows.lock().unwrap().len() <= LINE_KEYS);
     }
 
     #[test]

@@ -462,13 +462,15 @@ async fn accept_tls(
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => {
             let reason = tls::handshake_failure_reason(&e);
-            if let Some(left_out) = HANDSHAKE_LINES.admit(std::time::Instant::now()) {
+            if let Some(left_out) = HANDSHAKE_LINES.admit(reason, std::time::Instant::now()) {
                 tracing::info!(%remote, reason, error = %e, left_out, "TLS handshake failed");
             }
             Err(reason)
         }
         Err(_) => {
-            if let Some(left_out) = HANDSHAKE_LINES.admit(std::time::Instant::now()) {
+            if let Some(left_out) =
+                HANDSHAKE_LINES.admit("handshake_timeout", std::time::Instant::now())
+            {
                 tracing::info!(%remote, left_out, "TLS handshake timed out");
             }
             Err("handshake_timeout")
@@ -477,9 +479,12 @@ async fn accept_tls(
 }
 
 /// Lines about failed handshakes, which anyone who can connect can cause:
-/// one a second (`left_out` counts the others since the last line; the
-/// metric `lavd_tls_handshake_failures_total` counts every one).
-static HANDSHAKE_LINES: super::ratelimit::LineThrottle = super::ratelimit::LineThrottle::new();
+/// one a second per reason, so that a flood of one kind (say
+/// `unknown_issuer`) hides no `certificate_revoked` (`left_out` counts the
+/// others of that reason since its last line; the metric
+/// `lavd_tls_handshake_failures_total` counts every one).
+static HANDSHAKE_LINES: std::sync::LazyLock<super::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(super::ratelimit::LineThrottle::new);
 
 /// One API connection: TLS handshake, identity, then HTTP/1 until it ends.
 async fn api_connection(

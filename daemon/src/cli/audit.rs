@@ -343,9 +343,6 @@ pub struct Verified {
     pub fetched_at: Option<time::OffsetDateTime>,
 }
 
-/// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
-/// current checkpoint, then every leaf up to its size in pages. Nothing
-/// fetched is trusted; [`verify_export`] checks it all against `key`.
 /// Whether the daemon holds an entry at index `size` or beyond: then the
 /// checkpoint it served was not its newest.
 fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Result<bool> {
@@ -356,6 +353,9 @@ fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Resul
         .is_empty())
 }
 
+/// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
+/// current checkpoint, then every leaf up to its size in pages. Nothing
+/// fetched is trusted; [`verify_export`] checks it all against `key`.
 fn fetch_export(
     client: &super::https::Client,
     key: &VerifierKey,

@@ -182,15 +182,17 @@ impl KeysCommand {
                         if k.destroyed_at.is_none() {
                             continue;
                         }
+                        // Destroy first (it is idempotent, and takes every
+                        // key object under the label, so two pairs there do
+                        // not stop it), then look on a fresh session.
                         let finished = hsm
-                            .escrow_key_present(&k.kid)
-                            .and_then(|present| {
-                                if present {
-                                    hsm.destroy_escrow_key(&k.kid)?;
-                                }
-                                Ok(present)
-                            })
-                            .map_err(keys::KeyError::from);
+                            .destroy_escrow_key(&k.kid)
+                            .map_err(keys::KeyError::from)
+                            .and_then(|had| match hsm.escrow_key_present(&k.kid) {
+                                Ok(false) => Ok(had),
+                                Ok(true) => Err(keys::KeyError::StillPresent(k.kid.clone())),
+                                Err(e) => Err(e.into()),
+                            });
                         match finished {
                             Ok(true) => eprintln!(
                                 "escrow key {}: finished an interrupted destruction",

@@ -331,9 +331,11 @@ impl Hsm {
     }
 
     /// Destroys both halves of escrow key `kid` on the token: every
-    /// private and public key object under its label, so a second pair
-    /// there (a PIN holder's, or one a crashed generation left) does not
-    /// outlive the key the log says is destroyed. Returns whether a private
+    /// `CKA_PRIVATE` private and public key object under its label (the
+    /// objects `find_one` looks at; a public half from an earlier build,
+    /// not `CKA_PRIVATE`, when no `CKA_PRIVATE` one is there), so a second
+    /// pair there (a PIN holder's, or one a crashed generation left) does
+    /// not outlive the key the log says is destroyed. Returns whether a private
     /// key was there. Idempotent: destroying an absent key is not an error,
     /// so an interrupted destruction can be completed.
     ///
