@@ -64,10 +64,7 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
     assert_ok(&t.lavd_with_config(&[
         "keys", "destroy", "--kid", KID, "--force", "--reason", "test",
     ]));
-    let left = session
-        .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
-        .unwrap();
-    assert!(left.is_empty(), "{} objects left", left.len());
+    assert_nothing_under_the_label(&session);
 }
 
 /// A second pair under one key's label (a PIN holder's, or one left by a
@@ -91,10 +88,7 @@ fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
     assert_ok(&t.lavd_with_config(&[
         "keys", "destroy", "--kid", KID, "--force", "--reason", "test",
     ]));
-    let left = session
-        .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
-        .unwrap();
-    assert!(left.is_empty(), "{} objects left", left.len());
+    assert_nothing_under_the_label(&session);
 }
 
 /// A key whose private half is gone from the token (a vendor tool, an HSM
@@ -173,6 +167,11 @@ fn the_daily_job_finishes_a_destruction_that_left_two_pairs() {
         stderr.contains("finished an interrupted destruction") && stderr.contains(KID),
         "{stderr}"
     );
+    assert_nothing_under_the_label(&session);
+}
+
+/// No object at all is left under [`KID`]'s label.
+fn assert_nothing_under_the_label(session: &cryptoki::session::Session) {
     let left = session
         .find_objects(&[Attribute::Label(format!("lav-escrow:{KID}").into_bytes())])
         .unwrap();

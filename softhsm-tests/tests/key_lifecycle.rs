@@ -278,19 +278,7 @@ fn destroy_is_refused_before_retention_and_final_after() {
 #[test]
 fn retention_destroy_succeeds_once_the_date_has_passed() {
     let t = TestToken::new();
-    let out = t.lavd_with_config(&[
-        "keys",
-        "generate",
-        "--kid",
-        "2020-01",
-        "--not-before",
-        "2020-01-01T00:00:00Z",
-        "--not-after",
-        "2020-02-01T00:00:00Z",
-        "--destroy-after",
-        "2021-01-01T00:00:00Z",
-    ]);
-    assert_ok(&out);
+    generate_past_retention(&t);
     assert!(private_key(&t, "2020-01").is_some());
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
     assert!(private_key(&t, "2020-01").is_none());
@@ -310,18 +298,7 @@ fn two_retention_jobs_at_once_both_succeed() {
     let through_shim = t.path("lavd-shim.toml");
     std::fs::copy(t.config(), &through_shim).unwrap();
     t.write_config("");
-    assert_ok(&t.lavd_with_config(&[
-        "keys",
-        "generate",
-        "--kid",
-        "2020-01",
-        "--not-before",
-        "2020-01-01T00:00:00Z",
-        "--not-after",
-        "2020-02-01T00:00:00Z",
-        "--destroy-after",
-        "2021-01-01T00:00:00Z",
-    ]));
+    generate_past_retention(&t);
 
     shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
     let a = softhsm_tests::lavd_command(&[
@@ -607,4 +584,21 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
         "2027-03",
         "2030-01-01T00:00:00Z",
     ));
+}
+
+/// Generates escrow key `2020-01`, whose retention ended in 2021, with the
+/// CLI of `t`'s `lavd.toml`.
+fn generate_past_retention(t: &TestToken) {
+    assert_ok(&t.lavd_with_config(&[
+        "keys",
+        "generate",
+        "--kid",
+        "2020-01",
+        "--not-before",
+        "2020-01-01T00:00:00Z",
+        "--not-after",
+        "2020-02-01T00:00:00Z",
+        "--destroy-after",
+        "2021-01-01T00:00:00Z",
+    ]));
 }

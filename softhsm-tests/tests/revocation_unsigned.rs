@@ -6,35 +6,15 @@
 //! `already_revoked`); the warrant is refused from then on, and the next
 //! checkpoint covers the leaf.
 
-use softhsm_tests::server::{serve_config, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::{shim_module_path, Shim, TestToken};
-use time::OffsetDateTime;
+use softhsm_tests::vault::{self, Held};
 
 #[test]
 fn a_committed_revocation_without_a_checkpoint_is_reported_in_force() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    t.write_config_with_module(
-        &shim_module_path(),
-        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let held = Held::new(&["E-1"]);
+    let (c, shim) = (&held.c, &held.shim);
     let id = "W-REVOKED-UNSIGNED";
     let warrant = vault::double_lock(&vault::claims(id, vault::recipient().public(), 5));
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let envelope = vault::seal(
-        &escrow,
-        "E-1",
-        TARGET,
-        OffsetDateTime::now_utc() - time::Duration::hours(1),
-        "m",
-        &[7; 32],
-    );
+    let envelope = held.seal(&vault::published_key(&c.provider, "E-1"), "E-1", "m");
     let unwrap = || {
         vault::post(
             &c.agency,
