@@ -505,8 +505,8 @@ pub fn unwrap(
             WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
             _ => DenyReason::WarrantExpired,
         };
-        opened -= count_opened(&releases);
         deny_opened(&mut releases, &mut leaves, reason);
+        opened = 0;
     } else {
         let retained = |kid: &str| {
             keys.get(kid)
@@ -617,14 +617,6 @@ fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String
             Ok(receipt.checkpoint.clone())
         }
     }
-}
-
-/// How many of `releases` are opened.
-fn count_opened(releases: &[Release]) -> u64 {
-    releases
-        .iter()
-        .filter(|r| matches!(r, Release::Opened { .. }))
-        .count() as u64
 }
 
 /// Turns every opened envelope into a denial for `reason`, in the reply
@@ -816,27 +808,24 @@ pub fn revoke(
             let verified = ctx
                 .verifier
                 .verify_revocation(authority_revocation_jws(body)?, now)?;
-            let by = verified.authorised_by().to_string();
             (
                 caller,
                 verified.id().to_string(),
                 verified.reason().to_string(),
-                by.clone(),
-                Some((by, *verified.digest(), verified.time())),
+                verified.authorised_by().to_string(),
+                Some((*verified.digest(), verified.time())),
             )
         }
     };
     // `id` and `reason` were checked at the edge by the one definition of
     // their bounds: AdminRevocation::parse, or RevocationClaims::parse
-    // inside verify_revocation.
-    let signed =
-        signed.as_ref().map(
-            |(authority, digest, time)| crate::audit::leaf::SignedRevocation {
-                authority,
-                digest: *digest,
-                time: *time,
-            },
-        );
+    // inside verify_revocation. An authority's revocation is recorded
+    // under the authority that authorised it, with what it signed.
+    let signed = signed.map(|(digest, time)| crate::audit::leaf::SignedRevocation {
+        authority: &revoked_by,
+        digest,
+        time,
+    });
     let event: Event = RevocationEvent::new(caller, &id, &reason, signed)
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();
