@@ -46,6 +46,9 @@ pub const MAX_REF_BYTES: usize = 256;
 pub const MAX_AUTHORITY_KID_CHARS: usize = 128;
 /// Longest authority role name, in characters.
 pub const MAX_ROLE_CHARS: usize = 64;
+/// Longest caller identity (a client certificate's URI SAN, which the
+/// `[roles]` table and a warrant's `agency` name), in bytes.
+pub const MAX_IDENTITY_BYTES: usize = 2048;
 
 /// The unit a length bound counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +113,16 @@ pub enum BoundError {
     /// warrants that look like one.
     #[error("begins or ends with whitespace")]
     Padded,
+    /// A character outside printable ASCII (0x21..=0x7E) in a caller
+    /// identity: a certificate's URI SAN is an IA5String, and lavd takes
+    /// only its printable characters.
+    #[error(
+        "contains a character outside printable ASCII (a certificate's URI SAN holds only those)"
+    )]
+    NotPrintableAscii,
+    /// A caller identity without a `scheme:`, so not a URI.
+    #[error("is not a URI (no `scheme:`), e.g. spiffe://agency.example/lea")]
+    NotUri,
 }
 
 impl BoundError {
@@ -125,6 +138,8 @@ impl BoundError {
             BoundError::Bidi => "contains a bidirectional control character",
             BoundError::Invisible => "contains an invisible character",
             BoundError::Padded => "begins or ends with whitespace",
+            BoundError::NotPrintableAscii => "contains a character outside printable ASCII",
+            BoundError::NotUri => "is not a URI",
         }
     }
 }
@@ -286,6 +301,36 @@ pub fn reason(value: &str) -> Result<(), BoundError> {
     prose(value)
 }
 
+/// A caller identity: a client certificate's one URI SAN,
+/// 1..=[`MAX_IDENTITY_BYTES`] bytes of printable ASCII (no space, no
+/// control, nothing outside ASCII) with a `:` after its scheme. Used by the
+/// TLS accept loop on the certificate, by the `[roles]` table and by a
+/// warrant's `agency`, so that a role or a warrant that no certificate could
+/// match is refused where it is written, not found unusable later. The
+/// audit leaves that name a caller use [`logged::identity`].
+///
+/// # Errors
+/// [`BoundError::Empty`], [`BoundError::TooLong`],
+/// [`BoundError::NotPrintableAscii`], [`BoundError::NotUri`].
+pub fn identity(value: &str) -> Result<(), BoundError> {
+    if value.is_empty() {
+        return Err(BoundError::Empty);
+    }
+    if value.len() > MAX_IDENTITY_BYTES {
+        return Err(BoundError::TooLong {
+            max: MAX_IDENTITY_BYTES,
+            unit: Unit::Bytes,
+        });
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(BoundError::NotPrintableAscii);
+    }
+    match value.split_once(':') {
+        Some((scheme, _)) if !scheme.is_empty() => Ok(()),
+        _ => Err(BoundError::NotUri),
+    }
+}
+
 /// The bounds of the same fields as the audit log holds them: the rules
 /// above without the format and bidirectional checks, which came later
 /// (2026-12). Every value the rules above admit passes these, so every leaf
@@ -295,7 +340,10 @@ pub fn reason(value: &str) -> Result<(), BoundError> {
 /// characters as code points). Only the audit leaves use these.
 pub mod logged {
     use super::{text, token, BoundError, Unit};
-    use super::{MAX_AUTHORITY_KID_CHARS, MAX_REASON_CHARS, MAX_ROLE_CHARS, MAX_WARRANT_ID_CHARS};
+    use super::{
+        MAX_AUTHORITY_KID_CHARS, MAX_IDENTITY_BYTES, MAX_REASON_CHARS, MAX_ROLE_CHARS,
+        MAX_WARRANT_ID_CHARS,
+    };
 
     /// A logged warrant id: [`super::warrant_id`] but for format characters.
     ///
@@ -325,6 +373,16 @@ pub mod logged {
     /// As [`token`].
     pub fn authority_kid(value: &str) -> Result<(), BoundError> {
         token(value, MAX_AUTHORITY_KID_CHARS, Unit::Chars)
+    }
+
+    /// A logged caller identity: free text without whitespace, of at most
+    /// [`MAX_IDENTITY_BYTES`] bytes. Every [`super::identity`] passes; the
+    /// leaves written before that rule (which TLS already applied) do too.
+    ///
+    /// # Errors
+    /// As [`token`].
+    pub fn identity(value: &str) -> Result<(), BoundError> {
+        token(value, MAX_IDENTITY_BYTES, Unit::Bytes)
     }
 
     /// A logged role name: [`super::role`] but for format characters.
@@ -404,6 +462,38 @@ pub fn message_ref(value: &str) -> Result<(), BoundError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A caller identity is printable ASCII with a scheme, and every one
+    /// the edge admits is one the audit leaves admit.
+    #[test]
+    fn an_identity_is_a_printable_ascii_uri() {
+        for ok in [
+            "spiffe://agency.example/lea",
+            "urn:x",
+            &format!("spiffe://{}", "a".repeat(MAX_IDENTITY_BYTES - 9)),
+        ] {
+            assert_eq!(identity(ok), Ok(()), "{ok}");
+            assert_eq!(logged::identity(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", BoundError::Empty),
+            ("lea", BoundError::NotUri),
+            (":lea", BoundError::NotUri),
+            ("spiffe://a b", BoundError::NotPrintableAscii),
+            ("spiffe://a\tb", BoundError::NotPrintableAscii),
+            ("spiffe://é", BoundError::NotPrintableAscii),
+            ("spiffe://\u{200b}a", BoundError::NotPrintableAscii),
+        ] {
+            assert_eq!(identity(bad), Err(why), "{bad:?}");
+        }
+        assert_eq!(
+            identity(&format!("spiffe://{}", "a".repeat(MAX_IDENTITY_BYTES - 8))),
+            Err(BoundError::TooLong {
+                max: MAX_IDENTITY_BYTES,
+                unit: Unit::Bytes
+            })
+        );
+    }
 
     #[test]
     fn ids_and_reasons_count_characters() {

@@ -194,9 +194,124 @@ where
 ///
 /// # Errors
 /// serde_json's, naming what was wrong: an array where an object belongs is
-/// "invalid type: sequence, expected a JSON object".
-pub fn from_object_slice<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> serde_json::Result<T> {
-    serde_json::from_slice::<Object<T>>(bytes).map(|o| o.0)
+/// "invalid type: sequence, expected a JSON object"; and, when a member's
+/// value was wrong, naming the member ([`JsonError`]).
+pub fn from_object_slice<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, JsonError> {
+    serde_json::from_slice::<Object<T>>(bytes)
+        .map(|o| o.0)
+        .map_err(|inner| JsonError::new(bytes, inner))
+}
+
+/// A JSON document that did not read as its type, with the path of the
+/// member whose value was wrong: serde's "invalid value: integer `-1`,
+/// expected u64" says what, not where, and its line and column are in
+/// bytes that the sender may never have seen as text (a JWS payload).
+#[derive(Debug)]
+pub struct JsonError {
+    path: Option<String>,
+    inner: serde_json::Error,
+}
+
+impl JsonError {
+    fn new(bytes: &[u8], inner: serde_json::Error) -> Self {
+        let path = if inner.classify() == serde_json::error::Category::Data {
+            let at = byte_offset(bytes, inner.line(), inner.column());
+            serde_json::from_slice::<&serde_json::value::RawValue>(bytes)
+                .ok()
+                .and_then(|doc| {
+                    let mut path = String::new();
+                    member_at(bytes, doc, at, &mut path, 0);
+                    (!path.is_empty()).then_some(path)
+                })
+        } else {
+            None
+        };
+        JsonError { path, inner }
+    }
+
+    /// The path of the member whose value was wrong (`window.from`,
+    /// `targets[2]`), when serde's own message does not name it.
+    pub fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+}
+
+impl std::fmt::Display for JsonError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(path) = &self.path {
+            write!(f, "`{path}`: ")?;
+        }
+        self.inner.fmt(f)
+    }
+}
+
+impl std::error::Error for JsonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.inner)
+    }
+}
+
+/// The offset in `bytes` of serde_json's 1-based `line` and its `column`
+/// (bytes from the line's start).
+fn byte_offset(bytes: &[u8], line: usize, column: usize) -> usize {
+    let start = match line.checked_sub(2) {
+        None => 0,
+        Some(n) => bytes
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'\n')
+            .nth(n)
+            .map_or(bytes.len(), |(i, _)| i + 1),
+    };
+    start.saturating_add(column)
+}
+
+/// Appends to `path` the members and elements, innermost last, whose values
+/// hold byte `at` of `whole` (`value` is part of `whole`). Descends at most
+/// 8 levels, and only through member names of up to 64 letters, digits,
+/// `_` and `-`: the path is echoed to the sender and to the logs.
+fn member_at(
+    whole: &[u8],
+    value: &serde_json::value::RawValue,
+    at: usize,
+    path: &mut String,
+    depth: usize,
+) {
+    use serde_json::value::RawValue;
+    if depth == 8 {
+        return;
+    }
+    // Where `v` lies in `whole`; the error's position is at the value's
+    // last byte or just past it, so both ends count as inside.
+    let holds = |v: &RawValue| {
+        let start = (v.get().as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+        start < whole.len() && (start..=start + v.get().len()).contains(&at)
+    };
+    let text = value.get();
+    if let Ok(members) = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(text)
+    {
+        let Some((name, inner)) = members.into_iter().find(|(_, v)| holds(v)) else {
+            return;
+        };
+        let plain = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !plain {
+            return;
+        }
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(&name);
+        member_at(whole, inner, at, path, depth + 1);
+    } else if let Ok(elements) = serde_json::from_str::<Vec<&RawValue>>(text) {
+        let Some((i, inner)) = elements.into_iter().enumerate().find(|(_, v)| holds(v)) else {
+            return;
+        };
+        path.push_str(&format!("[{i}]"));
+        member_at(whole, inner, at, path, depth + 1);
+    }
 }
 
 /// The raw text of member `name` of the JSON object `bytes` (the last one,
@@ -299,6 +414,65 @@ pub mod b64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A wrong value is named by its path, at any depth and on any line; a
+    /// message serde already words with the member, or a syntax error,
+    /// gets no path.
+    #[test]
+    fn a_wrong_value_names_its_member() {
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Inner {
+            from: u64,
+            to: u64,
+        }
+        #[derive(serde::Deserialize, Debug)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Outer {
+            id: String,
+            count: u64,
+            window: Object<Inner>,
+            tags: Vec<String>,
+        }
+        let path = |json: &str| {
+            let e = from_object_slice::<Outer>(json.as_bytes()).unwrap_err();
+            (e.path().map(str::to_string), e.to_string())
+        };
+        let ok = r#"{"id":"a","count":1,"window":{"from":1,"to":2},"tags":["x"]}"#;
+        from_object_slice::<Outer>(ok.as_bytes()).unwrap();
+
+        let (p, m) = path(&ok.replace(r#""count":1"#, r#""count":-1"#));
+        assert_eq!(p.as_deref(), Some("count"));
+        assert!(m.starts_with("`count`: invalid value: integer `-1`"), "{m}");
+        let (p, _) = path(&ok.replace(r#""count":1"#, r#""count":"1""#));
+        assert_eq!(p.as_deref(), Some("count"));
+        let (p, _) = path(&ok.replace(r#""id":"a""#, r#""id":7"#));
+        assert_eq!(p.as_deref(), Some("id"));
+        let (p, _) = path(&ok.replace(r#""to":2"#, r#""to":true"#));
+        assert_eq!(p.as_deref(), Some("window.to"));
+        let (p, m) = path(&ok.replace(r#""to":2"#, r#""to":2,"at":3"#));
+        assert_eq!(p.as_deref(), Some("window"));
+        assert!(m.contains("unknown field `at`"), "{m}");
+        let (p, _) = path(&ok.replace(
+            r#"["x"]"#,
+            r#"["x",
+  5]"#,
+        ));
+        assert_eq!(p.as_deref(), Some("tags[1]"));
+        let pretty = "{\n \"id\": \"a\",\n \"count\": 1.5,\n \"window\": {\"from\": 1, \"to\": 2},\n \"tags\": []\n}";
+        assert_eq!(path(pretty).0.as_deref(), Some("count"));
+
+        // Named by serde, or not a value's fault: no path.
+        assert_eq!(path(&ok.replace(r#","tags":["x"]"#, "")).0, None);
+        assert_eq!(path(&ok.replace(r#""id""#, r#""idx""#)).0, None);
+        assert_eq!(path(&ok.replace("}", "")).0, None);
+        // A member name that is not plain is not echoed.
+        let (p, _) =
+            path(r#"{"id":"a","count":1,"window":{"from":1,"to":2},"tags":["x"],"a\u001b":1}"#);
+        assert_eq!(p, None);
+    }
 
     #[test]
     fn json_member_reads_one_member_of_an_object_only() {

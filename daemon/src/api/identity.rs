@@ -113,9 +113,9 @@ pub enum IdentityError {
     /// The certificate has more than one URI SAN.
     #[error("the client certificate has {0} URI SANs; exactly one is required")]
     SeveralUriSans(usize),
-    /// The URI SAN is not printable ASCII of at most 2048 bytes.
-    #[error("the client certificate's URI SAN is not a printable ASCII URI of at most 2048 bytes")]
-    BadUri,
+    /// The URI SAN is not a caller identity ([`crate::bounds::identity`]).
+    #[error("the client certificate's URI SAN {0}")]
+    BadUri(crate::bounds::BoundError),
     /// The certificate is not the DER this parser expects (a verified
     /// certificate should never get here).
     #[error("the client certificate could not be parsed")]
@@ -128,7 +128,7 @@ impl IdentityError {
         match self {
             IdentityError::NoUriSan => "no_uri_san",
             IdentityError::SeveralUriSans(_) => "several_uri_sans",
-            IdentityError::BadUri => "bad_uri_san",
+            IdentityError::BadUri(_) => "bad_uri_san",
             IdentityError::Malformed => "malformed_certificate",
         }
     }
@@ -155,12 +155,10 @@ pub fn uri_san(cert: &[u8]) -> Result<String, IdentityError> {
     match uris.as_slice() {
         [] => Err(IdentityError::NoUriSan),
         [one] => {
-            let ok =
-                !one.is_empty() && one.len() <= 2048 && one.iter().all(|b| b.is_ascii_graphic());
-            if !ok {
-                return Err(IdentityError::BadUri);
-            }
-            String::from_utf8(one.to_vec()).map_err(|_| IdentityError::BadUri)
+            let uri = String::from_utf8(one.to_vec())
+                .map_err(|_| IdentityError::BadUri(crate::bounds::BoundError::NotPrintableAscii))?;
+            crate::bounds::identity(&uri).map_err(IdentityError::BadUri)?;
+            Ok(uri)
         }
         many => Err(IdentityError::SeveralUriSans(many.len())),
     }
@@ -377,6 +375,7 @@ impl<'a> Der<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bounds::BoundError;
     use rcgen::{CertificateParams, KeyPair, SanType};
 
     fn cert(sans: Vec<SanType>) -> Vec<u8> {
@@ -410,6 +409,29 @@ mod tests {
         assert_eq!(uri_san(&two).unwrap_err(), IdentityError::SeveralUriSans(2));
         let no_ext = cert(vec![]);
         assert_eq!(uri_san(&no_ext).unwrap_err(), IdentityError::NoUriSan);
+    }
+
+    /// The one URI SAN must be a caller identity (bounds::identity), the
+    /// rule a warrant's `agency` and the `[roles]` table follow.
+    #[test]
+    fn a_uri_san_that_is_no_identity_is_refused() {
+        for (san, why) in [
+            ("lea-unit-7", BoundError::NotUri),
+            ("spiffe://agency.example/a b", BoundError::NotPrintableAscii),
+        ] {
+            let der = cert(vec![uri(san)]);
+            assert_eq!(
+                uri_san(&der).unwrap_err(),
+                IdentityError::BadUri(why),
+                "{san}"
+            );
+        }
+        let long = format!("spiffe://{}", "a".repeat(2048 - 8));
+        let der = cert(vec![uri(&long)]);
+        assert!(matches!(
+            uri_san(&der).unwrap_err(),
+            IdentityError::BadUri(BoundError::TooLong { max: 2048, .. })
+        ));
     }
 
     #[test]

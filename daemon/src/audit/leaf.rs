@@ -39,8 +39,6 @@ use crate::codec;
 /// C2SP `tlog-tiles` entry bundle can carry (a big-endian `u16` length), so
 /// that every leaf can be served as a tile entry.
 pub const MAX_LEAF_BYTES: usize = u16::MAX as usize;
-/// The longest caller identity (a URI SAN), in bytes.
-const MAX_IDENTITY_BYTES: usize = 2048;
 /// The longest algorithm name, in bytes. Warrant ids, escrow kids,
 /// authority kids, roles and revocation reasons have their bounds in
 /// [`crate::bounds`], shared with every layer that reads them.
@@ -148,7 +146,7 @@ fn check_bound(
 }
 
 fn check_caller(value: &str) -> Result<(), LeafError> {
-    check_token("caller", value, MAX_IDENTITY_BYTES)
+    check_bound("caller", value, bounds::logged::identity)
 }
 
 /// A SHA-256 digest of protocol bytes, written as base64url without padding.
@@ -1414,7 +1412,7 @@ pub(crate) mod tests {
             code(Unwrap::new(AGENCY, &w, None, None, UnwrapOutcome::Opened)),
             "audit_field_invalid"
         );
-        let long = "x".repeat(MAX_IDENTITY_BYTES + 1);
+        let long = "x".repeat(bounds::MAX_IDENTITY_BYTES + 1);
         assert_eq!(
             code(Unwrap::new(
                 &long,

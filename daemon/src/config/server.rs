@@ -355,15 +355,15 @@ impl Validator<'_> {
         let mut map = BTreeMap::new();
         for (identity, names) in raw {
             let field = format!("roles.{identity:?}");
-            // The same rule as the certificate side (api::identity::uri_san):
+            // The rule the certificate side applies (api::identity::uri_san):
             // an identity that no certificate can carry is a typo.
-            let printable = !identity.is_empty()
-                && identity.len() <= 2048
-                && identity.bytes().all(|b| b.is_ascii_graphic());
-            if !printable || !identity.contains(':') {
+            if let Err(why) = crate::bounds::identity(&identity) {
                 return Err(self.err(
                     &field,
-                    "an identity is a certificate's URI SAN, e.g. spiffe://agency.example/lea",
+                    format!(
+                        "the identity {why}; an identity is a certificate's URI SAN, \
+                         e.g. spiffe://agency.example/lea"
+                    ),
                 ));
             }
             if names.is_empty() {

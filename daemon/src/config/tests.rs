@@ -238,6 +238,10 @@ fn serve_table_refusals_name_the_field() {
             "[roles]\n\"not a uri\" = [\"agency\"]\n",
             "roles.\"not a uri\"",
         ),
+        (
+            "[roles]\n\"lea-unit-7\" = [\"agency\"]\n",
+            "roles.\"lea-unit-7\"",
+        ),
     ];
     for (extra, field) in cases {
         let e = load(&format!("{GOOD}{TLS}{extra}"), &[]).unwrap_err();

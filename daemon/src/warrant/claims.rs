@@ -2,13 +2,15 @@
 //!
 //! Bounds beyond PROTOCOL's own (`id` ≤ 128 characters, 1..=1000 targets):
 //! every string is non-empty and free of control characters, and
-//! `legal_basis` and `agency` of bidirectional controls; `id`, each
+//! `legal_basis` of bidirectional controls; `agency` is a caller identity
+//! under the rule the TLS accept loop applies to certificates
+//! ([`crate::bounds::identity`]: printable ASCII, a URI, at most
+//! [`crate::bounds::MAX_IDENTITY_BYTES`] bytes); `id`, each
 //! target and each of `kids` are checked by the one function of
 //! [`crate::bounds`] that every other layer uses for that field (a target is
 //! at most [`MAX_TARGET_BYTES`] bytes without whitespace, a kid at most
 //! [`crate::bounds::MAX_KID_BYTES`]); `legal_basis` at most
-//! [`MAX_LEGAL_BASIS_CHARS`] characters; `agency` at most
-//! [`MAX_AGENCY_BYTES`] bytes; `kids`, when present, holds 1..=[`MAX_KIDS`]
+//! [`MAX_LEGAL_BASIS_CHARS`] characters; `kids`, when present, holds 1..=[`MAX_KIDS`]
 //! entries; targets and kids have no duplicates; `max_unwraps` is in
 //! 1..=2^53−1 (the I-JSON exact-integer range, RFC 7493 §2.2); `window.from <
 //! window.to` and `not_before < expires`; `recipient` is a P-256 *public* JWK
@@ -33,8 +35,6 @@ pub const MAX_TARGETS: usize = 1000;
 pub const MAX_TARGET_BYTES: usize = crate::bounds::MAX_TARGET_BYTES;
 /// Longest `legal_basis`, in characters.
 pub const MAX_LEGAL_BASIS_CHARS: usize = 1024;
-/// Longest `agency` identity, in bytes.
-pub const MAX_AGENCY_BYTES: usize = 2048;
 /// Most escrow key ids in `kids`.
 pub const MAX_KIDS: usize = 1000;
 /// The longest `recipient.kid`, in characters (a name or a thumbprint).
@@ -184,12 +184,7 @@ impl Claims {
         let raw: RawClaims = crate::codec::from_object_slice(payload).map_err(malformed)?;
         check_bound("id", &raw.id, crate::bounds::warrant_id)?;
         check_text("legal_basis", &raw.legal_basis, MAX_LEGAL_BASIS_CHARS)?;
-        check_text("agency", &raw.agency, MAX_AGENCY_BYTES)?;
-        if raw.agency.len() > MAX_AGENCY_BYTES {
-            return Err(malformed(format_args!(
-                "`agency` is longer than {MAX_AGENCY_BYTES} bytes"
-            )));
-        }
+        check_bound("agency", &raw.agency, crate::bounds::identity)?;
         let jwk = &raw.recipient.0;
         if jwk.d.is_some() {
             return Err(malformed(
@@ -378,6 +373,54 @@ mod tests {
         ] {
             let mut c = base();
             c["recipient"][member] = value.into();
+            let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{member}");
+            assert!(e.to_string().contains(named), "{member}: {e}");
+        }
+    }
+
+    /// `agency` follows the rule certificates follow (bounds::identity): a
+    /// warrant no caller could execute is refused as malformed, by name.
+    #[test]
+    fn an_agency_no_certificate_could_carry_is_refused() {
+        for agency in [
+            String::new(),
+            "lea-unit-7".to_string(),
+            ":no-scheme".to_string(),
+            "spiffe://agency.example/lea unit".to_string(),
+            "spiffe://agency.example/léa".to_string(),
+            "spiffe://agency.example/\u{202e}lea".to_string(),
+            format!("spiffe://{}", "a".repeat(2048)),
+        ] {
+            let mut c = base();
+            c["agency"] = agency.clone().into();
+            let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{agency}");
+            assert!(e.to_string().contains("`agency`"), "{agency}: {e}");
+        }
+        let mut c = base();
+        c["agency"] = format!("spiffe://{}", "a".repeat(2048 - 9)).into();
+        Claims::parse(c.to_string().as_bytes()).unwrap();
+    }
+
+    /// A value of the wrong type or range is named by its member.
+    #[test]
+    fn a_member_of_the_wrong_type_is_named() {
+        for (member, value, named) in [
+            ("max_unwraps", serde_json::json!(-1), "`max_unwraps`"),
+            ("max_unwraps", serde_json::json!(1.5), "`max_unwraps`"),
+            ("max_unwraps", serde_json::json!("10"), "`max_unwraps`"),
+            ("emergency", serde_json::json!("yes"), "`emergency`"),
+            ("targets", serde_json::json!(["a", 2]), "`targets[1]`"),
+            (
+                "window",
+                serde_json::json!({"from": 1, "to": "2026-12-01T00:00:00Z"}),
+                "`window.from`",
+            ),
+            ("expires", serde_json::json!("tomorrow"), "`expires`"),
+        ] {
+            let mut c = base();
+            c[member] = value;
             let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
             assert_eq!(e.code(), "malformed_warrant", "{member}");
             assert!(e.to_string().contains(named), "{member}: {e}");
