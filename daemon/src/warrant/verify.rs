@@ -491,11 +491,15 @@ fn check_policy<'a>(
     signed_with: impl Iterator<Item = (&'a str, &'a AuthorityPublicKey)>,
     emergency: bool,
 ) -> Result<(), WarrantError> {
+    // One key counts once, in the first role it signed under: the trust
+    // configuration already refuses one key under two kids, and this keeps
+    // the double lock if it ever did not (one signature is one authority).
     let mut by_role: BTreeMap<&str, Vec<&AuthorityPublicKey>> = BTreeMap::new();
+    let mut counted: Vec<&AuthorityPublicKey> = Vec::new();
     for (role, key) in signed_with {
-        let keys = by_role.entry(role).or_default();
-        if !keys.contains(&key) {
-            keys.push(key);
+        if !counted.contains(&key) {
+            counted.push(key);
+            by_role.entry(role).or_default().push(key);
         }
     }
     let missing: Vec<(String, usize, usize)> = rules
@@ -534,6 +538,32 @@ mod tests {
             other => panic!("expected policy_not_met, got {other:?}"),
         }
         let two = [("judicial", &a), ("judicial", &b)];
+        check_policy(&rules, two.into_iter(), false).unwrap();
+    }
+
+    /// One key under two roles is one authority: it cannot be both locks.
+    #[test]
+    fn one_key_counts_in_one_role_only() {
+        let rules = [
+            RoleRule {
+                role: "executive".into(),
+                count: 1,
+            },
+            RoleRule {
+                role: "judicial".into(),
+                count: 1,
+            },
+        ];
+        let a = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
+        let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
+        let same = [("executive", &a), ("judicial", &a)];
+        match check_policy(&rules, same.into_iter(), false) {
+            Err(WarrantError::PolicyNotMet { missing, .. }) => {
+                assert_eq!(missing, vec![("judicial".to_string(), 1, 0)]);
+            }
+            other => panic!("expected policy_not_met, got {other:?}"),
+        }
+        let two = [("executive", &a), ("judicial", &b)];
         check_policy(&rules, two.into_iter(), false).unwrap();
     }
 }
