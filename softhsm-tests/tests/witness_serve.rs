@@ -344,6 +344,14 @@ fn dev_key_files_and_the_rate_limit() {
         stderr.contains("logs[0].vkey") && stderr.contains("log.test/b"),
         "{stderr}"
     );
+    // A limit of unwraps would be ignored by a witness: refused by name.
+    std::fs::write(
+        &path,
+        config(true).replace("[limits]\n", "[limits]\nmax_batch = 10\n"),
+    )
+    .unwrap();
+    let stderr = assert_fails_with(&serve_bounded(&path), 64, "bad_config");
+    assert!(stderr.contains("limits.max_batch"), "{stderr}");
     std::fs::write(&path, config(false)).unwrap();
     let out = t.lavd(&["witness", "serve", "--config", &path_str(&path)]);
     let stderr = assert_fails_with(&out, 64, "bad_config");

@@ -11,7 +11,9 @@
 //! [server]  listen, shutdown_grace_secs
 //! [tls]     cert, key, min_version  (server-only TLS: no client certificates)
 //! [admin]   listen                  (/healthz, /readyz, /metrics)
-//! [limits]  max_body_bytes, rate_limit_per_second, rate_limit_burst, …
+//! [limits]  max_body_bytes, max_header_bytes, max_connections, the rate
+//!           limit and the timeouts (the unwrap and warrant limits are
+//!           refused: a witness serves neither)
 //! [hsm]     as lavd's
 //! [[logs]]  origin, vkey            (each log it witnesses)
 //! ```
@@ -223,6 +225,34 @@ impl WitnessSettings {
         }
         if logs.is_empty() {
             return Err(v.err("logs", "list at least one [[logs]] entry (origin, vkey)"));
+        }
+        // lavd's `[limits]` table, less the limits of unwraps and warrants:
+        // a witness would ignore them, so setting one is a mistake to name.
+        let unwrap_only = [
+            ("max_batch", raw.limits.max_batch.is_some()),
+            (
+                "max_envelopes_in_flight",
+                raw.limits.max_envelopes_in_flight.is_some(),
+            ),
+            ("max_warrant_bytes", raw.limits.max_warrant_bytes.is_some()),
+            (
+                "max_warrant_signatures",
+                raw.limits.max_warrant_signatures.is_some(),
+            ),
+            (
+                "max_envelope_bytes",
+                raw.limits.max_envelope_bytes.is_some(),
+            ),
+            (
+                "max_envelope_header_bytes",
+                raw.limits.max_envelope_header_bytes.is_some(),
+            ),
+        ];
+        if let Some((name, _)) = unwrap_only.iter().find(|(_, set)| *set) {
+            return Err(v.err(
+                &format!("limits.{name}"),
+                "limits unwraps and warrants, which a witness does not serve; remove it",
+            ));
         }
         Ok(WitnessSettings {
             file: path.to_path_buf(),
