@@ -663,14 +663,25 @@ pub fn check_add_checkpoint(
         return Err(AddOutcome::UnknownOrigin);
     }
     // A malformed note is a bad request; a well-formed one that no trusted
-    // key signed is forbidden.
+    // key signed is forbidden; a note a trusted key signed whose text is no
+    // checkpoint of this origin is a bad request again (tlog-witness keeps
+    // 403 for "no signature verifies").
     if let Err(e) = note::split_note(&request.checkpoint) {
         return Err(AddOutcome::BadRequest(e.to_string()));
     }
-    let checkpoint = keys
+    let (key, text) = keys
         .iter()
-        .find_map(|key| note::verify_checkpoint(&request.checkpoint, key).ok())
+        .find_map(|key| Some((key, note::open_note(&request.checkpoint, key).ok()?)))
         .ok_or(AddOutcome::Forbidden)?;
+    let checkpoint = Checkpoint::parse(text)
+        .map_err(|e| AddOutcome::BadRequest(format!("the signed note: {e}")))?;
+    if checkpoint.origin != key.name() {
+        return Err(AddOutcome::BadRequest(format!(
+            "the signed checkpoint's origin {:?} is not its key's name {:?}",
+            checkpoint.origin,
+            key.name()
+        )));
+    }
     if request.old_size > checkpoint.size {
         return Err(AddOutcome::BadRequest(format!(
             "old size {} is above the checkpoint's size {}",
@@ -976,6 +987,17 @@ mod tests {
         assert_eq!(
             check_add_checkpoint(&request(0, &unsigned), &trusted, &never).unwrap_err(),
             AddOutcome::Forbidden
+        );
+        // Signed by the trusted key, but not a checkpoint: 400, not 403.
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let body = "log.example/a\ntwenty\nnot a root\n";
+        let mut line = log.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());
+        let not_a_checkpoint = format!("{body}\n— log.example/a {}\n", STANDARD.encode(line));
+        let refused = check_add_checkpoint(&request(0, &not_a_checkpoint), &trusted, &never);
+        assert!(
+            matches!(&refused, Err(AddOutcome::BadRequest(why)) if why.contains("signed note")),
+            "{refused:?}"
         );
         // Old size above the checkpoint's: 400.
         let mut above = request(0, &checkpoint);
