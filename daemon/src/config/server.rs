@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::{RawAdmin, RawLimits, RawLog, RawPublicLog, RawServer, RawTls};
@@ -321,13 +321,7 @@ impl Validator<'_> {
             ));
         }
         let min_version = self.tls_version(raw.min_version.as_deref())?;
-        let key = self.path(&raw.key);
-        if super::readable_by_others(&key) {
-            self.warnings.borrow_mut().push(format!(
-                "the TLS private key {} is readable by other users; chmod 600 it",
-                key.display()
-            ));
-        }
+        let key = self.tls_key(&raw.key);
         Ok(TlsSettings {
             cert: self.path(&raw.cert),
             key,
@@ -337,6 +331,19 @@ impl Validator<'_> {
             allow_unknown_revocation_status: raw.allow_unknown_revocation_status.unwrap_or(false),
             enforce_crl_expiry: raw.enforce_crl_expiry.unwrap_or(true),
         })
+    }
+
+    /// `tls.key`, resolved against the file, with a warning when other
+    /// users can read it (lavd's listener and the witness's alike).
+    pub(super) fn tls_key(&self, raw: &Path) -> PathBuf {
+        let key = self.path(raw);
+        if super::readable_by_others(&key) {
+            self.warnings.borrow_mut().push(format!(
+                "the TLS private key {} is readable by other users; chmod 600 it",
+                key.display()
+            ));
+        }
+        key
     }
 
     /// `tls.min_version`: `"1.3"` (the default) or `"1.2"`.

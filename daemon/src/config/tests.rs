@@ -671,3 +671,37 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "1 to 300",
     );
 }
+
+/// The witness's TLS key is checked as lavd's is.
+#[test]
+fn a_witness_tls_key_readable_by_others_is_a_warning() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("witness.toml");
+    let log = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let vkey =
+        crate::audit::note::verifier_key("log.test/a", log.verifying_key().as_bytes()).unwrap();
+    std::fs::write(dir.path().join("w.seed"), "05".repeat(32)).unwrap();
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"witness.test/w\"\nstate = \"w.db\"\ndev = true\nkey_file = \"w.seed\"\n\
+             [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+             [[logs]]\norigin = \"log.test/a\"\nvkey = {vkey:?}\n"
+        ),
+    )
+    .unwrap();
+    let tls_key = dir.path().join("server.key");
+    std::fs::write(&tls_key, "not read here").unwrap();
+    let warnings = |mode| {
+        std::fs::set_permissions(&tls_key, std::fs::Permissions::from_mode(mode)).unwrap();
+        WitnessSettings::load(&path, &MapEnv(HashMap::new()))
+            .unwrap()
+            .warnings
+            .into_iter()
+            .filter(|w| w.contains("TLS private key"))
+            .count()
+    };
+    assert_eq!(warnings(0o600), 0);
+    assert_eq!(warnings(0o644), 1);
+}

@@ -286,7 +286,7 @@ impl Validator<'_> {
     fn public_tls(&self, raw: RawPublicTls) -> Result<PublicTlsSettings, ConfigError> {
         Ok(PublicTlsSettings {
             cert: self.path(&raw.cert),
-            key: self.path(&raw.key),
+            key: self.tls_key(&raw.key),
             min_version: self.tls_version(raw.min_version.as_deref())?,
         })
     }
