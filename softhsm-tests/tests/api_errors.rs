@@ -241,4 +241,6 @@ fn a_body_not_sent_as_json_is_415_and_does_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["revoked"], true, "{}", r.text());
     assert_eq!(r.json()["already_revoked"], false, "{}", r.text());
+    // No warrant of that id was ever presented: recorded, and said so.
+    assert_eq!(r.json()["warrant_seen"], false, "{}", r.text());
 }

@@ -404,7 +404,11 @@ fn a_settle_after_a_committed_revocation_opens_nothing(b: &Backend) {
     // The revocation commits through another replica.
     let rev = z.append(revocation("W-1")).unwrap();
     assert!(rev.newly_revoked);
+    assert!(rev.warrant_seen, "W-1 was registered on another replica");
     assert!(!z.append(revocation("W-1")).unwrap().newly_revoked);
+    // An id no replica has seen is revoked all the same, and said unseen.
+    let unseen = z.append(revocation("W-9")).unwrap();
+    assert!(unseen.newly_revoked && !unseen.warrant_seen);
     let after = a
         .append(AuditAppend {
             events: vec![

@@ -209,6 +209,7 @@ fn a_revoked_warrant_is_refused_and_only_an_admin_revokes_without_an_authority()
     assert_eq!(v["id"], "W-REVOKED");
     assert_eq!(v["revoked"], true);
     assert_eq!(v["already_revoked"], false);
+    assert_eq!(v["warrant_seen"], true);
     let key = vault::verifier_key(&c.auditor);
     let checkpoint =
         lavd::audit::note::verify_note(v["audit"]["checkpoint"].as_str().unwrap(), &key).unwrap();

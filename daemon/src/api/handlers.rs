@@ -271,6 +271,7 @@ pub async fn post_revocation(
         "id": revoked.id,
         "revoked": true,
         "already_revoked": !revoked.newly_revoked,
+        "warrant_seen": revoked.warrant_seen,
         "audit": {
             "checkpoint": checkpoint,
             "first_index": revoked.appended.first_index,

@@ -184,11 +184,25 @@ pub struct Appended {
     pub tree_size: u64,
     /// For [`Spend::Revoke`]: false if the id was already revoked.
     pub newly_revoked: bool,
+    /// For [`Spend::Revoke`]: whether a warrant of that id had been
+    /// presented before (its budget is registered). A revocation of an id
+    /// never seen is recorded all the same (a warrant can be revoked before
+    /// its first use), but may be a typo for the one meant.
+    pub warrant_seen: bool,
     /// For [`Spend::Settle`]: what the transaction that settled it found
     /// withdrawn. The leaves it concerns say denied where they would have
     /// said `opened`, their units were not spent, and the caller must not
     /// release those keys.
     pub withdrawn: Withdrawn,
+}
+
+/// What a [`Spend::Revoke`] found in the store, in its transaction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RevokeFound {
+    /// False if the id was already revoked.
+    pub(crate) newly_revoked: bool,
+    /// Whether a warrant of that id had been presented before.
+    pub(crate) warrant_seen: bool,
 }
 
 /// The tree an append transaction is about to commit, read through that
@@ -586,14 +600,14 @@ impl SqliteStore {
         }
     }
 
-    /// Appends one batch inside `conn` (a savepoint). Returns
-    /// `(newly_revoked, withdrawn)`.
+    /// Appends one batch inside `conn` (a savepoint). Returns what a
+    /// revocation found and what a settlement found withdrawn.
     fn append_in(
         &self,
         conn: &Connection,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(bool, Withdrawn), StoreError> {
+    ) -> Result<(RevokeFound, Withdrawn), StoreError> {
         // The revocation and destruction checks that count: in the
         // transaction that writes the unwrap's leaves, so they see every
         // revocation or destruction whose leaf comes before them in the log
@@ -602,8 +616,8 @@ impl SqliteStore {
         // checks before the HSM opens only save work.
         let mut withdrawn = Withdrawn::default();
         let mut settled = None;
-        let newly_revoked = match &batch.spend {
-            Spend::None => false,
+        let found = match &batch.spend {
+            Spend::None => RevokeFound::default(),
             Spend::Settle {
                 reservation,
                 opened,
@@ -618,12 +632,12 @@ impl SqliteStore {
                     self.settle_in(conn, reservation, spend)?;
                 }
                 settled = Some(reservation.id());
-                false
+                RevokeFound::default()
             }
             Spend::Revoke(revocation) => self.revoke_in(conn, revocation)?,
             Spend::InsertKey(record) => {
                 self.insert_key_in(conn, record)?;
-                false
+                RevokeFound::default()
             }
             Spend::DestroyKey { kid, at, reason } => {
                 // One `key_destroyed` leaf per key: a second destruction
@@ -631,7 +645,7 @@ impl SqliteStore {
                 if !self.mark_destroyed_in(conn, kid, *at, reason)? {
                     return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
                 }
-                false
+                RevokeFound::default()
             }
         };
         let (leaves, hashes) = encode_leaves(batch, first, settled.map(|id| (id, &withdrawn)))?;
@@ -654,7 +668,7 @@ impl SqliteStore {
                 .execute(params![node.level, to_i(node.index)?, node.hash.as_slice()])
                 .map_err(|e| self.sqlite_err(e))?;
         }
-        Ok((newly_revoked, withdrawn))
+        Ok((found, withdrawn))
     }
 
     /// Which of `kids` (as [`opened_kids`] lists them) are destroyed, as
@@ -715,7 +729,7 @@ impl SqliteStore {
                     Ok(flags)
                 })();
                 match result {
-                    Ok((newly_revoked, withdrawn)) => {
+                    Ok((found, withdrawn)) => {
                         size += count;
                         done.push((
                             pending,
@@ -723,7 +737,8 @@ impl SqliteStore {
                                 first_index: first,
                                 count,
                                 tree_size: 0,
-                                newly_revoked,
+                                newly_revoked: found.newly_revoked,
+                                warrant_seen: found.warrant_seen,
                                 withdrawn,
                             }),
                         ));
@@ -1078,6 +1093,7 @@ mod tests {
             count: 0,
             tree_size: 0,
             newly_revoked: false,
+            warrant_seen: false,
             withdrawn: Withdrawn::default(),
         }));
     }

@@ -304,7 +304,14 @@ impl SqliteStore {
         &self,
         tx: &rusqlite::Connection,
         revocation: &Revocation,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<super::audit::RevokeFound, StoreError> {
+        let seen: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM warrants WHERE id = ?1)",
+                params![revocation.id],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.sqlite_err(e))?;
         let inserted = tx
             .execute(
                 "INSERT INTO warrant_revocations (id, reason, revoked_by, revoked_at)
@@ -317,7 +324,10 @@ impl SqliteStore {
                 ],
             )
             .map_err(|e| self.sqlite_err(e))?;
-        Ok(inserted == 1)
+        Ok(super::audit::RevokeFound {
+            newly_revoked: inserted == 1,
+            warrant_seen: seen,
+        })
     }
 }
 
@@ -469,7 +479,7 @@ impl WarrantStore for SqliteStore {
             .map_err(|e| self.sqlite_err(e))?;
         let inserted = self.revoke_in(&tx, revocation)?;
         tx.commit().map_err(|e| self.sqlite_err(e))?;
-        Ok(inserted)
+        Ok(inserted.newly_revoked)
     }
 
     fn revocation(&self, id: &str) -> Result<Option<Revocation>, StoreError> {

@@ -777,6 +777,10 @@ pub struct Revoked {
     pub id: String,
     /// False if it was already revoked (revocation is final; the first record stands).
     pub newly_revoked: bool,
+    /// Whether a warrant of that id had been presented before: a
+    /// revocation of an id never seen is recorded (a warrant can be revoked
+    /// before its first use), and this says it may be a typo.
+    pub warrant_seen: bool,
     /// Where the revocation's leaf is.
     pub appended: crate::store::Appended,
     /// A signed checkpoint covering the leaf, or why none could be had
@@ -842,6 +846,7 @@ pub fn revoke(
     Ok(Revoked {
         id,
         newly_revoked: appended.newly_revoked,
+        warrant_seen: appended.warrant_seen,
         appended,
         checkpoint: receipt.map(|r| r.checkpoint),
     })

@@ -84,7 +84,7 @@ use zeroize::Zeroizing;
 
 use super::audit::{
     encode_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit, Pending,
-    Uncommitted, Withdrawn,
+    RevokeFound, Uncommitted, Withdrawn,
 };
 use super::warrants::to_i64;
 use super::{
@@ -925,7 +925,14 @@ impl PgStore {
         &self,
         tx: &mut impl GenericClient,
         revocation: &Revocation,
-    ) -> Result<bool, StoreError> {
+    ) -> Result<RevokeFound, StoreError> {
+        let seen: bool = tx
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM warrants WHERE id = $1)",
+                &[&revocation.id],
+            )
+            .map_err(|e| self.pg_err(e))?
+            .get(0);
         let inserted = tx
             .execute(
                 "INSERT INTO warrant_revocations (id, reason, revoked_by, revoked_at)
@@ -938,7 +945,10 @@ impl PgStore {
                 ],
             )
             .map_err(|e| self.pg_err(e))?;
-        Ok(inserted == 1)
+        Ok(RevokeFound {
+            newly_revoked: inserted == 1,
+            warrant_seen: seen,
+        })
     }
 }
 
@@ -1044,6 +1054,7 @@ impl WarrantStore for PgStore {
 
     fn revoke(&self, revocation: &Revocation) -> Result<bool, StoreError> {
         self.with_tx(|tx| self.revoke_in(tx, revocation))
+            .map(|found| found.newly_revoked)
     }
 
     fn revocation(&self, id: &str) -> Result<Option<Revocation>, StoreError> {
@@ -1199,20 +1210,21 @@ impl PgStore {
 
     /// Appends one batch inside `tx` (the group's transaction, which holds
     /// the head lock, with the batch's savepoint open), its head update
-    /// included. Returns `(newly_revoked, withdrawn)`.
+    /// included. Returns what a revocation found and what a settlement
+    /// found withdrawn.
     fn append_in(
         &self,
         tx: &mut Transaction<'_>,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(bool, Withdrawn), StoreError> {
+    ) -> Result<(RevokeFound, Withdrawn), StoreError> {
         // As in SQLite: the revocation and destruction checks that count
         // are these, under the head lock that every revocation's and
         // destruction's append also takes.
         let mut withdrawn = Withdrawn::default();
         let mut settled = None;
-        let newly_revoked = match &batch.spend {
-            Spend::None => false,
+        let found = match &batch.spend {
+            Spend::None => RevokeFound::default(),
             Spend::Settle {
                 reservation,
                 opened,
@@ -1228,12 +1240,12 @@ impl PgStore {
                     Settled::Lapsed => withdrawn.budget_lapsed = true,
                 }
                 settled = Some(reservation.id());
-                false
+                RevokeFound::default()
             }
             Spend::Revoke(revocation) => self.revoke_in(tx, revocation)?,
             Spend::InsertKey(record) => {
                 self.insert_key_in(tx, record)?;
-                false
+                RevokeFound::default()
             }
             Spend::DestroyKey { kid, at, reason } => {
                 // One `key_destroyed` leaf per key: a second destruction
@@ -1241,7 +1253,7 @@ impl PgStore {
                 if !self.mark_destroyed_in(tx, kid, *at, reason)? {
                     return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
                 }
-                false
+                RevokeFound::default()
             }
         };
         let (leaves, hashes) = encode_leaves(batch, first, settled.map(|id| (id, &withdrawn)))?;
@@ -1252,7 +1264,7 @@ impl PgStore {
             &hashes,
             Some(first + batch.events.len() as u64),
         )?;
-        Ok((newly_revoked, withdrawn))
+        Ok((found, withdrawn))
     }
 
     /// Writes leaves `first..` (hashed as `hashes`), the subtree hashes
@@ -1334,13 +1346,14 @@ impl PgStore {
             let count = batch.events.len() as u64;
             let last = i + 1 == group.len();
             match self.append_in(&mut tx, batch, first) {
-                Ok((newly_revoked, withdrawn)) => {
+                Ok((found, withdrawn)) => {
                     size += count;
                     results.push(Ok(Appended {
                         first_index: first,
                         count,
                         tree_size: 0,
-                        newly_revoked,
+                        newly_revoked: found.newly_revoked,
+                        warrant_seen: found.warrant_seen,
                         withdrawn,
                     }));
                     // COMMIT keeps the last batch's savepoint's work.
