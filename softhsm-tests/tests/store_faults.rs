@@ -449,3 +449,61 @@ fn postgres_refusing_new_connections_is_503_store_unavailable_and_recovers() {
     );
     pg_print(&figures, opened, cut, started);
 }
+
+/// No HSM open goes unlogged, even when the request's own audit commit
+/// fails after the HSM opened: another session holds the log's head row,
+/// so the append waits out its lock timeout and fails (503
+/// `store_unavailable`, nothing released, nothing spent). Once the lock is
+/// let go, the daemon writes the request's leaves itself, denied
+/// `audit_commit_failed`, with no spend.
+#[test]
+fn postgres_an_append_that_fails_after_the_hsm_opened_is_logged_once_the_store_takes_it() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let db = TestDb::create();
+    db.write_token_config(&t, &limits());
+    let id = "W-PG-HELD";
+    let case = Case::start(&t, pki, id);
+    // Once through: the warrant is registered, BATCH units spent.
+    let r = softhsm_tests::vault::post(&case.agency, "/v1/unwrap", &case.request);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reason_count = |reason: &str| {
+        let size = softhsm_tests::vault::tree_size(&case.auditor);
+        softhsm_tests::vault::entries(&case.auditor, 0, size)
+            .iter()
+            .filter(|e| e.leaf["warrant_id"] == id && e.leaf["reason"] == reason)
+            .count()
+    };
+
+    let mut holder = db.client();
+    let mut held = holder.transaction().unwrap();
+    held.query_one("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    let started = Instant::now();
+    let r = softhsm_tests::vault::post(&case.agency, "/v1/unwrap", &case.request);
+    r.assert_error(503, CODE);
+    assert!(started.elapsed() < BOUND, "{:?}", started.elapsed());
+    assert_eq!(
+        reason_count("audit_commit_failed"),
+        0,
+        "written while the head is held"
+    );
+    held.rollback().unwrap();
+
+    let logged =
+        softhsm_tests::faults::wait_until(BOUND, || reason_count("audit_commit_failed") == BATCH);
+    assert!(
+        logged,
+        "{} of the {BATCH} opens of the failed request logged",
+        reason_count("audit_commit_failed")
+    );
+    assert_eq!(
+        pg_spent(&db, id),
+        BATCH as i64,
+        "the failed request spent nothing"
+    );
+    // Logged once, not again.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(reason_count("audit_commit_failed"), BATCH);
+    verify_log(&t, &case.pki, &case.parties.auditor, case.daemon.api);
+}

@@ -106,6 +106,17 @@ pub struct AuditLog {
     on_signed: Option<SignedHook>,
     /// Signatures started inside an append transaction, kept or not.
     overlapped: Arc<AtomicU64>,
+    /// Leaves written after their own append failed ([`Self::append_later`]).
+    deferred: Arc<Deferred>,
+}
+
+/// Batches of leaves waiting for the store, and the thread that writes them.
+#[derive(Debug, Default)]
+struct Deferred {
+    /// The batches not yet written, oldest first; the leaves they hold.
+    queue: Mutex<(std::collections::VecDeque<AuditAppend>, usize)>,
+    wake: std::sync::Condvar,
+    writer: OnceLock<()>,
 }
 
 /// A checkpoint signature started inside an append transaction, before its
@@ -174,6 +185,7 @@ impl AuditLog {
             commit_timer: None,
             on_signed: None,
             overlapped: Arc::new(AtomicU64::new(0)),
+            deferred: Arc::new(Deferred::default()),
         };
         if let Some((size, note)) = log.store.latest_checkpoint()? {
             let signed = match log.verify_stored(size, &note) {
@@ -439,6 +451,119 @@ impl AuditLog {
         }
         let receipt = self.receipt(appended.clone(), floor, overlap);
         Ok((appended, receipt))
+    }
+
+    /// Appends `batch` later, on a thread of its own, retrying until the
+    /// store takes it (every 50 ms at first, then every 2 s at most): for
+    /// the leaves of HSM opens whose own append was not committed. Nothing
+    /// of them was released; these leaves say so, so that no HSM open goes
+    /// unlogged once the store is back. Its spend must be
+    /// [`crate::store::Spend::None`] (the reservation was given back with
+    /// the failed append). What is still waiting when the process ends is
+    /// lost, and said so in its log ([`Self::deferred_leaves`]).
+    pub fn append_later(&self, batch: AuditAppend) {
+        debug_assert!(matches!(batch.spend, crate::store::Spend::None));
+        let leaves = batch.events.len();
+        {
+            let mut queue = self
+                .deferred
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            queue.0.push_back(batch);
+            queue.1 += leaves;
+        }
+        self.deferred.wake.notify_one();
+        self.deferred.writer.get_or_init(|| {
+            let log = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("lavd-deferred-leaves".into())
+                .spawn(move || log.write_deferred());
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the thread that writes deferred audit leaves");
+            }
+        });
+    }
+
+    /// How many leaves [`Self::append_later`] holds that the store has not
+    /// taken yet.
+    pub fn deferred_leaves(&self) -> usize {
+        self.deferred
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+    }
+
+    /// The deferred writer's loop: the oldest batch, until the store takes
+    /// it, then the next.
+    fn write_deferred(&self) {
+        let first_wait = std::time::Duration::from_millis(50);
+        let mut wait = first_wait;
+        let mut failures = 0u64;
+        loop {
+            let batch = {
+                let mut queue = self
+                    .deferred
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                loop {
+                    match queue.0.front() {
+                        Some(batch) => {
+                            break AuditAppend {
+                                events: batch.events.clone(),
+                                time: batch.time,
+                                spend: crate::store::Spend::None,
+                            }
+                        }
+                        None => {
+                            queue = self
+                                .deferred
+                                .wake
+                                .wait(queue)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        }
+                    }
+                }
+            };
+            let leaves = batch.events.len();
+            match self.append_committed(batch) {
+                Ok((appended, _)) => {
+                    let mut queue = self
+                        .deferred
+                        .queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    queue.0.pop_front();
+                    queue.1 -= leaves;
+                    tracing::warn!(
+                        leaves,
+                        first_index = appended.first_index,
+                        still_waiting = queue.1,
+                        "wrote the leaves of HSM opens whose request's audit commit had failed \
+                         (nothing of them was released)"
+                    );
+                    wait = first_wait;
+                    failures = 0;
+                }
+                Err(e) => {
+                    failures += 1;
+                    // Every failure while it backs off, then one in 30 (a
+                    // minute at the longest wait).
+                    if wait < std::time::Duration::from_secs(2) || failures % 30 == 0 {
+                        tracing::error!(
+                            error = %e,
+                            waiting = self.deferred_leaves(),
+                            "the leaves of HSM opens whose request's audit commit failed \
+                             still cannot be written; retrying"
+                        );
+                    }
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     /// The checkpoint of a committed append, signed overlapped or now.

@@ -233,6 +233,15 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         public.shutdown(std::future::ready(())).await;
     }
     drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
+    let lost = state.audit.deferred_leaves();
+    if lost > 0 {
+        tracing::error!(
+            leaves = lost,
+            "stopping with leaves not yet written: HSM opens whose requests' audit commits \
+             failed (nothing of them was released), which the store has not taken since; \
+             they are lost (docs/audit.md, `audit_commit_failed`)"
+        );
+    }
     Ok(())
 }
 

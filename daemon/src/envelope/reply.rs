@@ -30,7 +30,8 @@ pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
 /// `warrant_revoked` (PROTOCOL §8), and, in audit leaves only, lavd's
 /// `warrant_expired` and `emergency_expired` (a deadline passed in flight;
-/// docs/warrants.md).
+/// docs/warrants.md) and `audit_commit_failed` (opened, but the audit commit
+/// failed, so not released).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,11 +66,16 @@ pub enum DenyReason {
     /// As [`Self::WarrantExpired`], for the end of an urgent warrant's
     /// hours (403 `emergency_expired`).
     EmergencyExpired,
+    /// In audit leaves only: the HSM opened the envelope, but the request's
+    /// audit commit failed (503 `store_unavailable`), so nothing of it was
+    /// released. The daemon writes these leaves once the store takes them
+    /// again, so that no HSM open goes unlogged.
+    AuditCommitFailed,
 }
 
 impl DenyReason {
     /// Every reason, in PROTOCOL order, then lavd's additions.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -81,6 +87,7 @@ impl DenyReason {
         Self::WarrantRevoked,
         Self::WarrantExpired,
         Self::EmergencyExpired,
+        Self::AuditCommitFailed,
     ];
 
     /// The wire string.
@@ -97,6 +104,7 @@ impl DenyReason {
             Self::WarrantRevoked => "warrant_revoked",
             Self::WarrantExpired => "warrant_expired",
             Self::EmergencyExpired => "emergency_expired",
+            Self::AuditCommitFailed => "audit_commit_failed",
         }
     }
 

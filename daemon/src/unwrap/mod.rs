@@ -395,6 +395,7 @@ pub fn unwrap(
         });
     }
     let positions: Vec<usize> = to_open.iter().map(|(at, ..)| *at).collect();
+    let positions_empty = positions.is_empty();
     let opening = ctx.hsm.start_spread(
         to_open,
         |hsm, (_, envelope, public)| {
@@ -529,14 +530,39 @@ pub fn unwrap(
     // PostgreSQL, a budget spent by others after this reservation's lease
     // ran out) is not spent, and the leaves that would have said `opened`
     // say denied instead (`Withdrawn`).
-    let receipt = ctx.log.append(AuditAppend {
+    // Should this commit fail, the HSM has opened all the same: these
+    // leaves, with nothing released, are written once the store takes them.
+    let unreleased = (!positions_empty).then(|| {
+        let mut unreleased = leaves.clone();
+        for (release, leaf) in releases.iter().zip(unreleased.iter_mut()) {
+            if matches!(release, Release::Opened { .. }) {
+                leaf.deny(DenyReason::AuditCommitFailed);
+            }
+        }
+        unreleased
+    });
+    let committed = ctx.log.append_committed(AuditAppend {
         events: leaves.into_iter().map(Event::from).collect(),
         time: now,
         spend: Spend::Settle {
             reservation,
             opened,
         },
-    })?;
+    });
+    let receipt = match committed {
+        Ok((_, receipt)) => receipt?,
+        Err(e) => {
+            if let Some(unreleased) = unreleased {
+                tracing::error!(error = %e, leaves = unreleased.len(), "the audit commit failed after the HSM opened: nothing is released, and the leaves are written when the store takes them");
+                ctx.log.append_later(AuditAppend {
+                    events: unreleased.into_iter().map(Event::from).collect(),
+                    time: now,
+                    spend: Spend::None,
+                });
+            }
+            return Err(e.into());
+        }
+    };
     let withdrawn = &receipt.appended.withdrawn;
     if withdrawn.any() {
         // As the store wrote it; those DEKs are dropped (zeroized), never
