@@ -17,10 +17,15 @@
 //! Names that people read and compare (warrant ids, authority key ids and
 //! roles) also refuse format characters (Cf: zero-width, joiners,
 //! bidirectional controls), and prose people read (revocation reasons, a
-//! warrant's `legal_basis` and `agency`) refuses bidirectional controls, which reorder
-//! what is displayed. Protocol identifiers that a provider chose and sealed
-//! (targets, provider identities, `ref`) keep the older rule: an envelope
-//! sealed under it must stay openable, and they are matched byte for byte.
+//! warrant's `legal_basis`) refuses bidirectional controls, which reorder
+//! what is displayed. A caller identity (a certificate's URI SAN, the
+//! `[roles]` table, a warrant's `agency`) is printable ASCII with a scheme
+//! ([`identity`]), the one rule of all three. Protocol identifiers that a
+//! provider chose and sealed (targets, provider identities in envelope
+//! headers, `ref`) keep the older rule: an envelope sealed under it must
+//! stay openable, and they are matched byte for byte. (A provider identity
+//! in a header is at most [`MAX_PROVIDER_BYTES`], below a certificate's
+//! [`MAX_IDENTITY_BYTES`]; it is recorded, never compared with the caller.)
 //! The audit leaves hold these names and reasons under the older rule
 //! ([`logged`]): looser than the edge, never stricter, so that a log written
 //! before the change still verifies.
@@ -303,7 +308,8 @@ pub fn reason(value: &str) -> Result<(), BoundError> {
 
 /// A caller identity: a client certificate's one URI SAN,
 /// 1..=[`MAX_IDENTITY_BYTES`] bytes of printable ASCII (no space, no
-/// control, nothing outside ASCII) with a `:` after its scheme. Used by the
+/// control, nothing outside ASCII) that begins with a scheme and a `:`
+/// (RFC 3986 §3.1: a letter, then letters, digits, `+`, `-` or `.`). Used by the
 /// TLS accept loop on the certificate, by the `[roles]` table and by a
 /// warrant's `agency`, so that a role or a warrant that no certificate could
 /// match is refused where it is written, not found unusable later. The
@@ -325,8 +331,15 @@ pub fn identity(value: &str) -> Result<(), BoundError> {
     if !value.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(BoundError::NotPrintableAscii);
     }
+    // RFC 3986 §3.1: scheme = ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ).
+    let scheme_ok = |scheme: &str| {
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+    };
     match value.split_once(':') {
-        Some((scheme, _)) if !scheme.is_empty() => Ok(()),
+        Some((scheme, _)) if scheme_ok(scheme) => Ok(()),
         _ => Err(BoundError::NotUri),
     }
 }
@@ -470,6 +483,7 @@ mod tests {
         for ok in [
             "spiffe://agency.example/lea",
             "urn:x",
+            "x-lea.v2+tls:unit/7",
             &format!("spiffe://{}", "a".repeat(MAX_IDENTITY_BYTES - 9)),
         ] {
             assert_eq!(identity(ok), Ok(()), "{ok}");
@@ -479,6 +493,8 @@ mod tests {
             ("", BoundError::Empty),
             ("lea", BoundError::NotUri),
             (":lea", BoundError::NotUri),
+            ("1x:lea", BoundError::NotUri),
+            ("a/b:c", BoundError::NotUri),
             ("spiffe://a b", BoundError::NotPrintableAscii),
             ("spiffe://a\tb", BoundError::NotPrintableAscii),
             ("spiffe://é", BoundError::NotPrintableAscii),

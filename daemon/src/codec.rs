@@ -214,7 +214,11 @@ pub struct JsonError {
 
 impl JsonError {
     fn new(bytes: &[u8], inner: serde_json::Error) -> Self {
-        let path = if inner.classify() == serde_json::error::Category::Data {
+        // Finding the member reads the document again: bounded, so that an
+        // error in a large body costs no more than a few passes over 256 KiB.
+        let path = if inner.classify() == serde_json::error::Category::Data
+            && bytes.len() <= MAX_PATH_LOOKUP_BYTES
+        {
             let at = byte_offset(bytes, inner.line(), inner.column());
             serde_json::from_slice::<&serde_json::value::RawValue>(bytes)
                 .ok()
@@ -236,12 +240,27 @@ impl JsonError {
     }
 }
 
+/// The largest document whose wrong member [`JsonError`] looks for.
+const MAX_PATH_LOOKUP_BYTES: usize = 256 * 1024;
+
 impl std::fmt::Display for JsonError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
         if let Some(path) = &self.path {
             write!(f, "`{path}`: ")?;
         }
-        self.inner.fmt(f)
+        // serde quotes member names and strings of the input as they are
+        // ("unknown field `…`"): control and bidirectional characters are
+        // escaped, so the message cannot forge lines or reorder text in a
+        // terminal or a log.
+        for c in self.inner.to_string().chars() {
+            if c.is_control() || crate::bounds::is_bidi_control(c) {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -468,9 +487,18 @@ mod tests {
         assert_eq!(path(&ok.replace(r#","tags":["x"]"#, "")).0, None);
         assert_eq!(path(&ok.replace(r#""id""#, r#""idx""#)).0, None);
         assert_eq!(path(&ok.replace("}", "")).0, None);
-        // A member name that is not plain is not echoed.
-        let (p, _) =
-            path(r#"{"id":"a","count":1,"window":{"from":1,"to":2},"tags":["x"],"a\u001b":1}"#);
+        // A member name that is not plain is not put in the path, and
+        // serde's own message quotes it escaped.
+        let (p, m) = path(
+            r#"{"id":"a","count":1,"window":{"from":1,"to":2},"tags":["x"],"a\u001b\u202e":1}"#,
+        );
+        assert_eq!(p, None);
+        assert!(!m.contains('\u{1b}') && !m.contains('\u{202e}'), "{m:?}");
+        assert!(m.contains("a\\u{1b}\\u{202e}"), "{m:?}");
+        // Past the lookup's bound, the message is serde's alone.
+        let many = "\"y\",".repeat(MAX_PATH_LOOKUP_BYTES / 4);
+        let big = ok.replace(r#"["x"]"#, &format!("[{many}\"x\"]"));
+        let (p, _) = path(&big.replace(r#""count":1"#, r#""count":-1"#));
         assert_eq!(p, None);
     }
 

@@ -214,14 +214,22 @@ fn a_certificate_without_exactly_one_uri_san_gets_invalid_client_identity() {
     let message = r.assert_error(403, "invalid_client_identity");
     assert!(message.contains("2 URI SANs"), "{message}");
 
+    // One URI SAN, but no caller identity (bounds::identity): no scheme.
+    let no_scheme = pki.clients.client(vec![uri("provider-unit-7")]);
+    let r = pki.client(daemon.api, Some(&no_scheme)).get("/v1/keys");
+    let message = r.assert_error(403, "invalid_client_identity");
+    assert!(message.contains("is not a URI"), "{message}");
+    assert_eq!(r.header("connection"), Some("close"));
+
     assert_counted_once(&daemon, "no_uri_san");
     assert_counted_once(&daemon, "several_uri_sans");
+    assert_counted_once(&daemon, "bad_uri_san");
     assert_eq!(
         daemon.wait_metric(
             "lavd_http_requests_total{route=\"unrouted\",status=\"403\"}",
-            2.0
+            3.0
         ),
-        2.0
+        3.0
     );
 }
 

@@ -491,21 +491,27 @@ fn check_policy<'a>(
     signed_with: impl Iterator<Item = (&'a str, &'a AuthorityPublicKey)>,
     emergency: bool,
 ) -> Result<(), WarrantError> {
-    // One key counts once, in the first role it signed under: the trust
-    // configuration already refuses one key under two kids, and this keeps
-    // the double lock if it ever did not (one signature is one authority).
-    let mut by_role: BTreeMap<&str, Vec<&AuthorityPublicKey>> = BTreeMap::new();
-    let mut counted: Vec<&AuthorityPublicKey> = Vec::new();
+    // One key is one authority: it counts once. A key found under two
+    // roles counts in neither, whatever the order of the signatures: the
+    // trust configuration already refuses one key under two kids, and this
+    // keeps the double lock if it ever did not.
+    let mut keys: Vec<(&AuthorityPublicKey, &str, bool)> = Vec::new();
     for (role, key) in signed_with {
-        if !counted.contains(&key) {
-            counted.push(key);
-            by_role.entry(role).or_default().push(key);
+        match keys.iter_mut().find(|(k, ..)| *k == key) {
+            Some((_, first, two_roles)) => *two_roles |= *first != role,
+            None => keys.push((key, role, false)),
+        }
+    }
+    let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, role, two_roles) in keys {
+        if !two_roles {
+            *by_role.entry(role).or_default() += 1;
         }
     }
     let missing: Vec<(String, usize, usize)> = rules
         .iter()
         .filter_map(|rule| {
-            let found = by_role.get(rule.role.as_str()).map_or(0, Vec::len);
+            let found = by_role.get(rule.role.as_str()).copied().unwrap_or(0);
             (found < rule.count).then(|| (rule.role.clone(), rule.count, found))
         })
         .collect();
@@ -541,7 +547,8 @@ mod tests {
         check_policy(&rules, two.into_iter(), false).unwrap();
     }
 
-    /// One key under two roles is one authority: it cannot be both locks.
+    /// One key under two roles is one authority: it cannot be both locks,
+    /// and counts in neither.
     #[test]
     fn one_key_counts_in_one_role_only() {
         let rules = [
@@ -556,12 +563,22 @@ mod tests {
         ];
         let a = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
-        let same = [("executive", &a), ("judicial", &a)];
-        match check_policy(&rules, same.into_iter(), false) {
-            Err(WarrantError::PolicyNotMet { missing, .. }) => {
-                assert_eq!(missing, vec![("judicial".to_string(), 1, 0)]);
+        // In either order, and with a rule of one role only.
+        for same in [
+            [("executive", &a), ("judicial", &a)],
+            [("judicial", &a), ("executive", &a)],
+        ] {
+            match check_policy(&rules, same.into_iter(), false) {
+                Err(WarrantError::PolicyNotMet { missing, .. }) => assert_eq!(
+                    missing,
+                    vec![
+                        ("executive".to_string(), 1, 0),
+                        ("judicial".to_string(), 1, 0)
+                    ]
+                ),
+                other => panic!("expected policy_not_met, got {other:?}"),
             }
-            other => panic!("expected policy_not_met, got {other:?}"),
+            assert!(check_policy(&rules[1..], same.into_iter(), false).is_err());
         }
         let two = [("executive", &a), ("judicial", &b)];
         check_policy(&rules, two.into_iter(), false).unwrap();
