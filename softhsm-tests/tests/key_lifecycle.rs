@@ -63,6 +63,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
                 AttributeType::Decrypt,
                 AttributeType::Unwrap,
                 AttributeType::Copyable,
+                AttributeType::Modifiable,
             ],
         )
         .unwrap();
@@ -78,6 +79,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
         Attribute::Copyable(false),
+        Attribute::Modifiable(false),
     ];
     assert_eq!(attrs.len(), expected.len(), "{attrs:?}");
     for (got, want) in attrs.iter().zip(expected.iter()) {
@@ -354,6 +356,7 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
                 AttributeType::Decrypt,
                 AttributeType::NeverExtractable,
                 AttributeType::Copyable,
+                AttributeType::Modifiable,
             ],
         )
         .unwrap();
@@ -366,7 +369,8 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
                 Attribute::Derive(false),
                 Attribute::Decrypt(false),
                 Attribute::NeverExtractable(true),
-                Attribute::Copyable(false)
+                Attribute::Copyable(false),
+                Attribute::Modifiable(false)
             ]
         )
     );

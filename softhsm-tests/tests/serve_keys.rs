@@ -5,13 +5,16 @@ use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::{assert_ok, TestToken};
 
 const PROVIDER: &str = "spiffe://provider.example/mail";
+const AGENCY: &str = "spiffe://agency.example/lea";
+const AUDITOR: &str = "spiffe://oversight.example/auditor";
 
 #[test]
 fn a_provider_fetches_the_jwks_that_keys_list_prints() {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     t.write_config(&serve_config(&format!(
-        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n\"{AGENCY}\" = [\"agency\"]\n\
+         \"{AUDITOR}\" = [\"auditor\"]\n"
     )));
     for (kid, from, to) in [
         ("2026-11", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
@@ -52,11 +55,21 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
         assert_eq!(k["lav_suite"], "16-1-2");
     }
 
+    // Any identity that holds a role reads the same set (THREAT_MODEL,
+    // trust boundaries: the keys are public).
+    for other in [AGENCY, AUDITOR] {
+        let r = pki
+            .client(daemon.api, Some(&pki.clients.identity(other)))
+            .get("/v1/keys");
+        assert_eq!(r.status, 200, "{other}: {}", r.text());
+        assert_eq!(r.json(), listed, "{other}");
+    }
+
     assert_eq!(
         daemon.wait_metric(
             "lavd_http_requests_total{route=\"/v1/keys\",status=\"200\"}",
-            1.0
+            3.0
         ),
-        1.0
+        3.0
     );
 }

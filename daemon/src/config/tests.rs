@@ -705,3 +705,15 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(warnings(0o600), 0);
     assert_eq!(warnings(0o644), 1);
 }
+
+/// The PIN is read, and never shown by `Debug` (settings are logged and
+/// printed in errors).
+#[test]
+fn the_pin_never_shows_in_debug() {
+    let pin = "pin-7g3k-unique";
+    let text = GOOD.replace("pin_file = \"pin\"", "pin_env = \"LAVD_PIN\"");
+    let settings = load(&text, &[("LAVD_PIN", pin)]).unwrap();
+    let shown = format!("{settings:?} {settings:#?}");
+    assert!(shown.contains("<redacted>"), "{shown}");
+    assert!(!shown.contains(pin), "{shown}");
+}
