@@ -159,8 +159,9 @@ fn postgres_replica_sigkill_rounds_lose_no_released_key_and_no_budget() {
         // Later than on SQLite: a replica's first requests wait for its
         // database connections.
         std::thread::sleep(crash::kill_delay(&mut rng, 300));
-        // One replica, or (one round in three) all of them.
-        let victims: Vec<usize> = if rng.below(3) == 0 {
+        // One replica, or (one round in three, and always the first) all
+        // of them: every run kills all at least once.
+        let victims: Vec<usize> = if round == 0 || rng.below(3) == 0 {
             (0..REPLICAS).collect()
         } else {
             vec![rng.below(REPLICAS as u64) as usize]

@@ -1312,6 +1312,51 @@ mod tests {
         drop(runtime);
     }
 
+    /// A cosignature is verified before it is stored: a witness that
+    /// answers 200 with a line under another key than the one configured
+    /// for its name (here, its real key, where lavd was given another)
+    /// gets nothing stored and meets no quorum, though it did cosign.
+    #[test]
+    fn a_cosignature_by_another_key_than_the_configured_one_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (url, _real, state) =
+            runtime.block_on(async { witness(dir.path(), "w2.test", 2, log_key(), &ca).await });
+        let other = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let configured = CosignerKey::new("w2.test", other.verifying_key().as_bytes()).unwrap();
+        let size = grow(&store, 3);
+
+        let policy_text = format!("witness B {configured}\nquorum B\n");
+        let mut settings = settings(dir.path(), &[(&url, &configured)], &policy_text, &ca);
+        settings.timeout = Duration::from_millis(500);
+        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        // The witness cosigned (its own state moved to the size) ...
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while state.recorded(ORIGIN).unwrap().map(|(s, _)| s) != Some(size) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the witness never cosigned"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // ... and nothing of it was stored, so there is no quorum.
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(store.last_cosigned("w2.test").unwrap(), None);
+        let waiter = witnessing.clone();
+        let waited = std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap();
+        assert!(
+            matches!(waited, Err(WaitError::Timeout { .. })),
+            "{waited:?}"
+        );
+        drop(runtime);
+    }
+
     /// Under `quorum none` every signed checkpoint meets the quorum: the
     /// newest is served (with what cosignatures it has), not the newest a
     /// witness happened to cosign before it went quiet.
