@@ -245,25 +245,33 @@ fn a_crl_past_its_next_update_refuses_open_connections() {
 /// A change that only a restart applies is named in the reload's warning:
 /// here `[hsm] call_timeout_ms`, which the comparison once left out.
 #[test]
-fn a_changed_hsm_call_timeout_is_named_as_needing_a_restart() {
+fn changed_restart_only_tables_are_named_as_needing_a_restart() {
     let t = TestToken::new();
     let _pki = Pki::new(&t);
     t.write_config(&serve_config(&roles(&[PROVIDER])));
     let daemon = Daemon::start(&t);
+    // `[hsm]`, `[server]`, `[limits]` and `[log]` changed at once.
+    let changed = serve_config(&format!(
+        "{}\n[limits]\nmax_batch = 77\n\n[log]\nlevel = \"debug\"\n",
+        roles(&[PROVIDER])
+    ))
+    .replace("shutdown_grace_secs = 10", "shutdown_grace_secs = 11");
     t.write_config_hsm(
         &softhsm_tests::module_path(),
         2,
         "call_timeout_ms = 7000\n",
-        &serve_config(&roles(&[PROVIDER])),
+        &changed,
     );
     reload(&daemon);
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let log = daemon.stderr();
-        if log
-            .lines()
-            .any(|l| l.contains("apply only after a restart") && l.contains("\"hsm\""))
-        {
+        if log.lines().any(|l| {
+            l.contains("apply only after a restart")
+                && ["\"hsm\"", "\"server\"", "\"limits\"", "\"log\""]
+                    .iter()
+                    .all(|table| l.contains(table))
+        }) {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{log}");
