@@ -103,3 +103,42 @@ fn metrics_are_prometheus_text() {
     // Unknown admin paths answer in the error shape too.
     daemon.admin_get("/v1/keys").assert_error(404, "not_found");
 }
+
+/// Metric labels hold no identity, warrant id, target, kid or `ref`, after
+/// requests that carried each of them: an unwrap that opens, and one
+/// refused for its policy.
+#[test]
+fn metric_labels_hold_nothing_a_request_carried() {
+    use softhsm_tests::vault;
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let kid = "kid-label-probe-31";
+    let escrow = vault::generate_escrow_key(&t, kid);
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = vault::Parties::new(&pki).clients(&pki, daemon.api);
+    let recipient = vault::recipient();
+    let id = "W-LABEL-PROBE-31";
+    let claims = vault::claims(id, recipient.public(), 10);
+    let envelope = vault::seal(
+        &escrow,
+        kid,
+        vault::TARGET,
+        time::OffsetDateTime::now_utc() - time::Duration::hours(1),
+        "ref-label-probe-31",
+        &[7; 32],
+    );
+    let body = |warrant| serde_json::json!({"warrant": warrant, "envelopes": [envelope.clone()]});
+    let r = vault::post(&c.agency, "/v1/unwrap", &body(vault::double_lock(&claims)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let a = softhsm_tests::server::authorities();
+    let one = softhsm_tests::server::Authorities::sign(&claims, &[&a.executive]);
+    vault::post(&c.agency, "/v1/unwrap", &body(one)).assert_error(403, "policy_not_met");
+
+    let text = daemon.admin_get("/metrics").text();
+    assert!(text.contains("route=\"/v1/unwrap\""), "{text}");
+    for carried in [id, kid, vault::TARGET, "ref-label-probe-31", "spiffe://"] {
+        assert!(!text.contains(carried), "{carried} in /metrics:\n{text}");
+    }
+}
