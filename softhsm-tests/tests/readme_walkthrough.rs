@@ -5,7 +5,7 @@
 //! the reply, an auditor verifies the log over the API, and an oversight
 //! report is made from it (and rendered in headless Chromium: the README's
 //! picture of it is that screenshot). Then `lavd dev` restarts on the same
-//! directory with the same state.
+//! directory with the same state, and `lavd serve` runs on its config.
 
 use std::path::Path;
 use std::process::Command;
@@ -98,6 +98,12 @@ fn the_readme_walkthrough_works_as_written() {
     );
     assert_eq!(String::from_utf8_lossy(&no_cert.stdout), "000");
     stop(child);
+    // The loud warning the README promises.
+    let first = std::fs::read_to_string(work.path().join("dev.log")).unwrap();
+    assert!(
+        first.contains("WARNING: lavd is running in DEVELOPMENT mode"),
+        "{first}"
+    );
 
     // Started again on the same directory: same keys, same log.
     let child = dev.start(&work.path().join("dev2.log"));
@@ -116,4 +122,41 @@ fn the_readme_walkthrough_works_as_written() {
     assert!(keys_after.status.success());
     assert_eq!(String::from_utf8_lossy(&keys_after.stdout), keys_before);
     stop(child);
+
+    // `lavd serve --config lavd-dev/lavd.toml` takes the dev config as it
+    // is (the README says so): ready, and serving the same keys.
+    let serve_log = work.path().join("serve.log");
+    let serve = Command::new(softhsm_tests::lavd_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(dir.join("lavd.toml"))
+        .env("LAVD_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&serve_log).unwrap())
+        .spawn()
+        .unwrap();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], dev.admin));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !softhsm_tests::dev::ready(admin) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lavd serve on the dev config did not become ready:\n{}",
+            std::fs::read_to_string(&serve_log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let keys_served = Command::new("curl")
+        .args(["-sf", "--cacert"])
+        .arg(dir.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("pki/provider.pem"))
+        .arg("--key")
+        .arg(dir.join("pki/provider.key"))
+        .arg(format!("https://localhost:{api}/v1/keys"))
+        .output()
+        .unwrap();
+    assert!(keys_served.status.success());
+    assert_eq!(String::from_utf8_lossy(&keys_served.stdout), keys_before);
+    stop(serve);
 }
