@@ -180,6 +180,13 @@ pub fn generate(
                 tracing::error!(kid, %label, error = %d, "could not delete the key pair the store did not record; delete it (the private key whose public half is not the one `lavd keys list` shows) before generating this kid again");
             }
         };
+        if matches!(e, crate::store::StoreError::CommitUnknown(_)) {
+            // It may be recorded, or become visible a moment from now: the
+            // pair stays (a recorded key without its private half could
+            // never open again).
+            tracing::error!(kid, %label, error = %e, "whether the store recorded this kid is unknown, so its key pair is kept: if `lavd keys list` does not show it once the store is back, delete the pair by its label before generating this kid again");
+            return Err(e.into());
+        }
         return match store.get_key(kid) {
             // The commit took effect after all (its outcome was unknown).
             Ok(Some(stored)) if stored.public == record.public => Ok(record),

@@ -123,6 +123,17 @@ impl TestDb {
         self.settings_with_lease(Duration::from_secs(300))
     }
 
+    /// [`Self::settings`], connecting through a proxy on local `port`
+    /// (e.g. [`CutAtCommit`]) instead of to the server itself.
+    pub fn settings_via(&self, port: u16) -> PgSettings {
+        let mut settings = self.settings();
+        settings.url = format!(
+            "postgresql://{USER}@127.0.0.1:{port}/{}?sslmode=disable",
+            self.name
+        );
+        settings
+    }
+
     /// A client of the server's `postgres` database (not this one), for
     /// tests that act on this database from outside: limit or cut its
     /// connections.
@@ -215,5 +226,106 @@ impl Drop for TestDb {
                 self.name
             ));
         }
+    }
+}
+
+/// A TCP proxy to the local server on `port` that, once armed, cuts the
+/// client's connection just after forwarding a COMMIT: the simple-query
+/// message `Q` "COMMIT" (PostgreSQL protocol 3, "Simple Query"). The server
+/// has the COMMIT in its socket buffer and runs it; the client never hears
+/// the answer. The one way to make a COMMIT whose outcome the client
+/// cannot know, on demand. Plain TCP only (`sslmode=disable`).
+#[derive(Debug)]
+pub struct CutAtCommit {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<AtomicU64>,
+}
+
+impl CutAtCommit {
+    /// The message of a simple-query COMMIT: `Q`, its length (4 + 7), the
+    /// text with its terminating zero.
+    const COMMIT: &'static [u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
+
+    /// Listens on a free local port and forwards each connection to the
+    /// server on `port`.
+    ///
+    /// # Panics
+    /// When it cannot listen: the test fails.
+    pub fn start(port: u16) -> Self {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listen");
+        let proxy = CutAtCommit {
+            port: listener.local_addr().expect("proxy address").port(),
+            armed: Arc::new(AtomicBool::new(false)),
+            cuts: Arc::new(AtomicU64::new(0)),
+        };
+        let (armed, cuts) = (proxy.armed.clone(), proxy.cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+                    continue;
+                };
+                let (armed, cuts) = (armed.clone(), cuts.clone());
+                std::thread::spawn(move || Self::forward(client, server, &armed, &cuts));
+            }
+        });
+        proxy
+    }
+
+    fn forward(
+        mut client: std::net::TcpStream,
+        mut server: std::net::TcpStream,
+        armed: &std::sync::atomic::AtomicBool,
+        cuts: &AtomicU64,
+    ) {
+        use std::io::{Read as _, Write as _};
+        let (Ok(mut from_server), Ok(mut to_client)) = (server.try_clone(), client.try_clone())
+        else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_server, &mut to_client);
+            let _ = to_client.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = [0u8; 64 * 1024];
+        loop {
+            let n = match client.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            let commit = buf[..n]
+                .windows(Self::COMMIT.len())
+                .any(|w| w == Self::COMMIT);
+            if commit && armed.swap(false, Ordering::SeqCst) {
+                cuts.fetch_add(1, Ordering::SeqCst);
+                // The client hears nothing more; the server still reads
+                // the COMMIT before it sees the connection end.
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                std::thread::sleep(Duration::from_millis(500));
+                break;
+            }
+        }
+        let _ = server.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// The port to connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Cuts the next COMMIT.
+    pub fn arm(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many COMMITs it has cut.
+    pub fn cuts(&self) -> u64 {
+        self.cuts.load(Ordering::SeqCst)
     }
 }

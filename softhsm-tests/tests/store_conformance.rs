@@ -1363,3 +1363,37 @@ fn postgres_serialization_failures_are_retried_and_counted() {
     assert_eq!(store.spent("S").unwrap(), Some(ok as u64));
     assert_eq!(ok + failed, 200);
 }
+
+/// A COMMIT whose answer is lost (the connection cut just after it was
+/// sent: the server commits, the client never hears) is answered by what
+/// PostgreSQL did, read from `pg_xact_status`: here, committed. Before,
+/// the append failed although its rows were durable, and key generation
+/// then deleted the key pair the store had recorded.
+#[test]
+fn postgres_an_append_whose_commit_answer_is_lost_is_answered_by_what_postgresql_did() {
+    let db = TestDb::create();
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    let store =
+        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
+    proxy.arm();
+    let appended = store.append(AuditAppend {
+        events: vec![key_event(1)],
+        time: now(),
+        spend: Spend::InsertKey(key_record("k1")),
+    });
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    let appended = appended.unwrap();
+    assert_eq!((appended.first_index, appended.count), (0, 1));
+    assert_eq!(db.rows("escrow_keys"), 1);
+    assert_eq!(db.rows("audit_leaves"), 1);
+    assert!(store.get_key("k1").unwrap().is_some());
+    // The store goes on, on a new connection.
+    store
+        .append(AuditAppend {
+            events: vec![key_event(2)],
+            time: now(),
+            spend: Spend::InsertKey(key_record("k2")),
+        })
+        .unwrap();
+    assert_eq!(db.rows("audit_leaves"), 2);
+}

@@ -150,6 +150,13 @@ pub enum StoreError {
     /// durable and its budget reservation was given back.
     #[error("audit commit failed: {0}")]
     CommitFailed(String),
+    /// PostgreSQL: the connection died with the group's COMMIT in flight,
+    /// and the transaction's fate could not be read afterwards: the batch
+    /// may or may not be durable. Its reservation was given back; nothing
+    /// of it may be released, and nothing it created may be undone as
+    /// though it had not been recorded.
+    #[error("audit commit outcome unknown: {0}")]
+    CommitUnknown(String),
     /// A value read back from the file is not what this code wrote: the
     /// database was edited or is corrupt.
     #[error("store {store}: corrupt row: {what}")]

@@ -438,8 +438,20 @@ pub struct PgStore {
     pool: Pool,
     describe: String,
     lease: Duration,
+    /// How long a COMMIT whose answer was lost may stay "in progress"
+    /// before its backend is ended ([`PgStore::commit_outcome`]).
+    statement_timeout: Duration,
     group: GroupCommit,
     retries: AtomicU64,
+}
+
+/// An append transaction, as PostgreSQL names it: its id and its backend.
+#[derive(Debug)]
+struct Xact {
+    /// `pg_current_xact_id()`, as text.
+    xid: String,
+    /// `pg_backend_pid()`.
+    pid: i32,
 }
 
 /// Whether `e` is worth running the transaction again.
@@ -517,6 +529,7 @@ impl PgStore {
             ),
             describe,
             lease: settings.reservation_lease,
+            statement_timeout: settings.statement_timeout,
             group: GroupCommit::default(),
             retries: AtomicU64::new(0),
         })
@@ -1338,7 +1351,7 @@ impl PgStore {
     ) -> Result<(u64, Vec<Result<Appended, StoreError>>), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
-        let mut size = self.lock_head_with_savepoint(&mut tx)?;
+        let (mut size, xact) = self.lock_head_with_savepoint(&mut tx)?;
         let mut results = Vec::with_capacity(group.len());
         for (i, pending) in group.iter().enumerate() {
             let batch = pending.batch();
@@ -1389,28 +1402,102 @@ impl PgStore {
                 "a read inside the append transaction failed, so PostgreSQL aborted it: {failed}"
             )));
         }
-        tx.commit().map_err(|e| self.pg_err(e))?;
-        Ok((size, results))
+        match tx.commit() {
+            Ok(()) => Ok((size, results)),
+            // The server answered: the transaction is rolled back.
+            Err(e) if e.code().is_some() => Err(self.pg_err(e)),
+            // No answer: the connection died with the COMMIT in flight, and
+            // whether it committed is PostgreSQL's to say.
+            Err(e) => match self.commit_outcome(&xact) {
+                Ok(true) => {
+                    tracing::warn!(error = %e, xid = %xact.xid, "the connection died with the audit COMMIT in flight; PostgreSQL says it committed");
+                    Ok((size, results))
+                }
+                Ok(false) => Err(self.pg_err(e)),
+                Err(unknown) => Err(unknown),
+            },
+        }
     }
 
-    /// Locks the head row, returns its size and opens the savepoint `batch`:
-    /// one round trip (the simple-query protocol takes several statements).
-    fn lock_head_with_savepoint(&self, tx: &mut Transaction<'_>) -> Result<u64, StoreError> {
+    /// Locks the head row, returns its size and the transaction's id and
+    /// backend, and opens the savepoint `batch`: one round trip (the
+    /// simple-query protocol takes several statements).
+    fn lock_head_with_savepoint(
+        &self,
+        tx: &mut Transaction<'_>,
+    ) -> Result<(u64, Xact), StoreError> {
         let messages = tx
-            .simple_query("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch")
+            .simple_query(
+                "SELECT size, pg_current_xact_id()::text, pg_backend_pid() \
+                 FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch",
+            )
             .map_err(|e| self.pg_err(e))?;
-        let size = messages
+        let row = messages
             .iter()
             .find_map(|m| match m {
-                postgres::SimpleQueryMessage::Row(row) => Some(row.get(0)),
+                postgres::SimpleQueryMessage::Row(row) => Some(row),
                 _ => None,
             })
-            .ok_or_else(|| self.corrupt("audit_head has no row"))?
-            .ok_or_else(|| self.corrupt("audit_head.size is NULL"))?;
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
+        let text = |i: usize, what: &str| {
+            row.get(i)
+                .ok_or_else(|| self.corrupt(format!("{what} is NULL")))
+        };
+        let size = text(0, "audit_head.size")?;
         let size: i64 = size
             .parse()
             .map_err(|_| self.corrupt(format!("audit_head.size is {size:?}")))?;
-        self.to_u64(size, "audit_head.size")
+        let xid = text(1, "pg_current_xact_id()")?.to_string();
+        let pid = text(2, "pg_backend_pid()")?;
+        let pid: i32 = pid
+            .parse()
+            .map_err(|_| self.corrupt(format!("pg_backend_pid() is {pid:?}")))?;
+        Ok((self.to_u64(size, "audit_head.size")?, Xact { xid, pid }))
+    }
+
+    /// Whether the transaction `xact`, whose COMMIT got no answer, committed:
+    /// PostgreSQL's own record of it (`pg_xact_status`), read on another
+    /// connection. While it is "in progress" (the COMMIT still running, or
+    /// waiting for a synchronous standby) it is asked again, for up to the
+    /// statement timeout; then its backend is ended, which settles it one
+    /// way or the other, and it is asked once more.
+    ///
+    /// # Errors
+    /// [`StoreError::CommitUnknown`] when no connection can read it, or it
+    /// stays in progress: the batch may or may not be durable.
+    fn commit_outcome(&self, xact: &Xact) -> Result<bool, StoreError> {
+        let unknown = |why: String| {
+            StoreError::CommitUnknown(format!(
+                "transaction {} (backend {}): {why}",
+                xact.xid, xact.pid
+            ))
+        };
+        let status = |conn: &mut pool::Conn<'_>| -> Result<Option<String>, StoreError> {
+            conn.query_one("SELECT pg_xact_status($1::text::xid8)", &[&xact.xid])
+                .map(|row| row.get(0))
+                .map_err(|e| unknown(format!("cannot read its status: {e}")))
+        };
+        let mut conn = self
+            .pool
+            .get()
+            .map_err(|e| unknown(format!("no connection to read its status: {e}")))?;
+        let deadline = std::time::Instant::now() + self.statement_timeout;
+        let mut ended = false;
+        loop {
+            match status(&mut conn)?.as_deref() {
+                Some("committed") => return Ok(true),
+                Some("aborted") => return Ok(false),
+                Some("in progress") if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Some("in progress") if !ended => {
+                    conn.query_one("SELECT pg_terminate_backend($1, 5000)", &[&xact.pid])
+                        .map_err(|e| unknown(format!("cannot end its backend: {e}")))?;
+                    ended = true;
+                }
+                other => return Err(unknown(format!("its status is {other:?}"))),
+            }
+        }
     }
 
     fn commit_group(&self, group: Vec<Pending>, before_commit: &mut BeforeCommit<'_>) {
@@ -1438,10 +1525,15 @@ impl PgStore {
                 }
             }
             Err(e) => {
+                let unknown = matches!(e, StoreError::CommitUnknown(_));
                 let message = e.to_string();
                 for pending in group {
                     self.give_back_spend(&pending.batch().spend);
-                    pending.answer(Err(StoreError::CommitFailed(message.clone())));
+                    pending.answer(Err(if unknown {
+                        StoreError::CommitUnknown(message.clone())
+                    } else {
+                        StoreError::CommitFailed(message.clone())
+                    }));
                 }
             }
         }
