@@ -367,24 +367,29 @@ fn an_envelope_or_header_written_as_an_array_is_malformed() {
 
 /// The default header bound holds every header PROTOCOL allows: each field
 /// at its limit (kid 64, provider 512, target 512, `ref` 256 bytes), all of
-/// it non-ASCII written with `\u` escapes as Python's `json.dumps` does by
-/// default (6 bytes for the 2 of `é`), seals and opens with the defaults.
+/// it written with `\u` escapes, seals and opens with the defaults: non-ASCII
+/// as Python's `json.dumps` writes it by default (6 bytes for the 2 of `é`),
+/// and ASCII as Go's `encoding/json` writes `<`, `>` and `&` (6 bytes for 1).
 #[test]
 fn a_maximal_header_with_escapes_fits_the_default_bounds() {
-    let escaped = |n: usize| "\\u00e9".repeat(n);
-    let header = format!(
-        r#"{{"kid":"{}","suite":"16-1-2","provider":"spiffe://{}","target":"acct:{}","time":"2026-11-26T07:25:21Z","ref":"{}"}}"#,
-        escaped(32),
-        escaped(251),
-        escaped(253),
-        escaped(128),
-    );
-    assert!(header.len() > 4000, "{}", header.len());
-    let key = P256PrivateKey::generate().unwrap();
-    let env = seal_envelope(key.public(), header.as_bytes(), &[0x42; 32]).unwrap();
-    let parsed = Envelope::parse(env.to_json().as_bytes(), &EnvelopeLimits::default()).unwrap();
-    assert_eq!(parsed.header().provider().len(), 9 + 502);
-    assert_eq!(parsed.header().target().len(), 5 + 506);
-    let dek = open_envelope(&parsed, key.public(), |e| hpke::software_dh(&key, e)).unwrap();
-    assert_eq!(&dek[..], &[0x42; 32]);
+    for (escape, width) in [("\\u00e9", 2), ("\\u0026", 1)] {
+        let escaped = |bytes: usize| escape.repeat(bytes / width);
+        let (provider, target) = ((512 - 9) / width * width, (512 - 5) / width * width);
+        let header = format!(
+            r#"{{"kid":"{}","suite":"16-1-2","provider":"spiffe://{}","target":"acct:{}","time":"2026-11-26T07:25:21Z","ref":"{}"}}"#,
+            escaped(64),
+            escaped(provider),
+            escaped(target),
+            escaped(256),
+        );
+        assert!(header.len() > 4000 * (3 - width), "{}", header.len());
+        let key = P256PrivateKey::generate().unwrap();
+        let env = seal_envelope(key.public(), header.as_bytes(), &[0x42; 32]).unwrap();
+        let parsed = Envelope::parse(env.to_json().as_bytes(), &EnvelopeLimits::default())
+            .unwrap_or_else(|e| panic!("{escape}, header of {} bytes: {e}", header.len()));
+        assert_eq!(parsed.header().provider().len(), 9 + provider);
+        assert_eq!(parsed.header().target().len(), 5 + target);
+        let dek = open_envelope(&parsed, key.public(), |e| hpke::software_dh(&key, e)).unwrap();
+        assert_eq!(&dek[..], &[0x42; 32]);
+    }
 }

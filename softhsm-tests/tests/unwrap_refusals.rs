@@ -505,14 +505,14 @@ fn envelope_kid(envelope: &serde_json::Value) -> String {
 /// warrant's bytes and signatures and each envelope's bytes come from
 /// `[limits]`, not from constants. A warrant over either of its bounds is
 /// 413 `warrant_too_large`. The envelope bound can only be raised (below
-/// its default it would deny envelopes PROTOCOL allows): raised to 9000, an
-/// envelope of about 8000 bytes (whitespace inside its JSON) opens, which
-/// the default 7168 would deny, and one of about 9500 is denied
+/// its default it would deny envelopes PROTOCOL allows): raised to 16000,
+/// an envelope of 15000 bytes (whitespace inside its JSON) opens, which the
+/// default 13312 would deny, and one of 16500 is denied
 /// `malformed_envelope`.
 #[test]
 fn warrant_and_envelope_bounds_come_from_the_configuration() {
     let v = vault::Vault::start(
-        "max_warrant_bytes = 3072\nmax_warrant_signatures = 2\nmax_envelope_bytes = 9000\n",
+        "max_warrant_bytes = 3072\nmax_warrant_signatures = 2\nmax_envelope_bytes = 16000\n",
     );
     let c = v.parties.clients(&v.pki, v.daemon.api);
     let recipient = vault::recipient();
@@ -531,7 +531,7 @@ fn warrant_and_envelope_bounds_come_from_the_configuration() {
         assert_eq!(text.len(), size);
         text
     };
-    let envelopes = [padded("near", 8000), padded("over", 9500)];
+    let envelopes = [padded("near", 15000), padded("over", 16500)];
     let unwrap = |warrant: &serde_json::Value| {
         let body = format!(
             r#"{{"warrant":{warrant},"envelopes":[{},{}]}}"#,

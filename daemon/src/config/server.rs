@@ -110,10 +110,12 @@ pub struct Limits {
     /// (`max_warrant_signatures`, default 16); more is 413
     /// `warrant_too_large`.
     pub max_warrant_signatures: usize,
-    /// Largest envelope JSON (`max_envelope_bytes`, default 4096).
+    /// Largest envelope JSON (`max_envelope_bytes`, default and least
+    /// [`crate::envelope::MIN_ENVELOPE_BOUND`]).
     pub max_envelope_bytes: usize,
-    /// Largest decoded envelope header (`max_envelope_header_bytes`, default
-    /// 2048, at most `max_envelope_bytes`).
+    /// Largest envelope header as sent (`max_envelope_header_bytes`,
+    /// default and least [`crate::envelope::MIN_HEADER_BOUND`], at most
+    /// `max_envelope_bytes`).
     pub max_envelope_header_bytes: usize,
     /// The TLS handshake must finish within this (`handshake_timeout_secs`,
     /// default 10).

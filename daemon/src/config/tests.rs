@@ -213,11 +213,11 @@ fn serve_table_refusals_name_the_field() {
             "limits.max_warrant_signatures",
         ),
         (
-            "[limits]\nmax_envelope_bytes = 7167\n",
+            "[limits]\nmax_envelope_bytes = 13311\n",
             "limits.max_envelope_bytes",
         ),
         (
-            "[limits]\nmax_envelope_bytes = 8192\nmax_envelope_header_bytes = 9000\n",
+            "[limits]\nmax_envelope_bytes = 14000\nmax_envelope_header_bytes = 15000\n",
             "limits.max_envelope_header_bytes",
         ),
         ("[log]\nformat = \"xml\"\n", "log.format"),

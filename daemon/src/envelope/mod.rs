@@ -53,9 +53,7 @@ pub const REF_MAX_LEN: usize = crate::bounds::MAX_REF_BYTES;
 /// that a header this accepts can always be logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvelopeLimits {
-    /// Whole envelope JSON. Default 7168: a maximal header
-    /// ([`MIN_HEADER_BOUND`]) in base64url is 6144 characters, plus `enc`
-    /// (87), `ct` (at most 107) and the framing, with room for whitespace.
+    /// Whole envelope JSON. Default and least value [`MIN_ENVELOPE_BOUND`].
     pub max_envelope_bytes: usize,
     /// Header bytes as sent (before base64url), JSON escapes included.
     /// Default and least value [`MIN_HEADER_BOUND`].
@@ -63,16 +61,20 @@ pub struct EnvelopeLimits {
 }
 
 /// The least bound on a header's bytes: every field at its PROTOCOL limit
-/// (kid 64, provider 512, target 512, `ref` 256 bytes) written with JSON
-/// escapes that triple it (`\u00e9` for the two bytes of `é`, as Python's
-/// `json.dumps` writes by default), plus the time and the member names:
-/// 4124 bytes; rounded up to leave room for whitespace. A lower bound would
-/// deny envelopes PROTOCOL allows, and their keys could never be opened.
-pub const MIN_HEADER_BOUND: usize = 4608;
+/// (kid 64, provider 512, target 512, `ref` 256 bytes), every byte of them
+/// written as a six-byte JSON escape (`\u0026` for `&`, as Go's
+/// `encoding/json` writes `<`, `>` and `&` by default; Python's `json.dumps`
+/// writes `\u00e9` for the two bytes of `é`, three times their size), plus
+/// the time, the other members and their names: 8,089 bytes; rounded up to
+/// leave room for whitespace. A lower bound would deny envelopes PROTOCOL
+/// allows, and their keys could never be opened. (Until 2026-12-04 it was
+/// 4608, which held Python's escapes but not Go's.)
+pub const MIN_HEADER_BOUND: usize = 9216;
 
 /// The least bound on an envelope's bytes: [`MIN_HEADER_BOUND`] in
-/// base64url, `enc`, the longest `ct`, the framing and room for whitespace.
-pub const MIN_ENVELOPE_BOUND: usize = 7168;
+/// base64url (12,288 characters), `enc` (87), the longest `ct` (107), the
+/// framing and room for whitespace. (7168 until 2026-12-04.)
+pub const MIN_ENVELOPE_BOUND: usize = 13312;
 
 impl Default for EnvelopeLimits {
     fn default() -> Self {
