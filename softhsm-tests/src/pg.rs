@@ -238,7 +238,9 @@ impl Drop for TestDb {
 #[derive(Debug)]
 pub struct CutAtCommit {
     port: u16,
-    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// 0: forward everything; [`Self::AFTER`]: cut the next COMMIT after
+    /// forwarding it; [`Self::BEFORE`]: cut it without forwarding it.
+    armed: std::sync::Arc<std::sync::atomic::AtomicU8>,
     cuts: std::sync::Arc<AtomicU64>,
 }
 
@@ -246,6 +248,8 @@ impl CutAtCommit {
     /// The message of a simple-query COMMIT: `Q`, its length (4 + 7), the
     /// text with its terminating zero.
     const COMMIT: &'static [u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
+    const AFTER: u8 = 1;
+    const BEFORE: u8 = 2;
 
     /// Listens on a free local port and forwards each connection to the
     /// server on `port`.
@@ -253,12 +257,12 @@ impl CutAtCommit {
     /// # Panics
     /// When it cannot listen: the test fails.
     pub fn start(port: u16) -> Self {
-        use std::sync::atomic::AtomicBool;
+        use std::sync::atomic::AtomicU8;
         use std::sync::Arc;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listen");
         let proxy = CutAtCommit {
             port: listener.local_addr().expect("proxy address").port(),
-            armed: Arc::new(AtomicBool::new(false)),
+            armed: Arc::new(AtomicU8::new(0)),
             cuts: Arc::new(AtomicU64::new(0)),
         };
         let (armed, cuts) = (proxy.armed.clone(), proxy.cuts.clone());
@@ -278,7 +282,7 @@ impl CutAtCommit {
     fn forward(
         mut client: std::net::TcpStream,
         mut server: std::net::TcpStream,
-        armed: &std::sync::atomic::AtomicBool,
+        armed: &std::sync::atomic::AtomicU8,
         cuts: &AtomicU64,
     ) {
         use std::io::{Read as _, Write as _};
@@ -296,16 +300,22 @@ impl CutAtCommit {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if server.write_all(&buf[..n]).is_err() {
-                break;
-            }
             let commit = buf[..n]
                 .windows(Self::COMMIT.len())
                 .any(|w| w == Self::COMMIT);
-            if commit && armed.swap(false, Ordering::SeqCst) {
+            let mode = if commit {
+                armed.swap(0, Ordering::SeqCst)
+            } else {
+                0
+            };
+            if mode != Self::BEFORE && server.write_all(&buf[..n]).is_err() {
+                break;
+            }
+            if mode != 0 {
                 cuts.fetch_add(1, Ordering::SeqCst);
-                // The client hears nothing more; the server still reads
-                // the COMMIT before it sees the connection end.
+                // The client hears nothing more. After: the server still
+                // reads the COMMIT before it sees the connection end.
+                // Before: it never gets it, and rolls back.
                 let _ = client.shutdown(std::net::Shutdown::Both);
                 std::thread::sleep(Duration::from_millis(500));
                 break;
@@ -319,9 +329,14 @@ impl CutAtCommit {
         self.port
     }
 
-    /// Cuts the next COMMIT.
+    /// Cuts the connection of the next COMMIT just after forwarding it.
     pub fn arm(&self) {
-        self.armed.store(true, Ordering::SeqCst);
+        self.armed.store(Self::AFTER, Ordering::SeqCst);
+    }
+
+    /// Cuts the connection of the next COMMIT instead of forwarding it.
+    pub fn arm_dropping(&self) {
+        self.armed.store(Self::BEFORE, Ordering::SeqCst);
     }
 
     /// How many COMMITs it has cut.

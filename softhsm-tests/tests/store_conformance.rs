@@ -1397,3 +1397,27 @@ fn postgres_an_append_whose_commit_answer_is_lost_is_answered_by_what_postgresql
         .unwrap();
     assert_eq!(db.rows("audit_leaves"), 2);
 }
+
+/// The other outcome: a COMMIT cut before the server got it (the server
+/// rolls the transaction back when the connection ends) is answered as
+/// failed, and nothing of it is in the store.
+#[test]
+fn postgres_an_append_whose_commit_never_arrived_is_answered_failed() {
+    let db = TestDb::create();
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    let store =
+        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
+    proxy.arm_dropping();
+    let appended = store.append(AuditAppend {
+        events: vec![key_event(1)],
+        time: now(),
+        spend: Spend::InsertKey(key_record("k1")),
+    });
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    assert!(
+        matches!(appended, Err(StoreError::CommitFailed(_))),
+        "{appended:?}"
+    );
+    assert_eq!(db.rows("escrow_keys"), 0);
+    assert_eq!(db.rows("audit_leaves"), 0);
+}

@@ -428,6 +428,9 @@ const MIGRATIONS: &[&str] = &[
      END $$;",
 ];
 
+/// The oldest PostgreSQL lavd runs on (`server_version_num`).
+const MIN_SERVER_VERSION: i32 = 130_000;
+
 /// The advisory lock key that serialises migrations across replicas
 /// (`lavd` in ASCII).
 const MIGRATION_LOCK: i64 = 0x6c61_7664;
@@ -445,13 +448,28 @@ pub struct PgStore {
     retries: AtomicU64,
 }
 
-/// An append transaction, as PostgreSQL names it: its id and its backend.
+/// An append transaction, as PostgreSQL names it, and what it wrote first.
 #[derive(Debug)]
 struct Xact {
     /// `pg_current_xact_id()`, as text.
     xid: String,
     /// `pg_backend_pid()`.
     pid: i32,
+    /// `pg_postmaster_start_time()`, as text: the server process that ran
+    /// it. Another value later means a restart or a failover, after which
+    /// `xid` and `pid` may name something else.
+    server: String,
+    /// The index and leaf hash of the group's first leaf, once written.
+    first_leaf: Option<(u64, Hash)>,
+}
+
+/// Whether a COMMIT answered with `code` may still have committed: the
+/// server shutting down or crashing as it answered (class 57P0: admin
+/// shutdown, crash shutdown, cannot connect now) or the connection failing
+/// (class 08), after the commit record may have been flushed.
+fn commit_may_have_landed(code: &SqlState) -> bool {
+    let code = code.code();
+    code.starts_with("57P0") || code.starts_with("08")
 }
 
 /// Whether `e` is worth running the transaction again.
@@ -591,9 +609,24 @@ impl PgStore {
     /// starting together do it once. Returns the schema version.
     ///
     /// # Errors
-    /// [`StoreError::SchemaTooNew`], [`StoreError::Postgres`].
+    /// [`StoreError::SchemaTooNew`], [`StoreError::Postgres`];
+    /// [`StoreError::Unavailable`] for a server older than PostgreSQL 13.
     pub fn migrate(&self) -> Result<i64, StoreError> {
         let mut conn = self.pool.get()?;
+        // `pg_current_xact_id` and `pg_xact_status(xid8)`, with which a
+        // COMMIT whose answer was lost is settled, came in PostgreSQL 13.
+        let version: i32 = conn
+            .query_one("SELECT current_setting('server_version_num')::int", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))?;
+        if version < MIN_SERVER_VERSION {
+            return Err(StoreError::Unavailable {
+                store: self.describe.clone(),
+                reason: format!(
+                    "PostgreSQL {version} (server_version_num) is too old: lavd needs 13 or later"
+                ),
+            });
+        }
         // READ COMMITTED whatever the database's default: under REPEATABLE
         // READ or SERIALIZABLE the snapshot would be taken by the lock
         // statement, before its wait, and a replica that waited for
@@ -1223,14 +1256,14 @@ impl PgStore {
 
     /// Appends one batch inside `tx` (the group's transaction, which holds
     /// the head lock, with the batch's savepoint open), its head update
-    /// included. Returns what a revocation found and what a settlement
-    /// found withdrawn.
+    /// included. Returns what a revocation found, what a settlement found
+    /// withdrawn, and the hash of the batch's first leaf.
     fn append_in(
         &self,
         tx: &mut Transaction<'_>,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(RevokeFound, Withdrawn), StoreError> {
+    ) -> Result<(RevokeFound, Withdrawn, Option<Hash>), StoreError> {
         // As in SQLite: the revocation and destruction checks that count
         // are these, under the head lock that every revocation's and
         // destruction's append also takes.
@@ -1277,7 +1310,7 @@ impl PgStore {
             &hashes,
             Some(first + batch.events.len() as u64),
         )?;
-        Ok((found, withdrawn))
+        Ok((found, withdrawn, hashes.first().copied()))
     }
 
     /// Writes leaves `first..` (hashed as `hashes`), the subtree hashes
@@ -1351,7 +1384,7 @@ impl PgStore {
     ) -> Result<(u64, Vec<Result<Appended, StoreError>>), StoreError> {
         let mut conn = self.pool.get()?;
         let mut tx = conn.transaction().map_err(|e| self.pg_err(e))?;
-        let (mut size, xact) = self.lock_head_with_savepoint(&mut tx)?;
+        let (mut size, mut xact) = self.lock_head_with_savepoint(&mut tx)?;
         let mut results = Vec::with_capacity(group.len());
         for (i, pending) in group.iter().enumerate() {
             let batch = pending.batch();
@@ -1359,7 +1392,10 @@ impl PgStore {
             let count = batch.events.len() as u64;
             let last = i + 1 == group.len();
             match self.append_in(&mut tx, batch, first) {
-                Ok((found, withdrawn)) => {
+                Ok((found, withdrawn, first_leaf)) => {
+                    if let (None, Some(hash)) = (&xact.first_leaf, first_leaf) {
+                        xact.first_leaf = Some((first, hash));
+                    }
                     size += count;
                     results.push(Ok(Appended {
                         first_index: first,
@@ -1404,10 +1440,12 @@ impl PgStore {
         }
         match tx.commit() {
             Ok(()) => Ok((size, results)),
-            // The server answered: the transaction is rolled back.
-            Err(e) if e.code().is_some() => Err(self.pg_err(e)),
-            // No answer: the connection died with the COMMIT in flight, and
-            // whether it committed is PostgreSQL's to say.
+            // The server answered with an error of the statement: the
+            // transaction is rolled back.
+            Err(e) if e.code().is_some_and(|c| !commit_may_have_landed(c)) => Err(self.pg_err(e)),
+            // No answer (the connection died with the COMMIT in flight), or
+            // the server going down or away as it answered: whether it
+            // committed is for the database to say.
             Err(e) => match self.commit_outcome(&xact) {
                 Ok(true) => {
                     tracing::warn!(error = %e, xid = %xact.xid, "the connection died with the audit COMMIT in flight; PostgreSQL says it committed");
@@ -1428,7 +1466,8 @@ impl PgStore {
     ) -> Result<(u64, Xact), StoreError> {
         let messages = tx
             .simple_query(
-                "SELECT size, pg_current_xact_id()::text, pg_backend_pid() \
+                "SELECT size, pg_current_xact_id()::text, pg_backend_pid(), \
+                 pg_postmaster_start_time()::text \
                  FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch",
             )
             .map_err(|e| self.pg_err(e))?;
@@ -1452,19 +1491,41 @@ impl PgStore {
         let pid: i32 = pid
             .parse()
             .map_err(|_| self.corrupt(format!("pg_backend_pid() is {pid:?}")))?;
-        Ok((self.to_u64(size, "audit_head.size")?, Xact { xid, pid }))
+        let server = text(3, "pg_postmaster_start_time()")?.to_string();
+        Ok((
+            self.to_u64(size, "audit_head.size")?,
+            Xact {
+                xid,
+                pid,
+                server,
+                first_leaf: None,
+            },
+        ))
     }
 
-    /// Whether the transaction `xact`, whose COMMIT got no answer, committed:
-    /// PostgreSQL's own record of it (`pg_xact_status`), read on another
-    /// connection. While it is "in progress" (the COMMIT still running, or
-    /// waiting for a synchronous standby) it is asked again, for up to the
-    /// statement timeout; then its backend is ended, which settles it one
-    /// way or the other, and it is asked once more.
+    /// Whether the transaction `xact`, whose COMMIT got no answer, committed.
+    ///
+    /// Asked on another connection, in two steps:
+    /// - **Until it is over.** While the same server process runs (its
+    ///   `pg_postmaster_start_time` unchanged: neither restarted nor failed
+    ///   over, so the transaction id still names this transaction),
+    ///   `pg_xact_status` is asked while it says "in progress" (the COMMIT
+    ///   still running, or waiting for a synchronous standby), for up to the
+    ///   statement timeout. Then its backend is ended. Ending it cancels a
+    ///   wait for a synchronous standby, after which PostgreSQL keeps the
+    ///   commit locally only: so once lavd has ended it, "committed" counts
+    ///   as unknown.
+    /// - **What is stored.** A transaction that is over committed if and
+    ///   only if the group's first leaf is in the log at its index, byte
+    ///   for byte (compared by its leaf hash). After a restart or failover
+    ///   only this is asked: the transaction id may since have been given
+    ///   to another transaction, and the server that ran it is gone.
     ///
     /// # Errors
-    /// [`StoreError::CommitUnknown`] when no connection can read it, or it
-    /// stays in progress: the batch may or may not be durable.
+    /// [`StoreError::CommitUnknown`] when no connection can read it, it
+    /// stays in progress, the status and the log disagree, or lavd ended it
+    /// while it waited: the batch may or may not be durable, and nothing of
+    /// it may be released.
     fn commit_outcome(&self, xact: &Xact) -> Result<bool, StoreError> {
         let unknown = |why: String| {
             StoreError::CommitUnknown(format!(
@@ -1472,31 +1533,66 @@ impl PgStore {
                 xact.xid, xact.pid
             ))
         };
-        let status = |conn: &mut pool::Conn<'_>| -> Result<Option<String>, StoreError> {
-            conn.query_one("SELECT pg_xact_status($1::text::xid8)", &[&xact.xid])
-                .map(|row| row.get(0))
-                .map_err(|e| unknown(format!("cannot read its status: {e}")))
-        };
         let mut conn = self
             .pool
             .get()
-            .map_err(|e| unknown(format!("no connection to read its status: {e}")))?;
+            .map_err(|e| unknown(format!("no connection to read its fate: {e}")))?;
         let deadline = std::time::Instant::now() + self.statement_timeout;
         let mut ended = false;
-        loop {
-            match status(&mut conn)?.as_deref() {
-                Some("committed") => return Ok(true),
-                Some("aborted") => return Ok(false),
+        let status = loop {
+            let row = conn
+                .query_one(
+                    "SELECT pg_postmaster_start_time()::text = $1, \
+                     CASE WHEN pg_postmaster_start_time()::text = $1 \
+                     THEN pg_xact_status($2::text::xid8) END",
+                    &[&xact.server, &xact.xid],
+                )
+                .map_err(|e| unknown(format!("cannot read its status: {e}")))?;
+            let same_server: bool = row.get(0);
+            let status: Option<String> = row.get(1);
+            match status.as_deref() {
+                _ if !same_server => break None,
                 Some("in progress") if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Some("in progress") if !ended => {
-                    conn.query_one("SELECT pg_terminate_backend($1, 5000)", &[&xact.pid])
+                    conn.query_one("SELECT pg_terminate_backend($1)", &[&xact.pid])
                         .map_err(|e| unknown(format!("cannot end its backend: {e}")))?;
                     ended = true;
+                    std::thread::sleep(Duration::from_millis(20));
                 }
-                other => return Err(unknown(format!("its status is {other:?}"))),
+                Some("in progress") => {
+                    return Err(unknown(
+                        "still in progress after its backend was ended".into(),
+                    ))
+                }
+                other => break other.map(str::to_string),
             }
+        };
+        let stored = match xact.first_leaf {
+            None => None,
+            Some((index, hash)) => {
+                let index =
+                    i64::try_from(index).map_err(|_| StoreError::OutOfRange("audit index"))?;
+                let leaf: Option<Vec<u8>> = conn
+                    .query_opt("SELECT leaf FROM audit_leaves WHERE idx = $1", &[&index])
+                    .map_err(|e| unknown(format!("cannot read the log: {e}")))?
+                    .map(|row| row.get(0));
+                Some(leaf.is_some_and(|leaf| merkle::leaf_hash(&leaf) == hash))
+            }
+        };
+        match (status.as_deref(), stored) {
+            (_, Some(true)) if ended => Err(unknown(
+                "committed after lavd ended it, which cancels any wait for a synchronous \
+                 standby: it may be on this server only"
+                    .into(),
+            )),
+            (Some("committed") | None, Some(true)) => Ok(true),
+            (Some("aborted") | None, Some(false)) => Ok(false),
+            (Some("aborted"), None) => Ok(false),
+            (status, stored) => Err(unknown(format!(
+                "its status is {status:?} and its first leaf stored: {stored:?}"
+            ))),
         }
     }
 
