@@ -453,9 +453,11 @@ fn postgres_refusing_new_connections_is_503_store_unavailable_and_recovers() {
 /// No HSM open goes unlogged, even when the request's own audit commit
 /// fails after the HSM opened: another session holds the log's head row,
 /// so the append waits out its lock timeout and fails (503
-/// `store_unavailable`, nothing released, nothing spent). Once the lock is
-/// let go, the daemon writes the request's leaves itself, denied
-/// `audit_commit_failed`, with no spend.
+/// `store_unavailable`, nothing released, nothing spent). While its leaves
+/// wait, `/readyz` says the log is not ready and a second request is
+/// refused before anything is opened. Once the lock is let go, the daemon
+/// writes the first request's leaves itself, denied `audit_commit_failed`,
+/// with no spend, and serves again.
 #[test]
 fn postgres_an_append_that_fails_after_the_hsm_opened_is_logged_once_the_store_takes_it() {
     let t = TestToken::new();
@@ -488,6 +490,11 @@ fn postgres_an_append_that_fails_after_the_hsm_opened_is_logged_once_the_store_t
         0,
         "written while the head is held"
     );
+    let ready = case.daemon.admin_get("/readyz");
+    assert_eq!(ready.status, 503);
+    assert_eq!(ready.json()["log"], false, "{}", ready.text());
+    // Refused before its opens: its leaves would be queued too otherwise.
+    softhsm_tests::vault::post(&case.agency, "/v1/unwrap", &case.request).assert_error(503, CODE);
     held.rollback().unwrap();
 
     let logged =
@@ -502,8 +509,12 @@ fn postgres_an_append_that_fails_after_the_hsm_opened_is_logged_once_the_store_t
         BATCH as i64,
         "the failed request spent nothing"
     );
-    // Logged once, not again.
+    // Logged once, not again; the second request opened nothing.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(reason_count("audit_commit_failed"), BATCH);
+    case.daemon.wait_readyz(200);
+    let r = softhsm_tests::vault::post(&case.agency, "/v1/unwrap", &case.request);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(pg_spent(&db, id), 2 * BATCH as i64);
     verify_log(&t, &case.pki, &case.parties.auditor, case.daemon.api);
 }

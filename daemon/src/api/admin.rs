@@ -7,8 +7,8 @@
 //!   token still finds the audit signing key, no HSM call is still running
 //!   past its deadline (`[hsm] call_timeout_ms`), the store can take its write
 //!   lock, the audit log is consistent with its last signed checkpoint (once
-//!   it is not, it stays not ready until restarted), and the server is not
-//!   shutting down; 503
+//!   it is not, it stays not ready until restarted) and has no leaves of HSM
+//!   opens waiting to be written, and the server is not shutting down; 503
 //!   otherwise. Checked on every call, so it turns false when a dependency
 //!   fails and true again when it recovers, without a restart.
 //! - `GET /metrics`: Prometheus text format.
@@ -53,7 +53,8 @@ pub struct ReadyReport {
     pub hsm: bool,
     /// The store can take its write lock.
     pub store: bool,
-    /// The audit log's stored tree extends its last signed checkpoint.
+    /// The audit log's stored tree extends its last signed checkpoint, and
+    /// no leaves of HSM opens wait to be written.
     pub log: bool,
     /// The server is shutting down.
     pub draining: bool,
@@ -74,7 +75,11 @@ impl Readiness {
     pub async fn check(&self) -> ReadyReport {
         let (hsm, store) = tokio::join!(self.check_hsm(), self.check_store());
         let draining = self.state.is_draining();
-        let log = self.state.audit.inconsistency().is_none();
+        // Consistent, and holding every HSM open: leaves still waiting to
+        // be written ([`crate::audit::log::AuditLog::append_later`]) mean
+        // the daemon opens nothing.
+        let waiting = self.state.audit.deferred_leaves();
+        let log = self.state.audit.inconsistency().is_none() && waiting == 0;
         let report = ReadyReport {
             ready: hsm.is_ok() && store.is_ok() && log && !draining,
             hsm: hsm.is_ok(),
@@ -91,6 +96,7 @@ impl Readiness {
                     hsm = hsm.err().as_deref().unwrap_or("ok"),
                     store = store.err().as_deref().unwrap_or("ok"),
                     log = self.state.audit.inconsistency().unwrap_or("ok"),
+                    deferred_leaves = waiting,
                     draining,
                     "not ready"
                 );

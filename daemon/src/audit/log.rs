@@ -116,7 +116,8 @@ struct Deferred {
     /// The batches not yet written, oldest first; the leaves they hold.
     queue: Mutex<(std::collections::VecDeque<AuditAppend>, usize)>,
     wake: std::sync::Condvar,
-    writer: OnceLock<()>,
+    /// Whether the writer thread runs.
+    writer: Mutex<bool>,
 }
 
 /// A checkpoint signature started inside an append transaction, before its
@@ -459,8 +460,11 @@ impl AuditLog {
     /// of them was released; these leaves say so, so that no HSM open goes
     /// unlogged once the store is back. Its spend must be
     /// [`crate::store::Spend::None`] (the reservation was given back with
-    /// the failed append). What is still waiting when the process ends is
-    /// lost, and said so in its log ([`Self::deferred_leaves`]).
+    /// the failed append). The leaves take the time they are written at,
+    /// so the log's times stay in order. While any wait, the daemon opens
+    /// nothing more ([`Self::deferred_leaves`]), so the queue holds at most
+    /// what the requests in flight had opened. What is still waiting when
+    /// the process ends is lost, and said so in its log.
     pub fn append_later(&self, batch: AuditAppend) {
         debug_assert!(matches!(batch.spend, crate::store::Spend::None));
         let leaves = batch.events.len();
@@ -474,15 +478,38 @@ impl AuditLog {
             queue.1 += leaves;
         }
         self.deferred.wake.notify_one();
-        self.deferred.writer.get_or_init(|| {
+        let mut running = self
+            .deferred
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !*running {
             let log = self.clone();
-            let spawned = std::thread::Builder::new()
+            match std::thread::Builder::new()
                 .name("lavd-deferred-leaves".into())
-                .spawn(move || log.write_deferred());
-            if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start the thread that writes deferred audit leaves");
+                .spawn(move || log.write_deferred())
+            {
+                Ok(_) => *running = true,
+                // Tried again with the next batch; meanwhile nothing more
+                // is opened (the queue is not empty).
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the thread that writes deferred audit leaves")
+                }
             }
-        });
+        }
+    }
+
+    /// Waits up to `timeout` for the deferred leaves to be written; returns
+    /// how many still wait.
+    pub fn flush_deferred(&self, timeout: std::time::Duration) -> usize {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let waiting = self.deferred_leaves();
+            if waiting == 0 || std::time::Instant::now() >= deadline {
+                return waiting;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// How many leaves [`Self::append_later`] holds that the store has not
@@ -513,7 +540,7 @@ impl AuditLog {
                         Some(batch) => {
                             break AuditAppend {
                                 events: batch.events.clone(),
-                                time: batch.time,
+                                time: OffsetDateTime::now_utc(),
                                 spend: crate::store::Spend::None,
                             }
                         }
@@ -528,7 +555,17 @@ impl AuditLog {
                 }
             };
             let leaves = batch.events.len();
-            match self.append_committed(batch) {
+            // A panic (a bug) is one more failed attempt, not the end of
+            // the writer: the leaves stay queued, and nothing more opens.
+            let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.append_committed(batch)
+            }))
+            .unwrap_or_else(|_| {
+                Err(LogError::Store(StoreError::CommitFailed(
+                    "writing deferred leaves panicked".into(),
+                )))
+            });
+            match attempt {
                 Ok((appended, _)) => {
                     let mut queue = self
                         .deferred

@@ -233,7 +233,11 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         public.shutdown(std::future::ready(())).await;
     }
     drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
-    let lost = state.audit.deferred_leaves();
+    // A last chance for leaves still waiting for the store.
+    let audit = state.audit.clone();
+    let lost = tokio::task::spawn_blocking(move || audit.flush_deferred(Duration::from_secs(5)))
+        .await
+        .unwrap_or_else(|_| state.audit.deferred_leaves());
     if lost > 0 {
         tracing::error!(
             leaves = lost,

@@ -363,6 +363,16 @@ pub fn unwrap(
         .iter()
         .filter(|p| matches!(p, Plan::Candidate(..)))
         .count() as u64;
+    // Leaves of earlier HSM opens that the store has not taken yet: nothing
+    // more is opened until they are written (the store is failing, and the
+    // queue of such leaves must not grow).
+    let waiting = ctx.log.deferred_leaves();
+    if waiting > 0 {
+        return Err(UnwrapError::StoreUnavailable(format!(
+            "{waiting} audit leaves of earlier HSM opens are not written yet; nothing is opened \
+             until they are"
+        )));
+    }
     let reservation = match ctx.store.reserve(warrant.id(), candidates) {
         Ok(r) => r,
         Err(StoreError::WarrantRevoked(id)) => {
