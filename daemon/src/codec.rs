@@ -240,12 +240,26 @@ impl JsonError {
     }
 }
 
+/// `text` with control, bidirectional and other format characters (Unicode
+/// Cc, Bidi_Control, Cf) written as Rust escapes (`\u{202e}`), for text from
+/// outside that is printed to a terminal or a log.
+pub fn escape_for_terminal(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() || crate::bounds::is_bidi_control(c) || crate::bounds::is_format(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The largest document whose wrong member [`JsonError`] looks for.
 const MAX_PATH_LOOKUP_BYTES: usize = 256 * 1024;
 
 impl std::fmt::Display for JsonError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use std::fmt::Write as _;
         if let Some(path) = &self.path {
             write!(f, "`{path}`: ")?;
         }
@@ -253,14 +267,7 @@ impl std::fmt::Display for JsonError {
         // ("unknown field `…`"): control and bidirectional characters are
         // escaped, so the message cannot forge lines or reorder text in a
         // terminal or a log.
-        for c in self.inner.to_string().chars() {
-            if c.is_control() || crate::bounds::is_bidi_control(c) {
-                write!(f, "{}", c.escape_default())?;
-            } else {
-                f.write_char(c)?;
-            }
-        }
-        Ok(())
+        f.write_str(&escape_for_terminal(&self.inner.to_string()))
     }
 }
 

@@ -168,6 +168,17 @@ fn another_key_is_told_it_is_not_the_recipient() {
         }
     );
     assert!(err.to_string().contains("RFC 7638 thumbprint"), "{err}");
+    // A kid from the reply file with terminal controls is shown escaped.
+    let hostile = edit(&f.reply, |v| {
+        v["sealed_to"]["kid"] = json!("k\u{1b}[2J\u{202e}")
+    });
+    let err = open_reply(&other, &f.headers, hostile.as_bytes()).unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{202e}'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("k\\u{1b}[2J\\u{202e}"), "{shown:?}");
 }
 
 #[test]
@@ -269,6 +280,12 @@ fn malformed_replies_are_refused() {
         (
             edit(&f.reply, |v| v["audit"]["extra"] = json!(1)),
             "unknown field",
+        ),
+        (
+            edit(&f.reply, |v| {
+                v["results"][1]["reason"] = json!("audit_commit_failed")
+            }),
+            "unknown denial reason",
         ),
         (
             edit(&f.reply, |v| v["results"][1]["reason"] = json!("bored")),

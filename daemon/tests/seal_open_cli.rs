@@ -77,7 +77,9 @@ fn seal_then_open_prints_each_envelope() {
     let escrow = P256PrivateKey::generate().unwrap();
     let jwks_path = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
 
-    let (r, env1, warn) = seal(&jwks_path, &[("--ref", "msg-8812")]);
+    // A `ref` with a right-to-left override: printed escaped, so it cannot
+    // reorder the agency's terminal line.
+    let (r, env1, warn) = seal(&jwks_path, &[("--ref", "msg-8812\u{202e}")]);
     r.unwrap();
     assert_eq!(warn, "");
     let (r, env2, _) = seal(&jwks_path, &[]);
@@ -134,7 +136,7 @@ fn seal_then_open_prints_each_envelope() {
     args.run_with(&mut out, &mut err).unwrap();
     assert_eq!(
         String::from_utf8(out).unwrap(),
-        "\"msg-8812\"\tok\t000102030405060708090a0b0c0d0e0f\n\
+        "\"msg-8812\\u{202e}\"\tok\t000102030405060708090a0b0c0d0e0f\n\
          #1\tdenied\tout_of_window\n\
          #2\tok\t000102030405060708090a0b0c0d0e0f\n"
     );
@@ -241,6 +243,29 @@ fn dek_hex_is_checked_and_never_printed() {
         bad.contains("the DEK is 2 bytes; expected 16..=64"),
         "{bad}"
     );
+    // clap quotes a refused value; this one is a secret, and is not.
+    assert!(!bad.contains("00ff"), "{bad}");
+    // A fraction of a second is refused, not dropped from the header.
+    let fraction = Cmd::try_parse_from([
+        "lavd",
+        "seal",
+        "--jwks",
+        "k",
+        "--kid",
+        "k",
+        "--target",
+        "t",
+        "--time",
+        "2026-11-26T07:25:21.9Z",
+        "--provider",
+        "p",
+        "--dek-hex",
+        "deadbeefdeadbeefdeadbeefdeadbeef",
+    ])
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(fraction.contains("fraction of a second"), "{fraction}");
 
     let Cmd::Seal(args) = Cmd::try_parse_from([
         "lavd",

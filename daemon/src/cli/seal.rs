@@ -45,7 +45,43 @@ impl FromStr for DekHex {
     }
 }
 
+/// Parses `--dek-hex` with an error that never repeats the value: clap's
+/// own error for a value parser quotes the value it refused, and this one
+/// is a secret (a DEK of the wrong length is still someone's DEK).
+#[derive(Debug, Clone, Copy)]
+pub struct DekHexParser;
+
+impl clap::builder::TypedValueParser for DekHexParser {
+    type Value = DekHex;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<DekHex, clap::Error> {
+        let refused = |why: &str| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("--dek-hex: {why} (the value is not repeated here)\n"),
+            )
+            .with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refused("not hex"))?;
+        DekHex::from_str(text).map_err(|e| refused(&e))
+    }
+}
+
+/// `--time`: RFC 3339 UTC to the second, as the header holds it. A
+/// fraction is refused, not dropped: the header would say another time than
+/// the one given, and the warrant's window is judged on the header's.
 fn parse_time_arg(text: &str) -> Result<OffsetDateTime, String> {
+    if text.contains('.') {
+        return Err(format!(
+            "{text:?} has a fraction of a second; the envelope header holds whole seconds \
+             (`2026-11-26T07:25:21Z`)"
+        ));
+    }
     parse_time(text).map_err(|e| e.to_string())
 }
 
@@ -75,7 +111,12 @@ pub struct SealArgs {
     pub reference: Option<String>,
     /// The DEK in hex, 16 to 64 bytes. Visible in the process list and the
     /// shell's history: prefer `--dek-file`.
-    #[arg(long, value_name = "HEX", required_unless_present = "dek_file")]
+    #[arg(
+        long,
+        value_name = "HEX",
+        required_unless_present = "dek_file",
+        value_parser = DekHexParser
+    )]
     pub dek_hex: Option<DekHex>,
     /// A file holding the DEK in hex (one line), or `-` for standard input:
     /// kept out of the process list.
@@ -269,7 +310,7 @@ impl OpenArgs {
             format!("{}: not a private P-256 JWK", self.recipient_key.display())
         })?;
 
-        let request: UnwrapRequest = serde_json::from_slice(&read_file(&self.request)?)
+        let request: UnwrapRequest = crate::codec::from_object_slice(&read_file(&self.request)?)
             .with_context(|| format!("{}: not an unwrap request", self.request.display()))?;
         // An envelope whose header does not decode was denied by the daemon;
         // an empty aad makes any `ok` claimed for it fail to open.
@@ -287,8 +328,10 @@ impl OpenArgs {
         let opened = open_reply(&key, &headers, &read_file(&self.reply)?)
             .with_context(|| format!("{}: cannot open the reply", self.reply.display()))?;
         for result in &opened.results {
+            // The provider's `ref`, quoted, with what could reorder or
+            // forge the terminal's text escaped (JSON escapes only C0).
             let label = match &result.reference {
-                Some(r) => serde_json::to_string(r)?,
+                Some(r) => crate::codec::escape_for_terminal(&serde_json::to_string(r)?),
                 None => format!("#{}", result.index),
             };
             let mut line = Zeroizing::new(String::new());

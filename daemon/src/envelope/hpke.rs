@@ -452,6 +452,10 @@ impl Context {
     /// RFC 9180 §5.3 `Export(exporter_context, L) =
     /// LabeledExpand(exporter_secret, "sec", exporter_context, L)`.
     fn export(&self, exporter_context: &[u8], len: usize) -> Result<Zeroizing<Vec<u8>>, HpkeError> {
+        // Before allocating: a length past HKDF's is refused, not allocated.
+        if len > HKDF_MAX_OUTPUT {
+            return Err(HpkeError::OutputTooLong(len));
+        }
         let mut out = Zeroizing::new(vec![0u8; len]);
         labeled_expand(
             &hpke_suite_id(self.aead),
@@ -822,6 +826,11 @@ mod tests {
         assert_eq!(s.export(b"", 255 * 32).unwrap().len(), 255 * 32);
         assert_eq!(
             s.export(b"", 255 * 32 + 1).unwrap_err().code(),
+            "output_too_long"
+        );
+        // Refused before any allocation (this length would abort).
+        assert_eq!(
+            s.export(b"", usize::MAX).unwrap_err().code(),
             "output_too_long"
         );
     }

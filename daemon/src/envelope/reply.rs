@@ -108,6 +108,16 @@ impl DenyReason {
         }
     }
 
+    /// Whether a reply may carry it: not the reasons of audit leaves only
+    /// (`warrant_expired`, `emergency_expired`, `audit_commit_failed`, which
+    /// come with a request refused whole).
+    pub const fn in_replies(self) -> bool {
+        !matches!(
+            self,
+            Self::WarrantExpired | Self::EmergencyExpired | Self::AuditCommitFailed
+        )
+    }
+
     /// The reason for a wire string (or an [`super::EnvelopeError::code`]),
     /// if it is one of PROTOCOL's.
     pub fn from_code(code: &str) -> Option<Self> {
@@ -387,7 +397,8 @@ pub fn open_reply(
     if reply.sealed_to.kid != expected {
         return Err(ReplyError::RecipientMismatch {
             expected,
-            found: reply.sealed_to.kid,
+            // From the reply file: escaped, as it ends up on a terminal.
+            found: crate::codec::escape_for_terminal(&reply.sealed_to.kid),
         });
     }
     if reply.results.len() != request_headers.len() {
@@ -428,7 +439,9 @@ pub fn open_reply(
                 Outcome::Ok(dek)
             }
             ("denied", None, Some(reason)) => Outcome::Denied(
-                DenyReason::from_code(reason).ok_or_else(|| bad("unknown denial reason"))?,
+                DenyReason::from_code(reason)
+                    .filter(|r| r.in_replies())
+                    .ok_or_else(|| bad("unknown denial reason"))?,
             ),
             ("ok", _, _) => return Err(bad("`ok` needs `ct` and no `reason`")),
             ("denied", _, _) => return Err(bad("`denied` needs `reason` and no `ct`")),

@@ -261,10 +261,13 @@ pub fn unwrap(
     let mut keys: std::collections::HashMap<String, Option<crate::store::KeyRecord>> =
         std::collections::HashMap::new();
     let mut plans = Vec::with_capacity(request.envelopes.len());
-    for raw in &request.envelopes {
+    for (index, raw) in request.envelopes.iter().enumerate() {
         let envelope = match Envelope::parse(raw.get().as_bytes(), ctx.envelope_limits) {
             Ok(e) => e,
-            Err(_) => {
+            Err(e) => {
+                // The reply can say only `malformed_envelope`: what was
+                // wrong goes to the log, for whoever debugs the provider.
+                tracing::info!(index, code = e.code(), error = %e, "envelope denied as malformed");
                 plans.push(Plan::Denied {
                     reason: DenyReason::MalformedEnvelope,
                     kid: None,
