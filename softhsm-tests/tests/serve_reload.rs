@@ -242,8 +242,9 @@ fn a_crl_past_its_next_update_refuses_open_connections() {
     assert_eq!(r.header("connection"), Some("close"));
 }
 
-/// A change that only a restart applies is named in the reload's warning:
-/// here `[hsm] call_timeout_ms`, which the comparison once left out.
+/// Changes that only a restart applies are named in the reload's warning:
+/// `[hsm]` (its `call_timeout_ms`, which the comparison once left out),
+/// `[server]`, `[limits]` and `[log]`, changed at once.
 #[test]
 fn changed_restart_only_tables_are_named_as_needing_a_restart() {
     let t = TestToken::new();
