@@ -1331,20 +1331,32 @@ mod tests {
         let policy_text = format!("witness B {configured}\nquorum B\n");
         let mut settings = settings(dir.path(), &[(&url, &configured)], &policy_text, &ca);
         settings.timeout = Duration::from_millis(500);
-        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        let metrics = Arc::new(crate::metrics::Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings,
+            store.clone(),
+            Some(metrics.clone()),
+        ));
         runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
         witnessing.signed(size);
-        // The witness cosigned (its own state moved to the size) ...
+        // The witness cosigned (its own state moved to the size), and its
+        // answer was judged: no valid cosignature by the configured key ...
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while state.recorded(ORIGIN).unwrap().map(|(s, _)| s) != Some(size) {
+        loop {
+            let text = metrics.render().unwrap();
+            let judged = text
+                .lines()
+                .any(|l| l.contains("witness=\"w2.test\"") && l.contains("bad_cosignature"));
+            if judged && state.recorded(ORIGIN).unwrap().map(|(s, _)| s) == Some(size) {
+                break;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the witness never cosigned"
+                "never judged:\n{text}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         // ... and nothing of it was stored, so there is no quorum.
-        std::thread::sleep(Duration::from_millis(300));
         assert_eq!(store.last_cosigned("w2.test").unwrap(), None);
         let waiter = witnessing.clone();
         let waited = std::thread::spawn(move || waiter.wait_for_quorum(size))
