@@ -24,7 +24,7 @@ use serde::Serialize;
 use time::{Duration, OffsetDateTime};
 
 use crate::audit::export::Summary;
-use crate::audit::leaf::{Event, Leaf, UnwrapOutcome};
+use crate::audit::leaf::{DenyReason, Event, Leaf, UnwrapOutcome};
 use crate::codec;
 
 /// The `schema` value of the JSON report; bumped on any incompatible change.
@@ -671,7 +671,17 @@ impl Report {
                 Event::Unwrap(u) if u.emergency() => {
                     let t = tracks.entry(u.warrant_id()).or_default();
                     t.seen(leaf.time, max_hours);
-                    t.last_use = Some(leaf.time);
+                    match u.outcome() {
+                        // A request that lapsed in flight: the daemon refused
+                        // it whole and wrote only these leaves, which prove
+                        // the lapse as a refusal leaf would.
+                        UnwrapOutcome::Denied(
+                            DenyReason::EmergencyExpired | DenyReason::WarrantExpired,
+                        ) => {
+                            t.expired_refusal.get_or_insert(leaf.time);
+                        }
+                        _ => t.last_use = Some(leaf.time),
+                    }
                 }
                 Event::Unwrap(u) => {
                     if let Some(t) = tracks.get_mut(u.warrant_id()) {

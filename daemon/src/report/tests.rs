@@ -328,6 +328,31 @@ fn an_urgent_warrant_refused_as_expired_before_its_replacement_lapsed() {
     assert_eq!((r.urgent.lapsed, r.urgent.replaced), (0, 1));
 }
 
+/// An urgent warrant whose hours ended while a request of it was in
+/// flight: the daemon wrote that request's leaves denied
+/// `emergency_expired` and no refusal leaf. Those leaves prove the lapse,
+/// as a refusal would: lapsed, not pending, and not hidden by a later use
+/// of the fully signed warrant.
+#[test]
+fn an_urgent_warrant_that_lapsed_in_flight_is_reported_lapsed() {
+    let u = warrant("W-U", true);
+    let full = warrant("W-U", false);
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-01 01:00 UTC), opened(A, &u, 1)),
+        (
+            datetime!(2026-05-03 23:54 UTC),
+            denied(A, &u, DenyReason::EmergencyExpired),
+        ),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.pending), (1, 0));
+    let mut later = events.clone();
+    later.push((datetime!(2026-05-04 08:00 UTC), opened(A, &full, 2)));
+    let r = build(&later, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (1, 0));
+}
+
 /// An urgent warrant first used so late that `max_hours` more would pass
 /// the last representable time: still pending, not a panic.
 #[test]
