@@ -51,7 +51,9 @@ pub struct Export {
     /// Earlier signed checkpoints of the same log (optional).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub earlier_checkpoints: Vec<String>,
-    /// Every leaf, in index order.
+    /// Every leaf, in index order. Each entry is a JSON object (an array in
+    /// its place is refused, as everywhere in lavd: `codec::Object`).
+    #[serde(deserialize_with = "codec::objects")]
     pub entries: Vec<ExportEntry>,
 }
 
@@ -439,11 +441,18 @@ impl std::fmt::Display for Summary {
         writeln!(f)?;
         if !self.callers.is_empty() {
             writeln!(f, "by caller:")?;
+            // Names from the log are shown with their control, bidi and
+            // other invisible characters escaped: a logged warrant id may
+            // hold them (bounds::logged), and this goes to a terminal.
             for (caller, c) in &self.callers {
                 writeln!(
                     f,
-                    "  {caller}: opened {}, denied {}, refused {}, revocations {}",
-                    c.opened, c.denied, c.refused, c.revocations
+                    "  {}: opened {}, denied {}, refused {}, revocations {}",
+                    codec::escape_for_terminal(caller),
+                    c.opened,
+                    c.denied,
+                    c.refused,
+                    c.revocations
                 )?;
             }
         }
@@ -452,8 +461,11 @@ impl std::fmt::Display for Summary {
             for (id, w) in &self.warrants {
                 write!(
                     f,
-                    "  {id}: opened {}, denied {}, refused {}",
-                    w.opened, w.denied, w.refused
+                    "  {}: opened {}, denied {}, refused {}",
+                    codec::escape_for_terminal(id),
+                    w.opened,
+                    w.denied,
+                    w.refused
                 )?;
                 if w.emergency {
                     write!(f, " [emergency]")?;
@@ -851,6 +863,12 @@ mod tests {
             text.contains("UK-IPA-2026-0043: opened 1, denied 0, refused 0 [emergency] [revoked]"),
             "{text}"
         );
+        // A logged id with a bidi override is shown escaped.
+        let mut shown = summary.clone();
+        shown.warrants.insert("W\u{202e}X".into(), w43.clone());
+        let text = shown.to_string();
+        assert!(!text.contains('\u{202e}'), "{text}");
+        assert!(text.contains("W\\u{202e}X: opened 1"), "{text}");
 
         // An empty log verifies too.
         let empty = Log::new(&[]);

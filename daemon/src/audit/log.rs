@@ -116,8 +116,11 @@ struct Deferred {
     /// The batches not yet written, oldest first; the leaves they hold.
     queue: Mutex<(std::collections::VecDeque<AuditAppend>, usize)>,
     wake: std::sync::Condvar,
-    /// Whether the writer thread runs.
-    writer: Mutex<bool>,
+    /// The writer thread, while it runs.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by [`AuditLog::stop_deferred`]: the writer ends, and with it its
+    /// handle on the log and the HSM (whose workers end only then).
+    stop: std::sync::atomic::AtomicBool,
 }
 
 /// A checkpoint signature started inside an append transaction, before its
@@ -483,13 +486,13 @@ impl AuditLog {
             .writer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !*running {
+        if running.is_none() {
             let log = self.clone();
             match std::thread::Builder::new()
                 .name("lavd-deferred-leaves".into())
                 .spawn(move || log.write_deferred())
             {
-                Ok(_) => *running = true,
+                Ok(handle) => *running = Some(handle),
                 // Tried again with the next batch; meanwhile nothing more
                 // is opened (the queue is not empty).
                 Err(e) => {
@@ -512,6 +515,36 @@ impl AuditLog {
         }
     }
 
+    /// Ends the deferred writer, if it runs, and waits for it: at the end of
+    /// the process, after [`Self::flush_deferred`]. What still waits is
+    /// not written (the caller says so). The writer holds a handle on the
+    /// log, so while it runs the HSM's workers do too, and a process that
+    /// exited beside them could end inside a PKCS#11 call.
+    pub fn stop_deferred(&self) {
+        self.deferred
+            .stop
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        {
+            // Under the queue's lock, so the writer cannot miss the wake-up
+            // between its check and its wait.
+            let _queue = self
+                .deferred
+                .queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.deferred.wake.notify_all();
+        }
+        let handle = self
+            .deferred
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
     /// How many leaves [`Self::append_later`] holds that the store has not
     /// taken yet.
     pub fn deferred_leaves(&self) -> usize {
@@ -528,6 +561,7 @@ impl AuditLog {
         let first_wait = std::time::Duration::from_millis(50);
         let mut wait = first_wait;
         let mut failures = 0u64;
+        let stopped = || self.deferred.stop.load(std::sync::atomic::Ordering::SeqCst);
         loop {
             let batch = {
                 let mut queue = self
@@ -536,6 +570,9 @@ impl AuditLog {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 loop {
+                    if stopped() {
+                        return;
+                    }
                     match queue.0.front() {
                         Some(batch) => {
                             break AuditAppend {
@@ -596,7 +633,15 @@ impl AuditLog {
                              still cannot be written; retrying"
                         );
                     }
-                    std::thread::sleep(wait);
+                    // Asleep on the condition variable, so a stop wakes it.
+                    let queue = self
+                        .deferred
+                        .queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if !stopped() {
+                        let _ = self.deferred.wake.wait_timeout(queue, wait);
+                    }
                     wait = (wait * 2).min(std::time::Duration::from_secs(2));
                 }
             }

@@ -68,8 +68,28 @@ pub enum AuditCommand {
     },
 }
 
-fn read(path: &PathBuf) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+/// The most a tlog-policy file may hold: a few lines per witness.
+const MAX_POLICY_FILE_BYTES: u64 = 1 << 20;
+
+/// The most an export file may hold for `max_entries` entries: each leaf at
+/// most 65,535 bytes (base64 in JSON, about 88 KiB), plus the checkpoints.
+fn export_file_bound(max_entries: u64) -> u64 {
+    max_entries
+        .saturating_mul(88 * 1024)
+        .saturating_add(1 << 24)
+}
+
+/// Reads an input file: a regular file only (not a FIFO that never ends or
+/// a link to `/dev/zero` in a handed-over bundle), of at most `limit` bytes.
+fn read(path: &PathBuf, limit: u64) -> anyhow::Result<Vec<u8>> {
+    read_regular(path, limit).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Parses an export file, refusing one of more entries than `max_entries`.
+fn read_export(path: &PathBuf, max_entries: u64) -> anyhow::Result<Export> {
+    let export = Export::parse(&read(path, export_file_bound(max_entries))?)?;
+    within_max_entries(export.entries.len() as u64, max_entries)?;
+    Ok(export)
 }
 
 impl AuditCommand {
@@ -265,7 +285,7 @@ impl LogSource {
         // complete.
         let started = time::OffsetDateTime::now_utc();
         let (new, complete_when_read) = match (&self.export, &self.url, &self.tiles) {
-            (Some(export), ..) => (Export::parse(&read(export)?)?, false),
+            (Some(export), ..) => (read_export(export, self.remote.max_entries)?, false),
             (None, Some(url), _) => {
                 let daemon = client(url)?;
                 let export = fetch_export(&daemon, &key, self.remote.max_entries)?;
@@ -287,7 +307,7 @@ impl LogSource {
         let mut witnesses = Vec::new();
         let mut policy = None;
         if let Some(path) = &self.policy {
-            let parsed = crate::audit::witness::Policy::parse(&read(path)?)
+            let parsed = crate::audit::witness::Policy::parse(&read(path, MAX_POLICY_FILE_BYTES)?)
                 .with_context(|| format!("the policy {}", path.display()))?;
             witnesses = parsed.verify(&new.checkpoint)?.1;
             policy = Some(parsed);
@@ -295,11 +315,12 @@ impl LogSource {
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =
-                    String::from_utf8(read(&path)?).context("the checkpoint file is not UTF-8")?;
+                    String::from_utf8(read(&path, crate::audit::note::MAX_NOTE_BYTES as u64)?)
+                        .context("the checkpoint file is not UTF-8")?;
                 verify_export(&new, &key, Some(&older))?
             }
             (None, Some(path)) => {
-                let previous = Export::parse(&read(&path)?)?;
+                let previous = read_export(&path, self.remote.max_entries)?;
                 verify_export_against(&new, &key, &previous)?
             }
             (None, None) => verify_export(&new, &key, None)?,
@@ -822,6 +843,47 @@ pub fn describe(e: &VerifyError) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// An input file is a regular file of bounded size: a link to
+    /// `/dev/zero` (or a FIFO) in a handed-over bundle is refused, not read
+    /// until memory runs out; an export of more entries than
+    /// `--max-entries` is `log_too_large`.
+    #[test]
+    fn input_files_are_regular_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let zero = dir.path().join("export.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let e = read(&zero, 1 << 20).unwrap_err();
+        assert!(format!("{e:#}").contains("not a regular file"), "{e:#}");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; 100]).unwrap();
+        let e = read(&big, 99).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("larger than the 99 bytes"),
+            "{e:#}"
+        );
+        let export = dir.path().join("two.json");
+        let two = Export {
+            origin: "o".into(),
+            checkpoint: "c".into(),
+            earlier_checkpoints: Vec::new(),
+            entries: (0..2)
+                .map(|index| crate::audit::export::ExportEntry::new(index, b"{}"))
+                .collect(),
+        };
+        std::fs::write(&export, serde_json::to_vec(&two).unwrap()).unwrap();
+        read_export(&export, 2).unwrap();
+        let e = read_export(&export, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("log_too_large"), "{e:#}");
+        // An entry as an array, not an object: refused.
+        let array = serde_json::to_string(&two)
+            .unwrap()
+            .replace(r#"{"index":0,"leaf":"e30"}"#, r#"[0,"e30"]"#);
+        assert!(array.contains(r#"[0,"e30"]"#), "{array}");
+        std::fs::write(&export, array).unwrap();
+        let e = read_export(&export, 2).unwrap_err();
+        assert!(format!("{e:#}").contains("expected a JSON object"), "{e:#}");
+    }
 
     /// A key's text is also a path: a file at that path, holding another
     /// key for the same origin (someone handing over a log bundle with it

@@ -122,10 +122,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .max_blocking_threads(blocking_threads)
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve(
-        state,
+    let result = runtime.block_on(serve(
+        state.clone(),
         Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
-    ))
+    ));
+    // Blocking tasks still running (a readiness probe inside a module that
+    // does not answer) are not waited for past this.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    // The store's last handle is dropped here, outside the runtime: a
+    // PostgreSQL client closes its connection on a runtime of its own,
+    // which cannot start inside another (every stop on PostgreSQL
+    // panicked, exit 101, until this).
+    drop(state);
+    result
 }
 
 async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()> {
@@ -234,10 +243,15 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     }
     drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
     // A last chance for leaves still waiting for the store.
+    // Then the writer ends, and with it its handle on the HSM.
     let audit = state.audit.clone();
-    let lost = tokio::task::spawn_blocking(move || audit.flush_deferred(Duration::from_secs(5)))
-        .await
-        .unwrap_or_else(|_| state.audit.deferred_leaves());
+    let lost = tokio::task::spawn_blocking(move || {
+        let lost = audit.flush_deferred(Duration::from_secs(5));
+        audit.stop_deferred();
+        lost
+    })
+    .await
+    .unwrap_or_else(|_| state.audit.deferred_leaves());
     if lost > 0 {
         tracing::error!(
             leaves = lost,

@@ -138,9 +138,16 @@ impl HsmError {
     }
 
     /// True when the session may hold something that must not outlive the
-    /// operation, so it must be closed rather than reused.
+    /// operation, or is left in a state that fails every later call (an
+    /// operation still active, e.g. a find whose `C_FindObjectsFinal`
+    /// failed: cryptoki only logs that), so it must be closed rather than
+    /// reused.
     pub fn taints_session(&self) -> bool {
         matches!(self, HsmError::DerivedSecretNotDestroyed(_))
+            || matches!(
+                self.ckr(),
+                Some("CKR_OPERATION_ACTIVE" | "CKR_OPERATION_NOT_INITIALIZED")
+            )
     }
 
     /// The `CKR_*` code, if this error carries one.
@@ -238,5 +245,20 @@ mod tests {
         let e = HsmError::from(CkError::Pkcs11(RvError::PinIncorrect, Function::Login));
         assert!(matches!(e, HsmError::Login { ref ckr } if ckr == "CKR_PIN_INCORRECT"));
         assert!(!e.is_session_lost());
+    }
+
+    /// A session left with an operation active fails every later call: it
+    /// is closed, not put back in the pool.
+    #[test]
+    fn a_session_with_an_operation_left_active_is_not_reused() {
+        for rv in [RvError::OperationActive, RvError::OperationNotInitialized] {
+            let e = HsmError::from(CkError::Pkcs11(rv, Function::FindObjectsInit));
+            assert!(e.taints_session(), "{e}");
+        }
+        let e = HsmError::from(CkError::Pkcs11(
+            RvError::KeyHandleInvalid,
+            Function::DeriveKey,
+        ));
+        assert!(!e.taints_session(), "{e}");
     }
 }
