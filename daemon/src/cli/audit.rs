@@ -81,12 +81,12 @@ fn export_file_bound(max_entries: u64) -> u64 {
 
 /// Reads an input file: a regular file only (not a FIFO that never ends or
 /// a link to `/dev/zero` in a handed-over bundle), of at most `limit` bytes.
-fn read(path: &PathBuf, limit: u64) -> anyhow::Result<Vec<u8>> {
+fn read(path: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
     read_regular(path, limit).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Parses an export file, refusing one of more entries than `max_entries`.
-fn read_export(path: &PathBuf, max_entries: u64) -> anyhow::Result<Export> {
+fn read_export(path: &std::path::Path, max_entries: u64) -> anyhow::Result<Export> {
     let export = Export::parse(&read(path, export_file_bound(max_entries))?)?;
     within_max_entries(export.entries.len() as u64, max_entries)?;
     Ok(export)
