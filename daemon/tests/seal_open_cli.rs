@@ -218,9 +218,9 @@ fn seal_warns_outside_the_key_validity() {
     assert!(warn.contains("is before its not_before"), "{warn}");
 }
 
-#[test]
-fn dek_hex_is_checked_and_never_printed() {
-    let bad = Cmd::try_parse_from([
+/// `lavd seal` with only `--time` and `--dek-hex` varying.
+fn parse_seal(time: &str, dek_hex: &str) -> Result<Cmd, clap::Error> {
+    Cmd::try_parse_from([
         "lavd",
         "seal",
         "--jwks",
@@ -230,15 +230,19 @@ fn dek_hex_is_checked_and_never_printed() {
         "--target",
         "t",
         "--time",
-        "2026-11-26T07:25:21Z",
+        time,
         "--provider",
         "p",
         "--dek-hex",
-        "00ff",
+        dek_hex,
     ])
-    .err()
-    .unwrap()
-    .to_string();
+}
+
+#[test]
+fn dek_hex_is_checked_and_never_printed() {
+    const TIME: &str = "2026-11-26T07:25:21Z";
+    const DEK: &str = "deadbeefdeadbeefdeadbeefdeadbeef";
+    let bad = parse_seal(TIME, "00ff").err().unwrap().to_string();
     assert!(
         bad.contains("the DEK is 2 bytes; expected 16..=64"),
         "{bad}"
@@ -246,44 +250,13 @@ fn dek_hex_is_checked_and_never_printed() {
     // clap quotes a refused value; this one is a secret, and is not.
     assert!(!bad.contains("00ff"), "{bad}");
     // A fraction of a second is refused, not dropped from the header.
-    let fraction = Cmd::try_parse_from([
-        "lavd",
-        "seal",
-        "--jwks",
-        "k",
-        "--kid",
-        "k",
-        "--target",
-        "t",
-        "--time",
-        "2026-11-26T07:25:21.9Z",
-        "--provider",
-        "p",
-        "--dek-hex",
-        "deadbeefdeadbeefdeadbeefdeadbeef",
-    ])
-    .err()
-    .unwrap()
-    .to_string();
+    let fraction = parse_seal("2026-11-26T07:25:21.9Z", DEK)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(fraction.contains("fraction of a second"), "{fraction}");
 
-    let Cmd::Seal(args) = Cmd::try_parse_from([
-        "lavd",
-        "seal",
-        "--jwks",
-        "k",
-        "--kid",
-        "k",
-        "--target",
-        "t",
-        "--time",
-        "2026-11-26T07:25:21Z",
-        "--provider",
-        "p",
-        "--dek-hex",
-        "deadbeefdeadbeefdeadbeefdeadbeef",
-    ])
-    .unwrap() else {
+    let Cmd::Seal(args) = parse_seal(TIME, DEK).unwrap() else {
         unreachable!()
     };
     let text = format!("{args:?}");

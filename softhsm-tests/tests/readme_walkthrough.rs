@@ -25,6 +25,23 @@ fn walkthrough() -> String {
     block[code_start..code_end].to_string()
 }
 
+/// `GET /v1/keys` with the provider's certificate of the dev directory
+/// `dir`, through curl, as the README's reader would.
+fn provider_keys(dir: &Path, api: u16) -> String {
+    let out = Command::new("curl")
+        .args(["-sf", "--cacert"])
+        .arg(dir.join("pki/ca.pem"))
+        .arg("--cert")
+        .arg(dir.join("pki/provider.pem"))
+        .arg("--key")
+        .arg(dir.join("pki/provider.key"))
+        .arg(format!("https://localhost:{api}/v1/keys"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 #[test]
 fn the_readme_walkthrough_works_as_written() {
     let work = tempfile::tempdir().unwrap();
@@ -109,18 +126,7 @@ fn the_readme_walkthrough_works_as_written() {
     let child = dev.start(&work.path().join("dev2.log"));
     let second = std::fs::read_to_string(work.path().join("dev2.log")).unwrap();
     assert!(second.contains("using the existing"), "{second}");
-    let keys_after = Command::new("curl")
-        .args(["-sf", "--cacert"])
-        .arg(dir.join("pki/ca.pem"))
-        .arg("--cert")
-        .arg(dir.join("pki/provider.pem"))
-        .arg("--key")
-        .arg(dir.join("pki/provider.key"))
-        .arg(format!("https://localhost:{api}/v1/keys"))
-        .output()
-        .unwrap();
-    assert!(keys_after.status.success());
-    assert_eq!(String::from_utf8_lossy(&keys_after.stdout), keys_before);
+    assert_eq!(provider_keys(&dir, api), keys_before);
     stop(child);
 
     // `lavd serve --config lavd-dev/lavd.toml` takes the dev config as it
@@ -146,17 +152,6 @@ fn the_readme_walkthrough_works_as_written() {
         );
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
-    let keys_served = Command::new("curl")
-        .args(["-sf", "--cacert"])
-        .arg(dir.join("pki/ca.pem"))
-        .arg("--cert")
-        .arg(dir.join("pki/provider.pem"))
-        .arg("--key")
-        .arg(dir.join("pki/provider.key"))
-        .arg(format!("https://localhost:{api}/v1/keys"))
-        .output()
-        .unwrap();
-    assert!(keys_served.status.success());
-    assert_eq!(String::from_utf8_lossy(&keys_served.stdout), keys_before);
+    assert_eq!(provider_keys(&dir, api), keys_before);
     stop(serve);
 }
