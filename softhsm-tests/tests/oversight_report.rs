@@ -878,8 +878,9 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     assert_eq!(after["period"]["leaves"], 0);
     assert_eq!(
         after["totals"],
-        json!({"opened": 0, "denied": 0, "refused": 0, "revocations": 0,
-               "urgent_warrants": 0, "keys_generated": 0, "keys_destroyed": 0})
+        json!({"opened": 0, "denied": 0, "opened_not_released": 0, "refused": 0,
+               "revocations": 0, "urgent_warrants": 0, "keys_generated": 0,
+               "keys_destroyed": 0})
     );
     let empty = period("2026-01-02T00:00:00Z", Some("2026-01-01T00:00:00Z"));
     assert_eq!(empty.status.code(), Some(1));

@@ -431,8 +431,15 @@ pub fn render(report: &Report) -> String {
     }
     .section(
         "Denials by reason",
-        "An envelope is denied when the warrant was valid but does not reach it (outside the \
-         window, another target, budget spent, key destroyed, …).",
+        &format!(
+            "An envelope is denied when the warrant was valid but does not reach it (outside \
+             the window, another target, budget spent, key destroyed, …). Three reasons are \
+             different: audit_commit_failed, warrant_expired and emergency_expired mark \
+             envelopes the HSM did open, whose request then failed (its audit commit, or the \
+             warrant's end reached while it ran), so nothing was released: {} in this \
+             period.",
+            t.opened_not_released
+        ),
         "",
         "",
         &mut out,

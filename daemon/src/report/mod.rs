@@ -169,6 +169,11 @@ pub struct Totals {
     pub opened: u64,
     /// `unwrap` leaves with `outcome: denied`.
     pub denied: u64,
+    /// Of `denied`, the envelopes the HSM did open but whose request then
+    /// failed, so nothing was released: the reasons of audit leaves only
+    /// (`audit_commit_failed`; `warrant_expired` and `emergency_expired`
+    /// written in flight). The others were never opened.
+    pub opened_not_released: u64,
     /// `warrant_refused` leaves.
     pub refused: u64,
     /// `revocation` leaves.
@@ -593,6 +598,7 @@ impl Report {
                         }
                         UnwrapOutcome::Denied(reason) => {
                             totals.denied += 1;
+                            totals.opened_not_released += u64::from(!reason.in_replies());
                             m.denied += 1;
                             w.denied += 1;
                             urgent.denied += u64::from(u.emergency());

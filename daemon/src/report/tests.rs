@@ -328,6 +328,42 @@ fn an_urgent_warrant_refused_as_expired_before_its_replacement_lapsed() {
     assert_eq!((r.urgent.lapsed, r.urgent.replaced), (0, 1));
 }
 
+/// Envelopes the HSM opened but whose request failed (leaf-only reasons)
+/// are denied, and counted apart as opened but not released.
+#[test]
+fn opens_that_were_not_released_are_counted_apart() {
+    let w = warrant("W-1", false);
+    let events = vec![
+        (datetime!(2026-05-01 10:00 UTC), opened(A, &w, 1)),
+        (
+            datetime!(2026-05-01 10:01 UTC),
+            denied(A, &w, DenyReason::AuditCommitFailed),
+        ),
+        (
+            datetime!(2026-05-01 10:02 UTC),
+            denied(A, &w, DenyReason::WarrantExpired),
+        ),
+        (
+            datetime!(2026-05-01 10:03 UTC),
+            denied(A, &w, DenyReason::OutOfWindow),
+        ),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(
+        (
+            r.totals.opened,
+            r.totals.denied,
+            r.totals.opened_not_released
+        ),
+        (1, 3, 2)
+    );
+    let page = html::render(&r);
+    assert!(
+        page.contains("nothing was released: 2 in this period"),
+        "{page}"
+    );
+}
+
 /// An urgent warrant whose hours ended while a request of it was in
 /// flight: the daemon wrote that request's leaves denied
 /// `emergency_expired` and no refusal leaf. Those leaves prove the lapse,
