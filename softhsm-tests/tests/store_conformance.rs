@@ -1364,6 +1364,25 @@ fn postgres_serialization_failures_are_retried_and_counted() {
     assert_eq!(ok + failed, 200);
 }
 
+/// A store on a fresh database through a [`softhsm_tests::pg::CutAtCommit`]
+/// proxy armed by `arm`, and the result of one key's append through it.
+fn append_with_its_commit_cut(
+    arm: fn(&softhsm_tests::pg::CutAtCommit),
+) -> (TestDb, Store, Result<lavd::store::Appended, StoreError>) {
+    let db = TestDb::create();
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    let store =
+        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
+    arm(&proxy);
+    let appended = store.append(AuditAppend {
+        events: vec![key_event(1)],
+        time: now(),
+        spend: Spend::InsertKey(key_record("k1")),
+    });
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    (db, store, appended)
+}
+
 /// A COMMIT whose answer is lost (the connection cut just after it was
 /// sent: the server commits, the client never hears) is answered by what
 /// PostgreSQL did, read from `pg_xact_status`: here, committed. Before,
@@ -1371,17 +1390,7 @@ fn postgres_serialization_failures_are_retried_and_counted() {
 /// then deleted the key pair the store had recorded.
 #[test]
 fn postgres_an_append_whose_commit_answer_is_lost_is_answered_by_what_postgresql_did() {
-    let db = TestDb::create();
-    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
-    let store =
-        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
-    proxy.arm();
-    let appended = store.append(AuditAppend {
-        events: vec![key_event(1)],
-        time: now(),
-        spend: Spend::InsertKey(key_record("k1")),
-    });
-    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    let (db, store, appended) = append_with_its_commit_cut(softhsm_tests::pg::CutAtCommit::arm);
     let appended = appended.unwrap();
     assert_eq!((appended.first_index, appended.count), (0, 1));
     assert_eq!(db.rows("escrow_keys"), 1);
@@ -1403,17 +1412,8 @@ fn postgres_an_append_whose_commit_answer_is_lost_is_answered_by_what_postgresql
 /// failed, and nothing of it is in the store.
 #[test]
 fn postgres_an_append_whose_commit_never_arrived_is_answered_failed() {
-    let db = TestDb::create();
-    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
-    let store =
-        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
-    proxy.arm_dropping();
-    let appended = store.append(AuditAppend {
-        events: vec![key_event(1)],
-        time: now(),
-        spend: Spend::InsertKey(key_record("k1")),
-    });
-    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    let (db, _store, appended) =
+        append_with_its_commit_cut(softhsm_tests::pg::CutAtCommit::arm_dropping);
     assert!(
         matches!(appended, Err(StoreError::CommitFailed(_))),
         "{appended:?}"
