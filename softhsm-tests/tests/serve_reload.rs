@@ -242,6 +242,72 @@ fn a_crl_past_its_next_update_refuses_open_connections() {
     assert_eq!(r.header("connection"), Some("close"));
 }
 
+/// CRLs the handshake would misread are refused before they are used, and
+/// the running ones stay: two CRLs of one CA (the handshake consults only
+/// the first that matches, so the newer one, listed second, would revoke
+/// nothing), and a CRL already past its `nextUpdate` (every client would be
+/// refused). The newer CRL alone is then applied and refuses the
+/// certificate it revokes.
+#[test]
+fn crls_the_handshake_would_misread_are_refused_at_reload() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let stolen = pki.clients.identity(PROVIDER);
+    let with_crls = |files: &[&str]| {
+        let list: Vec<String> = files.iter().map(|f| format!("\"tls/{f}\"")).collect();
+        serve_config(&format!(
+            "crls = [{}]\n{}",
+            list.join(", "),
+            roles(&[PROVIDER])
+        ))
+    };
+    pki.write("old.crl.pem", &pki.clients.crl(&[]));
+    t.write_config(&with_crls(&["old.crl.pem"]));
+    let daemon = Daemon::start(&t);
+    let mut conn = pki.client(daemon.api, Some(&stolen)).connect().unwrap();
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+
+    pki.write("new.crl.pem", &pki.clients.crl(&[&stolen]));
+    t.write_config(&with_crls(&["old.crl.pem", "new.crl.pem"]));
+    reload(&daemon);
+    let past = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    pki.write("stale.crl.pem", &pki.clients.crl_until(&[], past));
+    t.write_config(&with_crls(&["stale.crl.pem"]));
+    reload(&daemon);
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 2.0),
+        2.0
+    );
+    let log = daemon.stderr();
+    assert!(log.contains("tls.crls"), "{log}");
+    assert!(
+        log.contains("CRL 1 (") && log.contains("CRL 2 (") && log.contains("have the same issuer"),
+        "{log}"
+    );
+    assert!(
+        log.contains("stale.crl.pem (CRL 1 of tls.crls) is past its nextUpdate"),
+        "{log}"
+    );
+    // Still the old CRL, on the open connection and on new ones.
+    assert_eq!(
+        conn.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    assert_eq!(
+        pki.client(daemon.api, Some(&stolen)).get("/v1/keys").status,
+        200
+    );
+
+    t.write_config(&with_crls(&["new.crl.pem"]));
+    reload(&daemon);
+    let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
+    let message = r.assert_error(403, "client_certificate_rejected");
+    assert!(message.contains("certificate_revoked"), "{message}");
+}
+
 /// Changes that only a restart applies are named in the reload's warning:
 /// `[hsm]` (its `call_timeout_ms`, which the comparison once left out),
 /// `[server]`, `[limits]` and `[log]`, changed at once.

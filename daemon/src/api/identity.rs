@@ -7,7 +7,7 @@
 //! identity that is ambiguous cannot be bound to a warrant's `agency`.
 //!
 //! The same minimal DER reader gives the times that bound how long a
-//! connection's certificate check holds ([`not_after`], [`crl_next_update`]).
+//! connection's certificate check holds ([`not_after`], [`crl_fields`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -192,13 +192,25 @@ pub fn not_after(cert: &[u8]) -> Result<u64, IdentityError> {
     der_time(tag, value)
 }
 
-/// The `nextUpdate` of a DER X.509 CRL (RFC 5280 §5.1.2.5), in seconds
-/// since the Unix epoch, or `None` when it has none.
+/// What lavd reads of a DER X.509 CRL (RFC 5280 §5.1.2): its issuer and
+/// its `nextUpdate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrlFields {
+    /// The issuer `Name`'s DER contents, compared byte for byte between
+    /// CRLs (the handshake matches a CRL to a certificate's issuer by them).
+    pub issuer: Vec<u8>,
+    /// `nextUpdate` in seconds since the Unix epoch, or `None` when the CRL
+    /// has none.
+    pub next_update: Option<u64>,
+}
+
+/// The issuer and `nextUpdate` of a DER X.509 CRL (RFC 5280 §5.1.2.3 and
+/// §5.1.2.5).
 ///
 /// # Errors
 /// [`IdentityError::Malformed`] when the DER is not a CRL or a time is not
 /// in RFC 5280's form.
-pub fn crl_next_update(crl: &[u8]) -> Result<Option<u64>, IdentityError> {
+pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
     let mut list = Der::new(crl).expect_one(SEQUENCE)?;
     let mut tbs = Der::new(list.expect(SEQUENCE)?);
     // version, optional; signature; issuer; thisUpdate.
@@ -209,16 +221,21 @@ pub fn crl_next_update(crl: &[u8]) -> Result<Option<u64>, IdentityError> {
     if tag != SEQUENCE {
         return Err(IdentityError::Malformed);
     }
-    tbs.expect(SEQUENCE)?;
+    let issuer = tbs.expect(SEQUENCE)?.to_vec();
     let (tag, value) = tbs.next()?;
     der_time(tag, value)?;
-    if tbs.is_empty() {
-        return Ok(None);
-    }
-    match tbs.next()? {
-        (tag @ (UTC_TIME | GENERALIZED_TIME), value) => der_time(tag, value).map(Some),
-        _ => Ok(None),
-    }
+    let next_update = if tbs.is_empty() {
+        None
+    } else {
+        match tbs.next()? {
+            (tag @ (UTC_TIME | GENERALIZED_TIME), value) => Some(der_time(tag, value)?),
+            _ => None,
+        }
+    };
+    Ok(CrlFields {
+        issuer,
+        next_update,
+    })
 }
 
 /// A UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime
@@ -468,10 +485,10 @@ mod tests {
             }
             .signed_by(&issuer)
             .unwrap();
-            assert_eq!(crl_next_update(crl.der()).unwrap(), Some(expected));
+            assert_eq!(crl_fields(crl.der()).unwrap().next_update, Some(expected));
         }
         assert!(not_after(b"\x30\x00").is_err());
-        assert!(crl_next_update(b"\x30\x00").is_err());
+        assert!(crl_fields(b"\x30\x00").is_err());
         assert!(der_time(UTC_TIME, b"270304050607+").is_err());
         assert!(der_time(GENERALIZED_TIME, b"2027023005060Z").is_err());
         assert!(der_time(GENERALIZED_TIME, b"20270230050607Z").is_err());
@@ -492,7 +509,7 @@ mod tests {
             // None of these may panic.
             let _ = uri_san(&flipped);
             let _ = not_after(&flipped);
-            let _ = crl_next_update(&flipped);
+            let _ = crl_fields(&flipped);
             flipped[i] ^= 0xff;
         }
         assert_eq!(

@@ -41,8 +41,8 @@ pub struct TlsMaterial {
     /// Until when (seconds since the Unix epoch) a chain that passed
     /// [`TlsMaterial::recheck`] keeps passing as far as the CRLs go: the
     /// earliest `nextUpdate` of the configured CRLs; `u64::MAX` without CRLs
-    /// or when none has a `nextUpdate`, and 0 (a pass holds for no time at
-    /// all) when one could not be read for it.
+    /// or when none has a `nextUpdate` (a CRL lavd cannot read is refused at
+    /// load).
     pub crls_valid_until: u64,
 }
 
@@ -89,15 +89,17 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
         }
     }
 
-    let mut crls = Vec::new();
+    // Each CRL with the file it came from, in the configured order.
+    let mut crls: Vec<(&Path, CertificateRevocationListDer<'static>)> = Vec::new();
     for path in &tls.crls {
         let bytes = read("tls.crls", path)?;
         if bytes.starts_with(b"-----BEGIN") {
             let before = crls.len();
             for crl in CertificateRevocationListDer::pem_slice_iter(&bytes) {
-                crls.push(
+                crls.push((
+                    path,
                     crl.map_err(|e| err("tls.crls", format!("{}: bad PEM: {e}", path.display())))?,
-                );
+                ));
             }
             if crls.len() == before {
                 return Err(err(
@@ -106,19 +108,12 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
                 ));
             }
         } else {
-            crls.push(CertificateRevocationListDer::from(bytes));
+            crls.push((path, CertificateRevocationListDer::from(bytes)));
         }
     }
-
-    let crls_valid_until =
-        crls.iter().fold(
-            u64::MAX,
-            |until, crl| match super::identity::crl_next_update(crl.as_ref()) {
-                Ok(Some(next)) => until.min(next),
-                Ok(None) => until,
-                Err(_) => 0,
-            },
-        );
+    let crls_valid_until = check_crls(&crls, tls.enforce_crl_expiry, unix_now())
+        .map_err(|reason| err("tls.crls", reason))?;
+    let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
     let mut verifier =
@@ -262,6 +257,67 @@ fn read_identity(
 }
 
 /// A [`ConfigError`] on `field` of `config_file`.
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Checks the configured CRLs as a whole, before any is used, and returns
+/// the earliest `nextUpdate` ([`TlsMaterial::crls_valid_until`]). Refused,
+/// with the files named:
+/// - a CRL lavd cannot read its issuer or times from;
+/// - two CRLs from one issuer: the handshake consults only the first one
+///   that matches a certificate's issuer (rustls-webpki compares neither
+///   `thisUpdate` nor the CRL number), so a newer CRL appended after an
+///   older one would never revoke anything;
+/// - with `enforce_crl_expiry`, a CRL already past its `nextUpdate`: every
+///   client it covers would be refused, so a reload that brings it in is
+///   refused instead and the running CRLs stay.
+fn check_crls(
+    crls: &[(&Path, CertificateRevocationListDer<'_>)],
+    enforce_expiry: bool,
+    now: u64,
+) -> Result<u64, String> {
+    let mut until = u64::MAX;
+    let mut issuers: Vec<(Vec<u8>, usize, &Path)> = Vec::with_capacity(crls.len());
+    for (i, (path, crl)) in crls.iter().enumerate() {
+        let fields = super::identity::crl_fields(crl.as_ref()).map_err(|_| {
+            format!(
+                "{} (CRL {} of tls.crls): not a DER X.509 CRL with RFC 5280 times",
+                path.display(),
+                i + 1
+            )
+        })?;
+        if let Some((_, first, first_path)) = issuers.iter().find(|(n, ..)| *n == fields.issuer) {
+            return Err(format!(
+                "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer: the handshake \
+                 would consult only the first, so list only the newest CRL of each CA",
+                first + 1,
+                first_path.display(),
+                i + 1,
+                path.display()
+            ));
+        }
+        issuers.push((fields.issuer, i, path));
+        if let Some(next) = fields.next_update {
+            if enforce_expiry && next <= now {
+                return Err(format!(
+                    "{} (CRL {} of tls.crls) is past its nextUpdate ({}): with \
+                     enforce_crl_expiry every client it covers would be refused; fetch a fresh CRL",
+                    path.display(),
+                    i + 1,
+                    time::OffsetDateTime::from_unix_timestamp(i64::try_from(next).unwrap_or(0))
+                        .map_or_else(|_| next.to_string(), crate::codec::format_time)
+                ));
+            }
+            until = until.min(next);
+        }
+    }
+    Ok(until)
+}
+
 fn file_error(config_file: &Path, field: &str, reason: String) -> ConfigError {
     ConfigError {
         file: config_file.to_path_buf(),
