@@ -111,7 +111,7 @@ fn unknown_routes_are_404_and_wrong_methods_405() {
         ("PUT", "/v1/warrants/revocations", "POST"),
         ("POST", "/v1/log/tile/0/000", "GET"),
     ] {
-        let r = s.provider.request(method, path, &[], Some(b"{}")).unwrap();
+        let r = s.provider.request(method, path, &[], None).unwrap();
         r.assert_error(405, "method_not_allowed");
         // RFC 9110 §15.5.6: a 405 names the methods the resource takes.
         assert_eq!(r.header("allow"), Some(allow), "{method} {path}");
@@ -180,6 +180,56 @@ fn role_checks_come_before_the_body_is_parsed() {
         ),
         1.0
     );
+}
+
+/// A caller that may not reach the route it posts to is answered at once,
+/// without the body being waited for: a provider posting to `/v1/unwrap`,
+/// or an identity with no role posting anywhere, declares a body and sends
+/// none, and gets 403 `forbidden` (not 408 once `body_read_timeout` is
+/// out, with a buffer held meanwhile), and the connection is closed.
+#[test]
+fn a_caller_who_may_not_post_there_is_refused_before_its_body() {
+    const NOBODY: &str = "spiffe://provider.example/nobody";
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    for (identity, path) in [
+        (PROVIDER, "/v1/unwrap"),
+        (NOBODY, "/v1/unwrap"),
+        (NOBODY, "/v1/warrants/revocations"),
+    ] {
+        let mut conn = pki
+            .client(daemon.api, Some(&pki.clients.identity(identity)))
+            .connect()
+            .unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+             content-length: 500000\r\n\r\n"
+        );
+        let started = std::time::Instant::now();
+        conn.send(head.as_bytes()).unwrap();
+        let r = conn.read_response().unwrap();
+        r.assert_error(403, "forbidden");
+        assert_eq!(r.header("connection"), Some("close"), "{identity} {path}");
+        // The default body_read_timeout is 30 s.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{identity} {path}: {:?}",
+            started.elapsed()
+        );
+    }
+    // A body on a route that takes none: the answer comes, and the body is
+    // not read as a next request (the connection closes).
+    let mut conn = pki
+        .client(daemon.api, Some(&pki.clients.identity(PROVIDER)))
+        .connect()
+        .unwrap();
+    let r = conn.request("POST", "/v1/keys", &[], Some(b"{}")).unwrap();
+    r.assert_error(405, "method_not_allowed");
+    assert_eq!(r.header("connection"), Some("close"));
 }
 
 /// A body must be sent as `application/json`. An HTML form can post

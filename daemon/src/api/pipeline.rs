@@ -342,21 +342,29 @@ where
     };
 
     // The public listener serves only GETs of the log: it reads no body
-    // from anyone, so none can hold memory there for the body timeout.
-    let max_body = match &api.access {
-        Access::Public(_) => 0,
-        Access::Mutual => state.limits.max_body_bytes,
+    // from anyone, so none can hold memory there for the body timeout. On
+    // the API listener, a body is read only for a route that takes one and
+    // that the caller may reach: anyone else is answered at once (403, 404,
+    // 405), without a buffer held until the body comes or its timeout, and
+    // whatever body was sent is drained or the connection closed.
+    let wanted = match &api.access {
+        Access::Public(_) => Some(0),
+        Access::Mutual => super::routes::takes_body(&parts.method, parts.uri.path(), &roles)
+            .then_some(state.limits.max_body_bytes),
     };
-    let bytes = match read_bounded_body(
-        &parts.headers,
-        body,
-        max_body,
-        state.limits.body_read_timeout,
-    )
-    .await
-    {
-        Ok(bytes) => bytes,
-        Err((e, unread)) => return (e.into_response(), unread),
+    let (bytes, unread) = match wanted {
+        None => (Bytes::new(), Some(body)),
+        Some(max_body) => match read_bounded_body(
+            &parts.headers,
+            body,
+            max_body,
+            state.limits.body_read_timeout,
+        )
+        .await
+        {
+            Ok(bytes) => (bytes, None),
+            Err((e, unread)) => return (e.into_response(), unread),
+        },
     };
     // One configuration decides the whole request: after a reload while
     // the body was read (a slow client can make that take the whole
@@ -388,7 +396,7 @@ where
     req.extensions_mut().insert(ctx);
     let mut response = (api.router)(req).await;
     response.extensions_mut().insert(Routed);
-    (response, None)
+    (response, unread)
 }
 
 /// Admits a request's caller again under a newer configuration, for a

@@ -104,6 +104,37 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/log/tile/entries/{N}"),
 ];
 
+/// Who may reach `POST /v1/unwrap`.
+pub const UNWRAP_ROLES: &[Role] = &[Role::Agency];
+
+/// The routes that take a request body (the `POST`s of [`ROUTES`]), with the
+/// roles that may reach each ([`ANY_ROLE`]: any role). The pipeline reads a
+/// body only for a request one of them may take: a caller that may reach
+/// none is answered (403 `forbidden`, 404) without waiting for a body it
+/// could hold in memory for the whole `body_read_timeout`.
+pub const BODY_ROUTES: &[(&str, &[Role])] = &[
+    ("/v1/unwrap", UNWRAP_ROLES),
+    ("/v1/warrants/revocations", ANY_ROLE),
+];
+
+/// Whether a request with this method and path, from a caller holding
+/// `roles`, reaches a route of [`BODY_ROUTES`].
+pub fn takes_body(
+    method: &warp::http::Method,
+    path: &str,
+    roles: &std::collections::BTreeSet<Role>,
+) -> bool {
+    method == warp::http::Method::POST
+        && BODY_ROUTES.iter().any(|(template, allowed)| {
+            *template == path
+                && if allowed.is_empty() {
+                    !roles.is_empty()
+                } else {
+                    allowed.iter().any(|r| roles.contains(r))
+                }
+        })
+}
+
 /// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
 /// request metrics and the log span. Put it right after path and method.
 pub fn route(
@@ -383,7 +414,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(route("/v1/unwrap"))
         .and(no_query())
-        .and(require(&[Role::Agency]))
+        .and(require(UNWRAP_ROLES))
         .and(admitted())
         .and(readmission())
         .and(raw_body())
@@ -557,6 +588,28 @@ async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The routes that read a body are exactly the `POST`s of the table.
+    #[test]
+    fn the_body_routes_are_the_posts() {
+        let posts: Vec<&str> = ROUTES
+            .iter()
+            .filter(|(method, _)| *method == "POST")
+            .map(|(_, template)| *template)
+            .collect();
+        let bodies: Vec<&str> = BODY_ROUTES.iter().map(|(template, _)| *template).collect();
+        assert_eq!(posts, bodies);
+        let post = warp::http::Method::POST;
+        let agency = std::collections::BTreeSet::from([Role::Agency]);
+        let provider = std::collections::BTreeSet::from([Role::Provider]);
+        let none = std::collections::BTreeSet::new();
+        assert!(takes_body(&post, "/v1/unwrap", &agency));
+        assert!(!takes_body(&post, "/v1/unwrap", &provider));
+        assert!(takes_body(&post, "/v1/warrants/revocations", &provider));
+        assert!(!takes_body(&post, "/v1/warrants/revocations", &none));
+        assert!(!takes_body(&warp::http::Method::PUT, "/v1/unwrap", &agency));
+        assert!(!takes_body(&post, "/v1/keys", &agency));
+    }
 
     fn refused(raw: &str) -> String {
         match IndexQuery::parse(raw, &["start"], &["end"]) {
