@@ -142,3 +142,74 @@ fn sigterm_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
         assert_eq!(leaf["envelope_digest"], vault::envelope_digest(envelope));
     }
 }
+
+/// A second SIGTERM cuts the drain short while an unwrap is inside the HSM
+/// (the fault module holds its derive): the connection is cut, but the
+/// unwrap's work goes on, and the process waits for it, past the runtime's
+/// own 5-second bound on blocking tasks, so its leaves and spend are
+/// durable when it exits 0. Before, it exited 5 s after the drain, the open
+/// still running and logged nowhere.
+#[test]
+fn a_cut_drain_waits_for_the_hsm_opens_of_the_requests_it_cut() {
+    let mut h = vault::Held::new(&["E-1"]);
+    let escrow = vault::published_key(&h.c.provider, "E-1");
+    let envelopes = vec![h.seal(&escrow, "E-1", "cut")];
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 10));
+    let body = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
+    h.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let agency = h.c.agency.clone();
+    let request = std::thread::spawn(move || {
+        agency.request("POST", "/v1/unwrap", Some(body.to_string().as_bytes()))
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while h.shim.faults() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the unwrap never reached the HSM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    h.daemon.signal(Signal::TERM);
+    h.daemon.expect_notify("STOPPING=1");
+    h.daemon.signal(Signal::TERM);
+    // The cut connection: no reply.
+    assert!(
+        request.join().unwrap().is_err(),
+        "the cut request got a reply"
+    );
+    // Held past the runtime's 5 s: still running, waiting for the open.
+    assert_eq!(
+        h.daemon.wait_exit_or_running(Duration::from_secs(7)),
+        None,
+        "exited with the HSM open still running; stderr:\n{}",
+        h.daemon.stderr()
+    );
+    assert!(
+        h.daemon
+            .stderr()
+            .contains("waiting for requests' HSM and store work that has not returned"),
+        "{}",
+        h.daemon.stderr()
+    );
+    h.shim.set("");
+    let status = h.daemon.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", h.daemon.stderr());
+
+    let db = rusqlite::Connection::open(h.t.path("lavd.db")).unwrap();
+    let spent: u64 = db
+        .query_row("SELECT spent FROM warrants WHERE id = 'W-CUT'", [], |row| {
+            row.get(0)
+        })
+        .unwrap();
+    assert_eq!(spent, 1);
+    let mut leaves = db.prepare("SELECT leaf FROM audit_leaves").unwrap();
+    let outcomes: Vec<String> = leaves
+        .query_map([], |row| row.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|leaf| serde_json::from_slice::<serde_json::Value>(&leaf.unwrap()).unwrap())
+        .filter(|leaf| leaf["warrant_id"] == "W-CUT" && leaf["event"] == "unwrap")
+        .map(|leaf| leaf["outcome"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(outcomes, vec!["opened"]);
+}

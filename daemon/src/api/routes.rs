@@ -35,6 +35,7 @@
 //! ```
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use warp::filters::BoxedFilter;
@@ -372,6 +373,60 @@ pub fn no_query() -> impl Filter<Extract = (), Error = Rejection> + Clone {
         .untuple_one()
 }
 
+/// Requests' work on the blocking pool that has not returned, process-wide
+/// ([`blocking`]), with the condition [`wait_for_request_work`] waits on.
+pub static REQUEST_WORK: (std::sync::Mutex<usize>, std::sync::Condvar) =
+    (std::sync::Mutex::new(0), std::sync::Condvar::new());
+
+/// One piece of work's place in [`REQUEST_WORK`], given back on drop.
+struct RequestWork;
+
+impl RequestWork {
+    fn enter() -> Self {
+        *REQUEST_WORK
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        RequestWork
+    }
+}
+
+impl Drop for RequestWork {
+    fn drop(&mut self) {
+        let mut running = REQUEST_WORK
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *running -= 1;
+        if *running == 0 {
+            REQUEST_WORK.1.notify_all();
+        }
+    }
+}
+
+/// Waits until no request work runs on the blocking pool, calling
+/// `still(running, waited)` every `every` meanwhile. Blocking. There is no
+/// bound: an unwrap's HSM calls give up at the call deadline, and what its
+/// store does is bounded by the store's own timeouts; the service
+/// manager's stop timeout bounds the rest.
+pub fn wait_for_request_work(every: Duration, mut still: impl FnMut(usize, Duration)) {
+    let started = std::time::Instant::now();
+    let mut running = REQUEST_WORK
+        .0
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    while *running > 0 {
+        let (next, timeout) = REQUEST_WORK
+            .1
+            .wait_timeout(running, every)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        running = next;
+        if timeout.timed_out() && *running > 0 {
+            still(*running, started.elapsed());
+        }
+    }
+}
+
 /// Hands the shared state to a handler.
 pub fn with_state(
     state: Arc<ServerState>,
@@ -380,7 +435,10 @@ pub fn with_state(
 }
 
 /// Runs blocking work (store, HSM through [`crate::hsm::Hsm`]'s sync API)
-/// on the blocking pool, inside the request's span.
+/// on the blocking pool, inside the request's span. The work is counted
+/// in [`REQUEST_WORK`] until it returns, even when the request that waited
+/// for it is gone (its connection cut at the end of the drain): the stop
+/// waits for it, so that an unwrap whose HSM opens ran logs them.
 ///
 /// # Errors
 /// `f`'s error, or [`ApiError::Internal`] if the task panicked.
@@ -390,12 +448,16 @@ where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
 {
     let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || span.in_scope(f))
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "blocking task failed");
-            ApiError::Internal
-        })?
+    let counted = RequestWork::enter();
+    tokio::task::spawn_blocking(move || {
+        let _counted = counted;
+        span.in_scope(f)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        ApiError::Internal
+    })?
 }
 
 /// The `/v1` route table. Every response, success or refusal, comes out

@@ -242,6 +242,21 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         public.shutdown(std::future::ready(())).await;
     }
     drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
+    // Requests whose connections the drain cut (its grace ran out, or a
+    // second signal came) may still run on the blocking pool: an unwrap
+    // among them may have opened in the HSM, and its leaves (or, should its
+    // commit fail, its deferred leaves) are written before the deferred
+    // writer stops and the runtime with its blocking pool is shut down.
+    let _ = tokio::task::spawn_blocking(|| {
+        routes::wait_for_request_work(Duration::from_secs(5), |running, waited| {
+            tracing::warn!(
+                running,
+                waited_secs = waited.as_secs(),
+                "stopping: waiting for requests' HSM and store work that has not returned"
+            );
+        });
+    })
+    .await;
     // A last chance for leaves still waiting for the store.
     // Then the writer ends, and with it its handle on the HSM.
     let audit = state.audit.clone();
