@@ -399,7 +399,7 @@ fn every_signature_case_has_its_code() {
     let mut value: serde_json::Value =
         serde_json::from_slice(&signed_bytes(p, &[&a.exec1, &a.jud2])).unwrap();
     value["signatures"][1]["protected"] =
-        b64_encode(r#"{"alg":"ES256","kid":"executive-1"}"#).into();
+        b64_encode(r#"{"alg":"EdDSA","kid":"executive-2"}"#).into();
     assert_eq!(
         code(v.verify(value.to_string().as_bytes(), now(), AGENCY)),
         "bad_signature"
@@ -513,9 +513,16 @@ fn policy_counts_distinct_authorities_per_role() {
         "{err}"
     );
 
-    // The same authority twice counts once.
+    // The same authority twice is malformed (PROTOCOL §4: one signature
+    // per authority), refused before any signature is verified.
     let twice = signed(&c, &[&a.exec1, &a.exec1]);
-    assert_eq!(code(v.verify(&twice, now(), AGENCY)), "policy_not_met");
+    let err = v.verify(&twice, now(), AGENCY).unwrap_err();
+    assert_eq!(err.code(), "malformed_warrant");
+    assert!(
+        err.to_string()
+            .contains("signatures[1]: `kid` \"executive-1\" signed already (signatures[0])"),
+        "{err}"
+    );
 
     // Counts above one: two distinct executives and one judicial.
     let two_exec = "[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 2\n[[policy.require]]\nrole = \"judicial\"\ncount = 1\n";
@@ -524,7 +531,7 @@ fn policy_counts_distinct_authorities_per_role() {
         .verify(&signed(&c, &[&a.exec1, &a.exec2, &a.jud1]), now(), AGENCY)
         .is_ok());
     let err = v2
-        .verify(&signed(&c, &[&a.exec1, &a.exec1, &a.jud1]), now(), AGENCY)
+        .verify(&signed(&c, &[&a.exec1, &a.jud1]), now(), AGENCY)
         .unwrap_err();
     assert_eq!(err.code(), "policy_not_met");
     assert!(

@@ -319,6 +319,18 @@ pub fn parse(bytes: &[u8], limits: &WarrantLimits) -> Result<ParsedJws, WarrantE
         .enumerate()
         .map(|(i, s)| parse_signature(i, s))
         .collect::<Result<Vec<_>, _>>()?;
+    // PROTOCOL §4: one signature per approving authority. A repeat would
+    // count once anyway; refused here, before any signature is verified,
+    // it cannot make a request cost many verifications.
+    for (i, sig) in signatures.iter().enumerate() {
+        if let Some(first) = signatures[..i].iter().position(|s| s.kid() == sig.kid()) {
+            return Err(WarrantError::Malformed(format!(
+                "signatures[{i}]: `kid` {:?} signed already (signatures[{first}]): one signature \
+                 per authority",
+                sig.kid()
+            )));
+        }
+    }
     Ok(ParsedJws {
         payload_b64,
         payload,

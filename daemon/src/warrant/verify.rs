@@ -189,8 +189,8 @@ impl Verifier {
     /// # Security
     /// Every signature present must verify: one bad or unknown signature
     /// refuses the whole warrant even if the others meet the policy (PROTOCOL
-    /// §4, "an invalid warrant is refused whole"). Two signatures by the same
-    /// authority count once. Claims are parsed only after the signatures
+    /// §4, "an invalid warrant is refused whole"). Two signatures with one
+    /// `kid` are refused as malformed at parse. Claims are parsed only after the signatures
     /// verified. A warrant verified before (the same bytes, this trust
     /// store) is not verified again, but each signer's validity, the time
     /// and the agency are checked at every call ([`super::cache`]).
@@ -313,7 +313,7 @@ impl Verifier {
 
     /// Every signature of `jws` must be by a configured authority valid at
     /// `now`, with its configured algorithm, and verify. Returns the distinct
-    /// signers by `kid` (a repeated authority counts once).
+    /// signers by `kid` (the parse refused a repeated `kid`).
     fn verify_signatures(
         &self,
         jws: &ParsedJws,
