@@ -438,6 +438,11 @@ fn a_kept_warrant_is_refused_when_revoked_expired_or_sent_by_another_agency() {
     let message = vault::post(&s.c.agency, "/v1/unwrap", &one(&s, &warrant))
         .assert_error(403, "warrant_revoked");
     assert!(message.contains("W-KEPT"), "{message}");
+    // Another agency presenting it: revocation is part of the warrant's
+    // validity, which PROTOCOL §5 checks before the agency.
+    let message =
+        vault::post(&other, "/v1/unwrap", &one(&s, &warrant)).assert_error(403, "warrant_revoked");
+    assert!(message.contains("W-KEPT"), "{message}");
 
     // Expires while kept. Eight seconds leave room for two requests on a
     // loaded machine; RFC 3339 times here have whole seconds.

@@ -243,6 +243,7 @@ pub fn unwrap(
     // store's view: revoked, id conflict, emergency replaced.
     let warrant = match verifier
         .verify(request.warrant.get().as_bytes(), now, caller)
+        .map_err(|e| revoked_before_agency(ctx, request.warrant.get().as_bytes(), e))
         .and_then(|w| admit(ctx.store, &w, now).map(|_| w))
     {
         Ok(w) => w,
@@ -379,9 +380,14 @@ pub fn unwrap(
     let reservation = match ctx.store.reserve(warrant.id(), candidates) {
         Ok(r) => r,
         Err(StoreError::WarrantRevoked(id)) => {
+            // Revoked since the admission: the time the store recorded.
+            let at = match ctx.store.revocation(&id) {
+                Ok(Some(rev)) => rev.revoked_at,
+                Ok(None) | Err(_) => now,
+            };
             let e = WarrantError::Revoked {
                 id,
-                at: crate::codec::format_time(now),
+                at: crate::codec::format_time(at),
             };
             refuse(ctx, caller, request.warrant.get().as_bytes(), &e, now)?;
             return Err(e.into());
@@ -703,6 +709,30 @@ fn refuse(
         spend: Spend::None,
     })?;
     Ok(())
+}
+
+/// PROTOCOL §5 checks the warrant's validity before its `agency`, and §4
+/// makes "not revoked" part of validity: a revoked warrant presented by
+/// another agency is refused as revoked (`warrant_revoked`, and so its
+/// refusal leaf says), not as `agency_mismatch`. The verifier checks the
+/// agency last, after every signature verified, so the `id` the payload
+/// claims is the signed one.
+fn revoked_before_agency(ctx: &Context<'_>, jws: &[u8], e: WarrantError) -> WarrantError {
+    if !matches!(e, WarrantError::AgencyMismatch { .. }) {
+        return e;
+    }
+    let Some(id) = claimed(jws, usize::MAX).0 else {
+        return e;
+    };
+    match ctx.store.revocation(&id) {
+        Ok(Some(rev)) => WarrantError::Revoked {
+            id: rev.id,
+            at: crate::codec::format_time(rev.revoked_at),
+        },
+        // Unreadable: the request is refused all the same, as the
+        // verifier said.
+        Ok(None) | Err(_) => e,
+    }
 }
 
 /// What a refused warrant claims to be: its `id` and the digest of its
