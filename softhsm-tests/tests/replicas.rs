@@ -343,3 +343,87 @@ fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
     );
     assert!(count("in flight") > 0, "no settle was caught in flight");
 }
+
+/// Leaves rewritten behind another replica's checkpoint are not signed
+/// over. Replica B signs size `b`; replica A then signs a larger size `a`;
+/// a leaf between them is rewritten in the database, with every subtree
+/// hash above it recomputed (a well-formed, different tree). B's own proof
+/// (from `b`) would pass; B proves from A's checkpoint too, so it refuses
+/// (503 `log_inconsistent`) instead of signing a fork of A's `a`.
+#[test]
+fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
+    use lavd::audit::merkle::{leaf_hash, node_hash, Hash};
+
+    let c = Cluster::start();
+    let body = |id: &str, n: usize| serde_json::json!({"warrant": c.warrant(id, 100), "envelopes": [c.envelope(n)]});
+    let (a, b) = (&c.clients[0], &c.clients[1]);
+    let r = vault::post(&b.agency, "/v1/unwrap", &body("W-B", 0));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b_size = vault::tree_size(&b.auditor);
+    for n in 1..3 {
+        let r = vault::post(&a.agency, "/v1/unwrap", &body("W-A", n));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let a_size = vault::tree_size(&a.auditor);
+    assert!(a_size > b_size + 1, "{a_size} {b_size}");
+
+    // Rewrite the last leaf A signed, then its subtree hashes upwards.
+    let mut db = c.db.client();
+    let idx = (a_size - 1) as i64;
+    db.execute(
+        "UPDATE audit_leaves SET leaf = convert_to(replace(convert_from(leaf, 'UTF8'), \
+         '\"W-A\"', '\"W-Z\"'), 'UTF8') WHERE idx = $1",
+        &[&idx],
+    )
+    .unwrap();
+    let leaf: Vec<u8> = db
+        .query_one("SELECT leaf FROM audit_leaves WHERE idx = $1", &[&idx])
+        .unwrap()
+        .get(0);
+    assert!(String::from_utf8_lossy(&leaf).contains("W-Z"));
+    let node = |db: &mut postgres::Client, level: i16, i: i64| -> Option<Hash> {
+        db.query_opt(
+            "SELECT hash FROM audit_nodes WHERE level = $1 AND idx = $2",
+            &[&level, &i],
+        )
+        .unwrap()
+        .map(|row| row.get::<_, Vec<u8>>(0).try_into().unwrap())
+    };
+    let mut hash = leaf_hash(&leaf);
+    let (mut level, mut i) = (0i16, idx);
+    while node(&mut db, level, i).is_some() {
+        db.execute(
+            "UPDATE audit_nodes SET hash = $1 WHERE level = $2 AND idx = $3",
+            &[&hash.as_slice(), &level, &i],
+        )
+        .unwrap();
+        let sibling = node(&mut db, level, i ^ 1);
+        let parent = node(&mut db, level + 1, i / 2);
+        match (sibling, parent) {
+            (Some(sibling), Some(_)) => {
+                hash = if i % 2 == 0 {
+                    node_hash(&hash, &sibling)
+                } else {
+                    node_hash(&sibling, &hash)
+                };
+            }
+            _ => break,
+        }
+        level += 1;
+        i /= 2;
+    }
+
+    let message = b
+        .auditor
+        .get("/v1/audit/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    assert!(message.contains("audit log"), "{message}");
+    vault::post(&b.agency, "/v1/unwrap", &body("W-B", 3)).assert_error(503, "log_inconsistent");
+    let stderr = c.daemons[1].stderr();
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("audit log inconsistent") && l.contains(&format!("size {a_size}"))),
+        "{stderr}"
+    );
+}

@@ -687,7 +687,7 @@ impl AuditLog {
                         root,
                         signature,
                     }),
-            } if size == appended.tree_size => {
+            } if size == appended.tree_size && !self.newer_stored_exists(latest.as_ref())? => {
                 let note = self.sign_with(size, root, |_| signature.wait())?;
                 self.keep(latest, size, root, note)?
             }
@@ -831,6 +831,46 @@ impl AuditLog {
         Ok(note)
     }
 
+    /// On a store that replicas share ([`AuditStore::shared`]), the newest
+    /// checkpoint another process saved, when it is newer than `latest`,
+    /// verified under the audit key. This process proves the tree extends
+    /// it as well as its own latest: otherwise leaves rewritten behind
+    /// another replica's checkpoint, above this process's own latest, would
+    /// pass this process's proof and be signed over, a fork of the log.
+    ///
+    /// # Errors
+    /// [`LogError::Inconsistent`] (recorded) for a stored checkpoint that
+    /// does not verify; [`LogError::Store`].
+    fn newer_stored(&self, latest: Option<&Signed>) -> Result<Option<Signed>, LogError> {
+        if !self.store.shared() {
+            return Ok(None);
+        }
+        let Some((size, note)) = self.store.latest_checkpoint()? else {
+            return Ok(None);
+        };
+        if latest.is_some_and(|signed| signed.size >= size) {
+            return Ok(None);
+        }
+        match self.verify_stored(size, &note) {
+            Ok(signed) => Ok(Some(signed)),
+            Err(LogError::Inconsistent(reason)) => Err(self.record_inconsistency(reason)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether [`Self::newer_stored`] finds one: then a signature started
+    /// inside the append's transaction, proved from `latest` only, is not
+    /// kept, and [`Self::checkpoint_covering`] proves from both.
+    fn newer_stored_exists(&self, latest: Option<&Signed>) -> Result<bool, LogError> {
+        if !self.store.shared() {
+            return Ok(false);
+        }
+        let Some((size, _)) = self.store.latest_checkpoint()? else {
+            return Ok(false);
+        };
+        Ok(latest.is_none_or(|signed| signed.size < size))
+    }
+
     /// A signed checkpoint of a tree of at least `size` leaves.
     ///
     /// # Errors
@@ -845,7 +885,7 @@ impl AuditLog {
         }
         // One signer at a time; whoever waits here will most likely find
         // that the checkpoint just signed already covers it.
-        let latest = self
+        let mut latest = self
             .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -854,12 +894,28 @@ impl AuditLog {
                 return Ok(signed.note.clone());
             }
         }
+        // Read before the tree's size: a checkpoint is saved only for a
+        // durable tree, and leaves are never removed, so the size read
+        // after it is at least its size (read the other way round, another
+        // replica could append and sign in between).
+        let newer = self.newer_stored(latest.as_ref())?;
         let tree = self.store.tree_size()?;
         self.seen.fetch_max(tree, Ordering::SeqCst);
         let root = match latest.as_ref() {
             Some(signed) => self.prove_extends(signed, tree)?,
             None => self.store.root(tree)?,
         };
+        if let Some(newer) = newer {
+            // The tree extends another replica's newest checkpoint too (a
+            // tree it signed, rewritten since, is refused here, not signed
+            // over), which becomes this process's latest.
+            self.prove_extends(&newer, tree)?;
+            let covers = newer.size >= size;
+            *latest = Some(newer);
+            if covers {
+                return Ok(latest.as_ref().map(|s| s.note.clone()).unwrap_or_default());
+            }
+        }
         let note = self.sign(tree, root)?;
         self.keep(latest, tree, root, note)
     }

@@ -359,6 +359,12 @@ impl WarrantStore for Store {
 }
 
 impl AuditStore for Store {
+    fn shared(&self) -> bool {
+        match self {
+            Store::Sqlite(s) => s.shared(),
+            Store::Postgres(s) => s.shared(),
+        }
+    }
     fn append_with(
         &self,
         batch: AuditAppend,
