@@ -64,6 +64,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
                 AttributeType::Unwrap,
                 AttributeType::Copyable,
                 AttributeType::Modifiable,
+                AttributeType::Id,
             ],
         )
         .unwrap();
@@ -80,6 +81,9 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
         Attribute::Unwrap(false),
         Attribute::Copyable(false),
         Attribute::Modifiable(false),
+        // None set: the device's own (a kid-derived id collides where a
+        // device keeps only its prefix: hsm-config/yubihsm2.toml).
+        Attribute::Id(Vec::new()),
     ];
     assert_eq!(attrs.len(), expected.len(), "{attrs:?}");
     for (got, want) in attrs.iter().zip(expected.iter()) {

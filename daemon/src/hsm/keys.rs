@@ -165,7 +165,9 @@ impl Hsm {
         let label = escrow_label(kid);
         self.with_session_once("generate_escrow_key", |session| {
             label_free(session, &label)?;
-            let id = kid.as_bytes().to_vec();
+            // No CKA_ID: lavd finds keys by label only, and some devices
+            // keep just a prefix of an id (YubiHSM 2: 2 bytes), on which
+            // kids like "2026-11" and "2026-12" would collide.
             let public_template = [
                 Attribute::Token(true),
                 // Readable without the PIN would also mean destroyable
@@ -178,7 +180,6 @@ impl Hsm {
                 Attribute::Wrap(false),
                 Attribute::Derive(false),
                 Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Id(id.clone()),
             ];
             let private_template = [
                 Attribute::Token(true),
@@ -194,7 +195,6 @@ impl Hsm {
                 Attribute::Decrypt(false),
                 Attribute::Unwrap(false),
                 Attribute::Label(label.as_bytes().to_vec()),
-                Attribute::Id(id),
             ];
             let (public, private) = session.generate_key_pair(
                 &Mechanism::EccKeyPairGen,
