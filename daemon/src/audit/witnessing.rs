@@ -183,7 +183,16 @@ impl Witnessing {
             i += group.len();
             let keys = group.iter().filter_map(|c| self.key_of(c));
             if self.settings.policy.quorum_met_by(keys) {
-                return Some((size, group.iter().map(|c| c.line.clone()).collect()));
+                // Only the configured witnesses' lines: with at most 63 of
+                // them the note stays within its 64 signature lines.
+                return Some((
+                    size,
+                    group
+                        .iter()
+                        .filter(|c| self.key_of(c).is_some())
+                        .map(|c| c.line.clone())
+                        .collect(),
+                ));
             }
         }
         None
@@ -253,7 +262,10 @@ impl Witnessing {
         let Some((size, mut note)) = self.store.latest_checkpoint()? else {
             return Ok(None);
         };
-        for c in rows.iter().filter(|c| c.size == size) {
+        for c in rows
+            .iter()
+            .filter(|c| c.size == size && self.key_of(c).is_some())
+        {
             note.push_str(&c.line);
         }
         Ok(Some(note))
@@ -1253,11 +1265,22 @@ mod tests {
         let served = witnessing.served().unwrap().unwrap();
         assert!(policy.verify(&served).is_err(), "{served}");
 
+        // A witness no longer configured: its line is stored, not served (a
+        // note carries at most 64 signature lines), with the quorum or not.
+        let gone_sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let gone_key = CosignerKey::new("w9.test", gone_sk.verifying_key().as_bytes()).unwrap();
+        cosign(&store, second, &gone_key, &gone_sk);
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(!served.contains("— w9.test "), "{served}");
         cosign(&store, second, &new_key, &new_sk);
         let covering = witnessing.quorum_covering(first).unwrap().unwrap();
         assert_eq!(policy.verify(&covering).unwrap().0.size, second);
         let served = witnessing.served().unwrap().unwrap();
         assert_eq!(policy.verify(&served).unwrap().0.size, second);
+        for note in [&covering, &served] {
+            assert!(!note.contains("— w9.test "), "{note}");
+            assert_eq!(note.matches("\n— ").count(), 2, "{note}");
+        }
     }
 
     /// Witness A cosigned an older checkpoint and went quiet; the log has

@@ -154,7 +154,7 @@ impl Settings {
             }
         };
         let audit = AuditSettings {
-            key_label: v.nonempty("audit.key_label", raw.audit.key_label)?,
+            key_label: v.audit_key_label(raw.audit.key_label)?,
             origin,
             public: raw.audit.public.map(|p| v.public_log(p)).transpose()?,
             witnesses,
@@ -308,6 +308,23 @@ impl Validator<'_> {
             return Err(self.err(field, "must not be empty"));
         }
         Ok(value)
+    }
+
+    /// `audit.key_label`: not empty, and not under the escrow keys' label
+    /// prefix, where `lavd keys destroy` would take it for an escrow key
+    /// (a destroyed kid of that name) and delete it.
+    fn audit_key_label(&self, label: String) -> Result<String, ConfigError> {
+        let label = self.nonempty("audit.key_label", label)?;
+        if label.starts_with(crate::hsm::ESCROW_LABEL_PREFIX) {
+            return Err(self.err(
+                "audit.key_label",
+                format!(
+                    "must not start with {:?}, the escrow keys' label prefix",
+                    crate::hsm::ESCROW_LABEL_PREFIX
+                ),
+            ));
+        }
+        Ok(label)
     }
 
     fn origin(&self, origin: String) -> Result<String, ConfigError> {

@@ -78,6 +78,12 @@ fn refusals_name_the_field() {
             "token_label = \"lavd\"",
             "token_label = \"lavd\"\ncall_timeout_ms = 10",
         ),
+        // Under the escrow keys' prefix, the daily destruction of a
+        // destroyed kid of that name would delete the audit key.
+        (
+            "path = \"lavd.db\"",
+            "path = \"lavd.db\"\n[audit]\nkey_label = \"lav-escrow:2020-01\"",
+        ),
     ];
     let fields = [
         "hsm.slot",
@@ -86,6 +92,7 @@ fn refusals_name_the_field() {
         "hsm.pin_file",
         "hsm.sessions",
         "hsm.call_timeout_ms",
+        "audit.key_label",
     ];
     for ((from, to), field) in cases.iter().zip(fields) {
         let e = load(&GOOD.replace(from, to), &[]).unwrap_err();
@@ -553,6 +560,22 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     )
     .unwrap();
     assert_eq!(s.audit.witnesses.unwrap().witnesses.len(), 3);
+
+    // 64 witnesses: a checkpoint with the log's line and theirs would pass
+    // the 64 signature lines a note may have.
+    let many: String = (0..64u8)
+        .map(|i| {
+            let name = format!("w{i}.example");
+            witness_entry(&name, &witness_key(&name, i))
+        })
+        .collect();
+    let e = load_with(
+        &format!("[audit]\nwitness_policy = \"p.policy\"\n{many}"),
+        &files,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "audit.witnesses", "{e}");
+    assert!(e.reason.contains("64 witnesses; at most 63"), "{e}");
 
     let refused = |audit: &str, files: &[(&str, &str)], field: &str, says: &str| {
         let e = load_with(audit, files).unwrap_err();

@@ -110,6 +110,21 @@ impl Validator<'_> {
                 format!("{}: {e}", policy_file.display()),
             )
         })?;
+        // A served checkpoint carries the log's signature and one line per
+        // configured witness: within the 64 signature lines a note may
+        // have (`audit::note::MAX_SIGNATURES`), which verifiers bound too.
+        let most = crate::audit::note::MAX_SIGNATURES - 1;
+        if raw.witnesses.len() > most {
+            return Err(self.err(
+                "audit.witnesses",
+                format!(
+                    "{} witnesses; at most {most} (a checkpoint with their cosignatures must \
+                     stay within {} signature lines)",
+                    raw.witnesses.len(),
+                    crate::audit::note::MAX_SIGNATURES
+                ),
+            ));
+        }
         let mut witnesses: Vec<WitnessEndpoint> = Vec::new();
         for (i, w) in raw.witnesses.iter().enumerate() {
             let field = |f: &str| format!("audit.witnesses[{i}].{f}");
