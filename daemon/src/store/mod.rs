@@ -514,8 +514,21 @@ impl SqliteStore {
         // WAL already and the switch is a no-op), so wait here.
         let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
         loop {
-            match conn.pragma_update(None, "journal_mode", "WAL") {
-                Ok(()) => break,
+            // The answer is the mode in force: a file system without the
+            // shared memory WAL needs answers with the old mode, no error.
+            match conn
+                .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get::<_, String>(0))
+            {
+                Ok(mode) if mode.eq_ignore_ascii_case("wal") => break,
+                Ok(mode) => {
+                    return Err(StoreError::Unavailable {
+                        store: path.display().to_string(),
+                        reason: format!(
+                            "SQLite cannot use its write-ahead log here (journal mode stayed \
+                             {mode:?}); put the store on a local file system"
+                        ),
+                    })
+                }
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::DatabaseBusy
                         && std::time::Instant::now() < deadline =>
@@ -689,5 +702,19 @@ mod tests {
 
         other.execute_batch("ROLLBACK;").unwrap();
         store.check_writable(Duration::from_millis(50)).unwrap();
+    }
+
+    /// A database where SQLite cannot keep a write-ahead log answers the
+    /// switch with its old mode and no error; lavd refuses it rather than
+    /// run on another journal than the one it was built for. SQLite's
+    /// in-memory database is such a place (it answers "memory").
+    #[test]
+    fn a_database_that_cannot_use_wal_is_refused() {
+        let e = SqliteStore::open(Path::new(":memory:")).unwrap_err();
+        assert!(matches!(e, StoreError::Unavailable { .. }), "{e}");
+        assert!(
+            e.to_string().contains("journal mode stayed \"memory\""),
+            "{e}"
+        );
     }
 }
