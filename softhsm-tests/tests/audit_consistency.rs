@@ -183,6 +183,40 @@ fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
     });
 }
 
+/// An entry bundle is served (as immutable, for a year) only as the tree
+/// hashed its leaves: a leaf edited in the store with its hashes left
+/// alone, which no consistency proof notices, gets 503 `store_unavailable`,
+/// and so does a deleted row; before, the altered or short bundle was
+/// served with 200.
+#[test]
+fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
+    let s = setup();
+    let r = unwrap(&s, 1);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&s.c.auditor);
+    assert!(size < 256, "{size}");
+    let whole = format!("/v1/log/tile/entries/000.p/{size}");
+    let shorter = format!("/v1/log/tile/entries/000.p/{}", size - 1);
+    assert_eq!(s.c.auditor.get(&whole).status, 200);
+    assert_eq!(s.c.auditor.get(&shorter).status, 200);
+    // The last row deleted: the bundle of `size` would be short.
+    drop(tamper(
+        &s.t,
+        &format!("DELETE FROM audit_leaves WHERE idx = {}", size - 1),
+    ));
+    s.c.auditor
+        .get(&whole)
+        .assert_error(503, "store_unavailable");
+    // Leaf 0 edited: every row there, one of them not the leaf hashed.
+    drop(tamper(
+        &s.t,
+        "UPDATE audit_leaves SET leaf = CAST(REPLACE(CAST(leaf AS TEXT), '\"E-1\"', '\"E-9\"') AS BLOB) WHERE idx = 0",
+    ));
+    s.c.auditor
+        .get(&shorter)
+        .assert_error(503, "store_unavailable");
+}
+
 /// A log's origin is part of every checkpoint signature, so it can never
 /// change. A configuration that changes `audit.origin` after the first
 /// checkpoint is refused at start as a configuration error naming the field

@@ -475,12 +475,27 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 Ok(encode_hashes(&hashes))
             }
             None => {
-                let leaves: Vec<Vec<u8>> = store
-                    .leaves(first, end)
-                    .map_err(store_error)?
-                    .into_iter()
-                    .map(|(_, leaf)| leaf)
-                    .collect();
+                let rows = store.leaves(first, end).map_err(store_error)?;
+                // Served as immutable, so only whole and as the tree
+                // hashed them: exactly the tile's leaves, each matching
+                // its level-0 hash (a deleted or edited row is 503, not a
+                // short or altered bundle a cache would keep for a year).
+                let hashes = store.node_hashes(0, first, end).map_err(store_error)?;
+                let whole = rows.len() == usize::from(tile.width)
+                    && rows.iter().zip(first..).zip(&hashes).all(
+                        |(((index, leaf), want), hash)| {
+                            *index == want && crate::audit::merkle::leaf_hash(leaf) == *hash
+                        },
+                    );
+                if !whole {
+                    return Err(store_error(StoreError::Corrupt {
+                        store: "audit_leaves".into(),
+                        what: format!(
+                            "the leaves {first}..{end} do not match the tree's hashes of them"
+                        ),
+                    }));
+                }
+                let leaves: Vec<Vec<u8>> = rows.into_iter().map(|(_, leaf)| leaf).collect();
                 encode_bundle(&leaves).map_err(|i| {
                     tracing::error!(
                         index = first + i as u64,
