@@ -161,3 +161,62 @@ fn a_key_whose_retention_ends_while_its_unwrap_is_in_flight_is_not_released() {
     assert_eq!(log[0].leaf["reason"], "key_destroyed");
     assert_eq!(log[1].leaf["outcome"], "opened");
 }
+
+/// A signing authority's `valid_until` that passes while the unwrap is in
+/// flight: every signature must be by an authority valid at the time, so
+/// the request is refused whole with 403 `authority_not_valid`, as one that
+/// arrives later is, and its leaves say so; nothing is spent.
+#[test]
+fn a_signer_whose_validity_ends_while_its_unwrap_is_in_flight_releases_nothing() {
+    let setup = Held::new(&["E-1"]);
+    let c = &setup.c;
+    // The judicial authority's validity ends a few seconds from now (whole
+    // seconds, as the configuration says them), applied by a reload.
+    let ends = OffsetDateTime::now_utc() + time::Duration::seconds(10);
+    let ends_text = lavd::codec::format_time(ends);
+    let ends = lavd::codec::parse_time(&ends_text).unwrap();
+    let config = std::fs::read_to_string(setup.t.config()).unwrap();
+    let judicial = softhsm_tests::server::authorities()
+        .judicial
+        .kid()
+        .to_string();
+    let at = config.find(&format!("kid = \"{judicial}\"")).unwrap();
+    let until = at + config[at..].find("valid_until = ").unwrap();
+    let end = until + config[until..].find('\n').unwrap();
+    let changed = format!(
+        "{}valid_until = \"{ends_text}\"{}",
+        &config[..until],
+        &config[end..]
+    );
+    std::fs::write(setup.t.config(), changed).unwrap();
+    setup.daemon.signal(rustix::process::Signal::HUP);
+    setup
+        .daemon
+        .wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0);
+
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let envelopes = [setup.seal(&escrow, "E-1", "one")];
+    let recipient = vault::recipient();
+    let id = "W-SIGNER-ENDS-IN-FLIGHT";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 10));
+    let before = vault::tree_size(&c.auditor);
+    let message =
+        held_past(&setup, &warrant, &envelopes, ends).assert_error(403, "authority_not_valid");
+    assert!(message.contains(&judicial), "{message}");
+
+    let log = vault::entries(&c.auditor, before, vault::tree_size(&c.auditor));
+    let leaves: Vec<_> = log
+        .iter()
+        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id)
+        .collect();
+    assert_eq!(leaves.len(), 1, "{log:?}");
+    assert_eq!(leaves[0].leaf["outcome"], "denied");
+    assert_eq!(leaves[0].leaf["reason"], "authority_not_valid");
+    let db = rusqlite::Connection::open(setup.t.path("lavd.db")).unwrap();
+    let spent: i64 = db
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(spent, 0);
+}

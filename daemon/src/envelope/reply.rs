@@ -29,8 +29,8 @@ pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
 /// `warrant_revoked` (PROTOCOL §8), and, in audit leaves only, lavd's
-/// `warrant_expired` and `emergency_expired` (a deadline passed in flight;
-/// docs/warrants.md) and `audit_commit_failed` (opened, but the audit commit
+/// `warrant_expired`, `emergency_expired` and `authority_not_valid` (a
+/// deadline passed in flight; docs/warrants.md) and `audit_commit_failed` (opened, but the audit commit
 /// failed, so not released).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -66,6 +66,9 @@ pub enum DenyReason {
     /// As [`Self::WarrantExpired`], for the end of an urgent warrant's
     /// hours (403 `emergency_expired`).
     EmergencyExpired,
+    /// As [`Self::WarrantExpired`], for the end of a signing authority's
+    /// validity (`valid_until`; 403 `authority_not_valid`).
+    AuthorityNotValid,
     /// In audit leaves only: the HSM opened the envelope, but the request's
     /// audit commit failed (503 `store_unavailable`), so nothing of it was
     /// released. The daemon writes these leaves once the store takes them
@@ -75,7 +78,7 @@ pub enum DenyReason {
 
 impl DenyReason {
     /// Every reason, in PROTOCOL order, then lavd's additions.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -87,6 +90,7 @@ impl DenyReason {
         Self::WarrantRevoked,
         Self::WarrantExpired,
         Self::EmergencyExpired,
+        Self::AuthorityNotValid,
         Self::AuditCommitFailed,
     ];
 
@@ -104,17 +108,21 @@ impl DenyReason {
             Self::WarrantRevoked => "warrant_revoked",
             Self::WarrantExpired => "warrant_expired",
             Self::EmergencyExpired => "emergency_expired",
+            Self::AuthorityNotValid => "authority_not_valid",
             Self::AuditCommitFailed => "audit_commit_failed",
         }
     }
 
     /// Whether a reply may carry it: not the reasons of audit leaves only
-    /// (`warrant_expired`, `emergency_expired`, `audit_commit_failed`, which
-    /// come with a request refused whole).
+    /// (`warrant_expired`, `emergency_expired`, `authority_not_valid`,
+    /// `audit_commit_failed`, which come with a request refused whole).
     pub const fn in_replies(self) -> bool {
         !matches!(
             self,
-            Self::WarrantExpired | Self::EmergencyExpired | Self::AuditCommitFailed
+            Self::WarrantExpired
+                | Self::EmergencyExpired
+                | Self::AuthorityNotValid
+                | Self::AuditCommitFailed
         )
     }
 

@@ -510,12 +510,12 @@ pub fn unwrap(
         opened = 0;
     }
     // The deadlines once more, at the last moment before the audit commit:
-    // the warrant's end (or its urgent hours'), and each key's retention.
-    // A request admitted just before one of them, whose opens ran past it
-    // (a large batch, a slow HSM), releases nothing past it. A warrant
-    // that lapsed refuses the request whole, as it refuses one that arrives
-    // after its end (403 `warrant_expired` or `emergency_expired`: codes
-    // PROTOCOL §5 has), once its leaves, denied with that reason and
+    // the warrant's end (or its urgent hours', or a signer's validity),
+    // and each key's retention. A request admitted just before one of them,
+    // whose opens ran past it (a large batch, a slow HSM), releases nothing
+    // past it. A warrant that lapsed refuses the request whole, as it
+    // refuses one that arrives after its end (403 `warrant_expired`,
+    // `emergency_expired` or `authority_not_valid`: codes PROTOCOL §5 has), once its leaves, denied with that reason and
     // unspent, are durable: the HSM opened, and every open is logged. A
     // key past its retention denies its envelopes `key_destroyed`.
     let settling = clock();
@@ -523,6 +523,7 @@ pub fn unwrap(
     if let Some(lapsed) = &lapsed {
         let reason = match lapsed {
             WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
+            WarrantError::AuthorityNotValid { .. } => DenyReason::AuthorityNotValid,
             _ => DenyReason::WarrantExpired,
         };
         deny_opened(&mut releases, &mut leaves, reason);

@@ -73,19 +73,28 @@ struct Signed {
     /// The end of the emergency period, for an urgent warrant.
     emergency_end: Option<OffsetDateTime>,
     usable_until: OffsetDateTime,
+    /// The signer whose validity ends first: `(kid, valid_from,
+    /// valid_until)`. Every signature must be by an authority valid at the
+    /// time, so the warrant is unusable from then on too.
+    first_signer_end: (String, OffsetDateTime, OffsetDateTime),
 }
 
 impl Signed {
     /// See [`VerifiedWarrant::lapsed`].
     fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {
-        if now < self.usable_until {
-            return None;
+        if now >= self.usable_until {
+            return Some(match self.emergency_end {
+                Some(end) if end < self.claims.expires => {
+                    WarrantError::EmergencyExpired(format_time(end))
+                }
+                _ => WarrantError::Expired(format_time(self.claims.expires)),
+            });
         }
-        Some(match self.emergency_end {
-            Some(end) if end < self.claims.expires => {
-                WarrantError::EmergencyExpired(format_time(end))
-            }
-            _ => WarrantError::Expired(format_time(self.claims.expires)),
+        let (kid, valid_from, valid_until) = &self.first_signer_end;
+        (now >= *valid_until).then(|| WarrantError::AuthorityNotValid {
+            kid: kid.clone(),
+            valid_from: format_time(*valid_from),
+            valid_until: format_time(*valid_until),
         })
     }
 }
@@ -124,8 +133,10 @@ impl VerifiedWarrant {
     /// Why the warrant is no longer usable at `now`, if it is not:
     /// [`WarrantError::Expired`] at `expires`, or
     /// [`WarrantError::EmergencyExpired`] at the end of an urgent warrant's
-    /// hours when that comes first. The one rule both the verification and
-    /// an unwrap's last look before its audit commit apply.
+    /// hours when that comes first; else [`WarrantError::AuthorityNotValid`]
+    /// once a signer's `valid_until` has passed. The one rule both the
+    /// verification and an unwrap's last look before its audit commit
+    /// apply.
     pub fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {
         self.signed.lapsed(now)
     }
@@ -260,6 +271,14 @@ impl Verifier {
             Some(end) if end < claims.expires => end,
             _ => claims.expires,
         };
+        // Every signature's authority was found and valid at `now` above.
+        let first_signer_end = jws
+            .signatures()
+            .iter()
+            .filter_map(|sig| self.trust.authority(sig.kid()))
+            .min_by_key(|a| a.valid_until())
+            .map(|a| (a.kid().to_string(), a.valid_from(), a.valid_until()))
+            .ok_or_else(|| WarrantError::Malformed("no signature".into()))?;
         let digest = sha256(jws.payload());
         let normalized_digest = normalized_digest(jws.payload())?;
         let target_set = claims.targets.iter().cloned().collect();
@@ -276,6 +295,7 @@ impl Verifier {
                 .collect(),
             emergency_end,
             usable_until,
+            first_signer_end,
         })
     }
 
