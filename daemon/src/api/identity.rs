@@ -192,20 +192,27 @@ pub fn not_after(cert: &[u8]) -> Result<u64, IdentityError> {
     der_time(tag, value)
 }
 
-/// What lavd reads of a DER X.509 CRL (RFC 5280 §5.1.2): its issuer and
-/// its `nextUpdate`.
+/// What lavd reads of a DER X.509 CRL (RFC 5280 §5.1.2): its issuer, its
+/// scope and its `nextUpdate`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrlFields {
     /// The issuer `Name`'s DER contents, compared byte for byte between
     /// CRLs (the handshake matches a CRL to a certificate's issuer by them).
     pub issuer: Vec<u8>,
+    /// The issuingDistributionPoint extension's value (RFC 5280 §5.2.5),
+    /// `None` without one: one CA's CRLs of different scopes (end-entity
+    /// and CA certificates, or partitions) differ here.
+    pub scope: Option<Vec<u8>>,
     /// `nextUpdate` in seconds since the Unix epoch, or `None` when the CRL
     /// has none.
     pub next_update: Option<u64>,
 }
 
-/// The issuer and `nextUpdate` of a DER X.509 CRL (RFC 5280 §5.1.2.3 and
-/// §5.1.2.5).
+/// The issuingDistributionPoint extension's OID, 2.5.29.28.
+const IDP_OID: &[u8] = &[0x55, 0x1d, 0x1c];
+
+/// The issuer, scope and `nextUpdate` of a DER X.509 CRL (RFC 5280
+/// §5.1.2.3, §5.2.5 and §5.1.2.5).
 ///
 /// # Errors
 /// [`IdentityError::Malformed`] when the DER is not a CRL or a time is not
@@ -224,16 +231,38 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
     let issuer = tbs.expect(SEQUENCE)?.to_vec();
     let (tag, value) = tbs.next()?;
     der_time(tag, value)?;
-    let next_update = if tbs.is_empty() {
-        None
-    } else {
+    // nextUpdate, optional; revokedCertificates, optional;
+    // crlExtensions [0] EXPLICIT, optional.
+    let mut next_update = None;
+    let mut scope = None;
+    while !tbs.is_empty() {
         match tbs.next()? {
-            (tag @ (UTC_TIME | GENERALIZED_TIME), value) => Some(der_time(tag, value)?),
-            _ => None,
+            (tag @ (UTC_TIME | GENERALIZED_TIME), value) => {
+                next_update = Some(der_time(tag, value)?);
+            }
+            (0xa0, value) => {
+                let mut extensions = Der::new(value).expect_one(SEQUENCE)?;
+                while !extensions.is_empty() {
+                    let mut extension = Der::new(extensions.expect(SEQUENCE)?);
+                    let oid = extension.expect(OID)?;
+                    let mut next = extension.next()?;
+                    if next.0 == BOOLEAN {
+                        next = extension.next()?;
+                    }
+                    if next.0 != OCTET_STRING || !extension.is_empty() {
+                        return Err(IdentityError::Malformed);
+                    }
+                    if oid == IDP_OID {
+                        scope = Some(next.1.to_vec());
+                    }
+                }
+            }
+            _ => {}
         }
-    };
+    }
     Ok(CrlFields {
         issuer,
+        scope,
         next_update,
     })
 }

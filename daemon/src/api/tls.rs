@@ -264,12 +264,17 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// A CRL's issuer and issuingDistributionPoint: what the handshake matches
+/// a certificate's CRL by.
+type Scope = (Vec<u8>, Option<Vec<u8>>);
+
 /// Checks the configured CRLs as a whole, before any is used, and returns
 /// the earliest `nextUpdate` ([`TlsMaterial::crls_valid_until`]). Refused,
 /// with the files named:
 /// - a CRL lavd cannot read its issuer or times from;
-/// - two CRLs from one issuer: the handshake consults only the first one
-///   that matches a certificate's issuer (rustls-webpki compares neither
+/// - two CRLs from one issuer with the same scope (issuingDistributionPoint,
+///   or none): the handshake consults only the first one that matches a
+///   certificate's issuer and scope (rustls-webpki compares neither
 ///   `thisUpdate` nor the CRL number), so a newer CRL appended after an
 ///   older one would never revoke anything;
 /// - with `enforce_crl_expiry`, a CRL already past its `nextUpdate`: every
@@ -281,7 +286,7 @@ fn check_crls(
     now: u64,
 ) -> Result<u64, String> {
     let mut until = u64::MAX;
-    let mut issuers: Vec<(Vec<u8>, usize, &Path)> = Vec::with_capacity(crls.len());
+    let mut issuers: Vec<(Scope, usize, &Path)> = Vec::with_capacity(crls.len());
     for (i, (path, crl)) in crls.iter().enumerate() {
         let fields = super::identity::crl_fields(crl.as_ref()).map_err(|_| {
             format!(
@@ -290,17 +295,19 @@ fn check_crls(
                 i + 1
             )
         })?;
-        if let Some((_, first, first_path)) = issuers.iter().find(|(n, ..)| *n == fields.issuer) {
+        let scoped = (fields.issuer, fields.scope);
+        if let Some((_, first, first_path)) = issuers.iter().find(|(n, ..)| *n == scoped) {
             return Err(format!(
-                "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer: the handshake \
-                 would consult only the first, so list only the newest CRL of each CA",
+                "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer and scope: the \
+                 handshake would consult only the first, so list only the newest CRL of each \
+                 CA and scope",
                 first + 1,
                 first_path.display(),
                 i + 1,
                 path.display()
             ));
         }
-        issuers.push((fields.issuer, i, path));
+        issuers.push((scoped, i, path));
         if let Some(next) = fields.next_update {
             if enforce_expiry && next <= now {
                 return Err(format!(
@@ -400,5 +407,89 @@ pub fn rustls_reason(e: &rustls::Error) -> &'static str {
         | rustls::Error::InappropriateMessage { .. }
         | rustls::Error::InappropriateHandshakeMessage { .. } => "protocol_error",
         _ => "tls_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CRL of one CA, with `scope` as its issuingDistributionPoint, its
+    /// `nextUpdate` at `next_update` (seconds since the epoch).
+    fn crl(
+        issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+        scope: Option<rcgen::CrlScope>,
+        next_update: u64,
+    ) -> CertificateRevocationListDer<'static> {
+        let at = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
+        rcgen::CertificateRevocationListParams {
+            this_update: at(next_update - 3600),
+            next_update: at(next_update),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: scope.map(|scope| rcgen::CrlIssuingDistributionPoint {
+                distribution_point: rcgen::CrlDistributionPoint {
+                    uris: vec!["http://crl.example/ca.crl".into()],
+                },
+                scope: Some(scope),
+            }),
+            revoked_certs: vec![],
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(issuer)
+        .unwrap()
+        .der()
+        .clone()
+    }
+
+    /// One CA's CRLs of two scopes (end-entity and CA certificates) are
+    /// taken: the handshake tells them apart. Two of one scope, or two
+    /// without one, are refused; so is one past its `nextUpdate` when
+    /// expiry is enforced, and only then.
+    #[test]
+    fn crls_are_refused_only_where_the_handshake_would_misread_them() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(params, key);
+        let now: u64 = 2_000_000_000;
+        let path = Path::new("ca.crl");
+        let list = |crls: Vec<CertificateRevocationListDer<'static>>| {
+            crls.into_iter().map(|c| (path, c)).collect::<Vec<_>>()
+        };
+        let (users, cas) = (
+            Some(rcgen::CrlScope::UserCertsOnly),
+            Some(rcgen::CrlScope::CaCertsOnly),
+        );
+
+        let scoped = list(vec![
+            crl(&issuer, users, now + 60),
+            crl(&issuer, cas, now + 30),
+        ]);
+        assert_eq!(check_crls(&scoped, true, now), Ok(now + 30));
+        for twice in [
+            list(vec![
+                crl(&issuer, users, now + 60),
+                crl(&issuer, users, now + 90),
+            ]),
+            list(vec![
+                crl(&issuer, None, now + 60),
+                crl(&issuer, None, now + 90),
+            ]),
+        ] {
+            let e = check_crls(&twice, true, now).unwrap_err();
+            assert!(e.contains("CRL 1 (ca.crl) and CRL 2 (ca.crl)"), "{e}");
+            assert!(e.contains("same issuer and scope"), "{e}");
+        }
+        let stale = list(vec![crl(&issuer, None, now - 1)]);
+        let e = check_crls(&stale, true, now).unwrap_err();
+        assert!(e.contains("is past its nextUpdate"), "{e}");
+        assert_eq!(check_crls(&stale, false, now), Ok(now - 1));
+        let e = check_crls(
+            &list(vec![CertificateRevocationListDer::from(vec![0x30, 0])]),
+            true,
+            now,
+        )
+        .unwrap_err();
+        assert!(e.contains("not a DER X.509 CRL"), "{e}");
     }
 }

@@ -727,34 +727,12 @@ fn read_tiles(
             signed.size
         )
     };
-    let mut entries = Vec::new();
-    let mut leaves = Vec::new();
-    let mut index = 0u64;
-    while index < signed.size {
-        let n = index / TILE_WIDTH;
-        let width = (signed.size - index).min(TILE_WIDTH) as u16;
-        let tile = Tile::entries(n, width);
-        let bytes = source.get(&tile.path())?;
-        let bundle = decode_bundle(&tile, &bytes).map_err(refused)?;
-        // Each bundle is held to its level-0 hash tile as it comes (the
-        // tile is kept for the checks below), so that bundles that are not
-        // the log's are refused at the first, not held in memory until the
-        // last has been read.
-        let level0 = Tile::covering(0, index, signed.size)
-            .ok_or_else(|| anyhow::anyhow!("no tile holds hash (0, {index})"))?;
-        let hashes = reader.tile(&level0).map_err(refused)?;
-        for (i, leaf) in bundle.into_iter().enumerate() {
-            if hashes.get(i) != Some(&crate::audit::merkle::leaf_hash(&leaf)) {
-                return Err(mismatch(&level0, i));
-            }
-            entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
-            leaves.push(leaf);
-            index += 1;
-        }
-    }
-    // Every hash tile above level 0 (held to the leaves above, as each
-    // bundle came), held to the tiles below it, and the whole to the signed
-    // root.
+    // The hash tiles first (32 bytes a leaf): every tile above level 0 held
+    // to the tiles below it, and the whole to the signed root. Only then
+    // the entry bundles, each held to its level-0 hashes (verified by now)
+    // as it comes: a source that does not hold the log key cannot make
+    // this hold its made-up leaves in memory (or a mirror's disk) before
+    // anything signed was checked.
     for level in 1u8..64 {
         let Some(span) = 1u64.checked_shl(u32::from(level) * 8) else {
             break;
@@ -795,6 +773,25 @@ fn read_tiles(
                 signed.size,
                 older.size
             );
+        }
+    }
+    let mut entries = Vec::new();
+    let mut index = 0u64;
+    while index < signed.size {
+        let n = index / TILE_WIDTH;
+        let width = (signed.size - index).min(TILE_WIDTH) as u16;
+        let tile = Tile::entries(n, width);
+        let bytes = source.get(&tile.path())?;
+        let bundle = decode_bundle(&tile, &bytes).map_err(refused)?;
+        let level0 = Tile::covering(0, index, signed.size)
+            .ok_or_else(|| anyhow::anyhow!("no tile holds hash (0, {index})"))?;
+        let hashes = reader.tile(&level0).map_err(refused)?;
+        for (i, leaf) in bundle.into_iter().enumerate() {
+            if hashes.get(i) != Some(&crate::audit::merkle::leaf_hash(&leaf)) {
+                return Err(mismatch(&level0, i));
+            }
+            entries.push(crate::audit::export::ExportEntry::new(index, &leaf));
+            index += 1;
         }
     }
     Ok(Export {
@@ -950,16 +947,22 @@ mod tests {
         assert!(format!("{err:#}").starts_with("log_too_large: "), "{err:#}");
     }
 
-    /// Entry bundles are held to their hash tile as they are read: a first
-    /// bundle that is not the log's is refused before the second is read
-    /// (here there is none), not after every bundle has been held in memory.
+    /// The hash tiles are held to the signed root before any entry bundle
+    /// is read: a source without the log key that makes up bundles and
+    /// level-0 tiles to match them (and the level-1 tile above) is refused
+    /// at the root, before a bundle is held in memory. Before, the first
+    /// bundle passed its made-up tile and the second was fetched (here
+    /// there is none: the error was its read).
     #[test]
-    fn a_bundle_is_refused_before_the_next_is_read() {
+    fn made_up_bundles_are_refused_before_any_is_read() {
+        use crate::audit::merkle::{leaf_hash, Hash};
         let (dir, key) = signed_tiles(512, [0; 32]);
         let mut bundle = Vec::new();
+        let mut level0: Vec<Hash> = Vec::new();
         for i in 0..256u16 {
             bundle.extend_from_slice(&2u16.to_be_bytes());
             bundle.extend_from_slice(&i.to_be_bytes());
+            level0.push(leaf_hash(&i.to_be_bytes()));
         }
         let tile = |path: &str, bytes: &[u8]| {
             let file = dir.path().join(path);
@@ -967,11 +970,14 @@ mod tests {
             std::fs::write(file, bytes).unwrap();
         };
         tile("tile/entries/000", &bundle);
-        tile("tile/0/000", &[0; 256 * 32]);
+        tile("tile/0/000", &level0.concat());
+        tile("tile/0/001", &[0; 256 * 32]);
+        let level1 = [fold(level0), fold(vec![[0; 32]; 256])];
+        tile("tile/1/000.p/2", &level1.concat());
         let err =
             fetch_tiles(&TilesAt::Dir(dir.path().into()), &key, DEFAULT_MAX_ENTRIES).unwrap_err();
         assert!(
-            format!("{err:#}").starts_with("root_mismatch: hash 0 of tile tile/0/000"),
+            format!("{err:#}").starts_with("root_mismatch: the hash tiles of size 512"),
             "{err:#}"
         );
     }
