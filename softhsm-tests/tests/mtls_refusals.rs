@@ -127,6 +127,35 @@ fn a_revoked_certificate_fails_the_handshake() {
     );
 }
 
+/// A start with a CRL already past its `nextUpdate` (its publisher
+/// stalled, the host restarted) is not refused: the daemon starts, warns,
+/// and refuses the clients that CRL covers (`crl_expired`), while clients
+/// of other CAs, the admin listener and `/metrics` keep working. (A reload
+/// that brings such a CRL in is refused: `serve_reload.rs`.)
+#[test]
+fn a_start_with_a_stale_crl_warns_and_refuses_only_its_clients() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let past = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    pki.write("clients.crl.pem", &pki.clients.crl_until(&[], past));
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    let daemon = Daemon::start(&t);
+    assert!(
+        daemon
+            .stderr()
+            .contains("a configured CRL is past its nextUpdate"),
+        "{}",
+        daemon.stderr()
+    );
+    let refused = pki
+        .client(daemon.api, Some(&pki.clients.identity(PROVIDER)))
+        .request("GET", "/v1/keys", None);
+    assert!(refused.is_err(), "{refused:?}");
+    assert_counted_once(&daemon, "crl_expired");
+}
+
 /// With CRLs, the whole chain's revocation status is checked, not the
 /// leaf's alone: a client certificate from an intermediate CA that the
 /// root's CRL revokes fails the handshake, though its own CA's CRL does not

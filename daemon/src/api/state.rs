@@ -46,6 +46,10 @@ pub struct Reloadable {
     pub trust_digest: Digest,
 }
 
+/// The generation of the configuration a daemon starts with; each reload
+/// counts one up.
+pub const FIRST_GENERATION: u64 = 1;
+
 impl Reloadable {
     /// Builds the reloadable state from validated settings (reading the TLS
     /// files they name).
@@ -59,7 +63,11 @@ impl Reloadable {
         limits: &Limits,
         generation: u64,
     ) -> Result<Self, ConfigError> {
-        let tls = tls::load(settings.require_tls()?, &settings.file)?;
+        let tls = tls::load(
+            settings.require_tls()?,
+            &settings.file,
+            generation == FIRST_GENERATION,
+        )?;
         let trust = settings.require_trust()?.clone();
         let trust_digest = trust_digest(&trust);
         Ok(Reloadable {

@@ -56,7 +56,11 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// # Errors
 /// [`ConfigError`] naming the `tls.*` field whose file is missing, empty or
 /// not what it should be, with `config_file` as the file.
-pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, ConfigError> {
+pub fn load(
+    tls: &TlsSettings,
+    config_file: &Path,
+    at_start: bool,
+) -> Result<TlsMaterial, ConfigError> {
     let err = |field: &str, reason: String| file_error(config_file, field, reason);
     let read = |field: &str, path: &Path| read_file(config_file, field, path);
 
@@ -111,8 +115,19 @@ pub fn load(tls: &TlsSettings, config_file: &Path) -> Result<TlsMaterial, Config
             crls.push((path, CertificateRevocationListDer::from(bytes)));
         }
     }
-    let crls_valid_until = check_crls(&crls, tls.enforce_crl_expiry, unix_now())
-        .map_err(|reason| err("tls.crls", reason))?;
+    // A stale CRL at a start is a warning, not a refusal: the daemon starts
+    // (its other clients, `/metrics` and the `crl_expired` count with it),
+    // and the clients the CRL covers are refused until a fresh one comes.
+    // At a reload it is refused, and the running CRLs stay.
+    let enforce = tls.enforce_crl_expiry && !at_start;
+    let crls_valid_until =
+        check_crls(&crls, enforce, unix_now()).map_err(|reason| err("tls.crls", reason))?;
+    if at_start && tls.enforce_crl_expiry && crls_valid_until <= unix_now() {
+        tracing::warn!(
+            "a configured CRL is past its nextUpdate: every client it covers is refused \
+             (crl_expired) until a fresh CRL is loaded (SIGHUP)"
+        );
+    }
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
@@ -277,9 +292,10 @@ type Scope = (Vec<u8>, Option<Vec<u8>>);
 ///   certificate's issuer and scope (rustls-webpki compares neither
 ///   `thisUpdate` nor the CRL number), so a newer CRL appended after an
 ///   older one would never revoke anything;
-/// - with `enforce_crl_expiry`, a CRL already past its `nextUpdate`: every
-///   client it covers would be refused, so a reload that brings it in is
-///   refused instead and the running CRLs stay.
+/// - with `enforce_expiry` (`enforce_crl_expiry`, at a reload), a CRL
+///   already past its `nextUpdate`: every client it covers would be
+///   refused, so a reload that brings it in is refused instead and the
+///   running CRLs stay.
 fn check_crls(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
     enforce_expiry: bool,

@@ -46,8 +46,13 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let env: Arc<dyn Env> = Arc::new(ProcessEnv);
     let settings = Settings::load(&args.config.config, env.as_ref())?;
-    let live = Reloadable::build(&settings, &settings.limits, 1)?;
+    // Logging first: building the TLS material may warn (a stale CRL).
     super::init_logging(&settings.log);
+    let live = Reloadable::build(
+        &settings,
+        &settings.limits,
+        crate::api::state::FIRST_GENERATION,
+    )?;
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
     }
