@@ -144,72 +144,113 @@ fn sigterm_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
 }
 
 /// A second SIGTERM cuts the drain short while an unwrap is inside the HSM
-/// (the fault module holds its derive): the connection is cut, but the
-/// unwrap's work goes on, and the process waits for it, past the runtime's
-/// own 5-second bound on blocking tasks, so its leaves and spend are
-/// durable when it exits 0. Before, it exited 5 s after the drain, the open
-/// still running and logged nowhere.
+/// (the fault module holds its derive) and another waits at the envelope
+/// gate behind it (`max_envelopes_in_flight = 1`). Both connections are cut.
+/// The first's work goes on, and the process waits for it, past the
+/// runtime's own 5-second bound on blocking tasks, so its leaves and spend
+/// are durable when it exits 0; before, it exited 5 s after the drain, the
+/// open still running and logged nowhere. The queued one starts nothing
+/// once through the gate (nobody would get its reply): no derive, no leaf,
+/// no spend.
 #[test]
 fn a_cut_drain_waits_for_the_hsm_opens_of_the_requests_it_cut() {
-    let mut h = vault::Held::new(&["E-1"]);
-    let escrow = vault::published_key(&h.c.provider, "E-1");
-    let envelopes = vec![h.seal(&escrow, "E-1", "cut")];
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_hsm(
+        &softhsm_tests::shim_module_path(),
+        2,
+        "call_timeout_ms = 60000\n",
+        &format!(
+            "{}\n{}[limits]\nmax_envelopes_in_flight = 1\n",
+            shim.hsm_env(),
+            serve_config(&vault::roles_toml())
+        ),
+    );
+    let escrow = vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
     let recipient = vault::recipient();
-    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 10));
-    let body = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
-    h.shim.set("fault = hang\nfault_calls = C_DeriveKey");
-    let agency = h.c.agency.clone();
-    let request = std::thread::spawn(move || {
-        agency.request("POST", "/v1/unwrap", Some(body.to_string().as_bytes()))
-    });
+    let body = |id: &str| {
+        let envelope = vault::seal(
+            &escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            id,
+            &[7; 32],
+        );
+        let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 10));
+        serde_json::json!({"warrant": warrant, "envelopes": [envelope]}).to_string()
+    };
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let send = |id: &str| {
+        let agency = c.agency.clone();
+        let body = body(id);
+        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())))
+    };
+    let cut = send("W-CUT");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while h.shim.faults() == 0 {
+    while shim.faults() == 0 {
         assert!(
             Instant::now() < deadline,
             "the unwrap never reached the HSM"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    h.daemon.signal(Signal::TERM);
-    h.daemon.expect_notify("STOPPING=1");
-    h.daemon.signal(Signal::TERM);
-    // The cut connection: no reply.
+    let queued = send("W-QUEUED");
+    // Time to reach the gate and wait there.
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    daemon.signal(Signal::TERM);
+    // The cut connections: no reply.
+    assert!(cut.join().unwrap().is_err(), "the cut request got a reply");
     assert!(
-        request.join().unwrap().is_err(),
-        "the cut request got a reply"
+        queued.join().unwrap().is_err(),
+        "the queued request got a reply"
     );
     // Held past the runtime's 5 s: still running, waiting for the open.
     assert_eq!(
-        h.daemon.wait_exit_or_running(Duration::from_secs(7)),
+        daemon.wait_exit_or_running(Duration::from_secs(7)),
         None,
         "exited with the HSM open still running; stderr:\n{}",
-        h.daemon.stderr()
+        daemon.stderr()
     );
     assert!(
-        h.daemon
+        daemon
             .stderr()
             .contains("waiting for requests' HSM and store work that has not returned"),
         "{}",
-        h.daemon.stderr()
+        daemon.stderr()
     );
-    h.shim.set("");
-    let status = h.daemon.wait_exit(Duration::from_secs(60));
-    assert_eq!(status.code(), Some(0), "stderr:\n{}", h.daemon.stderr());
+    shim.set("");
+    let status = daemon.wait_exit(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
+    assert_eq!(shim.faults(), 1, "the queued request reached the HSM");
 
-    let db = rusqlite::Connection::open(h.t.path("lavd.db")).unwrap();
-    let spent: u64 = db
-        .query_row("SELECT spent FROM warrants WHERE id = 'W-CUT'", [], |row| {
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let spent = |id: &str| -> Option<u64> {
+        db.query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
             row.get(0)
         })
-        .unwrap();
-    assert_eq!(spent, 1);
+        .ok()
+    };
+    assert_eq!(spent("W-CUT"), Some(1));
+    assert_eq!(spent("W-QUEUED"), None);
     let mut leaves = db.prepare("SELECT leaf FROM audit_leaves").unwrap();
-    let outcomes: Vec<String> = leaves
+    let unwraps: Vec<(String, String)> = leaves
         .query_map([], |row| row.get::<_, Vec<u8>>(0))
         .unwrap()
         .map(|leaf| serde_json::from_slice::<serde_json::Value>(&leaf.unwrap()).unwrap())
-        .filter(|leaf| leaf["warrant_id"] == "W-CUT" && leaf["event"] == "unwrap")
-        .map(|leaf| leaf["outcome"].as_str().unwrap_or_default().to_string())
+        .filter(|leaf| leaf["event"] == "unwrap")
+        .map(|leaf| {
+            (
+                leaf["warrant_id"].as_str().unwrap_or_default().to_string(),
+                leaf["outcome"].as_str().unwrap_or_default().to_string(),
+            )
+        })
         .collect();
-    assert_eq!(outcomes, vec!["opened"]);
+    assert_eq!(unwraps, vec![("W-CUT".to_string(), "opened".to_string())]);
 }

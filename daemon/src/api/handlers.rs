@@ -128,6 +128,13 @@ pub(crate) async fn post_unwrap(
         // caller is admitted again under the configuration in force when
         // its work starts, and that one's trust judges the warrant.
         let readmit = || {
+            if st.requests_cut() {
+                return Err(unwrap::UnwrapError::StoreUnavailable(
+                    "the daemon is stopping and this request's connection was cut before its \
+                     turn: nothing was opened"
+                        .into(),
+                ));
+            }
             readmission
                 .current(&live, &[Role::Agency])
                 .map(|newer| newer.map(|r| r.verifier.clone()))

@@ -110,6 +110,8 @@ pub struct ServerState {
     /// passed certificate check per generation).
     reloading: Mutex<()>,
     draining: AtomicBool,
+    /// Set when the drain ended ([`ServerState::cut_requests`]).
+    cut: AtomicBool,
     /// The settings at start, to warn about edits a reload cannot apply.
     startup: StartupSettings,
 }
@@ -273,6 +275,7 @@ impl ServerState {
             live: RwLock::new(Arc::new(live)),
             reloading: Mutex::new(()),
             draining: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             startup,
         }
     }
@@ -418,6 +421,19 @@ impl ServerState {
     /// load balancers stop sending new work.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The drain is over: connections still open were cut. A request whose
+    /// work has not started yet (an unwrap queued at the envelope gate)
+    /// then starts none: nobody would get its reply, and the stop waits
+    /// for every request's work.
+    pub fn cut_requests(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`ServerState::cut_requests`] was called.
+    pub fn requests_cut(&self) -> bool {
+        self.cut.load(Ordering::SeqCst)
     }
 
     /// Whether [`ServerState::start_draining`] was called.

@@ -252,7 +252,10 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     // among them may have opened in the HSM, and its leaves (or, should its
     // commit fail, its deferred leaves) are written before the deferred
     // writer stops and the runtime with its blocking pool is shut down.
-    let _ = tokio::task::spawn_blocking(|| {
+    // Queued requests (at the envelope gate) start nothing from now on. A
+    // further signal stops the wait: what still runs may then go unlogged.
+    state.cut_requests();
+    let waiting = tokio::task::spawn_blocking(|| {
         routes::wait_for_request_work(Duration::from_secs(5), |running, waited| {
             tracing::warn!(
                 running,
@@ -260,8 +263,17 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
                 "stopping: waiting for requests' HSM and store work that has not returned"
             );
         });
-    })
-    .await;
+    });
+    tokio::select! {
+        _ = waiting => {}
+        name = signals.next_stop() => {
+            tracing::error!(
+                signal = name,
+                "another signal: not waiting for requests' work any longer; HSM opens still \
+                 running may go unlogged"
+            );
+        }
+    }
     // A last chance for leaves still waiting for the store.
     // Then the writer ends, and with it its handle on the HSM.
     let audit = state.audit.clone();
