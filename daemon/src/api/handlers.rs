@@ -444,8 +444,9 @@ pub async fn log_checkpoint(
 
 /// `GET /v1/log/tile/…` (auditor): a tile of hashes or an entry bundle
 /// (C2SP `tlog-tiles`), given the path after `tile/`. Served only when the
-/// newest signed checkpoint covers all of it (so a client can verify it),
-/// from one store read; immutable once served.
+/// newest signed checkpoint covers all of it (so a client can verify it);
+/// an entry bundle only with exactly its leaves, each matching its level-0
+/// hash; immutable once served.
 ///
 /// # Errors
 /// 400 `malformed_request` for a path that is not a canonical tile path,

@@ -271,7 +271,6 @@ fn read_identity(
     Ok((chain, private))
 }
 
-/// A [`ConfigError`] on `field` of `config_file`.
 /// Seconds since the Unix epoch, now.
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -341,6 +340,7 @@ fn check_crls(
     Ok(until)
 }
 
+/// A [`ConfigError`] on `field` of `config_file`.
 fn file_error(config_file: &Path, field: &str, reason: String) -> ConfigError {
     ConfigError {
         file: config_file.to_path_buf(),

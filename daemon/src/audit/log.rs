@@ -687,7 +687,11 @@ impl AuditLog {
                         root,
                         signature,
                     }),
-            } if size == appended.tree_size && !self.newer_stored_exists(latest.as_ref())? => {
+            } if size == appended.tree_size
+                // A failed read falls to `checkpoint_covering` below: the
+                // append is committed, and should not fail for this.
+                && !self.newer_stored_exists(latest.as_ref()).unwrap_or(true) =>
+            {
                 let note = self.sign_with(size, root, |_| signature.wait())?;
                 self.keep(latest, size, root, note)?
             }
@@ -831,20 +835,18 @@ impl AuditLog {
         Ok(note)
     }
 
-    /// On a store that replicas share ([`AuditStore::shared`]), the newest
-    /// checkpoint another process saved, when it is newer than `latest`,
-    /// verified under the audit key. This process proves the tree extends
-    /// it as well as its own latest: otherwise leaves rewritten behind
-    /// another replica's checkpoint, above this process's own latest, would
-    /// pass this process's proof and be signed over, a fork of the log.
+    /// The newest checkpoint another process saved (a replica on
+    /// PostgreSQL; on SQLite, `lavd audit export` run beside the daemon),
+    /// when it is newer than `latest`, verified under the audit key. This
+    /// process proves the tree extends it as well as its own latest:
+    /// otherwise leaves rewritten behind another process's checkpoint,
+    /// above this process's own latest, would pass this process's proof
+    /// and be signed over, a fork of the log.
     ///
     /// # Errors
     /// [`LogError::Inconsistent`] (recorded) for a stored checkpoint that
     /// does not verify; [`LogError::Store`].
     fn newer_stored(&self, latest: Option<&Signed>) -> Result<Option<Signed>, LogError> {
-        if !self.store.shared() {
-            return Ok(None);
-        }
         let Some((size, note)) = self.store.latest_checkpoint()? else {
             return Ok(None);
         };
@@ -862,9 +864,6 @@ impl AuditLog {
     /// inside the append's transaction, proved from `latest` only, is not
     /// kept, and [`Self::checkpoint_covering`] proves from both.
     fn newer_stored_exists(&self, latest: Option<&Signed>) -> Result<bool, LogError> {
-        if !self.store.shared() {
-            return Ok(false);
-        }
         let Some((size, _)) = self.store.latest_checkpoint()? else {
             return Ok(false);
         };

@@ -30,8 +30,8 @@ pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
 /// `warrant_revoked` (PROTOCOL §8), and, in audit leaves only, lavd's
 /// `warrant_expired`, `emergency_expired` and `authority_not_valid` (a
-/// deadline passed in flight; docs/warrants.md) and `audit_commit_failed` (opened, but the audit commit
-/// failed, so not released).
+/// deadline passed in flight; docs/warrants.md) and `audit_commit_failed`
+/// (opened, but the audit commit failed, so not released).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -433,11 +433,11 @@ pub fn render(report: &Report) -> String {
         "Denials by reason",
         &format!(
             "An envelope is denied when the warrant was valid but does not reach it (outside \
-             the window, another target, budget spent, key destroyed, …). Three reasons are \
-             different: audit_commit_failed, warrant_expired and emergency_expired mark \
-             envelopes the HSM did open, whose request then failed (its audit commit, or the \
-             warrant's end reached while it ran), so nothing was released: {} in this \
-             period.",
+             the window, another target, budget spent, key destroyed, …). Four reasons are \
+             different: audit_commit_failed, warrant_expired, emergency_expired and \
+             authority_not_valid mark envelopes the HSM did open, whose request then failed \
+             (its audit commit, or the warrant's or a signer's end reached while it ran), so \
+             nothing was released: {} in this period.",
             t.opened_not_released
         ),
         "",

@@ -171,8 +171,9 @@ pub struct Totals {
     pub denied: u64,
     /// Of `denied`, the envelopes the HSM did open but whose request then
     /// failed, so nothing was released: the reasons of audit leaves only
-    /// (`audit_commit_failed`; `warrant_expired` and `emergency_expired`
-    /// written in flight). The others were never opened.
+    /// (`audit_commit_failed`; `warrant_expired`, `emergency_expired` and
+    /// `authority_not_valid` written in flight). The others were never
+    /// opened.
     pub opened_not_released: u64,
     /// `warrant_refused` leaves.
     pub refused: u64,
@@ -686,6 +687,9 @@ impl Report {
                         ) => {
                             t.expired_refusal.get_or_insert(leaf.time);
                         }
+                        // A signer's end reached in flight: refused whole,
+                        // neither a use nor the warrant's lapse.
+                        UnwrapOutcome::Denied(DenyReason::AuthorityNotValid) => {}
                         _ => t.last_use = Some(leaf.time),
                     }
                 }

@@ -395,12 +395,6 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError>;
-    /// Whether other processes (replicas) may append and sign on this
-    /// store too: then the newest saved checkpoint may be another's, newer
-    /// than this process's own.
-    fn shared(&self) -> bool {
-        false
-    }
     /// Every saved checkpoint, `(size, note)`, oldest first.
     ///
     /// # Errors

@@ -359,12 +359,6 @@ impl WarrantStore for Store {
 }
 
 impl AuditStore for Store {
-    fn shared(&self) -> bool {
-        match self {
-            Store::Sqlite(s) => s.shared(),
-            Store::Postgres(s) => s.shared(),
-        }
-    }
     fn append_with(
         &self,
         batch: AuditAppend,
@@ -495,7 +489,8 @@ impl SqliteStore {
     ///
     /// # Errors
     /// [`StoreError::Sqlite`] if the file cannot be opened or migrated;
-    /// [`StoreError::SchemaTooNew`] if a newer `lavd` wrote it.
+    /// [`StoreError::Unavailable`] if SQLite cannot keep a write-ahead log
+    /// there; [`StoreError::SchemaTooNew`] if a newer `lavd` wrote it.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let err = |source| StoreError::Sqlite {
             path: path.to_path_buf(),

@@ -515,9 +515,10 @@ pub fn unwrap(
     // whose opens ran past it (a large batch, a slow HSM), releases nothing
     // past it. A warrant that lapsed refuses the request whole, as it
     // refuses one that arrives after its end (403 `warrant_expired`,
-    // `emergency_expired` or `authority_not_valid`: codes PROTOCOL §5 has), once its leaves, denied with that reason and
-    // unspent, are durable: the HSM opened, and every open is logged. A
-    // key past its retention denies its envelopes `key_destroyed`.
+    // `emergency_expired` or `authority_not_valid`: codes PROTOCOL §5 has),
+    // once its leaves, denied with that reason and unspent, are durable:
+    // the HSM opened, and every open is logged. A key past its retention
+    // denies its envelopes `key_destroyed`.
     let settling = clock();
     let lapsed = warrant.lapsed(settling);
     if let Some(lapsed) = &lapsed {

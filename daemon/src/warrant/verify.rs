@@ -82,19 +82,20 @@ struct Signed {
 impl Signed {
     /// See [`VerifiedWarrant::lapsed`].
     fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {
-        if now >= self.usable_until {
-            return Some(match self.emergency_end {
-                Some(end) if end < self.claims.expires => {
-                    WarrantError::EmergencyExpired(format_time(end))
-                }
-                _ => WarrantError::Expired(format_time(self.claims.expires)),
+        // The signers first, as a fresh check (`Verifier::check_use`) does.
+        let (kid, valid_from, valid_until) = &self.first_signer_end;
+        if now >= *valid_until {
+            return Some(WarrantError::AuthorityNotValid {
+                kid: kid.clone(),
+                valid_from: format_time(*valid_from),
+                valid_until: format_time(*valid_until),
             });
         }
-        let (kid, valid_from, valid_until) = &self.first_signer_end;
-        (now >= *valid_until).then(|| WarrantError::AuthorityNotValid {
-            kid: kid.clone(),
-            valid_from: format_time(*valid_from),
-            valid_until: format_time(*valid_until),
+        (now >= self.usable_until).then(|| match self.emergency_end {
+            Some(end) if end < self.claims.expires => {
+                WarrantError::EmergencyExpired(format_time(end))
+            }
+            _ => WarrantError::Expired(format_time(self.claims.expires)),
         })
     }
 }
@@ -131,10 +132,10 @@ impl VerifiedWarrant {
         self.signed.usable_until
     }
     /// Why the warrant is no longer usable at `now`, if it is not:
-    /// [`WarrantError::Expired`] at `expires`, or
+    /// [`WarrantError::AuthorityNotValid`] once a signer's `valid_until` has
+    /// passed; else [`WarrantError::Expired`] at `expires`, or
     /// [`WarrantError::EmergencyExpired`] at the end of an urgent warrant's
-    /// hours when that comes first; else [`WarrantError::AuthorityNotValid`]
-    /// once a signer's `valid_until` has passed. The one rule both the
+    /// hours when that comes first. The one rule both the
     /// verification and an unwrap's last look before its audit commit
     /// apply.
     pub fn lapsed(&self, now: OffsetDateTime) -> Option<WarrantError> {

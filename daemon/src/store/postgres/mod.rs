@@ -1655,9 +1655,6 @@ impl PgStore {
 }
 
 impl AuditStore for PgStore {
-    fn shared(&self) -> bool {
-        true
-    }
     fn append_with(
         &self,
         batch: AuditAppend,
