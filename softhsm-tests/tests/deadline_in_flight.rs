@@ -29,6 +29,16 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The budget warrant `id` has spent, from the store.
+fn spent(h: &Held, id: &str) -> i64 {
+    rusqlite::Connection::open(h.t.path("lavd.db"))
+        .unwrap()
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
+}
+
 /// Sleeps until `t` has passed, by the wall clock the daemon reads too.
 fn sleep_past(t: OffsetDateTime) {
     while OffsetDateTime::now_utc() <= t {
@@ -99,13 +109,7 @@ fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
         assert_eq!(e.leaf["outcome"], "denied");
         assert_eq!(e.leaf["reason"], "warrant_expired");
     }
-    let db = rusqlite::Connection::open(setup.t.path("lavd.db")).unwrap();
-    let spent: i64 = db
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(spent, 0);
+    assert_eq!(spent(&setup, id), 0);
 
     // A later request is refused whole, as before.
     vault::post(
@@ -212,11 +216,5 @@ fn a_signer_whose_validity_ends_while_its_unwrap_is_in_flight_releases_nothing()
     assert_eq!(leaves.len(), 1, "{log:?}");
     assert_eq!(leaves[0].leaf["outcome"], "denied");
     assert_eq!(leaves[0].leaf["reason"], "authority_not_valid");
-    let db = rusqlite::Connection::open(setup.t.path("lavd.db")).unwrap();
-    let spent: i64 = db
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(spent, 0);
+    assert_eq!(spent(&setup, id), 0);
 }

@@ -241,19 +241,9 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
                 next_update = Some(der_time(tag, value)?);
             }
             (0xa0, value) => {
-                let mut extensions = Der::new(value).expect_one(SEQUENCE)?;
-                while !extensions.is_empty() {
-                    let mut extension = Der::new(extensions.expect(SEQUENCE)?);
-                    let oid = extension.expect(OID)?;
-                    let mut next = extension.next()?;
-                    if next.0 == BOOLEAN {
-                        next = extension.next()?;
-                    }
-                    if next.0 != OCTET_STRING || !extension.is_empty() {
-                        return Err(IdentityError::Malformed);
-                    }
+                for (oid, value) in extensions(value)? {
                     if oid == IDP_OID {
-                        scope = Some(next.1.to_vec());
+                        scope = Some(value.to_vec());
                     }
                 }
             }
@@ -332,25 +322,35 @@ fn san_extensions(cert: &[u8]) -> Result<Vec<&[u8]>, IdentityError> {
         if tag != 0xa3 {
             continue;
         }
-        let mut extensions = Der::new(value).expect_one(SEQUENCE)?;
-        while !extensions.is_empty() {
-            let (tag, extension) = extensions.next()?;
-            if tag != SEQUENCE {
-                return Err(IdentityError::Malformed);
-            }
-            let mut extension = Der::new(extension);
-            let oid = extension.expect(OID)?;
-            let mut next = extension.next()?;
-            if next.0 == BOOLEAN {
-                next = extension.next()?;
-            }
-            if next.0 != OCTET_STRING || !extension.is_empty() {
-                return Err(IdentityError::Malformed);
-            }
+        for (oid, value) in extensions(value)? {
             if oid == SAN_OID {
-                found.push(next.1);
+                found.push(value);
             }
         }
+    }
+    Ok(found)
+}
+
+/// One extension's `(extnID, extnValue)`.
+type Extension<'a> = (&'a [u8], &'a [u8]);
+
+/// The `(extnID, extnValue)` of every extension of an `Extensions`
+/// (RFC 5280 §4.1; §5.1 for a CRL's), given the contents of its explicit
+/// tag.
+fn extensions(tagged: &[u8]) -> Result<Vec<Extension<'_>>, IdentityError> {
+    let mut extensions = Der::new(tagged).expect_one(SEQUENCE)?;
+    let mut found = Vec::new();
+    while !extensions.is_empty() {
+        let mut extension = Der::new(extensions.expect(SEQUENCE)?);
+        let oid = extension.expect(OID)?;
+        let mut next = extension.next()?;
+        if next.0 == BOOLEAN {
+            next = extension.next()?;
+        }
+        if next.0 != OCTET_STRING || !extension.is_empty() {
+            return Err(IdentityError::Malformed);
+        }
+        found.push((oid, next.1));
     }
     Ok(found)
 }
