@@ -265,12 +265,22 @@ pub fn jwks_checked(
     Ok(JwkSet { keys })
 }
 
+/// The keys to publish: not destroyed, before their `not_after`. A row that
+/// cannot be read is logged and not published; the others still are.
 fn usable(store: &dyn KeyStore, now: OffsetDateTime) -> Result<Vec<KeyRecord>, KeyError> {
-    Ok(store
-        .list_keys()?
-        .into_iter()
-        .filter(|k| k.destroyed_at.is_none() && now < k.not_after)
-        .collect())
+    let mut keys = Vec::new();
+    for (kid, key) in store.list_keys_each()? {
+        match key {
+            Ok(k) if k.destroyed_at.is_none() && now < k.not_after => keys.push(k),
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                kid = %crate::codec::escape_for_terminal(&kid),
+                error = %e,
+                "an escrow key's store row cannot be read; not publishing it"
+            ),
+        }
+    }
+    Ok(keys)
 }
 
 fn to_jwk(k: &KeyRecord) -> Jwk {
@@ -359,19 +369,32 @@ pub fn destroy(
         .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))
 }
 
-/// Keys whose retention has ended and that are not destroyed yet.
+/// What [`due_for_destruction`] finds.
+#[derive(Debug, Default)]
+pub struct Due {
+    /// Keys whose retention has ended and that are not destroyed yet.
+    pub keys: Vec<KeyRecord>,
+    /// With their kids, the rows that cannot be read: whether they are due
+    /// is not known (the caller reports them and fails).
+    pub unreadable: Vec<(String, StoreError)>,
+}
+
+/// Keys whose retention has ended and that are not destroyed yet, and the
+/// rows that cannot be read, apart: one damaged row does not keep every
+/// other key past its retention.
 ///
 /// # Errors
-/// A store failure.
-pub fn due_for_destruction(
-    store: &dyn KeyStore,
-    now: OffsetDateTime,
-) -> Result<Vec<KeyRecord>, KeyError> {
-    Ok(store
-        .list_keys()?
-        .into_iter()
-        .filter(|k| k.destroyed_at.is_none() && now > k.destroy_after)
-        .collect())
+/// A store failure reading the table.
+pub fn due_for_destruction(store: &dyn KeyStore, now: OffsetDateTime) -> Result<Due, KeyError> {
+    let mut due = Due::default();
+    for (kid, key) in store.list_keys_each()? {
+        match key {
+            Ok(k) if k.destroyed_at.is_none() && now > k.destroy_after => due.keys.push(k),
+            Ok(_) => {}
+            Err(e) => due.unreadable.push((kid, e)),
+        }
+    }
+    Ok(due)
 }
 
 #[cfg(test)]

@@ -169,7 +169,19 @@ impl KeysCommand {
                     // finish any destruction a crash interrupted. One failing
                     // key does not stop the others.
                     let mut failed = Vec::new();
-                    for k in keys::due_for_destruction(&store, now)? {
+                    let due = keys::due_for_destruction(&store, now)?;
+                    // A row that cannot be read: whether it is due is not
+                    // known, so it is reported and the job fails, after the
+                    // others are done.
+                    for (kid, e) in due.unreadable {
+                        let kid = crate::codec::escape_for_terminal(&kid);
+                        eprintln!(
+                            "lavd: store_unavailable: escrow key {kid}: its store row cannot be \
+                             read ({e}); not destroyed"
+                        );
+                        failed.push(kid);
+                    }
+                    for k in due.keys {
                         match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
                             Ok(record) => report(&record),
                             Err(e) => {
@@ -178,7 +190,12 @@ impl KeysCommand {
                             }
                         }
                     }
-                    for k in store.list_keys()? {
+                    // Unreadable rows were reported above.
+                    for k in store
+                        .list_keys_each()?
+                        .into_iter()
+                        .filter_map(|(_, k)| k.ok())
+                    {
                         if k.destroyed_at.is_none() {
                             continue;
                         }

@@ -30,6 +30,10 @@ pub struct KeyRecord {
     pub destroy_reason: Option<String>,
 }
 
+/// One row of the key table: its kid (as stored, or a placeholder when
+/// even that cannot be read) and the key, or why the row cannot be read.
+pub type KeyRow = (String, Result<KeyRecord, StoreError>);
+
 /// Escrow key metadata storage.
 pub trait KeyStore {
     /// Records a newly generated key.
@@ -40,8 +44,21 @@ pub trait KeyStore {
     /// All keys, destroyed ones included, ordered by kid.
     ///
     /// # Errors
-    /// [`StoreError::Sqlite`] or [`StoreError::Corrupt`].
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError>;
+    /// [`StoreError::Sqlite`] or [`StoreError::Corrupt`] (any row that
+    /// cannot be read).
+    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+        self.list_keys_each()?
+            .into_iter()
+            .map(|(_, key)| key)
+            .collect()
+    }
+    /// As [`KeyStore::list_keys`], each row read on its own, with its kid:
+    /// a row that cannot be read (an edited or damaged store) is that row's
+    /// error, so that the others can still be destroyed or published.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`] when the table cannot be read at all.
+    fn list_keys_each(&self) -> Result<Vec<KeyRow>, StoreError>;
     /// One key by kid.
     ///
     /// # Errors
@@ -139,6 +156,10 @@ impl SqliteStore {
     }
 }
 
+/// The kid [`KeyStore::list_keys_each`] gives a row whose kid itself
+/// cannot be read.
+pub const UNREADABLE_KID: &str = "(unreadable kid)";
+
 const KEY_COLUMNS: &str = "kid, public_sec1, not_before, not_after, destroy_after, created_at, destroyed_at, destroy_reason";
 
 impl KeyStore for SqliteStore {
@@ -146,7 +167,7 @@ impl KeyStore for SqliteStore {
         self.insert_key_in(&self.conn(), key)
     }
 
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    fn list_keys_each(&self) -> Result<Vec<KeyRow>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(&format!(
@@ -156,7 +177,10 @@ impl KeyStore for SqliteStore {
         let mut rows = stmt.query([]).map_err(|e| self.sqlite_err(e))?;
         let mut keys = Vec::new();
         while let Some(row) = rows.next().map_err(|e| self.sqlite_err(e))? {
-            keys.push(self.key_from_row(row)?);
+            let kid = row
+                .get::<_, String>(0)
+                .unwrap_or_else(|_| UNREADABLE_KID.to_string());
+            keys.push((kid, self.key_from_row(row)));
         }
         Ok(keys)
     }

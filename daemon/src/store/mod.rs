@@ -294,10 +294,10 @@ impl KeyStore for Store {
             Store::Postgres(s) => s.insert_key(key),
         }
     }
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    fn list_keys_each(&self) -> Result<Vec<keys::KeyRow>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.list_keys(),
-            Store::Postgres(s) => s.list_keys(),
+            Store::Sqlite(s) => s.list_keys_each(),
+            Store::Postgres(s) => s.list_keys_each(),
         }
     }
     fn get_key(&self, kid: &str) -> Result<Option<KeyRecord>, StoreError> {

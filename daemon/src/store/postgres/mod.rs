@@ -871,7 +871,7 @@ impl KeyStore for PgStore {
         self.with_tx(|tx| self.insert_key_in(tx, key))
     }
 
-    fn list_keys(&self) -> Result<Vec<KeyRecord>, StoreError> {
+    fn list_keys_each(&self) -> Result<Vec<crate::store::keys::KeyRow>, StoreError> {
         self.read(|c| {
             let rows = c
                 .query(
@@ -879,7 +879,15 @@ impl KeyStore for PgStore {
                     &[],
                 )
                 .map_err(|e| self.pg_err(e))?;
-            rows.iter().map(|r| self.key_from_row(r)).collect()
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    let kid = r
+                        .try_get::<_, String>(0)
+                        .unwrap_or_else(|_| crate::store::keys::UNREADABLE_KID.to_string());
+                    (kid, self.key_from_row(r))
+                })
+                .collect())
         })
     }
 
