@@ -21,6 +21,7 @@ pub mod bounds;
 pub mod codec;
 pub mod envelope;
 pub mod jwk;
+pub mod secret;
 
 #[cfg(feature = "daemon")]
 pub mod api;

@@ -52,7 +52,7 @@ const VERSION_LABEL: &[u8] = b"HPKE-v1";
 
 /// The 32-byte output of the P-256 DH step (the x-coordinate of the shared
 /// point, RFC 9180 §7.1.4).
-pub type DhOutput = Zeroizing<[u8; 32]>;
+pub type DhOutput = crate::secret::Secret<[u8; 32]>;
 
 /// The AEAD of a context (RFC 9180 §7.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -275,7 +275,7 @@ fn ecdh(sk: &agreement::PrivateKey, peer: &P256PublicKey) -> Result<DhOutput, Hp
         UnparsedPublicKey::new(&ECDH_P256, &peer.sec1()[..]),
         HpkeError::KeyAgreement,
         |z| {
-            let mut out = Zeroizing::new([0u8; 32]);
+            let mut out = DhOutput::new([0u8; 32]);
             if z.len() != out.len() {
                 return Err(HpkeError::KeyAgreement);
             }

@@ -19,10 +19,10 @@ pub mod reply;
 
 use std::convert::Infallible;
 
+use crate::secret::Secret;
 use aws_lc_rs::digest;
 use serde::{Deserialize, Deserializer, Serialize};
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
 
 use crate::codec::{b64_decode, b64_encode, format_time};
 use crate::jwk::{P256PublicKey, LAV_SUITE};
@@ -523,7 +523,7 @@ pub fn open_envelope<E>(
     envelope: &Envelope,
     pk_r: &P256PublicKey,
     dh: impl FnOnce(&P256PublicKey) -> Result<DhOutput, E>,
-) -> Result<Zeroizing<Vec<u8>>, EnvelopeError<E>> {
+) -> Result<Secret<Vec<u8>>, EnvelopeError<E>> {
     let info = envelope_info(&envelope.header_bytes);
     let mut ctx = hpke::setup_base_r(&envelope.enc, pk_r, &info, Aead::Aes256Gcm, dh).map_err(
         |e| match e {
@@ -539,7 +539,7 @@ pub fn open_envelope<E>(
     if !(DEK_MIN_LEN..=DEK_MAX_LEN).contains(&dek.len()) {
         return Err(EnvelopeError::OpenFailed);
     }
-    Ok(dek)
+    Ok(Secret::from(dek))
 }
 
 #[cfg(test)]

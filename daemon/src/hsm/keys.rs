@@ -6,7 +6,7 @@ use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::Mechanism;
 use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::Session;
-use zeroize::{Zeroize as _, Zeroizing};
+use zeroize::Zeroize as _;
 
 use super::{Hsm, HsmError, PendingCall, SharedSecret};
 use crate::jwk::{Ed25519PublicKey, P256PublicKey};
@@ -134,7 +134,7 @@ fn take_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret,
 }
 
 fn read_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret, HsmError> {
-    let mut secret = Zeroizing::new([0u8; 32]);
+    let mut secret = SharedSecret::new([0u8; 32]);
     let mut found = 0usize;
     for attr in session.get_attributes(derived, &[AttributeType::Value])? {
         if let Attribute::Value(mut value) = attr {

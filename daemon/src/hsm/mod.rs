@@ -36,7 +36,6 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
 
 use pool::Pool;
 
@@ -881,7 +880,7 @@ fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<
 }
 
 /// A 32-byte ECDH output, zeroized on drop.
-pub type SharedSecret = Zeroizing<[u8; 32]>;
+pub type SharedSecret = crate::secret::Secret<[u8; 32]>;
 
 /// Initialises a token on the module's first uninitialised slot and sets its
 /// user PIN. Only for `lavd dev`, which makes its own SoftHSM token; real

@@ -29,7 +29,6 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
 
 use crate::audit::leaf::{
     Digest, Event, Revocation as RevocationEvent, Unwrap, UnwrapOutcome, WarrantRef, WarrantRefused,
@@ -682,7 +681,7 @@ enum Release {
     Opened {
         kid: String,
         header: Vec<u8>,
-        dek: Zeroizing<Vec<u8>>,
+        dek: crate::secret::Secret<Vec<u8>>,
     },
     Denied(DenyReason),
 }
