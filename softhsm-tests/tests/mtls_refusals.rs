@@ -145,7 +145,7 @@ fn a_start_with_a_stale_crl_warns_and_refuses_only_its_clients() {
     assert!(
         daemon
             .stderr()
-            .contains("a configured CRL is past its nextUpdate"),
+            .contains("clients.crl.pem (CRL 1 of tls.crls) is past its nextUpdate"),
         "{}",
         daemon.stderr()
     );

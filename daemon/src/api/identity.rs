@@ -199,17 +199,56 @@ pub struct CrlFields {
     /// The issuer `Name`'s DER contents, compared byte for byte between
     /// CRLs (the handshake matches a CRL to a certificate's issuer by them).
     pub issuer: Vec<u8>,
-    /// The issuingDistributionPoint extension's value (RFC 5280 §5.2.5),
-    /// `None` without one: one CA's CRLs of different scopes (end-entity
-    /// and CA certificates, or partitions) differ here.
-    pub scope: Option<Vec<u8>>,
+    /// Which certificates of its issuer it covers, from its
+    /// issuingDistributionPoint extension (RFC 5280 §5.2.5).
+    pub scope: CrlScope,
     /// `nextUpdate` in seconds since the Unix epoch, or `None` when the CRL
     /// has none.
     pub next_update: Option<u64>,
 }
 
+/// Which certificates of its issuer a CRL covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlScope {
+    /// Every certificate (no issuingDistributionPoint extension).
+    All,
+    /// End-entity certificates only (`onlyContainsUserCerts`).
+    UserCerts,
+    /// CA certificates only (`onlyContainsCACerts`).
+    CaCerts,
+    /// Anything else: distribution-point partitions, some reasons only, an
+    /// indirect CRL, attribute certificates, or both flags.
+    Other,
+}
+
 /// The issuingDistributionPoint extension's OID, 2.5.29.28.
 const IDP_OID: &[u8] = &[0x55, 0x1d, 0x1c];
+
+/// The scope an issuingDistributionPoint value says: user-only or CA-only
+/// when that flag alone is set (a distribution point name beside it is
+/// allowed), [`CrlScope::Other`] for every other form.
+fn idp_scope(value: &[u8]) -> Result<CrlScope, IdentityError> {
+    let mut idp = Der::new(value).expect_one(SEQUENCE)?;
+    let (mut user, mut ca, mut other) = (false, false, false);
+    while !idp.is_empty() {
+        match idp.next()? {
+            // distributionPoint [0]: a name, not a scope.
+            (0xa0, _) => {}
+            // onlyContainsUserCerts [1], onlyContainsCACerts [2]: BOOLEAN,
+            // present only when TRUE (DER omits a DEFAULT FALSE).
+            (0x81, [0xff]) => user = true,
+            (0x82, [0xff]) => ca = true,
+            // onlySomeReasons [3], indirectCRL [4],
+            // onlyContainsAttributeCerts [5], anything else.
+            _ => other = true,
+        }
+    }
+    Ok(match (user, ca, other) {
+        (true, false, false) => CrlScope::UserCerts,
+        (false, true, false) => CrlScope::CaCerts,
+        _ => CrlScope::Other,
+    })
+}
 
 /// The issuer, scope and `nextUpdate` of a DER X.509 CRL (RFC 5280
 /// §5.1.2.3, §5.2.5 and §5.1.2.5).
@@ -234,7 +273,7 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
     // nextUpdate, optional; revokedCertificates, optional;
     // crlExtensions [0] EXPLICIT, optional.
     let mut next_update = None;
-    let mut scope = None;
+    let mut scope = CrlScope::All;
     while !tbs.is_empty() {
         match tbs.next()? {
             (tag @ (UTC_TIME | GENERALIZED_TIME), value) => {
@@ -243,7 +282,7 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
             (0xa0, value) => {
                 for (oid, value) in extensions(value)? {
                     if oid == IDP_OID {
-                        scope = Some(value.to_vec());
+                        scope = idp_scope(value)?;
                     }
                 }
             }

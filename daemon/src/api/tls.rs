@@ -119,15 +119,13 @@ pub fn load(
     // (its other clients, `/metrics` and the `crl_expired` count with it),
     // and the clients the CRL covers are refused until a fresh one comes.
     // At a reload it is refused, and the running CRLs stay.
-    let enforce = tls.enforce_crl_expiry && !at_start;
+    let stale = match (tls.enforce_crl_expiry, at_start) {
+        (false, _) => Stale::Take,
+        (true, true) => Stale::Warn,
+        (true, false) => Stale::Refuse,
+    };
     let crls_valid_until =
-        check_crls(&crls, enforce, unix_now()).map_err(|reason| err("tls.crls", reason))?;
-    if at_start && tls.enforce_crl_expiry && crls_valid_until <= unix_now() {
-        tracing::warn!(
-            "a configured CRL is past its nextUpdate: every client it covers is refused \
-             (crl_expired) until a fresh CRL is loaded (SIGHUP)"
-        );
-    }
+        check_crls(&crls, stale, unix_now()).map_err(|reason| err("tls.crls", reason))?;
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
@@ -278,30 +276,43 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// A CRL's issuer and issuingDistributionPoint: what the handshake matches
-/// a certificate's CRL by.
-type Scope = (Vec<u8>, Option<Vec<u8>>);
+/// What to do with a CRL already past its `nextUpdate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stale {
+    /// Refuse the configuration (a reload: the running CRLs stay).
+    Refuse,
+    /// Warn and go on (a start): the handshake refuses the clients it
+    /// covers (`crl_expired`), the others are served.
+    Warn,
+    /// Take it (`enforce_crl_expiry = false`).
+    Take,
+}
 
 /// Checks the configured CRLs as a whole, before any is used, and returns
-/// the earliest `nextUpdate` ([`TlsMaterial::crls_valid_until`]). Refused,
-/// with the files named:
-/// - a CRL lavd cannot read its issuer or times from;
-/// - two CRLs from one issuer with the same scope (issuingDistributionPoint,
-///   or none): the handshake consults only the first one that matches a
-///   certificate's issuer and scope (rustls-webpki compares neither
-///   `thisUpdate` nor the CRL number), so a newer CRL appended after an
-///   older one would never revoke anything;
-/// - with `enforce_expiry` (`enforce_crl_expiry`, at a reload), a CRL
-///   already past its `nextUpdate`: every client it covers would be
-///   refused, so a reload that brings it in is refused instead and the
-///   running CRLs stay.
+/// the earliest `nextUpdate` among those not past it
+/// ([`TlsMaterial::crls_valid_until`]; a chain a stale CRL covers fails the
+/// check anyway, and is never kept). Refused, with the files named:
+/// - a CRL lavd cannot read its issuer, scope or times from;
+/// - two CRLs of one issuer, unless one covers only end-entity and the
+///   other only CA certificates: the handshake consults only the first CRL
+///   that covers a certificate (rustls-webpki compares neither `thisUpdate`
+///   nor the CRL number), so a newer CRL listed after an older one, or a
+///   partition beside a full CRL, would revoke nothing;
+/// - under [`Stale::Refuse`], a CRL already past its `nextUpdate`.
 fn check_crls(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
-    enforce_expiry: bool,
+    stale: Stale,
     now: u64,
 ) -> Result<u64, String> {
+    use super::identity::CrlScope;
+    let disjoint = |a: CrlScope, b: CrlScope| {
+        matches!(
+            (a, b),
+            (CrlScope::UserCerts, CrlScope::CaCerts) | (CrlScope::CaCerts, CrlScope::UserCerts)
+        )
+    };
     let mut until = u64::MAX;
-    let mut issuers: Vec<(Scope, usize, &Path)> = Vec::with_capacity(crls.len());
+    let mut seen: Vec<(Vec<u8>, CrlScope, usize, &Path)> = Vec::with_capacity(crls.len());
     for (i, (path, crl)) in crls.iter().enumerate() {
         let fields = super::identity::crl_fields(crl.as_ref()).map_err(|_| {
             format!(
@@ -310,31 +321,47 @@ fn check_crls(
                 i + 1
             )
         })?;
-        let scoped = (fields.issuer, fields.scope);
-        if let Some((_, first, first_path)) = issuers.iter().find(|(n, ..)| *n == scoped) {
+        if let Some((_, _, first, first_path)) = seen
+            .iter()
+            .find(|(issuer, scope, ..)| *issuer == fields.issuer && !disjoint(*scope, fields.scope))
+        {
             return Err(format!(
-                "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer and scope: the \
-                 handshake would consult only the first, so list only the newest CRL of each \
-                 CA and scope",
+                "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer and can cover the \
+                 same certificates: the handshake would consult only the first, so list one \
+                 CRL per CA (or one of its end-entity and one of its CA certificates)",
                 first + 1,
                 first_path.display(),
                 i + 1,
                 path.display()
             ));
         }
-        issuers.push((scoped, i, path));
-        if let Some(next) = fields.next_update {
-            if enforce_expiry && next <= now {
-                return Err(format!(
-                    "{} (CRL {} of tls.crls) is past its nextUpdate ({}): with \
-                     enforce_crl_expiry every client it covers would be refused; fetch a fresh CRL",
-                    path.display(),
-                    i + 1,
-                    time::OffsetDateTime::from_unix_timestamp(i64::try_from(next).unwrap_or(0))
-                        .map_or_else(|_| next.to_string(), crate::codec::format_time)
-                ));
-            }
+        seen.push((fields.issuer, fields.scope, i, path));
+        let Some(next) = fields.next_update else {
+            continue;
+        };
+        if next > now {
             until = until.min(next);
+            continue;
+        }
+        let past = format!(
+            "{} (CRL {} of tls.crls) is past its nextUpdate ({})",
+            path.display(),
+            i + 1,
+            time::OffsetDateTime::from_unix_timestamp(i64::try_from(next).unwrap_or(0))
+                .map_or_else(|_| next.to_string(), crate::codec::format_time)
+        );
+        match stale {
+            Stale::Refuse => {
+                return Err(format!(
+                    "{past}: with enforce_crl_expiry every client it covers would be refused; \
+                     fetch a fresh CRL"
+                ))
+            }
+            Stale::Warn => tracing::warn!(
+                "{past}: every client it covers is refused (crl_expired) until a fresh CRL is \
+                 loaded (SIGHUP)"
+            ),
+            Stale::Take => {}
         }
     }
     Ok(until)
@@ -458,9 +485,12 @@ mod tests {
     }
 
     /// One CA's CRLs of two scopes (end-entity and CA certificates) are
-    /// taken: the handshake tells them apart. Two of one scope, or two
-    /// without one, are refused; so is one past its `nextUpdate` when
-    /// expiry is enforced, and only then.
+    /// taken: no certificate is covered by both. Any other two CRLs of one
+    /// issuer are refused: two of one scope, two without one, or one
+    /// without a scope beside a scoped one (a certificate is covered by
+    /// both, and only the first would be consulted). A CRL past its
+    /// `nextUpdate` is refused at a reload, taken with a warning at a start,
+    /// and at neither counts towards the time a checked chain is kept.
     #[test]
     fn crls_are_refused_only_where_the_handshake_would_misread_them() {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -481,7 +511,7 @@ mod tests {
             crl(&issuer, users, now + 60),
             crl(&issuer, cas, now + 30),
         ]);
-        assert_eq!(check_crls(&scoped, true, now), Ok(now + 30));
+        assert_eq!(check_crls(&scoped, Stale::Refuse, now), Ok(now + 30));
         for twice in [
             list(vec![
                 crl(&issuer, users, now + 60),
@@ -491,18 +521,27 @@ mod tests {
                 crl(&issuer, None, now + 60),
                 crl(&issuer, None, now + 90),
             ]),
+            list(vec![
+                crl(&issuer, None, now + 60),
+                crl(&issuer, users, now + 90),
+            ]),
+            list(vec![
+                crl(&issuer, cas, now + 60),
+                crl(&issuer, None, now + 90),
+            ]),
         ] {
-            let e = check_crls(&twice, true, now).unwrap_err();
+            let e = check_crls(&twice, Stale::Refuse, now).unwrap_err();
             assert!(e.contains("CRL 1 (ca.crl) and CRL 2 (ca.crl)"), "{e}");
-            assert!(e.contains("same issuer and scope"), "{e}");
+            assert!(e.contains("can cover the same certificates"), "{e}");
         }
         let stale = list(vec![crl(&issuer, None, now - 1)]);
-        let e = check_crls(&stale, true, now).unwrap_err();
+        let e = check_crls(&stale, Stale::Refuse, now).unwrap_err();
         assert!(e.contains("is past its nextUpdate"), "{e}");
-        assert_eq!(check_crls(&stale, false, now), Ok(now - 1));
+        assert_eq!(check_crls(&stale, Stale::Warn, now), Ok(u64::MAX));
+        assert_eq!(check_crls(&stale, Stale::Take, now), Ok(u64::MAX));
         let e = check_crls(
             &list(vec![CertificateRevocationListDer::from(vec![0x30, 0])]),
-            true,
+            Stale::Refuse,
             now,
         )
         .unwrap_err();
