@@ -20,18 +20,19 @@ fn private_key(t: &TestToken, kid: &str) -> bool {
 }
 
 /// One escrow key row that cannot be read (an edited or damaged store)
-/// does not keep the others past their retention: the daily job destroys
-/// every other key due, names the unreadable row and exits 1; the key list
-/// `GET /v1/keys` is made from skips it and keeps the others
-/// (`keys::jwks`). Before, the first unreadable row failed the whole job
-/// before anything was destroyed, and the key list with it.
+/// does not keep the others past their retention, nor out of the key list:
+/// the daily job destroys every key due, names the unreadable row and
+/// exits 1; the key list that `GET /v1/keys` publishes from (`keys::jwks`,
+/// which `keys::jwks_checked` filters further) leaves out only that row;
+/// `lavd keys list --all` lists the others, names it and exits 1. Before,
+/// the first unreadable row failed each of them whole.
 #[test]
 fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
     let t = TestToken::new();
     for (kid, not_after, destroy_after) in [
         ("2020-01", "2020-02-01T00:00:00Z", "2021-01-01T00:00:00Z"),
-        ("2020-02", "2020-02-01T00:00:00Z", "2021-02-01T00:00:00Z"),
         ("2099-01", "2099-02-01T00:00:00Z", "2100-01-01T00:00:00Z"),
+        ("2099-02", "2099-03-01T00:00:00Z", "2100-02-01T00:00:00Z"),
     ] {
         assert_ok(&t.lavd_with_config(&[
             "keys",
@@ -46,10 +47,11 @@ fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
             destroy_after,
         ]));
     }
+    // A key still valid, so that it would be published and listed.
     rusqlite::Connection::open(t.path("lavd.db"))
         .unwrap()
         .execute(
-            "UPDATE escrow_keys SET destroy_after = 'garbage' WHERE kid = '2020-01'",
+            "UPDATE escrow_keys SET created_at = 'garbage' WHERE kid = '2099-01'",
             [],
         )
         .unwrap();
@@ -57,18 +59,33 @@ fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("escrow key 2020-01: its store row cannot be read"),
+        stderr.contains("escrow key 2099-01: its store row cannot be read"),
         "{stderr}"
     );
-    assert!(!private_key(&t, "2020-02"), "{stderr}");
-    assert!(private_key(&t, "2020-01"));
+    assert!(!private_key(&t, "2020-01"), "{stderr}");
+    assert!(private_key(&t, "2099-01"));
+    assert!(private_key(&t, "2099-02"));
+
     let store = lavd::store::SqliteStore::open(&t.path("lavd.db")).unwrap();
     let now = time::OffsetDateTime::now_utc();
     let due = lavd::keys::due_for_destruction(&store, now).unwrap();
     assert!(due.keys.is_empty());
     assert_eq!(due.unreadable.len(), 1);
-    assert_eq!(due.unreadable[0].0, "2020-01");
+    assert_eq!(due.unreadable[0].0, "2099-01");
     let published = lavd::keys::jwks(&store, now).unwrap();
     let kids: Vec<_> = published.keys.iter().map(|k| k.kid.clone()).collect();
-    assert_eq!(kids, [Some("2099-01".to_string())]);
+    assert_eq!(kids, [Some("2099-02".to_string())]);
+
+    let out = t.lavd_with_config(&["keys", "list", "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("2020-01\t") && listing.contains("2099-02\t"),
+        "{listing}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("escrow key 2099-01: its store row cannot be read"),
+        "{stderr}"
+    );
 }

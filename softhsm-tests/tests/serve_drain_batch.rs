@@ -228,7 +228,6 @@ fn a_cut_drain_waits_for_the_hsm_opens_of_the_requests_it_cut() {
     shim.set("");
     let status = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "stderr:\n{}", daemon.stderr());
-    assert_eq!(shim.faults(), 1, "the queued request reached the HSM");
 
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
     let spent = |id: &str| -> Option<u64> {

@@ -119,7 +119,15 @@ impl KeysCommand {
                 let settings = config.load()?;
                 let store = Store::open_settings(&settings.store)?;
                 if all {
-                    for k in store.list_keys()? {
+                    let mut unreadable = Vec::new();
+                    for (kid, k) in store.list_keys_each()? {
+                        let k = match k {
+                            Ok(k) => k,
+                            Err(e) => {
+                                unreadable.push(report_unreadable(&kid, e));
+                                continue;
+                            }
+                        };
                         let state = match (&k.destroyed_at, &k.destroy_reason) {
                             (Some(at), reason) => format!(
                                 "destroyed {} ({})",
@@ -140,6 +148,9 @@ impl KeysCommand {
                             format_time(k.not_after),
                             format_time(k.destroy_after)
                         );
+                    }
+                    if !unreadable.is_empty() {
+                        anyhow::bail!("could not read: {}", unreadable.join(", "));
                     }
                 } else {
                     let hsm = Hsm::open(settings.hsm)?;
@@ -174,12 +185,7 @@ impl KeysCommand {
                     // known, so it is reported and the job fails, after the
                     // others are done.
                     for (kid, e) in due.unreadable {
-                        let kid = crate::codec::escape_for_terminal(&kid);
-                        eprintln!(
-                            "lavd: store_unavailable: escrow key {kid}: its store row cannot be \
-                             read ({e}); not destroyed"
-                        );
-                        failed.push(kid);
+                        failed.push(report_unreadable(&kid, e));
                     }
                     for k in due.keys {
                         match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
@@ -238,4 +244,16 @@ impl KeysCommand {
         }
         Ok(())
     }
+}
+
+/// Prints that escrow key `kid`'s store row cannot be read, with its code,
+/// and returns the kid as printed (escaped).
+fn report_unreadable(kid: &str, e: crate::store::StoreError) -> String {
+    let kid = crate::codec::escape_for_terminal(kid);
+    let e = keys::KeyError::from(e);
+    eprintln!(
+        "lavd: {}: escrow key {kid}: its store row cannot be read ({e})",
+        e.code()
+    );
+    kid
 }

@@ -246,15 +246,23 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
     if let Some(public) = public {
         public.shutdown(std::future::ready(())).await;
     }
-    drain(api, admin, startup.server.shutdown_grace, &mut signals).await;
+    let cutting = state.clone();
+    drain(
+        api,
+        admin,
+        startup.server.shutdown_grace,
+        &mut signals,
+        move || cutting.cut_requests(),
+    )
+    .await;
     // Requests whose connections the drain cut (its grace ran out, or a
     // second signal came) may still run on the blocking pool: an unwrap
     // among them may have opened in the HSM, and its leaves (or, should its
     // commit fail, its deferred leaves) are written before the deferred
     // writer stops and the runtime with its blocking pool is shut down.
-    // Queued requests (at the envelope gate) start nothing from now on. A
-    // further signal stops the wait: what still runs may then go unlogged.
-    state.cut_requests();
+    // Queued requests (at the envelope gate) start nothing since the drain
+    // ended (`cut_requests`). A further signal stops the wait: what still
+    // runs may then go unlogged.
     let waiting = tokio::task::spawn_blocking(|| {
         routes::wait_for_request_work(Duration::from_secs(5), |running, waited| {
             tracing::warn!(
@@ -296,12 +304,15 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
 }
 
 /// Stops accepting and lets in-flight requests finish within `grace` (a
-/// second signal cuts it short), then closes the admin listener.
+/// second signal cuts it short), then closes the admin listener. `cut` runs
+/// when the grace ends, just before the connections still open are cut
+/// (not when every request finished in time).
 pub(super) async fn drain(
     api: server::Listener,
     admin: server::Listener,
     grace: Duration,
     signals: &mut Signals,
+    cut: impl FnOnce(),
 ) {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
     let drained = api
@@ -312,6 +323,7 @@ pub(super) async fn drain(
                     tracing::warn!(signal = name, "second signal: not waiting any longer");
                 }
             }
+            cut();
         })
         .await;
     if drained.aborted > 0 {

@@ -252,6 +252,7 @@ async fn run(
         admin,
         server_settings.shutdown_grace,
         &mut signals,
+        || {},
     )
     .await;
     Ok(())
