@@ -82,8 +82,20 @@ impl WitnessState {
         };
         let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
+        // The answer is the mode in force: a file system without the shared
+        // memory WAL needs answers with the old mode, and no error.
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!(
+                    "SQLite cannot use its write-ahead log here (journal mode stayed {mode:?}); \
+                     put the state on a local file system"
+                )),
+            )));
+        }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -325,6 +337,17 @@ mod tests {
         assert_eq!(
             state.recorded("log.example/a").unwrap().map(|r| r.0),
             Some(recorded)
+        );
+    }
+
+    /// A state where SQLite cannot keep a write-ahead log (its in-memory
+    /// database answers "memory") is refused, as lavd's own store is.
+    #[test]
+    fn a_state_that_cannot_use_wal_is_refused() {
+        let e = WitnessState::create(Path::new(":memory:")).unwrap_err();
+        assert!(
+            e.to_string().contains("journal mode stayed \"memory\""),
+            "{e}"
         );
     }
 
