@@ -577,15 +577,33 @@ pub fn foreign_pair(session: &Session, label: &str, private: bool) {
 /// `lavd keys generate --kid KID` on `t`'s config, sealable in December
 /// 2026, retained until `destroy_after`.
 pub fn generate_key(t: &TestToken, kid: &str, destroy_after: &str) -> Output {
+    generate_key_for(
+        t,
+        kid,
+        [
+            "2026-12-01T00:00:00Z",
+            "2027-01-01T00:00:00Z",
+            destroy_after,
+        ],
+    )
+}
+
+/// `lavd keys generate --kid KID` on `t`'s config with its `[not_before,
+/// not_after, destroy_after]` (RFC 3339).
+pub fn generate_key_for(
+    t: &TestToken,
+    kid: &str,
+    [not_before, not_after, destroy_after]: [&str; 3],
+) -> Output {
     t.lavd_with_config(&[
         "keys",
         "generate",
         "--kid",
         kid,
         "--not-before",
-        "2026-12-01T00:00:00Z",
+        not_before,
         "--not-after",
-        "2027-01-01T00:00:00Z",
+        not_after,
         "--destroy-after",
         destroy_after,
     ])

@@ -416,18 +416,7 @@ fn a_bad_config_exits_64_naming_file_and_field() {
 fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     let t = TestToken::new();
     let gen = |kid: &str, nb: &str, na: &str, da: &str| {
-        assert_ok(&t.lavd_with_config(&[
-            "keys",
-            "generate",
-            "--kid",
-            kid,
-            "--not-before",
-            nb,
-            "--not-after",
-            na,
-            "--destroy-after",
-            da,
-        ]))
+        assert_ok(&softhsm_tests::generate_key_for(&t, kid, [nb, na, da]))
     };
     gen(
         "2020-01",

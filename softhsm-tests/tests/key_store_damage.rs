@@ -5,7 +5,7 @@
 //! test process may claim.)
 
 use cryptoki::object::{Attribute, ObjectClass};
-use softhsm_tests::{assert_ok, TestToken};
+use softhsm_tests::{assert_ok, generate_key_for, TestToken};
 
 /// Whether escrow key `kid`'s private half is on the token, seen from a
 /// new session of this application.
@@ -34,18 +34,11 @@ fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
         ("2099-01", "2099-02-01T00:00:00Z", "2100-01-01T00:00:00Z"),
         ("2099-02", "2099-03-01T00:00:00Z", "2100-02-01T00:00:00Z"),
     ] {
-        assert_ok(&t.lavd_with_config(&[
-            "keys",
-            "generate",
-            "--kid",
+        assert_ok(&generate_key_for(
+            &t,
             kid,
-            "--not-before",
-            "2020-01-01T00:00:00Z",
-            "--not-after",
-            not_after,
-            "--destroy-after",
-            destroy_after,
-        ]));
+            ["2020-01-01T00:00:00Z", not_after, destroy_after],
+        ));
     }
     // A key still valid, so that it would be published and listed.
     rusqlite::Connection::open(t.path("lavd.db"))

@@ -20,18 +20,11 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
         ("2026-11", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
         ("2099-01", "2099-01-01T00:00:00Z", "2099-02-01T00:00:00Z"),
     ] {
-        assert_ok(&t.lavd_with_config(&[
-            "keys",
-            "generate",
-            "--kid",
+        assert_ok(&softhsm_tests::generate_key_for(
+            &t,
             kid,
-            "--not-before",
-            from,
-            "--not-after",
-            to,
-            "--destroy-after",
-            "2100-01-01T00:00:00Z",
-        ]));
+            [from, to, "2100-01-01T00:00:00Z"],
+        ));
     }
     let listed: serde_json::Value =
         serde_json::from_str(&assert_ok(&t.lavd_with_config(&["keys", "list"]))).unwrap();
