@@ -147,3 +147,35 @@ fn an_ed25519_signature_costs_only_softhsm_s_own_leak() {
     });
     assert!(per <= 160, "{per} bytes kept per signature");
 }
+
+/// An audit key is its private half: a public half alone signs nothing. It
+/// is also what a session that silently lost its login still sees when the
+/// public half was made by an earlier build (not `CKA_PRIVATE`), so taking
+/// it for the key would make a token whose private objects vanished look
+/// sound, and an intact escrow key be logged `key_destroyed`.
+#[test]
+fn an_audit_public_half_without_its_private_half_is_not_the_audit_key() {
+    use cryptoki::object::{Attribute, ObjectClass};
+    let t = TestToken::new();
+    let hsm = Hsm::open(t.settings().hsm).unwrap();
+    let made = hsm.generate_audit_key("audit-k8").unwrap();
+    assert_eq!(hsm.audit_key("audit-k8").unwrap().public, made.public);
+
+    let session = t.session();
+    let private = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Label(b"audit-k8".to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(private.len(), 1);
+    session.destroy_object(private[0]).unwrap();
+
+    match hsm.audit_key("audit-k8") {
+        Err(HsmError::KeyNotFound {
+            kind: "audit",
+            label,
+        }) => assert_eq!(label, "audit-k8"),
+        other => panic!("expected the audit key not found, got {other:?}"),
+    }
+}

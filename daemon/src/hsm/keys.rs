@@ -438,12 +438,17 @@ impl Hsm {
 
     fn audit_key_here(&self, label: &str) -> Result<AuditKeyInfo, HsmError> {
         self.with_session("audit_public_key", |session| {
-            let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(|| {
-                HsmError::KeyNotFound {
-                    kind: "audit",
-                    label: label.to_string(),
-                }
-            })?;
+            let missing = || HsmError::KeyNotFound {
+                kind: "audit",
+                label: label.to_string(),
+            };
+            // The private half first, as for an escrow key: a public half
+            // alone signs nothing, and one from an earlier build (not
+            // CKA_PRIVATE) stays visible to a session that lost its login,
+            // which would make a token whose private objects vanished look
+            // sound (and an intact escrow key be logged `key_destroyed`).
+            find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
+            let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
             let point = read_ec_point(session, handle, label, 32)?;
             Ok(AuditKeyInfo {
                 label: label.to_string(),

@@ -38,7 +38,7 @@ pub const MAX_LEGAL_BASIS_CHARS: usize = 1024;
 /// Most escrow key ids in `kids`.
 pub const MAX_KIDS: usize = 1000;
 /// The longest `recipient.kid`, in characters (a name or a thumbprint).
-pub const MAX_RECIPIENT_KID_BYTES: usize = 256;
+pub const MAX_RECIPIENT_KID_CHARS: usize = 256;
 /// Largest `max_unwraps`: 2^53 − 1, so every JSON implementation reads it exactly.
 pub const MAX_UNWRAPS_LIMIT: u64 = (1 << 53) - 1;
 
@@ -224,7 +224,7 @@ impl Claims {
             }
         }
         if let Some(kid) = &jwk.kid {
-            check_text("recipient.kid", kid, MAX_RECIPIENT_KID_BYTES)?;
+            check_text("recipient.kid", kid, MAX_RECIPIENT_KID_CHARS)?;
         }
         let recipient = P256PublicKey::from_jwk(&raw.recipient.0)
             .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
