@@ -195,13 +195,25 @@ impl TestDb {
     /// password in `dbpass`, mode 600) and `extra` appended: every `lavd`
     /// the token runs, and every replica, then shares it.
     pub fn write_token_config(&self, token: &crate::TestToken, extra: &str) {
+        self.write_token_config_hsm(token, &crate::module_path(), "sessions = 4\n", extra);
+    }
+
+    /// As [`Self::write_token_config`], loading `module` with `hsm` (lines
+    /// such as `sessions = 2`, which it must give) in `[hsm]`.
+    pub fn write_token_config_hsm(
+        &self,
+        token: &crate::TestToken,
+        module: &std::path::Path,
+        hsm: &str,
+        extra: &str,
+    ) {
         let pass = token.path("dbpass");
         std::fs::write(&pass, format!("{}\n", password())).expect("dbpass");
         crate::restrict(&pass);
         let text = format!(
-            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\nsessions = 4\n\n\
+            "[hsm]\nmodule = {:?}\ntoken_label = {:?}\npin_file = \"pin\"\n{hsm}\n\
              [store]\nurl = \"{}\"\npassword_file = \"dbpass\"\npool_size = 8\n{extra}",
-            crate::module_path().display().to_string(),
+            module.display().to_string(),
             token.label,
             self.url()
         );

@@ -1012,7 +1012,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 4);
+    assert_eq!(store.migrate().unwrap(), 5);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -1024,9 +1024,9 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             .map(|r| r.get(0))
             .collect()
     };
-    assert_eq!(versions(), [1, 2, 3, 4]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5]);
     // A database at version 2 with a warrant in it (as the previous release
-    // left it) is brought to 4, and the new functions serve that warrant.
+    // left it) is brought to 5, and the new functions serve that warrant.
     {
         let store = PgStore::connect(&db.settings()).unwrap();
         store.register(&record("W2", 1, 2, false, 3)).unwrap();
@@ -1035,12 +1035,13 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     db.client()
         .batch_execute(
             "DROP FUNCTION lavd_register, lavd_reserve, lavd_settle, lavd_save_checkpoint;
+             DROP TABLE replication_barrier;
              DELETE FROM schema_version WHERE version >= 3",
         )
         .unwrap();
     assert_eq!(versions(), [1, 2]);
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(versions(), [1, 2, 3, 4]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5]);
     assert!(matches!(
         store.register(&record("W2", 1, 2, false, 3)),
         Ok(Registration::Known)
@@ -1050,6 +1051,8 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     store.settle(taken, 2).unwrap();
     assert_eq!(store.spent("W2").unwrap(), Some(3));
     store.save_checkpoint(0, "note zero", now()).unwrap();
+    // The barrier of migration 5 writes and commits.
+    store.replicated().unwrap();
     assert_eq!(
         store.latest_checkpoint().unwrap(),
         Some((0, "note zero".into()))
@@ -1064,7 +1067,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 4,
+                supported: 5,
                 ..
             }
         ),
@@ -1244,7 +1247,7 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert_eq!(db.rows("schema_version"), 4);
+    assert_eq!(db.rows("schema_version"), 5);
 }
 
 /// A database whose default `synchronous_commit` is `off` or `local` would

@@ -915,6 +915,10 @@ impl AuditLog {
                 return Ok(latest.as_ref().map(|s| s.note.clone()).unwrap_or_default());
             }
         }
+        // The tree read may hold leaves this process did not commit, whose
+        // commit was never acknowledged (PostgreSQL: on the primary only):
+        // a failover would lose them, and this signature would be a fork.
+        self.store.replicated()?;
         let note = self.sign(tree, root)?;
         self.keep(latest, tree, root, note)
     }

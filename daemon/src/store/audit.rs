@@ -390,6 +390,22 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError>;
+    /// Returns once every leaf this store shows is as durable as an
+    /// acknowledged append: before a checkpoint is signed over leaves this
+    /// process did not itself commit. On PostgreSQL a transaction whose wait
+    /// for a synchronous standby was cancelled (lavd ending its backend
+    /// after a lost connection, an operator's cancel) or that a crashed
+    /// primary replayed is visible on the primary only; a failover would
+    /// lose it, and a checkpoint signed over it would then be a fork. One
+    /// commit that writes WAL after it waits for the standby through it.
+    /// SQLite has nothing to wait for.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] (or another store error): nothing may be
+    /// signed over the tree read.
+    fn replicated(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// The newest saved checkpoint, `(size, note)`.
     ///
     /// # Errors

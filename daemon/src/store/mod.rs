@@ -421,6 +421,12 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.save_checkpoint(size, note, at),
         }
     }
+    fn replicated(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.replicated(),
+            Store::Postgres(s) => s.replicated(),
+        }
+    }
     fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {
         match self {
             Store::Sqlite(s) => s.latest_checkpoint(),

@@ -426,6 +426,14 @@ const MIGRATIONS: &[&str] = &[
          END IF;
          RETURN CASE WHEN v_revoked THEN 'revoked' ELSE 'ok' END;
      END $$;",
+    // 5: one row that `replicated` updates: a commit that writes WAL, whose
+    // wait for the synchronous standbys covers every commit before it (a
+    // transaction id alone writes none, and then waits for nothing).
+    "CREATE TABLE replication_barrier (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        n  BIGINT NOT NULL
+    );
+    INSERT INTO replication_barrier (id, n) VALUES (1, 0);",
 ];
 
 /// The oldest PostgreSQL lavd runs on (`server_version_num`).
@@ -1595,7 +1603,17 @@ impl PgStore {
                  standby: it may be on this server only"
                     .into(),
             )),
-            (Some("committed") | None, Some(true)) => Ok(true),
+            // Committed, but perhaps never acknowledged: a wait for a
+            // synchronous standby cancelled by someone else, or a commit a
+            // crashed primary replayed. Released only once it is on the
+            // standbys too.
+            (Some("committed") | None, Some(true)) => {
+                self.replicated().map(|()| true).map_err(|e| {
+                    unknown(format!(
+                        "committed, but not known to be on the synchronous standbys: {e}"
+                    ))
+                })
+            }
             (Some("aborted") | None, Some(false)) => Ok(false),
             (Some("aborted"), None) => Ok(false),
             (status, stored) => Err(unknown(format!(
@@ -1781,6 +1799,22 @@ impl AuditStore for PgStore {
             .map_err(|e| self.pg_err(e))
         })?;
         Ok(())
+    }
+
+    fn replicated(&self) -> Result<(), StoreError> {
+        // A commit that wrote WAL waits (under the `synchronous_commit`
+        // every pooled session has, `on` at least: see `pool`) until the
+        // synchronous standbys have the WAL up to it, so every commit before
+        // it too, also one whose own wait was cancelled or never
+        // acknowledged. It must write WAL: PostgreSQL does not wait for a
+        // transaction that only took an id. Concurrent callers queue on the
+        // row, each for one round trip to the standbys. Like any commit
+        // here, its wait for a standby is bounded only by the server
+        // (OPERATIONS §12).
+        self.with_retries(|c| {
+            c.batch_execute("UPDATE replication_barrier SET n = n + 1 WHERE id = 1")
+                .map_err(|e| self.pg_err(e))
+        })
     }
 
     fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {

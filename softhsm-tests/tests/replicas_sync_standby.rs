@@ -1,0 +1,183 @@
+//! Nothing is released or signed over leaves that only the primary has.
+//!
+//! With a synchronous standby, a commit is acknowledged once the standby has
+//! it. A transaction whose wait for the standby is cut short (an operator
+//! ending its backend, a crashed primary replaying it) is committed on the
+//! primary only: a failover would lose it. Before, lavd read such a commit's
+//! fate from the primary alone (`pg_xact_status` "committed", its first leaf
+//! stored), released the request's keys, and signed a checkpoint over the
+//! tree that held its leaves; after a failover, the next appends would make
+//! a different tree of that size, a fork.
+//!
+//! The test's own cluster ([`softhsm_tests::pg_cluster`]) is made to wait
+//! for a standby that never comes (`synchronous_standby_names` naming
+//! none that exists), an unwrap is sent to one replica, and its backend,
+//! waiting for the standby, is ended as an operator would. While the
+//! standby is missing, neither that unwrap nor another replica's checkpoint
+//! of the grown tree may be answered; once the wait is lifted both are, and
+//! the checkpoint covers the leaves.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use softhsm_tests::pg::TestDb;
+use softhsm_tests::pg_cluster;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+use time::OffsetDateTime;
+
+/// `psql` as the cluster's superuser: `synchronous_standby_names` is a
+/// server setting.
+fn superuser(sql: &str) {
+    let mut c = if rustix::process::getuid().is_root() {
+        Command::new("runuser")
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", "runuser"]);
+        c
+    };
+    c.args([
+        "-u",
+        "postgres",
+        "--",
+        "psql",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ])
+    .args([
+        "-p",
+        &pg_cluster::PORT.to_string(),
+        "-d",
+        "postgres",
+        "-c",
+        sql,
+    ]);
+    let out = c.output().expect("psql");
+    assert!(out.status.success(), "{sql}: {out:?}");
+}
+
+fn wait_for_standby(name: Option<&str>) {
+    match name {
+        Some(name) => superuser(&format!(
+            "ALTER SYSTEM SET synchronous_standby_names = '{name}'"
+        )),
+        None => superuser("ALTER SYSTEM RESET synchronous_standby_names"),
+    }
+    superuser("SELECT pg_reload_conf()");
+}
+
+/// Lifts the wait when dropped, also when the test fails: the cluster is
+/// shared with `store_faults.rs`.
+struct Lift;
+
+impl Drop for Lift {
+    fn drop(&mut self) {
+        wait_for_standby(None);
+    }
+}
+
+/// Polls `f` every 20 ms for up to 20 s.
+fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
+    pg_cluster::ensure();
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let db = TestDb::create_on(pg_cluster::PORT);
+    db.write_token_config_hsm(
+        &t,
+        &shim_module_path(),
+        "sessions = 2\ncall_timeout_ms = 60000\n",
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    // Two replicas: `a` unwraps, `b` is asked for a checkpoint.
+    let daemon = Daemon::start_replica(&t, "replica-a");
+    let other = Daemon::start_replica(&t, "replica-b");
+    daemon.wait_readyz(200);
+    other.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let b = parties.clients(&pki, other.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-SYNC", recipient.public(), 10));
+    let now = OffsetDateTime::now_utc();
+    let body = |tag: &str| {
+        serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+            &escrow, "E-1", TARGET, now - time::Duration::hours(1), tag, &[5; 32],
+        )]})
+    };
+    let r = vault::post(&c.agency, "/v1/unwrap", &body("before"));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    let size = vault::tree_size(&c.auditor);
+
+    let _lift = Lift;
+    std::thread::scope(|s| {
+        // Held in the HSM, past its reservation (whose own commit would
+        // wait for the standby too), while the server starts waiting.
+        shim.set("fault = hang\nfault_calls = C_DeriveKey");
+        let unwrap = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &body("during")));
+        eventually("the unwrap's HSM open", || shim.faults() > 0);
+        wait_for_standby(Some("lavd_test_no_such_standby"));
+        shim.set("");
+        // Its audit commit waits for the standby; the operator ends it.
+        let mut admin = db.admin();
+        let mut pid = None;
+        eventually("the audit commit waiting for the standby", || {
+            pid = admin
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event = 'SyncRep'",
+                    &[&db.name()],
+                )
+                .unwrap()
+                .map(|row| row.get::<_, i32>(0));
+            pid.is_some()
+        });
+        admin
+            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
+            .unwrap();
+        // The leaves are on the primary...
+        let before = i64::try_from(size).unwrap();
+        eventually("the ended commit's leaves", || {
+            db.rows("audit_leaves") > before
+        });
+        // ... and only there: nothing is answered over them.
+        let checkpoint = s.spawn(|| b.auditor.get("/v1/audit/checkpoint"));
+        std::thread::sleep(Duration::from_secs(4));
+        if unwrap.is_finished() {
+            panic!(
+                "the unwrap was answered while its leaves were on the primary only: {}\n{}",
+                unwrap.join().unwrap().text(),
+                daemon.stderr()
+            );
+        }
+        if checkpoint.is_finished() {
+            panic!(
+                "a checkpoint was answered while the tree held leaves on the primary only: {}",
+                checkpoint.join().unwrap().text()
+            );
+        }
+
+        // The wait lifted (as when the standby catches up): both answer.
+        wait_for_standby(None);
+        let r = unwrap.join().unwrap();
+        assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+        let r = checkpoint.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let note = r.json()["checkpoint"].as_str().unwrap().to_string();
+        let signed: u64 = note.lines().nth(1).unwrap().parse().unwrap();
+        assert_eq!(signed, size + 1, "{note}");
+    });
+}
