@@ -240,6 +240,16 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
         "{stderr}"
     );
     assert!(!w.t.path("witness.db").exists(), "an empty state was made");
+    // Nor is a zero-length file (a placeholder, a failed restore), which
+    // SQLite would take for an empty database, or another database.
+    std::fs::write(w.t.path("witness.db"), b"").unwrap();
+    let stderr = assert_fails_with(&serve_bounded(&w.config), 64, "bad_config");
+    assert!(
+        stderr.contains("state") && stderr.contains("not a witness state"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::metadata(w.t.path("witness.db")).unwrap().len(), 0);
+    std::fs::remove_file(w.t.path("witness.db")).unwrap();
     for (from, to) in &moved {
         std::fs::rename(to, from).unwrap();
     }

@@ -145,7 +145,21 @@ fn serve(config: &Path) -> anyhow::Result<()> {
     let dev = matches!(settings.key, WitnessKeySource::DevFile(_));
     let signer = signer(settings.key, &settings.file)?;
     let state = if settings.state.exists() {
-        WitnessState::open(&settings.state)?
+        match WitnessState::open(&settings.state) {
+            Ok(state) => state,
+            Err(e) if e.not_a_state() => {
+                return Err(ConfigError {
+                    file: settings.file,
+                    field: "state".into(),
+                    reason: format!(
+                        "{e} (docs/OPERATIONS.md §13); `lavd witness keygen` makes a new \
+                         witness's state"
+                    ),
+                }
+                .into())
+            }
+            Err(e) => return Err(e.into()),
+        }
     } else if dev {
         tracing::warn!(state = %settings.state.display(), "dev = true: creating an empty witness state");
         WitnessState::create(&settings.state)?
@@ -156,8 +170,9 @@ fn serve(config: &Path) -> anyhow::Result<()> {
             reason: format!(
                 "{} does not exist: a witness started on an empty state would cosign, from \
                  size 0, a branch contradicting what it cosigned before (docs/OPERATIONS.md \
-                 §13); `lavd witness keygen` makes a new witness's state, or restore this one \
-                 from its backup",
+                 §13); put back the file this witness last wrote, or make a new witness (new key \
+                 and state) with `lavd witness keygen`: a backup older than its last \
+                 cosignature is a rollback",
                 settings.state.display()
             ),
         }

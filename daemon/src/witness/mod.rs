@@ -33,6 +33,15 @@ pub struct StateError {
     source: rusqlite::Error,
 }
 
+impl StateError {
+    /// The file opened but is no witness state: an empty file, or another
+    /// SQLite database (see [`WitnessState::open`]).
+    pub fn not_a_state(&self) -> bool {
+        matches!(&self.source, rusqlite::Error::SqliteFailure(e, Some(_))
+            if e.code == rusqlite::ErrorCode::NotADatabase)
+    }
+}
+
 /// What a witness has cosigned, per log.
 #[derive(Debug)]
 pub struct WitnessState {
@@ -49,7 +58,10 @@ impl WitnessState {
     /// made here: a witness started on an empty state (a typo in `state`, a
     /// volume mounted empty, a deleted file) would cosign, from size 0, a
     /// branch that contradicts what it cosigned before. [`Self::create`]
-    /// makes a new witness's state.
+    /// makes a new witness's state. For the same reason a file without the
+    /// state's table is refused ([`StateError::not_a_state`]): SQLite takes
+    /// a zero-length file (a placeholder, a failed restore) for an empty
+    /// database, and `state` naming another database would start empty too.
     ///
     /// # Errors
     /// [`StateError`], for a missing file too.
@@ -82,6 +94,26 @@ impl WitnessState {
         };
         let conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX)
             .map_err(err)?;
+        // Before anything is written to it.
+        if !flags.contains(OpenFlags::SQLITE_OPEN_CREATE) {
+            let tables: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'cosigned'",
+                    [],
+                    |row| row.get(0),
+                )
+                .map_err(err)?;
+            if tables == 0 {
+                return Err(err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_NOTADB),
+                    Some(
+                        "not a witness state: it has no `cosigned` table (an empty file, or \
+                         another database); a witness started on it would cosign from size 0"
+                            .into(),
+                    ),
+                )));
+            }
+        }
         // The answer is the mode in force: a file system without the shared
         // memory WAL needs answers with the old mode, and no error.
         let mode: String = conn
@@ -252,6 +284,36 @@ mod tests {
         let mut line = key.key_id().to_be_bytes().to_vec();
         line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());
         format!("{body}\n— log.example/a {}\n", STANDARD.encode(line))
+    }
+
+    /// Only a file [`WitnessState::create`] made opens: not a zero-length
+    /// one (SQLite's empty database), not another database, not garbage.
+    /// A state made and reopened keeps what it recorded.
+    #[test]
+    fn only_a_witness_state_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        let e = WitnessState::open(&empty).unwrap_err();
+        assert!(e.not_a_state(), "{e}");
+        assert!(e.to_string().contains("not a witness state"), "{e}");
+        assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+
+        let other = dir.path().join("other.db");
+        Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (x INTEGER)")
+            .unwrap();
+        assert!(WitnessState::open(&other).unwrap_err().not_a_state());
+
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, [0x5a; 4096]).unwrap();
+        assert!(WitnessState::open(&garbage).is_err());
+
+        let made = dir.path().join("witness.db");
+        drop(WitnessState::create(&made).unwrap());
+        let reopened = WitnessState::open(&made).unwrap();
+        assert_eq!(reopened.recorded("log.example/a").unwrap(), None);
     }
 
     /// Many clients race to add checkpoints of growing sizes, each with the
