@@ -16,6 +16,9 @@
 //! standby is missing, neither that unwrap nor another replica's checkpoint
 //! of the grown tree may be answered; once the wait is lifted both are, and
 //! the checkpoint covers the leaves.
+//!
+//! The same wait holds a COMMIT whose answer is lost while lavd asks its
+//! fate on a new connection: see the second test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::process::Command;
@@ -88,8 +91,14 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The tests here take turns: each sets the cluster's standby.
+static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     pg_cluster::ensure();
     let t = TestToken::new();
     let pki = Pki::new(&t);
@@ -180,4 +189,63 @@ fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
         let signed: u64 = note.lines().nth(1).unwrap().parse().unwrap();
         assert_eq!(signed, size + 1, "{note}");
     });
+}
+
+/// A COMMIT whose answer is lost while it waits for the standby is still
+/// running when lavd asks its fate, on a new connection. That connection
+/// must know the server for the same one, whatever its session settings:
+/// the server's start time was compared as a timestamp cast to text, which
+/// follows `TimeZone`, so after `ALTER DATABASE … SET timezone` the new
+/// connection took the server for another, asked only whether the first
+/// leaf was stored (not yet: the transaction still ran), and answered the
+/// append as failed, though it commits once its wait ends. Its fate is
+/// unknown: that is the answer.
+#[test]
+fn a_commit_still_waiting_for_the_standby_is_unknown_whatever_the_session_time_zone() {
+    use lavd::audit::leaf::KeyGenerated;
+    use lavd::codec::parse_time;
+    use lavd::store::{AuditAppend, AuditStore as _, Spend, Store, StoreError, StoreSettings};
+
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pg_cluster::ensure();
+    let db = TestDb::create_on(pg_cluster::PORT);
+    let proxy = softhsm_tests::pg::CutAtCommit::start(pg_cluster::PORT);
+    let store =
+        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
+    let at = |t: &str| parse_time(t).unwrap();
+    let append = |kid: &str| {
+        store.append(AuditAppend {
+            events: vec![KeyGenerated::new(
+                kid,
+                at("2026-12-01T00:00:00Z"),
+                at("2027-01-01T00:00:00Z"),
+                at("2028-01-01T00:00:00Z"),
+                None,
+            )
+            .unwrap()
+            .into()],
+            time: at("2026-12-05T10:00:00Z"),
+            spend: Spend::None,
+        })
+    };
+    append("k1").unwrap();
+    // Connections opened from now on show times in another zone.
+    db.client()
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET timezone = 'Pacific/Chatham'",
+            db.name()
+        ))
+        .unwrap();
+
+    let _lift = Lift;
+    wait_for_standby(Some("lavd_test_no_such_standby"));
+    proxy.arm();
+    let appended = append("k2");
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
+    assert!(
+        matches!(appended, Err(StoreError::CommitUnknown(_))),
+        "{appended:?}"
+    );
 }

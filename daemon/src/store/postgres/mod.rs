@@ -457,15 +457,28 @@ pub struct PgStore {
 }
 
 /// An append transaction, as PostgreSQL names it, and what it wrote first.
+/// The SQL for when the server process started, as [`Xact::server`] keeps
+/// it: microseconds since the epoch, whatever the session's `TimeZone`,
+/// `DateStyle` and `extra_float_digits` (a timestamp cast to text follows both, so a connection
+/// opened after `ALTER ROLE … SET timezone` would take the same server for
+/// another, and decide a commit's fate from its first leaf alone while the
+/// transaction still ran).
+macro_rules! server_started {
+    () => {
+        "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text"
+    };
+}
+
 #[derive(Debug)]
 struct Xact {
     /// `pg_current_xact_id()`, as text.
     xid: String,
     /// `pg_backend_pid()`.
     pid: i32,
-    /// `pg_postmaster_start_time()`, as text: the server process that ran
-    /// it. Another value later means a restart or a failover, after which
-    /// `xid` and `pid` may name something else.
+    /// `pg_postmaster_start_time()` in microseconds since the epoch, as text
+    /// ([`server_started!`]): the server process that ran it. Another value
+    /// later means a restart or a failover, after which `xid` and `pid` may
+    /// name something else.
     server: String,
     /// The index and leaf hash of the group's first leaf, once written.
     first_leaf: Option<(u64, Hash)>,
@@ -1481,11 +1494,11 @@ impl PgStore {
         tx: &mut Transaction<'_>,
     ) -> Result<(u64, Xact), StoreError> {
         let messages = tx
-            .simple_query(
-                "SELECT size, pg_current_xact_id()::text, pg_backend_pid(), \
-                 pg_postmaster_start_time()::text \
-                 FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch",
-            )
+            .simple_query(concat!(
+                "SELECT size, pg_current_xact_id()::text, pg_backend_pid(), ",
+                server_started!(),
+                " FROM audit_head WHERE id = 1 FOR UPDATE; SAVEPOINT batch",
+            ))
             .map_err(|e| self.pg_err(e))?;
         let row = messages
             .iter()
@@ -1558,9 +1571,13 @@ impl PgStore {
         let status = loop {
             let row = conn
                 .query_one(
-                    "SELECT pg_postmaster_start_time()::text = $1, \
-                     CASE WHEN pg_postmaster_start_time()::text = $1 \
-                     THEN pg_xact_status($2::text::xid8) END",
+                    concat!(
+                        "SELECT ",
+                        server_started!(),
+                        " = $1, CASE WHEN ",
+                        server_started!(),
+                        " = $1 THEN pg_xact_status($2::text::xid8) END",
+                    ),
                     &[&xact.server, &xact.xid],
                 )
                 .map_err(|e| unknown(format!("cannot read its status: {e}")))?;
