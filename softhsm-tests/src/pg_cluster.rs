@@ -97,7 +97,15 @@ pub fn ensure() -> &'static OwnCluster {
         .arg(
             "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lavd_test') \
                  THEN CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'; END IF; END $$;",
-        );
+        )
+        // A test killed while the cluster waited for a standby
+        // (`replicas_sync_standby.rs`) must not leave every commit waiting.
+        .args([
+            "-c",
+            "ALTER SYSTEM RESET synchronous_standby_names",
+            "-c",
+            "SELECT pg_reload_conf()",
+        ]);
         run(c);
         cluster
     })

@@ -147,7 +147,8 @@ fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
         eventually("the audit commit waiting for the standby", || {
             pid = admin
                 .query_opt(
-                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event = 'SyncRep'",
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event = 'SyncRep' \
+                     AND query ILIKE 'COMMIT%' LIMIT 1",
                     &[&db.name()],
                 )
                 .unwrap()

@@ -1051,8 +1051,14 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     store.settle(taken, 2).unwrap();
     assert_eq!(store.spent("W2").unwrap(), Some(3));
     store.save_checkpoint(0, "note zero", now()).unwrap();
-    // The barrier of migration 5 writes and commits.
-    store.replicated().unwrap();
+    // The barrier of migration 5 commits, on the server the tree was read
+    // on; on another (a failover between the two) it refuses.
+    let (_, server) = store.tree_size_on().unwrap();
+    store.replicated(&server).unwrap();
+    let e = store
+        .replicated(&lavd::store::Server::started("0".into()))
+        .unwrap_err();
+    assert!(e.to_string().contains("the server changed"), "{e}");
     assert_eq!(
         store.latest_checkpoint().unwrap(),
         Some((0, "note zero".into()))

@@ -100,6 +100,11 @@ pub struct AuditLog {
     /// The largest tree size this process has seen the store hold; the
     /// store's tree never shrinks.
     seen: Arc<AtomicU64>,
+    /// The largest tree size an append of this process was acknowledged
+    /// at: every leaf below it committed before that acknowledged commit,
+    /// so it is on the synchronous standbys ([`AuditStore::replicated`]
+    /// has nothing to add for a tree no larger).
+    acked: Arc<AtomicU64>,
     commit_timer: Option<CommitTimer>,
     /// Told the size of every checkpoint this process signs (the witness
     /// submitters).
@@ -186,6 +191,7 @@ impl AuditLog {
             latest: Arc::new(Mutex::new(None)),
             inconsistent: Arc::new(OnceLock::new()),
             seen: Arc::new(AtomicU64::new(0)),
+            acked: Arc::new(AtomicU64::new(0)),
             commit_timer: None,
             on_signed: None,
             overlapped: Arc::new(AtomicU64::new(0)),
@@ -450,6 +456,7 @@ impl AuditLog {
         let appended = self.store.append_with(batch, &mut |tree| {
             self.start_signing(&mut overlap, tree);
         })?;
+        self.acked.fetch_max(appended.tree_size, Ordering::SeqCst);
         if let Some(timer) = &self.commit_timer {
             (timer.0)(started.elapsed().as_secs_f64());
         }
@@ -898,7 +905,7 @@ impl AuditLog {
         // after it is at least its size (read the other way round, another
         // replica could append and sign in between).
         let newer = self.newer_stored(latest.as_ref())?;
-        let tree = self.store.tree_size()?;
+        let (tree, server) = self.store.tree_size_on()?;
         self.seen.fetch_max(tree, Ordering::SeqCst);
         let root = match latest.as_ref() {
             Some(signed) => self.prove_extends(signed, tree)?,
@@ -918,7 +925,11 @@ impl AuditLog {
         // The tree read may hold leaves this process did not commit, whose
         // commit was never acknowledged (PostgreSQL: on the primary only):
         // a failover would lose them, and this signature would be a fork.
-        self.store.replicated()?;
+        // Not when this process's own acknowledged commit came after all of
+        // them.
+        if tree > self.acked.load(Ordering::SeqCst) {
+            self.store.replicated(&server)?;
+        }
         let note = self.sign(tree, root)?;
         self.keep(latest, tree, root, note)
     }

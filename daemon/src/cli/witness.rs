@@ -152,8 +152,9 @@ fn serve(config: &Path) -> anyhow::Result<()> {
                     file: settings.file,
                     field: "state".into(),
                     reason: format!(
-                        "{e} (docs/OPERATIONS.md §13); `lavd witness keygen` makes a new \
-                         witness's state"
+                        "{e} (docs/OPERATIONS.md §13): put back the file this witness last \
+                         wrote, or move this one aside and make a new witness, with a new key \
+                         label, with `lavd witness keygen`"
                     ),
                 }
                 .into())
@@ -170,8 +171,8 @@ fn serve(config: &Path) -> anyhow::Result<()> {
             reason: format!(
                 "{} does not exist: a witness started on an empty state would cosign, from \
                  size 0, a branch contradicting what it cosigned before (docs/OPERATIONS.md \
-                 §13); put back the file this witness last wrote, or make a new witness (new key \
-                 and state) with `lavd witness keygen`: a backup older than its last \
+                 §13); put back the file this witness last wrote, or make a new witness, with a \
+                 new key label, with `lavd witness keygen`: a backup older than its last \
                  cosignature is a rollback",
                 settings.state.display()
             ),

@@ -55,6 +55,25 @@ pub(super) const COSIGNATURES_MIGRATION: &str = "
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX audit_cosignatures_by_witness ON audit_cosignatures (witness, size);";
 
+/// The database server a read was made on ([`AuditStore::tree_size_on`]):
+/// for PostgreSQL, when its server process started (a failover or a restart
+/// changes it); SQLite's one file has none.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Server(Option<String>);
+
+impl Server {
+    /// The server named `started` (PostgreSQL's start time, as the store
+    /// reads it).
+    pub fn started(started: String) -> Self {
+        Server(Some(started))
+    }
+
+    /// Its name, if it has one.
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
 /// A stored witness cosignature: the checkpoint size it is on, the
 /// witness's key name, and the signature line (with its newline).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,20 +409,31 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn save_checkpoint(&self, size: u64, note: &str, at: OffsetDateTime) -> Result<(), StoreError>;
-    /// Returns once every leaf this store shows is as durable as an
-    /// acknowledged append: before a checkpoint is signed over leaves this
-    /// process did not itself commit. On PostgreSQL a transaction whose wait
-    /// for a synchronous standby was cancelled (lavd ending its backend
-    /// after a lost connection, an operator's cancel) or that a crashed
-    /// primary replayed is visible on the primary only; a failover would
-    /// lose it, and a checkpoint signed over it would then be a fork. One
-    /// commit that writes WAL after it waits for the standby through it.
-    /// SQLite has nothing to wait for.
+    /// [`Self::tree_size`], with the server it was read on: what
+    /// [`Self::replicated`] holds the barrier to. SQLite has one file, and
+    /// no name for it.
     ///
     /// # Errors
-    /// [`StoreError::Postgres`] (or another store error): nothing may be
-    /// signed over the tree read.
-    fn replicated(&self) -> Result<(), StoreError> {
+    /// As [`Self::tree_size`].
+    fn tree_size_on(&self) -> Result<(u64, Server), StoreError> {
+        Ok((self.tree_size()?, Server::default()))
+    }
+    /// Returns once every leaf of a tree read on `read_on` is as durable as
+    /// an acknowledged append: before a checkpoint is signed over leaves
+    /// this process did not itself commit. On PostgreSQL a transaction whose
+    /// wait for a synchronous standby was cut short (lavd or an operator
+    /// ending its backend after a lost connection) or that a crashed
+    /// primary replayed is visible on the primary only; a failover would
+    /// lose it, and a checkpoint signed over it would then be a fork. One
+    /// commit that writes WAL after it, on the same server, waits for the
+    /// standbys through it. SQLite has nothing to wait for.
+    ///
+    /// # Errors
+    /// A store error, or the server is no longer the one `read_on` names
+    /// (a failover between the read and now): nothing may be signed over
+    /// the tree read.
+    fn replicated(&self, read_on: &Server) -> Result<(), StoreError> {
+        let _ = read_on;
         Ok(())
     }
     /// The newest saved checkpoint, `(size, note)`.

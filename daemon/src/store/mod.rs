@@ -27,8 +27,8 @@ mod warrants;
 pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{
-    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Spend, Uncommitted, Withdrawn,
-    MAX_INDEX,
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Server, Spend, Uncommitted,
+    Withdrawn, MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
@@ -421,10 +421,16 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.save_checkpoint(size, note, at),
         }
     }
-    fn replicated(&self) -> Result<(), StoreError> {
+    fn tree_size_on(&self) -> Result<(u64, Server), StoreError> {
         match self {
-            Store::Sqlite(s) => s.replicated(),
-            Store::Postgres(s) => s.replicated(),
+            Store::Sqlite(s) => s.tree_size_on(),
+            Store::Postgres(s) => s.tree_size_on(),
+        }
+    }
+    fn replicated(&self, read_on: &Server) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.replicated(read_on),
+            Store::Postgres(s) => s.replicated(read_on),
         }
     }
     fn latest_checkpoint(&self) -> Result<Option<(u64, String)>, StoreError> {

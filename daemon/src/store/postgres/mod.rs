@@ -38,7 +38,8 @@
 //!
 //! Connections come from a bounded pool (`pool_size`, waited for at most
 //! `pool_wait_secs`); every statement runs under `statement_timeout`, so no
-//! request waits on the database past those bounds. A transaction that fails
+//! request waits on the database past those bounds, except for a commit
+//! waiting for a synchronous standby (PostgreSQL applies no timeout there). A transaction that fails
 //! on a serialization failure or a deadlock (SQLSTATE 40001, 40P01) is
 //! retried up to [`MAX_RETRIES`] times and counted ([`PgStore::retries`]).
 //! A lost connection is discarded and a new one opened on the next call, so
@@ -89,7 +90,7 @@ use super::audit::{
 use super::warrants::to_i64;
 use super::{
     Appended, AuditAppend, AuditStore, Cosignature, KeyRecord, KeyStore, Registration, Reservation,
-    Revocation, Spend, StoreError, WarrantRecord, WarrantStore,
+    Revocation, Server, Spend, StoreError, WarrantRecord, WarrantStore,
 };
 use crate::audit::merkle::{self, Hash, HashReader, NodeId, TreeError};
 use crate::codec::{format_time, parse_time};
@@ -426,14 +427,15 @@ const MIGRATIONS: &[&str] = &[
          END IF;
          RETURN CASE WHEN v_revoked THEN 'revoked' ELSE 'ok' END;
      END $$;",
-    // 5: one row that `replicated` updates: a commit that writes WAL, whose
-    // wait for the synchronous standbys covers every commit before it (a
-    // transaction id alone writes none, and then waits for nothing).
+    // 5: a row per server process (backend) that `replicated` writes: a
+    // commit that writes WAL, whose wait for the synchronous standbys
+    // covers every commit before it (a transaction id alone writes none,
+    // and then waits for nothing). One row per backend, so that no two
+    // wait on one row's lock.
     "CREATE TABLE replication_barrier (
-        id INTEGER PRIMARY KEY CHECK (id = 1),
-        n  BIGINT NOT NULL
-    );
-    INSERT INTO replication_barrier (id, n) VALUES (1, 0);",
+        pid INTEGER PRIMARY KEY,
+        n   BIGINT NOT NULL
+    );",
 ];
 
 /// The oldest PostgreSQL lavd runs on (`server_version_num`).
@@ -456,19 +458,36 @@ pub struct PgStore {
     retries: AtomicU64,
 }
 
-/// An append transaction, as PostgreSQL names it, and what it wrote first.
-/// The SQL for when the server process started, as [`Xact::server`] keeps
-/// it: microseconds since the epoch, whatever the session's `TimeZone`,
-/// `DateStyle` and `extra_float_digits` (a timestamp cast to text follows both, so a connection
-/// opened after `ALTER ROLE … SET timezone` would take the same server for
-/// another, and decide a commit's fate from its first leaf alone while the
-/// transaction still ran).
+/// The SQL for when the server process started, as [`Xact::server`] and
+/// [`Server`] keep it: microseconds since the epoch, whatever the session's
+/// `TimeZone`, `DateStyle` and `extra_float_digits` (a timestamp cast to
+/// text follows the first two, so a connection opened after `ALTER ROLE …
+/// SET timezone` would take the same server for another, and decide a
+/// commit's fate from its first leaf alone while the transaction still
+/// ran).
 macro_rules! server_started {
     () => {
         "(extract(epoch FROM pg_postmaster_start_time()) * 1000000)::bigint::text"
     };
 }
 
+/// The barrier of [`PgStore::barrier_on`]: when synchronous standbys are
+/// named, a write to this backend's own row, so that the statement's
+/// commit writes WAL and waits for them; the server it ran on, either way.
+macro_rules! barrier {
+    () => {
+        concat!(
+            "WITH b AS (INSERT INTO replication_barrier (pid, n) \
+             SELECT pg_backend_pid(), 1 \
+             WHERE current_setting('synchronous_standby_names') <> '' \
+             ON CONFLICT (pid) DO UPDATE SET n = replication_barrier.n + 1) \
+             SELECT ",
+            server_started!()
+        )
+    };
+}
+
+/// An append transaction, as PostgreSQL names it, and what it wrote first.
 #[derive(Debug)]
 struct Xact {
     /// `pg_current_xact_id()`, as text.
@@ -1625,7 +1644,7 @@ impl PgStore {
             // crashed primary replayed. Released only once it is on the
             // standbys too.
             (Some("committed") | None, Some(true)) => {
-                self.replicated().map(|()| true).map_err(|e| {
+                self.barrier_on(&mut conn).map(|_| true).map_err(|e| {
                     unknown(format!(
                         "committed, but not known to be on the synchronous standbys: {e}"
                     ))
@@ -1637,6 +1656,20 @@ impl PgStore {
                 "its status is {status:?} and its first leaf stored: {stored:?}"
             ))),
         }
+    }
+
+    /// A commit that the synchronous standbys must have flushed past every
+    /// commit `c`'s server made before it ([`barrier!`]): it writes WAL
+    /// only when standbys are named (PostgreSQL does not wait for a commit
+    /// that wrote none, nor for a transaction that only took an id), to a
+    /// row of this backend's own, so that no two callers wait on one lock.
+    /// Returns the server it ran on ([`server_started!`]). Like any commit
+    /// here, its wait for a standby is bounded only by the server
+    /// (OPERATIONS §12).
+    fn barrier_on(&self, c: &mut postgres::Client) -> Result<String, StoreError> {
+        c.query_one(barrier!(), &[])
+            .and_then(|row| row.try_get(0))
+            .map_err(|e| self.pg_err(e))
     }
 
     fn commit_group(&self, group: Vec<Pending>, before_commit: &mut BeforeCommit<'_>) {
@@ -1818,19 +1851,39 @@ impl AuditStore for PgStore {
         Ok(())
     }
 
-    fn replicated(&self) -> Result<(), StoreError> {
-        // A commit that wrote WAL waits (under the `synchronous_commit`
-        // every pooled session has, `on` at least: see `pool`) until the
-        // synchronous standbys have the WAL up to it, so every commit before
-        // it too, also one whose own wait was cancelled or never
-        // acknowledged. It must write WAL: PostgreSQL does not wait for a
-        // transaction that only took an id. Concurrent callers queue on the
-        // row, each for one round trip to the standbys. Like any commit
-        // here, its wait for a standby is bounded only by the server
-        // (OPERATIONS §12).
-        self.with_retries(|c| {
-            c.batch_execute("UPDATE replication_barrier SET n = n + 1 WHERE id = 1")
-                .map_err(|e| self.pg_err(e))
+    fn tree_size_on(&self) -> Result<(u64, Server), StoreError> {
+        let row = self.read(|c| {
+            c.query_typed_opt(
+                concat!(
+                    "SELECT size, ",
+                    server_started!(),
+                    " FROM audit_head WHERE id = 1"
+                ),
+                &[],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let row = row.ok_or_else(|| self.corrupt("audit_head has no row"))?;
+        let size: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        let started: String = row.try_get(1).map_err(|e| self.pg_err(e))?;
+        Ok((
+            self.to_u64(size, "audit_head.size")?,
+            Server::started(started),
+        ))
+    }
+
+    fn replicated(&self, read_on: &Server) -> Result<(), StoreError> {
+        let now_on = self.with_retries(|c| self.barrier_on(c))?;
+        if read_on.name() == Some(now_on.as_str()) {
+            return Ok(());
+        }
+        Err(StoreError::Unavailable {
+            store: self.describe.clone(),
+            reason: format!(
+                "the server changed (started at {:?}, now {now_on}: a failover or a \
+                 restart) since the log was read; nothing is signed over what it read",
+                read_on.name()
+            ),
         })
     }
 
