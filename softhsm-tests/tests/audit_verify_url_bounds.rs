@@ -3,7 +3,8 @@
 //! certificate the verifier trusts) that never answers, streams a reply
 //! forever or announces a huge one makes the real CLI exit 1 within its
 //! bounds (`--timeout`, `--max-response-bytes`, and their defaults) with
-//! `response_timeout` or `response_too_large`.
+//! `response_timeout` or `response_too_large`; one that refuses is named
+//! `unexpected_status`, its text escaped.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -25,6 +26,8 @@ enum Hostile {
     Endless,
     /// Announces a 1 TB body.
     Huge,
+    /// Answers 403 with an error whose message holds a terminal escape.
+    Refusing,
 }
 
 /// Starts the hostile server; returns its port.
@@ -73,6 +76,16 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             }
             let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
             while tls.write_all(chunk.as_bytes()).is_ok() {}
+        }
+        Hostile::Refusing => {
+            let body = "{\"error\":{\"code\":\"forbidden\",\"message\":\"no\\u001b[2Jway\"}}";
+            let reply = format!(
+                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes());
+            let _ = tls.flush();
         }
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
@@ -188,4 +201,20 @@ fn an_announced_huge_reply_is_refused_at_once() {
         "{stderr}"
     );
     assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+/// A refusal is `unexpected_status` with the server's code and status, and
+/// the server's text reaches the terminal escaped, never raw.
+#[test]
+fn a_refusal_is_named_and_its_text_escaped() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Refusing);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("lavd: unexpected_status: GET /v1/audit/checkpoint: 403: forbidden: no"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
+    assert!(stderr.contains("\\u{1b}[2Jway"), "{stderr:?}");
 }

@@ -109,6 +109,33 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     let first = fetched(&assert_ok(&mirror(&[])));
     let verified = verify();
     assert!(verified.contains("verdict: the log verifies"), "{verified}");
+    // Under another log's key the tiles' checkpoint is refused by its code;
+    // without the checkpoint, so are the tiles.
+    let other = lavd::audit::note::verifier_key(
+        "other.example/log",
+        lavd::audit::note::VerifierKey::parse(&key)
+            .unwrap()
+            .public_key(),
+    )
+    .unwrap();
+    softhsm_tests::assert_fails_with(
+        &t.lavd(&["audit", "verify", "--key", &other, "--tiles", &dir]),
+        1,
+        "note_unverified",
+    );
+    let empty = tempfile::tempdir().unwrap();
+    softhsm_tests::assert_fails_with(
+        &t.lavd(&[
+            "audit",
+            "verify",
+            "--key",
+            &key,
+            "--tiles",
+            empty.path().to_str().unwrap(),
+        ]),
+        1,
+        "tile_unavailable",
+    );
     assert!(first >= 5, "{first} tiles for a log of over 300 leaves");
 
     // The log grows; the next run fetches only the new tiles.

@@ -102,6 +102,33 @@ fn executive_then_judicial_signature_is_accepted_by_inspect() {
         "--out",
         &p("w1.json"),
     ]));
+    // Refusals lead with their code, then the file they are about.
+    let sign = |key: &str, out: &str| {
+        run(&[
+            "warrant",
+            "sign",
+            "--key",
+            &p(key),
+            "--in",
+            &p("w1.json"),
+            "--out",
+            &p(out),
+        ])
+    };
+    let stderr = assert_fails_with(&sign("exec.jwk", "again.json"), 1, "already_signed");
+    assert!(stderr.contains("w1.json"), "{stderr}");
+    assert_fails_with(
+        &sign("exec.pub.jwk", "public.json"),
+        1,
+        "invalid_authority_key",
+    );
+    std::fs::write(p("garbage.json"), "{").unwrap();
+    let stderr = assert_fails_with(
+        &run(&["warrant", "inspect", &p("garbage.json")]),
+        1,
+        "malformed_warrant",
+    );
+    assert!(stderr.contains("garbage.json"), "{stderr}");
     let inspect = |file: &str| {
         run(&[
             "warrant",

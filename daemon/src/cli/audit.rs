@@ -553,7 +553,23 @@ impl TilesAt {
     }
 
     /// The resource at `path` below the prefix (`checkpoint`, `tile/…`).
+    /// The bytes at `path`; a failure that says nothing more precise is
+    /// [`crate::audit::tiles::TileError::Fetch`] (`tile_unavailable`), for the checkpoint and
+    /// entry bundles as for the hash tiles.
     fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
+        self.get_from_source(path).map_err(|e| {
+            if crate::cli::error_code(&e).is_some() {
+                e
+            } else {
+                anyhow::Error::new(crate::audit::tiles::TileError::Fetch {
+                    path: path.to_string(),
+                    why: format!("{e:#}"),
+                })
+            }
+        })
+    }
+
+    fn get_from_source(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         match self {
             TilesAt::Dir(dir) => read_regular(&dir.join(path), max_resource_bytes(path))
                 .with_context(|| format!("reading {}", dir.join(path).display())),

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::{anyhow, Context as _};
 use http_body_util::{BodyExt as _, Full};
 use hyper::body::Bytes;
 use rustls_pki_types::pem::PemObject as _;
@@ -64,6 +64,19 @@ pub enum HttpsError {
         /// The bound.
         limit: usize,
     },
+    /// A reply other than 200, with the server's error code and message,
+    /// escaped (the server's text never reaches the terminal raw).
+    #[error("GET {path}: {status}: {code}: {message}")]
+    Status {
+        /// The request path.
+        path: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's `error.code`, or `?`.
+        code: String,
+        /// The server's `error.message`.
+        message: String,
+    },
 }
 
 impl HttpsError {
@@ -72,6 +85,7 @@ impl HttpsError {
         match self {
             HttpsError::Timeout { .. } => "response_timeout",
             HttpsError::TooLarge { .. } => "response_too_large",
+            HttpsError::Status { .. } => "unexpected_status",
         }
     }
 }
@@ -378,12 +392,24 @@ impl Client {
             .block_on(self.endpoint.send(path, None, self.limits))?;
         if reply.status != hyper::StatusCode::OK {
             let error: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
-            bail!(
-                "GET {path}: {}: {}: {}",
-                reply.status,
-                error["error"]["code"].as_str().unwrap_or("?"),
-                error["error"]["message"].as_str().unwrap_or("")
-            );
+            // Escaped and cut short: a hostile server's text must not drive
+            // the terminal, nor flood it.
+            let text = |v: &serde_json::Value, default: &str| {
+                v.as_str()
+                    .unwrap_or(default)
+                    .chars()
+                    .take(512)
+                    .collect::<String>()
+                    .escape_debug()
+                    .to_string()
+            };
+            return Err(HttpsError::Status {
+                path: path.to_string(),
+                status: reply.status.as_u16(),
+                code: text(&error["error"]["code"], "?"),
+                message: text(&error["error"]["message"], ""),
+            }
+            .into());
         }
         Ok(reply.body)
     }

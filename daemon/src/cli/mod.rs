@@ -213,6 +213,27 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(s) = e.downcast_ref::<crate::api::ServeError>() {
         return Some(s.code());
     }
+    if let Some(n) = e.downcast_ref::<crate::audit::note::NoteError>() {
+        return Some(n.code());
+    }
+    if let Some(t) = e.downcast_ref::<crate::audit::tiles::TileError>() {
+        return Some(t.code());
+    }
+    if let Some(t) = e.downcast_ref::<crate::audit::tiles::TilePathError>() {
+        return Some(t.code());
+    }
+    if let Some(p) = e.downcast_ref::<crate::audit::merkle::ProofError>() {
+        return Some(p.code());
+    }
+    if let Some(l) = e.downcast_ref::<crate::audit::leaf::LeafError>() {
+        return Some(l.code());
+    }
+    if let Some(s) = e.downcast_ref::<crate::warrant::SignError>() {
+        return Some(s.code());
+    }
+    if let Some(r) = e.downcast_ref::<crate::envelope::reply::ReplyError>() {
+        return Some(r.code());
+    }
     None
 }
 

@@ -304,7 +304,7 @@ impl SignArgs {
             .with_context(|| format!("authority key {}", self.key.display()))?;
         let warrant = read(&self.input)?;
         add_signature(&warrant, &key, &WarrantLimits::default())
-            .map_err(|e| anyhow::anyhow!("{}: {}: {e}", self.input.display(), e.code()))
+            .with_context(|| self.input.display().to_string())
     }
 }
 
@@ -337,7 +337,7 @@ impl InspectArgs {
                 ));
                 None
             }
-            Err(e) => bail!("{}: {}: {e}", self.file.display(), e.code()),
+            Err(e) => return Err(anyhow::Error::new(e).context(self.file.display().to_string())),
         };
         let mut agency = self.agency.clone();
         if let Some(jws) = &parsed {
