@@ -75,12 +75,12 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             .unwrap();
         size
     };
-    let copy = |key: &str| {
+    let copy_from = |from: &std::path::Path, key: &str| {
         lavd_command(&[
             "store",
             "copy",
             "--from",
-            db_path.to_str().unwrap(),
+            from.to_str().unwrap(),
             "--to",
             &db.url(),
             "--password-env",
@@ -92,6 +92,16 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         .output()
         .expect("lavd store copy")
     };
+    let copy = |key: &str| copy_from(&db_path, key);
+    // A file that is no lavd store (empty, as a placeholder or a failed
+    // restore leaves it) is refused and left as it was: opened as a store
+    // it would have been given lavd's schema, and an empty log copied.
+    let empty = t.path("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let stderr =
+        softhsm_tests::assert_fails_with(&copy_from(&empty, &key), 1, "store_copy_refused");
+    assert!(stderr.contains("not a lavd store"), "{stderr}");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
     // A key that did not sign the log: the copy is refused, and commits
     // nothing (the leaves it had written are rolled back).
     let other = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();

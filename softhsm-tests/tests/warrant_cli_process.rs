@@ -129,6 +129,13 @@ fn executive_then_judicial_signature_is_accepted_by_inspect() {
         "malformed_warrant",
     );
     assert!(stderr.contains("garbage.json"), "{stderr}");
+    // Not a file: refused at once, not read until memory runs out.
+    let stderr = assert_fails_with(
+        &run(&["warrant", "inspect", "/dev/zero"]),
+        1,
+        "input_unreadable",
+    );
+    assert!(stderr.contains("not a regular file"), "{stderr}");
     let inspect = |file: &str| {
         run(&[
             "warrant",

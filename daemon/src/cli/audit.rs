@@ -425,11 +425,12 @@ fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
     if let Ok(parsed) = literal {
         return Ok(parsed);
     }
-    match std::fs::read_to_string(&key) {
-        Ok(text) => {
+    // A key is one short line: a larger file is not one.
+    match read_regular(std::path::Path::new(&key), 4096).map(String::from_utf8) {
+        Ok(Ok(text)) => {
             VerifierKey::parse(text.trim()).with_context(|| format!("the verifier key in {key}"))
         }
-        Err(_) => literal.context("the verifier key"),
+        Ok(Err(_)) | Err(_) => literal.context("the verifier key"),
     }
 }
 
@@ -615,23 +616,9 @@ fn max_resource_bytes(path: &str) -> u64 {
     }
 }
 
-/// Reads `file` if it is a regular file of at most `limit` bytes. A tiles
-/// directory is untrusted: a `checkpoint` linked to `/dev/zero` would be
-/// read until memory ran out, and a FIFO would block for ever.
-fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let meta = std::fs::metadata(file)?;
-    anyhow::ensure!(meta.is_file(), "not a regular file");
-    let mut bytes = Vec::new();
-    std::fs::File::open(file)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
-    anyhow::ensure!(
-        bytes.len() as u64 <= limit,
-        "larger than the {limit} bytes it can hold"
-    );
-    Ok(bytes)
-}
+/// A tiles directory is untrusted: a `checkpoint` linked to `/dev/zero`
+/// would be read until memory ran out, and a FIFO would block for ever.
+use super::read_regular;
 
 /// Refuses a mirror directory holding a symbolic link anywhere below it: a
 /// mirror holds only the files and directories it made, and writing

@@ -166,6 +166,55 @@ fn is_bad_config(e: &anyhow::Error) -> bool {
             .is_some()
 }
 
+/// The most a command reads of a file it is given (a warrant, a key, an
+/// unwrap request or reply): far above what any of them may hold, so that
+/// each parser still names its own bound, and below what would exhaust
+/// memory.
+pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 16 << 20;
+
+/// Reads `file` if it is a regular file of at most `limit` bytes: a path
+/// naming `/dev/zero` would otherwise be read until memory ran out, and a
+/// FIFO would block for ever.
+///
+/// # Errors
+/// Not a regular file, unreadable, or larger than `limit`.
+pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let meta = std::fs::metadata(file)?;
+    anyhow::ensure!(meta.is_file(), "not a regular file");
+    // Sized at once, so that no smaller buffer is freed with a copy of a
+    // key in it.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 1)?);
+    std::fs::File::open(file)?
+        .take(limit + 1)
+        .read_to_end(&mut bytes)?;
+    anyhow::ensure!(
+        bytes.len() as u64 <= limit,
+        "larger than the {limit} bytes it can hold"
+    );
+    Ok(bytes)
+}
+
+/// A file a command was given that it could not read ([`read_input`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {why}")]
+pub struct UnreadableInput {
+    path: String,
+    why: String,
+}
+
+/// [`read_regular`] of a file a command was given, up to
+/// [`MAX_INPUT_FILE_BYTES`]; refused as `input_unreadable`.
+///
+/// # Errors
+/// [`UnreadableInput`].
+pub(crate) fn read_input(path: &std::path::Path) -> Result<Vec<u8>, UnreadableInput> {
+    read_regular(path, MAX_INPUT_FILE_BYTES).map_err(|e| UnreadableInput {
+        path: path.display().to_string(),
+        why: format!("{e:#}"),
+    })
+}
+
 /// The stable code of a command's error, for scripts that read stderr.
 pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if is_bad_config(e) {
@@ -233,6 +282,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(r) = e.downcast_ref::<crate::envelope::reply::ReplyError>() {
         return Some(r.code());
+    }
+    if e.downcast_ref::<UnreadableInput>().is_some() {
+        return Some("input_unreadable");
     }
     None
 }

@@ -358,5 +358,5 @@ impl OpenArgs {
 }
 
 fn read_file(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+    Ok(super::read_input(path)?)
 }

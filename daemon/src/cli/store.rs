@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use clap::Subcommand;
 
 use super::ConfigArg;
-use crate::store::{PgStore, SqliteStore, StoreSettings, SQLITE_SCHEMA_VERSION};
+use crate::store::{PgStore, SqliteStore, StoreError, StoreSettings, SQLITE_SCHEMA_VERSION};
 
 /// `lavd store …`
 #[derive(Debug, Subcommand)]
@@ -91,6 +91,7 @@ impl StoreCommand {
                 if !from.is_file() {
                     anyhow::bail!("--from {}: no such file", from.display());
                 }
+                refuse_unless_lavd_store(&from)?;
                 let source = SqliteStore::open(&from)?;
                 let target = PgStore::connect(&pg)?;
                 let report = target.copy_from_sqlite(&source, &key)?;
@@ -111,4 +112,39 @@ impl StoreCommand {
             }
         }
     }
+}
+
+/// Refuses a `--from` that is not a lavd SQLite store: opening it as one
+/// would write lavd's schema into it (a zero-length placeholder, another
+/// program's database), and copy an empty log, from which the target
+/// would start a new one. Read only: the file is not changed.
+fn refuse_unless_lavd_store(from: &std::path::Path) -> Result<(), StoreError> {
+    let refused = |why: String| {
+        StoreError::CopyRefused(format!(
+            "--from {} is not a lavd store: {why}",
+            from.display()
+        ))
+    };
+    let conn = rusqlite::Connection::open_with_flags(
+        from,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| refused(e.to_string()))?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(|e| refused(e.to_string()))?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('escrow_keys', 'audit_leaves')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| refused(e.to_string()))?;
+    if version == 0 || tables != 2 {
+        return Err(refused(format!(
+            "schema version {version}, {tables} of its tables `escrow_keys` and `audit_leaves`"
+        )));
+    }
+    Ok(())
 }

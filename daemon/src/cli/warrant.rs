@@ -215,7 +215,7 @@ fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
 }
 
 fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    Ok(super::read_input(path)?)
 }
 
 fn time_flag(name: &str, value: Option<&str>) -> anyhow::Result<String> {
