@@ -46,6 +46,10 @@ pub enum KeyError {
     /// `--force` without a reason (the reason goes to the audit log).
     #[error("--force needs a non-empty --reason")]
     ReasonRequired,
+    /// A `--reason` outside the rules of a revocation reason
+    /// ([`crate::bounds::reason`]): it is stored and printed by `keys list`.
+    #[error("--reason {0}")]
+    ReasonInvalid(String),
     /// After destruction the token still reports the private key.
     #[error("escrow key {0:?} is still on the token after destruction")]
     StillPresent(String),
@@ -70,6 +74,7 @@ impl KeyError {
             KeyError::UnknownKid(_) => "unknown_key",
             KeyError::RetentionNotReached { .. } => "retention_not_reached",
             KeyError::ReasonRequired => "reason_required",
+            KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
             KeyError::Audit(_) => "internal_error",
             KeyError::Hsm(_) => "hsm_unavailable",
@@ -311,7 +316,8 @@ pub enum DestroyReason {
 ///
 /// # Errors
 /// [`KeyError::UnknownKid`], [`KeyError::RetentionNotReached`],
-/// [`KeyError::ReasonRequired`], [`KeyError::StillPresent`], or an HSM/store
+/// [`KeyError::ReasonRequired`], [`KeyError::ReasonInvalid`],
+/// [`KeyError::StillPresent`], or an HSM/store
 /// failure.
 pub fn destroy(
     hsm: &Hsm,
@@ -332,7 +338,12 @@ pub fn destroy(
         }
         DestroyReason::Retention => "retention".to_string(),
         DestroyReason::Forced(r) if r.trim().is_empty() => return Err(KeyError::ReasonRequired),
-        DestroyReason::Forced(r) => format!("forced: {}", r.trim()),
+        DestroyReason::Forced(r) => {
+            // A control character or a bidirectional control would forge
+            // lines or reorder text where the reason is listed.
+            crate::bounds::reason(&r).map_err(|e| KeyError::ReasonInvalid(e.to_string()))?;
+            format!("forced: {}", r.trim())
+        }
     };
     // The leaf's `forced` means "destroyed before its destroy_after": a
     // `--force` after that date is a retention destruction in the log (the

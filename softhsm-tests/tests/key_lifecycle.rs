@@ -248,6 +248,15 @@ fn destroy_is_refused_before_retention_and_final_after() {
     let out = t.lavd_with_config(&["keys", "destroy", "--kid", KID, "--force"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(private_key(&t, KID).is_some());
+    // A reason that would forge a line where `keys list --all` prints it
+    // (or reorder its text) is refused by the rule of revocation reasons.
+    for reason in ["seized\n2099-01-01  E-9  active", "court \u{202e}order"] {
+        let out = t.lavd_with_config(&[
+            "keys", "destroy", "--kid", KID, "--force", "--reason", reason,
+        ]);
+        assert_fails_with(&out, 1, "invalid_reason");
+        assert!(private_key(&t, KID).is_some());
+    }
 
     assert_ok(&t.lavd_with_config(&[
         "keys",

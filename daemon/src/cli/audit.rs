@@ -119,12 +119,13 @@ impl AuditCommand {
                 save_checkpoint,
             } => {
                 let verified = source.verify()?;
-                print!("{}", verified.summary);
-                println!("verdict: the log verifies");
+                // Saved first: a run that exits 1 never printed the verdict.
                 if let Some(path) = save_checkpoint {
                     write_atomically(&path, verified.export.checkpoint.as_bytes())
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
+                print!("{}", verified.summary);
+                println!("verdict: the log verifies");
             }
             AuditCommand::Report(args) => args.run()?,
             AuditCommand::Mirror {
