@@ -197,7 +197,11 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
 
     // The same authority cannot sign twice.
     let err = run(&["sign", "--key", s(&exec_key), "--in", s(&once)]).unwrap_err();
-    assert!(err.to_string().contains("already_signed"), "{err}");
+    assert_eq!(
+        lavd::cli::error_code(&err),
+        Some("already_signed"),
+        "{err:#}"
+    );
 
     let twice = d.join("w2.json");
     run(&[

@@ -555,19 +555,20 @@ impl TilesAt {
     }
 
     /// The resource at `path` below the prefix (`checkpoint`, `tile/…`).
-    /// The bytes at `path`; a failure that says nothing more precise is
-    /// [`crate::audit::tiles::TileError::Fetch`] (`tile_unavailable`), for the checkpoint and
-    /// entry bundles as for the hash tiles.
+    /// Whatever kept the source from giving it is
+    /// [`crate::audit::tiles::TileError::Fetch`] (`tile_unavailable`), with
+    /// the failure's own code, if it has one, first in its text: the same
+    /// for the checkpoint, the entry bundles and the hash tiles.
     fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         self.get_from_source(path).map_err(|e| {
-            if crate::cli::error_code(&e).is_some() {
-                e
-            } else {
-                anyhow::Error::new(crate::audit::tiles::TileError::Fetch {
-                    path: path.to_string(),
-                    why: format!("{e:#}"),
-                })
-            }
+            let why = match crate::cli::error_code(&e) {
+                Some(code) => format!("{code}: {e:#}"),
+                None => format!("{e:#}"),
+            };
+            anyhow::Error::new(crate::audit::tiles::TileError::Fetch {
+                path: path.to_string(),
+                why,
+            })
         })
     }
 

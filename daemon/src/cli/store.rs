@@ -117,7 +117,9 @@ impl StoreCommand {
 /// Refuses a `--from` that is not a lavd SQLite store: opening it as one
 /// would write lavd's schema into it (a zero-length placeholder, another
 /// program's database), and copy an empty log, from which the target
-/// would start a new one. Read only: the file is not changed.
+/// would start a new one. Read only: the file itself is not changed
+/// (SQLite may create the `-wal` and `-shm` files of a WAL database beside
+/// it).
 fn refuse_unless_lavd_store(from: &std::path::Path) -> Result<(), StoreError> {
     let refused = |why: String| {
         StoreError::CopyRefused(format!(
@@ -125,14 +127,24 @@ fn refuse_unless_lavd_store(from: &std::path::Path) -> Result<(), StoreError> {
             from.display()
         ))
     };
+    // A file SQLite cannot read at all is refused as no store; one it
+    // cannot open or read for another reason (permissions, I/O) is the
+    // store failing, named as such.
+    let failed = |source: rusqlite::Error| match source.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => refused(source.to_string()),
+        _ => StoreError::Sqlite {
+            path: from.to_path_buf(),
+            source,
+        },
+    };
     let conn = rusqlite::Connection::open_with_flags(
         from,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
-    .map_err(|e| refused(e.to_string()))?;
+    .map_err(failed)?;
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(|e| refused(e.to_string()))?;
+        .map_err(failed)?;
     let tables: i64 = conn
         .query_row(
             "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
@@ -140,7 +152,7 @@ fn refuse_unless_lavd_store(from: &std::path::Path) -> Result<(), StoreError> {
             [],
             |row| row.get(0),
         )
-        .map_err(|e| refused(e.to_string()))?;
+        .map_err(failed)?;
     if version == 0 || tables != 2 {
         return Err(refused(format!(
             "schema version {version}, {tables} of its tables `escrow_keys` and `audit_leaves`"

@@ -1667,7 +1667,8 @@ impl PgStore {
     /// here, its wait for a standby is bounded only by the server
     /// (OPERATIONS §12).
     fn barrier_on(&self, c: &mut postgres::Client) -> Result<String, StoreError> {
-        c.query_one(barrier!(), &[])
+        // Typed, with no parameters: one round trip (no prepare).
+        c.query_typed_one(barrier!(), &[])
             .and_then(|row| row.try_get(0))
             .map_err(|e| self.pg_err(e))
     }
@@ -1880,9 +1881,9 @@ impl AuditStore for PgStore {
         Err(StoreError::Unavailable {
             store: self.describe.clone(),
             reason: format!(
-                "the server changed (started at {:?}, now {now_on}: a failover or a \
+                "the server changed (started at {}, now {now_on}: a failover or a \
                  restart) since the log was read; nothing is signed over what it read",
-                read_on.name()
+                read_on.name().unwrap_or("an unnamed server")
             ),
         })
     }
