@@ -83,32 +83,41 @@ pub fn ensure() -> &'static OwnCluster {
         };
         let cluster = OwnCluster { version };
         cluster.ctl("start");
-        let mut c = privileged("runuser");
-        c.args([
-            "-u",
-            "postgres",
-            "--",
-            "psql",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-        ])
-        .args(["-p", &PORT.to_string(), "-d", "postgres", "-c"])
-        .arg(
+        superuser(&[
             "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lavd_test') \
-                 THEN CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'; END IF; END $$;",
-        )
-        // A test killed while the cluster waited for a standby
-        // (`replicas_sync_standby.rs`) must not leave every commit waiting.
-        .args([
-            "-c",
+             THEN CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'; END IF; END $$;",
+            // A test killed while the cluster waited for a standby
+            // (`replicas_sync_standby.rs`) must not leave every commit
+            // waiting.
             "ALTER SYSTEM RESET synchronous_standby_names",
-            "-c",
             "SELECT pg_reload_conf()",
         ]);
-        run(c);
         cluster
     })
+}
+
+/// Runs `statements` on the cluster's `postgres` database as its superuser
+/// (`psql`, one `-c` each, so each is its own transaction: `ALTER SYSTEM`
+/// may not run inside one).
+///
+/// # Panics
+/// When one fails: the test fails naming the command.
+pub fn superuser(statements: &[&str]) {
+    let mut c = privileged("runuser");
+    c.args([
+        "-u",
+        "postgres",
+        "--",
+        "psql",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+    ])
+    .args(["-p", &PORT.to_string(), "-d", "postgres"]);
+    for statement in statements {
+        c.args(["-c", statement]);
+    }
+    run(c);
 }
 
 impl OwnCluster {

@@ -21,7 +21,6 @@
 //! fate on a new connection: see the second test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use softhsm_tests::pg::TestDb;
@@ -31,45 +30,14 @@ use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 use time::OffsetDateTime;
 
-/// `psql` as the cluster's superuser: `synchronous_standby_names` is a
-/// server setting.
-fn superuser(sql: &str) {
-    let mut c = if rustix::process::getuid().is_root() {
-        Command::new("runuser")
-    } else {
-        let mut c = Command::new("sudo");
-        c.args(["-n", "runuser"]);
-        c
-    };
-    c.args([
-        "-u",
-        "postgres",
-        "--",
-        "psql",
-        "-q",
-        "-v",
-        "ON_ERROR_STOP=1",
-    ])
-    .args([
-        "-p",
-        &pg_cluster::PORT.to_string(),
-        "-d",
-        "postgres",
-        "-c",
-        sql,
-    ]);
-    let out = c.output().expect("psql");
-    assert!(out.status.success(), "{sql}: {out:?}");
-}
-
+/// `synchronous_standby_names` is a server setting: the cluster's
+/// superuser sets it.
 fn wait_for_standby(name: Option<&str>) {
-    match name {
-        Some(name) => superuser(&format!(
-            "ALTER SYSTEM SET synchronous_standby_names = '{name}'"
-        )),
-        None => superuser("ALTER SYSTEM RESET synchronous_standby_names"),
-    }
-    superuser("SELECT pg_reload_conf()");
+    let set = match name {
+        Some(name) => format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
+        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
+    };
+    pg_cluster::superuser(&[&set, "SELECT pg_reload_conf()"]);
 }
 
 /// Lifts the wait when dropped, also when the test fails: the cluster is
