@@ -117,4 +117,16 @@ fn tampering_in_sqlite_is_detected_and_located() {
         let stderr = assert_fails_with(&verify, 1, case.code);
         assert!(stderr.contains(case.first_bad), "{}: {stderr}", case.name);
     }
+    // An export that is no file is refused at once, not read until memory
+    // runs out.
+    let verify = t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        vkey.trim(),
+        "--export",
+        "/dev/zero",
+    ]);
+    let stderr = assert_fails_with(&verify, 1, "input_unreadable");
+    assert!(stderr.contains("/dev/zero: not a regular file"), "{stderr}");
 }

@@ -82,7 +82,7 @@ fn export_file_bound(max_entries: u64) -> u64 {
 /// Reads an input file: a regular file only (not a FIFO that never ends or
 /// a link to `/dev/zero` in a handed-over bundle), of at most `limit` bytes.
 fn read(path: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
-    read_regular(path, limit).with_context(|| format!("reading {}", path.display()))
+    Ok(super::read_input_within(path, limit)?)
 }
 
 /// Parses an export file, refusing one of more entries than `max_entries`.

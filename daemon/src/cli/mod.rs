@@ -209,7 +209,19 @@ pub struct UnreadableInput {
 /// # Errors
 /// [`UnreadableInput`].
 pub(crate) fn read_input(path: &std::path::Path) -> Result<Vec<u8>, UnreadableInput> {
-    read_regular(path, MAX_INPUT_FILE_BYTES).map_err(|e| UnreadableInput {
+    read_input_within(path, MAX_INPUT_FILE_BYTES)
+}
+
+/// [`read_input`] with a bound of the caller's (an export's, which grows
+/// with `--max-entries`).
+///
+/// # Errors
+/// [`UnreadableInput`].
+pub(crate) fn read_input_within(
+    path: &std::path::Path,
+    limit: u64,
+) -> Result<Vec<u8>, UnreadableInput> {
+    read_regular(path, limit).map_err(|e| UnreadableInput {
         path: path.display().to_string(),
         why: format!("{e:#}"),
     })
