@@ -154,12 +154,22 @@ impl Endpoint {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (
-                h.trim_start_matches('[').trim_end_matches(']').to_string(),
-                p.parse::<u16>().context("the URL's port")?,
-            ),
-            None => (authority.to_string(), default_port),
+        // An IPv6 address is bracketed, and holds colons of its own.
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| anyhow!("the URL's IPv6 address has no closing `]`"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse::<u16>().context("the URL's port")?,
+                None if after.is_empty() => default_port,
+                None => return Err(anyhow!("the URL has `{after}` after its IPv6 address")),
+            };
+            (host.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse::<u16>().context("the URL's port")?),
+                None => (authority.to_string(), default_port),
+            }
         };
         Ok(Endpoint {
             host,
@@ -412,5 +422,44 @@ impl Client {
             .into());
         }
         Ok(reply.body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    /// Host, port and prefix of a URL, IPv6 addresses with or without a
+    /// port included; malformed authorities are refused.
+    #[test]
+    fn urls_split_into_host_port_and_prefix() {
+        let split = |url: &str| {
+            Endpoint::new_plain(url).map(|e| (e.host.clone(), e.port, e.prefix.clone()))
+        };
+        let ok = |host: &str, port, prefix: &str| (host.to_string(), port, prefix.to_string());
+        assert_eq!(
+            split("http://[::1]/v1/log").unwrap(),
+            ok("::1", 80, "/v1/log")
+        );
+        assert_eq!(
+            split("http://[::1]:8080/v1/").unwrap(),
+            ok("::1", 8080, "/v1")
+        );
+        assert_eq!(
+            split("http://log.example:99").unwrap(),
+            ok("log.example", 99, "")
+        );
+        assert_eq!(
+            split("http://log.example").unwrap(),
+            ok("log.example", 80, "")
+        );
+        for bad in [
+            "http://[::1",
+            "http://[::1]x/",
+            "http://[::1]:port",
+            "http://host:70000",
+        ] {
+            assert!(split(bad).is_err(), "{bad}");
+        }
     }
 }
