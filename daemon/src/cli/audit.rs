@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 
-use super::ConfigArg;
+use super::{read_regular, ConfigArg};
 use crate::audit::export::{verify_export, verify_export_against, Export, VerifyError};
 use crate::audit::log::AuditLog;
 use crate::audit::note::VerifierKey;
@@ -617,10 +617,6 @@ fn max_resource_bytes(path: &str) -> u64 {
         TILE_WIDTH * 32
     }
 }
-
-/// A tiles directory is untrusted: a `checkpoint` linked to `/dev/zero`
-/// would be read until memory ran out, and a FIFO would block for ever.
-use super::read_regular;
 
 /// Refuses a mirror directory holding a symbolic link anywhere below it: a
 /// mirror holds only the files and directories it made, and writing

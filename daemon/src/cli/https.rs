@@ -436,23 +436,15 @@ mod tests {
         let split = |url: &str| {
             Endpoint::new_plain(url).map(|e| (e.host.clone(), e.port, e.prefix.clone()))
         };
-        let ok = |host: &str, port, prefix: &str| (host.to_string(), port, prefix.to_string());
-        assert_eq!(
-            split("http://[::1]/v1/log").unwrap(),
-            ok("::1", 80, "/v1/log")
-        );
-        assert_eq!(
-            split("http://[::1]:8080/v1/").unwrap(),
-            ok("::1", 8080, "/v1")
-        );
-        assert_eq!(
-            split("http://log.example:99").unwrap(),
-            ok("log.example", 99, "")
-        );
-        assert_eq!(
-            split("http://log.example").unwrap(),
-            ok("log.example", 80, "")
-        );
+        for (url, host, port, prefix) in [
+            ("http://[::1]/v1/log", "::1", 80, "/v1/log"),
+            ("http://[::1]:8080/v1/", "::1", 8080, "/v1"),
+            ("http://log.example:99", "log.example", 99, ""),
+            ("http://log.example", "log.example", 80, ""),
+        ] {
+            let want = (host.to_string(), port, prefix.to_string());
+            assert_eq!(split(url).unwrap(), want, "{url}");
+        }
         for bad in [
             "http://[::1",
             "http://[::1]x/",
