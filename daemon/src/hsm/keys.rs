@@ -8,7 +8,7 @@ use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHan
 use cryptoki::session::Session;
 use zeroize::Zeroize as _;
 
-use super::{Hsm, HsmError, PendingCall, SharedSecret};
+use super::{Handles, Hsm, HsmError, Lease, PendingCall, SharedSecret};
 use crate::jwk::{Ed25519PublicKey, P256PublicKey};
 
 /// Token objects of escrow keys are labelled `lav-escrow:<kid>`.
@@ -272,7 +272,7 @@ impl Hsm {
     pub fn escrow_key_present(&self, kid: &str) -> Result<bool, HsmError> {
         let label = escrow_label(kid);
         let _shared = self.shared("escrow_key_present")?;
-        let session = self.new_session(self.inner.pool_slot())?;
+        let session = self.unpooled_session()?;
         Ok(find_one(&session, ObjectClass::PRIVATE_KEY, &label)?.is_some())
     }
 
@@ -497,36 +497,52 @@ impl Hsm {
         })
     }
 
+    /// The handle of our object `label`, cached for the sessions of the
+    /// lease's generation. The cache's lock is not held while the token is
+    /// searched.
     fn cached_handle(
         &self,
-        session: &Session,
+        session: &Lease<'_>,
         class: ObjectClass,
         label: &str,
         kind: &'static str,
     ) -> Result<ObjectHandle, HsmError> {
-        let mut handles = self
-            .inner
-            .handles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(h) = handles.get(label) {
-            return Ok(*h);
+        let generation = session.generation();
+        {
+            let mut handles = self.handles();
+            if handles.generation < generation {
+                handles.generation = generation;
+                handles.by_label.clear();
+            }
+            if handles.generation == generation {
+                if let Some(h) = handles.by_label.get(label) {
+                    return Ok(*h);
+                }
+            }
         }
         let handle = find_one(session, class, label)?.ok_or_else(|| HsmError::KeyNotFound {
             kind,
             label: label.to_string(),
         })?;
-        handles.insert(label.to_string(), handle);
+        let mut handles = self.handles();
+        if handles.generation == generation {
+            handles.by_label.insert(label.to_string(), handle);
+        }
         Ok(handle)
     }
 
     /// Forgets the cached handle of `label`.
     fn forget_handle(&self, label: &str) {
+        self.handles().by_label.remove(label);
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
+        // Entries are inserted and removed whole: a poisoned lock still
+        // holds a consistent cache.
         self.inner
             .handles
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(label);
     }
 }
 

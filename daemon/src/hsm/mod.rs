@@ -37,7 +37,7 @@ use cryptoki::session::Session;
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use pool::Pool;
+use pool::{Lease, Pool};
 
 /// How the token is chosen. A slot number alone is not offered: slot numbers
 /// change when tokens are added or re-initialised, and a daemon that opened
@@ -179,8 +179,8 @@ struct Inner {
     settings: HsmSettings,
     pool: Pool,
     /// Escrow and audit private key handles by label, so that the hot path does
-    /// not search the token. Cleared when the pool reconnects.
-    handles: Mutex<HashMap<String, cryptoki::object::ObjectHandle>>,
+    /// not search the token.
+    handles: Mutex<Handles>,
     observer: Arc<dyn HsmObserver>,
     /// Every operation holds this shared; [`Hsm::reset_module`] holds it
     /// exclusively, so the module is never finalised under a running call.
@@ -193,6 +193,16 @@ struct Inner {
     /// opened together spend one try of the token's PIN counter, not one
     /// each.
     logging_in: Mutex<()>,
+}
+
+/// Cached key handles, valid for the sessions of one pool generation: a
+/// handle found on a token lost since may name another object on the token
+/// found again, so the cache starts empty with each generation, and a
+/// session of an older generation neither reads nor fills it.
+#[derive(Debug, Default)]
+struct Handles {
+    generation: u64,
+    by_label: HashMap<String, cryptoki::object::ObjectHandle>,
 }
 
 /// The PIN in use and the login latch. A token counts wrong PINs and locks
@@ -301,7 +311,7 @@ impl Hsm {
                 login,
                 logging_in: Mutex::new(()),
                 pool,
-                handles: Mutex::new(HashMap::new()),
+                handles: Mutex::default(),
                 observer,
                 gate: Gate::default(),
                 spreader,
@@ -404,7 +414,7 @@ impl Hsm {
     fn with_session<T>(
         &self,
         op: &'static str,
-        f: impl Fn(&Session) -> Result<T, HsmError>,
+        f: impl Fn(&Lease<'_>) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         self.with_session_retrying(op, true, f)
     }
@@ -417,7 +427,7 @@ impl Hsm {
     fn with_session_once<T>(
         &self,
         op: &'static str,
-        f: impl Fn(&Session) -> Result<T, HsmError>,
+        f: impl Fn(&Lease<'_>) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         self.with_session_retrying(op, false, f)
     }
@@ -426,17 +436,18 @@ impl Hsm {
         &self,
         op: &'static str,
         retry: bool,
-        f: impl Fn(&Session) -> Result<T, HsmError>,
+        f: impl Fn(&Lease<'_>) -> Result<T, HsmError>,
     ) -> Result<T, HsmError> {
         let _shared = self.shared(op)?;
         let started = Instant::now();
-        let result = self.try_with_session(&f).or_else(|e| {
+        // The generation of the session the first try used (or opened).
+        let tried = std::cell::Cell::new(None);
+        let result = self.try_with_session(&f, &tried).or_else(|e| {
             if e.is_session_lost() {
                 tracing::warn!(error = %e, "HSM session lost; reconnecting");
-                self.reconnect();
-                self.inner.observer.reconnected();
+                self.reconnect(tried.get());
                 if retry {
-                    self.try_with_session(&f)
+                    self.try_with_session(&f, &std::cell::Cell::new(None))
                 } else {
                     Err(e)
                 }
@@ -452,21 +463,23 @@ impl Hsm {
 
     fn try_with_session<T>(
         &self,
-        f: &impl Fn(&Session) -> Result<T, HsmError>,
+        f: &impl Fn(&Lease<'_>) -> Result<T, HsmError>,
+        tried: &std::cell::Cell<Option<u64>>,
     ) -> Result<T, HsmError> {
         let inner = &self.inner;
         // While logins are held back, a caller waits for a session that is
         // logged in rather than failing for want of a new one; so does a
         // caller whose login was refused (or held back) meanwhile.
         let may_open = self.login_refused().is_none();
-        let lease = match inner.pool.acquire(may_open, |slot| self.new_session(slot)) {
+        let open = |slot, generation| self.new_session(self.slot_of(slot, generation)?);
+        let lease = match inner.pool.acquire(may_open, tried, open) {
             Err(first @ (HsmError::Login { .. } | HsmError::LoginHeld { .. }))
                 if may_open && self.login_refused().is_some() =>
             {
                 // With none logged in, the refusal itself is the answer.
                 inner
                     .pool
-                    .acquire(false, |slot| self.new_session(slot))
+                    .acquire(false, tried, open)
                     .map_err(|e| match e {
                         HsmError::LoginHeld { .. } => first,
                         e => e,
@@ -474,7 +487,7 @@ impl Hsm {
             }
             other => other?,
         };
-        match f(lease.session()) {
+        match f(&lease) {
             Ok(v) => Ok(v),
             Err(e) => {
                 if e.is_session_lost() || e.taints_session() {
@@ -643,12 +656,7 @@ impl Hsm {
                 after: inner.settings.call_timeout,
             });
         };
-        inner.pool.clear();
-        inner
-            .handles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
+        let generation = inner.pool.retire(None);
         match inner.pkcs11.clone().finalize() {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
             Err(e) => tracing::warn!(error = %e, "C_Finalize failed during a module reset"),
@@ -661,7 +669,9 @@ impl Hsm {
             Err(e) => return Err(e.into()),
         }
         let slot = find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token)?;
-        inner.pool.set_slot(slot);
+        if let Some(generation) = generation {
+            inner.pool.found(generation, slot);
+        }
         inner.observer.reconnected();
         Ok(())
     }
@@ -671,18 +681,32 @@ impl Hsm {
         self.inner.pool.open_sessions()
     }
 
-    /// Drops every pooled session, forgets cached handles and re-finds the
-    /// token (its slot may have changed).
-    fn reconnect(&self) {
+    /// After a session of generation `seen` was lost: retires every pooled
+    /// session, which also forgets the slot and the cached handles, and
+    /// finds the token again (its slot may have changed). Callers that lost
+    /// sessions of the same generation at once reconnect once: the others
+    /// find a newer generation begun and leave it.
+    fn reconnect(&self, seen: Option<u64>) {
+        let Some(generation) = self.inner.pool.retire(seen) else {
+            return;
+        };
+        self.inner.observer.reconnected();
+        if let Err(e) = self.slot_of(None, generation) {
+            // The next session to be opened looks for it again.
+            tracing::warn!(error = %e, "token not found while reconnecting");
+        }
+    }
+
+    /// The slot to open a session of `generation` on: `known`, or, when the
+    /// pool retired its sessions and forgot the slot, the token's slot
+    /// found now (recorded for that generation).
+    fn slot_of(&self, known: Option<Slot>, generation: u64) -> Result<Slot, HsmError> {
+        if let Some(slot) = known {
+            return Ok(slot);
+        }
         let inner = &self.inner;
-        inner.pool.clear();
-        inner
-            .handles
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clear();
         let find = || find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token);
-        let found = match find() {
+        let slot = match find() {
             // The module was finalised under us (a library reset): initialise
             // it again rather than failing until a restart.
             Err(e) if e.ckr() == Some("CKR_CRYPTOKI_NOT_INITIALIZED") => {
@@ -695,11 +719,16 @@ impl Hsm {
                 }
             }
             other => other,
-        };
-        match found {
-            Ok(slot) => inner.pool.set_slot(slot),
-            Err(e) => tracing::warn!(error = %e, "token not found while reconnecting"),
-        }
+        }?;
+        inner.pool.found(generation, slot);
+        Ok(slot)
+    }
+
+    /// A new session, not from the pool, on the token's slot (found again
+    /// if the pool forgot it), logged in.
+    fn unpooled_session(&self) -> Result<Session, HsmError> {
+        let (slot, generation) = self.inner.pool.slot();
+        self.new_session(self.slot_of(slot, generation)?)
     }
 }
 
@@ -806,12 +835,6 @@ impl Drop for GateGuard<'_> {
         }
         drop(state);
         self.gate.changed.notify_all();
-    }
-}
-
-impl Inner {
-    fn pool_slot(&self) -> Slot {
-        self.pool.slot()
     }
 }
 

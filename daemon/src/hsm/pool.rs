@@ -6,9 +6,16 @@
 //! waiting, so the HSM workers of a large batch cannot keep a session from
 //! the checkpoint signer or a readiness probe. A session that saw a lost-session error, or that may
 //! still hold a secret object it could not destroy, is discarded (closed, which
-//! destroys its session objects) instead of returned, and [`Pool::clear`]
+//! destroys its session objects) instead of returned, and [`Pool::retire`]
 //! retires every session at once (sessions checked out at that moment are
 //! closed when they come back rather than reused).
+//!
+//! Retiring also forgets the token's slot: after a lost token, the slot
+//! number may name another token (some HSMs number slots by position), so no
+//! session of the new generation is opened, and no PIN sent, until the token
+//! has been found again for it ([`Pool::found`]). An open that began before
+//! the retirement still goes to the old slot; its session is of the old
+//! generation and is closed when given back.
 //!
 //! The number of sessions checked out is reported to the observer on every
 //! change, under the pool's lock, so the last value it saw is the current one.
@@ -24,11 +31,13 @@ use super::{HsmError, HsmObserver};
 
 #[derive(Debug)]
 struct State {
-    slot: Slot,
+    /// The token's slot, or `None` from a retirement until the token is
+    /// found again.
+    slot: Option<Slot>,
     idle: Vec<Session>,
     /// Sessions alive: idle plus checked out.
     open: usize,
-    /// Bumped by `clear`; leases from an older generation are not reused.
+    /// Bumped by `retire`; leases from an older generation are not reused.
     generation: u64,
     /// Tickets of the callers waiting, first come first.
     queue: VecDeque<u64>,
@@ -65,7 +74,7 @@ impl Pool {
             acquire_timeout,
             observer,
             state: Mutex::new(State {
-                slot,
+                slot: Some(slot),
                 idle: Vec::new(),
                 open: 0,
                 generation: 0,
@@ -89,10 +98,16 @@ impl Pool {
     /// false it opens one only when none is open at all (so that the caller
     /// gets `open`'s error rather than a wait for nothing); otherwise it
     /// waits for an open one.
+    ///
+    /// `open` is given the slot (`None` while the token is to be found
+    /// again) and the generation the session will belong to; `tried` is
+    /// told that generation before `open` runs, and a lease's generation
+    /// when one is checked out.
     pub(super) fn acquire(
         &self,
         may_open: bool,
-        open: impl FnOnce(Slot) -> Result<Session, HsmError>,
+        tried: &std::cell::Cell<Option<u64>>,
+        open: impl FnOnce(Option<Slot>, u64) -> Result<Session, HsmError>,
     ) -> Result<Lease<'_>, HsmError> {
         let deadline = Instant::now() + self.acquire_timeout;
         let mut state = self.lock();
@@ -106,6 +121,7 @@ impl Pool {
                     self.observer.sessions_busy(state.busy());
                     let generation = state.generation;
                     drop(state);
+                    tried.set(Some(generation));
                     // The next in line may find another idle session.
                     self.freed.notify_all();
                     return Ok(Lease {
@@ -121,8 +137,9 @@ impl Pool {
                     let (slot, generation) = (state.slot, state.generation);
                     drop(state);
                     self.freed.notify_all();
+                    tried.set(Some(generation));
                     // Opening and logging in happen outside the lock: they may be slow.
-                    return match open(slot) {
+                    return match open(slot, generation) {
                         Ok(session) => {
                             let state = self.lock();
                             self.observer.sessions_busy(state.busy());
@@ -160,28 +177,47 @@ impl Pool {
         }
     }
 
-    /// Retires every session (after a lost session or token).
-    pub(super) fn clear(&self) {
-        let retired = {
+    /// Retires every session and forgets the slot (after a lost session or
+    /// token), starting a new generation, whose number it returns. With
+    /// `seen`, the generation of the session that was lost, it does nothing
+    /// (and returns `None`) if a newer generation has begun since: the
+    /// caller whose session was lost first has already retired the rest, and
+    /// sessions opened since then are of the new token.
+    pub(super) fn retire(&self, seen: Option<u64>) -> Option<u64> {
+        let (generation, retired) = {
             let mut state = self.lock();
+            if seen.is_some_and(|seen| seen != state.generation) {
+                return None;
+            }
             state.generation += 1;
+            state.slot = None;
             state.open -= state.idle.len();
             let retired = std::mem::take(&mut state.idle);
             self.observer.sessions_busy(state.busy());
-            retired
+            (state.generation, retired)
         };
         // Closing happens outside the lock; errors from a dead token are
         // expected and ignored by cryptoki's Drop.
         drop(retired);
         self.freed.notify_all();
+        Some(generation)
     }
 
-    pub(super) fn slot(&self) -> Slot {
-        self.lock().slot
+    /// The slot (`None` while the token is to be found again) and the
+    /// current generation.
+    pub(super) fn slot(&self) -> (Option<Slot>, u64) {
+        let state = self.lock();
+        (state.slot, state.generation)
     }
 
-    pub(super) fn set_slot(&self, slot: Slot) {
-        self.lock().slot = slot;
+    /// Records where the token was found for `generation`. Ignored if a
+    /// newer generation has begun meanwhile: the token was lost again, and
+    /// `slot` may no longer be its.
+    pub(super) fn found(&self, generation: u64, slot: Slot) {
+        let mut state = self.lock();
+        if state.generation == generation {
+            state.slot = Some(slot);
+        }
     }
 
     /// Sessions open: idle plus checked out.
@@ -226,6 +262,11 @@ pub(super) struct Lease<'a> {
 }
 
 impl Lease<'_> {
+    /// The generation the session belongs to.
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
     pub(super) fn session(&self) -> &Session {
         // Invariant: `session` is Some from construction until Drop.
         #[allow(clippy::expect_used)]
@@ -237,6 +278,15 @@ impl Lease<'_> {
     /// Closes the session instead of returning it to the pool.
     pub(super) fn discard(mut self) {
         self.discard = true;
+    }
+}
+
+/// A lease is used as its session.
+impl std::ops::Deref for Lease<'_> {
+    type Target = Session;
+
+    fn deref(&self) -> &Session {
+        self.session()
     }
 }
 
