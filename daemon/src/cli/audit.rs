@@ -650,9 +650,9 @@ fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Writes `bytes` to `file` through a temporary file and a rename, so that
-/// an interrupted mirror never leaves half a tile, and an interrupted
-/// report or export never half a file. The temporary file is created new:
+/// Writes `bytes` to `file` through a temporary file, synced, and a rename,
+/// so that an interrupted mirror never leaves half a tile, and an
+/// interrupted report or export never half a file, even across a crash. The temporary file is created new:
 /// a link left at its name is removed (not followed), and anything put
 /// there meanwhile makes the write fail. A link at `file` itself is
 /// replaced, not written through.
@@ -666,12 +666,25 @@ pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io:
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    std::fs::OpenOptions::new()
+    let mut written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&tmp)?
-        .write_all(bytes)?;
-    std::fs::rename(&tmp, file)
+        .open(&tmp)?;
+    written.write_all(bytes)?;
+    // On disk before it takes the name, and the name on disk before this
+    // returns: a crash leaves the old file or the whole new one, never an
+    // empty or short file under the final name.
+    written.sync_all()?;
+    std::fs::rename(&tmp, file)?;
+    if let Some(dir) = file.parent() {
+        let dir = if dir.as_os_str().is_empty() {
+            std::path::Path::new(".")
+        } else {
+            dir
+        };
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 impl crate::audit::tiles::TileSource for &TilesAt {

@@ -179,15 +179,22 @@ pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 16 << 20;
 /// # Errors
 /// Not a regular file, unreadable, or larger than `limit`.
 pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use rustix::fs::{Mode, OFlags};
     use std::io::Read as _;
-    let meta = std::fs::metadata(file)?;
+    // Opened without waiting (a FIFO's open waits for a writer), then
+    // checked by what was opened, so that a path swapped for a FIFO or a
+    // device after a check cannot block or feed the read.
+    let opened = std::fs::File::from(rustix::fs::open(
+        file,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?);
+    let meta = opened.metadata()?;
     anyhow::ensure!(meta.is_file(), "not a regular file");
     // Sized at once, so that no smaller buffer is freed with a copy of a
     // key in it.
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 1)?);
-    std::fs::File::open(file)?
-        .take(limit + 1)
-        .read_to_end(&mut bytes)?;
+    opened.take(limit + 1).read_to_end(&mut bytes)?;
     anyhow::ensure!(
         bytes.len() as u64 <= limit,
         "larger than the {limit} bytes it can hold"
