@@ -62,13 +62,38 @@ fn a_certificate_without_an_identity_gets_its_connection_closed() {
     t.write_config(&serve_config(&format!(
         "[roles]\n\"{NOISY}\" = [\"provider\"]\n"
     )));
-    let daemon = Daemon::start(&t);
+    let daemon = Daemon::start_logging(&t, "info");
     let two = pki.clients.client(vec![uri(NOISY), uri(QUIET)]);
     let mut conn = pki.client(daemon.api, Some(&two)).connect().unwrap();
     let r = conn.request("GET", "/v1/keys", &[], None).unwrap();
     r.assert_error(403, "invalid_client_identity");
     assert_eq!(r.header("connection"), Some("close"));
     assert!(conn.closed_within(std::time::Duration::from_secs(5)));
+
+    // Anyone with such a certificate can connect again and again: the
+    // line saying so is written at most once a second, like a failed
+    // handshake's, while the metric counts every connection.
+    const AGAIN: usize = 30;
+    let started = std::time::Instant::now();
+    for _ in 0..AGAIN {
+        pki.client(daemon.api, Some(&two)).connect().unwrap();
+    }
+    let seconds = started.elapsed().as_secs() as usize;
+    let all = (AGAIN + 1) as f64;
+    let series = "lavd_tls_handshake_failures_total{reason=\"several_uri_sans\"}";
+    assert_eq!(daemon.wait_metric(series, all), all);
+    // The line follows the metric.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let lines = daemon
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("client certificate names no identity"))
+        .count();
+    assert!(
+        (1..=seconds + 2).contains(&lines),
+        "{lines} lines for {} connections in {seconds} s",
+        AGAIN + 1
+    );
 }
 
 /// A client past its limit can ask for 429s as fast as it can send; the

@@ -548,7 +548,11 @@ async fn api_connection(
     };
     if let (false, Err(e)) = (public, &identity) {
         state.metrics.tls_handshake_failure(e.reason());
-        tracing::info!(%remote, reason = e.reason(), "client certificate names no identity; its requests are refused");
+        // Any holder of a certificate from a configured CA can cause it, on
+        // every connection: throttled like the handshake failures.
+        if let Some(left_out) = HANDSHAKE_LINES.admit(e.reason(), std::time::Instant::now()) {
+            tracing::info!(%remote, reason = e.reason(), left_out, "client certificate names no identity; its requests are refused");
+        }
     }
 
     let activity = Arc::new(Activity::new());
