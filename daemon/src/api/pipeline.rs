@@ -317,7 +317,8 @@ where
     let (uri, mut roles) = match &api.access {
         Access::Public(limiter) => {
             let ip = conn.remote.ip();
-            if let Err(retry_after) = limiter.check(&rate_key(ip), Instant::now()) {
+            if let Err(retry_after) = limiter.check(&super::ratelimit::peer_key(ip), Instant::now())
+            {
                 return early(ApiError::RateLimited { retry_after }, body);
             }
             (format!("public:{ip}"), Default::default())
@@ -534,35 +535,8 @@ where
     }
 }
 
-/// Whose bucket of the public listener's rate limit a peer draws on: its
-/// IPv4 address, or its IPv6 /64 (one host usually holds a whole /64, so a
-/// bucket per address would not limit it). An IPv4-mapped IPv6 address is
-/// its IPv4 address.
-fn rate_key(ip: std::net::IpAddr) -> String {
-    match ip {
-        std::net::IpAddr::V4(v4) => v4.to_string(),
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn the_public_rate_limit_keys_ipv6_peers_by_their_64() {
-        let key = |s: &str| super::rate_key(s.parse().unwrap());
-        assert_eq!(key("192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
-        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
-        assert_eq!(key("2001:db8:1:2:ffff::1"), key("2001:db8:1:2::9"));
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-    }
-
     use super::*;
 
     #[tokio::test]

@@ -154,8 +154,36 @@ fn refill(b: Bucket, now: Instant, per_second: f64, burst: f64) -> Bucket {
     }
 }
 
+/// Whose bucket of a rate limit an unauthenticated peer draws on (the
+/// public log listener's, and `lavd witness serve`'s): its
+/// IPv4 address, or its IPv6 /64 (one host usually holds a whole /64, so a
+/// bucket per address would not limit it). An IPv4-mapped IPv6 address is
+/// its IPv4 address.
+pub fn peer_key(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.to_string(),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_public_rate_limit_keys_ipv6_peers_by_their_64() {
+        let key = |s: &str| super::peer_key(s.parse().unwrap());
+        assert_eq!(key("192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("::ffff:192.0.2.7"), "192.0.2.7");
+        assert_eq!(key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64");
+        assert_eq!(key("2001:db8:1:2:ffff::1"), key("2001:db8:1:2::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+    }
+
     use super::*;
 
     #[test]

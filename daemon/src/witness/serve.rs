@@ -375,10 +375,10 @@ pub async fn handle(
         r.headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("POST"));
         (r, Some(body))
-    } else if let Err(retry_after) = witness
-        .rate_limiter
-        .check(&remote.ip().to_string(), Instant::now())
-    {
+    } else if let Err(retry_after) = witness.rate_limiter.check(
+        &crate::api::ratelimit::peer_key(remote.ip()),
+        Instant::now(),
+    ) {
         (
             ApiError::RateLimited { retry_after }.into_response(),
             Some(body),
