@@ -553,18 +553,25 @@ impl SqliteStore {
         // node reads alone are dozens a request): room for all of them.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
 
+        // How many migrations the file has had: within 0 ..= ours.
+        let applied = |version: i64| -> Result<usize, StoreError> {
+            let supported = MIGRATIONS.len() as i64;
+            if version > supported {
+                return Err(StoreError::SchemaTooNew {
+                    store: path.display().to_string(),
+                    found: version,
+                    supported,
+                });
+            }
+            usize::try_from(version).map_err(|_| StoreError::Corrupt {
+                store: path.display().to_string(),
+                what: format!("schema version (user_version) {version} is negative"),
+            })
+        };
         let version: i64 = conn
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .map_err(err)?;
-        let supported = MIGRATIONS.len() as i64;
-        if version > supported {
-            return Err(StoreError::SchemaTooNew {
-                store: path.display().to_string(),
-                found: version,
-                supported,
-            });
-        }
-        if version < supported {
+        if applied(version)? < MIGRATIONS.len() {
             // Under the write lock, and the version read again under it:
             // processes opening the file at once (a service and a CLI
             // command after an upgrade) migrate it once, not each.
@@ -574,7 +581,7 @@ impl SqliteStore {
             let version: i64 = tx
                 .pragma_query_value(None, "user_version", |row| row.get(0))
                 .map_err(err)?;
-            for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied(version)?) {
                 tx.execute_batch(sql).map_err(err)?;
                 tx.pragma_update(None, "user_version", i as i64 + 1)
                     .map_err(err)?;
@@ -693,6 +700,23 @@ impl SqliteStore {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_negative_schema_version_is_refused_and_the_file_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        let other = rusqlite::Connection::open(&path).unwrap();
+        other.pragma_update(None, "user_version", -1).unwrap();
+        drop(other);
+        let e = SqliteStore::open(&path).unwrap_err();
+        assert!(matches!(e, StoreError::Corrupt { .. }), "{e}");
+        assert!(e.to_string().contains("user_version) -1"), "{e}");
+        let other = rusqlite::Connection::open(&path).unwrap();
+        let tables: i64 = other
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(tables, 0, "migrations ran on a file of version -1");
+    }
 
     #[test]
     fn check_writable_fails_while_another_connection_holds_the_write_lock() {
