@@ -126,6 +126,42 @@ fn an_oversized_request_head_is_431_and_closes_the_connection() {
     assert!(conn.closed_within(Duration::from_secs(5)));
     // A normal head on a new connection is served.
     assert_eq!(client.get("/v1/keys").status, 200);
+    // A head that is not HTTP/1.1 is also answered by hyper, with 400.
+    let mut conn = client.connect().unwrap();
+    conn.send(b"GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nno colon here\r\n\r\n")
+        .unwrap();
+    let r = conn.read_response().unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.body.is_empty());
+    assert!(conn.closed_within(Duration::from_secs(5)));
+}
+
+/// The header bound can be raised to its top (1 MiB), past the read buffer
+/// hyper keeps by default (400 KiB): a head within it is served.
+#[test]
+fn a_head_within_the_top_header_bound_is_served() {
+    let (_t, pki, daemon) = start(
+        "max_header_bytes = 1048576
+",
+    );
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    let mut conn = client.connect().unwrap();
+    let filler = "a".repeat(600 << 10);
+    conn.send(
+        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(conn.read_response().unwrap().status, 200);
+    // And one over it is still 431.
+    let mut conn = client.connect().unwrap();
+    let filler = "a".repeat(1 << 20);
+    conn.send(
+        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(conn.read_response().unwrap().status, 431);
 }
 
 /// A peer that sends requests and never reads the responses cannot keep its

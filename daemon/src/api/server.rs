@@ -830,13 +830,17 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
 /// idle deadlines (see `drive`): hyper's header timeout would also run while a
 /// keep-alive connection waits for its next request.
 fn http1_builder(max_header_bytes: usize) -> http1::Builder {
+    // hyper's read buffer (400 KiB by default) must hold a whole head, or
+    // hyper refuses a head within `max_header_bytes` (up to 1 MiB) first.
+    const HYPER_DEFAULT_BUFFER: usize = 8192 + 4096 * 100;
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(None)
         .keep_alive(true)
         .max_headers(100)
-        .max_header_size(max_header_bytes);
+        .max_header_size(max_header_bytes)
+        .max_buf_size(HYPER_DEFAULT_BUFFER.max(max_header_bytes + 8192));
     builder
 }
 
