@@ -114,8 +114,9 @@ pub struct Limits {
     /// [`crate::envelope::MIN_ENVELOPE_BOUND`]).
     pub max_envelope_bytes: usize,
     /// Largest envelope header as sent (`max_envelope_header_bytes`,
-    /// default and least [`crate::envelope::MIN_HEADER_BOUND`], at most
-    /// `max_envelope_bytes`).
+    /// default and least [`crate::envelope::MIN_HEADER_BOUND`]; the
+    /// envelope bound must carry it,
+    /// [`crate::envelope::envelope_bound_for_header`]).
     pub max_envelope_header_bytes: usize,
     /// The TLS handshake must finish within this (`handshake_timeout_secs`,
     /// default 10).
@@ -448,12 +449,20 @@ impl Validator<'_> {
             "limits.max_envelope_header_bytes",
             raw.max_envelope_header_bytes,
             d.max_envelope_header_bytes,
-            crate::envelope::MIN_HEADER_BOUND as u64..=(48 << 10),
+            crate::envelope::MIN_HEADER_BOUND as u64..=crate::envelope::MAX_HEADER_BOUND as u64,
         )?;
-        if max_envelope_header_bytes > max_envelope_bytes {
+        // The header travels in the envelope as base64url: a header bound
+        // the envelope bound cannot carry would be a promise never kept.
+        let needed = crate::envelope::envelope_bound_for_header(max_envelope_header_bytes);
+        if needed > max_envelope_bytes {
             return Err(self.err(
                 "limits.max_envelope_header_bytes",
-                "must not exceed limits.max_envelope_bytes, which bounds the envelope that carries it",
+                format!(
+                    "a header of {max_envelope_header_bytes} bytes needs limits.max_envelope_bytes \
+                     of at least {needed} (its base64url, and {} for the rest of the envelope); \
+                     it is {max_envelope_bytes}",
+                    crate::envelope::ENVELOPE_ALLOWANCE
+                ),
             ));
         }
         Ok(Limits {

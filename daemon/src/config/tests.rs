@@ -227,6 +227,15 @@ fn serve_table_refusals_name_the_field() {
             "[limits]\nmax_envelope_bytes = 14000\nmax_envelope_header_bytes = 15000\n",
             "limits.max_envelope_header_bytes",
         ),
+        // Its base64url alone is 26,667 characters.
+        (
+            "[limits]\nmax_envelope_bytes = 20000\nmax_envelope_header_bytes = 20000\n",
+            "limits.max_envelope_header_bytes",
+        ),
+        (
+            "[limits]\nmax_envelope_bytes = 65536\nmax_envelope_header_bytes = 48385\n",
+            "limits.max_envelope_header_bytes",
+        ),
         ("[log]\nformat = \"xml\"\n", "log.format"),
         ("[log]\nlevel = \"lavd=[\"\n", "log.level"),
         (

@@ -71,10 +71,27 @@ pub struct EnvelopeLimits {
 /// 4608, which held Python's escapes but not Go's.)
 pub const MIN_HEADER_BOUND: usize = 9216;
 
-/// The least bound on an envelope's bytes: [`MIN_HEADER_BOUND`] in
-/// base64url (12,288 characters), `enc` (87), the longest `ct` (107), the
-/// framing and room for whitespace. (7168 until 2026-12-04.)
-pub const MIN_ENVELOPE_BOUND: usize = 13312;
+/// What an envelope holds besides its header's base64url: `enc` (87
+/// characters), the longest `ct` (107), the framing and room for
+/// whitespace.
+pub const ENVELOPE_ALLOWANCE: usize = 1024;
+
+/// The least envelope bound that carries every header of `header_bound`
+/// bytes: its unpadded base64url, and [`ENVELOPE_ALLOWANCE`]. The
+/// configuration holds `max_envelope_bytes` to it, so that the header
+/// bound it also sets is one an envelope can reach.
+pub const fn envelope_bound_for_header(header_bound: usize) -> usize {
+    (header_bound * 4).div_ceil(3) + ENVELOPE_ALLOWANCE
+}
+
+/// The least bound on an envelope's bytes: what carries a header of
+/// [`MIN_HEADER_BOUND`] (its base64url is 12,288 characters): 13,312.
+/// (7168 until 2026-12-04.)
+pub const MIN_ENVELOPE_BOUND: usize = envelope_bound_for_header(MIN_HEADER_BOUND);
+
+/// The greatest header bound an envelope of at most 64 KiB (the top of
+/// `max_envelope_bytes`) can carry: 48,384.
+pub const MAX_HEADER_BOUND: usize = ((64 << 10) - ENVELOPE_ALLOWANCE) / 4 * 3;
 
 impl Default for EnvelopeLimits {
     fn default() -> Self {
