@@ -185,8 +185,53 @@ pub struct Unwrapped {
 struct Request<'a> {
     #[serde(borrow)]
     warrant: &'a RawValue,
+    /// Read by [`batch`], which keeps at most the batch limit of them.
     #[serde(borrow)]
-    envelopes: Vec<&'a RawValue>,
+    envelopes: &'a RawValue,
+}
+
+/// The envelopes of a request, each as sent, and how many there are: at
+/// most `max` are kept, the rest only counted, so that a body of a million
+/// `0`s costs no vector of a million references before it is refused.
+///
+/// # Errors
+/// [`UnwrapError::Malformed`] if `envelopes` is not an array.
+fn batch(envelopes: &RawValue, max: usize) -> Result<(Vec<&RawValue>, usize), UnwrapError> {
+    struct UpTo(usize);
+    impl<'de> serde::de::Visitor<'de> for UpTo {
+        type Value = (Vec<&'de RawValue>, usize);
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an array of envelopes")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut kept = Vec::new();
+            let mut count = 0usize;
+            loop {
+                let more = if kept.len() < self.0 {
+                    seq.next_element::<&'de RawValue>()?
+                        .map(|e| kept.push(e))
+                        .is_some()
+                } else {
+                    seq.next_element::<serde::de::IgnoredAny>()?.is_some()
+                };
+                if !more {
+                    return Ok((kept, count));
+                }
+                count += 1;
+            }
+        }
+    }
+    use serde::Deserializer as _;
+    let mut reader = serde_json::Deserializer::from_str(envelopes.get());
+    reader
+        .deserialize_seq(UpTo(max))
+        .and_then(|read| reader.end().map(|()| read))
+        .map_err(|e| UnwrapError::Malformed(format!("envelopes: {e}")))
 }
 
 /// One envelope's fate before the HSM.
@@ -222,15 +267,16 @@ pub fn unwrap(
 ) -> Result<Unwrapped, UnwrapError> {
     let request: Request<'_> =
         crate::codec::from_object_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
-    if request.envelopes.is_empty() || request.envelopes.len() > ctx.max_batch {
+    let (envelopes, got) = batch(request.envelopes, ctx.max_batch)?;
+    if got == 0 || got > ctx.max_batch {
         return Err(UnwrapError::BatchSize {
             max: ctx.max_batch,
-            got: request.envelopes.len(),
+            got,
         });
     }
     // Held until the reply is built: the envelopes parsed, their leaves,
     // keys and results are what the gate bounds.
-    let _permit = ctx.gate.enter(request.envelopes.len());
+    let _permit = ctx.gate.enter(envelopes.len());
     let newer = match ctx.readmit {
         Some(Readmit(readmit)) => readmit()?,
         None => None,
@@ -260,8 +306,8 @@ pub fn unwrap(
     // Per envelope, in order: parse, key, scope.
     let mut keys: std::collections::HashMap<String, Option<crate::store::KeyRecord>> =
         std::collections::HashMap::new();
-    let mut plans = Vec::with_capacity(request.envelopes.len());
-    for (index, raw) in request.envelopes.iter().enumerate() {
+    let mut plans = Vec::with_capacity(envelopes.len());
+    for (index, raw) in envelopes.iter().enumerate() {
         let envelope = match Envelope::parse(raw.get().as_bytes(), ctx.envelope_limits) {
             Ok(e) => e,
             Err(e) => {
@@ -920,4 +966,39 @@ pub fn revoke(
         appended,
         checkpoint: receipt.map(|r| r.checkpoint),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_over_the_limit_is_counted_not_kept() {
+        let zeros = format!("[{}0]", "0,".repeat(99_999));
+        let raw: &RawValue = serde_json::from_str(&zeros).unwrap();
+        let (kept, got) = batch(raw, 100).unwrap();
+        assert_eq!((kept.len(), got), (100, 100_000));
+        assert!(
+            kept.capacity() <= 128,
+            "{} references kept",
+            kept.capacity()
+        );
+
+        let raw: &RawValue = serde_json::from_str(r#"[{"a":1}, [2], "3"]"#).unwrap();
+        let (kept, got) = batch(raw, 100).unwrap();
+        assert_eq!(got, 3);
+        assert_eq!(
+            kept.iter().map(|e| e.get()).collect::<Vec<_>>(),
+            [r#"{"a":1}"#, "[2]", r#""3""#]
+        );
+
+        let raw: &RawValue = serde_json::from_str("[]").unwrap();
+        assert_eq!(batch(raw, 100).unwrap().1, 0);
+        for not_an_array in ["5", r#"{"0":1}"#, "null"] {
+            let raw: &RawValue = serde_json::from_str(not_an_array).unwrap();
+            let e = batch(raw, 100).unwrap_err();
+            assert_eq!(e.code(), "malformed_request", "{not_an_array}");
+            assert!(e.to_string().contains("envelopes: invalid type"), "{e}");
+        }
+    }
 }
