@@ -324,13 +324,28 @@ pub async fn audit_key(
     })))
 }
 
-/// The checkpoint both checkpoint endpoints serve. The log signs one now if
-/// it grew since the last; with witnesses, what is served is the newest
-/// checkpoint their quorum cosigned, with every cosignature (before any
-/// is, the newest signed one with what it has), see
-/// [`crate::audit::witnessing::Witnessing::served`].
-fn served_checkpoint(state: &ServerState) -> Result<String, ApiError> {
-    let signed = state.audit.current_checkpoint().map_err(log_error)?;
+/// Whether a checkpoint request may have the log sign a new checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signing {
+    /// If the log grew since the last one (the auditor's routes).
+    IfGrown,
+    /// Never: the newest one signed is served (the public listener, whose
+    /// callers no one authenticated, neither reach the HSM nor write).
+    Never,
+}
+
+/// The checkpoint both checkpoint endpoints serve. With
+/// [`Signing::IfGrown`] the log signs one now if it grew since the last;
+/// with [`Signing::Never`] it serves the newest one signed. With
+/// witnesses, what is served is the newest checkpoint their quorum
+/// cosigned, with every cosignature (before any is, the newest signed one
+/// with what it has), see [`crate::audit::witnessing::Witnessing::served`].
+fn served_checkpoint(state: &ServerState, signing: Signing) -> Result<String, ApiError> {
+    let signed = match signing {
+        Signing::IfGrown => state.audit.current_checkpoint(),
+        Signing::Never => state.audit.latest_signed(),
+    }
+    .map_err(log_error)?;
     match &state.witnessing {
         None => Ok(signed),
         Some(w) => Ok(w.served().map_err(store_error)?.unwrap_or(signed)),
@@ -344,7 +359,7 @@ pub async fn audit_checkpoint(
     _peer: PeerIdentity,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
-    let checkpoint = blocking(move || served_checkpoint(&state)).await?;
+    let checkpoint = blocking(move || served_checkpoint(&state, Signing::IfGrown)).await?;
     Ok(json(&serde_json::json!({ "checkpoint": checkpoint })))
 }
 
@@ -421,14 +436,18 @@ pub async fn audit_consistency(
     })))
 }
 
-/// `GET /v1/log/checkpoint` (auditor): the C2SP `tlog-tiles` checkpoint, the
-/// same signed note as `/v1/audit/checkpoint`, as `text/plain`, cacheable for
-/// a few seconds at most.
+/// `GET /v1/log/checkpoint` (auditor, and anyone on the public listener):
+/// the C2SP `tlog-tiles` checkpoint, as `text/plain`, cacheable for a few
+/// seconds at most. For the auditor, the same signed note as
+/// `/v1/audit/checkpoint`; on the public listener, the newest one signed
+/// ([`Signing::Never`]), which may lag the log by the leaves appended
+/// since.
 pub async fn log_checkpoint(
     _peer: PeerIdentity,
     state: Arc<ServerState>,
+    signing: Signing,
 ) -> Result<Response, Rejection> {
-    let checkpoint = blocking(move || served_checkpoint(&state)).await?;
+    let checkpoint = blocking(move || served_checkpoint(&state, signing)).await?;
     let mut response = checkpoint.into_response();
     let headers = response.headers_mut();
     headers.insert(

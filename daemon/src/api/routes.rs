@@ -545,7 +545,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .unify()
         .or(audit_consistency)
         .unify()
-        .or(log_routes(state, auditor()))
+        .or(log_routes(state, auditor(), handlers::Signing::IfGrown))
         .unify()
         .recover(error::recover)
         .unify()
@@ -561,7 +561,7 @@ pub fn public_routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
             // a bug, and it fails closed.
             peer.ok_or_else(|| Rejection::from(ApiError::Internal))
         });
-    log_routes(state, anyone)
+    log_routes(state, anyone, handlers::Signing::Never)
         .recover(error::recover)
         .unify()
         .map(shared_cache)
@@ -586,7 +586,11 @@ fn shared_cache(mut response: Response) -> Response {
 /// The log as C2SP tlog-tiles (PROTOCOL §8), for callers `guard` admits:
 /// `{N}` is the tile index in `x001/x234/067` form, optionally followed by
 /// `.p/<W>`.
-fn log_routes<G>(state: Arc<ServerState>, guard: G) -> BoxedFilter<(Response,)>
+fn log_routes<G>(
+    state: Arc<ServerState>,
+    guard: G,
+    signing: handlers::Signing,
+) -> BoxedFilter<(Response,)>
 where
     G: Filter<Extract = (PeerIdentity,), Error = Rejection> + Clone + Send + Sync + 'static,
 {
@@ -596,6 +600,7 @@ where
         .and(no_query())
         .and(guard.clone())
         .and(with_state(state.clone()))
+        .and(warp::any().map(move || signing))
         .and_then(handlers::log_checkpoint);
     let log_entries = warp::path!("v1" / "log" / "tile" / "entries" / ..)
         .and(warp::path::tail())

@@ -148,6 +148,15 @@ pub enum StoreError {
     BadLeaf(String),
     /// The group commit that carried this batch failed; nothing of it is
     /// durable and its budget reservation was given back.
+    ///
+    /// One exception, on SQLite: a COMMIT that failed with an I/O error
+    /// (`SQLITE_IOERR_FSYNC`, say) after writing its frames to the WAL is
+    /// not visible, and the next commit writes over it; but should the
+    /// process crash before that, recovery at the next open can replay it.
+    /// Its leaves then say `opened` (and its spend counts) for keys that
+    /// were never released, beside the `audit_commit_failed` leaves written
+    /// for them if the process got that far. Never the other way round: no
+    /// key is released on this error.
     #[error("audit commit failed: {0}")]
     CommitFailed(String),
     /// PostgreSQL: the connection died with the group's COMMIT in flight,
