@@ -433,11 +433,15 @@ pub fn render(report: &Report) -> String {
         "Denials by reason",
         &format!(
             "An envelope is denied when the warrant was valid but does not reach it (outside \
-             the window, another target, budget spent, key destroyed, …). Four reasons are \
-             different: audit_commit_failed, warrant_expired, emergency_expired and \
-             authority_not_valid mark envelopes the HSM did open, whose request then failed \
-             (its audit commit, or the warrant's or a signer's end reached while it ran), so \
-             nothing was released: {} in this period.",
+             the window, another target, budget spent, key destroyed, …). Five reasons are \
+             different: audit_commit_failed, warrant_expired, emergency_expired, \
+             authority_not_valid and warrant_revoked mark envelopes the HSM did open, whose \
+             request then failed (its audit commit, the warrant's or a signer's end reached, \
+             or the warrant revoked, while it ran), so nothing was released: {} in this \
+             period. Envelopes denied key_destroyed, budget_exhausted or open_failed may \
+             include some the HSM opened too (a key's retention or a budget lease that ended, \
+             or an HSM failure later in the batch, while the request ran); the log does not \
+             tell those apart, and nothing of them was released either.",
             t.opened_not_released
         ),
         "",

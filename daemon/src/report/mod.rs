@@ -169,10 +169,16 @@ pub struct Totals {
     pub opened: u64,
     /// `unwrap` leaves with `outcome: denied`.
     pub denied: u64,
-    /// Of `denied`, the envelopes the HSM did open but whose request then
-    /// failed, so nothing was released: the reasons of audit leaves only
+    /// Of `denied`, the envelopes the HSM certainly opened and whose keys
+    /// were not released: the reasons of audit leaves only
     /// (`audit_commit_failed`; `warrant_expired`, `emergency_expired` and
-    /// `authority_not_valid` written in flight). The others were never
+    /// `authority_not_valid` written in flight), and `warrant_revoked` on
+    /// an envelope (the warrant revoked while its request ran: a request
+    /// that arrives revoked is refused whole). Envelopes denied
+    /// `key_destroyed`, `budget_exhausted` or `open_failed` may include
+    /// some the HSM opened too (a key's retention or a budget lease that
+    /// ended while the request ran, an HSM failure later in its batch),
+    /// which the log does not tell apart; the other reasons were never
     /// opened.
     pub opened_not_released: u64,
     /// `warrant_refused` leaves.
@@ -599,7 +605,9 @@ impl Report {
                         }
                         UnwrapOutcome::Denied(reason) => {
                             totals.denied += 1;
-                            totals.opened_not_released += u64::from(!reason.in_replies());
+                            totals.opened_not_released += u64::from(
+                                !reason.in_replies() || reason == DenyReason::WarrantRevoked,
+                            );
                             m.denied += 1;
                             w.denied += 1;
                             urgent.denied += u64::from(u.emergency());

@@ -347,6 +347,15 @@ fn opens_that_were_not_released_are_counted_apart() {
             datetime!(2026-05-01 10:03 UTC),
             denied(A, &w, DenyReason::OutOfWindow),
         ),
+        // Revoked while its request ran: an envelope leaf says so only then.
+        (
+            datetime!(2026-05-01 10:04 UTC),
+            denied(A, &w, DenyReason::WarrantRevoked),
+        ),
+        (
+            datetime!(2026-05-01 10:05 UTC),
+            denied(A, &w, DenyReason::KeyDestroyed),
+        ),
     ];
     let r = build(&events, &Options::default());
     assert_eq!(
@@ -355,11 +364,15 @@ fn opens_that_were_not_released_are_counted_apart() {
             r.totals.denied,
             r.totals.opened_not_released
         ),
-        (1, 3, 2)
+        (1, 5, 3)
     );
     let page = html::render(&r);
     assert!(
-        page.contains("nothing was released: 2 in this period"),
+        page.contains("nothing was released: 3 in this period"),
+        "{page}"
+    );
+    assert!(
+        page.contains("may include some the HSM opened too"),
         "{page}"
     );
 }
