@@ -252,6 +252,25 @@ fn the_public_checkpoint_is_the_newest_signed_and_has_none_signed() {
     let ours = c.auditor.get("/v1/log/checkpoint").text();
     assert_eq!(size(&ours), size(&signed) + 1, "the key's leaf");
     assert_eq!(anyone.get("/v1/log/checkpoint").text(), ours);
+
+    // A stored checkpoint edited behind lavd's back is not served: it
+    // fails the audit key, and the log is marked inconsistent, as the
+    // signer would mark it, for the auditor too.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let edited = db
+        .execute(
+            "UPDATE audit_checkpoints SET note = replace(note, 'audit', 'audjt') \
+             WHERE size = (SELECT max(size) FROM audit_checkpoints)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(edited, 1);
+    anyone
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
 }
 
 #[test]

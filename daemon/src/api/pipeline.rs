@@ -5,7 +5,8 @@
 //! [`ConnInfo`]) → per-identity rate limit → body read within
 //! `max_body_bytes` and `body_read_timeout` → the route table → metrics and
 //! the request log line. On the public log listener ([`Access::Public`])
-//! the first three steps are one: a rate limit per IP address.
+//! the first three steps are one: a rate limit per IPv4 address or IPv6
+//! /64.
 //!
 //! Each request runs in a `request` span carrying the caller identity, the
 //! remote address, the route template and (recorded by the unwrap handler)
@@ -94,7 +95,7 @@ pub enum Access {
     /// its roles come from `[roles]`, and it is rate-limited per identity.
     Mutual,
     /// The public log listener (`[audit.public]`): no client certificate, no
-    /// role; callers are rate-limited per IP address, and the router holds
+    /// role; callers are rate-limited per IPv4 address or IPv6 /64, and the router holds
     /// only the read-only `/v1/log/` paths.
     Public(super::ratelimit::RateLimiter),
 }

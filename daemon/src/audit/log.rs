@@ -945,12 +945,13 @@ impl AuditLog {
 
     /// The newest checkpoint signed (by this process, or stored by
     /// another replica), without signing one and without the signer's
-    /// lock: for callers no one authenticated. Only while none was ever
-    /// signed is one signed now, as [`Self::current_checkpoint`].
+    /// lock: for callers no one authenticated.
     ///
     /// # Errors
-    /// [`LogError::Inconsistent`] once the log was found inconsistent;
-    /// the store's error.
+    /// [`LogError::Inconsistent`] once the log was found inconsistent, or
+    /// if the newest stored checkpoint does not verify (then recorded, as
+    /// the signer would); [`StoreError::Unavailable`] while none is stored
+    /// (`lavd serve` signs one as it starts); the store's error.
     pub fn latest_signed(&self) -> Result<String, LogError> {
         if let Some(reason) = self.inconsistency() {
             return Err(LogError::Inconsistent(reason.to_string()));
@@ -958,8 +959,15 @@ impl AuditLog {
         match self.store.latest_checkpoint()? {
             // Checked as the signer checks it (its signature, its size):
             // a row edited behind lavd's back is not served as the log's.
-            Some((size, note)) => Ok(self.verify_stored(size, &note)?.note),
-            None => self.current_checkpoint(),
+            Some((size, note)) => match self.verify_stored(size, &note) {
+                Ok(signed) => Ok(signed.note),
+                Err(LogError::Inconsistent(reason)) => Err(self.record_inconsistency(reason)),
+                Err(e) => Err(e),
+            },
+            None => Err(LogError::Store(StoreError::Unavailable {
+                store: "audit log".into(),
+                reason: "no checkpoint has been signed yet".into(),
+            })),
         }
     }
 

@@ -181,12 +181,16 @@ pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 16 << 20;
 pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
     use rustix::fs::{Mode, OFlags};
     use std::io::Read as _;
-    // Opened without waiting (a FIFO's open waits for a writer), then
-    // checked by what was opened, so that a path swapped for a FIFO or a
-    // device after a check cannot block or feed the read.
+    // Refused before it is opened if it is no regular file (opening a
+    // device can act: arm a watchdog, rewind a tape); then opened without
+    // waiting (a FIFO's open waits for a writer) and without becoming a
+    // terminal's controlling process, and checked again by what was
+    // opened, so that a path swapped after the first check cannot block
+    // or feed the read.
+    anyhow::ensure!(std::fs::metadata(file)?.is_file(), "not a regular file");
     let opened = std::fs::File::from(rustix::fs::open(
         file,
-        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?);
     let meta = opened.metadata()?;

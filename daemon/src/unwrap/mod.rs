@@ -231,7 +231,16 @@ fn batch(envelopes: &RawValue, max: usize) -> Result<(Vec<&RawValue>, usize), Un
     reader
         .deserialize_seq(UpTo(max))
         .and_then(|read| reader.end().map(|()| read))
-        .map_err(|e| UnwrapError::Malformed(format!("envelopes: {e}")))
+        .map_err(|e| {
+            // Its line and column count within the member, not the body:
+            // left out, as they would mislead.
+            let text = e.to_string();
+            let at = format!(" at line {} column {}", e.line(), e.column());
+            UnwrapError::Malformed(format!(
+                "`envelopes`: {}",
+                text.strip_suffix(&at).unwrap_or(&text)
+            ))
+        })
 }
 
 /// One envelope's fate before the HSM.
@@ -998,7 +1007,9 @@ mod tests {
             let raw: &RawValue = serde_json::from_str(not_an_array).unwrap();
             let e = batch(raw, 100).unwrap_err();
             assert_eq!(e.code(), "malformed_request", "{not_an_array}");
-            assert!(e.to_string().contains("envelopes: invalid type"), "{e}");
+            let text = e.to_string();
+            assert!(text.contains("`envelopes`: invalid type"), "{text}");
+            assert!(text.ends_with("expected an array of envelopes"), "{text}");
         }
     }
 }

@@ -4,7 +4,8 @@
 //! admin listener with `/healthz`, `/readyz` and `/metrics`.
 //!
 //! Before the checks of [`WitnessState::add_checkpoint`]: the path and
-//! method, a token bucket per client IP address, and the body bound
+//! method, a token bucket per client IPv4 address or IPv6 /64
+//! ([`crate::api::ratelimit::peer_key`]), and the body bound
 //! (`limits.max_body_bytes`, `limits.body_read_timeout_secs`). Those
 //! refusals are lavd's JSON errors (404 `not_found`, 405, 429, 413, 408);
 //! the answers of the spec are its own: 200 with the cosignature line, 409
