@@ -53,6 +53,23 @@ pub enum KeyError {
     /// After destruction the token still reports the private key.
     #[error("escrow key {0:?} is still on the token after destruction")]
     StillPresent(String),
+    /// The destruction is recorded and done, but the token held no private
+    /// key for it before: the store listed a key the token had lost, or
+    /// that was removed outside lavd, while it was retained.
+    #[error(
+        "escrow key {0:?}: destroyed and logged, but the token held no private key for it \
+         before this destruction: it was removed or lost outside lavd while the store listed \
+         it (look at the token's own log; envelopes of it were denied key_destroyed since)"
+    )]
+    MissingBeforeDestruction(String),
+    /// `keys destroy --expired`: these keys were not all destroyed (each
+    /// reported before, with its code).
+    #[error("could not destroy: {0}")]
+    DestroyIncomplete(String),
+    /// `keys list --all`: these rows could not be read (each reported
+    /// before, with its code).
+    #[error("could not read: {0}")]
+    ListIncomplete(String),
     /// The audit leaf could not be formed (a bug: inputs were validated).
     #[error("audit leaf: {0}")]
     Audit(String),
@@ -76,6 +93,9 @@ impl KeyError {
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
+            KeyError::MissingBeforeDestruction(_) => "key_missing_before_destruction",
+            KeyError::DestroyIncomplete(_) => "destroy_incomplete",
+            KeyError::ListIncomplete(_) => "keys_unreadable",
             KeyError::Audit(_) => "internal_error",
             KeyError::Hsm(_) => "hsm_unavailable",
             KeyError::Store(_) => "store_unavailable",
@@ -309,10 +329,25 @@ pub enum DestroyReason {
     Forced(String),
 }
 
+/// What [`destroy`] did.
+#[derive(Debug)]
+pub struct Destroyed {
+    /// The key's row, destroyed.
+    pub record: KeyRecord,
+    /// This destruction found the key live in the store but no private key
+    /// for it on the token (looked for on a fresh, logged-in session): it
+    /// was lost or removed outside lavd before. The destruction is recorded
+    /// and done all the same; the caller reports
+    /// [`KeyError::MissingBeforeDestruction`]. False when the store already
+    /// said destroyed (an interrupted destruction finished).
+    pub missing_before: bool,
+}
+
 /// Destroys escrow key `kid`: marks it destroyed in the store (final, with
 /// its `key_destroyed` audit leaf in the same transaction), deletes
 /// both halves from the token, and checks with a fresh session that the
-/// private key is gone.
+/// private key is gone. Before, it looks whether the token holds the
+/// private key at all ([`Destroyed::missing_before`]).
 ///
 /// # Errors
 /// [`KeyError::UnknownKid`], [`KeyError::RetentionNotReached`],
@@ -325,7 +360,7 @@ pub fn destroy(
     kid: &str,
     reason: DestroyReason,
     now: OffsetDateTime,
-) -> Result<KeyRecord, KeyError> {
+) -> Result<Destroyed, KeyError> {
     let record = store
         .get_key(kid)?
         .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))?;
@@ -350,7 +385,11 @@ pub fn destroy(
     // operator's text stays in the store row).
     let forced = now < record.destroy_after;
     let code = if forced { "forced" } else { "retention" };
+    let mut missing_before = false;
     if record.destroyed_at.is_none() {
+        // On a fresh session that logs in, so a session that silently lost
+        // its login cannot make an intact key look absent.
+        missing_before = !hsm.escrow_key_present(kid)?;
         let event: Event = KeyDestroyed::new(kid, code, forced, None)
             .map_err(|e| KeyError::Audit(e.to_string()))?
             .into();
@@ -363,9 +402,12 @@ pub fn destroy(
                 reason,
             },
         }) {
+            Ok(_) => {}
             // Another destruction (another replica's retention job) was
             // recorded first, with its own leaf: finish on the token below.
-            Ok(_) | Err(StoreError::KeyAlreadyDestroyed(_)) => {}
+            // It may have taken the key from the token after the look
+            // above: not a loss.
+            Err(StoreError::KeyAlreadyDestroyed(_)) => missing_before = false,
             Err(e) => return Err(e.into()),
         }
     }
@@ -375,9 +417,13 @@ pub fn destroy(
     if hsm.escrow_key_present(kid)? {
         return Err(KeyError::StillPresent(kid.to_string()));
     }
-    store
+    let record = store
         .get_key(kid)?
-        .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))
+        .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))?;
+    Ok(Destroyed {
+        record,
+        missing_before,
+    })
 }
 
 /// What [`due_for_destruction`] finds.

@@ -297,6 +297,36 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
     assert!(private_key(&t, "2020-01").is_some());
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
     assert!(private_key(&t, "2020-01").is_none());
+
+    // A retained key whose private half the token lost (a vendor tool, an
+    // HSM policy, a cluster member without it) while the store listed it:
+    // the retention job destroys and logs it, and fails naming the loss,
+    // instead of reporting an ordinary destruction.
+    generate_past_retention_as(&t, "2020-02");
+    let session = t.session();
+    session
+        .destroy_object(find_private_key(&session, "2020-02").unwrap())
+        .unwrap();
+    drop(session);
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    let stderr = assert_fails_with(&out, 1, "key_missing_before_destruction");
+    assert!(
+        stderr.contains("escrow key 2020-02 destroyed (retention)"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("held no private key for it"), "{stderr}");
+    // The job's last line has its own code.
+    assert!(
+        stderr
+            .trim_end()
+            .ends_with("lavd: destroy_incomplete: could not destroy: 2020-02"),
+        "{stderr}"
+    );
+    // Recorded: the next run has nothing left to do, and says nothing.
+    let again = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    assert_ok(&again);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(!said.contains("2020-02"), "{said}");
 }
 
 /// Two retention jobs at once (OPERATIONS allows it: a racing second
@@ -595,11 +625,16 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
 /// Generates escrow key `2020-01`, whose retention ended in 2021, with the
 /// CLI of `t`'s `lavd.toml`.
 fn generate_past_retention(t: &TestToken) {
+    generate_past_retention_as(t, "2020-01");
+}
+
+/// [`generate_past_retention`] under another kid.
+fn generate_past_retention_as(t: &TestToken, kid: &str) {
     assert_ok(&t.lavd_with_config(&[
         "keys",
         "generate",
         "--kid",
-        "2020-01",
+        kid,
         "--not-before",
         "2020-01-01T00:00:00Z",
         "--not-after",

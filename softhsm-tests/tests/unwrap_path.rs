@@ -423,7 +423,8 @@ fn destroyed_keys_never_open_again() {
         ["key_destroyed"]
     );
     // Destroyed through the lifecycle: refused before the HSM is asked.
-    keys::destroy(
+    // The destruction says that the token had lost the key before it.
+    let destroyed = keys::destroy(
         &w.hsm,
         &*w.store,
         "2026-12",
@@ -431,6 +432,7 @@ fn destroyed_keys_never_open_again() {
         t("2026-12-05T00:00:00Z"),
     )
     .unwrap();
+    assert!(destroyed.missing_before);
     assert_eq!(
         reasons(
             w.unwrap(&body("W-7"), AGENCY, "2026-12-05T00:00:00Z")
@@ -448,7 +450,7 @@ fn destroyed_keys_never_open_again() {
 fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
     let w = World::new();
     let before = w.store.tree_size().unwrap();
-    let record = keys::destroy(
+    let destroyed = keys::destroy(
         &w.hsm,
         &*w.store,
         "2026-12",
@@ -456,6 +458,8 @@ fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
         t("2028-02-01T00:00:00Z"),
     )
     .unwrap();
+    assert!(!destroyed.missing_before, "the key was on the token");
+    let record = destroyed.record;
     assert_eq!(
         record.destroy_reason.as_deref(),
         Some("forced: court order 7")

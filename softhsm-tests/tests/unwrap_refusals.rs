@@ -391,6 +391,57 @@ fn each_envelope_is_denied_for_its_own_reason_and_only_opened_ones_spend() {
 }
 
 /// One fresh envelope for `TARGET` under `E-1` with `warrant`.
+/// A key the store lists as retained whose private half the token lost
+/// (removed by another PKCS#11 application, a vendor tool, an HSM policy):
+/// its envelopes are denied `key_destroyed`, the others of the batch open,
+/// and the daemon says so once, in an ERROR line naming the key, not only
+/// in the leaves.
+#[test]
+fn a_retained_key_the_token_lost_is_denied_and_named_once() {
+    let s = setup("", |t| {
+        vault::generate_escrow_key(t, "E-1");
+        vault::generate_escrow_key(t, "E-4");
+    });
+    let e1 = vault::published_key(&s.c.provider, "E-1");
+    let e4 = vault::published_key(&s.c.provider, "E-4");
+    let session = s.t.session();
+    let private = session
+        .find_objects(&[
+            cryptoki::object::Attribute::Class(cryptoki::object::ObjectClass::PRIVATE_KEY),
+            cryptoki::object::Attribute::Label(b"lav-escrow:E-4".to_vec()),
+        ])
+        .unwrap();
+    assert_eq!(private.len(), 1);
+    session.destroy_object(private[0]).unwrap();
+    drop(session);
+
+    let warrant = vault::double_lock(&vault::claims("LOST-1", vault::recipient().public(), 10));
+    let in_window = OffsetDateTime::now_utc() - Duration::hours(1);
+    let envelopes: Vec<_> = [(&e4, "E-4", "x"), (&e1, "E-1", "y"), (&e4, "E-4", "z")]
+        .into_iter()
+        .map(|(key, kid, r)| vault::seal(key, kid, TARGET, in_window, r, &[9; 32]))
+        .collect();
+    let r = vault::post(&s.c.agency, "/v1/unwrap", &body(&warrant, &envelopes));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        vault::statuses(&r.json()),
+        ["key_destroyed", "ok", "key_destroyed"],
+        "{}",
+        r.text()
+    );
+    let stderr = s.daemon.stderr();
+    let lines: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("holds no private key for it"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains("E-4") && lines[0].contains("ERROR"),
+        "{}",
+        lines[0]
+    );
+}
+
 fn one(s: &Setup, warrant: &serde_json::Value) -> serde_json::Value {
     let escrow = vault::published_key(&s.c.provider, "E-1");
     let envelope = vault::seal(

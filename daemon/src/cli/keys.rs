@@ -150,7 +150,7 @@ impl KeysCommand {
                         );
                     }
                     if !unreadable.is_empty() {
-                        anyhow::bail!("could not read: {}", unreadable.join(", "));
+                        return Err(keys::KeyError::ListIncomplete(unreadable.join(", ")).into());
                     }
                 } else {
                     let hsm = Hsm::open(settings.hsm)?;
@@ -174,7 +174,11 @@ impl KeysCommand {
                     } else {
                         DestroyReason::Retention
                     };
-                    report(&keys::destroy(&hsm, &store, &kid, reason, now)?);
+                    let destroyed = keys::destroy(&hsm, &store, &kid, reason, now)?;
+                    report(&destroyed.record);
+                    if destroyed.missing_before {
+                        return Err(keys::KeyError::MissingBeforeDestruction(kid).into());
+                    }
                 } else if expired {
                     // The daily job: destroy every key past retention, and
                     // finish any destruction a crash interrupted. One failing
@@ -189,7 +193,14 @@ impl KeysCommand {
                     }
                     for k in due.keys {
                         match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
-                            Ok(record) => report(&record),
+                            Ok(destroyed) => {
+                                report(&destroyed.record);
+                                if destroyed.missing_before {
+                                    let e = keys::KeyError::MissingBeforeDestruction(k.kid.clone());
+                                    eprintln!("lavd: {}: {e}", e.code());
+                                    failed.push(k.kid);
+                                }
+                            }
                             Err(e) => {
                                 eprintln!("lavd: {}: escrow key {}: {e}", e.code(), k.kid);
                                 failed.push(k.kid);
@@ -229,7 +240,7 @@ impl KeysCommand {
                         }
                     }
                     if !failed.is_empty() {
-                        anyhow::bail!("could not destroy: {}", failed.join(", "));
+                        return Err(keys::KeyError::DestroyIncomplete(failed.join(", ")).into());
                     }
                 }
             }

@@ -494,6 +494,8 @@ pub fn unwrap(
     let mut hsm_failure = None;
     // Whether the token still finds the audit key, asked once per request.
     let mut token_sound = None;
+    // Keys the store lists as live that the token lacks, said once each.
+    let mut lost_kids: Vec<String> = Vec::new();
     for (at, outcome) in positions.into_iter().zip(outcomes) {
         let release = match outcome {
             JobOutcome::Done((envelope, Ok(dek))) => {
@@ -510,7 +512,7 @@ pub fn unwrap(
             // either: then its object store is unusable, the key may well be
             // intact, and saying (and logging) `key_destroyed` would be false.
             JobOutcome::Done((
-                _,
+                envelope,
                 Err(EnvelopeError::KeyAgreement(HsmError::KeyNotFound { .. })),
             )) => {
                 let sound = *token_sound.get_or_insert_with(|| match ctx.log.key_on_token() {
@@ -521,6 +523,17 @@ pub fn unwrap(
                     }
                 });
                 if sound {
+                    let kid = envelope.header().kid();
+                    if !lost_kids.iter().any(|k| k == kid) {
+                        tracing::error!(
+                            kid = %crate::codec::escape_for_terminal(kid),
+                            "the store lists this escrow key as retained, but the token holds no \
+                             private key for it: it was removed or lost outside lavd (an older \
+                             store backup restored, a vendor tool, an HSM policy); its envelopes \
+                             are denied key_destroyed"
+                        );
+                        lost_kids.push(kid.to_string());
+                    }
                     Release::Denied(DenyReason::KeyDestroyed)
                 } else {
                     Release::Denied(DenyReason::OpenFailed)
