@@ -883,12 +883,8 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
                "keys_destroyed": 0})
     );
     let empty = period("2026-01-02T00:00:00Z", Some("2026-01-01T00:00:00Z"));
-    assert_eq!(empty.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&empty.stderr).contains("--from must be before --to"),
-        "{}",
-        String::from_utf8_lossy(&empty.stderr)
-    );
+    let stderr = softhsm_tests::assert_fails_with(&empty, 1, "invalid_period");
+    assert!(stderr.contains("--from must be before --to"), "{stderr}");
 
     // The detail form, from the same export.
     let detail = w.join("detail.html");

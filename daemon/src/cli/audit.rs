@@ -317,7 +317,12 @@ impl LogSource {
             (Some(path), _) => {
                 let older =
                     String::from_utf8(read(&path, crate::audit::note::MAX_NOTE_BYTES as u64)?)
-                        .context("the checkpoint file is not UTF-8")?;
+                        .map_err(|_| {
+                            super::Refused::new(
+                                "note_malformed",
+                                format!("{}: the checkpoint file is not UTF-8", path.display()),
+                            )
+                        })?;
                 verify_export(&new, &key, Some(&older))?
             }
             (None, Some(path)) => {
@@ -371,7 +376,7 @@ fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Resul
     let page = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
     Ok(!page["entries"]
         .as_array()
-        .ok_or_else(|| anyhow::anyhow!("no entries in the reply"))?
+        .ok_or_else(|| super::Refused::new("malformed_reply", "no entries in the reply"))?
         .is_empty())
 }
 
@@ -385,7 +390,7 @@ fn fetch_export(
 ) -> anyhow::Result<Export> {
     let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
         .as_str()
-        .ok_or_else(|| anyhow::anyhow!("no checkpoint in the reply"))?
+        .ok_or_else(|| super::Refused::new("malformed_reply", "no checkpoint in the reply"))?
         .to_string();
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
@@ -399,12 +404,16 @@ fn fetch_export(
         let page = client.get_json(&format!("/v1/audit/entries?start={start}&end={end}"))?;
         let items = page["entries"]
             .as_array()
-            .ok_or_else(|| anyhow::anyhow!("no entries in the reply"))?;
+            .ok_or_else(|| super::Refused::new("malformed_reply", "no entries in the reply"))?;
         if items.is_empty() {
             break; // the verifier reports the missing entries
         }
         for item in items {
-            entries.push(serde_json::from_value(item.clone()).context("an entry")?);
+            entries.push(
+                serde_json::from_value(item.clone()).map_err(|e| {
+                    super::Refused::new("malformed_reply", format!("an entry: {e}"))
+                })?,
+            );
         }
         start += items.len() as u64;
     }
@@ -449,7 +458,9 @@ fn mirror(
         _ => {
             let bytes = read_regular(&held_file, max_resource_bytes("checkpoint"))
                 .with_context(|| format!("reading {}", held_file.display()))?;
-            let text = String::from_utf8(bytes).context("the mirrored checkpoint is not UTF-8")?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                super::Refused::new("note_malformed", "the mirrored checkpoint is not UTF-8")
+            })?;
             Some(
                 crate::audit::note::verify_checkpoint(&text, key)
                     .context("the mirrored checkpoint")?,
@@ -458,7 +469,7 @@ fn mirror(
     };
     let upstream = TilesAt::url(remote.client(url)?, url);
     let checkpoint = String::from_utf8(upstream.get("checkpoint")?)
-        .context("the log's checkpoint is not UTF-8")?;
+        .map_err(|_| super::Refused::new("note_malformed", "the log's checkpoint is not UTF-8"))?;
     let state = std::rc::Rc::new(MirrorRun::default());
     let source = TilesAt::Mirror {
         dir: dir.to_path_buf(),
@@ -704,8 +715,8 @@ impl crate::audit::tiles::TileSource for &TilesAt {
 /// verifier as an export (which recomputes the root from them), so tiles,
 /// leaves and checkpoint are all held to one signed root.
 fn fetch_tiles(source: &TilesAt, key: &VerifierKey, max_entries: u64) -> anyhow::Result<Export> {
-    let checkpoint =
-        String::from_utf8(source.get("checkpoint")?).context("the checkpoint is not UTF-8")?;
+    let checkpoint = String::from_utf8(source.get("checkpoint")?)
+        .map_err(|_| super::Refused::new("note_malformed", "the checkpoint is not UTF-8"))?;
     read_tiles(source, key, checkpoint, None, max_entries)
 }
 

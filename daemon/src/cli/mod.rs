@@ -206,6 +206,28 @@ pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result
     Ok(bytes)
 }
 
+/// A command's refusal that no library error carries, with its stable
+/// code: a bad pair of arguments, an output that cannot be written, a
+/// server reply without the member it must have.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// The stable code.
+    pub code: &'static str,
+    /// What was wrong, naming it.
+    pub message: String,
+}
+
+impl Refused {
+    /// A refusal with `code`.
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Refused {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// A file a command was given that it could not read ([`read_input`]).
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {why}")]
@@ -308,6 +330,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if e.downcast_ref::<UnreadableInput>().is_some() {
         return Some("input_unreadable");
+    }
+    if let Some(r) = e.downcast_ref::<Refused>() {
+        return Some(r.code);
     }
     None
 }

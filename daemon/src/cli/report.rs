@@ -55,7 +55,11 @@ impl ReportArgs {
     /// written.
     pub fn run(self) -> anyhow::Result<()> {
         if let (Some(from), Some(to)) = (self.from, self.to) {
-            anyhow::ensure!(from < to, "--from must be before --to");
+            if from >= to {
+                return Err(
+                    super::Refused::new("invalid_period", "--from must be before --to").into(),
+                );
+            }
         }
         let verified = self.source.verify()?;
         let summary = &verified.summary;
@@ -74,12 +78,17 @@ impl ReportArgs {
         let page = html::render(&report);
         // Each through a rename: an interrupted run leaves the previous
         // file or the whole new one, never half a report.
+        let unwritable = |path: &std::path::Path, e: std::io::Error| {
+            super::Refused::new(
+                "output_unwritable",
+                format!("writing {}: {e}", path.display()),
+            )
+        };
         if let Some(path) = &self.json {
-            super::audit::write_atomically(path, &json)
-                .with_context(|| format!("writing {}", path.display()))?;
+            super::audit::write_atomically(path, &json).map_err(|e| unwritable(path, e))?;
         }
         super::audit::write_atomically(&self.out, page.as_bytes())
-            .with_context(|| format!("writing {}", self.out.display()))?;
+            .map_err(|e| unwritable(&self.out, e))?;
         eprintln!(
             "verified {} entries of {}; wrote the {} report to {}",
             summary.size,
