@@ -67,11 +67,17 @@ pub enum KeysCommand {
     },
 }
 
+/// Text read from the store, as printed: a row edited to hold escapes or
+/// line breaks cannot forge the listing.
+fn shown(text: &str) -> String {
+    crate::codec::escape_for_terminal(text)
+}
+
 fn report(record: &crate::store::KeyRecord) {
     eprintln!(
         "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
-        record.kid,
-        record.destroy_reason.as_deref().unwrap_or("")
+        shown(&record.kid),
+        shown(record.destroy_reason.as_deref().unwrap_or(""))
     );
 }
 
@@ -132,7 +138,7 @@ impl KeysCommand {
                             (Some(at), reason) => format!(
                                 "destroyed {} ({})",
                                 format_time(*at),
-                                reason.as_deref().unwrap_or("")
+                                shown(reason.as_deref().unwrap_or(""))
                             ),
                             (None, _) if now > k.destroy_after => "due for destruction".into(),
                             (None, _) if now >= k.not_after => {
@@ -143,7 +149,7 @@ impl KeysCommand {
                         };
                         println!(
                             "{}\tnot_before={}\tnot_after={}\tdestroy_after={}\t{state}",
-                            k.kid,
+                            shown(&k.kid),
                             format_time(k.not_before),
                             format_time(k.not_after),
                             format_time(k.destroy_after)
@@ -198,12 +204,12 @@ impl KeysCommand {
                                 if destroyed.missing_before {
                                     let e = keys::KeyError::MissingBeforeDestruction(k.kid.clone());
                                     eprintln!("lavd: {}: {e}", e.code());
-                                    failed.push(k.kid);
+                                    failed.push(shown(&k.kid));
                                 }
                             }
                             Err(e) => {
-                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), k.kid);
-                                failed.push(k.kid);
+                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
+                                failed.push(shown(&k.kid));
                             }
                         }
                     }
@@ -230,12 +236,12 @@ impl KeysCommand {
                         match finished {
                             Ok(true) => eprintln!(
                                 "escrow key {}: finished an interrupted destruction",
-                                k.kid
+                                shown(&k.kid)
                             ),
                             Ok(false) => {}
                             Err(e) => {
-                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), k.kid);
-                                failed.push(k.kid);
+                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
+                                failed.push(shown(&k.kid));
                             }
                         }
                     }
