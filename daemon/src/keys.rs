@@ -389,7 +389,7 @@ pub fn destroy(
     if record.destroyed_at.is_none() {
         // On a fresh session that logs in, so a session that silently lost
         // its login cannot make an intact key look absent.
-        missing_before = !hsm.escrow_key_present(kid)?;
+        missing_before = hsm.escrow_private_keys(kid)? == 0;
         let event: Event = KeyDestroyed::new(kid, code, forced, None)
             .map_err(|e| KeyError::Audit(e.to_string()))?
             .into();

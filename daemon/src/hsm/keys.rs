@@ -276,6 +276,20 @@ impl Hsm {
         Ok(find_one(&session, ObjectClass::PRIVATE_KEY, &label)?.is_some())
     }
 
+    /// How many of our private keys (`CKA_PRIVATE`) the token holds under
+    /// escrow key `kid`'s label, seen from a new session: 0 when it has
+    /// none, 2 or more when a second pair is there (which
+    /// [`Hsm::escrow_key_present`] refuses as ambiguous).
+    ///
+    /// # Errors
+    /// The failing PKCS#11 call.
+    pub fn escrow_private_keys(&self, kid: &str) -> Result<usize, HsmError> {
+        let label = escrow_label(kid);
+        let _shared = self.shared("escrow_private_keys")?;
+        let session = self.unpooled_session()?;
+        Ok(private_objects(&session, ObjectClass::PRIVATE_KEY, &label)?.len())
+    }
+
     /// Computes the P-256 ECDH shared secret (the x coordinate, 32 bytes) of
     /// escrow key `kid` and `peer`, inside the token.
     ///
