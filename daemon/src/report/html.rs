@@ -726,7 +726,7 @@ pub fn render(report: &Report) -> String {
         checkpoint = escape(&v.checkpoint),
         count = v.witnesses.len(),
         witnesses = if v.witnesses.is_empty() {
-            "none checked (no witness policy was given)".to_owned()
+            "none (no witness policy was given, or its quorum asks for none)".to_owned()
         } else {
             format!(
                 "verified under the witness policy, which they meet: {}",

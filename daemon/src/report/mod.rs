@@ -306,9 +306,11 @@ pub struct Revocations {
     /// Warrants whose first `revocation` leaf is in the period: each
     /// warrant once.
     pub warrants: u64,
-    /// Of those, by a caller with the `admin` role (`by: admin`).
+    /// Of the `total` leaves (not of the `warrants`), those by a caller
+    /// with the `admin` role (`by: admin`).
     pub by_admin: u64,
-    /// Of those, by an authority's signed revocation (`by: authority`).
+    /// Of the `total` leaves, those by an authority's signed revocation
+    /// (`by: authority`).
     pub by_authority: u64,
     /// Per month.
     pub monthly: Vec<RevocationMonth>,
@@ -432,12 +434,13 @@ pub struct WarrantRow {
     pub denied: u64,
     /// Requests refused with it.
     pub refused: u64,
-    /// What became of it, if it was an urgent warrant first seen in the
-    /// period.
+    /// What became of it, if it was an urgent warrant: also one first seen
+    /// before the period (the `urgent` figures count only those first
+    /// seen in it).
     pub urgent: Option<UrgentStatus>,
     /// Its urgent duration in seconds, likewise.
     pub urgent_seconds: Option<i64>,
-    /// Whether a revocation leaf in the period names it.
+    /// Whether a revocation leaf names it, in the period or before it.
     pub revoked: bool,
     /// Time of its first leaf in the period.
     pub first_seen: String,
@@ -583,6 +586,8 @@ impl Report {
                 _ => None,
             })
             .collect();
+        // A warrant's row says it was revoked before the period too.
+        let revoked_before = revoked.clone();
 
         for leaf in &period {
             let time = codec::format_time(leaf.time);
@@ -725,19 +730,20 @@ impl Report {
         if let Some(as_of) = as_of {
             for (id, track) in &tracks {
                 let Some(first) = track.first else { continue };
-                if !in_period(first) {
-                    continue;
-                }
                 let Some((status, seconds)) = track.outcome(as_of) else {
                     continue;
                 };
-                urgent.warrants += 1;
-                match status {
-                    UrgentStatus::Replaced => urgent.replaced += 1,
-                    UrgentStatus::Lapsed => urgent.lapsed += 1,
-                    UrgentStatus::Pending => urgent.pending += 1,
+                // Counted in the period it began; its row, in any period
+                // that shows the warrant, says what it was.
+                if in_period(first) {
+                    urgent.warrants += 1;
+                    match status {
+                        UrgentStatus::Replaced => urgent.replaced += 1,
+                        UrgentStatus::Lapsed => urgent.lapsed += 1,
+                        UrgentStatus::Pending => urgent.pending += 1,
+                    }
+                    durations.push(seconds);
                 }
-                durations.push(seconds);
                 if let Some(w) = warrants.get_mut(*id) {
                     w.urgent = Some(status);
                     w.urgent_seconds = Some(seconds);
@@ -750,6 +756,9 @@ impl Report {
         let keys = key_epochs(&history, options, as_of, &in_period);
         totals.keys_destroyed = keys.destroyed;
 
+        for w in warrants.values_mut() {
+            w.revoked |= revoked_before.contains(w.id.as_str());
+        }
         for (id, callers) in agencies {
             if let Some(w) = warrants.get_mut(&id) {
                 w.agencies = callers.into_iter().collect();

@@ -328,6 +328,40 @@ fn an_urgent_warrant_refused_as_expired_before_its_replacement_lapsed() {
     assert_eq!((r.urgent.lapsed, r.urgent.replaced), (0, 1));
 }
 
+/// A monthly detail report whose period begins after an urgent warrant
+/// was first used, or after a warrant was revoked: the warrant's row still
+/// says it is urgent (and what became of it) and revoked; the urgent
+/// figures count only warrants first seen in the period.
+#[test]
+fn a_row_says_urgent_and_revoked_when_that_began_before_the_period() {
+    let u = warrant("W-U", true);
+    let events = vec![
+        (datetime!(2026-04-01 00:00 UTC), policy(72)),
+        (datetime!(2026-04-20 10:00 UTC), revoked("W-R", None)),
+        (datetime!(2026-04-30 23:30 UTC), opened(A, &u, 1)),
+        (datetime!(2026-05-01 00:30 UTC), opened(A, &u, 2)),
+        (
+            datetime!(2026-05-03 10:00 UTC),
+            refused(A, Some("W-R"), "warrant_revoked"),
+        ),
+    ];
+    let report = build(
+        &events,
+        &Options {
+            from: Some(datetime!(2026-05-01 00:00 UTC)),
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let rows = &report.detail.as_ref().unwrap().warrants;
+    let row = |id: &str| rows.iter().find(|w| w.id == id).unwrap();
+    // Judged as of the newest leaf (05-03 10:00), inside its 72 hours.
+    assert_eq!(row("W-U").urgent, Some(UrgentStatus::Pending));
+    assert!(row("W-R").revoked);
+    assert_eq!(report.urgent.warrants, 0, "first seen before the period");
+    assert_eq!(report.revocations.warrants, 0, "revoked before the period");
+}
+
 /// Envelopes the HSM opened but whose request failed (leaf-only reasons)
 /// are denied, and counted apart as opened but not released.
 #[test]
