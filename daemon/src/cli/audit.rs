@@ -496,16 +496,24 @@ fn mirror(
             return Err(e);
         }
     };
-    // Every tile is verified: the new ones move into place, then the
-    // checkpoint.
+    // Every tile is verified: the new ones move into place, their
+    // directories are synced (so that a crash cannot leave the new
+    // checkpoint on disk without the tiles it covers), then the checkpoint.
+    let mut moved_into = std::collections::BTreeSet::new();
     for path in state.staged.borrow().iter() {
         let file = dir.join(path);
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
+            moved_into.insert(parent.to_path_buf());
         }
         std::fs::rename(incoming.join(path), &file)
             .with_context(|| format!("moving {} into place", file.display()))?;
+    }
+    for parent in &moved_into {
+        std::fs::File::open(parent)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("syncing {}", parent.display()))?;
     }
     let _ = std::fs::remove_dir_all(&incoming);
     write_atomically(&dir.join("checkpoint"), checkpoint.as_bytes())
