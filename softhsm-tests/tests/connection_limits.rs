@@ -140,28 +140,21 @@ fn an_oversized_request_head_is_431_and_closes_the_connection() {
 /// hyper keeps by default (400 KiB): a head within it is served.
 #[test]
 fn a_head_within_the_top_header_bound_is_served() {
-    let (_t, pki, daemon) = start(
-        "max_header_bytes = 1048576
-",
-    );
+    let (_t, pki, daemon) = start("max_header_bytes = 1048576\n");
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
-    let mut conn = client.connect().unwrap();
-    let filler = "a".repeat(600 << 10);
-    conn.send(
-        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(conn.read_response().unwrap().status, 200);
+    let status_for_a_head_of = |filler_bytes: usize| {
+        let mut conn = client.connect().unwrap();
+        let filler = "a".repeat(filler_bytes);
+        conn.send(
+            format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        conn.read_response().unwrap().status
+    };
+    assert_eq!(status_for_a_head_of(600 << 10), 200);
     // And one over it is still 431.
-    let mut conn = client.connect().unwrap();
-    let filler = "a".repeat(1 << 20);
-    conn.send(
-        format!("GET /v1/keys HTTP/1.1\r\nhost: localhost\r\nx-filler: {filler}\r\n\r\n")
-            .as_bytes(),
-    )
-    .unwrap();
-    assert_eq!(conn.read_response().unwrap().status, 431);
+    assert_eq!(status_for_a_head_of(1 << 20), 431);
 }
 
 /// A peer that sends requests and never reads the responses cannot keep its
