@@ -57,11 +57,15 @@ pub enum KeyError {
     /// key for it before: the store listed a key the token had lost, or
     /// that was removed outside lavd, while it was retained.
     #[error(
-        "escrow key {0:?}: destroyed and logged, but the token held no private key for it \
+        "escrow key {0}: destroyed and logged, but the token held no private key for it \
          before this destruction: it was removed or lost outside lavd while the store listed \
          it (look at the token's own log; envelopes of it were denied key_destroyed since)"
     )]
     MissingBeforeDestruction(String),
+    /// `keys destroy --expired`: every due key was destroyed, but these
+    /// were missing from the token before (each reported before).
+    #[error("destroyed, but missing from the token before their destruction: {0}")]
+    LostBeforeDestruction(String),
     /// `keys destroy --expired`: these keys were not all destroyed (each
     /// reported before, with its code).
     #[error("could not destroy: {0}")]
@@ -93,7 +97,9 @@ impl KeyError {
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
-            KeyError::MissingBeforeDestruction(_) => "key_missing_before_destruction",
+            KeyError::MissingBeforeDestruction(_) | KeyError::LostBeforeDestruction(_) => {
+                "key_missing_before_destruction"
+            }
             KeyError::DestroyIncomplete(_) => "destroy_incomplete",
             KeyError::ListIncomplete(_) => "keys_unreadable",
             KeyError::Audit(_) => "internal_error",

@@ -149,6 +149,9 @@ fn a_key_destroyed_before_the_derive_of_a_cached_handle_is_key_destroyed() {
     });
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(vault::statuses(&reply.json()), ["key_destroyed"]);
+    // lavd destroyed it: no line says it was lost outside lavd.
+    let stderr = setup.daemon.stderr();
+    assert!(!stderr.contains("holds no private key for it"), "{stderr}");
     // Nothing was spent: of the 3 units, the warm-ups spent 2 and 1 is left.
     let r = unwrap(&seal("E-1", "after"));
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());

@@ -308,6 +308,13 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
         .destroy_object(find_private_key(&session, "2020-02").unwrap())
         .unwrap();
     drop(session);
+    // A session that sees no private key at all, not even the audit key,
+    // cannot tell a lost key from an unreadable token: nothing is recorded.
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    let stderr = assert_fails_with(&out, 1, "hsm_unavailable");
+    assert!(stderr.contains("not even the audit key"), "{stderr}");
+    // With the audit key on the token, as on any token a daemon serves:
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
     let stderr = assert_fails_with(&out, 1, "key_missing_before_destruction");
     assert!(
@@ -315,11 +322,12 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
         "{stderr}"
     );
     assert!(stderr.contains("held no private key for it"), "{stderr}");
-    // The job's last line has its own code.
+    // The job's last line names it as destroyed, not as a failure.
     assert!(
-        stderr
-            .trim_end()
-            .ends_with("lavd: destroy_incomplete: could not destroy: 2020-02"),
+        stderr.trim_end().ends_with(
+            "lavd: key_missing_before_destruction: destroyed, but missing from the token \
+             before their destruction: 2020-02"
+        ),
         "{stderr}"
     );
     // Recorded: the next run has nothing left to do, and says nothing.
@@ -327,6 +335,27 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
     assert_ok(&again);
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(!said.contains("2020-02"), "{said}");
+
+    // Destroyed by its kid: the same refusal, once recorded.
+    generate_past_retention_as(&t, "2020-03");
+    let session = t.session();
+    session
+        .destroy_object(find_private_key(&session, "2020-03").unwrap())
+        .unwrap();
+    drop(session);
+    let out = t.lavd_with_config(&["keys", "destroy", "--kid", "2020-03"]);
+    let stderr = assert_fails_with(&out, 1, "key_missing_before_destruction");
+    assert!(
+        stderr.contains("escrow key 2020-03 destroyed (retention)"),
+        "{stderr}"
+    );
+    let listing = assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("2020-03\t") && l.contains("\tdestroyed ")),
+        "{listing}"
+    );
 }
 
 /// Two retention jobs at once (OPERATIONS allows it: a racing second

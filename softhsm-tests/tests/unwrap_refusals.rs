@@ -390,7 +390,6 @@ fn each_envelope_is_denied_for_its_own_reason_and_only_opened_ones_spend() {
     assert!(refused.is_empty(), "{refused:?}");
 }
 
-/// One fresh envelope for `TARGET` under `E-1` with `warrant`.
 /// A key the store lists as retained whose private half the token lost
 /// (removed by another PKCS#11 application, a vendor tool, an HSM policy):
 /// its envelopes are denied `key_destroyed`, the others of the batch open,
@@ -442,6 +441,7 @@ fn a_retained_key_the_token_lost_is_denied_and_named_once() {
     );
 }
 
+/// One fresh envelope for `TARGET` under `E-1` with `warrant`.
 fn one(s: &Setup, warrant: &serde_json::Value) -> serde_json::Value {
     let escrow = vault::published_key(&s.c.provider, "E-1");
     let envelope = vault::seal(

@@ -376,7 +376,7 @@ fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Resul
     let page = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
     Ok(!page["entries"]
         .as_array()
-        .ok_or_else(|| super::Refused::new("malformed_reply", "no entries in the reply"))?
+        .ok_or_else(|| super::Refused::new("unexpected_reply", "no entries in the reply"))?
         .is_empty())
 }
 
@@ -390,7 +390,7 @@ fn fetch_export(
 ) -> anyhow::Result<Export> {
     let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
         .as_str()
-        .ok_or_else(|| super::Refused::new("malformed_reply", "no checkpoint in the reply"))?
+        .ok_or_else(|| super::Refused::new("unexpected_reply", "no checkpoint in the reply"))?
         .to_string();
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
@@ -404,16 +404,20 @@ fn fetch_export(
         let page = client.get_json(&format!("/v1/audit/entries?start={start}&end={end}"))?;
         let items = page["entries"]
             .as_array()
-            .ok_or_else(|| super::Refused::new("malformed_reply", "no entries in the reply"))?;
+            .ok_or_else(|| super::Refused::new("unexpected_reply", "no entries in the reply"))?;
         if items.is_empty() {
             break; // the verifier reports the missing entries
         }
         for item in items {
-            entries.push(
-                serde_json::from_value(item.clone()).map_err(|e| {
-                    super::Refused::new("malformed_reply", format!("an entry: {e}"))
-                })?,
-            );
+            entries.push(serde_json::from_value(item.clone()).map_err(|e| {
+                super::Refused::new(
+                    "unexpected_reply",
+                    format!(
+                        "an entry: {}",
+                        crate::codec::escape_for_terminal(&e.to_string())
+                    ),
+                )
+            })?);
         }
         start += items.len() as u64;
     }
@@ -497,15 +501,22 @@ fn mirror(
         }
     };
     // Every tile is verified: the new ones move into place, their
-    // directories are synced (so that a crash cannot leave the new
-    // checkpoint on disk without the tiles it covers), then the checkpoint.
+    // directories and every directory above them up to the mirror's are
+    // synced (so that a crash cannot leave the new checkpoint on disk
+    // without the tiles it covers, nor the directories that hold them),
+    // then the checkpoint.
     let mut moved_into = std::collections::BTreeSet::new();
     for path in state.staged.borrow().iter() {
         let file = dir.join(path);
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
-            moved_into.insert(parent.to_path_buf());
+            for above in parent.ancestors() {
+                moved_into.insert(above.to_path_buf());
+                if above == dir {
+                    break;
+                }
+            }
         }
         std::fs::rename(incoming.join(path), &file)
             .with_context(|| format!("moving {} into place", file.display()))?;

@@ -388,7 +388,16 @@ impl Client {
     /// [`HttpsError`] when the reply breaks the [`Limits`].
     pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
         let body = self.get_bytes(path)?;
-        serde_json::from_slice(&body).context("the reply is not JSON")
+        serde_json::from_slice(&body).map_err(|e| {
+            super::Refused::new(
+                "unexpected_reply",
+                format!(
+                    "the reply is not JSON: {}",
+                    crate::codec::escape_for_terminal(&e.to_string())
+                ),
+            )
+            .into()
+        })
     }
 
     /// GETs `path` and returns the body of a 200 reply as it came (a tile,

@@ -183,13 +183,15 @@ impl KeysCommand {
                     let destroyed = keys::destroy(&hsm, &store, &kid, reason, now)?;
                     report(&destroyed.record);
                     if destroyed.missing_before {
-                        return Err(keys::KeyError::MissingBeforeDestruction(kid).into());
+                        return Err(keys::KeyError::MissingBeforeDestruction(shown(&kid)).into());
                     }
                 } else if expired {
                     // The daily job: destroy every key past retention, and
                     // finish any destruction a crash interrupted. One failing
                     // key does not stop the others.
                     let mut failed = Vec::new();
+                    // Destroyed, but the token had lost them before.
+                    let mut lost = Vec::new();
                     let due = keys::due_for_destruction(&store, now)?;
                     // A row that cannot be read: whether it is due is not
                     // known, so it is reported and the job fails, after the
@@ -202,9 +204,9 @@ impl KeysCommand {
                             Ok(destroyed) => {
                                 report(&destroyed.record);
                                 if destroyed.missing_before {
-                                    let e = keys::KeyError::MissingBeforeDestruction(k.kid.clone());
+                                    let e = keys::KeyError::MissingBeforeDestruction(shown(&k.kid));
                                     eprintln!("lavd: {}: {e}", e.code());
-                                    failed.push(shown(&k.kid));
+                                    lost.push(shown(&k.kid));
                                 }
                             }
                             Err(e) => {
@@ -247,6 +249,9 @@ impl KeysCommand {
                     }
                     if !failed.is_empty() {
                         return Err(keys::KeyError::DestroyIncomplete(failed.join(", ")).into());
+                    }
+                    if !lost.is_empty() {
+                        return Err(keys::KeyError::LostBeforeDestruction(lost.join(", ")).into());
                     }
                 }
             }

@@ -120,6 +120,14 @@ pub enum HsmError {
         /// The deadline.
         after: std::time::Duration,
     },
+    /// A logged-in session finds no private key at all on the token, not
+    /// even the audit key: its object store cannot be read (a session that
+    /// silently lost its login, a token whose storage vanished), so
+    /// "absent" would mean nothing.
+    #[error(
+        "the token shows no private key at all, not even the audit key: its objects cannot be read"
+    )]
+    TokenUnreadable,
     /// The blocking pool that runs HSM work is gone (shutdown).
     #[error("HSM worker task failed: {0}")]
     Worker(String),

@@ -279,15 +279,29 @@ impl Hsm {
     /// How many of our private keys (`CKA_PRIVATE`) the token holds under
     /// escrow key `kid`'s label, seen from a new session: 0 when it has
     /// none, 2 or more when a second pair is there (which
-    /// [`Hsm::escrow_key_present`] refuses as ambiguous).
+    /// [`Hsm::escrow_key_present`] refuses as ambiguous). None is believed
+    /// only from a session that sees some private key (a lavd token always
+    /// holds the audit key).
     ///
     /// # Errors
-    /// The failing PKCS#11 call.
+    /// [`HsmError::TokenUnreadable`] when the session sees no private key
+    /// at all; the failing PKCS#11 call.
     pub fn escrow_private_keys(&self, kid: &str) -> Result<usize, HsmError> {
         let label = escrow_label(kid);
         let _shared = self.shared("escrow_private_keys")?;
         let session = self.unpooled_session()?;
-        Ok(private_objects(&session, ObjectClass::PRIVATE_KEY, &label)?.len())
+        let ours = private_objects(&session, ObjectClass::PRIVATE_KEY, &label)?.len();
+        if ours == 0
+            && session
+                .find_objects(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::Private(true),
+                ])?
+                .is_empty()
+        {
+            return Err(HsmError::TokenUnreadable);
+        }
+        Ok(ours)
     }
 
     /// Computes the P-256 ECDH shared secret (the x coordinate, 32 bytes) of

@@ -494,7 +494,8 @@ pub fn unwrap(
     let mut hsm_failure = None;
     // Whether the token still finds the audit key, asked once per request.
     let mut token_sound = None;
-    // Keys the store lists as live that the token lacks, said once each.
+    // Keys the token lacks, looked at once each (and said, if the store
+    // still lists them as live).
     let mut lost_kids: Vec<String> = Vec::new();
     for (at, outcome) in positions.into_iter().zip(outcomes) {
         let release = match outcome {
@@ -524,15 +525,26 @@ pub fn unwrap(
                 });
                 if sound {
                     let kid = envelope.header().kid();
+                    // Not when lavd destroyed it meanwhile: a destruction
+                    // writes the store before the token, so a row still
+                    // live (and in retention) is a loss outside lavd.
+                    let live =
+                        || {
+                            ctx.store.get_key(kid).ok().flatten().is_some_and(|k| {
+                                k.destroyed_at.is_none() && clock() <= k.destroy_after
+                            })
+                        };
                     if !lost_kids.iter().any(|k| k == kid) {
-                        tracing::error!(
-                            kid = %crate::codec::escape_for_terminal(kid),
-                            "the store lists this escrow key as retained, but the token holds no \
-                             private key for it: it was removed or lost outside lavd (an older \
-                             store backup restored, a vendor tool, an HSM policy); its envelopes \
-                             are denied key_destroyed"
-                        );
                         lost_kids.push(kid.to_string());
+                        if live() {
+                            tracing::error!(
+                                kid = %crate::codec::escape_for_terminal(kid),
+                                "the store lists this escrow key as retained, but the token holds \
+                                 no private key for it: it was removed or lost outside lavd (an \
+                                 older store backup restored, a vendor tool, an HSM policy); its \
+                                 envelopes are denied key_destroyed"
+                            );
+                        }
                     }
                     Release::Denied(DenyReason::KeyDestroyed)
                 } else {
