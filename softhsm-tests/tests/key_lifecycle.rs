@@ -22,6 +22,15 @@ fn find_private_key(
     found.first().copied()
 }
 
+/// Deletes escrow key `kid`'s private half from the token behind lavd's
+/// back, as a vendor tool or an HSM policy could.
+fn lose_private_key(t: &TestToken, kid: &str) {
+    let session = t.session();
+    session
+        .destroy_object(find_private_key(&session, kid).unwrap())
+        .unwrap();
+}
+
 /// Whether the private key is on the token, seen from a new session.
 fn private_key(t: &TestToken, kid: &str) -> Option<cryptoki::object::ObjectHandle> {
     find_private_key(&t.session(), kid)
@@ -303,11 +312,7 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
     // the retention job destroys and logs it, and fails naming the loss,
     // instead of reporting an ordinary destruction.
     generate_past_retention_as(&t, "2020-02");
-    let session = t.session();
-    session
-        .destroy_object(find_private_key(&session, "2020-02").unwrap())
-        .unwrap();
-    drop(session);
+    lose_private_key(&t, "2020-02");
     // A session that sees no private key at all, not even the audit key,
     // cannot tell a lost key from an unreadable token: nothing is recorded.
     let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
@@ -338,11 +343,7 @@ fn retention_destroy_succeeds_once_the_date_has_passed() {
 
     // Destroyed by its kid: the same refusal, once recorded.
     generate_past_retention_as(&t, "2020-03");
-    let session = t.session();
-    session
-        .destroy_object(find_private_key(&session, "2020-03").unwrap())
-        .unwrap();
-    drop(session);
+    lose_private_key(&t, "2020-03");
     let out = t.lavd_with_config(&["keys", "destroy", "--kid", "2020-03"]);
     let stderr = assert_fails_with(&out, 1, "key_missing_before_destruction");
     assert!(
