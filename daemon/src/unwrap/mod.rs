@@ -243,6 +243,10 @@ fn batch(envelopes: &RawValue, max: usize) -> Result<(Vec<&RawValue>, usize), Un
         })
 }
 
+/// Lines saying that the token lacks a key the store lists as live.
+static LOST_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
+
 /// One envelope's fate before the HSM.
 enum Plan {
     Denied {
@@ -536,9 +540,14 @@ pub fn unwrap(
                         };
                     if !lost_kids.iter().any(|k| k == kid) {
                         lost_kids.push(kid.to_string());
-                        if live() {
+                        // An agency can send such envelopes as fast as
+                        // its rate limit lets it: a line a second per key,
+                        // counting the rest.
+                        let admitted = || LOST_KEY_LINES.admit(kid, std::time::Instant::now());
+                        if let Some(left_out) = live().then(admitted).flatten() {
                             tracing::error!(
                                 kid = %crate::codec::escape_for_terminal(kid),
+                                left_out,
                                 "the store lists this escrow key as retained, but the token holds \
                                  no private key for it: it was removed or lost outside lavd (an \
                                  older store backup restored, a vendor tool, an HSM policy); its \
