@@ -45,12 +45,13 @@ fn tampering_in_sqlite_is_detected_and_located() {
     let honest = t.path("honest.json");
     let checkpoint = t.path("checkpoint");
     assert_ok(&t.lavd_with_config(&["audit", "export", "--out", honest.to_str().unwrap()]));
-    let out = assert_ok(&t.lavd(&[
-        "audit",
-        "verify",
-        "--key",
-        vkey.trim(),
-        "--export",
+    // `lavd audit verify --key KEY --export FILE [more]`.
+    let verify_export = |args: &[&str]| {
+        let mut all = vec!["audit", "verify", "--key", vkey.trim(), "--export"];
+        all.extend_from_slice(args);
+        t.lavd(&all)
+    };
+    let out = assert_ok(&verify_export(&[
         honest.to_str().unwrap(),
         "--save-checkpoint",
         checkpoint.to_str().unwrap(),
@@ -104,12 +105,7 @@ fn tampering_in_sqlite_is_detected_and_located() {
 
         let export = t.path(&format!("{}.json", case.name));
         assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]));
-        let verify = t.lavd(&[
-            "audit",
-            "verify",
-            "--key",
-            vkey.trim(),
-            "--export",
+        let verify = verify_export(&[
             export.to_str().unwrap(),
             "--checkpoint",
             checkpoint.to_str().unwrap(),
@@ -119,14 +115,7 @@ fn tampering_in_sqlite_is_detected_and_located() {
     }
     // An export that is no file is refused at once, not read until memory
     // runs out.
-    let verify = t.lavd(&[
-        "audit",
-        "verify",
-        "--key",
-        vkey.trim(),
-        "--export",
-        "/dev/zero",
-    ]);
+    let verify = verify_export(&["/dev/zero"]);
     let stderr = assert_fails_with(&verify, 1, "input_unreadable");
     assert!(stderr.contains("/dev/zero: not a regular file"), "{stderr}");
 }
