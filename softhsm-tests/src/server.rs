@@ -1056,3 +1056,71 @@ pub fn set_read_timeout(conn: &mut TlsConn, timeout: Duration) {
 pub fn path_str(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_string()
 }
+
+/// A TCP connection to `to` from the loopback address `from` (any of
+/// 127.0.0.0/8 on Linux), for tests of bounds kept per client address.
+pub fn tcp_from(from: std::net::Ipv4Addr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    use rustix::net::{AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    rustix::net::bind(&fd, &SocketAddr::from((from, 0)))?;
+    rustix::net::connect(&fd, &to)?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Whether the server closes `tcp` (EOF or a reset) within `within`,
+/// without sending anything.
+pub fn closed_unanswered(tcp: &mut TcpStream, within: Duration) -> bool {
+    tcp.set_read_timeout(Some(within)).expect("read timeout");
+    let mut buf = [0u8; 16];
+    match tcp.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Asserts that `addr` (a listener of `daemon`) holds at most `per_ip`
+/// connections from one address, counted before the handshake:
+/// - with `per_ip` silent connections held from 127.0.0.1, one more from
+///   there is closed unanswered, and the `refused` series reaches 1;
+/// - meanwhile 127.0.0.2 is served (`served` makes one request over a
+///   fresh TCP connection and returns its status);
+/// - once the held ones close, 127.0.0.1 is served again.
+pub fn assert_connections_bounded_per_address(
+    daemon: &Daemon,
+    addr: SocketAddr,
+    per_ip: usize,
+    refused: &str,
+    served: impl Fn(TcpStream) -> u16,
+) {
+    let here = std::net::Ipv4Addr::new(127, 0, 0, 1);
+    let elsewhere = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let held: Vec<TcpStream> = (0..per_ip)
+        .map(|_| tcp_from(here, addr).expect("connect"))
+        .collect();
+    let mut one_more = tcp_from(here, addr).expect("connect");
+    assert!(
+        closed_unanswered(&mut one_more, Duration::from_secs(5)),
+        "a connection over the per-address bound was not closed"
+    );
+    assert_eq!(daemon.wait_metric(refused, 1.0), 1.0, "{refused}");
+    assert_eq!(
+        served(tcp_from(elsewhere, addr).expect("connect")),
+        200,
+        "another address is served"
+    );
+    drop(held);
+    // The daemon sees them close at its next read of each.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = served(tcp_from(here, addr).expect("connect"));
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "127.0.0.1 not served again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -109,6 +109,25 @@ fn connections_beyond_the_cap_wait_for_a_free_slot() {
 }
 
 #[test]
+fn one_address_cannot_hold_every_api_connection() {
+    let (_t, pki, daemon) =
+        start("max_connections = 8\nmax_connections_per_ip = 2\nhandshake_timeout_secs = 60\n");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    softhsm_tests::server::assert_connections_bounded_per_address(
+        &daemon,
+        daemon.api,
+        2,
+        "lavd_tls_handshake_failures_total{reason=\"peer_connection_limit\"}",
+        |tcp| match client.connect_over(tcp) {
+            Ok(mut conn) => conn
+                .request("GET", "/v1/keys", &[], None)
+                .map_or(0, |r| r.status),
+            Err(_) => 0,
+        },
+    );
+}
+
+#[test]
 fn an_oversized_request_head_is_431_and_closes_the_connection() {
     let (_t, pki, daemon) = start("max_header_bytes = 4096\n");
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));

@@ -281,3 +281,34 @@ fn without_the_table_there_is_no_public_listener() {
     let daemon = Daemon::start(&t);
     assert_eq!(daemon.public_log, None);
 }
+
+#[test]
+fn one_address_cannot_hold_every_public_connection() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "{}\n[limits]\nhandshake_timeout_secs = 60\n\n\
+         [audit.public]\nlisten = \"127.0.0.1:0\"\nmax_connections_per_ip = 3\n",
+        vault::roles_toml()
+    )));
+    let daemon = Daemon::start(&t);
+    let public = daemon.public_log.expect("a public listener");
+    let anyone = Client::new(public, &pki.servers, None, &[&rustls::version::TLS13]);
+    softhsm_tests::server::assert_connections_bounded_per_address(
+        &daemon,
+        public,
+        3,
+        "lavd_public_tls_handshake_failures_total{reason=\"peer_connection_limit\"}",
+        |tcp| match anyone.connect_over(tcp) {
+            Ok(mut conn) => conn
+                .request("GET", "/v1/log/checkpoint", &[], None)
+                .map_or(0, |r| r.status),
+            Err(_) => 0,
+        },
+    );
+    // The API's own metric family is untouched.
+    assert_eq!(
+        daemon.metric("lavd_tls_handshake_failures_total{reason=\"peer_connection_limit\"}"),
+        0.0
+    );
+}

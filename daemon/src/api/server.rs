@@ -7,7 +7,10 @@
 //! backlog rather than costing a task and a handshake), a handshake
 //! deadline, a header-read deadline that starts with the first byte of a
 //! request head, and an idle deadline for keep-alive connections with no
-//! request in flight.
+//! request in flight. Optionally, at most so many connections from one
+//! peer (an IPv4 address or an IPv6 /64, [`super::ratelimit::peer_key`]):
+//! one more is closed as soon as it is accepted, before its handshake
+//! ([`PeerBound`]), so that one address cannot hold every slot.
 //!
 //! Early answers: a reply sent before its request's body was read (413,
 //! 429, 408, a refused identity…) is marked `Connection: close`, and the rest
@@ -204,7 +207,10 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError>
 }
 
 /// Starts an API listener: the mutual-TLS API, or the public log listener,
-/// as `api.access` says, with at most `max_connections` at once.
+/// as `api.access` says, with at most `max` connections at once and at
+/// most `per_peer` from one peer. A connection closed for being over
+/// `per_peer` counts as a failed handshake with reason
+/// `peer_connection_limit`, in that listener's metric family.
 ///
 /// # Errors
 /// [`ServeError::Bind`].
@@ -212,14 +218,95 @@ pub async fn serve_api(
     api: Arc<Api>,
     addr: SocketAddr,
     max: usize,
+    per_peer: usize,
 ) -> Result<Listener, ServeError> {
     let (listener, local_addr) = bind(addr).await?;
+    let metrics = api.state.metrics.clone();
+    let public = matches!(api.access, Access::Public(_));
+    let bound = PeerBound {
+        max: per_peer,
+        refused: Arc::new(move || {
+            if public {
+                metrics.public_tls_handshake_failure(PEER_CONNECTION_LIMIT);
+            } else {
+                metrics.tls_handshake_failure(PEER_CONNECTION_LIMIT);
+            }
+        }),
+    };
     Ok(spawn_accept_loop(
         listener,
         local_addr,
         max,
+        Some(bound),
         move |tcp, remote, stop| api_connection(api.clone(), tcp, remote, stop),
     ))
+}
+
+/// The reason, in the handshake-failure metrics and lines, of a connection
+/// closed because its peer already held [`PeerBound::max`].
+pub const PEER_CONNECTION_LIMIT: &str = "peer_connection_limit";
+
+/// At most `max` connections at once from one peer: an IPv4 address, or an
+/// IPv6 /64 ([`super::ratelimit::peer_key`], the key of the public rate
+/// limits). One more is closed as soon as it is accepted, before any
+/// handshake, and `refused` is called (for a metric); a line says so, at
+/// most once a second.
+#[derive(Clone)]
+pub struct PeerBound {
+    /// Most connections from one peer.
+    pub max: usize,
+    /// Called for each connection closed for being over `max`.
+    pub refused: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for PeerBound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerBound")
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The connections each peer holds, under a [`PeerBound`].
+struct PeerCounts {
+    bound: PeerBound,
+    held: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl PeerCounts {
+    /// A slot for a connection from `ip`, or None if its peer holds the
+    /// most it may.
+    fn enter(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let key = super::ratelimit::peer_key(ip);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let count = held.entry(key.clone()).or_insert(0);
+        if *count >= self.bound.max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One connection's place in [`PeerCounts`], given back when dropped.
+struct PeerSlot {
+    counts: Arc<PeerCounts>,
+    key: String,
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut held = self.counts.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = held.get_mut(&self.key) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Starts a plain-HTTP listener (the admin endpoints) answering every
@@ -238,6 +325,7 @@ pub async fn serve_plain(
         listener,
         local_addr,
         max_connections,
+        None,
         move |tcp, _remote, stop| plain_connection(router.clone(), tcp, timeouts, stop),
     ))
 }
@@ -289,14 +377,16 @@ pub type PublicHandler = Arc<
 
 /// Starts a TLS listener that asks for no client certificate (a witness,
 /// which anyone may call), with the API's connection bounds: at most
-/// `max_connections`, the handshake, header and idle deadlines of
-/// `timeouts`, heads of at most `max_header_bytes`.
+/// `max_connections`, at most `per_peer.max` from one peer, the handshake,
+/// header and idle deadlines of `timeouts`, heads of at most
+/// `max_header_bytes`.
 ///
 /// # Errors
 /// [`ServeError::Bind`].
 pub async fn serve_public_tls(
     addr: SocketAddr,
     max_connections: usize,
+    per_peer: PeerBound,
     timeouts: Timeouts,
     max_header_bytes: usize,
     tls: Arc<rustls::ServerConfig>,
@@ -308,6 +398,7 @@ pub async fn serve_public_tls(
         listener,
         local_addr,
         max_connections,
+        Some(per_peer),
         move |tcp, remote, stop| {
             public_connection(
                 acceptor.clone(),
@@ -362,6 +453,7 @@ fn spawn_accept_loop<F, Fut>(
     listener: TcpListener,
     local_addr: SocketAddr,
     max_connections: usize,
+    per_peer: Option<PeerBound>,
     connection: F,
 ) -> Listener
 where
@@ -373,6 +465,7 @@ where
     let task = tokio::spawn(accept_loop(
         listener,
         max_connections,
+        per_peer,
         connection,
         stop_rx,
         abort.clone(),
@@ -390,6 +483,7 @@ where
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     max_connections: usize,
+    per_peer: Option<PeerBound>,
     connection: F,
     mut stop: watch::Receiver<bool>,
     abort: Arc<Notify>,
@@ -399,6 +493,12 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(max_connections));
+    let peers = per_peer.map(|bound| {
+        Arc::new(PeerCounts {
+            bound,
+            held: Default::default(),
+        })
+    });
     let mut connections = JoinSet::new();
     loop {
         while let Some(done) = connections.try_join_next() {
@@ -425,10 +525,35 @@ where
                 }
             },
         };
+        let slot = match &peers {
+            None => None,
+            Some(peers) => match peers.enter(remote.ip()) {
+                Some(slot) => Some(slot),
+                None => {
+                    (peers.bound.refused)();
+                    if let Some(left_out) =
+                        HANDSHAKE_LINES.admit(PEER_CONNECTION_LIMIT, std::time::Instant::now())
+                    {
+                        tracing::info!(
+                            %remote,
+                            reason = PEER_CONNECTION_LIMIT,
+                            max = peers.bound.max,
+                            left_out,
+                            "connection closed: its address already holds the most connections \
+                             one address may"
+                        );
+                    }
+                    // Closed at once: no task, no handshake.
+                    drop(tcp);
+                    continue;
+                }
+            },
+        };
         let _ = tcp.set_nodelay(true);
         let conn = connection(tcp, remote, stop.clone());
         connections.spawn(async move {
             conn.await;
+            drop(slot);
             drop(permit);
         });
     }

@@ -160,7 +160,13 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
         router: pipeline::router(routes::routes(state.clone())),
         access: Access::Mutual,
     });
-    let api = server::serve_api(api, startup.server.listen, state.limits.max_connections).await?;
+    let api = server::serve_api(
+        api,
+        startup.server.listen,
+        state.limits.max_connections,
+        state.limits.max_connections_per_ip,
+    )
+    .await?;
     let public = match &startup.audit.public {
         None => None,
         Some(p) => {
@@ -172,7 +178,10 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
                     p.rate_limit_burst,
                 )),
             });
-            Some(server::serve_api(api, p.listen, p.max_connections).await?)
+            Some(
+                server::serve_api(api, p.listen, p.max_connections, p.max_connections_per_ip)
+                    .await?,
+            )
         }
     };
     let readiness = Arc::new(Readiness::new(state.clone()));

@@ -231,6 +231,10 @@ async fn run(
     let listener = server::serve_public_tls(
         server_settings.listen,
         limits.max_connections,
+        server::PeerBound {
+            max: limits.max_connections_per_ip,
+            refused: std::sync::Arc::new(|| {}),
+        },
         timeouts,
         limits.max_header_bytes,
         tls,

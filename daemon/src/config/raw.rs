@@ -88,6 +88,7 @@ pub struct RawLimits {
     pub(super) body_read_timeout_secs: Option<u64>,
     pub(super) idle_timeout_secs: Option<u64>,
     pub(super) max_connections: Option<u64>,
+    pub(super) max_connections_per_ip: Option<u64>,
     pub(super) rate_limit_per_second: Option<f64>,
     pub(super) rate_limit_burst: Option<u64>,
 }
@@ -172,6 +173,7 @@ pub struct RawAudit {
 pub struct RawPublicLog {
     pub(super) listen: String,
     pub(super) max_connections: Option<u64>,
+    pub(super) max_connections_per_ip: Option<u64>,
     pub(super) rate_limit_per_second: Option<u64>,
     pub(super) rate_limit_burst: Option<u64>,
 }

@@ -46,6 +46,10 @@ pub struct PublicLogSettings {
     pub listen: SocketAddr,
     /// Most simultaneous connections (`max_connections`, default 256).
     pub max_connections: usize,
+    /// Most simultaneous connections from one IPv4 address or IPv6 /64
+    /// (`max_connections_per_ip`, default 32, at most `max_connections`);
+    /// one more is closed before its handshake.
+    pub max_connections_per_ip: usize,
     /// Sustained requests per second from one IP address
     /// (`rate_limit_per_second`, default 50).
     pub rate_limit_per_second: u32,
@@ -133,6 +137,11 @@ pub struct Limits {
     /// Most simultaneous API connections; more wait in the listen backlog
     /// (`max_connections`, default 1024).
     pub max_connections: usize,
+    /// Most simultaneous connections from one IPv4 address or IPv6 /64
+    /// (`max_connections_per_ip`, default `max_connections`, i.e. no bound
+    /// of its own): one more is closed before its handshake, so that
+    /// whoever can reach the port from one address cannot hold every slot.
+    pub max_connections_per_ip: usize,
     /// Sustained requests per second allowed to one identity
     /// (`rate_limit_per_second`, default 20).
     pub rate_limit_per_second: f64,
@@ -175,6 +184,7 @@ impl Default for Limits {
             body_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_connections_per_ip: 1024,
             rate_limit_per_second: 20.0,
             rate_limit_burst: 40,
         }
@@ -298,13 +308,21 @@ impl Validator<'_> {
             self.count(field, value, default, 1..=100_000)
                 .and_then(|n| u32::try_from(n).map_err(|_| self.err(field, "too large")))
         };
+        let max_connections = self.count(
+            "audit.public.max_connections",
+            raw.max_connections,
+            256,
+            1..=100_000,
+        )?;
         Ok(PublicLogSettings {
             listen: self.socket_addr("audit.public.listen", Some(raw.listen), DEFAULT_LISTEN)?,
-            max_connections: self.count(
+            max_connections,
+            max_connections_per_ip: self.per_ip_connections(
+                "audit.public.max_connections_per_ip",
+                raw.max_connections_per_ip,
+                32.min(max_connections),
+                max_connections,
                 "audit.public.max_connections",
-                raw.max_connections,
-                256,
-                1..=100_000,
             )?,
             rate_limit_per_second: per_ip(
                 "audit.public.rate_limit_per_second",
@@ -418,6 +436,12 @@ impl Validator<'_> {
             d.rate_limit_burst as usize,
             1..=1_000_000,
         )?;
+        let max_connections = self.count(
+            "limits.max_connections",
+            raw.max_connections,
+            d.max_connections,
+            1..=100_000,
+        )?;
         let max_body_bytes = self.count(
             "limits.max_body_bytes",
             raw.max_body_bytes,
@@ -513,16 +537,40 @@ impl Validator<'_> {
                 d.idle_timeout,
                 3600,
             )?,
-            max_connections: self.count(
+            max_connections,
+            max_connections_per_ip: self.per_ip_connections(
+                "limits.max_connections_per_ip",
+                raw.max_connections_per_ip,
+                max_connections,
+                max_connections,
                 "limits.max_connections",
-                raw.max_connections,
-                d.max_connections,
-                1..=100_000,
             )?,
             rate_limit_per_second: rate,
             rate_limit_burst: u32::try_from(burst)
                 .map_err(|_| self.err("limits.rate_limit_burst", "too large"))?,
         })
+    }
+
+    /// A per-address connection bound: 1 to `max` (the listener's own
+    /// bound, named `max_field`), `default` when unset.
+    fn per_ip_connections(
+        &self,
+        field: &str,
+        value: Option<u64>,
+        default: usize,
+        max: usize,
+        max_field: &str,
+    ) -> Result<usize, ConfigError> {
+        let n = self.count(field, value, default, 1..=100_000)?;
+        if n > max {
+            return Err(self.err(
+                field,
+                format!(
+                    "must not exceed {max_field} ({max}), the bound on all connections; it is {n}"
+                ),
+            ));
+        }
+        Ok(n)
     }
 
     pub(super) fn log(&self, raw: RawLog) -> Result<LogSettings, ConfigError> {

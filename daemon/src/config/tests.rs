@@ -161,6 +161,20 @@ fn roles_map_identities_to_known_roles() {
 }
 
 #[test]
+fn per_address_connection_bounds_default_to_the_listeners_own() {
+    let s = load(&format!("{GOOD}{TLS}[limits]\nmax_connections = 50\n"), &[]).unwrap();
+    assert_eq!(s.limits.max_connections_per_ip, 50);
+    let public = |extra: &str| {
+        let text = format!("{GOOD}{TLS}[audit.public]\nlisten = \"127.0.0.1:9443\"\n{extra}");
+        let s = load(&text, &[]).unwrap();
+        s.audit.public.unwrap().max_connections_per_ip
+    };
+    assert_eq!(public(""), 32);
+    assert_eq!(public("max_connections = 10\n"), 10);
+    assert_eq!(public("max_connections_per_ip = 5\n"), 5);
+}
+
+#[test]
 fn serve_table_refusals_name_the_field() {
     let cases: &[(&str, &str)] = &[
         ("[server]\nlisten = \"localhost:80\"\n", "server.listen"),
@@ -207,6 +221,18 @@ fn serve_table_refusals_name_the_field() {
             "limits.rate_limit_per_second",
         ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
+        (
+            "[limits]\nmax_connections = 10\nmax_connections_per_ip = 11\n",
+            "limits.max_connections_per_ip",
+        ),
+        (
+            "[limits]\nmax_connections_per_ip = 0\n",
+            "limits.max_connections_per_ip",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nmax_connections = 8\nmax_connections_per_ip = 9\n",
+            "audit.public.max_connections_per_ip",
+        ),
         (
             "[limits]\nmax_warrant_bytes = 2097152\n",
             "limits.max_warrant_bytes",
