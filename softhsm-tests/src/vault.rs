@@ -355,6 +355,11 @@ pub struct Held {
 impl Held {
     /// Starts it, ready.
     pub fn new(kids: &[&str]) -> Self {
+        Self::with(kids, |config| config)
+    }
+
+    /// As [`Held::new`], with its config file's text edited by `edit`.
+    pub fn with(kids: &[&str], edit: impl FnOnce(String) -> String) -> Self {
         let t = TestToken::new();
         let pki = Pki::new(&t);
         let shim = crate::Shim::new(&t);
@@ -362,7 +367,11 @@ impl Held {
             &crate::shim_module_path(),
             2,
             "call_timeout_ms = 60000\n",
-            &format!("{}\n{}", shim.hsm_env(), serve_config(&roles_toml())),
+            &edit(format!(
+                "{}\n{}",
+                shim.hsm_env(),
+                serve_config(&roles_toml())
+            )),
         );
         for kid in kids {
             generate_escrow_key(&t, kid);

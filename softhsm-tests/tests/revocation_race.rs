@@ -10,7 +10,7 @@
 use std::time::{Duration as StdDuration, Instant};
 
 use softhsm_tests::server::{serve_config, Response};
-use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::vault::{self, Held, Parties, TARGET};
 use softhsm_tests::TestToken;
 use time::{Duration, OffsetDateTime};
 
@@ -258,4 +258,101 @@ fn no_key_opens_after_its_revocation_commits() {
     // checked where it matters, not only on requests refused whole.
     assert!(count(Seen::RevokedInFlight) > 0, "never caught in flight");
     assert!(count(Seen::OpenedBefore) > 0, "never committed first");
+}
+
+/// A revocation does not queue behind the agency's own unwraps: with
+/// `blocking_threads = 4` and room at the envelope gate for one envelope,
+/// one unwrap is held inside its HSM open (the fault module's `hang`) and
+/// four more wait for the gate, holding every blocking thread. The admin's
+/// revocation of their warrant is still answered at once, and each of them
+/// then releases nothing. Before, it ran on the blocking pool and waited
+/// behind them.
+#[test]
+fn a_revocation_is_not_queued_behind_unwraps_waiting_at_the_gate() {
+    let h = Held::with(&["E-1"], |config| {
+        config.replace(
+            "shutdown_grace_secs = 10\n",
+            "shutdown_grace_secs = 10\nblocking_threads = 4\n",
+        ) + "\n[limits]\nmax_envelopes_in_flight = 1\nrate_limit_per_second = 1000.0\n\
+             rate_limit_burst = 1000\n"
+    });
+    let escrow = vault::published_key(&h.c.provider, "E-1");
+    let recipient = vault::recipient();
+    let id = "W-REVOKED-BEHIND-THE-GATE";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 100));
+    let body =
+        serde_json::json!({"warrant": warrant, "envelopes": [h.seal(&escrow, "E-1", "held")]});
+    h.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    std::thread::scope(|s| {
+        let unwraps: Vec<_> = (0..5)
+            .map(|i| {
+                let body = &body;
+                let agency = &h.c.agency;
+                let shim = &h.shim;
+                let handle = s.spawn(move || vault::post(agency, "/v1/unwrap", body));
+                if i == 0 {
+                    let deadline = Instant::now() + StdDuration::from_secs(20);
+                    while shim.faults() == 0 {
+                        assert!(
+                            Instant::now() < deadline,
+                            "the first unwrap never reached the HSM"
+                        );
+                        std::thread::sleep(StdDuration::from_millis(20));
+                    }
+                }
+                handle
+            })
+            .collect();
+        // The other four reach the gate (a handshake and a body each).
+        std::thread::sleep(StdDuration::from_millis(1500));
+        // Answered within 5 s, or not at all.
+        let mut admin = h.c.admin.connect().expect("admin connection");
+        softhsm_tests::server::set_read_timeout(&mut admin, StdDuration::from_secs(5));
+        let revoked = admin.request(
+            "POST",
+            "/v1/warrants/revocations",
+            &[],
+            Some(
+                serde_json::json!({"id": id, "reason": "quashed"})
+                    .to_string()
+                    .as_bytes(),
+            ),
+        );
+        let answered_while_held = unwraps.iter().any(|u| u.is_finished());
+        // Let them go before any assertion, so that a failure ends the test.
+        h.shim.set("");
+        let revoked = revoked.expect("the revocation was not answered within 5 s");
+        assert_eq!(revoked.status, 200, "{}", revoked.text());
+        assert!(
+            !answered_while_held,
+            "an unwrap answered while the HSM was held"
+        );
+        let mut seen: Vec<String> = unwraps
+            .into_iter()
+            .map(|u| {
+                let r = u.join().unwrap();
+                match r.status {
+                    200 => vault::statuses(&r.json()).join(","),
+                    _ => {
+                        r.assert_error(403, "warrant_revoked");
+                        "warrant_revoked".to_string()
+                    }
+                }
+            })
+            .collect();
+        seen.sort();
+        // The held one's open is withdrawn at its commit; the rest are
+        // refused whole once they get their turn.
+        assert_eq!(
+            seen,
+            [
+                "warrant_revoked",
+                "warrant_revoked",
+                "warrant_revoked",
+                "warrant_revoked",
+                "warrant_revoked"
+            ],
+            "{seen:?}"
+        );
+    });
 }

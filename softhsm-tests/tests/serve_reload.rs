@@ -20,8 +20,9 @@ fn roles(list: &[&str]) -> String {
     s
 }
 
-/// Sends SIGHUP and waits for the reload cycle's notifications.
-fn reload(daemon: &Daemon) {
+/// Sends SIGHUP and waits for the reload cycle's notifications; returns
+/// the last (`READY=1` and its `STATUS=`).
+fn reload(daemon: &Daemon) -> String {
     daemon.signal(Signal::HUP);
     let reloading = daemon.expect_notify("RELOADING=1");
     assert!(
@@ -30,7 +31,7 @@ fn reload(daemon: &Daemon) {
             .is_some_and(|v| v.parse::<u64>().is_ok())),
         "{reloading}"
     );
-    daemon.expect_notify("READY=1");
+    daemon.expect_notify("READY=1")
 }
 
 #[test]
@@ -75,9 +76,18 @@ fn a_bad_reload_keeps_the_running_configuration() {
     t.write_config(&serve_config(&format!(
         "[roles]\n\"{LATE}\" = [\"superuser\"]\n"
     )));
-    reload(&daemon);
+    let ready = reload(&daemon);
+    // `systemctl status` says so until the next reload.
+    assert!(
+        ready.contains("; the last reload failed (roles."),
+        "{ready}"
+    );
     t.write_config(&serve_config(&roles(&[LATE])).replace("tls/server.key", "tls/missing.key"));
-    reload(&daemon);
+    let ready = reload(&daemon);
+    assert!(
+        ready.contains("; the last reload failed (tls.key)"),
+        "{ready}"
+    );
     assert_eq!(
         daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 2.0),
         2.0
@@ -98,7 +108,11 @@ fn a_bad_reload_keeps_the_running_configuration() {
 
     // A good file afterwards is applied.
     t.write_config(&serve_config(&roles(&[PROVIDER])));
-    reload(&daemon);
+    let ready = reload(&daemon);
+    assert!(
+        ready.contains("STATUS=serving api=") && !ready.contains("failed"),
+        "{ready}"
+    );
     conn.request("GET", "/v1/keys", &[], None)
         .unwrap()
         .assert_error(403, "forbidden");

@@ -1,6 +1,7 @@
 //! The `/v1` handlers beyond `/v1/keys`: unwrap, revocation and the audit
 //! endpoints (PROTOCOL §5, §4, §6). Each does its blocking work (HSM,
-//! SQLite) on the blocking pool through [`blocking`], and turns the domain
+//! SQLite) on the blocking pool through [`blocking`] (a revocation on a
+//! thread of its own, [`off_the_pool`]), and turns the domain
 //! errors into [`ApiError`]s here, so that statuses are decided in
 //! [`super::error`] and nowhere else.
 
@@ -15,7 +16,7 @@ use warp::{Rejection, Reply};
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
 use super::pipeline::Readmission;
-use super::routes::{blocking, IndexQuery, RequestContext};
+use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext};
 use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
@@ -230,7 +231,9 @@ pub async fn post_revocation(
     }
     let st = state.clone();
     let caller = peer.uri().to_string();
-    let result = blocking(move || {
+    // Not on the blocking pool, where unwraps waiting at the envelope gate
+    // could hold every thread: a revocation does not wait for them.
+    let result = off_the_pool(move || {
         let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,

@@ -460,6 +460,49 @@ where
     })?
 }
 
+/// Most revocations running at once on threads of their own
+/// ([`off_the_pool`]); more wait for one of them to finish.
+pub const OWN_THREADS: usize = 16;
+
+/// As [`blocking`], but on a thread of its own (at most [`OWN_THREADS`] at
+/// once), not on the blocking pool: for a revocation, which must not wait
+/// behind unwraps. An unwrap waiting for its turn at the envelope gate
+/// holds a blocking-pool thread; with `server.blocking_threads` of them
+/// waiting, anything else sent to the pool queues behind them, and a
+/// revocation would then take effect when the agency it cuts off lets it.
+///
+/// # Errors
+/// `f`'s error, or [`ApiError::Internal`] if no thread could be started or
+/// `f` panicked.
+pub async fn off_the_pool<T, F>(f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    static THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(OWN_THREADS);
+    let _thread = THREADS.acquire().await.map_err(|e| {
+        tracing::error!(error = %e, "no thread for the request");
+        ApiError::Internal
+    })?;
+    let span = tracing::Span::current();
+    let counted = RequestWork::enter();
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lavd-own".into())
+        .spawn(move || {
+            let _counted = counted;
+            let _ = done.send(span.in_scope(f));
+        })
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot start a thread for the request");
+            ApiError::Internal
+        })?;
+    result.await.map_err(|_| {
+        tracing::error!("the request's thread panicked");
+        ApiError::Internal
+    })?
+}
+
 /// The `/v1` route table. Every response, success or refusal, comes out
 /// of here as a [`Response`]; refusals have the PROTOCOL error shape.
 pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {

@@ -211,21 +211,38 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
                 notifier.reloading();
                 // Reading files, building TLS and, for a trust change,
                 // writing and fsyncing its audit leaf and signing a
-                // checkpoint in the HSM all block: the blocking pool does
-                // it. Awaiting it here keeps reloads one at a time and in
-                // signal order; a stop signal waits for the reload in
-                // progress.
+                // checkpoint in the HSM all block: a thread of its own does
+                // it, not the blocking pool, where unwraps waiting at the
+                // envelope gate could hold every thread (a new CRL must not
+                // wait for the clients it revokes). Awaiting it here keeps
+                // reloads one at a time and in signal order; a stop signal
+                // waits for the reload in progress.
                 let reloading = state.clone();
-                let reloaded = tokio::task::spawn_blocking(move || reloading.reload())
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(crate::config::ConfigError {
-                            file: state.config_file().to_path_buf(),
-                            field: "(reload)".into(),
-                            reason: format!("the reload task failed: {e}"),
-                        })
+                let (done, result) = tokio::sync::oneshot::channel();
+                let started = std::thread::Builder::new()
+                    .name("lavd-reload".into())
+                    .spawn(move || {
+                        let _ = done.send(reloading.reload());
                     });
-                match reloaded {
+                let failed = |why: String| {
+                    Err(crate::config::ConfigError {
+                        file: state.config_file().to_path_buf(),
+                        field: "(reload)".into(),
+                        reason: why,
+                    })
+                };
+                let reloaded = match started {
+                    Ok(_) => result.await.unwrap_or_else(|_| {
+                        // `reload` counts its own outcomes; not this one.
+                        state.metrics.config_reload(false);
+                        failed("the reload panicked (see the line above)".into())
+                    }),
+                    Err(e) => {
+                        state.metrics.config_reload(false);
+                        failed(format!("cannot start the reload's thread: {e}"))
+                    }
+                };
+                match &reloaded {
                     Ok(outcome) => {
                         tracing::info!(generation = outcome.generation, "configuration reloaded");
                         if !outcome.needs_restart.is_empty() {
@@ -239,7 +256,15 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
                         tracing::error!(error = %e, "reload failed; still serving the previous configuration");
                     }
                 }
-                notifier.ready(&status);
+                // What `systemctl status` shows until the next reload.
+                match &reloaded {
+                    Ok(_) => notifier.ready(&status),
+                    Err(e) => notifier.ready(&format!(
+                        "{status}; the last reload failed ({}), the previous configuration \
+                         is in force",
+                        e.field
+                    )),
+                }
             }
             Event::Stop(name) => {
                 tracing::info!(signal = name, "stopping");
