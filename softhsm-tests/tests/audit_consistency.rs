@@ -86,6 +86,25 @@ fn assert_refused_from_now_on(mut s: Setup, sizes: impl Fn(u64) -> [u64; 2]) {
     assert!(message.contains("audit log"), "{message}");
     // Every later request too, before anything is opened.
     unwrap(&s, 3).assert_error(503, "log_inconsistent");
+    // A revocation that is wrong in itself is answered for what is wrong
+    // with it, not as the log's failure (a retry would not help).
+    vault::post(
+        &s.c.admin,
+        "/v1/warrants/revocations",
+        &serde_json::json!({"id": 7, "reason": "quashed"}),
+    )
+    .assert_error(400, "malformed_request");
+    let good = vault::post(
+        &s.c.admin,
+        "/v1/warrants/revocations",
+        &serde_json::json!({"id": "LOG-CONSISTENCY-1", "reason": "quashed"}),
+    );
+    // And a good one still takes effect: committed, in force, with no
+    // checkpoint over it.
+    assert_eq!(good.status, 200, "{}", good.text());
+    let good = good.json();
+    assert_eq!(good["revoked"], true, "{good}");
+    assert!(good["audit"]["checkpoint"].is_null(), "{good}");
     s.c.auditor
         .get("/v1/audit/checkpoint")
         .assert_error(503, "log_inconsistent");

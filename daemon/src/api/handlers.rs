@@ -90,6 +90,44 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
     }
 }
 
+/// A failed revocation's answer: what was wrong with the request as for an
+/// unwrap (400, 403, 413); a failure of the daemon's own (HSM, store, a
+/// bug) as 503 `log_inconsistent` while the log is inconsistent, else as
+/// for an unwrap, with lines that speak of a revocation.
+fn revocation_error(e: UnwrapError, log_inconsistent_now: bool) -> ApiError {
+    let ours = matches!(
+        e,
+        UnwrapError::HsmUnavailable(_)
+            | UnwrapError::Internal(_)
+            | UnwrapError::StoreUnavailable(_)
+    ) || matches!(&e, UnwrapError::Warrant(w) if w.class() == ErrorClass::Unavailable);
+    if !ours {
+        return unwrap_error(e);
+    }
+    if log_inconsistent_now {
+        tracing::error!(error = %e, "revocation failed while the audit log is inconsistent");
+        return log_inconsistent();
+    }
+    // Whether it committed is not always known here (a lost COMMIT): a
+    // retry shows it, since revocation is final and the first record stands.
+    match e {
+        UnwrapError::HsmUnavailable(detail) => {
+            tracing::error!(error = %detail, "revocation failed in the HSM; retry it");
+            ApiError::HsmUnavailable
+        }
+        UnwrapError::StoreUnavailable(detail) => {
+            tracing::error!(error = %detail, "revocation failed in the store; retry it");
+            ApiError::StoreUnavailable
+        }
+        UnwrapError::Warrant(w) => warrant_error(&w),
+        UnwrapError::Internal(detail) => {
+            tracing::error!(error = %detail, "revocation failed (a bug); retry it");
+            ApiError::Internal
+        }
+        other => unwrap_error(other),
+    }
+}
+
 /// 503 `log_inconsistent`: the audit log found its stored tree does not
 /// extend its last signed checkpoint ([`crate::audit::log::AuditLog::inconsistency`]).
 /// Unwraps are refused before anything is opened; the reason is in the log.
@@ -260,14 +298,7 @@ pub async fn post_revocation(
         Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
     })
     .await?;
-    let revoked = result.map_err(|e| {
-        if state.audit.inconsistency().is_some() {
-            tracing::error!(error = %e, "revocation: no checkpoint could be signed");
-            log_inconsistent()
-        } else {
-            unwrap_error(e)
-        }
-    })?;
+    let revoked = result.map_err(|e| revocation_error(e, state.audit.inconsistency().is_some()))?;
     // Committed, so in force: said so even when no checkpoint could be
     // signed over its leaf (`checkpoint: null`; the next one covers it).
     let checkpoint = match &revoked.checkpoint {
