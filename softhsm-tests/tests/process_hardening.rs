@@ -73,3 +73,27 @@ fn lavd_runs_non_dumpable() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The SQLite store is created readable by its owner only, whatever the
+/// umask: under a container's usual 022, SQLite alone made it 0644 (and its
+/// `-wal` and `-shm` files take the main file's mode), so any local user
+/// could read the budgets, revocations and log.
+#[test]
+fn the_store_is_created_for_its_owner_only_whatever_the_umask() {
+    let t = softhsm_tests::TestToken::new();
+    let _pki = softhsm_tests::server::Pki::new(&t);
+    t.write_config(&softhsm_tests::server::serve_config(""));
+    let db = t.path("lavd.db");
+    assert!(!db.exists());
+    let out = std::process::Command::new("sh")
+        .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(softhsm_tests::lavd_binary())
+        .args(["store", "migrate", "--config"])
+        .arg(t.config())
+        .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
+        .output()
+        .expect("sh");
+    softhsm_tests::assert_ok(&out);
+    let mode = std::fs::metadata(&db).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}

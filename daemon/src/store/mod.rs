@@ -495,6 +495,28 @@ pub struct SqliteStore {
     group: audit::GroupCommit,
 }
 
+/// Creates `path`, empty and readable by its owner only (0600), if it does
+/// not exist: SQLite would create it under the process's umask (0644 under
+/// a container's usual 022), and its `-wal` and `-shm` files take the main
+/// file's mode. The budgets, revocations and the log are not for other
+/// local users to read. An existing file is left as it is.
+///
+/// # Errors
+/// The file system's, other than "it exists".
+pub fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Free space below which the SQLite store is not ready (`/readyz`): room
 /// for the leaves and tree hashes of a few thousand envelopes, so that a
 /// file system that is filling up turns the daemon not ready before commits
@@ -517,6 +539,10 @@ impl SqliteStore {
             path: path.to_path_buf(),
             source,
         };
+        create_private(path).map_err(|e| StoreError::Unavailable {
+            store: path.display().to_string(),
+            reason: format!("cannot create the store file: {e}"),
+        })?;
         let mut conn = Connection::open(path).map_err(err)?;
         // First: switching to WAL takes a lock too, which another process
         // opening the file at the same moment may hold.

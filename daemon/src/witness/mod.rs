@@ -81,6 +81,14 @@ impl WitnessState {
                 source: rusqlite::Error::InvalidPath(path.to_path_buf()),
             });
         }
+        // Owner-only, whatever the umask (as lavd's store).
+        crate::store::create_private(path).map_err(|e| StateError {
+            path: path.to_path_buf(),
+            source: rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot create it: {e}")),
+            ),
+        })?;
         Self::open_with(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
