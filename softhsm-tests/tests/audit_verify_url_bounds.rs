@@ -218,3 +218,32 @@ fn a_refusal_is_named_and_its_text_escaped() {
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     assert!(stderr.contains("\\u{1b}[2Jway"), "{stderr:?}");
 }
+
+/// No connection is `connect_failed`, naming the address and the stage
+/// (before, these lines had no code): nothing listening, and a server
+/// whose certificate is not from `--ca`.
+#[test]
+fn a_server_that_cannot_be_reached_is_connect_failed() {
+    let f = files();
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "lavd: connect_failed: localhost:{port}: connection failed: "
+        )),
+        "{stderr}"
+    );
+    let stranger = Ca::new("a CA the verifier does not trust");
+    let port = hostile_server(&stranger, Hostile::Silent);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "lavd: connect_failed: localhost:{port}: TLS handshake failed: "
+        )),
+        "{stderr}"
+    );
+}

@@ -249,14 +249,24 @@ impl Remote {
     /// [`super::https::Client::new`] refuses.
     pub fn client(&self, url: &str) -> anyhow::Result<super::https::Client> {
         let Some(ca) = &self.ca else {
-            anyhow::bail!("a URL needs --ca (and, for the API, --cert and --client-key)");
+            return Err(super::Refused::new(
+                "usage",
+                "a URL needs --ca (and, for the API, --cert and --client-key)",
+            )
+            .into());
         };
         // The API wants the auditor's certificate; a public log listener
         // (`[audit.public]`) wants none.
         let client = match (&self.cert, &self.client_key) {
             (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
             (None, None) => None,
-            _ => anyhow::bail!("give both --cert and --client-key, or neither"),
+            _ => {
+                return Err(super::Refused::new(
+                    "usage",
+                    "give both --cert and --client-key, or neither",
+                )
+                .into())
+            }
         };
         let limits = super::https::Limits {
             max_response_bytes: self.max_response_bytes,

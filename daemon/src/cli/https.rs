@@ -77,6 +77,17 @@ pub enum HttpsError {
         /// The server's `error.message`.
         message: String,
     },
+    /// No connection: the TCP connection, the TLS handshake or the HTTP
+    /// handshake failed.
+    #[error("{target}: {stage} failed: {reason}")]
+    Unreachable {
+        /// `host:port`.
+        target: String,
+        /// `connection`, `TLS handshake` or `HTTP handshake`.
+        stage: &'static str,
+        /// Why, as the system or TLS library said.
+        reason: String,
+    },
 }
 
 impl HttpsError {
@@ -86,6 +97,7 @@ impl HttpsError {
             HttpsError::Timeout { .. } => "response_timeout",
             HttpsError::TooLarge { .. } => "response_too_large",
             HttpsError::Status { .. } => "unexpected_status",
+            HttpsError::Unreachable { .. } => "connect_failed",
         }
     }
 }
@@ -264,9 +276,14 @@ impl Endpoint {
             path: path.to_string(),
             limit,
         };
+        let unreachable = |stage, reason: &dyn std::fmt::Display| HttpsError::Unreachable {
+            target: format!("{}:{}", self.host, self.port),
+            stage,
+            reason: format!("{reason:#}"),
+        };
         let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .with_context(|| format!("connecting to {}:{}", self.host, self.port))?;
+            .map_err(|e| unreachable("connection", &e))?;
         // A request is small writes (headers, body, TLS records): without
         // this, Nagle's algorithm can hold the last one for the peer's
         // delayed ACK, tens of milliseconds a request.
@@ -276,10 +293,14 @@ impl Endpoint {
                 let tls = connector
                     .connect(server_name.clone(), tcp)
                     .await
-                    .context("TLS handshake")?;
-                http1(tls).await?
+                    .map_err(|e| unreachable("TLS handshake", &e))?;
+                http1(tls)
+                    .await
+                    .map_err(|e| unreachable("HTTP handshake", &e))?
             }
-            None => http1(tcp).await?,
+            None => http1(tcp)
+                .await
+                .map_err(|e| unreachable("HTTP handshake", &e))?,
         };
         let request = hyper::Request::builder()
             .uri(path)

@@ -121,10 +121,10 @@ pub fn main() -> std::process::ExitCode {
                 .filter(|d| !d.is_empty())
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default();
-            match error_code(&e) {
-                Some(code) => eprintln!("lavd: {code}: {e:#}{detail}"),
-                None => eprintln!("lavd: {e:#}{detail}"),
-            }
+            // Every error has a code: a script keys on it. `command_failed`
+            // is what no more precise code names.
+            let code = error_code(&e).unwrap_or("command_failed");
+            eprintln!("lavd: {code}: {e:#}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
             } else {
@@ -333,6 +333,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(r) = e.downcast_ref::<Refused>() {
         return Some(r.code);
+    }
+    if let Some(r) = e.downcast_ref::<crate::envelope::EnvelopeError>() {
+        return Some(r.code());
     }
     None
 }
