@@ -174,6 +174,15 @@ fn a_head_within_the_top_header_bound_is_served() {
     assert_eq!(status_for_a_head_of(600 << 10), 200);
     // And one over it is still 431.
     assert_eq!(status_for_a_head_of(1 << 20), 431);
+    // A request target over 64 KiB is the HTTP layer's bare 414, whatever
+    // the header bound.
+    let mut conn = client.connect().unwrap();
+    let path = format!("/v1/keys?{}", "a".repeat(70 << 10));
+    conn.send(format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    let r = conn.read_response().unwrap();
+    assert_eq!(r.status, 414);
+    assert!(r.body.is_empty());
 }
 
 /// A peer that sends requests and never reads the responses cannot keep its

@@ -14,6 +14,11 @@ const NOBODY: u32 = 65534;
 
 #[test]
 fn lavd_runs_non_dumpable() {
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "this test runs lavd as user nobody through setpriv, which needs root: run it as root \
+         (as CI does)"
+    );
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let fifo = dir.path().join("key");

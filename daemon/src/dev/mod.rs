@@ -3,7 +3,7 @@
 //! everything a demo needs, then serves in the foreground; in a directory it
 //! made before, it serves again with the same state.
 //!
-//! The files are part of the interface (README "Development mode"):
+//! The files are part of the interface (README "Five minutes with lavd"):
 //!
 //! | path | what |
 //! |---|---|

@@ -89,7 +89,8 @@ pub enum UnwrapError {
     /// duplicate members, trailing data, wrong types) (HTTP 400).
     #[error("malformed request: {0}")]
     Malformed(String),
-    /// More envelopes than the configured batch limit, or none (HTTP 400).
+    /// More envelopes than the configured batch limit (HTTP 413
+    /// `batch_too_large`), or none (HTTP 400 `malformed_request`).
     #[error("a request carries 1 to {max} envelopes, this one has {got}")]
     BatchSize {
         /// The limit.
