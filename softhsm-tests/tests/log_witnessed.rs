@@ -279,6 +279,51 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(v["period"]["observed"], serde_json::Value::Null, "{v}");
     assert!(v["verification"]["size"].as_u64().unwrap() < after.len() as u64);
 
+    // 4b. A revocation while an unwrap waits for the quorum: once the
+    //     quorum comes, nothing is released (403 `warrant_revoked`) and its
+    //     leaf says opened. A try whose wait timed out instead (503
+    //     `witness_unavailable`: w1's submitter backs off up to 5 s) shows
+    //     nothing, and is made again with another warrant.
+    let mut outcome = None;
+    for attempt in 0..3u32 {
+        let id = format!("W-REVOKED-WHILE-WITNESSED-{attempt}");
+        let revocable = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+        w1.daemon.signal(rustix::process::Signal::STOP);
+        let size_before = leaves().len();
+        let (r, leaf) = std::thread::scope(|s| {
+            let waiting = s.spawn(|| {
+                vault::post(
+                    &c.agency,
+                    "/v1/unwrap",
+                    &serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]}),
+                )
+            });
+            eventually("the waiting unwrap's leaf", || leaves().len() > size_before);
+            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+            let revoked = vault::post(
+                &c.admin,
+                "/v1/warrants/revocations",
+                &serde_json::json!({"id": id, "reason": "quashed while witnessed"}),
+            );
+            assert_eq!(revoked.status, 200, "{}", revoked.text());
+            w1.daemon.signal(rustix::process::Signal::CONT);
+            (waiting.join().unwrap(), leaf)
+        });
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&lavd::codec::b64_decode(&leaf).unwrap()).unwrap();
+        assert_eq!(leaf["warrant_id"], id, "{leaf}");
+        assert_eq!(leaf["outcome"], "opened", "{leaf}");
+        if r.status == 503 {
+            r.assert_error(503, "witness_unavailable");
+            continue;
+        }
+        outcome = Some(r);
+        break;
+    }
+    outcome
+        .expect("every try's wait for the quorum timed out")
+        .assert_error(403, "warrant_revoked");
+
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);
     eventually("w1 to cosign the newest checkpoint", || {

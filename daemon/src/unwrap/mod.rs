@@ -694,6 +694,29 @@ pub fn unwrap(
     }
     let mut builder = builder?;
     let checkpoint = witnessed(ctx, &receipt, opened)?;
+    // Under `release_after_witness` that wait can take seconds: a
+    // revocation committed meanwhile (its admin already told `revoked`)
+    // releases nothing. The leaves stay as written, `opened` with the
+    // budget spent, as after a wait that timed out; the request is refused
+    // as one that arrives revoked. A store that cannot say releases nothing.
+    let waited = ctx
+        .witnessing
+        .is_some_and(|w| w.settings().release_after_witness && opened > 0);
+    if waited {
+        if let Some(revocation) = ctx.store.revocation(warrant.id())? {
+            tracing::warn!(
+                warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
+                opened,
+                "the warrant was revoked while its unwrap waited for the witnesses: nothing is \
+                 released (its leaves say opened)"
+            );
+            return Err(WarrantError::Revoked {
+                id: revocation.id,
+                at: crate::codec::format_time(revocation.revoked_at),
+            }
+            .into());
+        }
+    }
 
     // Release: seal the opened DEKs to the warrant's recipient, in order.
     let mut denied = BTreeMap::new();
