@@ -17,7 +17,9 @@
 //!   says it SHOULD), and verification requires it;
 //! - a signature line from the known key that fails to verify rejects the
 //!   whole note (signed-note says clients SHOULD);
-//! - lower-case hex only in verifier keys, canonical padded base64 only;
+//! - lower-case hex only in verifier keys, canonical padded base64 only,
+//!   except that a signature line's base64 may have bits set after its last
+//!   byte (Go's decoder, and so the reference implementation, accepts them);
 //! - at most [`MAX_NOTE_BYTES`] and [`MAX_SIGNATURES`] (the spec asks for at
 //!   least 16 signatures, post-quantum ones included).
 //!
@@ -36,6 +38,17 @@ use super::merkle::Hash;
 const ED25519_TYPE: u8 = 0x01;
 /// The signature line prefix: em dash (U+2014) and a space.
 pub(crate) const SIG_PREFIX: &str = "\u{2014} ";
+/// Padded standard base64 that accepts non-zero bits after the last byte,
+/// for signature lines only: Go's decoder, which the C2SP reference
+/// implementation uses, accepts them, so a witness (or anyone who passes the
+/// note on) may write them. The bytes decoded are the same either way, and a
+/// signature covers the note's text, not the line. Strict, such a line by a
+/// key nobody here knows failed the whole note.
+const SIGNATURE_BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
+
 /// The largest note accepted, in bytes: 16 post-quantum signatures fit.
 pub const MAX_NOTE_BYTES: usize = 128 * 1024;
 /// The most signature lines accepted in one note.
@@ -443,7 +456,7 @@ pub(crate) fn signature_line(line: &str) -> Result<SignatureLine<'_>, NoteError>
     if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '+') {
         return Err(NoteError::Malformed("a signature line has a bad key name"));
     }
-    let bytes = STANDARD
+    let bytes = SIGNATURE_BASE64
         .decode(b64)
         .map_err(|_| NoteError::Malformed("a signature is not padded standard base64"))?;
     // Four bytes of key ID and at least one of signature.
@@ -724,6 +737,33 @@ mod tests {
                 "{name:?}"
             );
         }
+        // Nor one whose base64 has bits set after its last byte, which
+        // Go's decoder accepts: the note verifies, and with such a line by
+        // the log's own key too (the bytes decoded are the same).
+        let loose = |b64: &str| {
+            const ALPHABET: &[u8] =
+                b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+            let (data, pad) = b64.split_at(b64.trim_end_matches('=').len());
+            assert!(!pad.is_empty(), "{b64}: no bits after the last byte");
+            let last = ALPHABET
+                .iter()
+                .position(|&c| c == *data.as_bytes().last().unwrap())
+                .unwrap();
+            assert_eq!(last & 1, 0, "{b64} is not canonical");
+            format!(
+                "{}{}{pad}",
+                &data[..data.len() - 1],
+                ALPHABET[last | 1] as char
+            )
+        };
+        let odd = loose(&STANDARD.encode([7u8; 68]));
+        assert!(STANDARD.decode(&odd).is_err(), "{odd} is canonical");
+        let trailing = format!("{note}\u{2014} other {odd}\n");
+        assert_eq!(verify_checkpoint(&trailing, &key).unwrap(), checkpoint);
+        let (body, lines) = note.split_once("\n\n").unwrap();
+        let (ours_name, ours_b64) = lines.trim_end().rsplit_once(' ').unwrap();
+        let ours = format!("{body}\n\n{ours_name} {}\n", loose(ours_b64));
+        assert_eq!(verify_checkpoint(&ours, &key).unwrap(), checkpoint);
         // Not one with a Unicode space in it (U+0085 is a C1 control and a
         // space).
         let spaced = format!("{note}\u{2014} a\u{85}b {}\n", STANDARD.encode([7u8; 68]));
