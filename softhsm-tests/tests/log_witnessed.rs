@@ -375,6 +375,89 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     );
 }
 
+/// A cosigned checkpoint is served only if it carries the log's own valid
+/// signature: with the newest signed checkpoint intact and the older one
+/// the witness cosigned edited in the store behind lavd's back, the public
+/// listener and the auditor get 503 `log_inconsistent`, not the edited
+/// note with its cosignature. Before, the cosigned row was served as read.
+#[test]
+fn a_cosigned_checkpoint_edited_in_the_store_is_not_served() {
+    let log = LogWithWitnesses::new(&serve_config(&format!(
+        "{}\n[audit.public]\nlisten = \"127.0.0.1:0\"\n",
+        vault::roles_toml()
+    )));
+    let w1 = log.witness("w1.example");
+    log.configure(
+        &[Entry::from(&w1)],
+        &format!("witness A {}\nquorum A\n", w1.vkey),
+        "",
+    );
+    let daemon = Daemon::start(&log.t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&log.pki).clients(&log.pki, daemon.api);
+    let warrant = vault::double_lock(&vault::claims("W-EDITED", vault::recipient().public(), 10));
+    let unwrap = |n: u8| {
+        let envelope = vault::seal(
+            &log.escrow,
+            "E-1",
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("e{n}"),
+            &[n; 16],
+        );
+        let r = vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()["audit"]["first_index"].as_u64().unwrap() + 1
+    };
+    let cosigned = unwrap(1);
+    eventually("w1 to cosign", || {
+        daemon.metric("lavd_witness_cosigned_size{witness=\"w1.example\"}") >= cosigned as f64
+    });
+    // The witness stops; the log signs a newer checkpoint it does not
+    // cosign, and that one stays intact.
+    w1.daemon.signal(rustix::process::Signal::STOP);
+    let newer = unwrap(2);
+    let public = softhsm_tests::server::Client::new(
+        daemon.public_log.expect("public listener"),
+        &log.pki.servers,
+        None,
+        &[&rustls::version::TLS13],
+    );
+    let served = public.get("/v1/log/checkpoint");
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert!(
+        served.text().contains("\u{2014} w1.example "),
+        "{}",
+        served.text()
+    );
+    let size: u64 = served.text().lines().nth(1).unwrap().parse().unwrap();
+    assert!(size < newer, "the served checkpoint is the cosigned one");
+
+    // Its row edited: the log's signature line no longer verifies.
+    let db = rusqlite::Connection::open(log.t.path("lavd.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(10)).unwrap();
+    let edited = db
+        .execute(
+            "UPDATE audit_checkpoints SET note = replace(note, '\u{2014} ' || ?2 || ' ', \
+             '\u{2014} ' || ?2 || ' AAAA') WHERE size = ?1",
+            rusqlite::params![size as i64, log.origin],
+        )
+        .unwrap();
+    assert_eq!(edited, 1);
+    drop(db);
+    public
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    w1.daemon.signal(rustix::process::Signal::CONT);
+}
+
 /// Two replicas on one PostgreSQL store under `release_after_witness`,
 /// where only replica 0 can reach the witness (replica 1 started on a
 /// config whose URL for it is a closed port): replica 1 releases only once

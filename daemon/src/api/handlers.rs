@@ -382,7 +382,14 @@ fn served_checkpoint(state: &ServerState, signing: Signing) -> Result<String, Ap
     .map_err(log_error)?;
     match &state.witnessing {
         None => Ok(signed),
-        Some(w) => Ok(w.served().map_err(store_error)?.unwrap_or(signed)),
+        Some(w) => match w.served().map_err(store_error)? {
+            // Read from the store as it is: checked as `signed` was.
+            Some(cosigned) => {
+                state.audit.check_served(&cosigned).map_err(log_error)?;
+                Ok(cosigned)
+            }
+            None => Ok(signed),
+        },
     }
 }
 

@@ -270,6 +270,29 @@ impl AuditLog {
         LogError::Inconsistent(reason)
     }
 
+    /// Checks that `note`, a stored checkpoint about to be served with its
+    /// witnesses' cosignatures ([`crate::audit::witnessing::Witnessing::served`]),
+    /// carries a valid signature by the audit key; one that does not (a
+    /// row edited behind lavd's back) marks the log inconsistent, as
+    /// [`Self::latest_signed`] does.
+    ///
+    /// # Errors
+    /// [`LogError::Inconsistent`].
+    pub fn check_served(&self, note: &str) -> Result<(), LogError> {
+        if let Some(reason) = self.inconsistency() {
+            return Err(LogError::Inconsistent(reason.to_string()));
+        }
+        let key = note::VerifierKey::new(&self.origin, self.public.bytes())
+            .map_err(|e| LogError::Sign(e.to_string()))?;
+        match note::verify_checkpoint(note, &key) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.record_inconsistency(format!(
+                "a stored checkpoint with witness cosignatures does not verify under the audit \
+                 key: {e}"
+            ))),
+        }
+    }
+
     /// The stored checkpoint `note` of tree size `size`, verified under the
     /// audit key.
     fn verify_stored(&self, size: u64, note: &str) -> Result<Signed, LogError> {
