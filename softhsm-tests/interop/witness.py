@@ -299,7 +299,8 @@ class Witness:
                 raise Refusal(409, f"{record['size']}\n", "text/x.tlog.size")
             recorded_root = base64.b64decode(record["root"]) if record["root"] else None
             if old == size and old != 0 and recorded_root != root:
-                raise Refusal(409, f"{record['size']}\n", "text/x.tlog.size")
+                # tlog-witness (since C2SP 95978ca, 2026-07-06): 422.
+                raise Refusal(422, "the same size with another root\n")
             if old == 0:
                 if proof:
                     raise Refusal(422, "the proof from size 0 is empty\n")

@@ -5,9 +5,9 @@
 //!
 //! - `lavd witness serve` (key in SoftHSM) and the independent Python
 //!   witness (`softhsm-tests/interop/witness.py`) both cosign branch 1 and
-//!   refuse branch 2 with the spec's answers: 409 `text/x.tlog.size` for
-//!   another root at the size they recorded or an old size that is not
-//!   theirs, 422 for branch 2's own consistency proof from their record;
+//!   refuse branch 2 with the spec's answers: 409 `text/x.tlog.size` for an
+//!   old size that is not theirs, 422 for another root at the size they
+//!   recorded and for branch 2's own consistency proof from their record;
 //! - `lavd audit verify --policy` with both witnesses at quorum 2 accepts
 //!   branch 1's cosigned checkpoint and refuses branch 2's (`quorum_not_met`,
 //!   and `cosignature_invalid` with branch 1's cosignatures pasted on),
@@ -101,8 +101,10 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
         };
         // From the size both branches share, with the fork's own proof.
         conflict(add(&body(s0, &proof_via(&fork_c, s0, s1), &f1)));
-        // At the size the witness recorded, another root.
-        conflict(add(&body(s1, &[], &f1)));
+        // At the size the witness recorded, another root: 422 since C2SP
+        // tlog-witness's change of 2026-07-06 (commit 95978ca; 409 before).
+        let r = add(&body(s1, &[], &f1));
+        assert_eq!(r.status, 422, "{name}: {}", r.text());
         // As if never seen.
         conflict(add(&body(0, &[], &f2)));
         // Past it, with the fork's proof from the recorded size: it proves
@@ -118,6 +120,16 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
         stderr.contains("contradicts what this witness cosigned") && stderr.contains(f1_root),
         "{stderr}"
     );
+    // Both answers to a checkpoint at its size with another root are kept:
+    // 422 when the old size was that size, 409 when it was another.
+    for status in ["status=409", "status=422"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains("contradicts what this witness cosigned") && l.contains(status)),
+            "{status}: {stderr}"
+        );
+    }
 
     // Branch 1 goes on being cosigned.
     let c2 = log.unwrap(4);

@@ -480,7 +480,9 @@ where
     F: FnOnce() -> Result<T, ApiError> + Send + 'static,
 {
     static THREADS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(OWN_THREADS);
-    let _thread = THREADS.acquire().await.map_err(|e| {
+    // Held by the thread, not by this future: a request dropped while its
+    // thread runs (its connection cut) does not free a place for another.
+    let thread = THREADS.acquire().await.map_err(|e| {
         tracing::error!(error = %e, "no thread for the request");
         ApiError::Internal
     })?;
@@ -490,6 +492,7 @@ where
     std::thread::Builder::new()
         .name("lavd-own".into())
         .spawn(move || {
+            let _thread = thread;
             let _counted = counted;
             let _ = done.send(span.in_scope(f));
         })

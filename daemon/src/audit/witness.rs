@@ -699,9 +699,12 @@ pub fn check_add_checkpoint(
     if request.old_size != size {
         return Err(AddOutcome::Conflict { size });
     }
-    // C2SP tlog-witness: the same size must have the same root.
+    // C2SP tlog-witness: the same size must have the same root, else 422
+    // (409 until the spec's change of 2026-07-06, C2SP commit 95978ca).
     if size == checkpoint.size && root != checkpoint.root {
-        return Err(AddOutcome::Conflict { size });
+        return Err(AddOutcome::BadProof(format!(
+            "a checkpoint of size {size} with another root than the one cosigned (a fork)"
+        )));
     }
     if size == 0 {
         if !request.proof.is_empty() {
@@ -1013,13 +1016,16 @@ mod tests {
             check_add_checkpoint(&request(7, &checkpoint), &trusted, &at(9)).unwrap_err(),
             AddOutcome::Conflict { size: 9 }
         );
-        // The same size with another root (a fork): 409.
+        // The same size with another root (a fork): 422, as C2SP
+        // tlog-witness says since 2026-07-06 (409 before).
         let fork = |_: &str| Some((20u64, [7u8; 32]));
         let mut same = request(0, &checkpoint);
         same.old_size = 20;
         assert_eq!(
-            check_add_checkpoint(&same, &trusted, &fork).unwrap_err(),
-            AddOutcome::Conflict { size: 20 }
+            check_add_checkpoint(&same, &trusted, &fork)
+                .unwrap_err()
+                .status(),
+            422
         );
         // A wrong proof: 422.
         let mut wrong = request(7, &checkpoint);

@@ -701,9 +701,19 @@ pub fn unwrap(
     // as one that arrives revoked. A store that cannot say releases nothing.
     let waited = ctx
         .witnessing
-        .is_some_and(|w| w.settings().release_after_witness && opened > 0);
-    if waited {
-        if let Some(revocation) = ctx.store.revocation(warrant.id())? {
+        .filter(|w| w.settings().release_after_witness && opened > 0);
+    if let Some(witnessing) = waited {
+        // The spend has committed: a failed read is answered as the wait's
+        // own failure, never `store_unavailable`, which would invite a
+        // retry that spends again.
+        let revoked = ctx.store.revocation(warrant.id()).map_err(|error| {
+            UnwrapError::WitnessUnavailable(WaitError::Store {
+                size: receipt.appended.first_index + receipt.appended.count,
+                timeout: witnessing.settings().timeout,
+                error,
+            })
+        })?;
+        if let Some(revocation) = revoked {
             tracing::warn!(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
                 opened,

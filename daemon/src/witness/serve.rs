@@ -284,19 +284,21 @@ impl Witness {
                         }
                         tracing::info!(origin, "cosigned");
                     }
+                    // Signed by the log, at the recorded size, with another
+                    // root: two roots the log signed for one size, evidence
+                    // of a fork, kept in the log (the spec allows it). It
+                    // is answered 422 when the client sent that size as its
+                    // old size, 409 when it sent another.
+                    AddOutcome::BadProof(_) | AddOutcome::Conflict { .. }
+                        if self.another_root_at_recorded(body) =>
+                    {
+                        self.evidence(origin, outcome.status(), body);
+                    }
                     // A proof that does not verify is the client's: anyone
                     // can send the log's real checkpoint with a byte of its
                     // proof changed, so it proves nothing against the log.
                     AddOutcome::BadProof(_) => {
                         tracing::info!(origin, "refused a consistency proof that does not verify")
-                    }
-                    // Signed by the log, at the recorded size, with another
-                    // root: two roots the log signed for one size, evidence
-                    // of a fork, kept in the log (the spec allows it). A 409
-                    // for an old size the client did not know is routine,
-                    // and is not.
-                    AddOutcome::Conflict { size } if self.another_root_at(*size, body) => {
-                        self.evidence(origin, 409, body);
                     }
                     _ => {}
                 }
@@ -316,9 +318,9 @@ impl Witness {
         );
     }
 
-    /// True when the (log-signed) checkpoint of `body` has the recorded
-    /// size `size` and another root: a fork.
-    fn another_root_at(&self, size: u64, body: &[u8]) -> bool {
+    /// True when the (log-signed) checkpoint of `body` has the size this
+    /// witness recorded and another root: a fork.
+    fn another_root_at_recorded(&self, body: &[u8]) -> bool {
         let Ok(request) = crate::audit::witness::AddCheckpoint::parse(body) else {
             return false;
         };
@@ -331,7 +333,7 @@ impl Witness {
             return false;
         };
         matches!(self.state.recorded(origin), Ok(Some((recorded, root)))
-            if recorded == size && checkpoint.size == size && checkpoint.root != root)
+            if checkpoint.size == recorded && checkpoint.root != root)
     }
 }
 
