@@ -150,7 +150,7 @@ fn the_public_listener_serves_the_log_and_nothing_else() {
         "--cert",
         &cert,
     ]);
-    let stderr = softhsm_tests::assert_fails_with(&half, 1, "usage");
+    let stderr = softhsm_tests::assert_fails_with(&half, 2, "usage");
     assert!(
         stderr.contains("give both --cert and --client-key"),
         "{stderr}"

@@ -303,8 +303,11 @@ fn a_revocation_is_not_queued_behind_unwraps_waiting_at_the_gate() {
                 handle
             })
             .collect();
-        // The other four reach the gate (a handshake and a body each).
-        std::thread::sleep(StdDuration::from_millis(1500));
+        // The other four reach the gate (a handshake and a body each), and
+        // with them every blocking thread is taken: `/readyz`, whose store
+        // check needs one, gets no answer from it (503 after its 5 s).
+        let ready = h.daemon.wait_readyz(503).json();
+        assert_eq!(ready["store"], false, "{ready}");
         // Answered within 5 s, or not at all.
         let mut admin = h.c.admin.connect().expect("admin connection");
         softhsm_tests::server::set_read_timeout(&mut admin, StdDuration::from_secs(5));

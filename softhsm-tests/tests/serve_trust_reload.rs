@@ -116,7 +116,7 @@ fn trust_changes_are_logged_before_they_apply() {
 /// be written (here the store is write-locked by another process for longer
 /// than the daemon's busy timeout), the reload fails and the old policy stays
 /// in force; a later SIGHUP, with the store back, applies it. Meanwhile the
-/// reload runs on the blocking pool, and the API keeps answering.
+/// reload runs on a thread of its own, and the API keeps answering.
 #[test]
 fn a_trust_change_whose_leaf_cannot_be_written_does_not_apply() {
     let t = TestToken::new();

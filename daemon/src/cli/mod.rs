@@ -101,7 +101,10 @@ pub fn main() -> std::process::ExitCode {
     if let Err(e) =
         rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
     {
-        eprintln!("lavd: cannot make the process non-dumpable (prctl PR_SET_DUMPABLE): {e}");
+        eprintln!(
+            "lavd: hardening_failed: cannot make the process non-dumpable (prctl \
+             PR_SET_DUMPABLE): {e}"
+        );
         return std::process::ExitCode::FAILURE;
     }
     let cli = Cli::parse();
@@ -127,6 +130,9 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("lavd: {code}: {e:#}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
+            } else if code == "usage" {
+                // As clap's own usage errors.
+                std::process::ExitCode::from(2)
             } else {
                 std::process::ExitCode::FAILURE
             }

@@ -1,7 +1,7 @@
 //! `lavd serve`: the daemon's life, in order. Config (a bad file exits 64
 //! before anything starts) → logging → build (TLS material and roles, the
 //! store, the HSM with its login) → serve (API and admin listeners, then
-//! `READY=1`) → wait for a signal (SIGHUP reloads on the blocking pool,
+//! `READY=1`) → wait for a signal (SIGHUP reloads on a thread of its own,
 //! SIGTERM/SIGINT stop) →
 //! drain (stop accepting, finish in-flight requests within
 //! `server.shutdown_grace_secs`, a second signal cuts it short) → exit 0.
@@ -227,7 +227,7 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
                 let failed = |why: String| {
                     Err(crate::config::ConfigError {
                         file: state.config_file().to_path_buf(),
-                        field: "(reload)".into(),
+                        field: "reload".into(),
                         reason: why,
                     })
                 };
