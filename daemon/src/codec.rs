@@ -63,8 +63,11 @@ pub fn parse_time(text: &str) -> Result<OffsetDateTime, CodecError> {
 /// A time in an envelope header, which a provider sealed, perhaps years
 /// before it is opened: the shape [`parse_time`] takes, or anything lavd
 /// took there before 2026-12-04 (RFC 3339 as the `time` crate reads it,
-/// in UTC with `Z`), so that no stored envelope becomes unopenable; never
-/// a control character. The header is hashed as sent (`envelope_digest`),
+/// in UTC with `Z`), so that no stored envelope becomes unopenable; and,
+/// since 2026-12-05, UTC as RFC 3339 also spells it, `+00:00`, `-00:00`
+/// or a lower-case `z` (Python's `datetime.isoformat()` writes `+00:00`;
+/// such an envelope was denied for good). Never another offset, never a
+/// control character. The header is hashed as sent (`envelope_digest`),
 /// and its time is only compared with the warrant's window, so a second
 /// spelling changes nothing else.
 ///
@@ -74,9 +77,18 @@ pub fn parse_sealed_time(text: &str) -> Result<OffsetDateTime, CodecError> {
     if let Ok(t) = parse_time(text) {
         return Ok(t);
     }
-    if !text.ends_with('Z') || text.chars().any(char::is_control) {
+    if text.chars().any(char::is_control) {
         return Err(CodecError::Time);
     }
+    // RFC 3339 §5.6: `Z` may be written `z`.
+    let upper;
+    let text = match text.strip_suffix('z') {
+        Some(head) => {
+            upper = format!("{head}Z");
+            upper.as_str()
+        }
+        None => text,
+    };
     let t = OffsetDateTime::parse(text, &Rfc3339).map_err(|_| CodecError::Time)?;
     if t.offset() != UtcOffset::UTC {
         return Err(CodecError::Time);
@@ -583,10 +595,22 @@ mod tests {
         ] {
             assert!(parse_sealed_time(old).is_ok(), "{old:?}");
         }
+        // And UTC as RFC 3339 also writes it, at the same instant.
+        let at = parse_time("2026-11-26T07:25:21Z").unwrap();
+        for utc in [
+            "2026-11-26T07:25:21+00:00",
+            "2026-11-26T07:25:21-00:00",
+            "2026-11-26T07:25:21z",
+            "2026-11-26t07:25:21z",
+        ] {
+            assert_eq!(parse_sealed_time(utc).unwrap(), at, "{utc:?}");
+        }
         for bad in [
             "2026-11-26\u{1}07:25:21Z",
             "2026-11-26T07:25:21+01:00",
-            "2026-11-26T07:25:21z",
+            "2026-11-26T08:25:21+01:00",
+            "2026-11-26T07:25:21+00:00\u{1}",
+            "2026-11-26T07:25:21zz",
             "2026-11-26",
         ] {
             assert_eq!(

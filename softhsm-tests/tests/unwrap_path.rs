@@ -131,11 +131,33 @@ impl World {
     }
 
     fn envelope(&self, target: &str, time: &str, reference: &str, dek: &[u8]) -> serde_json::Value {
+        self.envelope_spelled(target, time, time, reference, dek)
+    }
+
+    /// As [`World::envelope`], with `time` written in the header as
+    /// `spelled` (another RFC 3339 spelling of it).
+    fn envelope_spelled(
+        &self,
+        target: &str,
+        time: &str,
+        spelled: &str,
+        reference: &str,
+        dek: &[u8],
+    ) -> serde_json::Value {
         let header = HeaderBuilder::new("2026-12", PROVIDER, target, t(time))
             .reference(reference)
             .build()
             .unwrap();
-        serde_json::from_str(&seal_envelope(&self.escrow, &header, dek).unwrap().to_json()).unwrap()
+        let text = String::from_utf8(header).unwrap();
+        let quoted = format!("\"{time}\"");
+        assert_eq!(text.matches(&quoted).count(), 1, "{text}");
+        let header = text.replace(&quoted, &format!("\"{spelled}\""));
+        serde_json::from_str(
+            &seal_envelope(&self.escrow, header.as_bytes(), dek)
+                .unwrap()
+                .to_json(),
+        )
+        .unwrap()
     }
 
     fn unwrap(
@@ -169,9 +191,16 @@ fn double_lock_unwrap_releases_sealed_deks_after_audit() {
         .iter()
         .enumerate()
         .map(|(i, d)| {
-            w.envelope(
+            // The last one's time as Python's `isoformat()` writes UTC.
+            let spelled = [
+                "2026-12-03T10:00:00Z",
+                "2026-12-03T10:00:00z",
+                "2026-12-03T10:00:00+00:00",
+            ];
+            w.envelope_spelled(
                 "acct:alice@example.com",
                 "2026-12-03T10:00:00Z",
+                spelled[i],
                 &format!("msg-{i}"),
                 d,
             )
