@@ -407,13 +407,14 @@ pub fn package_binary(name: &str) -> PathBuf {
 }
 
 /// The Python of the interop venv (`target/interop-venv`, made by
-/// `.ci/setup --tests` with jwcrypto and cryptography). A missing venv fails
+/// `.ci/setup --tests` with jwcrypto, pyhpke and cryptography). A missing venv fails
 /// the test with what to run; it never skips.
 pub fn interop_python() -> PathBuf {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
     assert!(
         python.is_file(),
-        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto and cryptography)",
+        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto, pyhpke and \
+         cryptography)",
         python.display()
     );
     python
