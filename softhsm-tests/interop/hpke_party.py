@@ -9,14 +9,16 @@ lavd's code.
   recipient DIR                   makes a P-256 key in DIR/recipient.pem and
                                   prints its public JWK (kty, crv, x, y)
   open DIR REQUEST REPLY          opens the unwrap reply in file REPLY to the
-                                  request in file REQUEST with DIR's key;
-                                  prints one line per result: `ok <hex DEK>`
-                                  or `denied <reason>`
+                                  request in file REQUEST with DIR's key,
+                                  after checking that `sealed_to.kid` is its
+                                  RFC 7638 thumbprint; prints one line per
+                                  result: `ok <hex DEK>` or `denied <reason>`
 
 Any failure exits non-zero with the reason on stderr.
 """
 
 import base64
+import hashlib
 import json
 import sys
 
@@ -89,6 +91,16 @@ def open_reply(directory, request_file, reply_file):
         envelopes = json.load(f)["envelopes"]
     with open(reply_file) as f:
         reply = json.load(f)
+    # `sealed_to.kid`: the recipient key's RFC 7638 thumbprint, the
+    # required members in lexicographic order, no whitespace.
+    numbers = key.public_key().public_numbers()
+    members = '{"crv":"P-256","kty":"EC","x":"%s","y":"%s"}' % (
+        b64url(numbers.x.to_bytes(32, "big")),
+        b64url(numbers.y.to_bytes(32, "big")),
+    )
+    thumbprint = b64url(hashlib.sha256(members.encode()).digest())
+    if reply["sealed_to"]["kid"] != thumbprint:
+        sys.exit(f"sealed_to.kid {reply['sealed_to']['kid']} is not {thumbprint}")
     results = reply["results"]
     if len(results) != len(envelopes):
         sys.exit(f"{len(results)} results for {len(envelopes)} envelopes")

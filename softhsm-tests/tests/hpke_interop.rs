@@ -11,7 +11,9 @@
 //! Against a real `lavd serve` on SoftHSM over mutual TLS: envelopes the
 //! Python provider sealed to the key lavd publishes open (the DH in the
 //! HSM), and the reply, sealed to a recipient key Python made, opens in
-//! Python to the same DEKs, in order, past a denied envelope in between.
+//! Python to the same DEKs, in order, past a denied envelope in between;
+//! its `sealed_to.kid` is that key's RFC 7638 thumbprint as Python computes
+//! it from the RFC.
 
 use std::process::Command;
 
