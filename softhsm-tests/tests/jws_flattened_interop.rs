@@ -2,7 +2,9 @@
 //! implementation (Python `jwcrypto`, which writes a one-signature JWS in
 //! the flattened JSON serialization, RFC 7515 §7.2.2) are accepted by a real
 //! `lavd serve` over mTLS (PROTOCOL §8); an object mixing the flattened and
-//! General forms is refused `malformed_warrant`.
+//! General forms is refused `malformed_warrant`. A double-lock warrant
+//! jwcrypto signs with both authorities, ES256 and EdDSA (Ed25519, RFC
+//! 8037), in the General form it writes for two signatures, unwraps too.
 //!
 //! jwcrypto lives in the venv that `.ci/setup --tests` makes; this test installs
 //! nothing, and fails (never skips) when the venv is missing.
@@ -28,6 +30,67 @@ token.add_signature(key, alg=sys.argv[3],
                     protected=json.dumps({"alg": sys.argv[3], "kid": sys.argv[4]}))
 sys.stdout.write(token.serialize())
 "#;
+
+/// Signs the payload bytes of file argv[1] with each private JWK file of
+/// argv[2..] (`alg:kid:path`), in turn, and prints jwcrypto's JSON
+/// serialization (the General form for more than one signature).
+const SIGN_ALL: &str = r#"
+import json, sys
+from jwcrypto import jwk, jws
+token = jws.JWS(open(sys.argv[1], "rb").read())
+for spec in sys.argv[2:]:
+    alg, kid, path = spec.split(":", 2)
+    token.add_signature(jwk.JWK.from_json(open(path).read()), alg=alg,
+                        protected=json.dumps({"alg": alg, "kid": kid}))
+sys.stdout.write(token.serialize())
+"#;
+
+/// jwcrypto's JWS over `payload` signed by both of the harness's
+/// authorities (ES256 `executive-1`, EdDSA `judicial-1`).
+fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
+    let a = authorities();
+    let data = dir.join("payload-2");
+    std::fs::write(&data, payload).unwrap();
+    let mut specs = Vec::new();
+    for key in [&a.executive, &a.judicial] {
+        let file = dir.join(format!("{}.jwk", key.kid()));
+        std::fs::write(
+            &file,
+            serde_json::to_string(&key.private_jwk().unwrap()).unwrap(),
+        )
+        .unwrap();
+        specs.push(format!(
+            "{}:{}:{}",
+            key.alg().name(),
+            key.kid(),
+            file.display()
+        ));
+    }
+    let out = Command::new(interop_python())
+        .args(["-c", SIGN_ALL])
+        .arg(&data)
+        .args(&specs)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "jwcrypto: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let jws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let algs: Vec<String> = jws["signatures"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not the General form: {jws}"))
+        .iter()
+        .map(|s| {
+            let protected = lavd::codec::b64_decode(s["protected"].as_str().unwrap()).unwrap();
+            let header: serde_json::Value = serde_json::from_slice(&protected).unwrap();
+            header["alg"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(algs, ["ES256", "EdDSA"], "{jws}");
+    jws
+}
 
 /// jwcrypto's JWS over `payload`, signed by the harness's executive
 /// authority (ES256, `executive-1`).
@@ -116,6 +179,17 @@ fn a_flattened_jws_from_jwcrypto_unwraps_and_revokes() {
         &c.agency,
         "/v1/unwrap",
         &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"]);
+
+    // A double-lock warrant, both signatures made by jwcrypto.
+    let full = vault::claims("FULL-JWCRYPTO-1", recipient.public(), 5);
+    let double = jwcrypto_double_lock(dir.path(), full.to_string().as_bytes());
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": double, "envelopes": [envelope]}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["ok"]);
