@@ -75,12 +75,24 @@ fn malformed_json_on_a_post_route_is_400() {
         b"not json",
         b"",
         b"\xff\xfe",
+        // An unknown member, a duplicate one, a missing one (PROTOCOL's
+        // conventions: parsers reject unknown fields and duplicate keys).
+        b"{\"warrant\":{},\"envelopes\":[{}],\"extra\":1}",
+        b"{\"warrant\":{},\"envelopes\":[{}],\"envelopes\":[{}]}",
+        b"{\"warrant\":{},\"warrant\":{},\"envelopes\":[{}]}",
+        b"{\"envelopes\":[{}]}",
     ] {
         let r = s
             .agency
             .request("POST", "/v1/unwrap", &[], Some(body))
             .unwrap();
-        r.assert_error(400, "malformed_request");
+        let message = r.assert_error(400, "malformed_request");
+        if body.starts_with(b"{\"warrant\":{},") || body.starts_with(b"{\"envelopes") {
+            let named = ["extra", "envelopes", "warrant"]
+                .iter()
+                .any(|member| message.contains(member));
+            assert!(named, "{message}");
+        }
     }
     // A well-formed request gets past the role check and the parser to the
     // warrant check, on the same connection.
