@@ -34,10 +34,13 @@
 //!   and, from the daemon's own histograms over the 1-client requests, the
 //!   mean time from request head to response, of its HSM derive, of its
 //!   checkpoint signature and of its audit append transaction;
-//! - (e) the daemon's peak RSS (`VmHWM`) under (c)'s largest load, 16
-//!   clients × 1000 envelopes, on a fresh daemon (the target), and after
-//!   all of (c) on the daemon that ran it (which also holds SoftHSM's own
-//!   per-derivation retention, about 240 B each);
+//! - (e) the daemon's peak RSS (`VmHWM`) after all of (c), 16 clients ×
+//!   1000 envelopes included, on the daemon that ran it (and (d) before
+//!   it): the target, as an operator would read it from outside. It grows
+//!   with the envelopes the daemon has opened: SoftHSM 2.6.1 keeps about
+//!   240 B of each derived, destroyed session object in the session's
+//!   object store until `C_Finalize`. For comparison, the same on a fresh
+//!   daemon that ran only 16 × 1000 for (c)'s time;
 //! - (f) (c) at batch 1000 on a daemon whose log already holds 1,000,000
 //!   leaves (100,000 with `--quick`);
 //! - (g) (a) and (c) at batch 1000 through the latency module
@@ -66,8 +69,9 @@
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
-//! the single-envelope latency and, with its 16 × 1000 load, the peak RSS),
-//! for profiling one figure; the ratios of the parts not run are left out.
+//! the single-envelope latency and, after all of (c)'s loads, which (e)
+//! needs, the peak RSS), for profiling one figure; the ratios of the parts
+//! not run are left out.
 //! The daemons run with `MALLOC_ARENA_MAX=2`, as the systemd unit in
 //! `deploy/systemd/` sets it.
 //! With `LAVD_BINARY` set, the daemon is started as that command (a script
@@ -110,9 +114,9 @@ const SHIM_DELAY_US: u64 = 1000;
 /// twice (cryptoki's `get_attributes` asks for a variable-size value's
 /// length first, then reads it), `C_DestroyObject`.
 const CALLS_PER_OPEN: u64 = 4;
-/// (e) on the daemon that ran all of (c).
+/// (e) on the daemon that ran all of (c): the target.
 const E_AFTER_C: &str = "daemon peak RSS after all of (c)";
-/// (e) on a daemon that ran only 16 clients × batch 1000.
+/// (e) on a daemon that ran only 16 clients × batch 1000, for comparison.
 const E_FRESH: &str = "daemon peak RSS, fresh daemon, 16 × 1000 only";
 
 struct Options {
@@ -250,7 +254,9 @@ fn main() -> std::process::ExitCode {
         }
     }
 
-    if options.runs('c') || options.runs('d') || options.runs('e') {
+    // (e) is judged on the daemon after all of (c): it runs (c)'s loads.
+    let runs_c = options.runs('c') || options.runs('e');
+    if runs_c || options.runs('d') {
         // (c), (d), (e): the daemon.
         let envelope_json: Vec<serde_json::Value> = envelopes
             .iter()
@@ -355,7 +361,7 @@ fn main() -> std::process::ExitCode {
             report.row("d", D_SIGN_SPACED, sign_spaced * 1e3, "ms");
         }
         let mut best_1000 = 0f64;
-        let loads: &[(usize, &[usize])] = if options.runs('c') {
+        let loads: &[(usize, &[usize])] = if runs_c {
             &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])]
         } else {
             &[]
@@ -394,7 +400,7 @@ fn main() -> std::process::ExitCode {
                 );
             }
         }
-        if options.runs('c') {
+        if runs_c {
             raw_beside(&mut beside_1000);
             report.row(
                 "c",
@@ -404,17 +410,21 @@ fn main() -> std::process::ExitCode {
             );
             report.row("a", &a_beside_row(cores), median(&mut beside_1000), "ops/s");
         }
-        if options.runs('c') {
+        if runs_c {
+            // (e): the daemon that ran (d) and all of (c), as it would be
+            // seen from outside after such a run. It carries every
+            // derivation of (c), and SoftHSM 2.6.1 keeps about 240 B of
+            // each until C_Finalize (softhsm-tests/tests/hsm_sessions.rs),
+            // so the figure grows with the envelopes opened, which a faster
+            // machine opens more of in (c)'s fixed time.
             let rss = peak_rss_mib(daemon.pid());
             report.row("e", E_AFTER_C, rss, "MiB");
         }
         drop(daemon);
         if options.runs('e') {
-            // (e) proper: a daemon that has run only (c)'s largest load.
-            // The daemon above carries every derivation of (c), and SoftHSM
-            // 2.6.1 keeps about 240 B of each until C_Finalize
-            // (softhsm-tests/tests/hsm_sessions.rs): its figure grows with
-            // the machine's speed, not with lavd's working set.
+            // For comparison: a daemon that has run only (c)'s largest
+            // load, for (c)'s time: lavd's own working set under it, with
+            // less of SoftHSM's retention.
             let fresh = Daemon::start(&token);
             fresh.wait_readyz(200);
             let agency = parties.clients(&pki, fresh.api).agency;
@@ -707,7 +717,7 @@ fn main() -> std::process::ExitCode {
     let g_raw = G_LATENCY.raw_row(SHIM_POOL);
     let g_raw_added = G_ADDED.raw_row(SHIM_POOL);
     let f_best = format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves");
-    let ratios: [Target<'_>; 15] = [
+    let ratios: &[Target<'_>] = &[
         (
             "(h) 1 replica on PostgreSQL / 1 on SQLite, batch 1000",
             &[
@@ -814,10 +824,18 @@ fn main() -> std::process::ExitCode {
             "(for comparison)",
         ),
         (
-            "(e) peak RSS at 16 × 1000 / 64 MiB",
-            &[E_FRESH],
+            "(e) peak RSS after all of (c), 16 × 1000 included / 64 MiB",
+            &[E_AFTER_C],
             |v| v[0] / 64.0,
             "≤ 1",
+        ),
+        // What the target was judged on until 2026-12-05: a fresh daemon
+        // that ran 16 × 1000 only.
+        (
+            "(e) peak RSS of a fresh daemon that ran 16 × 1000 only / 64 MiB",
+            &[E_FRESH],
+            |v| v[0] / 64.0,
+            "(for comparison)",
         ),
         (
             "(f) / (c), best at batch 1000",
@@ -826,7 +844,7 @@ fn main() -> std::process::ExitCode {
             "≥ 0.9",
         ),
     ];
-    for (what, inputs, ratio, wanted) in ratios {
+    for &(what, inputs, ratio, wanted) in ratios {
         let values: Option<Vec<f64>> = inputs.iter().map(|name| report.get(name)).collect();
         if let Some(values) = values {
             report.ratio(what, ratio(&values), wanted);
