@@ -24,7 +24,12 @@
 //! - (c) end-to-end `POST /v1/unwrap` over mTLS with durable audit, envelopes
 //!   per second, at batch 1, 100 and 1000 and 1, 4 and 16 clients (envelopes
 //!   and warrant built before timing; replies not opened while timing), on a
-//!   daemon with one HSM session per core (`--pool N` to change it);
+//!   daemon with one HSM session per core (`--pool N` to change it); its
+//!   target, best at batch 1000 ≥ 0.85 × (a) on one session per core, is
+//!   judged on the lower of two ratios: to (a) at the start, and to the
+//!   median of (a) measured between (c)'s batch-1000 loads (which can be
+//!   low, the daemon not yet idle); `--only c` measures (a) at the start
+//!   on one session per core for it;
 //! - (d) single-envelope latency p50/p99 on kept-alive connections at 1 and 8
 //!   clients, on the daemon of (c) before (c) runs, beside one derive plus
 //!   one durable SQLite commit on the same disk, one Ed25519 checkpoint
@@ -219,8 +224,15 @@ fn main() -> std::process::ExitCode {
     let envelopes = sealed(&escrow, 1000);
     let peers: Vec<P256PublicKey> = envelopes.iter().map(|e| e.enc().clone()).collect();
     let pkcs11 = softhsm_tests::harness().pkcs11();
-    if options.runs('a') {
-        let mut session_counts = vec![1, cores, options.pool];
+    // (e) is judged on the daemon after all of (c): it runs (c)'s loads.
+    let runs_c = options.runs('c') || options.runs('e');
+    // (c)'s target reads (a) on one session per core at the start too.
+    if options.runs('a') || runs_c {
+        let mut session_counts = if options.runs('a') {
+            vec![1, cores, options.pool]
+        } else {
+            vec![cores]
+        };
         session_counts.dedup();
         for n in session_counts {
             let raw = Raw::new(pkcs11, &token, n);
@@ -254,8 +266,6 @@ fn main() -> std::process::ExitCode {
         }
     }
 
-    // (e) is judged on the daemon after all of (c): it runs (c)'s loads.
-    let runs_c = options.runs('c') || options.runs('e');
     if runs_c || options.runs('d') {
         // (c), (d), (e): the daemon.
         let envelope_json: Vec<serde_json::Value> = envelopes
@@ -727,15 +737,24 @@ fn main() -> std::process::ExitCode {
             |v| v[0] / v[1],
             "≥ 0.70",
         ),
+        // Judged on the lower of the two ratios below: (a) measured right
+        // after a (c) load can be low (the daemon still busy, the host's
+        // neighbours), which flatters the ratio.
         (
-            "(c) best at batch 1000 / (a) on one session per core, measured between (c)'s",
-            &["/v1/unwrap, batch 1000, best", &a_beside_row(cores)],
-            |v| v[0] / v[1],
+            "(c) best at batch 1000 / (a) on one session per core, the lower of the two ratios below",
+            &["/v1/unwrap, batch 1000, best", &raw_cores, &a_beside_row(cores)],
+            |v| lower_ratio(v[0], v[1], v[2]),
             "≥ 0.85",
         ),
         (
             "(c) best at batch 1000 / (a) on one session per core, at the start",
             &["/v1/unwrap, batch 1000, best", &raw_cores],
+            |v| v[0] / v[1],
+            "(for comparison)",
+        ),
+        (
+            "(c) best at batch 1000 / (a) on one session per core, measured between (c)'s",
+            &["/v1/unwrap, batch 1000, best", &a_beside_row(cores)],
             |v| v[0] / v[1],
             "(for comparison)",
         ),
@@ -999,6 +1018,12 @@ impl DaemonMeans {
             })
             .collect()
     }
+}
+
+/// The lower of `value / a` and `value / b`: a ratio to (a) judged against
+/// the faster of two measurements of it.
+fn lower_ratio(value: f64, a: f64, b: f64) -> f64 {
+    (value / a).min(value / b)
 }
 
 /// (a) on one session per core, measured between (c)'s batch-1000 runs.
@@ -1460,7 +1485,7 @@ fn met(value: f64, wanted: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{assert_opened, median, met};
+    use super::{assert_opened, lower_ratio, median, met};
     use softhsm_tests::server::Response;
 
     #[test]
@@ -1499,6 +1524,13 @@ mod tests {
     #[should_panic(expected = "3 envelopes sent, 2 results back")]
     fn a_reply_with_too_few_results_stops_the_run() {
         assert_opened(&reply(200, OPENED_TWO), 3);
+    }
+
+    #[test]
+    fn c_over_a_takes_the_lower_ratio_whichever_a_is_faster() {
+        // 17:30 on 2026-12-03: (a) 5,755 at the start, 3,974 between.
+        assert_eq!(lower_ratio(3540.0, 5755.0, 3974.0), 3540.0 / 5755.0);
+        assert_eq!(lower_ratio(3540.0, 3974.0, 5755.0), 3540.0 / 5755.0);
     }
 
     #[test]
