@@ -63,8 +63,8 @@
 //!   (median of 3), a batch's shape with no lavd code;
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
-//!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --bench`
-//!   installs and starts);
+//!   and 3 over PostgreSQL, every daemon with (c)'s HSM pool (needs the
+//!   PostgreSQL that `.ci/setup --bench` installs and starts);
 //! - (i) single-envelope p50/p99 at 1 client without witnesses, and with
 //!   `release_after_witness` and 1 and 2 local `lavd witness serve`
 //!   witnesses (the quorum: all of them), each on a fresh token, in the
@@ -577,8 +577,15 @@ fn main() -> std::process::ExitCode {
             let token = TestToken::new();
             let pki = Pki::new(&token);
             let db = postgres.then(softhsm_tests::pg::TestDb::create);
+            // Every daemon of (h) has the same HSM pool, (c)'s: the
+            // comparison is of the stores, not of the sessions.
             match &db {
-                Some(db) => db.write_token_config(&token, &serve_config(&bench_toml())),
+                Some(db) => db.write_token_config_hsm(
+                    &token,
+                    &softhsm_tests::module_path(),
+                    &format!("sessions = {}\n", options.pool),
+                    &serve_config(&bench_toml()),
+                ),
                 None => token.write_config_with(
                     &softhsm_tests::module_path(),
                     options.pool,
