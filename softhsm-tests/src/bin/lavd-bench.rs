@@ -71,9 +71,12 @@
 //!   same run.
 //!
 //! Every timed unwrap reply must hold exactly its batch's results, all
-//! `ok`, and (d)'s refused request must be refused with 400
-//! `malformed_request`; anything else stops the run, so no figure counts
-//! an envelope the HSM did not open, or a refusal made for another reason.
+//! `ok`; after each throughput load the daemons' own count of successful
+//! HSM derives (`lavd_hsm_operation_duration_seconds_count{op="ecdh_derive",
+//! result="ok"}`) must have risen by at least the envelopes counted; and
+//! (d)'s refused request must be refused with 400 `malformed_request`;
+//! anything else stops the run, so no figure counts an envelope the HSM did
+//! not open, or a refusal made for another reason.
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
@@ -396,6 +399,7 @@ fn main() -> std::process::ExitCode {
                     raw_beside(&mut beside_1000);
                 }
                 let rate = unwrap_rate(
+                    std::slice::from_ref(&daemon),
                     std::slice::from_ref(&agency),
                     &body,
                     batch,
@@ -443,6 +447,7 @@ fn main() -> std::process::ExitCode {
             let agency = parties.clients(&pki, fresh.api).agency;
             let body = unwrap_body(&big_warrant("BENCH-E"), &envelope_json[..1000]);
             let rate = unwrap_rate(
+                std::slice::from_ref(&fresh),
                 std::slice::from_ref(&agency),
                 &body,
                 1000,
@@ -620,7 +625,14 @@ fn main() -> std::process::ExitCode {
             let body = unwrap_body(&warrant, &envelopes);
             let before = commits();
             let started = Instant::now();
-            let rate = unwrap_rate(&agencies, &body, 1000, 4 * replicas, options.seconds());
+            let rate = unwrap_rate(
+                &daemons,
+                &agencies,
+                &body,
+                1000,
+                4 * replicas,
+                options.seconds(),
+            );
             let commit_rate = (commits() - before) / started.elapsed().as_secs_f64();
             let single = unwrap_body(&warrant, &envelopes[..1]);
             let Latency { p50, p99, .. } =
@@ -1085,6 +1097,7 @@ fn fresh_batch_1000_best(options: &Options, leaves: u64) -> f64 {
         .into_iter()
         .map(|n| {
             unwrap_rate(
+                std::slice::from_ref(&daemon),
                 std::slice::from_ref(&clients.agency),
                 &body,
                 1000,
@@ -1145,17 +1158,27 @@ fn unwrap_body(warrant: &serde_json::Value, envelopes: &[serde_json::Value]) -> 
         .into_bytes()
 }
 
+/// The daemon's count of HSM derives that succeeded, one per envelope
+/// opened (a derive retried on a new session counts once).
+const DERIVES_OK: &str =
+    "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
+
 /// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
 /// its own kept-alive connection to one of `agencies` (round robin), send
 /// `body` until `duration` has passed (each at least once); the clock stops
-/// when the last reply arrives.
+/// when the last reply arrives. The envelopes counted, from the replies'
+/// statuses, must be matched by as many successful HSM derives in
+/// `daemons`' own metrics ([`assert_derived`]), or the run stops.
 fn unwrap_rate(
+    daemons: &[Daemon],
     agencies: &[Client],
     body: &[u8],
     batch: usize,
     clients: usize,
     duration: Duration,
 ) -> f64 {
+    let derives = || -> f64 { daemons.iter().map(|d| d.metric(DERIVES_OK)).sum() };
+    let derived_before = derives();
     let envelopes = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -1178,7 +1201,20 @@ fn unwrap_rate(
             });
         }
     });
-    envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let rate = envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    assert_derived(envelopes.into_inner(), derives() - derived_before);
+    rate
+}
+
+/// Stops the run unless the daemons' successful HSM derives during a load
+/// (`derived`, from their metrics) are at least the envelopes its replies
+/// said were opened (`counted`): a reply's `ok` is the daemon's word, the
+/// metric is what its HSM calls returned.
+fn assert_derived(counted: u64, derived: f64) {
+    assert!(
+        derived >= counted as f64,
+        "{counted} envelopes counted as opened, but the daemons' {DERIVES_OK} rose by {derived}"
+    );
 }
 
 /// Stops the run unless `r` is a 200 reply whose `batch` results all say
@@ -1548,7 +1584,7 @@ fn met(value: f64, wanted: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{assert_opened, lower_ratio, median, met};
+    use super::{assert_derived, assert_opened, lower_ratio, median, met};
     use softhsm_tests::server::Response;
 
     #[test]
@@ -1587,6 +1623,18 @@ mod tests {
     #[should_panic(expected = "3 envelopes sent, 2 results back")]
     fn a_reply_with_too_few_results_stops_the_run() {
         assert_opened(&reply(200, OPENED_TWO), 3);
+    }
+
+    #[test]
+    fn a_load_counts_only_envelopes_the_hsm_derived() {
+        assert_derived(3000, 3000.0);
+        assert_derived(3000, 3004.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "3000 envelopes counted as opened, but the daemons'")]
+    fn a_load_with_fewer_derives_than_envelopes_stops_the_run() {
+        assert_derived(3000, 2999.0);
     }
 
     #[test]
