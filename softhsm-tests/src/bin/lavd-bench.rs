@@ -49,8 +49,9 @@
 //! - (f) (c) at batch 1000 (best of 1, 4 and 16 clients) on a fresh daemon
 //!   whose log already holds 1,000,000 leaves (100,000 with `--quick`;
 //!   asserted of the store after the prefill), against its control, run
-//!   just before it: the same on a fresh token and daemon with an empty
-//!   log (the target); and, for comparison, against (c);
+//!   just before it: the same on the same fresh token and store, before
+//!   the prefill, with an empty log, on a daemon stopped before the
+//!   prefill (the target); and, for comparison, against (c);
 //! - (g) (a) and (c) at batch 1000 through the latency module
 //!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions:
 //!   first with every call returning 1 ms after it was made, SoftHSM's work
@@ -467,21 +468,13 @@ fn main() -> std::process::ExitCode {
     if options.runs('f') {
         // (f): the same at batch 1000 on a log that already holds many
         // leaves, against its control just before it: the same set-up
-        // (a fresh token and daemon, the same clients) with an empty log.
-        // (c)'s daemon is no control: it ran (d) and all of (c) first.
+        // (a fresh token, store and daemon, the same clients) with an
+        // empty log. (c)'s daemon is no control: it ran (d) and all of (c)
+        // first.
         let leaves = big_log_leaves(&options);
-        report.row(
-            "f",
-            F_CONTROL,
-            fresh_batch_1000_best(&options, 0),
-            "envelopes/s",
-        );
-        report.row(
-            "f",
-            &f_best_row(leaves),
-            fresh_batch_1000_best(&options, leaves),
-            "envelopes/s",
-        );
+        let (control, big) = f_big_log_and_control(&options, leaves);
+        report.row("f", F_CONTROL, control, "envelopes/s");
+        report.row("f", &f_best_row(leaves), big, "envelopes/s");
     }
 
     if options.runs('g') {
@@ -1062,11 +1055,13 @@ fn f_best_row(leaves: u64) -> String {
 const F_CONTROL: &str =
     "/v1/unwrap, batch 1000, best, fresh daemon with an empty log (control of the row below)";
 
-/// (c) at batch 1000, the best of 1, 4 and 16 clients for (c)'s time each,
-/// on a fresh token and daemon whose store holds `leaves` leaves before it
-/// starts ((f)), or (`leaves` 0, (f)'s control) only what the key's
-/// generation wrote.
-fn fresh_batch_1000_best(options: &Options, leaves: u64) -> f64 {
+/// (f) and its control: (c) at batch 1000, the best of 1, 4 and 16 clients
+/// for (c)'s time each, on a fresh token and store, first with a daemon on
+/// the empty log (only the key's generation leaf and what the daemon
+/// writes at start), then, once that daemon is stopped and the log filled
+/// up to `leaves`, with a new daemon on the same token and store. Returns
+/// (control, big log).
+fn f_big_log_and_control(options: &Options, leaves: u64) -> (f64, f64) {
     let token = TestToken::new();
     let pki = Pki::new(&token);
     token.write_config_with(
@@ -1075,37 +1070,40 @@ fn fresh_batch_1000_best(options: &Options, leaves: u64) -> f64 {
         &serve_config(&bench_toml()),
     );
     let escrow = vault::generate_escrow_key(&token, KID);
-    if leaves > 0 {
-        prefill(&token.path("lavd.db"), leaves);
-    }
     let envelopes: Vec<serde_json::Value> = sealed(&escrow, 1000)
         .iter()
         .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
         .collect();
-    let daemon = Daemon::start(&token);
-    daemon.wait_readyz(200);
-    let clients = Parties::new(&pki).clients(&pki, daemon.api);
-    // The daemon reads the store the prefill wrote (it may add a leaf of
-    // its own at start: `authorities_loaded`).
-    let size = vault::tree_size(&clients.auditor);
-    assert!(
-        size >= leaves,
-        "the daemon's log holds {size} leaves, {leaves} prefilled"
-    );
     let body = unwrap_body(&big_warrant("BENCH-F"), &envelopes);
-    [1usize, 4, 16]
-        .into_iter()
-        .map(|n| {
-            unwrap_rate(
-                std::slice::from_ref(&daemon),
-                std::slice::from_ref(&clients.agency),
-                &body,
-                1000,
-                n,
-                options.seconds(),
-            )
-        })
-        .fold(0f64, f64::max)
+    let parties = Parties::new(&pki);
+    let best = |prefilled: u64| -> f64 {
+        let daemon = Daemon::start(&token);
+        daemon.wait_readyz(200);
+        let clients = parties.clients(&pki, daemon.api);
+        // The daemon reads the store the prefill wrote (it may add a leaf
+        // of its own at start: `authorities_loaded`).
+        let size = vault::tree_size(&clients.auditor);
+        assert!(
+            size >= prefilled,
+            "the daemon's log holds {size} leaves, {prefilled} prefilled"
+        );
+        [1usize, 4, 16]
+            .into_iter()
+            .map(|n| {
+                unwrap_rate(
+                    std::slice::from_ref(&daemon),
+                    std::slice::from_ref(&clients.agency),
+                    &body,
+                    1000,
+                    n,
+                    options.seconds(),
+                )
+            })
+            .fold(0f64, f64::max)
+    };
+    let control = best(0);
+    prefill(&token.path("lavd.db"), leaves);
+    (control, best(leaves))
 }
 
 /// Leaves already in the log in (f).
