@@ -109,15 +109,27 @@ impl Shim {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
-    /// How many faults the module has injected so far (0 before the first).
+    /// How many faults the module has injected since it was loaded, PIN
+    /// refusals included (0 before the first).
     pub fn faults(&self) -> u64 {
+        self.stat("faults")
+    }
+
+    /// How many settings files the module has refused since it was loaded
+    /// (0 before the first): while the newest one is refused, every call
+    /// through the module fails with `CKR_GENERAL_ERROR`.
+    pub fn refused(&self) -> u64 {
+        self.stat("refused")
+    }
+
+    fn stat(&self, name: &str) -> u64 {
         let Ok(text) = std::fs::read_to_string(&self.stats) else {
             return 0;
         };
         text.lines()
-            .find_map(|l| l.strip_prefix("faults "))
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
             .and_then(|n| n.parse().ok())
-            .expect("faults line in the shim's stats")
+            .unwrap_or_else(|| panic!("no {name} line in the shim's stats:\n{text}"))
     }
 }
 

@@ -192,8 +192,9 @@ impl TestDb {
 
 impl TestDb {
     /// Writes `token`'s `lavd.toml` with this database as its store (the
-    /// password in `dbpass`, mode 600) and `extra` appended: every `lavd`
-    /// the token runs, and every replica, then shares it.
+    /// password in `dbpass`, mode 600), 4 HSM sessions, and `extra`
+    /// appended: every `lavd` the token runs, and every replica, then
+    /// shares it.
     pub fn write_token_config(&self, token: &crate::TestToken, extra: &str) {
         self.write_token_config_hsm(token, &crate::module_path(), "sessions = 4\n", extra);
     }

@@ -8,12 +8,25 @@
 //! - A call held by a `hang` fault completes once the fault is cleared.
 //! - When the fault clears, the same daemon serves again, without a restart,
 //!   and the warrant's budget shows that the failed requests spent nothing.
+//! - `fault_limit` counts the faults since the last settings change, not
+//!   since the module was loaded; `fault_probability` fails about that
+//!   share of the matching calls.
+//! - A settings file the module cannot take as written (a probability of
+//!   `50%`, a misspelled function, a negative count) is refused loudly:
+//!   every call fails (503 `hsm_unavailable`, `/readyz` 503) and the
+//!   module says why on stderr, until a good file replaces it.
 
 use std::time::Duration;
 
-use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
-use softhsm_tests::vault::{self, Parties};
+use lavd::jwk::P256PublicKey;
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki, Response};
+use softhsm_tests::vault::{self, Clients, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
+
+/// Successful derives, and reconnects of the session pool.
+const DERIVES_OK: &str =
+    "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
+const RECONNECTS: &str = "lavd_hsm_reconnects_total";
 
 /// The `opened` leaves of warrant `id` in the whole log.
 fn opened_leaves(auditor: &Client, id: &str) -> usize {
@@ -86,15 +99,20 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
 
     // A hung derive holds its request until the fault clears, then the
     // request completes normally.
+    // The faults above are counted already: wait for one more.
+    let faults_before = shim.faults();
     shim.set("fault = hang\nfault_calls = C_DeriveKey");
     let envelopes = vault::batch(&escrow, "hang", 1);
     let pending = std::thread::scope(|s| {
         let request = s.spawn(|| unwrap(&envelopes));
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while shim.faults() == 0 && std::time::Instant::now() < deadline {
+        while shim.faults() == faults_before && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(shim.faults() > 0, "the derive never reached the module");
+        assert!(
+            shim.faults() > faults_before,
+            "the derive never reached the module"
+        );
         std::thread::sleep(Duration::from_millis(200));
         assert!(!request.is_finished(), "a hung derive answered");
         shim.set("");
@@ -108,4 +126,205 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
     let r = unwrap(&vault::batch(&escrow, "over", 1));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
+}
+
+/// A daemon loading the module, its clients, the escrow key and a warrant
+/// with a budget these tests never reach.
+struct Through {
+    _t: TestToken,
+    shim: Shim,
+    daemon: Daemon,
+    c: Clients,
+    escrow: P256PublicKey,
+    warrant: serde_json::Value,
+}
+
+impl Through {
+    fn start(id: &str) -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let shim = Shim::new(&t);
+        // No effective rate limit: the probability test sends 120 requests.
+        t.write_config_with_module(
+            &shim_module_path(),
+            &format!("{}\n{}", shim.hsm_env(), softhsm_tests::faults::limits()),
+        );
+        vault::generate_escrow_key(&t, "E-1");
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let c = Parties::new(&pki).clients(&pki, daemon.api);
+        let escrow = vault::published_key(&c.provider, "E-1");
+        let warrant = vault::double_lock(&vault::claims(id, vault::recipient().public(), 100_000));
+        Through {
+            _t: t,
+            shim,
+            daemon,
+            c,
+            escrow,
+            warrant,
+        }
+    }
+
+    /// One single-envelope unwrap: one derive, and one more if the first
+    /// failed as a lost session (the daemon retries once on a new session).
+    fn unwrap_one(&self, tag: &str) -> Response {
+        vault::post(
+            &self.c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": self.warrant, "envelopes": vault::batch(&self.escrow, tag, 1)}),
+        )
+    }
+
+    fn assert_opened(&self, r: &Response, what: &str) {
+        assert_eq!(r.status, 200, "{what}: {}", r.text());
+        assert_eq!(vault::statuses(&r.json()), ["ok"], "{what}");
+    }
+}
+
+#[test]
+fn fault_limit_counts_the_faults_since_the_last_settings_change() {
+    let h = Through::start("FAULT-LIMIT");
+    // Faults before the change: four (two requests, each a derive and its
+    // retry on a new session). Counted since the load, they would already
+    // exceed the limits below.
+    h.shim
+        .set("fault = device_error\nfault_calls = C_DeriveKey");
+    for i in 0..2 {
+        h.unwrap_one(&format!("before-{i}"))
+            .assert_error(503, "hsm_unavailable");
+    }
+    assert_eq!(h.shim.faults(), 4, "a derive and its retry per request");
+
+    // fault_limit = 2: the next request's derive and its retry fail, and
+    // nothing after.
+    h.shim
+        .set("fault = device_error\nfault_calls = C_DeriveKey\nfault_limit = 2");
+    h.unwrap_one("limit-2").assert_error(503, "hsm_unavailable");
+    assert_eq!(h.shim.faults(), 6);
+    for i in 0..3 {
+        let r = h.unwrap_one(&format!("limit-2-after-{i}"));
+        h.assert_opened(&r, "after the limit");
+    }
+    assert_eq!(h.shim.faults(), 6, "a fault past the limit");
+
+    // fault_limit = 1: one derive fails, the daemon reconnects and its
+    // retry on a new session opens the envelope.
+    let reconnects = h.daemon.metric(RECONNECTS);
+    h.shim
+        .set("fault = device_error\nfault_calls = C_DeriveKey\nfault_limit = 1");
+    let r = h.unwrap_one("limit-1");
+    h.assert_opened(&r, "the retry after one fault");
+    assert_eq!(h.shim.faults(), 7);
+    assert_eq!(h.daemon.metric(RECONNECTS), reconnects + 1.0);
+    let r = h.unwrap_one("limit-1-after");
+    h.assert_opened(&r, "after the limit");
+    assert_eq!(h.shim.faults(), 7, "a fault past the limit");
+}
+
+#[test]
+fn fault_probability_fails_about_that_share_of_the_matching_calls() {
+    let h = Through::start("FAULT-PROBABILITY");
+    let derives = |h: &Through| h.daemon.metric(DERIVES_OK);
+
+    // 0: none fails.
+    h.shim
+        .set("fault = device_error\nfault_calls = C_DeriveKey\nfault_probability = 0");
+    for i in 0..20 {
+        let r = h.unwrap_one(&format!("never-{i}"));
+        h.assert_opened(&r, "probability 0");
+    }
+    assert_eq!(h.shim.faults(), 0);
+
+    // 0.5: a request's derive fails with probability 1/2, and so does its
+    // retry; the request fails only when both do. The matching calls are
+    // one per request plus one per failed first derive, so
+    // calls = requests + faults - refused requests.
+    h.shim
+        .set("fault = device_error\nfault_calls = C_DeriveKey\nfault_probability = 0.5");
+    let requests = 100;
+    let before = derives(&h);
+    let mut refused = 0u64;
+    for i in 0..requests {
+        let r = h.unwrap_one(&format!("half-{i}"));
+        if r.status == 503 {
+            r.assert_error(503, "hsm_unavailable");
+            refused += 1;
+        } else {
+            h.assert_opened(&r, "probability 0.5");
+        }
+    }
+    let faults = h.shim.faults();
+    assert_eq!(
+        derives(&h) - before,
+        (requests - refused) as f64,
+        "one successful derive per opened envelope"
+    );
+    let calls = requests + faults - refused;
+    let share = faults as f64 / calls as f64;
+    println!(
+        "probability 0.5: {faults} faults in {calls} matching calls, {refused} requests refused"
+    );
+    // About 150 calls: 0.35-0.65 is more than 3.5 standard deviations
+    // either side.
+    assert!(
+        (0.35..=0.65).contains(&share),
+        "{faults} faults in {calls} matching calls"
+    );
+    assert!(
+        refused > 0 && refused < requests / 2,
+        "{refused} requests refused"
+    );
+}
+
+#[test]
+fn a_settings_file_the_module_cannot_take_is_refused_and_every_call_fails() {
+    let h = Through::start("FAULT-SETTINGS");
+    let bad = [
+        (
+            "fault = device_error\nfault_calls = C_DeriveKey\nfault_probability = 50%",
+            "fault_probability = `50%`: not a number from 0 to 1",
+        ),
+        (
+            "fault = device_error\nfault_calls = C_DeriveKey\nfault_probability = 1.5",
+            "fault_probability = `1.5`: not a number from 0 to 1",
+        ),
+        (
+            "fault = device_error\nfault_calls = C_DeriveKy",
+            "fault_calls: `C_DeriveKy` is not a function this module forwards",
+        ),
+        (
+            "fault = device_error\nfault_calls = C_Initialize",
+            "fault_calls: `C_Initialize` is not a function this module forwards",
+        ),
+        (
+            "fault = device_error\nfault_calls = C_DeriveKey\nfault_after = -1",
+            "fault_after = `-1`: not a whole number",
+        ),
+        (
+            "fault = device_error\nfault_calls = C_DeriveKey\nfault_limit = 2x",
+            "fault_limit = `2x`: not a whole number",
+        ),
+        (
+            "delay_us = 1ms",
+            "delay_us = `1ms`: not a whole number of microseconds",
+        ),
+    ];
+    for (n, (settings, why)) in (1..).zip(bad) {
+        h.shim.set(settings);
+        h.unwrap_one(&format!("bad-{n}"))
+            .assert_error(503, "hsm_unavailable");
+        h.daemon.wait_readyz(503);
+        assert_eq!(h.shim.refused(), n, "{settings}");
+        assert_eq!(h.shim.faults(), 0, "{settings}: a fault was injected");
+        let stderr = h.daemon.stderr();
+        assert!(
+            stderr.contains("lavd-pkcs11-shim: ") && stderr.contains(why),
+            "{settings}: no `{why}` in\n{stderr}"
+        );
+        // A good file: the same daemon serves again.
+        h.shim.set("");
+        h.daemon.wait_readyz(200);
+        let r = h.unwrap_one(&format!("good-{n}"));
+        h.assert_opened(&r, settings);
+    }
 }

@@ -84,7 +84,7 @@ fn a_refused_pin_is_tried_once_until_a_reload_reads_a_new_one() {
     // Every session is lost (one lost-session fault on a derive): lavd
     // drops its sessions and is logged out, and it does not log in again.
     shim.set(&format!(
-        "{rotated}\nfault = session_handle_invalid\nfault_calls = C_DeriveKey\nfault_limit = 2"
+        "{rotated}\nfault = session_handle_invalid\nfault_calls = C_DeriveKey\nfault_limit = 1"
     ));
     unwrap("lost", 1).assert_error(503, "hsm_unavailable");
     assert_eq!(shim.faults(), 2, "the lost-session fault was not injected");

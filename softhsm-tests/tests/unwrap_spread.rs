@@ -4,10 +4,15 @@
 //! in front of SoftHSM, on a real `lavd serve` over mutual TLS:
 //!
 //! - an HSM failure in the middle of a 1000-envelope batch on 8 sessions
-//!   fails the whole request (503): no `opened` leaf, every leaf
-//!   `open_failed`, nothing spent; once the fault clears the same batch opens
-//!   in full, and the reply, opened with the recipient's key, gives every DEK
-//!   in request order; the budget is then spent exactly;
+//!   (the first 300 derives succeed, every later one fails) fails the whole
+//!   request (503): no `opened` leaf, every leaf `open_failed`, nothing
+//!   spent; once the fault clears the same batch opens in full, the reply,
+//!   opened with the recipient's key, gives every DEK in request order, its
+//!   checkpoint verifies and covers its leaves, which are the batch's 1000
+//!   envelopes, `opened`, in order; the budget is then spent exactly;
+//! - a session lost in the middle of such a batch (one derive answered
+//!   `CKR_SESSION_HANDLE_INVALID`) is retried once on a new session: the
+//!   batch opens in full, with the same audit and an exact budget;
 //! - the pool is shared fairly: single-envelope requests sent while a
 //!   1000-envelope batch runs at 1 ms per PKCS#11 call finish before it, and
 //!   that batch itself keeps several sessions busy at once.
@@ -16,7 +21,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use lavd::envelope::reply::{open_reply, Outcome};
+use lavd::audit::note::verify_note;
+use lavd::envelope::reply::{open_reply, OpenedReply, Outcome};
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
@@ -24,6 +30,7 @@ use time::OffsetDateTime;
 
 const DERIVES: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
 const BUSY: &str = "lavd_hsm_sessions_busy";
+const RECONNECTS: &str = "lavd_hsm_reconnects_total";
 
 /// `[roles]` plus limits that let a 1000-envelope batch through.
 fn config(shim: &Shim) -> String {
@@ -95,9 +102,12 @@ fn a_mid_batch_hsm_failure_on_spread_opens_releases_and_spends_nothing() {
     // The 301st derive and every later one fail, while up to 8 run at once.
     shim.set("fault = device_error\nfault_calls = C_DeriveKey\nfault_after = 300");
     let before = vault::tree_size(&c.auditor);
+    let derived = daemon.metric(DERIVES);
     let r = unwrap(&c.agency, &warrant, &envelopes);
     r.assert_error(503, "hsm_unavailable");
     assert!(shim.faults() > 0, "the module injected nothing");
+    // Mid-batch: exactly the 300 derives before the fault succeeded.
+    assert_eq!(daemon.metric(DERIVES) - derived, 300.0);
     // Audit before release: the request's leaves are all there, none says
     // `opened`, and every one says why not.
     let after = vault::tree_size(&c.auditor);
@@ -115,25 +125,95 @@ fn a_mid_batch_hsm_failure_on_spread_opens_releases_and_spends_nothing() {
     // Cleared: the same batch opens in full, in request order, and the
     // budget was untouched by the failed request.
     shim.set("");
+    let derived = daemon.metric(DERIVES);
     let r = unwrap(&c.agency, &warrant, &envelopes);
+    assert_released(&c, &recipient, id, &envelopes, "spread", &r);
+    assert_eq!(daemon.metric(DERIVES) - derived, 1000.0);
+
+    // Spent exactly: one more is over the grant.
+    assert_spent(&c, &escrow, &warrant);
+}
+
+#[test]
+fn a_session_lost_mid_batch_is_retried_on_a_new_session_and_the_batch_opens() {
+    let (_t, pki, shim, daemon) = start(8);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let id = "SPREAD-LOST-1";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 1000));
+    let envelopes = batch(&escrow, "lost", 1000);
+
+    // The 301st derive, and only it, finds its session gone.
+    shim.set(
+        "fault = session_handle_invalid\nfault_calls = C_DeriveKey\nfault_after = 300\nfault_limit = 1",
+    );
+    let derived = daemon.metric(DERIVES);
+    let reconnects = daemon.metric(RECONNECTS);
+    let r = unwrap(&c.agency, &warrant, &envelopes);
+    assert_eq!(shim.faults(), 1, "the module injected no fault, or more");
+    // The daemon reconnected once and opened that envelope on a new
+    // session: every envelope opened once, with its leaf.
+    assert_eq!(daemon.metric(RECONNECTS) - reconnects, 1.0);
+    assert_released(&c, &recipient, id, &envelopes, "lost", &r);
+    assert_eq!(daemon.metric(DERIVES) - derived, 1000.0);
+
+    // Spent exactly once per envelope, the retried one too.
+    assert_spent(&c, &escrow, &warrant);
+}
+
+/// Asserts that `r` released every envelope of `envelopes` (whose DEKs are
+/// [`dek`]`(tag, i)`) to `recipient`, in order, and that its audit is
+/// exactly theirs: its checkpoint verifies under the audit key and covers
+/// its leaves, which are one `opened` leaf of warrant `id` per envelope, in
+/// request order.
+fn assert_released(
+    c: &vault::Clients,
+    recipient: &lavd::jwk::P256PrivateKey,
+    id: &str,
+    envelopes: &[serde_json::Value],
+    tag: &str,
+    r: &softhsm_tests::server::Response,
+) {
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(vault::statuses(&r.json()), vec!["ok"; 1000]);
-    let opened = open_reply(&recipient, &vault::headers(&envelopes), &r.body).unwrap();
-    assert_eq!(opened.results.len(), 1000);
+    assert_eq!(vault::statuses(&r.json()), vec!["ok"; envelopes.len()]);
+    let opened: OpenedReply = open_reply(recipient, &vault::headers(envelopes), &r.body).unwrap();
     for (i, result) in opened.results.iter().enumerate() {
-        assert_eq!(result.index, i);
-        assert_eq!(
-            result.reference.as_deref(),
-            Some(format!("spread-{i}").as_str())
-        );
         match &result.outcome {
-            Outcome::Ok(got) => assert_eq!(got.as_slice(), dek("spread", i), "envelope {i}"),
+            Outcome::Ok(got) => assert_eq!(got.as_slice(), dek(tag, i), "envelope {i}"),
             other => panic!("envelope {i}: {other:?}"),
         }
     }
+    let checkpoint = verify_note(
+        opened.audit.checkpoint.as_str(),
+        &vault::verifier_key(&c.auditor),
+    )
+    .expect("the reply's checkpoint verifies under the audit key");
+    let (first, count) = (opened.audit.first_index, opened.audit.count);
+    assert_eq!(count, envelopes.len() as u64);
+    assert!(first + count <= checkpoint.size, "{checkpoint:?}");
+    let leaves = vault::entries(&c.auditor, first, first + count);
+    for (i, (entry, envelope)) in leaves.iter().zip(envelopes).enumerate() {
+        let leaf = &entry.leaf;
+        assert_eq!(leaf["event"], "unwrap", "leaf {i}: {leaf}");
+        assert_eq!(leaf["warrant_id"], id, "leaf {i}: {leaf}");
+        assert_eq!(leaf["outcome"], "opened", "leaf {i}: {leaf}");
+        assert_eq!(
+            leaf["envelope_digest"],
+            vault::envelope_digest(envelope),
+            "leaf {i}"
+        );
+    }
+}
 
-    // Spent exactly: one more is over the grant.
-    let r = unwrap(&c.agency, &warrant, &batch(&escrow, "over", 1));
+/// Asserts that `warrant` (a budget of 1000) has no envelope left.
+fn assert_spent(
+    c: &vault::Clients,
+    escrow: &lavd::jwk::P256PublicKey,
+    warrant: &serde_json::Value,
+) {
+    let r = unwrap(&c.agency, warrant, &batch(escrow, "over", 1));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
 }

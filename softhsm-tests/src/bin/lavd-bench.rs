@@ -24,7 +24,12 @@
 //! - (c) end-to-end `POST /v1/unwrap` over mTLS with durable audit, envelopes
 //!   per second, at batch 1, 100 and 1000 and 1, 4 and 16 clients (envelopes
 //!   and warrant built before timing; replies not opened while timing), on a
-//!   daemon with one HSM session per core (`--pool N` to change it);
+//!   daemon with one HSM session per core (`--pool N` to change it); its
+//!   target, best at batch 1000 ≥ 0.85 × (a) on one session per core, is
+//!   judged on the lower of two ratios: to (a) at the start, and to the
+//!   median of (a) measured between (c)'s batch-1000 loads (which can be
+//!   low, the daemon not yet idle); `--only c` measures (a) at the start
+//!   on one session per core for it;
 //! - (d) single-envelope latency p50/p99 on kept-alive connections at 1 and 8
 //!   clients, on the daemon of (c) before (c) runs, beside one derive plus
 //!   one durable SQLite commit on the same disk, one Ed25519 checkpoint
@@ -34,12 +39,19 @@
 //!   and, from the daemon's own histograms over the 1-client requests, the
 //!   mean time from request head to response, of its HSM derive, of its
 //!   checkpoint signature and of its audit append transaction;
-//! - (e) the daemon's peak RSS (`VmHWM`) under (c)'s largest load, 16
-//!   clients × 1000 envelopes, on a fresh daemon (the target), and after
-//!   all of (c) on the daemon that ran it (which also holds SoftHSM's own
-//!   per-derivation retention, about 240 B each);
-//! - (f) (c) at batch 1000 on a daemon whose log already holds 1,000,000
-//!   leaves (100,000 with `--quick`);
+//! - (e) the daemon's peak RSS (`VmHWM`) after all of (c), 16 clients ×
+//!   1000 envelopes included, on the daemon that ran it (and (d) before
+//!   it): the target, as an operator would read it from outside. It grows
+//!   with the envelopes the daemon has opened: SoftHSM 2.6.1 keeps about
+//!   240 B of each derived, destroyed session object in the session's
+//!   object store until `C_Finalize`. For comparison, the same on a fresh
+//!   daemon that ran only 16 × 1000 for (c)'s time;
+//! - (f) (c) at batch 1000 (best of 1, 4 and 16 clients) on a fresh daemon
+//!   whose log already holds 1,000,000 leaves (100,000 with `--quick`;
+//!   asserted of the store after the prefill), against its control, run
+//!   just before it: the same on the same fresh token and store, before
+//!   the prefill, with an empty log, on a daemon stopped before the
+//!   prefill (the target); and, for comparison, against (c);
 //! - (g) (a) and (c) at batch 1000 through the latency module
 //!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions:
 //!   first with every call returning 1 ms after it was made, SoftHSM's work
@@ -52,22 +64,26 @@
 //!   (median of 3), a batch's shape with no lavd code;
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
-//!   and 3 over PostgreSQL (needs the PostgreSQL that `.ci/setup --bench`
-//!   installs and starts);
+//!   and 3 over PostgreSQL, every daemon with (c)'s HSM pool (needs the
+//!   PostgreSQL that `.ci/setup --bench` installs and starts);
 //! - (i) single-envelope p50/p99 at 1 client without witnesses, and with
 //!   `release_after_witness` and 1 and 2 local `lavd witness serve`
 //!   witnesses (the quorum: all of them), each on a fresh token, in the
 //!   same run.
 //!
 //! Every timed unwrap reply must hold exactly its batch's results, all
-//! `ok`, and (d)'s refused request must be refused with 400
-//! `malformed_request`; anything else stops the run, so no figure counts
-//! an envelope the HSM did not open, or a refusal made for another reason.
+//! `ok`; after each throughput load the daemons' own count of successful
+//! HSM derives (`lavd_hsm_operation_duration_seconds_count{op="ecdh_derive",
+//! result="ok"}`) must have risen by at least the envelopes counted; and
+//! (d)'s refused request must be refused with 400 `malformed_request`;
+//! anything else stops the run, so no figure counts an envelope the HSM did
+//! not open, or a refusal made for another reason.
 //!
 //! `--quick` runs each measurement briefly: a smoke run, not figures.
 //! `--only PARTS` runs only the parts named by their letters (`--only de`:
-//! the single-envelope latency and, with its 16 × 1000 load, the peak RSS),
-//! for profiling one figure; the ratios of the parts not run are left out.
+//! the single-envelope latency and, after all of (c)'s loads, which (e)
+//! needs, the peak RSS), for profiling one figure; the ratios of the parts
+//! not run are left out.
 //! The daemons run with `MALLOC_ARENA_MAX=2`, as the systemd unit in
 //! `deploy/systemd/` sets it.
 //! With `LAVD_BINARY` set, the daemon is started as that command (a script
@@ -110,9 +126,9 @@ const SHIM_DELAY_US: u64 = 1000;
 /// twice (cryptoki's `get_attributes` asks for a variable-size value's
 /// length first, then reads it), `C_DestroyObject`.
 const CALLS_PER_OPEN: u64 = 4;
-/// (e) on the daemon that ran all of (c).
+/// (e) on the daemon that ran all of (c): the target.
 const E_AFTER_C: &str = "daemon peak RSS after all of (c)";
-/// (e) on a daemon that ran only 16 clients × batch 1000.
+/// (e) on a daemon that ran only 16 clients × batch 1000, for comparison.
 const E_FRESH: &str = "daemon peak RSS, fresh daemon, 16 × 1000 only";
 
 struct Options {
@@ -215,8 +231,15 @@ fn main() -> std::process::ExitCode {
     let envelopes = sealed(&escrow, 1000);
     let peers: Vec<P256PublicKey> = envelopes.iter().map(|e| e.enc().clone()).collect();
     let pkcs11 = softhsm_tests::harness().pkcs11();
-    if options.runs('a') {
-        let mut session_counts = vec![1, cores, options.pool];
+    // (e) is judged on the daemon after all of (c): it runs (c)'s loads.
+    let runs_c = options.runs('c') || options.runs('e');
+    // (c)'s target reads (a) on one session per core at the start too.
+    if options.runs('a') || runs_c {
+        let mut session_counts = if options.runs('a') {
+            vec![1, cores, options.pool]
+        } else {
+            vec![cores]
+        };
         session_counts.dedup();
         for n in session_counts {
             let raw = Raw::new(pkcs11, &token, n);
@@ -250,7 +273,7 @@ fn main() -> std::process::ExitCode {
         }
     }
 
-    if options.runs('c') || options.runs('d') || options.runs('e') {
+    if runs_c || options.runs('d') {
         // (c), (d), (e): the daemon.
         let envelope_json: Vec<serde_json::Value> = envelopes
             .iter()
@@ -355,7 +378,7 @@ fn main() -> std::process::ExitCode {
             report.row("d", D_SIGN_SPACED, sign_spaced * 1e3, "ms");
         }
         let mut best_1000 = 0f64;
-        let loads: &[(usize, &[usize])] = if options.runs('c') {
+        let loads: &[(usize, &[usize])] = if runs_c {
             &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])]
         } else {
             &[]
@@ -377,6 +400,7 @@ fn main() -> std::process::ExitCode {
                     raw_beside(&mut beside_1000);
                 }
                 let rate = unwrap_rate(
+                    std::slice::from_ref(&daemon),
                     std::slice::from_ref(&agency),
                     &body,
                     batch,
@@ -394,7 +418,7 @@ fn main() -> std::process::ExitCode {
                 );
             }
         }
-        if options.runs('c') {
+        if runs_c {
             raw_beside(&mut beside_1000);
             report.row(
                 "c",
@@ -404,22 +428,27 @@ fn main() -> std::process::ExitCode {
             );
             report.row("a", &a_beside_row(cores), median(&mut beside_1000), "ops/s");
         }
-        if options.runs('c') {
+        if runs_c {
+            // (e): the daemon that ran (d) and all of (c), as it would be
+            // seen from outside after such a run. It carries every
+            // derivation of (c), and SoftHSM 2.6.1 keeps about 240 B of
+            // each until C_Finalize (softhsm-tests/tests/hsm_sessions.rs),
+            // so the figure grows with the envelopes opened, which a faster
+            // machine opens more of in (c)'s fixed time.
             let rss = peak_rss_mib(daemon.pid());
             report.row("e", E_AFTER_C, rss, "MiB");
         }
         drop(daemon);
         if options.runs('e') {
-            // (e) proper: a daemon that has run only (c)'s largest load.
-            // The daemon above carries every derivation of (c), and SoftHSM
-            // 2.6.1 keeps about 240 B of each until C_Finalize
-            // (softhsm-tests/tests/hsm_sessions.rs): its figure grows with
-            // the machine's speed, not with lavd's working set.
+            // For comparison: a daemon that has run only (c)'s largest
+            // load, for (c)'s time: lavd's own working set under it, with
+            // less of SoftHSM's retention.
             let fresh = Daemon::start(&token);
             fresh.wait_readyz(200);
             let agency = parties.clients(&pki, fresh.api).agency;
             let body = unwrap_body(&big_warrant("BENCH-E"), &envelope_json[..1000]);
             let rate = unwrap_rate(
+                std::slice::from_ref(&fresh),
                 std::slice::from_ref(&agency),
                 &body,
                 1000,
@@ -437,42 +466,15 @@ fn main() -> std::process::ExitCode {
     }
 
     if options.runs('f') {
-        // (f): the same at batch 1000 on a log that already holds many leaves.
+        // (f): the same at batch 1000 on a log that already holds many
+        // leaves, against its control just before it: the same set-up
+        // (a fresh token, store and daemon, the same clients) with an
+        // empty log. (c)'s daemon is no control: it ran (d) and all of (c)
+        // first.
         let leaves = big_log_leaves(&options);
-        let big = TestToken::new();
-        let big_pki = Pki::new(&big);
-        big.write_config_with(
-            &softhsm_tests::module_path(),
-            options.pool,
-            &serve_config(&bench_toml()),
-        );
-        let big_escrow = vault::generate_escrow_key(&big, KID);
-        prefill(&big.path("lavd.db"), leaves);
-        let big_envelopes: Vec<serde_json::Value> = sealed(&big_escrow, 1000)
-            .iter()
-            .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
-            .collect();
-        let daemon = Daemon::start(&big);
-        daemon.wait_readyz(200);
-        let agency = Parties::new(&big_pki).clients(&big_pki, daemon.api).agency;
-        let body = unwrap_body(&big_warrant("BENCH-F"), &big_envelopes);
-        let mut best_big = 0f64;
-        for clients in [1usize, 4, 16] {
-            best_big = best_big.max(unwrap_rate(
-                std::slice::from_ref(&agency),
-                &body,
-                1000,
-                clients,
-                options.seconds(),
-            ));
-        }
-        report.row(
-            "f",
-            &format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves"),
-            best_big,
-            "envelopes/s",
-        );
-        drop(daemon);
+        let (control, big) = f_big_log_and_control(&options, leaves);
+        report.row("f", F_CONTROL, control, "envelopes/s");
+        report.row("f", &f_best_row(leaves), big, "envelopes/s");
     }
 
     if options.runs('g') {
@@ -573,8 +575,15 @@ fn main() -> std::process::ExitCode {
             let token = TestToken::new();
             let pki = Pki::new(&token);
             let db = postgres.then(softhsm_tests::pg::TestDb::create);
+            // Every daemon of (h) has the same HSM pool, (c)'s: the
+            // comparison is of the stores, not of the sessions.
             match &db {
-                Some(db) => db.write_token_config(&token, &serve_config(&bench_toml())),
+                Some(db) => db.write_token_config_hsm(
+                    &token,
+                    &softhsm_tests::module_path(),
+                    &format!("sessions = {}\n", options.pool),
+                    &serve_config(&bench_toml()),
+                ),
                 None => token.write_config_with(
                     &softhsm_tests::module_path(),
                     options.pool,
@@ -609,7 +618,14 @@ fn main() -> std::process::ExitCode {
             let body = unwrap_body(&warrant, &envelopes);
             let before = commits();
             let started = Instant::now();
-            let rate = unwrap_rate(&agencies, &body, 1000, 4 * replicas, options.seconds());
+            let rate = unwrap_rate(
+                &daemons,
+                &agencies,
+                &body,
+                1000,
+                4 * replicas,
+                options.seconds(),
+            );
             let commit_rate = (commits() - before) / started.elapsed().as_secs_f64();
             let single = unwrap_body(&warrant, &envelopes[..1]);
             let Latency { p50, p99, .. } =
@@ -706,8 +722,8 @@ fn main() -> std::process::ExitCode {
     let raw_cores = format!("raw derive+read+destroy, {cores} session(s)");
     let g_raw = G_LATENCY.raw_row(SHIM_POOL);
     let g_raw_added = G_ADDED.raw_row(SHIM_POOL);
-    let f_best = format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves");
-    let ratios: [Target<'_>; 15] = [
+    let f_best = f_best_row(leaves);
+    let ratios: &[Target<'_>] = &[
         (
             "(h) 1 replica on PostgreSQL / 1 on SQLite, batch 1000",
             &[
@@ -717,15 +733,24 @@ fn main() -> std::process::ExitCode {
             |v| v[0] / v[1],
             "≥ 0.70",
         ),
+        // Judged on the lower of the two ratios below: (a) measured right
+        // after a (c) load can be low (the daemon still busy, the host's
+        // neighbours), which flatters the ratio.
         (
-            "(c) best at batch 1000 / (a) on one session per core, measured between (c)'s",
-            &["/v1/unwrap, batch 1000, best", &a_beside_row(cores)],
-            |v| v[0] / v[1],
+            "(c) best at batch 1000 / (a) on one session per core, the lower of the two ratios below",
+            &["/v1/unwrap, batch 1000, best", &raw_cores, &a_beside_row(cores)],
+            |v| lower_ratio(v[0], v[1], v[2]),
             "≥ 0.85",
         ),
         (
             "(c) best at batch 1000 / (a) on one session per core, at the start",
             &["/v1/unwrap, batch 1000, best", &raw_cores],
+            |v| v[0] / v[1],
+            "(for comparison)",
+        ),
+        (
+            "(c) best at batch 1000 / (a) on one session per core, measured between (c)'s",
+            &["/v1/unwrap, batch 1000, best", &a_beside_row(cores)],
             |v| v[0] / v[1],
             "(for comparison)",
         ),
@@ -814,19 +839,35 @@ fn main() -> std::process::ExitCode {
             "(for comparison)",
         ),
         (
-            "(e) peak RSS at 16 × 1000 / 64 MiB",
-            &[E_FRESH],
+            "(e) peak RSS after all of (c), 16 × 1000 included / 64 MiB",
+            &[E_AFTER_C],
             |v| v[0] / 64.0,
             "≤ 1",
         ),
+        // What the target was judged on until 2026-12-05: a fresh daemon
+        // that ran 16 × 1000 only.
+        (
+            "(e) peak RSS of a fresh daemon that ran 16 × 1000 only / 64 MiB",
+            &[E_FRESH],
+            |v| v[0] / 64.0,
+            "(for comparison)",
+        ),
+        (
+            "(f) / the same on a fresh daemon with an empty log, just before, best at batch 1000",
+            &[&f_best, F_CONTROL],
+            |v| v[0] / v[1],
+            "≥ 0.9",
+        ),
+        // What (f) was judged against until 2026-12-05: (c) on a daemon
+        // that had run (d) and all of (c) first.
         (
             "(f) / (c), best at batch 1000",
             &[&f_best, "/v1/unwrap, batch 1000, best"],
             |v| v[0] / v[1],
-            "≥ 0.9",
+            "(for comparison)",
         ),
     ];
-    for (what, inputs, ratio, wanted) in ratios {
+    for &(what, inputs, ratio, wanted) in ratios {
         let values: Option<Vec<f64>> = inputs.iter().map(|name| report.get(name)).collect();
         if let Some(values) = values {
             report.ratio(what, ratio(&values), wanted);
@@ -983,6 +1024,12 @@ impl DaemonMeans {
     }
 }
 
+/// The lower of `value / a` and `value / b`: a ratio to (a) judged against
+/// the faster of two measurements of it.
+fn lower_ratio(value: f64, a: f64, b: f64) -> f64 {
+    (value / a).min(value / b)
+}
+
 /// (a) on one session per core, measured between (c)'s batch-1000 runs.
 fn a_beside_row(cores: usize) -> String {
     format!(
@@ -997,6 +1044,66 @@ fn latency_requests(options: &Options) -> usize {
     } else {
         1000
     }
+}
+
+/// (f)'s row: (c) at batch 1000 on a log of `leaves` leaves.
+fn f_best_row(leaves: u64) -> String {
+    format!("/v1/unwrap, batch 1000, best, log of {leaves} leaves")
+}
+
+/// (f)'s control row.
+const F_CONTROL: &str =
+    "/v1/unwrap, batch 1000, best, fresh daemon with an empty log (control of the row below)";
+
+/// (f) and its control: (c) at batch 1000, the best of 1, 4 and 16 clients
+/// for (c)'s time each, on a fresh token and store, first with a daemon on
+/// the empty log (only the key's generation leaf and what the daemon
+/// writes at start), then, once that daemon is stopped and the log filled
+/// up to `leaves`, with a new daemon on the same token and store. Returns
+/// (control, big log).
+fn f_big_log_and_control(options: &Options, leaves: u64) -> (f64, f64) {
+    let token = TestToken::new();
+    let pki = Pki::new(&token);
+    token.write_config_with(
+        &softhsm_tests::module_path(),
+        options.pool,
+        &serve_config(&bench_toml()),
+    );
+    let escrow = vault::generate_escrow_key(&token, KID);
+    let envelopes: Vec<serde_json::Value> = sealed(&escrow, 1000)
+        .iter()
+        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+        .collect();
+    let body = unwrap_body(&big_warrant("BENCH-F"), &envelopes);
+    let parties = Parties::new(&pki);
+    let best = |prefilled: u64| -> f64 {
+        let daemon = Daemon::start(&token);
+        daemon.wait_readyz(200);
+        let clients = parties.clients(&pki, daemon.api);
+        // The daemon reads the store the prefill wrote (it may add a leaf
+        // of its own at start: `authorities_loaded`).
+        let size = vault::tree_size(&clients.auditor);
+        assert!(
+            size >= prefilled,
+            "the daemon's log holds {size} leaves, {prefilled} prefilled"
+        );
+        [1usize, 4, 16]
+            .into_iter()
+            .map(|n| {
+                unwrap_rate(
+                    std::slice::from_ref(&daemon),
+                    std::slice::from_ref(&clients.agency),
+                    &body,
+                    1000,
+                    n,
+                    options.seconds(),
+                )
+            })
+            .fold(0f64, f64::max)
+    };
+    let control = best(0);
+    prefill(&token.path("lavd.db"), leaves);
+    (control, best(leaves))
 }
 
 /// Leaves already in the log in (f).
@@ -1049,17 +1156,27 @@ fn unwrap_body(warrant: &serde_json::Value, envelopes: &[serde_json::Value]) -> 
         .into_bytes()
 }
 
+/// The daemon's count of HSM derives that succeeded, one per envelope
+/// opened (a derive retried on a new session counts once).
+const DERIVES_OK: &str =
+    "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
+
 /// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
 /// its own kept-alive connection to one of `agencies` (round robin), send
 /// `body` until `duration` has passed (each at least once); the clock stops
-/// when the last reply arrives.
+/// when the last reply arrives. The envelopes counted, from the replies'
+/// statuses, must be matched by as many successful HSM derives in
+/// `daemons`' own metrics ([`assert_derived`]), or the run stops.
 fn unwrap_rate(
+    daemons: &[Daemon],
     agencies: &[Client],
     body: &[u8],
     batch: usize,
     clients: usize,
     duration: Duration,
 ) -> f64 {
+    let derives = || -> f64 { daemons.iter().map(|d| d.metric(DERIVES_OK)).sum() };
+    let derived_before = derives();
     let envelopes = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -1082,7 +1199,20 @@ fn unwrap_rate(
             });
         }
     });
-    envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let rate = envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    assert_derived(envelopes.into_inner(), derives() - derived_before);
+    rate
+}
+
+/// Stops the run unless the daemons' successful HSM derives during a load
+/// (`derived`, from their metrics) are at least the envelopes its replies
+/// said were opened (`counted`): a reply's `ok` is the daemon's word, the
+/// metric is what its HSM calls returned.
+fn assert_derived(counted: u64, derived: f64) {
+    assert!(
+        derived >= counted as f64,
+        "{counted} envelopes counted as opened, but the daemons' {DERIVES_OK} rose by {derived}"
+    );
 }
 
 /// Stops the run unless `r` is a 200 reply whose `batch` results all say
@@ -1334,12 +1464,15 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// Appends `leaves` key-generation leaves to the store at `path` before the
-/// daemon starts, in group commits of 1000, as the store itself writes them.
+/// Appends key-generation leaves to the store at `path` before the daemon
+/// starts, in group commits of 1000, as the store itself writes them, until
+/// its log holds exactly `leaves` (with the leaves already there).
 fn prefill(path: &std::path::Path, leaves: u64) {
     use lavd::audit::leaf::{Event, KeyGenerated};
     use lavd::store::{AuditAppend, AuditStore, Spend, Store};
     let store = Store::open(path).expect("store");
+    let there = store.tree_size().expect("tree size");
+    assert!(there < leaves, "{there} leaves before the prefill");
     let t0 = time::OffsetDateTime::now_utc();
     let event: Event = KeyGenerated::new(
         "prefill",
@@ -1350,7 +1483,7 @@ fn prefill(path: &std::path::Path, leaves: u64) {
     )
     .expect("event")
     .into();
-    let mut written = 0;
+    let mut written = there;
     while written < leaves {
         let n = 1000.min(leaves - written);
         store
@@ -1362,6 +1495,13 @@ fn prefill(path: &std::path::Path, leaves: u64) {
             .expect("append");
         written += n;
     }
+    // The row says the log holds `leaves`: a prefill that wrote elsewhere,
+    // or less, would make (f) a second control.
+    assert_eq!(
+        store.tree_size().expect("tree size"),
+        leaves,
+        "the log's size after the prefill"
+    );
     drop(store);
     // The prefill leaves hundreds of megabytes of dirty pages in the page
     // cache; written back by the kernel during (f)'s timing, they would
@@ -1442,7 +1582,7 @@ fn met(value: f64, wanted: &str) -> Option<bool> {
 
 #[cfg(test)]
 mod tests {
-    use super::{assert_opened, median, met};
+    use super::{assert_derived, assert_opened, lower_ratio, median, met};
     use softhsm_tests::server::Response;
 
     #[test]
@@ -1481,6 +1621,25 @@ mod tests {
     #[should_panic(expected = "3 envelopes sent, 2 results back")]
     fn a_reply_with_too_few_results_stops_the_run() {
         assert_opened(&reply(200, OPENED_TWO), 3);
+    }
+
+    #[test]
+    fn a_load_counts_only_envelopes_the_hsm_derived() {
+        assert_derived(3000, 3000.0);
+        assert_derived(3000, 3004.0);
+    }
+
+    #[test]
+    #[should_panic(expected = "3000 envelopes counted as opened, but the daemons'")]
+    fn a_load_with_fewer_derives_than_envelopes_stops_the_run() {
+        assert_derived(3000, 2999.0);
+    }
+
+    #[test]
+    fn c_over_a_takes_the_lower_ratio_whichever_a_is_faster() {
+        // 17:30 on 2026-12-03: (a) 5,755 at the start, 3,974 between.
+        assert_eq!(lower_ratio(3540.0, 5755.0, 3974.0), 3540.0 / 5755.0);
+        assert_eq!(lower_ratio(3540.0, 3974.0, 5755.0), 3540.0 / 5755.0);
     }
 
     #[test]
