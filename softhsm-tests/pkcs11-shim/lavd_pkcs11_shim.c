@@ -183,13 +183,11 @@ static int whole(const char *value, unsigned long max, unsigned long *out)
 	return 0;
 }
 
-/* Parses the file into `out`. Returns 0, -1 if it cannot be read, or -2
- * if it is refused, with the reason in `why` (see the header comment). */
-static int parse(const char *path, struct settings *out, char *why, size_t why_len)
+/* Parses the open settings file `f` into `out` (the caller closes it).
+ * Returns 0, or -2 if it is refused, with the reason in `why` (see the
+ * header comment). */
+static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 {
-	FILE *f = fopen(path, "r");
-	if (!f)
-		return -1;
 	memset(out, 0, sizeof(*out));
 	out->fault_probability = 1.0;
 	char line[8192];
@@ -198,7 +196,6 @@ static int parse(const char *path, struct settings *out, char *why, size_t why_l
 	do {                                                          \
 		int at = snprintf(why, why_len, "line %d: ", n);      \
 		snprintf(why + at, why_len - at, __VA_ARGS__);        \
-		fclose(f);                                            \
 		return -2;                                            \
 	} while (0)
 	while (fgets(line, sizeof line, f)) {
@@ -250,7 +247,9 @@ static int parse(const char *path, struct settings *out, char *why, size_t why_l
 			size_t used = 0;
 			out->fault_calls[used++] = ',';
 			int names = 0;
-			for (char *name = strtok(list, ", \t"); name; name = strtok(NULL, ", \t")) {
+			char *rest = NULL;
+			for (char *name = strtok_r(list, ", \t", &rest); name;
+			     name = strtok_r(NULL, ", \t", &rest)) {
 				if (!is_forwarded(name))
 					REFUSE("fault_calls: `%.200s` is not a function this module forwards", name);
 				size_t len = strlen(name);
@@ -292,7 +291,6 @@ static int parse(const char *path, struct settings *out, char *why, size_t why_l
 		}
 	}
 #undef REFUSE
-	fclose(f);
 	return 0;
 }
 
@@ -313,17 +311,26 @@ static void write_stats_locked(void)
 /* Re-reads the settings file if it changed. Called with `lock` held. */
 static void reload_locked(int force)
 {
+	/* The file is opened once and its identity read from what was opened:
+	 * a settings file renamed into place between a stat of the path and
+	 * the read would otherwise be recorded as the old one and applied
+	 * again at the next check, resetting the counts of the new one. */
 	struct stat st;
-	if (!cfg_path[0] || stat(cfg_path, &st) != 0)
+	if (!cfg_path[0])
 		return;
-	if (!force && st.st_size == cfg_size && st.st_ino == cfg_ino &&
-	    st.st_mtim.tv_sec == cfg_mtime.tv_sec && st.st_mtim.tv_nsec == cfg_mtime.tv_nsec)
+	FILE *f = fopen(cfg_path, "r");
+	if (!f)
 		return;
+	if (fstat(fileno(f), &st) != 0 ||
+	    (!force && st.st_size == cfg_size && st.st_ino == cfg_ino &&
+	     st.st_mtim.tv_sec == cfg_mtime.tv_sec && st.st_mtim.tv_nsec == cfg_mtime.tv_nsec)) {
+		fclose(f);
+		return;
+	}
 	struct settings next;
 	char why[512];
-	int parsed = parse(cfg_path, &next, why, sizeof why);
-	if (parsed == -1)
-		return;
+	int parsed = parse(f, &next, why, sizeof why);
+	fclose(f);
 	cfg_size = st.st_size;
 	cfg_ino = st.st_ino;
 	cfg_mtime = st.st_mtim;

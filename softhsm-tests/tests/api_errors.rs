@@ -87,11 +87,21 @@ fn malformed_json_on_a_post_route_is_400() {
             .request("POST", "/v1/unwrap", &[], Some(body))
             .unwrap();
         let message = r.assert_error(400, "malformed_request");
-        if body.starts_with(b"{\"warrant\":{},") || body.starts_with(b"{\"envelopes") {
-            let named = ["extra", "envelopes", "warrant"]
-                .iter()
-                .any(|member| message.contains(member));
-            assert!(named, "{message}");
+        // The member at fault is named (serde's message for an unknown
+        // field lists the expected ones too, so `extra` is the telling one).
+        let at_fault = if body.ends_with(b"\"extra\":1}") {
+            Some("unknown field `extra`")
+        } else if body.starts_with(b"{\"warrant\":{},\"envelopes\":[{}],\"envelopes") {
+            Some("duplicate field `envelopes`")
+        } else if body.starts_with(b"{\"warrant\":{},\"warrant") {
+            Some("duplicate field `warrant`")
+        } else if body.starts_with(b"{\"envelopes") {
+            Some("missing field `warrant`")
+        } else {
+            None
+        };
+        if let Some(named) = at_fault {
+            assert!(message.contains(named), "{message}");
         }
     }
     // A well-formed request gets past the role check and the parser to the

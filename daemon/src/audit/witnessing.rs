@@ -583,6 +583,19 @@ impl Witnessing {
                     }
                 }
             }
+            // The checkpoint had the size the witness says it holds, so
+            // its 422 can only mean another root at that size: a fork
+            // (C2SP tlog-witness has answered that 422 since 2026-07-06;
+            // 409 with that size before, handled above).
+            422 if old == size => {
+                tracing::error!(
+                    witness = %w.name, size, body = %excerpt,
+                    "witness holds a checkpoint of this size with another root (a fork, or \
+                     another log with this origin); backing off"
+                );
+                self.outcome(&w.name, "fork");
+                Err(())
+            }
             status @ (400 | 403 | 404 | 422) => {
                 let outcome = match status {
                     400 => "bad_request",
@@ -1110,6 +1123,83 @@ mod tests {
         assert_eq!(store.last_cosigned("w4.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
+        // Not taken for a fork: its size was not the log's.
+        assert!(!counted(
+            r#"lavd_witness_requests_total{outcome="fork",witness="w5.test"}"#
+        ));
+        drop(runtime);
+    }
+
+    /// A witness holding another root at the log's own size (shown a
+    /// fork) answers the log's checkpoint of that size 422 once the
+    /// submitter has learned the size from its 409: counted as `fork`, not
+    /// as a bad proof, and it holds up no quorum of the others.
+    #[test]
+    fn a_witness_with_another_root_at_the_logs_size_is_counted_as_a_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let ((u1, k1, _), (u5, k5, s5)) = runtime.block_on(async {
+            (
+                witness(dir.path(), "w1.test", 1, log_key(), &ca).await,
+                witness(dir.path(), "w5.test", 5, log_key(), &ca).await,
+            )
+        });
+        let size = grow(&store, 3);
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: store.checkpoint_at(size).unwrap().unwrap(),
+        }
+        .encode();
+        let sk5 = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+        let outcome = s5
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, &|| 1, |m| {
+                Ok::<_, ()>(sk5.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+        rusqlite::Connection::open(dir.path().join("5.db"))
+            .unwrap()
+            .execute("UPDATE cosigned SET root = zeroblob(32)", [])
+            .unwrap();
+
+        let policy_text = format!("witness A {k1}\nwitness E {k5}\ngroup q all A\nquorum q\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir.path(), &[(&u1, &k1), (&u5, &k5)], &policy_text, &ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let waiter = witnessing.clone();
+        std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap()
+            .unwrap();
+        let counted = |series: &str| {
+            metrics
+                .render()
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with(series))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !counted(r#"lavd_witness_requests_total{outcome="fork",witness="w5.test"}"#) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no fork counted:\n{}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!counted(
+            r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#
+        ));
+        assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
         drop(runtime);
     }
 
