@@ -17,24 +17,10 @@ use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{interop_python, TestToken};
 use time::{Duration, OffsetDateTime};
 
-/// Signs stdin-given payload bytes with a private JWK as a one-signature JWS
-/// and prints jwcrypto's JSON serialization of it (flattened for one
-/// signature).
-const SIGN: &str = r#"
-import json, sys
-from jwcrypto import jwk, jws
-key = jwk.JWK.from_json(open(sys.argv[1]).read())
-payload = open(sys.argv[2], "rb").read()
-token = jws.JWS(payload)
-token.add_signature(key, alg=sys.argv[3],
-                    protected=json.dumps({"alg": sys.argv[3], "kid": sys.argv[4]}))
-sys.stdout.write(token.serialize())
-"#;
-
 /// Signs the payload bytes of file argv[1] with each private JWK file of
 /// argv[2..] (`alg:kid:path`), in turn, and prints jwcrypto's JSON
-/// serialization (the General form for more than one signature).
-const SIGN_ALL: &str = r#"
+/// serialization (flattened for one signature, General for more).
+const SIGN: &str = r#"
 import json, sys
 from jwcrypto import jwk, jws
 token = jws.JWS(open(sys.argv[1], "rb").read())
@@ -45,14 +31,16 @@ for spec in sys.argv[2:]:
 sys.stdout.write(token.serialize())
 "#;
 
-/// jwcrypto's JWS over `payload` signed by both of the harness's
-/// authorities (ES256 `executive-1`, EdDSA `judicial-1`).
-fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
-    let a = authorities();
-    let data = dir.join("payload-2");
+/// jwcrypto's JWS over `payload`, signed by each of `keys` in turn.
+fn jwcrypto(
+    dir: &Path,
+    payload: &[u8],
+    keys: &[&lavd::warrant::AuthorityKey],
+) -> serde_json::Value {
+    let data = dir.join("payload");
     std::fs::write(&data, payload).unwrap();
     let mut specs = Vec::new();
-    for key in [&a.executive, &a.judicial] {
+    for key in keys {
         let file = dir.join(format!("{}.jwk", key.kid()));
         std::fs::write(
             &file,
@@ -67,7 +55,7 @@ fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
         ));
     }
     let out = Command::new(interop_python())
-        .args(["-c", SIGN_ALL])
+        .args(["-c", SIGN])
         .arg(&data)
         .args(&specs)
         .output()
@@ -77,7 +65,14 @@ fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
         "jwcrypto: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let jws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// jwcrypto's JWS over `payload` signed by both of the harness's
+/// authorities (ES256 `executive-1`, EdDSA `judicial-1`): the General form.
+fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
+    let a = authorities();
+    let jws = jwcrypto(dir, payload, &[&a.executive, &a.judicial]);
     let algs: Vec<String> = jws["signatures"]
         .as_array()
         .unwrap_or_else(|| panic!("not the General form: {jws}"))
@@ -93,31 +88,9 @@ fn jwcrypto_double_lock(dir: &Path, payload: &[u8]) -> serde_json::Value {
 }
 
 /// jwcrypto's JWS over `payload`, signed by the harness's executive
-/// authority (ES256, `executive-1`).
+/// authority (ES256, `executive-1`): the flattened form.
 fn jwcrypto_sign(dir: &Path, payload: &[u8]) -> serde_json::Value {
-    let executive = &authorities().executive;
-    let key = dir.join("executive-1.jwk");
-    let data = dir.join("payload");
-    std::fs::write(
-        &key,
-        serde_json::to_string(&executive.private_jwk().unwrap()).unwrap(),
-    )
-    .unwrap();
-    std::fs::write(&data, payload).unwrap();
-    let out = Command::new(interop_python())
-        .args(["-c", SIGN])
-        .arg(&key)
-        .arg(&data)
-        .args([executive.alg().name(), executive.kid()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "jwcrypto: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let jws: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // It is the flattened form, not the General one.
+    let jws = jwcrypto(dir, payload, &[&authorities().executive]);
     let mut members: Vec<&str> = jws
         .as_object()
         .unwrap()

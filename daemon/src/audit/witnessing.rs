@@ -805,6 +805,37 @@ mod tests {
         witness_of(dir, name, seed, ORIGIN, trusts, ca, None).await
     }
 
+    /// Has the test witness of `seed` (its `state` and `key`) cosign the
+    /// log's checkpoint of `size`, then corrupts its record (another root
+    /// at that size), as a witness that was shown a fork would hold.
+    fn shown_a_fork(
+        dir: &Path,
+        store: &Store,
+        state: &WitnessState,
+        key: &CosignerKey,
+        seed: u8,
+        size: u64,
+    ) {
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: store.checkpoint_at(size).unwrap().unwrap(),
+        }
+        .encode();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let outcome = state
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], key, &|| 1, |m| {
+                Ok::<_, ()>(sk.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+        rusqlite::Connection::open(dir.join(format!("{seed}.db")))
+            .unwrap()
+            .execute("UPDATE cosigned SET root = zeroblob(32)", [])
+            .unwrap();
+    }
+
     /// Run by a test witness on each request before it answers it.
     type Hook = Arc<dyn Fn(&WitnessState) + Send + Sync>;
 
@@ -1055,24 +1086,7 @@ mod tests {
         // w5 cosigns size 3, then its record is corrupted (another root at
         // that size), as a witness that was shown a fork would hold.
         let first = grow(&store, 3);
-        let body = AddCheckpoint {
-            old_size: 0,
-            proof: Vec::new(),
-            checkpoint: store.checkpoint_at(first).unwrap().unwrap(),
-        }
-        .encode();
-        let sk5 = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-        let outcome = s5
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, &|| 1, |m| {
-                Ok::<_, ()>(sk5.sign(m).to_bytes())
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(outcome.status(), 200);
-        rusqlite::Connection::open(dir.path().join("5.db"))
-            .unwrap()
-            .execute("UPDATE cosigned SET root = zeroblob(32)", [])
-            .unwrap();
+        shown_a_fork(dir.path(), &store, &s5, &k5, 5, first);
         let size = grow(&store, 4);
 
         let policy_text =
@@ -1147,24 +1161,7 @@ mod tests {
             )
         });
         let size = grow(&store, 3);
-        let body = AddCheckpoint {
-            old_size: 0,
-            proof: Vec::new(),
-            checkpoint: store.checkpoint_at(size).unwrap().unwrap(),
-        }
-        .encode();
-        let sk5 = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
-        let outcome = s5
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k5, &|| 1, |m| {
-                Ok::<_, ()>(sk5.sign(m).to_bytes())
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(outcome.status(), 200);
-        rusqlite::Connection::open(dir.path().join("5.db"))
-            .unwrap()
-            .execute("UPDATE cosigned SET root = zeroblob(32)", [])
-            .unwrap();
+        shown_a_fork(dir.path(), &store, &s5, &k5, 5, size);
 
         let policy_text = format!("witness A {k1}\nwitness E {k5}\ngroup q all A\nquorum q\n");
         let metrics = Arc::new(Metrics::new().unwrap());

@@ -275,10 +275,7 @@ fn main() -> std::process::ExitCode {
 
     if runs_c || options.runs('d') {
         // (c), (d), (e): the daemon.
-        let envelope_json: Vec<serde_json::Value> = envelopes
-            .iter()
-            .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
-            .collect();
+        let envelope_json = as_json(&envelopes);
         let daemon = Daemon::start(&token);
         daemon.wait_readyz(200);
         let parties = Parties::new(&pki);
@@ -488,10 +485,7 @@ fn main() -> std::process::ExitCode {
             &format!("{}\n{}", shim.hsm_env(), serve_config(&bench_toml())),
         );
         let slow_escrow = vault::generate_escrow_key(&slow, KID);
-        let slow_envelopes: Vec<serde_json::Value> = sealed(&slow_escrow, 1000)
-            .iter()
-            .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
-            .collect();
+        let slow_envelopes: Vec<serde_json::Value> = sealed_json(&slow_escrow, 1000);
         let daemon = Daemon::start(&slow);
         daemon.wait_readyz(200);
         let agency = Parties::new(&slow_pki)
@@ -591,10 +585,7 @@ fn main() -> std::process::ExitCode {
                 ),
             }
             let escrow = vault::generate_escrow_key(&token, KID);
-            let envelopes: Vec<serde_json::Value> = sealed(&escrow, 1000)
-                .iter()
-                .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
-                .collect();
+            let envelopes: Vec<serde_json::Value> = sealed_json(&escrow, 1000);
             let daemons: Vec<Daemon> = (0..replicas)
                 .map(|i| Daemon::start_replica(&token, &format!("replica-{i}")))
                 .collect();
@@ -1070,10 +1061,7 @@ fn f_big_log_and_control(options: &Options, leaves: u64) -> (f64, f64) {
         &serve_config(&bench_toml()),
     );
     let escrow = vault::generate_escrow_key(&token, KID);
-    let envelopes: Vec<serde_json::Value> = sealed(&escrow, 1000)
-        .iter()
-        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
-        .collect();
+    let envelopes: Vec<serde_json::Value> = sealed_json(&escrow, 1000);
     let body = unwrap_body(&big_warrant("BENCH-F"), &envelopes);
     let parties = Parties::new(&pki);
     let best = |prefilled: u64| -> f64 {
@@ -1132,6 +1120,19 @@ fn big_warrant(id: &str) -> serde_json::Value {
 }
 
 /// `n` envelopes to escrow key `KID`, each with its own DEK.
+/// `envelopes` as the JSON values a request body carries.
+fn as_json(envelopes: &[Envelope]) -> Vec<serde_json::Value> {
+    envelopes
+        .iter()
+        .map(|e| serde_json::from_str(&e.to_json()).expect("json"))
+        .collect()
+}
+
+/// [`sealed`], as the JSON values a request body carries.
+fn sealed_json(escrow: &P256PublicKey, n: usize) -> Vec<serde_json::Value> {
+    as_json(&sealed(escrow, n))
+}
+
 fn sealed(escrow: &P256PublicKey, n: usize) -> Vec<Envelope> {
     let now = time::OffsetDateTime::now_utc();
     (0..n)
