@@ -234,9 +234,11 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 1 << 24;
 /// entries until memory ran out.
 fn within_max_entries(size: u64, max: u64) -> anyhow::Result<()> {
     if size > max {
-        anyhow::bail!(
-            "log_too_large: the signed checkpoint claims {size} entries, more than --max-entries {max}"
-        );
+        return Err(super::Refused::new(
+            "log_too_large",
+            format!("the signed checkpoint claims {size} entries, more than --max-entries {max}"),
+        )
+        .into());
     }
     Ok(())
 }
@@ -764,22 +766,29 @@ fn read_tiles(
     within_max_entries(signed.size, max_entries)?;
     if let Some(older) = older {
         if older.size > signed.size {
-            anyhow::bail!(
-                "consistency_sizes_reversed: the log's checkpoint has size {}, smaller than the {} already held",
-                signed.size,
-                older.size
-            );
+            return Err(super::Refused::new(
+                "consistency_sizes_reversed",
+                format!(
+                    "the log's checkpoint has size {}, smaller than the {} already held",
+                    signed.size, older.size
+                ),
+            )
+            .into());
         }
     }
-    // A refused tile is reported by its stable code, then what was wrong.
-    let refused = |e: crate::audit::tiles::TileError| anyhow::anyhow!("{}: {e}", e.code());
+    // A refused tile is reported by its stable code (`error_code`), then
+    // what was wrong.
+    let refused = anyhow::Error::from;
     let reader = TileReader::new(source, signed.size);
     let mismatch = |tile: &Tile, i: usize| {
-        anyhow::anyhow!(
-            "root_mismatch: hash {i} of tile {} is not what the tree of size {} holds there",
-            tile.path(),
-            signed.size
-        )
+        anyhow::Error::from(super::Refused::new(
+            "root_mismatch",
+            format!(
+                "hash {i} of tile {} is not what the tree of size {} holds there",
+                tile.path(),
+                signed.size
+            ),
+        ))
     };
     // The hash tiles first (32 bytes a leaf): every tile above level 0 held
     // to the tiles below it, and the whole to the signed root. Only then
@@ -812,21 +821,28 @@ fn read_tiles(
     }
     let root = crate::audit::merkle::root(&reader, signed.size).context("the hash tiles")?;
     if root != signed.root {
-        anyhow::bail!(
-            "root_mismatch: the hash tiles of size {} do not hash to the checkpoint's root",
-            signed.size
-        );
+        return Err(super::Refused::new(
+            "root_mismatch",
+            format!(
+                "the hash tiles of size {} do not hash to the checkpoint's root",
+                signed.size
+            ),
+        )
+        .into());
     }
     // The older tree's root, from the same (verified) tiles: equal means
     // the new tree extends it.
     if let Some(older) = older {
         let old_root = crate::audit::merkle::root(&reader, older.size).context("the hash tiles")?;
         if old_root != older.root {
-            anyhow::bail!(
-                "old_root_mismatch: the log of size {} does not extend the checkpoint of size {} already held",
-                signed.size,
-                older.size
-            );
+            return Err(super::Refused::new(
+                "old_root_mismatch",
+                format!(
+                    "the log of size {} does not extend the checkpoint of size {} already held",
+                    signed.size, older.size
+                ),
+            )
+            .into());
         }
     }
     let mut entries = Vec::new();

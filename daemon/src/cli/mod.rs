@@ -124,24 +124,10 @@ pub fn main() -> std::process::ExitCode {
                 .filter(|d| !d.is_empty())
                 .map(|d| format!(" ({d})"))
                 .unwrap_or_default();
-            // Every error has a code: a script keys on it. Some errors
-            // carry theirs as the first word of their text (`root_mismatch:
-            // …`); `command_failed` is what no more precise code names.
-            let text = format!("{e:#}");
-            let code = match error_code(&e) {
-                Some(code) => {
-                    eprintln!("lavd: {code}: {text}{detail}");
-                    code
-                }
-                None if code_in_text(&text).is_some() => {
-                    eprintln!("lavd: {text}{detail}");
-                    code_in_text(&text).unwrap_or_default()
-                }
-                None => {
-                    eprintln!("lavd: command_failed: {text}{detail}");
-                    "command_failed"
-                }
-            };
+            // Every error has a code: a script keys on it. `command_failed`
+            // is what no more precise code names.
+            let code = error_code(&e).unwrap_or("command_failed");
+            eprintln!("lavd: {code}: {e:#}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
             } else if code == "usage" {
@@ -280,14 +266,6 @@ pub(crate) fn read_input_within(
     })
 }
 
-/// The code an error's text starts with (`bundle_malformed: …`), for the
-/// errors that carry theirs in their text: a word of lower-case letters and
-/// `_` with at least one `_`, then `: `.
-fn code_in_text(text: &str) -> Option<&str> {
-    let (word, _) = text.split_once(": ")?;
-    (word.contains('_') && word.chars().all(|c| c.is_ascii_lowercase() || c == '_')).then_some(word)
-}
-
 /// The stable code of a command's error, for scripts that read stderr.
 pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if is_bad_config(e) {
@@ -387,31 +365,5 @@ impl ConfigArg {
             tracing::warn!("{warning}");
         }
         Ok(settings)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_code_at_the_start_of_an_errors_text_is_taken_as_its_code() {
-        use super::code_in_text;
-        assert_eq!(
-            code_in_text("bundle_malformed: tile/entries/002.p/240: entry 0 is truncated"),
-            Some("bundle_malformed")
-        );
-        assert_eq!(
-            code_in_text("root_mismatch: hash 3 of tile 0/000"),
-            Some("root_mismatch")
-        );
-        // Not a code: a path, a sentence, a single word.
-        for text in [
-            "/etc/lavd/key: not hex",
-            "no tile holds hash (1, 2): why",
-            "connection: refused",
-            "Bad_word: x",
-            "not_a_code",
-        ] {
-            assert_eq!(code_in_text(text), None, "{text}");
-        }
     }
 }

@@ -288,7 +288,8 @@ impl NewArgs {
     /// As [`Self::payload`], or the claims' [`WarrantError`].
     pub fn build(&self) -> anyhow::Result<String> {
         let payload = self.payload()?;
-        unsigned_warrant(&payload).map_err(|e| anyhow::anyhow!("{}: {e}", e.code()))
+        // Its code is printed by `error_code`.
+        unsigned_warrant(&payload).map_err(anyhow::Error::from)
     }
 }
 

@@ -1119,7 +1119,6 @@ fn big_warrant(id: &str) -> serde_json::Value {
     vault::double_lock(&vault::claims(id, recipient.public(), 1_000_000_000_000))
 }
 
-/// `n` envelopes to escrow key `KID`, each with its own DEK.
 /// `envelopes` as the JSON values a request body carries.
 fn as_json(envelopes: &[Envelope]) -> Vec<serde_json::Value> {
     envelopes
@@ -1133,6 +1132,7 @@ fn sealed_json(escrow: &P256PublicKey, n: usize) -> Vec<serde_json::Value> {
     as_json(&sealed(escrow, n))
 }
 
+/// `n` envelopes to escrow key `KID`, each with its own DEK.
 fn sealed(escrow: &P256PublicKey, n: usize) -> Vec<Envelope> {
     let now = time::OffsetDateTime::now_utc();
     (0..n)
