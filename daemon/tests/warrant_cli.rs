@@ -319,7 +319,11 @@ fn new_from_claims_file_and_refusals() {
     bad["targets"] = serde_json::json!([]);
     std::fs::write(&claims_path, bad.to_string()).unwrap();
     let err = run(&["new", "--claims", s(&claims_path)]).unwrap_err();
-    assert_eq!(lavd::cli::error_code(&err), Some("malformed_warrant"), "{err}");
+    assert_eq!(
+        lavd::cli::error_code(&err),
+        Some("malformed_warrant"),
+        "{err}"
+    );
 
     // The recipient must be a public key: an agency's private key file is refused.
     let private = d.join("agency.jwk");

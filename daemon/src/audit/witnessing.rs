@@ -805,6 +805,33 @@ mod tests {
         witness_of(dir, name, seed, ORIGIN, trusts, ca, None).await
     }
 
+    /// Starts `witnessing`'s submitters on `runtime`, tells them the log
+    /// signed a checkpoint of `signed`, and waits for a quorum-cosigned one
+    /// of at least `until`, which it returns.
+    fn started_until_quorum(
+        runtime: &tokio::runtime::Runtime,
+        witnessing: &Arc<Witnessing>,
+        signed: u64,
+        until: u64,
+    ) -> String {
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(signed);
+        let waiter = witnessing.clone();
+        std::thread::spawn(move || waiter.wait_for_quorum(until))
+            .join()
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Whether `metrics` has a series starting with `series`.
+    fn counted(metrics: &Metrics, series: &str) -> bool {
+        metrics
+            .render()
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with(series))
+    }
+
     /// Has the test witness of `seed` (its `state` and `key`) cosign the
     /// log's checkpoint of `size`, then corrupts its record (another root
     /// at that size), as a witness that was shown a fork would hold.
@@ -1023,13 +1050,7 @@ mod tests {
             store.clone(),
             None,
         ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let waiter = witnessing.clone();
-        let cosigned = std::thread::spawn(move || waiter.wait_for_quorum(size))
-            .join()
-            .unwrap()
-            .unwrap();
+        let cosigned = started_until_quorum(&runtime, &witnessing, size, size);
         let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
         let (checkpoint, valid) = policy.verify(&cosigned).unwrap();
         assert_eq!(
@@ -1102,20 +1123,8 @@ mod tests {
             store.clone(),
             Some(metrics.clone()),
         ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let waiter = witnessing.clone();
-        std::thread::spawn(move || waiter.wait_for_quorum(size))
-            .join()
-            .unwrap()
-            .unwrap();
-        let counted = |series: &str| {
-            metrics
-                .render()
-                .unwrap()
-                .lines()
-                .any(|l| l.starts_with(series))
-        };
+        started_until_quorum(&runtime, &witnessing, size, size);
+        let counted = |series: &str| counted(&metrics, series);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !(counted(
             r#"lavd_witness_requests_total{outcome="unknown_origin",witness="w4.test"}"#,
@@ -1170,20 +1179,8 @@ mod tests {
             store.clone(),
             Some(metrics.clone()),
         ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let waiter = witnessing.clone();
-        std::thread::spawn(move || waiter.wait_for_quorum(size))
-            .join()
-            .unwrap()
-            .unwrap();
-        let counted = |series: &str| {
-            metrics
-                .render()
-                .unwrap()
-                .lines()
-                .any(|l| l.starts_with(series))
-        };
+        started_until_quorum(&runtime, &witnessing, size, size);
+        let counted = |series: &str| counted(&metrics, series);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !counted(r#"lavd_witness_requests_total{outcome="fork",witness="w5.test"}"#) {
             assert!(
@@ -1401,13 +1398,7 @@ mod tests {
         );
         settings.timeout = Duration::from_secs(10);
         let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(newest);
-        let waiter = witnessing.clone();
-        let cosigned = std::thread::spawn(move || waiter.wait_for_quorum(first))
-            .join()
-            .unwrap()
-            .unwrap();
+        let cosigned = started_until_quorum(&runtime, &witnessing, newest, first);
         let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
         assert_eq!(policy.verify(&cosigned).unwrap().0.size, first);
         // Then B moves on to the newest.

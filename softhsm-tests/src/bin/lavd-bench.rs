@@ -220,13 +220,7 @@ fn main() -> std::process::ExitCode {
     let cpu_at_start = cpu_times();
 
     // (a), (b): this process's own sessions and lavd's library.
-    let token = TestToken::new();
-    let pki = Pki::new(&token);
-    token.write_config_with(
-        &softhsm_tests::module_path(),
-        options.pool,
-        &serve_config(&bench_toml()),
-    );
+    let (token, pki) = bench_token(&options);
     let escrow = vault::generate_escrow_key(&token, KID);
     let envelopes = sealed(&escrow, 1000);
     let peers: Vec<P256PublicKey> = envelopes.iter().map(|e| e.enc().clone()).collect();
@@ -578,11 +572,7 @@ fn main() -> std::process::ExitCode {
                     &format!("sessions = {}\n", options.pool),
                     &serve_config(&bench_toml()),
                 ),
-                None => token.write_config_with(
-                    &softhsm_tests::module_path(),
-                    options.pool,
-                    &serve_config(&bench_toml()),
-                ),
+                None => write_bench_config(&token, &options),
             }
             let escrow = vault::generate_escrow_key(&token, KID);
             let envelopes: Vec<serde_json::Value> = sealed_json(&escrow, 1000);
@@ -1053,13 +1043,7 @@ const F_CONTROL: &str =
 /// up to `leaves`, with a new daemon on the same token and store. Returns
 /// (control, big log).
 fn f_big_log_and_control(options: &Options, leaves: u64) -> (f64, f64) {
-    let token = TestToken::new();
-    let pki = Pki::new(&token);
-    token.write_config_with(
-        &softhsm_tests::module_path(),
-        options.pool,
-        &serve_config(&bench_toml()),
-    );
+    let (token, pki) = bench_token(options);
     let escrow = vault::generate_escrow_key(&token, KID);
     let envelopes: Vec<serde_json::Value> = sealed_json(&escrow, 1000);
     let body = unwrap_body(&big_warrant("BENCH-F"), &envelopes);
@@ -1117,6 +1101,25 @@ fn bench_toml() -> String {
 fn big_warrant(id: &str) -> serde_json::Value {
     let recipient = vault::recipient();
     vault::double_lock(&vault::claims(id, recipient.public(), 1_000_000_000_000))
+}
+
+/// A fresh token with its PKI and the benchmark's config
+/// ([`write_bench_config`]).
+fn bench_token(options: &Options) -> (TestToken, Pki) {
+    let token = TestToken::new();
+    let pki = Pki::new(&token);
+    write_bench_config(&token, options);
+    (token, pki)
+}
+
+/// The benchmark's `lavd.toml` for `token`: SoftHSM with `options.pool`
+/// sessions, [`bench_toml`].
+fn write_bench_config(token: &TestToken, options: &Options) {
+    token.write_config_with(
+        &softhsm_tests::module_path(),
+        options.pool,
+        &serve_config(&bench_toml()),
+    );
 }
 
 /// `envelopes` as the JSON values a request body carries.
