@@ -38,8 +38,9 @@
  * modification time): it restarts `fault_after`'s and `fault_limit`'s
  * counts, even if it says what the last one said.
  *
- * `hang` blocks the call until the file no longer says `hang`, then forwards
- * it. C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
+ * `hang` blocks the call until the file no longer holds it (it no longer
+ * says `hang`, or its `fault_calls` no longer name the call's function),
+ * then handles it under the new settings. C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
  * delayed or faulted: they are library calls, not device round trips.
  *
  * A settings file the module cannot take as written is refused, loudly: a
@@ -438,14 +439,19 @@ static ck_rv_t before(const char *name, struct timespec *until)
 		}
 		pthread_mutex_unlock(&lock);
 		if (hang) {
-			/* Hold the call until the file stops saying `hang`. */
+			/* Hold the call until the file stops holding it: it no
+			 * longer says `hang`, or its `fault_calls` no longer name
+			 * this function. */
+			char needle[128];
+			snprintf(needle, sizeof needle, ",%s,", name);
 			for (;;) {
 				struct timespec ts = { 0, 5000000L };
 				nanosleep(&ts, NULL);
 				pthread_mutex_lock(&lock);
 				reload_locked(0);
 				/* A refused file ends the hang too: the call then fails. */
-				int still = cfg.fault == FAULT_HANG && !refused;
+				int still = cfg.fault == FAULT_HANG && !refused &&
+					    (!cfg.fault_calls[0] || strstr(cfg.fault_calls, needle));
 				pthread_mutex_unlock(&lock);
 				if (!still)
 					break;
