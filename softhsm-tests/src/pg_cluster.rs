@@ -86,23 +86,60 @@ pub fn ensure() -> &'static OwnCluster {
         superuser(&[
             "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'lavd_test') \
              THEN CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'; END IF; END $$;",
-            // A test killed while the cluster waited for a standby
-            // (`replicas_sync_standby.rs`) must not leave every commit
-            // waiting.
-            "ALTER SYSTEM RESET synchronous_standby_names",
-            "SELECT pg_reload_conf()",
         ]);
+        // A test killed while the cluster waited for a standby
+        // (`replicas_sync_standby.rs`) must not leave every commit
+        // waiting.
+        wait_for_standby(None);
         cluster
     })
 }
 
-/// Runs `statements` on the cluster's `postgres` database as its superuser
-/// (`psql`, one `-c` each, so each is its own transaction: `ALTER SYSTEM`
-/// may not run inside one).
+/// Makes every commit on the cluster wait for the synchronous standby
+/// `name` (`synchronous_standby_names`), or for none, and returns once
+/// the server applies it.
+///
+/// `pg_reload_conf()` only signals the server: the postmaster rereads the
+/// file and then signals its backends, which apply it before their next
+/// command. Until then a commit may or may not wait. So this asks new
+/// connections for the setting until one has it (the postmaster reread
+/// the file, and has signalled every backend it had, before it accepted
+/// that connection). Without that, a test's COMMIT could commit without
+/// waiting, and the next one, which the test expects not to wait, wait
+/// for a standby that never comes: the clean-clone CI at `76eda41` hung
+/// so until its 90-minute limit.
 ///
 /// # Panics
-/// When one fails: the test fails naming the command.
-pub fn superuser(statements: &[&str]) {
+/// When a command fails, or the setting is not applied within 10 s.
+pub fn wait_for_standby(name: Option<&str>) {
+    let set = match name {
+        Some(name) => format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
+        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
+    };
+    superuser(&[&set, "SELECT pg_reload_conf()"]);
+    let want = name.unwrap_or("");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = run(superuser_command(&[
+            "-tA",
+            "-c",
+            "SHOW synchronous_standby_names",
+        ]));
+        let now = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if now == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "synchronous_standby_names is {now:?} 10 s after it was set to {want:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// `psql` on the cluster's `postgres` database as its superuser, with
+/// `args` after the connection's.
+fn superuser_command(args: &[&str]) -> Command {
     let mut c = privileged("runuser");
     c.args([
         "-u",
@@ -113,7 +150,19 @@ pub fn superuser(statements: &[&str]) {
         "-v",
         "ON_ERROR_STOP=1",
     ])
-    .args(["-p", &PORT.to_string(), "-d", "postgres"]);
+    .args(["-p", &PORT.to_string(), "-d", "postgres"])
+    .args(args);
+    c
+}
+
+/// Runs `statements` on the cluster's `postgres` database as its superuser
+/// (`psql`, one `-c` each, so each is its own transaction: `ALTER SYSTEM`
+/// may not run inside one).
+///
+/// # Panics
+/// When one fails: the test fails naming the command.
+pub fn superuser(statements: &[&str]) {
+    let mut c = superuser_command(&[]);
     for statement in statements {
         c.args(["-c", statement]);
     }

@@ -24,21 +24,11 @@
 use std::time::{Duration, Instant};
 
 use softhsm_tests::pg::TestDb;
-use softhsm_tests::pg_cluster;
+use softhsm_tests::pg_cluster::{self, wait_for_standby};
 use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 use time::OffsetDateTime;
-
-/// `synchronous_standby_names` is a server setting: the cluster's
-/// superuser sets it.
-fn wait_for_standby(name: Option<&str>) {
-    let set = match name {
-        Some(name) => format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
-        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
-    };
-    pg_cluster::superuser(&[&set, "SELECT pg_reload_conf()"]);
-}
 
 /// Lifts the wait when dropped, also when the test fails: the cluster is
 /// shared with `store_faults.rs`.
@@ -211,7 +201,19 @@ fn a_commit_still_waiting_for_the_standby_is_unknown_whatever_the_session_time_z
     let _lift = Lift;
     wait_for_standby(Some("lavd_test_no_such_standby"));
     proxy.arm();
-    let appended = append("k2");
+    // Its fate is asked for up to the statement timeout (5 s); a wait past
+    // a minute is a hang, which fails the test here instead of holding CI
+    // until its limit: the wait is lifted so that the append can return.
+    let appended = std::thread::scope(|s| {
+        let (answered, answer) = std::sync::mpsc::channel();
+        s.spawn(move || answered.send(append("k2")));
+        answer
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                wait_for_standby(None);
+                panic!("the append was not answered within 60 s")
+            })
+    });
     assert_eq!(proxy.cuts(), 1, "the proxy never saw the COMMIT");
     assert!(
         matches!(appended, Err(StoreError::CommitUnknown(_))),
