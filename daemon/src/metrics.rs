@@ -25,6 +25,7 @@ pub struct Metrics {
     hsm_seconds: HistogramVec,
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
+    hsm_planned_resets: IntCounter,
     hsm_login_refused: IntGauge,
     hsm_calls_stuck: IntGauge,
     hsm_call_timeouts: IntCounter,
@@ -125,6 +126,11 @@ impl Metrics {
             "Times the HSM session pool reconnected after a lost session or token.",
         )?;
         registry.register(Box::new(hsm_reconnects.clone()))?;
+        let hsm_planned_resets = IntCounter::new(
+            "lavd_hsm_planned_resets_total",
+            "Times the PKCS#11 module was reset after [hsm.quirks] reset_module_after_opens opens.",
+        )?;
+        registry.register(Box::new(hsm_planned_resets.clone()))?;
         let hsm_login_refused = gauge(
             "lavd_hsm_login_refused",
             "1 while the token has refused the PIN and no login is tried again (sessions \
@@ -210,6 +216,7 @@ impl Metrics {
             hsm_seconds,
             hsm_sessions_busy,
             hsm_reconnects,
+            hsm_planned_resets,
             hsm_login_refused,
             hsm_calls_stuck,
             hsm_call_timeouts,
@@ -350,6 +357,10 @@ impl HsmObserver for Metrics {
 
     fn reconnected(&self) {
         self.hsm_reconnects.inc();
+    }
+
+    fn planned_reset(&self) {
+        self.hsm_planned_resets.inc();
     }
 
     fn login_refused(&self, refused: bool) {

@@ -472,6 +472,8 @@ pub struct HsmCounts {
     pub reconnects: std::sync::atomic::AtomicUsize,
     /// The highest number of sessions checked out at once.
     pub max_busy: std::sync::atomic::AtomicUsize,
+    /// Module resets after `[hsm.quirks] reset_module_after_opens` opens.
+    pub planned_resets: std::sync::atomic::AtomicUsize,
 }
 
 impl lavd::hsm::HsmObserver for HsmCounts {
@@ -481,6 +483,9 @@ impl lavd::hsm::HsmObserver for HsmCounts {
     }
     fn reconnected(&self) {
         self.reconnects.fetch_add(1, Ordering::SeqCst);
+    }
+    fn planned_reset(&self) {
+        self.planned_resets.fetch_add(1, Ordering::SeqCst);
     }
 }
 

@@ -13,6 +13,10 @@
 //! - a session lost in the middle of such a batch (one derive answered
 //!   `CKR_SESSION_HANDLE_INVALID`) is retried once on a new session: the
 //!   batch opens in full, with the same audit and an exact budget;
+//! - with `[hsm.quirks] reset_module_after_opens = 100` (SoftHSM keeps
+//!   destroyed objects until `C_Finalize`), two 1000-envelope batches at
+//!   once open in full across the module resets they cause (at most 20), with
+//!   the same audit, no lost session, and an exact budget;
 //! - the pool is shared fairly: single-envelope requests sent while a
 //!   1000-envelope batch runs at 1 ms per PKCS#11 call finish before it, and
 //!   that batch itself keeps several sessions busy at once.
@@ -31,6 +35,7 @@ use time::OffsetDateTime;
 const DERIVES: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
 const BUSY: &str = "lavd_hsm_sessions_busy";
 const RECONNECTS: &str = "lavd_hsm_reconnects_total";
+const PLANNED_RESETS: &str = "lavd_hsm_planned_resets_total";
 
 /// `[roles]` plus limits that let a 1000-envelope batch through.
 fn config(shim: &Shim) -> String {
@@ -161,6 +166,70 @@ fn a_session_lost_mid_batch_is_retried_on_a_new_session_and_the_batch_opens() {
 
     // Spent exactly once per envelope, the retried one too.
     assert_spent(&c, &escrow, &warrant);
+}
+
+#[test]
+fn batches_open_in_full_across_planned_module_resets() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    // SoftHSM itself (a reset finalises the module lavd loaded).
+    t.write_config_hsm(
+        &softhsm_tests::module_path(),
+        2,
+        "[hsm.quirks]\nreset_module_after_opens = 100\n",
+        &format!(
+            "{}\n[limits]\nmax_body_bytes = 16777216\nmax_batch = 1000\n\
+             rate_limit_per_second = 1000\nrate_limit_burst = 1000\n",
+            serve_config(&vault::roles_toml())
+        ),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let ids = ["RESETS-1", "RESETS-2"];
+    let warrants: Vec<_> = ids
+        .iter()
+        .map(|id| vault::double_lock(&vault::claims(id, recipient.public(), 1000)))
+        .collect();
+    let batches: Vec<_> = ids.iter().map(|id| batch(&escrow, id, 1000)).collect();
+
+    let derived = daemon.metric(DERIVES);
+    let replies: Vec<_> = std::thread::scope(|s| {
+        let sent: Vec<_> = warrants
+            .iter()
+            .zip(&batches)
+            .map(|(warrant, envelopes)| s.spawn(|| unwrap(&c.agency, warrant, envelopes)))
+            .collect();
+        sent.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for ((id, envelopes), r) in ids.iter().zip(&batches).zip(&replies) {
+        assert_released(&c, &recipient, id, envelopes, id, r);
+    }
+    assert_eq!(daemon.metric(DERIVES) - derived, 2000.0);
+    // A reset is due 100 opens after the module was last initialised; the
+    // opens that run between its being due and its start (its thread
+    // starting, the running calls finishing) count for the module it
+    // ends. So 2000 opens make at most 20 resets (18 in a run here). The
+    // last may still be running when the replies are in: the count is read
+    // once it has not changed for a second.
+    let mut resets = daemon.metric(PLANNED_RESETS);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = daemon.metric(PLANNED_RESETS);
+        if now == resets {
+            break;
+        }
+        resets = now;
+    }
+    assert!((10.0..=20.0).contains(&resets), "{resets} planned resets");
+    assert_eq!(daemon.metric(RECONNECTS), 0.0, "a session was lost");
+    for warrant in &warrants {
+        assert_spent(&c, &escrow, warrant);
+    }
 }
 
 /// Asserts that `r` released every envelope of `envelopes` (whose DEKs are

@@ -41,6 +41,12 @@ pub const DEFAULT_PATH: &str = "/etc/lavd/lavd.toml";
 /// that a hung HSM answers clients with 503 rather than holding them.
 pub const DEFAULT_HSM_CALL_TIMEOUT_MS: u64 = 5_000;
 
+/// The bounds of `[hsm.quirks] reset_module_after_opens` other than 0: a
+/// reset costs a `C_Initialize` and a login for each session, so not more
+/// often than every 100 opens.
+const RESET_AFTER_OPENS_MIN: u64 = 100;
+const RESET_AFTER_OPENS_MAX: u64 = 1_000_000_000;
+
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("config {}: {field}: {reason}", file.display())]
@@ -420,11 +426,25 @@ impl Validator<'_> {
             ));
         }
         let defaults = Quirks::default();
+        let raw_quirks = raw.quirks.as_ref();
+        let reset_module_after_opens = raw_quirks
+            .and_then(|q| q.reset_module_after_opens)
+            .unwrap_or(defaults.reset_module_after_opens);
+        if reset_module_after_opens != 0
+            && !(RESET_AFTER_OPENS_MIN..=RESET_AFTER_OPENS_MAX).contains(&reset_module_after_opens)
+        {
+            return Err(self.err(
+                "hsm.quirks.reset_module_after_opens",
+                format!(
+                    "must be 0 (never) or between {RESET_AFTER_OPENS_MIN} and {RESET_AFTER_OPENS_MAX}"
+                ),
+            ));
+        }
         let quirks = Quirks {
-            derive_sets_value_len: raw
-                .quirks
+            derive_sets_value_len: raw_quirks
                 .and_then(|q| q.derive_sets_value_len)
                 .unwrap_or(defaults.derive_sets_value_len),
+            reset_module_after_opens,
         };
         let mut module_env = Vec::new();
         for (name, value) in raw.env.unwrap_or_default() {

@@ -125,6 +125,7 @@ pub struct RawHsm {
 #[serde(deny_unknown_fields)]
 pub struct RawQuirks {
     pub(super) derive_sets_value_len: Option<bool>,
+    pub(super) reset_module_after_opens: Option<u64>,
 }
 
 /// `[store]`

@@ -102,6 +102,39 @@ fn refusals_name_the_field() {
 }
 
 #[test]
+fn module_resets_are_off_unless_set_and_bounded() {
+    assert_eq!(
+        load(GOOD, &[]).unwrap().hsm.quirks.reset_module_after_opens,
+        0
+    );
+    let with = |n: &str| {
+        load(
+            &GOOD.replace(
+                "[store]",
+                &format!("[hsm.quirks]\nreset_module_after_opens = {n}\n[store]"),
+            ),
+            &[],
+        )
+    };
+    for ok in ["0", "100", "1000000000"] {
+        assert_eq!(
+            with(ok)
+                .unwrap()
+                .hsm
+                .quirks
+                .reset_module_after_opens
+                .to_string(),
+            ok
+        );
+    }
+    for bad in ["1", "99", "1000000001"] {
+        let e = with(bad).unwrap_err();
+        assert_eq!(e.field, "hsm.quirks.reset_module_after_opens", "{e}");
+        assert!(e.reason.contains("between 100 and 1000000000"), "{e}");
+    }
+}
+
+#[test]
 fn unknown_fields_are_refused_with_their_place() {
     let e = load(&format!("{GOOD}\nbogus = 1\n"), &[]).unwrap_err();
     assert!(e.reason.contains("bogus"), "{e}");

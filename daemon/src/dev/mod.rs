@@ -295,6 +295,11 @@ pin_file = "pin"
 # SoftHSM computes in this process: one session per core (docs/OPERATIONS.md §7).
 sessions = {sessions}
 
+# SoftHSM keeps every object destroyed in a session until the module is
+# finalised: reset it after this many envelope opens (docs/OPERATIONS.md §7).
+[hsm.quirks]
+reset_module_after_opens = 10000
+
 # Environment the PKCS#11 module reads when it loads.
 [hsm.env]
 SOFTHSM2_CONF = "{softhsm_conf}"

@@ -321,7 +321,7 @@ impl Hsm {
     pub fn ecdh(&self, kid: &str, peer: &P256PublicKey) -> Result<SharedSecret, HsmError> {
         let label = escrow_label(kid);
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
-        self.with_session("ecdh_derive", |session| {
+        let secret = self.with_session("ecdh_derive", |session| {
             let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
             let mechanism =
                 || Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1()));
@@ -355,7 +355,9 @@ impl Hsm {
                 }
             };
             take_secret(session, derived)
-        })
+        });
+        self.opened();
+        secret
     }
 
     /// Destroys both halves of escrow key `kid` on the token: every

@@ -65,12 +65,20 @@ pub struct Quirks {
     /// Put `CKA_VALUE_LEN = 32` in the ECDH derive template. SoftHSM needs it
     /// (without it the derived value reads as empty).
     pub derive_sets_value_len: bool,
+    /// After this many envelope opens (ECDH derives), finalise and
+    /// initialise the module again ([`Hsm::reset_module`]'s steps, on a
+    /// thread of its own); 0 never. SoftHSM 2.6 keeps every object ever
+    /// destroyed in a session (about 240 bytes for each derived secret)
+    /// until `C_Finalize`, so without it a SoftHSM daemon grows by that
+    /// much for each envelope it opens, for as long as it runs.
+    pub reset_module_after_opens: u64,
 }
 
 impl Default for Quirks {
     fn default() -> Self {
         Self {
             derive_sets_value_len: true,
+            reset_module_after_opens: 0,
         }
     }
 }
@@ -121,6 +129,9 @@ pub trait HsmObserver: Send + Sync + std::fmt::Debug {
     /// The pool dropped its sessions after a lost session or token and
     /// reconnected.
     fn reconnected(&self) {}
+    /// The module was finalised and initialised again after
+    /// [`Quirks::reset_module_after_opens`] opens.
+    fn planned_reset(&self) {}
     /// The token refused the PIN and logins are held back (`true`), or
     /// the PIN was replaced and they are tried again (`false`).
     fn login_refused(&self, _refused: bool) {}
@@ -193,6 +204,11 @@ struct Inner {
     /// opened together spend one try of the token's PIN counter, not one
     /// each.
     logging_in: Mutex<()>,
+    /// Opens since the module was last initialised, toward
+    /// [`Quirks::reset_module_after_opens`].
+    opens: std::sync::atomic::AtomicU64,
+    /// Whether a planned reset is due or running ([`Hsm::opened`]).
+    resetting: std::sync::atomic::AtomicBool,
 }
 
 /// Cached key handles, valid for the sessions of one pool generation: a
@@ -315,6 +331,8 @@ impl Hsm {
                 observer,
                 gate: Gate::default(),
                 spreader,
+                opens: Default::default(),
+                resetting: Default::default(),
             }),
         };
         // Log in now so that a wrong PIN fails at start, not on the first request.
@@ -649,6 +667,13 @@ impl Hsm {
     /// The failing `C_Initialize`, [`HsmError::TokenNotFound`], or
     /// [`HsmError::Timeout`].
     pub fn reset_module(&self) -> Result<(), HsmError> {
+        self.reinitialise()?;
+        self.inner.observer.reconnected();
+        Ok(())
+    }
+
+    /// [`Hsm::reset_module`]'s steps.
+    fn reinitialise(&self) -> Result<(), HsmError> {
         let inner = &self.inner;
         let Some(_exclusive) = inner.gate.exclusive(inner.settings.call_timeout) else {
             return Err(HsmError::Timeout {
@@ -657,6 +682,7 @@ impl Hsm {
             });
         };
         let generation = inner.pool.retire(None);
+        inner.opens.store(0, std::sync::atomic::Ordering::Relaxed);
         match inner.pkcs11.clone().finalize() {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiNotInitialized, _)) => {}
             Err(e) => tracing::warn!(error = %e, "C_Finalize failed during a module reset"),
@@ -672,8 +698,53 @@ impl Hsm {
         if let Some(generation) = generation {
             inner.pool.found(generation, slot);
         }
-        inner.observer.reconnected();
         Ok(())
+    }
+
+    /// Counts one envelope open toward [`Quirks::reset_module_after_opens`]
+    /// and, when that many have run since the module was initialised,
+    /// resets it on a thread of its own. Called after the open, outside the
+    /// gate: the reset waits (up to the call deadline) for the running
+    /// calls, holds new ones back while it runs, and retires the pooled
+    /// sessions, so no call ever runs on a session or handle of the module
+    /// before the reset. A reset that fails (a call hung past the deadline)
+    /// is tried again after as many opens.
+    fn opened(&self) {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let every = inner.settings.quirks.reset_module_after_opens;
+        if every == 0
+            || inner.opens.fetch_add(1, Ordering::Relaxed) + 1 < every
+            || inner.resetting.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let hsm = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lavd-hsm-reset".into())
+            .spawn(move || {
+                let started = Instant::now();
+                match hsm.reinitialise() {
+                    Ok(()) => {
+                        hsm.inner.observer.planned_reset();
+                        tracing::info!(
+                            opens = every,
+                            millis = started.elapsed().as_millis() as u64,
+                            "PKCS#11 module reset after [hsm.quirks] reset_module_after_opens opens"
+                        );
+                    }
+                    Err(e) => {
+                        hsm.inner.opens.store(0, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "the planned PKCS#11 module reset failed; it is tried again after as many opens");
+                    }
+                }
+                hsm.inner.resetting.store(false, Ordering::Release);
+            });
+        if let Err(e) = spawned {
+            inner.opens.store(0, Ordering::Relaxed);
+            inner.resetting.store(false, Ordering::Release);
+            tracing::warn!(error = %e, "cannot start the planned PKCS#11 module reset's thread");
+        }
     }
 
     /// Sessions the pool has open (idle plus checked out).
