@@ -25,7 +25,7 @@ pub struct Metrics {
     hsm_seconds: HistogramVec,
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
-    hsm_planned_resets: IntCounter,
+    hsm_planned_resets: IntCounterVec,
     hsm_login_refused: IntGauge,
     hsm_calls_stuck: IntGauge,
     hsm_call_timeouts: IntCounter,
@@ -126,11 +126,12 @@ impl Metrics {
             "Times the HSM session pool reconnected after a lost session or token.",
         )?;
         registry.register(Box::new(hsm_reconnects.clone()))?;
-        let hsm_planned_resets = IntCounter::new(
+        let hsm_planned_resets = counter(
             "lavd_hsm_planned_resets_total",
-            "Times the PKCS#11 module was reset after [hsm.quirks] reset_module_after_opens opens.",
+            "Planned PKCS#11 module resets after [hsm.quirks] reset_module_after_opens opens, \
+             by outcome (done, deferred, failed).",
+            &["outcome"],
         )?;
-        registry.register(Box::new(hsm_planned_resets.clone()))?;
         let hsm_login_refused = gauge(
             "lavd_hsm_login_refused",
             "1 while the token has refused the PIN and no login is tried again (sessions \
@@ -359,8 +360,8 @@ impl HsmObserver for Metrics {
         self.hsm_reconnects.inc();
     }
 
-    fn planned_reset(&self) {
-        self.hsm_planned_resets.inc();
+    fn planned_reset(&self, outcome: &'static str) {
+        self.hsm_planned_resets.with_label_values(&[outcome]).inc();
     }
 
     fn login_refused(&self, refused: bool) {

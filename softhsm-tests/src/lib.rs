@@ -472,8 +472,11 @@ pub struct HsmCounts {
     pub reconnects: std::sync::atomic::AtomicUsize,
     /// The highest number of sessions checked out at once.
     pub max_busy: std::sync::atomic::AtomicUsize,
-    /// Module resets after `[hsm.quirks] reset_module_after_opens` opens.
+    /// Module resets done after `[hsm.quirks] reset_module_after_opens`
+    /// opens.
     pub planned_resets: std::sync::atomic::AtomicUsize,
+    /// Planned resets put off or failed.
+    pub planned_resets_not_done: std::sync::atomic::AtomicUsize,
 }
 
 impl lavd::hsm::HsmObserver for HsmCounts {
@@ -484,8 +487,12 @@ impl lavd::hsm::HsmObserver for HsmCounts {
     fn reconnected(&self) {
         self.reconnects.fetch_add(1, Ordering::SeqCst);
     }
-    fn planned_reset(&self) {
-        self.planned_resets.fetch_add(1, Ordering::SeqCst);
+    fn planned_reset(&self, outcome: &'static str) {
+        if outcome == "done" {
+            self.planned_resets.fetch_add(1, Ordering::SeqCst);
+        } else {
+            self.planned_resets_not_done.fetch_add(1, Ordering::SeqCst);
+        }
     }
 }
 

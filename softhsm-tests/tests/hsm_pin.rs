@@ -111,3 +111,54 @@ fn a_refused_pin_is_tried_once_until_a_reload_reads_a_new_one() {
     daemon.wait_readyz(200);
     assert_eq!(shim.faults(), 2, "the new PIN was refused");
 }
+
+/// A planned module reset (`[hsm.quirks] reset_module_after_opens`) would
+/// log out the sessions still serving while the token refuses the PIN, and
+/// none could log in again: it is put off until the PIN is replaced, and
+/// the logged-in sessions go on serving past the opens that would have
+/// started it.
+#[test]
+fn no_planned_reset_runs_while_the_token_refuses_the_pin() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        4,
+        "[hsm.quirks]\nreset_module_after_opens = 100\n",
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let warrant = vault::double_lock(&vault::claims("PIN-R", vault::recipient().public(), 1000));
+    let unwrap = |tag: &str, n: usize| {
+        vault::post(
+            &c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrant, "envelopes": vault::batch(&escrow, tag, n)}),
+        )
+    };
+    // The PIN changes on the token; batches that want more sessions than
+    // are logged in meet the refusal (as in the test above).
+    shim.set(&format!("pin = rotated-pin:{PIN}"));
+    for round in 0..4 {
+        let r = unwrap(&format!("held-{round}"), 8);
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+    }
+    assert_eq!(daemon.metric("lavd_hsm_login_refused"), 1.0);
+    // 32 opens so far; 200 more pass the 100 that would start a reset.
+    for round in 0..4 {
+        let r = unwrap(&format!("past-{round}"), 50);
+        assert_eq!(r.status, 200, "round {round}: {}", r.text());
+        assert_eq!(vault::statuses(&r.json()), ["ok"; 50], "round {round}");
+    }
+    assert_eq!(
+        daemon.metric("lavd_hsm_planned_resets_total{outcome=\"done\"}"),
+        0.0
+    );
+    assert_eq!(shim.faults(), 1, "logins tried after the first refusal");
+}

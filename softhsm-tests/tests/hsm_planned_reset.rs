@@ -50,29 +50,52 @@ fn opens_continue_across_planned_resets_and_softhsm_memory_stops_growing() {
     let counts = Arc::new(HsmCounts::default());
     let hsm = Hsm::open_with_observer(t.settings().hsm, counts.clone()).unwrap();
     let escrow = hsm.generate_escrow_key("k1").unwrap().public;
+    // A second key, made after a reset, so that the token's handles differ
+    // from one module generation to the next: a key handle kept across a
+    // reset would open with the other key, and the secret be wrong.
+    for _ in 0..150 {
+        let (peer, expected) = software_peer(&escrow);
+        assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counts.planned_resets.load(Ordering::SeqCst) < 1 {
+        assert!(Instant::now() < deadline, "no reset after 150 opens");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let other = hsm.generate_escrow_key("k2").unwrap().public;
 
-    // Four threads, 250 opens each, every one checked against the secret
-    // computed in software.
+    // Four threads, 250 opens each with the two keys in turn, every one
+    // checked against the secret computed in software.
     std::thread::scope(|s| {
         for _ in 0..4 {
             s.spawn(|| {
-                for _ in 0..250 {
-                    let (peer, expected) = software_peer(&escrow);
-                    assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
+                for i in 0..250 {
+                    let (kid, key) = if i % 2 == 0 {
+                        ("k1", &escrow)
+                    } else {
+                        ("k2", &other)
+                    };
+                    let (peer, expected) = software_peer(key);
+                    assert_eq!(*hsm.ecdh(kid, &peer).unwrap(), expected, "{kid}");
                 }
             });
         }
     });
-    // The last reset may still be running on its own thread.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while counts.planned_resets.load(Ordering::SeqCst) < 10 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+    // The last reset may still be running on its own thread: the count is
+    // read once it has not changed for half a second.
+    let mut resets = counts.planned_resets.load(Ordering::SeqCst);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = counts.planned_resets.load(Ordering::SeqCst);
+        if now == resets {
+            break;
+        }
+        resets = now;
     }
     // A reset is due 100 opens after the module was last initialised; the
     // opens that run between its being due and its start count for the
-    // module it ends. So 1000 opens make at most 10 resets.
-    let resets = counts.planned_resets.load(Ordering::SeqCst);
-    assert!((5..=10).contains(&resets), "{resets} planned resets");
+    // module it ends. So 1150 opens make at most 11 resets.
+    assert!((6..=11).contains(&resets), "{resets} planned resets");
     assert_eq!(
         counts.reconnects.load(Ordering::SeqCst),
         0,

@@ -355,13 +355,17 @@ fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
     use lavd::audit::merkle::{leaf_hash, node_hash, Hash};
 
     let c = Cluster::start();
-    let body = |id: &str, n: usize| serde_json::json!({"warrant": c.warrant(id, 100), "envelopes": [c.envelope(n)]});
+    // Each warrant made once: its claims carry the time they were made, so
+    // one made again in the next second is another warrant with the same
+    // id (403 `warrant_id_conflict`, seen in CI).
+    let (w_b, w_a) = (c.warrant("W-B", 100), c.warrant("W-A", 100));
+    let body = |warrant: &serde_json::Value, n: usize| serde_json::json!({"warrant": warrant, "envelopes": [c.envelope(n)]});
     let (a, b) = (&c.clients[0], &c.clients[1]);
-    let r = vault::post(&b.agency, "/v1/unwrap", &body("W-B", 0));
+    let r = vault::post(&b.agency, "/v1/unwrap", &body(&w_b, 0));
     assert_eq!(r.status, 200, "{}", r.text());
     let b_size = vault::tree_size(&b.auditor);
     for n in 1..3 {
-        let r = vault::post(&a.agency, "/v1/unwrap", &body("W-A", n));
+        let r = vault::post(&a.agency, "/v1/unwrap", &body(&w_a, n));
         assert_eq!(r.status, 200, "{}", r.text());
     }
     let a_size = vault::tree_size(&a.auditor);
@@ -418,7 +422,7 @@ fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
         .get("/v1/audit/checkpoint")
         .assert_error(503, "log_inconsistent");
     assert!(message.contains("audit log"), "{message}");
-    vault::post(&b.agency, "/v1/unwrap", &body("W-B", 3)).assert_error(503, "log_inconsistent");
+    vault::post(&b.agency, "/v1/unwrap", &body(&w_b, 3)).assert_error(503, "log_inconsistent");
     let stderr = c.daemons[1].stderr();
     assert!(
         stderr

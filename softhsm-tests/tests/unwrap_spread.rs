@@ -35,7 +35,7 @@ use time::OffsetDateTime;
 const DERIVES: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"}";
 const BUSY: &str = "lavd_hsm_sessions_busy";
 const RECONNECTS: &str = "lavd_hsm_reconnects_total";
-const PLANNED_RESETS: &str = "lavd_hsm_planned_resets_total";
+const PLANNED_RESETS: &str = "lavd_hsm_planned_resets_total{outcome=\"done\"}";
 
 /// `[roles]` plus limits that let a 1000-envelope batch through.
 fn config(shim: &Shim) -> String {

@@ -356,7 +356,11 @@ impl Hsm {
             };
             take_secret(session, derived)
         });
-        self.opened();
+        // Only an open that made a derived object counts: that is what
+        // SoftHSM keeps.
+        if secret.is_ok() {
+            self.opened();
+        }
         secret
     }
 

@@ -129,9 +129,10 @@ pub trait HsmObserver: Send + Sync + std::fmt::Debug {
     /// The pool dropped its sessions after a lost session or token and
     /// reconnected.
     fn reconnected(&self) {}
-    /// The module was finalised and initialised again after
-    /// [`Quirks::reset_module_after_opens`] opens.
-    fn planned_reset(&self) {}
+    /// A planned reset after [`Quirks::reset_module_after_opens`] opens
+    /// ended: `done`, `deferred` (running calls did not finish soon
+    /// enough, or the token refuses the PIN) or `failed`.
+    fn planned_reset(&self, _outcome: &'static str) {}
     /// The token refused the PIN and logins are held back (`true`), or
     /// the PIN was replaced and they are tried again (`false`).
     fn login_refused(&self, _refused: bool) {}
@@ -675,12 +676,19 @@ impl Hsm {
     /// [`Hsm::reset_module`]'s steps.
     fn reinitialise(&self) -> Result<(), HsmError> {
         let inner = &self.inner;
-        let Some(_exclusive) = inner.gate.exclusive(inner.settings.call_timeout) else {
+        let Some(exclusive) = inner.gate.exclusive(inner.settings.call_timeout) else {
             return Err(HsmError::Timeout {
                 op: "module reset (waiting for running calls)",
                 after: inner.settings.call_timeout,
             });
         };
+        self.reinitialise_holding(&exclusive)
+    }
+
+    /// The reset itself, with the gate held exclusively: no call is running
+    /// and none starts until the guard is dropped.
+    fn reinitialise_holding(&self, _exclusive: &GateGuard<'_>) -> Result<(), HsmError> {
+        let inner = &self.inner;
         let generation = inner.pool.retire(None);
         inner.opens.store(0, std::sync::atomic::Ordering::Relaxed);
         match inner.pkcs11.clone().finalize() {
@@ -701,49 +709,87 @@ impl Hsm {
         Ok(())
     }
 
-    /// Counts one envelope open toward [`Quirks::reset_module_after_opens`]
-    /// and, when that many have run since the module was initialised,
-    /// resets it on a thread of its own. Called after the open, outside the
-    /// gate: the reset waits (up to the call deadline) for the running
-    /// calls, holds new ones back while it runs, and retires the pooled
-    /// sessions, so no call ever runs on a session or handle of the module
-    /// before the reset. A reset that fails (a call hung past the deadline)
-    /// is tried again after as many opens.
+    /// Counts one envelope opened toward
+    /// [`Quirks::reset_module_after_opens`] and, when that many have been
+    /// opened since the module was initialised, starts a planned reset
+    /// ([`Hsm::planned_reset`]) on a thread of its own. Called after the
+    /// open, outside the gate.
     fn opened(&self) {
         use std::sync::atomic::Ordering;
         let inner = &self.inner;
         let every = inner.settings.quirks.reset_module_after_opens;
         if every == 0
             || inner.opens.fetch_add(1, Ordering::Relaxed) + 1 < every
+            // A reset would log every session out, and no new one could log
+            // in: the sessions still logged in are all that serves.
+            || self.login_refused().is_some()
             || inner.resetting.swap(true, Ordering::AcqRel)
         {
             return;
         }
+        // Counted among the HSM threads that the end of the process waits
+        // for (`spread::quiesce`): the reset may hold the last `Hsm`.
+        let alive = spread::Alive::enter();
         let hsm = self.clone();
         let spawned = std::thread::Builder::new()
             .name("lavd-hsm-reset".into())
             .spawn(move || {
-                let started = Instant::now();
-                match hsm.reinitialise() {
-                    Ok(()) => {
-                        hsm.inner.observer.planned_reset();
-                        tracing::info!(
-                            opens = every,
-                            millis = started.elapsed().as_millis() as u64,
-                            "PKCS#11 module reset after [hsm.quirks] reset_module_after_opens opens"
-                        );
-                    }
-                    Err(e) => {
-                        hsm.inner.opens.store(0, Ordering::Relaxed);
-                        tracing::warn!(error = %e, "the planned PKCS#11 module reset failed; it is tried again after as many opens");
-                    }
-                }
-                hsm.inner.resetting.store(false, Ordering::Release);
+                let _alive = alive;
+                // Cleared however the reset ends, a panic too, so that
+                // resets are not stopped for good.
+                let _done = ClearOnDrop(&hsm.inner.resetting);
+                let outcome = hsm.planned_reset(every);
+                hsm.inner.observer.planned_reset(outcome);
             });
         if let Err(e) = spawned {
-            inner.opens.store(0, Ordering::Relaxed);
             inner.resetting.store(false, Ordering::Release);
             tracing::warn!(error = %e, "cannot start the planned PKCS#11 module reset's thread");
+        }
+    }
+
+    /// The planned reset: [`Hsm::reset_module`]'s steps, but
+    /// - it waits for running calls only briefly (a tenth of the call
+    ///   deadline, at most 100 ms), because new calls wait while it does:
+    ///   a reset that is not urgent must not stall every request behind one
+    ///   slow call. When the calls do not finish by then it is put off for a
+    ///   tenth of `every` opens;
+    /// - it is put off while the token refuses the PIN (see
+    ///   [`Hsm::opened`]), until the next open after the PIN is replaced.
+    ///
+    /// Returns the outcome for `lavd_hsm_planned_resets_total`: `done`,
+    /// `deferred` or `failed`. A failed reset is tried again after `every`
+    /// more opens.
+    fn planned_reset(&self, every: u64) -> &'static str {
+        use std::sync::atomic::Ordering;
+        let inner = &self.inner;
+        let started = Instant::now();
+        let wait = (inner.settings.call_timeout / 10).min(std::time::Duration::from_millis(100));
+        let Some(exclusive) = inner.gate.exclusive(wait) else {
+            inner.opens.store(every - every / 10, Ordering::Relaxed);
+            tracing::info!(
+                "the planned PKCS#11 module reset waited {}ms for running calls; put off for {} opens",
+                wait.as_millis(),
+                every / 10
+            );
+            return "deferred";
+        };
+        if self.login_refused().is_some() {
+            return "deferred";
+        }
+        match self.reinitialise_holding(&exclusive) {
+            Ok(()) => {
+                tracing::info!(
+                    opens = every,
+                    millis = started.elapsed().as_millis() as u64,
+                    "PKCS#11 module reset after [hsm.quirks] reset_module_after_opens opens"
+                );
+                "done"
+            }
+            Err(e) => {
+                inner.opens.store(0, Ordering::Relaxed);
+                tracing::warn!(error = %e, "the planned PKCS#11 module reset failed; it is tried again after as many opens");
+                "failed"
+            }
         }
     }
 
@@ -800,6 +846,15 @@ impl Hsm {
     fn unpooled_session(&self) -> Result<Session, HsmError> {
         let (slot, generation) = self.inner.pool.slot();
         self.new_session(self.slot_of(slot, generation)?)
+    }
+}
+
+/// Stores `false` in the flag when dropped.
+struct ClearOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 

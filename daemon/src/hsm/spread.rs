@@ -101,10 +101,10 @@ static ALIVE: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
 /// One worker thread's place in [`ALIVE`], given back when the thread ends
 /// (or when it could not be started).
-struct Alive;
+pub(super) struct Alive;
 
 impl Alive {
-    fn enter() -> Self {
+    pub(super) fn enter() -> Self {
         *ALIVE
             .0
             .lock()
