@@ -40,7 +40,9 @@
  *
  * `hang` blocks the call until the file no longer holds it (it no longer
  * says `hang`, or its `fault_calls` no longer name the call's function),
- * then handles it under the new settings. C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
+ * then handles it under the new settings; or, if the file is removed or
+ * 120 s pass first, fails it with CKR_DEVICE_ERROR (a test that failed
+ * before releasing it must not wait for ever). C_GetFunctionList, C_Initialize, C_Finalize and C_GetInfo are never
  * delayed or faulted: they are library calls, not device round trips.
  *
  * A settings file the module cannot take as written is refused, loudly: a
@@ -78,6 +80,10 @@
 #include <p11-kit/pkcs11.h>
 
 enum fault { FAULT_NONE, FAULT_RV, FAULT_HANG };
+
+/* The longest a `hang` holds a call (see `before`). The longest hold a
+ * test means is about 15 s. */
+#define HANG_MAX_S 120
 
 struct settings {
 	char module[4096];
@@ -441,13 +447,29 @@ static ck_rv_t before(const char *name, struct timespec *until)
 		if (hang) {
 			/* Hold the call until the file stops holding it: it no
 			 * longer says `hang`, or its `fault_calls` no longer name
-			 * this function. */
+			 * this function. Or until the file is gone (the test's
+			 * directory removed: nothing can release it any more), or
+			 * HANG_MAX_S have passed (a test that failed before it
+			 * released the call): then the call fails, so that no
+			 * test waits for ever on a call held for a test that
+			 * ended. */
 			char needle[128];
 			snprintf(needle, sizeof needle, ",%s,", name);
+			struct timespec began;
+			clock_gettime(CLOCK_MONOTONIC, &began);
+			int abandoned = 0;
 			for (;;) {
 				struct timespec ts = { 0, 5000000L };
 				nanosleep(&ts, NULL);
+				struct timespec now;
+				clock_gettime(CLOCK_MONOTONIC, &now);
+				struct stat there;
 				pthread_mutex_lock(&lock);
+				if (now.tv_sec - began.tv_sec >= HANG_MAX_S || stat(cfg_path, &there) != 0) {
+					pthread_mutex_unlock(&lock);
+					abandoned = 1;
+					break;
+				}
 				reload_locked(0);
 				/* A refused file ends the hang too: the call then fails. */
 				int still = cfg.fault == FAULT_HANG && !refused &&
@@ -456,6 +478,8 @@ static ck_rv_t before(const char *name, struct timespec *until)
 				if (!still)
 					break;
 			}
+			if (abandoned)
+				return CKR_DEVICE_ERROR;
 			continue;
 		}
 		if (delay > 0) {

@@ -111,6 +111,9 @@ pub fn stop(mut child: Child) {
 pub fn chromium(args: &[&str], page: &Path, profile: &Path) -> std::process::Output {
     let out = Command::new("timeout")
         .args([
+            // SIGKILL 10 s after the SIGTERM, for a Chromium that ignores it.
+            "-k",
+            "10",
             "120",
             "chromium",
             "--headless",

@@ -109,8 +109,10 @@ pub fn under_load<R>(
                 })
             })
             .collect();
+        // Stops the load however `during` ends, a failed assert too.
+        let stopping = crate::StopOnDrop(&stop);
         let result = during();
-        stop.store(true, Ordering::SeqCst);
+        drop(stopping);
         let answers = load
             .into_iter()
             .flat_map(|h| h.join().expect("load thread"))

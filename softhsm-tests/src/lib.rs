@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::session::{Session, UserType};
@@ -97,6 +98,11 @@ impl Shim {
     /// on sees them: it looks at the file at most every 5 ms, by a clock
     /// (`CLOCK_MONOTONIC_COARSE`) that may lag a few milliseconds.
     pub fn set(&self, settings: &str) {
+        self.write(settings).expect("shim settings");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+
+    fn write(&self, settings: &str) -> std::io::Result<()> {
         let text = format!(
             "module = {}\nstats = {}\n{settings}\n",
             module_path().display(),
@@ -104,9 +110,21 @@ impl Shim {
         );
         // Write then rename, so that the module never reads half a file.
         let tmp = self.path.with_extension("tmp");
-        std::fs::write(&tmp, text).expect("shim settings");
-        std::fs::rename(&tmp, &self.path).expect("shim settings");
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Removes the settings file, as when a test's directory is removed.
+    pub fn remove(&self) {
+        std::fs::remove_file(&self.path).expect("remove the shim settings");
+    }
+
+    /// Clears the settings (every held call is released) when dropped:
+    /// hold one inside a `std::thread::scope` whose threads wait on calls
+    /// the module holds, before anything that can panic, so that a failed
+    /// assert releases them and the scope can end.
+    pub fn releasing(&self) -> ShimRelease<'_> {
+        ShimRelease(self)
     }
 
     /// How many faults the module has injected since it was loaded, PIN
@@ -151,6 +169,7 @@ impl std::fmt::Debug for Harness {
 pub fn harness() -> &'static Harness {
     static HARNESS: OnceLock<Harness> = OnceLock::new();
     HARNESS.get_or_init(|| {
+        watchdog();
         let dir = tempfile::tempdir().expect("temp dir");
         let tokens = dir.path().join("tokens");
         std::fs::create_dir(&tokens).expect("token dir");
@@ -310,7 +329,7 @@ impl TestToken {
 
     /// Runs the real `lavd` binary with this process's `SOFTHSM2_CONF`.
     pub fn lavd(&self, args: &[&str]) -> Output {
-        lavd_command(args).output().expect("run lavd")
+        output_within(&mut lavd_command(args), CLI_LIMIT)
     }
 
     /// `lavd` with `--config` for this token appended to `args`.
@@ -432,6 +451,111 @@ pub fn interop_python() -> PathBuf {
     python
 }
 
+/// How long a test binary that uses the harness may run under CI before it
+/// is aborted. The longest takes about a minute; a binary still running
+/// after this is hung, and CI's own limit (90 minutes for the whole run)
+/// would end it with nothing said about where.
+const BINARY_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Under CI (`CI` set), aborts the process once it has run
+/// [`BINARY_LIMIT`], saying so: a hang becomes a failure that names its
+/// test binary. Not outside CI, where the long load runs of
+/// docs/RELIABILITY.md take longer.
+fn watchdog() {
+    if std::env::var_os("CI").is_none() {
+        return;
+    }
+    let started = std::env::args().next().unwrap_or_default();
+    std::thread::spawn(move || {
+        std::thread::sleep(BINARY_LIMIT);
+        eprintln!(
+            "{started}: still running after {BINARY_LIMIT:?} under CI: a test hangs; aborting"
+        );
+        std::process::abort();
+    });
+}
+
+/// The longest a test waits for one `lavd` command ([`output_within`]).
+pub const CLI_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs `command` as [`Command::output`] does (stdin empty, stdout and
+/// stderr captured), but kills it and fails the test if it has not exited
+/// within `limit`: a command held by the fault module, or waiting on a
+/// store that never answers, fails its test instead of hanging CI.
+///
+/// # Panics
+/// When it cannot start, or does not exit within `limit`.
+pub fn output_within(command: &mut Command, limit: Duration) -> Output {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut all);
+            }
+            all
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = std::time::Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for a child") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} did not exit within {limit:?}; killed");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
+/// Kills `child` with SIGKILL if this is still held `limit` from now: for
+/// a test that reads a child's output line by line (which blocks for as
+/// long as the child neither writes nor exits), so that a child that stalls
+/// ends the read and fails the test instead of hanging it. Drop it before
+/// reaping the child (`kill`, `wait`).
+pub fn kill_after(child: &std::process::Child, limit: Duration) -> KillAfter {
+    let pid = rustix::process::Pid::from_child(child);
+    let (cancel, cancelled) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = cancelled.recv_timeout(limit) {
+            eprintln!("child {pid:?} still running after {limit:?}: killed");
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    });
+    KillAfter(cancel)
+}
+
+/// See [`kill_after`]; dropping it cancels the kill.
+pub struct KillAfter(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
+
 /// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`.
 pub fn lavd_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(lavd_binary());
@@ -462,6 +586,36 @@ pub fn assert_ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
+}
+
+/// Sets its flag when dropped: the stop signal of a test's background
+/// threads, given however the test's own code ends. A `std::thread::scope`
+/// joins its threads even when its closure panics, so threads that loop
+/// until a flag that only the closure's last line sets would hang the test
+/// (and CI, until its limit) instead of letting it fail: hold one of these
+/// in the closure, before anything that can panic.
+pub struct StopOnDrop<'a>(pub &'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// See [`Shim::releasing`].
+pub struct ShimRelease<'a>(&'a Shim);
+
+impl Drop for ShimRelease<'_> {
+    fn drop(&mut self) {
+        // Not `set`: a drop must not panic (it may run during a panic).
+        let _ = self.0.write("");
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.write("");
+    }
 }
 
 /// Counts what lavd's HSM layer reports: reconnects and the most sessions

@@ -234,6 +234,11 @@ impl Drop for TestDb {
             .dbname("postgres")
             .connect_timeout(Duration::from_secs(5));
         if let Ok(mut client) = config.connect(postgres::NoTls) {
+            // Bounded, and not waiting for a synchronous standby that a
+            // failed test may have left named (`replicas_sync_standby.rs`).
+            // Each its own query: DROP DATABASE may not share one.
+            let _ = client.batch_execute("SET synchronous_commit = local");
+            let _ = client.batch_execute("SET statement_timeout = '60s'");
             let _ = client.batch_execute(&format!(
                 "DROP DATABASE IF EXISTS {} WITH (FORCE)",
                 self.name

@@ -30,6 +30,8 @@ fn sigkill_during_concurrent_appends_loses_nothing_reported_durable() {
         // Kill after a varying number of durable reports (10..=57).
         let stop_after = 10 + (round * 7919 % 48) as usize;
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        // A writer that stalls is killed, which ends the read below.
+        let watchdog = softhsm_tests::kill_after(&child, std::time::Duration::from_secs(60));
         for _ in 0..stop_after {
             let line = lines.next().expect("writer died early").unwrap();
             let mut parts = line.split(' ');
@@ -38,6 +40,7 @@ fn sigkill_during_concurrent_appends_loses_nothing_reported_durable() {
             let count: u64 = parts.next().unwrap().parse().unwrap();
             durable.push((first, count));
         }
+        drop(watchdog);
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         // Lines the writer printed before dying were reported durable too.

@@ -137,7 +137,7 @@ fn verify(dir: &Path, port: u16, extra: &[&str]) -> (Option<i32>, String, Durati
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
-    let out = lavd_command(&args).output().unwrap();
+    let out = softhsm_tests::output_within(&mut lavd_command(&args), softhsm_tests::CLI_LIMIT);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -5,7 +5,9 @@
 //! - A fault injected into `C_DeriveKey` (`CKR_DEVICE_ERROR`,
 //!   `CKR_DEVICE_REMOVED`, `CKR_SESSION_HANDLE_INVALID`) fails the request
 //!   closed: 503, no key released, nothing spent, and no `opened` leaf.
-//! - A call held by a `hang` fault completes once the fault is cleared.
+//! - A call held by a `hang` fault completes once the fault is cleared; one
+//!   whose settings file is gone (a test that failed before releasing it)
+//!   fails with `CKR_DEVICE_ERROR` instead of being held for ever.
 //! - When the fault clears, the same daemon serves again, without a restart,
 //!   and the warrant's budget shows that the failed requests spent nothing.
 //! - `fault_limit` counts the faults since the last settings change, not
@@ -327,4 +329,19 @@ fn a_settings_file_the_module_cannot_take_is_refused_and_every_call_fails() {
         let r = h.unwrap_one(&format!("good-{n}"));
         h.assert_opened(&r, settings);
     }
+}
+
+/// A call held by `hang` for a test that can no longer release it (it
+/// failed first, and its directory went) is not held for ever: once the
+/// settings file is gone it fails with `CKR_DEVICE_ERROR`, and the daemon's
+/// stuck call returns. (Or after 120 s, whatever the file says.)
+#[test]
+fn a_held_call_fails_once_its_settings_file_is_gone() {
+    let th = Through::start("FAULTS-GONE");
+    th.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    // The daemon gives up at the call deadline; the call stays held.
+    th.unwrap_one("held").assert_error(503, "hsm_unavailable");
+    assert_eq!(th.daemon.metric("lavd_hsm_calls_stuck"), 1.0);
+    th.shim.remove();
+    assert_eq!(th.daemon.wait_metric("lavd_hsm_calls_stuck", 0.0), 0.0);
 }

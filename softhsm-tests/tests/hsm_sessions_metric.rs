@@ -40,8 +40,9 @@ fn sessions_busy_returns_to_zero_when_the_daemon_is_idle() {
             }
             most
         });
+        let stopping = softhsm_tests::StopOnDrop(&done);
         let r = vault::post(&c.agency, "/v1/unwrap", &body);
-        done.store(true, Ordering::SeqCst);
+        drop(stopping);
         assert_eq!(vault::statuses(&r.json()), vec!["ok"; 100], "{}", r.text());
         watcher.join().unwrap()
     });

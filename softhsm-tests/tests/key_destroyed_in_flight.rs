@@ -62,6 +62,8 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
 
     shim.set("fault = hang\nfault_calls = C_DestroyObject");
     let (reply, destroy) = std::thread::scope(|s| {
+        // Released however this closure ends, so that the threads can end.
+        let _release = shim.releasing();
         let request = s.spawn(|| unwrap(&doomed));
         // 1: the derive is done, and the request waits.
         eventually("the unwrap's derived secret", || shim.faults() > 0);

@@ -26,6 +26,8 @@ fn a_generation_that_loses_the_race_deletes_its_own_pair() {
     shim.set("fault = hang\nfault_calls = C_GenerateKeyPair");
     let (held, winner) = std::thread::scope(|s| {
         let held = s.spawn(|| softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"));
+        // Released however this closure ends, so that `held` can end.
+        let _release = shim.releasing();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         while shim.faults() == 0 {
             assert!(

@@ -391,6 +391,9 @@ fn run_workers(t: &TestToken, plan: &mut Plan, per_worker: u64, phase: &str) -> 
         .collect();
     let mut tally = Tally::default();
     for child in children {
+        // A load-client held by a wedged daemon is killed (and fails the
+        // test below) rather than waited for without end.
+        let _watchdog = softhsm_tests::kill_after(&child, std::time::Duration::from_secs(600));
         let out = child.wait_with_output().expect("load-client");
         assert!(out.status.success(), "a load-client failed: {out:?}");
         tally.merge(serde_json::from_slice(&out.stdout).expect("tally JSON"));

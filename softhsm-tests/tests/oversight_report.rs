@@ -51,7 +51,7 @@ impl DevExt for Dev {
     /// `curl` as one of the demo's clients; the status and the body.
     fn curl(&self, who: &str, path: &str, body: Option<&Path>) -> (u16, Value) {
         let mut cmd = Command::new("curl");
-        cmd.args(["-s", "-w", "\n%{http_code}", "--cacert"])
+        cmd.args(["-s", "--max-time", "60", "-w", "\n%{http_code}", "--cacert"])
             .arg(self.pki("ca.pem"))
             .arg("--cert")
             .arg(self.pki(&format!("{who}.pem")))

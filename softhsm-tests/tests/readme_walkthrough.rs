@@ -29,7 +29,7 @@ fn walkthrough() -> String {
 /// `dir`, through curl, as the README's reader would.
 fn provider_keys(dir: &Path, api: u16) -> String {
     let out = Command::new("curl")
-        .args(["-sf", "--cacert"])
+        .args(["-sf", "--max-time", "60", "--cacert"])
         .arg(dir.join("pki/ca.pem"))
         .arg("--cert")
         .arg(dir.join("pki/provider.pem"))
@@ -102,7 +102,16 @@ fn the_readme_walkthrough_works_as_written() {
     // curl without a client certificate does not get past the handshake
     // (exit 35 or 56: the server requires a certificate), and gets no reply.
     let no_cert = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .args([
+            "-s",
+            "--max-time",
+            "60",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--cacert",
+        ])
         .arg(dir.join("pki/ca.pem"))
         .arg(format!("https://localhost:{api}/v1/keys"))
         .output()

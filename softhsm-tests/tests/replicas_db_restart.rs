@@ -112,6 +112,8 @@ fn a_database_restart_under_load_is_503_store_unavailable_then_recovers_without_
                 })
             })
             .collect();
+        // Stops the load however this closure ends, a failed assert too.
+        let stopping = softhsm_tests::StopOnDrop(&stop);
         std::thread::sleep(Duration::from_millis(500));
         pg_ctl("stop");
         // Down: every replica says not ready and refuses with the code.
@@ -134,7 +136,7 @@ fn a_database_restart_under_load_is_503_store_unavailable_then_recovers_without_
             d.wait_readyz(200);
         }
         std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::SeqCst);
+        drop(stopping);
         let outcomes: Vec<_> = load.into_iter().flat_map(|h| h.join().unwrap()).collect();
         (outcomes, down)
     });

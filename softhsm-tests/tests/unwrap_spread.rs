@@ -317,7 +317,7 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
             most
         });
         // Stops the watcher however this closure ends, a failed assert too.
-        let _stop = Stop(&done);
+        let _stop = softhsm_tests::StopOnDrop(&done);
         let large = s.spawn(|| {
             let r = unwrap(&c.agency, &big_warrant, &big);
             finished.lock().unwrap().push("big");
@@ -351,12 +351,4 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
         busiest >= 3.0,
         "at most {busiest} sessions were busy at once: the batch was not spread"
     );
-}
-
-struct Stop<'a>(&'a AtomicBool);
-
-impl Drop for Stop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
 }

@@ -5,7 +5,7 @@
 use softhsm_tests::{assert_fails_with, assert_ok, lavd_command};
 
 fn run(args: &[&str]) -> std::process::Output {
-    lavd_command(args).output().unwrap()
+    softhsm_tests::output_within(&mut lavd_command(args), softhsm_tests::CLI_LIMIT)
 }
 
 #[test]
