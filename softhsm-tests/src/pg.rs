@@ -34,7 +34,7 @@ pub fn password() -> String {
     std::env::var("LAVD_TEST_PG_PASSWORD").unwrap_or_else(|_| "lavd_test".into())
 }
 
-fn admin(port: u16) -> postgres::Client {
+pub(crate) fn admin(port: u16) -> postgres::Client {
     let mut config = postgres::Config::new();
     config
         .host(&host())

@@ -97,43 +97,111 @@ pub fn ensure() -> &'static OwnCluster {
 
 /// Makes every commit on the cluster wait for the synchronous standby
 /// `name` (`synchronous_standby_names`), or for none, and returns once
-/// the server applies it.
+/// commits do.
 ///
 /// `pg_reload_conf()` only signals the server: the postmaster rereads the
-/// file and then signals its backends, which apply it before their next
-/// command. Until then a commit may or may not wait. So this asks new
-/// connections for the setting until one has it (the postmaster reread
-/// the file, and has signalled every backend it had, before it accepted
-/// that connection). Without that, a test's COMMIT could commit without
-/// waiting, and the next one, which the test expects not to wait, wait
-/// for a standby that never comes: the clean-clone CI at `76eda41` hung
-/// so until its 90-minute limit.
+/// file and signals its backends and the checkpointer, and a COMMIT waits
+/// for a standby only once the checkpointer has set the shared flag that
+/// says standbys are named. Until then a commit may or may not wait. So
+/// this makes commits ([`commit_waits`]) until one behaves as wanted.
+/// Without that, a test's COMMIT could commit without waiting, and lavd's
+/// check of its fate then wait for a standby that never comes: the
+/// clean-clone CI at `76eda41` hung so until its 90-minute limit.
 ///
 /// # Panics
-/// When a command fails, or the setting is not applied within 10 s.
+/// When a command fails, or commits do not behave so within 20 s.
 pub fn wait_for_standby(name: Option<&str>) {
-    let set = match name {
-        Some(name) => format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
-        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
-    };
-    superuser(&[&set, "SELECT pg_reload_conf()"]);
-    let want = name.unwrap_or("");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    set_standby(name);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
-        let out = run(superuser_command(&[
-            "-tA",
-            "-c",
-            "SHOW synchronous_standby_names",
-        ]));
-        let now = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if now == want {
+        let waits = commit_waits();
+        if waits == name.is_some() {
             return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "synchronous_standby_names is {now:?} 10 s after it was set to {want:?}"
+            "commits still {} for a standby 20 s after synchronous_standby_names was set to {name:?}",
+            if waits { "wait" } else { "do not wait" }
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether a commit on the cluster waits for a synchronous standby now:
+/// one connection commits a catalog change (a temporary table: it writes
+/// WAL), while another watches it in `pg_stat_activity`. Seen waiting
+/// (`SyncRep`), it is cancelled, which ends the wait (the commit stays,
+/// on the primary); ended by itself, it did not wait.
+///
+/// # Panics
+/// When the cluster cannot be reached, or the commit neither ends nor is
+/// seen waiting within 10 s.
+fn commit_waits() -> bool {
+    let mut watcher = crate::pg::admin(PORT);
+    let mut probe = crate::pg::admin(PORT);
+    let pid: i32 = probe
+        .query_one("SELECT pg_backend_pid()", &[])
+        .expect("probe pid")
+        .get(0);
+    std::thread::scope(|s| {
+        let commit = s.spawn(move || {
+            probe
+                .batch_execute("CREATE TEMP TABLE lavd_sync_probe (x int)")
+                .expect("probe commit")
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if commit.is_finished() {
+                commit.join().expect("probe thread");
+                return false;
+            }
+            let waiting: bool = watcher
+                .query_one(
+                    "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep'",
+                    &[&pid],
+                )
+                .expect("pg_stat_activity")
+                .get(0);
+            if waiting || std::time::Instant::now() >= deadline {
+                watcher
+                    .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+                    .expect("cancel the probe");
+                assert!(
+                    waiting,
+                    "the probe commit neither ended nor waited within 10 s"
+                );
+                commit.join().expect("probe thread");
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    })
+}
+
+/// Sets `synchronous_standby_names` to `name` (or resets it) and signals
+/// the server, without waiting for it to apply: see [`wait_for_standby`].
+///
+/// # Panics
+/// When a command fails.
+pub fn set_standby(name: Option<&str>) {
+    superuser(&[&standby_statement(name), "SELECT pg_reload_conf()"]);
+}
+
+/// [`set_standby`] for a drop during a panic: never panics.
+pub fn set_standby_quietly(name: Option<&str>) {
+    let _ = superuser_command(&[
+        "-c",
+        &standby_statement(name),
+        "-c",
+        "SELECT pg_reload_conf()",
+    ])
+    .output();
+}
+
+fn standby_statement(name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("ALTER SYSTEM SET synchronous_standby_names = '{name}'"),
+        None => "ALTER SYSTEM RESET synchronous_standby_names".to_string(),
     }
 }
 

@@ -36,7 +36,12 @@ struct Lift;
 
 impl Drop for Lift {
     fn drop(&mut self) {
-        wait_for_standby(None);
+        if std::thread::panicking() {
+            // A second panic here would abort the process, unreported.
+            pg_cluster::set_standby_quietly(None);
+        } else {
+            wait_for_standby(None);
+        }
     }
 }
 

@@ -735,6 +735,9 @@ impl Hsm {
             .name("lavd-hsm-reset".into())
             .spawn(move || {
                 let _alive = alive;
+                // Rebound after `_alive`, so dropped before it: `quiesce`
+                // counts this thread until its `Hsm` is gone.
+                let hsm = hsm;
                 // Cleared however the reset ends, a panic too, so that
                 // resets are not stopped for good.
                 let _done = ClearOnDrop(&hsm.inner.resetting);

@@ -257,6 +257,9 @@ fn main() -> std::process::ExitCode {
     if options.runs('b') {
         let mut settings = token.settings().hsm;
         settings.sessions = options.pool;
+        // In this process, whose own SoftHSM calls (a), (d) and (g) use: a
+        // reset would finalise the module under them.
+        settings.quirks.reset_module_after_opens = 0;
         let hsm = Hsm::open(settings).expect("open HSM");
         for threads in [1, cores] {
             let ops = measure(threads, options.seconds(), |_, i| {
