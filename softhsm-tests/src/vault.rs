@@ -80,6 +80,13 @@ impl Vault {
             "{}[limits]\n{limits}",
             roles_toml()
         )));
+        Self::serve(t, pki)
+    }
+
+    /// Starts it on `t`, whose config the caller wrote (with `pki`'s
+    /// certificates: [`serve_config`]), with escrow key `E-1`, and waits
+    /// until it is ready.
+    pub fn serve(t: TestToken, pki: Pki) -> Self {
         generate_escrow_key(&t, "E-1");
         let parties = Parties::new(&pki);
         let daemon = Daemon::start(&t);

@@ -128,18 +128,15 @@ fn no_planned_reset_runs_while_the_token_refuses_the_pin() {
         "[hsm.quirks]\nreset_module_after_opens = 100\n",
         &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
     );
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let escrow = vault::published_key(&c.provider, "E-1");
+    let v = vault::Vault::serve(t, pki);
+    let (daemon, escrow) = (&v.daemon, &v.escrow);
+    let c = v.parties.clients(&v.pki, daemon.api);
     let warrant = vault::double_lock(&vault::claims("PIN-R", vault::recipient().public(), 1000));
     let unwrap = |tag: &str, n: usize| {
         vault::post(
             &c.agency,
             "/v1/unwrap",
-            &serde_json::json!({"warrant": warrant, "envelopes": vault::batch(&escrow, tag, n)}),
+            &serde_json::json!({"warrant": warrant, "envelopes": vault::batch(escrow, tag, n)}),
         )
     };
     // The PIN changes on the token; batches that want more sessions than

@@ -183,19 +183,16 @@ fn batches_open_in_full_across_planned_module_resets() {
             serve_config(&vault::roles_toml())
         ),
     );
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let escrow = vault::published_key(&c.provider, "E-1");
+    let v = vault::Vault::serve(t, pki);
+    let (daemon, escrow) = (&v.daemon, &v.escrow);
+    let c = v.parties.clients(&v.pki, daemon.api);
     let recipient = vault::recipient();
     let ids = ["RESETS-1", "RESETS-2"];
     let warrants: Vec<_> = ids
         .iter()
         .map(|id| vault::double_lock(&vault::claims(id, recipient.public(), 1000)))
         .collect();
-    let batches: Vec<_> = ids.iter().map(|id| batch(&escrow, id, 1000)).collect();
+    let batches: Vec<_> = ids.iter().map(|id| batch(escrow, id, 1000)).collect();
 
     let derived = daemon.metric(DERIVES);
     let replies: Vec<_> = std::thread::scope(|s| {
@@ -228,7 +225,7 @@ fn batches_open_in_full_across_planned_module_resets() {
     assert!((5.0..=20.0).contains(&resets), "{resets} planned resets");
     assert_eq!(daemon.metric(RECONNECTS), 0.0, "a session was lost");
     for warrant in &warrants {
-        assert_spent(&c, &escrow, warrant);
+        assert_spent(&c, escrow, warrant);
     }
 }
 
