@@ -586,6 +586,23 @@ pub fn assert_ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("utf-8 stdout")
 }
 
+/// Polls `f` until it holds, for at most `within` (every hundredth of it,
+/// 5 to 100 ms apart); then fails the test naming `what`.
+///
+/// # Panics
+/// When `f` still does not hold after `within`.
+pub fn eventually(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    let pause = (within / 100).clamp(Duration::from_millis(5), Duration::from_millis(100));
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(pause);
+    }
+}
+
 /// Sets its flag when dropped: the stop signal of a test's background
 /// threads, given however the test's own code ends. A `std::thread::scope`
 /// joins its threads even when its closure panics, so threads that loop

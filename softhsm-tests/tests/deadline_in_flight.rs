@@ -13,21 +13,16 @@
 //! Before, both were judged only when the request's work started, so a
 //! request admitted a moment before the end released keys after it.
 
-use std::time::{Duration, Instant};
+use softhsm_tests::eventually;
+use std::time::Duration;
 
 use lavd::jwk::P256PublicKey;
 use softhsm_tests::assert_ok;
 use softhsm_tests::vault::{self, Held};
 use time::OffsetDateTime;
 
-/// Polls `f` every 20 ms for up to 20 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long [`eventually`] waits here.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The budget warrant `id` has spent, from the store.
 fn spent(h: &Held, id: &str) -> i64 {
@@ -63,7 +58,7 @@ fn held_past(
                 &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
             )
         });
-        eventually("the unwrap's HSM open", || h.shim.faults() > 0);
+        eventually("the unwrap's HSM open", WAIT, || h.shim.faults() > 0);
         // Admitted and opening before the deadline, or the test shows
         // nothing.
         assert!(

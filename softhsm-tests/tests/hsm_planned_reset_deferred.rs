@@ -10,6 +10,7 @@
 //! process, and the fault module reads one settings file per process.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use softhsm_tests::eventually;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,14 +18,8 @@ use std::time::{Duration, Instant};
 use lavd::hsm::Hsm;
 use softhsm_tests::{shim_module_path, software_peer, HsmCounts, Shim, TestToken};
 
-/// Waits up to 10 s for `what`.
-fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+/// How long [`eventually`] waits here.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[test]
 fn a_due_reset_is_put_off_while_a_call_is_held_and_runs_after() {
@@ -54,7 +49,7 @@ fn a_due_reset_is_put_off_while_a_call_is_held_and_runs_after() {
     };
     // Released however the test ends, so that `held` can end.
     let release = shim.releasing();
-    eventually("the held derive", || shim.faults() == 1);
+    eventually("the held derive", WAIT, || shim.faults() == 1);
     // Opens 99 and 100, on the other session: the 100th makes a reset due,
     // which cannot start under the held call. The next open waits for it
     // to give up, briefly: not for the call deadline (5 s here).
@@ -69,7 +64,7 @@ fn a_due_reset_is_put_off_while_a_call_is_held_and_runs_after() {
         "an open waited {:?} behind a reset due under a held call",
         started.elapsed()
     );
-    eventually("the reset put off", || {
+    eventually("the reset put off", WAIT, || {
         counts.planned_resets_not_done.load(Ordering::SeqCst) == 1
     });
     assert_eq!(counts.planned_resets.load(Ordering::SeqCst), 0);

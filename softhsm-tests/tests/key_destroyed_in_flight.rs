@@ -19,19 +19,14 @@
 //! the daemon holds its handle from earlier unwraps: `key_destroyed` too,
 //! not a 503 for the whole request.
 
-use std::time::{Duration, Instant};
+use softhsm_tests::eventually;
+use std::time::Duration;
 
 use softhsm_tests::assert_ok;
 use softhsm_tests::vault::{self, Held};
 
-/// Polls `f` every 20 ms for up to 20 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+/// How long [`eventually`] waits here.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 #[test]
 fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
@@ -66,7 +61,7 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
         let _release = shim.releasing();
         let request = s.spawn(|| unwrap(&doomed));
         // 1: the derive is done, and the request waits.
-        eventually("the unwrap's derived secret", || shim.faults() > 0);
+        eventually("the unwrap's derived secret", WAIT, || shim.faults() > 0);
         assert!(!request.is_finished());
         let destroy = s.spawn(|| {
             t.lavd_with_config(&[
@@ -74,7 +69,7 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
             ])
         });
         // 2: the destruction is committed; its token call waits.
-        eventually("the committed destruction", destroyed);
+        eventually("the committed destruction", WAIT, destroyed);
         std::thread::sleep(Duration::from_millis(200));
         assert!(!request.is_finished(), "the unwrap answered while held");
         assert!(!destroy.is_finished(), "the key left the token while held");
@@ -140,7 +135,7 @@ fn a_key_destroyed_before_the_derive_of_a_cached_handle_is_key_destroyed() {
     shim.set("fault = hang\nfault_calls = C_DeriveKey");
     let reply = std::thread::scope(|s| {
         let request = s.spawn(|| unwrap(&doomed));
-        eventually("the held derive", || shim.faults() > 0);
+        eventually("the held derive", WAIT, || shim.faults() > 0);
         // The whole destruction, token included, while the derive waits.
         assert_ok(&t.lavd_with_config(&[
             "keys", "destroy", "--kid", "E-2", "--force", "--reason", "seized",

@@ -17,7 +17,8 @@
 //!   `old 0`) learns the witness's size from its 409 and recovers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use softhsm_tests::eventually;
+use std::time::Duration;
 
 use lavd::audit::witness::Policy;
 use softhsm_tests::assert_ok;
@@ -27,20 +28,13 @@ use softhsm_tests::witness::{PyWitness, Witness};
 use softhsm_tests::witnessed::{Entry, LogWithWitnesses};
 use time::OffsetDateTime;
 
+/// How long [`eventually`] waits here.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// How long an unwrap waits for the quorum. Long enough that two local
 /// witnesses answer well within it on a loaded 2-core machine (they answer
 /// in milliseconds), short enough to keep the timeout case quick.
 const WITNESS_TIMEOUT_SECS: u64 = 8;
-
-/// Polls `f` until it is true, for up to a minute (a generous bound for a
-/// loaded machine: the submitter backs off at most 5 s between tries).
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 #[test]
 fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
@@ -298,7 +292,9 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
                     &serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]}),
                 )
             });
-            eventually("the waiting unwrap's leaf", || leaves().len() > size_before);
+            eventually("the waiting unwrap's leaf", WAIT, || {
+                leaves().len() > size_before
+            });
             let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
             let revoked = vault::post(
                 &c.admin,
@@ -326,7 +322,7 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
 
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);
-    eventually("w1 to cosign the newest checkpoint", || {
+    eventually("w1 to cosign the newest checkpoint", WAIT, || {
         daemon.metric("lavd_witness_cosigned_size{witness=\"w1.example\"}") >= (before + 1) as f64
     });
     let r = unwrap(11);
@@ -414,7 +410,7 @@ fn a_cosigned_checkpoint_edited_in_the_store_is_not_served() {
         r.json()["audit"]["first_index"].as_u64().unwrap() + 1
     };
     let cosigned = unwrap(1);
-    eventually("w1 to cosign", || {
+    eventually("w1 to cosign", WAIT, || {
         daemon.metric("lavd_witness_cosigned_size{witness=\"w1.example\"}") >= cosigned as f64
     });
     // The witness stops; the log signs a newer checkpoint it does not

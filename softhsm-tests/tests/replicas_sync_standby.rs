@@ -21,7 +21,8 @@
 //! fate on a new connection: see the second test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use softhsm_tests::eventually;
+use std::time::Duration;
 
 use softhsm_tests::pg::TestDb;
 use softhsm_tests::pg_cluster::{self, wait_for_standby};
@@ -29,6 +30,9 @@ use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 use time::OffsetDateTime;
+
+/// How long [`eventually`] waits here.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Lifts the wait when dropped, also when the test fails: the cluster is
 /// shared with `store_faults.rs`.
@@ -42,15 +46,6 @@ impl Drop for Lift {
         } else {
             wait_for_standby(None);
         }
-    }
-}
-
-/// Polls `f` every 20 ms for up to 20 s.
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -101,13 +96,13 @@ fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
         // wait for the standby too), while the server starts waiting.
         shim.set("fault = hang\nfault_calls = C_DeriveKey");
         let unwrap = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &body("during")));
-        eventually("the unwrap's HSM open", || shim.faults() > 0);
+        eventually("the unwrap's HSM open", WAIT, || shim.faults() > 0);
         wait_for_standby(Some("lavd_test_no_such_standby"));
         shim.set("");
         // Its audit commit waits for the standby; the operator ends it.
         let mut admin = db.admin();
         let mut pid = None;
-        eventually("the audit commit waiting for the standby", || {
+        eventually("the audit commit waiting for the standby", WAIT, || {
             pid = admin
                 .query_opt(
                     "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event = 'SyncRep' \
@@ -123,7 +118,7 @@ fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
             .unwrap();
         // The leaves are on the primary...
         let before = i64::try_from(size).unwrap();
-        eventually("the ended commit's leaves", || {
+        eventually("the ended commit's leaves", WAIT, || {
             db.rows("audit_leaves") > before
         });
         // ... and only there: nothing is answered over them.
