@@ -14,6 +14,14 @@ use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken, PIN};
 
+/// A delay for every call through the fault module: with it, each open
+/// holds its session long enough that a batch's other workers open sessions
+/// of their own (and log in) rather than wait for it. Without it, on an idle
+/// machine, one session could serve a whole batch of eight, no login would be
+/// tried, and there would be no refusal to test (a CI run at `737a6f2` saw
+/// none after four batches).
+const SLOW: &str = "delay_us = 2000";
+
 fn reload(daemon: &Daemon) {
     daemon.signal(Signal::HUP);
     daemon.expect_notify("RELOADING=1");
@@ -49,8 +57,10 @@ fn a_refused_pin_is_tried_once_until_a_reload_reads_a_new_one() {
 
     // The PIN is changed on the token. Batches that want more sessions
     // than are logged in meet one refusal, then wait for the sessions that
-    // are: they are all served.
-    shim.set(&rotated);
+    // are: they are all served. (2 ms a call makes each open hold its
+    // session long enough that a batch's workers need more than one, however
+    // fast the machine.)
+    shim.set(&format!("{rotated}\n{SLOW}"));
     for round in 0..4 {
         let r = unwrap(&format!("held-{round}"), 8);
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
@@ -141,12 +151,13 @@ fn no_planned_reset_runs_while_the_token_refuses_the_pin() {
     };
     // The PIN changes on the token; batches that want more sessions than
     // are logged in meet the refusal (as in the test above).
-    shim.set(&format!("pin = rotated-pin:{PIN}"));
+    shim.set(&format!("pin = rotated-pin:{PIN}\n{SLOW}"));
     for round in 0..4 {
         let r = unwrap(&format!("held-{round}"), 8);
         assert_eq!(r.status, 200, "round {round}: {}", r.text());
     }
     assert_eq!(daemon.metric("lavd_hsm_login_refused"), 1.0);
+    shim.set(&format!("pin = rotated-pin:{PIN}"));
     // 32 opens so far; 200 more pass the 100 that would start a reset.
     for round in 0..4 {
         let r = unwrap(&format!("past-{round}"), 50);
