@@ -29,6 +29,7 @@ pub struct Metrics {
     hsm_login_refused: IntGauge,
     hsm_calls_stuck: IntGauge,
     hsm_call_timeouts: IntCounter,
+    request_body_bytes_held: IntGauge,
     store_commit_seconds: HistogramVec,
     store_retries: IntCounter,
     tls_handshake_failures: IntCounterVec,
@@ -57,6 +58,8 @@ pub struct Scraped {
     pub hsm_calls_stuck: usize,
     /// [`crate::hsm::Hsm::timed_out_calls`].
     pub hsm_call_timeouts: u64,
+    /// [`crate::api::pipeline::BodyBudget::held`] of the API.
+    pub request_body_bytes_held: usize,
 }
 
 /// Buckets for operations that take microseconds to a second (HSM calls,
@@ -142,6 +145,12 @@ impl Metrics {
             "HSM calls that outlived [hsm] call_timeout_ms and have not returned (a hung \
              module or device); /readyz is false while this is above 0.",
         )?;
+        let request_body_bytes_held = gauge(
+            "lavd_request_body_bytes_held",
+            "Bytes of API request bodies counted against [limits] max_body_bytes_in_flight \
+             (declared, or max_body_bytes for a chunked one), from before their read until \
+             their request is answered; one more that does not fit is answered 503 server_busy.",
+        )?;
         let hsm_call_timeouts = IntCounter::new(
             "lavd_hsm_call_timeouts_total",
             "HSM calls whose caller gave up at [hsm] call_timeout_ms (answered hsm_unavailable).",
@@ -220,6 +229,7 @@ impl Metrics {
             hsm_planned_resets,
             hsm_login_refused,
             hsm_calls_stuck,
+            request_body_bytes_held,
             hsm_call_timeouts,
             store_commit_seconds,
             store_retries,
@@ -330,6 +340,8 @@ impl Metrics {
         }
         self.hsm_calls_stuck
             .set(i64::try_from(now.hsm_calls_stuck).unwrap_or(i64::MAX));
+        self.request_body_bytes_held
+            .set(i64::try_from(now.request_body_bytes_held).unwrap_or(i64::MAX));
         self.render()
     }
 
@@ -386,6 +398,7 @@ mod tests {
                 store_retries,
                 hsm_calls_stuck,
                 hsm_call_timeouts,
+                request_body_bytes_held: hsm_calls_stuck * 1000,
             })
             .unwrap()
         };
@@ -406,8 +419,12 @@ mod tests {
                 Some(format!("lavd_hsm_call_timeouts_total {want_timeouts}"))
             );
             assert_eq!(
-                line(text, "lavd_hsm_calls_stuck"),
+                line(text.clone(), "lavd_hsm_calls_stuck"),
                 Some(format!("lavd_hsm_calls_stuck {stuck}"))
+            );
+            assert_eq!(
+                line(text, "lavd_request_body_bytes_held"),
+                Some(format!("lavd_request_body_bytes_held {}", stuck * 1000))
             );
         }
     }

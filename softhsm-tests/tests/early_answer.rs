@@ -149,3 +149,67 @@ print(r.status, json.loads(r.read())["error"]["code"])
         "413 body_too_large"
     );
 }
+
+/// Request bodies held at once are bounded over all connections
+/// (`[limits] max_body_bytes_in_flight`): a body that does not fit beside
+/// those being read or served is refused at once, unread, with 503
+/// `server_busy` and `Retry-After`, and drained; the bytes come back once
+/// the request holding them is answered. Before, 1,024 connections could
+/// each make the daemon hold `max_body_bytes`.
+#[test]
+fn a_body_beyond_max_body_bytes_in_flight_is_503_server_busy_until_others_are_answered() {
+    let (_t, pki, daemon) = start("max_body_bytes = 65536\nmax_body_bytes_in_flight = 100000");
+    let client = pki.client(daemon.api, Some(&pki.clients.identity(AGENCY)));
+    let held = "lavd_request_body_bytes_held";
+    let wait = std::time::Duration::from_secs(10);
+    assert_eq!(daemon.metric(held), 0.0);
+
+    // A slow sender declares 60,000 bytes and sends six.
+    let mut slow = client.connect().unwrap();
+    slow.send(
+        b"POST /v1/unwrap HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 60000\r\n\r\n{\"x\":1",
+    )
+    .unwrap();
+    softhsm_tests::eventually("the slow body's bytes to be held", wait, || {
+        daemon.metric(held) == 60000.0
+    });
+
+    // 50,000 more do not fit: answered at once, the body unread, drained.
+    let mut conn = client.connect().unwrap();
+    let r = conn
+        .request("POST", "/v1/unwrap", &[], Some(&vec![b' '; 50000]))
+        .expect("the whole body is written and the answer read");
+    let message = r.assert_error(503, "server_busy");
+    assert!(
+        message.contains("max_body_bytes_in_flight") && message.contains("100000"),
+        "{message}"
+    );
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert_closed_cleanly(&mut conn);
+    // 40,000 fit beside the slow one: read, then refused as not JSON.
+    client
+        .request("POST", "/v1/unwrap", Some(&vec![b' '; 40000]))
+        .unwrap()
+        .assert_error(400, "malformed_request");
+    assert_eq!(daemon.metric(held), 60000.0);
+
+    // The slow body ends and is answered: its bytes are back, and 50,000
+    // fit.
+    slow.send(&vec![b' '; 60000 - 6]).unwrap();
+    slow.read_response()
+        .unwrap()
+        .assert_error(400, "malformed_request");
+    softhsm_tests::eventually("the slow body's bytes to come back", wait, || {
+        daemon.metric(held) == 0.0
+    });
+    client
+        .request("POST", "/v1/unwrap", Some(&vec![b' '; 50000]))
+        .unwrap()
+        .assert_error(400, "malformed_request");
+    assert_eq!(
+        daemon.metric("lavd_http_requests_total{route=\"unrouted\",status=\"503\"}"),
+        1.0
+    );
+}

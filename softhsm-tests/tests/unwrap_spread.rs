@@ -19,7 +19,8 @@
 //!   the same audit, no lost session, and an exact budget;
 //! - the pool is shared fairly: single-envelope requests sent while a
 //!   1000-envelope batch runs at 1 ms per PKCS#11 call finish before it, and
-//!   that batch itself keeps several sessions busy at once.
+//!   that batch itself keeps several sessions busy at once (and its body
+//!   counts against `max_body_bytes_in_flight` while it is served).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -326,6 +327,14 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
             assert!(Instant::now() < deadline, "the batch never reached the HSM");
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Its body, read, still counts against max_body_bytes_in_flight
+        // while its request is served (at least a second from here).
+        let big_body = serde_json::json!({"warrant": big_warrant, "envelopes": big});
+        assert_eq!(
+            daemon.metric("lavd_request_body_bytes_held"),
+            big_body.to_string().len() as f64,
+            "the batch's body is counted until it is answered"
+        );
         for (i, small) in smalls.iter().enumerate() {
             let r = unwrap(&c.agency, &small_warrant, small);
             assert_eq!(r.status, 200, "small {i}: {}", r.text());

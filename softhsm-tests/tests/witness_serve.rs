@@ -403,6 +403,63 @@ fn dev_key_files_and_the_rate_limit() {
     )
     .unwrap();
     assert_eq!(printed.trim(), expected.to_string());
+
+    // Bodies held at once are bounded here too, where anyone may post
+    // (`max_body_bytes_in_flight`): while one being sent holds 4,000 of
+    // 4,096 bytes, another of 200 is refused unread with 503 `server_busy`;
+    // once the first is answered, the same request is read.
+    drop(d);
+    std::fs::write(
+        &path,
+        config(true).replace(
+            "rate_limit_per_second = 0.1\nrate_limit_burst = 3\n",
+            "max_body_bytes_in_flight = 4096\n",
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_witness(&t, &path, "witness");
+    let client = pki.client(d.api, None);
+    let small = [b'x'; 200];
+    // Read, and refused by the spec's checks (not a note): 400.
+    assert_eq!(
+        client
+            .request("POST", "/add-checkpoint", Some(&small))
+            .unwrap()
+            .status,
+        400
+    );
+    let mut slow = client.connect().unwrap();
+    slow.send(
+        b"POST /add-checkpoint HTTP/1.1\r\nhost: localhost\r\ncontent-length: 4000\r\n\r\nold 0\n",
+    )
+    .unwrap();
+    // No metric here: retried until the slow head has been taken.
+    softhsm_tests::eventually(
+        "a body beyond the budget to be refused",
+        std::time::Duration::from_secs(10),
+        || {
+            let r = client
+                .request("POST", "/add-checkpoint", Some(&small))
+                .unwrap();
+            r.status == 503
+        },
+    );
+    let r = client
+        .request("POST", "/add-checkpoint", Some(&small))
+        .unwrap();
+    let message = r.assert_error(503, "server_busy");
+    assert!(message.contains("4096"), "{message}");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    slow.send(&[b'x'; 4000 - 6]).unwrap();
+    assert_eq!(slow.read_response().unwrap().status, 400);
+    // Read, and refused by the spec's checks (not a note): 400.
+    assert_eq!(
+        client
+            .request("POST", "/add-checkpoint", Some(&small))
+            .unwrap()
+            .status,
+        400
+    );
 }
 
 /// `/readyz` follows the witness's token: with its storage gone (what a

@@ -170,6 +170,7 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
     let metrics = readiness.state.metrics.clone();
     let store = readiness.state.store.clone();
     let hsm = readiness.state.hsm.clone();
+    let state = readiness.state.clone();
     table(
         move || {
             let readiness = readiness.clone();
@@ -183,6 +184,7 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
                 store_retries: store.retries(),
                 hsm_calls_stuck: hsm.stuck_calls(),
                 hsm_call_timeouts: hsm.timed_out_calls(),
+                request_body_bytes_held: state.bodies.held(),
             })
         },
     )

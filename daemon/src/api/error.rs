@@ -61,6 +61,17 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
+    /// The bodies of requests in flight already hold so much of
+    /// `limits.max_body_bytes_in_flight` that this one's does not fit; it
+    /// was not read. Answered at once, with `Retry-After`.
+    #[error(
+        "the server is holding as many request bodies as it may \
+         (limits.max_body_bytes_in_flight, {limit} bytes); retry later"
+    )]
+    Busy {
+        /// The configured bound.
+        limit: usize,
+    },
     /// More envelopes than `limits.max_batch` in one request.
     #[error("the request has {count} items; at most {limit} are allowed")]
     BatchTooLarge {
@@ -132,6 +143,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::BodyTooLarge { .. } => "body_too_large",
             ApiError::BatchTooLarge { .. } => "batch_too_large",
+            ApiError::Busy { .. } => "server_busy",
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::HsmUnavailable => "hsm_unavailable",
             ApiError::StoreUnavailable => "store_unavailable",
@@ -158,7 +170,8 @@ impl ApiError {
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::HsmUnavailable
             | ApiError::StoreUnavailable
-            | ApiError::WitnessUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | ApiError::WitnessUnavailable { .. }
+            | ApiError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Refused { status, .. } => *status,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -196,8 +209,14 @@ impl ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
-        if let ApiError::RateLimited { retry_after } = &self {
-            let secs = retry_after.as_secs().max(1);
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after } => Some(retry_after.as_secs().max(1)),
+            // Bodies in flight finish within the body timeout, most far
+            // sooner: a second is a fair first wait.
+            ApiError::Busy { .. } => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
             if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
                 headers.insert(header::RETRY_AFTER, v);
             }
@@ -313,6 +332,7 @@ mod tests {
             ),
             (ApiError::HsmUnavailable, 503, "hsm_unavailable"),
             (ApiError::StoreUnavailable, 503, "store_unavailable"),
+            (ApiError::Busy { limit: 2048 }, 503, "server_busy"),
             (
                 ApiError::WitnessUnavailable { timeout_secs: 10 },
                 503,

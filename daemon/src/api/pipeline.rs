@@ -354,17 +354,19 @@ where
         Access::Mutual => super::routes::takes_body(&parts.method, parts.uri.path(), &roles)
             .then_some(state.limits.max_body_bytes),
     };
-    let (bytes, unread) = match wanted {
-        None => (Bytes::new(), Some(body)),
+    // `_hold` keeps the body's bytes counted until the route has answered.
+    let (bytes, unread, _hold) = match wanted {
+        None => (Bytes::new(), Some(body), None),
         Some(max_body) => match read_bounded_body(
             &parts.headers,
             body,
             max_body,
             state.limits.body_read_timeout,
+            &state.bodies,
         )
         .await
         {
-            Ok(bytes) => (bytes, None),
+            Ok((bytes, hold)) => (bytes, None, Some(hold)),
             Err((e, unread)) => return (e.into_response(), unread),
         },
     };
@@ -463,15 +465,82 @@ fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), 
     })
 }
 
-/// Reads a request body of at most `limit` bytes within `timeout`; a
-/// `Content-Length` above the limit is refused before reading. On failure,
-/// the error and the body if there may be more of it to drain.
+/// Bounds the bytes of request bodies a listener holds at once
+/// (`[limits] max_body_bytes_in_flight`), over all its connections: without
+/// it, `max_connections` clients each sending `max_body_bytes` could make
+/// the process hold their product (1 GiB at the defaults), and the witness
+/// listener takes bodies from anyone.
+///
+/// A body is counted from before its first byte is read until its request
+/// is answered (the handler holds it, or what it was parsed into, until
+/// then): its declared `Content-Length`, or `max_body_bytes` for a chunked
+/// body, whose end is not known. One that does not fit is not read: it is
+/// answered at once with 503 `server_busy` and `Retry-After`, and drained
+/// like any early answer. Refusing at once, rather than queueing, keeps a
+/// request from waiting behind slow senders that hold the budget. The API
+/// listener and the public log listener share one budget (the public one
+/// reads no body); `lavd witness serve` has its own.
+#[derive(Debug)]
+pub struct BodyBudget {
+    bytes: Arc<tokio::sync::Semaphore>,
+    capacity: usize,
+}
+
+/// Bytes of a [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+pub struct BodyHold {
+    _bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl BodyBudget {
+    /// A budget of `capacity` bytes.
+    pub fn new(capacity: usize) -> Self {
+        // The semaphore's own bound (`usize::MAX >> 3`) is far above the
+        // configured range (at most 64 GiB).
+        let capacity = capacity.min(tokio::sync::Semaphore::MAX_PERMITS);
+        BodyBudget {
+            bytes: Arc::new(tokio::sync::Semaphore::new(capacity)),
+            capacity,
+        }
+    }
+
+    /// `n` bytes, or [`ApiError::Busy`] if fewer are free.
+    fn hold(&self, n: usize) -> Result<BodyHold, ApiError> {
+        let busy = ApiError::Busy {
+            limit: self.capacity,
+        };
+        let n = u32::try_from(n).map_err(|_| busy.clone())?;
+        self.bytes
+            .clone()
+            .try_acquire_many_owned(n)
+            .map(|bytes| BodyHold { _bytes: bytes })
+            .map_err(|_| busy)
+    }
+
+    /// Bytes not held.
+    #[cfg(test)]
+    fn free(&self) -> usize {
+        self.bytes.available_permits()
+    }
+
+    /// Bytes held (`lavd_request_body_bytes_held`).
+    pub fn held(&self) -> usize {
+        self.capacity.saturating_sub(self.bytes.available_permits())
+    }
+}
+
+/// Reads a request body of at most `limit` bytes within `timeout`, holding
+/// its bytes in `budget` first; a `Content-Length` above the limit is
+/// refused before reading. The bytes, and the hold to keep until the
+/// request is answered; on failure, the error and the body if there may be
+/// more of it to drain.
 pub(crate) async fn read_bounded_body<B>(
     headers: &warp::http::HeaderMap,
     body: B,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, (ApiError, Option<B>)>
+    budget: &BodyBudget,
+) -> Result<(Bytes, BodyHold), (ApiError, Option<B>)>
 where
     B: Body + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -483,7 +552,18 @@ where
     if declared.is_some_and(|n| n > limit as u64) {
         return Err((ApiError::BodyTooLarge { limit }, Some(body)));
     }
-    read_body(body, limit, timeout).await
+    // hyper knows an empty body's size (no `Content-Length`, not chunked);
+    // only a chunked one is counted at the most it may grow to.
+    let expected = declared
+        .or_else(|| body.size_hint().exact())
+        .map_or(limit, |n| usize::try_from(n).unwrap_or(limit).min(limit));
+    let hold = match budget.hold(expected) {
+        Ok(hold) => hold,
+        Err(e) => return Err((e, Some(body))),
+    };
+    read_body(body, limit, timeout)
+        .await
+        .map(|bytes| (bytes, hold))
 }
 
 /// Why a body was not read whole.
@@ -584,5 +664,86 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.0.code(), "request_timeout");
+    }
+
+    /// Headers declaring `len` bytes, or none (chunked).
+    fn declaring(len: Option<usize>) -> warp::http::HeaderMap {
+        let mut headers = warp::http::HeaderMap::new();
+        if let Some(n) = len {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        headers
+    }
+
+    /// A body whose size is not known in advance, as a chunked one's.
+    struct Chunked(Option<Bytes>);
+    impl Body for Chunked {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(self.0.take().map(|b| Ok(hyper::body::Frame::data(b))))
+        }
+    }
+    fn chunked(n: usize) -> Chunked {
+        Chunked(Some(Bytes::from(vec![b' '; n])))
+    }
+
+    #[tokio::test]
+    async fn a_body_is_counted_from_before_its_read_until_its_hold_is_dropped() {
+        let budget = BodyBudget::new(4096);
+        let second = Duration::from_secs(1);
+        let body = |n| Full::new(Bytes::from(vec![b' '; n]));
+
+        // A declared length is counted as declared, until the hold goes.
+        let (bytes, hold) =
+            read_bounded_body(&declaring(Some(3000)), body(3000), 4096, second, &budget)
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        assert_eq!(bytes.len(), 3000);
+        assert_eq!(budget.free(), 1096);
+
+        // One that does not fit is refused unread, and handed back to drain.
+        let (e, unread) =
+            read_bounded_body(&declaring(Some(2000)), body(2000), 4096, second, &budget)
+                .await
+                .unwrap_err();
+        assert_eq!(e, ApiError::Busy { limit: 4096 });
+        assert_eq!(e.status(), warp::http::StatusCode::SERVICE_UNAVAILABLE);
+        assert!(unread.is_some());
+        assert_eq!(budget.free(), 1096, "a refused body holds nothing");
+
+        // An empty body (its size known) fits in what is left…
+        let (_, empty) = read_bounded_body(&declaring(None), body(0), 4096, second, &budget)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        // …but a chunked one counts at the limit, whatever it turns out to be.
+        let (e, _) = read_bounded_body(&declaring(None), chunked(10), 2000, second, &budget)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "server_busy");
+
+        drop((hold, empty));
+        assert_eq!(budget.free(), 4096);
+        let (bytes, chunked_hold) =
+            read_bounded_body(&declaring(None), chunked(10), 2000, second, &budget)
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        assert_eq!(bytes.len(), 10);
+        assert_eq!(budget.free(), 2096);
+        drop(chunked_hold);
+
+        // A body that times out, or is too large while read, gives its
+        // bytes back.
+        let (e, _) = read_bounded_body(&declaring(None), chunked(3000), 2000, second, &budget)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), "body_too_large");
+        assert_eq!(budget.free(), 4096);
     }
 }

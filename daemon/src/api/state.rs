@@ -101,6 +101,9 @@ pub struct ServerState {
     /// Bounds the envelopes unwrap requests work on at once
     /// (`[limits] max_envelopes_in_flight`).
     pub envelope_gate: crate::unwrap::gate::EnvelopeGate,
+    /// Bounds the request bodies held at once
+    /// (`[limits] max_body_bytes_in_flight`).
+    pub bodies: super::pipeline::BodyBudget,
     config_file: PathBuf,
     env: Arc<dyn Env>,
     live: RwLock<Arc<Reloadable>>,
@@ -269,6 +272,7 @@ impl ServerState {
             envelope_gate: crate::unwrap::gate::EnvelopeGate::new(
                 startup.limits.max_envelopes_in_flight,
             ),
+            bodies: super::pipeline::BodyBudget::new(startup.limits.max_body_bytes_in_flight),
             config_file: startup.file.clone(),
             env,
             generation: AtomicU64::new(live.generation),

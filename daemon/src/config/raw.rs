@@ -76,6 +76,7 @@ pub struct RawAdmin {
 #[serde(deny_unknown_fields)]
 pub struct RawLimits {
     pub(super) max_body_bytes: Option<u64>,
+    pub(super) max_body_bytes_in_flight: Option<u64>,
     pub(super) max_header_bytes: Option<u64>,
     pub(super) max_batch: Option<u64>,
     pub(super) max_envelopes_in_flight: Option<u64>,

@@ -97,6 +97,12 @@ pub struct Limits {
     /// Largest request body; larger is refused with 413 `body_too_large`
     /// (`max_body_bytes`, default 1 MiB).
     pub max_body_bytes: usize,
+    /// Most bytes of request bodies held at once, from the start of their
+    /// read until their request is answered (`max_body_bytes_in_flight`,
+    /// default 64 MiB, at least `max_body_bytes`); a body that does not fit
+    /// is refused at once with 503 `server_busy` (see
+    /// [`crate::api::pipeline::BodyBudget`]).
+    pub max_body_bytes_in_flight: usize,
     /// Largest request head (request line and headers); larger closes the
     /// connection with 431 (`max_header_bytes`, default 16 KiB).
     pub max_header_bytes: usize,
@@ -172,6 +178,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 1 << 20,
+            max_body_bytes_in_flight: 64 << 20,
             max_header_bytes: 16 << 10,
             max_batch: 100,
             max_envelopes_in_flight: 4096,
@@ -448,6 +455,21 @@ impl Validator<'_> {
             d.max_body_bytes,
             1024..=(64 << 20),
         )?;
+        let max_body_bytes_in_flight = self.count(
+            "limits.max_body_bytes_in_flight",
+            raw.max_body_bytes_in_flight,
+            d.max_body_bytes_in_flight,
+            1024..=(64 << 30),
+        )?;
+        if max_body_bytes_in_flight < max_body_bytes {
+            return Err(self.err(
+                "limits.max_body_bytes_in_flight",
+                format!(
+                    "must be at least limits.max_body_bytes ({max_body_bytes}): a body of that \
+                     size could never be read"
+                ),
+            ));
+        }
         // Unset, it follows a smaller max_body_bytes down.
         let max_warrant_bytes = self.count(
             "limits.max_warrant_bytes",
@@ -491,6 +513,7 @@ impl Validator<'_> {
         }
         Ok(Limits {
             max_body_bytes,
+            max_body_bytes_in_flight,
             max_warrant_bytes,
             max_warrant_signatures: self.count(
                 "limits.max_warrant_signatures",

@@ -157,6 +157,7 @@ fn serve_tables_have_documented_defaults() {
     assert_eq!(s.admin.listen, "127.0.0.1:9090".parse().unwrap());
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.limits.max_body_bytes, 1 << 20);
+    assert_eq!(s.limits.max_body_bytes_in_flight, 64 << 20);
     assert_eq!(s.limits.max_warrant_bytes, 256 << 10);
     // Unset, the warrant bound follows a smaller body bound down.
     let small = load(
@@ -241,6 +242,19 @@ fn serve_table_refusals_name_the_field() {
             "audit.public.max_connections",
         ),
         ("[limits]\nmax_body_bytes = 10\n", "limits.max_body_bytes"),
+        (
+            "[limits]\nmax_body_bytes_in_flight = 1023\n",
+            "limits.max_body_bytes_in_flight",
+        ),
+        (
+            "[limits]\nmax_body_bytes_in_flight = 68719476737\n",
+            "limits.max_body_bytes_in_flight",
+        ),
+        // A body of max_body_bytes could never be read.
+        (
+            "[limits]\nmax_body_bytes = 4096\nmax_body_bytes_in_flight = 4095\n",
+            "limits.max_body_bytes_in_flight",
+        ),
         (
             "[limits]\nidle_timeout_secs = 0\n",
             "limits.idle_timeout_secs",

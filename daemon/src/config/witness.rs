@@ -11,7 +11,7 @@
 //! [server]  listen, shutdown_grace_secs
 //! [tls]     cert, key, min_version  (server-only TLS: no client certificates)
 //! [admin]   listen                  (/healthz, /readyz, /metrics)
-//! [limits]  max_body_bytes, max_header_bytes, max_connections(_per_ip), the rate
+//! [limits]  max_body_bytes(_in_flight), max_header_bytes, max_connections(_per_ip), the rate
 //!           limit and the timeouts (the unwrap and warrant limits are
 //!           refused: a witness serves neither)
 //! [hsm]     as lavd's

@@ -186,6 +186,8 @@ pub struct Witness {
     logs: Vec<WitnessedLog>,
     limits: Limits,
     rate_limiter: RateLimiter,
+    /// `[limits] max_body_bytes_in_flight`: anyone may post here.
+    bodies: crate::api::pipeline::BodyBudget,
     metrics: WitnessMetrics,
     draining: AtomicBool,
     /// Held by the readiness check for as long as it runs, so a hung HSM
@@ -220,6 +222,7 @@ impl Witness {
             key,
             signer,
             rate_limiter: RateLimiter::new(limits.rate_limit_per_second, limits.rate_limit_burst),
+            bodies: crate::api::pipeline::BodyBudget::new(limits.max_body_bytes_in_flight),
             logs,
             limits,
             metrics,
@@ -392,18 +395,23 @@ pub async fn handle(
             body,
             witness.limits.max_body_bytes,
             witness.limits.body_read_timeout,
+            &witness.bodies,
         )
         .await
         {
             Err((e, unread)) => (e.into_response(), unread),
-            Ok(bytes) => {
+            Ok((bytes, hold)) => {
                 let w = witness.clone();
-                let response = tokio::task::spawn_blocking(move || w.add_checkpoint(&bytes))
-                    .await
-                    .unwrap_or_else(|e| {
-                        tracing::error!(error = %e, "add-checkpoint task failed");
-                        ApiError::Internal.into_response()
-                    });
+                let response = tokio::task::spawn_blocking(move || {
+                    let response = w.add_checkpoint(&bytes);
+                    drop(hold);
+                    response
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "add-checkpoint task failed");
+                    ApiError::Internal.into_response()
+                });
                 (response, None)
             }
         }
