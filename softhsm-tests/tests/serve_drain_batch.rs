@@ -1,4 +1,4 @@
-//! SIGTERM while a large unwrap batch is inside the HSM: the daemon stops
+//! SIGTERM (or SIGINT) while a large unwrap batch is inside the HSM: the daemon stops
 //! taking work but finishes the batch, audits it and sends the whole reply,
 //! then exits 0. The batch's leaves and spend are durable, and the log the
 //! real `lavd audit` commands export afterwards extends the checkpoint the
@@ -21,6 +21,17 @@ const ECDH_OK: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_deriv
 
 #[test]
 fn sigterm_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
+    stop_during_a_large_batch(Signal::TERM);
+}
+
+/// Ctrl-C in the terminal running `lavd serve` or `lavd dev` is the same
+/// graceful stop as SIGTERM (before, only SIGTERM was sent by any test).
+#[test]
+fn sigint_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
+    stop_during_a_large_batch(Signal::INT);
+}
+
+fn stop_during_a_large_batch(stop: Signal) {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     t.write_config(
@@ -78,7 +89,7 @@ fn sigterm_during_a_large_batch_sends_the_whole_reply_then_exits_0() {
         assert!(Instant::now() < deadline, "the batch never reached the HSM");
         std::thread::sleep(Duration::from_millis(2));
     };
-    daemon.signal(Signal::TERM);
+    daemon.signal(stop);
     assert!(
         in_hsm < BATCH as f64,
         "the batch was over before the signal ({in_hsm} opened): make it larger"
