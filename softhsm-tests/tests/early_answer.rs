@@ -154,8 +154,9 @@ print(r.status, json.loads(r.read())["error"]["code"])
 /// (`[limits] max_body_bytes_in_flight`): a body that does not fit beside
 /// those being read or served is refused at once, unread, with 503
 /// `server_busy` and `Retry-After`, and drained; the bytes come back once
-/// the request holding them is answered. Before, 1,024 connections could
-/// each make the daemon hold `max_body_bytes`.
+/// the request holding them is answered. Revocations have a budget of their
+/// own. Before, 1,024 connections could each make the daemon hold
+/// `max_body_bytes`.
 #[test]
 fn a_body_beyond_max_body_bytes_in_flight_is_503_server_busy_until_others_are_answered() {
     let (_t, pki, daemon) = start("max_body_bytes = 65536\nmax_body_bytes_in_flight = 100000");
@@ -194,6 +195,13 @@ fn a_body_beyond_max_body_bytes_in_flight_is_503_server_busy_until_others_are_an
         .unwrap()
         .assert_error(400, "malformed_request");
     assert_eq!(daemon.metric(held), 60000.0);
+    // Revocations have a budget of their own, which unwraps cannot crowd
+    // out: 50,000 bytes there are read (then refused: not an admin's, and
+    // carrying no authority's revocation).
+    client
+        .request("POST", "/v1/warrants/revocations", Some(&vec![b' '; 50000]))
+        .unwrap()
+        .assert_error(403, "forbidden");
 
     // The slow body ends and is answered: its bytes are back, and 50,000
     // fit.

@@ -37,6 +37,7 @@ const DERIVES: &str = "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_deriv
 const BUSY: &str = "lavd_hsm_sessions_busy";
 const RECONNECTS: &str = "lavd_hsm_reconnects_total";
 const PLANNED_RESETS: &str = "lavd_hsm_planned_resets_total{outcome=\"done\"}";
+const HELD: &str = "lavd_request_body_bytes_held";
 
 /// `[roles]` plus limits that let a 1000-envelope batch through.
 fn config(shim: &Shim) -> String {
@@ -331,7 +332,7 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
         // while its request is served (at least a second from here).
         let big_body = serde_json::json!({"warrant": big_warrant, "envelopes": big});
         assert_eq!(
-            daemon.metric("lavd_request_body_bytes_held"),
+            daemon.metric(HELD),
             big_body.to_string().len() as f64,
             "the batch's body is counted until it is answered"
         );
@@ -357,4 +358,53 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
         busiest >= 3.0,
         "at most {busiest} sessions were busy at once: the batch was not spread"
     );
+}
+
+/// A client that goes away while its batch is opening does not take its
+/// body out of `max_body_bytes_in_flight` early. hyper drops the request's
+/// handler when the connection closes, but the batch's work goes on (to
+/// its audit entries) and keeps the body, so its bytes stay counted until
+/// that work is done. Before, the count ended with the handler.
+#[test]
+fn a_body_stays_counted_while_its_work_goes_on_after_the_client_left() {
+    let (_t, pki, shim, daemon) = start(4);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let warrant = vault::double_lock(&vault::claims(
+        "SPREAD-GONE",
+        vault::recipient().public(),
+        1000,
+    ));
+    let body = serde_json::json!({"warrant": warrant, "envelopes": batch(&escrow, "gone", 1000)})
+        .to_string();
+    let wait = Duration::from_secs(30);
+    // At least a second of opens (as in the test above).
+    shim.set("delay_us = 1000");
+    let derived = daemon.metric(DERIVES);
+    {
+        let mut conn = c.agency.connect().unwrap();
+        let head = format!(
+            "POST /v1/unwrap HTTP/1.1\r\nhost: localhost\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        conn.send(&[head.as_bytes(), body.as_bytes()].concat())
+            .unwrap();
+        softhsm_tests::eventually("the batch to reach the HSM", wait, || {
+            daemon.metric(DERIVES) - derived >= 1.0
+        });
+        // The connection closes here, the reply unread.
+    }
+    softhsm_tests::eventually("half the batch to be opened", wait, || {
+        daemon.metric(DERIVES) - derived >= 500.0
+    });
+    assert_eq!(
+        daemon.metric(HELD),
+        body.len() as f64,
+        "the body of work still going on is counted"
+    );
+    softhsm_tests::eventually("the bytes to come back", wait, || {
+        daemon.metric(HELD) == 0.0
+    });
+    shim.set("");
 }

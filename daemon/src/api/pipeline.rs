@@ -354,19 +354,25 @@ where
         Access::Mutual => super::routes::takes_body(&parts.method, parts.uri.path(), &roles)
             .then_some(state.limits.max_body_bytes),
     };
-    // `_hold` keeps the body's bytes counted until the route has answered.
-    let (bytes, unread, _hold) = match wanted {
-        None => (Bytes::new(), Some(body), None),
+    // Revocations have a budget of their own: unwrap bodies (large
+    // batches, slow senders) cannot crowd out a revocation.
+    let budget = if parts.uri.path() == super::routes::REVOCATIONS {
+        &state.revocation_bodies
+    } else {
+        &state.bodies
+    };
+    let (bytes, unread) = match wanted {
+        None => (Bytes::new(), Some(body)),
         Some(max_body) => match read_bounded_body(
             &parts.headers,
             body,
             max_body,
             state.limits.body_read_timeout,
-            &state.bodies,
+            budget,
         )
         .await
         {
-            Ok((bytes, hold)) => (bytes, None, Some(hold)),
+            Ok(bytes) => (bytes, None),
             Err((e, unread)) => return (e.into_response(), unread),
         },
     };
@@ -471,15 +477,17 @@ fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), 
 /// the process hold their product (1 GiB at the defaults), and the witness
 /// listener takes bodies from anyone.
 ///
-/// A body is counted from before its first byte is read until its request
-/// is answered (the handler holds it, or what it was parsed into, until
-/// then): its declared `Content-Length`, or `max_body_bytes` for a chunked
-/// body, whose end is not known. One that does not fit is not read: it is
-/// answered at once with 503 `server_busy` and `Retry-After`, and drained
-/// like any early answer. Refusing at once, rather than queueing, keeps a
-/// request from waiting behind slow senders that hold the budget. The API
-/// listener and the public log listener share one budget (the public one
-/// reads no body); `lavd witness serve` has its own.
+/// A body is counted from before its first byte is read until its bytes
+/// are freed: the [`Bytes`] that [`read_bounded_body`] returns own the hold,
+/// so it lasts as long as any handler (or a blocking task still working
+/// after its client went away) keeps them. It counts its declared
+/// `Content-Length`, or `max_body_bytes` while a chunked body (whose end is
+/// not known) is read, then its length. One that does not fit is not read:
+/// it is answered at once with 503 `server_busy` and `Retry-After`, and
+/// drained like any early answer. Refusing at once, rather than queueing,
+/// keeps a request from waiting behind slow senders that hold the budget.
+/// The API has two, one for revocations and one for everything else (the
+/// public log listener reads no body); `lavd witness serve` has its own.
 #[derive(Debug)]
 pub struct BodyBudget {
     bytes: Arc<tokio::sync::Semaphore>,
@@ -488,15 +496,34 @@ pub struct BodyBudget {
 
 /// Bytes of a [`BodyBudget`], given back when dropped.
 #[derive(Debug)]
-pub struct BodyHold {
-    _bytes: tokio::sync::OwnedSemaphorePermit,
+struct BodyHold {
+    bytes: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl BodyHold {
+    /// Gives `n` of the bytes held back at once.
+    fn give_back(&mut self, n: usize) {
+        drop(self.bytes.split(n));
+    }
+}
+
+/// A body's bytes with their hold: what [`Bytes`] owns.
+struct HeldBody {
+    bytes: Vec<u8>,
+    _hold: BodyHold,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
 }
 
 impl BodyBudget {
     /// A budget of `capacity` bytes.
     pub fn new(capacity: usize) -> Self {
-        // The semaphore's own bound (`usize::MAX >> 3`) is far above the
-        // configured range (at most 64 GiB).
+        // The semaphore's own bound (`usize::MAX >> 3`; on 64-bit targets
+        // far above the configured range, at most 64 GiB).
         let capacity = capacity.min(tokio::sync::Semaphore::MAX_PERMITS);
         BodyBudget {
             bytes: Arc::new(tokio::sync::Semaphore::new(capacity)),
@@ -513,7 +540,7 @@ impl BodyBudget {
         self.bytes
             .clone()
             .try_acquire_many_owned(n)
-            .map(|bytes| BodyHold { _bytes: bytes })
+            .map(|bytes| BodyHold { bytes })
             .map_err(|_| busy)
     }
 
@@ -531,8 +558,8 @@ impl BodyBudget {
 
 /// Reads a request body of at most `limit` bytes within `timeout`, holding
 /// its bytes in `budget` first; a `Content-Length` above the limit is
-/// refused before reading. The bytes, and the hold to keep until the
-/// request is answered; on failure, the error and the body if there may be
+/// refused before reading. The bytes, which hold their part of `budget`
+/// until they are freed; on failure, the error and the body if there may be
 /// more of it to drain.
 pub(crate) async fn read_bounded_body<B>(
     headers: &warp::http::HeaderMap,
@@ -540,7 +567,7 @@ pub(crate) async fn read_bounded_body<B>(
     limit: usize,
     timeout: Duration,
     budget: &BodyBudget,
-) -> Result<(Bytes, BodyHold), (ApiError, Option<B>)>
+) -> Result<Bytes, (ApiError, Option<B>)>
 where
     B: Body + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -557,13 +584,19 @@ where
     let expected = declared
         .or_else(|| body.size_hint().exact())
         .map_or(limit, |n| usize::try_from(n).unwrap_or(limit).min(limit));
-    let hold = match budget.hold(expected) {
+    let mut hold = match budget.hold(expected) {
         Ok(hold) => hold,
         Err(e) => return Err((e, Some(body))),
     };
-    read_body(body, limit, timeout)
-        .await
-        .map(|bytes| (bytes, hold))
+    // Counted already: the whole declared length at once, no regrowth.
+    let capacity = declared.map_or(0, |_| expected);
+    let mut bytes = read_body(body, limit, timeout, capacity).await?;
+    if bytes.len() < expected {
+        // A chunked body ended short of the limit it was counted at.
+        bytes.shrink_to_fit();
+        hold.give_back(expected - bytes.len());
+    }
+    Ok(Bytes::from_owner(HeldBody { bytes, _hold: hold }))
 }
 
 /// Why a body was not read whole.
@@ -572,20 +605,22 @@ enum BodyError {
     Unreadable(Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Reads a whole body, at most `limit` bytes, within `timeout`. On failure,
+/// Reads a whole body, at most `limit` bytes, within `timeout`, into a
+/// buffer of `capacity` bytes to start with. On failure,
 /// the error and the body if there may be more of it to drain (not after a
 /// transport error: that body has ended).
 async fn read_body<B>(
     mut body: B,
     limit: usize,
     timeout: Duration,
-) -> Result<Bytes, (ApiError, Option<B>)>
+    capacity: usize,
+) -> Result<Vec<u8>, (ApiError, Option<B>)>
 where
     B: Body + Unpin,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let read = async {
-        let mut bytes = Vec::new();
+        let mut bytes = Vec::with_capacity(capacity);
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| BodyError::Unreadable(e.into()))?;
             if let Ok(mut data) = frame.into_data() {
@@ -600,7 +635,7 @@ where
                 }
             }
         }
-        Ok(Bytes::from(bytes))
+        Ok(bytes)
     };
     match tokio::time::timeout(timeout, read).await {
         Ok(Ok(bytes)) => Ok(bytes),
@@ -626,6 +661,7 @@ mod tests {
             Full::new(Bytes::from(vec![7u8; 1024])),
             1024,
             Duration::from_secs(1),
+            0,
         )
         .await
         .map_err(|(e, _)| e)
@@ -635,6 +671,7 @@ mod tests {
             Full::new(Bytes::from(vec![7u8; 1025])),
             1024,
             Duration::from_secs(1),
+            0,
         )
         .await
         .unwrap_err();
@@ -645,22 +682,22 @@ mod tests {
         );
     }
 
+    /// A body that never yields a frame.
+    struct Stalled;
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Pending
+        }
+    }
+
     #[tokio::test]
     async fn a_stalled_body_times_out() {
-        // A body that never yields a frame.
-        struct Stalled;
-        impl Body for Stalled {
-            type Data = Bytes;
-            type Error = std::convert::Infallible;
-            fn poll_frame(
-                self: std::pin::Pin<&mut Self>,
-                _: &mut std::task::Context<'_>,
-            ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>>
-            {
-                std::task::Poll::Pending
-            }
-        }
-        let e = read_body(Stalled, 1024, Duration::from_millis(20))
+        let e = read_body(Stalled, 1024, Duration::from_millis(20), 0)
             .await
             .unwrap_err();
         assert_eq!(e.0.code(), "request_timeout");
@@ -692,19 +729,22 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_is_counted_from_before_its_read_until_its_hold_is_dropped() {
+    async fn a_body_is_counted_from_before_its_read_until_its_bytes_are_freed() {
         let budget = BodyBudget::new(4096);
         let second = Duration::from_secs(1);
         let body = |n| Full::new(Bytes::from(vec![b' '; n]));
 
-        // A declared length is counted as declared, until the hold goes.
-        let (bytes, hold) =
-            read_bounded_body(&declaring(Some(3000)), body(3000), 4096, second, &budget)
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
+        // A declared length is counted as declared, while any clone of the
+        // bytes lives (a handler's blocking task may outlive its request).
+        let bytes = read_bounded_body(&declaring(Some(3000)), body(3000), 4096, second, &budget)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
         assert_eq!(bytes.len(), 3000);
         assert_eq!(budget.free(), 1096);
+        let kept = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(budget.free(), 1096, "a slice still holds the buffer");
 
         // One that does not fit is refused unread, and handed back to drain.
         let (e, unread) =
@@ -717,33 +757,44 @@ mod tests {
         assert_eq!(budget.free(), 1096, "a refused body holds nothing");
 
         // An empty body (its size known) fits in what is left…
-        let (_, empty) = read_bounded_body(&declaring(None), body(0), 4096, second, &budget)
+        let empty = read_bounded_body(&declaring(None), body(0), 4096, second, &budget)
             .await
             .map_err(|(e, _)| e)
             .unwrap();
-        // …but a chunked one counts at the limit, whatever it turns out to be.
+        // …but a chunked one counts at the limit while it is read.
         let (e, _) = read_bounded_body(&declaring(None), chunked(10), 2000, second, &budget)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "server_busy");
 
-        drop((hold, empty));
+        drop((kept, empty));
         assert_eq!(budget.free(), 4096);
-        let (bytes, chunked_hold) =
-            read_bounded_body(&declaring(None), chunked(10), 2000, second, &budget)
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-        assert_eq!(bytes.len(), 10);
-        assert_eq!(budget.free(), 2096);
-        drop(chunked_hold);
+        // Once read, it counts its length.
+        let bytes = read_bounded_body(&declaring(None), chunked(10), 2000, second, &budget)
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(&bytes[..], &[b' '; 10]);
+        assert_eq!(budget.free(), 4086);
+        drop(bytes);
 
-        // A body that times out, or is too large while read, gives its
-        // bytes back.
+        // A body too large while read, or that times out, gives its bytes
+        // back.
         let (e, _) = read_bounded_body(&declaring(None), chunked(3000), 2000, second, &budget)
             .await
             .unwrap_err();
         assert_eq!(e.code(), "body_too_large");
+        assert_eq!(budget.free(), 4096);
+        let (e, _) = read_bounded_body(
+            &declaring(Some(100)),
+            Stalled,
+            2000,
+            Duration::from_millis(20),
+            &budget,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), "request_timeout");
         assert_eq!(budget.free(), 4096);
     }
 }

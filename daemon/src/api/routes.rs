@@ -94,7 +94,7 @@ impl RequestContext {
 pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/keys"),
     ("POST", "/v1/unwrap"),
-    ("POST", "/v1/warrants/revocations"),
+    ("POST", REVOCATIONS),
     ("GET", "/v1/audit/key"),
     ("GET", "/v1/audit/checkpoint"),
     ("GET", "/v1/audit/entries"),
@@ -105,6 +105,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/log/tile/entries/{N}"),
 ];
 
+/// `POST /v1/warrants/revocations`, whose bodies the pipeline counts
+/// against a budget of their own.
+pub const REVOCATIONS: &str = "/v1/warrants/revocations";
+
 /// Who may reach `POST /v1/unwrap`.
 pub const UNWRAP_ROLES: &[Role] = &[Role::Agency];
 
@@ -113,10 +117,8 @@ pub const UNWRAP_ROLES: &[Role] = &[Role::Agency];
 /// body only for a request one of them may take: a caller that may reach
 /// none is answered (403 `forbidden`, 404) without waiting for a body it
 /// could hold in memory for the whole `body_read_timeout`.
-pub const BODY_ROUTES: &[(&str, &[Role])] = &[
-    ("/v1/unwrap", UNWRAP_ROLES),
-    ("/v1/warrants/revocations", ANY_ROLE),
-];
+pub const BODY_ROUTES: &[(&str, &[Role])] =
+    &[("/v1/unwrap", UNWRAP_ROLES), (REVOCATIONS, ANY_ROLE)];
 
 /// Whether a request with this method and path, from a caller holding
 /// `roles`, reaches a route of [`BODY_ROUTES`].
@@ -533,7 +535,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
     // handler decides which once it has seen the body.
     let revocations = warp::path!("v1" / "warrants" / "revocations")
         .and(warp::post())
-        .and(route("/v1/warrants/revocations"))
+        .and(route(REVOCATIONS))
         .and(no_query())
         .and(require(ANY_ROLE))
         .and(admitted())

@@ -102,8 +102,11 @@ pub struct ServerState {
     /// (`[limits] max_envelopes_in_flight`).
     pub envelope_gate: crate::unwrap::gate::EnvelopeGate,
     /// Bounds the request bodies held at once
-    /// (`[limits] max_body_bytes_in_flight`).
+    /// (`[limits] max_body_bytes_in_flight`), but for revocations'.
     pub bodies: super::pipeline::BodyBudget,
+    /// The same bound for revocations' bodies, apart, so that unwrap
+    /// bodies cannot crowd out a revocation.
+    pub revocation_bodies: super::pipeline::BodyBudget,
     config_file: PathBuf,
     env: Arc<dyn Env>,
     live: RwLock<Arc<Reloadable>>,
@@ -273,6 +276,9 @@ impl ServerState {
                 startup.limits.max_envelopes_in_flight,
             ),
             bodies: super::pipeline::BodyBudget::new(startup.limits.max_body_bytes_in_flight),
+            revocation_bodies: super::pipeline::BodyBudget::new(
+                startup.limits.max_body_bytes_in_flight,
+            ),
             config_file: startup.file.clone(),
             env,
             generation: AtomicU64::new(live.generation),

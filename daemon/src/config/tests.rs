@@ -809,6 +809,19 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     };
     assert_eq!(warnings(0o600), 0);
     assert_eq!(warnings(0o644), 1);
+
+    // Its body bound is 64 KiB unless set (lavd's is 1 MiB): the default
+    // max_body_bytes_in_flight then takes 1,024 of its bodies, not 64.
+    let loaded = || WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap();
+    assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
+    assert_eq!(loaded().limits.max_body_bytes_in_flight, 64 << 20);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[tls]\n", "[limits]\nmax_body_bytes = 2097152\n[tls]\n"),
+    )
+    .unwrap();
+    assert_eq!(loaded().limits.max_body_bytes, 2 << 20);
 }
 
 /// The PIN is read, and never shown by `Debug` (settings are logged and

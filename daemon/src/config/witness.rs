@@ -11,7 +11,8 @@
 //! [server]  listen, shutdown_grace_secs
 //! [tls]     cert, key, min_version  (server-only TLS: no client certificates)
 //! [admin]   listen                  (/healthz, /readyz, /metrics)
-//! [limits]  max_body_bytes(_in_flight), max_header_bytes, max_connections(_per_ip), the rate
+//! [limits]  max_body_bytes (64 KiB unless set), max_body_bytes_in_flight,
+//!           max_header_bytes, max_connections(_per_ip), the rate
 //!           limit and the timeouts (the unwrap and warrant limits are
 //!           refused: a witness serves neither)
 //! [hsm]     as lavd's
@@ -22,6 +23,10 @@
 //! without `dev = true` a key file is refused.
 
 use std::path::{Path, PathBuf};
+
+/// `lavd witness serve`'s `[limits] max_body_bytes` when unset (lavd's is
+/// 1 MiB).
+pub const WITNESS_MAX_BODY_BYTES: usize = 64 << 10;
 
 use serde::Deserialize;
 
@@ -254,6 +259,15 @@ impl WitnessSettings {
                 "limits unwraps and warrants, which a witness does not serve; remove it",
             ));
         }
+        let body_unset = raw.limits.max_body_bytes.is_none();
+        let mut limits = v.limits(raw.limits)?;
+        if body_unset {
+            // An add-checkpoint body is a few KiB (a note and at most 63
+            // proof hashes): with lavd's 1 MiB, 64 slow senders would fill
+            // the default max_body_bytes_in_flight; with this, it takes as
+            // many as the connections allowed.
+            limits.max_body_bytes = WITNESS_MAX_BODY_BYTES;
+        }
         Ok(WitnessSettings {
             file: path.to_path_buf(),
             name: raw.name,
@@ -262,7 +276,7 @@ impl WitnessSettings {
             server,
             tls,
             admin,
-            limits: v.limits(raw.limits)?,
+            limits,
             log: v.log(raw.log)?,
             logs,
             warnings: v.warnings.into_inner(),

@@ -400,18 +400,14 @@ pub async fn handle(
         .await
         {
             Err((e, unread)) => (e.into_response(), unread),
-            Ok((bytes, hold)) => {
+            Ok(bytes) => {
                 let w = witness.clone();
-                let response = tokio::task::spawn_blocking(move || {
-                    let response = w.add_checkpoint(&bytes);
-                    drop(hold);
-                    response
-                })
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "add-checkpoint task failed");
-                    ApiError::Internal.into_response()
-                });
+                let response = tokio::task::spawn_blocking(move || w.add_checkpoint(&bytes))
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::error!(error = %e, "add-checkpoint task failed");
+                        ApiError::Internal.into_response()
+                    });
                 (response, None)
             }
         }
