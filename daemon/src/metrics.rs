@@ -147,9 +147,10 @@ impl Metrics {
         )?;
         let request_body_bytes_held = gauge(
             "lavd_request_body_bytes_held",
-            "Bytes of API request bodies counted against [limits] max_body_bytes_in_flight \
-             (declared, or max_body_bytes for a chunked one), from before their read until \
-             their request is answered; one more that does not fit is answered 503 server_busy.",
+            "Bytes of API request bodies counted against [limits] max_body_bytes_in_flight, \
+             the revocations' budget and the other together (as declared, or max_body_bytes \
+             while a chunked one is read, then its length), from before their read until \
+             their bytes are freed; one more that does not fit is answered 503 server_busy.",
         )?;
         let hsm_call_timeouts = IntCounter::new(
             "lavd_hsm_call_timeouts_total",

@@ -154,8 +154,8 @@ print(r.status, json.loads(r.read())["error"]["code"])
 /// (`[limits] max_body_bytes_in_flight`): a body that does not fit beside
 /// those being read or served is refused at once, unread, with 503
 /// `server_busy` and `Retry-After`, and drained; the bytes come back once
-/// the request holding them is answered. Revocations have a budget of their
-/// own. Before, 1,024 connections could each make the daemon hold
+/// the request holding them is answered (its body freed). Revocations have
+/// a budget of their own. Before, 1,024 connections could each make the daemon hold
 /// `max_body_bytes`.
 #[test]
 fn a_body_beyond_max_body_bytes_in_flight_is_503_server_busy_until_others_are_answered() {

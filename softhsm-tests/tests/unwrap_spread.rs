@@ -378,8 +378,9 @@ fn a_body_stays_counted_while_its_work_goes_on_after_the_client_left() {
     let body = serde_json::json!({"warrant": warrant, "envelopes": batch(&escrow, "gone", 1000)})
         .to_string();
     let wait = Duration::from_secs(30);
-    // At least a second of opens (as in the test above).
-    shim.set("delay_us = 1000");
+    // At least two seconds of opens (2 ms a call; 4 calls an open over 4
+    // sessions), so that a second is left after the halfway check.
+    shim.set("delay_us = 2000");
     let derived = daemon.metric(DERIVES);
     {
         let mut conn = c.agency.connect().unwrap();

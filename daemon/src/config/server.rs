@@ -98,9 +98,10 @@ pub struct Limits {
     /// (`max_body_bytes`, default 1 MiB).
     pub max_body_bytes: usize,
     /// Most bytes of request bodies held at once, from the start of their
-    /// read until their request is answered (`max_body_bytes_in_flight`,
+    /// read until their bytes are freed (`max_body_bytes_in_flight`,
     /// default 64 MiB, at least `max_body_bytes`); a body that does not fit
-    /// is refused at once with 503 `server_busy` (see
+    /// is refused at once with 503 `server_busy`. The API keeps two such
+    /// budgets, one for revocations (see
     /// [`crate::api::pipeline::BodyBudget`]).
     pub max_body_bytes_in_flight: usize,
     /// Largest request head (request line and headers); larger closes the

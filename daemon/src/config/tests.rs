@@ -816,12 +816,20 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 64 << 20);
     let text = std::fs::read_to_string(&path).unwrap();
-    std::fs::write(
-        &path,
-        text.replace("[tls]\n", "[limits]\nmax_body_bytes = 2097152\n[tls]\n"),
-    )
-    .unwrap();
+    let with_limits = |limits: &str| {
+        std::fs::write(
+            &path,
+            text.replace("[tls]\n", &format!("[limits]\n{limits}[tls]\n")),
+        )
+        .unwrap();
+    };
+    with_limits("max_body_bytes = 2097152\n");
     assert_eq!(loaded().limits.max_body_bytes, 2 << 20);
+    // The checks see the witness's own default: a budget of 256 KiB is
+    // at least its 64 KiB (it is below lavd's 1 MiB).
+    with_limits("max_body_bytes_in_flight = 262144\n");
+    assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
+    assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
 }
 
 /// The PIN is read, and never shown by `Debug` (settings are logged and

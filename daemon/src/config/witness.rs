@@ -24,16 +24,16 @@
 
 use std::path::{Path, PathBuf};
 
-/// `lavd witness serve`'s `[limits] max_body_bytes` when unset (lavd's is
-/// 1 MiB).
-pub const WITNESS_MAX_BODY_BYTES: usize = 64 << 10;
-
 use serde::Deserialize;
 
 use super::raw::{RawAdmin, RawHsm, RawLimits, RawLog, RawServer};
 use super::{
     AdminSettings, ConfigError, Env, Limits, LogSettings, ServerSettings, TlsVersion, Validator,
 };
+
+/// `lavd witness serve`'s `[limits] max_body_bytes` when unset (lavd's is
+/// 1 MiB).
+pub const WITNESS_MAX_BODY_BYTES: usize = 64 << 10;
 use crate::audit::note::VerifierKey;
 use crate::hsm::HsmSettings;
 
@@ -259,15 +259,16 @@ impl WitnessSettings {
                 "limits unwraps and warrants, which a witness does not serve; remove it",
             ));
         }
-        let body_unset = raw.limits.max_body_bytes.is_none();
-        let mut limits = v.limits(raw.limits)?;
-        if body_unset {
-            // An add-checkpoint body is a few KiB (a note and at most 63
-            // proof hashes): with lavd's 1 MiB, 64 slow senders would fill
-            // the default max_body_bytes_in_flight; with this, it takes as
-            // many as the connections allowed.
-            limits.max_body_bytes = WITNESS_MAX_BODY_BYTES;
-        }
+        // An add-checkpoint body is a few KiB (a note and at most 63 proof
+        // hashes): with lavd's 1 MiB, 64 slow senders would fill the
+        // default max_body_bytes_in_flight; with this, it takes as many as
+        // the connections allowed. Set before the checks, which compare
+        // the other bounds with it.
+        let mut raw_limits = raw.limits;
+        raw_limits
+            .max_body_bytes
+            .get_or_insert(WITNESS_MAX_BODY_BYTES as u64);
+        let limits = v.limits(raw_limits)?;
         Ok(WitnessSettings {
             file: path.to_path_buf(),
             name: raw.name,
