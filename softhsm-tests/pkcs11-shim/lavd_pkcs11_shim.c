@@ -27,6 +27,11 @@
  *                              # refusal since the module was loaded) and
  *                              # "refused N" (settings files refused) are written
  *                              # after each fault and each refusal
+ *   derive_log = /path/to/file # each C_DeriveKey with CKM_ECDH1_DERIVE appends
+ *                              # its peer point, in hex, as a line, before it is
+ *                              # forwarded (one write(2) in O_APPEND mode, so a
+ *                              # process killed right after leaves it whole):
+ *                              # every open lavd asked the HSM for
  *   pin = NEW:REAL             # the user PIN was changed on the token to NEW:
  *                              # C_Login as user with NEW is forwarded with REAL
  *                              # (the forwarded token's PIN); with anything else it
@@ -65,6 +70,7 @@
 #include <ctype.h>
 #include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -74,6 +80,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 /* The lower-case (GNU) names of p11-kit's header. */
 #define CRYPTOKI_GNU 1
@@ -96,6 +103,7 @@ struct settings {
 	double fault_probability;
 	unsigned long fault_limit;
 	char stats[4096];
+	char derive_log[4096]; /* empty: none */
 	char pin_new[256];  /* empty: no PIN change */
 	char pin_real[256];
 };
@@ -293,6 +301,8 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 			snprintf(out->pin_real, sizeof out->pin_real, "%s", colon + 1);
 		} else if (!strcmp(key, "stats")) {
 			snprintf(out->stats, sizeof out->stats, "%s", value);
+		} else if (!strcmp(key, "derive_log")) {
+			snprintf(out->derive_log, sizeof out->derive_log, "%s", value);
 		} else {
 			REFUSE("unknown key `%.200s`", key);
 		}
@@ -594,7 +604,49 @@ FWD(C_GenerateKey, (ck_session_handle_t session, struct ck_mechanism *mechanism,
 FWD(C_GenerateKeyPair, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *public_key_template, unsigned long public_key_attribute_count, struct ck_attribute *private_key_template, unsigned long private_key_attribute_count, ck_object_handle_t *public_key, ck_object_handle_t *private_key), (session, mechanism, public_key_template, public_key_attribute_count, private_key_template, private_key_attribute_count, public_key, private_key))
 FWD(C_WrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t wrapping_key, ck_object_handle_t key, unsigned char *wrapped_key, unsigned long *wrapped_key_len), (session, mechanism, wrapping_key, key, wrapped_key, wrapped_key_len))
 FWD(C_UnwrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t unwrapping_key, unsigned char *wrapped_key, unsigned long wrapped_key_len, struct ck_attribute *templ, unsigned long attribute_count, ck_object_handle_t *key), (session, mechanism, unwrapping_key, wrapped_key, wrapped_key_len, templ, attribute_count, key))
-FWD(C_DeriveKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t base_key, struct ck_attribute *templ, unsigned long attribute_count, ck_object_handle_t *key), (session, mechanism, base_key, templ, attribute_count, key))
+/* C_DeriveKey, logged to `derive_log` before it is forwarded. */
+static ck_rv_t shim_C_DeriveKey(ck_session_handle_t session, struct ck_mechanism *mechanism,
+				ck_object_handle_t base_key, struct ck_attribute *templ,
+				unsigned long attribute_count, ck_object_handle_t *key)
+{
+	struct timespec until;
+	ck_rv_t rv = before("C_DeriveKey", &until);
+	if (rv != CKR_OK)
+		return rv;
+	char path[4096];
+	pthread_mutex_lock(&lock);
+	snprintf(path, sizeof path, "%s", cfg.derive_log);
+	pthread_mutex_unlock(&lock);
+	if (path[0] && mechanism && mechanism->mechanism == CKM_ECDH1_DERIVE &&
+	    mechanism->parameter &&
+	    mechanism->parameter_len == sizeof(struct ck_ecdh1_derive_params)) {
+		const struct ck_ecdh1_derive_params *p = mechanism->parameter;
+		char line[2 * 256 + 2];
+		if (p->public_data && p->public_data_len > 0 && p->public_data_len <= 256) {
+			static const char hex[] = "0123456789abcdef";
+			size_t n = 0;
+			for (unsigned long i = 0; i < p->public_data_len; i++) {
+				line[n++] = hex[p->public_data[i] >> 4];
+				line[n++] = hex[p->public_data[i] & 15];
+			}
+			line[n++] = '\n';
+			int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
+			/* A log that cannot be written fails the call: a test that
+			 * asked for it must not see fewer opens than there were. */
+			if (fd < 0 || write(fd, line, n) != (ssize_t)n) {
+				fprintf(stderr, "lavd-pkcs11-shim: derive_log %s: %s\n", path, strerror(errno));
+				if (fd >= 0)
+					close(fd);
+				return CKR_GENERAL_ERROR;
+			}
+			close(fd);
+		}
+	}
+	rv = real->C_DeriveKey(session, mechanism, base_key, templ, attribute_count, key);
+	if (until.tv_sec || until.tv_nsec)
+		sleep_until(&until);
+	return rv;
+}
 FWD(C_SeedRandom, (ck_session_handle_t session, unsigned char *seed, unsigned long seed_len), (session, seed, seed_len))
 FWD(C_GenerateRandom, (ck_session_handle_t session, unsigned char *random_data, unsigned long random_len), (session, random_data, random_len))
 FWD(C_GetFunctionStatus, (ck_session_handle_t session), (session))

@@ -9,17 +9,21 @@
 //!   has in the log, and never exceeds its `max_unwraps`;
 //! - every reply a client received (HTTP 200) is in the log: its leaves at
 //!   the indices it names, one per envelope (by envelope digest), each
-//!   outcome as the reply said; and its checkpoint is a prefix of the log.
+//!   outcome as the reply said; and its checkpoint is a prefix of the log;
+//! - no HSM open goes unlogged ([`Checker::check_opens_logged`]): every
+//!   ECDH derive lavd asked the HSM for (the latency and fault module's
+//!   `derive_log`, written before each call is forwarded, so a kill leaves
+//!   it whole) has a leaf for its envelope, whatever the kill cut.
 //!
 //! Audit before release means no received DEK can be missing from the log,
 //! and the budget spend commits with the leaves, so a crash cannot make the
 //! two disagree. Used by `tests/crash_rounds.rs` on SQLite and on
 //! PostgreSQL replicas.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lavd::audit::merkle::MemoryTree;
@@ -104,6 +108,18 @@ pub struct Load {
     pub warrants: Arc<Vec<(&'static str, serde_json::Value)>>,
     /// Set when the round is over, for threads whose daemon survived.
     pub stop: Arc<AtomicBool>,
+    /// Every envelope sent, answered or not: its `enc` (hex) → its
+    /// `envelope_digest`, for [`Checker::check_opens_logged`].
+    pub sent: Sent,
+}
+
+/// See [`Load::sent`].
+pub type Sent = Arc<Mutex<HashMap<String, String>>>;
+
+/// The hex of an envelope's `enc` (the point the HSM's derive is given).
+fn enc_hex(envelope: &serde_json::Value) -> String {
+    let enc = lavd::codec::b64_decode(envelope["enc"].as_str().expect("enc")).expect("base64url");
+    enc.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// How an agency thread's round ended.
@@ -151,6 +167,12 @@ pub fn agency_thread(load: Load, round: u64, thread: usize) -> (Vec<Received>, E
                 )
             })
             .collect();
+        {
+            let mut sent = load.sent.lock().expect("sent");
+            for e in &envelopes {
+                sent.insert(enc_hex(e), vault::envelope_digest(e));
+            }
+        }
         let body = serde_json::json!({"warrant": warrant, "envelopes": envelopes});
         let Ok(r) = conn.request("POST", "/v1/unwrap", &[], Some(body.to_string().as_bytes()))
         else {
@@ -322,6 +344,64 @@ impl Checker {
             findings.lost
         );
         findings
+    }
+}
+
+impl Checker {
+    /// (d) No HSM open goes unlogged: every line of `derive_log` (each
+    /// derive lavd asked the HSM for) names an envelope some thread sent,
+    /// and the log (read through `auditor`) has an `unwrap` leaf for it.
+    /// Waits up to `within` for them (on PostgreSQL a killed replica's
+    /// opens are logged once their lease has run out); panics naming the
+    /// missing ones. Returns how many derives it checked, and how many
+    /// leaves of the log say `open_interrupted`.
+    pub fn check_opens_logged(
+        &self,
+        round: u64,
+        auditor: &Client,
+        derive_log: &Path,
+        sent: &Sent,
+        within: Duration,
+    ) -> (usize, usize) {
+        let derived: Vec<String> = std::fs::read_to_string(derive_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let sent = sent.lock().expect("sent").clone();
+        let digests: Vec<&String> = derived
+            .iter()
+            .map(|enc| {
+                sent.get(enc).unwrap_or_else(|| {
+                    panic!("round {round}: lavd derived on a point no client sent: {enc}")
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let size = vault::tree_size(auditor);
+            let log = vault::entries(auditor, 0, size);
+            let logged: std::collections::HashSet<String> = log
+                .iter()
+                .filter(|e| e.leaf["event"] == "unwrap")
+                .filter_map(|e| e.leaf["envelope_digest"].as_str().map(str::to_string))
+                .collect();
+            let missing: Vec<&&String> = digests.iter().filter(|d| !logged.contains(**d)).collect();
+            if missing.is_empty() {
+                let interrupted = log
+                    .iter()
+                    .filter(|e| e.leaf["reason"] == "open_interrupted")
+                    .count();
+                return (derived.len(), interrupted);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: {} of {} HSM opens have no leaf after {within:?}: {missing:?}",
+                missing.len(),
+                derived.len()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
     }
 }
 

@@ -43,16 +43,33 @@ impl Cluster {
 
     /// As [`Cluster::start`], with `limits` (TOML lines) added to `[limits]`.
     pub fn start_with_limits(limits: &str) -> Self {
-        let t = TestToken::new();
+        Self::start_on(TestToken::new(), limits, None, "")
+    }
+
+    /// As [`Cluster::start_with_limits`], on `t`, loading the latency and
+    /// fault module `shim` (made on `t`) when given, with `store` (TOML
+    /// lines) added to `[store]`.
+    pub fn start_on(t: TestToken, limits: &str, shim: Option<&crate::Shim>, store: &str) -> Self {
         let pki = Pki::new(&t);
         let db = TestDb::create();
-        db.write_token_config(
-            &t,
-            &serve_config(&format!(
-                "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n{limits}\n",
-                vault::roles_toml()
-            )),
-        );
+        let config = serve_config(&format!(
+            "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n{limits}\n",
+            vault::roles_toml()
+        ));
+        match shim {
+            None => db.write_token_config_hsm(
+                &t,
+                &crate::module_path(),
+                "sessions = 4\n",
+                &format!("{store}{config}"),
+            ),
+            Some(shim) => db.write_token_config_hsm(
+                &t,
+                &crate::shim_module_path(),
+                "sessions = 4\n",
+                &format!("{store}{}\n{config}", shim.hsm_env()),
+            ),
+        }
         vault::generate_escrow_key(&t, "E-1");
         let parties = Parties::new(&pki);
         let daemons: Vec<Daemon> = (0..REPLICAS)

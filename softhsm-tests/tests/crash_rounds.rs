@@ -5,11 +5,16 @@
 //! killed with SIGKILL at a random moment; then they are restarted on the
 //! same token and store, and the checks of [`softhsm_tests::crash`] run:
 //! the log verifies with `lavd audit verify --url`, each warrant's spent
-//! budget equals its `opened` leaves, and every reply a client received
-//! has its leaves in the log as it said. Anything lost fails the round.
+//! budget equals its `opened` leaves, every reply a client received has
+//! its leaves in the log as it said, and every ECDH derive lavd asked the
+//! HSM for (logged by the latency and fault module, which the daemons load
+//! with no delay or fault) has a leaf for its envelope, the ones the kill
+//! cut included (`open_interrupted`). Anything lost fails the round.
 //!
 //! Once on SQLite (one daemon), once on three PostgreSQL replicas of one
-//! database, where each round kills one replica or all three at random.
+//! database, where each round kills one replica or all three at random (with
+//! a reservation lease of 3 s, after which another replica, or the restarted
+//! one, logs a killed replica's cut opens).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,10 +22,11 @@ use std::time::{Duration, Instant};
 
 use rusqlite::OptionalExtension as _;
 use rustix::process::Signal;
-use softhsm_tests::crash::{self, Checker, Load, Received, Rng};
+use softhsm_tests::crash::{self, Checker, Load, Received, Rng, Sent};
 use softhsm_tests::replicas::{Cluster, REPLICAS};
-use softhsm_tests::server::Daemon;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Vault};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
 
 /// CI's rounds per backend (the test this replaced ran 20 on SQLite alone).
 const ROUNDS: u64 = 10;
@@ -46,8 +52,28 @@ fn warrants(recipient: &lavd::jwk::P256PrivateKey) -> Arc<Vec<(&'static str, ser
     )
 }
 
+/// The PostgreSQL replicas' reservation lease: a killed replica's cut opens
+/// are logged within it plus a sweep (a quarter lease, at least 1 s).
+const LEASE_SECS: u64 = 3;
+
+/// The latency and fault module on `t`, with no delay or fault, logging
+/// every derive to the returned file.
+fn derive_logging(t: &TestToken) -> (Shim, std::path::PathBuf) {
+    let shim = Shim::new(t);
+    let log = t.path("derives.log");
+    shim.set(&format!("derive_log = {}", log.display()));
+    (shim, log)
+}
+
 /// The figures a run prints and asserts.
-fn report(backend: &str, rounds: u64, received: &[Received], cut: usize, checker: &Checker) {
+fn report(
+    backend: &str,
+    rounds: u64,
+    received: &[Received],
+    cut: usize,
+    checker: &Checker,
+    (derives, interrupted): (usize, usize),
+) {
     let opened = received
         .iter()
         .flat_map(|r| &r.statuses)
@@ -63,7 +89,8 @@ fn report(backend: &str, rounds: u64, received: &[Received], cut: usize, checker
     eprintln!(
         "crash rounds ({backend}): {rounds} rounds survived, {} replies received naming \
          {leaves} leaves ({opened} keys released), {} leaf checks after the restarts, lost 0, \
-         {cut} requests cut by the kill, {denied_small} envelopes refused for the small budget",
+         {cut} requests cut by the kill, {denied_small} envelopes refused for the small budget, \
+         {derives} HSM derives all logged ({interrupted} open_interrupted leaves)",
         received.len(),
         checker.leaves_checked
     );
@@ -76,13 +103,29 @@ fn sqlite_sigkill_rounds_lose_no_released_key_and_no_budget() {
     let started = Instant::now();
     let rounds = crash::rounds(ROUNDS);
     let mut rng = Rng::from_env();
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let (shim, derive_log) = derive_logging(&t);
+    t.write_config_with_module(
+        &shim_module_path(),
+        &format!(
+            "{}\n{}",
+            shim.hsm_env(),
+            serve_config(&format!(
+                "{}[limits]\nmax_batch = 10\nrate_limit_per_second = 100000\nrate_limit_burst = 100000\n",
+                vault::roles_toml()
+            ))
+        ),
+    );
     let Vault {
         mut daemon,
         t,
         pki,
         parties,
         escrow,
-    } = Vault::start("max_batch = 10\nrate_limit_per_second = 100000\nrate_limit_burst = 100000\n");
+    } = Vault::serve(t, pki);
+    let sent = Sent::default();
+    let mut derives = (0, 0);
     let recipient = Arc::new(vault::recipient());
     let warrants = warrants(&recipient);
     let mut checker = Checker::new(&t, &pki, &parties);
@@ -99,6 +142,7 @@ fn sqlite_sigkill_rounds_lose_no_released_key_and_no_budget() {
                     recipient: recipient.clone(),
                     warrants: warrants.clone(),
                     stop: stop.clone(),
+                    sent: sent.clone(),
                 };
                 std::thread::spawn(move || crash::agency_thread(load, round, thread))
             })
@@ -122,8 +166,10 @@ fn sqlite_sigkill_rounds_lose_no_released_key_and_no_budget() {
             .unwrap_or(0)
         };
         checker.check(&t, round, &auditor, &received, &[BIG, SMALL], spent);
+        // Written before the restarted daemon serves: no wait.
+        derives = checker.check_opens_logged(round, &auditor, &derive_log, &sent, Duration::ZERO);
     }
-    report("SQLite", rounds, &received, cut, &checker);
+    report("SQLite", rounds, &received, cut, &checker, derives);
     eprintln!("{:?}", started.elapsed());
 }
 
@@ -132,9 +178,18 @@ fn postgres_replica_sigkill_rounds_lose_no_released_key_and_no_budget() {
     let started = Instant::now();
     let rounds = crash::rounds(ROUNDS);
     let mut rng = Rng::from_env();
-    // A killed replica's reservation keeps its units until its lease ends
-    // (300 s): the small budget runs out sooner, never over.
-    let mut c = Cluster::start_with_limits("max_batch = 10\n");
+    // A killed replica's reservation keeps its units until its lease ends:
+    // the small budget runs out sooner, never over.
+    let t = TestToken::new();
+    let (shim, derive_log) = derive_logging(&t);
+    let mut c = Cluster::start_on(
+        t,
+        "max_batch = 10\n",
+        Some(&shim),
+        &format!("reservation_lease_secs = {LEASE_SECS}\n"),
+    );
+    let sent = Sent::default();
+    let mut derives = (0, 0);
     let recipient = Arc::new(vault::recipient());
     let warrants = warrants(&recipient);
     let mut checker = Checker::new(&c.t, &c.pki, &c.parties);
@@ -152,6 +207,7 @@ fn postgres_replica_sigkill_rounds_lose_no_released_key_and_no_budget() {
                     recipient: recipient.clone(),
                     warrants: warrants.clone(),
                     stop: stop.clone(),
+                    sent: sent.clone(),
                 };
                 std::thread::spawn(move || crash::agency_thread(load, round, thread))
             })
@@ -200,8 +256,24 @@ fn postgres_replica_sigkill_rounds_lose_no_released_key_and_no_budget() {
                 .unwrap_or(0)
         };
         checker.check(&c.t, round, &auditor, &received, &[BIG, SMALL], spent);
+        // A killed replica's cut opens: once their lease has run out, by
+        // whichever replica sweeps first.
+        derives = checker.check_opens_logged(
+            round,
+            &auditor,
+            &derive_log,
+            &sent,
+            Duration::from_secs(LEASE_SECS + 12),
+        );
         eprintln!("round {round}: killed replicas {victims:?}");
     }
-    report("PostgreSQL, 3 replicas", rounds, &received, cut, &checker);
+    report(
+        "PostgreSQL, 3 replicas",
+        rounds,
+        &received,
+        cut,
+        &checker,
+        derives,
+    );
     eprintln!("{killed_total} replica kills, {:?}", started.elapsed());
 }

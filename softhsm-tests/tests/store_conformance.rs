@@ -77,6 +77,7 @@ conformance!(
     stored_roots_and_proofs_match_an_independent_tree,
     checkpoints_are_kept_by_size,
     cosignatures_are_kept_per_size_and_witness_and_read_newest_first,
+    open_intents_are_written_with_the_grant_and_settled_once,
 );
 
 fn now() -> OffsetDateTime {
@@ -146,6 +147,36 @@ fn event_of_key(id: &str, kid: &str, outcome: UnwrapOutcome) -> Event {
     )
     .unwrap()
     .into()
+}
+
+/// The open intent of `n` candidates of warrant `id`: each leaf denied
+/// `open_interrupted`, serialized as the unwrap path writes it, with its
+/// own envelope digest.
+fn intent(id: &str, n: u8) -> (Vec<Vec<u8>>, Vec<Unwrap>) {
+    let w = WarrantRef {
+        id,
+        digest: Digest::of_warrant_payload(b"payload"),
+        emergency: false,
+    };
+    let leaves: Vec<Unwrap> = (0..n)
+        .map(|i| {
+            let mut leaf = Unwrap::new(
+                "spiffe://agency.example/lea",
+                &w,
+                Some("2026-12"),
+                Some(Digest::of_envelope(b"{}", &[i; 65])),
+                UnwrapOutcome::Opened,
+            )
+            .unwrap();
+            leaf.deny(lavd::audit::leaf::DenyReason::OpenInterrupted);
+            leaf
+        })
+        .collect();
+    let bytes = leaves
+        .iter()
+        .map(|l| serde_json::to_vec(l).unwrap())
+        .collect();
+    (bytes, leaves)
 }
 
 fn opened(id: &str) -> Event {
@@ -1012,7 +1043,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 5);
+    assert_eq!(store.migrate().unwrap(), 6);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -1024,9 +1055,9 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             .map(|r| r.get(0))
             .collect()
     };
-    assert_eq!(versions(), [1, 2, 3, 4, 5]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6]);
     // A database at version 2 with a warrant in it (as the previous release
-    // left it) is brought to 5, and the new functions serve that warrant.
+    // left it) is brought to 6, and the new functions serve that warrant.
     {
         let store = PgStore::connect(&db.settings()).unwrap();
         store.register(&record("W2", 1, 2, false, 3)).unwrap();
@@ -1034,14 +1065,15 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     }
     db.client()
         .batch_execute(
-            "DROP FUNCTION lavd_register, lavd_reserve, lavd_settle, lavd_save_checkpoint;
-             DROP TABLE replication_barrier;
+            "DROP FUNCTION lavd_reserve_intent, lavd_register, lavd_reserve, lavd_settle,
+                           lavd_save_checkpoint;
+             DROP TABLE replication_barrier, open_intents;
              DELETE FROM schema_version WHERE version >= 3",
         )
         .unwrap();
     assert_eq!(versions(), [1, 2]);
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(versions(), [1, 2, 3, 4, 5]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6]);
     assert!(matches!(
         store.register(&record("W2", 1, 2, false, 3)),
         Ok(Registration::Known)
@@ -1050,6 +1082,12 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     assert_eq!(taken.granted(), 2);
     store.settle(taken, 2).unwrap();
     assert_eq!(store.spent("W2").unwrap(), Some(3));
+    // And migration 6's intents.
+    store.register(&record("W6", 6, 6, false, 1)).unwrap();
+    let (bytes, _) = intent("W6", 1);
+    let held = store.reserve_with_intent("W6", &bytes).unwrap();
+    assert!(held.intent().is_some());
+    store.settle(held, 1).unwrap();
     store.save_checkpoint(0, "note zero", now()).unwrap();
     // The barrier of migration 5 commits, on the server the tree was read
     // on; on another (a failover between the two) it refuses.
@@ -1073,7 +1111,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 5,
+                supported: 6,
                 ..
             }
         ),
@@ -1253,7 +1291,7 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert_eq!(db.rows("schema_version"), 5);
+    assert_eq!(db.rows("schema_version"), 6);
 }
 
 /// A database whose default `synchronous_commit` is `off` or `local` would
@@ -1429,4 +1467,132 @@ fn postgres_an_append_whose_commit_never_arrived_is_answered_failed() {
     );
     assert_eq!(db.rows("escrow_keys"), 0);
     assert_eq!(db.rows("audit_leaves"), 0);
+}
+
+/// The open intent commits with the reservation, holds the leaves of the
+/// granted candidates only (the first `granted`), and is deleted by the
+/// settle that writes its request's leaves; leaves that replace it
+/// (`Spend::ClearIntent`) are written once, never twice. On SQLite every
+/// intent left in the file is an orphan (a process that stopped); on
+/// PostgreSQL only one past its lease (`postgres_an_intent_is_an_orphan_once_its_lease_runs_out`).
+fn open_intents_are_written_with_the_grant_and_settled_once(b: &Backend) {
+    let store = b.open();
+    store.register(&record("w", 1, 1, false, 3)).unwrap();
+    let (bytes, leaves) = intent("w", 4);
+    let held = store.reserve_with_intent("w", &bytes).unwrap();
+    assert_eq!((held.requested(), held.granted()), (4, 3));
+    let first = held.intent().expect("an intent for a grant");
+    if let Backend::Sqlite(_) = b {
+        // The process "stopped" here: a new one finds the intent.
+        drop(store);
+        let store = b.open();
+        let orphans = store.orphaned_intents(10).unwrap();
+        assert_eq!(orphans.len(), 1, "{orphans:?}");
+        assert_eq!(orphans[0].id, first);
+        assert_eq!(orphans[0].warrant_id, "w");
+        assert_eq!(
+            orphans[0].leaves,
+            leaves[..3],
+            "the granted candidates only"
+        );
+    } else {
+        assert_eq!(store.orphaned_intents(10).unwrap(), [], "within its lease");
+    }
+    let store = b.open();
+    // Replacing it writes its leaves once.
+    let size = store.tree_size().unwrap();
+    let interrupted = |id| AuditAppend {
+        events: leaves[..3].iter().cloned().map(Event::from).collect(),
+        time: now(),
+        spend: Spend::ClearIntent(id),
+    };
+    let written = store.append(interrupted(first)).unwrap();
+    assert_eq!((written.first_index, written.count), (size, 3));
+    assert_eq!(
+        outcomes(&store, size, 3),
+        [("denied", "open_interrupted"); 3].map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    assert!(matches!(
+        store.append(interrupted(first)),
+        Err(StoreError::IntentSettled(id)) if id == first
+    ));
+    assert_eq!(store.tree_size().unwrap(), size + 3);
+    // The settle of a request that committed deletes its intent with its
+    // leaves: leaves meant to replace it are then refused.
+    store.register(&record("v", 2, 2, false, 1)).unwrap();
+    let (bytes, _) = intent("v", 1);
+    let settled = store.reserve_with_intent("v", &bytes).unwrap();
+    assert_eq!(settled.granted(), 1);
+    let second = settled.intent().unwrap();
+    assert_ne!(second, first);
+    store
+        .append(AuditAppend {
+            events: vec![opened("v")],
+            time: now(),
+            spend: Spend::Settle {
+                reservation: settled,
+                opened: 1,
+            },
+        })
+        .unwrap();
+    assert!(matches!(
+        store.append(interrupted(second)),
+        Err(StoreError::IntentSettled(id)) if id == second
+    ));
+    assert_eq!(store.spent("v").unwrap(), Some(1));
+    // No grant, no intent.
+    let none = store.reserve_with_intent("v", &bytes).unwrap();
+    assert_eq!((none.granted(), none.intent()), (0, None));
+    store.settle(none, 0).unwrap();
+    if let Backend::Sqlite(_) = b {
+        assert_eq!(store.orphaned_intents(10).unwrap(), []);
+    }
+}
+
+/// On PostgreSQL an intent is an orphan once its lease (the reservation's)
+/// has run out, for any replica; its leaves are written once; and the
+/// request that held it, should it settle late, still writes its own (the
+/// log over-reports, never under-reports).
+#[test]
+fn postgres_an_intent_is_an_orphan_once_its_lease_runs_out() {
+    let db = TestDb::create();
+    let open = || PgStore::connect(&db.settings_with_lease(LEASE)).unwrap();
+    let (a, b) = (open(), open());
+    a.register(&record("L", 1, 1, false, 2)).unwrap();
+    let (bytes, leaves) = intent("L", 2);
+    let held = a.reserve_with_intent("L", &bytes).unwrap();
+    let id = held.intent().unwrap();
+    assert_eq!(b.orphaned_intents(10).unwrap(), [], "within its lease");
+    past_the_lease(LEASE);
+    let orphans = b.orphaned_intents(10).unwrap();
+    assert_eq!(orphans.len(), 1);
+    assert_eq!((orphans[0].id, &orphans[0].leaves), (id, &leaves));
+    let size = b.tree_size().unwrap();
+    b.append(AuditAppend {
+        events: leaves.iter().cloned().map(Event::from).collect(),
+        time: now(),
+        spend: Spend::ClearIntent(id),
+    })
+    .unwrap();
+    assert_eq!(b.orphaned_intents(10).unwrap(), []);
+    a.append(AuditAppend {
+        events: vec![opened("L"), opened("L")],
+        time: now(),
+        spend: Spend::Settle {
+            reservation: held,
+            opened: 2,
+        },
+    })
+    .unwrap();
+    assert_eq!(
+        outcomes(&a, size, 4),
+        [
+            ("denied", "open_interrupted"),
+            ("denied", "open_interrupted"),
+            ("opened", "-"),
+            ("opened", "-"),
+        ]
+        .map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    assert_eq!(a.spent("L").unwrap(), Some(2));
 }

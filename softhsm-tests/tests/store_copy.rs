@@ -108,6 +108,21 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     let out = copy(&other);
     softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
     assert_eq!(db.rows("audit_leaves"), 0);
+    // A source holding an open intent (HSM opens of a process that stopped
+    // before their audit commit) is refused: its leaves are not in the log
+    // yet, and `lavd serve` writes them at its start.
+    let sqlite = rusqlite::Connection::open(&db_path).unwrap();
+    sqlite
+        .execute(
+            "INSERT INTO open_intents (warrant_id, created_at, leaves) VALUES ('W', ?1, X'5B5D')",
+            ["2026-12-05T10:00:00Z"],
+        )
+        .unwrap();
+    let stderr = softhsm_tests::assert_fails_with(&copy(&key), 1, "store_copy_refused");
+    assert!(stderr.contains("holds 1 open intent(s)"), "{stderr}");
+    assert_eq!(db.rows("audit_leaves"), 0);
+    sqlite.execute("DELETE FROM open_intents", []).unwrap();
+    drop(sqlite);
     // Run again with the right key.
     let out = copy(&key);
     let printed = assert_ok(&out);
@@ -194,13 +209,13 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         assert_eq!(
             printed.trim(),
             format!(
-                "postgresql://{}/{}: schema version 5",
+                "postgresql://{}/{}: schema version 6",
                 "127.0.0.1:5432",
                 db.name()
             )
         );
     }
-    assert_eq!(db.rows("schema_version"), 5);
+    assert_eq!(db.rows("schema_version"), 6);
 
     let good = std::fs::read_to_string(t.config()).unwrap();
     for (from, to, field) in [

@@ -581,3 +581,126 @@ fn a_warrant_that_expires_while_its_request_waits_at_the_gate_is_refused() {
         .collect();
     assert_eq!(events, ["\"warrant_refused\""]);
 }
+
+/// A request whose work ends between its HSM opens and its audit commit
+/// while the process lives (a panic, a bug: here its clock panics at its
+/// second reading, just before the commit) logs its opens at once: its
+/// open intent is written as `open_interrupted` leaves by the deferred
+/// writer, the intent is gone, and nothing is spent. Only the granted
+/// candidates are in it (a budget of 2 for 3 envelopes).
+#[test]
+fn an_unwrap_that_panics_after_its_opens_logs_them_open_interrupted() {
+    let w = World::new();
+    let envelopes: Vec<_> = (0..3)
+        .map(|i| {
+            w.envelope(
+                "acct:alice@example.com",
+                "2026-12-03T10:00:00Z",
+                &format!("p{i}"),
+                &[5; 32],
+            )
+        })
+        .collect();
+    let body = serde_json::json!({"warrant": w.warrant("W-P", 2, &[&w.exec, &w.judge]), "envelopes": envelopes});
+    let before = w.store.tree_size().unwrap();
+    let readings = std::sync::atomic::AtomicUsize::new(0);
+    let clock = || {
+        assert!(
+            readings.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0,
+            "the clock's second reading (the test's panic)"
+        );
+        t("2026-12-05T00:00:00Z")
+    };
+    let limits = EnvelopeLimits::default();
+    let ctx = w.context(&limits);
+    let ended = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        unwrap(&ctx, AGENCY, body.to_string().as_bytes(), &clock)
+    }));
+    assert!(ended.is_err(), "the unwrap did not panic");
+    assert_eq!(readings.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(w.log.flush_deferred(std::time::Duration::from_secs(10)), 0);
+    let size = w.store.tree_size().unwrap();
+    let leaves: Vec<serde_json::Value> = w
+        .store
+        .leaves(before, size)
+        .unwrap()
+        .iter()
+        .map(|(_, leaf)| serde_json::from_slice(leaf).unwrap())
+        .collect();
+    let digests: Vec<_> = envelopes[..2]
+        .iter()
+        .map(|e| {
+            let mut bytes = lavd::codec::b64_decode(e["header"].as_str().unwrap()).unwrap();
+            bytes.extend(lavd::codec::b64_decode(e["enc"].as_str().unwrap()).unwrap());
+            lavd::codec::b64_encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                &bytes,
+            ))
+        })
+        .collect();
+    let interrupted: Vec<_> = leaves
+        .iter()
+        .filter(|l| l["event"] == "unwrap")
+        .map(|l| {
+            (
+                l["envelope_digest"].as_str().unwrap().to_string(),
+                l["outcome"].as_str().unwrap().to_string(),
+                l["reason"].as_str().unwrap_or("-").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        interrupted,
+        digests
+            .iter()
+            .map(|d| (
+                d.clone(),
+                "denied".to_string(),
+                "open_interrupted".to_string()
+            ))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(w.store.orphaned_intents(10).unwrap(), []);
+    assert_eq!(w.store.spent("W-P").unwrap(), Some(0));
+}
+
+/// Deferred leaves whose open intent is already gone (their request's
+/// commit landed after all, or a replica wrote the intent once its lease
+/// ran out: the deferred writer cannot tell which) are written all the
+/// same: the log may say an envelope twice, never not at all.
+#[test]
+fn deferred_leaves_whose_intent_is_gone_are_written_all_the_same() {
+    let w = World::new();
+    let before = w.store.tree_size().unwrap();
+    let warrant = lavd::audit::leaf::WarrantRef {
+        id: "W-D",
+        digest: lavd::audit::leaf::Digest::of_warrant_payload(b"payload"),
+        emergency: false,
+    };
+    let mut leaf = lavd::audit::leaf::Unwrap::new(
+        AGENCY,
+        &warrant,
+        Some("2026-12"),
+        Some(lavd::audit::leaf::Digest::of_envelope(b"{}", &[4; 65])),
+        lavd::audit::leaf::UnwrapOutcome::Opened,
+    )
+    .unwrap();
+    leaf.deny(lavd::envelope::reply::DenyReason::AuditCommitFailed);
+    w.log.append_later(lavd::store::AuditAppend {
+        events: vec![leaf.into()],
+        time: t("2026-12-05T00:00:00Z"),
+        spend: lavd::store::Spend::ClearIntent(424_242),
+    });
+    assert_eq!(w.log.flush_deferred(std::time::Duration::from_secs(10)), 0);
+    let size = w.store.tree_size().unwrap();
+    assert_eq!(size, before + 1);
+    let (_, written) = &w.store.leaves(before, size).unwrap()[0];
+    let written: serde_json::Value = serde_json::from_slice(written).unwrap();
+    assert_eq!(
+        (&written["warrant_id"], &written["reason"]),
+        (
+            &serde_json::json!("W-D"),
+            &serde_json::json!("audit_commit_failed")
+        )
+    );
+}

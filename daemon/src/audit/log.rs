@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, TryLockError};
 use time::OffsetDateTime;
 
 use super::export::{Export, ExportEntry};
+use super::leaf::Event;
 use super::merkle::{self, Hash};
 use super::note::{self, Checkpoint};
 use crate::hsm::{Hsm, HsmError, PendingCall};
@@ -123,6 +124,10 @@ struct Deferred {
     wake: std::sync::Condvar,
     /// The writer thread, while it runs.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The orphaned intents' sweeper ([`AuditLog::start_intent_sweeper`]),
+    /// and what wakes it to stop.
+    sweeper: Mutex<Option<std::thread::JoinHandle<()>>>,
+    sweeper_wake: std::sync::Condvar,
     /// Set by [`AuditLog::stop_deferred`]: the writer ends, and with it its
     /// handle on the log and the HSM (whose workers end only then).
     stop: std::sync::atomic::AtomicBool,
@@ -492,14 +497,20 @@ impl AuditLog {
     /// the leaves of HSM opens whose own append was not committed. Nothing
     /// of them was released; these leaves say so, so that no HSM open goes
     /// unlogged once the store is back. Its spend must be
-    /// [`crate::store::Spend::None`] (the reservation was given back with
-    /// the failed append). The leaves take the time they are written at,
-    /// so the log's times stay in order. While any wait, the daemon opens
-    /// nothing more ([`Self::deferred_leaves`]), so the queue holds at most
-    /// what the requests in flight had opened. What is still waiting when
-    /// the process ends is lost, and said so in its log.
+    /// [`crate::store::Spend::None`] or, in place of the request's open
+    /// intent, [`crate::store::Spend::ClearIntent`] (the reservation was
+    /// given back with the failed append). The leaves take the time they
+    /// are written at, so the log's times stay in order. While any wait,
+    /// the daemon opens nothing more ([`Self::deferred_leaves`]), so the
+    /// queue holds at most what the requests in flight had opened. What is
+    /// still waiting when the process ends is not written by this process
+    /// (its log says how many); the request's open intent stays in the
+    /// store, and becomes `open_interrupted` leaves ([`Self::write_orphaned_intents`]).
     pub fn append_later(&self, batch: AuditAppend) {
-        debug_assert!(matches!(batch.spend, crate::store::Spend::None));
+        debug_assert!(matches!(
+            batch.spend,
+            crate::store::Spend::None | crate::store::Spend::ClearIntent(_)
+        ));
         let leaves = batch.events.len();
         if self.deferred.stop.load(std::sync::atomic::Ordering::SeqCst) {
             // After the stop's last flush: no writer will take them. The
@@ -573,16 +584,58 @@ impl AuditLog {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             self.deferred.wake.notify_all();
+            self.deferred.sweeper_wake.notify_all();
         }
-        let handle = self
+        for thread in [&self.deferred.writer, &self.deferred.sweeper] {
+            let handle = thread
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(handle) = handle {
+                let _ = handle.join();
+            }
+        }
+    }
+
+    /// Starts a thread that runs [`Self::write_orphaned_intents`] every
+    /// `every` until [`Self::stop_deferred`]: on PostgreSQL, where another
+    /// replica's intents become orphans while this one serves (a replica
+    /// killed and not restarted).
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn start_intent_sweeper(&self, every: std::time::Duration) -> std::io::Result<()> {
+        let log = self.clone();
+        let handle = std::thread::Builder::new()
+            .name("lavd-intent-sweep".into())
+            .spawn(move || {
+                let stopped = || log.deferred.stop.load(std::sync::atomic::Ordering::SeqCst);
+                loop {
+                    {
+                        let queue = log
+                            .deferred
+                            .queue
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if stopped() {
+                            return;
+                        }
+                        let _ = log.deferred.sweeper_wake.wait_timeout(queue, every);
+                    }
+                    if stopped() {
+                        return;
+                    }
+                    if let Err(e) = log.write_orphaned_intents() {
+                        tracing::error!(error = %e, "cannot write the leaves of orphaned open intents; retrying");
+                    }
+                }
+            })?;
+        *self
             .deferred
-            .writer
+            .sweeper
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
-            let _ = handle.join();
-        }
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+        Ok(())
     }
 
     /// How many leaves [`Self::append_later`] holds that the store has not
@@ -593,6 +646,57 @@ impl AuditLog {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .1
+    }
+
+    /// Writes the `open_interrupted` leaves of every orphaned open intent
+    /// ([`crate::store::AuditStore::orphaned_intents`]): each intent's
+    /// leaves, with the time they are written, in one transaction with
+    /// its row's deletion, so that no HSM open goes unlogged across a
+    /// crash. An intent another writer took first is skipped. Returns the
+    /// leaves written.
+    ///
+    /// On SQLite call it before serving only: every intent in the file is
+    /// then an orphan.
+    ///
+    /// # Errors
+    /// The first failure to read or write; what was written before it stays.
+    pub fn write_orphaned_intents(&self) -> Result<u64, LogError> {
+        let mut written = 0u64;
+        loop {
+            // A stop does not wait for the rest: they stay in the store.
+            if self.deferred.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(written);
+            }
+            let orphans = self.store.orphaned_intents(64)?;
+            if orphans.is_empty() {
+                return Ok(written);
+            }
+            // One taken by another writer first is gone from the next read.
+            for orphan in orphans {
+                let leaves = orphan.leaves.len() as u64;
+                let batch = AuditAppend {
+                    events: orphan.leaves.into_iter().map(Event::from).collect(),
+                    time: OffsetDateTime::now_utc(),
+                    spend: crate::store::Spend::ClearIntent(orphan.id),
+                };
+                match self.append_committed(batch) {
+                    Ok((appended, _)) => {
+                        written += leaves;
+                        tracing::warn!(
+                            intent = orphan.id,
+                            warrant_id = %crate::codec::escape_for_terminal(&orphan.warrant_id),
+                            intent_written = %crate::codec::format_time(orphan.created_at),
+                            leaves,
+                            first_index = appended.first_index,
+                            "logged the HSM opens of a request whose process stopped before \
+                             its audit commit (open_interrupted; nothing of them was released)"
+                        );
+                    }
+                    Err(LogError::Store(StoreError::IntentSettled(_))) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
     }
 
     /// The deferred writer's loop: the oldest batch, until the store takes
@@ -618,7 +722,12 @@ impl AuditLog {
                             break AuditAppend {
                                 events: batch.events.clone(),
                                 time: OffsetDateTime::now_utc(),
-                                spend: crate::store::Spend::None,
+                                spend: match batch.spend {
+                                    crate::store::Spend::ClearIntent(id) => {
+                                        crate::store::Spend::ClearIntent(id)
+                                    }
+                                    _ => crate::store::Spend::None,
+                                },
                             }
                         }
                         None => {
@@ -642,6 +751,31 @@ impl AuditLog {
                     "writing deferred leaves panicked".into(),
                 )))
             });
+            // Its intent already gone: the request's commit landed after
+            // all (an outcome PostgreSQL could not report), or, on
+            // PostgreSQL, a replica wrote the intent's leaves once its lease
+            // ran out while the store was away. Which, this process cannot
+            // tell: the batch is written all the same, at once, without the
+            // intent (the log may then say some of these envelopes twice:
+            // over-reporting, never under-reporting).
+            if let Err(LogError::Store(StoreError::IntentSettled(id))) = &attempt {
+                tracing::warn!(
+                    intent = id,
+                    leaves,
+                    "the open intent of these deferred leaves is already settled or written \
+                     (the request's commit may have landed after all, or its lease ran out); \
+                     writing them anyway"
+                );
+                let mut queue = self
+                    .deferred
+                    .queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if let Some(front) = queue.0.front_mut() {
+                    front.spend = crate::store::Spend::None;
+                }
+                continue;
+            }
             match attempt {
                 Ok((appended, _)) => {
                     let mut queue = self

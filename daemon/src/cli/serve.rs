@@ -120,6 +120,28 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     {
         anyhow::bail!("cannot sign the audit log's checkpoint: {e}");
     }
+    // HSM opens of a process that stopped before their audit commit (a
+    // crash): their intents become `open_interrupted` leaves before anything
+    // else opens. On PostgreSQL only those past their lease, and a thread
+    // looks again while serving (other replicas may stop meanwhile).
+    let interrupted = state
+        .audit
+        .write_orphaned_intents()
+        .map_err(|e| anyhow::anyhow!("cannot write the leaves of interrupted HSM opens: {e}"))?;
+    if interrupted > 0 {
+        tracing::warn!(
+            leaves = interrupted,
+            "logged HSM opens that a previous run began but never committed (open_interrupted)"
+        );
+    }
+    // Started once serving, so that every return before it leaves no
+    // thread behind.
+    let sweep_every = match &settings.store {
+        crate::store::StoreSettings::Postgres(pg) => {
+            Some((pg.reservation_lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30)))
+        }
+        crate::store::StoreSettings::Sqlite { .. } => None,
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,6 +152,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let result = runtime.block_on(serve(
         state.clone(),
         Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
+        sweep_every,
     ));
     // Blocking tasks still running (a readiness probe inside a module that
     // does not answer) are not waited for past this.
@@ -142,7 +165,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
-async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()> {
+async fn serve(
+    state: Arc<ServerState>,
+    notifier: Notifier,
+    sweep_every: Option<Duration>,
+) -> anyhow::Result<()> {
     // Signal handlers first, so that a signal sent right after READY=1 is
     // never lost.
     let mut signals = Signals::new()?;
@@ -203,6 +230,14 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
             .unwrap_or_default()
     );
     tracing::info!(api = %api.local_addr(), admin = %admin.local_addr(), public_log = public_addr.as_deref(), "serving");
+    // Stopped with the deferred writer at the end of this function (the
+    // last `?` is above).
+    if let Some(every) = sweep_every {
+        state
+            .audit
+            .start_intent_sweeper(every)
+            .context("cannot start the orphaned intents' sweeper")?;
+    }
     notifier.ready(&status);
 
     loop {
@@ -312,7 +347,8 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
             tracing::error!(
                 signal = name,
                 "another signal: not waiting for requests' work any longer; HSM opens still \
-                 running may go unlogged"
+                 running are logged from their open intents, as open_interrupted, by the next \
+                 start (SQLite) or by a replica once their lease has run out (PostgreSQL)"
             );
         }
     }
@@ -331,7 +367,9 @@ async fn serve(state: Arc<ServerState>, notifier: Notifier) -> anyhow::Result<()
             leaves = lost,
             "stopping with leaves not yet written: HSM opens whose requests' audit commits \
              failed (nothing of them was released), which the store has not taken since; \
-             they are lost (docs/audit.md, `audit_commit_failed`)"
+             their open intents stay in the store, and the next start (SQLite) or a replica \
+             once their lease has run out (PostgreSQL) logs them as open_interrupted \
+             (docs/audit.md)"
         );
     }
     Ok(())

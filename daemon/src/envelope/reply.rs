@@ -30,8 +30,10 @@ pub const REPLY_INFO: &[u8] = b"lav-result-v1";
 /// Why the daemon did not open an envelope: exactly the PROTOCOL §5 reasons,
 /// `warrant_revoked` (PROTOCOL §8), and, in audit leaves only, lavd's
 /// `warrant_expired`, `emergency_expired` and `authority_not_valid` (a
-/// deadline passed in flight; docs/warrants.md) and `audit_commit_failed`
-/// (opened, but the audit commit failed, so not released).
+/// deadline passed in flight; docs/warrants.md), `audit_commit_failed`
+/// (opened, but the audit commit failed, so not released) and
+/// `open_interrupted` (the process stopped while the envelope was being
+/// opened, before its audit commit; nothing released).
 /// Serialized as the wire string (`out_of_window`), in replies and audit leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -74,11 +76,20 @@ pub enum DenyReason {
     /// released. The daemon writes these leaves once the store takes them
     /// again, so that no HSM open goes unlogged.
     AuditCommitFailed,
+    /// In audit leaves only: the envelope's HSM open was under way when the
+    /// process stopped (a crash, SIGKILL, power loss), before its request's
+    /// audit commit, so nothing of it was released or spent. Its intent,
+    /// written durably with the budget reservation before the HSM was
+    /// called, is turned into this leaf by the next daemon that finds it
+    /// (at start on SQLite; on PostgreSQL once the reservation's lease has
+    /// run out, by any replica), so that no HSM open goes unlogged, even
+    /// across a crash. The HSM may not have finished the open.
+    OpenInterrupted,
 }
 
 impl DenyReason {
     /// Every reason, in PROTOCOL order, then lavd's additions.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -92,6 +103,7 @@ impl DenyReason {
         Self::EmergencyExpired,
         Self::AuthorityNotValid,
         Self::AuditCommitFailed,
+        Self::OpenInterrupted,
     ];
 
     /// The wire string.
@@ -110,12 +122,14 @@ impl DenyReason {
             Self::EmergencyExpired => "emergency_expired",
             Self::AuthorityNotValid => "authority_not_valid",
             Self::AuditCommitFailed => "audit_commit_failed",
+            Self::OpenInterrupted => "open_interrupted",
         }
     }
 
     /// Whether a reply may carry it: not the reasons of audit leaves only
     /// (`warrant_expired`, `emergency_expired`, `authority_not_valid`,
-    /// `audit_commit_failed`, which come with a request refused whole).
+    /// `audit_commit_failed`, which come with a request refused whole, and
+    /// `open_interrupted`, written after the process that opened stopped).
     pub const fn in_replies(self) -> bool {
         !matches!(
             self,
@@ -123,6 +137,7 @@ impl DenyReason {
                 | Self::EmergencyExpired
                 | Self::AuthorityNotValid
                 | Self::AuditCommitFailed
+                | Self::OpenInterrupted
         )
     }
 

@@ -438,9 +438,10 @@ pub fn render(report: &Report) -> String {
              authority_not_valid and warrant_revoked mark envelopes the HSM did open, whose \
              request then failed (its audit commit, the warrant's or a signer's end reached, \
              or the warrant revoked, while it ran), so nothing was released: {} in this \
-             period. Envelopes denied key_destroyed, budget_exhausted or open_failed may \
-             include some the HSM opened too (a key's retention or a budget lease that ended, \
-             or an HSM failure later in the batch, while the request ran); the log does not \
+             period. Envelopes denied key_destroyed, budget_exhausted, open_failed or \
+             open_interrupted may include some the HSM opened too (a key's retention or a \
+             budget lease that ended, or an HSM failure later in the batch, while the request \
+             ran; or the process stopped before the request's audit commit); the log does not \
              tell those apart, and nothing of them was released either.",
             t.opened_not_released
         ),

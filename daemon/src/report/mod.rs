@@ -175,11 +175,12 @@ pub struct Totals {
     /// `authority_not_valid` written in flight), and `warrant_revoked` on
     /// an envelope (the warrant revoked while its request ran: a request
     /// that arrives revoked is refused whole). Envelopes denied
-    /// `key_destroyed`, `budget_exhausted` or `open_failed` may include
-    /// some the HSM opened too (a key's retention or a budget lease that
-    /// ended while the request ran, an HSM failure later in its batch),
-    /// which the log does not tell apart; the other reasons were never
-    /// opened.
+    /// `key_destroyed`, `budget_exhausted`, `open_failed` or
+    /// `open_interrupted` may include some the HSM opened too (a key's
+    /// retention or a budget lease that ended while the request ran, an
+    /// HSM failure later in its batch, a process that stopped before its
+    /// audit commit), which the log does not tell apart; the other reasons
+    /// were never opened.
     pub opened_not_released: u64,
     /// `warrant_refused` leaves.
     pub refused: u64,
@@ -610,8 +611,11 @@ impl Report {
                         }
                         UnwrapOutcome::Denied(reason) => {
                             totals.denied += 1;
+                            // `open_interrupted`: the HSM may not have
+                            // finished (or begun) the open.
                             totals.opened_not_released += u64::from(
-                                !reason.in_replies() || reason == DenyReason::WarrantRevoked,
+                                (!reason.in_replies() && reason != DenyReason::OpenInterrupted)
+                                    || reason == DenyReason::WarrantRevoked,
                             );
                             m.denied += 1;
                             w.denied += 1;

@@ -390,6 +390,12 @@ fn opens_that_were_not_released_are_counted_apart() {
             datetime!(2026-05-01 10:05 UTC),
             denied(A, &w, DenyReason::KeyDestroyed),
         ),
+        // The process stopped before the audit commit: the HSM may not
+        // have finished the open, so it is not counted as certainly opened.
+        (
+            datetime!(2026-05-01 10:06 UTC),
+            denied(A, &w, DenyReason::OpenInterrupted),
+        ),
     ];
     let r = build(&events, &Options::default());
     assert_eq!(
@@ -398,7 +404,7 @@ fn opens_that_were_not_released_are_counted_apart() {
             r.totals.denied,
             r.totals.opened_not_released
         ),
-        (1, 5, 3)
+        (1, 6, 3)
     );
     let page = html::render(&r);
     assert!(

@@ -16,7 +16,7 @@ use rusqlite::{params, Connection, OptionalExtension as _, TransactionBehavior};
 use time::OffsetDateTime;
 
 use super::{KeyRecord, Reservation, Revocation, SqliteStore, StoreError};
-use crate::audit::leaf::{DenyReason, Event, LeafTime};
+use crate::audit::leaf::{DenyReason, Event, LeafTime, Unwrap};
 use crate::audit::merkle::{self, Hash, HashReader, TreeError};
 use crate::codec::format_time;
 
@@ -54,6 +54,48 @@ pub(super) const COSIGNATURES_MIGRATION: &str = "
         PRIMARY KEY (size, witness)
     ) STRICT, WITHOUT ROWID;
     CREATE INDEX audit_cosignatures_by_witness ON audit_cosignatures (witness, size);";
+
+/// Open intents ([`super::WarrantStore::reserve_with_intent`]): `leaves` is
+/// the JSON array of the [`Unwrap`] leaves to write should the request's
+/// process stop before its audit commit.
+pub(super) const OPEN_INTENTS_MIGRATION: &str = "
+    CREATE TABLE open_intents (
+        id         INTEGER PRIMARY KEY AUTOINCREMENT,
+        warrant_id TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        leaves     BLOB NOT NULL
+    ) STRICT;";
+
+/// An open intent whose request will not settle it: its process stopped
+/// between the HSM opens and the audit commit
+/// ([`AuditStore::orphaned_intents`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenIntent {
+    /// Its row (`open_intents.id`), for [`Spend::ClearIntent`].
+    pub id: i64,
+    /// The warrant its request opened under.
+    pub warrant_id: String,
+    /// When it was written.
+    pub created_at: OffsetDateTime,
+    /// The leaves to write for it, each denied `open_interrupted`.
+    pub leaves: Vec<Unwrap>,
+}
+
+/// Parses an intent's leaves, as [`super::WarrantStore::reserve_with_intent`]
+/// wrote them; anything else is a corrupt row.
+pub(super) fn intent_leaves(
+    id: i64,
+    parts: &[&[u8]],
+    corrupt: impl Fn(String) -> StoreError,
+) -> Result<Vec<Unwrap>, StoreError> {
+    parts
+        .iter()
+        .map(|part| {
+            crate::codec::from_object_slice::<Unwrap>(part)
+                .map_err(|e| corrupt(format!("open_intents {id}: a leaf does not parse: {e}")))
+        })
+        .collect()
+}
 
 /// The database server a read was made on ([`AuditStore::tree_size_on`]):
 /// for PostgreSQL, when its server process started (a failover or a restart
@@ -119,6 +161,11 @@ pub enum Spend {
         /// Why (`retention` or the operator's reason).
         reason: String,
     },
+    /// Leaves that replace an open intent (`open_interrupted`, or
+    /// `audit_commit_failed` after a failed settle): its row is deleted in
+    /// the same transaction. If it is gone already, nothing of the batch is
+    /// written ([`StoreError::IntentSettled`]).
+    ClearIntent(i64),
 }
 
 /// One batch of leaves to append.
@@ -472,6 +519,17 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// How many append transactions have committed since open (group commit
     /// makes this far smaller than the number of appends under load).
     fn audit_commits(&self) -> u64;
+
+    /// Up to `limit` open intents that no running request will settle,
+    /// oldest first. On SQLite, every intent in the file: call it only
+    /// before serving (one process uses the file). On PostgreSQL, those
+    /// whose lease (`reservation_lease_secs`, as the reservation's) has run
+    /// out: their replica stopped, or their request outlived its lease.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`], a PostgreSQL error, or
+    /// [`StoreError::Corrupt`] for a row this code did not write.
+    fn orphaned_intents(&self, limit: u64) -> Result<Vec<OpenIntent>, StoreError>;
 }
 
 /// A queued batch and the place its result goes.
@@ -690,6 +748,16 @@ impl SqliteStore {
                 // that raced the first fails alone.
                 if !self.mark_destroyed_in(conn, kid, *at, reason)? {
                     return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
+                }
+                RevokeFound::default()
+            }
+            Spend::ClearIntent(id) => {
+                let deleted = conn
+                    .prepare_cached("DELETE FROM open_intents WHERE id = ?1")
+                    .and_then(|mut s| s.execute([id]))
+                    .map_err(|e| self.sqlite_err(e))?;
+                if deleted != 1 {
+                    return Err(StoreError::IntentSettled(*id));
                 }
                 RevokeFound::default()
             }
@@ -1115,6 +1183,38 @@ impl AuditStore for SqliteStore {
 
     fn audit_commits(&self) -> u64 {
         self.group.commits()
+    }
+
+    fn orphaned_intents(&self, limit: u64) -> Result<Vec<OpenIntent>, StoreError> {
+        let limit = super::warrants::to_i64(limit, "limit")?;
+        let rows: Vec<(i64, String, String, Vec<u8>)> = self
+            .conn()
+            .prepare_cached(
+                "SELECT id, warrant_id, created_at, leaves FROM open_intents ORDER BY id LIMIT ?1",
+            )
+            .and_then(|mut s| {
+                s.query_map([limit], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
+                .collect()
+            })
+            .map_err(|e| self.sqlite_err(e))?;
+        rows.into_iter()
+            .map(|(id, warrant_id, created_at, blob)| {
+                let corrupt = |what: String| self.corrupt(what);
+                let created_at = crate::codec::parse_time(&created_at)
+                    .map_err(|e| corrupt(format!("open_intents {id}: created_at: {e}")))?;
+                let parts: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(&blob)
+                    .map_err(|e| corrupt(format!("open_intents {id}: leaves: {e}")))?;
+                let parts: Vec<&[u8]> = parts.iter().map(|p| p.get().as_bytes()).collect();
+                Ok(OpenIntent {
+                    id,
+                    warrant_id,
+                    created_at,
+                    leaves: intent_leaves(id, &parts, corrupt)?,
+                })
+            })
+            .collect()
     }
 }
 

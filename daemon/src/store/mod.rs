@@ -27,8 +27,8 @@ mod warrants;
 pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{
-    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, Server, Spend, Uncommitted,
-    Withdrawn, MAX_INDEX,
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, OpenIntent, Server, Spend,
+    Uncommitted, Withdrawn, MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
@@ -135,6 +135,12 @@ pub enum StoreError {
     /// or the store has no such key: no `key_destroyed` leaf is written.
     #[error("escrow key `{0}` is unknown or already recorded as destroyed")]
     KeyAlreadyDestroyed(String),
+    /// The open intent a batch was to replace ([`Spend::ClearIntent`]) is
+    /// gone: its request's own leaves committed after all, or another
+    /// writer (a PostgreSQL replica's sweep) already wrote its leaves.
+    /// Nothing of the batch is written, so no open is logged twice.
+    #[error("open intent {0} was already settled or written")]
+    IntentSettled(i64),
     /// A number does not fit the database's signed 64-bit integers.
     #[error("{0} is out of range for the store")]
     OutOfRange(&'static str),
@@ -214,6 +220,9 @@ const MIGRATIONS: &[&str] = &[
     audit::MIGRATION,
     // 4: witness cosignatures of checkpoints.
     audit::COSIGNATURES_MIGRATION,
+    // 5: open intents: written with an unwrap's reservation, before its HSM
+    // opens; deleted with its audit leaves (docs/audit.md, `open_interrupted`).
+    audit::OPEN_INTENTS_MIGRATION,
 ];
 
 /// The SQLite schema version this build writes.
@@ -339,6 +348,12 @@ impl WarrantStore for Store {
         match self {
             Store::Sqlite(s) => s.reserve(id, n),
             Store::Postgres(s) => s.reserve(id, n),
+        }
+    }
+    fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.reserve_with_intent(id, intent),
+            Store::Postgres(s) => s.reserve_with_intent(id, intent),
         }
     }
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
@@ -482,6 +497,12 @@ impl AuditStore for Store {
         match self {
             Store::Sqlite(s) => s.audit_commits(),
             Store::Postgres(s) => s.audit_commits(),
+        }
+    }
+    fn orphaned_intents(&self, limit: u64) -> Result<Vec<audit::OpenIntent>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.orphaned_intents(limit),
+            Store::Postgres(s) => s.orphaned_intents(limit),
         }
     }
 }

@@ -65,6 +65,7 @@ pub struct Reservation {
     requested: u64,
     granted: u64,
     token: Option<i64>,
+    intent: Option<i64>,
 }
 
 impl Reservation {
@@ -75,7 +76,22 @@ impl Reservation {
             requested,
             granted,
             token,
+            intent: None,
         }
+    }
+
+    /// The reservation with its open intent's row (`open_intents.id`).
+    pub(super) fn with_intent(mut self, intent: Option<i64>) -> Self {
+        self.intent = intent;
+        self
+    }
+
+    /// The row of `open_intents` written with the reservation
+    /// ([`WarrantStore::reserve_with_intent`]), if any: the settle deletes
+    /// it, and after a failed settle the leaves that replace it name it
+    /// ([`crate::store::Spend::ClearIntent`]).
+    pub fn intent(&self) -> Option<i64> {
+        self.intent
     }
 
     /// The backend's handle on the reservation's row.
@@ -130,6 +146,19 @@ pub trait WarrantStore: Send + Sync {
     /// [`StoreError::UnknownWarrant`] if `id` was not registered,
     /// [`StoreError::WarrantRevoked`] if it is revoked; [`StoreError::Sqlite`].
     fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError>;
+
+    /// As [`WarrantStore::reserve`] for `intent.len()` envelopes, and, in the
+    /// same durable transaction when anything is granted, the open intent:
+    /// a row of `open_intents` holding the first `granted` of `intent`, the
+    /// serialized [`crate::audit::leaf::Unwrap`] leaves (each denied
+    /// `open_interrupted`) to write should the process stop between the
+    /// HSM opens and the audit commit. The settle deletes it with the
+    /// request's leaves; otherwise [`crate::store::AuditStore::orphaned_intents`]
+    /// finds it. So every HSM open is preceded by a durable record of it.
+    ///
+    /// # Errors
+    /// As [`WarrantStore::reserve`].
+    fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError>;
 
     /// Commits `opened` units as spent and gives the rest of the reservation
     /// back, in one transaction. On error nothing is spent and the whole
@@ -189,6 +218,114 @@ impl SqliteStore {
             .map_err(|_| self.corrupt(format!("warrants.{what} is not 32 bytes")))
     }
 
+    /// [`WarrantStore::reserve`], with the open intent when `intent` is
+    /// given: then the transaction writes the main file, and commits with
+    /// a flush (`synchronous = FULL`), before any HSM open.
+    fn reserve_in(
+        &self,
+        id: &str,
+        n: u64,
+        intent: Option<&[Vec<u8>]>,
+    ) -> Result<Reservation, StoreError> {
+        let mut conn = self.conn();
+        conn.prepare_cached(CREATE_RESERVATIONS)
+            .and_then(|mut s| s.execute([]))
+            .map_err(|e| self.sqlite_err(e))?;
+        if intent.is_some() {
+            // Whatever an earlier checkpoint save left set.
+            conn.pragma_update(None, "synchronous", "FULL")
+                .map_err(|e| self.sqlite_err(e))?;
+        }
+        // The connection mutex is held from here to commit, so no other
+        // reservation or settle of this process interleaves. With an intent
+        // it writes the main file: IMMEDIATE takes the write lock first, and
+        // waits for another process's (a `lavd` command) under the busy
+        // timeout, where a read upgraded to a write would fail at once.
+        let behavior = if intent.is_some() {
+            TransactionBehavior::Immediate
+        } else {
+            TransactionBehavior::Deferred
+        };
+        let tx = conn
+            .transaction_with_behavior(behavior)
+            .map_err(|e| self.sqlite_err(e))?;
+        let (max, spent) = tx
+            .prepare_cached("SELECT max_unwraps, spent FROM warrants WHERE id = ?1")
+            .and_then(|mut s| {
+                s.query_row([id], |row| {
+                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
+                })
+            })
+            .optional()
+            .map_err(|e| self.sqlite_err(e))?
+            .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
+        if self.revoked_in(&tx, id)? {
+            return Err(StoreError::WarrantRevoked(id.to_string()));
+        }
+        let reserved: i64 = tx
+            .prepare_cached(
+                "SELECT COALESCE(SUM(granted), 0) FROM temp.warrant_reservations WHERE warrant_id = ?1",
+            )
+            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
+            .map_err(|e| self.sqlite_err(e))?;
+        let (max, spent, reserved) = (
+            self.to_u64(max, "max_unwraps")?,
+            self.to_u64(spent, "spent")?,
+            self.to_u64(reserved, "reserved")?,
+        );
+        let available = max
+            .checked_sub(spent)
+            .and_then(|left| left.checked_sub(reserved))
+            .ok_or_else(|| {
+                self.corrupt(format!("warrant `{id}` has spent + reserved > max_unwraps"))
+            })?;
+        let granted = n.min(available);
+        let token = if granted > 0 {
+            let granted = to_i64(granted, "granted")?;
+            tx.prepare_cached(
+                "INSERT INTO temp.warrant_reservations (warrant_id, granted) VALUES (?1, ?2)",
+            )
+            .and_then(|mut s| s.execute(params![id, granted]))
+            .map_err(|e| self.sqlite_err(e))?;
+            Some(tx.last_insert_rowid())
+        } else {
+            None
+        };
+        let intent = match intent {
+            Some(leaves) if granted > 0 => {
+                let granted = usize::try_from(granted).unwrap_or(usize::MAX);
+                let leaves = leaves.get(..granted).unwrap_or(leaves);
+                let mut blob =
+                    Vec::with_capacity(leaves.iter().map(|l| l.len() + 1).sum::<usize>() + 2);
+                blob.push(b'[');
+                for (i, leaf) in leaves.iter().enumerate() {
+                    if i > 0 {
+                        blob.push(b',');
+                    }
+                    blob.extend_from_slice(leaf);
+                }
+                blob.push(b']');
+                tx.prepare_cached(
+                    "INSERT INTO open_intents (warrant_id, created_at, leaves) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![id, format_time(OffsetDateTime::now_utc()), blob])
+                })
+                .map_err(|e| self.sqlite_err(e))?;
+                Some(tx.last_insert_rowid())
+            }
+            _ => None,
+        };
+        tx.commit().map_err(|e| self.sqlite_err(e))?;
+        Ok(Reservation {
+            id: id.to_string(),
+            requested: n,
+            granted,
+            token,
+            intent,
+        })
+    }
+
     /// The SQL half of settling, inside a transaction the caller owns, so that
     /// other records (audit leaves) can commit atomically with the spend.
     /// Deletes the reservation row and adds `opened` to `spent`, refusing to
@@ -233,6 +370,11 @@ impl SqliteStore {
             if updated != 1 {
                 return Err(StoreError::BudgetOverrun(reservation.id.clone()));
             }
+        }
+        if let Some(intent) = reservation.intent {
+            tx.prepare_cached("DELETE FROM open_intents WHERE id = ?1")
+                .and_then(|mut s| s.execute([intent]))
+                .map_err(|e| self.sqlite_err(e))?;
         }
         Ok(())
     }
@@ -410,64 +552,12 @@ impl WarrantStore for SqliteStore {
     }
 
     fn reserve(&self, id: &str, n: u64) -> Result<Reservation, StoreError> {
-        let mut conn = self.conn();
-        conn.prepare_cached(CREATE_RESERVATIONS)
-            .and_then(|mut s| s.execute([]))
-            .map_err(|e| self.sqlite_err(e))?;
-        // The connection mutex is held from here to commit, so no other
-        // reservation or settle of this process interleaves.
-        let tx = conn.transaction().map_err(|e| self.sqlite_err(e))?;
-        let (max, spent) = tx
-            .prepare_cached("SELECT max_unwraps, spent FROM warrants WHERE id = ?1")
-            .and_then(|mut s| {
-                s.query_row([id], |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, i64>(1)?))
-                })
-            })
-            .optional()
-            .map_err(|e| self.sqlite_err(e))?
-            .ok_or_else(|| StoreError::UnknownWarrant(id.to_string()))?;
-        if self.revoked_in(&tx, id)? {
-            return Err(StoreError::WarrantRevoked(id.to_string()));
-        }
-        let reserved: i64 = tx
-            .prepare_cached(
-                "SELECT COALESCE(SUM(granted), 0) FROM temp.warrant_reservations WHERE warrant_id = ?1",
-            )
-            .and_then(|mut s| s.query_row([id], |row| row.get(0)))
-            .map_err(|e| self.sqlite_err(e))?;
-        let (max, spent, reserved) = (
-            self.to_u64(max, "max_unwraps")?,
-            self.to_u64(spent, "spent")?,
-            self.to_u64(reserved, "reserved")?,
-        );
-        let available = max
-            .checked_sub(spent)
-            .and_then(|left| left.checked_sub(reserved))
-            .ok_or_else(|| {
-                self.corrupt(format!("warrant `{id}` has spent + reserved > max_unwraps"))
-            })?;
-        let granted = n.min(available);
-        let token = if granted > 0 {
-            let granted = to_i64(granted, "granted")?;
-            tx.prepare_cached(
-                "INSERT INTO temp.warrant_reservations (warrant_id, granted) VALUES (?1, ?2)",
-            )
-            .and_then(|mut s| s.execute(params![id, granted]))
-            .map_err(|e| self.sqlite_err(e))?;
-            Some(tx.last_insert_rowid())
-        } else {
-            None
-        };
-        tx.commit().map_err(|e| self.sqlite_err(e))?;
-        Ok(Reservation {
-            id: id.to_string(),
-            requested: n,
-            granted,
-            token,
-        })
+        self.reserve_in(id, n, None)
     }
 
+    fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError> {
+        self.reserve_in(id, intent.len() as u64, Some(intent))
+    }
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
         self.settle_with(reservation, opened, |_| Ok(()))
     }

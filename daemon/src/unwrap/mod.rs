@@ -436,7 +436,29 @@ pub fn unwrap(
              until they are"
         )));
     }
-    let reservation = match ctx.store.reserve(warrant.id(), candidates) {
+    // The open intent, written durably with the reservation (one
+    // transaction) before the HSM is called: each candidate's leaf as it
+    // must read should this process stop before the audit commit
+    // (`open_interrupted`). The commit deletes it; otherwise the next
+    // daemon to find it writes those leaves, so no HSM open goes unlogged,
+    // even across a crash.
+    let mut interrupted: Vec<Unwrap> = plans
+        .iter()
+        .zip(&leaves)
+        .filter(|(plan, _)| matches!(plan, Plan::Candidate(..)))
+        .map(|(_, leaf)| {
+            let mut interrupted = leaf.clone();
+            interrupted.deny(DenyReason::OpenInterrupted);
+            interrupted
+        })
+        .collect();
+    let intent = interrupted
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| UnwrapError::Internal(format!("open intent: {e}")))?;
+    debug_assert_eq!(intent.len() as u64, candidates);
+    let reservation = match ctx.store.reserve_with_intent(warrant.id(), &intent) {
         Ok(r) => r,
         Err(StoreError::WarrantRevoked(id)) => {
             // Revoked since the admission: the time the store recorded.
@@ -453,7 +475,14 @@ pub fn unwrap(
         }
         Err(e) => return Err(e.into()),
     };
+    drop(intent);
     let mut granted = reservation.granted();
+    let intent = reservation.intent();
+    interrupted.truncate(usize::try_from(granted).unwrap_or(usize::MAX));
+    let mut guard = IntentGuard {
+        log: ctx.log,
+        intent: intent.map(|id| (id, interrupted)),
+    };
 
     // HSM open, for the granted candidates only (the first `granted` in
     // request order), spread over the session pool and shared fairly with
@@ -659,6 +688,8 @@ pub fn unwrap(
             opened,
         },
     });
+    // Settled with the leaves, or replaced by the deferred ones below.
+    guard.intent = None;
     let receipt = match committed {
         Ok((_, receipt)) => receipt?,
         Err(e) => {
@@ -667,7 +698,9 @@ pub fn unwrap(
                 ctx.log.append_later(AuditAppend {
                     events: unreleased.into_iter().map(Event::from).collect(),
                     time: now,
-                    spend: Spend::None,
+                    // In place of the intent, unless the commit landed
+                    // after all (PostgreSQL, an outcome not reported).
+                    spend: intent.map_or(Spend::None, Spend::ClearIntent),
                 });
             }
             return Err(e.into());
@@ -753,6 +786,35 @@ pub fn unwrap(
         denied,
         receipt,
     })
+}
+
+/// An open intent whose request has not reached its audit append: should
+/// the request's work end first (a panic, a bug), dropping this writes the
+/// intent's `open_interrupted` leaves through the deferred writer, so that
+/// its opens are logged while the process lives, not only at the next start
+/// (SQLite) or after the lease (PostgreSQL). Disarmed (`intent = None`) once
+/// the append has returned.
+struct IntentGuard<'a> {
+    log: &'a AuditLog,
+    intent: Option<(i64, Vec<Unwrap>)>,
+}
+
+impl Drop for IntentGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((id, leaves)) = self.intent.take() {
+            tracing::error!(
+                intent = id,
+                leaves = leaves.len(),
+                "an unwrap ended between its HSM opens and its audit commit (a bug); its open \
+                 intent is written as open_interrupted leaves"
+            );
+            self.log.append_later(AuditAppend {
+                events: leaves.into_iter().map(Event::from).collect(),
+                time: OffsetDateTime::now_utc(),
+                spend: Spend::ClearIntent(id),
+            });
+        }
+    }
 }
 
 /// The checkpoint the reply carries: one the witness quorum cosigned that

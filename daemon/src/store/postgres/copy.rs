@@ -8,6 +8,9 @@
 //! them again against its own policy).
 //! Not copied: the subtree hashes, which are recomputed from the leaves
 //! here; and reservations (per-process in SQLite, gone with the process).
+//! A source that holds open intents (HSM opens of a process that stopped
+//! before their audit commit) is refused: `lavd serve` on it writes their
+//! `open_interrupted` leaves at its start, and then it can be copied.
 //!
 //! The log is re-verified while copying: each leaf's `seq` is its index,
 //! every stored checkpoint's signature verifies under the audit key and its
@@ -82,7 +85,17 @@ impl PgStore {
         sqlite
             .execute_batch("BEGIN")
             .map_err(|e| from.sqlite_err(e))?;
-        let result = self.copy_rows(&sqlite, from, &mut tx, key);
+        let intents: rusqlite::Result<i64> =
+            sqlite.query_row("SELECT count(*) FROM open_intents", [], |r| r.get(0));
+        let result = match intents {
+            Err(e) => Err(from.sqlite_err(e)),
+            Ok(n) if n > 0 => Err(StoreError::CopyRefused(format!(
+                "the source holds {n} open intent(s): HSM opens of a process that stopped before \
+                 their audit commit, not yet in the log; run `lavd serve` on it once (it logs \
+                 them as open_interrupted at its start), stop it, then copy"
+            ))),
+            Ok(_) => self.copy_rows(&sqlite, from, &mut tx, key),
+        };
         let _ = sqlite.execute_batch("ROLLBACK");
         drop(sqlite);
         let report = result?;

@@ -84,8 +84,8 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::audit::{
-    encode_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit, Pending,
-    RevokeFound, Uncommitted, Withdrawn,
+    encode_leaves, intent_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit,
+    OpenIntent, Pending, RevokeFound, Uncommitted, Withdrawn,
 };
 use super::warrants::to_i64;
 use super::{
@@ -436,6 +436,36 @@ const MIGRATIONS: &[&str] = &[
         pid INTEGER PRIMARY KEY,
         n   BIGINT NOT NULL
     );",
+    // 6: open intents, written with an unwrap's reservation (one
+    // transaction, one round trip) before its HSM opens and deleted with
+    // its audit leaves; one past `expires_at` (the reservation's lease) is
+    // an orphan, whose `open_interrupted` leaves any replica writes.
+    "CREATE TABLE open_intents (
+        id         BIGSERIAL PRIMARY KEY,
+        warrant_id TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+        expires_at TIMESTAMPTZ NOT NULL,
+        leaves     BYTEA[] NOT NULL
+    );
+    CREATE INDEX open_intents_by_expiry ON open_intents (expires_at);
+    CREATE FUNCTION lavd_reserve_intent(p_id TEXT, p_lease FLOAT8, p_leaves BYTEA[])
+     RETURNS TABLE (r_status TEXT, r_granted BIGINT, r_token BIGINT, r_intent BIGINT)
+     LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_status TEXT;
+         v_granted BIGINT;
+         v_token BIGINT;
+         v_intent BIGINT;
+     BEGIN
+         SELECT r.r_status, r.r_granted, r.r_token INTO v_status, v_granted, v_token
+         FROM lavd_reserve(p_id, COALESCE(array_length(p_leaves, 1), 0)::BIGINT, p_lease) r;
+         IF v_status = 'ok' AND v_granted > 0 THEN
+             INSERT INTO open_intents (warrant_id, expires_at, leaves)
+             VALUES (p_id, now() + make_interval(secs => p_lease), p_leaves[1:v_granted])
+             RETURNING id INTO v_intent;
+         END IF;
+         RETURN QUERY SELECT v_status, v_granted, v_token, v_intent;
+     END $$;",
 ];
 
 /// The oldest PostgreSQL lavd runs on (`server_version_num`).
@@ -994,6 +1024,15 @@ impl PgStore {
             )
             .and_then(|r| r.try_get(0))
             .map_err(|e| self.pg_err(e))?;
+        if let Some(intent) = reservation.intent() {
+            // Gone already if a sweep took it as an orphan (this request
+            // outlived its lease): its leaves and these both stand.
+            tx.execute_typed(
+                "DELETE FROM open_intents WHERE id = $1",
+                &[(&intent, Type::INT8)],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        }
         match status.as_str() {
             "ok" => Ok(Settled::Spent),
             "revoked" if check_revoked => Ok(Settled::Revoked),
@@ -1131,6 +1170,42 @@ impl WarrantStore for PgStore {
             )));
         }
         Ok(Reservation::new(id, n, granted, token))
+    }
+
+    fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError> {
+        let lease = self.lease_secs();
+        let n = intent.len() as u64;
+        // `lavd_reserve`, and the intent in the same transaction
+        // (`lavd_reserve_intent`, migration 6).
+        let row = self.with_retries(|c| {
+            c.query_typed_one(
+                "SELECT r_status, r_granted, r_token, r_intent FROM lavd_reserve_intent($1, $2, $3)",
+                &[
+                    (&id, Type::TEXT),
+                    (&lease, Type::FLOAT8),
+                    (&intent, Type::BYTEA_ARRAY),
+                ],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let status: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        match status {
+            "ok" => {}
+            "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
+            "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
+            other => return Err(self.corrupt(format!("lavd_reserve_intent returned {other:?}"))),
+        }
+        let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
+        let token: Option<i64> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+        let intent_id: Option<i64> = row.try_get(3).map_err(|e| self.pg_err(e))?;
+        let granted = self.to_u64(granted, "granted")?;
+        if granted > n || (granted > 0) != token.is_some() || (granted > 0) != intent_id.is_some() {
+            return Err(self.corrupt(format!(
+                "lavd_reserve_intent granted {granted} of {n} with token {token:?} and intent \
+                 {intent_id:?}"
+            )));
+        }
+        Ok(Reservation::new(id, n, granted, token).with_intent(intent_id))
     }
 
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
@@ -1346,6 +1421,18 @@ impl PgStore {
                 // that raced the first (on another replica) fails alone.
                 if !self.mark_destroyed_in(tx, kid, *at, reason)? {
                     return Err(StoreError::KeyAlreadyDestroyed(kid.clone()));
+                }
+                RevokeFound::default()
+            }
+            Spend::ClearIntent(id) => {
+                let deleted = tx
+                    .execute_typed(
+                        "DELETE FROM open_intents WHERE id = $1",
+                        &[(id, Type::INT8)],
+                    )
+                    .map_err(|e| self.pg_err(e))?;
+                if deleted != 1 {
+                    return Err(StoreError::IntentSettled(*id));
                 }
                 RevokeFound::default()
             }
@@ -1986,6 +2073,37 @@ impl AuditStore for PgStore {
 
     fn audit_commits(&self) -> u64 {
         self.group.commits()
+    }
+
+    fn orphaned_intents(&self, limit: u64) -> Result<Vec<OpenIntent>, StoreError> {
+        let limit = to_i64(limit, "limit")?;
+        let rows = self.with_retries(|c| {
+            c.query_typed(
+                "SELECT id, warrant_id,
+                        to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        leaves
+                 FROM open_intents WHERE expires_at <= now() ORDER BY id LIMIT $1",
+                &[(&limit, Type::INT8)],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
+                let warrant_id: String = row.try_get(1).map_err(|e| self.pg_err(e))?;
+                let created_at: String = row.try_get(2).map_err(|e| self.pg_err(e))?;
+                let created_at = parse_time(&created_at)
+                    .map_err(|e| self.corrupt(format!("open_intents {id}: created_at: {e}")))?;
+                let parts: Vec<Vec<u8>> = row.try_get(3).map_err(|e| self.pg_err(e))?;
+                let parts: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+                Ok(OpenIntent {
+                    id,
+                    warrant_id,
+                    created_at,
+                    leaves: intent_leaves(id, &parts, |what| self.corrupt(what))?,
+                })
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,228 @@
+//! No HSM open goes unlogged, even across a crash. An unwrap writes its
+//! open intent (each envelope's leaf as `open_interrupted`) durably with its
+//! budget reservation, before the HSM is called; its audit commit deletes
+//! it. Here the HSM has derived an envelope's secret (the latency and fault
+//! module holds the call that destroys the derived object, after the read)
+//! when the daemon is killed with SIGKILL: nothing was released. Before a
+//! restart the store holds the intent (`lavd store copy` refuses it); the
+//! next `lavd serve` writes its leaves before serving, once; nothing of the
+//! budget was spent; and the log verifies.
+//!
+//! On SQLite, and on two PostgreSQL replicas, where the killed one is not
+//! restarted and the other writes the intent's leaves once its lease (the
+//! reservation's) has run out.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use rustix::process::Signal;
+use softhsm_tests::faults::{limits, verify_log, wait_until};
+use softhsm_tests::pg::TestDb;
+use softhsm_tests::server::{Daemon, Pki};
+use softhsm_tests::vault::{self, Parties};
+use softhsm_tests::{shim_module_path, Shim, TestToken};
+
+#[test]
+fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    // A call deadline far beyond the test: the held call must still be
+    // running when the kill comes.
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 120000\n",
+        &format!("{}\n{}", shim.hsm_env(), limits()),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    // A budget of 3: one envelope opened before the kill, two cut by it,
+    // and two more afterwards must still fit (the cut ones spent nothing).
+    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 3));
+    let envelopes = vault::batch(&escrow, "cut", 5);
+    let unwrap = |range: std::ops::Range<usize>| serde_json::json!({"warrant": warrant, "envelopes": envelopes[range]});
+    let r = vault::post(&c.agency, "/v1/unwrap", &unwrap(0..1));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"]);
+    let before = vault::tree_size(&c.auditor);
+
+    // The next request's opens are held once the HSM has derived and the
+    // secret was read: the call that destroys the derived object hangs.
+    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
+    let agency = c.agency.clone();
+    let body = unwrap(1..3).to_string();
+    let cut =
+        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
+    assert!(
+        wait_until(Duration::from_secs(30), || shim.faults() > 0),
+        "no open reached the held call"
+    );
+    daemon.signal(Signal::KILL);
+    daemon.wait_exit(Duration::from_secs(10));
+    match cut.join().unwrap() {
+        Ok(r) => panic!("the cut request was answered {}: {}", r.status, r.text()),
+        Err(e) => eprintln!("the cut request's connection: {e}"),
+    }
+
+    // Before a restart: the intent is in the store, not yet in the log.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let intents: Vec<(String, String)> = db
+        .prepare("SELECT warrant_id, CAST(leaves AS TEXT) FROM open_intents")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(db);
+    assert_eq!(intents.len(), 1, "{intents:?}");
+    assert_eq!(intents[0].0, "W-CUT");
+
+    // The next start writes the intent's leaves before serving.
+    shim.set("");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(&pki, daemon.api);
+    let size = vault::tree_size(&c.auditor);
+    let leaves = vault::entries(&c.auditor, before, size);
+    let interrupted = vec![("denied".to_string(), "open_interrupted".to_string())];
+    assert_eq!(
+        outcomes_of(&leaves, &envelopes[1..3]),
+        [interrupted.clone(), interrupted],
+        "the cut envelopes, written once each"
+    );
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let left: i64 = db
+        .query_row("SELECT count(*) FROM open_intents", [], |r| r.get(0))
+        .unwrap();
+    let spent: i64 = db
+        .query_row("SELECT spent FROM warrants WHERE id = 'W-CUT'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    drop(db);
+    assert_eq!((left, spent), (0, 1), "intents left, budget spent");
+    // A restart writes them once: nothing more the next time.
+    drop(daemon);
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = parties.clients(&pki, daemon.api);
+    let again = vault::entries(&c.auditor, size, vault::tree_size(&c.auditor));
+    assert!(
+        again.iter().all(|e| e.leaf["reason"] != "open_interrupted"),
+        "{again:?}"
+    );
+    // The budget the cut request never spent is there.
+    let r = vault::post(&c.agency, "/v1/unwrap", &unwrap(3..5));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok", "ok"]);
+    verify_log(&t, &pki, &parties.auditor, daemon.api);
+}
+
+/// The leaves of `envelopes` among `leaves`: (outcome, reason) of each.
+fn outcomes_of(
+    leaves: &[vault::Entry],
+    envelopes: &[serde_json::Value],
+) -> Vec<Vec<(String, String)>> {
+    envelopes
+        .iter()
+        .map(vault::envelope_digest)
+        .map(|digest| {
+            leaves
+                .iter()
+                .filter(|e| e.leaf["envelope_digest"] == digest.as_str())
+                .map(|e| {
+                    (
+                        e.leaf["outcome"].as_str().unwrap_or_default().to_string(),
+                        e.leaf["reason"].as_str().unwrap_or("-").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_runs_out() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let db = TestDb::create();
+    db.write_token_config_hsm(
+        &t,
+        &shim_module_path(),
+        "sessions = 2\ncall_timeout_ms = 120000\n",
+        &format!(
+            "reservation_lease_secs = 2\n{}\n{}",
+            shim.hsm_env(),
+            limits()
+        ),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let mut killed = Daemon::start_replica(&t, "a");
+    let other = Daemon::start_replica(&t, "b");
+    killed.wait_readyz(200);
+    other.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let (a, b) = (
+        parties.clients(&pki, killed.api),
+        parties.clients(&pki, other.api),
+    );
+    let escrow = vault::published_key(&a.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 3));
+    let envelopes = vault::batch(&escrow, "cut", 5);
+    let unwrap = |range: std::ops::Range<usize>| serde_json::json!({"warrant": warrant, "envelopes": envelopes[range]});
+    let r = vault::post(&a.agency, "/v1/unwrap", &unwrap(0..1));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    let before = vault::tree_size(&b.auditor);
+
+    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
+    let agency = a.agency.clone();
+    let body = unwrap(1..3).to_string();
+    let cut =
+        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
+    assert!(
+        wait_until(Duration::from_secs(30), || shim.faults() > 0),
+        "no open reached the held call"
+    );
+    killed.signal(Signal::KILL);
+    killed.wait_exit(Duration::from_secs(10));
+    assert!(cut.join().unwrap().is_err(), "the cut request was answered");
+    shim.set("");
+
+    // Replica b, never restarted, writes them once the lease has run out.
+    let mut found = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let size = vault::tree_size(&b.auditor);
+            found = outcomes_of(&vault::entries(&b.auditor, before, size), &envelopes[1..3]);
+            found.iter().all(|f| !f.is_empty())
+        }),
+        "no leaves for the cut envelopes: {found:?}"
+    );
+    let interrupted = vec![("denied".to_string(), "open_interrupted".to_string())];
+    assert_eq!(
+        found,
+        [interrupted.clone(), interrupted],
+        "written once each"
+    );
+    let mut client = db.client();
+    let left: i64 = client
+        .query_one("SELECT count(*) FROM open_intents", &[])
+        .unwrap()
+        .get(0);
+    let spent: i64 = client
+        .query_one("SELECT spent FROM warrants WHERE id = 'W-CUT'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!((left, spent), (0, 1), "intents left, budget spent");
+    let r = vault::post(&b.agency, "/v1/unwrap", &unwrap(3..5));
+    assert_eq!(vault::statuses(&r.json()), ["ok", "ok"], "{}", r.text());
+    verify_log(&t, &pki, &parties.auditor, other.api);
+}
