@@ -4,9 +4,10 @@
 //! it. Here the HSM has derived an envelope's secret (the latency and fault
 //! module holds the call that destroys the derived object, after the read)
 //! when the daemon is killed with SIGKILL: nothing was released. Before a
-//! restart the store holds the intent (`lavd store copy` refuses it); the
-//! next `lavd serve` writes its leaves before serving, once; nothing of the
-//! budget was spent; and the log verifies.
+//! restart the store holds the intent (`store_copy.rs` shows `lavd store
+//! copy` refusing such a file); the next `lavd serve` writes its leaves
+//! before serving, once; nothing of the budget was spent; and the log
+//! verifies.
 //!
 //! On SQLite, and on two PostgreSQL replicas, where the killed one is not
 //! restarted and the other writes the intent's leaves once its lease (the

@@ -95,6 +95,10 @@ fn report(
         checker.leaves_checked
     );
     assert!(received.len() >= rounds as usize, "the load never ran");
+    assert!(
+        derives > 0,
+        "no HSM derive was logged: is the module's derive_log on?"
+    );
     assert!(cut > 0, "no kill landed on a request in flight");
 }
 

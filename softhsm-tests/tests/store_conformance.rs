@@ -1065,7 +1065,8 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     }
     db.client()
         .batch_execute(
-            "DROP FUNCTION lavd_reserve_intent, lavd_register, lavd_reserve, lavd_settle,
+            "DROP FUNCTION lavd_reserve_intent, lavd_settle_intent, lavd_register, lavd_reserve,
+                           lavd_settle,
                            lavd_save_checkpoint;
              DROP TABLE replication_barrier, open_intents;
              DELETE FROM schema_version WHERE version >= 3",

@@ -673,6 +673,9 @@ impl AuditLog {
             }
             // One taken by another writer first is gone from the next read.
             for orphan in orphans {
+                if self.deferred.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(written);
+                }
                 let leaves = orphan.leaves.len() as u64;
                 let batch = AuditAppend {
                     events: orphan.leaves.into_iter().map(Event::from).collect(),

@@ -331,7 +331,8 @@ async fn serve(
     // writer stops and the runtime with its blocking pool is shut down.
     // Queued requests (at the envelope gate) start nothing since the drain
     // ended (`cut_requests`). A further signal stops the wait: what still
-    // runs may then go unlogged.
+    // runs is then logged from its open intents, by the next start (SQLite)
+    // or a replica once their lease has run out (PostgreSQL).
     let waiting = tokio::task::spawn_blocking(|| {
         routes::wait_for_request_work(Duration::from_secs(5), |running, waited| {
             tracing::warn!(

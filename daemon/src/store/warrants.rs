@@ -227,6 +227,8 @@ impl SqliteStore {
         n: u64,
         intent: Option<&[Vec<u8>]>,
     ) -> Result<Reservation, StoreError> {
+        // No candidate, no intent: nothing to write.
+        let intent = intent.filter(|leaves| !leaves.is_empty());
         let mut conn = self.conn();
         conn.prepare_cached(CREATE_RESERVATIONS)
             .and_then(|mut s| s.execute([]))

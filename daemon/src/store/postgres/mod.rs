@@ -465,6 +465,20 @@ const MIGRATIONS: &[&str] = &[
              RETURNING id INTO v_intent;
          END IF;
          RETURN QUERY SELECT v_status, v_granted, v_token, v_intent;
+     END $$;
+    -- The settle of a reservation that has an intent: `lavd_settle`, and the
+    -- intent deleted in the same statement (gone already if a sweep took it
+    -- past its lease: both its leaves and the request's then stand).
+    CREATE FUNCTION lavd_settle_intent(p_id TEXT, p_token BIGINT, p_opened BIGINT,
+                                       p_check_revoked BOOLEAN, p_intent BIGINT)
+     RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_status TEXT;
+     BEGIN
+         -- The warrant's row first (inside `lavd_settle`), as everywhere.
+         v_status := lavd_settle(p_id, p_token, p_opened, p_check_revoked);
+         DELETE FROM open_intents i WHERE i.id = p_intent;
+         RETURN v_status;
      END $$;",
 ];
 
@@ -1012,27 +1026,33 @@ impl PgStore {
                 opened,
             });
         }
-        let status: String = tx
-            .query_typed_one(
+        let opened = to_i64(opened, "opened")?;
+        // With an intent, `lavd_settle_intent` deletes it too, in the same
+        // round trip; gone already if a sweep took it as an orphan (this
+        // request outlived its lease): its leaves and these both stand.
+        let status: String = match reservation.intent() {
+            None => tx.query_typed_one(
                 "SELECT lavd_settle($1, $2, $3, $4)",
                 &[
                     (&reservation.id(), Type::TEXT),
                     (&reservation.token(), Type::INT8),
-                    (&to_i64(opened, "opened")?, Type::INT8),
+                    (&opened, Type::INT8),
                     (&check_revoked, Type::BOOL),
                 ],
-            )
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| self.pg_err(e))?;
-        if let Some(intent) = reservation.intent() {
-            // Gone already if a sweep took it as an orphan (this request
-            // outlived its lease): its leaves and these both stand.
-            tx.execute_typed(
-                "DELETE FROM open_intents WHERE id = $1",
-                &[(&intent, Type::INT8)],
-            )
-            .map_err(|e| self.pg_err(e))?;
+            ),
+            Some(intent) => tx.query_typed_one(
+                "SELECT lavd_settle_intent($1, $2, $3, $4, $5)",
+                &[
+                    (&reservation.id(), Type::TEXT),
+                    (&reservation.token(), Type::INT8),
+                    (&opened, Type::INT8),
+                    (&check_revoked, Type::BOOL),
+                    (&intent, Type::INT8),
+                ],
+            ),
         }
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| self.pg_err(e))?;
         match status.as_str() {
             "ok" => Ok(Settled::Spent),
             "revoked" if check_revoked => Ok(Settled::Revoked),
