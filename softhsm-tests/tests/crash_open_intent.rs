@@ -23,6 +23,55 @@ use softhsm_tests::server::{Daemon, Pki};
 use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 
+/// The warrant (budget 3) and five envelopes of both tests: the first is
+/// opened through `c` before the kill, the next two are cut by it, the last
+/// two must fit the budget afterwards (the cut ones spent nothing).
+struct Scenario {
+    warrant: serde_json::Value,
+    envelopes: Vec<serde_json::Value>,
+}
+
+impl Scenario {
+    fn new(c: &vault::Clients) -> Self {
+        let escrow = vault::published_key(&c.provider, "E-1");
+        let recipient = vault::recipient();
+        Scenario {
+            warrant: vault::double_lock(&vault::claims("W-CUT", recipient.public(), 3)),
+            envelopes: vault::batch(&escrow, "cut", 5),
+        }
+    }
+
+    fn request(&self, range: std::ops::Range<usize>) -> serde_json::Value {
+        serde_json::json!({"warrant": self.warrant, "envelopes": self.envelopes[range]})
+    }
+
+    /// Opens the first envelope through `c`, then sends the next two with
+    /// the module holding `C_DestroyObject` (after the derive and the read)
+    /// and kills `daemon` once an open is held there. Returns the log's
+    /// size before the cut request.
+    fn cut(&self, c: &vault::Clients, shim: &Shim, daemon: &mut Daemon) -> u64 {
+        let r = vault::post(&c.agency, "/v1/unwrap", &self.request(0..1));
+        assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+        let before = vault::tree_size(&c.auditor);
+        shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
+        let agency = c.agency.clone();
+        let body = self.request(1..3).to_string();
+        let cut =
+            std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
+        assert!(
+            wait_until(Duration::from_secs(30), || shim.faults() > 0),
+            "no open reached the held call"
+        );
+        daemon.signal(Signal::KILL);
+        daemon.wait_exit(Duration::from_secs(10));
+        if let Ok(r) = cut.join().unwrap() {
+            panic!("the cut request was answered {}: {}", r.status, r.text());
+        }
+        shim.set("");
+        before
+    }
+}
+
 #[test]
 fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() {
     let t = TestToken::new();
@@ -41,35 +90,8 @@ fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() 
     daemon.wait_readyz(200);
     let parties = Parties::new(&pki);
     let c = parties.clients(&pki, daemon.api);
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let recipient = vault::recipient();
-    // A budget of 3: one envelope opened before the kill, two cut by it,
-    // and two more afterwards must still fit (the cut ones spent nothing).
-    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 3));
-    let envelopes = vault::batch(&escrow, "cut", 5);
-    let unwrap = |range: std::ops::Range<usize>| serde_json::json!({"warrant": warrant, "envelopes": envelopes[range]});
-    let r = vault::post(&c.agency, "/v1/unwrap", &unwrap(0..1));
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(vault::statuses(&r.json()), ["ok"]);
-    let before = vault::tree_size(&c.auditor);
-
-    // The next request's opens are held once the HSM has derived and the
-    // secret was read: the call that destroys the derived object hangs.
-    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
-    let agency = c.agency.clone();
-    let body = unwrap(1..3).to_string();
-    let cut =
-        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
-    assert!(
-        wait_until(Duration::from_secs(30), || shim.faults() > 0),
-        "no open reached the held call"
-    );
-    daemon.signal(Signal::KILL);
-    daemon.wait_exit(Duration::from_secs(10));
-    match cut.join().unwrap() {
-        Ok(r) => panic!("the cut request was answered {}: {}", r.status, r.text()),
-        Err(e) => eprintln!("the cut request's connection: {e}"),
-    }
+    let scenario = Scenario::new(&c);
+    let before = scenario.cut(&c, &shim, &mut daemon);
 
     // Before a restart: the intent is in the store, not yet in the log.
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
@@ -85,7 +107,6 @@ fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() 
     assert_eq!(intents[0].0, "W-CUT");
 
     // The next start writes the intent's leaves before serving.
-    shim.set("");
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
     let c = parties.clients(&pki, daemon.api);
@@ -93,7 +114,7 @@ fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() 
     let leaves = vault::entries(&c.auditor, before, size);
     let interrupted = vec![("denied".to_string(), "open_interrupted".to_string())];
     assert_eq!(
-        outcomes_of(&leaves, &envelopes[1..3]),
+        outcomes_of(&leaves, &scenario.envelopes[1..3]),
         [interrupted.clone(), interrupted],
         "the cut envelopes, written once each"
     );
@@ -119,7 +140,7 @@ fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() 
         "{again:?}"
     );
     // The budget the cut request never spent is there.
-    let r = vault::post(&c.agency, "/v1/unwrap", &unwrap(3..5));
+    let r = vault::post(&c.agency, "/v1/unwrap", &scenario.request(3..5));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["ok", "ok"]);
     verify_log(&t, &pki, &parties.auditor, daemon.api);
@@ -174,35 +195,18 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
         parties.clients(&pki, killed.api),
         parties.clients(&pki, other.api),
     );
-    let escrow = vault::published_key(&a.provider, "E-1");
-    let recipient = vault::recipient();
-    let warrant = vault::double_lock(&vault::claims("W-CUT", recipient.public(), 3));
-    let envelopes = vault::batch(&escrow, "cut", 5);
-    let unwrap = |range: std::ops::Range<usize>| serde_json::json!({"warrant": warrant, "envelopes": envelopes[range]});
-    let r = vault::post(&a.agency, "/v1/unwrap", &unwrap(0..1));
-    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
-    let before = vault::tree_size(&b.auditor);
-
-    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
-    let agency = a.agency.clone();
-    let body = unwrap(1..3).to_string();
-    let cut =
-        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
-    assert!(
-        wait_until(Duration::from_secs(30), || shim.faults() > 0),
-        "no open reached the held call"
-    );
-    killed.signal(Signal::KILL);
-    killed.wait_exit(Duration::from_secs(10));
-    assert!(cut.join().unwrap().is_err(), "the cut request was answered");
-    shim.set("");
+    let scenario = Scenario::new(&a);
+    let before = scenario.cut(&a, &shim, &mut killed);
 
     // Replica b, never restarted, writes them once the lease has run out.
     let mut found = Vec::new();
     assert!(
         wait_until(Duration::from_secs(30), || {
             let size = vault::tree_size(&b.auditor);
-            found = outcomes_of(&vault::entries(&b.auditor, before, size), &envelopes[1..3]);
+            found = outcomes_of(
+                &vault::entries(&b.auditor, before, size),
+                &scenario.envelopes[1..3],
+            );
             found.iter().all(|f| !f.is_empty())
         }),
         "no leaves for the cut envelopes: {found:?}"
@@ -223,7 +227,7 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
         .unwrap()
         .get(0);
     assert_eq!((left, spent), (0, 1), "intents left, budget spent");
-    let r = vault::post(&b.agency, "/v1/unwrap", &unwrap(3..5));
+    let r = vault::post(&b.agency, "/v1/unwrap", &scenario.request(3..5));
     assert_eq!(vault::statuses(&r.json()), ["ok", "ok"], "{}", r.text());
     verify_log(&t, &pki, &parties.auditor, other.api);
 }

@@ -1013,6 +1013,37 @@ impl PgStore {
     /// there, is deleted all the same).
     /// With `check_revoked`, a warrant revoked by now spends nothing, and
     /// `Settled::Revoked` comes back.
+    /// The reservation `function` answered (`r_status, r_granted, r_token,
+    /// r_intent`) for `n` envelopes of warrant `id`; `with_intent`: an
+    /// intent row comes with every grant, and none without one.
+    fn reservation_of(
+        &self,
+        row: &postgres::Row,
+        id: &str,
+        n: u64,
+        function: &str,
+        with_intent: bool,
+    ) -> Result<Reservation, StoreError> {
+        let status: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
+        match status {
+            "ok" => {}
+            "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
+            "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
+            other => return Err(self.corrupt(format!("{function} returned {other:?}"))),
+        }
+        let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
+        let token: Option<i64> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+        let intent: Option<i64> = row.try_get(3).map_err(|e| self.pg_err(e))?;
+        let granted = self.to_u64(granted, "granted")?;
+        let intent_as_granted = (granted > 0 && with_intent) == intent.is_some();
+        if granted > n || (granted > 0) != token.is_some() || !intent_as_granted {
+            return Err(self.corrupt(format!(
+                "{function} granted {granted} of {n} with token {token:?} and intent {intent:?}"
+            )));
+        }
+        Ok(Reservation::new(id, n, granted, token).with_intent(intent))
+    }
+
     fn settle_in(
         &self,
         tx: &mut impl GenericClient,
@@ -1165,7 +1196,7 @@ impl WarrantStore for PgStore {
         // what is left granted (`lavd_reserve`, migration 3).
         let row = self.with_retries(|c| {
             c.query_typed_one(
-                "SELECT r_status, r_granted, r_token FROM lavd_reserve($1, $2, $3)",
+                "SELECT r_status, r_granted, r_token, NULL::BIGINT FROM lavd_reserve($1, $2, $3)",
                 &[
                     (&id, Type::TEXT),
                     (&wanted, Type::INT8),
@@ -1174,27 +1205,11 @@ impl WarrantStore for PgStore {
             )
             .map_err(|e| self.pg_err(e))
         })?;
-        let status: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
-        match status {
-            "ok" => {}
-            "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
-            "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
-            other => return Err(self.corrupt(format!("lavd_reserve returned {other:?}"))),
-        }
-        let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
-        let token: Option<i64> = row.try_get(2).map_err(|e| self.pg_err(e))?;
-        let granted = self.to_u64(granted, "granted")?;
-        if granted > n || (granted > 0) != token.is_some() {
-            return Err(self.corrupt(format!(
-                "lavd_reserve granted {granted} of {n} with token {token:?}"
-            )));
-        }
-        Ok(Reservation::new(id, n, granted, token))
+        self.reservation_of(&row, id, n, "lavd_reserve", false)
     }
 
     fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError> {
         let lease = self.lease_secs();
-        let n = intent.len() as u64;
         // `lavd_reserve`, and the intent in the same transaction
         // (`lavd_reserve_intent`, migration 6).
         let row = self.with_retries(|c| {
@@ -1208,24 +1223,7 @@ impl WarrantStore for PgStore {
             )
             .map_err(|e| self.pg_err(e))
         })?;
-        let status: &str = row.try_get(0).map_err(|e| self.pg_err(e))?;
-        match status {
-            "ok" => {}
-            "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
-            "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
-            other => return Err(self.corrupt(format!("lavd_reserve_intent returned {other:?}"))),
-        }
-        let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
-        let token: Option<i64> = row.try_get(2).map_err(|e| self.pg_err(e))?;
-        let intent_id: Option<i64> = row.try_get(3).map_err(|e| self.pg_err(e))?;
-        let granted = self.to_u64(granted, "granted")?;
-        if granted > n || (granted > 0) != token.is_some() || (granted > 0) != intent_id.is_some() {
-            return Err(self.corrupt(format!(
-                "lavd_reserve_intent granted {granted} of {n} with token {token:?} and intent \
-                 {intent_id:?}"
-            )));
-        }
-        Ok(Reservation::new(id, n, granted, token).with_intent(intent_id))
+        self.reservation_of(&row, id, intent.len() as u64, "lavd_reserve_intent", true)
     }
 
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
