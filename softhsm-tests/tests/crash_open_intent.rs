@@ -231,3 +231,37 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
     assert_eq!(vault::statuses(&r.json()), ["ok", "ok"], "{}", r.text());
     verify_log(&t, &pki, &parties.auditor, other.api);
 }
+
+/// An intent row that does not parse (the store edited behind lavd's back)
+/// stops `lavd serve` at its start, with a code and the row named, rather
+/// than serving with an HSM open it cannot log; once the operator removed
+/// the row, it starts.
+#[test]
+fn sqlite_a_corrupt_intent_row_stops_the_start_naming_it() {
+    let t = TestToken::new();
+    // The server's and clients' certificates the configuration names.
+    let _pki = Pki::new(&t);
+    t.write_config(&limits());
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    daemon.signal(Signal::TERM);
+    daemon.wait_exit(Duration::from_secs(30));
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute(
+        "INSERT INTO open_intents (warrant_id, created_at, leaves) VALUES ('W-X', ?1, X'5B7B7D5D')",
+        ["2026-12-05T10:00:00Z"],
+    )
+    .unwrap();
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a start over a corrupt intent");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(
+        stderr
+            .contains("lavd: store_unavailable: cannot write the leaves of interrupted HSM opens")
+            && stderr.contains("open_intents 1: a leaf does not parse"),
+        "{stderr}"
+    );
+    db.execute("DELETE FROM open_intents", []).unwrap();
+    drop(db);
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+}

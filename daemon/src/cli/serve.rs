@@ -127,7 +127,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let interrupted = state
         .audit
         .write_orphaned_intents()
-        .map_err(|e| anyhow::anyhow!("cannot write the leaves of interrupted HSM opens: {e}"))?;
+        // Kept typed under the context, so that the exit line carries its
+        // code (`store_unavailable`, `hsm_unavailable`).
+        .context("cannot write the leaves of interrupted HSM opens")?;
     if interrupted > 0 {
         tracing::warn!(
             leaves = interrupted,
