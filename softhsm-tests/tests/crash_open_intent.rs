@@ -265,3 +265,82 @@ fn sqlite_a_corrupt_intent_row_stops_the_start_naming_it() {
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
 }
+
+/// One `lavd serve` per SQLite store. A second one on a file another is
+/// serving, while that one holds an open intent in flight (its HSM open
+/// held in the module), stops at its start before it opens the store: exit
+/// 1 with its code, the lock and its holder named. It wrote nothing: not
+/// the in-flight intent's leaves (which it would have taken for a crashed
+/// run's), not its own `authorities_loaded`. The held request then ends
+/// `ok`, logged once; once the first daemon stops, a new one starts.
+#[test]
+fn sqlite_a_second_serve_on_a_served_store_stops_at_its_start() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 120000\n",
+        &format!("{}\n{}", shim.hsm_env(), limits()),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let mut first = Daemon::start(&t);
+    first.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, first.api);
+    let scenario = Scenario::new(&c);
+    let before = vault::tree_size(&c.auditor);
+    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
+    let agency = c.agency.clone();
+    let body = scenario.request(0..2).to_string();
+    let held =
+        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
+    assert!(
+        wait_until(Duration::from_secs(30), || shim.faults() > 0),
+        "no open reached the held call"
+    );
+    let count = |table: &str| -> i64 {
+        rusqlite::Connection::open(t.path("lavd.db"))
+            .unwrap()
+            .query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    let leaves = count("audit_leaves");
+    assert_eq!(count("open_intents"), 1, "the held request's intent");
+
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a second serve on a served store");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    let db = t.path("lavd.db");
+    let expected = format!(
+        "lavd: store_in_use: store {db}: another lavd serve is serving it (it holds \
+         {db}.serve-lock, process {pid}); one daemon serves an SQLite store",
+        db = db.display(),
+        pid = first.pid()
+    );
+    assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");
+    assert_eq!(
+        (count("open_intents"), count("audit_leaves")),
+        (1, leaves),
+        "the refused daemon wrote nothing"
+    );
+
+    shim.set("");
+    let r = held.join().unwrap().expect("the held request's reply");
+    assert_eq!(vault::statuses(&r.json()), ["ok", "ok"], "{}", r.text());
+    assert_eq!(count("open_intents"), 0);
+    let size = vault::tree_size(&c.auditor);
+    assert_eq!(
+        outcomes_of(
+            &vault::entries(&c.auditor, before, size),
+            &scenario.envelopes[0..2]
+        ),
+        vec![vec![("opened".to_string(), "-".to_string())]; 2],
+        "each envelope logged once, opened"
+    );
+    first.signal(Signal::TERM);
+    first.wait_exit(Duration::from_secs(30));
+    let second = Daemon::start(&t);
+    second.wait_readyz(200);
+    verify_log(&t, &pki, &parties.auditor, second.api);
+}

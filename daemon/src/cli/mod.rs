@@ -307,6 +307,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
         return Some(match s {
             // Not the store failing: it refused, and says why.
             crate::store::StoreError::CopyRefused(_) => "store_copy_refused",
+            crate::store::StoreError::InUse { .. } => "store_in_use",
             _ => "store_unavailable",
         });
     }

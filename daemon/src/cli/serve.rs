@@ -26,6 +26,82 @@ use crate::hsm::Hsm;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+/// One `lavd serve` per SQLite store: an exclusive `flock` on
+/// `<store>.serve-lock`, which the kernel releases when the process ends,
+/// however it ends (a crash leaves no stale lock). A second daemon on the
+/// file would take the first one's open intents in flight for those of a
+/// crashed run and log them again, and its per-process budget reservations
+/// would not see the first one's. The file names the holder's process id.
+/// Commands other than `serve` do not take it: they work beside a serving
+/// daemon, as SQLite lets them.
+#[derive(Debug)]
+struct ServeLock {
+    // Held, never read: the lock lives as long as this descriptor.
+    _file: std::fs::File,
+}
+
+impl ServeLock {
+    /// Takes the lock of the SQLite store at `store`, without waiting.
+    /// `None` for a name SQLite reads as no file (`:memory:`, a `file:`
+    /// URI), which no other process can open.
+    ///
+    /// # Errors
+    /// [`crate::store::StoreError::InUse`] when another process holds it;
+    /// [`crate::store::StoreError::Unavailable`] when the lock file cannot
+    /// be opened or locked.
+    fn take(store: &std::path::Path) -> Result<Option<Self>, crate::store::StoreError> {
+        use rustix::fs::{flock, FlockOperation};
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::unix::fs::OpenOptionsExt as _;
+        if store == std::path::Path::new(":memory:")
+            || store.to_str().is_some_and(|p| p.starts_with("file:"))
+        {
+            return Ok(None);
+        }
+        let mut name = store.as_os_str().to_owned();
+        name.push(".serve-lock");
+        let lock = std::path::PathBuf::from(name);
+        let unavailable =
+            |what: &str, e: &dyn std::fmt::Display| crate::store::StoreError::Unavailable {
+                store: store.display().to_string(),
+                reason: format!("cannot {what} its serve lock {}: {e}", lock.display()),
+            };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock)
+            .map_err(|e| unavailable("open", &e))?;
+        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                // What the holder wrote; a few bytes, read for the message.
+                let mut held = String::new();
+                let _ = (&mut file).take(32).read_to_string(&mut held);
+                let holder = held
+                    .trim()
+                    .parse::<u32>()
+                    .map(|pid| format!(", process {pid}"))
+                    .unwrap_or_default();
+                return Err(crate::store::StoreError::InUse {
+                    store: store.display().to_string(),
+                    lock: lock.display().to_string(),
+                    holder,
+                });
+            }
+            Err(e) => return Err(unavailable("take", &e)),
+        }
+        // Ours now: say who holds it (for the refusal above and for people).
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
+            .map_err(|e| unavailable("write", &e))?;
+        Ok(Some(ServeLock { _file: file }))
+    }
+}
+
 /// Connections the admin listener serves at once (probes and scrapes).
 pub(super) const ADMIN_CONNECTIONS: usize = 64;
 /// How long the admin listener may take to close after the API drained.
@@ -61,6 +137,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let startup = StartupSettings::of(&settings);
     let blocking_threads = startup.server.blocking_threads;
     let trust = settings.require_trust()?.clone();
+    // Before the store is opened (migrated, its orphaned intents written):
+    // held until this returns, and by the kernel until the process ends.
+    let _serving = match &settings.store {
+        crate::store::StoreSettings::Sqlite { path } => ServeLock::take(path)?,
+        crate::store::StoreSettings::Postgres(_) => None,
+    };
     let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
     let audit = AuditLog::new(
