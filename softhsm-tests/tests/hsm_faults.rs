@@ -26,8 +26,9 @@
 
 use std::time::{Duration, Instant};
 
-use softhsm_tests::faults::{limits, wait_until, Case};
-use softhsm_tests::server::Pki;
+use softhsm_tests::faults::{limits, verify_log, wait_until, Case};
+use softhsm_tests::server::{Daemon, Pki};
+use softhsm_tests::vault::Parties;
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 
 const CALL_TIMEOUT: Duration = Duration::from_millis(1000);
@@ -129,4 +130,50 @@ fn device_error_under_load_is_503_hsm_unavailable_and_recovers() {
 #[test]
 fn a_hung_hsm_under_load_is_503_hsm_unavailable_within_the_call_deadline_and_recovers() {
     fault_under_load("hang");
+}
+
+/// A start whose first checkpoint cannot be signed (the module fails every
+/// `C_Sign`) stops with exit 1 and the HSM's code, after its
+/// `authorities_loaded` leaf is durable; the next start, with the HSM back,
+/// covers it and the log verifies.
+#[test]
+fn a_start_that_cannot_sign_its_checkpoint_stops_with_hsm_unavailable() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        &format!("call_timeout_ms = {}\n", CALL_TIMEOUT.as_millis()),
+        &format!("{}\n{}", shim.hsm_env(), limits()),
+    );
+    // The audit key first (`lavd keys generate-audit`), through the module.
+    let first = Daemon::start(&t);
+    first.wait_readyz(200);
+    drop(first);
+    let leaves = || -> i64 {
+        rusqlite::Connection::open(t.path("lavd.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = leaves();
+    shim.set("fault = device_error\nfault_calls = C_Sign\n");
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a start that cannot sign");
+    assert!(shim.faults() > 0, "the module injected nothing");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: hsm_unavailable: cannot sign the audit log's checkpoint: "),
+        "{stderr}"
+    );
+    assert_eq!(
+        leaves(),
+        before + 1,
+        "the authorities_loaded leaf is durable"
+    );
+    shim.set("");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    verify_log(&t, &pki, &parties.auditor, daemon.api);
 }

@@ -17,7 +17,7 @@ use super::tls::{self, TlsMaterial};
 use crate::audit::leaf::{
     AuthoritiesLoaded, AuthoritySummary, Digest, EmergencySummary, Event, PolicySummary,
 };
-use crate::audit::log::AuditLog;
+use crate::audit::log::{AuditLog, LogError};
 use crate::config::{ConfigError, Env, Limits, Settings};
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
@@ -378,7 +378,7 @@ impl ServerState {
                 .map_err(|e| ConfigError {
                     file: self.config_file.clone(),
                     field: "authorities".into(),
-                    reason: format!("not applied: its audit record could not be written: {e}"),
+                    reason: format!("not applied: its audit record could not be written: {e:#}"),
                 })?;
             if let Some(e) = unsigned {
                 tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");
@@ -412,19 +412,20 @@ impl ServerState {
     /// Appends the `authorities_loaded` leaf for `trust` (at start and after
     /// a reload that changed it), durably.
     ///
+    /// Returns the error of the checkpoint that was to cover it, if it
+    /// could not be signed: the leaf is durable all the same.
+    ///
     /// # Errors
-    /// A leaf, store or HSM error, as text.
-    pub fn log_authorities_loaded(&self, trust: &TrustStore) -> Result<Option<String>, String> {
-        let event = authorities_loaded(trust).map_err(|e| e.to_string())?;
-        let (_, receipt) = self
-            .audit
-            .append_committed(AuditAppend {
-                events: vec![event],
-                time: time::OffsetDateTime::now_utc(),
-                spend: Spend::None,
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(receipt.err().map(|e| e.to_string()))
+    /// A [`crate::audit::leaf::LeafError`] or a [`LogError`], typed, so
+    /// that a command's exit line carries its code.
+    pub fn log_authorities_loaded(&self, trust: &TrustStore) -> anyhow::Result<Option<LogError>> {
+        let event = authorities_loaded(trust)?;
+        let (_, receipt) = self.audit.append_committed(AuditAppend {
+            events: vec![event],
+            time: time::OffsetDateTime::now_utc(),
+            spend: Spend::None,
+        })?;
+        Ok(receipt.err())
     }
 
     /// Marks the server as shutting down: `/readyz` turns false so that

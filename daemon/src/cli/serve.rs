@@ -196,11 +196,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The first leaf of every run: which authorities and policy are trusted.
     // At the start a checkpoint that cannot be signed fails it too, as
     // before: the HSM cannot serve.
+    // Both kept typed under their context, so that the exit line carries
+    // the code (`store_unavailable`, `hsm_unavailable`).
     if let Some(e) = state
         .log_authorities_loaded(&trust)
-        .map_err(|e| anyhow::anyhow!("cannot write the audit log: {e}"))?
+        .context("cannot write the audit log")?
     {
-        anyhow::bail!("cannot sign the audit log's checkpoint: {e}");
+        return Err(anyhow::Error::new(e).context("cannot sign the audit log's checkpoint"));
     }
     // HSM opens of a process that stopped before their audit commit (a
     // crash): their intents become `open_interrupted` leaves before anything
