@@ -53,7 +53,10 @@ use crate::jwk::{Ed25519PublicKey, Jwk, P256PublicKey};
 /// Longest emergency usability, in hours (30 days): beyond that it is not urgent.
 pub const MAX_EMERGENCY_HOURS: u32 = 720;
 
-/// A trust configuration that cannot be used.
+/// A trust configuration that cannot be used. Its code is the
+/// configuration's, `bad_config` (exit 64): inside the daemon's config it
+/// becomes a [`crate::config::ConfigError`] naming the field, and a trust
+/// file given alone (`lavd warrant inspect --trust`) exits the same way.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustConfigError {
     /// The TOML does not parse or has the wrong shape (unknown key, wrong
@@ -78,13 +81,6 @@ pub enum TrustConfigError {
         #[source]
         source: std::io::Error,
     },
-}
-
-impl TrustConfigError {
-    /// The stable error code.
-    pub fn code(&self) -> &'static str {
-        "invalid_trust_config"
-    }
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> TrustConfigError {
