@@ -4,8 +4,9 @@
 //!
 //! Order of writes, chosen so that a crash between two steps fails closed:
 //! - generate: HSM first, then the store. A crash leaves an unlisted key on the
-//!   token (harmless: nothing is sealed to it), never a listed key without a
-//!   private half.
+//!   token (nothing is sealed to it: it was never published), never a listed
+//!   key without a private half. The next generation of that kid names it
+//!   ([`KeyError::OrphanPair`]), and [`discard_orphan`] removes it.
 //! - destroy: the store first, then the HSM. A crash leaves a key the daemon
 //!   already treats as destroyed; running `keys destroy` again finishes the
 //!   job on the token.
@@ -33,6 +34,35 @@ pub enum KeyError {
     /// No key has this kid.
     #[error("no escrow key {0:?}")]
     UnknownKid(String),
+    /// The token holds a key pair under the kid's label that the store does
+    /// not record: a generation that stopped between the HSM and its
+    /// commit (a crash, a kill) left it, or the store was restored from a
+    /// backup older than the key.
+    #[error(
+        "the token holds a key pair under escrow key {0:?}'s label that the store does not \
+         record. Either a generation that stopped before its commit left it (it was never \
+         published, nothing is sealed to it): if no other `lavd keys generate --kid {0}` is \
+         running, remove it with `lavd keys discard-orphan --kid {0}`, then generate again. \
+         Or the store was restored from a backup older than the key (OPERATIONS §6): then it \
+         was published and envelopes are sealed to it; do not discard it, use another kid"
+    )]
+    OrphanPair(String),
+    /// `keys discard-orphan` of a kid the store records: it is no orphan.
+    #[error(
+        "escrow key {0:?} is recorded in the store: it is no orphan, and its pair stays (destroy \
+         it with `lavd keys destroy`)"
+    )]
+    Recorded(String),
+    /// `keys discard-orphan` removed a pair while a generation of the same
+    /// kid committed it: the store now lists a key whose private half is
+    /// gone (never published: the published keys are checked against the
+    /// token).
+    #[error(
+        "escrow key {0:?} was recorded by a generation that ran while its pair was discarded: \
+         the store lists it without its private key; destroy it with `lavd keys destroy --kid \
+         {0} --force --reason ...` and generate another kid"
+    )]
+    RecordedWhileDiscarded(String),
     /// Destruction before the end of retention needs `--force --reason`.
     #[error(
         "escrow key {kid:?} is retained until {destroy_after}; destroying it earlier needs --force and --reason"
@@ -93,6 +123,8 @@ impl KeyError {
             KeyError::InvalidDates => "invalid_dates",
             KeyError::DuplicateKid(_) => "duplicate_kid",
             KeyError::UnknownKid(_) => "unknown_key",
+            KeyError::OrphanPair(_) => "orphan_key_pair",
+            KeyError::Recorded(_) | KeyError::RecordedWhileDiscarded(_) => "key_recorded",
             KeyError::RetentionNotReached { .. } => "retention_not_reached",
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
@@ -176,7 +208,14 @@ pub fn generate(
         return Err(KeyError::DuplicateKid(kid.to_string()));
     }
     let generated = match hsm.generate_escrow_key(kid) {
-        Err(HsmError::DuplicateKey(_)) => return Err(KeyError::DuplicateKid(kid.to_string())),
+        // Read again: another generation of the kid may have committed
+        // since the look above.
+        Err(HsmError::DuplicateKey(_)) => {
+            return Err(match store.get_key(kid)? {
+                Some(_) => KeyError::DuplicateKid(kid.to_string()),
+                None => KeyError::OrphanPair(kid.to_string()),
+            })
+        }
         other => other?,
     };
     let record = KeyRecord {
@@ -241,6 +280,41 @@ pub fn generate(
         };
     }
     Ok(record)
+}
+
+/// Removes from the token the key pair of an escrow key `kid` that the
+/// store does not record ([`KeyError::OrphanPair`]): every private and
+/// public key object of ours under its label. Returns whether a private key
+/// was there; discarding where there is none is not an error, so that it
+/// can be run again.
+///
+/// # Security
+/// A pair a stopped generation left was never published (only recorded
+/// keys are) and no leaf names it, so nothing was sealed to it and no leaf
+/// is written for it. The token cannot tell it from the pair of a key
+/// generated after the backup a store was restored from, which was
+/// published: the operator's command must only follow a stopped
+/// generation. The store is read before and after: a kid it records is
+/// refused, and one a generation running at the same time recorded
+/// meanwhile is reported.
+///
+/// # Errors
+/// [`KeyError::InvalidKid`], [`KeyError::Recorded`],
+/// [`KeyError::RecordedWhileDiscarded`], [`KeyError::StillPresent`], or an
+/// HSM/store failure.
+pub fn discard_orphan(hsm: &Hsm, store: &dyn KeyStore, kid: &str) -> Result<bool, KeyError> {
+    check_kid(kid)?;
+    if store.get_key(kid)?.is_some() {
+        return Err(KeyError::Recorded(kid.to_string()));
+    }
+    let had_private = hsm.destroy_escrow_key(kid)?;
+    if hsm.escrow_key_present(kid)? {
+        return Err(KeyError::StillPresent(kid.to_string()));
+    }
+    if store.get_key(kid)?.is_some() {
+        return Err(KeyError::RecordedWhileDiscarded(kid.to_string()));
+    }
+    Ok(had_private)
 }
 
 /// The JWK Set of PROTOCOL §2: the keys providers may seal to now or later

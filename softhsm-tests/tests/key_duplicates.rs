@@ -179,3 +179,122 @@ fn assert_nothing_under_the_label(session: &cryptoki::session::Session) {
         .unwrap();
     assert!(left.is_empty(), "{} objects left", left.len());
 }
+
+/// A generation killed between the HSM and its commit (held in the module
+/// while it reads the new pair's public key, then SIGKILL) leaves a pair
+/// the store does not record. Before, the next generation of that kid
+/// failed `duplicate_kid` though `lavd keys list` had no such key, and
+/// nothing lavd offered removed the pair: its private key stayed on the
+/// token for ever, never destroyed at any retention. Now the generation
+/// names it (`orphan_key_pair`, with the command to run), `lavd keys
+/// discard-orphan` removes that pair and nothing else (a recorded kid is
+/// refused, `key_recorded`, its pair kept), and the kid can be generated.
+#[test]
+fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    const OTHER: &str = "2026-11";
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        OTHER,
+        "2030-01-01T00:00:00Z",
+    ));
+    shim.set("fault = hang\nfault_calls = C_GetAttributeValue");
+    let config = t.config();
+    let mut child = softhsm_tests::lavd_command(&[
+        "keys",
+        "generate",
+        "--kid",
+        KID,
+        "--not-before",
+        "2026-12-01T00:00:00Z",
+        "--not-after",
+        "2027-01-01T00:00:00Z",
+        "--destroy-after",
+        "2030-01-01T00:00:00Z",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let killed = {
+        let _release = shim.releasing();
+        assert!(
+            softhsm_tests::faults::wait_until(std::time::Duration::from_secs(30), || shim.faults()
+                > 0),
+            "the generation never read its public key"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap()
+    };
+    assert!(!killed.success(), "{killed:?}");
+    shim.set("");
+    let session = t.session();
+    let label = format!("lav-escrow:{KID}").into_bytes();
+    let privates = |session: &cryptoki::session::Session, label: &[u8]| {
+        session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(label.to_vec()),
+            ])
+            .unwrap()
+            .len()
+    };
+    assert_eq!(
+        privates(&session, &label),
+        1,
+        "the killed generation's pair"
+    );
+    let listed = assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
+    assert!(
+        !listed.lines().any(|l| l.starts_with(&format!("{KID}\t"))),
+        "{listed}"
+    );
+
+    let stderr = assert_fails_with(
+        &softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"),
+        1,
+        "orphan_key_pair",
+    );
+    assert!(
+        stderr.contains(&format!("lavd keys discard-orphan --kid {KID}")),
+        "{stderr}"
+    );
+    assert_fails_with(
+        &t.lavd_with_config(&["keys", "discard-orphan", "--kid", OTHER]),
+        1,
+        "key_recorded",
+    );
+    assert_eq!(
+        privates(&session, format!("lav-escrow:{OTHER}").as_bytes()),
+        1,
+        "a recorded key's pair stays"
+    );
+    let out = t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]);
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("removed the key pair under lav-escrow:"),
+        "{out:?}"
+    );
+    assert_nothing_under_the_label(&session);
+    // Again: nothing to discard, and no error.
+    let out = t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]);
+    assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing to discard"),
+        "{out:?}"
+    );
+    let generated: serde_json::Value = serde_json::from_str(&assert_ok(
+        &softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z"),
+    ))
+    .unwrap();
+    let listed = assert_ok(&t.lavd_with_config(&["keys", "list"]));
+    assert!(
+        listed.contains(generated["x"].as_str().unwrap()) && listed.contains(OTHER),
+        "{listed}"
+    );
+}

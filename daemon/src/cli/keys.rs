@@ -59,6 +59,18 @@ pub enum KeysCommand {
         #[arg(long, requires = "force")]
         reason: Option<String>,
     },
+    /// Remove from the HSM the key pair a generation that stopped before its
+    /// commit left under a kid the store does not record (what `keys
+    /// generate` refuses as orphan_key_pair). Refused for a recorded kid.
+    /// Never after restoring the store from a backup: a key generated since
+    /// that backup is unrecorded too, but was published.
+    DiscardOrphan {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The kid whose unrecorded pair to remove.
+        #[arg(long)]
+        kid: String,
+    },
     /// Generate the Ed25519 audit signing key inside the HSM (sign-only,
     /// non-extractable) and print its public key.
     GenerateAudit {
@@ -120,6 +132,24 @@ impl KeysCommand {
                             .unwrap_or_else(|| record.public.to_jwk())
                     )?
                 );
+            }
+            KeysCommand::DiscardOrphan { config, kid } => {
+                let settings = config.load()?;
+                keys::check_kid(&kid)?;
+                let store = Store::open_settings(&settings.store)?;
+                let hsm = Hsm::open(settings.hsm)?;
+                let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
+                if keys::discard_orphan(&hsm, &store, &kid)? {
+                    eprintln!(
+                        "removed the key pair under {} that the store does not record",
+                        shown(&label)
+                    );
+                } else {
+                    eprintln!(
+                        "the token holds no private key under {}: nothing to discard",
+                        shown(&label)
+                    );
+                }
             }
             KeysCommand::List { config, all } => {
                 let settings = config.load()?;
