@@ -131,7 +131,8 @@ fn a_revoked_certificate_fails_the_handshake() {
 /// stalled, the host restarted) is not refused: the daemon starts, warns,
 /// and refuses the clients that CRL covers (`crl_expired`), while clients
 /// of other CAs, the admin listener and `/metrics` keep working. (A reload
-/// that brings such a CRL in is refused: `serve_reload.rs`.)
+/// that brings such a CRL in over fresh ones is refused, and one while the
+/// running CRLs are stale too applies: `serve_reload.rs`.)
 #[test]
 fn a_start_with_a_stale_crl_warns_and_refuses_only_its_clients() {
     let t = TestToken::new();

@@ -254,6 +254,13 @@ fn a_crl_past_its_next_update_refuses_open_connections() {
     let message = r.assert_error(403, "client_certificate_rejected");
     assert!(message.contains("crl_expired"), "{message}");
     assert_eq!(r.header("connection"), Some("close"));
+    // A CRL that lapsed while running does not block a reload either.
+    t.write_config(&serve_config(&format!(
+        "crls = [\"tls/clients.crl.pem\"]\n{}",
+        roles(&[PROVIDER, LATE])
+    )));
+    let status = reload(&daemon);
+    assert!(!status.contains("the last reload failed"), "{status}");
 }
 
 /// CRLs the handshake would misread are refused before they are used, and
@@ -360,4 +367,44 @@ fn changed_restart_only_tables_are_named_as_needing_a_restart() {
         assert!(std::time::Instant::now() < deadline, "{log}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// CRLs that lapsed do not block reloads. A daemon whose CRL is already
+/// past its `nextUpdate` (a start warns and takes it) reloads a changed
+/// role map with that CRL still stale: the reload applies, warning again,
+/// and the clients the CRL covers stay refused. Before, every reload
+/// failed until a fresh CRL came, withdrawing a role or an authority in
+/// a hurry included. (A stale CRL still never replaces a fresh one: the
+/// test above.)
+#[test]
+fn a_reload_applies_when_the_running_crls_are_stale_too() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let past = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    pki.write("stale.crl.pem", &pki.clients.crl_until(&[], past));
+    let config =
+        |list: &[&str]| serve_config(&format!("crls = [\"tls/stale.crl.pem\"]\n{}", roles(list)));
+    t.write_config(&config(&[PROVIDER]));
+    let daemon = Daemon::start(&t);
+    t.write_config(&config(&[PROVIDER, LATE]));
+    let status = reload(&daemon);
+    assert!(!status.contains("the last reload failed"), "{status}");
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0
+    );
+    let log = daemon.stderr();
+    assert_eq!(
+        log.matches("stale.crl.pem (CRL 1 of tls.crls) is past its nextUpdate")
+            .count(),
+        2,
+        "a warning at the start and at the reload: {log}"
+    );
+    let refused = pki
+        .client(daemon.api, Some(&pki.clients.identity(LATE)))
+        .request("GET", "/v1/keys", None);
+    assert!(
+        refused.is_err(),
+        "a client of the stale CRL was served: {refused:?}"
+    );
 }

@@ -58,15 +58,22 @@ impl Reloadable {
     /// [`ConfigError`] naming the field whose file or value is unusable.
     /// `limits` are the running daemon's: `[limits]` applies only at a
     /// start, so a reload passes the ones the daemon started with.
+    ///
+    /// `running_crls_stale` is, at a reload, whether a CRL of the running
+    /// configuration is past its `nextUpdate`
+    /// ([`tls::TlsMaterial::crls_stale_at`]), `None` at the start: a new
+    /// CRL past it is refused only when the running ones are all fresh
+    /// (see [`tls::load`]).
     pub fn build(
         settings: &Settings,
         limits: &Limits,
         generation: u64,
+        running_crls_stale: Option<bool>,
     ) -> Result<Self, ConfigError> {
         let tls = tls::load(
             settings.require_tls()?,
             &settings.file,
-            generation == FIRST_GENERATION,
+            running_crls_stale.unwrap_or(true),
         )?;
         let trust = settings.require_trust()?.clone();
         let trust_digest = trust_digest(&trust);
@@ -364,7 +371,12 @@ impl ServerState {
             }
         }
         let generation = self.generation.load(Ordering::SeqCst) + 1;
-        let next = Reloadable::build(&settings, &self.limits, generation)?;
+        let next = Reloadable::build(
+            &settings,
+            &self.limits,
+            generation,
+            Some(self.current().tls.crls_stale_at(tls::unix_now())),
+        )?;
         if next.trust_digest != self.current().trust_digest {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it

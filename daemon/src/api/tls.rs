@@ -44,6 +44,18 @@ pub struct TlsMaterial {
     /// or when none has a `nextUpdate` (a CRL lavd cannot read is refused at
     /// load).
     pub crls_valid_until: u64,
+    /// Whether a configured CRL was already past its `nextUpdate` when
+    /// loaded (a start takes it with a warning).
+    pub crls_stale_at_load: bool,
+}
+
+impl TlsMaterial {
+    /// Whether a configured CRL is past its `nextUpdate` at `now` (seconds
+    /// since the Unix epoch): one stale when loaded, or the earliest of the
+    /// others since.
+    pub fn crls_stale_at(&self, now: u64) -> bool {
+        self.crls_stale_at_load || self.crls_valid_until <= now
+    }
 }
 
 /// The one crypto provider of the process.
@@ -59,7 +71,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 pub fn load(
     tls: &TlsSettings,
     config_file: &Path,
-    at_start: bool,
+    stale_warns: bool,
 ) -> Result<TlsMaterial, ConfigError> {
     let err = |field: &str, reason: String| file_error(config_file, field, reason);
     let read = |field: &str, path: &Path| read_file(config_file, field, path);
@@ -118,13 +130,17 @@ pub fn load(
     // A stale CRL at a start is a warning, not a refusal: the daemon starts
     // (its other clients, `/metrics` and the `crl_expired` count with it),
     // and the clients the CRL covers are refused until a fresh one comes.
-    // At a reload it is refused, and the running CRLs stay.
-    let stale = match (tls.enforce_crl_expiry, at_start) {
+    // At a reload it is refused, and the running CRLs stay, while they are
+    // fresh: a stale CRL must not replace one that still counts. Once the
+    // running ones are stale too, it is a warning as at a start, so that
+    // CRLs that lapsed do not block every reload (an authority or a role
+    // withdrawn in a hurry): their clients are refused either way.
+    let stale = match (tls.enforce_crl_expiry, stale_warns) {
         (false, _) => Stale::Take,
         (true, true) => Stale::Warn,
         (true, false) => Stale::Refuse,
     };
-    let crls_valid_until =
+    let (crls_valid_until, crls_stale_at_load) =
         check_crls(&crls, stale, unix_now()).map_err(|reason| err("tls.crls", reason))?;
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
@@ -164,6 +180,7 @@ pub fn load(
         public_config: Arc::new(public),
         client_verifier,
         crls_valid_until,
+        crls_stale_at_load,
     })
 }
 
@@ -270,7 +287,7 @@ fn read_identity(
 }
 
 /// Seconds since the Unix epoch, now.
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -291,7 +308,8 @@ enum Stale {
 /// Checks the configured CRLs as a whole, before any is used, and returns
 /// the earliest `nextUpdate` among those not past it
 /// ([`TlsMaterial::crls_valid_until`]; a chain a stale CRL covers fails the
-/// check anyway, and is never kept). Refused, with the files named:
+/// check anyway, and is never kept), and whether any is past it. Refused,
+/// with the files named:
 /// - a CRL lavd cannot read its issuer, scope or times from;
 /// - two CRLs of one issuer, unless one covers only end-entity and the
 ///   other only CA certificates: the handshake consults only the first CRL
@@ -303,7 +321,7 @@ fn check_crls(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
     stale: Stale,
     now: u64,
-) -> Result<u64, String> {
+) -> Result<(u64, bool), String> {
     use super::identity::CrlScope;
     let disjoint = |a: CrlScope, b: CrlScope| {
         matches!(
@@ -312,6 +330,7 @@ fn check_crls(
         )
     };
     let mut until = u64::MAX;
+    let mut any_stale = false;
     let mut seen: Vec<(Vec<u8>, CrlScope, usize, &Path)> = Vec::with_capacity(crls.len());
     for (i, (path, crl)) in crls.iter().enumerate() {
         let fields = super::identity::crl_fields(crl.as_ref()).map_err(|_| {
@@ -343,6 +362,7 @@ fn check_crls(
             until = until.min(next);
             continue;
         }
+        any_stale = true;
         let past = format!(
             "{} (CRL {} of tls.crls) is past its nextUpdate ({})",
             path.display(),
@@ -364,7 +384,7 @@ fn check_crls(
             Stale::Take => {}
         }
     }
-    Ok(until)
+    Ok((until, any_stale))
 }
 
 /// A [`ConfigError`] on `field` of `config_file`.
@@ -511,7 +531,10 @@ mod tests {
             crl(&issuer, users, now + 60),
             crl(&issuer, cas, now + 30),
         ]);
-        assert_eq!(check_crls(&scoped, Stale::Refuse, now), Ok(now + 30));
+        assert_eq!(
+            check_crls(&scoped, Stale::Refuse, now),
+            Ok((now + 30, false))
+        );
         for twice in [
             list(vec![
                 crl(&issuer, users, now + 60),
@@ -537,8 +560,8 @@ mod tests {
         let stale = list(vec![crl(&issuer, None, now - 1)]);
         let e = check_crls(&stale, Stale::Refuse, now).unwrap_err();
         assert!(e.contains("is past its nextUpdate"), "{e}");
-        assert_eq!(check_crls(&stale, Stale::Warn, now), Ok(u64::MAX));
-        assert_eq!(check_crls(&stale, Stale::Take, now), Ok(u64::MAX));
+        assert_eq!(check_crls(&stale, Stale::Warn, now), Ok((u64::MAX, true)));
+        assert_eq!(check_crls(&stale, Stale::Take, now), Ok((u64::MAX, true)));
         let e = check_crls(
             &list(vec![CertificateRevocationListDer::from(vec![0x30, 0])]),
             Stale::Refuse,

@@ -128,6 +128,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         &settings,
         &settings.limits,
         crate::api::state::FIRST_GENERATION,
+        None,
     )?;
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
