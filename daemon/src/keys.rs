@@ -43,8 +43,9 @@ pub enum KeyError {
          record. Either a generation that stopped before its commit left it (it was never \
          published, nothing is sealed to it): if no other `lavd keys generate --kid {0}` is \
          running, remove it with `lavd keys discard-orphan --kid {0}`, then generate again. \
-         Or the store was restored from a backup older than the key (OPERATIONS §6): then it \
-         was published and envelopes are sealed to it; do not discard it, use another kid"
+         Or the store was restored from a backup older than the key (OPERATIONS §6), or a PIN \
+         holder made it outside lavd: then do not discard it (a restored key was published, \
+         and envelopes are sealed to it); use another kid"
     )]
     OrphanPair(String),
     /// `keys discard-orphan` of a kid the store records: it is no orphan.
@@ -53,6 +54,16 @@ pub enum KeyError {
          it with `lavd keys destroy`)"
     )]
     Recorded(String),
+    /// `keys discard-orphan` on a store that cannot be shown to be the
+    /// token's (missing, never served, or its newest checkpoint not signed
+    /// by the token's audit key): in another store every kid looks
+    /// unrecorded, and a recorded key would be destroyed.
+    #[error(
+        "the store cannot be shown to be this token's: {0}. Discarding against another store \
+         would destroy a key this token's store records; point --config at the daemon's \
+         configuration"
+    )]
+    StoreUnproven(String),
     /// `keys discard-orphan` removed a pair while a generation of the same
     /// kid committed it: the store now lists a key whose private half is
     /// gone (never published: the published keys are checked against the
@@ -124,7 +135,9 @@ impl KeyError {
             KeyError::DuplicateKid(_) => "duplicate_kid",
             KeyError::UnknownKid(_) => "unknown_key",
             KeyError::OrphanPair(_) => "orphan_key_pair",
-            KeyError::Recorded(_) | KeyError::RecordedWhileDiscarded(_) => "key_recorded",
+            KeyError::Recorded(_) => "key_recorded",
+            KeyError::RecordedWhileDiscarded(_) => "key_discarded_while_recorded",
+            KeyError::StoreUnproven(_) => "store_unproven",
             KeyError::RetentionNotReached { .. } => "retention_not_reached",
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
@@ -294,9 +307,12 @@ pub fn generate(
 /// is written for it. The token cannot tell it from the pair of a key
 /// generated after the backup a store was restored from, which was
 /// published: the operator's command must only follow a stopped
-/// generation. The store is read before and after: a kid it records is
-/// refused, and one a generation running at the same time recorded
-/// meanwhile is reported.
+/// generation, and the caller must have shown that `store` is the token's
+/// ([`KeyError::StoreUnproven`]). The store is read before and after: a kid
+/// it records is refused, and one a generation running at the same time
+/// recorded between the two reads is reported (one that commits later is
+/// not: it is then a recorded key without its private half, never
+/// published, since the published keys are checked against the token).
 ///
 /// # Errors
 /// [`KeyError::InvalidKid`], [`KeyError::Recorded`],

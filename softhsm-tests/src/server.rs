@@ -466,6 +466,15 @@ impl Daemon {
         Self::spawn(token, None)
     }
 
+    /// [`Daemon::try_start`] under `name` (its notify socket and stderr
+    /// apart from a daemon already running on the token).
+    pub fn try_start_named(
+        token: &TestToken,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn_named(token, None, name)
+    }
+
     /// Starts one of several replicas of `token`'s config (all on one
     /// token and one shared store): `name` keeps its notify socket and
     /// stderr apart from the others'.

@@ -309,16 +309,37 @@ fn sqlite_a_second_serve_on_a_served_store_stops_at_its_start() {
     let leaves = count("audit_leaves");
     assert_eq!(count("open_intents"), 1, "the held request's intent");
 
-    let (status, stderr) = Daemon::try_start(&t).expect_err("a second serve on a served store");
-    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    // Also by another name of the file: the lock is the file's.
+    let link = t.path("another-name.db");
+    std::os::unix::fs::symlink(t.path("lavd.db"), &link).unwrap();
+    let config = std::fs::read_to_string(t.config()).unwrap();
     let db = t.path("lavd.db");
-    let expected = format!(
-        "lavd: store_in_use: store {db}: another lavd serve is serving it (it holds \
-         {db}.serve-lock, process {pid}); one daemon serves an SQLite store",
-        db = db.display(),
-        pid = first.pid()
-    );
-    assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");
+    for (path, name) in [(&db, "second"), (&link, "second-by-link")] {
+        let line = format!("path = {:?}", path.display().to_string());
+        let edited = config
+            .lines()
+            .map(|l| {
+                if l.starts_with("path = ") {
+                    line.as_str()
+                } else {
+                    l
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(edited.contains(&line), "{config}");
+        std::fs::write(t.config(), edited).unwrap();
+        let (status, stderr) =
+            Daemon::try_start_named(&t, name).expect_err("a second serve on a served store");
+        assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+        let expected = format!(
+            "lavd: store_in_use: store {}: another lavd serve is serving it (it holds the \
+             file's lock); one daemon serves an SQLite store",
+            path.display()
+        );
+        assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");
+    }
+    std::fs::write(t.config(), config).unwrap();
     assert_eq!(
         (count("open_intents"), count("audit_leaves")),
         (1, leaves),

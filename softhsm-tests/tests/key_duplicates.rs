@@ -189,11 +189,18 @@ fn assert_nothing_under_the_label(session: &cryptoki::session::Session) {
 /// names it (`orphan_key_pair`, with the command to run), `lavd keys
 /// discard-orphan` removes that pair and nothing else (a recorded kid is
 /// refused, `key_recorded`, its pair kept), and the kid can be generated.
+/// It acts only on a store shown to be the token's: one whose newest
+/// checkpoint the token's audit key signed (`store_unproven` for a missing
+/// store, which it does not create, and for one that never served).
 #[test]
 fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
     let t = TestToken::new();
+    let _pki = softhsm_tests::server::Pki::new(&t);
     let shim = softhsm_tests::Shim::new(&t);
-    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    t.write_config_with_module(
+        &softhsm_tests::shim_module_path(),
+        &format!("{}\n{}", shim.hsm_env(), softhsm_tests::faults::limits()),
+    );
     const OTHER: &str = "2026-11";
     assert_ok(&softhsm_tests::generate_key(
         &t,
@@ -264,6 +271,35 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
         stderr.contains(&format!("lavd keys discard-orphan --kid {KID}")),
         "{stderr}"
     );
+    // Not on a store that is not shown to be the token's. (The audit key
+    // first, as `Daemon::start` would make it: a token without one is
+    // refused `no_audit_key`.)
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    std::fs::write(t.path("audit-key-made"), "").unwrap();
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]),
+        1,
+        "store_unproven",
+    );
+    assert!(stderr.contains("it holds no checkpoint"), "{stderr}");
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    std::fs::write(
+        t.config(),
+        config.replace("path = \"lavd.db\"", "path = \"elsewhere.db\""),
+    )
+    .unwrap();
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]),
+        1,
+        "store_unproven",
+    );
+    assert!(stderr.contains("elsewhere.db does not exist"), "{stderr}");
+    assert!(!t.path("elsewhere.db").exists());
+    std::fs::write(t.config(), config).unwrap();
+    assert_eq!(privates(&session, &label), 1, "refused: the pair stays");
+    // A start signs the store's first checkpoint with the token's key.
+    drop(softhsm_tests::server::Daemon::start(&t));
+
     assert_fails_with(
         &t.lavd_with_config(&["keys", "discard-orphan", "--kid", OTHER]),
         1,
@@ -277,7 +313,10 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
     let out = t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]);
     assert_ok(&out);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("removed the key pair under lav-escrow:"),
+        String::from_utf8_lossy(&out.stderr).contains(&format!(
+            "removed the key pair under lav-escrow:{KID} that the store does not record; its \
+             public key: {{\"kty\":\"EC\""
+        )),
         "{out:?}"
     );
     assert_nothing_under_the_label(&session);
@@ -285,7 +324,7 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
     let out = t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]);
     assert_ok(&out);
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("nothing to discard"),
+        String::from_utf8_lossy(&out.stderr).contains("the token held no private key under"),
         "{out:?}"
     );
     let generated: serde_json::Value = serde_json::from_str(&assert_ok(

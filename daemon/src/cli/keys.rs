@@ -134,19 +134,60 @@ impl KeysCommand {
                 );
             }
             KeysCommand::DiscardOrphan { config, kid } => {
+                use crate::store::AuditStore as _;
                 let settings = config.load()?;
                 keys::check_kid(&kid)?;
-                let store = Store::open_settings(&settings.store)?;
+                let unproven = |why: String| keys::KeyError::StoreUnproven(why);
+                // Not created here: a wrong path would be an empty store
+                // in which every kid looks unrecorded.
+                if let crate::store::StoreSettings::Sqlite { path } = &settings.store {
+                    if !path.exists() {
+                        return Err(unproven(format!("{} does not exist", path.display())).into());
+                    }
+                }
+                let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
                 let hsm = Hsm::open(settings.hsm)?;
+                // The newest checkpoint verifies under the token's audit
+                // key: the store is this token's log (or a copy of it).
+                let audit = crate::audit::log::AuditLog::new(
+                    store.clone(),
+                    hsm.clone(),
+                    &settings.audit.key_label,
+                    &settings.audit.origin,
+                )?;
+                if store.latest_checkpoint()?.is_none() {
+                    return Err(unproven(
+                        "it holds no checkpoint (a store that never served: start `lavd serve` \
+                         on it once)"
+                            .into(),
+                    )
+                    .into());
+                }
+                if let Some(reason) = audit.inconsistency() {
+                    return Err(unproven(format!(
+                        "its newest checkpoint does not verify under the token's audit key \
+                         ({reason})"
+                    ))
+                    .into());
+                }
                 let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
-                if keys::discard_orphan(&hsm, &store, &kid)? {
+                // For the record: the key that is removed, when whole.
+                let public = hsm.escrow_public_key(&kid).ok();
+                if keys::discard_orphan(&hsm, store.as_ref(), &kid)? {
+                    let jwk = public
+                        .map(|p| serde_json::to_string(&p.to_jwk()))
+                        .transpose()?
+                        .unwrap_or_else(|| "(its public half could not be read)".into());
+                    tracing::warn!(%label, public = %jwk, "removed an escrow key pair the store does not record");
                     eprintln!(
-                        "removed the key pair under {} that the store does not record",
+                        "removed the key pair under {} that the store does not record; its \
+                         public key: {jwk}",
                         shown(&label)
                     );
                 } else {
                     eprintln!(
-                        "the token holds no private key under {}: nothing to discard",
+                        "the token held no private key under {} (any public half of ours under \
+                         it is removed)",
                         shown(&label)
                     );
                 }

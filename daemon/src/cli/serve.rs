@@ -26,14 +26,16 @@ use crate::hsm::Hsm;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-/// One `lavd serve` per SQLite store: an exclusive `flock` on
-/// `<store>.serve-lock`, which the kernel releases when the process ends,
-/// however it ends (a crash leaves no stale lock). A second daemon on the
-/// file would take the first one's open intents in flight for those of a
-/// crashed run and log them again, and its per-process budget reservations
-/// would not see the first one's. The file names the holder's process id.
-/// Commands other than `serve` do not take it: they work beside a serving
-/// daemon, as SQLite lets them.
+/// One `lavd serve` per SQLite store: an exclusive `flock` on the
+/// database file itself, which the kernel releases when the process ends,
+/// however it ends (a crash leaves no stale lock). Taken on the file, not
+/// on a name, so that two configurations reaching one file by different
+/// paths (a symlink, a bind mount) meet the same lock; on Linux `flock` and
+/// SQLite's own (POSIX record) locks do not interact. A second daemon on
+/// the file would take the first one's open intents in flight for those of
+/// a crashed run and log them again, and its per-process budget
+/// reservations would not see the first one's. Commands other than `serve`
+/// do not take it: they work beside a serving daemon, as SQLite lets them.
 #[derive(Debug)]
 struct ServeLock {
     // Held, never read: the lock lives as long as this descriptor.
@@ -41,64 +43,42 @@ struct ServeLock {
 }
 
 impl ServeLock {
-    /// Takes the lock of the SQLite store at `store`, without waiting.
-    /// `None` for a name SQLite reads as no file (`:memory:`, a `file:`
-    /// URI), which no other process can open.
+    /// Takes the lock of the SQLite store at `store` (creating the file,
+    /// empty and 0600, if it does not exist), without waiting.
     ///
     /// # Errors
     /// [`crate::store::StoreError::InUse`] when another process holds it;
-    /// [`crate::store::StoreError::Unavailable`] when the lock file cannot
-    /// be opened or locked.
-    fn take(store: &std::path::Path) -> Result<Option<Self>, crate::store::StoreError> {
+    /// [`crate::store::StoreError::Unavailable`] for a name SQLite would
+    /// not read as a file (`:memory:`, a `file:` URI), or a file that
+    /// cannot be opened or locked.
+    fn take(store: &std::path::Path) -> Result<Self, crate::store::StoreError> {
         use rustix::fs::{flock, FlockOperation};
-        use std::io::{Read as _, Seek as _, Write as _};
-        use std::os::unix::fs::OpenOptionsExt as _;
+        let unavailable = |reason: String| crate::store::StoreError::Unavailable {
+            store: store.display().to_string(),
+            reason,
+        };
         if store == std::path::Path::new(":memory:")
             || store.to_str().is_some_and(|p| p.starts_with("file:"))
         {
-            return Ok(None);
+            return Err(unavailable(
+                "lavd serve needs a file path for its SQLite store (not `:memory:` or a \
+                 `file:` URI)"
+                    .into(),
+            ));
         }
-        let mut name = store.as_os_str().to_owned();
-        name.push(".serve-lock");
-        let lock = std::path::PathBuf::from(name);
-        let unavailable =
-            |what: &str, e: &dyn std::fmt::Display| crate::store::StoreError::Unavailable {
-                store: store.display().to_string(),
-                reason: format!("cannot {what} its serve lock {}: {e}", lock.display()),
-            };
-        let mut file = std::fs::OpenOptions::new()
+        crate::store::create_private(store)
+            .map_err(|e| unavailable(format!("cannot create the store file: {e}")))?;
+        let file = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock)
-            .map_err(|e| unavailable("open", &e))?;
+            .open(store)
+            .map_err(|e| unavailable(format!("cannot open it to lock it: {e}")))?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::WOULDBLOCK) => {
-                // What the holder wrote; a few bytes, read for the message.
-                let mut held = String::new();
-                let _ = (&mut file).take(32).read_to_string(&mut held);
-                let holder = held
-                    .trim()
-                    .parse::<u32>()
-                    .map(|pid| format!(", process {pid}"))
-                    .unwrap_or_default();
-                return Err(crate::store::StoreError::InUse {
-                    store: store.display().to_string(),
-                    lock: lock.display().to_string(),
-                    holder,
-                });
-            }
-            Err(e) => return Err(unavailable("take", &e)),
+            Ok(()) => Ok(ServeLock { _file: file }),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(crate::store::StoreError::InUse {
+                store: store.display().to_string(),
+            }),
+            Err(e) => Err(unavailable(format!("cannot lock it: {e}"))),
         }
-        // Ours now: say who holds it (for the refusal above and for people).
-        file.set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| writeln!(file, "{}", std::process::id()))
-            .map_err(|e| unavailable("write", &e))?;
-        Ok(Some(ServeLock { _file: file }))
     }
 }
 
@@ -141,7 +121,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before the store is opened (migrated, its orphaned intents written):
     // held until this returns, and by the kernel until the process ends.
     let _serving = match &settings.store {
-        crate::store::StoreSettings::Sqlite { path } => ServeLock::take(path)?,
+        crate::store::StoreSettings::Sqlite { path } => Some(ServeLock::take(path)?),
         crate::store::StoreSettings::Postgres(_) => None,
     };
     let store = Arc::new(Store::open_settings(&settings.store)?);

@@ -128,21 +128,17 @@ pub enum StoreError {
     #[error("spending on warrant `{0}` would exceed its max_unwraps")]
     BudgetOverrun(String),
     /// Another `lavd serve` is serving this SQLite file: it holds the file's
-    /// serve lock (`<store>.serve-lock`). One daemon serves an SQLite store;
-    /// a second would take the first one's open intents in flight for a
-    /// crashed run's and log them again, and the two would share budgets
-    /// through errors. Several replicas run on PostgreSQL.
+    /// lock (`flock`). One daemon serves an SQLite store; a second would
+    /// take the first one's open intents in flight for a crashed run's and
+    /// log them again, and the two would share budgets through errors.
+    /// Several replicas run on PostgreSQL.
     #[error(
-        "store {store}: another lavd serve is serving it (it holds {lock}{holder}); one daemon \
-         serves an SQLite store: stop that one first, or run replicas on PostgreSQL"
+        "store {store}: another lavd serve is serving it (it holds the file's lock); one \
+         daemon serves an SQLite store: stop that one first, or run replicas on PostgreSQL"
     )]
     InUse {
         /// The database file.
         store: String,
-        /// The lock file.
-        lock: String,
-        /// ", process N" when the lock file names its holder, else empty.
-        holder: String,
     },
     /// `lavd store copy` refused: the target is not empty, or the source log
     /// does not verify. Nothing was committed.
