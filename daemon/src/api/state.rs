@@ -59,22 +59,17 @@ impl Reloadable {
     /// `limits` are the running daemon's: `[limits]` applies only at a
     /// start, so a reload passes the ones the daemon started with.
     ///
-    /// `running_crls_stale` is, at a reload, whether a CRL of the running
-    /// configuration is past its `nextUpdate`
-    /// ([`tls::TlsMaterial::crls_stale_at`]), `None` at the start: a new
-    /// CRL past it is refused only when the running ones are all fresh
-    /// (see [`tls::load`]).
+    /// `running` is the running configuration's TLS material at a reload,
+    /// `None` at the start: a new CRL past its `nextUpdate` is refused only
+    /// where it would replace a running one that still counts (see
+    /// [`tls::load`]).
     pub fn build(
         settings: &Settings,
         limits: &Limits,
         generation: u64,
-        running_crls_stale: Option<bool>,
+        running: Option<&tls::TlsMaterial>,
     ) -> Result<Self, ConfigError> {
-        let tls = tls::load(
-            settings.require_tls()?,
-            &settings.file,
-            running_crls_stale.unwrap_or(true),
-        )?;
+        let tls = tls::load(settings.require_tls()?, &settings.file, running)?;
         let trust = settings.require_trust()?.clone();
         let trust_digest = trust_digest(&trust);
         Ok(Reloadable {
@@ -375,7 +370,7 @@ impl ServerState {
             &settings,
             &self.limits,
             generation,
-            Some(self.current().tls.crls_stale_at(tls::unix_now())),
+            Some(&self.current().tls),
         )?;
         if next.trust_digest != self.current().trust_digest {
             // No change of who may sign warrants without its audit leaf:

@@ -44,18 +44,30 @@ pub struct TlsMaterial {
     /// or when none has a `nextUpdate` (a CRL lavd cannot read is refused at
     /// load).
     pub crls_valid_until: u64,
-    /// Whether a configured CRL was already past its `nextUpdate` when
-    /// loaded (a start takes it with a warning).
-    pub crls_stale_at_load: bool,
+    /// What each configured CRL covers and until when it counts: what the
+    /// next reload weighs a CRL past its `nextUpdate` against ([`load`]).
+    pub crl_coverage: Vec<CrlCoverage>,
 }
 
-impl TlsMaterial {
-    /// Whether a configured CRL is past its `nextUpdate` at `now` (seconds
-    /// since the Unix epoch): one stale when loaded, or the earliest of the
-    /// others since.
-    pub fn crls_stale_at(&self, now: u64) -> bool {
-        self.crls_stale_at_load || self.crls_valid_until <= now
-    }
+/// The certificates one configured CRL covers, and until when it counts.
+#[derive(Debug, Clone)]
+pub struct CrlCoverage {
+    issuer: Vec<u8>,
+    scope: super::identity::CrlScope,
+    /// Its `nextUpdate` (seconds since the Unix epoch) under
+    /// `enforce_crl_expiry`; `None` when it counts for ever (it has none,
+    /// or the expiry is not enforced).
+    counts_until: Option<u64>,
+}
+
+/// Whether two CRLs of one issuer cover no certificate in common: one
+/// covers only end-entity certificates, the other only CA certificates.
+fn disjoint(a: super::identity::CrlScope, b: super::identity::CrlScope) -> bool {
+    use super::identity::CrlScope;
+    matches!(
+        (a, b),
+        (CrlScope::UserCerts, CrlScope::CaCerts) | (CrlScope::CaCerts, CrlScope::UserCerts)
+    )
 }
 
 /// The one crypto provider of the process.
@@ -68,10 +80,13 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// # Errors
 /// [`ConfigError`] naming the `tls.*` field whose file is missing, empty or
 /// not what it should be, with `config_file` as the file.
+///
+/// `running` is the running configuration's material at a reload, `None` at
+/// the start.
 pub fn load(
     tls: &TlsSettings,
     config_file: &Path,
-    stale_warns: bool,
+    running: Option<&TlsMaterial>,
 ) -> Result<TlsMaterial, ConfigError> {
     let err = |field: &str, reason: String| file_error(config_file, field, reason);
     let read = |field: &str, path: &Path| read_file(config_file, field, path);
@@ -127,21 +142,13 @@ pub fn load(
             crls.push((path, CertificateRevocationListDer::from(bytes)));
         }
     }
-    // A stale CRL at a start is a warning, not a refusal: the daemon starts
-    // (its other clients, `/metrics` and the `crl_expired` count with it),
-    // and the clients the CRL covers are refused until a fresh one comes.
-    // At a reload it is refused, and the running CRLs stay, while they are
-    // fresh: a stale CRL must not replace one that still counts. Once the
-    // running ones are stale too, it is a warning as at a start, so that
-    // CRLs that lapsed do not block every reload (an authority or a role
-    // withdrawn in a hurry): their clients are refused either way.
-    let stale = match (tls.enforce_crl_expiry, stale_warns) {
-        (false, _) => Stale::Take,
-        (true, true) => Stale::Warn,
-        (true, false) => Stale::Refuse,
-    };
-    let (crls_valid_until, crls_stale_at_load) =
-        check_crls(&crls, stale, unix_now()).map_err(|reason| err("tls.crls", reason))?;
+    let (crls_valid_until, crl_coverage) = check_crls(
+        &crls,
+        tls.enforce_crl_expiry,
+        running.map(|r| r.crl_coverage.as_slice()),
+        unix_now(),
+    )
+    .map_err(|reason| err("tls.crls", reason))?;
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
@@ -180,7 +187,7 @@ pub fn load(
         public_config: Arc::new(public),
         client_verifier,
         crls_valid_until,
-        crls_stale_at_load,
+        crl_coverage,
     })
 }
 
@@ -287,51 +294,39 @@ fn read_identity(
 }
 
 /// Seconds since the Unix epoch, now.
-pub(crate) fn unix_now() -> u64 {
+fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-/// What to do with a CRL already past its `nextUpdate`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stale {
-    /// Refuse the configuration (a reload: the running CRLs stay).
-    Refuse,
-    /// Warn and go on (a start): the handshake refuses the clients it
-    /// covers (`crl_expired`), the others are served.
-    Warn,
-    /// Take it (`enforce_crl_expiry = false`).
-    Take,
-}
-
 /// Checks the configured CRLs as a whole, before any is used, and returns
 /// the earliest `nextUpdate` among those not past it
 /// ([`TlsMaterial::crls_valid_until`]; a chain a stale CRL covers fails the
-/// check anyway, and is never kept), and whether any is past it. Refused,
-/// with the files named:
+/// check anyway, and is never kept), and what each covers. Refused, with
+/// the files named:
 /// - a CRL lavd cannot read its issuer, scope or times from;
 /// - two CRLs of one issuer, unless one covers only end-entity and the
 ///   other only CA certificates: the handshake consults only the first CRL
 ///   that covers a certificate (rustls-webpki compares neither `thisUpdate`
 ///   nor the CRL number), so a newer CRL listed after an older one, or a
 ///   partition beside a full CRL, would revoke nothing;
-/// - under [`Stale::Refuse`], a CRL already past its `nextUpdate`.
+/// - under `enforce` at a reload (`running` is the running configuration's
+///   coverage), a CRL already past its `nextUpdate` that would replace a
+///   running CRL of the same certificates that still counts: every client
+///   it covers would be refused, and the running one stays. Otherwise such
+///   a CRL is a warning (a start; a CA whose running CRL lapsed too, or that
+///   had none), so that CRLs that lapsed do not block every reload (a role
+///   or an authority withdrawn in a hurry): the clients it covers are
+///   refused (`crl_expired`) until a fresh one comes.
 fn check_crls(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
-    stale: Stale,
+    enforce: bool,
+    running: Option<&[CrlCoverage]>,
     now: u64,
-) -> Result<(u64, bool), String> {
-    use super::identity::CrlScope;
-    let disjoint = |a: CrlScope, b: CrlScope| {
-        matches!(
-            (a, b),
-            (CrlScope::UserCerts, CrlScope::CaCerts) | (CrlScope::CaCerts, CrlScope::UserCerts)
-        )
-    };
+) -> Result<(u64, Vec<CrlCoverage>), String> {
     let mut until = u64::MAX;
-    let mut any_stale = false;
-    let mut seen: Vec<(Vec<u8>, CrlScope, usize, &Path)> = Vec::with_capacity(crls.len());
+    let mut coverage: Vec<CrlCoverage> = Vec::with_capacity(crls.len());
     for (i, (path, crl)) in crls.iter().enumerate() {
         let fields = super::identity::crl_fields(crl.as_ref()).map_err(|_| {
             format!(
@@ -340,21 +335,35 @@ fn check_crls(
                 i + 1
             )
         })?;
-        if let Some((_, _, first, first_path)) = seen
+        // One coverage per CRL before this one, in order.
+        if let Some(first) = coverage
             .iter()
-            .find(|(issuer, scope, ..)| *issuer == fields.issuer && !disjoint(*scope, fields.scope))
+            .position(|c| c.issuer == fields.issuer && !disjoint(c.scope, fields.scope))
         {
             return Err(format!(
                 "CRL {} ({}) and CRL {} ({}) of tls.crls have the same issuer and can cover the \
                  same certificates: the handshake would consult only the first, so list one \
                  CRL per CA (or one of its end-entity and one of its CA certificates)",
                 first + 1,
-                first_path.display(),
+                crls[first].0.display(),
                 i + 1,
                 path.display()
             ));
         }
-        seen.push((fields.issuer, fields.scope, i, path));
+        let stale = enforce && fields.next_update.is_some_and(|next| next <= now);
+        let replaces_fresh = stale
+            && running.is_some_and(|running| {
+                running.iter().any(|c| {
+                    c.issuer == fields.issuer
+                        && !disjoint(c.scope, fields.scope)
+                        && c.counts_until.is_none_or(|u| u > now)
+                })
+            });
+        coverage.push(CrlCoverage {
+            issuer: fields.issuer,
+            scope: fields.scope,
+            counts_until: fields.next_update.filter(|_| enforce),
+        });
         let Some(next) = fields.next_update else {
             continue;
         };
@@ -362,7 +371,9 @@ fn check_crls(
             until = until.min(next);
             continue;
         }
-        any_stale = true;
+        if !enforce {
+            continue;
+        }
         let past = format!(
             "{} (CRL {} of tls.crls) is past its nextUpdate ({})",
             path.display(),
@@ -370,21 +381,19 @@ fn check_crls(
             time::OffsetDateTime::from_unix_timestamp(i64::try_from(next).unwrap_or(0))
                 .map_or_else(|_| next.to_string(), crate::codec::format_time)
         );
-        match stale {
-            Stale::Refuse => {
-                return Err(format!(
-                    "{past}: with enforce_crl_expiry every client it covers would be refused; \
-                     fetch a fresh CRL"
-                ))
-            }
-            Stale::Warn => tracing::warn!(
-                "{past}: every client it covers is refused (crl_expired) until a fresh CRL is \
-                 loaded (SIGHUP)"
-            ),
-            Stale::Take => {}
+        if replaces_fresh {
+            return Err(format!(
+                "{past}: it would replace a running CRL of the same certificates that has not \
+                 lapsed, and with enforce_crl_expiry every client it covers would be refused; \
+                 fetch a fresh CRL"
+            ));
         }
+        tracing::warn!(
+            "{past}: every client it covers is refused (crl_expired) until a fresh CRL is \
+             loaded (SIGHUP)"
+        );
     }
-    Ok((until, any_stale))
+    Ok((until, coverage))
 }
 
 /// A [`ConfigError`] on `field` of `config_file`.
@@ -509,8 +518,11 @@ mod tests {
     /// issuer are refused: two of one scope, two without one, or one
     /// without a scope beside a scoped one (a certificate is covered by
     /// both, and only the first would be consulted). A CRL past its
-    /// `nextUpdate` is refused at a reload, taken with a warning at a start,
-    /// and at neither counts towards the time a checked chain is kept.
+    /// `nextUpdate` is refused at a reload where it would replace a running
+    /// CRL of the same certificates that has not lapsed, taken with a
+    /// warning otherwise (a start; the running one lapsed too; another
+    /// CA's; the other scope), taken silently when the expiry is not
+    /// enforced, and never counts towards the time a checked chain is kept.
     #[test]
     fn crls_are_refused_only_where_the_handshake_would_misread_them() {
         let key = rcgen::KeyPair::generate().unwrap();
@@ -532,8 +544,8 @@ mod tests {
             crl(&issuer, cas, now + 30),
         ]);
         assert_eq!(
-            check_crls(&scoped, Stale::Refuse, now),
-            Ok((now + 30, false))
+            check_crls(&scoped, true, Some(&[]), now).unwrap().0,
+            now + 30
         );
         for twice in [
             list(vec![
@@ -553,18 +565,56 @@ mod tests {
                 crl(&issuer, None, now + 90),
             ]),
         ] {
-            let e = check_crls(&twice, Stale::Refuse, now).unwrap_err();
+            let e = check_crls(&twice, true, None, now).unwrap_err();
             assert!(e.contains("CRL 1 (ca.crl) and CRL 2 (ca.crl)"), "{e}");
             assert!(e.contains("can cover the same certificates"), "{e}");
         }
         let stale = list(vec![crl(&issuer, None, now - 1)]);
-        let e = check_crls(&stale, Stale::Refuse, now).unwrap_err();
+        let running = |crls: Vec<CertificateRevocationListDer<'static>>, enforce: bool| {
+            check_crls(&list(crls), enforce, None, now - 100).unwrap().1
+        };
+        let fresh = running(vec![crl(&issuer, None, now + 60)], true);
+        let e = check_crls(&stale, true, Some(&fresh), now).unwrap_err();
         assert!(e.contains("is past its nextUpdate"), "{e}");
-        assert_eq!(check_crls(&stale, Stale::Warn, now), Ok((u64::MAX, true)));
-        assert_eq!(check_crls(&stale, Stale::Take, now), Ok((u64::MAX, true)));
+        assert!(e.contains("would replace a running CRL"), "{e}");
+        // A start, and no running CRL of these certificates.
+        assert_eq!(check_crls(&stale, true, None, now).unwrap().0, u64::MAX);
+        assert_eq!(
+            check_crls(&stale, true, Some(&[]), now).unwrap().0,
+            u64::MAX
+        );
+        // The running one lapsed too.
+        let lapsed = running(vec![crl(&issuer, None, now - 10)], true);
+        assert_eq!(
+            check_crls(&stale, true, Some(&lapsed), now).unwrap().0,
+            u64::MAX
+        );
+        // The running one is of the other scope: it covers none of these.
+        let cas_only = running(vec![crl(&issuer, cas, now + 60)], true);
+        let stale_users = list(vec![crl(&issuer, users, now - 1)]);
+        assert!(check_crls(&stale_users, true, Some(&cas_only), now).is_ok());
+        // Another CA's.
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        other_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "another CA");
+        let other = rcgen::Issuer::new(other_params, other_key);
+        let others = running(vec![crl(&other, None, now + 60)], true);
+        assert!(check_crls(&stale, true, Some(&others), now).is_ok());
+        // A running CRL whose expiry was not enforced counts for ever.
+        let unenforced = running(vec![crl(&issuer, None, now - 10)], false);
+        assert!(check_crls(&stale, true, Some(&unenforced), now).is_err());
+        // Not enforced: taken.
+        assert_eq!(
+            check_crls(&stale, false, Some(&fresh), now).unwrap().0,
+            u64::MAX
+        );
         let e = check_crls(
             &list(vec![CertificateRevocationListDer::from(vec![0x30, 0])]),
-            Stale::Refuse,
+            true,
+            None,
             now,
         )
         .unwrap_err();

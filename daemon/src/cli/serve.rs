@@ -36,22 +36,24 @@ use crate::store::Store;
 /// a crashed run and log them again, and its per-process budget
 /// reservations would not see the first one's. Commands other than `serve`
 /// do not take it: they work beside a serving daemon, as SQLite lets them.
-#[derive(Debug)]
-struct ServeLock {
-    // Held, never read: the lock lives as long as this descriptor.
-    _file: std::fs::File,
-}
+///
+/// The descriptor is never closed: closing any descriptor of a file drops
+/// every POSIX lock the process holds on it, SQLite's included, and
+/// connections may outlive `run` (blocking tasks still running at the
+/// runtime's shutdown). The kernel closes it at exit.
+struct ServeLock;
 
 impl ServeLock {
     /// Takes the lock of the SQLite store at `store` (creating the file,
-    /// empty and 0600, if it does not exist), without waiting.
+    /// empty and 0600, if it does not exist), without waiting, for the
+    /// rest of the process.
     ///
     /// # Errors
     /// [`crate::store::StoreError::InUse`] when another process holds it;
     /// [`crate::store::StoreError::Unavailable`] for a name SQLite would
     /// not read as a file (`:memory:`, a `file:` URI), or a file that
     /// cannot be opened or locked.
-    fn take(store: &std::path::Path) -> Result<Self, crate::store::StoreError> {
+    fn take(store: &std::path::Path) -> Result<(), crate::store::StoreError> {
         use rustix::fs::{flock, FlockOperation};
         let unavailable = |reason: String| crate::store::StoreError::Unavailable {
             store: store.display().to_string(),
@@ -73,7 +75,10 @@ impl ServeLock {
             .open(store)
             .map_err(|e| unavailable(format!("cannot open it to lock it: {e}")))?;
         match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => Ok(ServeLock { _file: file }),
+            Ok(()) => {
+                std::mem::forget(file);
+                Ok(())
+            }
             Err(rustix::io::Errno::WOULDBLOCK) => Err(crate::store::StoreError::InUse {
                 store: store.display().to_string(),
             }),
@@ -118,12 +123,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let startup = StartupSettings::of(&settings);
     let blocking_threads = startup.server.blocking_threads;
     let trust = settings.require_trust()?.clone();
-    // Before the store is opened (migrated, its orphaned intents written):
-    // held until this returns, and by the kernel until the process ends.
-    let _serving = match &settings.store {
-        crate::store::StoreSettings::Sqlite { path } => Some(ServeLock::take(path)?),
-        crate::store::StoreSettings::Postgres(_) => None,
-    };
+    // Before the store is opened (migrated, its orphaned intents written);
+    // held until the process ends.
+    if let crate::store::StoreSettings::Sqlite { path } = &settings.store {
+        ServeLock::take(path)?;
+    }
     let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
     let audit = AuditLog::new(
