@@ -6,8 +6,15 @@
 //! jwcrypto signs with both authorities, ES256 and EdDSA (Ed25519, RFC
 //! 8037), in the General form it writes for two signatures, unwraps too.
 //!
-//! jwcrypto lives in the venv that `.ci/setup --tests` makes; this test installs
-//! nothing, and fails (never skips) when the venv is missing.
+//! Every leaf the run logged (authorities, key, unwraps, refusals, the
+//! revocation with a reason of quotes, a backslash and characters beyond
+//! ASCII and the BMP) is byte for byte what an independent RFC 8785 (JCS)
+//! encoder, Python `rfc8785`, writes for it: PROTOCOL §6's canonical JSON
+//! (`interop/jcs_check.py`).
+//!
+//! jwcrypto and rfc8785 live in the venv that `.ci/setup --tests` makes;
+//! this test installs nothing, and fails (never skips) when the venv is
+//! missing.
 
 use std::path::Path;
 use std::process::Command;
@@ -170,7 +177,7 @@ fn a_flattened_jws_from_jwcrypto_unwraps_and_revokes() {
     // The executive revokes it with a flattened JWS too.
     let revocation = serde_json::json!({
         "id": "URGENT-FLAT-1",
-        "reason": "signed in error",
+        "reason": "signed in \"error\" \\ by the café ☕ 𝄞",
         "time": lavd::codec::format_time(now),
     });
     let signed = jwcrypto_sign(dir.path(), revocation.to_string().as_bytes());
@@ -187,4 +194,47 @@ fn a_flattened_jws_from_jwcrypto_unwraps_and_revokes() {
         &serde_json::json!({"warrant": warrant, "envelopes": [envelope]}),
     );
     r.assert_error(403, "warrant_revoked");
+
+    // Every leaf, through the independent JCS encoder.
+    let leaves = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
+    let file = dir.path().join("leaves");
+    let lines: String = leaves
+        .iter()
+        .map(|e| lavd::codec::b64_encode(&e.bytes) + "\n")
+        .collect();
+    std::fs::write(&file, lines).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/jcs_check.py");
+    let out = Command::new(interop_python())
+        .arg(&script)
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for e in &leaves {
+        *counts
+            .entry(e.leaf["event"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let expected: String = counts.iter().map(|(k, n)| format!("{k} {n}\n")).collect();
+    assert_eq!(stdout, expected, "rfc8785 read every leaf");
+    for event in [
+        "authorities_loaded",
+        "revocation",
+        "unwrap",
+        "warrant_refused",
+    ] {
+        assert!(counts.contains_key(event), "no {event} leaf: {counts:?}");
+    }
+    assert!(
+        leaves
+            .iter()
+            .any(|e| e.leaf["reason"] == "signed in \"error\" \\ by the café ☕ 𝄞"),
+        "the revocation's reason, as given"
+    );
 }
