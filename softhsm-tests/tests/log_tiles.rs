@@ -14,14 +14,20 @@
 //!   auditor role may read them;
 //! - the real `lavd audit verify --tiles` gives the same summary from the
 //!   served tiles (URL) and from a directory mirroring them as `--url` gives
-//!   from the JSON API, and refuses a mirror with one altered tile.
+//!   from the JSON API, and refuses a mirror with one altered tile;
+//! - so does an independent tlog-tiles client written from the C2SP
+//!   specifications in Python (`interop/tiles_check.py`: the checkpoint's
+//!   Ed25519 signature, every entry against its level-0 hash, level 1
+//!   against level 0, the RFC 6962 root against the checkpoint's).
+
+use std::path::Path;
 
 use lavd::audit::merkle::{self, leaf_hash};
 use lavd::audit::note::verify_note;
 use lavd::audit::tiles::{decode_bundle, Tile, TileReader, TileSource};
 use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
-use softhsm_tests::{assert_ok, TestToken};
+use softhsm_tests::{assert_ok, interop_python, TestToken};
 use time::OffsetDateTime;
 
 /// Tiles fetched from the daemon as the auditor.
@@ -210,6 +216,26 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     assert_eq!(from_tiles, from_api);
     assert_eq!(from_dir, from_api);
     assert!(from_dir.contains("verdict: the log verifies"), "{from_dir}");
+    let independent = || {
+        std::process::Command::new(interop_python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/tiles_check.py"))
+            .arg(&mirror)
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let out = independent();
+    let root_line = checkpoint_text.lines().nth(2).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("verified {mirrored} {root_line}\n"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        mirrored > 256,
+        "a full level-0 tile and a level-1 tile: {mirrored}"
+    );
 
     // One altered hash in a level-0 tile: refused, naming the root.
     let tile0 = mirror.join(Tile::hashes(0, 0, 256).path());
@@ -220,4 +246,11 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     assert!(!out.status.success(), "an altered tile verified");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("root_mismatch"), "{stderr}");
+    let out = independent();
+    assert!(!out.status.success(), "the independent client took it");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("tile/0/000: hash 0 is not the hash of tile/entries/000's entry 0"),
+        "{stderr}"
+    );
 }
