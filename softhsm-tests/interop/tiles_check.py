@@ -37,7 +37,8 @@ def verifier(vkey: str):
     """signed-note: name+hexkeyid+base64(type || key); Ed25519 is type 0x01
     and the key ID is the first 4 bytes of SHA-256(name || 0x0A || type ||
     key)."""
-    name, key_id, encoded = vkey.split("+")
+    # The name holds no "+"; the base64 key may.
+    name, key_id, encoded = vkey.split("+", 2)
     key = base64.b64decode(encoded, validate=True)
     if len(key) != 33 or key[0] != 0x01:
         fail("VKEY: not an Ed25519 verifier key")
@@ -51,12 +52,18 @@ def checkpoint(text: str, vkey: str):
     """The checkpoint's (size, root) once a signature line of VKEY verifies
     over the note text (every line up to the blank one, with its newline)."""
     name, key_id, public = verifier(vkey)
+    # signed-note: UTF-8, no control character but newline, every line
+    # (the last signature line included) ended by a newline.
+    if any(ord(c) < 0x20 and c != "\n" for c in text):
+        fail("checkpoint: a control character other than a newline")
+    if not text.endswith("\n"):
+        fail("checkpoint: the last line has no newline")
     body, blank, signatures = text.partition("\n\n")
     if not blank:
         fail("checkpoint: no blank line before the signatures")
     body += "\n"
     verified = False
-    for line in signatures.splitlines():
+    for line in signatures[:-1].split("\n"):
         if not line.startswith("\u2014 "):
             fail(f"checkpoint: not a signature line: {line!r}")
         signer, _, encoded = line[2:].rpartition(" ")
@@ -70,8 +77,11 @@ def checkpoint(text: str, vkey: str):
     if not verified:
         fail("checkpoint: no signature by VKEY")
     lines = body.split("\n")
-    if len(lines) < 4 or str(int(lines[1])) != lines[1]:
+    if len(lines) < 4 or not lines[1].isdigit() or str(int(lines[1])) != lines[1]:
         fail("checkpoint: not origin, size and root lines")
+    # tlog-checkpoint: the key name SHOULD be the origin; lavd's is.
+    if lines[0] != name:
+        fail(f"checkpoint: origin {lines[0]!r} is not the key's name {name!r}")
     root = base64.b64decode(lines[2], validate=True)
     if len(root) != 32:
         fail("checkpoint: the root is not 32 bytes")

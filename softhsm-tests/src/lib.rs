@@ -438,15 +438,27 @@ pub fn package_binary(name: &str) -> PathBuf {
 }
 
 /// The Python of the interop venv (`target/interop-venv`, made by
-/// `.ci/setup --tests` with jwcrypto, pyhpke and cryptography). A missing venv fails
-/// the test with what to run; it never skips.
+/// `.ci/setup --tests` with jwcrypto, pyhpke, rfc8785 and cryptography). A
+/// missing venv, or one made before a package was added, fails the test with
+/// what to run; it never skips.
 pub fn interop_python() -> PathBuf {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/interop-venv/bin/python");
     assert!(
         python.is_file(),
-        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto, pyhpke and \
-         cryptography)",
+        "{} is missing: run .ci/setup --tests (it makes the venv with jwcrypto, pyhpke, rfc8785 \
+         and cryptography)",
         python.display()
+    );
+    // The same imports `.ci/setup` checks before it (re)makes the venv.
+    let imports = Command::new(&python)
+        .args(["-c", "import jwcrypto, cryptography, yaml, pyhpke, rfc8785"])
+        .output()
+        .expect("run the interop venv's python");
+    assert!(
+        imports.status.success(),
+        "{} lacks a package: run .ci/setup --tests\n{}",
+        python.display(),
+        String::from_utf8_lossy(&imports.stderr)
     );
     python
 }

@@ -15,10 +15,12 @@
 //! - the real `lavd audit verify --tiles` gives the same summary from the
 //!   served tiles (URL) and from a directory mirroring them as `--url` gives
 //!   from the JSON API, and refuses a mirror with one altered tile;
-//! - so does an independent tlog-tiles client written from the C2SP
-//!   specifications in Python (`interop/tiles_check.py`: the checkpoint's
-//!   Ed25519 signature, every entry against its level-0 hash, level 1
-//!   against level 0, the RFC 6962 root against the checkpoint's).
+//! - an independent tlog-tiles client written from the C2SP specifications
+//!   in Python (`interop/tiles_check.py`: the checkpoint's Ed25519
+//!   signature, every entry against its level-0 hash, level 1 against
+//!   level 0, the RFC 6962 root against the checkpoint's) verifies the
+//!   mirror, and refuses it with one altered hash at level 0 or level 1,
+//!   an edited checkpoint, or another key.
 
 use std::path::Path;
 
@@ -216,14 +218,54 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     assert_eq!(from_tiles, from_api);
     assert_eq!(from_dir, from_api);
     assert!(from_dir.contains("verdict: the log verifies"), "{from_dir}");
-    let independent = || {
+    let independent_with = |key: &str| {
         std::process::Command::new(interop_python())
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/tiles_check.py"))
             .arg(&mirror)
-            .arg(&key)
+            .arg(key)
             .output()
             .unwrap()
     };
+    let independent = || independent_with(&key);
+    // Each alteration refused with its reason, then undone.
+    let refused = |file: &Path, change: &dyn Fn(&mut Vec<u8>), reason: &str, with: &str| {
+        let original = std::fs::read(file).unwrap();
+        let mut bytes = original.clone();
+        change(&mut bytes);
+        std::fs::write(file, &bytes).unwrap();
+        let out = independent_with(with);
+        std::fs::write(file, &original).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(reason),
+            "{reason}: {stderr}"
+        );
+    };
+    refused(
+        &mirror.join(Tile::hashes(1, 0, (mirrored / 256) as u16).path()),
+        &|b| b[0] ^= 1,
+        "tile/1: not the hashes of the full level-0 tiles",
+        &key,
+    );
+    let size_line = format!("\n{mirrored}\n");
+    refused(
+        &mirror.join("checkpoint"),
+        &|b| {
+            let text = String::from_utf8(b.clone()).unwrap();
+            *b = text
+                .replacen(&size_line, &format!("\n{}\n", mirrored - 1), 1)
+                .into_bytes();
+        },
+        "checkpoint: the signature does not verify",
+        &key,
+    );
+    let (name, rest) = key.split_once('+').unwrap();
+    refused(
+        &mirror.join("checkpoint"),
+        &|_| {},
+        "VKEY: the key ID does not match the name and key",
+        &format!("{name}x+{rest}"),
+    );
     let out = independent();
     let root_line = checkpoint_text.lines().nth(2).unwrap();
     assert_eq!(
