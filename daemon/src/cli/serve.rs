@@ -59,9 +59,7 @@ impl ServeLock {
             store: store.display().to_string(),
             reason,
         };
-        if store == std::path::Path::new(":memory:")
-            || store.to_str().is_some_and(|p| p.starts_with("file:"))
-        {
+        if !crate::store::names_a_file(store) {
             return Err(unavailable(
                 "lavd serve needs a file path for its SQLite store (not `:memory:` or a \
                  `file:` URI)"

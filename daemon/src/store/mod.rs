@@ -529,6 +529,12 @@ pub struct SqliteStore {
     group: audit::GroupCommit,
 }
 
+/// Whether SQLite reads `path` as a file's name: not `:memory:` (an
+/// in-memory database) nor a `file:` URI.
+pub fn names_a_file(path: &Path) -> bool {
+    path != Path::new(":memory:") && !path.to_str().is_some_and(|p| p.starts_with("file:"))
+}
+
 /// Creates `path`, empty and readable by its owner only (0600), if it does
 /// not exist: SQLite would create it under the process's umask (0644 under
 /// a container's usual 022), and its `-wal` and `-shm` files take the main
@@ -539,8 +545,7 @@ pub struct SqliteStore {
 /// The file system's, other than "it exists".
 pub fn create_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    // Names SQLite reads as no file (an in-memory database, a URI).
-    if path == Path::new(":memory:") || path.to_str().is_some_and(|p| p.starts_with("file:")) {
+    if !names_a_file(path) {
         return Ok(());
     }
     match std::fs::OpenOptions::new()
