@@ -45,23 +45,35 @@ impl Scenario {
         serde_json::json!({"warrant": self.warrant, "envelopes": self.envelopes[range]})
     }
 
-    /// Opens the first envelope through `c`, then sends the next two with
-    /// the module holding `C_DestroyObject` (after the derive and the read)
-    /// and kills `daemon` once an open is held there. Returns the log's
-    /// size before the cut request.
-    fn cut(&self, c: &vault::Clients, shim: &Shim, daemon: &mut Daemon) -> u64 {
-        let r = vault::post(&c.agency, "/v1/unwrap", &self.request(0..1));
-        assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
-        let before = vault::tree_size(&c.auditor);
+    /// Sends the envelopes of `range` through `c` with the module holding
+    /// `C_DestroyObject` (after the derive and the read), and returns once
+    /// an open is held there, with the request's thread.
+    fn hold(
+        &self,
+        c: &vault::Clients,
+        shim: &Shim,
+        range: std::ops::Range<usize>,
+    ) -> std::thread::JoinHandle<std::io::Result<softhsm_tests::server::Response>> {
         shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
         let agency = c.agency.clone();
-        let body = self.request(1..3).to_string();
-        let cut =
+        let body = self.request(range).to_string();
+        let held =
             std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
         assert!(
             wait_until(Duration::from_secs(30), || shim.faults() > 0),
             "no open reached the held call"
         );
+        held
+    }
+
+    /// Opens the first envelope through `c`, then sends the next two with
+    /// their opens held ([`Scenario::hold`]) and kills `daemon`. Returns
+    /// the log's size before the cut request.
+    fn cut(&self, c: &vault::Clients, shim: &Shim, daemon: &mut Daemon) -> u64 {
+        let r = vault::post(&c.agency, "/v1/unwrap", &self.request(0..1));
+        assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+        let before = vault::tree_size(&c.auditor);
+        let cut = self.hold(c, shim, 1..3);
         daemon.signal(Signal::KILL);
         daemon.wait_exit(Duration::from_secs(10));
         if let Ok(r) = cut.join().unwrap() {
@@ -72,23 +84,52 @@ impl Scenario {
     }
 }
 
+/// A token with escrow key `E-1`, its config on the fault module, and a
+/// daemon serving it on SQLite.
+struct OnSqlite {
+    t: TestToken,
+    pki: Pki,
+    shim: Shim,
+    daemon: Daemon,
+    parties: Parties,
+}
+
+impl OnSqlite {
+    fn start() -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let shim = Shim::new(&t);
+        // A call deadline far beyond the test: a held call must still be
+        // running when the test acts.
+        t.write_config_hsm(
+            &shim_module_path(),
+            2,
+            "call_timeout_ms = 120000\n",
+            &format!("{}\n{}", shim.hsm_env(), limits()),
+        );
+        vault::generate_escrow_key(&t, "E-1");
+        let daemon = Daemon::start(&t);
+        daemon.wait_readyz(200);
+        let parties = Parties::new(&pki);
+        OnSqlite {
+            t,
+            pki,
+            shim,
+            daemon,
+            parties,
+        }
+    }
+}
+
 #[test]
 fn sqlite_an_open_cut_by_sigkill_is_logged_open_interrupted_at_the_next_start() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    // A call deadline far beyond the test: the held call must still be
-    // running when the kill comes.
-    t.write_config_hsm(
-        &shim_module_path(),
-        2,
-        "call_timeout_ms = 120000\n",
-        &format!("{}\n{}", shim.hsm_env(), limits()),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let mut daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
+    let OnSqlite {
+        t,
+        pki,
+        shim,
+        mut daemon,
+        parties,
+    } = OnSqlite::start();
     let c = parties.clients(&pki, daemon.api);
     let scenario = Scenario::new(&c);
     let before = scenario.cut(&c, &shim, &mut daemon);
@@ -269,37 +310,24 @@ fn sqlite_a_corrupt_intent_row_stops_the_start_naming_it() {
 /// One `lavd serve` per SQLite store. A second one on a file another is
 /// serving, while that one holds an open intent in flight (its HSM open
 /// held in the module), stops at its start before it opens the store: exit
-/// 1 with its code, the lock and its holder named. It wrote nothing: not
+/// 1 with its code and the store named, by the file's path or another
+/// (a symlink). It wrote nothing: not
 /// the in-flight intent's leaves (which it would have taken for a crashed
 /// run's), not its own `authorities_loaded`. The held request then ends
 /// `ok`, logged once; once the first daemon stops, a new one starts.
 #[test]
 fn sqlite_a_second_serve_on_a_served_store_stops_at_its_start() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    t.write_config_hsm(
-        &shim_module_path(),
-        2,
-        "call_timeout_ms = 120000\n",
-        &format!("{}\n{}", shim.hsm_env(), limits()),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let mut first = Daemon::start(&t);
-    first.wait_readyz(200);
-    let parties = Parties::new(&pki);
+    let OnSqlite {
+        t,
+        pki,
+        shim,
+        daemon: mut first,
+        parties,
+    } = OnSqlite::start();
     let c = parties.clients(&pki, first.api);
     let scenario = Scenario::new(&c);
     let before = vault::tree_size(&c.auditor);
-    shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
-    let agency = c.agency.clone();
-    let body = scenario.request(0..2).to_string();
-    let held =
-        std::thread::spawn(move || agency.request("POST", "/v1/unwrap", Some(body.as_bytes())));
-    assert!(
-        wait_until(Duration::from_secs(30), || shim.faults() > 0),
-        "no open reached the held call"
-    );
+    let held = scenario.hold(&c, &shim, 0..2);
     let count = |table: &str| -> i64 {
         rusqlite::Connection::open(t.path("lavd.db"))
             .unwrap()
