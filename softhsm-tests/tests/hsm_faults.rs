@@ -38,17 +38,23 @@ fn bound() -> Duration {
     2 * CALL_TIMEOUT + Duration::from_secs(5)
 }
 
-fn fault_under_load(fault: &str) {
-    let started = Instant::now();
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
+/// `t`'s config on the fault module, with the call deadline and limits of
+/// these tests.
+fn configure(t: &TestToken, shim: &Shim) {
     t.write_config_hsm(
         &shim_module_path(),
         2,
         &format!("call_timeout_ms = {}\n", CALL_TIMEOUT.as_millis()),
         &format!("{}\n{}", shim.hsm_env(), limits()),
     );
+}
+
+fn fault_under_load(fault: &str) {
+    let started = Instant::now();
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    configure(&t, &shim);
     let id = format!("W-{fault}");
     let case = Case::start(&t, pki, &id);
     let (mut readyz_after, mut direct) = (Duration::ZERO, Duration::ZERO);
@@ -141,12 +147,7 @@ fn a_start_that_cannot_sign_its_checkpoint_stops_with_hsm_unavailable() {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let shim = Shim::new(&t);
-    t.write_config_hsm(
-        &shim_module_path(),
-        2,
-        &format!("call_timeout_ms = {}\n", CALL_TIMEOUT.as_millis()),
-        &format!("{}\n{}", shim.hsm_env(), limits()),
-    );
+    configure(&t, &shim);
     // The audit key first (`lavd keys generate-audit`), through the module.
     let first = Daemon::start(&t);
     first.wait_readyz(200);
