@@ -295,6 +295,21 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
     );
     assert!(stderr.contains("elsewhere.db does not exist"), "{stderr}");
     assert!(!t.path("elsewhere.db").exists());
+    // Another application's SQLite file: refused, and left as it was.
+    let other = rusqlite::Connection::open(t.path("elsewhere.db")).unwrap();
+    other.execute("CREATE TABLE notes (body TEXT)", []).unwrap();
+    drop(other);
+    let before = std::fs::read(t.path("elsewhere.db")).unwrap();
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]),
+        1,
+        "store_unproven",
+    );
+    assert!(
+        stderr.contains("elsewhere.db is not a lavd store"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(t.path("elsewhere.db")).unwrap(), before);
     std::fs::write(t.config(), config).unwrap();
     assert_eq!(privates(&session, &label), 1, "refused: the pair stays");
     // A start signs the store's first checkpoint with the token's key.

@@ -144,6 +144,23 @@ impl KeysCommand {
                     if !path.exists() {
                         return Err(unproven(format!("{} does not exist", path.display())).into());
                     }
+                    // Nor migrated: a file lavd never wrote is not its store,
+                    // and opening it as one would write lavd's tables into it.
+                    let version = rusqlite::Connection::open_with_flags(
+                        path,
+                        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                    )
+                    .and_then(|c| {
+                        c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+                    })
+                    .map_err(|e| unproven(format!("{} cannot be read: {e}", path.display())))?;
+                    if version == 0 {
+                        return Err(unproven(format!(
+                            "{} is not a lavd store (no schema)",
+                            path.display()
+                        ))
+                        .into());
+                    }
                 }
                 let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
                 let hsm = Hsm::open(settings.hsm)?;
