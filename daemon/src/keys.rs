@@ -307,19 +307,37 @@ pub fn generate(
 /// is written for it. The token cannot tell it from the pair of a key
 /// generated after the backup a store was restored from, which was
 /// published: the operator's command must only follow a stopped
-/// generation, and the caller must have shown that `store` is the token's
-/// ([`KeyError::StoreUnproven`]). The store is read before and after: a kid
+/// generation. Nothing is removed unless `store` is shown to be the
+/// token's: its newest checkpoint verifies under the token's audit key
+/// (`log`, built on `store` and `hsm`), else [`KeyError::StoreUnproven`];
+/// in another store every kid looks unrecorded. The store is read before and after: a kid
 /// it records is refused, and one a generation running at the same time
 /// recorded between the two reads is reported (one that commits later is
 /// not: it is then a recorded key without its private half, never
 /// published, since the published keys are checked against the token).
 ///
 /// # Errors
-/// [`KeyError::InvalidKid`], [`KeyError::Recorded`],
-/// [`KeyError::RecordedWhileDiscarded`], [`KeyError::StillPresent`], or an
-/// HSM/store failure.
-pub fn discard_orphan(hsm: &Hsm, store: &dyn KeyStore, kid: &str) -> Result<bool, KeyError> {
+/// [`KeyError::InvalidKid`], [`KeyError::StoreUnproven`],
+/// [`KeyError::Recorded`], [`KeyError::RecordedWhileDiscarded`],
+/// [`KeyError::StillPresent`], or an HSM/store failure.
+pub fn discard_orphan(
+    hsm: &Hsm,
+    store: &(impl KeyStore + AuditStore),
+    log: &crate::audit::log::AuditLog,
+    kid: &str,
+) -> Result<bool, KeyError> {
     check_kid(kid)?;
+    if store.latest_checkpoint()?.is_none() {
+        return Err(KeyError::StoreUnproven(
+            "it holds no checkpoint (a store that never served: start `lavd serve` on it once)"
+                .into(),
+        ));
+    }
+    if let Some(reason) = log.inconsistency() {
+        return Err(KeyError::StoreUnproven(format!(
+            "its newest checkpoint does not verify under the token's audit key ({reason})"
+        )));
+    }
     if store.get_key(kid)?.is_some() {
         return Err(KeyError::Recorded(kid.to_string()));
     }

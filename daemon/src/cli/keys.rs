@@ -134,7 +134,6 @@ impl KeysCommand {
                 );
             }
             KeysCommand::DiscardOrphan { config, kid } => {
-                use crate::store::AuditStore as _;
                 let settings = config.load()?;
                 keys::check_kid(&kid)?;
                 let unproven = |why: String| keys::KeyError::StoreUnproven(why);
@@ -164,33 +163,19 @@ impl KeysCommand {
                 }
                 let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
                 let hsm = Hsm::open(settings.hsm)?;
-                // The newest checkpoint verifies under the token's audit
-                // key: the store is this token's log (or a copy of it).
-                let audit = crate::audit::log::AuditLog::new(
+                // What shows the store to be this token's (in
+                // `keys::discard_orphan`): its newest checkpoint under the
+                // token's audit key.
+                let log = crate::audit::log::AuditLog::new(
                     store.clone(),
                     hsm.clone(),
                     &settings.audit.key_label,
                     &settings.audit.origin,
                 )?;
-                if store.latest_checkpoint()?.is_none() {
-                    return Err(unproven(
-                        "it holds no checkpoint (a store that never served: start `lavd serve` \
-                         on it once)"
-                            .into(),
-                    )
-                    .into());
-                }
-                if let Some(reason) = audit.inconsistency() {
-                    return Err(unproven(format!(
-                        "its newest checkpoint does not verify under the token's audit key \
-                         ({reason})"
-                    ))
-                    .into());
-                }
                 let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
                 // For the record: the key that is removed, when whole.
                 let public = hsm.escrow_public_key(&kid).ok();
-                if keys::discard_orphan(&hsm, store.as_ref(), &kid)? {
+                if keys::discard_orphan(&hsm, store.as_ref(), &log, &kid)? {
                     let jwk = public
                         .map(|p| serde_json::to_string(&p.to_jwk()))
                         .transpose()?

@@ -41,47 +41,44 @@ use crate::store::Store;
 /// every POSIX lock the process holds on it, SQLite's included, and
 /// connections may outlive `run` (blocking tasks still running at the
 /// runtime's shutdown). The kernel closes it at exit.
-struct ServeLock;
-
-impl ServeLock {
-    /// Takes the lock of the SQLite store at `store` (creating the file,
-    /// empty and 0600, if it does not exist), without waiting, for the
-    /// rest of the process.
-    ///
-    /// # Errors
-    /// [`crate::store::StoreError::InUse`] when another process holds it;
-    /// [`crate::store::StoreError::Unavailable`] for a name SQLite would
-    /// not read as a file (`:memory:`, a `file:` URI), or a file that
-    /// cannot be opened or locked.
-    fn take(store: &std::path::Path) -> Result<(), crate::store::StoreError> {
-        use rustix::fs::{flock, FlockOperation};
-        let unavailable = |reason: String| crate::store::StoreError::Unavailable {
-            store: store.display().to_string(),
-            reason,
-        };
-        if !crate::store::names_a_file(store) {
-            return Err(unavailable(
-                "lavd serve needs a file path for its SQLite store (not `:memory:` or a \
+///
+/// Takes this lock on the SQLite store at `store` (creating the file, empty and
+/// 0600, if it does not exist), without waiting, for the rest of the
+/// process.
+///
+/// # Errors
+/// [`crate::store::StoreError::InUse`] when another process holds it;
+/// [`crate::store::StoreError::Unavailable`] for a name SQLite would
+/// not read as a file (`:memory:`, a `file:` URI), or a file that
+/// cannot be opened or locked.
+fn lock_sqlite_store(store: &std::path::Path) -> Result<(), crate::store::StoreError> {
+    use rustix::fs::{flock, FlockOperation};
+    let unavailable = |reason: String| crate::store::StoreError::Unavailable {
+        store: store.display().to_string(),
+        reason,
+    };
+    if !crate::store::names_a_file(store) {
+        return Err(unavailable(
+            "lavd serve needs a file path for its SQLite store (not `:memory:` or a \
                  `file:` URI)"
-                    .into(),
-            ));
+                .into(),
+        ));
+    }
+    crate::store::create_private(store)
+        .map_err(|e| unavailable(format!("cannot create the store file: {e}")))?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .open(store)
+        .map_err(|e| unavailable(format!("cannot open it to lock it: {e}")))?;
+    match flock(&file, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {
+            std::mem::forget(file);
+            Ok(())
         }
-        crate::store::create_private(store)
-            .map_err(|e| unavailable(format!("cannot create the store file: {e}")))?;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .open(store)
-            .map_err(|e| unavailable(format!("cannot open it to lock it: {e}")))?;
-        match flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {
-                std::mem::forget(file);
-                Ok(())
-            }
-            Err(rustix::io::Errno::WOULDBLOCK) => Err(crate::store::StoreError::InUse {
-                store: store.display().to_string(),
-            }),
-            Err(e) => Err(unavailable(format!("cannot lock it: {e}"))),
-        }
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(crate::store::StoreError::InUse {
+            store: store.display().to_string(),
+        }),
+        Err(e) => Err(unavailable(format!("cannot lock it: {e}"))),
     }
 }
 
@@ -124,7 +121,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before the store is opened (migrated, its orphaned intents written);
     // held until the process ends.
     if let crate::store::StoreSettings::Sqlite { path } = &settings.store {
-        ServeLock::take(path)?;
+        lock_sqlite_store(path)?;
     }
     let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
