@@ -31,6 +31,7 @@ pub struct Metrics {
     hsm_call_timeouts: IntCounter,
     request_body_bytes_held: IntGauge,
     store_commit_seconds: HistogramVec,
+    unwrap_phase_seconds: HistogramVec,
     store_retries: IntCounter,
     tls_handshake_failures: IntCounterVec,
     connections_open: IntGauge,
@@ -66,6 +67,12 @@ pub struct Scraped {
 /// SQLite commits with fsync).
 const FAST_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets for a request's phases: an intent commit's fraction of a
+/// millisecond to a large batch's HSM opens on a network HSM.
+const PHASE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
 ];
 /// Buckets for whole requests.
 const REQUEST_BUCKETS: &[f64] = &[
@@ -163,6 +170,15 @@ impl Metrics {
             &["op"],
             FAST_BUCKETS,
         )?;
+        let unwrap_phase_seconds = histogram(
+            "lavd_unwrap_phase_seconds",
+            "Each successful POST /v1/unwrap's time, by phase: admit (request, warrant and \
+             envelopes checked, leaves built), intent (budget reserved and open intent \
+             committed), hsm (the HSM opens), audit (leaves and spend committed, checkpoint \
+             signed), witness (the cosigned checkpoint), reply (sealed and encoded).",
+            &["phase"],
+            PHASE_BUCKETS,
+        )?;
         let store_retries = IntCounter::new(
             "lavd_store_retries_total",
             "Store transactions run again after a serialization failure or a deadlock \
@@ -233,6 +249,7 @@ impl Metrics {
             request_body_bytes_held,
             hsm_call_timeouts,
             store_commit_seconds,
+            unwrap_phase_seconds,
             store_retries,
             tls_handshake_failures,
             connections_open,
@@ -267,6 +284,16 @@ impl Metrics {
         self.store_commit_seconds
             .with_label_values(&[op])
             .observe(seconds);
+    }
+
+    /// One successful unwrap's phases, each `(phase, time)`
+    /// ([`crate::unwrap::Phases::each`]).
+    pub fn unwrap_phases(&self, phases: &[(&'static str, std::time::Duration)]) {
+        for (phase, time) in phases {
+            self.unwrap_phase_seconds
+                .with_label_values(&[phase])
+                .observe(time.as_secs_f64());
+        }
     }
 
     /// One API connection refused during or right after the TLS handshake.
@@ -437,6 +464,7 @@ mod tests {
         m.request("unmatched", 404, 0.001);
         m.envelope("out_of_window");
         m.store_commit("audit_append", 0.003);
+        m.unwrap_phases(&[("hsm", std::time::Duration::from_millis(300))]);
         m.tls_handshake_failure("certificate_expired");
         m.operation("ecdh", 0.0002, true);
         m.sessions_busy(3);
@@ -451,6 +479,8 @@ mod tests {
             "lavd_http_requests_total{route=\"unmatched\",status=\"404\"} 1",
             "lavd_envelopes_total{outcome=\"out_of_window\"} 1",
             "lavd_store_commit_duration_seconds_count{op=\"audit_append\"} 1",
+            "lavd_unwrap_phase_seconds_bucket{phase=\"hsm\",le=\"0.25\"} 0",
+            "lavd_unwrap_phase_seconds_bucket{phase=\"hsm\",le=\"0.5\"} 1",
             "lavd_tls_handshake_failures_total{reason=\"certificate_expired\"} 1",
             "lavd_hsm_operation_duration_seconds_count{op=\"ecdh\",result=\"ok\"} 1",
             "lavd_hsm_sessions_busy 3",

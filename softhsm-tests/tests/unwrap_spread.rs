@@ -20,7 +20,9 @@
 //! - the pool is shared fairly: single-envelope requests sent while a
 //!   1000-envelope batch runs at 1 ms per PKCS#11 call finish before it, and
 //!   that batch itself keeps several sessions busy at once (and its body
-//!   counts against `max_body_bytes_in_flight` while it is served).
+//!   counts against `max_body_bytes_in_flight` while it is served);
+//! - `lavd_unwrap_phase_seconds` puts a batch's time where it went: at 1 ms
+//!   a call, in its HSM opens and its checkpoint signature.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -408,4 +410,78 @@ fn a_body_stays_counted_while_its_work_goes_on_after_the_client_left() {
         daemon.metric(HELD) == 0.0
     });
     shim.set("");
+}
+
+/// `lavd_unwrap_phase_seconds` says where a request's time went. At 1 ms a
+/// PKCS#11 call, a 200-envelope batch on 4 sessions spends at least
+/// 4 calls × 200 / 4 × 1 ms = 200 ms in its HSM opens, and its audit phase
+/// at least the checkpoint signature's 2 calls (`C_SignInit`, `C_Sign`);
+/// the phases that call no HSM take less than half the opens' time; each
+/// phase is observed once; together they take no longer than the request.
+#[test]
+fn the_phases_of_an_unwrap_say_where_its_time_went() {
+    const PHASES: [&str; 6] = ["admit", "intent", "hsm", "audit", "witness", "reply"];
+    let series =
+        |phase: &str, what: &str| format!("lavd_unwrap_phase_seconds_{what}{{phase=\"{phase}\"}}");
+    let (_t, pki, shim, daemon) = start(4);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("SPREAD-PHASES", recipient.public(), 200));
+    let envelopes = batch(&escrow, "phases", 200);
+    let read = || {
+        PHASES.map(|p| {
+            (
+                daemon.metric(&series(p, "sum")),
+                daemon.metric(&series(p, "count")),
+            )
+        })
+    };
+    let before = read();
+
+    shim.set("delay_us = 1000");
+    let started = Instant::now();
+    let r = unwrap(&c.agency, &warrant, &envelopes);
+    let took = started.elapsed().as_secs_f64();
+    shim.set("");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), vec!["ok"; 200]);
+
+    let after = read();
+    let spent: Vec<(&str, f64)> = PHASES
+        .iter()
+        .zip(after.iter().zip(&before))
+        .map(|(phase, ((sum, count), (sum0, count0)))| {
+            assert_eq!(
+                count - count0,
+                1.0,
+                "phase {phase} observed {} times",
+                count - count0
+            );
+            (*phase, sum - sum0)
+        })
+        .collect();
+    let of = |phase: &str| spent.iter().find(|(p, _)| *p == phase).unwrap().1;
+    assert!(
+        of("hsm") >= 0.2,
+        "HSM opens took {} s: {spent:?}",
+        of("hsm")
+    );
+    assert!(
+        of("audit") >= 0.002,
+        "the audit phase took {} s: {spent:?}",
+        of("audit")
+    );
+    for phase in ["admit", "intent", "witness", "reply"] {
+        assert!(
+            of(phase) < of("hsm") / 2.0,
+            "{phase} took as long as the HSM: {spent:?}"
+        );
+    }
+    let total: f64 = spent.iter().map(|(_, s)| s).sum();
+    assert!(
+        total <= took,
+        "the phases took {total} s, the request {took} s: {spent:?}"
+    );
 }

@@ -232,6 +232,7 @@ pub(crate) async fn post_unwrap(
             return Err(unwrap_error(e).into());
         }
     };
+    state.metrics.unwrap_phases(&done.phases.each());
     for _ in 0..done.opened {
         state.metrics.envelope("ok");
     }

@@ -179,6 +179,56 @@ pub struct Unwrapped {
     pub denied: BTreeMap<&'static str, usize>,
     /// Where the request's leaves are.
     pub receipt: Receipt,
+    /// Where its time went.
+    pub phases: Phases,
+}
+
+/// Where a successful unwrap's time went, phase by phase, in the order they
+/// run (`lavd_unwrap_phase_seconds`): what an operator reads to see whether
+/// a slow request waited on the HSM, the store or its own work.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Phases {
+    /// The request, the warrant and every envelope parsed and checked, the
+    /// keys read, the leaves built: up to the budget.
+    pub admit: std::time::Duration,
+    /// The budget reserved and the open intent written, one durable commit.
+    pub intent: std::time::Duration,
+    /// The HSM opens, spread over the session pool.
+    pub hsm: std::time::Duration,
+    /// The audit append (leaves and spend, one durable commit, group commit
+    /// included) and the checkpoint signature over it.
+    pub audit: std::time::Duration,
+    /// The witnesses' cosigned checkpoint (a wait under
+    /// `release_after_witness` only).
+    pub witness: std::time::Duration,
+    /// The opened keys sealed to the recipient and the reply encoded.
+    pub reply: std::time::Duration,
+}
+
+impl Phases {
+    /// Each phase with its label, in order.
+    pub fn each(&self) -> [(&'static str, std::time::Duration); 6] {
+        [
+            ("admit", self.admit),
+            ("intent", self.intent),
+            ("hsm", self.hsm),
+            ("audit", self.audit),
+            ("witness", self.witness),
+            ("reply", self.reply),
+        ]
+    }
+}
+
+/// Times consecutive phases: each call returns the time since the last.
+struct Lap(std::time::Instant);
+
+impl Lap {
+    fn next(&mut self) -> std::time::Duration {
+        let now = std::time::Instant::now();
+        let lap = now - self.0;
+        self.0 = now;
+        lap
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,6 +329,8 @@ pub fn unwrap(
     body: &[u8],
     clock: &dyn Fn() -> OffsetDateTime,
 ) -> Result<Unwrapped, UnwrapError> {
+    let mut lap = Lap(std::time::Instant::now());
+    let mut phases = Phases::default();
     let request: Request<'_> =
         crate::codec::from_object_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
     let (envelopes, got) = batch(request.envelopes, ctx.max_batch)?;
@@ -458,6 +510,7 @@ pub fn unwrap(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| UnwrapError::Internal(format!("open intent: {e}")))?;
     debug_assert_eq!(intent.len() as u64, candidates);
+    phases.admit = lap.next();
     let reservation = match ctx.store.reserve_with_intent(warrant.id(), &intent) {
         Ok(r) => r,
         Err(StoreError::WarrantRevoked(id)) => {
@@ -476,6 +529,7 @@ pub fn unwrap(
         Err(e) => return Err(e.into()),
     };
     drop(intent);
+    phases.intent = lap.next();
     let mut granted = reservation.granted();
     let intent = reservation.intent();
     interrupted.truncate(usize::try_from(granted).unwrap_or(usize::MAX));
@@ -524,6 +578,7 @@ pub fn unwrap(
     let builder = ReplyBuilder::new(warrant.recipient())
         .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")));
     let outcomes = opening.wait();
+    phases.hsm = lap.next();
     let mut opened = 0u64;
     let mut hsm_failure = None;
     // Whether the token still finds the audit key, asked once per request.
@@ -726,6 +781,7 @@ pub fn unwrap(
         return Err(lapsed.into());
     }
     let mut builder = builder?;
+    phases.audit = lap.next();
     let checkpoint = witnessed(ctx, &receipt, opened)?;
     // Under `release_after_witness` that wait can take seconds: a
     // revocation committed meanwhile (its admin already told `revoked`)
@@ -761,6 +817,8 @@ pub fn unwrap(
         }
     }
 
+    phases.witness = lap.next();
+
     // Release: seal the opened DEKs to the warrant's recipient, in order.
     let mut denied = BTreeMap::new();
     for release in &releases {
@@ -779,12 +837,15 @@ pub fn unwrap(
         first_index: receipt.appended.first_index,
         count: receipt.appended.count,
     });
+    let reply = reply.to_json();
+    phases.reply = lap.next();
     Ok(Unwrapped {
-        reply: reply.to_json(),
+        reply,
         warrant_id: warrant.id().to_string(),
         opened: opened as usize,
         denied,
         receipt,
+        phases,
     })
 }
 

@@ -38,7 +38,8 @@
 //!   round trip every request pays: mTLS, HTTP, routing, the blocking pool);
 //!   and, from the daemon's own histograms over the 1-client requests, the
 //!   mean time from request head to response, of its HSM derive, of its
-//!   checkpoint signature and of its audit append transaction;
+//!   checkpoint signature, of its audit append transaction and of each
+//!   phase of the unwrap (`lavd_unwrap_phase_seconds`);
 //! - (e) the daemon's peak RSS (`VmHWM`) after all of (c), 16 clients ×
 //!   1000 envelopes included, on the daemon that ran it (and (d) before
 //!   it): the target, as an operator would read it from outside; and how
@@ -62,7 +63,9 @@
 //!   module on 1 and 16 sessions: the host's own floor (timer wake-ups, the
 //!   hypervisor's share), which no daemon can beat; and in both modes the
 //!   time this program's own 16 sessions take to finish exactly 1000 opens
-//!   (median of 3), a batch's shape with no lavd code;
+//!   (median of 3), a batch's shape with no lavd code; and, in the target's
+//!   mode, the mean time of each phase of the daemon's batches
+//!   (`lavd_unwrap_phase_seconds`): what lavd adds, and where;
 //! - (h) batch-1000 throughput, audit commits per second and
 //!   single-envelope p50/p99 on 1 replica over SQLite, 1 over PostgreSQL
 //!   and 3 over PostgreSQL, every daemon with (c)'s HSM pool (needs the
@@ -292,7 +295,8 @@ fn main() -> std::process::ExitCode {
             let single = unwrap_body(&warrant, &envelope_json[..1]);
             let requests = latency_requests(&options);
             for clients in [1usize, 8] {
-                let before = (clients == 1).then(|| DaemonMeans::read(&daemon));
+                let before = (clients == 1)
+                    .then(|| DaemonMeans::read(&daemon, &[&D_INSIDE, &UNWRAP_PHASES]));
                 let Latency { p50, p99, mean } =
                     latency(std::slice::from_ref(&agency), &single, clients, requests);
                 report.row(
@@ -312,7 +316,8 @@ fn main() -> std::process::ExitCode {
                     // the daemon, from its own histograms: means, so
                     // beside the client's mean.
                     report.row("d", "single-envelope mean, 1 client(s)", mean * 1e3, "ms");
-                    for (what, mean) in DaemonMeans::read(&daemon).since(&before) {
+                    let after = DaemonMeans::read(&daemon, &[&D_INSIDE, &UNWRAP_PHASES]);
+                    for (what, mean) in after.since(&before) {
                         report.row(
                             "d",
                             &format!("inside the daemon, 1 client (mean): {what}"),
@@ -546,6 +551,7 @@ fn main() -> std::process::ExitCode {
             }
             // The median of three batches: one is too exposed to a
             // neighbour's burst.
+            let before = DaemonMeans::read(&daemon, &[&UNWRAP_PHASES]);
             let mut times: Vec<f64> = (0..3)
                 .map(|_| {
                     let started = Instant::now();
@@ -558,6 +564,14 @@ fn main() -> std::process::ExitCode {
                 })
                 .collect();
             report.row("g", mode.batch_row, median(&mut times) * 1e3, "ms");
+            if mode.key == G_LATENCY.key {
+                // Where those batches' time went, from the daemon's own
+                // histograms.
+                let after = DaemonMeans::read(&daemon, &[&UNWRAP_PHASES]);
+                for (what, mean) in after.since(&before) {
+                    report.row("g", &g_inside_row(what), mean * 1e3, "ms");
+                }
+            }
         }
         let ideal = (CALLS_PER_OPEN * 1000 * SHIM_DELAY_US) as f64 / 1e6 / SHIM_POOL as f64;
         report.row("g", G_IDEAL, ideal * 1e3, "ms");
@@ -949,6 +963,14 @@ fn g_idle_row(sessions: usize) -> String {
     )
 }
 
+/// A row of (g)'s split of its batches' time inside the daemon.
+fn g_inside_row(what: &str) -> String {
+    format!(
+        "inside the daemon, one 1000-envelope /v1/unwrap, {} (mean of 3): {what}",
+        G_LATENCY.label
+    )
+}
+
 /// Rows the target ratios read.
 const G_IDEAL: &str = "ideal (4 calls × 1000 × 1 ms / 16 sessions)";
 const D_DERIVE: &str = "one derive+read+destroy (mean, 1 session)";
@@ -984,35 +1006,75 @@ const D_INSIDE: [(&str, &str, &str); 4] = [
     ),
 ];
 
-/// The sums and counts of [`D_INSIDE`]'s histograms at one moment.
-struct DaemonMeans(Vec<(f64, f64)>);
+/// The daemon's `lavd_unwrap_phase_seconds`, which splits each successful
+/// unwrap's time: what each phase holds, and its series.
+const UNWRAP_PHASES: [(&str, &str, &str); 6] = [
+    (
+        "phase admit (request, warrant, envelopes checked; leaves built)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"admit\"}",
+    ),
+    (
+        "phase intent (budget reserved, open intent committed)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"intent\"}",
+    ),
+    (
+        "phase hsm (the HSM opens)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"hsm\"}",
+    ),
+    (
+        "phase audit (leaves and spend committed, checkpoint signed)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"audit\"}",
+    ),
+    (
+        "phase witness (none configured)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"witness\"}",
+    ),
+    (
+        "phase reply (sealed, encoded)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"reply\"}",
+    ),
+];
+
+/// The sums and counts of some of the daemon's histograms at one moment:
+/// each `(what it measures, name, labels)`.
+struct DaemonMeans {
+    series: Vec<(&'static str, &'static str, &'static str)>,
+    values: Vec<(f64, f64)>,
+}
 
 impl DaemonMeans {
-    fn read(daemon: &Daemon) -> Self {
-        Self(
-            D_INSIDE
-                .iter()
-                .map(|(_, name, labels)| {
-                    (
-                        daemon.metric(&format!("{name}_sum{labels}")),
-                        daemon.metric(&format!("{name}_count{labels}")),
-                    )
-                })
-                .collect(),
-        )
+    fn read(daemon: &Daemon, series: &[&[(&'static str, &'static str, &'static str)]]) -> Self {
+        let series: Vec<_> = series.iter().flat_map(|s| s.iter().copied()).collect();
+        let values = series
+            .iter()
+            .map(|(_, name, labels)| {
+                (
+                    daemon.metric(&format!("{name}_sum{labels}")),
+                    daemon.metric(&format!("{name}_count{labels}")),
+                )
+            })
+            .collect();
+        Self { series, values }
     }
 
-    /// The mean of each histogram's observations since `before`, in
-    /// seconds. Every one of them observes each 1-client request, so one
-    /// that observed nothing (a renamed series) stops the run.
+    /// The mean of each histogram's observations since `before` (read of
+    /// the same series), in seconds. Every one of them observes each
+    /// request timed, so one that observed nothing (a renamed series) stops
+    /// the run.
     fn since(&self, before: &Self) -> Vec<(&'static str, f64)> {
-        D_INSIDE
+        self.series
             .iter()
-            .zip(self.0.iter().zip(&before.0))
+            .zip(self.values.iter().zip(&before.values))
             .map(|((what, name, labels), ((sum, count), (sum0, count0)))| {
                 assert!(
                     count > count0,
-                    "the daemon's {name}{labels} observed nothing during (d)"
+                    "the daemon's {name}{labels} observed nothing"
                 );
                 (*what, (sum - sum0) / (count - count0))
             })
