@@ -7,12 +7,14 @@
 //! SoftHSM token for the same tree is byte for byte the one handed out
 //! before (the note has no timestamp; Ed25519 is deterministic).
 //!
-//! A checkpoint's signature is started inside the append transaction, while
-//! its COMMIT runs. When that COMMIT fails (here a deferred foreign key
-//! that SQLite checks only at COMMIT, put in by a trigger on the leaves),
-//! the signature over the tree that never was is dropped: the append fails,
-//! no checkpoint of that size is saved, returned or served, and the next
-//! checkpoint of that size is over the leaves that did commit.
+//! A checkpoint's signature is started inside the append transaction, before
+//! its leaves and tree nodes are written and its COMMIT runs. When that
+//! COMMIT fails (here a deferred foreign key that SQLite checks only at
+//! COMMIT, put in by a trigger on the leaves), or the writing of the rows
+//! does (a trigger that refuses a tree node), the signature over the tree
+//! that never was is dropped: the append fails, no checkpoint of that size
+//! is saved, returned or served, and the next checkpoint of that size is
+//! over the leaves that did commit.
 
 use std::sync::Arc;
 
@@ -79,24 +81,61 @@ fn a_lost_checkpoint_is_signed_again_byte_for_byte() {
     );
 }
 
-/// Makes every later append transaction fail at COMMIT, and no earlier:
-/// each leaf inserted adds a row breaking a deferred foreign key.
-fn fail_commits(t: &TestToken, fail: bool) {
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    db.execute_batch(if fail {
-        "CREATE TABLE trap_parent (id INTEGER PRIMARY KEY);
-         CREATE TABLE trap (parent INTEGER REFERENCES trap_parent (id)
-                            DEFERRABLE INITIALLY DEFERRED);
-         CREATE TRIGGER trap_commit AFTER INSERT ON audit_leaves
-         BEGIN INSERT INTO trap (parent) VALUES (1); END;"
-    } else {
-        "DROP TRIGGER trap_commit; DROP TABLE trap; DROP TABLE trap_parent;"
-    })
-    .unwrap();
+/// Where the append transactions fail.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// At COMMIT, and no earlier: each leaf inserted adds a row breaking a
+    /// deferred foreign key.
+    AtCommit,
+    /// Writing the tree nodes, after the signature has started: a trigger
+    /// refuses them (the statement fails; the transaction stays open).
+    WritingRows,
+}
+
+impl Failure {
+    /// Makes every later append transaction fail so (`fail`), or no longer.
+    fn arm(self, t: &TestToken, fail: bool) {
+        let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+        db.execute_batch(match (self, fail) {
+            (Failure::AtCommit, true) => {
+                "CREATE TABLE trap_parent (id INTEGER PRIMARY KEY);
+                 CREATE TABLE trap (parent INTEGER REFERENCES trap_parent (id)
+                                    DEFERRABLE INITIALLY DEFERRED);
+                 CREATE TRIGGER trap_commit AFTER INSERT ON audit_leaves
+                 BEGIN INSERT INTO trap (parent) VALUES (1); END;"
+            }
+            (Failure::AtCommit, false) => {
+                "DROP TRIGGER trap_commit; DROP TABLE trap; DROP TABLE trap_parent;"
+            }
+            (Failure::WritingRows, true) => {
+                "CREATE TRIGGER trap_write BEFORE INSERT ON audit_nodes
+                 BEGIN SELECT RAISE(ABORT, 'test: the tree node is refused'); END;"
+            }
+            (Failure::WritingRows, false) => "DROP TRIGGER trap_write;",
+        })
+        .unwrap();
+    }
+
+    /// What the failed append's error says.
+    fn says(self) -> &'static [&'static str] {
+        match self {
+            Failure::AtCommit => &["FOREIGN KEY"],
+            Failure::WritingRows => &[
+                "writing the audit leaves: ",
+                "test: the tree node is refused",
+            ],
+        }
+    }
 }
 
 #[test]
 fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
+    for failure in [Failure::AtCommit, Failure::WritingRows] {
+        a_checkpoint_signed_before_a_failure_is_never_kept(failure);
+    }
+}
+
+fn a_checkpoint_signed_before_a_failure_is_never_kept(failure: Failure) {
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     let log = open_log(&t);
@@ -104,7 +143,7 @@ fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
     // That checkpoint was signed while its commit ran.
     assert_eq!(log.signatures_overlapped(), 1);
 
-    fail_commits(&t, true);
+    failure.arm(&t, true);
     let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap();
     let doomed = lavd::audit::leaf::KeyDestroyed::new("k0", "retention", false, None).unwrap();
     let err = log
@@ -113,10 +152,10 @@ fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
             time: t0,
             spend: Spend::None,
         })
-        .expect_err("an append whose COMMIT fails");
+        .expect_err("an append that fails");
     assert!(
-        matches!(&err, LogError::Store(StoreError::CommitFailed(m)) if m.contains("FOREIGN KEY")),
-        "{err:?}"
+        matches!(&err, LogError::Store(StoreError::CommitFailed(m)) if failure.says().iter().all(|s| m.contains(s))),
+        "{failure:?}: {err:?}"
     );
     // The tree of two leaves was signed, inside the transaction…
     assert_eq!(log.signatures_overlapped(), 2);
@@ -128,7 +167,7 @@ fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
     assert_eq!(log.current_checkpoint().unwrap(), first);
 
     // The next leaf takes index 1; the checkpoint of two leaves is over it.
-    fail_commits(&t, false);
+    failure.arm(&t, false);
     let second = append_key_generated(&log, "k1");
     let key = lavd::audit::note::VerifierKey::parse(&log.verifier_key().unwrap()).unwrap();
     let checkpoint = lavd::audit::note::verify_checkpoint(&second, &key).unwrap();

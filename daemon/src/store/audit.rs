@@ -272,8 +272,9 @@ pub(crate) struct RevokeFound {
 }
 
 /// The tree an append transaction is about to commit, read through that
-/// transaction (which sees its own rows): what the hook of
-/// [`AuditStore::append_with`] is given, before COMMIT.
+/// transaction (its own rows, or on SQLite the new nodes it holds in memory
+/// until it writes them): what the hook of [`AuditStore::append_with`] is
+/// given, before COMMIT.
 ///
 /// # Security
 /// Until the append returns `Ok`, this tree may never exist: the COMMIT can
@@ -396,7 +397,9 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// transaction that carries its batch (group commit: the caller that
     /// finds no commit running commits every batch queued), `before_commit`
     /// is called inside that transaction, once every batch of the group is
-    /// written and just before COMMIT, with the tree it commits. It is not
+    /// checked and its spend written, before COMMIT (on SQLite before the
+    /// leaves and tree nodes are written, so that a signature started there
+    /// overlaps their writing), with the tree it commits. It is not
     /// called when another caller's transaction carries the batch, and it
     /// may be called more than once (PostgreSQL runs a transaction again
     /// after a serialization failure): each call supersedes the ones before,
@@ -668,6 +671,31 @@ struct SqlNodes<'a> {
     store: &'a SqliteStore,
 }
 
+/// An append group's tree before its rows are written: the stored nodes,
+/// and the group's new ones in memory.
+struct GroupNodes<'a> {
+    stored: SqlNodes<'a>,
+    fresh: &'a std::collections::HashMap<(u8, u64), Hash>,
+}
+
+impl HashReader for GroupNodes<'_> {
+    type Error = StoreError;
+
+    fn subtree(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
+        match self.fresh.get(&(level, index)) {
+            Some(hash) => Ok(*hash),
+            None => self.stored.subtree(level, index),
+        }
+    }
+}
+
+/// One batch's leaves (from index `first`) and tree nodes, to be written.
+struct Rows {
+    first: u64,
+    leaves: Vec<Vec<u8>>,
+    nodes: Vec<merkle::Node>,
+}
+
 impl HashReader for SqlNodes<'_> {
     type Error = StoreError;
 
@@ -706,12 +734,19 @@ impl SqliteStore {
 
     /// Appends one batch inside `conn` (a savepoint). Returns what a
     /// revocation found and what a settlement found withdrawn.
-    fn append_in(
+    /// One batch's part of an append transaction, up to its rows: the
+    /// spend (with its checks) written, its leaves encoded and its tree
+    /// nodes computed over the stored nodes and `fresh`, those of the
+    /// group's earlier batches. The leaves and nodes are written by
+    /// [`Self::write_rows`], after the group's tree is handed to the
+    /// commit hook.
+    fn prepare_in(
         &self,
         conn: &Connection,
         batch: &AuditAppend,
         first: u64,
-    ) -> Result<(RevokeFound, Withdrawn), StoreError> {
+        fresh: &std::collections::HashMap<(u8, u64), Hash>,
+    ) -> Result<(RevokeFound, Withdrawn, Rows), StoreError> {
         // The revocation and destruction checks that count: in the
         // transaction that writes the unwrap's leaves, so they see every
         // revocation or destruction whose leaf comes before them in the log
@@ -763,26 +798,42 @@ impl SqliteStore {
             }
         };
         let (leaves, hashes) = encode_leaves(batch, first, settled.map(|id| (id, &withdrawn)))?;
+        let tree = GroupNodes {
+            stored: SqlNodes { conn, store: self },
+            fresh,
+        };
+        let nodes = merkle::appended_nodes_batch(first, &hashes, &tree).map_err(tree_error)?;
+        Ok((
+            found,
+            withdrawn,
+            Rows {
+                first,
+                leaves,
+                nodes,
+            },
+        ))
+    }
+
+    /// Writes the leaves and tree nodes [`Self::prepare_in`] made.
+    fn write_rows(&self, conn: &Connection, rows: &Rows) -> Result<(), StoreError> {
         let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
         let mut insert = conn
             .prepare_cached("INSERT INTO audit_leaves (idx, leaf) VALUES (?1, ?2)")
             .map_err(|e| self.sqlite_err(e))?;
-        for (seq, leaf) in (first..).zip(&leaves) {
+        for (seq, leaf) in (rows.first..).zip(&rows.leaves) {
             insert
                 .execute(params![to_i(seq)?, leaf])
                 .map_err(|e| self.sqlite_err(e))?;
         }
-        let reader = SqlNodes { conn, store: self };
-        let nodes = merkle::appended_nodes_batch(first, &hashes, &reader).map_err(tree_error)?;
         let mut insert = conn
             .prepare_cached("INSERT INTO audit_nodes (level, idx, hash) VALUES (?1, ?2, ?3)")
             .map_err(|e| self.sqlite_err(e))?;
-        for node in nodes {
+        for node in &rows.nodes {
             insert
                 .execute(params![node.level, to_i(node.index)?, node.hash.as_slice()])
                 .map_err(|e| self.sqlite_err(e))?;
         }
-        Ok((found, withdrawn))
+        Ok(())
     }
 
     /// Which of `kids` (as [`opened_kids`] lists them) are destroyed, as
@@ -833,17 +884,28 @@ impl SqliteStore {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| self.sqlite_err(e))?;
             let mut size = self.size_in(&tx)?;
+            // The group's new tree nodes, kept here until they are written:
+            // with the stored ones, the tree as it will commit.
+            let mut fresh = std::collections::HashMap::new();
+            let mut rows = Vec::new();
             for pending in queue.by_ref() {
                 let first = size;
                 let count = pending.batch.events.len() as u64;
                 let result = (|| {
                     let sp = tx.savepoint().map_err(|e| self.sqlite_err(e))?;
-                    let flags = self.append_in(&sp, &pending.batch, first)?;
+                    let prepared = self.prepare_in(&sp, &pending.batch, first, &fresh)?;
                     sp.commit().map_err(|e| self.sqlite_err(e))?;
-                    Ok(flags)
+                    Ok(prepared)
                 })();
                 match result {
-                    Ok((found, withdrawn)) => {
+                    Ok((found, withdrawn, batch_rows)) => {
+                        fresh.extend(
+                            batch_rows
+                                .nodes
+                                .iter()
+                                .map(|n| ((n.level, n.index), n.hash)),
+                        );
+                        rows.push(batch_rows);
                         size += count;
                         done.push((
                             pending,
@@ -873,14 +935,31 @@ impl SqliteStore {
                     }
                 }
             }
+            // The hook (the checkpoint signature, started in the HSM) runs
+            // before the rows are written, so that the signature overlaps
+            // their writing and the commit's flush. What it signs is what
+            // commits, or nothing does: a write that fails below fails the
+            // whole group.
             before_commit(&Uncommitted {
                 size,
-                nodes: &SqlNodes {
-                    conn: &tx,
-                    store: self,
+                nodes: &GroupNodes {
+                    stored: SqlNodes {
+                        conn: &tx,
+                        store: self,
+                    },
+                    fresh: &fresh,
                 },
                 queued: self.group.queued(),
             });
+            for batch_rows in &rows {
+                if let Err(e) = self.write_rows(&tx, batch_rows) {
+                    return Err(StoreError::CommitFailed(if tx.is_autocommit() {
+                        format!("SQLite rolled the append transaction back: {e}")
+                    } else {
+                        format!("writing the audit leaves: {e}")
+                    }));
+                }
+            }
             tx.commit().map_err(|e| self.sqlite_err(e))?;
             Ok(size)
         })();
