@@ -72,7 +72,7 @@ const FAST_BUCKETS: &[f64] = &[
 /// millisecond to a large batch's HSM opens on a network HSM.
 const PHASE_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-    5.0, 10.0,
+    5.0, 10.0, 30.0, 60.0,
 ];
 /// Buckets for whole requests.
 const REQUEST_BUCKETS: &[f64] = &[
@@ -172,10 +172,11 @@ impl Metrics {
         )?;
         let unwrap_phase_seconds = histogram(
             "lavd_unwrap_phase_seconds",
-            "Each successful POST /v1/unwrap's time, by phase: admit (request, warrant and \
-             envelopes checked, leaves built), intent (budget reserved and open intent \
-             committed), hsm (the HSM opens), audit (leaves and spend committed, checkpoint \
-             signed), witness (the cosigned checkpoint), reply (sealed and encoded).",
+            "Each successful POST /v1/unwrap's time, by phase: gate (the wait at the envelope \
+             gate, and readmission after a reload), admit (warrant and envelopes checked, \
+             leaves built), intent (budget reserved and open intent committed), hsm (the HSM \
+             opens), audit (leaves and spend committed, checkpoint signed), witness (the \
+             cosigned checkpoint), reply (sealed and encoded).",
             &["phase"],
             PHASE_BUCKETS,
         )?;

@@ -121,7 +121,7 @@ impl Failure {
         match self {
             Failure::AtCommit => &["FOREIGN KEY"],
             Failure::WritingRows => &[
-                "writing the audit leaves: ",
+                "writing the audit leaves and tree nodes: ",
                 "test: the tree node is refused",
             ],
         }

@@ -874,12 +874,14 @@ impl AuditLog {
     }
 
     /// The hook [`Self::append`] gives the store: called inside the append
-    /// transaction, just before COMMIT, by the caller that commits it.
+    /// transaction, before COMMIT (on SQLite before the leaves and tree
+    /// nodes are written), by the caller that commits it.
     /// Unless another signer holds `latest`, or other appends are queued
     /// behind this transaction (then the commit goes ahead alone, and this
     /// append signs, or finds its leaves covered, after it), it takes
     /// `latest`, proves the uncommitted tree consistent with the last
-    /// checkpoint (the transaction sees its own rows) and starts the
+    /// checkpoint (the transaction sees its own rows, or on SQLite the
+    /// group's new nodes held in memory) and starts the
     /// signature of its root on an HSM worker. A consistency failure
     /// is recorded as for any checkpoint; the append then signs nothing.
     ///

@@ -3,8 +3,10 @@
 //!
 //! Appends use **group commit**: concurrent callers queue their batches, and
 //! whichever caller gets the connection first commits every queued batch in
-//! one transaction (one WAL fsync), each batch inside its own savepoint so
-//! that one failing batch does not sink the others. A batch's budget spend
+//! one transaction (one WAL fsync), each batch's checks and spend inside its
+//! own savepoint so that one batch refused there does not sink the others
+//! (a failure writing the leaves, after the commit hook, fails the whole
+//! group: the hook has seen the group's tree). A batch's budget spend
 //! or revocation ([`Spend`]) commits in the same transaction as its leaves:
 //! there is never a spend without its audit record, nor the reverse. When
 //! [`AuditStore::append`] returns `Ok`, the leaves are durable.
@@ -303,7 +305,7 @@ impl Uncommitted<'_> {
     }
 
     /// Whether other appends of this process were queued, waiting for this
-    /// transaction to end, when it was about to commit.
+    /// transaction to end, when the hook was called.
     pub fn others_queued(&self) -> bool {
         self.queued
     }
@@ -732,14 +734,13 @@ impl SqliteStore {
         }
     }
 
-    /// Appends one batch inside `conn` (a savepoint). Returns what a
-    /// revocation found and what a settlement found withdrawn.
     /// One batch's part of an append transaction, up to its rows: the
     /// spend (with its checks) written, its leaves encoded and its tree
     /// nodes computed over the stored nodes and `fresh`, those of the
     /// group's earlier batches. The leaves and nodes are written by
     /// [`Self::write_rows`], after the group's tree is handed to the
-    /// commit hook.
+    /// commit hook. Returns what a revocation found and what a settlement
+    /// found withdrawn, with the rows.
     fn prepare_in(
         &self,
         conn: &Connection,
@@ -860,8 +861,9 @@ impl SqliteStore {
     }
 
     /// Commits every queued batch in one transaction, calling
-    /// `before_commit` just before COMMIT. Called with the connection lock
-    /// held.
+    /// `before_commit` once every batch is checked and its spend written,
+    /// before the leaves and tree nodes are written and COMMIT. Called with
+    /// the connection lock held.
     fn commit_group(
         &self,
         conn: &mut Connection,
@@ -952,11 +954,23 @@ impl SqliteStore {
                 queued: self.group.queued(),
             });
             for batch_rows in &rows {
+                // A read of the hook's, or a write before this one, that
+                // SQLite answered by rolling the whole transaction back
+                // (an I/O error, a full disk): the rows written now would
+                // each commit on their own, without their spends. Nothing
+                // more is written.
+                if tx.is_autocommit() {
+                    return Err(StoreError::CommitFailed(
+                        "SQLite rolled the append transaction back before its leaves were \
+                         written"
+                            .into(),
+                    ));
+                }
                 if let Err(e) = self.write_rows(&tx, batch_rows) {
                     return Err(StoreError::CommitFailed(if tx.is_autocommit() {
                         format!("SQLite rolled the append transaction back: {e}")
                     } else {
-                        format!("writing the audit leaves: {e}")
+                        format!("writing the audit leaves and tree nodes: {e}")
                     }));
                 }
             }

@@ -188,12 +188,17 @@ pub struct Unwrapped {
 /// a slow request waited on the HSM, the store or its own work.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Phases {
-    /// The request, the warrant and every envelope parsed and checked, the
-    /// keys read, the leaves built: up to the budget.
+    /// The request's outer JSON parsed, its turn at the envelope gate
+    /// (`max_envelopes_in_flight`) waited for and, after a reload, the
+    /// caller admitted again.
+    pub gate: std::time::Duration,
+    /// The warrant and every envelope parsed and checked, the keys read,
+    /// the leaves built: up to the budget.
     pub admit: std::time::Duration,
     /// The budget reserved and the open intent written, one durable commit.
     pub intent: std::time::Duration,
-    /// The HSM opens, spread over the session pool.
+    /// The HSM opens, spread over the session pool, and their outcomes
+    /// sorted (on a missing key, a look at the token and the store).
     pub hsm: std::time::Duration,
     /// The audit append (leaves and spend, one durable commit, group commit
     /// included) and the checkpoint signature over it.
@@ -207,8 +212,9 @@ pub struct Phases {
 
 impl Phases {
     /// Each phase with its label, in order.
-    pub fn each(&self) -> [(&'static str, std::time::Duration); 6] {
+    pub fn each(&self) -> [(&'static str, std::time::Duration); 7] {
         [
+            ("gate", self.gate),
             ("admit", self.admit),
             ("intent", self.intent),
             ("hsm", self.hsm),
@@ -348,6 +354,7 @@ pub fn unwrap(
         None => None,
     };
     let verifier = newer.as_deref().unwrap_or(ctx.verifier);
+    phases.gate = lap.next();
     let now = clock();
 
     // Warrant validity and agency (the verifier checks both), then the
@@ -578,7 +585,6 @@ pub fn unwrap(
     let builder = ReplyBuilder::new(warrant.recipient())
         .map_err(|e| UnwrapError::Internal(format!("reply sealing: {e}")));
     let outcomes = opening.wait();
-    phases.hsm = lap.next();
     let mut opened = 0u64;
     let mut hsm_failure = None;
     // Whether the token still finds the audit key, asked once per request.
@@ -670,6 +676,7 @@ pub fn unwrap(
         };
         releases[at] = release;
     }
+    phases.hsm = lap.next();
     for (release, leaf) in releases.iter().zip(leaves.iter_mut()) {
         if let Release::Denied(reason) = release {
             leaf.deny(*reason);

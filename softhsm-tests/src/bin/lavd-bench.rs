@@ -1010,9 +1010,14 @@ const D_INSIDE: [(&str, &str, &str); 4] = [
 
 /// The daemon's `lavd_unwrap_phase_seconds`, which splits each successful
 /// unwrap's time: what each phase holds, and its series.
-const UNWRAP_PHASES: [(&str, &str, &str); 6] = [
+const UNWRAP_PHASES: [(&str, &str, &str); 7] = [
     (
-        "phase admit (request, warrant, envelopes checked; leaves built)",
+        "phase gate (request parsed, its turn at the envelope gate)",
+        "lavd_unwrap_phase_seconds",
+        "{phase=\"gate\"}",
+    ),
+    (
+        "phase admit (warrant, envelopes checked; leaves built)",
         "lavd_unwrap_phase_seconds",
         "{phase=\"admit\"}",
     ),
