@@ -22,7 +22,8 @@
 //!   that batch itself keeps several sessions busy at once (and its body
 //!   counts against `max_body_bytes_in_flight` while it is served);
 //! - `lavd_unwrap_phase_seconds` puts a batch's time where it went: at 1 ms
-//!   a call, in its HSM opens and its checkpoint signature.
+//!   a call, in its HSM opens and its checkpoint signature; a wait at the
+//!   envelope gate, in its `gate` phase.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -502,5 +503,60 @@ fn the_phases_of_an_unwrap_say_where_its_time_went() {
     assert!(
         total <= took,
         "the phases took {total} s, the request {took} s: {spent:?}"
+    );
+}
+
+/// A request that waits for room at the envelope gate
+/// (`max_envelopes_in_flight`) shows that wait as its `gate` phase. With
+/// room for 200 envelopes, a second 200-envelope batch sent while the
+/// first opens (at least 200 ms at 1 ms a call on 4 sessions) waits for it.
+#[test]
+fn a_wait_at_the_envelope_gate_is_the_gate_phase() {
+    const GATE_SUM: &str = "lavd_unwrap_phase_seconds_sum{phase=\"gate\"}";
+    const GATE_COUNT: &str = "lavd_unwrap_phase_seconds_count{phase=\"gate\"}";
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with(
+        &shim_module_path(),
+        4,
+        &format!("{}max_envelopes_in_flight = 200\n", config(&shim)),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("SPREAD-GATE", recipient.public(), 400));
+    let first = batch(&escrow, "gate-a", 200);
+    let second = batch(&escrow, "gate-b", 200);
+    let (waited, counted) = (daemon.metric(GATE_SUM), daemon.metric(GATE_COUNT));
+
+    shim.set("delay_us = 1000");
+    std::thread::scope(|s| {
+        let opening = s.spawn(|| unwrap(&c.agency, &warrant, &first));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while daemon.metric(DERIVES) < 1.0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first batch never reached the HSM"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let r = unwrap(&c.agency, &warrant, &second);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(vault::statuses(&r.json()), vec!["ok"; 200]);
+        let r = opening.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(vault::statuses(&r.json()), vec!["ok"; 200]);
+    });
+    shim.set("");
+    assert_eq!(daemon.metric(GATE_COUNT) - counted, 2.0);
+    let gate = daemon.metric(GATE_SUM) - waited;
+    assert!(
+        gate >= 0.1,
+        "the second batch waited {gate} s at the gate, not the first's opens"
     );
 }
