@@ -74,14 +74,33 @@ fn dek(tag: &str, i: usize) -> Vec<u8> {
 }
 
 fn start(sessions: usize) -> (TestToken, Pki, Shim, Daemon) {
+    start_with(sessions, "")
+}
+
+/// [`start`], with `limits` (lines) added to `[limits]`.
+fn start_with(sessions: usize, limits: &str) -> (TestToken, Pki, Shim, Daemon) {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let shim = Shim::new(&t);
-    t.write_config_with(&shim_module_path(), sessions, &config(&shim));
+    t.write_config_with(
+        &shim_module_path(),
+        sessions,
+        &format!("{}{limits}", config(&shim)),
+    );
     vault::generate_escrow_key(&t, "E-1");
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
     (t, pki, shim, daemon)
+}
+
+/// Returns once the daemon has made its first HSM derive: a batch sent
+/// before is opening.
+fn wait_for_a_derive(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemon.metric(DERIVES) < 1.0 {
+        assert!(Instant::now() < deadline, "the batch never reached the HSM");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn unwrap(
@@ -326,11 +345,7 @@ fn single_envelope_requests_finish_while_a_large_batch_holds_the_pool() {
             r
         });
         // Only once the batch is opening.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while daemon.metric(DERIVES) < 1.0 {
-            assert!(Instant::now() < deadline, "the batch never reached the HSM");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_a_derive(&daemon);
         // Its body, read, still counts against max_body_bytes_in_flight
         // while its request is served (at least a second from here).
         let big_body = serde_json::json!({"warrant": big_warrant, "envelopes": big});
@@ -514,17 +529,7 @@ fn the_phases_of_an_unwrap_say_where_its_time_went() {
 fn a_wait_at_the_envelope_gate_is_the_gate_phase() {
     const GATE_SUM: &str = "lavd_unwrap_phase_seconds_sum{phase=\"gate\"}";
     const GATE_COUNT: &str = "lavd_unwrap_phase_seconds_count{phase=\"gate\"}";
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    t.write_config_with(
-        &shim_module_path(),
-        4,
-        &format!("{}max_envelopes_in_flight = 200\n", config(&shim)),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
+    let (_t, pki, shim, daemon) = start_with(4, "max_envelopes_in_flight = 200\n");
     let parties = Parties::new(&pki);
     let c = parties.clients(&pki, daemon.api);
     let escrow = vault::published_key(&c.provider, "E-1");
@@ -537,14 +542,7 @@ fn a_wait_at_the_envelope_gate_is_the_gate_phase() {
     shim.set("delay_us = 1000");
     std::thread::scope(|s| {
         let opening = s.spawn(|| unwrap(&c.agency, &warrant, &first));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while daemon.metric(DERIVES) < 1.0 {
-            assert!(
-                Instant::now() < deadline,
-                "the first batch never reached the HSM"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_a_derive(&daemon);
         let r = unwrap(&c.agency, &warrant, &second);
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(vault::statuses(&r.json()), vec!["ok"; 200]);
