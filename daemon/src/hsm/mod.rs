@@ -744,9 +744,12 @@ impl Hsm {
                 let outcome = hsm.planned_reset(every);
                 hsm.inner.observer.planned_reset(outcome);
             });
-        if let Err(e) = spawned {
-            inner.resetting.store(false, Ordering::Release);
-            tracing::warn!(error = %e, "cannot start the planned PKCS#11 module reset's thread");
+        match spawned {
+            Ok(thread) => spread::keep_handle(thread),
+            Err(e) => {
+                inner.resetting.store(false, Ordering::Release);
+                tracing::warn!(error = %e, "cannot start the planned PKCS#11 module reset's thread");
+            }
         }
     }
 

@@ -124,6 +124,32 @@ impl Drop for Alive {
     }
 }
 
+/// The handles of the HSM threads ([`keep_handle`]), joined by
+/// [`quiesce`].
+static HANDLES: Mutex<Vec<std::thread::JoinHandle<()>>> = Mutex::new(Vec::new());
+
+/// Keeps an HSM thread's handle for [`quiesce`], and joins the threads
+/// kept before that have finished, so that the list holds about as many
+/// handles as there are threads (a finished thread not joined keeps its
+/// stack), however many module resets start new ones.
+pub(super) fn keep_handle(handle: std::thread::JoinHandle<()>) {
+    let finished = {
+        let mut handles = HANDLES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (finished, running) = std::mem::take(&mut *handles)
+            .into_iter()
+            .partition::<Vec<_>, _>(std::thread::JoinHandle::is_finished);
+        *handles = running;
+        handles.push(handle);
+        finished
+    };
+    // Outside the lock; each returns at once, its thread's work being done.
+    for thread in finished {
+        let _ = thread.join();
+    }
+}
+
 /// Waits, up to `timeout`, until every HSM worker thread has ended, and
 /// says whether they all did. For the end of the process: the last
 /// reference to an [`Hsm`] can be a worker's (the job it just ran held
@@ -132,16 +158,37 @@ impl Drop for Alive {
 /// destructors beside those calls (a crash inside SoftHSM, seen once in
 /// CI). Once every `Hsm` is dropped the workers end as soon as their job
 /// does; a worker held in a hung HSM call does not, hence the timeout.
+///
+/// A thread's count is given back when its work returns, but the thread
+/// ends only after its thread-local destructors have run: among them
+/// OpenSSL's per-thread state, which SoftHSM uses. An exit that overtook
+/// them crashed in libcrypto on `lavd-hsm-0` (a CLI command in CI,
+/// 2026-12-05). So the threads whose work returned are then joined too.
 pub fn quiesce(timeout: Duration) -> bool {
-    let alive = ALIVE
-        .0
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let (alive, _) = ALIVE
-        .1
-        .wait_timeout_while(alive, timeout, |n| *n > 0)
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    *alive == 0
+    let all = {
+        let alive = ALIVE
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (alive, _) = ALIVE
+            .1
+            .wait_timeout_while(alive, timeout, |n| *n > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *alive == 0
+    };
+    let handles = std::mem::take(
+        &mut *HANDLES
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for thread in handles {
+        // A thread still in a hung call is left alone: joining it would
+        // wait for ever.
+        if all || thread.is_finished() {
+            let _ = thread.join();
+        }
+    }
+    all
 }
 
 impl Spreader {
@@ -171,9 +218,12 @@ impl Spreader {
                     let _alive = alive;
                     worker.work();
                 });
-            if let Err(e) = started {
-                spreader.close();
-                return Err(HsmError::Worker(format!("cannot start an HSM worker: {e}")));
+            match started {
+                Ok(thread) => keep_handle(thread),
+                Err(e) => {
+                    spreader.close();
+                    return Err(HsmError::Worker(format!("cannot start an HSM worker: {e}")));
+                }
             }
         }
         Ok(spreader)
