@@ -193,14 +193,19 @@ fn serve(config: &Path) -> anyhow::Result<()> {
         .max_blocking_threads(settings.server.blocking_threads)
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(
+    let result = runtime.block_on(run(
         witness,
         tls,
         &settings.server,
         &settings.admin,
         &settings.limits,
         Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
-    ))
+    ));
+    // As `lavd serve`: blocking tasks still running (a readiness probe
+    // inside a module that does not answer) are not waited for past this;
+    // dropping the runtime would wait for them for ever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result
 }
 
 async fn run(

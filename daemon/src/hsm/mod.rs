@@ -210,6 +210,12 @@ struct Inner {
     opens: std::sync::atomic::AtomicU64,
     /// Whether a planned reset is due or running ([`Hsm::opened`]).
     resetting: std::sync::atomic::AtomicBool,
+    /// Counted among the HSM threads that the end of the process waits for
+    /// (`spread::quiesce`) until every other field is dropped: the last
+    /// `Hsm` may be dropped on a thread that is not counted (a blocking
+    /// thread's readiness probe that outlived the runtime's shutdown), and
+    /// dropping it closes the pool's sessions there. Last, so dropped last.
+    _alive: spread::Alive,
 }
 
 /// Cached key handles, valid for the sessions of one pool generation: a
@@ -334,6 +340,7 @@ impl Hsm {
                 spreader,
                 opens: Default::default(),
                 resetting: Default::default(),
+                _alive: spread::Alive::enter(),
             }),
         };
         // Log in now so that a wrong PIN fails at start, not on the first request.

@@ -100,7 +100,8 @@ impl std::fmt::Debug for Spreader {
 static ALIVE: (Mutex<usize>, Condvar) = (Mutex::new(0), Condvar::new());
 
 /// One worker thread's place in [`ALIVE`], given back when the thread ends
-/// (or when it could not be started).
+/// (or when it could not be started); also held by each open [`Hsm`].
+#[derive(Debug)]
 pub(super) struct Alive;
 
 impl Alive {
@@ -216,6 +217,8 @@ impl Spreader {
                 .name(format!("lavd-hsm-{i}"))
                 .spawn(move || {
                     let _alive = alive;
+                    // Rebound after `_alive`, so dropped before it.
+                    let worker = worker;
                     worker.work();
                 });
             match started {
