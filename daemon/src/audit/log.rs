@@ -889,7 +889,7 @@ impl AuditLog {
     /// store as soon as this one commits, so saving this checkpoint waits
     /// for that commit while `latest` is held, and the callers queued
     /// there could sign a larger tree after it (batch-1 throughput at 16
-    /// clients fell when every group overlapped: `docs/benchmarks.md`).
+    /// clients fell when every group overlapped: `docs/benchmarks-history.md`).
     fn start_signing<'log>(&'log self, overlap: &mut Overlap<'log>, tree: &Uncommitted<'_>) {
         // A signature started by an earlier call belongs to a transaction
         // that was run again (PostgreSQL): it never committed. Dropped here;
