@@ -967,13 +967,22 @@ impl Gate {
 impl Drop for GateGuard<'_> {
     fn drop(&mut self) {
         let mut state = self.gate.lock();
-        if self.exclusive {
+        // Whom the release may let in: after a reset, the calls it held
+        // back; after a call, only a reset waiting for the calls to end
+        // (calls wait only while a reset runs or waits). Without one, the
+        // wake, a system call whether or not anyone waits, is skipped: it
+        // was one an HSM operation.
+        let wake = if self.exclusive {
             state.writer = false;
+            true
         } else {
             state.readers -= 1;
-        }
+            state.writers_waiting > 0
+        };
         drop(state);
-        self.gate.changed.notify_all();
+        if wake {
+            self.gate.changed.notify_all();
+        }
     }
 }
 
@@ -1127,7 +1136,10 @@ mod tests {
         // A waiting reset holds back new calls (it is not starved by them).
         let running = gate.shared();
         std::thread::scope(|s| {
-            let reset = s.spawn(|| gate.exclusive(Duration::from_secs(10)).is_some());
+            let reset = s.spawn(|| {
+                gate.exclusive(Duration::from_secs(10))
+                    .map(|_reset| Instant::now())
+            });
             while gate.lock().writers_waiting == 0 {
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -1138,7 +1150,13 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             let released = Instant::now();
             drop(running);
-            assert!(reset.join().unwrap());
+            let reset_in = reset.join().unwrap().expect("the reset got in");
+            // Woken when the last call ended, not at its own deadline.
+            assert!(
+                reset_in.duration_since(released) < Duration::from_secs(5),
+                "the reset waited {:?} after the last call ended",
+                reset_in.duration_since(released)
+            );
             assert!(call.join().unwrap() >= released);
         });
     }

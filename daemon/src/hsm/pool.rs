@@ -120,10 +120,9 @@ impl Pool {
                     state.queue.pop_front();
                     self.observer.sessions_busy(state.busy());
                     let generation = state.generation;
-                    drop(state);
-                    tried.set(Some(generation));
                     // The next in line may find another idle session.
-                    self.freed.notify_all();
+                    self.wake_waiters(state);
+                    tried.set(Some(generation));
                     return Ok(Lease {
                         pool: self,
                         session: Some(session),
@@ -135,8 +134,7 @@ impl Pool {
                     state.queue.pop_front();
                     state.open += 1;
                     let (slot, generation) = (state.slot, state.generation);
-                    drop(state);
-                    self.freed.notify_all();
+                    self.wake_waiters(state);
                     tried.set(Some(generation));
                     // Opening and logging in happen outside the lock: they may be slow.
                     return match open(slot, generation) {
@@ -154,8 +152,7 @@ impl Pool {
                             let mut state = self.lock();
                             state.open -= 1;
                             self.observer.sessions_busy(state.busy());
-                            drop(state);
-                            self.freed.notify_all();
+                            self.wake_waiters(state);
                             Err(e)
                         }
                     };
@@ -164,9 +161,8 @@ impl Pool {
             let now = Instant::now();
             if now >= deadline {
                 state.queue.retain(|t| *t != ticket);
-                drop(state);
                 // Whoever was behind this caller may be first now.
-                self.freed.notify_all();
+                self.wake_waiters(state);
                 return Err(HsmError::Busy(self.max));
             }
             state = self
@@ -184,7 +180,7 @@ impl Pool {
     /// caller whose session was lost first has already retired the rest, and
     /// sessions opened since then are of the new token.
     pub(super) fn retire(&self, seen: Option<u64>) -> Option<u64> {
-        let (generation, retired) = {
+        let (generation, retired, waiting) = {
             let mut state = self.lock();
             if seen.is_some_and(|seen| seen != state.generation) {
                 return None;
@@ -194,12 +190,15 @@ impl Pool {
             state.open -= state.idle.len();
             let retired = std::mem::take(&mut state.idle);
             self.observer.sessions_busy(state.busy());
-            (state.generation, retired)
+            (state.generation, retired, !state.queue.is_empty())
         };
         // Closing happens outside the lock; errors from a dead token are
         // expected and ignored by cryptoki's Drop.
         drop(retired);
-        self.freed.notify_all();
+        // A caller waiting because the pool was full may open one now.
+        if waiting {
+            self.freed.notify_all();
+        }
         Some(generation)
     }
 
@@ -230,6 +229,7 @@ impl Pool {
         if discard || generation != state.generation {
             state.open -= 1;
             self.observer.sessions_busy(state.busy());
+            let waiting = !state.queue.is_empty();
             drop(state);
             // `C_CloseSession` destroys the session's objects with it
             // (PKCS#11 v2.40 §5.6 and §4.4): a secret that could not be
@@ -242,13 +242,31 @@ impl Pool {
                     tracing::warn!(error = %e, "could not close a discarded HSM session");
                 }
             }
+            // A caller waiting because the pool was full may open one now.
+            if waiting {
+                self.freed.notify_all();
+            }
         } else {
             state.idle.push(session);
             self.observer.sessions_busy(state.busy());
-            drop(state);
+            // Only the first in line may take it: wake them all to find it.
+            self.wake_waiters(state);
         }
-        // Only the first in line may take it: wake them all to find it.
-        self.freed.notify_all();
+    }
+
+    /// Releases the lock and wakes the callers waiting in
+    /// [`Pool::acquire`], if any: every one of them is in `queue`, put there
+    /// under this lock before it waits, so an empty queue means nobody to
+    /// wake, and the wake (a system call whether or not anyone waits) is
+    /// skipped. That is the common case, every session given back and
+    /// taken while the pool has one idle. (`retire` and a discarded
+    /// session's `give_back` make the same check, and wake after closing.)
+    fn wake_waiters(&self, state: MutexGuard<'_, State>) {
+        let waiting = !state.queue.is_empty();
+        drop(state);
+        if waiting {
+            self.freed.notify_all();
+        }
     }
 }
 
