@@ -17,8 +17,10 @@ fn the_pool_never_opens_more_sessions_than_configured() {
     let counts = Arc::new(HsmCounts::default());
     let settings = t.settings().hsm;
     assert_eq!(settings.sessions, 2);
+    let deadline = settings.call_timeout;
     let hsm = Hsm::open_with_observer(settings, counts.clone()).unwrap();
     let escrow = hsm.generate_escrow_key("k2").unwrap().public;
+    let started = std::time::Instant::now();
     std::thread::scope(|s| {
         for _ in 0..8 {
             s.spawn(|| {
@@ -31,6 +33,18 @@ fn the_pool_never_opens_more_sessions_than_configured() {
     });
     let max = counts.max_busy.load(Ordering::SeqCst);
     assert!((1..=2).contains(&max), "max busy sessions {max}");
+    // Six callers wait for a session at any time: each session given back
+    // must wake them. A caller not woken waits for its deadline (the call
+    // deadline) before it looks again.
+    assert!(
+        deadline >= std::time::Duration::from_secs(5),
+        "{deadline:?}"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "200 derives on 2 sessions took {:?}: a caller waited for its deadline",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -319,3 +319,116 @@ impl Drop for Lease<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The wakes of paths that need no session: a failed open and a caller
+    //! giving up at its deadline. (A kept session given back wakes the
+    //! queue in `softhsm-tests/tests/hsm_sessions.rs`, on a real token.)
+    use std::cell::Cell;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn pool(max: usize, acquire_timeout: Duration) -> Pool {
+        let slot = Slot::try_from(0u64).expect("slot 0");
+        Pool::new(
+            slot,
+            max,
+            acquire_timeout,
+            Arc::new(super::super::NoObserver),
+        )
+    }
+
+    /// Whose open failed, as the error of a caller's `acquire`.
+    fn failed(who: &str) -> Result<Session, HsmError> {
+        Err(HsmError::Worker(format!("{who}'s open failed")))
+    }
+
+    fn error_of(result: Result<Lease<'_>, HsmError>) -> HsmError {
+        match result {
+            Ok(_) => panic!("no session can be opened here"),
+            Err(e) => e,
+        }
+    }
+
+    fn open_failed(e: &HsmError, who: &str) -> bool {
+        matches!(e, HsmError::Worker(m) if *m == format!("{who}'s open failed"))
+    }
+
+    /// A caller waiting for a full pool is woken when an open fails and
+    /// frees its place, not left to its deadline.
+    #[test]
+    fn a_failed_open_wakes_the_caller_waiting_for_its_place() {
+        let pool = pool(1, Duration::from_secs(10));
+        let (opening, in_open) = mpsc::channel();
+        std::thread::scope(|s| {
+            let first = s.spawn(|| {
+                error_of(pool.acquire(true, &Cell::new(None), |_, _| {
+                    opening.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(300));
+                    failed("the first")
+                }))
+            });
+            in_open.recv().unwrap();
+            let started = Instant::now();
+            let second =
+                error_of(pool.acquire(true, &Cell::new(None), |_, _| failed("the second")));
+            let waited = started.elapsed();
+            assert!(open_failed(&first.join().unwrap(), "the first"));
+            assert!(open_failed(&second, "the second"), "{second}");
+            assert!(
+                waited < Duration::from_secs(5),
+                "the second caller waited {waited:?}: it was not woken when the first open failed"
+            );
+        });
+    }
+
+    /// When the first in line gives up at its deadline, the caller behind
+    /// it, which may open a session where the first could not, is woken
+    /// then, not at its own deadline.
+    #[test]
+    fn a_caller_giving_up_wakes_the_one_behind_it() {
+        let pool = pool(2, Duration::from_secs(4));
+        let (opening, in_open) = mpsc::channel();
+        let (queued, second_queued) = mpsc::channel();
+        std::thread::scope(|s| {
+            // Holds one of the two places for longer than every deadline.
+            s.spawn(|| {
+                error_of(pool.acquire(true, &Cell::new(None), |_, _| {
+                    opening.send(()).unwrap();
+                    std::thread::sleep(Duration::from_secs(6));
+                    failed("the holder")
+                }))
+            });
+            in_open.recv().unwrap();
+            // First in line, but may not open a session (logins held
+            // back) while one is open: it waits for an idle one.
+            let first = s.spawn(|| {
+                let started = Instant::now();
+                queued.send(()).unwrap();
+                let e = error_of(pool.acquire(false, &Cell::new(None), |_, _| failed("the first")));
+                (e, started.elapsed())
+            });
+            second_queued.recv().unwrap();
+            while pool.lock().queue.is_empty() {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The first gives up about 4 s after it queued; the second's own
+            // deadline would come 2 s after that.
+            std::thread::sleep(Duration::from_secs(2));
+            let started = Instant::now();
+            let second =
+                error_of(pool.acquire(true, &Cell::new(None), |_, _| failed("the second")));
+            let waited = started.elapsed();
+            let (first, _) = first.join().unwrap();
+            assert!(matches!(first, HsmError::Busy(2)), "{first}");
+            assert!(open_failed(&second, "the second"), "{second}");
+            assert!(
+                waited < Duration::from_millis(3500),
+                "the second caller waited {waited:?}: not woken when the first gave up (about 2 s in)"
+            );
+        });
+    }
+}
