@@ -136,26 +136,21 @@ impl Pool {
                     let (slot, generation) = (state.slot, state.generation);
                     self.wake_waiters(state);
                     tried.set(Some(generation));
+                    // Given back if `open` fails, or panics (a module's
+                    // bug, caught by the HSM worker): the place would
+                    // otherwise be lost for the life of the pool.
+                    let place = Place(self);
                     // Opening and logging in happen outside the lock: they may be slow.
-                    return match open(slot, generation) {
-                        Ok(session) => {
-                            let state = self.lock();
-                            self.observer.sessions_busy(state.busy());
-                            Ok(Lease {
-                                pool: self,
-                                session: Some(session),
-                                generation,
-                                discard: false,
-                            })
-                        }
-                        Err(e) => {
-                            let mut state = self.lock();
-                            state.open -= 1;
-                            self.observer.sessions_busy(state.busy());
-                            self.wake_waiters(state);
-                            Err(e)
-                        }
-                    };
+                    let session = open(slot, generation)?;
+                    std::mem::forget(place);
+                    let state = self.lock();
+                    self.observer.sessions_busy(state.busy());
+                    return Ok(Lease {
+                        pool: self,
+                        session: Some(session),
+                        generation,
+                        discard: false,
+                    });
                 }
             }
             let now = Instant::now();
@@ -267,6 +262,20 @@ impl Pool {
         if waiting {
             self.freed.notify_all();
         }
+    }
+}
+
+/// A place in the pool taken for a session still being opened: given
+/// back (and the callers waiting for one woken) when dropped, that is, when
+/// the open fails or panics.
+struct Place<'a>(&'a Pool);
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.lock();
+        state.open -= 1;
+        self.0.observer.sessions_busy(state.busy());
+        self.0.wake_waiters(state);
     }
 }
 
@@ -383,6 +392,22 @@ mod tests {
                 "the second caller waited {waited:?}: it was not woken when the first open failed"
             );
         });
+    }
+
+    /// An open that panics (a module's bug; the HSM worker catches it)
+    /// gives its place back: the next caller opens at once.
+    #[test]
+    fn an_open_that_panics_gives_its_place_back() {
+        let pool = pool(1, Duration::from_secs(10));
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = pool.acquire(true, &Cell::new(None), |_, _| panic!("the module's bug"));
+        }));
+        assert!(panicked.is_err());
+        assert_eq!(pool.open_sessions(), 0);
+        let started = Instant::now();
+        let next = error_of(pool.acquire(true, &Cell::new(None), |_, _| failed("the next")));
+        assert!(open_failed(&next, "the next"), "{next}");
+        assert!(started.elapsed() < Duration::from_secs(5));
     }
 
     /// When the first in line gives up at its deadline, the caller behind
