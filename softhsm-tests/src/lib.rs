@@ -133,6 +133,20 @@ impl Shim {
         self.stat("faults")
     }
 
+    /// Waits, at most 10 s, until the module has injected `n` faults since
+    /// it was loaded (a `hang` counts when it holds a call).
+    pub fn wait_for_faults(&self, n: u64) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.faults() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} faults, waited for {n}",
+                self.faults()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// How many settings files the module has refused since it was loaded
     /// (0 before the first): while the newest one is refused, every call
     /// through the module fails with `CKR_GENERAL_ERROR`.

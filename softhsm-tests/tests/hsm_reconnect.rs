@@ -28,19 +28,6 @@ fn lose_every_session() {
         .unwrap();
 }
 
-/// Waits until the fault module has injected `n` faults (held `n` calls).
-fn wait_for_faults(shim: &Shim, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while shim.faults() < n {
-        assert!(
-            Instant::now() < deadline,
-            "{} faults, waited for {n}",
-            shim.faults()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn lost_sessions_reconnect_once_and_no_session_opens_before_the_token_is_found_again() {
     let t = TestToken::new();
@@ -61,7 +48,7 @@ fn lost_sessions_reconnect_once_and_no_session_opens_before_the_token_is_found_a
     // reconnects once, and both are served on the new sessions.
     shim.set("fault = hang\nfault_calls = C_DeriveKey");
     let (a, b) = (ecdh(), ecdh());
-    wait_for_faults(&shim, 2);
+    shim.wait_for_faults(2);
     lose_every_session();
     // The derives go on to SoftHSM with their old session handles while
     // no new session can open: SoftHSM numbers sessions from 1 again after
@@ -70,7 +57,7 @@ fn lost_sessions_reconnect_once_and_no_session_opens_before_the_token_is_found_a
     // hazard of in-flight calls across a module reset; see the note of
     // 2026-12-05). Once both have failed, sessions may open.
     shim.set("fault = hang\nfault_calls = C_OpenSession");
-    wait_for_faults(&shim, 3);
+    shim.wait_for_faults(3);
     std::thread::sleep(Duration::from_millis(200));
     shim.set("");
     assert_eq!(a.join().unwrap().unwrap(), expected);
@@ -89,7 +76,7 @@ fn lost_sessions_reconnect_once_and_no_session_opens_before_the_token_is_found_a
     let faults = shim.faults();
     lose_every_session();
     let lost = ecdh();
-    wait_for_faults(&shim, faults + 1);
+    shim.wait_for_faults(faults + 1);
     let asking = ecdh();
     let deadline = Instant::now() + Duration::from_secs(5);
     while shim.faults() < faults + 2 && !asking.is_finished() && Instant::now() < deadline {
