@@ -23,7 +23,10 @@
 //!
 //! Trust: the witnesses are not trusted. Their replies are bounded in time
 //! and size, and only lines that verify under the configured keys are
-//! stored. The store is trusted for what this daemon wrote.
+//! stored. Nor is the store (THREAT_MODEL §4.7): a stored line counts
+//! toward the quorum, and is served, only if it verifies over the stored
+//! checkpoint of its size; the caller checks that checkpoint's own
+//! signature under the audit key ([`crate::audit::log::AuditLog::check_served`]).
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -164,16 +167,46 @@ impl Witnessing {
         (line.name == key.name() && line.key_id == key.key_id()).then_some(key)
     }
 
+    /// The stored cosignatures among `group` (rows of one size) by the
+    /// configured keys whose signature verifies over `note`, the stored
+    /// checkpoint of that size. A row that names a configured witness and
+    /// does not verify was not written by lavd (which stores only lines it
+    /// verified): it is said, and not counted or served.
+    fn verified<'a>(
+        &'a self,
+        note: &str,
+        group: &[&'a Cosignature],
+    ) -> Vec<(&'a Cosignature, &'a CosignerKey)> {
+        group
+            .iter()
+            .filter_map(|c| self.key_of(c).map(|key| (*c, key)))
+            .filter(|(c, key)| {
+                let sound = verify_cosignatures(&format!("{note}{}", c.line), key)
+                    .is_ok_and(|times| !times.is_empty());
+                if !sound {
+                    tracing::error!(
+                        witness = %c.witness,
+                        size = c.size,
+                        "a stored cosignature does not verify over the stored checkpoint of its \
+                         size; it is not counted or served (a row written outside lavd?)"
+                    );
+                }
+                sound
+            })
+            .collect()
+    }
+
     /// Among `rows` (largest size first), the largest size whose
-    /// cosignatures by the configured keys meet the quorum, with all its
-    /// cosignatures.
+    /// cosignatures by the configured keys, verified over the stored
+    /// checkpoint of that size, meet the quorum: that checkpoint with all
+    /// of them.
     ///
     /// `None` under `quorum none`: then every signed checkpoint meets the
     /// quorum, and the newest one is the one to serve, not the newest that
     /// happens to carry a cosignature.
-    fn first_quorum(&self, rows: &[Cosignature]) -> Option<(u64, Vec<String>)> {
+    fn first_quorum(&self, rows: &[Cosignature]) -> Result<Option<String>, StoreError> {
         if !self.settings.policy.needs_cosignatures() {
-            return None;
+            return Ok(None);
         }
         let mut i = 0;
         while i < rows.len() {
@@ -181,21 +214,33 @@ impl Witnessing {
             let group: Vec<&Cosignature> =
                 rows[i..].iter().take_while(|c| c.size == size).collect();
             i += group.len();
-            let keys = group.iter().filter_map(|c| self.key_of(c));
-            if self.settings.policy.quorum_met_by(keys) {
+            // What the rows claim first: verifying costs a store read and a
+            // signature check a line.
+            if !self
+                .settings
+                .policy
+                .quorum_met_by(group.iter().filter_map(|c| self.key_of(c)))
+            {
+                continue;
+            }
+            let Some(mut note) = self.store.checkpoint_at(size)? else {
+                continue;
+            };
+            let verified = self.verified(&note, &group);
+            if self
+                .settings
+                .policy
+                .quorum_met_by(verified.iter().map(|(_, key)| *key))
+            {
                 // Only the configured witnesses' lines: with at most 63 of
                 // them the note stays within its 64 signature lines.
-                return Some((
-                    size,
-                    group
-                        .iter()
-                        .filter(|c| self.key_of(c).is_some())
-                        .map(|c| c.line.clone())
-                        .collect(),
-                ));
+                for (c, _) in verified {
+                    note.push_str(&c.line);
+                }
+                return Ok(Some(note));
             }
         }
-        None
+        Ok(None)
     }
 
     /// The size the submitter of witness `me` (which last cosigned `old`)
@@ -236,37 +281,29 @@ impl Witnessing {
         None
     }
 
-    /// The note of size `size` with `lines` appended.
-    fn with_lines(&self, size: u64, lines: &[String]) -> Result<Option<String>, StoreError> {
-        Ok(self.store.checkpoint_at(size)?.map(|mut note| {
-            for line in lines {
-                note.push_str(line);
-            }
-            note
-        }))
-    }
-
     /// The checkpoint to serve: the newest one the quorum cosigned, with
     /// all its cosignatures; before any is, the newest signed checkpoint
-    /// with the cosignatures it has. `None` when the log has signed none.
+    /// with the cosignatures it has. Only cosignatures that verify over it
+    /// are served. `None` when the log has signed none.
     ///
     /// # Errors
     /// The store's.
     pub fn served(&self) -> Result<Option<String>, StoreError> {
         let rows = self.store.cosignatures(0, SERVE_SCAN_ROWS)?;
-        if let Some((size, lines)) = self.first_quorum(&rows) {
-            if let Some(note) = self.with_lines(size, &lines)? {
-                return Ok(Some(note));
-            }
+        if let Some(note) = self.first_quorum(&rows)? {
+            return Ok(Some(note));
         }
         let Some((size, mut note)) = self.store.latest_checkpoint()? else {
             return Ok(None);
         };
-        for c in rows
-            .iter()
-            .filter(|c| c.size == size && self.key_of(c).is_some())
-        {
-            note.push_str(&c.line);
+        let group: Vec<&Cosignature> = rows.iter().filter(|c| c.size == size).collect();
+        let lines: Vec<String> = self
+            .verified(&note, &group)
+            .into_iter()
+            .map(|(c, _)| c.line.clone())
+            .collect();
+        for line in lines {
+            note.push_str(&line);
         }
         Ok(Some(note))
     }
@@ -278,10 +315,7 @@ impl Witnessing {
     /// The store's.
     pub fn quorum_covering(&self, size: u64) -> Result<Option<String>, StoreError> {
         let rows = self.store.cosignatures(size, SERVE_SCAN_ROWS)?;
-        match self.first_quorum(&rows) {
-            Some((at, lines)) => self.with_lines(at, &lines),
-            None => Ok(None),
-        }
+        self.first_quorum(&rows)
     }
 
     /// Waits, blocking, until a checkpoint of at least `size` leaves is
@@ -1365,6 +1399,79 @@ mod tests {
             assert!(!note.contains("— w9.test "), "{note}");
             assert_eq!(note.matches("\n— ").count(), 2, "{note}");
         }
+    }
+
+    /// Rows that name a configured witness with its key id but do not
+    /// verify (written to the store behind lavd's back: THREAT_MODEL §4.7)
+    /// count toward no quorum and are not served: one signed by another
+    /// key, one by the witness's key over another checkpoint. Under
+    /// `release_after_witness` the wait times out rather than release on
+    /// them; the witness's real line then meets the quorum.
+    #[test]
+    fn stored_cosignatures_that_do_not_verify_count_for_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let a_sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let a = CosignerKey::new("w1.test", a_sk.verifying_key().as_bytes()).unwrap();
+        let b_sk = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let b = CosignerKey::new("w2.test", b_sk.verifying_key().as_bytes()).unwrap();
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        let first = grow(&store, 2);
+        let second = grow(&store, 1);
+        // A's key id, another key's signature.
+        let forged = cosign(&store, second, &a, &forger);
+        // B's real signature, of the first checkpoint, stored at the second.
+        let first_note = store.checkpoint_at(first).unwrap().unwrap();
+        let (first_body, _) = note::split_note(&first_note).unwrap();
+        let moved = crate::audit::witness::cosignature_line(&b, first_body, 1_700_000_000, |m| {
+            Ok::<_, ()>(b_sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_cosignature(&Cosignature {
+                size: second,
+                witness: b.name().to_string(),
+                line: moved.clone(),
+            })
+            .unwrap();
+
+        let policy_text =
+            format!("witness A {a}\nwitness B {b}\ngroup both all A B\nquorum both\n");
+        let mut settings = settings(
+            dir.path(),
+            &[("https://localhost:1", &a), ("https://localhost:2", &b)],
+            &policy_text,
+            &ca,
+        );
+        settings.timeout = Duration::from_millis(200);
+        let witnessing = Witnessing::new(settings, store.clone(), None);
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        assert_eq!(witnessing.quorum_covering(second).unwrap(), None);
+        assert!(matches!(
+            witnessing.wait_for_quorum(second),
+            Err(WaitError::Timeout { .. })
+        ));
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(!served.contains(forged.trim_end()), "{served}");
+        assert!(!served.contains(moved.trim_end()), "{served}");
+        assert_eq!(note::split_note(&served).unwrap().1.len(), 1, "{served}");
+
+        // The real lines, of the next checkpoint (the forged rows hold
+        // their witnesses' places at the second): the quorum is met there,
+        // and only they are served.
+        let third = grow(&store, 1);
+        let real_a = cosign(&store, third, &a, &a_sk);
+        let real_b = cosign(&store, third, &b, &b_sk);
+        let covering = witnessing.quorum_covering(second).unwrap().unwrap();
+        assert_eq!(witnessing.wait_for_quorum(second).unwrap(), covering);
+        assert_eq!(policy.verify(&covering).unwrap().0.size, third);
+        let served = witnessing.served().unwrap().unwrap();
+        assert_eq!(served, covering);
+        for line in [&real_a, &real_b] {
+            assert!(served.contains(line.as_str()), "{served}");
+        }
+        assert_eq!(note::split_note(&served).unwrap().1.len(), 3, "{served}");
     }
 
     /// Witness A cosigned an older checkpoint and went quiet; the log has

@@ -903,12 +903,24 @@ fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String
     if witnessing.settings().release_after_witness && opened > 0 {
         // Either way the leaves are logged and the budget spent: a
         // store_unavailable would invite a retry that spends it again.
-        return witnessing
+        let cosigned = witnessing
             .wait_for_quorum(needed)
-            .map_err(UnwrapError::WitnessUnavailable);
+            .map_err(UnwrapError::WitnessUnavailable)?;
+        // Read from the store: its cosignatures were verified over it, and
+        // it must verify under the audit key, or nothing is released.
+        ctx.log.check_served(&cosigned)?;
+        return Ok(cosigned);
     }
     match witnessing.quorum_covering(needed) {
-        Ok(Some(cosigned)) => Ok(cosigned),
+        Ok(Some(cosigned)) => match ctx.log.check_served(&cosigned) {
+            Ok(()) => Ok(cosigned),
+            Err(e) => {
+                // Said, and recorded as the log's inconsistency; this reply
+                // is still sound with the checkpoint the append signed.
+                tracing::error!(error = %e, "a stored cosigned checkpoint does not verify; replying with the log's checkpoint");
+                Ok(receipt.checkpoint.clone())
+            }
+        },
         Ok(None) => Ok(receipt.checkpoint.clone()),
         Err(e) => {
             // The reply is still sound with the log's own checkpoint.
