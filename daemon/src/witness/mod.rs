@@ -47,8 +47,9 @@ impl StateError {
 pub struct WitnessState {
     path: PathBuf,
     conn: Mutex<Connection>,
-    /// The latest cosignature timestamp this process gave: no later
-    /// cosignature has an earlier one.
+    /// The latest cosignature timestamp this state gave (kept in the
+    /// `cosigned_time` table across restarts): no later cosignature has an
+    /// earlier one.
     last_time: std::sync::atomic::AtomicU64,
 }
 
@@ -146,13 +147,28 @@ impl WitnessState {
                 size       INTEGER NOT NULL CHECK (size >= 0),
                 root       BLOB NOT NULL CHECK (length(root) = 32),
                 checkpoint TEXT NOT NULL
+            ) STRICT;
+            CREATE TABLE IF NOT EXISTS cosigned_time (
+                id   INTEGER PRIMARY KEY CHECK (id = 0),
+                last INTEGER NOT NULL CHECK (last >= 0)
             ) STRICT;",
         )
         .map_err(err)?;
+        // The newest timestamp this state ever gave: a restart with the
+        // clock stepped back must not stamp a larger tree earlier than a
+        // smaller one (a state written before this table starts at 0).
+        let last: Option<i64> = conn
+            .query_row("SELECT last FROM cosigned_time WHERE id = 0", [], |row| {
+                row.get(0)
+            })
+            .optional()
+            .map_err(err)?;
         Ok(WitnessState {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
-            last_time: std::sync::atomic::AtomicU64::new(0),
+            last_time: std::sync::atomic::AtomicU64::new(
+                last.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
+            ),
         })
     }
 
@@ -198,7 +214,7 @@ impl WitnessState {
     /// witness key (`key`); `clock` gives the cosignature's timestamp, read
     /// once the transaction holds the state (a request that waited behind
     /// another is not stamped before it), and never earlier than one this
-    /// process gave already.
+    /// state gave already, before a restart too.
     ///
     /// # Errors
     /// [`StateError`] (answer 503); a signing failure rolls the record back
@@ -252,6 +268,14 @@ impl WitnessState {
             "INSERT INTO cosigned (origin, size, root, checkpoint) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (origin) DO UPDATE SET size = ?2, root = ?3, checkpoint = ?4",
             params![origin, size, checkpoint.root.to_vec(), request.checkpoint],
+        )
+        .map_err(|e| self.err(e))?;
+        // Seconds since 1970: i64 holds any a clock gives.
+        let stamped = i64::try_from(now).unwrap_or(i64::MAX);
+        tx.execute(
+            "INSERT INTO cosigned_time (id, last) VALUES (0, ?1)
+             ON CONFLICT (id) DO UPDATE SET last = max(last, ?1)",
+            params![stamped],
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
@@ -447,16 +471,22 @@ mod tests {
 
     /// A request stamped by a clock that went back (a step, or a request
     /// that read it before waiting behind another) is not given an earlier
-    /// timestamp than a cosignature already given.
+    /// timestamp than a cosignature already given: not by the same process,
+    /// and not after a restart (the third request, on the state reopened).
     #[test]
     fn cosignature_timestamps_never_go_back() {
         let dir = tempfile::tempdir().unwrap();
-        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let path = dir.path().join("witness.db");
+        let mut state = WitnessState::create(&path).unwrap();
         let (log, log_sk, key, witness_sk) = one_log();
         let trusted = |_: &str| vec![log.clone()];
         let sign = |m: &[u8]| Ok::<_, ()>(witness_sk.sign(m).to_bytes());
         let mut times = Vec::new();
-        for (old, size, clock) in [(0u64, 0u64, 200u64), (0, 0, 100)] {
+        for (old, size, clock) in [(0u64, 0u64, 200u64), (0, 0, 100), (0, 0, 150)] {
+            if times.len() == 2 {
+                drop(state);
+                state = WitnessState::open(&path).unwrap();
+            }
             let checkpoint = note(&log_sk, size, crate::audit::merkle::empty_root());
             let body = AddCheckpoint {
                 old_size: old,
@@ -473,7 +503,7 @@ mod tests {
             };
             times.extend(verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap());
         }
-        assert_eq!(times, [200, 200]);
+        assert_eq!(times, [200, 200, 200]);
     }
 
     /// A size the state cannot record (at or above 2^63), though the log
