@@ -278,7 +278,6 @@ impl Policy {
                 why: "a control character other than tab".into(),
             });
         }
-        let text = String::from_utf8_lossy(text);
         let mut policy = Policy {
             logs: Vec::new(),
             witnesses: Vec::new(),
@@ -286,9 +285,18 @@ impl Policy {
             quorum: String::new(),
         };
         let mut quorum = None;
-        for (n, raw) in text.split('\n').enumerate() {
+        for (n, raw) in text.split(|&b| b == b'\n').enumerate() {
             let line = n + 1;
             let bad = |why: String| WitnessError::Policy { line, why };
+            // Names are opaque octets (tlog-policy, "Character set"), so
+            // two that differ must stay two: no lossy decoding, which would
+            // make every invalid sequence one U+FFFD. Names here are UTF-8
+            // text; a comment may hold anything.
+            let raw = match std::str::from_utf8(raw) {
+                Ok(raw) => raw,
+                Err(_) if raw.trim_ascii_start().starts_with(b"#") => continue,
+                Err(_) => return Err(bad("bytes that are not UTF-8".into())),
+            };
             let words: Vec<&str> = raw.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
             let Some(&keyword) = words.first() else {
                 continue;
@@ -867,6 +875,23 @@ mod tests {
             let e = Policy::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(e.code(), "bad_policy", "{bad:?}");
         }
+        // Names that are not UTF-8: `\xfe`, never defined, is not taken for
+        // `\xff` (both would decode to U+FFFD), and is named as the fault.
+        let mut bad = b"witness ".to_vec();
+        bad.push(0xff);
+        bad.extend_from_slice(format!(" {}\ngroup g any ", w[0].1).as_bytes());
+        bad.push(0xfe);
+        bad.extend_from_slice(b"\nquorum g\n");
+        let e = Policy::parse(&bad).unwrap_err();
+        assert_eq!(e.code(), "bad_policy");
+        assert!(
+            e.to_string().contains("line 1") && e.to_string().contains("not UTF-8"),
+            "{e}"
+        );
+        // A comment may hold any octets.
+        let mut commented = b"# caf\xe9\n".to_vec();
+        commented.extend_from_slice(format!("witness A {}\nquorum A\n", w[0].1).as_bytes());
+        assert!(Policy::parse(&commented).is_ok());
     }
 
     /// A log of `n` leaves signed by the test log key, with its tree.
