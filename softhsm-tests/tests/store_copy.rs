@@ -27,6 +27,24 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     let w1 = vault::double_lock(&vault::claims("W-1", recipient.public(), 10));
     let w2 = vault::double_lock(&vault::claims("W-2", recipient.public(), 10));
 
+    let db = TestDb::create();
+    let copy_from = |from: &std::path::Path, key: &str| {
+        lavd_command(&[
+            "store",
+            "copy",
+            "--from",
+            from.to_str().unwrap(),
+            "--to",
+            &db.url(),
+            "--password-env",
+            "LAVD_TEST_DB_PASSWORD",
+            "--key",
+            key,
+        ])
+        .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
+        .output()
+        .expect("lavd store copy")
+    };
     // Some history on SQLite: 3 of W-1's 10 units spent, W-2 revoked.
     let (escrow, sqlite_size) = {
         let daemon = Daemon::start(&t);
@@ -46,6 +64,17 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             &serde_json::json!({"id": "W-2", "reason": "quashed"}),
         );
         assert_eq!(r.status, 200, "{}", r.text());
+        // Not while a daemon serves the store: what it commits after the
+        // copy's snapshot would be missing from the copy. Refused before
+        // anything is read or written.
+        let any_key = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();
+        let stderr = softhsm_tests::assert_fails_with(
+            &copy_from(&t.path("lavd.db"), &any_key),
+            1,
+            "store_in_use",
+        );
+        assert!(stderr.contains("another lavd serve"), "{stderr}");
+        assert_eq!(db.rows("pg_tables WHERE schemaname = 'public'"), 0);
         let size = vault::tree_size(&c.auditor);
         let leaves: Vec<Vec<u8>> = vault::entries(&c.auditor, 0, size)
             .into_iter()
@@ -58,7 +87,6 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         .trim()
         .to_string();
 
-    let db = TestDb::create();
     let db_path = t.path("lavd.db");
     // A witness cosignature of the newest checkpoint, as the submitter
     // stores it: the copy carries it.
@@ -74,23 +102,6 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             )
             .unwrap();
         size
-    };
-    let copy_from = |from: &std::path::Path, key: &str| {
-        lavd_command(&[
-            "store",
-            "copy",
-            "--from",
-            from.to_str().unwrap(),
-            "--to",
-            &db.url(),
-            "--password-env",
-            "LAVD_TEST_DB_PASSWORD",
-            "--key",
-            key,
-        ])
-        .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
-        .output()
-        .expect("lavd store copy")
     };
     let copy = |key: &str| copy_from(&db_path, key);
     // A file that is no lavd store (empty, as a placeholder or a failed

@@ -34,8 +34,11 @@ use crate::store::Store;
 /// SQLite's own (POSIX record) locks do not interact. A second daemon on
 /// the file would take the first one's open intents in flight for those of
 /// a crashed run and log them again, and its per-process budget
-/// reservations would not see the first one's. Commands other than `serve`
-/// do not take it: they work beside a serving daemon, as SQLite lets them.
+/// reservations would not see the first one's. `lavd store copy` takes it
+/// too: a copy made beside a serving daemon would miss what the daemon
+/// commits after its snapshot (spends, revocations, destructions), and
+/// the PostgreSQL store would carry on without them. Other commands do
+/// not: they work beside a serving daemon, as SQLite lets them.
 ///
 /// The descriptor is never closed: closing any descriptor of a file drops
 /// every POSIX lock the process holds on it, SQLite's included, and
@@ -51,7 +54,7 @@ use crate::store::Store;
 /// [`crate::store::StoreError::Unavailable`] for a name SQLite would
 /// not read as a file (`:memory:`, a `file:` URI), or a file that
 /// cannot be opened or locked.
-fn lock_sqlite_store(store: &std::path::Path) -> Result<(), crate::store::StoreError> {
+pub(super) fn lock_sqlite_store(store: &std::path::Path) -> Result<(), crate::store::StoreError> {
     use rustix::fs::{flock, FlockOperation};
     let unavailable = |reason: String| crate::store::StoreError::Unavailable {
         store: store.display().to_string(),

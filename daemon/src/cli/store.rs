@@ -91,6 +91,9 @@ impl StoreCommand {
                 if !from.is_file() {
                     anyhow::bail!("--from {}: no such file", from.display());
                 }
+                // Not beside a `lavd serve` on it: what it commits after the
+                // copy's snapshot would be missing from the copy.
+                super::serve::lock_sqlite_store(&from)?;
                 refuse_unless_lavd_store(&from)?;
                 let source = SqliteStore::open(&from)?;
                 let target = PgStore::connect(&pg)?;
