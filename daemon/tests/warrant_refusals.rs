@@ -553,6 +553,62 @@ fn policy_counts_distinct_authorities_per_role() {
         .is_ok());
 }
 
+/// Two keys with one `holder` (the old and the new key of one judge's
+/// overlapping rotation) are one authority: signing with both does not meet
+/// a rule of two judicial authorities, though without the `holder` lines
+/// it does. A holder under two roles, and a rule needing more holders of a
+/// role than are configured, are refused in the trust config.
+#[test]
+fn one_holders_two_keys_count_once() {
+    let a = Authorities::new();
+    let two_judges = "[policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n[[policy.require]]\nrole = \"judicial\"\ncount = 2\n";
+    let c = claims("W-holder");
+    let both = signed(&c, &[&a.exec1, &a.jud1, &a.jud2]);
+    assert!(a.verifier(two_judges).verify(&both, now(), AGENCY).is_ok());
+
+    let held = |kid: &str, holder: &str, text: String| {
+        let line = format!("kid = \"{kid}\"\n");
+        assert!(text.contains(&line));
+        text.replace(&line, &format!("{line}holder = \"{holder}\"\n"))
+    };
+    let text = held("judicial-1", "judge-a", a.trust_toml(two_judges));
+    let text = held("judicial-2", "judge-a", text);
+    let trust = TrustStore::from_toml(&text, Path::new(".")).unwrap();
+    let v = Verifier::new(trust, WarrantLimits::default());
+    let err = v.verify(&both, now(), AGENCY).unwrap_err();
+    assert_eq!(err.code(), "policy_not_met");
+    assert!(
+        err.to_string().contains("needs 2 judicial (found 1)"),
+        "{err}"
+    );
+
+    // One holder, two roles: refused, naming the holder.
+    let text = held(
+        "executive-1",
+        "judge-a",
+        held("judicial-1", "judge-a", a.trust_toml(two_judges)),
+    );
+    let err = TrustStore::from_toml(&text, Path::new(".")).unwrap_err();
+    assert!(
+        err.to_string().contains("holder `judge-a` has role"),
+        "{err}"
+    );
+    // Four judicial kids, three holders: a rule of four is refused.
+    let four = two_judges.replace("count = 2", "count = 4");
+    assert!(TrustStore::from_toml(&a.trust_toml(&four), Path::new(".")).is_ok());
+    let text = held("judicial-2", "judicial-1", a.trust_toml(&four));
+    let err = TrustStore::from_toml(&text, Path::new(".")).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("needs 4 `judicial` authorities but 3 are configured"),
+        "{err}"
+    );
+    // A holder is a name, bounded as a kid is.
+    let text = held("judicial-1", "judge a", a.trust_toml(two_judges));
+    let err = TrustStore::from_toml(&text, Path::new(".")).unwrap_err();
+    assert!(err.to_string().contains("authorities[2].holder"), "{err}");
+}
+
 #[test]
 fn independently_signed_warrants_are_accepted() {
     // One `signature::Signer` trait serves both crates (same `signature` version).

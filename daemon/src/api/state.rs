@@ -472,14 +472,20 @@ fn trust_canonical(trust: &TrustStore) -> Vec<u8> {
                 AuthorityPublicKey::P256(k) => k.to_jwk(),
                 AuthorityPublicKey::Ed25519(k) => k.to_jwk(),
             };
-            serde_json::json!({
+            let mut entry = serde_json::json!({
                 "kid": a.kid(),
                 "role": a.role(),
                 "alg": a.alg().name(),
                 "jwk": jwk,
                 "valid_from": crate::codec::format_time(a.valid_from()),
                 "valid_until": crate::codec::format_time(a.valid_until()),
-            })
+            });
+            // Only when configured: a configuration without holders keeps
+            // the digest it had before them.
+            if a.holder() != a.kid() {
+                entry["holder"] = a.holder().into();
+            }
+            entry
         })
         .collect();
     let (require, emergency) = policy_summary(trust);
@@ -523,6 +529,7 @@ fn authorities_loaded(trust: &TrustStore) -> Result<Event, crate::audit::leaf::L
             kid: a.kid().to_string(),
             role: a.role().to_string(),
             alg: a.alg().name().to_string(),
+            holder: (a.holder() != a.kid()).then(|| a.holder().to_string()),
         })
         .collect();
     let (require, emergency) = policy_summary(trust);

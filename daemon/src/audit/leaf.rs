@@ -698,6 +698,11 @@ pub struct AuthoritySummary {
     pub role: String,
     /// Its JWS algorithm (`ES256`, `EdDSA`).
     pub alg: String,
+    /// Who holds its key, when configured as other than its `kid`: the
+    /// policy counts each holder once (absent from leaves written before
+    /// holders, and when it is the `kid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
 }
 
 /// The policy in force: how many distinct authorities of each role sign.
@@ -767,6 +772,9 @@ impl AuthoritiesLoaded {
             check_bound("authorities.kid", &a.kid, bounds::logged::authority_kid)?;
             check_bound("authorities.role", &a.role, bounds::logged::role)?;
             check_token("authorities.alg", &a.alg, MAX_ID_BYTES)?;
+            if let Some(holder) = &a.holder {
+                check_bound("authorities.holder", holder, bounds::logged::authority_kid)?;
+            }
         }
         check_requirements(&self.policy.require)?;
         if let Some(e) = &self.policy.emergency {
@@ -1081,11 +1089,13 @@ pub(crate) mod tests {
                         kid: "judicial-3".into(),
                         role: "judicial".into(),
                         alg: "ES256".into(),
+                        holder: None,
                     },
                     AuthoritySummary {
                         kid: "executive-1".into(),
                         role: "executive".into(),
                         alg: "EdDSA".into(),
+                        holder: None,
                     },
                 ],
                 PolicySummary {
@@ -1442,11 +1452,13 @@ pub(crate) mod tests {
                 kid: "a".into(),
                 role: "judicial".into(),
                 alg: "ES256".into(),
+                holder: None,
             },
             AuthoritySummary {
                 kid: "a".into(),
                 role: "executive".into(),
                 alg: "ES256".into(),
+                holder: None,
             },
         ];
         let policy = PolicySummary {
@@ -1455,6 +1467,38 @@ pub(crate) mod tests {
         };
         assert_eq!(
             AuthoritiesLoaded::new(Digest::of_trust_config(b""), dup, policy)
+                .unwrap_err()
+                .code(),
+            "audit_field_invalid"
+        );
+    }
+
+    /// An authority's `holder` is written only when configured (a leaf of a
+    /// configuration without holders reads as before), read back, and
+    /// bounded as a kid is.
+    #[test]
+    fn an_authoritys_holder_is_written_only_when_configured() {
+        let summary = |kid: &str, holder: Option<&str>| AuthoritySummary {
+            kid: kid.into(),
+            role: "judicial".into(),
+            alg: "ES256".into(),
+            holder: holder.map(str::to_string),
+        };
+        let policy = || PolicySummary {
+            require: BTreeMap::from([("judicial".into(), 1)]),
+            emergency: None,
+        };
+        let leaf = |authorities| {
+            AuthoritiesLoaded::new(Digest::of_trust_config(b""), authorities, policy())
+        };
+        let written = leaf(vec![summary("j-1", Some("judge-a")), summary("j-2", None)]).unwrap();
+        let json = serde_json::to_value(&written).unwrap();
+        assert_eq!(json["authorities"][0]["holder"], "judge-a");
+        assert!(json["authorities"][1].get("holder").is_none(), "{json}");
+        let read: AuthoritiesLoaded = serde_json::from_value(json).unwrap();
+        assert_eq!(read, written);
+        assert_eq!(
+            leaf(vec![summary("j-1", Some("judge a"))])
                 .unwrap_err()
                 .code(),
             "audit_field_invalid"

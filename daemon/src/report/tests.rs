@@ -21,6 +21,7 @@ fn policy(max_hours: u32) -> Event {
             kid: "executive-1".into(),
             role: "executive".into(),
             alg: "ES256".into(),
+            holder: None,
         }],
         PolicySummary {
             require: BTreeMap::from([("executive".into(), 1)]),

@@ -108,6 +108,11 @@ pub struct AuthorityConfig {
     pub kid: String,
     /// Role counted by the policy.
     pub role: String,
+    /// Who holds the key: a person or an office. Authorities with one
+    /// holder count once, as the old and the new key of a rotation whose
+    /// validities overlap must. Absent, the `kid`.
+    #[serde(default)]
+    pub holder: Option<String>,
     /// `ES256` or `EdDSA`.
     pub alg: String,
     /// Public key as a JWK (inline table or JSON string).
@@ -194,6 +199,7 @@ pub enum AuthorityPublicKey {
 pub struct Authority {
     kid: String,
     role: String,
+    holder: String,
     alg: Algorithm,
     key: AuthorityPublicKey,
     parsed: ParsedPublicKey,
@@ -206,6 +212,7 @@ impl std::fmt::Debug for Authority {
         f.debug_struct("Authority")
             .field("kid", &self.kid)
             .field("role", &self.role)
+            .field("holder", &self.holder)
             .field("alg", &self.alg)
             .field("key", &self.key)
             .field("valid_from", &format_time(self.valid_from))
@@ -222,6 +229,11 @@ impl Authority {
     /// The role the policy counts.
     pub fn role(&self) -> &str {
         &self.role
+    }
+    /// Who holds the key (the `kid` unless configured): the policy counts
+    /// each holder once.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
     /// The one algorithm this authority signs with.
     pub fn alg(&self) -> Algorithm {
@@ -376,8 +388,30 @@ impl TrustConfig {
             keys.push((i, authority.kid.clone(), authority.key.clone()));
             authorities.insert(authority.kid.clone(), authority);
         }
-        let mut per_role: BTreeMap<&str, usize> = BTreeMap::new();
+        // One holder, one role: a holder under two would be both locks.
+        let mut holders: BTreeMap<&str, &Authority> = BTreeMap::new();
         for a in authorities.values() {
+            match holders.get(a.holder.as_str()) {
+                Some(first) if first.role != a.role => {
+                    return Err(invalid(
+                        format!("authorities (kid `{}`)", a.kid),
+                        format!(
+                            "holder `{}` has role `{}` here and `{}` under kid `{}`: one holder \
+                             would count in two roles; give each holder one role",
+                            a.holder, a.role, first.role, first.kid
+                        ),
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    holders.insert(&a.holder, a);
+                }
+            }
+        }
+        // Each holder once: a rule needing more holders of a role than are
+        // configured could never be met.
+        let mut per_role: BTreeMap<&str, usize> = BTreeMap::new();
+        for a in holders.values() {
             *per_role.entry(a.role.as_str()).or_default() += 1;
         }
         let require = validate_rules("policy.require", &self.policy.require, &per_role)?;
@@ -432,7 +466,8 @@ fn validate_rules(
             return Err(invalid(
                 format!("{field}[{i}]"),
                 format!(
-                    "needs {count} `{}` authorities but {configured} are configured: it could never be met",
+                    "needs {count} `{}` authorities but {configured} are configured (counting \
+                     each holder once): it could never be met",
                     r.role
                 ),
             ));
@@ -478,6 +513,14 @@ fn validate_authority(
         crate::bounds::role,
         crate::bounds::MAX_ROLE_CHARS,
     )?;
+    if let Some(holder) = &a.holder {
+        check_name(
+            &format!("{field}.holder"),
+            holder,
+            crate::bounds::authority_kid,
+            crate::bounds::MAX_AUTHORITY_KID_CHARS,
+        )?;
+    }
     let alg = Algorithm::from_name(&a.alg)
         .map_err(|_| invalid(format!("{field}.alg"), "must be `ES256` or `EdDSA`"))?;
     let time = |name: &str, text: &str| {
@@ -523,6 +566,7 @@ fn validate_authority(
     Ok(Authority {
         kid: a.kid.clone(),
         role: a.role.clone(),
+        holder: a.holder.clone().unwrap_or_else(|| a.kid.clone()),
         alg,
         key,
         parsed,

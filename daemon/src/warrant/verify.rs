@@ -255,12 +255,13 @@ impl Verifier {
         } else {
             (&policy.require, None)
         };
-        // Counted by key, not by kid: the trust config refuses one key under
-        // two kids, and this holds even if that check were ever bypassed.
+        // Counted by holder and by key, not by kid: one holder's two keys
+        // (a rotation) count once, and so does one key under two kids,
+        // which the trust config refuses anyway.
         let signed_with = signers.values().filter_map(|s| {
             self.trust
                 .authority(&s.kid)
-                .map(|a| (s.role.as_str(), a.key()))
+                .map(|a| (s.role.as_str(), a.key(), a.holder()))
         });
         check_policy(rules, signed_with, claims.emergency)?;
 
@@ -505,28 +506,56 @@ fn check_authority_valid(authority: &Authority, now: OffsetDateTime) -> Result<(
 }
 
 /// Every rule needs `count` distinct authorities of its role, an authority
-/// being a public key: `signed_with` gives the role and key of each verified
-/// signer, and the same key under two kids counts once.
+/// being a key holder: `signed_with` gives the role, key and holder of each
+/// verified signer. Signers that share a holder or a key are one authority
+/// and count once.
 fn check_policy<'a>(
     rules: &[RoleRule],
-    signed_with: impl Iterator<Item = (&'a str, &'a AuthorityPublicKey)>,
+    signed_with: impl Iterator<Item = (&'a str, &'a AuthorityPublicKey, &'a str)>,
     emergency: bool,
 ) -> Result<(), WarrantError> {
-    // One key is one authority: it counts once. A key found under two
-    // roles counts in neither, whatever the order of the signatures: the
-    // trust configuration already refuses one key under two kids, and this
-    // keeps the double lock if it ever did not.
-    let mut keys: Vec<(&AuthorityPublicKey, &str, bool)> = Vec::new();
-    for (role, key) in signed_with {
-        match keys.iter_mut().find(|(k, ..)| *k == key) {
-            Some((_, first, two_roles)) => *two_roles |= *first != role,
-            None => keys.push((key, role, false)),
+    // One holder, or one key, is one authority: it counts once. One found
+    // under two roles counts in neither, whatever the order of the
+    // signatures: the trust configuration already refuses one key under two
+    // kids and one holder under two roles, and this keeps the double lock
+    // if it ever did not. (A warrant has at most a few signatures.)
+    struct Found<'a> {
+        keys: Vec<&'a AuthorityPublicKey>,
+        holders: Vec<&'a str>,
+        role: &'a str,
+        two_roles: bool,
+    }
+    let mut found: Vec<Found<'_>> = Vec::new();
+    for (role, key, holder) in signed_with {
+        let same = |f: &Found<'_>| f.keys.contains(&key) || f.holders.contains(&holder);
+        match found.iter().position(same) {
+            Some(i) => {
+                let f = &mut found[i];
+                f.two_roles |= f.role != role;
+                f.keys.push(key);
+                f.holders.push(holder);
+                // A signer can join two authorities found apart (one by
+                // key, one by holder): they are one.
+                while let Some(j) = found.iter().skip(i + 1).position(same).map(|j| j + i + 1) {
+                    let other = found.swap_remove(j);
+                    let f = &mut found[i];
+                    f.two_roles |= other.two_roles || other.role != f.role;
+                    f.keys.extend(other.keys);
+                    f.holders.extend(other.holders);
+                }
+            }
+            None => found.push(Found {
+                keys: vec![key],
+                holders: vec![holder],
+                role,
+                two_roles: false,
+            }),
         }
     }
     let mut by_role: BTreeMap<&str, usize> = BTreeMap::new();
-    for (_, role, two_roles) in keys {
-        if !two_roles {
-            *by_role.entry(role).or_default() += 1;
+    for f in found {
+        if !f.two_roles {
+            *by_role.entry(f.role).or_default() += 1;
         }
     }
     let missing: Vec<(String, usize, usize)> = rules
@@ -557,15 +586,72 @@ mod tests {
         let a = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         // Two signers (two kids) holding one key: one authority.
-        let same = [("judicial", &a), ("judicial", &a)];
+        let same = [("judicial", &a, "k1"), ("judicial", &a, "k2")];
         match check_policy(&rules, same.into_iter(), false) {
             Err(WarrantError::PolicyNotMet { missing, .. }) => {
                 assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
             }
             other => panic!("expected policy_not_met, got {other:?}"),
         }
-        let two = [("judicial", &a), ("judicial", &b)];
+        let two = [("judicial", &a, "k1"), ("judicial", &b, "k2")];
         check_policy(&rules, two.into_iter(), false).unwrap();
+    }
+
+    /// One holder's two keys (the old and the new of an overlapping
+    /// rotation) are one authority: they count once, and under two roles
+    /// in neither. A signer sharing its key with one authority found and
+    /// its holder with another makes them one.
+    #[test]
+    fn the_policy_counts_holders_not_keys() {
+        let rules = [RoleRule {
+            role: "judicial".into(),
+            count: 2,
+        }];
+        let key = || AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
+        let (a1, a2, b) = (key(), key(), key());
+        let one_holder = [("judicial", &a1, "judge-a"), ("judicial", &a2, "judge-a")];
+        match check_policy(&rules, one_holder.into_iter(), false) {
+            Err(WarrantError::PolicyNotMet { missing, .. }) => {
+                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
+            }
+            other => panic!("expected policy_not_met, got {other:?}"),
+        }
+        let two_holders = [("judicial", &a1, "judge-a"), ("judicial", &b, "judge-b")];
+        check_policy(&rules, two_holders.into_iter(), false).unwrap();
+        // judge-a (a1), then judge-b (b), then a signer with b's key held by
+        // judge-a: all one authority.
+        let joined = [
+            ("judicial", &a1, "judge-a"),
+            ("judicial", &b, "judge-b"),
+            ("judicial", &b, "judge-a"),
+        ];
+        match check_policy(&rules, joined.into_iter(), false) {
+            Err(WarrantError::PolicyNotMet { missing, .. }) => {
+                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
+            }
+            other => panic!("expected policy_not_met, got {other:?}"),
+        }
+        let both_locks = [
+            RoleRule {
+                role: "executive".into(),
+                count: 1,
+            },
+            RoleRule {
+                role: "judicial".into(),
+                count: 1,
+            },
+        ];
+        let two_roles = [("executive", &a1, "judge-a"), ("judicial", &a2, "judge-a")];
+        match check_policy(&both_locks, two_roles.into_iter(), false) {
+            Err(WarrantError::PolicyNotMet { missing, .. }) => assert_eq!(
+                missing,
+                vec![
+                    ("executive".to_string(), 1, 0),
+                    ("judicial".to_string(), 1, 0)
+                ]
+            ),
+            other => panic!("expected policy_not_met, got {other:?}"),
+        }
     }
 
     /// One key under two roles is one authority: it cannot be both locks,
@@ -586,8 +672,8 @@ mod tests {
         let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         // In either order, and with a rule of one role only.
         for same in [
-            [("executive", &a), ("judicial", &a)],
-            [("judicial", &a), ("executive", &a)],
+            [("executive", &a, "k1"), ("judicial", &a, "k2")],
+            [("judicial", &a, "k2"), ("executive", &a, "k1")],
         ] {
             match check_policy(&rules, same.into_iter(), false) {
                 Err(WarrantError::PolicyNotMet { missing, .. }) => assert_eq!(
@@ -601,7 +687,7 @@ mod tests {
             }
             assert!(check_policy(&rules[1..], same.into_iter(), false).is_err());
         }
-        let two = [("executive", &a), ("judicial", &b)];
+        let two = [("executive", &a, "k1"), ("judicial", &b, "k2")];
         check_policy(&rules, two.into_iter(), false).unwrap();
     }
 }
