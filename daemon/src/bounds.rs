@@ -118,6 +118,12 @@ pub enum BoundError {
     /// warrants that look like one.
     #[error("begins or ends with whitespace")]
     Padded,
+    /// A name not in Unicode Normalization Form C: `café` written with a
+    /// combining accent (U+0301) and with `é` (U+00E9) are two warrants
+    /// that look like one, and a revocation typed as one would miss the
+    /// other.
+    #[error("is not in Unicode Normalization Form C (NFC)")]
+    NotNfc,
     /// A character outside printable ASCII (0x21..=0x7E) in a caller
     /// identity: a certificate's URI SAN is an IA5String, and lavd takes
     /// only its printable characters.
@@ -143,6 +149,7 @@ impl BoundError {
             BoundError::Bidi => "contains a bidirectional control character",
             BoundError::Invisible => "contains an invisible character",
             BoundError::Padded => "begins or ends with whitespace",
+            BoundError::NotNfc => "is not in Unicode Normalization Form C",
             BoundError::NotPrintableAscii => "contains a character outside printable ASCII",
             BoundError::NotUri => "is not a URI",
         }
@@ -216,7 +223,8 @@ pub fn is_bidi_control(c: char) -> bool {
 }
 
 /// `value` read by people as a name: no format character, nothing else
-/// invisible, no whitespace at either end.
+/// invisible, no whitespace at either end, and in Normalization Form C, so
+/// that two names that read alike are equal as strings.
 fn name(value: &str) -> Result<(), BoundError> {
     if value.chars().any(is_format) {
         return Err(BoundError::Format);
@@ -229,6 +237,9 @@ fn name(value: &str) -> Result<(), BoundError> {
     }
     if value.trim() != value {
         return Err(BoundError::Padded);
+    }
+    if !unicode_normalization::is_nfc(value) {
+        return Err(BoundError::NotNfc);
     }
     Ok(())
 }
@@ -284,12 +295,12 @@ pub fn token(value: &str, max: usize, unit: Unit) -> Result<(), BoundError> {
 
 /// A warrant `id`: 1..=[`MAX_WARRANT_ID_CHARS`] characters, no control
 /// character, no format or other invisible character, not only whitespace
-/// and none at either end. Used by the claims, both revocation forms and
-/// the claimed id of a refused warrant.
+/// and none at either end, in Normalization Form C. Used by the claims,
+/// both revocation forms and the claimed id of a refused warrant.
 ///
 /// # Errors
 /// As [`text`], and [`BoundError::Format`], [`BoundError::Invisible`],
-/// [`BoundError::Blank`], [`BoundError::Padded`].
+/// [`BoundError::Blank`], [`BoundError::Padded`], [`BoundError::NotNfc`].
 pub fn warrant_id(value: &str) -> Result<(), BoundError> {
     logged::warrant_id(value)?;
     name(value)
@@ -445,7 +456,8 @@ pub fn provider(value: &str) -> Result<(), BoundError> {
 /// authority use [`logged::authority_kid`]).
 ///
 /// # Errors
-/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`].
+/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`],
+/// [`BoundError::NotNfc`].
 pub fn authority_kid(value: &str) -> Result<(), BoundError> {
     logged::authority_kid(value)?;
     name(value)
@@ -457,7 +469,8 @@ pub fn authority_kid(value: &str) -> Result<(), BoundError> {
 /// audit leaf uses [`logged::role`].
 ///
 /// # Errors
-/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`].
+/// As [`token`], and [`BoundError::Format`], [`BoundError::Invisible`],
+/// [`BoundError::NotNfc`].
 pub fn role(value: &str) -> Result<(), BoundError> {
     logged::role(value)?;
     name(value)
@@ -582,6 +595,29 @@ mod tests {
         assert_eq!(warrant_id("UK IPA 2026/42"), Ok(()));
         assert_eq!(logged::warrant_id("W-1 "), Ok(()));
         assert_eq!(logged::warrant_id("W-1\u{3164}"), Ok(()));
+    }
+
+    /// Names compare as strings, so two that read alike must be one: the
+    /// decomposed form of a name is refused, its composed form (NFC) taken.
+    /// Protocol identifiers a provider sealed, and the log, keep the older
+    /// rule.
+    #[test]
+    fn names_are_in_normalization_form_c() {
+        for (nfc, other) in [
+            ("W-caf\u{e9}", "W-cafe\u{301}"),
+            ("\u{c5}ngstr\u{f6}m", "A\u{30a}ngstro\u{308}m"),
+            ("\u{d55c}", "\u{1112}\u{1161}\u{11ab}"),
+        ] {
+            assert_eq!(warrant_id(nfc), Ok(()), "{nfc:?}");
+            assert_eq!(warrant_id(other), Err(BoundError::NotNfc), "{other:?}");
+            assert_eq!(authority_kid(other), Err(BoundError::NotNfc), "{other:?}");
+            assert_eq!(role(other), Err(BoundError::NotNfc), "{other:?}");
+            assert_eq!(logged::warrant_id(other), Ok(()));
+            assert_eq!(target(other), Ok(()));
+        }
+        // A singleton that NFC replaces: the Ohm sign is U+03A9 in NFC.
+        assert_eq!(warrant_id("W-\u{2126}"), Err(BoundError::NotNfc));
+        assert_eq!(warrant_id("W-\u{3a9}"), Ok(()));
     }
 
     #[test]
