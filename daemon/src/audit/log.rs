@@ -279,18 +279,18 @@ impl AuditLog {
     /// witnesses' cosignatures ([`crate::audit::witnessing::Witnessing::served`]),
     /// carries a valid signature by the audit key; one that does not (a
     /// row edited behind lavd's back) marks the log inconsistent, as
-    /// [`Self::latest_signed`] does.
+    /// [`Self::latest_signed`] does. Returns the checkpoint it states.
     ///
     /// # Errors
     /// [`LogError::Inconsistent`].
-    pub fn check_served(&self, note: &str) -> Result<(), LogError> {
+    pub fn check_served(&self, note: &str) -> Result<note::Checkpoint, LogError> {
         if let Some(reason) = self.inconsistency() {
             return Err(LogError::Inconsistent(reason.to_string()));
         }
         let key = note::VerifierKey::new(&self.origin, self.public.bytes())
             .map_err(|e| LogError::Sign(e.to_string()))?;
         match note::verify_checkpoint(note, &key) {
-            Ok(_) => Ok(()),
+            Ok(checkpoint) => Ok(checkpoint),
             Err(e) => Err(self.record_inconsistency(format!(
                 "a stored checkpoint with witness cosignatures does not verify under the audit \
                  key: {e}"

@@ -25,8 +25,11 @@
 //! and size, and only lines that verify under the configured keys are
 //! stored. Nor is the store (THREAT_MODEL §4.7): a stored line counts
 //! toward the quorum, and is served, only if it verifies over the stored
-//! checkpoint of its size; the caller checks that checkpoint's own
-//! signature under the audit key ([`crate::audit::log::AuditLog::check_served`]).
+//! checkpoint of its size, which must state that size; the caller checks
+//! that checkpoint's own signature under the audit key
+//! ([`crate::audit::log::AuditLog::check_served`]). Only the submitter's
+//! choice of which size to join (`Witnessing::pending_size`) reads the
+//! rows as stored: a forged row can steer it, which costs time, not safety.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -226,6 +229,22 @@ impl Witnessing {
             let Some(mut note) = self.store.checkpoint_at(size)? else {
                 continue;
             };
+            // The note must be of the size it is stored under: an older
+            // checkpoint with its real cosignatures, copied to a larger
+            // size, would pass for one that covers leaves no witness saw.
+            let stated = super::note::split_note(&note)
+                .ok()
+                .and_then(|(body, _)| super::note::Checkpoint::parse(body).ok())
+                .map(|c| c.size);
+            if stated != Some(size) {
+                tracing::error!(
+                    size,
+                    ?stated,
+                    "the stored checkpoint of a cosigned size is not of that size; it is not \
+                     counted or served (a row written outside lavd?)"
+                );
+                continue;
+            }
             let verified = self.verified(&note, &group);
             if self
                 .settings
@@ -1456,6 +1475,48 @@ mod tests {
         assert!(!served.contains(forged.trim_end()), "{served}");
         assert!(!served.contains(moved.trim_end()), "{served}");
         assert_eq!(note::split_note(&served).unwrap().1.len(), 1, "{served}");
+
+        // An older checkpoint with its real cosignatures, copied to a
+        // larger size (one whose leaves no witness saw): not counted.
+        let copied = store.tree_size().unwrap() + 1;
+        store
+            .append(AuditAppend {
+                events: vec![WarrantRefused::new(
+                    "spiffe://agency.test/a",
+                    None,
+                    None,
+                    "malformed_warrant",
+                )
+                .unwrap()
+                .into()],
+                time: parse_time("2026-12-02T00:00:00Z").unwrap(),
+                spend: Spend::None,
+            })
+            .unwrap();
+        let old_a = cosign(&store, first, &a, &a_sk);
+        let old_b = cosign(&store, first, &b, &b_sk);
+        store
+            .save_checkpoint(copied, &first_note, time::OffsetDateTime::now_utc())
+            .unwrap();
+        for (witness, line) in [(&a, &old_a), (&b, &old_b)] {
+            store
+                .save_cosignature(&Cosignature {
+                    size: copied,
+                    witness: witness.name().to_string(),
+                    line: line.clone(),
+                })
+                .unwrap();
+        }
+        assert_eq!(witnessing.quorum_covering(copied).unwrap(), None);
+        // (The real ones, at their own size, still count for it.)
+        assert_eq!(
+            policy
+                .verify(&witnessing.quorum_covering(first).unwrap().unwrap())
+                .unwrap()
+                .0
+                .size,
+            first
+        );
 
         // The real lines, of the next checkpoint (the forged rows hold
         // their witnesses' places at the second): the quorum is met there,

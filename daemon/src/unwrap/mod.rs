@@ -893,31 +893,47 @@ impl Drop for IntentGuard<'_> {
 ///
 /// # Errors
 /// [`UnwrapError::WitnessUnavailable`] when the wait timed out or the store
-/// stayed unreadable until then: the caller returns it, and the opened DEKs
-/// are dropped unsealed.
+/// stayed unreadable until then; under `release_after_witness`, the log's
+/// error when the cosigned checkpoint read from the store does not verify
+/// under the audit key (the log is then inconsistent), and
+/// [`UnwrapError::Internal`] when it does not cover the leaves. The caller
+/// returns it, and the opened DEKs are dropped unsealed.
 fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String, UnwrapError> {
     let Some(witnessing) = ctx.witnessing else {
         return Ok(receipt.checkpoint.clone());
     };
     let needed = receipt.appended.first_index + receipt.appended.count;
+    // Read from the store: its cosignatures were verified over it; it must
+    // also verify under the audit key and cover the leaves.
+    let covering = |cosigned: &str| -> Result<(), UnwrapError> {
+        let checkpoint = ctx.log.check_served(cosigned)?;
+        if checkpoint.size < needed {
+            return Err(UnwrapError::Internal(format!(
+                "the stored cosigned checkpoint of size {} does not cover the request's leaves \
+                 (size {needed} needed)",
+                checkpoint.size
+            )));
+        }
+        Ok(())
+    };
     if witnessing.settings().release_after_witness && opened > 0 {
         // Either way the leaves are logged and the budget spent: a
         // store_unavailable would invite a retry that spends it again.
         let cosigned = witnessing
             .wait_for_quorum(needed)
             .map_err(UnwrapError::WitnessUnavailable)?;
-        // Read from the store: its cosignatures were verified over it, and
-        // it must verify under the audit key, or nothing is released.
-        ctx.log.check_served(&cosigned)?;
+        // Or nothing is released.
+        covering(&cosigned)?;
         return Ok(cosigned);
     }
     match witnessing.quorum_covering(needed) {
-        Ok(Some(cosigned)) => match ctx.log.check_served(&cosigned) {
+        Ok(Some(cosigned)) => match covering(&cosigned) {
             Ok(()) => Ok(cosigned),
             Err(e) => {
-                // Said, and recorded as the log's inconsistency; this reply
-                // is still sound with the checkpoint the append signed.
-                tracing::error!(error = %e, "a stored cosigned checkpoint does not verify; replying with the log's checkpoint");
+                // Said (and, for a bad signature, recorded as the log's
+                // inconsistency); this reply is still sound with the
+                // checkpoint the append signed.
+                tracing::error!(error = %e, "a stored cosigned checkpoint is not sound; replying with the log's checkpoint");
                 Ok(receipt.checkpoint.clone())
             }
         },
