@@ -224,7 +224,9 @@ pub fn is_bidi_control(c: char) -> bool {
 
 /// `value` read by people as a name: no format character, nothing else
 /// invisible, no whitespace at either end, and in Normalization Form C, so
-/// that two names that read alike are equal as strings.
+/// that two canonically equivalent names (`é` as one code point or as `e`
+/// and a combining accent) are equal as strings. (Compatibility forms and
+/// look-alike letters from other scripts stay distinct.)
 fn name(value: &str) -> Result<(), BoundError> {
     if value.chars().any(is_format) {
         return Err(BoundError::Format);

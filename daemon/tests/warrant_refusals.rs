@@ -590,7 +590,8 @@ fn one_holders_two_keys_count_once() {
     );
     let err = TrustStore::from_toml(&text, Path::new(".")).unwrap_err();
     assert!(
-        err.to_string().contains("holder `judge-a` has role"),
+        err.to_string()
+            .contains("`authorities[2].holder`: `judge-a` has role `judicial` here and `executive` in authorities[0]"),
         "{err}"
     );
     // Four judicial kids, three holders: a rule of four is refused.

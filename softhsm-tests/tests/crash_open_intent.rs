@@ -361,8 +361,8 @@ fn sqlite_a_second_serve_on_a_served_store_stops_at_its_start() {
             Daemon::try_start_named(&t, name).expect_err("a second serve on a served store");
         assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
         let expected = format!(
-            "lavd: store_in_use: store {}: another lavd serve is serving it (it holds the \
-             file's lock); one daemon serves an SQLite store",
+            "lavd: store_in_use: store {}: another lavd serve is serving it, or a lavd store \
+             copy is copying it (it holds the file's lock); one daemon serves an SQLite store",
             path.display()
         );
         assert!(stderr.contains(&expected), "{expected}\nnot in:\n{stderr}");

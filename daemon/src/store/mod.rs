@@ -127,14 +127,16 @@ pub enum StoreError {
     /// and then nothing is released.
     #[error("spending on warrant `{0}` would exceed its max_unwraps")]
     BudgetOverrun(String),
-    /// Another `lavd serve` is serving this SQLite file: it holds the file's
-    /// lock (`flock`). One daemon serves an SQLite store; a second would
-    /// take the first one's open intents in flight for a crashed run's and
-    /// log them again, and the two would share budgets through errors.
-    /// Several replicas run on PostgreSQL.
+    /// Another process holds this SQLite file's lock (`flock`): a `lavd
+    /// serve` serving it, or a `lavd store copy` copying it. One daemon
+    /// serves an SQLite store; a second would take the first one's open
+    /// intents in flight for a crashed run's and log them again, and the
+    /// two would share budgets through errors. Several replicas run on
+    /// PostgreSQL.
     #[error(
-        "store {store}: another lavd serve is serving it (it holds the file's lock); one \
-         daemon serves an SQLite store: stop that one first, or run replicas on PostgreSQL"
+        "store {store}: another lavd serve is serving it, or a lavd store copy is copying it \
+         (it holds the file's lock); one daemon serves an SQLite store: stop that one first, \
+         or run replicas on PostgreSQL"
     )]
     InUse {
         /// The database file.

@@ -29,10 +29,12 @@ pub enum SignError {
     /// The private JWK has no `kid`; the signature must name its authority.
     #[error("authority key has no `kid`")]
     MissingKid,
-    /// The JWK's `kid` is empty, longer than 128 characters, or holds a
-    /// control character or whitespace.
-    #[error("authority key `kid` must be 1 to {MAX_KID_CHARS} characters, without control characters or whitespace")]
-    BadKid,
+    /// The JWK's `kid` is outside an authority kid's bounds
+    /// ([`crate::bounds::authority_kid`]): empty, longer than 128
+    /// characters, a control, whitespace, invisible character, or not in
+    /// NFC. Says which.
+    #[error("authority key `kid` {0} (1 to {MAX_KID_CHARS} characters, no control character, whitespace or invisible character, in Unicode NFC)")]
+    BadKid(crate::bounds::BoundError),
     /// The JWK's `alg` does not fit its key type (EC P-256 is `ES256`, OKP
     /// Ed25519 is `EdDSA`).
     #[error("authority key has `alg` `{found}` but its key type needs `{expected}`")]
@@ -61,7 +63,7 @@ impl SignError {
     /// The stable error code.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Key(_) | Self::MissingKid | Self::BadKid | Self::UnsupportedKeyType => {
+            Self::Key(_) | Self::MissingKid | Self::BadKid(_) | Self::UnsupportedKeyType => {
                 "invalid_authority_key"
             }
             Self::AlgorithmMismatch { .. } => "algorithm_mismatch",
@@ -94,7 +96,7 @@ impl std::fmt::Debug for AuthorityKey {
 }
 
 fn check_kid(kid: &str) -> Result<(), SignError> {
-    crate::bounds::authority_kid(kid).map_err(|_| SignError::BadKid)
+    crate::bounds::authority_kid(kid).map_err(SignError::BadKid)
 }
 
 impl AuthorityKey {

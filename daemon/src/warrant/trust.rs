@@ -389,29 +389,33 @@ impl TrustConfig {
             authorities.insert(authority.kid.clone(), authority);
         }
         // One holder, one role: a holder under two would be both locks.
-        let mut holders: BTreeMap<&str, &Authority> = BTreeMap::new();
-        for a in authorities.values() {
+        // In the file's order, so that the error names the later entry.
+        let mut holders: BTreeMap<&str, (usize, &Authority)> = BTreeMap::new();
+        for (i, a) in self.authorities.iter().enumerate() {
+            let Some(a) = authorities.get(&a.kid) else {
+                continue;
+            };
             match holders.get(a.holder.as_str()) {
-                Some(first) if first.role != a.role => {
+                Some((j, first)) if first.role != a.role => {
                     return Err(invalid(
-                        format!("authorities (kid `{}`)", a.kid),
+                        format!("authorities[{i}].holder"),
                         format!(
-                            "holder `{}` has role `{}` here and `{}` under kid `{}`: one holder \
-                             would count in two roles; give each holder one role",
+                            "`{}` has role `{}` here and `{}` in authorities[{j}] (kid `{}`): \
+                             one holder would count in two roles; give each holder one role",
                             a.holder, a.role, first.role, first.kid
                         ),
                     ));
                 }
                 Some(_) => {}
                 None => {
-                    holders.insert(&a.holder, a);
+                    holders.insert(&a.holder, (i, a));
                 }
             }
         }
         // Each holder once: a rule needing more holders of a role than are
         // configured could never be met.
         let mut per_role: BTreeMap<&str, usize> = BTreeMap::new();
-        for a in holders.values() {
+        for (_, a) in holders.values() {
             *per_role.entry(a.role.as_str()).or_default() += 1;
         }
         let require = validate_rules("policy.require", &self.policy.require, &per_role)?;
