@@ -42,6 +42,10 @@ impl StateError {
     }
 }
 
+/// How far behind the latest timestamp given the clock may read before the
+/// witness warns, in seconds.
+const CLOCK_BEHIND_WARNING_SECS: u64 = 60;
+
 /// What a witness has cosigned, per log.
 #[derive(Debug)]
 pub struct WitnessState {
@@ -258,7 +262,22 @@ impl WitnessState {
                 i64::MAX
             ))));
         };
-        let now = clock().max(self.last_time.load(std::sync::atomic::Ordering::SeqCst));
+        let (read, last) = (
+            clock(),
+            self.last_time.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        // A request that waited behind another reads a second or so behind
+        // it; more is a clock that stepped back, or one that once ran
+        // ahead and now pins every timestamp there (OPERATIONS §13).
+        if read.saturating_add(CLOCK_BEHIND_WARNING_SECS) < last {
+            tracing::warn!(
+                clock = read,
+                stamped = last,
+                "this host's clock is behind the latest cosignature timestamp the witness state \
+                 gave; cosignatures are stamped with that one until the clock passes it"
+            );
+        }
+        let now = read.max(last);
         let body_end = request.checkpoint.rfind("\n\n").map_or(0, |i| i + 1);
         let line = match cosignature_line(key, &request.checkpoint[..body_end], now, sign) {
             Ok(line) => line,
