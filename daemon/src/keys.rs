@@ -527,10 +527,7 @@ pub fn destroy(
     }
     // Also when the store already says destroyed: finishes an interrupted
     // destruction on the token.
-    hsm.destroy_escrow_key(kid)?;
-    if hsm.escrow_key_present(kid)? {
-        return Err(KeyError::StillPresent(kid.to_string()));
-    }
+    finish_destruction(hsm, kid)?;
     let record = store
         .get_key(kid)?
         .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))?;
@@ -538,6 +535,31 @@ pub fn destroy(
         record,
         missing_before,
     })
+}
+
+/// Takes escrow key `kid` off the token (every key object under its label:
+/// idempotent, so it also finishes an interrupted destruction) and checks,
+/// on a fresh session, that no private key is left. Returns whether one was
+/// there. "Nothing there" is believed only from a session that sees some
+/// private key (a lavd token always holds the audit key): a token whose
+/// objects cannot be read finds nothing to destroy and nothing left, and a
+/// key still on it would be reported destroyed.
+///
+/// # Errors
+/// [`KeyError::StillPresent`]; [`HsmError::TokenUnreadable`] (as
+/// [`KeyError::Hsm`]) when nothing was found and the session sees no
+/// private key at all; the failing PKCS#11 call.
+pub fn finish_destruction(hsm: &Hsm, kid: &str) -> Result<bool, KeyError> {
+    let had = hsm.destroy_escrow_key(kid)?;
+    let left = if had {
+        usize::from(hsm.escrow_key_present(kid)?)
+    } else {
+        hsm.escrow_private_keys(kid)?
+    };
+    if left > 0 {
+        return Err(KeyError::StillPresent(kid.to_string()));
+    }
+    Ok(had)
 }
 
 /// What [`due_for_destruction`] finds.

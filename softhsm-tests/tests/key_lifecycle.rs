@@ -236,6 +236,10 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
 #[test]
 fn destroy_is_refused_before_retention_and_final_after() {
     let t = TestToken::new();
+    // As on any token a daemon serves: a destruction run again finds
+    // nothing to destroy, and believes it only from a session that sees
+    // some private key.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     assert_ok(&softhsm_tests::generate_key(
         &t,
         KID,

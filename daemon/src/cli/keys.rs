@@ -300,15 +300,7 @@ impl KeysCommand {
                         // Destroy first (it is idempotent, and takes every
                         // key object under the label, so two pairs there do
                         // not stop it), then look on a fresh session.
-                        let finished = hsm
-                            .destroy_escrow_key(&k.kid)
-                            .map_err(keys::KeyError::from)
-                            .and_then(|had| match hsm.escrow_key_present(&k.kid) {
-                                Ok(false) => Ok(had),
-                                Ok(true) => Err(keys::KeyError::StillPresent(k.kid.clone())),
-                                Err(e) => Err(e.into()),
-                            });
-                        match finished {
+                        match keys::finish_destruction(&hsm, &k.kid) {
                             Ok(true) => eprintln!(
                                 "escrow key {}: finished an interrupted destruction",
                                 shown(&k.kid)

@@ -1,0 +1,71 @@
+//! A destruction is not reported done on a token that cannot show its
+//! objects. Interrupted after its store commit (the key still on the
+//! token), a destruction is finished by running it again; but a token whose
+//! object store cannot be read (its directory gone from under an open
+//! module, as a network HSM's lost partition looks) finds nothing to
+//! destroy and nothing left, and that was reported as done, the private key
+//! still there. It is refused instead (`hsm_unavailable`: the session sees
+//! no private key, not even the audit key).
+//!
+//! Its own process: the token directory moves away from under this
+//! process's SoftHSM, which does not see that token again until its module
+//! is reset; every other test's lookups would meet it.
+
+use lavd::hsm::{Hsm, HsmError};
+use lavd::keys::{self, DestroyReason, KeyError};
+use lavd::store::Store;
+use softhsm_tests::{assert_ok, TestToken};
+
+#[test]
+fn a_destruction_is_not_done_on_a_token_that_cannot_show_its_objects() {
+    const KID: &str = "2026-12";
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    // The store already says destroyed (a destruction's first step); the
+    // token still holds the key (its second never ran).
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .execute(
+            "UPDATE escrow_keys SET destroyed_at = '2026-12-05T00:00:00Z', \
+             destroy_reason = 'forced: x' WHERE kid = ?1",
+            [KID],
+        )
+        .unwrap();
+    let settings = t.settings();
+    let store = Store::open_settings(&settings.store).unwrap();
+    let hsm = Hsm::open(settings.hsm).unwrap();
+
+    let dir = t.token_dir();
+    let away = t.path("token-away");
+    std::fs::rename(&dir, &away).unwrap();
+    let refused = keys::destroy(
+        &hsm,
+        &store,
+        KID,
+        DestroyReason::Forced("finish".into()),
+        time::OffsetDateTime::now_utc(),
+    );
+    std::fs::rename(&away, &dir).unwrap();
+    assert!(
+        matches!(&refused, Err(KeyError::Hsm(HsmError::TokenUnreadable))),
+        "{refused:?}"
+    );
+
+    // The key was still there: a new process, which sees the token again,
+    // finishes the destruction and says so.
+    drop(hsm);
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    assert_ok(&out);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "escrow key {KID}: finished an interrupted destruction"
+        )),
+        "{said}"
+    );
+}
