@@ -1,7 +1,8 @@
 //! Two key pairs under one escrow key's label, on a real SoftHSM token,
 //! checked from this test process: two generations of one kid at once,
 //! through the real `lavd keys generate` (the fault module holds one at the
-//! HSM while the other runs), and a pair a PIN holder adds by hand.
+//! HSM while the other runs), and a pair a PIN holder adds by hand. And two
+//! tokens under one label, one of them unreadable at first.
 
 use cryptoki::object::{Attribute, ObjectClass};
 use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
@@ -351,4 +352,59 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
         listed.contains(generated["x"].as_str().unwrap()) && listed.contains(OTHER),
         "{listed}"
     );
+}
+
+/// Two tokens with the label lavd is configured for, and the first read of
+/// one of them fails (`C_GetTokenInfo`, once, through the fault module):
+/// lavd looks again and refuses the ambiguity, naming it. Before, the one
+/// token it could read was taken as the only match, and the PIN sent to
+/// whichever it was. The two tokens are alone in a SoftHSM directory of the
+/// test's own, so that the failed read is one of theirs. (A token still
+/// unreadable after the retries is skipped with a warning, as before: the
+/// module cannot fault one slot only, so that branch has no test.)
+#[test]
+fn a_second_token_with_the_label_is_found_though_unreadable_at_first() {
+    let t = TestToken::new();
+    let tokens = t.path("two-tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    let conf = t.path("two-tokens.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let out = std::process::Command::new("softhsm2-util")
+            .env("SOFTHSM2_CONF", &conf)
+            .args(["--init-token", "--free", "--label", &t.label])
+            .args(["--pin", softhsm_tests::PIN, "--so-pin", "5678"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "softhsm2-util: {out:?}");
+    }
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    let list = || {
+        softhsm_tests::lavd_command(&["keys", "list", "--config", t.config().to_str().unwrap()])
+            .env("SOFTHSM2_CONF", &conf)
+            .output()
+            .unwrap()
+    };
+    let stderr = assert_fails_with(&list(), 1, "hsm_unavailable");
+    assert!(
+        stderr.contains(&format!("2 tokens have label {:?}", t.label)),
+        "{stderr}"
+    );
+    shim.set(
+        "fault = device_error\nfault_calls = C_GetTokenInfo\nfault_after = 1\nfault_limit = 1",
+    );
+    let stderr = assert_fails_with(&list(), 1, "hsm_unavailable");
+    assert!(
+        stderr.contains(&format!("2 tokens have label {:?}", t.label)),
+        "{stderr}"
+    );
+    assert_eq!(shim.faults(), 1, "the first read of one token failed");
 }

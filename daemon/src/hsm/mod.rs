@@ -989,9 +989,12 @@ impl Drop for GateGuard<'_> {
 /// Finds the one slot whose token matches the selector.
 ///
 /// A token whose info cannot be read (another process is rewriting it, or it
-/// is failing) is skipped; if that leaves no match, the scan is retried a few
-/// times before reporting the token missing, so a neighbour's activity on a
-/// shared module does not stop this daemon from finding its own token.
+/// is failing) is skipped; if any was, the scan is retried a few times, so
+/// that a token with the same label read a moment later is found and the
+/// ambiguity refused, rather than the PIN sent to whichever one was read.
+/// A token still unreadable after the retries (a neighbour's broken
+/// partition) does not stop this daemon from finding its own: by label, the
+/// one match is then taken with a warning to select by serial.
 fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<Slot, HsmError> {
     let mut attempt = 0;
     loop {
@@ -1022,10 +1025,21 @@ fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<
             present.push(format!("{label:?} (serial {serial})"));
         }
         match matches.len() {
-            1 => return Ok(matches[0]),
-            0 if unreadable > 0 && attempt < 3 => {
+            1 if unreadable == 0 || matches!(wanted, TokenSelector::Serial(_)) => {
+                return Ok(matches[0])
+            }
+            0 | 1 if unreadable > 0 && attempt < 3 => {
                 attempt += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
+            }
+            1 => {
+                tracing::warn!(
+                    %wanted,
+                    unreadable,
+                    "one token has this label, but other tokens on the module cannot be read, so \
+                     one of them may have it too; select the token by serial"
+                );
+                return Ok(matches[0]);
             }
             0 => {
                 return Err(HsmError::TokenNotFound {
