@@ -1321,6 +1321,13 @@ fn postgres_sessions_commit_durably_whatever_the_database_default() {
             expected,
             "default {default}"
         );
+        // Set in the session also when kept: a reload of the server's
+        // configuration file cannot weaken it under an open connection.
+        assert_eq!(
+            store.setting_source("synchronous_commit").unwrap(),
+            "session",
+            "default {default}"
+        );
     }
 }
 
@@ -1341,6 +1348,11 @@ fn postgres_reservations_never_overgrant_whatever_the_default_isolation() {
         let a = PgStore::connect(&db.settings()).unwrap();
         let b = PgStore::connect(&db.settings()).unwrap();
         assert_eq!(a.transaction_isolation().unwrap(), expected, "{default}");
+        assert_eq!(
+            a.setting_source("default_transaction_isolation").unwrap(),
+            "session",
+            "{default}"
+        );
         a.register(&record("R", 1, 1, false, 1)).unwrap();
         // Hold the warrant's row so that both reservations start, take
         // their snapshots and wait behind it.

@@ -670,6 +670,19 @@ impl PgStore {
         .map_err(|e| self.pg_err(e))
     }
 
+    /// Where lavd's sessions take setting `name` from (`pg_settings.source`):
+    /// `session` for the two lavd sets on every connection, which outranks
+    /// the server's configuration file and so any reload of it.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] or [`StoreError::Unavailable`].
+    pub fn setting_source(&self, name: &str) -> Result<String, StoreError> {
+        let mut conn = self.pool.get()?;
+        conn.query_one("SELECT source FROM pg_settings WHERE name = $1", &[&name])
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| self.pg_err(e))
+    }
+
     /// Transactions retried after a serialization failure or a deadlock.
     pub fn retries(&self) -> u64 {
         self.retries.load(Ordering::Relaxed)
@@ -1700,13 +1713,24 @@ impl PgStore {
                         server_started!(),
                         " = $1, CASE WHEN ",
                         server_started!(),
-                        " = $1 THEN pg_xact_status($2::text::xid8) END",
+                        " = $1 THEN pg_xact_status($2::text::xid8) END, pg_is_in_recovery()",
                     ),
                     &[&xact.server, &xact.xid],
                 )
                 .map_err(|e| unknown(format!("cannot read its status: {e}")))?;
             let same_server: bool = row.get(0);
             let status: Option<String> = row.get(1);
+            // A standby (the URL moved to one before it was promoted, or a
+            // rewound old primary): it may not have replayed the commit
+            // yet, so its log cannot say the commit did not happen. Asked
+            // on every read: the connection may have been one since.
+            if row.get::<_, bool>(2) {
+                return Err(unknown(
+                    "the server reached is a standby in recovery: it may not have replayed the \
+                     commit yet"
+                        .into(),
+                ));
+            }
             match status.as_deref() {
                 _ if !same_server => break None,
                 Some("in progress") if std::time::Instant::now() < deadline => {

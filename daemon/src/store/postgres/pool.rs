@@ -226,11 +226,16 @@ fn locking_isolation(client: &mut Client) -> Result<Option<String>, postgres::Er
             &[],
         )?
         .try_get(0)?;
-    if found == "repeatable read" {
-        client.batch_execute("SET default_transaction_isolation = 'read committed'")?;
-        return Ok(Some(found));
-    }
-    Ok(None)
+    // Set in this session even when kept: a session's own value outranks
+    // the server's configuration file, which a reload could otherwise
+    // change under an open connection.
+    let (pinned, replaced) = match found.as_str() {
+        "serializable" => ("serializable", None),
+        "repeatable read" => ("read committed", Some(found)),
+        _ => ("read committed", None),
+    };
+    client.batch_execute(&format!("SET default_transaction_isolation = '{pinned}'"))?;
+    Ok(replaced)
 }
 
 /// Makes a commit's acknowledgement mean the commit is durable, in this
@@ -244,9 +249,16 @@ fn durable_commits(client: &mut Client) -> Result<Option<String>, postgres::Erro
     let found: String = client
         .query_one("SELECT current_setting('synchronous_commit')", &[])?
         .try_get(0)?;
-    if matches!(found.as_str(), "off" | "local") {
-        client.batch_execute("SET synchronous_commit = on")?;
-        return Ok(Some(found));
-    }
-    Ok(None)
+    // Set in this session even when kept: a session's own value outranks
+    // the server's configuration file, which a reload (`ALTER SYSTEM SET
+    // synchronous_commit = off`, `pg_reload_conf()`) could otherwise
+    // weaken under an open connection.
+    let (pinned, replaced) = match found.as_str() {
+        "remote_apply" => ("remote_apply", None),
+        "remote_write" => ("remote_write", None),
+        "off" | "local" => ("on", Some(found)),
+        _ => ("on", None),
+    };
+    client.batch_execute(&format!("SET synchronous_commit = {pinned}"))?;
+    Ok(replaced)
 }
