@@ -341,10 +341,8 @@ pub fn discard_orphan(
     if store.get_key(kid)?.is_some() {
         return Err(KeyError::Recorded(kid.to_string()));
     }
-    let had_private = hsm.destroy_escrow_key(kid)?;
-    if hsm.escrow_key_present(kid)? {
-        return Err(KeyError::StillPresent(kid.to_string()));
-    }
+    // "It held none" only from a session that sees some private key.
+    let had_private = finish_destruction(hsm, kid)?;
     if store.get_key(kid)?.is_some() {
         return Err(KeyError::RecordedWhileDiscarded(kid.to_string()));
     }
@@ -541,7 +539,8 @@ pub fn destroy(
 /// idempotent, so it also finishes an interrupted destruction) and checks,
 /// on a fresh session, that no private key is left. Returns whether one was
 /// there. "Nothing there" is believed only from a session that sees some
-/// private key (a lavd token always holds the audit key): a token whose
+/// private key of ours (`CKA_PRIVATE`; a lavd token always holds at least
+/// the audit key, though this does not ask for it by name): a token whose
 /// objects cannot be read finds nothing to destroy and nothing left, and a
 /// key still on it would be reported destroyed.
 ///

@@ -360,8 +360,9 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
 /// token it could read was taken as the only match, and the PIN sent to
 /// whichever it was. The two tokens are alone in a SoftHSM directory of the
 /// test's own, so that the failed read is one of theirs. (A token still
-/// unreadable after the retries is skipped with a warning, as before: the
-/// module cannot fault one slot only, so that branch has no test.)
+/// unreadable after the retries is skipped with a warning, once per set of
+/// such slots: the module cannot fault one slot only, so that branch has no
+/// test.)
 #[test]
 fn a_second_token_with_the_label_is_found_though_unreadable_at_first() {
     let t = TestToken::new();

@@ -210,6 +210,10 @@ struct Inner {
     opens: std::sync::atomic::AtomicU64,
     /// Whether a planned reset is due or running ([`Hsm::opened`]).
     resetting: std::sync::atomic::AtomicBool,
+    /// The slots [`find_token`] could not read at its last lookup, after its
+    /// retries: the same ones again are not waited for (a lookup inside a
+    /// module reset holds every HSM call back).
+    unreadable_slots: Mutex<Vec<u64>>,
     /// Counted among the HSM threads that the end of the process waits for
     /// (`spread::quiesce`) until every other field is dropped: the last
     /// `Hsm` may be dropped on a thread that is not counted (a blocking
@@ -315,7 +319,13 @@ impl Hsm {
         observer: Arc<dyn HsmObserver>,
     ) -> Result<Self, HsmError> {
         let pkcs11 = module(&settings.module, &settings.module_env)?;
-        let slot = find_token(&pkcs11, &settings.module, &settings.token)?;
+        let unreadable_slots = Mutex::new(Vec::new());
+        let slot = find_token(
+            &pkcs11,
+            &settings.module,
+            &settings.token,
+            &unreadable_slots,
+        )?;
         let pool = Pool::new(
             slot,
             settings.sessions.max(1),
@@ -340,6 +350,7 @@ impl Hsm {
                 spreader,
                 opens: Default::default(),
                 resetting: Default::default(),
+                unreadable_slots,
                 _alive: spread::Alive::enter(),
             }),
         };
@@ -709,7 +720,12 @@ impl Hsm {
             Ok(()) | Err(CkError::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {}
             Err(e) => return Err(e.into()),
         }
-        let slot = find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token)?;
+        let slot = find_token(
+            &inner.pkcs11,
+            &inner.settings.module,
+            &inner.settings.token,
+            &inner.unreadable_slots,
+        )?;
         if let Some(generation) = generation {
             inner.pool.found(generation, slot);
         }
@@ -835,7 +851,14 @@ impl Hsm {
             return Ok(slot);
         }
         let inner = &self.inner;
-        let find = || find_token(&inner.pkcs11, &inner.settings.module, &inner.settings.token);
+        let find = || {
+            find_token(
+                &inner.pkcs11,
+                &inner.settings.module,
+                &inner.settings.token,
+                &inner.unreadable_slots,
+            )
+        };
         let slot = match find() {
             // The module was finalised under us (a library reset): initialise
             // it again rather than failing until a restart.
@@ -994,19 +1017,26 @@ impl Drop for GateGuard<'_> {
 /// ambiguity refused, rather than the PIN sent to whichever one was read.
 /// A token still unreadable after the retries (a neighbour's broken
 /// partition) does not stop this daemon from finding its own: by label, the
-/// one match is then taken with a warning to select by serial.
-fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<Slot, HsmError> {
+/// one match is then taken with a warning to select by serial. Those slots
+/// are kept in `unreadable_before`: the same ones unreadable at the next
+/// lookup are not waited for, nor warned about, again.
+fn find_token(
+    pkcs11: &Pkcs11,
+    module: &Path,
+    wanted: &TokenSelector,
+    unreadable_before: &Mutex<Vec<u64>>,
+) -> Result<Slot, HsmError> {
     let mut attempt = 0;
     loop {
         let mut present = Vec::new();
         let mut matches = Vec::new();
-        let mut unreadable = 0;
+        let mut unreadable_slots = Vec::new();
         for slot in pkcs11.get_slots_with_token()? {
             let info = match pkcs11.get_token_info(slot) {
                 Ok(info) => info,
                 Err(e) => {
                     tracing::debug!(slot = slot.id(), error = %e, "skipping unreadable token");
-                    unreadable += 1;
+                    unreadable_slots.push(slot.id());
                     continue;
                 }
             };
@@ -1024,11 +1054,20 @@ fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<
             }
             present.push(format!("{label:?} (serial {serial})"));
         }
+        unreadable_slots.sort_unstable();
+        let unreadable = unreadable_slots.len();
+        let mut before = unreadable_before
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match matches.len() {
             1 if unreadable == 0 || matches!(wanted, TokenSelector::Serial(_)) => {
-                return Ok(matches[0])
+                *before = unreadable_slots;
+                return Ok(matches[0]);
             }
+            // Waited for and warned about at the last lookup.
+            1 if *before == unreadable_slots => return Ok(matches[0]),
             0 | 1 if unreadable > 0 && attempt < 3 => {
+                drop(before);
                 attempt += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50 * attempt));
             }
@@ -1039,6 +1078,7 @@ fn find_token(pkcs11: &Pkcs11, module: &Path, wanted: &TokenSelector) -> Result<
                     "one token has this label, but other tokens on the module cannot be read, so \
                      one of them may have it too; select the token by serial"
                 );
+                *before = unreadable_slots;
                 return Ok(matches[0]);
             }
             0 => {
