@@ -577,6 +577,19 @@ mod tests {
     use super::*;
     use crate::jwk::P256PrivateKey;
 
+    /// What `check_policy` finds missing: (role, needed, found) per rule
+    /// not met; empty when the policy is met.
+    fn missing<'a>(
+        rules: &[RoleRule],
+        signers: impl IntoIterator<Item = (&'a str, &'a AuthorityPublicKey, &'a str)>,
+    ) -> Vec<(String, usize, usize)> {
+        match check_policy(rules, signers.into_iter(), false) {
+            Ok(()) => Vec::new(),
+            Err(WarrantError::PolicyNotMet { missing, .. }) => missing,
+            Err(other) => panic!("expected policy_not_met, got {other:?}"),
+        }
+    }
+
     #[test]
     fn the_policy_counts_keys_not_kids() {
         let rules = [RoleRule {
@@ -587,12 +600,7 @@ mod tests {
         let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         // Two signers (two kids) holding one key: one authority.
         let same = [("judicial", &a, "k1"), ("judicial", &a, "k2")];
-        match check_policy(&rules, same.into_iter(), false) {
-            Err(WarrantError::PolicyNotMet { missing, .. }) => {
-                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
-            }
-            other => panic!("expected policy_not_met, got {other:?}"),
-        }
+        assert_eq!(missing(&rules, same), vec![("judicial".to_string(), 2, 1)]);
         let two = [("judicial", &a, "k1"), ("judicial", &b, "k2")];
         check_policy(&rules, two.into_iter(), false).unwrap();
     }
@@ -610,12 +618,10 @@ mod tests {
         let key = || AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         let (a1, a2, b) = (key(), key(), key());
         let one_holder = [("judicial", &a1, "judge-a"), ("judicial", &a2, "judge-a")];
-        match check_policy(&rules, one_holder.into_iter(), false) {
-            Err(WarrantError::PolicyNotMet { missing, .. }) => {
-                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
-            }
-            other => panic!("expected policy_not_met, got {other:?}"),
-        }
+        assert_eq!(
+            missing(&rules, one_holder),
+            vec![("judicial".to_string(), 2, 1)]
+        );
         let two_holders = [("judicial", &a1, "judge-a"), ("judicial", &b, "judge-b")];
         check_policy(&rules, two_holders.into_iter(), false).unwrap();
         // judge-a (a1), then judge-b (b), then a signer with b's key held by
@@ -625,12 +631,10 @@ mod tests {
             ("judicial", &b, "judge-b"),
             ("judicial", &b, "judge-a"),
         ];
-        match check_policy(&rules, joined.into_iter(), false) {
-            Err(WarrantError::PolicyNotMet { missing, .. }) => {
-                assert_eq!(missing, vec![("judicial".to_string(), 2, 1)]);
-            }
-            other => panic!("expected policy_not_met, got {other:?}"),
-        }
+        assert_eq!(
+            missing(&rules, joined),
+            vec![("judicial".to_string(), 2, 1)]
+        );
         let both_locks = [
             RoleRule {
                 role: "executive".into(),
@@ -642,16 +646,13 @@ mod tests {
             },
         ];
         let two_roles = [("executive", &a1, "judge-a"), ("judicial", &a2, "judge-a")];
-        match check_policy(&both_locks, two_roles.into_iter(), false) {
-            Err(WarrantError::PolicyNotMet { missing, .. }) => assert_eq!(
-                missing,
-                vec![
-                    ("executive".to_string(), 1, 0),
-                    ("judicial".to_string(), 1, 0)
-                ]
-            ),
-            other => panic!("expected policy_not_met, got {other:?}"),
-        }
+        assert_eq!(
+            missing(&both_locks, two_roles),
+            vec![
+                ("executive".to_string(), 1, 0),
+                ("judicial".to_string(), 1, 0)
+            ]
+        );
     }
 
     /// One key under two roles is one authority: it cannot be both locks,
@@ -675,16 +676,13 @@ mod tests {
             [("executive", &a, "k1"), ("judicial", &a, "k2")],
             [("judicial", &a, "k2"), ("executive", &a, "k1")],
         ] {
-            match check_policy(&rules, same.into_iter(), false) {
-                Err(WarrantError::PolicyNotMet { missing, .. }) => assert_eq!(
-                    missing,
-                    vec![
-                        ("executive".to_string(), 1, 0),
-                        ("judicial".to_string(), 1, 0)
-                    ]
-                ),
-                other => panic!("expected policy_not_met, got {other:?}"),
-            }
+            assert_eq!(
+                missing(&rules, same),
+                vec![
+                    ("executive".to_string(), 1, 0),
+                    ("judicial".to_string(), 1, 0)
+                ]
+            );
             assert!(check_policy(&rules[1..], same.into_iter(), false).is_err());
         }
         let two = [("executive", &a, "k1"), ("judicial", &b, "k2")];
