@@ -155,4 +155,15 @@ fn a_bad_start_exits_64_for_config_and_1_for_a_busy_port() {
     let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 1, "cannot_listen");
     assert!(stderr.contains(&port.to_string()), "{stderr}");
     drop(busy);
+
+    // A PIN the token refuses: exit 77, which the shipped units do not
+    // restart (each try would spend one of the token's PIN attempts). Once,
+    // so that the token's counter is not run down.
+    t.write_config(&serve_config(""));
+    let pin = std::fs::read_to_string(t.path("pin")).unwrap();
+    std::fs::write(t.path("pin"), "0000\n").unwrap();
+    let stderr = assert_fails_with(&t.lavd_with_config(&["serve"]), 77, "hsm_login_refused");
+    assert!(stderr.contains("CKR_PIN_INCORRECT"), "{stderr}");
+    std::fs::write(t.path("pin"), pin).unwrap();
+    softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "list"]));
 }

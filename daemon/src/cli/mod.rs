@@ -130,6 +130,11 @@ pub fn main() -> std::process::ExitCode {
             eprintln!("lavd: {code}: {e:#}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
+            } else if is_refused_login(&e) {
+                // EX_NOPERM. Not restarted by the shipped units: every try
+                // spends one of the token's PIN attempts, and a few wrong
+                // ones lock it (on a network HSM, for every tenant).
+                std::process::ExitCode::from(77)
             } else if code == "usage" {
                 // As clap's own usage errors.
                 std::process::ExitCode::from(2)
@@ -166,6 +171,14 @@ pub fn init_logging(log: &crate::config::LogSettings) {
 
 /// A configuration that cannot be used: the daemon's config file, or a trust
 /// config given alone (`lavd warrant inspect --trust`). Both exit 64.
+/// The token refused the PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …).
+fn is_refused_login(e: &anyhow::Error) -> bool {
+    matches!(
+        e.downcast_ref::<crate::hsm::HsmError>(),
+        Some(crate::hsm::HsmError::Login { .. })
+    )
+}
+
 fn is_bad_config(e: &anyhow::Error) -> bool {
     e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::warrant::TrustConfigError>()
@@ -300,8 +313,11 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if let Some(w) = e.downcast_ref::<crate::warrant::WarrantError>() {
         return Some(w.code());
     }
-    if e.downcast_ref::<crate::hsm::HsmError>().is_some() {
-        return Some("hsm_unavailable");
+    if let Some(h) = e.downcast_ref::<crate::hsm::HsmError>() {
+        return Some(match h {
+            crate::hsm::HsmError::Login { .. } => "hsm_login_refused",
+            _ => "hsm_unavailable",
+        });
     }
     if let Some(s) = e.downcast_ref::<crate::store::StoreError>() {
         return Some(match s {
