@@ -26,8 +26,17 @@ fn samples() -> Vec<PathBuf> {
     files
 }
 
+/// The production samples read the PIN from the systemd credential; here
+/// from a file of the test's own, at the same place in the text.
+const CREDENTIAL: &str = "/run/credentials/lavd.service/hsm-pin";
+
 fn load(path: &Path) -> Settings {
-    let text = std::fs::read_to_string(path).unwrap();
+    let pin = harness().conf().with_file_name("sample-pin");
+    std::fs::write(&pin, format!("{PIN}\n")).unwrap();
+    softhsm_tests::restrict(&pin);
+    let text = std::fs::read_to_string(path)
+        .unwrap()
+        .replace(CREDENTIAL, pin.to_str().unwrap());
     let raw = RawConfig::parse(&text)
         .unwrap_or_else(|(field, reason)| panic!("{}: {field}: {reason}", path.display()));
     let env = MapEnv(HashMap::from([("LAVD_HSM_PIN", PIN.to_string())]));
@@ -51,6 +60,12 @@ fn every_sample_parses_and_validates() {
         ]
     );
     for file in files {
+        // Only the SoftHSM (development) sample reads the PIN from the
+        // environment; the others from the service's credential.
+        let text = std::fs::read_to_string(&file).unwrap();
+        let softhsm = file.ends_with("softhsm2.toml");
+        assert_eq!(text.contains("pin_env"), softhsm, "{}", file.display());
+        assert_eq!(text.contains(CREDENTIAL), !softhsm, "{}", file.display());
         let settings = load(&file);
         assert!(settings.hsm.module.is_absolute(), "{}", file.display());
         assert!((1..=256).contains(&settings.hsm.sessions));
