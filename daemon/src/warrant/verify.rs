@@ -590,6 +590,14 @@ mod tests {
         }
     }
 
+    /// One executive and one judicial.
+    fn double_lock() -> [RoleRule; 2] {
+        ["executive", "judicial"].map(|role| RoleRule {
+            role: role.into(),
+            count: 1,
+        })
+    }
+
     #[test]
     fn the_policy_counts_keys_not_kids() {
         let rules = [RoleRule {
@@ -635,16 +643,7 @@ mod tests {
             missing(&rules, joined),
             vec![("judicial".to_string(), 2, 1)]
         );
-        let both_locks = [
-            RoleRule {
-                role: "executive".into(),
-                count: 1,
-            },
-            RoleRule {
-                role: "judicial".into(),
-                count: 1,
-            },
-        ];
+        let both_locks = double_lock();
         let two_roles = [("executive", &a1, "judge-a"), ("judicial", &a2, "judge-a")];
         assert_eq!(
             missing(&both_locks, two_roles),
@@ -659,16 +658,7 @@ mod tests {
     /// and counts in neither.
     #[test]
     fn one_key_counts_in_one_role_only() {
-        let rules = [
-            RoleRule {
-                role: "executive".into(),
-                count: 1,
-            },
-            RoleRule {
-                role: "judicial".into(),
-                count: 1,
-            },
-        ];
+        let rules = double_lock();
         let a = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         let b = AuthorityPublicKey::P256(P256PrivateKey::generate().unwrap().public().clone());
         // In either order, and with a rule of one role only.
