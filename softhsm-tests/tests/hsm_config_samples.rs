@@ -31,9 +31,15 @@ fn samples() -> Vec<PathBuf> {
 const CREDENTIAL: &str = "/run/credentials/lavd.service/hsm-pin";
 
 fn load(path: &Path) -> Settings {
-    let pin = harness().conf().with_file_name("sample-pin");
-    std::fs::write(&pin, format!("{PIN}\n")).unwrap();
-    softhsm_tests::restrict(&pin);
+    // Written once per process: the tests run at once, and a file written
+    // again by one could be read empty by another.
+    static PIN_FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let pin = PIN_FILE.get_or_init(|| {
+        let pin = harness().conf().with_file_name("sample-pin");
+        std::fs::write(&pin, format!("{PIN}\n")).unwrap();
+        softhsm_tests::restrict(&pin);
+        pin
+    });
     let text = std::fs::read_to_string(path)
         .unwrap()
         .replace(CREDENTIAL, pin.to_str().unwrap());
