@@ -169,9 +169,8 @@ pub fn init_logging(log: &crate::config::LogSettings) {
     };
 }
 
-/// A configuration that cannot be used: the daemon's config file, or a trust
-/// config given alone (`lavd warrant inspect --trust`). Both exit 64.
-/// The token refused the PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …).
+/// The token refused the PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …):
+/// exits 77.
 fn is_refused_login(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<crate::hsm::HsmError>(),
@@ -179,6 +178,8 @@ fn is_refused_login(e: &anyhow::Error) -> bool {
     )
 }
 
+/// A configuration that cannot be used: the daemon's config file, or a trust
+/// config given alone (`lavd warrant inspect --trust`). Both exit 64.
 fn is_bad_config(e: &anyhow::Error) -> bool {
     e.downcast_ref::<crate::config::ConfigError>().is_some()
         || e.downcast_ref::<crate::warrant::TrustConfigError>()
