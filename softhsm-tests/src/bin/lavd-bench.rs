@@ -90,8 +90,9 @@
 //! the single-envelope latency and, after all of (c)'s loads, which (e)
 //! needs, the peak RSS), for profiling one figure; the ratios of the parts
 //! not run are left out.
-//! The daemons run with `MALLOC_ARENA_MAX=2`, as the systemd unit in
-//! `deploy/systemd/` sets it.
+//! The daemons run with the environment the systemd unit in
+//! `deploy/systemd/` sets (`Environment=` lines: glibc's allocator
+//! settings), read from the unit itself.
 //! With `LAVD_BINARY` set, the daemon is started as that command (a script
 //! that runs this binary under heaptrack or valgrind, say) instead of as
 //! this binary itself.
@@ -212,10 +213,12 @@ fn main() -> std::process::ExitCode {
     let options = Options::parse();
     // Edition 2021: set before any thread starts; the children inherit it.
     std::env::set_var("LAVD_BENCH_AS_LAVD", "1");
-    // The daemons run with the allocator setting of the shipped systemd
-    // unit (`deploy/systemd/lavd.service`); this process was already
-    // started without it.
-    std::env::set_var("MALLOC_ARENA_MAX", "2");
+    // The daemons run with the environment of the shipped systemd unit
+    // (`deploy/systemd/lavd.service`: the allocator's settings); this
+    // process was already started without it.
+    for (name, value) in unit_environment(UNIT) {
+        std::env::set_var(name, value);
+    }
     // A `LAVD_BINARY` already set wins: a wrapper that runs this binary
     // under a profiler (heaptrack, valgrind) to see inside the daemon.
     if std::env::var_os("LAVD_BINARY").is_none() {
@@ -537,10 +540,18 @@ fn main() -> std::process::ExitCode {
                     // The batch's shape with no lavd code: exactly 1000
                     // opens shared by the sessions, start and tail
                     // included, which a rate over 3 s leaves out.
+                    let mut cpu = 0.0;
                     let mut times: Vec<f64> = (0..3)
-                        .map(|_| raw_makespan(&raw, &slow_peers, n, 1000))
+                        .map(|_| {
+                            let (took, ran) = raw_makespan(&raw, &slow_peers, n, 1000);
+                            cpu += ran;
+                            took
+                        })
                         .collect();
                     report.row("g", &mode.makespan_row(), median(&mut times) * 1e3, "ms");
+                    if mode.key == G_LATENCY.key {
+                        report.row("g", G_CPU_OWN, cpu / 3000.0 * 1e3, "ms");
+                    }
                 }
                 if mode.key == G_LATENCY.key {
                     // The module's own floor on this host: a call that does
@@ -554,6 +565,7 @@ fn main() -> std::process::ExitCode {
             // The median of three batches: one is too exposed to a
             // neighbour's burst.
             let before = DaemonMeans::read(&daemon, &[&D_INSIDE, &UNWRAP_PHASES]);
+            let cpu_before = Cpu::read(daemon.pid());
             let mut times: Vec<f64> = (0..3)
                 .map(|_| {
                     let started = Instant::now();
@@ -565,8 +577,11 @@ fn main() -> std::process::ExitCode {
                     t
                 })
                 .collect();
+            let cpu = Cpu::read(daemon.pid()).since(&cpu_before);
             report.row("g", mode.batch_row, median(&mut times) * 1e3, "ms");
             if mode.key == G_LATENCY.key {
+                report.row("g", G_CPU_WORKERS, cpu.hsm / 3000.0 * 1e3, "ms");
+                report.row("g", G_CPU_DAEMON, cpu.all / 3000.0 * 1e3, "ms");
                 // Where those batches' time went, from the daemon's own
                 // histograms.
                 let after = DaemonMeans::read(&daemon, &[&D_INSIDE, &UNWRAP_PHASES]);
@@ -971,6 +986,85 @@ fn g_inside_row(what: &str) -> String {
         "inside the daemon, one 1000-envelope /v1/unwrap, {} (mean of 3): {what}",
         G_LATENCY.label
     )
+}
+
+/// The shipped systemd unit, whose environment the daemons get.
+const UNIT: &str = include_str!("../../../deploy/systemd/lavd.service");
+
+/// The variables a systemd unit's `Environment=NAME=VALUE` lines set (one
+/// assignment a line, unquoted: what the shipped unit holds).
+fn unit_environment(unit: &str) -> Vec<(&str, &str)> {
+    let variables: Vec<_> = unit
+        .lines()
+        .filter_map(|line| line.strip_prefix("Environment="))
+        .map(|assignment| {
+            assert!(
+                !assignment.contains(['"', '\'', ' ']),
+                "the unit's Environment={assignment} is not one unquoted NAME=VALUE"
+            );
+            assignment
+                .split_once('=')
+                .unwrap_or_else(|| panic!("the unit's Environment={assignment} has no '='"))
+        })
+        .collect();
+    assert!(!variables.is_empty(), "the unit sets no environment");
+    variables
+}
+
+/// (g)'s CPU time an open, 1 ms a call, which the two vCPUs bound: at 16
+/// sessions each open's 4 calls take 4 ms, so 16 opens in flight may
+/// spend at most 0.5 ms of CPU each before the cores, not the module's
+/// latency, set the pace.
+const G_CPU_OWN: &str =
+    "CPU time an open, this program's own 16 sessions (their threads, 3 × 1000 opens)";
+const G_CPU_WORKERS: &str =
+    "CPU time an open, the daemon's HSM workers (lavd-hsm-*, 3 batches of 1000)";
+const G_CPU_DAEMON: &str = "CPU time an open, the whole daemon (3 batches of 1000)";
+
+/// The CPU time the threads of a process have run, from
+/// `/proc/<pid>/task/*/schedstat` (nanoseconds, unlike `stat`'s ticks).
+/// Threads that ended between two reads are left out of both.
+struct Cpu {
+    threads: Vec<(u64, String, u64)>,
+}
+
+/// What [`Cpu::since`] found, in seconds.
+struct CpuSpent {
+    /// Every thread's.
+    all: f64,
+    /// The threads named `lavd-hsm-*`.
+    hsm: f64,
+}
+
+impl Cpu {
+    fn read(pid: u32) -> Self {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the process's tasks");
+        let threads = tasks
+            .filter_map(Result::ok)
+            .filter_map(|task| {
+                let tid = task.file_name().to_str()?.parse().ok()?;
+                let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+                let ran = schedstat.split_whitespace().next()?.parse().ok()?;
+                Some((tid, name.trim_end().to_string(), ran))
+            })
+            .collect();
+        Self { threads }
+    }
+
+    fn since(&self, before: &Self) -> CpuSpent {
+        let mut spent = CpuSpent { all: 0.0, hsm: 0.0 };
+        for (tid, name, ran) in &self.threads {
+            let earlier = before.threads.iter().find(|(t, ..)| t == tid);
+            let ran = ran - earlier.map_or(0, |(.., r)| *r);
+            let seconds = ran as f64 / 1e9;
+            spent.all += seconds;
+            if name.starts_with("lavd-hsm-") {
+                spent.hsm += seconds;
+            }
+        }
+        spent
+    }
 }
 
 /// Rows the target ratios read.
@@ -1384,23 +1478,41 @@ fn latency_of(
 }
 
 /// The time `sessions` threads take to finish exactly `n` opens on `raw`
-/// between them, each taking the next until none is left, in seconds.
-fn raw_makespan(raw: &Raw, peers: &[P256PublicKey], sessions: usize, n: u64) -> f64 {
+/// between them, each taking the next until none is left, in seconds; and
+/// the CPU time those threads ran, in seconds.
+fn raw_makespan(raw: &Raw, peers: &[P256PublicKey], sessions: usize, n: u64) -> (f64, f64) {
     let next = AtomicU64::new(0);
     let started = Instant::now();
-    std::thread::scope(|s| {
-        for t in 0..sessions {
-            let next = &next;
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                raw.op(t, &peers[i as usize % peers.len()]);
-            });
-        }
+    let ran: u64 = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..sessions)
+            .map(|t| {
+                let next = &next;
+                s.spawn(move || {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        raw.op(t, &peers[i as usize % peers.len()]);
+                    }
+                    thread_cpu_ns()
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().expect("opens")).sum()
     });
-    started.elapsed().as_secs_f64()
+    (started.elapsed().as_secs_f64(), ran as f64 / 1e9)
+}
+
+/// The CPU time the calling thread has run, in nanoseconds
+/// (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+    schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|ran| ran.parse().ok())
+        .expect("schedstat's first field")
 }
 
 /// This program's own sessions on `token` (through `pkcs11`), one per
