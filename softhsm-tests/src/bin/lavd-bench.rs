@@ -1044,8 +1044,7 @@ impl Cpu {
             .filter_map(|task| {
                 let tid = task.file_name().to_str()?.parse().ok()?;
                 let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
-                let schedstat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-                let ran = schedstat.split_whitespace().next()?.parse().ok()?;
+                let ran = schedstat_ns(&task.path().join("schedstat"))?;
                 Some((tid, name.trim_end().to_string(), ran))
             })
             .collect();
@@ -1056,7 +1055,7 @@ impl Cpu {
         let mut spent = CpuSpent { all: 0.0, hsm: 0.0 };
         for (tid, name, ran) in &self.threads {
             let earlier = before.threads.iter().find(|(t, ..)| t == tid);
-            let ran = ran - earlier.map_or(0, |(.., r)| *r);
+            let ran = ran.saturating_sub(earlier.map_or(0, |(.., r)| *r));
             let seconds = ran as f64 / 1e9;
             spent.all += seconds;
             if name.starts_with("lavd-hsm-") {
@@ -1504,15 +1503,17 @@ fn raw_makespan(raw: &Raw, peers: &[P256PublicKey], sessions: usize, n: u64) -> 
     (started.elapsed().as_secs_f64(), ran as f64 / 1e9)
 }
 
-/// The CPU time the calling thread has run, in nanoseconds
-/// (`/proc/thread-self/schedstat`).
+/// The CPU time the calling thread has run, in nanoseconds.
 fn thread_cpu_ns() -> u64 {
-    let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
-    schedstat
-        .split_whitespace()
-        .next()
-        .and_then(|ran| ran.parse().ok())
-        .expect("schedstat's first field")
+    schedstat_ns(std::path::Path::new("/proc/thread-self/schedstat"))
+        .expect("this thread's schedstat")
+}
+
+/// The first field of a task's `schedstat`: the nanoseconds it has run on
+/// a CPU. `None` when the task is gone or the file is not as expected.
+fn schedstat_ns(path: &std::path::Path) -> Option<u64> {
+    let schedstat = std::fs::read_to_string(path).ok()?;
+    schedstat.split_whitespace().next()?.parse().ok()
 }
 
 /// This program's own sessions on `token` (through `pkcs11`), one per
