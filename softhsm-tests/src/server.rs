@@ -446,6 +446,18 @@ pub struct Daemon {
     stderr: PathBuf,
 }
 
+/// Makes the audit signing key `lavd serve` needs, once per token (every
+/// [`Daemon`] start calls it; a test whose token will refuse the PIN calls
+/// it first).
+pub fn make_audit_key(token: &TestToken) {
+    let marker = token.path("audit-key-made");
+    if !marker.exists() {
+        let out = token.lavd_with_config(&["keys", "generate-audit"]);
+        assert!(out.status.success(), "generate-audit: {out:?}");
+        std::fs::write(&marker, "").expect("marker");
+    }
+}
+
 impl Daemon {
     /// Starts `lavd serve --config` for `token` and waits for `READY=1`.
     pub fn start(token: &TestToken) -> Self {
@@ -496,13 +508,7 @@ impl Daemon {
         log_level: Option<&str>,
         name: &str,
     ) -> Result<Self, (Option<ExitStatus>, String)> {
-        // lavd serve needs the audit signing key; make it once per token.
-        let marker = token.path("audit-key-made");
-        if !marker.exists() {
-            let out = token.lavd_with_config(&["keys", "generate-audit"]);
-            assert!(out.status.success(), "generate-audit: {out:?}");
-            std::fs::write(&marker, "").expect("marker");
-        }
+        make_audit_key(token);
         let config = token.config();
         Self::spawn_process(
             token,

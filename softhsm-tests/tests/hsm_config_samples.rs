@@ -240,5 +240,12 @@ fn the_kubernetes_configs_load_once_their_placeholders_are_replaced() {
         let settings =
             Settings::from_raw(raw, &path, &env).unwrap_or_else(|e| panic!("{manifest}: {e}"));
         assert_eq!(settings.hsm.sessions, 8, "{manifest}");
+        // A pod's restarts must not spend the token's PIN tries.
+        let record = settings.refused_pin_record.expect("refused_pin_record");
+        assert_eq!(
+            record.record,
+            Path::new("/run/lavd/pin-refused"),
+            "{manifest}"
+        );
     }
 }

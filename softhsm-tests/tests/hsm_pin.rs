@@ -10,7 +10,7 @@
 //! every request fails closed (503 `hsm_unavailable`) and `/readyz` is 503.
 
 use rustix::process::Signal;
-use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::server::{make_audit_key, serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken, PIN};
 
@@ -169,4 +169,104 @@ fn no_planned_reset_runs_while_the_token_refuses_the_pin() {
         0.0
     );
     assert_eq!(shim.faults(), 1, "logins tried after the first refusal");
+}
+
+/// Starts `lavd serve` on `t`, which must stop at its start with exit 77
+/// and `hsm_login_refused`; returns its stderr.
+fn refused_at_start(t: &TestToken, what: &str) -> String {
+    match Daemon::try_start(t) {
+        Err((Some(status), stderr)) => {
+            assert_eq!(status.code(), Some(77), "{what}: {stderr}");
+            assert!(
+                stderr.contains("lavd: hsm_login_refused: "),
+                "{what}: {stderr}"
+            );
+            stderr
+        }
+        Err((None, stderr)) => panic!("{what}: lavd serve neither started nor stopped:\n{stderr}"),
+        Ok(_) => panic!("{what}: lavd serve started"),
+    }
+}
+
+/// A pod is restarted whatever its exit status, and each start would spend
+/// one of the token's PIN tries. With `[hsm] refused_pin_record` (set in the
+/// Kubernetes manifests), a PIN refused at start is recorded against the
+/// PIN file, and the next start tries no login while that file is
+/// unchanged; a changed file is tried, and a login that succeeds removes
+/// the record.
+#[test]
+fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let record = t.path("refused-pin");
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        &format!("refused_pin_record = {:?}\n", record.display().to_string()),
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    let stats = t.path("shim.stats");
+    let pin_file = t.path("pin");
+    let replace_pin_file = |pin: &str| {
+        // Written aside and renamed over it, as Kubernetes updates a
+        // mounted Secret: a new file.
+        let tmp = t.path("pin.new");
+        std::fs::write(&tmp, format!("{pin}\n")).expect("PIN file");
+        softhsm_tests::restrict(&tmp);
+        std::fs::rename(&tmp, &pin_file).expect("replace the PIN file");
+    };
+    // While the token still takes the PIN.
+    make_audit_key(&t);
+    // The token's PIN was changed; the file still holds the old one.
+    shim.set(&format!("pin = rotated-pin:{PIN}"));
+
+    // A record that cannot be read (a directory in its place): whether
+    // this PIN was refused is unknown, so no login is tried.
+    std::fs::create_dir(&record).expect("a directory at the record's path");
+    let out = t.lavd_with_config(&["serve"]);
+    softhsm_tests::assert_fails_with(&out, 1, "pin_record_unavailable");
+    assert!(
+        !stats.exists(),
+        "a login was tried past an unreadable record"
+    );
+    std::fs::remove_dir(&record).expect("remove the directory");
+
+    let first = refused_at_start(&t, "first start");
+    assert!(first.contains("CKR_PIN_INCORRECT"), "{first}");
+    assert!(first.contains("recorded the refusal"), "{first}");
+    assert_eq!(shim.faults(), 1, "logins refused at the first start");
+    let text = std::fs::read_to_string(&record).expect("the record");
+    assert!(
+        text.contains(&format!("pin_file={:?} ", pin_file.display().to_string())),
+        "{text}"
+    );
+
+    // Restarted with the same file: no login is tried (the module is not
+    // even loaded, so it writes no stats).
+    std::fs::remove_file(&stats).expect("clear the module's stats");
+    let second = refused_at_start(&t, "second start");
+    assert!(second.contains("has not changed since"), "{second}");
+    assert!(
+        second.contains(&record.display().to_string()),
+        "the refusal does not name the record: {second}"
+    );
+    assert!(!stats.exists(), "a login was tried at the second start");
+    assert_eq!(shim.faults(), 0);
+
+    // The file replaced, even by the same wrong PIN: tried once more.
+    replace_pin_file(PIN);
+    let third = refused_at_start(&t, "third start");
+    assert!(third.contains("CKR_PIN_INCORRECT"), "{third}");
+    assert_eq!(shim.faults(), 1, "the changed file was not tried");
+    std::fs::remove_file(&stats).expect("clear the module's stats");
+    refused_at_start(&t, "fourth start");
+    assert_eq!(shim.faults(), 0, "a login was tried at the fourth start");
+
+    // The right PIN: the daemon serves, and the record is gone.
+    replace_pin_file("rotated-pin");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    assert_eq!(shim.faults(), 0, "the right PIN was refused");
+    assert!(!record.exists(), "the record outlived a login that worked");
 }

@@ -17,6 +17,8 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use crate::hsm::refused_pin::RefusedPinError;
+
 /// Lawful Access Vault daemon and tools.
 #[derive(Debug, Parser)]
 #[command(name = "lavd", version, about, max_term_width = 100)]
@@ -175,6 +177,9 @@ fn is_refused_login(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<crate::hsm::HsmError>(),
         Some(crate::hsm::HsmError::Login { .. })
+    ) || matches!(
+        e.downcast_ref::<RefusedPinError>(),
+        Some(RefusedPinError::RefusedEarlier { .. })
     )
 }
 
@@ -313,6 +318,14 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(w) = e.downcast_ref::<crate::warrant::WarrantError>() {
         return Some(w.code());
+    }
+    if let Some(r) = e.downcast_ref::<RefusedPinError>() {
+        return Some(match r {
+            RefusedPinError::RefusedEarlier { .. } => "hsm_login_refused",
+            RefusedPinError::Unreadable { .. } | RefusedPinError::Write { .. } => {
+                "pin_record_unavailable"
+            }
+        });
     }
     if let Some(h) = e.downcast_ref::<crate::hsm::HsmError>() {
         return Some(match h {

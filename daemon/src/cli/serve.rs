@@ -22,6 +22,7 @@ use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
 use crate::audit::log::AuditLog;
 use crate::audit::witnessing::Witnessing;
 use crate::config::{Env, ProcessEnv, Settings};
+use crate::hsm::refused_pin::RefusedPinRecord;
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -97,6 +98,49 @@ pub struct ServeArgs {
     pub config: ConfigArg,
 }
 
+/// Opens the HSM and logs in, minding `[hsm] refused_pin_record`: no login
+/// with a PIN file the token refused at an earlier start and nobody changed
+/// since; a refusal is recorded, a login that succeeds clears the record.
+///
+/// # Errors
+/// [`crate::hsm::refused_pin::RefusedPinError`] (exit 77 when refused earlier), or what opening the
+/// HSM returned (exit 77 for a refused PIN).
+fn open_hsm(
+    settings: crate::hsm::HsmSettings,
+    record: Option<&RefusedPinRecord>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Hsm> {
+    if let Some(record) = record {
+        record.check()?;
+    }
+    match Hsm::open_with_observer(settings, metrics.clone()) {
+        Ok(hsm) => {
+            if let Some(record) = record {
+                // The PIN works: a record left would stop the next start
+                // for nothing. Failing to remove it does not stop this one.
+                if let Err(e) = record.accepted() {
+                    tracing::warn!("{e}");
+                }
+            }
+            Ok(hsm)
+        }
+        Err(e) => {
+            if let (Some(record), crate::hsm::HsmError::Login { .. }) = (record, &e) {
+                match record.refused() {
+                    Ok(()) => tracing::warn!(
+                        record = %record.record.display(),
+                        pin_file = %record.pin_file.path().display(),
+                        "recorded the refusal: the next start tries no login until the PIN \
+                         file changes or the record is removed"
+                    ),
+                    Err(w) => tracing::error!("{w}; the next start will try the PIN again"),
+                }
+            }
+            Err(e.into())
+        }
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -127,7 +171,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         lock_sqlite_store(path)?;
     }
     let store = Arc::new(Store::open_settings(&settings.store)?);
-    let hsm = Hsm::open_with_observer(settings.hsm, metrics.clone())?;
+    let hsm = open_hsm(settings.hsm, settings.refused_pin_record.as_ref(), &metrics)?;
     let audit = AuditLog::new(
         store.clone(),
         hsm.clone(),

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 
 use cryptoki::types::AuthPin;
 
+use crate::hsm::refused_pin::{PinFileIdentity, RefusedPinRecord};
 use crate::hsm::{HsmSettings, Quirks, TokenSelector};
 
 pub use raw::RawConfig;
@@ -83,6 +84,10 @@ pub struct Settings {
     pub file: PathBuf,
     /// The HSM.
     pub hsm: HsmSettings,
+    /// `[hsm] refused_pin_record`, with the PIN file as read: a PIN the
+    /// token refused at a start is not tried again at the next while the
+    /// file is unchanged (`lavd serve` only).
+    pub refused_pin_record: Option<crate::hsm::refused_pin::RefusedPinRecord>,
     /// `[store]`: an SQLite file or a PostgreSQL database.
     pub store: crate::store::StoreSettings,
     /// The audit log.
@@ -144,7 +149,7 @@ impl Settings {
             base: path.parent().unwrap_or(Path::new(".")),
             warnings: RefCell::new(Vec::new()),
         };
-        let hsm = v.hsm(raw.hsm, env)?;
+        let (hsm, refused_pin_record) = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
         let witnesses = v.witnesses(&raw.audit)?;
         let origin = match raw.audit.origin {
@@ -203,6 +208,7 @@ impl Settings {
         Ok(Settings {
             file: path.to_path_buf(),
             hsm,
+            refused_pin_record,
             store,
             audit,
             server,
@@ -345,7 +351,11 @@ impl Validator<'_> {
         Ok(origin)
     }
 
-    fn hsm(&self, raw: raw::RawHsm, env: &dyn Env) -> Result<HsmSettings, ConfigError> {
+    fn hsm(
+        &self,
+        raw: raw::RawHsm,
+        env: &dyn Env,
+    ) -> Result<(HsmSettings, Option<RefusedPinRecord>), ConfigError> {
         if raw.slot.is_some() {
             return Err(self.err(
                 "hsm.slot",
@@ -375,16 +385,25 @@ impl Validator<'_> {
                 return Err(self.err("hsm.token_label", "set token_label or token_serial"))
             }
         };
+        // Which file the PIN came from, as read: what a refused-PIN record
+        // names.
+        let mut pin_file = None;
         let pin = match (raw.pin_file, raw.pin_env) {
             (Some(file), None) => {
                 let file = self.path(&file);
-                let text =
-                    zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
-                        self.err(
-                            "hsm.pin_file",
-                            format!("cannot read {}: {e}", file.display()),
-                        )
-                    })?);
+                let cannot_read = |e: std::io::Error| {
+                    self.err(
+                        "hsm.pin_file",
+                        format!("cannot read {}: {e}", file.display()),
+                    )
+                };
+                // One handle for the bytes and the metadata, so that both
+                // describe the same file even if it is replaced meanwhile.
+                let mut handle = std::fs::File::open(&file).map_err(cannot_read)?;
+                let meta = handle.metadata().map_err(cannot_read)?;
+                let mut text = zeroize::Zeroizing::new(String::new());
+                std::io::Read::read_to_string(&mut handle, &mut text).map_err(cannot_read)?;
+                pin_file = Some(PinFileIdentity::of(&file, &meta));
                 if readable_by_others(&file) {
                     self.warnings.borrow_mut().push(format!(
                         "the HSM PIN file {} is readable by other users; chmod 600 it",
@@ -459,7 +478,21 @@ impl Validator<'_> {
             }
             module_env.push((name, value));
         }
-        Ok(HsmSettings {
+        let refused_pin_record = match (raw.refused_pin_record, pin_file) {
+            (None, _) => None,
+            (Some(record), Some(pin_file)) => Some(RefusedPinRecord {
+                record: self.path(&record),
+                pin_file,
+            }),
+            (Some(_), None) => {
+                return Err(self.err(
+                    "hsm.refused_pin_record",
+                    "needs pin_file: a refusal is recorded against the PIN file, whose change \
+                     is what lets lavd try again; a PIN from the environment has none",
+                ))
+            }
+        };
+        let settings = HsmSettings {
             module: self.path(&raw.module),
             token,
             pin,
@@ -467,7 +500,8 @@ impl Validator<'_> {
             quirks,
             module_env,
             call_timeout: std::time::Duration::from_millis(call_timeout_ms),
-        })
+        };
+        Ok((settings, refused_pin_record))
     }
 }
 

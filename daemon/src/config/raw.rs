@@ -115,6 +115,7 @@ pub struct RawHsm {
     pub(super) pin_env: Option<String>,
     /// Present only to refuse it with a reason.
     pub(super) pin: Option<toml::Value>,
+    pub(super) refused_pin_record: Option<PathBuf>,
     pub(super) sessions: Option<usize>,
     pub(super) call_timeout_ms: Option<u64>,
     pub(super) quirks: Option<RawQuirks>,

@@ -61,6 +61,24 @@ fn pin_from_env() {
 }
 
 #[test]
+fn a_refused_pin_record_is_kept_against_the_pin_file_only() {
+    let with_record = GOOD.replace(
+        "pin_file = \"pin\"",
+        "pin_file = \"pin\"\nrefused_pin_record = \"run/pin-refused\"",
+    );
+    let s = load(&with_record, &[]).unwrap();
+    let record = s.refused_pin_record.expect("the record");
+    assert!(record.record.is_absolute() && record.record.ends_with("run/pin-refused"));
+    assert!(record.pin_file.path().ends_with("pin"));
+    assert!(load(GOOD, &[]).unwrap().refused_pin_record.is_none());
+
+    let from_env = with_record.replace("pin_file = \"pin\"", "pin_env = \"LAVD_PIN\"");
+    let e = load(&from_env, &[("LAVD_PIN", "1234")]).unwrap_err();
+    assert_eq!(e.field, "hsm.refused_pin_record");
+    assert!(e.reason.contains("needs pin_file"), "{}", e.reason);
+}
+
+#[test]
 fn refusals_name_the_field() {
     let cases: &[(&str, &str)] = &[
         ("token_label = \"lavd\"", "slot = 0"),
@@ -830,6 +848,37 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     with_limits("max_body_bytes_in_flight = 262144\n");
     assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
+}
+
+/// `refused_pin_record` is `lavd serve`'s: a witness's config naming it is
+/// refused rather than ignored.
+#[test]
+fn a_witness_refuses_a_refused_pin_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("witness.toml");
+    let log = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let vkey =
+        crate::audit::note::verifier_key("log.test/a", log.verifying_key().as_bytes()).unwrap();
+    std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+    let write = |hsm_extra: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"witness.test/w\"\nstate = \"w.db\"\n\
+                 [hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"w\"\n\
+                 pin_file = \"pin\"\n{hsm_extra}\
+                 [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n\
+                 [[logs]]\norigin = \"log.test/a\"\nvkey = {vkey:?}\n"
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap();
+    write("refused_pin_record = \"pin-refused\"\n");
+    let e = WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap_err();
+    assert_eq!(e.field, "hsm.refused_pin_record");
+    assert!(e.reason.contains("`lavd serve` only"), "{}", e.reason);
 }
 
 /// The PIN is read, and never shown by `Debug` (settings are logged and

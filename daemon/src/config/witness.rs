@@ -171,7 +171,16 @@ impl WitnessSettings {
                 WitnessKeySource::DevFile(v.path(&file))
             }
             (_, None, Some(hsm)) => WitnessKeySource::Hsm {
-                hsm: v.hsm(hsm, env)?,
+                hsm: match v.hsm(hsm, env)? {
+                    (hsm, None) => hsm,
+                    (_, Some(_)) => {
+                        return Err(v.err(
+                            "hsm.refused_pin_record",
+                            "is read by `lavd serve` only; a witness started again after a \
+                             refused PIN tries it again",
+                        ))
+                    }
+                },
                 label: v.nonempty(
                     "key_label",
                     raw.key_label.unwrap_or_else(|| "lav-witness".into()),

@@ -20,6 +20,7 @@
 pub mod error;
 mod keys;
 mod pool;
+pub mod refused_pin;
 mod spread;
 
 pub use error::HsmError;
