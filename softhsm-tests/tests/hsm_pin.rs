@@ -199,7 +199,7 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     let t = TestToken::new();
     let _pki = Pki::new(&t);
     let shim = Shim::new(&t);
-    let record = t.path("refused-pin");
+    let record = t.path("run/refused-pin");
     t.write_config_hsm(
         &shim_module_path(),
         2,
@@ -221,9 +221,15 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     // The token's PIN was changed; the file still holds the old one.
     shim.set(&format!("pin = rotated-pin:{PIN}"));
 
+    // The record's directory is missing: a refusal could not be recorded,
+    // and every restart would spend a try, so none is made.
+    let out = t.lavd_with_config(&["serve"]);
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "pin_record_unavailable");
+    assert!(stderr.contains("cannot write a file beside"), "{stderr}");
+    assert!(!stats.exists(), "a login was tried with no record possible");
     // A record that cannot be read (a directory in its place): whether
     // this PIN was refused is unknown, so no login is tried.
-    std::fs::create_dir(&record).expect("a directory at the record's path");
+    std::fs::create_dir_all(&record).expect("a directory at the record's path");
     let out = t.lavd_with_config(&["serve"]);
     softhsm_tests::assert_fails_with(&out, 1, "pin_record_unavailable");
     assert!(
@@ -241,12 +247,16 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
         text.contains(&format!("pin_file={:?} ", pin_file.display().to_string())),
         "{text}"
     );
+    assert!(text.ends_with("\nrefused=CKR_PIN_INCORRECT\n"), "{text}");
 
     // Restarted with the same file: no login is tried (the module is not
     // even loaded, so it writes no stats).
     std::fs::remove_file(&stats).expect("clear the module's stats");
     let second = refused_at_start(&t, "second start");
-    assert!(second.contains("has not changed since"), "{second}");
+    assert!(
+        second.contains("at an earlier start (CKR_PIN_INCORRECT), and neither the file"),
+        "{second}"
+    );
     assert!(
         second.contains(&record.display().to_string()),
         "the refusal does not name the record: {second}"

@@ -177,10 +177,9 @@ fn is_refused_login(e: &anyhow::Error) -> bool {
     matches!(
         e.downcast_ref::<crate::hsm::HsmError>(),
         Some(crate::hsm::HsmError::Login { .. })
-    ) || matches!(
-        e.downcast_ref::<RefusedPinError>(),
-        Some(RefusedPinError::RefusedEarlier { .. })
-    )
+    ) || e
+        .downcast_ref::<RefusedPinError>()
+        .is_some_and(|r| r.code() == "hsm_login_refused")
 }
 
 /// A configuration that cannot be used: the daemon's config file, or a trust
@@ -320,12 +319,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
         return Some(w.code());
     }
     if let Some(r) = e.downcast_ref::<RefusedPinError>() {
-        return Some(match r {
-            RefusedPinError::RefusedEarlier { .. } => "hsm_login_refused",
-            RefusedPinError::Unreadable { .. } | RefusedPinError::Write { .. } => {
-                "pin_record_unavailable"
-            }
-        });
+        return Some(r.code());
     }
     if let Some(h) = e.downcast_ref::<crate::hsm::HsmError>() {
         return Some(match h {

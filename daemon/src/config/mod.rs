@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use cryptoki::types::AuthPin;
 
-use crate::hsm::refused_pin::{PinFileIdentity, RefusedPinRecord};
+use crate::hsm::refused_pin::{LoginIdentity, RefusedPinRecord};
 use crate::hsm::{HsmSettings, Quirks, TokenSelector};
 
 pub use raw::RawConfig;
@@ -385,9 +385,9 @@ impl Validator<'_> {
                 return Err(self.err("hsm.token_label", "set token_label or token_serial"))
             }
         };
-        // Which file the PIN came from, as read: what a refused-PIN record
-        // names.
-        let mut pin_file = None;
+        let module = self.path(&raw.module);
+        // What a refused-PIN record names: the login this start would try.
+        let mut login = None;
         let pin = match (raw.pin_file, raw.pin_env) {
             (Some(file), None) => {
                 let file = self.path(&file);
@@ -398,12 +398,26 @@ impl Validator<'_> {
                     )
                 };
                 // One handle for the bytes and the metadata, so that both
-                // describe the same file even if it is replaced meanwhile.
+                // describe the same file even if it is replaced meanwhile;
+                // its metadata taken before and after the read, so that both
+                // describe the same version of it.
                 let mut handle = std::fs::File::open(&file).map_err(cannot_read)?;
-                let meta = handle.metadata().map_err(cannot_read)?;
+                let identity = |handle: &std::fs::File| {
+                    let meta = handle.metadata().map_err(cannot_read)?;
+                    Ok::<_, ConfigError>(LoginIdentity::of(&module, &token, &file, &meta))
+                };
+                let before = identity(&handle)?;
                 let mut text = zeroize::Zeroizing::new(String::new());
                 std::io::Read::read_to_string(&mut handle, &mut text).map_err(cannot_read)?;
-                pin_file = Some(PinFileIdentity::of(&file, &meta));
+                if raw.refused_pin_record.is_some() {
+                    if format!("{before:?}") != format!("{:?}", identity(&handle)?) {
+                        return Err(self.err(
+                            "hsm.pin_file",
+                            format!("{} changed while it was read; start again", file.display()),
+                        ));
+                    }
+                    login = Some(before);
+                }
                 if readable_by_others(&file) {
                     self.warnings.borrow_mut().push(format!(
                         "the HSM PIN file {} is readable by other users; chmod 600 it",
@@ -478,11 +492,11 @@ impl Validator<'_> {
             }
             module_env.push((name, value));
         }
-        let refused_pin_record = match (raw.refused_pin_record, pin_file) {
+        let refused_pin_record = match (raw.refused_pin_record, login) {
             (None, _) => None,
-            (Some(record), Some(pin_file)) => Some(RefusedPinRecord {
+            (Some(record), Some(login)) => Some(RefusedPinRecord {
                 record: self.path(&record),
-                pin_file,
+                login,
             }),
             (Some(_), None) => {
                 return Err(self.err(
@@ -493,7 +507,7 @@ impl Validator<'_> {
             }
         };
         let settings = HsmSettings {
-            module: self.path(&raw.module),
+            module,
             token,
             pin,
             sessions,

@@ -69,7 +69,7 @@ fn a_refused_pin_record_is_kept_against_the_pin_file_only() {
     let s = load(&with_record, &[]).unwrap();
     let record = s.refused_pin_record.expect("the record");
     assert!(record.record.is_absolute() && record.record.ends_with("run/pin-refused"));
-    assert!(record.pin_file.path().ends_with("pin"));
+    assert!(record.login.pin_file().ends_with("pin"));
     assert!(load(GOOD, &[]).unwrap().refused_pin_record.is_none());
 
     let from_env = with_record.replace("pin_file = \"pin\"", "pin_env = \"LAVD_PIN\"");
