@@ -84,10 +84,11 @@ pub struct Settings {
     pub file: PathBuf,
     /// The HSM.
     pub hsm: HsmSettings,
-    /// `[hsm] refused_pin_record`, with the PIN file as read: a PIN the
-    /// token refused at a start is not tried again at the next while the
-    /// file is unchanged (`lavd serve` only).
-    pub refused_pin_record: Option<crate::hsm::refused_pin::RefusedPinRecord>,
+    /// `[hsm] refused_pin_record`, with the login this start would try (the
+    /// module, the token and the PIN file as read): a PIN the token refused
+    /// at a start is not tried again by a later one that would log in the
+    /// same way (`lavd serve` only).
+    pub refused_pin_record: Option<RefusedPinRecord>,
     /// `[store]`: an SQLite file or a PostgreSQL database.
     pub store: crate::store::StoreSettings,
     /// The audit log.
@@ -410,7 +411,7 @@ impl Validator<'_> {
                 let mut text = zeroize::Zeroizing::new(String::new());
                 std::io::Read::read_to_string(&mut handle, &mut text).map_err(cannot_read)?;
                 if raw.refused_pin_record.is_some() {
-                    if format!("{before:?}") != format!("{:?}", identity(&handle)?) {
+                    if before != identity(&handle)? {
                         return Err(self.err(
                             "hsm.pin_file",
                             format!("{} changed while it was read; start again", file.display()),

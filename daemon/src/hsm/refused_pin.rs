@@ -33,7 +33,7 @@ const HEADER: &str = "lavd refused-PIN record, version 1: the token refused the 
 
 /// What a login is tried with: the module, the token, and the PIN file as
 /// `fstat` described it when the PIN was read.
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct LoginIdentity {
     pin_file: PathBuf,
     line: String,
@@ -227,9 +227,7 @@ impl RefusedPinRecord {
                 let login = lines.next();
                 let ckr = lines.next().and_then(|l| l.strip_prefix("refused="));
                 match (header, login, ckr) {
-                    (Some(HEADER), Some(login), Some(ckr))
-                        if login == format!("{:?}", self.login) =>
-                    {
+                    (Some(HEADER), Some(login), Some(ckr)) if login == self.login.line => {
                         return Err(RefusedPinError::RefusedEarlier {
                             pin_file: self.login.pin_file().to_path_buf(),
                             record: self.record.clone(),
