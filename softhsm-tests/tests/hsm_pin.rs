@@ -280,3 +280,73 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     assert_eq!(shim.faults(), 0, "the right PIN was refused");
     assert!(!record.exists(), "the record outlived a login that worked");
 }
+
+/// `lavd witness serve` minds `refused_pin_record` as `lavd serve` does:
+/// a PIN refused at its start is recorded, the next start with the same
+/// PIN file stops before any login, and the right PIN clears the record.
+/// (SoftHSM itself refuses the wrong PIN here; the fault module's login
+/// count is shown for `lavd serve` above, through the same code.)
+#[test]
+fn a_witness_does_not_try_a_pin_refused_at_its_last_start() {
+    let log = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let log_vkey =
+        lavd::audit::note::verifier_key("log.test/pin", log.verifying_key().as_bytes()).unwrap();
+    let mut w =
+        softhsm_tests::witness::Witness::start("witness.test/pin", "log.test/pin", &log_vkey, "");
+    // Stopped, then given a record and a PIN the token does not take.
+    w.daemon.signal(Signal::TERM);
+    assert!(w
+        .daemon
+        .wait_exit(std::time::Duration::from_secs(30))
+        .success());
+    let config = std::fs::read_to_string(&w.config).expect("witness.toml");
+    let record = w.t.path("run/refused-pin");
+    std::fs::create_dir(w.t.path("run")).expect("the record's directory");
+    std::fs::write(
+        &w.config,
+        config.replacen(
+            "sessions = 2\n",
+            &format!(
+                "sessions = 2\nrefused_pin_record = {:?}\n",
+                record.display().to_string()
+            ),
+            1,
+        ),
+    )
+    .expect("witness.toml");
+    let pin_file = w.t.path("pin");
+    let replace_pin_file = |pin: &str| {
+        let tmp = w.t.path("pin.new");
+        std::fs::write(&tmp, format!("{pin}\n")).expect("PIN file");
+        softhsm_tests::restrict(&tmp);
+        std::fs::rename(&tmp, &pin_file).expect("replace the PIN file");
+    };
+    replace_pin_file("9999");
+    let refused = |what: &str| match Daemon::try_start_witness(&w.t, &w.config, "witness") {
+        Err((Some(status), stderr)) => {
+            assert_eq!(status.code(), Some(77), "{what}: {stderr}");
+            assert!(
+                stderr.contains("lavd: hsm_login_refused: "),
+                "{what}: {stderr}"
+            );
+            stderr
+        }
+        Err((None, stderr)) => panic!("{what}: neither started nor stopped:\n{stderr}"),
+        Ok(_) => panic!("{what}: the witness started"),
+    };
+    let first = refused("first start");
+    assert!(
+        first.contains("HSM login failed: CKR_PIN_INCORRECT"),
+        "{first}"
+    );
+    assert!(first.contains("recorded the refusal"), "{first}");
+    assert!(record.exists());
+    let second = refused("second start");
+    assert!(
+        second.contains("at an earlier start (CKR_PIN_INCORRECT), and neither the file"),
+        "{second}"
+    );
+    replace_pin_file(PIN);
+    w.daemon = Daemon::start_witness(&w.t, &w.config, "witness");
+    assert!(!record.exists(), "the record outlived a login that worked");
+}

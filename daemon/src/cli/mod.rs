@@ -17,7 +17,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-use crate::hsm::refused_pin::RefusedPinError;
+use crate::hsm::refused_pin::{Found, RefusedPinError, RefusedPinRecord};
 
 /// Lawful Access Vault daemon and tools.
 #[derive(Debug, Parser)]
@@ -169,6 +169,50 @@ pub fn init_logging(log: &crate::config::LogSettings) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+/// Opens the HSM with `open` (which logs in), minding `[hsm]
+/// refused_pin_record` (`lavd serve` and `lavd witness serve`): no login as
+/// one the token refused at an earlier start (nobody changed the PIN file,
+/// the module or the token since), nor without a directory that can take a
+/// record; a refusal is recorded, a login that succeeds clears another
+/// login's record.
+///
+/// # Errors
+/// [`RefusedPinError`] (exit 77 when refused earlier, else 1), or what
+/// `open` returned (exit 77 for a refused PIN).
+pub(crate) fn open_hsm_minding(
+    record: Option<&RefusedPinRecord>,
+    open: impl FnOnce() -> Result<crate::hsm::Hsm, crate::hsm::HsmError>,
+) -> anyhow::Result<crate::hsm::Hsm> {
+    let found = record.map(RefusedPinRecord::check).transpose()?;
+    match open() {
+        Ok(hsm) => {
+            if let (Some(record), Some(Found::Other)) = (record, found) {
+                // This PIN works: a record left would stop a later start
+                // with it for nothing. Failing to remove it does not stop
+                // this one.
+                if let Err(e) = record.accepted() {
+                    tracing::warn!("{e}");
+                }
+            }
+            Ok(hsm)
+        }
+        Err(e) => {
+            if let (Some(record), crate::hsm::HsmError::Login { ckr }) = (record, &e) {
+                match record.refused(ckr) {
+                    Ok(()) => tracing::warn!(
+                        record = %record.record.display(),
+                        pin_file = %record.login.pin_file().display(),
+                        "recorded the refusal: no later start tries a login until the PIN file, \
+                         the module or the token changes, or the record is removed"
+                    ),
+                    Err(w) => tracing::error!("{w}; the next start will try the PIN again"),
+                }
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// The token refused the PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …):

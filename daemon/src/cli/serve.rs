@@ -22,7 +22,6 @@ use crate::api::{routes, server, Reloadable, ServerState, Timeouts};
 use crate::audit::log::AuditLog;
 use crate::audit::witnessing::Witnessing;
 use crate::config::{Env, ProcessEnv, Settings};
-use crate::hsm::refused_pin::{Found, RefusedPinRecord};
 use crate::hsm::Hsm;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -98,51 +97,6 @@ pub struct ServeArgs {
     pub config: ConfigArg,
 }
 
-/// Opens the HSM and logs in, minding `[hsm] refused_pin_record`: no login
-/// as one the token refused at an earlier start (nobody changed the PIN
-/// file, the module or the token since), nor without a directory that can
-/// take a record; a refusal is recorded, a login that succeeds clears
-/// another login's record.
-///
-/// # Errors
-/// [`crate::hsm::refused_pin::RefusedPinError`] (exit 77 when refused
-/// earlier, else 1), or what opening the HSM returned (exit 77 for a
-/// refused PIN).
-fn open_hsm(
-    settings: crate::hsm::HsmSettings,
-    record: Option<&RefusedPinRecord>,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<Hsm> {
-    let found = record.map(RefusedPinRecord::check).transpose()?;
-    match Hsm::open_with_observer(settings, metrics.clone()) {
-        Ok(hsm) => {
-            if let (Some(record), Some(Found::Other)) = (record, found) {
-                // This PIN works: a record left would stop a later start
-                // with it for nothing. Failing to remove it does not stop
-                // this one.
-                if let Err(e) = record.accepted() {
-                    tracing::warn!("{e}");
-                }
-            }
-            Ok(hsm)
-        }
-        Err(e) => {
-            if let (Some(record), crate::hsm::HsmError::Login { ckr }) = (record, &e) {
-                match record.refused(ckr) {
-                    Ok(()) => tracing::warn!(
-                        record = %record.record.display(),
-                        pin_file = %record.login.pin_file().display(),
-                        "recorded the refusal: no later start tries a login until the PIN file, \
-                         the module or the token changes, or the record is removed"
-                    ),
-                    Err(w) => tracing::error!("{w}; the next start will try the PIN again"),
-                }
-            }
-            Err(e.into())
-        }
-    }
-}
-
 /// Runs the daemon until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -173,7 +127,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         lock_sqlite_store(path)?;
     }
     let store = Arc::new(Store::open_settings(&settings.store)?);
-    let hsm = open_hsm(settings.hsm, settings.refused_pin_record.as_ref(), &metrics)?;
+    let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+        Hsm::open_with_observer(settings.hsm, metrics.clone())
+    })?;
     let audit = AuditLog::new(
         store.clone(),
         hsm.clone(),

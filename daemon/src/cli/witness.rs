@@ -60,7 +60,7 @@ impl WitnessCommand {
             WitnessCommand::Keygen(args) => {
                 super::init_logging(&crate::config::LogSettings::default());
                 let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
-                let WitnessKeySource::Hsm { hsm, label } = settings.key else {
+                let WitnessKeySource::Hsm { hsm, label, .. } = settings.key else {
                     return Err(ConfigError {
                         file: settings.file,
                         field: "key_file".into(),
@@ -86,7 +86,7 @@ impl WitnessCommand {
             WitnessCommand::Vkey(args) => {
                 super::init_logging(&crate::config::LogSettings::default());
                 let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
-                let signer = signer(settings.key, &settings.file)?;
+                let signer = signer(settings.key, &settings.file, false)?;
                 println!(
                     "{}",
                     CosignerKey::new(&settings.name, &signer.public_key()?)?
@@ -97,11 +97,17 @@ impl WitnessCommand {
     }
 }
 
-/// Opens the key the config names.
-fn signer(key: WitnessKeySource, file: &Path) -> anyhow::Result<Signer> {
+/// Opens the key the config names; `serving` (`lavd witness serve`) minds
+/// `[hsm] refused_pin_record`.
+fn signer(key: WitnessKeySource, file: &Path, serving: bool) -> anyhow::Result<Signer> {
     match key {
-        WitnessKeySource::Hsm { hsm, label } => {
-            let hsm = Hsm::open(hsm)?;
+        WitnessKeySource::Hsm {
+            hsm,
+            label,
+            refused_pin_record,
+        } => {
+            let record = refused_pin_record.as_deref().filter(|_| serving);
+            let hsm = super::open_hsm_minding(record, || Hsm::open(hsm))?;
             let signer = Signer::Hsm { hsm, label };
             signer
                 .public_key()
@@ -143,7 +149,7 @@ fn serve(config: &Path) -> anyhow::Result<()> {
         tracing::warn!("dev = true: the witness key is in a file; never run a witness like this");
     }
     let dev = matches!(settings.key, WitnessKeySource::DevFile(_));
-    let signer = signer(settings.key, &settings.file)?;
+    let signer = signer(settings.key, &settings.file, true)?;
     let state = if settings.state.exists() {
         match WitnessState::open(&settings.state) {
             Ok(state) => state,

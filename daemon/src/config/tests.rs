@@ -850,35 +850,54 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
 }
 
-/// `refused_pin_record` is `lavd serve`'s: a witness's config naming it is
-/// refused rather than ignored.
+/// A witness reads `refused_pin_record` as lavd does (`lavd witness serve`
+/// minds it), and refuses it without `pin_file` the same way.
 #[test]
-fn a_witness_refuses_a_refused_pin_record() {
+fn a_witness_reads_a_refused_pin_record() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("witness.toml");
     let log = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
     let vkey =
         crate::audit::note::verifier_key("log.test/a", log.verifying_key().as_bytes()).unwrap();
     std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
-    let write = |hsm_extra: &str| {
+    let write = |pin: &str, hsm_extra: &str| {
         std::fs::write(
             &path,
             format!(
                 "name = \"witness.test/w\"\nstate = \"w.db\"\n\
                  [hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"w\"\n\
-                 pin_file = \"pin\"\n{hsm_extra}\
+                 {pin}\n{hsm_extra}\
                  [tls]\ncert = \"server.pem\"\nkey = \"server.key\"\n\
                  [[logs]]\norigin = \"log.test/a\"\nvkey = {vkey:?}\n"
             ),
         )
         .unwrap();
     };
-    write("");
-    WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap();
-    write("refused_pin_record = \"pin-refused\"\n");
-    let e = WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap_err();
+    let record = |settings: WitnessSettings| match settings.key {
+        WitnessKeySource::Hsm {
+            refused_pin_record, ..
+        } => refused_pin_record,
+        WitnessKeySource::DevFile(_) => panic!("an HSM key"),
+    };
+    let env = MapEnv(HashMap::from([(
+        "LAVD_PIN".to_string(),
+        "1234".to_string(),
+    )]));
+    write("pin_file = \"pin\"", "");
+    assert!(record(WitnessSettings::load(&path, &env).unwrap()).is_none());
+    write(
+        "pin_file = \"pin\"",
+        "refused_pin_record = \"pin-refused\"\n",
+    );
+    let kept = record(WitnessSettings::load(&path, &env).unwrap()).expect("the record");
+    assert!(kept.record.ends_with("pin-refused") && kept.record.is_absolute());
+    write(
+        "pin_env = \"LAVD_PIN\"",
+        "refused_pin_record = \"pin-refused\"\n",
+    );
+    let e = WitnessSettings::load(&path, &env).unwrap_err();
     assert_eq!(e.field, "hsm.refused_pin_record");
-    assert!(e.reason.contains("`lavd serve` only"), "{}", e.reason);
+    assert!(e.reason.contains("needs pin_file"), "{}", e.reason);
 }
 
 /// The PIN is read, and never shown by `Debug` (settings are logged and

@@ -99,6 +99,9 @@ pub enum WitnessKeySource {
         hsm: HsmSettings,
         /// `key_label`.
         label: String,
+        /// `[hsm] refused_pin_record`, read by `lavd witness serve` as by
+        /// `lavd serve` (boxed: the variants' sizes stay close).
+        refused_pin_record: Option<Box<crate::hsm::refused_pin::RefusedPinRecord>>,
     },
     /// A hex Ed25519 seed in a file (`dev = true` only).
     DevFile(PathBuf),
@@ -170,22 +173,17 @@ impl WitnessSettings {
                 }
                 WitnessKeySource::DevFile(v.path(&file))
             }
-            (_, None, Some(hsm)) => WitnessKeySource::Hsm {
-                hsm: match v.hsm(hsm, env)? {
-                    (hsm, None) => hsm,
-                    (_, Some(_)) => {
-                        return Err(v.err(
-                            "hsm.refused_pin_record",
-                            "is read by `lavd serve` only; a witness started again after a \
-                             refused PIN tries it again",
-                        ))
-                    }
-                },
-                label: v.nonempty(
-                    "key_label",
-                    raw.key_label.unwrap_or_else(|| "lav-witness".into()),
-                )?,
-            },
+            (_, None, Some(hsm)) => {
+                let (hsm, refused_pin_record) = v.hsm(hsm, env)?;
+                WitnessKeySource::Hsm {
+                    hsm,
+                    label: v.nonempty(
+                        "key_label",
+                        raw.key_label.unwrap_or_else(|| "lav-witness".into()),
+                    )?,
+                    refused_pin_record: refused_pin_record.map(Box::new),
+                }
+            }
             (_, None, None) => {
                 return Err(v.err(
                     "hsm",
