@@ -171,10 +171,13 @@ fn no_planned_reset_runs_while_the_token_refuses_the_pin() {
     assert_eq!(shim.faults(), 1, "logins tried after the first refusal");
 }
 
-/// Starts `lavd serve` on `t`, which must stop at its start with exit 77
-/// and `hsm_login_refused`; returns its stderr.
-fn refused_at_start(t: &TestToken, what: &str) -> String {
-    match Daemon::try_start(t) {
+/// A start (`Daemon::try_start`, or `try_start_witness`) that must stop
+/// with exit 77 and `hsm_login_refused`; returns its stderr.
+fn refused(
+    start: Result<Daemon, (Option<std::process::ExitStatus>, String)>,
+    what: &str,
+) -> String {
+    match start {
         Err((Some(status), stderr)) => {
             assert_eq!(status.code(), Some(77), "{what}: {stderr}");
             assert!(
@@ -183,9 +186,14 @@ fn refused_at_start(t: &TestToken, what: &str) -> String {
             );
             stderr
         }
-        Err((None, stderr)) => panic!("{what}: lavd serve neither started nor stopped:\n{stderr}"),
-        Ok(_) => panic!("{what}: lavd serve started"),
+        Err((None, stderr)) => panic!("{what}: neither started nor stopped:\n{stderr}"),
+        Ok(_) => panic!("{what}: started"),
     }
+}
+
+/// `lavd serve` on `t`, which must stop at its start as [`refused`] says.
+fn refused_at_start(t: &TestToken, what: &str) -> String {
+    refused(Daemon::try_start(t), what)
 }
 
 /// A pod is restarted whatever its exit status, and each start would spend
@@ -322,26 +330,16 @@ fn a_witness_does_not_try_a_pin_refused_at_its_last_start() {
         std::fs::rename(&tmp, &pin_file).expect("replace the PIN file");
     };
     replace_pin_file("9999");
-    let refused = |what: &str| match Daemon::try_start_witness(&w.t, &w.config, "witness") {
-        Err((Some(status), stderr)) => {
-            assert_eq!(status.code(), Some(77), "{what}: {stderr}");
-            assert!(
-                stderr.contains("lavd: hsm_login_refused: "),
-                "{what}: {stderr}"
-            );
-            stderr
-        }
-        Err((None, stderr)) => panic!("{what}: neither started nor stopped:\n{stderr}"),
-        Ok(_) => panic!("{what}: the witness started"),
-    };
-    let first = refused("first start");
+    let witness_refused =
+        |what: &str| refused(Daemon::try_start_witness(&w.t, &w.config, "witness"), what);
+    let first = witness_refused("first start");
     assert!(
         first.contains("HSM login failed: CKR_PIN_INCORRECT"),
         "{first}"
     );
     assert!(first.contains("recorded the refusal"), "{first}");
     assert!(record.exists());
-    let second = refused("second start");
+    let second = witness_refused("second start");
     assert!(
         second.contains("at an earlier start (CKR_PIN_INCORRECT), and neither the file"),
         "{second}"
