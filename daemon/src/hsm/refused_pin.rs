@@ -28,8 +28,8 @@ use super::TokenSelector;
 
 /// The first line of every record.
 const HEADER: &str = "lavd refused-PIN record, version 1: the token refused the PIN in the file \
-                      below; `lavd serve` tries it no more until the file, the module or the \
-                      token changes, or this record is removed";
+                      below; `lavd serve` and `lavd witness serve` try it no more until the \
+                      file, the module or the token changes, or this record is removed";
 
 /// What a login is tried with: the module, the token, and the PIN file as
 /// `fstat` described it when the PIN was read.
