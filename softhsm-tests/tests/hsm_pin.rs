@@ -224,8 +224,12 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
         softhsm_tests::restrict(&tmp);
         std::fs::rename(&tmp, &pin_file).expect("replace the PIN file");
     };
-    // While the token still takes the PIN.
+    // While the token still takes the PIN (`lavd keys generate-audit`
+    // minds the record too, so its directory must be there).
+    let run = record.parent().expect("the record's directory");
+    std::fs::create_dir(run).expect("the record's directory");
     make_audit_key(&t);
+    std::fs::remove_dir(run).expect("the record's directory, empty");
     // The token's PIN was changed; the file still holds the old one.
     shim.set(&format!("pin = rotated-pin:{PIN}"));
 
@@ -262,7 +266,7 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     std::fs::remove_file(&stats).expect("clear the module's stats");
     let second = refused_at_start(&t, "second start");
     assert!(
-        second.contains("at an earlier start (CKR_PIN_INCORRECT), and neither the file"),
+        second.contains("when lavd last tried it (CKR_PIN_INCORRECT), and neither the file"),
         "{second}"
     );
     assert!(
@@ -271,15 +275,34 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     );
     assert!(!stats.exists(), "a login was tried at the second start");
     assert_eq!(shim.faults(), 0);
+    // A command that logs in with the same config minds the record too:
+    // an operator's `lavd keys list` or `lavd audit key` would otherwise
+    // spend a try.
+    for command in [&["keys", "list"][..], &["audit", "key"]] {
+        let out = t.lavd_with_config(command);
+        let stderr = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
+        assert!(
+            stderr.contains("when lavd last tried it (CKR_PIN_INCORRECT)"),
+            "{command:?}: {stderr}"
+        );
+        assert!(!stats.exists(), "{command:?} tried a login");
+    }
 
-    // The file replaced, even by the same wrong PIN: tried once more.
+    // The file replaced, even by the same wrong PIN: tried once more, here
+    // by a command, whose refusal is recorded for the daemon as well.
     replace_pin_file(PIN);
-    let third = refused_at_start(&t, "third start");
+    let out = t.lavd_with_config(&["keys", "list"]);
+    let third = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
     assert!(third.contains("CKR_PIN_INCORRECT"), "{third}");
+    assert!(third.contains("recorded the refusal"), "{third}");
     assert_eq!(shim.faults(), 1, "the changed file was not tried");
     std::fs::remove_file(&stats).expect("clear the module's stats");
-    refused_at_start(&t, "fourth start");
-    assert_eq!(shim.faults(), 0, "a login was tried at the fourth start");
+    refused_at_start(&t, "the start after the command");
+    assert_eq!(
+        shim.faults(),
+        0,
+        "a login was tried after the command's refusal"
+    );
 
     // The right PIN: the daemon serves, and the record is gone.
     replace_pin_file("rotated-pin");
@@ -341,8 +364,16 @@ fn a_witness_does_not_try_a_pin_refused_at_its_last_start() {
     assert!(record.exists());
     let second = witness_refused("second start");
     assert!(
-        second.contains("at an earlier start (CKR_PIN_INCORRECT), and neither the file"),
+        second.contains("when lavd last tried it (CKR_PIN_INCORRECT), and neither the file"),
         "{second}"
+    );
+    // `lavd witness vkey` logs in with the same config: it stops too.
+    let config_path = w.config.to_str().expect("utf-8 path");
+    let out = w.t.lavd(&["witness", "vkey", "--config", config_path]);
+    let vkey = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
+    assert!(
+        vkey.contains("when lavd last tried it (CKR_PIN_INCORRECT)"),
+        "{vkey}"
     );
     replace_pin_file(PIN);
     w.daemon = Daemon::start_witness(&w.t, &w.config, "witness");

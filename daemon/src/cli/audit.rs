@@ -888,7 +888,9 @@ fn fold(mut row: Vec<crate::audit::merkle::Hash>) -> crate::audit::merkle::Hash 
 fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {
     let settings = config.load()?;
     let store = Arc::new(Store::open_settings(&settings.store)?);
-    let hsm = Hsm::open(settings.hsm)?;
+    let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+        Hsm::open(settings.hsm)
+    })?;
     Ok(AuditLog::new(
         store,
         hsm,

@@ -115,7 +115,9 @@ impl KeysCommand {
                 let settings = config.load()?;
                 keys::check_kid(&kid)?;
                 let store = Store::open_settings(&settings.store)?;
-                let hsm = Hsm::open(settings.hsm)?;
+                let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                    Hsm::open(settings.hsm)
+                })?;
                 let validity = Validity {
                     not_before,
                     not_after,
@@ -162,7 +164,9 @@ impl KeysCommand {
                     }
                 }
                 let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
-                let hsm = Hsm::open(settings.hsm)?;
+                let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                    Hsm::open(settings.hsm)
+                })?;
                 // What shows the store to be this token's (in
                 // `keys::discard_orphan`): its newest checkpoint under the
                 // token's audit key.
@@ -232,7 +236,10 @@ impl KeysCommand {
                         return Err(keys::KeyError::ListIncomplete(unreadable.join(", ")).into());
                     }
                 } else {
-                    let hsm = Hsm::open(settings.hsm)?;
+                    let hsm =
+                        super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                            Hsm::open(settings.hsm)
+                        })?;
                     let set = keys::jwks_checked(&hsm, &store, now)?;
                     println!("{}", serde_json::to_string_pretty(&set)?);
                 }
@@ -246,7 +253,9 @@ impl KeysCommand {
             } => {
                 let settings = config.load()?;
                 let store = Store::open_settings(&settings.store)?;
-                let hsm = Hsm::open(settings.hsm)?;
+                let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                    Hsm::open(settings.hsm)
+                })?;
                 if let Some(kid) = kid {
                     let reason = if force {
                         DestroyReason::Forced(reason.unwrap_or_default())
@@ -322,7 +331,9 @@ impl KeysCommand {
             }
             KeysCommand::GenerateAudit { config } => {
                 let settings = config.load()?;
-                let hsm = Hsm::open(settings.hsm)?;
+                let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                    Hsm::open(settings.hsm)
+                })?;
                 let info = hsm
                     .generate_audit_key(&settings.audit.key_label)
                     .context("generating the audit key")?;

@@ -172,8 +172,10 @@ pub fn init_logging(log: &crate::config::LogSettings) {
 }
 
 /// Opens the HSM with `open` (which logs in), minding `[hsm]
-/// refused_pin_record` (`lavd serve` and `lavd witness serve`): no login as
-/// one the token refused at an earlier start (nobody changed the PIN file,
+/// refused_pin_record` (every command that logs in with a config that sets
+/// it: the daemons, `lavd keys`, `lavd audit`, `lavd witness keygen` and
+/// `vkey`): no login as one the token refused when lavd last tried it
+/// (nobody changed the PIN file,
 /// the module or the token since), nor without a directory that can take a
 /// record; a refusal is recorded, a login that succeeds clears another
 /// login's record.
@@ -204,7 +206,7 @@ pub(crate) fn open_hsm_minding(
                     Ok(()) => tracing::warn!(
                         record = %record.record.display(),
                         pin_file = %record.login.pin_file().display(),
-                        "recorded the refusal: no later start tries a login until the PIN file, \
+                        "recorded the refusal: no later start or command tries a login until the PIN file, \
                          the module or the token changes, or the record is removed"
                     ),
                     Err(w) => tracing::error!("{w}; the next start will try the PIN again"),

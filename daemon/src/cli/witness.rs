@@ -60,7 +60,12 @@ impl WitnessCommand {
             WitnessCommand::Keygen(args) => {
                 super::init_logging(&crate::config::LogSettings::default());
                 let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
-                let WitnessKeySource::Hsm { hsm, label, .. } = settings.key else {
+                let WitnessKeySource::Hsm {
+                    hsm,
+                    label,
+                    refused_pin_record,
+                } = settings.key
+                else {
                     return Err(ConfigError {
                         file: settings.file,
                         field: "key_file".into(),
@@ -70,7 +75,8 @@ impl WitnessCommand {
                     }
                     .into());
                 };
-                let hsm = Hsm::open(hsm)?;
+                let hsm =
+                    super::open_hsm_minding(refused_pin_record.as_deref(), || Hsm::open(hsm))?;
                 let info = hsm
                     .generate_audit_key(&label)
                     .context("generating the witness key")?;
@@ -86,7 +92,7 @@ impl WitnessCommand {
             WitnessCommand::Vkey(args) => {
                 super::init_logging(&crate::config::LogSettings::default());
                 let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
-                let signer = signer(settings.key, &settings.file, false)?;
+                let signer = signer(settings.key, &settings.file)?;
                 println!(
                     "{}",
                     CosignerKey::new(&settings.name, &signer.public_key()?)?
@@ -97,17 +103,15 @@ impl WitnessCommand {
     }
 }
 
-/// Opens the key the config names; `serving` (`lavd witness serve`) minds
-/// `[hsm] refused_pin_record`.
-fn signer(key: WitnessKeySource, file: &Path, serving: bool) -> anyhow::Result<Signer> {
+/// Opens the key the config names, minding `[hsm] refused_pin_record`.
+fn signer(key: WitnessKeySource, file: &Path) -> anyhow::Result<Signer> {
     match key {
         WitnessKeySource::Hsm {
             hsm,
             label,
             refused_pin_record,
         } => {
-            let record = refused_pin_record.as_deref().filter(|_| serving);
-            let hsm = super::open_hsm_minding(record, || Hsm::open(hsm))?;
+            let hsm = super::open_hsm_minding(refused_pin_record.as_deref(), || Hsm::open(hsm))?;
             let signer = Signer::Hsm { hsm, label };
             signer
                 .public_key()
@@ -149,7 +153,7 @@ fn serve(config: &Path) -> anyhow::Result<()> {
         tracing::warn!("dev = true: the witness key is in a file; never run a witness like this");
     }
     let dev = matches!(settings.key, WitnessKeySource::DevFile(_));
-    let signer = signer(settings.key, &settings.file, true)?;
+    let signer = signer(settings.key, &settings.file)?;
     let state = if settings.state.exists() {
         match WitnessState::open(&settings.state) {
             Ok(state) => state,

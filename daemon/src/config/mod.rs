@@ -84,10 +84,10 @@ pub struct Settings {
     pub file: PathBuf,
     /// The HSM.
     pub hsm: HsmSettings,
-    /// `[hsm] refused_pin_record`, with the login this start would try (the
-    /// module, the token and the PIN file as read): a PIN the token refused
-    /// at a start is not tried again by a later one that would log in the
-    /// same way (`lavd serve` only).
+    /// `[hsm] refused_pin_record`, with the login this config would try
+    /// (the module, the token and the PIN file as read): a PIN the token
+    /// refused is not tried again by a later start or command that would
+    /// log in the same way (`cli::open_hsm_minding`).
     pub refused_pin_record: Option<RefusedPinRecord>,
     /// `[store]`: an SQLite file or a PostgreSQL database.
     pub store: crate::store::StoreSettings,

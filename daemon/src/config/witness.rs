@@ -99,8 +99,8 @@ pub enum WitnessKeySource {
         hsm: HsmSettings,
         /// `key_label`.
         label: String,
-        /// `[hsm] refused_pin_record`, read by `lavd witness serve` as by
-        /// `lavd serve` (boxed: the variants' sizes stay close).
+        /// `[hsm] refused_pin_record`, minded by every witness command that
+        /// logs in, as by lavd's (boxed: the variants' sizes stay close).
         refused_pin_record: Option<Box<crate::hsm::refused_pin::RefusedPinRecord>>,
     },
     /// A hex Ed25519 seed in a file (`dev = true` only).

@@ -5,7 +5,8 @@
 //! systemd units do not restart lavd after a refusal at start (exit 77), but
 //! a Kubernetes pod is restarted with backoff whatever its exit status, and
 //! each start would spend one more of the token's tries. With a record, a
-//! start that would log in exactly as the refused one did (the same module
+//! start (or a command such as `lavd keys list`, which logs in with the same
+//! config) that would log in exactly as the refused one did (the same module
 //! and token, and the same PIN file: path, device, inode and modification
 //! time, as `fstat` saw it when the PIN was read) tries no login and exits
 //! 77 at once. A change to any of these is tried once more, and a login that
@@ -26,10 +27,15 @@ use std::path::{Path, PathBuf};
 
 use super::TokenSelector;
 
-/// The first line of every record.
+/// The first line of every record: [`VERSION`], then words for whoever
+/// opens the file. Only [`VERSION`] is compared, so that the words may
+/// change without making a record that stands unread.
 const HEADER: &str = "lavd refused-PIN record, version 1: the token refused the PIN in the file \
-                      below; `lavd serve` and `lavd witness serve` try it no more until the \
-                      file, the module or the token changes, or this record is removed";
+                      below; lavd (its daemons, and its commands that log in) tries it no more \
+                      until the file, the module or the token changes, or this record is removed";
+
+/// What a record's first line starts with, up to and including its colon.
+const VERSION: &str = "lavd refused-PIN record, version 1:";
 
 /// What a login is tried with: the module, the token, and the PIN file as
 /// `fstat` described it when the PIN was read.
@@ -104,10 +110,10 @@ pub enum Found {
 #[derive(Debug, thiserror::Error)]
 pub enum RefusedPinError {
     /// The record names this login: the token refused this PIN at an
-    /// earlier start, and nobody has changed the file, the module or the
-    /// token since.
+    /// earlier start or command, and nobody has changed the file, the
+    /// module or the token since.
     #[error(
-        "the token refused the PIN in {} at an earlier start ({ckr}), and neither the file nor \
+        "the token refused the PIN in {} when lavd last tried it ({ckr}), and neither the file nor \
          [hsm]'s module and token have changed since ({} records it); no login is tried, as \
          each would spend one of the token's PIN attempts: put the right PIN in the file, or, if \
          the token's security officer has since unlocked or reset the PIN to the file's, remove \
@@ -125,43 +131,43 @@ pub enum RefusedPinError {
     },
     /// A record exists but cannot be read (its directory's permissions), so
     /// whether this PIN was refused is unknown: no login is tried.
-    #[error("cannot read the refused-PIN record {}: {source}", record.display())]
+    #[error("cannot read the refused-PIN record {}: {error}", record.display())]
     Unreadable {
         /// The record.
         record: PathBuf,
         /// What reading it returned.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Before any login, the record's directory did not take a file (it is
     /// missing or read-only): a refusal could not be recorded, and the next
     /// start would spend another try. No login is tried.
     #[error(
         "cannot write a file beside the refused-PIN record {}, so a refusal could not be \
-         recorded: {source}; no login is tried (make its directory exist and writable)",
+         recorded: {error}; no login is tried (make its directory exist and writable)",
         record.display()
     )]
     Unwritable {
         /// The record.
         record: PathBuf,
         /// What the file system returned.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The token refused the PIN, and writing the record failed all the
     /// same (the file system filled or failed since the check).
-    #[error("cannot write the refused-PIN record {}: {source}", record.display())]
+    #[error("cannot write the refused-PIN record {}: {error}", record.display())]
     Write {
         /// The record.
         record: PathBuf,
         /// What the file system returned.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A login succeeded, and removing another login's record failed.
-    #[error("cannot remove the refused-PIN record {}: {source}", record.display())]
+    #[error("cannot remove the refused-PIN record {}: {error}", record.display())]
     Remove {
         /// The record.
         record: PathBuf,
         /// What the file system returned.
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -193,8 +199,10 @@ impl RefusedPinRecord {
     }
 
     /// Creates the temporary file beside the record, new (never through a
-    /// link, never an old one), mode 0600. A temporary file left by a crash
-    /// is removed first.
+    /// link, never an old one), mode 0644 less the umask: the record holds
+    /// nothing secret, and one written by a command run as root must not
+    /// become unreadable to the daemon (which would stop its start). A
+    /// temporary file left by a crash is removed first.
     fn create_tmp(&self) -> std::io::Result<(PathBuf, std::fs::File)> {
         let tmp = self.tmp();
         match std::fs::remove_file(&tmp) {
@@ -205,12 +213,12 @@ impl RefusedPinRecord {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o600)
+            .mode(0o644)
             .open(&tmp)?;
         Ok((tmp, file))
     }
 
-    /// Before the first login of a start.
+    /// Before the first login of a start or a command.
     ///
     /// # Errors
     /// [`RefusedPinError::RefusedEarlier`] when the record names this login;
@@ -227,7 +235,9 @@ impl RefusedPinRecord {
                 let login = lines.next();
                 let ckr = lines.next().and_then(|l| l.strip_prefix("refused="));
                 match (header, login, ckr) {
-                    (Some(HEADER), Some(login), Some(ckr)) if login == self.login.line => {
+                    (Some(header), Some(login), Some(ckr))
+                        if header.starts_with(VERSION) && login == self.login.line =>
+                    {
                         return Err(RefusedPinError::RefusedEarlier {
                             pin_file: self.login.pin_file().to_path_buf(),
                             record: self.record.clone(),
@@ -238,16 +248,16 @@ impl RefusedPinRecord {
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Found::Nothing,
-            Err(source) => {
+            Err(error) => {
                 return Err(RefusedPinError::Unreadable {
                     record: self.record.clone(),
-                    source,
+                    error,
                 })
             }
         };
-        let unwritable = |source| RefusedPinError::Unwritable {
+        let unwritable = |error| RefusedPinError::Unwritable {
             record: self.record.clone(),
-            source,
+            error,
         };
         let (tmp, file) = self.create_tmp().map_err(unwritable)?;
         drop(file);
@@ -263,9 +273,9 @@ impl RefusedPinRecord {
     /// # Errors
     /// [`RefusedPinError::Write`].
     pub fn refused(&self, ckr: &str) -> Result<(), RefusedPinError> {
-        let write = |source| RefusedPinError::Write {
+        let write = |error| RefusedPinError::Write {
             record: self.record.clone(),
-            source,
+            error,
         };
         let (tmp, mut file) = self.create_tmp().map_err(write)?;
         let written = file
@@ -294,9 +304,9 @@ impl RefusedPinRecord {
         match std::fs::remove_file(&self.record) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(RefusedPinError::Remove {
+            Err(error) => Err(RefusedPinError::Remove {
                 record: self.record.clone(),
-                source,
+                error,
             }),
         }
     }
@@ -364,6 +374,15 @@ mod tests {
         assert!(refused_earlier(&first.check()), "{:?}", first.check());
         // Read again, unchanged: still refused.
         assert!(refused_earlier(&record_of(dir.path(), &pin).check()));
+        // Only the header's version counts: a record whose words an older
+        // lavd wrote still refuses, one of another version does not.
+        let reworded = text.replacen(HEADER, &format!("{VERSION} older words"), 1);
+        std::fs::write(&first.record, &reworded).expect("reword the record");
+        assert!(refused_earlier(&first.check()), "{:?}", first.check());
+        let version_2 = text.replacen("version 1:", "version 2:", 1);
+        std::fs::write(&first.record, &version_2).expect("rewrite the record");
+        assert_eq!(first.check().expect("another version"), Found::Other);
+        std::fs::write(&first.record, &text).expect("restore the record");
 
         // Another token, with the same file: tried.
         let other_token = RefusedPinRecord {
