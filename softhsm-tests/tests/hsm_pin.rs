@@ -201,7 +201,8 @@ fn refused_at_start(t: &TestToken, what: &str) -> String {
 /// Kubernetes manifests), a PIN refused at start is recorded against the
 /// PIN file, and the next start tries no login while that file is
 /// unchanged; a changed file is tried, and a login that succeeds removes
-/// the record.
+/// the record. The commands that log in with the same config mind the
+/// record, and record a refusal they meet, as a start does.
 #[test]
 fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     let t = TestToken::new();
@@ -277,8 +278,26 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     assert_eq!(shim.faults(), 0);
     // A command that logs in with the same config minds the record too:
     // an operator's `lavd keys list` or `lavd audit key` would otherwise
-    // spend a try.
-    for command in [&["keys", "list"][..], &["audit", "key"]] {
+    // spend a try. (Each command opens the HSM at a call site of its own.)
+    for command in [
+        &["keys", "list"][..],
+        &["keys", "generate-audit"],
+        &["keys", "destroy", "--expired"],
+        &["keys", "discard-orphan", "--kid", "2026-12"],
+        &[
+            "keys",
+            "generate",
+            "--kid",
+            "2026-12",
+            "--not-before",
+            "2026-12-01T00:00:00Z",
+            "--not-after",
+            "2027-01-01T00:00:00Z",
+            "--destroy-after",
+            "2027-06-01T00:00:00Z",
+        ],
+        &["audit", "key"],
+    ] {
         let out = t.lavd_with_config(command);
         let stderr = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
         assert!(
@@ -289,13 +308,30 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     }
 
     // The file replaced, even by the same wrong PIN: tried once more, here
-    // by a command, whose refusal is recorded for the daemon as well.
+    // by a command, whose refusal is recorded for the daemon as well. It
+    // runs under umask 077, as a hardened root shell may: the record must
+    // stay readable to the daemon's user all the same.
     replace_pin_file(PIN);
-    let out = t.lavd_with_config(&["keys", "list"]);
+    let config = t.config();
+    let out = softhsm_tests::output_within(
+        std::process::Command::new("sh")
+            .args(["-c", "umask 077 && exec \"$@\"", "sh"])
+            .arg(softhsm_tests::lavd_binary())
+            .args(["keys", "list", "--config"])
+            .arg(&config)
+            .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
+            .env("LAVD_LOG", "warn"),
+        softhsm_tests::CLI_LIMIT,
+    );
     let third = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
     assert!(third.contains("CKR_PIN_INCORRECT"), "{third}");
     assert!(third.contains("recorded the refusal"), "{third}");
     assert_eq!(shim.faults(), 1, "the changed file was not tried");
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let mode = std::fs::metadata(&record).expect("the record").mode();
+        assert_eq!(mode & 0o777, 0o644, "the record's mode: {mode:o}");
+    }
     std::fs::remove_file(&stats).expect("clear the module's stats");
     refused_at_start(&t, "the start after the command");
     assert_eq!(
@@ -306,10 +342,28 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
 
     // The right PIN: the daemon serves, and the record is gone.
     replace_pin_file("rotated-pin");
+    let refused_text = std::fs::read_to_string(&record).expect("the record");
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
     assert_eq!(shim.faults(), 0, "the right PIN was refused");
     assert!(!record.exists(), "the record outlived a login that worked");
+    drop(daemon);
+
+    // A record of another login (another config sharing the path, naming
+    // another PIN file) still stops the login it names: a login of this
+    // config that works leaves it.
+    let foreign = refused_text.replacen(
+        &format!("pin_file={:?} ", pin_file.display().to_string()),
+        "pin_file=\"/etc/lavd/cli-pin\" ",
+        1,
+    );
+    assert_ne!(foreign, refused_text, "{refused_text}");
+    std::fs::write(&record, &foreign).expect("another login's record");
+    softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "list"]));
+    assert_eq!(
+        std::fs::read_to_string(&record).expect("the record kept"),
+        foreign
+    );
 }
 
 /// `lavd witness serve` minds `refused_pin_record` as `lavd serve` does:
@@ -367,14 +421,17 @@ fn a_witness_does_not_try_a_pin_refused_at_its_last_start() {
         second.contains("when lavd last tried it (CKR_PIN_INCORRECT), and neither the file"),
         "{second}"
     );
-    // `lavd witness vkey` logs in with the same config: it stops too.
+    // `lavd witness vkey` and `keygen` log in with the same config: they
+    // stop too.
     let config_path = w.config.to_str().expect("utf-8 path");
-    let out = w.t.lavd(&["witness", "vkey", "--config", config_path]);
-    let vkey = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
-    assert!(
-        vkey.contains("when lavd last tried it (CKR_PIN_INCORRECT)"),
-        "{vkey}"
-    );
+    for command in ["vkey", "keygen"] {
+        let out = w.t.lavd(&["witness", command, "--config", config_path]);
+        let stderr = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
+        assert!(
+            stderr.contains("when lavd last tried it (CKR_PIN_INCORRECT)"),
+            "{command}: {stderr}"
+        );
+    }
     replace_pin_file(PIN);
     w.daemon = Daemon::start_witness(&w.t, &w.config, "witness");
     assert!(!record.exists(), "the record outlived a login that worked");

@@ -173,12 +173,13 @@ pub fn init_logging(log: &crate::config::LogSettings) {
 
 /// Opens the HSM with `open` (which logs in), minding `[hsm]
 /// refused_pin_record` (every command that logs in with a config that sets
-/// it: the daemons, `lavd keys`, `lavd audit`, `lavd witness keygen` and
-/// `vkey`): no login as one the token refused when lavd last tried it
-/// (nobody changed the PIN file,
-/// the module or the token since), nor without a directory that can take a
-/// record; a refusal is recorded, a login that succeeds clears another
-/// login's record.
+/// it: the daemons, `lavd keys`, `lavd audit key` and `export`, `lavd
+/// witness keygen` and `vkey`): no login as one the token refused when lavd
+/// last tried it (nobody changed the PIN file, the module or the token
+/// since), nor without a directory that can take a record; a refusal is
+/// recorded, and a login that succeeds removes a record of the same module,
+/// token and PIN file path (one of another is kept: it still stops the
+/// login it names).
 ///
 /// # Errors
 /// [`RefusedPinError`] (exit 77 when refused earlier, else 1), or what
@@ -191,9 +192,9 @@ pub(crate) fn open_hsm_minding(
     match open() {
         Ok(hsm) => {
             if let (Some(record), Some(Found::Other)) = (record, found) {
-                // This PIN works: a record left would stop a later start
-                // with it for nothing. Failing to remove it does not stop
-                // this one.
+                // This PIN file works now: a record left would stop a
+                // later start for nothing. Failing to remove it does not
+                // stop this one.
                 if let Err(e) = record.accepted() {
                     tracing::warn!("{e}");
                 }
@@ -206,10 +207,12 @@ pub(crate) fn open_hsm_minding(
                     Ok(()) => tracing::warn!(
                         record = %record.record.display(),
                         pin_file = %record.login.pin_file().display(),
-                        "recorded the refusal: no later start or command tries a login until the PIN file, \
-                         the module or the token changes, or the record is removed"
+                        "recorded the refusal: no later start or command tries a login until the \
+                         PIN file, the module or the token changes, or the record is removed"
                     ),
-                    Err(w) => tracing::error!("{w}; the next start will try the PIN again"),
+                    Err(w) => {
+                        tracing::error!("{w}; the next start or command will try the PIN again");
+                    }
                 }
             }
             Err(e.into())

@@ -850,8 +850,8 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
 }
 
-/// A witness reads `refused_pin_record` as lavd does (`lavd witness serve`
-/// minds it), and refuses it without `pin_file` the same way.
+/// A witness reads `refused_pin_record` as lavd does (its commands that log
+/// in mind it), and refuses it without `pin_file` the same way.
 #[test]
 fn a_witness_reads_a_refused_pin_record() {
     let dir = tempfile::tempdir().unwrap();

@@ -22,7 +22,7 @@
 //! tried again, and again.
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use super::TokenSelector;
@@ -43,6 +43,9 @@ const VERSION: &str = "lavd refused-PIN record, version 1:";
 pub struct LoginIdentity {
     pin_file: PathBuf,
     line: String,
+    /// How long the part of `line` is that names the module, the token and
+    /// the PIN file's path (before the file's metadata).
+    source: usize,
 }
 
 impl LoginIdentity {
@@ -57,20 +60,32 @@ impl LoginIdentity {
         meta: &std::fs::Metadata,
     ) -> Self {
         use std::os::unix::fs::MetadataExt as _;
+        // `{:?}`: a name with a newline in it stays on one line.
+        let source = format!(
+            "module={:?} token={:?} pin_file={:?}",
+            module.display().to_string(),
+            token.to_string(),
+            pin_file.display().to_string(),
+        );
         Self {
             pin_file: pin_file.to_path_buf(),
-            // `{:?}`: a name with a newline in it stays on one line.
             line: format!(
-                "module={:?} token={:?} pin_file={:?} dev={} ino={} mtime={}.{:09}",
-                module.display().to_string(),
-                token.to_string(),
-                pin_file.display().to_string(),
+                "{source} dev={} ino={} mtime={}.{:09}",
                 meta.dev(),
                 meta.ino(),
                 meta.mtime(),
                 meta.mtime_nsec(),
             ),
+            source: source.len(),
         }
+    }
+
+    /// Whether `recorded` (a record's second line) names this login's
+    /// module, token and PIN file path, whatever the file's metadata.
+    fn same_source(&self, recorded: &str) -> bool {
+        recorded
+            .strip_prefix(&self.line[..self.source])
+            .is_some_and(|rest| rest.starts_with(" dev="))
     }
 
     /// The PIN file's path.
@@ -101,9 +116,15 @@ pub struct RefusedPinRecord {
 pub enum Found {
     /// No record.
     Nothing,
-    /// A record of another login (or in another form): no refusal of this
-    /// one, but to be removed once this one succeeds.
+    /// A record of this module, token and PIN file path, whose file has
+    /// changed since (or a record in another form): no refusal of this
+    /// login, and removed once it succeeds.
     Other,
+    /// A record of another module, token or PIN file path (another config
+    /// sharing the record's path, such as a command's own): no refusal of
+    /// this login, and kept when it succeeds, since it still stops the
+    /// login it names.
+    Foreign,
 }
 
 /// Errors of the record. Their codes: [`RefusedPinError::code`].
@@ -192,17 +213,21 @@ impl RefusedPinRecord {
         format!("{HEADER}\n{:?}\nrefused={ckr}\n", self.login)
     }
 
+    /// This process's temporary file: a command and a start may run at the
+    /// same time, and neither may remove or rename the other's.
     fn tmp(&self) -> PathBuf {
         let mut tmp = self.record.clone().into_os_string();
-        tmp.push(".tmp");
+        tmp.push(format!(".{}.tmp", std::process::id()));
         PathBuf::from(tmp)
     }
 
     /// Creates the temporary file beside the record, new (never through a
-    /// link, never an old one), mode 0644 less the umask: the record holds
-    /// nothing secret, and one written by a command run as root must not
-    /// become unreadable to the daemon (which would stop its start). A
-    /// temporary file left by a crash is removed first.
+    /// link, never an old one), mode 0644 whatever the umask: the record
+    /// holds nothing secret, and one written by a command run as root must
+    /// not become unreadable to the daemon (which would stop its every
+    /// start). A temporary file of this process's id, left by a crash, is
+    /// removed first (in a container, lavd often has the same id at every
+    /// start).
     fn create_tmp(&self) -> std::io::Result<(PathBuf, std::fs::File)> {
         let tmp = self.tmp();
         match std::fs::remove_file(&tmp) {
@@ -215,6 +240,8 @@ impl RefusedPinRecord {
             .create_new(true)
             .mode(0o644)
             .open(&tmp)?;
+        // `mode` is reduced by the umask (077 under some hardening).
+        file.set_permissions(std::fs::Permissions::from_mode(0o644))?;
         Ok((tmp, file))
     }
 
@@ -225,8 +252,8 @@ impl RefusedPinRecord {
     /// [`RefusedPinError::Unreadable`] when a record exists that cannot be
     /// read; [`RefusedPinError::Unwritable`] when no file can be made beside
     /// it. A record naming another login, or in another form, is no refusal
-    /// of this one: the login is tried, and its outcome rewrites or removes
-    /// the record.
+    /// of this one: the login is tried. A refusal replaces the record; a
+    /// success removes it only when it was [`Found::Other`].
     pub fn check(&self) -> Result<Found, RefusedPinError> {
         let found = match std::fs::read_to_string(&self.record) {
             Ok(text) => {
@@ -235,14 +262,19 @@ impl RefusedPinRecord {
                 let login = lines.next();
                 let ckr = lines.next().and_then(|l| l.strip_prefix("refused="));
                 match (header, login, ckr) {
-                    (Some(header), Some(login), Some(ckr))
-                        if header.starts_with(VERSION) && login == self.login.line =>
-                    {
-                        return Err(RefusedPinError::RefusedEarlier {
-                            pin_file: self.login.pin_file().to_path_buf(),
-                            record: self.record.clone(),
-                            ckr: ckr.to_string(),
-                        })
+                    (Some(header), Some(login), Some(ckr)) if header.starts_with(VERSION) => {
+                        if login == self.login.line {
+                            return Err(RefusedPinError::RefusedEarlier {
+                                pin_file: self.login.pin_file().to_path_buf(),
+                                record: self.record.clone(),
+                                ckr: ckr.to_string(),
+                            });
+                        }
+                        if self.login.same_source(login) {
+                            Found::Other
+                        } else {
+                            Found::Foreign
+                        }
                     }
                     _ => Found::Other,
                 }
@@ -295,8 +327,8 @@ impl RefusedPinRecord {
         Ok(())
     }
 
-    /// A login succeeded after [`RefusedPinRecord::check`] found another
-    /// login's record: removes it.
+    /// A login succeeded after [`RefusedPinRecord::check`] found
+    /// [`Found::Other`]: removes the record.
     ///
     /// # Errors
     /// [`RefusedPinError::Remove`].
@@ -371,6 +403,12 @@ mod tests {
         }
         assert_eq!(lines[2], "refused=CKR_PIN_INCORRECT");
         assert!(!first.tmp().exists(), "the temporary file stayed");
+        // Readable to the daemon whoever wrote it, whatever the umask.
+        {
+            use std::os::unix::fs::MetadataExt as _;
+            let mode = std::fs::metadata(&first.record).expect("stat").mode();
+            assert_eq!(mode & 0o777, 0o644, "{mode:o}");
+        }
         assert!(refused_earlier(&first.check()), "{:?}", first.check());
         // Read again, unchanged: still refused.
         assert!(refused_earlier(&record_of(dir.path(), &pin).check()));
@@ -384,12 +422,13 @@ mod tests {
         assert_eq!(first.check().expect("another version"), Found::Other);
         std::fs::write(&first.record, &text).expect("restore the record");
 
-        // Another token, with the same file: tried.
+        // Another token, with the same file: tried, and the record is
+        // another login's, which its success leaves in place.
         let other_token = RefusedPinRecord {
             record: first.record.clone(),
             login: login_of("other", &pin),
         };
-        assert_eq!(other_token.check().expect("another token"), Found::Other);
+        assert_eq!(other_token.check().expect("another token"), Found::Foreign);
 
         // Written in place (same inode), with a new modification time:
         // tried. (Set by hand: two writes within one clock tick of the
@@ -469,6 +508,15 @@ mod tests {
         let e = record.check().expect_err("unwritable");
         assert!(matches!(e, RefusedPinError::Unwritable { .. }), "{e:?}");
         assert_eq!(e.code(), "pin_record_unavailable");
+        // The file system's error is in the message once, not again as a
+        // cause (which `lavd: code: {e:#}` would print a second time).
+        assert!(std::error::Error::source(&e).is_none());
+        let shown = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(
+            shown.matches("No such file or directory").count(),
+            1,
+            "{shown}"
+        );
         assert!(matches!(
             record.refused("CKR_PIN_INCORRECT"),
             Err(RefusedPinError::Write { .. })
