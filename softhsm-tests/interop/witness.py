@@ -279,18 +279,23 @@ class Witness:
             note_origin, size, root = parse_checkpoint_body(body)
         except ValueError as e:
             raise Refusal(400, f"{e}\n")
-        signed = any(
-            sig_name == key_name
-            and blob[:4] == kid
-            and len(blob) == 68
-            and ed25519_ok(public, blob[4:], body.encode())
+        # tlog-witness: 403 when no trusted key's signature verifies, and
+        # also when a line of a trusted key (its name and key ID) does not
+        # verify, even if another trusted key's does (signed-note calls such
+        # a note malformed).
+        verdicts = [
+            len(blob) == 68 and ed25519_ok(public, blob[4:], body.encode())
             for sig_name, blob in signatures
             for key_name, kid, public in keys
-        )
-        if not signed:
-            raise Refusal(403, "no trusted signature verifies\n")
+            if sig_name == key_name and blob[:4] == kid
+        ]
+        if not verdicts or not all(verdicts):
+            raise Refusal(403, "no trusted signature verifies, or one fails\n")
         if old > size:
             raise Refusal(400, "old size above the checkpoint size\n")
+        if size == 0 and root != hashlib.sha256(b"").digest():
+            # A tree of size 0 has one root (RFC 6962 MTH({})).
+            raise Refusal(422, "a tree of size 0 with another root\n")
         # The check and the update happen under one lock, so two requests
         # can never roll the recorded size back.
         with self.lock:

@@ -4,7 +4,8 @@
 //! forever or announces a huge one makes the real CLI exit 1 within its
 //! bounds (`--timeout`, `--max-response-bytes`, and their defaults) with
 //! `response_timeout` or `response_too_large`; one that refuses is named
-//! `unexpected_status`, its text escaped.
+//! `unexpected_status`, its text escaped; one that compresses is named
+//! `response_encoding_unsupported`.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,6 +29,10 @@ enum Hostile {
     Huge,
     /// Answers 403 with an error whose message holds a terminal escape.
     Refusing,
+    /// Answers 200 gzipped (`Content-Encoding: gzip`), as C2SP tlog-tiles
+    /// lets a log's static host do whatever was asked, unless the request
+    /// asked for `identity` only.
+    Gzipping,
 }
 
 /// Starts the hostile server; returns its port.
@@ -85,6 +90,26 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
                 body.len()
             );
             let _ = tls.write_all(reply.as_bytes());
+            let _ = tls.flush();
+        }
+        Hostile::Gzipping => {
+            let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
+            let encoding = if head.contains("\r\naccept-encoding: identity\r\n") {
+                "gzip"
+            } else {
+                // Never sent by lavd: the test's assertion names it.
+                "x-not-asked-for-identity"
+            };
+            // gzip's magic bytes, and nothing a JSON reader would take.
+            let body = b"\x1f\x8b\x08\x00";
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-encoding: {encoding}\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes());
+            let _ = tls.write_all(body);
             let _ = tls.flush();
         }
         Hostile::Huge => {
@@ -217,6 +242,25 @@ fn a_refusal_is_named_and_its_text_escaped() {
     );
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     assert!(stderr.contains("\\u{1b}[2Jway"), "{stderr:?}");
+}
+
+/// A reply in a content coding lavd does not decode is named as such
+/// (`response_encoding_unsupported`), not read as a malformed log; and the
+/// request asked for `identity` (RFC 9110: a request without
+/// `Accept-Encoding` takes any coding).
+#[test]
+fn a_compressed_reply_is_named_not_misread() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Gzipping);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "lavd: response_encoding_unsupported: GET /v1/audit/checkpoint: the reply is in the \
+             content coding \"gzip\""
+        ),
+        "{stderr}"
+    );
 }
 
 /// No connection is `connect_failed`, naming the address and the stage

@@ -50,6 +50,23 @@ fn the_python_witness_cosigns_lavds_log_and_lavd_verifies_it() {
     assert_eq!(w.add(&body(recorded, &[], &c5)).status, 422);
     let other = c5.replacen(&log.origin, "other.example/log", 1);
     assert_eq!(w.add(&body(0, &[], &other)).status, 404);
+    // A line of the log's key (its name and key ID) that does not verify,
+    // beside one that does: the note is malformed (signed-note), 403
+    // (tlog-witness). lavd's own witness answers the same.
+    let forged = {
+        use base64::Engine as _;
+        let key = lavd::audit::note::VerifierKey::parse(&log.vkey).unwrap();
+        let mut blob = key.key_id().to_be_bytes().to_vec();
+        blob.extend_from_slice(&[0; 64]);
+        let line = base64::engine::general_purpose::STANDARD.encode(blob);
+        format!("{c5}— {} {line}\n", log.origin)
+    };
+    let r = w.add(&log.body(recorded, &forged));
+    assert_eq!(r.status, 403, "{}", r.text());
+    let lavd_witness = Witness::start("witness.test/w2", &log.origin, &log.vkey, "");
+    let r = lavd_witness.add(&log.body(0, &forged));
+    assert_eq!(r.status, 403, "{}", r.text());
+    drop(lavd_witness);
     // Its JSON state survives a restart.
     drop(w);
     let w = PyWitness::start("py.witness.test/w1", &seed, &state, &log.origin, &log.vkey);

@@ -12,7 +12,9 @@
 //! Choices where the specs leave room, all fail-closed:
 //! - lavd never writes checkpoint extension lines, and [`Checkpoint::parse`]
 //!   refuses them (the spec makes them optional and not recommended; they are
-//!   not auditable, and refusing them keeps one spelling per tree head);
+//!   not auditable, and refusing them keeps one spelling per tree head). A
+//!   witness takes them ([`Checkpoint::parse_with_extensions`]): it may
+//!   cosign another log, and tlog-cosignature signs them with the body;
 //! - the key name of the log's signature equals the origin (tlog-checkpoint
 //!   says it SHOULD), and verification requires it;
 //! - a signature line from the known key that fails to verify rejects the
@@ -352,6 +354,22 @@ impl Checkpoint {
     /// # Errors
     /// [`NoteError::Checkpoint`] naming the bad line.
     pub fn parse(body: &str) -> Result<Self, NoteError> {
+        Self::parse_body(body, false)
+    }
+
+    /// Parses a checkpoint body as [`Checkpoint::parse`] does, but takes
+    /// extension lines after the root hash, each non-empty, as
+    /// tlog-checkpoint allows: for a witness, which cosigns another log's
+    /// checkpoints, extension lines and all (tlog-cosignature signs the
+    /// whole body). They are opaque, and not kept in the value.
+    ///
+    /// # Errors
+    /// [`NoteError::Checkpoint`] naming the bad line.
+    pub fn parse_with_extensions(body: &str) -> Result<Self, NoteError> {
+        Self::parse_body(body, true)
+    }
+
+    fn parse_body(body: &str, extensions: bool) -> Result<Self, NoteError> {
         let content = body
             .strip_suffix('\n')
             .ok_or(NoteError::Checkpoint("the body does not end in a newline"))?;
@@ -362,10 +380,15 @@ impl Checkpoint {
                 "expected origin, size and root hash lines",
             ));
         };
-        if lines.next().is_some() {
-            return Err(NoteError::Checkpoint(
-                "extension lines are not accepted by lavd",
-            ));
+        for extension in lines {
+            if !extensions {
+                return Err(NoteError::Checkpoint(
+                    "extension lines are not accepted by lavd",
+                ));
+            }
+            if extension.is_empty() {
+                return Err(NoteError::Checkpoint("an extension line is empty"));
+            }
         }
         check_name(origin).map_err(|_| {
             NoteError::Checkpoint("the origin is empty, too long, or has spaces, `+` or controls")

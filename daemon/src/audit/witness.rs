@@ -420,13 +420,22 @@ impl Policy {
     /// # Errors
     /// [`WitnessError::UnknownLog`], [`WitnessError::CosignatureInvalid`]
     /// (a bad line by a known witness rejects the note),
-    /// [`WitnessError::QuorumNotMet`], note errors.
+    /// [`WitnessError::QuorumNotMet`], note errors (among them a
+    /// signature line of one of the policy's log keys that does not verify,
+    /// even when another's does: signed-note's verifiers reject such a
+    /// note).
     pub fn verify(&self, checkpoint: &str) -> Result<(Checkpoint, Vec<String>), WitnessError> {
-        let verified = self
-            .logs
-            .iter()
-            .find_map(|key| note::verify_checkpoint(checkpoint, key).ok())
-            .ok_or(WitnessError::UnknownLog)?;
+        let mut verified = None;
+        for key in &self.logs {
+            match note::verify_checkpoint(checkpoint, key) {
+                Ok(c) => {
+                    verified.get_or_insert(c);
+                }
+                Err(e @ note::NoteError::SignatureInvalid { .. }) => return Err(e.into()),
+                Err(_) => {}
+            }
+        }
+        let verified = verified.ok_or(WitnessError::UnknownLog)?;
         let mut valid = Vec::new();
         for (name, key, _) in &self.witnesses {
             if !verify_cosignatures(checkpoint, key)?.is_empty() {
@@ -620,18 +629,20 @@ pub enum AddOutcome {
     Cosigned(String),
     /// 400: a malformed body, or an old size above the checkpoint's.
     BadRequest(String),
-    /// 403: no signature by a key the witness trusts for the origin.
+    /// 403: no signature by a key the witness trusts for the origin, or a
+    /// signature line of such a key that does not verify.
     Forbidden,
     /// 404: an origin the witness does not know.
     UnknownOrigin,
     /// 409: the old size is not the size last cosigned (the body is that
-    /// size, `text/x.tlog.size`), or a checkpoint of that same size with
-    /// another root (a fork; `size` is then the recorded size too).
+    /// size, `text/x.tlog.size`). (A checkpoint of that same size with
+    /// another root, a fork, is 422: [`AddOutcome::BadProof`].)
     Conflict {
         /// The size the witness last cosigned for the origin.
         size: u64,
     },
-    /// 422: the consistency proof does not verify.
+    /// 422: the consistency proof does not verify, or a checkpoint of the
+    /// size last cosigned carries another root (a fork).
     BadProof(String),
 }
 
@@ -677,11 +688,21 @@ pub fn check_add_checkpoint(
     if let Err(e) = note::split_note(&request.checkpoint) {
         return Err(AddOutcome::BadRequest(e.to_string()));
     }
-    let (key, text) = keys
-        .iter()
-        .find_map(|key| Some((key, note::open_note(&request.checkpoint, key).ok()?)))
-        .ok_or(AddOutcome::Forbidden)?;
-    let checkpoint = Checkpoint::parse(text)
+    // Every trusted key is asked: a signature line matching one of them
+    // that does not verify makes the note malformed (signed-note), and
+    // tlog-witness answers it 403 even when another trusted key's verifies.
+    let mut opened = None;
+    for key in &keys {
+        match note::open_note(&request.checkpoint, key) {
+            Ok(text) => {
+                opened.get_or_insert((key, text));
+            }
+            Err(note::NoteError::SignatureInvalid { .. }) => return Err(AddOutcome::Forbidden),
+            Err(_) => {}
+        }
+    }
+    let (key, text) = opened.ok_or(AddOutcome::Forbidden)?;
+    let checkpoint = Checkpoint::parse_with_extensions(text)
         .map_err(|e| AddOutcome::BadRequest(format!("the signed note: {e}")))?;
     if checkpoint.origin != key.name() {
         return Err(AddOutcome::BadRequest(format!(
@@ -850,6 +871,29 @@ mod tests {
 
         let none = Policy::parse(format!("log {log}\nquorum none\n").as_bytes()).unwrap();
         assert!(none.verify(&note_text).is_ok());
+        // Two keys of the log (a rotation): a line of the second that does
+        // not verify rejects the note, though the first's verifies.
+        let rotated = VerifierKey::new(
+            "log.example/a",
+            ed25519_dalek::SigningKey::from_bytes(&[10; 32])
+                .verifying_key()
+                .as_bytes(),
+        )
+        .unwrap();
+        let two_keys =
+            Policy::parse(format!("log {log}\nlog {rotated}\nquorum none\n").as_bytes()).unwrap();
+        assert!(two_keys.verify(&note_text).is_ok());
+        let mut forged = rotated.key_id().to_be_bytes().to_vec();
+        forged.extend_from_slice(&[0; 64]);
+        let with_forged = format!("{note_text}— log.example/a {}\n", STANDARD.encode(forged));
+        assert!(
+            matches!(
+                two_keys.verify(&with_forged),
+                Err(WitnessError::Note(NoteError::SignatureInvalid { .. }))
+            ),
+            "{:?}",
+            two_keys.verify(&with_forged)
+        );
         let other_log = Policy::parse(b"quorum none\n").unwrap();
         assert_eq!(
             other_log.verify(&note_text).unwrap_err().code(),
@@ -1016,8 +1060,44 @@ mod tests {
             check_add_checkpoint(&request(0, &unsigned), &trusted, &never).unwrap_err(),
             AddOutcome::Forbidden
         );
-        // Signed by the trusted key, but not a checkpoint: 400, not 403.
+        // Two keys trusted for the origin (a key rotation): a line of the
+        // second whose signature fails makes the note malformed, and it is
+        // refused (403) though the first's verifies.
+        let rotated = VerifierKey::new(
+            "log.example/a",
+            ed25519_dalek::SigningKey::from_bytes(&[10; 32])
+                .verifying_key()
+                .as_bytes(),
+        )
+        .unwrap();
+        let both = |origin: &str| {
+            let mut keys = trusted(origin);
+            keys.push(rotated.clone());
+            keys
+        };
+        assert!(check_add_checkpoint(&request(0, &checkpoint), &both, &never).is_ok());
+        let mut forged = rotated.key_id().to_be_bytes().to_vec();
+        forged.extend_from_slice(&[0; 64]);
+        let with_forged = format!("{checkpoint}— log.example/a {}\n", STANDARD.encode(forged));
+        assert_eq!(
+            check_add_checkpoint(&request(0, &with_forged), &both, &never).unwrap_err(),
+            AddOutcome::Forbidden
+        );
+        // Extension lines after the root (tlog-checkpoint allows them, and
+        // tlog-cosignature signs them with the rest): cosigned, though
+        // lavd's own log never writes them and its verifiers refuse them.
         let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let extended = format!(
+            "log.example/a\n20\n{}\nextension one\nextension two\n",
+            STANDARD.encode(tree.root(20).unwrap())
+        );
+        let mut line = log.key_id().to_be_bytes().to_vec();
+        line.extend_from_slice(&sk.sign(extended.as_bytes()).to_bytes());
+        let extended_note = format!("{extended}\n— log.example/a {}\n", STANDARD.encode(line));
+        let ok = check_add_checkpoint(&request(0, &extended_note), &trusted, &never).unwrap();
+        assert_eq!(ok.size, 20);
+        assert!(Checkpoint::parse(&extended).is_err());
+        // Signed by the trusted key, but not a checkpoint: 400, not 403.
         let body = "log.example/a\ntwenty\nnot a root\n";
         let mut line = log.key_id().to_be_bytes().to_vec();
         line.extend_from_slice(&sk.sign(body.as_bytes()).to_bytes());

@@ -77,6 +77,20 @@ pub enum HttpsError {
         /// The server's `error.message`.
         message: String,
     },
+    /// A reply in a content coding (`Content-Encoding: gzip`, say) that
+    /// lavd does not decode. It asks for `identity`; C2SP tlog-tiles lets a
+    /// log's static host gzip tiles whatever was asked, and reading such
+    /// bytes as a tile would report a malformed log instead.
+    #[error(
+        "GET {path}: the reply is in the content coding {encoding:?} (Content-Encoding), which \
+         lavd does not decode; serve it uncompressed (identity)"
+    )]
+    Encoded {
+        /// The request path.
+        path: String,
+        /// The `Content-Encoding` header (shown escaped, by `{:?}`).
+        encoding: String,
+    },
     /// No connection: the TCP connection, the TLS handshake or the HTTP
     /// handshake failed.
     #[error("{target}: {stage} failed: {reason}")]
@@ -97,6 +111,7 @@ impl HttpsError {
             HttpsError::Timeout { .. } => "response_timeout",
             HttpsError::TooLarge { .. } => "response_too_large",
             HttpsError::Status { .. } => "unexpected_status",
+            HttpsError::Encoded { .. } => "response_encoding_unsupported",
             HttpsError::Unreachable { .. } => "connect_failed",
         }
     }
@@ -304,7 +319,9 @@ impl Endpoint {
         };
         let request = hyper::Request::builder()
             .uri(path)
-            .header(hyper::header::HOST, self.host.as_str());
+            .header(hyper::header::HOST, self.host.as_str())
+            // Without it, RFC 9110 lets the server pick any coding.
+            .header(hyper::header::ACCEPT_ENCODING, "identity");
         let request = match body {
             Some((content_type, bytes)) => request
                 .method(hyper::Method::POST)
@@ -317,6 +334,16 @@ impl Endpoint {
         .context("building the request")?;
         let response = sender.send_request(request).await.context("sending")?;
         let status = response.status();
+        if let Some(encoding) = response.headers().get(hyper::header::CONTENT_ENCODING) {
+            let encoding = String::from_utf8_lossy(encoding.as_bytes());
+            if !encoding.trim().eq_ignore_ascii_case("identity") {
+                return Err(HttpsError::Encoded {
+                    path: path.to_string(),
+                    encoding: encoding.into_owned(),
+                }
+                .into());
+            }
+        }
         let content_type = response
             .headers()
             .get(hyper::header::CONTENT_TYPE)
