@@ -69,6 +69,14 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     );
     let policy = Policy::parse(&std::fs::read(&policy_file).unwrap()).unwrap();
     let (t, pki, log_vkey, escrow) = (&log.t, &log.pki, log.vkey.clone(), log.escrow.clone());
+    // Keys to destroy while an unwrap waits (4c), one a try.
+    let doomed_keys: Vec<(String, lavd::jwk::P256PublicKey)> = (0..3)
+        .map(|i| {
+            let kid = format!("E-DOOMED-{i}");
+            let key = vault::generate_escrow_key(t, &kid);
+            (kid, key)
+        })
+        .collect();
 
     let mut daemon = Daemon::start(t);
     daemon.wait_readyz(200);
@@ -319,6 +327,66 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     outcome
         .expect("every try's wait for the quorum timed out")
         .assert_error(403, "warrant_revoked");
+
+    // 4c. A key destroyed (`lavd keys destroy --force`, committed and
+    //     reported done) while an unwrap of it waits for the quorum: once
+    //     the quorum comes, its envelope is not released (`key_destroyed`,
+    //     its leaf saying opened); the other key's in the batch is.
+    let mut outcome = None;
+    for (attempt, (kid, key)) in doomed_keys.iter().enumerate() {
+        let id = format!("W-DESTROYED-WHILE-WITNESSED-{attempt}");
+        let doomed_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+        let doomed = vault::seal(
+            key,
+            kid,
+            TARGET,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            &format!("doomed{attempt}"),
+            &[0xd0; 16],
+        );
+        w1.daemon.signal(rustix::process::Signal::STOP);
+        let size_before = leaves().len();
+        let (r, first_leaf) = std::thread::scope(|s| {
+            let waiting = s.spawn(|| {
+                vault::post(
+                    &c.agency,
+                    "/v1/unwrap",
+                    &serde_json::json!({
+                        "warrant": doomed_warrant,
+                        "envelopes": [doomed, seal(30 + attempt as u32)],
+                    }),
+                )
+            });
+            eventually("the waiting unwrap's leaves", WAIT, || {
+                leaves().len() >= size_before + 2
+            });
+            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+            assert_ok(&t.lavd_with_config(&[
+                "keys",
+                "destroy",
+                "--kid",
+                kid,
+                "--force",
+                "--reason",
+                "seized while witnessed",
+            ]));
+            w1.daemon.signal(rustix::process::Signal::CONT);
+            (waiting.join().unwrap(), leaf)
+        });
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
+        assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
+        assert_eq!(leaf["outcome"], "opened", "{leaf}");
+        if r.status == 503 {
+            r.assert_error(503, "witness_unavailable");
+            continue;
+        }
+        outcome = Some(r);
+        break;
+    }
+    let r = outcome.expect("every try's wait for the quorum timed out");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
 
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);

@@ -802,13 +802,14 @@ pub fn unwrap(
         // The spend has committed: a failed read is answered as the wait's
         // own failure, never `store_unavailable`, which would invite a
         // retry that spends again.
-        let revoked = ctx.store.revocation(warrant.id()).map_err(|error| {
+        let store_failed = |error| {
             UnwrapError::WitnessUnavailable(WaitError::Store {
                 size: receipt.appended.first_index + receipt.appended.count,
                 timeout: witnessing.settings().timeout,
                 error,
             })
-        })?;
+        };
+        let revoked = ctx.store.revocation(warrant.id()).map_err(store_failed)?;
         if let Some(revocation) = revoked {
             tracing::warn!(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
@@ -821,6 +822,42 @@ pub fn unwrap(
                 at: crate::codec::format_time(revocation.revoked_at),
             }
             .into());
+        }
+        // A key destroyed meanwhile (final once its leaf committed, and its
+        // operator told so) releases none of its envelopes: they are
+        // denied `key_destroyed` in the reply, their leaves saying opened,
+        // as after a wait that timed out. The other keys' are released.
+        let mut kids: Vec<&str> = releases
+            .iter()
+            .filter_map(|r| match r {
+                Release::Opened { kid, .. } => Some(kid.as_str()),
+                Release::Denied(_) => None,
+            })
+            .collect();
+        kids.sort_unstable();
+        kids.dedup();
+        let mut destroyed = Vec::new();
+        for kid in kids {
+            let key = ctx.store.get_key(kid).map_err(store_failed)?;
+            if key.is_none_or(|k| k.destroyed_at.is_some()) {
+                destroyed.push(kid.to_string());
+            }
+        }
+        if !destroyed.is_empty() {
+            tracing::warn!(
+                warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
+                kids = %crate::codec::escape_for_terminal(&destroyed.join(",")),
+                "keys were destroyed while this unwrap waited for the witnesses: their envelopes \
+                 are not released (their leaves say opened)"
+            );
+            for release in &mut releases {
+                if let Release::Opened { kid, .. } = release {
+                    if destroyed.contains(kid) {
+                        *release = Release::Denied(DenyReason::KeyDestroyed);
+                        opened = opened.saturating_sub(1);
+                    }
+                }
+            }
         }
     }
 
