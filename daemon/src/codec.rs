@@ -175,6 +175,21 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Object<T> {
     }
 }
 
+/// For `#[serde(default, deserialize_with = "crate::codec::non_null")]` on
+/// an optional member that, when present, must not be `null`: absent and
+/// `null` would otherwise both read as `None`, and one value would have two
+/// spellings (fail closed, one form).
+///
+/// # Errors
+/// `null`, or what `T` refuses.
+pub fn non_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
+}
+
 /// For `#[serde(deserialize_with = "crate::codec::object")]` on a struct
 /// member that is also serialized (where the member cannot be an
 /// [`Object`]): reads it as one.

@@ -44,41 +44,83 @@ pub enum JwkError {
 }
 
 /// The members of a JWK that this protocol reads or writes. Unknown members are
-/// refused, as PROTOCOL's conventions require.
+/// refused, as PROTOCOL's conventions require, and so is `null` for an
+/// optional one (absent and `null` would be two spellings of one key).
 #[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Jwk {
     /// Key type: `EC` or `OKP`.
     pub kty: String,
     /// Curve: `P-256` or `Ed25519`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub crv: Option<String>,
     /// Public x coordinate (EC) or public key (OKP), base64url.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub x: Option<String>,
     /// Public y coordinate (EC), base64url.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub y: Option<String>,
     /// Private scalar or seed, base64url. Present only in private JWK files.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub d: Option<Zeroizing<String>>,
     /// Key identifier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kid: Option<String>,
     /// Public key use (`enc` for escrow keys, `sig` for authorities).
-    #[serde(rename = "use", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "use",
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub use_: Option<String>,
     /// JWS algorithm (`ES256`, `EdDSA`) for authority keys.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub alg: Option<String>,
     /// Escrow keys: the HPKE suite, always [`LAV_SUITE`].
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub lav_suite: Option<String>,
     /// Escrow keys: when providers may start sealing to it (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_before: Option<String>,
     /// Escrow keys: when providers must stop sealing to it (RFC 3339).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "crate::codec::non_null",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub not_after: Option<String>,
 }
 

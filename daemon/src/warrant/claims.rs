@@ -20,7 +20,7 @@
 use std::collections::BTreeSet;
 
 use aws_lc_rs::digest;
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::WarrantError;
@@ -100,9 +100,9 @@ struct RawClaims {
     #[serde(with = "rfc3339")]
     expires: OffsetDateTime,
     max_unwraps: u64,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "crate::codec::non_null")]
     kids: Option<Vec<String>>,
-    #[serde(default, deserialize_with = "some")]
+    #[serde(default, deserialize_with = "crate::codec::non_null")]
     emergency: Option<bool>,
 }
 
@@ -113,11 +113,6 @@ struct RawWindow {
     from: OffsetDateTime,
     #[serde(with = "rfc3339")]
     to: OffsetDateTime,
-}
-
-/// An optional member that, when present, must not be `null`.
-fn some<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
 }
 
 fn malformed(what: impl std::fmt::Display) -> WarrantError {
@@ -377,6 +372,15 @@ mod tests {
             assert_eq!(e.code(), "malformed_warrant", "{member}");
             assert!(e.to_string().contains(named), "{member}: {e}");
         }
+        // An optional member given as `null` is refused, as everywhere in
+        // the claims: absent and `null` would be two spellings of one key.
+        for member in ["kid", "use", "alg", "lav_suite", "not_before"] {
+            let mut c = base();
+            c["recipient"][member] = serde_json::Value::Null;
+            let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{member}");
+            assert!(e.to_string().contains("null"), "{member}: {e}");
+        }
     }
 
     /// `agency` follows the rule certificates follow (bounds::identity): a
@@ -424,6 +428,15 @@ mod tests {
             let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
             assert_eq!(e.code(), "malformed_warrant", "{member}");
             assert!(e.to_string().contains(named), "{member}: {e}");
+        }
+        // An optional member given as `null` is refused, as everywhere in
+        // the claims: absent and `null` would be two spellings of one key.
+        for member in ["kid", "use", "alg", "lav_suite", "not_before"] {
+            let mut c = base();
+            c["recipient"][member] = serde_json::Value::Null;
+            let e = Claims::parse(c.to_string().as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_warrant", "{member}");
+            assert!(e.to_string().contains("null"), "{member}: {e}");
         }
     }
 

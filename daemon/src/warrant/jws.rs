@@ -262,7 +262,7 @@ struct RawSignature {
 struct RawHeader {
     alg: String,
     kid: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::codec::non_null")]
     typ: Option<String>,
 }
 
@@ -511,6 +511,11 @@ mod tests {
         let crit = b64_encode(r#"{"alg":"ES256","kid":"a","crit":["exp"],"exp":1}"#);
         let with_crit = format!(r#"{{"payload":"e30","protected":"{crit}","signature":"AAAA"}}"#);
         assert_eq!(code(with_crit.as_bytes()), "crit_not_supported");
+        // `typ` given as `null`: refused, not read as absent.
+        let typ_null = b64_encode(r#"{"alg":"ES256","kid":"a","typ":null}"#);
+        let with_typ_null =
+            format!(r#"{{"payload":"e30","protected":"{typ_null}","signature":"AAAA"}}"#);
+        assert_eq!(code(with_typ_null.as_bytes()), "malformed_warrant");
         assert_eq!(
             code(format!(r#"{{"payload":"e30","protected":"{header}"}}"#).as_bytes()),
             "malformed_warrant"
