@@ -266,9 +266,10 @@ fn a_crl_past_its_next_update_refuses_open_connections() {
 /// CRLs the handshake would misread are refused before they are used, and
 /// the running ones stay: two CRLs of one CA (the handshake consults only
 /// the first that matches, so the newer one, listed second, would revoke
-/// nothing), and a CRL already past its `nextUpdate` (every client would be
-/// refused). The newer CRL alone is then applied and refuses the
-/// certificate it revokes.
+/// nothing), a CRL already past its `nextUpdate` (every client would be
+/// refused), and a CRL signed by another key under the client CA's name
+/// (every client of that CA would be refused, `crl_invalid`). The newer CRL
+/// alone is then applied and refuses the certificate it revokes.
 #[test]
 fn crls_the_handshake_would_misread_are_refused_at_reload() {
     let t = TestToken::new();
@@ -298,9 +299,16 @@ fn crls_the_handshake_would_misread_are_refused_at_reload() {
     pki.write("stale.crl.pem", &pki.clients.crl_until(&[], past));
     t.write_config(&with_crls(&["stale.crl.pem"]));
     reload(&daemon);
+    // Signed by another key under the client CA's name (a CA re-keyed
+    // under the same name): the handshake would refuse every client of
+    // that CA.
+    let rekeyed = softhsm_tests::server::Ca::new("lavd test client CA");
+    pki.write("rekeyed.crl.pem", &rekeyed.crl(&[]));
+    t.write_config(&with_crls(&["rekeyed.crl.pem"]));
+    reload(&daemon);
     assert_eq!(
-        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 2.0),
-        2.0
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 3.0),
+        3.0
     );
     let log = daemon.stderr();
     assert!(log.contains("tls.crls"), "{log}");
@@ -312,6 +320,10 @@ fn crls_the_handshake_would_misread_are_refused_at_reload() {
     );
     assert!(
         log.contains("stale.crl.pem (CRL 1 of tls.crls) is past its nextUpdate"),
+        "{log}"
+    );
+    assert!(
+        log.contains("rekeyed.crl.pem (CRL 1 of tls.crls): its signature does not verify"),
         "{log}"
     );
     // Still the old CRL, on the open connection and on new ones.

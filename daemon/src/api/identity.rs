@@ -329,6 +329,124 @@ fn der_time(tag: u8, value: &[u8]) -> Result<u64, IdentityError> {
     u64::try_from(at.unix_timestamp()).map_err(|_| bad())
 }
 
+/// What a CRL's signature is checked with: the signed part (the whole
+/// `tbsCertList` element, tag and length included), the signature
+/// algorithm's OID, and the signature's bytes (RFC 5280 §5.1).
+#[derive(Debug)]
+pub struct CrlSigned<'a> {
+    /// The DER of `tbsCertList`, as signed.
+    pub tbs: &'a [u8],
+    /// `signatureAlgorithm`'s OID (contents only).
+    pub algorithm: &'a [u8],
+    /// The `signatureValue` BIT STRING's bytes.
+    pub signature: &'a [u8],
+}
+
+/// The signed part, signature algorithm and signature of a DER CRL.
+///
+/// # Errors
+/// [`IdentityError::Malformed`] when the DER is not a CRL's outer shape.
+pub fn crl_signed(crl: &[u8]) -> Result<CrlSigned<'_>, IdentityError> {
+    let mut list = Der::new(crl).expect_one(SEQUENCE)?;
+    let (tag, _, tbs) = list.next_whole()?;
+    if tag != SEQUENCE {
+        return Err(IdentityError::Malformed);
+    }
+    let algorithm = Der::new(list.expect(SEQUENCE)?).expect(OID)?;
+    let signature = bit_string(list.expect(BIT_STRING)?)?;
+    if !list.is_empty() {
+        return Err(IdentityError::Malformed);
+    }
+    Ok(CrlSigned {
+        tbs,
+        algorithm,
+        signature,
+    })
+}
+
+/// What a CA certificate says about the CRLs it may sign: its subject (the
+/// raw DER a CRL's issuer is compared with), its public key, and whether
+/// its keyUsage (if any) allows `cRLSign` (RFC 5280 §4.2.1.3).
+#[derive(Debug)]
+pub struct CaKey {
+    /// The subject `Name`'s DER contents.
+    pub subject: Vec<u8>,
+    /// The SubjectPublicKeyInfo algorithm's OID (contents only).
+    pub algorithm: Vec<u8>,
+    /// The algorithm's parameters when they are an OID (an EC key's
+    /// named curve), else empty.
+    pub curve: Vec<u8>,
+    /// The subjectPublicKey BIT STRING's bytes.
+    pub key: Vec<u8>,
+    /// No keyUsage extension, or one with `cRLSign` set.
+    pub crl_sign: bool,
+}
+
+/// id-ce-keyUsage, 2.5.29.15.
+const KEY_USAGE_OID: &[u8] = &[0x55, 0x1d, 0x0f];
+
+/// The subject, public key and `cRLSign` permission of a DER certificate.
+///
+/// # Errors
+/// [`IdentityError::Malformed`] when the DER is not a certificate's shape.
+pub fn ca_key(cert: &[u8]) -> Result<CaKey, IdentityError> {
+    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
+    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
+    // version [0], optional; serialNumber; signature; issuer; validity;
+    // subject; subjectPublicKeyInfo; then optional unique IDs and
+    // extensions [3].
+    let (mut tag, _) = tbs.next()?;
+    if tag == 0xa0 {
+        tag = tbs.next()?.0;
+    }
+    if tag != INTEGER {
+        return Err(IdentityError::Malformed);
+    }
+    tbs.expect(SEQUENCE)?;
+    tbs.expect(SEQUENCE)?;
+    tbs.expect(SEQUENCE)?;
+    let subject = tbs.expect(SEQUENCE)?.to_vec();
+    let mut spki = Der::new(tbs.expect(SEQUENCE)?);
+    let mut algorithm_id = Der::new(spki.expect(SEQUENCE)?);
+    let algorithm = algorithm_id.expect(OID)?.to_vec();
+    let curve = match algorithm_id.next() {
+        Ok((OID, curve)) => curve.to_vec(),
+        _ => Vec::new(),
+    };
+    let key = bit_string(spki.expect(BIT_STRING)?)?.to_vec();
+    let mut crl_sign = true;
+    while !tbs.is_empty() {
+        let (tag, value) = tbs.next()?;
+        if tag != 0xa3 {
+            continue;
+        }
+        for (oid, value) in extensions(value)? {
+            if oid == KEY_USAGE_OID {
+                // KeyUsage ::= BIT STRING; cRLSign is bit 6 (0x02 of the
+                // first byte).
+                let bits = bit_string(Der::new(value).expect_one(BIT_STRING)?.rest)?;
+                crl_sign = bits.first().is_some_and(|b| b & 0x02 != 0);
+            }
+        }
+    }
+    Ok(CaKey {
+        subject,
+        algorithm,
+        curve,
+        key,
+        crl_sign,
+    })
+}
+
+/// A BIT STRING's contents as bytes: its first byte (the unused bits) is
+/// kept only as a check. A signature or key has none; a keyUsage may.
+fn bit_string(value: &[u8]) -> Result<&[u8], IdentityError> {
+    match value.split_first() {
+        Some((&unused, bits)) if unused < 8 && (unused == 0 || !bits.is_empty()) => Ok(bits),
+        _ => Err(IdentityError::Malformed),
+    }
+}
+
 /// The value of ASCII decimal `digits`, or `None` if one is not a digit.
 fn digits(digits: &[u8]) -> Option<u32> {
     digits.iter().try_fold(0u32, |n, d| {
@@ -343,6 +461,7 @@ const GENERALIZED_TIME: u8 = 0x18;
 const OID: u8 = 0x06;
 const BOOLEAN: u8 = 0x01;
 const OCTET_STRING: u8 = 0x04;
+const BIT_STRING: u8 = 0x03;
 /// id-ce-subjectAltName, 2.5.29.17 (RFC 5280 §4.2.1.6).
 const SAN_OID: &[u8] = &[0x55, 0x1d, 0x11];
 
@@ -437,6 +556,15 @@ impl<'a> Der<'a> {
         let (value, rest) = rest.split_at(len);
         self.rest = rest;
         Ok((tag, value))
+    }
+
+    /// The next element's tag, contents, and whole encoding (tag and
+    /// length included).
+    fn next_whole(&mut self) -> Result<(u8, &'a [u8], &'a [u8]), IdentityError> {
+        let before = self.rest;
+        let (tag, value) = self.next()?;
+        let whole = &before[..before.len() - self.rest.len()];
+        Ok((tag, value, whole))
     }
 
     fn expect(&mut self, tag: u8) -> Result<&'a [u8], IdentityError> {

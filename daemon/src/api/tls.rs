@@ -94,6 +94,8 @@ pub fn load(
     let (chain, key) = read_identity(&tls.cert, &tls.key, config_file)?;
 
     let mut roots = RootCertStore::empty();
+    // Each client CA's key, for the CRLs' signatures.
+    let mut ca_keys: Vec<(&Path, super::identity::CaKey)> = Vec::new();
     for path in &tls.client_cas {
         let pem = read("tls.client_cas", path)?;
         let mut n = 0;
@@ -104,6 +106,9 @@ pub fn load(
                     format!("{}: bad PEM: {e}", path.display()),
                 )
             })?;
+            if let Ok(key) = super::identity::ca_key(cert.as_ref()) {
+                ca_keys.push((path, key));
+            }
             roots.add(cert).map_err(|e| {
                 err(
                     "tls.client_cas",
@@ -149,6 +154,7 @@ pub fn load(
         unix_now(),
     )
     .map_err(|reason| err("tls.crls", reason))?;
+    check_crl_signatures(&crls, &ca_keys).map_err(|reason| err("tls.crls", reason))?;
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
@@ -396,6 +402,92 @@ fn check_crls(
     Ok((until, coverage))
 }
 
+/// Checks each CRL's signature, as the handshake will, against every client
+/// CA bearing its issuer's name: the handshake picks a CRL by that name and
+/// verifies it with the key of the CA that issued the certificate being
+/// checked, so a CRL that one of them cannot verify (a CA re-keyed under
+/// the same name, a CRL fetched from another CA) would refuse every client
+/// of that CA (`crl_invalid`), with nothing in the configuration named.
+/// Refused, with the file named:
+/// - a signature that does not verify under such a CA's key;
+/// - such a CA whose keyUsage does not allow `cRLSign`.
+///
+/// A CRL whose issuer is no client CA (an intermediate that clients send)
+/// is checked only in handshakes, as is one whose signature algorithm this
+/// does not know (RSA-PSS, say).
+fn check_crl_signatures(
+    crls: &[(&Path, CertificateRevocationListDer<'_>)],
+    cas: &[(&Path, super::identity::CaKey)],
+) -> Result<(), String> {
+    for (i, (path, crl)) in crls.iter().enumerate() {
+        let what = || format!("{} (CRL {} of tls.crls)", path.display(), i + 1);
+        let fields = super::identity::crl_fields(crl.as_ref())
+            .map_err(|_| format!("{}: not a DER X.509 CRL", what()))?;
+        let signed = super::identity::crl_signed(crl.as_ref())
+            .map_err(|_| format!("{}: not a DER X.509 CRL", what()))?;
+        for (ca_path, ca) in cas.iter().filter(|(_, ca)| ca.subject == fields.issuer) {
+            let Some(algorithm) = crl_verification(signed.algorithm, ca) else {
+                tracing::info!(
+                    crl = %path.display(),
+                    "a CRL's signature algorithm (or its CA's key type) is not one lavd checks                      when loading; the handshake checks it"
+                );
+                continue;
+            };
+            if !ca.crl_sign {
+                return Err(format!(
+                    "{}: its issuer, the client CA in {}, may not sign CRLs (its keyUsage lacks                      cRLSign): the handshake would refuse every client certificate of that CA                      (crl_invalid)",
+                    what(),
+                    ca_path.display()
+                ));
+            }
+            let key = aws_lc_rs::signature::UnparsedPublicKey::new(algorithm, &ca.key);
+            if key.verify(signed.tbs, signed.signature).is_err() {
+                return Err(format!(
+                    "{}: its signature does not verify under the key of the client CA in {}                      that bears its issuer's name (a CA re-keyed under the same name, or a CRL                      of another CA?): the handshake would refuse every client certificate of                      that CA (crl_invalid). One CA name cannot have two keys with CRLs: list                      only the CA whose key signed the CRL",
+                    what(),
+                    ca_path.display()
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The aws-lc verification algorithm for a CRL signed with `algorithm`
+/// (an OID's contents) by `ca`'s key, for the algorithms rustls' aws-lc
+/// provider takes for certificates, RSA-PSS aside; `None` otherwise.
+fn crl_verification(
+    algorithm: &[u8],
+    ca: &super::identity::CaKey,
+) -> Option<&'static dyn aws_lc_rs::signature::VerificationAlgorithm> {
+    use aws_lc_rs::signature as s;
+    // ecdsa-with-SHA256/384 (RFC 5758 §3.2), sha256/384/512WithRSAEncryption
+    // (RFC 4055 §5), Ed25519 (RFC 8410 §3).
+    const ECDSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+    const ECDSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+    const RSA_SHA256: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+    const RSA_SHA384: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c];
+    const RSA_SHA512: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d];
+    const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+    // id-ecPublicKey with P-256 or P-384 (RFC 5480 §2.1.1), rsaEncryption.
+    const EC_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    const P256: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+    const P384: &[u8] = &[0x2b, 0x81, 0x04, 0x00, 0x22];
+    const RSA_KEY: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+    let key = (ca.algorithm.as_slice(), ca.curve.as_slice());
+    Some(match (algorithm, key) {
+        (ECDSA_SHA256, (EC_KEY, P256)) => &s::ECDSA_P256_SHA256_ASN1,
+        (ECDSA_SHA256, (EC_KEY, P384)) => &s::ECDSA_P384_SHA256_ASN1,
+        (ECDSA_SHA384, (EC_KEY, P256)) => &s::ECDSA_P256_SHA384_ASN1,
+        (ECDSA_SHA384, (EC_KEY, P384)) => &s::ECDSA_P384_SHA384_ASN1,
+        (RSA_SHA256, (RSA_KEY, _)) => &s::RSA_PKCS1_2048_8192_SHA256,
+        (RSA_SHA384, (RSA_KEY, _)) => &s::RSA_PKCS1_2048_8192_SHA384,
+        (RSA_SHA512, (RSA_KEY, _)) => &s::RSA_PKCS1_2048_8192_SHA512,
+        (ED25519, (ED25519, _)) => &s::ED25519,
+        _ => return None,
+    })
+}
+
 /// A [`ConfigError`] on `field` of `config_file`.
 fn file_error(config_file: &Path, field: &str, reason: String) -> ConfigError {
     ConfigError {
@@ -471,6 +563,7 @@ pub fn rustls_reason(e: &rustls::Error) -> &'static str {
             CertificateError::BadSignature => "certificate_bad_signature",
             _ => "certificate_invalid",
         },
+        rustls::Error::InvalidCertRevocationList(_) => "crl_invalid",
         rustls::Error::PeerIncompatible(_) => "incompatible_peer",
         rustls::Error::NoApplicationProtocol => "no_application_protocol",
         rustls::Error::AlertReceived(_) => "alert_received",
@@ -511,6 +604,106 @@ mod tests {
         .unwrap()
         .der()
         .clone()
+    }
+
+    /// A CA named "client CA", with `key` and `usages` (none: no keyUsage
+    /// extension): its certificate's DER and its issuer for CRLs.
+    fn named_ca(
+        key: rcgen::KeyPair,
+        usages: Vec<rcgen::KeyUsagePurpose>,
+    ) -> (Vec<u8>, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "client CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = usages;
+        let der = params.self_signed(&key).unwrap().der().to_vec();
+        (der, rcgen::Issuer::new(params, key))
+    }
+
+    /// The handshake verifies a CRL with the key of the CA that issued the
+    /// certificate it checks, found by name: a CRL a client CA of that name
+    /// cannot verify (another key under the same name; a keyUsage without
+    /// cRLSign) is refused at load, naming both files, instead of refusing
+    /// every client of that CA as `crl_invalid`. A CRL of a CA that is not
+    /// a client CA (an intermediate) is left to the handshake.
+    #[test]
+    fn a_crl_its_client_ca_cannot_verify_is_refused_at_load() {
+        let now: u64 = 2_000_000_000;
+        let (ca_der, issuer) = named_ca(rcgen::KeyPair::generate().unwrap(), Vec::new());
+        let (rekeyed_der, rekeyed) = named_ca(rcgen::KeyPair::generate().unwrap(), Vec::new());
+        let (_, elsewhere) = {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let der = params.self_signed(&key).unwrap().der().to_vec();
+            (der, rcgen::Issuer::new(params, key))
+        };
+        // A CA certificate without cRLSign, and its key signing a CRL all
+        // the same (rcgen itself would not sign one for that certificate).
+        let key = rcgen::KeyPair::generate().unwrap();
+        let copy = rcgen::KeyPair::try_from(key.serialize_der().as_slice()).unwrap();
+        let (no_crl_sign_der, _) = named_ca(key, vec![rcgen::KeyUsagePurpose::KeyCertSign]);
+        let (_, no_crl_sign) = named_ca(copy, Vec::new());
+        let (with_crl_sign_der, with_crl_sign) = named_ca(
+            rcgen::KeyPair::generate().unwrap(),
+            vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ],
+        );
+        let cas = |ders: &[&Vec<u8>]| {
+            ders.iter()
+                .map(|der| {
+                    (
+                        Path::new("client-cas.pem"),
+                        crate::api::identity::ca_key(der).unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let one = |crl: CertificateRevocationListDer<'static>| vec![(Path::new("ca.crl"), crl)];
+
+        // Its own CA's: taken.
+        assert!(check_crl_signatures(&one(crl(&issuer, None, now)), &cas(&[&ca_der])).is_ok());
+        // Another key under the CA's name: refused, naming the files.
+        let e = check_crl_signatures(&one(crl(&rekeyed, None, now)), &cas(&[&ca_der])).unwrap_err();
+        assert!(
+            e.contains("ca.crl (CRL 1 of tls.crls): its signature does not verify")
+                && e.contains("client-cas.pem"),
+            "{e}"
+        );
+        // Both keys of the name among the client CAs: the CRL verifies
+        // under one only, and the other's clients would be refused.
+        let e = check_crl_signatures(
+            &one(crl(&issuer, None, now)),
+            &cas(&[&ca_der, &rekeyed_der]),
+        )
+        .unwrap_err();
+        assert!(e.contains("its signature does not verify"), "{e}");
+        // A CRL of a CA that is no client CA: the handshake's to check.
+        assert!(check_crl_signatures(&one(crl(&elsewhere, None, now)), &cas(&[&ca_der])).is_ok());
+        // keyUsage without cRLSign: refused; with it: taken.
+        let e = check_crl_signatures(
+            &one(crl(&no_crl_sign, None, now)),
+            &cas(&[&no_crl_sign_der]),
+        )
+        .unwrap_err();
+        assert!(e.contains("may not sign CRLs"), "{e}");
+        assert!(check_crl_signatures(
+            &one(crl(&with_crl_sign, None, now)),
+            &cas(&[&with_crl_sign_der])
+        )
+        .is_ok());
+        // And in the handshake, such a CRL is named for what it is.
+        assert_eq!(
+            rustls_reason(&rustls::Error::InvalidCertRevocationList(
+                rustls::CertRevocationListError::BadSignature
+            )),
+            "crl_invalid"
+        );
     }
 
     /// One CA's CRLs of two scopes (end-entity and CA certificates) are
