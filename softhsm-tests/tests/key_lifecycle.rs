@@ -69,6 +69,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
                 AttributeType::NeverExtractable,
                 AttributeType::Derive,
                 AttributeType::Sign,
+                AttributeType::SignRecover,
                 AttributeType::Decrypt,
                 AttributeType::Unwrap,
                 AttributeType::Copyable,
@@ -86,6 +87,7 @@ fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
         Attribute::NeverExtractable(true),
         Attribute::Derive(true),
         Attribute::Sign(false),
+        Attribute::SignRecover(false),
         Attribute::Decrypt(false),
         Attribute::Unwrap(false),
         Attribute::Copyable(false),
@@ -429,6 +431,7 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
             key,
             &[
                 AttributeType::Sign,
+                AttributeType::SignRecover,
                 AttributeType::Derive,
                 AttributeType::Decrypt,
                 AttributeType::NeverExtractable,
@@ -443,6 +446,7 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
             "{:?}",
             [
                 Attribute::Sign(true),
+                Attribute::SignRecover(false),
                 Attribute::Derive(false),
                 Attribute::Decrypt(false),
                 Attribute::NeverExtractable(true),

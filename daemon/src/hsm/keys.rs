@@ -192,6 +192,8 @@ impl Hsm {
                 Attribute::Copyable(false),
                 Attribute::Derive(true),
                 Attribute::Sign(false),
+                // SoftHSM, as PKCS#11 allows, defaults it to true.
+                Attribute::SignRecover(false),
                 Attribute::Decrypt(false),
                 Attribute::Unwrap(false),
                 Attribute::Label(label.as_bytes().to_vec()),
@@ -433,6 +435,7 @@ impl Hsm {
                 // No second copy of the log's signing key on the token.
                 Attribute::Copyable(false),
                 Attribute::Sign(true),
+                Attribute::SignRecover(false),
                 Attribute::Derive(false),
                 Attribute::Decrypt(false),
                 Attribute::Unwrap(false),
