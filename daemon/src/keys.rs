@@ -148,6 +148,10 @@ impl KeyError {
             KeyError::DestroyIncomplete(_) => "destroy_incomplete",
             KeyError::ListIncomplete(_) => "keys_unreadable",
             KeyError::Audit(_) => "internal_error",
+            // The token refused the PIN at a login the command made after
+            // its first (a session it opened again): exit 77 as at its
+            // start, not "unavailable".
+            KeyError::Hsm(HsmError::Login { .. }) => "hsm_login_refused",
             KeyError::Hsm(_) => "hsm_unavailable",
             KeyError::Store(_) => "store_unavailable",
         }

@@ -223,12 +223,7 @@ pub(crate) fn open_hsm_minding(
 /// The token refused the PIN (`CKR_PIN_INCORRECT`, `CKR_PIN_LOCKED`, …):
 /// exits 77.
 fn is_refused_login(e: &anyhow::Error) -> bool {
-    matches!(
-        e.downcast_ref::<crate::hsm::HsmError>(),
-        Some(crate::hsm::HsmError::Login { .. })
-    ) || e
-        .downcast_ref::<RefusedPinError>()
-        .is_some_and(|r| r.code() == "hsm_login_refused")
+    error_code(e) == Some("hsm_login_refused")
 }
 
 /// A configuration that cannot be used: the daemon's config file, or a trust
@@ -358,6 +353,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
                 kind: "audit",
                 ..
             }) => "no_audit_key",
+            crate::audit::log::LogError::Hsm(crate::hsm::HsmError::Login { .. }) => {
+                "hsm_login_refused"
+            }
             _ => "hsm_unavailable",
         });
     }
@@ -439,5 +437,34 @@ impl ConfigArg {
             tracing::warn!("{warning}");
         }
         Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A PIN the token refused is `hsm_login_refused` (exit 77) however it
+    /// reaches the command's end: bare, through a key command, through the
+    /// audit log (a session opened again mid-command), or as the record of
+    /// an earlier refusal; another HSM error is `hsm_unavailable`.
+    #[test]
+    fn a_refused_pin_is_exit_77_through_every_wrapper() {
+        let login = || crate::hsm::HsmError::Login {
+            ckr: "CKR_PIN_INCORRECT".into(),
+        };
+        for e in [
+            anyhow::Error::from(login()),
+            anyhow::Error::from(crate::keys::KeyError::Hsm(login())).context("destroying"),
+            anyhow::Error::from(crate::audit::log::LogError::Hsm(login())),
+        ] {
+            assert_eq!(error_code(&e), Some("hsm_login_refused"), "{e:#}");
+            assert!(is_refused_login(&e), "{e:#}");
+        }
+        let other = anyhow::Error::from(crate::keys::KeyError::Hsm(crate::hsm::HsmError::Wrapper(
+            "gone".into(),
+        )));
+        assert_eq!(error_code(&other), Some("hsm_unavailable"));
+        assert!(!is_refused_login(&other));
     }
 }
