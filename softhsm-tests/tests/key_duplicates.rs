@@ -94,6 +94,44 @@ fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
     assert_nothing_under_the_label(&session);
 }
 
+/// An unwrap meets the ambiguous key at its first open: that kid's
+/// envelope is `open_failed`, not a 503 for the whole request, and the
+/// other key's envelope in the same request opens.
+#[test]
+fn an_ambiguous_key_fails_its_own_envelopes_only() {
+    let setup = softhsm_tests::vault::Held::new(&["E-1", "E-2"]);
+    let (t, c) = (&setup.t, &setup.c);
+    let seal = |kid: &str, tag: &str| {
+        setup.seal(
+            &softhsm_tests::vault::published_key(&c.provider, kid),
+            kid,
+            tag,
+        )
+    };
+    let (ambiguous, other) = (seal("E-2", "ambiguous"), seal("E-1", "other"));
+    softhsm_tests::foreign_pair(&t.session(), "lav-escrow:E-2", true);
+    let warrant = softhsm_tests::vault::double_lock(&softhsm_tests::vault::claims(
+        "W-AMBIGUOUS",
+        softhsm_tests::vault::recipient().public(),
+        5,
+    ));
+    let r = softhsm_tests::vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [ambiguous, other]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        softhsm_tests::vault::statuses(&r.json()),
+        ["open_failed", "ok"]
+    );
+    let log = setup.daemon.stderr();
+    assert!(
+        log.contains("more than one private key under this escrow key's label"),
+        "{log}"
+    );
+}
+
 /// A key whose private half is gone from the token (a vendor tool, an HSM
 /// policy) is not published, though its public half and the store's record
 /// still agree: providers would seal to a key that can never open. The

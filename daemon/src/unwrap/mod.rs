@@ -572,10 +572,10 @@ pub fn unwrap(
             (envelope, opened)
         },
         // A failing HSM stops the batch: do not keep calling it. A missing
-        // key is that envelope's own fate, decided below.
+        // or ambiguous key is that envelope's own fate, decided below.
         |(_, opened)| {
             matches!(opened, Err(EnvelopeError::KeyAgreement(e))
-                if !matches!(e, HsmError::KeyNotFound { .. }))
+                if !matches!(e, HsmError::KeyNotFound { .. } | HsmError::DuplicateKey(_)))
         },
     );
     // While the HSM opens: the reply's key agreement with the recipient, in
@@ -592,6 +592,8 @@ pub fn unwrap(
     // Keys the token lacks, looked at once each (and said, if the store
     // still lists them as live).
     let mut lost_kids: Vec<String> = Vec::new();
+    // Keys found twice under their label, said once each.
+    let mut ambiguous_kids: Vec<String> = Vec::new();
     for (at, outcome) in positions.into_iter().zip(outcomes) {
         let release = match outcome {
             JobOutcome::Done((envelope, Ok(dek))) => {
@@ -650,6 +652,29 @@ pub fn unwrap(
                 } else {
                     Release::Denied(DenyReason::OpenFailed)
                 }
+            }
+            // Two private keys under the kid's label (a generation that
+            // lost a race and was stopped before it removed its pair, or
+            // another user of the token): either could be the wrong key, so
+            // neither is used. That kid's envelopes are `open_failed`
+            // (nothing opened, nothing spent); the batch's others proceed,
+            // as `lavd keys list` withholds that kid and publishes the rest.
+            JobOutcome::Done((
+                envelope,
+                Err(EnvelopeError::KeyAgreement(HsmError::DuplicateKey(label))),
+            )) => {
+                let kid = envelope.header().kid();
+                if !ambiguous_kids.iter().any(|k| k == kid) {
+                    ambiguous_kids.push(kid.to_string());
+                    tracing::error!(
+                        kid = %crate::codec::escape_for_terminal(kid),
+                        label = %crate::codec::escape_for_terminal(&label),
+                        "the token holds more than one private key under this escrow key's \
+                         label, so neither is used: its envelopes are denied open_failed until \
+                         one pair is gone (docs/OPERATIONS.md §1)"
+                    );
+                }
+                Release::Denied(DenyReason::OpenFailed)
             }
             JobOutcome::Done((_, Err(EnvelopeError::KeyAgreement(e)))) => {
                 hsm_failure.get_or_insert(e);
