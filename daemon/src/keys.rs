@@ -149,9 +149,12 @@ impl KeyError {
             KeyError::ListIncomplete(_) => "keys_unreadable",
             KeyError::Audit(_) => "internal_error",
             // The token refused the PIN at a login the command made after
-            // its first (a session it opened again): exit 77 as at its
-            // start, not "unavailable".
-            KeyError::Hsm(HsmError::Login { .. }) => "hsm_login_refused",
+            // its first (a session it opened again), or refused it earlier
+            // in this process, which holds every later login back: exit 77
+            // as at its start, not "unavailable".
+            KeyError::Hsm(HsmError::Login { .. } | HsmError::LoginHeld { .. }) => {
+                "hsm_login_refused"
+            }
             KeyError::Hsm(_) => "hsm_unavailable",
             KeyError::Store(_) => "store_unavailable",
         }

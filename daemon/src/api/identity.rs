@@ -364,9 +364,8 @@ pub fn crl_signed(crl: &[u8]) -> Result<CrlSigned<'_>, IdentityError> {
     })
 }
 
-/// What a CA certificate says about the CRLs it may sign: its subject (the
-/// raw DER a CRL's issuer is compared with), its public key, and whether
-/// its keyUsage (if any) allows `cRLSign` (RFC 5280 §4.2.1.3).
+/// What a CA certificate says about the CRLs it signs: its subject (the
+/// raw DER a CRL's issuer is compared with) and its public key.
 #[derive(Debug)]
 pub struct CaKey {
     /// The subject `Name`'s DER contents.
@@ -378,14 +377,9 @@ pub struct CaKey {
     pub curve: Vec<u8>,
     /// The subjectPublicKey BIT STRING's bytes.
     pub key: Vec<u8>,
-    /// No keyUsage extension, or one with `cRLSign` set.
-    pub crl_sign: bool,
 }
 
-/// id-ce-keyUsage, 2.5.29.15.
-const KEY_USAGE_OID: &[u8] = &[0x55, 0x1d, 0x0f];
-
-/// The subject, public key and `cRLSign` permission of a DER certificate.
+/// The subject and public key of a DER certificate.
 ///
 /// # Errors
 /// [`IdentityError::Malformed`] when the DER is not a certificate's shape.
@@ -393,8 +387,7 @@ pub fn ca_key(cert: &[u8]) -> Result<CaKey, IdentityError> {
     let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
     let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
     // version [0], optional; serialNumber; signature; issuer; validity;
-    // subject; subjectPublicKeyInfo; then optional unique IDs and
-    // extensions [3].
+    // subject; subjectPublicKeyInfo.
     let (mut tag, _) = tbs.next()?;
     if tag == 0xa0 {
         tag = tbs.next()?.0;
@@ -414,27 +407,11 @@ pub fn ca_key(cert: &[u8]) -> Result<CaKey, IdentityError> {
         _ => Vec::new(),
     };
     let key = bit_string(spki.expect(BIT_STRING)?)?.to_vec();
-    let mut crl_sign = true;
-    while !tbs.is_empty() {
-        let (tag, value) = tbs.next()?;
-        if tag != 0xa3 {
-            continue;
-        }
-        for (oid, value) in extensions(value)? {
-            if oid == KEY_USAGE_OID {
-                // KeyUsage ::= BIT STRING; cRLSign is bit 6 (0x02 of the
-                // first byte).
-                let bits = bit_string(Der::new(value).expect_one(BIT_STRING)?.rest)?;
-                crl_sign = bits.first().is_some_and(|b| b & 0x02 != 0);
-            }
-        }
-    }
     Ok(CaKey {
         subject,
         algorithm,
         curve,
         key,
-        crl_sign,
     })
 }
 

@@ -154,7 +154,8 @@ pub fn load(
         unix_now(),
     )
     .map_err(|reason| err("tls.crls", reason))?;
-    check_crl_signatures(&crls, &ca_keys).map_err(|reason| err("tls.crls", reason))?;
+    check_crl_signatures(&crls, &crl_coverage, &ca_keys)
+        .map_err(|reason| err("tls.crls", reason))?;
     let crls: Vec<_> = crls.into_iter().map(|(_, crl)| crl).collect();
 
     let provider = provider();
@@ -402,53 +403,79 @@ fn check_crls(
     Ok((until, coverage))
 }
 
-/// Checks each CRL's signature, as the handshake will, against every client
-/// CA bearing its issuer's name: the handshake picks a CRL by that name and
-/// verifies it with the key of the CA that issued the certificate being
-/// checked, so a CRL that one of them cannot verify (a CA re-keyed under
-/// the same name, a CRL fetched from another CA) would refuse every client
-/// of that CA (`crl_invalid`), with nothing in the configuration named.
-/// Refused, with the file named:
-/// - a signature that does not verify under such a CA's key;
-/// - such a CA whose keyUsage does not allow `cRLSign`.
+/// Checks each CRL's signature as the handshake will: it picks a CRL by
+/// its issuer's name and verifies it with the key of the CA that issued
+/// the certificate being checked. `coverage` is [`check_crls`]'s, in the
+/// same order.
+/// - A CRL that no client CA bearing its issuer's name verifies (a CRL of
+///   another CA under that name, or of a CA re-keyed since) would refuse
+///   every client certificate of that name (`crl_invalid`), with nothing in
+///   the configuration named: refused, naming the file.
+/// - One that some such CAs verify and others do not (a CA re-keyed under
+///   its name, both keys listed) is a warning naming them: the clients of
+///   the others are refused (`crl_invalid`), since one CA name cannot have
+///   CRLs for two keys, and the rest are served.
 ///
 /// A CRL whose issuer is no client CA (an intermediate that clients send)
 /// is checked only in handshakes, as is one whose signature algorithm this
-/// does not know (RSA-PSS, say).
+/// does not know (RSA-PSS, say). keyUsage is not looked at: the handshake
+/// does not check a trust anchor's.
 fn check_crl_signatures(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
+    coverage: &[CrlCoverage],
     cas: &[(&Path, super::identity::CaKey)],
 ) -> Result<(), String> {
-    for (i, (path, crl)) in crls.iter().enumerate() {
+    let shown = |paths: &[&Path]| {
+        paths
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for (i, ((path, crl), covered)) in crls.iter().zip(coverage).enumerate() {
         let what = || format!("{} (CRL {} of tls.crls)", path.display(), i + 1);
-        let fields = super::identity::crl_fields(crl.as_ref())
-            .map_err(|_| format!("{}: not a DER X.509 CRL", what()))?;
         let signed = super::identity::crl_signed(crl.as_ref())
             .map_err(|_| format!("{}: not a DER X.509 CRL", what()))?;
-        for (ca_path, ca) in cas.iter().filter(|(_, ca)| ca.subject == fields.issuer) {
+        let (mut verified, mut failed, mut unchecked) = (Vec::new(), Vec::new(), false);
+        for (ca_path, ca) in cas.iter().filter(|(_, ca)| ca.subject == covered.issuer) {
             let Some(algorithm) = crl_verification(signed.algorithm, ca) else {
-                tracing::info!(
-                    crl = %path.display(),
-                    "a CRL's signature algorithm (or its CA's key type) is not one lavd checks                      when loading; the handshake checks it"
-                );
+                unchecked = true;
                 continue;
             };
-            if !ca.crl_sign {
-                return Err(format!(
-                    "{}: its issuer, the client CA in {}, may not sign CRLs (its keyUsage lacks                      cRLSign): the handshake would refuse every client certificate of that CA                      (crl_invalid)",
-                    what(),
-                    ca_path.display()
-                ));
-            }
             let key = aws_lc_rs::signature::UnparsedPublicKey::new(algorithm, &ca.key);
-            if key.verify(signed.tbs, signed.signature).is_err() {
-                return Err(format!(
-                    "{}: its signature does not verify under the key of the client CA in {}                      that bears its issuer's name (a CA re-keyed under the same name, or a CRL                      of another CA?): the handshake would refuse every client certificate of                      that CA (crl_invalid). One CA name cannot have two keys with CRLs: list                      only the CA whose key signed the CRL",
-                    what(),
-                    ca_path.display()
-                ));
+            if key.verify(signed.tbs, signed.signature).is_ok() {
+                verified.push(*ca_path);
+            } else {
+                failed.push(*ca_path);
             }
         }
+        if unchecked {
+            tracing::info!(
+                crl = %path.display(),
+                "a CRL's signature algorithm (or its CA's key type) is not one lavd checks when \
+                 loading; the handshake checks it"
+            );
+        }
+        if failed.is_empty() {
+            continue;
+        }
+        if verified.is_empty() && !unchecked {
+            return Err(format!(
+                "{}: its signature does not verify under the key of any client CA bearing its \
+                 issuer's name (in {}): the handshake would refuse every client certificate of \
+                 that name (crl_invalid). Is it the CRL of another CA, or of a CA re-keyed since?",
+                what(),
+                shown(&failed)
+            ));
+        }
+        tracing::warn!(
+            "{}: its signature verifies under the client CA in {} but not under the one in {}, \
+             which bears the same name: that one's clients are refused (crl_invalid), since one \
+             CA name cannot have CRLs for two keys",
+            what(),
+            shown(&verified),
+            shown(&failed)
+        );
     }
     Ok(())
 }
@@ -624,22 +651,24 @@ mod tests {
     }
 
     /// The handshake verifies a CRL with the key of the CA that issued the
-    /// certificate it checks, found by name: a CRL a client CA of that name
-    /// cannot verify (another key under the same name; a keyUsage without
-    /// cRLSign) is refused at load, naming both files, instead of refusing
-    /// every client of that CA as `crl_invalid`. A CRL of a CA that is not
-    /// a client CA (an intermediate) is left to the handshake.
+    /// certificate it checks, found by name: a CRL that no client CA of
+    /// that name verifies (another key under the same name) is refused at
+    /// load, naming both files, instead of refusing every client of that
+    /// name as `crl_invalid`. One that verifies under one of two CAs of
+    /// that name (a re-keyed CA, both listed) is taken, with a warning. A
+    /// CRL of a CA that is not a client CA (an intermediate) is left to the
+    /// handshake, and a client CA's keyUsage is not looked at (the
+    /// handshake does not check a trust anchor's).
     #[test]
-    fn a_crl_its_client_ca_cannot_verify_is_refused_at_load() {
+    fn a_crl_no_client_ca_of_its_name_verifies_is_refused_at_load() {
         let now: u64 = 2_000_000_000;
         let (ca_der, issuer) = named_ca(rcgen::KeyPair::generate().unwrap(), Vec::new());
         let (rekeyed_der, rekeyed) = named_ca(rcgen::KeyPair::generate().unwrap(), Vec::new());
-        let (_, elsewhere) = {
+        let elsewhere = {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
             params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-            let der = params.self_signed(&key).unwrap().der().to_vec();
-            (der, rcgen::Issuer::new(params, key))
+            rcgen::Issuer::new(params, key)
         };
         // A CA certificate without cRLSign, and its key signing a CRL all
         // the same (rcgen itself would not sign one for that certificate).
@@ -647,13 +676,6 @@ mod tests {
         let copy = rcgen::KeyPair::try_from(key.serialize_der().as_slice()).unwrap();
         let (no_crl_sign_der, _) = named_ca(key, vec![rcgen::KeyUsagePurpose::KeyCertSign]);
         let (_, no_crl_sign) = named_ca(copy, Vec::new());
-        let (with_crl_sign_der, with_crl_sign) = named_ca(
-            rcgen::KeyPair::generate().unwrap(),
-            vec![
-                rcgen::KeyUsagePurpose::KeyCertSign,
-                rcgen::KeyUsagePurpose::CrlSign,
-            ],
-        );
         let cas = |ders: &[&Vec<u8>]| {
             ders.iter()
                 .map(|der| {
@@ -664,39 +686,31 @@ mod tests {
                 })
                 .collect::<Vec<_>>()
         };
-        let one = |crl: CertificateRevocationListDer<'static>| vec![(Path::new("ca.crl"), crl)];
+        let check = |crl: CertificateRevocationListDer<'static>, ders: &[&Vec<u8>]| {
+            let crls = vec![(Path::new("ca.crl"), crl)];
+            let coverage = check_crls(&crls, false, None, now).unwrap().1;
+            check_crl_signatures(&crls, &coverage, &cas(ders))
+        };
 
         // Its own CA's: taken.
-        assert!(check_crl_signatures(&one(crl(&issuer, None, now)), &cas(&[&ca_der])).is_ok());
+        assert!(check(crl(&issuer, None, now), &[&ca_der]).is_ok());
         // Another key under the CA's name: refused, naming the files.
-        let e = check_crl_signatures(&one(crl(&rekeyed, None, now)), &cas(&[&ca_der])).unwrap_err();
+        let e = check(crl(&rekeyed, None, now), &[&ca_der]).unwrap_err();
         assert!(
-            e.contains("ca.crl (CRL 1 of tls.crls): its signature does not verify")
-                && e.contains("client-cas.pem"),
+            e.starts_with(
+                "ca.crl (CRL 1 of tls.crls): its signature does not verify under the key of any \
+                 client CA bearing its issuer's name (in client-cas.pem): the handshake"
+            ),
             "{e}"
         );
-        // Both keys of the name among the client CAs: the CRL verifies
-        // under one only, and the other's clients would be refused.
-        let e = check_crl_signatures(
-            &one(crl(&issuer, None, now)),
-            &cas(&[&ca_der, &rekeyed_der]),
-        )
-        .unwrap_err();
-        assert!(e.contains("its signature does not verify"), "{e}");
+        // Both keys of the name among the client CAs: the clients of the
+        // key that signed it are served; a warning names the other.
+        assert!(check(crl(&issuer, None, now), &[&ca_der, &rekeyed_der]).is_ok());
         // A CRL of a CA that is no client CA: the handshake's to check.
-        assert!(check_crl_signatures(&one(crl(&elsewhere, None, now)), &cas(&[&ca_der])).is_ok());
-        // keyUsage without cRLSign: refused; with it: taken.
-        let e = check_crl_signatures(
-            &one(crl(&no_crl_sign, None, now)),
-            &cas(&[&no_crl_sign_der]),
-        )
-        .unwrap_err();
-        assert!(e.contains("may not sign CRLs"), "{e}");
-        assert!(check_crl_signatures(
-            &one(crl(&with_crl_sign, None, now)),
-            &cas(&[&with_crl_sign_der])
-        )
-        .is_ok());
+        assert!(check(crl(&elsewhere, None, now), &[&ca_der]).is_ok());
+        // A client CA whose keyUsage lacks cRLSign: the handshake takes its
+        // CRL (a trust anchor's keyUsage is not checked), and so does this.
+        assert!(check(crl(&no_crl_sign, None, now), &[&no_crl_sign_der]).is_ok());
         // And in the handshake, such a CRL is named for what it is.
         assert_eq!(
             rustls_reason(&rustls::Error::InvalidCertRevocationList(

@@ -660,6 +660,46 @@ impl AddOutcome {
     }
 }
 
+/// The checkpoint `note` holds, signed by one of `keys` (the keys trusted
+/// for its origin), as a witness reads it: a malformed note is a bad
+/// request; a well-formed one that no trusted key signed is forbidden, and
+/// so is one with a line of a trusted key that does not verify, though
+/// another's does (signed-note calls it malformed; tlog-witness answers
+/// 403); a note a trusted key signed whose text is no checkpoint of this
+/// origin is a bad request again. Extension lines are taken.
+///
+/// # Errors
+/// [`AddOutcome::BadRequest`] or [`AddOutcome::Forbidden`].
+pub fn signed_checkpoint(note: &str, keys: &[VerifierKey]) -> Result<Checkpoint, AddOutcome> {
+    if let Err(e) = note::split_note(note) {
+        return Err(AddOutcome::BadRequest(e.to_string()));
+    }
+    // Every trusted key is asked: a signature line matching one of them
+    // that does not verify makes the note malformed (signed-note), and
+    // tlog-witness answers it 403 even when another trusted key's verifies.
+    let mut opened = None;
+    for key in keys {
+        match note::open_note(note, key) {
+            Ok(text) => {
+                opened.get_or_insert((key, text));
+            }
+            Err(note::NoteError::SignatureInvalid { .. }) => return Err(AddOutcome::Forbidden),
+            Err(_) => {}
+        }
+    }
+    let (key, text) = opened.ok_or(AddOutcome::Forbidden)?;
+    let checkpoint = Checkpoint::parse_with_extensions(text)
+        .map_err(|e| AddOutcome::BadRequest(format!("the signed note: {e}")))?;
+    if checkpoint.origin != key.name() {
+        return Err(AddOutcome::BadRequest(format!(
+            "the signed checkpoint's origin {:?} is not its key's name {:?}",
+            checkpoint.origin,
+            key.name()
+        )));
+    }
+    Ok(checkpoint)
+}
+
 /// The checks of C2SP tlog-witness `add-checkpoint`, in its order, given
 /// the keys the witness trusts for each origin (`trusted`) and what it last
 /// cosigned for the request's origin (`recorded`: size and root, `None`
@@ -681,36 +721,7 @@ pub fn check_add_checkpoint(
     if keys.is_empty() {
         return Err(AddOutcome::UnknownOrigin);
     }
-    // A malformed note is a bad request; a well-formed one that no trusted
-    // key signed is forbidden; a note a trusted key signed whose text is no
-    // checkpoint of this origin is a bad request again (tlog-witness keeps
-    // 403 for "no signature verifies").
-    if let Err(e) = note::split_note(&request.checkpoint) {
-        return Err(AddOutcome::BadRequest(e.to_string()));
-    }
-    // Every trusted key is asked: a signature line matching one of them
-    // that does not verify makes the note malformed (signed-note), and
-    // tlog-witness answers it 403 even when another trusted key's verifies.
-    let mut opened = None;
-    for key in &keys {
-        match note::open_note(&request.checkpoint, key) {
-            Ok(text) => {
-                opened.get_or_insert((key, text));
-            }
-            Err(note::NoteError::SignatureInvalid { .. }) => return Err(AddOutcome::Forbidden),
-            Err(_) => {}
-        }
-    }
-    let (key, text) = opened.ok_or(AddOutcome::Forbidden)?;
-    let checkpoint = Checkpoint::parse_with_extensions(text)
-        .map_err(|e| AddOutcome::BadRequest(format!("the signed note: {e}")))?;
-    if checkpoint.origin != key.name() {
-        return Err(AddOutcome::BadRequest(format!(
-            "the signed checkpoint's origin {:?} is not its key's name {:?}",
-            checkpoint.origin,
-            key.name()
-        )));
-    }
+    let checkpoint = signed_checkpoint(&request.checkpoint, &keys)?;
     if request.old_size > checkpoint.size {
         return Err(AddOutcome::BadRequest(format!(
             "old size {} is above the checkpoint's size {}",

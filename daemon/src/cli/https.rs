@@ -334,7 +334,13 @@ impl Endpoint {
         .context("building the request")?;
         let response = sender.send_request(request).await.context("sending")?;
         let status = response.status();
-        if let Some(encoding) = response.headers().get(hyper::header::CONTENT_ENCODING) {
+        // A refusal keeps its status and code (`unexpected_status`), coded
+        // or not: only a reply that would be read as data is refused here.
+        let coding = response
+            .headers()
+            .get(hyper::header::CONTENT_ENCODING)
+            .filter(|_| status.is_success());
+        if let Some(encoding) = coding {
             let encoding = String::from_utf8_lossy(encoding.as_bytes());
             if !encoding.trim().eq_ignore_ascii_case("identity") {
                 return Err(HttpsError::Encoded {

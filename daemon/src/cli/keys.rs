@@ -272,6 +272,7 @@ impl KeysCommand {
                     // finish any destruction a crash interrupted. One failing
                     // key does not stop the others.
                     let mut failed = Vec::new();
+                    let mut refused: Option<keys::KeyError> = None;
                     // Destroyed, but the token had lost them before.
                     let mut lost = Vec::new();
                     let due = keys::due_for_destruction(&store, now)?;
@@ -294,6 +295,9 @@ impl KeysCommand {
                             Err(e) => {
                                 eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
                                 failed.push(shown(&k.kid));
+                                if e.code() == "hsm_login_refused" {
+                                    refused.get_or_insert(e);
+                                }
                             }
                         }
                     }
@@ -318,8 +322,17 @@ impl KeysCommand {
                             Err(e) => {
                                 eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
                                 failed.push(shown(&k.kid));
+                                if e.code() == "hsm_login_refused" {
+                                    refused.get_or_insert(e);
+                                }
                             }
                         }
+                    }
+                    // A refused PIN is said as such (exit 77, not 1): the
+                    // daily job's unit must not retry it.
+                    if let Some(e) = refused {
+                        return Err(anyhow::Error::from(e)
+                            .context(format!("destruction incomplete ({})", failed.join(", "))));
                     }
                     if !failed.is_empty() {
                         return Err(keys::KeyError::DestroyIncomplete(failed.join(", ")).into());

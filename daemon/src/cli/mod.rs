@@ -353,9 +353,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
                 kind: "audit",
                 ..
             }) => "no_audit_key",
-            crate::audit::log::LogError::Hsm(crate::hsm::HsmError::Login { .. }) => {
-                "hsm_login_refused"
-            }
+            crate::audit::log::LogError::Hsm(
+                crate::hsm::HsmError::Login { .. } | crate::hsm::HsmError::LoginHeld { .. },
+            ) => "hsm_login_refused",
             _ => "hsm_unavailable",
         });
     }
@@ -370,7 +370,9 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(h) = e.downcast_ref::<crate::hsm::HsmError>() {
         return Some(match h {
-            crate::hsm::HsmError::Login { .. } => "hsm_login_refused",
+            crate::hsm::HsmError::Login { .. } | crate::hsm::HsmError::LoginHeld { .. } => {
+                "hsm_login_refused"
+            }
             _ => "hsm_unavailable",
         });
     }
@@ -453,10 +455,16 @@ mod tests {
         let login = || crate::hsm::HsmError::Login {
             ckr: "CKR_PIN_INCORRECT".into(),
         };
+        let held = || crate::hsm::HsmError::LoginHeld {
+            ckr: "CKR_PIN_INCORRECT".into(),
+        };
         for e in [
             anyhow::Error::from(login()),
             anyhow::Error::from(crate::keys::KeyError::Hsm(login())).context("destroying"),
             anyhow::Error::from(crate::audit::log::LogError::Hsm(login())),
+            anyhow::Error::from(held()),
+            anyhow::Error::from(crate::keys::KeyError::Hsm(held())),
+            anyhow::Error::from(crate::audit::log::LogError::Hsm(held())),
         ] {
             assert_eq!(error_code(&e), Some("hsm_login_refused"), "{e:#}");
             assert!(is_refused_login(&e), "{e:#}");

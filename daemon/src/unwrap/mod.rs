@@ -304,6 +304,10 @@ fn batch(envelopes: &RawValue, max: usize) -> Result<(Vec<&RawValue>, usize), Un
 static LOST_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
+/// Lines saying that the token holds two private keys under a key's label.
+static AMBIGUOUS_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
+
 /// One envelope's fate before the HSM.
 enum Plan {
     Denied {
@@ -664,11 +668,18 @@ pub fn unwrap(
                 Err(EnvelopeError::KeyAgreement(HsmError::DuplicateKey(label))),
             )) => {
                 let kid = envelope.header().kid();
-                if !ambiguous_kids.iter().any(|k| k == kid) {
+                // Once a request, and as for a lost key, a line a second
+                // per key, counting the rest.
+                let first = !ambiguous_kids.iter().any(|k| k == kid);
+                if first {
                     ambiguous_kids.push(kid.to_string());
+                }
+                let admitted = || AMBIGUOUS_KEY_LINES.admit(kid, std::time::Instant::now());
+                if let Some(left_out) = first.then(admitted).flatten() {
                     tracing::error!(
                         kid = %crate::codec::escape_for_terminal(kid),
                         label = %crate::codec::escape_for_terminal(&label),
+                        left_out,
                         "the token holds more than one private key under this escrow key's \
                          label, so neither is used: its envelopes are denied open_failed until \
                          one pair is gone (docs/OPERATIONS.md §1)"

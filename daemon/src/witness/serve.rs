@@ -328,10 +328,9 @@ impl Witness {
             return false;
         };
         let origin = request.checkpoint.split('\n').next().unwrap_or_default();
-        let Some(checkpoint) = self
-            .trusted(origin)
-            .iter()
-            .find_map(|key| crate::audit::note::verify_checkpoint(&request.checkpoint, key).ok())
+        // Read as the add-checkpoint read it: extension lines taken.
+        let Ok(checkpoint) =
+            crate::audit::witness::signed_checkpoint(&request.checkpoint, &self.trusted(origin))
         else {
             return false;
         };
