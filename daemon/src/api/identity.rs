@@ -171,16 +171,8 @@ pub fn uri_san(cert: &[u8]) -> Result<String, IdentityError> {
 /// [`IdentityError::Malformed`] when the DER is not a certificate or the
 /// time is not in RFC 5280's form.
 pub fn not_after(cert: &[u8]) -> Result<u64, IdentityError> {
-    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
-    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
-    // version [0] EXPLICIT, optional; serialNumber; signature; issuer.
-    let (mut tag, _) = tbs.next()?;
-    if tag == 0xa0 {
-        tag = tbs.next()?.0;
-    }
-    if tag != INTEGER {
-        return Err(IdentityError::Malformed);
-    }
+    let mut tbs = tbs_from_signature(cert)?;
+    // signature; issuer.
     tbs.expect(SEQUENCE)?;
     tbs.expect(SEQUENCE)?;
     let mut validity = Der::new(tbs.expect(SEQUENCE)?);
@@ -384,17 +376,8 @@ pub struct CaKey {
 /// # Errors
 /// [`IdentityError::Malformed`] when the DER is not a certificate's shape.
 pub fn ca_key(cert: &[u8]) -> Result<CaKey, IdentityError> {
-    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
-    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
-    // version [0], optional; serialNumber; signature; issuer; validity;
-    // subject; subjectPublicKeyInfo.
-    let (mut tag, _) = tbs.next()?;
-    if tag == 0xa0 {
-        tag = tbs.next()?.0;
-    }
-    if tag != INTEGER {
-        return Err(IdentityError::Malformed);
-    }
+    let mut tbs = tbs_from_signature(cert)?;
+    // signature; issuer; validity; subject; subjectPublicKeyInfo.
     tbs.expect(SEQUENCE)?;
     tbs.expect(SEQUENCE)?;
     tbs.expect(SEQUENCE)?;
@@ -413,6 +396,21 @@ pub fn ca_key(cert: &[u8]) -> Result<CaKey, IdentityError> {
         curve,
         key,
     })
+}
+
+/// A DER certificate's `tbsCertificate`, read past its optional version
+/// ([0] EXPLICIT) and its serialNumber: at its `signature` field.
+fn tbs_from_signature(cert: &[u8]) -> Result<Der<'_>, IdentityError> {
+    let mut certificate = Der::new(cert).expect_one(SEQUENCE)?;
+    let mut tbs = Der::new(certificate.expect(SEQUENCE)?);
+    let (mut tag, _) = tbs.next()?;
+    if tag == 0xa0 {
+        tag = tbs.next()?.0;
+    }
+    if tag != INTEGER {
+        return Err(IdentityError::Malformed);
+    }
+    Ok(tbs)
 }
 
 /// A BIT STRING's contents as bytes: its first byte (the unused bits) is

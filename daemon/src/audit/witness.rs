@@ -805,6 +805,24 @@ mod tests {
         format!("{note}{line}")
     }
 
+    /// A second key of `log.example/a` (a rotation).
+    fn rotated_log_key() -> VerifierKey {
+        VerifierKey::new(
+            "log.example/a",
+            ed25519_dalek::SigningKey::from_bytes(&[10; 32])
+                .verifying_key()
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// `note` with one more signature line, of `key`, that does not verify.
+    fn with_failing_line(note: &str, key: &VerifierKey) -> String {
+        let mut blob = key.key_id().to_be_bytes().to_vec();
+        blob.extend_from_slice(&[0; 64]);
+        format!("{note}— {} {}\n", key.name(), STANDARD.encode(blob))
+    }
+
     fn log_note() -> (String, VerifierKey) {
         let sk = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
         let key = VerifierKey::new("log.example/a", sk.verifying_key().as_bytes()).unwrap();
@@ -884,19 +902,11 @@ mod tests {
         assert!(none.verify(&note_text).is_ok());
         // Two keys of the log (a rotation): a line of the second that does
         // not verify rejects the note, though the first's verifies.
-        let rotated = VerifierKey::new(
-            "log.example/a",
-            ed25519_dalek::SigningKey::from_bytes(&[10; 32])
-                .verifying_key()
-                .as_bytes(),
-        )
-        .unwrap();
+        let rotated = rotated_log_key();
         let two_keys =
             Policy::parse(format!("log {log}\nlog {rotated}\nquorum none\n").as_bytes()).unwrap();
         assert!(two_keys.verify(&note_text).is_ok());
-        let mut forged = rotated.key_id().to_be_bytes().to_vec();
-        forged.extend_from_slice(&[0; 64]);
-        let with_forged = format!("{note_text}— log.example/a {}\n", STANDARD.encode(forged));
+        let with_forged = with_failing_line(&note_text, &rotated);
         assert!(
             matches!(
                 two_keys.verify(&with_forged),
@@ -1074,22 +1084,14 @@ mod tests {
         // Two keys trusted for the origin (a key rotation): a line of the
         // second whose signature fails makes the note malformed, and it is
         // refused (403) though the first's verifies.
-        let rotated = VerifierKey::new(
-            "log.example/a",
-            ed25519_dalek::SigningKey::from_bytes(&[10; 32])
-                .verifying_key()
-                .as_bytes(),
-        )
-        .unwrap();
+        let rotated = rotated_log_key();
         let both = |origin: &str| {
             let mut keys = trusted(origin);
             keys.push(rotated.clone());
             keys
         };
         assert!(check_add_checkpoint(&request(0, &checkpoint), &both, &never).is_ok());
-        let mut forged = rotated.key_id().to_be_bytes().to_vec();
-        forged.extend_from_slice(&[0; 64]);
-        let with_forged = format!("{checkpoint}— log.example/a {}\n", STANDARD.encode(forged));
+        let with_forged = with_failing_line(&checkpoint, &rotated);
         assert_eq!(
             check_add_checkpoint(&request(0, &with_forged), &both, &never).unwrap_err(),
             AddOutcome::Forbidden
