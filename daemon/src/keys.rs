@@ -155,6 +155,9 @@ impl KeyError {
             KeyError::Hsm(HsmError::Login { .. } | HsmError::LoginHeld { .. }) => {
                 "hsm_login_refused"
             }
+            // A generated pair whose halves disagree (`Hsm::check_pair`):
+            // the module's fault, not its being unavailable.
+            KeyError::Hsm(HsmError::KeyPairMismatch(_)) => "key_pair_mismatch",
             KeyError::Hsm(_) => "hsm_unavailable",
             KeyError::Store(_) => "store_unavailable",
         }
@@ -396,7 +399,11 @@ pub fn jwks_checked(
             ),
             // What is wrong is this key's objects on the token, not the
             // token: the other keys are still published.
-            Err(e @ (HsmError::DuplicateKey(_) | HsmError::InvalidPublicKey(_))) => {
+            Err(
+                e @ (HsmError::DuplicateKey(_)
+                | HsmError::InvalidPublicKey(_)
+                | HsmError::KeyPairMismatch(_)),
+            ) => {
                 tracing::error!(
                     kid = %record.kid,
                     error = %e,

@@ -100,27 +100,13 @@ fn an_ambiguous_key_is_withheld_and_the_others_are_published() {
 #[test]
 fn an_ambiguous_key_fails_its_own_envelopes_only() {
     let setup = softhsm_tests::vault::Held::new(&["E-1", "E-2"]);
-    let (t, c) = (&setup.t, &setup.c);
-    let seal = |kid: &str, tag: &str| {
-        setup.seal(
-            &softhsm_tests::vault::published_key(&c.provider, kid),
-            kid,
-            tag,
-        )
-    };
-    let (ambiguous, other) = (seal("E-2", "ambiguous"), seal("E-1", "other"));
-    softhsm_tests::foreign_pair(&t.session(), "lav-escrow:E-2", true);
-    let warrant = softhsm_tests::vault::double_lock(&softhsm_tests::vault::claims(
-        "W-AMBIGUOUS",
-        softhsm_tests::vault::recipient().public(),
-        5,
-    ));
-    let r = softhsm_tests::vault::post(
-        &c.agency,
-        "/v1/unwrap",
-        &serde_json::json!({"warrant": warrant, "envelopes": [ambiguous, other]}),
+    let t = &setup.t;
+    let (ambiguous, other) = (
+        sealed_from_the_cli(&setup, "E-2", "ambiguous"),
+        sealed_from_the_cli(&setup, "E-1", "other"),
     );
-    assert_eq!(r.status, 200, "{}", r.text());
+    softhsm_tests::foreign_pair(&t.session(), "lav-escrow:E-2", true);
+    let r = unwrap_both(&setup, "W-AMBIGUOUS", ambiguous, other);
     assert_eq!(
         softhsm_tests::vault::statuses(&r.json()),
         ["open_failed", "ok"]
@@ -130,6 +116,107 @@ fn an_ambiguous_key_fails_its_own_envelopes_only() {
         log.contains("more than one private key under this escrow key's label"),
         "{log}"
     );
+}
+
+/// A private key replaced under its label (a PIN holder deletes lavd's and
+/// makes another there): its public half still agrees with the store, but
+/// nothing sealed to it can open. Before it publishes a key, the daemon
+/// checks its halves against each other (a derive against a software
+/// ephemeral key): `GET /v1/keys` withholds it, with the reason logged.
+/// Before, it stayed published. Its envelopes fail to open
+/// (`open_failed`), as before, and the other key's open.
+#[test]
+fn a_private_key_replaced_under_its_label_is_withheld_and_opens_nothing() {
+    let setup = softhsm_tests::vault::Held::new(&["E-1", "E-2"]);
+    let (t, c) = (&setup.t, &setup.c);
+    let (replaced, other) = (
+        sealed_from_the_cli(&setup, "E-2", "replaced"),
+        sealed_from_the_cli(&setup, "E-1", "other"),
+    );
+    let session = t.session();
+    let label = "lav-escrow:E-2";
+    let of_class = |class: ObjectClass| {
+        session
+            .find_objects(&[
+                Attribute::Class(class),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ])
+            .unwrap()
+    };
+    let lavds_public = of_class(ObjectClass::PUBLIC_KEY);
+    for private in of_class(ObjectClass::PRIVATE_KEY) {
+        session.destroy_object(private).unwrap();
+    }
+    softhsm_tests::foreign_pair(&session, label, true);
+    for public in of_class(ObjectClass::PUBLIC_KEY) {
+        if !lavds_public.contains(&public) {
+            session.destroy_object(public).unwrap();
+        }
+    }
+    assert_eq!(of_class(ObjectClass::PUBLIC_KEY), lavds_public);
+
+    let r = unwrap_both(&setup, "W-REPLACED", replaced, other);
+    assert_eq!(
+        softhsm_tests::vault::statuses(&r.json()),
+        ["open_failed", "ok"]
+    );
+    let keys = c.provider.get("/v1/keys");
+    assert_eq!(keys.status, 200, "{}", keys.text());
+    let kids: Vec<String> = keys.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kids, ["E-1"], "{}", keys.text());
+    let log = setup.daemon.stderr();
+    assert!(
+        log.contains("does not match its public half on the token"),
+        "{log}"
+    );
+    // `lavd keys list` (the same check, in another process) withholds it
+    // too.
+    let listed = assert_ok(&t.lavd_with_config(&["keys", "list"]));
+    assert!(!listed.contains("\"E-2\""), "{listed}");
+}
+
+/// An envelope sealed to `kid` as `lavd keys list` (another process)
+/// publishes it, so that the daemon's first lookup of the key's objects is
+/// the unwrap's (its handle is then kept for the pool generation).
+fn sealed_from_the_cli(
+    setup: &softhsm_tests::vault::Held,
+    kid: &str,
+    tag: &str,
+) -> serde_json::Value {
+    let out = setup.t.lavd_with_config(&["keys", "list"]);
+    let set: lavd::jwk::JwkSet = serde_json::from_str(&assert_ok(&out)).unwrap();
+    let jwk = set
+        .keys
+        .iter()
+        .find(|k| k.kid.as_deref() == Some(kid))
+        .unwrap_or_else(|| panic!("{kid} not listed"));
+    setup.seal(&lavd::jwk::P256PublicKey::from_jwk(jwk).unwrap(), kid, tag)
+}
+
+/// Both envelopes in one unwrap, under a new warrant `id`; the reply, 200.
+fn unwrap_both(
+    setup: &softhsm_tests::vault::Held,
+    id: &str,
+    first: serde_json::Value,
+    second: serde_json::Value,
+) -> softhsm_tests::server::Response {
+    let warrant = softhsm_tests::vault::double_lock(&softhsm_tests::vault::claims(
+        id,
+        softhsm_tests::vault::recipient().public(),
+        5,
+    ));
+    let r = softhsm_tests::vault::post(
+        &setup.c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [first, second]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r
 }
 
 /// A key whose private half is gone from the token (a vendor tool, an HSM

@@ -90,6 +90,15 @@ pub enum HsmError {
     /// The token returned a public key in a form that is not a valid point.
     #[error("the token returned an invalid public key for {0:?}")]
     InvalidPublicKey(String),
+    /// The private key under this label does not agree with the public
+    /// half beside it (a test derive against a software ephemeral key): one
+    /// of them was replaced on the token outside lavd, so envelopes sealed
+    /// to the published key cannot open with it.
+    #[error(
+        "the private key labelled {0:?} does not match its public half on the token (replaced \
+         outside lavd?)"
+    )]
+    KeyPairMismatch(String),
     /// The key under this label is not the one lavd started with: it was
     /// replaced on the token while lavd was running.
     #[error("the key labelled {0:?} on the token is not the one lavd started with")]

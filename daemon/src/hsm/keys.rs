@@ -121,6 +121,29 @@ fn read_ec_point(
 ///
 /// # Errors
 /// The failing read, [`HsmError::DerivedSecretLength`], or the destroy error.
+/// `C_DeriveKey` with ECDH1 (`CKD_NULL`) of `key` and `peer`, into a session
+/// secret that [`take_secret`] reads and destroys; `value_len`: the
+/// template says `CKA_VALUE_LEN = 32` (SoftHSM needs it).
+fn derive(
+    session: &Session,
+    key: ObjectHandle,
+    peer: &P256PublicKey,
+    value_len: bool,
+) -> Result<ObjectHandle, cryptoki::error::Error> {
+    let mechanism = Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1()));
+    let mut template = vec![
+        Attribute::Class(ObjectClass::SECRET_KEY),
+        Attribute::KeyType(KeyType::GENERIC_SECRET),
+        Attribute::Token(false),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ];
+    if value_len {
+        template.push(Attribute::ValueLen(32u64.into()));
+    }
+    session.derive_key(&mechanism, key, &template)
+}
+
 fn take_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret, HsmError> {
     let read = read_secret(session, derived);
     if let Err(e) = session.destroy_object(derived) {
@@ -152,7 +175,8 @@ fn read_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret,
 }
 
 impl Hsm {
-    /// Generates a P-256 escrow key pair in the token under `kid`.
+    /// Generates a P-256 escrow key pair in the token under `kid`, and
+    /// checks that its halves agree ([`Hsm::check_pair`]).
     ///
     /// # Security
     /// The private key is `CKA_TOKEN`, `CKA_PRIVATE`, `CKA_SENSITIVE`, not
@@ -208,6 +232,12 @@ impl Hsm {
                     P256PublicKey::from_sec1(&point)
                         .map_err(|_| HsmError::InvalidPublicKey(label.clone()))
                 })
+                // A module that made halves that do not agree: nothing
+                // sealed to this public key could ever open.
+                .and_then(|key| {
+                    self.check_pair(session, private, &key, &label)
+                        .map(|()| key)
+                })
                 .map(|key| GeneratedKey {
                     public: key,
                     label: label.clone(),
@@ -259,10 +289,24 @@ impl Hsm {
             // A public half alone is no key: what is published must be
             // openable, so the private half must be there too (deleted by
             // a vendor tool or an HSM policy, it would not be).
-            find_one(session, ObjectClass::PRIVATE_KEY, &label)?.ok_or_else(missing)?;
+            let private =
+                find_one(session, ObjectClass::PRIVATE_KEY, &label)?.ok_or_else(missing)?;
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?.ok_or_else(missing)?;
             let point = read_ec_point(session, handle, &label, 65)?;
-            P256PublicKey::from_sec1(&point).map_err(|_| HsmError::InvalidPublicKey(label.clone()))
+            let public = P256PublicKey::from_sec1(&point)
+                .map_err(|_| HsmError::InvalidPublicKey(label.clone()))?;
+            // And the two halves must agree: a private key replaced under
+            // the label would publish a key nothing can open. Asked once a
+            // pool generation (and again if another object is found).
+            let generation = session.generation();
+            if self.pair_checked(generation, &label) != Some(private) {
+                self.check_pair(session, private, &public, &label)?;
+                let mut handles = self.handles();
+                if handles.generation == generation {
+                    handles.pairs_checked.insert(label.clone(), private);
+                }
+            }
+            Ok(public)
         })
     }
 
@@ -325,19 +369,7 @@ impl Hsm {
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         let secret = self.with_session("ecdh_derive", |session| {
             let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
-            let mechanism =
-                || Mechanism::Ecdh1Derive(Ecdh1DeriveParams::new(EcKdf::null(), peer.sec1()));
-            let mut template = vec![
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::GENERIC_SECRET),
-                Attribute::Token(false),
-                Attribute::Sensitive(false),
-                Attribute::Extractable(true),
-            ];
-            if value_len {
-                template.push(Attribute::ValueLen(32u64.into()));
-            }
-            let derived = match session.derive_key(&mechanism(), key, &template) {
+            let derived = match derive(session, key, peer, value_len) {
                 Ok(derived) => derived,
                 Err(e) => {
                     self.forget_handle(&label);
@@ -351,8 +383,7 @@ impl Hsm {
                     // failing HSM that fails the whole batch.
                     let key =
                         self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
-                    session
-                        .derive_key(&mechanism(), key, &template)
+                    derive(session, key, peer, value_len)
                         .inspect_err(|_| self.forget_handle(&label))?
                 }
             };
@@ -545,32 +576,100 @@ impl Hsm {
         kind: &'static str,
     ) -> Result<ObjectHandle, HsmError> {
         let generation = session.generation();
-        {
-            let mut handles = self.handles();
-            if handles.generation < generation {
-                handles.generation = generation;
-                handles.by_label.clear();
-            }
-            if handles.generation == generation {
-                if let Some(h) = handles.by_label.get(label) {
-                    return Ok(*h);
-                }
-            }
+        if let Some(handle) = self.cached(generation, label) {
+            return Ok(handle);
         }
         let handle = find_one(session, class, label)?.ok_or_else(|| HsmError::KeyNotFound {
             kind,
             label: label.to_string(),
         })?;
+        self.cache(generation, label, handle);
+        Ok(handle)
+    }
+
+    /// Whether the private key `private` agrees with `public`: one derive
+    /// in the token against a software ephemeral key, compared with the same
+    /// agreement made in software with `public`. The derived object is
+    /// destroyed at once, as after an open (not counted as one: at most one
+    /// a key and pool generation).
+    ///
+    /// # Errors
+    /// [`HsmError::KeyPairMismatch`], or the failing call.
+    fn check_pair(
+        &self,
+        session: &Session,
+        private: ObjectHandle,
+        public: &P256PublicKey,
+        label: &str,
+    ) -> Result<(), HsmError> {
+        use aws_lc_rs::agreement;
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let wrapper = |what: &str| HsmError::Wrapper(format!("checking {label:?}'s pair: {what}"));
+        let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
+            .map_err(|_| wrapper("no ephemeral key"))?;
+        let ephemeral_public = ephemeral
+            .compute_public_key()
+            .map_err(|_| wrapper("no ephemeral public key"))?;
+        let peer = P256PublicKey::from_sec1(ephemeral_public.as_ref())
+            .map_err(|_| wrapper("the ephemeral public key"))?;
+        let value_len = self.inner.settings.quirks.derive_sets_value_len;
+        let derived = derive(session, private, &peer, value_len)?;
+        let in_token = take_secret(session, derived)?;
+        let agrees = agreement::agree_ephemeral(
+            ephemeral,
+            agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, public.sec1()),
+            (),
+            |in_software| Ok(in_software == in_token.as_slice()),
+        )
+        .map_err(|()| wrapper("the software agreement"))?;
+        if agrees {
+            Ok(())
+        } else {
+            Err(HsmError::KeyPairMismatch(label.to_string()))
+        }
+    }
+
+    /// The handle cached for `label` in pool generation `generation`.
+    fn cached(&self, generation: u64, label: &str) -> Option<ObjectHandle> {
+        let handles = self.handles_of(generation);
+        (handles.generation == generation)
+            .then(|| handles.by_label.get(label).copied())
+            .flatten()
+    }
+
+    /// The private key of `label` whose pair was checked in pool generation
+    /// `generation`.
+    fn pair_checked(&self, generation: u64, label: &str) -> Option<ObjectHandle> {
+        let handles = self.handles_of(generation);
+        (handles.generation == generation)
+            .then(|| handles.pairs_checked.get(label).copied())
+            .flatten()
+    }
+
+    /// The cache, emptied first if `generation` is newer than its own.
+    fn handles_of(&self, generation: u64) -> std::sync::MutexGuard<'_, Handles> {
+        let mut handles = self.handles();
+        if handles.generation < generation {
+            handles.generation = generation;
+            handles.by_label.clear();
+            handles.pairs_checked.clear();
+        }
+        handles
+    }
+
+    /// Caches `handle` for `label` in pool generation `generation`.
+    fn cache(&self, generation: u64, label: &str, handle: ObjectHandle) {
         let mut handles = self.handles();
         if handles.generation == generation {
             handles.by_label.insert(label.to_string(), handle);
         }
-        Ok(handle)
     }
 
     /// Forgets the cached handle of `label`.
     fn forget_handle(&self, label: &str) {
-        self.handles().by_label.remove(label);
+        let mut handles = self.handles();
+        handles.by_label.remove(label);
+        handles.pairs_checked.remove(label);
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {

@@ -231,6 +231,9 @@ struct Inner {
 struct Handles {
     generation: u64,
     by_label: HashMap<String, cryptoki::object::ObjectHandle>,
+    /// Escrow private keys whose halves were found to agree
+    /// (`Hsm::check_pair`), by label: the key published under it.
+    pairs_checked: HashMap<String, cryptoki::object::ObjectHandle>,
 }
 
 /// The PIN in use and the login latch. A token counts wrong PINs and locks
