@@ -605,6 +605,18 @@ pub fn due_for_destruction(store: &dyn KeyStore, now: OffsetDateTime) -> Result<
 
 #[cfg(test)]
 mod tests {
+
+    /// A pair whose halves disagree is named as such, not as an HSM that
+    /// is unavailable.
+    #[test]
+    fn a_pair_whose_halves_disagree_has_its_own_code() {
+        let e = KeyError::Hsm(HsmError::KeyPairMismatch("lav-escrow:2026-12".into()));
+        assert_eq!(e.code(), "key_pair_mismatch");
+        assert_eq!(
+            KeyError::Hsm(HsmError::Wrapper("gone".into())).code(),
+            "hsm_unavailable"
+        );
+    }
     use super::*;
 
     #[test]

@@ -178,7 +178,8 @@ impl KeysCommand {
                 )?;
                 let label = format!("{}{kid}", crate::hsm::ESCROW_LABEL_PREFIX);
                 // For the record: the key that is removed, when whole.
-                let public = hsm.escrow_public_key(&kid).ok();
+                // Unchecked: a pair whose halves disagree is one to record.
+                let public = hsm.escrow_public_key_unchecked(&kid).ok();
                 if keys::discard_orphan(&hsm, store.as_ref(), &log, &kid)? {
                     let jwk = public
                         .map(|p| serde_json::to_string(&p.to_jwk()))

@@ -103,24 +103,26 @@ fn read_ec_point(
     Err(HsmError::InvalidPublicKey(label.to_string()))
 }
 
-/// Reads the 32-byte value of the session object `derived` and destroys the
-/// object, whatever the read gave: the secret must not outlive the call on
-/// the token.
-///
-/// # Security
-/// The copy cryptoki returns is wiped here, but cryptoki 0.12's
-/// `get_attributes` first reads the value into a buffer of its own that it
-/// frees without wiping, and it has no call that fills a caller's buffer: so
-/// 32 bytes of each envelope's ECDH secret stay in freed heap until the
-/// allocator reuses them (`docs/THREAT_MODEL.md` §5.5).
-///
-/// If the object cannot be destroyed (for a reason other than a lost session,
-/// which takes the object with it), the error is
-/// [`HsmError::DerivedSecretNotDestroyed`], and the pool closes the session
-/// instead of reusing it: closing a session destroys its objects.
-///
-/// # Errors
-/// The failing read, [`HsmError::DerivedSecretLength`], or the destroy error.
+/// The private key handle and the public key of escrow label `label`:
+/// both halves must be there (a public half alone is no key: what is
+/// published must be openable; one deleted by a vendor tool or an HSM
+/// policy would not be).
+fn escrow_halves(
+    session: &Session,
+    label: &str,
+) -> Result<(ObjectHandle, P256PublicKey), HsmError> {
+    let missing = || HsmError::KeyNotFound {
+        kind: "escrow",
+        label: label.to_string(),
+    };
+    let private = find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
+    let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
+    let point = read_ec_point(session, handle, label, 65)?;
+    let public = P256PublicKey::from_sec1(&point)
+        .map_err(|_| HsmError::InvalidPublicKey(label.to_string()))?;
+    Ok((private, public))
+}
+
 /// `C_DeriveKey` with ECDH1 (`CKD_NULL`) of `key` and `peer`, into a session
 /// secret that [`take_secret`] reads and destroys; `value_len`: the
 /// template says `CKA_VALUE_LEN = 32` (SoftHSM needs it).
@@ -144,6 +146,24 @@ fn derive(
     session.derive_key(&mechanism, key, &template)
 }
 
+/// Reads the 32-byte value of the session object `derived` and destroys the
+/// object, whatever the read gave: the secret must not outlive the call on
+/// the token.
+///
+/// # Security
+/// The copy cryptoki returns is wiped here, but cryptoki 0.12's
+/// `get_attributes` first reads the value into a buffer of its own that it
+/// frees without wiping, and it has no call that fills a caller's buffer: so
+/// 32 bytes of each envelope's ECDH secret stay in freed heap until the
+/// allocator reuses them (`docs/THREAT_MODEL.md` §5.5).
+///
+/// If the object cannot be destroyed (for a reason other than a lost session,
+/// which takes the object with it), the error is
+/// [`HsmError::DerivedSecretNotDestroyed`], and the pool closes the session
+/// instead of reusing it: closing a session destroys its objects.
+///
+/// # Errors
+/// The failing read, [`HsmError::DerivedSecretLength`], or the destroy error.
 fn take_secret(session: &Session, derived: ObjectHandle) -> Result<SharedSecret, HsmError> {
     let read = read_secret(session, derived);
     if let Err(e) = session.destroy_object(derived) {
@@ -282,32 +302,51 @@ impl Hsm {
     fn escrow_public_key_here(&self, label: &str) -> Result<P256PublicKey, HsmError> {
         let label = label.to_string();
         self.with_session("escrow_public_key", |session| {
-            let missing = || HsmError::KeyNotFound {
-                kind: "escrow",
-                label: label.clone(),
-            };
-            // A public half alone is no key: what is published must be
-            // openable, so the private half must be there too (deleted by
-            // a vendor tool or an HSM policy, it would not be).
-            let private =
-                find_one(session, ObjectClass::PRIVATE_KEY, &label)?.ok_or_else(missing)?;
-            let handle = find_one(session, ObjectClass::PUBLIC_KEY, &label)?.ok_or_else(missing)?;
-            let point = read_ec_point(session, handle, &label, 65)?;
-            let public = P256PublicKey::from_sec1(&point)
-                .map_err(|_| HsmError::InvalidPublicKey(label.clone()))?;
+            let (private, public) = escrow_halves(session, &label)?;
             // And the two halves must agree: a private key replaced under
             // the label would publish a key nothing can open. Asked once a
-            // pool generation (and again if another object is found).
+            // pool generation for each pair of objects, the verdict kept
+            // (a failing key is not derived with again at each request).
             let generation = session.generation();
-            if self.pair_checked(generation, &label) != Some(private) {
-                self.check_pair(session, private, &public, &label)?;
-                let mut handles = self.handles();
-                if handles.generation == generation {
-                    handles.pairs_checked.insert(label.clone(), private);
+            let agrees = match self.pair_checked(generation, &label, private, &public) {
+                Some(agrees) => agrees,
+                None => {
+                    let agrees = match self.check_pair(session, private, &public, &label) {
+                        Ok(()) => true,
+                        Err(HsmError::KeyPairMismatch(_)) => false,
+                        Err(e) => return Err(e),
+                    };
+                    let mut handles = self.handles();
+                    if handles.generation == generation {
+                        handles
+                            .pairs_checked
+                            .insert(label.clone(), (private, public.clone(), agrees));
+                    }
+                    agrees
                 }
+            };
+            if agrees {
+                Ok(public)
+            } else {
+                Err(HsmError::KeyPairMismatch(label.clone()))
             }
-            Ok(public)
         })
+    }
+
+    /// The public key of escrow key `kid` as the token holds it, without
+    /// checking that its private half agrees ([`Hsm::escrow_public_key`]
+    /// does): to record what a pair being removed was.
+    ///
+    /// # Errors
+    /// As [`Hsm::escrow_public_key`], but never
+    /// [`HsmError::KeyPairMismatch`].
+    pub fn escrow_public_key_unchecked(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
+        self.start_call("escrow_public_key", escrow_label(kid), |hsm, label| {
+            hsm.with_session("escrow_public_key", |session| {
+                escrow_halves(session, &label).map(|(_, public)| public)
+            })
+        })
+        .wait()
     }
 
     /// True if the token holds the private half of escrow key `kid`. Opens a
@@ -591,7 +630,8 @@ impl Hsm {
     /// in the token against a software ephemeral key, compared with the same
     /// agreement made in software with `public`. The derived object is
     /// destroyed at once, as after an open (not counted as one: at most one
-    /// a key and pool generation).
+    /// for each pair of objects under a label and pool generation, whatever
+    /// the verdict).
     ///
     /// # Errors
     /// [`HsmError::KeyPairMismatch`], or the failing call.
@@ -613,7 +653,17 @@ impl Hsm {
         let peer = P256PublicKey::from_sec1(ephemeral_public.as_ref())
             .map_err(|_| wrapper("the ephemeral public key"))?;
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
-        let derived = derive(session, private, &peer, value_len)?;
+        // A private key that cannot derive (another type or curve, no
+        // CKA_DERIVE) under the label is no half of this pair either: the
+        // key is withheld, not the whole key set.
+        let derived = derive(session, private, &peer, value_len).map_err(|e| match e {
+            cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::KeyFunctionNotPermitted
+                | cryptoki::error::RvError::KeyTypeInconsistent,
+                _,
+            ) => HsmError::KeyPairMismatch(label.to_string()),
+            other => other.into(),
+        })?;
         let in_token = take_secret(session, derived)?;
         let agrees = agreement::agree_ephemeral(
             ephemeral,
@@ -637,13 +687,25 @@ impl Hsm {
             .flatten()
     }
 
-    /// The private key of `label` whose pair was checked in pool generation
-    /// `generation`.
-    fn pair_checked(&self, generation: u64, label: &str) -> Option<ObjectHandle> {
+    /// The verdict on `label`'s pair (`private` with `public`) kept in pool
+    /// generation `generation`: `None` when these two were not checked in
+    /// it (another object under the label is checked again).
+    fn pair_checked(
+        &self,
+        generation: u64,
+        label: &str,
+        private: ObjectHandle,
+        public: &P256PublicKey,
+    ) -> Option<bool> {
         let handles = self.handles_of(generation);
-        (handles.generation == generation)
-            .then(|| handles.pairs_checked.get(label).copied())
-            .flatten()
+        match handles.pairs_checked.get(label) {
+            Some((h, p, agrees))
+                if handles.generation == generation && *h == private && p == public =>
+            {
+                Some(*agrees)
+            }
+            _ => None,
+        }
     }
 
     /// The cache, emptied first if `generation` is newer than its own.

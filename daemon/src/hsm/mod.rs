@@ -231,9 +231,17 @@ struct Inner {
 struct Handles {
     generation: u64,
     by_label: HashMap<String, cryptoki::object::ObjectHandle>,
-    /// Escrow private keys whose halves were found to agree
-    /// (`Hsm::check_pair`), by label: the key published under it.
-    pairs_checked: HashMap<String, cryptoki::object::ObjectHandle>,
+    /// The verdict of `Hsm::check_pair` by escrow label: the private key's
+    /// handle and the public key it was checked with, and whether they
+    /// agree.
+    pairs_checked: HashMap<
+        String,
+        (
+            cryptoki::object::ObjectHandle,
+            crate::jwk::P256PublicKey,
+            bool,
+        ),
+    >,
 }
 
 /// The PIN in use and the login latch. A token counts wrong PINs and locks
