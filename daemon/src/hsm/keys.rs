@@ -287,11 +287,14 @@ impl Hsm {
 
     /// The public key of escrow key `kid`, read from the token on an HSM
     /// worker, waiting at most the call deadline (a request path calls it:
-    /// `GET /v1/keys`). Blocking; never call it from an HSM worker.
+    /// `GET /v1/keys`), once its private half is shown to agree with it.
+    /// Blocking; never call it from an HSM worker.
     ///
     /// # Errors
     /// [`HsmError::KeyNotFound`] if the token has no such key, or only its
-    /// public half, [`HsmError::Timeout`], or the failing PKCS#11 call.
+    /// public half, [`HsmError::KeyPairMismatch`] if its halves do not agree
+    /// ([`Hsm::check_pair`]), [`HsmError::Timeout`], or the failing PKCS#11
+    /// call.
     pub fn escrow_public_key(&self, kid: &str) -> Result<P256PublicKey, HsmError> {
         self.start_call("escrow_public_key", escrow_label(kid), |hsm, label| {
             hsm.escrow_public_key_here(&label)
