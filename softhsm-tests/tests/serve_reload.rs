@@ -1,7 +1,8 @@
 //! SIGHUP reloads the role map, the server certificate and the CRLs of a
 //! running `lavd serve` without dropping open connections; a bad file
 //! keeps the running configuration; a connection whose certificate a
-//! reloaded CRL revokes is refused and closed.
+//! reloaded CRL revokes, or one made with TLS 1.2 once a reload raised
+//! `tls.min_version`, is refused and closed.
 
 use std::time::Duration;
 
@@ -184,6 +185,58 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
         pki.client(daemon.api, Some(&revoked))
             .request("GET", "/v1/keys", None),
         rustls::AlertDescription::CertificateRevoked,
+    );
+}
+
+/// Raising `tls.min_version` by SIGHUP reaches connections made with TLS
+/// 1.2 before it (after a TLS 1.2 advisory, say): the next request of each
+/// is refused (403 `client_certificate_rejected`, `tls_version_refused`)
+/// and its connection closed, as a handshake now would be; a TLS 1.3
+/// connection of the same certificate is untouched.
+#[test]
+fn a_reload_that_raises_min_version_closes_tls_1_2_connections() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let identity = pki.clients.identity(PROVIDER);
+    t.write_config(&serve_config(&format!(
+        "min_version = \"1.2\"\n{}",
+        roles(&[PROVIDER])
+    )));
+    let daemon = Daemon::start(&t);
+    let tls12 = || {
+        Client::new(
+            daemon.api,
+            &pki.servers,
+            Some(&identity),
+            &[&rustls::version::TLS12],
+        )
+    };
+    let mut old = tls12().connect().unwrap();
+    let mut new = pki.client(daemon.api, Some(&identity)).connect().unwrap();
+    assert_eq!(
+        old.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    assert_eq!(
+        new.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+
+    t.write_config(&serve_config(&roles(&[PROVIDER])));
+    reload(&daemon);
+
+    let r = old.request("GET", "/v1/keys", &[], None).unwrap();
+    let message = r.assert_error(403, "client_certificate_rejected");
+    assert!(message.contains("tls_version_refused"), "{message}");
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(old.closed_within(Duration::from_secs(5)));
+    assert_eq!(
+        new.request("GET", "/v1/keys", &[], None).unwrap().status,
+        200
+    );
+    assert_alert(
+        tls12().request("GET", "/v1/keys", None),
+        rustls::AlertDescription::ProtocolVersion,
     );
 }
 

@@ -117,6 +117,8 @@ pub struct ConnInfo {
     pub identity: Result<String, IdentityError>,
     /// The client certificate chain, leaf first.
     pub chain: Vec<CertificateDer<'static>>,
+    /// The connection was made with TLS 1.2 (`tls.min_version = "1.2"`).
+    pub tls12: bool,
     /// Set once the chain failed a re-check; every later request is refused.
     pub rejected: AtomicBool,
     /// The earliest `notAfter` in the chain (seconds since the Unix epoch),
@@ -148,6 +150,7 @@ impl ConnInfo {
         remote: SocketAddr,
         identity: Result<String, IdentityError>,
         chain: Vec<CertificateDer<'static>>,
+        tls12: bool,
         activity: Arc<Activity>,
     ) -> Self {
         let chain_valid_until = chain.iter().fold(u64::MAX, |until, cert| {
@@ -157,6 +160,7 @@ impl ConnInfo {
             remote,
             identity,
             chain,
+            tls12,
             rejected: AtomicBool::new(false),
             chain_valid_until,
             rechecked: Mutex::new(None),
@@ -179,7 +183,7 @@ impl ConnInfo {
         if self.lock_rechecked().as_ref().is_some_and(holds) {
             return Ok(());
         }
-        let result = live.tls.recheck(&self.chain, now);
+        let result = live.tls.recheck(&self.chain, self.tls12, now);
         *self.lock_rechecked() = result.is_ok().then_some(Rechecked {
             generation: live.generation,
             at: secs,

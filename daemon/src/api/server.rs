@@ -681,7 +681,14 @@ async fn api_connection(
     }
 
     let activity = Arc::new(Activity::new());
-    let conn = Arc::new(ConnInfo::new(remote, identity, chain, activity.clone()));
+    let tls12 = stream.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
+    let conn = Arc::new(ConnInfo::new(
+        remote,
+        identity,
+        chain,
+        tls12,
+        activity.clone(),
+    ));
     let service = hyper::service::service_fn(move |req| {
         let api = api.clone();
         let conn = conn.clone();

@@ -47,6 +47,10 @@ pub struct TlsMaterial {
     /// What each configured CRL covers and until when it counts: what the
     /// next reload weighs a CRL past its `nextUpdate` against ([`load`]).
     pub crl_coverage: Vec<CrlCoverage>,
+    /// `tls.min_version = "1.2"`: TLS 1.2 is accepted. A connection made
+    /// with it under an earlier configuration is refused at its next
+    /// request once it is not ([`TlsMaterial::recheck`]).
+    pub accepts_tls12: bool,
 }
 
 /// The certificates one configured CRL covers, and until when it counts.
@@ -195,6 +199,7 @@ pub fn load(
         client_verifier,
         crls_valid_until,
         crl_coverage,
+        accepts_tls12: matches!(tls.min_version, crate::config::TlsVersion::Tls12),
     })
 }
 
@@ -544,8 +549,14 @@ impl TlsMaterial {
     pub fn recheck(
         &self,
         chain: &[CertificateDer<'static>],
+        tls12: bool,
         now: UnixTime,
     ) -> Result<(), &'static str> {
+        // A handshake now would be refused: `tls.min_version` was raised
+        // since the connection was made (after a TLS 1.2 advisory, say).
+        if tls12 && !self.accepts_tls12 {
+            return Err("tls_version_refused");
+        }
         let (leaf, intermediates) = chain.split_first().ok_or("no_client_certificate")?;
         self.client_verifier
             .verify_client_cert(leaf, intermediates, now)
