@@ -123,6 +123,17 @@ fn escrow_halves(
     Ok((private, public))
 }
 
+/// P-256's base point G, SEC 1 uncompressed (SEC 2 v2, §2.4.2): the peer of
+/// [`Hsm::check_pair`]'s derive. A derive on it in the fault module's log
+/// is that check, not an open.
+pub const P256_GENERATOR: [u8; 65] = [
+    0x04, 0x6b, 0x17, 0xd1, 0xf2, 0xe1, 0x2c, 0x42, 0x47, 0xf8, 0xbc, 0xe6, 0xe5, 0x63, 0xa4, 0x40,
+    0xf2, 0x77, 0x03, 0x7d, 0x81, 0x2d, 0xeb, 0x33, 0xa0, 0xf4, 0xa1, 0x39, 0x45, 0xd8, 0x98, 0xc2,
+    0x96, 0x4f, 0xe3, 0x42, 0xe2, 0xfe, 0x1a, 0x7f, 0x9b, 0x8e, 0xe7, 0xeb, 0x4a, 0x7c, 0x0f, 0x9e,
+    0x16, 0x2b, 0xce, 0x33, 0x57, 0x6b, 0x31, 0x5e, 0xce, 0xcb, 0xb6, 0x40, 0x68, 0x37, 0xbf, 0x51,
+    0xf5,
+];
+
 /// `C_DeriveKey` with ECDH1 (`CKD_NULL`) of `key` and `peer`, into a session
 /// secret that [`take_secret`] reads and destroys; `value_len`: the
 /// template says `CKA_VALUE_LEN = 32` (SoftHSM needs it).
@@ -629,12 +640,15 @@ impl Hsm {
         Ok(handle)
     }
 
-    /// Whether the private key `private` agrees with `public`: one derive
-    /// in the token against a software ephemeral key, compared with the same
-    /// agreement made in software with `public`. The derived object is
-    /// destroyed at once, as after an open (not counted as one: at most one
-    /// for each pair of objects under a label and pool generation, whatever
-    /// the verdict).
+    /// Whether the private key `private` agrees with `public`: ECDH (with
+    /// `CKD_NULL`, whose result is the x-coordinate of the product) of
+    /// `private` and P-256's generator G is the x-coordinate of the public
+    /// key `private` makes, which must be `public`'s. A derive on G is
+    /// therefore no open: what it yields is public, and no envelope sealed
+    /// to the key can be opened with it. The derived object is destroyed
+    /// at once, as after an open (not counted as one: at most one for each
+    /// pair of objects under a label and pool generation, whatever the
+    /// verdict).
     ///
     /// # Errors
     /// [`HsmError::KeyPairMismatch`], or the failing call.
@@ -645,21 +659,13 @@ impl Hsm {
         public: &P256PublicKey,
         label: &str,
     ) -> Result<(), HsmError> {
-        use aws_lc_rs::agreement;
-        let rng = aws_lc_rs::rand::SystemRandom::new();
-        let wrapper = |what: &str| HsmError::Wrapper(format!("checking {label:?}'s pair: {what}"));
-        let ephemeral = agreement::EphemeralPrivateKey::generate(&agreement::ECDH_P256, &rng)
-            .map_err(|_| wrapper("no ephemeral key"))?;
-        let ephemeral_public = ephemeral
-            .compute_public_key()
-            .map_err(|_| wrapper("no ephemeral public key"))?;
-        let peer = P256PublicKey::from_sec1(ephemeral_public.as_ref())
-            .map_err(|_| wrapper("the ephemeral public key"))?;
+        let generator = P256PublicKey::from_sec1(&P256_GENERATOR)
+            .map_err(|_| HsmError::Wrapper("P-256's generator does not parse".into()))?;
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         // A private key that cannot derive (another type or curve, no
         // CKA_DERIVE) under the label is no half of this pair either: the
         // key is withheld, not the whole key set.
-        let derived = derive(session, private, &peer, value_len).map_err(|e| match e {
+        let derived = derive(session, private, &generator, value_len).map_err(|e| match e {
             cryptoki::error::Error::Pkcs11(
                 cryptoki::error::RvError::KeyFunctionNotPermitted
                 | cryptoki::error::RvError::KeyTypeInconsistent,
@@ -667,15 +673,9 @@ impl Hsm {
             ) => HsmError::KeyPairMismatch(label.to_string()),
             other => other.into(),
         })?;
-        let in_token = take_secret(session, derived)?;
-        let agrees = agreement::agree_ephemeral(
-            ephemeral,
-            agreement::UnparsedPublicKey::new(&agreement::ECDH_P256, public.sec1()),
-            (),
-            |in_software| Ok(in_software == in_token.as_slice()),
-        )
-        .map_err(|()| wrapper("the software agreement"))?;
-        if agrees {
+        let x = take_secret(session, derived)?;
+        // `public` is SEC 1 uncompressed: 0x04 ‖ x ‖ y.
+        if public.sec1().get(1..33) == Some(x.as_slice()) {
             Ok(())
         } else {
             Err(HsmError::KeyPairMismatch(label.to_string()))
@@ -831,6 +831,19 @@ fn destroy_if_present(session: &Session, handle: ObjectHandle) -> Result<(), Hsm
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `P256_GENERATOR` is 1·G: the public key of the private scalar 1.
+    #[test]
+    fn the_pair_check_point_is_p256s_generator() {
+        use aws_lc_rs::agreement;
+        let mut one = [0u8; 32];
+        one[31] = 1;
+        let key = agreement::PrivateKey::from_private_key(&agreement::ECDH_P256, &one).unwrap();
+        assert_eq!(
+            key.compute_public_key().unwrap().as_ref(),
+            P256_GENERATOR.as_slice()
+        );
+    }
 
     #[test]
     fn ec_points_are_accepted_bare_or_der_wrapped_only() {

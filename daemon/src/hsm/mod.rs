@@ -24,7 +24,7 @@ pub mod refused_pin;
 mod spread;
 
 pub use error::HsmError;
-pub use keys::{AuditKeyInfo, GeneratedKey, ESCROW_LABEL_PREFIX};
+pub use keys::{AuditKeyInfo, GeneratedKey, ESCROW_LABEL_PREFIX, P256_GENERATOR};
 pub use spread::{quiesce, JobOutcome, StartedSpread};
 
 use std::collections::HashMap;
