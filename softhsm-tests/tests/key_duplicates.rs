@@ -121,8 +121,9 @@ fn an_ambiguous_key_fails_its_own_envelopes_only() {
 /// A private key replaced under its label (a PIN holder deletes lavd's and
 /// makes another there): its public half still agrees with the store, but
 /// nothing sealed to it can open. Before it publishes a key, the daemon
-/// checks its halves against each other (a derive against a software
-/// ephemeral key): `GET /v1/keys` withholds it, with the reason logged.
+/// checks its halves against each other (a derive on P-256's generator,
+/// compared with the public half's x): `GET /v1/keys` withholds it, with
+/// the reason logged.
 /// Before, it stayed published. Its envelopes fail to open
 /// (`open_failed`), as before, and the other key's open.
 #[test]

@@ -135,7 +135,8 @@ pub struct ConnInfo {
 /// same and the clock is in `[at, until)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rechecked {
-    /// The configuration generation whose CAs and CRLs it passed.
+    /// The configuration generation whose CAs, CRLs and TLS versions it
+    /// passed.
     pub generation: u64,
     /// When it passed (seconds since the Unix epoch).
     pub at: u64,
@@ -168,7 +169,8 @@ impl ConnInfo {
         }
     }
 
-    /// Checks the chain against `live`'s CAs and CRLs at `now`, the check a
+    /// Checks the chain against `live`'s CAs and CRLs at `now`, and the
+    /// connection's TLS version against its `min_version`, the checks a
     /// full handshake would make, unless one under the same generation
     /// passed and still holds. A reload (new CAs or CRLs) makes a new
     /// generation; an expiring certificate or CRL ends the pass at its
@@ -467,10 +469,7 @@ fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), 
     conn.recheck(live, UnixTime::now()).map_err(|reason| {
         conn.rejected.store(true, Ordering::SeqCst);
         state.metrics.tls_handshake_failure(reason);
-        tracing::warn!(
-            reason,
-            "client certificate no longer accepted; closing the connection"
-        );
+        tracing::warn!(reason, "connection no longer accepted; closing it");
         ApiError::CertificateRejected(reason)
     })
 }

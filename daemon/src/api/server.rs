@@ -681,7 +681,9 @@ async fn api_connection(
     }
 
     let activity = Arc::new(Activity::new());
-    let tls12 = stream.get_ref().1.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
+    // Anything but TLS 1.3 counts as 1.2 (a completed handshake always has
+    // a version): a later `min_version = "1.3"` refuses it.
+    let tls12 = stream.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3);
     let conn = Arc::new(ConnInfo::new(
         remote,
         identity,

@@ -542,7 +542,8 @@ fn read_file(config_file: &Path, field: &str, path: &Path) -> Result<Vec<u8>, Co
 
 impl TlsMaterial {
     /// Checks a connection's client chain (leaf first) against this
-    /// generation's CAs and CRLs at `now`.
+    /// generation's CAs and CRLs at `now`, and refuses a TLS 1.2 connection
+    /// (`tls12`) when this generation no longer accepts TLS 1.2.
     ///
     /// # Errors
     /// The metrics reason of the failure (`certificate_revoked`, …).

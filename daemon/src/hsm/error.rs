@@ -91,7 +91,8 @@ pub enum HsmError {
     #[error("the token returned an invalid public key for {0:?}")]
     InvalidPublicKey(String),
     /// The private key under this label does not agree with the public
-    /// half beside it (a test derive against a software ephemeral key): one
+    /// half beside it (a derive on P-256's generator, compared with the
+    /// public half's x-coordinate): one
     /// of them was replaced on the token outside lavd, so envelopes sealed
     /// to the published key cannot open with it.
     #[error(

@@ -644,8 +644,10 @@ impl Hsm {
     /// `CKD_NULL`, whose result is the x-coordinate of the product) of
     /// `private` and P-256's generator G is the x-coordinate of the public
     /// key `private` makes, which must be `public`'s. A derive on G is
-    /// therefore no open: what it yields is public, and no envelope sealed
-    /// to the key can be opened with it. The derived object is destroyed
+    /// therefore no open: what it yields is public (only an envelope whose
+    /// `enc` is G itself, sealed with the ephemeral scalar 1 and so open to
+    /// anyone, has it as its secret). A module that lies could pass it; as
+    /// with every HSM answer, the module is trusted. The derived object is destroyed
     /// at once, as after an open (not counted as one: at most one for each
     /// pair of objects under a label and pool generation, whatever the
     /// verdict).
@@ -659,8 +661,11 @@ impl Hsm {
         public: &P256PublicKey,
         label: &str,
     ) -> Result<(), HsmError> {
-        let generator = P256PublicKey::from_sec1(&P256_GENERATOR)
-            .map_err(|_| HsmError::Wrapper("P-256's generator does not parse".into()))?;
+        // Invariant: G is on the curve, in SEC 1's uncompressed form
+        // (`the_pair_check_point_is_p256s_generator`).
+        #[allow(clippy::expect_used)]
+        let generator =
+            P256PublicKey::from_sec1(&P256_GENERATOR).expect("P-256's generator is a P-256 point");
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         // A private key that cannot derive (another type or curve, no
         // CKA_DERIVE) under the label is no half of this pair either: the
