@@ -148,17 +148,9 @@ impl KeyError {
             KeyError::DestroyIncomplete(_) => "destroy_incomplete",
             KeyError::ListIncomplete(_) => "keys_unreadable",
             KeyError::Audit(_) => "internal_error",
-            // The token refused the PIN at a login the command made after
-            // its first (a session it opened again), or refused it earlier
-            // in this process, which holds every later login back: exit 77
-            // as at its start, not "unavailable".
-            KeyError::Hsm(HsmError::Login { .. } | HsmError::LoginHeld { .. }) => {
-                "hsm_login_refused"
-            }
-            // A generated pair whose halves disagree (`Hsm::check_pair`):
-            // the module's fault, not its being unavailable.
-            KeyError::Hsm(HsmError::KeyPairMismatch(_)) => "key_pair_mismatch",
-            KeyError::Hsm(_) => "hsm_unavailable",
+            // A PIN refused at a login the command made after its first
+            // (a session it opened again) is exit 77 as at its start.
+            KeyError::Hsm(e) => e.code(),
             KeyError::Store(_) => "store_unavailable",
         }
     }
@@ -605,6 +597,7 @@ pub fn due_for_destruction(store: &dyn KeyStore, now: OffsetDateTime) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// A pair whose halves disagree is named as such, not as an HSM that
     /// is unavailable.
@@ -617,7 +610,6 @@ mod tests {
             "hsm_unavailable"
         );
     }
-    use super::*;
 
     #[test]
     fn kid_spelling() {

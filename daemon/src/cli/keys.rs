@@ -283,6 +283,14 @@ impl KeysCommand {
                     for (kid, e) in due.unreadable {
                         failed.push(report_unreadable(&kid, e));
                     }
+                    // Said, and counted; a refused PIN is kept to end with.
+                    let mut fail = |kid: &str, e: keys::KeyError| {
+                        eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(kid));
+                        failed.push(shown(kid));
+                        if e.code() == "hsm_login_refused" {
+                            refused.get_or_insert(e);
+                        }
+                    };
                     for k in due.keys {
                         match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
                             Ok(destroyed) => {
@@ -293,13 +301,7 @@ impl KeysCommand {
                                     lost.push(shown(&k.kid));
                                 }
                             }
-                            Err(e) => {
-                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
-                                failed.push(shown(&k.kid));
-                                if e.code() == "hsm_login_refused" {
-                                    refused.get_or_insert(e);
-                                }
-                            }
+                            Err(e) => fail(&k.kid, e),
                         }
                     }
                     // Unreadable rows were reported above.
@@ -320,13 +322,7 @@ impl KeysCommand {
                                 shown(&k.kid)
                             ),
                             Ok(false) => {}
-                            Err(e) => {
-                                eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(&k.kid));
-                                failed.push(shown(&k.kid));
-                                if e.code() == "hsm_login_refused" {
-                                    refused.get_or_insert(e);
-                                }
-                            }
+                            Err(e) => fail(&k.kid, e),
                         }
                     }
                     // A refused PIN is said as such (exit 77, not 1): the

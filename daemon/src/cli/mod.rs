@@ -353,9 +353,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
                 kind: "audit",
                 ..
             }) => "no_audit_key",
-            crate::audit::log::LogError::Hsm(
-                crate::hsm::HsmError::Login { .. } | crate::hsm::HsmError::LoginHeld { .. },
-            ) => "hsm_login_refused",
+            crate::audit::log::LogError::Hsm(h) => h.code(),
             _ => "hsm_unavailable",
         });
     }
@@ -369,12 +367,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
         return Some(r.code());
     }
     if let Some(h) = e.downcast_ref::<crate::hsm::HsmError>() {
-        return Some(match h {
-            crate::hsm::HsmError::Login { .. } | crate::hsm::HsmError::LoginHeld { .. } => {
-                "hsm_login_refused"
-            }
-            _ => "hsm_unavailable",
-        });
+        return Some(h.code());
     }
     if let Some(s) = e.downcast_ref::<crate::store::StoreError>() {
         return Some(match s {

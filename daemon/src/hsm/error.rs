@@ -144,6 +144,20 @@ pub enum HsmError {
 }
 
 impl HsmError {
+    /// The stable code of a command stopped by it: `hsm_login_refused`
+    /// (exit 77) when the token refused the PIN, now or earlier in this
+    /// process (which holds every later login back);
+    /// `key_pair_mismatch` for a key whose halves disagree; else
+    /// `hsm_unavailable`.
+    #[must_use]
+    pub fn code(&self) -> &'static str {
+        match self {
+            HsmError::Login { .. } | HsmError::LoginHeld { .. } => "hsm_login_refused",
+            HsmError::KeyPairMismatch(_) => "key_pair_mismatch",
+            _ => "hsm_unavailable",
+        }
+    }
+
     /// True when the session or token was lost and a reconnect may help.
     pub fn is_session_lost(&self) -> bool {
         matches!(
