@@ -222,8 +222,8 @@ impl Metrics {
         let witness_requests = counter(
             "lavd_witness_requests_total",
             "add-checkpoint requests sent to witnesses, by witness (configured name) and \
-             outcome (cosigned, conflict, bad_proof, forbidden, unknown_origin, bad_request, \
-             bad_cosignature, unavailable).",
+             outcome (cosigned, conflict, fork, bad_proof, forbidden, unknown_origin, \
+             bad_request, bad_cosignature, no_proof, unavailable).",
             &["witness", "outcome"],
         )?;
         let witness_cosigned_size = prometheus::IntGaugeVec::new(
@@ -467,7 +467,7 @@ mod tests {
         m.store_commit("audit_append", 0.003);
         m.unwrap_phases(&[("hsm", std::time::Duration::from_millis(300))]);
         m.tls_handshake_failure("certificate_expired");
-        m.operation("ecdh", 0.0002, true);
+        m.operation("ecdh_derive", 0.0002, true);
         m.sessions_busy(3);
         m.reconnected();
         m.config_reload(false);
@@ -483,7 +483,7 @@ mod tests {
             "lavd_unwrap_phase_seconds_bucket{phase=\"hsm\",le=\"0.25\"} 0",
             "lavd_unwrap_phase_seconds_bucket{phase=\"hsm\",le=\"0.5\"} 1",
             "lavd_tls_handshake_failures_total{reason=\"certificate_expired\"} 1",
-            "lavd_hsm_operation_duration_seconds_count{op=\"ecdh\",result=\"ok\"} 1",
+            "lavd_hsm_operation_duration_seconds_count{op=\"ecdh_derive\",result=\"ok\"} 1",
             "lavd_hsm_sessions_busy 3",
             "lavd_hsm_reconnects_total 1",
             "lavd_config_reloads_total{outcome=\"failed\"} 1",

@@ -170,19 +170,32 @@ impl StartupSettings {
             limits: s.limits.clone(),
             log: s.log.clone(),
             store: s.store.clone(),
-            hsm: format!(
-                "{} {} {} {:?} {:?} {:?}",
-                s.hsm.module.display(),
-                s.hsm.token,
-                s.hsm.sessions,
-                s.hsm.quirks,
-                s.hsm.module_env,
-                s.hsm.call_timeout
-            ),
+            hsm: hsm_fingerprint(s),
             audit: s.audit.clone(),
             files: restart_files(s),
         }
     }
+}
+
+/// `[hsm]` as far as a change needs a restart: every setting but the PIN,
+/// which a reload reads, and the refused-PIN record's path, which only a
+/// start reads. Destructured whole, so that a new setting must be placed
+/// here or named as reloadable.
+fn hsm_fingerprint(s: &Settings) -> String {
+    let crate::hsm::HsmSettings {
+        module,
+        token,
+        pin: _,
+        sessions,
+        quirks,
+        module_env,
+        call_timeout,
+    } = &s.hsm;
+    let record = s.refused_pin_record.as_ref().map(|r| &r.record);
+    format!(
+        "{} {token} {sessions} {quirks:?} {module_env:?} {call_timeout:?} {record:?}",
+        module.display(),
+    )
 }
 
 impl StartupSettings {
@@ -574,5 +587,38 @@ mod tests {
         assert_eq!(load().restart_tables(&was), Vec::<&str>::new());
         ca("db2.example");
         assert_eq!(load().restart_tables(&was), vec!["store"]);
+    }
+
+    /// `[hsm] refused_pin_record` is read only at start: a reload that
+    /// changes it names `[hsm]` as needing a restart, as configuration.md
+    /// says of every `[hsm]` setting but the PIN.
+    #[test]
+    fn a_changed_refused_pin_record_needs_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.toml");
+        std::fs::write(dir.path().join("pin"), "1234\n").unwrap();
+        let write = |record: &str| {
+            std::fs::write(
+                &path,
+                format!(
+                    "[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"lavd\"\n\
+                     pin_file = \"pin\"\n{record}[store]\npath = \"lavd.db\"\n\
+                     [audit]\norigin = \"o.test/a\"\n"
+                ),
+            )
+            .unwrap();
+        };
+        let load = || {
+            StartupSettings::of(&Settings::load(&path, &crate::config::ProcessEnv).expect("config"))
+        };
+        write("");
+        let was = load();
+        write("refused_pin_record = \"refused\"\n");
+        assert_eq!(load().restart_tables(&was), vec!["hsm"]);
+        let with = load();
+        write("refused_pin_record = \"refused-2\"\n");
+        assert_eq!(load().restart_tables(&with), vec!["hsm"]);
+        write("refused_pin_record = \"refused\"\n");
+        assert_eq!(load().restart_tables(&with), Vec::<&str>::new());
     }
 }

@@ -32,7 +32,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: the mutual-TLS API and the admin listener, until
-    /// SIGTERM or SIGINT (SIGHUP reloads certificates, CRLs and roles).
+    /// SIGTERM or SIGINT (SIGHUP reloads certificates, CRLs, roles,
+    /// authorities, the policy and the HSM PIN; docs/configuration.md).
     Serve(serve::ServeArgs),
     /// A complete development daemon on its own SoftHSM token, with demo
     /// certificates, authorities and keys. Never for production.
@@ -115,7 +116,7 @@ pub fn main() -> std::process::ExitCode {
     // last job does. Exit only then, so that no PKCS#11 call runs beside
     // the module's exit-time destructors (`hsm::quiesce`).
     if !crate::hsm::quiesce(std::time::Duration::from_secs(5)) {
-        eprintln!("lavd: an HSM call is still running at exit (the HSM does not answer)");
+        eprintln!("lavd: hsm_call_running: an HSM call is still running at exit (the HSM does not answer)");
     }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
