@@ -702,11 +702,16 @@ impl Daemon {
 
     /// `GET path` on the admin listener.
     pub fn admin_get(&self, path: &str) -> Response {
+        self.admin_request("GET", path)
+    }
+
+    /// `method path`, without a body, on the admin listener.
+    pub fn admin_request(&self, method: &str, path: &str) -> Response {
         let tcp = TcpStream::connect(self.admin).expect("connect admin");
         tcp.set_read_timeout(Some(Duration::from_secs(30)))
             .expect("timeout");
         Conn::new(tcp)
-            .request("GET", path, &[], None)
+            .request(method, path, &[], None)
             .expect("admin request")
     }
 

@@ -15,6 +15,14 @@ fn readyz_follows_the_store_without_a_restart() {
     let health = daemon.admin_get("/healthz");
     assert_eq!(health.status, 200);
     assert_eq!(health.json(), serde_json::json!({"alive": true}));
+    // GET only, and said so (docs/openapi.yaml); a query string, which a
+    // probe may add, is ignored.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = daemon.admin_request("POST", path);
+        r.assert_error(405, "method_not_allowed");
+        assert_eq!(r.header("allow"), Some("GET"), "{path}");
+    }
+    assert_eq!(daemon.admin_get("/healthz?probe=1").status, 200);
 
     let ready = daemon.wait_readyz(200);
     assert_eq!(

@@ -280,7 +280,9 @@ fn a_caller_who_may_not_post_there_is_refused_before_its_body() {
 /// `text/plain` across sites without a CORS preflight, from a browser that
 /// holds the admin's client certificate; its text can be exactly the JSON
 /// of a revocation. Refused: 415 `unsupported_media_type`, and nothing is
-/// revoked; the same body as JSON is taken (any case, with parameters).
+/// revoked; the same body as JSON is taken (any case, with parameters),
+/// but not JSON declared in a charset other than UTF-8, nor a request with
+/// two content types.
 #[test]
 fn a_body_not_sent_as_json_is_415_and_does_nothing() {
     const ADMIN: &str = "spiffe://ops.example/admin";
@@ -313,6 +315,11 @@ fn a_body_not_sent_as_json_is_415_and_does_nothing() {
         Some("application/x-www-form-urlencoded"),
         Some("multipart/form-data; boundary=x"),
         Some("application/jsonx"),
+        // JSON declared in another encoding, two content types, and a
+        // value that is not visible ASCII (before: 400, warp's parse).
+        Some("application/json; charset=utf-16"),
+        Some("application/json\r\ncontent-type: text/plain"),
+        Some("application/json; x=\u{e9}"),
         None,
     ] {
         let message = post(&mut admin, "/v1/warrants/revocations", t)

@@ -158,7 +158,11 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
         "/v1/log/tile/8/000".to_string(),
         "/v1/log/tile/63/x999/999".to_string(),
     ] {
-        c.auditor.get(&missing).assert_error(404, "not_found");
+        let message = c.auditor.get(&missing).assert_error(404, "not_found");
+        assert!(
+            message.contains(&format!("the newest checkpoint has {size}")),
+            "{missing}: {message}"
+        );
     }
     c.provider
         .get("/v1/log/tile/0/000")

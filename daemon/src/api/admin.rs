@@ -225,6 +225,16 @@ where
         .unify()
         .recover(error::recover)
         .unify()
+        .map(|mut response: Response| {
+            // Every admin route is a GET: a wrong method is told so, as on
+            // the API (RFC 9110 §15.5.6).
+            if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+                response
+                    .headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("GET"));
+            }
+            response
+        })
         .boxed()
 }
 

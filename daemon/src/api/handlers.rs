@@ -529,11 +529,19 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
             .map_err(store_error)?
             .map_or(0, |(size, _)| size);
         // Beyond the checkpoint (or beyond any tree): not there yet.
+        let not_covered = |needed: String| ApiError::Refused {
+            code: "not_found",
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "tile {} needs a tree of {needed} leaves; the newest checkpoint has {size}",
+                tile.path()
+            ),
+        };
         let (Some(needed), Some(first)) = (tile.needs_tree_size(), tile.first_node()) else {
-            return Err(ApiError::NotFound);
+            return Err(not_covered("more than 2^64 - 1".into()));
         };
         if needed > size {
-            return Err(ApiError::NotFound);
+            return Err(not_covered(needed.to_string()));
         }
         let end = first + u64::from(tile.width);
         match tile.level {

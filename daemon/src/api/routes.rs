@@ -239,30 +239,45 @@ pub fn json_body<T: DeserializeOwned + Send>(
 /// handlers that must keep them as sent; only a body sent as
 /// `application/json` ([`ApiError::UnsupportedMediaType`], 415, otherwise).
 pub fn raw_body() -> impl Filter<Extract = (warp::hyper::body::Bytes,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
-        .and_then(|sent: Option<String>| async move {
-            match sent {
-                Some(t) if is_json(&t) => Ok(()),
-                Some(t) => Err(Rejection::from(ApiError::UnsupportedMediaType(format!(
-                    "{:?}",
-                    t.chars().take(100).collect::<String>()
-                )))),
-                None => Err(Rejection::from(ApiError::UnsupportedMediaType(
-                    "no content-type".into(),
-                ))),
+    warp::header::headers_cloned()
+        .and_then(|headers: warp::http::HeaderMap| async move {
+            let mut sent = headers.get_all(warp::http::header::CONTENT_TYPE).iter();
+            let refused = |why: String| Err(Rejection::from(ApiError::UnsupportedMediaType(why)));
+            match (sent.next(), sent.next()) {
+                (None, _) => refused("no content-type".into()),
+                // Which one a proxy or a parser would take is anyone's guess.
+                (Some(_), Some(_)) => refused("two content-type headers".into()),
+                (Some(value), None) => match value.to_str() {
+                    Ok(t) if is_json(t) => Ok(()),
+                    Ok(t) => refused(format!("{:?}", t.chars().take(100).collect::<String>())),
+                    Err(_) => refused("a content-type that is not visible ASCII".into()),
+                },
             }
         })
         .untuple_one()
         .and(warp::body::bytes())
 }
 
-/// Whether a `content-type` value names JSON: `application/json`, in any
-/// case, with or without parameters (`; charset=utf-8`).
+/// Whether a `content-type` value names JSON as lavd reads it:
+/// `application/json`, in any case, with or without parameters, but with no
+/// `charset` other than UTF-8 (RFC 8259 §8.1: JSON between systems is UTF-8;
+/// a body declared UTF-16 would be read as something it is not).
 fn is_json(content_type: &str) -> bool {
-    content_type
-        .split(';')
+    let mut parts = content_type.split(';');
+    let json = parts
         .next()
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    json && parts.all(|param| match param.split_once('=') {
+        Some((name, value)) if name.trim().eq_ignore_ascii_case("charset") => {
+            let value = value.trim();
+            let value = value
+                .strip_prefix('"')
+                .and_then(|v| v.strip_suffix('"'))
+                .unwrap_or(value);
+            value.eq_ignore_ascii_case("utf-8")
+        }
+        _ => true,
+    })
 }
 
 /// The numeric query parameters of a route (`?start=&end=`, `?index=&size=`,
@@ -308,7 +323,7 @@ impl IndexQuery {
             };
             let number = parse_index(value).ok_or_else(|| {
                 ApiError::Malformed(format!(
-                    "query parameter `{known}` must be an integer from 0 to {}",
+                    "query parameter `{known}` must be an integer from 0 to {}, without leading zeros",
                     crate::store::MAX_INDEX
                 ))
             })?;
@@ -327,9 +342,14 @@ impl IndexQuery {
     }
 }
 
-/// A leaf index or tree size: ASCII digits, at most [`crate::store::MAX_INDEX`].
+/// A leaf index or tree size: ASCII digits without leading zeros (one
+/// spelling per value, as in tile paths), at most
+/// [`crate::store::MAX_INDEX`].
 fn parse_index(text: &str) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if text.len() > 1 && text.starts_with('0') {
         return None;
     }
     text.parse::<u64>()
@@ -662,6 +682,17 @@ where
         });
     let log_tile = warp::path!("v1" / "log" / "tile" / ..)
         .and(warp::path::tail())
+        // `entries/…` is `log_entries`' alone: were it to fall through to
+        // here when that handler refuses (404, 503), the same request would
+        // run, and read the store, twice. A `not_found` rejection yields to
+        // the handler's own in warp's combination.
+        .and_then(|tail: warp::path::Tail| async move {
+            if tail.as_str().starts_with("entries/") {
+                Err(warp::reject::not_found())
+            } else {
+                Ok(tail)
+            }
+        })
         .and(warp::get())
         .and(route("/v1/log/tile/{L}/{N}"))
         .and(guard)
@@ -703,6 +734,29 @@ async fn get_keys(_peer: PeerIdentity, state: Arc<ServerState>) -> Result<Respon
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// JSON, with or without parameters, in UTF-8 only.
+    #[test]
+    fn a_json_content_type_is_utf_8() {
+        for taken in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            "application/json;charset=\"UTF-8\"",
+            "application/json; profile=x",
+        ] {
+            assert!(is_json(taken), "{taken}");
+        }
+        for refused in [
+            "application/json; charset=utf-16",
+            "application/json; charset=latin1",
+            "application/json; charset=",
+            "application/jsonx",
+            "text/json",
+        ] {
+            assert!(!is_json(refused), "{refused}");
+        }
+    }
 
     /// The routes that read a body are exactly the `POST`s of the table.
     #[test]
@@ -761,6 +815,14 @@ mod tests {
                 "{raw}"
             );
         }
+        // One spelling per value, as in tile paths.
+        for raw in ["start=00", "start=01", "start=1&end=007"] {
+            assert!(refused(raw).contains("without leading zeros"), "{raw}");
+        }
+        assert_eq!(
+            IndexQuery::parse("start=0&end=10", &["start"], &["end"]).unwrap(),
+            IndexQuery([("start", 0), ("end", 10)].into_iter().collect())
+        );
         assert!(refused("").contains("`start` is required"));
         assert!(refused("start=1&start=2").contains("twice"));
         assert!(refused("start=1&colour=red").contains("unknown"));

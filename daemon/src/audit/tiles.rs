@@ -133,7 +133,15 @@ impl Tile {
     /// # Errors
     /// [`TilePathError::Malformed`] naming what is wrong.
     pub fn parse(path: &str) -> Result<Self, TilePathError> {
-        let bad = |why: &str| TilePathError::Malformed(format!("{path}: {why}"));
+        // The path as sent, for the message: escaped (a control or
+        // bidirectional character cannot forge lines or reorder text where
+        // it is shown) and cut short.
+        let shown = {
+            let head: String = path.chars().take(MAX_SHOWN_PATH_CHARS).collect();
+            let more = if head.len() < path.len() { "…" } else { "" };
+            format!("{}{more}", crate::codec::escape_for_terminal(&head))
+        };
+        let bad = |why: &str| TilePathError::Malformed(format!("{shown}: {why}"));
         let mut segments: Vec<&str> = path.split('/').collect();
         if segments.len() < 2 {
             return Err(bad("need a level (or `entries`) and an index"));
@@ -160,8 +168,11 @@ impl Tile {
                     as u16;
             }
         }
-        let index = decode_index(&segments).ok_or_else(|| {
-            bad("the index is zero-padded 3-digit elements, all but the last starting with `x`")
+        let index = decode_index(&segments).map_err(|problem| match problem {
+            IndexProblem::Spelling => {
+                bad("the index is zero-padded 3-digit elements, all but the last starting with `x`")
+            }
+            IndexProblem::TooLarge => bad("the index is above 2^64 - 1"),
         })?;
         Ok(Tile {
             level,
@@ -194,20 +205,38 @@ pub fn encode_index(mut n: u64) -> String {
     groups.join("/")
 }
 
+/// The most characters of a tile path a refusal message shows.
+const MAX_SHOWN_PATH_CHARS: usize = 100;
+
+/// Why [`decode_index`] refused.
+enum IndexProblem {
+    /// Not the canonical spelling.
+    Spelling,
+    /// Canonically spelled, but not a `u64`.
+    TooLarge,
+}
+
 /// The inverse of [`encode_index`], canonical spellings only.
-fn decode_index(segments: &[&str]) -> Option<u64> {
-    let (last, rest) = segments.split_last()?;
-    let mut n: u64 = 0;
+fn decode_index(segments: &[&str]) -> Result<u64, IndexProblem> {
+    let (last, rest) = segments.split_last().ok_or(IndexProblem::Spelling)?;
+    let mut groups = Vec::with_capacity(segments.len());
     for (i, s) in rest.iter().enumerate() {
-        let group = three_digits(s.strip_prefix('x')?)?;
+        let group = s
+            .strip_prefix('x')
+            .and_then(three_digits)
+            .ok_or(IndexProblem::Spelling)?;
         // No leading `x000` element: one spelling per index.
         if i == 0 && group == 0 {
-            return None;
+            return Err(IndexProblem::Spelling);
         }
-        n = n.checked_mul(1000)?.checked_add(group)?;
+        groups.push(group);
     }
-    let group = three_digits(last)?;
-    n.checked_mul(1000)?.checked_add(group)
+    groups.push(three_digits(last).ok_or(IndexProblem::Spelling)?);
+    groups.into_iter().try_fold(0u64, |n, group| {
+        n.checked_mul(1000)
+            .and_then(|n| n.checked_add(group))
+            .ok_or(IndexProblem::TooLarge)
+    })
 }
 
 /// Exactly three ASCII digits.
@@ -478,6 +507,38 @@ mod tests {
         ] {
             assert!(Tile::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    /// A canonically spelled index above `u64::MAX` is refused as too large,
+    /// not as a misspelling; the largest index parses.
+    #[test]
+    fn an_index_above_u64_is_refused_as_too_large() {
+        let max = Tile::parse("0/x018/x446/x744/x073/x709/x551/615").unwrap();
+        assert_eq!(max.index, u64::MAX);
+        let Err(TilePathError::Malformed(m)) = Tile::parse("0/x018/x446/x744/x073/x709/x551/616")
+        else {
+            panic!("u64::MAX + 1 parsed");
+        };
+        assert!(m.ends_with("the index is above 2^64 - 1"), "{m}");
+        let Err(TilePathError::Malformed(m)) = Tile::parse("0/x1000/000") else {
+            panic!("a 4-digit element parsed");
+        };
+        assert!(m.contains("zero-padded 3-digit"), "{m}");
+    }
+
+    /// The path in a refusal is escaped and cut short: a bidirectional
+    /// override or a line break sent in it is shown as an escape.
+    #[test]
+    fn a_refused_path_is_shown_escaped_and_cut_short() {
+        let Err(TilePathError::Malformed(m)) = Tile::parse("0/\u{202e}abc\nx") else {
+            panic!("parsed");
+        };
+        assert!(m.starts_with("0/\\u{202e}abc\\nx: "), "{m}");
+        let long = format!("0/{}", "1".repeat(5000));
+        let Err(TilePathError::Malformed(m)) = Tile::parse(&long) else {
+            panic!("parsed");
+        };
+        assert!(m.starts_with(&format!("{}…: ", &long[..100])), "{m}");
     }
 
     #[test]
