@@ -46,6 +46,20 @@ fn loosen_policy(t: &TestToken) {
     std::fs::write(t.config(), loosened).unwrap();
 }
 
+/// Rewrites the config without the judicial authority, and so with a policy
+/// that needs only an executive.
+fn remove_the_judicial_authority(t: &TestToken) {
+    loosen_policy(t);
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    let start = config
+        .find("[[authorities]]\nkid = \"judicial-1\"")
+        .expect("the judicial authority");
+    let end = start + config[start..].find("\n\n").expect("its end") + 2;
+    let mut without = config.clone();
+    without.replace_range(start..end, "");
+    std::fs::write(t.config(), without).unwrap();
+}
+
 /// Rewrites the config so that the agency's identity has no role.
 fn take_the_agency_role(t: &TestToken) {
     let config = std::fs::read_to_string(t.config()).unwrap();
@@ -365,13 +379,104 @@ fn a_reload_while_a_request_waits_at_the_gate_decides_it() {
         shim.set("");
         (held.join().unwrap(), queued.join().unwrap())
     });
-    // The holder was past the gate, under the old configuration.
-    assert_eq!(vault::statuses(&held.json()), ["ok"], "{}", held.text());
+    // The holder was past the gate, in its HSM open: the reload reaches it
+    // before its audit commit (`a_reload_while_the_hsm_opens_decides_it`,
+    // below), and it is refused too, its leaf written.
+    held.assert_error(403, "forbidden");
     queued.assert_error(403, "forbidden");
     let size = vault::tree_size(&c.auditor);
     let entries = vault::entries(&c.auditor, 0, size);
     assert!(
         entries.iter().all(|e| e.leaf["warrant_id"] != "W-WAITING"),
         "the withdrawn request logged something"
+    );
+}
+
+/// A reload that applies while an unwrap's HSM opens run reaches it before
+/// its audit commit, as one at the gate does. Here the reload removes the
+/// judicial authority that signed the warrant (and the policy's need of
+/// one): the request is refused whole, as one arriving now would be (403
+/// `unknown_authority`). The HSM did open, so its leaf is written, denied
+/// `configuration_changed`, after the `authorities_loaded` leaf that says
+/// the signer is gone; nothing is spent, and no `opened` leaf of the
+/// warrant follows that leaf. Before, it released the key under the trust
+/// it was admitted under, its `opened` leaf after the one saying the
+/// signer was gone. The same warrant sent again is refused the same way.
+#[test]
+fn a_reload_while_the_hsm_opens_decides_it() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with(
+        &shim_module_path(),
+        2,
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let id = "W-IN-FLIGHT";
+    let body = serde_json::json!({
+        "warrant": vault::double_lock(&vault::claims(id, vault::recipient().public(), 5)),
+        "envelopes": [vault::seal(
+            &escrow, "E-1", TARGET, OffsetDateTime::now_utc() - time::Duration::hours(1), "m", &[9; 32],
+        )],
+    });
+
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let held = std::thread::scope(|s| {
+        let held = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &body));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while shim.faults() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(shim.faults() > 0, "the derive never reached the module");
+        remove_the_judicial_authority(&t);
+        reload(&daemon);
+        assert!(!held.is_finished(), "the unwrap answered while held");
+        shim.set("");
+        held.join().unwrap()
+    });
+    held.assert_error(403, "unknown_authority");
+
+    let size = vault::tree_size(&c.auditor);
+    let entries = vault::entries(&c.auditor, 0, size);
+    let change = entries
+        .iter()
+        .rposition(|e| e.leaf["event"] == "authorities_loaded")
+        .unwrap();
+    let kids: Vec<&str> = entries[change].leaf["authorities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["executive-1"]);
+    let mine: Vec<(usize, &serde_json::Value)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.leaf["warrant_id"] == id)
+        .map(|(i, e)| (i, &e.leaf))
+        .collect();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    let (at, leaf) = mine[0];
+    assert!(at > change, "{at} {change}");
+    assert_eq!(leaf["outcome"], "denied", "{leaf}");
+    assert_eq!(leaf["reason"], "configuration_changed", "{leaf}");
+    let spent: i64 = rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(spent, 0);
+    // Sent again, it is refused before any work.
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "unknown_authority");
+    assert_eq!(
+        vault::tree_size(&c.auditor),
+        size + 1,
+        "a refusal leaf only"
     );
 }

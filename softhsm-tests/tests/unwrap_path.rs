@@ -104,6 +104,7 @@ impl World {
             log: &self.log,
             verifier: &self.verifier,
             readmit: None,
+            recheck: None,
             envelope_limits: limits,
             max_batch: 16,
             gate: &self.gate,

@@ -185,12 +185,32 @@ pub(crate) async fn post_unwrap(
                     unwrap::UnwrapError::Withdrawn(why)
                 })
         };
+        // Once more before the audit commit, for a reload while the HSM
+        // opened: the same question, but a request that opened is not
+        // withdrawn for a cut connection (its leaves are written all the
+        // same).
+        let readmit_again = || {
+            readmission
+                .current(&live, &[Role::Agency])
+                .map(|newer| newer.map(|r| r.verifier.clone()))
+                .map_err(|e| {
+                    let why = e.to_string();
+                    *refusal
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    unwrap::UnwrapError::Withdrawn(why)
+                })
+        };
         let context = unwrap::Context {
             hsm: &st.hsm,
             store: &st.store,
             log: &st.audit,
             verifier: &live.verifier,
             readmit: Some(unwrap::Readmit(&readmit)),
+            recheck: Some(unwrap::Recheck {
+                readmit: unwrap::Readmit(&readmit_again),
+                fence: st.reload_fence(),
+            }),
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,
@@ -280,6 +300,7 @@ pub async fn post_revocation(
             log: &st.audit,
             verifier: &live.verifier,
             readmit: None,
+            recheck: None,
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,

@@ -117,6 +117,11 @@ pub struct ServerState {
     /// two [`Reloadable`]s ever share a generation (connections keep a
     /// passed certificate check per generation).
     reloading: Mutex<()>,
+    /// Held by a reload (exclusive) from its `authorities_loaded` leaf to
+    /// the swap of the configuration, and by an unwrap (shared) from its
+    /// last look at the configuration to the end of its audit commit
+    /// ([`crate::unwrap::Recheck`]).
+    reload_fence: std::sync::RwLock<()>,
     draining: AtomicBool,
     /// Set when the drain ended ([`ServerState::cut_requests`]).
     cut: AtomicBool,
@@ -299,6 +304,7 @@ impl ServerState {
             generation: AtomicU64::new(live.generation),
             live: RwLock::new(Arc::new(live)),
             reloading: Mutex::new(()),
+            reload_fence: std::sync::RwLock::new(()),
             draining: AtomicBool::new(false),
             cut: AtomicBool::new(false),
             startup,
@@ -324,6 +330,11 @@ impl ServerState {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// See [`crate::unwrap::Recheck`].
+    pub fn reload_fence(&self) -> &std::sync::RwLock<()> {
+        &self.reload_fence
     }
 
     /// The settings the server started with.
@@ -385,6 +396,13 @@ impl ServerState {
             generation,
             Some(&self.current().tls),
         )?;
+        // No unwrap judged under the running configuration commits its
+        // leaves after this point until the swap; those in their commit
+        // finish first ([`crate::unwrap::Recheck`]).
+        let fence = self
+            .reload_fence
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if next.trust_digest != self.current().trust_digest {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it
@@ -409,6 +427,7 @@ impl ServerState {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
         self.generation.store(generation, Ordering::SeqCst);
+        drop(fence);
         let now = StartupSettings::of(&settings);
         let was = &self.startup;
         // A changed PIN applies on reload (a PIN rotated on the token needs

@@ -85,11 +85,20 @@ pub enum DenyReason {
     /// run out, by any replica), so that no HSM open goes unlogged, even
     /// across a crash. The HSM may not have finished the open.
     OpenInterrupted,
+    /// In audit leaves only: a reload applied while the request was in
+    /// flight, after its work started and before its audit commit (new
+    /// authorities or policy, roles, client CAs or CRLs), and the request
+    /// no longer passes under it: the caller's certificate or role is gone,
+    /// or the warrant no longer verifies. Nothing of it is released or
+    /// spent; the request is refused whole with the new configuration's
+    /// answer (403 `forbidden`, the warrant's code, or the connection
+    /// closed for a certificate no longer accepted).
+    ConfigurationChanged,
 }
 
 impl DenyReason {
     /// Every reason, in PROTOCOL order, then lavd's additions.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::MalformedEnvelope,
         Self::UnknownKey,
         Self::KeyDestroyed,
@@ -104,6 +113,7 @@ impl DenyReason {
         Self::AuthorityNotValid,
         Self::AuditCommitFailed,
         Self::OpenInterrupted,
+        Self::ConfigurationChanged,
     ];
 
     /// The wire string.
@@ -123,13 +133,15 @@ impl DenyReason {
             Self::AuthorityNotValid => "authority_not_valid",
             Self::AuditCommitFailed => "audit_commit_failed",
             Self::OpenInterrupted => "open_interrupted",
+            Self::ConfigurationChanged => "configuration_changed",
         }
     }
 
     /// Whether a reply may carry it: not the reasons of audit leaves only
     /// (`warrant_expired`, `emergency_expired`, `authority_not_valid`,
-    /// `audit_commit_failed`, which come with a request refused whole, and
-    /// `open_interrupted`, written after the process that opened stopped).
+    /// `audit_commit_failed`, `configuration_changed`, which come with a
+    /// request refused whole, and `open_interrupted`, written after the
+    /// process that opened stopped).
     pub const fn in_replies(self) -> bool {
         !matches!(
             self,
@@ -138,6 +150,7 @@ impl DenyReason {
                 | Self::AuthorityNotValid
                 | Self::AuditCommitFailed
                 | Self::OpenInterrupted
+                | Self::ConfigurationChanged
         )
     }
 

@@ -433,11 +433,12 @@ pub fn render(report: &Report) -> String {
         "Denials by reason",
         &format!(
             "An envelope is denied when the warrant was valid but does not reach it (outside \
-             the window, another target, budget spent, key destroyed, …). Five reasons are \
+             the window, another target, budget spent, key destroyed, …). Six reasons are \
              different: audit_commit_failed, warrant_expired, emergency_expired, \
-             authority_not_valid and warrant_revoked mark envelopes the HSM did open, whose \
-             request then failed (its audit commit, the warrant's or a signer's end reached, \
-             or the warrant revoked, while it ran), so nothing was released: {} in this \
+             authority_not_valid, configuration_changed and warrant_revoked mark envelopes \
+             the HSM did open, whose request then failed (its audit commit, the warrant's or \
+             a signer's end reached, a reload that no longer admitted it, or the warrant \
+             revoked, while it ran), so nothing was released: {} in this \
              period. Envelopes denied key_destroyed, budget_exhausted, open_failed or \
              open_interrupted may include some the HSM opened too (a key's retention or a \
              budget lease that ended, or an HSM failure later in the batch, while the request \

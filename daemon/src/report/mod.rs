@@ -704,9 +704,12 @@ impl Report {
                         ) => {
                             t.expired_refusal.get_or_insert(leaf.time);
                         }
-                        // A signer's end reached in flight: refused whole,
-                        // neither a use nor the warrant's lapse.
-                        UnwrapOutcome::Denied(DenyReason::AuthorityNotValid) => {}
+                        // A signer's end reached in flight, or a reload
+                        // that no longer admits it: refused whole, neither
+                        // a use nor the warrant's lapse.
+                        UnwrapOutcome::Denied(
+                            DenyReason::AuthorityNotValid | DenyReason::ConfigurationChanged,
+                        ) => {}
                         _ => t.last_use = Some(leaf.time),
                     }
                 }

@@ -60,6 +60,10 @@ pub struct Context<'a> {
     /// [`UnwrapError::Withdrawn`] if that one does not admit it. `None`:
     /// no reload applies (a library caller).
     pub readmit: Option<Readmit<'a>>,
+    /// The same question once more, just before the audit commit, for a
+    /// reload that applied while the request's HSM opens ran; see
+    /// [`Recheck`]. `None`: no reload applies (a library caller).
+    pub recheck: Option<Recheck<'a>>,
     /// Envelope size limits.
     pub envelope_limits: &'a EnvelopeLimits,
     /// Most envelopes in one request.
@@ -75,6 +79,30 @@ pub struct Context<'a> {
 /// See [`Context::readmit`].
 #[derive(Clone, Copy)]
 pub struct Readmit<'a>(pub &'a (dyn Fn() -> Result<Option<Arc<Verifier>>, UnwrapError> + Sync));
+
+/// A request's last look at the configuration, before its audit commit.
+///
+/// `readmit` answers as [`Context::readmit`] does. With a newer
+/// configuration the warrant is verified again under its trust, at the
+/// time of the look; a request that no longer passes is refused whole, its
+/// leaves denied (the HSM did open). `fence` is held (shared) from that
+/// look to the end of the commit, and by a reload (exclusive) from its
+/// `authorities_loaded` leaf to the swap of the configuration: so no
+/// `opened` leaf judged under one trust commits after the leaf that says
+/// another applies.
+#[derive(Clone, Copy)]
+pub struct Recheck<'a> {
+    /// As [`Context::readmit`].
+    pub readmit: Readmit<'a>,
+    /// The reload's fence.
+    pub fence: &'a std::sync::RwLock<()>,
+}
+
+impl std::fmt::Debug for Recheck<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Recheck(..)")
+    }
+}
 
 impl std::fmt::Debug for Readmit<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -735,15 +763,25 @@ pub fn unwrap(
     // once its leaves, denied with that reason and unspent, are durable:
     // the HSM opened, and every open is logged. A key past its retention
     // denies its envelopes `key_destroyed`.
+    // And the configuration: a reload that applied while the opens ran
+    // (authorities, policy, roles, client CAs and CRLs) judges the request
+    // again, as one at the gate (`Recheck`). Its fence is held to the end
+    // of the commit.
+    let fence = ctx.recheck.map(|r| {
+        r.fence
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
     let settling = clock();
-    let lapsed = warrant.lapsed(settling);
-    if let Some(lapsed) = &lapsed {
-        let reason = match lapsed {
-            WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
-            WarrantError::AuthorityNotValid { .. } => DenyReason::AuthorityNotValid,
-            _ => DenyReason::WarrantExpired,
-        };
-        deny_opened(&mut releases, &mut leaves, reason);
+    let lapsed = refused_at_settle(
+        ctx,
+        request.warrant.get().as_bytes(),
+        caller,
+        &warrant,
+        settling,
+    );
+    if let Some((reason, _)) = &lapsed {
+        deny_opened(&mut releases, &mut leaves, *reason);
         opened = 0;
     } else {
         let retained = |kid: &str| {
@@ -786,6 +824,8 @@ pub fn unwrap(
             opened,
         },
     });
+    // Committed (or failed): a reload may apply now.
+    drop(fence);
     // Settled with the leaves, or replaced by the deferred ones below.
     guard.intent = None;
     let receipt = match committed {
@@ -820,8 +860,8 @@ pub fn unwrap(
     if let Some(e) = hsm_failure {
         return Err(e.into());
     }
-    if let Some(lapsed) = lapsed {
-        return Err(lapsed.into());
+    if let Some((_, refused)) = lapsed {
+        return Err(refused);
     }
     let mut builder = builder?;
     phases.audit = lap.next();
@@ -1017,6 +1057,38 @@ fn witnessed(ctx: &Context<'_>, receipt: &Receipt, opened: u64) -> Result<String
             Ok(receipt.checkpoint.clone())
         }
     }
+}
+
+/// Why a request admitted when its work started is refused at the last
+/// look before its audit commit, with its leaves' reason: the warrant's
+/// end, its urgent hours' or a signer's validity passed meanwhile
+/// ([`crate::warrant::VerifiedWarrant::lapsed`]); or a reload applied
+/// meanwhile ([`Context::recheck`]) that no longer admits the caller, or
+/// whose trust no longer verifies the warrant (`configuration_changed`,
+/// unless the refusal is one of those ends).
+fn refused_at_settle(
+    ctx: &Context<'_>,
+    jws: &[u8],
+    caller: &str,
+    warrant: &crate::warrant::VerifiedWarrant,
+    settling: OffsetDateTime,
+) -> Option<(DenyReason, UnwrapError)> {
+    let newer = match ctx.recheck.map(|r| (r.readmit.0)()) {
+        Some(Err(withdrawn)) => return Some((DenyReason::ConfigurationChanged, withdrawn)),
+        Some(Ok(newer)) => newer,
+        None => None,
+    };
+    let refused = match newer {
+        Some(verifier) => verifier.verify(jws, settling, caller).err(),
+        None => warrant.lapsed(settling),
+    }?;
+    let reason = match &refused {
+        WarrantError::Expired(_) => DenyReason::WarrantExpired,
+        WarrantError::EmergencyExpired(_) => DenyReason::EmergencyExpired,
+        WarrantError::AuthorityNotValid { .. } => DenyReason::AuthorityNotValid,
+        _ => DenyReason::ConfigurationChanged,
+    };
+    Some((reason, refused.into()))
 }
 
 /// Turns every opened envelope into a denial for `reason`, in the reply
