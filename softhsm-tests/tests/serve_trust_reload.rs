@@ -390,6 +390,30 @@ fn a_reload_while_a_request_waits_at_the_gate_decides_it() {
         entries.iter().all(|e| e.leaf["warrant_id"] != "W-WAITING"),
         "the withdrawn request logged something"
     );
+    // The holder's open is logged, denied for the reload, and unspent.
+    let holder: Vec<&serde_json::Value> = entries
+        .iter()
+        .map(|e| &e.leaf)
+        .filter(|l| l["warrant_id"] == "W-HOLDER")
+        .collect();
+    assert_eq!(holder.len(), 1, "{holder:?}");
+    assert_eq!(holder[0]["outcome"], "denied", "{}", holder[0]);
+    assert_eq!(
+        holder[0]["reason"], "configuration_changed",
+        "{}",
+        holder[0]
+    );
+    assert_eq!(spent(&t, "W-HOLDER"), 0);
+}
+
+/// The budget warrant `id` has spent, from the store.
+fn spent(t: &TestToken, id: &str) -> i64 {
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap()
 }
 
 /// A reload that applies while an unwrap's HSM opens run reaches it before
@@ -465,13 +489,7 @@ fn a_reload_while_the_hsm_opens_decides_it() {
     assert!(at > change, "{at} {change}");
     assert_eq!(leaf["outcome"], "denied", "{leaf}");
     assert_eq!(leaf["reason"], "configuration_changed", "{leaf}");
-    let spent: i64 = rusqlite::Connection::open(t.path("lavd.db"))
-        .unwrap()
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    assert_eq!(spent, 0);
+    assert_eq!(spent(&t, id), 0);
     // Sent again, it is refused before any work.
     vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "unknown_authority");
     assert_eq!(

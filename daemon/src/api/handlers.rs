@@ -225,6 +225,11 @@ pub(crate) async fn post_unwrap(
     })
     .await?;
     if let Err(unwrap::UnwrapError::Withdrawn(_)) = &result {
+        // Withdrawn at the last look before the audit commit, its leaves
+        // name the warrant: the request's log line does too.
+        if let Some(id) = unwrap::claimed_warrant_id(&claimed_from, max_warrant_bytes) {
+            ctx.record_warrant_id(&id);
+        }
         let e = withdrawn
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

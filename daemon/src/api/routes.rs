@@ -274,7 +274,7 @@ fn is_json(content_type: &str) -> bool {
                 .strip_prefix('"')
                 .and_then(|v| v.strip_suffix('"'))
                 .unwrap_or(value);
-            value.eq_ignore_ascii_case("utf-8")
+            value.eq_ignore_ascii_case("utf-8") || value.eq_ignore_ascii_case("utf8")
         }
         _ => true,
     })
@@ -744,6 +744,7 @@ mod tests {
             "application/json; charset=utf-8",
             "application/json;charset=\"UTF-8\"",
             "application/json; profile=x",
+            "application/json; charset=utf8",
         ] {
             assert!(is_json(taken), "{taken}");
         }

@@ -396,14 +396,20 @@ impl ServerState {
             generation,
             Some(&self.current().tls),
         )?;
-        // No unwrap judged under the running configuration commits its
-        // leaves after this point until the swap; those in their commit
-        // finish first ([`crate::unwrap::Recheck`]).
-        let fence = self
-            .reload_fence
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if next.trust_digest != self.current().trust_digest {
+        // A trust change is ordered against unwraps' leaves: none judged
+        // under the running trust commits after its `authorities_loaded`
+        // leaf; those in their commit finish first, and those at their last
+        // look wait for the swap ([`crate::unwrap::Recheck`]). Other changes
+        // (roles, CAs, CRLs) write no leaf and take no fence, so that they
+        // never wait for the store: a new CRL must not wait for the
+        // clients it revokes.
+        let trust_changed = next.trust_digest != self.current().trust_digest;
+        let fence = trust_changed.then(|| {
+            self.reload_fence
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        });
+        if trust_changed {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it
             // cannot be written the reload fails and the old trust stays.

@@ -171,8 +171,9 @@ pub struct Totals {
     pub denied: u64,
     /// Of `denied`, the envelopes the HSM certainly opened and whose keys
     /// were not released: the reasons of audit leaves only
-    /// (`audit_commit_failed`; `warrant_expired`, `emergency_expired` and
-    /// `authority_not_valid` written in flight), and `warrant_revoked` on
+    /// (`audit_commit_failed`; `warrant_expired`, `emergency_expired`,
+    /// `authority_not_valid` and `configuration_changed` written in
+    /// flight), and `warrant_revoked` on
     /// an envelope (the warrant revoked while its request ran: a request
     /// that arrives revoked is refused whole). Envelopes denied
     /// `key_destroyed`, `budget_exhausted`, `open_failed` or

@@ -397,6 +397,11 @@ fn opens_that_were_not_released_are_counted_apart() {
             datetime!(2026-05-01 10:06 UTC),
             denied(A, &w, DenyReason::OpenInterrupted),
         ),
+        // A reload while its HSM opens ran no longer admitted it.
+        (
+            datetime!(2026-05-01 10:07 UTC),
+            denied(A, &w, DenyReason::ConfigurationChanged),
+        ),
     ];
     let r = build(&events, &Options::default());
     assert_eq!(
@@ -405,11 +410,11 @@ fn opens_that_were_not_released_are_counted_apart() {
             r.totals.denied,
             r.totals.opened_not_released
         ),
-        (1, 6, 3)
+        (1, 7, 4)
     );
     let page = html::render(&r);
     assert!(
-        page.contains("nothing was released: 3 in this period"),
+        page.contains("nothing was released: 4 in this period"),
         "{page}"
     );
     assert!(
