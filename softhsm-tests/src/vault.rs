@@ -318,6 +318,16 @@ pub fn entries(auditor: &Client, start: u64, end: u64) -> Vec<Entry> {
     out
 }
 
+/// The budget warrant `id` has spent, read from the SQLite store of `t`.
+pub fn spent(t: &TestToken, id: &str) -> i64 {
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .expect("open the store")
+        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
+            row.get(0)
+        })
+        .expect("the warrant's row")
+}
+
 /// The size of the log, from a fresh checkpoint verified with the
 /// published verifier key.
 pub fn tree_size(auditor: &Client) -> u64 {

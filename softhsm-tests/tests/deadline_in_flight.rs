@@ -26,12 +26,7 @@ const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// The budget warrant `id` has spent, from the store.
 fn spent(h: &Held, id: &str) -> i64 {
-    rusqlite::Connection::open(h.t.path("lavd.db"))
-        .unwrap()
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .unwrap()
+    vault::spent(&h.t, id)
 }
 
 /// Sleeps until `t` has passed, by the wall clock the daemon reads too.

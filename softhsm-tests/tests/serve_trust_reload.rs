@@ -403,17 +403,7 @@ fn a_reload_while_a_request_waits_at_the_gate_decides_it() {
         "{}",
         holder[0]
     );
-    assert_eq!(spent(&t, "W-HOLDER"), 0);
-}
-
-/// The budget warrant `id` has spent, from the store.
-fn spent(t: &TestToken, id: &str) -> i64 {
-    rusqlite::Connection::open(t.path("lavd.db"))
-        .unwrap()
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |r| {
-            r.get(0)
-        })
-        .unwrap()
+    assert_eq!(vault::spent(&t, "W-HOLDER"), 0);
 }
 
 /// A reload that applies while an unwrap's HSM opens run reaches it before
@@ -489,7 +479,7 @@ fn a_reload_while_the_hsm_opens_decides_it() {
     assert!(at > change, "{at} {change}");
     assert_eq!(leaf["outcome"], "denied", "{leaf}");
     assert_eq!(leaf["reason"], "configuration_changed", "{leaf}");
-    assert_eq!(spent(&t, id), 0);
+    assert_eq!(vault::spent(&t, id), 0);
     // Sent again, it is refused before any work.
     vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "unknown_authority");
     assert_eq!(

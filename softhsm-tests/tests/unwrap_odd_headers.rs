@@ -30,12 +30,7 @@ fn header(kid: &str, target: &str) -> String {
 }
 
 fn spent(t: &TestToken, id: &str) -> i64 {
-    rusqlite::Connection::open(t.path("lavd.db"))
-        .unwrap()
-        .query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
-            row.get(0)
-        })
-        .unwrap()
+    vault::spent(t, id)
 }
 
 /// `(outcome, reason, kid)` of each leaf of a reply.

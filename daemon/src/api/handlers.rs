@@ -158,37 +158,17 @@ pub(crate) async fn post_unwrap(
     let max_warrant_bytes = live.verifier.limits().max_warrant_bytes;
     let st = state.clone();
     let caller = peer.uri().to_string();
-    // Why the caller was not admitted again after its gate turn.
+    // Why the caller was not admitted again (at its gate turn, or before
+    // its audit commit).
     let withdrawn: Arc<std::sync::Mutex<Option<ApiError>>> = Arc::default();
     let refusal = withdrawn.clone();
     let result = blocking(move || {
         let limits = st.limits.envelope();
         // A reload while the request waited at the envelope gate: the
         // caller is admitted again under the configuration in force when
-        // its work starts, and that one's trust judges the warrant.
-        let readmit = || {
-            if st.requests_cut() {
-                return Err(unwrap::UnwrapError::StoreUnavailable(
-                    "the daemon is stopping and this request's connection was cut before its \
-                     turn: nothing was opened"
-                        .into(),
-                ));
-            }
-            readmission
-                .current(&live, &[Role::Agency])
-                .map(|newer| newer.map(|r| r.verifier.clone()))
-                .map_err(|e| {
-                    let why = e.to_string();
-                    *refusal
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                    unwrap::UnwrapError::Withdrawn(why)
-                })
-        };
-        // Once more before the audit commit, for a reload while the HSM
-        // opened: the same question, but a request that opened is not
-        // withdrawn for a cut connection (its leaves are written all the
-        // same).
+        // its work starts, and that one's trust judges the warrant; and
+        // once more before the audit commit, for a reload while the HSM
+        // opened.
         let readmit_again = || {
             readmission
                 .current(&live, &[Role::Agency])
@@ -200,6 +180,19 @@ pub(crate) async fn post_unwrap(
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
                     unwrap::UnwrapError::Withdrawn(why)
                 })
+        };
+        // At the gate, a request whose connection was cut while the daemon
+        // stops is dropped too: nothing was opened yet. Not later: a
+        // request that opened has its leaves written all the same.
+        let readmit = || {
+            if st.requests_cut() {
+                return Err(unwrap::UnwrapError::StoreUnavailable(
+                    "the daemon is stopping and this request's connection was cut before its \
+                     turn: nothing was opened"
+                        .into(),
+                ));
+            }
+            readmit_again()
         };
         let context = unwrap::Context {
             hsm: &st.hsm,

@@ -117,8 +117,9 @@ pub struct ServerState {
     /// two [`Reloadable`]s ever share a generation (connections keep a
     /// passed certificate check per generation).
     reloading: Mutex<()>,
-    /// Held by a reload (exclusive) from its `authorities_loaded` leaf to
-    /// the swap of the configuration, and by an unwrap (shared) from its
+    /// Held by a reload that changes authorities or policy (exclusive)
+    /// from before its `authorities_loaded` leaf to the swap of the
+    /// configuration, and by an unwrap (shared) from its
     /// last look at the configuration to the end of its audit commit
     /// ([`crate::unwrap::Recheck`]).
     reload_fence: std::sync::RwLock<()>,

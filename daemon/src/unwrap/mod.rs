@@ -86,8 +86,9 @@ pub struct Readmit<'a>(pub &'a (dyn Fn() -> Result<Option<Arc<Verifier>>, Unwrap
 /// configuration the warrant is verified again under its trust, at the
 /// time of the look; a request that no longer passes is refused whole, its
 /// leaves denied (the HSM did open). `fence` is held (shared) from that
-/// look to the end of the commit, and by a reload (exclusive) from its
-/// `authorities_loaded` leaf to the swap of the configuration: so no
+/// look to the end of the commit, and by a reload that changes authorities
+/// or policy (exclusive) from before its `authorities_loaded` leaf to the
+/// swap of the configuration: so no
 /// `opened` leaf judged under one trust commits after the leaf that says
 /// another applies.
 #[derive(Clone, Copy)]
