@@ -159,6 +159,15 @@ fn seal_refuses_unknown_kid_and_other_suite() {
     );
     assert_eq!(out, "");
 
+    // A set whose key carries its private half: refused, with its code.
+    let mut leaked: serde_json::Value = serde_json::from_str(&jwks(&escrow, LAV_SUITE)).unwrap();
+    leaked["keys"][0]["d"] = serde_json::json!(lavd::codec::b64_encode([7u8; 32]));
+    let leaked = write(dir.path(), "leaked.json", &leaked.to_string());
+    let (r, out, _) = seal(&leaked, &[]);
+    let e = r.unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("jwks_private_key"), "{e:#}");
+    assert_eq!(out, "");
+
     let other = write(dir.path(), "other.json", &jwks(&escrow, "16-1-1"));
     let (r, out, _) = seal(&other, &[]);
     let err = format!("{:#}", r.unwrap_err());

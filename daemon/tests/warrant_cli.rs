@@ -123,6 +123,23 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
     }
     // keygen never overwrites a key.
     assert!(run(&["keygen", "--kid", "home-office-1", "--out", s(&exec_key)]).is_err());
+    // A public half that cannot be written (here a directory) leaves no
+    // private key behind, so the same command can run again.
+    let orphan = d.join("orphan.jwk");
+    for _ in 0..2 {
+        let e = run(&[
+            "keygen",
+            "--kid",
+            "k-1",
+            "--out",
+            s(&orphan),
+            "--public-out",
+            s(d),
+        ])
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("writing"), "{e:#}");
+        assert!(!orphan.exists());
+    }
     let trust = write_trust(d, &exec_pub, &jud_pub);
 
     let recipient = d.join("agency.pub.jwk");
@@ -359,4 +376,19 @@ fn new_from_claims_file_and_refusals() {
     run(&["new", "--claims", s(&claims_path), "--out", s(&out)]).unwrap();
     let err = run(&["sign", "--key", s(&key), "--in", s(&out)]).unwrap_err();
     assert!(format!("{err:#}").contains("no `kid`"), "{err:#}");
+}
+
+/// A flag `new` needs, or an unknown `--alg` for `keygen`, is a usage
+/// error (`usage`, exit 2 from `main`) naming the flag, as clap's own are.
+#[test]
+fn missing_flags_and_an_unknown_alg_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = run(&["new", "--id", "x"]).unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(format!("{e:#}").contains("--legal-basis is required"), "{e:#}");
+    let out = dir.path().join("k.jwk");
+    let e = run(&["keygen", "--alg", "RS256", "--kid", "k", "--out", s(&out)]).unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(format!("{e:#}").starts_with("--alg: "), "{e:#}");
+    assert!(!out.exists());
 }

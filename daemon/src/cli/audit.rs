@@ -3,6 +3,7 @@
 //! is in [`super::report`]). `verify` and `report` need no HSM, config or
 //! daemon: only the log's verifier key.
 
+use super::{out, outln};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -101,7 +102,7 @@ impl AuditCommand {
         match self {
             AuditCommand::Key { config } => {
                 let log = open_log(&config)?;
-                println!("{}", log.verifier_key()?);
+                outln!("{}", log.verifier_key()?);
             }
             AuditCommand::Export { config, out } => {
                 let log = open_log(&config)?;
@@ -124,8 +125,8 @@ impl AuditCommand {
                     write_atomically(&path, verified.export.checkpoint.as_bytes())
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
-                print!("{}", verified.summary);
-                println!("verdict: the log verifies");
+                out!("{}", verified.summary);
+                outln!("verdict: the log verifies");
             }
             AuditCommand::Report(args) => args.run()?,
             AuditCommand::Mirror {
@@ -541,7 +542,7 @@ fn mirror(
     let _ = std::fs::remove_dir_all(&incoming);
     write_atomically(&dir.join("checkpoint"), checkpoint.as_bytes())
         .with_context(|| format!("writing {}", dir.join("checkpoint").display()))?;
-    println!(
+    outln!(
         "mirrored {} entries of {} into {}: {} tiles fetched, the rest already held",
         export.entries.len(),
         export.origin,

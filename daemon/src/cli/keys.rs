@@ -1,5 +1,6 @@
 //! `lavd keys …`: escrow and audit key lifecycle against the configured HSM.
 
+use super::outln;
 use anyhow::Context as _;
 use time::OffsetDateTime;
 
@@ -124,7 +125,7 @@ impl KeysCommand {
                     destroy_after,
                 };
                 let record = keys::generate(&hsm, &store, &kid, validity, now)?;
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(
                         &keys::jwks(&store, now)?
@@ -225,7 +226,7 @@ impl KeysCommand {
                             (None, _) if now < k.not_before => "not yet valid".into(),
                             (None, _) => "active".into(),
                         };
-                        println!(
+                        outln!(
                             "{}\tnot_before={}\tnot_after={}\tdestroy_after={}\t{state}",
                             shown(&k.kid),
                             format_time(k.not_before),
@@ -242,7 +243,7 @@ impl KeysCommand {
                             Hsm::open(settings.hsm)
                         })?;
                     let set = keys::jwks_checked(&hsm, &store, now)?;
-                    println!("{}", serde_json::to_string_pretty(&set)?);
+                    outln!("{}", serde_json::to_string_pretty(&set)?);
                 }
             }
             KeysCommand::Destroy {
@@ -347,7 +348,7 @@ impl KeysCommand {
                 let info = hsm
                     .generate_audit_key(&settings.audit.key_label)
                     .context("generating the audit key")?;
-                println!("{}", serde_json::to_string_pretty(&info.public.to_jwk())?);
+                outln!("{}", serde_json::to_string_pretty(&info.public.to_jwk())?);
             }
         }
         Ok(())

@@ -130,7 +130,11 @@ pub fn main() -> std::process::ExitCode {
             // Every error has a code: a script keys on it. `command_failed`
             // is what no more precise code names.
             let code = error_code(&e).unwrap_or("command_failed");
-            eprintln!("lavd: {code}: {e:#}{detail}");
+            // Escaped: the chain may quote untrusted text (an export's
+            // origin, a leaf's member, a key set's kid), whose control or
+            // bidirectional characters must not reach the terminal raw.
+            let message = crate::codec::escape_for_terminal(format!("{e:#}").trim_end());
+            eprintln!("lavd: {code}: {message}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
             } else if is_refused_login(&e) {
@@ -413,6 +417,36 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     None
 }
+
+/// Writes a command's output to stdout, flushed. A closed stdout (`lavd …
+/// | head -1`) is an error, `output_closed`, not the panic `println!`
+/// makes of it.
+///
+/// # Errors
+/// [`Refused`] with `output_closed` when stdout cannot take it.
+pub fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_fmt(args)
+        .and_then(|()| stdout.flush())
+        .map_err(|e| Refused::new("output_closed", format!("writing to stdout: {e}")).into())
+}
+
+/// `print!` through [`write_out`], returning its error.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!($($arg)*))?
+    };
+}
+
+/// `println!` through [`write_out`], returning its error.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_out(format_args!("{}\n", format_args!($($arg)*)))?
+    };
+}
+pub(crate) use {out, outln};
 
 /// `--config FILE`, shared by every subcommand that touches the HSM or store.
 #[derive(Debug, Clone, clap::Args)]

@@ -221,6 +221,17 @@ fn find_key<'a>(set: &'a JwkSet, kid: &str) -> anyhow::Result<&'a Jwk> {
     if jwk.use_.as_deref() != Some("enc") {
         bail!("`use` is {:?}, not \"enc\"", jwk.use_);
     }
+    // A published escrow key never carries its private half (it never
+    // leaves the HSM): a set that does is not the escrow service's, or its
+    // publisher has leaked a key. Nothing is sealed to it.
+    if jwk.d.is_some() {
+        return Err(super::Refused::new(
+            "jwks_private_key",
+            "carries a private key (`d`): a published escrow key never does; seal nothing to \
+             it, and tell its publisher",
+        )
+        .into());
+    }
     Ok(jwk)
 }
 

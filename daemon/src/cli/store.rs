@@ -1,5 +1,6 @@
 //! `lavd store`: schema management for the configured store.
 
+use super::outln;
 use std::path::PathBuf;
 
 use clap::Subcommand;
@@ -65,7 +66,7 @@ impl StoreCommand {
                         (store.describe().to_string(), store.migrate()?)
                     }
                 };
-                println!("{store}: schema version {version}");
+                outln!("{store}: schema version {version}");
                 Ok(())
             }
             StoreCommand::Copy {
@@ -98,7 +99,7 @@ impl StoreCommand {
                 let source = SqliteStore::open(&from)?;
                 let target = PgStore::connect(&pg)?;
                 let report = target.copy_from_sqlite(&source, &key)?;
-                println!(
+                outln!(
                     "copied {} keys, {} warrants, {} revocations, {} leaves, {} checkpoints and \
                      {} cosignatures from {} to {}; root {}",
                     report.keys,

@@ -9,6 +9,7 @@
 //! these tools produce is one the daemon can accept, and `inspect` gives the
 //! daemon's exact refusal code.
 
+use super::{out, outln};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -189,10 +190,7 @@ impl WarrantCommand {
             }
             Self::Inspect(args) => {
                 let report = args.report()?;
-                print!("{}", report.text);
-                std::io::stdout()
-                    .flush()
-                    .context("writing to standard output")?;
+                out!("{}", report.text);
                 match report.verdict {
                     Verdict::Refused { code, message } => Err(NotAccepted { code, message }.into()),
                     Verdict::Accepted | Verdict::NotChecked => Ok(()),
@@ -208,8 +206,8 @@ fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
         Some(path) => std::fs::write(path, format!("{text}\n"))
             .with_context(|| format!("writing {}", path.display())),
         None => {
-            let mut stdout = std::io::stdout().lock();
-            writeln!(stdout, "{text}").context("writing to standard output")
+            outln!("{text}");
+            Ok(())
         }
     }
 }
@@ -218,8 +216,13 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(super::read_input(path)?)
 }
 
+/// A flag `lavd warrant new` needs without `--claims`: a usage error (exit 2).
+fn missing(flag: &str) -> anyhow::Error {
+    super::Refused::new("usage", format!("--{flag} is required (or give --claims)")).into()
+}
+
 fn time_flag(name: &str, value: Option<&str>) -> anyhow::Result<String> {
-    let text = value.with_context(|| format!("--{name} is required (or give --claims)"))?;
+    let text = value.ok_or_else(|| missing(name))?;
     let t = parse_time(text).with_context(|| format!("--{name} `{text}`"))?;
     Ok(format_time(t))
 }
@@ -235,8 +238,7 @@ impl NewArgs {
             return read(path);
         }
         let required = |name: &str, v: &Option<String>| -> anyhow::Result<String> {
-            v.clone()
-                .with_context(|| format!("--{name} is required (or give --claims)"))
+            v.clone().ok_or_else(|| missing(name))
         };
         // Checked in the order of `--help`, so the first missing flag is named.
         let id = required("id", &self.id)?;
@@ -245,7 +247,7 @@ impl NewArgs {
         let recipient_path = self
             .recipient
             .as_ref()
-            .context("--recipient is required (or give --claims)")?;
+            .ok_or_else(|| missing("recipient"))?;
         let jwk = Jwk::from_json(&read(recipient_path)?)
             .with_context(|| format!("recipient {}", recipient_path.display()))?;
         if jwk.d.is_some() {
@@ -257,7 +259,11 @@ impl NewArgs {
         let recipient = P256PublicKey::from_jwk(&jwk)
             .with_context(|| format!("recipient {}", recipient_path.display()))?;
         if self.targets.is_empty() {
-            bail!("at least one --target is required (or give --claims)");
+            return Err(super::Refused::new(
+                "usage",
+                "at least one --target is required (or give --claims)",
+            )
+            .into());
         }
         let mut claims = serde_json::json!({
             "id": id,
@@ -271,7 +277,7 @@ impl NewArgs {
             },
             "not_before": time_flag("not-before", self.not_before.as_deref())?,
             "expires": time_flag("expires", self.expires.as_deref())?,
-            "max_unwraps": self.max_unwraps.context("--max-unwraps is required (or give --claims)")?,
+            "max_unwraps": self.max_unwraps.ok_or_else(|| missing("max-unwraps"))?,
         });
         if !self.kids.is_empty() {
             claims["kids"] = serde_json::json!(self.kids);
@@ -476,7 +482,11 @@ fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
             ),
         ),
     ];
+    // Escaped: a target or kid may hold bidirectional or other format
+    // characters (their bounds allow them), which must not reorder what
+    // the terminal shows.
     for (name, value) in lines {
+        let value = crate::codec::escape_for_terminal(&value);
         text.push_str(&format!("{name:<12} {value}\n"));
     }
 }
@@ -484,12 +494,22 @@ fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
 impl KeygenArgs {
     fn run(&self) -> anyhow::Result<()> {
         let alg = Algorithm::from_name(&self.alg)
-            .map_err(|e: WarrantError| anyhow::anyhow!("--alg: {e}"))?;
+            .map_err(|e: WarrantError| super::Refused::new("usage", format!("--alg: {e}")))?;
         let key = AuthorityKey::generate(alg, &self.kid)?;
         let private = zeroize::Zeroizing::new(serde_json::to_string(&key.private_jwk()?)?);
         write_private(&self.out, &private)?;
         let public = serde_json::to_string(&key.public_jwk()?)?;
-        write_output(self.public_out.as_deref(), &public)
+        // A public half that cannot be written takes the private one with
+        // it: a private key whose public half nobody has would stop a rerun
+        // (keygen never overwrites a key) and serve no one.
+        write_output(self.public_out.as_deref(), &public).inspect_err(|_| {
+            if let Err(e) = std::fs::remove_file(&self.out) {
+                eprintln!(
+                    "warning: could not remove {} after the public key failed: {e}",
+                    self.out.display()
+                );
+            }
+        })
     }
 }
 

@@ -10,6 +10,7 @@
 //! - `vkey`: prints the vkey of the configured key, for log operators'
 //!   `[[audit.witnesses]]` and verifiers' policies.
 
+use super::outln;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -86,14 +87,14 @@ impl WitnessCommand {
                 if !settings.state.exists() {
                     WitnessState::create(&settings.state)?;
                 }
-                println!("{}", CosignerKey::new(&settings.name, info.public.bytes())?);
+                outln!("{}", CosignerKey::new(&settings.name, info.public.bytes())?);
                 Ok(())
             }
             WitnessCommand::Vkey(args) => {
                 super::init_logging(&crate::config::LogSettings::default());
                 let settings = WitnessSettings::load(&args.config, &ProcessEnv)?;
                 let signer = signer(settings.key, &settings.file)?;
-                println!(
+                outln!(
                     "{}",
                     CosignerKey::new(&settings.name, &signer.public_key()?)?
                 );

@@ -701,6 +701,17 @@ impl Validator<'_> {
             300,
             86_400,
         )?;
+        if lease <= statement_timeout {
+            // A request's commit may wait a whole statement timeout: by then
+            // another replica may have written its opens as interrupted.
+            self.warnings.borrow_mut().push(format!(
+                "store.reservation_lease_secs ({lease}) is not longer than \
+                 store.statement_timeout_secs ({statement_timeout}): a request whose audit \
+                 commit waits that long may have its HSM opens logged twice (open_interrupted \
+                 and opened) and be refused budget_exhausted; keep the lease above your \
+                 slowest request (docs/configuration.md, the store)"
+            ));
+        }
         Ok(StoreSettings::Postgres(PgSettings {
             url,
             password,

@@ -604,6 +604,31 @@ fn postgres_refusals_name_the_field() {
     assert_eq!(e.field, "store.pool_size");
 }
 
+/// A reservation lease no longer than the statement timeout is a warning:
+/// a commit that waits that long finds its opens already written as
+/// interrupted by another replica.
+#[test]
+fn a_lease_within_the_statement_timeout_is_a_warning() {
+    let warned = |text: &str| {
+        load_pg(text, &[])
+            .unwrap()
+            .warnings
+            .iter()
+            .any(|w| w.contains("store.reservation_lease_secs"))
+    };
+    assert!(!warned(PG));
+    let short = PG.replace(
+        "ca_file = \"ca.pem\"",
+        "ca_file = \"ca.pem\"\nreservation_lease_secs = 5",
+    );
+    assert!(warned(&short));
+    let longer = PG.replace(
+        "ca_file = \"ca.pem\"",
+        "ca_file = \"ca.pem\"\nreservation_lease_secs = 6",
+    );
+    assert!(!warned(&longer));
+}
+
 /// `GOOD` plus `audit`, in a directory that also holds `files`.
 fn load_with(audit: &str, files: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,144 @@
+//! What the real `lavd` binary writes to a terminal or a pipe:
+//!
+//! - untrusted text quoted in an error line (here a JWK Set's kid, which
+//!   `lavd seal` names when the asked key is not in the set) is escaped,
+//!   never written raw: a bidirectional override or an escape sequence
+//!   cannot reorder or restyle what the user reads;
+//! - `lavd warrant inspect` shows a target holding a bidirectional control
+//!   (the target bound allows one) escaped;
+//! - a closed standard output (`lavd … | head -1`) is the error
+//!   `output_closed`, exit 1, not a panic (exit 101).
+
+// Helpers outside `#[test]` functions are test code too: a failure should
+// panic the test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use lavd::jwk::{JwkSet, P256PrivateKey};
+
+const RLO: char = '\u{202e}';
+
+fn lavd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lavd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
+/// An unsigned warrant whose one target holds a right-to-left override.
+fn warrant(dir: &Path) -> PathBuf {
+    let recipient = write(
+        dir,
+        "agency.pub.jwk",
+        &serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
+    );
+    let out = dir.join("w.json");
+    let target = format!("acct:{RLO}moc.elpmaxe@ecila");
+    let r = lavd(&[
+        "warrant",
+        "new",
+        "--recipient",
+        recipient.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--id",
+        "W-TERMINAL",
+        "--legal-basis",
+        "Investigatory Powers Act 2016 s.19",
+        "--agency",
+        "spiffe://agency.example/lea/unit-7",
+        "--target",
+        &target,
+        "--window-from",
+        "2026-11-01T00:00:00Z",
+        "--window-to",
+        "2026-12-01T00:00:00Z",
+        "--not-before",
+        "2026-11-24T00:00:00Z",
+        "--expires",
+        "2026-12-24T00:00:00Z",
+        "--max-unwraps",
+        "5",
+    ]);
+    assert!(r.status.success(), "{r:?}");
+    out
+}
+
+#[test]
+fn an_error_line_quotes_untrusted_text_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut jwk = P256PrivateKey::generate().unwrap().public().to_jwk();
+    jwk.kid = Some(format!("2026-12{RLO}\u{1b}[31m"));
+    jwk.use_ = Some("enc".into());
+    let set = write(
+        dir.path(),
+        "keys.json",
+        &serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+    );
+    let r = lavd(&[
+        "seal",
+        "--jwks",
+        set.to_str().unwrap(),
+        "--kid",
+        "2026-11",
+        "--target",
+        "acct:alice@example.com",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--provider",
+        "spiffe://provider.example/mail",
+        "--dek-hex",
+        "000102030405060708090a0b0c0d0e0f",
+    ]);
+    let stderr = String::from_utf8(r.stderr).unwrap();
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("not in the set"), "{stderr}");
+    assert!(stderr.contains("2026-12\\u{202e}\\u{1b}[31m"), "{stderr}");
+    assert!(
+        !stderr.contains(RLO) && !stderr.contains('\u{1b}'),
+        "{stderr:?}"
+    );
+}
+
+#[test]
+fn warrant_inspect_shows_a_target_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = warrant(dir.path());
+    let r = lavd(&["warrant", "inspect", w.to_str().unwrap()]);
+    let stdout = String::from_utf8(r.stdout).unwrap();
+    assert!(r.status.success(), "{stdout} {:?}", r.stderr);
+    assert!(
+        stdout.contains("acct:\\u{202e}moc.elpmaxe@ecila"),
+        "{stdout}"
+    );
+    assert!(!stdout.contains(RLO), "{stdout:?}");
+}
+
+#[test]
+fn a_closed_standard_output_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = warrant(dir.path());
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before the command writes anything: its first write fails.
+    drop(reader);
+    let r = Command::new(env!("CARGO_BIN_EXE_lavd"))
+        .args(["warrant", "inspect", w.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(r.stderr).unwrap();
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.starts_with("lavd: output_closed: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
