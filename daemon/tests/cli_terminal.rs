@@ -123,22 +123,61 @@ fn warrant_inspect_shows_a_target_escaped() {
     assert!(!stdout.contains(RLO), "{stdout:?}");
 }
 
+/// Runs `lavd args` with a standard output whose reading end is closed
+/// before the command starts (one end of a socket pair, the other dropped:
+/// `std::io::pipe` is newer than the project's Rust 1.85), so that its
+/// first write fails with a broken pipe; returns its exit code and stderr.
+fn with_stdout_closed(args: &[&str]) -> (Option<i32>, String) {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    drop(ours);
+    let r = Command::new(env!("CARGO_BIN_EXE_lavd"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::os::fd::OwnedFd::from(theirs))
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    (r.status.code(), String::from_utf8(r.stderr).unwrap())
+}
+
 #[test]
 fn a_closed_standard_output_is_an_error_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
     let w = warrant(dir.path());
-    let (reader, writer) = std::io::pipe().unwrap();
-    // Closed before the command writes anything: its first write fails.
-    drop(reader);
-    let r = Command::new(env!("CARGO_BIN_EXE_lavd"))
-        .args(["warrant", "inspect", w.to_str().unwrap()])
-        .stdin(Stdio::null())
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8(r.stderr).unwrap();
-    assert_eq!(r.status.code(), Some(1), "{stderr}");
-    assert!(stderr.starts_with("lavd: output_closed: "), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Through `cli::write_out`, and through `lavd seal`'s own writer.
+    let mut jwk = P256PrivateKey::generate().unwrap().public().to_jwk();
+    jwk.kid = Some("2026-11".into());
+    jwk.use_ = Some("enc".into());
+    jwk.lav_suite = Some("16-1-2".into());
+    let set = write(
+        dir.path(),
+        "keys.json",
+        &serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
+    );
+    for args in [
+        vec!["warrant", "inspect", w.to_str().unwrap()],
+        vec![
+            "seal",
+            "--jwks",
+            set.to_str().unwrap(),
+            "--kid",
+            "2026-11",
+            "--target",
+            "acct:alice@example.com",
+            "--time",
+            "2026-11-26T07:25:21Z",
+            "--provider",
+            "spiffe://provider.example/mail",
+            "--dek-hex",
+            "000102030405060708090a0b0c0d0e0f",
+        ],
+    ] {
+        let (code, stderr) = with_stdout_closed(&args);
+        assert_eq!(code, Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("lavd: output_closed: "),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
 }

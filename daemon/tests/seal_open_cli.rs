@@ -159,9 +159,13 @@ fn seal_refuses_unknown_kid_and_other_suite() {
     );
     assert_eq!(out, "");
 
-    // A set whose key carries its private half: refused, with its code.
+    // A set in which a key, even another than the one asked for, carries
+    // its private half: refused, with its code.
     let mut leaked: serde_json::Value = serde_json::from_str(&jwks(&escrow, LAV_SUITE)).unwrap();
-    leaked["keys"][0]["d"] = serde_json::json!(lavd::codec::b64_encode([7u8; 32]));
+    let mut other = leaked["keys"][0].clone();
+    other["kid"] = serde_json::json!("2026-10");
+    other["d"] = serde_json::json!(lavd::codec::b64_encode([7u8; 32]));
+    leaked["keys"].as_array_mut().unwrap().push(other);
     let leaked = write(dir.path(), "leaked.json", &leaked.to_string());
     let (r, out, _) = seal(&leaked, &[]);
     let e = r.unwrap_err();

@@ -385,7 +385,10 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     let dir = tempfile::tempdir().unwrap();
     let e = run(&["new", "--id", "x"]).unwrap_err();
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
-    assert!(format!("{e:#}").contains("--legal-basis is required"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("--legal-basis is required"),
+        "{e:#}"
+    );
     let out = dir.path().join("k.jwk");
     let e = run(&["keygen", "--alg", "RS256", "--kid", "k", "--out", s(&out)]).unwrap_err();
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");

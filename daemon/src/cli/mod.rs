@@ -420,17 +420,38 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
 
 /// Writes a command's output to stdout, flushed. A closed stdout (`lavd …
 /// | head -1`) is an error, `output_closed`, not the panic `println!`
-/// makes of it.
+/// makes of it; any other failure (a full disk) is `output_unwritable`.
 ///
 /// # Errors
-/// [`Refused`] with `output_closed` when stdout cannot take it.
+/// [`output_error`] when stdout cannot take it.
 pub fn write_out(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
     use std::io::Write as _;
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_fmt(args)
         .and_then(|()| stdout.flush())
-        .map_err(|e| Refused::new("output_closed", format!("writing to stdout: {e}")).into())
+        .map_err(output_error)
+}
+
+/// Writing stdout failed: `output_closed` for a closed pipe, else
+/// `output_unwritable`.
+pub fn output_error(e: std::io::Error) -> anyhow::Error {
+    let code = if e.kind() == std::io::ErrorKind::BrokenPipe {
+        "output_closed"
+    } else {
+        "output_unwritable"
+    };
+    Refused::new(code, format!("writing to stdout: {e}")).into()
+}
+
+/// `result`, with an I/O error that reached it bare (a `writeln!` to
+/// stdout, with `?`) as [`output_error`]. Errors reading inputs carry
+/// their file's context and are left as they are.
+pub fn stdout_errors(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    result.map_err(|e| match e.downcast::<std::io::Error>() {
+        Ok(io) => output_error(io),
+        Err(other) => other,
+    })
 }
 
 /// `print!` through [`write_out`], returning its error.

@@ -171,7 +171,9 @@ impl SealArgs {
     /// it twice), a key that is not an `enc` key of suite `16-1-2`, or a
     /// header the daemon would refuse.
     pub fn run(self) -> anyhow::Result<()> {
-        self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+        super::stdout_errors(
+            self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock()),
+        )
     }
 
     /// [`SealArgs::run`] writing to the given streams.
@@ -182,6 +184,22 @@ impl SealArgs {
         let jwks = read_file(&self.jwks)?;
         let set: JwkSet = crate::codec::from_object_slice(&jwks)
             .with_context(|| format!("{}: not a JWK Set", self.jwks.display()))?;
+        // A published escrow key never carries its private half (it never
+        // leaves the HSM): a set in which any key does is not the escrow
+        // service's, or its publisher has leaked a key. Nothing is sealed
+        // with it.
+        if let Some(leaked) = set.keys.iter().find(|k| k.d.is_some()) {
+            return Err(super::Refused::new(
+                "jwks_private_key",
+                format!(
+                    "{}: key {:?} carries a private key (`d`): a published escrow key never \
+                     does; seal nothing with this set, and tell its publisher",
+                    self.jwks.display(),
+                    leaked.kid.as_deref().unwrap_or("(no kid)")
+                ),
+            )
+            .into());
+        }
         let jwk = find_key(&set, &self.kid)
             .with_context(|| format!("{}: key `{}`", self.jwks.display(), self.kid))?;
         let public = P256PublicKey::from_jwk(jwk)
@@ -220,17 +238,6 @@ fn find_key<'a>(set: &'a JwkSet, kid: &str) -> anyhow::Result<&'a Jwk> {
     }
     if jwk.use_.as_deref() != Some("enc") {
         bail!("`use` is {:?}, not \"enc\"", jwk.use_);
-    }
-    // A published escrow key never carries its private half (it never
-    // leaves the HSM): a set that does is not the escrow service's, or its
-    // publisher has leaked a key. Nothing is sealed to it.
-    if jwk.d.is_some() {
-        return Err(super::Refused::new(
-            "jwks_private_key",
-            "carries a private key (`d`): a published escrow key never does; seal nothing to \
-             it, and tell its publisher",
-        )
-        .into());
     }
     Ok(jwk)
 }
@@ -306,7 +313,9 @@ impl OpenArgs {
     /// # Security
     /// Prints DEKs on stdout: that is this tool's purpose.
     pub fn run(self) -> anyhow::Result<()> {
-        self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock())
+        super::stdout_errors(
+            self.run_with(&mut std::io::stdout().lock(), &mut std::io::stderr().lock()),
+        )
     }
 
     /// [`OpenArgs::run`] writing to the given streams.

@@ -528,5 +528,10 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     file.write_all(text.as_bytes())
         .and_then(|()| file.write_all(b"\n"))
         .and_then(|()| file.sync_all())
+        .inspect_err(|_| {
+            // Created by this run (`create_new`): a partial key is removed,
+            // so that the same command can run again.
+            let _ = std::fs::remove_file(path);
+        })
         .with_context(|| format!("writing {}", path.display()))
 }
