@@ -302,7 +302,7 @@ pub struct Summary {
     pub root: Hash,
     /// Sizes of the other signed checkpoints shown to be prefixes of it.
     pub consistent_with: Vec<u64>,
-    /// Time of the first and last leaf.
+    /// The earliest and the latest leaf time.
     pub span: Option<(OffsetDateTime, OffsetDateTime)>,
     /// Leaves per event type.
     pub events: BTreeMap<String, u64>,
@@ -346,9 +346,11 @@ impl Summary {
     }
 
     fn count(&mut self, leaf: &Leaf) {
+        // The earliest and the latest: leaves written by replicas whose
+        // clocks differ need not be in time order.
         self.span = Some(match self.span {
             None => (leaf.time, leaf.time),
-            Some((first, _)) => (first, leaf.time),
+            Some((earliest, latest)) => (earliest.min(leaf.time), latest.max(leaf.time)),
         });
         *self.events.entry(leaf.event.name().to_owned()).or_default() += 1;
         match &leaf.event {
@@ -703,6 +705,15 @@ mod tests {
 
     impl Log {
         fn new(events: &[Event]) -> Self {
+            let start = datetime!(2026-11-26 07:00:00 UTC);
+            let times: Vec<_> = (0..events.len())
+                .map(|i| start + time::Duration::seconds(7 * i64::try_from(i).unwrap()))
+                .collect();
+            Self::timed(events, &times)
+        }
+
+        /// The log of `events`, the i-th written at `times[i]`.
+        fn timed(events: &[Event], times: &[time::OffsetDateTime]) -> Self {
             let pair = Ed25519KeyPair::generate().unwrap();
             let public: [u8; 32] = pair.public_key().as_ref().try_into().unwrap();
             let key = VerifierKey::new(ORIGIN, &public).unwrap();
@@ -712,10 +723,8 @@ mod tests {
                 leaves: Vec::new(),
                 checkpoints: Vec::new(),
             };
-            let mut time = datetime!(2026-11-26 07:00:00 UTC);
-            for (seq, event) in (0u64..).zip(events) {
-                log.leaves.push(event.to_leaf(seq, time).unwrap());
-                time += time::Duration::seconds(7);
+            for ((seq, event), time) in (0u64..).zip(events).zip(times) {
+                log.leaves.push(event.to_leaf(seq, *time).unwrap());
             }
             for size in 0..=log.leaves.len() {
                 let note = log.sign(&log.leaves[..size]);
@@ -810,6 +819,30 @@ mod tests {
         assert_eq!(err.code(), code, "{err}");
         assert_eq!(err.first_bad_index(), first_bad, "{err}");
         err
+    }
+
+    /// The summary's span is the earliest and the latest leaf time, which
+    /// need not be the first and the last leaf's (replicas' clocks differ).
+    #[test]
+    fn the_span_is_the_earliest_and_latest_leaf_time() {
+        let t = datetime!(2026-11-26 07:00:00 UTC);
+        let events = events();
+        let times: Vec<_> = (0..events.len())
+            .map(|i| match i {
+                0 => t + time::Duration::seconds(60),
+                1 => t,
+                _ => t + time::Duration::seconds(30),
+            })
+            .collect();
+        let log = Log::timed(&events, &times);
+        let summary = verify_export(&log.export(&[]), &log.key, None).unwrap();
+        assert_eq!(summary.span, Some((t, t + time::Duration::seconds(60))));
+        assert!(
+            summary
+                .to_string()
+                .contains("from 2026-11-26T07:00:00Z to 2026-11-26T07:01:00Z"),
+            "{summary}"
+        );
     }
 
     #[test]
