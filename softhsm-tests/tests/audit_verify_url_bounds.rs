@@ -33,6 +33,8 @@ enum Hostile {
     /// lets a log's static host do whatever was asked, unless the request
     /// asked for `identity` only.
     Gzipping,
+    /// Answers 200 with a checkpoint reply that names `checkpoint` twice.
+    Duplicating,
 }
 
 /// Starts the hostile server; returns its port.
@@ -110,6 +112,16 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             );
             let _ = tls.write_all(reply.as_bytes());
             let _ = tls.write_all(body);
+            let _ = tls.flush();
+        }
+        Hostile::Duplicating => {
+            let body = "{\"checkpoint\":\"junk\",\"checkpoint\":\"other junk\"}";
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = tls.write_all(reply.as_bytes());
             let _ = tls.flush();
         }
         Hostile::Huge => {
@@ -242,6 +254,19 @@ fn a_refusal_is_named_and_its_text_escaped() {
     );
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     assert!(stderr.contains("\\u{1b}[2Jway"), "{stderr:?}");
+}
+
+/// A reply is read as strictly as the daemon reads what it is sent: a
+/// member given twice is `unexpected_reply`, naming it (before, the last
+/// one was taken, as `serde_json::Value` does).
+#[test]
+fn a_member_given_twice_is_refused() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Duplicating);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.starts_with("lavd: unexpected_reply: "), "{stderr}");
+    assert!(stderr.contains("duplicate field `checkpoint`"), "{stderr}");
 }
 
 /// A reply in a content coding lavd does not decode is named as such

@@ -383,14 +383,25 @@ pub struct Verified {
     pub fetched_at: Option<time::OffsetDateTime>,
 }
 
+/// `GET /v1/audit/checkpoint`'s reply (PROTOCOL §6).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointReply {
+    checkpoint: String,
+}
+
+/// `GET /v1/audit/entries`' reply (PROTOCOL §6).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EntriesReply {
+    entries: Vec<crate::audit::export::ExportEntry>,
+}
+
 /// Whether the daemon holds an entry at index `size` or beyond: then the
 /// checkpoint it served was not its newest.
 fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Result<bool> {
-    let page = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
-    Ok(!page["entries"]
-        .as_array()
-        .ok_or_else(|| super::Refused::new("unexpected_reply", "no entries in the reply"))?
-        .is_empty())
+    let page: EntriesReply = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
+    Ok(!page.entries.is_empty())
 }
 
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
@@ -401,10 +412,7 @@ fn fetch_export(
     key: &VerifierKey,
     max_entries: u64,
 ) -> anyhow::Result<Export> {
-    let checkpoint = client.get_json("/v1/audit/checkpoint")?["checkpoint"]
-        .as_str()
-        .ok_or_else(|| super::Refused::new("unexpected_reply", "no checkpoint in the reply"))?
-        .to_string();
+    let CheckpointReply { checkpoint } = client.get_json("/v1/audit/checkpoint")?;
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
     within_max_entries(signed.size, max_entries)?;
@@ -414,25 +422,13 @@ fn fetch_export(
         let end = signed
             .size
             .min(start + crate::api::handlers::MAX_ENTRIES_PAGE);
-        let page = client.get_json(&format!("/v1/audit/entries?start={start}&end={end}"))?;
-        let items = page["entries"]
-            .as_array()
-            .ok_or_else(|| super::Refused::new("unexpected_reply", "no entries in the reply"))?;
-        if items.is_empty() {
+        let page: EntriesReply =
+            client.get_json(&format!("/v1/audit/entries?start={start}&end={end}"))?;
+        if page.entries.is_empty() {
             break; // the verifier reports the missing entries
         }
-        for item in items {
-            entries.push(serde_json::from_value(item.clone()).map_err(|e| {
-                super::Refused::new(
-                    "unexpected_reply",
-                    format!(
-                        "an entry: {}",
-                        crate::codec::escape_for_terminal(&e.to_string())
-                    ),
-                )
-            })?);
-        }
-        start += items.len() as u64;
+        start += page.entries.len() as u64;
+        entries.extend(page.entries);
     }
     Ok(Export {
         origin: signed.origin,

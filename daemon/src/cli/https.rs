@@ -434,19 +434,23 @@ impl Client {
         })
     }
 
-    /// GETs `path` and parses the JSON body of a 200 reply.
+    /// GETs `path` and reads the JSON body of a 200 reply as `T`, strictly
+    /// ([`crate::codec::from_json`]: `T` denies unknown members; duplicate
+    /// members and trailing data are refused), as the daemon reads what it
+    /// is sent.
     ///
     /// # Errors
     /// A connection or TLS failure, a non-200 status (with the server's
-    /// error code and message), a body that is not JSON, or an
-    /// [`HttpsError`] when the reply breaks the [`Limits`].
-    pub fn get_json(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+    /// error code and message), a body that is not `T`'s JSON
+    /// (`unexpected_reply`), or an [`HttpsError`] when the reply breaks the
+    /// [`Limits`].
+    pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let body = self.get_bytes(path)?;
-        serde_json::from_slice(&body).map_err(|e| {
+        crate::codec::from_json(&body).map_err(|e| {
             super::Refused::new(
                 "unexpected_reply",
                 format!(
-                    "the reply is not JSON: {}",
+                    "the reply is not the JSON expected: {}",
                     crate::codec::escape_for_terminal(&e.to_string())
                 ),
             )
