@@ -34,6 +34,25 @@ fn write(dir: &Path, name: &str, contents: &str) -> PathBuf {
     path
 }
 
+/// `lavd seal` of a fixed message key to key `2026-11` of the set `set`.
+fn seal(set: &Path) -> Vec<&str> {
+    vec![
+        "seal",
+        "--jwks",
+        set.to_str().unwrap(),
+        "--kid",
+        "2026-11",
+        "--target",
+        "acct:alice@example.com",
+        "--time",
+        "2026-11-26T07:25:21Z",
+        "--provider",
+        "spiffe://provider.example/mail",
+        "--dek-hex",
+        "000102030405060708090a0b0c0d0e0f",
+    ]
+}
+
 /// An unsigned warrant whose one target holds a right-to-left override.
 fn warrant(dir: &Path) -> PathBuf {
     let recipient = write(
@@ -84,21 +103,7 @@ fn an_error_line_quotes_untrusted_text_escaped() {
         "keys.json",
         &serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
     );
-    let r = lavd(&[
-        "seal",
-        "--jwks",
-        set.to_str().unwrap(),
-        "--kid",
-        "2026-11",
-        "--target",
-        "acct:alice@example.com",
-        "--time",
-        "2026-11-26T07:25:21Z",
-        "--provider",
-        "spiffe://provider.example/mail",
-        "--dek-hex",
-        "000102030405060708090a0b0c0d0e0f",
-    ]);
+    let r = lavd(&seal(&set));
     let stderr = String::from_utf8(r.stderr).unwrap();
     assert_eq!(r.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not in the set"), "{stderr}");
@@ -154,24 +159,7 @@ fn a_closed_standard_output_is_an_error_not_a_panic() {
         "keys.json",
         &serde_json::to_string(&JwkSet { keys: vec![jwk] }).unwrap(),
     );
-    for args in [
-        vec!["warrant", "inspect", w.to_str().unwrap()],
-        vec![
-            "seal",
-            "--jwks",
-            set.to_str().unwrap(),
-            "--kid",
-            "2026-11",
-            "--target",
-            "acct:alice@example.com",
-            "--time",
-            "2026-11-26T07:25:21Z",
-            "--provider",
-            "spiffe://provider.example/mail",
-            "--dek-hex",
-            "000102030405060708090a0b0c0d0e0f",
-        ],
-    ] {
+    for args in [vec!["warrant", "inspect", w.to_str().unwrap()], seal(&set)] {
         let (code, stderr) = with_stdout_closed(&args);
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert!(
