@@ -453,7 +453,14 @@ fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
         Ok(Ok(text)) => {
             VerifierKey::parse(text.trim()).with_context(|| format!("the verifier key in {key}"))
         }
-        Ok(Err(_)) | Err(_) => literal.context("the verifier key"),
+        // Not a key, nor a file holding one: say both, so that a mistyped
+        // path is not taken for a malformed key.
+        Ok(Err(_)) => literal.context(format!(
+            "the verifier key (nor is {key} a file holding one: it is not UTF-8)"
+        )),
+        Err(e) => literal.context(format!(
+            "the verifier key (nor is {key} a file that can be read: {e:#})"
+        )),
     }
 }
 
@@ -976,8 +983,15 @@ mod tests {
                 .to_string(),
             real.to_string()
         );
+        // Neither: the message says both, with the file's own error.
         let err = verifier_key("no-such-file".into()).unwrap_err();
-        assert!(format!("{err:#}").contains("the verifier key"), "{err:#}");
+        let message = format!("{err:#}");
+        assert!(message.contains("the verifier key"), "{message}");
+        assert!(
+            message.contains("nor is no-such-file a file that can be read"),
+            "{message}"
+        );
+        assert!(message.contains("No such file"), "{message}");
     }
 
     #[derive(Debug, thiserror::Error)]
