@@ -84,16 +84,11 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
             while tls.write_all(chunk.as_bytes()).is_ok() {}
         }
-        Hostile::Refusing => {
-            let body = "{\"error\":{\"code\":\"forbidden\",\"message\":\"no\\u001b[2Jway\"}}";
-            let reply = format!(
-                "HTTP/1.1 403 Forbidden\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = tls.write_all(reply.as_bytes());
-            let _ = tls.flush();
-        }
+        Hostile::Refusing => json_reply(
+            &mut tls,
+            "403 Forbidden",
+            "{\"error\":{\"code\":\"forbidden\",\"message\":\"no\\u001b[2Jway\"}}",
+        ),
         Hostile::Gzipping => {
             let head = String::from_utf8_lossy(&request).to_ascii_lowercase();
             let encoding = if head.contains("\r\naccept-encoding: identity\r\n") {
@@ -114,16 +109,11 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             let _ = tls.write_all(body);
             let _ = tls.flush();
         }
-        Hostile::Duplicating => {
-            let body = "{\"checkpoint\":\"junk\",\"checkpoint\":\"other junk\"}";
-            let reply = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                 content-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = tls.write_all(reply.as_bytes());
-            let _ = tls.flush();
-        }
+        Hostile::Duplicating => json_reply(
+            &mut tls,
+            "200 OK",
+            "{\"checkpoint\":\"junk\",\"checkpoint\":\"other junk\"}",
+        ),
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                         content-length: 1000000000000\r\n\r\n[";
@@ -131,6 +121,17 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             std::thread::sleep(Duration::from_secs(120));
         }
     }
+}
+
+/// A whole JSON reply with `status`, then the connection closed.
+fn json_reply(tls: &mut impl Write, status: &str, body: &str) {
+    let reply = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tls.write_all(reply.as_bytes());
+    let _ = tls.flush();
 }
 
 struct Files {
