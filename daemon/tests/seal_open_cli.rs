@@ -144,6 +144,36 @@ fn seal_then_open_prints_each_envelope() {
         String::from_utf8(err).unwrap(),
         "audit: 3 leaves from index 7 (checkpoint not verified by this tool)\n"
     );
+
+    // The public half for the key, the reply for the request: each refused
+    // with its code before anything is printed.
+    let public_path = write(
+        dir.path(),
+        "public.jwk",
+        &serde_json::to_string(&recipient.public().to_jwk()).unwrap(),
+    );
+    for (key, request, code) in [
+        (&public_path, &request_path, "recipient_key_malformed"),
+        (&key_path, &reply_path, "request_malformed"),
+    ] {
+        let Cmd::Open(args) = Cmd::try_parse_from([
+            "lavd",
+            "open",
+            "--recipient-key",
+            key.to_str().unwrap(),
+            "--request",
+            request.to_str().unwrap(),
+            "--reply",
+            reply_path.to_str().unwrap(),
+        ])
+        .unwrap() else {
+            unreachable!()
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let e = args.run_with(&mut out, &mut err).unwrap_err();
+        assert_eq!(lavd::cli::error_code(&e), Some(code), "{e:#}");
+        assert!(out.is_empty());
+    }
 }
 
 #[test]
@@ -152,12 +182,51 @@ fn seal_refuses_unknown_kid_and_other_suite() {
     let escrow = P256PrivateKey::generate().unwrap();
     let good = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
     let (r, out, _) = seal(&good, &[("--kid", "2027-01")]);
-    let err = format!("{:#}", r.unwrap_err());
+    let e = r.unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("jwks_kid_unknown"), "{e:#}");
+    let err = format!("{e:#}");
     assert!(
         err.contains("key `2027-01`: not in the set (it has: 2026-11)"),
         "{err}"
     );
     assert_eq!(out, "");
+
+    // The kid twice: which key is meant cannot be told.
+    let mut twice: serde_json::Value = serde_json::from_str(&jwks(&escrow, LAV_SUITE)).unwrap();
+    let again = twice["keys"][0].clone();
+    twice["keys"].as_array_mut().unwrap().push(again);
+    let twice = write(dir.path(), "twice.json", &twice.to_string());
+    let (r, out, _) = seal(&twice, &[]);
+    let e = r.unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&e),
+        Some("jwks_kid_ambiguous"),
+        "{e:#}"
+    );
+    assert_eq!(out, "");
+
+    // A signing key, and a key whose coordinates are not on the curve.
+    for (member, value, says) in [
+        ("use", "sig", "`use` is Some(\"sig\")"),
+        (
+            "x",
+            &*lavd::codec::b64_encode([1u8; 32]),
+            "not a valid P-256 key",
+        ),
+    ] {
+        let mut bad: serde_json::Value = serde_json::from_str(&jwks(&escrow, LAV_SUITE)).unwrap();
+        bad["keys"][0][member] = serde_json::json!(value);
+        let bad = write(dir.path(), "bad.json", &bad.to_string());
+        let (r, out, _) = seal(&bad, &[]);
+        let e = r.unwrap_err();
+        assert_eq!(
+            lavd::cli::error_code(&e),
+            Some("jwks_key_unusable"),
+            "{e:#}"
+        );
+        assert!(format!("{e:#}").contains(says), "{e:#}");
+        assert_eq!(out, "");
+    }
 
     // A set in which a key, even another than the one asked for, carries
     // its private half: refused, with its code.
@@ -174,7 +243,13 @@ fn seal_refuses_unknown_kid_and_other_suite() {
 
     let other = write(dir.path(), "other.json", &jwks(&escrow, "16-1-1"));
     let (r, out, _) = seal(&other, &[]);
-    let err = format!("{:#}", r.unwrap_err());
+    let e = r.unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&e),
+        Some("jwks_key_unusable"),
+        "{e:#}"
+    );
+    let err = format!("{e:#}");
     assert!(err.contains("`lav_suite` is Some(\"16-1-1\")"), "{err}");
     assert_eq!(out, "");
 }
@@ -207,7 +282,9 @@ fn seal_refuses_arrays_where_objects_belong() {
     ] {
         let path = write(dir.path(), name, &text.to_string());
         let (r, out, _) = seal(&path, &[]);
-        let err = format!("{:#}", r.unwrap_err());
+        let e = r.unwrap_err();
+        assert_eq!(lavd::cli::error_code(&e), Some("jwks_malformed"), "{e:#}");
+        let err = format!("{e:#}");
         assert!(err.contains("not a JWK Set"), "{err}");
         assert!(err.contains("expected a JSON object"), "{err}");
         assert_eq!(out, "");
@@ -374,7 +451,16 @@ fn seal_reads_the_dek_from_a_file_or_standard_input() {
         };
         let e = args.run_with(&mut Vec::new(), &mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("bad"), "{e}");
+        assert_eq!(lavd::cli::error_code(&e), Some("invalid_dek"), "{e:#}");
     }
+    // A file that is not there.
+    let Ok(Cmd::Seal(args)) = parse(&["--dek-file", dir.path().join("absent").to_str().unwrap()])
+    else {
+        panic!("parse")
+    };
+    let e = args.run_with(&mut Vec::new(), &mut Vec::new()).unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("input_unreadable"), "{e:#}");
+    assert!(e.to_string().contains("absent"), "{e}");
     // Both, or neither.
     let both = parse(&["--dek-file", "-", "--dek-hex", dek]).err().unwrap();
     assert_eq!(both.kind(), clap::error::ErrorKind::ArgumentConflict);

@@ -299,4 +299,25 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
         stderr.contains("tile/0/000: hash 0 is not the hash of tile/entries/000's entry 0"),
         "{stderr}"
     );
+    bytes[5] ^= 1;
+    std::fs::write(&tile0, &bytes).unwrap();
+    assert_ok(&verify(&["--tiles", &dir]));
+
+    // The right edge's partial tile one byte short: refused with the tile's
+    // own code (it is read while the root is computed), naming it once.
+    let partial = mirrored % 256;
+    assert!(partial > 0, "a partial level-0 tile: {mirrored}");
+    let edge = Tile::hashes(0, mirrored / 256, partial as u16).path();
+    let edge_file = mirror.join(&edge);
+    let mut bytes = std::fs::read(&edge_file).unwrap();
+    bytes.pop();
+    std::fs::write(&edge_file, &bytes).unwrap();
+    let out = verify(&["--tiles", &dir]);
+    assert!(!out.status.success(), "a short tile verified");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let says = format!("{edge}: {} bytes", partial * 32 - 1);
+    assert!(
+        stderr.starts_with("lavd: tile_length_mismatch: ") && stderr.matches(&says).count() == 1,
+        "{stderr}"
+    );
 }

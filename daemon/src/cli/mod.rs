@@ -133,7 +133,7 @@ pub fn main() -> std::process::ExitCode {
             // Escaped: the chain may quote untrusted text (an export's
             // origin, a leaf's member, a key set's kid), whose control or
             // bidirectional characters must not reach the terminal raw.
-            let message = crate::codec::escape_for_terminal(format!("{e:#}").trim_end());
+            let message = crate::codec::escape_for_terminal(chain_message(&e).trim_end());
             eprintln!("lavd: {code}: {message}{detail}");
             if is_bad_config(&e) {
                 std::process::ExitCode::from(64)
@@ -333,6 +333,26 @@ pub(crate) fn read_input_within(
     })
 }
 
+/// `e` and its causes, outermost first, joined by ": " as anyhow's `{:#}`
+/// does, but without a cause that the message before it already ends with:
+/// several errors quote their source in their own message ("warrant store
+/// unavailable: {0}", for the daemon's logs and replies, which print one
+/// message) and also name it as their source, which `{:#}` printed twice.
+pub(crate) fn chain_message(e: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || message.ends_with(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
+}
+
 /// The stable code of a command's error, for scripts that read stderr.
 pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     if is_bad_config(e) {
@@ -390,6 +410,16 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
     }
     if let Some(t) = e.downcast_ref::<crate::audit::tiles::TileError>() {
         return Some(t.code());
+    }
+    // A tile read while the root is computed (the right edge's partial
+    // tiles): the tile's own code, which the tree error wraps.
+    if let Some(t) =
+        e.downcast_ref::<crate::audit::merkle::TreeError<crate::audit::tiles::TileError>>()
+    {
+        return Some(match t {
+            crate::audit::merkle::TreeError::Reader(tile) => tile.code(),
+            other => other.code(),
+        });
     }
     if let Some(t) = e.downcast_ref::<crate::audit::tiles::TilePathError>() {
         return Some(t.code());
@@ -523,5 +553,28 @@ mod tests {
         )));
         assert_eq!(error_code(&other), Some("hsm_unavailable"));
         assert!(!is_refused_login(&other));
+    }
+
+    /// A hash tile of the wrong length met while the root is computed keeps
+    /// the tile's code through the tree error and the context, and the
+    /// error line names it once, though the tree error's message quotes it.
+    #[test]
+    fn a_tile_refused_under_the_tree_error_keeps_its_code_and_is_said_once() {
+        let tile = crate::audit::tiles::TileError::HashTileLength {
+            path: "tile/0/001.p/4".into(),
+            width: 4,
+            got: 127,
+        };
+        let e = anyhow::Error::from(crate::audit::merkle::TreeError::Reader(tile))
+            .context("the hash tiles");
+        assert_eq!(error_code(&e), Some("tile_length_mismatch"));
+        assert_eq!(
+            chain_message(&e),
+            "the hash tiles: reading a stored subtree hash: tile/0/001.p/4: 127 bytes, \
+             a tile 4 wide has 128 bytes"
+        );
+        // A cause its outer message does not end with is still said.
+        let plain = anyhow::anyhow!("no such file").context("reading x");
+        assert_eq!(chain_message(&plain), "reading x: no such file");
     }
 }

@@ -10,10 +10,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use anyhow::{anyhow, bail, Context as _};
+use anyhow::Context as _;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
+
+use super::Refused;
 
 use crate::codec::{b64_decode, format_time, parse_time};
 use crate::envelope::reply::{open_reply, Outcome};
@@ -135,7 +137,7 @@ impl SealArgs {
             return Ok(DekHex(dek.0.clone()));
         }
         let Some(path) = &self.dek_file else {
-            bail!("give the DEK with --dek-file or --dek-hex");
+            return Err(Refused::new("usage", "give the DEK with --dek-file or --dek-hex").into());
         };
         // Room for the bound and the byte that shows it exceeded: read_to_end
         // never reallocates, so no freed buffer keeps DEK hex behind.
@@ -149,17 +151,21 @@ impl SealArgs {
             std::fs::File::open(path)
                 .and_then(|f| f.take(MAX_DEK_FILE_BYTES + 1).read_to_end(&mut text))
         };
-        read.with_context(|| format!("cannot read {}", path.display()))?;
+        read.map_err(|e| {
+            Refused::new(
+                "input_unreadable",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        let invalid = |why: &str| Refused::new("invalid_dek", format!("{}: {why}", path.display()));
         if text.len() as u64 > MAX_DEK_FILE_BYTES {
-            bail!(
-                "{}: more than {MAX_DEK_FILE_BYTES} bytes: not a DEK in hex",
-                path.display()
-            );
+            return Err(invalid(&format!(
+                "more than {MAX_DEK_FILE_BYTES} bytes: not a DEK in hex"
+            ))
+            .into());
         }
-        let text =
-            std::str::from_utf8(&text).map_err(|_| anyhow!("{}: not hex", path.display()))?;
-        DekHex::from_str(text.trim_end_matches(['\n', '\r']))
-            .map_err(|e| anyhow!("{}: {e}", path.display()))
+        let text = std::str::from_utf8(&text).map_err(|_| invalid("not hex"))?;
+        Ok(DekHex::from_str(text.trim_end_matches(['\n', '\r'])).map_err(|e| invalid(&e))?)
     }
 }
 
@@ -182,14 +188,18 @@ impl SealArgs {
     /// As [`SealArgs::run`].
     pub fn run_with(self, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
         let jwks = read_file(&self.jwks)?;
-        let set: JwkSet = crate::codec::from_object_slice(&jwks)
-            .with_context(|| format!("{}: not a JWK Set", self.jwks.display()))?;
+        let set: JwkSet = crate::codec::from_object_slice(&jwks).map_err(|e| {
+            Refused::new(
+                "jwks_malformed",
+                format!("{}: not a JWK Set: {e}", self.jwks.display()),
+            )
+        })?;
         // A published escrow key never carries its private half (it never
         // leaves the HSM): a set in which any key does is not the escrow
         // service's, or its publisher has leaked a key. Nothing is sealed
         // with it.
         if let Some(leaked) = set.keys.iter().find(|k| k.d.is_some()) {
-            return Err(super::Refused::new(
+            return Err(Refused::new(
                 "jwks_private_key",
                 format!(
                     "{}: key {:?} carries a private key (`d`): a published escrow key never \
@@ -200,11 +210,18 @@ impl SealArgs {
             )
             .into());
         }
-        let jwk = find_key(&set, &self.kid)
-            .with_context(|| format!("{}: key `{}`", self.jwks.display(), self.kid))?;
+        let named = |code: &'static str, why: &str| {
+            Refused::new(
+                code,
+                format!("{}: key `{}`: {why}", self.jwks.display(), self.kid),
+            )
+        };
+        let jwk = find_key(&set, &self.kid).map_err(|(code, why)| named(code, &why))?;
         let public = P256PublicKey::from_jwk(jwk)
-            .with_context(|| format!("key `{}` is not a valid P-256 key", self.kid))?;
-        for warning in validity_warnings(jwk, self.time)? {
+            .map_err(|e| named("jwks_key_unusable", &format!("not a valid P-256 key: {e}")))?;
+        let warnings =
+            validity_warnings(jwk, self.time).map_err(|why| named("jwks_key_unusable", &why))?;
+        for warning in warnings {
             writeln!(err, "warning: key `{}`: {warning}", self.kid)?;
         }
 
@@ -220,24 +237,38 @@ impl SealArgs {
     }
 }
 
-/// The one key named `kid`, usable for sealing.
-fn find_key<'a>(set: &'a JwkSet, kid: &str) -> anyhow::Result<&'a Jwk> {
+/// The one key named `kid`, usable for sealing; else the refusal's code
+/// and why.
+fn find_key<'a>(set: &'a JwkSet, kid: &str) -> Result<&'a Jwk, (&'static str, String)> {
     let mut matches = set.keys.iter().filter(|k| k.kid.as_deref() == Some(kid));
     let jwk = matches.next().ok_or_else(|| {
         let known: Vec<&str> = set.keys.iter().filter_map(|k| k.kid.as_deref()).collect();
-        anyhow!("not in the set (it has: {})", known.join(", "))
+        (
+            "jwks_kid_unknown",
+            format!("not in the set (it has: {})", known.join(", ")),
+        )
     })?;
     if matches.next().is_some() {
-        bail!("appears more than once in the set");
+        return Err((
+            "jwks_kid_ambiguous",
+            "appears more than once in the set".to_owned(),
+        ));
     }
     if jwk.lav_suite.as_deref() != Some(LAV_SUITE) {
-        bail!(
-            "`lav_suite` is {:?}, not {LAV_SUITE:?}: this tool only seals with suite {LAV_SUITE}",
-            jwk.lav_suite
-        );
+        return Err((
+            "jwks_key_unusable",
+            format!(
+                "`lav_suite` is {:?}, not {LAV_SUITE:?}: this tool only seals with suite \
+                 {LAV_SUITE}",
+                jwk.lav_suite
+            ),
+        ));
     }
     if jwk.use_.as_deref() != Some("enc") {
-        bail!("`use` is {:?}, not \"enc\"", jwk.use_);
+        return Err((
+            "jwks_key_unusable",
+            format!("`use` is {:?}, not \"enc\"", jwk.use_),
+        ));
     }
     Ok(jwk)
 }
@@ -245,12 +276,13 @@ fn find_key<'a>(set: &'a JwkSet, kid: &str) -> anyhow::Result<&'a Jwk> {
 /// Warnings when `time` is outside the key's `[not_before, not_after)`: the
 /// daemon will still open it, but the provider is sealing to a key outside
 /// its published sealing period.
-fn validity_warnings(jwk: &Jwk, time: OffsetDateTime) -> anyhow::Result<Vec<String>> {
+fn validity_warnings(jwk: &Jwk, time: OffsetDateTime) -> Result<Vec<String>, String> {
     let mut warnings = Vec::new();
     match jwk.not_before.as_deref() {
         None => warnings.push("has no `not_before`".to_owned()),
         Some(text) => {
-            let not_before = parse_time(text).context("`not_before` is not RFC 3339 UTC")?;
+            let not_before =
+                parse_time(text).map_err(|e| format!("`not_before` is not RFC 3339 UTC: {e}"))?;
             if time < not_before {
                 warnings.push(format!(
                     "time {} is before its not_before {text}",
@@ -262,7 +294,8 @@ fn validity_warnings(jwk: &Jwk, time: OffsetDateTime) -> anyhow::Result<Vec<Stri
     match jwk.not_after.as_deref() {
         None => warnings.push("has no `not_after`".to_owned()),
         Some(text) => {
-            let not_after = parse_time(text).context("`not_after` is not RFC 3339 UTC")?;
+            let not_after =
+                parse_time(text).map_err(|e| format!("`not_after` is not RFC 3339 UTC: {e}"))?;
             if time >= not_after {
                 warnings.push(format!(
                     "time {} is at or after its not_after {text}",
@@ -324,14 +357,23 @@ impl OpenArgs {
     /// As [`OpenArgs::run`].
     pub fn run_with(self, out: &mut dyn Write, err: &mut dyn Write) -> anyhow::Result<()> {
         let key_file = Zeroizing::new(read_file(&self.recipient_key)?);
-        let jwk = Jwk::from_json(&key_file)
-            .with_context(|| format!("{}: not a JWK", self.recipient_key.display()))?;
-        let key = P256PrivateKey::from_jwk(&jwk).with_context(|| {
-            format!("{}: not a private P-256 JWK", self.recipient_key.display())
-        })?;
+        let malformed = |why: String| {
+            Refused::new(
+                "recipient_key_malformed",
+                format!("{}: {why}", self.recipient_key.display()),
+            )
+        };
+        let jwk = Jwk::from_json(&key_file).map_err(|e| malformed(format!("not a JWK: {e}")))?;
+        let key = P256PrivateKey::from_jwk(&jwk)
+            .map_err(|e| malformed(format!("not a private P-256 JWK: {e}")))?;
 
         let request: UnwrapRequest = crate::codec::from_object_slice(&read_file(&self.request)?)
-            .with_context(|| format!("{}: not an unwrap request", self.request.display()))?;
+            .map_err(|e| {
+                Refused::new(
+                    "request_malformed",
+                    format!("{}: not an unwrap request: {e}", self.request.display()),
+                )
+            })?;
         // An envelope whose header does not decode was denied by the daemon;
         // an empty aad makes any `ok` claimed for it fail to open.
         let headers: Vec<Vec<u8>> = request
