@@ -35,6 +35,8 @@ enum Hostile {
     Gzipping,
     /// Answers 200 with a checkpoint reply that names `checkpoint` twice.
     Duplicating,
+    /// Answers 302 to another host, with no body.
+    Redirecting,
 }
 
 /// Starts the hostile server; returns its port.
@@ -114,6 +116,12 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             "200 OK",
             "{\"checkpoint\":\"junk\",\"checkpoint\":\"other junk\"}",
         ),
+        Hostile::Redirecting => {
+            let reply = "HTTP/1.1 302 Found\r\nlocation: https://elsewhere.example/v1/audit/\
+                         checkpoint\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+            let _ = tls.write_all(reply.as_bytes());
+            let _ = tls.flush();
+        }
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                         content-length: 1000000000000\r\n\r\n[";
@@ -255,6 +263,56 @@ fn a_refusal_is_named_and_its_text_escaped() {
     );
     assert!(!stderr.contains('\u{1b}'), "{stderr:?}");
     assert!(stderr.contains("\\u{1b}[2Jway"), "{stderr:?}");
+}
+
+/// A redirect is not followed, and its line says so and where it pointed
+/// (before, the message was empty: the reply had no error body).
+#[test]
+fn a_redirect_is_named_not_followed() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Redirecting);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(
+            "lavd: unexpected_status: GET /v1/audit/checkpoint: 302: ?: Found: redirected to \
+             https://elsewhere.example/v1/audit/checkpoint (redirects are not followed"
+        ),
+        "{stderr}"
+    );
+}
+
+/// `--url` with a path (which the API's absolute paths would drop), and
+/// a log URL of another scheme than https (which `--tiles` read as a
+/// directory), are usage errors that say why, before any connection.
+#[test]
+fn a_url_with_a_path_or_another_scheme_is_a_usage_error() {
+    let f = files();
+    let ca = f.dir.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let key = lavd::audit::note::verifier_key("hostile.example/log", &[7; 32]).unwrap();
+    for (source, says) in [
+        (
+            ["--url", "https://localhost:1/v1/audit"],
+            "lavd: usage: --url takes the daemon's https://host[:port] only, not the path \
+             `/v1/audit`",
+        ),
+        (
+            ["--url", "http://localhost:1"],
+            "lavd: usage: `http://localhost:1` is not an https:// URL",
+        ),
+        (
+            ["--tiles", "http://localhost:1/v1/log"],
+            "lavd: usage: `http://localhost:1/v1/log` is not an https:// URL",
+        ),
+    ] {
+        let mut args = vec!["audit", "verify", "--key", &key, "--ca", ca];
+        args.extend(source);
+        let out = softhsm_tests::output_within(&mut lavd_command(&args), softhsm_tests::CLI_LIMIT);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.starts_with(says), "{stderr}");
+    }
 }
 
 /// A reply is read as strictly as the daemon reads what it is sent: a

@@ -251,6 +251,16 @@ impl Remote {
     /// A missing `--ca`, `--cert` or `--client-key`, or what
     /// [`super::https::Client::new`] refuses.
     pub fn client(&self, url: &str) -> anyhow::Result<super::https::Client> {
+        if !url.starts_with("https://") {
+            return Err(super::Refused::new(
+                "usage",
+                format!(
+                    "`{}` is not an https:// URL (lavd reads a log over HTTPS only)",
+                    crate::codec::escape_for_terminal(url)
+                ),
+            )
+            .into());
+        }
         let Some(ca) = &self.ca else {
             return Err(super::Refused::new(
                 "usage",
@@ -301,6 +311,23 @@ impl LogSource {
         let (new, complete_when_read) = match (&self.export, &self.url, &self.tiles) {
             (Some(export), ..) => (read_export(export, self.remote.max_entries)?, false),
             (None, Some(url), _) => {
+                // The API's paths are absolute: a path given with the URL
+                // would be dropped, and another resource read than the one
+                // named.
+                let rest = url.strip_prefix("https://").unwrap_or_default();
+                if let Some(path) = rest.find('/').map(|i| &rest[i..]) {
+                    if !path.trim_end_matches('/').is_empty() {
+                        return Err(super::Refused::new(
+                            "usage",
+                            format!(
+                                "--url takes the daemon's https://host[:port] only, not the path \
+                                 `{}` (for tiles served under a path: --tiles URL)",
+                                crate::codec::escape_for_terminal(path)
+                            ),
+                        )
+                        .into());
+                    }
+                }
                 let daemon = client(url)?;
                 let export = fetch_export(&daemon, &key, self.remote.max_entries)?;
                 let size = crate::audit::note::verify_checkpoint(&export.checkpoint, &key)?.size;
@@ -308,9 +335,12 @@ impl LogSource {
                 (export, newest)
             }
             (None, None, Some(tiles)) => {
-                let source = match tiles.strip_prefix("https://") {
-                    Some(_) => TilesAt::url(client(tiles)?, tiles),
-                    None => TilesAt::Dir(PathBuf::from(tiles)),
+                // A URL of another scheme is refused, not read as the
+                // directory `http:/host/…`.
+                let source = if tiles.contains("://") {
+                    TilesAt::url(client(tiles)?, tiles)
+                } else {
+                    TilesAt::Dir(PathBuf::from(tiles))
                 };
                 (fetch_tiles(&source, &key, self.remote.max_entries)?, false)
             }

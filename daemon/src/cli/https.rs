@@ -145,6 +145,9 @@ pub struct Reply {
     pub content_type: Option<String>,
     /// The whole body.
     pub body: Bytes,
+    /// A redirect's `Location`, if any (and if it is text): lavd follows
+    /// none, and says where it was sent.
+    pub location: Option<String>,
 }
 
 impl Endpoint {
@@ -355,6 +358,12 @@ impl Endpoint {
             .get(hyper::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
+        let location = response
+            .headers()
+            .get(hyper::header::LOCATION)
+            .filter(|_| status.is_redirection())
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         // Refuse an announced oversize at once; count what arrives
         // otherwise (chunked, or a length that lies).
         let announced = response
@@ -377,6 +386,7 @@ impl Endpoint {
             status,
             content_type,
             body,
+            location,
         })
     }
 }
@@ -480,11 +490,28 @@ impl Client {
                     .escape_debug()
                     .to_string()
             };
+            let mut message = text(&error["error"]["message"], "");
+            if message.is_empty() {
+                // Not lavd's error body (a proxy's page, a redirect): say
+                // what the status means, and where a redirect points.
+                let reason = reply
+                    .status
+                    .canonical_reason()
+                    .unwrap_or("no error message");
+                message = match &reply.location {
+                    Some(to) => format!(
+                        "{reason}: redirected to {} (redirects are not followed; give the URL \
+                         it names)",
+                        text(&serde_json::Value::from(to.as_str()), "")
+                    ),
+                    None => format!("{reason} (the reply carries no error message)"),
+                };
+            }
             return Err(HttpsError::Status {
                 path: path.to_string(),
                 status: reply.status.as_u16(),
                 code: text(&error["error"]["code"], "?"),
-                message: text(&error["error"]["message"], ""),
+                message,
             }
             .into());
         }
