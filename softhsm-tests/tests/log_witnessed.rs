@@ -388,6 +388,81 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
 
+    // 4d. A key whose retention ends (its `destroy_after` passes, nobody
+    //     destroying it) while an unwrap of it waits for the quorum: once
+    //     the quorum comes, its envelope is not released either. A try
+    //     whose leaf was already denied (the machine too slow to commit
+    //     before the retention ended) or whose wait timed out is made
+    //     again with another key.
+    let mut outcome = None;
+    for attempt in 0..3u32 {
+        let kid = format!("E-RETAINED-{attempt}");
+        let now = OffsetDateTime::now_utc();
+        let at = |s: i64| lavd::codec::format_time(now + time::Duration::seconds(s));
+        let destroy_after = lavd::codec::parse_time(&at(4)).unwrap();
+        let printed = assert_ok(&softhsm_tests::generate_key_for(
+            t,
+            &kid,
+            [&at(-3600), &at(3), &at(4)],
+        ));
+        let key = lavd::jwk::P256PublicKey::from_jwk(
+            &lavd::jwk::Jwk::from_json(printed.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let id = format!("W-RETENTION-WHILE-WITNESSED-{attempt}");
+        let retained_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+        let retained = vault::seal(
+            &key,
+            &kid,
+            TARGET,
+            now - time::Duration::minutes(1),
+            &format!("retained{attempt}"),
+            &[0xd1; 16],
+        );
+        w1.daemon.signal(rustix::process::Signal::STOP);
+        let size_before = leaves().len();
+        let (r, first_leaf) = std::thread::scope(|s| {
+            let waiting = s.spawn(|| {
+                vault::post(
+                    &c.agency,
+                    "/v1/unwrap",
+                    &serde_json::json!({
+                        "warrant": retained_warrant,
+                        "envelopes": [retained, seal(40 + attempt)],
+                    }),
+                )
+            });
+            eventually("the waiting unwrap's leaves", WAIT, || {
+                leaves().len() >= size_before + 2
+            });
+            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+            // Past the retention's end, by the daemon's clock too.
+            let past = destroy_after + time::Duration::milliseconds(1500);
+            let left = past - OffsetDateTime::now_utc();
+            if left.is_positive() {
+                std::thread::sleep(left.unsigned_abs());
+            }
+            w1.daemon.signal(rustix::process::Signal::CONT);
+            (waiting.join().unwrap(), leaf)
+        });
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
+        assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
+        if leaf["outcome"] != "opened" {
+            assert_eq!(leaf["reason"], "key_destroyed", "{leaf}");
+            continue;
+        }
+        if r.status == 503 {
+            r.assert_error(503, "witness_unavailable");
+            continue;
+        }
+        outcome = Some(r);
+        break;
+    }
+    let r = outcome.expect("every try was too slow or its wait for the quorum timed out");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
+
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);
     eventually("w1 to cosign the newest checkpoint", WAIT, || {

@@ -901,7 +901,9 @@ pub fn unwrap(
             .into());
         }
         // A key destroyed meanwhile (final once its leaf committed, and its
-        // operator told so) releases none of its envelopes: they are
+        // operator told so), or whose retention ended meanwhile (its
+        // `destroy_after` passed, whether or not the daily job has
+        // destroyed it yet), releases none of its envelopes: they are
         // denied `key_destroyed` in the reply, their leaves saying opened,
         // as after a wait that timed out. The other keys' are released.
         let mut kids: Vec<&str> = releases
@@ -914,9 +916,10 @@ pub fn unwrap(
         kids.sort_unstable();
         kids.dedup();
         let mut destroyed = Vec::new();
+        let waited_until = clock();
         for kid in kids {
             let key = ctx.store.get_key(kid).map_err(store_failed)?;
-            if key.is_none_or(|k| k.destroyed_at.is_some()) {
+            if key.is_none_or(|k| k.destroyed_at.is_some() || waited_until > k.destroy_after) {
                 destroyed.push(kid.to_string());
             }
         }
@@ -924,8 +927,8 @@ pub fn unwrap(
             tracing::warn!(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
                 kids = %crate::codec::escape_for_terminal(&destroyed.join(",")),
-                "keys were destroyed while this unwrap waited for the witnesses: their envelopes \
-                 are not released (their leaves say opened)"
+                "keys were destroyed, or their retention ended, while this unwrap waited for the \
+                 witnesses: their envelopes are not released (their leaves say opened)"
             );
             for release in &mut releases {
                 if let Release::Opened { kid, .. } = release {
