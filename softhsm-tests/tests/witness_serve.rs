@@ -255,6 +255,23 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
     }
     w.daemon = Daemon::start_witness(&w.t, &w.config, "witness");
     assert_size_conflict(&w.add(&log.body(0, &c4)), size(&c4));
+
+    // A checkpoint that also carries 15 signatures of post-quantum size
+    // (ML-DSA-65's 3,309 bytes, by keys the witness does not know), which
+    // C2SP signed-note asks verifiers to take: read and cosigned under the
+    // default body bound (before, 413 at its 64 KiB).
+    let c5 = log.unwrap(5);
+    let mut large = c5.clone();
+    for i in 0..15u8 {
+        let signature = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(vec![i; 4 + 3309])
+        };
+        large.push_str(&format!("\u{2014} pq{i}.example/key {signature}\n"));
+    }
+    let request = log.body(size(&c4), &large);
+    assert!(request.len() > 64 << 10, "{}", request.len());
+    assert_cosigned(&w, &large, &w.add(&request));
 }
 
 /// Many clients race add-checkpoints of growing real checkpoints, each

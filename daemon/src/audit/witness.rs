@@ -209,7 +209,8 @@ pub fn cosignature_line<E>(
 ///
 /// # Errors
 /// [`WitnessError::CosignatureInvalid`] for a line that claims to be by
-/// `key` and does not verify (or is not 8 + 64 bytes); note format errors.
+/// `key` and does not verify (or is not 8 + 64 bytes, or is stamped 0 or
+/// above 2^63 − 1); note format errors.
 pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, WitnessError> {
     let (body, lines) = note::split_note(note)?;
     let public = UnparsedPublicKey::new(&ED25519, key.public_key);
@@ -228,7 +229,9 @@ pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, Wi
         };
         let timestamp = u64::from_be_bytes([t0, t1, t2, t3, t4, t5, t6, t7]);
         let signature = &line.signature[8..];
-        if signature.len() != 64 || timestamp > i64::MAX as u64 {
+        // C2SP tlog-cosignature: the timestamp MUST NOT be zero (a witness
+        // whose clock reads before 1970 gives one).
+        if signature.len() != 64 || timestamp == 0 || timestamp > i64::MAX as u64 {
             return Err(invalid());
         }
         public
@@ -874,6 +877,13 @@ mod tests {
         // A cosignature of another checkpoint does not carry over.
         let moved = cosigned.replacen("\n5\n", "\n6\n", 1);
         assert!(verify_cosignatures(&moved, &key).is_err());
+        // Stamped 0, which C2SP tlog-cosignature forbids: refused, though
+        // its signature is the key's.
+        let at_zero = cosign(&note_text, &sk, &key, 0);
+        assert_eq!(
+            verify_cosignatures(&at_zero, &key).unwrap_err().code(),
+            "cosignature_invalid"
+        );
     }
 
     #[test]

@@ -639,12 +639,17 @@ impl Witnessing {
             // The checkpoint had the size the witness says it holds, so
             // its 422 can only mean another root at that size: a fork
             // (C2SP tlog-witness has answered that 422 since 2026-07-06;
-            // 409 with that size before, handled above).
-            422 if old == size => {
+            // 409 with that size before, handled above). And a 422 to a
+            // consistency proof from the size the witness holds (`old`:
+            // it would have answered 409 to another) means the same: the
+            // proof was made from this log's own tree, so it fails only
+            // against another root at `old`.
+            422 if old == size || old > 0 => {
                 tracing::error!(
-                    witness = %w.name, size, body = %excerpt,
-                    "witness holds a checkpoint of this size with another root (a fork, or \
-                     another log with this origin); backing off"
+                    witness = %w.name, old, size, body = %excerpt,
+                    "witness holds a checkpoint of size `old` with another root than this log's \
+                     (a fork, or another log with this origin): this log's consistency proof \
+                     from it was refused; backing off"
                 );
                 self.outcome(&w.name, "fork");
                 Err(())
@@ -1132,11 +1137,11 @@ mod tests {
 
     /// A witness that does not know the log (404) and one whose record
     /// contradicts the log (its root at the size it cosigned is not this
-    /// log's, so the proof from there fails: 422) are each logged, counted
-    /// and backed off, and hold up neither the quorum of the others nor
+    /// log's, so the proof from there fails: 422, a fork) are each logged,
+    /// counted and backed off, and hold up neither the quorum of the others nor
     /// each other.
     #[test]
-    fn unknown_origin_and_bad_proof_answers_are_counted_and_hold_nothing_up() {
+    fn unknown_origin_and_a_fork_at_an_older_size_are_counted_and_hold_nothing_up() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -1158,7 +1163,8 @@ mod tests {
             )
         });
         // w5 cosigns size 3, then its record is corrupted (another root at
-        // that size), as a witness that was shown a fork would hold.
+        // that size), as a witness that was shown a fork would hold; the
+        // log grows to 4, so the proof it is sent runs from 3.
         let first = grow(&store, 3);
         shown_a_fork(dir.path(), &store, &s5, &k5, 5, first);
         let size = grow(&store, 4);
@@ -1181,9 +1187,8 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while !(counted(
             r#"lavd_witness_requests_total{outcome="unknown_origin",witness="w4.test"}"#,
-        ) && counted(
-            r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#,
-        )) {
+        ) && counted(r#"lavd_witness_requests_total{outcome="fork",witness="w5.test"}"#))
+        {
             assert!(
                 std::time::Instant::now() < deadline,
                 "404 and 422 not both counted:\n{}",
@@ -1199,9 +1204,11 @@ mod tests {
         assert_eq!(store.last_cosigned("w4.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w5.test").unwrap(), None);
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
-        // Not taken for a fork: its size was not the log's.
+        // A fork, not a bad proof: the proof was the log's own, from the
+        // size w5 said it holds (before, this was counted `bad_proof`,
+        // which nobody alerts on).
         assert!(!counted(
-            r#"lavd_witness_requests_total{outcome="fork",witness="w5.test"}"#
+            r#"lavd_witness_requests_total{outcome="bad_proof",witness="w5.test"}"#
         ));
         drop(runtime);
     }

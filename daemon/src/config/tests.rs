@@ -853,10 +853,15 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(warnings(0o600), 0);
     assert_eq!(warnings(0o644), 1);
 
-    // Its body bound is 64 KiB unless set (lavd's is 1 MiB): the default
-    // max_body_bytes_in_flight then takes 1,024 of its bodies, not 64.
+    // Its body bound is the largest add-checkpoint body it parses unless
+    // set (lavd's is 1 MiB): the default max_body_bytes_in_flight then
+    // takes about 500 of its bodies, not 64.
     let loaded = || WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap();
-    assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
+    assert_eq!(
+        loaded().limits.max_body_bytes,
+        crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES
+    );
+    assert_eq!(crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES, 133_940);
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 64 << 20);
     let text = std::fs::read_to_string(&path).unwrap();
     let with_limits = |limits: &str| {
@@ -866,12 +871,25 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
         )
         .unwrap();
     };
+    let below = |s: &WitnessSettings| {
+        s.warnings
+            .iter()
+            .filter(|w| w.contains("limits.max_body_bytes = 65536 is below the 133940 bytes"))
+            .count()
+    };
+    assert_eq!(below(&loaded()), 0);
     with_limits("max_body_bytes = 2097152\n");
     assert_eq!(loaded().limits.max_body_bytes, 2 << 20);
+    // A bound below the largest conformant body is a warning.
+    with_limits("max_body_bytes = 65536\n");
+    assert_eq!(below(&loaded()), 1);
     // The checks see the witness's own default: a budget of 256 KiB is
-    // at least its 64 KiB (it is below lavd's 1 MiB).
+    // at least its 133,940 bytes (it is below lavd's 1 MiB).
     with_limits("max_body_bytes_in_flight = 262144\n");
-    assert_eq!(loaded().limits.max_body_bytes, 64 << 10);
+    assert_eq!(
+        loaded().limits.max_body_bytes,
+        crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES
+    );
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
 }
 

@@ -11,7 +11,7 @@
 //! [server]  listen, shutdown_grace_secs
 //! [tls]     cert, key, min_version  (server-only TLS: no client certificates)
 //! [admin]   listen                  (/healthz, /readyz, /metrics)
-//! [limits]  max_body_bytes (64 KiB unless set), max_body_bytes_in_flight,
+//! [limits]  max_body_bytes (133,940 bytes unless set), max_body_bytes_in_flight,
 //!           max_header_bytes, max_connections(_per_ip), the rate
 //!           limit and the timeouts (the unwrap and warrant limits are
 //!           refused: a witness serves neither)
@@ -32,8 +32,13 @@ use super::{
 };
 
 /// `lavd witness serve`'s `[limits] max_body_bytes` when unset (lavd's is
-/// 1 MiB).
-pub const WITNESS_MAX_BODY_BYTES: usize = 64 << 10;
+/// 1 MiB): the largest `add-checkpoint` body it parses
+/// ([`crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES`], 133,940 bytes: a
+/// note with the 16 signatures, post-quantum ones included, that C2SP
+/// signed-note asks verifiers to take, and 63 proof lines). One bound for
+/// the field: a smaller one, set, refuses conformant checkpoints with 413
+/// and is a warning at load.
+pub const WITNESS_MAX_BODY_BYTES: usize = crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES;
 use crate::audit::note::VerifierKey;
 use crate::hsm::HsmSettings;
 
@@ -266,15 +271,22 @@ impl WitnessSettings {
                 "limits unwraps and warrants, which a witness does not serve; remove it",
             ));
         }
-        // An add-checkpoint body is a few KiB (a note and at most 63 proof
-        // hashes): with lavd's 1 MiB, 64 slow senders would fill the
-        // default max_body_bytes_in_flight; with this, it takes as many as
-        // the connections allowed. Set before the checks, which compare
-        // the other bounds with it.
+        // An add-checkpoint body is at most WITNESS_MAX_BODY_BYTES (a
+        // routine one, a few KiB): with lavd's 1 MiB, 64 slow senders would
+        // fill the default max_body_bytes_in_flight; with this, about 500.
+        // Set before the checks, which compare the other bounds with it.
         let mut raw_limits = raw.limits;
-        raw_limits
+        let body_bound = *raw_limits
             .max_body_bytes
             .get_or_insert(WITNESS_MAX_BODY_BYTES as u64);
+        if body_bound < WITNESS_MAX_BODY_BYTES as u64 {
+            v.warnings.borrow_mut().push(format!(
+                "limits.max_body_bytes = {body_bound} is below the {WITNESS_MAX_BODY_BYTES} \
+                 bytes of the largest add-checkpoint body C2SP lets a log send (16 signatures, \
+                 post-quantum ones included, and 63 proof lines): such a checkpoint is refused \
+                 413; unset it to take them"
+            ));
+        }
         let limits = v.limits(raw_limits)?;
         Ok(WitnessSettings {
             file: path.to_path_buf(),
