@@ -64,6 +64,16 @@ pub enum KeyError {
          configuration"
     )]
     StoreUnproven(String),
+    /// `keys list` or `keys destroy` on a SQLite store that is not there,
+    /// or is no lavd store (no schema): made and migrated, it would be an
+    /// empty store in which nothing is due, and the retention job would
+    /// report success having destroyed nothing (a volume not mounted, a
+    /// mistyped path).
+    #[error(
+        "{0}; only `lavd keys generate` and `lavd serve` make a store: point --config at the \
+         daemon's configuration"
+    )]
+    StoreMissing(String),
     /// `keys discard-orphan` removed a pair while a generation of the same
     /// kid committed it: the store now lists a key whose private half is
     /// gone (never published: the published keys are checked against the
@@ -138,6 +148,7 @@ impl KeyError {
             KeyError::Recorded(_) => "key_recorded",
             KeyError::RecordedWhileDiscarded(_) => "key_discarded_while_recorded",
             KeyError::StoreUnproven(_) => "store_unproven",
+            KeyError::StoreMissing(_) => "store_missing",
             KeyError::RetentionNotReached { .. } => "retention_not_reached",
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",

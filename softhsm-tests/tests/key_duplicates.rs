@@ -522,6 +522,8 @@ fn a_second_token_with_the_label_is_found_though_unreadable_at_first() {
     }
     let shim = softhsm_tests::Shim::new(&t);
     t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    // An empty store of lavd's (`keys list` makes none: `store_missing`).
+    drop(lavd::store::Store::open(&t.path("lavd.db")).unwrap());
     let list = || {
         softhsm_tests::lavd_command(&["keys", "list", "--config", t.config().to_str().unwrap()])
             .env("SOFTHSM2_CONF", &conf)

@@ -521,6 +521,29 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     );
     assert!(listing.contains("not yet valid"), "{listing}");
 
+    // The retention job and the listing on a store path that holds no
+    // store (a volume not mounted, a mistyped path) fail `store_missing`,
+    // naming it, and make nothing there. Before, they made and migrated an
+    // empty store, found nothing due, and exited 0.
+    let config = std::fs::read_to_string(t.config()).unwrap();
+    assert!(config.contains("\"lavd.db\""), "{config}");
+    let unmounted = config.replace("\"lavd.db\"", "\"unmounted/lavd.db\"");
+    std::fs::write(t.config(), unmounted).unwrap();
+    for command in [
+        &["keys", "destroy", "--expired"][..],
+        &["keys", "list"],
+        &["keys", "list", "--all"],
+        &["keys", "destroy", "--kid", "2020-01"],
+    ] {
+        let stderr = assert_fails_with(&t.lavd_with_config(command), 1, "store_missing");
+        assert!(
+            stderr.contains("unmounted/lavd.db does not exist"),
+            "{command:?}: {stderr}"
+        );
+    }
+    assert!(!t.path("unmounted").exists());
+    std::fs::write(t.config(), &config).unwrap();
+
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
     assert!(private_key(&t, "2020-01").is_none());
     assert!(private_key(&t, "2020-02").is_none());
