@@ -456,11 +456,14 @@ fn audit_key_is_ed25519_sign_only_and_non_extractable() {
         )
     );
     assert!(session.copy_object(key, &[]).is_err());
-    assert_fails_with(
+    // A second one under the taken label: the operator's matter, not an
+    // outage (it was `hsm_unavailable`, which invites a retry).
+    let stderr = assert_fails_with(
         &t.lavd_with_config(&["keys", "generate-audit"]),
         1,
-        "hsm_unavailable",
+        "key_label_taken",
     );
+    assert!(stderr.contains("already exists on the token"), "{stderr}");
 }
 
 #[test]
@@ -529,6 +532,15 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     assert!(config.contains("\"lavd.db\""), "{config}");
     let unmounted = config.replace("\"lavd.db\"", "\"unmounted/lavd.db\"");
     std::fs::write(t.config(), unmounted).unwrap();
+    // A kid no generation could have made: `invalid_kid`, not looked up.
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "2020 01", "--force", "--reason", "x",
+        ]),
+        1,
+        "invalid_kid",
+    );
+    assert!(stderr.contains("2020 01"), "{stderr}");
     for command in [
         &["keys", "destroy", "--expired"][..],
         &["keys", "list"],

@@ -233,6 +233,9 @@ impl KeysCommand {
                 reason,
             } => {
                 let settings = config.load()?;
+                // A kid no generation could have made is named as such,
+                // not looked up and reported unknown.
+                kid.as_deref().map(keys::check_kid).transpose()?;
                 existing_store(&settings.store).map_err(keys::KeyError::StoreMissing)?;
                 let store = Store::open_settings(&settings.store)?;
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {

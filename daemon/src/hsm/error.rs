@@ -147,13 +147,16 @@ impl HsmError {
     /// The stable code of a command stopped by it: `hsm_login_refused`
     /// (exit 77) when the token refused the PIN, now or earlier in this
     /// process (which holds every later login back);
-    /// `key_pair_mismatch` for a key whose halves disagree; else
-    /// `hsm_unavailable`.
+    /// `key_pair_mismatch` for a key whose halves disagree;
+    /// `key_label_taken` for a label a key of ours already has (a
+    /// generation under it, or a look-up that finds two: an operator's
+    /// matter, not an outage to retry); else `hsm_unavailable`.
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
             HsmError::Login { .. } | HsmError::LoginHeld { .. } => "hsm_login_refused",
             HsmError::KeyPairMismatch(_) => "key_pair_mismatch",
+            HsmError::DuplicateKey(_) => "key_label_taken",
             _ => "hsm_unavailable",
         }
     }
