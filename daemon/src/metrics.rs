@@ -222,8 +222,8 @@ impl Metrics {
         let witness_requests = counter(
             "lavd_witness_requests_total",
             "add-checkpoint requests sent to witnesses, by witness (configured name) and \
-             outcome (cosigned, conflict, fork, bad_proof, forbidden, unknown_origin, \
-             bad_request, bad_cosignature, no_proof, unavailable).",
+             outcome (cosigned, conflict, fork, rolled_back, bad_proof, forbidden, \
+             unknown_origin, bad_request, bad_cosignature, no_proof, unavailable).",
             &["witness", "outcome"],
         )?;
         let witness_cosigned_size = prometheus::IntGaugeVec::new(

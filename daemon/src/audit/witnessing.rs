@@ -556,6 +556,22 @@ impl Witnessing {
                     );
                     return Err(());
                 }
+                Sent::Learned(learned) if cosigned.is_some_and(|c| learned < c) => {
+                    // This log holds the witness's verified cosignature of a
+                    // larger size: the witness went back (its state lost, or
+                    // restored from an older copy), and could now be shown
+                    // a fork of what it cosigned. The log's own tree is
+                    // consistent, so it is caught up from there; the
+                    // witness's operator must be told.
+                    tracing::error!(
+                        witness = %w.name, learned, cosigned = cosigned.unwrap_or_default(),
+                        "witness reports a size below one it cosigned for this log (its state \
+                         was lost or restored from an older copy): it could now cosign a fork of \
+                         what it cosigned; catching it up from its size"
+                    );
+                    self.outcome(&w.name, "rolled_back");
+                    old = learned;
+                }
                 Sent::Learned(learned) => old = learned,
             }
         }
@@ -1054,6 +1070,50 @@ mod tests {
             timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
         }
+    }
+
+    /// A witness that answers 409 with a size below one whose cosignature
+    /// by it the log holds (its state lost) is an ERROR, counted
+    /// `rolled_back`, and is caught up from its size.
+    #[test]
+    fn a_witness_that_went_back_is_counted_and_caught_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (u1, k1, _) = runtime.block_on(witness(dir.path(), "w1.test", 1, log_key(), &ca));
+        let first = grow(&store, 3);
+        let policy_text = format!("witness A {k1}\ngroup q all A\nquorum q\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        started_until_quorum(&runtime, &witnessing, first, first);
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(first));
+        let rolled_back = r#"lavd_witness_requests_total{outcome="rolled_back",witness="w1.test"}"#;
+        assert!(!counted(&metrics, rolled_back));
+        // Its state loses the log's record (as a restore of a copy made
+        // before its first cosignature would).
+        rusqlite::Connection::open(dir.path().join("1.db"))
+            .unwrap()
+            .execute("DELETE FROM cosigned", [])
+            .unwrap();
+        let size = grow(&store, 2);
+        witnessing.signed(size);
+        let waiter = witnessing.clone();
+        std::thread::spawn(move || waiter.wait_for_quorum(size))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
+        assert!(
+            counted(&metrics, rolled_back),
+            "{}",
+            metrics.render().unwrap()
+        );
+        drop(runtime);
     }
 
     /// Two witnesses under a quorum of both, and a third that trusts
