@@ -51,10 +51,6 @@ const CLOCK_BEHIND_WARNING_SECS: u64 = 60;
 pub struct WitnessState {
     path: PathBuf,
     conn: Mutex<Connection>,
-    /// The latest cosignature timestamp this state gave (kept in the
-    /// `cosigned_time` table across restarts): no later cosignature has an
-    /// earlier one.
-    last_time: std::sync::atomic::AtomicU64,
 }
 
 impl WitnessState {
@@ -158,21 +154,9 @@ impl WitnessState {
             ) STRICT;",
         )
         .map_err(err)?;
-        // The newest timestamp this state ever gave: a restart with the
-        // clock stepped back must not stamp a larger tree earlier than a
-        // smaller one (a state written before this table starts at 0).
-        let last: Option<i64> = conn
-            .query_row("SELECT last FROM cosigned_time WHERE id = 0", [], |row| {
-                row.get(0)
-            })
-            .optional()
-            .map_err(err)?;
         Ok(WitnessState {
             path: path.to_path_buf(),
             conn: Mutex::new(conn),
-            last_time: std::sync::atomic::AtomicU64::new(
-                last.and_then(|t| u64::try_from(t).ok()).unwrap_or(0),
-            ),
         })
     }
 
@@ -262,10 +246,20 @@ impl WitnessState {
                 i64::MAX
             ))));
         };
-        let (read, last) = (
-            clock(),
-            self.last_time.load(std::sync::atomic::Ordering::SeqCst),
-        );
+        // The newest timestamp this state ever gave, read in the write
+        // transaction: a restart with the clock stepped back, or another
+        // process on the same state file, must not stamp a larger tree
+        // earlier than a smaller one (a state written before this table
+        // starts at 0).
+        let last = tx
+            .query_row("SELECT last FROM cosigned_time WHERE id = 0", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or(0);
+        let read = clock();
         // A request that waited behind another reads a second or so behind
         // it; more is a clock that stepped back, or one that once ran
         // ahead and now pins every timestamp there (OPERATIONS §13).
@@ -298,8 +292,6 @@ impl WitnessState {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        self.last_time
-            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
         Ok(Ok(AddOutcome::Cosigned(line)))
     }
 }
@@ -523,6 +515,29 @@ mod tests {
             times.extend(verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap());
         }
         assert_eq!(times, [200, 200, 200]);
+        // Two processes on one state file (a rolling update on a shared
+        // volume): each reads the floor the other wrote. Before, each kept
+        // its own from when it opened the file.
+        let other = WitnessState::open(&path).unwrap();
+        let stamp = |state: &WitnessState, clock: u64| {
+            let checkpoint = note(&log_sk, 0, crate::audit::merkle::empty_root());
+            let body = AddCheckpoint {
+                old_size: 0,
+                proof: Vec::new(),
+                checkpoint: checkpoint.clone(),
+            }
+            .encode();
+            let AddOutcome::Cosigned(line) = state
+                .add_checkpoint(body.as_bytes(), &trusted, &key, &|| clock, sign)
+                .unwrap()
+                .unwrap()
+            else {
+                panic!("not cosigned");
+            };
+            verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap()
+        };
+        assert_eq!(stamp(&state, 300), [300]);
+        assert_eq!(stamp(&other, 250), [300]);
     }
 
     /// A size the state cannot record (at or above 2^63), though the log
