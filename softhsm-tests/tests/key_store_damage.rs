@@ -98,3 +98,82 @@ fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
         "{stderr}"
     );
 }
+
+/// An unwrap naming a key whose store row cannot be read denies that key's
+/// envelopes `open_failed` and opens the others in the batch, with a leaf
+/// each; the request is not failed whole. Before, the first such row made
+/// every request naming it 503 `store_unavailable`, with agencies retrying
+/// while `/readyz` stayed green.
+#[test]
+fn an_unwrap_naming_an_unreadable_key_row_opens_the_other_keys() {
+    use softhsm_tests::server::{serve_config, Daemon, Pki};
+    use softhsm_tests::vault::{self, Parties, TARGET};
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let public = |kid: &str| {
+        let printed = assert_ok(&generate_key_for(
+            &t,
+            kid,
+            [
+                "2020-01-01T00:00:00Z",
+                "2099-02-01T00:00:00Z",
+                "2100-01-01T00:00:00Z",
+            ],
+        ));
+        lavd::jwk::P256PublicKey::from_jwk(&lavd::jwk::Jwk::from_json(printed.as_bytes()).unwrap())
+            .unwrap()
+    };
+    let (damaged, whole) = (public("2099-01"), public("2099-02"));
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .execute(
+            "UPDATE escrow_keys SET created_at = 'garbage' WHERE kid = '2099-01'",
+            [],
+        )
+        .unwrap();
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-DAMAGED-ROW", recipient.public(), 10));
+    let at = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+    let envelopes = [
+        vault::seal(&damaged, "2099-01", TARGET, at, "damaged", &[1; 16]),
+        vault::seal(&whole, "2099-02", TARGET, at, "whole", &[2; 16]),
+        vault::seal(&damaged, "2099-01", TARGET, at, "damaged-again", &[3; 16]),
+    ];
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply = r.json();
+    assert_eq!(
+        vault::statuses(&reply),
+        ["open_failed", "ok", "open_failed"]
+    );
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    let log = vault::entries(&c.auditor, first, first + 3);
+    let outcomes: Vec<_> = log
+        .iter()
+        .map(|e| (e.leaf["outcome"].clone(), e.leaf["reason"].clone()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("denied".into(), "open_failed".into()),
+            ("opened".into(), serde_json::Value::Null),
+            ("denied".into(), "open_failed".into()),
+        ]
+    );
+    assert!(
+        daemon
+            .stderr()
+            .contains("an escrow key's store row cannot be read"),
+        "{}",
+        daemon.stderr()
+    );
+}

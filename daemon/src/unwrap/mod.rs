@@ -412,6 +412,8 @@ pub fn unwrap(
     // Per envelope, in order: parse, key, scope.
     let mut keys: std::collections::HashMap<String, Option<crate::store::KeyRecord>> =
         std::collections::HashMap::new();
+    // Kids whose store row cannot be read (an edited or damaged store).
+    let mut unreadable = std::collections::HashSet::new();
     let mut plans = Vec::with_capacity(envelopes.len());
     for (index, raw) in envelopes.iter().enumerate() {
         let envelope = match Envelope::parse(raw.get().as_bytes(), ctx.envelope_limits) {
@@ -437,14 +439,34 @@ pub fn unwrap(
             digest,
         };
         // One store read per key, not per envelope: a batch usually names
-        // one or two epochs.
+        // one or two epochs. A key whose row cannot be read (an edited or
+        // damaged store) opens none of its envelopes (`open_failed`), as a
+        // key with two pairs on the token; the others' are opened. Any
+        // other store failure fails the request (503).
+        if unreadable.contains(header.kid()) {
+            plans.push(deny(DenyReason::OpenFailed));
+            continue;
+        }
         let record = match keys.get(header.kid()) {
             Some(r) => r.clone(),
-            None => {
-                let r = ctx.store.get_key(header.kid())?;
-                keys.insert(header.kid().to_string(), r.clone());
-                r
-            }
+            None => match ctx.store.get_key(header.kid()) {
+                Ok(r) => {
+                    keys.insert(header.kid().to_string(), r.clone());
+                    r
+                }
+                Err(e @ StoreError::Corrupt { .. }) => {
+                    tracing::error!(
+                        kid = %crate::codec::escape_for_terminal(header.kid()),
+                        error = %e,
+                        "an escrow key's store row cannot be read: its envelopes are denied \
+                         open_failed until the row is mended"
+                    );
+                    unreadable.insert(header.kid().to_string());
+                    plans.push(deny(DenyReason::OpenFailed));
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            },
         };
         let plan = match record {
             None => deny(DenyReason::UnknownKey),
