@@ -137,6 +137,17 @@ fn off_curve_enc_is_refused() {
         refused(&envelope_json(HEADER, &b64_encode(zero), &f.ct)),
         EnvelopeError::InvalidEnc
     );
+    // P-256's generator G, a point on the curve: the ephemeral key of the
+    // scalar 1, which no honest sender draws (and a derive on G is lavd's
+    // own pair check).
+    assert_eq!(
+        refused(&envelope_json(
+            HEADER,
+            &b64_encode(lavd::hsm::P256_GENERATOR),
+            &f.ct
+        )),
+        EnvelopeError::InvalidEnc
+    );
 }
 
 #[test]

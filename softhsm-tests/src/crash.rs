@@ -366,7 +366,8 @@ impl Checker {
     ) -> (usize, usize) {
         // A derive on P-256's generator is lavd's check that a key it
         // publishes has agreeing halves (`Hsm::check_pair`): it yields the
-        // public key's x, opens nothing, and no client here sends it.
+        // public key's x and opens nothing; an envelope whose `enc` is G is
+        // refused before any derive (`envelope_refusals.rs`).
         let pair_check = hex::encode(lavd::hsm::P256_GENERATOR);
         let derived: Vec<String> = std::fs::read_to_string(derive_log)
             .unwrap_or_default()

@@ -155,7 +155,9 @@ pub enum EnvelopeError<E = Infallible> {
         why: crate::bounds::BoundError,
     },
     /// `enc` is not a 65-byte uncompressed P-256 point on the curve (wrong
-    /// length, compressed, identity, off-curve). A buggy provider, or an
+    /// length, compressed, identity, off-curve), or is the curve's
+    /// generator G (the ephemeral key of the private scalar 1, whose secret
+    /// is public; no honest sender draws it). A buggy provider, or an
     /// invalid-curve attack.
     #[error("`enc` is not an uncompressed P-256 point")]
     InvalidEnc,
@@ -421,6 +423,12 @@ impl Envelope {
         let header_bytes = b64_decode(&raw.header).map_err(|_| EnvelopeError::Base64("header"))?;
         let header = Header::parse(&header_bytes, limits)?;
         let enc = b64_decode(&raw.enc).map_err(|_| EnvelopeError::Base64("enc"))?;
+        // G is refused too: a derive on G is then only ever lavd's own
+        // check that a key's halves agree (`Hsm::check_pair`), which the
+        // crash tests' count of opens relies on.
+        if enc == crate::hsm::P256_GENERATOR {
+            return Err(EnvelopeError::InvalidEnc);
+        }
         let enc = P256PublicKey::from_sec1(&enc).map_err(|_| EnvelopeError::InvalidEnc)?;
         let ct = b64_decode(&raw.ct).map_err(|_| EnvelopeError::Base64("ct"))?;
         if !(CT_MIN_LEN..=CT_MAX_LEN).contains(&ct.len()) {
