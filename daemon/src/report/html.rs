@@ -28,9 +28,11 @@ pub fn escape(text: &str) -> String {
             '"' => out.push_str("&quot;"),
             '\'' => out.push_str("&#39;"),
             // Invisible characters that reorder or hide what is displayed
-            // (a log written before their refusal, or a caller's name) are
-            // shown, not obeyed.
-            c if crate::bounds::is_format(c) => {
+            // (a log written before their refusal, or a caller's name), and
+            // those that display as nothing (U+3164, variation selectors:
+            // `lea` and `lea\u{3164}` would be two rows that look alike),
+            // are shown, not obeyed.
+            c if crate::bounds::is_format(c) || crate::bounds::is_ignorable(c) => {
                 out.push_str(&format!("[U+{:04X}]", u32::from(c)));
             }
             c => out.push(c),
@@ -322,7 +324,7 @@ pub fn render(report: &Report) -> String {
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
-         style-src 'unsafe-inline'\">\
+         style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <meta name=\"generator\" content=\"lavd audit report ({SCHEMA})\">\
          <title>Oversight report: {origin}</title><style>{STYLE}</style></head>\n<body>\

@@ -506,10 +506,18 @@ struct UrgentTrack {
 }
 
 impl UrgentTrack {
+    /// A leaf of this warrant at `time`, under the policy's `max_hours`
+    /// then. Its start is the earliest leaf time, not the first leaf's
+    /// (replicas' clocks differ); the policy is the one the first leaf was
+    /// written under.
     fn seen(&mut self, time: OffsetDateTime, max_hours: Option<u32>) {
-        if self.first.is_none() {
-            self.first = Some(time);
-            self.max_hours = max_hours;
+        match self.first {
+            None => {
+                self.first = Some(time);
+                self.max_hours = max_hours;
+            }
+            Some(first) if time < first => self.first = Some(time),
+            Some(_) => {}
         }
     }
 
@@ -590,6 +598,7 @@ impl Report {
             .collect();
         // A warrant's row says it was revoked before the period too.
         let revoked_before = revoked.clone();
+        let mut revoked_in_period: BTreeSet<&str> = BTreeSet::new();
 
         for leaf in &period {
             let time = codec::format_time(leaf.time);
@@ -667,8 +676,10 @@ impl Report {
                         revocations.by_admin += 1;
                         m.admin += 1;
                     }
-                    warrant_row(&mut warrants, &mut agencies, r.warrant_id(), None, &time)
-                        .revoked = true;
+                    // Marked on the warrant's row, if it has one (below):
+                    // a revocation makes no row of its own, for an id no
+                    // signatures met the policy for.
+                    revoked_in_period.insert(r.warrant_id());
                     revocation_rows.push(RevocationRow {
                         time: time.clone(),
                         warrant_id: r.warrant_id().to_owned(),
@@ -711,7 +722,8 @@ impl Report {
                         UnwrapOutcome::Denied(
                             DenyReason::AuthorityNotValid | DenyReason::ConfigurationChanged,
                         ) => {}
-                        _ => t.last_use = Some(leaf.time),
+                        // The latest use, by time.
+                        _ => t.last_use = t.last_use.max(Some(leaf.time)),
                     }
                 }
                 Event::Unwrap(u) => {
@@ -765,7 +777,8 @@ impl Report {
         totals.keys_destroyed = keys.destroyed;
 
         for w in warrants.values_mut() {
-            w.revoked |= revoked_before.contains(w.id.as_str());
+            w.revoked |=
+                revoked_before.contains(w.id.as_str()) || revoked_in_period.contains(w.id.as_str());
         }
         for (id, callers) in agencies {
             if let Some(w) = warrants.get_mut(&id) {
@@ -788,8 +801,11 @@ impl Report {
             period: Period {
                 from: options.from.map(codec::format_time),
                 to: options.to.map(codec::format_time),
-                first_leaf: period.first().map(|l| codec::format_time(l.time)),
-                last_leaf: period.last().map(|l| codec::format_time(l.time)),
+                // The earliest and the latest leaf time, not the first and
+                // the last leaf's: replicas' clocks differ, so the log's
+                // order is not quite the time order.
+                first_leaf: period.iter().map(|l| l.time).min().map(codec::format_time),
+                last_leaf: period.iter().map(|l| l.time).max().map(codec::format_time),
                 as_of: as_of.map(codec::format_time),
                 observed: options.observed.map(codec::format_time),
                 later_leaf: past_to,

@@ -524,9 +524,10 @@ fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
     let aggregate = build(&mix(), &Options::default());
     let json = String::from_utf8(aggregate.to_json().unwrap()).unwrap();
     let page = html::render(&aggregate);
-    // No script, no fetch: the page may only use its own inline style.
+    // No script, no fetch: the page may only use its own inline style; it
+    // cannot be given another base URL, nor post a form anywhere.
     let csp = "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; \
-               style-src 'unsafe-inline'\">";
+               style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'\">";
     assert!(page.find(csp) < page.find("<style>"), "{page}");
     assert!(page.contains(csp));
     let digest = Digest::of_warrant_payload(b"W-FULL").to_string();
@@ -672,6 +673,16 @@ fn invisible_format_characters_are_shown_not_obeyed() {
     let page = html::render(&report);
     assert!(!page.chars().any(crate::bounds::is_format), "{page}");
     assert!(page.contains("spiffe://police.example/[U+202E]tinu-lagelli[U+200B]"));
+    // A character that displays as nothing: `lea` and `lea\u{3164}` would be
+    // two rows that look alike.
+    let twin = "spiffe://police.example/lea\u{3164}";
+    let events = vec![(datetime!(2026-05-01 10:00 UTC), opened(twin, &w, 1))];
+    let page = html::render(&build(&events, &Options::default()));
+    assert!(!page.chars().any(crate::bounds::is_ignorable), "{page}");
+    assert!(
+        page.contains("spiffe://police.example/lea[U+3164]"),
+        "{page}"
+    );
 }
 
 /// A key destroyed months after its due date is late, whatever the leaf's
@@ -902,4 +913,57 @@ fn as_of_is_the_newest_leaf_not_the_last() {
     ];
     let r = build(&events, &Options::default());
     assert_eq!(r.period.as_of.as_deref(), Some("2026-01-01T00:00:05Z"));
+    // The span is the earliest and the latest time too, not the first and
+    // the last leaf's (without the policy leaf, those are 00:05 and 00:04).
+    let r = build(&events[1..], &Options::default());
+    assert_eq!(
+        (
+            r.period.first_leaf.as_deref(),
+            r.period.last_leaf.as_deref()
+        ),
+        (Some("2026-01-01T00:00:04Z"), Some("2026-01-01T00:00:05Z"))
+    );
+}
+
+/// An urgent warrant whose leaves are out of time order (replicas' clocks
+/// differ) is timed from its earliest leaf to its latest use: no negative
+/// duration.
+#[test]
+fn an_urgent_warrants_duration_is_by_time_not_log_order() {
+    let u = warrant("W-U", true);
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-01 10:00:05 UTC), opened(A, &u, 1)),
+        (datetime!(2026-05-01 10:00:04 UTC), opened(A, &u, 2)),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(
+        r.urgent.duration_seconds,
+        DurationStats {
+            min: 1,
+            median: 1,
+            max: 1
+        }
+    );
+}
+
+/// A revocation of an id no signatures met the policy for (revoked before
+/// any use, or mistyped) makes no warrant row: rows name warrants. The
+/// revocation itself is listed.
+#[test]
+fn a_revocation_alone_makes_no_warrant_row() {
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-02 00:00 UTC), revoked("X", None)),
+    ];
+    let r = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let detail = r.detail.as_ref().unwrap();
+    assert!(detail.warrants.is_empty(), "{:?}", detail.warrants);
+    assert_eq!(detail.revocations.len(), 1);
 }
