@@ -122,6 +122,25 @@ fn is_utc_timestamp(text: &[u8]) -> bool {
     shaped && fraction_ok && head[17] <= b'5'
 }
 
+/// Formats a time as RFC 3339 UTC exactly: [`format_time`]'s whole seconds,
+/// and a fraction only when it is not zero, without trailing zeros
+/// (`2026-11-26T07:25:21Z`, `2026-11-26T07:25:21.5Z`). One spelling for
+/// each instant [`parse_time`] reads: what `lavd warrant new` writes into
+/// claims, what `lavd warrant inspect` shows, and the time members'
+/// spelling in a warrant's normalized digest.
+pub fn format_time_exact(t: OffsetDateTime) -> String {
+    let mut text = format_time(t);
+    let nanos = t.nanosecond();
+    if nanos != 0 {
+        let fraction = format!("{nanos:09}");
+        text.insert_str(
+            text.len() - 1,
+            &format!(".{}", fraction.trim_end_matches('0')),
+        );
+    }
+    text
+}
+
 /// Formats a time as RFC 3339 UTC with second precision (`2026-11-26T07:25:21Z`).
 pub fn format_time(t: OffsetDateTime) -> String {
     let t = t.to_offset(UtcOffset::UTC);

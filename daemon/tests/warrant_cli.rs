@@ -395,3 +395,54 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     assert!(format!("{e:#}").starts_with("--alg: "), "{e:#}");
     assert!(!out.exists());
 }
+
+/// `lavd warrant new` writes the instants it was given, fraction and all,
+/// and `lavd warrant inspect` shows them as the verifier enforces them.
+/// Before, both dropped the fraction: `--window-from …00.7Z` was signed as
+/// `…00Z`, 0.7 s earlier than asked.
+#[test]
+fn new_and_inspect_keep_fractional_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let recipient = d.join("agency.pub.jwk");
+    std::fs::write(
+        &recipient,
+        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
+    )
+    .unwrap();
+    let flags: Vec<&str> = NEW_FLAGS
+        .iter()
+        .map(|f| match *f {
+            "2026-11-01T00:00:00Z" => "2026-11-01T00:00:00.7Z",
+            "2026-12-24T00:00:00Z" => "2026-12-24T00:00:00.500Z",
+            other => other,
+        })
+        .collect();
+    let unsigned = d.join("w0.json");
+    let mut args = vec!["new", "--recipient", s(&recipient), "--out", s(&unsigned)];
+    args.extend_from_slice(&flags);
+    run(&args).unwrap();
+    let jws: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&unsigned).unwrap()).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&lavd::codec::b64_decode(jws["payload"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert_eq!(claims["window"]["from"], "2026-11-01T00:00:00.7Z");
+    assert_eq!(claims["expires"], "2026-12-24T00:00:00.5Z");
+    assert_eq!(claims["not_before"], "2026-11-24T00:00:00Z");
+    let report = inspect(&["inspect", s(&unsigned)]);
+    assert!(
+        report
+            .text
+            .contains("[2026-11-01T00:00:00.7Z, 2026-12-01T00:00:00Z)"),
+        "{}",
+        report.text
+    );
+    assert!(
+        report
+            .text
+            .contains("[2026-11-24T00:00:00Z, 2026-12-24T00:00:00.5Z)"),
+        "{}",
+        report.text
+    );
+}

@@ -121,6 +121,46 @@ fn urgent_warrant_needs_an_emergency_rule_and_meets_it() {
     assert_eq!(w.usable_until(), t("2026-11-27T00:00:00Z"));
 }
 
+/// The fully signed replacement may spell a time otherwise than the urgent
+/// warrant did (`.000Z`, as JavaScript's `toISOString` writes it): the same
+/// instant, so the same warrant, and it replaces the urgent one. Before,
+/// the digest hashed the spelling, and the replacement was refused
+/// `warrant_id_conflict` for good. Another instant is still a conflict.
+#[test]
+fn a_replacement_may_spell_the_same_times_otherwise() {
+    let a = Authorities::new();
+    let v = a.verifier(DOUBLE_LOCK_WITH_EMERGENCY);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lavd.db")).unwrap();
+    let urgent_claims = urgent("U-9");
+    let urgent_w = v
+        .verify(&signed(&urgent_claims, &[&a.exec1]), now(), AGENCY)
+        .unwrap();
+    assert_eq!(admit(&store, &urgent_w, now()).unwrap(), Registration::New);
+    let respelled = |claims: &serde_json::Value, suffix: &str| {
+        let mut full = claims.clone();
+        full.as_object_mut().unwrap().remove("emergency");
+        for time in ["/not_before", "/expires", "/window/from", "/window/to"] {
+            let text = full.pointer(time).unwrap().as_str().unwrap().to_string();
+            assert!(text.ends_with(":00Z"), "{time}: {text}");
+            *full.pointer_mut(time).unwrap() = text.replace(":00Z", suffix).into();
+        }
+        v.verify(&signed(&full, &[&a.exec2, &a.jud1]), now(), AGENCY)
+            .unwrap()
+    };
+    let other_instant = respelled(&urgent("U-9"), ":00.5Z");
+    assert_eq!(
+        admit(&store, &other_instant, now()).unwrap_err().code(),
+        "warrant_id_conflict"
+    );
+    let full_w = respelled(&urgent_claims, ":00.000Z");
+    assert_eq!(urgent_w.normalized_digest(), full_w.normalized_digest());
+    assert_eq!(
+        admit(&store, &full_w, now()).unwrap(),
+        Registration::Upgraded
+    );
+}
+
 #[test]
 fn fully_signed_replacement_keeps_the_budget() {
     let a = Authorities::new();

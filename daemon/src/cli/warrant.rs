@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use time::OffsetDateTime;
 
-use crate::codec::{b64_encode, format_time, parse_time};
+use crate::codec::{b64_encode, format_time, format_time_exact, parse_time};
 use crate::jwk::{Jwk, P256PublicKey};
 use crate::warrant::sign::{add_signature, unsigned_warrant};
 use crate::warrant::{
@@ -224,7 +224,9 @@ fn missing(flag: &str) -> anyhow::Error {
 fn time_flag(name: &str, value: Option<&str>) -> anyhow::Result<String> {
     let text = value.ok_or_else(|| missing(name))?;
     let t = parse_time(text).with_context(|| format!("--{name} `{text}`"))?;
-    Ok(format_time(t))
+    // The instant given, fraction and all: the claims an authority signs
+    // say what was asked (`format_time` would drop a fraction).
+    Ok(format_time_exact(t))
 }
 
 impl NewArgs {
@@ -392,8 +394,8 @@ impl InspectArgs {
                     Ok(w) => {
                         text.push_str(&format!(
                             "verdict: accepted at {} for agency `{caller}`{agency_note}; usable until {}{}\n",
-                            format_time(at),
-                            format_time(w.usable_until()),
+                            format_time_exact(at),
+                            format_time_exact(w.usable_until()),
                             if w.is_emergency() { " (emergency)" } else { "" },
                         ));
                         text.push_str(
@@ -404,7 +406,7 @@ impl InspectArgs {
                     Err(e) => {
                         text.push_str(&format!(
                             "verdict: refused at {}: {}: {e}\n",
-                            format_time(at),
+                            format_time_exact(at),
                             e.code()
                         ));
                         Verdict::Refused {
@@ -453,16 +455,16 @@ fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
             "window",
             format!(
                 "[{}, {})",
-                format_time(c.window.from),
-                format_time(c.window.to)
+                format_time_exact(c.window.from),
+                format_time_exact(c.window.to)
             ),
         ),
         (
             "valid",
             format!(
                 "[{}, {})",
-                format_time(c.not_before),
-                format_time(c.expires)
+                format_time_exact(c.not_before),
+                format_time_exact(c.expires)
             ),
         ),
         ("max_unwraps", c.max_unwraps.to_string()),

@@ -259,9 +259,12 @@ impl Claims {
 
 /// SHA-256 of the claims with `emergency` removed, in a canonical JSON form
 /// (object members sorted by name, no whitespace, serde_json's string and
-/// number spelling). Two payloads with equal digests are the same warrant up
-/// to urgency and formatting: this is what lets a fully signed warrant replace
-/// an urgent one with the same `id` (PROTOCOL §4).
+/// number spelling, and each time member, `not_before`, `expires`,
+/// `window.from` and `window.to`, in one spelling: [`canonical_time`]). Two
+/// payloads with equal digests are the same warrant up to urgency and
+/// formatting: this is what lets a fully signed warrant replace an urgent
+/// one with the same `id` (PROTOCOL §4), though one tool wrote
+/// `…T00:00:00Z` and another `…T00:00:00.000Z` for the same instant.
 ///
 /// The form is written to the store: changing it would make every recorded
 /// urgent warrant look like a conflict, so it is fixed here and not left to a
@@ -276,9 +279,39 @@ pub fn normalized_digest(payload: &[u8]) -> Result<[u8; 32], WarrantError> {
         .as_object_mut()
         .ok_or_else(|| malformed("not a JSON object"))?;
     object.remove("emergency");
+    for member in ["not_before", "expires"] {
+        if let Some(v) = object.get_mut(member) {
+            canonical_time(v);
+        }
+    }
+    if let Some(window) = object
+        .get_mut("window")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for member in ["from", "to"] {
+            if let Some(v) = window.get_mut(member) {
+                canonical_time(v);
+            }
+        }
+    }
     let mut canonical = String::new();
     write_canonical(&value, &mut canonical);
     Ok(sha256(canonical.as_bytes()))
+}
+
+/// A time member's one spelling in the digest: as [`crate::codec::parse_time`]
+/// reads it, written back by [`crate::codec::format_time_exact`]
+/// (`…T00:00:00Z`, `…T00:00:00.5Z`). Whole-second `Z` spellings, all `lavd warrant new`
+/// writes, are unchanged, so the digests recorded for them still match.
+/// Anything else is left as it is (a caller passes claims that parsed).
+fn canonical_time(value: &mut serde_json::Value) {
+    let Some(t) = value
+        .as_str()
+        .and_then(|text| crate::codec::parse_time(text).ok())
+    else {
+        return;
+    };
+    *value = serde_json::Value::String(crate::codec::format_time_exact(t));
 }
 
 fn write_canonical(value: &serde_json::Value, out: &mut String) {
