@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _};
 use time::OffsetDateTime;
 
-use crate::codec::{b64_encode, format_time, format_time_exact, parse_time};
+use crate::codec::{b64_encode, format_time_exact, parse_time};
 use crate::jwk::{Jwk, P256PublicKey};
 use crate::warrant::sign::{add_signature, unsigned_warrant};
 use crate::warrant::{
