@@ -681,6 +681,19 @@ fn time_and_agency_are_checked() {
         code(v.verify(&bytes, t("2026-12-24T00:00:00Z"), AGENCY)),
         "warrant_expired"
     );
+    // A fractional end is named as enforced: a refusal at .5 s says .5 s,
+    // not the whole second before it, at which the warrant was accepted.
+    let mut fractional = claims("W-time-fraction");
+    fractional["expires"] = "2026-12-24T00:00:00.5Z".into();
+    let bytes_fraction = signed(&fractional, &[&a.exec1, &a.jud1]);
+    assert!(v
+        .verify(&bytes_fraction, t("2026-12-24T00:00:00Z"), AGENCY)
+        .is_ok());
+    let err = v
+        .verify(&bytes_fraction, t("2026-12-24T00:00:00.5Z"), AGENCY)
+        .unwrap_err();
+    assert_eq!(err.code(), "warrant_expired");
+    assert!(err.to_string().contains("2026-12-24T00:00:00.5Z"), "{err}");
     let err = v
         .verify(&bytes, now(), "spiffe://agency.example/lea/unit-8")
         .unwrap_err();

@@ -11,7 +11,7 @@ use super::claims::{check_bound, normalized_digest, sha256, Claims};
 use super::jws::{self, Algorithm, ParsedJws};
 use super::trust::{Authority, AuthorityPublicKey, RoleRule, TrustStore};
 use super::WarrantError;
-use crate::codec::format_time;
+use crate::codec::format_time_exact;
 use crate::jwk::P256PublicKey;
 
 /// Size bounds applied before and while parsing.
@@ -87,15 +87,15 @@ impl Signed {
         if now >= *valid_until {
             return Some(WarrantError::AuthorityNotValid {
                 kid: kid.clone(),
-                valid_from: format_time(*valid_from),
-                valid_until: format_time(*valid_until),
+                valid_from: format_time_exact(*valid_from),
+                valid_until: format_time_exact(*valid_until),
             });
         }
         (now >= self.usable_until).then(|| match self.emergency_end {
             Some(end) if end < self.claims.expires => {
-                WarrantError::EmergencyExpired(format_time(end))
+                WarrantError::EmergencyExpired(format_time_exact(end))
             }
-            _ => WarrantError::Expired(format_time(self.claims.expires)),
+            _ => WarrantError::Expired(format_time_exact(self.claims.expires)),
         })
     }
 }
@@ -319,7 +319,9 @@ impl Verifier {
         }
         let claims = &signed.claims;
         if now < claims.not_before {
-            return Err(WarrantError::NotYetValid(format_time(claims.not_before)));
+            return Err(WarrantError::NotYetValid(format_time_exact(
+                claims.not_before,
+            )));
         }
         if let Some(lapsed) = signed.lapsed(now) {
             return Err(lapsed);
@@ -500,8 +502,8 @@ fn check_authority_valid(authority: &Authority, now: OffsetDateTime) -> Result<(
     }
     Err(WarrantError::AuthorityNotValid {
         kid: authority.kid().to_string(),
-        valid_from: format_time(authority.valid_from()),
-        valid_until: format_time(authority.valid_until()),
+        valid_from: format_time_exact(authority.valid_from()),
+        valid_until: format_time_exact(authority.valid_until()),
     })
 }
 
