@@ -41,6 +41,7 @@ pub struct Metrics {
     config_reloads: IntCounterVec,
     witness_requests: IntCounterVec,
     witness_cosigned_size: prometheus::IntGaugeVec,
+    escrow_keys_past_retention: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -226,6 +227,14 @@ impl Metrics {
              unknown_origin, bad_request, bad_cosignature, no_proof, unavailable).",
             &["witness", "outcome"],
         )?;
+        let escrow_keys_past_retention = gauge(
+            "lavd_escrow_keys_past_retention",
+            "Escrow keys whose destroy_after has passed and that the store does not say \
+             destroyed, as of the last look (every minute; -1 until the first, or when the \
+             store cannot say): the retention job (lavd keys destroy --expired) is due or \
+             has failed. Their envelopes are refused key_destroyed either way.",
+        )?;
+        escrow_keys_past_retention.set(-1);
         let witness_cosigned_size = prometheus::IntGaugeVec::new(
             Opts::new(
                 "lavd_witness_cosigned_size",
@@ -258,7 +267,15 @@ impl Metrics {
             public_tls_handshake_failures,
             public_connections_open,
             config_reloads,
+            escrow_keys_past_retention,
         })
+    }
+
+    /// The escrow keys past their retention and not destroyed, or `None`
+    /// when the store could not say.
+    pub fn escrow_keys_past_retention(&self, keys: Option<usize>) {
+        self.escrow_keys_past_retention
+            .set(keys.map_or(-1, |n| i64::try_from(n).unwrap_or(i64::MAX)));
     }
 
     /// One API request answered. `route` is the route template

@@ -16,14 +16,31 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
         "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n\"{AGENCY}\" = [\"agency\"]\n\
          \"{AUDITOR}\" = [\"auditor\"]\n"
     )));
-    for (kid, from, to) in [
-        ("2026-11", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
-        ("2099-01", "2099-01-01T00:00:00Z", "2099-02-01T00:00:00Z"),
+    for (kid, from, to, destroy_after) in [
+        (
+            "2026-11",
+            "2026-11-01T00:00:00Z",
+            "2026-12-01T00:00:00Z",
+            "2100-01-01T00:00:00Z",
+        ),
+        (
+            "2099-01",
+            "2099-01-01T00:00:00Z",
+            "2099-02-01T00:00:00Z",
+            "2100-01-01T00:00:00Z",
+        ),
+        // Past its retention, not destroyed: never published, and counted.
+        (
+            "2020-01",
+            "2020-01-01T00:00:00Z",
+            "2020-02-01T00:00:00Z",
+            "2021-01-01T00:00:00Z",
+        ),
     ] {
         assert_ok(&softhsm_tests::generate_key_for(
             &t,
             kid,
-            [from, to, "2100-01-01T00:00:00Z"],
+            [from, to, destroy_after],
         ));
     }
     let listed: serde_json::Value =
@@ -64,5 +81,12 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
             3.0
         ),
         3.0
+    );
+    assert!(!served.to_string().contains("2020-01"), "{served}");
+    // The key past its retention shows in the gauge an alert reads (the
+    // retention job has not run).
+    assert_eq!(
+        daemon.wait_metric("lavd_escrow_keys_past_retention", 1.0),
+        1.0
     );
 }

@@ -236,6 +236,44 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     result
 }
 
+/// How often the daemon counts the escrow keys past their retention
+/// (`lavd_escrow_keys_past_retention`).
+const RETENTION_WATCH_EVERY: Duration = Duration::from_secs(60);
+
+/// Counts, now and every [`RETENTION_WATCH_EVERY`], the escrow keys whose
+/// `destroy_after` has passed and that the store does not say destroyed,
+/// for `lavd_escrow_keys_past_retention`: a retention job that does not
+/// run, or fails, shows there, where an alert can see it. A row that
+/// cannot be read, or a store that cannot say, sets it to -1.
+async fn watch_retention(state: Arc<ServerState>) {
+    let mut tick = tokio::time::interval(RETENTION_WATCH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let store = state.store.clone();
+        let counted = tokio::task::spawn_blocking(move || {
+            crate::keys::due_for_destruction(store.as_ref(), time::OffsetDateTime::now_utc())
+        })
+        .await;
+        let keys = match counted {
+            Ok(Ok(due)) if due.unreadable.is_empty() => Some(due.keys.len()),
+            Ok(Ok(due)) => {
+                tracing::warn!(
+                    rows = due.unreadable.len(),
+                    "escrow key rows cannot be read: cannot count the keys past their retention"
+                );
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot count the escrow keys past their retention");
+                None
+            }
+            Err(_) => None,
+        };
+        state.metrics.escrow_keys_past_retention(keys);
+    }
+}
+
 async fn serve(
     state: Arc<ServerState>,
     notifier: Notifier,
@@ -310,6 +348,7 @@ async fn serve(
             .context("cannot start the orphaned intents' sweeper")?;
     }
     notifier.ready(&status);
+    let retention_watch = tokio::spawn(watch_retention(state.clone()));
 
     loop {
         match signals.next().await {
@@ -380,6 +419,7 @@ async fn serve(
     }
 
     notifier.stopping();
+    retention_watch.abort();
     state.start_draining();
     // The public log listener has nothing to drain that matters: tiles
     // can be fetched again.
