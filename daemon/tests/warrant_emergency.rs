@@ -161,6 +161,52 @@ fn a_replacement_may_spell_the_same_times_otherwise() {
     );
 }
 
+/// An urgent warrant registered before 2026-12-06, whose stored normalized
+/// digest hashed its times as spelled (`.000Z`), is still replaced by the
+/// fully signed warrant spelled the same way: the legacy form is compared
+/// too. Without that second look it would be `warrant_id_conflict`.
+#[test]
+fn a_replacement_matches_an_urgent_warrant_registered_in_the_legacy_form() {
+    let a = Authorities::new();
+    let v = a.verifier(DOUBLE_LOCK_WITH_EMERGENCY);
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("lavd.db")).unwrap();
+    let spelled = |mut c: serde_json::Value| {
+        let text = c["expires"].as_str().unwrap().replace(":00Z", ":00.000Z");
+        c["expires"] = text.into();
+        c
+    };
+    let urgent_claims = spelled(urgent("U-10"));
+    let urgent_w = v
+        .verify(&signed(&urgent_claims, &[&a.exec1]), now(), AGENCY)
+        .unwrap();
+    let legacy = *urgent_w
+        .legacy_normalized_digest()
+        .expect("spelled otherwise");
+    assert_ne!(&legacy, urgent_w.normalized_digest());
+    // As lavd before 2026-12-06 registered it.
+    let registered = store
+        .register(&lavd::store::WarrantRecord {
+            id: "U-10".into(),
+            payload_digest: *urgent_w.digest(),
+            normalized_digest: legacy,
+            emergency: true,
+            max_unwraps: urgent_w.claims().max_unwraps,
+            seen_at: now(),
+        })
+        .unwrap();
+    assert_eq!(registered, Registration::New);
+    let mut full_claims = urgent_claims.clone();
+    full_claims.as_object_mut().unwrap().remove("emergency");
+    let full_w = v
+        .verify(&signed(&full_claims, &[&a.exec2, &a.jud1]), now(), AGENCY)
+        .unwrap();
+    assert_eq!(
+        admit(&store, &full_w, now()).unwrap(),
+        Registration::Upgraded
+    );
+}
+
 #[test]
 fn fully_signed_replacement_keeps_the_budget() {
     let a = Authorities::new();

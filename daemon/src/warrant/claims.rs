@@ -274,19 +274,47 @@ impl Claims {
 /// [`WarrantError::Malformed`] if `payload` is not a JSON object; callers pass
 /// payloads that [`Claims::parse`] accepted.
 pub fn normalized_digest(payload: &[u8]) -> Result<[u8; 32], WarrantError> {
+    digest_without_emergency(payload, true)
+}
+
+/// [`normalized_digest`] as lavd computed it before 2026-12-06: the time
+/// members hashed as spelled. The store keeps, for an urgent warrant
+/// registered before then, this form; a replacement whose canonical digest
+/// does not match it is matched against this one too
+/// ([`super::admit`]), so what replaced such a warrant then still does.
+/// `None` when it is the canonical digest (every whole-second `Z`
+/// spelling).
+///
+/// # Errors
+/// As [`normalized_digest`].
+pub fn legacy_normalized_digest(payload: &[u8]) -> Result<Option<[u8; 32]>, WarrantError> {
+    let legacy = digest_without_emergency(payload, false)?;
+    Ok((legacy != normalized_digest(payload)?).then_some(legacy))
+}
+
+fn digest_without_emergency(
+    payload: &[u8],
+    canonical_times: bool,
+) -> Result<[u8; 32], WarrantError> {
     let mut value: serde_json::Value = serde_json::from_slice(payload).map_err(malformed)?;
     let object = value
         .as_object_mut()
         .ok_or_else(|| malformed("not a JSON object"))?;
     object.remove("emergency");
-    for member in ["not_before", "expires"] {
-        if let Some(v) = object.get_mut(member) {
+    let times = if canonical_times {
+        &["not_before", "expires"][..]
+    } else {
+        &[]
+    };
+    for member in times {
+        if let Some(v) = object.get_mut(*member) {
             canonical_time(v);
         }
     }
     if let Some(window) = object
         .get_mut("window")
         .and_then(serde_json::Value::as_object_mut)
+        .filter(|_| canonical_times)
     {
         for member in ["from", "to"] {
             if let Some(v) = window.get_mut(member) {
@@ -370,6 +398,34 @@ mod tests {
             "expires": "2026-12-20T00:00:00Z",
             "max_unwraps": 10
         })
+    }
+
+    /// The normalized digest's form, pinned: members sorted, no
+    /// whitespace, `emergency` dropped, and the time members in one
+    /// spelling; the legacy form (before 2026-12-06) hashed them as spelled,
+    /// and differs only when a spelling is not already the one.
+    #[test]
+    fn the_normalized_form_is_pinned() {
+        let payload = r#"{"window":{"to":"2026-12-01T00:00:00Z","from":"2026-11-01T00:00:00.000Z"},"id":"W-1","emergency":true,"max_unwraps":10,"expires":"2026-12-20T00:00:00.50Z","not_before":"2026-11-20T00:00:00Z"}"#;
+        let canonical = r#"{"expires":"2026-12-20T00:00:00.5Z","id":"W-1","max_unwraps":10,"not_before":"2026-11-20T00:00:00Z","window":{"from":"2026-11-01T00:00:00Z","to":"2026-12-01T00:00:00Z"}}"#;
+        let as_spelled = r#"{"expires":"2026-12-20T00:00:00.50Z","id":"W-1","max_unwraps":10,"not_before":"2026-11-20T00:00:00Z","window":{"from":"2026-11-01T00:00:00.000Z","to":"2026-12-01T00:00:00Z"}}"#;
+        assert_eq!(
+            normalized_digest(payload.as_bytes()).unwrap(),
+            sha256(canonical.as_bytes())
+        );
+        assert_eq!(
+            legacy_normalized_digest(payload.as_bytes()).unwrap(),
+            Some(sha256(as_spelled.as_bytes()))
+        );
+        // Whole seconds with `Z`: one form, the one stored before.
+        assert_eq!(
+            legacy_normalized_digest(canonical.as_bytes()).unwrap(),
+            None
+        );
+        assert_eq!(
+            normalized_digest(canonical.as_bytes()).unwrap(),
+            sha256(canonical.as_bytes())
+        );
     }
 
     #[test]

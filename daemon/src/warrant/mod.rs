@@ -266,7 +266,7 @@ pub fn admit(
             at: format_time(rev.revoked_at),
         });
     }
-    let record = WarrantRecord {
+    let mut record = WarrantRecord {
         id: warrant.id().to_string(),
         payload_digest: *warrant.digest(),
         normalized_digest: *warrant.normalized_digest(),
@@ -274,7 +274,18 @@ pub fn admit(
         max_unwraps: warrant.claims().max_unwraps,
         seen_at: now,
     };
-    store.register(&record).map_err(|e| match e {
+    let mut registered = store.register(&record);
+    // An urgent warrant registered before 2026-12-06 is stored with the
+    // normalized digest of its times as spelled: a replacement that
+    // matched it then matches it still (the row exists by now, so this
+    // second look only compares).
+    if let (Err(StoreError::WarrantIdConflict(_)), Some(legacy)) =
+        (&registered, warrant.legacy_normalized_digest())
+    {
+        record.normalized_digest = *legacy;
+        registered = store.register(&record);
+    }
+    registered.map_err(|e| match e {
         StoreError::WarrantIdConflict(id) => WarrantError::IdConflict(id),
         StoreError::EmergencySuperseded(id) => WarrantError::EmergencySuperseded(id),
         other => WarrantError::Store(other),

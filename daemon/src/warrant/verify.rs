@@ -7,7 +7,7 @@ use std::sync::Arc;
 use time::{Duration, OffsetDateTime};
 
 use super::cache::{self, Cache};
-use super::claims::{check_bound, normalized_digest, sha256, Claims};
+use super::claims::{check_bound, legacy_normalized_digest, normalized_digest, sha256, Claims};
 use super::jws::{self, Algorithm, ParsedJws};
 use super::trust::{Authority, AuthorityPublicKey, RoleRule, TrustStore};
 use super::WarrantError;
@@ -66,6 +66,9 @@ struct Signed {
     target_set: HashSet<String>,
     digest: [u8; 32],
     normalized_digest: [u8; 32],
+    /// [`super::claims::legacy_normalized_digest`]: `None` when it is
+    /// `normalized_digest`.
+    legacy_normalized_digest: Option<[u8; 32]>,
     signers: Vec<Signer>,
     /// The `kid` of every signature, in the JWS's order: whether each
     /// authority is valid is asked again at every use.
@@ -117,6 +120,12 @@ impl VerifiedWarrant {
     /// urgent warrant and its fully signed replacement.
     pub fn normalized_digest(&self) -> &[u8; 32] {
         &self.signed.normalized_digest
+    }
+    /// The normalized digest as lavd computed it before 2026-12-06 (times
+    /// hashed as spelled), when it differs from [`Self::normalized_digest`]:
+    /// what the store may hold for an urgent warrant registered before then.
+    pub fn legacy_normalized_digest(&self) -> Option<&[u8; 32]> {
+        self.signed.legacy_normalized_digest.as_ref()
     }
     /// Whether this is an urgent warrant (its audit leaves must say so).
     pub fn is_emergency(&self) -> bool {
@@ -283,12 +292,14 @@ impl Verifier {
             .ok_or_else(|| WarrantError::Malformed("no signature".into()))?;
         let digest = sha256(jws.payload());
         let normalized_digest = normalized_digest(jws.payload())?;
+        let legacy_normalized_digest = legacy_normalized_digest(jws.payload())?;
         let target_set = claims.targets.iter().cloned().collect();
         Ok(Signed {
             claims,
             target_set,
             digest,
             normalized_digest,
+            legacy_normalized_digest,
             signers: signers.into_values().collect(),
             signature_kids: jws
                 .signatures()
