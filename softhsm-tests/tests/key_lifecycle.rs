@@ -525,9 +525,10 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     assert!(listing.contains("not yet valid"), "{listing}");
 
     // The retention job and the listing on a store path that holds no
-    // store (a volume not mounted, a mistyped path) fail `store_missing`,
-    // naming it, and make nothing there. Before, they made and migrated an
-    // empty store, found nothing due, and exited 0.
+    // store (here the empty mount point of a volume not mounted) fail
+    // `store_missing`, naming it, and make nothing there. Before, they made
+    // and migrated an empty store, found nothing due, and exited 0.
+    std::fs::create_dir(t.path("unmounted")).unwrap();
     let config = std::fs::read_to_string(t.config()).unwrap();
     assert!(config.contains("\"lavd.db\""), "{config}");
     let unmounted = config.replace("\"lavd.db\"", "\"unmounted/lavd.db\"");
@@ -553,7 +554,11 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
             "{command:?}: {stderr}"
         );
     }
-    assert!(!t.path("unmounted").exists());
+    assert_eq!(
+        std::fs::read_dir(t.path("unmounted")).unwrap().count(),
+        0,
+        "something was made in the mount point"
+    );
     std::fs::write(t.config(), &config).unwrap();
 
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));

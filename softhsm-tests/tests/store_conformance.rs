@@ -34,6 +34,15 @@ impl Backend {
         Backend::Postgres(TestDb::create())
     }
 
+    fn settings(&self) -> StoreSettings {
+        match self {
+            Backend::Sqlite(dir) => StoreSettings::Sqlite {
+                path: dir.path().join("lavd.db"),
+            },
+            Backend::Postgres(db) => StoreSettings::Postgres(db.settings()),
+        }
+    }
+
     fn open(&self) -> Store {
         match self {
             Backend::Sqlite(dir) => Store::open(&dir.path().join("lavd.db")).unwrap(),
@@ -78,7 +87,31 @@ conformance!(
     checkpoints_are_kept_by_size,
     cosignatures_are_kept_per_size_and_witness_and_read_newest_first,
     open_intents_are_written_with_the_grant_and_settled_once,
+    a_store_is_probed_without_being_made,
 );
+
+/// The look that `lavd keys list`/`destroy` and `discard-orphan` take
+/// before opening a store: a database or file lavd never wrote is named as
+/// no store, and looking makes nothing (before, PostgreSQL was migrated
+/// and SQLite created, and the retention job found nothing due); once lavd
+/// made the store, it is one.
+fn a_store_is_probed_without_being_made(b: &Backend) {
+    let settings = b.settings();
+    for _ in 0..2 {
+        let why = lavd::store::probe_existing(&settings)
+            .unwrap()
+            .expect_err("nothing was made there");
+        assert!(
+            why.contains("does not exist") || why.contains("is not a lavd store"),
+            "{why}"
+        );
+    }
+    if let Backend::Sqlite(dir) = b {
+        assert!(!dir.path().join("lavd.db").exists());
+    }
+    drop(b.open());
+    assert_eq!(lavd::store::probe_existing(&settings).unwrap(), Ok(()));
+}
 
 fn now() -> OffsetDateTime {
     parse_time("2026-12-05T10:00:00Z").unwrap()

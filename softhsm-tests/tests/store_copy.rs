@@ -113,6 +113,12 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         softhsm_tests::assert_fails_with(&copy_from(&empty, &key), 1, "store_copy_refused");
     assert!(stderr.contains("not a lavd store"), "{stderr}");
     assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    // A directory is named as one (it was "no such file").
+    let directory = t.path("a-directory");
+    std::fs::create_dir(&directory).unwrap();
+    let stderr =
+        softhsm_tests::assert_fails_with(&copy_from(&directory, &key), 1, "store_copy_refused");
+    assert!(stderr.contains("a-directory is a directory"), "{stderr}");
     // A key that did not sign the log: the copy is refused, and commits
     // nothing (the leaves it had written are rolled back).
     let other = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();

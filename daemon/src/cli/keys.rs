@@ -141,7 +141,8 @@ impl KeysCommand {
                 keys::check_kid(&kid)?;
                 // Not created here: a wrong path would be an empty store
                 // in which every kid looks unrecorded.
-                existing_store(&settings.store).map_err(keys::KeyError::StoreUnproven)?;
+                crate::store::probe_existing(&settings.store)?
+                    .map_err(keys::KeyError::StoreUnproven)?;
                 let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
@@ -180,7 +181,8 @@ impl KeysCommand {
             }
             KeysCommand::List { config, all } => {
                 let settings = config.load()?;
-                existing_store(&settings.store).map_err(keys::KeyError::StoreMissing)?;
+                crate::store::probe_existing(&settings.store)?
+                    .map_err(keys::KeyError::StoreMissing)?;
                 let store = Store::open_settings(&settings.store)?;
                 if all {
                     let mut unreadable = Vec::new();
@@ -236,7 +238,8 @@ impl KeysCommand {
                 // A kid no generation could have made is named as such,
                 // not looked up and reported unknown.
                 kid.as_deref().map(keys::check_kid).transpose()?;
-                existing_store(&settings.store).map_err(keys::KeyError::StoreMissing)?;
+                crate::store::probe_existing(&settings.store)?
+                    .map_err(keys::KeyError::StoreMissing)?;
                 let store = Store::open_settings(&settings.store)?;
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
@@ -348,30 +351,4 @@ fn report_unreadable(kid: &str, e: crate::store::StoreError) -> String {
         e.code()
     );
     kid
-}
-
-/// A SQLite store that is there and is lavd's (a schema version), checked
-/// without creating or migrating it: for the commands that read or change
-/// keys a store already records. A PostgreSQL store is not checked here
-/// (its database is made by its operator, not by lavd). The error says why.
-fn existing_store(settings: &crate::store::StoreSettings) -> Result<(), String> {
-    let crate::store::StoreSettings::Sqlite { path } = settings else {
-        return Ok(());
-    };
-    if !path.exists() {
-        return Err(format!("{} does not exist", path.display()));
-    }
-    // Nor migrated: a file lavd never wrote is not its store, and opening
-    // it as one would write lavd's tables into it.
-    let version =
-        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .and_then(|c| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)))
-            .map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
-    if version == 0 {
-        return Err(format!(
-            "{} is not a lavd store (no schema)",
-            path.display()
-        ));
-    }
-    Ok(())
 }

@@ -89,9 +89,9 @@ impl StoreCommand {
                 };
                 let key = crate::audit::note::VerifierKey::parse(&key)
                     .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
-                if !from.is_file() {
-                    anyhow::bail!("--from {}: no such file", from.display());
-                }
+                // Named before the lock, which makes a file beside it: a
+                // path with no file, or a directory, is no store.
+                refuse_unless_lavd_store(&from)?;
                 // Not beside a `lavd serve` on it: what it commits after the
                 // copy's snapshot would be missing from the copy.
                 super::serve::lock_sqlite_store(&from)?;
@@ -125,42 +125,6 @@ impl StoreCommand {
 /// (SQLite may create the `-wal` and `-shm` files of a WAL database beside
 /// it).
 fn refuse_unless_lavd_store(from: &std::path::Path) -> Result<(), StoreError> {
-    let refused = |why: String| {
-        StoreError::CopyRefused(format!(
-            "--from {} is not a lavd store: {why}",
-            from.display()
-        ))
-    };
-    // A file SQLite cannot read at all is refused as no store; one it
-    // cannot open or read for another reason (permissions, I/O) is the
-    // store failing, named as such.
-    let failed = |source: rusqlite::Error| match source.sqlite_error_code() {
-        Some(rusqlite::ErrorCode::NotADatabase) => refused(source.to_string()),
-        _ => StoreError::Sqlite {
-            path: from.to_path_buf(),
-            source,
-        },
-    };
-    let conn = rusqlite::Connection::open_with_flags(
-        from,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(failed)?;
-    let version: i64 = conn
-        .pragma_query_value(None, "user_version", |row| row.get(0))
-        .map_err(failed)?;
-    let tables: i64 = conn
-        .query_row(
-            "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
-             AND name IN ('escrow_keys', 'audit_leaves')",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(failed)?;
-    if version == 0 || tables != 2 {
-        return Err(refused(format!(
-            "schema version {version}, {tables} of its tables `escrow_keys` and `audit_leaves`"
-        )));
-    }
-    Ok(())
+    crate::store::probe_sqlite(from)?
+        .map_err(|why| StoreError::CopyRefused(format!("--from: {why}")))
 }

@@ -31,6 +31,78 @@ pub use audit::{
     Uncommitted, Withdrawn, MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
+
+/// Whether `settings` names a store lavd has written, looked at without
+/// creating or migrating anything: `Ok(Err(why))` when it is none (a SQLite
+/// path with no file, a directory, a file that is no database or holds no
+/// lavd schema; a PostgreSQL database without lavd's schema), `Err` when
+/// the store cannot be read (permissions, I/O, a server that does not
+/// answer). For the commands that read or change what a store already
+/// records, which must not make an empty one where the config points by
+/// mistake.
+///
+/// # Errors
+/// [`StoreError::Sqlite`], [`StoreError::Postgres`] or
+/// [`StoreError::Unavailable`] when the store cannot be read.
+pub fn probe_existing(settings: &StoreSettings) -> Result<Result<(), String>, StoreError> {
+    match settings {
+        StoreSettings::Sqlite { path } => probe_sqlite(path),
+        StoreSettings::Postgres(pg) => Ok(if PgStore::holds_schema(pg)? {
+            Ok(())
+        } else {
+            Err(format!("{} is not a lavd store (no lavd schema)", pg.url))
+        }),
+    }
+}
+
+/// [`probe_existing`] for a SQLite file. Read only: the file is not
+/// changed (SQLite may create the `-wal` and `-shm` files of a WAL
+/// database beside it).
+///
+/// # Errors
+/// [`StoreError::Sqlite`] when the file is there but cannot be read.
+pub fn probe_sqlite(path: &std::path::Path) -> Result<Result<(), String>, StoreError> {
+    if !path.exists() {
+        return Ok(Err(format!("{} does not exist", path.display())));
+    }
+    if path.is_dir() {
+        return Ok(Err(format!("{} is a directory", path.display())));
+    }
+    let failed = |source: rusqlite::Error| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let read = || -> Result<(i64, i64), rusqlite::Error> {
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        // A daemon may hold the write lock for a moment.
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let tables = conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' \
+             AND name IN ('escrow_keys', 'audit_leaves')",
+            [],
+            |row| row.get(0),
+        )?;
+        Ok((version, tables))
+    };
+    match read() {
+        // A file SQLite cannot read at all is no store; one it cannot open
+        // or read for another reason is the store failing.
+        Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::NotADatabase) => {
+            Ok(Err(format!("{} is not a lavd store: {e}", path.display())))
+        }
+        Err(e) => Err(failed(e)),
+        Ok((version, tables)) if version == 0 || tables != 2 => Ok(Err(format!(
+            "{} is not a lavd store (schema version {version}, {tables} of its tables \
+             `escrow_keys` and `audit_leaves`)",
+            path.display()
+        ))),
+        Ok(_) => Ok(Ok(())),
+    }
+}
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
 use std::path::{Path, PathBuf};

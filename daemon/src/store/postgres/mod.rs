@@ -576,6 +576,31 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Whether the database holds lavd's schema (a `schema_version` row),
+    /// read without migrating: for the commands that only read or change
+    /// keys a store already records, which must not make lavd's schema in
+    /// a database the config names by mistake.
+    ///
+    /// # Errors
+    /// [`StoreError::Postgres`] if the server cannot be reached or refuses;
+    /// [`StoreError::Unavailable`] for a `ca_file` that cannot be used.
+    pub fn holds_schema(settings: &PgSettings) -> Result<bool, StoreError> {
+        let store = Self::new(settings)?;
+        let mut conn = store.pool.get()?;
+        let row = conn
+            .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+            .map_err(|e| store.pg_err(e))?;
+        let exists: bool = row.try_get(0).map_err(|e| store.pg_err(e))?;
+        if !exists {
+            return Ok(false);
+        }
+        let version: i32 = conn
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| store.pg_err(e))?;
+        Ok(version > 0)
+    }
+
     /// The store without touching the server (connections open on demand).
     fn new(settings: &PgSettings) -> Result<Self, StoreError> {
         let unusable = |reason: String| StoreError::Unavailable {
