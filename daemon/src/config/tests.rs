@@ -874,7 +874,7 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     let below = |s: &WitnessSettings| {
         s.warnings
             .iter()
-            .filter(|w| w.contains("limits.max_body_bytes = 65536 is below the 133940 bytes"))
+            .filter(|w| w.contains("limits.max_body_bytes is 65536, below the 133940 bytes"))
             .count()
     };
     assert_eq!(below(&loaded()), 0);
@@ -890,7 +890,12 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
         loaded().limits.max_body_bytes,
         crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES
     );
+    // A budget below it, which loaded when the default was 64 KiB, still
+    // loads: the body bound is the budget then, with the warning.
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 256 << 10);
+    with_limits("max_body_bytes_in_flight = 65536\n");
+    assert_eq!(loaded().limits.max_body_bytes, 65536);
+    assert_eq!(below(&loaded()), 1);
 }
 
 /// A witness reads `refused_pin_record` as lavd does (its commands that log

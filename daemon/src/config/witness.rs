@@ -274,17 +274,23 @@ impl WitnessSettings {
         // An add-checkpoint body is at most WITNESS_MAX_BODY_BYTES (a
         // routine one, a few KiB): with lavd's 1 MiB, 64 slow senders would
         // fill the default max_body_bytes_in_flight; with this, about 500.
-        // Set before the checks, which compare the other bounds with it.
+        // Set before the checks, which compare the other bounds with it. A
+        // `max_body_bytes_in_flight` set below it (which loaded when the
+        // default was 64 KiB) is the bound then, with the warning below.
         let mut raw_limits = raw.limits;
-        let body_bound = *raw_limits
-            .max_body_bytes
-            .get_or_insert(WITNESS_MAX_BODY_BYTES as u64);
+        let in_flight = raw_limits.max_body_bytes_in_flight;
+        let body_bound = *raw_limits.max_body_bytes.get_or_insert(
+            in_flight.map_or(WITNESS_MAX_BODY_BYTES as u64, |budget| {
+                budget.min(WITNESS_MAX_BODY_BYTES as u64)
+            }),
+        );
         if body_bound < WITNESS_MAX_BODY_BYTES as u64 {
             v.warnings.borrow_mut().push(format!(
-                "limits.max_body_bytes = {body_bound} is below the {WITNESS_MAX_BODY_BYTES} \
+                "limits.max_body_bytes is {body_bound}, below the {WITNESS_MAX_BODY_BYTES} \
                  bytes of the largest add-checkpoint body C2SP lets a log send (16 signatures, \
                  post-quantum ones included, and 63 proof lines): such a checkpoint is refused \
-                 413; unset it to take them"
+                 413; unset max_body_bytes (and set max_body_bytes_in_flight to at least that, \
+                 or unset it) to take them"
             ));
         }
         let limits = v.limits(raw_limits)?;
