@@ -463,6 +463,58 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
 
+    // 4e. A warrant that expires while its unwrap waits for the quorum:
+    //     once the quorum comes, nothing is released (403
+    //     `warrant_expired`), its leaf saying opened. Tries as in 4d.
+    let mut outcome = None;
+    for attempt in 0..3u32 {
+        let id = format!("W-EXPIRES-WHILE-WITNESSED-{attempt}");
+        let mut lapsing = vault::claims(&id, recipient.public(), 10);
+        let now = OffsetDateTime::now_utc();
+        let expires_text = lavd::codec::format_time(now + time::Duration::seconds(4));
+        let expires = lavd::codec::parse_time(&expires_text).unwrap();
+        lapsing["expires"] = expires_text.into();
+        let lapsing = vault::double_lock(&lapsing);
+        w1.daemon.signal(rustix::process::Signal::STOP);
+        let size_before = leaves().len();
+        let (r, first_leaf) = std::thread::scope(|s| {
+            let waiting = s.spawn(|| {
+                vault::post(
+                    &c.agency,
+                    "/v1/unwrap",
+                    &serde_json::json!({"warrant": lapsing, "envelopes": [seal(50 + attempt)]}),
+                )
+            });
+            eventually("the waiting unwrap's leaf", WAIT, || {
+                leaves().len() > size_before
+            });
+            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+            let past = expires + time::Duration::milliseconds(1500);
+            let left = past - OffsetDateTime::now_utc();
+            if left.is_positive() {
+                std::thread::sleep(left.unsigned_abs());
+            }
+            w1.daemon.signal(rustix::process::Signal::CONT);
+            (waiting.join().unwrap(), leaf)
+        });
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
+        assert_eq!(leaf["warrant_id"], id, "{leaf}");
+        if leaf["outcome"] != "opened" {
+            assert_eq!(leaf["reason"], "warrant_expired", "{leaf}");
+            continue;
+        }
+        if r.status == 503 {
+            r.assert_error(503, "witness_unavailable");
+            continue;
+        }
+        outcome = Some(r);
+        break;
+    }
+    outcome
+        .expect("every try was too slow or its wait for the quorum timed out")
+        .assert_error(403, "warrant_expired");
+
     // 5. The witness runs again: the service resumes.
     w1.daemon.signal(rustix::process::Signal::CONT);
     eventually("w1 to cosign the newest checkpoint", WAIT, || {

@@ -342,7 +342,9 @@ pub(crate) fn chain_message(e: &anyhow::Error) -> String {
     let mut message = String::new();
     for cause in e.chain() {
         let text = cause.to_string();
-        if text.is_empty() || message.ends_with(&text) {
+        // Whole, after a separator: a short cause that merely equals the
+        // message's last characters is still said.
+        if text.is_empty() || message == text || message.ends_with(&format!(": {text}")) {
             continue;
         }
         if !message.is_empty() {
@@ -573,8 +575,11 @@ mod tests {
             "the hash tiles: reading a stored subtree hash: tile/0/001.p/4: 127 bytes, \
              a tile 4 wide has 128 bytes"
         );
-        // A cause its outer message does not end with is still said.
+        // A cause its outer message does not end with is still said, and
+        // so is one that ends it only as part of a word.
         let plain = anyhow::anyhow!("no such file").context("reading x");
         assert_eq!(chain_message(&plain), "reading x: no such file");
+        let tail = anyhow::anyhow!("0").context("reading block 10");
+        assert_eq!(chain_message(&tail), "reading block 10: 0");
     }
 }

@@ -333,6 +333,10 @@ fn batch(envelopes: &RawValue, max: usize) -> Result<(Vec<&RawValue>, usize), Un
 static LOST_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
+/// Lines saying that a key's store row cannot be read.
+static UNREADABLE_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
+
 /// Lines saying that the token holds two private keys under a key's label.
 static AMBIGUOUS_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
@@ -455,12 +459,19 @@ pub fn unwrap(
                     r
                 }
                 Err(e @ StoreError::Corrupt { .. }) => {
-                    tracing::error!(
-                        kid = %crate::codec::escape_for_terminal(header.kid()),
-                        error = %e,
-                        "an escrow key's store row cannot be read: its envelopes are denied \
-                         open_failed until the row is mended"
-                    );
+                    // Once a request (the set below), and a line a second
+                    // per key, counting the rest: an agency can repeat it.
+                    if let Some(left_out) =
+                        UNREADABLE_KEY_LINES.admit(header.kid(), std::time::Instant::now())
+                    {
+                        tracing::error!(
+                            kid = %crate::codec::escape_for_terminal(header.kid()),
+                            error = %e,
+                            left_out,
+                            "an escrow key's store row cannot be read: its envelopes are denied \
+                             open_failed until the row is mended"
+                        );
+                    }
                     unreadable.insert(header.kid().to_string());
                     plans.push(deny(DenyReason::OpenFailed));
                     continue;
@@ -921,6 +932,20 @@ pub fn unwrap(
                 at: crate::codec::format_time(revocation.revoked_at),
             }
             .into());
+        }
+        // A warrant that lapsed meanwhile (its `expires`, its emergency
+        // period, or a signer's validity passed) releases nothing either:
+        // refused as a request that arrives lapsed, its leaves saying
+        // opened, the budget spent, as after a wait that timed out.
+        if let Some(lapsed) = warrant.lapsed(clock()) {
+            tracing::warn!(
+                warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
+                opened,
+                code = lapsed.code(),
+                "the warrant lapsed while its unwrap waited for the witnesses: nothing is \
+                 released (its leaves say opened)"
+            );
+            return Err(lapsed.into());
         }
         // A key destroyed meanwhile (final once its leaf committed, and its
         // operator told so), or whose retention ended meanwhile (its
