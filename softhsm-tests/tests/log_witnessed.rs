@@ -281,6 +281,36 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     assert_eq!(v["period"]["observed"], serde_json::Value::Null, "{v}");
     assert!(v["verification"]["size"].as_u64().unwrap() < after.len() as u64);
 
+    // Steps 4b-4e: an unwrap of `body` held at its witness wait (w1
+    // stopped: its requests time out) until `during` has run, once the
+    // request's `count` leaves are durable; then w1 runs again. The reply
+    // and the request's first leaf.
+    let held_at_the_wait = |body: &serde_json::Value, count: usize, during: &dyn Fn()| {
+        w1.daemon.signal(rustix::process::Signal::STOP);
+        let size_before = leaves().len();
+        let (r, leaf) = std::thread::scope(|s| {
+            let waiting = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", body));
+            eventually("the waiting unwrap's leaves", WAIT, || {
+                leaves().len() >= size_before + count
+            });
+            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+            during();
+            w1.daemon.signal(rustix::process::Signal::CONT);
+            (waiting.join().unwrap(), leaf)
+        });
+        let leaf: serde_json::Value =
+            serde_json::from_slice(&lavd::codec::b64_decode(&leaf).unwrap()).unwrap();
+        (r, leaf)
+    };
+    // Sleeps until `at` (by this machine's clock, the daemon's too) is past
+    // by 1.5 s.
+    let past = |at: OffsetDateTime| {
+        let left = at + time::Duration::milliseconds(1500) - OffsetDateTime::now_utc();
+        if left.is_positive() {
+            std::thread::sleep(left.unsigned_abs());
+        }
+    };
+
     // 4b. A revocation while an unwrap waits for the quorum: once the
     //     quorum comes, nothing is released (403 `warrant_revoked`) and its
     //     leaf says opened. A try whose wait timed out instead (503
@@ -290,31 +320,15 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     for attempt in 0..3u32 {
         let id = format!("W-REVOKED-WHILE-WITNESSED-{attempt}");
         let revocable = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
-        w1.daemon.signal(rustix::process::Signal::STOP);
-        let size_before = leaves().len();
-        let (r, leaf) = std::thread::scope(|s| {
-            let waiting = s.spawn(|| {
-                vault::post(
-                    &c.agency,
-                    "/v1/unwrap",
-                    &serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]}),
-                )
-            });
-            eventually("the waiting unwrap's leaf", WAIT, || {
-                leaves().len() > size_before
-            });
-            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+        let body = serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]});
+        let (r, leaf) = held_at_the_wait(&body, 1, &|| {
             let revoked = vault::post(
                 &c.admin,
                 "/v1/warrants/revocations",
                 &serde_json::json!({"id": id, "reason": "quashed while witnessed"}),
             );
             assert_eq!(revoked.status, 200, "{}", revoked.text());
-            w1.daemon.signal(rustix::process::Signal::CONT);
-            (waiting.join().unwrap(), leaf)
         });
-        let leaf: serde_json::Value =
-            serde_json::from_slice(&lavd::codec::b64_decode(&leaf).unwrap()).unwrap();
         assert_eq!(leaf["warrant_id"], id, "{leaf}");
         assert_eq!(leaf["outcome"], "opened", "{leaf}");
         if r.status == 503 {
@@ -344,23 +358,11 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
             &format!("doomed{attempt}"),
             &[0xd0; 16],
         );
-        w1.daemon.signal(rustix::process::Signal::STOP);
-        let size_before = leaves().len();
-        let (r, first_leaf) = std::thread::scope(|s| {
-            let waiting = s.spawn(|| {
-                vault::post(
-                    &c.agency,
-                    "/v1/unwrap",
-                    &serde_json::json!({
-                        "warrant": doomed_warrant,
-                        "envelopes": [doomed, seal(30 + attempt as u32)],
-                    }),
-                )
-            });
-            eventually("the waiting unwrap's leaves", WAIT, || {
-                leaves().len() >= size_before + 2
-            });
-            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
+        let body = serde_json::json!({
+            "warrant": doomed_warrant,
+            "envelopes": [doomed, seal(30 + attempt as u32)],
+        });
+        let (r, leaf) = held_at_the_wait(&body, 2, &|| {
             assert_ok(&t.lavd_with_config(&[
                 "keys",
                 "destroy",
@@ -370,11 +372,7 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
                 "--reason",
                 "seized while witnessed",
             ]));
-            w1.daemon.signal(rustix::process::Signal::CONT);
-            (waiting.join().unwrap(), leaf)
         });
-        let leaf: serde_json::Value =
-            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
         assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
         assert_eq!(leaf["outcome"], "opened", "{leaf}");
         if r.status == 503 {
@@ -419,34 +417,11 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
             &format!("retained{attempt}"),
             &[0xd1; 16],
         );
-        w1.daemon.signal(rustix::process::Signal::STOP);
-        let size_before = leaves().len();
-        let (r, first_leaf) = std::thread::scope(|s| {
-            let waiting = s.spawn(|| {
-                vault::post(
-                    &c.agency,
-                    "/v1/unwrap",
-                    &serde_json::json!({
-                        "warrant": retained_warrant,
-                        "envelopes": [retained, seal(40 + attempt)],
-                    }),
-                )
-            });
-            eventually("the waiting unwrap's leaves", WAIT, || {
-                leaves().len() >= size_before + 2
-            });
-            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
-            // Past the retention's end, by the daemon's clock too.
-            let past = destroy_after + time::Duration::milliseconds(1500);
-            let left = past - OffsetDateTime::now_utc();
-            if left.is_positive() {
-                std::thread::sleep(left.unsigned_abs());
-            }
-            w1.daemon.signal(rustix::process::Signal::CONT);
-            (waiting.join().unwrap(), leaf)
+        let body = serde_json::json!({
+            "warrant": retained_warrant,
+            "envelopes": [retained, seal(40 + attempt)],
         });
-        let leaf: serde_json::Value =
-            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
+        let (r, leaf) = held_at_the_wait(&body, 2, &|| past(destroy_after));
         assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
         if leaf["outcome"] != "opened" {
             assert_eq!(leaf["reason"], "key_destroyed", "{leaf}");
@@ -470,35 +445,13 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     for attempt in 0..3u32 {
         let id = format!("W-EXPIRES-WHILE-WITNESSED-{attempt}");
         let mut lapsing = vault::claims(&id, recipient.public(), 10);
-        let now = OffsetDateTime::now_utc();
-        let expires_text = lavd::codec::format_time(now + time::Duration::seconds(4));
+        let expires_text =
+            lavd::codec::format_time(OffsetDateTime::now_utc() + time::Duration::seconds(4));
         let expires = lavd::codec::parse_time(&expires_text).unwrap();
         lapsing["expires"] = expires_text.into();
         let lapsing = vault::double_lock(&lapsing);
-        w1.daemon.signal(rustix::process::Signal::STOP);
-        let size_before = leaves().len();
-        let (r, first_leaf) = std::thread::scope(|s| {
-            let waiting = s.spawn(|| {
-                vault::post(
-                    &c.agency,
-                    "/v1/unwrap",
-                    &serde_json::json!({"warrant": lapsing, "envelopes": [seal(50 + attempt)]}),
-                )
-            });
-            eventually("the waiting unwrap's leaf", WAIT, || {
-                leaves().len() > size_before
-            });
-            let leaf = leaves()[size_before]["leaf"].as_str().unwrap().to_string();
-            let past = expires + time::Duration::milliseconds(1500);
-            let left = past - OffsetDateTime::now_utc();
-            if left.is_positive() {
-                std::thread::sleep(left.unsigned_abs());
-            }
-            w1.daemon.signal(rustix::process::Signal::CONT);
-            (waiting.join().unwrap(), leaf)
-        });
-        let leaf: serde_json::Value =
-            serde_json::from_slice(&lavd::codec::b64_decode(&first_leaf).unwrap()).unwrap();
+        let body = serde_json::json!({"warrant": lapsing, "envelopes": [seal(50 + attempt)]});
+        let (r, leaf) = held_at_the_wait(&body, 1, &|| past(expires));
         assert_eq!(leaf["warrant_id"], id, "{leaf}");
         if leaf["outcome"] != "opened" {
             assert_eq!(leaf["reason"], "warrant_expired", "{leaf}");
