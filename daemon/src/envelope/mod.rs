@@ -156,9 +156,10 @@ pub enum EnvelopeError<E = Infallible> {
     },
     /// `enc` is not a 65-byte uncompressed P-256 point on the curve (wrong
     /// length, compressed, identity, off-curve), or is the curve's
-    /// generator G (the ephemeral key of the private scalar 1, whose secret
-    /// is public; no honest sender draws it). A buggy provider, or an
-    /// invalid-curve attack.
+    /// generator G (the ephemeral key of the private scalar 1, which no
+    /// honest sender draws; refused so that a derive on G is only ever
+    /// lavd's own pair check, not as a security bound: −G is as well
+    /// known). A buggy provider, or an invalid-curve attack.
     #[error("`enc` is not an uncompressed P-256 point")]
     InvalidEnc,
     /// `ct` has a length no DEK of 16..=64 bytes can produce.
@@ -426,7 +427,7 @@ impl Envelope {
         // G is refused too: a derive on G is then only ever lavd's own
         // check that a key's halves agree (`Hsm::check_pair`), which the
         // crash tests' count of opens relies on.
-        if enc == crate::hsm::P256_GENERATOR {
+        if enc == crate::jwk::P256_GENERATOR {
             return Err(EnvelopeError::InvalidEnc);
         }
         let enc = P256PublicKey::from_sec1(&enc).map_err(|_| EnvelopeError::InvalidEnc)?;
