@@ -106,8 +106,25 @@ fn a_store_is_probed_without_being_made(b: &Backend) {
             "{why}"
         );
     }
-    if let Backend::Sqlite(dir) = b {
-        assert!(!dir.path().join("lavd.db").exists());
+    match b {
+        Backend::Sqlite(dir) => assert!(!dir.path().join("lavd.db").exists()),
+        // Another application's migration table of the same name, with
+        // versions lavd's would read, is not lavd's schema either.
+        Backend::Postgres(db) => {
+            db.client()
+                .batch_execute(
+                    "CREATE TABLE schema_version (version INTEGER PRIMARY KEY); \
+                     INSERT INTO schema_version VALUES (1), (2)",
+                )
+                .unwrap();
+            let why = lavd::store::probe_existing(&settings)
+                .unwrap()
+                .expect_err("another application's table");
+            assert!(why.contains("is not a lavd store"), "{why}");
+            db.client()
+                .batch_execute("DROP TABLE schema_version")
+                .unwrap();
+        }
     }
     drop(b.open());
     assert_eq!(lavd::store::probe_existing(&settings).unwrap(), Ok(()));

@@ -268,7 +268,10 @@ async fn watch_retention(state: Arc<ServerState>) {
                 tracing::warn!(error = %e, "cannot count the escrow keys past their retention");
                 None
             }
-            Err(_) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "the count of escrow keys past their retention failed");
+                None
+            }
         };
         state.metrics.escrow_keys_past_retention(keys);
     }

@@ -896,6 +896,13 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     with_limits("max_body_bytes_in_flight = 65536\n");
     assert_eq!(loaded().limits.max_body_bytes, 65536);
     assert_eq!(below(&loaded()), 1);
+    // One below the old default did not load then, nor now.
+    with_limits("max_body_bytes_in_flight = 4096\n");
+    let refused = WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap_err();
+    assert_eq!(
+        refused.field, "limits.max_body_bytes_in_flight",
+        "{refused}"
+    );
 }
 
 /// A witness reads `refused_pin_record` as lavd does (its commands that log

@@ -275,13 +275,14 @@ impl WitnessSettings {
         // routine one, a few KiB): with lavd's 1 MiB, 64 slow senders would
         // fill the default max_body_bytes_in_flight; with this, about 500.
         // Set before the checks, which compare the other bounds with it. A
-        // `max_body_bytes_in_flight` set below it (which loaded when the
-        // default was 64 KiB) is the bound then, with the warning below.
+        // `max_body_bytes_in_flight` set below it but at least the old
+        // default, 64 KiB (a config that loaded then), is the bound then,
+        // with the warning below; one below 64 KiB is refused as before.
         let mut raw_limits = raw.limits;
         let in_flight = raw_limits.max_body_bytes_in_flight;
         let body_bound = *raw_limits.max_body_bytes.get_or_insert(
             in_flight.map_or(WITNESS_MAX_BODY_BYTES as u64, |budget| {
-                budget.min(WITNESS_MAX_BODY_BYTES as u64)
+                budget.clamp(64 << 10, WITNESS_MAX_BODY_BYTES as u64)
             }),
         );
         if body_bound < WITNESS_MAX_BODY_BYTES as u64 {

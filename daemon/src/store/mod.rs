@@ -62,11 +62,22 @@ pub fn probe_existing(settings: &StoreSettings) -> Result<Result<(), String>, St
 /// # Errors
 /// [`StoreError::Sqlite`] when the file is there but cannot be read.
 pub fn probe_sqlite(path: &std::path::Path) -> Result<Result<(), String>, StoreError> {
-    if !path.exists() {
-        return Ok(Err(format!("{} does not exist", path.display())));
-    }
-    if path.is_dir() {
-        return Ok(Err(format!("{} is a directory", path.display())));
+    // Not `exists()`, which says false for a path that cannot be searched:
+    // only a path that is not there is no store.
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Err(format!("{} does not exist", path.display())));
+        }
+        Err(e) => {
+            return Err(StoreError::Unavailable {
+                store: path.display().to_string(),
+                reason: format!("cannot be looked at: {e}"),
+            })
+        }
+        Ok(m) if m.is_dir() => {
+            return Ok(Err(format!("{} is a directory", path.display())));
+        }
+        Ok(_) => {}
     }
     let failed = |source: rusqlite::Error| StoreError::Sqlite {
         path: path.to_path_buf(),

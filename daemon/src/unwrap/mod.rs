@@ -933,20 +933,7 @@ pub fn unwrap(
             }
             .into());
         }
-        // A warrant that lapsed meanwhile (its `expires`, its emergency
-        // period, or a signer's validity passed) releases nothing either:
-        // refused as a request that arrives lapsed, its leaves saying
-        // opened, the budget spent, as after a wait that timed out.
-        if let Some(lapsed) = warrant.lapsed(clock()) {
-            tracing::warn!(
-                warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
-                opened,
-                code = lapsed.code(),
-                "the warrant lapsed while its unwrap waited for the witnesses: nothing is \
-                 released (its leaves say opened)"
-            );
-            return Err(lapsed.into());
-        }
+
         // A key destroyed meanwhile (final once its leaf committed, and its
         // operator told so), or whose retention ended meanwhile (its
         // `destroy_after` passed, whether or not the daily job has
@@ -985,6 +972,29 @@ pub fn unwrap(
                     }
                 }
             }
+        }
+        // A warrant that lapsed meanwhile (its `expires`, its emergency
+        // period, or a signer's validity passed), or a reload meanwhile
+        // that no longer admits the request (authorities, policy, roles,
+        // the caller's certificate), releases nothing either: judged as at
+        // the settle, after the key reads, as late as can be; refused as a
+        // request that arrives now is, its leaves saying opened and the
+        // budget spent, as after a wait that timed out.
+        if let Some((_, refused)) = refused_at_settle(
+            ctx,
+            request.warrant.get().as_bytes(),
+            caller,
+            &warrant,
+            clock(),
+        ) {
+            tracing::warn!(
+                warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
+                opened,
+                code = refused.code(),
+                "the warrant lapsed, or a reload withdrew what admitted the request, while its \
+                 unwrap waited for the witnesses: nothing is released (its leaves say opened)"
+            );
+            return Err(refused);
         }
     }
 

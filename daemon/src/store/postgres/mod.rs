@@ -576,10 +576,12 @@ impl PgStore {
         Ok(store)
     }
 
-    /// Whether the database holds lavd's schema (a `schema_version` row),
-    /// read without migrating: for the commands that only read or change
-    /// keys a store already records, which must not make lavd's schema in
-    /// a database the config names by mistake.
+    /// Whether the database holds lavd's schema (its `schema_version`,
+    /// `escrow_keys` and `audit_leaves` tables), read without migrating:
+    /// for the commands that only read or change keys a store already
+    /// records, which must not make lavd's schema in a database the config
+    /// names by mistake (another application's, whose own `schema_version`
+    /// table alone would not tell it apart).
     ///
     /// # Errors
     /// [`StoreError::Postgres`] if the server cannot be reached or refuses;
@@ -588,17 +590,14 @@ impl PgStore {
         let store = Self::new(settings)?;
         let mut conn = store.pool.get()?;
         let row = conn
-            .query_one("SELECT to_regclass('schema_version') IS NOT NULL", &[])
+            .query_one(
+                "SELECT to_regclass('schema_version') IS NOT NULL \
+                 AND to_regclass('escrow_keys') IS NOT NULL \
+                 AND to_regclass('audit_leaves') IS NOT NULL",
+                &[],
+            )
             .map_err(|e| store.pg_err(e))?;
-        let exists: bool = row.try_get(0).map_err(|e| store.pg_err(e))?;
-        if !exists {
-            return Ok(false);
-        }
-        let version: i32 = conn
-            .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| store.pg_err(e))?;
-        Ok(version > 0)
+        row.try_get(0).map_err(|e| store.pg_err(e))
     }
 
     /// The store without touching the server (connections open on demand).
