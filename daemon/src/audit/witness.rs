@@ -647,6 +647,10 @@ pub enum AddOutcome {
     /// 422: the consistency proof does not verify, or a checkpoint of the
     /// size last cosigned carries another root (a fork).
     BadProof(String),
+    /// 503: the witness has no timestamp to give: its clock reads 1970 or
+    /// before and its state has given none (C2SP tlog-cosignature: the
+    /// timestamp MUST NOT be zero). Nothing is recorded or signed.
+    NoTimestamp,
 }
 
 impl AddOutcome {
@@ -659,6 +663,7 @@ impl AddOutcome {
             AddOutcome::UnknownOrigin => 404,
             AddOutcome::Conflict { .. } => 409,
             AddOutcome::BadProof(_) => 422,
+            AddOutcome::NoTimestamp => 503,
         }
     }
 }

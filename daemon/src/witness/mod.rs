@@ -272,6 +272,11 @@ impl WitnessState {
             );
         }
         let now = read.max(last);
+        // C2SP tlog-cosignature: the timestamp MUST NOT be zero. Nothing is
+        // recorded (the transaction rolls back when dropped).
+        if now == 0 {
+            return Ok(Ok(AddOutcome::NoTimestamp));
+        }
         let body_end = request.checkpoint.rfind("\n\n").map_or(0, |i| i + 1);
         let line = match cosignature_line(key, &request.checkpoint[..body_end], now, sign) {
             Ok(line) => line,
@@ -480,10 +485,46 @@ mod tests {
         format!("{body}\n\u{2014} log.example/a {}\n", STANDARD.encode(line))
     }
 
+    /// A clock at 1970 or before on a fresh state: no cosignature (its
+    /// timestamp would be 0, which C2SP tlog-cosignature forbids), 503.
+    #[test]
+    fn a_clock_at_1970_gives_no_cosignature() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let (log, log_sk, key, witness_sk) = one_log();
+        let checkpoint = note(&log_sk, 0, crate::audit::merkle::empty_root());
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: checkpoint.clone(),
+        }
+        .encode();
+        let add = |clock: u64| {
+            state
+                .add_checkpoint(
+                    body.as_bytes(),
+                    &|_| vec![log.clone()],
+                    &key,
+                    &|| clock,
+                    |m| Ok::<_, ()>(witness_sk.sign(m).to_bytes()),
+                )
+                .unwrap()
+                .unwrap()
+        };
+        // A fresh state, a clock at 0 (what a clock before 1970 reads):
+        // no timestamp to give, nothing recorded. Before, it signed 0.
+        assert_eq!(add(0), AddOutcome::NoTimestamp);
+        assert_eq!(AddOutcome::NoTimestamp.status(), 503);
+        let origin = checkpoint.split('\n').next().unwrap();
+        assert_eq!(state.recorded(origin).unwrap(), None);
+        assert!(matches!(add(5), AddOutcome::Cosigned(_)));
+    }
+
     /// A request stamped by a clock that went back (a step, or a request
     /// that read it before waiting behind another) is not given an earlier
     /// timestamp than a cosignature already given: not by the same process,
-    /// and not after a restart (the third request, on the state reopened).
+    /// and not after a restart (the third request, on the state reopened),
+    /// nor by another process on the same state.
     #[test]
     fn cosignature_timestamps_never_go_back() {
         let dir = tempfile::tempdir().unwrap();

@@ -303,6 +303,11 @@ impl Witness {
                     AddOutcome::BadProof(_) => {
                         tracing::info!(origin, "refused a consistency proof that does not verify")
                     }
+                    AddOutcome::NoTimestamp => tracing::error!(
+                        origin,
+                        "this host's clock reads 1970 or before and the state has given no \
+                         timestamp: no cosignature (its timestamp would be 0)"
+                    ),
                     _ => {}
                 }
                 answer(outcome)
@@ -355,6 +360,10 @@ fn answer(outcome: AddOutcome) -> Response {
         AddOutcome::UnknownOrigin => (
             "text/plain; charset=utf-8",
             "this witness does not witness that origin\n".into(),
+        ),
+        AddOutcome::NoTimestamp => (
+            "text/plain; charset=utf-8",
+            "this witness's clock reads 1970 or before: it gives no cosignature\n".into(),
         ),
     };
     let mut response = Response::new(body.into());
