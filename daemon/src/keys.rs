@@ -25,9 +25,14 @@ pub enum KeyError {
     /// The kid is not 1–64 characters of `A-Z a-z 0-9 . _ -`.
     #[error("invalid kid {0:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")]
     InvalidKid(String),
-    /// The dates are not ordered `not_before < not_after <= destroy_after`.
-    #[error("invalid validity: need not_before < not_after <= destroy_after")]
-    InvalidDates,
+    /// The dates, in whole seconds as the store and the log keep them, are
+    /// not ordered `not_before < not_after <= destroy_after`; says which
+    /// pair is not, with the two dates as kept.
+    #[error(
+        "invalid validity: need not_before < not_after <= destroy_after (whole seconds, as the \
+         store and the log keep them), but {0}"
+    )]
+    InvalidDates(String),
     /// A key with this kid exists or existed (kids are never reused).
     #[error("escrow key {0:?} already exists (kids are never reused, even after destruction)")]
     DuplicateKid(String),
@@ -141,7 +146,7 @@ impl KeyError {
     pub fn code(&self) -> &'static str {
         match self {
             KeyError::InvalidKid(_) => "invalid_kid",
-            KeyError::InvalidDates => "invalid_dates",
+            KeyError::InvalidDates(_) => "invalid_dates",
             KeyError::DuplicateKid(_) => "duplicate_kid",
             KeyError::UnknownKid(_) => "unknown_key",
             KeyError::OrphanPair(_) => "orphan_key_pair",
@@ -227,8 +232,20 @@ pub fn generate(
         not_after: whole(validity.not_after),
         destroy_after: whole(validity.destroy_after),
     };
-    if !(validity.not_before < validity.not_after && validity.not_after <= validity.destroy_after) {
-        return Err(KeyError::InvalidDates);
+    let shown = crate::codec::format_time;
+    if validity.not_before >= validity.not_after {
+        return Err(KeyError::InvalidDates(format!(
+            "not_before {} is not before not_after {}",
+            shown(validity.not_before),
+            shown(validity.not_after)
+        )));
+    }
+    if validity.not_after > validity.destroy_after {
+        return Err(KeyError::InvalidDates(format!(
+            "not_after {} is after destroy_after {}",
+            shown(validity.not_after),
+            shown(validity.destroy_after)
+        )));
     }
     if store.get_key(kid)?.is_some() {
         return Err(KeyError::DuplicateKid(kid.to_string()));

@@ -178,11 +178,16 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
         1,
         "invalid_kid",
     );
-    // destroy_after before not_after
-    assert_fails_with(
+    // destroy_after before not_after: the message names the pair.
+    let stderr = assert_fails_with(
         &softhsm_tests::generate_key(&t, "x", "2026-12-15T00:00:00Z"),
         1,
         "invalid_dates",
+    );
+    assert!(
+        stderr
+            .contains("not_after 2027-01-01T00:00:00Z is after destroy_after 2026-12-15T00:00:00Z"),
+        "{stderr}"
     );
     // Dates apart only by a fraction of a second are one second as the log
     // keeps them: refused, not written as a leaf that would no longer parse.
@@ -201,10 +206,16 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
             "2030-01-01T00:00:00Z",
         ])
     };
-    assert_fails_with(
+    let stderr = assert_fails_with(
         &fraction("2027-01-01T00:00:00.2Z", "2027-01-01T00:00:00.7Z"),
         1,
         "invalid_dates",
+    );
+    assert!(
+        stderr.contains(
+            "not_before 2027-01-01T00:00:00Z is not before not_after 2027-01-01T00:00:00Z"
+        ),
+        "{stderr}"
     );
     // A fraction with whole seconds between is kept to the second.
     assert_ok(&fraction(
