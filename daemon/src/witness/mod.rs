@@ -485,12 +485,10 @@ mod tests {
         format!("{body}\n\u{2014} log.example/a {}\n", STANDARD.encode(line))
     }
 
-    /// A clock at 1970 or before on a fresh state: no cosignature (its
-    /// timestamp would be 0, which C2SP tlog-cosignature forbids), 503.
-    #[test]
-    fn a_clock_at_1970_gives_no_cosignature() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+    /// `state`'s answer to the checkpoint of the empty tree, from old
+    /// size 0, with [`one_log`]'s keys and its clock reading `clock`; and
+    /// that checkpoint.
+    fn add_empty_tree(state: &WitnessState, clock: u64) -> (String, AddOutcome) {
         let (log, log_sk, key, witness_sk) = one_log();
         let checkpoint = note(&log_sk, 0, crate::audit::merkle::empty_root());
         let body = AddCheckpoint {
@@ -499,25 +497,36 @@ mod tests {
             checkpoint: checkpoint.clone(),
         }
         .encode();
-        let add = |clock: u64| {
-            state
-                .add_checkpoint(
-                    body.as_bytes(),
-                    &|_| vec![log.clone()],
-                    &key,
-                    &|| clock,
-                    |m| Ok::<_, ()>(witness_sk.sign(m).to_bytes()),
-                )
-                .unwrap()
-                .unwrap()
-        };
+        let outcome = state
+            .add_checkpoint(
+                body.as_bytes(),
+                &|_| vec![log.clone()],
+                &key,
+                &|| clock,
+                |m| Ok::<_, ()>(witness_sk.sign(m).to_bytes()),
+            )
+            .unwrap()
+            .unwrap();
+        (checkpoint, outcome)
+    }
+
+    /// A clock at 1970 or before on a fresh state: no cosignature (its
+    /// timestamp would be 0, which C2SP tlog-cosignature forbids), 503.
+    #[test]
+    fn a_clock_at_1970_gives_no_cosignature() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
         // A fresh state, a clock at 0 (what a clock before 1970 reads):
         // no timestamp to give, nothing recorded. Before, it signed 0.
-        assert_eq!(add(0), AddOutcome::NoTimestamp);
+        let (checkpoint, outcome) = add_empty_tree(&state, 0);
+        assert_eq!(outcome, AddOutcome::NoTimestamp);
         assert_eq!(AddOutcome::NoTimestamp.status(), 503);
         let origin = checkpoint.split('\n').next().unwrap();
         assert_eq!(state.recorded(origin).unwrap(), None);
-        assert!(matches!(add(5), AddOutcome::Cosigned(_)));
+        assert!(matches!(
+            add_empty_tree(&state, 5).1,
+            AddOutcome::Cosigned(_)
+        ));
     }
 
     /// A request stamped by a clock that went back (a step, or a request
@@ -530,24 +539,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("witness.db");
         let state = WitnessState::create(&path).unwrap();
-        let (log, log_sk, key, witness_sk) = one_log();
-        let trusted = |_: &str| vec![log.clone()];
-        let sign = |m: &[u8]| Ok::<_, ()>(witness_sk.sign(m).to_bytes());
+        let key = one_log().2;
         // The timestamp `state` stamps the empty tree's checkpoint with,
         // its clock reading `clock`.
         let stamp = |state: &WitnessState, clock: u64| {
-            let checkpoint = note(&log_sk, 0, crate::audit::merkle::empty_root());
-            let body = AddCheckpoint {
-                old_size: 0,
-                proof: Vec::new(),
-                checkpoint: checkpoint.clone(),
-            }
-            .encode();
-            let AddOutcome::Cosigned(line) = state
-                .add_checkpoint(body.as_bytes(), &trusted, &key, &|| clock, sign)
-                .unwrap()
-                .unwrap()
-            else {
+            let (checkpoint, AddOutcome::Cosigned(line)) = add_empty_tree(state, clock) else {
                 panic!("not cosigned");
             };
             verify_cosignatures(&format!("{checkpoint}{line}"), &key).unwrap()
