@@ -302,6 +302,25 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
             serde_json::from_slice(&lavd::codec::b64_decode(&leaf).unwrap()).unwrap();
         (r, leaf)
     };
+    // A try's reply, or `None` when the try showed nothing and is made
+    // again: its wait timed out instead (503 `witness_unavailable`: w1's
+    // submitter backs off up to 5 s), or, where a deadline was to pass
+    // during the wait (`too_slow`, the reason its leaf then says), the
+    // machine was too slow to commit before it. Otherwise the leaf says
+    // opened.
+    let shown =
+        |r: softhsm_tests::server::Response, leaf: &serde_json::Value, too_slow: Option<&str>| {
+            if let Some(reason) = too_slow.filter(|_| leaf["outcome"] != "opened") {
+                assert_eq!(leaf["reason"], reason, "{leaf}");
+                return None;
+            }
+            assert_eq!(leaf["outcome"], "opened", "{leaf}");
+            if r.status == 503 {
+                r.assert_error(503, "witness_unavailable");
+                return None;
+            }
+            Some(r)
+        };
     // Sleeps until `at` (by this machine's clock, the daemon's too) is past
     // by 1.5 s.
     let past = |at: OffsetDateTime| {
@@ -313,32 +332,23 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
 
     // 4b. A revocation while an unwrap waits for the quorum: once the
     //     quorum comes, nothing is released (403 `warrant_revoked`) and its
-    //     leaf says opened. A try whose wait timed out instead (503
-    //     `witness_unavailable`: w1's submitter backs off up to 5 s) shows
-    //     nothing, and is made again with another warrant.
-    let mut outcome = None;
-    for attempt in 0..3u32 {
-        let id = format!("W-REVOKED-WHILE-WITNESSED-{attempt}");
-        let revocable = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
-        let body = serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]});
-        let (r, leaf) = held_at_the_wait(&body, 1, &|| {
-            let revoked = vault::post(
-                &c.admin,
-                "/v1/warrants/revocations",
-                &serde_json::json!({"id": id, "reason": "quashed while witnessed"}),
-            );
-            assert_eq!(revoked.status, 200, "{}", revoked.text());
-        });
-        assert_eq!(leaf["warrant_id"], id, "{leaf}");
-        assert_eq!(leaf["outcome"], "opened", "{leaf}");
-        if r.status == 503 {
-            r.assert_error(503, "witness_unavailable");
-            continue;
-        }
-        outcome = Some(r);
-        break;
-    }
-    outcome
+    //     leaf says opened.
+    (0..3u32)
+        .find_map(|attempt| {
+            let id = format!("W-REVOKED-WHILE-WITNESSED-{attempt}");
+            let revocable = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+            let body = serde_json::json!({"warrant": revocable, "envelopes": [seal(20 + attempt)]});
+            let (r, leaf) = held_at_the_wait(&body, 1, &|| {
+                let revoked = vault::post(
+                    &c.admin,
+                    "/v1/warrants/revocations",
+                    &serde_json::json!({"id": id, "reason": "quashed while witnessed"}),
+                );
+                assert_eq!(revoked.status, 200, "{}", revoked.text());
+            });
+            assert_eq!(leaf["warrant_id"], id, "{leaf}");
+            shown(r, &leaf, None)
+        })
         .expect("every try's wait for the quorum timed out")
         .assert_error(403, "warrant_revoked");
 
@@ -346,125 +356,99 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     //     reported done) while an unwrap of it waits for the quorum: once
     //     the quorum comes, its envelope is not released (`key_destroyed`,
     //     its leaf saying opened); the other key's in the batch is.
-    let mut outcome = None;
-    for (attempt, (kid, key)) in doomed_keys.iter().enumerate() {
-        let id = format!("W-DESTROYED-WHILE-WITNESSED-{attempt}");
-        let doomed_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
-        let doomed = vault::seal(
-            key,
-            kid,
-            TARGET,
-            OffsetDateTime::now_utc() - time::Duration::hours(1),
-            &format!("doomed{attempt}"),
-            &[0xd0; 16],
-        );
-        let body = serde_json::json!({
-            "warrant": doomed_warrant,
-            "envelopes": [doomed, seal(30 + attempt as u32)],
-        });
-        let (r, leaf) = held_at_the_wait(&body, 2, &|| {
-            assert_ok(&t.lavd_with_config(&[
-                "keys",
-                "destroy",
-                "--kid",
+    let r = doomed_keys
+        .iter()
+        .enumerate()
+        .find_map(|(attempt, (kid, key))| {
+            let id = format!("W-DESTROYED-WHILE-WITNESSED-{attempt}");
+            let doomed_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+            let doomed = vault::seal(
+                key,
                 kid,
-                "--force",
-                "--reason",
-                "seized while witnessed",
-            ]));
-        });
-        assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
-        assert_eq!(leaf["outcome"], "opened", "{leaf}");
-        if r.status == 503 {
-            r.assert_error(503, "witness_unavailable");
-            continue;
-        }
-        outcome = Some(r);
-        break;
-    }
-    let r = outcome.expect("every try's wait for the quorum timed out");
+                TARGET,
+                OffsetDateTime::now_utc() - time::Duration::hours(1),
+                &format!("doomed{attempt}"),
+                &[0xd0; 16],
+            );
+            let body = serde_json::json!({
+                "warrant": doomed_warrant,
+                "envelopes": [doomed, seal(30 + attempt as u32)],
+            });
+            let (r, leaf) = held_at_the_wait(&body, 2, &|| {
+                assert_ok(&t.lavd_with_config(&[
+                    "keys",
+                    "destroy",
+                    "--kid",
+                    kid,
+                    "--force",
+                    "--reason",
+                    "seized while witnessed",
+                ]));
+            });
+            assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
+            shown(r, &leaf, None)
+        })
+        .expect("every try's wait for the quorum timed out");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
 
     // 4d. A key whose retention ends (its `destroy_after` passes, nobody
     //     destroying it) while an unwrap of it waits for the quorum: once
-    //     the quorum comes, its envelope is not released either. A try
-    //     whose leaf was already denied (the machine too slow to commit
-    //     before the retention ended) or whose wait timed out is made
-    //     again with another key.
-    let mut outcome = None;
-    for attempt in 0..3u32 {
-        let kid = format!("E-RETAINED-{attempt}");
-        let now = OffsetDateTime::now_utc();
-        let at = |s: i64| lavd::codec::format_time(now + time::Duration::seconds(s));
-        let destroy_after = lavd::codec::parse_time(&at(4)).unwrap();
-        let printed = assert_ok(&softhsm_tests::generate_key_for(
-            t,
-            &kid,
-            [&at(-3600), &at(3), &at(4)],
-        ));
-        let key = lavd::jwk::P256PublicKey::from_jwk(
-            &lavd::jwk::Jwk::from_json(printed.as_bytes()).unwrap(),
-        )
-        .unwrap();
-        let id = format!("W-RETENTION-WHILE-WITNESSED-{attempt}");
-        let retained_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
-        let retained = vault::seal(
-            &key,
-            &kid,
-            TARGET,
-            now - time::Duration::minutes(1),
-            &format!("retained{attempt}"),
-            &[0xd1; 16],
-        );
-        let body = serde_json::json!({
-            "warrant": retained_warrant,
-            "envelopes": [retained, seal(40 + attempt)],
-        });
-        let (r, leaf) = held_at_the_wait(&body, 2, &|| past(destroy_after));
-        assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
-        if leaf["outcome"] != "opened" {
-            assert_eq!(leaf["reason"], "key_destroyed", "{leaf}");
-            continue;
-        }
-        if r.status == 503 {
-            r.assert_error(503, "witness_unavailable");
-            continue;
-        }
-        outcome = Some(r);
-        break;
-    }
-    let r = outcome.expect("every try was too slow or its wait for the quorum timed out");
+    //     the quorum comes, its envelope is not released either.
+    let r = (0..3u32)
+        .find_map(|attempt| {
+            let kid = format!("E-RETAINED-{attempt}");
+            let now = OffsetDateTime::now_utc();
+            let at = |s: i64| lavd::codec::format_time(now + time::Duration::seconds(s));
+            let destroy_after = lavd::codec::parse_time(&at(4)).unwrap();
+            let printed = assert_ok(&softhsm_tests::generate_key_for(
+                t,
+                &kid,
+                [&at(-3600), &at(3), &at(4)],
+            ));
+            let key = lavd::jwk::P256PublicKey::from_jwk(
+                &lavd::jwk::Jwk::from_json(printed.as_bytes()).unwrap(),
+            )
+            .unwrap();
+            let id = format!("W-RETENTION-WHILE-WITNESSED-{attempt}");
+            let retained_warrant = vault::double_lock(&vault::claims(&id, recipient.public(), 10));
+            let retained = vault::seal(
+                &key,
+                &kid,
+                TARGET,
+                now - time::Duration::minutes(1),
+                &format!("retained{attempt}"),
+                &[0xd1; 16],
+            );
+            let body = serde_json::json!({
+                "warrant": retained_warrant,
+                "envelopes": [retained, seal(40 + attempt)],
+            });
+            let (r, leaf) = held_at_the_wait(&body, 2, &|| past(destroy_after));
+            assert_eq!(leaf["kid"], kid.as_str(), "{leaf}");
+            shown(r, &leaf, Some("key_destroyed"))
+        })
+        .expect("every try was too slow or its wait for the quorum timed out");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(vault::statuses(&r.json()), ["key_destroyed", "ok"]);
 
     // 4e. A warrant that expires while its unwrap waits for the quorum:
     //     once the quorum comes, nothing is released (403
-    //     `warrant_expired`), its leaf saying opened. Tries as in 4d.
-    let mut outcome = None;
-    for attempt in 0..3u32 {
-        let id = format!("W-EXPIRES-WHILE-WITNESSED-{attempt}");
-        let mut lapsing = vault::claims(&id, recipient.public(), 10);
-        let expires_text =
-            lavd::codec::format_time(OffsetDateTime::now_utc() + time::Duration::seconds(4));
-        let expires = lavd::codec::parse_time(&expires_text).unwrap();
-        lapsing["expires"] = expires_text.into();
-        let lapsing = vault::double_lock(&lapsing);
-        let body = serde_json::json!({"warrant": lapsing, "envelopes": [seal(50 + attempt)]});
-        let (r, leaf) = held_at_the_wait(&body, 1, &|| past(expires));
-        assert_eq!(leaf["warrant_id"], id, "{leaf}");
-        if leaf["outcome"] != "opened" {
-            assert_eq!(leaf["reason"], "warrant_expired", "{leaf}");
-            continue;
-        }
-        if r.status == 503 {
-            r.assert_error(503, "witness_unavailable");
-            continue;
-        }
-        outcome = Some(r);
-        break;
-    }
-    outcome
+    //     `warrant_expired`), its leaf saying opened.
+    (0..3u32)
+        .find_map(|attempt| {
+            let id = format!("W-EXPIRES-WHILE-WITNESSED-{attempt}");
+            let mut lapsing = vault::claims(&id, recipient.public(), 10);
+            let expires_text =
+                lavd::codec::format_time(OffsetDateTime::now_utc() + time::Duration::seconds(4));
+            let expires = lavd::codec::parse_time(&expires_text).unwrap();
+            lapsing["expires"] = expires_text.into();
+            let lapsing = vault::double_lock(&lapsing);
+            let body = serde_json::json!({"warrant": lapsing, "envelopes": [seal(50 + attempt)]});
+            let (r, leaf) = held_at_the_wait(&body, 1, &|| past(expires));
+            assert_eq!(leaf["warrant_id"], id, "{leaf}");
+            shown(r, &leaf, Some("warrant_expired"))
+        })
         .expect("every try was too slow or its wait for the quorum timed out")
         .assert_error(403, "warrant_expired");
 
