@@ -30,10 +30,24 @@ fn witness(name: &str, seed: u8) -> (ed25519_dalek::SigningKey, u32, String) {
     )
 }
 
+/// The time the tests' cosignatures are stamped at unless they say:
+/// 2025-11-24, long before any run of this test.
+const OLD: u64 = 1_764_000_000;
+
 /// `checkpoint` with a cosignature line by the witness appended.
 fn cosign(checkpoint: &str, name: &str, sk: &ed25519_dalek::SigningKey, id: u32) -> String {
+    cosign_at(checkpoint, name, sk, id, OLD)
+}
+
+/// [`cosign`], stamped at `time` (Unix seconds).
+fn cosign_at(
+    checkpoint: &str,
+    name: &str,
+    sk: &ed25519_dalek::SigningKey,
+    id: u32,
+    time: u64,
+) -> String {
     let body = &checkpoint[..checkpoint.rfind("\n\n").unwrap() + 1];
-    let time = 1_764_000_000u64;
     let message = format!("cosignature/v1\ntime {time}\n{body}");
     let mut bytes = id.to_be_bytes().to_vec();
     bytes.extend_from_slice(&time.to_be_bytes());
@@ -127,4 +141,125 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
     let bad = write("bad.policy", &format!("log {key}\nquorum nobody\n"));
     let stderr = assert_fails_with(&verify(plain, &bad), 1, "bad_policy");
     assert!(stderr.contains("line 2"), "{stderr}");
+}
+
+/// The witnesses' clocks show how fresh a checkpoint is (C2SP
+/// tlog-cosignature: a cosignature says the checkpoint was the largest tree
+/// its witness had seen as of its time). `verify` prints each witness's
+/// time and the quorum's; `--max-cosignature-age` refuses a checkpoint the
+/// quorum last vouched for earlier (`checkpoint_stale`: a mirror that keeps
+/// serving an old view); a cosignature stamped well past this machine's
+/// clock is refused (`cosignature_in_future`).
+#[test]
+fn verify_judges_the_cosignatures_times() {
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+    let export_path = t.path("export.json");
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export_path.to_str().unwrap()]));
+    let export: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&export_path).unwrap()).unwrap();
+    let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
+    let (a_sk, a_id, a_vkey) = witness("witness-a.example", 1);
+    let (b_sk, b_id, b_vkey) = witness("witness-b.example", 2);
+    let policy = t.path("any.policy");
+    std::fs::write(
+        &policy,
+        format!("log {key}\nwitness A {a_vkey}\nwitness B {b_vkey}\ngroup one 1 A B\nquorum one\n"),
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let with = |name: &str, a_at: u64, b_at: u64| {
+        let cosigned = cosign_at(
+            &cosign_at(&checkpoint, "witness-a.example", &a_sk, a_id, a_at),
+            "witness-b.example",
+            &b_sk,
+            b_id,
+            b_at,
+        );
+        let mut e = export.clone();
+        e["checkpoint"] = cosigned.into();
+        let path = t.path(name);
+        std::fs::write(&path, e.to_string()).unwrap();
+        path
+    };
+    let verify = |export: &std::path::Path, extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--key",
+            &key,
+            "--export",
+            export.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        t.lavd(&args)
+    };
+
+    // A cosigned long ago, B a minute ago: one of them is the quorum, so it
+    // held a minute ago, and each time is shown.
+    let fresh = with("fresh.json", OLD, now - 60);
+    let out = assert_ok(&verify(&fresh, &["--max-cosignature-age", "3600"]));
+    assert!(
+        out.contains("cosigned by witness A at 2025-11-24T"),
+        "{out}"
+    );
+    let b_time = time::OffsetDateTime::from_unix_timestamp((now - 60) as i64).unwrap();
+    let b_text = format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        b_time.year(),
+        u8::from(b_time.month()),
+        b_time.day(),
+        b_time.hour(),
+        b_time.minute(),
+        b_time.second()
+    );
+    assert!(
+        out.contains(&format!("cosigned by witness B at {b_text}")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("witness quorum as of {b_text}")),
+        "{out}"
+    );
+    // Both long ago: the same checkpoint, verified without a bound, is
+    // refused with one.
+    let stale = with("stale.json", OLD, OLD + 1);
+    assert_ok(&verify(&stale, &[]));
+    let stderr = assert_fails_with(
+        &verify(&stale, &["--max-cosignature-age", "86400"]),
+        1,
+        "checkpoint_stale",
+    );
+    assert!(stderr.contains("2025-11-24T"), "{stderr}");
+    // Ten years ahead of this machine's clock: refused, with or without a
+    // bound, and named.
+    let ahead = with("ahead.json", now - 60, now + 10 * 365 * 86_400);
+    let stderr = assert_fails_with(&verify(&ahead, &[]), 1, "cosignature_in_future");
+    assert!(stderr.contains("witness `B`"), "{stderr}");
+    // Within the allowed skew: counted.
+    let skewed = with("skewed.json", now + 60, now - 60);
+    assert_ok(&verify(&skewed, &["--max-cosignature-age", "3600"]));
+    // The bound needs a policy (clap's own usage error).
+    let plain = export_path.to_str().unwrap();
+    let out = t.lavd(&[
+        "audit",
+        "verify",
+        "--key",
+        &key,
+        "--export",
+        plain,
+        "--max-cosignature-age",
+        "60",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--policy"), "{stderr}");
 }

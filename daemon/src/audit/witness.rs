@@ -242,6 +242,10 @@ pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, Wi
     Ok(times)
 }
 
+/// The policy witnesses whose cosignatures on a checkpoint verified, in
+/// policy order, each with the newest time it cosigned at (Unix seconds).
+pub type Cosigned = Vec<(String, u64)>;
+
 /// A C2SP `tlog-policy`: the logs accepted, the witnesses known, and the
 /// quorum rule.
 #[derive(Debug, Clone)]
@@ -418,7 +422,8 @@ impl Policy {
 
     /// Checks a signed checkpoint against the policy: signed by one of its
     /// logs, and cosigned by witnesses that make the quorum. Returns the
-    /// checkpoint and the names of the witnesses whose cosignature verified.
+    /// checkpoint and the witnesses whose cosignature verified, each with
+    /// the newest timestamp it cosigned at (Unix seconds), in policy order.
     ///
     /// # Errors
     /// [`WitnessError::UnknownLog`], [`WitnessError::CosignatureInvalid`]
@@ -427,7 +432,7 @@ impl Policy {
     /// signature line of one of the policy's log keys that does not verify,
     /// even when another's does: signed-note's verifiers reject such a
     /// note).
-    pub fn verify(&self, checkpoint: &str) -> Result<(Checkpoint, Vec<String>), WitnessError> {
+    pub fn verify(&self, checkpoint: &str) -> Result<(Checkpoint, Cosigned), WitnessError> {
         let mut verified = None;
         for key in &self.logs {
             match note::verify_checkpoint(checkpoint, key) {
@@ -439,16 +444,43 @@ impl Policy {
             }
         }
         let verified = verified.ok_or(WitnessError::UnknownLog)?;
-        let mut valid = Vec::new();
+        let mut cosigned = Vec::new();
         for (name, key, _) in &self.witnesses {
-            if !verify_cosignatures(checkpoint, key)?.is_empty() {
-                valid.push(name.clone());
+            if let Some(newest) = verify_cosignatures(checkpoint, key)?.into_iter().max() {
+                cosigned.push((name.clone(), newest));
             }
         }
+        let valid: Vec<String> = cosigned.iter().map(|(name, _)| name.clone()).collect();
         if !self.met(&self.quorum, &valid) {
             return Err(WitnessError::QuorumNotMet { valid });
         }
-        Ok((verified, valid))
+        Ok((verified, cosigned))
+    }
+
+    /// The latest time at which the quorum vouched for the checkpoint: the
+    /// largest `t` such that the witnesses that cosigned at `t` or later
+    /// (`cosigned`, as [`Policy::verify`] returns it) make the quorum.
+    /// `None` when no time does (under `quorum none`, none is needed).
+    ///
+    /// A cosignature says that, as of its timestamp, the checkpoint was the
+    /// largest tree its witness had seen (C2SP tlog-cosignature); a
+    /// checkpoint whose quorum time is old may be a frozen view that hides
+    /// what the log appended since.
+    pub fn quorum_as_of(&self, cosigned: &[(String, u64)]) -> Option<u64> {
+        if self.quorum == "none" {
+            return None;
+        }
+        let mut times: Vec<u64> = cosigned.iter().map(|(_, t)| *t).collect();
+        times.sort_unstable_by(|a, b| b.cmp(a));
+        times.dedup();
+        times.into_iter().find(|&t| {
+            let since: Vec<String> = cosigned
+                .iter()
+                .filter(|(_, at)| *at >= t)
+                .map(|(name, _)| name.clone())
+                .collect();
+            self.met(&self.quorum, &since)
+        })
     }
 
     /// Whether the witnesses with these keys (each known to have cosigned
@@ -911,10 +943,16 @@ mod tests {
         let two = cosign(&one, &w[2].0, &w[2].1, 2);
         let (checkpoint, valid) = policy.verify(&two).unwrap();
         assert_eq!(checkpoint.size, 5);
-        assert_eq!(valid, ["A", "C"]);
+        assert_eq!(valid, [("A".to_string(), 1), ("C".to_string(), 2)]);
+        // Two of three held it at 1 (A at 1, C at 2); at 2 only C did.
+        assert_eq!(policy.quorum_as_of(&valid), Some(1));
+        let three = cosign(&two, &w[1].0, &w[1].1, 7);
+        let (_, valid) = policy.verify(&three).unwrap();
+        assert_eq!(policy.quorum_as_of(&valid), Some(2));
 
         let none = Policy::parse(format!("log {log}\nquorum none\n").as_bytes()).unwrap();
         assert!(none.verify(&note_text).is_ok());
+        assert_eq!(none.quorum_as_of(&[]), None);
         // Two keys of the log (a rotation): a line of the second that does
         // not verify rejects the note, though the first's verifies.
         let rotated = rotated_log_key();

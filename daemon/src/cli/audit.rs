@@ -126,6 +126,12 @@ impl AuditCommand {
                         .with_context(|| format!("writing {}", path.display()))?;
                 }
                 out!("{}", verified.summary);
+                for (name, at) in &verified.cosigned {
+                    outln!("cosigned by witness {name} at {}", unix_time_text(*at));
+                }
+                if let Some(at) = verified.quorum_as_of {
+                    outln!("witness quorum as of {}", unix_time_text(at));
+                }
                 outln!("verdict: the log verifies");
             }
             AuditCommand::Report(args) => args.run()?,
@@ -173,6 +179,18 @@ pub struct LogSource {
     /// of its logs and cosigned by a quorum of its witnesses.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
+    /// With `--policy`: refuse the checkpoint (`checkpoint_stale`) unless
+    /// its witness quorum cosigned it within the last SECS seconds. A
+    /// mirror or cache that keeps serving an old checkpoint, and its
+    /// tiles, hides everything the log appended since; the witnesses'
+    /// clocks are what show it.
+    #[arg(
+        long,
+        value_name = "SECS",
+        requires = "policy",
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub max_cosignature_age: Option<u64>,
     /// A signed checkpoint you kept from earlier: the export must extend it.
     #[arg(long, value_name = "FILE", conflicts_with = "previous")]
     pub checkpoint: Option<PathBuf>,
@@ -225,6 +243,86 @@ pub struct Remote {
         value_parser = clap::value_parser!(u64).range(1..)
     )]
     pub max_entries: u64,
+}
+
+/// How far past this machine's clock a witness's cosignature may be
+/// stamped and still count: clocks disagree by seconds, not minutes.
+/// C2SP tlog-cosignature lets verifiers refuse timestamps in the future.
+pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
+
+/// The witness policy's verdict on a checkpoint: the witnesses whose
+/// cosignatures verified, each with the newest time it cosigned at, and the
+/// latest time the quorum held ([`Policy::quorum_as_of`]).
+///
+/// # Errors
+/// What [`Policy::verify`] refuses; `cosignature_in_future` for a
+/// cosignature stamped more than [`COSIGNATURE_FUTURE_SKEW_SECS`] past
+/// `now`; `checkpoint_stale` when the quorum's time is more than
+/// `max_age` seconds before `now`.
+///
+/// [`Policy::quorum_as_of`]: crate::audit::witness::Policy::quorum_as_of
+/// [`Policy::verify`]: crate::audit::witness::Policy::verify
+pub fn judge_cosignatures(
+    policy: &crate::audit::witness::Policy,
+    checkpoint: &str,
+    now: u64,
+    max_age: Option<u64>,
+) -> anyhow::Result<(crate::audit::witness::Cosigned, Option<u64>)> {
+    let cosigned = policy.verify(checkpoint)?.1;
+    let shown = unix_time_text;
+    if let Some((name, at)) = cosigned
+        .iter()
+        .find(|(_, at)| *at > now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS))
+    {
+        return Err(super::Refused::new(
+            "cosignature_in_future",
+            format!(
+                "witness `{name}` cosigned the checkpoint at {}, more than \
+                 {COSIGNATURE_FUTURE_SKEW_SECS} s after this machine's clock ({}); a witness \
+                 clock that runs ahead cannot vouch for the checkpoint's age",
+                shown(*at),
+                shown(now)
+            ),
+        )
+        .into());
+    }
+    let as_of = policy.quorum_as_of(&cosigned);
+    if let Some(max_age) = max_age {
+        match as_of {
+            Some(t) if now.saturating_sub(t) <= max_age => {}
+            Some(t) => {
+                return Err(super::Refused::new(
+                    "checkpoint_stale",
+                    format!(
+                        "the witness quorum last cosigned the checkpoint at {}, {} s ago, \
+                         more than --max-cosignature-age {max_age}: it may be an old view of \
+                         the log, hiding what was appended since",
+                        shown(t),
+                        now.saturating_sub(t)
+                    ),
+                )
+                .into())
+            }
+            None => {
+                return Err(super::Refused::new(
+                    "usage",
+                    "--max-cosignature-age needs a policy whose quorum names witnesses, \
+                     not `quorum none`",
+                )
+                .into())
+            }
+        }
+    }
+    Ok((cosigned, as_of))
+}
+
+/// A cosignature's timestamp as RFC 3339 UTC, or as the number when it is
+/// beyond what a date can show.
+fn unix_time_text(t: u64) -> String {
+    i64::try_from(t)
+        .ok()
+        .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+        .map_or_else(|| format!("{t} (Unix seconds)"), crate::codec::format_time)
 }
 
 /// `--max-entries` by default: 2^24 entries, a few GiB of memory to verify.
@@ -308,6 +406,23 @@ impl LogSource {
         // through a cache or a mirror: neither says when the log was
         // complete.
         let started = time::OffsetDateTime::now_utc();
+        let now = u64::try_from(started.unix_timestamp()).unwrap_or(0);
+        // The witness policy first, and on the checkpoint before any entry
+        // is fetched: a checkpoint without its quorum (or a stale one) is
+        // not one the verifier may rely on, whatever the leaves say.
+        let policy = match &self.policy {
+            Some(path) => Some(
+                crate::audit::witness::Policy::parse(&read(path, MAX_POLICY_FILE_BYTES)?)
+                    .with_context(|| format!("the policy {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let max_age = self.max_cosignature_age;
+        let judge = |checkpoint: &str| match &policy {
+            Some(p) => judge_cosignatures(p, checkpoint, now, max_age).map(Some),
+            None => Ok(None),
+        };
+        let vet = |checkpoint: &str| judge(checkpoint).map(drop);
         let (new, complete_when_read) = match (&self.export, &self.url, &self.tiles) {
             (Some(export), ..) => (read_export(export, self.remote.max_entries)?, false),
             (None, Some(url), _) => {
@@ -329,7 +444,7 @@ impl LogSource {
                     }
                 }
                 let daemon = client(url)?;
-                let export = fetch_export(&daemon, &key, self.remote.max_entries)?;
+                let export = fetch_export(&daemon, &key, self.remote.max_entries, &vet)?;
                 let size = crate::audit::note::verify_checkpoint(&export.checkpoint, &key)?.size;
                 let newest = !holds_entries_from(&daemon, size)?;
                 (export, newest)
@@ -342,20 +457,15 @@ impl LogSource {
                 } else {
                     TilesAt::Dir(PathBuf::from(tiles))
                 };
-                (fetch_tiles(&source, &key, self.remote.max_entries)?, false)
+                (
+                    fetch_tiles(&source, &key, self.remote.max_entries, &vet)?,
+                    false,
+                )
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
-        // The witness policy first: a checkpoint without its quorum is not
-        // one the verifier may rely on, whatever the leaves say.
-        let mut witnesses = Vec::new();
-        let mut policy = None;
-        if let Some(path) = &self.policy {
-            let parsed = crate::audit::witness::Policy::parse(&read(path, MAX_POLICY_FILE_BYTES)?)
-                .with_context(|| format!("the policy {}", path.display()))?;
-            witnesses = parsed.verify(&new.checkpoint)?.1;
-            policy = Some(parsed);
-        }
+        let (cosigned, quorum_as_of) = judge(&new.checkpoint)?.unwrap_or_default();
+        let witnesses: Vec<String> = cosigned.iter().map(|(name, _)| name.clone()).collect();
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =
@@ -391,6 +501,8 @@ impl LogSource {
             export: new,
             summary,
             witnesses,
+            cosigned,
+            quorum_as_of,
             checked_checkpoint,
         })
     }
@@ -405,6 +517,11 @@ pub struct Verified {
     pub summary: crate::audit::export::Summary,
     /// The policy witnesses whose cosignatures verified (`--policy`).
     pub witnesses: Vec<String>,
+    /// The same, each with the newest time it cosigned at (Unix seconds).
+    pub cosigned: crate::audit::witness::Cosigned,
+    /// The latest time the policy's quorum cosigned the checkpoint (Unix
+    /// seconds); `None` without `--policy` or under `quorum none`.
+    pub quorum_as_of: Option<u64>,
     /// The newest checkpoint with only the signature lines that verified:
     /// the log's and those witnesses'.
     pub checked_checkpoint: String,
@@ -441,11 +558,13 @@ fn fetch_export(
     client: &super::https::Client,
     key: &VerifierKey,
     max_entries: u64,
+    vet: &dyn Fn(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<Export> {
     let CheckpointReply { checkpoint } = client.get_json("/v1/audit/checkpoint")?;
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
     within_max_entries(signed.size, max_entries)?;
+    vet(&checkpoint)?;
     let mut entries = Vec::new();
     let mut start = 0u64;
     while start < signed.size {
@@ -779,9 +898,16 @@ impl crate::audit::tiles::TileSource for &TilesAt {
 /// root must be the checkpoint's. The leaves then go through the same
 /// verifier as an export (which recomputes the root from them), so tiles,
 /// leaves and checkpoint are all held to one signed root.
-fn fetch_tiles(source: &TilesAt, key: &VerifierKey, max_entries: u64) -> anyhow::Result<Export> {
+fn fetch_tiles(
+    source: &TilesAt,
+    key: &VerifierKey,
+    max_entries: u64,
+    vet: &dyn Fn(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<Export> {
     let checkpoint = String::from_utf8(source.get("checkpoint")?)
         .map_err(|_| super::Refused::new("note_malformed", "the checkpoint is not UTF-8"))?;
+    crate::audit::note::verify_checkpoint(&checkpoint, key).context("the tiles' checkpoint")?;
+    vet(&checkpoint)?;
     read_tiles(source, key, checkpoint, None, max_entries)
 }
 
@@ -1055,11 +1181,42 @@ mod tests {
     #[test]
     fn a_signed_size_above_the_bound_is_refused_before_fetching() {
         let (dir, key) = signed_tiles(1 << 40, [0; 32]);
-        let err =
-            fetch_tiles(&TilesAt::Dir(dir.path().into()), &key, DEFAULT_MAX_ENTRIES).unwrap_err();
+        let err = fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            &key,
+            DEFAULT_MAX_ENTRIES,
+            &|_| Ok(()),
+        )
+        .unwrap_err();
         assert_eq!(
             crate::cli::error_code(&err),
             Some("log_too_large"),
+            "{err:#}"
+        );
+    }
+
+    /// The witness policy judges the checkpoint before any tile is read: a
+    /// source whose checkpoint lacks its quorum is refused for that, not
+    /// made to serve (and the verifier to hold) the log first.
+    #[test]
+    fn the_policy_is_judged_before_any_tile_is_read() {
+        let (dir, key) = signed_tiles(512, [0; 32]);
+        let witness = crate::audit::witness::CosignerKey::new("w.example", &[7; 32]).unwrap();
+        let policy = crate::audit::witness::Policy::parse(
+            format!("log {key}\nwitness W {witness}\nquorum W\n").as_bytes(),
+        )
+        .unwrap();
+        let vet = |c: &str| judge_cosignatures(&policy, c, 2_000_000_000, None).map(drop);
+        let err = fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            &key,
+            DEFAULT_MAX_ENTRIES,
+            &vet,
+        )
+        .unwrap_err();
+        assert_eq!(
+            crate::cli::error_code(&err),
+            Some("quorum_not_met"),
             "{err:#}"
         );
     }
@@ -1091,8 +1248,13 @@ mod tests {
         tile("tile/0/001", &[0; 256 * 32]);
         let level1 = [fold(level0), fold(vec![[0; 32]; 256])];
         tile("tile/1/000.p/2", &level1.concat());
-        let err =
-            fetch_tiles(&TilesAt::Dir(dir.path().into()), &key, DEFAULT_MAX_ENTRIES).unwrap_err();
+        let err = fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            &key,
+            DEFAULT_MAX_ENTRIES,
+            &|_| Ok(()),
+        )
+        .unwrap_err();
         assert_eq!(
             crate::cli::error_code(&err),
             Some("root_mismatch"),
