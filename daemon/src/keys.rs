@@ -422,7 +422,8 @@ pub fn jwks_checked(
             Err(
                 e @ (HsmError::DuplicateKey(_)
                 | HsmError::InvalidPublicKey(_)
-                | HsmError::KeyPairMismatch(_)),
+                | HsmError::KeyPairMismatch(_)
+                | HsmError::KeyAttributes { .. }),
             ) => {
                 tracing::error!(
                     kid = %record.kid,

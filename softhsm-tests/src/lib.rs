@@ -765,7 +765,9 @@ where
 /// Makes a P-256 key pair under `label` on `session`'s token, as another
 /// application would: with `private`, both halves are `CKA_PRIVATE` (a PIN
 /// holder's pair; the session must be logged in), else neither is (a
-/// co-tenant's decoys, made without the PIN).
+/// co-tenant's decoys, made without the PIN). The private half is derive
+/// only, as lavd's own are: what is wrong with it is only that lavd did not
+/// make it (its attributes alone would pass lavd's check).
 ///
 /// # Panics
 /// When the token refuses: the test fails.
@@ -788,6 +790,10 @@ pub fn foreign_pair(session: &Session, label: &str, private: bool) {
                 Attribute::Private(private),
                 Attribute::Sensitive(private),
                 Attribute::Derive(true),
+                Attribute::Sign(false),
+                Attribute::SignRecover(false),
+                Attribute::Decrypt(false),
+                Attribute::Unwrap(false),
                 Attribute::Label(label),
             ],
         )

@@ -69,7 +69,11 @@ fn import_escrow_key(t: &TestToken, kid: &str, scalar: &[u8]) {
             Attribute::Extractable(false),
             Attribute::Derive(true),
             Attribute::Sign(false),
+            // SoftHSM defaults these to true, and lavd refuses a key that
+            // could serve more than derive.
+            Attribute::SignRecover(false),
             Attribute::Decrypt(false),
+            Attribute::Unwrap(false),
             Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
         ])
         .unwrap();

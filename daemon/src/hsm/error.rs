@@ -100,6 +100,17 @@ pub enum HsmError {
          outside lavd?)"
     )]
     KeyPairMismatch(String),
+    /// The private key under this label could leave the token, or be used
+    /// for more than its one operation: it was made or imported outside
+    /// lavd, or the token ignored part of lavd's template. It is not used
+    /// (nor published, nor kept when just generated).
+    #[error("the private key labelled {label:?} on the token is not safe to use: {problem}")]
+    KeyAttributes {
+        /// The key's label on the token.
+        label: String,
+        /// Which attributes are wrong.
+        problem: String,
+    },
     /// The key under this label is not the one lavd started with: it was
     /// replaced on the token while lavd was running.
     #[error("the key labelled {0:?} on the token is not the one lavd started with")]
@@ -150,13 +161,16 @@ impl HsmError {
     /// `key_pair_mismatch` for a key whose halves disagree;
     /// `key_label_taken` for a label a key of ours already has (a
     /// generation under it, or a look-up that finds two: an operator's
-    /// matter, not an outage to retry); else `hsm_unavailable`.
+    /// matter, not an outage to retry); `key_attributes_unsafe` for a
+    /// private key that could leave the token or serve another operation;
+    /// else `hsm_unavailable`.
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
             HsmError::Login { .. } | HsmError::LoginHeld { .. } => "hsm_login_refused",
             HsmError::KeyPairMismatch(_) => "key_pair_mismatch",
             HsmError::DuplicateKey(_) => "key_label_taken",
+            HsmError::KeyAttributes { .. } => "key_attributes_unsafe",
             _ => "hsm_unavailable",
         }
     }

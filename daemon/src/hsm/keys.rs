@@ -4,7 +4,9 @@
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::elliptic_curve::{EcKdf, Ecdh1DeriveParams};
 use cryptoki::mechanism::Mechanism;
-use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::object::{
+    Attribute, AttributeInfo, AttributeType, KeyType, ObjectClass, ObjectHandle,
+};
 use cryptoki::session::Session;
 use zeroize::Zeroize as _;
 
@@ -121,6 +123,137 @@ fn escrow_halves(
     let public = P256PublicKey::from_sec1(&point)
         .map_err(|_| HsmError::InvalidPublicKey(label.to_string()))?;
     Ok((private, public))
+}
+
+/// The one operation a private key of ours is for: `CKA_DERIVE` for an
+/// escrow key, `CKA_SIGN` for the audit key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usage {
+    Derive,
+    Sign,
+}
+
+/// The usage attributes a private key may have; a key of ours has exactly
+/// its [`Usage`]'s among them.
+const USAGES: [AttributeType; 5] = [
+    AttributeType::Derive,
+    AttributeType::Sign,
+    AttributeType::SignRecover,
+    AttributeType::Decrypt,
+    AttributeType::Unwrap,
+];
+
+/// The value of a boolean attribute as read.
+fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
+    attributes.iter().find_map(|a| match a {
+        Attribute::Sensitive(b)
+        | Attribute::AlwaysSensitive(b)
+        | Attribute::Extractable(b)
+        | Attribute::NeverExtractable(b)
+        | Attribute::Derive(b)
+        | Attribute::Sign(b)
+        | Attribute::SignRecover(b)
+        | Attribute::Decrypt(b)
+        | Attribute::Unwrap(b)
+            if a.attribute_type() == wanted =>
+        {
+            Some(*b)
+        }
+        _ => None,
+    })
+}
+
+/// Checks what the token says of private key `handle`: its value cannot
+/// be read, it is `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, and of the
+/// usage attributes only `usage`'s is true. Keys lavd generates are made
+/// so; one made or imported otherwise (a vendor tool's defaults, a token
+/// that ignored part of the template) is refused, whatever the pair check
+/// says.
+///
+/// A key that was not always sensitive, or not never extractable
+/// (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE` false: imported, e.g.
+/// in a migration between HSMs or as a test vector) is used, with a
+/// warning each time it is checked (once a pool generation): its secret
+/// existed outside this token, which the log cannot show.
+///
+/// The value is asked with `C_GetAttributeValue`'s size query
+/// (`get_attribute_info`): cryptoki's `get_attributes` silently drops an
+/// attribute the token refuses as sensitive, so an absent value there
+/// proves nothing. `CKA_SENSITIVE` and `CKA_EXTRACTABLE` not reported
+/// count as unsafe; a usage not reported counts as false (a token without
+/// a mechanism family need not know its attribute).
+///
+/// # Errors
+/// [`HsmError::KeyAttributes`] naming every attribute that is wrong; the
+/// failing PKCS#11 call.
+fn check_key_attributes(
+    session: &Session,
+    handle: ObjectHandle,
+    usage: Usage,
+    label: &str,
+) -> Result<(), HsmError> {
+    let mut problems = Vec::new();
+    if let [AttributeInfo::Available(_)] = session
+        .get_attribute_info(handle, &[AttributeType::Value])?
+        .as_slice()
+    {
+        problems.push("its CKA_VALUE can be read".to_string());
+    }
+    let mut asked = vec![
+        AttributeType::Sensitive,
+        AttributeType::AlwaysSensitive,
+        AttributeType::Extractable,
+        AttributeType::NeverExtractable,
+    ];
+    asked.extend(USAGES);
+    let read = session.get_attributes(handle, &asked)?;
+    for (attribute, wanted) in [
+        (AttributeType::Sensitive, true),
+        (AttributeType::Extractable, false),
+    ] {
+        match flag(&read, attribute) {
+            Some(v) if v == wanted => {}
+            Some(v) => problems.push(format!("{attribute} is {v}")),
+            None => problems.push(format!("the token does not report {attribute}")),
+        }
+    }
+    let history: Vec<String> = [
+        (AttributeType::AlwaysSensitive, true),
+        (AttributeType::NeverExtractable, true),
+    ]
+    .into_iter()
+    .filter(|(attribute, wanted)| flag(&read, *attribute) != Some(*wanted))
+    .map(|(attribute, _)| format!("{attribute} is not true"))
+    .collect();
+    let own = match usage {
+        Usage::Derive => AttributeType::Derive,
+        Usage::Sign => AttributeType::Sign,
+    };
+    for attribute in USAGES {
+        let set = flag(&read, attribute).unwrap_or(false);
+        if attribute == own && !set {
+            problems.push(format!("{attribute} is false"));
+        } else if attribute != own && set {
+            problems.push(format!("{attribute} is true"));
+        }
+    }
+    if problems.is_empty() {
+        if !history.is_empty() {
+            tracing::warn!(
+                label = %crate::codec::escape_for_terminal(label),
+                history = %history.join(", "),
+                "this private key was imported into the token or was once readable: its \
+                 secret existed outside the token, which lavd's log cannot show \
+                 (docs/OPERATIONS.md §1)"
+            );
+        }
+        Ok(())
+    } else {
+        Err(HsmError::KeyAttributes {
+            label: label.to_string(),
+            problem: problems.join(", "),
+        })
+    }
 }
 
 /// P-256's base point G ([`crate::jwk::P256_GENERATOR`]): the peer of
@@ -253,7 +386,10 @@ impl Hsm {
                 &public_template,
                 &private_template,
             )?;
-            read_ec_point(session, public, &label, 65)
+            // What the token made, not what was asked: a token may ignore
+            // part of a template.
+            check_key_attributes(session, private, Usage::Derive, &label)
+                .and_then(|()| read_ec_point(session, public, &label, 65))
                 .and_then(|point| {
                     P256PublicKey::from_sec1(&point)
                         .map_err(|_| HsmError::InvalidPublicKey(label.clone()))
@@ -320,6 +456,9 @@ impl Hsm {
             let agrees = match self.pair_checked(generation, &label, private, &public) {
                 Some(agrees) => agrees,
                 None => {
+                    // A key that could leave the token is not published
+                    // (nor its verdict kept: it is asked again next time).
+                    check_key_attributes(session, private, Usage::Derive, &label)?;
                     let agrees = match self.check_pair(session, private, &public, &label) {
                         Ok(()) => true,
                         Err(HsmError::KeyPairMismatch(_)) => false,
@@ -416,7 +555,7 @@ impl Hsm {
         let label = escrow_label(kid);
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         let secret = self.with_session("ecdh_derive", |session| {
-            let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
+            let key = self.cached_handle(session, &label, Usage::Derive)?;
             let derived = match derive(session, key, peer, value_len) {
                 Ok(derived) => derived,
                 Err(e) => {
@@ -429,8 +568,7 @@ impl Hsm {
                     // process): look it up again, so that a destroyed key is
                     // `KeyNotFound` (the envelope's `key_destroyed`), not a
                     // failing HSM that fails the whole batch.
-                    let key =
-                        self.cached_handle(session, ObjectClass::PRIVATE_KEY, &label, "escrow")?;
+                    let key = self.cached_handle(session, &label, Usage::Derive)?;
                     derive(session, key, peer, value_len)
                         .inspect_err(|_| self.forget_handle(&label))?
                 }
@@ -525,7 +663,8 @@ impl Hsm {
                 &public_template,
                 &private_template,
             )?;
-            read_ec_point(session, public, label, 32)
+            check_key_attributes(session, private, Usage::Sign, label)
+                .and_then(|()| read_ec_point(session, public, label, 32))
                 .and_then(|point| {
                     Ed25519PublicKey::from_bytes(&point)
                         .map_err(|_| HsmError::InvalidPublicKey(label.to_string()))
@@ -563,7 +702,9 @@ impl Hsm {
             // CKA_PRIVATE) stays visible to a session that lost its login,
             // which would make a token whose private objects vanished look
             // sound (and an intact escrow key be logged `key_destroyed`).
-            find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
+            let private =
+                find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
+            check_key_attributes(session, private, Usage::Sign, label)?;
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
             let point = read_ec_point(session, handle, label, 32)?;
             Ok(AuditKeyInfo {
@@ -602,7 +743,7 @@ impl Hsm {
     /// [`Hsm::sign_ed25519`] on the calling thread, without a deadline.
     fn sign_ed25519_here(&self, label: &str, message: &[u8]) -> Result<[u8; 64], HsmError> {
         self.with_session("sign_ed25519", |session| {
-            let key = self.cached_handle(session, ObjectClass::PRIVATE_KEY, label, "audit")?;
+            let key = self.cached_handle(session, label, Usage::Sign)?;
             let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
             let signature = session
                 .sign(&mechanism, key, message)
@@ -613,24 +754,33 @@ impl Hsm {
         })
     }
 
-    /// The handle of our object `label`, cached for the sessions of the
-    /// lease's generation. The cache's lock is not held while the token is
-    /// searched.
+    /// The handle of our private key `label` (an escrow key for
+    /// [`Usage::Derive`], the audit key for [`Usage::Sign`]), cached for the
+    /// sessions of the lease's generation once its attributes are checked
+    /// ([`check_key_attributes`]). The cache's lock is not held while the
+    /// token is searched.
     fn cached_handle(
         &self,
         session: &Lease<'_>,
-        class: ObjectClass,
         label: &str,
-        kind: &'static str,
+        usage: Usage,
     ) -> Result<ObjectHandle, HsmError> {
         let generation = session.generation();
         if let Some(handle) = self.cached(generation, label) {
             return Ok(handle);
         }
-        let handle = find_one(session, class, label)?.ok_or_else(|| HsmError::KeyNotFound {
-            kind,
-            label: label.to_string(),
+        let kind = match usage {
+            Usage::Derive => "escrow",
+            Usage::Sign => "audit",
+        };
+        let handle = find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(|| {
+            HsmError::KeyNotFound {
+                kind,
+                label: label.to_string(),
+            }
         })?;
+        // A key that fails is not cached, so it is asked again each time.
+        check_key_attributes(session, handle, usage, label)?;
         self.cache(generation, label, handle);
         Ok(handle)
     }

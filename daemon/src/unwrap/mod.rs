@@ -337,7 +337,8 @@ static LOST_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> 
 static UNREADABLE_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
-/// Lines saying that the token holds two private keys under a key's label.
+/// Lines saying that the token holds two private keys under a key's label,
+/// or one whose attributes make it unsafe to use.
 static AMBIGUOUS_KEY_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
@@ -641,7 +642,12 @@ pub fn unwrap(
         // or ambiguous key is that envelope's own fate, decided below.
         |(_, opened)| {
             matches!(opened, Err(EnvelopeError::KeyAgreement(e))
-                if !matches!(e, HsmError::KeyNotFound { .. } | HsmError::DuplicateKey(_)))
+            if !matches!(
+                e,
+                HsmError::KeyNotFound { .. }
+                    | HsmError::DuplicateKey(_)
+                    | HsmError::KeyAttributes { .. }
+            ))
         },
     );
     // While the HSM opens: the reply's key agreement with the recipient, in
@@ -725,9 +731,15 @@ pub fn unwrap(
             // neither is used. That kid's envelopes are `open_failed`
             // (nothing opened, nothing spent); the batch's others proceed,
             // as `lavd keys list` withholds that kid and publishes the rest.
+            //
+            // Likewise a private key under the label that could leave the
+            // token, or serve another operation (made or imported outside
+            // lavd): it is not used, so nothing opens with it.
             JobOutcome::Done((
                 envelope,
-                Err(EnvelopeError::KeyAgreement(HsmError::DuplicateKey(label))),
+                Err(EnvelopeError::KeyAgreement(
+                    e @ (HsmError::DuplicateKey(_) | HsmError::KeyAttributes { .. }),
+                )),
             )) => {
                 let kid = envelope.header().kid();
                 // Once a request, and as for a lost key, a line a second
@@ -738,14 +750,26 @@ pub fn unwrap(
                 }
                 let admitted = || AMBIGUOUS_KEY_LINES.admit(kid, std::time::Instant::now());
                 if let Some(left_out) = first.then(admitted).flatten() {
-                    tracing::error!(
-                        kid = %crate::codec::escape_for_terminal(kid),
-                        label = %crate::codec::escape_for_terminal(&label),
-                        left_out,
-                        "the token holds more than one private key under this escrow key's \
-                         label, so neither is used: its envelopes are denied open_failed until \
-                         one pair is gone (docs/OPERATIONS.md §1)"
-                    );
+                    let kid = crate::codec::escape_for_terminal(kid);
+                    let error = crate::codec::escape_for_terminal(&e.to_string());
+                    match e {
+                        HsmError::DuplicateKey(_) => tracing::error!(
+                            %kid,
+                            %error,
+                            left_out,
+                            "the token holds more than one private key under this escrow key's \
+                             label, so neither is used: its envelopes are denied open_failed \
+                             until one pair is gone (docs/OPERATIONS.md §1)"
+                        ),
+                        _ => tracing::error!(
+                            %kid,
+                            %error,
+                            left_out,
+                            "this escrow key's private key on the token is not safe to use, so \
+                             it is not: its envelopes are denied open_failed \
+                             (docs/OPERATIONS.md §1)"
+                        ),
+                    }
                 }
                 Release::Denied(DenyReason::OpenFailed)
             }

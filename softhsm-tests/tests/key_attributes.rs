@@ -1,0 +1,106 @@
+//! A private key under an escrow key's label that could leave the token
+//! (`CKA_EXTRACTABLE`, not `CKA_SENSITIVE`: made or imported outside lavd,
+//! e.g. by a vendor tool's defaults or an unwrap from a backup), whose
+//! public half and store row agree with it, on a real SoftHSM token with
+//! the real daemon: the daemon checks what the token says of the key
+//! before it uses it, so the key is not published and its envelopes are
+//! denied `open_failed`; the batch's other key still opens. Before, the
+//! pair check passed and the key was published and opened with.
+
+use cryptoki::object::{Attribute, KeyType, ObjectClass};
+use p256::elliptic_curve::sec1::ToEncodedPoint;
+use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::vault::{self, Parties, TARGET};
+use softhsm_tests::TestToken;
+use time::OffsetDateTime;
+
+/// DER of the P-256 curve's OID.
+const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+
+#[test]
+fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let sound = vault::generate_escrow_key(&t, "E-2");
+
+    // E-1's pair replaced, with the PIN, by one whose private half can be
+    // read off the token; the store row made to agree.
+    let label = b"lav-escrow:E-1".to_vec();
+    let session = t.session();
+    for handle in session
+        .find_objects(&[Attribute::Label(label.clone())])
+        .unwrap()
+    {
+        session.destroy_object(handle).unwrap();
+    }
+    let scalar = p256::SecretKey::from_slice(&[5; 32]).unwrap();
+    let point = scalar.public_key().to_encoded_point(false);
+    let mut ec_point = vec![0x04, 0x41];
+    ec_point.extend_from_slice(point.as_bytes());
+    let common = |class| {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(label.clone()),
+            Attribute::EcParams(P256_PARAMS.to_vec()),
+        ]
+    };
+    let mut public = common(ObjectClass::PUBLIC_KEY);
+    public.push(Attribute::EcPoint(ec_point));
+    session.create_object(&public).unwrap();
+    let mut private = common(ObjectClass::PRIVATE_KEY);
+    private.extend([
+        Attribute::Value(scalar.to_bytes().to_vec()),
+        Attribute::Derive(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(true),
+    ]);
+    session.create_object(&private).unwrap();
+    drop(session);
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .execute(
+            "UPDATE escrow_keys SET public_sec1 = ?1 WHERE kid = 'E-1'",
+            [point.as_bytes()],
+        )
+        .unwrap();
+    let replaced = lavd::jwk::P256PublicKey::from_sec1(point.as_bytes()).unwrap();
+
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    // Not published; the other key is.
+    let r = c.provider.get("/v1/keys");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    let kids: Vec<&str> = set["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids, ["E-2"], "{}", r.text());
+    assert_eq!(vault::published_key(&c.provider, "E-2"), sound);
+
+    // An envelope sealed to the replaced key (a provider that kept it from
+    // before, or one told of it otherwise) is not opened; E-2's is.
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("ATTRIBUTES-1", recipient.public(), 2));
+    let sealed_at = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let envelopes = [
+        vault::seal(&replaced, "E-1", TARGET, sealed_at, "a", &[1; 32]),
+        vault::seal(&sound, "E-2", TARGET, sealed_at, "b", &[2; 32]),
+    ];
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(vault::statuses(&reply), ["open_failed", "ok"]);
+}
