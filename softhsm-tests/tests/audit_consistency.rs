@@ -207,6 +207,56 @@ fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
 /// alone, which no consistency proof notices, gets 503 `store_unavailable`,
 /// and so does a deleted row; before, the altered or short bundle was
 /// served with 200.
+/// The store fails just after an unwrap's leaves and spend commit (here
+/// the checkpoint's row is refused, by a trigger another connection
+/// adds): nothing is released, and the answer is 503
+/// `spent_not_released`, not `store_unavailable`, after which a client
+/// retries as though nothing was spent. The leaf and the spend are in the
+/// file; once the store takes the checkpoint again, the next unwrap is
+/// served and its checkpoint covers both.
+#[test]
+fn a_store_that_fails_after_the_commit_is_spent_not_released() {
+    let s = setup();
+    assert_eq!(unwrap(&s, 1).status, 200);
+    let spent = || -> i64 {
+        let conn = rusqlite::Connection::open(s.t.path("lavd.db")).unwrap();
+        conn.busy_timeout(Duration::from_secs(10)).unwrap();
+        conn.query_row(
+            "SELECT spent FROM warrants WHERE id = 'LOG-CONSISTENCY-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(spent(), 1);
+    let before = leaves_in_file(&s.t);
+    drop(tamper(
+        &s.t,
+        "CREATE TRIGGER refuse_checkpoints BEFORE INSERT ON audit_checkpoints \
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+    ));
+    let r = unwrap(&s, 2);
+    r.assert_error(503, "spent_not_released");
+    assert!(
+        r.text().contains("a retry spends the budget again"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(spent(), 2);
+    assert_eq!(leaves_in_file(&s.t), before + 1);
+    drop(tamper(&s.t, "DROP TRIGGER refuse_checkpoints"));
+    let r = unwrap(&s, 3);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply = r.json();
+    assert_eq!(vault::statuses(&reply), ["ok"]);
+    assert_eq!(spent(), 3);
+    assert_eq!(
+        reply["audit"]["first_index"].as_u64(),
+        Some(before + 1),
+        "{reply}"
+    );
+}
+
 #[test]
 fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
     let s = setup();

@@ -81,6 +81,17 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
         // The handler answers with the admission's own error first; this
         // is only reached if that was lost.
         UnwrapError::Withdrawn(_) => ApiError::Internal,
+        UnwrapError::SpentNotReleased(detail) => {
+            tracing::error!(error = %detail, "unwrap logged (or perhaps logged) and its budget spent, but nothing was released");
+            ApiError::Refused {
+                code: "spent_not_released",
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "the request's audit leaves and budget spend committed, or may have, \
+                          but no key was released: a retry spends the budget again; read the \
+                          audit log (or ask the operator) before retrying"
+                    .into(),
+            }
+        }
         UnwrapError::WitnessUnavailable(wait) => {
             tracing::error!(error = %wait, "unwrap logged but not released: no witness quorum in time");
             ApiError::WitnessUnavailable {

@@ -154,6 +154,15 @@ pub enum UnwrapError {
     /// (HTTP 503 `witness_unavailable`).
     #[error("{0}")]
     WitnessUnavailable(WaitError),
+    /// The request's leaves and spend committed, or may have (a COMMIT
+    /// whose answer was lost, on PostgreSQL), but nothing was released:
+    /// the store failed just after the commit (saving the checkpoint over
+    /// it), or the commit's outcome could not be learned. A retry would
+    /// spend the budget again, so the client is told apart from a
+    /// `store_unavailable`, after which nothing was spent (HTTP 503
+    /// `spent_not_released`).
+    #[error("{0}")]
+    SpentNotReleased(String),
 }
 
 impl UnwrapError {
@@ -168,6 +177,7 @@ impl UnwrapError {
             UnwrapError::Internal(_) => "internal_error",
             UnwrapError::WitnessUnavailable(_) => "witness_unavailable",
             UnwrapError::Withdrawn(_) => "forbidden",
+            UnwrapError::SpentNotReleased(_) => "spent_not_released",
         }
     }
 }
@@ -887,7 +897,16 @@ pub fn unwrap(
     // Settled with the leaves, or replaced by the deferred ones below.
     guard.intent = None;
     let receipt = match committed {
-        Ok((_, receipt)) => receipt?,
+        // Committed: a store failure now (saving the checkpoint) is not a
+        // `store_unavailable`, which would invite a retry that spends the
+        // budget again. (An HSM that cannot sign stays `hsm_unavailable`,
+        // THREAT_MODEL §5.7.)
+        Ok((_, receipt)) => receipt.map_err(|e| match e {
+            LogError::Store(e) => UnwrapError::SpentNotReleased(format!(
+                "the leaves and the spend committed, then the store failed: {e}"
+            )),
+            other => other.into(),
+        })?,
         Err(e) => {
             if let Some(unreleased) = unreleased {
                 tracing::error!(error = %e, leaves = unreleased.len(), "the audit commit failed after the HSM opened: nothing is released, and the leaves are written when the store takes them");
@@ -899,7 +918,12 @@ pub fn unwrap(
                     spend: intent.map_or(Spend::None, Spend::ClearIntent),
                 });
             }
-            return Err(e.into());
+            return Err(match e {
+                LogError::Store(e @ StoreError::CommitUnknown(_)) => UnwrapError::SpentNotReleased(
+                    format!("the audit commit may have landed (its outcome is unknown): {e}"),
+                ),
+                other => other.into(),
+            });
         }
     };
     let withdrawn = &receipt.appended.withdrawn;
