@@ -161,18 +161,27 @@ fn files() -> Files {
 /// Runs the real CLI against `port` with `extra` flags; returns (exit code,
 /// stderr, how long it took).
 fn verify(dir: &Path, port: u16, extra: &[&str]) -> (Option<i32>, String, Duration) {
+    verify_from(dir, "--url", &format!("https://localhost:{port}"), extra)
+}
+
+/// [`verify`] of the log at `url` given as `source` (`--url` or `--tiles`).
+fn verify_from(
+    dir: &Path,
+    source: &str,
+    url: &str,
+    extra: &[&str],
+) -> (Option<i32>, String, Duration) {
     let signer = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
     let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
     let vkey = lavd::audit::note::verifier_key("hostile.example/log", &public).unwrap();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
-    let url = format!("https://localhost:{port}");
     let mut args = vec![
         "audit".to_string(),
         "verify".into(),
         "--key".into(),
         vkey,
-        "--url".into(),
-        url,
+        source.into(),
+        url.into(),
         "--ca".into(),
         p("ca.pem"),
         "--cert".into(),
@@ -234,6 +243,31 @@ fn an_endless_reply_is_cut_at_the_size_bound() {
         "{stderr}"
     );
     assert!(took < Duration::from_secs(45), "took {took:?}");
+}
+
+/// Tiles read over HTTPS are held to each resource's own bound as they
+/// arrive (a checkpoint is at most a signed note's 128 KiB), as files are,
+/// not read up to `--max-response-bytes` first.
+#[test]
+fn a_tiles_checkpoint_is_cut_at_a_notes_bound() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::Endless);
+    let (code, stderr, took) = verify_from(
+        f.dir.path(),
+        "--tiles",
+        &format!("https://localhost:{port}/v1/log"),
+        &["--timeout", "60"],
+    );
+    assert_eq!(code, Some(1), "{stderr}");
+    let bound = format!("larger than {} bytes", lavd::audit::note::MAX_NOTE_BYTES);
+    assert!(
+        stderr.contains("lavd: tile_unavailable: ")
+            && stderr.contains("response_too_large")
+            && stderr.contains("/v1/log/checkpoint")
+            && stderr.contains(&bound),
+        "{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]

@@ -725,7 +725,7 @@ struct MirrorRun {
 enum TilesAt {
     Dir(PathBuf),
     Url {
-        client: super::https::Client,
+        client: Box<super::https::Client>,
         prefix: String,
     },
     /// A local mirror of a remote: tiles already there are read from the
@@ -744,7 +744,7 @@ impl TilesAt {
         let rest = url.strip_prefix("https://").unwrap_or(url);
         let prefix = rest.find('/').map_or("", |i| &rest[i..]);
         TilesAt::Url {
-            client,
+            client: Box::new(client),
             prefix: prefix.trim_end_matches('/').to_string(),
         }
     }
@@ -771,8 +771,9 @@ impl TilesAt {
         match self {
             TilesAt::Dir(dir) => read_regular(&dir.join(path), max_resource_bytes(path))
                 .with_context(|| format!("reading {}", dir.join(path).display())),
+            // Held to the resource's own bound as it arrives, as a file is.
             TilesAt::Url { client, prefix } => client
-                .get_bytes(&format!("{prefix}/{path}"))
+                .get_bytes_within(&format!("{prefix}/{path}"), max_resource_bytes(path))
                 .map(|b| b.to_vec()),
             TilesAt::Mirror { dir, remote, run } => {
                 let limit = max_resource_bytes(path);

@@ -56,8 +56,12 @@ pub enum HttpsError {
         /// The bound.
         timeout: Duration,
     },
-    /// A reply body larger than `--max-response-bytes` (announced or sent).
-    #[error("GET {path}: the reply is larger than {limit} bytes (--max-response-bytes)")]
+    /// A reply body larger than `--max-response-bytes`, or than the most
+    /// the resource asked for can hold (announced or sent).
+    #[error(
+        "GET {path}: the reply is larger than {limit} bytes (--max-response-bytes, or the most \
+         the resource asked for can hold)"
+    )]
     TooLarge {
         /// The request path.
         path: String,
@@ -122,6 +126,10 @@ impl HttpsError {
 pub struct Endpoint {
     host: String,
     port: u16,
+    /// The `Host` header: the URL's authority, an IPv6 address bracketed
+    /// and the port only when it is not the scheme's default (RFC 9112
+    /// §3.2: the authority component as the URI writes it).
+    authority: String,
     prefix: String,
     /// The server name and TLS settings; `None` for plain `http://`.
     tls: Option<(ServerName<'static>, tokio_rustls::TlsConnector)>,
@@ -201,9 +209,20 @@ impl Endpoint {
                 None => (authority.to_string(), default_port),
             }
         };
+        let shown_host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.clone()
+        };
+        let authority = if port == default_port {
+            shown_host
+        } else {
+            format!("{shown_host}:{port}")
+        };
         Ok(Endpoint {
             host,
             port,
+            authority,
             prefix: prefix.to_string(),
             tls: None,
         })
@@ -322,7 +341,7 @@ impl Endpoint {
         };
         let request = hyper::Request::builder()
             .uri(path)
-            .header(hyper::header::HOST, self.host.as_str())
+            .header(hyper::header::HOST, self.authority.as_str())
             // Without it, RFC 9110 lets the server pick any coding.
             .header(hyper::header::ACCEPT_ENCODING, "identity");
         let request = match body {
@@ -474,9 +493,27 @@ impl Client {
     /// # Errors
     /// As [`Self::get_json`], but any body is accepted.
     pub fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
+        self.get_bytes_within(path, u64::MAX)
+    }
+
+    /// [`Self::get_bytes`] of a resource that can hold at most `most`
+    /// bytes (a checkpoint, a tile): a longer reply is refused as it
+    /// arrives (`response_too_large`), not read up to
+    /// `--max-response-bytes` first.
+    ///
+    /// # Errors
+    /// As [`Self::get_bytes`].
+    pub fn get_bytes_within(&self, path: &str, most: u64) -> anyhow::Result<Bytes> {
+        let limits = Limits {
+            max_response_bytes: self
+                .limits
+                .max_response_bytes
+                .min(usize::try_from(most).unwrap_or(usize::MAX)),
+            ..self.limits
+        };
         let reply = self
             .runtime
-            .block_on(self.endpoint.send(path, None, self.limits))?;
+            .block_on(self.endpoint.send(path, None, limits))?;
         if reply.status != hyper::StatusCode::OK {
             let error: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
             // Escaped and cut short: a hostile server's text must not drive
@@ -528,15 +565,42 @@ mod tests {
     #[test]
     fn urls_split_into_host_port_and_prefix() {
         let split = |url: &str| {
-            Endpoint::new_plain(url).map(|e| (e.host.clone(), e.port, e.prefix.clone()))
+            Endpoint::new_plain(url).map(|e| {
+                (
+                    e.host.clone(),
+                    e.port,
+                    e.prefix.clone(),
+                    e.authority.clone(),
+                )
+            })
         };
-        for (url, host, port, prefix) in [
-            ("http://[::1]/v1/log", "::1", 80, "/v1/log"),
-            ("http://[::1]:8080/v1/", "::1", 8080, "/v1"),
-            ("http://log.example:99", "log.example", 99, ""),
-            ("http://log.example", "log.example", 80, ""),
+        // The last column is the Host header (RFC 9112 §3.2): brackets
+        // kept, a port that is not the default kept. It was the bare host.
+        for (url, host, port, prefix, authority) in [
+            ("http://[::1]/v1/log", "::1", 80, "/v1/log", "[::1]"),
+            ("http://[::1]:8080/v1/", "::1", 8080, "/v1", "[::1]:8080"),
+            (
+                "http://log.example:99",
+                "log.example",
+                99,
+                "",
+                "log.example:99",
+            ),
+            ("http://log.example", "log.example", 80, "", "log.example"),
+            (
+                "http://log.example:80/",
+                "log.example",
+                80,
+                "",
+                "log.example",
+            ),
         ] {
-            let want = (host.to_string(), port, prefix.to_string());
+            let want = (
+                host.to_string(),
+                port,
+                prefix.to_string(),
+                authority.to_string(),
+            );
             assert_eq!(split(url).unwrap(), want, "{url}");
         }
         for bad in [
