@@ -625,8 +625,20 @@ impl AuditLog {
                     if stopped() {
                         return;
                     }
-                    if let Err(e) = log.write_orphaned_intents() {
-                        tracing::error!(error = %e, "cannot write the leaves of orphaned open intents; retrying");
+                    // A panic (a bug, or one in a group commit this pass
+                    // led) is one failed pass, not the end of the sweeper:
+                    // another replica's orphans would wait for a restart.
+                    let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        log.write_orphaned_intents()
+                    }));
+                    match pass {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => {
+                            tracing::error!(error = %e, "cannot write the leaves of orphaned open intents; retrying");
+                        }
+                        Err(_) => {
+                            tracing::error!("writing the leaves of orphaned open intents panicked (a bug); retrying at the next pass");
+                        }
                     }
                 }
             })?;
