@@ -39,6 +39,10 @@
  *                              # The PIN is checked on every C_Login, logged in or
  *                              # not, as some tokens do. Independent of `fault`.
  *
+ * `#` starts a comment anywhere on a line, so no value can hold one (a
+ * `pin` with `#` in it cannot be given). A settings file removed while the
+ * module runs leaves the last settings in force (only `hang` notices).
+ *
  * A "change" is any new version of the file (a new inode, size or
  * modification time): it restarts `fault_after`'s and `fault_limit`'s
  * counts, even if it says what the last one said.
@@ -316,7 +320,9 @@ static void write_stats_locked(void)
 	if (!cfg.stats[0])
 		return;
 	char tmp[4200];
-	snprintf(tmp, sizeof tmp, "%s.tmp", cfg.stats);
+	/* Per process: two processes on one settings file must not write
+	 * each other's half-written stats. */
+	snprintf(tmp, sizeof tmp, "%s.%ld.tmp", cfg.stats, (long)getpid());
 	FILE *f = fopen(tmp, "w");
 	if (!f)
 		return;
@@ -701,7 +707,11 @@ static int load(void)
 		real = NULL;
 		return -1;
 	}
-	shim.version = real->version;
+	/* The list handed out is PKCS#11 v2.40's, whatever version the
+	 * forwarded module's own list says: a 3.x loader reading a 3.x list
+	 * from it would read past its end. */
+	shim.version.major = 2;
+	shim.version.minor = 40;
 #define SET(name) shim.name = shim_##name;
 	SET(C_Initialize) SET(C_Finalize) SET(C_GetInfo) SET(C_GetFunctionList)
 	FORWARDED(SET)
