@@ -754,8 +754,28 @@ impl TilesAt {
     /// [`crate::audit::tiles::TileError::Fetch`] (`tile_unavailable`), with
     /// the failure's own code, if it has one, first in its text: the same
     /// for the checkpoint, the entry bundles and the hash tiles.
+    ///
+    /// A partial tile the source does not have is read from the full tile
+    /// at its place, when the source has that: its first hashes or entries
+    /// are the partial tile's (C2SP tlog-tiles lets a log delete a partial
+    /// tile once the full one is there, and clients fetch the full one
+    /// instead). What it gives is verified as the partial tile would be.
+    /// Not for a mirror, whose remote does it: a full tile beyond the
+    /// signed tree must not be staged as verified.
     fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
-        self.get_from_source(path).map_err(|e| {
+        let mut got = self.get_from_source(path);
+        if got.is_err() && !matches!(self, TilesAt::Mirror { .. }) {
+            if let Some((full, width, entries)) = full_tile_of(path) {
+                let prefix = self
+                    .get_from_source(&full)
+                    .ok()
+                    .and_then(|bytes| partial_of_full(&bytes, width, entries));
+                if let Some(prefix) = prefix {
+                    got = Ok(prefix);
+                }
+            }
+        }
+        got.map_err(|e| {
             let why = match crate::cli::error_code(&e) {
                 Some(code) => format!("{code}: {e:#}"),
                 None => format!("{e:#}"),
@@ -798,6 +818,39 @@ impl TilesAt {
             }
         }
     }
+}
+
+/// For a partial tile's path (`tile/0/005.p/44`, `tile/entries/005.p/44`):
+/// the full tile's path, the partial width, and whether it is an entry
+/// bundle.
+fn full_tile_of(path: &str) -> Option<(String, usize, bool)> {
+    let (full, width) = path.split_once(".p/")?;
+    let width: usize = width.parse().ok()?;
+    let entries = full.starts_with("tile/entries/");
+    (full.starts_with("tile/") && (1..256).contains(&width))
+        .then(|| (full.to_string(), width, entries))
+}
+
+/// The first `width` hashes (or, for an entry bundle, `width` entries with
+/// their length prefixes) of a full tile; `None` when `bytes` is no full
+/// tile of that kind.
+fn partial_of_full(bytes: &[u8], width: usize, entries: bool) -> Option<Vec<u8>> {
+    use crate::audit::tiles::TILE_WIDTH;
+    if !entries {
+        let whole = usize::try_from(TILE_WIDTH).ok()? * 32;
+        return (bytes.len() == whole).then(|| bytes[..width * 32].to_vec());
+    }
+    let mut end = 0usize;
+    for _ in 0..width {
+        let [hi, lo] = *bytes.get(end..end + 2)? else {
+            return None;
+        };
+        end += 2 + usize::from(u16::from_be_bytes([hi, lo]));
+        if end > bytes.len() {
+            return None;
+        }
+    }
+    Some(bytes[..end].to_vec())
 }
 
 /// The most bytes the resource at `path` can hold: a signed note, a hash
@@ -1218,6 +1271,60 @@ mod tests {
         assert_eq!(
             crate::cli::error_code(&err),
             Some("quorum_not_met"),
+            "{err:#}"
+        );
+    }
+
+    /// A source that kept only full tiles (a static host that deleted the
+    /// partial ones, as C2SP tlog-tiles allows): the partial tiles of a
+    /// smaller tree are read from the full ones' first hashes and entries,
+    /// and verified as the partial tiles would be. Before, the missing
+    /// partial tile was `tile_unavailable`.
+    #[test]
+    fn a_partial_tile_is_read_from_the_full_tile_when_it_is_gone() {
+        use crate::audit::merkle::{leaf_hash, MemoryTree};
+        let leaves: Vec<Vec<u8>> = (0..256u16).map(|i| i.to_be_bytes().to_vec()).collect();
+        let mut tree = MemoryTree::new();
+        let mut bundle = Vec::new();
+        let mut level0 = Vec::new();
+        for leaf in &leaves {
+            tree.push_leaf(leaf);
+            bundle.extend_from_slice(&2u16.to_be_bytes());
+            bundle.extend_from_slice(leaf);
+            level0.extend_from_slice(&leaf_hash(leaf));
+        }
+        let (dir, key) = signed_tiles(5, tree.root(5).unwrap());
+        let tile = |path: &str, bytes: &[u8]| {
+            let file = dir.path().join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(file, bytes).unwrap();
+        };
+        tile("tile/entries/000", &bundle);
+        tile("tile/0/000", &level0);
+        let export = fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            &key,
+            DEFAULT_MAX_ENTRIES,
+            &|_| Ok(()),
+        )
+        .unwrap();
+        let want: Vec<_> = (0..5)
+            .map(|i| crate::audit::export::ExportEntry::new(i, &leaves[i as usize]).leaf)
+            .collect();
+        let got: Vec<_> = export.entries.iter().map(|e| e.leaf.clone()).collect();
+        assert_eq!(got, want);
+        // A full tile that is not one (too short) is no stand-in.
+        tile("tile/0/000", &level0[..32 * 200]);
+        let err = fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            &key,
+            DEFAULT_MAX_ENTRIES,
+            &|_| Ok(()),
+        )
+        .unwrap_err();
+        assert_eq!(
+            crate::cli::error_code(&err),
+            Some("tile_unavailable"),
             "{err:#}"
         );
     }
