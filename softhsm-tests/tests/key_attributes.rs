@@ -5,7 +5,8 @@
 //! the real daemon: the daemon checks what the token says of the key
 //! before it uses it, so the key is not published and its envelopes are
 //! denied `open_failed`; the batch's other key still opens. Before, the
-//! pair check passed and the key was published and opened with.
+//! pair check passed and the key was published and opened with. An audit
+//! key that could be read off the token stops the daemon.
 
 use cryptoki::object::{Attribute, KeyType, ObjectClass};
 use p256::elliptic_curve::sec1::ToEncodedPoint;
@@ -53,9 +54,15 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     public.push(Attribute::EcPoint(ec_point));
     session.create_object(&public).unwrap();
     let mut private = common(ObjectClass::PRIVATE_KEY);
+    // Derive only, as lavd's own: what is wrong is only that it can be read
+    // off the token.
     private.extend([
         Attribute::Value(scalar.to_bytes().to_vec()),
         Attribute::Derive(true),
+        Attribute::Sign(false),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
         Attribute::Sensitive(false),
         Attribute::Extractable(true),
     ]);
@@ -103,4 +110,61 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     assert_eq!(r.status, 200, "{}", r.text());
     let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(vault::statuses(&reply), ["open_failed", "ok"]);
+    let log = daemon.stderr();
+    assert!(
+        log.contains("lav-escrow:E-1")
+            && log.contains("its CKA_VALUE can be read")
+            && log.contains("CKA_SENSITIVE is false")
+            && log.contains("CKA_EXTRACTABLE is true"),
+        "{log}"
+    );
+}
+
+/// An audit signing key that could be read off the token stops `lavd
+/// serve` before it signs anything, with the code and what is wrong.
+#[test]
+fn an_exportable_audit_key_stops_the_daemon() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let session = t.session();
+    let seed = [9u8; 32];
+    let public = ed25519_dalek::SigningKey::from_bytes(&seed)
+        .verifying_key()
+        .to_bytes();
+    let mut ec_point = vec![0x04, 0x20];
+    ec_point.extend_from_slice(&public);
+    let common = |class| {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC_EDWARDS),
+            Attribute::Token(true),
+            Attribute::Private(true),
+            Attribute::Label(b"lav-audit".to_vec()),
+            // DER of the OID id-Ed25519 (RFC 8410).
+            Attribute::EcParams(vec![0x06, 0x03, 0x2b, 0x65, 0x70]),
+        ]
+    };
+    let mut public_half = common(ObjectClass::PUBLIC_KEY);
+    public_half.push(Attribute::EcPoint(ec_point));
+    session.create_object(&public_half).unwrap();
+    let mut private = common(ObjectClass::PRIVATE_KEY);
+    private.extend([
+        Attribute::Value(seed.to_vec()),
+        Attribute::Sign(true),
+        Attribute::Sensitive(false),
+        Attribute::Extractable(false),
+    ]);
+    session.create_object(&private).unwrap();
+    drop(session);
+    // The harness makes an audit key unless told one is there.
+    std::fs::write(t.path("audit-key-made"), "").unwrap();
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a start with an exportable audit key");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: key_attributes_unsafe: ")
+            && stderr.contains("lav-audit")
+            && stderr.contains("CKA_SENSITIVE is false"),
+        "{stderr}"
+    );
 }

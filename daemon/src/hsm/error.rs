@@ -100,10 +100,11 @@ pub enum HsmError {
          outside lavd?)"
     )]
     KeyPairMismatch(String),
-    /// The private key under this label could leave the token, or be used
-    /// for more than its one operation: it was made or imported outside
-    /// lavd, or the token ignored part of lavd's template. It is not used
-    /// (nor published, nor kept when just generated).
+    /// The private key under this label could leave the token (its value
+    /// readable, not sensitive, or extractable), or lacks the usage of its
+    /// one operation: it was made or imported outside lavd, or the token
+    /// ignored part of lavd's template. It is not used (nor published, nor
+    /// kept when just generated).
     #[error("the private key labelled {label:?} on the token is not safe to use: {problem}")]
     KeyAttributes {
         /// The key's label on the token.
@@ -162,7 +163,7 @@ impl HsmError {
     /// `key_label_taken` for a label a key of ours already has (a
     /// generation under it, or a look-up that finds two: an operator's
     /// matter, not an outage to retry); `key_attributes_unsafe` for a
-    /// private key that could leave the token or serve another operation;
+    /// private key that could leave the token or lacks its usage;
     /// else `hsm_unavailable`.
     #[must_use]
     pub fn code(&self) -> &'static str {

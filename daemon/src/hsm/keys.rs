@@ -164,11 +164,11 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
 }
 
 /// Checks what the token says of private key `handle`: its value cannot
-/// be read, it is `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, and of the
-/// usage attributes only `usage`'s is true. Keys lavd generates are made
-/// so; one made or imported otherwise (a vendor tool's defaults, a token
-/// that ignored part of the template) is refused, whatever the pair check
-/// says.
+/// be read, it is `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, and it has
+/// `usage`'s attribute. Keys lavd generates are made so; one made or
+/// imported otherwise (a vendor tool's defaults, a token that ignored part
+/// of the template) is refused, whatever the pair check says. Usage
+/// attributes other than its own are warned of, not refused.
 ///
 /// A key that was not always sensitive, or not never extractable
 /// (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE` false: imported, e.g.
@@ -229,12 +229,19 @@ fn check_key_attributes(
         Usage::Derive => AttributeType::Derive,
         Usage::Sign => AttributeType::Sign,
     };
+    // Its own usage missing: the key cannot do its one job (an escrow
+    // key's derive would fail as an HSM error, failing whole batches).
+    // Another usage set is said, not refused: lavd never asks for it, a
+    // PIN holder who could use it can already derive or sign with the key,
+    // and keys of builds before 2026-12-06 have SoftHSM's default
+    // CKA_SIGN_RECOVER true, which cannot be changed (not modifiable).
+    let mut extra = Vec::new();
     for attribute in USAGES {
         let set = flag(&read, attribute).unwrap_or(false);
         if attribute == own && !set {
             problems.push(format!("{attribute} is false"));
         } else if attribute != own && set {
-            problems.push(format!("{attribute} is true"));
+            extra.push(format!("{attribute} is true"));
         }
     }
     if problems.is_empty() {
@@ -245,6 +252,13 @@ fn check_key_attributes(
                 "this private key was imported into the token or was once readable: its \
                  secret existed outside the token, which lavd's log cannot show \
                  (docs/OPERATIONS.md §1)"
+            );
+        }
+        if !extra.is_empty() {
+            tracing::warn!(
+                label = %crate::codec::escape_for_terminal(label),
+                usages = %extra.join(", "),
+                "this private key allows operations lavd never asks of it (docs/OPERATIONS.md §1)"
             );
         }
         Ok(())
@@ -704,7 +718,13 @@ impl Hsm {
             // sound (and an intact escrow key be logged `key_destroyed`).
             let private =
                 find_one(session, ObjectClass::PRIVATE_KEY, label)?.ok_or_else(missing)?;
-            check_key_attributes(session, private, Usage::Sign, label)?;
+            // Once a pool generation for this object, as for signing
+            // (`/readyz` and `GET /v1/keys` come here at every call).
+            let generation = session.generation();
+            if self.cached(generation, label) != Some(private) {
+                check_key_attributes(session, private, Usage::Sign, label)?;
+                self.cache(generation, label, private);
+            }
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
             let point = read_ec_point(session, handle, label, 32)?;
             Ok(AuditKeyInfo {
