@@ -202,11 +202,6 @@ fn a_rewritten_log_is_not_signed_and_unwraps_are_refused() {
     });
 }
 
-/// An entry bundle is served (as immutable, for a year) only as the tree
-/// hashed its leaves: a leaf edited in the store with its hashes left
-/// alone, which no consistency proof notices, gets 503 `store_unavailable`,
-/// and so does a deleted row; before, the altered or short bundle was
-/// served with 200.
 /// The store fails just after an unwrap's leaves and spend commit (here
 /// the checkpoint's row is refused, by a trigger another connection
 /// adds): nothing is released, and the answer is 503
@@ -257,6 +252,11 @@ fn a_store_that_fails_after_the_commit_is_spent_not_released() {
     );
 }
 
+/// An entry bundle is served (as immutable, for a year) only as the tree
+/// hashed its leaves: a leaf edited in the store with its hashes left
+/// alone, which no consistency proof notices, gets 503 `store_unavailable`,
+/// and so does a deleted row; before, the altered or short bundle was
+/// served with 200.
 #[test]
 fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
     let s = setup();

@@ -3,7 +3,9 @@
 //! time, while the module fails every device call with
 //! `CKR_DEVICE_REMOVED`, `CKR_SESSION_HANDLE_INVALID` or `CKR_DEVICE_ERROR`,
 //! or holds every call (`hang`). One test per fault kind; each shows that
-//! - every answer is a 200 or 503 `hsm_unavailable`, and no request sent
+//! - every answer is a 200 or 503 `hsm_unavailable` (or
+//!   `spent_not_released`: a spend that committed before the checkpoint
+//!   could be signed), and no request sent
 //!   and answered while the fault is in force releases a key (each is a
 //!   503, or a 200 that opened nothing);
 //! - no answer takes longer than the bound: an unwrap waits for the HSM at

@@ -15,7 +15,9 @@
 //!
 //! While the fault lasts:
 //! - `/readyz` is 503 (SQLite: the store check wants 4 MiB free);
-//! - every answer is a 200 or 503 `store_unavailable`, and every request
+//! - every answer is a 200 or 503 `store_unavailable` (or
+//!   `spent_not_released`: a spend that committed, or may have, before
+//!   its checkpoint was saved), and every request
 //!   sent and answered after the first `store_unavailable` and before the
 //!   space returns is a 503: nothing is released;
 //! - no answer is slower than the bound (15 s: PostgreSQL's `pool_wait_secs`

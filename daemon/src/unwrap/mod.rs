@@ -154,13 +154,13 @@ pub enum UnwrapError {
     /// (HTTP 503 `witness_unavailable`).
     #[error("{0}")]
     WitnessUnavailable(WaitError),
-    /// The request's leaves and spend committed, or may have (a COMMIT
-    /// whose answer was lost, on PostgreSQL), but nothing was released:
-    /// the store failed just after the commit (saving the checkpoint over
-    /// it), or the commit's outcome could not be learned. A retry would
-    /// spend the budget again, so the client is told apart from a
-    /// `store_unavailable`, after which nothing was spent (HTTP 503
-    /// `spent_not_released`).
+    /// The request's leaves and a spend of at least one envelope
+    /// committed, or may have (a COMMIT whose answer was lost, on
+    /// PostgreSQL), but nothing was released: the checkpoint over them
+    /// could not be signed (HSM) or saved (store), or the commit's outcome
+    /// could not be learned. A retry would spend the budget again, so the
+    /// client is told apart from `hsm_unavailable` and `store_unavailable`,
+    /// after which nothing was spent (HTTP 503 `spent_not_released`).
     #[error("{0}")]
     SpentNotReleased(String),
 }
@@ -897,14 +897,19 @@ pub fn unwrap(
     // Settled with the leaves, or replaced by the deferred ones below.
     guard.intent = None;
     let receipt = match committed {
-        // Committed: a store failure now (saving the checkpoint) is not a
-        // `store_unavailable`, which would invite a retry that spends the
-        // budget again. (An HSM that cannot sign stays `hsm_unavailable`,
-        // THREAT_MODEL §5.7.)
+        // Committed, with budget spent: a failure now (the checkpoint
+        // signed in the HSM, or saved in the store) is not told as
+        // `hsm_unavailable` or `store_unavailable`, after which nothing was
+        // spent: a client would retry and spend again. (A log found
+        // inconsistent stays `log_inconsistent`: nothing is served until
+        // an operator acts.)
         Ok((_, receipt)) => receipt.map_err(|e| match e {
-            LogError::Store(e) => UnwrapError::SpentNotReleased(format!(
-                "the leaves and the spend committed, then the store failed: {e}"
-            )),
+            e @ (LogError::Store(_) | LogError::Hsm(_) | LogError::Sign(_)) if opened > 0 => {
+                UnwrapError::SpentNotReleased(format!(
+                    "the leaves and the spend of {opened} committed, then the checkpoint \
+                     failed: {e}"
+                ))
+            }
             other => other.into(),
         })?,
         Err(e) => {
@@ -919,9 +924,12 @@ pub fn unwrap(
                 });
             }
             return Err(match e {
-                LogError::Store(e @ StoreError::CommitUnknown(_)) => UnwrapError::SpentNotReleased(
-                    format!("the audit commit may have landed (its outcome is unknown): {e}"),
-                ),
+                LogError::Store(e @ StoreError::CommitUnknown(_)) if opened > 0 => {
+                    UnwrapError::SpentNotReleased(format!(
+                        "the audit commit, spending {opened}, may have landed (its outcome is \
+                         unknown): {e}"
+                    ))
+                }
                 other => other.into(),
             });
         }
