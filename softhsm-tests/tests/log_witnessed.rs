@@ -191,14 +191,25 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
             .unwrap()
             .matches("\u{2014} ")
             .count();
-        (v["verification"]["witnesses"].clone(), html, lines)
+        (v["verification"].clone(), html, lines)
     };
-    let (witnesses, html, lines) = report(Some(&path_str(&policy_file)));
-    assert_eq!(witnesses, serde_json::json!(["A", "B"]));
+    let (verification, html, lines) = report(Some(&path_str(&policy_file)));
+    assert_eq!(verification["witnesses"], serde_json::json!(["A", "B"]));
     assert!(html.contains("data-witnesses=\"2\""), "{html}");
     assert_eq!(lines, 3, "the log's line and the two witnesses'");
-    let (witnesses, html, lines) = report(None);
-    assert_eq!(witnesses, serde_json::json!([]));
+    // The quorum's time: the witnesses here cosigned within the test.
+    let as_of = verification["witnessed_as_of"].as_str().unwrap();
+    let as_of =
+        time::OffsetDateTime::parse(as_of, &time::format_description::well_known::Rfc3339).unwrap();
+    let age = time::OffsetDateTime::now_utc() - as_of;
+    assert!(
+        age > -time::Duration::seconds(5) && age < time::Duration::minutes(10),
+        "{verification}"
+    );
+    assert!(html.contains("witness quorum as of"), "{html}");
+    let (verification, html, lines) = report(None);
+    assert_eq!(verification["witnesses"], serde_json::json!([]));
+    assert_eq!(verification["witnessed_as_of"], serde_json::Value::Null);
     assert!(html.contains("data-witnesses=\"0\""), "{html}");
     assert_eq!(lines, 1, "the log's line alone");
     // A policy that also needs the 403 witness rejects it.

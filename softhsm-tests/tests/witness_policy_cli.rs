@@ -247,6 +247,27 @@ fn verify_judges_the_cosignatures_times() {
     // Within the allowed skew: counted.
     let skewed = with("skewed.json", now + 60, now - 60);
     assert_ok(&verify(&skewed, &["--max-cosignature-age", "3600"]));
+    // A bound under `quorum none` has no quorum time to judge: a usage
+    // error.
+    let none = t.path("none.policy");
+    std::fs::write(&none, format!("log {key}\nquorum none\n")).unwrap();
+    let stderr = assert_fails_with(
+        &t.lavd(&[
+            "audit",
+            "verify",
+            "--key",
+            &key,
+            "--export",
+            export_path.to_str().unwrap(),
+            "--policy",
+            none.to_str().unwrap(),
+            "--max-cosignature-age",
+            "60",
+        ]),
+        2,
+        "usage",
+    );
+    assert!(stderr.contains("quorum none"), "{stderr}");
     // The bound needs a policy (clap's own usage error).
     let plain = export_path.to_str().unwrap();
     let out = t.lavd(&[

@@ -457,6 +457,11 @@ impl Policy {
         Ok((verified, cosigned))
     }
 
+    /// Whether the quorum is `none`: no witness is needed.
+    pub fn quorum_is_none(&self) -> bool {
+        self.quorum == "none"
+    }
+
     /// The latest time at which the quorum vouched for the checkpoint: the
     /// largest `t` such that the witnesses that cosigned at `t` or later
     /// (`cosigned`, as [`Policy::verify`] returns it) make the quorum.
@@ -467,7 +472,7 @@ impl Policy {
     /// checkpoint whose quorum time is old may be a frozen view that hides
     /// what the log appended since.
     pub fn quorum_as_of(&self, cosigned: &[(String, u64)]) -> Option<u64> {
-        if self.quorum == "none" {
+        if self.quorum_is_none() {
             return None;
         }
         let mut times: Vec<u64> = cosigned.iter().map(|(_, t)| *t).collect();

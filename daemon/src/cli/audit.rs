@@ -258,7 +258,8 @@ pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
 /// What [`Policy::verify`] refuses; `cosignature_in_future` for a
 /// cosignature stamped more than [`COSIGNATURE_FUTURE_SKEW_SECS`] past
 /// `now`; `checkpoint_stale` when the quorum's time is more than
-/// `max_age` seconds before `now`.
+/// `max_age` seconds before `now` (under `quorum none` there is no quorum
+/// time, and `max_age` is not looked at).
 ///
 /// [`Policy::quorum_as_of`]: crate::audit::witness::Policy::quorum_as_of
 /// [`Policy::verify`]: crate::audit::witness::Policy::verify
@@ -286,31 +287,22 @@ pub fn judge_cosignatures(
         )
         .into());
     }
+    // `None` only under `quorum none`, with which a bound is the caller's
+    // usage error (refused before anything is fetched).
     let as_of = policy.quorum_as_of(&cosigned);
-    if let Some(max_age) = max_age {
-        match as_of {
-            Some(t) if now.saturating_sub(t) <= max_age => {}
-            Some(t) => {
-                return Err(super::Refused::new(
-                    "checkpoint_stale",
-                    format!(
-                        "the witness quorum last cosigned the checkpoint at {}, {} s ago, \
-                         more than --max-cosignature-age {max_age}: it may be an old view of \
-                         the log, hiding what was appended since",
-                        shown(t),
-                        now.saturating_sub(t)
-                    ),
-                )
-                .into())
-            }
-            None => {
-                return Err(super::Refused::new(
-                    "usage",
-                    "--max-cosignature-age needs a policy whose quorum names witnesses, \
-                     not `quorum none`",
-                )
-                .into())
-            }
+    if let (Some(max_age), Some(t)) = (max_age, as_of) {
+        if now.saturating_sub(t) > max_age {
+            return Err(super::Refused::new(
+                "checkpoint_stale",
+                format!(
+                    "the witness quorum last cosigned the checkpoint at {}, {} s ago, more than \
+                     --max-cosignature-age {max_age}: it may be an old view of the log, hiding \
+                     what was appended since",
+                    shown(t),
+                    now.saturating_sub(t)
+                ),
+            )
+            .into());
         }
     }
     Ok((cosigned, as_of))
@@ -418,6 +410,15 @@ impl LogSource {
             None => None,
         };
         let max_age = self.max_cosignature_age;
+        // Said before anything is fetched.
+        if max_age.is_some() && policy.as_ref().is_some_and(|p| p.quorum_is_none()) {
+            return Err(super::Refused::new(
+                "usage",
+                "--max-cosignature-age needs a policy whose quorum names witnesses, not \
+                 `quorum none`",
+            )
+            .into());
+        }
         let judge = |checkpoint: &str| match &policy {
             Some(p) => judge_cosignatures(p, checkpoint, now, max_age).map(Some),
             None => Ok(None),
@@ -755,7 +756,8 @@ impl TilesAt {
     /// the failure's own code, if it has one, first in its text: the same
     /// for the checkpoint, the entry bundles and the hash tiles.
     ///
-    /// A partial tile the source does not have is read from the full tile
+    /// A partial tile the source does not have (no such file, or a 404) is
+    /// read from the full tile
     /// at its place, when the source has that: its first hashes or entries
     /// are the partial tile's (C2SP tlog-tiles lets a log delete a partial
     /// tile once the full one is there, and clients fetch the full one
@@ -764,7 +766,8 @@ impl TilesAt {
     /// signed tree must not be staged as verified.
     fn get(&self, path: &str) -> anyhow::Result<Vec<u8>> {
         let mut got = self.get_from_source(path);
-        if got.is_err() && !matches!(self, TilesAt::Mirror { .. }) {
+        let missing = got.as_ref().err().is_some_and(is_missing);
+        if missing && !matches!(self, TilesAt::Mirror { .. }) {
             if let Some((full, width, entries)) = full_tile_of(path) {
                 let prefix = self
                     .get_from_source(&full)
@@ -820,6 +823,19 @@ impl TilesAt {
     }
 }
 
+/// Whether `e` says the resource is not there: no such file, or a 404.
+fn is_missing(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            || matches!(
+                cause.downcast_ref::<super::https::HttpsError>(),
+                Some(super::https::HttpsError::Status { status: 404, .. })
+            )
+    })
+}
+
 /// For a partial tile's path (`tile/0/005.p/44`, `tile/entries/005.p/44`):
 /// the full tile's path, the partial width, and whether it is an entry
 /// bundle.
@@ -832,8 +848,10 @@ fn full_tile_of(path: &str) -> Option<(String, usize, bool)> {
 }
 
 /// The first `width` hashes (or, for an entry bundle, `width` entries with
-/// their length prefixes) of a full tile; `None` when `bytes` is no full
-/// tile of that kind.
+/// their length prefixes) of a full tile; `None` when `bytes` is not a
+/// full hash tile's length, or holds fewer than `width` entries (what it
+/// holds past them is not looked at: only the prefix is used, and
+/// verified).
 fn partial_of_full(bytes: &[u8], width: usize, entries: bool) -> Option<Vec<u8>> {
     use crate::audit::tiles::TILE_WIDTH;
     if !entries {

@@ -74,6 +74,11 @@ impl ReportArgs {
             },
         );
         report.verification.witnesses = verified.witnesses;
+        report.verification.witnessed_as_of = verified
+            .quorum_as_of
+            .and_then(|t| i64::try_from(t).ok())
+            .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+            .map(crate::codec::format_time);
         let json = report.to_json().context("encoding the JSON report")?;
         let page = html::render(&report);
         // Each through a rename: an interrupted run leaves the previous

@@ -723,12 +723,17 @@ pub fn render(report: &Report) -> String {
          <dl class=\"facts\"><dt>origin</dt><dd>{origin}</dd><dt>size</dt><dd data-size=\"{size}\">{size}</dd>\
          <dt>root hash</dt><dd><code>{root}</code></dd>\
          <dt>consistent with earlier checkpoints of sizes</dt><dd>{consistent}</dd>\
-         <dt>witness cosignatures</dt><dd data-witnesses=\"{count}\">{witnesses}</dd></dl>\
+         <dt>witness cosignatures</dt><dd data-witnesses=\"{count}\">{witnesses}</dd>\
+         <dt>witness quorum as of</dt><dd>{witnessed_as_of}</dd></dl>\
          <pre aria-label=\"the signed checkpoint\">{checkpoint}</pre></section>",
         size = v.size,
         root = escape(&v.root),
         checkpoint = escape(&v.checkpoint),
         count = v.witnesses.len(),
+        witnessed_as_of = v.witnessed_as_of.as_deref().map_or_else(
+            || "not known (no witness policy, or its quorum asks for none)".to_owned(),
+            escape
+        ),
         witnesses = if v.witnesses.is_empty() {
             "none (no witness policy was given, or its quorum asks for none)".to_owned()
         } else {

@@ -160,6 +160,11 @@ pub struct Verification {
     /// the `--policy` it was held to (which met its quorum); empty without
     /// a policy, as nothing then says which witnesses to trust.
     pub witnesses: Vec<String>,
+    /// The latest time the policy's quorum cosigned the checkpoint (RFC
+    /// 3339 UTC; each witness's newest cosignature counted): how fresh the
+    /// view the report was made from is. `None` without a policy, or under
+    /// `quorum none`.
+    pub witnessed_as_of: Option<String>,
 }
 
 /// Headline counts over the period.
@@ -818,6 +823,7 @@ impl Report {
                 checkpoint: checkpoint.to_string(),
                 consistent_with: summary.consistent_with.clone(),
                 witnesses: Vec::new(),
+                witnessed_as_of: None,
             },
             totals,
             monthly: monthly.into_values().collect(),
