@@ -676,7 +676,13 @@ static ck_rv_t shim_C_Finalize(void *reserved)
 
 static ck_rv_t shim_C_GetInfo(struct ck_info *info)
 {
-	return real->C_GetInfo(info);
+	ck_rv_t rv = real->C_GetInfo(info);
+	/* The interface this module offers is v2.40's (see load()). */
+	if (rv == CKR_OK && info) {
+		info->cryptoki_version.major = 2;
+		info->cryptoki_version.minor = 40;
+	}
+	return rv;
 }
 
 static ck_rv_t shim_C_GetFunctionList(struct ck_function_list **list);
