@@ -231,6 +231,9 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
     std::fs::create_dir(run).expect("the record's directory");
     make_audit_key(&t);
     std::fs::remove_dir(run).expect("the record's directory, empty");
+    // The deployment's store, made before the PIN changed (the commands
+    // below look for it before they log in).
+    lavd::store::SqliteStore::open(&t.path("lavd.db")).expect("the store");
     // The token's PIN was changed; the file still holds the old one.
     shim.set(&format!("pin = rotated-pin:{PIN}"));
 

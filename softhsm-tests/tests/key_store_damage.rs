@@ -177,3 +177,35 @@ fn an_unwrap_naming_an_unreadable_key_row_opens_the_other_keys() {
         daemon.stderr()
     );
 }
+
+/// The store gone (a volume not mounted, a mistyped path) beside a token
+/// that holds escrow keys: `lavd serve` refuses to start (`store_missing`,
+/// naming the path and the keys) and creates nothing, where it made a new,
+/// empty store and signed a second log's first checkpoint under the same
+/// origin and audit key, a fork. With the store back, it starts. A token
+/// with no escrow key yet (a first start) still makes its store: every
+/// other test's first `Daemon::start` after `keys generate-audit` does.
+#[test]
+fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
+    use softhsm_tests::server::{serve_config, Daemon, Pki};
+    use softhsm_tests::vault;
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let store = t.path("lavd.db");
+    let aside = t.path("lavd.db.aside");
+    std::fs::rename(&store, &aside).unwrap();
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a start without its store");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: store_missing: ")
+            && stderr.contains(&format!("{} does not exist", store.display()))
+            && stderr.contains("1 escrow key(s) (E-1)"),
+        "{stderr}"
+    );
+    assert!(!store.exists(), "a store was made");
+    std::fs::rename(&aside, &store).unwrap();
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+}

@@ -551,6 +551,37 @@ impl Hsm {
         Ok(ours)
     }
 
+    /// The kids of the escrow keys whose private halves the token holds
+    /// (our `CKA_PRIVATE` private keys labelled `lav-escrow:<kid>`), seen
+    /// from a new session, sorted. For `lavd serve`, which must not start a
+    /// new store (and with it a second log under the same audit key)
+    /// beside a token that already holds keys of a store that is not there.
+    ///
+    /// # Errors
+    /// The failing PKCS#11 call.
+    pub fn escrow_kids_on_token(&self) -> Result<Vec<String>, HsmError> {
+        let _shared = self.shared("escrow_kids_on_token")?;
+        let session = self.unpooled_session()?;
+        let mut kids = Vec::new();
+        for handle in session.find_objects(&[
+            Attribute::Class(ObjectClass::PRIVATE_KEY),
+            Attribute::Private(true),
+        ])? {
+            for attr in session.get_attributes(handle, &[AttributeType::Label])? {
+                if let Attribute::Label(label) = attr {
+                    if let Some(kid) =
+                        String::from_utf8_lossy(&label).strip_prefix(ESCROW_LABEL_PREFIX)
+                    {
+                        kids.push(kid.to_string());
+                    }
+                }
+            }
+        }
+        kids.sort();
+        kids.dedup();
+        Ok(kids)
+    }
+
     /// Computes the P-256 ECDH shared secret (the x coordinate, 32 bytes) of
     /// escrow key `kid` and `peer`, inside the token.
     ///
