@@ -342,13 +342,17 @@ impl Validator<'_> {
 
     fn origin(&self, origin: String) -> Result<String, ConfigError> {
         // C2SP tlog-checkpoint: the origin is a schema-less URL-like name, one
-        // line, no whitespace, so it cannot forge note structure.
-        if origin.is_empty() || origin.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.err(
+        // line, no whitespace, so it cannot forge note structure; and it is
+        // the log key's name, held to signed-note's rule for names (no `+`,
+        // at most 256 bytes) by the one check the signer applies: a name
+        // that passed here and failed there stopped `lavd serve` after its
+        // first leaf, with exit 1 and no field named.
+        crate::audit::note::check_name(&origin).map_err(|e| {
+            self.err(
                 "audit.origin",
-                "must be a non-empty name without spaces, e.g. lavd.agency.example/audit",
-            ));
-        }
+                format!("{e}: it must be a name such as lavd.agency.example/audit"),
+            )
+        })?;
         Ok(origin)
     }
 

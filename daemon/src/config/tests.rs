@@ -409,6 +409,18 @@ fn an_unset_origin_and_an_admin_listener_off_loopback_are_warnings() {
     let s = load(&named, &[]).unwrap();
     assert_eq!(s.audit.origin, "lavd.test/audit");
     assert!(others(&s).is_empty(), "{:?}", s.warnings);
+    // The origin is the log key's name: signed-note's rule for names is
+    // checked here, where the field can be named, not first by the signer.
+    let long = "a".repeat(257);
+    for bad in [
+        "lavd+ops.example/audit",
+        "lavd ops/audit",
+        "",
+        long.as_str(),
+    ] {
+        let e = load(&format!("{GOOD}[audit]\norigin = {bad:?}\n"), &[]).unwrap_err();
+        assert_eq!(e.field, "audit.origin", "{bad}: {e}");
+    }
 
     for (listen, warned) in [
         ("127.0.0.1:9090", false),
@@ -863,6 +875,10 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     );
     assert_eq!(crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES, 133_940);
     assert_eq!(loaded().limits.max_body_bytes_in_flight, 64 << 20);
+    // Anyone may connect: one address holds at most 32 connections unless
+    // the file says otherwise (lavd's API, whose callers hold certificates,
+    // has no bound of its own by default).
+    assert_eq!(loaded().limits.max_connections_per_ip, 32);
     let text = std::fs::read_to_string(&path).unwrap();
     let with_limits = |limits: &str| {
         std::fs::write(
@@ -880,6 +896,8 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
     assert_eq!(below(&loaded()), 0);
     with_limits("max_body_bytes = 2097152\n");
     assert_eq!(loaded().limits.max_body_bytes, 2 << 20);
+    with_limits("max_connections_per_ip = 100\n");
+    assert_eq!(loaded().limits.max_connections_per_ip, 100);
     // A bound below the largest conformant body is a warning.
     with_limits("max_body_bytes = 65536\n");
     assert_eq!(below(&loaded()), 1);

@@ -31,6 +31,10 @@ use super::{
     AdminSettings, ConfigError, Env, Limits, LogSettings, ServerSettings, TlsVersion, Validator,
 };
 
+/// `limits.max_connections_per_ip` of `lavd witness serve` unset: as the
+/// public log listener's (`[audit.public]`), whose callers are anyone too.
+const WITNESS_CONNECTIONS_PER_IP: usize = 32;
+
 /// `lavd witness serve`'s `[limits] max_body_bytes` when unset (lavd's is
 /// 1 MiB): the largest `add-checkpoint` body it parses
 /// ([`crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES`], 133,940 bytes: a
@@ -294,7 +298,13 @@ impl WitnessSettings {
                  or unset it) to take them"
             ));
         }
-        let limits = v.limits(raw_limits)?;
+        // Anyone may connect to a witness, as to the public log listener:
+        // one address may not hold every slot unless the file says so.
+        let per_ip_unset = raw_limits.max_connections_per_ip.is_none();
+        let mut limits = v.limits(raw_limits)?;
+        if per_ip_unset {
+            limits.max_connections_per_ip = WITNESS_CONNECTIONS_PER_IP.min(limits.max_connections);
+        }
         Ok(WitnessSettings {
             file: path.to_path_buf(),
             name: raw.name,
