@@ -300,6 +300,7 @@ fn a_pin_refused_at_start_is_not_tried_again_while_its_file_is_unchanged() {
             "2027-06-01T00:00:00Z",
         ],
         &["audit", "key"],
+        &["audit", "export", "--out", "/dev/null/never-written"],
     ] {
         let out = t.lavd_with_config(command);
         let stderr = softhsm_tests::assert_fails_with(&out, 77, "hsm_login_refused");
