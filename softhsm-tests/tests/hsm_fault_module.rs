@@ -345,3 +345,57 @@ fn a_held_call_fails_once_its_settings_file_is_gone() {
     th.shim.remove();
     assert_eq!(th.daemon.wait_metric("lavd_hsm_calls_stuck", 0.0), 0.0);
 }
+
+/// The pid of the `lavd serve` process running with `config`, found in
+/// `/proc` (the harness hands out its `Daemon` only once it is ready).
+fn serve_pid(config: &std::path::Path) -> Option<i32> {
+    let wanted = config.to_str()?;
+    std::fs::read_dir("/proc").ok()?.find_map(|entry| {
+        let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        (args.contains(&b"serve".as_slice()) && args.contains(&wanted.as_bytes())).then_some(pid)
+    })
+}
+
+/// A SIGHUP during a slow start (a certificate renewal's `kill -HUP`, here
+/// while the HSM's login hangs) does not end the process: its default
+/// action did, and every restart logged in again. The daemon starts, and
+/// serves.
+#[test]
+fn a_sighup_during_start_up_does_not_kill_the_daemon() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_with_module(
+        &shim_module_path(),
+        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
+    );
+    softhsm_tests::server::make_audit_key(&t);
+    shim.set("fault = hang\nfault_calls = C_Login\n");
+    let config = t.config();
+    let (started, signalled) = std::thread::scope(|s| {
+        let hup = s.spawn(|| {
+            // Past the configuration's load, inside the hung login.
+            std::thread::sleep(Duration::from_secs(2));
+            let signalled = serve_pid(&config)
+                .and_then(rustix::process::Pid::from_raw)
+                .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::HUP));
+            std::thread::sleep(Duration::from_secs(1));
+            // Released whatever happened, so that the start does not wait
+            // out the module's own 120 s.
+            shim.set("");
+            signalled
+        });
+        let started = Daemon::try_start(&t);
+        (started, hup.join().unwrap())
+    });
+    assert!(
+        matches!(signalled, Some(Ok(()))),
+        "no lavd serve process was sent SIGHUP: {signalled:?}"
+    );
+    let daemon = started.unwrap_or_else(|(status, stderr)| {
+        panic!("lavd serve did not start ({status:?}):\n{stderr}")
+    });
+    daemon.wait_readyz(200);
+}

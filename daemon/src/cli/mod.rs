@@ -155,10 +155,8 @@ pub fn main() -> std::process::ExitCode {
 /// Sets up logging to stderr: `LAVD_LOG` if set, else `log.level`, in
 /// `log.format`. A second call does nothing.
 pub fn init_logging(log: &crate::config::LogSettings) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("LAVD_LOG")
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let from_env = std::env::var("LAVD_LOG").ok();
+    let (filter, env_error) = log_filter(&log.level, from_env.as_deref());
     // Colour only for a terminal: journald, files and log shippers get
     // plain text.
     let builder = tracing_subscriber::fmt()
@@ -174,6 +172,48 @@ pub fn init_logging(log: &crate::config::LogSettings) {
             .with_span_list(false)
             .try_init(),
     };
+    // Said, not silent: which filter is in force when the environment's
+    // is not the file's.
+    match (from_env, env_error) {
+        (Some(value), Some(e)) => tracing::warn!(
+            value = %crate::codec::escape_for_terminal(&value),
+            error = %e,
+            "LAVD_LOG is not a valid filter; log.level is in force"
+        ),
+        (Some(value), None) if value != log.level => tracing::info!(
+            value = %crate::codec::escape_for_terminal(&value),
+            "LAVD_LOG overrides log.level"
+        ),
+        _ => {}
+    }
+}
+
+/// The log filter: `env` (`LAVD_LOG`) if it parses, else `level`
+/// (`log.level`), else `info`; and why `env` did not parse. tokio-postgres
+/// logs each statement with its parameters at debug (the audit leaves:
+/// callers, warrant ids, revocation reasons), so it is held at info unless
+/// the filter names it.
+fn log_filter(level: &str, env: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    use tracing_subscriber::EnvFilter;
+    let mut env_error = None;
+    let (mut filter, spec) = match env.map(EnvFilter::try_new) {
+        Some(Ok(filter)) => (filter, env.unwrap_or_default()),
+        other => {
+            if let Some(Err(e)) = other {
+                env_error = Some(e.to_string());
+            }
+            (
+                EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info")),
+                level,
+            )
+        }
+    };
+    if !spec.contains("tokio_postgres") {
+        if let Ok(directive) = "tokio_postgres=info".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    (filter, env_error)
 }
 
 /// Opens the HSM with `open` (which logs in), minding `[hsm]
@@ -525,6 +565,28 @@ impl ConfigArg {
 
 #[cfg(test)]
 mod tests {
+
+    /// tokio-postgres is held at info under a debug filter, from the file
+    /// or the environment, unless the filter names it; an environment
+    /// filter that does not parse leaves the file's, and is said.
+    #[test]
+    fn the_log_filter_holds_tokio_postgres_at_info() {
+        let shown = |level: &str, env: Option<&str>| {
+            let (filter, error) = super::log_filter(level, env);
+            (filter.to_string(), error.is_some())
+        };
+        let (filter, error) = shown("debug", None);
+        assert!(filter.contains("tokio_postgres=info"), "{filter}");
+        assert!(!error);
+        let (filter, _) = shown("info", Some("debug"));
+        assert!(filter.contains("tokio_postgres=info"), "{filter}");
+        let (filter, _) = shown("info", Some("debug,tokio_postgres=debug"));
+        assert!(filter.contains("tokio_postgres=debug"), "{filter}");
+        assert!(!filter.contains("tokio_postgres=info"), "{filter}");
+        let (filter, error) = shown("warn", Some("lavd=[bad"));
+        assert!(error, "{filter}");
+        assert!(filter.contains("warn"), "{filter}");
+    }
     use super::*;
 
     /// A PIN the token refused is `hsm_login_refused` (exit 77) however it

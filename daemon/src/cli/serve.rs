@@ -159,6 +159,21 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new().context("metrics")?);
     let startup = StartupSettings::of(&settings);
     let blocking_threads = startup.server.blocking_threads;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lavd")
+        .max_blocking_threads(blocking_threads)
+        .build()
+        .context("cannot start the async runtime")?;
+    // SIGHUP's default action ends the process: a certificate renewal's
+    // `kill -HUP` during a slow start (a migration, the HSM's login) would
+    // kill it, and its restart log in again. Taken from here; one that
+    // arrives before serving is a reload once serving. (SIGTERM and SIGINT
+    // keep their default until then: a start that hangs can be stopped.)
+    let hangup = {
+        let _entered = runtime.enter();
+        signal(SignalKind::hangup()).context("cannot handle SIGHUP")?
+    };
     let trust = settings.require_trust()?.clone();
     let open_hsm = |config| {
         super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
@@ -271,16 +286,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         crate::store::StoreSettings::Sqlite { .. } => None,
     };
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("lavd")
-        .max_blocking_threads(blocking_threads)
-        .build()
-        .context("cannot start the async runtime")?;
     let result = runtime.block_on(serve(
         state.clone(),
         Notifier::new(std::env::var("NOTIFY_SOCKET").ok()),
         sweep_every,
+        hangup,
     ));
     // Blocking tasks still running (a readiness probe inside a module that
     // does not answer) are not waited for past this.
@@ -338,10 +348,11 @@ async fn serve(
     state: Arc<ServerState>,
     notifier: Notifier,
     sweep_every: Option<Duration>,
+    hangup: Signal,
 ) -> anyhow::Result<()> {
     // Signal handlers first, so that a signal sent right after READY=1 is
-    // never lost.
-    let mut signals = Signals::new()?;
+    // never lost (SIGHUP's since the start).
+    let mut signals = Signals::with_hangup(hangup)?;
     let startup = state.startup();
     if let Some(witnessing) = &state.witnessing {
         witnessing.spawn_submitters()?;
@@ -597,11 +608,16 @@ pub(super) struct Signals {
 
 impl Signals {
     pub(super) fn new() -> anyhow::Result<Self> {
+        Self::with_hangup(signal(SignalKind::hangup()).context("cannot handle SIGHUP")?)
+    }
+
+    /// With SIGHUP's handler installed earlier.
+    pub(super) fn with_hangup(hangup: Signal) -> anyhow::Result<Self> {
         let install = |kind: SignalKind, name: &str| {
             signal(kind).with_context(|| format!("cannot handle {name}"))
         };
         Ok(Signals {
-            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            hangup,
             terminate: install(SignalKind::terminate(), "SIGTERM")?,
             interrupt: install(SignalKind::interrupt(), "SIGINT")?,
         })
