@@ -800,6 +800,47 @@ pub fn foreign_pair(session: &Session, label: &str, private: bool) {
         .expect("a key pair under the label");
 }
 
+/// Object templates of a P-256 key pair made outside lavd from `scalar`,
+/// under `label`, both `CKA_PRIVATE` = `private`: the public half (with its
+/// point) and the private half (with its value, and no usage yet: the
+/// caller adds what the test needs). For `C_CreateObject`.
+///
+/// # Panics
+/// When `scalar` is no P-256 scalar: the test fails.
+pub fn p256_key_objects(
+    label: &str,
+    scalar: &[u8; 32],
+    private: bool,
+) -> (
+    Vec<cryptoki::object::Attribute>,
+    Vec<cryptoki::object::Attribute>,
+) {
+    use cryptoki::object::{Attribute, KeyType, ObjectClass};
+    use p256::elliptic_curve::sec1::ToEncodedPoint;
+    let secret = p256::SecretKey::from_slice(scalar).expect("a P-256 scalar");
+    let point = secret.public_key().to_encoded_point(false);
+    let mut ec_point = vec![0x04, 0x41];
+    ec_point.extend_from_slice(point.as_bytes());
+    let common = |class| {
+        vec![
+            Attribute::Class(class),
+            Attribute::KeyType(KeyType::EC),
+            Attribute::Token(true),
+            Attribute::Private(private),
+            Attribute::Label(label.as_bytes().to_vec()),
+            // DER of the P-256 curve's OID (RFC 5480).
+            Attribute::EcParams(vec![
+                0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07,
+            ]),
+        ]
+    };
+    let mut public = common(ObjectClass::PUBLIC_KEY);
+    public.push(Attribute::EcPoint(ec_point));
+    let mut private_half = common(ObjectClass::PRIVATE_KEY);
+    private_half.push(Attribute::Value(secret.to_bytes().to_vec()));
+    (public, private_half)
+}
+
 /// `lavd keys generate --kid KID` on `t`'s config, sealable in December
 /// 2026, retained until `destroy_after`.
 pub fn generate_key(t: &TestToken, kid: &str, destroy_after: &str) -> Output {

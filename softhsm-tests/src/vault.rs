@@ -158,6 +158,16 @@ pub fn post(client: &Client, path: &str, body: &serde_json::Value) -> Response {
         .expect("request")
 }
 
+/// The kids of a JWK Set (`GET /v1/keys`, `lavd keys list`), in order.
+pub fn kids(set: &serde_json::Value) -> Vec<String> {
+    set["keys"]
+        .as_array()
+        .expect("a JWK Set")
+        .iter()
+        .map(|k| k["kid"].as_str().expect("a kid").to_string())
+        .collect()
+}
+
 /// The escrow public key `kid` as `GET /v1/keys` publishes it.
 pub fn published_key(provider: &Client, kid: &str) -> P256PublicKey {
     let r = provider.get("/v1/keys");

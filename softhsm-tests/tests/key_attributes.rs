@@ -15,9 +15,6 @@ use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
 
-/// DER of the P-256 curve's OID.
-const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
-
 #[test]
 fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     let t = TestToken::new();
@@ -28,36 +25,23 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
 
     // E-1's pair replaced, with the PIN, by one whose private half can be
     // read off the token; the store row made to agree.
-    let label = b"lav-escrow:E-1".to_vec();
+    let label = "lav-escrow:E-1";
     let session = t.session();
     for handle in session
-        .find_objects(&[Attribute::Label(label.clone())])
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
         .unwrap()
     {
         session.destroy_object(handle).unwrap();
     }
-    let scalar = p256::SecretKey::from_slice(&[5; 32]).unwrap();
-    let point = scalar.public_key().to_encoded_point(false);
-    let mut ec_point = vec![0x04, 0x41];
-    ec_point.extend_from_slice(point.as_bytes());
-    let common = |class| {
-        vec![
-            Attribute::Class(class),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Label(label.clone()),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
-        ]
-    };
-    let mut public = common(ObjectClass::PUBLIC_KEY);
-    public.push(Attribute::EcPoint(ec_point));
+    let (public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
+    let point = p256::SecretKey::from_slice(&[5; 32])
+        .unwrap()
+        .public_key()
+        .to_encoded_point(false);
     session.create_object(&public).unwrap();
-    let mut private = common(ObjectClass::PRIVATE_KEY);
     // Derive only, as lavd's own: what is wrong is only that it can be read
     // off the token.
     private.extend([
-        Attribute::Value(scalar.to_bytes().to_vec()),
         Attribute::Derive(true),
         Attribute::Sign(false),
         Attribute::SignRecover(false),
@@ -84,13 +68,7 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     let r = c.provider.get("/v1/keys");
     assert_eq!(r.status, 200, "{}", r.text());
     let set: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    let kids: Vec<&str> = set["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids, ["E-2"], "{}", r.text());
+    assert_eq!(vault::kids(&set), ["E-2"], "{}", r.text());
     assert_eq!(vault::published_key(&c.provider, "E-2"), sound);
 
     // An envelope sealed to the replaced key (a provider that kept it from

@@ -269,13 +269,7 @@ fn two_keys() -> TestToken {
 fn only_the_other_key_is_published(t: &TestToken) -> String {
     let out = t.lavd_with_config(&["keys", "list"]);
     let set: serde_json::Value = serde_json::from_str(&assert_ok(&out)).unwrap();
-    let kids: Vec<&str> = set["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap())
-        .collect();
-    assert_eq!(kids, ["2026-11"]);
+    assert_eq!(softhsm_tests::vault::kids(&set), ["2026-11"]);
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 

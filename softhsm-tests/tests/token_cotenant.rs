@@ -15,16 +15,13 @@
 //!   nothing: the daemon still publishes the real key and opens an envelope
 //!   sealed to it (before, the lookups found two objects and refused).
 
-use cryptoki::object::{Attribute, KeyType, ObjectClass};
-use p256::elliptic_curve::sec1::ToEncodedPoint;
+use cryptoki::object::{Attribute, ObjectClass};
 use softhsm_tests::server::{serve_config, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{assert_ok, harness, module_path, TestToken};
 use time::OffsetDateTime;
 
 const LABEL: &str = "lav-escrow:E-1";
-/// DER of the P-256 curve's OID.
-const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
 
 /// `pkcs11-tool` on the token without the PIN.
 fn pkcs11_tool(t: &TestToken, args: &[&str]) -> std::process::Output {
@@ -63,29 +60,10 @@ fn a_tenant_without_the_pin_can_neither_remove_nor_shadow_the_escrow_key() {
         .pkcs11()
         .open_rw_session(t.slot())
         .expect("a session without the PIN");
-    let decoy = p256::SecretKey::from_slice(&[7; 32]).expect("scalar");
-    let point = decoy.public_key().to_encoded_point(false);
-    let mut ec_point = vec![0x04, 0x41];
-    ec_point.extend_from_slice(point.as_bytes());
-    let common = |class| {
-        vec![
-            Attribute::Class(class),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::Token(true),
-            Attribute::Private(false),
-            Attribute::Label(LABEL.as_bytes().to_vec()),
-            Attribute::Id(b"E-1".to_vec()),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
-        ]
-    };
-    let mut public = common(ObjectClass::PUBLIC_KEY);
-    public.push(Attribute::EcPoint(ec_point));
+    let (mut public, mut private) = softhsm_tests::p256_key_objects(LABEL, &[7; 32], false);
+    public.push(Attribute::Id(b"E-1".to_vec()));
     session.create_object(&public).expect("a public decoy");
-    let mut private = common(ObjectClass::PRIVATE_KEY);
-    private.extend([
-        Attribute::Value(decoy.to_bytes().to_vec()),
-        Attribute::Derive(true),
-    ]);
+    private.extend([Attribute::Id(b"E-1".to_vec()), Attribute::Derive(true)]);
     session
         .create_object(&private)
         .expect("a non-private decoy");

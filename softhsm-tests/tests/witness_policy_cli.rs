@@ -55,19 +55,41 @@ fn cosign_at(
     format!("{checkpoint}\u{2014} {name} {}\n", STANDARD.encode(bytes))
 }
 
+/// The log's verifier key and an export of it (`lavd audit export`).
+struct Exported {
+    key: String,
+    path: std::path::PathBuf,
+    export: serde_json::Value,
+    checkpoint: String,
+}
+
+fn exported(t: &TestToken) -> Exported {
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+    let path = t.path("export.json");
+    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", path.to_str().unwrap()]));
+    let export: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
+    Exported {
+        key,
+        path,
+        export,
+        checkpoint,
+    }
+}
+
 #[test]
 fn verify_with_a_policy_requires_the_witness_quorum() {
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     vault::generate_escrow_key(&t, "E-1");
-    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
-        .trim()
-        .to_string();
-    let export_path = t.path("export.json");
-    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export_path.to_str().unwrap()]));
-    let export: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&export_path).unwrap()).unwrap();
-    let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
+    let Exported {
+        key,
+        path: export_path,
+        export,
+        checkpoint,
+    } = exported(&t);
 
     let (a_sk, a_id, a_vkey) = witness("witness-a.example", 1);
     let (b_sk, b_id, b_vkey) = witness("witness-b.example", 2);
@@ -154,14 +176,12 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
 fn verify_judges_the_cosignatures_times() {
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
-    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
-        .trim()
-        .to_string();
-    let export_path = t.path("export.json");
-    assert_ok(&t.lavd_with_config(&["audit", "export", "--out", export_path.to_str().unwrap()]));
-    let export: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&export_path).unwrap()).unwrap();
-    let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
+    let Exported {
+        key,
+        path: export_path,
+        export,
+        checkpoint,
+    } = exported(&t);
     let (a_sk, a_id, a_vkey) = witness("witness-a.example", 1);
     let (b_sk, b_id, b_vkey) = witness("witness-b.example", 2);
     let policy = t.path("any.policy");

@@ -1248,18 +1248,42 @@ mod tests {
         (dir, VerifierKey::new(origin, &public).unwrap())
     }
 
+    /// [`fetch_tiles`] of the tiles directory `dir`, with no policy.
+    fn fetch_dir(dir: &tempfile::TempDir, key: &VerifierKey) -> anyhow::Result<Export> {
+        fetch_tiles(
+            &TilesAt::Dir(dir.path().into()),
+            key,
+            DEFAULT_MAX_ENTRIES,
+            &|_| Ok(()),
+        )
+    }
+
+    /// Writes `bytes` at `path` below the tiles directory `dir`.
+    fn write_tile(dir: &tempfile::TempDir, path: &str, bytes: &[u8]) {
+        let file = dir.path().join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, bytes).unwrap();
+    }
+
+    /// A full entry bundle of the 256 leaves `0u16..256` (big-endian) and
+    /// their level-0 hashes.
+    fn full_bundle() -> (Vec<u8>, Vec<crate::audit::merkle::Hash>) {
+        let mut bundle = Vec::new();
+        let mut level0 = Vec::new();
+        for i in 0..256u16 {
+            bundle.extend_from_slice(&2u16.to_be_bytes());
+            bundle.extend_from_slice(&i.to_be_bytes());
+            level0.push(crate::audit::merkle::leaf_hash(&i.to_be_bytes()));
+        }
+        (bundle, level0)
+    }
+
     /// A log holding its key can sign any size: one above `--max-entries`
     /// is refused before a tile is read.
     #[test]
     fn a_signed_size_above_the_bound_is_refused_before_fetching() {
         let (dir, key) = signed_tiles(1 << 40, [0; 32]);
-        let err = fetch_tiles(
-            &TilesAt::Dir(dir.path().into()),
-            &key,
-            DEFAULT_MAX_ENTRIES,
-            &|_| Ok(()),
-        )
-        .unwrap_err();
+        let err = fetch_dir(&dir, &key).unwrap_err();
         assert_eq!(
             crate::cli::error_code(&err),
             Some("log_too_large"),
@@ -1300,46 +1324,24 @@ mod tests {
     /// partial tile was `tile_unavailable`.
     #[test]
     fn a_partial_tile_is_read_from_the_full_tile_when_it_is_gone() {
-        use crate::audit::merkle::{leaf_hash, MemoryTree};
-        let leaves: Vec<Vec<u8>> = (0..256u16).map(|i| i.to_be_bytes().to_vec()).collect();
+        use crate::audit::merkle::MemoryTree;
+        let (bundle, level0) = full_bundle();
         let mut tree = MemoryTree::new();
-        let mut bundle = Vec::new();
-        let mut level0 = Vec::new();
-        for leaf in &leaves {
-            tree.push_leaf(leaf);
-            bundle.extend_from_slice(&2u16.to_be_bytes());
-            bundle.extend_from_slice(leaf);
-            level0.extend_from_slice(&leaf_hash(leaf));
+        for hash in &level0 {
+            tree.push_leaf_hash(*hash);
         }
         let (dir, key) = signed_tiles(5, tree.root(5).unwrap());
-        let tile = |path: &str, bytes: &[u8]| {
-            let file = dir.path().join(path);
-            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-            std::fs::write(file, bytes).unwrap();
-        };
-        tile("tile/entries/000", &bundle);
-        tile("tile/0/000", &level0);
-        let export = fetch_tiles(
-            &TilesAt::Dir(dir.path().into()),
-            &key,
-            DEFAULT_MAX_ENTRIES,
-            &|_| Ok(()),
-        )
-        .unwrap();
-        let want: Vec<_> = (0..5)
-            .map(|i| crate::audit::export::ExportEntry::new(i, &leaves[i as usize]).leaf)
+        write_tile(&dir, "tile/entries/000", &bundle);
+        write_tile(&dir, "tile/0/000", &level0.concat());
+        let export = fetch_dir(&dir, &key).unwrap();
+        let want: Vec<_> = (0..5u16)
+            .map(|i| crate::audit::export::ExportEntry::new(u64::from(i), &i.to_be_bytes()).leaf)
             .collect();
         let got: Vec<_> = export.entries.iter().map(|e| e.leaf.clone()).collect();
         assert_eq!(got, want);
         // A full tile that is not one (too short) is no stand-in.
-        tile("tile/0/000", &level0[..32 * 200]);
-        let err = fetch_tiles(
-            &TilesAt::Dir(dir.path().into()),
-            &key,
-            DEFAULT_MAX_ENTRIES,
-            &|_| Ok(()),
-        )
-        .unwrap_err();
+        write_tile(&dir, "tile/0/000", &level0.concat()[..32 * 200]);
+        let err = fetch_dir(&dir, &key).unwrap_err();
         assert_eq!(
             crate::cli::error_code(&err),
             Some("tile_unavailable"),
@@ -1355,32 +1357,14 @@ mod tests {
     /// there is none: the error was its read).
     #[test]
     fn made_up_bundles_are_refused_before_any_is_read() {
-        use crate::audit::merkle::{leaf_hash, Hash};
         let (dir, key) = signed_tiles(512, [0; 32]);
-        let mut bundle = Vec::new();
-        let mut level0: Vec<Hash> = Vec::new();
-        for i in 0..256u16 {
-            bundle.extend_from_slice(&2u16.to_be_bytes());
-            bundle.extend_from_slice(&i.to_be_bytes());
-            level0.push(leaf_hash(&i.to_be_bytes()));
-        }
-        let tile = |path: &str, bytes: &[u8]| {
-            let file = dir.path().join(path);
-            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
-            std::fs::write(file, bytes).unwrap();
-        };
-        tile("tile/entries/000", &bundle);
-        tile("tile/0/000", &level0.concat());
-        tile("tile/0/001", &[0; 256 * 32]);
+        let (bundle, level0) = full_bundle();
+        write_tile(&dir, "tile/entries/000", &bundle);
+        write_tile(&dir, "tile/0/000", &level0.concat());
+        write_tile(&dir, "tile/0/001", &[0; 256 * 32]);
         let level1 = [fold(level0), fold(vec![[0; 32]; 256])];
-        tile("tile/1/000.p/2", &level1.concat());
-        let err = fetch_tiles(
-            &TilesAt::Dir(dir.path().into()),
-            &key,
-            DEFAULT_MAX_ENTRIES,
-            &|_| Ok(()),
-        )
-        .unwrap_err();
+        write_tile(&dir, "tile/1/000.p/2", &level1.concat());
+        let err = fetch_dir(&dir, &key).unwrap_err();
         assert_eq!(
             crate::cli::error_code(&err),
             Some("root_mismatch"),
