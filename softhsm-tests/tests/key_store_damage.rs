@@ -205,6 +205,13 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
         "{stderr}"
     );
     assert!(!store.exists(), "a store was made");
+    // Nor does a key generation, nor a migration without --new.
+    let out = softhsm_tests::generate_key(&t, "E-2", "2027-06-01T00:00:00Z");
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_missing");
+    assert!(stderr.contains("1 escrow key(s) (E-1)"), "{stderr}");
+    let out = t.lavd_with_config(&["store", "migrate"]);
+    softhsm_tests::assert_fails_with(&out, 1, "store_missing");
+    assert!(!store.exists(), "a store was made");
     std::fs::rename(&aside, &store).unwrap();
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);

@@ -93,7 +93,7 @@ fn the_store_is_created_for_its_owner_only_whatever_the_umask() {
     let out = std::process::Command::new("sh")
         .args(["-c", "umask 022 && exec \"$0\" \"$@\""])
         .arg(softhsm_tests::lavd_binary())
-        .args(["store", "migrate", "--config"])
+        .args(["store", "migrate", "--new", "--config"])
         .arg(t.config())
         .env("SOFTHSM2_CONF", softhsm_tests::harness().conf())
         .output()

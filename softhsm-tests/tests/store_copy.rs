@@ -221,8 +221,22 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
     let t = TestToken::new();
     let db = TestDb::create();
     db.write_token_config(&t, "");
-    for _ in 0..2 {
-        let printed = assert_ok(&t.lavd_with_config(&["store", "migrate"]));
+    // A database without lavd's schema is not made into a store unless
+    // asked: it may be one re-created where a store was.
+    let out = t.lavd_with_config(&["store", "migrate"]);
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_missing");
+    assert!(stderr.contains("give --new"), "{stderr}");
+    let tables: i64 = db
+        .client()
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(tables, 0, "a schema was made");
+    for args in [&["store", "migrate", "--new"][..], &["store", "migrate"]] {
+        let printed = assert_ok(&t.lavd_with_config(args));
         assert_eq!(
             printed.trim(),
             format!(

@@ -115,10 +115,16 @@ impl KeysCommand {
             } => {
                 let settings = config.load()?;
                 keys::check_kid(&kid)?;
-                let store = Store::open_settings(&settings.store)?;
+                // Looked at before anything could make it: a generation
+                // makes its store only beside a token without escrow keys.
+                let absent = crate::store::probe_existing(&settings.store)?.err();
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
                 })?;
+                if let Some(why) = absent {
+                    super::refuse_new_store_beside_keys(&hsm, &why)?;
+                }
+                let store = Store::open_settings(&settings.store)?;
                 let validity = Validity {
                     not_before,
                     not_after,

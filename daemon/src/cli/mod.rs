@@ -191,8 +191,8 @@ pub fn init_logging(log: &crate::config::LogSettings) {
 /// The log filter: `env` (`LAVD_LOG`) if it parses, else `level`
 /// (`log.level`), else `info`; and why `env` did not parse. tokio-postgres
 /// logs each statement with its parameters at debug (the audit leaves:
-/// callers, warrant ids, revocation reasons), so it is held at info unless
-/// the filter names it.
+/// callers, warrant ids, revocation reasons), so under a default level of
+/// debug or trace it is held at info, unless the filter names it.
 fn log_filter(level: &str, env: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
     use tracing_subscriber::EnvFilter;
     let mut env_error = None;
@@ -208,12 +208,57 @@ fn log_filter(level: &str, env: Option<&str>) -> (tracing_subscriber::EnvFilter,
             )
         }
     };
-    if !spec.contains("tokio_postgres") {
+    // Only under a default level below info: at warn, info would raise it.
+    let verbose_default = spec
+        .split(',')
+        .map(str::trim)
+        .any(|d| !d.contains('=') && matches!(d.to_ascii_lowercase().as_str(), "debug" | "trace"));
+    if verbose_default && !spec.contains("tokio_postgres") {
         if let Ok(directive) = "tokio_postgres=info".parse() {
             filter = filter.add_directive(directive);
         }
     }
     (filter, env_error)
+}
+
+/// A store that is not there (a volume not mounted, a mistyped path, a
+/// database re-created) beside a token that holds escrow keys: a command
+/// that makes its store (`lavd serve`, `lavd keys generate`) would make a
+/// new, empty one, and the log begun in it would be signed under the same
+/// origin and audit key as the log of the store that holds those keys: two
+/// histories under one name, which witnesses and auditors take for a fork.
+/// A first start, on a token with no escrow key yet, makes its store as
+/// before.
+///
+/// # Errors
+/// `store_missing` naming the store and the keys; the HSM's error if it
+/// cannot say.
+pub(crate) fn refuse_new_store_beside_keys(hsm: &crate::hsm::Hsm, why: &str) -> anyhow::Result<()> {
+    let kids = hsm.escrow_kids_on_token()?;
+    if kids.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<String> = kids
+        .iter()
+        .take(5)
+        .map(|k| crate::codec::escape_for_terminal(k))
+        .collect();
+    Err(Refused::new(
+        "store_missing",
+        format!(
+            "the store: {why}, but the token holds {} escrow key(s) ({}{}) of a store: \
+             a new one would begin a second audit log under the same origin and key, a fork. \
+             Restore the store, or point [store] at it (docs/OPERATIONS.md §6)",
+            kids.len(),
+            shown.join(", "),
+            if kids.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        ),
+    )
+    .into())
 }
 
 /// Opens the HSM with `open` (which logs in), minding `[hsm]
@@ -586,6 +631,9 @@ mod tests {
         let (filter, error) = shown("warn", Some("lavd=[bad"));
         assert!(error, "{filter}");
         assert!(filter.contains("warn"), "{filter}");
+        // A quieter default is not raised for it.
+        let (filter, _) = shown("lavd=debug,warn", None);
+        assert!(!filter.contains("tokio_postgres"), "{filter}");
     }
     use super::*;
 

@@ -85,45 +85,6 @@ pub(super) fn lock_sqlite_store(store: &std::path::Path) -> Result<(), crate::st
     }
 }
 
-/// A store that is not there (a volume not mounted, a mistyped path, a
-/// database re-created) beside a token that holds escrow keys: `lavd
-/// serve` would make a new, empty store, and sign a new log's first
-/// checkpoint under the same origin and audit key as the log of the store
-/// that holds those keys: two histories under one name, which witnesses
-/// and auditors take for a fork. A first start, on a token with no escrow
-/// key yet, makes its store as before.
-///
-/// # Errors
-/// `store_missing` naming the store and the keys; the HSM's error if it
-/// cannot say.
-fn refuse_a_new_store_beside_keys(hsm: &Hsm, why: &str) -> anyhow::Result<()> {
-    let kids = hsm.escrow_kids_on_token()?;
-    if kids.is_empty() {
-        return Ok(());
-    }
-    let shown: Vec<String> = kids
-        .iter()
-        .take(5)
-        .map(|k| crate::codec::escape_for_terminal(k))
-        .collect();
-    Err(super::Refused::new(
-        "store_missing",
-        format!(
-            "the store: {why}, but the token holds {} escrow key(s) ({}{}) of a store: \
-             starting would begin a second audit log under the same origin and key, a fork. \
-             Restore the store, or point [store] at it (docs/OPERATIONS.md §6)",
-            kids.len(),
-            shown.join(", "),
-            if kids.len() > shown.len() {
-                ", …"
-            } else {
-                ""
-            }
-        ),
-    )
-    .into())
-}
-
 /// Connections the admin listener serves at once (probes and scrapes).
 pub(super) const ADMIN_CONNECTIONS: usize = 64;
 /// How long the admin listener may take to close after the API drained.
@@ -194,7 +155,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (hsm, store) = match crate::store::probe_existing(&settings.store)?.err() {
         Some(why) => {
             let hsm = open_hsm(settings.hsm)?;
-            refuse_a_new_store_beside_keys(&hsm, &why)?;
+            // The audit key first: a token whose objects cannot be seen
+            // (or a start that would fail on it) makes no store.
+            hsm.audit_key(&settings.audit.key_label)
+                .context("the audit log (run `lavd keys generate-audit` first)")?;
+            super::refuse_new_store_beside_keys(&hsm, &why)?;
             (hsm, open_store()?)
         }
         None => {

@@ -13,10 +13,18 @@ use crate::store::{PgStore, SqliteStore, StoreError, StoreSettings, SQLITE_SCHEM
 pub enum StoreCommand {
     /// Apply pending schema migrations to the configured store (SQLite or
     /// PostgreSQL) and print the schema version. Refuses a schema newer than
-    /// this binary. `lavd serve` also migrates at start.
+    /// this binary. `lavd serve` also migrates at start. A store that is not
+    /// there (no file, no lavd schema) is refused (`store_missing`) unless
+    /// `--new` is given.
     Migrate {
         #[command(flatten)]
         config: ConfigArg,
+        /// Make the store if it is not there (a new deployment's). Without
+        /// it, a volume not mounted or a database re-created is refused,
+        /// not made anew: the daemons would then begin a second log under
+        /// the same origin and key, a fork.
+        #[arg(long)]
+        new: bool,
     },
     /// Copy an SQLite store into a new, empty PostgreSQL database: key
     /// metadata, warrants and budgets, revocations, the whole log and its
@@ -54,8 +62,20 @@ impl StoreCommand {
     /// A bad config (exit 64) or the store's error.
     pub fn run(self) -> anyhow::Result<()> {
         match self {
-            StoreCommand::Migrate { config } => {
+            StoreCommand::Migrate { config, new } => {
                 let settings = config.load()?;
+                if let (Err(why), false) = (crate::store::probe_existing(&settings.store)?, new) {
+                    return Err(super::Refused::new(
+                        "store_missing",
+                        format!(
+                            "{why}: nothing to migrate. If the store was lost (a volume not \
+                             mounted, a database re-created), restore it: a new one would \
+                             begin a second audit log under the same origin and key, a fork. \
+                             For a new deployment's store, give --new"
+                        ),
+                    )
+                    .into());
+                }
                 let (store, version) = match &settings.store {
                     StoreSettings::Sqlite { path } => {
                         SqliteStore::open(path)?;
