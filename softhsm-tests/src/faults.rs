@@ -382,7 +382,8 @@ impl Case {
     /// Sends the request until it is refused 503 `code` or
     /// `spent_not_released` ([`refused_as`]) (asserting that
     /// every earlier answer is a 200); returns how many envelopes those
-    /// 200s opened.
+    /// 200s opened, and a `spent_not_released` request's batch, whose opens
+    /// committed.
     pub fn probe_until_refused(&self, code: &str) -> usize {
         let mut opened = 0;
         assert!(
@@ -392,6 +393,11 @@ impl Case {
                     let got = r.json()["error"]["code"].as_str().unwrap_or("").to_string();
                     if !refused_as(&got, code) {
                         r.assert_error(503, code);
+                    }
+                    // Its opens committed (spent, nothing released): counted
+                    // with the 200s'.
+                    if got == "spent_not_released" {
+                        opened += self.request["envelopes"].as_array().map_or(0, Vec::len);
                     }
                     return true;
                 }

@@ -291,7 +291,8 @@ fn module(path: &Path, env: &[(String, String)]) -> Result<Pkcs11, HsmError> {
     // Modules read their configuration from the environment once, when they
     // initialise: set it now. This runs before the module is loaded, which
     // lavd does at start-up, before it starts any thread that reads the
-    // environment.
+    // environment (`lavd serve`'s async runtime exists by then, for SIGHUP,
+    // but its idle workers read none).
     for (name, value) in env {
         std::env::set_var(name, value);
     }

@@ -903,14 +903,25 @@ pub fn unwrap(
         // spent: a client would retry and spend again. (A log found
         // inconsistent stays `log_inconsistent`: nothing is served until
         // an operator acts.)
-        Ok((_, receipt)) => receipt.map_err(|e| match e {
-            e @ (LogError::Store(_) | LogError::Hsm(_) | LogError::Sign(_)) if opened > 0 => {
-                UnwrapError::SpentNotReleased(format!(
-                    "the leaves and the spend of {opened} committed, then the checkpoint \
-                     failed: {e}"
-                ))
+        Ok((appended, receipt)) => receipt.map_err(|e| {
+            // What the settle spent: the opened envelopes it did not
+            // withdraw (revoked, destroyed or lapsed in flight).
+            let spent = releases
+                .iter()
+                .filter(|r| {
+                    matches!(r, Release::Opened { kid, .. }
+                        if appended.withdrawn.reason(kid).is_none())
+                })
+                .count();
+            match e {
+                e @ (LogError::Store(_) | LogError::Hsm(_) | LogError::Sign(_)) if spent > 0 => {
+                    UnwrapError::SpentNotReleased(format!(
+                        "the leaves and the spend of {spent} committed, then the checkpoint \
+                         failed: {e}"
+                    ))
+                }
+                other => other.into(),
             }
-            other => other.into(),
         })?,
         Err(e) => {
             if let Some(unreleased) = unreleased {
