@@ -157,7 +157,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let hsm = open_hsm(settings.hsm)?;
             // The audit key first: a token whose objects cannot be seen
             // (or a start that would fail on it) makes no store.
+            // As `AuditLog::new` reports it: `no_audit_key`.
             hsm.audit_key(&settings.audit.key_label)
+                .map_err(crate::audit::log::LogError::Hsm)
                 .context("the audit log (run `lavd keys generate-audit` first)")?;
             super::refuse_new_store_beside_keys(&hsm, &why)?;
             (hsm, open_store()?)
