@@ -75,8 +75,8 @@ pub enum KeyError {
     /// report success having destroyed nothing (a volume not mounted, a
     /// mistyped path).
     #[error(
-        "{0}; only `lavd keys generate` and `lavd serve` make a store: point --config at the \
-         daemon's configuration"
+        "{0}; only `lavd keys generate`, `lavd serve` and `lavd store migrate --new` make a \
+         store: point --config at the daemon's configuration"
     )]
     StoreMissing(String),
     /// `keys discard-orphan` removed a pair while a generation of the same

@@ -466,7 +466,6 @@ impl LogSource {
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
         let (cosigned, quorum_as_of) = judge(&new.checkpoint)?.unwrap_or_default();
-        let witnesses: Vec<String> = cosigned.iter().map(|(name, _)| name.clone()).collect();
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =
@@ -489,7 +488,7 @@ impl LogSource {
         // line was checked by nobody, so it is not shown as a signature.
         let checked = |name: &str, key_id: u32| {
             (name == key.name() && key_id == key.key_id())
-                || witnesses.iter().any(|w| {
+                || cosigned.iter().any(|(w, _)| {
                     policy
                         .as_ref()
                         .and_then(|p| p.witness_key(w))
@@ -501,7 +500,6 @@ impl LogSource {
             fetched_at: complete_when_read.then_some(started),
             export: new,
             summary,
-            witnesses,
             cosigned,
             quorum_as_of,
             checked_checkpoint,
@@ -516,9 +514,9 @@ pub struct Verified {
     pub export: Export,
     /// What it holds, every check passed.
     pub summary: crate::audit::export::Summary,
-    /// The policy witnesses whose cosignatures verified (`--policy`).
-    pub witnesses: Vec<String>,
-    /// The same, each with the newest time it cosigned at (Unix seconds).
+    /// The policy witnesses whose cosignatures verified (`--policy`), in
+    /// policy order, each with the newest time it cosigned at (Unix
+    /// seconds).
     pub cosigned: crate::audit::witness::Cosigned,
     /// The latest time the policy's quorum cosigned the checkpoint (Unix
     /// seconds); `None` without `--policy` or under `quorum none`.

@@ -73,7 +73,11 @@ impl ReportArgs {
                 detail: self.detail,
             },
         );
-        report.verification.witnesses = verified.witnesses;
+        report.verification.witnesses = verified
+            .cosigned
+            .iter()
+            .map(|(name, _)| name.clone())
+            .collect();
         report.verification.witnessed_as_of = verified
             .quorum_as_of
             .and_then(|t| i64::try_from(t).ok())
