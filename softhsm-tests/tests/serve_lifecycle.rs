@@ -104,7 +104,14 @@ fn a_second_signal_cuts_the_drain_short() {
     std::thread::sleep(Duration::from_millis(300));
 
     daemon.signal(Signal::TERM);
-    daemon.expect_notify("STOPPING=1");
+    let stopping = daemon.expect_notify("STOPPING=1");
+    // The 60 s grace and 30 s more, so systemd does not kill the drain.
+    assert!(
+        stopping
+            .lines()
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=90000000"),
+        "{stopping}"
+    );
     let started = Instant::now();
     daemon.signal(Signal::INT);
     let status = daemon.wait_exit(Duration::from_secs(10));

@@ -259,11 +259,31 @@ fn verify_judges_the_cosignatures_times() {
         "checkpoint_stale",
     );
     assert!(stderr.contains("2025-11-24T"), "{stderr}");
-    // Ten years ahead of this machine's clock: refused, with or without a
-    // bound, and named.
-    let ahead = with("ahead.json", now - 60, now + 10 * 365 * 86_400);
-    let stderr = assert_fails_with(&verify(&ahead, &[]), 1, "cosignature_in_future");
-    assert!(stderr.contains("witness `B`"), "{stderr}");
+    // B ten years ahead of this machine's clock: set aside, said, and not
+    // counted; A alone makes the quorum, as of its own time.
+    let far = now + 10 * 365 * 86_400;
+    let ahead = with("ahead.json", now - 60, far);
+    let out = verify(&ahead, &["--max-cosignature-age", "3600"]);
+    let stdout = assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("witness B's cosignature is stamped") && stderr.contains("not counted"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("cosigned by witness B"), "{stdout}");
+    assert!(stdout.contains("cosigned by witness A"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("witness quorum as of {b_text}")),
+        "A cosigned a minute ago: {stdout}"
+    );
+    // Both ahead: the quorum needs a cosignature set aside, refused with or
+    // without a bound, and each named.
+    let both = with("both-ahead.json", far, far + 1);
+    let stderr = assert_fails_with(&verify(&both, &[]), 1, "cosignature_in_future");
+    assert!(
+        stderr.contains("witness `A`") && stderr.contains("witness `B`"),
+        "{stderr}"
+    );
     // Within the allowed skew: counted.
     let skewed = with("skewed.json", now + 60, now - 60);
     assert_ok(&verify(&skewed, &["--max-cosignature-age", "3600"]));

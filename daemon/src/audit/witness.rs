@@ -457,6 +457,11 @@ impl Policy {
         Ok((verified, cosigned))
     }
 
+    /// Whether the witnesses with these policy names make the quorum.
+    pub fn quorum_met_by_names(&self, valid: &[String]) -> bool {
+        self.met(&self.quorum, valid)
+    }
+
     /// Whether the quorum is `none`: no witness is needed.
     pub fn quorum_is_none(&self) -> bool {
         self.quorum == "none"

@@ -250,39 +250,64 @@ pub struct Remote {
 /// C2SP tlog-cosignature lets verifiers refuse timestamps in the future.
 pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
 
-/// The witness policy's verdict on a checkpoint: the witnesses whose
-/// cosignatures verified, each with the newest time it cosigned at, and the
-/// latest time the quorum held ([`Policy::quorum_as_of`]).
+/// The witness policy's verdict on a checkpoint ([`judge_cosignatures`]).
+#[derive(Debug, Default)]
+pub struct Judged {
+    /// The witnesses whose cosignatures verified and count, each with the
+    /// newest time it cosigned at (Unix seconds), in policy order.
+    pub cosigned: crate::audit::witness::Cosigned,
+    /// The latest time the quorum held ([`Policy::quorum_as_of`]); `None`
+    /// under `quorum none`.
+    ///
+    /// [`Policy::quorum_as_of`]: crate::audit::witness::Policy::quorum_as_of
+    pub as_of: Option<u64>,
+    /// Witnesses whose cosignature verified but is stamped more than
+    /// [`COSIGNATURE_FUTURE_SKEW_SECS`] past the verifier's clock: set aside,
+    /// not counted.
+    pub ahead: crate::audit::witness::Cosigned,
+}
+
+/// Judges a checkpoint against the witness policy and the verifier's clock.
+///
+/// A cosignature stamped more than [`COSIGNATURE_FUTURE_SKEW_SECS`] past
+/// `now` is set aside (its witness's clock runs ahead, and counting it would
+/// make a frozen view look fresh); the checkpoint passes when the other
+/// witnesses still make the quorum, so that one witness's clock cannot fail
+/// a log the quorum vouches for.
 ///
 /// # Errors
-/// What [`Policy::verify`] refuses; `cosignature_in_future` for a
-/// cosignature stamped more than [`COSIGNATURE_FUTURE_SKEW_SECS`] past
-/// `now`; `checkpoint_stale` when the quorum's time is more than
-/// `max_age` seconds before `now` (under `quorum none` there is no quorum
-/// time, and `max_age` is not looked at).
+/// What [`Policy::verify`] refuses; `cosignature_in_future` when the
+/// quorum needs a cosignature set aside; `checkpoint_stale` when the
+/// quorum's time is more than `max_age` seconds before `now` (under
+/// `quorum none` there is no quorum time, and `max_age` is not looked at).
 ///
-/// [`Policy::quorum_as_of`]: crate::audit::witness::Policy::quorum_as_of
 /// [`Policy::verify`]: crate::audit::witness::Policy::verify
 pub fn judge_cosignatures(
     policy: &crate::audit::witness::Policy,
     checkpoint: &str,
     now: u64,
     max_age: Option<u64>,
-) -> anyhow::Result<(crate::audit::witness::Cosigned, Option<u64>)> {
-    let cosigned = policy.verify(checkpoint)?.1;
+) -> anyhow::Result<Judged> {
     let shown = unix_time_text;
-    if let Some((name, at)) = cosigned
-        .iter()
-        .find(|(_, at)| *at > now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS))
-    {
+    let (ahead, cosigned): (Vec<_>, Vec<_>) = policy
+        .verify(checkpoint)?
+        .1
+        .into_iter()
+        .partition(|(_, at)| *at > now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS));
+    let counted: Vec<String> = cosigned.iter().map(|(name, _)| name.clone()).collect();
+    if !policy.quorum_met_by_names(&counted) {
+        let named: Vec<String> = ahead
+            .iter()
+            .map(|(name, at)| format!("witness `{name}` at {}", shown(*at)))
+            .collect();
         return Err(super::Refused::new(
             "cosignature_in_future",
             format!(
-                "witness `{name}` cosigned the checkpoint at {}, more than \
-                 {COSIGNATURE_FUTURE_SKEW_SECS} s after this machine's clock ({}); a witness \
+                "the witness quorum needs cosignatures stamped more than \
+                 {COSIGNATURE_FUTURE_SKEW_SECS} s after this machine's clock ({}): {}; a witness \
                  clock that runs ahead cannot vouch for the checkpoint's age",
-                shown(*at),
-                shown(now)
+                shown(now),
+                named.join(", ")
             ),
         )
         .into());
@@ -305,7 +330,11 @@ pub fn judge_cosignatures(
             .into());
         }
     }
-    Ok((cosigned, as_of))
+    Ok(Judged {
+        cosigned,
+        as_of,
+        ahead,
+    })
 }
 
 /// A cosignature's timestamp as RFC 3339 UTC, or as the number when it is
@@ -465,7 +494,19 @@ impl LogSource {
             }
             _ => anyhow::bail!("give --export FILE, --url URL or --tiles DIR|URL"),
         };
-        let (cosigned, quorum_as_of) = judge(&new.checkpoint)?.unwrap_or_default();
+        let Judged {
+            cosigned,
+            as_of: quorum_as_of,
+            ahead,
+        } = judge(&new.checkpoint)?.unwrap_or_default();
+        for (name, at) in &ahead {
+            eprintln!(
+                "warning: witness {name}'s cosignature is stamped {}, more than \
+                 {COSIGNATURE_FUTURE_SKEW_SECS} s after this machine's clock: not counted (the \
+                 others make the quorum)",
+                unix_time_text(*at)
+            );
+        }
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =

@@ -8,6 +8,10 @@
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
+/// What a stop may take beyond the drain's grace: the requests the drain cut
+/// finishing on the blocking pool, their leaves written, the HSM closed.
+pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Where notifications go, if anywhere.
 #[derive(Debug)]
 pub struct Notifier {
@@ -40,9 +44,16 @@ impl Notifier {
         ));
     }
 
-    /// `STOPPING=1`: draining before exit.
-    pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=draining connections\n");
+    /// `STOPPING=1`: draining before exit, for up to `grace`. With it,
+    /// `EXTEND_TIMEOUT_USEC` asks for `grace` and [`STOP_MARGIN`] more, so
+    /// that a grace longer than the unit's `TimeoutStopSec` is not cut by
+    /// SIGKILL (systemd only ever extends the timeout with it, never
+    /// shortens it).
+    pub fn stopping(&self, grace: std::time::Duration) {
+        let usec = grace.saturating_add(STOP_MARGIN).as_micros();
+        self.send(&format!(
+            "STOPPING=1\nEXTEND_TIMEOUT_USEC={usec}\nSTATUS=draining connections\n"
+        ));
     }
 
     fn send(&self, message: &str) {
@@ -104,7 +115,7 @@ mod tests {
         let n = Notifier::new(Some(path.to_str().unwrap().into()));
         n.ready("serving\napi=x");
         n.reloading();
-        n.stopping();
+        n.stopping(std::time::Duration::from_secs(90));
         let mut buf = [0u8; 512];
         let mut next = || {
             let len = rx.recv(&mut buf).unwrap();
@@ -121,7 +132,10 @@ mod tests {
             .unwrap();
         assert!(usec > 0);
         assert!(usec <= monotonic_usec());
-        assert_eq!(next(), "STOPPING=1\nSTATUS=draining connections\n");
+        assert_eq!(
+            next(),
+            "STOPPING=1\nEXTEND_TIMEOUT_USEC=120000000\nSTATUS=draining connections\n"
+        );
     }
 
     #[cfg(target_os = "linux")]
@@ -131,10 +145,13 @@ mod tests {
         let name = format!("lavd-test-{}", std::process::id());
         let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
             .unwrap();
-        Notifier::new(Some(format!("@{name}"))).stopping();
+        Notifier::new(Some(format!("@{name}"))).stopping(std::time::Duration::ZERO);
         let mut buf = [0u8; 128];
         let len = rx.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..len], b"STOPPING=1\nSTATUS=draining connections\n");
+        assert_eq!(
+            &buf[..len],
+            b"STOPPING=1\nEXTEND_TIMEOUT_USEC=30000000\nSTATUS=draining connections\n"
+        );
     }
 
     #[test]

@@ -348,7 +348,7 @@ async fn serve(
                 state: state.clone(),
                 router: pipeline::router(routes::public_routes(state.clone())),
                 access: Access::Public(RateLimiter::new(
-                    f64::from(p.rate_limit_per_second),
+                    p.rate_limit_per_second,
                     p.rate_limit_burst,
                 )),
             });
@@ -456,7 +456,7 @@ async fn serve(
         }
     }
 
-    notifier.stopping();
+    notifier.stopping(startup.server.shutdown_grace);
     retention_watch.abort();
     state.start_draining();
     // The public log listener has nothing to drain that matters: tiles

@@ -281,7 +281,7 @@ async fn run(
         }
     };
     tracing::info!(signal = name, "stopping");
-    notifier.stopping();
+    notifier.stopping(server_settings.shutdown_grace);
     witness.start_draining();
     drain(
         listener,

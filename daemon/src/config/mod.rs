@@ -114,7 +114,7 @@ pub struct Settings {
 }
 
 /// Audit log settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AuditSettings {
     /// `CKA_LABEL` of the Ed25519 audit key pair on the token.
     pub key_label: String,

@@ -177,7 +177,7 @@ pub struct RawPublicLog {
     pub(super) listen: String,
     pub(super) max_connections: Option<u64>,
     pub(super) max_connections_per_ip: Option<u64>,
-    pub(super) rate_limit_per_second: Option<u64>,
+    pub(super) rate_limit_per_second: Option<f64>,
     pub(super) rate_limit_burst: Option<u64>,
 }
 

@@ -40,7 +40,7 @@ pub struct AdminSettings {
 /// (`/v1/log/…`) over TLS without asking for a client certificate, for an
 /// oversight body that publishes the log. What that reveals is in
 /// docs/THREAT_MODEL.md ("A public log").
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PublicLogSettings {
     /// Where it listens (`listen`, required).
     pub listen: SocketAddr,
@@ -52,7 +52,7 @@ pub struct PublicLogSettings {
     pub max_connections_per_ip: usize,
     /// Sustained requests per second from one IP address
     /// (`rate_limit_per_second`, default 50).
-    pub rate_limit_per_second: u32,
+    pub rate_limit_per_second: f64,
     /// Requests one IP address may make in a burst (`rate_limit_burst`,
     /// default 200: a mirror catching up fetches many tiles at once).
     pub rate_limit_burst: u32,
@@ -332,10 +332,10 @@ impl Validator<'_> {
                 max_connections,
                 "audit.public.max_connections",
             )?,
-            rate_limit_per_second: per_ip(
+            rate_limit_per_second: self.rate(
                 "audit.public.rate_limit_per_second",
                 raw.rate_limit_per_second,
-                50,
+                50.0,
             )?,
             rate_limit_burst: per_ip("audit.public.rate_limit_burst", raw.rate_limit_burst, 200)?,
         })
@@ -426,18 +426,11 @@ impl Validator<'_> {
 
     pub(super) fn limits(&self, raw: RawLimits) -> Result<Limits, ConfigError> {
         let d = Limits::default();
-        let rate = match raw.rate_limit_per_second {
-            None => d.rate_limit_per_second,
-            // At least one request in 1000 s: below that, the wait a refusal
-            // names would not fit a `Duration`.
-            Some(r) if r.is_finite() && (0.001..=1e6).contains(&r) => r,
-            Some(_) => {
-                return Err(self.err(
-                    "limits.rate_limit_per_second",
-                    "must be a number from 0.001 to 1000000",
-                ))
-            }
-        };
+        let rate = self.rate(
+            "limits.rate_limit_per_second",
+            raw.rate_limit_per_second,
+            d.rate_limit_per_second,
+        )?;
         let burst = self.count(
             "limits.rate_limit_burst",
             raw.rate_limit_burst,
@@ -577,6 +570,18 @@ impl Validator<'_> {
 
     /// A per-address connection bound: 1 to `max` (the listener's own
     /// bound, named `max_field`), `default` when unset.
+    /// A token bucket's sustained rate, requests per second: the one
+    /// definition of its bounds for every listener.
+    fn rate(&self, field: &str, value: Option<f64>, default: f64) -> Result<f64, ConfigError> {
+        match value {
+            None => Ok(default),
+            // At least one request in 1000 s: below that, the wait a refusal
+            // names would not fit a `Duration`.
+            Some(r) if r.is_finite() && (0.001..=1e6).contains(&r) => Ok(r),
+            Some(_) => Err(self.err(field, "must be a number from 0.001 to 1000000")),
+        }
+    }
+
     fn per_ip_connections(
         &self,
         field: &str,

@@ -226,6 +226,30 @@ fn per_address_connection_bounds_default_to_the_listeners_own() {
     assert_eq!(public("max_connections_per_ip = 5\n"), 5);
 }
 
+/// Both token buckets take a rate with one definition of its bounds: a
+/// fraction is a rate, not a type error, in either table.
+#[test]
+fn both_rate_limits_take_the_same_rates() {
+    let text = format!(
+        "{GOOD}{TLS}[limits]\nrate_limit_per_second = 0.5\n\
+         [audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_per_second = 0.25\n"
+    );
+    let s = load(&text, &[]).unwrap();
+    assert!((s.limits.rate_limit_per_second - 0.5).abs() < f64::EPSILON);
+    let public = s.audit.public.unwrap().rate_limit_per_second;
+    assert!((public - 0.25).abs() < f64::EPSILON);
+    let public = load(
+        &format!("{GOOD}{TLS}[audit.public]\nlisten = \"127.0.0.1:9443\"\n"),
+        &[],
+    )
+    .unwrap()
+    .audit
+    .public
+    .unwrap()
+    .rate_limit_per_second;
+    assert!((public - 50.0).abs() < f64::EPSILON);
+}
+
 #[test]
 fn serve_table_refusals_name_the_field() {
     let cases: &[(&str, &str)] = &[
@@ -284,6 +308,14 @@ fn serve_table_refusals_name_the_field() {
         (
             "[limits]\nrate_limit_per_second = 1e-20\n",
             "limits.rate_limit_per_second",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_per_second = 0\n",
+            "audit.public.rate_limit_per_second",
+        ),
+        (
+            "[audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_per_second = 2e6\n",
+            "audit.public.rate_limit_per_second",
         ),
         ("[limits]\nmax_connections = 0\n", "limits.max_connections"),
         (
