@@ -346,8 +346,9 @@ fn a_held_call_fails_once_its_settings_file_is_gone() {
     assert_eq!(th.daemon.wait_metric("lavd_hsm_calls_stuck", 0.0), 0.0);
 }
 
-/// The pid of the `lavd serve` process running with `config`, found in
-/// `/proc` (the harness hands out its `Daemon` only once it is ready).
+/// The pid of the `lavd serve` or `lavd witness serve` process running with
+/// `config`, found in `/proc` (the harness hands out its `Daemon` only once
+/// it is ready).
 fn serve_pid(config: &std::path::Path) -> Option<i32> {
     let wanted = config.to_str()?;
     std::fs::read_dir("/proc").ok()?.find_map(|entry| {
@@ -358,10 +359,44 @@ fn serve_pid(config: &std::path::Path) -> Option<i32> {
     })
 }
 
-/// A SIGHUP during a slow start (a certificate renewal's `kill -HUP`, here
-/// while the HSM's login hangs) does not end the process: its default
-/// action did, and every restart logged in again. The daemon starts, and
-/// serves.
+/// Starts a daemon through `start` while `shim` holds its HSM login, sends
+/// it SIGHUP inside the hung login (a certificate renewal's `kill -HUP`),
+/// then lets the login go: the daemon must start and serve.
+fn start_through_a_sighup_in_a_hung_login(
+    shim: &Shim,
+    config: &std::path::Path,
+    start: impl FnOnce() -> Result<Daemon, (Option<std::process::ExitStatus>, String)>,
+) -> Daemon {
+    shim.set("fault = hang\nfault_calls = C_Login\n");
+    let (started, signalled) = std::thread::scope(|s| {
+        let hup = s.spawn(|| {
+            // Past the configuration's load, inside the hung login.
+            std::thread::sleep(Duration::from_secs(2));
+            let signalled = serve_pid(config)
+                .and_then(rustix::process::Pid::from_raw)
+                .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::HUP));
+            std::thread::sleep(Duration::from_secs(1));
+            // Released whatever happened, so that the start does not wait
+            // out the module's own 120 s.
+            shim.set("");
+            signalled
+        });
+        let started = start();
+        (started, hup.join().unwrap())
+    });
+    assert!(
+        matches!(signalled, Some(Ok(()))),
+        "no serve process was sent SIGHUP: {signalled:?}"
+    );
+    let daemon = started
+        .unwrap_or_else(|(status, stderr)| panic!("it did not start ({status:?}):\n{stderr}"));
+    daemon.wait_readyz(200);
+    daemon
+}
+
+/// A SIGHUP during a slow start (here while the HSM's login hangs) does
+/// not end `lavd serve`: its default action did, and every restart logged
+/// in again.
 #[test]
 fn a_sighup_during_start_up_does_not_kill_the_daemon() {
     let t = TestToken::new();
@@ -372,30 +407,35 @@ fn a_sighup_during_start_up_does_not_kill_the_daemon() {
         &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
     );
     softhsm_tests::server::make_audit_key(&t);
-    shim.set("fault = hang\nfault_calls = C_Login\n");
     let config = t.config();
-    let (started, signalled) = std::thread::scope(|s| {
-        let hup = s.spawn(|| {
-            // Past the configuration's load, inside the hung login.
-            std::thread::sleep(Duration::from_secs(2));
-            let signalled = serve_pid(&config)
-                .and_then(rustix::process::Pid::from_raw)
-                .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::HUP));
-            std::thread::sleep(Duration::from_secs(1));
-            // Released whatever happened, so that the start does not wait
-            // out the module's own 120 s.
-            shim.set("");
-            signalled
-        });
-        let started = Daemon::try_start(&t);
-        (started, hup.join().unwrap())
-    });
-    assert!(
-        matches!(signalled, Some(Ok(()))),
-        "no lavd serve process was sent SIGHUP: {signalled:?}"
+    start_through_a_sighup_in_a_hung_login(&shim, &config, || Daemon::try_start(&t));
+}
+
+/// Nor `lavd witness serve`, which logs in to its HSM for its key.
+#[test]
+fn a_sighup_during_start_up_does_not_kill_the_witness() {
+    let log = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let log_vkey =
+        lavd::audit::note::verifier_key("log.test/hup", log.verifying_key().as_bytes()).unwrap();
+    let mut w =
+        softhsm_tests::witness::Witness::start("witness.test/hup", "log.test/hup", &log_vkey, "");
+    w.daemon.signal(rustix::process::Signal::TERM);
+    assert!(w.daemon.wait_exit(Duration::from_secs(30)).success());
+    // The same witness, through the fault module.
+    let shim = Shim::new(&w.t);
+    let config = std::fs::read_to_string(&w.config).unwrap();
+    let module = format!(
+        "module = {:?}",
+        softhsm_tests::module_path().display().to_string()
     );
-    let daemon = started.unwrap_or_else(|(status, stderr)| {
-        panic!("lavd serve did not start ({status:?}):\n{stderr}")
+    assert!(config.contains(&module), "{config}");
+    let through = config.replacen(
+        &module,
+        &format!("module = {:?}", shim_module_path().display().to_string()),
+        1,
+    );
+    std::fs::write(&w.config, format!("{through}\n{}", shim.hsm_env())).unwrap();
+    w.daemon = start_through_a_sighup_in_a_hung_login(&shim, &w.config, || {
+        Daemon::try_start_witness(&w.t, &w.config, "witness")
     });
-    daemon.wait_readyz(200);
 }

@@ -131,10 +131,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // kill it, and its restart log in again. Taken from here; one that
     // arrives before serving is a reload once serving. (SIGTERM and SIGINT
     // keep their default until then: a start that hangs can be stopped.)
-    let hangup = {
-        let _entered = runtime.enter();
-        signal(SignalKind::hangup()).context("cannot handle SIGHUP")?
-    };
+    let hangup = Signals::take_hangup(&runtime)?;
     let trust = settings.require_trust()?.clone();
     let open_hsm = |config| {
         super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
@@ -574,8 +571,13 @@ pub(super) struct Signals {
 }
 
 impl Signals {
-    pub(super) fn new() -> anyhow::Result<Self> {
-        Self::with_hangup(signal(SignalKind::hangup()).context("cannot handle SIGHUP")?)
+    /// SIGHUP's handler alone, installed as early as a daemon can (before
+    /// a slow start: a migration, the HSM's login), so that a certificate
+    /// renewal's `kill -HUP` then does not end the process, its default
+    /// action. One that arrives before serving is seen once serving.
+    pub(super) fn take_hangup(runtime: &tokio::runtime::Runtime) -> anyhow::Result<Signal> {
+        let _entered = runtime.enter();
+        signal(SignalKind::hangup()).context("cannot handle SIGHUP")
     }
 
     /// With SIGHUP's handler installed earlier.

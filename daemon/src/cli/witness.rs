@@ -154,6 +154,14 @@ fn serve(config: &Path) -> anyhow::Result<()> {
         tracing::warn!("dev = true: the witness key is in a file; never run a witness like this");
     }
     let dev = matches!(settings.key, WitnessKeySource::DevFile(_));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("lavd-witness")
+        .max_blocking_threads(settings.server.blocking_threads)
+        .build()
+        .context("cannot start the async runtime")?;
+    // As `lavd serve`: from before the HSM's login.
+    let hangup = Signals::take_hangup(&runtime)?;
     let signer = signer(settings.key, &settings.file)?;
     let state = if settings.state.exists() {
         match WitnessState::open(&settings.state) {
@@ -198,14 +206,9 @@ fn serve(config: &Path) -> anyhow::Result<()> {
         settings.limits.clone(),
     )?);
     tracing::info!(vkey = %witness.key(), "witness key");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("lavd-witness")
-        .max_blocking_threads(settings.server.blocking_threads)
-        .build()
-        .context("cannot start the async runtime")?;
     let result = runtime.block_on(run(
         witness,
+        hangup,
         tls,
         &settings.server,
         &settings.admin,
@@ -221,13 +224,14 @@ fn serve(config: &Path) -> anyhow::Result<()> {
 
 async fn run(
     witness: Arc<Witness>,
+    hangup: tokio::signal::unix::Signal,
     tls: Arc<rustls::ServerConfig>,
     server_settings: &crate::config::ServerSettings,
     admin_settings: &crate::config::AdminSettings,
     limits: &crate::config::Limits,
     notifier: Notifier,
 ) -> anyhow::Result<()> {
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::with_hangup(hangup)?;
     let timeouts = Timeouts {
         handshake: limits.handshake_timeout,
         header_read: limits.header_read_timeout,
