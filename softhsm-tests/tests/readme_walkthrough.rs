@@ -137,6 +137,22 @@ fn the_readme_walkthrough_works_as_written() {
     assert!(second.contains("using the existing"), "{second}");
     assert_eq!(provider_keys(&dir, api), keys_before);
     stop(child);
+    // Another address for it is refused, naming the field that keeps it,
+    // not ignored with a banner that shows the flag's.
+    let moved = Command::new(softhsm_tests::lavd_binary())
+        .args(["dev", "--dir", dir.to_str().unwrap()])
+        .args(["--listen", &format!("127.0.0.1:{}", dev.admin)])
+        .env("LAVD_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&moved.stderr);
+    assert_eq!(moved.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("lavd: usage: --listen")
+            && stderr.contains(&format!("server.listen = \"127.0.0.1:{api}\"")),
+        "{stderr}"
+    );
 
     // `lavd serve --config lavd-dev/lavd.toml` takes the dev config as it
     // is (the README says so): ready, and serving the same keys.

@@ -55,13 +55,23 @@ pub struct DevArgs {
     /// The directory holding the demo's token, keys, certificates and store.
     #[arg(long, value_name = "DIR")]
     pub dir: PathBuf,
-    /// The API's address (mutual TLS).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
-    pub listen: SocketAddr,
-    /// The admin listener's address (`/healthz`, `/readyz`, `/metrics`).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
-    pub admin_listen: SocketAddr,
+    /// The API's address (mutual TLS), written into a new directory's
+    /// config [default: 127.0.0.1:8443]. An existing directory keeps its
+    /// own: one that differs is refused.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// The admin listener's address (`/healthz`, `/readyz`, `/metrics`), as
+    /// `--listen` [default: 127.0.0.1:9090].
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
 }
+
+/// `--listen`'s address for a new directory.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8443);
+/// `--admin-listen`'s address for a new directory.
+const DEFAULT_ADMIN_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9090);
 
 /// Where SoftHSM's module is on Debian-family systems.
 const SOFTHSM_MODULES: [&str; 3] = [
@@ -78,12 +88,35 @@ impl DevArgs {
     pub fn run(self) -> anyhow::Result<()> {
         let dir = absolute(&self.dir)?;
         let config = dir.join("lavd.toml");
-        if config.exists() {
+        let (listen, admin) = if config.exists() {
             eprintln!("lavd dev: using the existing {}", dir.display());
+            let settings = crate::config::Settings::load(&config, &crate::config::ProcessEnv)?;
+            let kept = (settings.server.listen, settings.admin.listen);
+            for (flag, given, field, has) in [
+                ("--listen", self.listen, "server.listen", kept.0),
+                ("--admin-listen", self.admin_listen, "admin.listen", kept.1),
+            ] {
+                if let Some(given) = given.filter(|g| *g != has) {
+                    return Err(crate::cli::Refused::new(
+                        "usage",
+                        format!(
+                            "{flag} {given}: the existing {} has {field} = \"{has}\", and an \
+                             existing directory keeps its own; edit it there, or give a new \
+                             --dir",
+                            config.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
+            kept
         } else {
-            create(&dir, self.listen, self.admin_listen)?;
-        }
-        print_banner(&dir, self.listen, self.admin_listen);
+            let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
+            let admin = self.admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN);
+            create(&dir, listen, admin)?;
+            (listen, admin)
+        };
+        print_banner(&dir, listen, admin);
         super::cli::serve::run(super::cli::serve::ServeArgs {
             config: super::cli::ConfigArg { config },
         })
