@@ -570,6 +570,11 @@ pub struct Verified {
     pub fetched_at: Option<time::OffsetDateTime>,
 }
 
+/// The most bytes `GET /v1/audit/checkpoint`'s reply can hold: a signed
+/// note's bound, each byte as JSON's longest escape (`\u001f`, six), and
+/// the object around it.
+const CHECKPOINT_REPLY_BYTES: u64 = 6 * crate::audit::note::MAX_NOTE_BYTES as u64 + 64;
+
 /// `GET /v1/audit/checkpoint`'s reply (PROTOCOL §6).
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -600,7 +605,8 @@ fn fetch_export(
     max_entries: u64,
     vet: &dyn Fn(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<Export> {
-    let CheckpointReply { checkpoint } = client.get_json("/v1/audit/checkpoint")?;
+    let CheckpointReply { checkpoint } =
+        client.get_json_within("/v1/audit/checkpoint", CHECKPOINT_REPLY_BYTES)?;
     let signed = crate::audit::note::verify_checkpoint(&checkpoint, key)
         .context("the daemon's checkpoint")?;
     within_max_entries(signed.size, max_entries)?;

@@ -474,7 +474,20 @@ impl Client {
     /// (`unexpected_reply`), or an [`HttpsError`] when the reply breaks the
     /// [`Limits`].
     pub fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
-        let body = self.get_bytes(path)?;
+        self.get_json_within(path, u64::MAX)
+    }
+
+    /// [`Self::get_json`] of a reply that can hold at most `most` bytes,
+    /// refused as it arrives beyond them, as [`Self::get_bytes_within`].
+    ///
+    /// # Errors
+    /// As [`Self::get_json`].
+    pub fn get_json_within<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        most: u64,
+    ) -> anyhow::Result<T> {
+        let body = self.get_bytes_within(path, most)?;
         crate::codec::from_json(&body).map_err(|e| {
             super::Refused::new(
                 "unexpected_reply",
