@@ -16,8 +16,11 @@
 //!
 //! # Security
 //! Every secret (DH output, shared secret, AEAD key, nonces, exporter secret,
-//! opened plaintext) is held in [`Zeroizing`] buffers sized up front so no
-//! reallocation leaves a copy behind. `Debug` of a context prints only the
+//! opened plaintext) is held in zeroizing buffers on the heap, sized up
+//! front, so that neither a reallocation nor a move leaves a copy behind:
+//! the fixed-size ones in [`Secret`] (boxed: moving one from function to
+//! function copies a pointer, not the bytes), the others in [`Zeroizing`]
+//! vectors. `Debug` of a context prints only the
 //! suite and the sequence number.
 
 use std::convert::Infallible;
@@ -28,6 +31,7 @@ use aws_lc_rs::hmac;
 use zeroize::Zeroizing;
 
 use crate::jwk::{P256PrivateKey, P256PublicKey};
+use crate::secret::Secret;
 
 /// RFC 9180 §7.1: DHKEM(P-256, HKDF-SHA256).
 pub const KEM_ID: u16 = 0x0010;
@@ -189,11 +193,11 @@ fn concat(parts: &[&[u8]]) -> Zeroizing<Vec<u8>> {
 /// RFC 5869 §2.2 HKDF-Extract with SHA-256: `PRK = HMAC(salt, IKM)`. An empty
 /// salt is an HMAC key of zero length, which HMAC pads to the same block as
 /// RFC 5869's "string of HashLen zeros".
-fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Result<Zeroizing<[u8; N_H]>, HpkeError> {
+fn hkdf_extract(salt: &[u8], ikm: &[u8]) -> Result<Secret<[u8; N_H]>, HpkeError> {
     // The salt may be a secret (the shared secret in KeySchedule); aws-lc
     // cleanses the HMAC_CTX that holds it when `key` drops.
     let key = hmac::Key::new(hmac::HMAC_SHA256, salt);
-    let mut prk = Zeroizing::new([0u8; N_H]);
+    let mut prk = Secret::new([0u8; N_H]);
     hmac::sign_to_buffer(&key, ikm, &mut prk[..]).map_err(|_| HpkeError::Internal)?;
     Ok(prk)
 }
@@ -205,7 +209,7 @@ fn hkdf_expand(prk: &[u8; N_H], info: &[u8], out: &mut [u8]) -> Result<(), HpkeE
         return Err(HpkeError::OutputTooLong(out.len()));
     }
     let key = hmac::Key::new(hmac::HMAC_SHA256, prk);
-    let mut t = Zeroizing::new([0u8; N_H]);
+    let mut t = Secret::new([0u8; N_H]);
     let mut t_len = 0;
     for (i, chunk) in out.chunks_mut(N_H).enumerate() {
         // At most 255 chunks (checked above), so the counter fits one byte
@@ -226,7 +230,7 @@ fn labeled_extract(
     salt: &[u8],
     label: &[u8],
     ikm: &[u8],
-) -> Result<Zeroizing<[u8; N_H]>, HpkeError> {
+) -> Result<Secret<[u8; N_H]>, HpkeError> {
     let labeled_ikm = concat(&[VERSION_LABEL, suite_id, label, ikm]);
     hkdf_extract(salt, &labeled_ikm)
 }
@@ -252,11 +256,11 @@ fn extract_and_expand(
     dh: &[u8; 32],
     enc: &P256PublicKey,
     pk_r: &P256PublicKey,
-) -> Result<Zeroizing<[u8; N_SECRET]>, HpkeError> {
+) -> Result<Secret<[u8; N_SECRET]>, HpkeError> {
     let suite_id = kem_suite_id();
     let eae_prk = labeled_extract(&suite_id, b"", b"eae_prk", dh)?;
     let kem_context = concat(&[enc.sec1(), pk_r.sec1()]);
-    let mut shared_secret = Zeroizing::new([0u8; N_SECRET]);
+    let mut shared_secret = Secret::new([0u8; N_SECRET]);
     labeled_expand(
         &suite_id,
         &eae_prk,
@@ -290,7 +294,7 @@ fn ecdh(sk: &agreement::PrivateKey, peer: &P256PublicKey) -> Result<DhOutput, Hp
 fn encap_with(
     pk_r: &P256PublicKey,
     sk_e: &agreement::PrivateKey,
-) -> Result<(Zeroizing<[u8; N_SECRET]>, P256PublicKey), HpkeError> {
+) -> Result<(Secret<[u8; N_SECRET]>, P256PublicKey), HpkeError> {
     let dh = ecdh(sk_e, pk_r)?;
     let pk_e = sk_e
         .compute_public_key()
@@ -306,7 +310,7 @@ fn decap<E>(
     enc: &P256PublicKey,
     pk_r: &P256PublicKey,
     dh: impl FnOnce(&P256PublicKey) -> Result<DhOutput, E>,
-) -> Result<Zeroizing<[u8; N_SECRET]>, HpkeError<E>> {
+) -> Result<Secret<[u8; N_SECRET]>, HpkeError<E>> {
     let z = dh(enc).map_err(HpkeError::Dh)?;
     extract_and_expand(&z, enc, pk_r).map_err(widen)
 }
@@ -318,10 +322,10 @@ struct KeySchedule {
     #[cfg_attr(not(test), allow(dead_code))]
     key_schedule_context: Vec<u8>,
     #[cfg_attr(not(test), allow(dead_code))]
-    secret: Zeroizing<[u8; N_H]>,
+    secret: Secret<[u8; N_H]>,
     key: Zeroizing<Vec<u8>>,
-    base_nonce: Zeroizing<[u8; N_N]>,
-    exporter_secret: Zeroizing<[u8; N_H]>,
+    base_nonce: Secret<[u8; N_N]>,
+    exporter_secret: Secret<[u8; N_H]>,
 }
 
 /// RFC 9180 §5.1 `KeySchedule(mode_base, shared_secret, info, "", "")`.
@@ -342,7 +346,7 @@ fn key_schedule(
     let secret = labeled_extract(&suite_id, shared_secret, b"secret", b"")?;
     let mut key = Zeroizing::new(vec![0u8; aead.key_len()]);
     labeled_expand(&suite_id, &secret, b"key", &key_schedule_context, &mut key)?;
-    let mut base_nonce = Zeroizing::new([0u8; N_N]);
+    let mut base_nonce = Secret::new([0u8; N_N]);
     labeled_expand(
         &suite_id,
         &secret,
@@ -350,7 +354,7 @@ fn key_schedule(
         &key_schedule_context,
         &mut base_nonce[..],
     )?;
-    let mut exporter_secret = Zeroizing::new([0u8; N_H]);
+    let mut exporter_secret = Secret::new([0u8; N_H]);
     labeled_expand(
         &suite_id,
         &secret,
@@ -372,8 +376,8 @@ struct Context {
     aead: Aead,
     // aws-lc frees the EVP_AEAD_CTX with OPENSSL_free, which cleanses it.
     key: LessSafeKey,
-    base_nonce: Zeroizing<[u8; N_N]>,
-    exporter_secret: Zeroizing<[u8; N_H]>,
+    base_nonce: Secret<[u8; N_N]>,
+    exporter_secret: Secret<[u8; N_H]>,
     seq: u64,
 }
 
@@ -401,7 +405,7 @@ impl Context {
 
     /// RFC 9180 §5.2 `ComputeNonce(seq) = base_nonce XOR I2OSP(seq, Nn)`.
     fn compute_nonce(&self, seq: u64) -> Zeroizing<[u8; N_N]> {
-        let mut nonce = self.base_nonce.clone();
+        let mut nonce = Zeroizing::new(*self.base_nonce);
         for (n, s) in nonce[N_N - 8..].iter_mut().zip(seq.to_be_bytes()) {
             *n ^= s;
         }
