@@ -153,13 +153,16 @@ fn sighup_reloads_the_server_certificate_for_new_connections() {
     );
 }
 
+/// A CRL reloaded with SIGHUP refuses the certificates it revokes, open
+/// connections included; putting the older CRL back is refused.
 #[test]
 fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate() {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let revoked = pki.clients.identity(PROVIDER);
     let kept = pki.clients.identity(LATE);
-    pki.write("clients.crl.pem", &pki.clients.crl(&[]));
+    let before = pki.clients.crl(&[]);
+    pki.write("clients.crl.pem", &before);
     t.write_config(&serve_config(&format!(
         "crls = [\"tls/clients.crl.pem\"]\n{}",
         roles(&[PROVIDER, LATE])
@@ -170,6 +173,8 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
     assert_eq!(a.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
     assert_eq!(b.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
 
+    // The test CA numbers its CRLs by the second.
+    std::thread::sleep(Duration::from_millis(1100));
     pki.write("clients.crl.pem", &pki.clients.crl(&[&revoked]));
     reload(&daemon);
 
@@ -181,6 +186,23 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
     // The other certificate's connection is untouched.
     assert_eq!(b.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
     // And the revoked one cannot come back.
+    assert_alert(
+        pki.client(daemon.api, Some(&revoked))
+            .request("GET", "/v1/keys", None),
+        rustls::AlertDescription::CertificateRevoked,
+    );
+    // Nor through the older CRL put back (a stale mirror, a rolled-back
+    // secret): that reload fails, naming the file, and the newer CRL stays.
+    pki.write("clients.crl.pem", &before);
+    let status = reload(&daemon);
+    assert!(status.contains("the last reload failed"), "{status}");
+    assert!(
+        daemon
+            .stderr()
+            .contains("clients.crl.pem (CRL 1 of tls.crls) is older than the running CRL"),
+        "{}",
+        daemon.stderr()
+    );
     assert_alert(
         pki.client(daemon.api, Some(&revoked))
             .request("GET", "/v1/keys", None),

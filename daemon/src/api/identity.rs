@@ -197,6 +197,52 @@ pub struct CrlFields {
     /// `nextUpdate` in seconds since the Unix epoch, or `None` when the CRL
     /// has none.
     pub next_update: Option<u64>,
+    /// `thisUpdate` in seconds since the Unix epoch.
+    pub this_update: u64,
+    /// The cRLNumber extension (RFC 5280 §5.2.3: increasing for one issuer
+    /// and scope), or `None` without one.
+    pub number: Option<CrlNumber>,
+}
+
+/// A CRL's cRLNumber: a non-negative INTEGER of up to 20 octets (RFC 5280
+/// §5.2.3), kept as its big-endian magnitude without leading zeros, so that
+/// numbers compare by length, then bytes.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CrlNumber {
+    len: usize,
+    magnitude: Vec<u8>,
+}
+
+impl CrlNumber {
+    /// From the DER INTEGER's contents; `None` for a negative one.
+    fn from_der_integer(contents: &[u8]) -> Option<Self> {
+        if contents.first().is_none_or(|b| b & 0x80 != 0) {
+            return None;
+        }
+        let start = contents
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(contents.len());
+        let magnitude = contents[start..].to_vec();
+        Some(CrlNumber {
+            len: magnitude.len(),
+            magnitude,
+        })
+    }
+}
+
+impl std::fmt::Display for CrlNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.len <= 16 {
+            let n = self
+                .magnitude
+                .iter()
+                .fold(0u128, |n, b| (n << 8) | u128::from(*b));
+            write!(f, "{n}")
+        } else {
+            write!(f, "0x{}", hex::encode(&self.magnitude))
+        }
+    }
 }
 
 /// Which certificates of its issuer a CRL covers.
@@ -212,6 +258,9 @@ pub enum CrlScope {
     /// indirect CRL, attribute certificates, or both flags.
     Other,
 }
+
+/// The cRLNumber extension's OID, 2.5.29.20.
+const CRL_NUMBER_OID: &[u8] = &[0x55, 0x1d, 0x14];
 
 /// The issuingDistributionPoint extension's OID, 2.5.29.28.
 const IDP_OID: &[u8] = &[0x55, 0x1d, 0x1c];
@@ -242,12 +291,12 @@ fn idp_scope(value: &[u8]) -> Result<CrlScope, IdentityError> {
     })
 }
 
-/// The issuer, scope and `nextUpdate` of a DER X.509 CRL (RFC 5280
-/// §5.1.2.3, §5.2.5 and §5.1.2.5).
+/// The issuer, scope, times and number of a DER X.509 CRL (RFC 5280
+/// §5.1.2.3, §5.2.5, §5.1.2.4, §5.1.2.5 and §5.2.3).
 ///
 /// # Errors
-/// [`IdentityError::Malformed`] when the DER is not a CRL or a time is not
-/// in RFC 5280's form.
+/// [`IdentityError::Malformed`] when the DER is not a CRL, a time is not
+/// in RFC 5280's form, or the cRLNumber is not a non-negative INTEGER.
 pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
     let mut list = Der::new(crl).expect_one(SEQUENCE)?;
     let mut tbs = Der::new(list.expect(SEQUENCE)?);
@@ -261,11 +310,12 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
     }
     let issuer = tbs.expect(SEQUENCE)?.to_vec();
     let (tag, value) = tbs.next()?;
-    der_time(tag, value)?;
+    let this_update = der_time(tag, value)?;
     // nextUpdate, optional; revokedCertificates, optional;
     // crlExtensions [0] EXPLICIT, optional.
     let mut next_update = None;
     let mut scope = CrlScope::All;
+    let mut number = None;
     while !tbs.is_empty() {
         match tbs.next()? {
             (tag @ (UTC_TIME | GENERALIZED_TIME), value) => {
@@ -275,6 +325,12 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
                 for (oid, value) in extensions(value)? {
                     if oid == IDP_OID {
                         scope = idp_scope(value)?;
+                    } else if oid == CRL_NUMBER_OID {
+                        let contents = Der::new(value).expect_one(INTEGER)?.rest;
+                        number = Some(
+                            CrlNumber::from_der_integer(contents)
+                                .ok_or(IdentityError::Malformed)?,
+                        );
                     }
                 }
             }
@@ -285,6 +341,8 @@ pub fn crl_fields(crl: &[u8]) -> Result<CrlFields, IdentityError> {
         issuer,
         scope,
         next_update,
+        this_update,
+        number,
     })
 }
 

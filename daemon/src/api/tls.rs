@@ -62,6 +62,38 @@ pub struct CrlCoverage {
     /// `enforce_crl_expiry`; `None` when it counts for ever (it has none,
     /// or the expiry is not enforced).
     counts_until: Option<u64>,
+    /// Its `thisUpdate` (seconds since the Unix epoch).
+    this_update: u64,
+    /// Its cRLNumber, if it has one.
+    number: Option<super::identity::CrlNumber>,
+}
+
+impl CrlCoverage {
+    /// Why this CRL is older than `running`, a CRL of the same issuer and
+    /// scope: a lower cRLNumber (RFC 5280 §5.2.3: it only increases for one
+    /// issuer and scope), or, without both numbers, an earlier
+    /// `thisUpdate`. `None` when it is not older.
+    fn older_than(&self, running: &CrlCoverage) -> Option<String> {
+        if self.issuer != running.issuer || self.scope != running.scope {
+            return None;
+        }
+        let time = |t: u64| {
+            time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(0))
+                .map_or_else(|_| t.to_string(), crate::codec::format_time)
+        };
+        match (&self.number, &running.number) {
+            (Some(new), Some(old)) => {
+                (new < old).then(|| format!("cRLNumber {new}, the running one's {old}"))
+            }
+            _ => (self.this_update < running.this_update).then(|| {
+                format!(
+                    "thisUpdate {}, the running one's {}",
+                    time(self.this_update),
+                    time(running.this_update)
+                )
+            }),
+        }
+    }
 }
 
 /// Whether two CRLs of one issuer cover no certificate in common: one
@@ -330,7 +362,12 @@ fn unix_now() -> u64 {
 ///   a CRL is a warning (a start; a CA whose running CRL lapsed too, or that
 ///   had none), so that CRLs that lapsed do not block every reload (a role
 ///   or an authority withdrawn in a hurry): the clients it covers are
-///   refused (`crl_expired`) until a fresh one comes.
+///   refused (`crl_expired`) until a fresh one comes;
+/// - at a reload, a CRL older than the running CRL of its issuer and scope
+///   (a lower cRLNumber, or without both numbers an earlier `thisUpdate`),
+///   with the expiry enforced or not: it would take back the revocations
+///   the newer one added (a stale mirror, a rolled-back secret, a replayed
+///   fetch), and the running one stays.
 fn check_crls(
     crls: &[(&Path, CertificateRevocationListDer<'_>)],
     enforce: bool,
@@ -371,10 +408,18 @@ fn check_crls(
                         && c.counts_until.is_none_or(|u| u > now)
                 })
             });
+        tracing::info!(
+            crl = %path.display(),
+            number = %fields.number.as_ref().map_or_else(|| "none".into(), ToString::to_string),
+            this_update = fields.this_update,
+            "CRL loaded"
+        );
         coverage.push(CrlCoverage {
             issuer: fields.issuer,
             scope: fields.scope,
             counts_until: fields.next_update.filter(|_| enforce),
+            this_update: fields.this_update,
+            number: fields.number,
         });
         let Some(next) = fields.next_update else {
             continue;
@@ -404,6 +449,25 @@ fn check_crls(
             "{past}: every client it covers is refused (crl_expired) until a fresh CRL is \
              loaded (SIGHUP)"
         );
+    }
+    // A reload that puts back an older CRL of the same certificates (a
+    // stale mirror, a rolled-back secret, a replayed fetch) would take back
+    // every revocation the newer one added, silently: refused, whether or
+    // not the expiry is enforced.
+    for (i, (new, (path, _))) in coverage.iter().zip(crls).enumerate() {
+        if let Some(why) = running
+            .unwrap_or_default()
+            .iter()
+            .find_map(|running| new.older_than(running))
+        {
+            return Err(format!(
+                "{} (CRL {} of tls.crls) is older than the running CRL of its issuer and scope \
+                 ({why}): loading it would take back the revocations the newer one added; put \
+                 the newer CRL back, or a newer one still",
+                path.display(),
+                i + 1
+            ));
+        }
     }
     Ok((until, coverage))
 }
@@ -625,11 +689,21 @@ mod tests {
         scope: Option<rcgen::CrlScope>,
         next_update: u64,
     ) -> CertificateRevocationListDer<'static> {
+        numbered_crl(issuer, scope, next_update, next_update)
+    }
+
+    /// [`crl`] with the cRLNumber `number`.
+    fn numbered_crl(
+        issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+        scope: Option<rcgen::CrlScope>,
+        next_update: u64,
+        number: u64,
+    ) -> CertificateRevocationListDer<'static> {
         let at = |s: u64| time::OffsetDateTime::from_unix_timestamp(s as i64).unwrap();
         rcgen::CertificateRevocationListParams {
             this_update: at(next_update - 3600),
             next_update: at(next_update),
-            crl_number: rcgen::SerialNumber::from(1u64),
+            crl_number: rcgen::SerialNumber::from(number),
             issuing_distribution_point: scope.map(|scope| rcgen::CrlIssuingDistributionPoint {
                 distribution_point: rcgen::CrlDistributionPoint {
                     uris: vec!["http://crl.example/ca.crl".into()],
@@ -825,9 +899,13 @@ mod tests {
         // A running CRL whose expiry was not enforced counts for ever.
         let unenforced = running(vec![crl(&issuer, None, now - 10)], false);
         assert!(check_crls(&stale, true, Some(&unenforced), now).is_err());
-        // Not enforced: taken.
+        // Not enforced: taken (over a running CRL that has not lapsed, and
+        // that it follows).
+        let fresh_but_earlier = running(vec![numbered_crl(&issuer, None, now + 60, 0)], true);
         assert_eq!(
-            check_crls(&stale, false, Some(&fresh), now).unwrap().0,
+            check_crls(&stale, false, Some(&fresh_but_earlier), now)
+                .unwrap()
+                .0,
             u64::MAX
         );
         let e = check_crls(
@@ -838,5 +916,66 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.contains("not a DER X.509 CRL"), "{e}");
+    }
+
+    /// A reload that puts back an older CRL of the same issuer and scope (a
+    /// lower cRLNumber; an earlier `thisUpdate` when a number is missing)
+    /// is refused, whether or not the expiry is enforced: it would take
+    /// back the revocations the newer one added. The same CRL again, a
+    /// newer one, another scope's or another CA's are taken, and a start
+    /// has nothing to compare with.
+    #[test]
+    fn a_reload_refuses_an_older_crl_of_the_same_certificates() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let issuer = rcgen::Issuer::new(params, key);
+        let now: u64 = 2_000_000_000;
+        let path = Path::new("ca.crl");
+        let list = |crls: Vec<CertificateRevocationListDer<'static>>| {
+            crls.into_iter().map(|c| (path, c)).collect::<Vec<_>>()
+        };
+        let load = |crls, running: Option<&[CrlCoverage]>, enforce| {
+            check_crls(&list(crls), enforce, running, now)
+        };
+        let running = load(vec![numbered_crl(&issuer, None, now + 60, 42)], None, true)
+            .unwrap()
+            .1;
+        // #41, though its nextUpdate is later.
+        let older = || vec![numbered_crl(&issuer, None, now + 600, 41)];
+        for enforce in [true, false] {
+            let e = load(older(), Some(&running), enforce).unwrap_err();
+            assert!(
+                e.contains("ca.crl (CRL 1 of tls.crls) is older than the running CRL")
+                    && e.contains("cRLNumber 41, the running one's 42"),
+                "{e}"
+            );
+        }
+        assert!(load(older(), None, true).is_ok(), "a start");
+        for taken in [42, 43] {
+            let crls = vec![numbered_crl(&issuer, None, now + 60, taken)];
+            assert!(load(crls, Some(&running), true).is_ok(), "#{taken}");
+        }
+        let users = Some(rcgen::CrlScope::UserCertsOnly);
+        let crls = vec![numbered_crl(&issuer, users, now + 60, 1)];
+        assert!(load(crls, Some(&running), true).is_ok(), "another scope");
+        let other_key = rcgen::KeyPair::generate().unwrap();
+        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        other_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "another CA");
+        let other = rcgen::Issuer::new(other_params, other_key);
+        let crls = vec![numbered_crl(&other, None, now + 60, 1)];
+        assert!(load(crls, Some(&running), true).is_ok(), "another CA");
+        // Without a number on one side, thisUpdate decides.
+        let mut unnumbered = running[0].clone();
+        unnumbered.number = None;
+        let mut earlier = unnumbered.clone();
+        earlier.this_update -= 1;
+        let why = earlier.older_than(&unnumbered).unwrap();
+        assert!(why.starts_with("thisUpdate "), "{why}");
+        assert!(unnumbered.older_than(&earlier).is_none());
+        assert!(unnumbered.older_than(&unnumbered).is_none());
     }
 }
