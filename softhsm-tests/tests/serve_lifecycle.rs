@@ -1,6 +1,7 @@
 //! The life of `lavd serve`: SIGTERM drains in-flight requests and exits 0,
-//! a stuck request cannot hold the shutdown past the grace period, a second
-//! signal cuts it short, and a bad start exits with the right code.
+//! a stuck request cannot hold the shutdown past the grace period, SIGHUP
+//! still reloads while it drains, a second stop signal cuts it short, and a
+//! bad start exits with the right code.
 
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
@@ -95,8 +96,11 @@ fn a_stuck_request_cannot_hold_the_shutdown_past_the_grace() {
     assert!(stuck.read_response().is_err());
 }
 
+/// While the drain waits for requests in flight, SIGHUP still reloads
+/// (they are decided under the newest configuration: a CRL, a role
+/// withdrawn), and a second stop signal cuts the drain short.
 #[test]
-fn a_second_signal_cuts_the_drain_short() {
+fn a_reload_applies_while_draining_and_a_second_signal_cuts_it_short() {
     let (_t, pki, mut daemon) = start(60);
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
     let mut stuck = client.connect().unwrap();
@@ -111,6 +115,13 @@ fn a_second_signal_cuts_the_drain_short() {
             .lines()
             .any(|l| l == "EXTEND_TIMEOUT_USEC=90000000"),
         "{stopping}"
+    );
+    daemon.signal(Signal::HUP);
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0,
+        "{}",
+        daemon.stderr()
     );
     let started = Instant::now();
     daemon.signal(Signal::INT);

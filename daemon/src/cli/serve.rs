@@ -308,6 +308,60 @@ async fn watch_retention(state: Arc<ServerState>) {
     }
 }
 
+/// Reloads the configuration (SIGHUP) and logs the outcome; `Err` names
+/// the field that failed it.
+///
+/// Reading files, building TLS and, for a trust change, writing and
+/// fsyncing its audit leaf and signing a checkpoint in the HSM all block: a
+/// thread of its own does it, not the blocking pool, where unwraps waiting
+/// at the envelope gate could hold every thread (a new CRL must not wait
+/// for the clients it revokes). Its caller awaits it, which keeps reloads
+/// one at a time and in signal order; a stop signal waits for the reload
+/// in progress.
+async fn reload(state: &Arc<ServerState>) -> Result<(), String> {
+    let reloading = state.clone();
+    let (done, result) = tokio::sync::oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name("lavd-reload".into())
+        .spawn(move || {
+            let _ = done.send(reloading.reload());
+        });
+    let failed = |why: String| {
+        Err(crate::config::ConfigError {
+            file: state.config_file().to_path_buf(),
+            field: "reload".into(),
+            reason: why,
+        })
+    };
+    let reloaded = match started {
+        Ok(_) => result.await.unwrap_or_else(|_| {
+            // `reload` counts its own outcomes; not this one.
+            state.metrics.config_reload(false);
+            failed("the reload panicked (see the line above)".into())
+        }),
+        Err(e) => {
+            state.metrics.config_reload(false);
+            failed(format!("cannot start the reload's thread: {e}"))
+        }
+    };
+    match reloaded {
+        Ok(outcome) => {
+            tracing::info!(generation = outcome.generation, "configuration reloaded");
+            if !outcome.needs_restart.is_empty() {
+                tracing::warn!(
+                    tables = ?outcome.needs_restart,
+                    "these tables changed but apply only after a restart"
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; still serving the previous configuration");
+            Err(e.field)
+        }
+    }
+}
+
 async fn serve(
     state: Arc<ServerState>,
     notifier: Notifier,
@@ -389,60 +443,13 @@ async fn serve(
         match signals.next().await {
             Event::Reload => {
                 notifier.reloading();
-                // Reading files, building TLS and, for a trust change,
-                // writing and fsyncing its audit leaf and signing a
-                // checkpoint in the HSM all block: a thread of its own does
-                // it, not the blocking pool, where unwraps waiting at the
-                // envelope gate could hold every thread (a new CRL must not
-                // wait for the clients it revokes). Awaiting it here keeps
-                // reloads one at a time and in signal order; a stop signal
-                // waits for the reload in progress.
-                let reloading = state.clone();
-                let (done, result) = tokio::sync::oneshot::channel();
-                let started = std::thread::Builder::new()
-                    .name("lavd-reload".into())
-                    .spawn(move || {
-                        let _ = done.send(reloading.reload());
-                    });
-                let failed = |why: String| {
-                    Err(crate::config::ConfigError {
-                        file: state.config_file().to_path_buf(),
-                        field: "reload".into(),
-                        reason: why,
-                    })
-                };
-                let reloaded = match started {
-                    Ok(_) => result.await.unwrap_or_else(|_| {
-                        // `reload` counts its own outcomes; not this one.
-                        state.metrics.config_reload(false);
-                        failed("the reload panicked (see the line above)".into())
-                    }),
-                    Err(e) => {
-                        state.metrics.config_reload(false);
-                        failed(format!("cannot start the reload's thread: {e}"))
-                    }
-                };
-                match &reloaded {
-                    Ok(outcome) => {
-                        tracing::info!(generation = outcome.generation, "configuration reloaded");
-                        if !outcome.needs_restart.is_empty() {
-                            tracing::warn!(
-                                tables = ?outcome.needs_restart,
-                                "these tables changed but apply only after a restart"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload failed; still serving the previous configuration");
-                    }
-                }
+                let reloaded = reload(&state).await;
                 // What `systemctl status` shows until the next reload.
                 match &reloaded {
-                    Ok(_) => notifier.ready(&status),
-                    Err(e) => notifier.ready(&format!(
-                        "{status}; the last reload failed ({}), the previous configuration \
-                         is in force",
-                        e.field
+                    Ok(()) => notifier.ready(&status),
+                    Err(field) => notifier.ready(&format!(
+                        "{status}; the last reload failed ({field}), the previous \
+                         configuration is in force"
                     )),
                 }
             }
@@ -467,6 +474,9 @@ async fn serve(
         admin,
         startup.server.shutdown_grace,
         &mut signals,
+        async || {
+            let _ = reload(&state).await;
+        },
         move || cutting.cut_requests(),
     )
     .await;
@@ -531,15 +541,31 @@ pub(super) async fn drain(
     admin: server::Listener,
     grace: Duration,
     signals: &mut Signals,
+    mut on_reload: impl AsyncFnMut(),
     cut: impl FnOnce(),
 ) {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
     let drained = api
         .shutdown(async {
-            tokio::select! {
-                () = tokio::time::sleep(grace) => {}
-                name = signals.next_stop() => {
-                    tracing::warn!(signal = name, "second signal: not waiting any longer");
+            let over = tokio::time::sleep(grace);
+            tokio::pin!(over);
+            loop {
+                tokio::select! {
+                    () = &mut over => break,
+                    event = signals.next() => match event {
+                        Event::Stop(name) => {
+                            tracing::warn!(signal = name, "second signal: not waiting any longer");
+                            break;
+                        }
+                        // Requests still in flight are decided under the
+                        // newest configuration (a CRL, a role withdrawn):
+                        // a reload still applies while they drain, within
+                        // the grace.
+                        Event::Reload => tokio::select! {
+                            () = on_reload() => {}
+                            () = &mut over => break,
+                        },
+                    },
                 }
             }
             cut();
@@ -600,8 +626,8 @@ impl Signals {
         }
     }
 
-    /// The name of the next SIGTERM or SIGINT (SIGHUP is ignored while
-    /// stopping).
+    /// The name of the next SIGTERM or SIGINT (SIGHUP is ignored: after
+    /// the drain no request is admitted or decided any more).
     pub(super) async fn next_stop(&mut self) -> &'static str {
         loop {
             if let Event::Stop(name) = self.next().await {

@@ -278,9 +278,7 @@ async fn run(
     notifier.ready(&status);
     let name = loop {
         match signals.next().await {
-            Event::Reload => {
-                tracing::warn!("SIGHUP: the witness reloads nothing; restart it to apply a change");
-            }
+            Event::Reload => reloads_nothing(),
             Event::Stop(name) => break name,
         }
     };
@@ -292,8 +290,14 @@ async fn run(
         admin,
         server_settings.shutdown_grace,
         &mut signals,
+        async || reloads_nothing(),
         || {},
     )
     .await;
     Ok(())
+}
+
+/// What the witness does on SIGHUP.
+fn reloads_nothing() {
+    tracing::warn!("SIGHUP: the witness reloads nothing; restart it to apply a change");
 }
