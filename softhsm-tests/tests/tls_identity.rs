@@ -389,6 +389,13 @@ fn the_chain_suites_and_groups_are_as_documented() {
         r.text
     );
     assert!(r.text.contains("Verify return code: 0 (ok)"), "{}", r.text);
+    // The CertificateRequest names no client CA: who the vault trusts is
+    // not told to whoever connects.
+    assert!(
+        r.text.contains("No client certificate CA names sent"),
+        "{}",
+        r.text
+    );
     // Only the ALPN the server offers is http/1.1.
     let r = s_client(daemon.api, &who, &["-alpn", "h2"], &[(500, b"")]);
     assert!(r.text.contains("no application protocol"), "{}", r.text);

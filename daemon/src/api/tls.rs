@@ -197,7 +197,12 @@ pub fn load(
     let provider = provider();
     let mut verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .with_crls(crls);
+            .with_crls(crls)
+            // The CertificateRequest would name every client CA to anyone
+            // who connects, before they authenticate (which agencies and
+            // partners this vault trusts); clients here hold one
+            // certificate each and need no hint to pick it.
+            .clear_root_hint_subjects();
     if tls.allow_unknown_revocation_status {
         verifier = verifier.allow_unknown_revocation_status();
     }
