@@ -632,7 +632,7 @@ impl Witnessing {
         match reply.status.as_u16() {
             200 => self.cosigned(w, size, note, &text).await,
             409 => {
-                let learned = (reply.content_type.as_deref() == Some("text/x.tlog.size"))
+                let learned = is_tlog_size(reply.content_type.as_deref())
                     .then(|| parse_size(&text))
                     .flatten();
                 match learned {
@@ -764,6 +764,21 @@ enum Sent {
     Learned(u64),
 }
 
+/// Whether a `Content-Type` is `text/x.tlog.size`: a media type is
+/// compared without case and without its parameters (RFC 9110 §8.3.1), so
+/// that a witness or a proxy that writes `Text/X.Tlog.Size` or adds
+/// `; charset=utf-8` is still understood.
+fn is_tlog_size(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|value| {
+        value
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .eq_ignore_ascii_case(crate::witness::serve::TLOG_SIZE_CONTENT_TYPE)
+    })
+}
+
 /// A `text/x.tlog.size` body: a decimal without leading zeros and a
 /// newline.
 fn parse_size(body: &str) -> Option<u64> {
@@ -803,6 +818,23 @@ mod tests {
         for bad in ["50", "050\n", "\n", "5 0\n", "-1\n", "50\n\n", "x\n"] {
             assert_eq!(parse_size(bad), None, "{bad:?}");
         }
+    }
+
+    /// The size's media type is matched without case or parameters.
+    #[test]
+    fn a_size_is_read_from_any_spelling_of_its_media_type() {
+        for taken in [
+            "text/x.tlog.size",
+            "Text/X.Tlog.Size",
+            "text/x.tlog.size; charset=utf-8",
+            " text/x.tlog.size ;charset=utf-8",
+        ] {
+            assert!(is_tlog_size(Some(taken)), "{taken:?}");
+        }
+        for other in ["text/plain", "text/x.tlog.sizes", "", "x.tlog.size"] {
+            assert!(!is_tlog_size(Some(other)), "{other:?}");
+        }
+        assert!(!is_tlog_size(None));
     }
 
     const LOG_SEED: [u8; 32] = [9; 32];
