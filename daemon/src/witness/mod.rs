@@ -20,7 +20,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, Transactio
 use crate::audit::merkle::Hash;
 use crate::audit::note::VerifierKey;
 use crate::audit::witness::{
-    check_add_checkpoint, cosignature_line, AddCheckpoint, AddOutcome, CosignerKey,
+    check_add_checkpoint, cosignature_line, signed_checkpoint, AddCheckpoint, AddOutcome,
+    CosignerKey,
 };
 
 /// A witness state store failure: the witness answers 503 and cosigns
@@ -215,9 +216,30 @@ impl WitnessState {
         clock: &dyn Fn() -> u64,
         sign: impl FnOnce(&[u8]) -> Result<[u8; 64], E>,
     ) -> Result<Result<AddOutcome, E>, StateError> {
+        self.add_checkpoint_weighing_forks(body, trusted, key, clock, sign)
+            .map(|r| r.map(|(outcome, _)| outcome))
+    }
+
+    /// [`WitnessState::add_checkpoint`], also saying whether the refused
+    /// checkpoint is evidence of a fork: signed by the log, of the size
+    /// this witness recorded, with another root. Decided on the state read
+    /// in the same transaction (a request that lands between would
+    /// otherwise hide it), whatever the client's old size made the answer
+    /// (409, 422, or 400 for an old size above the checkpoint's).
+    ///
+    /// # Errors
+    /// As [`WitnessState::add_checkpoint`].
+    pub fn add_checkpoint_weighing_forks<E>(
+        &self,
+        body: &[u8],
+        trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
+        key: &CosignerKey,
+        clock: &dyn Fn() -> u64,
+        sign: impl FnOnce(&[u8]) -> Result<[u8; 64], E>,
+    ) -> Result<Result<(AddOutcome, bool), E>, StateError> {
         let request = match AddCheckpoint::parse(body) {
             Ok(r) => r,
-            Err(why) => return Ok(Ok(AddOutcome::BadRequest(why.to_string()))),
+            Err(why) => return Ok(Ok((AddOutcome::BadRequest(why.to_string()), false))),
         };
         let mut conn = self
             .conn
@@ -235,16 +257,30 @@ impl WitnessState {
         let recorded = read(&tx, &origin).map_err(|e| self.err(e))?;
         let checkpoint = match check_add_checkpoint(&request, trusted, &|_| recorded) {
             Ok(c) => c,
-            Err(outcome) => return Ok(Ok(outcome)),
+            Err(outcome) => {
+                let fork = matches!(
+                    outcome,
+                    AddOutcome::BadProof(_)
+                        | AddOutcome::Conflict { .. }
+                        | AddOutcome::BadRequest(_)
+                ) && recorded.is_some_and(|(size, root)| {
+                    signed_checkpoint(&request.checkpoint, &trusted(&origin))
+                        .is_ok_and(|c| c.size == size && c.root != root)
+                });
+                return Ok(Ok((outcome, fork)));
+            }
         };
         // The state holds sizes as SQLite integers: a larger one (which a
         // log could sign) is refused before anything is signed.
         let Ok(size) = i64::try_from(checkpoint.size) else {
-            return Ok(Ok(AddOutcome::BadRequest(format!(
-                "checkpoint size {} is above the {} this witness records",
-                checkpoint.size,
-                i64::MAX
-            ))));
+            return Ok(Ok((
+                AddOutcome::BadRequest(format!(
+                    "checkpoint size {} is above the {} this witness records",
+                    checkpoint.size,
+                    i64::MAX
+                )),
+                false,
+            )));
         };
         // The newest timestamp this state ever gave, read in the write
         // transaction: a restart with the clock stepped back, or another
@@ -275,7 +311,7 @@ impl WitnessState {
         // C2SP tlog-cosignature: the timestamp MUST NOT be zero. Nothing is
         // recorded (the transaction rolls back when dropped).
         if now == 0 {
-            return Ok(Ok(AddOutcome::NoTimestamp));
+            return Ok(Ok((AddOutcome::NoTimestamp, false)));
         }
         let body_end = request.checkpoint.rfind("\n\n").map_or(0, |i| i + 1);
         let line = match cosignature_line(key, &request.checkpoint[..body_end], now, sign) {
@@ -297,7 +333,7 @@ impl WitnessState {
         )
         .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        Ok(Ok(AddOutcome::Cosigned(line)))
+        Ok(Ok((AddOutcome::Cosigned(line), false)))
     }
 }
 
@@ -560,6 +596,53 @@ mod tests {
         let other = WitnessState::open(&path).unwrap();
         assert_eq!(stamp(&state, 300), [300]);
         assert_eq!(stamp(&other, 250), [300]);
+    }
+
+    /// A checkpoint the log signed at the size this witness recorded, with
+    /// another root, is told as fork evidence whatever the client's old
+    /// size made the answer (422, 409, 400); one whose only fault is its
+    /// proof, or that the log did not sign, is not.
+    #[test]
+    fn fork_evidence_is_weighed_on_the_state_the_answer_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let (log, log_sk, key, witness_sk) = one_log();
+        let add = |old_size: u64, proof: Vec<Hash>, checkpoint: String| {
+            let body = AddCheckpoint {
+                old_size,
+                proof,
+                checkpoint,
+            }
+            .encode();
+            state
+                .add_checkpoint_weighing_forks(
+                    body.as_bytes(),
+                    &|_| vec![log.clone()],
+                    &key,
+                    &|| 100,
+                    |m| Ok::<_, ()>(witness_sk.sign(m).to_bytes()),
+                )
+                .unwrap()
+                .unwrap()
+        };
+        let (recorded, fork) = add(0, Vec::new(), note(&log_sk, 1, [1; 32]));
+        assert!(matches!(recorded, AddOutcome::Cosigned(_)) && !fork);
+        let forked = || note(&log_sk, 1, [2; 32]);
+        for (old, status) in [(1, 422), (0, 409), (5, 400)] {
+            let (outcome, fork) = add(old, Vec::new(), forked());
+            assert_eq!(outcome.status(), status, "old {old}: {outcome:?}");
+            assert!(fork, "old {old}");
+        }
+        // The log's next checkpoint with a proof that does not verify: the
+        // client's fault, no evidence against the log.
+        let (outcome, fork) = add(1, vec![[9; 32]], note(&log_sk, 2, [3; 32]));
+        assert_eq!(outcome.status(), 422, "{outcome:?}");
+        assert!(!fork);
+        // Not signed by the log: 403, no evidence.
+        let stranger = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+        let (outcome, fork) = add(1, Vec::new(), note(&stranger, 1, [2; 32]));
+        assert_eq!(outcome, AddOutcome::Forbidden);
+        assert!(!fork);
     }
 
     /// A size the state cannot record (at or above 2^63), though the log

@@ -256,7 +256,7 @@ impl Witness {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
         };
-        let outcome = self.state.add_checkpoint(
+        let outcome = self.state.add_checkpoint_weighing_forks(
             body,
             &|origin| self.trusted(origin),
             &self.key,
@@ -277,7 +277,7 @@ impl Witness {
                 tracing::error!(error = %e, "cannot sign with the witness key");
                 ApiError::HsmUnavailable.into_response()
             }
-            Ok(Ok(outcome)) => {
+            Ok(Ok((outcome, fork))) => {
                 match &outcome {
                     AddOutcome::Cosigned(_) => {
                         // Known origin: the label set stays the config's.
@@ -291,12 +291,11 @@ impl Witness {
                     // root: two roots the log signed for one size, evidence
                     // of a fork, kept in the log (the spec allows it). It
                     // is answered 422 when the client sent that size as its
-                    // old size, 409 when it sent another.
-                    AddOutcome::BadProof(_) | AddOutcome::Conflict { .. }
-                        if self.another_root_at_recorded(body) =>
-                    {
-                        self.evidence(origin, outcome.status(), body);
-                    }
+                    // old size, 409 when it sent another, 400 when it sent
+                    // one above the checkpoint's; decided in the state's
+                    // transaction, so a request landing meanwhile cannot
+                    // hide it.
+                    _ if fork => self.evidence(origin, outcome.status(), body),
                     // A proof that does not verify is the client's: anyone
                     // can send the log's real checkpoint with a byte of its
                     // proof changed, so it proves nothing against the log.
@@ -324,23 +323,6 @@ impl Witness {
             request = %String::from_utf8_lossy(body),
             "refused a checkpoint the log signed: it contradicts what this witness cosigned"
         );
-    }
-
-    /// True when the (log-signed) checkpoint of `body` has the size this
-    /// witness recorded and another root: a fork.
-    fn another_root_at_recorded(&self, body: &[u8]) -> bool {
-        let Ok(request) = crate::audit::witness::AddCheckpoint::parse(body) else {
-            return false;
-        };
-        let origin = request.checkpoint.split('\n').next().unwrap_or_default();
-        // Read as the add-checkpoint read it: extension lines taken.
-        let Ok(checkpoint) =
-            crate::audit::witness::signed_checkpoint(&request.checkpoint, &self.trusted(origin))
-        else {
-            return false;
-        };
-        matches!(self.state.recorded(origin), Ok(Some((recorded, root)))
-            if checkpoint.size == recorded && checkpoint.root != root)
     }
 }
 
