@@ -109,11 +109,12 @@ fn a_reload_applies_while_draining_and_a_second_signal_cuts_it_short() {
 
     daemon.signal(Signal::TERM);
     let stopping = daemon.expect_notify("STOPPING=1");
-    // The 60 s grace and 30 s more, so systemd does not kill the drain.
+    // The 60 s grace, the HSM's 5 s call timeout and 30 s more, so that
+    // systemd does not kill the drain or what it cut.
     assert!(
         stopping
             .lines()
-            .any(|l| l == "EXTEND_TIMEOUT_USEC=90000000"),
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=95000000"),
         "{stopping}"
     );
     daemon.signal(Signal::HUP);

@@ -171,7 +171,8 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
 /// time and the quorum's; `--max-cosignature-age` refuses a checkpoint the
 /// quorum last vouched for earlier (`checkpoint_stale`: a mirror that keeps
 /// serving an old view); a cosignature stamped well past this machine's
-/// clock is refused (`cosignature_in_future`).
+/// clock is set aside and not counted, and refused
+/// (`cosignature_in_future`) only when the quorum needs it.
 #[test]
 fn verify_judges_the_cosignatures_times() {
     let t = TestToken::new();

@@ -77,10 +77,6 @@ impl CrlCoverage {
         if self.issuer != running.issuer || self.scope != running.scope {
             return None;
         }
-        let time = |t: u64| {
-            time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(0))
-                .map_or_else(|_| t.to_string(), crate::codec::format_time)
-        };
         match (&self.number, &running.number) {
             (Some(new), Some(old)) => {
                 (new < old).then(|| format!("cRLNumber {new}, the running one's {old}"))
@@ -88,8 +84,8 @@ impl CrlCoverage {
             _ => (self.this_update < running.this_update).then(|| {
                 format!(
                     "thisUpdate {}, the running one's {}",
-                    time(self.this_update),
-                    time(running.this_update)
+                    time_text(self.this_update),
+                    time_text(running.this_update)
                 )
             }),
         }
@@ -413,12 +409,6 @@ fn check_crls(
                         && c.counts_until.is_none_or(|u| u > now)
                 })
             });
-        tracing::info!(
-            crl = %path.display(),
-            number = %fields.number.as_ref().map_or_else(|| "none".into(), ToString::to_string),
-            this_update = fields.this_update,
-            "CRL loaded"
-        );
         coverage.push(CrlCoverage {
             issuer: fields.issuer,
             scope: fields.scope,
@@ -468,13 +458,30 @@ fn check_crls(
             return Err(format!(
                 "{} (CRL {} of tls.crls) is older than the running CRL of its issuer and scope \
                  ({why}): loading it would take back the revocations the newer one added; put \
-                 the newer CRL back, or a newer one still",
+                 the newer CRL back, or a newer one still (a CA whose numbering started again \
+                 is taken by a restart, which compares with nothing)",
                 path.display(),
                 i + 1
             ));
         }
     }
+    // Only once every CRL is taken: what is in force.
+    for (new, (path, _)) in coverage.iter().zip(crls) {
+        tracing::info!(
+            crl = %path.display(),
+            number = %new.number.as_ref().map_or_else(|| "none".into(), ToString::to_string),
+            this_update = %time_text(new.this_update),
+            "CRL taken"
+        );
+    }
     Ok((until, coverage))
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC, or as the number when no
+/// date can show it.
+fn time_text(t: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(t).unwrap_or(i64::MAX))
+        .map_or_else(|_| t.to_string(), crate::codec::format_time)
 }
 
 /// Checks each CRL's signature as the handshake will: it picks a CRL by

@@ -1057,7 +1057,12 @@ mod tests {
                                 AddOutcome::Conflict { size } => {
                                     response.headers_mut().insert(
                                         hyper::header::CONTENT_TYPE,
-                                        hyper::header::HeaderValue::from_static("text/x.tlog.size"),
+                                        // As a proxy may write it: the
+                                        // submitter must still read the
+                                        // size (RFC 9110 §8.3.1).
+                                        hyper::header::HeaderValue::from_static(
+                                            "Text/X.Tlog.Size; charset=utf-8",
+                                        ),
                                     );
                                     *response.body_mut() =
                                         Full::new(Bytes::from(format!("{size}\n")));

@@ -8,8 +8,9 @@
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-/// What a stop may take beyond the drain's grace: the requests the drain cut
-/// finishing on the blocking pool, their leaves written, the HSM closed.
+/// What a stop may take beyond the drain's grace and one HSM call's
+/// timeout: the audit commits of the requests the drain cut, their deferred
+/// leaves written (5 s at most), the HSM closed.
 pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Where notifications go, if anywhere.
@@ -44,15 +45,15 @@ impl Notifier {
         ));
     }
 
-    /// `STOPPING=1`: draining before exit, for up to `grace`. With it,
-    /// `EXTEND_TIMEOUT_USEC` asks for `grace` and [`STOP_MARGIN`] more, so
-    /// that a grace longer than the unit's `TimeoutStopSec` is not cut by
-    /// SIGKILL (systemd only ever extends the timeout with it, never
-    /// shortens it).
-    pub fn stopping(&self, grace: std::time::Duration) {
-        let usec = grace.saturating_add(STOP_MARGIN).as_micros();
+    /// `STOPPING=1`: draining before exit, which may take up to `within`
+    /// (the drain's grace, what it cut finishing, [`STOP_MARGIN`]). With
+    /// it, `EXTEND_TIMEOUT_USEC` asks for that long, so that a grace longer
+    /// than the unit's `TimeoutStopSec` is not cut by SIGKILL (systemd only
+    /// ever extends the timeout with it, never shortens it).
+    pub fn stopping(&self, within: std::time::Duration) {
         self.send(&format!(
-            "STOPPING=1\nEXTEND_TIMEOUT_USEC={usec}\nSTATUS=draining connections\n"
+            "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=draining connections\n",
+            within.as_micros()
         ));
     }
 
@@ -115,7 +116,7 @@ mod tests {
         let n = Notifier::new(Some(path.to_str().unwrap().into()));
         n.ready("serving\napi=x");
         n.reloading();
-        n.stopping(std::time::Duration::from_secs(90));
+        n.stopping(std::time::Duration::from_secs(120));
         let mut buf = [0u8; 512];
         let mut next = || {
             let len = rx.recv(&mut buf).unwrap();
@@ -145,7 +146,7 @@ mod tests {
         let name = format!("lavd-test-{}", std::process::id());
         let rx = UnixDatagram::bind_addr(&SocketAddr::from_abstract_name(name.as_bytes()).unwrap())
             .unwrap();
-        Notifier::new(Some(format!("@{name}"))).stopping(std::time::Duration::ZERO);
+        Notifier::new(Some(format!("@{name}"))).stopping(STOP_MARGIN);
         let mut buf = [0u8; 128];
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(

@@ -460,7 +460,11 @@ async fn serve(
         }
     }
 
-    notifier.stopping(startup.server.shutdown_grace);
+    // The drain's grace, then the HSM calls of the requests it cut (each
+    // bounded by the call timeout), then the rest.
+    notifier.stopping(
+        startup.server.shutdown_grace + state.hsm.call_timeout() + super::notify::STOP_MARGIN,
+    );
     retention_watch.abort();
     state.start_draining();
     // The public log listener has nothing to drain that matters: tiles
@@ -474,8 +478,11 @@ async fn serve(
         admin,
         startup.server.shutdown_grace,
         &mut signals,
-        async || {
-            let _ = reload(&state).await;
+        || {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = reload(&state).await;
+            })
         },
         move || cutting.cut_requests(),
     )
@@ -541,10 +548,14 @@ pub(super) async fn drain(
     admin: server::Listener,
     grace: Duration,
     signals: &mut Signals,
-    mut on_reload: impl AsyncFnMut(),
+    mut on_reload: impl FnMut() -> tokio::task::JoinHandle<()>,
     cut: impl FnOnce(),
 ) {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
+    // A reload started while connections drain runs as a task of its own:
+    // the drain's deadline future is dropped as soon as the last
+    // connection closes, and must not take the reload with it.
+    let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
     let drained = api
         .shutdown(async {
             let over = tokio::time::sleep(grace);
@@ -559,12 +570,25 @@ pub(super) async fn drain(
                         }
                         // Requests still in flight are decided under the
                         // newest configuration (a CRL, a role withdrawn):
-                        // a reload still applies while they drain, within
-                        // the grace.
-                        Event::Reload => tokio::select! {
-                            () = on_reload() => {}
-                            () = &mut over => break,
-                        },
+                        // a reload still applies while they drain. One at
+                        // a time, in signal order.
+                        Event::Reload => {
+                            if let Some(mut previous) = reloading.take() {
+                                let stop = tokio::select! {
+                                    _ = &mut previous => None,
+                                    () = &mut over => Some(None),
+                                    name = signals.next_stop() => Some(Some(name)),
+                                };
+                                if let Some(signal) = stop {
+                                    if let Some(name) = signal {
+                                        tracing::warn!(signal = name, "second signal: not waiting any longer");
+                                    }
+                                    reloading = Some(previous);
+                                    break;
+                                }
+                            }
+                            reloading = Some(on_reload());
+                        }
                     },
                 }
             }
@@ -576,6 +600,16 @@ pub(super) async fn drain(
             aborted = drained.aborted,
             "grace period over; closed connections with requests still in flight"
         );
+    }
+    // A reload in progress is waited for (its leaf written, its outcome
+    // logged), unless another signal says not to.
+    if let Some(pending) = reloading {
+        tokio::select! {
+            _ = pending => {}
+            name = signals.next_stop() => {
+                tracing::warn!(signal = name, "not waiting for the reload in progress");
+            }
+        }
     }
     admin.shutdown(tokio::time::sleep(ADMIN_GRACE)).await;
     tracing::info!("stopped");

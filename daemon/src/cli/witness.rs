@@ -283,14 +283,14 @@ async fn run(
         }
     };
     tracing::info!(signal = name, "stopping");
-    notifier.stopping(server_settings.shutdown_grace);
+    notifier.stopping(server_settings.shutdown_grace + super::notify::STOP_MARGIN);
     witness.start_draining();
     drain(
         listener,
         admin,
         server_settings.shutdown_grace,
         &mut signals,
-        async || reloads_nothing(),
+        || tokio::spawn(async { reloads_nothing() }),
         || {},
     )
     .await;

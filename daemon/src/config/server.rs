@@ -568,8 +568,6 @@ impl Validator<'_> {
         })
     }
 
-    /// A per-address connection bound: 1 to `max` (the listener's own
-    /// bound, named `max_field`), `default` when unset.
     /// A token bucket's sustained rate, requests per second: the one
     /// definition of its bounds for every listener.
     fn rate(&self, field: &str, value: Option<f64>, default: f64) -> Result<f64, ConfigError> {
@@ -582,6 +580,8 @@ impl Validator<'_> {
         }
     }
 
+    /// A per-address connection bound: 1 to `max` (the listener's own
+    /// bound, named `max_field`), `default` when unset.
     fn per_ip_connections(
         &self,
         field: &str,
