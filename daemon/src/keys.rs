@@ -118,6 +118,17 @@ pub enum KeyError {
          it (look at the token's own log; envelopes of it were denied key_destroyed since)"
     )]
     MissingBeforeDestruction(String),
+    /// The store marks the key destroyed, the token still holds its
+    /// private key, and the audit log holds no `key_destroyed` leaf for it:
+    /// a real destruction commits its leaf with the mark, so the mark was
+    /// made outside lavd. The key is left on the token.
+    #[error(
+        "the store marks escrow key {0} destroyed, but the audit log holds no key_destroyed \
+         leaf for it: its private key is left on the token (a destruction commits its leaf \
+         with the mark, so the store was changed outside lavd); investigate, verify the log \
+         (lavd audit verify), and put the store's row right"
+    )]
+    DestructionUnlogged(String),
     /// `keys destroy --expired`: every due key was destroyed, but these
     /// were missing from the token before (each reported before).
     #[error("destroyed, but missing from the token before their destruction: {0}")]
@@ -158,6 +169,7 @@ impl KeyError {
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
+            KeyError::DestructionUnlogged(_) => "destroy_unlogged",
             KeyError::MissingBeforeDestruction(_) | KeyError::LostBeforeDestruction(_) => {
                 "key_missing_before_destruction"
             }
@@ -407,16 +419,25 @@ pub fn jwks_checked(
 ) -> Result<JwkSet, KeyError> {
     let mut keys = Vec::new();
     for record in usable(store, now)? {
+        // Read from the store, which lavd does not trust to spell it.
+        let kid = crate::codec::escape_for_terminal(&record.kid);
         match hsm.escrow_public_key(&record.kid) {
             Ok(public) if public == record.public => keys.push(to_jwk(&record)),
             Ok(_) => tracing::error!(
-                kid = %record.kid,
+                %kid,
                 "the store's public key differs from the HSM's; not publishing it"
             ),
-            Err(HsmError::KeyNotFound { .. }) => tracing::error!(
-                kid = %record.kid,
-                "the store lists a key the HSM does not hold; not publishing it"
-            ),
+            Err(HsmError::KeyNotFound { .. }) => {
+                // A token whose objects cannot be seen at all (a session
+                // that lost its login, a token directory gone) finds no
+                // key either: that is an unusable HSM, not a key set
+                // without this key (`TokenUnreadable`).
+                hsm.escrow_private_keys(&record.kid)?;
+                tracing::error!(
+                    %kid,
+                    "the store lists a key the HSM does not hold; not publishing it"
+                );
+            }
             // What is wrong is this key's objects on the token, not the
             // token: the other keys are still published.
             Err(
@@ -426,7 +447,7 @@ pub fn jwks_checked(
                 | HsmError::KeyAttributes { .. }),
             ) => {
                 tracing::error!(
-                    kid = %record.kid,
+                    %kid,
                     error = %e,
                     "the HSM's objects for this key are unusable; not publishing it"
                 );
@@ -558,9 +579,13 @@ pub fn destroy(
             Err(e) => return Err(e.into()),
         }
     }
-    // Also when the store already says destroyed: finishes an interrupted
-    // destruction on the token.
-    finish_destruction(hsm, kid)?;
+    if record.destroyed_at.is_none() {
+        finish_destruction(hsm, kid)?;
+    } else {
+        // The store already says destroyed: finishes an interrupted
+        // destruction on the token, if the log holds its leaf.
+        finish_recorded_destruction(hsm, store, kid)?;
+    }
     let record = store
         .get_key(kid)?
         .ok_or_else(|| KeyError::UnknownKid(kid.to_string()))?;
@@ -594,6 +619,54 @@ pub fn finish_destruction(hsm: &Hsm, kid: &str) -> Result<bool, KeyError> {
         return Err(KeyError::StillPresent(kid.to_string()));
     }
     Ok(had)
+}
+
+/// Finishes on the token the destruction of escrow key `kid`, which the
+/// store already marks destroyed (an interrupted destruction: the mark and
+/// its leaf committed, the token not yet done), as [`finish_destruction`].
+/// While the token still holds the private key, only if the audit log
+/// holds a `key_destroyed` leaf for it ([`destruction_logged`]): a mark
+/// made in the store by hand must not delete a key for good, before its
+/// retention perhaps, with nothing in the log.
+///
+/// # Errors
+/// [`KeyError::DestructionUnlogged`]; as [`finish_destruction`].
+pub fn finish_recorded_destruction(
+    hsm: &Hsm,
+    store: &impl AuditStore,
+    kid: &str,
+) -> Result<bool, KeyError> {
+    if hsm.escrow_private_keys(kid)? > 0 && !destruction_logged(store, kid)? {
+        return Err(KeyError::DestructionUnlogged(kid.to_string()));
+    }
+    finish_destruction(hsm, kid)
+}
+
+/// Whether the audit log holds a `key_destroyed` leaf for `kid`, read from
+/// the newest leaf back (an interrupted destruction's is among the last).
+/// A leaf that does not parse is not one.
+///
+/// # Errors
+/// A store failure.
+pub fn destruction_logged(store: &impl AuditStore, kid: &str) -> Result<bool, KeyError> {
+    const PAGE: u64 = 4096;
+    let mut end = store.tree_size()?;
+    while end > 0 {
+        let start = end.saturating_sub(PAGE);
+        for (_, bytes) in store.leaves(start, end)? {
+            // Most leaves are unwraps: skip them before parsing.
+            if !bytes.windows(13).any(|w| w == b"key_destroyed") {
+                continue;
+            }
+            if let Ok(leaf) = crate::audit::leaf::Leaf::parse(&bytes) {
+                if matches!(&leaf.event, Event::KeyDestroyed(d) if d.kid() == kid) {
+                    return Ok(true);
+                }
+            }
+        }
+        end = start;
+    }
+    Ok(false)
 }
 
 /// What [`due_for_destruction`] finds.

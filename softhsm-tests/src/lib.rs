@@ -409,6 +409,29 @@ impl TestToken {
         lavd::config::Settings::load(&self.config(), &lavd::config::ProcessEnv)
             .expect("test config is valid")
     }
+
+    /// The first step of `lavd keys destroy` on escrow key `kid`, as lavd
+    /// commits it (the store's mark and its `key_destroyed` leaf, forced,
+    /// in one transaction), without the second (the token): a destruction
+    /// interrupted between the two.
+    pub fn interrupt_destruction(&self, kid: &str) {
+        use lavd::store::AuditStore as _;
+        let store = lavd::store::Store::open_settings(&self.settings().store).expect("store");
+        let now = time::OffsetDateTime::now_utc();
+        let leaf = lavd::audit::leaf::KeyDestroyed::new(kid, "forced", true, None)
+            .expect("key_destroyed leaf");
+        store
+            .append(lavd::store::AuditAppend {
+                events: vec![leaf.into()],
+                time: now,
+                spend: lavd::store::Spend::DestroyKey {
+                    kid: kid.to_string(),
+                    at: now,
+                    reason: "forced: interrupted".into(),
+                },
+            })
+            .expect("the destruction's first step");
+    }
 }
 
 /// `chmod 600`, as an operator would do for a PIN file.

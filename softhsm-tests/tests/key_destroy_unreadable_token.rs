@@ -5,7 +5,8 @@
 //! module, as a network HSM's lost partition looks) finds nothing to
 //! destroy and nothing left, and that was reported as done, the private key
 //! still there. It is refused instead (`hsm_unavailable`: the session sees
-//! no private key, not even the audit key).
+//! no private key, not even the audit key). Nor is an empty key set
+//! published from it.
 //!
 //! Its own process: the token directory moves away from under this
 //! process's SoftHSM, which does not see that token again until its module
@@ -26,16 +27,16 @@ fn a_destruction_is_not_done_on_a_token_that_cannot_show_its_objects() {
         KID,
         "2030-01-01T00:00:00Z",
     ));
+    // Published while the token shows it.
+    const PUBLISHED: &str = "2027-03";
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        PUBLISHED,
+        "2030-01-01T00:00:00Z",
+    ));
     // The store already says destroyed (a destruction's first step); the
     // token still holds the key (its second never ran).
-    rusqlite::Connection::open(t.path("lavd.db"))
-        .unwrap()
-        .execute(
-            "UPDATE escrow_keys SET destroyed_at = '2026-12-05T00:00:00Z', \
-             destroy_reason = 'forced: x' WHERE kid = ?1",
-            [KID],
-        )
-        .unwrap();
+    t.interrupt_destruction(KID);
     let settings = t.settings();
     let store = Store::open_settings(&settings.store).unwrap();
     let hsm = Hsm::open(settings.hsm).unwrap();
@@ -50,10 +51,17 @@ fn a_destruction_is_not_done_on_a_token_that_cannot_show_its_objects() {
         DestroyReason::Forced("finish".into()),
         time::OffsetDateTime::now_utc(),
     );
+    // Nor is an empty key set published for it (`lavd keys list`, `GET
+    // /v1/keys`): the key is not missing, the token is unreadable.
+    let listed = keys::jwks_checked(&hsm, &store, time::OffsetDateTime::now_utc());
     std::fs::rename(&away, &dir).unwrap();
     assert!(
         matches!(&refused, Err(KeyError::Hsm(HsmError::TokenUnreadable))),
         "{refused:?}"
+    );
+    assert!(
+        matches!(&listed, Err(KeyError::Hsm(HsmError::TokenUnreadable))),
+        "{listed:?}"
     );
 
     // The key was still there: a new process, which sees the token again,

@@ -282,15 +282,7 @@ fn the_daily_job_finishes_a_destruction_that_left_two_pairs() {
     let t = two_keys();
     let session = t.session();
     softhsm_tests::foreign_pair(&session, &format!("lav-escrow:{KID}"), true);
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let marked = db
-        .execute(
-            "UPDATE escrow_keys SET destroyed_at = '2026-12-01T00:00:00Z' WHERE kid = ?1",
-            [KID],
-        )
-        .unwrap();
-    assert_eq!(marked, 1);
-    drop(db);
+    t.interrupt_destruction(KID);
     let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
     assert_ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -595,16 +595,10 @@ fn an_interrupted_destruction_is_finished_by_running_it_again() {
         "2027-02",
         "2030-01-01T00:00:00Z",
     ));
-    // The store already says destroyed (the first step), the token still
-    // holds the key (the crash came before the second).
-    let interrupt = |kid: &str| {
-        let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-        db.execute(
-            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', destroy_reason = 'forced: x' WHERE kid = ?1",
-            [kid],
-        )
-        .unwrap();
-    };
+    // The store already says destroyed and the log holds its leaf (the
+    // first step), the token still holds the key (the crash came before
+    // the second).
+    let interrupt = |kid: &str| t.interrupt_destruction(kid);
     // The daily job finishes it on the token.
     interrupt("2027-02");
     assert!(private_key(&t, "2027-02").is_some());

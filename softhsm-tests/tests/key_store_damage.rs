@@ -1,11 +1,13 @@
 //! An escrow key's store row that cannot be read (an edited or damaged
 //! store), with the real `lavd` binary on a real SoftHSM token: the other
 //! keys are still destroyed at the end of their retention, and still
-//! published. (Its own process: `key_lifecycle.rs` uses all the tokens one
+//! published. A row marked destroyed by hand, without its audit leaf,
+//! deletes nothing from the token. A store that is not there is not made
+//! anew beside a token that holds keys. (Its own process: `key_lifecycle.rs` uses all the tokens one
 //! test process may claim.)
 
 use cryptoki::object::{Attribute, ObjectClass};
-use softhsm_tests::{assert_ok, generate_key_for, TestToken};
+use softhsm_tests::{assert_fails_with, assert_ok, generate_key_for, TestToken};
 
 /// Whether escrow key `kid`'s private half is on the token, seen from a
 /// new session of this application.
@@ -215,4 +217,47 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
     std::fs::rename(&aside, &store).unwrap();
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
+}
+
+/// A destruction marked in the store by hand, with no `key_destroyed` leaf
+/// in the log (a real one commits the two together), is not finished on
+/// the token: neither the daily job nor `--kid` deletes the key for good,
+/// before its retention and unlogged; each says `destroy_unlogged`.
+#[test]
+fn a_destruction_the_log_does_not_hold_is_not_finished() {
+    const KID: &str = "2026-12";
+    let t = TestToken::new();
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute(
+        "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
+         destroy_reason = 'forced: x' WHERE kid = ?1",
+        [KID],
+    )
+    .unwrap();
+    drop(db);
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "destroy", "--expired"]),
+        1,
+        "destroy_incomplete",
+    );
+    assert!(
+        stderr.contains(&format!(
+            "lavd: destroy_unlogged: escrow key {KID}: the store marks"
+        )),
+        "{stderr}"
+    );
+    assert!(private_key(&t, KID), "the key was deleted");
+    assert_fails_with(
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
+        ]),
+        1,
+        "destroy_unlogged",
+    );
+    assert!(private_key(&t, KID), "the key was deleted");
 }

@@ -309,7 +309,7 @@ impl KeysCommand {
                         // Destroy first (it is idempotent, and takes every
                         // key object under the label, so two pairs there do
                         // not stop it), then look on a fresh session.
-                        match keys::finish_destruction(&hsm, &k.kid) {
+                        match keys::finish_recorded_destruction(&hsm, &store, &k.kid) {
                             Ok(true) => eprintln!(
                                 "escrow key {}: finished an interrupted destruction",
                                 shown(&k.kid)
