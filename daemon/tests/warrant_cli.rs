@@ -179,6 +179,32 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         s(&once),
     ])
     .unwrap();
+    // A warrant names its targets: only its owner may read the file.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&once).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    // A file that cannot be written is `output_unwritable`, and leaves no
+    // partial file behind.
+    let e = run(&[
+        "sign",
+        "--key",
+        s(&exec_key),
+        "--in",
+        s(&unsigned),
+        "--out",
+        s(d),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        e.downcast_ref::<lavd::cli::Refused>().map(|r| r.code),
+        Some("output_unwritable"),
+        "{e:#}"
+    );
+    assert!(!d.with_extension("partial-download").exists());
     let report = inspect(&[
         "inspect",
         s(&once),
@@ -220,7 +246,34 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "{err:#}"
     );
 
+    // The judicial authority signs what it reviewed: the digest inspect
+    // printed. Another digest signs nothing.
+    let reviewed = inspect(&["inspect", s(&once)]);
+    let digest = reviewed
+        .text
+        .lines()
+        .find_map(|l| l.strip_prefix("digest")?.trim().strip_prefix("sha-256 "))
+        .unwrap()
+        .to_string();
     let twice = d.join("w2.json");
+    let err = run(&[
+        "sign",
+        "--key",
+        s(&jud_key),
+        "--in",
+        s(&once),
+        "--out",
+        s(&twice),
+        "--expect-digest",
+        "AAAA",
+    ])
+    .unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&err),
+        Some("digest_mismatch"),
+        "{err:#}"
+    );
+    assert!(!twice.exists());
     run(&[
         "sign",
         "--key",
@@ -229,6 +282,8 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         s(&once),
         "--out",
         s(&twice),
+        "--expect-digest",
+        &digest,
     ])
     .unwrap();
     let report = inspect(&[
@@ -445,4 +500,38 @@ fn new_and_inspect_keep_fractional_seconds() {
         "{}",
         report.text
     );
+}
+
+/// `inspect` shows the first ten targets and how many more; with
+/// `--all-targets`, every one, so that an authority sees all it authorises.
+#[test]
+fn inspect_shows_every_target_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let recipient = d.join("agency.pub.jwk");
+    std::fs::write(
+        &recipient,
+        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
+    )
+    .unwrap();
+    let targets: Vec<String> = (1..=12).map(|i| format!("acct:t{i}@example.com")).collect();
+    let out = d.join("w.json");
+    let mut args = vec!["new", "--recipient", s(&recipient), "--out", s(&out)];
+    let mut flags: Vec<&str> = NEW_FLAGS.to_vec();
+    // NEW_FLAGS' two targets, then twelve more.
+    for t in &targets {
+        flags.push("--target");
+        flags.push(t);
+    }
+    args.extend_from_slice(&flags);
+    run(&args).unwrap();
+    let short = inspect(&["inspect", s(&out)]).text;
+    assert!(
+        short.contains("targets      14: ") && short.contains("(4 more)"),
+        "{short}"
+    );
+    assert!(!short.contains("acct:t12@example.com"), "{short}");
+    let all = inspect(&["inspect", s(&out), "--all-targets"]).text;
+    assert!(all.contains("acct:t12@example.com"), "{all}");
+    assert!(!all.contains("more)"), "{all}");
 }

@@ -638,7 +638,7 @@ fn fetch_export(
 /// (origins hold `/`, and so can base64), and a file put at that path by
 /// whoever handed over the log, holding their own key for the same origin,
 /// must never stand in for the key the auditor typed.
-fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
+pub(super) fn verifier_key(key: String) -> anyhow::Result<VerifierKey> {
     let literal = VerifierKey::parse(&key);
     if let Ok(parsed) = literal {
         return Ok(parsed);
@@ -969,7 +969,21 @@ fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
 /// there meanwhile makes the write fail. A link at `file` itself is
 /// replaced, not written through.
 pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomically_with_mode(file, bytes, 0o666)
+}
+
+/// [`write_atomically`], the file created with `mode` (less the umask):
+/// `0o600` for one that only its owner may read.
+///
+/// # Errors
+/// As [`write_atomically`].
+pub(super) fn write_atomically_with_mode(
+    file: &std::path::Path,
+    bytes: &[u8],
+    mode: u32,
+) -> std::io::Result<()> {
     use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = file.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -981,13 +995,20 @@ pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io:
     let mut written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(mode)
         .open(&tmp)?;
-    written.write_all(bytes)?;
     // On disk before it takes the name, and the name on disk before this
     // returns: a crash leaves the old file or the whole new one, never an
-    // empty or short file under the final name.
-    written.sync_all()?;
-    std::fs::rename(&tmp, file)?;
+    // empty or short file under the final name. A failure takes the
+    // partial file away.
+    let placed = written
+        .write_all(bytes)
+        .and_then(|()| written.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, file));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
     if let Some(dir) = file.parent() {
         let dir = if dir.as_os_str().is_empty() {
             std::path::Path::new(".")

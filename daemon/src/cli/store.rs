@@ -49,8 +49,9 @@ pub enum StoreCommand {
         /// CA of the target server's certificate (for `sslmode=verify-full`).
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
-        /// The audit log's verifier key (`lavd audit key`).
-        #[arg(long, value_name = "VKEY")]
+        /// The audit log's verifier key (`lavd audit key`), or a file
+        /// holding it.
+        #[arg(long, value_name = "VKEY|FILE")]
         key: String,
     },
 }
@@ -107,8 +108,9 @@ impl StoreCommand {
                 let StoreSettings::Postgres(pg) = target else {
                     anyhow::bail!("--to must be a postgresql:// URL");
                 };
-                let key = crate::audit::note::VerifierKey::parse(&key)
-                    .map_err(|e| anyhow::anyhow!("--key: {e}"))?;
+                // As `lavd audit verify` takes it: the key, or a file
+                // holding it; a bad one keeps its code.
+                let key = anyhow::Context::context(super::audit::verifier_key(key), "--key")?;
                 // Named before the lock, which makes a file beside it: a
                 // path with no file, or a directory, is no store.
                 refuse_unless_lavd_store(&from)?;

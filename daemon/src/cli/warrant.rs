@@ -101,6 +101,11 @@ pub struct SignArgs {
     /// Output file (default: standard output).
     #[arg(long, short, value_name = "FILE")]
     pub out: Option<PathBuf>,
+    /// Sign only if the claims' digest is this one (`lavd warrant inspect`
+    /// prints it on its `digest` line, `sha-256 …`; with or without that
+    /// prefix): what was reviewed is what is signed.
+    #[arg(long, value_name = "SHA256")]
+    pub expect_digest: Option<String>,
 }
 
 /// `lavd warrant inspect`.
@@ -117,6 +122,9 @@ pub struct InspectArgs {
     /// Check at this time (RFC 3339 UTC; default: now).
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
+    /// List every target (by default the first 10 and how many more).
+    #[arg(long)]
+    pub all_targets: bool,
 }
 
 /// `lavd warrant keygen`.
@@ -201,10 +209,22 @@ impl WarrantCommand {
     }
 }
 
+/// Writes a warrant (or a revocation) to `path`, or to stdout. The file
+/// takes its name whole or not at all (`--out` may be `--in`'s file: a
+/// failed write must not lose the signatures it held), and only its owner
+/// may read it: it names surveillance targets.
 fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
     match path {
-        Some(path) => std::fs::write(path, format!("{text}\n"))
-            .with_context(|| format!("writing {}", path.display())),
+        Some(path) => {
+            super::audit::write_atomically_with_mode(path, format!("{text}\n").as_bytes(), 0o600)
+                .map_err(|e| {
+                    super::Refused::new(
+                        "output_unwritable",
+                        format!("writing {}: {e}", path.display()),
+                    )
+                    .into()
+                })
+        }
         None => {
             outln!("{text}");
             Ok(())
@@ -307,13 +327,40 @@ impl SignArgs {
     /// # Errors
     /// An unreadable or invalid key or warrant, or a repeated signer.
     pub fn build(&self) -> anyhow::Result<String> {
-        let jwk = Jwk::from_json(&read(&self.key)?)
+        // The file holds the private key (`d`): wiped once read.
+        let bytes = zeroize::Zeroizing::new(read(&self.key)?);
+        let jwk = Jwk::from_json(&bytes)
             .with_context(|| format!("authority key {}", self.key.display()))?;
         let key = AuthorityKey::from_jwk(&jwk)
             .with_context(|| format!("authority key {}", self.key.display()))?;
         let warrant = read(&self.input)?;
-        add_signature(&warrant, &key, &WarrantLimits::default())
-            .with_context(|| self.input.display().to_string())
+        let limits = WarrantLimits::default();
+        // Said before signing, and held to `--expect-digest`: the claims
+        // signed are the ones reviewed.
+        let jws =
+            jws::parse(&warrant, &limits).with_context(|| self.input.display().to_string())?;
+        let digest = b64_encode(crate::warrant::claims::sha256(jws.payload()));
+        if let Some(expected) = &self.expect_digest {
+            let expected = expected.trim().trim_start_matches("sha-256").trim();
+            if expected != digest {
+                return Err(super::Refused::new(
+                    "digest_mismatch",
+                    format!(
+                        "{}: the claims' digest is sha-256 {digest}, not the --expect-digest \
+                         given ({}); nothing was signed",
+                        self.input.display(),
+                        crate::codec::escape_for_terminal(expected)
+                    ),
+                )
+                .into());
+            }
+        }
+        eprintln!(
+            "signing {} as {}: claims digest sha-256 {digest}",
+            self.input.display(),
+            crate::codec::escape_for_terminal(key.kid())
+        );
+        add_signature(&warrant, &key, &limits).with_context(|| self.input.display().to_string())
     }
 }
 
@@ -352,7 +399,7 @@ impl InspectArgs {
         if let Some(jws) = &parsed {
             match Claims::parse(jws.payload()) {
                 Ok(claims) => {
-                    describe_claims(&mut text, &claims, jws.payload());
+                    describe_claims(&mut text, &claims, jws.payload(), self.all_targets);
                     if agency.is_none() {
                         agency = Some(claims.agency.clone());
                     }
@@ -421,15 +468,20 @@ impl InspectArgs {
     }
 }
 
-fn describe_claims(text: &mut String, c: &Claims, payload: &[u8]) {
+fn describe_claims(text: &mut String, c: &Claims, payload: &[u8], all_targets: bool) {
     const SHOWN_TARGETS: usize = 10;
+    let shown_targets = if all_targets {
+        c.targets.len()
+    } else {
+        SHOWN_TARGETS
+    };
     let shown: Vec<&str> = c
         .targets
         .iter()
-        .take(SHOWN_TARGETS)
+        .take(shown_targets)
         .map(String::as_str)
         .collect();
-    let more = c.targets.len().saturating_sub(SHOWN_TARGETS);
+    let more = c.targets.len().saturating_sub(shown_targets);
     let lines = [
         ("id", c.id.clone()),
         ("legal_basis", c.legal_basis.clone()),
