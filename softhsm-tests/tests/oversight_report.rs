@@ -755,7 +755,21 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     let observed = time_of(&from_url["period"]["observed"]);
     assert!(observed >= before_fetch, "{observed} < {before_fetch}");
     assert_eq!(from_url["period"]["as_of"], from_url["period"]["observed"]);
+    assert_eq!(from_url["period"]["observed_by"], "fetch");
     assert_eq!(report["period"]["observed"], Value::Null);
+    assert_eq!(report["period"]["observed_by"], Value::Null);
+    // A moment yet to come cannot be stated: it would make keys overdue
+    // and urgent warrants lapsed that are neither. Nothing is written.
+    let (later_html, later_json) = (w.join("later.html"), w.join("later.json"));
+    let mut args = report_args(&later_html, &later_json, &export);
+    args.extend(["--as-of".to_owned(), "2100-01-01T00:00:00Z".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stderr = softhsm_tests::assert_fails_with(&lavd(&args), 1, "invalid_period");
+    assert!(
+        stderr.contains("--as-of 2100-01-01T00:00:00Z is later than now"),
+        "{stderr}"
+    );
+    assert!(!later_html.exists() && !later_json.exists());
     // Over the API or from the export: the same leaves, the same figures.
     from_url["verification"] = report["verification"].clone();
     from_url["period"] = report["period"].clone();

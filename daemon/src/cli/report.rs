@@ -61,6 +61,23 @@ impl ReportArgs {
                 );
             }
         }
+        if let Some(as_of) = self.as_of {
+            // A moment yet to come would make keys overdue and urgent
+            // warrants lapsed that are neither.
+            let now = time::OffsetDateTime::now_utc();
+            if as_of > now + time::Duration::seconds(300) {
+                return Err(super::Refused::new(
+                    "invalid_period",
+                    format!(
+                        "--as-of {} is later than now ({}): the log cannot be stated complete \
+                         at a time yet to come",
+                        crate::codec::format_time(as_of),
+                        crate::codec::format_time(now)
+                    ),
+                )
+                .into());
+            }
+        }
         let verified = self.source.verify()?;
         let summary = &verified.summary;
         let mut report = Report::build(
@@ -70,6 +87,7 @@ impl ReportArgs {
                 from: self.from,
                 to: self.to,
                 observed: self.as_of.or(verified.fetched_at),
+                observed_stated: self.as_of.is_some(),
                 detail: self.detail,
             },
         );

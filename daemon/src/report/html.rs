@@ -753,6 +753,11 @@ pub fn render(report: &Report) -> String {
             (_, true) => " (the end of the period: a verified entry after it shows the log held \
                            nothing more before it)"
                 .to_owned(),
+            (Some(seen), false) if report.period.observed_by == Some("stated") => format!(
+                " (stated by whoever made this report, not verified: the log held nothing more \
+                 at {})",
+                escape(seen)
+            ),
             (Some(seen), false) => {
                 format!(" (the log was seen to hold nothing more at {})", escape(seen))
             }

@@ -66,6 +66,9 @@ pub struct Options {
     /// (`--as-of`). Without it, nothing shows the log was complete after its
     /// newest leaf.
     pub observed: Option<OffsetDateTime>,
+    /// `observed` is what the reader stated (`--as-of`), not a fetch that
+    /// found the log complete.
+    pub observed_stated: bool,
     /// The detail form.
     pub detail: bool,
 }
@@ -136,6 +139,9 @@ pub struct Period {
     /// When the log was seen to hold nothing beyond the verified leaves: the
     /// fetch of a live log, or `--as-of`; `null` for a file with neither.
     pub observed: Option<String>,
+    /// Where `observed` comes from: `fetch` (the read of a live log found
+    /// nothing more) or `stated` (`--as-of`, unverified); `null` with it.
+    pub observed_by: Option<&'static str>,
     /// Whether a verified leaf at or after `to` shows that the log held
     /// nothing more before `to` (then `as_of` is `to`).
     pub later_leaf: bool,
@@ -813,6 +819,13 @@ impl Report {
                 last_leaf: period.iter().map(|l| l.time).max().map(codec::format_time),
                 as_of: as_of.map(codec::format_time),
                 observed: options.observed.map(codec::format_time),
+                observed_by: options.observed.map(|_| {
+                    if options.observed_stated {
+                        "stated"
+                    } else {
+                        "fetch"
+                    }
+                }),
                 later_leaf: past_to,
                 leaves: period.len() as u64,
             },

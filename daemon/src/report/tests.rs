@@ -879,6 +879,16 @@ fn a_quiet_log_is_judged_when_it_was_seen_complete() {
         build(&events, &seen).period.observed.as_deref(),
         Some("2026-06-03T00:00:00Z")
     );
+    assert_eq!(build(&events, &seen).period.observed_by, Some("fetch"));
+    assert_eq!(build(&events, &Options::default()).period.observed_by, None);
+    // Stated (`--as-of`): judged at it all the same, and said to be stated.
+    let stated = Options {
+        observed_stated: true,
+        ..seen.clone()
+    };
+    assert_eq!(build(&events, &stated).period.observed_by, Some("stated"));
+    assert!(html::render(&build(&events, &stated))
+        .contains("stated by whoever made this report, not verified: the log held nothing more at 2026-06-03T00:00:00Z"));
     let until = Options {
         to: Some(datetime!(2026-06-01 12:00 UTC)),
         ..seen.clone()
