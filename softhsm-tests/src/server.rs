@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -568,6 +568,34 @@ impl Daemon {
         log_level: Option<&str>,
         name: &str,
     ) -> Result<Self, (Option<ExitStatus>, String)> {
+        Self::spawn_under(token, &[], args, log_level, name)
+    }
+
+    /// Starts `lavd serve` on `token`'s config through `wrapper` (a program
+    /// and its arguments that exec the lavd binary given after them, such
+    /// as `prlimit --nofile=…`), and waits for `READY=1`.
+    pub fn start_under(token: &TestToken, wrapper: &[&str]) -> Self {
+        make_audit_key(token);
+        let config = token.config();
+        Self::spawn_under(
+            token,
+            wrapper,
+            &["serve", "--config", config.to_str().expect("utf-8")],
+            None,
+            "lavd",
+        )
+        .unwrap_or_else(|(status, stderr)| {
+            panic!("lavd serve under {wrapper:?} did not start ({status:?}):\n{stderr}")
+        })
+    }
+
+    fn spawn_under(
+        token: &TestToken,
+        wrapper: &[&str],
+        args: &[&str],
+        log_level: Option<&str>,
+        name: &str,
+    ) -> Result<Self, (Option<ExitStatus>, String)> {
         let (socket, stderr) = if name == "lavd" {
             (token.path("notify.sock"), token.path("lavd.stderr"))
         } else {
@@ -578,7 +606,27 @@ impl Daemon {
         };
         let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).expect("notify socket");
-        let mut command = crate::lavd_command(args);
+        let mut command = match wrapper.split_first() {
+            None => crate::lavd_command(args),
+            Some((program, before)) => {
+                let mut command = crate::lavd_command(args);
+                let lavd = command.get_program().to_owned();
+                let lavd_args: Vec<std::ffi::OsString> =
+                    command.get_args().map(ToOwned::to_owned).collect();
+                let envs: Vec<(std::ffi::OsString, Option<std::ffi::OsString>)> = command
+                    .get_envs()
+                    .map(|(k, v)| (k.to_owned(), v.map(ToOwned::to_owned)))
+                    .collect();
+                command = Command::new(program);
+                command.args(before).arg(lavd).args(lavd_args);
+                for (k, v) in envs {
+                    if let Some(v) = v {
+                        command.env(k, v);
+                    }
+                }
+                command
+            }
+        };
         if let Some(level) = log_level {
             command.env("LAVD_LOG", level);
         }

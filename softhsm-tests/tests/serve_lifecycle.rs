@@ -109,12 +109,12 @@ fn a_reload_applies_while_draining_and_a_second_signal_cuts_it_short() {
 
     daemon.signal(Signal::TERM);
     let stopping = daemon.expect_notify("STOPPING=1");
-    // The 60 s grace, the HSM's 5 s call timeout and 30 s more, so that
+    // The 60 s grace, the HSM's 5 s call timeout and 10 s more, so that
     // systemd does not kill the drain or what it cut.
     assert!(
         stopping
             .lines()
-            .any(|l| l == "EXTEND_TIMEOUT_USEC=95000000"),
+            .any(|l| l == "EXTEND_TIMEOUT_USEC=75000000"),
         "{stopping}"
     );
     daemon.signal(Signal::HUP);
@@ -185,4 +185,50 @@ fn a_bad_start_exits_64_for_config_and_1_for_a_busy_port() {
     assert!(stderr.contains("CKR_PIN_INCORRECT"), "{stderr}");
     std::fs::write(t.path("pin"), pin).unwrap();
     softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "list"]));
+}
+
+/// The soft limit on open files is raised to the hard one at start (a
+/// container runtime starts it at 1024, below the default
+/// `max_connections` and what the daemon holds beside them), and a limit
+/// that cannot hold them is said.
+#[test]
+fn the_open_files_limit_is_raised_to_the_hard_limit() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"
+    )));
+    let soft_and_hard = |pid: u32| -> (String, String) {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_string();
+        let mut words = line.split_whitespace().skip(3);
+        (
+            words.next().unwrap().to_string(),
+            words.next().unwrap().to_string(),
+        )
+    };
+    // Started with a soft limit of 512 under a hard one of 4096.
+    let daemon = Daemon::start_under(&t, &["prlimit", "--nofile=512:4096", "--"]);
+    assert_eq!(
+        soft_and_hard(daemon.pid()),
+        ("4096".to_string(), "4096".to_string()),
+        "{}",
+        daemon.stderr()
+    );
+    drop(daemon);
+    // A hard limit below the 1024 connections allowed and what goes with
+    // them: it serves, and says so.
+    let daemon = Daemon::start_under(&t, &["prlimit", "--nofile=512:1024", "--"]);
+    assert_eq!(soft_and_hard(daemon.pid()).0, "1024");
+    assert!(
+        daemon
+            .stderr()
+            .contains("the open files limit is below the connections allowed"),
+        "{}",
+        daemon.stderr()
+    );
 }

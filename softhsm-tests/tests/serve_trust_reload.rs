@@ -234,6 +234,58 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
 
+/// A reload still running when the drain ends (its last connection
+/// closed) is waited for: its leaf written and its outcome logged before
+/// the process exits. Here a trust change's checkpoint signature is held
+/// by the fault module while the last connection closes. Before, the drain
+/// dropped the reload with its deadline, and nothing said what became of
+/// it.
+#[test]
+fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
+    t.write_config_with_module(&shim_module_path(), &serve);
+    vault::generate_escrow_key(&t, "E-1");
+    // At `info`: a reload's outcome is said there.
+    let mut daemon = Daemon::start_logging(&t, "info");
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    // A request whose body has not all come keeps the drain going.
+    let mut slow = c.agency.connect().unwrap();
+    slow.send(
+        b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    loosen_policy(&t);
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    daemon.signal(Signal::HUP);
+    // The reload is inside its checkpoint's signature...
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shim.faults() == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // ...when the last connection closes, and the drain is over.
+    drop(slow);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    shim.set("");
+    let status = daemon.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    assert!(
+        daemon.stderr().contains("configuration reloaded"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
 /// One configuration decides a request. A request is admitted when its head
 /// arrives, but its body may take a while; a SIGHUP meanwhile that both
 /// takes the agency's role away and loosens the policy to one signature

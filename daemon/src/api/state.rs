@@ -429,6 +429,7 @@ impl ServerState {
                 tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");
             }
         }
+        next.tls.log_crls();
         *self
             .live
             .write()

@@ -66,6 +66,8 @@ pub struct CrlCoverage {
     this_update: u64,
     /// Its cRLNumber, if it has one.
     number: Option<super::identity::CrlNumber>,
+    /// The file it came from.
+    path: std::path::PathBuf,
 }
 
 impl CrlCoverage {
@@ -415,6 +417,7 @@ fn check_crls(
             counts_until: fields.next_update.filter(|_| enforce),
             this_update: fields.this_update,
             number: fields.number,
+            path: path.to_path_buf(),
         });
         let Some(next) = fields.next_update else {
             continue;
@@ -464,15 +467,6 @@ fn check_crls(
                 i + 1
             ));
         }
-    }
-    // Only once every CRL is taken: what is in force.
-    for (new, (path, _)) in coverage.iter().zip(crls) {
-        tracing::info!(
-            crl = %path.display(),
-            number = %new.number.as_ref().map_or_else(|| "none".into(), ToString::to_string),
-            this_update = %time_text(new.this_update),
-            "CRL taken"
-        );
     }
     Ok((until, coverage))
 }
@@ -617,6 +611,19 @@ fn read_file(config_file: &Path, field: &str, path: &Path) -> Result<Vec<u8>, Co
 }
 
 impl TlsMaterial {
+    /// Logs the CRLs in force, each with its number and `thisUpdate`: at
+    /// start, and after a reload once nothing can fail it any more.
+    pub fn log_crls(&self) {
+        for crl in &self.crl_coverage {
+            tracing::info!(
+                crl = %crl.path.display(),
+                number = %crl.number.as_ref().map_or_else(|| "none".into(), ToString::to_string),
+                this_update = %time_text(crl.this_update),
+                "CRL in force"
+            );
+        }
+    }
+
     /// Checks a connection's client chain (leaf first) against this
     /// generation's CAs and CRLs at `now`, and refuses a TLS 1.2 connection
     /// (`tls12`) when this generation no longer accepts TLS 1.2.

@@ -152,6 +152,59 @@ pub fn main() -> std::process::ExitCode {
     }
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as a
+/// server that holds one descriptor a connection must: a container runtime
+/// (containerd 2, Docker 25 and later) starts it at 1024, below the
+/// default `max_connections` with the admin listener, the store, the HSM
+/// and the files a reload reads beside it; the systemd unit sets
+/// `LimitNOFILE` itself. Returns the soft limit now in force, `None` when
+/// it is unbounded. A failure to raise it is a warning: the daemon serves
+/// with what it has.
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    match (limit.current, limit.maximum) {
+        (Some(current), Some(maximum)) if current < maximum => {
+            match setrlimit(
+                Resource::Nofile,
+                Rlimit {
+                    current: Some(maximum),
+                    maximum: Some(maximum),
+                },
+            ) {
+                Ok(()) => {
+                    tracing::info!(from = current, to = maximum, "raised the open files limit");
+                    Some(maximum)
+                }
+                Err(e) => {
+                    tracing::warn!(limit = current, error = %e, "cannot raise the open files limit");
+                    Some(current)
+                }
+            }
+        }
+        (current, _) => current,
+    }
+}
+
+/// Warns when `limit` open files (from [`raise_open_files_limit`]) cannot
+/// hold `connections` connections and the descriptors beside them.
+pub fn warn_if_open_files_short(limit: Option<u64>, connections: usize) {
+    // The listeners, the store and the HSM, files a reload reads.
+    const BESIDE: u64 = 256;
+    let needed = u64::try_from(connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(BESIDE);
+    if let Some(limit) = limit.filter(|l| *l < needed) {
+        tracing::warn!(
+            limit,
+            needed,
+            "the open files limit is below the connections allowed and what the daemon holds \
+             beside them: accepts will fail with EMFILE before max_connections is reached; \
+             raise LimitNOFILE (or the container's nofile ulimit), or lower max_connections"
+        );
+    }
+}
+
 /// Sets up logging to stderr: `LAVD_LOG` if set, else `log.level`, in
 /// `log.format`. A second call does nothing.
 pub fn init_logging(log: &crate::config::LogSettings) {

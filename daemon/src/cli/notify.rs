@@ -10,8 +10,9 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 
 /// What a stop may take beyond the drain's grace and one HSM call's
 /// timeout: the audit commits of the requests the drain cut, their deferred
-/// leaves written (5 s at most), the HSM closed.
-pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(30);
+/// leaves written (5 s at most), the HSM closed. The 10 s OPERATIONS has
+/// always advised for `TimeoutStopSec` over the grace and the call timeout.
+pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where notifications go, if anywhere.
 #[derive(Debug)]
@@ -151,7 +152,7 @@ mod tests {
         let len = rx.recv(&mut buf).unwrap();
         assert_eq!(
             &buf[..len],
-            b"STOPPING=1\nEXTEND_TIMEOUT_USEC=30000000\nSTATUS=draining connections\n"
+            b"STOPPING=1\nEXTEND_TIMEOUT_USEC=10000000\nSTATUS=draining connections\n"
         );
     }
 

@@ -107,12 +107,25 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let settings = Settings::load(&args.config.config, env.as_ref())?;
     // Logging first: building the TLS material may warn (a stale CRL).
     super::init_logging(&settings.log);
+    // Every connection the listeners may hold: the API's, the public log's
+    // and the admin listener's.
+    super::warn_if_open_files_short(
+        super::raise_open_files_limit(),
+        settings.limits.max_connections
+            + settings
+                .audit
+                .public
+                .as_ref()
+                .map_or(0, |p| p.max_connections)
+            + ADMIN_CONNECTIONS,
+    );
     let live = Reloadable::build(
         &settings,
         &settings.limits,
         crate::api::state::FIRST_GENERATION,
         None,
     )?;
+    live.tls.log_crls();
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
     }
@@ -480,9 +493,9 @@ async fn serve(
         &mut signals,
         || {
             let state = state.clone();
-            tokio::spawn(async move {
+            async move {
                 let _ = reload(&state).await;
-            })
+            }
         },
         move || cutting.cut_requests(),
     )
@@ -543,19 +556,23 @@ async fn serve(
 /// second signal cuts it short), then closes the admin listener. `cut` runs
 /// when the grace ends, just before the connections still open are cut
 /// (not when every request finished in time).
-pub(super) async fn drain(
+pub(super) async fn drain<R>(
     api: server::Listener,
     admin: server::Listener,
     grace: Duration,
     signals: &mut Signals,
-    mut on_reload: impl FnMut() -> tokio::task::JoinHandle<()>,
+    on_reload: impl Fn() -> R,
     cut: impl FnOnce(),
-) {
+) where
+    R: std::future::Future<Output = ()> + Send + 'static,
+{
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
-    // A reload started while connections drain runs as a task of its own:
-    // the drain's deadline future is dropped as soon as the last
-    // connection closes, and must not take the reload with it.
+    // Reloads started while connections drain run as tasks, each after
+    // the one before (one at a time, in signal order), and the newest is
+    // kept here: the drain's deadline future is dropped as soon as the last
+    // connection closes, and must not take a reload with it.
     let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
+    let mut cut_short = false;
     let drained = api
         .shutdown(async {
             let over = tokio::time::sleep(grace);
@@ -566,28 +583,21 @@ pub(super) async fn drain(
                     event = signals.next() => match event {
                         Event::Stop(name) => {
                             tracing::warn!(signal = name, "second signal: not waiting any longer");
+                            cut_short = true;
                             break;
                         }
                         // Requests still in flight are decided under the
                         // newest configuration (a CRL, a role withdrawn):
-                        // a reload still applies while they drain. One at
-                        // a time, in signal order.
+                        // a reload still applies while they drain.
                         Event::Reload => {
-                            if let Some(mut previous) = reloading.take() {
-                                let stop = tokio::select! {
-                                    _ = &mut previous => None,
-                                    () = &mut over => Some(None),
-                                    name = signals.next_stop() => Some(Some(name)),
-                                };
-                                if let Some(signal) = stop {
-                                    if let Some(name) = signal {
-                                        tracing::warn!(signal = name, "second signal: not waiting any longer");
-                                    }
-                                    reloading = Some(previous);
-                                    break;
+                            let previous = reloading.take();
+                            let next = on_reload();
+                            reloading = Some(tokio::spawn(async move {
+                                if let Some(previous) = previous {
+                                    let _ = previous.await;
                                 }
-                            }
-                            reloading = Some(on_reload());
+                                next.await;
+                            }));
                         }
                     },
                 }
@@ -602,12 +612,16 @@ pub(super) async fn drain(
         );
     }
     // A reload in progress is waited for (its leaf written, its outcome
-    // logged), unless another signal says not to.
+    // logged), unless a signal said not to wait any longer, or says so now.
     if let Some(pending) = reloading {
-        tokio::select! {
-            _ = pending => {}
-            name = signals.next_stop() => {
-                tracing::warn!(signal = name, "not waiting for the reload in progress");
+        if cut_short {
+            tracing::warn!("not waiting for the reload in progress");
+        } else {
+            tokio::select! {
+                _ = pending => {}
+                name = signals.next_stop() => {
+                    tracing::warn!(signal = name, "not waiting for the reload in progress");
+                }
             }
         }
     }

@@ -147,6 +147,10 @@ fn serve(config: &Path) -> anyhow::Result<()> {
     let settings = WitnessSettings::load(config, &ProcessEnv)?;
     let tls = crate::api::tls::load_public(settings.require_tls()?, &settings.file)?;
     super::init_logging(&settings.log);
+    super::warn_if_open_files_short(
+        super::raise_open_files_limit(),
+        settings.limits.max_connections + ADMIN_CONNECTIONS,
+    );
     for warning in &settings.warnings {
         tracing::warn!("{warning}");
     }
@@ -290,7 +294,7 @@ async fn run(
         admin,
         server_settings.shutdown_grace,
         &mut signals,
-        || tokio::spawn(async { reloads_nothing() }),
+        || async { reloads_nothing() },
         || {},
     )
     .await;
