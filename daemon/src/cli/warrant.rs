@@ -190,11 +190,11 @@ impl WarrantCommand {
         match self {
             Self::New(args) => {
                 let out = args.build()?;
-                write_output(args.out.as_deref(), &out)
+                write_output(args.out.as_deref(), &out, WARRANT_FILE_MODE)
             }
             Self::Sign(args) => {
                 let out = args.build()?;
-                write_output(args.out.as_deref(), &out)
+                write_output(args.out.as_deref(), &out, WARRANT_FILE_MODE)
             }
             Self::Inspect(args) => {
                 let report = args.report()?;
@@ -209,14 +209,17 @@ impl WarrantCommand {
     }
 }
 
-/// Writes a warrant (or a revocation) to `path`, or to stdout. The file
-/// takes its name whole or not at all (`--out` may be `--in`'s file: a
-/// failed write must not lose the signatures it held), and only its owner
-/// may read it: it names surveillance targets.
-fn write_output(path: Option<&Path>, text: &str) -> anyhow::Result<()> {
+/// Only its owner may read a warrant or a revocation file: it names
+/// surveillance targets.
+const WARRANT_FILE_MODE: u32 = 0o600;
+
+/// Writes `text` to `path` (created with `mode`, less the umask), or to
+/// stdout. The file takes its name whole or not at all (`--out` may be
+/// `--in`'s file: a failed write must not lose the signatures it held).
+fn write_output(path: Option<&Path>, text: &str, mode: u32) -> anyhow::Result<()> {
     match path {
         Some(path) => {
-            super::audit::write_atomically_with_mode(path, format!("{text}\n").as_bytes(), 0o600)
+            super::audit::write_atomically_with_mode(path, format!("{text}\n").as_bytes(), mode)
                 .map_err(|e| {
                     super::Refused::new(
                         "output_unwritable",
@@ -556,7 +559,7 @@ impl KeygenArgs {
         // A public half that cannot be written takes the private one with
         // it: a private key whose public half nobody has would stop a rerun
         // (keygen never overwrites a key) and serve no one.
-        write_output(self.public_out.as_deref(), &public).inspect_err(|_| {
+        write_output(self.public_out.as_deref(), &public, 0o644).inspect_err(|_| {
             if let Err(e) = std::fs::remove_file(&self.out) {
                 eprintln!(
                     "warning: could not remove {} after the public key failed: {e}",
