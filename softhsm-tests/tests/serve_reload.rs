@@ -167,7 +167,10 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
         "crls = [\"tls/clients.crl.pem\"]\n{}",
         roles(&[PROVIDER, LATE])
     )));
-    let daemon = Daemon::start(&t);
+    // At `info`: the CRLs in force are said there.
+    let daemon = Daemon::start_logging(&t, "info");
+    let in_force = || daemon.stderr().matches("CRL in force").count();
+    assert_eq!(in_force(), 1, "{}", daemon.stderr());
     let mut a = pki.client(daemon.api, Some(&revoked)).connect().unwrap();
     let mut b = pki.client(daemon.api, Some(&kept)).connect().unwrap();
     assert_eq!(a.request("GET", "/v1/keys", &[], None).unwrap().status, 200);
@@ -177,6 +180,7 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
     std::thread::sleep(Duration::from_millis(1100));
     pki.write("clients.crl.pem", &pki.clients.crl(&[&revoked]));
     reload(&daemon);
+    assert_eq!(in_force(), 2, "{}", daemon.stderr());
 
     let r = a.request("GET", "/v1/keys", &[], None).unwrap();
     let message = r.assert_error(403, "client_certificate_rejected");
@@ -196,6 +200,8 @@ fn a_reloaded_crl_refuses_and_closes_open_connections_of_a_revoked_certificate()
     pki.write("clients.crl.pem", &before);
     let status = reload(&daemon);
     assert!(status.contains("the last reload failed"), "{status}");
+    // Not said to be in force.
+    assert_eq!(in_force(), 2, "{}", daemon.stderr());
     assert!(
         daemon
             .stderr()

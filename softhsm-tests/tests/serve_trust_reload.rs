@@ -234,12 +234,13 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
 
-/// A reload still running when the drain ends (its last connection
-/// closed) is waited for: its leaf written and its outcome logged before
-/// the process exits. Here a trust change's checkpoint signature is held
-/// by the fault module while the last connection closes. Before, the drain
-/// dropped the reload with its deadline, and nothing said what became of
-/// it.
+/// Reloads still running or queued when the drain ends (its last
+/// connection closed) are waited for: each leaf written and each outcome
+/// logged before the process exits. Here a trust change's checkpoint
+/// signature is held by the fault module while a second SIGHUP queues
+/// another reload and the last connection closes. Before, the second
+/// SIGHUP's wait for the first ran inside the drain's deadline future, and
+/// both were dropped with it, unsaid.
 #[test]
 fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
     let t = TestToken::new();
@@ -273,17 +274,71 @@ fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
         assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    // ...when the last connection closes, and the drain is over.
+    // ...when another is asked for...
+    daemon.signal(Signal::HUP);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // ...and the last connection closes: the drain is over.
     drop(slow);
     std::thread::sleep(std::time::Duration::from_millis(500));
     shim.set("");
     let status = daemon.wait_exit(std::time::Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
-    assert!(
-        daemon.stderr().contains("configuration reloaded"),
+    assert_eq!(
+        daemon.stderr().matches("configuration reloaded").count(),
+        2,
         "{}",
         daemon.stderr()
     );
+}
+
+/// A second stop signal while the drain waits cuts it short, and the
+/// reload still running is not waited for, which is said (before, it was
+/// waited for until yet another signal). Its thread cannot be stopped: the
+/// store stays consistent, as after a SIGKILL.
+#[test]
+fn a_second_stop_signal_does_not_wait_for_a_reload() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
+    t.write_config_with_module(&shim_module_path(), &serve);
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let mut slow = c.agency.connect().unwrap();
+    slow.send(
+        b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    loosen_policy(&t);
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    daemon.signal(Signal::HUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shim.faults() == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The reload is held in the HSM; a second stop signal.
+    daemon.signal(Signal::INT);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    shim.set("");
+    let status = daemon.wait_exit(std::time::Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    assert!(
+        daemon
+            .stderr()
+            .contains("not waiting for the reload in progress"),
+        "{}",
+        daemon.stderr()
+    );
+    drop(slow);
 }
 
 /// One configuration decides a request. A request is admitted when its head

@@ -12,6 +12,9 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 /// timeout: the audit commits of the requests the drain cut, their deferred
 /// leaves written (5 s at most), the HSM closed. The 10 s OPERATIONS has
 /// always advised for `TimeoutStopSec` over the grace and the call timeout.
+/// Reloads queued by SIGHUPs during the drain are not counted: each may
+/// take a call timeout more (a trust change signs a checkpoint), and a
+/// second stop signal stops waiting for them.
 pub const STOP_MARGIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where notifications go, if anywhere.

@@ -573,6 +573,9 @@ pub(super) async fn drain<R>(
     // connection closes, and must not take a reload with it.
     let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
     let mut cut_short = false;
+    // Set when a stop signal says not to wait: a reload still queued then
+    // does not start (one already running cannot be stopped).
+    let given_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let drained = api
         .shutdown(async {
             let over = tokio::time::sleep(grace);
@@ -584,6 +587,7 @@ pub(super) async fn drain<R>(
                         Event::Stop(name) => {
                             tracing::warn!(signal = name, "second signal: not waiting any longer");
                             cut_short = true;
+                            given_up.store(true, std::sync::atomic::Ordering::SeqCst);
                             break;
                         }
                         // Requests still in flight are decided under the
@@ -592,11 +596,16 @@ pub(super) async fn drain<R>(
                         Event::Reload => {
                             let previous = reloading.take();
                             let next = on_reload();
+                            let given_up = given_up.clone();
                             reloading = Some(tokio::spawn(async move {
                                 if let Some(previous) = previous {
                                     let _ = previous.await;
                                 }
-                                next.await;
+                                if given_up.load(std::sync::atomic::Ordering::SeqCst) {
+                                    tracing::warn!("stopping: a queued reload is not started");
+                                } else {
+                                    next.await;
+                                }
                             }));
                         }
                     },
@@ -613,13 +622,14 @@ pub(super) async fn drain<R>(
     }
     // A reload in progress is waited for (its leaf written, its outcome
     // logged), unless a signal said not to wait any longer, or says so now.
-    if let Some(pending) = reloading {
+    if let Some(pending) = reloading.filter(|r| !r.is_finished()) {
         if cut_short {
             tracing::warn!("not waiting for the reload in progress");
         } else {
             tokio::select! {
                 _ = pending => {}
                 name = signals.next_stop() => {
+                    given_up.store(true, std::sync::atomic::Ordering::SeqCst);
                     tracing::warn!(signal = name, "not waiting for the reload in progress");
                 }
             }
