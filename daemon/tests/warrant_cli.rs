@@ -69,6 +69,17 @@ const NEW_FLAGS: &[&str] = &[
     "2026-11",
 ];
 
+/// A new agency recipient's public JWK, written to `dir`; its path.
+fn write_recipient(dir: &Path) -> std::path::PathBuf {
+    let recipient = dir.join("agency.pub.jwk");
+    std::fs::write(
+        &recipient,
+        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
+    )
+    .unwrap();
+    recipient
+}
+
 fn write_trust(dir: &Path, exec_pub: &Path, jud_pub: &Path) -> std::path::PathBuf {
     let jwk = |p: &Path| std::fs::read_to_string(p).unwrap().trim().to_string();
     let text = format!(
@@ -142,12 +153,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
     }
     let trust = write_trust(d, &exec_pub, &jud_pub);
 
-    let recipient = d.join("agency.pub.jwk");
-    std::fs::write(
-        &recipient,
-        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
-    )
-    .unwrap();
+    let recipient = write_recipient(d);
     let unsigned = d.join("w0.json");
     let mut args = vec!["new", "--recipient", s(&recipient), "--out", s(&unsigned)];
     args.extend_from_slice(NEW_FLAGS);
@@ -459,12 +465,7 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
 fn new_and_inspect_keep_fractional_seconds() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let recipient = d.join("agency.pub.jwk");
-    std::fs::write(
-        &recipient,
-        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
-    )
-    .unwrap();
+    let recipient = write_recipient(d);
     let flags: Vec<&str> = NEW_FLAGS
         .iter()
         .map(|f| match *f {
@@ -508,12 +509,7 @@ fn new_and_inspect_keep_fractional_seconds() {
 fn inspect_shows_every_target_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let recipient = d.join("agency.pub.jwk");
-    std::fs::write(
-        &recipient,
-        serde_json::to_string(&P256PrivateKey::generate().unwrap().public().to_jwk()).unwrap(),
-    )
-    .unwrap();
+    let recipient = write_recipient(d);
     let targets: Vec<String> = (1..=12).map(|i| format!("acct:t{i}@example.com")).collect();
     let out = d.join("w.json");
     let mut args = vec!["new", "--recipient", s(&recipient), "--out", s(&out)];

@@ -234,6 +234,45 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
 
+/// A daemon on `t` through the fault module (logging at `level`),
+/// draining (SIGTERM) with a request whose body has not all come, which
+/// keeps the drain going, and a trust change's reload (SIGHUP) held by the
+/// module in its checkpoint's signature. Returns the daemon, the module and
+/// that request's connection.
+fn draining_with_a_held_reload(
+    t: &TestToken,
+    level: &str,
+) -> (Daemon, Shim, softhsm_tests::server::TlsConn) {
+    let pki = Pki::new(t);
+    let shim = Shim::new(t);
+    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
+    t.write_config_with_module(&shim_module_path(), &serve);
+    vault::generate_escrow_key(t, "E-1");
+    let daemon = Daemon::start_logging(t, level);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let mut slow = c.agency.connect().unwrap();
+    slow.send(
+        b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
+          content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    loosen_policy(t);
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    daemon.signal(Signal::HUP);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while shim.faults() == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    (daemon, shim, slow)
+}
+
 /// Reloads still running or queued when the drain ends (its last
 /// connection closed) are waited for: each leaf written and each outcome
 /// logged before the process exits. Here a trust change's checkpoint
@@ -244,37 +283,9 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
 #[test]
 fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
     let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
-    t.write_config_with_module(&shim_module_path(), &serve);
-    vault::generate_escrow_key(&t, "E-1");
     // At `info`: a reload's outcome is said there.
-    let mut daemon = Daemon::start_logging(&t, "info");
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    // A request whose body has not all come keeps the drain going.
-    let mut slow = c.agency.connect().unwrap();
-    slow.send(
-        b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
-          content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
-    )
-    .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-
-    loosen_policy(&t);
-    shim.set("fault = hang\nfault_calls = C_Sign");
-    daemon.signal(Signal::TERM);
-    daemon.expect_notify("STOPPING=1");
-    daemon.signal(Signal::HUP);
-    // The reload is inside its checkpoint's signature...
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while shim.faults() == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    // ...when another is asked for...
+    let (mut daemon, shim, slow) = draining_with_a_held_reload(&t, "info");
+    // While the reload is held, another is asked for...
     daemon.signal(Signal::HUP);
     std::thread::sleep(std::time::Duration::from_millis(200));
     // ...and the last connection closes: the drain is over.
@@ -298,34 +309,7 @@ fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
 #[test]
 fn a_second_stop_signal_does_not_wait_for_a_reload() {
     let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
-    t.write_config_with_module(&shim_module_path(), &serve);
-    vault::generate_escrow_key(&t, "E-1");
-    let mut daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let mut slow = c.agency.connect().unwrap();
-    slow.send(
-        b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
-          content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
-    )
-    .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
-
-    loosen_policy(&t);
-    shim.set("fault = hang\nfault_calls = C_Sign");
-    daemon.signal(Signal::TERM);
-    daemon.expect_notify("STOPPING=1");
-    daemon.signal(Signal::HUP);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while shim.faults() == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    // The reload is held in the HSM; a second stop signal.
+    let (mut daemon, shim, slow) = draining_with_a_held_reload(&t, "warn");
     daemon.signal(Signal::INT);
     std::thread::sleep(std::time::Duration::from_millis(300));
     shim.set("");

@@ -738,6 +738,19 @@ mod tests {
         .clone()
     }
 
+    /// A CA with a new key, named `common_name` (rcgen's default name
+    /// without one), as an issuer of CRLs.
+    fn ca(common_name: Option<&str>) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        if let Some(name) = common_name {
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, name);
+        }
+        rcgen::Issuer::new(params, rcgen::KeyPair::generate().unwrap())
+    }
+
     /// A CA named "client CA", with `key` and `usages` (none: no keyUsage
     /// extension): its certificate's DER and its issuer for CRLs.
     fn named_ca(
@@ -837,10 +850,7 @@ mod tests {
     /// enforced, and never counts towards the time a checked chain is kept.
     #[test]
     fn crls_are_refused_only_where_the_handshake_would_misread_them() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let issuer = rcgen::Issuer::new(params, key);
+        let issuer = ca(None);
         let now: u64 = 2_000_000_000;
         let path = Path::new("ca.crl");
         let list = |crls: Vec<CertificateRevocationListDer<'static>>| {
@@ -906,13 +916,7 @@ mod tests {
         let stale_users = list(vec![crl(&issuer, users, now - 1)]);
         assert!(check_crls(&stale_users, true, Some(&cas_only), now).is_ok());
         // Another CA's.
-        let other_key = rcgen::KeyPair::generate().unwrap();
-        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        other_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "another CA");
-        let other = rcgen::Issuer::new(other_params, other_key);
+        let other = ca(Some("another CA"));
         let others = running(vec![crl(&other, None, now + 60)], true);
         assert!(check_crls(&stale, true, Some(&others), now).is_ok());
         // A running CRL whose expiry was not enforced counts for ever.
@@ -945,10 +949,7 @@ mod tests {
     /// has nothing to compare with.
     #[test]
     fn a_reload_refuses_an_older_crl_of_the_same_certificates() {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let issuer = rcgen::Issuer::new(params, key);
+        let issuer = ca(None);
         let now: u64 = 2_000_000_000;
         let path = Path::new("ca.crl");
         let list = |crls: Vec<CertificateRevocationListDer<'static>>| {
@@ -978,13 +979,7 @@ mod tests {
         let users = Some(rcgen::CrlScope::UserCertsOnly);
         let crls = vec![numbered_crl(&issuer, users, now + 60, 1)];
         assert!(load(crls, Some(&running), true).is_ok(), "another scope");
-        let other_key = rcgen::KeyPair::generate().unwrap();
-        let mut other_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        other_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        other_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "another CA");
-        let other = rcgen::Issuer::new(other_params, other_key);
+        let other = ca(Some("another CA"));
         let crls = vec![numbered_crl(&other, None, now + 60, 1)];
         assert!(load(crls, Some(&running), true).is_ok(), "another CA");
         // Without a number on one side, thisUpdate decides.
