@@ -193,8 +193,10 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
             0o600
         );
     }
-    // A file that cannot be written is `output_unwritable`, and leaves no
-    // partial file behind.
+    // A file that cannot be written (here a directory) is
+    // `output_unwritable`, and leaves no partial file behind.
+    let taken = d.join("taken");
+    std::fs::create_dir(&taken).unwrap();
     let e = run(&[
         "sign",
         "--key",
@@ -202,7 +204,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "--in",
         s(&unsigned),
         "--out",
-        s(d),
+        s(&taken),
     ])
     .unwrap_err();
     assert_eq!(
@@ -210,7 +212,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         Some("output_unwritable"),
         "{e:#}"
     );
-    assert!(!d.with_extension("partial-download").exists());
+    assert!(!taken.with_extension("partial-download").exists());
     let report = inspect(&[
         "inspect",
         s(&once),

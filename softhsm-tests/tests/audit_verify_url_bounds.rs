@@ -37,7 +37,20 @@ enum Hostile {
     Duplicating,
     /// Answers 302 to another host, with no body.
     Redirecting,
+    /// Answers `/v1/audit/checkpoint` with a checkpoint of one leaf signed
+    /// by [`log_signer`], then every other request with a chunked 200
+    /// reply that never ends: the entries' pages are held to
+    /// `--max-response-bytes`, not to a checkpoint's bound.
+    EndlessEntries,
 }
+
+/// The hostile log's signing key: fixed, so that the verifier's `--key`
+/// and the checkpoint the server signs agree.
+fn log_signer() -> aws_lc_rs::signature::Ed25519KeyPair {
+    aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap()
+}
+
+const LOG_ORIGIN: &str = "hostile.example/log";
 
 /// Starts the hostile server; returns its port.
 fn hostile_server(ca: &Ca, mode: Hostile) -> u16 {
@@ -122,6 +135,33 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             let _ = tls.write_all(reply.as_bytes());
             let _ = tls.flush();
         }
+        Hostile::EndlessEntries if request.starts_with(b"GET /v1/audit/checkpoint ") => {
+            let signer = log_signer();
+            let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
+            let checkpoint = lavd::audit::note::Checkpoint {
+                origin: LOG_ORIGIN.into(),
+                size: 1,
+                root: [9; 32],
+            };
+            let note = lavd::audit::note::sign_checkpoint(&checkpoint, &public, |m| {
+                Ok::<_, std::convert::Infallible>(signer.sign(m).as_ref().try_into().unwrap())
+            })
+            .unwrap();
+            json_reply(
+                &mut tls,
+                "200 OK",
+                &serde_json::json!({ "checkpoint": note }).to_string(),
+            );
+        }
+        Hostile::EndlessEntries => {
+            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                        transfer-encoding: chunked\r\n\r\n";
+            if tls.write_all(head.as_bytes()).is_err() {
+                return;
+            }
+            let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+            while tls.write_all(chunk.as_bytes()).is_ok() {}
+        }
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                         content-length: 1000000000000\r\n\r\n[";
@@ -171,9 +211,8 @@ fn verify_from(
     url: &str,
     extra: &[&str],
 ) -> (Option<i32>, String, Duration) {
-    let signer = aws_lc_rs::signature::Ed25519KeyPair::generate().unwrap();
-    let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
-    let vkey = lavd::audit::note::verifier_key("hostile.example/log", &public).unwrap();
+    let public: [u8; 32] = log_signer().public_key().as_ref().try_into().unwrap();
+    let vkey = lavd::audit::note::verifier_key(LOG_ORIGIN, &public).unwrap();
     let p = |name: &str| dir.join(name).to_str().unwrap().to_string();
     let mut args = vec![
         "audit".to_string(),
@@ -234,12 +273,22 @@ fn an_endless_reply_is_cut_at_the_size_bound() {
     );
     assert!(took < Duration::from_secs(30), "took {took:?}");
 
-    // The defaults bound it too (64 MiB, 30 s), whichever comes first.
+    // The checkpoint's reply is cut at its own bound first.
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: response_too_large: GET /v1/audit/checkpoint"),
+        "{stderr}"
+    );
+    // A good checkpoint, then entries that never end: the defaults bound
+    // them (64 MiB or 30 s, whichever comes first).
+    let port = hostile_server(&f.servers, Hostile::EndlessEntries);
     let (code, stderr, took) = verify(f.dir.path(), port, &[]);
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
-        stderr.contains("lavd: response_too_large: ")
-            || stderr.contains("lavd: response_timeout: "),
+        (stderr.contains("lavd: response_too_large: GET /v1/audit/entries")
+            && stderr.contains("larger than 67108864 bytes"))
+            || stderr.contains("lavd: response_timeout: GET /v1/audit/entries"),
         "{stderr}"
     );
     assert!(took < Duration::from_secs(45), "took {took:?}");

@@ -370,8 +370,9 @@ fn start_through_a_sighup_in_a_hung_login(
     shim.set("fault = hang\nfault_calls = C_Login\n");
     let (started, signalled) = std::thread::scope(|s| {
         let hup = s.spawn(|| {
-            // Past the configuration's load, inside the hung login.
-            std::thread::sleep(Duration::from_secs(2));
+            // Inside the hung login (the module counts a hang once it
+            // holds the call; none before: the token's set-up made none).
+            shim.wait_for_faults(1);
             let signalled = serve_pid(config)
                 .and_then(rustix::process::Pid::from_raw)
                 .map(|pid| rustix::process::kill_process(pid, rustix::process::Signal::HUP));

@@ -232,6 +232,16 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         KID,
         "2030-01-01T00:00:00Z",
     ));
+    // Another key's real destruction: its `key_destroyed` leaf must not
+    // stand for this one's.
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        "2026-11",
+        "2030-01-01T00:00:00Z",
+    ));
+    assert_ok(&t.lavd_with_config(&[
+        "keys", "destroy", "--kid", "2026-11", "--force", "--reason", "test",
+    ]));
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
     db.execute(
         "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \

@@ -139,13 +139,14 @@ fn the_readme_walkthrough_works_as_written() {
     stop(child);
     // Another address for it is refused, naming the field that keeps it,
     // not ignored with a banner that shows the flag's.
-    let moved = Command::new(softhsm_tests::lavd_binary())
-        .args(["dev", "--dir", dir.to_str().unwrap()])
-        .args(["--listen", &format!("127.0.0.1:{}", dev.admin)])
-        .env("LAVD_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
+    // Bounded: were the flag ignored again, `lavd dev` would serve.
+    let moved = softhsm_tests::output_within(
+        Command::new(softhsm_tests::lavd_binary())
+            .args(["dev", "--dir", dir.to_str().unwrap()])
+            .args(["--listen", &format!("127.0.0.1:{}", dev.admin)])
+            .env("LAVD_LOG", "warn"),
+        std::time::Duration::from_secs(60),
+    );
     let stderr = String::from_utf8_lossy(&moved.stderr);
     assert_eq!(moved.status.code(), Some(2), "{stderr}");
     assert!(

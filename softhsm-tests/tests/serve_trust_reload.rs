@@ -234,7 +234,8 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
 
-/// A daemon on `t` through the fault module (logging at `level`),
+/// A daemon on `t` through the fault module (logging at `level`, with
+/// `hsm` lines added to `[hsm]`),
 /// draining (SIGTERM) with a request whose body has not all come, which
 /// keeps the drain going, and a trust change's reload (SIGHUP) held by the
 /// module in its checkpoint's signature. Returns the daemon, the module and
@@ -242,11 +243,12 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
 fn draining_with_a_held_reload(
     t: &TestToken,
     level: &str,
+    hsm: &str,
 ) -> (Daemon, Shim, softhsm_tests::server::TlsConn) {
     let pki = Pki::new(t);
     let shim = Shim::new(t);
     let serve = format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml()));
-    t.write_config_with_module(&shim_module_path(), &serve);
+    t.write_config_hsm(&shim_module_path(), 2, hsm, &serve);
     vault::generate_escrow_key(t, "E-1");
     let daemon = Daemon::start_logging(t, level);
     daemon.wait_readyz(200);
@@ -284,13 +286,21 @@ fn draining_with_a_held_reload(
 fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
     let t = TestToken::new();
     // At `info`: a reload's outcome is said there.
-    let (mut daemon, shim, slow) = draining_with_a_held_reload(&t, "info");
+    let (mut daemon, shim, slow) = draining_with_a_held_reload(&t, "info", "");
     // While the reload is held, another is asked for...
     daemon.signal(Signal::HUP);
     std::thread::sleep(std::time::Duration::from_millis(200));
-    // ...and the last connection closes: the drain is over.
+    // ...and the last connection closes: the drain is over, and the
+    // daemon waits for the reloads.
     drop(slow);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !daemon
+        .stderr()
+        .contains("drained; waiting for the reload in progress")
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     shim.set("");
     let status = daemon.wait_exit(std::time::Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
@@ -309,11 +319,15 @@ fn a_reload_still_running_when_the_drain_ends_is_waited_for() {
 #[test]
 fn a_second_stop_signal_does_not_wait_for_a_reload() {
     let t = TestToken::new();
-    let (mut daemon, shim, slow) = draining_with_a_held_reload(&t, "warn");
+    // The HSM's call deadline far off: only the daemon's not waiting lets
+    // it exit while the reload is held.
+    let (mut daemon, shim, slow) =
+        draining_with_a_held_reload(&t, "warn", "call_timeout_ms = 60000");
     daemon.signal(Signal::INT);
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    shim.set("");
+    // Held all the while (the process's own wait for HSM calls at exit
+    // gives up after 5 s).
     let status = daemon.wait_exit(std::time::Duration::from_secs(30));
+    shim.set("");
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
     assert!(
         daemon

@@ -624,6 +624,21 @@ mod tests {
     use crate::bounds::BoundError;
     use rcgen::{CertificateParams, KeyPair, SanType};
 
+    /// cRLNumbers order as numbers, whatever their length in DER: 255 is
+    /// below 256, 127 below 128 (DER `00 80`), a leading zero changes
+    /// nothing, and a negative one is no cRLNumber.
+    #[test]
+    fn crl_numbers_order_as_numbers() {
+        let n = |der: &[u8]| CrlNumber::from_der_integer(der).unwrap();
+        assert!(n(&[0x00, 0xff]) < n(&[0x01, 0x00]));
+        assert!(n(&[0x7f]) < n(&[0x00, 0x80]));
+        assert!(n(&[0x02]) < n(&[0x01, 0x00]));
+        assert_eq!(n(&[0x00, 0x2a]), n(&[0x2a]));
+        assert_eq!(n(&[0x01, 0x00]).to_string(), "256");
+        assert_eq!(CrlNumber::from_der_integer(&[0x80]), None);
+        assert_eq!(CrlNumber::from_der_integer(&[]), None);
+    }
+
     fn cert(sans: Vec<SanType>) -> Vec<u8> {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = sans;

@@ -626,6 +626,7 @@ pub(super) async fn drain<R>(
         if cut_short {
             tracing::warn!("not waiting for the reload in progress");
         } else {
+            tracing::info!("drained; waiting for the reload in progress");
             tokio::select! {
                 _ = pending => {}
                 name = signals.next_stop() => {
