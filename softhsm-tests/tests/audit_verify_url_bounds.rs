@@ -90,15 +90,7 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
     }
     match mode {
         Hostile::Silent => std::thread::sleep(Duration::from_secs(120)),
-        Hostile::Endless => {
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                        transfer-encoding: chunked\r\n\r\n";
-            if tls.write_all(head.as_bytes()).is_err() {
-                return;
-            }
-            let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
-            while tls.write_all(chunk.as_bytes()).is_ok() {}
-        }
+        Hostile::Endless => endless_reply(&mut tls),
         Hostile::Refusing => json_reply(
             &mut tls,
             "403 Forbidden",
@@ -153,15 +145,7 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
                 &serde_json::json!({ "checkpoint": note }).to_string(),
             );
         }
-        Hostile::EndlessEntries => {
-            let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                        transfer-encoding: chunked\r\n\r\n";
-            if tls.write_all(head.as_bytes()).is_err() {
-                return;
-            }
-            let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
-            while tls.write_all(chunk.as_bytes()).is_ok() {}
-        }
+        Hostile::EndlessEntries => endless_reply(&mut tls),
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                         content-length: 1000000000000\r\n\r\n[";
@@ -169,6 +153,17 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             std::thread::sleep(Duration::from_secs(120));
         }
     }
+}
+
+/// A chunked 200 reply that never ends, until the client goes away.
+fn endless_reply(tls: &mut impl Write) {
+    let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                transfer-encoding: chunked\r\n\r\n";
+    if tls.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+    while tls.write_all(chunk.as_bytes()).is_ok() {}
 }
 
 /// A whole JSON reply with `status`, then the connection closed.
