@@ -140,8 +140,11 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     assert_eq!(db.rows("audit_leaves"), 0);
     sqlite.execute("DELETE FROM open_intents", []).unwrap();
     drop(sqlite);
-    // Run again with the right key.
-    let out = copy(&key);
+    // Run again with the right key, given as a file holding it (as `lavd
+    // audit verify --key` takes it).
+    let key_file = t.path("audit.vkey");
+    std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    let out = copy(key_file.to_str().unwrap());
     let printed = assert_ok(&out);
     assert!(
         printed.contains(&format!("{sqlite_size} leaves")),
