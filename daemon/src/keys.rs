@@ -14,6 +14,7 @@
 use time::OffsetDateTime;
 
 use crate::audit::leaf::{Event, KeyDestroyed, KeyGenerated};
+use crate::audit::log::{AuditLog, LogError};
 use crate::codec::format_time;
 use crate::hsm::{Hsm, HsmError};
 use crate::jwk::{Jwk, JwkSet, LAV_SUITE};
@@ -119,16 +120,22 @@ pub enum KeyError {
     )]
     MissingBeforeDestruction(String),
     /// The store marks the key destroyed, the token still holds its
-    /// private key, and the audit log holds no `key_destroyed` leaf for it:
-    /// a real destruction commits its leaf with the mark, so the mark was
-    /// made outside lavd. The key is left on the token.
+    /// private key, and the signed audit log holds no `key_destroyed` leaf
+    /// for it (`why` says what was found): a real destruction commits its
+    /// leaf with the mark, so the mark, or the leaf row, was made outside
+    /// lavd. The key is left on the token.
     #[error(
-        "the store marks escrow key {0} destroyed, but the audit log holds no key_destroyed \
-         leaf for it: its private key is left on the token (a destruction commits its leaf \
-         with the mark, so the store was changed outside lavd); investigate, verify the log \
-         (lavd audit verify), and put the store's row right"
+        "the store marks escrow key {kid} destroyed, but {why}: its private key is left on \
+         the token (a destruction commits its leaf with the mark, so the store was changed \
+         outside lavd); investigate, verify the log (lavd audit verify), and put the store's \
+         row right"
     )]
-    DestructionUnlogged(String),
+    DestructionUnlogged {
+        /// The key.
+        kid: String,
+        /// What the log holds instead.
+        why: String,
+    },
     /// `keys destroy --expired`: every due key was destroyed, but these
     /// were missing from the token before (each reported before).
     #[error("destroyed, but missing from the token before their destruction: {0}")]
@@ -169,7 +176,7 @@ impl KeyError {
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
-            KeyError::DestructionUnlogged(_) => "destroy_unlogged",
+            KeyError::DestructionUnlogged { .. } => "destroy_unlogged",
             KeyError::MissingBeforeDestruction(_) | KeyError::LostBeforeDestruction(_) => {
                 "key_missing_before_destruction"
             }
@@ -515,16 +522,19 @@ pub struct Destroyed {
 /// its `key_destroyed` audit leaf in the same transaction), deletes
 /// both halves from the token, and checks with a fresh session that the
 /// private key is gone. Before, it looks whether the token holds the
-/// private key at all ([`Destroyed::missing_before`]).
+/// private key at all ([`Destroyed::missing_before`]). A key the store
+/// already marks destroyed is finished on the token as
+/// [`finish_recorded_destruction`] does (`open_log` is called only then).
 ///
 /// # Errors
 /// [`KeyError::UnknownKid`], [`KeyError::RetentionNotReached`],
 /// [`KeyError::ReasonRequired`], [`KeyError::ReasonInvalid`],
-/// [`KeyError::StillPresent`], or an HSM/store
-/// failure.
+/// [`KeyError::StillPresent`], [`KeyError::DestructionUnlogged`], or an
+/// HSM/store failure.
 pub fn destroy(
     hsm: &Hsm,
     store: &(impl KeyStore + AuditStore),
+    open_log: OpenLog<'_>,
     kid: &str,
     reason: DestroyReason,
     now: OffsetDateTime,
@@ -584,7 +594,7 @@ pub fn destroy(
     } else {
         // The store already says destroyed: finishes an interrupted
         // destruction on the token, if the log holds its leaf.
-        finish_recorded_destruction(hsm, store, kid)?;
+        finish_recorded_destruction(hsm, open_log, kid)?;
     }
     let record = store
         .get_key(kid)?
@@ -621,52 +631,87 @@ pub fn finish_destruction(hsm: &Hsm, kid: &str) -> Result<bool, KeyError> {
     Ok(had)
 }
 
+/// Opens the audit log, when a destruction must be proved in it: only
+/// then, so that the other paths need neither the audit key nor a log that
+/// verifies.
+pub type OpenLog<'a> = &'a dyn Fn() -> Result<AuditLog, LogError>;
+
 /// Finishes on the token the destruction of escrow key `kid`, which the
 /// store already marks destroyed (an interrupted destruction: the mark and
 /// its leaf committed, the token not yet done), as [`finish_destruction`].
-/// While the token still holds the private key, only if the audit log
-/// holds a `key_destroyed` leaf for it ([`destruction_logged`]): a mark
-/// made in the store by hand must not delete a key for good, before its
-/// retention perhaps, with nothing in the log.
+/// While the token still holds the private key, only if the signed audit
+/// log holds a `key_destroyed` leaf for it ([`destruction_logged`]): a
+/// mark made in the store by hand (with or without a leaf row beside it)
+/// must not delete a key for good, before its retention perhaps, with
+/// nothing in the log.
 ///
 /// # Errors
-/// [`KeyError::DestructionUnlogged`]; as [`finish_destruction`].
+/// [`KeyError::DestructionUnlogged`]; as [`finish_destruction`] and
+/// [`destruction_logged`].
 pub fn finish_recorded_destruction(
     hsm: &Hsm,
-    store: &impl AuditStore,
+    open_log: OpenLog<'_>,
     kid: &str,
 ) -> Result<bool, KeyError> {
-    if hsm.escrow_private_keys(kid)? > 0 && !destruction_logged(store, kid)? {
-        return Err(KeyError::DestructionUnlogged(kid.to_string()));
+    if hsm.escrow_private_keys(kid)? > 0 {
+        destruction_logged(&open_log().map_err(log_failed)?, kid)?;
     }
     finish_destruction(hsm, kid)
 }
 
-/// Whether the audit log holds a `key_destroyed` leaf for `kid`, read from
-/// the newest leaf back (an interrupted destruction's is among the last).
-/// A leaf that does not parse is not one.
+/// A failure of the audit log as the key lifecycle reports it.
+fn log_failed(e: LogError) -> KeyError {
+    match e {
+        LogError::Store(e) => e.into(),
+        LogError::Hsm(e) => e.into(),
+        other => KeyError::Audit(other.to_string()),
+    }
+}
+
+/// Checks that the audit log holds a `key_destroyed` leaf for `kid` under a
+/// checkpoint signed with the audit key ([`AuditLog::prove_leaf`]: one
+/// covering it is signed if none does yet). The leaf is looked for from the
+/// newest back (an interrupted destruction's is among the last); a leaf
+/// that does not parse is not one.
 ///
 /// # Errors
-/// A store failure.
-pub fn destruction_logged(store: &impl AuditStore, kid: &str) -> Result<bool, KeyError> {
+/// [`KeyError::DestructionUnlogged`] when there is none, when the leaf row
+/// found is not the signed tree's, or when the log is inconsistent; a store
+/// or HSM failure.
+pub fn destruction_logged(log: &AuditLog, kid: &str) -> Result<(), KeyError> {
     const PAGE: u64 = 4096;
+    let unlogged = |why: String| KeyError::DestructionUnlogged {
+        kid: kid.to_string(),
+        why,
+    };
+    let store = log.store();
     let mut end = store.tree_size()?;
     while end > 0 {
         let start = end.saturating_sub(PAGE);
-        for (_, bytes) in store.leaves(start, end)? {
+        for (index, bytes) in store.leaves(start, end)?.into_iter().rev() {
             // Most leaves are unwraps: skip them before parsing.
             if !bytes.windows(13).any(|w| w == b"key_destroyed") {
                 continue;
             }
-            if let Ok(leaf) = crate::audit::leaf::Leaf::parse(&bytes) {
-                if matches!(&leaf.event, Event::KeyDestroyed(d) if d.kid() == kid) {
-                    return Ok(true);
-                }
+            let Ok(leaf) = crate::audit::leaf::Leaf::parse(&bytes) else {
+                continue;
+            };
+            if !matches!(&leaf.event, Event::KeyDestroyed(d) if d.kid() == kid) {
+                continue;
             }
+            return match log.prove_leaf(index, &bytes) {
+                Ok(()) => Ok(()),
+                Err(LogError::Inconsistent(reason)) => Err(unlogged(format!(
+                    "its key_destroyed leaf {index} is not proved in the signed log: {reason}"
+                ))),
+                Err(e) => Err(log_failed(e)),
+            };
         }
         end = start;
     }
-    Ok(false)
+    Err(unlogged(
+        "the audit log holds no key_destroyed leaf for it".into(),
+    ))
 }
 
 /// What [`due_for_destruction`] finds.

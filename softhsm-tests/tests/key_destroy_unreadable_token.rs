@@ -44,9 +44,12 @@ fn a_destruction_is_not_done_on_a_token_that_cannot_show_its_objects() {
     let dir = t.token_dir();
     let away = t.path("token-away");
     std::fs::rename(&dir, &away).unwrap();
+    // The token cannot be asked whether it holds the key, so no log is
+    // opened to prove the earlier destruction's leaf.
     let refused = keys::destroy(
         &hsm,
         &store,
+        &|| panic!("the log was opened"),
         KID,
         DestroyReason::Forced("finish".into()),
         time::OffsetDateTime::now_utc(),

@@ -255,6 +255,9 @@ fn a_key_without_its_private_half_is_not_published() {
 fn two_keys() -> TestToken {
     let t = TestToken::new();
     t.write_config("");
+    // The key that signs the log, as on every lavd token (a destruction
+    // finished later is proved in the log).
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     for kid in ["2026-11", KID] {
         assert_ok(&softhsm_tests::generate_key(
             &t,

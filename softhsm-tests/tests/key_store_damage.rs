@@ -222,11 +222,15 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
 /// A destruction marked in the store by hand, with no `key_destroyed` leaf
 /// in the log (a real one commits the two together), is not finished on
 /// the token: neither the daily job nor `--kid` deletes the key for good,
-/// before its retention and unlogged; each says `destroy_unlogged`.
+/// before its retention and unlogged; each says `destroy_unlogged`. Nor
+/// with a `key_destroyed` leaf row for it written into the store: the leaf
+/// must be proved in the signed tree.
 #[test]
 fn a_destruction_the_log_does_not_hold_is_not_finished() {
     const KID: &str = "2026-12";
     let t = TestToken::new();
+    // The key that signs the log, as on every lavd token.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     assert_ok(&softhsm_tests::generate_key(
         &t,
         KID,
@@ -270,4 +274,39 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         "destroy_unlogged",
     );
     assert!(private_key(&t, KID), "the key was deleted");
+
+    // Nor with a leaf row written beside the mark: the other key's
+    // `key_destroyed` leaf rewritten to name this one. The leaf is not the
+    // one the signed tree holds.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit_leaves SET leaf = CAST(replace(CAST(leaf AS TEXT), \
+             '\"kid\":\"2026-11\"', '\"kid\":\"2026-12\"') AS BLOB) \
+             WHERE CAST(leaf AS TEXT) LIKE '%key_destroyed%2026-11%'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    for args in [
+        &["keys", "destroy", "--expired"][..],
+        &[
+            "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
+        ],
+    ] {
+        let out = t.lavd_with_config(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "destroy_unlogged: escrow key {KID}: the store marks escrow key {KID} destroyed, \
+                 but its key_destroyed leaf 2 is not proved in the signed log"
+            )) || stderr.contains(&format!(
+                "lavd: destroy_unlogged: the store marks escrow key {KID} destroyed, but its \
+                 key_destroyed leaf 2 is not proved in the signed log"
+            )),
+            "{args:?}: {stderr}"
+        );
+        assert!(private_key(&t, KID), "the key was deleted");
+    }
 }

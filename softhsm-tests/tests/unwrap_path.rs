@@ -457,6 +457,7 @@ fn destroyed_keys_never_open_again() {
     let destroyed = keys::destroy(
         &w.hsm,
         &*w.store,
+        &|| Ok(w.log.clone()),
         "2026-12",
         keys::DestroyReason::Forced("test".into()),
         t("2026-12-05T00:00:00Z"),
@@ -483,6 +484,7 @@ fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
     let destroyed = keys::destroy(
         &w.hsm,
         &*w.store,
+        &|| Ok(w.log.clone()),
         "2026-12",
         keys::DestroyReason::Forced("court order 7".into()),
         t("2028-02-01T00:00:00Z"),

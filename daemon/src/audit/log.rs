@@ -1108,6 +1108,46 @@ impl AuditLog {
         self.keep(latest, tree, root, note)
     }
 
+    /// Proves that `leaf` is leaf `index` of a tree signed with the audit
+    /// key, signing a checkpoint that covers it when none does yet (which
+    /// first proves that the stored tree extends the last one signed). A
+    /// leaf row written into the store outside lavd, over another leaf or
+    /// beside the subtree hashes, fails.
+    ///
+    /// # Errors
+    /// [`LogError::Inconsistent`] (recorded) when the leaf is not the
+    /// signed tree's; as [`Self::checkpoint_covering`].
+    pub fn prove_leaf(&self, index: u64, leaf: &[u8]) -> Result<(), LogError> {
+        self.checkpoint_covering(index.saturating_add(1))?;
+        let signed = self
+            .latest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| LogError::Sign("no checkpoint after signing one".into()))?;
+        let not_in = |what: String| {
+            self.record_inconsistency(format!(
+                "the stored leaf {index} is not the one in the signed tree of size {}: {what}",
+                signed.size
+            ))
+        };
+        let proof = match self.store.inclusion_proof(index, signed.size) {
+            Ok(proof) => proof,
+            Err(e @ (StoreError::Corrupt { .. } | StoreError::BadProofRequest(_))) => {
+                return Err(not_in(e.to_string()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        merkle::verify_inclusion(
+            &merkle::leaf_hash(leaf),
+            index,
+            signed.size,
+            &proof,
+            &signed.root,
+        )
+        .map_err(|e| not_in(format!("inclusion proof: {e}")))
+    }
+
     /// The newest checkpoint, signing one if the log has grown since.
     ///
     /// # Errors

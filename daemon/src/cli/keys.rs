@@ -246,17 +246,28 @@ impl KeysCommand {
                 kid.as_deref().map(keys::check_kid).transpose()?;
                 crate::store::probe_existing(&settings.store)?
                     .map_err(keys::KeyError::StoreMissing)?;
-                let store = Store::open_settings(&settings.store)?;
+                let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
                 })?;
+                // Only to prove an earlier destruction's leaf: see
+                // `keys::finish_recorded_destruction`.
+                let open_log = || {
+                    crate::audit::log::AuditLog::new(
+                        store.clone(),
+                        hsm.clone(),
+                        &settings.audit.key_label,
+                        &settings.audit.origin,
+                    )
+                };
+                let store = store.as_ref();
                 if let Some(kid) = kid {
                     let reason = if force {
                         DestroyReason::Forced(reason.unwrap_or_default())
                     } else {
                         DestroyReason::Retention
                     };
-                    let destroyed = keys::destroy(&hsm, &store, &kid, reason, now)?;
+                    let destroyed = keys::destroy(&hsm, store, &open_log, &kid, reason, now)?;
                     report(&destroyed.record);
                     if destroyed.missing_before {
                         return Err(keys::KeyError::MissingBeforeDestruction(shown(&kid)).into());
@@ -269,7 +280,7 @@ impl KeysCommand {
                     let mut refused: Option<keys::KeyError> = None;
                     // Destroyed, but the token had lost them before.
                     let mut lost = Vec::new();
-                    let due = keys::due_for_destruction(&store, now)?;
+                    let due = keys::due_for_destruction(store, now)?;
                     // A row that cannot be read: whether it is due is not
                     // known, so it is reported and the job fails, after the
                     // others are done.
@@ -285,7 +296,14 @@ impl KeysCommand {
                         }
                     };
                     for k in due.keys {
-                        match keys::destroy(&hsm, &store, &k.kid, DestroyReason::Retention, now) {
+                        match keys::destroy(
+                            &hsm,
+                            store,
+                            &open_log,
+                            &k.kid,
+                            DestroyReason::Retention,
+                            now,
+                        ) {
                             Ok(destroyed) => {
                                 report(&destroyed.record);
                                 if destroyed.missing_before {
@@ -309,7 +327,7 @@ impl KeysCommand {
                         // Destroy first (it is idempotent, and takes every
                         // key object under the label, so two pairs there do
                         // not stop it), then look on a fresh session.
-                        match keys::finish_recorded_destruction(&hsm, &store, &k.kid) {
+                        match keys::finish_recorded_destruction(&hsm, &open_log, &k.kid) {
                             Ok(true) => eprintln!(
                                 "escrow key {}: finished an interrupted destruction",
                                 shown(&k.kid)
