@@ -37,12 +37,20 @@ enum Hostile {
     Duplicating,
     /// Answers 302 to another host, with no body.
     Redirecting,
-    /// Answers `/v1/audit/checkpoint` with a checkpoint of one leaf signed
-    /// by [`log_signer`], then every other request with a chunked 200
-    /// reply that never ends: the entries' pages are held to
-    /// `--max-response-bytes`, not to a checkpoint's bound.
+    /// Answers `/v1/audit/checkpoint` with a checkpoint of 1,000 leaves
+    /// signed by [`log_signer`], then every other request with a chunked
+    /// 200 reply that never ends: a full page of entries may take more than
+    /// `--max-response-bytes`, which bounds it, not a checkpoint's bound.
     EndlessEntries,
+    /// Answers `/v1/audit/checkpoint` with a checkpoint of 50 leaves signed
+    /// by [`log_signer`], then each entries request with one entry whose
+    /// leaf is 1 MiB of base64, within the page's byte bound, counting the
+    /// requests in [`FAT_PAGES`].
+    FatEntries,
 }
+
+/// The entries requests [`Hostile::FatEntries`] answered.
+static FAT_PAGES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// The hostile log's signing key: fixed, so that the verifier's `--key`
 /// and the checkpoint the server signs agree.
@@ -128,24 +136,21 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             let _ = tls.flush();
         }
         Hostile::EndlessEntries if request.starts_with(b"GET /v1/audit/checkpoint ") => {
-            let signer = log_signer();
-            let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
-            let checkpoint = lavd::audit::note::Checkpoint {
-                origin: LOG_ORIGIN.into(),
-                size: 1,
-                root: [9; 32],
-            };
-            let note = lavd::audit::note::sign_checkpoint(&checkpoint, &public, |m| {
-                Ok::<_, std::convert::Infallible>(signer.sign(m).as_ref().try_into().unwrap())
-            })
-            .unwrap();
+            signed_checkpoint_reply(&mut tls, 1000);
+        }
+        Hostile::EndlessEntries => endless_reply(&mut tls),
+        Hostile::FatEntries if request.starts_with(b"GET /v1/audit/checkpoint ") => {
+            signed_checkpoint_reply(&mut tls, 50);
+        }
+        Hostile::FatEntries => {
+            let index = FAT_PAGES.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let entry = serde_json::json!({ "index": index, "leaf": "A".repeat(1 << 20) });
             json_reply(
                 &mut tls,
                 "200 OK",
-                &serde_json::json!({ "checkpoint": note }).to_string(),
+                &serde_json::json!({ "entries": [entry] }).to_string(),
             );
         }
-        Hostile::EndlessEntries => endless_reply(&mut tls),
         Hostile::Huge => {
             let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
                         content-length: 1000000000000\r\n\r\n[";
@@ -153,6 +158,26 @@ fn serve(tcp: TcpStream, config: Arc<rustls::ServerConfig>, mode: Hostile) {
             std::thread::sleep(Duration::from_secs(120));
         }
     }
+}
+
+/// A 200 reply with a checkpoint of `size` leaves signed by [`log_signer`].
+fn signed_checkpoint_reply(tls: &mut impl Write, size: u64) {
+    let signer = log_signer();
+    let public: [u8; 32] = signer.public_key().as_ref().try_into().unwrap();
+    let checkpoint = lavd::audit::note::Checkpoint {
+        origin: LOG_ORIGIN.into(),
+        size,
+        root: [9; 32],
+    };
+    let note = lavd::audit::note::sign_checkpoint(&checkpoint, &public, |m| {
+        Ok::<_, std::convert::Infallible>(signer.sign(m).as_ref().try_into().unwrap())
+    })
+    .unwrap();
+    json_reply(
+        tls,
+        "200 OK",
+        &serde_json::json!({ "checkpoint": note }).to_string(),
+    );
 }
 
 /// A chunked 200 reply that never ends, until the client goes away.
@@ -287,6 +312,23 @@ fn an_endless_reply_is_cut_at_the_size_bound() {
         "{stderr}"
     );
     assert!(took < Duration::from_secs(45), "took {took:?}");
+}
+
+/// A server that answers each entries page with one entry far longer than
+/// any leaf (each reply within the page's byte bound) is refused at its
+/// first page, `leaf_too_large`, not after every page has been held: the
+/// pages' total stays what a file of the same entries may hold.
+#[test]
+fn an_entry_longer_than_any_leaf_is_refused_at_its_page() {
+    let f = files();
+    let port = hostile_server(&f.servers, Hostile::FatEntries);
+    let (code, stderr, _) = verify(f.dir.path(), port, &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: leaf_too_large: entry 0 from GET /v1/audit/entries is 1048576"),
+        "{stderr}"
+    );
+    assert_eq!(FAT_PAGES.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 /// Tiles read over HTTPS are held to each resource's own bound as they

@@ -339,6 +339,11 @@ pub fn decode_bundle(tile: &Tile, bytes: &[u8]) -> Result<Vec<Vec<u8>>, TileErro
         let [hi, lo, tail @ ..] = rest else {
             return Err(bad("a truncated length".into()));
         };
+        // Counted before each is kept: a bundle of many empty entries is
+        // refused at the first one too many, not after holding them all.
+        if leaves.len() == usize::from(tile.width) {
+            return Err(bad(format!("more than {} entries", tile.width)));
+        }
         let len = usize::from(u16::from_be_bytes([*hi, *lo]));
         if tail.len() < len {
             return Err(bad(format!("entry {} is truncated", leaves.len())));
@@ -634,6 +639,10 @@ mod tests {
         assert!(decode_bundle(&Tile::entries(0, 2), &bytes).is_err());
         assert!(decode_bundle(&tile, &bytes[..bytes.len() - 1]).is_err());
         assert!(decode_bundle(&tile, &bytes[..1]).is_err());
+        // Refused at the first entry past the width, not after reading all
+        // 500 empty ones.
+        let many = decode_bundle(&tile, &[0u8; 1000]).unwrap_err().to_string();
+        assert!(many.ends_with("more than 3 entries"), "{many}");
         assert_eq!(encode_bundle(&[vec![0; MAX_ENTRY_BYTES + 1]]), Err(0));
         assert!(encode_bundle(&[vec![0; MAX_ENTRY_BYTES]]).is_ok());
     }

@@ -209,8 +209,9 @@ pub fn cosignature_line<E>(
 ///
 /// # Errors
 /// [`WitnessError::CosignatureInvalid`] for a line that claims to be by
-/// `key` and does not verify (or is not 8 + 64 bytes, or is stamped 0 or
-/// above 2^63 − 1); note format errors.
+/// `key` and does not verify (or is not 8 + 64 bytes, or is stamped above
+/// 2^63 − 1); note format errors. A timestamp 0 is one (C2SP
+/// tlog-cosignature sets no lower bound): a quorum's age bound judges it.
 pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, WitnessError> {
     let (body, lines) = note::split_note(note)?;
     let public = UnparsedPublicKey::new(&ED25519, key.public_key);
@@ -229,9 +230,8 @@ pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, Wi
         };
         let timestamp = u64::from_be_bytes([t0, t1, t2, t3, t4, t5, t6, t7]);
         let signature = &line.signature[8..];
-        // C2SP tlog-cosignature: the timestamp MUST NOT be zero (a witness
-        // whose clock reads before 1970 gives one).
-        if signature.len() != 64 || timestamp == 0 || timestamp > i64::MAX as u64 {
+        // C2SP tlog-cosignature: the timestamp MUST NOT exceed 2^63 - 1.
+        if signature.len() != 64 || timestamp > i64::MAX as u64 {
             return Err(invalid());
         }
         public
@@ -690,8 +690,10 @@ pub enum AddOutcome {
     /// size last cosigned carries another root (a fork).
     BadProof(String),
     /// 503: the witness has no timestamp to give: its clock reads 1970 or
-    /// before and its state has given none (C2SP tlog-cosignature: the
-    /// timestamp MUST NOT be zero). Nothing is recorded or signed.
+    /// before and its state has given none. A cosignature stamped 0 would
+    /// say nothing of when the witness saw the tree (C2SP tlog-cosignature
+    /// allows it; lavd's witness does not make one). Nothing is recorded
+    /// or signed.
     NoTimestamp,
 }
 
@@ -924,11 +926,15 @@ mod tests {
         // A cosignature of another checkpoint does not carry over.
         let moved = cosigned.replacen("\n5\n", "\n6\n", 1);
         assert!(verify_cosignatures(&moved, &key).is_err());
-        // Stamped 0, which C2SP tlog-cosignature forbids: refused, though
-        // its signature is the key's.
+        // Stamped 0, which C2SP tlog-cosignature allows (it bounds the
+        // timestamp above only): a cosignature, whose age a quorum's bound
+        // judges. Stamped 2^63, which it forbids: refused, though its
+        // signature is the key's.
         let at_zero = cosign(&note_text, &sk, &key, 0);
+        assert_eq!(verify_cosignatures(&at_zero, &key).unwrap(), [0]);
+        let too_late = cosign(&note_text, &sk, &key, 1 << 63);
         assert_eq!(
-            verify_cosignatures(&at_zero, &key).unwrap_err().code(),
+            verify_cosignatures(&too_late, &key).unwrap_err().code(),
             "cosignature_invalid"
         );
     }

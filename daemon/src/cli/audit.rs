@@ -72,11 +72,20 @@ pub enum AuditCommand {
 /// The most a tlog-policy file may hold: a few lines per witness.
 const MAX_POLICY_FILE_BYTES: u64 = 1 << 20;
 
+/// The most one entry of an export, or of an entries page, may take as
+/// JSON: a leaf of at most 65,535 bytes in base64 (87,380 characters), its
+/// index and the object around them.
+const ENTRY_JSON_BYTES: u64 = 88 * 1024;
+
+/// The most base64 characters a leaf of [`crate::audit::leaf::MAX_LEAF_BYTES`]
+/// takes (without padding, as exports and pages carry it).
+const LEAF_B64_CHARS: usize = (crate::audit::leaf::MAX_LEAF_BYTES * 4).div_ceil(3);
+
 /// The most an export file may hold for `max_entries` entries: each leaf at
-/// most 65,535 bytes (base64 in JSON, about 88 KiB), plus the checkpoints.
+/// most 65,535 bytes ([`ENTRY_JSON_BYTES`]), plus the checkpoints.
 fn export_file_bound(max_entries: u64) -> u64 {
     max_entries
-        .saturating_mul(88 * 1024)
+        .saturating_mul(ENTRY_JSON_BYTES)
         .saturating_add(1 << 24)
 }
 
@@ -586,14 +595,59 @@ struct CheckpointReply {
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EntriesReply {
+    /// Objects only, as in an export (an array in an entry's place is
+    /// refused).
+    #[serde(deserialize_with = "crate::codec::objects")]
     entries: Vec<crate::audit::export::ExportEntry>,
+}
+
+/// A page of `GET /v1/audit/entries` from `start` to `end`: its reply held
+/// to what that many entries can take ([`ENTRY_JSON_BYTES`] each), and
+/// refused when it holds more entries than asked for or a leaf longer than
+/// any leaf can be, before it is kept. So a server that sends one huge
+/// entry a page, each page within the reply bound, cannot make the
+/// verifier hold more than a file of the same entries could.
+fn entries_page(
+    client: &super::https::Client,
+    start: u64,
+    end: u64,
+) -> anyhow::Result<Vec<crate::audit::export::ExportEntry>> {
+    let asked = end.saturating_sub(start);
+    let page: EntriesReply = client.get_json_within(
+        &format!("/v1/audit/entries?start={start}&end={end}"),
+        asked.saturating_mul(ENTRY_JSON_BYTES).saturating_add(64),
+    )?;
+    if page.entries.len() as u64 > asked {
+        return Err(super::Refused::new(
+            "unexpected_reply",
+            format!(
+                "GET /v1/audit/entries?start={start}&end={end} answered {} entries, more than \
+                 the {asked} asked for",
+                page.entries.len()
+            ),
+        )
+        .into());
+    }
+    if let Some(entry) = page.entries.iter().find(|e| e.leaf.len() > LEAF_B64_CHARS) {
+        return Err(super::Refused::new(
+            "leaf_too_large",
+            format!(
+                "entry {} from GET /v1/audit/entries is {} base64 characters, more than a leaf \
+                 of {} bytes takes",
+                entry.index,
+                entry.leaf.len(),
+                crate::audit::leaf::MAX_LEAF_BYTES
+            ),
+        )
+        .into());
+    }
+    Ok(page.entries)
 }
 
 /// Whether the daemon holds an entry at index `size` or beyond: then the
 /// checkpoint it served was not its newest.
 fn holds_entries_from(client: &super::https::Client, size: u64) -> anyhow::Result<bool> {
-    let page: EntriesReply = client.get_json(&format!("/v1/audit/entries?start={size}"))?;
-    Ok(!page.entries.is_empty())
+    Ok(!entries_page(client, size, size.saturating_add(1))?.is_empty())
 }
 
 /// Fetches the whole log from a daemon's audit endpoints (PROTOCOL §6): the
@@ -617,13 +671,12 @@ fn fetch_export(
         let end = signed
             .size
             .min(start + crate::api::handlers::MAX_ENTRIES_PAGE);
-        let page: EntriesReply =
-            client.get_json(&format!("/v1/audit/entries?start={start}&end={end}"))?;
-        if page.entries.is_empty() {
+        let page = entries_page(client, start, end)?;
+        if page.is_empty() {
             break; // the verifier reports the missing entries
         }
-        start += page.entries.len() as u64;
-        entries.extend(page.entries);
+        start += page.len() as u64;
+        entries.extend(page);
     }
     Ok(Export {
         origin: signed.origin,
@@ -1215,6 +1268,16 @@ mod tests {
     /// `/dev/zero` (or a FIFO) in a handed-over bundle is refused, not read
     /// until memory runs out; an export of more entries than
     /// `--max-entries` is `log_too_large`.
+    /// An entries page's entries are objects, as an export's are: an
+    /// array in an entry's place is refused (one rule for one field).
+    #[test]
+    fn an_entries_page_takes_objects_only() {
+        let page: EntriesReply =
+            crate::codec::from_json(br#"{"entries":[{"index":0,"leaf":"e30"}]}"#).unwrap();
+        assert_eq!(page.entries.len(), 1);
+        assert!(crate::codec::from_json::<EntriesReply>(br#"{"entries":[[0,"e30"]]}"#).is_err());
+    }
+
     #[test]
     fn input_files_are_regular_and_bounded() {
         let dir = tempfile::tempdir().unwrap();

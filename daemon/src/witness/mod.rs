@@ -308,8 +308,9 @@ impl WitnessState {
             );
         }
         let now = read.max(last);
-        // C2SP tlog-cosignature: the timestamp MUST NOT be zero. Nothing is
-        // recorded (the transaction rolls back when dropped).
+        // A cosignature stamped 0 says nothing of when (C2SP allows it;
+        // a clock at 1970 is broken). Nothing is recorded (the transaction
+        // rolls back when dropped).
         if now == 0 {
             return Ok(Ok((AddOutcome::NoTimestamp, false)));
         }
