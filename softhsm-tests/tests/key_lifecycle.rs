@@ -390,6 +390,9 @@ fn two_retention_jobs_at_once_both_succeed() {
     let through_shim = t.path("lavd-shim.toml");
     std::fs::copy(t.config(), &through_shim).unwrap();
     t.write_config("");
+    // The key that signs the log, as on every lavd token: the job that
+    // finds the destruction recorded proves its leaf in the log.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     generate_past_retention(&t);
 
     shim.set("fault = hang\nfault_calls = C_DestroyObject\n");
@@ -585,6 +588,8 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
 #[test]
 fn an_interrupted_destruction_is_finished_by_running_it_again() {
     let t = TestToken::new();
+    // The key that signs the log, in which the destruction's leaf is proved.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     assert_ok(&softhsm_tests::generate_key(
         &t,
         KID,
