@@ -439,7 +439,7 @@ pub fn jwks_checked(
                 // that lost its login, a token directory gone) finds no
                 // key either: that is an unusable HSM, not a key set
                 // without this key (`TokenUnreadable`).
-                hsm.escrow_private_keys(&record.kid)?;
+                hsm.escrow_private_keys_within_deadline(&record.kid)?;
                 tracing::error!(
                     %kid,
                     "the store lists a key the HSM does not hold; not publishing it"

@@ -534,21 +534,25 @@ impl Hsm {
     /// [`HsmError::TokenUnreadable`] when the session sees no private key
     /// at all; the failing PKCS#11 call.
     pub fn escrow_private_keys(&self, kid: &str) -> Result<usize, HsmError> {
-        let label = escrow_label(kid);
         let _shared = self.shared("escrow_private_keys")?;
         let session = self.unpooled_session()?;
-        let ours = private_objects(&session, ObjectClass::PRIVATE_KEY, &label)?.len();
-        if ours == 0
-            && session
-                .find_objects(&[
-                    Attribute::Class(ObjectClass::PRIVATE_KEY),
-                    Attribute::Private(true),
-                ])?
-                .is_empty()
-        {
-            return Err(HsmError::TokenUnreadable);
-        }
-        Ok(ours)
+        count_private_keys(&session, &escrow_label(kid))
+    }
+
+    /// [`Hsm::escrow_private_keys`] for a request path (`GET /v1/keys`): on
+    /// an HSM worker, waiting at most the call deadline, on a pooled
+    /// session (logged in, and not held back by a refused PIN as a new
+    /// login is). Blocking; never call it from an HSM worker.
+    ///
+    /// # Errors
+    /// As [`Hsm::escrow_private_keys`]; [`HsmError::Timeout`].
+    pub fn escrow_private_keys_within_deadline(&self, kid: &str) -> Result<usize, HsmError> {
+        self.start_call("escrow_private_keys", escrow_label(kid), |hsm, label| {
+            hsm.with_session("escrow_private_keys", |session| {
+                count_private_keys(session, &label)
+            })
+        })
+        .wait()
     }
 
     /// The kids of the escrow keys whose private halves the token holds
@@ -981,6 +985,23 @@ impl GeneratedKey {
 }
 
 /// Every `CKA_PRIVATE` object of `class` under `label`.
+/// How many of our private keys `session` sees under `label`; none is
+/// believed only from a session that sees some private key of ours.
+fn count_private_keys(session: &Session, label: &str) -> Result<usize, HsmError> {
+    let ours = private_objects(session, ObjectClass::PRIVATE_KEY, label)?.len();
+    if ours == 0
+        && session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Private(true),
+            ])?
+            .is_empty()
+    {
+        return Err(HsmError::TokenUnreadable);
+    }
+    Ok(ours)
+}
+
 fn private_objects(
     session: &Session,
     class: ObjectClass,
