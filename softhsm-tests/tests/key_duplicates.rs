@@ -449,8 +449,21 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
         1,
         "a recorded key's pair stays"
     );
+    // The session is lost after the private key went, at the public
+    // half's deletion: the run again on a new session finds no private key,
+    // but one was there, and its removal is still said and recorded.
+    shim.set(
+        "fault = session_handle_invalid\nfault_calls = C_DestroyObject\nfault_after = 1\n\
+         fault_limit = 1",
+    );
     let out = t.lavd_with_config(&["keys", "discard-orphan", "--kid", KID]);
+    shim.set("");
     assert_ok(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("HSM session lost; reconnecting error=C_DestroyObject"),
+        "the session was not lost: {out:?}"
+    );
     assert!(
         String::from_utf8_lossy(&out.stderr).contains(&format!(
             "removed the key pair under lav-escrow:{KID} that the store does not record; its \

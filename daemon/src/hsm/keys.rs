@@ -646,7 +646,10 @@ impl Hsm {
     pub fn destroy_escrow_key(&self, kid: &str) -> Result<bool, HsmError> {
         let label = escrow_label(kid);
         self.forget_handle(&label);
-        self.with_session("destroy_escrow_key", |session| {
+        // Kept across a run again on a new session (a session lost after
+        // the private key went): that run finds none, though one was there.
+        let had = std::cell::Cell::new(false);
+        let had_now = self.with_session("destroy_escrow_key", |session| {
             // Ours are CKA_PRIVATE, as `find_one` looks for them; a public
             // half from an earlier build is not, and is taken when no
             // CKA_PRIVATE one is there.
@@ -663,12 +666,15 @@ impl Hsm {
             if publics.is_empty() {
                 publics = all(ObjectClass::PUBLIC_KEY, None)?;
             }
-            let had_private = !privates.is_empty();
+            if !privates.is_empty() {
+                had.set(true);
+            }
             for handle in privates.into_iter().chain(publics) {
                 destroy_if_present(session, handle)?;
             }
-            Ok(had_private)
-        })
+            Ok(had.get())
+        })?;
+        Ok(had_now || had.get())
     }
 
     /// Generates the Ed25519 audit signing key pair under `label`.
