@@ -1239,6 +1239,66 @@ fn postgres_unreachable_fails_within_the_pool_wait() {
     );
 }
 
+/// A group of settles that fails (the head locked from outside past the
+/// lock timeout) gives their reservations back in one statement, not one
+/// for each: with the reservations' table locked too, each give-back
+/// waits the lock timeout, and the group's leader, which every other
+/// append waits behind, held the rest that long once per batch.
+#[test]
+fn postgres_a_failed_group_gives_its_reservations_back_at_once() {
+    const BATCHES: usize = 8;
+    let db = TestDb::create();
+    let mut settings = db.settings();
+    settings.statement_timeout = Duration::from_secs(1);
+    let store = PgStore::connect(&settings).unwrap();
+    store.register(&record("G", 1, 1, false, 20)).unwrap();
+    let reservations: Vec<_> = (0..BATCHES)
+        .map(|_| store.reserve("G", 1).unwrap())
+        .collect();
+    let mut outside = db.client();
+    let mut tx = outside.transaction().unwrap();
+    tx.batch_execute(
+        "LOCK TABLE audit_head IN ACCESS EXCLUSIVE MODE; \
+         LOCK TABLE warrant_reservations IN ACCESS EXCLUSIVE MODE",
+    )
+    .unwrap();
+    let started = Instant::now();
+    let answers: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = reservations
+            .into_iter()
+            .map(|reservation| {
+                let store = &store;
+                s.spawn(move || {
+                    let answer = store.append(AuditAppend {
+                        events: vec![opened("G")],
+                        time: now(),
+                        spend: Spend::Settle {
+                            reservation,
+                            opened: 1,
+                        },
+                    });
+                    (answer, started.elapsed())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    tx.rollback().unwrap();
+    for (answer, took) in &answers {
+        assert!(
+            matches!(answer, Err(StoreError::CommitFailed(_))),
+            "{answer:?}"
+        );
+        // The first batch's group (1 s for the head, 1 s for its give-back),
+        // then the other seven's (the same): 4 s. One give-back a batch
+        // made the second group take 1 + 7 s.
+        assert!(*took < Duration::from_secs(6), "answered after {took:?}");
+    }
+    // Nothing was spent; the units are free again (given back, or their
+    // leases past).
+    assert_eq!(store.spent("G").unwrap(), Some(0));
+}
+
 #[test]
 fn postgres_pool_wait_is_bounded_when_every_connection_is_busy() {
     let db = TestDb::create();
@@ -1479,10 +1539,22 @@ fn postgres_serialization_failures_are_retried_and_counted() {
 fn append_with_its_commit_cut(
     arm: fn(&softhsm_tests::pg::CutAtCommit),
 ) -> (TestDb, Store, Result<lavd::store::Appended, StoreError>) {
+    append_with_its_commit_cut_in_a_pool_of(None, arm)
+}
+
+/// [`append_with_its_commit_cut`] with a pool of `pool_size` connections
+/// (the default when `None`).
+fn append_with_its_commit_cut_in_a_pool_of(
+    pool_size: Option<usize>,
+    arm: fn(&softhsm_tests::pg::CutAtCommit),
+) -> (TestDb, Store, Result<lavd::store::Appended, StoreError>) {
     let db = TestDb::create();
     let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
-    let store =
-        Store::open_settings(&StoreSettings::Postgres(db.settings_via(proxy.port()))).unwrap();
+    let mut settings = db.settings_via(proxy.port());
+    if let Some(size) = pool_size {
+        settings.pool_size = size;
+    }
+    let store = Store::open_settings(&StoreSettings::Postgres(settings)).unwrap();
     arm(&proxy);
     let appended = store.append(AuditAppend {
         events: vec![key_event(1)],
@@ -1515,6 +1587,19 @@ fn postgres_an_append_whose_commit_answer_is_lost_is_answered_by_what_postgresql
         })
         .unwrap();
     assert_eq!(db.rows("audit_leaves"), 2);
+}
+
+/// The same with a pool of one connection: the dead one is given back
+/// before the COMMIT's fate is read on another. Before, the read waited
+/// for the pool's only place, which the dead connection held, and the
+/// append was answered `CommitUnknown` though PostgreSQL had committed it.
+#[test]
+fn postgres_a_lost_commit_answer_is_read_in_a_pool_of_one() {
+    let (db, _store, appended) =
+        append_with_its_commit_cut_in_a_pool_of(Some(1), softhsm_tests::pg::CutAtCommit::arm);
+    let appended = appended.unwrap();
+    assert_eq!((appended.first_index, appended.count), (0, 1));
+    assert_eq!(db.rows("audit_leaves"), 1);
 }
 
 /// The other outcome: a COMMIT cut before the server got it (the server

@@ -515,6 +515,15 @@ macro_rules! server_started {
     };
 }
 
+/// The token of the reservation a settle spends, if `spend` is one (and
+/// its reservation has a token).
+fn settled_reservation(spend: &Spend) -> Option<i64> {
+    match spend {
+        Spend::Settle { reservation, .. } => reservation.token(),
+        _ => None,
+    }
+}
+
 /// The barrier of [`PgStore::barrier_on`]: when synchronous standbys are
 /// named, a write to this backend's own row, so that the statement's
 /// commit writes WAL and waits for them; the server it ran on, either way.
@@ -554,6 +563,19 @@ struct Xact {
 fn commit_may_have_landed(code: &SqlState) -> bool {
     let code = code.code();
     code.starts_with("57P0") || code.starts_with("08")
+}
+
+/// Whether `e` says the server could not be had or was lost: no
+/// connection within the wait, a connection closed or failing (class 08),
+/// or the server shutting down (57P0).
+fn server_lost(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable { .. } => true,
+        StoreError::Postgres { source, .. } => {
+            source.is_closed() || source.code().is_none_or(commit_may_have_landed)
+        }
+        _ => false,
+    }
 }
 
 /// Whether `e` is worth running the transaction again.
@@ -1132,13 +1154,23 @@ impl PgStore {
     /// Frees a reservation whose settle failed. Best effort: the lease frees
     /// it anyway.
     fn give_back(&self, reservation: &Reservation) {
-        if let Some(token) = reservation.token() {
-            if let Ok(mut conn) = self.pool.get() {
-                let _ = conn.execute_typed(
-                    "DELETE FROM warrant_reservations WHERE token = $1",
-                    &[(&token, Type::INT8)],
-                );
-            }
+        self.give_back_all(reservation.token());
+    }
+
+    /// Frees the reservations of settles that failed, in one statement on
+    /// one connection (one round trip, not one for each: a failed group's
+    /// leader would hold every other append back for all of them). Best
+    /// effort: the lease frees them anyway.
+    fn give_back_all(&self, tokens: impl IntoIterator<Item = i64>) {
+        let tokens: Vec<i64> = tokens.into_iter().collect();
+        if tokens.is_empty() {
+            return;
+        }
+        if let Ok(mut conn) = self.pool.get() {
+            let _ = conn.execute_typed(
+                "DELETE FROM warrant_reservations WHERE token = ANY($1)",
+                &[(&tokens, Type::INT8_ARRAY)],
+            );
         }
     }
 
@@ -1628,7 +1660,12 @@ impl PgStore {
                 "a read inside the append transaction failed, so PostgreSQL aborted it: {failed}"
             )));
         }
-        match tx.commit() {
+        let committed = tx.commit();
+        // The connection given back (or, closed, counted out) before one is
+        // asked for to read the COMMIT's fate: a full pool (`pool_size =
+        // 1`) would otherwise wait for it, and answer that fate unknown.
+        drop(conn);
+        match committed {
             Ok(()) => Ok((size, results)),
             // The server answered with an error of the statement: the
             // transaction is rolled back.
@@ -1837,37 +1874,53 @@ impl PgStore {
                 other => break other,
             }
         };
-        match outcome {
+        // Each batch's answer; the reservations of the settles that failed
+        // are given back together (one round trip), before any is answered
+        // (a caller that tries again must find its units free).
+        // Without the server (a lost connection, none to be had), a
+        // give-back would only wait for it again: the leases free the units.
+        let (answers, reachable): (Vec<Result<Appended, StoreError>>, bool) = match outcome {
             Ok((size, results)) => {
                 self.group.committed();
-                for (pending, mut result) in group.into_iter().zip(results) {
-                    if let Ok(a) = result.as_mut() {
-                        a.tree_size = size;
-                    }
-                    if result.is_err() {
-                        self.give_back_spend(&pending.batch().spend);
-                    }
-                    pending.answer(result);
-                }
+                let answers = results
+                    .into_iter()
+                    .map(|mut result| {
+                        if let Ok(a) = result.as_mut() {
+                            a.tree_size = size;
+                        }
+                        result
+                    })
+                    .collect();
+                (answers, true)
             }
             Err(e) => {
                 let unknown = matches!(e, StoreError::CommitUnknown(_));
+                let reachable = !unknown && !server_lost(&e);
                 let message = e.to_string();
-                for pending in group {
-                    self.give_back_spend(&pending.batch().spend);
-                    pending.answer(Err(if unknown {
-                        StoreError::CommitUnknown(message.clone())
-                    } else {
-                        StoreError::CommitFailed(message.clone())
-                    }));
-                }
+                let answers = group
+                    .iter()
+                    .map(|_| {
+                        Err(if unknown {
+                            StoreError::CommitUnknown(message.clone())
+                        } else {
+                            StoreError::CommitFailed(message.clone())
+                        })
+                    })
+                    .collect();
+                (answers, reachable)
             }
+        };
+        if reachable {
+            self.give_back_all(
+                group
+                    .iter()
+                    .zip(&answers)
+                    .filter(|(_, answer)| answer.is_err())
+                    .filter_map(|(pending, _)| settled_reservation(&pending.batch().spend)),
+            );
         }
-    }
-
-    fn give_back_spend(&self, spend: &Spend) {
-        if let Spend::Settle { reservation, .. } = spend {
-            self.give_back(reservation);
+        for (pending, answer) in group.into_iter().zip(answers) {
+            pending.answer(answer);
         }
     }
 
