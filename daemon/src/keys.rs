@@ -154,6 +154,10 @@ pub enum KeyError {
     /// The HSM failed.
     #[error(transparent)]
     Hsm(#[from] HsmError),
+    /// The audit log could not be opened or used (to prove a destruction's
+    /// leaf): its own code ([`LogError::code`]).
+    #[error(transparent)]
+    Log(LogError),
     /// The store failed.
     #[error(transparent)]
     Store(StoreError),
@@ -186,6 +190,7 @@ impl KeyError {
             // A PIN refused at a login the command made after its first
             // (a session it opened again) is exit 77 as at its start.
             KeyError::Hsm(e) => e.code(),
+            KeyError::Log(e) => e.code(),
             KeyError::Store(_) => "store_unavailable",
         }
     }
@@ -654,18 +659,9 @@ pub fn finish_recorded_destruction(
     kid: &str,
 ) -> Result<bool, KeyError> {
     if hsm.escrow_private_keys(kid)? > 0 {
-        destruction_logged(&open_log().map_err(log_failed)?, kid)?;
+        destruction_logged(&open_log().map_err(KeyError::Log)?, kid)?;
     }
     finish_destruction(hsm, kid)
-}
-
-/// A failure of the audit log as the key lifecycle reports it.
-fn log_failed(e: LogError) -> KeyError {
-    match e {
-        LogError::Store(e) => e.into(),
-        LogError::Hsm(e) => e.into(),
-        other => KeyError::Audit(other.to_string()),
-    }
 }
 
 /// Checks that the audit log holds a `key_destroyed` leaf for `kid` under a
@@ -675,15 +671,18 @@ fn log_failed(e: LogError) -> KeyError {
 /// that does not parse is not one.
 ///
 /// # Errors
-/// [`KeyError::DestructionUnlogged`] when there is none, when the leaf row
-/// found is not the signed tree's, or when the log is inconsistent; a store
-/// or HSM failure.
+/// [`KeyError::DestructionUnlogged`] when there is none, or when the leaf
+/// row found is not the signed tree's; [`KeyError::Log`] when the log is
+/// inconsistent already, or cannot sign; a store failure.
 pub fn destruction_logged(log: &AuditLog, kid: &str) -> Result<(), KeyError> {
     const PAGE: u64 = 4096;
     let unlogged = |why: String| KeyError::DestructionUnlogged {
         kid: kid.to_string(),
         why,
     };
+    if let Some(reason) = log.inconsistency() {
+        return Err(KeyError::Log(LogError::Inconsistent(reason.to_string())));
+    }
     let store = log.store();
     let mut end = store.tree_size()?;
     while end > 0 {
@@ -700,11 +699,12 @@ pub fn destruction_logged(log: &AuditLog, kid: &str) -> Result<(), KeyError> {
                 continue;
             }
             return match log.prove_leaf(index, &bytes) {
-                Ok(()) => Ok(()),
-                Err(LogError::Inconsistent(reason)) => Err(unlogged(format!(
-                    "its key_destroyed leaf {index} is not proved in the signed log: {reason}"
+                Ok(true) => Ok(()),
+                Ok(false) => Err(unlogged(format!(
+                    "its key_destroyed leaf {index} is not proved in the signed log: {}",
+                    log.inconsistency().unwrap_or("the inclusion proof failed")
                 ))),
-                Err(e) => Err(log_failed(e)),
+                Err(e) => Err(KeyError::Log(e)),
             };
         }
         end = start;

@@ -229,13 +229,33 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
 fn a_destruction_the_log_does_not_hold_is_not_finished() {
     const KID: &str = "2026-12";
     let t = TestToken::new();
-    // The key that signs the log, as on every lavd token.
-    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     assert_ok(&softhsm_tests::generate_key(
         &t,
         KID,
         "2030-01-01T00:00:00Z",
     ));
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let mark_by_hand = || {
+        db.execute(
+            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
+             destroy_reason = 'forced: x' WHERE kid = ?1",
+            [KID],
+        )
+        .unwrap()
+    };
+    assert_eq!(mark_by_hand(), 1);
+    // With no audit key on the token (no lavd token lacks one), nothing
+    // can be proved in the log: said as such, not as an HSM that is down.
+    assert_fails_with(
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
+        ]),
+        1,
+        "no_audit_key",
+    );
+    assert!(private_key(&t, KID), "the key was deleted");
+    // The key that signs the log, as on every lavd token.
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     // Another key's real destruction: its `key_destroyed` leaf must not
     // stand for this one's.
     assert_ok(&softhsm_tests::generate_key(
@@ -246,14 +266,6 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
     assert_ok(&t.lavd_with_config(&[
         "keys", "destroy", "--kid", "2026-11", "--force", "--reason", "test",
     ]));
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    db.execute(
-        "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
-         destroy_reason = 'forced: x' WHERE kid = ?1",
-        [KID],
-    )
-    .unwrap();
-    drop(db);
     let stderr = assert_fails_with(
         &t.lavd_with_config(&["keys", "destroy", "--expired"]),
         1,

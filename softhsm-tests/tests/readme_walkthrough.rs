@@ -155,6 +155,30 @@ fn the_readme_walkthrough_works_as_written() {
         "{stderr}"
     );
 
+    // A new directory with one address for both listeners is refused
+    // before anything is written: the config's own check came after the
+    // directory was made, and every later run on it failed the same way.
+    let fresh = work.path().join("one-address");
+    let one = softhsm_tests::output_within(
+        Command::new(softhsm_tests::lavd_binary())
+            .args(["dev", "--dir", fresh.to_str().unwrap()])
+            .args([
+                "--listen",
+                "127.0.0.1:7000",
+                "--admin-listen",
+                "127.0.0.1:7000",
+            ])
+            .env("LAVD_LOG", "warn"),
+        std::time::Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert_eq!(one.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("lavd: usage: --admin-listen 127.0.0.1:7000"),
+        "{stderr}"
+    );
+    assert!(!fresh.exists(), "the directory was made");
+
     // `lavd serve --config lavd-dev/lavd.toml` takes the dev config as it
     // is (the README says so): ready, and serving the same keys.
     let serve_log = work.path().join("serve.log");

@@ -1290,9 +1290,10 @@ fn postgres_a_failed_group_gives_its_reservations_back_at_once() {
             "{answer:?}"
         );
         // The first batch's group (1 s for the head, 1 s for its give-back),
-        // then the other seven's (the same): 4 s. One give-back a batch
-        // made the second group take 1 + 7 s.
-        assert!(*took < Duration::from_secs(6), "answered after {took:?}");
+        // then the other seven's (the same): 4 s; 6 s were a batch to come
+        // late and make a third. One give-back a batch made the second
+        // group alone take 1 + 7 s.
+        assert!(*took < Duration::from_secs(7), "answered after {took:?}");
     }
     // Nothing was spent; the units are free again (given back, or their
     // leases past).

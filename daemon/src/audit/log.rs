@@ -69,6 +69,19 @@ pub enum LogError {
     Inconsistent(String),
 }
 
+impl LogError {
+    /// The stable error code, as the command line prints it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LogError::Store(_) => "store_unavailable",
+            LogError::Inconsistent(_) => "log_inconsistent",
+            LogError::Hsm(HsmError::KeyNotFound { kind: "audit", .. }) => "no_audit_key",
+            LogError::Hsm(h) => h.code(),
+            LogError::Sign(_) => "hsm_unavailable",
+        }
+    }
+}
+
 /// The newest checkpoint this log has signed or verified: the tree every
 /// later one must extend.
 #[derive(Debug, Clone)]
@@ -1108,16 +1121,19 @@ impl AuditLog {
         self.keep(latest, tree, root, note)
     }
 
-    /// Proves that `leaf` is leaf `index` of a tree signed with the audit
-    /// key, signing a checkpoint that covers it when none does yet (which
-    /// first proves that the stored tree extends the last one signed). A
-    /// leaf row written into the store outside lavd, over another leaf or
-    /// beside the subtree hashes, fails.
+    /// Whether `leaf` is leaf `index` of a tree signed with the audit key,
+    /// signing a checkpoint that covers it when none does yet (which first
+    /// proves that the stored tree extends the last one signed). False
+    /// (and the log [inconsistent](Self::inconsistency), saying why) for a
+    /// leaf row that is not the one the subtree hashes hold: written into
+    /// the store outside lavd, over a leaf a checkpoint signed or beside
+    /// the hashes. (A leaf row written above the newest checkpoint with its
+    /// hashes, as lavd writes one, is the log's from then on, and the
+    /// checkpoint signed here signs it.)
     ///
     /// # Errors
-    /// [`LogError::Inconsistent`] (recorded) when the leaf is not the
-    /// signed tree's; as [`Self::checkpoint_covering`].
-    pub fn prove_leaf(&self, index: u64, leaf: &[u8]) -> Result<(), LogError> {
+    /// As [`Self::checkpoint_covering`].
+    pub fn prove_leaf(&self, index: u64, leaf: &[u8]) -> Result<bool, LogError> {
         self.checkpoint_covering(index.saturating_add(1))?;
         let signed = self
             .latest
@@ -1129,23 +1145,26 @@ impl AuditLog {
             self.record_inconsistency(format!(
                 "the stored leaf {index} is not the one in the signed tree of size {}: {what}",
                 signed.size
-            ))
+            ));
+            Ok(false)
         };
         let proof = match self.store.inclusion_proof(index, signed.size) {
             Ok(proof) => proof,
             Err(e @ (StoreError::Corrupt { .. } | StoreError::BadProofRequest(_))) => {
-                return Err(not_in(e.to_string()))
+                return not_in(e.to_string())
             }
             Err(e) => return Err(e.into()),
         };
-        merkle::verify_inclusion(
+        match merkle::verify_inclusion(
             &merkle::leaf_hash(leaf),
             index,
             signed.size,
             &proof,
             &signed.root,
-        )
-        .map_err(|e| not_in(format!("inclusion proof: {e}")))
+        ) {
+            Ok(()) => Ok(true),
+            Err(e) => not_in(format!("inclusion proof: {e}")),
+        }
     }
 
     /// The newest checkpoint, signing one if the log has grown since.

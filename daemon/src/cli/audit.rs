@@ -1264,10 +1264,6 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    /// An input file is a regular file of bounded size: a link to
-    /// `/dev/zero` (or a FIFO) in a handed-over bundle is refused, not read
-    /// until memory runs out; an export of more entries than
-    /// `--max-entries` is `log_too_large`.
     /// An entries page's entries are objects, as an export's are: an
     /// array in an entry's place is refused (one rule for one field).
     #[test]
@@ -1278,6 +1274,10 @@ mod tests {
         assert!(crate::codec::from_json::<EntriesReply>(br#"{"entries":[[0,"e30"]]}"#).is_err());
     }
 
+    /// An input file is a regular file of bounded size: a link to
+    /// `/dev/zero` (or a FIFO) in a handed-over bundle is refused, not read
+    /// until memory runs out; an export of more entries than
+    /// `--max-entries` is `log_too_large`.
     #[test]
     fn input_files_are_regular_and_bounded() {
         let dir = tempfile::tempdir().unwrap();

@@ -209,6 +209,20 @@ impl Endpoint {
                 None => (authority.to_string(), default_port),
             }
         };
+        // A host, and only a host: not empty (`http:///w`, `http://:8080`
+        // would pass to the connect, and fail each request), and not
+        // userinfo (`user@host`) or text no host name holds.
+        if host.is_empty() {
+            return Err(anyhow!("the URL has no host"));
+        }
+        if let Some(c) = host
+            .chars()
+            .find(|c| *c == '@' || c.is_whitespace() || c.is_control())
+        {
+            return Err(anyhow!(
+                "the URL's host holds {c:?}: give the host alone (no user@)"
+            ));
+        }
         let shown_host = if host.contains(':') {
             format!("[{host}]")
         } else {
@@ -621,6 +635,10 @@ mod tests {
             "http://[::1]x/",
             "http://[::1]:port",
             "http://host:70000",
+            "http:///w",
+            "http://:8080",
+            "http://user@host:80",
+            "http://[]:80",
         ] {
             assert!(split(bad).is_err(), "{bad}");
         }

@@ -383,15 +383,13 @@ fn is_bad_config(e: &anyhow::Error) -> bool {
 /// memory.
 pub(crate) const MAX_INPUT_FILE_BYTES: u64 = 16 << 20;
 
-/// Reads `file` if it is a regular file of at most `limit` bytes: a path
-/// naming `/dev/zero` would otherwise be read until memory ran out, and a
-/// FIFO would block for ever.
+/// Opens `file` for reading if it is a regular file: a FIFO's open would
+/// wait for a writer for ever, and a device's read never end.
 ///
 /// # Errors
-/// Not a regular file, unreadable, or larger than `limit`.
-pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+/// Not a regular file, or unopenable.
+pub(crate) fn open_regular(file: &std::path::Path) -> anyhow::Result<std::fs::File> {
     use rustix::fs::{Mode, OFlags};
-    use std::io::Read as _;
     // Refused before it is opened if it is no regular file (opening a
     // device can act: arm a watchdog, rewind a tape); then opened without
     // waiting (a FIFO's open waits for a writer) and without becoming a
@@ -404,8 +402,20 @@ pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result
         OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?);
+    anyhow::ensure!(opened.metadata()?.is_file(), "not a regular file");
+    Ok(opened)
+}
+
+/// Reads `file` if it is a regular file of at most `limit` bytes: a path
+/// naming `/dev/zero` would otherwise be read until memory ran out, and a
+/// FIFO would block for ever.
+///
+/// # Errors
+/// Not a regular file, unreadable, or larger than `limit`.
+pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let opened = open_regular(file)?;
     let meta = opened.metadata()?;
-    anyhow::ensure!(meta.is_file(), "not a regular file");
     // Sized at once, so that no smaller buffer is freed with a copy of a
     // key in it.
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 1)?);
@@ -511,16 +521,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
         return Some(w.code());
     }
     if let Some(l) = e.downcast_ref::<crate::audit::log::LogError>() {
-        return Some(match l {
-            crate::audit::log::LogError::Store(_) => "store_unavailable",
-            crate::audit::log::LogError::Inconsistent(_) => "log_inconsistent",
-            crate::audit::log::LogError::Hsm(crate::hsm::HsmError::KeyNotFound {
-                kind: "audit",
-                ..
-            }) => "no_audit_key",
-            crate::audit::log::LogError::Hsm(h) => h.code(),
-            _ => "hsm_unavailable",
-        });
+        return Some(l.code());
     }
     if let Some(n) = e.downcast_ref::<warrant::NotAccepted>() {
         return Some(n.code);

@@ -299,6 +299,9 @@ struct Validator<'a> {
     warnings: RefCell<Vec<String>>,
 }
 
+/// The most a PIN or password file may hold.
+const MAX_SECRET_FILE_BYTES: u64 = 64 * 1024;
+
 impl Validator<'_> {
     fn err(&self, field: &str, reason: impl Into<String>) -> ConfigError {
         ConfigError {
@@ -306,6 +309,56 @@ impl Validator<'_> {
             field: field.into(),
             reason: reason.into(),
         }
+    }
+
+    /// Opens a PIN or password file: a regular file only (a FIFO would
+    /// hold the start, or a reload, for ever; a device's read never ends).
+    fn open_secret(&self, field: &str, file: &Path) -> Result<std::fs::File, ConfigError> {
+        crate::cli::open_regular(file)
+            .map_err(|e| self.err(field, format!("cannot read {}: {e}", file.display())))
+    }
+
+    /// Reads a PIN or password from `handle`, at most
+    /// [`MAX_SECRET_FILE_BYTES`].
+    fn read_secret(
+        &self,
+        field: &str,
+        file: &Path,
+        handle: &mut std::fs::File,
+    ) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+        let mut text = zeroize::Zeroizing::new(String::new());
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(handle, MAX_SECRET_FILE_BYTES + 1),
+            &mut text,
+        )
+        .map_err(|e| self.err(field, format!("cannot read {}: {e}", file.display())))?;
+        if text.len() as u64 > MAX_SECRET_FILE_BYTES {
+            return Err(self.err(
+                field,
+                format!(
+                    "{} is larger than {MAX_SECRET_FILE_BYTES} bytes: not a PIN or password",
+                    file.display()
+                ),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// A PIN or password as read from a file or an environment variable
+    /// (`source` names which): one rule for both, its line ends removed (a
+    /// file written by `echo`, a Kubernetes Secret made `--from-file`,
+    /// end in one), refused when nothing is left.
+    fn secret_text<'t>(
+        &self,
+        field: &str,
+        source: &str,
+        text: &'t str,
+    ) -> Result<&'t str, ConfigError> {
+        let secret = text.trim_end_matches(['\n', '\r']);
+        if secret.is_empty() {
+            return Err(self.err(field, format!("{source} is empty")));
+        }
+        Ok(secret)
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -406,14 +459,13 @@ impl Validator<'_> {
                 // describe the same file even if it is replaced meanwhile;
                 // its metadata taken before and after the read, so that both
                 // describe the same version of it.
-                let mut handle = std::fs::File::open(&file).map_err(cannot_read)?;
+                let mut handle = self.open_secret("hsm.pin_file", &file)?;
                 let identity = |handle: &std::fs::File| {
                     let meta = handle.metadata().map_err(cannot_read)?;
                     Ok::<_, ConfigError>(LoginIdentity::of(&module, &token, &file, &meta))
                 };
                 let before = identity(&handle)?;
-                let mut text = zeroize::Zeroizing::new(String::new());
-                std::io::Read::read_to_string(&mut handle, &mut text).map_err(cannot_read)?;
+                let text = self.read_secret("hsm.pin_file", &file, &mut handle)?;
                 if raw.refused_pin_record.is_some() {
                     if before != identity(&handle)? {
                         return Err(self.err(
@@ -429,10 +481,7 @@ impl Validator<'_> {
                         file.display()
                     ));
                 }
-                let pin = text.trim_end_matches(['\n', '\r']);
-                if pin.is_empty() {
-                    return Err(self.err("hsm.pin_file", format!("{} is empty", file.display())));
-                }
+                let pin = self.secret_text("hsm.pin_file", &file.display().to_string(), &text)?;
                 AuthPin::new(pin.into())
             }
             (None, Some(var)) => {
@@ -442,10 +491,7 @@ impl Validator<'_> {
                         format!("environment variable {var} is not set"),
                     )
                 })?);
-                if value.is_empty() {
-                    return Err(self.err("hsm.pin_env", format!("{var} is empty")));
-                }
-                AuthPin::new(value.as_str().into())
+                AuthPin::new(self.secret_text("hsm.pin_env", &var, &value)?.into())
             }
             (Some(_), Some(_)) => {
                 return Err(self.err("hsm.pin_file", "set pin_file or pin_env, not both"))
@@ -617,26 +663,16 @@ impl Validator<'_> {
         let password = match (raw.password_file, raw.password_env) {
             (Some(file), None) => {
                 let file = self.path(&file);
-                let text =
-                    zeroize::Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
-                        self.err(
-                            "store.password_file",
-                            format!("cannot read {}: {e}", file.display()),
-                        )
-                    })?);
+                let mut handle = self.open_secret("store.password_file", &file)?;
+                let text = self.read_secret("store.password_file", &file, &mut handle)?;
                 if readable_by_others(&file) {
                     self.warnings.borrow_mut().push(format!(
                         "the database password file {} is readable by other users; chmod 600 it",
                         file.display()
                     ));
                 }
-                let password = text.trim_end_matches(['\n', '\r']);
-                if password.is_empty() {
-                    return Err(self.err(
-                        "store.password_file",
-                        format!("{} is empty", file.display()),
-                    ));
-                }
+                let password =
+                    self.secret_text("store.password_file", &file.display().to_string(), &text)?;
                 Some(zeroize::Zeroizing::new(password.to_string()))
             }
             (None, Some(var)) => {
@@ -646,10 +682,8 @@ impl Validator<'_> {
                         format!("environment variable {var} is not set"),
                     )
                 })?);
-                if value.is_empty() {
-                    return Err(self.err("store.password_env", format!("{var} is empty")));
-                }
-                Some(value)
+                let password = self.secret_text("store.password_env", &var, &value)?;
+                Some(zeroize::Zeroizing::new(password.to_string()))
             }
             (Some(_), Some(_)) => {
                 return Err(self.err(

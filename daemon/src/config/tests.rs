@@ -60,6 +60,72 @@ fn pin_from_env() {
     assert!(e.reason.contains("LAVD_PIN"));
 }
 
+/// A PIN read from an environment variable follows the file's rule: its
+/// line ends go (a Kubernetes Secret made `--from-file`, passed as an
+/// environment variable, ends in one; the token refused it, and each
+/// start used up one of the token's tries); nothing left is refused. The
+/// database password the same.
+#[test]
+fn pin_env_and_pin_file_read_one_secret_alike() {
+    use secrecy::ExposeSecret as _;
+    let text = GOOD.replace("pin_file = \"pin\"", "pin_env = \"LAVD_PIN\"");
+    let s = load(&text, &[("LAVD_PIN", "1234\r\n")]).unwrap();
+    assert_eq!(s.hsm.pin.expose_secret(), "1234");
+    let e = load(&text, &[("LAVD_PIN", "\n")]).unwrap_err();
+    assert_eq!(
+        (e.field.as_str(), e.reason.as_str()),
+        ("hsm.pin_env", "LAVD_PIN is empty")
+    );
+    let env = PG.replace(
+        "password_file = \"dbpass\"",
+        "password_env = \"LAVD_DB_PASSWORD\"",
+    );
+    let s = load_pg(&env, &[("LAVD_DB_PASSWORD", "from-env\n")]).unwrap();
+    let crate::store::StoreSettings::Postgres(pg) = &s.store else {
+        panic!()
+    };
+    assert_eq!(pg.password.as_deref().map(String::as_str), Some("from-env"));
+}
+
+/// A PIN file that is a FIFO (or a device) is refused at once, naming it:
+/// opening a FIFO waits for a writer, and held the start (or a SIGHUP's
+/// reload, and every reload after it) for ever. One larger than any PIN
+/// is refused too.
+#[test]
+fn a_pin_file_that_is_no_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(
+        &path,
+        GOOD.replace("pin_file = \"pin\"", "pin_file = \"fifo\""),
+    )
+    .unwrap();
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        dir.path().join("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o600),
+        0,
+    )
+    .unwrap();
+    let (done, answer) = std::sync::mpsc::channel();
+    let loading = path.clone();
+    std::thread::spawn(move || {
+        let _ = done.send(Settings::load(&loading, &MapEnv(HashMap::new())));
+    });
+    let e = answer
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("the load waited on the FIFO")
+        .unwrap_err();
+    assert_eq!(e.field, "hsm.pin_file");
+    assert!(e.reason.contains("not a regular file"), "{}", e.reason);
+    std::fs::write(&path, GOOD).unwrap();
+    std::fs::write(dir.path().join("pin"), "1".repeat(70_000)).unwrap();
+    let e = Settings::load(&path, &MapEnv(HashMap::new())).unwrap_err();
+    assert_eq!(e.field, "hsm.pin_file");
+    assert!(e.reason.contains("larger than 65536 bytes"), "{}", e.reason);
+}
+
 #[test]
 fn a_refused_pin_record_is_kept_against_the_pin_file_only() {
     let with_record = GOOD.replace(
@@ -853,6 +919,15 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].url",
         "ftp://",
     );
+    // A URL without a host is refused at load, not at each submission.
+    for hostless in ["http:///prefix", "http://:8444/prefix"] {
+        refused(
+            &plain.replace("http://127.0.0.1:8444/prefix", hostless),
+            &files,
+            "audit.witnesses[1].url",
+            "no host",
+        );
+    }
     refused(
         &both.replace(
             "release_after_witness = true",

@@ -26,7 +26,7 @@ pub mod pki;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use cryptoki::types::AuthPin;
 use time::OffsetDateTime;
 
@@ -113,6 +113,26 @@ impl DevArgs {
         } else {
             let listen = self.listen.unwrap_or(DEFAULT_LISTEN);
             let admin = self.admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN);
+            // Refused before anything is written (the config's own check
+            // would come after the directory was made).
+            if listen == admin && listen.port() != 0 {
+                return Err(crate::cli::Refused::new(
+                    "usage",
+                    format!("--admin-listen {admin} is --listen's address: give each its own"),
+                )
+                .into());
+            }
+            // Written into SoftHSM's configuration, which has no quoting.
+            if dir.to_str().is_none_or(|d| d.chars().any(char::is_control)) {
+                return Err(crate::cli::Refused::new(
+                    "usage",
+                    format!(
+                        "--dir {}: give a path of UTF-8 text without control characters",
+                        crate::codec::escape_for_terminal(&dir.to_string_lossy())
+                    ),
+                )
+                .into());
+            }
             create(&dir, listen, admin)?;
             (listen, admin)
         };
@@ -163,18 +183,24 @@ fn create(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<(
             .next()
             .is_some()
     {
-        bail!(
-            "{} is not empty and has no lavd.toml: give an empty or new directory",
-            dir.display()
-        );
+        return Err(crate::cli::Refused::new(
+            "usage",
+            format!(
+                "--dir {} is not empty and has no lavd.toml (a set-up that failed half-way \
+                 leaves it so): give an empty or new directory",
+                crate::codec::escape_for_terminal(&dir.display().to_string())
+            ),
+        )
+        .into());
     }
     let module = SOFTHSM_MODULES
         .iter()
         .map(Path::new)
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            anyhow::anyhow!(
-                "SoftHSM 2 is not installed: apt-get install softhsm2 (or run .ci/setup)"
+            crate::cli::Refused::new(
+                "softhsm_missing",
+                "SoftHSM 2 is not installed: apt-get install softhsm2 (or run .ci/setup)",
             )
         })?;
     eprintln!("lavd dev: creating {}", dir.display());
@@ -240,7 +266,11 @@ fn create(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<(
         false,
     )?;
 
-    let config = dir.join("lavd.toml");
+    // Under another name until the token and its keys are made: the
+    // directory is "made" once `lavd.toml` is there, and a set-up that
+    // failed half-way must not look made (run again, it would serve a
+    // directory without its token).
+    let config = dir.join("lavd.toml.partial");
     write(
         &config,
         config_text(
@@ -278,6 +308,8 @@ fn create(dir: &Path, listen: SocketAddr, admin: SocketAddr) -> anyhow::Result<(
     let now = OffsetDateTime::now_utc();
     let (kid, validity) = this_month(now)?;
     keys::generate(&hsm, &store, &kid, validity, now)?;
+    std::fs::rename(&config, dir.join("lavd.toml"))
+        .with_context(|| format!("renaming {} to lavd.toml", config.display()))?;
     Ok(())
 }
 
@@ -321,7 +353,7 @@ fn config_text(
 
 # The HSM: this directory's own SoftHSM token.
 [hsm]
-module = "{module}"
+module = {module}
 token_label = "lavd-dev"
 # The PIN comes from a file or an environment variable, never from here.
 pin_file = "pin"
@@ -335,7 +367,7 @@ reset_module_after_opens = 10000
 
 # Environment the PKCS#11 module reads when it loads.
 [hsm.env]
-SOFTHSM2_CONF = "{softhsm_conf}"
+SOFTHSM2_CONF = {softhsm_conf}
 
 # The store: key metadata, budgets, revocations and the audit log.
 [store]
@@ -398,8 +430,9 @@ count = 1
 role = "judicial"
 count = 1
 "#,
-        module = module.display(),
-        softhsm_conf = softhsm_conf.display(),
+        // As TOML strings, quoted and escaped.
+        module = toml::Value::String(module.display().to_string()),
+        softhsm_conf = toml::Value::String(softhsm_conf.display().to_string()),
         sessions = std::thread::available_parallelism().map_or(1, |n| n.get().min(256)),
     )
 }

@@ -990,7 +990,6 @@ impl GeneratedKey {
     }
 }
 
-/// Every `CKA_PRIVATE` object of `class` under `label`.
 /// How many of our private keys `session` sees under `label`; none is
 /// believed only from a session that sees some private key of ours.
 fn count_private_keys(session: &Session, label: &str) -> Result<usize, HsmError> {
@@ -1008,6 +1007,7 @@ fn count_private_keys(session: &Session, label: &str) -> Result<usize, HsmError>
     Ok(ours)
 }
 
+/// Every `CKA_PRIVATE` object of `class` under `label`.
 fn private_objects(
     session: &Session,
     class: ObjectClass,

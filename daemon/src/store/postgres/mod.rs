@@ -566,13 +566,16 @@ fn commit_may_have_landed(code: &SqlState) -> bool {
 }
 
 /// Whether `e` says the server could not be had or was lost: no
-/// connection within the wait, a connection closed or failing (class 08),
-/// or the server shutting down (57P0).
+/// connection within the wait, a connection closed or failing (an I/O
+/// error, class 08), or the server shutting down (57P0). Not a client-side
+/// error (a parameter that would not encode), which has no SQLSTATE either.
 fn server_lost(e: &StoreError) -> bool {
     match e {
         StoreError::Unavailable { .. } => true,
         StoreError::Postgres { source, .. } => {
-            source.is_closed() || source.code().is_none_or(commit_may_have_landed)
+            source.is_closed()
+                || source.code().is_some_and(commit_may_have_landed)
+                || std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>())
         }
         _ => false,
     }
@@ -1661,10 +1664,16 @@ impl PgStore {
             )));
         }
         let committed = tx.commit();
-        // The connection given back (or, closed, counted out) before one is
-        // asked for to read the COMMIT's fate: a full pool (`pool_size =
-        // 1`) would otherwise wait for it, and answer that fate unknown.
-        drop(conn);
+        // The connection given back, or after a failed COMMIT closed and
+        // counted out (it may be dead, or the server going away, before
+        // the client knows), before one is asked for to read the COMMIT's
+        // fate: a full pool (`pool_size = 1`) would otherwise wait for it,
+        // and answer that fate unknown.
+        if committed.is_err() {
+            conn.discard();
+        } else {
+            drop(conn);
+        }
         match committed {
             Ok(()) => Ok((size, results)),
             // The server answered with an error of the statement: the

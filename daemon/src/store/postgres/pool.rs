@@ -76,6 +76,15 @@ impl std::ops::DerefMut for Conn<'_> {
     }
 }
 
+impl Conn<'_> {
+    /// Closes the connection instead of giving it back: one whose last
+    /// answer was an error that may mean the server is going away (a
+    /// COMMIT answered 57P0), which [`Client::is_closed`] may not know yet.
+    pub(super) fn discard(mut self) {
+        drop(self.client.take());
+    }
+}
+
 impl Drop for Conn<'_> {
     fn drop(&mut self) {
         let mut state = self.pool.lock();
