@@ -95,3 +95,32 @@ fn readiness_turns_false_when_the_token_loses_its_objects() {
     daemon.signal(Signal::TERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }
+
+/// A token that answers that the audit key's objects are wrong (a second
+/// pair under its label) is not ready, and the probe resets nothing for
+/// it: a reset finds the same objects. Before, each failing probe reset the
+/// module (`C_Finalize`, `C_Initialize`), holding every HSM call back, and
+/// counted a reconnection.
+#[test]
+fn a_wrong_audit_key_is_not_ready_and_resets_nothing() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    softhsm_tests::foreign_pair(&t.session(), "lav-audit", true);
+    for _ in 0..3 {
+        let r = daemon.admin_get("/readyz");
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["hsm"], false, "{}", r.text());
+    }
+    assert_eq!(daemon.metric("lavd_hsm_reconnects_total"), 0.0);
+    let log = daemon.stderr();
+    assert!(
+        log.contains("not ready") && log.contains("lav-audit"),
+        "{log}"
+    );
+    daemon.signal(Signal::TERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}

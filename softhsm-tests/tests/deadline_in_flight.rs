@@ -154,6 +154,18 @@ fn a_key_whose_retention_ends_while_its_unwrap_is_in_flight_is_not_released() {
     assert_eq!(log[0].leaf["outcome"], "denied");
     assert_eq!(log[0].leaf["reason"], "key_destroyed");
     assert_eq!(log[1].leaf["outcome"], "opened");
+    // The denied envelope spent nothing (the one opened did), and the key
+    // stays past its retention: a later envelope of it is refused.
+    assert_eq!(spent(&setup, "W-RETENTION-IN-FLIGHT"), 1);
+    let later = setup.seal(&doomed_key, "E-2", "later");
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": [later]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["key_destroyed"]);
+    assert_eq!(spent(&setup, "W-RETENTION-IN-FLIGHT"), 1);
 }
 
 /// A signing authority's `valid_until` that passes while the unwrap is in

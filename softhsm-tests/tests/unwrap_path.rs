@@ -185,7 +185,7 @@ fn headers(envelopes: &[serde_json::Value]) -> Vec<Vec<u8>> {
 }
 
 #[test]
-fn double_lock_unwrap_releases_sealed_deks_after_audit() {
+fn double_lock_unwrap_releases_sealed_deks_and_logs_each() {
     let w = World::new();
     let deks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 32]).collect();
     let envelopes: Vec<_> = deks
@@ -379,7 +379,8 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
         .unwrap_err();
     assert_eq!(e.code(), "batch_too_large");
 
-    // Revoke, then the warrant never opens again, also after a restart.
+    // Revoke, then the warrant never opens again (after a restart:
+    // `store_conformance.rs`, `daemon/tests/warrant_budget.rs`).
     let limits = EnvelopeLimits::default();
     let ctx = w.context(&limits);
     let r = revoke(

@@ -146,9 +146,16 @@ fn a_mid_batch_hsm_failure_on_spread_opens_releases_and_spends_nothing() {
         .filter(|e| e.leaf["warrant_id"] == id)
         .collect();
     assert_eq!(ours.len(), 1000, "one leaf per envelope");
-    for (i, e) in ours.iter().enumerate() {
+    // Each envelope's, in request order: an open kept by session rather
+    // than by envelope would log one envelope twice and another never.
+    for ((i, e), envelope) in ours.iter().enumerate().zip(&envelopes) {
         assert_eq!(e.leaf["outcome"], "denied", "leaf {i}: {}", e.leaf);
         assert_eq!(e.leaf["reason"], "open_failed", "leaf {i}: {}", e.leaf);
+        assert_eq!(
+            e.leaf["envelope_digest"],
+            vault::envelope_digest(envelope),
+            "leaf {i}"
+        );
     }
 
     // Cleared: the same batch opens in full, in request order, and the

@@ -496,3 +496,55 @@ fn readiness_follows_the_witness_token() {
     assert_size_conflict(&w.add(&log.body(0, &c2)), size(&c1));
     assert_cosigned(&w, &c2, &w.add(&log.body(size(&c1), &c2)));
 }
+
+/// A key replaced under the witness's label while it runs (the pair
+/// deleted and another made there): it is not ready (`"key": false`), and
+/// add-checkpoint answers 503 `hsm_unavailable` and records nothing. Before,
+/// every request after the first signed with the new key under the old
+/// key's name and ID, recorded the size, and answered 200 with a
+/// cosignature that verifies under no key the witness published.
+#[test]
+fn a_key_replaced_under_the_label_gives_no_cosignature() {
+    let log = Log::start();
+    let w = Witness::start("witness.test/replaced", &log.origin, &log.vkey, "");
+    let c1 = log.unwrap(1);
+    assert_cosigned(&w, &c1, &w.add(&log.body(0, &c1)));
+    let session = w.t.session();
+    for handle in session
+        .find_objects(&[cryptoki::object::Attribute::Label(b"lav-witness".to_vec())])
+        .unwrap()
+    {
+        session.destroy_object(handle).unwrap();
+    }
+    drop(session);
+    // Another pair under the label, as `lavd witness keygen` makes one (for
+    // a state of its own: the running witness's is left alone).
+    let other = w.t.path("witness-other.toml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&w.config)
+            .unwrap()
+            .replace("state = \"witness.db\"", "state = \"witness-other.db\""),
+    )
+    .unwrap();
+    let other_vkey = softhsm_tests::assert_ok(&w.t.lavd(&[
+        "witness",
+        "keygen",
+        "--config",
+        other.to_str().unwrap(),
+    ]));
+    assert_ne!(other_vkey.trim(), w.vkey.trim());
+    let r = w.daemon.wait_readyz(503);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"ready": false, "key": false, "state": true, "draining": false})
+    );
+    let c2 = log.unwrap(2);
+    // Twice: the first finds the old key's handle gone, the second signs
+    // with the new key.
+    for _ in 0..2 {
+        w.add(&log.body(size(&c1), &c2))
+            .assert_error(503, "hsm_unavailable");
+    }
+    assert_size_conflict(&w.add(&log.body(0, &c2)), size(&c1));
+}

@@ -123,7 +123,7 @@ impl Readiness {
             // and later probes time out waiting instead of piling up threads.
             let guard = probe.lock_owned().await;
             hsm.run(move |h| {
-                let ready = h.check_ready(|_| audit.key_on_token().map_err(|e| e.to_string()));
+                let ready = h.check_ready(|_| audit.key_on_token());
                 drop(guard);
                 Ok(ready)
             })

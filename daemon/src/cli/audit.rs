@@ -854,8 +854,9 @@ impl TilesAt {
     /// the failure's own code, if it has one, first in its text: the same
     /// for the checkpoint, the entry bundles and the hash tiles.
     ///
-    /// A partial tile the source does not have (no such file, or a 404) is
-    /// read from the full tile
+    /// A partial tile the source does not have (no such file, a 404, or a
+    /// 403: an S3 bucket read without `ListBucket` says 403 for a key that
+    /// is not there) is read from the full tile
     /// at its place, when the source has that: its first hashes or entries
     /// are the partial tile's (C2SP tlog-tiles lets a log delete a partial
     /// tile once the full one is there, and clients fetch the full one
@@ -921,7 +922,10 @@ impl TilesAt {
     }
 }
 
-/// Whether `e` says the resource is not there: no such file, or a 404.
+/// Whether `e` may say the resource is not there: no such file, a 404, or
+/// a 403 (what an S3 bucket read without `ListBucket` answers for a key it
+/// does not hold). Only a fallback that is verified as the resource would
+/// be is tried on it.
 fn is_missing(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         cause
@@ -929,7 +933,10 @@ fn is_missing(e: &anyhow::Error) -> bool {
             .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
             || matches!(
                 cause.downcast_ref::<super::https::HttpsError>(),
-                Some(super::https::HttpsError::Status { status: 404, .. })
+                Some(super::https::HttpsError::Status {
+                    status: 403 | 404,
+                    ..
+                })
             )
     })
 }
@@ -1476,6 +1483,25 @@ mod tests {
             Some("tile_unavailable"),
             "{err:#}"
         );
+    }
+
+    /// A 403 is taken as a 404 for the fallback to the full tile (an S3
+    /// bucket read without `ListBucket` answers 403 for a key it does not
+    /// hold); other statuses are not.
+    #[test]
+    fn a_403_or_404_may_mean_a_tile_is_not_there() {
+        let status = |status| {
+            anyhow::Error::new(super::super::https::HttpsError::Status {
+                path: "/tile/0/000.p/5".into(),
+                status,
+                code: "?".into(),
+                message: String::new(),
+            })
+        };
+        assert!(is_missing(&status(404)));
+        assert!(is_missing(&status(403)));
+        assert!(!is_missing(&status(500)));
+        assert!(!is_missing(&status(401)));
     }
 
     /// The hash tiles are held to the signed root before any entry bundle

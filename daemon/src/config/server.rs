@@ -312,10 +312,6 @@ impl Validator<'_> {
     }
 
     pub(super) fn public_log(&self, raw: RawPublicLog) -> Result<PublicLogSettings, ConfigError> {
-        let per_ip = |field: &str, value, default| {
-            self.count(field, value, default, 1..=100_000)
-                .and_then(|n| u32::try_from(n).map_err(|_| self.err(field, "too large")))
-        };
         let max_connections = self.count(
             "audit.public.max_connections",
             raw.max_connections,
@@ -337,7 +333,11 @@ impl Validator<'_> {
                 raw.rate_limit_per_second,
                 50.0,
             )?,
-            rate_limit_burst: per_ip("audit.public.rate_limit_burst", raw.rate_limit_burst, 200)?,
+            rate_limit_burst: self.burst(
+                "audit.public.rate_limit_burst",
+                raw.rate_limit_burst,
+                200,
+            )?,
         })
     }
 
@@ -431,11 +431,10 @@ impl Validator<'_> {
             raw.rate_limit_per_second,
             d.rate_limit_per_second,
         )?;
-        let burst = self.count(
+        let burst = self.burst(
             "limits.rate_limit_burst",
             raw.rate_limit_burst,
-            d.rate_limit_burst as usize,
-            1..=1_000_000,
+            d.rate_limit_burst,
         )?;
         let max_connections = self.count(
             "limits.max_connections",
@@ -563,8 +562,7 @@ impl Validator<'_> {
                 "limits.max_connections",
             )?,
             rate_limit_per_second: rate,
-            rate_limit_burst: u32::try_from(burst)
-                .map_err(|_| self.err("limits.rate_limit_burst", "too large"))?,
+            rate_limit_burst: burst,
         })
     }
 
@@ -578,6 +576,13 @@ impl Validator<'_> {
             Some(r) if r.is_finite() && (0.001..=1e6).contains(&r) => Ok(r),
             Some(_) => Err(self.err(field, "must be a number from 0.001 to 1000000")),
         }
+    }
+
+    /// A token bucket's burst, requests: the one definition of its bounds
+    /// for every listener, as [`Self::rate`] is of its rate.
+    fn burst(&self, field: &str, value: Option<u64>, default: u32) -> Result<u32, ConfigError> {
+        let n = self.count(field, value, default as usize, 1..=1_000_000)?;
+        u32::try_from(n).map_err(|_| self.err(field, "too large"))
     }
 
     /// A per-address connection bound: 1 to `max` (the listener's own

@@ -314,6 +314,26 @@ fn both_rate_limits_take_the_same_rates() {
     .unwrap()
     .rate_limit_per_second;
     assert!((public - 50.0).abs() < f64::EPSILON);
+    // And the same bursts: one bound (1 to 1,000,000) for both; the
+    // public listener's was that of its connection counts (100,000).
+    let text = format!(
+        "{GOOD}{TLS}[limits]\nrate_limit_burst = 500000\n\
+         [audit.public]\nlisten = \"127.0.0.1:9443\"\nrate_limit_burst = 500000\n"
+    );
+    let s = load(&text, &[]).unwrap();
+    assert_eq!(s.limits.rate_limit_burst, 500_000);
+    assert_eq!(s.audit.public.unwrap().rate_limit_burst, 500_000);
+    for table in [
+        "[limits]\n",
+        "[audit.public]\nlisten = \"127.0.0.1:9443\"\n",
+    ] {
+        let e = load(
+            &format!("{GOOD}{TLS}{table}rate_limit_burst = 1000001\n"),
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.field.ends_with("rate_limit_burst"), "{}", e.field);
+    }
 }
 
 #[test]

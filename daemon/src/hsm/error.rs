@@ -156,6 +156,22 @@ pub enum HsmError {
 }
 
 impl HsmError {
+    /// Whether this says a key's objects on the token are wrong (another
+    /// key under its label, two of them, an unreadable or unusable one, a
+    /// pair that disagrees, attributes that let it leave), the token itself
+    /// answering: a module reset would find them the same.
+    #[must_use]
+    pub fn is_key_fault(&self) -> bool {
+        matches!(
+            self,
+            HsmError::DuplicateKey(_)
+                | HsmError::InvalidPublicKey(_)
+                | HsmError::KeyPairMismatch(_)
+                | HsmError::KeyAttributes { .. }
+                | HsmError::KeyReplaced(_)
+        )
+    }
+
     /// The stable code of a command stopped by it: `hsm_login_refused`
     /// (exit 77) when the token refused the PIN, now or earlier in this
     /// process (which holds every later login back);

@@ -650,19 +650,30 @@ impl Hsm {
     /// the session alone can outlive the token's object store). A token
     /// that fails may be broken only in the module's state (its storage
     /// came back, the partition reconnected): the module is reset once and
-    /// checked again, so the daemon recovers without a restart.
+    /// checked again, so the daemon recovers without a restart. Not when
+    /// the token answers that the key's objects are wrong
+    /// ([`HsmError::is_key_fault`]), which no reset mends.
     ///
     /// # Errors
     /// Why it is not ready, for the log.
-    pub fn check_ready(&self, has_key: impl Fn(&Hsm) -> Result<(), String>) -> Result<(), String> {
+    pub fn check_ready(
+        &self,
+        has_key: impl Fn(&Hsm) -> Result<(), HsmError>,
+    ) -> Result<(), String> {
+        // Whether a reset could help: not for a key whose objects are wrong
+        // on a token that answers (each probe would reset the module for
+        // nothing, holding every call back, and count a reconnection).
         let check = |h: &Hsm| {
             if h.is_ready() {
-                has_key(h)
+                has_key(h).map_err(|e| (e.to_string(), !e.is_key_fault()))
             } else {
-                Err("no logged-in session".to_string())
+                Err(("no logged-in session".to_string(), true))
             }
         };
-        check(self).or_else(|first| {
+        check(self).or_else(|(first, resettable)| {
+            if !resettable {
+                return Err(first);
+            }
             // A refused PIN is not a module fault: a reset would end the
             // sessions still logged in, and could not log in again.
             if let Some(ckr) = self.login_refused() {
@@ -671,7 +682,7 @@ impl Hsm {
                 ));
             }
             match self.reset_module() {
-                Ok(()) => check(self),
+                Ok(()) => check(self).map_err(|(again, _)| again),
                 Err(e) => Err(format!("{first}; module reset: {e}")),
             }
         })

@@ -836,6 +836,19 @@ impl SqliteStore {
         result.map_err(|e| self.sqlite_err(e))
     }
 
+    /// SQLite's `synchronous` on the store's connection, as a number (2 is
+    /// `FULL`: each commit flushed before it returns), for the tests that
+    /// hold lavd to it: a SIGKILL loses nothing any setting wrote, a power
+    /// loss does.
+    ///
+    /// # Errors
+    /// [`StoreError::Sqlite`].
+    pub fn synchronous(&self) -> Result<i64, StoreError> {
+        self.conn()
+            .pragma_query_value(None, "synchronous", |row| row.get(0))
+            .map_err(|e| self.sqlite_err(e))
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-done transaction
         // behind (rusqlite rolls back on drop), so a poisoned lock is usable.

@@ -287,13 +287,15 @@ impl WitnessState {
         // process on the same state file, must not stamp a larger tree
         // earlier than a smaller one (a state written before this table
         // starts at 0).
+        // A row that cannot be read is the state's failure, not "never":
+        // the floor would fall to 0.
         let last = tx
             .query_row("SELECT last FROM cosigned_time WHERE id = 0", [], |row| {
-                row.get::<_, i64>(0)
+                let t = row.get::<_, i64>(0)?;
+                u64::try_from(t).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, t))
             })
             .optional()
             .map_err(|e| self.err(e))?
-            .and_then(|t| u64::try_from(t).ok())
             .unwrap_or(0);
         let read = clock();
         // A request that waited behind another reads a second or so behind
@@ -338,16 +340,30 @@ impl WitnessState {
     }
 }
 
+/// What the witness recorded for `origin`. A row that cannot be read (a
+/// negative size, a root not of 32 bytes: a hand edit, a damaged file) is
+/// an error, not "never cosigned": from size 0 the witness would cosign a
+/// branch that contradicts what it cosigned before.
 fn read(conn: &Connection, origin: &str) -> Result<Option<(u64, Hash)>, rusqlite::Error> {
     conn.query_row(
         "SELECT size, root FROM cosigned WHERE origin = ?1",
         [origin],
-        |row| Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?)),
+        |row| {
+            let size = row.get::<_, i64>(0)?;
+            let root = row.get::<_, Vec<u8>>(1)?;
+            let size = u64::try_from(size)
+                .map_err(|_| rusqlite::Error::IntegralValueOutOfRange(0, size))?;
+            let root = <Hash>::try_from(root).map_err(|root| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    1,
+                    rusqlite::types::Type::Blob,
+                    format!("a root of {} bytes", root.len()).into(),
+                )
+            })?;
+            Ok((size, root))
+        },
     )
     .optional()
-    .map(|row| {
-        row.and_then(|(size, root)| Some((u64::try_from(size).ok()?, <Hash>::try_from(root).ok()?)))
-    })
 }
 
 #[cfg(test)]
@@ -548,7 +564,7 @@ mod tests {
     }
 
     /// A clock at 1970 or before on a fresh state: no cosignature (its
-    /// timestamp would be 0, which C2SP tlog-cosignature forbids), 503.
+    /// timestamp would be 0, which says nothing of when), 503.
     #[test]
     fn a_clock_at_1970_gives_no_cosignature() {
         let dir = tempfile::tempdir().unwrap();
@@ -564,6 +580,39 @@ mod tests {
             add_empty_tree(&state, 5).1,
             AddOutcome::Cosigned(_)
         ));
+    }
+
+    /// A recorded row that cannot be read (a root of one byte, written
+    /// past the CHECK constraints) fails the request as the state's
+    /// failure. Before, it read as "never cosigned", and the witness
+    /// cosigned from size 0 whatever it had cosigned before.
+    #[test]
+    fn an_unreadable_row_is_a_state_error_not_a_fresh_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.db");
+        let state = WitnessState::create(&path).unwrap();
+        assert!(matches!(
+            add_empty_tree(&state, 5).1,
+            AddOutcome::Cosigned(_)
+        ));
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(
+                "PRAGMA ignore_check_constraints = ON; UPDATE cosigned SET root = x'00';",
+            )
+            .unwrap();
+        let (log, log_sk, key, witness_sk) = one_log();
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: note(&log_sk, 0, crate::audit::merkle::empty_root()),
+        }
+        .encode();
+        let answer =
+            state.add_checkpoint(body.as_bytes(), &|_| vec![log.clone()], &key, &|| 6, |m| {
+                Ok::<_, ()>(witness_sk.sign(m).to_bytes())
+            });
+        assert!(answer.is_err(), "{answer:?}");
     }
 
     /// A request stamped by a clock that went back (a step, or a request

@@ -91,13 +91,20 @@ impl Signer {
     }
 
     /// True when the key can be used now: the token has a logged-in session
-    /// and still holds the key (always, for a dev key); see
+    /// and still holds the key, the one `published` (read at start), not
+    /// another put under its label since (always, for a dev key); see
     /// [`Hsm::check_ready`].
-    fn ready(&self) -> bool {
+    fn ready(&self, published: &CosignerKey) -> bool {
         match self {
             Signer::Hsm { hsm, label } => {
-                match hsm.check_ready(|h| h.audit_key(label).map(|_| ()).map_err(|e| e.to_string()))
-                {
+                let same = |h: &Hsm| {
+                    if h.audit_key(label)?.public.bytes() == published.public_key() {
+                        Ok(())
+                    } else {
+                        Err(HsmError::KeyReplaced(label.clone()))
+                    }
+                };
+                match hsm.check_ready(same) {
                     Ok(()) => true,
                     Err(why) => {
                         tracing::warn!(why, "the witness key cannot sign");
@@ -249,6 +256,23 @@ impl Witness {
             .collect()
     }
 
+    /// Signs `message` with the witness key, and checks the signature
+    /// against the key this witness publishes (read at start), as the log's
+    /// signer checks its own: a key replaced under the label on the token
+    /// would give cosignatures that verify under no key, each recorded as
+    /// given. Refused, nothing is recorded (the state's transaction rolls
+    /// back) and the answer is 503.
+    fn sign_checked(&self, message: &[u8]) -> Result<[u8; 64], HsmError> {
+        let signature = self.signer.sign(message)?;
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ED25519,
+            self.key.public_key(),
+        )
+        .verify(message, &signature)
+        .map_err(|_| HsmError::KeyReplaced(self.key.name().to_string()))?;
+        Ok(signature)
+    }
+
     /// Runs `add-checkpoint` on `body` (blocking: SQLite and the HSM).
     fn add_checkpoint(&self, body: &[u8]) -> Response {
         let clock = || {
@@ -261,7 +285,7 @@ impl Witness {
             &|origin| self.trusted(origin),
             &self.key,
             &clock,
-            |message| self.signer.sign(message),
+            |message| self.sign_checked(message),
         );
         let origin = std::str::from_utf8(body)
             .ok()
@@ -443,7 +467,7 @@ pub fn admin_routes(witness: Arc<Witness>) -> warp::filters::BoxedFilter<(Respon
                     let w = w.clone();
                     tokio::task::spawn_blocking(move || {
                         let _guard = guard;
-                        let key = w.signer.ready();
+                        let key = w.signer.ready(&w.key);
                         let state = w.state.check().is_ok();
                         let draining = w.draining.load(Ordering::SeqCst);
                         WitnessReady {
