@@ -279,6 +279,38 @@ pub fn audit_accounting(auditor: &Client, warrant: &str, answers: &[Answer]) -> 
     (opened.len(), not_released)
 }
 
+/// No HSM open went unlogged: the log (read through `auditor`) holds at
+/// least one `unwrap` leaf of warrant `id` for each derive in `derives`
+/// (the module's log of every derive the daemon asked for, but its pair
+/// checks on the generator). Every request of a [`Case`] sends the same
+/// envelopes, so leaves and derives are counted, not matched: leaves of
+/// envelopes refused before their open only add to the count. Waits up
+/// to 10 s for leaves written after a fault (the intents' sweep).
+///
+/// # Panics
+/// When there are fewer leaves than derives, or no derive at all.
+pub fn assert_opens_logged(name: &str, auditor: &Client, id: &str, derives: &std::path::Path) {
+    let pair_check = hex::encode(lavd::hsm::P256_GENERATOR);
+    let derived = std::fs::read_to_string(derives)
+        .unwrap_or_default()
+        .lines()
+        .filter(|line| *line != pair_check)
+        .count();
+    assert!(derived > 0, "{name}: no HSM derive was logged");
+    let leaves = || {
+        let size = vault::tree_size(auditor);
+        vault::entries(auditor, 0, size)
+            .iter()
+            .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id)
+            .count()
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || leaves() >= derived),
+        "{name}: {derived} HSM opens, {} unwrap leaves: an open went unlogged",
+        leaves()
+    );
+}
+
 /// Polls `f` until it is true or `timeout` passes; returns whether it
 /// became true.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -341,6 +373,9 @@ pub struct Case {
     pub request: serde_json::Value,
     /// Its warrant's id.
     pub id: String,
+    /// Where the latency and fault module logs each HSM derive the daemon
+    /// makes, when [`Case::start_logging_derives`] started it.
+    pub derives: Option<std::path::PathBuf>,
 }
 
 impl Case {
@@ -376,7 +411,20 @@ impl Case {
             daemon,
             request: serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
             id: id.to_string(),
+            derives: None,
         }
+    }
+
+    /// [`Case::start`], with every HSM derive the daemon makes logged by
+    /// the latency and fault module `shim` (which `t`'s config must load)
+    /// to a file that [`Case::run`] and [`assert_opens_logged`] hold the
+    /// log to.
+    pub fn start_logging_derives(t: &TestToken, pki: Pki, id: &str, shim: &crate::Shim) -> Self {
+        let log = t.path("derives.log");
+        shim.set(&format!("derive_log = {}", log.display()));
+        let mut case = Case::start(t, pki, id);
+        case.derives = Some(log);
+        case
     }
 
     /// Sends the request until it is refused 503 `code` or
@@ -466,6 +514,9 @@ impl Case {
         );
         let r = vault::post(&self.agency, "/v1/unwrap", &self.request);
         assert_eq!(r.status, 200, "{name}: {}", r.text());
+        if let Some(derives) = &self.derives {
+            assert_opens_logged(name, &self.auditor, &self.id, derives);
+        }
         verify_log(t, &self.pki, &self.parties.auditor, self.daemon.api);
         (figures, opened, not_carried - probes_opened)
     }

@@ -114,9 +114,13 @@ fn fill(path: &Path) -> u64 {
 }
 
 /// The fault tests' config, with the SQLite store at `db` (on the file
-/// system the test makes fail).
-fn write_config_with_store_at(t: &TestToken, db: &Path) {
-    t.write_config(&limits());
+/// system the test makes fail), through the latency and fault module
+/// `shim` (which logs each derive: [`Case::start_logging_derives`]).
+fn write_config_with_store_at(t: &TestToken, db: &Path, shim: &softhsm_tests::Shim) {
+    t.write_config_with_module(
+        &softhsm_tests::shim_module_path(),
+        &format!("{}\n{}", shim.hsm_env(), limits()),
+    );
     let config = std::fs::read_to_string(t.config()).unwrap().replace(
         "path = \"lavd.db\"",
         &format!("path = {:?}", db.display().to_string()),
@@ -132,8 +136,9 @@ fn sqlite_on_a_full_file_system_is_503_store_unavailable_and_recovers_when_space
     let _fs = Tmpfs::mount(&mnt, "32m");
     let db = mnt.join("lavd.db");
     let pki = Pki::new(&t);
-    write_config_with_store_at(&t, &db);
-    let case = Case::start(&t, pki, "W-DISK-FULL");
+    let shim = softhsm_tests::Shim::new(&t);
+    write_config_with_store_at(&t, &db, &shim);
+    let case = Case::start_logging_derives(&t, pki, "W-DISK-FULL", &shim);
     let filler = mnt.join("filler");
     let mut filled = 0;
     let (figures, opened, cut) = case.run(
@@ -266,8 +271,9 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
     let fs = Ext4::mount(&t.path("ro-fs.img"), &mnt);
     let db = mnt.join("lavd.db");
     let pki = Pki::new(&t);
-    write_config_with_store_at(&t, &db);
-    let case = Case::start(&t, pki, "W-READ-ONLY");
+    let shim = softhsm_tests::Shim::new(&t);
+    write_config_with_store_at(&t, &db, &shim);
+    let case = Case::start_logging_derives(&t, pki, "W-READ-ONLY", &shim);
     let body = case.request.to_string();
     let (answers, (on, probes_opened)) =
         under_load(std::slice::from_ref(&case.agency), &body, THREADS, || {
@@ -297,6 +303,7 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
         daemon,
         request,
         id,
+        derives,
         ..
     } = case;
     drop(daemon);
@@ -325,6 +332,14 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
         not_carried >= probes_opened + after
             && not_carried <= probes_opened + after + THREADS * BATCH,
         "{not_carried} opened leaves without an answer before the repair, {probes_opened} from probes"
+    );
+    // Every HSM open has its leaf: those of the requests cut by the
+    // read-only store, written after the repair from their intents.
+    softhsm_tests::faults::assert_opens_logged(
+        "sqlite read-only",
+        &c.auditor,
+        &id,
+        &derives.expect("derives logged"),
     );
     verify_log(&t, &pki, &parties.auditor, daemon.api);
     figures.print(&format!(
