@@ -14,7 +14,7 @@
 use time::OffsetDateTime;
 
 use crate::audit::leaf::{Event, KeyDestroyed, KeyGenerated};
-use crate::audit::log::{AuditLog, LogError};
+use crate::audit::log::{AuditLog, LeafProof, LogError};
 use crate::codec::format_time;
 use crate::hsm::{Hsm, HsmError};
 use crate::jwk::{Jwk, JwkSet, LAV_SUITE};
@@ -699,8 +699,8 @@ pub fn destruction_logged(log: &AuditLog, kid: &str) -> Result<(), KeyError> {
                 continue;
             }
             return match log.prove_leaf(index, &bytes) {
-                Ok(true) => Ok(()),
-                Ok(false) => Err(unlogged(format!(
+                Ok(LeafProof::Included) => Ok(()),
+                Ok(LeafProof::NotInTree) => Err(unlogged(format!(
                     "its key_destroyed leaf {index} is not proved in the signed log: {}",
                     log.inconsistency().unwrap_or("the inclusion proof failed")
                 ))),

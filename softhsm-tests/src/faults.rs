@@ -280,12 +280,13 @@ pub fn audit_accounting(auditor: &Client, warrant: &str, answers: &[Answer]) -> 
 }
 
 /// No HSM open went unlogged: the log (read through `auditor`) holds at
-/// least one `unwrap` leaf of warrant `id` for each derive in `derives`
-/// (the module's log of every derive the daemon asked for, but its pair
-/// checks on the generator). Every request of a [`Case`] sends the same
-/// envelopes, so leaves and derives are counted, not matched: leaves of
-/// envelopes refused before their open only add to the count. Waits up
-/// to 10 s for leaves written after a fault (the intents' sweep).
+/// least one leaf of warrant `id` that follows an open (`opened`, or
+/// denied `open_failed`, `audit_commit_failed` or `open_interrupted`) for
+/// each derive in `derives` (the module's log of every derive the daemon
+/// asked for, but its pair checks on the generator). Every request of a
+/// [`Case`] sends the same envelopes, so leaves and derives are counted,
+/// not matched. Waits up to 10 s for leaves written after a fault (by the
+/// deferred writer, or a restart's sweep of the intents).
 ///
 /// # Panics
 /// When there are fewer leaves than derives, or no derive at all.
@@ -301,7 +302,14 @@ pub fn assert_opens_logged(name: &str, auditor: &Client, id: &str, derives: &std
         let size = vault::tree_size(auditor);
         vault::entries(auditor, 0, size)
             .iter()
-            .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id)
+            .filter(|e| {
+                e.leaf["event"] == "unwrap"
+                    && e.leaf["warrant_id"] == id
+                    && (e.leaf["outcome"] == "opened"
+                        || ["open_failed", "audit_commit_failed", "open_interrupted"]
+                            .iter()
+                            .any(|r| e.leaf["reason"] == *r))
+            })
             .count()
     };
     assert!(

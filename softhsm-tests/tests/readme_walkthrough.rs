@@ -178,6 +178,22 @@ fn the_readme_walkthrough_works_as_written() {
         "{stderr}"
     );
     assert!(!fresh.exists(), "the directory was made");
+    // So is a path SoftHSM's configuration would cut (at `=` or `#`): its
+    // tokens would go elsewhere.
+    let cut = work.path().join("a=b");
+    let one = softhsm_tests::output_within(
+        Command::new(softhsm_tests::lavd_binary())
+            .args(["dev", "--dir", cut.to_str().unwrap()])
+            .env("LAVD_LOG", "warn"),
+        std::time::Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&one.stderr);
+    assert_eq!(one.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("without control characters, `#` or `=`"),
+        "{stderr}"
+    );
+    assert!(!cut.exists(), "the directory was made");
 
     // `lavd serve --config lavd-dev/lavd.toml` takes the dev config as it
     // is (the README says so): ready, and serving the same keys.

@@ -540,8 +540,8 @@ fn a_key_replaced_under_the_label_gives_no_cosignature() {
         serde_json::json!({"ready": false, "key": false, "state": true, "draining": false})
     );
     let c2 = log.unwrap(2);
-    // Twice: the first finds the old key's handle gone, the second signs
-    // with the new key.
+    // Twice: each signs with the new key (the readiness probe found its
+    // handle), and each signature is refused by the self-check.
     for _ in 0..2 {
         w.add(&log.body(size(&c1), &c2))
             .assert_error(503, "hsm_unavailable");

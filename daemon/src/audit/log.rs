@@ -82,6 +82,17 @@ impl LogError {
     }
 }
 
+/// What [`AuditLog::prove_leaf`] found of a leaf.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafProof {
+    /// The leaf is in a tree signed with the audit key.
+    Included,
+    /// It is not the leaf the subtree hashes hold (the log is now
+    /// inconsistent, saying why).
+    NotInTree,
+}
+
 /// The newest checkpoint this log has signed or verified: the tree every
 /// later one must extend.
 #[derive(Debug, Clone)]
@@ -1123,8 +1134,9 @@ impl AuditLog {
 
     /// Whether `leaf` is leaf `index` of a tree signed with the audit key,
     /// signing a checkpoint that covers it when none does yet (which first
-    /// proves that the stored tree extends the last one signed). False
-    /// (and the log [inconsistent](Self::inconsistency), saying why) for a
+    /// proves that the stored tree extends the last one signed).
+    /// [`LeafProof::NotInTree`] (and the log
+    /// [inconsistent](Self::inconsistency), saying why) for a
     /// leaf row that is not the one the subtree hashes hold: written into
     /// the store outside lavd, over a leaf a checkpoint signed or beside
     /// the hashes. (A leaf row written above the newest checkpoint with its
@@ -1133,7 +1145,7 @@ impl AuditLog {
     ///
     /// # Errors
     /// As [`Self::checkpoint_covering`].
-    pub fn prove_leaf(&self, index: u64, leaf: &[u8]) -> Result<bool, LogError> {
+    pub fn prove_leaf(&self, index: u64, leaf: &[u8]) -> Result<LeafProof, LogError> {
         self.checkpoint_covering(index.saturating_add(1))?;
         let signed = self
             .latest
@@ -1146,7 +1158,7 @@ impl AuditLog {
                 "the stored leaf {index} is not the one in the signed tree of size {}: {what}",
                 signed.size
             ));
-            Ok(false)
+            Ok(LeafProof::NotInTree)
         };
         let proof = match self.store.inclusion_proof(index, signed.size) {
             Ok(proof) => proof,
@@ -1162,7 +1174,7 @@ impl AuditLog {
             &proof,
             &signed.root,
         ) {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(LeafProof::Included),
             Err(e) => not_in(format!("inclusion proof: {e}")),
         }
     }

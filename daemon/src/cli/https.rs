@@ -192,6 +192,13 @@ impl Endpoint {
             Some(i) => (&rest[..i], rest[i..].trim_end_matches('/')),
             None => (rest, ""),
         };
+        // Userinfo (`user:password@host`) first, and not echoed: it may
+        // hold a password, and split at its `:` it reads as a port.
+        if authority.contains('@') {
+            return Err(anyhow!(
+                "the URL holds userinfo (`…@`): give the host alone, without a user or password"
+            ));
+        }
         // An IPv6 address is bracketed, and holds colons of its own.
         let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
             let (host, after) = bracketed
@@ -205,6 +212,13 @@ impl Endpoint {
             (host.to_string(), port)
         } else {
             match authority.rsplit_once(':') {
+                // An IPv6 address unbracketed (`http://::1/`) would read
+                // as a host `:` and a port.
+                Some((h, _)) if h.contains(':') => {
+                    return Err(anyhow!(
+                        "the URL's IPv6 address must be in brackets: [{authority}]"
+                    ))
+                }
                 Some((h, p)) => (h.to_string(), p.parse::<u16>().context("the URL's port")?),
                 None => (authority.to_string(), default_port),
             }
@@ -215,13 +229,8 @@ impl Endpoint {
         if host.is_empty() {
             return Err(anyhow!("the URL has no host"));
         }
-        if let Some(c) = host
-            .chars()
-            .find(|c| *c == '@' || c.is_whitespace() || c.is_control())
-        {
-            return Err(anyhow!(
-                "the URL's host holds {c:?}: give the host alone (no user@)"
-            ));
+        if let Some(c) = host.chars().find(|c| c.is_whitespace() || c.is_control()) {
+            return Err(anyhow!("the URL's host holds {c:?}"));
         }
         let shown_host = if host.contains(':') {
             format!("[{host}]")
@@ -638,7 +647,9 @@ mod tests {
             "http:///w",
             "http://:8080",
             "http://user@host:80",
+            "http://user:secret@host/",
             "http://[]:80",
+            "http://::1/",
         ] {
             assert!(split(bad).is_err(), "{bad}");
         }

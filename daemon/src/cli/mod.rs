@@ -417,8 +417,10 @@ pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result
     let opened = open_regular(file)?;
     let meta = opened.metadata()?;
     // Sized at once, so that no smaller buffer is freed with a copy of a
-    // key in it.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 1)?);
+    // key in it, with room for the read that finds the end (less than 32
+    // bytes of room and the standard library reads into a stack buffer
+    // first).
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 64)?);
     opened.take(limit + 1).read_to_end(&mut bytes)?;
     anyhow::ensure!(
         bytes.len() as u64 <= limit,

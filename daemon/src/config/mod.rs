@@ -319,29 +319,44 @@ impl Validator<'_> {
     }
 
     /// Reads a PIN or password from `handle`, at most
-    /// [`MAX_SECRET_FILE_BYTES`].
+    /// [`MAX_SECRET_FILE_BYTES`], into one buffer sized at once (with room
+    /// for the read that finds the end), so that no copy of it is left
+    /// unwiped: not in a smaller buffer freed as it grows, nor in the
+    /// standard library's stack buffer for a first small read.
     fn read_secret(
         &self,
         field: &str,
         file: &Path,
         handle: &mut std::fs::File,
     ) -> Result<zeroize::Zeroizing<String>, ConfigError> {
-        let mut text = zeroize::Zeroizing::new(String::new());
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(handle, MAX_SECRET_FILE_BYTES + 1),
-            &mut text,
-        )
-        .map_err(|e| self.err(field, format!("cannot read {}: {e}", file.display())))?;
-        if text.len() as u64 > MAX_SECRET_FILE_BYTES {
-            return Err(self.err(
+        let cannot = |e: &dyn std::fmt::Display| {
+            self.err(field, format!("cannot read {}: {e}", file.display()))
+        };
+        let too_large = || {
+            self.err(
                 field,
                 format!(
                     "{} is larger than {MAX_SECRET_FILE_BYTES} bytes: not a PIN or password",
                     file.display()
                 ),
-            ));
+            )
+        };
+        let len = handle.metadata().map_err(|e| cannot(&e))?.len();
+        if len > MAX_SECRET_FILE_BYTES {
+            return Err(too_large());
         }
-        Ok(text)
+        let room = usize::try_from(len).map_err(|_| too_large())? + 64;
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(room));
+        std::io::Read::read_to_end(
+            &mut std::io::Read::take(handle, MAX_SECRET_FILE_BYTES + 1),
+            &mut bytes,
+        )
+        .map_err(|e| cannot(&e))?;
+        if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
+            return Err(too_large());
+        }
+        let text = std::str::from_utf8(&bytes).map_err(|_| cannot(&"it is not UTF-8 text"))?;
+        Ok(zeroize::Zeroizing::new(text.to_string()))
     }
 
     /// A PIN or password as read from a file or an environment variable

@@ -193,7 +193,13 @@ impl Validator<'_> {
             // port or a CA file without a certificate is a config error
             // (exit 64) and not a failure after the start's first leaf.
             if let Err(e) = crate::cli::https::Endpoint::new_plain(&format!("http://{rest}")) {
-                return Err(self.err(&field("url"), format!("`{}`: {e:#}", w.url)));
+                // Not echoed when it holds userinfo, which may be a password.
+                let shown = if w.url.contains('@') {
+                    "the url".to_string()
+                } else {
+                    format!("`{}`", w.url)
+                };
+                return Err(self.err(&field("url"), format!("{shown}: {e:#}")));
             }
             if let Some(ca) = &ca_file {
                 if let Err(e) = crate::cli::https::Endpoint::new(url, ca, None) {

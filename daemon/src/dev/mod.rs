@@ -122,12 +122,17 @@ impl DevArgs {
                 )
                 .into());
             }
-            // Written into SoftHSM's configuration, which has no quoting.
-            if dir.to_str().is_none_or(|d| d.chars().any(char::is_control)) {
+            // Written into SoftHSM's configuration, which has no quoting: it
+            // cuts a line at `#`, splits it at `=`, and reads at most 1023
+            // bytes of it.
+            if dir.to_str().is_none_or(|d| {
+                d.len() > 900 || d.chars().any(|c| c.is_control() || c == '#' || c == '=')
+            }) {
                 return Err(crate::cli::Refused::new(
                     "usage",
                     format!(
-                        "--dir {}: give a path of UTF-8 text without control characters",
+                        "--dir {}: give a path of UTF-8 text, at most 900 bytes, without control \
+                         characters, `#` or `=` (SoftHSM's configuration holds it unquoted)",
                         crate::codec::escape_for_terminal(&dir.to_string_lossy())
                     ),
                 )

@@ -612,7 +612,11 @@ mod tests {
             state.add_checkpoint(body.as_bytes(), &|_| vec![log.clone()], &key, &|| 6, |m| {
                 Ok::<_, ()>(witness_sk.sign(m).to_bytes())
             });
-        assert!(answer.is_err(), "{answer:?}");
+        let e = answer.expect_err("an unreadable row cosigned from size 0");
+        assert!(
+            e.to_string().contains("a root of 1 bytes"),
+            "the state's error names the row: {e}"
+        );
     }
 
     /// A request stamped by a clock that went back (a step, or a request

@@ -75,6 +75,14 @@ impl Signer {
         }
     }
 
+    /// What the key is under: its label on the token, or "the dev key".
+    pub fn label(&self) -> String {
+        match self {
+            Signer::Hsm { label, .. } => label.clone(),
+            Signer::Dev(_) => "the dev key".to_string(),
+        }
+    }
+
     /// Signs `message` (pure Ed25519).
     ///
     /// # Errors
@@ -269,7 +277,7 @@ impl Witness {
             self.key.public_key(),
         )
         .verify(message, &signature)
-        .map_err(|_| HsmError::KeyReplaced(self.key.name().to_string()))?;
+        .map_err(|_| HsmError::KeyReplaced(self.signer.label()))?;
         Ok(signature)
     }
 

@@ -1669,10 +1669,11 @@ impl PgStore {
         // the client knows), before one is asked for to read the COMMIT's
         // fate: a full pool (`pool_size = 1`) would otherwise wait for it,
         // and answer that fate unknown.
-        if committed.is_err() {
-            conn.discard();
-        } else {
-            drop(conn);
+        match &committed {
+            Err(e) if e.is_closed() || e.code().is_none_or(commit_may_have_landed) => {
+                conn.discard();
+            }
+            _ => drop(conn),
         }
         match committed {
             Ok(()) => Ok((size, results)),
