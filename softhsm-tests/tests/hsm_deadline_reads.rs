@@ -9,12 +9,13 @@
 
 use std::time::{Duration, Instant};
 
-use softhsm_tests::server::{serve_config, Daemon, Pki};
+use softhsm_tests::server::{serve_config, Client, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
 
-#[test]
-fn a_hung_key_read_is_answered_within_the_call_deadline() {
+/// A token through the latency and fault module, with a call deadline of
+/// 1 s and escrow keys `kids`.
+fn token_with_keys(kids: &[&str]) -> (TestToken, Pki, Shim) {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let shim = Shim::new(&t);
@@ -24,7 +25,33 @@ fn a_hung_key_read_is_answered_within_the_call_deadline() {
         "call_timeout_ms = 1000\n",
         &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
     );
-    vault::generate_escrow_key(&t, "E-1");
+    for kid in kids {
+        vault::generate_escrow_key(&t, kid);
+    }
+    (t, pki, shim)
+}
+
+/// `GET /v1/keys` while the module holds what `shim` was set to hang, the
+/// fault cleared after 15 s whatever happens (so that a request that waits
+/// for the module ends, and the test fails, not hangs); the answer and how
+/// long it took.
+fn keys_while_hung(c: &Client, shim: &Shim) -> (softhsm_tests::server::Response, Duration) {
+    std::thread::scope(|s| {
+        let clear = s.spawn(|| {
+            std::thread::sleep(Duration::from_secs(15));
+            shim.set("");
+        });
+        let started = Instant::now();
+        let answer = c.get("/v1/keys");
+        let took = started.elapsed();
+        clear.join().unwrap();
+        (answer, took)
+    })
+}
+
+#[test]
+fn a_hung_key_read_is_answered_within_the_call_deadline() {
+    let (t, pki, shim) = token_with_keys(&["E-1"]);
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
     let c = Parties::new(&pki).clients(&pki, daemon.api);
@@ -36,20 +63,7 @@ fn a_hung_key_read_is_answered_within_the_call_deadline() {
             "fault = hang\nfault_calls = C_FindObjectsInit\nfault_after = {after}"
         ));
         let faults = shim.faults();
-        let (answer, took) = std::thread::scope(|s| {
-            // Whatever happens, the fault clears after 15 s, so that a
-            // request that waits for the module ends (and the test fails,
-            // not hangs).
-            let clear = s.spawn(|| {
-                std::thread::sleep(Duration::from_secs(15));
-                shim.set("");
-            });
-            let started = Instant::now();
-            let answer = c.provider.get("/v1/keys");
-            let took = started.elapsed();
-            clear.join().unwrap();
-            (answer, took)
-        });
+        let (answer, took) = keys_while_hung(&c.provider, &shim);
         answer.assert_error(503, "hsm_unavailable");
         assert!(
             took < Duration::from_secs(6),
@@ -72,17 +86,7 @@ fn a_hung_key_read_is_answered_within_the_call_deadline() {
 /// that hangs in `C_OpenSession` held `GET /v1/keys` as long as it did.
 #[test]
 fn the_check_after_a_missing_key_opens_no_session_of_its_own() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    t.write_config_hsm(
-        &shim_module_path(),
-        2,
-        "call_timeout_ms = 1000\n",
-        &format!("{}\n{}", shim.hsm_env(), serve_config(&vault::roles_toml())),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    vault::generate_escrow_key(&t, "E-2");
+    let (t, pki, shim) = token_with_keys(&["E-1", "E-2"]);
     // E-2's private half removed outside lavd: the store still lists it.
     let session = t.session();
     for handle in session
@@ -105,19 +109,7 @@ fn the_check_after_a_missing_key_opens_no_session_of_its_own() {
     assert_eq!(published(&c.provider.get("/v1/keys")), ["E-1"]);
 
     shim.set("fault = hang\nfault_calls = C_OpenSession");
-    let (answer, took) = std::thread::scope(|s| {
-        // The fault clears after 15 s whatever happens, so that a request
-        // that waits for the module ends (and the test fails, not hangs).
-        let clear = s.spawn(|| {
-            std::thread::sleep(Duration::from_secs(15));
-            shim.set("");
-        });
-        let started = Instant::now();
-        let answer = c.provider.get("/v1/keys");
-        let took = started.elapsed();
-        clear.join().unwrap();
-        (answer, took)
-    });
+    let (answer, took) = keys_while_hung(&c.provider, &shim);
     assert!(took < Duration::from_secs(6), "answered after {took:?}");
     assert_eq!(published(&answer), ["E-1"]);
 }
