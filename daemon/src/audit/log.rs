@@ -293,7 +293,7 @@ impl AuditLog {
             tracing::error!(
                 "audit log inconsistent: {reason}; no checkpoint will be signed and no key \
                  released until an operator has investigated (lavd audit export | lavd audit \
-                 verify) and restarted the daemon"
+                 verify) and started lavd again (a daemon keeps refusing until restarted)"
             );
         }
         LogError::Inconsistent(reason)
