@@ -285,8 +285,11 @@ pub fn audit_accounting(auditor: &Client, warrant: &str, answers: &[Answer]) -> 
 /// each derive in `derives` (the module's log of every derive the daemon
 /// asked for, but its pair checks on the generator). Every request of a
 /// [`Case`] sends the same envelopes, so leaves and derives are counted,
-/// not matched. Waits up to 10 s for leaves written after a fault (by the
-/// deferred writer, or a restart's sweep of the intents).
+/// not matched. Those four are the outcomes a derived envelope can have in
+/// a `Case` (a budget of 1,000,000, no revocation, reload, destruction or
+/// deadline in flight); a case that brings one of those must count its
+/// reason too (`DenyReason`). Waits up to 10 s for leaves written after a
+/// fault (by the deferred writer, or a restart's sweep of the intents).
 ///
 /// # Panics
 /// When there are fewer leaves than derives, or no derive at all.

@@ -216,7 +216,8 @@ impl Endpoint {
                 // as a host `:` and a port.
                 Some((h, _)) if h.contains(':') => {
                     return Err(anyhow!(
-                        "the URL's IPv6 address must be in brackets: [{authority}]"
+                        "the URL's host holds `:` (an IPv6 address goes in brackets, \
+                         `[::1]:8080`)"
                     ))
                 }
                 Some((h, p)) => (h.to_string(), p.parse::<u16>().context("the URL's port")?),
@@ -653,5 +654,18 @@ mod tests {
         ] {
             assert!(split(bad).is_err(), "{bad}");
         }
+        // Userinfo is named, and never echoed (it may be a password).
+        let e = split("http://user:secret@host/").unwrap_err().to_string();
+        assert!(e.contains("userinfo") && !e.contains("secret"), "{e}");
+        // An `@` in the prefix is not userinfo.
+        assert_eq!(
+            split("http://log.example/a@b").unwrap(),
+            (
+                "log.example".to_string(),
+                80,
+                "/a@b".to_string(),
+                "log.example".to_string()
+            )
+        );
     }
 }

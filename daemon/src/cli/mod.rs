@@ -413,20 +413,55 @@ pub(crate) fn open_regular(file: &std::path::Path) -> anyhow::Result<std::fs::Fi
 /// # Errors
 /// Not a regular file, unreadable, or larger than `limit`.
 pub(crate) fn read_regular(file: &std::path::Path, limit: u64) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read as _;
-    let opened = open_regular(file)?;
-    let meta = opened.metadata()?;
-    // Sized at once, so that no smaller buffer is freed with a copy of a
-    // key in it, with room for the read that finds the end (less than 32
-    // bytes of room and the standard library reads into a stack buffer
-    // first).
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len().min(limit) + 64)?);
-    opened.take(limit + 1).read_to_end(&mut bytes)?;
+    let mut opened = open_regular(file)?;
+    let size = opened.metadata()?.len();
+    let mut bytes = read_wiping(&mut opened, size, limit)?;
     anyhow::ensure!(
         bytes.len() as u64 <= limit,
         "larger than the {limit} bytes it can hold"
     );
-    Ok(bytes)
+    // Moved out whole; the empty buffer left is what is wiped.
+    Ok(std::mem::take(&mut *bytes))
+}
+
+/// Reads `reader` to its end, at most `limit` + 1 bytes, leaving no copy
+/// of what it read unwiped (a file may hold a key or a PIN): into a buffer
+/// sized for `size` bytes (the file's length, which may be wrong), and when
+/// that fills, into one twice as large, the old one wiped; never through a
+/// stack buffer. On an error what was read is wiped.
+///
+/// # Errors
+/// The failing read.
+pub(crate) fn read_wiping(
+    reader: &mut impl std::io::Read,
+    size: u64,
+    limit: u64,
+) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    let most = usize::try_from(limit.saturating_add(1)).unwrap_or(usize::MAX);
+    let first = usize::try_from(size.saturating_add(1))
+        .unwrap_or(usize::MAX)
+        .min(most)
+        .max(1);
+    let mut buffer = zeroize::Zeroizing::new(vec![0u8; first]);
+    let mut filled = 0;
+    loop {
+        if filled == buffer.len() {
+            if filled == most {
+                break;
+            }
+            let mut larger = zeroize::Zeroizing::new(vec![0u8; (filled * 2).min(most)]);
+            larger[..filled].copy_from_slice(&buffer[..filled]);
+            buffer = larger;
+        }
+        match reader.read(&mut buffer[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buffer.truncate(filled);
+    Ok(buffer)
 }
 
 /// A command's refusal that no library error carries, with its stable

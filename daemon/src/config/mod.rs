@@ -319,10 +319,8 @@ impl Validator<'_> {
     }
 
     /// Reads a PIN or password from `handle`, at most
-    /// [`MAX_SECRET_FILE_BYTES`], into one buffer sized at once (with room
-    /// for the read that finds the end), so that no copy of it is left
-    /// unwiped: not in a smaller buffer freed as it grows, nor in the
-    /// standard library's stack buffer for a first small read.
+    /// [`MAX_SECRET_FILE_BYTES`], leaving no copy of it unwiped
+    /// ([`crate::cli::read_wiping`]).
     fn read_secret(
         &self,
         field: &str,
@@ -345,13 +343,8 @@ impl Validator<'_> {
         if len > MAX_SECRET_FILE_BYTES {
             return Err(too_large());
         }
-        let room = usize::try_from(len).map_err(|_| too_large())? + 64;
-        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(room));
-        std::io::Read::read_to_end(
-            &mut std::io::Read::take(handle, MAX_SECRET_FILE_BYTES + 1),
-            &mut bytes,
-        )
-        .map_err(|e| cannot(&e))?;
+        let bytes =
+            crate::cli::read_wiping(handle, len, MAX_SECRET_FILE_BYTES).map_err(|e| cannot(&e))?;
         if bytes.len() as u64 > MAX_SECRET_FILE_BYTES {
             return Err(too_large());
         }

@@ -939,6 +939,24 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].url",
         "ftp://",
     );
+    // A URL with userinfo is refused naming it, and never echoed, whatever
+    // else is wrong with it (a scheme mistyped, say).
+    for secret in [
+        "https://lavd:hunter2@w2.example/",
+        "htps://lavd:hunter2@w2.example/",
+    ] {
+        let e = load_with(
+            &plain.replace("http://127.0.0.1:8444/prefix/", secret),
+            &files,
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "audit.witnesses[1].url");
+        assert!(
+            e.reason.contains("userinfo") && !e.reason.contains("hunter2"),
+            "{}",
+            e.reason
+        );
+    }
     // A URL without a host is refused at load, not at each submission.
     for hostless in ["http:///prefix", "http://:8444/prefix"] {
         refused(

@@ -150,6 +150,21 @@ impl Validator<'_> {
                 ));
             }
             let url = w.url.trim_end_matches('/');
+            // Userinfo first, and the URL never echoed with it: it may
+            // hold a password (whatever else is wrong with the URL).
+            let authority = url
+                .split_once("://")
+                .map_or(url, |(_, after)| after)
+                .split('/')
+                .next()
+                .unwrap_or_default();
+            if authority.contains('@') {
+                return Err(self.err(
+                    &field("url"),
+                    "holds userinfo (`…@`): give the host alone, without a user or password \
+                     (the URL is not shown: it may hold a password)",
+                ));
+            }
             let (tls, rest) = match (url.strip_prefix("https://"), url.strip_prefix("http://")) {
                 (Some(rest), _) => (true, rest),
                 (None, Some(rest)) => (false, rest),
@@ -193,13 +208,7 @@ impl Validator<'_> {
             // port or a CA file without a certificate is a config error
             // (exit 64) and not a failure after the start's first leaf.
             if let Err(e) = crate::cli::https::Endpoint::new_plain(&format!("http://{rest}")) {
-                // Not echoed when it holds userinfo, which may be a password.
-                let shown = if w.url.contains('@') {
-                    "the url".to_string()
-                } else {
-                    format!("`{}`", w.url)
-                };
-                return Err(self.err(&field("url"), format!("{shown}: {e:#}")));
+                return Err(self.err(&field("url"), format!("`{}`: {e:#}", w.url)));
             }
             if let Some(ca) = &ca_file {
                 if let Err(e) = crate::cli::https::Endpoint::new(url, ca, None) {

@@ -70,14 +70,24 @@ fn event() -> impl Strategy<Value = Option<Event>> {
                     }),
                 )
                 .map(Into::into),
-                4 => KeyGenerated::new(
-                    &kid,
-                    t,
-                    t + time::Duration::days(30),
-                    t + time::Duration::days(400),
-                    None,
-                )
-                .map(Into::into),
+                4 => {
+                    // Moved back from the last 400 days the time crate
+                    // can write (year 9999), so that its later dates exist:
+                    // `t + 400 days` overflowed there and panicked.
+                    let t = if t.year() >= 9998 {
+                        t - time::Duration::days(800)
+                    } else {
+                        t
+                    };
+                    KeyGenerated::new(
+                        &kid,
+                        t,
+                        t + time::Duration::days(30),
+                        t + time::Duration::days(400),
+                        None,
+                    )
+                    .map(Into::into)
+                }
                 _ => KeyDestroyed::new(&kid, "retention_ended", flag, None).map(Into::into),
             };
             match built {

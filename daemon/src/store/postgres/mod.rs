@@ -1669,10 +1669,16 @@ impl PgStore {
         // the client knows), before one is asked for to read the COMMIT's
         // fate: a full pool (`pool_size = 1`) would otherwise wait for it,
         // and answer that fate unknown.
+        // Kept only after an ordinary ERROR (a serialization failure, to be
+        // retried): the session stays. A FATAL or PANIC ends it, though the
+        // client may not know yet.
+        let ordinary = |e: &postgres::Error| {
+            e.as_db_error()
+                .and_then(postgres::error::DbError::parsed_severity)
+                == Some(postgres::error::Severity::Error)
+        };
         match &committed {
-            Err(e) if e.is_closed() || e.code().is_none_or(commit_may_have_landed) => {
-                conn.discard();
-            }
+            Err(e) if e.is_closed() || !ordinary(e) => conn.discard(),
             _ => drop(conn),
         }
         match committed {
