@@ -702,6 +702,22 @@ impl ConfigArg {
 #[cfg(test)]
 mod tests {
 
+    /// A file read whole whatever length its metadata gave (a procfs-like
+    /// 0, a file that grew), through larger buffers; at most the limit and
+    /// one byte more, so the caller can refuse it.
+    #[test]
+    fn read_wiping_reads_whole_files_within_their_limit() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        for size in [0, 1, 999, 1000, 5000] {
+            let got = super::read_wiping(&mut std::io::Cursor::new(&data), size, 4096).unwrap();
+            assert_eq!(&got[..], &data[..], "size {size}");
+        }
+        let got = super::read_wiping(&mut std::io::Cursor::new(&data), 0, 10).unwrap();
+        assert_eq!(&got[..], &data[..11]);
+        let got = super::read_wiping(&mut std::io::Cursor::new(&[] as &[u8]), 0, 10).unwrap();
+        assert!(got.is_empty());
+    }
+
     /// tokio-postgres is held at info under a debug filter, from the file
     /// or the environment, unless the filter names it; an environment
     /// filter that does not parse leaves the file's, and is said.
