@@ -315,10 +315,24 @@ pub fn assert_opens_logged(name: &str, auditor: &Client, id: &str, derives: &std
             })
             .count()
     };
+    // What the warrant's leaves say, for the message.
+    let outcomes = || {
+        let size = vault::tree_size(auditor);
+        let mut counts = BTreeMap::new();
+        for e in vault::entries(auditor, 0, size) {
+            if e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id {
+                let what = format!("{} {}", e.leaf["outcome"], e.leaf["reason"]);
+                *counts.entry(what).or_insert(0usize) += 1;
+            }
+        }
+        counts
+    };
     assert!(
         wait_until(Duration::from_secs(10), || leaves() >= derived),
-        "{name}: {derived} HSM opens, {} unwrap leaves: an open went unlogged",
-        leaves()
+        "{name}: {derived} HSM opens, {} unwrap leaves that follow an open: an open went \
+         unlogged; the warrant's leaves: {:?}",
+        leaves(),
+        outcomes()
     );
 }
 

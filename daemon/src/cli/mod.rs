@@ -408,7 +408,9 @@ pub(crate) fn open_regular(file: &std::path::Path) -> anyhow::Result<std::fs::Fi
 
 /// Reads `file` if it is a regular file of at most `limit` bytes: a path
 /// naming `/dev/zero` would otherwise be read until memory ran out, and a
-/// FIFO would block for ever.
+/// FIFO would block for ever. The bytes are left in the returned buffer: a
+/// caller reading a secret wraps it in [`zeroize::Zeroizing`] (the warrant
+/// and seal commands do).
 ///
 /// # Errors
 /// Not a regular file, unreadable, or larger than `limit`.
@@ -437,11 +439,15 @@ pub(crate) fn read_wiping(
     size: u64,
     limit: u64,
 ) -> std::io::Result<zeroize::Zeroizing<Vec<u8>>> {
+    // The first buffer no larger than 64 MiB, whatever the metadata says
+    // (a sparse file of a terabyte would abort the allocation); it grows
+    // from there as the bytes come.
+    const FIRST_AT_MOST: usize = 64 << 20;
     let most = usize::try_from(limit.saturating_add(1)).unwrap_or(usize::MAX);
     let first = usize::try_from(size.saturating_add(1))
         .unwrap_or(usize::MAX)
         .min(most)
-        .max(1);
+        .clamp(1, FIRST_AT_MOST);
     let mut buffer = zeroize::Zeroizing::new(vec![0u8; first]);
     let mut filled = 0;
     loop {
@@ -449,7 +455,7 @@ pub(crate) fn read_wiping(
             if filled == most {
                 break;
             }
-            let mut larger = zeroize::Zeroizing::new(vec![0u8; (filled * 2).min(most)]);
+            let mut larger = zeroize::Zeroizing::new(vec![0u8; filled.saturating_mul(2).min(most)]);
             larger[..filled].copy_from_slice(&buffer[..filled]);
             buffer = larger;
         }

@@ -944,6 +944,8 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
     for secret in [
         "https://lavd:hunter2@w2.example/",
         "htps://lavd:hunter2@w2.example/",
+        "https:/lavd:hunter2@w2.example/",
+        "https//lavd:hunter2@w2.example/",
     ] {
         let e = load_with(
             &plain.replace("http://127.0.0.1:8444/prefix/", secret),
@@ -951,11 +953,7 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         )
         .unwrap_err();
         assert_eq!(e.field, "audit.witnesses[1].url");
-        assert!(
-            e.reason.contains("userinfo") && !e.reason.contains("hunter2"),
-            "{}",
-            e.reason
-        );
+        assert!(!e.reason.contains("hunter2"), "{}", e.reason);
     }
     // A URL without a host is refused at load, not at each submission.
     for hostless in ["http:///prefix", "http://:8444/prefix"] {

@@ -150,6 +150,14 @@ impl Validator<'_> {
                 ));
             }
             let url = w.url.trim_end_matches('/');
+            // Never echoed when it holds an `@` anywhere: with a scheme
+            // mistyped, userinfo (which may hold a password) can hide from
+            // the check below.
+            let shown = if w.url.contains('@') {
+                "the URL (not shown: it holds `@`, which may be a user and password)".to_string()
+            } else {
+                format!("`{}`", w.url)
+            };
             // Userinfo first, and the URL never echoed with it: it may
             // hold a password (whatever else is wrong with the URL).
             let authority = url
@@ -173,10 +181,7 @@ impl Validator<'_> {
             if rest.is_empty() || rest.contains(['?', '#', ' ']) {
                 return Err(self.err(
                     &field("url"),
-                    format!(
-                        "`{}` is not an https:// (or http://) submission prefix",
-                        w.url
-                    ),
+                    format!("{shown} is not an https:// (or http://) submission prefix"),
                 ));
             }
             // Over https the witness's certificate is checked against
@@ -208,7 +213,7 @@ impl Validator<'_> {
             // port or a CA file without a certificate is a config error
             // (exit 64) and not a failure after the start's first leaf.
             if let Err(e) = crate::cli::https::Endpoint::new_plain(&format!("http://{rest}")) {
-                return Err(self.err(&field("url"), format!("`{}`: {e:#}", w.url)));
+                return Err(self.err(&field("url"), format!("{shown}: {e:#}")));
             }
             if let Some(ca) = &ca_file {
                 if let Err(e) = crate::cli::https::Endpoint::new(url, ca, None) {

@@ -1672,10 +1672,15 @@ impl PgStore {
         // Kept only after an ordinary ERROR (a serialization failure, to be
         // retried): the session stays. A FATAL or PANIC ends it, though the
         // client may not know yet.
-        let ordinary = |e: &postgres::Error| {
-            e.as_db_error()
-                .and_then(postgres::error::DbError::parsed_severity)
-                == Some(postgres::error::Severity::Error)
+        // (A server that sends no parsed severity, older than 9.6: a
+        // serialization failure or deadlock, class 40, is taken as one.)
+        let ordinary = |e: &postgres::Error| match e
+            .as_db_error()
+            .map(|d| (d.parsed_severity(), d.code().code()))
+        {
+            Some((Some(severity), _)) => severity == postgres::error::Severity::Error,
+            Some((None, code)) => code.starts_with("40"),
+            None => false,
         };
         match &committed {
             Err(e) if e.is_closed() || !ordinary(e) => conn.discard(),
