@@ -137,18 +137,23 @@ fn the_readme_walkthrough_works_as_written() {
     assert!(second.contains("using the existing"), "{second}");
     assert_eq!(provider_keys(&dir, api), keys_before);
     stop(child);
+    // `lavd dev` on `dir` with `flags`, refused as a usage error (exit 2);
+    // its stderr. Bounded: a `lavd dev` that took them would serve.
+    let refused = |dir: &std::path::Path, flags: &[&str]| {
+        let out = softhsm_tests::output_within(
+            Command::new(softhsm_tests::lavd_binary())
+                .args(["dev", "--dir", dir.to_str().unwrap()])
+                .args(flags)
+                .env("LAVD_LOG", "warn"),
+            std::time::Duration::from_secs(60),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        stderr
+    };
     // Another address for it is refused, naming the field that keeps it,
     // not ignored with a banner that shows the flag's.
-    // Bounded: were the flag ignored again, `lavd dev` would serve.
-    let moved = softhsm_tests::output_within(
-        Command::new(softhsm_tests::lavd_binary())
-            .args(["dev", "--dir", dir.to_str().unwrap()])
-            .args(["--listen", &format!("127.0.0.1:{}", dev.admin)])
-            .env("LAVD_LOG", "warn"),
-        std::time::Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&moved.stderr);
-    assert_eq!(moved.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&dir, &["--listen", &format!("127.0.0.1:{}", dev.admin)]);
     assert!(
         stderr.contains("lavd: usage: --listen")
             && stderr.contains(&format!("server.listen = \"127.0.0.1:{api}\"")),
@@ -159,20 +164,15 @@ fn the_readme_walkthrough_works_as_written() {
     // before anything is written: the config's own check came after the
     // directory was made, and every later run on it failed the same way.
     let fresh = work.path().join("one-address");
-    let one = softhsm_tests::output_within(
-        Command::new(softhsm_tests::lavd_binary())
-            .args(["dev", "--dir", fresh.to_str().unwrap()])
-            .args([
-                "--listen",
-                "127.0.0.1:7000",
-                "--admin-listen",
-                "127.0.0.1:7000",
-            ])
-            .env("LAVD_LOG", "warn"),
-        std::time::Duration::from_secs(60),
+    let stderr = refused(
+        &fresh,
+        &[
+            "--listen",
+            "127.0.0.1:7000",
+            "--admin-listen",
+            "127.0.0.1:7000",
+        ],
     );
-    let stderr = String::from_utf8_lossy(&one.stderr);
-    assert_eq!(one.status.code(), Some(2), "{stderr}");
     assert!(
         stderr.contains("lavd: usage: --admin-listen 127.0.0.1:7000"),
         "{stderr}"
@@ -181,14 +181,7 @@ fn the_readme_walkthrough_works_as_written() {
     // So is a path SoftHSM's configuration would cut (at `=` or `#`): its
     // tokens would go elsewhere.
     let cut = work.path().join("a=b");
-    let one = softhsm_tests::output_within(
-        Command::new(softhsm_tests::lavd_binary())
-            .args(["dev", "--dir", cut.to_str().unwrap()])
-            .env("LAVD_LOG", "warn"),
-        std::time::Duration::from_secs(60),
-    );
-    let stderr = String::from_utf8_lossy(&one.stderr);
-    assert_eq!(one.status.code(), Some(2), "{stderr}");
+    let stderr = refused(&cut, &[]);
     assert!(
         stderr.contains("without control characters, `#` or `=`"),
         "{stderr}"
