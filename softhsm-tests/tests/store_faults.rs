@@ -227,15 +227,34 @@ impl Ext4 {
     /// The kernel's reaction to an I/O error under ext4 with
     /// `errors=remount-ro`: the file system turns read-only at once, open
     /// files included.
+    ///
+    /// The error is raised while the file system is frozen, so that no
+    /// fsync is in flight as ext4 aborts its journal: one that is can
+    /// return success for data the abort then drops (Linux 6.18; shown
+    /// without lavd by `repro/ext4_fsync_race.py`, docs/RELIABILITY.md),
+    /// and no program can log what its file system loses after
+    /// acknowledging. Freezing waits for writes and commits under way and
+    /// holds new ones, so the fault still lands between any two of
+    /// lavd's steps.
     fn fail(&self) {
+        let freeze = |flag: &str| {
+            let out = Command::new("fsfreeze")
+                .arg(flag)
+                .arg(&self.at)
+                .output()
+                .expect("fsfreeze (util-linux)");
+            assert!(out.status.success(), "fsfreeze {flag}: {out:?}");
+        };
+        freeze("-f");
         let name = Path::new(&self.device).file_name().unwrap();
-        std::fs::write(
+        let raised = std::fs::write(
             Path::new("/sys/fs/ext4")
                 .join(name)
                 .join("trigger_fs_error"),
             "lavd store_faults test",
-        )
-        .unwrap();
+        );
+        freeze("-u");
+        raised.unwrap();
     }
 
     /// What an operator does once the disk is back: unmount, check, mount.
@@ -273,10 +292,7 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
     let pki = Pki::new(&t);
     let shim = softhsm_tests::Shim::new(&t);
     write_config_with_store_at(&t, &db, &shim);
-    // Not held to the derive log (`Case::start_logging_derives`): one CI
-    // run found 384 opens and 380 leaves here, not seen since in 25 runs
-    // (docs/RELIABILITY.md, "Open findings").
-    let case = Case::start(&t, pki, "W-READ-ONLY");
+    let case = Case::start_logging_derives(&t, pki, "W-READ-ONLY", &shim);
     let body = case.request.to_string();
     let (answers, (on, probes_opened)) =
         under_load(std::slice::from_ref(&case.agency), &body, THREADS, || {
@@ -306,6 +322,7 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
         daemon,
         request,
         id,
+        derives,
         ..
     } = case;
     drop(daemon);
@@ -334,6 +351,14 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
         not_carried >= probes_opened + after
             && not_carried <= probes_opened + after + THREADS * BATCH,
         "{not_carried} opened leaves without an answer before the repair, {probes_opened} from probes"
+    );
+    // Every HSM open has its leaf: those whose commit failed as the disk
+    // turned read-only were logged from their open intents by the restart.
+    softhsm_tests::faults::assert_opens_logged(
+        "sqlite read-only",
+        &c.auditor,
+        &id,
+        &derives.expect("started logging derives"),
     );
     verify_log(&t, &pki, &parties.auditor, daemon.api);
     figures.print(&format!(
