@@ -2,7 +2,8 @@
 //! store), with the real `lavd` binary on a real SoftHSM token: the other
 //! keys are still destroyed at the end of their retention, and still
 //! published. A row marked destroyed by hand, without its audit leaf,
-//! deletes nothing from the token. A store that is not there is not made
+//! deletes nothing from the token, nor does an interrupted destruction
+//! over a log found inconsistent. A store that is not there is not made
 //! anew beside a token that holds keys. (Its own process: `key_lifecycle.rs` uses all the tokens one
 //! test process may claim.)
 
@@ -321,4 +322,64 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         );
         assert!(private_key(&t, KID), "the key was deleted");
     }
+}
+
+/// A log found inconsistent proves no leaf: an interrupted destruction
+/// (marked in the store with its leaf, the key still on the token) is not
+/// finished over it, by the daily job or by `--kid`, and the refusal is
+/// `log_inconsistent`, not `destroy_unlogged`: the operator has a damaged
+/// log to look at, not a mark made by hand.
+#[test]
+fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
+    const KID: &str = "2026-12";
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    for kid in [KID, "2026-11"] {
+        assert_ok(&softhsm_tests::generate_key(
+            &t,
+            kid,
+            "2030-01-01T00:00:00Z",
+        ));
+    }
+    // One destruction finished, which signs a checkpoint over its leaf.
+    t.interrupt_destruction("2026-11");
+    assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
+    assert!(
+        !private_key(&t, "2026-11"),
+        "the finished key is still there"
+    );
+    t.interrupt_destruction(KID);
+    // The newest checkpoint filed under a size it does not say.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit_checkpoints SET size = size + 1000 \
+             WHERE size = (SELECT MAX(size) FROM audit_checkpoints)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&["keys", "destroy", "--expired"]),
+        1,
+        "destroy_incomplete",
+    );
+    assert!(
+        stderr.contains(&format!("lavd: log_inconsistent: escrow key {KID}: ")),
+        "{stderr}"
+    );
+    assert!(private_key(&t, KID), "the key was deleted");
+    let stderr = assert_fails_with(
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
+        ]),
+        1,
+        "log_inconsistent",
+    );
+    assert!(
+        stderr.contains("is filed under size") && stderr.contains("but says size"),
+        "{stderr}"
+    );
+    assert!(private_key(&t, KID), "the key was deleted");
 }

@@ -724,6 +724,48 @@ mod tests {
         assert!(got.is_empty());
     }
 
+    /// A read interrupted by a signal is tried again, short reads are
+    /// joined, and any other error ends the read with that error.
+    #[test]
+    fn read_wiping_retries_interrupted_reads_and_stops_at_other_errors() {
+        struct Flaky<'a> {
+            data: &'a [u8],
+            calls: usize,
+            fail_at: Option<usize>,
+        }
+        impl std::io::Read for Flaky<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                self.calls += 1;
+                if self.fail_at == Some(self.calls) {
+                    return Err(std::io::Error::other("the device went away"));
+                }
+                if self.calls % 2 == 1 {
+                    return Err(std::io::ErrorKind::Interrupted.into());
+                }
+                let n = out.len().min(self.data.len()).min(3);
+                out[..n].copy_from_slice(&self.data[..n]);
+                self.data = &self.data[n..];
+                Ok(n)
+            }
+        }
+        let data: Vec<u8> = (0..100u8).collect();
+        let mut reader = Flaky {
+            data: &data,
+            calls: 0,
+            fail_at: None,
+        };
+        let got = super::read_wiping(&mut reader, 1, 4096).unwrap();
+        assert_eq!(&got[..], &data[..]);
+        assert!(reader.calls > 60, "{} reads", reader.calls);
+        let mut reader = Flaky {
+            data: &data,
+            calls: 0,
+            fail_at: Some(9),
+        };
+        let e = super::read_wiping(&mut reader, 100, 4096).unwrap_err();
+        assert_eq!(e.to_string(), "the device went away");
+    }
+
     /// tokio-postgres is held at info under a debug filter, from the file
     /// or the environment, unless the filter names it; an environment
     /// filter that does not parse leaves the file's, and is said.
