@@ -189,15 +189,15 @@ impl Settings {
             }
         }
         let log = v.log(raw.log)?;
-        if server.listen == admin.listen && server.listen.port() != 0 {
+        if same_listener(server.listen, admin.listen) {
             return Err(v.err(
                 "admin.listen",
                 "must differ from server.listen: the admin listener is plain HTTP",
             ));
         }
         if let Some(public) = &audit.public {
-            if public.listen.port() != 0
-                && (public.listen == server.listen || public.listen == admin.listen)
+            if same_listener(public.listen, server.listen)
+                || same_listener(public.listen, admin.listen)
             {
                 return Err(v.err(
                     "audit.public.listen",
@@ -779,6 +779,21 @@ pub(super) fn readable_by_others(file: &Path) -> bool {
 #[cfg(not(unix))]
 pub(super) fn readable_by_others(_: &Path) -> bool {
     false
+}
+
+/// Whether two listeners would take the same address, which only one
+/// can bind: the same port (not 0, which the kernel picks anew for each)
+/// on the same address, or where one listens on every address that the
+/// other's includes (`0.0.0.0` takes every IPv4 address, `[::]` every
+/// address of both families, as Linux binds it by default). One
+/// definition for the config, the witness's config and `lavd dev`.
+pub(crate) fn same_listener(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
+        wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
+    };
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
 }
 
 #[cfg(test)]

@@ -349,6 +349,8 @@ fn serve_table_refusals_name_the_field() {
             "server.blocking_threads",
         ),
         ("[admin]\nlisten = \"0.0.0.0:8443\"\n", "admin.listen"),
+        // The default server.listen, 0.0.0.0:8443, takes this one too.
+        ("[admin]\nlisten = \"127.0.0.1:8443\"\n", "admin.listen"),
         (
             "[audit.public]\nlisten = \"0.0.0.0:8443\"\n",
             "audit.public.listen",
@@ -1126,4 +1128,29 @@ fn the_pin_never_shows_in_debug() {
     let shown = format!("{settings:?} {settings:#?}");
     assert!(shown.contains("<redacted>"), "{shown}");
     assert!(!shown.contains(pin), "{shown}");
+}
+
+/// Two listeners clash on the same port when their addresses are the same
+/// or one is the wildcard that takes the other's (`0.0.0.0` for IPv4,
+/// `[::]` for both families); port 0 never clashes, and `0.0.0.0` leaves
+/// IPv6 addresses free.
+#[test]
+fn listeners_clash_on_one_address_or_under_a_wildcard() {
+    let clash = |a: &str, b: &str| {
+        let (a, b) = (a.parse().unwrap(), b.parse().unwrap());
+        let one = super::same_listener(a, b);
+        assert_eq!(one, super::same_listener(b, a), "{a} {b}: not symmetric");
+        one
+    };
+    assert!(clash("127.0.0.1:8443", "127.0.0.1:8443"));
+    assert!(clash("0.0.0.0:8443", "127.0.0.1:8443"));
+    assert!(clash("0.0.0.0:8443", "0.0.0.0:8443"));
+    assert!(clash("[::]:8443", "127.0.0.1:8443"));
+    assert!(clash("[::]:8443", "[::1]:8443"));
+    assert!(clash("[::]:8443", "0.0.0.0:8443"));
+    assert!(!clash("127.0.0.1:8443", "127.0.0.1:9090"));
+    assert!(!clash("127.0.0.1:8443", "127.0.0.2:8443"));
+    assert!(!clash("0.0.0.0:8443", "[::1]:8443"));
+    assert!(!clash("127.0.0.1:0", "127.0.0.1:0"));
+    assert!(!clash("0.0.0.0:0", "127.0.0.1:0"));
 }

@@ -203,7 +203,7 @@ impl WitnessSettings {
         let tls = raw.tls.map(|t| v.public_tls(t)).transpose()?;
         let server = v.server(raw.server)?;
         let admin = v.admin(raw.admin)?;
-        if server.listen == admin.listen && server.listen.port() != 0 {
+        if super::same_listener(server.listen, admin.listen) {
             return Err(v.err(
                 "admin.listen",
                 "must differ from server.listen: the admin listener is plain HTTP",

@@ -115,10 +115,13 @@ impl DevArgs {
             let admin = self.admin_listen.unwrap_or(DEFAULT_ADMIN_LISTEN);
             // Refused before anything is written (the config's own check
             // would come after the directory was made).
-            if listen == admin && listen.port() != 0 {
+            if crate::config::same_listener(listen, admin) {
                 return Err(crate::cli::Refused::new(
                     "usage",
-                    format!("--admin-listen {admin} is --listen's address: give each its own"),
+                    format!(
+                        "--admin-listen {admin} takes the address of --listen {listen}: give each \
+                         its own"
+                    ),
                 )
                 .into());
             }
