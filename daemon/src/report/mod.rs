@@ -264,9 +264,16 @@ impl UrgentStatus {
 ///   it has surely ended then);
 /// - pending otherwise.
 ///
-/// Duration: `replaced_at - first` when replaced, else the time between the
-/// first and the last `emergency: true` unwrap leaf (0 when it was only
-/// refused). Leaves after `to` are ignored.
+/// Duration: `replaced_at - first` when replaced (not below 0), else the
+/// time between the first and the last `emergency: true` unwrap leaf that
+/// is a use: not one denied for the warrant's lapse (`emergency_expired`,
+/// `warrant_expired`), a signer's end (`authority_not_valid`) or a reload
+/// (`configuration_changed`), nor one written after the open, in place of
+/// an open intent or a failed audit commit (`open_interrupted`,
+/// `audit_commit_failed`, which carry the time they were written: neither
+/// a use nor, from the fully signed warrant, its replacement; they set
+/// `first` only when earlier than every other leaf). 0 when it was only
+/// refused. Leaves after `to` are ignored.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Urgent {
     /// Urgent warrants first seen in the period.
@@ -455,10 +462,13 @@ pub struct WarrantRow {
     pub urgent_seconds: Option<i64>,
     /// Whether a revocation leaf names it, in the period or before it.
     pub revoked: bool,
-    /// Time of its first leaf in the period.
+    /// Time of its earliest leaf in the period.
     pub first_seen: String,
-    /// Time of its last leaf in the period.
+    /// Time of its latest leaf in the period.
     pub last_seen: String,
+    /// Those two, as times.
+    #[serde(skip)]
+    seen: Option<(OffsetDateTime, OffsetDateTime)>,
 }
 
 /// A refusal whose warrant id was claimed, not signed.
@@ -511,7 +521,8 @@ struct UrgentTrack {
     first: Option<OffsetDateTime>,
     last_use: Option<OffsetDateTime>,
     replaced_at: Option<OffsetDateTime>,
-    /// The first `emergency_expired` refusal naming it.
+    /// The earliest `emergency_expired` refusal naming it (or leaf denied
+    /// for its lapse).
     expired_refusal: Option<OffsetDateTime>,
     max_hours: Option<u32>,
 }
@@ -539,7 +550,9 @@ impl UrgentTrack {
         // the daemon's record that the urgent period ended unreplaced.
         if let Some(at) = self.replaced_at {
             if self.expired_refusal.is_none_or(|lapsed| lapsed > at) {
-                return Some((UrgentStatus::Replaced, (at - first).whole_seconds()));
+                // Not below 0: the replacement's leaf may carry an earlier
+                // time than the urgent one's (another replica's clock).
+                return Some((UrgentStatus::Replaced, (at - first).whole_seconds().max(0)));
             }
         }
         let used = self
@@ -612,7 +625,8 @@ impl Report {
         let mut revoked_in_period: BTreeSet<&str> = BTreeSet::new();
 
         for leaf in &period {
-            let time = codec::format_time(leaf.time);
+            // Formatted only for the rows that show it (not unwraps').
+            let time = || codec::format_time(leaf.time);
             match &leaf.event {
                 Event::Unwrap(u) => {
                     let m = monthly_row(&mut monthly, leaf.time, u.caller());
@@ -621,7 +635,7 @@ impl Report {
                         &mut agencies,
                         u.warrant_id(),
                         Some(u.caller()),
-                        &time,
+                        leaf.time,
                     );
                     match u.outcome() {
                         UnwrapOutcome::Opened => {
@@ -656,12 +670,12 @@ impl Report {
                                 &mut agencies,
                                 id,
                                 Some(r.caller()),
-                                &time,
+                                leaf.time,
                             )
                             .refused += 1;
                         }
                         claimed_id => claimed.push(ClaimedRow {
-                            time: time.clone(),
+                            time: time(),
                             agency: r.caller().to_owned(),
                             claimed_id: claimed_id.map(str::to_owned),
                             code: r.reason().to_owned(),
@@ -692,7 +706,7 @@ impl Report {
                     // signatures met the policy for.
                     revoked_in_period.insert(r.warrant_id());
                     revocation_rows.push(RevocationRow {
-                        time: time.clone(),
+                        time: time(),
                         warrant_id: r.warrant_id().to_owned(),
                         by: if by_authority { "authority" } else { "admin" },
                         reason: r.reason().to_owned(),
@@ -724,22 +738,36 @@ impl Report {
                         // the lapse as a refusal leaf would.
                         UnwrapOutcome::Denied(
                             DenyReason::EmergencyExpired | DenyReason::WarrantExpired,
-                        ) => {
-                            t.expired_refusal.get_or_insert(leaf.time);
-                        }
+                        ) => earliest(&mut t.expired_refusal, leaf.time),
                         // A signer's end reached in flight, or a reload
                         // that no longer admits it: refused whole, neither
-                        // a use nor the warrant's lapse.
+                        // a use nor the warrant's lapse. Nor are the
+                        // leaves written in place of an open intent or a
+                        // failed audit commit: they carry the time they
+                        // were written (at the next start, or once the
+                        // store was back), not the time of the open.
                         UnwrapOutcome::Denied(
-                            DenyReason::AuthorityNotValid | DenyReason::ConfigurationChanged,
+                            DenyReason::AuthorityNotValid
+                            | DenyReason::ConfigurationChanged
+                            | DenyReason::OpenInterrupted
+                            | DenyReason::AuditCommitFailed,
                         ) => {}
                         // The latest use, by time.
                         _ => t.last_use = t.last_use.max(Some(leaf.time)),
                     }
                 }
-                Event::Unwrap(u) => {
+                // The fully signed warrant's use, unless the leaf was
+                // written later than it (as above).
+                Event::Unwrap(u)
+                    if !matches!(
+                        u.outcome(),
+                        UnwrapOutcome::Denied(
+                            DenyReason::OpenInterrupted | DenyReason::AuditCommitFailed
+                        )
+                    ) =>
+                {
                     if let Some(t) = tracks.get_mut(u.warrant_id()) {
-                        t.replaced_at.get_or_insert(leaf.time);
+                        earliest(&mut t.replaced_at, leaf.time);
                     }
                 }
                 Event::WarrantRefused(r) => {
@@ -747,10 +775,10 @@ impl Report {
                     if r.reason() == EMERGENCY_EXPIRED {
                         let t = tracks.entry(id).or_default();
                         t.seen(leaf.time, max_hours);
-                        t.expired_refusal.get_or_insert(leaf.time);
+                        earliest(&mut t.expired_refusal, leaf.time);
                     } else if r.reason() == EMERGENCY_SUPERSEDED {
                         if let Some(t) = tracks.get_mut(id) {
-                            t.replaced_at.get_or_insert(leaf.time);
+                            earliest(&mut t.replaced_at, leaf.time);
                         }
                     }
                 }
@@ -860,12 +888,21 @@ impl Report {
     }
 }
 
+/// Sets `slot` to `time` when it is empty or later: the first of a kind of
+/// leaf by time, not by place in the log (leaves are not in time order).
+fn earliest(slot: &mut Option<OffsetDateTime>, time: OffsetDateTime) {
+    *slot = Some(slot.map_or(time, |was| was.min(time)));
+}
+
+/// Warrant `id`'s row, made on its first leaf, spanning the earliest to
+/// the latest leaf time seen (not the first and last in the log: a leaf's
+/// time is when its request began, and replicas' clocks differ).
 fn warrant_row<'a>(
     warrants: &'a mut BTreeMap<String, WarrantRow>,
     agencies: &mut BTreeMap<String, BTreeSet<String>>,
     id: &str,
     caller: Option<&str>,
-    time: &str,
+    time: OffsetDateTime,
 ) -> &'a mut WarrantRow {
     let callers = agencies.entry(id.to_owned()).or_default();
     if let Some(caller) = caller {
@@ -873,10 +910,16 @@ fn warrant_row<'a>(
     }
     let w = warrants.entry(id.to_owned()).or_insert_with(|| WarrantRow {
         id: id.to_owned(),
-        first_seen: time.to_owned(),
         ..WarrantRow::default()
     });
-    time.clone_into(&mut w.last_seen);
+    let (first, last) = w.seen.map_or((time, time), |(first, last)| {
+        (first.min(time), last.max(time))
+    });
+    if w.seen != Some((first, last)) {
+        w.seen = Some((first, last));
+        w.first_seen = codec::format_time(first);
+        w.last_seen = codec::format_time(last);
+    }
     w
 }
 

@@ -442,6 +442,8 @@ fn an_urgent_warrant_that_lapsed_in_flight_is_reported_lapsed() {
     ];
     let r = build(&events, &Options::default());
     assert_eq!((r.urgent.lapsed, r.urgent.pending), (1, 0));
+    // The lapse is not a use: the duration ends at the last one.
+    assert_eq!(r.urgent.duration_seconds.max, 0);
     let mut later = events.clone();
     later.push((datetime!(2026-05-04 08:00 UTC), opened(A, &full, 2)));
     let r = build(&later, &Options::default());
@@ -976,4 +978,90 @@ fn a_revocation_alone_makes_no_warrant_row() {
     let detail = r.detail.as_ref().unwrap();
     assert!(detail.warrants.is_empty(), "{:?}", detail.warrants);
     assert_eq!(detail.revocations.len(), 1);
+}
+
+/// Leaves written in place of an open intent (at the next start) or of a
+/// failed audit commit (once the store was back) carry the time they were
+/// written, not the open's: they do not stretch an urgent warrant's
+/// duration past its hours, and the fully signed warrant's such leaves do
+/// not replace it.
+#[test]
+fn a_leaf_written_after_a_crash_is_not_a_use() {
+    let u = warrant("W-U", true);
+    let full = warrant("W-U", false);
+    let mut events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-01 01:00 UTC), opened(A, &u, 1)),
+        (datetime!(2026-05-01 02:00 UTC), opened(A, &u, 2)),
+        (
+            datetime!(2026-05-09 09:00 UTC),
+            denied(A, &u, DenyReason::OpenInterrupted),
+        ),
+        (
+            datetime!(2026-05-09 09:00 UTC),
+            denied(A, &u, DenyReason::AuditCommitFailed),
+        ),
+    ];
+    let r = build(&events, &Options::default());
+    assert_eq!(r.urgent.duration_seconds.max, 3600);
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (1, 0));
+    // The fully signed warrant's interrupted open, written after the
+    // urgent period ended, is no replacement either.
+    events.push((
+        datetime!(2026-05-10 00:00 UTC),
+        denied(A, &full, DenyReason::OpenInterrupted),
+    ));
+    let r = build(&events, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (1, 0));
+    assert_eq!(r.urgent.duration_seconds.max, 3600);
+    // Its use is.
+    events.push((datetime!(2026-05-02 00:00 UTC), opened(A, &full, 3)));
+    let r = build(&events, &Options::default());
+    assert_eq!((r.urgent.lapsed, r.urgent.replaced), (0, 1));
+    assert_eq!(r.urgent.duration_seconds.max, 23 * 3600);
+}
+
+/// Leaves are not in time order (a leaf's time is when its request began;
+/// replicas' clocks differ): a warrant's row spans its earliest to its
+/// latest leaf, and an urgent warrant replaced by a leaf that carries an
+/// earlier time lasted 0 seconds, not less.
+#[test]
+fn a_warrant_row_spans_its_earliest_to_its_latest_leaf() {
+    let w = warrant("W-1", false);
+    let events = vec![
+        (datetime!(2026-05-01 10:00:06 UTC), opened(A, &w, 1)),
+        (datetime!(2026-05-01 10:00:05 UTC), opened(A, &w, 2)),
+        (datetime!(2026-05-01 10:00:07 UTC), opened(A, &w, 3)),
+    ];
+    let report = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    let row = &report.detail.as_ref().unwrap().warrants[0];
+    assert_eq!(
+        (row.first_seen.as_str(), row.last_seen.as_str()),
+        ("2026-05-01T10:00:05Z", "2026-05-01T10:00:07Z")
+    );
+    let u = warrant("W-U", true);
+    let full = warrant("W-U", false);
+    let events = vec![
+        (datetime!(2026-05-01 00:00 UTC), policy(72)),
+        (datetime!(2026-05-01 10:00:05 UTC), opened(A, &u, 1)),
+        (datetime!(2026-05-01 10:00:03 UTC), opened(A, &full, 2)),
+        (datetime!(2026-05-01 10:00:09 UTC), opened(A, &full, 3)),
+    ];
+    let report = build(
+        &events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    );
+    assert_eq!(report.urgent.replaced, 1);
+    assert_eq!(report.urgent.duration_seconds.min, 0);
+    let row = &report.detail.as_ref().unwrap().warrants[0];
+    assert_eq!(row.urgent_seconds, Some(0));
 }
