@@ -11,7 +11,9 @@
 //! - full and partial tiles carry the spec's content type and are immutable;
 //! - paths that are not the canonical spelling are 400 `malformed_request`,
 //!   tiles the checkpoint does not cover are 404 `not_found`, and only the
-//!   auditor role may read them;
+//!   auditor role may read them; none is served once the newest
+//!   checkpoint's row says a size its signature does not (503
+//!   `log_inconsistent`);
 //! - the real `lavd audit verify --tiles` gives the same summary from the
 //!   served tiles (URL) and from a directory mirroring them as `--url` gives
 //!   from the JSON API, and refuses a mirror with one altered tile;
@@ -320,4 +322,25 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
         stderr.starts_with("lavd: tile_length_mismatch: ") && stderr.matches(&says).count() == 1,
         "{stderr}"
     );
+
+    // The newest checkpoint's row edited to a larger size (write access to
+    // the store): no tile is served from it, since tiles of leaves no
+    // signature covers would be cached as immutable. The log is
+    // inconsistent, as the checkpoint's own route says.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit_checkpoints SET size = size + 512 \
+             WHERE size = (SELECT MAX(size) FROM audit_checkpoints)",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.auditor
+        .get(&format!("/v1/log/{}", Tile::hashes(0, 0, 1).path()))
+        .assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
 }

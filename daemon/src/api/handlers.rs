@@ -542,7 +542,8 @@ pub async fn log_checkpoint(
 /// # Errors
 /// 400 `malformed_request` for a path that is not a canonical tile path,
 /// 404 `not_found` for a tile the newest checkpoint does not cover, 503
-/// `log_inconsistent` once the log found its store rewritten.
+/// `log_inconsistent` once the log found its store rewritten (the newest
+/// checkpoint's row not verifying included).
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
@@ -554,10 +555,10 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
     }
     let bytes = blocking(move || {
         let store = state.audit.store();
-        let size = store
-            .latest_checkpoint()
-            .map_err(store_error)?
-            .map_or(0, |(size, _)| size);
+        // The newest checkpoint's size as signed, not as its row says: a
+        // row edited to a larger size would have tiles of unsigned leaves
+        // served as immutable.
+        let size = state.audit.latest_signed_size().map_err(log_error)?;
         // Beyond the checkpoint (or beyond any tree): not there yet.
         let not_covered = |needed: String| ApiError::Refused {
             code: "not_found",

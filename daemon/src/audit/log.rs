@@ -1198,21 +1198,40 @@ impl AuditLog {
     /// the signer would); [`StoreError::Unavailable`] while none is stored
     /// (`lavd serve` signs one as it starts); the store's error.
     pub fn latest_signed(&self) -> Result<String, LogError> {
+        self.latest_verified()?
+            .map(|signed| signed.note)
+            .ok_or_else(|| {
+                LogError::Store(StoreError::Unavailable {
+                    store: "audit log".into(),
+                    reason: "no checkpoint has been signed yet".into(),
+                })
+            })
+    }
+
+    /// The size of the newest stored checkpoint, checked as
+    /// [`Self::latest_signed`] checks it; 0 while none is stored. What a
+    /// reader may be served up to (tiles).
+    ///
+    /// # Errors
+    /// As [`Self::latest_signed`], but none for a log with no checkpoint.
+    pub fn latest_signed_size(&self) -> Result<u64, LogError> {
+        Ok(self.latest_verified()?.map_or(0, |signed| signed.size))
+    }
+
+    /// The newest stored checkpoint, if any, checked as the signer checks
+    /// it (its signature, its size): a row edited behind lavd's back is not
+    /// taken as the log's, and the log is then inconsistent.
+    fn latest_verified(&self) -> Result<Option<Signed>, LogError> {
         if let Some(reason) = self.inconsistency() {
             return Err(LogError::Inconsistent(reason.to_string()));
         }
         match self.store.latest_checkpoint()? {
-            // Checked as the signer checks it (its signature, its size):
-            // a row edited behind lavd's back is not served as the log's.
             Some((size, note)) => match self.verify_stored(size, &note) {
-                Ok(signed) => Ok(signed.note),
+                Ok(signed) => Ok(Some(signed)),
                 Err(LogError::Inconsistent(reason)) => Err(self.record_inconsistency(reason)),
                 Err(e) => Err(e),
             },
-            None => Err(LogError::Store(StoreError::Unavailable {
-                store: "audit log".into(),
-                reason: "no checkpoint has been signed yet".into(),
-            })),
+            None => Ok(None),
         }
     }
 
