@@ -12,6 +12,12 @@
 //!
 //! Before, both were judged only when the request's work started, so a
 //! request admitted a moment before the end released keys after it.
+//!
+//! The same after the audit commit, with the checkpoint's signature
+//! (`C_Sign`) held in the HSM until `expires` has passed: the leaves say
+//! `opened` and the budget is spent, but nothing is released (403
+//! `warrant_expired`). Before 2026-12-07 the deadlines were judged after
+//! the commit only under `release_after_witness`.
 
 use softhsm_tests::eventually;
 use std::time::Duration;
@@ -44,7 +50,18 @@ fn held_past(
     envelopes: &[serde_json::Value],
     deadline: OffsetDateTime,
 ) -> softhsm_tests::server::Response {
-    h.shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    held_in_past(h, "C_DeriveKey", warrant, envelopes, deadline)
+}
+
+/// As [`held_past`], holding the request in PKCS#11 function `call`.
+fn held_in_past(
+    h: &Held,
+    call: &str,
+    warrant: &serde_json::Value,
+    envelopes: &[serde_json::Value],
+    deadline: OffsetDateTime,
+) -> softhsm_tests::server::Response {
+    h.shim.set(&format!("fault = hang\nfault_calls = {call}"));
     std::thread::scope(|s| {
         let request = s.spawn(|| {
             vault::post(
@@ -53,7 +70,9 @@ fn held_past(
                 &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
             )
         });
-        eventually("the unwrap's HSM open", WAIT, || h.shim.faults() > 0);
+        eventually(&format!("the unwrap's {call}"), WAIT, || {
+            h.shim.faults() > 0
+        });
         // Admitted and opening before the deadline, or the test shows
         // nothing.
         assert!(
@@ -219,4 +238,36 @@ fn a_signer_whose_validity_ends_while_its_unwrap_is_in_flight_releases_nothing()
     assert_eq!(leaves[0].leaf["outcome"], "denied");
     assert_eq!(leaves[0].leaf["reason"], "authority_not_valid");
     assert_eq!(spent(&setup, id), 0);
+}
+
+#[test]
+fn a_warrant_that_expires_while_its_checkpoint_is_signed_releases_nothing() {
+    let setup = Held::new(&["E-1"]);
+    let c = &setup.c;
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let envelopes = [
+        setup.seal(&escrow, "E-1", "one"),
+        setup.seal(&escrow, "E-1", "two"),
+    ];
+    let recipient = vault::recipient();
+    let id = "W-EXPIRES-AT-SIGNING";
+    let mut claims = vault::claims(id, recipient.public(), 10);
+    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(10);
+    claims["expires"] = serde_json::json!(expires
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap());
+    let warrant = vault::double_lock(&claims);
+
+    let before = vault::tree_size(&c.auditor);
+    held_in_past(&setup, "C_Sign", &warrant, &envelopes, expires)
+        .assert_error(403, "warrant_expired");
+
+    // Committed before the end: the leaves say opened, the budget is spent.
+    let log = vault::entries(&c.auditor, before, vault::tree_size(&c.auditor));
+    assert_eq!(log.len(), 2, "{log:?}");
+    for e in &log {
+        assert_eq!(e.leaf["warrant_id"], id);
+        assert_eq!(e.leaf["outcome"], "opened");
+    }
+    assert_eq!(spent(&setup, id), 2);
 }

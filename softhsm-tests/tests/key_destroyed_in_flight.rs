@@ -18,6 +18,12 @@
 //! And the other order, the key gone from the token before the derive while
 //! the daemon holds its handle from earlier unwraps: `key_destroyed` too,
 //! not a 503 for the whole request.
+//!
+//! And later still: the destruction committed after the unwrap's audit
+//! commit (its leaf says `opened`, its unit is spent) while its
+//! checkpoint's signature (`C_Sign`) is held in the HSM. The key's envelope
+//! is not released: `key_destroyed` in the reply (before 2026-12-07, only
+//! under `release_after_witness`).
 
 use softhsm_tests::eventually;
 use std::time::Duration;
@@ -154,4 +160,58 @@ fn a_key_destroyed_before_the_derive_of_a_cached_handle_is_key_destroyed() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
     let r = unwrap(&seal("E-1", "over"));
     assert_eq!(vault::statuses(&r.json()), ["budget_exhausted"]);
+}
+
+#[test]
+fn a_key_destroyed_while_its_unwraps_checkpoint_is_signed_is_not_released() {
+    let setup = Held::new(&["E-1", "E-2"]);
+    let (t, c, shim) = (&setup.t, &setup.c, &setup.shim);
+    let doomed = setup.seal(&vault::published_key(&c.provider, "E-2"), "E-2", "late");
+    let recipient = vault::recipient();
+    let id = "W-DESTROYED-AT-SIGNING";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 1));
+
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    let (reply, destroy) = std::thread::scope(|s| {
+        let _release = shim.releasing();
+        let request = s.spawn(|| {
+            vault::post(
+                &c.agency,
+                "/v1/unwrap",
+                &serde_json::json!({"warrant": warrant, "envelopes": [doomed]}),
+            )
+        });
+        // The unwrap's leaf and spend committed; its checkpoint's
+        // signature waits in the HSM.
+        eventually("the unwrap's checkpoint signature", WAIT, || {
+            shim.faults() > 0
+        });
+        eventually("the unwrap's audit commit", WAIT, || {
+            vault::spent(t, id) == 1
+        });
+        // Signs nothing: it runs to the end while the unwrap waits.
+        let destroy = t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "E-2", "--force", "--reason", "seized",
+        ]);
+        assert!(!request.is_finished(), "the unwrap answered while held");
+        shim.set("");
+        (request.join().unwrap(), destroy)
+    });
+    assert_ok(&destroy);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let reply = reply.json();
+    assert_eq!(vault::statuses(&reply), ["key_destroyed"]);
+
+    // In the log: the unwrap's leaf, opened, before the destruction's.
+    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
+    let destruction = log
+        .iter()
+        .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == "E-2")
+        .expect("key_destroyed leaf")
+        .index;
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    assert!(first < destruction, "{first} >= {destruction}");
+    let leaf = &log[usize::try_from(first).unwrap()].leaf;
+    assert_eq!(leaf["outcome"], "opened");
+    assert_eq!(vault::spent(t, id), 1);
 }

@@ -967,32 +967,42 @@ pub fn unwrap(
     let mut builder = builder?;
     phases.audit = lap.next();
     let checkpoint = witnessed(ctx, &receipt, opened)?;
-    // Under `release_after_witness` that wait can take seconds: a
-    // revocation committed meanwhile (its admin already told `revoked`)
-    // releases nothing. The leaves stay as written, `opened` with the
-    // budget spent, as after a wait that timed out; the request is refused
-    // as one that arrives revoked. A store that cannot say releases nothing.
-    let waited = ctx
+    // Between the settle's checks, inside the audit commit, and here, the
+    // checkpoint was signed (up to `[hsm] call_timeout_ms` on a slow
+    // module), a PostgreSQL COMMIT may have waited for its synchronous
+    // standby, and under `release_after_witness` the witnesses were waited
+    // for (seconds): a revocation or a key's destruction committed
+    // meanwhile (its admin or operator already told so), or a deadline
+    // passed meanwhile, releases nothing. The leaves stay as written,
+    // `opened` with the budget spent, as after a wait that timed out; the
+    // request is refused as one that arrives now is. A store that cannot
+    // say releases nothing.
+    let witnessing = ctx
         .witnessing
         .filter(|w| w.settings().release_after_witness && opened > 0);
-    if let Some(witnessing) = waited {
+    if opened > 0 {
         // The spend has committed: a failed read is answered as the wait's
-        // own failure, never `store_unavailable`, which would invite a
-        // retry that spends again.
-        let store_failed = |error| {
-            UnwrapError::WitnessUnavailable(WaitError::Store {
+        // own failure, or as spent and not released, never
+        // `store_unavailable`, which would invite a retry that spends
+        // again.
+        let store_failed = |error| match witnessing {
+            Some(witnessing) => UnwrapError::WitnessUnavailable(WaitError::Store {
                 size: receipt.appended.first_index + receipt.appended.count,
                 timeout: witnessing.settings().timeout,
                 error,
-            })
+            }),
+            None => UnwrapError::SpentNotReleased(format!(
+                "the leaves and the spend of {opened} committed, then the check for a \
+                 revocation or a key's destruction since could not be made: {error}"
+            )),
         };
         let revoked = ctx.store.revocation(warrant.id()).map_err(store_failed)?;
         if let Some(revocation) = revoked {
             tracing::warn!(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
                 opened,
-                "the warrant was revoked while its unwrap waited for the witnesses: nothing is \
-                 released (its leaves say opened)"
+                "the warrant was revoked after its unwrap's audit commit, before the release: \
+                 nothing is released (its leaves say opened)"
             );
             return Err(WarrantError::Revoked {
                 id: revocation.id,
@@ -1028,8 +1038,8 @@ pub fn unwrap(
             tracing::warn!(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
                 kids = %crate::codec::escape_for_terminal(&destroyed.join(",")),
-                "keys were destroyed, or their retention ended, while this unwrap waited for the \
-                 witnesses: their envelopes are not released (their leaves say opened)"
+                "keys were destroyed, or their retention ended, after this unwrap's audit commit, \
+                 before the release: their envelopes are not released (their leaves say opened)"
             );
             for release in &mut releases {
                 if let Release::Opened { kid, .. } = release {
@@ -1058,8 +1068,9 @@ pub fn unwrap(
                 warrant_id = %crate::codec::escape_for_terminal(warrant.id()),
                 opened,
                 code = refused.code(),
-                "the warrant lapsed, or a reload withdrew what admitted the request, while its \
-                 unwrap waited for the witnesses: nothing is released (its leaves say opened)"
+                "the warrant lapsed, or a reload withdrew what admitted the request, after its \
+                 unwrap's audit commit, before the release: nothing is released (its leaves say \
+                 opened)"
             );
             return Err(refused);
         }
