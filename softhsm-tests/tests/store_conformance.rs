@@ -1093,7 +1093,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 6);
+    assert_eq!(store.migrate().unwrap(), 7);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -1105,9 +1105,9 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             .map(|r| r.get(0))
             .collect()
     };
-    assert_eq!(versions(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7]);
     // A database at version 2 with a warrant in it (as the previous release
-    // left it) is brought to 6, and the new functions serve that warrant.
+    // left it) is brought to 7, and the new functions serve that warrant.
     {
         let store = PgStore::connect(&db.settings()).unwrap();
         store.register(&record("W2", 1, 2, false, 3)).unwrap();
@@ -1118,13 +1118,13 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             "DROP FUNCTION lavd_reserve_intent, lavd_settle_intent, lavd_register, lavd_reserve,
                            lavd_settle,
                            lavd_save_checkpoint;
-             DROP TABLE replication_barrier, open_intents;
+             DROP TABLE replication_barrier, open_intents, audit_commit_marks;
              DELETE FROM schema_version WHERE version >= 3",
         )
         .unwrap();
     assert_eq!(versions(), [1, 2]);
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(versions(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7]);
     assert!(matches!(
         store.register(&record("W2", 1, 2, false, 3)),
         Ok(Registration::Known)
@@ -1162,7 +1162,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 6,
+                supported: 7,
                 ..
             }
         ),
@@ -1403,7 +1403,7 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert_eq!(db.rows("schema_version"), 6);
+    assert_eq!(db.rows("schema_version"), 7);
 }
 
 /// Every SQLite commit lavd makes is flushed before it returns

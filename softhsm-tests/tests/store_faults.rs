@@ -11,7 +11,10 @@
 //! - PostgreSQL, on a cluster of the tests' own ([`softhsm_tests::pg_cluster`],
 //!   never the shared one): the server stopped, then started; the server
 //!   restarted; the database refusing new connections (`CONNECTION LIMIT
-//!   0` and its open sessions terminated), then accepting them again.
+//!   0` and its open sessions terminated), then accepting them again. And,
+//!   at the store's level, a COMMIT lost in a restart while another writer
+//!   appends a leaf byte for byte the same as its first: not taken for
+//!   committed.
 //!
 //! While the fault lasts:
 //! - `/readyz` is 503 (SQLite: the store check wants 4 MiB free);
@@ -582,4 +585,57 @@ fn postgres_a_daemon_stops_with_exit_0() {
     let r = softhsm_tests::vault::post(&case.agency, "/v1/unwrap", &case.request);
     assert_eq!(r.status, 200, "{}", r.text());
     stops_cleanly(case.daemon);
+}
+
+/// A COMMIT lost in a restart (the server went down with it in flight and
+/// rolled it back) is not taken for committed when another writer's first
+/// leaf after the restart, at the same index, is byte for byte the group's
+/// first (the same refusal, in the same second): after a restart the
+/// group's own mark is asked (migration 7), not its first leaf's bytes.
+/// Before, the append was answered written, and its second leaf was never
+/// stored: an unwrap's leaves behind such a refusal would have been
+/// released unlogged.
+#[test]
+fn postgres_a_commit_lost_in_a_restart_is_not_taken_for_another_writers_identical_leaf() {
+    use lavd::audit::leaf::{Event, WarrantRefused};
+    use lavd::store::{AuditAppend, AuditStore as _, PgStore, Spend, StoreError};
+    let _turn = OWN_CLUSTER.lock().unwrap_or_else(|p| p.into_inner());
+    let cluster = pg_cluster::ensure();
+    let _start = StartOnDrop(cluster);
+    cluster.ctl("start");
+    let db = TestDb::create_on(pg_cluster::PORT);
+    let refusal = |code: &'static str| -> Event {
+        WarrantRefused::new("spiffe://agency.example/lea", Some("W-SAME"), None, code)
+            .unwrap()
+            .into()
+    };
+    let batch = |codes: &[&'static str]| AuditAppend {
+        events: codes.iter().map(|code| refusal(code)).collect(),
+        time: time::OffsetDateTime::now_utc(),
+        spend: Spend::None,
+    };
+    let first = PgStore::connect(&db.settings()).unwrap();
+    let mine = batch(&["warrant_expired", "bad_signature"]);
+    let time = mine.time;
+    let mut other = None;
+    let appended = first.append_with(mine, &mut |_| {
+        cluster.ctl("restart");
+        let store = PgStore::connect(&db.settings()).unwrap();
+        store
+            .append(AuditAppend {
+                time,
+                ..batch(&["warrant_expired"])
+            })
+            .unwrap();
+        other = Some(store);
+    });
+    let other = other.expect("the hook ran");
+    assert!(
+        matches!(&appended, Err(e) if !matches!(e, StoreError::CommitUnknown(_))),
+        "a commit the restart rolled back was answered {appended:?}"
+    );
+    assert_eq!(other.tree_size().unwrap(), 1);
+    // The store goes on.
+    let again = first.append(batch(&["bad_signature"])).unwrap();
+    assert_eq!(again.first_index, 1);
 }

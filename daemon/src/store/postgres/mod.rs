@@ -480,7 +480,23 @@ const MIGRATIONS: &[&str] = &[
          DELETE FROM open_intents i WHERE i.id = p_intent;
          RETURN v_status;
      END $$;",
+    // 7: a random mark per append transaction, filed under the index of its
+    // first leaf and written with it. After a restart or a failover, a
+    // COMMIT whose answer was lost is judged by its own mark, not by its
+    // first leaf's bytes, which another writer's leaf at that index may
+    // equal (the same refusal in the same second). Marks more than
+    // `MARKS_KEPT` leaves back are deleted as groups commit.
+    "CREATE TABLE audit_commit_marks (
+        first_index BIGINT PRIMARY KEY CHECK (first_index >= 0),
+        mark        BYTEA NOT NULL CHECK (octet_length(mark) = 16)
+    );",
 ];
+
+/// How many leaves back an append transaction's mark (migration 7) is
+/// kept: enough for any COMMIT's fate to be read (it is read at once, for
+/// at most the statement timeout; ten million leaves are over half an hour
+/// at the fastest lavd appends), and no more (one row per transaction).
+const MARKS_KEPT: i64 = 10_000_000;
 
 /// The oldest PostgreSQL lavd runs on (`server_version_num`).
 const MIN_SERVER_VERSION: i32 = 130_000;
@@ -554,6 +570,10 @@ struct Xact {
     server: String,
     /// The index and leaf hash of the group's first leaf, once written.
     first_leaf: Option<(u64, Hash)>,
+    /// Random: written with the group under its first leaf's index
+    /// (`audit_commit_marks`), so that only this transaction's commit
+    /// stores it.
+    mark: [u8; 16],
 }
 
 /// Whether a COMMIT answered with `code` may still have committed: the
@@ -563,6 +583,22 @@ struct Xact {
 fn commit_may_have_landed(code: &SqlState) -> bool {
     let code = code.code();
     code.starts_with("57P0") || code.starts_with("08")
+}
+
+/// Whether a failed COMMIT, answered with `severity` and `code` (neither
+/// when no answer came), may still have committed, so that its fate is
+/// for the database to say: no answer (the connection died with the
+/// COMMIT in flight), a server going down or away as it answered
+/// ([`commit_may_have_landed`]), or a PANIC of any code (the server
+/// crashed as it answered, and crash recovery replays a commit record it
+/// had flushed). Any other answer is an error of the statement, and the
+/// transaction rolled back.
+fn commit_fate_unknown(severity: Option<postgres::error::Severity>, code: Option<&str>) -> bool {
+    let Some(code) = code else {
+        return true;
+    };
+    severity == Some(postgres::error::Severity::Panic)
+        || commit_may_have_landed(&SqlState::from_code(code))
 }
 
 /// Whether `e` says the server could not be had or was lost: no
@@ -1646,6 +1682,22 @@ impl PgStore {
                 }
             }
         }
+        // The group's mark, under its first leaf's index (read only if the
+        // COMMIT's answer is lost), and the marks too old to be asked for
+        // deleted: one round trip.
+        if let Some((first, _)) = xact.first_leaf {
+            let first = i64::try_from(first).map_err(|_| StoreError::OutOfRange("audit index"))?;
+            tx.execute_typed(
+                "WITH old AS (DELETE FROM audit_commit_marks WHERE first_index < $1 - $3) \
+                 INSERT INTO audit_commit_marks (first_index, mark) VALUES ($1, $2)",
+                &[
+                    (&first, postgres::types::Type::INT8),
+                    (&xact.mark.as_slice(), postgres::types::Type::BYTEA),
+                    (&MARKS_KEPT, postgres::types::Type::INT8),
+                ],
+            )
+            .map_err(|e| self.pg_err(e))?;
+        }
         // The head lock is still held: the tree the hook sees is the one
         // this COMMIT makes, whatever other replicas append.
         let nodes = PgNodes::new(&mut tx, self);
@@ -1690,7 +1742,14 @@ impl PgStore {
             Ok(()) => Ok((size, results)),
             // The server answered with an error of the statement: the
             // transaction is rolled back.
-            Err(e) if e.code().is_some_and(|c| !commit_may_have_landed(c)) => Err(self.pg_err(e)),
+            Err(e)
+                if !commit_fate_unknown(
+                    e.as_db_error().and_then(|d| d.parsed_severity()),
+                    e.code().map(SqlState::code),
+                ) =>
+            {
+                Err(self.pg_err(e))
+            }
             // No answer (the connection died with the COMMIT in flight), or
             // the server going down or away as it answered: whether it
             // committed is for the database to say.
@@ -1740,6 +1799,10 @@ impl PgStore {
             .parse()
             .map_err(|_| self.corrupt(format!("pg_backend_pid() is {pid:?}")))?;
         let server = text(3, "pg_postmaster_start_time()")?.to_string();
+        let mut mark = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut mark).map_err(|_| {
+            StoreError::CommitFailed("the system's random number generator failed".into())
+        })?;
         Ok((
             self.to_u64(size, "audit_head.size")?,
             Xact {
@@ -1747,6 +1810,7 @@ impl PgStore {
                 pid,
                 server,
                 first_leaf: None,
+                mark,
             },
         ))
     }
@@ -1764,10 +1828,13 @@ impl PgStore {
     ///   commit locally only: so once lavd has ended it, "committed" counts
     ///   as unknown.
     /// - **What is stored.** A transaction that is over committed if and
-    ///   only if the group's first leaf is in the log at its index, byte
-    ///   for byte (compared by its leaf hash). After a restart or failover
-    ///   only this is asked: the transaction id may since have been given
-    ///   to another transaction, and the server that ran it is gone.
+    ///   only if its mark (random, migration 7) is stored under its first
+    ///   leaf's index, with that leaf. After a restart or failover only this
+    ///   is asked: the transaction id may since have been given to another
+    ///   transaction, and the server that ran it is gone. Not the leaf's
+    ///   bytes alone: another writer's first leaf at that index may be the
+    ///   same bytes (the same refusal, in the same second), and the group
+    ///   would be answered written with its other leaves missing.
     ///
     /// # Errors
     /// [`StoreError::CommitUnknown`] when no connection can read it, it
@@ -1837,11 +1904,40 @@ impl PgStore {
             Some((index, hash)) => {
                 let index =
                     i64::try_from(index).map_err(|_| StoreError::OutOfRange("audit index"))?;
-                let leaf: Option<Vec<u8>> = conn
-                    .query_opt("SELECT leaf FROM audit_leaves WHERE idx = $1", &[&index])
-                    .map_err(|e| unknown(format!("cannot read the log: {e}")))?
-                    .map(|row| row.get(0));
-                Some(leaf.is_some_and(|leaf| merkle::leaf_hash(&leaf) == hash))
+                let row = conn
+                    .query_one(
+                        "SELECT (SELECT mark FROM audit_commit_marks WHERE first_index = $1), \
+                                (SELECT leaf FROM audit_leaves WHERE idx = $1), \
+                                (SELECT size FROM audit_head WHERE id = 1)",
+                        &[&index],
+                    )
+                    .map_err(|e| unknown(format!("cannot read the log: {e}")))?;
+                let mark: Option<Vec<u8>> = row.get(0);
+                let leaf: Option<Vec<u8>> = row.get(1);
+                let size: Option<i64> = row.get(2);
+                match mark {
+                    // This transaction's own: its first leaf is there too,
+                    // or the store is not what this transaction left.
+                    Some(mark) if mark == xact.mark => {
+                        if leaf.is_none_or(|leaf| merkle::leaf_hash(&leaf) != hash) {
+                            return Err(unknown(
+                                "its mark is stored, but not its first leaf".into(),
+                            ));
+                        }
+                        Some(true)
+                    }
+                    // Another transaction's leaves at that index, whatever
+                    // their bytes.
+                    Some(_) => Some(false),
+                    // Deleted as too old, or never written.
+                    None if size.is_none_or(|size| size.saturating_sub(index) > MARKS_KEPT) => {
+                        return Err(unknown(format!(
+                            "no mark at index {index}, and the log has {size:?} leaves: it \
+                             may have been deleted as too old"
+                        )))
+                    }
+                    None => Some(false),
+                }
             }
         };
         match (status.as_deref(), stored) {
@@ -1864,7 +1960,7 @@ impl PgStore {
             (Some("aborted") | None, Some(false)) => Ok(false),
             (Some("aborted"), None) => Ok(false),
             (status, stored) => Err(unknown(format!(
-                "its status is {status:?} and its first leaf stored: {stored:?}"
+                "its status is {status:?} and its mark stored: {stored:?}"
             ))),
         }
     }
@@ -2250,6 +2346,32 @@ impl AuditStore for PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed COMMIT's fate is asked of the database after no answer, a
+    /// server going away (08, 57P0) or any PANIC; an ordinary error of the
+    /// statement is a rollback.
+    #[test]
+    fn a_commit_answered_panic_may_have_landed() {
+        use postgres::error::Severity::{Error, Fatal, Panic};
+        for (severity, code, unknown) in [
+            (None, None, true),
+            (Some(Panic), Some("XX000"), true),
+            (Some(Panic), Some("58030"), true),
+            (Some(Fatal), Some("57P01"), true),
+            (Some(Fatal), Some("08006"), true),
+            (None, Some("57P02"), true),
+            (Some(Error), Some("40001"), false),
+            (Some(Error), Some("23505"), false),
+            (Some(Fatal), Some("53100"), false),
+            (None, Some("XX000"), false),
+        ] {
+            assert_eq!(
+                commit_fate_unknown(severity, code),
+                unknown,
+                "{severity:?} {code:?}"
+            );
+        }
+    }
 
     #[test]
     fn urls_are_parsed_strictly() {
