@@ -299,6 +299,7 @@ fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
     let size = vault::tree_size(auditor);
     let log = vault::entries(auditor, 0, size);
     let mut db = c.db.client();
+    let mut refused_after_commit = 0;
     for (id, revoked_at, outcome) in &outcomes {
         let revocation: Vec<u64> = log
             .iter()
@@ -306,10 +307,11 @@ fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
             .map(|e| e.index)
             .collect();
         assert_eq!(revocation, [*revoked_at], "{id}");
-        for e in log
+        let unwraps: Vec<_> = log
             .iter()
             .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id.as_str())
-        {
+            .collect();
+        for e in &unwraps {
             if e.leaf["outcome"] == "opened" {
                 assert!(
                     e.index < *revoked_at,
@@ -325,7 +327,14 @@ fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
             .query_opt("SELECT spent FROM warrants WHERE id = $1", &[id])
             .unwrap()
             .map_or(0, |row| row.get(0));
-        let expected = if *outcome == "before" {
+        // A 403 whose leaves say opened: committed before the revocation,
+        // and refused at the check just before the release (since
+        // 2026-12-07), its budget spent and nothing released.
+        let after_commit = *outcome == "refused"
+            && !unwraps.is_empty()
+            && unwraps.iter().all(|e| e.leaf["outcome"] == "opened");
+        refused_after_commit += usize::from(after_commit);
+        let expected = if *outcome == "before" || after_commit {
             BATCH as i64
         } else {
             0
@@ -334,7 +343,8 @@ fn a_revocation_through_one_replica_stops_anothers_in_flight_settle() {
     }
     let count = |o: &str| outcomes.iter().filter(|t| t.2 == o).count();
     println!(
-        "{} trials in {:.1} s: before {}, in flight {}, refused {}",
+        "{} trials in {:.1} s: before {}, in flight {}, refused {} (after the commit \
+         {refused_after_commit})",
         outcomes.len(),
         started.elapsed().as_secs_f64(),
         count("before"),

@@ -372,3 +372,77 @@ fn a_revocation_is_not_queued_behind_unwraps_waiting_at_the_gate() {
         );
     });
 }
+
+/// A revocation committed after an unwrap's audit commit and before its
+/// release (the unwrap's checkpoint signature, `C_Sign`, held in the HSM
+/// meanwhile) releases nothing of it: 403 `warrant_revoked`, its leaves
+/// `opened` before the revocation's and its budget spent. Where the race
+/// above only counts the trials that land there, this lands there each
+/// time. Before 2026-12-07 the keys were released after the revocation's
+/// admin had been told `revoked`, unless under `release_after_witness`.
+#[test]
+fn a_warrant_revoked_while_its_checkpoint_is_signed_releases_nothing() {
+    let h = Held::new(&["E-1"]);
+    let c = &h.c;
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let envelopes = [h.seal(&escrow, "E-1", "one"), h.seal(&escrow, "E-1", "two")];
+    let recipient = vault::recipient();
+    let id = "W-REVOKED-AT-SIGNING";
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), 10));
+    let db = rusqlite::Connection::open(h.t.path("lavd.db")).unwrap();
+    let revocation_committed = || -> bool {
+        db.query_row(
+            "SELECT count(*) FROM warrant_revocations WHERE id = ?1",
+            [id],
+            |row| row.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    let wait = StdDuration::from_secs(20);
+
+    h.shim.set("fault = hang\nfault_calls = C_Sign");
+    let (reply, revoked) = std::thread::scope(|s| {
+        let _release = h.shim.releasing();
+        let request = s.spawn(|| {
+            vault::post(
+                &c.agency,
+                "/v1/unwrap",
+                &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+            )
+        });
+        // The warrant's row is made as the request is admitted.
+        softhsm_tests::eventually("the unwrap's audit commit", wait, || {
+            db.query_row("SELECT spent FROM warrants WHERE id = ?1", [id], |row| {
+                row.get::<_, i64>(0)
+            })
+            .is_ok_and(|spent| spent == 2)
+        });
+        softhsm_tests::eventually("its checkpoint's signature", wait, || h.shim.faults() > 0);
+        let revoke = s.spawn(|| {
+            vault::post(
+                &c.admin,
+                "/v1/warrants/revocations",
+                &serde_json::json!({"id": id, "reason": "quashed after the commit"}),
+            )
+        });
+        softhsm_tests::eventually("the revocation's commit", wait, revocation_committed);
+        assert!(!request.is_finished(), "the unwrap answered while held");
+        h.shim.set("");
+        (request.join().unwrap(), revoke.join().unwrap())
+    });
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    reply.assert_error(403, "warrant_revoked");
+
+    let revocation = revoked.json()["audit"]["first_index"].as_u64().unwrap();
+    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
+    let unwraps: Vec<_> = log
+        .iter()
+        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["warrant_id"] == id)
+        .collect();
+    assert_eq!(unwraps.len(), 2, "{unwraps:?}");
+    assert!(unwraps
+        .iter()
+        .all(|e| e.leaf["outcome"] == "opened" && e.index < revocation));
+    assert_eq!(vault::spent(&h.t, id), 2);
+}

@@ -1407,11 +1407,14 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
 }
 
 /// Every SQLite commit lavd makes is flushed before it returns
-/// (`synchronous = FULL`, 2): at open, after an audit append, and after a
-/// checkpoint save (which writes at `NORMAL` and sets `FULL` back). No
-/// crash test shows it (a SIGKILL loses nothing any setting wrote; a power
-/// loss does): at `NORMAL`, an append could be answered, and keys released
-/// against it, and then lost.
+/// (`synchronous = FULL`, 2): at open, after an audit append, after a
+/// checkpoint save (which writes at `NORMAL` and sets `FULL` back), and
+/// after an open intent's reservation. No crash test shows it (a SIGKILL
+/// loses nothing any setting wrote; a power loss does; the read-only
+/// store-fault test may, where its fault lands after a write and before its
+/// fsync): at `NORMAL`, an append could be answered, and keys released
+/// against it, and then lost, or an intent lost and the HSM's opens with
+/// it.
 #[test]
 fn sqlite_commits_are_flushed_before_they_return() {
     let dir = tempfile::tempdir().unwrap();
@@ -1425,6 +1428,13 @@ fn sqlite_commits_are_flushed_before_they_return() {
     assert_eq!(store.synchronous().unwrap(), 2, "after a checkpoint save");
     store.append(batch(vec![key_event(2)])).unwrap();
     assert_eq!(store.synchronous().unwrap(), 2, "after the next append");
+    // An open intent, after a checkpoint save (which runs at NORMAL).
+    store.save_checkpoint(2, "another note", now()).unwrap();
+    store.register(&record("w", 1, 1, false, 3)).unwrap();
+    let (bytes, _) = intent("w", 1);
+    let held = store.reserve_with_intent("w", &bytes).unwrap();
+    assert!(held.intent().is_some());
+    assert_eq!(store.synchronous().unwrap(), 2, "after an open intent");
 }
 
 /// A database whose default `synchronous_commit` is `off` or `local` would

@@ -231,24 +231,32 @@ impl Ext4 {
     /// `errors=remount-ro`: the file system turns read-only at once, open
     /// files included.
     ///
-    /// The error is raised while the file system is frozen, so that no
-    /// fsync is in flight as ext4 aborts its journal: one that is can
+    /// The error is raised while the daemon `pid` is stopped (SIGSTOP, and
+    /// every thread of it seen stopped), then it is continued: no fsync of
+    /// its is in flight as ext4 aborts its journal, since one that is can
     /// return success for data the abort then drops (Linux 6.18; shown
     /// without lavd by `repro/ext4_fsync_race.py`, docs/RELIABILITY.md),
     /// and no program can log what its file system loses after
-    /// acknowledging. Freezing waits for writes and commits under way and
-    /// holds new ones, so the fault still lands between any two of
-    /// lavd's steps.
-    fn fail(&self) {
-        let freeze = |flag: &str| {
-            let out = Command::new("fsfreeze")
-                .arg(flag)
-                .arg(&self.at)
+    /// acknowledging. Stopping flushes nothing: what lavd wrote and did
+    /// not fsync is lost as on a real fault, and the fault still falls
+    /// between any two of lavd's system calls.
+    fn fail(&self, pid: u32) {
+        let signal = |name: &str| {
+            let out = Command::new("kill")
+                .args([name, &pid.to_string()])
                 .output()
-                .expect("fsfreeze (util-linux)");
-            assert!(out.status.success(), "fsfreeze {flag}: {out:?}");
+                .expect("kill");
+            assert!(out.status.success(), "kill {name} {pid}: {out:?}");
         };
-        freeze("-f");
+        signal("-STOP");
+        let started = Instant::now();
+        while !all_stopped(pid) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "lavd {pid} did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let name = Path::new(&self.device).file_name().unwrap();
         let raised = std::fs::write(
             Path::new("/sys/fs/ext4")
@@ -256,7 +264,7 @@ impl Ext4 {
                 .join("trigger_fs_error"),
             "lavd store_faults test",
         );
-        freeze("-u");
+        signal("-CONT");
         raised.unwrap();
     }
 
@@ -276,6 +284,22 @@ impl Ext4 {
         );
         self.mount_again();
     }
+}
+
+/// Whether every thread of process `pid` is stopped (state `T`, or `t`
+/// under a tracer): none is inside a system call.
+fn all_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        std::fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state …`: comm may hold spaces and parentheses.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
 
 impl Drop for Ext4 {
@@ -300,7 +324,7 @@ fn sqlite_on_a_file_system_turned_read_only_is_503_store_unavailable_and_loses_n
     let (answers, (on, probes_opened)) =
         under_load(std::slice::from_ref(&case.agency), &body, THREADS, || {
             std::thread::sleep(Duration::from_millis(700));
-            fs.fail();
+            fs.fail(case.daemon.pid());
             let probes_opened = case.probe_until_refused(CODE);
             let on = Instant::now();
             case.daemon.wait_readyz(503);

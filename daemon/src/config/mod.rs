@@ -785,15 +785,16 @@ pub(super) fn readable_by_others(_: &Path) -> bool {
 /// can bind: the same port (not 0, which the kernel picks anew for each)
 /// on the same address, or where one listens on every address that the
 /// other's includes (`0.0.0.0` takes every IPv4 address, `[::]` every
-/// address of both families, as Linux binds it by default). One
-/// definition for the config, the witness's config and `lavd dev`.
+/// address of both families, as Linux binds it by default, with
+/// `net.ipv6.bindv6only` 0). An IPv4-mapped IPv6 address is its IPv4
+/// address, as Linux binds it. One definition for the config, the
+/// witness's config and `lavd dev`.
 pub(crate) fn same_listener(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
     let covers = |wide: std::net::IpAddr, other: std::net::IpAddr| {
         wide.is_unspecified() && (wide.is_ipv6() || other.is_ipv4())
     };
-    a.port() != 0
-        && a.port() == b.port()
-        && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+    let (ia, ib) = (a.ip().to_canonical(), b.ip().to_canonical());
+    a.port() != 0 && a.port() == b.port() && (ia == ib || covers(ia, ib) || covers(ib, ia))
 }
 
 #[cfg(test)]

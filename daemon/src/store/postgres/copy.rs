@@ -237,7 +237,7 @@ impl PgStore {
             let last = row.is_none();
             if chunk.len() == CHUNK || (last && !chunk.is_empty()) {
                 let hashes: Vec<_> = chunk.iter().map(|l| merkle::leaf_hash(l)).collect();
-                self.write_leaves(tx, size, &chunk, &hashes, None)?;
+                self.write_leaves(tx, size, &chunk, &hashes, None, None)?;
                 size += chunk.len() as u64;
                 chunk.clear();
             }

@@ -1505,13 +1505,16 @@ impl PgStore {
 
     /// Appends one batch inside `tx` (the group's transaction, which holds
     /// the head lock, with the batch's savepoint open), its head update
-    /// included. Returns what a revocation found, what a settlement found
-    /// withdrawn, and the hash of the batch's first leaf.
+    /// included, and `mark` under its first leaf's index when given (the
+    /// group's first batch that writes leaves: [`Xact::mark`]). Returns what
+    /// a revocation found, what a settlement found withdrawn, and the hash
+    /// of the batch's first leaf.
     fn append_in(
         &self,
         tx: &mut Transaction<'_>,
         batch: &AuditAppend,
         first: u64,
+        mark: Option<&[u8]>,
     ) -> Result<(RevokeFound, Withdrawn, Option<Hash>), StoreError> {
         // As in SQLite: the revocation and destruction checks that count
         // are these, under the head lock that every revocation's and
@@ -1570,13 +1573,16 @@ impl PgStore {
             &leaves,
             &hashes,
             Some(first + batch.events.len() as u64),
+            mark,
         )?;
         Ok((found, withdrawn, hashes.first().copied()))
     }
 
     /// Writes leaves `first..` (hashed as `hashes`), the subtree hashes
-    /// they complete and, with `head`, the head's new size, in one statement
-    /// after at most one read (of the earlier subtrees, through `tx`).
+    /// they complete, with `head` the head's new size, and with `mark` the
+    /// transaction's mark under index `first` (those more than
+    /// [`MARKS_KEPT`] leaves back deleted), in one statement after at most
+    /// one read (of the earlier subtrees, through `tx`).
     fn write_leaves(
         &self,
         tx: &mut Transaction<'_>,
@@ -1584,6 +1590,7 @@ impl PgStore {
         leaves: &[Vec<u8>],
         hashes: &[Hash],
         head: Option<u64>,
+        mark: Option<&[u8]>,
     ) -> Result<(), StoreError> {
         let index = |i: u64| i64::try_from(i).map_err(|_| StoreError::OutOfRange("audit index"));
         let nodes = {
@@ -1605,6 +1612,9 @@ impl PgStore {
         let head = head
             .map(|size| i64::try_from(size).map_err(|_| StoreError::OutOfRange("tree size")))
             .transpose()?;
+        let first = index(first)?;
+        // No mark without a leaf to file it under.
+        let mark = mark.filter(|_| !leaves.is_empty());
         // Data-modifying CTEs run to completion whether or not the outer
         // statement reads them.
         tx.execute_typed(
@@ -1613,6 +1623,12 @@ impl PgStore {
                  SELECT * FROM UNNEST($1::BIGINT[], $2::BYTEA[])
              ), head AS (
                  UPDATE audit_head SET size = $6 WHERE id = 1 AND $6 IS NOT NULL
+             ), mark AS (
+                 INSERT INTO audit_commit_marks (first_index, mark)
+                 SELECT $7, $8 WHERE $8 IS NOT NULL
+             ), old_marks AS (
+                 DELETE FROM audit_commit_marks
+                 WHERE $8 IS NOT NULL AND first_index < $7 - $9
              )
              INSERT INTO audit_nodes (level, idx, hash)
              SELECT * FROM UNNEST($3::SMALLINT[], $4::BIGINT[], $5::BYTEA[])",
@@ -1623,6 +1639,9 @@ impl PgStore {
                 (&idxs, Type::INT8_ARRAY),
                 (&node_hashes, Type::BYTEA_ARRAY),
                 (&head, Type::INT8),
+                (&first, Type::INT8),
+                (&mark, Type::BYTEA),
+                (&MARKS_KEPT, Type::INT8),
             ],
         )
         .map_err(|e| self.pg_err(e))?;
@@ -1635,9 +1654,9 @@ impl PgStore {
     /// called, one commit. `Err` means nothing committed.
     ///
     /// Round trips for a group of one batch: BEGIN; the head lock and the
-    /// savepoint; the batch's spend; its leaves, nodes and head (one more
-    /// before it when a new node needs an earlier subtree); whatever the
-    /// hook reads; COMMIT.
+    /// savepoint; the batch's spend; its leaves, nodes, head and the
+    /// group's mark (one more before it when a new node needs an earlier
+    /// subtree); whatever the hook reads; COMMIT.
     fn try_group(
         &self,
         group: &[Pending],
@@ -1652,7 +1671,9 @@ impl PgStore {
             let first = size;
             let count = batch.events.len() as u64;
             let last = i + 1 == group.len();
-            match self.append_in(&mut tx, batch, first) {
+            // The mark rides with the first batch that writes leaves.
+            let mark = xact.first_leaf.is_none().then_some(xact.mark);
+            match self.append_in(&mut tx, batch, first, mark.as_ref().map(|m| m.as_slice())) {
                 Ok((found, withdrawn, first_leaf)) => {
                     if let (None, Some(hash)) = (&xact.first_leaf, first_leaf) {
                         xact.first_leaf = Some((first, hash));
@@ -1681,22 +1702,6 @@ impl PgStore {
                         .map_err(|e| self.pg_err(e))?;
                 }
             }
-        }
-        // The group's mark, under its first leaf's index (read only if the
-        // COMMIT's answer is lost), and the marks too old to be asked for
-        // deleted: one round trip.
-        if let Some((first, _)) = xact.first_leaf {
-            let first = i64::try_from(first).map_err(|_| StoreError::OutOfRange("audit index"))?;
-            tx.execute_typed(
-                "WITH old AS (DELETE FROM audit_commit_marks WHERE first_index < $1 - $3) \
-                 INSERT INTO audit_commit_marks (first_index, mark) VALUES ($1, $2)",
-                &[
-                    (&first, postgres::types::Type::INT8),
-                    (&xact.mark.as_slice(), postgres::types::Type::BYTEA),
-                    (&MARKS_KEPT, postgres::types::Type::INT8),
-                ],
-            )
-            .map_err(|e| self.pg_err(e))?;
         }
         // The head lock is still held: the tree the hook sees is the one
         // this COMMIT makes, whatever other replicas append.
