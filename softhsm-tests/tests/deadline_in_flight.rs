@@ -86,24 +86,30 @@ fn held_in_past(
     })
 }
 
-#[test]
-fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
-    let setup = Held::new(&["E-1"]);
-    let c = &setup.c;
-    let escrow = vault::published_key(&c.provider, "E-1");
+/// Two envelopes of key `E-1` and warrant `id` for them, which expires 10
+/// seconds from now; and that time.
+fn expiring(setup: &Held, id: &str) -> ([serde_json::Value; 2], serde_json::Value, OffsetDateTime) {
+    let escrow = vault::published_key(&setup.c.provider, "E-1");
     let envelopes = [
         setup.seal(&escrow, "E-1", "one"),
         setup.seal(&escrow, "E-1", "two"),
     ];
     let recipient = vault::recipient();
-    let id = "W-EXPIRES-IN-FLIGHT";
     let mut claims = vault::claims(id, recipient.public(), 10);
     // Fractions of a second are part of the claims' time format.
     let expires = OffsetDateTime::now_utc() + time::Duration::seconds(10);
     claims["expires"] = serde_json::json!(expires
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap());
-    let warrant = vault::double_lock(&claims);
+    (envelopes, vault::double_lock(&claims), expires)
+}
+
+#[test]
+fn a_warrant_that_expires_while_its_unwrap_is_in_flight_releases_nothing() {
+    let setup = Held::new(&["E-1"]);
+    let c = &setup.c;
+    let id = "W-EXPIRES-IN-FLIGHT";
+    let (envelopes, warrant, expires) = expiring(&setup, id);
 
     let before = vault::tree_size(&c.auditor);
     held_past(&setup, &warrant, &envelopes, expires).assert_error(403, "warrant_expired");
@@ -244,19 +250,8 @@ fn a_signer_whose_validity_ends_while_its_unwrap_is_in_flight_releases_nothing()
 fn a_warrant_that_expires_while_its_checkpoint_is_signed_releases_nothing() {
     let setup = Held::new(&["E-1"]);
     let c = &setup.c;
-    let escrow = vault::published_key(&c.provider, "E-1");
-    let envelopes = [
-        setup.seal(&escrow, "E-1", "one"),
-        setup.seal(&escrow, "E-1", "two"),
-    ];
-    let recipient = vault::recipient();
     let id = "W-EXPIRES-AT-SIGNING";
-    let mut claims = vault::claims(id, recipient.public(), 10);
-    let expires = OffsetDateTime::now_utc() + time::Duration::seconds(10);
-    claims["expires"] = serde_json::json!(expires
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap());
-    let warrant = vault::double_lock(&claims);
+    let (envelopes, warrant, expires) = expiring(&setup, id);
 
     let before = vault::tree_size(&c.auditor);
     held_in_past(&setup, "C_Sign", &warrant, &envelopes, expires)

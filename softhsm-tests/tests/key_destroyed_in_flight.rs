@@ -34,6 +34,22 @@ use softhsm_tests::vault::{self, Held};
 /// How long [`eventually`] waits here.
 const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The whole log as the auditor reads it, the index of `reply`'s first
+/// leaf, and that of `E-2`'s `key_destroyed` leaf.
+fn unwrap_and_destruction(
+    c: &vault::Clients,
+    reply: &serde_json::Value,
+) -> (Vec<vault::Entry>, u64, u64) {
+    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
+    let destruction = log
+        .iter()
+        .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == "E-2")
+        .expect("key_destroyed leaf")
+        .index;
+    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    (log, first, destruction)
+}
+
 #[test]
 fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
     let setup = Held::new(&["E-1", "E-2"]);
@@ -89,13 +105,7 @@ fn a_key_destroyed_while_its_unwrap_is_in_flight_releases_nothing() {
     assert_eq!(vault::statuses(&reply), ["key_destroyed"]);
 
     // In the log: the unwrap's leaf after the destruction's, denied.
-    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
-    let destruction = log
-        .iter()
-        .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == "E-2")
-        .expect("key_destroyed leaf")
-        .index;
-    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    let (log, first, destruction) = unwrap_and_destruction(c, &reply);
     assert!(first > destruction, "{first} <= {destruction}");
     let leaf = &log[usize::try_from(first).unwrap()].leaf;
     assert_eq!(leaf["event"], "unwrap");
@@ -203,13 +213,7 @@ fn a_key_destroyed_while_its_unwraps_checkpoint_is_signed_is_not_released() {
     assert_eq!(vault::statuses(&reply), ["key_destroyed"]);
 
     // In the log: the unwrap's leaf, opened, before the destruction's.
-    let log = vault::entries(&c.auditor, 0, vault::tree_size(&c.auditor));
-    let destruction = log
-        .iter()
-        .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == "E-2")
-        .expect("key_destroyed leaf")
-        .index;
-    let first = reply["audit"]["first_index"].as_u64().unwrap();
+    let (log, first, destruction) = unwrap_and_destruction(c, &reply);
     assert!(first < destruction, "{first} >= {destruction}");
     let leaf = &log[usize::try_from(first).unwrap()].leaf;
     assert_eq!(leaf["outcome"], "opened");
