@@ -357,14 +357,22 @@ impl TestToken {
 
     /// The slot holding this token.
     ///
-    /// Looked up again for up to a second: this process's SoftHSM re-reads
-    /// a token's files when another process (a `lavd` command of the test)
-    /// changed them, and under load a lookup right then has been seen to
-    /// miss the token once in a few runs.
+    /// Looked up again for up to two seconds: this process's SoftHSM
+    /// re-reads a token's files when another process (a `lavd` command of
+    /// the test) changed them, and under load a lookup right then has been
+    /// seen to miss the token once in a few runs. SoftHSM re-reads only
+    /// when the token's files changed again, so a read that failed midway
+    /// can leave this process's view of the token failing for good (seen
+    /// once in CI, 2026-12-07, all 50 lookups of a second failing): halfway,
+    /// another process writes the token once ([`Self::touch`]), and the
+    /// next lookup reads it afresh.
     pub fn slot(&self) -> Slot {
         let p = harness().pkcs11();
         let mut errors = Vec::new();
-        for _ in 0..50 {
+        for attempt in 0..100 {
+            if attempt == 50 {
+                let _ = self.touch();
+            }
             let found = p
                 .get_slots_with_token()
                 .expect("slots")
@@ -385,6 +393,44 @@ impl TestToken {
             "token {} not present; C_GetTokenInfo errors: {errors:?}",
             self.label
         )
+    }
+
+    /// Writes this token from another process (OpenSC's `pkcs11-tool`:
+    /// a data object made and deleted), which makes this process's SoftHSM
+    /// read the token's files again at its next lookup. Best effort: a
+    /// failure is printed (and `false` returned), and the lookup goes on.
+    pub fn touch(&self) -> bool {
+        let label = "lavd-test-reread";
+        let data = std::env::temp_dir().join(format!("{label}-{}", std::process::id()));
+        let _ = std::fs::write(&data, b"x");
+        let module = module_path();
+        let mut done = true;
+        for args in [
+            &[
+                "--write-object",
+                data.to_str().unwrap_or_default(),
+                "--type",
+                "data",
+            ][..],
+            &["--delete-object", "--type", "data"][..],
+        ] {
+            let out = Command::new("pkcs11-tool")
+                .arg("--module")
+                .arg(&module)
+                .args(["--token-label", &self.label, "--login", "--pin", PIN])
+                .args(args)
+                .args(["--label", label])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                other => {
+                    eprintln!("pkcs11-tool {args:?} on token {}: {other:?}", self.label);
+                    done = false;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&data);
+        done
     }
 
     /// A new logged-in session of the test's own (not lavd's).

@@ -383,3 +383,18 @@ fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
     );
     assert!(private_key(&t, KID), "the key was deleted");
 }
+
+/// The harness's way to have this process read a token afresh
+/// (`TestToken::touch`, which `TestToken::slot` uses when lookups keep
+/// failing) writes the token from another process, and leaves nothing on
+/// it; the token is still found after it.
+#[test]
+fn touching_a_token_leaves_nothing_on_it() {
+    let t = TestToken::new();
+    assert!(t.touch(), "pkcs11-tool could not write the token");
+    let data = t
+        .session()
+        .find_objects(&[Attribute::Class(ObjectClass::DATA)])
+        .unwrap();
+    assert!(data.is_empty(), "{} data objects left", data.len());
+}
