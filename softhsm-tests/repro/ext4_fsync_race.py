@@ -5,13 +5,14 @@ and then lost").
 
 Each round makes a fresh ext4 file system in an image on a loop device,
 mounted errors=remount-ro, as store_faults.rs does. A writer process appends
-4,120 bytes (one SQLite WAL frame) and fsyncs, again and again, and prints
+4,120 bytes (one SQLite WAL frame, its number repeated) and fsyncs, again and again, and prints
 each append's end offset once its fsync has returned success. This process
 raises an ext4 error (/sys/fs/ext4/<dev>/trigger_fs_error, the kernel's own
 error path, which aborts the journal and turns the file system read-only),
 stops the writer, unmounts, runs e2fsck -fy, mounts again and reads the
-file's size. A round is LOST when the size is below the last acknowledged
-offset: the kernel said the data was on disk, and it was not.
+file. A round is LOST when any acknowledged append does not read back
+byte for byte (short, or zeros at the right size): the kernel said the
+data was on disk, and it was not.
 
 Modes:
   (none)          the error is raised while the writer runs;
@@ -45,15 +46,23 @@ import time
 
 FRAME = 4120
 
+
+def frame(i):
+    """Append number `i`'s bytes (as the writer makes them): its number,
+    repeated, so that a frame read back as zeros or as another is seen."""
+    return (i.to_bytes(8, "big") * 515)[:FRAME]
+
 WRITER = r"""
 import os, sys
+def frame(i):
+    return (i.to_bytes(8, "big") * 515)[:4120]
 fd = os.open(sys.argv[1], os.O_RDWR)
 twice = sys.argv[2] == "1"
 end = 0
 print(end, flush=True)
 while True:
     try:
-        os.pwrite(fd, os.urandom(4120), end)
+        os.pwrite(fd, frame(end // 4120), end)
         os.fsync(fd)
         if twice:
             os.fsync(fd)
@@ -130,14 +139,19 @@ def round_(work, mode):
         if fsck.returncode not in (0, 1):
             sys.exit(f"e2fsck exited {fsck.returncode}: {fsck.stdout}{fsck.stderr}")
         must("mount", dev, mnt)
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            kept = f.read()
         must("umount", mnt)
     finally:
         sh("umount", "-l", mnt)
         sh("losetup", "-d", dev)
     last = acked[-1] if acked else 0
-    if size < last:
-        print(f"LOST: {last - size} acknowledged bytes ({(last - size) // FRAME} appends)")
+    # Every acknowledged append, byte for byte: not only the size (an
+    # extent left unwritten reads back as zeros at the right size).
+    bad = [i for i in range(last // FRAME) if kept[i * FRAME:(i + 1) * FRAME] != frame(i)]
+    if bad:
+        print(f"LOST: {len(bad)} of {last // FRAME} acknowledged appends (first: {bad[0]}), "
+              f"{len(kept)} bytes kept")
         return True
     return False
 

@@ -364,8 +364,8 @@ impl TestToken {
     /// when the token's files changed again, so a read that failed midway
     /// can leave this process's view of the token failing for good (seen
     /// once in CI, 2026-12-07, all 50 lookups of a second failing): halfway,
-    /// another process writes the token once ([`Self::touch`]), and the
-    /// next lookup reads it afresh.
+    /// another process logs in to the token once ([`Self::touch`]), which
+    /// rewrites its file, and the next lookup reads it afresh.
     pub fn slot(&self) -> Slot {
         let p = harness().pkcs11();
         let mut errors = Vec::new();
@@ -395,42 +395,28 @@ impl TestToken {
         )
     }
 
-    /// Writes this token from another process (OpenSC's `pkcs11-tool`:
-    /// a data object made and deleted), which makes this process's SoftHSM
-    /// read the token's files again at its next lookup. Best effort: a
-    /// failure is printed (and `false` returned), and the lookup goes on.
+    /// Logs in to this token from another process (OpenSC's
+    /// `pkcs11-tool`, listing its data objects): SoftHSM saves the token's
+    /// flags at each login, which rewrites the token's own file, and this
+    /// process's SoftHSM then reads it afresh at its next lookup. It writes
+    /// no object: making or deleting one also moves the token's
+    /// generation, after which SoftHSM can hold a token it read badly as
+    /// invalid for good. Best effort: a failure is printed (and `false`
+    /// returned), and the lookup goes on.
     pub fn touch(&self) -> bool {
-        let label = "lavd-test-reread";
-        let data = std::env::temp_dir().join(format!("{label}-{}", std::process::id()));
-        let _ = std::fs::write(&data, b"x");
-        let module = module_path();
-        let mut done = true;
-        for args in [
-            &[
-                "--write-object",
-                data.to_str().unwrap_or_default(),
-                "--type",
-                "data",
-            ][..],
-            &["--delete-object", "--type", "data"][..],
-        ] {
-            let out = Command::new("pkcs11-tool")
-                .arg("--module")
-                .arg(&module)
-                .args(["--token-label", &self.label, "--login", "--pin", PIN])
-                .args(args)
-                .args(["--label", label])
-                .output();
-            match out {
-                Ok(o) if o.status.success() => {}
-                other => {
-                    eprintln!("pkcs11-tool {args:?} on token {}: {other:?}", self.label);
-                    done = false;
-                }
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(module_path())
+            .args(["--token-label", &self.label, "--login", "--pin", PIN])
+            .args(["--list-objects", "--type", "data"])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => true,
+            other => {
+                eprintln!("pkcs11-tool --login on token {}: {other:?}", self.label);
+                false
             }
         }
-        let _ = std::fs::remove_file(&data);
-        done
     }
 
     /// A new logged-in session of the test's own (not lavd's).

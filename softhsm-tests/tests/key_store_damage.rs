@@ -386,12 +386,13 @@ fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
 
 /// The harness's way to have this process read a token afresh
 /// (`TestToken::touch`, which `TestToken::slot` uses when lookups keep
-/// failing) writes the token from another process, and leaves nothing on
-/// it; the token is still found after it.
+/// failing) logs in from another process and leaves nothing on the token;
+/// the token is found, and logged in to, after it.
 #[test]
 fn touching_a_token_leaves_nothing_on_it() {
     let t = TestToken::new();
-    assert!(t.touch(), "pkcs11-tool could not write the token");
+    assert!(t.touch(), "pkcs11-tool could not log in to the token");
+    assert!(t.touch(), "a second login failed");
     let data = t
         .session()
         .find_objects(&[Attribute::Class(ObjectClass::DATA)])
