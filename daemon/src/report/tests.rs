@@ -73,6 +73,17 @@ fn revoked(id: &str, authority: Option<&str>) -> Event {
         .into()
 }
 
+/// The report of `events` with its detail form (per-warrant rows).
+fn detailed(events: &[(OffsetDateTime, Event)]) -> Report {
+    build(
+        events,
+        &Options {
+            detail: true,
+            ..Options::default()
+        },
+    )
+}
+
 /// A verifier's summary of these leaves. The aggregation trusts its input
 /// (the verifier's tests are in `audit::export`); here only the figures are
 /// under test.
@@ -549,13 +560,7 @@ fn the_aggregate_form_names_no_warrant_and_the_detail_form_does() {
     assert!(page.contains("data-form=\"aggregate\""));
     assert!(json.contains("\"form\": \"aggregate\""));
 
-    let detail = build(
-        &mix(),
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let detail = detailed(&mix());
     let rows = &detail.detail.as_ref().unwrap().warrants;
     let ids: Vec<&str> = rows.iter().map(|w| w.id.as_str()).collect();
     // W-BAD was refused before its signatures met the policy: its id is
@@ -607,13 +612,7 @@ fn a_claimed_id_is_not_merged_into_the_warrant_of_that_id() {
         refused(B, Some("W-FULL"), "bad_signature"),
     ));
     events.sort_by_key(|(t, _)| *t);
-    let report = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let report = detailed(&events);
     let detail = report.detail.as_ref().unwrap();
     let full = detail.warrants.iter().find(|w| w.id == "W-FULL").unwrap();
     assert_eq!(full.agencies, [A]);
@@ -638,13 +637,7 @@ fn hostile_identities_and_ids_are_escaped() {
         ),
         (datetime!(2026-05-01 10:02 UTC), revoked(id, None)),
     ];
-    let report = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let report = detailed(&events);
     let page = html::render(&report);
     assert!(!page.contains("<script"), "{page}");
     assert!(!page.contains("<img"), "{page}");
@@ -665,13 +658,7 @@ fn invisible_format_characters_are_shown_not_obeyed() {
     let caller = "spiffe://police.example/\u{202e}tinu-lagelli\u{200b}";
     let w = warrant("W-1", false);
     let events = vec![(datetime!(2026-05-01 10:00 UTC), opened(caller, &w, 1))];
-    let report = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let report = detailed(&events);
     let page = html::render(&report);
     assert!(!page.chars().any(crate::bounds::is_format), "{page}");
     assert!(page.contains("spiffe://police.example/[U+202E]tinu-lagelli[U+200B]"));
@@ -968,13 +955,7 @@ fn a_revocation_alone_makes_no_warrant_row() {
         (datetime!(2026-05-01 00:00 UTC), policy(72)),
         (datetime!(2026-05-02 00:00 UTC), revoked("X", None)),
     ];
-    let r = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let r = detailed(&events);
     let detail = r.detail.as_ref().unwrap();
     assert!(detail.warrants.is_empty(), "{:?}", detail.warrants);
     assert_eq!(detail.revocations.len(), 1);
@@ -1033,13 +1014,7 @@ fn a_warrant_row_spans_its_earliest_to_its_latest_leaf() {
         (datetime!(2026-05-01 10:00:05 UTC), opened(A, &w, 2)),
         (datetime!(2026-05-01 10:00:07 UTC), opened(A, &w, 3)),
     ];
-    let report = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let report = detailed(&events);
     let row = &report.detail.as_ref().unwrap().warrants[0];
     assert_eq!(
         (row.first_seen.as_str(), row.last_seen.as_str()),
@@ -1053,13 +1028,7 @@ fn a_warrant_row_spans_its_earliest_to_its_latest_leaf() {
         (datetime!(2026-05-01 10:00:03 UTC), opened(A, &full, 2)),
         (datetime!(2026-05-01 10:00:09 UTC), opened(A, &full, 3)),
     ];
-    let report = build(
-        &events,
-        &Options {
-            detail: true,
-            ..Options::default()
-        },
-    );
+    let report = detailed(&events);
     assert_eq!(report.urgent.replaced, 1);
     assert_eq!(report.urgent.duration_seconds.min, 0);
     let row = &report.detail.as_ref().unwrap().warrants[0];
