@@ -22,6 +22,7 @@ pub struct Metrics {
     http_requests: IntCounterVec,
     http_seconds: HistogramVec,
     envelopes: IntCounterVec,
+    envelopes_unreleased: IntCounterVec,
     hsm_seconds: HistogramVec,
     hsm_sessions_busy: IntGauge,
     hsm_reconnects: IntCounter,
@@ -121,6 +122,16 @@ impl Metrics {
             "lavd_envelopes_total",
             "Envelopes handled by unwrap, by outcome (ok or the denial reason).",
             &["outcome"],
+        )?;
+        let envelopes_unreleased = counter(
+            "lavd_envelopes_unreleased_total",
+            "Envelopes the HSM opened whose leaves say opened, with the budget spent (or, after \
+             a COMMIT whose outcome was lost, maybe spent), but whose keys were not released: \
+             the request failed or was refused after its audit commit. By the code it was \
+             answered (warrant_revoked, warrant_expired, spent_not_released, \
+             witness_unavailable, ...), or key_destroyed for a key destroyed meanwhile in a \
+             request that released the others.",
+            &["code"],
         )?;
         let hsm_seconds = histogram(
             "lavd_hsm_operation_duration_seconds",
@@ -250,6 +261,7 @@ impl Metrics {
             http_requests,
             http_seconds,
             envelopes,
+            envelopes_unreleased,
             hsm_seconds,
             hsm_sessions_busy,
             hsm_reconnects,
@@ -294,6 +306,18 @@ impl Metrics {
     /// denial reason (`out_of_window`, …).
     pub fn envelope(&self, outcome: &'static str) {
         self.envelopes.with_label_values(&[outcome]).inc();
+    }
+
+    /// `n` envelopes opened, logged opened and charged to the budget, but
+    /// not released; `code` is what the request was answered, or
+    /// `key_destroyed` for a key destroyed meanwhile in a request that
+    /// released the others.
+    pub fn envelopes_unreleased(&self, code: &'static str, n: usize) {
+        if n > 0 {
+            self.envelopes_unreleased
+                .with_label_values(&[code])
+                .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        }
     }
 
     /// One durable store commit took `seconds`; `op` names what was

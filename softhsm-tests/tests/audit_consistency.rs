@@ -239,6 +239,8 @@ fn a_store_that_fails_after_the_commit_is_spent_not_released() {
     );
     assert_eq!(spent(), 2);
     assert_eq!(leaves_in_file(&s.t), before + 1);
+    let unreleased = "lavd_envelopes_unreleased_total{code=\"spent_not_released\"}";
+    assert_eq!(s.daemon.metric(unreleased), 1.0);
     drop(tamper(&s.t, "DROP TRIGGER refuse_checkpoints"));
     let r = unwrap(&s, 3);
     assert_eq!(r.status, 200, "{}", r.text());

@@ -218,4 +218,7 @@ fn a_key_destroyed_while_its_unwraps_checkpoint_is_signed_is_not_released() {
     let leaf = &log[usize::try_from(first).unwrap()].leaf;
     assert_eq!(leaf["outcome"], "opened");
     assert_eq!(vault::spent(t, id), 1);
+    // Charged and not released, which operators see counted apart.
+    let unreleased = "lavd_envelopes_unreleased_total{code=\"key_destroyed\"}";
+    assert_eq!(setup.daemon.metric(unreleased), 1.0);
 }

@@ -445,4 +445,8 @@ fn a_warrant_revoked_while_its_checkpoint_is_signed_releases_nothing() {
         .iter()
         .all(|e| e.leaf["outcome"] == "opened" && e.index < revocation));
     assert_eq!(vault::spent(&h.t, id), 2);
+    // Charged and not released, which operators see counted apart.
+    let unreleased = "lavd_envelopes_unreleased_total{code=\"warrant_revoked\"}";
+    assert_eq!(h.daemon.metric(unreleased), 2.0);
+    assert_eq!(h.daemon.metric("lavd_envelopes_total{outcome=\"ok\"}"), 0.0);
 }

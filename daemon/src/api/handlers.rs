@@ -220,14 +220,25 @@ pub(crate) async fn post_unwrap(
             gate: &st.envelope_gate,
             witnessing: st.witnessing.as_deref(),
         };
-        Ok(unwrap::unwrap(
+        let mut unreleased = 0;
+        let result = unwrap::unwrap_counting(
             &context,
             &caller,
             &body,
             &OffsetDateTime::now_utc,
-        ))
+            &mut unreleased,
+        );
+        Ok((result, unreleased))
     })
     .await?;
+    let (result, unreleased) = result;
+    state.metrics.envelopes_unreleased(
+        match &result {
+            Ok(_) => "key_destroyed",
+            Err(e) => e.code(),
+        },
+        unreleased,
+    );
     if let Err(unwrap::UnwrapError::Withdrawn(_)) = &result {
         // Withdrawn at the last look before the audit commit, its leaves
         // name the warrant: the request's log line does too.

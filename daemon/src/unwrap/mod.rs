@@ -383,6 +383,26 @@ pub fn unwrap(
     body: &[u8],
     clock: &dyn Fn() -> OffsetDateTime,
 ) -> Result<Unwrapped, UnwrapError> {
+    unwrap_counting(ctx, caller, body, clock, &mut 0)
+}
+
+/// [`unwrap`], also saying in `withheld` how many envelopes the HSM
+/// opened whose leaves say `opened`, charged to the budget (or perhaps
+/// charged, after a COMMIT whose outcome was lost), and whose keys were
+/// not released (`lavd_envelopes_unreleased_total`): on an error, all
+/// that its failure or refusal after the audit commit withheld; on
+/// success, those of keys destroyed between the commit and the release.
+///
+/// # Errors
+/// As [`unwrap`].
+pub fn unwrap_counting(
+    ctx: &Context<'_>,
+    caller: &str,
+    body: &[u8],
+    clock: &dyn Fn() -> OffsetDateTime,
+    withheld: &mut usize,
+) -> Result<Unwrapped, UnwrapError> {
+    *withheld = 0;
     let mut lap = Lap(std::time::Instant::now());
     let mut phases = Phases::default();
     let request: Request<'_> =
@@ -903,9 +923,10 @@ pub fn unwrap(
         // spent: a client would retry and spend again. (A log found
         // inconsistent stays `log_inconsistent`: nothing is served until
         // an operator acts.)
-        Ok((appended, receipt)) => receipt.map_err(|e| {
+        Ok((appended, receipt)) => {
             // What the settle spent: the opened envelopes it did not
-            // withdraw (revoked, destroyed or lapsed in flight).
+            // withdraw (revoked, destroyed or lapsed in flight). None of
+            // them is released until the end.
             let spent = releases
                 .iter()
                 .filter(|r| {
@@ -913,7 +934,8 @@ pub fn unwrap(
                         if appended.withdrawn.reason(kid).is_none())
                 })
                 .count();
-            match e {
+            *withheld = spent;
+            receipt.map_err(|e| match e {
                 e @ (LogError::Store(_) | LogError::Hsm(_) | LogError::Sign(_)) if spent > 0 => {
                     UnwrapError::SpentNotReleased(format!(
                         "the leaves and the spend of {spent} committed, then the checkpoint \
@@ -921,8 +943,8 @@ pub fn unwrap(
                     ))
                 }
                 other => other.into(),
-            }
-        })?,
+            })?
+        }
         Err(e) => {
             if let Some(unreleased) = unreleased {
                 tracing::error!(error = %e, leaves = unreleased.len(), "the audit commit failed after the HSM opened: nothing is released, and the leaves are written when the store takes them");
@@ -936,6 +958,7 @@ pub fn unwrap(
             }
             return Err(match e {
                 LogError::Store(e @ StoreError::CommitUnknown(_)) if opened > 0 => {
+                    *withheld = usize::try_from(opened).unwrap_or(usize::MAX);
                     UnwrapError::SpentNotReleased(format!(
                         "the audit commit, spending {opened}, may have landed (its outcome is \
                          unknown): {e}"
@@ -1091,6 +1114,9 @@ pub fn unwrap(
             }
         }
     }
+    // Released: all that was spent but the envelopes of keys destroyed
+    // after the commit.
+    *withheld = withheld.saturating_sub(usize::try_from(opened).unwrap_or(usize::MAX));
     let reply = builder.finish(AuditRef {
         checkpoint,
         first_index: receipt.appended.first_index,
