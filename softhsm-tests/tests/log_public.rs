@@ -96,6 +96,17 @@ fn the_public_listener_serves_the_log_and_nothing_else() {
             .expect("request");
         r.assert_error(413, "body_too_large");
     }
+    // Nor a chunked one of which nothing comes: refused at once, not
+    // answered 408 after the body timeout.
+    let mut conn = anyone.connect().expect("connect");
+    conn.send(
+        b"GET /v1/log/checkpoint HTTP/1.1\r\nhost: localhost\r\n\
+          transfer-encoding: chunked\r\n\r\n",
+    )
+    .unwrap();
+    conn.read_response()
+        .unwrap()
+        .assert_error(413, "body_too_large");
     anyone
         .get("/v1/log/tile/0/x000/000")
         .assert_error(400, "malformed_request");

@@ -272,12 +272,15 @@ fn a_reload_that_raises_min_version_closes_tls_1_2_connections() {
 /// request over its identity's limit costs no certificate work (a client
 /// can make every request re-check its chain). Here the certificate was
 /// revoked by a reload: past the limit the request is 429; the first
-/// request within it again is refused and the connection closed.
+/// request within it again is refused and the connection closed, and
+/// takes no token: the identity's other, valid certificate (the agency's
+/// new one, while a thief holds connections with the stolen one) gets it.
 #[test]
 fn the_rate_limit_comes_before_the_certificate_check() {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     let revoked = pki.clients.identity(PROVIDER);
+    let valid = pki.clients.identity(PROVIDER);
     pki.write("clients.crl.pem", &pki.clients.crl(&[]));
     // Two requests, then one every 5 s.
     t.write_config(&serve_config(&format!(
@@ -298,6 +301,9 @@ fn the_rate_limit_comes_before_the_certificate_check() {
     let r = a.request("GET", "/v1/keys", &[], None).unwrap();
     r.assert_error(403, "client_certificate_rejected");
     assert!(a.closed_within(Duration::from_secs(5)));
+    let mut b = pki.client(daemon.api, Some(&valid)).connect().unwrap();
+    let r = b.request("GET", "/v1/keys", &[], None).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// A connection keeps its certificate check between requests only until a

@@ -4,8 +4,8 @@
 //!
 //! A request crosses, in order: [`server`] (TCP accept under a connection
 //! limit, TLS handshake against the client CAs and CRLs, the certificate's
-//! single URI SAN) → [`pipeline`] (certificate re-check against the current
-//! configuration, rate limit, bounded body, metrics, the request span) →
+//! single URI SAN) → [`pipeline`] (rate limit, certificate re-check against
+//! the current configuration, bounded body, metrics, the request span) →
 //! [`routes`] (role check, strict JSON) → [`handlers`] (the unwrap path of
 //! [`crate::unwrap`], revocation, the audit endpoints). [`admin`] serves the
 //! operations endpoints on a separate plain-HTTP listener. [`state`] holds

@@ -1,8 +1,10 @@
 //! What every API request goes through before and after its route, in
-//! order: identity of the connection → the certificate still passes the
-//! current CAs and CRLs (checked in full again only after a reload, or once
-//! the chain's earliest `notAfter` or a CRL's `nextUpdate` is reached:
-//! [`ConnInfo`]) → per-identity rate limit → body read within
+//! order: identity of the connection → a token in the identity's rate
+//! limit, looked for (a request over the limit costs no certificate work)
+//! → the certificate still passes the current CAs and CRLs (checked in
+//! full again only after a reload, or once the chain's earliest `notAfter`
+//! or a CRL's `nextUpdate` is reached: [`ConnInfo`]) → the token taken (a
+//! refused certificate spends none of its identity's) → body read within
 //! `max_body_bytes` and `body_read_timeout` → the route table → metrics and
 //! the request log line. On the public log listener ([`Access::Public`])
 //! the first three steps are one: a rate limit per IPv4 address or IPv6
@@ -337,12 +339,18 @@ where
             };
             // The rate limit first: a request over it costs no certificate
             // work (a client can make every request re-check its chain,
-            // e.g. with an expired extra certificate in it).
-            if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
+            // e.g. with an expired extra certificate in it). Its token is
+            // taken only once the certificate passes: a connection whose
+            // certificate a reload revoked is refused and closed without
+            // spending the tokens of the identity's other, valid clients.
+            if let Err(retry_after) = state.rate_limiter.peek(&uri, Instant::now()) {
                 return early(ApiError::RateLimited { retry_after }, body);
             }
             if let Err(e) = admit(state, conn, &live) {
                 return early(e, body);
+            }
+            if let Err(retry_after) = state.rate_limiter.check(&uri, Instant::now()) {
+                return early(ApiError::RateLimited { retry_after }, body);
             }
             let roles = live.roles.roles(&uri);
             (uri, roles)
@@ -580,6 +588,13 @@ where
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        return Err((ApiError::BodyTooLarge { limit }, Some(body)));
+    }
+    // Where no body is taken (the public log listener), a chunked one is
+    // refused before any of it is read too: waiting for its chunks would
+    // let a peer that sends none hold its connection for the body timeout,
+    // past the idle one.
+    if limit == 0 && declared.is_none() && body.size_hint().exact() != Some(0) {
         return Err((ApiError::BodyTooLarge { limit }, Some(body)));
     }
     // hyper knows an empty body's size (no `Content-Length`, not chunked);

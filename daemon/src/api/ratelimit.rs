@@ -44,6 +44,21 @@ impl RateLimiter {
     /// # Errors
     /// How long until a token is available, when none is.
     pub fn check(&self, identity: &str, now: Instant) -> Result<(), Duration> {
+        self.look(identity, now, true)
+    }
+
+    /// Whether [`Self::check`] would find a token for `identity` at `now`,
+    /// taking none: for a request that may yet be refused for another
+    /// reason (its certificate), which must not spend its identity's
+    /// tokens.
+    ///
+    /// # Errors
+    /// How long until a token is available, when none is.
+    pub fn peek(&self, identity: &str, now: Instant) -> Result<(), Duration> {
+        self.look(identity, now, false)
+    }
+
+    fn look(&self, identity: &str, now: Instant, take: bool) -> Result<(), Duration> {
         // A panic elsewhere while holding the lock cannot leave a bucket
         // half-updated in a way that matters (worst case one request's
         // accounting), so a poisoned lock is still usable.
@@ -61,7 +76,9 @@ impl RateLimiter {
         });
         let mut b = refill(*bucket, now, self.per_second, self.burst);
         let result = if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
+            if take {
+                b.tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(Duration::from_secs_f64((1.0 - b.tokens) / self.per_second))
@@ -207,6 +224,21 @@ mod tests {
             limiter.check("spiffe://a", t2).unwrap();
         }
         assert!(limiter.check("spiffe://a", t2).is_err());
+    }
+
+    #[test]
+    fn a_peek_takes_no_token() {
+        let limiter = RateLimiter::new(1.0, 1);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            limiter.peek("spiffe://a", t0).unwrap();
+        }
+        limiter.check("spiffe://a", t0).unwrap();
+        assert_eq!(
+            limiter.peek("spiffe://a", t0).unwrap_err(),
+            Duration::from_secs(1)
+        );
+        assert!(limiter.check("spiffe://a", t0).is_err());
     }
 
     #[test]
