@@ -204,14 +204,30 @@ pub fn cosignature_line<E>(
     ))
 }
 
+/// How far past this machine's clock a witness's cosignature may be
+/// stamped and still count: clocks disagree by seconds, not minutes.
+/// C2SP tlog-cosignature lets verifiers refuse timestamps in the future.
+/// One bound for `lavd audit verify` and for the daemon's own quorum, so
+/// that a checkpoint the daemon serves, or releases keys on, is not one
+/// the verifier sets aside.
+pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
+
+/// Whether a cosignature stamped `at` (Unix seconds) counts toward the
+/// daemon's quorum at `now`: not 0 (C2SP tlog-witness: "the timestamp MUST
+/// NOT be zero") and at most [`COSIGNATURE_FUTURE_SKEW_SECS`] past `now`.
+pub fn countable_at(at: u64, now: u64) -> bool {
+    at != 0 && at <= now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS)
+}
+
 /// The cosignatures in `note` by `key`, verified: the timestamp of each
 /// (there is normally one). Lines by other keys are ignored.
 ///
 /// # Errors
 /// [`WitnessError::CosignatureInvalid`] for a line that claims to be by
 /// `key` and does not verify (or is not 8 + 64 bytes, or is stamped above
-/// 2^63 − 1); note format errors. A timestamp 0 is one (C2SP
-/// tlog-cosignature sets no lower bound): a quorum's age bound judges it.
+/// 2^63 − 1); note format errors. A timestamp 0 verifies (C2SP
+/// tlog-cosignature sets no lower bound): a quorum's age bound judges it,
+/// and the daemon's own quorum does not count it ([`countable_at`]).
 pub fn verify_cosignatures(note: &str, key: &CosignerKey) -> Result<Vec<u64>, WitnessError> {
     let (body, lines) = note::split_note(note)?;
     let public = UnparsedPublicKey::new(&ED25519, key.public_key);
@@ -259,6 +275,16 @@ pub struct Policy {
 /// The most logs, witnesses and groups a policy may define (the spec asks
 /// implementations to support at least 32 of each).
 const MAX_POLICY_ITEMS: usize = 256;
+
+/// Why a key whose name and key ID another key of the policy has already is
+/// refused: a note's signature lines say only those two, so a line of one
+/// would be checked as the other's and fail, rejecting every checkpoint
+/// (signed-note: "Accidental collisions of both key name and key ID can
+/// lead to errors if signatures from colliding keys pairs are applied to
+/// the same note"). A witness named after the log's origin can search for
+/// such a key.
+const SIGNS_LIKE: &str = "a key with this key's name and key ID is already defined (a log's or \
+                          a witness's): their signature lines could not be told apart";
 
 impl Policy {
     /// The key of witness `name`, if the policy has one.
@@ -311,7 +337,10 @@ impl Policy {
             if keyword.starts_with('#') {
                 continue;
             }
-            if policy.logs.len() + policy.witnesses.len() + policy.groups.len() >= MAX_POLICY_ITEMS
+            // Definitions only: the quorum line is not one.
+            if keyword != "quorum"
+                && policy.logs.len() + policy.witnesses.len() + policy.groups.len()
+                    >= MAX_POLICY_ITEMS
             {
                 return Err(bad(format!("more than {MAX_POLICY_ITEMS} definitions")));
             }
@@ -325,6 +354,9 @@ impl Policy {
                     {
                         return Err(bad("a log with this key is already defined".into()));
                     }
+                    if policy.signs_like(key.name(), key.key_id()) {
+                        return Err(bad(SIGNS_LIKE.into()));
+                    }
                     policy.logs.push(key);
                 }
                 ("witness", [name, vkey] | [name, vkey, _]) => {
@@ -336,6 +368,9 @@ impl Policy {
                         .any(|(_, k, _)| k.public_key == key.public_key)
                     {
                         return Err(bad("a witness with this key is already defined".into()));
+                    }
+                    if policy.signs_like(key.name(), key.key_id()) {
+                        return Err(bad(SIGNS_LIKE.into()));
                     }
                     let url = words.get(3).map(|u| u.to_string());
                     policy.witnesses.push((name.to_string(), key, url));
@@ -401,6 +436,18 @@ impl Policy {
     fn is_defined(&self, name: &str) -> bool {
         self.witnesses.iter().any(|(n, ..)| n == name)
             || self.groups.iter().any(|(n, ..)| n == name)
+    }
+
+    /// Whether a log or witness key of the policy has this name and key ID
+    /// ([`SIGNS_LIKE`]).
+    fn signs_like(&self, name: &str, key_id: u32) -> bool {
+        self.logs
+            .iter()
+            .any(|k| k.name() == name && k.key_id() == key_id)
+            || self
+                .witnesses
+                .iter()
+                .any(|(_, k, _)| k.name() == name && k.key_id() == key_id)
     }
 
     fn check_new_name(&self, name: &str) -> Result<(), String> {
@@ -780,16 +827,18 @@ pub fn check_add_checkpoint(
             request.old_size, checkpoint.size
         )));
     }
+    let (size, root) = recorded(origin).unwrap_or((0, super::merkle::empty_root()));
+    if request.old_size != size {
+        return Err(AddOutcome::Conflict { size });
+    }
     // A tree of size 0 has one root; a checkpoint claiming another is no
-    // tree at all (and two of them must never both be cosigned).
+    // tree at all (and two of them must never both be cosigned). After the
+    // old size, in the spec's order: a client whose old size is stale
+    // learns the recorded one (409) first.
     if checkpoint.size == 0 && checkpoint.root != super::merkle::empty_root() {
         return Err(AddOutcome::BadProof(
             "a checkpoint of size 0 must carry the empty tree's root".into(),
         ));
-    }
-    let (size, root) = recorded(origin).unwrap_or((0, super::merkle::empty_root()));
-    if request.old_size != size {
-        return Err(AddOutcome::Conflict { size });
     }
     // C2SP tlog-witness: the same size must have the same root, else 422
     // (409 until the spec's change of 2026-07-06, C2SP commit 95978ca).
@@ -1022,6 +1071,30 @@ mod tests {
             e.to_string().contains("line 1") && e.to_string().contains("not UTF-8"),
             "{e}"
         );
+        // 256 definitions and the quorum line: the quorum is no definition.
+        let many: String = (0..256)
+            .map(|i| format!("group g{i} any A\n"))
+            .collect::<String>();
+        let most = format!("witness A {}\n{many}quorum g0\n", w[0].1);
+        let e = Policy::parse(most.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("more than 256"), "{e}");
+        let most = format!(
+            "witness A {}\n{}quorum g0\n",
+            w[0].1,
+            many.lines()
+                .skip(1)
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()
+        );
+        let most = most.replacen("quorum g0", "quorum g1", 1);
+        Policy::parse(most.as_bytes()).expect("256 definitions and a quorum");
+        // A key with another key's name and key ID is refused, whatever its
+        // kind: their lines could not be told apart.
+        let policy = Policy::parse(format!("log {log}\nquorum none\n").as_bytes()).unwrap();
+        let log_key = &policy.logs[0];
+        assert!(policy.signs_like(log_key.name(), log_key.key_id()));
+        assert!(!policy.signs_like(log_key.name(), log_key.key_id() ^ 1));
+        assert!(!policy.signs_like("other.example", log_key.key_id()));
         // A comment may hold any octets.
         let mut commented = b"# caf\xe9\n".to_vec();
         commented.extend_from_slice(format!("witness A {}\nquorum A\n", w[0].1).as_bytes());
@@ -1259,5 +1332,12 @@ mod tests {
         assert_eq!(refused.unwrap_err().status(), 422);
         let refused = check_add_checkpoint(&request(0, &bogus), &trusted, &at(0));
         assert_eq!(refused.unwrap_err().status(), 422);
+        // A stale old size is answered first, in the spec's order: the
+        // client learns the recorded size (409), whatever the root.
+        let refused = check_add_checkpoint(&request(0, &bogus), &trusted, &at(7));
+        assert!(
+            matches!(refused, Err(AddOutcome::Conflict { size: 7 })),
+            "{refused:?}"
+        );
     }
 }

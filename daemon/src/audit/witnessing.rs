@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use hyper::body::Bytes;
 
-use super::witness::{verify_cosignatures, AddCheckpoint, CosignerKey};
+use super::witness::{
+    countable_at, verify_cosignatures, AddCheckpoint, CosignerKey, COSIGNATURE_FUTURE_SKEW_SECS,
+};
 use crate::cli::https::{Endpoint, Limits};
 use crate::config::{WitnessClientSettings, WitnessEndpoint};
 use crate::metrics::Metrics;
@@ -180,21 +182,37 @@ impl Witnessing {
         note: &str,
         group: &[&'a Cosignature],
     ) -> Vec<(&'a Cosignature, &'a CosignerKey)> {
+        let now = unix_now();
         group
             .iter()
             .filter_map(|c| self.key_of(c).map(|key| (*c, key)))
             .filter(|(c, key)| {
-                let sound = verify_cosignatures(&format!("{note}{}", c.line), key)
-                    .is_ok_and(|times| !times.is_empty());
-                if !sound {
+                let times = verify_cosignatures(&format!("{note}{}", c.line), key)
+                    .ok()
+                    .filter(|times| !times.is_empty());
+                let Some(times) = times else {
                     tracing::error!(
                         witness = %c.witness,
                         size = c.size,
                         "a stored cosignature does not verify over the stored checkpoint of its \
                          size; it is not counted or served (a row written outside lavd?)"
                     );
+                    return false;
+                };
+                // As `lavd audit verify` judges it: a line it would set
+                // aside neither makes the quorum keys are released on,
+                // nor is served.
+                let countable = times.iter().all(|&at| countable_at(at, now));
+                if !countable {
+                    tracing::warn!(
+                        witness = %c.witness,
+                        size = c.size,
+                        "a stored cosignature is stamped 0, or more than \
+                         {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; it is not \
+                         counted or served"
+                    );
                 }
-                sound
+                countable
             })
             .collect()
     }
@@ -706,6 +724,18 @@ impl Witnessing {
                 continue;
             }
             match verify_cosignatures(&format!("{note}{line}"), &w.key) {
+                // A line stamped 0 (which the spec forbids a witness to
+                // return) or ahead of this clock would not count.
+                Ok(times) if !times.iter().all(|&at| countable_at(at, unix_now())) => {
+                    tracing::error!(
+                        witness = %w.name,
+                        size,
+                        times = ?times,
+                        "witness returned a cosignature stamped 0, or more than \
+                         {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; dropped \
+                         (is its clock, or ours, wrong?)"
+                    );
+                }
                 Ok(times) if !times.is_empty() => {
                     good.get_or_insert_with(|| line.to_string());
                 }
@@ -788,6 +818,14 @@ fn parse_size(body: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// Seconds since the Unix epoch, now (0 for a clock before it, at which
+/// no cosignature counts).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -883,9 +921,20 @@ mod tests {
         key: &CosignerKey,
         sk: &ed25519_dalek::SigningKey,
     ) -> String {
+        cosign_at(store, size, key, sk, 1_700_000_000)
+    }
+
+    /// [`cosign`], stamped `at`.
+    fn cosign_at(
+        store: &Store,
+        size: u64,
+        key: &CosignerKey,
+        sk: &ed25519_dalek::SigningKey,
+        at: u64,
+    ) -> String {
         let note = store.checkpoint_at(size).unwrap().unwrap();
         let (body, _) = note::split_note(&note).unwrap();
-        let line = crate::audit::witness::cosignature_line(key, body, 1_700_000_000, |m| {
+        let line = crate::audit::witness::cosignature_line(key, body, at, |m| {
             Ok::<_, ()>(sk.sign(m).to_bytes())
         })
         .unwrap();
@@ -1635,6 +1684,49 @@ mod tests {
             assert!(served.contains(line.as_str()), "{served}");
         }
         assert_eq!(note::split_note(&served).unwrap().1.len(), 3, "{served}");
+    }
+
+    /// A cosignature stamped 0 (which tlog-witness forbids) or more than
+    /// the skew past this clock counts for nothing, as `lavd audit verify`
+    /// would set it aside: no quorum of it releases keys or is served.
+    #[test]
+    fn cosignatures_stamped_zero_or_ahead_of_the_clock_do_not_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let a_sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let a = CosignerKey::new("w1.test", a_sk.verifying_key().as_bytes()).unwrap();
+        let b_sk = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let b = CosignerKey::new("w2.test", b_sk.verifying_key().as_bytes()).unwrap();
+        let policy_text =
+            format!("witness A {a}\nwitness B {b}\ngroup both all A B\nquorum both\n");
+        let mut settings = settings(
+            dir.path(),
+            &[("https://localhost:1", &a), ("https://localhost:2", &b)],
+            &policy_text,
+            &ca,
+        );
+        settings.timeout = Duration::from_millis(200);
+        let witnessing = Witnessing::new(settings, store.clone(), None);
+        let ahead = unix_now() + COSIGNATURE_FUTURE_SKEW_SECS + 60;
+        let first = grow(&store, 1);
+        cosign_at(&store, first, &a, &a_sk, 0);
+        cosign_at(&store, first, &b, &b_sk, 1_700_000_000);
+        let second = grow(&store, 1);
+        cosign_at(&store, second, &a, &a_sk, 1_700_000_000);
+        cosign_at(&store, second, &b, &b_sk, ahead);
+        assert_eq!(witnessing.quorum_covering(first).unwrap(), None);
+        assert!(matches!(
+            witnessing.wait_for_quorum(first),
+            Err(WaitError::Timeout { .. })
+        ));
+        // Within the skew, it counts.
+        let third = grow(&store, 1);
+        cosign_at(&store, third, &a, &a_sk, 1_700_000_000);
+        cosign_at(&store, third, &b, &b_sk, unix_now() + 60);
+        let covering = witnessing.quorum_covering(first).unwrap().unwrap();
+        let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
+        assert_eq!(policy.verify(&covering).unwrap().0.size, third);
     }
 
     /// Witness A cosigned an older checkpoint and went quiet; the log has

@@ -254,10 +254,7 @@ pub struct Remote {
     pub max_entries: u64,
 }
 
-/// How far past this machine's clock a witness's cosignature may be
-/// stamped and still count: clocks disagree by seconds, not minutes.
-/// C2SP tlog-cosignature lets verifiers refuse timestamps in the future.
-pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
+pub use crate::audit::witness::COSIGNATURE_FUTURE_SKEW_SECS;
 
 /// The witness policy's verdict on a checkpoint ([`judge_cosignatures`]).
 #[derive(Debug, Default)]

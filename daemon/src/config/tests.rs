@@ -867,6 +867,17 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].name",
         "other.example",
     );
+    // A witness named after the log's origin.
+    refused(
+        &format!(
+            "[audit]\norigin = \"w1.example\"\nwitness_policy = \"p.policy\"\n{}{}",
+            witness_entry("w1.example", &k1),
+            witness_entry("w2.example", &k2)
+        ),
+        &files,
+        "audit.witnesses[0].name",
+        "is the log's origin",
+    );
     // A URL whose port does not parse, a CA file with no certificate:
     // refused at load, naming the field.
     refused(

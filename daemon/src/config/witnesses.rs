@@ -140,6 +140,20 @@ impl Validator<'_> {
                     ),
                 ));
             }
+            // The log signs its checkpoints under its origin: a witness
+            // named so could have a key whose lines pass for the log's
+            // (name and key ID, signed-note), failing every checkpoint.
+            let origin = raw.origin.as_deref().unwrap_or(super::raw::DEFAULT_ORIGIN);
+            if w.name == origin {
+                return Err(self.err(
+                    &field("name"),
+                    format!(
+                        "`{}` is the log's origin (audit.origin): a witness needs a name of its \
+                         own, or its cosignature lines could pass for the log's signature",
+                        w.name
+                    ),
+                ));
+            }
             if let Some(other) = witnesses.iter().find(|o| o.name == w.name || o.key == key) {
                 return Err(self.err(
                     &field("name"),
