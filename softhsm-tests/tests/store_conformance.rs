@@ -874,6 +874,18 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
     assert_eq!(z.cosignatures(4, 10).unwrap(), [c(7, "w1", "— w1 c\n")]);
     assert_eq!(z.cosignatures(0, 2).unwrap().len(), 2);
     assert_eq!(z.cosignatures(8, 10).unwrap(), []);
+    // A refreshed line replaces the one its writer read, and only that
+    // one: another replica's refresh in between wins.
+    assert!(a
+        .replace_cosignature(&c(7, "w1", "— w1 d\n"), "— w1 c\n")
+        .unwrap());
+    assert!(!z
+        .replace_cosignature(&c(7, "w1", "— w1 e\n"), "— w1 c\n")
+        .unwrap());
+    assert!(!z
+        .replace_cosignature(&c(8, "w1", "— w1 e\n"), "— w1 d\n")
+        .unwrap());
+    assert_eq!(z.cosignatures(4, 10).unwrap(), [c(7, "w1", "— w1 d\n")]);
 }
 
 // ---- PostgreSQL only -------------------------------------------------------

@@ -458,6 +458,9 @@ impl Witnessing {
     async fn submit_loop(self: Arc<Self>, w: WitnessEndpoint, endpoint: Endpoint) {
         let mut signed = self.signed.subscribe();
         let mut backoff = BACKOFF_MIN;
+        // When this witness was last asked to cosign the newest checkpoint
+        // again ([`Self::refresh`]).
+        let mut refreshed = None;
         let name = w.name.clone();
         if let Ok(Some(size)) = self.store_call(move |s| s.last_cosigned(&name)).await {
             if let Some(m) = &self.metrics {
@@ -465,7 +468,7 @@ impl Witnessing {
             }
         }
         loop {
-            match self.submit_newest(&w, &endpoint).await {
+            match self.submit_newest(&w, &endpoint, &mut refreshed).await {
                 // It joined an older size; the newest is next, at once.
                 Ok(Submitted::Older) => {
                     backoff = BACKOFF_MIN;
@@ -497,6 +500,7 @@ impl Witnessing {
         &self,
         w: &WitnessEndpoint,
         endpoint: &Endpoint,
+        refreshed: &mut Option<Instant>,
     ) -> Result<Submitted, ()> {
         let name = w.name.clone();
         let read = self
@@ -527,10 +531,17 @@ impl Witnessing {
             }
         }
         if old >= size {
+            if old == size && submitted == Submitted::Newest {
+                self.refresh(w, endpoint, size, &note, &rows, refreshed)
+                    .await?;
+            }
             return Ok(Submitted::Newest);
         }
         for _ in 0..=MAX_CONFLICT_RETRIES {
-            match self.add_checkpoint(w, endpoint, old, size, &note).await? {
+            match self
+                .add_checkpoint(w, endpoint, old, size, &note, None)
+                .await?
+            {
                 Sent::Cosigned => return Ok(submitted),
                 Sent::Learned(learned) if learned > size => {
                     // Another replica (PostgreSQL) may have signed and sent
@@ -597,6 +608,58 @@ impl Witnessing {
         Err(())
     }
 
+    /// While the log takes no leaves, its newest checkpoint keeps the
+    /// cosignatures it got when it was new, and their times, which date
+    /// it for verifiers (`--max-cosignature-age`), grow old: an idle honest
+    /// log would look like a frozen view. So once `w`'s line of `size`, the
+    /// newest, is older than `refresh_after`, the checkpoint is sent to
+    /// `w` again (`old` = `size`, which C2SP tlog-witness allows: same
+    /// size, same root), and its newer line replaces the stored one.
+    async fn refresh(
+        &self,
+        w: &WitnessEndpoint,
+        endpoint: &Endpoint,
+        size: u64,
+        note: &str,
+        rows: &[Cosignature],
+        refreshed: &mut Option<Instant>,
+    ) -> Result<(), ()> {
+        let Some(stored) = rows.iter().find(|c| c.size == size && c.witness == w.name) else {
+            // Not among the rows read (more than SERVE_SCAN_ROWS newer
+            // ones cannot be): nothing to compare with.
+            return Ok(());
+        };
+        let newest = verify_cosignatures(&format!("{note}{}", stored.line), &w.key)
+            .ok()
+            .and_then(|times| times.into_iter().max());
+        let due = newest.is_none_or(|at| {
+            unix_now().saturating_sub(at) >= self.settings.refresh_after.as_secs()
+        });
+        // And at most once per `refresh_after` whatever the answer: a
+        // witness whose clock lags keeps returning old times.
+        let asked = refreshed.is_some_and(|t| t.elapsed() < self.settings.refresh_after);
+        if !due || asked {
+            return Ok(());
+        }
+        *refreshed = Some(Instant::now());
+        match self
+            .add_checkpoint(w, endpoint, size, size, note, Some(&stored.line))
+            .await?
+        {
+            Sent::Cosigned => Ok(()),
+            Sent::Learned(learned) => {
+                // Ahead of the log's newest: another replica's newer
+                // checkpoint, sent next round; below it, a witness that
+                // went back, caught up next round from its size.
+                tracing::info!(
+                    witness = %w.name, size, learned,
+                    "witness holds another size than the one it cosigned last; not refreshed"
+                );
+                Ok(())
+            }
+        }
+    }
+
     async fn add_checkpoint(
         &self,
         w: &WitnessEndpoint,
@@ -604,6 +667,7 @@ impl Witnessing {
         old: u64,
         size: u64,
         note: &str,
+        replacing: Option<&str>,
     ) -> Result<Sent, ()> {
         let proof = if old == 0 {
             Vec::new()
@@ -648,7 +712,7 @@ impl Witnessing {
         let text = String::from_utf8_lossy(&reply.body);
         let excerpt: String = text.chars().take(200).collect();
         match reply.status.as_u16() {
-            200 => self.cosigned(w, size, note, &text).await,
+            200 => self.cosigned(w, size, note, &text, replacing).await,
             409 => {
                 let learned = is_tlog_size(reply.content_type.as_deref())
                     .then(|| parse_size(&text))
@@ -710,13 +774,15 @@ impl Witnessing {
         }
     }
 
-    /// A 200: keeps the first returned line that verifies under `w`'s key.
+    /// A 200: keeps the first returned line that verifies under `w`'s key;
+    /// in place of `replacing`, when given (a refresh, [`Self::refresh`]).
     async fn cosigned(
         &self,
         w: &WitnessEndpoint,
         size: u64,
         note: &str,
         body: &str,
+        replacing: Option<&str>,
     ) -> Result<Sent, ()> {
         let mut good = None;
         for line in body.split_inclusive('\n') {
@@ -756,10 +822,26 @@ impl Witnessing {
             witness: w.name.clone(),
             line,
         };
-        if let Err(e) = self
-            .store_call(move |s| s.save_cosignature(&cosignature))
-            .await
-        {
+        let time_of = |line: &str| {
+            verify_cosignatures(&format!("{note}{line}"), &w.key)
+                .ok()
+                .and_then(|times| times.into_iter().max())
+        };
+        if let Some(previous) = replacing {
+            if time_of(&cosignature.line) <= time_of(previous) {
+                // A witness whose clock went back: the stored line stays.
+                tracing::warn!(witness = %w.name, size, "witness refreshed a cosignature with a time no later than the stored one's; keeping the stored one");
+                return Ok(Sent::Cosigned);
+            }
+        }
+        let previous = replacing.map(str::to_string);
+        let saved = self
+            .store_call(move |s| match previous {
+                Some(previous) => s.replace_cosignature(&cosignature, &previous).map(|_| ()),
+                None => s.save_cosignature(&cosignature),
+            })
+            .await;
+        if let Err(e) = saved {
             tracing::error!(witness = %w.name, size, error = %e, "cannot store a cosignature; will retry");
             self.outcome(&w.name, "unavailable");
             return Err(());
@@ -1091,7 +1173,7 @@ mod tests {
                                 }
                             };
                             let outcome = state
-                                .add_checkpoint(&body, &trusted, &key, &|| 1_700_000_000, |m| {
+                                .add_checkpoint(&body, &trusted, &key, &unix_now, |m| {
                                     Ok::<_, ()>(sk.sign(m).to_bytes())
                                 })
                                 .unwrap()
@@ -1155,7 +1237,48 @@ mod tests {
             release_after_witness: true,
             timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(5),
+            refresh_after: Duration::from_secs(300),
         }
+    }
+
+    /// While the log takes no leaves, its newest checkpoint is sent to a
+    /// witness again once the witness's cosignature of it is older than
+    /// `refresh_after`: the newer line replaces the stored one and is
+    /// served, so that an idle honest log does not look like a frozen view
+    /// to `lavd audit verify --max-cosignature-age` (helper-172's 1).
+    #[test]
+    fn an_idle_logs_newest_checkpoint_is_cosigned_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (u1, k1, _) = runtime.block_on(witness(dir.path(), "w1.test", 1, log_key(), &ca));
+        let size = grow(&store, 3);
+        let policy_text = format!("witness A {k1}\ngroup q all A\nquorum q\n");
+        let mut settings = settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca);
+        settings.refresh_after = Duration::from_secs(1);
+        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        started_until_quorum(&runtime, &witnessing, size, size);
+        let note = store.checkpoint_at(size).unwrap().unwrap();
+        let stored = || {
+            let rows = store.cosignatures(0, 10).unwrap();
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            let line = rows[0].line.clone();
+            let times = verify_cosignatures(&format!("{note}{line}"), &k1).unwrap();
+            (line, times[0])
+        };
+        let (first_line, first) = stored();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while stored().1 <= first {
+            assert!(Instant::now() < deadline, "not cosigned again in 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (line, _) = stored();
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(size));
+        let served = witnessing.served().unwrap().unwrap();
+        assert!(served.contains(&line), "{served}");
+        assert!(!served.contains(&first_line), "{served}");
+        drop(runtime);
     }
 
     /// A witness that answers 409 with a size below one whose cosignature
@@ -1510,7 +1633,7 @@ mod tests {
         let witnessing = Witnessing::new(settings, store.clone(), None);
         assert_eq!(first, 3);
         assert_eq!(
-            runtime.block_on(witnessing.submit_newest(&w, &endpoint)),
+            runtime.block_on(witnessing.submit_newest(&w, &endpoint, &mut None)),
             Ok(Submitted::Newest)
         );
         assert_eq!(store.last_cosigned("w1.test").unwrap(), Some(6));

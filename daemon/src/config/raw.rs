@@ -168,6 +168,7 @@ pub struct RawAudit {
     pub(super) release_after_witness: Option<bool>,
     pub(super) witness_timeout_secs: Option<u64>,
     pub(super) witness_request_timeout_secs: Option<u64>,
+    pub(super) witness_refresh_secs: Option<u64>,
 }
 
 /// `[audit.public]`
@@ -202,6 +203,7 @@ impl Default for RawAudit {
             release_after_witness: None,
             witness_timeout_secs: None,
             witness_request_timeout_secs: None,
+            witness_refresh_secs: None,
         }
     }
 }

@@ -867,6 +867,28 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].name",
         "other.example",
     );
+    // The refresh interval: 1 s to a day; 300 s unset.
+    assert_eq!(
+        load_with(&both, &files)
+            .unwrap()
+            .audit
+            .witnesses
+            .unwrap()
+            .refresh_after
+            .as_secs(),
+        300
+    );
+    for bad in ["0", "86401"] {
+        refused(
+            &both.replace(
+                "release_after_witness = true",
+                &format!("release_after_witness = true\nwitness_refresh_secs = {bad}"),
+            ),
+            &files,
+            "audit.witness_refresh_secs",
+            "1 to 86400",
+        );
+    }
     // A witness named after the log's origin.
     refused(
         &format!(

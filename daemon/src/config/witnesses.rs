@@ -17,6 +17,11 @@ pub const DEFAULT_WITNESS_TIMEOUT_SECS: u64 = 10;
 pub const DEFAULT_WITNESS_REQUEST_TIMEOUT_SECS: u64 = 5;
 /// The longest either wait may be configured to.
 const MAX_WITNESS_TIMEOUT_SECS: u64 = 300;
+/// Default of `witness_refresh_secs`: how old a witness's cosignature of
+/// the newest checkpoint may grow before it is asked for a newer one.
+pub const DEFAULT_WITNESS_REFRESH_SECS: u64 = 300;
+/// The most `witness_refresh_secs` may be: a day.
+const MAX_WITNESS_REFRESH_SECS: u64 = 86_400;
 
 /// One configured witness.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +55,11 @@ pub struct WitnessClientSettings {
     pub timeout: Duration,
     /// The bound on one `add-checkpoint` request.
     pub request_timeout: Duration,
+    /// How old a witness's cosignature of the newest checkpoint may grow
+    /// while the log takes no leaves before that checkpoint is sent to it
+    /// again, for a newer one: a cosignature dates the checkpoint
+    /// (`lavd audit verify --max-cosignature-age`).
+    pub refresh_after: Duration,
 }
 
 impl PartialEq for WitnessClientSettings {
@@ -60,6 +70,7 @@ impl PartialEq for WitnessClientSettings {
             && self.release_after_witness == other.release_after_witness
             && self.timeout == other.timeout
             && self.request_timeout == other.request_timeout
+            && self.refresh_after == other.refresh_after
     }
 }
 
@@ -87,6 +98,7 @@ impl Validator<'_> {
                     raw.witness_request_timeout_secs.is_some(),
                     "witness_request_timeout_secs",
                 ),
+                (raw.witness_refresh_secs.is_some(), "witness_refresh_secs"),
             ] {
                 if set {
                     return Err(self.err(
@@ -302,6 +314,18 @@ impl Validator<'_> {
                 raw.witness_request_timeout_secs,
                 DEFAULT_WITNESS_REQUEST_TIMEOUT_SECS,
             )?,
+            refresh_after: match raw
+                .witness_refresh_secs
+                .unwrap_or(DEFAULT_WITNESS_REFRESH_SECS)
+            {
+                s @ 1..=MAX_WITNESS_REFRESH_SECS => Duration::from_secs(s),
+                _ => {
+                    return Err(self.err(
+                        "audit.witness_refresh_secs",
+                        format!("must be 1 to {MAX_WITNESS_REFRESH_SECS} seconds"),
+                    ))
+                }
+            },
         }))
     }
 }

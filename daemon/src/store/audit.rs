@@ -505,6 +505,18 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`] / [`StoreError::Postgres`].
     fn save_cosignature(&self, cosignature: &Cosignature) -> Result<(), StoreError>;
+    /// Puts a newer line of the same witness on the same size (a refreshed
+    /// cosignature, verified by the caller) in place of `previous`, the
+    /// line the caller read; `false`, changing nothing, when the stored
+    /// line is no longer `previous` (another replica refreshed it first).
+    ///
+    /// # Errors
+    /// As [`AuditStore::save_cosignature`].
+    fn replace_cosignature(
+        &self,
+        cosignature: &Cosignature,
+        previous: &str,
+    ) -> Result<bool, StoreError>;
     /// The largest checkpoint size `witness` has cosigned, if any.
     ///
     /// # Errors
@@ -1212,6 +1224,23 @@ impl AuditStore for SqliteStore {
             )
             .map_err(|e| self.sqlite_err(e))?;
         Ok(())
+    }
+
+    fn replace_cosignature(&self, c: &Cosignature, previous: &str) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .execute(
+                "UPDATE audit_cosignatures SET line = ?3
+                 WHERE size = ?1 AND witness = ?2 AND line = ?4",
+                params![
+                    i64::try_from(c.size).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    c.witness,
+                    c.line,
+                    previous
+                ],
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        Ok(changed == 1)
     }
 
     fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {

@@ -573,6 +573,16 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.save_cosignature(cosignature),
         }
     }
+    fn replace_cosignature(
+        &self,
+        cosignature: &Cosignature,
+        previous: &str,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.replace_cosignature(cosignature, previous),
+            Store::Postgres(s) => s.replace_cosignature(cosignature, previous),
+        }
+    }
     fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {
         match self {
             Store::Sqlite(s) => s.last_cosigned(witness),

@@ -2264,6 +2264,19 @@ impl AuditStore for PgStore {
         Ok(())
     }
 
+    fn replace_cosignature(&self, c: &Cosignature, previous: &str) -> Result<bool, StoreError> {
+        let size = i64::try_from(c.size).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        let changed = self.with_tx(|tx| {
+            tx.execute(
+                "UPDATE audit_cosignatures SET line = $3
+                 WHERE size = $1 AND witness = $2 AND line = $4",
+                &[&size, &c.witness, &c.line, &previous],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        Ok(changed == 1)
+    }
+
     fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError> {
         let size: Option<i64> = self.read(|c| {
             c.query_one(
