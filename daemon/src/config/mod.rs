@@ -150,6 +150,25 @@ impl Settings {
             base: path.parent().unwrap_or(Path::new(".")),
             warnings: RefCell::new(Vec::new()),
         };
+        // What decides who may do what, or runs inside the daemon: anyone
+        // who can replace one of these files controls lavd.
+        v.warn_if_replaceable("the configuration file", path);
+        v.warn_if_replaceable("the PKCS#11 module (hsm.module)", &v.path(&raw.hsm.module));
+        for (i, a) in raw.authorities.iter().enumerate() {
+            if let Some(pem) = &a.pem_file {
+                v.warn_if_replaceable(&format!("authorities[{i}].pem_file"), &v.path(pem));
+            }
+        }
+        if let Some(tls) = &raw.tls {
+            for (field, files) in [("tls.client_cas", &tls.client_cas), ("tls.crls", &tls.crls)] {
+                for (i, file) in files.iter().enumerate() {
+                    v.warn_if_replaceable(&format!("{field}[{i}]"), &v.path(file));
+                }
+            }
+        }
+        if let Some(policy) = &raw.audit.witness_policy {
+            v.warn_if_replaceable("audit.witness_policy", &v.path(policy));
+        }
         let (hsm, refused_pin_record) = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
         let witnesses = v.witnesses(&raw.audit)?;
@@ -367,6 +386,17 @@ impl Validator<'_> {
             return Err(self.err(field, format!("{source} is empty")));
         }
         Ok(secret)
+    }
+
+    /// Warns when users other than the file's owner could replace `file`
+    /// ([`replaceable_by_others`]).
+    fn warn_if_replaceable(&self, what: &str, file: &Path) {
+        if let Some(why) = replaceable_by_others(file) {
+            self.warnings.borrow_mut().push(format!(
+                "{what} {} {why}: whoever can replace it controls lavd; chmod go-w it",
+                file.display()
+            ));
+        }
     }
 
     fn path(&self, p: &Path) -> PathBuf {
@@ -773,7 +803,31 @@ impl Validator<'_> {
 #[cfg(unix)]
 pub(super) fn readable_by_others(file: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::metadata(file).is_ok_and(|meta| meta.permissions().mode() & 0o007 != 0)
+    std::fs::metadata(file).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
+}
+
+/// Why users other than its owner could replace `file`, if they could:
+/// the file (after symbolic links) is group- or world-writable, or its
+/// directory is without the sticky bit (which keeps others from renaming
+/// or removing what they do not own). `None` when neither, or when it
+/// cannot be looked at (the read that follows says why).
+#[cfg(unix)]
+pub(super) fn replaceable_by_others(file: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let writable = |meta: &std::fs::Metadata| meta.permissions().mode() & 0o022 != 0;
+    let meta = std::fs::metadata(file).ok()?;
+    if writable(&meta) {
+        return Some("is writable by its group or by everyone");
+    }
+    let dir = std::fs::canonicalize(file).ok()?;
+    let dir = std::fs::metadata(dir.parent()?).ok()?;
+    (writable(&dir) && dir.permissions().mode() & 0o1000 == 0)
+        .then_some("is in a directory its group or everyone may write to")
+}
+
+#[cfg(not(unix))]
+pub(super) fn replaceable_by_others(_: &Path) -> Option<&'static str> {
+    None
 }
 
 #[cfg(not(unix))]

@@ -502,6 +502,56 @@ fn a_pin_file_readable_by_others_is_a_warning() {
     assert_eq!(chmod.len(), 1, "{:?}", s.warnings);
 }
 
+/// Files whose replacement would hand lavd to whoever replaced them (the
+/// config, the PKCS#11 module, trust files) are warned about when others
+/// could replace them: writable by group or everyone, or in a directory
+/// they may write to without the sticky bit. A PIN file only others may
+/// execute is not "readable by other users".
+#[test]
+fn files_others_could_replace_are_warnings() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    let dir = tempfile::tempdir().unwrap();
+    let modules = dir.path().join("modules");
+    std::fs::create_dir(&modules).unwrap();
+    let module = modules.join("vendor.so");
+    std::fs::write(&module, "not loaded here").unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(
+        &path,
+        GOOD.replace("/usr/lib/softhsm/libsofthsm2.so", "modules/vendor.so"),
+    )
+    .unwrap();
+    let pin = dir.path().join("pin");
+    std::fs::write(&pin, "1234\n").unwrap();
+    mode(&pin, 0o601).unwrap();
+    let replaceable = |what: &str| -> Vec<String> {
+        let s = Settings::load(&path, &MapEnv(HashMap::new())).unwrap();
+        assert!(
+            s.warnings.iter().all(|w| !w.contains("chmod 600")),
+            "{:?}",
+            s.warnings
+        );
+        s.warnings
+            .into_iter()
+            .filter(|w| w.contains("chmod go-w") && w.contains(what))
+            .collect()
+    };
+    assert_eq!(replaceable(""), Vec::<String>::new());
+    mode(&path, 0o664).unwrap();
+    let found = replaceable("the configuration file");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("writable by its group"), "{found:?}");
+    mode(&path, 0o644).unwrap();
+    mode(&modules, 0o777).unwrap();
+    let found = replaceable("the PKCS#11 module");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("in a directory"), "{found:?}");
+    // The sticky bit keeps others from replacing what they do not own.
+    mode(&modules, 0o1777).unwrap();
+    assert_eq!(replaceable(""), Vec::<String>::new());
+}
+
 /// The other warnings `GOOD` gets, which the file-mode tests leave aside.
 fn unrelated(w: &str) -> bool {
     w.contains("audit.origin is not set")
