@@ -10,8 +10,11 @@ use softhsm_tests::{harness, PIN};
 
 struct MapEnv(HashMap<&'static str, String>);
 impl Env for MapEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
+    fn var(&self, name: &str) -> Result<String, std::env::VarError> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or(std::env::VarError::NotPresent)
     }
 }
 

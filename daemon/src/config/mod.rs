@@ -63,8 +63,12 @@ pub struct ConfigError {
 /// Where environment variables come from (the process, or a test's map).
 /// `Send + Sync` so that the server can keep it to reload the file on SIGHUP.
 pub trait Env: Send + Sync {
-    /// The variable's value, if set.
-    fn var(&self, name: &str) -> Option<String>;
+    /// The variable's value.
+    ///
+    /// # Errors
+    /// [`std::env::VarError::NotPresent`] when it is not set,
+    /// [`std::env::VarError::NotUnicode`] when it is not UTF-8.
+    fn var(&self, name: &str) -> Result<String, std::env::VarError>;
 }
 
 /// The process environment.
@@ -72,8 +76,8 @@ pub trait Env: Send + Sync {
 pub struct ProcessEnv;
 
 impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
+    fn var(&self, name: &str) -> Result<String, std::env::VarError> {
+        std::env::var(name)
     }
 }
 
@@ -388,6 +392,30 @@ impl Validator<'_> {
         Ok(secret)
     }
 
+    /// The secret in environment variable `var`, named by `field`. Its
+    /// value is never shown: a value that is not UTF-8 is said so, not
+    /// "not set".
+    fn env_secret(
+        &self,
+        env: &dyn Env,
+        field: &str,
+        var: &str,
+    ) -> Result<zeroize::Zeroizing<String>, ConfigError> {
+        match env.var(var) {
+            Ok(value) => Ok(zeroize::Zeroizing::new(value)),
+            Err(std::env::VarError::NotPresent) => {
+                Err(self.err(field, format!("environment variable {var} is not set")))
+            }
+            Err(std::env::VarError::NotUnicode(value)) => {
+                drop(zeroize::Zeroizing::new(value.into_encoded_bytes()));
+                Err(self.err(
+                    field,
+                    format!("environment variable {var} holds bytes that are not UTF-8"),
+                ))
+            }
+        }
+    }
+
     /// Warns when users other than the file's owner could replace `file`
     /// ([`replaceable_by_others`]).
     fn warn_if_replaceable(&self, what: &str, file: &Path) {
@@ -523,12 +551,7 @@ impl Validator<'_> {
                 AuthPin::new(pin.into())
             }
             (None, Some(var)) => {
-                let value = zeroize::Zeroizing::new(env.var(&var).ok_or_else(|| {
-                    self.err(
-                        "hsm.pin_env",
-                        format!("environment variable {var} is not set"),
-                    )
-                })?);
+                let value = self.env_secret(env, "hsm.pin_env", &var)?;
                 AuthPin::new(self.secret_text("hsm.pin_env", &var, &value)?.into())
             }
             (Some(_), Some(_)) => {
@@ -714,12 +737,7 @@ impl Validator<'_> {
                 Some(zeroize::Zeroizing::new(password.to_string()))
             }
             (None, Some(var)) => {
-                let value = zeroize::Zeroizing::new(env.var(&var).ok_or_else(|| {
-                    self.err(
-                        "store.password_env",
-                        format!("environment variable {var} is not set"),
-                    )
-                })?);
+                let value = self.env_secret(env, "store.password_env", &var)?;
                 let password = self.secret_text("store.password_env", &var, &value)?;
                 Some(zeroize::Zeroizing::new(password.to_string()))
             }

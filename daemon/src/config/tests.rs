@@ -5,8 +5,11 @@ use super::*;
 
 struct MapEnv(HashMap<String, String>);
 impl Env for MapEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        self.0.get(name).cloned()
+    fn var(&self, name: &str) -> Result<String, std::env::VarError> {
+        self.0
+            .get(name)
+            .cloned()
+            .ok_or(std::env::VarError::NotPresent)
     }
 }
 
@@ -57,7 +60,27 @@ fn pin_from_env() {
     assert!(load(&text, &[("LAVD_PIN", "1234")]).is_ok());
     let e = load(&text, &[]).unwrap_err();
     assert_eq!(e.field, "hsm.pin_env");
-    assert!(e.reason.contains("LAVD_PIN"));
+    assert!(e.reason.contains("LAVD_PIN is not set"), "{e}");
+    // Set, but not UTF-8: said so (not "not set"), and not shown.
+    struct NotText;
+    impl Env for NotText {
+        fn var(&self, _: &str) -> Result<String, std::env::VarError> {
+            use std::os::unix::ffi::OsStringExt as _;
+            Err(std::env::VarError::NotUnicode(
+                std::ffi::OsString::from_vec(b"12\xff4".to_vec()),
+            ))
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lavd.toml");
+    std::fs::write(&path, &text).unwrap();
+    let e = Settings::load(&path, &NotText).unwrap_err();
+    assert_eq!(e.field, "hsm.pin_env");
+    assert!(
+        e.reason.contains("LAVD_PIN holds bytes that are not UTF-8"),
+        "{e}"
+    );
+    assert!(!e.to_string().contains("12"), "{e}");
 }
 
 /// A PIN read from an environment variable follows the file's rule: its
