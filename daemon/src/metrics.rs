@@ -127,10 +127,11 @@ impl Metrics {
             "lavd_envelopes_unreleased_total",
             "Envelopes the HSM opened whose leaves say opened, with the budget spent (or, after \
              a COMMIT whose outcome was lost, maybe spent), but whose keys were not released: \
-             the request failed or was refused after its audit commit. By the code it was \
-             answered (warrant_revoked, warrant_expired, spent_not_released, \
-             witness_unavailable, ...), or key_destroyed for a key destroyed meanwhile in a \
-             request that released the others.",
+             the request failed or was refused after its audit commit. By the error code it was \
+             answered with (warrant_revoked, warrant_expired, spent_not_released, \
+             witness_unavailable, log_inconsistent, ...), or key_destroyed for a key destroyed \
+             meanwhile in a request that released the others (those are also in \
+             lavd_envelopes_total{outcome=\"key_destroyed\"}).",
             &["code"],
         )?;
         let hsm_seconds = histogram(
@@ -235,7 +236,7 @@ impl Metrics {
             "lavd_witness_requests_total",
             "add-checkpoint requests sent to witnesses, by witness (configured name) and \
              outcome (cosigned, conflict, fork, rolled_back, bad_proof, forbidden, \
-             unknown_origin, bad_request, bad_cosignature, no_proof, unavailable).",
+             unknown_origin, bad_request, bad_cosignature, clock_ahead, no_proof, unavailable).",
             &["witness", "outcome"],
         )?;
         let escrow_keys_past_retention = gauge(

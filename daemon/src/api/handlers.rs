@@ -232,13 +232,11 @@ pub(crate) async fn post_unwrap(
     })
     .await?;
     let (result, unreleased) = result;
-    state.metrics.envelopes_unreleased(
-        match &result {
-            Ok(_) => "key_destroyed",
-            Err(e) => e.code(),
-        },
-        unreleased,
-    );
+    // Labelled with the code the request is answered with.
+    let withheld = |e: ApiError| {
+        state.metrics.envelopes_unreleased(e.code(), unreleased);
+        e
+    };
     if let Err(unwrap::UnwrapError::Withdrawn(_)) = &result {
         // Withdrawn at the last look before the audit commit, its leaves
         // name the warrant: the request's log line does too.
@@ -250,11 +248,15 @@ pub(crate) async fn post_unwrap(
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .unwrap_or(ApiError::Internal);
-        return Err(e.into());
+        return Err(withheld(e).into());
     }
     let done = match result {
         Ok(done) => {
             ctx.record_warrant_id(&done.warrant_id);
+            // Keys destroyed between the commit and the release.
+            state
+                .metrics
+                .envelopes_unreleased("key_destroyed", unreleased);
             done
         }
         Err(e) => {
@@ -267,9 +269,9 @@ pub(crate) async fn post_unwrap(
             // checkpoint was refused): say so, with the stable code.
             if state.audit.inconsistency().is_some() {
                 tracing::error!(error = %e, "unwrap failed; nothing was released");
-                return Err(log_inconsistent().into());
+                return Err(withheld(log_inconsistent()).into());
             }
-            return Err(unwrap_error(e).into());
+            return Err(withheld(unwrap_error(e)).into());
         }
     };
     state.metrics.unwrap_phases(&done.phases.each());

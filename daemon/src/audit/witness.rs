@@ -212,11 +212,18 @@ pub fn cosignature_line<E>(
 /// the verifier sets aside.
 pub const COSIGNATURE_FUTURE_SKEW_SECS: u64 = 300;
 
+/// Whether a cosignature stamped `at` (Unix seconds) lies more than
+/// [`COSIGNATURE_FUTURE_SKEW_SECS`] past `now`: `lavd audit verify` sets it
+/// aside, and the daemon does not count it ([`countable_at`]).
+pub fn ahead_of(at: u64, now: u64) -> bool {
+    at > now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS)
+}
+
 /// Whether a cosignature stamped `at` (Unix seconds) counts toward the
 /// daemon's quorum at `now`: not 0 (C2SP tlog-witness: "the timestamp MUST
-/// NOT be zero") and at most [`COSIGNATURE_FUTURE_SKEW_SECS`] past `now`.
+/// NOT be zero") and not [`ahead_of`] it.
 pub fn countable_at(at: u64, now: u64) -> bool {
-    at != 0 && at <= now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS)
+    at != 0 && !ahead_of(at, now)
 }
 
 /// The cosignatures in `note` by `key`, verified: the timestamp of each

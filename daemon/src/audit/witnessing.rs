@@ -203,10 +203,15 @@ impl Witnessing {
                 // aside neither makes the quorum keys are released on,
                 // nor is served.
                 let countable = times.iter().all(|&at| countable_at(at, now));
-                if !countable {
+                // Looked at on every read of the quorum (every poll of a
+                // waiting unwrap, every checkpoint served): a line a second
+                // per witness, counting the rest.
+                let admitted = || UNCOUNTED_LINES.admit(&c.witness, Instant::now());
+                if let Some(left_out) = (!countable).then(admitted).flatten() {
                     tracing::warn!(
                         witness = %c.witness,
                         size = c.size,
+                        left_out,
                         "a stored cosignature is stamped 0, or more than \
                          {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; it is not \
                          counted or served"
@@ -475,6 +480,11 @@ impl Witnessing {
                     continue;
                 }
                 Ok(Submitted::Newest) => backoff = BACKOFF_MIN,
+                Ok(Submitted::Quiet) => {
+                    backoff = BACKOFF_MIN;
+                    tokio::time::sleep(self.settings.refresh_after).await;
+                    continue;
+                }
                 Err(()) => {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -509,10 +519,11 @@ impl Witnessing {
                     s.latest_checkpoint()?,
                     s.last_cosigned(&name)?,
                     s.cosignatures(0, SERVE_SCAN_ROWS)?,
+                    s.tree_size()?,
                 ))
             })
             .await;
-        let (latest, cosigned, rows) = match read {
+        let (latest, cosigned, rows, tree_size) = match read {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(witness = %w.name, error = %e, "witness submitter: store read failed");
@@ -530,19 +541,36 @@ impl Witnessing {
                 (size, note, submitted) = (pending, pending_note, Submitted::Older);
             }
         }
+        // A refresh of the newest checkpoint ([`Self::refresh_due`]): its
+        // line replaces the stored one.
+        let mut replacing = None;
         if old >= size {
-            if old == size && submitted == Submitted::Newest {
-                self.refresh(w, endpoint, size, &note, &rows, refreshed)
-                    .await?;
+            // Only while the log is idle: leaves past the newest
+            // checkpoint (one not signed or saved yet, or whose signing
+            // fails) must not be hidden behind fresh cosignatures of it.
+            let idle = tree_size == size;
+            if !(old == size && submitted == Submitted::Newest && idle) {
+                return Ok(Submitted::Newest);
             }
-            return Ok(Submitted::Newest);
+            match self.refresh_due(w, size, &note, &rows, *refreshed) {
+                Some(line) => replacing = Some(line),
+                None => return Ok(Submitted::Newest),
+            }
         }
         for _ in 0..=MAX_CONFLICT_RETRIES {
-            match self
-                .add_checkpoint(w, endpoint, old, size, &note, None)
-                .await?
-            {
+            let sent = self
+                .add_checkpoint(w, endpoint, old, size, &note, replacing.as_deref())
+                .await;
+            if replacing.is_some() && sent.is_ok() {
+                // Answered: the next refresh waits its interval, whatever
+                // the answer (a witness whose clock lags keeps returning
+                // old times). Unanswered, the backoff retries sooner.
+                *refreshed = Some(Instant::now());
+            }
+            match sent? {
                 Sent::Cosigned => return Ok(submitted),
+                // Its clock is ahead: asked again only after a while.
+                Sent::Ahead => return Ok(Submitted::Quiet),
                 Sent::Learned(learned) if learned > size => {
                     // Another replica (PostgreSQL) may have signed and sent
                     // a newer checkpoint since the read above.
@@ -559,6 +587,8 @@ impl Witnessing {
                             }
                             (size, note, old, submitted) =
                                 (newest, newest_note, learned, Submitted::Newest);
+                            // Another size: its row is new, not a refresh.
+                            replacing = None;
                         }
                         Ok(_) => {
                             // More than this log has signed.
@@ -615,49 +645,33 @@ impl Witnessing {
     /// newest, is older than `refresh_after`, the checkpoint is sent to
     /// `w` again (`old` = `size`, which C2SP tlog-witness allows: same
     /// size, same root), and its newer line replaces the stored one.
-    async fn refresh(
+    /// Returns the stored line when a refresh is due: at most once per
+    /// `refresh_after` since `w` last answered one (`refreshed`).
+    fn refresh_due(
         &self,
         w: &WitnessEndpoint,
-        endpoint: &Endpoint,
         size: u64,
         note: &str,
         rows: &[Cosignature],
-        refreshed: &mut Option<Instant>,
-    ) -> Result<(), ()> {
-        let Some(stored) = rows.iter().find(|c| c.size == size && c.witness == w.name) else {
-            // Not among the rows read (more than SERVE_SCAN_ROWS newer
-            // ones cannot be): nothing to compare with.
-            return Ok(());
-        };
+        refreshed: Option<Instant>,
+    ) -> Option<String> {
+        // Not among the rows read (more than SERVE_SCAN_ROWS newer ones
+        // cannot be): nothing to compare with.
+        let stored = rows
+            .iter()
+            .find(|c| c.size == size && c.witness == w.name)?;
         let newest = verify_cosignatures(&format!("{note}{}", stored.line), &w.key)
             .ok()
             .and_then(|times| times.into_iter().max());
+        let now = unix_now();
+        // A line that does not count (stamped 0, or ahead of this clock:
+        // stored before that rule) is due at once.
         let due = newest.is_none_or(|at| {
-            unix_now().saturating_sub(at) >= self.settings.refresh_after.as_secs()
+            !countable_at(at, now)
+                || now.saturating_sub(at) >= self.settings.refresh_after.as_secs()
         });
-        // And at most once per `refresh_after` whatever the answer: a
-        // witness whose clock lags keeps returning old times.
         let asked = refreshed.is_some_and(|t| t.elapsed() < self.settings.refresh_after);
-        if !due || asked {
-            return Ok(());
-        }
-        *refreshed = Some(Instant::now());
-        match self
-            .add_checkpoint(w, endpoint, size, size, note, Some(&stored.line))
-            .await?
-        {
-            Sent::Cosigned => Ok(()),
-            Sent::Learned(learned) => {
-                // Ahead of the log's newest: another replica's newer
-                // checkpoint, sent next round; below it, a witness that
-                // went back, caught up next round from its size.
-                tracing::info!(
-                    witness = %w.name, size, learned,
-                    "witness holds another size than the one it cosigned last; not refreshed"
-                );
-                Ok(())
-            }
-        }
+        (due && !asked).then(|| stored.line.clone())
     }
 
     async fn add_checkpoint(
@@ -785,6 +799,7 @@ impl Witnessing {
         replacing: Option<&str>,
     ) -> Result<Sent, ()> {
         let mut good = None;
+        let mut uncountable = false;
         for line in body.split_inclusive('\n') {
             if !line.ends_with('\n') || !line.starts_with(super::note::SIG_PREFIX) {
                 continue;
@@ -799,8 +814,9 @@ impl Witnessing {
                         times = ?times,
                         "witness returned a cosignature stamped 0, or more than \
                          {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; dropped \
-                         (is its clock, or ours, wrong?)"
+                         (is its clock, or ours, wrong?); asked again in witness_refresh_secs"
                     );
+                    uncountable = true;
                 }
                 Ok(times) if !times.is_empty() => {
                     good.get_or_insert_with(|| line.to_string());
@@ -813,6 +829,10 @@ impl Witnessing {
             }
         }
         let Some(line) = good else {
+            if uncountable {
+                self.outcome(&w.name, "clock_ahead");
+                return Ok(Sent::Ahead);
+            }
             tracing::error!(witness = %w.name, size, "witness answered 200 without a valid cosignature by its key; backing off");
             self.outcome(&w.name, "bad_cosignature");
             return Err(());
@@ -827,8 +847,12 @@ impl Witnessing {
                 .ok()
                 .and_then(|times| times.into_iter().max())
         };
+        let now = unix_now();
         if let Some(previous) = replacing {
-            if time_of(&cosignature.line) <= time_of(previous) {
+            // A stored line that does not count (stamped 0, or ahead of
+            // this clock) is replaced by any that does.
+            let counts = time_of(previous).is_some_and(|at| countable_at(at, now));
+            if counts && time_of(&cosignature.line) <= time_of(previous) {
                 // A witness whose clock went back: the stored line stays.
                 tracing::warn!(witness = %w.name, size, "witness refreshed a cosignature with a time no later than the stored one's; keeping the stored one");
                 return Ok(Sent::Cosigned);
@@ -867,11 +891,18 @@ enum Submitted {
     Newest,
     /// An older one other witnesses had cosigned: the newest is next.
     Older,
+    /// The witness answered with cosignatures that do not count (its clock
+    /// runs ahead of this one's, or says 0): the next request to it waits
+    /// `refresh_after`.
+    Quiet,
 }
 
 /// What one request achieved.
 enum Sent {
     Cosigned,
+    /// A 200 whose lines by the witness's key verify but do not count
+    /// ([`countable_at`]); none stored.
+    Ahead,
     /// A 409 with the witness's size.
     Learned(u64),
 }
@@ -901,6 +932,11 @@ fn parse_size(body: &str) -> Option<u64> {
     }
     digits.parse().ok()
 }
+
+/// Lines saying that a stored cosignature does not count
+/// ([`Witnessing::verified`]).
+static UNCOUNTED_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
 /// Seconds since the Unix epoch, now (0 for a clock before it, at which
 /// no cosignature counts).
@@ -1039,7 +1075,7 @@ mod tests {
         trusts: VerifierKey,
         ca: &crate::dev::pki::DevCa,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
-        witness_of(dir, name, seed, ORIGIN, trusts, ca, None).await
+        witness_of(dir, name, seed, ORIGIN, trusts, ca, Quirks::default()).await
     }
 
     /// Starts `witnessing`'s submitters on `runtime`, tells them the log
@@ -1103,8 +1139,18 @@ mod tests {
     /// Run by a test witness on each request before it answers it.
     type Hook = Arc<dyn Fn(&WitnessState) + Send + Sync>;
 
+    /// How a test witness ([`witness_of`]) departs from a plain one.
+    #[derive(Default)]
+    struct Quirks {
+        /// Run on each request, before it is answered.
+        before: Option<Hook>,
+        /// The time its cosignatures are stamped (a clock stuck there),
+        /// else the time.
+        stamp: Option<u64>,
+    }
+
     /// As [`witness`], for a witness that knows only the log `knows`, and
-    /// runs `before` on each request.
+    /// behaves as `quirks` say.
     async fn witness_of(
         dir: &Path,
         name: &str,
@@ -1112,8 +1158,9 @@ mod tests {
         knows: &'static str,
         trusts: VerifierKey,
         ca: &crate::dev::pki::DevCa,
-        before: Option<Hook>,
+        quirks: Quirks,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
+        let Quirks { before, stamp } = quirks;
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
         let state = Arc::new(WitnessState::create(&dir.join(format!("{seed}.db"))).unwrap());
@@ -1173,9 +1220,13 @@ mod tests {
                                 }
                             };
                             let outcome = state
-                                .add_checkpoint(&body, &trusted, &key, &unix_now, |m| {
-                                    Ok::<_, ()>(sk.sign(m).to_bytes())
-                                })
+                                .add_checkpoint(
+                                    &body,
+                                    &trusted,
+                                    &key,
+                                    &|| stamp.unwrap_or_else(unix_now),
+                                    |m| Ok::<_, ()>(sk.sign(m).to_bytes()),
+                                )
                                 .unwrap()
                                 .unwrap();
                             let mut response = hyper::Response::new(Full::new(Bytes::new()));
@@ -1423,7 +1474,7 @@ mod tests {
                     "log.test/another",
                     log_key(),
                     &ca,
-                    None,
+                    Quirks::default(),
                 )
                 .await,
                 witness(dir.path(), "w5.test", 5, log_key(), &ca).await,
@@ -1624,7 +1675,10 @@ mod tests {
             ORIGIN,
             log_key(),
             &ca,
-            Some(other_replica),
+            Quirks {
+                before: Some(other_replica),
+                stamp: None,
+            },
         ));
         let policy_text = format!("witness A {k1}\nquorum A\n");
         let settings = settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca);
@@ -1850,6 +1904,82 @@ mod tests {
         let covering = witnessing.quorum_covering(first).unwrap().unwrap();
         let policy = Policy::parse(format!("log {}\n{policy_text}", log_key()).as_bytes()).unwrap();
         assert_eq!(policy.verify(&covering).unwrap().0.size, third);
+    }
+
+    /// A witness whose clock lags (here stuck an hour back) answers each
+    /// refresh with a line no newer than the stored one: it is asked once
+    /// per `refresh_after` after it answered, not at every poll; and one
+    /// whose clock runs ahead (an hour on) has its lines neither stored nor
+    /// counted, and is asked again only after `refresh_after`.
+    #[test]
+    fn a_witness_whose_clock_lags_is_asked_once_an_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let requests = |n: &Arc<std::sync::atomic::AtomicU64>| -> Hook {
+            let n = n.clone();
+            Arc::new(move |_: &WitnessState| {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        let (lagging, ahead) = (Arc::default(), Arc::default());
+        let hour = 3600;
+        let ((u1, k1, _), (u2, k2, _)) = runtime.block_on(async {
+            (
+                witness_of(
+                    dir.path(),
+                    "w1.test",
+                    1,
+                    ORIGIN,
+                    log_key(),
+                    &ca,
+                    Quirks {
+                        before: Some(requests(&lagging)),
+                        stamp: Some(unix_now() - hour),
+                    },
+                )
+                .await,
+                witness_of(
+                    dir.path(),
+                    "w2.test",
+                    2,
+                    ORIGIN,
+                    log_key(),
+                    &ca,
+                    Quirks {
+                        before: Some(requests(&ahead)),
+                        stamp: Some(unix_now() + hour),
+                    },
+                )
+                .await,
+            )
+        });
+        let size = grow(&store, 3);
+        let policy_text = format!("witness A {k1}\nwitness B {k2}\ngroup q any A B\nquorum q\n");
+        let mut settings = settings(dir.path(), &[(&u1, &k1), (&u2, &k2)], &policy_text, &ca);
+        settings.refresh_after = Duration::from_secs(4);
+        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        started_until_quorum(&runtime, &witnessing, size, size);
+        // The lagging witness's line is stored; the one ahead's is not.
+        let rows = store.cosignatures(0, 10).unwrap();
+        let names: Vec<&str> = rows.iter().map(|c| c.witness.as_str()).collect();
+        assert_eq!(names, ["w1.test"], "{rows:?}");
+        // Over 10 s of polls every second: the lagging witness, due at
+        // once (its line is an hour old), is asked at 0 s, 4 s and 8 s
+        // after its cosignature; the one ahead at 0 s, then at 4 s and 8 s.
+        let count =
+            |n: &Arc<std::sync::atomic::AtomicU64>| n.load(std::sync::atomic::Ordering::SeqCst);
+        let (lagging_before, ahead_before) = (count(&lagging), count(&ahead));
+        std::thread::sleep(Duration::from_secs(10));
+        let (lagging_asked, ahead_asked) = (
+            count(&lagging) - lagging_before,
+            count(&ahead) - ahead_before,
+        );
+        assert!((1..=4).contains(&lagging_asked), "{lagging_asked}");
+        assert!(ahead_asked <= 6, "{ahead_asked}");
+        assert_eq!(store.cosignatures(0, 10).unwrap(), rows);
+        drop(runtime);
     }
 
     /// Witness A cosigned an older checkpoint and went quiet; the log has

@@ -299,7 +299,7 @@ pub fn judge_cosignatures(
         .verify(checkpoint)?
         .1
         .into_iter()
-        .partition(|(_, at)| *at > now.saturating_add(COSIGNATURE_FUTURE_SKEW_SECS));
+        .partition(|(_, at)| crate::audit::witness::ahead_of(*at, now));
     let counted: Vec<String> = cosigned.iter().map(|(name, _)| name.clone()).collect();
     if !policy.quorum_met_by_names(&counted) {
         let named: Vec<String> = ahead
