@@ -146,3 +146,126 @@ fn an_exportable_audit_key_stops_the_daemon() {
         "{stderr}"
     );
 }
+
+/// Private keys under escrow labels that lavd would not make: one on
+/// another curve (P-384, derive-only, sensitive), one that may also sign,
+/// one that could never be destroyed. Each is withheld from the published
+/// set and its envelopes are denied `open_failed`, while the sound key is
+/// published and opens. Before, the P-384 key passed the attribute check;
+/// the pair check withheld it from `GET /v1/keys`, but the unwrap path
+/// (which makes no pair check) derived with it, failed as an HSM error, and
+/// answered the whole batch 503 `hsm_unavailable`; the two others were
+/// published and used (the signing one with a warning).
+#[test]
+fn keys_of_another_curve_usage_or_lifetime_are_neither_published_nor_used() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let original = vault::generate_escrow_key(&t, "E-1");
+    vault::generate_escrow_key(&t, "E-2");
+    vault::generate_escrow_key(&t, "E-3");
+    let sound = vault::generate_escrow_key(&t, "E-4");
+    let session = t.session();
+    let clear = |kid: &str| {
+        let label = format!("lav-escrow:{kid}");
+        for handle in session
+            .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+            .unwrap()
+        {
+            session.destroy_object(handle).unwrap();
+        }
+        label
+    };
+    let derive_only = [
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Derive(true),
+        Attribute::Sign(false),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+    ];
+    // E-1: P-384 (RFC 5480's OID secp384r1).
+    let label = clear("E-1");
+    let p384 = vec![0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
+    let mut private = derive_only.to_vec();
+    private.push(Attribute::Label(label.as_bytes().to_vec()));
+    session
+        .generate_key_pair(
+            &cryptoki::mechanism::Mechanism::EccKeyPairGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::EcParams(p384),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+            &private,
+        )
+        .unwrap();
+    // E-2 may sign too; E-3 can never be destroyed. Their store rows made
+    // to agree with them.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let mut replaced = Vec::new();
+    for (kid, scalar, odd) in [
+        ("E-2", [6u8; 32], Attribute::Sign(true)),
+        ("E-3", [7u8; 32], Attribute::Destroyable(false)),
+    ] {
+        let label = clear(kid);
+        let (public, mut private) = softhsm_tests::p256_key_objects(&label, &scalar, true);
+        session.create_object(&public).unwrap();
+        private.extend(derive_only.iter().skip(2).cloned());
+        private.retain(|a| a.attribute_type() != odd.attribute_type());
+        private.push(odd);
+        session.create_object(&private).unwrap();
+        let point = p256::SecretKey::from_slice(&scalar)
+            .unwrap()
+            .public_key()
+            .to_encoded_point(false);
+        db.execute(
+            "UPDATE escrow_keys SET public_sec1 = ?1 WHERE kid = ?2",
+            rusqlite::params![point.as_bytes(), kid],
+        )
+        .unwrap();
+        replaced.push(lavd::jwk::P256PublicKey::from_sec1(point.as_bytes()).unwrap());
+    }
+    drop(session);
+
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let r = c.provider.get("/v1/keys");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let set: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(vault::kids(&set), ["E-4"], "{}", r.text());
+
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("ATTRIBUTES-2", recipient.public(), 4));
+    let sealed_at = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let envelopes = [
+        vault::seal(&original, "E-1", TARGET, sealed_at, "a", &[1; 32]),
+        vault::seal(&replaced[0], "E-2", TARGET, sealed_at, "b", &[2; 32]),
+        vault::seal(&replaced[1], "E-3", TARGET, sealed_at, "c", &[3; 32]),
+        vault::seal(&sound, "E-4", TARGET, sealed_at, "d", &[4; 32]),
+    ];
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(
+        vault::statuses(&reply),
+        ["open_failed", "open_failed", "open_failed", "ok"]
+    );
+    let log = daemon.stderr();
+    for said in [
+        "it is not an EC key on P-256",
+        "CKA_SIGN is true: it could serve another operation",
+        "CKA_DESTROYABLE is false",
+    ] {
+        assert!(log.contains(said), "{said}: {log}");
+    }
+}

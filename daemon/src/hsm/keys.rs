@@ -155,6 +155,9 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
         | Attribute::SignRecover(b)
         | Attribute::Decrypt(b)
         | Attribute::Unwrap(b)
+        | Attribute::Copyable(b)
+        | Attribute::Destroyable(b)
+        | Attribute::Modifiable(b)
             if a.attribute_type() == wanted =>
         {
             Some(*b)
@@ -164,11 +167,22 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
 }
 
 /// Checks what the token says of private key `handle`: its value cannot
-/// be read, it is `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, and it has
-/// `usage`'s attribute. Keys lavd generates are made so; one made or
-/// imported otherwise (a vendor tool's defaults, a token that ignored part
-/// of the template) is refused, whatever the pair check says. Usage
-/// attributes other than its own are warned of, not refused.
+/// be read, it is `CKA_SENSITIVE` and not `CKA_EXTRACTABLE`, of `usage`'s
+/// type and curve (P-256 for an escrow key, Ed25519 for the audit key), it
+/// has `usage`'s attribute and no other usage but `CKA_SIGN_RECOVER`, and
+/// it can be destroyed (`CKA_DESTROYABLE` not false: its retention must be
+/// able to end). Keys lavd generates are made so; one made or imported
+/// otherwise (a vendor tool's defaults, a token that ignored part of the
+/// template) is refused, whatever the pair check says. A key of another
+/// type or curve could pass the pair check's derive on SoftHSM and then
+/// fail every derive as an HSM error, failing whole batches and the
+/// published key set. `CKA_SIGN_RECOVER` is warned of: keys of builds
+/// before 2026-12-06 have SoftHSM's default, true, which cannot be changed.
+///
+/// A key just generated (`fresh`) must also be `CKA_COPYABLE` and
+/// `CKA_MODIFIABLE` false, as the template asked; a key found on the token
+/// that is either is used with a warning (builds before 2026-12-04 did not
+/// ask): a copy made with the PIN would outlive its destruction.
 ///
 /// A key that was not always sensitive, or not never extractable
 /// (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE` false: imported, e.g.
@@ -191,6 +205,7 @@ fn check_key_attributes(
     handle: ObjectHandle,
     usage: Usage,
     label: &str,
+    fresh: bool,
 ) -> Result<(), HsmError> {
     let mut problems = Vec::new();
     if let [AttributeInfo::Available(_)] = session
@@ -204,9 +219,60 @@ fn check_key_attributes(
         AttributeType::AlwaysSensitive,
         AttributeType::Extractable,
         AttributeType::NeverExtractable,
+        AttributeType::Copyable,
+        AttributeType::Destroyable,
+        AttributeType::Modifiable,
+        AttributeType::KeyType,
+        AttributeType::EcParams,
     ];
     asked.extend(USAGES);
     let read = session.get_attributes(handle, &asked)?;
+    let key_type = read.iter().find_map(|a| match a {
+        Attribute::KeyType(t) => Some(*t),
+        _ => None,
+    });
+    let params = read.iter().find_map(|a| match a {
+        Attribute::EcParams(p) => Some(p.as_slice()),
+        _ => None,
+    });
+    // The curve named by OID, or (PKCS#11 3.0, some older tokens) for
+    // Ed25519 by the printable string "edwards25519".
+    const EDWARDS25519_NAME: &[u8] = b"\x13\x0cedwards25519";
+    let (type_ok, curve_ok) = match usage {
+        Usage::Derive => (key_type == Some(KeyType::EC), params == Some(P256_PARAMS)),
+        Usage::Sign => (
+            key_type == Some(KeyType::EC_EDWARDS),
+            params == Some(ED25519_PARAMS) || params == Some(EDWARDS25519_NAME),
+        ),
+    };
+    let wanted = match usage {
+        Usage::Derive => "an EC key on P-256",
+        Usage::Sign => "an EdDSA key on Ed25519",
+    };
+    if !type_ok || !curve_ok {
+        problems.push(format!(
+            "it is not {wanted} (CKA_KEY_TYPE {}, CKA_EC_PARAMS {})",
+            key_type.map_or_else(|| "not reported".to_string(), |t| t.to_string()),
+            params.map_or_else(|| "not reported".to_string(), hex::encode)
+        ));
+    }
+    if flag(&read, AttributeType::Destroyable) == Some(false) {
+        problems.push(
+            "CKA_DESTROYABLE is false: it could not be destroyed when its retention ends"
+                .to_string(),
+        );
+    }
+    let mut lax = Vec::new();
+    for attribute in [AttributeType::Copyable, AttributeType::Modifiable] {
+        // PKCS#11 defaults both to true when not reported.
+        if flag(&read, attribute) != Some(false) {
+            if fresh {
+                problems.push(format!("{attribute} is not false, as its template asked"));
+            } else {
+                lax.push(format!("{attribute} is not false"));
+            }
+        }
+    }
     for (attribute, wanted) in [
         (AttributeType::Sensitive, true),
         (AttributeType::Extractable, false),
@@ -231,17 +297,23 @@ fn check_key_attributes(
     };
     // Its own usage missing: the key cannot do its one job (an escrow
     // key's derive would fail as an HSM error, failing whole batches).
-    // Another usage set is said, not refused: lavd never asks for it, a
-    // PIN holder who could use it can already derive or sign with the key,
-    // and keys of builds before 2026-12-06 have SoftHSM's default
-    // CKA_SIGN_RECOVER true, which cannot be changed (not modifiable).
+    // Another usage set is refused (one key, one purpose: a PIN holder
+    // could sign or decrypt with an escrow key), but CKA_SIGN_RECOVER,
+    // which is said: keys of builds before 2026-12-06 have SoftHSM's
+    // default, true, which cannot be changed (not modifiable).
     let mut extra = Vec::new();
     for attribute in USAGES {
         let set = flag(&read, attribute).unwrap_or(false);
         if attribute == own && !set {
             problems.push(format!("{attribute} is false"));
         } else if attribute != own && set {
-            extra.push(format!("{attribute} is true"));
+            if attribute == AttributeType::SignRecover {
+                extra.push(format!("{attribute} is true"));
+            } else {
+                problems.push(format!(
+                    "{attribute} is true: it could serve another operation than lavd's"
+                ));
+            }
         }
     }
     if problems.is_empty() {
@@ -259,6 +331,14 @@ fn check_key_attributes(
                 label = %crate::codec::escape_for_terminal(label),
                 usages = %extra.join(", "),
                 "this private key allows operations lavd never asks of it (docs/OPERATIONS.md §1)"
+            );
+        }
+        if !lax.is_empty() {
+            tracing::warn!(
+                label = %crate::codec::escape_for_terminal(label),
+                attributes = %lax.join(", "),
+                "this private key could be copied or changed by a PIN holder: a copy would \
+                 outlive its destruction (docs/OPERATIONS.md §1)"
             );
         }
         Ok(())
@@ -402,7 +482,7 @@ impl Hsm {
             )?;
             // What the token made, not what was asked: a token may ignore
             // part of a template.
-            check_key_attributes(session, private, Usage::Derive, &label)
+            check_key_attributes(session, private, Usage::Derive, &label, true)
                 .and_then(|()| read_ec_point(session, public, &label, 65))
                 .and_then(|point| {
                     P256PublicKey::from_sec1(&point)
@@ -472,7 +552,7 @@ impl Hsm {
                 None => {
                     // A key that could leave the token is not published
                     // (nor its verdict kept: it is asked again next time).
-                    check_key_attributes(session, private, Usage::Derive, &label)?;
+                    check_key_attributes(session, private, Usage::Derive, &label, false)?;
                     let agrees = match self.check_pair(session, private, &public, &label) {
                         Ok(()) => true,
                         Err(HsmError::KeyPairMismatch(_)) => false,
@@ -718,7 +798,7 @@ impl Hsm {
                 &public_template,
                 &private_template,
             )?;
-            check_key_attributes(session, private, Usage::Sign, label)
+            check_key_attributes(session, private, Usage::Sign, label, true)
                 .and_then(|()| read_ec_point(session, public, label, 32))
                 .and_then(|point| {
                     Ed25519PublicKey::from_bytes(&point)
@@ -763,7 +843,7 @@ impl Hsm {
             // (`/readyz` and `GET /v1/keys` come here at every call).
             let generation = session.generation();
             if self.cached(generation, label) != Some(private) {
-                check_key_attributes(session, private, Usage::Sign, label)?;
+                check_key_attributes(session, private, Usage::Sign, label, false)?;
                 self.cache(generation, label, private);
             }
             let handle = find_one(session, ObjectClass::PUBLIC_KEY, label)?.ok_or_else(missing)?;
@@ -841,7 +921,7 @@ impl Hsm {
             }
         })?;
         // A key that fails is not cached, so it is asked again each time.
-        check_key_attributes(session, handle, usage, label)?;
+        check_key_attributes(session, handle, usage, label, false)?;
         self.cache(generation, label, handle);
         Ok(handle)
     }
