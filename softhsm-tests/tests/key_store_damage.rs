@@ -3,7 +3,8 @@
 //! keys are still destroyed at the end of their retention, and still
 //! published. A row marked destroyed by hand, without its audit leaf,
 //! deletes nothing from the token, nor does an interrupted destruction
-//! over a log found inconsistent. A store that is not there is not made
+//! over a log found inconsistent; a destruction the daily job itself
+//! finishes in its second pass is not reported failed. A store that is not there is not made
 //! anew beside a token that holds keys. (Its own process: `key_lifecycle.rs` uses all the tokens one
 //! test process may claim.)
 
@@ -398,4 +399,51 @@ fn touching_a_token_leaves_nothing_on_it() {
         .find_objects(&[Attribute::Class(ObjectClass::DATA)])
         .unwrap();
     assert!(data.is_empty(), "{} data objects left", data.len());
+}
+
+/// The daily job's first pass commits a key's destruction and then fails
+/// on the token (the module fails one `C_DestroyObject`); its second pass,
+/// which finishes recorded destructions, finishes it in the same run. The
+/// run says both, and succeeds: the key is gone. Before, it also exited 1
+/// `destroy_incomplete` naming the key it had just finished.
+#[test]
+fn a_destruction_the_daily_job_finishes_itself_is_not_reported_failed() {
+    use softhsm_tests::server::serve_config;
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_hsm(
+        &softhsm_tests::shim_module_path(),
+        2,
+        "",
+        &format!(
+            "{}\n{}",
+            shim.hsm_env(),
+            serve_config(&softhsm_tests::vault::roles_toml())
+        ),
+    );
+    // A key past its retention, and one that is not (so that the token
+    // shows a private key once the first is gone).
+    for (kid, not_after, destroy_after) in [
+        ("2020-01", "2020-02-01T00:00:00Z", "2021-01-01T00:00:00Z"),
+        ("2099-01", "2099-02-01T00:00:00Z", "2100-01-01T00:00:00Z"),
+    ] {
+        assert_ok(&generate_key_for(
+            &t,
+            kid,
+            ["2020-01-01T00:00:00Z", not_after, destroy_after],
+        ));
+    }
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    // The destroy and its retry on a new session (CKR_DEVICE_ERROR counts
+    // as a lost session) both fail.
+    shim.set("fault = device_error\nfault_calls = C_DestroyObject\nfault_limit = 2\n");
+    let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("escrow key 2020-01: finished an interrupted destruction"),
+        "{stderr}"
+    );
+    assert_eq!(shim.faults(), 2, "{stderr}");
+    assert_ok(&out);
+    assert!(!private_key(&t, "2020-01"), "{stderr}");
 }

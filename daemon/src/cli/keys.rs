@@ -287,10 +287,16 @@ impl KeysCommand {
                     for (kid, e) in due.unreadable {
                         failed.push(report_unreadable(&kid, e));
                     }
-                    // Said, and counted; a refused PIN is kept to end with.
-                    let mut fail = |kid: &str, e: keys::KeyError| {
+                    // Said, and counted once; a refused PIN is kept to end
+                    // with.
+                    let fail = |failed: &mut Vec<String>,
+                                refused: &mut Option<keys::KeyError>,
+                                kid: &str,
+                                e: keys::KeyError| {
                         eprintln!("lavd: {}: escrow key {}: {e}", e.code(), shown(kid));
-                        failed.push(shown(kid));
+                        if !failed.contains(&shown(kid)) {
+                            failed.push(shown(kid));
+                        }
                         if e.code() == "hsm_login_refused" {
                             refused.get_or_insert(e);
                         }
@@ -312,7 +318,7 @@ impl KeysCommand {
                                     lost.push(shown(&k.kid));
                                 }
                             }
-                            Err(e) => fail(&k.kid, e),
+                            Err(e) => fail(&mut failed, &mut refused, &k.kid, e),
                         }
                     }
                     // Unreadable rows were reported above.
@@ -328,12 +334,17 @@ impl KeysCommand {
                         // key object under the label, so two pairs there do
                         // not stop it), then look on a fresh session.
                         match keys::finish_recorded_destruction(&hsm, &open_log, &k.kid) {
-                            Ok(true) => eprintln!(
-                                "escrow key {}: finished an interrupted destruction",
-                                shown(&k.kid)
-                            ),
+                            Ok(true) => {
+                                eprintln!(
+                                    "escrow key {}: finished an interrupted destruction",
+                                    shown(&k.kid)
+                                );
+                                // Including one this run's first pass
+                                // left unfinished: it is done now.
+                                failed.retain(|f| *f != shown(&k.kid));
+                            }
                             Ok(false) => {}
-                            Err(e) => fail(&k.kid, e),
+                            Err(e) => fail(&mut failed, &mut refused, &k.kid, e),
                         }
                     }
                     // A refused PIN is said as such (exit 77, not 1): the
