@@ -269,3 +269,38 @@ fn keys_of_another_curve_usage_or_lifetime_are_neither_published_nor_used() {
         assert!(log.contains(said), "{said}: {log}");
     }
 }
+
+/// An audit key of another type (a P-256 signing key under the audit
+/// label, sensitive and sign-only) stops `lavd serve` before it signs
+/// anything, saying it is not an EdDSA key on Ed25519.
+#[test]
+fn an_audit_key_of_another_type_stops_the_daemon() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let session = t.session();
+    let (public, mut private) = softhsm_tests::p256_key_objects("lav-audit", &[8; 32], true);
+    session.create_object(&public).unwrap();
+    private.extend([
+        Attribute::Sign(true),
+        Attribute::SignRecover(false),
+        Attribute::Derive(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+    ]);
+    session.create_object(&private).unwrap();
+    drop(session);
+    // The harness makes an audit key unless told one is there.
+    std::fs::write(t.path("audit-key-made"), "").unwrap();
+    let (status, stderr) =
+        Daemon::try_start(&t).expect_err("a start with an audit key of another type");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("lavd: key_attributes_unsafe: ")
+            && stderr.contains("lav-audit")
+            && stderr.contains("it is not an EdDSA key on Ed25519"),
+        "{stderr}"
+    );
+}

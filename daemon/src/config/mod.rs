@@ -163,7 +163,20 @@ impl Settings {
                 v.warn_if_replaceable(&format!("authorities[{i}].pem_file"), &v.path(pem));
             }
         }
+        // And the secrets lavd reads: a PIN file others could write would
+        // let them spend the token's login tries.
+        for (what, file) in [
+            ("hsm.pin_file", raw.hsm.pin_file.as_ref()),
+            ("store.password_file", raw.store.password_file.as_ref()),
+            ("store.ca_file", raw.store.ca_file.as_ref()),
+        ] {
+            if let Some(file) = file {
+                v.warn_if_replaceable(what, &v.path(file));
+            }
+        }
         if let Some(tls) = &raw.tls {
+            v.warn_if_replaceable("tls.cert", &v.path(&tls.cert));
+            v.warn_if_replaceable("tls.key", &v.path(&tls.key));
             for (field, files) in [("tls.client_cas", &tls.client_cas), ("tls.crls", &tls.crls)] {
                 for (i, file) in files.iter().enumerate() {
                     v.warn_if_replaceable(&format!("{field}[{i}]"), &v.path(file));
@@ -421,7 +434,7 @@ impl Validator<'_> {
     fn warn_if_replaceable(&self, what: &str, file: &Path) {
         if let Some(why) = replaceable_by_others(file) {
             self.warnings.borrow_mut().push(format!(
-                "{what} {} {why}: whoever can replace it controls lavd; chmod go-w it",
+                "{what} {} {why} (whoever can replace it controls lavd)",
                 file.display()
             ));
         }
@@ -824,27 +837,58 @@ pub(super) fn readable_by_others(file: &Path) -> bool {
     std::fs::metadata(file).is_ok_and(|meta| meta.permissions().mode() & 0o004 != 0)
 }
 
-/// Why users other than its owner could replace `file`, if they could:
-/// the file (after symbolic links) is group- or world-writable, or its
-/// directory is without the sticky bit (which keeps others from renaming
-/// or removing what they do not own). `None` when neither, or when it
-/// cannot be looked at (the read that follows says why).
+/// Why users other than root and this process's could replace `file`, if
+/// they could, with what to do: the file (after symbolic links) is group-
+/// or world-writable, or owned by another user; or a directory above it,
+/// on the path as given (where a symbolic link may be swapped) or the path
+/// it resolves to, is group- or world-writable without the sticky bit
+/// (which keeps others from renaming or removing what they do not own), or
+/// owned by another user. `None` when none is, or when the file cannot be
+/// looked at (the read that follows says why).
 #[cfg(unix)]
-pub(super) fn replaceable_by_others(file: &Path) -> Option<&'static str> {
-    use std::os::unix::fs::PermissionsExt as _;
+pub(super) fn replaceable_by_others(file: &Path) -> Option<String> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let me = rustix::process::geteuid().as_raw();
+    let foreign = |meta: &std::fs::Metadata| meta.uid() != 0 && meta.uid() != me;
     let writable = |meta: &std::fs::Metadata| meta.permissions().mode() & 0o022 != 0;
     let meta = std::fs::metadata(file).ok()?;
     if writable(&meta) {
-        return Some("is writable by its group or by everyone");
+        return Some("is writable by its group or by everyone: chmod go-w it".into());
     }
-    let dir = std::fs::canonicalize(file).ok()?;
-    let dir = std::fs::metadata(dir.parent()?).ok()?;
-    (writable(&dir) && dir.permissions().mode() & 0o1000 == 0)
-        .then_some("is in a directory its group or everyone may write to")
+    if foreign(&meta) {
+        return Some(format!(
+            "is owned by another user (uid {}): give it to root or to lavd's user",
+            meta.uid()
+        ));
+    }
+    let given = std::path::absolute(file).ok()?;
+    let resolved = std::fs::canonicalize(file).ok()?;
+    let mut dirs: Vec<&Path> = given.ancestors().skip(1).collect();
+    dirs.extend(resolved.ancestors().skip(1));
+    for dir in dirs {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if writable(&meta) && meta.permissions().mode() & 0o1000 == 0 {
+            return Some(format!(
+                "is under {}, which its group or everyone may write to: chmod go-w that \
+                 directory",
+                dir.display()
+            ));
+        }
+        if foreign(&meta) {
+            return Some(format!(
+                "is under {}, owned by another user (uid {}): give it to root or to lavd's user",
+                dir.display(),
+                meta.uid()
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(not(unix))]
-pub(super) fn replaceable_by_others(_: &Path) -> Option<&'static str> {
+pub(super) fn replaceable_by_others(_: &Path) -> Option<String> {
     None
 }
 

@@ -80,7 +80,10 @@ fn pin_from_env() {
         e.reason.contains("LAVD_PIN holds bytes that are not UTF-8"),
         "{e}"
     );
-    assert!(!e.to_string().contains("12"), "{e}");
+    assert!(
+        !e.to_string().contains("12\u{fffd}4") && !e.to_string().contains("\\xff"),
+        "{e}"
+    );
 }
 
 /// A PIN read from an environment variable follows the file's rule: its
@@ -535,16 +538,20 @@ fn files_others_could_replace_are_warnings() {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
     let dir = tempfile::tempdir().unwrap();
+    mode(dir.path(), 0o700).unwrap();
     let modules = dir.path().join("modules");
     std::fs::create_dir(&modules).unwrap();
+    mode(&modules, 0o755).unwrap();
     let module = modules.join("vendor.so");
     std::fs::write(&module, "not loaded here").unwrap();
+    mode(&module, 0o644).unwrap();
     let path = dir.path().join("lavd.toml");
     std::fs::write(
         &path,
         GOOD.replace("/usr/lib/softhsm/libsofthsm2.so", "modules/vendor.so"),
     )
     .unwrap();
+    mode(&path, 0o644).unwrap();
     let pin = dir.path().join("pin");
     std::fs::write(&pin, "1234\n").unwrap();
     mode(&pin, 0o601).unwrap();
@@ -569,10 +576,33 @@ fn files_others_could_replace_are_warnings() {
     mode(&modules, 0o777).unwrap();
     let found = replaceable("the PKCS#11 module");
     assert_eq!(found.len(), 1, "{found:?}");
-    assert!(found[0].contains("in a directory"), "{found:?}");
+    assert!(
+        found[0].contains("which its group or everyone may write to: chmod go-w that directory"),
+        "{found:?}"
+    );
     // The sticky bit keeps others from replacing what they do not own.
     mode(&modules, 0o1777).unwrap();
     assert_eq!(replaceable(""), Vec::<String>::new());
+    // A symbolic link whose own directory others may write to: the link
+    // can be swapped, wherever it points.
+    let links = dir.path().join("links");
+    std::fs::create_dir(&links).unwrap();
+    mode(&links, 0o777).unwrap();
+    std::os::unix::fs::symlink(&module, links.join("p11.so")).unwrap();
+    std::fs::write(
+        &path,
+        GOOD.replace("/usr/lib/softhsm/libsofthsm2.so", "links/p11.so"),
+    )
+    .unwrap();
+    let found = replaceable("the PKCS#11 module");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("links,"), "{found:?}");
+    mode(&links, 0o755).unwrap();
+    assert_eq!(replaceable(""), Vec::<String>::new());
+    // A PIN file others may write to (they could spend the token's tries).
+    mode(&pin, 0o622).unwrap();
+    let found = replaceable("hsm.pin_file");
+    assert_eq!(found.len(), 1, "{found:?}");
 }
 
 /// The other warnings `GOOD` gets, which the file-mode tests leave aside.

@@ -22,6 +22,14 @@ const P256_PARAMS: &[u8] = &[0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x0
 /// DER of the OID id-Ed25519 (1.3.101.112, RFC 8410), the `CKA_EC_PARAMS` of an
 /// Ed25519 key (PKCS#11 v3.0 §2.3.5).
 const ED25519_PARAMS: &[u8] = &[0x06, 0x03, 0x2b, 0x65, 0x70];
+/// Ed25519 named as PKCS#11 3.0 also allows, by the printable string
+/// "edwards25519" (YubiHSM's module reports it so).
+const EDWARDS25519_NAME: &[u8] = b"\x13\x0cedwards25519";
+/// Ed25519's OID under GnuPG's arc (1.3.6.1.4.1.11591.15.1), which some
+/// tokens report.
+const ED25519_GNU_OID: &[u8] = &[
+    0x06, 0x09, 0x2b, 0x06, 0x01, 0x04, 0x01, 0xda, 0x47, 0x0f, 0x01,
+];
 
 /// The audit key's public half and its label on the token.
 #[derive(Debug, Clone)]
@@ -182,7 +190,8 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
 /// A key just generated (`fresh`) must also be `CKA_COPYABLE` and
 /// `CKA_MODIFIABLE` false, as the template asked; a key found on the token
 /// that is either is used with a warning (builds before 2026-12-04 did not
-/// ask): a copy made with the PIN would outlive its destruction.
+/// ask for `CKA_COPYABLE` false; an imported key may be modifiable): a
+/// copy made with the PIN would outlive its destruction.
 ///
 /// A key that was not always sensitive, or not never extractable
 /// (`CKA_ALWAYS_SENSITIVE`, `CKA_NEVER_EXTRACTABLE` false: imported, e.g.
@@ -208,6 +217,8 @@ fn check_key_attributes(
     fresh: bool,
 ) -> Result<(), HsmError> {
     let mut problems = Vec::new();
+    // What the token says that cannot be judged: said at WARN.
+    let mut unsure = Vec::new();
     if let [AttributeInfo::Available(_)] = session
         .get_attribute_info(handle, &[AttributeType::Value])?
         .as_slice()
@@ -235,26 +246,38 @@ fn check_key_attributes(
         Attribute::EcParams(p) => Some(p.as_slice()),
         _ => None,
     });
-    // The curve named by OID, or (PKCS#11 3.0, some older tokens) for
-    // Ed25519 by the printable string "edwards25519".
-    const EDWARDS25519_NAME: &[u8] = b"\x13\x0cedwards25519";
-    let (type_ok, curve_ok) = match usage {
-        Usage::Derive => (key_type == Some(KeyType::EC), params == Some(P256_PARAMS)),
+    // Its type and curve. One that is positively another standard one (a
+    // standard key type, a curve named by another OID) is refused: it
+    // would fail every derive or signature as an HSM error. What a token
+    // says otherwise (a vendor-defined key type, as Thales's before
+    // PKCS#11 3.0, a curve not named by OID, a value not reported) is used
+    // with a warning: tokens differ, and refusing it would stop a working
+    // deployment (an audit key refused stops `lavd serve`).
+    let (wanted_type, known_curves, wanted) = match usage {
+        Usage::Derive => (KeyType::EC, &[P256_PARAMS][..], "an EC key on P-256"),
         Usage::Sign => (
-            key_type == Some(KeyType::EC_EDWARDS),
-            params == Some(ED25519_PARAMS) || params == Some(EDWARDS25519_NAME),
+            KeyType::EC_EDWARDS,
+            &[ED25519_PARAMS, EDWARDS25519_NAME, ED25519_GNU_OID][..],
+            "an EdDSA key on Ed25519",
         ),
     };
-    let wanted = match usage {
-        Usage::Derive => "an EC key on P-256",
-        Usage::Sign => "an EdDSA key on Ed25519",
-    };
-    if !type_ok || !curve_ok {
-        problems.push(format!(
-            "it is not {wanted} (CKA_KEY_TYPE {}, CKA_EC_PARAMS {})",
+    let shown = || {
+        format!(
+            "CKA_KEY_TYPE {}, CKA_EC_PARAMS {}",
             key_type.map_or_else(|| "not reported".to_string(), |t| t.to_string()),
             params.map_or_else(|| "not reported".to_string(), hex::encode)
-        ));
+        )
+    };
+    // CKK_VENDOR_DEFINED is 0x80000000 (PKCS#11 2.40 §4.4).
+    let standard_type = key_type.filter(|t| **t < 0x8000_0000);
+    let named_curve = params.filter(|p| p.first() == Some(&0x06));
+    let type_wrong = standard_type.is_some_and(|t| t != wanted_type);
+    let curve_wrong = named_curve.is_some_and(|p| !known_curves.contains(&p));
+    let curve_known = params.is_some_and(|p| known_curves.contains(&p));
+    if type_wrong || curve_wrong {
+        problems.push(format!("it is not {wanted} ({})", shown()));
+    } else if standard_type.is_none() || !curve_known {
+        unsure.push(format!("whether it is {wanted} ({})", shown()));
     }
     if flag(&read, AttributeType::Destroyable) == Some(false) {
         problems.push(
@@ -331,6 +354,14 @@ fn check_key_attributes(
                 label = %crate::codec::escape_for_terminal(label),
                 usages = %extra.join(", "),
                 "this private key allows operations lavd never asks of it (docs/OPERATIONS.md §1)"
+            );
+        }
+        if !unsure.is_empty() {
+            tracing::warn!(
+                label = %crate::codec::escape_for_terminal(label),
+                unsure = %unsure.join(", "),
+                "the token does not say in standard terms what this private key is; it is \
+                 used as the key lavd expects (docs/OPERATIONS.md §1)"
             );
         }
         if !lax.is_empty() {
