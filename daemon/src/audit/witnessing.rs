@@ -821,14 +821,21 @@ impl Witnessing {
                 // A line stamped 0 (which the spec forbids a witness to
                 // return) or ahead of this clock would not count.
                 Ok(times) if !times.iter().all(|&at| countable_at(at, unix_now())) => {
-                    tracing::error!(
-                        witness = %w.name,
-                        size,
-                        times = ?times,
-                        "witness returned a cosignature stamped 0, or more than \
-                         {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; dropped \
-                         (is its clock, or ours, wrong?); asked again in witness_refresh_secs"
-                    );
+                    // A line a second per witness, counting the rest: a
+                    // busy log asks such a witness every 5 s.
+                    let admitted = AHEAD_LINES.admit(&w.name, Instant::now());
+                    if let Some(left_out) = admitted {
+                        tracing::error!(
+                            witness = %w.name,
+                            size,
+                            times = ?times,
+                            left_out,
+                            "witness returned a cosignature stamped 0, or more than \
+                             {COSIGNATURE_FUTURE_SKEW_SECS} s past this machine's clock; dropped \
+                             (is its clock, or ours, wrong?); asked again at the next \
+                             checkpoint, at most every 5 s, or after witness_refresh_secs"
+                        );
+                    }
                     uncountable = true;
                 }
                 Ok(times) if !times.is_empty() => {
@@ -949,6 +956,11 @@ fn parse_size(body: &str) -> Option<u64> {
 /// Lines saying that a stored cosignature does not count
 /// ([`Witnessing::verified`]).
 static UNCOUNTED_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
+    std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
+
+/// Lines saying that a witness answered with cosignatures that do not
+/// count ([`Witnessing::cosigned`]).
+static AHEAD_LINES: std::sync::LazyLock<crate::api::ratelimit::LineThrottle> =
     std::sync::LazyLock::new(crate::api::ratelimit::LineThrottle::new);
 
 /// Seconds since the Unix epoch, now (0 for a clock before it, at which
@@ -1981,8 +1993,10 @@ mod tests {
         let names: Vec<&str> = rows.iter().map(|c| c.witness.as_str()).collect();
         assert_eq!(names, ["w1.test"], "{rows:?}");
         // Over 10 s of polls every second: the lagging witness, due at
-        // once (its line is an hour old), is asked at 0 s, 4 s and 8 s
-        // after its cosignature; the one ahead at 0 s, then at 4 s and 8 s.
+        // once (its line is an hour old), is asked about every 4 s after
+        // it answered; the one ahead, 2 requests a round (a 409, then the
+        // 200), about every 5 s (the backoff's longest wait, above this
+        // `refresh_after`).
         let count =
             |n: &Arc<std::sync::atomic::AtomicU64>| n.load(std::sync::atomic::Ordering::SeqCst);
         let (lagging_before, ahead_before) = (count(&lagging), count(&ahead));
@@ -1995,6 +2009,76 @@ mod tests {
         // Not stalled either: asked again within the window.
         assert!((2..=6).contains(&ahead_asked), "{ahead_asked}");
         assert_eq!(store.cosignatures(0, 10).unwrap(), rows);
+        drop(runtime);
+    }
+
+    /// A witness whose clock runs ahead, with a long `refresh_after`: once
+    /// it has answered, it is not asked again at every backoff, nor only
+    /// after `refresh_after` (which would leave a `release_after_witness`
+    /// quorum that needs it waiting that long after its clock is fixed),
+    /// but at the next checkpoint signed.
+    #[test]
+    fn a_witness_ahead_is_asked_again_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = asked.clone();
+        let hook: Hook = Arc::new(move |_: &WitnessState| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        let ((u1, k1, _), (u2, k2, _)) = runtime.block_on(async {
+            (
+                witness_of(
+                    dir.path(),
+                    "w1.test",
+                    1,
+                    ORIGIN,
+                    log_key(),
+                    &ca,
+                    Quirks {
+                        before: Some(hook),
+                        stamp: Some(unix_now() + 3600),
+                    },
+                )
+                .await,
+                witness(dir.path(), "w2.test", 2, log_key(), &ca).await,
+            )
+        });
+        let size = grow(&store, 3);
+        let policy_text = format!("witness A {k1}\nwitness B {k2}\ngroup q any A B\nquorum q\n");
+        let mut settings = settings(dir.path(), &[(&u1, &k1), (&u2, &k2)], &policy_text, &ca);
+        settings.refresh_after = Duration::from_secs(600);
+        let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
+        started_until_quorum(&runtime, &witnessing, size, size);
+        let count = || asked.load(std::sync::atomic::Ordering::SeqCst);
+        // It goes quiet: 7 s without a request, within 30 s.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut last, mut since) = (count(), Instant::now());
+        while since.elapsed() < Duration::from_secs(7) {
+            assert!(
+                Instant::now() < deadline,
+                "asked without pause: {}",
+                count()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+            if count() != last {
+                (last, since) = (count(), Instant::now());
+            }
+        }
+        assert!(last > 0);
+        // A new checkpoint: asked again within the backoff's longest wait.
+        let newer = grow(&store, 1);
+        witnessing.signed(newer);
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while count() == last {
+            assert!(
+                Instant::now() < deadline,
+                "not asked again at a new checkpoint"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
         drop(runtime);
     }
 

@@ -156,35 +156,52 @@ impl Settings {
         };
         // What decides who may do what, or runs inside the daemon: anyone
         // who can replace one of these files controls lavd.
-        v.warn_if_replaceable("the configuration file", path);
-        v.warn_if_replaceable("the PKCS#11 module (hsm.module)", &v.path(&raw.hsm.module));
+        v.warn_if_replaceable("the configuration file", path, CONTROLS);
+        v.warn_if_replaceable(
+            "the PKCS#11 module (hsm.module)",
+            &v.path(&raw.hsm.module),
+            CONTROLS,
+        );
         for (i, a) in raw.authorities.iter().enumerate() {
             if let Some(pem) = &a.pem_file {
-                v.warn_if_replaceable(&format!("authorities[{i}].pem_file"), &v.path(pem));
+                v.warn_if_replaceable(
+                    &format!("authorities[{i}].pem_file"),
+                    &v.path(pem),
+                    CONTROLS,
+                );
             }
         }
         // And the secrets lavd reads: a PIN file others could write would
         // let them spend the token's login tries.
-        for (what, file) in [
-            ("hsm.pin_file", raw.hsm.pin_file.as_ref()),
-            ("store.password_file", raw.store.password_file.as_ref()),
-            ("store.ca_file", raw.store.ca_file.as_ref()),
+        for (what, file, harm) in [
+            ("hsm.pin_file", raw.hsm.pin_file.as_ref(), PIN_HARM),
+            (
+                "store.password_file",
+                raw.store.password_file.as_ref(),
+                "could make lavd log in to a database of theirs",
+            ),
+            (
+                "store.ca_file",
+                raw.store.ca_file.as_ref(),
+                "could make lavd trust a database of theirs",
+            ),
         ] {
             if let Some(file) = file {
-                v.warn_if_replaceable(what, &v.path(file));
+                v.warn_if_replaceable(what, &v.path(file), harm);
             }
         }
         if let Some(tls) = &raw.tls {
-            v.warn_if_replaceable("tls.cert", &v.path(&tls.cert));
-            v.warn_if_replaceable("tls.key", &v.path(&tls.key));
+            let serving = "could serve lavd's API as lavd";
+            v.warn_if_replaceable("tls.cert", &v.path(&tls.cert), serving);
+            v.warn_if_replaceable("tls.key", &v.path(&tls.key), serving);
             for (field, files) in [("tls.client_cas", &tls.client_cas), ("tls.crls", &tls.crls)] {
                 for (i, file) in files.iter().enumerate() {
-                    v.warn_if_replaceable(&format!("{field}[{i}]"), &v.path(file));
+                    v.warn_if_replaceable(&format!("{field}[{i}]"), &v.path(file), CONTROLS);
                 }
             }
         }
         if let Some(policy) = &raw.audit.witness_policy {
-            v.warn_if_replaceable("audit.witness_policy", &v.path(policy));
+            v.warn_if_replaceable("audit.witness_policy", &v.path(policy), CONTROLS);
         }
         let (hsm, refused_pin_record) = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
@@ -429,12 +446,12 @@ impl Validator<'_> {
         }
     }
 
-    /// Warns when users other than the file's owner could replace `file`
-    /// ([`replaceable_by_others`]).
-    fn warn_if_replaceable(&self, what: &str, file: &Path) {
+    /// Warns when users other than root and lavd's could replace `file`
+    /// ([`replaceable_by_others`]); `harm` says what whoever did could do.
+    pub(super) fn warn_if_replaceable(&self, what: &str, file: &Path, harm: &str) {
         if let Some(why) = replaceable_by_others(file) {
             self.warnings.borrow_mut().push(format!(
-                "{what} {} {why} (whoever can replace it controls lavd)",
+                "{what} {} {why} (whoever could replace it {harm})",
                 file.display()
             ));
         }
@@ -831,6 +848,12 @@ impl Validator<'_> {
     }
 }
 
+/// What whoever could replace a file that decides who may do what, or runs
+/// inside the daemon, could do ([`Validator::warn_if_replaceable`]).
+pub(super) const CONTROLS: &str = "controls lavd";
+/// What whoever could replace a PIN file could do.
+pub(super) const PIN_HARM: &str = "could spend the token's login tries, or lock it";
+
 #[cfg(unix)]
 pub(super) fn readable_by_others(file: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
@@ -840,16 +863,19 @@ pub(super) fn readable_by_others(file: &Path) -> bool {
 /// Why users other than root and this process's could replace `file`, if
 /// they could, with what to do: the file (after symbolic links) is group-
 /// or world-writable, or owned by another user; or a directory above it,
-/// on the path as given (where a symbolic link may be swapped) or the path
-/// it resolves to, is group- or world-writable without the sticky bit
+/// on the path as written (where a symbolic link may be swapped) or the
+/// path it resolves to, is group- or world-writable without the sticky bit
 /// (which keeps others from renaming or removing what they do not own), or
-/// owned by another user. `None` when none is, or when the file cannot be
-/// looked at (the read that follows says why).
+/// owned by another user; or a symbolic link on the path as written is
+/// owned by another user. The owner rules apply only when this process is
+/// not root: run as root (an operator's CLI command, a container), it
+/// cannot tell lavd's user from another. `None` when none holds, or when
+/// the file cannot be looked at (the read that follows says why).
 #[cfg(unix)]
 pub(super) fn replaceable_by_others(file: &Path) -> Option<String> {
     use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
     let me = rustix::process::geteuid().as_raw();
-    let foreign = |meta: &std::fs::Metadata| meta.uid() != 0 && meta.uid() != me;
+    let foreign = |meta: &std::fs::Metadata| me != 0 && meta.uid() != 0 && meta.uid() != me;
     let writable = |meta: &std::fs::Metadata| meta.permissions().mode() & 0o022 != 0;
     let meta = std::fs::metadata(file).ok()?;
     if writable(&meta) {
@@ -857,11 +883,27 @@ pub(super) fn replaceable_by_others(file: &Path) -> Option<String> {
     }
     if foreign(&meta) {
         return Some(format!(
-            "is owned by another user (uid {}): give it to root or to lavd's user",
+            "is owned by another user (uid {}) than root or this process's (uid {me}): give \
+             it to one of them",
             meta.uid()
         ));
     }
     let given = std::path::absolute(file).ok()?;
+    // Symbolic links on the path as written: whoever owns one can point
+    // it elsewhere.
+    for link in given.ancestors() {
+        let Ok(meta) = std::fs::symlink_metadata(link) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() && foreign(&meta) {
+            return Some(format!(
+                "is reached through the symbolic link {}, owned by another user (uid {}): give \
+                 it to root or to this process's user",
+                link.display(),
+                meta.uid()
+            ));
+        }
+    }
     let resolved = std::fs::canonicalize(file).ok()?;
     let mut dirs: Vec<&Path> = given.ancestors().skip(1).collect();
     dirs.extend(resolved.ancestors().skip(1));
@@ -878,7 +920,8 @@ pub(super) fn replaceable_by_others(file: &Path) -> Option<String> {
         }
         if foreign(&meta) {
             return Some(format!(
-                "is under {}, owned by another user (uid {}): give it to root or to lavd's user",
+                "is under {}, owned by another user (uid {}) than root or this process's (uid \
+                 {me}): give it to one of them",
                 dir.display(),
                 meta.uid()
             ));

@@ -67,7 +67,7 @@ fn pin_from_env() {
         fn var(&self, _: &str) -> Result<String, std::env::VarError> {
             use std::os::unix::ffi::OsStringExt as _;
             Err(std::env::VarError::NotUnicode(
-                std::ffi::OsString::from_vec(b"12\xff4".to_vec()),
+                std::ffi::OsString::from_vec(b"s3cretPIN\xff".to_vec()),
             ))
         }
     }
@@ -80,10 +80,7 @@ fn pin_from_env() {
         e.reason.contains("LAVD_PIN holds bytes that are not UTF-8"),
         "{e}"
     );
-    assert!(
-        !e.to_string().contains("12\u{fffd}4") && !e.to_string().contains("\\xff"),
-        "{e}"
-    );
+    assert!(!e.to_string().contains("s3cretPIN"), "{e}");
 }
 
 /// A PIN read from an environment variable follows the file's rule: its

@@ -165,6 +165,19 @@ impl WitnessSettings {
             warnings: std::cell::RefCell::new(Vec::new()),
         };
         crate::audit::note::check_name(&raw.name).map_err(|e| v.err("name", e.to_string()))?;
+        // As `lavd serve`'s: the config, the module that runs inside the
+        // witness, and its PIN file.
+        v.warn_if_replaceable("the configuration file", path, super::CONTROLS);
+        if let Some(hsm) = &raw.hsm {
+            v.warn_if_replaceable(
+                "the PKCS#11 module (hsm.module)",
+                &v.path(&hsm.module),
+                super::CONTROLS,
+            );
+            if let Some(pin) = &hsm.pin_file {
+                v.warn_if_replaceable("hsm.pin_file", &v.path(pin), super::PIN_HARM);
+            }
+        }
         let key = match (raw.dev, raw.key_file, raw.hsm) {
             (_, Some(_), Some(_)) => {
                 return Err(v.err("key_file", "set key_file (dev only) or [hsm], not both"))

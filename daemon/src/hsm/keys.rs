@@ -272,7 +272,12 @@ fn check_key_attributes(
     let standard_type = key_type.filter(|t| **t < 0x8000_0000);
     let named_curve = params.filter(|p| p.first() == Some(&0x06));
     let type_wrong = standard_type.is_some_and(|t| t != wanted_type);
-    let curve_wrong = named_curve.is_some_and(|p| !known_curves.contains(&p));
+    // A curve given by explicit parameters (a DER SEQUENCE) on the standard
+    // type: lavd names its curves by OID, and does not compare explicit
+    // parameters; a key of another curve given so would fail every derive.
+    let explicit =
+        standard_type == Some(wanted_type) && params.is_some_and(|p| p.first() == Some(&0x30));
+    let curve_wrong = named_curve.is_some_and(|p| !known_curves.contains(&p)) || explicit;
     let curve_known = params.is_some_and(|p| known_curves.contains(&p));
     if type_wrong || curve_wrong {
         problems.push(format!("it is not {wanted} ({})", shown()));
