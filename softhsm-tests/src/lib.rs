@@ -896,6 +896,21 @@ pub fn p256_key_objects(
     (public, private_half)
 }
 
+/// A private key's usage attributes that let it serve one operation:
+/// `CKA_SIGN` with `sign` (an audit key), else `CKA_DERIVE` (an escrow
+/// key). SoftHSM's `C_CreateObject` defaults the others to true, and lavd
+/// refuses a key that could serve more.
+pub fn only_usage(sign: bool) -> Vec<cryptoki::object::Attribute> {
+    use cryptoki::object::Attribute;
+    vec![
+        Attribute::Derive(!sign),
+        Attribute::Sign(sign),
+        Attribute::SignRecover(false),
+        Attribute::Decrypt(false),
+        Attribute::Unwrap(false),
+    ]
+}
+
 /// `lavd keys generate --kid KID` on `t`'s config, sealable in December
 /// 2026, retained until `destroy_after`.
 pub fn generate_key(t: &TestToken, kid: &str, destroy_after: &str) -> Output {

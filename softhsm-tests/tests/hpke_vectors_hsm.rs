@@ -57,26 +57,19 @@ const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0
 /// non-extractable, derive only. Checks the token agrees before returning.
 fn import_escrow_key(t: &TestToken, kid: &str, scalar: &[u8]) {
     let session = t.session();
-    let key = session
-        .create_object(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::KeyType(KeyType::EC),
-            Attribute::EcParams(P256_PARAMS.to_vec()),
-            Attribute::Value(scalar.to_vec()),
-            Attribute::Token(true),
-            Attribute::Private(true),
-            Attribute::Sensitive(true),
-            Attribute::Extractable(false),
-            Attribute::Derive(true),
-            Attribute::Sign(false),
-            // SoftHSM defaults these to true, and lavd refuses a key that
-            // could serve more than derive.
-            Attribute::SignRecover(false),
-            Attribute::Decrypt(false),
-            Attribute::Unwrap(false),
-            Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
-        ])
-        .unwrap();
+    let mut template = vec![
+        Attribute::Class(ObjectClass::PRIVATE_KEY),
+        Attribute::KeyType(KeyType::EC),
+        Attribute::EcParams(P256_PARAMS.to_vec()),
+        Attribute::Value(scalar.to_vec()),
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Sensitive(true),
+        Attribute::Extractable(false),
+        Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
+    ];
+    template.extend(softhsm_tests::only_usage(false));
+    let key = session.create_object(&template).unwrap();
     let info = session
         .get_attribute_info(key, &[AttributeType::Value])
         .unwrap();

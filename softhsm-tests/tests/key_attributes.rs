@@ -41,15 +41,8 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     session.create_object(&public).unwrap();
     // Derive only, as lavd's own: what is wrong is only that it can be read
     // off the token.
-    private.extend([
-        Attribute::Derive(true),
-        Attribute::Sign(false),
-        Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-        Attribute::Sensitive(false),
-        Attribute::Extractable(true),
-    ]);
+    private.extend(softhsm_tests::only_usage(false));
+    private.extend([Attribute::Sensitive(false), Attribute::Extractable(true)]);
     session.create_object(&private).unwrap();
     drop(session);
     rusqlite::Connection::open(t.path("lavd.db"))
@@ -176,22 +169,17 @@ fn keys_of_another_curve_usage_or_lifetime_are_neither_published_nor_used() {
         }
         label
     };
-    let derive_only = [
-        Attribute::Token(true),
-        Attribute::Private(true),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-        Attribute::Derive(true),
-        Attribute::Sign(false),
-        Attribute::SignRecover(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-    ];
+    let mut derive_only = vec![Attribute::Sensitive(true), Attribute::Extractable(false)];
+    derive_only.extend(softhsm_tests::only_usage(false));
     // E-1: P-384 (RFC 5480's OID secp384r1).
     let label = clear("E-1");
     let p384 = vec![0x06, 0x05, 0x2b, 0x81, 0x04, 0x00, 0x22];
-    let mut private = derive_only.to_vec();
-    private.push(Attribute::Label(label.as_bytes().to_vec()));
+    let mut private = vec![
+        Attribute::Token(true),
+        Attribute::Private(true),
+        Attribute::Label(label.as_bytes().to_vec()),
+    ];
+    private.extend(derive_only.iter().cloned());
     session
         .generate_key_pair(
             &cryptoki::mechanism::Mechanism::EccKeyPairGen,
@@ -215,7 +203,7 @@ fn keys_of_another_curve_usage_or_lifetime_are_neither_published_nor_used() {
         let label = clear(kid);
         let (public, mut private) = softhsm_tests::p256_key_objects(&label, &scalar, true);
         session.create_object(&public).unwrap();
-        private.extend(derive_only.iter().skip(2).cloned());
+        private.extend(derive_only.iter().cloned());
         private.retain(|a| a.attribute_type() != odd.attribute_type());
         private.push(odd);
         session.create_object(&private).unwrap();
@@ -281,15 +269,8 @@ fn an_audit_key_of_another_type_stops_the_daemon() {
     let session = t.session();
     let (public, mut private) = softhsm_tests::p256_key_objects("lav-audit", &[8; 32], true);
     session.create_object(&public).unwrap();
-    private.extend([
-        Attribute::Sign(true),
-        Attribute::SignRecover(false),
-        Attribute::Derive(false),
-        Attribute::Decrypt(false),
-        Attribute::Unwrap(false),
-        Attribute::Sensitive(true),
-        Attribute::Extractable(false),
-    ]);
+    private.extend(softhsm_tests::only_usage(true));
+    private.extend([Attribute::Sensitive(true), Attribute::Extractable(false)]);
     session.create_object(&private).unwrap();
     drop(session);
     // The harness makes an audit key unless told one is there.

@@ -1164,6 +1164,17 @@ mod tests {
     /// Run by a test witness on each request before it answers it.
     type Hook = Arc<dyn Fn(&WitnessState) + Send + Sync>;
 
+    /// A count of the requests a test witness answers, and the hook that
+    /// counts them ([`Quirks::before`]).
+    fn request_counter() -> (Arc<std::sync::atomic::AtomicU64>, Hook) {
+        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = asked.clone();
+        let hook: Hook = Arc::new(move |_: &WitnessState| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        (asked, hook)
+    }
+
     /// How a test witness ([`witness_of`]) departs from a plain one.
     #[derive(Default)]
     struct Quirks {
@@ -1944,13 +1955,7 @@ mod tests {
         let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let ca = crate::dev::pki::DevCa::new().unwrap();
-        let requests = |n: &Arc<std::sync::atomic::AtomicU64>| -> Hook {
-            let n = n.clone();
-            Arc::new(move |_: &WitnessState| {
-                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            })
-        };
-        let (lagging, ahead) = (Arc::default(), Arc::default());
+        let ((lagging, lagging_hook), (ahead, ahead_hook)) = (request_counter(), request_counter());
         let hour = 3600;
         let ((u1, k1, _), (u2, k2, _)) = runtime.block_on(async {
             (
@@ -1962,7 +1967,7 @@ mod tests {
                     log_key(),
                     &ca,
                     Quirks {
-                        before: Some(requests(&lagging)),
+                        before: Some(lagging_hook),
                         stamp: Some(unix_now() - hour),
                     },
                 )
@@ -1975,7 +1980,7 @@ mod tests {
                     log_key(),
                     &ca,
                     Quirks {
-                        before: Some(requests(&ahead)),
+                        before: Some(ahead_hook),
                         stamp: Some(unix_now() + hour),
                     },
                 )
@@ -2023,11 +2028,7 @@ mod tests {
         let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let ca = crate::dev::pki::DevCa::new().unwrap();
-        let asked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let counter = asked.clone();
-        let hook: Hook = Arc::new(move |_: &WitnessState| {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        });
+        let (asked, hook) = request_counter();
         let ((u1, k1, _), (u2, k2, _)) = runtime.block_on(async {
             (
                 witness_of(
