@@ -15,6 +15,32 @@ use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::TestToken;
 use time::OffsetDateTime;
 
+/// One envelope sealed a minute ago to each `(key, kid)`, unwrapped by
+/// the agency under a fresh warrant `id` for all of them: the reply's
+/// statuses, in order.
+fn unwrapped(
+    c: &vault::Clients,
+    id: &str,
+    sealed: &[(&lavd::jwk::P256PublicKey, &str)],
+) -> Vec<String> {
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims(id, recipient.public(), sealed.len() as u64));
+    let sealed_at = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let envelopes: Vec<serde_json::Value> = sealed
+        .iter()
+        .zip(1u8..)
+        .map(|((key, kid), n)| vault::seal(key, kid, TARGET, sealed_at, &n.to_string(), &[n; 32]))
+        .collect();
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    vault::statuses(&reply)
+}
+
 #[test]
 fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     let t = TestToken::new();
@@ -66,21 +92,11 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
 
     // An envelope sealed to the replaced key (a provider that kept it from
     // before, or one told of it otherwise) is not opened; E-2's is.
-    let recipient = vault::recipient();
-    let warrant = vault::double_lock(&vault::claims("ATTRIBUTES-1", recipient.public(), 2));
-    let sealed_at = OffsetDateTime::now_utc() - time::Duration::minutes(1);
-    let envelopes = [
-        vault::seal(&replaced, "E-1", TARGET, sealed_at, "a", &[1; 32]),
-        vault::seal(&sound, "E-2", TARGET, sealed_at, "b", &[2; 32]),
-    ];
-    let r = vault::post(
-        &c.agency,
-        "/v1/unwrap",
-        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    let sealed = [(&replaced, "E-1"), (&sound, "E-2")];
+    assert_eq!(
+        unwrapped(&c, "ATTRIBUTES-1", &sealed),
+        ["open_failed", "ok"]
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-    assert_eq!(vault::statuses(&reply), ["open_failed", "ok"]);
     let log = daemon.stderr();
     assert!(
         log.contains("lav-escrow:E-1")
@@ -228,24 +244,14 @@ fn keys_of_another_curve_usage_or_lifetime_are_neither_published_nor_used() {
     let set: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(vault::kids(&set), ["E-4"], "{}", r.text());
 
-    let recipient = vault::recipient();
-    let warrant = vault::double_lock(&vault::claims("ATTRIBUTES-2", recipient.public(), 4));
-    let sealed_at = OffsetDateTime::now_utc() - time::Duration::minutes(1);
-    let envelopes = [
-        vault::seal(&original, "E-1", TARGET, sealed_at, "a", &[1; 32]),
-        vault::seal(&replaced[0], "E-2", TARGET, sealed_at, "b", &[2; 32]),
-        vault::seal(&replaced[1], "E-3", TARGET, sealed_at, "c", &[3; 32]),
-        vault::seal(&sound, "E-4", TARGET, sealed_at, "d", &[4; 32]),
+    let sealed = [
+        (&original, "E-1"),
+        (&replaced[0], "E-2"),
+        (&replaced[1], "E-3"),
+        (&sound, "E-4"),
     ];
-    let r = vault::post(
-        &c.agency,
-        "/v1/unwrap",
-        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let reply: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(
-        vault::statuses(&reply),
+        unwrapped(&c, "ATTRIBUTES-2", &sealed),
         ["open_failed", "open_failed", "open_failed", "ok"]
     );
     let log = daemon.stderr();
