@@ -344,3 +344,76 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
         .get("/v1/log/checkpoint")
         .assert_error(503, "log_inconsistent");
 }
+
+/// A node row edited behind lavd (write access to the store), below the
+/// nodes any root the signer computes reads: the tile holding it is not
+/// served (503 `log_inconsistent`: computed through the tile's nodes, the
+/// root is not the signed checkpoint's), and the log is inconsistent.
+/// Before, the tile was served with the edited hash, as immutable for a
+/// year; only a client's own check could catch it.
+#[test]
+fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("TILES-2", recipient.public(), 3));
+    let now = OffsetDateTime::now_utc();
+    let envelopes: Vec<_> = (0..3)
+        .map(|i| {
+            vault::seal(
+                &escrow,
+                "E-1",
+                TARGET,
+                now - time::Duration::minutes(i + 1),
+                &format!("edited-{i}"),
+                &[7; 32],
+            )
+        })
+        .collect();
+    let r = vault::post(
+        &c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = verify_note(
+        &c.auditor.get("/v1/log/checkpoint").text(),
+        &vault::verifier_key(&c.auditor),
+    )
+    .unwrap()
+    .size;
+    assert!(size >= 3, "{size}");
+    let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
+    let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
+    assert_eq!(c.auditor.get(&tile).status, 200);
+    assert_eq!(c.auditor.get(&bundle).status, 200);
+
+    // Leaf 0's hash, under a larger complete subtree whose stored hash the
+    // root is computed from.
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit_nodes SET hash = zeroblob(32) WHERE level = 0 AND idx = 0",
+            [],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.auditor.get(&tile).assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    assert!(
+        daemon
+            .stderr()
+            .contains("do not give the root of the signed checkpoint"),
+        "{}",
+        daemon.stderr()
+    );
+}

@@ -550,7 +550,9 @@ pub async fn log_checkpoint(
 /// (C2SP `tlog-tiles`), given the path after `tile/`. Served only when the
 /// newest signed checkpoint covers all of it (so a client can verify it);
 /// an entry bundle only with exactly its leaves, each matching its level-0
-/// hash; immutable once served.
+/// hash; either only when its hashes give the newest signed checkpoint's
+/// root ([`crate::audit::log::AuditLog::check_tile`]); immutable once
+/// served.
 ///
 /// # Errors
 /// 400 `malformed_request` for a path that is not a canonical tile path,
@@ -593,6 +595,11 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 // needs_tree_size succeeded, so the tree level is below 64.
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
                 let hashes = store.node_hashes(level, first, end).map_err(store_error)?;
+                // Served as immutable, so only as the signed tree has them.
+                state
+                    .audit
+                    .check_tile(level, first, &hashes)
+                    .map_err(log_error)?;
                 Ok(encode_hashes(&hashes))
             }
             None => {
@@ -616,6 +623,11 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                         ),
                     }));
                 }
+                // And those hashes as the signed tree has them.
+                state
+                    .audit
+                    .check_tile(0, first, &hashes)
+                    .map_err(log_error)?;
                 let leaves: Vec<Vec<u8>> = rows.into_iter().map(|(_, leaf)| leaf).collect();
                 encode_bundle(&leaves).map_err(|i| {
                     tracing::error!(

@@ -304,6 +304,52 @@ impl<R: HashReader> HashReader for Overlay<'_, R> {
     }
 }
 
+/// A reader that takes the nodes `(level, first..first + hashes.len())`
+/// from `hashes`, computes every node above any of them from its children,
+/// and reads the rest from `base`: a root read through it (with [`root`])
+/// depends on each of `hashes`, so it equals a signed root only if they
+/// are the tree's (barring a SHA-256 collision). What checks a tile
+/// (C2SP tlog-tiles: the nodes of one level, or an entry bundle's level-0
+/// hashes) against a signed checkpoint before it is served as immutable.
+/// The nodes must be complete subtrees of the tree whose root is read.
+#[derive(Debug)]
+pub struct Through<'a, R> {
+    /// Where the other nodes are read.
+    pub base: &'a R,
+    /// The tree level of `hashes` (0: leaf hashes).
+    pub level: u8,
+    /// The index, at that level, of the first of `hashes`.
+    pub first: u64,
+    /// The nodes taken as given.
+    pub hashes: &'a [Hash],
+}
+
+impl<R: HashReader> HashReader for Through<'_, R> {
+    type Error = R::Error;
+
+    fn subtree(&self, level: u8, index: u64) -> Result<Hash, Self::Error> {
+        let (first, end) = (
+            u128::from(self.first),
+            u128::from(self.first) + self.hashes.len() as u128,
+        );
+        if level == self.level && (first..end).contains(&u128::from(index)) {
+            // In range: below `end`, which came from a slice's length.
+            return Ok(self.hashes[usize::try_from(u128::from(index) - first).unwrap_or(0)]);
+        }
+        if level > self.level {
+            // The nodes of `self.level` under this one.
+            let shift = u32::from(level - self.level);
+            let (lo, hi) = (u128::from(index) << shift, (u128::from(index) + 1) << shift);
+            if lo < end && hi > first {
+                let left = self.subtree(level - 1, index.wrapping_mul(2))?;
+                let right = self.subtree(level - 1, index.wrapping_mul(2).wrapping_add(1))?;
+                return Ok(node_hash(&left, &right));
+            }
+        }
+        self.base.subtree(level, index)
+    }
+}
+
 /// The largest power of two strictly below `n` (RFC 6962's split point `k`).
 /// Only called with `n >= 2`.
 fn split_point(n: u64) -> u64 {
@@ -840,6 +886,51 @@ mod tests {
 
     fn hashes(list: &[&str]) -> Vec<Hash> {
         list.iter().map(|s| h(s)).collect()
+    }
+
+    /// A root read through a tile's nodes ([`Through`]) is the tree's root
+    /// with the tree's own nodes, full tiles and the right edge's partial
+    /// ones, at several levels; and another root when any one of them is
+    /// changed.
+    #[test]
+    fn a_root_read_through_a_tiles_nodes_depends_on_each_of_them() {
+        let mut tree = MemoryTree::new();
+        for i in 0..1000u32 {
+            tree.push_leaf(&i.to_be_bytes());
+        }
+        for size in [1u64, 2, 3, 255, 256, 257, 600, 1000] {
+            let want = tree.root(size).unwrap();
+            for level in [0u8, 1, 3, 8] {
+                let span = 1u64 << level;
+                let nodes = size / span;
+                for (first, len) in [(0, nodes.min(4)), (nodes.saturating_sub(3), 3.min(nodes))] {
+                    if len == 0 {
+                        continue;
+                    }
+                    let hashes: Vec<Hash> = (first..first + len)
+                        .map(|i| tree.subtree(level, i).unwrap())
+                        .collect();
+                    let through = |hashes: &[Hash]| {
+                        root(
+                            &Through {
+                                base: &tree,
+                                level,
+                                first,
+                                hashes,
+                            },
+                            size,
+                        )
+                        .unwrap()
+                    };
+                    assert_eq!(through(&hashes), want, "{size} {level} {first}+{len}");
+                    for k in 0..hashes.len() {
+                        let mut changed = hashes.clone();
+                        changed[k][0] ^= 1;
+                        assert_ne!(through(&changed), want, "{size} {level} {first}+{k}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
