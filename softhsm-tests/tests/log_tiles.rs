@@ -345,14 +345,10 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
         .assert_error(503, "log_inconsistent");
 }
 
-/// A node row edited behind lavd (write access to the store), below the
-/// nodes any root the signer computes reads: the tile holding it is not
-/// served (503 `log_inconsistent`: computed through the tile's nodes, the
-/// root is not the signed checkpoint's), and the log is inconsistent.
-/// Before, the tile was served with the edited hash, as immutable for a
-/// year; only a client's own check could catch it.
-#[test]
-fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
+/// A daemon whose log holds a few leaves (a key's, an unwrap of 3
+/// envelopes): its token, the daemon, the parties' clients and the newest
+/// checkpoint's size.
+fn small_log() -> (TestToken, Daemon, vault::Clients, u64) {
     let t = TestToken::new();
     let pki = Pki::new(&t);
     t.write_config(&serve_config(&vault::roles_toml()));
@@ -389,10 +385,20 @@ fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
     .unwrap()
     .size;
     assert!(size >= 3, "{size}");
+    (t, daemon, c, size)
+}
+
+/// A node row edited behind lavd (write access to the store), below the
+/// nodes any root the signer computes reads: the tile holding it is not
+/// served (503 `log_inconsistent`: computed through the tile's nodes, the
+/// root is not the signed checkpoint's), and the log is inconsistent.
+/// Before, the tile was served with the edited hash, as immutable for a
+/// year; only a client's own check could catch it.
+#[test]
+fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
+    let (t, daemon, c, size) = small_log();
     let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
-    let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
     assert_eq!(c.auditor.get(&tile).status, 200);
-    assert_eq!(c.auditor.get(&bundle).status, 200);
 
     // Leaf 0's hash, under a larger complete subtree whose stored hash the
     // root is computed from.
@@ -412,8 +418,34 @@ fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
     assert!(
         daemon
             .stderr()
-            .contains("do not give the root of the signed checkpoint"),
+            .contains("does not give the root of the signed checkpoint"),
         "{}",
         daemon.stderr()
     );
+}
+
+/// A leaf edited behind lavd together with its level-0 hash, so that the
+/// bundle still matches the hashes it is checked against: the entry bundle
+/// is not served either (503 `log_inconsistent`), since those hashes do
+/// not give the signed root.
+#[test]
+fn an_entry_bundle_whose_leaf_and_hash_were_edited_together_is_not_served() {
+    let (t, _daemon, c, size) = small_log();
+    let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
+    assert_eq!(c.auditor.get(&bundle).status, 200);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let forged = br#"{"event":"forged"}"#.to_vec();
+    let changed = db
+        .execute("UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1", [&forged])
+        .unwrap();
+    assert_eq!(changed, 1);
+    let changed = db
+        .execute(
+            "UPDATE audit_nodes SET hash = ?1 WHERE level = 0 AND idx = 1",
+            [leaf_hash(&forged).to_vec()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.auditor.get(&bundle).assert_error(503, "log_inconsistent");
 }

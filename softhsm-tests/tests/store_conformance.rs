@@ -806,6 +806,20 @@ fn stored_roots_and_proofs_match_an_independent_tree(b: &Backend) {
             .map(|i| merkle::HashReader::subtree(&memory, level, i).unwrap())
             .collect();
         assert_eq!(hashes, expected, "level {level}");
+        // The root computed through them (a tile's check, in one read):
+        // the tree's with them, another with any one changed.
+        if count > 0 {
+            assert_eq!(
+                store.root_through(size, level, 0, &hashes).unwrap(),
+                roots[size as usize]
+            );
+            let mut changed = hashes.clone();
+            changed[count as usize / 2][0] ^= 1;
+            assert_ne!(
+                store.root_through(size, level, 0, &changed).unwrap(),
+                roots[size as usize]
+            );
+        }
     }
     assert!(store.node_hashes(0, 0, size + 1).is_err());
     for err in [

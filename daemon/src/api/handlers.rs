@@ -546,7 +546,8 @@ pub async fn log_checkpoint(
     Ok(response)
 }
 
-/// `GET /v1/log/tile/…` (auditor): a tile of hashes or an entry bundle
+/// `GET /v1/log/tile/…` (auditor; anyone on the public log listener): a
+/// tile of hashes or an entry bundle
 /// (C2SP `tlog-tiles`), given the path after `tile/`. Served only when the
 /// newest signed checkpoint covers all of it (so a client can verify it);
 /// an entry bundle only with exactly its leaves, each matching its level-0
@@ -573,7 +574,8 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
         // The newest checkpoint's size as signed, not as its row says: a
         // row edited to a larger size would have tiles of unsigned leaves
         // served as immutable.
-        let size = state.audit.latest_signed_size().map_err(log_error)?;
+        let head = state.audit.latest_signed_head().map_err(log_error)?;
+        let size = head.map_or(0, |(size, _)| size);
         // Beyond the checkpoint (or beyond any tree): not there yet.
         let not_covered = |needed: String| ApiError::Refused {
             code: "not_found",
@@ -596,10 +598,12 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
                 let hashes = store.node_hashes(level, first, end).map_err(store_error)?;
                 // Served as immutable, so only as the signed tree has them.
-                state
-                    .audit
-                    .check_tile(level, first, &hashes)
-                    .map_err(log_error)?;
+                if let Some(head) = head {
+                    state
+                        .audit
+                        .check_tile(head, level, first, &hashes)
+                        .map_err(log_error)?;
+                }
                 Ok(encode_hashes(&hashes))
             }
             None => {
@@ -624,10 +628,12 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                     }));
                 }
                 // And those hashes as the signed tree has them.
-                state
-                    .audit
-                    .check_tile(0, first, &hashes)
-                    .map_err(log_error)?;
+                if let Some(head) = head {
+                    state
+                        .audit
+                        .check_tile(head, 0, first, &hashes)
+                        .map_err(log_error)?;
+                }
                 let leaves: Vec<Vec<u8>> = rows.into_iter().map(|(_, leaf)| leaf).collect();
                 encode_bundle(&leaves).map_err(|i| {
                     tracing::error!(

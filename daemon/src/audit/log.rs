@@ -184,28 +184,6 @@ impl std::fmt::Debug for CommitTimer {
     }
 }
 
-/// The store's tree nodes, one read each, as a [`merkle::HashReader`]
-/// ([`AuditLog::check_tile`]).
-struct StoredNodes<'a>(&'a dyn AuditStore);
-
-impl merkle::HashReader for StoredNodes<'_> {
-    type Error = StoreError;
-
-    fn subtree(&self, level: u8, index: u64) -> Result<Hash, StoreError> {
-        let end = index
-            .checked_add(1)
-            .ok_or(StoreError::OutOfRange("audit index"))?;
-        self.0
-            .node_hashes(level, index, end)?
-            .first()
-            .copied()
-            .ok_or_else(|| StoreError::Corrupt {
-                store: "audit_nodes".into(),
-                what: format!("({level}, {index}) is missing"),
-            })
-    }
-}
-
 /// Receives the tree size of every checkpoint signed.
 #[derive(Clone)]
 struct SignedHook(Arc<dyn Fn(u64) + Send + Sync>);
@@ -344,45 +322,43 @@ impl AuditLog {
         }
     }
 
-    /// Checks a tile's nodes against the newest signed checkpoint, before
-    /// it is served as immutable: `hashes`, the nodes of tree level `level`
-    /// from index `first` (an entry bundle's: its leaves' hashes, level 0),
-    /// must give that checkpoint's root when the root is computed through
-    /// them ([`merkle::Through`]). Nodes that do not are the store's tree
+    /// The newest stored checkpoint's size and root, checked as
+    /// [`Self::latest_signed`] checks it; `None` while none is stored.
+    ///
+    /// # Errors
+    /// As [`Self::latest_signed`], but none for a log with no checkpoint.
+    pub fn latest_signed_head(&self) -> Result<Option<(u64, Hash)>, LogError> {
+        Ok(self
+            .latest_verified()?
+            .map(|signed| (signed.size, signed.root)))
+    }
+
+    /// Checks a tile's nodes against a signed tree head `(size, root)`
+    /// ([`Self::latest_signed_head`]), before the tile is served as
+    /// immutable: `hashes`, the nodes of tree level `level` from index
+    /// `first` (an entry bundle's: its leaves' hashes, level 0), must give
+    /// `root` when the root is computed through them
+    /// ([`AuditStore::root_through`], one store read). Nodes that do not,
+    /// the tile's or the stored ones read with them, are the store's tree
     /// rewritten behind lavd (a row edited where no root the signer
     /// computes would notice): the log is marked inconsistent, as for a
     /// checkpoint row that does not verify.
     ///
     /// # Errors
-    /// [`LogError::Inconsistent`]; the store's error; a log with no
-    /// checkpoint is [`StoreError::Unavailable`] (no tile is covered).
-    pub fn check_tile(&self, level: u8, first: u64, hashes: &[Hash]) -> Result<(), LogError> {
-        let Some(signed) = self.latest_verified()? else {
-            return Err(LogError::Store(StoreError::Unavailable {
-                store: "audit log".into(),
-                reason: "no checkpoint has been signed yet".into(),
-            }));
-        };
-        let stored = StoredNodes(&*self.store);
-        let through = merkle::Through {
-            base: &stored,
-            level,
-            first,
-            hashes,
-        };
-        let root = merkle::root(&through, signed.size).map_err(|e| match e {
-            merkle::TreeError::Reader(e) => LogError::Store(e),
-            other => LogError::Store(StoreError::Corrupt {
-                store: "audit_nodes".into(),
-                what: other.to_string(),
-            }),
-        })?;
-        if root != signed.root {
+    /// [`LogError::Inconsistent`]; the store's error.
+    pub fn check_tile(
+        &self,
+        (size, root): (u64, Hash),
+        level: u8,
+        first: u64,
+        hashes: &[Hash],
+    ) -> Result<(), LogError> {
+        if self.store.root_through(size, level, first, hashes)? != root {
             let end = first.saturating_add(hashes.len() as u64);
             return Err(self.record_inconsistency(format!(
-                "the stored tree's nodes {first}..{end} of level {level} do not give the root of \
-                 the signed checkpoint of size {} (a node row edited behind lavd)",
-                signed.size
+                "the stored tree (the nodes {first}..{end} of level {level} a tile is made of, or \
+                 the nodes read with them) does not give the root of the signed checkpoint of \
+                 size {size}: a node row edited behind lavd"
             )));
         }
         Ok(())

@@ -903,7 +903,14 @@ mod tests {
             for level in [0u8, 1, 3, 8] {
                 let span = 1u64 << level;
                 let nodes = size / span;
-                for (first, len) in [(0, nodes.min(4)), (nodes.saturating_sub(3), 3.min(nodes))] {
+                // The first nodes, the last (the right edge's partial
+                // tile), and a whole aligned tile of 256 past the first.
+                let whole = if nodes >= 512 { (256, 256) } else { (0, 0) };
+                for (first, len) in [
+                    (0, nodes.min(4)),
+                    (nodes.saturating_sub(3), 3.min(nodes)),
+                    whole,
+                ] {
                     if len == 0 {
                         continue;
                     }

@@ -425,6 +425,21 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::BadProofRequest`] if `size` exceeds the tree.
     fn root(&self, size: u64) -> Result<Hash, StoreError>;
+    /// The root of the tree of `size` computed through `nodes`, the nodes
+    /// of tree level `level` from index `first` taken as given
+    /// ([`merkle::Through`]), the others read from the store in one read
+    /// (one query on PostgreSQL): what checks a tile against a signed
+    /// root. `nodes` must be complete subtrees of that tree.
+    ///
+    /// # Errors
+    /// As [`AuditStore::root`].
+    fn root_through(
+        &self,
+        size: u64,
+        level: u8,
+        first: u64,
+        nodes: &[Hash],
+    ) -> Result<Hash, StoreError>;
     /// Leaves `[start, end)`.
     ///
     /// # Errors
@@ -1055,6 +1070,33 @@ impl AuditStore for SqliteStore {
             size,
         )
         .map_err(tree_error)
+    }
+
+    fn root_through(
+        &self,
+        size: u64,
+        level: u8,
+        first: u64,
+        nodes: &[Hash],
+    ) -> Result<Hash, StoreError> {
+        let conn = self.conn();
+        let tree = self.size_in(&conn)?;
+        if size > tree {
+            return Err(StoreError::BadProofRequest(format!(
+                "size {size} exceeds the tree size {tree}"
+            )));
+        }
+        let stored = SqlNodes {
+            conn: &conn,
+            store: self,
+        };
+        let through = merkle::Through {
+            base: &stored,
+            level,
+            first,
+            hashes: nodes,
+        };
+        merkle::root(&through, size).map_err(tree_error)
     }
 
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {

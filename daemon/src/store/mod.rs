@@ -503,6 +503,18 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.root(size),
         }
     }
+    fn root_through(
+        &self,
+        size: u64,
+        level: u8,
+        first: u64,
+        nodes: &[merkle::Hash],
+    ) -> Result<merkle::Hash, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.root_through(size, level, first, nodes),
+            Store::Postgres(s) => s.root_through(size, level, first, nodes),
+        }
+    }
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         match self {
             Store::Sqlite(s) => s.leaves(start, end),

@@ -2084,6 +2084,34 @@ impl AuditStore for PgStore {
         })
     }
 
+    fn root_through(
+        &self,
+        size: u64,
+        level: u8,
+        first: u64,
+        nodes: &[Hash],
+    ) -> Result<Hash, StoreError> {
+        self.with_tree(|reader, tree| {
+            if size > tree {
+                return Err(StoreError::BadProofRequest(format!(
+                    "size {size} exceeds the tree size {tree}"
+                )));
+            }
+            // Which nodes `Through` reads depends only on indices: the
+            // recording pass names them all, for one query.
+            merkle::fetch_ahead(reader, |r| {
+                let through = merkle::Through {
+                    base: r,
+                    level,
+                    first,
+                    hashes: nodes,
+                };
+                merkle::root(&through, size)
+            })
+            .map_err(Self::tree_err)
+        })
+    }
+
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
         let (start, end) = (to_i(start)?, to_i(end)?);
