@@ -1250,16 +1250,6 @@ impl AuditLog {
             })
     }
 
-    /// The size of the newest stored checkpoint, checked as
-    /// [`Self::latest_signed`] checks it; 0 while none is stored. What a
-    /// reader may be served up to (tiles).
-    ///
-    /// # Errors
-    /// As [`Self::latest_signed`], but none for a log with no checkpoint.
-    pub fn latest_signed_size(&self) -> Result<u64, LogError> {
-        Ok(self.latest_verified()?.map_or(0, |signed| signed.size))
-    }
-
     /// The newest stored checkpoint, if any, checked as the signer checks
     /// it (its signature, its size): a row edited behind lavd's back is not
     /// taken as the log's, and the log is then inconsistent.

@@ -312,6 +312,7 @@ impl<R: HashReader> HashReader for Overlay<'_, R> {
 /// (C2SP tlog-tiles: the nodes of one level, or an entry bundle's level-0
 /// hashes) against a signed checkpoint before it is served as immutable.
 /// The nodes must be complete subtrees of the tree whose root is read.
+/// With no nodes it reads every node from `base`.
 #[derive(Debug)]
 pub struct Through<'a, R> {
     /// Where the other nodes are read.
