@@ -427,9 +427,10 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     fn root(&self, size: u64) -> Result<Hash, StoreError>;
     /// The root of the tree of `size` computed through `nodes`, the nodes
     /// of tree level `level` from index `first` taken as given
-    /// ([`merkle::Through`]), the others read from the store in one read
-    /// (one query on PostgreSQL): what checks a tile against a signed
-    /// root. `nodes` must be complete subtrees of that tree.
+    /// ([`merkle::Through`]), the others read from the store at once (on
+    /// PostgreSQL, two queries on one connection: the tree size, then the
+    /// nodes): what checks a tile against a signed root. `nodes` must be
+    /// complete subtrees of that tree.
     ///
     /// # Errors
     /// As [`AuditStore::root`].
