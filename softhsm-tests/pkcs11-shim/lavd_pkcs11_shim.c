@@ -17,6 +17,9 @@
  *                              # module's own work runs inside it, as a
  *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
+ *         | key_function_not_permitted | key_type_inconsistent
+ *                              # the last two: what a token answers a key its
+ *                              # policy or type keeps from the operation
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below;
  *                              # each name one the module forwards
  *   fault_after = 0            # matching calls let through first (since the last change)
@@ -256,6 +259,12 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 			} else if (!strcmp(value, "device_error")) {
 				out->fault = FAULT_RV;
 				out->fault_rv = CKR_DEVICE_ERROR;
+			} else if (!strcmp(value, "key_function_not_permitted")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_KEY_FUNCTION_NOT_PERMITTED;
+			} else if (!strcmp(value, "key_type_inconsistent")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_KEY_TYPE_INCONSISTENT;
 			} else {
 				REFUSE("unknown fault `%.200s`", value);
 			}

@@ -8,6 +8,9 @@
 //! - A call held by a `hang` fault completes once the fault is cleared; one
 //!   whose settings file is gone (a test that failed before releasing it)
 //!   fails with `CKR_DEVICE_ERROR` instead of being held for ever.
+//! - A derive the token refuses for the key (`CKR_KEY_FUNCTION_NOT_PERMITTED`,
+//!   `CKR_KEY_TYPE_INCONSISTENT`) denies that key's envelopes `open_failed`
+//!   (200), not the whole request.
 //! - When the fault clears, the same daemon serves again, without a restart,
 //!   and the warrant's budget shows that the failed requests spent nothing.
 //! - `fault_limit` counts the faults since the last settings change, not
@@ -133,7 +136,7 @@ fn injected_hsm_faults_fail_closed_and_service_resumes_when_they_clear() {
 /// A daemon loading the module, its clients, the escrow key and a warrant
 /// with a budget these tests never reach.
 struct Through {
-    _t: TestToken,
+    t: TestToken,
     shim: Shim,
     daemon: Daemon,
     c: Clients,
@@ -158,7 +161,7 @@ impl Through {
         let escrow = vault::published_key(&c.provider, "E-1");
         let warrant = vault::double_lock(&vault::claims(id, vault::recipient().public(), 100_000));
         Through {
-            _t: t,
+            t,
             shim,
             daemon,
             c,
@@ -181,6 +184,45 @@ impl Through {
         assert_eq!(r.status, 200, "{what}: {}", r.text());
         assert_eq!(vault::statuses(&r.json()), ["ok"], "{what}");
     }
+}
+
+/// A derive the token refuses for the key itself
+/// (`CKR_KEY_FUNCTION_NOT_PERMITTED`: a policy outside the attributes;
+/// `CKR_KEY_TYPE_INCONSISTENT`: a vendor key type the attribute check could
+/// not judge) is that key's fault, not a failing token's: its envelopes are
+/// `open_failed` in a 200, the derive is not retried on a new session,
+/// nothing is spent, and the next request opens.
+#[test]
+fn a_derive_the_token_refuses_for_its_key_denies_the_envelopes_not_the_request() {
+    let id = "KEY-REFUSED";
+    let h = Through::start(id);
+    for fault in ["key_function_not_permitted", "key_type_inconsistent"] {
+        let before = h.shim.faults();
+        let reconnects = h.daemon.metric(RECONNECTS);
+        h.shim
+            .set(&format!("fault = {fault}\nfault_calls = C_DeriveKey"));
+        let r = vault::post(
+            &h.c.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": h.warrant, "envelopes": vault::batch(&h.escrow, fault, 3)}),
+        );
+        assert_eq!(r.status, 200, "{fault}: {}", r.text());
+        assert_eq!(vault::statuses(&r.json()), ["open_failed"; 3], "{fault}");
+        assert_eq!(
+            h.shim.faults(),
+            before + 3,
+            "{fault}: one derive an envelope"
+        );
+        assert_eq!(
+            h.daemon.metric(RECONNECTS),
+            reconnects,
+            "{fault}: the pool reconnected as for a lost token"
+        );
+        h.shim.set("");
+        let r = h.unwrap_one(&format!("{fault}-after"));
+        h.assert_opened(&r, fault);
+    }
+    assert_eq!(vault::spent(&h.t, id), 2, "only the two opened are spent");
 }
 
 #[test]

@@ -10,7 +10,10 @@
 //!   the request was wrong: [`HsmError::is_session_lost`] is true and the pool
 //!   reconnects and logs in again on the next call;
 //! - `CKR_PIN_INCORRECT`/`CKR_PIN_LOCKED` become [`HsmError::Login`] so the
-//!   operator sees a PIN problem, not a generic failure.
+//!   operator sees a PIN problem, not a generic failure;
+//! - `CKR_KEY_FUNCTION_NOT_PERMITTED` and `CKR_KEY_TYPE_INCONSISTENT` from a
+//!   derive are that key's fault, not the token's ([`key_refused`]): its
+//!   caller withholds or skips that key, and the token serves the others.
 
 use std::path::PathBuf;
 
@@ -222,6 +225,22 @@ impl HsmError {
             HsmError::Pkcs11 { ckr, .. } | HsmError::Login { ckr } => Some(ckr),
             _ => None,
         }
+    }
+}
+
+/// The `CKR_*` code when `e` is the token refusing this key for the call
+/// (`CKR_KEY_FUNCTION_NOT_PERMITTED`: its attributes or the token's policy
+/// forbid the operation; `CKR_KEY_TYPE_INCONSISTENT`: a key of another type
+/// than the mechanism takes): what the key's own check at look-up could not
+/// judge (a vendor-defined key type, a policy outside the attributes).
+/// Another key on the same token may still work, so the token is not failing.
+pub(crate) fn key_refused(e: &CkError) -> Option<String> {
+    match e {
+        CkError::Pkcs11(
+            rv @ (RvError::KeyFunctionNotPermitted | RvError::KeyTypeInconsistent),
+            _,
+        ) => Some(ckr_name(*rv)),
+        _ => None,
     }
 }
 

@@ -10,6 +10,7 @@ use cryptoki::object::{
 use cryptoki::session::Session;
 use zeroize::Zeroize as _;
 
+use super::error::key_refused;
 use super::{Handles, Hsm, HsmError, Lease, PendingCall, SharedSecret};
 use crate::jwk::{Ed25519PublicKey, P256PublicKey};
 
@@ -721,12 +722,25 @@ impl Hsm {
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         let secret = self.with_session("ecdh_derive", |session| {
             let key = self.cached_handle(session, &label, Usage::Derive)?;
+            // The token refusing this key (a vendor key type or policy its
+            // attribute check could not judge) is that key's fault: its
+            // envelopes are `open_failed`, and the batch's others proceed,
+            // as for a key whose attributes are wrong.
+            let refused = |e: cryptoki::error::Error| match key_refused(&e) {
+                Some(ckr) => HsmError::KeyAttributes {
+                    label: label.clone(),
+                    problem: format!(
+                        "the token refuses an ECDH derive with it (C_DeriveKey: {ckr})"
+                    ),
+                },
+                None => e.into(),
+            };
             let derived = match derive(session, key, peer, value_len) {
                 Ok(derived) => derived,
                 Err(e) => {
                     self.forget_handle(&label);
                     if !stale_handle(&e) {
-                        return Err(e.into());
+                        return Err(refused(e));
                     }
                     // A handle kept from an earlier call names nothing once
                     // the key was destroyed (by `lavd keys destroy`, another
@@ -735,7 +749,8 @@ impl Hsm {
                     // failing HSM that fails the whole batch.
                     let key = self.cached_handle(session, &label, Usage::Derive)?;
                     derive(session, key, peer, value_len)
-                        .inspect_err(|_| self.forget_handle(&label))?
+                        .inspect_err(|_| self.forget_handle(&label))
+                        .map_err(refused)?
                 }
             };
             take_secret(session, derived)
@@ -992,14 +1007,11 @@ impl Hsm {
         // A private key that cannot derive (another type or curve, no
         // CKA_DERIVE) under the label is no half of this pair either: the
         // key is withheld, not the whole key set.
-        let derived = derive(session, private, &generator, value_len).map_err(|e| match e {
-            cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::KeyFunctionNotPermitted
-                | cryptoki::error::RvError::KeyTypeInconsistent,
-                _,
-            ) => HsmError::KeyPairMismatch(label.to_string()),
-            other => other.into(),
-        })?;
+        let derived =
+            derive(session, private, &generator, value_len).map_err(|e| match key_refused(&e) {
+                Some(_) => HsmError::KeyPairMismatch(label.to_string()),
+                None => e.into(),
+            })?;
         let x = take_secret(session, derived)?;
         // `public` is SEC 1 uncompressed: 0x04 ‖ x ‖ y.
         if public.sec1().get(1..33) == Some(x.as_slice()) {

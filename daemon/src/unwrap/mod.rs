@@ -764,7 +764,9 @@ pub fn unwrap_counting(
             //
             // Likewise a private key under the label that could leave the
             // token, or serve another operation (made or imported outside
-            // lavd): it is not used, so nothing opens with it.
+            // lavd), or that the token refuses to derive with (a vendor
+            // key type or policy: `hsm::error::key_refused`): it is not
+            // used, so nothing opens with it.
             JobOutcome::Done((
                 envelope,
                 Err(EnvelopeError::KeyAgreement(
