@@ -215,7 +215,23 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
     assert!(stderr.contains("1 escrow key(s) (E-1)"), "{stderr}");
     let out = t.lavd_with_config(&["store", "migrate"]);
     softhsm_tests::assert_fails_with(&out, 1, "store_missing");
+    // Nor an export, which made the store and signed its first checkpoint,
+    // after which `lavd serve` took it for the token's (`audit export` from
+    // a cron job while the volume is not mounted); `audit key` reads only
+    // the token, and works.
+    let export = t.path("export.json");
+    let out = t.lavd_with_config(&["audit", "export", "--out", export.to_str().unwrap()]);
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_missing");
+    assert!(
+        stderr.contains(&format!("{} does not exist", store.display())),
+        "{stderr}"
+    );
+    assert!(!export.exists(), "an export was written");
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]));
+    lavd::audit::note::VerifierKey::parse(key.trim()).expect("a verifier key");
     assert!(!store.exists(), "a store was made");
+    let (status, stderr) = Daemon::try_start(&t).expect_err("a start without its store");
+    assert_eq!(status.and_then(|st| st.code()), Some(1), "{stderr}");
     std::fs::rename(&aside, &store).unwrap();
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);

@@ -110,8 +110,16 @@ impl AuditCommand {
     pub fn run(self) -> anyhow::Result<()> {
         match self {
             AuditCommand::Key { config } => {
-                let log = open_log(&config)?;
-                outln!("{}", log.verifier_key()?);
+                // The token's key alone: no store is opened, so none is made.
+                let settings = config.load()?;
+                let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
+                    Hsm::open(settings.hsm)
+                })?;
+                let public = hsm.audit_key(&settings.audit.key_label)?.public;
+                outln!(
+                    "{}",
+                    crate::audit::note::verifier_key(&settings.audit.origin, public.bytes())?
+                );
             }
             AuditCommand::Export { config, out } => {
                 let log = open_log(&config)?;
@@ -1240,8 +1248,14 @@ fn fold(mut row: Vec<crate::audit::merkle::Hash>) -> crate::audit::merkle::Hash 
         .unwrap_or_else(crate::audit::merkle::empty_root)
 }
 
+/// The log of the daemon's store, which must exist: opening a store that is
+/// not there would make one (a SQLite file, or the schema in a PostgreSQL
+/// database), and its first checkpoint, signed with the token's key, would
+/// make it pass for the token's store (a second log under the same origin
+/// and key, a fork; and `lavd keys discard-orphan` would trust it).
 fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {
     let settings = config.load()?;
+    crate::store::probe_existing(&settings.store)?.map_err(crate::keys::KeyError::StoreMissing)?;
     let store = Arc::new(Store::open_settings(&settings.store)?);
     let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
         Hsm::open(settings.hsm)
