@@ -55,7 +55,8 @@ fn cosign_at(
     format!("{checkpoint}\u{2014} {name} {}\n", STANDARD.encode(bytes))
 }
 
-/// The log's verifier key and an export of it (`lavd audit export`).
+/// The log's verifier key and an export of it (`lavd audit export`, of an
+/// empty store made for it: an export makes no store).
 struct Exported {
     key: String,
     path: std::path::PathBuf,
@@ -68,6 +69,7 @@ fn exported(t: &TestToken) -> Exported {
         .trim()
         .to_string();
     let path = t.path("export.json");
+    assert_ok(&t.lavd_with_config(&["store", "migrate", "--new"]));
     assert_ok(&t.lavd_with_config(&["audit", "export", "--out", path.to_str().unwrap()]));
     let export: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let checkpoint = export["checkpoint"].as_str().unwrap().to_string();
