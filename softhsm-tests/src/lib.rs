@@ -656,6 +656,26 @@ pub fn assert_fails_with(out: &Output, exit: i32, code: &str) -> String {
     stderr
 }
 
+/// Asserts that `path`, and everything under it if it is a directory, is
+/// its owner's alone (no group or other permission bit), whatever the umask:
+/// what holds the log's leaves.
+pub fn assert_private(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(path).expect("stat");
+    assert_eq!(
+        meta.permissions().mode() & 0o077,
+        0,
+        "{} is {:o}: others may read it",
+        path.display(),
+        meta.permissions().mode() & 0o777
+    );
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).expect("read_dir") {
+            assert_private(&entry.expect("entry").path());
+        }
+    }
+}
+
 /// Asserts success and returns stdout.
 pub fn assert_ok(out: &Output) -> String {
     assert!(

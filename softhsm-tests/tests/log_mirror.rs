@@ -105,8 +105,10 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     };
     let verify = || assert_ok(&t.lavd(&["audit", "verify", "--key", &key, "--tiles", &dir]));
 
-    // First run: everything.
+    // First run: everything, its owner's alone (the bundles hold the
+    // leaves).
     let first = fetched(&assert_ok(&mirror(&[])));
+    softhsm_tests::assert_private(std::path::Path::new(&dir));
     let verified = verify();
     assert!(verified.contains("verdict: the log verifies"), "{verified}");
     // Under another log's key the tiles' checkpoint is refused by its code;

@@ -715,6 +715,7 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
         "--out",
         export.to_str().unwrap(),
     ]));
+    softhsm_tests::assert_private(&export);
     let (html, json_file) = (w.join("report.html"), w.join("report.json"));
     let report_args = |out: &Path, json_out: &Path, export: &Path| -> Vec<String> {
         [
@@ -906,6 +907,9 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     args.push("--detail".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     softhsm_tests::assert_ok(&lavd(&args));
+    // Not for publication: its owner's alone, as the export.
+    softhsm_tests::assert_private(&detail);
+    softhsm_tests::assert_private(&w.join("detail.json"));
     let detail_json = read_json(&w.join("detail.json"));
     assert_eq!(detail_json["form"], "detail");
     let rows: BTreeMap<&str, &Value> = detail_json["detail"]["warrants"]

@@ -778,7 +778,7 @@ fn mirror(
     for path in state.staged.borrow().iter() {
         let file = dir.join(path);
         if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent)
+            create_private_dirs(parent)
                 .with_context(|| format!("creating {}", parent.display()))?;
             for above in parent.ancestors() {
                 moved_into.insert(above.to_path_buf());
@@ -1033,8 +1033,28 @@ fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
 /// a link left at its name is removed (not followed), and anything put
 /// there meanwhile makes the write fail. A link at `file` itself is
 /// replaced, not written through.
+///
+/// The file is created `0o600`, and a directory it needs `0o700` (less the
+/// umask): exports, mirrors and detail reports hold the log's leaves
+/// (callers, warrant ids, reasons, times), which are not for publication
+/// (THREAT_MODEL §4.10). [`write_atomically_with_mode`] for a file meant for
+/// others.
 pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    write_atomically_with_mode(file, bytes, 0o666)
+    write_atomically_with_mode(file, bytes, 0o600)
+}
+
+/// `std::fs::create_dir_all`, each directory it makes `0o700` (less the
+/// umask): what holds an export or a mirror is its owner's alone.
+pub(super) fn create_private_dirs(dir: &std::path::Path) -> std::io::Result<()> {
+    create_dirs(dir, 0o700)
+}
+
+fn create_dirs(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
 }
 
 /// [`write_atomically`], the file created with `mode` (less the umask):
@@ -1050,7 +1070,9 @@ pub(super) fn write_atomically_with_mode(
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)?;
+        // Directories as private as the file: others may search them only
+        // if they may read it.
+        create_dirs(dir, if mode & 0o044 == 0 { 0o700 } else { 0o777 })?;
     }
     let tmp = file.with_extension("partial-download");
     match std::fs::remove_file(&tmp) {

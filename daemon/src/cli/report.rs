@@ -111,11 +111,20 @@ impl ReportArgs {
                 format!("writing {}: {e}", path.display()),
             )
         };
+        // A detail report names callers and warrants (not for
+        // publication): its owner's alone. An aggregate one is for others.
+        let mode = match report.form {
+            crate::report::Form::Aggregate => 0o666,
+            crate::report::Form::Detail => 0o600,
+        };
+        let write = |path: &std::path::Path, bytes: &[u8]| {
+            super::audit::write_atomically_with_mode(path, bytes, mode)
+                .map_err(|e| unwritable(path, e))
+        };
         if let Some(path) = &self.json {
-            super::audit::write_atomically(path, &json).map_err(|e| unwritable(path, e))?;
+            write(path, &json)?;
         }
-        super::audit::write_atomically(&self.out, page.as_bytes())
-            .map_err(|e| unwritable(&self.out, e))?;
+        write(&self.out, page.as_bytes())?;
         eprintln!(
             "verified {} entries of {}; wrote the {} report to {}",
             summary.size,
