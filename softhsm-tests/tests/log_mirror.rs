@@ -168,7 +168,7 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     // run after it fetches it again and completes.
     unwrap_batch(&c.agency, &escrow, &warrant, "e");
     let size = vault::tree_size(&c.auditor);
-    let bundle = if size % 256 == 0 {
+    let bundle = if size.is_multiple_of(256) {
         format!("tile/entries/{:03}", size / 256 - 1)
     } else {
         format!("tile/entries/{:03}.p/{}", size / 256, size % 256)

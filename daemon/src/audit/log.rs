@@ -880,7 +880,7 @@ impl AuditLog {
                     failures += 1;
                     // Every failure while it backs off, then one in 30 (a
                     // minute at the longest wait).
-                    if wait < std::time::Duration::from_secs(2) || failures % 30 == 0 {
+                    if wait < std::time::Duration::from_secs(2) || failures.is_multiple_of(30) {
                         tracing::error!(
                             error = %e,
                             waiting = self.deferred_leaves(),
