@@ -282,6 +282,26 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "{err:#}"
     );
     assert!(!twice.exists());
+    // A digest that begins with `-` (base64url, one in 64) is the value, not
+    // an unknown option: this test failed on such digests before.
+    let err = run(&[
+        "sign",
+        "--key",
+        s(&jud_key),
+        "--in",
+        s(&once),
+        "--out",
+        s(&twice),
+        "--expect-digest",
+        "-Zm9v",
+    ])
+    .unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&err),
+        Some("digest_mismatch"),
+        "{err:#}"
+    );
+    assert!(!twice.exists());
     run(&[
         "sign",
         "--key",
@@ -457,6 +477,67 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
     assert!(format!("{e:#}").starts_with("--alg: "), "{e:#}");
     assert!(!out.exists());
+}
+
+/// A time flag that is not RFC 3339 UTC is a usage error naming the flag;
+/// a recipient that is not a public P-256 JWK is `recipient_key_malformed`,
+/// an authority key file that is not a JWK `invalid_authority_key`. Before,
+/// each was `command_failed`.
+#[test]
+fn bad_times_and_key_files_have_their_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipient = write_recipient(dir.path());
+    let out = dir.path().join("w.jws");
+    let new_with = |flag: &str, value: &str, recipient: &Path| {
+        let mut args: Vec<&str> = vec!["new"];
+        args.extend_from_slice(NEW_FLAGS);
+        if let Some(at) = args.iter().position(|a| *a == flag) {
+            args[at + 1] = value;
+        }
+        args.extend_from_slice(&["--recipient", s(recipient), "--out", s(&out)]);
+        run(&args).unwrap_err()
+    };
+    let e = new_with("--window-from", "2026-11-01 00:00", &recipient);
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(
+        format!("{e:#}").starts_with("--window-from `2026-11-01 00:00`: "),
+        "{e:#}"
+    );
+    // Read before its `--at`: a file, whatever it holds.
+    let some = dir.path().join("some.jws");
+    std::fs::write(&some, "x").unwrap();
+    let e = match cmd(&["inspect", "--at", "yesterday", s(&some)]) {
+        WarrantCommand::Inspect(a) => a.report().unwrap_err(),
+        other => panic!("not inspect: {other:?}"),
+    };
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(format!("{e:#}").starts_with("--at `yesterday`: "), "{e:#}");
+
+    let private = dir.path().join("agency.jwk");
+    std::fs::write(
+        &private,
+        serde_json::to_string(&P256PrivateKey::generate().unwrap().to_private_jwk()).unwrap(),
+    )
+    .unwrap();
+    let not_json = dir.path().join("not.jwk");
+    std::fs::write(&not_json, "not json").unwrap();
+    for (file, says) in [(&private, "private key (`d`)"), (&not_json, "recipient ")] {
+        let e = new_with("--id", "OP-2026-0042", file);
+        assert_eq!(
+            lavd::cli::error_code(&e),
+            Some("recipient_key_malformed"),
+            "{e:#}"
+        );
+        assert!(format!("{e:#}").contains(says), "{e:#}");
+    }
+    assert!(!out.exists());
+
+    let e = run(&["sign", "--key", s(&not_json), "--in", s(&out)]).unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&e),
+        Some("invalid_authority_key"),
+        "{e:#}"
+    );
 }
 
 /// `lavd warrant new` writes the instants it was given, fraction and all,

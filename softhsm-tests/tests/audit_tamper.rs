@@ -112,6 +112,19 @@ fn tampering_in_sqlite_is_detected_and_located() {
         ]);
         let stderr = assert_fails_with(&verify, 1, case.code);
         assert!(stderr.contains(case.first_bad), "{}: {stderr}", case.name);
+        // Against the honest export kept from before (`--previous`): the
+        // same leaf, found by comparing the leaves themselves.
+        let verify = verify_export(&[
+            export.to_str().unwrap(),
+            "--previous",
+            honest.to_str().unwrap(),
+        ]);
+        let stderr = assert_fails_with(&verify, 1, case.code);
+        assert!(
+            stderr.contains(case.first_bad),
+            "{} against --previous: {stderr}",
+            case.name
+        );
     }
     // An export that is no file is refused at once, not read until memory
     // runs out.

@@ -500,3 +500,24 @@ fn a_server_that_cannot_be_reached_is_connect_failed() {
         "{stderr}"
     );
 }
+
+/// `--ca`, `--cert` and `--client-key` are read as every input of a command
+/// is: a regular file within its bound. `/dev/zero` as any of them is
+/// `input_unreadable` at once, naming it (it was read until memory ran out,
+/// before any request and its timeout).
+#[test]
+fn a_tls_file_that_is_not_a_regular_file_is_refused() {
+    for name in ["ca.pem", "auditor.pem", "auditor.key"] {
+        let f = files();
+        let file = f.dir.path().join(name);
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", &file).unwrap();
+        let (code, stderr, took) = verify(f.dir.path(), 1, &["--timeout", "2"]);
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert!(
+            stderr.contains("lavd: input_unreadable: ") && stderr.contains(name),
+            "{name}: {stderr}"
+        );
+        assert!(took < Duration::from_secs(15), "{name}: took {took:?}");
+    }
+}

@@ -575,6 +575,15 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     );
     std::fs::write(t.config(), &config).unwrap();
 
+    // A forced destruction needs a reason that says something.
+    assert_fails_with(
+        &t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "2099-01", "--force", "--reason", "  ",
+        ]),
+        1,
+        "reason_required",
+    );
+
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
     assert!(private_key(&t, "2020-01").is_none());
     assert!(private_key(&t, "2020-02").is_none());

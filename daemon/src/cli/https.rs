@@ -259,10 +259,12 @@ impl Endpoint {
     ) -> anyhow::Result<(ServerName<'static>, tokio_rustls::TlsConnector)> {
         let server_name = ServerName::try_from(host.to_string())
             .map_err(|_| anyhow!("bad host in URL: {host}"))?;
+        // Each file as every input of a command is read: a regular file
+        // within its bound (`input_unreadable` otherwise: `/dev/zero` or a
+        // FIFO would be read for ever before any request and its timeout).
         let mut roots = rustls::RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(ca)
-            .with_context(|| format!("reading {}", ca.display()))?
-        {
+        let ca_pem = super::read_input(ca)?;
+        for cert in CertificateDer::pem_slice_iter(&ca_pem) {
             roots
                 .add(cert.with_context(|| format!("a certificate in {}", ca.display()))?)
                 .context("adding the CA")?;
@@ -277,11 +279,12 @@ impl Endpoint {
             .with_root_certificates(roots);
         let config = match client {
             Some((cert, key)) => {
-                let chain = CertificateDer::pem_file_iter(cert)
-                    .with_context(|| format!("reading {}", cert.display()))?
+                let chain = CertificateDer::pem_slice_iter(&super::read_input(cert)?)
                     .collect::<Result<Vec<_>, _>>()
                     .with_context(|| format!("a certificate in {}", cert.display()))?;
-                let key = PrivateKeyDer::from_pem_file(key)
+                // The key's bytes are wiped once parsed.
+                let key_pem = zeroize::Zeroizing::new(super::read_input(key)?);
+                let key = PrivateKeyDer::from_pem_slice(&key_pem)
                     .with_context(|| format!("reading the private key {}", key.display()))?;
                 builder
                     .with_client_auth_cert(chain, key)

@@ -36,8 +36,10 @@ pub struct ReportArgs {
     detail: bool,
     /// State that the log held no entries beyond those given at this time
     /// (RFC 3339 UTC), e.g. when an export was made: overdue keys and lapsed
-    /// urgent warrants are then judged at it. A live log (`--url`, `--tiles
-    /// https://…`) is judged at its fetch without this.
+    /// urgent warrants are then judged at it. A log read with `--url` whose
+    /// served checkpoint was its newest is judged at its fetch without this
+    /// (the daemon then served no entry past it); tiles, even from
+    /// `https://…`, need it (docs/audit.md §6).
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     as_of: Option<time::OffsetDateTime>,
 }

@@ -396,7 +396,11 @@ impl OpenArgs {
                 Some(r) => crate::codec::escape_for_terminal(&serde_json::to_string(r)?),
                 None => format!("#{}", result.index),
             };
-            let mut line = Zeroizing::new(String::new());
+            // At its final size from the start: a buffer grown as the hex
+            // is written would free copies of the key's prefix unwiped.
+            let mut line = Zeroizing::new(String::with_capacity(
+                label.len() + "\tdenied\t".len() + 2 * crate::envelope::DEK_MAX_LEN,
+            ));
             match &result.outcome {
                 Outcome::Ok(dek) => {
                     write!(line, "{label}\tok\t")?;

@@ -13,7 +13,7 @@ use super::{out, outln};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use time::OffsetDateTime;
 
 use crate::codec::{b64_encode, format_time_exact, parse_time};
@@ -104,7 +104,9 @@ pub struct SignArgs {
     /// Sign only if the claims' digest is this one (`lavd warrant inspect`
     /// prints it on its `digest` line, `sha-256 …`; with or without that
     /// prefix): what was reviewed is what is signed.
-    #[arg(long, value_name = "SHA256")]
+    // A base64url digest may begin with `-` (one in 64): taken as the
+    // value, not as another option.
+    #[arg(long, value_name = "SHA256", allow_hyphen_values = true)]
     pub expect_digest: Option<String>,
 }
 
@@ -244,9 +246,31 @@ fn missing(flag: &str) -> anyhow::Error {
     super::Refused::new("usage", format!("--{flag} is required (or give --claims)")).into()
 }
 
+/// A time flag that is not RFC 3339 UTC: a usage error (exit 2) naming the
+/// flag, as clap's own parse of `lavd keys`' time flags is.
+fn bad_time(flag: &str, text: &str, e: &crate::codec::CodecError) -> anyhow::Error {
+    super::Refused::new(
+        "usage",
+        format!(
+            "--{flag} `{}`: {e}",
+            crate::codec::escape_for_terminal(text)
+        ),
+    )
+    .into()
+}
+
+/// The recipient file is not the agency's public P-256 JWK.
+fn bad_recipient(path: &std::path::Path, why: impl std::fmt::Display) -> anyhow::Error {
+    super::Refused::new(
+        "recipient_key_malformed",
+        format!("recipient {}: {why}", path.display()),
+    )
+    .into()
+}
+
 fn time_flag(name: &str, value: Option<&str>) -> anyhow::Result<String> {
     let text = value.ok_or_else(|| missing(name))?;
-    let t = parse_time(text).with_context(|| format!("--{name} `{text}`"))?;
+    let t = parse_time(text).map_err(|e| bad_time(name, text, &e))?;
     // The instant given, fraction and all: the claims an authority signs
     // say what was asked (`format_time` would drop a fraction).
     Ok(format_time_exact(t))
@@ -273,16 +297,16 @@ impl NewArgs {
             .recipient
             .as_ref()
             .ok_or_else(|| missing("recipient"))?;
-        let jwk = Jwk::from_json(&read(recipient_path)?)
-            .with_context(|| format!("recipient {}", recipient_path.display()))?;
+        let jwk =
+            Jwk::from_json(&read(recipient_path)?).map_err(|e| bad_recipient(recipient_path, e))?;
         if jwk.d.is_some() {
-            bail!(
-                "recipient {} contains a private key (`d`); give the agency's public JWK",
-                recipient_path.display()
-            );
+            return Err(bad_recipient(
+                recipient_path,
+                "it contains a private key (`d`); give the agency's public JWK",
+            ));
         }
-        let recipient = P256PublicKey::from_jwk(&jwk)
-            .with_context(|| format!("recipient {}", recipient_path.display()))?;
+        let recipient =
+            P256PublicKey::from_jwk(&jwk).map_err(|e| bad_recipient(recipient_path, e))?;
         if self.targets.is_empty() {
             return Err(super::Refused::new(
                 "usage",
@@ -332,8 +356,12 @@ impl SignArgs {
     pub fn build(&self) -> anyhow::Result<String> {
         // The file holds the private key (`d`): wiped once read.
         let bytes = zeroize::Zeroizing::new(read(&self.key)?);
-        let jwk = Jwk::from_json(&bytes)
-            .with_context(|| format!("authority key {}", self.key.display()))?;
+        let jwk = Jwk::from_json(&bytes).map_err(|e| {
+            super::Refused::new(
+                "invalid_authority_key",
+                format!("authority key {}: {e}", self.key.display()),
+            )
+        })?;
         let key = AuthorityKey::from_jwk(&jwk)
             .with_context(|| format!("authority key {}", self.key.display()))?;
         let warrant = read(&self.input)?;
@@ -376,7 +404,7 @@ impl InspectArgs {
     pub fn report(&self) -> anyhow::Result<InspectReport> {
         let bytes = read(&self.file)?;
         let at = match &self.at {
-            Some(text) => parse_time(text).with_context(|| format!("--at `{text}`"))?,
+            Some(text) => parse_time(text).map_err(|e| bad_time("at", text, &e))?,
             None => OffsetDateTime::now_utc(),
         };
         let trust = self

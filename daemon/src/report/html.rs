@@ -759,7 +759,7 @@ pub fn render(report: &Report) -> String {
                 escape(seen)
             ),
             (Some(seen), false) => {
-                format!(" (the log was seen to hold nothing more at {})", escape(seen))
+                format!(" (the server reported no entries past its checkpoint at {})", escape(seen))
             }
             (None, false) => {
                 " (its newest entry: nothing shows the log held nothing more after it)".to_owned()

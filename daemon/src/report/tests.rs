@@ -892,7 +892,7 @@ fn a_quiet_log_is_judged_when_it_was_seen_complete() {
     };
     assert_eq!(status(&early).1, "2026-01-01T00:01:00Z");
     assert!(html::render(&build(&events, &seen))
-        .contains("the log was seen to hold nothing more at 2026-06-03T00:00:00Z"));
+        .contains("the server reported no entries past its checkpoint at 2026-06-03T00:00:00Z"));
 }
 
 /// Leaves are timed when their request's work starts, so the last leaf is
