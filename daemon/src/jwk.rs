@@ -518,17 +518,20 @@ mod tests {
 
     #[test]
     fn rfc7638_thumbprint_example() {
-        // RFC 7638 §3.1 uses an RSA key; for EC we check against the worked
-        // canonical form instead: the digest of exactly the required members.
-        let key = P256PrivateKey::generate().unwrap();
-        let jwk = key.public().to_jwk();
-        let canonical = format!(
-            r#"{{"crv":"P-256","kty":"EC","x":"{}","y":"{}"}}"#,
-            jwk.x.as_deref().unwrap(),
-            jwk.y.as_deref().unwrap()
+        // RFC 7638 §3.1's example is an RSA key. This is RFC 7517 Appendix
+        // A.1's P-256 public key (its `use` and `kid` are not hashed), and
+        // its thumbprint as an independent implementation computes it:
+        // Python's jwcrypto 1.6.1, `JWK(kty="EC", crv="P-256", x=…, y=…)
+        // .thumbprint()` (2026-12-07).
+        let jwk = Jwk::from_json(
+            br#"{"kty":"EC","crv":"P-256","x":"MKBCTNIcKUSDii11ySs3526iDZ8AiTo7Tu6KPAqv7D4","y":"4Etl6SRW2YiLUrN5vfvVHuhp7x8PxltmWWlbbM4IFyM","use":"enc","kid":"1"}"#,
+        )
+        .unwrap();
+        let key = P256PublicKey::from_jwk(&jwk).unwrap();
+        assert_eq!(
+            key.thumbprint(),
+            "cn-I_WNMClehiVp51i_0VpOENW1upEerA8sEam5hn-s"
         );
-        let expected = b64_encode(digest::digest(&digest::SHA256, canonical.as_bytes()));
-        assert_eq!(key.public().thumbprint(), expected);
     }
 
     #[test]

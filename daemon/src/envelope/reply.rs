@@ -7,7 +7,13 @@
 //! context with `aad` = the header bytes of the envelope it answers. The
 //! `aad` binds each DEK to its envelope's header; the sequence number binds
 //! it to its position among the `ok` results, so reordering, dropping an
-//! earlier `ok` result or moving one onto another envelope fails to open.
+//! earlier `ok` result or moving one onto an envelope with another header
+//! fails to open. Two envelopes of one request whose headers are the same
+//! bytes (same kid, provider, target and second, no `ref`) cannot be told
+//! apart this way: an `ok` result moved onto the other, with the `denied`
+//! it swapped places with, still opens, as that one's DEK. Only TLS stands
+//! against that edit; PROTOCOL v1's `aad` is the header alone (binding
+//! `enc` too, or `envelope_digest`, would close it in a later version).
 //!
 //! [`ReplyBuilder`] is the daemon side, [`open_reply`] the agency side.
 //!

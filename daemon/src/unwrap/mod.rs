@@ -518,9 +518,7 @@ pub fn unwrap_counting(
                 deny(DenyReason::KeyDestroyed)
             }
             Some(k) => match warrant.check_envelope(header.kid(), header.target(), header.time()) {
-                Err(denial) => {
-                    deny(DenyReason::from_code(denial.code()).unwrap_or(DenyReason::OutOfWindow))
-                }
+                Err(denial) => deny(denial.reason()),
                 Ok(()) => Plan::Candidate(Box::new(envelope), k.public),
             },
         };

@@ -24,10 +24,17 @@ pub enum Denial {
 impl Denial {
     /// The PROTOCOL §5 reason code.
     pub fn code(&self) -> &'static str {
+        self.reason().as_str()
+    }
+
+    /// The reply's and the leaf's reason (one match, so a new denial cannot
+    /// fall through to another reason).
+    pub fn reason(&self) -> crate::envelope::reply::DenyReason {
+        use crate::envelope::reply::DenyReason;
         match self {
-            Self::KeyNotAllowed(_) => "key_not_allowed",
-            Self::TargetNotInWarrant => "target_not_in_warrant",
-            Self::OutOfWindow => "out_of_window",
+            Self::KeyNotAllowed(_) => DenyReason::KeyNotAllowed,
+            Self::TargetNotInWarrant => DenyReason::TargetNotInWarrant,
+            Self::OutOfWindow => DenyReason::OutOfWindow,
         }
     }
 }

@@ -105,10 +105,27 @@ proptest! {
 
 #[test]
 fn fractional_seconds_and_offsets() {
-    // A time keeps one spelling: only `Z`; fractions parse (the header bytes
-    // are kept as received) and the builder writes whole seconds.
+    // The builder writes whole seconds in `Z`; fractions parse (the header
+    // bytes are kept as received).
     let t = parse_time("2026-11-26T07:25:21.5Z").unwrap();
-    let h = HeaderBuilder::new("k", "p", "t", t).build().unwrap();
-    assert!(String::from_utf8(h).unwrap().contains("07:25:21Z"));
+    let h = String::from_utf8(HeaderBuilder::new("k", "p", "t", t).build().unwrap()).unwrap();
+    assert!(h.contains("\"2026-11-26T07:25:21Z\""), "{h}");
+    // A header's time is read as sealed (`parse_sealed_time`): UTC in any
+    // spelling RFC 3339 has for it is the same time; another offset is
+    // refused (`parse_time`, for what lavd's own tools take, takes only `Z`).
+    let header = |time: &str| {
+        let bytes = h.replace("2026-11-26T07:25:21Z", time);
+        Header::parse(bytes.as_bytes(), &EnvelopeLimits::default())
+    };
+    let z = header("2026-11-26T07:25:21Z").unwrap().time();
+    for utc in [
+        "2026-11-26T07:25:21+00:00",
+        "2026-11-26T07:25:21-00:00",
+        "2026-11-26T07:25:21z",
+    ] {
+        assert_eq!(header(utc).unwrap().time(), z, "{utc}");
+    }
+    let e = header("2026-11-26T08:25:21+01:00").unwrap_err();
+    assert_eq!(e.code(), "malformed_envelope");
     assert!(parse_time("2026-11-26T07:25:21+00:00").is_err());
 }
