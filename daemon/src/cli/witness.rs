@@ -26,7 +26,7 @@ use crate::witness::serve::{self as witness_serve, Signer, Witness};
 use crate::witness::WitnessState;
 
 /// The default config path of `lavd witness`.
-pub const DEFAULT_WITNESS_CONFIG: &str = "/etc/lavd/witness.toml";
+pub const DEFAULT_WITNESS_CONFIG: &str = "/etc/lavd-witness/witness.toml";
 
 /// `lavd witness` subcommands.
 #[derive(Debug, clap::Subcommand)]
