@@ -635,14 +635,22 @@ pub fn kill_after(child: &std::process::Child, limit: Duration) -> KillAfter {
 /// See [`kill_after`]; dropping it cancels the kill.
 pub struct KillAfter(#[allow(dead_code)] std::sync::mpsc::Sender<()>);
 
-/// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`.
+/// A `lavd` command (the real binary) with this process's `SOFTHSM2_CONF`,
+/// logging at `warn` (`LAVD_LOG`), unless [`LOG_AS_CONFIGURED`] is set in
+/// this process's environment: then at its config's level (`info` by
+/// default), as a deployed daemon logs (the benchmark sets it).
 pub fn lavd_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(lavd_binary());
-    cmd.env("SOFTHSM2_CONF", harness().conf())
-        .env("LAVD_LOG", "warn")
-        .args(args);
+    cmd.env("SOFTHSM2_CONF", harness().conf());
+    if std::env::var_os(LOG_AS_CONFIGURED).is_none() {
+        cmd.env("LAVD_LOG", "warn");
+    }
+    cmd.args(args);
     cmd
 }
+
+/// See [`lavd_command`].
+pub const LOG_AS_CONFIGURED: &str = "LAVD_HARNESS_LOG_AS_CONFIGURED";
 
 /// Asserts a command failed with `code` on stderr (`lavd: <code>: …`) and
 /// returns stderr.
