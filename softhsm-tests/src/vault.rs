@@ -232,12 +232,17 @@ pub fn seal(
 /// `n` envelopes to escrow key `E-1` for [`TARGET`], the i-th sent i+1
 /// minutes ago with reference `{tag}-{i}` and DEK `{tag}-{i}-sixteen-bytes-dek`.
 pub fn batch(escrow: &P256PublicKey, tag: &str, n: usize) -> Vec<serde_json::Value> {
+    batch_for(escrow, "E-1", tag, n)
+}
+
+/// [`batch`] to escrow key `kid`, whose public key is `escrow`.
+pub fn batch_for(escrow: &P256PublicKey, kid: &str, tag: &str, n: usize) -> Vec<serde_json::Value> {
     let now = OffsetDateTime::now_utc();
     (0..n)
         .map(|i| {
             seal(
                 escrow,
-                "E-1",
+                kid,
                 TARGET,
                 now - Duration::minutes(i as i64 + 1),
                 &format!("{tag}-{i}"),

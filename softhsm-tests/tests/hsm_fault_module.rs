@@ -9,8 +9,8 @@
 //!   whose settings file is gone (a test that failed before releasing it)
 //!   fails with `CKR_DEVICE_ERROR` instead of being held for ever.
 //! - A derive the token refuses for the key (`CKR_KEY_FUNCTION_NOT_PERMITTED`,
-//!   `CKR_KEY_TYPE_INCONSISTENT`) denies that key's envelopes `open_failed`
-//!   (200), not the whole request.
+//!   `CKR_KEY_TYPE_INCONSISTENT`), again after a fresh look-up, denies that
+//!   key's envelopes `open_failed` (200), not the whole request.
 //! - When the fault clears, the same daemon serves again, without a restart,
 //!   and the warrant's budget shows that the failed requests spent nothing.
 //! - `fault_limit` counts the faults since the last settings change, not
@@ -146,12 +146,18 @@ struct Through {
 
 impl Through {
     fn start(id: &str) -> Self {
+        Self::start_with(id, 2)
+    }
+
+    /// [`Through::start`] with a pool of `sessions` HSM sessions.
+    fn start_with(id: &str, sessions: usize) -> Self {
         let t = TestToken::new();
         let pki = Pki::new(&t);
         let shim = Shim::new(&t);
         // No effective rate limit: the probability test sends 120 requests.
-        t.write_config_with_module(
+        t.write_config_with(
             &shim_module_path(),
+            sessions,
             &format!("{}\n{}", shim.hsm_env(), softhsm_tests::faults::limits()),
         );
         vault::generate_escrow_key(&t, "E-1");
@@ -189,40 +195,62 @@ impl Through {
 /// A derive the token refuses for the key itself
 /// (`CKR_KEY_FUNCTION_NOT_PERMITTED`: a policy outside the attributes;
 /// `CKR_KEY_TYPE_INCONSISTENT`: a vendor key type the attribute check could
-/// not judge) is that key's fault, not a failing token's: its envelopes are
-/// `open_failed` in a 200, the derive is not retried on a new session,
-/// nothing is spent, and the next request opens.
+/// not judge) is that key's fault, not a failing token's, once a fresh
+/// look-up gets the same answer: its envelopes are `open_failed` in a 200,
+/// the rest of the key's envelopes are not sent to the token, the other
+/// key's open, the pool does not reconnect, and nothing refused is spent.
+/// One session, so that the opens run in request order.
 #[test]
-fn a_derive_the_token_refuses_for_its_key_denies_the_envelopes_not_the_request() {
+fn a_derive_the_token_refuses_for_its_key_denies_that_keys_envelopes_only() {
     let id = "KEY-REFUSED";
-    let h = Through::start(id);
-    for fault in ["key_function_not_permitted", "key_type_inconsistent"] {
-        let before = h.shim.faults();
-        let reconnects = h.daemon.metric(RECONNECTS);
-        h.shim
-            .set(&format!("fault = {fault}\nfault_calls = C_DeriveKey"));
+    let h = Through::start_with(id, 1);
+    vault::generate_escrow_key(&h.t, "E-2");
+    let e2 = vault::published_key(&h.c.provider, "E-2");
+    let unwrap = |envelopes: Vec<serde_json::Value>| {
         let r = vault::post(
             &h.c.agency,
             "/v1/unwrap",
-            &serde_json::json!({"warrant": h.warrant, "envelopes": vault::batch(&h.escrow, fault, 3)}),
+            &serde_json::json!({"warrant": h.warrant, "envelopes": envelopes}),
         );
-        assert_eq!(r.status, 200, "{fault}: {}", r.text());
-        assert_eq!(vault::statuses(&r.json()), ["open_failed"; 3], "{fault}");
-        assert_eq!(
-            h.shim.faults(),
-            before + 3,
-            "{fault}: one derive an envelope"
-        );
-        assert_eq!(
-            h.daemon.metric(RECONNECTS),
-            reconnects,
-            "{fault}: the pool reconnected as for a lost token"
-        );
-        h.shim.set("");
-        let r = h.unwrap_one(&format!("{fault}-after"));
-        h.assert_opened(&r, fault);
-    }
-    assert_eq!(vault::spent(&h.t, id), 2, "only the two opened are spent");
+        assert_eq!(r.status, 200, "{}", r.text());
+        vault::statuses(&r.json())
+    };
+    let reconnects = h.daemon.metric(RECONNECTS);
+
+    // Refused once, then not on the fresh look-up (a handle that named
+    // another object): not the key's fault; both open.
+    h.shim
+        .set("fault = key_function_not_permitted\nfault_calls = C_DeriveKey\nfault_limit = 1");
+    assert_eq!(unwrap(vault::batch(&h.escrow, "once", 2)), ["ok", "ok"]);
+    assert_eq!(h.shim.faults(), 1);
+
+    // Refused twice: E-1's first envelope is `open_failed`, its second is
+    // not sent to the token (no third fault), and E-2's opens.
+    h.shim
+        .set("fault = key_function_not_permitted\nfault_calls = C_DeriveKey\nfault_limit = 2");
+    let mut mixed = vault::batch(&h.escrow, "twice", 2);
+    mixed.extend(vault::batch_for(&e2, "E-2", "twice-e2", 1));
+    assert_eq!(unwrap(mixed), ["open_failed", "open_failed", "ok"]);
+    assert_eq!(h.shim.faults(), 3);
+
+    // Every key refused, each twice (a fresh look-up each): all
+    // `open_failed`, still a 200.
+    h.shim
+        .set("fault = key_type_inconsistent\nfault_calls = C_DeriveKey");
+    let mut both = vault::batch(&h.escrow, "all", 2);
+    both.extend(vault::batch_for(&e2, "E-2", "all-e2", 2));
+    assert_eq!(unwrap(both), ["open_failed"; 4]);
+    assert_eq!(h.shim.faults(), 7);
+    assert_eq!(
+        h.daemon.metric(RECONNECTS),
+        reconnects,
+        "the pool reconnected as for a lost token"
+    );
+
+    h.shim.set("");
+    let r = h.unwrap_one("after");
+    h.assert_opened(&r, "after the refusals");
+    assert_eq!(vault::spent(&h.t, id), 4, "only the four opened are spent");
 }
 
 #[test]

@@ -12,8 +12,9 @@
 //! - `CKR_PIN_INCORRECT`/`CKR_PIN_LOCKED` become [`HsmError::Login`] so the
 //!   operator sees a PIN problem, not a generic failure;
 //! - `CKR_KEY_FUNCTION_NOT_PERMITTED` and `CKR_KEY_TYPE_INCONSISTENT` from a
-//!   derive are that key's fault, not the token's ([`key_refused`]): its
-//!   caller withholds or skips that key, and the token serves the others.
+//!   derive are that key's fault, not the token's ([`key_refused`]; an open
+//!   makes it [`HsmError::KeyRefused`] once a fresh look-up gets the same):
+//!   its caller withholds or skips that key, and the token serves the others.
 
 use std::path::PathBuf;
 
@@ -115,6 +116,19 @@ pub enum HsmError {
         /// Which attributes are wrong.
         problem: String,
     },
+    /// The token refused a derive with the private key under this label,
+    /// twice, the second time after a fresh look-up
+    /// (`CKR_KEY_FUNCTION_NOT_PERMITTED` or `CKR_KEY_TYPE_INCONSISTENT`):
+    /// a vendor key type or a token policy the attribute check could not
+    /// judge. That key's fault, not the token's: its envelopes are
+    /// `open_failed`, and other keys serve.
+    #[error("the token refuses to derive with the private key labelled {label:?} ({ckr})")]
+    KeyRefused {
+        /// The key's label on the token.
+        label: String,
+        /// The `CKR_*` code of the refusal.
+        ckr: String,
+    },
     /// The key under this label is not the one lavd started with: it was
     /// replaced on the token while lavd was running.
     #[error("the key labelled {0:?} on the token is not the one lavd started with")]
@@ -171,6 +185,7 @@ impl HsmError {
                 | HsmError::InvalidPublicKey(_)
                 | HsmError::KeyPairMismatch(_)
                 | HsmError::KeyAttributes { .. }
+                | HsmError::KeyRefused { .. }
                 | HsmError::KeyReplaced(_)
         )
     }
@@ -183,7 +198,8 @@ impl HsmError {
     /// generation under it, or a look-up that finds two: an operator's
     /// matter, not an outage to retry); `key_attributes_unsafe` for a
     /// private key that could leave the token or lacks its usage;
-    /// else `hsm_unavailable`.
+    /// `key_refused` for one the token refuses to use; else
+    /// `hsm_unavailable`.
     #[must_use]
     pub fn code(&self) -> &'static str {
         match self {
@@ -191,6 +207,7 @@ impl HsmError {
             HsmError::KeyPairMismatch(_) => "key_pair_mismatch",
             HsmError::DuplicateKey(_) => "key_label_taken",
             HsmError::KeyAttributes { .. } => "key_attributes_unsafe",
+            HsmError::KeyRefused { .. } => "key_refused",
             _ => "hsm_unavailable",
         }
     }

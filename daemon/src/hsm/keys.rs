@@ -715,42 +715,43 @@ impl Hsm {
     /// read once and destroyed before this returns, also on error.
     ///
     /// # Errors
-    /// [`HsmError::KeyNotFound`] if the key is absent (destroyed), or the
-    /// failing PKCS#11 call.
+    /// [`HsmError::KeyNotFound`] if the key is absent (destroyed),
+    /// [`HsmError::KeyRefused`] if the token refuses to derive with it, or
+    /// the failing PKCS#11 call.
     pub fn ecdh(&self, kid: &str, peer: &P256PublicKey) -> Result<SharedSecret, HsmError> {
         let label = escrow_label(kid);
         let value_len = self.inner.settings.quirks.derive_sets_value_len;
         let secret = self.with_session("ecdh_derive", |session| {
             let key = self.cached_handle(session, &label, Usage::Derive)?;
-            // The token refusing this key (a vendor key type or policy its
-            // attribute check could not judge) is that key's fault: its
-            // envelopes are `open_failed`, and the batch's others proceed,
-            // as for a key whose attributes are wrong.
-            let refused = |e: cryptoki::error::Error| match key_refused(&e) {
-                Some(ckr) => HsmError::KeyAttributes {
-                    label: label.clone(),
-                    problem: format!(
-                        "the token refuses an ECDH derive with it (C_DeriveKey: {ckr})"
-                    ),
-                },
-                None => e.into(),
-            };
             let derived = match derive(session, key, peer, value_len) {
                 Ok(derived) => derived,
                 Err(e) => {
                     self.forget_handle(&label);
-                    if !stale_handle(&e) {
-                        return Err(refused(e));
+                    if !stale_handle(&e) && key_refused(&e).is_none() {
+                        return Err(e.into());
                     }
                     // A handle kept from an earlier call names nothing once
                     // the key was destroyed (by `lavd keys destroy`, another
-                    // process): look it up again, so that a destroyed key is
-                    // `KeyNotFound` (the envelope's `key_destroyed`), not a
-                    // failing HSM that fails the whole batch.
+                    // process), or, on a token that reuses handle numbers,
+                    // another object, which the token refuses: look it up
+                    // again, so that a destroyed key is `KeyNotFound` (the
+                    // envelope's `key_destroyed`), not a failing HSM that
+                    // fails the whole batch, nor a refused key.
                     let key = self.cached_handle(session, &label, Usage::Derive)?;
                     derive(session, key, peer, value_len)
                         .inspect_err(|_| self.forget_handle(&label))
-                        .map_err(refused)?
+                        .map_err(|e| match key_refused(&e) {
+                            // Refused again, by the key just found under its
+                            // label: that key's fault (a vendor key type or
+                            // policy its attribute check could not judge);
+                            // its envelopes are `open_failed`, as for a key
+                            // whose attributes are wrong.
+                            Some(ckr) => HsmError::KeyRefused {
+                                label: label.clone(),
+                                ckr,
+                            },
+                            None => e.into(),
+                        })?
                 }
             };
             take_secret(session, derived)

@@ -659,15 +659,39 @@ pub fn unwrap_counting(
     }
     let positions: Vec<usize> = to_open.iter().map(|(at, ..)| *at).collect();
     let positions_empty = positions.is_empty();
+    // Keys the token refused to derive with in this request (kid, label,
+    // code): their other envelopes are not sent to it (each would cost a
+    // look-up and two derives for the same answer, and an agency can send
+    // many).
+    let refused: Arc<std::sync::Mutex<Vec<(String, String, String)>>> = Arc::default();
     let opening = ctx.hsm.start_spread(
         to_open,
-        |hsm, (_, envelope, public)| {
-            let opened =
-                open_envelope(&envelope, &public, |e| hsm.ecdh(envelope.header().kid(), e));
+        move |hsm, (_, envelope, public)| {
+            let kid = envelope.header().kid();
+            let known = refused.lock().ok().and_then(|r| {
+                r.iter()
+                    .find(|(k, ..)| k == kid)
+                    .map(|(_, label, ckr)| (label.clone(), ckr.clone()))
+            });
+            let opened = match known {
+                Some((label, ckr)) => Err(EnvelopeError::KeyAgreement(HsmError::KeyRefused {
+                    label,
+                    ckr,
+                })),
+                None => open_envelope(&envelope, &public, |e| hsm.ecdh(kid, e)),
+            };
+            if let Err(EnvelopeError::KeyAgreement(HsmError::KeyRefused { label, ckr })) = &opened {
+                if let Ok(mut r) = refused.lock() {
+                    if !r.iter().any(|(k, ..)| k == kid) {
+                        r.push((kid.to_string(), label.clone(), ckr.clone()));
+                    }
+                }
+            }
             (envelope, opened)
         },
-        // A failing HSM stops the batch: do not keep calling it. A missing
-        // or ambiguous key is that envelope's own fate, decided below.
+        // A failing HSM stops the batch: do not keep calling it. A missing,
+        // ambiguous, unsafe or refused key is that envelope's own fate,
+        // decided below.
         |(_, opened)| {
             matches!(opened, Err(EnvelopeError::KeyAgreement(e))
             if !matches!(
@@ -675,6 +699,7 @@ pub fn unwrap_counting(
                 HsmError::KeyNotFound { .. }
                     | HsmError::DuplicateKey(_)
                     | HsmError::KeyAttributes { .. }
+                    | HsmError::KeyRefused { .. }
             ))
         },
     );
@@ -768,7 +793,9 @@ pub fn unwrap_counting(
             JobOutcome::Done((
                 envelope,
                 Err(EnvelopeError::KeyAgreement(
-                    e @ (HsmError::DuplicateKey(_) | HsmError::KeyAttributes { .. }),
+                    e @ (HsmError::DuplicateKey(_)
+                    | HsmError::KeyAttributes { .. }
+                    | HsmError::KeyRefused { .. }),
                 )),
             )) => {
                 let kid = envelope.header().kid();
@@ -790,6 +817,14 @@ pub fn unwrap_counting(
                             "the token holds more than one private key under this escrow key's \
                              label, so neither is used: its envelopes are denied open_failed \
                              until one pair is gone (docs/OPERATIONS.md §1)"
+                        ),
+                        HsmError::KeyRefused { .. } => tracing::error!(
+                            %kid,
+                            %error,
+                            left_out,
+                            "the token refuses to derive with this escrow key (its type or the \
+                             token's policy): its envelopes are denied open_failed; if every \
+                             key is refused, look at the token's policy (docs/OPERATIONS.md §1)"
                         ),
                         _ => tracing::error!(
                             %kid,
