@@ -386,3 +386,27 @@ fn deny_reasons_round_trip_and_debug_redacts_deks() {
     assert!(text.contains("Ok(<redacted DEK>)"), "{text}");
     assert!(!text.contains("17, 17"), "{text}");
 }
+
+/// The limit of PROTOCOL v1's `aad` (the header alone), pinned so that a
+/// change to it shows here: two envelopes of one request with the same
+/// header bytes (same kid, provider, target and second, no `ref`) can trade
+/// an `ok` and a `denied`, and the `ok` opens as the other's DEK. Only TLS
+/// stands against that edit (docs/envelope.md, THREAT_MODEL §4.3).
+#[test]
+fn an_ok_moved_onto_an_envelope_with_the_same_header_still_opens() {
+    let recipient = P256PrivateKey::generate().unwrap();
+    let same = header(None, "acct:alice@example.com");
+    let headers = vec![same.clone(), same.clone()];
+    let mut b = ReplyBuilder::new(recipient.public()).unwrap();
+    b.push_opened(&headers[0], &[0x11; 16]).unwrap();
+    b.push_denied(DenyReason::OutOfWindow);
+    let swapped = edit(&b.finish(audit()).to_json(), |v| {
+        v["results"].as_array_mut().unwrap().swap(0, 1)
+    });
+    let opened = open_reply(&recipient, &headers, swapped.as_bytes()).unwrap();
+    assert!(matches!(opened.results[0].outcome, Outcome::Denied(_)));
+    assert!(
+        matches!(&opened.results[1].outcome, Outcome::Ok(dek) if dek[..] == [0x11; 16]),
+        "the first envelope's DEK, given as the second's"
+    );
+}

@@ -273,7 +273,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "--out",
         s(&twice),
         "--expect-digest",
-        "AAAA",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     ])
     .unwrap_err();
     assert_eq!(
@@ -293,7 +293,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "--out",
         s(&twice),
         "--expect-digest",
-        "-Zm9v",
+        "-Zm9vAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
     ])
     .unwrap_err();
     assert_eq!(
@@ -302,6 +302,20 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         "{err:#}"
     );
     assert!(!twice.exists());
+    // A digest left out (the next option taken as it) is refused by its
+    // shape, as clap refuses any bad value.
+    let parsed = Cli::try_parse_from([
+        "lavd-warrant",
+        "sign",
+        "--key",
+        s(&jud_key),
+        "--in",
+        s(&once),
+        "--expect-digest",
+        "--out",
+    ]);
+    let e = parsed.unwrap_err().to_string();
+    assert!(e.contains("not a SHA-256 digest"), "{e}");
     run(&[
         "sign",
         "--key",

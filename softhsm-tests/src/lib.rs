@@ -665,8 +665,9 @@ pub fn assert_fails_with(out: &Output, exit: i32, code: &str) -> String {
 }
 
 /// Asserts that `path`, and everything under it if it is a directory, is
-/// its owner's alone (no group or other permission bit), whatever the umask:
-/// what holds the log's leaves.
+/// its owner's alone (no group or other permission bit): what holds the
+/// log's leaves. Meaningful only under a umask that lets such bits through
+/// (022): the callers set it.
 pub fn assert_private(path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
     let meta = std::fs::symlink_metadata(path).expect("stat");

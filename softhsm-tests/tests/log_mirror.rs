@@ -60,8 +60,28 @@ fn size_line(out: &str) -> String {
         .to_string()
 }
 
+/// Every file under `dir`.
+fn files_under(dir: &str) -> std::collections::BTreeSet<std::path::PathBuf> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut todo = vec![std::path::PathBuf::from(dir)];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.insert(path);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn a_mirror_fetches_incrementally_resumes_and_verifies() {
+    // Under the umask most shells have, so that the modes checked below
+    // are the ones lavd asked for (under 077 a 0644 request is 0600 too).
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o022));
     let t = TestToken::new();
     let pki = Pki::new(&t);
     t.write_config(&serve_config(&format!(
@@ -140,13 +160,28 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     );
     assert!(first >= 5, "{first} tiles for a log of over 300 leaves");
 
-    // The log grows; the next run fetches only the new tiles.
-    unwrap_batch(&c.agency, &escrow, &warrant, "c");
-    let second = fetched(&assert_ok(&mirror(&[])));
-    assert!(
-        second < first + 3,
-        "second run fetched {second}, first {first}"
-    );
+    // The log grows; the next run fetches only the new tiles. Its owner
+    // opened the mirror to others first (to republish it): what the run
+    // writes, others can read too.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        unwrap_batch(&c.agency, &escrow, &warrant, "c");
+        let before: std::collections::BTreeSet<std::path::PathBuf> = files_under(&dir);
+        let second = fetched(&assert_ok(&mirror(&[])));
+        assert!(
+            second < first + 3,
+            "second run fetched {second}, first {first}"
+        );
+        let checkpoint = std::path::Path::new(&dir).join("checkpoint");
+        assert_eq!(mode(&checkpoint), 0o644);
+        let new: Vec<_> = files_under(&dir).difference(&before).cloned().collect();
+        assert!(!new.is_empty(), "no new tile");
+        for file in new {
+            assert_eq!(mode(&file), 0o644, "{}", file.display());
+        }
+    }
     let grown = verify();
     assert_ne!(size_line(&grown), size_line(&verified), "{grown}");
 

@@ -518,6 +518,9 @@ fn charts_from_json(report: &Value) -> Charts {
 
 #[test]
 fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
+    // Under the umask most shells have, so that the modes checked below
+    // are the ones lavd asked for.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o022));
     // Chromium is part of the test environment: fail, never skip.
     let version = Command::new("chromium").arg("--version").output();
     assert!(
@@ -744,6 +747,14 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     softhsm_tests::assert_ok(&lavd(&args));
     assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
     assert!(std::fs::symlink_metadata(&html).unwrap().is_file());
+    // The aggregate form is for publication: others may read it.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        for file in [&html, &json_file] {
+            let mode = std::fs::metadata(file).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o644, "{}", file.display());
+        }
+    }
 
     let read_json =
         |p: &Path| -> Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };

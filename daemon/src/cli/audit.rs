@@ -14,7 +14,6 @@ use crate::audit::export::{verify_export, verify_export_against, Export, VerifyE
 use crate::audit::log::AuditLog;
 use crate::audit::note::VerifierKey;
 use crate::hsm::Hsm;
-use crate::store::Store;
 
 /// Audit log subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -725,6 +724,19 @@ fn mirror(
     remote: &Remote,
 ) -> anyhow::Result<()> {
     refuse_links_below(dir)?;
+    // The mirror is as private as its directory: made `0o700` (its files
+    // `0o600`) when it is new; one its owner opened to others (`chmod
+    // 755`, to republish it) gets files and directories those others can
+    // read, this run and the next.
+    create_dirs_for(dir, 0o600).with_context(|| format!("creating {}", dir.display()))?;
+    let mode = {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .permissions()
+            .mode()
+            & 0o666
+    };
     let held_file = dir.join("checkpoint");
     let held = match std::fs::symlink_metadata(&held_file) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -743,7 +755,10 @@ fn mirror(
     let upstream = TilesAt::url(remote.client(url)?, url);
     let checkpoint = String::from_utf8(upstream.get("checkpoint")?)
         .map_err(|_| super::Refused::new("note_malformed", "the log's checkpoint is not UTF-8"))?;
-    let state = std::rc::Rc::new(MirrorRun::default());
+    let state = std::rc::Rc::new(MirrorRun {
+        mode,
+        ..MirrorRun::default()
+    });
     let source = TilesAt::Mirror {
         dir: dir.to_path_buf(),
         remote: Box::new(upstream),
@@ -778,7 +793,7 @@ fn mirror(
     for path in state.staged.borrow().iter() {
         let file = dir.join(path);
         if let Some(parent) = file.parent() {
-            create_private_dirs(parent)
+            create_dirs_for(parent, mode)
                 .with_context(|| format!("creating {}", parent.display()))?;
             for above in parent.ancestors() {
                 moved_into.insert(above.to_path_buf());
@@ -796,7 +811,7 @@ fn mirror(
             .with_context(|| format!("syncing {}", parent.display()))?;
     }
     let _ = std::fs::remove_dir_all(&incoming);
-    write_atomically(&dir.join("checkpoint"), checkpoint.as_bytes())
+    write_atomically_with_mode(&dir.join("checkpoint"), checkpoint.as_bytes(), mode)
         .with_context(|| format!("writing {}", dir.join("checkpoint").display()))?;
     outln!(
         "mirrored {} entries of {} into {}: {} tiles fetched, the rest already held",
@@ -821,6 +836,9 @@ struct MirrorRun {
     staged: std::cell::RefCell<std::collections::BTreeSet<String>>,
     /// Whether a fetch failed (rather than a fetched tile being refused).
     fetch_failed: std::cell::Cell<bool>,
+    /// The mode of the files it writes (the mirror directory's read and
+    /// write bits).
+    mode: u32,
 }
 
 /// Where C2SP tiles are read from: a directory in the served layout, or an
@@ -914,7 +932,7 @@ impl TilesAt {
                         let bytes = remote
                             .get(path)
                             .inspect_err(|_| run.fetch_failed.set(true))?;
-                        write_atomically(&staged, &bytes)
+                        write_atomically_with_mode(&staged, &bytes, run.mode)
                             .with_context(|| format!("writing {}", staged.display()))?;
                         run.fetched.set(run.fetched.get() + 1);
                         bytes
@@ -1035,25 +1053,24 @@ fn refuse_links_below(dir: &std::path::Path) -> anyhow::Result<()> {
 /// replaced, not written through.
 ///
 /// The file is created `0o600`, and a directory it needs `0o700` (less the
-/// umask): exports, mirrors and detail reports hold the log's leaves
-/// (callers, warrant ids, reasons, times), which are not for publication
+/// umask): exports and detail reports hold the log's leaves (callers,
+/// warrant ids, reasons, times), which are not for publication
 /// (THREAT_MODEL §4.10). [`write_atomically_with_mode`] for a file meant for
-/// others.
+/// others (an aggregate report; a mirror, as its directory).
 pub(super) fn write_atomically(file: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomically_with_mode(file, bytes, 0o600)
 }
 
-/// `std::fs::create_dir_all`, each directory it makes `0o700` (less the
-/// umask): what holds an export or a mirror is its owner's alone.
-pub(super) fn create_private_dirs(dir: &std::path::Path) -> std::io::Result<()> {
-    create_dirs(dir, 0o700)
-}
-
-fn create_dirs(dir: &std::path::Path, mode: u32) -> std::io::Result<()> {
+/// `std::fs::create_dir_all` for files of mode `file_mode`: each directory
+/// it makes may be searched by whoever may read them (`0o600` files,
+/// `0o700` directories; `0o644`, `0o755`), less the umask. The one rule
+/// for the directories of what these commands write.
+fn create_dirs_for(dir: &std::path::Path, file_mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt as _;
+    let file_mode = file_mode & 0o666;
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(mode)
+        .mode(file_mode | ((file_mode & 0o444) >> 2))
         .create(dir)
 }
 
@@ -1070,9 +1087,7 @@ pub(super) fn write_atomically_with_mode(
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = file.parent() {
-        // Directories as private as the file: others may search them only
-        // if they may read it.
-        create_dirs(dir, if mode & 0o044 == 0 { 0o700 } else { 0o777 })?;
+        create_dirs_for(dir, mode)?;
     }
     let tmp = file.with_extension("partial-download");
     match std::fs::remove_file(&tmp) {
@@ -1270,15 +1285,14 @@ fn fold(mut row: Vec<crate::audit::merkle::Hash>) -> crate::audit::merkle::Hash 
         .unwrap_or_else(crate::audit::merkle::empty_root)
 }
 
-/// The log of the daemon's store, which must exist: opening a store that is
-/// not there would make one (a SQLite file, or the schema in a PostgreSQL
-/// database), and its first checkpoint, signed with the token's key, would
-/// make it pass for the token's store (a second log under the same origin
-/// and key, a fork; and `lavd keys discard-orphan` would trust it).
+/// The log of the daemon's store, which must exist
+/// ([`super::open_existing_store`]): an export's checkpoint, signed with the
+/// token's key, would make a new store pass for the token's (a second log
+/// under the same origin and key, a fork; and `lavd keys discard-orphan`
+/// would trust it).
 fn open_log(config: &ConfigArg) -> anyhow::Result<AuditLog> {
     let settings = config.load()?;
-    crate::store::probe_existing(&settings.store)?.map_err(crate::keys::KeyError::StoreMissing)?;
-    let store = Arc::new(Store::open_settings(&settings.store)?);
+    let store = Arc::new(super::open_existing_store(&settings.store)?);
     let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
         Hsm::open(settings.hsm)
     })?;

@@ -187,9 +187,7 @@ impl KeysCommand {
             }
             KeysCommand::List { config, all } => {
                 let settings = config.load()?;
-                crate::store::probe_existing(&settings.store)?
-                    .map_err(keys::KeyError::StoreMissing)?;
-                let store = Store::open_settings(&settings.store)?;
+                let store = super::open_existing_store(&settings.store)?;
                 if all {
                     let mut unreadable = Vec::new();
                     for (kid, k) in store.list_keys_each()? {
@@ -244,9 +242,7 @@ impl KeysCommand {
                 // A kid no generation could have made is named as such,
                 // not looked up and reported unknown.
                 kid.as_deref().map(keys::check_kid).transpose()?;
-                crate::store::probe_existing(&settings.store)?
-                    .map_err(keys::KeyError::StoreMissing)?;
-                let store = std::sync::Arc::new(Store::open_settings(&settings.store)?);
+                let store = std::sync::Arc::new(super::open_existing_store(&settings.store)?);
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
                 })?;

@@ -314,6 +314,21 @@ pub(crate) fn refuse_new_store_beside_keys(hsm: &crate::hsm::Hsm, why: &str) -> 
     .into())
 }
 
+/// The store `settings` name, which must exist (`store_missing` otherwise):
+/// opening one that is not there would make it, empty, where every key
+/// looks unrecorded and nothing is due, and its first checkpoint would make
+/// it pass for the token's store. Only `lavd keys generate`, `lavd serve`
+/// and `lavd store migrate --new` make a store.
+///
+/// # Errors
+/// `store_missing`, or the store's error.
+pub(crate) fn open_existing_store(
+    settings: &crate::store::StoreSettings,
+) -> anyhow::Result<crate::store::Store> {
+    crate::store::probe_existing(settings)?.map_err(crate::keys::KeyError::StoreMissing)?;
+    Ok(crate::store::Store::open_settings(settings)?)
+}
+
 /// Opens the HSM with `open` (which logs in), minding `[hsm]
 /// refused_pin_record` (every command that logs in with a config that sets
 /// it: the daemons, `lavd keys`, `lavd audit key` and `export`, `lavd

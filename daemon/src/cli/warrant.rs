@@ -105,8 +105,14 @@ pub struct SignArgs {
     /// prints it on its `digest` line, `sha-256 …`; with or without that
     /// prefix): what was reviewed is what is signed.
     // A base64url digest may begin with `-` (one in 64): taken as the
-    // value, not as another option.
-    #[arg(long, value_name = "SHA256", allow_hyphen_values = true)]
+    // value, not as another option; a value that is no digest (`--in`, when
+    // the digest was left out) is refused by its shape.
+    #[arg(
+        long,
+        value_name = "SHA256",
+        allow_hyphen_values = true,
+        value_parser = digest_arg
+    )]
     pub expect_digest: Option<String>,
 }
 
@@ -244,6 +250,22 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
 /// A flag `lavd warrant new` needs without `--claims`: a usage error (exit 2).
 fn missing(flag: &str) -> anyhow::Error {
     super::Refused::new("usage", format!("--{flag} is required (or give --claims)")).into()
+}
+
+/// `--expect-digest`: a SHA-256 digest in unpadded base64url (43
+/// characters), as `lavd warrant inspect` prints it, with or without its
+/// `sha-256 ` prefix.
+fn digest_arg(text: &str) -> Result<String, String> {
+    let digest = text.trim().trim_start_matches("sha-256").trim();
+    let shaped = digest.len() == 43
+        && digest
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if shaped {
+        Ok(digest.to_string())
+    } else {
+        Err("not a SHA-256 digest in base64url (43 characters), as `lavd warrant inspect` prints it".into())
+    }
 }
 
 /// A time flag that is not RFC 3339 UTC: a usage error (exit 2) naming the
