@@ -179,3 +179,75 @@ fn a_checkpoint_signed_before_a_failure_is_never_kept(failure: Failure) {
     drop(log);
     assert_eq!(open_log(&t).inconsistency(), None);
 }
+
+/// A checkpoint of the size about to be signed that the store already holds
+/// with another root, validly signed with the log's key (a replica signed a
+/// tree of that size that the store no longer holds: leaves lost in a
+/// failover and written again, or rewritten), is a fork, and is not
+/// silently set aside (the first note of a size is the one kept): before
+/// signing, the log proves the stored tree extends the newest stored
+/// checkpoint, which it does not, so the log is marked inconsistent and no
+/// checkpoint of the new tree is handed out (helper-183's 2, already so).
+#[test]
+fn a_stored_checkpoint_of_the_same_size_with_another_root_is_a_fork() {
+    use lavd::audit::note::{sign_checkpoint, Checkpoint};
+    let t = TestToken::new();
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    let settings = t.settings();
+    let store = Arc::new(Store::open_settings(&settings.store).unwrap());
+    let hsm = Hsm::open(settings.hsm).unwrap();
+    let log = AuditLog::new(
+        store,
+        hsm.clone(),
+        &settings.audit.key_label,
+        &settings.audit.origin,
+    )
+    .unwrap();
+    for i in 0..3 {
+        append_key_generated(&log, &format!("k{i}"));
+    }
+    let public = hsm.audit_key(&settings.audit.key_label).unwrap().public;
+    let other = Checkpoint {
+        origin: settings.audit.origin.clone(),
+        size: 4,
+        root: [7; 32],
+    };
+    let forked = sign_checkpoint(&other, public.bytes(), |m| {
+        hsm.sign_ed25519(&settings.audit.key_label, m)
+    })
+    .unwrap();
+    log.store()
+        .save_checkpoint(4, &forked, time::OffsetDateTime::now_utc())
+        .unwrap();
+
+    // The fourth leaf makes a tree of size 4 with another root.
+    let t0 = lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap();
+    let event = lavd::audit::leaf::KeyGenerated::new(
+        "k3",
+        t0,
+        t0 + time::Duration::days(31),
+        t0 + time::Duration::days(400),
+        None,
+    )
+    .unwrap();
+    let appended = log.append(AuditAppend {
+        events: vec![event.into()],
+        time: t0,
+        spend: Spend::None,
+    });
+    assert!(
+        matches!(&appended, Err(LogError::Inconsistent(why))
+            if why.contains("does not extend the checkpoint of size 4")),
+        "{appended:?}"
+    );
+    assert!(log.inconsistency().is_some());
+    assert!(matches!(
+        log.current_checkpoint(),
+        Err(LogError::Inconsistent(_))
+    ));
+    assert_eq!(
+        log.store().checkpoint_at(4).unwrap(),
+        Some(forked),
+        "the stored note is kept for the investigation"
+    );
+}

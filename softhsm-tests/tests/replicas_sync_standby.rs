@@ -17,8 +17,12 @@
 //! of the grown tree may be answered; once the wait is lifted both are, and
 //! the checkpoint covers the leaves.
 //!
+//! The same with the wait cancelled instead (`pg_cancel_backend`): the
+//! COMMIT is then answered with success and a WARNING, which lavd takes as
+//! "committed here, not known to be replicated" (the second test).
+//!
 //! The same wait holds a COMMIT whose answer is lost while lavd asks its
-//! fate on a new connection: see the second test.
+//! fate on a new connection: see the third test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use softhsm_tests::eventually;
@@ -54,6 +58,22 @@ static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
+    commit_cut_short_by("pg_terminate_backend");
+}
+
+/// The same with the wait cancelled (`pg_cancel_backend`, which any session
+/// of lavd's own role may send): PostgreSQL then answers the COMMIT with
+/// success and a WARNING ("canceling wait for synchronous replication …
+/// committed locally"), on a connection that stays. Before, lavd took that
+/// success as a replicated commit and released the keys (helper-183's 1).
+#[test]
+fn a_commit_whose_wait_was_cancelled_is_neither_released_nor_signed_over() {
+    commit_cut_short_by("pg_cancel_backend");
+}
+
+/// One replica's audit commit waits for a standby that does not come, and
+/// `how` (`pg_terminate_backend` or `pg_cancel_backend`) cuts its wait short.
+fn commit_cut_short_by(how: &str) {
     let _turn = TURN
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -113,9 +133,11 @@ fn a_commit_only_the_primary_has_is_neither_released_nor_signed_over() {
                 .map(|row| row.get::<_, i32>(0));
             pid.is_some()
         });
-        admin
-            .query_one("SELECT pg_terminate_backend($1)", &[&pid])
-            .unwrap();
+        let cut: bool = admin
+            .query_one(&format!("SELECT {how}($1)"), &[&pid])
+            .unwrap()
+            .get(0);
+        assert!(cut, "{how} found no backend {pid:?}");
         // The leaves are on the primary...
         let before = i64::try_from(size).unwrap();
         eventually("the ended commit's leaves", WAIT, || {

@@ -540,6 +540,49 @@ fn settled_reservation(spend: &Spend) -> Option<i64> {
     }
 }
 
+thread_local! {
+    /// Whether a WARNING notice reached this thread's connection since
+    /// [`warned_during`] cleared it ([`on_notice`]). The `postgres` crate
+    /// runs a connection's I/O, and its notice callback, on the thread
+    /// that waits for its answer, and a notice comes before the answer it
+    /// belongs to: so the flag, read after a statement returns, says
+    /// whether that statement was warned about (a statement on another
+    /// connection of the same thread meanwhile could set it too: then a
+    /// barrier is run for nothing).
+    static WARNED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Every connection's notice callback: a WARNING is logged and flagged for
+/// the thread ([`WARNED`]); others (NOTICE, INFO, …) are logged at debug.
+/// The one that matters: "canceling wait for synchronous replication",
+/// sent with a COMMIT's success when its wait for the synchronous standbys
+/// is cancelled (the transaction is then on this server only). Its text
+/// follows the server's `lc_messages`, so any WARNING counts.
+fn on_notice(notice: postgres::error::DbError) {
+    if notice.parsed_severity() == Some(postgres::error::Severity::Warning) {
+        WARNED.with(|w| w.set(true));
+        tracing::warn!(
+            code = notice.code().code(),
+            message = %crate::codec::escape_for_terminal(notice.message()),
+            detail = %crate::codec::escape_for_terminal(notice.detail().unwrap_or("")),
+            "the database sent a warning"
+        );
+    } else {
+        tracing::debug!(
+            severity = notice.severity(),
+            message = %crate::codec::escape_for_terminal(notice.message()),
+            "the database sent a notice"
+        );
+    }
+}
+
+/// Runs `f` and says whether a WARNING notice reached this thread meanwhile.
+fn warned_during<T>(f: impl FnOnce() -> T) -> (T, bool) {
+    WARNED.with(|w| w.set(false));
+    let value = f();
+    (value, WARNED.with(|w| w.replace(false)))
+}
+
 /// The barrier of [`PgStore::barrier_on`]: when synchronous standbys are
 /// named, a write to this backend's own row, so that the statement's
 /// commit writes WAL and waits for them; the server it ran on, either way.
@@ -692,6 +735,7 @@ impl PgStore {
         config.keepalives_retries(3);
         config.tcp_user_timeout(settings.statement_timeout + Duration::from_secs(5));
         config.application_name("lavd");
+        config.notice_callback(on_notice);
         let tls = match parsed.sslmode {
             SslMode::Disable => Tls::Disabled,
             SslMode::VerifyFull => {
@@ -903,7 +947,23 @@ impl PgStore {
     ) -> Result<T, StoreError> {
         let mut attempt = 0;
         loop {
-            let result = self.pool.get().and_then(|mut conn| f(&mut conn));
+            let result = self.pool.get().and_then(|mut conn| {
+                let (value, warned) = warned_during(|| f(&mut conn));
+                let value = value?;
+                if warned {
+                    // A write whose commit warned (a wait for the
+                    // synchronous standbys cancelled: committed here only)
+                    // is answered once a barrier on the same server shows
+                    // it replicated.
+                    self.barrier_on(&mut conn).map_err(|e| {
+                        StoreError::CommitUnknown(format!(
+                            "committed with a warning (a wait for the synchronous standbys \
+                             cancelled?), and not known to be on them: {e}"
+                        ))
+                    })?;
+                }
+                Ok(value)
+            });
             match result {
                 Err(e) if retryable(&e) && attempt < MAX_RETRIES => {
                     attempt += 1;
@@ -1720,7 +1780,33 @@ impl PgStore {
                 "a read inside the append transaction failed, so PostgreSQL aborted it: {failed}"
             )));
         }
-        let committed = tx.commit();
+        let (committed, warned) = warned_during(|| tx.commit());
+        // A COMMIT answered with a WARNING: PostgreSQL says so when a wait
+        // for the synchronous standbys was cancelled (`pg_cancel_backend`,
+        // which any session of lavd's role may send): committed on this
+        // server, perhaps on no standby, though the answer is success. The
+        // leaves are acknowledged (and keys released) only once a barrier
+        // on the same server shows them replicated.
+        let committed = match committed {
+            Ok(()) if warned => {
+                tracing::warn!(
+                    xid = %xact.xid,
+                    "the audit COMMIT was answered with a warning (a wait for the synchronous \
+                     standbys cancelled?): waiting for a barrier before anything is released"
+                );
+                match self.barrier_on(&mut conn) {
+                    Ok(_) => Ok(()),
+                    Err(e) => {
+                        conn.discard();
+                        return Err(StoreError::CommitUnknown(format!(
+                            "committed with a warning (a wait for the synchronous standbys \
+                             cancelled?), and not known to be on them: {e}"
+                        )));
+                    }
+                }
+            }
+            other => other,
+        };
         // The connection given back, or after a failed COMMIT closed and
         // counted out (it may be dead, or the server going away, before
         // the client knows), before one is asked for to read the COMMIT's
@@ -1980,9 +2066,21 @@ impl PgStore {
     /// (OPERATIONS §12).
     fn barrier_on(&self, c: &mut postgres::Client) -> Result<String, StoreError> {
         // Typed, with no parameters: one round trip (no prepare).
-        c.query_typed_one(barrier!(), &[])
-            .and_then(|row| row.try_get(0))
-            .map_err(|e| self.pg_err(e))
+        let (server, warned) = warned_during(|| {
+            c.query_typed_one(barrier!(), &[])
+                .and_then(|row| row.try_get(0))
+                .map_err(|e| self.pg_err(e))
+        });
+        let server = server?;
+        // Its own wait cancelled: it shows nothing replicated.
+        if warned {
+            return Err(StoreError::CommitUnknown(
+                "the replication barrier's own commit was answered with a warning (its wait \
+                 for the synchronous standbys cancelled?)"
+                    .into(),
+            ));
+        }
+        Ok(server)
     }
 
     fn commit_group(&self, group: Vec<Pending>, before_commit: &mut BeforeCommit<'_>) {

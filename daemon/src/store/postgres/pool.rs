@@ -203,8 +203,8 @@ impl Pool {
                 );
             }
         }
-        if let Some(found) = locking_isolation(&mut client).map_err(pg_err)? {
-            if !self.isolated.swap(true, Ordering::Relaxed) {
+        match locking_isolation(&mut client).map_err(pg_err)? {
+            (_, Some(found)) if !self.isolated.swap(true, Ordering::Relaxed) => {
                 tracing::warn!(
                     store = %self.describe,
                     found = %found,
@@ -213,6 +213,17 @@ impl Pool {
                      because its budget reservations read the rows they wait to lock"
                 );
             }
+            ("serializable", None) if !self.isolated.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(
+                    store = %self.describe,
+                    "default_transaction_isolation is `serializable` for lavd's role or \
+                     database, and lavd keeps it: correct, but an append that waits \
+                     behind another replica's fails to serialize and is retried, at most \
+                     3 times, then answered 503 (watch lavd_store_retries_total); \
+                     `read committed` is what lavd is built for"
+                );
+            }
+            _ => {}
         }
         Ok(client)
     }
@@ -227,8 +238,10 @@ impl Pool {
 /// committed` is what lavd is built for; `serializable` is kept (it is
 /// correct too, but contending replicas then retry: watch
 /// `lavd_store_retries_total`). `read uncommitted` is `read committed` in
-/// PostgreSQL. Returns the value it replaced, if any.
-fn locking_isolation(client: &mut Client) -> Result<Option<String>, postgres::Error> {
+/// PostgreSQL. Returns the value it set, and the one it replaced, if any.
+fn locking_isolation(
+    client: &mut Client,
+) -> Result<(&'static str, Option<String>), postgres::Error> {
     let found: String = client
         .query_one(
             "SELECT current_setting('default_transaction_isolation')",
@@ -244,7 +257,7 @@ fn locking_isolation(client: &mut Client) -> Result<Option<String>, postgres::Er
         _ => ("read committed", None),
     };
     client.batch_execute(&format!("SET default_transaction_isolation = '{pinned}'"))?;
-    Ok(replaced)
+    Ok((pinned, replaced))
 }
 
 /// Makes a commit's acknowledgement mean the commit is durable, in this
