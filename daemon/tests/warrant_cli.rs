@@ -264,44 +264,34 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
         .unwrap()
         .to_string();
     let twice = d.join("w2.json");
-    let err = run(&[
-        "sign",
-        "--key",
-        s(&jud_key),
-        "--in",
-        s(&once),
-        "--out",
-        s(&twice),
-        "--expect-digest",
+    let sign_expecting = |expected: &str| {
+        run(&[
+            "sign",
+            "--key",
+            s(&jud_key),
+            "--in",
+            s(&once),
+            "--out",
+            s(&twice),
+            "--expect-digest",
+            expected,
+        ])
+    };
+    // Another digest; and one that begins with `-` (base64url, one in 64),
+    // which is the value, not an unknown option (this test failed on such
+    // digests before).
+    for other in [
         "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-    ])
-    .unwrap_err();
-    assert_eq!(
-        lavd::cli::error_code(&err),
-        Some("digest_mismatch"),
-        "{err:#}"
-    );
-    assert!(!twice.exists());
-    // A digest that begins with `-` (base64url, one in 64) is the value, not
-    // an unknown option: this test failed on such digests before.
-    let err = run(&[
-        "sign",
-        "--key",
-        s(&jud_key),
-        "--in",
-        s(&once),
-        "--out",
-        s(&twice),
-        "--expect-digest",
         "-Zm9vAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
-    ])
-    .unwrap_err();
-    assert_eq!(
-        lavd::cli::error_code(&err),
-        Some("digest_mismatch"),
-        "{err:#}"
-    );
-    assert!(!twice.exists());
+    ] {
+        let err = sign_expecting(other).unwrap_err();
+        assert_eq!(
+            lavd::cli::error_code(&err),
+            Some("digest_mismatch"),
+            "{err:#}"
+        );
+        assert!(!twice.exists());
+    }
     // A digest left out (the next option taken as it) is refused by its
     // shape, as clap refuses any bad value.
     let parsed = Cli::try_parse_from([
@@ -316,18 +306,7 @@ fn executive_then_judicial_signing_is_accepted_by_inspect() {
     ]);
     let e = parsed.unwrap_err().to_string();
     assert!(e.contains("not a SHA-256 digest"), "{e}");
-    run(&[
-        "sign",
-        "--key",
-        s(&jud_key),
-        "--in",
-        s(&once),
-        "--out",
-        s(&twice),
-        "--expect-digest",
-        &digest,
-    ])
-    .unwrap();
+    sign_expecting(&digest).unwrap();
     let report = inspect(&[
         "inspect",
         s(&twice),
