@@ -247,6 +247,23 @@ fn a_derive_the_token_refuses_for_its_key_denies_that_keys_envelopes_only() {
         "the pool reconnected as for a lost token"
     );
 
+    // Opened, then refused in the same request (the token let the first
+    // derive through): the token changed, not the key; nothing is
+    // released or spent.
+    h.shim
+        .set("fault = key_function_not_permitted\nfault_calls = C_DeriveKey\nfault_after = 1");
+    let r = vault::post(
+        &h.c.agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": h.warrant, "envelopes": vault::batch(&h.escrow, "changed", 2)}),
+    );
+    r.assert_error(503, "hsm_unavailable");
+    assert_eq!(
+        h.shim.faults(),
+        9,
+        "the second envelope's derive and its retry"
+    );
+
     h.shim.set("");
     let r = h.unwrap_one("after");
     h.assert_opened(&r, "after the refusals");

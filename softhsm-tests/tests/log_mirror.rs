@@ -166,7 +166,20 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     {
         use std::os::unix::fs::PermissionsExt as _;
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // `chmod -R u=rwX,go=rX`, as OPERATIONS §4 says to.
+        let mut todo = vec![std::path::PathBuf::from(&dir)];
+        while let Some(d) = todo.pop() {
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755)).unwrap();
+            for entry in std::fs::read_dir(&d).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    todo.push(path);
+                } else {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+                        .unwrap();
+                }
+            }
+        }
         unwrap_batch(&c.agency, &escrow, &warrant, "c");
         let before: std::collections::BTreeSet<std::path::PathBuf> = files_under(&dir);
         let second = fetched(&assert_ok(&mirror(&[])));
@@ -180,6 +193,13 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
         assert!(!new.is_empty(), "no new tile");
         for file in new {
             assert_eq!(mode(&file), 0o644, "{}", file.display());
+            // And others can reach it: every directory up to the mirror's.
+            for above in file.ancestors().skip(1) {
+                assert_eq!(mode(above), 0o755, "{}", above.display());
+                if above == std::path::Path::new(&dir) {
+                    break;
+                }
+            }
         }
     }
     let grown = verify();

@@ -725,9 +725,10 @@ fn mirror(
 ) -> anyhow::Result<()> {
     refuse_links_below(dir)?;
     // The mirror is as private as its directory: made `0o700` (its files
-    // `0o600`) when it is new; one its owner opened to others (`chmod
-    // 755`, to republish it) gets files and directories those others can
-    // read, this run and the next.
+    // `0o600`) when it is new; one its owner opened to others to republish
+    // it (`chmod -R u=rwX,go=rX`) gets files and directories they can read
+    // on every later run. Read bits only: nobody but its owner may write a
+    // tile, whatever the directory allows.
     create_dirs_for(dir, 0o600).with_context(|| format!("creating {}", dir.display()))?;
     let mode = {
         use std::os::unix::fs::PermissionsExt as _;
@@ -735,7 +736,7 @@ fn mirror(
             .with_context(|| format!("reading {}", dir.display()))?
             .permissions()
             .mode()
-            & 0o666
+            & 0o644
     };
     let held_file = dir.join("checkpoint");
     let held = match std::fs::symlink_metadata(&held_file) {

@@ -256,7 +256,8 @@ fn missing(flag: &str) -> anyhow::Error {
 /// characters), as `lavd warrant inspect` prints it, with or without its
 /// `sha-256 ` prefix.
 fn digest_arg(text: &str) -> Result<String, String> {
-    let digest = text.trim().trim_start_matches("sha-256").trim();
+    let text = text.trim();
+    let digest = text.strip_prefix("sha-256 ").unwrap_or(text).trim();
     let shaped = digest.len() == 43
         && digest
             .bytes()
@@ -394,8 +395,8 @@ impl SignArgs {
             jws::parse(&warrant, &limits).with_context(|| self.input.display().to_string())?;
         let digest = b64_encode(crate::warrant::claims::sha256(jws.payload()));
         if let Some(expected) = &self.expect_digest {
-            let expected = expected.trim().trim_start_matches("sha-256").trim();
-            if expected != digest {
+            // Shaped by `digest_arg`, its prefix gone.
+            if *expected != digest {
                 return Err(super::Refused::new(
                     "digest_mismatch",
                     format!(

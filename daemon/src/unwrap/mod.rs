@@ -719,6 +719,8 @@ pub fn unwrap_counting(
     let mut lost_kids: Vec<String> = Vec::new();
     // Keys found twice under their label, said once each.
     let mut ambiguous_kids: Vec<String> = Vec::new();
+    // Keys the token refused, with its code.
+    let mut refused_kids: Vec<(String, String)> = Vec::new();
     for (at, outcome) in positions.into_iter().zip(outcomes) {
         let release = match outcome {
             JobOutcome::Done((envelope, Ok(dek))) => {
@@ -799,6 +801,9 @@ pub fn unwrap_counting(
                 )),
             )) => {
                 let kid = envelope.header().kid();
+                if let HsmError::KeyRefused { ckr, .. } = &e {
+                    refused_kids.push((kid.to_string(), ckr.clone()));
+                }
                 // Once a request, and as for a lost key, a line a second
                 // per key, counting the rest.
                 let first = !ambiguous_kids.iter().any(|k| k == kid);
@@ -862,6 +867,27 @@ pub fn unwrap_counting(
             }
         };
         releases[at] = release;
+    }
+    // A key the token opened with and then refused in this one request:
+    // its type and attributes cannot have changed between the two, so the
+    // token did (its policy, the identity it is logged in as): a failing
+    // token, not that key's fault. Nothing is released.
+    if let Some((kid, ckr)) = refused_kids.iter().find(|(kid, _)| {
+        releases
+            .iter()
+            .any(|r| matches!(r, Release::Opened { kid: opened, .. } if opened == kid))
+    }) {
+        tracing::error!(
+            kid = %crate::codec::escape_for_terminal(kid),
+            ckr = %ckr,
+            "the token refused to derive with an escrow key it had opened with in the same \
+             request: its policy changed; the request releases nothing"
+        );
+        hsm_failure.get_or_insert(HsmError::Pkcs11 {
+            function: "C_DeriveKey".into(),
+            ckr: ckr.clone(),
+            session_lost: false,
+        });
     }
     phases.hsm = lap.next();
     for (release, leaf) in releases.iter().zip(leaves.iter_mut()) {

@@ -106,7 +106,19 @@ impl PgStore {
                 "the source's stored tree does not match its leaves".into(),
             ));
         }
-        tx.commit().map_err(|e| self.pg_err(e))?;
+        let (committed, warned) = super::warned_during(|| tx.commit());
+        committed.map_err(|e| self.pg_err(e))?;
+        // Answered with a WARNING (a wait for the synchronous standbys
+        // cancelled): the copy is on this server only until a barrier on
+        // the same connection shows it replicated.
+        if warned {
+            self.barrier_on(&mut conn).map_err(|e| {
+                StoreError::CommitUnknown(format!(
+                    "the copy committed with a warning (a wait for the synchronous standbys \
+                     cancelled?), and is not known to be on them: {e}"
+                ))
+            })?;
+        }
         Ok(report)
     }
 

@@ -577,7 +577,7 @@ fn on_notice(notice: postgres::error::DbError) {
 }
 
 /// Runs `f` and says whether a WARNING notice reached this thread meanwhile.
-fn warned_during<T>(f: impl FnOnce() -> T) -> (T, bool) {
+pub(super) fn warned_during<T>(f: impl FnOnce() -> T) -> (T, bool) {
     WARNED.with(|w| w.set(false));
     let value = f();
     (value, WARNED.with(|w| w.replace(false)))
@@ -717,8 +717,13 @@ impl PgStore {
             config.password(password.as_bytes());
         }
         let ms = settings.statement_timeout.as_millis().max(1);
+        // `client_min_messages = warning`: the WARNING a COMMIT whose wait
+        // for the synchronous standbys was cancelled is answered with
+        // ([`on_notice`]) is sent whatever the role's or database's
+        // default (a session of lavd's role could set `error` for it).
         config.options(&format!(
-            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={}",
+            "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={} \
+             -c client_min_messages=warning",
             ms.saturating_mul(4)
         ));
         config.connect_timeout(settings.pool_wait);
@@ -2064,7 +2069,7 @@ impl PgStore {
     /// Returns the server it ran on ([`server_started!`]). Like any commit
     /// here, its wait for a standby is bounded only by the server
     /// (OPERATIONS §12).
-    fn barrier_on(&self, c: &mut postgres::Client) -> Result<String, StoreError> {
+    pub(super) fn barrier_on(&self, c: &mut postgres::Client) -> Result<String, StoreError> {
         // Typed, with no parameters: one round trip (no prepare).
         let (server, warned) = warned_during(|| {
             c.query_typed_one(barrier!(), &[])
