@@ -114,4 +114,15 @@ fn opens_continue_across_planned_resets_and_softhsm_memory_stops_growing() {
         grown < 1024,
         "resident memory grew by {grown} KiB over 20,000 opens"
     );
+
+    // A planned reset may still run on its own thread, holding an `Hsm`:
+    // the process must not end under it, or SoftHSM's exit-time destructors
+    // run beside its C_Finalize and C_Initialize (this binary died with
+    // SIGSEGV after its test passed, in CI of 45c5b13). What `lavd`'s own
+    // commands do before they exit.
+    drop(hsm);
+    assert!(
+        lavd::hsm::quiesce(Duration::from_secs(30)),
+        "HSM threads still running 30 s after the test"
+    );
 }
