@@ -419,6 +419,39 @@ impl TestToken {
         }
     }
 
+    /// The labels of the private keys on this token, read by another
+    /// process (OpenSC's `pkcs11-tool`), which loads SoftHSM afresh: this
+    /// process's view of a token that `lavd` commands keep changing has
+    /// been seen to stick failing in CI ([`Self::slot`]), and a test that
+    /// only asks what the token holds need not depend on it.
+    ///
+    /// # Panics
+    /// When `pkcs11-tool` fails.
+    pub fn private_key_labels(&self) -> Vec<String> {
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(module_path())
+            .args(["--token-label", &self.label, "--login", "--pin", PIN])
+            .args(["--list-objects", "--type", "privkey"])
+            .output()
+            .expect("run pkcs11-tool");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pkcs11-tool --list-objects on token {}: {:?}\n{stdout}{}",
+            self.label,
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Each object is a "Private Key Object; EC" line followed by
+        // indented "  label:      ..." and other lines.
+        stdout
+            .lines()
+            .filter_map(|l| l.trim_start().strip_prefix("label:"))
+            .map(|l| l.trim().to_owned())
+            .collect()
+    }
+
     /// A new logged-in session of the test's own (not lavd's).
     pub fn session(&self) -> Session {
         let session = harness()
