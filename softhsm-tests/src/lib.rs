@@ -452,6 +452,23 @@ impl TestToken {
             .collect()
     }
 
+    /// Whether the token holds escrow key `kid`'s private half (labelled
+    /// `lav-escrow:{kid}`), asked of another process
+    /// ([`Self::private_key_labels`]).
+    ///
+    /// # Panics
+    /// When `pkcs11-tool` fails, or two private keys carry the label.
+    pub fn holds_escrow_key(&self, kid: &str) -> bool {
+        let label = format!("lav-escrow:{kid}");
+        let found = self
+            .private_key_labels()
+            .iter()
+            .filter(|l| **l == label)
+            .count();
+        assert!(found <= 1, "{found} private keys labelled {label}");
+        found == 1
+    }
+
     /// A new logged-in session of the test's own (not lavd's).
     pub fn session(&self) -> Session {
         let session = harness()

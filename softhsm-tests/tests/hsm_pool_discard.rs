@@ -62,4 +62,12 @@ fn a_session_lost_under_a_call_wakes_the_caller_waiting_for_its_place() {
              deadline is {deadline:?}): it was not woken"
         );
     });
+    // The pool's threads ended before the process does: an exit beside
+    // one still in the module can crash in its destructors (as lavd's own
+    // commands, see `lavd::hsm::quiesce`).
+    drop(hsm);
+    assert!(
+        lavd::hsm::quiesce(std::time::Duration::from_secs(30)),
+        "HSM threads still running 30 s after the test"
+    );
 }

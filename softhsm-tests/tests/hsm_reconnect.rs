@@ -98,4 +98,12 @@ fn lost_sessions_reconnect_once_and_no_session_opens_before_the_token_is_found_a
     assert_eq!(asking.join().unwrap().unwrap(), expected);
     assert_eq!(counts.reconnects.load(Ordering::SeqCst), 2);
     assert!(hsm.is_ready());
+    // The pool's threads ended before the process does: an exit beside
+    // one still in the module can crash in its destructors (as lavd's own
+    // commands, see `lavd::hsm::quiesce`).
+    drop(hsm);
+    assert!(
+        lavd::hsm::quiesce(std::time::Duration::from_secs(30)),
+        "HSM threads still running 30 s after the test"
+    );
 }

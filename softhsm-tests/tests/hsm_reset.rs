@@ -39,4 +39,12 @@ fn in_hsm_ecdh_survives_a_module_reset() {
     assert_eq!(*hsm.ecdh("k1", &peer).unwrap(), expected);
     assert_eq!(counts.reconnects.load(Ordering::SeqCst), 2);
     assert!(hsm.is_ready());
+    // The pool's threads ended before the process does: an exit beside
+    // one still in the module can crash in its destructors (as lavd's own
+    // commands, see `lavd::hsm::quiesce`).
+    drop(hsm);
+    assert!(
+        lavd::hsm::quiesce(std::time::Duration::from_secs(30)),
+        "HSM threads still running 30 s after the test"
+    );
 }

@@ -31,19 +31,6 @@ fn lose_private_key(t: &TestToken, kid: &str) {
         .unwrap();
 }
 
-/// Whether the token holds escrow key `kid`'s private half, asked of
-/// another process ([`TestToken::private_key_labels`]).
-fn holds_private_key(t: &TestToken, kid: &str) -> bool {
-    let label = format!("lav-escrow:{kid}");
-    let found = t
-        .private_key_labels()
-        .iter()
-        .filter(|l| **l == label)
-        .count();
-    assert!(found <= 1, "{found} private keys labelled {label}");
-    found == 1
-}
-
 #[test]
 fn generated_escrow_key_is_sensitive_non_extractable_and_derive_only() {
     let t = TestToken::new();
@@ -274,14 +261,14 @@ fn destroy_is_refused_before_retention_and_final_after() {
     );
     assert!(stderr.contains("2030-01-01T00:00:00Z"), "{stderr}");
     assert!(
-        holds_private_key(&t, KID),
+        t.holds_escrow_key(KID),
         "a refused destroy must not destroy"
     );
 
     // --force needs --reason (clap refuses it: usage error, exit 2).
     let out = t.lavd_with_config(&["keys", "destroy", "--kid", KID, "--force"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(holds_private_key(&t, KID));
+    assert!(t.holds_escrow_key(KID));
     // A reason that would forge a line where `keys list --all` prints it
     // (or reorder its text) is refused by the rule of revocation reasons.
     for reason in ["seized\n2099-01-01  E-9  active", "court \u{202e}order"] {
@@ -289,7 +276,7 @@ fn destroy_is_refused_before_retention_and_final_after() {
             "keys", "destroy", "--kid", KID, "--force", "--reason", reason,
         ]);
         assert_fails_with(&out, 1, "invalid_reason");
-        assert!(holds_private_key(&t, KID));
+        assert!(t.holds_escrow_key(KID));
     }
 
     assert_ok(&t.lavd_with_config(&[
@@ -302,7 +289,7 @@ fn destroy_is_refused_before_retention_and_final_after() {
         "court order 42",
     ]));
     // Gone from the token, seen from another application's fresh session.
-    assert!(!holds_private_key(&t, KID));
+    assert!(!t.holds_escrow_key(KID));
     // Gone from the published set, and a destroyed kid is never generated again.
     let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
     assert!(!jwks.contains(KID), "{jwks}");
@@ -328,9 +315,9 @@ fn destroy_is_refused_before_retention_and_final_after() {
 fn retention_destroy_succeeds_once_the_date_has_passed() {
     let t = TestToken::new();
     generate_past_retention(&t);
-    assert!(holds_private_key(&t, "2020-01"));
+    assert!(t.holds_escrow_key("2020-01"));
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
-    assert!(!holds_private_key(&t, "2020-01"));
+    assert!(!t.holds_escrow_key("2020-01"));
 
     // A retained key whose private half the token lost (a vendor tool, an
     // HSM policy, a cluster member without it) while the store listed it:
@@ -422,12 +409,12 @@ fn two_retention_jobs_at_once_both_succeed() {
         "job A never reached C_DestroyObject"
     );
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--kid", "2020-01"]));
-    assert!(!holds_private_key(&t, "2020-01"));
+    assert!(!t.holds_escrow_key("2020-01"));
 
     shim.set("");
     let a = a.wait_with_output().unwrap();
     assert_ok(&a);
-    assert!(!holds_private_key(&t, "2020-01"));
+    assert!(!t.holds_escrow_key("2020-01"));
 }
 
 #[test]
@@ -593,9 +580,9 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     );
 
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
-    assert!(!holds_private_key(&t, "2020-01"));
-    assert!(!holds_private_key(&t, "2020-02"));
-    assert!(holds_private_key(&t, "2099-01"));
+    assert!(!t.holds_escrow_key("2020-01"));
+    assert!(!t.holds_escrow_key("2020-02"));
+    assert!(t.holds_escrow_key("2099-01"));
     let listing = assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
     assert_eq!(listing.matches("destroyed ").count(), 2, "{listing}");
     // Nothing left to do: the job is idempotent.
@@ -623,26 +610,26 @@ fn an_interrupted_destruction_is_finished_by_running_it_again() {
     let interrupt = |kid: &str| t.interrupt_destruction(kid);
     // The daily job finishes it on the token.
     interrupt("2027-02");
-    assert!(holds_private_key(&t, "2027-02"));
+    assert!(t.holds_escrow_key("2027-02"));
     let out = t.lavd_with_config(&["keys", "destroy", "--expired"]);
     assert_ok(&out);
-    assert!(!holds_private_key(&t, "2027-02"));
+    assert!(!t.holds_escrow_key("2027-02"));
     assert!(
         String::from_utf8_lossy(&out.stderr)
             .contains("escrow key 2027-02: finished an interrupted destruction"),
         "{out:?}"
     );
-    assert!(holds_private_key(&t, KID));
+    assert!(t.holds_escrow_key(KID));
     // So does `--kid`, run again.
     interrupt(KID);
-    assert!(holds_private_key(&t, KID));
+    assert!(t.holds_escrow_key(KID));
     // Not published while the store says destroyed.
     let jwks = assert_ok(&t.lavd_with_config(&["keys", "list"]));
     assert!(!jwks.contains(KID), "{jwks}");
     assert_ok(&t.lavd_with_config(&[
         "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
     ]));
-    assert!(!holds_private_key(&t, KID));
+    assert!(!t.holds_escrow_key(KID));
 }
 
 #[test]
@@ -692,14 +679,14 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
     let out = softhsm_tests::generate_key(&t, KID, "2030-01-01T00:00:00Z");
     assert_fails_with(&out, 1, "hsm_unavailable");
     assert!(shim.faults() > 0);
-    assert!(!holds_private_key(&t, KID), "a pair was left on the token");
+    assert!(!t.holds_escrow_key(KID), "a pair was left on the token");
     shim.set("");
     assert_ok(&softhsm_tests::generate_key(
         &t,
         KID,
         "2030-01-01T00:00:00Z",
     ));
-    assert!(holds_private_key(&t, KID));
+    assert!(t.holds_escrow_key(KID));
 
     // The store refuses the record (a trigger stands in for a failing
     // database): the pair the HSM made is deleted again.
@@ -712,7 +699,7 @@ fn a_failed_generation_leaves_no_key_pair_behind() {
     let out = softhsm_tests::generate_key(&t, "2027-03", "2030-01-01T00:00:00Z");
     let stderr = assert_fails_with(&out, 1, "store_unavailable");
     assert!(stderr.contains("refused by the test"), "{stderr}");
-    assert!(!holds_private_key(&t, "2027-03"), "an orphan pair was left");
+    assert!(!t.holds_escrow_key("2027-03"), "an orphan pair was left");
     db.execute_batch("DROP TRIGGER refuse").unwrap();
     assert_ok(&softhsm_tests::generate_key(
         &t,

@@ -11,18 +11,6 @@
 use cryptoki::object::{Attribute, ObjectClass};
 use softhsm_tests::{assert_fails_with, assert_ok, generate_key_for, TestToken};
 
-/// Whether escrow key `kid`'s private half is on the token, seen from a
-/// new session of this application.
-fn private_key(t: &TestToken, kid: &str) -> bool {
-    !t.session()
-        .find_objects(&[
-            Attribute::Class(ObjectClass::PRIVATE_KEY),
-            Attribute::Label(format!("lav-escrow:{kid}").into_bytes()),
-        ])
-        .unwrap()
-        .is_empty()
-}
-
 /// One escrow key row that cannot be read (an edited or damaged store)
 /// does not keep the others past their retention, nor out of the key list:
 /// the daily job destroys every key due, names the unreadable row and
@@ -58,9 +46,9 @@ fn an_unreadable_key_row_does_not_stop_the_others_destruction() {
         stderr.contains("escrow key 2099-01: its store row cannot be read"),
         "{stderr}"
     );
-    assert!(!private_key(&t, "2020-01"), "{stderr}");
-    assert!(private_key(&t, "2099-01"));
-    assert!(private_key(&t, "2099-02"));
+    assert!(!t.holds_escrow_key("2020-01"), "{stderr}");
+    assert!(t.holds_escrow_key("2099-01"));
+    assert!(t.holds_escrow_key("2099-02"));
 
     let store = lavd::store::SqliteStore::open(&t.path("lavd.db")).unwrap();
     let now = time::OffsetDateTime::now_utc();
@@ -271,7 +259,7 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         1,
         "no_audit_key",
     );
-    assert!(private_key(&t, KID), "the key was deleted");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
     // The key that signs the log, as on every lavd token.
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     // Another key's real destruction: its `key_destroyed` leaf must not
@@ -295,7 +283,7 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         )),
         "{stderr}"
     );
-    assert!(private_key(&t, KID), "the key was deleted");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
     assert_fails_with(
         &t.lavd_with_config(&[
             "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
@@ -303,7 +291,7 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         1,
         "destroy_unlogged",
     );
-    assert!(private_key(&t, KID), "the key was deleted");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
 
     // Nor with a leaf row written beside the mark: the other key's
     // `key_destroyed` leaf rewritten to name this one. The leaf is not the
@@ -337,7 +325,7 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
             )),
             "{args:?}: {stderr}"
         );
-        assert!(private_key(&t, KID), "the key was deleted");
+        assert!(t.holds_escrow_key(KID), "the key was deleted");
     }
 }
 
@@ -362,7 +350,7 @@ fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
     t.interrupt_destruction("2026-11");
     assert_ok(&t.lavd_with_config(&["keys", "destroy", "--expired"]));
     assert!(
-        !private_key(&t, "2026-11"),
+        !t.holds_escrow_key("2026-11"),
         "the finished key is still there"
     );
     t.interrupt_destruction(KID);
@@ -386,7 +374,7 @@ fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
         stderr.contains(&format!("lavd: log_inconsistent: escrow key {KID}: ")),
         "{stderr}"
     );
-    assert!(private_key(&t, KID), "the key was deleted");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
     let stderr = assert_fails_with(
         &t.lavd_with_config(&[
             "keys", "destroy", "--kid", KID, "--force", "--reason", "finish",
@@ -398,7 +386,7 @@ fn an_interrupted_destruction_is_not_finished_over_an_inconsistent_log() {
         stderr.contains("is filed under size") && stderr.contains("but says size"),
         "{stderr}"
     );
-    assert!(private_key(&t, KID), "the key was deleted");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
 }
 
 /// The harness's way to have this process read a token afresh
@@ -461,5 +449,5 @@ fn a_destruction_the_daily_job_finishes_itself_is_not_reported_failed() {
     );
     assert_eq!(shim.faults(), 2, "{stderr}");
     assert_ok(&out);
-    assert!(!private_key(&t, "2020-01"), "{stderr}");
+    assert!(!t.holds_escrow_key("2020-01"), "{stderr}");
 }

@@ -33,6 +33,16 @@ fn start(grace_secs: u64) -> (TestToken, Pki, Daemon) {
 const SLOW_HEAD: &[u8] = b"POST /v1/warrants/revocations HTTP/1.1\r\nhost: localhost\r\n\
     content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":";
 
+/// Waits until the daemon has read [`SLOW_HEAD`] and holds its body's 10
+/// bytes: a stop signal before then would find no request in flight (a
+/// connection still in its handshake, or with no byte of a head read, is
+/// closed, not drained). Before, a fixed 300 ms sleep stood for this.
+fn head_taken(daemon: &Daemon) {
+    softhsm_tests::eventually("the slow head read", Duration::from_secs(10), || {
+        daemon.metric("lavd_request_body_bytes_held") == 10.0
+    });
+}
+
 #[test]
 fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     let (_t, pki, mut daemon) = start(30);
@@ -44,7 +54,7 @@ fn sigterm_lets_an_in_flight_request_finish_then_exits_0() {
     );
     let mut slow = client.connect().unwrap();
     slow.send(SLOW_HEAD).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    head_taken(&daemon);
 
     daemon.signal(Signal::TERM);
     daemon.expect_notify("STOPPING=1");
@@ -78,7 +88,7 @@ fn a_stuck_request_cannot_hold_the_shutdown_past_the_grace() {
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
     let mut stuck = client.connect().unwrap();
     stuck.send(SLOW_HEAD).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    head_taken(&daemon);
 
     let started = Instant::now();
     daemon.signal(Signal::TERM);
@@ -105,7 +115,7 @@ fn a_reload_applies_while_draining_and_a_second_signal_cuts_it_short() {
     let client = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
     let mut stuck = client.connect().unwrap();
     stuck.send(SLOW_HEAD).unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    head_taken(&daemon);
 
     daemon.signal(Signal::TERM);
     let stopping = daemon.expect_notify("STOPPING=1");

@@ -260,7 +260,12 @@ fn draining_with_a_held_reload(
           content-type: application/json\r\ncontent-length: 10\r\n\r\n{\"a\":",
     )
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Read, its body's 10 bytes held: a request in flight to drain.
+    softhsm_tests::eventually(
+        "the slow head read",
+        std::time::Duration::from_secs(10),
+        || daemon.metric("lavd_request_body_bytes_held") == 10.0,
+    );
 
     loosen_policy(t);
     shim.set("fault = hang\nfault_calls = C_Sign");

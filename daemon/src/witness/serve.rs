@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hyper::body::Incoming;
-use prometheus::{Encoder as _, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use warp::http::{header, HeaderValue, Method, Request, StatusCode};
 use warp::reply::Response;
 
@@ -133,6 +133,7 @@ pub struct WitnessMetrics {
     requests: IntCounterVec,
     cosignatures: IntCounterVec,
     recorded_size: IntGaugeVec,
+    body_bytes_held: IntGauge,
 }
 
 impl WitnessMetrics {
@@ -164,9 +165,16 @@ impl WitnessMetrics {
             ),
             &["origin"],
         )?;
+        let body_bytes_held = IntGauge::new(
+            "lavd_witness_request_body_bytes_held",
+            "Bytes of add-checkpoint bodies held now (read, or being read) out of \
+             [limits] max_body_bytes_in_flight; a body that does not fit is answered \
+             503 server_busy.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(cosignatures.clone()))?;
         registry.register(Box::new(recorded_size.clone()))?;
+        registry.register(Box::new(body_bytes_held.clone()))?;
         for origin in origins {
             cosignatures.with_label_values(&[origin]);
             recorded_size.with_label_values(&[origin]);
@@ -176,6 +184,7 @@ impl WitnessMetrics {
             requests,
             cosignatures,
             recorded_size,
+            body_bytes_held,
         })
     }
 
@@ -185,7 +194,10 @@ impl WitnessMetrics {
             .set(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
-    fn render(&self) -> Result<String, prometheus::Error> {
+    /// The metrics' text, with `body_bytes_held` (read when scraped).
+    fn render(&self, body_bytes_held: usize) -> Result<String, prometheus::Error> {
+        self.body_bytes_held
+            .set(i64::try_from(body_bytes_held).unwrap_or(i64::MAX));
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
@@ -501,6 +513,6 @@ pub fn admin_routes(witness: Arc<Witness>) -> warp::filters::BoxedFilter<(Respon
                 (report.ready, serde_json::json!(report))
             }
         },
-        move || witness.metrics.render(),
+        move || witness.metrics.render(witness.bodies.held()),
     )
 }
