@@ -273,6 +273,88 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
     verify_log(&t, &pki, &parties.auditor, other.api);
 }
 
+/// A request that outlives its lease on a live replica: a sweep (of either
+/// replica; the request's own sweeps too) writes its intent's leaves
+/// `open_interrupted`, nothing released. When its opens then finish, it
+/// must not release them nor spend: it answers 503 `store_unavailable`, its
+/// own leaves say `audit_commit_failed`, and the budget is whole for the
+/// envelopes after it. Before, it answered 200 with both keys out, beside
+/// leaves saying they were not released, and spent them (helper-186's
+/// review; mutated: 200 `ok, ok`).
+#[test]
+fn postgres_a_request_that_outlives_its_lease_and_is_swept_releases_nothing() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    let db = TestDb::create();
+    db.write_token_config_hsm(
+        &t,
+        &shim_module_path(),
+        "sessions = 2\ncall_timeout_ms = 120000\n",
+        &format!(
+            "reservation_lease_secs = 2\n{}\n{}",
+            shim.hsm_env(),
+            limits()
+        ),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let slow = Daemon::start_replica(&t, "a");
+    let other = Daemon::start_replica(&t, "b");
+    slow.wait_readyz(200);
+    other.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let (a, b) = (
+        parties.clients(&pki, slow.api),
+        parties.clients(&pki, other.api),
+    );
+    let scenario = Scenario::new(&a);
+    let r = vault::post(&a.agency, "/v1/unwrap", &scenario.request(0..1));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    let before = vault::tree_size(&b.auditor);
+    let held = scenario.hold(&a, &shim, 1..3);
+
+    // Its lease (2 s) runs out while the opens are held; a sweep writes it.
+    let mut found = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let size = vault::tree_size(&b.auditor);
+            found = outcomes_of(
+                &vault::entries(&b.auditor, before, size),
+                &scenario.envelopes[1..3],
+            );
+            found.iter().all(|f| !f.is_empty())
+        }),
+        "no leaves for the held envelopes: {found:?}"
+    );
+    shim.set("");
+    let r = held.join().unwrap().unwrap();
+    r.assert_error(503, "store_unavailable");
+    let size = vault::tree_size(&b.auditor);
+    let found = outcomes_of(
+        &vault::entries(&b.auditor, before, size),
+        &scenario.envelopes[1..3],
+    );
+    let both = vec![
+        ("denied".to_string(), "open_interrupted".to_string()),
+        ("denied".to_string(), "audit_commit_failed".to_string()),
+    ];
+    assert_eq!(found, [both.clone(), both]);
+    let spent: i64 = db
+        .client()
+        .query_one("SELECT spent FROM warrants WHERE id = 'W-CUT'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(spent, 1, "budget spent");
+    let r = vault::post(&b.agency, "/v1/unwrap", &scenario.request(3..5));
+    assert_eq!(vault::statuses(&r.json()), ["ok", "ok"], "{}", r.text());
+    assert!(
+        slow.stderr().contains("outlived its reservation's lease"),
+        "{}",
+        slow.stderr()
+    );
+    verify_log(&t, &pki, &parties.auditor, other.api);
+}
+
 /// An intent row that does not parse (the store edited behind lavd's back)
 /// stops `lavd serve` at its start, with a code and the row named, rather
 /// than serving with an HSM open it cannot log; once the operator removed

@@ -249,3 +249,66 @@ fn a_commit_still_waiting_for_the_standby_is_unknown_whatever_the_session_time_z
         "{appended:?}"
     );
 }
+
+/// A migration's commit whose wait for the standby is cancelled is answered
+/// with success and a WARNING: the schema is then on the primary only, and
+/// the migration is not taken as done until a barrier shows it replicated.
+/// Cancelled again (the barrier's own wait), it fails `CommitUnknown`.
+/// Before, `migrate()` never read the WARNING and answered at once.
+#[test]
+fn a_migration_whose_wait_was_cancelled_is_not_taken_as_done() {
+    use lavd::store::postgres::PgStore;
+    use lavd::store::StoreError;
+
+    let _turn = TURN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    pg_cluster::ensure();
+    let db = TestDb::create_on(pg_cluster::PORT);
+    let _lift = Lift;
+    wait_for_standby(Some("lavd_test_no_such_standby"));
+    let mut admin = db.admin();
+    // Cancels the backend of this database waiting for the standby.
+    let mut cancel = |what: &str| {
+        let mut pid = None;
+        eventually(what, WAIT, || {
+            pid = admin
+                .query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND wait_event = 'SyncRep' \
+                     LIMIT 1",
+                    &[&db.name()],
+                )
+                .unwrap()
+                .map(|row| row.get::<_, i32>(0));
+            pid.is_some()
+        });
+        let cut: bool = admin
+            .query_one("SELECT pg_cancel_backend($1)", &[&pid])
+            .unwrap()
+            .get(0);
+        assert!(cut, "pg_cancel_backend found no backend {pid:?} ({what})");
+    };
+    let migrated = std::thread::scope(|s| {
+        let migrating = s.spawn(|| PgStore::connect(&db.settings()).map(|_| ()));
+        cancel("the migration's commit waiting for the standby");
+        // The schema is on the primary; the migration still waits.
+        eventually("the migrated schema on the primary", WAIT, || {
+            db.client()
+                .query_one("SELECT to_regclass('audit_leaves') IS NOT NULL", &[])
+                .unwrap()
+                .get::<_, bool>(0)
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            !migrating.is_finished(),
+            "the migration was answered while it was on the primary only: {:?}",
+            migrating.join().unwrap().err()
+        );
+        cancel("the barrier's commit waiting for the standby");
+        migrating.join().unwrap()
+    });
+    assert!(
+        matches!(migrated, Err(StoreError::CommitUnknown(_))),
+        "{migrated:?}"
+    );
+}

@@ -831,9 +831,9 @@ impl Validator<'_> {
             self.warnings.borrow_mut().push(format!(
                 "store.reservation_lease_secs ({lease}) is not longer than \
                  store.statement_timeout_secs ({statement_timeout}): a request whose audit \
-                 commit waits that long may have its HSM opens logged twice (open_interrupted \
-                 and opened) and be refused budget_exhausted; keep the lease above your \
-                 slowest request (docs/configuration.md, the store)"
+                 commit waits that long may have its HSM opens swept as interrupted and then \
+                 release nothing (503 store_unavailable); keep the lease above your slowest \
+                 request (docs/configuration.md, the store)"
             ));
         }
         Ok(StoreSettings::Postgres(PgSettings {

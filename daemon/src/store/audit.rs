@@ -194,12 +194,21 @@ pub struct Withdrawn {
     pub budget_lapsed: bool,
     /// These keys were destroyed: `key_destroyed`, for their envelopes.
     pub destroyed_kids: Vec<String>,
+    /// (PostgreSQL) the request outlived its lease and a sweep (of any
+    /// replica, this one's included) already wrote its open intent's
+    /// `open_interrupted` leaves, saying nothing of them was released:
+    /// `audit_commit_failed`, for every envelope, nothing spent, and the
+    /// request is refused whole (503 `store_unavailable`), so that the log
+    /// does not also say they were opened and released.
+    pub intent_swept: bool,
 }
 
 impl Withdrawn {
     /// Why an envelope of key `kid` that opened must be denied, if it must.
     pub fn reason(&self, kid: &str) -> Option<DenyReason> {
-        if self.revoked {
+        if self.intent_swept {
+            Some(DenyReason::AuditCommitFailed)
+        } else if self.revoked {
             Some(DenyReason::WarrantRevoked)
         } else if self.budget_lapsed {
             Some(DenyReason::BudgetExhausted)
@@ -212,7 +221,7 @@ impl Withdrawn {
 
     /// Whether anything was withdrawn.
     pub fn any(&self) -> bool {
-        self.revoked || self.budget_lapsed || !self.destroyed_kids.is_empty()
+        self.intent_swept || self.revoked || self.budget_lapsed || !self.destroyed_kids.is_empty()
     }
 }
 

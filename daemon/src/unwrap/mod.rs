@@ -1042,6 +1042,22 @@ pub fn unwrap_counting(
             }
         }
     }
+    // A sweep took this request's open intent (it outlived its reservation's
+    // lease) and logged its envelopes `open_interrupted`, nothing
+    // released: its leaves say `audit_commit_failed` and nothing was spent,
+    // so nothing is released now either, and no reply says otherwise.
+    if withdrawn.intent_swept {
+        tracing::error!(
+            "this request outlived its reservation's lease and its open intent was swept as \
+             interrupted: nothing is released (raise [store] reservation_lease_secs above the \
+             time a request can take)"
+        );
+        return Err(UnwrapError::StoreUnavailable(
+            "the request outlived its reservation's lease: its opens were logged as \
+             interrupted and nothing was released; send it again"
+                .into(),
+        ));
+    }
     if let Some(e) = hsm_failure {
         return Err(e.into());
     }

@@ -490,6 +490,26 @@ const MIGRATIONS: &[&str] = &[
         first_index BIGINT PRIMARY KEY CHECK (first_index >= 0),
         mark        BYTEA NOT NULL CHECK (octet_length(mark) = 16)
     );",
+    // 8: a settle whose intent a sweep already took (the request outlived
+    // its lease, and the intent's `open_interrupted` leaves say nothing of
+    // it was released) spends nothing and frees its reservation; it
+    // answers 'swept', and the request writes its leaves denied and
+    // releases nothing. Before, both stood: the log said the envelopes were
+    // interrupted and also opened and released. This delete and the
+    // sweep's both run under the audit head's lock: one finds the row.
+    "CREATE OR REPLACE FUNCTION lavd_settle_intent(p_id TEXT, p_token BIGINT, p_opened BIGINT,
+                                                  p_check_revoked BOOLEAN, p_intent BIGINT)
+     RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
+     BEGIN
+         -- The warrant's row first, as everywhere.
+         PERFORM 1 FROM warrants w WHERE w.id = p_id FOR UPDATE;
+         DELETE FROM open_intents i WHERE i.id = p_intent;
+         IF NOT FOUND THEN
+             PERFORM lavd_settle(p_id, p_token, 0, FALSE);
+             RETURN 'swept';
+         END IF;
+         RETURN lavd_settle(p_id, p_token, p_opened, p_check_revoked);
+     END $$;",
 ];
 
 /// How many leaves back an append transaction's mark (migration 7) is
@@ -901,7 +921,15 @@ impl PgStore {
             )
             .map_err(|e| self.pg_err(e))?;
         }
-        tx.commit().map_err(|e| self.pg_err(e))?;
+        let (committed, warned) = warned_during(|| tx.commit());
+        committed.map_err(|e| self.pg_err(e))?;
+        // Answered with a WARNING (a wait for the synchronous standbys
+        // cancelled): the schema is on this server only until a barrier
+        // shows it replicated; a failover before then would leave the new
+        // primary without it (nothing unsafe, but every write failing).
+        if warned {
+            self.barrier_on(&mut conn)?;
+        }
         Ok(supported)
     }
 
@@ -1111,6 +1139,10 @@ enum Settled {
     /// The reservation outlived its lease and spending would pass
     /// `max_unwraps`: nothing spent.
     Lapsed,
+    /// The reservation's open intent was gone: a sweep took it as an
+    /// orphan (the request outlived its lease) and wrote its
+    /// `open_interrupted` leaves. Nothing spent, the reservation freed.
+    Swept,
 }
 
 impl KeyStore for PgStore {
@@ -1223,7 +1255,7 @@ impl PgStore {
         let opened = to_i64(opened, "opened")?;
         // With an intent, `lavd_settle_intent` deletes it too, in the same
         // round trip; gone already if a sweep took it as an orphan (this
-        // request outlived its lease): its leaves and these both stand.
+        // request outlived its lease): then nothing is spent ("swept").
         let status: String = match reservation.intent() {
             None => tx.query_typed_one(
                 "SELECT lavd_settle($1, $2, $3, $4)",
@@ -1251,6 +1283,7 @@ impl PgStore {
             "ok" => Ok(Settled::Spent),
             "revoked" if check_revoked => Ok(Settled::Revoked),
             "overrun" => Ok(Settled::Lapsed),
+            "swept" if reservation.intent().is_some() => Ok(Settled::Swept),
             other => Err(self.corrupt(format!("lavd_settle returned {other:?}"))),
         }
     }
@@ -1404,6 +1437,12 @@ impl WarrantStore for PgStore {
             |tx| match self.settle_in(tx, &reservation, opened, false)? {
                 Settled::Lapsed => Err(StoreError::BudgetOverrun(reservation.id().to_string())),
                 Settled::Spent | Settled::Revoked => Ok(()),
+                // Its intent's leaves say nothing was released; nothing was
+                // spent. Opens to spend for are then an error, as a lapse.
+                Settled::Swept if opened == 0 => Ok(()),
+                Settled::Swept => Err(StoreError::IntentSettled(
+                    reservation.intent().unwrap_or_default(),
+                )),
             },
         );
         if result.is_err() {
@@ -1601,6 +1640,9 @@ impl PgStore {
                     // The HSM has opened; the leaves are written all the
                     // same (as denied), so that no open goes unlogged.
                     Settled::Lapsed => withdrawn.budget_lapsed = true,
+                    // Its intent's leaves already say nothing was
+                    // released: these say so too (`audit_commit_failed`).
+                    Settled::Swept => withdrawn.intent_swept = true,
                 }
                 settled = Some(reservation.id());
                 RevokeFound::default()
