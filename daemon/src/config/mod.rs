@@ -205,6 +205,22 @@ impl Settings {
         }
         let (hsm, refused_pin_record) = v.hsm(raw.hsm, env)?;
         let store = v.store(raw.store, env)?;
+        if let crate::store::StoreSettings::Postgres(pg) = &store {
+            // One HSM call may take the whole call timeout; a request that
+            // waits that long past its lease may be swept as interrupted and
+            // then releases nothing (docs/audit.md, "Open intents").
+            if hsm.call_timeout >= pg.reservation_lease {
+                v.warnings.borrow_mut().push(format!(
+                    "hsm.call_timeout_ms ({} ms) is not shorter than \
+                     store.reservation_lease_secs ({} s): a request whose HSM call runs that \
+                     long outlives its lease, may have its opens swept as interrupted, and then \
+                     releases nothing (503 store_unavailable); keep the lease above your \
+                     slowest request (docs/configuration.md, the store)",
+                    hsm.call_timeout.as_millis(),
+                    pg.reservation_lease.as_secs()
+                ));
+            }
+        }
         let witnesses = v.witnesses(&raw.audit)?;
         let origin = match raw.audit.origin {
             Some(origin) => v.origin(origin)?,

@@ -715,6 +715,37 @@ fn load_pg(text: &str, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
     Settings::load(&path, &env)
 }
 
+/// An HSM call timeout not shorter than the reservation lease is a warning:
+/// one slow call outlives the lease and its request releases nothing.
+#[test]
+fn a_call_timeout_past_the_lease_is_a_warning() {
+    let lease_warnings = |s: &Settings| -> Vec<String> {
+        s.warnings
+            .iter()
+            .filter(|w| w.contains("hsm.call_timeout_ms"))
+            .cloned()
+            .collect()
+    };
+    let s = load_pg(PG, &[]).unwrap();
+    assert_eq!(lease_warnings(&s), Vec::<String>::new());
+    let slow = PG
+        .replace(
+            "pin_file = \"pin\"",
+            "pin_file = \"pin\"\ncall_timeout_ms = 120000",
+        )
+        .replace(
+            "ca_file = \"ca.pem\"",
+            "ca_file = \"ca.pem\"\nreservation_lease_secs = 120",
+        );
+    let s = load_pg(&slow, &[]).unwrap();
+    let found = lease_warnings(&s);
+    assert_eq!(found.len(), 1, "{:?}", s.warnings);
+    assert!(
+        found[0].contains("120000 ms") && found[0].contains("120 s"),
+        "{found:?}"
+    );
+}
+
 #[test]
 fn a_postgres_store_is_configured_with_its_password_held_apart() {
     let s = load_pg(PG, &[]).unwrap();
