@@ -404,10 +404,13 @@ impl TestToken {
     /// invalid for good. Best effort: a failure is printed (and `false`
     /// returned), and the lookup goes on.
     pub fn touch(&self) -> bool {
+        let Some(slot) = self.pkcs11_tool_slot() else {
+            return false;
+        };
         let out = Command::new("pkcs11-tool")
             .arg("--module")
             .arg(module_path())
-            .args(["--token-label", &self.label, "--login", "--pin", PIN])
+            .args(["--slot", &slot, "--login", "--pin", PIN])
             .args(["--list-objects", "--type", "data"])
             .output();
         match out {
@@ -419,6 +422,36 @@ impl TestToken {
         }
     }
 
+    /// The slot id (`0x…`) of this token as another process sees it
+    /// (`pkcs11-tool -L`), matched on the whole label: `pkcs11-tool
+    /// --token-label` takes the first token whose label begins with the one
+    /// given, and `t1` would find `t10` (helper-187's review).
+    fn pkcs11_tool_slot(&self) -> Option<String> {
+        let out = Command::new("pkcs11-tool")
+            .arg("--module")
+            .arg(module_path())
+            .arg("-L")
+            .output()
+            .ok()?;
+        let listing = String::from_utf8_lossy(&out.stdout);
+        let mut slot = None;
+        for line in listing.lines() {
+            // "Slot 3 (0x5a1e...): SoftHSM slot ID 0x5a1e..."
+            if let Some(rest) = line.strip_prefix("Slot ") {
+                slot = rest
+                    .split_once('(')
+                    .and_then(|(_, r)| r.split_once(')'))
+                    .map(|(id, _)| id.to_owned());
+            } else if let Some(label) = line.trim_start().strip_prefix("token label") {
+                let label = label.trim_start().strip_prefix(':').map(str::trim);
+                if label == Some(self.label.as_str()) {
+                    return slot;
+                }
+            }
+        }
+        None
+    }
+
     /// The labels of the private keys on this token, read by another
     /// process (OpenSC's `pkcs11-tool`), which loads SoftHSM afresh: this
     /// process's view of a token that `lavd` commands keep changing has
@@ -428,10 +461,13 @@ impl TestToken {
     /// # Panics
     /// When `pkcs11-tool` fails.
     pub fn private_key_labels(&self) -> Vec<String> {
+        let slot = self
+            .pkcs11_tool_slot()
+            .unwrap_or_else(|| panic!("pkcs11-tool -L lists no token labelled {}", self.label));
         let out = Command::new("pkcs11-tool")
             .arg("--module")
             .arg(module_path())
-            .args(["--token-label", &self.label, "--login", "--pin", PIN])
+            .args(["--slot", &slot, "--login", "--pin", PIN])
             .args(["--list-objects", "--type", "privkey"])
             .output()
             .expect("run pkcs11-tool");

@@ -259,6 +259,9 @@ pub struct CutAtCommit {
     /// 0: forward everything; [`Self::AFTER`]: cut the next COMMIT after
     /// forwarding it; [`Self::BEFORE`]: cut it without forwarding it.
     armed: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    /// The bytes of a client message that [`Self::armed`] waits for:
+    /// [`Self::COMMIT`] unless [`Self::arm_after_sending`] said otherwise.
+    trigger: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
     cuts: std::sync::Arc<AtomicU64>,
 }
 
@@ -281,17 +284,22 @@ impl CutAtCommit {
         let proxy = CutAtCommit {
             port: listener.local_addr().expect("proxy address").port(),
             armed: Arc::new(AtomicU8::new(0)),
+            trigger: Arc::new(std::sync::Mutex::new(Self::COMMIT.to_vec())),
             cuts: Arc::new(AtomicU64::new(0)),
         };
-        let (armed, cuts) = (proxy.armed.clone(), proxy.cuts.clone());
+        let (armed, trigger, cuts) = (
+            proxy.armed.clone(),
+            proxy.trigger.clone(),
+            proxy.cuts.clone(),
+        );
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
                     continue;
                 };
-                let (armed, cuts) = (armed.clone(), cuts.clone());
-                std::thread::spawn(move || Self::forward(client, server, &armed, &cuts));
+                let (armed, trigger, cuts) = (armed.clone(), trigger.clone(), cuts.clone());
+                std::thread::spawn(move || Self::forward(client, server, &armed, &trigger, &cuts));
             }
         });
         proxy
@@ -301,6 +309,7 @@ impl CutAtCommit {
         mut client: std::net::TcpStream,
         mut server: std::net::TcpStream,
         armed: &std::sync::atomic::AtomicU8,
+        trigger: &std::sync::Mutex<Vec<u8>>,
         cuts: &AtomicU64,
     ) {
         use std::io::{Read as _, Write as _};
@@ -318,9 +327,14 @@ impl CutAtCommit {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            let commit = buf[..n]
-                .windows(Self::COMMIT.len())
-                .any(|w| w == Self::COMMIT);
+            let commit = {
+                let trigger = trigger
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                buf[..n]
+                    .windows(trigger.len())
+                    .any(|w| w == trigger.as_slice())
+            };
             let mode = if commit {
                 armed.swap(0, Ordering::SeqCst)
             } else {
@@ -349,12 +363,29 @@ impl CutAtCommit {
 
     /// Cuts the connection of the next COMMIT just after forwarding it.
     pub fn arm(&self) {
+        self.set_trigger(Self::COMMIT);
         self.armed.store(Self::AFTER, Ordering::SeqCst);
     }
 
     /// Cuts the connection of the next COMMIT instead of forwarding it.
     pub fn arm_dropping(&self) {
+        self.set_trigger(Self::COMMIT);
         self.armed.store(Self::BEFORE, Ordering::SeqCst);
+    }
+
+    /// Cuts the connection of the next client message holding `text` (a
+    /// statement of the extended protocol, which the server runs and, in
+    /// autocommit, commits) just after forwarding it.
+    pub fn arm_after_sending(&self, text: &[u8]) {
+        self.set_trigger(text);
+        self.armed.store(Self::AFTER, Ordering::SeqCst);
+    }
+
+    fn set_trigger(&self, text: &[u8]) {
+        *self
+            .trigger
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = text.to_vec();
     }
 
     /// How many COMMITs it has cut.

@@ -289,6 +289,18 @@ fn a_migration_whose_wait_was_cancelled_is_not_taken_as_done() {
         assert!(cut, "pg_cancel_backend found no backend {pid:?} ({what})");
     };
     let migrated = std::thread::scope(|s| {
+        // A failure below unwinds this closure before the scope waits for
+        // `migrating`, which waits for the standby: the wait is lifted on
+        // the way, or the test would hang instead of failing.
+        struct LiftOnPanic;
+        impl Drop for LiftOnPanic {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    pg_cluster::set_standby_quietly(None);
+                }
+            }
+        }
+        let _lift_on_panic = LiftOnPanic;
         let migrating = s.spawn(|| PgStore::connect(&db.settings()).map(|_| ()));
         cancel("the migration's commit waiting for the standby");
         // The schema is on the primary; the migration still waits.

@@ -1119,7 +1119,7 @@ fn postgres_a_late_settle_cannot_take_units_from_a_live_reservation() {
 fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     let db = TestDb::create();
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(store.migrate().unwrap(), 8);
+    assert_eq!(store.migrate().unwrap(), 9);
     // Twice is harmless.
     drop(store);
     PgStore::connect(&db.settings()).unwrap();
@@ -1131,9 +1131,9 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             .map(|r| r.get(0))
             .collect()
     };
-    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
     // A database at version 2 with a warrant in it (as the previous release
-    // left it) is brought to 8, and the new functions serve that warrant.
+    // left it) is brought to 9, and the new functions serve that warrant.
     {
         let store = PgStore::connect(&db.settings()).unwrap();
         store.register(&record("W2", 1, 2, false, 3)).unwrap();
@@ -1141,16 +1141,19 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
     }
     db.client()
         .batch_execute(
-            "DROP FUNCTION lavd_reserve_intent, lavd_settle_intent, lavd_register, lavd_reserve,
-                           lavd_settle,
-                           lavd_save_checkpoint;
-             DROP TABLE replication_barrier, open_intents, audit_commit_marks;
+            "DROP FUNCTION lavd_reserve_intent(TEXT, FLOAT8, BYTEA[]),
+                           lavd_reserve_intent(TEXT, FLOAT8, BYTEA[], BYTEA),
+                           lavd_cancel_reservation, lavd_settle_intent, lavd_register,
+                           lavd_reserve, lavd_settle, lavd_save_checkpoint;
+             DROP TABLE replication_barrier, open_intents, audit_commit_marks,
+                        cancelled_reservations;
+             ALTER TABLE warrant_reservations DROP COLUMN nonce;
              DELETE FROM schema_version WHERE version >= 3",
         )
         .unwrap();
     assert_eq!(versions(), [1, 2]);
     let store = PgStore::connect(&db.settings()).unwrap();
-    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(versions(), [1, 2, 3, 4, 5, 6, 7, 8, 9]);
     assert!(matches!(
         store.register(&record("W2", 1, 2, false, 3)),
         Ok(Registration::Known)
@@ -1188,7 +1191,7 @@ fn postgres_migrations_are_versioned_and_a_newer_schema_is_refused() {
             e,
             StoreError::SchemaTooNew {
                 found: 99,
-                supported: 8,
+                supported: 9,
                 ..
             }
         ),
@@ -1429,7 +1432,7 @@ fn postgres_replicas_starting_at_once_migrate_once_under_serializable() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert_eq!(db.rows("schema_version"), 8);
+    assert_eq!(db.rows("schema_version"), 9);
 }
 
 /// Every SQLite commit lavd makes is flushed before it returns
@@ -1811,6 +1814,35 @@ fn postgres_an_intent_is_an_orphan_once_its_lease_runs_out() {
     // The late settle freed its reservation: the budget is whole.
     assert_eq!(db.rows("warrant_reservations"), 0);
     assert_eq!(a.reserve("L", 2).unwrap().granted(), 2);
+}
+
+/// A reservation whose answer is lost (the connection cut just after the
+/// statement was sent: the server runs and commits it, the client never
+/// hears) is cancelled from a new connection: its units are free at once
+/// and its intent is gone, so no sweep logs opens that never began. Before,
+/// both stayed for the lease: a retry got nothing (`budget_exhausted`) and
+/// the log later said `open_interrupted` (helper-186's 4).
+#[test]
+fn postgres_a_reservation_whose_answer_is_lost_is_cancelled() {
+    let db = TestDb::create();
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    let store = PgStore::connect(&db.settings_via(proxy.port())).unwrap();
+    store.register(&record("L", 1, 1, false, 2)).unwrap();
+    let (bytes, _) = intent("L", 2);
+    proxy.arm_after_sending(b"lavd_reserve_intent");
+    let lost = store.reserve_with_intent("L", &bytes);
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the reservation");
+    assert!(lost.is_err(), "{lost:?}");
+    // The cancel's tombstone, and nothing of the reservation left.
+    assert_eq!(db.rows("cancelled_reservations"), 1);
+    assert_eq!(db.rows("warrant_reservations"), 0);
+    assert_eq!(db.rows("open_intents"), 0);
+    let again = store.reserve_with_intent("L", &bytes).unwrap();
+    assert_eq!(again.granted(), 2);
+    // The server had run the lost one: its intent took id 1.
+    assert_eq!(again.intent(), Some(2));
+    store.settle(again, 0).unwrap();
+    assert_eq!(store.spent("L").unwrap(), Some(0));
 }
 
 /// A request past its lease whose intent no sweep has taken yet settles as

@@ -243,13 +243,13 @@ fn store_migrate_applies_the_schema_and_bad_store_settings_exit_64() {
         assert_eq!(
             printed.trim(),
             format!(
-                "postgresql://{}/{}: schema version 8",
+                "postgresql://{}/{}: schema version 9",
                 "127.0.0.1:5432",
                 db.name()
             )
         );
     }
-    assert_eq!(db.rows("schema_version"), 8);
+    assert_eq!(db.rows("schema_version"), 9);
 
     let good = std::fs::read_to_string(t.config()).unwrap();
     for (from, to, field) in [

@@ -1042,6 +1042,12 @@ pub fn unwrap_counting(
             }
         }
     }
+    if let Some(e) = hsm_failure {
+        return Err(e.into());
+    }
+    if let Some((_, refused)) = lapsed {
+        return Err(refused);
+    }
     // A sweep took this request's open intent (it outlived its reservation's
     // lease) and logged its envelopes `open_interrupted`, nothing
     // released: its leaves say `audit_commit_failed` and nothing was spent,
@@ -1057,12 +1063,6 @@ pub fn unwrap_counting(
              interrupted and nothing was released; send it again"
                 .into(),
         ));
-    }
-    if let Some(e) = hsm_failure {
-        return Err(e.into());
-    }
-    if let Some((_, refused)) = lapsed {
-        return Err(refused);
     }
     let mut builder = builder?;
     phases.audit = lap.next();

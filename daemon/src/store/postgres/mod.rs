@@ -496,7 +496,8 @@ const MIGRATIONS: &[&str] = &[
     // answers 'swept', and the request writes its leaves denied and
     // releases nothing. Before, both stood: the log said the envelopes were
     // interrupted and also opened and released. This delete and the
-    // sweep's both run under the audit head's lock: one finds the row.
+    // sweep's take the intent row's lock: the one that waited finds it
+    // gone.
     "CREATE OR REPLACE FUNCTION lavd_settle_intent(p_id TEXT, p_token BIGINT, p_opened BIGINT,
                                                   p_check_revoked BOOLEAN, p_intent BIGINT)
      RETURNS TEXT LANGUAGE plpgsql VOLATILE AS $$
@@ -509,6 +510,71 @@ const MIGRATIONS: &[&str] = &[
              RETURN 'swept';
          END IF;
          RETURN lavd_settle(p_id, p_token, p_opened, p_check_revoked);
+     END $$;",
+    // 9: a reservation whose answer was lost (the connection cut after the
+    // server ran it, or a commit answered with a WARNING whose barrier
+    // failed) is cancelled from a new connection: it held its units for the
+    // whole lease (a retry within it refused `budget_exhausted`) and left
+    // an intent whose leaves said `open_interrupted` for opens that never
+    // began. Each reservation carries the request's random nonce; the
+    // cancel leaves a tombstone under the warrant's lock, so a reservation
+    // still queued on the server when the cancel runs grants nothing
+    // ('cancelled'). Tombstones older than twice the lease are deleted by
+    // the next cancel. The three-argument `lavd_reserve_intent` stays for
+    // replicas still running the previous release.
+    "ALTER TABLE warrant_reservations ADD COLUMN nonce BYTEA;
+    ALTER TABLE open_intents ADD COLUMN nonce BYTEA;
+    CREATE TABLE cancelled_reservations (
+        nonce      BYTEA PRIMARY KEY CHECK (octet_length(nonce) = 16),
+        warrant_id TEXT NOT NULL,
+        at         TIMESTAMPTZ NOT NULL DEFAULT now()
+    );
+    CREATE INDEX cancelled_reservations_by_time ON cancelled_reservations (at);
+    CREATE FUNCTION lavd_reserve_intent(p_id TEXT, p_lease FLOAT8, p_leaves BYTEA[],
+                                        p_nonce BYTEA)
+     RETURNS TABLE (r_status TEXT, r_granted BIGINT, r_token BIGINT, r_intent BIGINT)
+     LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_status TEXT;
+         v_granted BIGINT;
+         v_token BIGINT;
+         v_intent BIGINT;
+     BEGIN
+         -- The warrant's row first, as everywhere (`lavd_reserve` takes it
+         -- again): a cancel of this nonce is either seen here or runs after.
+         PERFORM 1 FROM warrants w WHERE w.id = p_id FOR UPDATE;
+         IF EXISTS (SELECT 1 FROM cancelled_reservations c WHERE c.nonce = p_nonce) THEN
+             RETURN QUERY SELECT 'cancelled'::TEXT, 0::BIGINT, NULL::BIGINT, NULL::BIGINT;
+             RETURN;
+         END IF;
+         SELECT r.r_status, r.r_granted, r.r_token INTO v_status, v_granted, v_token
+         FROM lavd_reserve(p_id, COALESCE(array_length(p_leaves, 1), 0)::BIGINT, p_lease) r;
+         IF v_status = 'ok' AND v_granted > 0 THEN
+             UPDATE warrant_reservations SET nonce = p_nonce WHERE token = v_token;
+             INSERT INTO open_intents (warrant_id, expires_at, leaves, nonce)
+             VALUES (p_id, now() + make_interval(secs => p_lease), p_leaves[1:v_granted], p_nonce)
+             RETURNING id INTO v_intent;
+         END IF;
+         RETURN QUERY SELECT v_status, v_granted, v_token, v_intent;
+     END $$;
+    -- Undoes the reservation of `p_nonce` (its units and its intent) and
+    -- makes sure none is made later; the number of rows deleted.
+    CREATE FUNCTION lavd_cancel_reservation(p_id TEXT, p_nonce BYTEA, p_lease FLOAT8)
+     RETURNS BIGINT LANGUAGE plpgsql VOLATILE AS $$
+     DECLARE
+         v_reservations BIGINT;
+         v_intents BIGINT;
+     BEGIN
+         PERFORM 1 FROM warrants w WHERE w.id = p_id FOR UPDATE;
+         INSERT INTO cancelled_reservations (nonce, warrant_id) VALUES (p_nonce, p_id)
+         ON CONFLICT (nonce) DO NOTHING;
+         DELETE FROM warrant_reservations r WHERE r.warrant_id = p_id AND r.nonce = p_nonce;
+         GET DIAGNOSTICS v_reservations = ROW_COUNT;
+         DELETE FROM open_intents i WHERE i.warrant_id = p_id AND i.nonce = p_nonce;
+         GET DIAGNOSTICS v_intents = ROW_COUNT;
+         DELETE FROM cancelled_reservations c
+         WHERE c.at < now() - make_interval(secs => 2 * p_lease);
+         RETURN v_reservations + v_intents;
      END $$;",
 ];
 
@@ -921,15 +987,16 @@ impl PgStore {
             )
             .map_err(|e| self.pg_err(e))?;
         }
-        let (committed, warned) = warned_during(|| tx.commit());
-        committed.map_err(|e| self.pg_err(e))?;
-        // Answered with a WARNING (a wait for the synchronous standbys
-        // cancelled): the schema is on this server only until a barrier
-        // shows it replicated; a failover before then would leave the new
-        // primary without it (nothing unsafe, but every write failing).
-        if warned {
-            self.barrier_on(&mut conn)?;
-        }
+        tx.commit().map_err(|e| self.pg_err(e))?;
+        // Always a barrier (a commit that waits for the synchronous standbys
+        // when any are named): a commit answered with a WARNING (its wait
+        // cancelled) is on this server only, and so is a schema whose
+        // migration an earlier start committed so, which a commit that
+        // changed nothing (no WAL: no wait, no warning) would not show. A
+        // new primary without a migration would run the functions before
+        // it: with migration 8's missing, a swept request would release its
+        // keys again. Cancelled itself: `CommitUnknown`, and lavd stops.
+        self.barrier_on(&mut conn)?;
         Ok(supported)
     }
 
@@ -1224,6 +1291,14 @@ impl PgStore {
             "ok" => {}
             "unknown" => return Err(StoreError::UnknownWarrant(id.to_string())),
             "revoked" => return Err(StoreError::WarrantRevoked(id.to_string())),
+            // Its nonce was cancelled first: only a statement whose answer
+            // this process already gave up on can see it.
+            "cancelled" => {
+                return Err(StoreError::Unavailable {
+                    store: self.describe.clone(),
+                    reason: format!("{function}: the reservation was cancelled"),
+                })
+            }
             other => return Err(self.corrupt(format!("{function} returned {other:?}"))),
         }
         let granted: i64 = row.try_get(1).map_err(|e| self.pg_err(e))?;
@@ -1285,6 +1360,51 @@ impl PgStore {
             "overrun" => Ok(Settled::Lapsed),
             "swept" if reservation.intent().is_some() => Ok(Settled::Swept),
             other => Err(self.corrupt(format!("lavd_settle returned {other:?}"))),
+        }
+    }
+
+    /// Undoes the reservation made with `nonce`, if one was made, and makes
+    /// sure none is made with it later (`lavd_cancel_reservation`, migration
+    /// 9), on a new connection within a second. Best effort, logged: when
+    /// the server cannot be reached, the lease frees the units and a sweep
+    /// writes the intent, as before.
+    fn cancel_reservation(&self, id: &str, nonce: &[u8]) {
+        let lease = self.lease_secs();
+        let cancelled = self
+            .pool
+            .get_within(Duration::from_secs(1))
+            .and_then(|mut conn| {
+                let (rows, warned) = warned_during(|| {
+                    conn.query_typed_one(
+                        "SELECT lavd_cancel_reservation($1, $2, $3)",
+                        &[
+                            (&id, Type::TEXT),
+                            (&nonce, Type::BYTEA),
+                            (&lease, Type::FLOAT8),
+                        ],
+                    )
+                    .and_then(|r| r.try_get::<_, i64>(0))
+                    .map_err(|e| self.pg_err(e))
+                });
+                let rows = rows?;
+                if warned {
+                    self.barrier_on(&mut conn)?;
+                }
+                Ok(rows)
+            });
+        match cancelled {
+            Ok(rows) => tracing::warn!(
+                warrant = id,
+                rows,
+                "a reservation whose answer was lost is cancelled (its units and open intent, if \
+                 it was made)"
+            ),
+            Err(e) => tracing::warn!(
+                warrant = id,
+                error = %e,
+                "a reservation whose answer was lost could not be cancelled: its units stay \
+                 held until its lease ends, and its open intent is then logged open_interrupted"
+            ),
         }
     }
 
@@ -1416,20 +1536,41 @@ impl WarrantStore for PgStore {
 
     fn reserve_with_intent(&self, id: &str, intent: &[Vec<u8>]) -> Result<Reservation, StoreError> {
         let lease = self.lease_secs();
+        let mut nonce = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut nonce).map_err(|_| {
+            StoreError::CommitFailed("the system's random number generator failed".into())
+        })?;
+        let nonce = nonce.as_slice();
         // `lavd_reserve`, and the intent in the same transaction
-        // (`lavd_reserve_intent`, migration 6).
+        // (`lavd_reserve_intent`, migrations 6 and 9).
         let row = self.with_retries(|c| {
             c.query_typed_one(
-                "SELECT r_status, r_granted, r_token, r_intent FROM lavd_reserve_intent($1, $2, $3)",
+                "SELECT r_status, r_granted, r_token, r_intent \
+                 FROM lavd_reserve_intent($1, $2, $3, $4)",
                 &[
                     (&id, Type::TEXT),
                     (&lease, Type::FLOAT8),
                     (&intent, Type::BYTEA_ARRAY),
+                    (&nonce, Type::BYTEA),
                 ],
             )
             .map_err(|e| self.pg_err(e))
-        })?;
-        self.reservation_of(&row, id, intent.len() as u64, "lavd_reserve_intent", true)
+        });
+        match row {
+            Ok(row) => {
+                self.reservation_of(&row, id, intent.len() as u64, "lavd_reserve_intent", true)
+            }
+            Err(e) => {
+                // It may have been made all the same (a lost answer, or a
+                // commit only the primary has): undone from a new
+                // connection, else the lease frees it and a sweep writes
+                // its intent.
+                if server_lost(&e) || matches!(e, StoreError::CommitUnknown(_)) {
+                    self.cancel_reservation(id, nonce);
+                }
+                Err(e)
+            }
+        }
     }
 
     fn settle(&self, reservation: Reservation, opened: u64) -> Result<(), StoreError> {
