@@ -1845,6 +1845,47 @@ fn postgres_a_reservation_whose_answer_is_lost_is_cancelled() {
     assert_eq!(store.spent("L").unwrap(), Some(0));
 }
 
+/// A reservation statement that reaches the warrant's lock after its cancel
+/// (queued behind it on the server) grants nothing: the cancel's tombstone
+/// answers it 'cancelled', and no reservation or intent is made.
+#[test]
+fn postgres_a_reservation_after_its_cancel_grants_nothing() {
+    let db = TestDb::create();
+    let store = PgStore::connect(&db.settings()).unwrap();
+    store.register(&record("L", 1, 1, false, 2)).unwrap();
+    let (bytes, _) = intent("L", 2);
+    let nonce = vec![7u8; 16];
+    let mut c = db.client();
+    let deleted: i64 = c
+        .query_one("SELECT lavd_cancel_reservation('L', $1, 60)", &[&nonce])
+        .unwrap()
+        .get(0);
+    assert_eq!(deleted, 0, "nothing was reserved yet");
+    let row = c
+        .query_one(
+            "SELECT r_status, r_granted FROM lavd_reserve_intent('L', 60, $1, $2)",
+            &[&bytes, &nonce],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i64>(1)),
+        ("cancelled".to_string(), 0)
+    );
+    assert_eq!(db.rows("warrant_reservations"), 0);
+    assert_eq!(db.rows("open_intents"), 0);
+    // Another nonce is granted as usual.
+    let row = c
+        .query_one(
+            "SELECT r_status, r_granted FROM lavd_reserve_intent('L', 60, $1, $2)",
+            &[&bytes, &vec![8u8; 16]],
+        )
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, String>(0), row.get::<_, i64>(1)),
+        ("ok".to_string(), 2)
+    );
+}
+
 /// A request past its lease whose intent no sweep has taken yet settles as
 /// usual: its leaves say `opened`, the budget is spent, and the intent is
 /// gone, so no sweep writes it afterwards.

@@ -157,7 +157,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         if let crate::store::StoreSettings::Sqlite { path } = &settings.store {
             lock_sqlite_store(path)?;
         }
-        Ok(Arc::new(Store::open_settings(&settings.store)?))
+        let store = Store::open_settings(&settings.store)?;
+        // Whatever an earlier start committed on the primary only (a
+        // migration whose wait for the synchronous standbys was cancelled)
+        // is replicated before this one serves on it: a barrier (PostgreSQL
+        // with standbys named; nothing otherwise). Cancelled itself, the
+        // start fails (`CommitUnknown`).
+        {
+            use crate::store::AuditStore as _;
+            let (_, server) = store.tree_size_on()?;
+            store.replicated(&server)?;
+        }
+        Ok(Arc::new(store))
     };
     // The store looked at before anything could create it: one that is not
     // there is made only beside a token without escrow keys, so the HSM is

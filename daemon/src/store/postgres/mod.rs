@@ -519,8 +519,8 @@ const MIGRATIONS: &[&str] = &[
     // began. Each reservation carries the request's random nonce; the
     // cancel leaves a tombstone under the warrant's lock, so a reservation
     // still queued on the server when the cancel runs grants nothing
-    // ('cancelled'). Tombstones older than twice the lease are deleted by
-    // the next cancel. The three-argument `lavd_reserve_intent` stays for
+    // ('cancelled'). Tombstones older than twice the lease, and at least an
+    // hour (past any statement timeout), are deleted by the next cancel. The three-argument `lavd_reserve_intent` stays for
     // replicas still running the previous release.
     "ALTER TABLE warrant_reservations ADD COLUMN nonce BYTEA;
     ALTER TABLE open_intents ADD COLUMN nonce BYTEA;
@@ -530,6 +530,9 @@ const MIGRATIONS: &[&str] = &[
         at         TIMESTAMPTZ NOT NULL DEFAULT now()
     );
     CREATE INDEX cancelled_reservations_by_time ON cancelled_reservations (at);
+    CREATE INDEX open_intents_by_nonce ON open_intents (nonce) WHERE nonce IS NOT NULL;
+    CREATE INDEX warrant_reservations_by_nonce ON warrant_reservations (nonce)
+        WHERE nonce IS NOT NULL;
     CREATE FUNCTION lavd_reserve_intent(p_id TEXT, p_lease FLOAT8, p_leaves BYTEA[],
                                         p_nonce BYTEA)
      RETURNS TABLE (r_status TEXT, r_granted BIGINT, r_token BIGINT, r_intent BIGINT)
@@ -573,7 +576,7 @@ const MIGRATIONS: &[&str] = &[
          DELETE FROM open_intents i WHERE i.warrant_id = p_id AND i.nonce = p_nonce;
          GET DIAGNOSTICS v_intents = ROW_COUNT;
          DELETE FROM cancelled_reservations c
-         WHERE c.at < now() - make_interval(secs => 2 * p_lease);
+         WHERE c.at < now() - make_interval(secs => GREATEST(2 * p_lease, 3600));
          RETURN v_reservations + v_intents;
      END $$;",
 ];
@@ -987,16 +990,22 @@ impl PgStore {
             )
             .map_err(|e| self.pg_err(e))?;
         }
-        tx.commit().map_err(|e| self.pg_err(e))?;
-        // Always a barrier (a commit that waits for the synchronous standbys
-        // when any are named): a commit answered with a WARNING (its wait
-        // cancelled) is on this server only, and so is a schema whose
-        // migration an earlier start committed so, which a commit that
-        // changed nothing (no WAL: no wait, no warning) would not show. A
-        // new primary without a migration would run the functions before
-        // it: with migration 8's missing, a swept request would release its
-        // keys again. Cancelled itself: `CommitUnknown`, and lavd stops.
-        self.barrier_on(&mut conn)?;
+        let applied = i64::from(found) < supported;
+        let (committed, warned) = warned_during(|| tx.commit());
+        committed.map_err(|e| self.pg_err(e))?;
+        // A migration applied here, or a commit answered with a WARNING (its
+        // wait for the synchronous standbys cancelled: on this server only),
+        // is followed by a barrier (which waits for the standbys when any are
+        // named): a new primary without a migration would run the functions
+        // before it, and with migration 8's missing a swept request would
+        // release its keys again. Cancelled itself: `CommitUnknown`, and the
+        // command stops. A schema an earlier run committed so, whose own
+        // barrier failed, is caught by `lavd serve`'s barrier at start;
+        // other commands (which do not serve) do not wait on the standbys
+        // for it.
+        if applied || warned {
+            self.barrier_on(&mut conn)?;
+        }
         Ok(supported)
     }
 
@@ -1365,33 +1374,40 @@ impl PgStore {
 
     /// Undoes the reservation made with `nonce`, if one was made, and makes
     /// sure none is made with it later (`lavd_cancel_reservation`, migration
-    /// 9), on a new connection within a second. Best effort, logged: when
-    /// the server cannot be reached, the lease frees the units and a sweep
-    /// writes the intent, as before.
+    /// 9), on another connection (waiting at most a second for the pool,
+    /// then as long as the pool's connect and statement timeouts allow),
+    /// tried twice: a pooled connection may have died with the first.
+    /// Best effort, logged: when the server cannot be reached, the lease
+    /// frees the units and a sweep writes the intent, as before.
     fn cancel_reservation(&self, id: &str, nonce: &[u8]) {
         let lease = self.lease_secs();
-        let cancelled = self
-            .pool
-            .get_within(Duration::from_secs(1))
-            .and_then(|mut conn| {
-                let (rows, warned) = warned_during(|| {
-                    conn.query_typed_one(
-                        "SELECT lavd_cancel_reservation($1, $2, $3)",
-                        &[
-                            (&id, Type::TEXT),
-                            (&nonce, Type::BYTEA),
-                            (&lease, Type::FLOAT8),
-                        ],
-                    )
-                    .and_then(|r| r.try_get::<_, i64>(0))
-                    .map_err(|e| self.pg_err(e))
-                });
-                let rows = rows?;
-                if warned {
-                    self.barrier_on(&mut conn)?;
-                }
-                Ok(rows)
-            });
+        let attempt = || {
+            self.pool
+                .get_within(Duration::from_secs(1))
+                .and_then(|mut conn| {
+                    let (rows, warned) = warned_during(|| {
+                        conn.query_typed_one(
+                            "SELECT lavd_cancel_reservation($1, $2, $3)",
+                            &[
+                                (&id, Type::TEXT),
+                                (&nonce, Type::BYTEA),
+                                (&lease, Type::FLOAT8),
+                            ],
+                        )
+                        .and_then(|r| r.try_get::<_, i64>(0))
+                        .map_err(|e| self.pg_err(e))
+                    });
+                    let rows = rows?;
+                    if warned {
+                        self.barrier_on(&mut conn)?;
+                    }
+                    Ok(rows)
+                })
+        };
+        let cancelled = match attempt() {
+            Err(e) if server_lost(&e) => attempt(),
+            other => other,
+        };
         match cancelled {
             Ok(rows) => tracing::warn!(
                 warrant = id,
@@ -1541,9 +1557,13 @@ impl WarrantStore for PgStore {
             StoreError::CommitFailed("the system's random number generator failed".into())
         })?;
         let nonce = nonce.as_slice();
+        // Whether the statement may have reached the server (a connection
+        // was had): before that, there is nothing to cancel.
+        let sent = std::cell::Cell::new(false);
         // `lavd_reserve`, and the intent in the same transaction
         // (`lavd_reserve_intent`, migrations 6 and 9).
         let row = self.with_retries(|c| {
+            sent.set(true);
             c.query_typed_one(
                 "SELECT r_status, r_granted, r_token, r_intent \
                  FROM lavd_reserve_intent($1, $2, $3, $4)",
@@ -1561,11 +1581,12 @@ impl WarrantStore for PgStore {
                 self.reservation_of(&row, id, intent.len() as u64, "lavd_reserve_intent", true)
             }
             Err(e) => {
-                // It may have been made all the same (a lost answer, or a
-                // commit only the primary has): undone from a new
-                // connection, else the lease frees it and a sweep writes
-                // its intent.
-                if server_lost(&e) || matches!(e, StoreError::CommitUnknown(_)) {
+                // It may have been made all the same (its answer lost with
+                // the connection): undone from another connection, else the
+                // lease frees it and a sweep writes its intent. Not after a
+                // commit answered with a WARNING whose barrier failed: the
+                // cancel's own commit would wait on the same standbys.
+                if sent.get() && server_lost(&e) {
                     self.cancel_reservation(id, nonce);
                 }
                 Err(e)
