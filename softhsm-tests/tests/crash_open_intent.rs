@@ -210,28 +210,64 @@ fn outcomes_of(
         .collect()
 }
 
+/// A token with escrow key `E-1`, its config on the fault module with a
+/// PostgreSQL store whose reservation lease is 5 s (the requests not held
+/// must settle within it on a loaded host), and two replicas serving it.
+struct OnPostgres {
+    t: TestToken,
+    pki: Pki,
+    shim: Shim,
+    db: TestDb,
+    first: Daemon,
+    other: Daemon,
+    parties: Parties,
+}
+
+impl OnPostgres {
+    fn start() -> Self {
+        let t = TestToken::new();
+        let pki = Pki::new(&t);
+        let shim = Shim::new(&t);
+        let db = TestDb::create();
+        db.write_token_config_hsm(
+            &t,
+            &shim_module_path(),
+            "sessions = 2\ncall_timeout_ms = 120000\n",
+            &format!(
+                "reservation_lease_secs = 5\n{}\n{}",
+                shim.hsm_env(),
+                limits()
+            ),
+        );
+        vault::generate_escrow_key(&t, "E-1");
+        let first = Daemon::start_replica(&t, "a");
+        let other = Daemon::start_replica(&t, "b");
+        first.wait_readyz(200);
+        other.wait_readyz(200);
+        let parties = Parties::new(&pki);
+        OnPostgres {
+            t,
+            pki,
+            shim,
+            db,
+            first,
+            other,
+            parties,
+        }
+    }
+}
+
 #[test]
 fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_runs_out() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    let db = TestDb::create();
-    db.write_token_config_hsm(
-        &t,
-        &shim_module_path(),
-        "sessions = 2\ncall_timeout_ms = 120000\n",
-        &format!(
-            "reservation_lease_secs = 5\n{}\n{}",
-            shim.hsm_env(),
-            limits()
-        ),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let mut killed = Daemon::start_replica(&t, "a");
-    let other = Daemon::start_replica(&t, "b");
-    killed.wait_readyz(200);
-    other.wait_readyz(200);
-    let parties = Parties::new(&pki);
+    let OnPostgres {
+        t,
+        pki,
+        shim,
+        db,
+        first: mut killed,
+        other,
+        parties,
+    } = OnPostgres::start();
     let (a, b) = (
         parties.clients(&pki, killed.api),
         parties.clients(&pki, other.api),
@@ -283,26 +319,15 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
 /// review; mutated: 200 `ok, ok`).
 #[test]
 fn postgres_a_request_that_outlives_its_lease_and_is_swept_releases_nothing() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let shim = Shim::new(&t);
-    let db = TestDb::create();
-    db.write_token_config_hsm(
-        &t,
-        &shim_module_path(),
-        "sessions = 2\ncall_timeout_ms = 120000\n",
-        &format!(
-            "reservation_lease_secs = 5\n{}\n{}",
-            shim.hsm_env(),
-            limits()
-        ),
-    );
-    vault::generate_escrow_key(&t, "E-1");
-    let slow = Daemon::start_replica(&t, "a");
-    let other = Daemon::start_replica(&t, "b");
-    slow.wait_readyz(200);
-    other.wait_readyz(200);
-    let parties = Parties::new(&pki);
+    let OnPostgres {
+        t,
+        pki,
+        shim,
+        db,
+        first: slow,
+        other,
+        parties,
+    } = OnPostgres::start();
     let (a, b) = (
         parties.clients(&pki, slow.api),
         parties.clients(&pki, other.api),
@@ -313,8 +338,7 @@ fn postgres_a_request_that_outlives_its_lease_and_is_swept_releases_nothing() {
     let before = vault::tree_size(&b.auditor);
     let held = scenario.hold(&a, &shim, 1..3);
 
-    // Its lease (5 s: the requests not held must settle within it on a
-    // loaded host) runs out while the opens are held; a sweep writes it.
+    // Its lease runs out while the opens are held; a sweep writes it.
     let mut found = Vec::new();
     assert!(
         wait_until(Duration::from_secs(30), || {
