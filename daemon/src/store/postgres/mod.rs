@@ -512,8 +512,7 @@ const MIGRATIONS: &[&str] = &[
          RETURN lavd_settle(p_id, p_token, p_opened, p_check_revoked);
      END $$;",
     // 9: a reservation whose answer was lost (the connection cut after the
-    // server ran it, or a commit answered with a WARNING whose barrier
-    // failed) is cancelled from a new connection: it held its units for the
+    // server ran it) is cancelled from another connection: it held its units for the
     // whole lease (a retry within it refused `budget_exhausted`) and left
     // an intent whose leaves said `open_interrupted` for opens that never
     // began. Each reservation carries the request's random nonce; the
