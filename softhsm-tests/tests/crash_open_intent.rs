@@ -210,6 +210,25 @@ fn outcomes_of(
         .collect()
 }
 
+/// Waits (up to 30 s) until the log from index `before` holds a leaf for
+/// each of `envelopes`, read through `c`'s auditor; their outcomes.
+fn wait_for_leaves_of(
+    c: &vault::Clients,
+    envelopes: &[serde_json::Value],
+    before: u64,
+) -> Vec<Vec<(String, String)>> {
+    let mut found = Vec::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let size = vault::tree_size(&c.auditor);
+            found = outcomes_of(&vault::entries(&c.auditor, before, size), envelopes);
+            found.iter().all(|f| !f.is_empty())
+        }),
+        "no leaves for the envelopes: {found:?}"
+    );
+    found
+}
+
 /// A token with escrow key `E-1`, its config on the fault module with a
 /// PostgreSQL store whose reservation lease is 5 s (the requests not held
 /// must settle within it on a loaded host), and two replicas serving it.
@@ -276,18 +295,7 @@ fn postgres_an_open_cut_on_a_killed_replica_is_logged_by_another_once_its_lease_
     let before = scenario.cut(&a, &shim, &mut killed);
 
     // Replica b, never restarted, writes them once the lease has run out.
-    let mut found = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            let size = vault::tree_size(&b.auditor);
-            found = outcomes_of(
-                &vault::entries(&b.auditor, before, size),
-                &scenario.envelopes[1..3],
-            );
-            found.iter().all(|f| !f.is_empty())
-        }),
-        "no leaves for the cut envelopes: {found:?}"
-    );
+    let found = wait_for_leaves_of(&b, &scenario.envelopes[1..3], before);
     let interrupted = vec![("denied".to_string(), "open_interrupted".to_string())];
     assert_eq!(
         found,
@@ -339,18 +347,7 @@ fn postgres_a_request_that_outlives_its_lease_and_is_swept_releases_nothing() {
     let held = scenario.hold(&a, &shim, 1..3);
 
     // Its lease runs out while the opens are held; a sweep writes it.
-    let mut found = Vec::new();
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            let size = vault::tree_size(&b.auditor);
-            found = outcomes_of(
-                &vault::entries(&b.auditor, before, size),
-                &scenario.envelopes[1..3],
-            );
-            found.iter().all(|f| !f.is_empty())
-        }),
-        "no leaves for the held envelopes: {found:?}"
-    );
+    wait_for_leaves_of(&b, &scenario.envelopes[1..3], before);
     shim.set("");
     let r = held.join().unwrap().unwrap();
     r.assert_error(503, "store_unavailable");
