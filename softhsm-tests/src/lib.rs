@@ -813,6 +813,66 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// How many tests of this process hold an [`InProcessHsm`].
+static IN_PROCESS_HSM_TESTS: std::sync::Mutex<usize> = std::sync::Mutex::new(0);
+
+/// Held, first, by each test that opens a [`lavd::hsm::Hsm`] in the test
+/// process itself (not through a `lavd` child). Dropped last, after the
+/// test's `Hsm`s, by the last such test of the process then running, it
+/// waits until lavd's HSM worker threads have ended
+/// ([`lavd::hsm::quiesce`]): libtest's exit right after the last test
+/// would otherwise run SoftHSM's exit-time destructors beside a worker
+/// still closing its sessions, the crash at exit that `lavd`'s own
+/// commands avoid the same way. A test that begins meanwhile stops the
+/// wait: the last to end does it again.
+pub struct InProcessHsm(());
+
+impl InProcessHsm {
+    /// Counts this test in; hold it for the whole test, declared before
+    /// any `Hsm` (so dropped after them).
+    #[must_use]
+    pub fn begin() -> Self {
+        *IN_PROCESS_HSM_TESTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        Self(())
+    }
+}
+
+impl Drop for InProcessHsm {
+    fn drop(&mut self) {
+        let last = {
+            let mut n = IN_PROCESS_HSM_TESTS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *n -= 1;
+            *n == 0
+        };
+        if !last {
+            return;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if lavd::hsm::quiesce(Duration::from_millis(100)) {
+                return;
+            }
+            let others = *IN_PROCESS_HSM_TESTS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if others > 0 {
+                return;
+            }
+        }
+        // Something still holds an `Hsm` (a log's deferred writer not
+        // stopped, say): the test fails, unless it is failing already.
+        assert!(
+            std::thread::panicking(),
+            "lavd's HSM worker threads still running 30 s after the last test that opened an Hsm \
+             (an Hsm, or a log holding one, outlived its test?)"
+        );
+    }
+}
+
 /// See [`Shim::releasing`].
 pub struct ShimRelease<'a>(&'a Shim);
 

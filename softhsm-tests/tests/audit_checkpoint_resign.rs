@@ -49,6 +49,7 @@ fn lose_checkpoints(t: &TestToken, from: u64) {
 
 #[test]
 fn a_lost_checkpoint_is_signed_again_byte_for_byte() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     let handed_out: Vec<String> = {
@@ -130,6 +131,7 @@ impl Failure {
 
 #[test]
 fn a_checkpoint_signed_while_its_commit_fails_is_never_kept() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     for failure in [Failure::AtCommit, Failure::WritingRows] {
         a_checkpoint_signed_before_a_failure_is_never_kept(failure);
     }
@@ -190,6 +192,7 @@ fn a_checkpoint_signed_before_a_failure_is_never_kept(failure: Failure) {
 /// checkpoint of the new tree is handed out (helper-183's 2, already so).
 #[test]
 fn a_stored_checkpoint_of_the_same_size_with_another_root_is_a_fork() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     use lavd::audit::note::{sign_checkpoint, Checkpoint};
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));

@@ -38,6 +38,7 @@ struct Case {
 
 #[test]
 fn tampering_in_sqlite_is_detected_and_located() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
     write_log(&t);

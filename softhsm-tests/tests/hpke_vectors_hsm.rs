@@ -86,6 +86,7 @@ fn vectors() -> Vec<Vector> {
 
 #[test]
 fn rfc9180_vectors_open_through_the_hsm() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
     let mut opened = 0;
@@ -134,6 +135,7 @@ fn rfc9180_vectors_open_through_the_hsm() {
 
 #[test]
 fn tampered_envelopes_never_open_through_the_hsm() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
     let escrow = hsm.generate_escrow_key("2026-12").unwrap().public;

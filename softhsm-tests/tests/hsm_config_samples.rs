@@ -83,6 +83,7 @@ fn every_sample_parses_and_validates() {
 
 #[test]
 fn the_softhsm_sample_opens_a_real_token() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     // The harness creates a token labelled `lavd`, as the sample expects.
     harness();
     let mut settings =

@@ -13,6 +13,7 @@ use softhsm_tests::{software_peer, HsmCounts, TestToken};
 
 #[test]
 fn the_pool_never_opens_more_sessions_than_configured() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let counts = Arc::new(HsmCounts::default());
     let settings = t.settings().hsm;
@@ -49,6 +50,7 @@ fn the_pool_never_opens_more_sessions_than_configured() {
 
 #[test]
 fn a_destroyed_key_is_not_found_and_stays_gone() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
     let escrow = hsm.generate_escrow_key("k3").unwrap().public;
@@ -65,6 +67,7 @@ fn a_destroyed_key_is_not_found_and_stays_gone() {
 
 #[test]
 fn wrong_pin_is_a_login_error() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     std::fs::write(t.path("pin"), "0000\n").unwrap();
     match Hsm::open(t.settings().hsm) {
@@ -75,6 +78,7 @@ fn wrong_pin_is_a_login_error() {
 
 #[test]
 fn missing_module_is_named() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let mut settings = t.settings().hsm;
     settings.module = "/nonexistent/libpkcs11.so".into();
@@ -88,6 +92,7 @@ fn missing_module_is_named() {
 
 #[test]
 fn unknown_token_lists_the_tokens_present() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let mut settings = t.settings().hsm;
     settings.token = lavd::hsm::TokenSelector::Label("no-such-token".into());
@@ -133,6 +138,7 @@ fn kept_per_call(n: u64, mut f: impl FnMut(u64)) -> u64 {
 /// `C_DestroyObject`.
 #[test]
 fn a_derivation_leaves_softhsm_only_the_shell_of_a_destroyed_object() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
     let escrow = hsm.generate_escrow_key("k5").unwrap().public;
@@ -153,6 +159,7 @@ fn a_derivation_leaves_softhsm_only_the_shell_of_a_destroyed_object() {
 /// Every checkpoint the log signs costs that much on SoftHSM.
 #[test]
 fn an_ed25519_signature_costs_only_softhsm_s_own_leak() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();
     hsm.generate_audit_key("audit-k6").unwrap();
@@ -169,6 +176,7 @@ fn an_ed25519_signature_costs_only_softhsm_s_own_leak() {
 /// sound, and an intact escrow key be logged `key_destroyed`.
 #[test]
 fn an_audit_public_half_without_its_private_half_is_not_the_audit_key() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     use cryptoki::object::{Attribute, ObjectClass};
     let t = TestToken::new();
     let hsm = Hsm::open(t.settings().hsm).unwrap();

@@ -19,6 +19,7 @@ use softhsm_tests::{assert_ok, TestToken};
 
 #[test]
 fn a_destruction_is_not_done_on_a_token_that_cannot_show_its_objects() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     const KID: &str = "2026-12";
     let t = TestToken::new();
     assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));

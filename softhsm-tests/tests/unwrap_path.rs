@@ -42,6 +42,14 @@ struct World {
     escrow: P256PublicKey,
 }
 
+impl Drop for World {
+    /// The log's deferred writer holds the log, and so the HSM, until it
+    /// is stopped, as `lavd serve` does at its end.
+    fn drop(&mut self) {
+        self.log.stop_deferred();
+    }
+}
+
 impl World {
     fn new() -> Self {
         let token = TestToken::new();
@@ -186,6 +194,7 @@ fn headers(envelopes: &[serde_json::Value]) -> Vec<Vec<u8>> {
 
 #[test]
 fn double_lock_unwrap_releases_sealed_deks_and_logs_each() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let deks: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i + 1; 32]).collect();
     let envelopes: Vec<_> = deks
@@ -244,6 +253,7 @@ fn double_lock_unwrap_releases_sealed_deks_and_logs_each() {
 
 #[test]
 fn per_envelope_denials_and_the_budget() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let good = |r: &str| {
         w.envelope(
@@ -322,6 +332,7 @@ fn per_envelope_denials_and_the_budget() {
 
 #[test]
 fn refused_warrants_are_logged_and_revocation_is_final() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let env = w.envelope(
         "acct:alice@example.com",
@@ -418,6 +429,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
 
 #[test]
 fn destroyed_keys_never_open_again() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let env = w.envelope(
         "acct:alice@example.com",
@@ -480,6 +492,7 @@ fn destroyed_keys_never_open_again() {
 /// retention destruction, and the operator's text stays in the store.
 #[test]
 fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let before = w.store.tree_size().unwrap();
     let destroyed = keys::destroy(
@@ -506,6 +519,7 @@ fn a_forced_destruction_after_the_due_date_is_logged_as_retention() {
 
 #[test]
 fn a_refused_warrant_leaf_names_the_claimed_id_and_digest() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let env = w.envelope(
         "acct:alice@example.com",
@@ -543,6 +557,7 @@ fn a_refused_warrant_leaf_names_the_claimed_id_and_digest() {
 /// opened after the warrant's expiry.
 #[test]
 fn a_warrant_that_expires_while_its_request_waits_at_the_gate_is_refused() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let env = w.envelope(
         "acct:alice@example.com",
@@ -594,6 +609,7 @@ fn a_warrant_that_expires_while_its_request_waits_at_the_gate_is_refused() {
 /// candidates are in it (a budget of 2 for 3 envelopes).
 #[test]
 fn an_unwrap_that_panics_after_its_opens_logs_them_open_interrupted() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let envelopes: Vec<_> = (0..3)
         .map(|i| {
@@ -674,6 +690,7 @@ fn an_unwrap_that_panics_after_its_opens_logs_them_open_interrupted() {
 /// same: the log may say an envelope twice, never not at all.
 #[test]
 fn deferred_leaves_whose_intent_is_gone_are_written_all_the_same() {
+    let _hsm_quiet = softhsm_tests::InProcessHsm::begin();
     let w = World::new();
     let before = w.store.tree_size().unwrap();
     let warrant = lavd::audit::leaf::WarrantRef {

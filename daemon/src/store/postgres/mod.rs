@@ -1556,24 +1556,33 @@ impl WarrantStore for PgStore {
             StoreError::CommitFailed("the system's random number generator failed".into())
         })?;
         let nonce = nonce.as_slice();
-        // Whether the statement may have reached the server (a connection
-        // was had): before that, there is nothing to cancel.
+        // Whether the last attempt's statement may have reached the server
+        // (a connection was had, and no error said it rolled back): before
+        // that, there is nothing to cancel.
         let sent = std::cell::Cell::new(false);
         // `lavd_reserve`, and the intent in the same transaction
         // (`lavd_reserve_intent`, migrations 6 and 9).
         let row = self.with_retries(|c| {
             sent.set(true);
-            c.query_typed_one(
-                "SELECT r_status, r_granted, r_token, r_intent \
-                 FROM lavd_reserve_intent($1, $2, $3, $4)",
-                &[
-                    (&id, Type::TEXT),
-                    (&lease, Type::FLOAT8),
-                    (&intent, Type::BYTEA_ARRAY),
-                    (&nonce, Type::BYTEA),
-                ],
-            )
-            .map_err(|e| self.pg_err(e))
+            let row = c
+                .query_typed_one(
+                    "SELECT r_status, r_granted, r_token, r_intent \
+                     FROM lavd_reserve_intent($1, $2, $3, $4)",
+                    &[
+                        (&id, Type::TEXT),
+                        (&lease, Type::FLOAT8),
+                        (&intent, Type::BYTEA_ARRAY),
+                        (&nonce, Type::BYTEA),
+                    ],
+                )
+                .map_err(|e| self.pg_err(e));
+            // A serialization failure or a deadlock rolled it back: nothing
+            // of this attempt is left to cancel, should the next one fail
+            // to get a connection.
+            if row.as_ref().is_err_and(retryable) {
+                sent.set(false);
+            }
+            row
         });
         match row {
             Ok(row) => {
