@@ -41,6 +41,12 @@ fn audit_entries_start_and_end_beyond_the_store_are_400() {
         ("/v1/audit/entries?start=x".into(), "start"),
         ("/v1/audit/entries".into(), "start"),
         ("/v1/audit/entries?start=1&start=2".into(), "start"),
+        // A page runs forwards, and holds at most 1000 entries.
+        ("/v1/audit/entries?start=10&end=5".into(), "start <= end"),
+        (
+            "/v1/audit/entries?start=0&end=1001".into(),
+            "at most 1000 entries",
+        ),
     ] {
         assert_malformed(&auditor, &path, param);
     }
@@ -49,6 +55,8 @@ fn audit_entries_start_and_end_beyond_the_store_are_400() {
     let r = auditor.get(&format!("/v1/audit/entries?start={MAX}"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["entries"], serde_json::json!([]));
+    let r = auditor.get("/v1/audit/entries?start=0&end=1000");
+    assert_eq!(r.status, 200, "{}", r.text());
     let stderr = daemon.stderr();
     assert!(!stderr.contains("ERROR"), "{stderr}");
 }

@@ -449,3 +449,66 @@ fn an_entry_bundle_whose_leaf_and_hash_were_edited_together_is_not_served() {
     drop(db);
     c.auditor.get(&bundle).assert_error(503, "log_inconsistent");
 }
+
+/// A leaf row edited alone behind lavd (its level-0 hash left as it was):
+/// the entry bundle holding it is not served, and the log is marked
+/// inconsistent (503 `log_inconsistent`), as for an edited node. Before
+/// 2026-12-07 this was 503 `store_unavailable` ("try again later"), and the
+/// log was not marked.
+#[test]
+fn an_entry_bundle_whose_leaf_alone_was_edited_is_not_served() {
+    let (t, daemon, c, size) = small_log();
+    let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
+    assert_eq!(c.auditor.get(&bundle).status, 200);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1",
+            [br#"{"event":"forged"}"#.to_vec()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.auditor.get(&bundle).assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    assert!(
+        daemon
+            .stderr()
+            .contains("do not match the tree's hashes of them"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+/// The last leaf row deleted behind lavd, its nodes left: a hash tile the
+/// signed checkpoint covers is not served, and the log is marked
+/// inconsistent (503 `log_inconsistent`). Before 2026-12-07 the client was
+/// answered 400 `bad_proof_request`, as if it had asked for too much.
+#[test]
+fn a_hash_tile_over_a_leaf_deleted_behind_lavd_is_not_served() {
+    let (t, daemon, c, size) = small_log();
+    let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
+    assert_eq!(c.auditor.get(&tile).status, 200);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    let changed = db
+        .execute(
+            "DELETE FROM audit_leaves WHERE idx = ?1",
+            [i64::try_from(size - 1).unwrap()],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(db);
+    c.auditor.get(&tile).assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    assert!(
+        daemon
+            .stderr()
+            .contains("cannot be read as the signed checkpoint"),
+        "{}",
+        daemon.stderr()
+    );
+}

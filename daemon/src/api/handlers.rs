@@ -56,9 +56,6 @@ fn warrant_error(e: &WarrantError) -> ApiError {
 fn unwrap_error(e: UnwrapError) -> ApiError {
     match e {
         UnwrapError::Malformed(m) => ApiError::Malformed(m),
-        UnwrapError::BatchSize { got: 0, max } => ApiError::Malformed(format!(
-            "a request carries 1 to {max} envelopes, this one has none"
-        )),
         UnwrapError::BatchSize { max, got } => ApiError::BatchTooLarge {
             count: got,
             limit: max,
@@ -80,7 +77,11 @@ fn unwrap_error(e: UnwrapError) -> ApiError {
         }
         // The handler answers with the admission's own error first; this
         // is only reached if that was lost.
-        UnwrapError::Withdrawn(_) => ApiError::Internal,
+        UnwrapError::Withdrawn { .. } => ApiError::Internal,
+        UnwrapError::LogInconsistent(detail) => {
+            tracing::error!(error = %detail, "unwrap failed; nothing was released");
+            log_inconsistent()
+        }
         UnwrapError::SpentNotReleased(detail) => {
             tracing::error!(error = %detail, "unwrap logged (or perhaps logged) and its budget spent, but nothing was released");
             ApiError::Refused {
@@ -111,6 +112,7 @@ fn revocation_error(e: UnwrapError, log_inconsistent_now: bool) -> ApiError {
         UnwrapError::HsmUnavailable(_)
             | UnwrapError::Internal(_)
             | UnwrapError::StoreUnavailable(_)
+            | UnwrapError::LogInconsistent(_)
     ) || matches!(&e, UnwrapError::Warrant(w) if w.class() == ErrorClass::Unavailable);
     if !ours {
         return unwrap_error(e);
@@ -185,11 +187,11 @@ pub(crate) async fn post_unwrap(
                 .current(&live, &[Role::Agency])
                 .map(|newer| newer.map(|r| r.verifier.clone()))
                 .map_err(|e| {
-                    let why = e.to_string();
+                    let (code, why) = (e.code(), e.to_string());
                     *refusal
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                    unwrap::UnwrapError::Withdrawn(why)
+                    unwrap::UnwrapError::Withdrawn { code, why }
                 })
         };
         // At the gate, a request whose connection was cut while the daemon
@@ -237,7 +239,7 @@ pub(crate) async fn post_unwrap(
         state.metrics.envelopes_unreleased(e.code(), unreleased);
         e
     };
-    if let Err(unwrap::UnwrapError::Withdrawn(_)) = &result {
+    if let Err(unwrap::UnwrapError::Withdrawn { .. }) = &result {
         // Withdrawn at the last look before the audit commit, its leaves
         // name the warrant: the request's log line does too.
         if let Some(id) = unwrap::claimed_warrant_id(&claimed_from, max_warrant_bytes) {
@@ -559,7 +561,8 @@ pub async fn log_checkpoint(
 /// 400 `malformed_request` for a path that is not a canonical tile path,
 /// 404 `not_found` for a tile the newest checkpoint does not cover, 503
 /// `log_inconsistent` once the log found its store rewritten (the newest
-/// checkpoint's row not verifying included).
+/// checkpoint's row not verifying, or a covered tile's leaf or node rows
+/// missing or edited, included).
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
@@ -596,7 +599,9 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
             Some(_) => {
                 // needs_tree_size succeeded, so the tree level is below 64.
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
-                let hashes = store.node_hashes(level, first, end).map_err(store_error)?;
+                let hashes = store
+                    .node_hashes(level, first, end)
+                    .map_err(|e| log_error(state.audit.covered_read_failed(size, e)))?;
                 // Served as immutable, so only as the signed tree has them.
                 if let Some(head) = head {
                     state
@@ -607,31 +612,19 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 Ok(encode_hashes(&hashes))
             }
             None => {
-                let rows = store.leaves(first, end).map_err(store_error)?;
+                let covered = |e| log_error(state.audit.covered_read_failed(size, e));
+                let rows = store.leaves(first, end).map_err(covered)?;
+                let hashes = store.node_hashes(0, first, end).map_err(covered)?;
                 // Served as immutable, so only whole and as the tree
                 // hashed them: exactly the tile's leaves, each matching
-                // its level-0 hash (a deleted or edited row is 503, not a
-                // short or altered bundle a cache would keep for a year).
-                let hashes = store.node_hashes(0, first, end).map_err(store_error)?;
-                let whole = rows.len() == usize::from(tile.width)
-                    && rows.iter().zip(first..).zip(&hashes).all(
-                        |(((index, leaf), want), hash)| {
-                            *index == want && crate::audit::merkle::leaf_hash(leaf) == *hash
-                        },
-                    );
-                if !whole {
-                    return Err(store_error(StoreError::Corrupt {
-                        store: "audit_leaves".into(),
-                        what: format!(
-                            "the leaves {first}..{end} do not match the tree's hashes of them"
-                        ),
-                    }));
-                }
-                // And those hashes as the signed tree has them.
+                // its level-0 hash, and those hashes as the signed tree
+                // has them (a deleted or edited row is 503
+                // `log_inconsistent`, not a short or altered bundle a
+                // cache would keep for a year).
                 if let Some(head) = head {
                     state
                         .audit
-                        .check_tile(head, 0, first, &hashes)
+                        .check_bundle(head, first, tile.width, &rows, &hashes)
                         .map_err(log_error)?;
                 }
                 let leaves: Vec<Vec<u8>> = rows.into_iter().map(|(_, leaf)| leaf).collect();

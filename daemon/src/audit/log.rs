@@ -353,8 +353,12 @@ impl AuditLog {
         first: u64,
         hashes: &[Hash],
     ) -> Result<(), LogError> {
-        if self.store.root_through(size, level, first, hashes)? != root {
-            let end = first.saturating_add(hashes.len() as u64);
+        let end = first.saturating_add(hashes.len() as u64);
+        let through = self
+            .store
+            .root_through(size, level, first, hashes)
+            .map_err(|e| self.covered_read_failed(size, e))?;
+        if through != root {
             return Err(self.record_inconsistency(format!(
                 "the stored tree (the nodes {first}..{end} of level {level} a tile is made of, or \
                  the nodes read with them) does not give the root of the signed checkpoint of \
@@ -362,6 +366,62 @@ impl AuditLog {
             )));
         }
         Ok(())
+    }
+
+    /// An entry bundle's stored `rows` and their level-0 `hashes`, read
+    /// for a tile of `width` leaves from `first` that the signed
+    /// checkpoint `head` covers, must be exactly those leaves, each
+    /// matching its hash, and the hashes must give the checkpoint's root
+    /// ([`Self::check_tile`]). A row missing or edited is the store
+    /// rewritten behind lavd: the log is marked inconsistent, as for a
+    /// node row.
+    ///
+    /// # Errors
+    /// [`LogError::Inconsistent`]; the store's error.
+    pub fn check_bundle(
+        &self,
+        head: (u64, Hash),
+        first: u64,
+        width: u16,
+        rows: &[(u64, Vec<u8>)],
+        hashes: &[Hash],
+    ) -> Result<(), LogError> {
+        let whole = rows.len() == usize::from(width)
+            && hashes.len() == rows.len()
+            && rows
+                .iter()
+                .zip(first..)
+                .zip(hashes)
+                .all(|(((index, leaf), want), hash)| {
+                    *index == want && merkle::leaf_hash(leaf) == *hash
+                });
+        if !whole {
+            let end = first + u64::from(width);
+            return Err(self.record_inconsistency(format!(
+                "the stored leaves {first}..{end}, which the signed checkpoint of size {} covers, \
+                 are not all there or do not match the tree's hashes of them: a leaf row deleted \
+                 or edited behind lavd",
+                head.0
+            )));
+        }
+        self.check_tile(head, 0, first, hashes)
+    }
+
+    /// What a failed read of the stored tree, for a tile the signed
+    /// checkpoint of `size` covers, means: a row missing or malformed
+    /// ([`StoreError::Corrupt`]), or fewer leaves than signed
+    /// ([`StoreError::BadProofRequest`]), is the store rewritten behind
+    /// lavd, and marks the log inconsistent; any other error (the store
+    /// unreachable) stays the store's.
+    pub fn covered_read_failed(&self, size: u64, e: StoreError) -> LogError {
+        match e {
+            StoreError::Corrupt { .. } | StoreError::BadProofRequest(_) => self
+                .record_inconsistency(format!(
+                    "the stored tree cannot be read as the signed checkpoint of size {size} \
+                     covers it: {e}"
+                )),
+            other => LogError::Store(other),
+        }
     }
 
     /// The stored checkpoint `note` of tree size `size`, verified under the

@@ -1203,8 +1203,20 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
             .count()
     };
     assert_eq!(below(&loaded()), 0);
+    // Nor above it: no add-checkpoint body is larger, so the bound is
+    // that, with a warning (a larger body is then refused 413 unread,
+    // not read whole and refused 400 by the parser).
     with_limits("max_body_bytes = 2097152\n");
-    assert_eq!(loaded().limits.max_body_bytes, 2 << 20);
+    assert_eq!(
+        loaded().limits.max_body_bytes,
+        crate::audit::witness::MAX_ADD_CHECKPOINT_BYTES
+    );
+    let above = loaded()
+        .warnings
+        .iter()
+        .filter(|w| w.contains("limits.max_body_bytes is 2097152, above the 133940 bytes"))
+        .count();
+    assert_eq!(above, 1);
     with_limits("max_connections_per_ip = 100\n");
     assert_eq!(loaded().limits.max_connections_per_ip, 100);
     // A bound below the largest conformant body is a warning.

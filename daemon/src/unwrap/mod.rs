@@ -119,7 +119,7 @@ pub enum UnwrapError {
     #[error("malformed request: {0}")]
     Malformed(String),
     /// More envelopes than the configured batch limit (HTTP 413
-    /// `batch_too_large`), or none (HTTP 400 `malformed_request`).
+    /// `batch_too_large`). None is [`UnwrapError::Malformed`].
     #[error("a request carries 1 to {max} envelopes, this one has {got}")]
     BatchSize {
         /// The limit.
@@ -145,9 +145,20 @@ pub enum UnwrapError {
     StoreUnavailable(String),
     /// A configuration reloaded while the request waited for its turn no
     /// longer admits the caller (its certificate or role); nothing was
-    /// done or logged (the API answers as for a refused admission).
-    #[error("not admitted under the reloaded configuration: {0}")]
-    Withdrawn(String),
+    /// done or logged (the API answers as for a refused admission, whose
+    /// stable code `code` is).
+    #[error("not admitted under the reloaded configuration: {why}")]
+    Withdrawn {
+        /// The refused admission's stable code.
+        code: &'static str,
+        /// What the admission said.
+        why: String,
+    },
+    /// The audit log found that its stored tree does not extend its last
+    /// signed checkpoint; nothing was released (HTTP 503
+    /// `log_inconsistent`).
+    #[error("audit log inconsistent: {0}")]
+    LogInconsistent(String),
     /// `release_after_witness`: no checkpoint covering the request's leaves
     /// was cosigned by the witness quorum in time. The leaves are logged
     /// and the budget spent; the DEKs were dropped, nothing was released
@@ -176,7 +187,8 @@ impl UnwrapError {
             UnwrapError::StoreUnavailable(_) => "store_unavailable",
             UnwrapError::Internal(_) => "internal_error",
             UnwrapError::WitnessUnavailable(_) => "witness_unavailable",
-            UnwrapError::Withdrawn(_) => "forbidden",
+            UnwrapError::Withdrawn { code, .. } => code,
+            UnwrapError::LogInconsistent(_) => "log_inconsistent",
             UnwrapError::SpentNotReleased(_) => "spent_not_released",
         }
     }
@@ -193,8 +205,7 @@ impl From<LogError> for UnwrapError {
         match e {
             LogError::Store(e) => e.into(),
             LogError::Hsm(_) | LogError::Sign(_) => UnwrapError::HsmUnavailable(e.to_string()),
-            // The API answers `log_inconsistent` for it.
-            LogError::Inconsistent(_) => UnwrapError::Internal(e.to_string()),
+            LogError::Inconsistent(_) => UnwrapError::LogInconsistent(e.to_string()),
         }
     }
 }
@@ -408,7 +419,13 @@ pub fn unwrap_counting(
     let request: Request<'_> =
         crate::codec::from_object_slice(body).map_err(|e| UnwrapError::Malformed(e.to_string()))?;
     let (envelopes, got) = batch(request.envelopes, ctx.max_batch)?;
-    if got == 0 || got > ctx.max_batch {
+    if got == 0 {
+        return Err(UnwrapError::Malformed(format!(
+            "a request carries 1 to {} envelopes, this one has none",
+            ctx.max_batch
+        )));
+    }
+    if got > ctx.max_batch {
         return Err(UnwrapError::BatchSize {
             max: ctx.max_batch,
             got,
