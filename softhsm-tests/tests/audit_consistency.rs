@@ -255,10 +255,12 @@ fn a_store_that_fails_after_the_commit_is_spent_not_released() {
 }
 
 /// An entry bundle is served (as immutable, for a year) only as the tree
-/// hashed its leaves: a leaf edited in the store with its hashes left
-/// alone, which no consistency proof notices, gets 503 `store_unavailable`,
-/// and so does a deleted row; before, the altered or short bundle was
-/// served with 200.
+/// hashed its leaves: a deleted row gets 503 `store_unavailable` (on
+/// PostgreSQL a standby behind looks the same), and a leaf edited in the
+/// store with its hashes left alone, which no consistency proof notices,
+/// marks the log inconsistent (503 `log_inconsistent`, since 2026-12-07;
+/// 503 `store_unavailable` before); before that, the altered or short
+/// bundle was served with 200.
 #[test]
 fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
     let s = setup();
@@ -281,13 +283,20 @@ fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
     // Read once: the refusal of the entry bundle's own route does not fall
     // through to the tile route, which would read it again (and log it
     // twice).
-    let logged = || {
-        s.daemon
-            .stderr()
-            .matches("do not match the tree's hashes")
-            .count()
-    };
-    assert_eq!(logged(), 1, "{}", s.daemon.stderr());
+    let logged = |what: &str| s.daemon.stderr().matches(what).count();
+    assert_eq!(logged("are not all there"), 1, "{}", s.daemon.stderr());
+    // The shorter bundle's rows are all there, but with the tree now short
+    // of the signed checkpoint its hashes cannot be checked against the
+    // signed root: not served either.
+    s.c.auditor
+        .get(&shorter)
+        .assert_error(503, "store_unavailable");
+    assert_eq!(
+        logged("fewer leaves than the signed checkpoint"),
+        1,
+        "{}",
+        s.daemon.stderr()
+    );
     // Leaf 0 edited: every row there, one of them not the leaf hashed.
     drop(tamper(
         &s.t,
@@ -295,8 +304,16 @@ fn an_entry_bundle_is_served_only_as_the_tree_hashed_it() {
     ));
     s.c.auditor
         .get(&shorter)
-        .assert_error(503, "store_unavailable");
-    assert_eq!(logged(), 2, "{}", s.daemon.stderr());
+        .assert_error(503, "log_inconsistent");
+    assert_eq!(
+        logged("the stored leaf 0, which the signed checkpoint of size"),
+        1,
+        "{}",
+        s.daemon.stderr()
+    );
+    s.c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
 }
 
 /// A log's origin is part of every checkpoint signature, so it can never

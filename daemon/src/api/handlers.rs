@@ -18,7 +18,7 @@ use super::identity::{PeerIdentity, Role};
 use super::pipeline::Readmission;
 use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext};
 use super::state::{Reloadable, ServerState};
-use crate::audit::log::LogError;
+use crate::audit::log::{AuditLog, LogError};
 use crate::codec::b64_encode;
 use crate::store::StoreError;
 use crate::unwrap::{self, RevocationRequest, UnwrapError};
@@ -562,7 +562,7 @@ pub async fn log_checkpoint(
 /// 404 `not_found` for a tile the newest checkpoint does not cover, 503
 /// `log_inconsistent` once the log found its store rewritten (the newest
 /// checkpoint's row not verifying, or a covered tile's leaf or node rows
-/// missing or edited, included).
+/// edited, included); 503 `store_unavailable` for covered rows missing.
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
@@ -601,7 +601,7 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
                 let hashes = store
                     .node_hashes(level, first, end)
-                    .map_err(|e| log_error(state.audit.covered_read_failed(size, e)))?;
+                    .map_err(|e| log_error(AuditLog::covered_read_failed(size, e)))?;
                 // Served as immutable, so only as the signed tree has them.
                 if let Some(head) = head {
                     state
@@ -612,15 +612,15 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 Ok(encode_hashes(&hashes))
             }
             None => {
-                let covered = |e| log_error(state.audit.covered_read_failed(size, e));
+                let covered = |e| log_error(AuditLog::covered_read_failed(size, e));
                 let rows = store.leaves(first, end).map_err(covered)?;
                 let hashes = store.node_hashes(0, first, end).map_err(covered)?;
                 // Served as immutable, so only whole and as the tree
                 // hashed them: exactly the tile's leaves, each matching
                 // its level-0 hash, and those hashes as the signed tree
-                // has them (a deleted or edited row is 503
-                // `log_inconsistent`, not a short or altered bundle a
-                // cache would keep for a year).
+                // has them (a deleted row is 503 `store_unavailable`, an
+                // edited one 503 `log_inconsistent`, never a short or
+                // altered bundle a cache would keep for a year).
                 if let Some(head) = head {
                     state
                         .audit

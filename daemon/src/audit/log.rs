@@ -357,7 +357,7 @@ impl AuditLog {
         let through = self
             .store
             .root_through(size, level, first, hashes)
-            .map_err(|e| self.covered_read_failed(size, e))?;
+            .map_err(|e| Self::covered_read_failed(size, e))?;
         if through != root {
             return Err(self.record_inconsistency(format!(
                 "the stored tree (the nodes {first}..{end} of level {level} a tile is made of, or \
@@ -372,12 +372,19 @@ impl AuditLog {
     /// for a tile of `width` leaves from `first` that the signed
     /// checkpoint `head` covers, must be exactly those leaves, each
     /// matching its hash, and the hashes must give the checkpoint's root
-    /// ([`Self::check_tile`]). A row missing or edited is the store
-    /// rewritten behind lavd: the log is marked inconsistent, as for a
-    /// node row.
+    /// ([`Self::check_tile`]).
+    ///
+    /// A row there that is not the leaf hashed (edited behind lavd: rows
+    /// are never rewritten) marks the log inconsistent, as an edited node
+    /// row does. A row missing is only the store's error (503
+    /// `store_unavailable`): on PostgreSQL a read may reach a standby that
+    /// has not yet replayed them, so missing rows alone prove nothing; a
+    /// store truncated behind lavd is found when the next checkpoint is
+    /// signed (`check_extends`) and by `lavd audit verify`.
     ///
     /// # Errors
-    /// [`LogError::Inconsistent`]; the store's error.
+    /// [`LogError::Inconsistent`]; [`StoreError::Corrupt`] for missing
+    /// rows; the store's error.
     pub fn check_bundle(
         &self,
         head: (u64, Hash),
@@ -386,21 +393,32 @@ impl AuditLog {
         rows: &[(u64, Vec<u8>)],
         hashes: &[Hash],
     ) -> Result<(), LogError> {
-        let whole = rows.len() == usize::from(width)
+        let end = first + u64::from(width);
+        let all_there = rows.len() == usize::from(width)
             && hashes.len() == rows.len()
             && rows
                 .iter()
                 .zip(first..)
-                .zip(hashes)
-                .all(|(((index, leaf), want), hash)| {
-                    *index == want && merkle::leaf_hash(leaf) == *hash
-                });
-        if !whole {
-            let end = first + u64::from(width);
+                .all(|((index, _), want)| *index == want);
+        if !all_there {
+            return Err(LogError::Store(StoreError::Corrupt {
+                store: "audit_leaves".into(),
+                what: format!(
+                    "the leaves {first}..{end}, which the signed checkpoint of size {} covers, \
+                     are not all there (deleted behind lavd, or read on a standby that has not \
+                     replayed them)",
+                    head.0
+                ),
+            }));
+        }
+        if let Some(((index, _), _)) = rows
+            .iter()
+            .zip(hashes)
+            .find(|((_, leaf), hash)| merkle::leaf_hash(leaf) != **hash)
+        {
             return Err(self.record_inconsistency(format!(
-                "the stored leaves {first}..{end}, which the signed checkpoint of size {} covers, \
-                 are not all there or do not match the tree's hashes of them: a leaf row deleted \
-                 or edited behind lavd",
+                "the stored leaf {index}, which the signed checkpoint of size {} covers, does not \
+                 match the tree's hash of it: a leaf row edited behind lavd",
                 head.0
             )));
         }
@@ -408,18 +426,22 @@ impl AuditLog {
     }
 
     /// What a failed read of the stored tree, for a tile the signed
-    /// checkpoint of `size` covers, means: a row missing or malformed
-    /// ([`StoreError::Corrupt`]), or fewer leaves than signed
-    /// ([`StoreError::BadProofRequest`]), is the store rewritten behind
-    /// lavd, and marks the log inconsistent; any other error (the store
-    /// unreachable) stays the store's.
-    pub fn covered_read_failed(&self, size: u64, e: StoreError) -> LogError {
+    /// checkpoint of `size` covers, is: fewer leaves than signed
+    /// ([`StoreError::BadProofRequest`] from the store, which would blame
+    /// the client) is the store's fault, [`StoreError::Corrupt`], answered
+    /// 503 `store_unavailable`, not the log's inconsistency, for the
+    /// reason [`Self::check_bundle`] gives; any other error is the store's
+    /// as it is.
+    pub fn covered_read_failed(size: u64, e: StoreError) -> LogError {
         match e {
-            StoreError::Corrupt { .. } | StoreError::BadProofRequest(_) => self
-                .record_inconsistency(format!(
-                    "the stored tree cannot be read as the signed checkpoint of size {size} \
-                     covers it: {e}"
-                )),
+            StoreError::BadProofRequest(m) => LogError::Store(StoreError::Corrupt {
+                store: "audit_nodes".into(),
+                what: format!(
+                    "the stored tree has fewer leaves than the signed checkpoint of size {size} \
+                     covers (deleted behind lavd, or read on a standby that has not replayed \
+                     them): {m}"
+                ),
+            }),
             other => LogError::Store(other),
         }
     }

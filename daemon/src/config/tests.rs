@@ -1217,6 +1217,10 @@ fn a_witness_tls_key_readable_by_others_is_a_warning() {
         .filter(|w| w.contains("limits.max_body_bytes is 2097152, above the 133940 bytes"))
         .count();
     assert_eq!(above, 1);
+    // Checked first as lavd's bound is: beyond its range, refused.
+    with_limits("max_body_bytes = 100000000000\n");
+    let refused = WitnessSettings::load(&path, &MapEnv(HashMap::new())).unwrap_err();
+    assert_eq!(refused.field, "limits.max_body_bytes", "{refused}");
     with_limits("max_connections_per_ip = 100\n");
     assert_eq!(loaded().limits.max_connections_per_ip, 100);
     // A bound below the largest conformant body is a warning.

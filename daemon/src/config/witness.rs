@@ -302,18 +302,6 @@ impl WitnessSettings {
                 budget.clamp(64 << 10, WITNESS_MAX_BODY_BYTES as u64)
             }),
         );
-        // Nor above it: a larger body would be read whole and held, only
-        // to be refused by the parser with another answer (400, not 413
-        // `body_too_large`). Clamped, not refused: such a file loaded
-        // before 2026-12-07.
-        if body_bound > WITNESS_MAX_BODY_BYTES as u64 {
-            v.warnings.borrow_mut().push(format!(
-                "limits.max_body_bytes is {body_bound}, above the {WITNESS_MAX_BODY_BYTES} bytes \
-                 of the largest add-checkpoint body C2SP lets a log send; {WITNESS_MAX_BODY_BYTES} \
-                 is the bound (a larger body is refused 413 body_too_large unread)"
-            ));
-            raw_limits.max_body_bytes = Some(WITNESS_MAX_BODY_BYTES as u64);
-        }
         if body_bound < WITNESS_MAX_BODY_BYTES as u64 {
             v.warnings.borrow_mut().push(format!(
                 "limits.max_body_bytes is {body_bound}, below the {WITNESS_MAX_BODY_BYTES} \
@@ -327,6 +315,18 @@ impl WitnessSettings {
         // one address may not hold every slot unless the file says so.
         let per_ip_unset = raw_limits.max_connections_per_ip.is_none();
         let mut limits = v.limits(raw_limits)?;
+        // Nor above it, once checked as lavd's is: a larger body would be
+        // read whole and held, only to be refused by the parser with
+        // another answer (400, not 413 `body_too_large`). Lowered, not
+        // refused: such a file loaded before 2026-12-07.
+        if limits.max_body_bytes > WITNESS_MAX_BODY_BYTES {
+            v.warnings.borrow_mut().push(format!(
+                "limits.max_body_bytes is {body_bound}, above the {WITNESS_MAX_BODY_BYTES} bytes \
+                 of the largest add-checkpoint body C2SP lets a log send; {WITNESS_MAX_BODY_BYTES} \
+                 is the bound (a larger body is refused 413 body_too_large unread)"
+            ));
+            limits.max_body_bytes = WITNESS_MAX_BODY_BYTES;
+        }
         if per_ip_unset {
             limits.max_connections_per_ip = WITNESS_CONNECTIONS_PER_IP.min(limits.max_connections);
         }

@@ -182,14 +182,27 @@ pub fn quiesce(timeout: Duration) -> bool {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     );
+    // Counted again once the handles are taken: a worker is counted before
+    // its handle is kept, so none counted now means every thread taken has
+    // given its count back and is ending. One started since the wait (a
+    // new `Hsm`, in a process that opens several) would make joining wait
+    // as long as that `Hsm` lives.
+    let settled = all
+        && *ALIVE
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            == 0;
     for thread in handles {
-        // A thread still in a hung call is left alone: joining it would
-        // wait for ever.
-        if all || thread.is_finished() {
+        if settled || thread.is_finished() {
             let _ = thread.join();
+        } else {
+            // Still working (a new `Hsm`'s, or one in a hung call, which
+            // joining would wait on for ever): kept for a later call.
+            keep_handle(thread);
         }
     }
-    all
+    settled
 }
 
 impl Spreader {
