@@ -88,12 +88,19 @@ impl Dev {
 
 /// Stops a `lavd dev` (or `serve`) with SIGTERM and expects exit 0 within
 /// 30 s.
-pub fn stop(mut child: Child) {
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .expect("SIGTERM");
+pub fn stop(child: Child) {
+    stop_with(child, rustix::process::Signal::TERM);
+}
+
+/// [`stop`] with SIGINT, what Ctrl-C in a terminal sends (the README's
+/// "Ctrl-C stops it").
+pub fn interrupt(child: Child) {
+    stop_with(child, rustix::process::Signal::INT);
+}
+
+fn stop_with(mut child: Child, signal: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_child(&child), signal)
+        .expect("signal lavd");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().expect("wait") {

@@ -8,6 +8,9 @@
 //!   refuse branch 2 with the spec's answers: 409 `text/x.tlog.size` for an
 //!   old size that is not theirs, 422 for another root at the size they
 //!   recorded and for branch 2's own consistency proof from their record;
+//! - `lavd audit mirror` holding branch 1 refuses branch 2, a larger tree
+//!   that does not extend what it holds (`old_root_mismatch`), and keeps
+//!   branch 1;
 //! - `lavd audit verify --policy` with both witnesses at quorum 2 accepts
 //!   branch 1's cosigned checkpoint and refuses branch 2's (`quorum_not_met`,
 //!   and `cosignature_invalid` with branch 1's cosignatures pasted on),
@@ -112,6 +115,50 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
         let r = add(&body(s1, &proof_via(&fork_c, s1, s2), &f2));
         assert_eq!(r.status, 422, "{name}: {}", r.text());
     }
+    // `lavd audit mirror` of branch 1 (still at `c1`), then pointed at
+    // branch 2: a larger tree, signed by the log key, that does not extend
+    // the mirrored checkpoint. Refused (`old_root_mismatch`); the mirror
+    // keeps branch 1 and still verifies.
+    let (ca, cert, client_key) = log.v.pki.cli_files(&log.v.parties.auditor, "auditor");
+    let dir = path_str(&log.v.t.path("mirror"));
+    let mirror = |api: std::net::SocketAddr| {
+        let url = format!("https://{api}/v1/log");
+        log.v.t.lavd(&[
+            "audit",
+            "mirror",
+            "--key",
+            &log.vkey,
+            "--url",
+            &url,
+            "--dir",
+            &dir,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--client-key",
+            &client_key,
+        ])
+    };
+    let body_of = |note: &str| note[..note.find("\n\n").expect("a signed note")].to_string();
+    let mirrored =
+        || body_of(&std::fs::read_to_string(log.v.t.path("mirror").join("checkpoint")).unwrap());
+    assert_ok(&mirror(log.v.daemon.api));
+    assert_eq!(mirrored(), body_of(&c1));
+    let stderr = assert_fails_with(&mirror(fork.api), 1, "old_root_mismatch");
+    assert!(
+        stderr.contains(&format!(
+            "the log of size {s2} does not extend the checkpoint of size {s1} already held"
+        )),
+        "{stderr}"
+    );
+    assert_eq!(mirrored(), body_of(&c1));
+    assert_ok(
+        &log.v
+            .t
+            .lavd(&["audit", "verify", "--key", &log.vkey, "--tiles", &dir]),
+    );
+
     // lavd's witness kept the fork's requests, signed by the log, as
     // evidence in its log.
     let stderr = lavd_w.daemon.stderr();

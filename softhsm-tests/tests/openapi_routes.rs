@@ -78,3 +78,92 @@ fn the_spec_lists_exactly_the_routes_served() {
     let r = client.request("GET", "/v1/not-in-the-spec", None).unwrap();
     r.assert_error(404, "not_found");
 }
+
+/// The string literals of `fn code` bodies (indented four spaces, ended by
+/// the first line that closes at that depth) and of `code: "…"` fields in
+/// `text`: the stable codes a source file can answer with.
+fn codes_in(text: &str) -> BTreeSet<String> {
+    let literal = |s: &str| -> Vec<String> {
+        s.split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| {
+                !w.is_empty()
+                    && w.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    let mut codes = BTreeSet::new();
+    let mut in_code_fn = false;
+    for line in text.lines() {
+        if line.trim_start().starts_with("pub fn code(")
+            || line.trim_start().starts_with("fn code(")
+        {
+            in_code_fn = true;
+            continue;
+        }
+        if in_code_fn {
+            if line == "    }" {
+                in_code_fn = false;
+            } else {
+                codes.extend(literal(line));
+            }
+        }
+        if let Some((_, rest)) = line.split_once("code: \"") {
+            codes.extend(literal(&format!("\"{rest}")));
+        }
+    }
+    codes
+}
+
+/// The README says `docs/openapi.yaml` has every error code: each code the
+/// API can answer with (those of the errors an API request can end in, and
+/// of the handlers' own refusals) is named in it. Client-side codes (`lavd
+/// seal`, `lavd open`, `lavd warrant sign`) and the listener's start error
+/// are not the API's and are not read.
+#[test]
+fn the_spec_names_every_error_code_the_api_answers_with() {
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/../daemon/src/");
+    let spec =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/openapi.yaml"))
+            .unwrap();
+    let named = |code: &str| {
+        spec.match_indices(code).any(|(at, _)| {
+            let before = spec[..at].bytes().next_back();
+            let after = spec[at + code.len()..].bytes().next();
+            let part = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b == b'_');
+            !part(before) && !part(after)
+        })
+    };
+    let mut all = BTreeSet::new();
+    for file in [
+        "api/error.rs",
+        "api/handlers.rs",
+        "warrant/mod.rs",
+        "unwrap/mod.rs",
+    ] {
+        let text = std::fs::read_to_string(format!("{src}{file}")).unwrap();
+        let codes = codes_in(&text);
+        assert!(!codes.is_empty(), "{file}: no code found (moved?)");
+        all.extend(codes);
+    }
+    // The scan finds what it should.
+    for known in [
+        "malformed_request",
+        "warrant_revoked",
+        "log_inconsistent",
+        "spent_not_released",
+    ] {
+        assert!(
+            all.contains(known),
+            "{known} not found in the sources: {all:?}"
+        );
+    }
+    let missing: Vec<_> = all.iter().filter(|c| !named(c)).collect();
+    assert!(
+        missing.is_empty(),
+        "codes docs/openapi.yaml does not name: {missing:?}"
+    );
+}

@@ -123,7 +123,8 @@ fn the_readme_walkthrough_works_as_written() {
         String::from_utf8_lossy(&no_cert.stdout)
     );
     assert_eq!(String::from_utf8_lossy(&no_cert.stdout), "000");
-    stop(child);
+    // Ctrl-C stops it (SIGINT, exit 0).
+    softhsm_tests::dev::interrupt(child);
     // The loud warning the README promises.
     let first = std::fs::read_to_string(work.path().join("dev.log")).unwrap();
     assert!(
