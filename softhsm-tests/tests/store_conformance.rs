@@ -88,7 +88,57 @@ conformance!(
     cosignatures_are_kept_per_size_and_witness_and_read_newest_first,
     open_intents_are_written_with_the_grant_and_settled_once,
     a_store_is_probed_without_being_made,
+    a_read_of_leaves_vouches_for_what_its_head_counts,
 );
+
+/// `leaves_vouched`, what the entry-bundle route tells a deleted leaf row
+/// from a read that is only behind with: SQLite vouches for every leaf
+/// (its one file is never behind); PostgreSQL for those below the head the
+/// same statement reads, so rows missing below it were deleted, and a
+/// range past it is not vouched for.
+fn a_read_of_leaves_vouches_for_what_its_head_counts(b: &Backend) {
+    use lavd::store::Vouched;
+    let store = b.open();
+    store
+        .append(batch((0..3).map(key_event).collect()))
+        .unwrap();
+    let (rows, vouched) = store.leaves_vouched(0, 3).unwrap();
+    assert_eq!(rows, store.leaves(0, 3).unwrap());
+    assert_eq!(rows.len(), 3);
+    let (past, vouched_past) = store.leaves_vouched(2, 5).unwrap();
+    assert_eq!(past.len(), 1);
+    match b {
+        Backend::Sqlite(_) => {
+            assert_eq!(vouched, Vouched::All);
+            assert!(vouched_past.covers(5));
+        }
+        Backend::Postgres(_) => {
+            assert_eq!(vouched, Vouched::Below(3));
+            assert!(vouched.covers(3));
+            assert!(!vouched_past.covers(5));
+        }
+    }
+    // A middle row deleted behind lavd: still vouched for, so missing.
+    let delete = "DELETE FROM audit_leaves WHERE idx = 1";
+    match b {
+        Backend::Sqlite(dir) => {
+            rusqlite::Connection::open(dir.path().join("lavd.db"))
+                .unwrap()
+                .execute(delete, [])
+                .unwrap();
+        }
+        Backend::Postgres(db) => {
+            db.client().execute(delete, &[]).unwrap();
+        }
+    }
+    let (rows, vouched) = store.leaves_vouched(0, 3).unwrap();
+    assert_eq!(
+        rows.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+        [0, 2],
+        "the deleted row is not read"
+    );
+    assert!(vouched.covers(3), "{vouched:?}");
+}
 
 /// The look that `lavd keys list`/`destroy` and `discard-orphan` take
 /// before opening a store: a database or file lavd never wrote is named as

@@ -561,8 +561,10 @@ pub async fn log_checkpoint(
 /// 400 `malformed_request` for a path that is not a canonical tile path,
 /// 404 `not_found` for a tile the newest checkpoint does not cover, 503
 /// `log_inconsistent` once the log found its store rewritten (the newest
-/// checkpoint's row not verifying, or a covered tile's leaf or node rows
-/// edited, included); 503 `store_unavailable` for covered rows missing.
+/// checkpoint's row not verifying, a covered tile's node rows giving
+/// another root, or its entry bundle's leaf rows edited or deleted,
+/// included); 503 `store_unavailable` for covered rows a read on a
+/// standby could miss, or malformed node rows.
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
@@ -613,18 +615,18 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
             }
             None => {
                 let covered = |e| log_error(AuditLog::covered_read_failed(size, e));
-                let rows = store.leaves(first, end).map_err(covered)?;
+                let (rows, vouched) = store.leaves_vouched(first, end).map_err(covered)?;
                 let hashes = store.node_hashes(0, first, end).map_err(covered)?;
                 // Served as immutable, so only whole and as the tree
                 // hashed them: exactly the tile's leaves, each matching
                 // its level-0 hash, and those hashes as the signed tree
-                // has them (a deleted row is 503 `store_unavailable`, an
-                // edited one 503 `log_inconsistent`, never a short or
-                // altered bundle a cache would keep for a year).
+                // has them (an edited row, or a deleted one the read
+                // vouches for, is 503 `log_inconsistent`, never a short
+                // or altered bundle a cache would keep for a year).
                 if let Some(head) = head {
                     state
                         .audit
-                        .check_bundle(head, first, tile.width, &rows, &hashes)
+                        .check_bundle(head, first, tile.width, (&rows, vouched), &hashes)
                         .map_err(log_error)?;
                 }
                 let leaves: Vec<Vec<u8>> = rows.into_iter().map(|(_, leaf)| leaf).collect();

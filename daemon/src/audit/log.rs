@@ -45,7 +45,7 @@ use super::merkle::{self, Hash};
 use super::note::{self, Checkpoint};
 use crate::hsm::{Hsm, HsmError, PendingCall};
 use crate::jwk::Ed25519PublicKey;
-use crate::store::{Appended, AuditAppend, AuditStore, StoreError, Uncommitted};
+use crate::store::{Appended, AuditAppend, AuditStore, StoreError, Uncommitted, Vouched};
 
 /// A log operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -374,23 +374,24 @@ impl AuditLog {
     /// matching its hash, and the hashes must give the checkpoint's root
     /// ([`Self::check_tile`]).
     ///
-    /// A row there that is not the leaf hashed (edited behind lavd: rows
-    /// are never rewritten) marks the log inconsistent, as an edited node
-    /// row does. A row missing is only the store's error (503
-    /// `store_unavailable`): on PostgreSQL a read may reach a standby that
-    /// has not yet replayed them, so missing rows alone prove nothing; a
-    /// store truncated behind lavd is found when the next checkpoint is
-    /// signed (`check_extends`) and by `lavd audit verify`.
+    /// Found otherwise, the store was changed behind lavd, and the log is
+    /// marked inconsistent, as for an edited node row: a row there that is
+    /// not the leaf hashed (rows are never rewritten), or a row missing
+    /// where the same read vouched for every row (`vouched`: on SQLite
+    /// always; on PostgreSQL below the head its snapshot counts). A row
+    /// missing beyond what the read vouched for is only the store's error
+    /// (503 `store_unavailable`): a read on a standby that has not
+    /// replayed it yet looks the same.
     ///
     /// # Errors
     /// [`LogError::Inconsistent`]; [`StoreError::Corrupt`] for missing
-    /// rows; the store's error.
+    /// rows not vouched for; the store's error.
     pub fn check_bundle(
         &self,
         head: (u64, Hash),
         first: u64,
         width: u16,
-        rows: &[(u64, Vec<u8>)],
+        (rows, vouched): (&[(u64, Vec<u8>)], Vouched),
         hashes: &[Hash],
     ) -> Result<(), LogError> {
         let end = first + u64::from(width);
@@ -400,13 +401,20 @@ impl AuditLog {
                 .iter()
                 .zip(first..)
                 .all(|((index, _), want)| *index == want);
+        if !all_there && vouched.covers(end) {
+            return Err(self.record_inconsistency(format!(
+                "the stored leaves {first}..{end}, which the signed checkpoint of size {} covers \
+                 and the store counts, are not all there: a leaf row deleted behind lavd",
+                head.0
+            )));
+        }
         if !all_there {
             return Err(LogError::Store(StoreError::Corrupt {
                 store: "audit_leaves".into(),
                 what: format!(
                     "the leaves {first}..{end}, which the signed checkpoint of size {} covers, \
-                     are not all there (deleted behind lavd, or read on a standby that has not \
-                     replayed them)",
+                     are not all there (read on a standby that has not replayed them, or deleted \
+                     behind lavd)",
                     head.0
                 ),
             }));
@@ -429,9 +437,12 @@ impl AuditLog {
     /// checkpoint of `size` covers, is: fewer leaves than signed
     /// ([`StoreError::BadProofRequest`] from the store, which would blame
     /// the client) is the store's fault, [`StoreError::Corrupt`], answered
-    /// 503 `store_unavailable`, not the log's inconsistency, for the
-    /// reason [`Self::check_bundle`] gives; any other error is the store's
-    /// as it is.
+    /// 503 `store_unavailable`, as is a node row missing or not 32 bytes:
+    /// not the log's inconsistency, since a read of node rows on a
+    /// PostgreSQL standby that has not replayed them looks the same (a
+    /// deleted leaf is found by its entry bundle, [`Self::check_bundle`],
+    /// and by `lavd audit verify`); any other error is the store's as it
+    /// is.
     pub fn covered_read_failed(size: u64, e: StoreError) -> LogError {
         match e {
             StoreError::BadProofRequest(m) => LogError::Store(StoreError::Corrupt {

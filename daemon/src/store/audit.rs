@@ -118,6 +118,35 @@ impl Server {
     }
 }
 
+/// Leaf rows as read: each index with its leaf's bytes.
+pub type LeafRows = Vec<(u64, Vec<u8>)>;
+
+/// How far a read of leaf rows vouches that none is missing
+/// ([`AuditStore::leaves_vouched`]): a row missing within it was deleted
+/// behind lavd; beyond it, the read may only be behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vouched {
+    /// Every leaf the store was ever given: its reads are never behind
+    /// (SQLite, one file).
+    All,
+    /// The leaves below this tree size, as the same read's snapshot of the
+    /// store's head counts them (PostgreSQL: a standby's snapshot may be
+    /// behind the primary's, but it holds a leaf exactly when it holds the
+    /// head that counts it, both being written in one transaction).
+    Below(u64),
+}
+
+impl Vouched {
+    /// Whether the leaves below `end` are all vouched for.
+    #[must_use]
+    pub fn covers(self, end: u64) -> bool {
+        match self {
+            Vouched::All => true,
+            Vouched::Below(size) => end <= size,
+        }
+    }
+}
+
 /// A stored witness cosignature: the checkpoint size it is on, the
 /// witness's key name, and the signature line (with its newline).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -455,6 +484,13 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// [`Self::leaves`], with how far the same read vouches that no leaf
+    /// is missing: what tells a row deleted behind lavd from a read on a
+    /// standby that has not replayed it yet.
+    ///
+    /// # Errors
+    /// As [`Self::leaves`].
+    fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError>;
     /// The stored hashes of the complete subtrees `(level, i)` for `i` in
     /// `[start, end)`, in one read: what a C2SP tile is made of.
     ///
@@ -1118,6 +1154,10 @@ impl AuditStore for SqliteStore {
             ));
         }
         Ok(out)
+    }
+
+    fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
+        Ok((self.leaves(start, end)?, Vouched::All))
     }
 
     fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {

@@ -27,8 +27,8 @@ mod warrants;
 pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{
-    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, OpenIntent, Server, Spend,
-    Uncommitted, Withdrawn, MAX_INDEX,
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, LeafRows, OpenIntent, Server,
+    Spend, Uncommitted, Vouched, Withdrawn, MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
 
@@ -519,6 +519,12 @@ impl AuditStore for Store {
         match self {
             Store::Sqlite(s) => s.leaves(start, end),
             Store::Postgres(s) => s.leaves(start, end),
+        }
+    }
+    fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.leaves_vouched(start, end),
+            Store::Postgres(s) => s.leaves_vouched(start, end),
         }
     }
     fn node_hashes(

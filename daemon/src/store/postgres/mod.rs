@@ -85,7 +85,7 @@ use zeroize::Zeroizing;
 
 use super::audit::{
     encode_leaves, intent_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit,
-    OpenIntent, Pending, RevokeFound, Uncommitted, Withdrawn,
+    LeafRows, OpenIntent, Pending, RevokeFound, Uncommitted, Vouched, Withdrawn,
 };
 use super::warrants::to_i64;
 use super::{
@@ -2438,6 +2438,37 @@ impl AuditStore for PgStore {
                 Ok((self.to_u64(idx, "audit index")?, leaf))
             })
             .collect()
+    }
+
+    fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let (start, end) = (to_i(start)?, to_i(end)?);
+        // One statement, so one snapshot: the head and the leaves it
+        // counts are written in one transaction, and a standby that has
+        // not replayed it has neither.
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT h.size, l.idx, l.leaf FROM audit_head h \
+                 LEFT JOIN audit_leaves l ON l.idx >= $1 AND l.idx < $2 \
+                 WHERE h.id = 1 ORDER BY l.idx",
+                &[&start, &end],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let head = rows
+            .first()
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
+        let size: i64 = head.try_get(0).map_err(|e| self.pg_err(e))?;
+        let vouched = Vouched::Below(self.to_u64(size, "audit_head.size")?);
+        let mut leaves = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let idx: Option<i64> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            let leaf: Option<Vec<u8>> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+            if let (Some(idx), Some(leaf)) = (idx, leaf) {
+                leaves.push((self.to_u64(idx, "audit index")?, leaf));
+            }
+        }
+        Ok((leaves, vouched))
     }
 
     fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
