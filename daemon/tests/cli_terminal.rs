@@ -169,3 +169,41 @@ fn a_closed_standard_output_is_an_error_not_a_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+/// The config files the README names as the defaults: every subcommand
+/// that touches the HSM or the store reads `/etc/lavd/lavd.toml` unless
+/// given `--config`, and `lavd witness` reads
+/// `/etc/lavd-witness/witness.toml` (as each command's help says; not
+/// read here, so that the test does not depend on what `/etc` holds).
+#[test]
+fn the_default_config_files_are_the_readmes() {
+    let default_of = |args: &[&str]| {
+        let out = lavd(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        let help = String::from_utf8(out.stdout).unwrap();
+        help.lines()
+            .find(|l| l.trim_start().starts_with("--config <FILE>"))
+            .and_then(|l| l.split_once("[default: "))
+            .map(|(_, d)| d.trim_end_matches(']').to_string())
+            .unwrap_or_else(|| panic!("{args:?}: no --config default in\n{help}"))
+    };
+    for command in [
+        &["serve", "--help"][..],
+        &["keys", "list", "--help"],
+        &["keys", "generate-audit", "--help"],
+        &["audit", "export", "--help"],
+        &["store", "migrate", "--help"],
+    ] {
+        assert_eq!(default_of(command), "/etc/lavd/lavd.toml", "{command:?}");
+    }
+    for command in [
+        &["witness", "serve", "--help"][..],
+        &["witness", "vkey", "--help"],
+    ] {
+        assert_eq!(
+            default_of(command),
+            "/etc/lavd-witness/witness.toml",
+            "{command:?}"
+        );
+    }
+}
