@@ -484,12 +484,12 @@ fn an_entry_bundle_whose_leaf_alone_was_edited_is_not_served() {
 }
 
 /// The last leaf row deleted behind lavd, its nodes left: a hash tile the
-/// signed checkpoint covers is not served, with 503 `store_unavailable`
-/// and an ERROR naming the shortfall. Before 2026-12-07 the client was
-/// answered 400 `bad_proof_request`, as if it had asked for too much. The
-/// log is not marked inconsistent for it: on PostgreSQL a read on a standby
-/// that has not replayed the rows yet looks the same
-/// (`AuditLog::check_bundle`).
+/// signed checkpoint covers is not served, and, SQLite's reads never being
+/// behind, the log is marked inconsistent (503 `log_inconsistent`). Before
+/// 2026-12-07 the client was answered 400 `bad_proof_request`, as if it had
+/// asked for too much. (On PostgreSQL, where a read on a standby that is
+/// behind looks the same, it is 503 `store_unavailable`; the entry bundle
+/// tells the two apart: `replicas.rs`.)
 #[test]
 fn a_hash_tile_over_a_leaf_deleted_behind_lavd_is_not_served() {
     let (t, daemon, c, size) = small_log();
@@ -504,13 +504,15 @@ fn a_hash_tile_over_a_leaf_deleted_behind_lavd_is_not_served() {
         .unwrap();
     assert_eq!(changed, 1);
     drop(db);
-    c.auditor.get(&tile).assert_error(503, "store_unavailable");
+    c.auditor.get(&tile).assert_error(503, "log_inconsistent");
     assert!(
         daemon
             .stderr()
-            .contains("fewer leaves than the signed checkpoint"),
+            .contains("cannot be read as the signed checkpoint"),
         "{}",
         daemon.stderr()
     );
-    assert_eq!(c.auditor.get("/v1/log/checkpoint").status, 200);
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
 }

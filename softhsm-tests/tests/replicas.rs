@@ -441,3 +441,44 @@ fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
         "{stderr}"
     );
 }
+
+/// An entry bundle on PostgreSQL: a leaf row deleted behind lavd, below
+/// the head the same read counts (`AuditStore::leaves_vouched`), marks the
+/// log inconsistent on the replica that reads it (503 `log_inconsistent`),
+/// and on another replica when it reads it too; rows a read on a standby
+/// that is behind would miss are not taken for this (the head would not
+/// count them: `store_conformance.rs`).
+#[test]
+fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
+    let c = Cluster::start();
+    let warrant = c.warrant("W-DEL", 10);
+    let envelopes: Vec<_> = (0..3).map(|n| c.envelope(n)).collect();
+    let r = vault::post(
+        &c.clients[0].agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&c.clients[1].auditor);
+    assert!((3..256).contains(&size), "{size}");
+    let bundle = format!("/v1/log/tile/entries/000.p/{size}");
+    for client in &c.clients[1..] {
+        assert_eq!(client.auditor.get(&bundle).status, 200);
+    }
+    let deleted =
+        c.db.client()
+            .execute("DELETE FROM audit_leaves WHERE idx = 1", &[])
+            .unwrap();
+    assert_eq!(deleted, 1);
+    for (i, client) in c.clients.iter().enumerate().skip(1) {
+        client
+            .auditor
+            .get(&bundle)
+            .assert_error(503, "log_inconsistent");
+        let stderr = c.daemons[i].stderr();
+        assert!(
+            stderr.contains("a leaf row deleted behind lavd"),
+            "replica {i}: {stderr}"
+        );
+    }
+}

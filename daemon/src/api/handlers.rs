@@ -18,7 +18,7 @@ use super::identity::{PeerIdentity, Role};
 use super::pipeline::Readmission;
 use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext};
 use super::state::{Reloadable, ServerState};
-use crate::audit::log::{AuditLog, LogError};
+use crate::audit::log::LogError;
 use crate::codec::b64_encode;
 use crate::store::StoreError;
 use crate::unwrap::{self, RevocationRequest, UnwrapError};
@@ -563,7 +563,8 @@ pub async fn log_checkpoint(
 /// `log_inconsistent` once the log found its store rewritten (the newest
 /// checkpoint's row not verifying, a covered tile's node rows giving
 /// another root, or its entry bundle's leaf rows edited or deleted,
-/// included); 503 `store_unavailable` for covered rows a read on a
+/// included, and on SQLite any covered row missing or malformed); on
+/// PostgreSQL, 503 `store_unavailable` for covered rows a read on a
 /// standby could miss, or malformed node rows.
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
@@ -603,7 +604,7 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
                 let hashes = store
                     .node_hashes(level, first, end)
-                    .map_err(|e| log_error(AuditLog::covered_read_failed(size, e)))?;
+                    .map_err(|e| log_error(state.audit.covered_read_failed(size, e)))?;
                 // Served as immutable, so only as the signed tree has them.
                 if let Some(head) = head {
                     state
@@ -614,7 +615,7 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                 Ok(encode_hashes(&hashes))
             }
             None => {
-                let covered = |e| log_error(AuditLog::covered_read_failed(size, e));
+                let covered = |e| log_error(state.audit.covered_read_failed(size, e));
                 let (rows, vouched) = store.leaves_vouched(first, end).map_err(covered)?;
                 let hashes = store.node_hashes(0, first, end).map_err(covered)?;
                 // Served as immutable, so only whole and as the tree

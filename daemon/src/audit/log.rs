@@ -357,7 +357,7 @@ impl AuditLog {
         let through = self
             .store
             .root_through(size, level, first, hashes)
-            .map_err(|e| Self::covered_read_failed(size, e))?;
+            .map_err(|e| self.covered_read_failed(size, e))?;
         if through != root {
             return Err(self.record_inconsistency(format!(
                 "the stored tree (the nodes {first}..{end} of level {level} a tile is made of, or \
@@ -434,23 +434,32 @@ impl AuditLog {
     }
 
     /// What a failed read of the stored tree, for a tile the signed
-    /// checkpoint of `size` covers, is: fewer leaves than signed
+    /// checkpoint of `size` covers, is. A row missing or malformed
+    /// ([`StoreError::Corrupt`]), or fewer leaves than signed
     /// ([`StoreError::BadProofRequest`] from the store, which would blame
-    /// the client) is the store's fault, [`StoreError::Corrupt`], answered
-    /// 503 `store_unavailable`, as is a node row missing or not 32 bytes:
-    /// not the log's inconsistency, since a read of node rows on a
-    /// PostgreSQL standby that has not replayed them looks the same (a
-    /// deleted leaf is found by its entry bundle, [`Self::check_bundle`],
-    /// and by `lavd audit verify`); any other error is the store's as it
-    /// is.
-    pub fn covered_read_failed(size: u64, e: StoreError) -> LogError {
+    /// the client): on a store whose reads are never behind
+    /// ([`AuditStore::reads_never_behind`], SQLite) the store changed
+    /// behind lavd, and the log is marked inconsistent; on PostgreSQL a
+    /// read on a standby that has not replayed the rows looks the same, so
+    /// it is the store's error (503 `store_unavailable`; a deleted leaf is
+    /// found by its entry bundle, [`Self::check_bundle`]). Any other error
+    /// is the store's as it is.
+    pub fn covered_read_failed(&self, size: u64, e: StoreError) -> LogError {
         match e {
+            StoreError::Corrupt { .. } | StoreError::BadProofRequest(_)
+                if self.store.reads_never_behind() =>
+            {
+                self.record_inconsistency(format!(
+                    "the stored tree cannot be read as the signed checkpoint of size {size} \
+                     covers it: {e}"
+                ))
+            }
             StoreError::BadProofRequest(m) => LogError::Store(StoreError::Corrupt {
                 store: "audit_nodes".into(),
                 what: format!(
                     "the stored tree has fewer leaves than the signed checkpoint of size {size} \
-                     covers (deleted behind lavd, or read on a standby that has not replayed \
-                     them): {m}"
+                     covers (read on a standby that has not replayed them, or deleted behind \
+                     lavd): {m}"
                 ),
             }),
             other => LogError::Store(other),

@@ -484,6 +484,11 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// [`StoreError::Sqlite`].
     fn leaves(&self, start: u64, end: u64) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Whether this store's reads are never behind its writes (SQLite's
+    /// one file: [`Vouched::All`]), so that a row missing or malformed
+    /// below a signed checkpoint can only have been changed behind lavd.
+    /// PostgreSQL's may be read on a standby that is.
+    fn reads_never_behind(&self) -> bool;
     /// [`Self::leaves`], with how far the same read vouches that no leaf
     /// is missing: what tells a row deleted behind lavd from a read on a
     /// standby that has not replayed it yet.
@@ -1154,6 +1159,10 @@ impl AuditStore for SqliteStore {
             ));
         }
         Ok(out)
+    }
+
+    fn reads_never_behind(&self) -> bool {
+        true
     }
 
     fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {

@@ -521,6 +521,12 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.leaves(start, end),
         }
     }
+    fn reads_never_behind(&self) -> bool {
+        match self {
+            Store::Sqlite(s) => s.reads_never_behind(),
+            Store::Postgres(s) => s.reads_never_behind(),
+        }
+    }
     fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
         match self {
             Store::Sqlite(s) => s.leaves_vouched(start, end),

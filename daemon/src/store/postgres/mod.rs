@@ -2440,6 +2440,10 @@ impl AuditStore for PgStore {
             .collect()
     }
 
+    fn reads_never_behind(&self) -> bool {
+        false
+    }
+
     fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
         let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
         let (start, end) = (to_i(start)?, to_i(end)?);
