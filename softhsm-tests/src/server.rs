@@ -322,6 +322,37 @@ impl Pki {
         std::fs::write(self.dir.join(name), contents).expect("write tls file");
     }
 
+    /// `lavd audit mirror` of the log at `url` (`https://…/v1/log`) into
+    /// `dir`, checked against the log's verifier key `key`, as the party
+    /// whose [`Self::cli_files`] are `files`, with `extra` arguments.
+    pub fn audit_mirror(
+        t: &crate::TestToken,
+        key: &str,
+        url: &str,
+        dir: &str,
+        (ca, cert, client_key): &(String, String, String),
+        extra: &[&str],
+    ) -> std::process::Output {
+        let mut args = vec![
+            "audit",
+            "mirror",
+            "--key",
+            key,
+            "--url",
+            url,
+            "--dir",
+            dir,
+            "--ca",
+            ca,
+            "--cert",
+            cert,
+            "--client-key",
+            client_key,
+        ];
+        args.extend_from_slice(extra);
+        t.lavd(&args)
+    }
+
     /// Writes the server CA and `who`'s certificate and key (`chmod 600`)
     /// under `tls/` as `servers-ca.pem`, `<name>.pem` and `<name>.key`, for
     /// the `lavd audit` commands' `--ca`, `--cert` and `--client-key`;

@@ -21,7 +21,7 @@
 //!   `softhsm-tests/tests/audit_consistency.rs`, not repeated here.
 
 use lavd::audit::witness::{verify_cosignatures, CosignerKey};
-use softhsm_tests::server::path_str;
+use softhsm_tests::server::{path_str, Pki};
 use softhsm_tests::witness::{body, proof_via, size, Log, PyWitness, Witness};
 use softhsm_tests::{assert_fails_with, assert_ok};
 
@@ -119,26 +119,11 @@ fn witnesses_and_the_policy_refuse_a_forked_branch() {
     // branch 2: a larger tree, signed by the log key, that does not extend
     // the mirrored checkpoint. Refused (`old_root_mismatch`); the mirror
     // keeps branch 1 and still verifies.
-    let (ca, cert, client_key) = log.v.pki.cli_files(&log.v.parties.auditor, "auditor");
+    let files = log.v.pki.cli_files(&log.v.parties.auditor, "auditor");
     let dir = path_str(&log.v.t.path("mirror"));
     let mirror = |api: std::net::SocketAddr| {
         let url = format!("https://{api}/v1/log");
-        log.v.t.lavd(&[
-            "audit",
-            "mirror",
-            "--key",
-            &log.vkey,
-            "--url",
-            &url,
-            "--dir",
-            &dir,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--client-key",
-            &client_key,
-        ])
+        Pki::audit_mirror(&log.v.t, &log.vkey, &url, &dir, &files, &[])
     };
     let body_of = |note: &str| note[..note.find("\n\n").expect("a signed note")].to_string();
     let mirrored =

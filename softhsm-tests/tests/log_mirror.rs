@@ -99,30 +99,11 @@ fn a_mirror_fetches_incrementally_resumes_and_verifies() {
     unwrap_batch(&c.agency, &escrow, &warrant, "a");
     unwrap_batch(&c.agency, &escrow, &warrant, "b");
 
-    let (ca, cert, client_key) = pki.cli_files(&parties.auditor, "auditor");
+    let files = pki.cli_files(&parties.auditor, "auditor");
     let key = vault::verifier_key(&c.auditor);
     let url = format!("https://{}/v1/log", daemon.api);
     let dir = t.path("mirror").to_str().unwrap().to_string();
-    let mirror = |extra: &[&str]| {
-        let mut args = vec![
-            "audit",
-            "mirror",
-            "--key",
-            &key,
-            "--url",
-            &url,
-            "--dir",
-            &dir,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--client-key",
-            &client_key,
-        ];
-        args.extend_from_slice(extra);
-        t.lavd(&args)
-    };
+    let mirror = |extra: &[&str]| Pki::audit_mirror(&t, &key, &url, &dir, &files, extra);
     let verify = || assert_ok(&t.lavd(&["audit", "verify", "--key", &key, "--tiles", &dir]));
 
     // First run: everything, its owner's alone (the bundles hold the

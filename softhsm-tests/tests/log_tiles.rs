@@ -388,6 +388,25 @@ fn small_log() -> (TestToken, Daemon, vault::Clients, u64) {
     (t, daemon, c, size)
 }
 
+/// Runs `sql` with `params` on `t`'s store file behind the daemon's back
+/// (write access to the store); it must change exactly one row.
+fn tamper_one(t: &TestToken, sql: &str, params: impl rusqlite::Params) {
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    assert_eq!(db.execute(sql, params).unwrap(), 1, "{sql}");
+}
+
+/// `path` refused 503 `log_inconsistent`, the log marked so (its
+/// checkpoint refused too), and the daemon's log saying `why`.
+fn assert_found_inconsistent(c: &vault::Clients, daemon: &Daemon, path: &str, why: &str) {
+    c.auditor.get(path).assert_error(503, "log_inconsistent");
+    c.auditor
+        .get("/v1/log/checkpoint")
+        .assert_error(503, "log_inconsistent");
+    let stderr = daemon.stderr();
+    assert!(stderr.contains(why), "{why}: {stderr}");
+}
+
 /// A node row edited behind lavd (write access to the store), below the
 /// nodes any root the signer computes reads: the tile holding it is not
 /// served (503 `log_inconsistent`: computed through the tile's nodes, the
@@ -399,28 +418,18 @@ fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
     let (t, daemon, c, size) = small_log();
     let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
     assert_eq!(c.auditor.get(&tile).status, 200);
-
     // Leaf 0's hash, under a larger complete subtree whose stored hash the
     // root is computed from.
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE audit_nodes SET hash = zeroblob(32) WHERE level = 0 AND idx = 0",
-            [],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
-    drop(db);
-    c.auditor.get(&tile).assert_error(503, "log_inconsistent");
-    c.auditor
-        .get("/v1/log/checkpoint")
-        .assert_error(503, "log_inconsistent");
-    assert!(
-        daemon
-            .stderr()
-            .contains("does not give the root of the signed checkpoint"),
-        "{}",
-        daemon.stderr()
+    tamper_one(
+        &t,
+        "UPDATE audit_nodes SET hash = zeroblob(32) WHERE level = 0 AND idx = 0",
+        [],
+    );
+    assert_found_inconsistent(
+        &c,
+        &daemon,
+        &tile,
+        "does not give the root of the signed checkpoint",
     );
 }
 
@@ -430,24 +439,26 @@ fn a_tile_whose_nodes_do_not_give_the_signed_root_is_not_served() {
 /// not give the signed root.
 #[test]
 fn an_entry_bundle_whose_leaf_and_hash_were_edited_together_is_not_served() {
-    let (t, _daemon, c, size) = small_log();
+    let (t, daemon, c, size) = small_log();
     let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
     assert_eq!(c.auditor.get(&bundle).status, 200);
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
     let forged = br#"{"event":"forged"}"#.to_vec();
-    let changed = db
-        .execute("UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1", [&forged])
-        .unwrap();
-    assert_eq!(changed, 1);
-    let changed = db
-        .execute(
-            "UPDATE audit_nodes SET hash = ?1 WHERE level = 0 AND idx = 1",
-            [leaf_hash(&forged).to_vec()],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
-    drop(db);
-    c.auditor.get(&bundle).assert_error(503, "log_inconsistent");
+    tamper_one(
+        &t,
+        "UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1",
+        [&forged],
+    );
+    tamper_one(
+        &t,
+        "UPDATE audit_nodes SET hash = ?1 WHERE level = 0 AND idx = 1",
+        [leaf_hash(&forged).to_vec()],
+    );
+    assert_found_inconsistent(
+        &c,
+        &daemon,
+        &bundle,
+        "does not give the root of the signed checkpoint",
+    );
 }
 
 /// A leaf row edited alone behind lavd (its level-0 hash left as it was):
@@ -461,26 +472,12 @@ fn an_entry_bundle_whose_leaf_alone_was_edited_is_not_served() {
     let (t, daemon, c, size) = small_log();
     let bundle = format!("/v1/log/{}", Tile::entries(0, size as u16).path());
     assert_eq!(c.auditor.get(&bundle).status, 200);
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1",
-            [br#"{"event":"forged"}"#.to_vec()],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
-    drop(db);
-    c.auditor.get(&bundle).assert_error(503, "log_inconsistent");
-    c.auditor
-        .get("/v1/log/checkpoint")
-        .assert_error(503, "log_inconsistent");
-    assert!(
-        daemon
-            .stderr()
-            .contains("does not match the tree's hash of it"),
-        "{}",
-        daemon.stderr()
+    tamper_one(
+        &t,
+        "UPDATE audit_leaves SET leaf = ?1 WHERE idx = 1",
+        [br#"{"event":"forged"}"#.to_vec()],
     );
+    assert_found_inconsistent(&c, &daemon, &bundle, "does not match the tree's hash of it");
 }
 
 /// The last leaf row deleted behind lavd, its nodes left: a hash tile the
@@ -495,24 +492,15 @@ fn a_hash_tile_over_a_leaf_deleted_behind_lavd_is_not_served() {
     let (t, daemon, c, size) = small_log();
     let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
     assert_eq!(c.auditor.get(&tile).status, 200);
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let changed = db
-        .execute(
-            "DELETE FROM audit_leaves WHERE idx = ?1",
-            [i64::try_from(size - 1).unwrap()],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
-    drop(db);
-    c.auditor.get(&tile).assert_error(503, "log_inconsistent");
-    assert!(
-        daemon
-            .stderr()
-            .contains("cannot be read as the signed checkpoint"),
-        "{}",
-        daemon.stderr()
+    tamper_one(
+        &t,
+        "DELETE FROM audit_leaves WHERE idx = ?1",
+        [i64::try_from(size - 1).unwrap()],
     );
-    c.auditor
-        .get("/v1/log/checkpoint")
-        .assert_error(503, "log_inconsistent");
+    assert_found_inconsistent(
+        &c,
+        &daemon,
+        &tile,
+        "cannot be read as the signed checkpoint",
+    );
 }
