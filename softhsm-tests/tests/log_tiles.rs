@@ -327,16 +327,12 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     // the store): no tile is served from it, since tiles of leaves no
     // signature covers would be cached as immutable. The log is
     // inconsistent, as the checkpoint's own route says.
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let changed = db
-        .execute(
-            "UPDATE audit_checkpoints SET size = size + 512 \
-             WHERE size = (SELECT MAX(size) FROM audit_checkpoints)",
-            [],
-        )
-        .unwrap();
-    assert_eq!(changed, 1);
-    drop(db);
+    tamper_one(
+        &t,
+        "UPDATE audit_checkpoints SET size = size + 512 \
+         WHERE size = (SELECT MAX(size) FROM audit_checkpoints)",
+        [],
+    );
     c.auditor
         .get(&format!("/v1/log/{}", Tile::hashes(0, 0, 1).path()))
         .assert_error(503, "log_inconsistent");

@@ -685,8 +685,8 @@ fn main() -> std::process::ExitCode {
             };
             let body = unwrap_body(&warrant, &envelopes);
             let before = commits();
-            let started = Instant::now();
-            let rate = unwrap_rate(
+            // Over the unwraps' own window (their handshakes outside it).
+            let (rate, window) = unwrap_rate_timed(
                 &daemons,
                 &agencies,
                 &body,
@@ -694,7 +694,7 @@ fn main() -> std::process::ExitCode {
                 4 * replicas,
                 options.seconds(),
             );
-            let commit_rate = (commits() - before) / started.elapsed().as_secs_f64();
+            let commit_rate = (commits() - before) / window.as_secs_f64();
             let single = unwrap_body(&warrant, &envelopes[..1]);
             let Latency { p50, p99, .. } =
                 latency(&agencies, &single, replicas, latency_requests(&options));
@@ -1386,10 +1386,12 @@ const DERIVES_OK: &str =
 
 /// Envelopes per second through `/v1/unwrap`: `clients` threads, each on
 /// its own kept-alive connection to one of `agencies` (round robin), send
-/// `body` until `duration` has passed (each at least once); the clock stops
-/// when the last reply arrives. The envelopes counted, from the replies'
-/// statuses, must be matched by as many successful HSM derives in
-/// `daemons`' own metrics ([`assert_derived`]), or the run stops.
+/// `body` until `duration` has passed (each at least once); the clock
+/// starts when the first client leaves the barrier that every client
+/// reaches once connected, and stops when the last reply arrives. The
+/// envelopes counted, from the replies' statuses, must be matched by as
+/// many successful HSM derives in `daemons`' own metrics
+/// ([`assert_derived`]), or the run stops.
 fn unwrap_rate(
     daemons: &[Daemon],
     agencies: &[Client],
@@ -1398,17 +1400,31 @@ fn unwrap_rate(
     clients: usize,
     duration: Duration,
 ) -> f64 {
+    unwrap_rate_timed(daemons, agencies, body, batch, clients, duration).0
+}
+
+/// [`unwrap_rate`], and the time it was measured over.
+fn unwrap_rate_timed(
+    daemons: &[Daemon],
+    agencies: &[Client],
+    body: &[u8],
+    batch: usize,
+    clients: usize,
+    duration: Duration,
+) -> (f64, Duration) {
     let derives = || -> f64 { daemons.iter().map(|d| d.metric(DERIVES_OK)).sum() };
     let derived_before = derives();
     let envelopes = AtomicU64::new(0);
     // Timed from when every client has its connection: the mTLS
     // handshakes are setup, not unwraps (before 2026-12-07 they were
-    // inside the window, about 1% of it at 16 clients).
-    let ready = std::sync::Barrier::new(clients + 1);
-    let mut started = Instant::now();
+    // inside the window, about 1% of it at 16 clients). From the first
+    // client past the barrier (helper-197: this thread may wake after
+    // them).
+    let ready = std::sync::Barrier::new(clients);
+    let first = std::sync::Mutex::new(None::<Instant>);
     std::thread::scope(|s| {
         for i in 0..clients {
-            let (envelopes, ready) = (&envelopes, &ready);
+            let (envelopes, ready, first) = (&envelopes, &ready, &first);
             // Clients spread over the replicas, as a load balancer would.
             let agency = &agencies[i % agencies.len()];
             s.spawn(move || {
@@ -1416,8 +1432,11 @@ fn unwrap_rate(
                 // wait at it for ever.
                 let conn = agency.connect();
                 ready.wait();
+                let started = *first
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get_or_insert_with(Instant::now);
                 let mut conn = conn.expect("connect");
-                let started = Instant::now();
                 loop {
                     let r = conn
                         .request("POST", "/v1/unwrap", &[], Some(body))
@@ -1430,12 +1449,15 @@ fn unwrap_rate(
                 }
             });
         }
-        ready.wait();
-        started = Instant::now();
     });
-    let rate = envelopes.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let started = first
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .expect("a client");
+    let elapsed = started.elapsed();
+    let rate = envelopes.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64();
     assert_derived(envelopes.into_inner(), derives() - derived_before);
-    rate
+    (rate, elapsed)
 }
 
 /// Stops the run unless the daemons' successful HSM derives during a load
