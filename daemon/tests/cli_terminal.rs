@@ -207,3 +207,26 @@ fn the_default_config_files_are_the_readmes() {
         );
     }
 }
+
+/// The README's error line: `lavd: <code>: <message>`, with
+/// `command_failed` where no more precise code applies (here, a key file
+/// that cannot be created in a directory that does not exist), exit 1.
+#[test]
+fn an_error_with_no_precise_code_is_command_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out_path = dir.path().join("missing").join("k.json");
+    let out = lavd(&[
+        "warrant",
+        "keygen",
+        "--kid",
+        "judicial-1",
+        "--out",
+        out_path.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("lavd: command_failed: creating ") && stderr.contains("k.json"),
+        "{stderr}"
+    );
+}
