@@ -54,9 +54,9 @@
 //!   just before it: the same on the same fresh token and store, before
 //!   the prefill, with an empty log, on a daemon stopped before the
 //!   prefill (the target); and, for comparison, against (c);
-//! - (g) (a), and single-client 1000-envelope unwraps (the median of
-//!   three; not (c)'s grid of batches and clients), through the latency
-//!   module
+//! - (g) (a), single-client 1000-envelope unwraps (the median of three),
+//!   and, in the target's mode, (c)'s grid of batches and clients (since
+//!   2026-12-07), through the latency module
 //!   (`softhsm-tests/pkcs11-shim`) at 1 ms per PKCS#11 call, 16 sessions:
 //!   first with every call returning 1 ms after it was made, SoftHSM's work
 //!   inside (`latency_us`, the target's mode), then with 1 ms slept before
@@ -612,6 +612,32 @@ fn main() -> std::process::ExitCode {
                 for (what, mean) in after.since(&before) {
                     report.row("g", &g_inside_row(what), mean * 1e3, "ms");
                 }
+                // (c)'s grid through the module, in the target's mode:
+                // envelopes per second at each batch size and client
+                // count, as (c) measures them.
+                let grid_warrant = big_warrant("BENCH-G-GRID");
+                for &(batch, client_counts) in G_GRID {
+                    let body = unwrap_body(&grid_warrant, &slow_envelopes[..batch]);
+                    for &clients in client_counts {
+                        let rate = unwrap_rate(
+                            std::slice::from_ref(&daemon),
+                            std::slice::from_ref(&agency),
+                            &body,
+                            batch,
+                            clients,
+                            options.seconds(),
+                        );
+                        report.row(
+                            "g",
+                            &format!(
+                                "/v1/unwrap, {}, batch {batch}, {clients} client(s)",
+                                G_LATENCY.label
+                            ),
+                            rate,
+                            "envelopes/s",
+                        );
+                    }
+                }
             }
         }
         let ideal = (CALLS_PER_OPEN * 1000 * SHIM_DELAY_US) as f64 / 1e6 / SHIM_POOL as f64;
@@ -994,6 +1020,10 @@ impl GMode {
         )
     }
 }
+
+/// (c)'s batch sizes and client counts, run through the latency module
+/// too.
+const G_GRID: &[(usize, &[usize])] = &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])];
 
 /// The target's mode: every call takes 1 ms from the moment it is made,
 /// SoftHSM's own work inside it, as a network HSM's work is inside its
