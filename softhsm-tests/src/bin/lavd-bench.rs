@@ -411,11 +411,7 @@ fn main() -> std::process::ExitCode {
             report.row("d", D_SIGN_SPACED, sign_spaced * 1e3, "ms");
         }
         let mut best_1000 = 0f64;
-        let loads: &[(usize, &[usize])] = if runs_c {
-            &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])]
-        } else {
-            &[]
-        };
+        let loads: &[(usize, &[usize])] = if runs_c { GRID } else { &[] };
         // (a) on one session per core again, before each batch-1000
         // measurement and after the last, so that the target's two figures
         // see the same minutes of this shared machine.
@@ -621,7 +617,7 @@ fn main() -> std::process::ExitCode {
         // measures them.
         shim.set(&G_LATENCY.setting());
         let grid_warrant = big_warrant("BENCH-G-GRID");
-        for &(batch, client_counts) in G_GRID {
+        for &(batch, client_counts) in GRID {
             let body = unwrap_body(&grid_warrant, &slow_envelopes[..batch]);
             for &clients in client_counts {
                 let rate = unwrap_rate(
@@ -1024,9 +1020,9 @@ impl GMode {
     }
 }
 
-/// (c)'s batch sizes and client counts, run through the latency module
-/// too.
-const G_GRID: &[(usize, &[usize])] = &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])];
+/// (c)'s batch sizes, each with its client counts; (g) runs them through
+/// the latency module too.
+const GRID: &[(usize, &[usize])] = &[(1, &[1, 4, 16]), (100, &[1, 4, 16]), (1000, &[1, 4, 16])];
 
 /// The target's mode: every call takes 1 ms from the moment it is made,
 /// SoftHSM's own work inside it, as a network HSM's work is inside its
