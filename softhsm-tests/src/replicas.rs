@@ -50,6 +50,18 @@ impl Cluster {
     /// fault module `shim` (made on `t`) when given, with `store` (TOML
     /// lines) added to `[store]`.
     pub fn start_on(t: TestToken, limits: &str, shim: Option<&crate::Shim>, store: &str) -> Self {
+        Self::start_with_hsm(t, limits, shim, store, "")
+    }
+
+    /// As [`Cluster::start_on`], with `hsm` (TOML lines) added to `[hsm]`.
+    pub fn start_with_hsm(
+        t: TestToken,
+        limits: &str,
+        shim: Option<&crate::Shim>,
+        store: &str,
+        hsm: &str,
+    ) -> Self {
+        let hsm = format!("sessions = 4\n{hsm}");
         let pki = Pki::new(&t);
         let db = TestDb::create();
         let config = serve_config(&format!(
@@ -60,13 +72,13 @@ impl Cluster {
             None => db.write_token_config_hsm(
                 &t,
                 &crate::module_path(),
-                "sessions = 4\n",
+                &hsm,
                 &format!("{store}{config}"),
             ),
             Some(shim) => db.write_token_config_hsm(
                 &t,
                 &crate::shim_module_path(),
-                "sessions = 4\n",
+                &hsm,
                 &format!("{store}{}\n{config}", shim.hsm_env()),
             ),
         }

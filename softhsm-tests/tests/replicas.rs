@@ -1,16 +1,17 @@
 //! Several `lavd serve` replicas on one SoftHSM token and one PostgreSQL
 //! database, driven by real mTLS clients: the budget holds exactly across
 //! them, they write one log whose every checkpoint is consistent with the
-//! final one, and a revocation through one stops the others.
+//! final one, and a revocation through one, or a key's destruction through
+//! the shared store, stops the others' unwraps, those in flight included.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Instant;
 
 use lavd::audit::merkle::{self, MemoryTree};
 use lavd::audit::note::{self, VerifierKey};
-use softhsm_tests::assert_ok;
 use softhsm_tests::replicas::Cluster;
 use softhsm_tests::vault;
+use softhsm_tests::{assert_ok, eventually};
 
 const REPLICAS: usize = softhsm_tests::replicas::REPLICAS;
 
@@ -481,4 +482,157 @@ fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
             "replica {i}: {stderr}"
         );
     }
+}
+
+/// PROTOCOL §7's destruction across replicas, while unwraps of the key are
+/// in flight on other replicas. `lavd keys destroy` runs as its own process
+/// on the shared database and token; the fault module's `hang` pins each
+/// order, as `key_destroyed_in_flight.rs` does on one daemon:
+///
+/// 1. replica B's unwrap of `E-2` has its intent committed and its secret
+///    derived, and waits in the call that destroys the derived secret;
+///    `E-2`'s destruction commits meanwhile. B must see it in the shared
+///    store: `key_destroyed`, nothing spent, its leaf after the
+///    destruction's and denied;
+/// 2. replica C's unwrap of `E-3` has its leaf and spend committed and
+///    waits in its checkpoint's signature; `E-3`'s destruction commits
+///    meanwhile. C must not release it: `key_destroyed`, its unit spent,
+///    counted apart.
+///
+/// Afterwards replica A, which took no part, refuses both keys.
+#[test]
+fn a_key_destroyed_through_the_store_stops_unwraps_in_flight_on_other_replicas() {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+    let t = softhsm_tests::TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    // Long enough that the held calls are not timed out.
+    let c = Cluster::start_with_hsm(t, "", Some(&shim), "", "call_timeout_ms = 60000\n");
+    vault::generate_escrow_key(&c.t, "E-2");
+    vault::generate_escrow_key(&c.t, "E-3");
+    let (a, b, z) = (&c.clients[0], &c.clients[1], &c.clients[2]);
+    let seal = |kid: &str, tag: &str| {
+        vault::seal(
+            &vault::published_key(&b.provider, kid),
+            kid,
+            vault::TARGET,
+            time::OffsetDateTime::now_utc() - time::Duration::hours(1),
+            tag,
+            &[7; 32],
+        )
+    };
+    let (doomed_b, doomed_c) = (seal("E-2", "in-flight"), seal("E-3", "at-signing"));
+    // Sealed now: a destroyed key is no longer published.
+    let later = [seal("E-2", "later"), seal("E-3", "later")];
+    // One unit each.
+    let warrants: std::collections::HashMap<&str, serde_json::Value> =
+        ["W-XD-A", "W-XD-B", "W-XD-C"]
+            .into_iter()
+            .map(|id| (id, c.warrant(id, 1)))
+            .collect();
+    let unwrap = |on: &vault::Clients, id: &str, envelope: &serde_json::Value| {
+        vault::post(
+            &on.agency,
+            "/v1/unwrap",
+            &serde_json::json!({"warrant": warrants[id], "envelopes": [envelope]}),
+        )
+    };
+    let mut db = c.db.client();
+    let mut query =
+        |sql: &str, kid_or_id: &str| -> i64 { db.query_one(sql, &[&kid_or_id]).unwrap().get(0) };
+    let destroy = |kid: &str| {
+        c.t.lavd_with_config(&[
+            "keys", "destroy", "--kid", kid, "--force", "--reason", "seized",
+        ])
+    };
+    let destroyed = "SELECT count(*) FROM escrow_keys WHERE kid = $1 AND destroyed_at IS NOT NULL";
+    let intents = "SELECT count(*) FROM open_intents WHERE warrant_id = $1";
+    let spent = "SELECT coalesce(max(spent), 0) FROM warrants WHERE id = $1";
+
+    // 1. On B, held after the derive; the destruction commits meanwhile.
+    shim.set("fault = hang\nfault_calls = C_DestroyObject");
+    let (reply_b, destroyed_2) = std::thread::scope(|s| {
+        let _release = shim.releasing();
+        let request = s.spawn(|| unwrap(b, "W-XD-B", &doomed_b));
+        eventually("B's intent and derived secret", WAIT, || {
+            query(intents, "W-XD-B") == 1 && shim.faults() > 0
+        });
+        assert!(!request.is_finished());
+        let destruction = s.spawn(|| destroy("E-2"));
+        // Its token call waits too.
+        eventually("E-2's committed destruction", WAIT, || {
+            query(destroyed, "E-2") == 1
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!request.is_finished(), "B answered while held");
+        assert!(!destruction.is_finished(), "E-2 left the token while held");
+        shim.set("");
+        (request.join().unwrap(), destruction.join().unwrap())
+    });
+    assert_ok(&destroyed_2);
+    assert_eq!(reply_b.status, 200, "{}", reply_b.text());
+    let reply_b = reply_b.json();
+    assert_eq!(vault::statuses(&reply_b), ["key_destroyed"]);
+    assert_eq!(query(spent, "W-XD-B"), 0);
+    assert_eq!(query(intents, "W-XD-B"), 0);
+
+    // 2. On C, held in its checkpoint's signature after its audit commit.
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    let (reply_c, destroyed_3) = std::thread::scope(|s| {
+        let _release = shim.releasing();
+        let request = s.spawn(|| unwrap(z, "W-XD-C", &doomed_c));
+        eventually("C's audit commit", WAIT, || query(spent, "W-XD-C") == 1);
+        // Signs nothing: it runs to the end while C waits.
+        let destruction = destroy("E-3");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!request.is_finished(), "C answered while held");
+        shim.set("");
+        (request.join().unwrap(), destruction)
+    });
+    assert_ok(&destroyed_3);
+    assert_eq!(reply_c.status, 200, "{}", reply_c.text());
+    let reply_c = reply_c.json();
+    assert_eq!(vault::statuses(&reply_c), ["key_destroyed"]);
+    assert_eq!(query(spent, "W-XD-C"), 1);
+    let unreleased = "lavd_envelopes_unreleased_total{code=\"key_destroyed\"}";
+    assert_eq!(c.daemons[2].metric(unreleased), 1.0);
+
+    // The one log, read through A: B's leaf after E-2's destruction and
+    // denied; C's opened, before E-3's destruction; no other leaf opened
+    // either key.
+    let log = vault::entries(&a.auditor, 0, vault::tree_size(&a.auditor));
+    let destruction_of = |kid: &str| {
+        log.iter()
+            .find(|e| e.leaf["event"] == "key_destroyed" && e.leaf["kid"] == kid)
+            .unwrap_or_else(|| panic!("no key_destroyed leaf for {kid}"))
+            .index
+    };
+    let leaf_of = |reply: &serde_json::Value| {
+        let first = reply["audit"]["first_index"].as_u64().unwrap();
+        (first, &log[usize::try_from(first).unwrap()].leaf)
+    };
+    let (b_at, b_leaf) = leaf_of(&reply_b);
+    assert!(b_at > destruction_of("E-2"), "{b_at}");
+    assert_eq!(b_leaf["outcome"], "denied");
+    assert_eq!(b_leaf["reason"], "key_destroyed");
+    let (c_at, c_leaf) = leaf_of(&reply_c);
+    assert!(c_at < destruction_of("E-3"), "{c_at}");
+    assert_eq!(c_leaf["outcome"], "opened");
+    let opened: Vec<u64> = log
+        .iter()
+        .filter(|e| {
+            e.leaf["outcome"] == "opened" && (e.leaf["kid"] == "E-2" || e.leaf["kid"] == "E-3")
+        })
+        .map(|e| e.index)
+        .collect();
+    assert_eq!(opened, [c_at]);
+
+    // A, which took no part, refuses both keys; B's unit was not spent.
+    for envelope in &later {
+        let r = unwrap(a, "W-XD-A", envelope);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(vault::statuses(&r.json()), ["key_destroyed"], "{envelope}");
+    }
+    let r = unwrap(a, "W-XD-B", &c.envelope(0));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(vault::statuses(&r.json()), ["ok"]);
 }
