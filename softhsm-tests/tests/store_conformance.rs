@@ -1866,6 +1866,126 @@ fn postgres_an_intent_is_an_orphan_once_its_lease_runs_out() {
     assert_eq!(a.reserve("L", 2).unwrap().granted(), 2);
 }
 
+/// Three replicas sweep at once (as their sweep threads do after a replica
+/// died) while the dead replica's last request settles late: each orphan
+/// intent's leaves are written exactly once, by one sweeper, and the late
+/// settle either spent and took its intent first (its leaves `opened`, no
+/// sweep writes it) or found it swept (its leaves `audit_commit_failed`,
+/// nothing spent). No unit is spent for a swept intent, and once the lease
+/// is over the budgets are whole again. helper-183's 6: before, sweeps
+/// were tested one replica at a time.
+#[test]
+fn postgres_replicas_sweeping_at_once_write_each_orphan_once() {
+    const DEAD: usize = 6;
+    let db = TestDb::create();
+    let open = || PgStore::connect(&db.settings_with_lease(LEASE)).unwrap();
+    let dead = open();
+    // The one request of the dead replica that lives on to settle late:
+    // the oldest intent, so the first each sweeper takes.
+    dead.register(&record("T", 9, 9, false, 2)).unwrap();
+    let (bytes, _) = intent("T", 2);
+    let late = dead.reserve_with_intent("T", &bytes).unwrap();
+    let ids: Vec<String> = (0..DEAD).map(|i| format!("S{i}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let seed = u8::try_from(i + 10).unwrap();
+        dead.register(&record(id, seed, seed, false, 2)).unwrap();
+        let (bytes, _) = intent(id, 2);
+        assert_eq!(dead.reserve_with_intent(id, &bytes).unwrap().granted(), 2);
+    }
+    let size = dead.tree_size().unwrap();
+    past_the_lease(LEASE);
+
+    let sweepers: Vec<PgStore> = (0..3).map(|_| open()).collect();
+    let start = std::sync::Barrier::new(sweepers.len() + 1);
+    let (written, settled) = std::thread::scope(|s| {
+        let sweeps: Vec<_> = sweepers
+            .iter()
+            .map(|store| {
+                let start = &start;
+                s.spawn(move || {
+                    start.wait();
+                    let mut written = Vec::new();
+                    loop {
+                        let orphans = store.orphaned_intents(64).unwrap();
+                        if orphans.is_empty() {
+                            return written;
+                        }
+                        for orphan in orphans {
+                            let append = AuditAppend {
+                                events: orphan.leaves.into_iter().map(Event::from).collect(),
+                                time: now(),
+                                spend: Spend::ClearIntent(orphan.id),
+                            };
+                            match store.append(append) {
+                                Ok(a) => written.push((orphan.warrant_id, a.first_index, a.count)),
+                                Err(StoreError::IntentSettled(id)) => assert_eq!(id, orphan.id),
+                                Err(e) => panic!("{e}"),
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let settled = dead
+            .append(AuditAppend {
+                events: vec![opened("T"), opened("T")],
+                time: now(),
+                spend: Spend::Settle {
+                    reservation: late,
+                    opened: 2,
+                },
+            })
+            .unwrap();
+        let written: Vec<_> = sweeps.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        (written, settled)
+    });
+
+    // Each intent written once, its two leaves `open_interrupted`.
+    let swept_late = settled.withdrawn.intent_swept;
+    let mut by_warrant: Vec<&str> = written.iter().map(|w| w.0.as_str()).collect();
+    by_warrant.sort_unstable();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    if swept_late {
+        expected.push("T");
+    }
+    assert_eq!(by_warrant, expected, "{written:?}");
+    for (_, first, count) in &written {
+        assert_eq!(
+            outcomes(&dead, *first, *count),
+            [("denied", "open_interrupted"); 2].map(|(o, r)| (o.to_string(), r.to_string()))
+        );
+    }
+    // The late settle's own two leaves, and nothing else was written.
+    let late_leaves = outcomes(&dead, settled.first_index, settled.count);
+    let (outcome, reason) = if swept_late {
+        ("denied", "audit_commit_failed")
+    } else {
+        ("opened", "-")
+    };
+    assert_eq!(
+        late_leaves,
+        [(outcome, reason); 2].map(|(o, r)| (o.to_string(), r.to_string()))
+    );
+    assert_eq!(
+        dead.tree_size().unwrap(),
+        size + 2 * written.len() as u64 + 2
+    );
+    assert_eq!(dead.orphaned_intents(64).unwrap(), []);
+    assert_eq!(db.rows("open_intents"), 0);
+    // Nothing spent for a swept intent; the late settle spent only if it
+    // took its intent first.
+    for id in &ids {
+        assert_eq!(dead.spent(id).unwrap(), Some(0), "{id}");
+        assert_eq!(dead.reserve(id, 2).unwrap().granted(), 2, "{id}");
+    }
+    assert_eq!(
+        dead.spent("T").unwrap(),
+        Some(if swept_late { 0 } else { 2 })
+    );
+    println!("the late settle found its intent swept: {swept_late}");
+}
+
 /// A reservation whose answer is lost (the connection cut just after the
 /// statement was sent: the server runs and commits it, the client never
 /// hears) is cancelled from a new connection: its units are free at once
