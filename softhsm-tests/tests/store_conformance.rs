@@ -1516,6 +1516,22 @@ fn sqlite_commits_are_flushed_before_they_return() {
     assert_eq!(store.synchronous().unwrap(), 2, "after an open intent");
 }
 
+/// An error the server answered says what the server said, not only the
+/// client's "db error": a database made read-only (as a standby in
+/// recovery is) refuses the migration's first write with SQLSTATE 25006,
+/// and the error's text carries the code. Before, the daemon's log lines
+/// said "store …: db error" for every refusal (seen in
+/// `replicas_db_failover.rs`, where a standby refused writes).
+#[test]
+fn postgres_an_error_the_server_answers_says_what_it_said() {
+    let db = TestDb::create();
+    db.set_default("default_transaction_read_only", "on");
+    let e = PgStore::connect(&db.settings()).expect_err("a read-only database was migrated");
+    let text = e.to_string();
+    assert!(matches!(e, StoreError::Postgres { .. }), "{text}");
+    assert!(text.contains(": db error: ERROR 25006: "), "{text}");
+}
+
 /// A database whose default `synchronous_commit` is `off` or `local` would
 /// acknowledge spends and leaves that a crash or a failover then loses, after
 /// lavd released keys against them: every session of the store commits
@@ -1616,7 +1632,7 @@ fn postgres_serialization_failures_are_retried_and_counted() {
                         let result = store.reserve("S", 1).and_then(|r| store.settle(r, 1));
                         match result {
                             Ok(()) => ok += 1,
-                            Err(StoreError::Postgres { source, .. })
+                            Err(StoreError::Postgres { error: source, .. })
                                 if source.code()
                                     == Some(
                                         &::postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,

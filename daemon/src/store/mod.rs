@@ -116,6 +116,21 @@ pub fn probe_sqlite(path: &std::path::Path) -> Result<Result<(), String>, StoreE
 }
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
+/// [`StoreError::Postgres`]'s text of the client's error: for an error the
+/// server answered, what it said (severity, SQLSTATE and message; the
+/// client's own text is only "db error"), and for any other its cause (the
+/// I/O error, the refused connection). Escaped for a terminal: a message
+/// may quote a value a client sent, such as a warrant id. The server's
+/// DETAIL and HINT lines are left out: they may quote whole rows.
+fn postgres_text(e: &::postgres::Error) -> String {
+    let said = match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        (None, Some(cause)) => cause.to_string(),
+        (None, None) => return e.to_string(),
+    };
+    format!("{e}: {}", crate::codec::escape_for_terminal(&said))
+}
+
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -139,13 +154,15 @@ pub enum StoreError {
     /// PostgreSQL refused an operation or could not be reached (connection
     /// refused or lost, statement timeout, a serialization failure still
     /// failing after its retries). The store is unavailable (HTTP 503).
-    #[error("store {store}: {source}")]
+    #[error("store {store}: {}", postgres_text(error))]
     Postgres {
         /// The server and database (never the password).
         store: String,
-        /// The client's error.
-        #[source]
-        source: ::postgres::Error,
+        /// The client's error. Not the error's `source`: its own text
+        /// ([`postgres_text`]) says what the server said, which the
+        /// client's `Display` does not ("db error"), and a chain printed
+        /// whole would say it twice.
+        error: ::postgres::Error,
     },
     /// No database connection became free within the pool wait, or none
     /// could be opened: the store is unavailable (HTTP 503).

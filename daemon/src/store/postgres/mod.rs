@@ -739,7 +739,7 @@ fn commit_fate_unknown(severity: Option<postgres::error::Severity>, code: Option
 fn server_lost(e: &StoreError) -> bool {
     match e {
         StoreError::Unavailable { .. } => true,
-        StoreError::Postgres { source, .. } => {
+        StoreError::Postgres { error: source, .. } => {
             source.is_closed()
                 || source.code().is_some_and(commit_may_have_landed)
                 || std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>())
@@ -750,7 +750,7 @@ fn server_lost(e: &StoreError) -> bool {
 
 /// Whether `e` is worth running the transaction again.
 fn retryable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Postgres { source, .. }
+    matches!(e, StoreError::Postgres { error: source, .. }
         if source.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
             || source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
 }
@@ -913,7 +913,7 @@ impl PgStore {
     fn pg_err(&self, source: postgres::Error) -> StoreError {
         StoreError::Postgres {
             store: self.describe.clone(),
-            source,
+            error: source,
         }
     }
 

@@ -189,7 +189,7 @@ impl Pool {
         };
         let pg_err = |source| StoreError::Postgres {
             store: self.describe.clone(),
-            source,
+            error: source,
         };
         let mut client = result.map_err(pg_err)?;
         if let Some(found) = durable_commits(&mut client).map_err(pg_err)? {
