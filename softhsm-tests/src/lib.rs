@@ -13,6 +13,7 @@ pub mod faults;
 pub mod load;
 pub mod pg;
 pub mod pg_cluster;
+pub mod pg_standby;
 pub mod replicas;
 pub mod server;
 pub mod vault;

@@ -25,7 +25,7 @@ pub struct OwnCluster {
     version: String,
 }
 
-fn privileged(program: &str) -> Command {
+pub(crate) fn privileged(program: &str) -> Command {
     if rustix::process::getuid().is_root() {
         Command::new(program)
     } else {
@@ -35,7 +35,7 @@ fn privileged(program: &str) -> Command {
     }
 }
 
-fn run(mut command: Command) -> Output {
+pub(crate) fn run(mut command: Command) -> Output {
     let out = command
         .output()
         .unwrap_or_else(|e| panic!("{command:?}: {e} (run .ci/setup --tests)"));
@@ -44,7 +44,7 @@ fn run(mut command: Command) -> Output {
 }
 
 /// `(version, name, status)` of every cluster.
-fn clusters() -> Vec<(String, String, String)> {
+pub(crate) fn clusters() -> Vec<(String, String, String)> {
     let out = run({
         let mut c = Command::new("pg_lsclusters");
         c.arg("-h");

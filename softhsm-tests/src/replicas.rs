@@ -61,9 +61,20 @@ impl Cluster {
         store: &str,
         hsm: &str,
     ) -> Self {
+        Self::start_with_db(t, TestDb::create(), limits, shim, store, hsm)
+    }
+
+    /// As [`Cluster::start_with_hsm`], on database `db`.
+    pub fn start_with_db(
+        t: TestToken,
+        db: TestDb,
+        limits: &str,
+        shim: Option<&crate::Shim>,
+        store: &str,
+        hsm: &str,
+    ) -> Self {
         let hsm = format!("sessions = 4\n{hsm}");
         let pki = Pki::new(&t);
-        let db = TestDb::create();
         let config = serve_config(&format!(
             "{}[limits]\nrate_limit_per_second = 100000.0\nrate_limit_burst = 100000\n{limits}\n",
             vault::roles_toml()
