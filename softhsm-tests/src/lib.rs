@@ -128,6 +128,18 @@ impl Shim {
         ShimRelease(self)
     }
 
+    /// Forgets the stats: [`Self::faults`] is 0 until a process of the
+    /// module next writes them. Each process writes its own counts to the
+    /// one file, so a test with several processes that waits for a fault
+    /// of one of them resets first.
+    pub fn reset_stats(&self) {
+        match std::fs::remove_file(&self.stats) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("{}: {e}", self.stats.display()),
+        }
+    }
+
     /// How many faults the module has injected since it was loaded, PIN
     /// refusals included (0 before the first).
     pub fn faults(&self) -> u64 {

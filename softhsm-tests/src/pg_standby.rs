@@ -10,6 +10,10 @@
 //! `synchronous_standby_names = '*'` on the primary (set after the base
 //! backup, so that the standby, once promoted, waits for no standby of its
 //! own), and `pg_ctlcluster … promote`.
+//!
+//! A test process killed before the pair is dropped (the binary's time
+//! limit) leaves both clusters running; the next [`Pair::create`] drops
+//! them first.
 
 use std::time::{Duration, Instant};
 
@@ -55,6 +59,19 @@ fn wait(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// The data directory of cluster `name` (`pg_lsclusters`).
+fn clusters_data(name: &str) -> String {
+    let mut c = std::process::Command::new("pg_lsclusters");
+    c.arg("-h");
+    let out = run(c);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|w| w.len() >= 6 && w[1] == name)
+        .map(|w| w[5].to_string())
+        .unwrap_or_else(|| panic!("no data directory listed for {name}"))
+}
+
 impl Pair {
     /// Drops any pair a previous run left, makes the primary (with the
     /// tests' role), a standby from its base backup, and makes the primary
@@ -83,14 +100,22 @@ impl Pair {
         create(PRIMARY, true);
         psql(
             PRIMARY.1,
-            "CREATE ROLE lavd_test LOGIN CREATEDB PASSWORD 'lavd_test'",
+            &format!(
+                "CREATE ROLE {} LOGIN CREATEDB PASSWORD '{}'",
+                crate::pg::USER,
+                crate::pg::password()
+            ),
         );
         create(STANDBY, false);
-        let data = format!("/var/lib/postgresql/{}/{}", pair.version, STANDBY.0);
+        // The standby's data directory, as pg_createcluster made it, is
+        // replaced by the base backup (this version's own tool, not
+        // whichever Debian's wrapper would pick).
+        let data = clusters_data(STANDBY.0);
         let mut c = privileged("runuser");
         c.args(["-u", "postgres", "--", "sh", "-c"]).arg(format!(
-            "rm -rf '{data}' && pg_basebackup -h /var/run/postgresql -p {} -D '{data}' -R -X stream -c fast",
-            PRIMARY.1
+            "cd / && rm -rf '{data}' && /usr/lib/postgresql/{}/bin/pg_basebackup \
+             -h /var/run/postgresql -p {} -D '{data}' -R -X stream -c fast",
+            pair.version, PRIMARY.1
         ));
         run(c);
         pair.ctl(STANDBY.0, &["start"]);
@@ -111,6 +136,11 @@ impl Pair {
                 "SELECT string_agg(sync_state, ',') FROM pg_stat_replication",
             ) == "sync"
         });
+        // The walsender has the new setting, so the postmaster has
+        // signalled every process; a commit waits for the standby only once
+        // the checkpointer has applied it too, which it does first on
+        // waking for a checkpoint, before CHECKPOINT returns.
+        psql(PRIMARY.1, "CHECKPOINT");
         pair
     }
 

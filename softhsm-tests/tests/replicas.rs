@@ -550,6 +550,7 @@ fn a_key_destroyed_through_the_store_stops_unwraps_in_flight_on_other_replicas()
 
     // 1. On B, held after the derive; the destruction commits meanwhile.
     shim.set("fault = hang\nfault_calls = C_DestroyObject");
+    shim.reset_stats();
     let (reply_b, destroyed_2) = std::thread::scope(|s| {
         let _release = shim.releasing();
         let request = s.spawn(|| unwrap(b, "W-XD-B", &doomed_b));
@@ -577,10 +578,13 @@ fn a_key_destroyed_through_the_store_stops_unwraps_in_flight_on_other_replicas()
 
     // 2. On C, held in its checkpoint's signature after its audit commit.
     shim.set("fault = hang\nfault_calls = C_Sign");
+    shim.reset_stats();
     let (reply_c, destroyed_3) = std::thread::scope(|s| {
         let _release = shim.releasing();
         let request = s.spawn(|| unwrap(z, "W-XD-C", &doomed_c));
-        eventually("C's audit commit", WAIT, || query(spent, "W-XD-C") == 1);
+        eventually("C's audit commit and held signature", WAIT, || {
+            query(spent, "W-XD-C") == 1 && shim.faults() > 0
+        });
         // Signs nothing: it runs to the end while C waits.
         let destruction = destroy("E-3");
         std::thread::sleep(std::time::Duration::from_millis(200));

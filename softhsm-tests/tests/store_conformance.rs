@@ -1530,6 +1530,32 @@ fn postgres_an_error_the_server_answers_says_what_it_said() {
     let text = e.to_string();
     assert!(matches!(e, StoreError::Postgres { .. }), "{text}");
     assert!(text.contains(": db error: ERROR 25006: "), "{text}");
+
+    // A message is escaped for a terminal (it may quote what a client
+    // sent), and the DETAIL line, which may quote a row, is left out: a
+    // trigger of the tests' own refuses a warrant so.
+    let db = TestDb::create();
+    let store = PgStore::connect(&db.settings()).unwrap();
+    db.client()
+        .batch_execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               RAISE EXCEPTION USING ERRCODE = 'P0001', \
+                 MESSAGE = E'refused \\x1b[31mred', DETAIL = 'the-row-itself'; \
+             END $$; \
+             CREATE TRIGGER refuse BEFORE INSERT ON warrants \
+               FOR EACH ROW EXECUTE FUNCTION refuse();",
+        )
+        .unwrap();
+    let text = store
+        .register(&record("W", 1, 1, false, 1))
+        .expect_err("the trigger refuses")
+        .to_string();
+    assert!(
+        text.contains(": db error: ERROR P0001: refused \\u{1b}[31mred"),
+        "{text}"
+    );
+    assert!(!text.contains('\u{1b}'), "{text}");
+    assert!(!text.contains("the-row-itself"), "{text}");
 }
 
 /// A database whose default `synchronous_commit` is `off` or `local` would
@@ -1632,8 +1658,8 @@ fn postgres_serialization_failures_are_retried_and_counted() {
                         let result = store.reserve("S", 1).and_then(|r| store.settle(r, 1));
                         match result {
                             Ok(()) => ok += 1,
-                            Err(StoreError::Postgres { error: source, .. })
-                                if source.code()
+                            Err(StoreError::Postgres { error, .. })
+                                if error.code()
                                     == Some(
                                         &::postgres::error::SqlState::T_R_SERIALIZATION_FAILURE,
                                     ) =>

@@ -116,21 +116,6 @@ pub fn probe_sqlite(path: &std::path::Path) -> Result<Result<(), String>, StoreE
 }
 pub use warrants::{Registration, Reservation, Revocation, WarrantRecord, WarrantStore};
 
-/// [`StoreError::Postgres`]'s text of the client's error: for an error the
-/// server answered, what it said (severity, SQLSTATE and message; the
-/// client's own text is only "db error"), and for any other its cause (the
-/// I/O error, the refused connection). Escaped for a terminal: a message
-/// may quote a value a client sent, such as a warrant id. The server's
-/// DETAIL and HINT lines are left out: they may quote whole rows.
-fn postgres_text(e: &::postgres::Error) -> String {
-    let said = match (e.as_db_error(), std::error::Error::source(e)) {
-        (Some(db), _) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        (None, Some(cause)) => cause.to_string(),
-        (None, None) => return e.to_string(),
-    };
-    format!("{e}: {}", crate::codec::escape_for_terminal(&said))
-}
-
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -296,6 +281,30 @@ pub enum StoreError {
         /// What was wrong.
         what: String,
     },
+}
+
+/// [`StoreError::Postgres`]'s text of the client's error, and that of any
+/// other message quoting one: for an error the server answered, what it
+/// said (severity, SQLSTATE and message; the client's own text is only
+/// "db error"), and for any other its cause (the I/O error, the refused
+/// connection, the URL's bad option). Escaped for a terminal: a message may
+/// quote a value a client sent, such as a warrant id. The severity is the
+/// server's unlocalized one where it sent it (`lc_messages` translates the
+/// other). The server's DETAIL and HINT lines are left out: they may quote
+/// whole rows.
+pub(crate) fn postgres_text(e: &::postgres::Error) -> String {
+    let said = match (e.as_db_error(), std::error::Error::source(e)) {
+        (Some(db), _) => format!(
+            "{} {}: {}",
+            db.parsed_severity()
+                .map_or_else(|| db.severity().to_string(), |s| s.to_string()),
+            db.code().code(),
+            db.message()
+        ),
+        (None, Some(cause)) => cause.to_string(),
+        (None, None) => return e.to_string(),
+    };
+    format!("{e}: {}", crate::codec::escape_for_terminal(&said))
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many

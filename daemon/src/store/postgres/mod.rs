@@ -190,7 +190,9 @@ pub fn parse_url(url: &str) -> Result<ParsedUrl, String> {
     } else {
         format!("{base}?{}", rest.join("&"))
     };
-    let mut config: postgres::Config = cleaned.parse().map_err(|e| format!("{e}"))?;
+    let mut config: postgres::Config = cleaned
+        .parse()
+        .map_err(|e| crate::store::postgres_text(&e))?;
     if config.get_password().is_some() {
         return Err("holds a password: use password_file or password_env".into());
     }
@@ -739,10 +741,10 @@ fn commit_fate_unknown(severity: Option<postgres::error::Severity>, code: Option
 fn server_lost(e: &StoreError) -> bool {
     match e {
         StoreError::Unavailable { .. } => true,
-        StoreError::Postgres { error: source, .. } => {
-            source.is_closed()
-                || source.code().is_some_and(commit_may_have_landed)
-                || std::error::Error::source(source).is_some_and(|s| s.is::<std::io::Error>())
+        StoreError::Postgres { error, .. } => {
+            error.is_closed()
+                || error.code().is_some_and(commit_may_have_landed)
+                || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
         }
         _ => false,
     }
@@ -750,9 +752,9 @@ fn server_lost(e: &StoreError) -> bool {
 
 /// Whether `e` is worth running the transaction again.
 fn retryable(e: &StoreError) -> bool {
-    matches!(e, StoreError::Postgres { error: source, .. }
-        if source.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
-            || source.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
+    matches!(e, StoreError::Postgres { error, .. }
+        if error.code() == Some(&SqlState::T_R_SERIALIZATION_FAILURE)
+            || error.code() == Some(&SqlState::T_R_DEADLOCK_DETECTED))
 }
 
 impl PgStore {
@@ -910,10 +912,10 @@ impl PgStore {
         self.retries.load(Ordering::Relaxed)
     }
 
-    fn pg_err(&self, source: postgres::Error) -> StoreError {
+    fn pg_err(&self, error: postgres::Error) -> StoreError {
         StoreError::Postgres {
             store: self.describe.clone(),
-            error: source,
+            error,
         }
     }
 
@@ -2063,7 +2065,7 @@ impl PgStore {
             // committed is for the database to say.
             Err(e) => match self.commit_outcome(&xact) {
                 Ok(true) => {
-                    tracing::warn!(error = %e, xid = %xact.xid, "the connection died with the audit COMMIT in flight; PostgreSQL says it committed");
+                    tracing::warn!(error = %crate::store::postgres_text(&e), xid = %xact.xid, "the connection died with the audit COMMIT in flight; PostgreSQL says it committed");
                     Ok((size, results))
                 }
                 Ok(false) => Err(self.pg_err(e)),
@@ -2174,7 +2176,12 @@ impl PgStore {
                     ),
                     &[&xact.server, &xact.xid],
                 )
-                .map_err(|e| unknown(format!("cannot read its status: {e}")))?;
+                .map_err(|e| {
+                    unknown(format!(
+                        "cannot read its status: {}",
+                        crate::store::postgres_text(&e)
+                    ))
+                })?;
             let same_server: bool = row.get(0);
             let status: Option<String> = row.get(1);
             // A standby (the URL moved to one before it was promoted, or a
@@ -2195,7 +2202,12 @@ impl PgStore {
                 }
                 Some("in progress") if !ended => {
                     conn.query_one("SELECT pg_terminate_backend($1)", &[&xact.pid])
-                        .map_err(|e| unknown(format!("cannot end its backend: {e}")))?;
+                        .map_err(|e| {
+                            unknown(format!(
+                                "cannot end its backend: {}",
+                                crate::store::postgres_text(&e)
+                            ))
+                        })?;
                     ended = true;
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -2219,7 +2231,12 @@ impl PgStore {
                                 (SELECT size FROM audit_head WHERE id = 1)",
                         &[&index],
                     )
-                    .map_err(|e| unknown(format!("cannot read the log: {e}")))?;
+                    .map_err(|e| {
+                        unknown(format!(
+                            "cannot read the log: {}",
+                            crate::store::postgres_text(&e)
+                        ))
+                    })?;
                 let mark: Option<Vec<u8>> = row.get(0);
                 let leaf: Option<Vec<u8>> = row.get(1);
                 let size: Option<i64> = row.get(2);

@@ -187,9 +187,9 @@ impl Pool {
             Tls::Disabled => self.config.connect(NoTls),
             Tls::VerifyFull(tls) => self.config.connect(tls.clone()),
         };
-        let pg_err = |source| StoreError::Postgres {
+        let pg_err = |error| StoreError::Postgres {
             store: self.describe.clone(),
-            error: source,
+            error,
         };
         let mut client = result.map_err(pg_err)?;
         if let Some(found) = durable_commits(&mut client).map_err(pg_err)? {
