@@ -42,8 +42,15 @@ const HOLD_AT: usize = 600;
 /// statuses, leaves' first index and checkpoint.
 type Outcome = (u16, String, Option<(Vec<String>, u64, String)>);
 
+/// The tests of this binary each make and drop the one pair: one at a
+/// time.
+static PAIR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_forks_nothing() {
+    let _one = PAIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = Instant::now();
     let pair = Pair::create();
     let balancer = Forward::start(PRIMARY.1);
@@ -237,5 +244,66 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
         started.elapsed()
     );
     drop(c);
+    drop(pair);
+}
+
+/// The fate of a COMMIT whose answer was lost, asked of a standby still in
+/// recovery: the connection of an append is cut just after its COMMIT is
+/// forwarded to the primary, and by then the balancer sends new
+/// connections, the one that asks the fate included, to the standby, not
+/// yet promoted. A standby may not have replayed a commit yet, so it cannot
+/// say the commit did not happen: the append is answered `CommitUnknown`
+/// (the daemon's 503 `spent_not_released`: nothing released, a retry would
+/// spend again), not failed. Here the standby is synchronous and has the
+/// commit: once promoted, the leaf is there, which "failed" would have
+/// denied. (OPERATIONS §12 said no test reached this branch.)
+#[test]
+fn a_lost_commits_fate_asked_of_a_standby_in_recovery_is_unknown() {
+    use lavd::audit::leaf::KeyGenerated;
+    use lavd::codec::parse_time;
+    use lavd::store::{AuditAppend, AuditStore, Spend, Store, StoreError, StoreSettings};
+
+    let _one = PAIR
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let pair = Pair::create();
+    let balancer = Forward::start(PRIMARY.1);
+    let db = TestDb::create_on(balancer.port());
+    let cut = softhsm_tests::pg::CutAtCommit::start(balancer.port());
+    let mut settings = db.settings_via(cut.port());
+    // One connection: the fate is read on a new one (the cut one is given
+    // back first).
+    settings.pool_size = 1;
+    let store = Store::open_settings(&StoreSettings::Postgres(settings)).unwrap();
+    assert_eq!(store.tree_size().unwrap(), 0);
+    balancer.retarget(STANDBY.1);
+    cut.arm();
+    let at = |t: &str| parse_time(t).unwrap();
+    let event = KeyGenerated::new(
+        "k1",
+        at("2026-12-01T00:00:00Z"),
+        at("2027-01-01T00:00:00Z"),
+        at("2028-01-01T00:00:00Z"),
+        None,
+    )
+    .unwrap();
+    let appended = store.append(AuditAppend {
+        events: vec![event.into()],
+        time: at("2026-12-07T10:00:00Z"),
+        spend: Spend::None,
+    });
+    assert_eq!(cut.cuts(), 1, "the proxy never saw the COMMIT");
+    match &appended {
+        Err(StoreError::CommitUnknown(why)) => assert!(
+            why.contains("the server reached is a standby in recovery"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // The primary had committed it, and so had its synchronous standby.
+    pair.promote();
+    assert_eq!(db.rows("audit_leaves"), 1);
+    drop(store);
+    drop(db);
     drop(pair);
 }
