@@ -484,6 +484,65 @@ fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
     }
 }
 
+/// A hash tile on PostgreSQL, as the entry bundle above: a node row
+/// deleted behind lavd, below the head the same read counts
+/// (`AuditStore::node_rows_vouched`), and a node row truncated (its length
+/// check set aside; never a lagging read: rows are written whole) each
+/// mark the log inconsistent on
+/// the replica that reads it (503 `log_inconsistent`). Before, both were
+/// 503 `store_unavailable`, the log not marked and `/readyz` ready.
+#[test]
+fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_tile() {
+    let c = Cluster::start();
+    let warrant = c.warrant("W-NODES", 10);
+    let envelopes: Vec<_> = (0..3).map(|n| c.envelope(n)).collect();
+    let r = vault::post(
+        &c.clients[0].agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&c.clients[1].auditor);
+    assert!((4..256).contains(&size), "{size}");
+    let tile = format!("/v1/log/tile/0/000.p/{size}");
+    for client in &c.clients[1..] {
+        assert_eq!(client.auditor.get(&tile).status, 200);
+    }
+    let mut db = c.db.client();
+    let node = |i: i64| format!("FROM audit_nodes WHERE level = 0 AND idx = {i}");
+    let kept: Vec<u8> = db
+        .query_one(&format!("SELECT hash {}", node(1)), &[])
+        .unwrap()
+        .get(0);
+    let edit = |db: &mut postgres::Client, sql: &str| assert_eq!(db.execute(sql, &[]).unwrap(), 1);
+    let found = |i: usize, what: &str| {
+        c.clients[i]
+            .auditor
+            .get(&tile)
+            .assert_error(503, "log_inconsistent");
+        let stderr = c.daemons[i].stderr();
+        assert!(stderr.contains(what), "replica {i}: {stderr}");
+        c.daemons[i].wait_readyz(503);
+    };
+    // Deleted: found by replica 1.
+    edit(&mut db, &format!("DELETE {}", node(1)));
+    found(1, "a node row deleted behind lavd");
+    // Put back, and another truncated (its length check set aside, as
+    // someone with the schema's rights can): found by replica 2.
+    db.batch_execute("ALTER TABLE audit_nodes DROP CONSTRAINT audit_nodes_hash_check")
+        .unwrap();
+    db.execute(
+        "INSERT INTO audit_nodes (level, idx, hash) VALUES (0, 1, $1)",
+        &[&kept],
+    )
+    .unwrap();
+    edit(
+        &mut db,
+        "UPDATE audit_nodes SET hash = substr(hash, 1, 31) WHERE level = 0 AND idx = 2",
+    );
+    found(2, "is 31 bytes, not a hash: a node row edited behind lavd");
+}
+
 /// PROTOCOL §7's destruction across replicas, while unwraps of the key are
 /// in flight on other replicas. `lavd keys destroy` runs as its own process
 /// on the shared database and token; the fault module's `hang` pins each

@@ -89,6 +89,7 @@ conformance!(
     open_intents_are_written_with_the_grant_and_settled_once,
     a_store_is_probed_without_being_made,
     a_read_of_leaves_vouches_for_what_its_head_counts,
+    a_read_of_nodes_vouches_for_what_its_head_counts,
 );
 
 /// `leaves_vouched`, what the entry-bundle route tells a deleted leaf row
@@ -138,6 +139,69 @@ fn a_read_of_leaves_vouches_for_what_its_head_counts(b: &Backend) {
         "the deleted row is not read"
     );
     assert!(vouched.covers(3), "{vouched:?}");
+}
+
+/// `node_rows_vouched`, the same for the node rows a tile is made of: the
+/// rows as stored (bytes unchecked), and on PostgreSQL the head the same
+/// statement reads, so that a node row missing below it was deleted.
+fn a_read_of_nodes_vouches_for_what_its_head_counts(b: &Backend) {
+    use lavd::store::Vouched;
+    let store = b.open();
+    store
+        .append(batch((0..5).map(key_event).collect()))
+        .unwrap();
+    // Level 1: the subtrees of leaves 0–1 and 2–3 are complete.
+    let (rows, vouched) = store.node_rows_vouched(1, 0, 2).unwrap();
+    let hashes: Vec<Vec<u8>> = store
+        .node_hashes(1, 0, 2)
+        .unwrap()
+        .iter()
+        .map(|h| h.to_vec())
+        .collect();
+    assert_eq!(
+        rows,
+        [(0, hashes[0].clone()), (1, hashes[1].clone())],
+        "the stored rows"
+    );
+    match b {
+        Backend::Sqlite(_) => assert_eq!(vouched, Vouched::All),
+        Backend::Postgres(_) => {
+            assert_eq!(vouched, Vouched::Below(5));
+            // (1, 2) would need 6 leaves: not counted.
+            assert!(!vouched.covers(6));
+        }
+    }
+    // A row deleted and another truncated behind lavd (its length check
+    // set aside, as someone with the schema's rights can): read as they
+    // are.
+    let edit = [
+        "DELETE FROM audit_nodes WHERE level = 0 AND idx = 1",
+        "UPDATE audit_nodes SET hash = substr(hash, 1, 31) WHERE level = 0 AND idx = 2",
+    ];
+    match b {
+        Backend::Sqlite(dir) => {
+            let c = rusqlite::Connection::open(dir.path().join("lavd.db")).unwrap();
+            c.execute_batch("PRAGMA ignore_check_constraints = ON")
+                .unwrap();
+            for sql in edit {
+                assert_eq!(c.execute(sql, []).unwrap(), 1, "{sql}");
+            }
+        }
+        Backend::Postgres(db) => {
+            let mut c = db.client();
+            c.batch_execute("ALTER TABLE audit_nodes DROP CONSTRAINT audit_nodes_hash_check")
+                .unwrap();
+            for sql in edit {
+                assert_eq!(c.execute(sql, &[]).unwrap(), 1, "{sql}");
+            }
+        }
+    }
+    let (rows, vouched) = store.node_rows_vouched(0, 0, 4).unwrap();
+    assert_eq!(
+        rows.iter().map(|(i, h)| (*i, h.len())).collect::<Vec<_>>(),
+        [(0, 32), (2, 31), (3, 32)]
+    );
+    assert!(vouched.covers(4), "{vouched:?}");
 }
 
 /// The look that `lavd keys list`/`destroy` and `discard-orphan` take

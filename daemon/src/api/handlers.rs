@@ -562,10 +562,10 @@ pub async fn log_checkpoint(
 /// 404 `not_found` for a tile the newest checkpoint does not cover, 503
 /// `log_inconsistent` once the log found its store rewritten (the newest
 /// checkpoint's row not verifying, a covered tile's node rows giving
-/// another root, or its entry bundle's leaf rows edited or deleted,
-/// included, and on SQLite any covered row missing or malformed); on
-/// PostgreSQL, 503 `store_unavailable` for covered rows a read on a
-/// standby could miss, or malformed node rows.
+/// another root, malformed, or deleted where the read vouches for them, or
+/// its entry bundle's leaf rows edited or deleted likewise, included, and
+/// on SQLite any covered row missing or malformed); on PostgreSQL, 503
+/// `store_unavailable` for covered rows a read on a standby could miss.
 pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response, Rejection> {
     use crate::audit::tiles::{encode_bundle, encode_hashes, Tile};
     let tile = Tile::parse(&path).map_err(|e| ApiError::Malformed(e.to_string()))?;
@@ -602,9 +602,13 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
             Some(_) => {
                 // needs_tree_size succeeded, so the tree level is below 64.
                 let level = u8::try_from(tile.tree_level()).map_err(|_| ApiError::NotFound)?;
-                let hashes = store
-                    .node_hashes(level, first, end)
+                let (rows, vouched) = store
+                    .node_rows_vouched(level, first, end)
                     .map_err(|e| log_error(state.audit.covered_read_failed(size, e)))?;
+                let hashes = state
+                    .audit
+                    .check_nodes(size, level, first, tile.width, (&rows, vouched))
+                    .map_err(log_error)?;
                 // Served as immutable, so only as the signed tree has them.
                 if let Some(head) = head {
                     state
@@ -617,7 +621,12 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
             None => {
                 let covered = |e| log_error(state.audit.covered_read_failed(size, e));
                 let (rows, vouched) = store.leaves_vouched(first, end).map_err(covered)?;
-                let hashes = store.node_hashes(0, first, end).map_err(covered)?;
+                let (nodes, nodes_vouched) =
+                    store.node_rows_vouched(0, first, end).map_err(covered)?;
+                let hashes = state
+                    .audit
+                    .check_nodes(size, 0, first, tile.width, (&nodes, nodes_vouched))
+                    .map_err(log_error)?;
                 // Served as immutable, so only whole and as the tree
                 // hashed them: exactly the tile's leaves, each matching
                 // its level-0 hash, and those hashes as the signed tree

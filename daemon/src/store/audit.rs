@@ -121,6 +121,10 @@ impl Server {
 /// Leaf rows as read: each index with its leaf's bytes.
 pub type LeafRows = Vec<(u64, Vec<u8>)>;
 
+/// Node rows of one level as read: each index with its stored bytes, not
+/// yet checked to be a hash.
+pub type NodeRows = Vec<(u64, Vec<u8>)>;
+
 /// How far a read of leaf rows vouches that none is missing
 /// ([`AuditStore::leaves_vouched`]): a row missing within it was deleted
 /// behind lavd; beyond it, the read may only be behind.
@@ -504,6 +508,20 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// only for subtrees its checkpoint says are complete);
     /// [`StoreError::Sqlite`].
     fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError>;
+    /// The rows of [`Self::node_hashes`] as read, unchecked, with how far
+    /// the same read vouches that none is missing ([`Vouched`], in leaves:
+    /// the subtree `(level, i)` is complete in a tree of `(i + 1) << level`
+    /// leaves): what tells a node row deleted behind lavd from a read on a
+    /// standby that has not replayed it yet.
+    ///
+    /// # Errors
+    /// As [`Self::leaves`].
+    fn node_rows_vouched(
+        &self,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(NodeRows, Vouched), StoreError>;
     /// The inclusion proof of leaf `index` in the tree of `size`.
     ///
     /// # Errors
@@ -1167,6 +1185,36 @@ impl AuditStore for SqliteStore {
 
     fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError> {
         Ok((self.leaves(start, end)?, Vouched::All))
+    }
+
+    fn node_rows_vouched(
+        &self,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(NodeRows, Vouched), StoreError> {
+        let conn = self.conn();
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT idx, hash FROM audit_nodes WHERE level = ?1 AND idx >= ?2 AND idx < ?3 \
+                 ORDER BY idx",
+            )
+            .map_err(|e| self.sqlite_err(e))?;
+        let rows = stmt
+            .query_map(params![level, to_i(start)?, to_i(end)?], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| self.sqlite_err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (idx, hash) = row.map_err(|e| self.sqlite_err(e))?;
+            let idx = u64::try_from(idx).map_err(|_| {
+                self.corrupt(format!("audit_nodes ({level}, {idx}): a negative index"))
+            })?;
+            out.push((idx, hash));
+        }
+        Ok((out, Vouched::All))
     }
 
     fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {

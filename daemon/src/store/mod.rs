@@ -27,8 +27,8 @@ mod warrants;
 pub use self::postgres::{PgSettings, PgStore};
 
 pub use audit::{
-    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, LeafRows, OpenIntent, Server,
-    Spend, Uncommitted, Vouched, Withdrawn, MAX_INDEX,
+    Appended, AuditAppend, AuditStore, BeforeCommit, Cosignature, LeafRows, NodeRows, OpenIntent,
+    Server, Spend, Uncommitted, Vouched, Withdrawn, MAX_INDEX,
 };
 pub use keys::{KeyRecord, KeyStore};
 
@@ -557,6 +557,17 @@ impl AuditStore for Store {
         match self {
             Store::Sqlite(s) => s.leaves_vouched(start, end),
             Store::Postgres(s) => s.leaves_vouched(start, end),
+        }
+    }
+    fn node_rows_vouched(
+        &self,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(NodeRows, Vouched), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.node_rows_vouched(level, start, end),
+            Store::Postgres(s) => s.node_rows_vouched(level, start, end),
         }
     }
     fn node_hashes(

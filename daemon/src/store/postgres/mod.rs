@@ -85,7 +85,7 @@ use zeroize::Zeroizing;
 
 use super::audit::{
     encode_leaves, intent_leaves, opened_kids, spendable, tree_error, BeforeCommit, GroupCommit,
-    LeafRows, OpenIntent, Pending, RevokeFound, Uncommitted, Vouched, Withdrawn,
+    LeafRows, NodeRows, OpenIntent, Pending, RevokeFound, Uncommitted, Vouched, Withdrawn,
 };
 use super::warrants::to_i64;
 use super::{
@@ -2490,6 +2490,41 @@ impl AuditStore for PgStore {
             }
         }
         Ok((leaves, vouched))
+    }
+
+    fn node_rows_vouched(
+        &self,
+        level: u8,
+        start: u64,
+        end: u64,
+    ) -> Result<(NodeRows, Vouched), StoreError> {
+        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
+        let (first, last) = (to_i(start)?, to_i(end)?);
+        // One statement, so one snapshot, as for leaves: node rows are
+        // written in the statement that moves the head past them.
+        let rows = self.read(|c| {
+            c.query(
+                "SELECT h.size, n.idx, n.hash FROM audit_head h \
+                 LEFT JOIN audit_nodes n ON n.level = $1 AND n.idx >= $2 AND n.idx < $3 \
+                 WHERE h.id = 1 ORDER BY n.idx",
+                &[&i16::from(level), &first, &last],
+            )
+            .map_err(|e| self.pg_err(e))
+        })?;
+        let head = rows
+            .first()
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
+        let size: i64 = head.try_get(0).map_err(|e| self.pg_err(e))?;
+        let vouched = Vouched::Below(self.to_u64(size, "audit_head.size")?);
+        let mut nodes = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let idx: Option<i64> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            let hash: Option<Vec<u8>> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+            if let (Some(idx), Some(hash)) = (idx, hash) {
+                nodes.push((self.to_u64(idx, "audit index")?, hash));
+            }
+        }
+        Ok((nodes, vouched))
     }
 
     fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
