@@ -150,6 +150,19 @@ impl Pair {
         run(c);
     }
 
+    /// Returns once the standby has replayed everything the primary has
+    /// flushed so far (a synchronous standby has flushed each commit
+    /// before it is acknowledged, but may not have applied it yet).
+    pub fn wait_replayed(&self) {
+        let flushed = psql(PRIMARY.1, "SELECT pg_current_wal_flush_lsn()");
+        wait("the standby's replay", Duration::from_secs(30), || {
+            psql(
+                STANDBY.1,
+                &format!("SELECT pg_last_wal_replay_lsn() >= '{flushed}'::pg_lsn"),
+            ) == "t"
+        });
+    }
+
     /// Stops the primary as a crash would (`-m immediate`: no shutdown
     /// checkpoint, sessions cut).
     pub fn crash_primary(&self) {

@@ -476,6 +476,38 @@ fn an_entry_bundle_whose_leaf_alone_was_edited_is_not_served() {
     assert_found_inconsistent(&c, &daemon, &bundle, "does not match the tree's hash of it");
 }
 
+/// A tile's node row deleted behind lavd: SQLite's reads vouch for every
+/// row, so the tile is not served and the log is marked inconsistent (503
+/// `log_inconsistent`), naming the deletion (`AuditLog::check_nodes`).
+#[test]
+fn a_hash_tile_whose_node_row_was_deleted_is_not_served() {
+    let (t, daemon, c, size) = small_log();
+    let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
+    assert_eq!(c.auditor.get(&tile).status, 200);
+    tamper_one(
+        &t,
+        "DELETE FROM audit_nodes WHERE level = 0 AND idx = 1",
+        [],
+    );
+    assert_found_inconsistent(&c, &daemon, &tile, "a node row deleted behind lavd");
+}
+
+/// A tile's node row truncated behind lavd (the schema's length check set
+/// aside): not a hash, so the log is marked inconsistent.
+#[test]
+fn a_hash_tile_whose_node_row_was_truncated_is_not_served() {
+    let (t, daemon, c, size) = small_log();
+    let tile = format!("/v1/log/{}", Tile::hashes(0, 0, size as u16).path());
+    assert_eq!(c.auditor.get(&tile).status, 200);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    db.execute_batch("PRAGMA ignore_check_constraints = ON")
+        .unwrap();
+    let sql = "UPDATE audit_nodes SET hash = substr(hash, 1, 31) WHERE level = 0 AND idx = 2";
+    assert_eq!(db.execute(sql, []).unwrap(), 1);
+    assert_found_inconsistent(&c, &daemon, &tile, "is 31 bytes, not a hash");
+}
+
 /// The last leaf row deleted behind lavd, its nodes left: a hash tile the
 /// signed checkpoint covers is not served, and, SQLite's reads never being
 /// behind, the log is marked inconsistent (503 `log_inconsistent`). Before

@@ -484,13 +484,17 @@ fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
     }
 }
 
-/// A hash tile on PostgreSQL, as the entry bundle above: a node row
-/// deleted behind lavd, below the head the same read counts
+/// A hash tile on PostgreSQL, as the entry bundle above. First a replica
+/// whose read is behind, imitated: the head moved back below the tile's
+/// last leaf and that leaf's node row gone, as on a standby that has not
+/// replayed the append; the tile is 503 `store_unavailable`, and the log
+/// is not marked (`/readyz` still ready). Then, with the store whole again,
+/// a node row deleted behind lavd below the head the same read counts
 /// (`AuditStore::node_rows_vouched`), and a node row truncated (its length
-/// check set aside; never a lagging read: rows are written whole) each
-/// mark the log inconsistent on
-/// the replica that reads it (503 `log_inconsistent`). Before, both were
-/// 503 `store_unavailable`, the log not marked and `/readyz` ready.
+/// check set aside; never a lagging read: rows are written whole), each
+/// mark the log inconsistent on the replica that reads it (503
+/// `log_inconsistent`). Before, both were 503 `store_unavailable`, the log
+/// not marked and `/readyz` ready.
 #[test]
 fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_tile() {
     let c = Cluster::start();
@@ -505,16 +509,54 @@ fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_ti
     let size = vault::tree_size(&c.clients[1].auditor);
     assert!((4..256).contains(&size), "{size}");
     let tile = format!("/v1/log/tile/0/000.p/{size}");
-    for client in &c.clients[1..] {
+    for client in &c.clients {
         assert_eq!(client.auditor.get(&tile).status, 200);
     }
     let mut db = c.db.client();
-    let node = |i: i64| format!("FROM audit_nodes WHERE level = 0 AND idx = {i}");
+    let last = i64::try_from(size - 1).unwrap();
+    // One row changed, on a connection or in a transaction.
+    fn edit(db: &mut impl postgres::GenericClient, sql: &str) {
+        assert_eq!(db.execute(sql, &[]).unwrap(), 1, "{sql}");
+    }
+
+    // Behind, imitated on the primary, read through replica 0.
     let kept: Vec<u8> = db
-        .query_one(&format!("SELECT hash {}", node(1)), &[])
+        .query_one(
+            "SELECT hash FROM audit_nodes WHERE level = 0 AND idx = $1",
+            &[&last],
+        )
         .unwrap()
         .get(0);
-    let edit = |db: &mut postgres::Client, sql: &str| assert_eq!(db.execute(sql, &[]).unwrap(), 1);
+    let mut tx = db.transaction().unwrap();
+    edit(
+        &mut tx,
+        &format!("UPDATE audit_head SET size = {last} WHERE id = 1"),
+    );
+    edit(
+        &mut tx,
+        &format!("DELETE FROM audit_nodes WHERE level = 0 AND idx = {last}"),
+    );
+    tx.commit().unwrap();
+    c.clients[0]
+        .auditor
+        .get(&tile)
+        .assert_error(503, "store_unavailable");
+    let mut tx = db.transaction().unwrap();
+    tx.execute(
+        "INSERT INTO audit_nodes (level, idx, hash) VALUES (0, $1, $2)",
+        &[&last, &kept],
+    )
+    .unwrap();
+    edit(
+        &mut tx,
+        &format!("UPDATE audit_head SET size = {size} WHERE id = 1"),
+    );
+    tx.commit().unwrap();
+    assert_eq!(c.clients[0].auditor.get(&tile).status, 200);
+    c.daemons[0].wait_readyz(200);
+    let stderr = c.daemons[0].stderr();
+    assert!(!stderr.contains("audit log inconsistent"), "{stderr}");
+
     let found = |i: usize, what: &str| {
         c.clients[i]
             .auditor
@@ -525,17 +567,16 @@ fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_ti
         c.daemons[i].wait_readyz(503);
     };
     // Deleted: found by replica 1.
-    edit(&mut db, &format!("DELETE {}", node(1)));
+    edit(
+        &mut db,
+        "DELETE FROM audit_nodes WHERE level = 0 AND idx = 1",
+    );
     found(1, "a node row deleted behind lavd");
-    // Put back, and another truncated (its length check set aside, as
-    // someone with the schema's rights can): found by replica 2.
+    // Another truncated (its length check set aside, as someone with the
+    // schema's rights can): found by replica 2, lengths being checked
+    // before gaps.
     db.batch_execute("ALTER TABLE audit_nodes DROP CONSTRAINT audit_nodes_hash_check")
         .unwrap();
-    db.execute(
-        "INSERT INTO audit_nodes (level, idx, hash) VALUES (0, 1, $1)",
-        &[&kept],
-    )
-    .unwrap();
     edit(
         &mut db,
         "UPDATE audit_nodes SET hash = substr(hash, 1, 31) WHERE level = 0 AND idx = 2",

@@ -70,17 +70,24 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
     })
     .to_string();
     let released = AtomicUsize::new(0);
-    let (failed_over, stop) = (AtomicBool::new(false), AtomicBool::new(false));
+    let (crashed, failed_over, stop) = (
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+        AtomicBool::new(false),
+    );
     let set_up = started.elapsed();
     let outcomes: Vec<Outcome> = std::thread::scope(|s| {
         let load: Vec<_> = (0..REPLICAS * 2)
             .map(|i| {
                 let agency = c.clients[i % REPLICAS].agency.clone();
-                let (body, released, failed_over, stop) = (&body, &released, &failed_over, &stop);
+                let (body, released, crashed, failed_over, stop) =
+                    (&body, &released, &crashed, &failed_over, &stop);
                 s.spawn(move || {
                     let mut seen: Vec<Outcome> = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
-                        if !failed_over.load(Ordering::SeqCst)
+                        // Held only until the crash: nothing is spent
+                        // from then until the promotion.
+                        if !crashed.load(Ordering::SeqCst)
                             && released.load(Ordering::SeqCst) >= HOLD_AT
                         {
                             std::thread::sleep(Duration::from_millis(10));
@@ -127,6 +134,7 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
             released.load(Ordering::SeqCst) >= BEFORE
         });
         pair.crash_primary();
+        crashed.store(true, Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(300));
         // The balancer fails over before the standby is promoted: held
         // until a replica's write has been refused there.
@@ -276,6 +284,8 @@ fn a_lost_commits_fate_asked_of_a_standby_in_recovery_is_unknown() {
     settings.pool_size = 1;
     let store = Store::open_settings(&StoreSettings::Postgres(settings)).unwrap();
     assert_eq!(store.tree_size().unwrap(), 0);
+    // The standby has the database and its schema before it is asked.
+    pair.wait_replayed();
     balancer.retarget(STANDBY.1);
     cut.arm();
     let at = |t: &str| parse_time(t).unwrap();
@@ -300,7 +310,8 @@ fn a_lost_commits_fate_asked_of_a_standby_in_recovery_is_unknown() {
         ),
         other => panic!("{other:?}"),
     }
-    // The primary had committed it, and so had its synchronous standby.
+    // The primary had committed it; promoted once it has replayed it.
+    pair.wait_replayed();
     pair.promote();
     assert_eq!(db.rows("audit_leaves"), 1);
     drop(store);

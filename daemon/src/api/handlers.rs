@@ -607,7 +607,7 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                     .map_err(|e| log_error(state.audit.covered_read_failed(size, e)))?;
                 let hashes = state
                     .audit
-                    .check_nodes(size, level, first, tile.width, (&rows, vouched))
+                    .check_nodes((size, needed), level, first, tile.width, (&rows, vouched))
                     .map_err(log_error)?;
                 // Served as immutable, so only as the signed tree has them.
                 if let Some(head) = head {
@@ -625,7 +625,13 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
                     store.node_rows_vouched(0, first, end).map_err(covered)?;
                 let hashes = state
                     .audit
-                    .check_nodes(size, 0, first, tile.width, (&nodes, nodes_vouched))
+                    .check_nodes(
+                        (size, needed),
+                        0,
+                        first,
+                        tile.width,
+                        (&nodes, nodes_vouched),
+                    )
                     .map_err(log_error)?;
                 // Served as immutable, so only whole and as the tree
                 // hashed them: exactly the tile's leaves, each matching

@@ -370,31 +370,32 @@ impl AuditLog {
 
     /// A tile's node rows of tree level `level` from index `first`
     /// (`width` of them), as read with how far the read vouches for them
-    /// ([`AuditStore::node_rows_vouched`]), for a tile the signed
-    /// checkpoint of `size` covers: the hashes the tile is made of.
+    /// ([`AuditStore::node_rows_vouched`]), for a tile that needs a tree of
+    /// `needed` leaves (`Tile::needs_tree_size`: the last of its subtrees
+    /// is complete there), which the signed checkpoint of `size` covers:
+    /// the hashes the tile is made of.
     ///
     /// Found otherwise, the store was changed behind lavd, and the log is
     /// marked inconsistent: a row that is not 32 bytes (rows are written
-    /// whole and never rewritten, so no read that is behind shows one), or
-    /// a row missing where the same read vouched for every row (on SQLite
-    /// always; on PostgreSQL below the head its snapshot counts: the
-    /// subtree `(level, i)` is complete in a tree of `(i + 1) << level`
-    /// leaves). A row missing beyond what the read vouched for is only the
-    /// store's error (503 `store_unavailable`): a read on a standby that
-    /// has not replayed it yet looks the same.
+    /// whole: no read that is behind shows one), or a row missing where the
+    /// same read vouched for every row the tile needs (on SQLite always;
+    /// on PostgreSQL when the head its snapshot counts reaches `needed`). A
+    /// row missing beyond what the read vouched for is only the store's
+    /// error (503 `store_unavailable`): a read on a standby that has not
+    /// replayed it yet looks the same.
     ///
     /// # Errors
     /// [`LogError::Inconsistent`]; [`StoreError::Corrupt`] for missing
     /// rows not vouched for.
     pub fn check_nodes(
         &self,
-        size: u64,
+        (size, needed): (u64, u64),
         level: u8,
         first: u64,
         width: u16,
         (rows, vouched): (&[(u64, Vec<u8>)], Vouched),
     ) -> Result<Vec<Hash>, LogError> {
-        let end = first + u64::from(width);
+        let end = first.saturating_add(u64::from(width));
         let mut hashes = Vec::with_capacity(rows.len());
         for (index, bytes) in rows {
             let Ok(hash) = Hash::try_from(bytes.as_slice()) else {
@@ -414,13 +415,7 @@ impl AuditLog {
         if all_there {
             return Ok(hashes);
         }
-        // The last subtree asked for is complete in a tree of this many
-        // leaves (none that fits in a u64: nothing vouches for it).
-        let counted = 1u64
-            .checked_shl(u32::from(level))
-            .and_then(|leaves| end.checked_mul(leaves))
-            .is_some_and(|leaves| vouched.covers(leaves));
-        if counted {
+        if vouched.covers(needed) {
             return Err(self.record_inconsistency(format!(
                 "the stored nodes {first}..{end} of level {level}, which the signed checkpoint of \
                  size {size} covers and the store counts, are not all there: a node row deleted \

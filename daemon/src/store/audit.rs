@@ -125,9 +125,10 @@ pub type LeafRows = Vec<(u64, Vec<u8>)>;
 /// yet checked to be a hash.
 pub type NodeRows = Vec<(u64, Vec<u8>)>;
 
-/// How far a read of leaf rows vouches that none is missing
-/// ([`AuditStore::leaves_vouched`]): a row missing within it was deleted
-/// behind lavd; beyond it, the read may only be behind.
+/// How far a read of leaf or node rows vouches that none is missing
+/// ([`AuditStore::leaves_vouched`], [`AuditStore::node_rows_vouched`]), in
+/// leaves: a row missing within it (a node row's subtree complete within
+/// it) was deleted behind lavd; beyond it, the read may only be behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vouched {
     /// Every leaf the store was ever given: its reads are never behind
@@ -500,14 +501,6 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// As [`Self::leaves`].
     fn leaves_vouched(&self, start: u64, end: u64) -> Result<(LeafRows, Vouched), StoreError>;
-    /// The stored hashes of the complete subtrees `(level, i)` for `i` in
-    /// `[start, end)`, in one read: what a C2SP tile is made of.
-    ///
-    /// # Errors
-    /// [`StoreError::Corrupt`] if any of them is missing (the caller asks
-    /// only for subtrees its checkpoint says are complete);
-    /// [`StoreError::Sqlite`].
-    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError>;
     /// The rows of [`Self::node_hashes`] as read, unchecked, with how far
     /// the same read vouches that none is missing ([`Vouched`], in leaves:
     /// the subtree `(level, i)` is complete in a tree of `(i + 1) << level`
@@ -522,6 +515,39 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
         start: u64,
         end: u64,
     ) -> Result<(NodeRows, Vouched), StoreError>;
+    /// The stored hashes of the complete subtrees `(level, i)` for `i` in
+    /// `[start, end)`, in one read ([`Self::node_rows_vouched`]'s): what a
+    /// C2SP tile is made of. (The tile routes judge the rows themselves:
+    /// `AuditLog::check_nodes`.)
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] if any of them is missing or not 32 bytes
+    /// (the caller asks only for subtrees its checkpoint says are
+    /// complete); the read's error.
+    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
+        let (rows, _) = self.node_rows_vouched(level, start, end)?;
+        let corrupt = |what: String| StoreError::Corrupt {
+            store: "audit_nodes".into(),
+            what,
+        };
+        let mut out = Vec::with_capacity(rows.len());
+        for (expected, (idx, hash)) in (start..end).zip(&rows) {
+            if *idx != expected {
+                return Err(corrupt(format!("({level}, {expected}) is missing")));
+            }
+            out.push(
+                Hash::try_from(hash.as_slice())
+                    .map_err(|_| corrupt(format!("({level}, {idx}) is not 32 bytes")))?,
+            );
+        }
+        if (out.len() as u64) < end.saturating_sub(start) {
+            return Err(corrupt(format!(
+                "({level}, {}) is missing",
+                start + out.len() as u64
+            )));
+        }
+        Ok(out)
+    }
     /// The inclusion proof of leaf `index` in the tree of `size`.
     ///
     /// # Errors
@@ -1215,39 +1241,6 @@ impl AuditStore for SqliteStore {
             out.push((idx, hash));
         }
         Ok((out, Vouched::All))
-    }
-
-    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
-        let conn = self.conn();
-        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT idx, hash FROM audit_nodes WHERE level = ?1 AND idx >= ?2 AND idx < ?3 \
-                 ORDER BY idx",
-            )
-            .map_err(|e| self.sqlite_err(e))?;
-        let rows = stmt
-            .query_map(params![level, to_i(start)?, to_i(end)?], |row| {
-                Ok((row.get::<_, i64>(0)?, row.get::<_, Vec<u8>>(1)?))
-            })
-            .map_err(|e| self.sqlite_err(e))?;
-        let mut out = Vec::with_capacity(usize::try_from(end.saturating_sub(start)).unwrap_or(0));
-        for (expected, row) in (start..end).zip(rows) {
-            let (idx, hash) = row.map_err(|e| self.sqlite_err(e))?;
-            if u64::try_from(idx).ok() != Some(expected) {
-                return Err(self.corrupt(format!("audit_nodes ({level}, {expected}) is missing")));
-            }
-            out.push(hash.try_into().map_err(|_| {
-                self.corrupt(format!("audit_nodes ({level}, {idx}) is not 32 bytes"))
-            })?);
-        }
-        if (out.len() as u64) < end.saturating_sub(start) {
-            return Err(self.corrupt(format!(
-                "audit_nodes ({level}, {}) is missing",
-                start + out.len() as u64
-            )));
-        }
-        Ok(out)
     }
 
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {

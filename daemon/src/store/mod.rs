@@ -570,17 +570,6 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.node_rows_vouched(level, start, end),
         }
     }
-    fn node_hashes(
-        &self,
-        level: u8,
-        start: u64,
-        end: u64,
-    ) -> Result<Vec<merkle::Hash>, StoreError> {
-        match self {
-            Store::Sqlite(s) => s.node_hashes(level, start, end),
-            Store::Postgres(s) => s.node_hashes(level, start, end),
-        }
-    }
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<merkle::Hash>, StoreError> {
         match self {
             Store::Sqlite(s) => s.inclusion_proof(index, size),

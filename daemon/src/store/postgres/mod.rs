@@ -2501,7 +2501,7 @@ impl AuditStore for PgStore {
         let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
         let (first, last) = (to_i(start)?, to_i(end)?);
         // One statement, so one snapshot, as for leaves: node rows are
-        // written in the statement that moves the head past them.
+        // written in the transaction that moves the head past them.
         let rows = self.read(|c| {
             c.query(
                 "SELECT h.size, n.idx, n.hash FROM audit_head h \
@@ -2525,37 +2525,6 @@ impl AuditStore for PgStore {
             }
         }
         Ok((nodes, vouched))
-    }
-
-    fn node_hashes(&self, level: u8, start: u64, end: u64) -> Result<Vec<Hash>, StoreError> {
-        let to_i = |v: u64| i64::try_from(v).map_err(|_| StoreError::OutOfRange("audit index"));
-        let (first, last) = (to_i(start)?, to_i(end)?);
-        let rows = self.read(|c| {
-            c.query(
-                "SELECT idx, hash FROM audit_nodes WHERE level = $1 AND idx >= $2 AND idx < $3 \
-                 ORDER BY idx",
-                &[&i16::from(level), &first, &last],
-            )
-            .map_err(|e| self.pg_err(e))
-        })?;
-        let mut out = Vec::with_capacity(rows.len());
-        for (expected, row) in (start..end).zip(rows.iter()) {
-            let idx: i64 = row.try_get(0).map_err(|e| self.pg_err(e))?;
-            if self.to_u64(idx, "audit index")? != expected {
-                return Err(self.corrupt(format!("audit_nodes ({level}, {expected}) is missing")));
-            }
-            let hash: Vec<u8> = row.try_get(1).map_err(|e| self.pg_err(e))?;
-            out.push(hash.try_into().map_err(|_| {
-                self.corrupt(format!("audit_nodes ({level}, {idx}) is not 32 bytes"))
-            })?);
-        }
-        if (out.len() as u64) < end.saturating_sub(start) {
-            return Err(self.corrupt(format!(
-                "audit_nodes ({level}, {}) is missing",
-                start + out.len() as u64
-            )));
-        }
-        Ok(out)
     }
 
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
