@@ -333,6 +333,45 @@ pub fn entries(auditor: &Client, start: u64, end: u64) -> Vec<Entry> {
     out
 }
 
+/// The log as a Merkle tree, each entry at its index.
+pub fn memory_tree(log: &[Entry]) -> lavd::audit::merkle::MemoryTree {
+    let mut memory = lavd::audit::merkle::MemoryTree::new();
+    for (i, e) in log.iter().enumerate() {
+        assert_eq!(e.index, i as u64, "entries out of order");
+        memory.push_leaf(&e.bytes);
+    }
+    memory
+}
+
+/// How many of `log`'s unwrap leaves say `opened`.
+pub fn opened_leaves(log: &[Entry]) -> usize {
+    log.iter()
+        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["outcome"] == "opened")
+        .count()
+}
+
+/// Counts each answer `(status, code)` and asserts each is a success or a
+/// store outage's: 200 `ok`, or 503 `store_unavailable` or (a COMMIT whose
+/// answer was cut) `spent_not_released`; no 500, no other code, and no
+/// request left without an answer (a transport error, status 0).
+pub fn assert_store_outage_answers<'a>(
+    answers: impl IntoIterator<Item = (u16, &'a str)>,
+) -> std::collections::BTreeMap<(u16, String), usize> {
+    let mut codes = std::collections::BTreeMap::new();
+    for (status, code) in answers {
+        *codes.entry((status, code.to_string())).or_default() += 1;
+    }
+    for (status, code) in codes.keys() {
+        assert!(
+            (*status == 200 && code == "ok")
+                || (*status == 503
+                    && (code == "store_unavailable" || code == "spent_not_released")),
+            "{codes:?}"
+        );
+    }
+    codes
+}
+
 /// The budget warrant `id` has spent, read from the SQLite store of `t`.
 pub fn spent(t: &TestToken, id: &str) -> i64 {
     rusqlite::Connection::open(t.path("lavd.db"))

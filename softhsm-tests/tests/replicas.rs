@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use lavd::audit::merkle::{self, MemoryTree};
+use lavd::audit::merkle;
 use lavd::audit::note::{self, VerifierKey};
 use softhsm_tests::replicas::Cluster;
 use softhsm_tests::vault;
@@ -126,11 +126,7 @@ fn three_replicas_write_one_log() {
     let auditor = &c.clients[0].auditor;
     let size = vault::tree_size(auditor);
     let log = vault::entries(auditor, 0, size);
-    let mut memory = MemoryTree::new();
-    for (i, e) in log.iter().enumerate() {
-        assert_eq!(e.index, i as u64);
-        memory.push_leaf(&e.bytes);
-    }
+    let memory = vault::memory_tree(&log);
     let mut covered = vec![false; size as usize];
     for reply in &replies {
         let first = reply["audit"]["first_index"].as_u64().unwrap();
@@ -443,6 +439,22 @@ fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
     );
 }
 
+/// Three envelopes of a new warrant `id` opened through replica 0; the
+/// log's size afterwards, as replica 1 reads it: more than 3 leaves (the
+/// first leaves of each start come before them), fewer than a tile's 256.
+fn three_opened(c: &Cluster, id: &str) -> u64 {
+    let envelopes: Vec<_> = (0..3).map(|n| c.envelope(n)).collect();
+    let r = vault::post(
+        &c.clients[0].agency,
+        "/v1/unwrap",
+        &serde_json::json!({"warrant": c.warrant(id, 10), "envelopes": envelopes}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let size = vault::tree_size(&c.clients[1].auditor);
+    assert!((4..256).contains(&size), "{size}");
+    size
+}
+
 /// An entry bundle on PostgreSQL: a leaf row deleted behind lavd, below
 /// the head the same read counts (`AuditStore::leaves_vouched`), marks the
 /// log inconsistent on the replica that reads it (503 `log_inconsistent`),
@@ -452,16 +464,7 @@ fn a_replica_does_not_sign_over_leaves_rewritten_behind_anothers_checkpoint() {
 #[test]
 fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
     let c = Cluster::start();
-    let warrant = c.warrant("W-DEL", 10);
-    let envelopes: Vec<_> = (0..3).map(|n| c.envelope(n)).collect();
-    let r = vault::post(
-        &c.clients[0].agency,
-        "/v1/unwrap",
-        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let size = vault::tree_size(&c.clients[1].auditor);
-    assert!((3..256).contains(&size), "{size}");
+    let size = three_opened(&c, "W-DEL");
     let bundle = format!("/v1/log/tile/entries/000.p/{size}");
     for client in &c.clients[1..] {
         assert_eq!(client.auditor.get(&bundle).status, 200);
@@ -498,16 +501,7 @@ fn a_leaf_row_deleted_behind_the_replicas_is_found_by_its_entry_bundle() {
 #[test]
 fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_tile() {
     let c = Cluster::start();
-    let warrant = c.warrant("W-NODES", 10);
-    let envelopes: Vec<_> = (0..3).map(|n| c.envelope(n)).collect();
-    let r = vault::post(
-        &c.clients[0].agency,
-        "/v1/unwrap",
-        &serde_json::json!({"warrant": warrant, "envelopes": envelopes}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let size = vault::tree_size(&c.clients[1].auditor);
-    assert!((4..256).contains(&size), "{size}");
+    let size = three_opened(&c, "W-NODES");
     let tile = format!("/v1/log/tile/0/000.p/{size}");
     for client in &c.clients {
         assert_eq!(client.auditor.get(&tile).status, 200);

@@ -17,11 +17,10 @@
 //! so it lives in a test binary of its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use lavd::audit::merkle::{self, MemoryTree};
+use lavd::audit::merkle;
 use lavd::audit::note::{self, VerifierKey};
 use softhsm_tests::pg::TestDb;
 use softhsm_tests::pg_standby::{Forward, Pair, PRIMARY, STANDBY};
@@ -160,28 +159,14 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
         load.into_iter().flat_map(|h| h.join().unwrap()).collect()
     });
 
-    let mut codes: BTreeMap<(u16, String), usize> = BTreeMap::new();
-    for (status, code, _) in &outcomes {
-        *codes.entry((*status, code.clone())).or_default() += 1;
-    }
-    for (status, code) in codes.keys() {
-        assert!(
-            (*status == 200 && code == "ok")
-                || (*status == 503
-                    && (code == "store_unavailable" || code == "spent_not_released")),
-            "{codes:?}"
-        );
-    }
+    let codes =
+        vault::assert_store_outage_answers(outcomes.iter().map(|(s, c, _)| (*s, c.as_str())));
 
     // The promoted server's log, read through a replica.
     let auditor = &c.clients[0].auditor;
     let size = vault::tree_size(auditor);
     let log = vault::entries(auditor, 0, size);
-    let mut memory = MemoryTree::new();
-    for (i, e) in log.iter().enumerate() {
-        assert_eq!(e.index, i as u64);
-        memory.push_leaf(&e.bytes);
-    }
+    let memory = vault::memory_tree(&log);
     let key = assert_ok(&c.t.lavd_with_config(&["audit", "key"]))
         .trim()
         .to_string();
@@ -213,10 +198,7 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
         );
         checkpoints.insert(cp.size);
     }
-    let opened = log
-        .iter()
-        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["outcome"] == "opened")
-        .count();
+    let opened = vault::opened_leaves(&log);
     let spent: i64 =
         c.db.client()
             .query_one("SELECT spent FROM warrants WHERE id = 'W-FAILOVER'", &[])

@@ -8,7 +8,6 @@
 //! so it lives in a test binary of its own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -141,21 +140,8 @@ fn a_database_restart_under_load_is_503_store_unavailable_then_recovers_without_
         (outcomes, down)
     });
     assert_eq!(down.len(), REPLICAS);
-    let mut codes: BTreeMap<(u16, String), usize> = BTreeMap::new();
-    for (status, code, _) in &outcomes {
-        *codes.entry((*status, code.clone())).or_default() += 1;
-    }
-    // Only successes and store_unavailable (or, for a COMMIT whose answer
-    // the restart cut, spent_not_released): no 500, no other code, and no
-    // request left without an answer.
-    for (status, code) in codes.keys() {
-        assert!(
-            (*status == 200 && code == "ok")
-                || (*status == 503
-                    && (code == "store_unavailable" || code == "spent_not_released")),
-            "{codes:?}"
-        );
-    }
+    let codes =
+        vault::assert_store_outage_answers(outcomes.iter().map(|(s, c, _)| (*s, c.as_str())));
     // Every replica serves again.
     for clients in &c.clients {
         let r = vault::post(
@@ -180,10 +166,7 @@ fn a_database_restart_under_load_is_503_store_unavailable_then_recovers_without_
             }
         }
     }
-    let opened = log
-        .iter()
-        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["outcome"] == "opened")
-        .count() as i64;
+    let opened = vault::opened_leaves(&log) as i64;
     let spent: i64 =
         c.db.client()
             .query_one("SELECT spent FROM warrants WHERE id = 'W-RESTART'", &[])

@@ -99,10 +99,7 @@ fn sigkill_of_one_replica_mid_batch_loses_nothing_and_the_others_keep_serving() 
             assert_eq!(log[i as usize].leaf["outcome"], "opened");
         }
     }
-    let opened = log
-        .iter()
-        .filter(|e| e.leaf["event"] == "unwrap" && e.leaf["outcome"] == "opened")
-        .count();
+    let opened = vault::opened_leaves(&log);
     let spent: i64 =
         c.db.client()
             .query_one(

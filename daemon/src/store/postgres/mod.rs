@@ -919,6 +919,27 @@ impl PgStore {
         }
     }
 
+    /// Rows `(head size, index, bytes)` of one statement that read the
+    /// head with the leaf or node rows it joined (none: one row of nulls):
+    /// the rows as `(index, bytes)` ([`LeafRows`], [`NodeRows`]), and
+    /// [`Vouched::Below`] the head.
+    fn vouched_rows(&self, rows: &[postgres::Row]) -> Result<(LeafRows, Vouched), StoreError> {
+        let head = rows
+            .first()
+            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
+        let size: i64 = head.try_get(0).map_err(|e| self.pg_err(e))?;
+        let vouched = Vouched::Below(self.to_u64(size, "audit_head.size")?);
+        let mut out = Vec::with_capacity(rows.len());
+        for row in rows {
+            let idx: Option<i64> = row.try_get(1).map_err(|e| self.pg_err(e))?;
+            let bytes: Option<Vec<u8>> = row.try_get(2).map_err(|e| self.pg_err(e))?;
+            if let (Some(idx), Some(bytes)) = (idx, bytes) {
+                out.push((self.to_u64(idx, "audit index")?, bytes));
+            }
+        }
+        Ok((out, vouched))
+    }
+
     fn corrupt(&self, what: impl Into<String>) -> StoreError {
         StoreError::Corrupt {
             store: self.describe.clone(),
@@ -2476,20 +2497,7 @@ impl AuditStore for PgStore {
             )
             .map_err(|e| self.pg_err(e))
         })?;
-        let head = rows
-            .first()
-            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
-        let size: i64 = head.try_get(0).map_err(|e| self.pg_err(e))?;
-        let vouched = Vouched::Below(self.to_u64(size, "audit_head.size")?);
-        let mut leaves = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let idx: Option<i64> = row.try_get(1).map_err(|e| self.pg_err(e))?;
-            let leaf: Option<Vec<u8>> = row.try_get(2).map_err(|e| self.pg_err(e))?;
-            if let (Some(idx), Some(leaf)) = (idx, leaf) {
-                leaves.push((self.to_u64(idx, "audit index")?, leaf));
-            }
-        }
-        Ok((leaves, vouched))
+        self.vouched_rows(&rows)
     }
 
     fn node_rows_vouched(
@@ -2511,20 +2519,7 @@ impl AuditStore for PgStore {
             )
             .map_err(|e| self.pg_err(e))
         })?;
-        let head = rows
-            .first()
-            .ok_or_else(|| self.corrupt("audit_head has no row"))?;
-        let size: i64 = head.try_get(0).map_err(|e| self.pg_err(e))?;
-        let vouched = Vouched::Below(self.to_u64(size, "audit_head.size")?);
-        let mut nodes = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let idx: Option<i64> = row.try_get(1).map_err(|e| self.pg_err(e))?;
-            let hash: Option<Vec<u8>> = row.try_get(2).map_err(|e| self.pg_err(e))?;
-            if let (Some(idx), Some(hash)) = (idx, hash) {
-                nodes.push((self.to_u64(idx, "audit index")?, hash));
-            }
-        }
-        Ok((nodes, vouched))
+        self.vouched_rows(&rows)
     }
 
     fn inclusion_proof(&self, index: u64, size: u64) -> Result<Vec<Hash>, StoreError> {
