@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lavd::audit::merkle::MemoryTree;
 use lavd::audit::note::verify_note;
 use lavd::envelope::reply::{open_reply, Outcome};
 use lavd::jwk::{P256PrivateKey, P256PublicKey};
@@ -283,10 +282,7 @@ impl Checker {
 
         let size = vault::tree_size(auditor);
         let log = vault::entries(auditor, 0, size);
-        let mut tree = MemoryTree::new();
-        for e in &log {
-            tree.push_leaf(&e.bytes);
-        }
+        let tree = vault::memory_tree(&log);
 
         // (b) Spent budget = opened leaves, never above the maximum.
         let mut findings = Findings {

@@ -535,6 +535,12 @@ fn node_rows_deleted_or_truncated_behind_the_replicas_are_found_by_their_hash_ti
         .auditor
         .get(&tile)
         .assert_error(503, "store_unavailable");
+    // A tile whose own rows are all there, but whose checking nodes (read
+    // for the root) lie beyond the head: the same.
+    c.clients[0]
+        .auditor
+        .get(&format!("/v1/log/tile/0/000.p/{last}"))
+        .assert_error(503, "store_unavailable");
     let mut tx = db.transaction().unwrap();
     tx.execute(
         "INSERT INTO audit_nodes (level, idx, hash) VALUES (0, $1, $2)",

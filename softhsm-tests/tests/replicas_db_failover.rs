@@ -84,8 +84,10 @@ fn a_failover_to_the_synchronous_standby_under_load_loses_no_released_key_and_fo
                 s.spawn(move || {
                     let mut seen: Vec<Outcome> = Vec::new();
                     while !stop.load(Ordering::SeqCst) {
-                        // Held only until the crash: nothing is spent
-                        // from then until the promotion.
+                        // Held only until the crash (nothing is spent
+                        // from then until the promotion): the load must
+                        // reach the standby in recovery, which the test
+                        // waits for.
                         if !crashed.load(Ordering::SeqCst)
                             && released.load(Ordering::SeqCst) >= HOLD_AT
                         {
@@ -292,8 +294,12 @@ fn a_lost_commits_fate_asked_of_a_standby_in_recovery_is_unknown() {
         ),
         other => panic!("{other:?}"),
     }
-    // The primary had committed it; promoted once it has replayed it.
-    pair.wait_replayed();
+    // The primary had committed it: the standby shows it (read through the
+    // balancer, which points there) once it has replayed it, and keeps it
+    // once promoted.
+    eventually("the leaf on the standby", Duration::from_secs(30), || {
+        db.rows("audit_leaves") == 1
+    });
     pair.promote();
     assert_eq!(db.rows("audit_leaves"), 1);
     drop(store);

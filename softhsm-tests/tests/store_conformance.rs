@@ -202,6 +202,13 @@ fn a_read_of_nodes_vouches_for_what_its_head_counts(b: &Backend) {
         [(0, 32), (2, 31), (3, 32)]
     );
     assert!(vouched.covers(4), "{vouched:?}");
+    // `node_hashes` refuses both.
+    for (start, why) in [(0, "(0, 1) is missing"), (2, "(0, 2) is not 32 bytes")] {
+        match store.node_hashes(0, start, 4) {
+            Err(StoreError::Corrupt { what, .. }) => assert!(what.contains(why), "{what}"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 /// The look that `lavd keys list`/`destroy` and `discard-orphan` take

@@ -377,8 +377,8 @@ impl AuditLog {
     ///
     /// Found otherwise, the store was changed behind lavd, and the log is
     /// marked inconsistent: a row that is not 32 bytes (rows are written
-    /// whole: no read that is behind shows one), or a row missing where the
-    /// same read vouched for every row the tile needs (on SQLite always;
+    /// whole: no read that is behind shows one; looked for first), or a row
+    /// missing where the same read vouched for every row the tile needs (on SQLite always;
     /// on PostgreSQL when the head its snapshot counts reaches `needed`). A
     /// row missing beyond what the read vouched for is only the store's
     /// error (503 `store_unavailable`): a read on a standby that has not
