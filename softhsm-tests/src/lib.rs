@@ -76,9 +76,16 @@ impl Shim {
     /// A settings file in `token`'s working directory, forwarding to SoftHSM
     /// with no delay and no fault.
     pub fn new(token: &TestToken) -> Self {
+        Self::named(token, "shim")
+    }
+
+    /// As [`Shim::new`], with its own settings and stats files
+    /// (`<name>.conf`, `<name>.stats`): for a second process on the same
+    /// token whose calls are held or faulted apart from the first's.
+    pub fn named(token: &TestToken, name: &str) -> Self {
         let shim = Shim {
-            path: token.path("shim.conf"),
-            stats: token.path("shim.stats"),
+            path: token.path(&format!("{name}.conf")),
+            stats: token.path(&format!("{name}.stats")),
         };
         shim.set("");
         shim

@@ -1434,15 +1434,19 @@ impl AuditLog {
     }
 
     /// The whole log with a checkpoint covering exactly its leaves, for
-    /// `lavd audit export`.
+    /// `lavd audit export`: the tree the checkpoint signs, not the leaves
+    /// appended after it (beside a running daemon). A damaged tree (one
+    /// that does not hash, or does not extend the last checkpoint) is
+    /// exported whole under the last checkpoint signed before.
     ///
     /// # Errors
     /// As [`AuditLog::append`].
     pub fn export(&self) -> Result<Export, LogError> {
         let key = note::VerifierKey::new(&self.origin, self.public.bytes())
             .map_err(|e| LogError::Sign(e.to_string()))?;
-        let checkpoint = match self.current_checkpoint() {
-            Ok(c) => c,
+        // `damaged`: the stored tree did not extend the last checkpoint.
+        let (checkpoint, damaged) = match self.current_checkpoint() {
+            Ok(c) => (c, false),
             // The stored tree does not hash (rows were edited, inserted or
             // deleted behind lavd's back): export what is there under the
             // newest checkpoint signed before, and let the verifier say
@@ -1450,13 +1454,13 @@ impl AuditLog {
             Err(LogError::Store(e @ StoreError::Corrupt { .. })) => {
                 tracing::warn!(error = %e, "audit tree is corrupt; exporting under the last signed checkpoint");
                 match self.store.latest_checkpoint()? {
-                    Some((_, note)) => note,
+                    Some((_, note)) => (note, true),
                     None => return Err(LogError::Store(e)),
                 }
             }
             // The same for a tree that does not extend its checkpoint.
             Err(e @ LogError::Inconsistent(_)) => match self.store.latest_checkpoint()? {
-                Some((_, note)) => note,
+                Some((_, note)) => (note, true),
                 None => return Err(e),
             },
             Err(e) => return Err(e),
@@ -1464,9 +1468,17 @@ impl AuditLog {
         let size = note::verify_checkpoint(&checkpoint, &key)
             .map_err(|e| LogError::Sign(e.to_string()))?
             .size;
-        // Every row the table holds, also beyond the checkpoint: extra or
-        // missing rows are for the verifier to report, not to hide here.
-        let end = self.store.tree_size()?.max(size);
+        // A sound tree: the leaves the checkpoint covers, no more. Leaves
+        // appended since it was signed (a running daemon, a replica) are the
+        // next export's; exported here, beyond the checkpoint, the verifier
+        // would refuse them as slipped in (`entries_extra`). A damaged one:
+        // every row the table holds, also beyond the checkpoint, for the
+        // verifier to report, not to hide here.
+        let end = if damaged {
+            self.store.tree_size()?.max(size)
+        } else {
+            size
+        };
         let entries = self
             .store
             .leaves(0, end)?
