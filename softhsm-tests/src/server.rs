@@ -448,6 +448,30 @@ impl Authorities {
         )
     }
 
+    /// An authority revocation JWS (General JSON Serialization) over
+    /// `{"id","reason","time"}` (the time now), signed by the judicial
+    /// authority.
+    pub fn revocation(&self, id: &str, reason: &str) -> serde_json::Value {
+        use lavd::codec::b64_encode;
+        let key = &self.judicial;
+        let payload = serde_json::json!({
+            "id": id,
+            "reason": reason,
+            "time": crate::vault::at(OffsetDateTime::now_utc(), time::Duration::ZERO),
+        })
+        .to_string();
+        let protected =
+            b64_encode(serde_json::json!({"alg": key.alg().name(), "kid": key.kid()}).to_string());
+        let payload = b64_encode(payload);
+        let signature = key
+            .sign(format!("{protected}.{payload}").as_bytes())
+            .expect("sign");
+        serde_json::json!({
+            "payload": payload,
+            "signatures": [{"protected": protected, "signature": b64_encode(signature)}],
+        })
+    }
+
     /// A JWS warrant over `claims`, signed by `signers` in turn.
     pub fn sign(
         claims: &serde_json::Value,

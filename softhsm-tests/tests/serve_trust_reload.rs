@@ -598,3 +598,130 @@ fn a_reload_while_the_hsm_opens_decides_it() {
         "a refusal leaf only"
     );
 }
+
+/// The leaves in the store file, read directly (a checkpoint, which the
+/// API would sign first, cannot be had while `C_Sign` is held).
+fn stored_leaves(t: &TestToken) -> u64 {
+    rusqlite::Connection::open(t.path("lavd.db"))
+        .expect("open the store")
+        .query_row("SELECT COUNT(*) FROM audit_leaves", [], |row| row.get(0))
+        .expect("count the leaves")
+}
+
+/// A revocation is judged under the trust in force when its work starts,
+/// not under the one it was admitted under, and a trust change waits for
+/// the revocations in their commit. Every revocation thread
+/// (`OWN_THREADS`, 16) is taken by an admin's revocation whose leaf has
+/// committed and whose checkpoint's `C_Sign` is held; a revocation signed
+/// by the judicial authority arrives and waits for a thread; a reload
+/// removes that authority and waits for the 16 (its log line says so).
+/// Once they are released, the waiting revocation runs under the new
+/// trust: 403 `unknown_authority`, no leaf. Before, it was verified under
+/// the trust it was admitted under and committed after the reload's
+/// `authorities_loaded` leaf.
+#[test]
+fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_runs() {
+    const HELD: usize = lavd::api::routes::OWN_THREADS;
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = Shim::new(&t);
+    t.write_config_hsm(
+        &shim_module_path(),
+        2,
+        "call_timeout_ms = 60000\n",
+        &format!(
+            "{}\n{}\n[limits]\nrate_limit_per_second = 1000.0\nrate_limit_burst = 1000\n",
+            shim.hsm_env(),
+            serve_config(&vault::roles_toml())
+        ),
+    );
+    let daemon = Daemon::start_logging(&t, "info");
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let before = stored_leaves(&t);
+    let waits = "wait for the unwraps and revocations in their audit commit";
+
+    shim.set("fault = hang\nfault_calls = C_Sign");
+    let (held, late) = std::thread::scope(|s| {
+        let _release = shim.releasing();
+        let held: Vec<_> = (0..HELD)
+            .map(|i| {
+                let admin = &c.admin;
+                s.spawn(move || {
+                    vault::post(
+                        admin,
+                        "/v1/warrants/revocations",
+                        &serde_json::json!({"id": format!("W-HELD-{i}"), "reason": "quashed"}),
+                    )
+                })
+            })
+            .collect();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while stored_leaves(&t) < before + HELD as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {HELD} held revocations committed",
+                stored_leaves(&t) - before
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // Every thread is taken. The late revocation's body is read (and
+        // counted) before it waits for one.
+        let bodies = "lavd_request_body_bytes_held";
+        let held_bytes = daemon.metric(bodies);
+        let late = s.spawn(|| {
+            vault::post(
+                &c.provider,
+                "/v1/warrants/revocations",
+                &serde_json::json!({"revocation": authorities().revocation("W-LATE", "quashed")}),
+            )
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while daemon.metric(bodies) <= held_bytes {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the late revocation's body was never held"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(!late.is_finished(), "answered without a thread");
+        remove_the_judicial_authority(&t);
+        daemon.signal(Signal::HUP);
+        daemon.expect_notify("RELOADING=1");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !daemon.stderr().contains(waits) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reload did not wait for the revocations in their commit:\n{}",
+                daemon.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        shim.set("");
+        let held: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
+        (held, late.join().unwrap())
+    });
+    daemon.expect_notify("READY=1");
+    for r in &held {
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    late.assert_error(403, "unknown_authority");
+
+    let size = vault::tree_size(&c.auditor);
+    let entries = vault::entries(&c.auditor, 0, size);
+    let change = entries
+        .iter()
+        .rposition(|e| e.leaf["event"] == "authorities_loaded")
+        .unwrap();
+    let revocations: Vec<usize> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.leaf["event"] == "revocation")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(revocations.len(), HELD, "the late one wrote no leaf");
+    assert!(
+        revocations.iter().all(|&i| i < change),
+        "{revocations:?} {change}"
+    );
+}

@@ -14,28 +14,6 @@ use softhsm_tests::vault::{self, Clients, Parties, TARGET};
 use softhsm_tests::TestToken;
 use time::{Duration, OffsetDateTime};
 
-/// An authority revocation JWS (General JSON Serialization) over
-/// `{"id","reason","time"}`, signed by the judicial authority.
-fn authority_revocation(id: &str, reason: &str) -> serde_json::Value {
-    let key = &authorities().judicial;
-    let payload = serde_json::json!({
-        "id": id,
-        "reason": reason,
-        "time": vault::at(OffsetDateTime::now_utc(), Duration::ZERO),
-    })
-    .to_string();
-    let protected =
-        b64_encode(serde_json::json!({"alg": key.alg().name(), "kid": key.kid()}).to_string());
-    let payload = b64_encode(payload);
-    let signature = key
-        .sign(format!("{protected}.{payload}").as_bytes())
-        .expect("sign");
-    serde_json::json!({
-        "payload": payload,
-        "signatures": [{"protected": protected, "signature": b64_encode(signature)}],
-    })
-}
-
 /// The `revocation` leaf at `reply`'s index.
 fn revocation_leaf(c: &Clients, reply: &serde_json::Value) -> serde_json::Value {
     let index = reply["audit"]["first_index"].as_u64().unwrap();
@@ -105,7 +83,7 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
     // An authority's JWS, delivered by the agency (any authenticated caller
     // may deliver one); a reason of 1024 Cyrillic characters (2048 bytes).
     let long_reason = "ё".repeat(1024);
-    let jws = authority_revocation(&by_authority, &long_reason);
+    let jws = authorities().revocation(&by_authority, &long_reason);
     let r = vault::post(
         &c.agency,
         "/v1/warrants/revocations",
@@ -187,7 +165,7 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
         let message = vault::post(
             &c.agency,
             "/v1/warrants/revocations",
-            &serde_json::json!({"revocation": authority_revocation(bad, reason)}),
+            &serde_json::json!({"revocation": authorities().revocation(bad, reason)}),
         )
         .assert_error(400, "malformed_warrant");
         assert!(message.contains(why), "{message}");
@@ -210,7 +188,7 @@ fn non_ascii_ids_and_reasons_have_one_bound_everywhere() {
         vault::post(
             &c.agency,
             "/v1/warrants/revocations",
-            &serde_json::json!({"revocation": authority_revocation("W-OTHER", &bad)}),
+            &serde_json::json!({"revocation": authorities().revocation("W-OTHER", &bad)}),
         )
         .assert_error(400, "malformed_warrant");
     }

@@ -16,7 +16,7 @@ use warp::{Rejection, Reply};
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
 use super::pipeline::Readmission;
-use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext};
+use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext, ANY_ROLE};
 use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
@@ -300,9 +300,10 @@ pub(crate) async fn post_unwrap(
 /// `POST /v1/warrants/revocations`: an admin's `{"id","reason"}`, or an
 /// authority's `{"revocation": <JWS>}` delivered by any authenticated
 /// caller (PROTOCOL §4, §6).
-pub async fn post_revocation(
+pub(crate) async fn post_revocation(
     peer: PeerIdentity,
     live: Arc<Reloadable>,
+    readmission: Readmission,
     body: Bytes,
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
@@ -317,6 +318,23 @@ pub async fn post_revocation(
     // Not on the blocking pool, where unwraps waiting at the envelope gate
     // could hold every thread: a revocation does not wait for them.
     let result = off_the_pool(move || {
+        // Judged under the configuration in force when its work starts (a
+        // reload may have applied while it waited for a thread): the
+        // caller admitted again, and the authority's signature verified,
+        // under that one's trust. The reload's fence is held to the end of
+        // the commit, as by an unwrap's last look (`unwrap::Recheck`): no
+        // revocation judged under one trust commits after the
+        // `authorities_loaded` leaf that says another applies.
+        let _fence = st
+            .reload_fence()
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let roles: &'static [Role] = if by_authority {
+            ANY_ROLE
+        } else {
+            &[Role::Admin]
+        };
+        let live = readmission.current(&live, roles)?.unwrap_or(live);
         let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,

@@ -436,7 +436,8 @@ pub(crate) struct Readmission {
 impl Readmission {
     /// `Ok(None)` while `admitted` is still the configuration in force;
     /// else the newer one, once the caller's certificate passes under it
-    /// and it still holds one of `roles`.
+    /// and it still holds one of `roles` (any role, if `roles` is empty,
+    /// as [`super::routes::ANY_ROLE`]).
     ///
     /// # Errors
     /// [`ApiError::CertificateRejected`] (the connection is then closed)
@@ -452,7 +453,13 @@ impl Readmission {
         }
         admit(&self.state, &self.conn, &newest)?;
         let held = newest.roles.roles(&self.uri);
-        if !roles.iter().any(|r| held.contains(r)) {
+        // As `routes::require`: no roles named is any role at all.
+        let allowed = if roles.is_empty() {
+            !held.is_empty()
+        } else {
+            roles.iter().any(|r| held.contains(r))
+        };
+        if !allowed {
             return Err(ApiError::forbidden(&self.uri, roles));
         }
         Ok(Some(newest))

@@ -559,6 +559,7 @@ pub fn routes(state: Arc<ServerState>) -> BoxedFilter<(Response,)> {
         .and(require(ANY_ROLE))
         .and(no_query())
         .and(admitted())
+        .and(readmission())
         .and(raw_body())
         .and(with_state(state.clone()))
         .and_then(handlers::post_revocation);

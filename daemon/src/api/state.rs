@@ -405,10 +405,18 @@ impl ServerState {
         // never wait for the store: a new CRL must not wait for the
         // clients it revokes.
         let trust_changed = next.trust_digest != self.current().trust_digest;
-        let fence = trust_changed.then(|| {
-            self.reload_fence
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let fence = trust_changed.then(|| match self.reload_fence.try_write() {
+            Ok(fence) => fence,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "the new authorities or policy wait for the unwraps and revocations in their \
+                     audit commit, judged under the running ones, to finish"
+                );
+                self.reload_fence
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            }
         });
         if trust_changed {
             // No change of who may sign warrants without its audit leaf:
