@@ -217,6 +217,26 @@ fn role_checks_come_before_the_body_is_parsed() {
         .request("POST", "/v1/warrants/revocations", &[], Some(b"{}"))
         .unwrap()
         .assert_error(403, "forbidden");
+    // A body that is not JSON at all is answered as the one form any
+    // caller may send, an authority's revocation, whose parse names what
+    // is wrong: not 403 for a role the caller would not need. Before, a
+    // stray brace after an authority's revocation said "needs the admin
+    // role".
+    for (body, named) in [
+        (
+            &br#"{"revocation": {"payload": "e30", "signatures": []}}}"#[..],
+            "trailing",
+        ),
+        (&br#"{"revocation": "#[..], "EOF"),
+        (&b"revoke W-1"[..], "expected"),
+    ] {
+        let message = s
+            .agency
+            .request("POST", "/v1/warrants/revocations", &[], Some(body))
+            .unwrap()
+            .assert_error(400, "malformed_request");
+        assert!(message.contains(named), "{message}");
+    }
     assert_eq!(
         s.daemon.wait_metric(
             "lavd_http_requests_total{route=\"/v1/unwrap\",status=\"403\"}",

@@ -308,8 +308,13 @@ pub(crate) async fn post_revocation(
     state: Arc<ServerState>,
 ) -> Result<Response, Rejection> {
     // Which form, read without building the body: this runs before the
-    // role check, for any caller.
-    let by_authority = crate::codec::json_member(&body, "revocation").is_some();
+    // role check, for any caller. A body that is not JSON at all (a syntax
+    // error, trailing data) is read as an authority's, the one form any
+    // caller may send: its strict parse names what is wrong (400), where
+    // the admin role's absence (403) would not.
+    let by_authority = crate::codec::json_member(&body, "revocation").is_some()
+        || (!peer.has(Role::Admin)
+            && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err());
     if !by_authority && !peer.has(Role::Admin) {
         return Err(ApiError::forbidden(peer.uri(), &[Role::Admin]).into());
     }

@@ -525,8 +525,11 @@ fn trust_canonical(trust: &TrustStore) -> Vec<u8> {
                 "role": a.role(),
                 "alg": a.alg().name(),
                 "jwk": jwk,
-                "valid_from": crate::codec::format_time(a.valid_from()),
-                "valid_until": crate::codec::format_time(a.valid_until()),
+                // To the nanosecond the authority enforces (whole seconds
+                // print as before, so their digests are unchanged): a
+                // reload moving a bound within a second is a trust change.
+                "valid_from": crate::codec::format_time_exact(a.valid_from()),
+                "valid_until": crate::codec::format_time_exact(a.valid_until()),
             });
             // Only when configured: a configuration without holders keeps
             // the digest it had before them.
@@ -592,6 +595,52 @@ fn authorities_loaded(trust: &TrustStore) -> Result<Event, crate::audit::leaf::L
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An authority's validity counts to the nanosecond in the trust
+    /// digest, as the authority enforces it: a reload that moves
+    /// `valid_until` within one second is a trust change (its own
+    /// `authorities_loaded` leaf and fence). A whole-second bound prints as
+    /// it did before, so existing digests stay.
+    #[test]
+    fn a_validity_moved_within_a_second_changes_the_trust_digest() {
+        let jwk = serde_json::to_string(
+            &crate::jwk::P256PrivateKey::generate()
+                .unwrap()
+                .public()
+                .to_jwk(),
+        )
+        .unwrap();
+        let trust = |until: &str| {
+            TrustStore::from_toml(
+                &format!(
+                    "[[authorities]]\nkid = \"exec-1\"\nrole = \"executive\"\nalg = \"ES256\"\n\
+                     jwk = '{jwk}'\nvalid_from = \"2026-01-01T00:00:00Z\"\nvalid_until = \"{until}\"\n\
+                     [policy]\n[[policy.require]]\nrole = \"executive\"\ncount = 1\n"
+                ),
+                Path::new("."),
+            )
+            .unwrap()
+        };
+        let whole = trust("2028-01-01T00:00:00Z");
+        let late = trust("2028-01-01T00:00:00.9Z");
+        let early = trust("2028-01-01T00:00:00.1Z");
+        assert_ne!(trust_digest(&late), trust_digest(&early));
+        assert_ne!(trust_digest(&whole), trust_digest(&early));
+        assert_eq!(
+            trust_digest(&whole),
+            trust_digest(&trust("2028-01-01T00:00:00Z"))
+        );
+        let canonical = String::from_utf8(trust_canonical(&whole)).unwrap();
+        assert!(
+            canonical.contains("\"valid_until\":\"2028-01-01T00:00:00Z\""),
+            "{canonical}"
+        );
+        let canonical = String::from_utf8(trust_canonical(&early)).unwrap();
+        assert!(
+            canonical.contains("\"valid_until\":\"2028-01-01T00:00:00.1Z\""),
+            "{canonical}"
+        );
+    }
 
     /// A CA file replaced in place (a rotated Secret) is read only at
     /// start, so a reload names its table as needing a restart, as it does
