@@ -35,6 +35,12 @@
  *                              # forwarded (one write(2) in O_APPEND mode, so a
  *                              # process killed right after leaves it whole):
  *                              # every open lavd asked the HSM for
+ *   keypair_private = CKA_PRIVATE:false, CKA_SIGN_RECOVER:true
+ *                              # C_GenerateKeyPair's private-key template gets
+ *                              # these values in place of the caller's, as a
+ *                              # token that ignores part of a template makes
+ *                              # the key: at most 4 of CKA_TOKEN, CKA_PRIVATE,
+ *                              # CKA_SIGN_RECOVER, each true or false
  *   pin = NEW:REAL             # the user PIN was changed on the token to NEW:
  *                              # C_Login as user with NEW is forwarded with REAL
  *                              # (the forwarded token's PIN); with anything else it
@@ -95,6 +101,14 @@
 
 enum fault { FAULT_NONE, FAULT_RV, FAULT_HANG };
 
+/* Most `keypair_private` values. */
+#define MAX_OVERRIDES 4
+
+struct flag_override {
+	ck_attribute_type_t type;
+	unsigned char value;
+};
+
 /* The longest a `hang` holds a call (see `before`). The longest hold a
  * test means is about 15 s. */
 #define HANG_MAX_S 120
@@ -111,6 +125,8 @@ struct settings {
 	unsigned long fault_limit;
 	char stats[4096];
 	char derive_log[4096]; /* empty: none */
+	struct flag_override keypair_private[MAX_OVERRIDES];
+	int keypair_private_n;
 	char pin_new[256];  /* empty: no PIN change */
 	char pin_real[256];
 };
@@ -305,6 +321,38 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 		} else if (!strcmp(key, "fault_limit")) {
 			if (whole(value, ULONG_MAX, &out->fault_limit))
 				REFUSE("fault_limit = `%.200s`: not a whole number", value);
+		} else if (!strcmp(key, "keypair_private")) {
+			char list[8192];
+			snprintf(list, sizeof list, "%s", value);
+			char *rest = NULL;
+			for (char *item = strtok_r(list, ", \t", &rest); item;
+			     item = strtok_r(NULL, ", \t", &rest)) {
+				char *colon = strchr(item, ':');
+				if (!colon)
+					REFUSE("keypair_private: `%.200s` is not NAME:true or NAME:false", item);
+				*colon = 0;
+				const char *flag = colon + 1;
+				struct flag_override o;
+				if (!strcmp(item, "CKA_TOKEN"))
+					o.type = CKA_TOKEN;
+				else if (!strcmp(item, "CKA_PRIVATE"))
+					o.type = CKA_PRIVATE;
+				else if (!strcmp(item, "CKA_SIGN_RECOVER"))
+					o.type = CKA_SIGN_RECOVER;
+				else
+					REFUSE("keypair_private: `%.200s` is not CKA_TOKEN, CKA_PRIVATE or CKA_SIGN_RECOVER", item);
+				if (!strcmp(flag, "true"))
+					o.value = 1;
+				else if (!strcmp(flag, "false"))
+					o.value = 0;
+				else
+					REFUSE("keypair_private: %.200s:`%.200s` is not true or false", item, flag);
+				if (out->keypair_private_n == MAX_OVERRIDES)
+					REFUSE("keypair_private: more than %d values", MAX_OVERRIDES);
+				out->keypair_private[out->keypair_private_n++] = o;
+			}
+			if (!out->keypair_private_n)
+				REFUSE("keypair_private: no value (leave the key out for none)");
 		} else if (!strcmp(key, "pin")) {
 			char *colon = strchr(value, ':');
 			if (!colon)
@@ -616,7 +664,54 @@ FWD(C_DecryptDigestUpdate, (ck_session_handle_t session, unsigned char *encrypte
 FWD(C_SignEncryptUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len, unsigned char *encrypted_part, unsigned long *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
 FWD(C_DecryptVerifyUpdate, (ck_session_handle_t session, unsigned char *encrypted_part, unsigned long encrypted_part_len, unsigned char *part, unsigned long *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
 FWD(C_GenerateKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *key), (session, mechanism, templ, count, key))
-FWD(C_GenerateKeyPair, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *public_key_template, unsigned long public_key_attribute_count, struct ck_attribute *private_key_template, unsigned long private_key_attribute_count, ck_object_handle_t *public_key, ck_object_handle_t *private_key), (session, mechanism, public_key_template, public_key_attribute_count, private_key_template, private_key_attribute_count, public_key, private_key))
+/* C_GenerateKeyPair, with `keypair_private`'s values in the private key's
+ * template in place of the caller's. */
+static ck_rv_t shim_C_GenerateKeyPair(ck_session_handle_t session, struct ck_mechanism *mechanism,
+				      struct ck_attribute *public_key_template,
+				      unsigned long public_key_attribute_count,
+				      struct ck_attribute *private_key_template,
+				      unsigned long private_key_attribute_count,
+				      ck_object_handle_t *public_key, ck_object_handle_t *private_key)
+{
+	struct timespec until;
+	ck_rv_t rv = before("C_GenerateKeyPair", &until);
+	if (rv != CKR_OK)
+		return rv;
+	struct flag_override over[MAX_OVERRIDES];
+	pthread_mutex_lock(&lock);
+	int n = cfg.keypair_private_n;
+	memcpy(over, cfg.keypair_private, sizeof over);
+	pthread_mutex_unlock(&lock);
+	struct ck_attribute edited[64 + MAX_OVERRIDES];
+	unsigned long count = 0;
+	if (n) {
+		/* A template this module cannot edit fails, never passes unedited. */
+		if (private_key_attribute_count > 64 || (private_key_attribute_count && !private_key_template))
+			return CKR_ARGUMENTS_BAD;
+		for (unsigned long i = 0; i < private_key_attribute_count; i++) {
+			int replaced = 0;
+			for (int j = 0; j < n; j++)
+				if (private_key_template[i].type == over[j].type)
+					replaced = 1;
+			if (!replaced)
+				edited[count++] = private_key_template[i];
+		}
+		for (int j = 0; j < n; j++) {
+			edited[count].type = over[j].type;
+			edited[count].value = &over[j].value;
+			edited[count].value_len = 1;
+			count++;
+		}
+		private_key_template = edited;
+		private_key_attribute_count = count;
+	}
+	rv = real->C_GenerateKeyPair(session, mechanism, public_key_template, public_key_attribute_count,
+				     private_key_template, private_key_attribute_count, public_key,
+				     private_key);
+	if (until.tv_sec || until.tv_nsec)
+		sleep_until(&until);
+	return rv;
+}
 FWD(C_WrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t wrapping_key, ck_object_handle_t key, unsigned char *wrapped_key, unsigned long *wrapped_key_len), (session, mechanism, wrapping_key, key, wrapped_key, wrapped_key_len))
 FWD(C_UnwrapKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, ck_object_handle_t unwrapping_key, unsigned char *wrapped_key, unsigned long wrapped_key_len, struct ck_attribute *templ, unsigned long attribute_count, ck_object_handle_t *key), (session, mechanism, unwrapping_key, wrapped_key, wrapped_key_len, templ, attribute_count, key))
 /* C_DeriveKey, logged to `derive_log` before it is forwarded. */

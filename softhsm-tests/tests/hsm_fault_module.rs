@@ -397,6 +397,14 @@ fn a_settings_file_the_module_cannot_take_is_refused_and_every_call_fails() {
             "delay_us = 1ms",
             "delay_us = `1ms`: not a whole number of microseconds",
         ),
+        (
+            "keypair_private = CKA_SIGN:true",
+            "keypair_private: `CKA_SIGN` is not CKA_TOKEN, CKA_PRIVATE or CKA_SIGN_RECOVER",
+        ),
+        (
+            "keypair_private = CKA_TOKEN:yes",
+            "keypair_private: CKA_TOKEN:`yes` is not true or false",
+        ),
     ];
     for (n, (settings, why)) in (1..).zip(bad) {
         h.shim.set(settings);

@@ -291,3 +291,59 @@ fn an_audit_key_of_another_type_stops_the_daemon() {
         "{stderr}"
     );
 }
+
+/// A key pair the token made otherwise than its template asked (through
+/// the fault module, which puts other values in the private key's
+/// template, as a token that ignores part of one would): not private
+/// (lavd finds and destroys only private objects, so it would never be
+/// destroyed at its retention's end), a session object (gone with the
+/// CLI's session, its kid recorded), or able to sign with recovery. `lavd
+/// keys generate` refuses each with `key_attributes_unsafe` naming the
+/// attribute, discards the pair (the kid can be generated again) and
+/// records nothing. Before, the first two were recorded, and the third was
+/// only warned of.
+#[test]
+fn a_new_key_the_token_made_otherwise_than_asked_is_refused_and_discarded() {
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    // Made as asked: the audit key and a first escrow key.
+    vault::generate_escrow_key(&t, "E-0");
+    for (i, (made, named)) in [
+        ("CKA_PRIVATE:false", "CKA_PRIVATE is not true"),
+        ("CKA_TOKEN:false", "CKA_TOKEN is not true"),
+        ("CKA_SIGN_RECOVER:true", "CKA_SIGN_RECOVER is true"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let kid = format!("E-{}", i + 1);
+        shim.set(&format!("keypair_private = {made}"));
+        let now = OffsetDateTime::now_utc();
+        let at = |d: time::Duration| lavd::codec::format_time(now + d);
+        let out = t.lavd_with_config(&[
+            "keys",
+            "generate",
+            "--kid",
+            &kid,
+            "--not-before",
+            &at(-time::Duration::days(1)),
+            "--not-after",
+            &at(time::Duration::days(30)),
+            "--destroy-after",
+            &at(time::Duration::days(365)),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{made}: generated\n{stderr}");
+        assert!(
+            stderr.contains("lavd: key_attributes_unsafe: ") && stderr.contains(named),
+            "{made}: {stderr}"
+        );
+        let listed = softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "list"]));
+        assert!(!listed.contains(&kid), "{made}: recorded\n{listed}");
+        // Discarded: the same kid is made again, as asked, once the token
+        // keeps its templates.
+        shim.set("");
+        vault::generate_escrow_key(&t, &kid);
+    }
+}

@@ -167,6 +167,8 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
         | Attribute::Copyable(b)
         | Attribute::Destroyable(b)
         | Attribute::Modifiable(b)
+        | Attribute::Token(b)
+        | Attribute::Private(b)
             if a.attribute_type() == wanted =>
         {
             Some(*b)
@@ -185,11 +187,13 @@ fn flag(attributes: &[Attribute], wanted: AttributeType) -> Option<bool> {
 /// template) is refused, whatever the pair check says. A key of another
 /// type or curve could pass the pair check's derive on SoftHSM and then
 /// fail every derive as an HSM error, failing whole batches and the
-/// published key set. `CKA_SIGN_RECOVER` is warned of: keys of builds
-/// before 2026-12-06 have SoftHSM's default, true, which cannot be changed.
+/// published key set. `CKA_SIGN_RECOVER` on a key found on the token is
+/// warned of: keys of builds before 2026-12-06 have SoftHSM's default,
+/// true, which cannot be changed.
 ///
-/// A key just generated (`fresh`) must also be `CKA_COPYABLE` and
-/// `CKA_MODIFIABLE` false, as the template asked; a key found on the token
+/// A key just generated (`fresh`) must also be `CKA_COPYABLE`,
+/// `CKA_MODIFIABLE` and `CKA_SIGN_RECOVER` false and `CKA_TOKEN` and
+/// `CKA_PRIVATE` true, as the template asked; a key found on the token
 /// that is either is used with a warning (builds before 2026-12-04 did not
 /// ask for `CKA_COPYABLE` false; an imported key may be modifiable): a
 /// copy made with the PIN would outlive its destruction.
@@ -236,6 +240,8 @@ fn check_key_attributes(
         AttributeType::Modifiable,
         AttributeType::KeyType,
         AttributeType::EcParams,
+        AttributeType::Token,
+        AttributeType::Private,
     ];
     asked.extend(USAGES);
     let read = session.get_attributes(handle, &asked)?;
@@ -291,6 +297,19 @@ fn check_key_attributes(
                 .to_string(),
         );
     }
+    // A key just made must be what its template asked: on the token (a
+    // session key would vanish with the session, after its kid was
+    // recorded) and private (lavd finds and destroys only private objects:
+    // one that is not would never be found, nor destroyed at its
+    // retention's end, and could be used without the PIN). A key found on
+    // the token was found as both.
+    if fresh {
+        for attribute in [AttributeType::Token, AttributeType::Private] {
+            if flag(&read, attribute) != Some(true) {
+                problems.push(format!("{attribute} is not true, as its template asked"));
+            }
+        }
+    }
     let mut lax = Vec::new();
     for attribute in [AttributeType::Copyable, AttributeType::Modifiable] {
         // PKCS#11 defaults both to true when not reported.
@@ -327,16 +346,17 @@ fn check_key_attributes(
     // Its own usage missing: the key cannot do its one job (an escrow
     // key's derive would fail as an HSM error, failing whole batches).
     // Another usage set is refused (one key, one purpose: a PIN holder
-    // could sign or decrypt with an escrow key), but CKA_SIGN_RECOVER,
-    // which is said: keys of builds before 2026-12-06 have SoftHSM's
-    // default, true, which cannot be changed (not modifiable).
+    // could sign or decrypt with an escrow key), but CKA_SIGN_RECOVER on a
+    // key found on the token, which is said: keys of builds before
+    // 2026-12-06 have SoftHSM's default, true, which cannot be changed (not
+    // modifiable). A key just made asked for false.
     let mut extra = Vec::new();
     for attribute in USAGES {
         let set = flag(&read, attribute).unwrap_or(false);
         if attribute == own && !set {
             problems.push(format!("{attribute} is false"));
         } else if attribute != own && set {
-            if attribute == AttributeType::SignRecover {
+            if attribute == AttributeType::SignRecover && !fresh {
                 extra.push(format!("{attribute} is true"));
             } else {
                 problems.push(format!(
