@@ -165,6 +165,49 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
     let bad = write("bad.policy", &format!("log {key}\nquorum nobody\n"));
     let stderr = assert_fails_with(&verify(plain, &bad), 1, "bad_policy");
     assert!(stderr.contains("line 2"), "{stderr}");
+
+    // A policy shared with verifiers that know ML-DSA witnesses (C2SP
+    // tlog-cosignature's type 0x06, a 1312-byte ML-DSA-44 key; its vkey
+    // written by hand): the witness is named and never counted, with a
+    // warning, and its line in the note (2,432 bytes: key ID, time,
+    // signature) is ignored, as signed-note's verifiers ignore lines of
+    // keys they do not know. Before, the policy was refused whole.
+    let c_public = [0x42u8; 1312];
+    let mut input = b"witness-c.example".to_vec();
+    input.extend_from_slice(&[0x0A, 0x06]);
+    input.extend_from_slice(&c_public);
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
+    let c_id = u32::from_be_bytes(digest.as_ref()[..4].try_into().unwrap());
+    let mut typed = vec![0x06];
+    typed.extend_from_slice(&c_public);
+    let c_vkey = format!("witness-c.example+{c_id:08x}+{}", STANDARD.encode(typed));
+    let mut c_line = c_id.to_be_bytes().to_vec();
+    c_line.extend_from_slice(&[0x33; 8 + 2420]);
+    let with_c = format!(
+        "{}— witness-c.example {}\n",
+        cosign(&checkpoint, "witness-a.example", &a_sk, a_id),
+        STANDARD.encode(c_line)
+    );
+    let with_c = with_checkpoint("with-c.json", &with_c);
+    let either = write(
+        "either.policy",
+        &format!("log {key}\nwitness A {a_vkey}\nwitness C {c_vkey}\ngroup g any A C\nquorum g\n"),
+    );
+    let out = verify(&with_c, &either);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let stdout = assert_ok(&out);
+    assert!(stdout.contains("verdict: the log verifies"), "{stdout}");
+    assert!(
+        stderr.contains("witness=C")
+            && stderr.contains("key_type=0x06")
+            && stderr.contains("not counted"),
+        "{stderr}"
+    );
+    let needs_c = write(
+        "needs-c.policy",
+        &format!("log {key}\nwitness A {a_vkey}\nwitness C {c_vkey}\ngroup g all A C\nquorum g\n"),
+    );
+    assert_fails_with(&verify(&with_c, &needs_c), 1, "quorum_not_met");
 }
 
 /// The witnesses' clocks show how fresh a checkpoint is (C2SP

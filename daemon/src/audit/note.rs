@@ -37,7 +37,7 @@ use base64::Engine as _;
 use super::merkle::Hash;
 
 /// The signed-note signature type byte for Ed25519.
-const ED25519_TYPE: u8 = 0x01;
+pub(crate) const ED25519_TYPE: u8 = 0x01;
 /// The signature line prefix: em dash (U+2014) and a space.
 pub(crate) const SIG_PREFIX: &str = "\u{2014} ";
 /// Padded standard base64 that accepts non-zero bits after the last byte,
@@ -189,13 +189,92 @@ pub(crate) fn check_name(name: &str) -> Result<(), NoteError> {
 /// The signed-note key ID of an Ed25519 key:
 /// `SHA-256(name ‖ 0x0A ‖ 0x01 ‖ public key)[:4]`, big-endian.
 pub fn key_id(name: &str, public_key: &[u8; 32]) -> u32 {
+    typed_key_id(name, ED25519_TYPE, public_key)
+}
+
+/// The signed-note key ID of a key of any type:
+/// `SHA-256(name ‖ 0x0A ‖ type ‖ public key)[:4]`, big-endian (C2SP
+/// signed-note, "Signatures"; tlog-cosignature's types use the same rule).
+pub fn typed_key_id(name: &str, kind: u8, public_key: &[u8]) -> u32 {
     let mut ctx = digest::Context::new(&digest::SHA256);
     ctx.update(name.as_bytes());
-    ctx.update(&[0x0A, ED25519_TYPE]);
+    ctx.update(&[0x0A, kind]);
     ctx.update(public_key);
     let d = ctx.finish();
     let b = d.as_ref();
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+/// A well-formed vkey `<name>+<8 hex>+<base64(type ‖ key)>` of any type,
+/// its key ID checked against its name, type and key: what a policy names
+/// for a key lavd does not verify (an ML-DSA witness, C2SP
+/// tlog-cosignature's type 0x06; another log's key of another algorithm).
+/// Its signature lines can be told apart from others' (name and key ID);
+/// it never verifies one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherKey {
+    name: String,
+    key_id: u32,
+    kind: u8,
+    public_key: Vec<u8>,
+}
+
+impl OtherKey {
+    /// Parses a vkey of any type.
+    ///
+    /// # Errors
+    /// [`NoteError::VerifierKey`] for the wrong shape or an empty key,
+    /// [`NoteError::VerifierKeyId`] when the ID does not match.
+    pub fn parse(text: &str) -> Result<Self, NoteError> {
+        let (name, rest) = text
+            .split_once('+')
+            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
+        let (id_hex, key_b64) = rest
+            .split_once('+')
+            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
+        check_name(name)?;
+        let id = parse_key_id(id_hex).ok_or(NoteError::VerifierKey(
+            "key ID is not 8 lower-case hex digits",
+        ))?;
+        let typed = STANDARD
+            .decode(key_b64)
+            .map_err(|_| NoteError::VerifierKey("key is not padded standard base64"))?;
+        let (&kind, public) = typed
+            .split_first()
+            .ok_or(NoteError::VerifierKey("empty key"))?;
+        if public.is_empty() {
+            return Err(NoteError::VerifierKey("empty key"));
+        }
+        if typed_key_id(name, kind, public) != id {
+            return Err(NoteError::VerifierKeyId);
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            key_id: id,
+            kind,
+            public_key: public.to_vec(),
+        })
+    }
+
+    /// The key name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The 32-bit key ID.
+    pub fn key_id(&self) -> u32 {
+        self.key_id
+    }
+
+    /// The signature type byte.
+    pub fn kind(&self) -> u8 {
+        self.kind
+    }
+
+    /// The public key bytes, after the type byte.
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
 }
 
 /// The key ID of a verifier key string: exactly 8 lower-case hex digits, the

@@ -275,6 +275,13 @@ pub type Cosigned = Vec<(String, u64)>;
 pub struct Policy {
     logs: Vec<VerifierKey>,
     witnesses: Vec<(String, CosignerKey, Option<String>)>,
+    /// Logs and witnesses named with a key type lavd does not verify (an
+    /// ML-DSA witness, C2SP tlog-cosignature's type 0x06): a policy shared
+    /// with verifiers that do may name them. Their signatures never count,
+    /// as signed-note's verifiers ignore lines of keys they do not know:
+    /// a quorum that needs them is not met, which fails closed.
+    other_logs: Vec<note::OtherKey>,
+    other_witnesses: Vec<(String, note::OtherKey)>,
     groups: Vec<(String, usize, Vec<String>)>,
     quorum: String,
 }
@@ -321,6 +328,8 @@ impl Policy {
         let mut policy = Policy {
             logs: Vec::new(),
             witnesses: Vec::new(),
+            other_logs: Vec::new(),
+            other_witnesses: Vec::new(),
             groups: Vec::new(),
             quorum: String::new(),
         };
@@ -346,14 +355,31 @@ impl Policy {
             }
             // Definitions only: the quorum line is not one.
             if keyword != "quorum"
-                && policy.logs.len() + policy.witnesses.len() + policy.groups.len()
+                && policy.logs.len()
+                    + policy.witnesses.len()
+                    + policy.other_logs.len()
+                    + policy.other_witnesses.len()
+                    + policy.groups.len()
                     >= MAX_POLICY_ITEMS
             {
                 return Err(bad(format!("more than {MAX_POLICY_ITEMS} definitions")));
             }
             match (keyword, &words[1..]) {
                 ("log", [vkey] | [vkey, _]) => {
-                    let key = VerifierKey::parse(vkey).map_err(|e| bad(format!("log key: {e}")))?;
+                    let key = match VerifierKey::parse(vkey) {
+                        Ok(key) => key,
+                        // A witness's type is never a log's: a key pasted
+                        // on the wrong line is refused, not ignored.
+                        Err(note::NoteError::UnsupportedKeyType(kind))
+                            if kind != COSIGNATURE_V1_TYPE =>
+                        {
+                            let key = note::OtherKey::parse(vkey)
+                                .map_err(|e| bad(format!("log key: {e}")))?;
+                            policy.add_other(key, None).map_err(bad)?;
+                            continue;
+                        }
+                        Err(e) => return Err(bad(format!("log key: {e}"))),
+                    };
                     if policy
                         .logs
                         .iter()
@@ -367,7 +393,23 @@ impl Policy {
                     policy.logs.push(key);
                 }
                 ("witness", [name, vkey] | [name, vkey, _]) => {
-                    let key = CosignerKey::parse(vkey).map_err(|e| bad(e.to_string()))?;
+                    let key = match CosignerKey::parse(vkey) {
+                        Ok(key) => key,
+                        Err(e) => match note::OtherKey::parse(vkey) {
+                            // Another type, well formed: named, never
+                            // counted. Not a log's type (0x01): a key pasted
+                            // on the wrong line is refused, not ignored.
+                            Ok(other)
+                                if other.kind() != COSIGNATURE_V1_TYPE
+                                    && other.kind() != note::ED25519_TYPE =>
+                            {
+                                policy.check_new_name(name).map_err(bad)?;
+                                policy.add_other(other, Some(name)).map_err(bad)?;
+                                continue;
+                            }
+                            _ => return Err(bad(e.to_string())),
+                        },
+                    };
                     policy.check_new_name(name).map_err(bad)?;
                     if policy
                         .witnesses
@@ -442,6 +484,7 @@ impl Policy {
 
     fn is_defined(&self, name: &str) -> bool {
         self.witnesses.iter().any(|(n, ..)| n == name)
+            || self.other_witnesses.iter().any(|(n, _)| n == name)
             || self.groups.iter().any(|(n, ..)| n == name)
     }
 
@@ -455,6 +498,43 @@ impl Policy {
                 .witnesses
                 .iter()
                 .any(|(_, k, _)| k.name() == name && k.key_id() == key_id)
+            || self
+                .other_logs
+                .iter()
+                .chain(self.other_witnesses.iter().map(|(_, k)| k))
+                .any(|k| k.name() == name && k.key_id() == key_id)
+    }
+
+    /// Adds a log (`witness` `None`) or witness key of a type lavd does
+    /// not verify, after the checks a known key gets.
+    fn add_other(&mut self, key: note::OtherKey, witness: Option<&str>) -> Result<(), String> {
+        let same =
+            |k: &note::OtherKey| k.kind() == key.kind() && k.public_key() == key.public_key();
+        match witness {
+            None if self.other_logs.iter().any(same) => {
+                return Err("a log with this key is already defined".into())
+            }
+            Some(_) if self.other_witnesses.iter().any(|(_, k)| same(k)) => {
+                return Err("a witness with this key is already defined".into())
+            }
+            _ => {}
+        }
+        if self.signs_like(key.name(), key.key_id()) {
+            return Err(SIGNS_LIKE.into());
+        }
+        match witness {
+            Some(name) => self.other_witnesses.push((name.to_string(), key)),
+            None => self.other_logs.push(key),
+        }
+        Ok(())
+    }
+
+    /// The witnesses it names with a key type lavd does not verify, and
+    /// that type: their cosignatures never count.
+    pub fn unverifiable_witnesses(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.other_witnesses
+            .iter()
+            .map(|(name, key)| (name.as_str(), key.kind()))
     }
 
     fn check_new_name(&self, name: &str) -> Result<(), String> {
@@ -1106,6 +1186,122 @@ mod tests {
         let mut commented = b"# caf\xe9\n".to_vec();
         commented.extend_from_slice(format!("witness A {}\nquorum A\n", w[0].1).as_bytes());
         assert!(Policy::parse(&commented).is_ok());
+    }
+
+    /// A vkey of `name` with a key of type `kind` and `len` bytes, its key
+    /// ID right (an ML-DSA-44 witness key, C2SP tlog-cosignature's type
+    /// 0x06, is 1312 bytes).
+    fn other_vkey(name: &str, kind: u8, len: usize) -> String {
+        let public = vec![kind ^ 0x5a; len];
+        let mut typed = vec![kind];
+        typed.extend_from_slice(&public);
+        format!(
+            "{name}+{:08x}+{}",
+            note::typed_key_id(name, kind, &public),
+            STANDARD.encode(typed)
+        )
+    }
+
+    /// A policy shared with verifiers that know more key types (an ML-DSA
+    /// witness; a log key of another algorithm) parses: those keys are
+    /// named and never counted, as signed-note's verifiers ignore
+    /// signatures of keys they do not know. A quorum the Ed25519 witnesses
+    /// meet alone is met; one that needs the other is not, which fails
+    /// closed. A malformed key of another type, a key ID that does not
+    /// match, a witness named with a log's type (0x01) and a log with a
+    /// witness's (0x04) are refused. Before, any such policy was refused
+    /// whole (`bad_policy`).
+    #[test]
+    fn keys_of_types_lavd_does_not_verify_are_named_and_never_counted() {
+        let (note_text, log) = log_note();
+        let (sk, a) = witness("w1.example", 1);
+        let mldsa = other_vkey("w2.example", 0x06, 1312);
+        let other_log = other_vkey("other.example/log", 0x02, 64);
+        let policy = |quorum: &str| {
+            Policy::parse(
+                format!(
+                    "log {log}
+log {other_log}
+witness A {a}
+witness B {mldsa}
+                     group any1 any A B
+group both all A B
+quorum {quorum}
+"
+                )
+                .as_bytes(),
+            )
+            .unwrap()
+        };
+        let cosigned = cosign(&note_text, &sk, &a, 1);
+        let any = policy("any1");
+        assert_eq!(
+            any.unverifiable_witnesses().collect::<Vec<_>>(),
+            [("B", 0x06)]
+        );
+        let (_, valid) = any.verify(&cosigned).unwrap();
+        assert_eq!(valid, [("A".to_string(), 1)]);
+        assert_eq!(any.verify(&note_text).unwrap_err().code(), "quorum_not_met");
+        assert_eq!(
+            policy("both").verify(&cosigned).unwrap_err().code(),
+            "quorum_not_met"
+        );
+        assert_eq!(
+            policy("B").verify(&cosigned).unwrap_err().code(),
+            "quorum_not_met"
+        );
+
+        let mut wrong_id = other_vkey("w2.example", 0x06, 1312);
+        wrong_id.replace_range(11..19, "00000000");
+        for bad in [
+            // Its key ID is not its name's, type's and key's.
+            format!(
+                "witness B {wrong_id}
+quorum none
+"
+            ),
+            // No key after the type byte.
+            format!(
+                "witness B {}
+quorum none
+",
+                other_vkey("w2.example", 0x06, 0)
+            ),
+            // A log's type as a witness, a witness's as a log.
+            format!(
+                "witness B {log}
+quorum none
+"
+            ),
+            format!(
+                "log {a}
+quorum none
+"
+            ),
+            // Defined twice, and a name and key ID another key has.
+            format!(
+                "witness B {mldsa}
+witness C {mldsa}
+quorum none
+"
+            ),
+            format!(
+                "log {other_log}
+log {other_log}
+quorum none
+"
+            ),
+            format!(
+                "witness B {mldsa}
+witness B {}
+quorum none
+",
+                a
+            ),
+        ] {
+            let e = Policy::parse(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "bad_policy", "{bad:?}");
+        }
     }
 
     /// A log of `n` leaves signed by the test log key, with its tree.

@@ -451,6 +451,14 @@ impl LogSource {
             ),
             None => None,
         };
+        for (witness, kind) in policy.iter().flat_map(|p| p.unverifiable_witnesses()) {
+            tracing::warn!(
+                witness = %crate::codec::escape_for_terminal(witness),
+                key_type = %format!("{kind:#04x}"),
+                "the policy names a witness whose key type lavd does not verify (only Ed25519 \
+                 cosignatures, 0x04): its cosignatures are not counted toward the quorum"
+            );
+        }
         let max_age = self.max_cosignature_age;
         // Said before anything is fetched.
         if max_age.is_some() && policy.as_ref().is_some_and(|p| p.quorum_is_none()) {

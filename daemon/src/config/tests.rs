@@ -998,6 +998,28 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witnesses[1].name",
         "other.example",
     );
+    // A policy witness whose key type lavd does not verify (an ML-DSA
+    // witness, type 0x06): a verifier may be given such a policy, the log
+    // may not (it could never count that witness's cosignatures).
+    let mldsa_public = [7u8; 1312];
+    let mut typed = vec![0x06u8];
+    typed.extend_from_slice(&mldsa_public);
+    let mldsa = format!(
+        "w4.example+{:08x}+{}",
+        crate::audit::note::typed_key_id("w4.example", 0x06, &mldsa_public),
+        {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&typed)
+        }
+    );
+    let with_mldsa =
+        format!("witness A {k1}\nwitness B {k2}\nwitness D {mldsa}\ngroup G all A B\nquorum G\n");
+    refused(
+        &both,
+        &[("ca.pem", ca.as_str()), ("p.policy", with_mldsa.as_str())],
+        "audit.witness_policy",
+        "names witness `D` with a key of type 0x06",
+    );
     // The refresh interval: 1 s to a day; 300 s unset.
     assert_eq!(
         load_with(&both, &files)

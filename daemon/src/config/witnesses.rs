@@ -122,6 +122,21 @@ impl Validator<'_> {
                 format!("{}: {e}", policy_file.display()),
             )
         })?;
+        // A verifier may be given a policy naming witnesses whose key type
+        // lavd does not verify (their cosignatures then never count); the
+        // log's own cannot: it submits to each witness it names and counts
+        // their cosignatures, and one it could never count would be
+        // configured for nothing.
+        if let Some((name, kind)) = policy.unverifiable_witnesses().next() {
+            return Err(self.err(
+                "audit.witness_policy",
+                format!(
+                    "{} names witness `{name}` with a key of type {kind:#04x}; lavd verifies \
+                     only Ed25519 cosignatures (type 0x04)",
+                    policy_file.display()
+                ),
+            ));
+        }
         // A served checkpoint carries the log's signature and one line per
         // configured witness: within the 64 signature lines a note may
         // have (`audit::note::MAX_SIGNATURES`), which verifiers bound too.
