@@ -984,7 +984,7 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
         line: line.into(),
     };
     assert_eq!(a.last_cosigned("w1").unwrap(), None);
-    assert_eq!(a.cosignatures(0, 10).unwrap(), []);
+    assert_eq!(a.cosignatures(0..u64::MAX, 10).unwrap(), []);
     assert_eq!(a.checkpoint_at(3).unwrap(), None);
     a.save_checkpoint(3, "note three", now()).unwrap();
     a.save_checkpoint(7, "note seven", now()).unwrap();
@@ -999,16 +999,26 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
     assert_eq!(a.last_cosigned("w2").unwrap(), Some(3));
     assert_eq!(a.last_cosigned("w3").unwrap(), None);
     assert_eq!(
-        a.cosignatures(0, 10).unwrap(),
+        a.cosignatures(0..u64::MAX, 10).unwrap(),
         [
             c(7, "w1", "— w1 c\n"),
             c(3, "w1", "— w1 a\n"),
             c(3, "w2", "— w2 b\n")
         ]
     );
-    assert_eq!(z.cosignatures(4, 10).unwrap(), [c(7, "w1", "— w1 c\n")]);
-    assert_eq!(z.cosignatures(0, 2).unwrap().len(), 2);
-    assert_eq!(z.cosignatures(8, 10).unwrap(), []);
+    assert_eq!(
+        z.cosignatures(4..u64::MAX, 10).unwrap(),
+        [c(7, "w1", "— w1 c\n")]
+    );
+    assert_eq!(z.cosignatures(0..u64::MAX, 2).unwrap().len(), 2);
+    assert_eq!(z.cosignatures(8..u64::MAX, 10).unwrap(), []);
+    // Below a size: what serving reads when the newest rows hold no quorum.
+    assert_eq!(
+        z.cosignatures(0..7, 10).unwrap(),
+        [c(3, "w1", "— w1 a\n"), c(3, "w2", "— w2 b\n")]
+    );
+    assert_eq!(z.cosignatures(4..7, 10).unwrap(), []);
+    assert_eq!(z.cosignatures(0..8, 1).unwrap(), [c(7, "w1", "— w1 c\n")]);
     // A refreshed line replaces the one its writer read, and only that
     // one: another replica's refresh in between wins.
     assert!(a
@@ -1020,7 +1030,10 @@ fn cosignatures_are_kept_per_size_and_witness_and_read_newest_first(b: &Backend)
     assert!(!z
         .replace_cosignature(&c(8, "w1", "— w1 e\n"), "— w1 d\n")
         .unwrap());
-    assert_eq!(z.cosignatures(4, 10).unwrap(), [c(7, "w1", "— w1 d\n")]);
+    assert_eq!(
+        z.cosignatures(4..u64::MAX, 10).unwrap(),
+        [c(7, "w1", "— w1 d\n")]
+    );
 }
 
 // ---- PostgreSQL only -------------------------------------------------------

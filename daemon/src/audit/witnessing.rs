@@ -47,6 +47,10 @@ use crate::store::{AuditStore, Cosignature, StoreError};
 /// How many stored cosignature rows serving looks at, newest first: enough
 /// for a quorum that lags this many checkpoints behind the newest one.
 const SERVE_SCAN_ROWS: u64 = 1024;
+/// How many more pages of [`SERVE_SCAN_ROWS`] serving reads, below the
+/// largest size the witnesses' newest cosignatures could make the quorum
+/// at, when the newest rows hold no quorum.
+const OLDER_SCAN_PAGES: usize = 8;
 /// How often a waiting unwrap looks at the store again when nothing was
 /// stored by this process meanwhile (another replica may have stored it).
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -331,9 +335,19 @@ impl Witnessing {
     /// # Errors
     /// The store's.
     pub fn served(&self) -> Result<Option<String>, StoreError> {
-        let rows = self.store.cosignatures(0, SERVE_SCAN_ROWS)?;
+        let rows = self.store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?;
         if let Some(note) = self.first_quorum(&rows)? {
             return Ok(Some(note));
+        }
+        // A quorum further back than these rows (a witness down while the
+        // others cosigned that many more checkpoints) is still the newest
+        // the quorum cosigned. The newest signed checkpoint served instead
+        // would be followed, once the quorum formed again below it, by a
+        // smaller one: a mirror refuses that as a rollback.
+        if let Some(oldest) = rows.last().filter(|_| rows.len() as u64 == SERVE_SCAN_ROWS) {
+            if let Some(note) = self.older_quorum(oldest.size)? {
+                return Ok(Some(note));
+            }
         }
         let Some((size, mut note)) = self.store.latest_checkpoint()? else {
             return Ok(None);
@@ -350,13 +364,55 @@ impl Witnessing {
         Ok(Some(note))
     }
 
+    /// The newest checkpoint of at most `size` leaves that the quorum
+    /// cosigned, with its cosignatures, for [`Self::served`] when the rows
+    /// above hold none. Read from the largest size at which the configured
+    /// witnesses' newest cosignatures could make the quorum (no size above
+    /// it can), [`SERVE_SCAN_ROWS`] rows at a time, at most
+    /// [`OLDER_SCAN_PAGES`] times.
+    fn older_quorum(&self, size: u64) -> Result<Option<String>, StoreError> {
+        let mut newest = Vec::new();
+        for w in &self.settings.witnesses {
+            if let Some(at) = self.store.last_cosigned(&w.name)? {
+                newest.push((at, &w.key));
+            }
+        }
+        newest.sort_unstable_by_key(|(at, _)| std::cmp::Reverse(*at));
+        let could = newest.iter().map(|(at, _)| *at).find(|&at| {
+            self.settings
+                .policy
+                .quorum_met_by(newest.iter().filter(|(t, _)| *t >= at).map(|(_, key)| *key))
+        });
+        let Some(could) = could else {
+            return Ok(None);
+        };
+        // The rows of `size` itself may have been cut off the page above.
+        let mut below = could.min(size).saturating_add(1);
+        for _ in 0..OLDER_SCAN_PAGES {
+            let rows = self.store.cosignatures(0..below, SERVE_SCAN_ROWS)?;
+            if let Some(note) = self.first_quorum(&rows)? {
+                return Ok(Some(note));
+            }
+            match rows.last() {
+                // The smallest size's rows may be cut off: read again. A
+                // page holds more than one size (a size has a row a
+                // witness, 63 at most), so the next page starts lower.
+                Some(last) if rows.len() as u64 == SERVE_SCAN_ROWS && last.size + 1 < below => {
+                    below = last.size + 1;
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
     /// A checkpoint of at least `size` leaves that the quorum cosigned, with
     /// its cosignatures, if the store has one now.
     ///
     /// # Errors
     /// The store's.
     pub fn quorum_covering(&self, size: u64) -> Result<Option<String>, StoreError> {
-        let rows = self.store.cosignatures(size, SERVE_SCAN_ROWS)?;
+        let rows = self.store.cosignatures(size..u64::MAX, SERVE_SCAN_ROWS)?;
         self.first_quorum(&rows)
     }
 
@@ -531,7 +587,7 @@ impl Witnessing {
                 Ok((
                     s.latest_checkpoint()?,
                     s.last_cosigned(&name)?,
-                    s.cosignatures(0, SERVE_SCAN_ROWS)?,
+                    s.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?,
                     s.tree_size()?,
                 ))
             })
@@ -1026,6 +1082,109 @@ mod tests {
         VerifierKey::new(ORIGIN, sk.verifying_key().as_bytes()).unwrap()
     }
 
+    /// Saves a checkpoint of the first `size` leaves, signed by the test
+    /// log key; returns its note.
+    fn sign_at(store: &Store, size: u64) -> String {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        let checkpoint = Checkpoint {
+            origin: ORIGIN.into(),
+            size,
+            root: store.root(size).unwrap(),
+        };
+        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
+            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
+            .unwrap();
+        note
+    }
+
+    /// A quorum further back than the rows `served` reads first (one
+    /// witness down while the other cosigned `SERVE_SCAN_ROWS` more
+    /// checkpoints) is still the checkpoint served, with its cosignatures:
+    /// not the newest signed one, which the quorum, formed again below it,
+    /// would then follow with a smaller size (a mirror refuses that as a
+    /// rollback). Before, the newest signed was served (helper-204's 2).
+    #[test]
+    fn a_quorum_older_than_the_rows_read_first_is_still_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let keys: Vec<(ed25519_dalek::SigningKey, CosignerKey)> =
+            [("w1.test", 1u8), ("w2.test", 2)]
+                .into_iter()
+                .map(|(name, seed)| {
+                    let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+                    let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
+                    (sk, key)
+                })
+                .collect();
+        let (k1, k2) = (&keys[0].1, &keys[1].1);
+        let policy_text = format!("witness A {k1}\nwitness B {k2}\ngroup q all A B\nquorum q\n");
+        let witnessing = Witnessing::new(
+            settings(
+                dir.path(),
+                &[("https://w1.test:1", k1), ("https://w2.test:1", k2)],
+                &policy_text,
+                &ca,
+            ),
+            store.clone(),
+            None,
+        );
+        let cosign = |size: u64, note: &str, who: usize| {
+            let (sk, key) = &keys[who];
+            let body = &note[..note.rfind("\n\n").unwrap() + 1];
+            let line = super::super::witness::cosignature_line::<()>(key, body, unix_now(), |m| {
+                Ok(sk.sign(m).to_bytes())
+            })
+            .unwrap();
+            store
+                .save_cosignature(&Cosignature {
+                    size,
+                    witness: key.name().to_string(),
+                    line,
+                })
+                .unwrap();
+        };
+        let served_size = || {
+            let note = witnessing.served().unwrap().unwrap();
+            let (body, _) = note::split_note(&note).unwrap();
+            (
+                Checkpoint::parse(body).unwrap().size,
+                note.matches("\n— w").count(),
+            )
+        };
+        let last = grow(&store, SERVE_SCAN_ROWS as usize + 8);
+        // Both cosign size 2; then only w1, each of the later sizes.
+        let quorum = 2;
+        let note = sign_at(&store, quorum);
+        cosign(quorum, &note, 0);
+        cosign(quorum, &note, 1);
+        assert_eq!(served_size(), (quorum, 2));
+        for size in quorum + 1..=last {
+            let note = if size == last {
+                store.checkpoint_at(size).unwrap().unwrap()
+            } else {
+                sign_at(&store, size)
+            };
+            cosign(size, &note, 0);
+        }
+        assert!(
+            store
+                .cosignatures(quorum + 1..u64::MAX, SERVE_SCAN_ROWS)
+                .unwrap()
+                .len() as u64
+                >= SERVE_SCAN_ROWS
+        );
+        assert_eq!(served_size(), (quorum, 2));
+        // w2 back, on a size w1 cosigned: served from then on.
+        let joined = last - 3;
+        cosign(joined, &store.checkpoint_at(joined).unwrap().unwrap(), 1);
+        assert_eq!(served_size(), (joined, 2));
+    }
+
     /// Appends `n` leaves and saves a checkpoint of the whole tree, signed
     /// by the test log key; returns its size.
     fn grow(store: &Store, n: usize) -> u64 {
@@ -1348,7 +1507,7 @@ mod tests {
         started_until_quorum(&runtime, &witnessing, size, size);
         let note = store.checkpoint_at(size).unwrap().unwrap();
         let stored = || {
-            let rows = store.cosignatures(0, 10).unwrap();
+            let rows = store.cosignatures(0..u64::MAX, 10).unwrap();
             assert_eq!(rows.len(), 1, "{rows:?}");
             let line = rows[0].line.clone();
             let times = verify_cosignatures(&format!("{note}{line}"), &k1).unwrap();
@@ -1994,7 +2153,7 @@ mod tests {
         let witnessing = Arc::new(Witnessing::new(settings, store.clone(), None));
         started_until_quorum(&runtime, &witnessing, size, size);
         // The lagging witness's line is stored; the one ahead's is not.
-        let rows = store.cosignatures(0, 10).unwrap();
+        let rows = store.cosignatures(0..u64::MAX, 10).unwrap();
         let names: Vec<&str> = rows.iter().map(|c| c.witness.as_str()).collect();
         assert_eq!(names, ["w1.test"], "{rows:?}");
         // Over 10 s of polls every second: the lagging witness, due at
@@ -2013,7 +2172,7 @@ mod tests {
         assert!((1..=4).contains(&lagging_asked), "{lagging_asked}");
         // Not stalled either: asked again within the window.
         assert!((2..=6).contains(&ahead_asked), "{ahead_asked}");
-        assert_eq!(store.cosignatures(0, 10).unwrap(), rows);
+        assert_eq!(store.cosignatures(0..u64::MAX, 10).unwrap(), rows);
         drop(runtime);
     }
 

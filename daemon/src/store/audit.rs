@@ -632,12 +632,16 @@ pub trait AuditStore: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// As [`AuditStore::save_cosignature`].
     fn last_cosigned(&self, witness: &str) -> Result<Option<u64>, StoreError>;
-    /// The cosignatures of checkpoints of size at least `from`, largest
+    /// The cosignatures of checkpoints whose size is in `sizes`, largest
     /// size first, at most `limit` of them.
     ///
     /// # Errors
     /// As [`AuditStore::save_cosignature`].
-    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError>;
+    fn cosignatures(
+        &self,
+        sizes: std::ops::Range<u64>,
+        limit: u64,
+    ) -> Result<Vec<Cosignature>, StoreError>;
     /// The saved checkpoint of tree size `size`, if any.
     ///
     /// # Errors
@@ -1385,18 +1389,24 @@ impl AuditStore for SqliteStore {
             .transpose()
     }
 
-    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
+    fn cosignatures(
+        &self,
+        sizes: std::ops::Range<u64>,
+        limit: u64,
+    ) -> Result<Vec<Cosignature>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn
             .prepare(
-                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= ?1
-                 ORDER BY size DESC, witness LIMIT ?2",
+                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= ?1 AND size < ?2
+                 ORDER BY size DESC, witness LIMIT ?3",
             )
             .map_err(|e| self.sqlite_err(e))?;
         let rows = stmt
             .query_map(
                 params![
-                    i64::try_from(from).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    i64::try_from(sizes.start).map_err(|_| StoreError::OutOfRange("tree size"))?,
+                    // Every size a row can hold is below i64::MAX.
+                    i64::try_from(sizes.end).unwrap_or(i64::MAX),
                     i64::try_from(limit).unwrap_or(i64::MAX)
                 ],
                 |row| {

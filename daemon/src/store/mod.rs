@@ -639,10 +639,14 @@ impl AuditStore for Store {
             Store::Postgres(s) => s.last_cosigned(witness),
         }
     }
-    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
+    fn cosignatures(
+        &self,
+        sizes: std::ops::Range<u64>,
+        limit: u64,
+    ) -> Result<Vec<Cosignature>, StoreError> {
         match self {
-            Store::Sqlite(s) => s.cosignatures(from, limit),
-            Store::Postgres(s) => s.cosignatures(from, limit),
+            Store::Sqlite(s) => s.cosignatures(sizes, limit),
+            Store::Postgres(s) => s.cosignatures(sizes, limit),
         }
     }
     fn checkpoint_at(&self, size: u64) -> Result<Option<String>, StoreError> {

@@ -2677,14 +2677,20 @@ impl AuditStore for PgStore {
         size.map(|s| self.to_u64(s, "cosigned size")).transpose()
     }
 
-    fn cosignatures(&self, from: u64, limit: u64) -> Result<Vec<Cosignature>, StoreError> {
-        let from = i64::try_from(from).map_err(|_| StoreError::OutOfRange("tree size"))?;
+    fn cosignatures(
+        &self,
+        sizes: std::ops::Range<u64>,
+        limit: u64,
+    ) -> Result<Vec<Cosignature>, StoreError> {
+        let from = i64::try_from(sizes.start).map_err(|_| StoreError::OutOfRange("tree size"))?;
+        // Every size a row can hold is below i64::MAX.
+        let below = i64::try_from(sizes.end).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self.read(|c| {
             c.query(
-                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= $1
-                 ORDER BY size DESC, witness LIMIT $2",
-                &[&from, &limit],
+                "SELECT size, witness, line FROM audit_cosignatures WHERE size >= $1 AND size < $2
+                 ORDER BY size DESC, witness LIMIT $3",
+                &[&from, &below, &limit],
             )
             .map_err(|e| self.pg_err(e))
         })?;
