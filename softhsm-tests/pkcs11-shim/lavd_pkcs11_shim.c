@@ -39,8 +39,10 @@
  *                              # C_GenerateKeyPair's private-key template gets
  *                              # these values in place of the caller's, as a
  *                              # token that ignores part of a template makes
- *                              # the key: at most 4 of CKA_TOKEN, CKA_PRIVATE,
- *                              # CKA_SIGN_RECOVER, each true or false
+ *                              # the key: each of CKA_TOKEN, CKA_PRIVATE,
+ *                              # CKA_SIGN_RECOVER at most once, true or false
+ *   keypair_public = CKA_TOKEN:false
+ *                              # the same for the public-key template
  *   pin = NEW:REAL             # the user PIN was changed on the token to NEW:
  *                              # C_Login as user with NEW is forwarded with REAL
  *                              # (the forwarded token's PIN); with anything else it
@@ -101,8 +103,9 @@
 
 enum fault { FAULT_NONE, FAULT_RV, FAULT_HANG };
 
-/* Most `keypair_private` values. */
-#define MAX_OVERRIDES 4
+/* Most `keypair_private` or `keypair_public` values: one per attribute
+ * they may name. */
+#define MAX_OVERRIDES 3
 
 struct flag_override {
 	ck_attribute_type_t type;
@@ -127,6 +130,8 @@ struct settings {
 	char derive_log[4096]; /* empty: none */
 	struct flag_override keypair_private[MAX_OVERRIDES];
 	int keypair_private_n;
+	struct flag_override keypair_public[MAX_OVERRIDES];
+	int keypair_public_n;
 	char pin_new[256];  /* empty: no PIN change */
 	char pin_real[256];
 };
@@ -321,7 +326,12 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 		} else if (!strcmp(key, "fault_limit")) {
 			if (whole(value, ULONG_MAX, &out->fault_limit))
 				REFUSE("fault_limit = `%.200s`: not a whole number", value);
-		} else if (!strcmp(key, "keypair_private")) {
+		} else if (!strcmp(key, "keypair_private") || !strcmp(key, "keypair_public")) {
+			int private_half = !strcmp(key, "keypair_private");
+			struct flag_override *into = private_half ? out->keypair_private : out->keypair_public;
+			int *count = private_half ? &out->keypair_private_n : &out->keypair_public_n;
+			if (*count)
+				REFUSE("%.20s: given twice", key);
 			char list[8192];
 			snprintf(list, sizeof list, "%s", value);
 			char *rest = NULL;
@@ -329,7 +339,7 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 			     item = strtok_r(NULL, ", \t", &rest)) {
 				char *colon = strchr(item, ':');
 				if (!colon)
-					REFUSE("keypair_private: `%.200s` is not NAME:true or NAME:false", item);
+					REFUSE("%.20s: `%.200s` is not NAME:true or NAME:false", key, item);
 				*colon = 0;
 				const char *flag = colon + 1;
 				struct flag_override o;
@@ -340,19 +350,20 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 				else if (!strcmp(item, "CKA_SIGN_RECOVER"))
 					o.type = CKA_SIGN_RECOVER;
 				else
-					REFUSE("keypair_private: `%.200s` is not CKA_TOKEN, CKA_PRIVATE or CKA_SIGN_RECOVER", item);
+					REFUSE("%.20s: `%.200s` is not CKA_TOKEN, CKA_PRIVATE or CKA_SIGN_RECOVER", key, item);
 				if (!strcmp(flag, "true"))
 					o.value = 1;
 				else if (!strcmp(flag, "false"))
 					o.value = 0;
 				else
-					REFUSE("keypair_private: %.200s:`%.200s` is not true or false", item, flag);
-				if (out->keypair_private_n == MAX_OVERRIDES)
-					REFUSE("keypair_private: more than %d values", MAX_OVERRIDES);
-				out->keypair_private[out->keypair_private_n++] = o;
+					REFUSE("%.20s: %.200s:`%.200s` is not true or false", key, item, flag);
+				for (int j = 0; j < *count; j++)
+					if (into[j].type == o.type)
+						REFUSE("%.20s: %.200s named twice", key, item);
+				into[(*count)++] = o;
 			}
-			if (!out->keypair_private_n)
-				REFUSE("keypair_private: no value (leave the key out for none)");
+			if (!*count)
+				REFUSE("%.20s: no value (leave the key out for none)", key);
 		} else if (!strcmp(key, "pin")) {
 			char *colon = strchr(value, ':');
 			if (!colon)
@@ -664,8 +675,43 @@ FWD(C_DecryptDigestUpdate, (ck_session_handle_t session, unsigned char *encrypte
 FWD(C_SignEncryptUpdate, (ck_session_handle_t session, unsigned char *part, unsigned long part_len, unsigned char *encrypted_part, unsigned long *encrypted_part_len), (session, part, part_len, encrypted_part, encrypted_part_len))
 FWD(C_DecryptVerifyUpdate, (ck_session_handle_t session, unsigned char *encrypted_part, unsigned long encrypted_part_len, unsigned char *part, unsigned long *part_len), (session, encrypted_part, encrypted_part_len, part, part_len))
 FWD(C_GenerateKey, (ck_session_handle_t session, struct ck_mechanism *mechanism, struct ck_attribute *templ, unsigned long count, ck_object_handle_t *key), (session, mechanism, templ, count, key))
-/* C_GenerateKeyPair, with `keypair_private`'s values in the private key's
- * template in place of the caller's. */
+/* The most attributes a template `edit_template` edits may hold. */
+#define MAX_TEMPLATE 64
+
+/* `*templ` (of `*count` attributes) with `over`'s `n` values in place of
+ * its own, in `edited` (room for MAX_TEMPLATE + MAX_OVERRIDES); `over`
+ * must outlive the call the edited template is given to. Returns 0, or -1
+ * for a template it cannot edit (which then fails, never passes
+ * unedited). */
+static int edit_template(struct ck_attribute **templ, unsigned long *count,
+			 struct flag_override *over, int n, struct ck_attribute *edited)
+{
+	if (!n)
+		return 0;
+	if (*count > MAX_TEMPLATE || (*count && !*templ))
+		return -1;
+	unsigned long kept = 0;
+	for (unsigned long i = 0; i < *count; i++) {
+		int replaced = 0;
+		for (int j = 0; j < n; j++)
+			if ((*templ)[i].type == over[j].type)
+				replaced = 1;
+		if (!replaced)
+			edited[kept++] = (*templ)[i];
+	}
+	for (int j = 0; j < n; j++) {
+		edited[kept].type = over[j].type;
+		edited[kept].value = &over[j].value;
+		edited[kept].value_len = 1;
+		kept++;
+	}
+	*templ = edited;
+	*count = kept;
+	return 0;
+}
+
+/* C_GenerateKeyPair, with `keypair_public`'s and `keypair_private`'s
+ * values in the two templates in place of the caller's. */
 static ck_rv_t shim_C_GenerateKeyPair(ck_session_handle_t session, struct ck_mechanism *mechanism,
 				      struct ck_attribute *public_key_template,
 				      unsigned long public_key_attribute_count,
@@ -677,37 +723,23 @@ static ck_rv_t shim_C_GenerateKeyPair(ck_session_handle_t session, struct ck_mec
 	ck_rv_t rv = before("C_GenerateKeyPair", &until);
 	if (rv != CKR_OK)
 		return rv;
-	struct flag_override over[MAX_OVERRIDES];
+	struct flag_override over_private[MAX_OVERRIDES], over_public[MAX_OVERRIDES];
 	pthread_mutex_lock(&lock);
-	int n = cfg.keypair_private_n;
-	memcpy(over, cfg.keypair_private, sizeof over);
+	int n_private = cfg.keypair_private_n, n_public = cfg.keypair_public_n;
+	memcpy(over_private, cfg.keypair_private, sizeof over_private);
+	memcpy(over_public, cfg.keypair_public, sizeof over_public);
 	pthread_mutex_unlock(&lock);
-	struct ck_attribute edited[64 + MAX_OVERRIDES];
-	unsigned long count = 0;
-	if (n) {
-		/* A template this module cannot edit fails, never passes unedited. */
-		if (private_key_attribute_count > 64 || (private_key_attribute_count && !private_key_template))
-			return CKR_ARGUMENTS_BAD;
-		for (unsigned long i = 0; i < private_key_attribute_count; i++) {
-			int replaced = 0;
-			for (int j = 0; j < n; j++)
-				if (private_key_template[i].type == over[j].type)
-					replaced = 1;
-			if (!replaced)
-				edited[count++] = private_key_template[i];
-		}
-		for (int j = 0; j < n; j++) {
-			edited[count].type = over[j].type;
-			edited[count].value = &over[j].value;
-			edited[count].value_len = 1;
-			count++;
-		}
-		private_key_template = edited;
-		private_key_attribute_count = count;
-	}
-	rv = real->C_GenerateKeyPair(session, mechanism, public_key_template, public_key_attribute_count,
-				     private_key_template, private_key_attribute_count, public_key,
-				     private_key);
+	struct ck_attribute edited_private[MAX_TEMPLATE + MAX_OVERRIDES];
+	struct ck_attribute edited_public[MAX_TEMPLATE + MAX_OVERRIDES];
+	if (edit_template(&private_key_template, &private_key_attribute_count, over_private,
+			  n_private, edited_private) ||
+	    edit_template(&public_key_template, &public_key_attribute_count, over_public,
+			  n_public, edited_public))
+		rv = CKR_ARGUMENTS_BAD;
+	else
+		rv = real->C_GenerateKeyPair(session, mechanism, public_key_template,
+					     public_key_attribute_count, private_key_template,
+					     private_key_attribute_count, public_key, private_key);
 	if (until.tv_sec || until.tv_nsec)
 		sleep_until(&until);
 	return rv;

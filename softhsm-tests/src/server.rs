@@ -452,8 +452,17 @@ impl Authorities {
     /// `{"id","reason","time"}` (the time now), signed by the judicial
     /// authority.
     pub fn revocation(&self, id: &str, reason: &str) -> serde_json::Value {
+        self.revocation_by(&self.judicial, id, reason)
+    }
+
+    /// As [`Authorities::revocation`], signed by `key`.
+    pub fn revocation_by(
+        &self,
+        key: &lavd::warrant::AuthorityKey,
+        id: &str,
+        reason: &str,
+    ) -> serde_json::Value {
         use lavd::codec::b64_encode;
-        let key = &self.judicial;
         let payload = serde_json::json!({
             "id": id,
             "reason": reason,

@@ -405,6 +405,14 @@ fn a_settings_file_the_module_cannot_take_is_refused_and_every_call_fails() {
             "keypair_private = CKA_TOKEN:yes",
             "keypair_private: CKA_TOKEN:`yes` is not true or false",
         ),
+        (
+            "keypair_public = CKA_TOKEN:true, CKA_TOKEN:false",
+            "keypair_public: CKA_TOKEN named twice",
+        ),
+        (
+            "keypair_public = CKA_TOKEN:false\nkeypair_public =",
+            "keypair_public: given twice",
+        ),
     ];
     for (n, (settings, why)) in (1..).zip(bad) {
         h.shim.set(settings);

@@ -293,15 +293,17 @@ fn an_audit_key_of_another_type_stops_the_daemon() {
 }
 
 /// A key pair the token made otherwise than its template asked (through
-/// the fault module, which puts other values in the private key's
-/// template, as a token that ignores part of one would): not private
-/// (lavd finds and destroys only private objects, so it would never be
-/// destroyed at its retention's end), a session object (gone with the
-/// CLI's session, its kid recorded), or able to sign with recovery. `lavd
-/// keys generate` refuses each with `key_attributes_unsafe` naming the
-/// attribute, discards the pair (the kid can be generated again) and
-/// records nothing. Before, the first two were recorded, and the third was
-/// only warned of.
+/// the fault module, which puts other values in a template, as a token
+/// that ignores part of one would): a private key not private (lavd finds
+/// and destroys only private objects, so it would never be destroyed at
+/// its retention's end), a session object (gone with the CLI's session,
+/// its kid recorded), or able to sign with recovery; a public half that is
+/// a session object (the key withheld for good once the CLI ends) or not
+/// private (destroyable without the PIN). `lavd keys generate` refuses
+/// each with `key_attributes_unsafe` naming the attribute, discards the
+/// pair (the kid can be generated again) and records nothing. Before, the
+/// private key's first two and the public half's were recorded, and the
+/// third was only warned of.
 #[test]
 fn a_new_key_the_token_made_otherwise_than_asked_is_refused_and_discarded() {
     let t = TestToken::new();
@@ -310,15 +312,29 @@ fn a_new_key_the_token_made_otherwise_than_asked_is_refused_and_discarded() {
     // Made as asked: the audit key and a first escrow key.
     vault::generate_escrow_key(&t, "E-0");
     for (i, (made, named)) in [
-        ("CKA_PRIVATE:false", "CKA_PRIVATE is not true"),
-        ("CKA_TOKEN:false", "CKA_TOKEN is not true"),
-        ("CKA_SIGN_RECOVER:true", "CKA_SIGN_RECOVER is true"),
+        (
+            "keypair_private = CKA_PRIVATE:false",
+            "CKA_PRIVATE is not true",
+        ),
+        ("keypair_private = CKA_TOKEN:false", "CKA_TOKEN is not true"),
+        (
+            "keypair_private = CKA_SIGN_RECOVER:true",
+            "CKA_SIGN_RECOVER is true",
+        ),
+        (
+            "keypair_public = CKA_TOKEN:false",
+            "its public half's CKA_TOKEN is not true",
+        ),
+        (
+            "keypair_public = CKA_PRIVATE:false",
+            "its public half's CKA_PRIVATE is not true",
+        ),
     ]
     .into_iter()
     .enumerate()
     {
         let kid = format!("E-{}", i + 1);
-        shim.set(&format!("keypair_private = {made}"));
+        shim.set(made);
         let now = OffsetDateTime::now_utc();
         let at = |d: time::Duration| lavd::codec::format_time(now + d);
         let out = t.lavd_with_config(&[

@@ -608,17 +608,25 @@ fn stored_leaves(t: &TestToken) -> u64 {
         .expect("count the leaves")
 }
 
-/// A revocation is judged under the trust in force when its work starts,
-/// not under the one it was admitted under, and a trust change waits for
-/// the revocations in their commit. Every revocation thread
-/// (`OWN_THREADS`, 16) is taken by an admin's revocation whose leaf has
-/// committed and whose checkpoint's `C_Sign` is held; a revocation signed
-/// by the judicial authority arrives and waits for a thread; a reload
-/// removes that authority and waits for the 16 (its log line says so).
-/// Once they are released, the waiting revocation runs under the new
-/// trust: 403 `unknown_authority`, no leaf. Before, it was verified under
-/// the trust it was admitted under and committed after the reload's
-/// `authorities_loaded` leaf.
+/// A revocation is judged under the configuration in force when its work
+/// starts, not under the one it was admitted under. Every revocation
+/// thread (`OWN_THREADS`, 16) is taken by an admin's revocation whose leaf
+/// has committed and whose checkpoint's `C_Sign` is held: past their
+/// commit, they no longer hold the reload's fence, so a reload does not
+/// wait for their signatures (it logs no wait). Three revocations arrive and
+/// wait for a thread: one signed by the judicial authority, delivered by
+/// the agency; the admin's own; one signed by the executive, delivered by
+/// the provider. A reload removes the judicial authority, gives the
+/// admin's identity the auditor role in place of admin's, and takes the
+/// provider's role away. Once the 16 are released, the three run under
+/// the new configuration: 403 `unknown_authority`, `forbidden` (the admin
+/// form needs the admin role, not any role) and `forbidden` (an
+/// authority's form needs some role), none with a leaf. Before, each was
+/// judged under the configuration it was admitted under and committed
+/// after the reload's `authorities_loaded` leaf.
+///
+/// The new configuration applies as the reload's leaf commits (the test
+/// reads the leaf from the store file), before the release.
 #[test]
 fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_runs() {
     const HELD: usize = lavd::api::routes::OWN_THREADS;
@@ -641,6 +649,21 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
     let before = stored_leaves(&t);
     let waits = "wait for the unwraps and revocations in their audit commit";
 
+    let a = authorities();
+    let late_bodies = [
+        (
+            &c.agency,
+            serde_json::json!({"revocation": a.revocation("W-LATE-1", "quashed")}),
+        ),
+        (
+            &c.admin,
+            serde_json::json!({"id": "W-LATE-2", "reason": "quashed"}),
+        ),
+        (
+            &c.provider,
+            serde_json::json!({"revocation": a.revocation_by(&a.executive, "W-LATE-3", "quashed")}),
+        ),
+    ];
     shim.set("fault = hang\nfault_calls = C_Sign");
     let (held, late) = std::thread::scope(|s| {
         let _release = shim.releasing();
@@ -665,47 +688,72 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        // Every thread is taken. The late revocation's body is read (and
+        // Every thread is taken. Each late revocation's body is read (and
         // counted) before it waits for one.
         let bodies = "lavd_request_body_bytes_held";
-        let held_bytes = daemon.metric(bodies);
-        let late = s.spawn(|| {
-            vault::post(
-                &c.provider,
-                "/v1/warrants/revocations",
-                &serde_json::json!({"revocation": authorities().revocation("W-LATE", "quashed")}),
-            )
-        });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while daemon.metric(bodies) <= held_bytes {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the late revocation's body was never held"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut late = Vec::new();
+        for (client, body) in &late_bodies {
+            let held_bytes = daemon.metric(bodies);
+            late.push(s.spawn(move || vault::post(client, "/v1/warrants/revocations", body)));
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while daemon.metric(bodies) <= held_bytes {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a late revocation's body was never held"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
         }
-        assert!(!late.is_finished(), "answered without a thread");
+        assert!(
+            late.iter().all(|l| !l.is_finished()),
+            "answered without a thread"
+        );
         remove_the_judicial_authority(&t);
+        let config = std::fs::read_to_string(t.config()).unwrap();
+        let admin_role = format!("\"{}\" = [\"admin\"]\n", vault::ADMIN);
+        let provider_role = format!("\"{}\" = [\"provider\"]\n", vault::PROVIDER);
+        assert!(
+            config.contains(&admin_role) && config.contains(&provider_role),
+            "{config}"
+        );
+        std::fs::write(
+            t.config(),
+            config
+                .replace(
+                    &admin_role,
+                    &format!("\"{}\" = [\"auditor\"]\n", vault::ADMIN),
+                )
+                .replace(&provider_role, ""),
+        )
+        .unwrap();
         daemon.signal(Signal::HUP);
         daemon.expect_notify("RELOADING=1");
+        // The held revocations are past their commit, so the reload does
+        // not wait for them: its leaf commits, and the new configuration
+        // applies as it does (its checkpoint's `C_Sign` is held too).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while !daemon.stderr().contains(waits) {
+        while stored_leaves(&t) < before + HELD as u64 + 1 {
             assert!(
                 std::time::Instant::now() < deadline,
-                "the reload did not wait for the revocations in their commit:\n{}",
+                "the reload's leaf never committed:\n{}",
                 daemon.stderr()
             );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        assert!(!daemon.stderr().contains(waits), "{}", daemon.stderr());
         shim.set("");
         let held: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
-        (held, late.join().unwrap())
+        let late: Vec<_> = late.into_iter().map(|l| l.join().unwrap()).collect();
+        (held, late)
     });
     daemon.expect_notify("READY=1");
     for r in &held {
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    late.assert_error(403, "unknown_authority");
+    late[0].assert_error(403, "unknown_authority");
+    let message = late[1].assert_error(403, "forbidden");
+    assert!(message.contains("admin"), "{message}");
+    late[2].assert_error(403, "forbidden");
 
     let size = vault::tree_size(&c.auditor);
     let entries = vault::entries(&c.auditor, 0, size);
@@ -719,7 +767,7 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
         .filter(|(_, e)| e.leaf["event"] == "revocation")
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(revocations.len(), HELD, "the late one wrote no leaf");
+    assert_eq!(revocations.len(), HELD, "the late ones wrote no leaf");
     assert!(
         revocations.iter().all(|&i| i < change),
         "{revocations:?} {change}"

@@ -16,7 +16,7 @@ use warp::{Rejection, Reply};
 use super::error::ApiError;
 use super::identity::{PeerIdentity, Role};
 use super::pipeline::Readmission;
-use super::routes::{blocking, off_the_pool, IndexQuery, RequestContext, ANY_ROLE};
+use super::routes::{blocking, off_the_pool, roles_allow, IndexQuery, RequestContext, ANY_ROLE};
 use super::state::{Reloadable, ServerState};
 use crate::audit::log::LogError;
 use crate::codec::b64_encode;
@@ -315,31 +315,41 @@ pub(crate) async fn post_revocation(
     let by_authority = crate::codec::json_member(&body, "revocation").is_some()
         || (!peer.has(Role::Admin)
             && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_err());
-    if !by_authority && !peer.has(Role::Admin) {
-        return Err(ApiError::forbidden(peer.uri(), &[Role::Admin]).into());
+    // The roles each form needs, here and when the caller is admitted
+    // again as its work starts.
+    let roles: &'static [Role] = if by_authority {
+        ANY_ROLE
+    } else {
+        &[Role::Admin]
+    };
+    if !roles_allow(roles, peer.roles()) {
+        return Err(ApiError::forbidden(peer.uri(), roles).into());
     }
     let st = state.clone();
     let caller = peer.uri().to_string();
+    // Why the caller was not admitted again as the work started.
+    let withdrawn: Arc<std::sync::Mutex<Option<ApiError>>> = Arc::default();
+    let refusal = withdrawn.clone();
     // Not on the blocking pool, where unwraps waiting at the envelope gate
-    // could hold every thread: a revocation does not wait for them.
+    // could hold every thread: a revocation does not wait for them (only,
+    // once parsed, for a reload of the trust under way: `unwrap::revoke`).
     let result = off_the_pool(move || {
-        // Judged under the configuration in force when its work starts (a
-        // reload may have applied while it waited for a thread): the
-        // caller admitted again, and the authority's signature verified,
-        // under that one's trust. The reload's fence is held to the end of
-        // the commit, as by an unwrap's last look (`unwrap::Recheck`): no
-        // revocation judged under one trust commits after the
-        // `authorities_loaded` leaf that says another applies.
-        let _fence = st
-            .reload_fence()
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let roles: &'static [Role] = if by_authority {
-            ANY_ROLE
-        } else {
-            &[Role::Admin]
+        // A reload may have applied while it waited for a thread: the
+        // caller is admitted again under the configuration in force, and
+        // that one's trust verifies an authority's signature
+        // (`unwrap::revoke`, under the reload's fence).
+        let readmit = || {
+            readmission
+                .current(&live, roles)
+                .map(|newer| newer.map(|r| r.verifier.clone()))
+                .map_err(|e| {
+                    let (code, why) = (e.code(), e.to_string());
+                    *refusal
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    unwrap::UnwrapError::Withdrawn { code, why }
+                })
         };
-        let live = readmission.current(&live, roles)?.unwrap_or(live);
         let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,
@@ -347,7 +357,10 @@ pub(crate) async fn post_revocation(
             log: &st.audit,
             verifier: &live.verifier,
             readmit: None,
-            recheck: None,
+            recheck: Some(unwrap::Recheck {
+                readmit: unwrap::Readmit(&readmit),
+                fence: st.reload_fence(),
+            }),
             envelope_limits: &limits,
             max_batch: st.limits.max_batch,
             gate: &st.envelope_gate,
@@ -367,6 +380,14 @@ pub(crate) async fn post_revocation(
         Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
     })
     .await?;
+    if let Err(UnwrapError::Withdrawn { .. }) = &result {
+        let e = withdrawn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or(ApiError::Internal);
+        return Err(e.into());
+    }
     let revoked = result.map_err(|e| revocation_error(e, state.audit.inconsistency().is_some()))?;
     // Committed, so in force: said so even when no checkpoint could be
     // signed over its leaf (`checkpoint: null`; the next one covers it).

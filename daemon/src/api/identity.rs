@@ -88,11 +88,6 @@ impl PeerIdentity {
         self.roles.contains(&role)
     }
 
-    /// Whether the configuration grants any role at all.
-    pub fn has_any_role(&self) -> bool {
-        !self.roles.is_empty()
-    }
-
     /// The roles the configuration grants.
     pub fn roles(&self) -> &BTreeSet<Role> {
         &self.roles

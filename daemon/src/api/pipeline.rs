@@ -452,14 +452,7 @@ impl Readmission {
             return Ok(None);
         }
         admit(&self.state, &self.conn, &newest)?;
-        let held = newest.roles.roles(&self.uri);
-        // As `routes::require`: no roles named is any role at all.
-        let allowed = if roles.is_empty() {
-            !held.is_empty()
-        } else {
-            roles.iter().any(|r| held.contains(r))
-        };
-        if !allowed {
+        if !super::routes::roles_allow(roles, &newest.roles.roles(&self.uri)) {
             return Err(ApiError::forbidden(&self.uri, roles));
         }
         Ok(Some(newest))

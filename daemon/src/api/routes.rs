@@ -128,14 +128,20 @@ pub fn takes_body(
     roles: &std::collections::BTreeSet<Role>,
 ) -> bool {
     method == warp::http::Method::POST
-        && BODY_ROUTES.iter().any(|(template, allowed)| {
-            *template == path
-                && if allowed.is_empty() {
-                    !roles.is_empty()
-                } else {
-                    allowed.iter().any(|r| roles.contains(r))
-                }
-        })
+        && BODY_ROUTES
+            .iter()
+            .any(|(template, allowed)| *template == path && roles_allow(allowed, roles))
+}
+
+/// Whether a caller holding `held` may do what needs one of `allowed`
+/// ([`ANY_ROLE`], no role named: any role at all). The one rule for every
+/// route's check, a body's, and a request's readmission.
+pub fn roles_allow(allowed: &[Role], held: &std::collections::BTreeSet<Role>) -> bool {
+    if allowed.is_empty() {
+        !held.is_empty()
+    } else {
+        allowed.iter().any(|r| held.contains(r))
+    }
 }
 
 /// Names the route (its template, e.g. `/v1/audit/proof/inclusion`) for the
@@ -169,12 +175,7 @@ pub fn require(
         // The pipeline always inserts the identity; its absence is a bug,
         // and it fails closed.
         let peer = peer.ok_or(ApiError::Internal)?;
-        let allowed = if roles.is_empty() {
-            peer.has_any_role()
-        } else {
-            roles.iter().any(|r| peer.has(*r))
-        };
-        if allowed {
+        if roles_allow(roles, peer.roles()) {
             Ok(peer)
         } else {
             Err(Rejection::from(ApiError::forbidden(peer.uri(), roles)))

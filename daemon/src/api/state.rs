@@ -397,10 +397,11 @@ impl ServerState {
             generation,
             Some(&self.current().tls),
         )?;
-        // A trust change is ordered against unwraps' leaves: none judged
-        // under the running trust commits after its `authorities_loaded`
-        // leaf; those in their commit finish first, and those at their last
-        // look wait for the swap ([`crate::unwrap::Recheck`]). Other changes
+        // A trust change is ordered against unwraps' and revocations'
+        // leaves: none judged under the running trust commits after its
+        // `authorities_loaded` leaf; those in their commit finish it first,
+        // and those at their last look wait for the swap
+        // ([`crate::unwrap::Recheck`]). Other changes
         // (roles, CAs, CRLs) write no leaf and take no fence, so that they
         // never wait for the store: a new CRL must not wait for the
         // clients it revokes.
@@ -418,16 +419,33 @@ impl ServerState {
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
             }
         });
+        let next = Arc::new(next);
+        // The swap, and the fence let go.
+        let apply = |fence: Option<std::sync::RwLockWriteGuard<'_, ()>>| {
+            next.tls.log_crls();
+            *self
+                .live
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = next.clone();
+            self.generation.store(generation, Ordering::SeqCst);
+            drop(fence);
+        };
         if trust_changed {
             // No change of who may sign warrants without its audit leaf:
             // the leaf is durable before the new trust applies, and if it
             // cannot be written the reload fails and the old trust stays.
             // Once the leaf is durable the new trust applies, even if no
             // checkpoint covers it yet: the log must never say one trust
-            // while the daemon enforces another.
+            // while the daemon enforces another. It applies as the leaf's
+            // transaction ends, before the checkpoint's signature is
+            // awaited: the fence is held across a commit, not an HSM call.
             let trust = settings.require_trust()?;
             let unsigned = self
-                .log_authorities_loaded(trust)
+                .log_authorities_loaded_then(trust, move |committed| {
+                    if committed {
+                        apply(fence);
+                    }
+                })
                 .map_err(|e| ConfigError {
                     file: self.config_file.clone(),
                     field: "authorities".into(),
@@ -436,14 +454,9 @@ impl ServerState {
             if let Some(e) = unsigned {
                 tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");
             }
+        } else {
+            apply(fence);
         }
-        next.tls.log_crls();
-        *self
-            .live
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(next);
-        self.generation.store(generation, Ordering::SeqCst);
-        drop(fence);
         let now = StartupSettings::of(&settings);
         let was = &self.startup;
         // A changed PIN applies on reload (a PIN rotated on the token needs
@@ -474,12 +487,30 @@ impl ServerState {
     /// A [`crate::audit::leaf::LeafError`] or a [`LogError`], typed, so
     /// that a command's exit line carries its code.
     pub fn log_authorities_loaded(&self, trust: &TrustStore) -> anyhow::Result<Option<LogError>> {
+        self.log_authorities_loaded_then(trust, |_| {})
+    }
+
+    /// As [`Self::log_authorities_loaded`], calling `ended` as the leaf's
+    /// transaction ends, with whether it committed
+    /// ([`AuditLog::append_committed_then`]); not at all if the leaf could
+    /// not be made.
+    ///
+    /// # Errors
+    /// As [`Self::log_authorities_loaded`].
+    fn log_authorities_loaded_then(
+        &self,
+        trust: &TrustStore,
+        ended: impl FnOnce(bool),
+    ) -> anyhow::Result<Option<LogError>> {
         let event = authorities_loaded(trust)?;
-        let (_, receipt) = self.audit.append_committed(AuditAppend {
-            events: vec![event],
-            time: time::OffsetDateTime::now_utc(),
-            spend: Spend::None,
-        })?;
+        let (_, receipt) = self.audit.append_committed_then(
+            AuditAppend {
+                events: vec![event],
+                time: time::OffsetDateTime::now_utc(),
+                spend: Spend::None,
+            },
+            ended,
+        )?;
         Ok(receipt.err())
     }
 

@@ -185,7 +185,8 @@ impl Digest {
         Self::sha256(&[header, enc])
     }
 
-    /// `config_digest`: SHA-256 of the trust configuration file as loaded.
+    /// `config_digest`: SHA-256 of the trust configuration as loaded, as
+    /// canonical JSON (`crate::api::state`'s `trust_canonical`).
     pub fn of_trust_config(config: &[u8]) -> Self {
         Self::sha256(&[config])
     }

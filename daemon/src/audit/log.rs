@@ -703,6 +703,22 @@ impl AuditLog {
         &self,
         batch: AuditAppend,
     ) -> Result<(Appended, Result<Receipt, LogError>), LogError> {
+        self.append_committed_then(batch, |_| {})
+    }
+
+    /// As [`Self::append_committed`], calling `ended` once the store's
+    /// transaction has ended, with whether it committed, before the
+    /// checkpoint's signature is waited for: a caller holding a lock that
+    /// orders commits (the reload fence) lets it go there, not after an
+    /// HSM call.
+    ///
+    /// # Errors
+    /// As [`Self::append_committed`].
+    pub fn append_committed_then(
+        &self,
+        batch: AuditAppend,
+        ended: impl FnOnce(bool),
+    ) -> Result<(Appended, Result<Receipt, LogError>), LogError> {
         // Every commit whose result was seen before this append started is
         // in an earlier group: this batch lands at or beyond its size.
         let floor = self.seen.load(Ordering::SeqCst);
@@ -715,7 +731,9 @@ impl AuditLog {
         };
         let appended = self.store.append_with(batch, &mut |tree| {
             self.start_signing(&mut overlap, tree);
-        })?;
+        });
+        ended(appended.is_ok());
+        let appended = appended?;
         self.acked.fetch_max(appended.tree_size, Ordering::SeqCst);
         if let Some(timer) = &self.commit_timer {
             (timer.0)(started.elapsed().as_secs_f64());

@@ -23,7 +23,8 @@ pub enum AuditCommand {
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Write every leaf and a freshly signed checkpoint to a file.
+    /// Write a freshly signed checkpoint, every leaf it covers and the
+    /// checkpoints signed before it to a file.
     Export {
         #[command(flatten)]
         config: ConfigArg,

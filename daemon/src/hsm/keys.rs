@@ -407,6 +407,34 @@ fn check_key_attributes(
     }
 }
 
+/// Checks a public half just generated against what its template asked:
+/// on the token (a session object would vanish with the session, after
+/// its kid was recorded: the key withheld for good, or `lavd serve` unable
+/// to start without its audit key) and private (readable, so destroyable,
+/// without the PIN).
+///
+/// # Errors
+/// [`HsmError::KeyAttributes`] naming what is wrong; the failing PKCS#11
+/// call.
+fn check_public_half(session: &Session, public: ObjectHandle, label: &str) -> Result<(), HsmError> {
+    let read = session.get_attributes(public, &[AttributeType::Token, AttributeType::Private])?;
+    let problems: Vec<String> = [AttributeType::Token, AttributeType::Private]
+        .into_iter()
+        .filter(|attribute| flag(&read, *attribute) != Some(true))
+        .map(|attribute| {
+            format!("its public half's {attribute} is not true, as its template asked")
+        })
+        .collect();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(HsmError::KeyAttributes {
+            label: label.to_string(),
+            problem: problems.join(", "),
+        })
+    }
+}
+
 /// P-256's base point G ([`crate::jwk::P256_GENERATOR`]): the peer of
 /// [`Hsm::check_pair`]'s derive. A derive on it in the fault module's log
 /// is that check, not an open (an envelope whose `enc` is G is refused
@@ -540,6 +568,7 @@ impl Hsm {
             // What the token made, not what was asked: a token may ignore
             // part of a template.
             check_key_attributes(session, private, Usage::Derive, &label, true)
+                .and_then(|()| check_public_half(session, public, &label))
                 .and_then(|()| read_ec_point(session, public, &label, 65))
                 .and_then(|point| {
                     P256PublicKey::from_sec1(&point)
@@ -871,6 +900,7 @@ impl Hsm {
                 &private_template,
             )?;
             check_key_attributes(session, private, Usage::Sign, label, true)
+                .and_then(|()| check_public_half(session, public, label))
                 .and_then(|()| read_ec_point(session, public, label, 32))
                 .and_then(|point| {
                     Ed25519PublicKey::from_bytes(&point)

@@ -982,16 +982,19 @@ pub fn unwrap_counting(
         }
         unreleased
     });
-    let committed = ctx.log.append_committed(AuditAppend {
-        events: leaves.into_iter().map(Event::from).collect(),
-        time: now,
-        spend: Spend::Settle {
-            reservation,
-            opened,
+    // Committed (or failed): a reload may apply from then on, while the
+    // checkpoint's signature is still awaited.
+    let committed = ctx.log.append_committed_then(
+        AuditAppend {
+            events: leaves.into_iter().map(Event::from).collect(),
+            time: now,
+            spend: Spend::Settle {
+                reservation,
+                opened,
+            },
         },
-    });
-    // Committed (or failed): a reload may apply now.
-    drop(fence);
+        move |_| drop(fence),
+    );
     // Settled with the leaves, or replaced by the deferred ones below.
     guard.intent = None;
     let receipt = match committed {
@@ -1558,17 +1561,41 @@ pub fn revoke(
     request: RevocationRequest<'_>,
     now: OffsetDateTime,
 ) -> Result<Revoked, UnwrapError> {
-    let (caller, id, reason, revoked_by, signed) = match request {
+    // Judged under the configuration in force when its work starts (a
+    // reload may have applied while it waited for a thread): the caller
+    // admitted again (`Recheck`'s readmission), and an authority's
+    // signature verified under that trust. The reload's fence is held
+    // from then to the end of the commit, as by an unwrap's last look: no
+    // revocation judged under one trust commits after the
+    // `authorities_loaded` leaf that says another applies.
+    // The body first: a malformed one waits for no reload.
+    enum Form<'b> {
+        Admin(AdminRevocation),
+        Authority(&'b [u8]),
+    }
+    let (caller, form) = match request {
         RevocationRequest::Admin { caller, body } => {
-            let r = AdminRevocation::parse(body)?;
-            (caller, r.id, r.reason, caller.to_string(), None)
+            (caller, Form::Admin(AdminRevocation::parse(body)?))
         }
         RevocationRequest::Authority { caller, body } => {
-            let verified = ctx
-                .verifier
-                .verify_revocation(authority_revocation_jws(body)?, now)?;
+            (caller, Form::Authority(authority_revocation_jws(body)?))
+        }
+    };
+    let fence = ctx.recheck.map(|r| {
+        r.fence
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    });
+    let newer = match ctx.recheck {
+        Some(r) => (r.readmit.0)()?,
+        None => None,
+    };
+    let verifier = newer.as_deref().unwrap_or(ctx.verifier);
+    let (id, reason, revoked_by, signed) = match form {
+        Form::Admin(r) => (r.id, r.reason, caller.to_string(), None),
+        Form::Authority(jws) => {
+            let verified = verifier.verify_revocation(jws, now)?;
             (
-                caller,
                 verified.id().to_string(),
                 verified.reason().to_string(),
                 verified.authorised_by().to_string(),
@@ -1588,16 +1615,19 @@ pub fn revoke(
     let event: Event = RevocationEvent::new(caller, &id, &reason, signed)
         .map_err(|e| UnwrapError::Malformed(e.to_string()))?
         .into();
-    let (appended, receipt) = ctx.log.append_committed(AuditAppend {
-        events: vec![event],
-        time: now,
-        spend: Spend::Revoke(Revocation {
-            id: id.clone(),
-            reason,
-            revoked_by,
-            revoked_at: now,
-        }),
-    })?;
+    let (appended, receipt) = ctx.log.append_committed_then(
+        AuditAppend {
+            events: vec![event],
+            time: now,
+            spend: Spend::Revoke(Revocation {
+                id: id.clone(),
+                reason,
+                revoked_by,
+                revoked_at: now,
+            }),
+        },
+        move |_| drop(fence),
+    )?;
     Ok(Revoked {
         id,
         newly_revoked: appended.newly_revoked,
