@@ -648,6 +648,11 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
     let c = Parties::new(&pki).clients(&pki, daemon.api);
     let before = stored_leaves(&t);
     let waits = "wait for the unwraps and revocations in their audit commit";
+    // Before the reload the admin's identity is no auditor.
+    c.admin
+        .request("GET", "/v1/audit/key", None)
+        .unwrap()
+        .assert_error(403, "forbidden");
 
     let a = authorities();
     let late_bodies = [
@@ -741,6 +746,10 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(!daemon.stderr().contains(waits), "{}", daemon.stderr());
+        // Applied, while the reload's own signature is still held: the
+        // admin's identity now holds the auditor role.
+        let key = c.admin.request("GET", "/v1/audit/key", None).unwrap();
+        assert_eq!(key.status, 200, "{}", key.text());
         shim.set("");
         let held: Vec<_> = held.into_iter().map(|h| h.join().unwrap()).collect();
         let late: Vec<_> = late.into_iter().map(|l| l.join().unwrap()).collect();

@@ -401,7 +401,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
             caller: "spiffe://agency.example/admin",
             body: br#"{"id":"W-4","reason":"court order quashed"}"#,
         },
-        t("2026-12-05T00:00:00Z"),
+        &|| t("2026-12-05T00:00:00Z"),
     )
     .unwrap();
     assert!(r.newly_revoked);
@@ -418,7 +418,7 @@ fn refused_warrants_are_logged_and_revocation_is_final() {
             caller: "spiffe://agency.example/admin",
             body: br#"{"id":"W-4","reason":"again"}"#,
         },
-        t("2026-12-06T00:00:00Z"),
+        &|| t("2026-12-06T00:00:00Z"),
     )
     .unwrap();
     assert!(!again.newly_revoked);

@@ -377,7 +377,7 @@ pub(crate) async fn post_revocation(
                 body: &body,
             }
         };
-        Ok(unwrap::revoke(&context, request, OffsetDateTime::now_utc()))
+        Ok(unwrap::revoke(&context, request, &OffsetDateTime::now_utc))
     })
     .await?;
     if let Err(UnwrapError::Withdrawn { .. }) = &result {

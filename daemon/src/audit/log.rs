@@ -710,7 +710,14 @@ impl AuditLog {
     /// transaction has ended, with whether it committed, before the
     /// checkpoint's signature is waited for: a caller holding a lock that
     /// orders commits (the reload fence) lets it go there, not after an
-    /// HSM call.
+    /// HSM call. `ended` is called exactly once (a transaction the store
+    /// runs again is still one call), and not with `true` for a commit
+    /// whose fate is unknown (`StoreError::CommitUnknown`).
+    ///
+    /// `ended` must not use this log: it may run while this append holds
+    /// the log's signer lock, taken for the overlapped signature. It must
+    /// not panic: the leaves are committed by then, and the caller's
+    /// effect (a trust reload's swap) would not be applied.
     ///
     /// # Errors
     /// As [`Self::append_committed`].

@@ -205,12 +205,15 @@ pub fn typed_key_id(name: &str, kind: u8, public_key: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
-/// A well-formed vkey `<name>+<8 hex>+<base64(type ‖ key)>` of any type,
-/// its key ID checked against its name, type and key: what a policy names
-/// for a key lavd does not verify (an ML-DSA witness, C2SP
-/// tlog-cosignature's type 0x06; another log's key of another algorithm).
-/// Its signature lines can be told apart from others' (name and key ID);
-/// it never verifies one.
+/// A well-formed vkey `<name>+<8 hex>+<base64(type ‖ key)>` of any type:
+/// what a policy names for a key lavd does not verify (an ML-DSA witness,
+/// C2SP tlog-cosignature's type 0x06; another log's key of another
+/// algorithm). Its key ID is as stated: signed-note only recommends
+/// [`typed_key_id`], and some types compute it otherwise (0x02 over the
+/// key's DER SPKI, 0x05 over the log's ID); [`OtherKey::recommended_id`]
+/// says whether it follows the recommendation, for a type that must. Its
+/// signature lines can be told apart from others' (name and key ID); it
+/// never verifies one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OtherKey {
     name: String,
@@ -220,11 +223,10 @@ pub struct OtherKey {
 }
 
 impl OtherKey {
-    /// Parses a vkey of any type.
+    /// Parses a vkey of any type, its key ID as stated.
     ///
     /// # Errors
-    /// [`NoteError::VerifierKey`] for the wrong shape or an empty key,
-    /// [`NoteError::VerifierKeyId`] when the ID does not match.
+    /// [`NoteError::VerifierKey`] for the wrong shape or an empty key.
     pub fn parse(text: &str) -> Result<Self, NoteError> {
         let (name, rest) = text
             .split_once('+')
@@ -244,9 +246,6 @@ impl OtherKey {
             .ok_or(NoteError::VerifierKey("empty key"))?;
         if public.is_empty() {
             return Err(NoteError::VerifierKey("empty key"));
-        }
-        if typed_key_id(name, kind, public) != id {
-            return Err(NoteError::VerifierKeyId);
         }
         Ok(Self {
             name: name.to_owned(),
@@ -269,6 +268,12 @@ impl OtherKey {
     /// The signature type byte.
     pub fn kind(&self) -> u8 {
         self.kind
+    }
+
+    /// Whether its key ID is signed-note's recommended one,
+    /// `SHA-256(name ‖ 0x0A ‖ type ‖ key)[:4]`.
+    pub fn recommended_id(&self) -> bool {
+        typed_key_id(&self.name, self.kind, &self.public_key) == self.key_id
     }
 
     /// The public key bytes, after the type byte.

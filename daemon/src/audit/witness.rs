@@ -23,6 +23,21 @@ use super::note::{self, Checkpoint, NoteError, VerifierKey};
 /// The signed-note signature type of Ed25519 `cosignature/v1` keys.
 pub const COSIGNATURE_V1_TYPE: u8 = 0x04;
 
+/// C2SP signed-note's type for timestamped ML-DSA-44 cosignatures
+/// (tlog-cosignature), whose public key is 1312 bytes.
+const ML_DSA_44_COSIGNATURE_TYPE: u8 = 0x06;
+const ML_DSA_44_PUBLIC_KEY_BYTES: usize = 1312;
+
+/// The signed-note types a policy's `witness` line may name that lavd does
+/// not verify (their cosignatures are never counted): ECDSA (0x02, as
+/// transparency-dev's witness signs) and ML-DSA-44 cosignatures (0x06).
+const OTHER_WITNESS_TYPES: [u8; 2] = [0x02, ML_DSA_44_COSIGNATURE_TYPE];
+
+/// The same for a `log` line: ECDSA (0x02), RFC 6962 tree head signatures
+/// (0x05, static-ct-api) and the type reserved for types without a byte
+/// of their own (0xff).
+const OTHER_LOG_TYPES: [u8; 3] = [0x02, 0x05, 0xff];
+
 /// An Ed25519 `cosignature/v1` witness key: its name and public key.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CosignerKey {
@@ -368,10 +383,10 @@ impl Policy {
                 ("log", [vkey] | [vkey, _]) => {
                     let key = match VerifierKey::parse(vkey) {
                         Ok(key) => key,
-                        // A witness's type is never a log's: a key pasted
-                        // on the wrong line is refused, not ignored.
+                        // A log's type lavd does not verify; a witness's
+                        // type is refused (a key pasted on the wrong line).
                         Err(note::NoteError::UnsupportedKeyType(kind))
-                            if kind != COSIGNATURE_V1_TYPE =>
+                            if OTHER_LOG_TYPES.contains(&kind) =>
                         {
                             let key = note::OtherKey::parse(vkey)
                                 .map_err(|e| bad(format!("log key: {e}")))?;
@@ -396,18 +411,37 @@ impl Policy {
                     let key = match CosignerKey::parse(vkey) {
                         Ok(key) => key,
                         Err(e) => match note::OtherKey::parse(vkey) {
-                            // Another type, well formed: named, never
-                            // counted. Not a log's type (0x01): a key pasted
-                            // on the wrong line is refused, not ignored.
-                            Ok(other)
-                                if other.kind() != COSIGNATURE_V1_TYPE
-                                    && other.kind() != note::ED25519_TYPE =>
-                            {
+                            // A malformed cosignature/v1 key.
+                            Ok(other) if other.kind() == COSIGNATURE_V1_TYPE => {
+                                return Err(bad(e.to_string()))
+                            }
+                            // A cosigner's type lavd does not verify: named,
+                            // never counted. A log's type is refused (a key
+                            // pasted on the wrong line).
+                            Ok(other) if OTHER_WITNESS_TYPES.contains(&other.kind()) => {
+                                if other.kind() == ML_DSA_44_COSIGNATURE_TYPE
+                                    && (other.public_key().len() != ML_DSA_44_PUBLIC_KEY_BYTES
+                                        || !other.recommended_id())
+                                {
+                                    return Err(bad(format!(
+                                        "{vkey}: an ML-DSA-44 cosigner key (type 0x06) is \
+                                         {ML_DSA_44_PUBLIC_KEY_BYTES} bytes, its key ID \
+                                         SHA-256(name || 0x0A || 0x06 || key)[:4] \
+                                         (C2SP tlog-cosignature)"
+                                    )));
+                                }
                                 policy.check_new_name(name).map_err(bad)?;
                                 policy.add_other(other, Some(name)).map_err(bad)?;
                                 continue;
                             }
-                            _ => return Err(bad(e.to_string())),
+                            Ok(other) => {
+                                return Err(bad(format!(
+                                    "{vkey}: type {:#04x} is not a cosigner key's (0x04, \
+                                     verified; 0x02 or 0x06, named and never counted)",
+                                    other.kind()
+                                )))
+                            }
+                            Err(other) => return Err(bad(format!("{vkey}: {other}"))),
                         },
                     };
                     policy.check_new_name(name).map_err(bad)?;
@@ -1207,27 +1241,26 @@ mod tests {
     /// named and never counted, as signed-note's verifiers ignore
     /// signatures of keys they do not know. A quorum the Ed25519 witnesses
     /// meet alone is met; one that needs the other is not, which fails
-    /// closed. A malformed key of another type, a key ID that does not
-    /// match, a witness named with a log's type (0x01) and a log with a
-    /// witness's (0x04) are refused. Before, any such policy was refused
-    /// whole (`bad_policy`).
+    /// closed. A log key's stated ID is taken as stated (signed-note only
+    /// recommends its formula, and 0x02 and 0x05 keys use others); an
+    /// ML-DSA-44 key must be 1312 bytes under its formula (tlog-cosignature
+    /// says MUST). A malformed key, a witness named with a log's type and a
+    /// log with a witness's, a key defined twice and two keys whose lines
+    /// could not be told apart are refused. Before, any such policy was
+    /// refused whole (`bad_policy`).
     #[test]
     fn keys_of_types_lavd_does_not_verify_are_named_and_never_counted() {
         let (note_text, log) = log_note();
         let (sk, a) = witness("w1.example", 1);
         let mldsa = other_vkey("w2.example", 0x06, 1312);
-        let other_log = other_vkey("other.example/log", 0x02, 64);
+        // A static-ct log's key, its ID not the recommended formula's.
+        let mut static_ct = other_vkey("ct.example/log", 0x05, 32);
+        static_ct.replace_range(15..23, "0badc0de");
         let policy = |quorum: &str| {
             Policy::parse(
                 format!(
-                    "log {log}
-log {other_log}
-witness A {a}
-witness B {mldsa}
-                     group any1 any A B
-group both all A B
-quorum {quorum}
-"
+                    "log {log}\nlog {static_ct}\nwitness A {a}\nwitness B {mldsa}\n\
+                     group any1 any A B\ngroup both all A B\nquorum {quorum}\n"
                 )
                 .as_bytes(),
             )
@@ -1242,65 +1275,84 @@ quorum {quorum}
         let (_, valid) = any.verify(&cosigned).unwrap();
         assert_eq!(valid, [("A".to_string(), 1)]);
         assert_eq!(any.verify(&note_text).unwrap_err().code(), "quorum_not_met");
-        assert_eq!(
-            policy("both").verify(&cosigned).unwrap_err().code(),
-            "quorum_not_met"
-        );
-        assert_eq!(
-            policy("B").verify(&cosigned).unwrap_err().code(),
-            "quorum_not_met"
-        );
+        for quorum in ["both", "B"] {
+            assert_eq!(
+                policy(quorum).verify(&cosigned).unwrap_err().code(),
+                "quorum_not_met",
+                "{quorum}"
+            );
+        }
 
+        // Two keys of one name whose key IDs collide (found by trying
+        // keys: about 2^16 for a pair), so that their lines could not be
+        // told apart.
+        let mut seen = std::collections::HashMap::new();
+        let (first, second) = (0u32..)
+            .find_map(|i| {
+                let key = i.to_be_bytes().repeat(8);
+                let id = note::typed_key_id("ecdsa.example", 0x02, &key);
+                seen.insert(id, key.clone()).map(|other| (other, key))
+            })
+            .unwrap();
+        let ecdsa = |key: &[u8]| {
+            let mut typed = vec![0x02];
+            typed.extend_from_slice(key);
+            format!(
+                "ecdsa.example+{:08x}+{}",
+                note::typed_key_id("ecdsa.example", 0x02, key),
+                STANDARD.encode(typed)
+            )
+        };
         let mut wrong_id = other_vkey("w2.example", 0x06, 1312);
         wrong_id.replace_range(11..19, "00000000");
-        for bad in [
-            // Its key ID is not its name's, type's and key's.
-            format!(
-                "witness B {wrong_id}
-quorum none
-"
+        for (bad, says) in [
+            (format!("witness B {wrong_id}\nquorum none\n"), "1312 bytes"),
+            (
+                format!(
+                    "witness B {}\nquorum none\n",
+                    other_vkey("w2.example", 0x06, 1311)
+                ),
+                "1312 bytes",
             ),
-            // No key after the type byte.
-            format!(
-                "witness B {}
-quorum none
-",
-                other_vkey("w2.example", 0x06, 0)
+            (
+                format!(
+                    "witness B {}\nquorum none\n",
+                    other_vkey("w2.example", 0x06, 0)
+                ),
+                "empty key",
             ),
             // A log's type as a witness, a witness's as a log.
-            format!(
-                "witness B {log}
-quorum none
-"
+            (
+                format!("witness B {log}\nquorum none\n"),
+                "type 0x01 is not a cosigner key's",
             ),
-            format!(
-                "log {a}
-quorum none
-"
+            (
+                format!("witness B {static_ct}\nquorum none\n"),
+                "type 0x05 is not a cosigner key's",
             ),
-            // Defined twice, and a name and key ID another key has.
-            format!(
-                "witness B {mldsa}
-witness C {mldsa}
-quorum none
-"
+            (format!("log {a}\nquorum none\n"), "log key"),
+            (format!("log {mldsa}\nquorum none\n"), "log key"),
+            // Defined twice; two whose lines could not be told apart.
+            (
+                format!("witness B {mldsa}\nwitness C {mldsa}\nquorum none\n"),
+                "a witness with this key is already defined",
             ),
-            format!(
-                "log {other_log}
-log {other_log}
-quorum none
-"
+            (
+                format!("log {static_ct}\nlog {static_ct}\nquorum none\n"),
+                "a log with this key is already defined",
             ),
-            format!(
-                "witness B {mldsa}
-witness B {}
-quorum none
-",
-                a
+            (
+                format!(
+                    "witness B {}\nwitness C {}\nquorum none\n",
+                    ecdsa(&first),
+                    ecdsa(&second)
+                ),
+                "could not be told apart",
             ),
         ] {
             let e = Policy::parse(bad.as_bytes()).unwrap_err();
             assert_eq!(e.code(), "bad_policy", "{bad:?}");
+            assert!(e.to_string().contains(says), "{bad:?}: {e}");
         }
     }
 

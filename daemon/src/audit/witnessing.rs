@@ -116,6 +116,11 @@ pub struct Witnessing {
     signed: tokio::sync::watch::Sender<u64>,
     /// Bumped when this process stores a cosignature: wakes the waiters.
     stored: (Mutex<u64>, Condvar),
+    /// The largest size this process found the quorum had cosigned: a
+    /// quorum never goes away (rows are only added, or refreshed with a
+    /// newer line), so [`Self::served`] looks at it again with one read
+    /// rather than searching the rows again, and never serves below it.
+    quorum_seen: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for Witnessing {
@@ -139,6 +144,7 @@ impl Witnessing {
             metrics,
             signed: tokio::sync::watch::channel(0).0,
             stored: (Mutex::new(0), Condvar::new()),
+            quorum_seen: Mutex::new(None),
         }
     }
 
@@ -228,16 +234,33 @@ impl Witnessing {
 
     /// Among `rows` (largest size first), the largest size whose
     /// cosignatures by the configured keys, verified over the stored
-    /// checkpoint of that size, meet the quorum: that checkpoint with all
-    /// of them.
+    /// checkpoint of that size, meet the quorum: that size and checkpoint
+    /// with all of them. When `rows` is a full page (`limit` rows), the
+    /// smallest size's rows may be cut off: that size is left to the next
+    /// page, which reads it whole (served with some of its lines only, an
+    /// auditor's policy could find the quorum unmet).
     ///
     /// `None` under `quorum none`: then every signed checkpoint meets the
     /// quorum, and the newest one is the one to serve, not the newest that
     /// happens to carry a cosignature.
-    fn first_quorum(&self, rows: &[Cosignature]) -> Result<Option<String>, StoreError> {
+    fn first_quorum(
+        &self,
+        rows: &[Cosignature],
+        limit: u64,
+    ) -> Result<Option<(u64, String)>, StoreError> {
         if !self.settings.policy.needs_cosignatures() {
             return Ok(None);
         }
+        let rows = match rows.last() {
+            Some(last) if rows.len() as u64 >= limit && rows[0].size != last.size => {
+                let cut = last.size;
+                &rows[..rows
+                    .iter()
+                    .position(|c| c.size == cut)
+                    .unwrap_or(rows.len())]
+            }
+            _ => rows,
+        };
         let mut i = 0;
         while i < rows.len() {
             let size = rows[i].size;
@@ -283,7 +306,7 @@ impl Witnessing {
                 for (c, _) in verified {
                     note.push_str(&c.line);
                 }
-                return Ok(Some(note));
+                return Ok(Some((size, note)));
             }
         }
         Ok(None)
@@ -335,19 +358,17 @@ impl Witnessing {
     /// # Errors
     /// The store's.
     pub fn served(&self) -> Result<Option<String>, StoreError> {
-        let rows = self.store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?;
-        if let Some(note) = self.first_quorum(&rows)? {
-            return Ok(Some(note));
-        }
-        // A quorum further back than these rows (a witness down while the
-        // others cosigned that many more checkpoints) is still the newest
-        // the quorum cosigned. The newest signed checkpoint served instead
-        // would be followed, once the quorum formed again below it, by a
-        // smaller one: a mirror refuses that as a rollback.
-        if let Some(oldest) = rows.last().filter(|_| rows.len() as u64 == SERVE_SCAN_ROWS) {
-            if let Some(note) = self.older_quorum(oldest.size)? {
-                return Ok(Some(note));
-            }
+        let rows = if self.settings.policy.needs_cosignatures() {
+            self.store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?
+        } else {
+            // Every signed checkpoint meets `quorum none`: the newest is
+            // served, with the lines it has.
+            let newest = self.store.latest_checkpoint()?.map_or(0, |(size, _)| size);
+            self.store
+                .cosignatures(newest..newest.saturating_add(1), SERVE_SCAN_ROWS)?
+        };
+        if let Some(found) = self.quorum_in(&rows)? {
+            return Ok(Some(found));
         }
         let Some((size, mut note)) = self.store.latest_checkpoint()? else {
             return Ok(None);
@@ -364,13 +385,52 @@ impl Witnessing {
         Ok(Some(note))
     }
 
+    /// The newest checkpoint the quorum cosigned, with its cosignatures,
+    /// given `rows`, the newest page of them: found there; else (a quorum
+    /// further back, a witness down while the others cosigned that many
+    /// more checkpoints) the largest this process has seen, read again;
+    /// else looked for below `rows` ([`Self::older_quorum`]). Never below
+    /// one this process has seen: the newest signed checkpoint served
+    /// instead would be followed, once the quorum formed again below it,
+    /// by a smaller one, which a mirror refuses as a rollback.
+    fn quorum_in(&self, rows: &[Cosignature]) -> Result<Option<String>, StoreError> {
+        let seen_lock = || {
+            self.quorum_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        let seen = *seen_lock();
+        let found = self.first_quorum(rows, SERVE_SCAN_ROWS)?;
+        let found = match (found, seen) {
+            (Some(found), None) => Some(found),
+            (Some(found), Some(s)) if found.0 >= s => Some(found),
+            // None here, or one below what was seen: what was seen.
+            (_, Some(s)) => {
+                let again = self
+                    .store
+                    .cosignatures(s..s.saturating_add(1), SERVE_SCAN_ROWS)?;
+                self.first_quorum(&again, SERVE_SCAN_ROWS)?
+            }
+            (None, None) if rows.len() as u64 == SERVE_SCAN_ROWS => {
+                let oldest = rows.last().map_or(0, |c| c.size);
+                self.older_quorum(oldest)?
+            }
+            (None, None) => None,
+        };
+        Ok(found.map(|(size, note)| {
+            let mut seen = seen_lock();
+            *seen = Some(seen.map_or(size, |s| s.max(size)));
+            note
+        }))
+    }
+
     /// The newest checkpoint of at most `size` leaves that the quorum
     /// cosigned, with its cosignatures, for [`Self::served`] when the rows
     /// above hold none. Read from the largest size at which the configured
     /// witnesses' newest cosignatures could make the quorum (no size above
     /// it can), [`SERVE_SCAN_ROWS`] rows at a time, at most
     /// [`OLDER_SCAN_PAGES`] times.
-    fn older_quorum(&self, size: u64) -> Result<Option<String>, StoreError> {
+    fn older_quorum(&self, size: u64) -> Result<Option<(u64, String)>, StoreError> {
         let mut newest = Vec::new();
         for w in &self.settings.witnesses {
             if let Some(at) = self.store.last_cosigned(&w.name)? {
@@ -390,8 +450,8 @@ impl Witnessing {
         let mut below = could.min(size).saturating_add(1);
         for _ in 0..OLDER_SCAN_PAGES {
             let rows = self.store.cosignatures(0..below, SERVE_SCAN_ROWS)?;
-            if let Some(note) = self.first_quorum(&rows)? {
-                return Ok(Some(note));
+            if let Some(found) = self.first_quorum(&rows, SERVE_SCAN_ROWS)? {
+                return Ok(Some(found));
             }
             match rows.last() {
                 // The smallest size's rows may be cut off: read again. A
@@ -413,7 +473,9 @@ impl Witnessing {
     /// The store's.
     pub fn quorum_covering(&self, size: u64) -> Result<Option<String>, StoreError> {
         let rows = self.store.cosignatures(size..u64::MAX, SERVE_SCAN_ROWS)?;
-        self.first_quorum(&rows)
+        Ok(self
+            .first_quorum(&rows, SERVE_SCAN_ROWS)?
+            .map(|(_, note)| note))
     }
 
     /// Waits, blocking, until a checkpoint of at least `size` leaves is
@@ -1183,6 +1245,178 @@ mod tests {
         let joined = last - 3;
         cosign(joined, &store.checkpoint_at(joined).unwrap().unwrap(), 1);
         assert_eq!(served_size(), (joined, 2));
+    }
+
+    /// Witness keys `w1.test`, `w2.test`, … with their signing keys.
+    fn witness_keys(n: u8) -> Vec<(ed25519_dalek::SigningKey, CosignerKey)> {
+        (1..=n)
+            .map(|i| {
+                let sk = ed25519_dalek::SigningKey::from_bytes(&[i; 32]);
+                let key =
+                    CosignerKey::new(&format!("w{i}.test"), sk.verifying_key().as_bytes()).unwrap();
+                (sk, key)
+            })
+            .collect()
+    }
+
+    /// A `Witnessing` of `store` under `policy_text` over `keys` (their
+    /// URLs never asked: nothing is started).
+    fn witnessing_of(
+        dir: &Path,
+        store: &Arc<Store>,
+        keys: &[(ed25519_dalek::SigningKey, CosignerKey)],
+        policy_text: &str,
+    ) -> Witnessing {
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let urls: Vec<String> = keys
+            .iter()
+            .map(|(_, k)| format!("https://{}:1", k.name()))
+            .collect();
+        let witnesses: Vec<(&str, &CosignerKey)> = urls
+            .iter()
+            .zip(keys)
+            .map(|(url, (_, key))| (url.as_str(), key))
+            .collect();
+        Witnessing::new(
+            settings(dir, &witnesses, policy_text, &ca),
+            store.clone(),
+            None,
+        )
+    }
+
+    /// Stores `key`'s cosignature of the stored checkpoint of `size`,
+    /// signed by `sk` now.
+    fn cosign_stored(store: &Store, size: u64, sk: &ed25519_dalek::SigningKey, key: &CosignerKey) {
+        let note = store.checkpoint_at(size).unwrap().unwrap();
+        let body = &note[..note.rfind("\n\n").unwrap() + 1];
+        let line = super::super::witness::cosignature_line::<()>(key, body, unix_now(), |m| {
+            Ok(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_cosignature(&Cosignature {
+                size,
+                witness: key.name().to_string(),
+                line,
+            })
+            .unwrap();
+    }
+
+    /// Writes, in one transaction of its own, a row for each `(size,
+    /// witness)` whose line names the witness's key with a signature of
+    /// zeros: rows that claim a cosignature and that no quorum is made of
+    /// here (a group's claims are judged before its lines are verified).
+    fn fill(path: &Path, rows: impl IntoIterator<Item = (u64, CosignerKey)>) {
+        let mut conn = rusqlite::Connection::open(path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for (size, key) in rows {
+            let line = super::super::witness::cosignature_line::<()>(&key, "", 1, |_| Ok([0; 64]))
+                .unwrap();
+            tx.execute(
+                "INSERT INTO audit_cosignatures (size, witness, line) VALUES (?1, ?2, ?3)",
+                rusqlite::params![i64::try_from(size).unwrap(), key.name(), line],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+
+    /// The size of a served checkpoint and how many cosignature lines it
+    /// carries.
+    fn size_and_lines(note: &str) -> (u64, usize) {
+        let (body, _) = note::split_note(note).unwrap();
+        (
+            Checkpoint::parse(body).unwrap().size,
+            note.matches("\n— w").count(),
+        )
+    }
+
+    /// A quorum several pages below the newest rows (two witnesses of an
+    /// `all` quorum cosigning other sizes in turn ever since) is found a
+    /// page at a time, and remembered: once it lies deeper than the pages
+    /// `served` reads, the process that found it still serves it, with one
+    /// read. A fresh process serves the newest signed checkpoint then (the
+    /// limit, documented in docs/audit.md).
+    #[test]
+    fn a_quorum_pages_below_is_found_and_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let keys = witness_keys(2);
+        let policy_text = format!(
+            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
+            keys[0].1, keys[1].1
+        );
+        let newest = grow(&store, 3);
+        let quorum = 2;
+        sign_at(&store, quorum);
+        for (sk, key) in &keys {
+            cosign_stored(&store, quorum, sk, key);
+        }
+        let turns = |from: u64, count: u64| {
+            (from..from + count).map(|size| (size, keys[(size % 2) as usize].1.clone()))
+        };
+        let page = SERVE_SCAN_ROWS;
+        fill(&path, turns(newest + 1, 3 * page + 7));
+        let first = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        assert_eq!(
+            size_and_lines(&first.served().unwrap().unwrap()),
+            (quorum, 2)
+        );
+        // Deeper than the newest page and the 8 below it.
+        fill(&path, turns(newest + 1 + 3 * page + 7, 7 * page));
+        assert_eq!(
+            size_and_lines(&first.served().unwrap().unwrap()),
+            (quorum, 2)
+        );
+        let fresh = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        assert_eq!(
+            size_and_lines(&fresh.served().unwrap().unwrap()),
+            (newest, 0)
+        );
+    }
+
+    /// A size whose rows a full page cuts off (the page ends after two of
+    /// its three witnesses, which alone make a 2-of-3 quorum) is served
+    /// with all three lines, read whole from the next page: with two, an
+    /// auditor whose own policy needs the third would find the quorum
+    /// unmet.
+    #[test]
+    fn a_size_cut_off_the_page_is_served_with_all_its_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let keys = witness_keys(3);
+        let policy_text = format!(
+            "witness A {}\nwitness B {}\nwitness C {}\ngroup q 2 A B C\nquorum q\n",
+            keys[0].1, keys[1].1, keys[2].1
+        );
+        let newest = grow(&store, 3);
+        let quorum = 2;
+        sign_at(&store, quorum);
+        for (sk, key) in &keys {
+            cosign_stored(&store, quorum, sk, key);
+        }
+        // Rows above it, one witness a size: the newest page holds them
+        // and the quorum's first two rows (`w1.test`, `w2.test`: rows of
+        // one size come in witness order).
+        let above = SERVE_SCAN_ROWS - 2;
+        fill(
+            &path,
+            (newest + 1..newest + 1 + above)
+                .map(|size| (size, keys[(size % 3) as usize].1.clone())),
+        );
+        let page = store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS).unwrap();
+        assert_eq!(
+            page.iter().filter(|c| c.size == quorum).count(),
+            2,
+            "the page ends inside the quorum's rows"
+        );
+        let witnessing = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        assert_eq!(
+            size_and_lines(&witnessing.served().unwrap().unwrap()),
+            (quorum, 3)
+        );
     }
 
     /// Appends `n` leaves and saves a checkpoint of the whole tree, signed

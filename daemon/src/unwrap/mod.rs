@@ -1549,17 +1549,19 @@ pub struct Revoked {
     pub checkpoint: Result<String, crate::audit::log::LogError>,
 }
 
-/// Records a revocation durably with its audit leaf.
+/// Records a revocation durably with its audit leaf, at `clock`'s time
+/// once the configuration judging it is settled (`ctx.recheck`).
 ///
 /// # Errors
 /// [`UnwrapError::Malformed`] for a bad body, [`UnwrapError::Warrant`] for an
-/// authority JWS that does not verify, [`UnwrapError::HsmUnavailable`] or
+/// authority JWS that does not verify, [`UnwrapError::Withdrawn`] when
+/// the caller is no longer admitted, [`UnwrapError::HsmUnavailable`] or
 /// [`UnwrapError::StoreUnavailable`] when nothing was committed. Once the
 /// revocation is committed it is `Ok`, with or without a checkpoint.
 pub fn revoke(
     ctx: &Context<'_>,
     request: RevocationRequest<'_>,
-    now: OffsetDateTime,
+    clock: &dyn Fn() -> OffsetDateTime,
 ) -> Result<Revoked, UnwrapError> {
     // Judged under the configuration in force when its work starts (a
     // reload may have applied while it waited for a thread): the caller
@@ -1591,6 +1593,9 @@ pub fn revoke(
         None => None,
     };
     let verifier = newer.as_deref().unwrap_or(ctx.verifier);
+    // Its time once the configuration judging it is settled: no earlier
+    // than a reload's leaf it waited for.
+    let now = clock();
     let (id, reason, revoked_by, signed) = match form {
         Form::Admin(r) => (r.id, r.reason, caller.to_string(), None),
         Form::Authority(jws) => {
