@@ -446,10 +446,28 @@ impl ServerState {
                         apply(fence);
                     }
                 })
-                .map_err(|e| ConfigError {
-                    file: self.config_file.clone(),
-                    field: "authorities".into(),
-                    reason: format!("not applied: its audit record could not be written: {e:#}"),
+                .map_err(|e| {
+                    let unknown = matches!(
+                        e.downcast_ref::<LogError>(),
+                        Some(LogError::Store(crate::store::StoreError::CommitUnknown(_)))
+                    );
+                    ConfigError {
+                        file: self.config_file.clone(),
+                        field: "authorities".into(),
+                        reason: if unknown {
+                            // Not settled here (docs/OPERATIONS.md §3): the
+                            // leaf may be durable, saying a trust that does
+                            // not apply.
+                            format!(
+                                "not applied, but whether its audit record was written is \
+                                 unknown (the store lost the commit's answer): the log may say \
+                                 it applies; reload again once the store answers, or restart: \
+                                 {e:#}"
+                            )
+                        } else {
+                            format!("not applied: its audit record could not be written: {e:#}")
+                        },
+                    }
                 })?;
             if let Some(e) = unsigned {
                 tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");

@@ -31,12 +31,34 @@ const ML_DSA_44_PUBLIC_KEY_BYTES: usize = 1312;
 /// The signed-note types a policy's `witness` line may name that lavd does
 /// not verify (their cosignatures are never counted): ECDSA (0x02, as
 /// transparency-dev's witness signs) and ML-DSA-44 cosignatures (0x06).
+/// A `log` line may name any type (a log "MAY use any note signature
+/// algorithm", C2SP tlog-checkpoint); lavd verifies Ed25519 (0x01) only.
 const OTHER_WITNESS_TYPES: [u8; 2] = [0x02, ML_DSA_44_COSIGNATURE_TYPE];
 
-/// The same for a `log` line: ECDSA (0x02), RFC 6962 tree head signatures
-/// (0x05, static-ct-api) and the type reserved for types without a byte
-/// of their own (0xff).
-const OTHER_LOG_TYPES: [u8; 3] = [0x02, 0x05, 0xff];
+/// A key of a cosignature type (C2SP tlog-cosignature: 0x04, 0x06) must
+/// have the key ID that spec makes a MUST, and an ML-DSA-44 key its 1312
+/// bytes; other types' IDs are as stated (signed-note only recommends its
+/// formula, and 0x02 and 0x05 compute theirs otherwise).
+fn check_cosignature_key(key: &note::OtherKey) -> Result<(), String> {
+    let cosignature = [COSIGNATURE_V1_TYPE, ML_DSA_44_COSIGNATURE_TYPE].contains(&key.kind());
+    if key.kind() == ML_DSA_44_COSIGNATURE_TYPE
+        && key.public_key().len() != ML_DSA_44_PUBLIC_KEY_BYTES
+    {
+        return Err(format!(
+            "an ML-DSA-44 cosigner key (type 0x06) is {ML_DSA_44_PUBLIC_KEY_BYTES} bytes, not {} \
+             (C2SP tlog-cosignature)",
+            key.public_key().len()
+        ));
+    }
+    if cosignature && !key.recommended_id() {
+        return Err(format!(
+            "the key ID of a type {:#04x} key is SHA-256(name || 0x0A || type || key)[:4] \
+             (C2SP tlog-cosignature)",
+            key.kind()
+        ));
+    }
+    Ok(())
+}
 
 /// An Ed25519 `cosignature/v1` witness key: its name and public key.
 #[derive(Clone, PartialEq, Eq)]
@@ -383,12 +405,13 @@ impl Policy {
                 ("log", [vkey] | [vkey, _]) => {
                     let key = match VerifierKey::parse(vkey) {
                         Ok(key) => key,
-                        // A log's type lavd does not verify; a witness's
-                        // type is refused (a key pasted on the wrong line).
-                        Err(note::NoteError::UnsupportedKeyType(kind))
-                            if OTHER_LOG_TYPES.contains(&kind) =>
-                        {
+                        // Another type: a log "MAY use any note signature
+                        // algorithm" (C2SP tlog-checkpoint), ML-DSA-44
+                        // recommended. Named, never counted.
+                        Err(note::NoteError::UnsupportedKeyType(_)) => {
                             let key = note::OtherKey::parse(vkey)
+                                .map_err(|e| bad(format!("log key: {e}")))?;
+                            check_cosignature_key(&key)
                                 .map_err(|e| bad(format!("log key: {e}")))?;
                             policy.add_other(key, None).map_err(bad)?;
                             continue;
@@ -419,17 +442,8 @@ impl Policy {
                             // never counted. A log's type is refused (a key
                             // pasted on the wrong line).
                             Ok(other) if OTHER_WITNESS_TYPES.contains(&other.kind()) => {
-                                if other.kind() == ML_DSA_44_COSIGNATURE_TYPE
-                                    && (other.public_key().len() != ML_DSA_44_PUBLIC_KEY_BYTES
-                                        || !other.recommended_id())
-                                {
-                                    return Err(bad(format!(
-                                        "{vkey}: an ML-DSA-44 cosigner key (type 0x06) is \
-                                         {ML_DSA_44_PUBLIC_KEY_BYTES} bytes, its key ID \
-                                         SHA-256(name || 0x0A || 0x06 || key)[:4] \
-                                         (C2SP tlog-cosignature)"
-                                    )));
-                                }
+                                check_cosignature_key(&other)
+                                    .map_err(|e| bad(format!("{vkey}: {e}")))?;
                                 policy.check_new_name(name).map_err(bad)?;
                                 policy.add_other(other, Some(name)).map_err(bad)?;
                                 continue;
@@ -1172,7 +1186,14 @@ mod tests {
             format!("group G any A\nwitness A {}\nquorum G\n", w[0].1),
             format!("witness A {}\n", w[0].1),
             "quorum none\nquorum none\n".to_string(),
-            format!("log {}\nquorum none\n", w[0].1),
+            // A cosignature type's key whose ID is not the one tlog-cosignature
+            // makes a MUST.
+            {
+                let mut vkey = w[0].1.to_string();
+                let at = vkey.find('+').unwrap() + 1;
+                vkey.replace_range(at..at + 8, "00000000");
+                format!("log {vkey}\nquorum none\n")
+            },
             "quorum none\u{7}\n".to_string(),
             "frobnicate\nquorum none\n".to_string(),
         ] {
@@ -1241,13 +1262,15 @@ mod tests {
     /// named and never counted, as signed-note's verifiers ignore
     /// signatures of keys they do not know. A quorum the Ed25519 witnesses
     /// meet alone is met; one that needs the other is not, which fails
-    /// closed. A log key's stated ID is taken as stated (signed-note only
+    /// closed. A log line takes any type (C2SP tlog-checkpoint), and lavd's
+    /// own checkpoint still verifies beside it. Key IDs of types other than
+    /// the cosignature types are taken as stated (signed-note only
     /// recommends its formula, and 0x02 and 0x05 keys use others); an
-    /// ML-DSA-44 key must be 1312 bytes under its formula (tlog-cosignature
-    /// says MUST). A malformed key, a witness named with a log's type and a
-    /// log with a witness's, a key defined twice and two keys whose lines
-    /// could not be told apart are refused. Before, any such policy was
-    /// refused whole (`bad_policy`).
+    /// ML-DSA-44 key must be 1312 bytes under its formula, which
+    /// tlog-cosignature makes a MUST. A malformed key, a witness named with
+    /// a log's type, a key defined twice and two keys whose lines could not
+    /// be told apart are refused. Before, any such policy was refused whole
+    /// (`bad_policy`).
     #[test]
     fn keys_of_types_lavd_does_not_verify_are_named_and_never_counted() {
         let (note_text, log) = log_note();
@@ -1283,30 +1306,26 @@ mod tests {
             );
         }
 
-        // Two keys of one name whose key IDs collide (found by trying
-        // keys: about 2^16 for a pair), so that their lines could not be
-        // told apart.
-        let mut seen = std::collections::HashMap::new();
-        let (first, second) = (0u32..)
-            .find_map(|i| {
-                let key = i.to_be_bytes().repeat(8);
-                let id = note::typed_key_id("ecdsa.example", 0x02, &key);
-                seen.insert(id, key.clone()).map(|other| (other, key))
-            })
-            .unwrap();
-        let ecdsa = |key: &[u8]| {
+        // Any type on a log line (tlog-checkpoint: a log "MAY use any note
+        // signature algorithm", ML-DSA-44 recommended): lavd's own
+        // checkpoint still verifies under the policy.
+        for other in [&mldsa, &a.to_string()] {
+            let logs =
+                Policy::parse(format!("log {log}\nlog {other}\nquorum none\n").as_bytes()).unwrap();
+            assert!(logs.verify(&note_text).is_ok(), "{other}");
+        }
+        // Two keys whose lines could not be told apart: one name and one
+        // stated key ID (0x02's are taken as stated), or an unverified
+        // key stating a verified one's.
+        let stated = |name: &str, id: u32, fill: u8| {
             let mut typed = vec![0x02];
-            typed.extend_from_slice(key);
-            format!(
-                "ecdsa.example+{:08x}+{}",
-                note::typed_key_id("ecdsa.example", 0x02, key),
-                STANDARD.encode(typed)
-            )
+            typed.extend_from_slice(&[fill; 65]);
+            format!("{name}+{id:08x}+{}", STANDARD.encode(typed))
         };
         let mut wrong_id = other_vkey("w2.example", 0x06, 1312);
         wrong_id.replace_range(11..19, "00000000");
         for (bad, says) in [
-            (format!("witness B {wrong_id}\nquorum none\n"), "1312 bytes"),
+            (format!("witness B {wrong_id}\nquorum none\n"), "the key ID"),
             (
                 format!(
                     "witness B {}\nquorum none\n",
@@ -1321,7 +1340,7 @@ mod tests {
                 ),
                 "empty key",
             ),
-            // A log's type as a witness, a witness's as a log.
+            // A log's type as a witness.
             (
                 format!("witness B {log}\nquorum none\n"),
                 "type 0x01 is not a cosigner key's",
@@ -1330,8 +1349,11 @@ mod tests {
                 format!("witness B {static_ct}\nquorum none\n"),
                 "type 0x05 is not a cosigner key's",
             ),
-            (format!("log {a}\nquorum none\n"), "log key"),
-            (format!("log {mldsa}\nquorum none\n"), "log key"),
+            // An ML-DSA-44 log key is held to tlog-cosignature too.
+            (
+                format!("log {wrong_id}\nquorum none\n"),
+                "log key: the key ID",
+            ),
             // Defined twice; two whose lines could not be told apart.
             (
                 format!("witness B {mldsa}\nwitness C {mldsa}\nquorum none\n"),
@@ -1344,8 +1366,15 @@ mod tests {
             (
                 format!(
                     "witness B {}\nwitness C {}\nquorum none\n",
-                    ecdsa(&first),
-                    ecdsa(&second)
+                    stated("ecdsa.example", 7, 1),
+                    stated("ecdsa.example", 7, 2)
+                ),
+                "could not be told apart",
+            ),
+            (
+                format!(
+                    "log {log}\nwitness B {}\nquorum none\n",
+                    stated("log.example/a", log.key_id(), 3)
                 ),
                 "could not be told apart",
             ),

@@ -118,9 +118,14 @@ pub struct Witnessing {
     stored: (Mutex<u64>, Condvar),
     /// The largest size this process found the quorum had cosigned: a
     /// quorum never goes away (rows are only added, or refreshed with a
-    /// newer line), so [`Self::served`] looks at it again with one read
-    /// rather than searching the rows again, and never serves below it.
+    /// newer line), so [`Self::served`] looks for newer ones only above it,
+    /// reads it again rather than searching the rows again, and never
+    /// serves below it. Per process: replicas each keep their own.
     quorum_seen: Mutex<Option<u64>>,
+    /// The largest size [`Self::older_quorum`] has searched below: it only
+    /// grows (witnesses' newest cosignatures only grow), and rows below it
+    /// were searched, so each search happens once.
+    searched: Mutex<Option<u64>>,
 }
 
 impl std::fmt::Debug for Witnessing {
@@ -145,6 +150,7 @@ impl Witnessing {
             signed: tokio::sync::watch::channel(0).0,
             stored: (Mutex::new(0), Condvar::new()),
             quorum_seen: Mutex::new(None),
+            searched: Mutex::new(None),
         }
     }
 
@@ -236,9 +242,9 @@ impl Witnessing {
     /// cosignatures by the configured keys, verified over the stored
     /// checkpoint of that size, meet the quorum: that size and checkpoint
     /// with all of them. When `rows` is a full page (`limit` rows), the
-    /// smallest size's rows may be cut off: that size is left to the next
-    /// page, which reads it whole (served with some of its lines only, an
-    /// auditor's policy could find the quorum unmet).
+    /// smallest size's rows may be cut off: that size is read again whole
+    /// (served with some of its lines only, an auditor's policy could find
+    /// the quorum unmet).
     ///
     /// `None` under `quorum none`: then every signed checkpoint meets the
     /// quorum, and the newest one is the one to serve, not the newest that
@@ -251,13 +257,18 @@ impl Witnessing {
         if !self.settings.policy.needs_cosignatures() {
             return Ok(None);
         }
+        let whole;
         let rows = match rows.last() {
             Some(last) if rows.len() as u64 >= limit && rows[0].size != last.size => {
                 let cut = last.size;
-                &rows[..rows
+                let kept = rows
                     .iter()
                     .position(|c| c.size == cut)
-                    .unwrap_or(rows.len())]
+                    .unwrap_or(rows.len());
+                let mut all = rows[..kept].to_vec();
+                all.extend(self.store.cosignatures(cut..cut.saturating_add(1), limit)?);
+                whole = all;
+                &whole[..]
             }
             _ => rows,
         };
@@ -358,22 +369,33 @@ impl Witnessing {
     /// # Errors
     /// The store's.
     pub fn served(&self) -> Result<Option<String>, StoreError> {
-        let rows = if self.settings.policy.needs_cosignatures() {
-            self.store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?
-        } else {
-            // Every signed checkpoint meets `quorum none`: the newest is
-            // served, with the lines it has.
-            let newest = self.store.latest_checkpoint()?.map_or(0, |(size, _)| size);
-            self.store
-                .cosignatures(newest..newest.saturating_add(1), SERVE_SCAN_ROWS)?
-        };
-        if let Some(found) = self.quorum_in(&rows)? {
-            return Ok(Some(found));
+        let latest = self.store.latest_checkpoint()?;
+        if self.settings.policy.needs_cosignatures() {
+            let rows = self.store.cosignatures(0..u64::MAX, SERVE_SCAN_ROWS)?;
+            if let Some(found) = self.quorum_in(&rows)? {
+                return Ok(Some(found));
+            }
         }
-        let Some((size, mut note)) = self.store.latest_checkpoint()? else {
+        // Every signed checkpoint meets `quorum none`: the newest is served,
+        // with the lines it has. Otherwise, before any quorum, the newest
+        // signed one; after one, never below it: its checkpoint with the
+        // lines that verify now (a clock stepped back, a row edited behind
+        // lavd), not the newest signed and then that one again.
+        let seen = *self
+            .quorum_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at_seen = match seen {
+            Some(s) => self.store.checkpoint_at(s)?.map(|note| (s, note)),
+            None => None,
+        };
+        let Some((size, mut note)) = at_seen.or(latest) else {
             return Ok(None);
         };
-        let group: Vec<&Cosignature> = rows.iter().filter(|c| c.size == size).collect();
+        let rows = self
+            .store
+            .cosignatures(size..size.saturating_add(1), SERVE_SCAN_ROWS)?;
+        let group: Vec<&Cosignature> = rows.iter().collect();
         let lines: Vec<String> = self
             .verified(&note, &group)
             .into_iter()
@@ -388,11 +410,12 @@ impl Witnessing {
     /// The newest checkpoint the quorum cosigned, with its cosignatures,
     /// given `rows`, the newest page of them: found there; else (a quorum
     /// further back, a witness down while the others cosigned that many
-    /// more checkpoints) the largest this process has seen, read again;
-    /// else looked for below `rows` ([`Self::older_quorum`]). Never below
-    /// one this process has seen: the newest signed checkpoint served
-    /// instead would be followed, once the quorum formed again below it,
-    /// by a smaller one, which a mirror refuses as a rollback.
+    /// more checkpoints) looked for below `rows` and above the largest this
+    /// process has seen ([`Self::older_quorum`]); else that one, read
+    /// again. Never below one this process has seen: the newest signed
+    /// checkpoint served instead would be followed, once the quorum formed
+    /// again below it, by a smaller one, which a mirror refuses as a
+    /// rollback.
     fn quorum_in(&self, rows: &[Cosignature]) -> Result<Option<String>, StoreError> {
         let seen_lock = || {
             self.quorum_seen
@@ -400,22 +423,28 @@ impl Witnessing {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
         let seen = *seen_lock();
-        let found = self.first_quorum(rows, SERVE_SCAN_ROWS)?;
-        let found = match (found, seen) {
-            (Some(found), None) => Some(found),
-            (Some(found), Some(s)) if found.0 >= s => Some(found),
-            // None here, or one below what was seen: what was seen.
-            (_, Some(s)) => {
-                let again = self
-                    .store
-                    .cosignatures(s..s.saturating_add(1), SERVE_SCAN_ROWS)?;
-                self.first_quorum(&again, SERVE_SCAN_ROWS)?
+        let found = match self.first_quorum(rows, SERVE_SCAN_ROWS)? {
+            Some(found) if seen.is_none_or(|s| found.0 >= s) => Some(found),
+            // None in the newest page (a smaller one than was seen cannot
+            // be: rows are never removed).
+            _ => {
+                let below = match rows.last() {
+                    Some(oldest) if rows.len() as u64 == SERVE_SCAN_ROWS => {
+                        self.older_quorum(oldest.size, seen)?
+                    }
+                    _ => None,
+                };
+                match (below, seen) {
+                    (Some(found), _) => Some(found),
+                    (None, Some(s)) => {
+                        let again = self
+                            .store
+                            .cosignatures(s..s.saturating_add(1), SERVE_SCAN_ROWS)?;
+                        self.first_quorum(&again, SERVE_SCAN_ROWS)?
+                    }
+                    (None, None) => None,
+                }
             }
-            (None, None) if rows.len() as u64 == SERVE_SCAN_ROWS => {
-                let oldest = rows.last().map_or(0, |c| c.size);
-                self.older_quorum(oldest)?
-            }
-            (None, None) => None,
         };
         Ok(found.map(|(size, note)| {
             let mut seen = seen_lock();
@@ -424,13 +453,21 @@ impl Witnessing {
         }))
     }
 
-    /// The newest checkpoint of at most `size` leaves that the quorum
-    /// cosigned, with its cosignatures, for [`Self::served`] when the rows
-    /// above hold none. Read from the largest size at which the configured
-    /// witnesses' newest cosignatures could make the quorum (no size above
-    /// it can), [`SERVE_SCAN_ROWS`] rows at a time, at most
-    /// [`OLDER_SCAN_PAGES`] times.
-    fn older_quorum(&self, size: u64) -> Result<Option<(u64, String)>, StoreError> {
+    /// The newest checkpoint of at most `size` leaves, and more than
+    /// `above`'s, that the quorum cosigned, with its cosignatures, for
+    /// [`Self::served`] when the rows above hold none. Read from the
+    /// largest size at which the configured witnesses' newest cosignatures
+    /// could make the quorum (no size above it can), [`SERVE_SCAN_ROWS`]
+    /// rows at a time, at most [`OLDER_SCAN_PAGES`] times; nothing read
+    /// when that size is not above `above` (a quorum found before, still
+    /// the newest possible: one query a witness) or was searched below
+    /// before (once each, so a public route does not page on every
+    /// request).
+    fn older_quorum(
+        &self,
+        size: u64,
+        above: Option<u64>,
+    ) -> Result<Option<(u64, String)>, StoreError> {
         let mut newest = Vec::new();
         for w in &self.settings.witnesses {
             if let Some(at) = self.store.last_cosigned(&w.name)? {
@@ -443,23 +480,34 @@ impl Witnessing {
                 .policy
                 .quorum_met_by(newest.iter().filter(|(t, _)| *t >= at).map(|(_, key)| *key))
         });
-        let Some(could) = could else {
+        let from = above.map_or(0, |s| s.saturating_add(1));
+        let Some(could) = could.filter(|&could| could >= from) else {
             return Ok(None);
         };
-        // The rows of `size` itself may have been cut off the page above.
-        let mut below = could.min(size).saturating_add(1);
+        {
+            let mut searched = self
+                .searched
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if searched.is_some_and(|s| could <= s) {
+                return Ok(None);
+            }
+            *searched = Some(could);
+        }
+        // The page above judged `size` whole already (`first_quorum`).
+        let mut below = could.saturating_add(1).min(size);
         for _ in 0..OLDER_SCAN_PAGES {
-            let rows = self.store.cosignatures(0..below, SERVE_SCAN_ROWS)?;
+            if below <= from {
+                return Ok(None);
+            }
+            let rows = self.store.cosignatures(from..below, SERVE_SCAN_ROWS)?;
             if let Some(found) = self.first_quorum(&rows, SERVE_SCAN_ROWS)? {
                 return Ok(Some(found));
             }
             match rows.last() {
-                // The smallest size's rows may be cut off: read again. A
-                // page holds more than one size (a size has a row a
-                // witness, 63 at most), so the next page starts lower.
-                Some(last) if rows.len() as u64 == SERVE_SCAN_ROWS && last.size + 1 < below => {
-                    below = last.size + 1;
-                }
+                // Its smallest size was judged whole (`first_quorum`); the
+                // next page starts below it.
+                Some(last) if rows.len() as u64 == SERVE_SCAN_ROWS => below = last.size,
                 _ => return Ok(None),
             }
         }
@@ -1416,6 +1464,98 @@ mod tests {
         assert_eq!(
             size_and_lines(&witnessing.served().unwrap().unwrap()),
             (quorum, 3)
+        );
+        // The same for a wait's read (`release_after_witness`), which reads
+        // one page only.
+        assert_eq!(
+            size_and_lines(&witnessing.quorum_covering(quorum).unwrap().unwrap()),
+            (quorum, 3)
+        );
+    }
+
+    /// Saves a checkpoint of `size` signed by the test log key over a root
+    /// of its own (serving compares a checkpoint with its rows, not with
+    /// the tree); returns its note.
+    fn sign_detached(store: &Store, size: u64) -> String {
+        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
+        let checkpoint = Checkpoint {
+            origin: ORIGIN.into(),
+            size,
+            root: [size as u8; 32],
+        };
+        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
+            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
+        })
+        .unwrap();
+        store
+            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
+            .unwrap();
+        note
+    }
+
+    /// Once a quorum is remembered, a newer one that the newest page does
+    /// not hold (one witness down since, the other cosigning on) is still
+    /// looked for above it and served; and a remembered one whose lines no
+    /// longer verify (a row edited behind lavd, a clock stepped back) is
+    /// served as it is, with the lines that do, not replaced by the newest
+    /// signed checkpoint (after which the quorum, verifying again, would
+    /// take the size back down).
+    #[test]
+    fn a_remembered_quorum_neither_hides_a_newer_one_nor_gives_way_to_the_newest_signed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let keys = witness_keys(2);
+        let policy_text = format!(
+            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
+            keys[0].1, keys[1].1
+        );
+        grow(&store, 3);
+        sign_at(&store, 2);
+        for (sk, key) in &keys {
+            cosign_stored(&store, 2, sk, key);
+        }
+        let witnessing = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        assert_eq!(
+            size_and_lines(&witnessing.served().unwrap().unwrap()),
+            (2, 2)
+        );
+        // Both cosign 10; then only A, more than a page of sizes above it.
+        let newer = 10;
+        sign_detached(&store, newer);
+        for (sk, key) in &keys {
+            cosign_stored(&store, newer, sk, key);
+        }
+        let above = newer + 1;
+        fill(
+            &path,
+            (above..above + SERVE_SCAN_ROWS + 50).map(|size| (size, keys[0].1.clone())),
+        );
+        assert_eq!(
+            size_and_lines(&witnessing.served().unwrap().unwrap()),
+            (newer, 2)
+        );
+        // The newest signed checkpoint is larger still.
+        let newest = above + SERVE_SCAN_ROWS + 100;
+        sign_detached(&store, newest);
+        // The remembered quorum's lines turned bad behind lavd.
+        rusqlite::Connection::open(&path)
+            .unwrap()
+            .execute(
+                "UPDATE audit_cosignatures SET line = ?1 WHERE size = ?2 AND witness = ?3",
+                rusqlite::params![
+                    super::super::witness::cosignature_line::<()>(&keys[1].1, "", 1, |_| Ok(
+                        [0; 64]
+                    ))
+                    .unwrap(),
+                    i64::try_from(newer).unwrap(),
+                    keys[1].1.name()
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            size_and_lines(&witnessing.served().unwrap().unwrap()),
+            (newer, 1)
         );
     }
 
