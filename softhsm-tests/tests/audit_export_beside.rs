@@ -73,14 +73,20 @@ fn a_leaf_appended_while_an_export_signs_is_left_to_the_next_export() {
     });
 
     let vkey = assert_ok(&t.lavd_with_config(&["audit", "key"]));
-    let out = assert_ok(&t.lavd(&[
-        "audit",
-        "verify",
-        "--key",
-        vkey.trim(),
-        "--export",
-        export.to_str().unwrap(),
-    ]));
+    // `lavd audit verify --key KEY --export FILE [more]`.
+    let verify = |file: &std::path::Path, more: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--key",
+            vkey.trim(),
+            "--export",
+            file.to_str().unwrap(),
+        ];
+        args.extend_from_slice(more);
+        assert_ok(&t.lavd(&args))
+    };
+    let out = verify(&export, &[]);
     assert!(out.contains(&format!("{covered} leaves verified")), "{out}");
     let exported: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
@@ -93,16 +99,7 @@ fn a_leaf_appended_while_an_export_signs_is_left_to_the_next_export() {
     // The next export has it, and verifies against the first.
     let next = t.path("next.json");
     assert_ok(&t.lavd_with_config(&["audit", "export", "--out", next.to_str().unwrap()]));
-    let out = assert_ok(&t.lavd(&[
-        "audit",
-        "verify",
-        "--key",
-        vkey.trim(),
-        "--export",
-        next.to_str().unwrap(),
-        "--previous",
-        export.to_str().unwrap(),
-    ]));
+    let out = verify(&next, &["--previous", export.to_str().unwrap()]);
     assert!(
         out.contains(&format!("{} leaves verified", covered + 1)),
         "{out}"

@@ -12,22 +12,25 @@ use softhsm_tests::vault;
 use softhsm_tests::{assert_fails_with, assert_ok, TestToken};
 
 /// A witness: its signing key and its `cosignature/v1` vkey, written out by
-/// hand from the spec (type 0x04, key ID over name ‖ 0x0A ‖ 0x04 ‖ key).
+/// hand from the spec (type 0x04).
 fn witness(name: &str, seed: u8) -> (ed25519_dalek::SigningKey, u32, String) {
     let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-    let public = sk.verifying_key().to_bytes();
+    let (id, vkey) = vkey(name, 0x04, &sk.verifying_key().to_bytes());
+    (sk, id, vkey)
+}
+
+/// The key ID and vkey of `name`'s key of signature type `kind`, written
+/// out by hand from C2SP signed-note and tlog-cosignature (key ID over
+/// name ‖ 0x0A ‖ type ‖ key).
+fn vkey(name: &str, kind: u8, public: &[u8]) -> (u32, String) {
     let mut input = name.as_bytes().to_vec();
-    input.extend_from_slice(&[0x0A, 0x04]);
-    input.extend_from_slice(&public);
+    input.extend_from_slice(&[0x0A, kind]);
+    input.extend_from_slice(public);
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
     let id = u32::from_be_bytes(digest.as_ref()[..4].try_into().unwrap());
-    let mut typed = vec![0x04];
-    typed.extend_from_slice(&public);
-    (
-        sk,
-        id,
-        format!("{name}+{id:08x}+{}", STANDARD.encode(typed)),
-    )
+    let mut typed = vec![kind];
+    typed.extend_from_slice(public);
+    (id, format!("{name}+{id:08x}+{}", STANDARD.encode(typed)))
 }
 
 /// The time the tests' cosignatures are stamped at unless they say:
@@ -172,15 +175,7 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
     // warning, and its line in the note (2,432 bytes: key ID, time,
     // signature) is ignored, as signed-note's verifiers ignore lines of
     // keys they do not know. Before, the policy was refused whole.
-    let c_public = [0x42u8; 1312];
-    let mut input = b"witness-c.example".to_vec();
-    input.extend_from_slice(&[0x0A, 0x06]);
-    input.extend_from_slice(&c_public);
-    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &input);
-    let c_id = u32::from_be_bytes(digest.as_ref()[..4].try_into().unwrap());
-    let mut typed = vec![0x06];
-    typed.extend_from_slice(&c_public);
-    let c_vkey = format!("witness-c.example+{c_id:08x}+{}", STANDARD.encode(typed));
+    let (c_id, c_vkey) = vkey("witness-c.example", 0x06, &[0x42; 1312]);
     let mut c_line = c_id.to_be_bytes().to_vec();
     c_line.extend_from_slice(&[0x33; 8 + 2420]);
     let with_c = format!(

@@ -182,18 +182,7 @@ pub(crate) async fn post_unwrap(
         // its work starts, and that one's trust judges the warrant; and
         // once more before the audit commit, for a reload while the HSM
         // opened.
-        let readmit_again = || {
-            readmission
-                .current(&live, &[Role::Agency])
-                .map(|newer| newer.map(|r| r.verifier.clone()))
-                .map_err(|e| {
-                    let (code, why) = (e.code(), e.to_string());
-                    *refusal
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                    unwrap::UnwrapError::Withdrawn { code, why }
-                })
-        };
+        let readmit_again = || readmitted(&readmission, &live, &[Role::Agency], &refusal);
         // At the gate, a request whose connection was cut while the daemon
         // stops is dropped too: nothing was opened yet. Not later: a
         // request that opened has its leaves written all the same.
@@ -297,6 +286,29 @@ pub(crate) async fn post_unwrap(
     Ok(response)
 }
 
+/// The caller admitted again under the configuration in force
+/// ([`Readmission::current`]), as [`unwrap::Readmit`] asks: the newer
+/// configuration's verifier, if there is one. A refusal is kept in
+/// `refusal` (the answer the request gets) and reported as
+/// [`UnwrapError::Withdrawn`].
+fn readmitted(
+    readmission: &Readmission,
+    admitted: &Arc<Reloadable>,
+    roles: &'static [Role],
+    refusal: &std::sync::Mutex<Option<ApiError>>,
+) -> Result<Option<Arc<crate::warrant::Verifier>>, UnwrapError> {
+    readmission
+        .current(admitted, roles)
+        .map(|newer| newer.map(|r| r.verifier.clone()))
+        .map_err(|e| {
+            let (code, why) = (e.code(), e.to_string());
+            *refusal
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+            UnwrapError::Withdrawn { code, why }
+        })
+}
+
 /// `POST /v1/warrants/revocations`: an admin's `{"id","reason"}`, or an
 /// authority's `{"revocation": <JWS>}` delivered by any authenticated
 /// caller (PROTOCOL §4, §6).
@@ -338,18 +350,7 @@ pub(crate) async fn post_revocation(
         // caller is admitted again under the configuration in force, and
         // that one's trust verifies an authority's signature
         // (`unwrap::revoke`, under the reload's fence).
-        let readmit = || {
-            readmission
-                .current(&live, roles)
-                .map(|newer| newer.map(|r| r.verifier.clone()))
-                .map_err(|e| {
-                    let (code, why) = (e.code(), e.to_string());
-                    *refusal
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
-                    unwrap::UnwrapError::Withdrawn { code, why }
-                })
-        };
+        let readmit = || readmitted(&readmission, &live, roles, &refusal);
         let limits = st.limits.envelope();
         let context = unwrap::Context {
             hsm: &st.hsm,

@@ -205,6 +205,32 @@ pub fn typed_key_id(name: &str, kind: u8, public_key: &[u8]) -> u32 {
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// A vkey's parts, `<name>+<8 lower-case hex digits>+<base64(type ‖
+/// key)>`: its name (checked), key ID, type and key, for every type.
+///
+/// # Errors
+/// [`NoteError::VerifierKey`] for the wrong shape or no type byte.
+fn split_vkey(text: &str) -> Result<(&str, u32, u8, Vec<u8>), NoteError> {
+    // The name holds no `+`, the hex none either; base64 may hold some.
+    let (name, rest) = text
+        .split_once('+')
+        .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
+    let (id_hex, key_b64) = rest
+        .split_once('+')
+        .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
+    check_name(name)?;
+    let id = parse_key_id(id_hex).ok_or(NoteError::VerifierKey(
+        "key ID is not 8 lower-case hex digits",
+    ))?;
+    let typed = STANDARD
+        .decode(key_b64)
+        .map_err(|_| NoteError::VerifierKey("key is not padded standard base64"))?;
+    let (&kind, public) = typed
+        .split_first()
+        .ok_or(NoteError::VerifierKey("empty key"))?;
+    Ok((name, id, kind, public.to_vec()))
+}
+
 /// A well-formed vkey `<name>+<8 hex>+<base64(type ‖ key)>` of any type:
 /// what a policy names for a key lavd does not verify (an ML-DSA witness,
 /// C2SP tlog-cosignature's type 0x06; another log's key of another
@@ -228,30 +254,15 @@ impl OtherKey {
     /// # Errors
     /// [`NoteError::VerifierKey`] for the wrong shape or an empty key.
     pub fn parse(text: &str) -> Result<Self, NoteError> {
-        let (name, rest) = text
-            .split_once('+')
-            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
-        let (id_hex, key_b64) = rest
-            .split_once('+')
-            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
-        check_name(name)?;
-        let id = parse_key_id(id_hex).ok_or(NoteError::VerifierKey(
-            "key ID is not 8 lower-case hex digits",
-        ))?;
-        let typed = STANDARD
-            .decode(key_b64)
-            .map_err(|_| NoteError::VerifierKey("key is not padded standard base64"))?;
-        let (&kind, public) = typed
-            .split_first()
-            .ok_or(NoteError::VerifierKey("empty key"))?;
-        if public.is_empty() {
+        let (name, key_id, kind, public_key) = split_vkey(text)?;
+        if public_key.is_empty() {
             return Err(NoteError::VerifierKey("empty key"));
         }
         Ok(Self {
             name: name.to_owned(),
-            key_id: id,
+            key_id,
             kind,
-            public_key: public.to_vec(),
+            public_key,
         })
     }
 
@@ -352,27 +363,12 @@ impl VerifierKey {
     /// [`NoteError::UnsupportedKeyType`] for a type other than Ed25519,
     /// [`NoteError::VerifierKeyId`] when the ID does not match.
     pub fn parse(text: &str) -> Result<Self, NoteError> {
-        // The name holds no `+`, the hex none either; base64 may hold some.
-        let (name, rest) = text
-            .split_once('+')
-            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
-        let (id_hex, key_b64) = rest
-            .split_once('+')
-            .ok_or(NoteError::VerifierKey("expected <name>+<id>+<key>"))?;
-        check_name(name)?;
-        let id = parse_key_id(id_hex).ok_or(NoteError::VerifierKey(
-            "key ID is not 8 lower-case hex digits",
-        ))?;
-        let typed = STANDARD
-            .decode(key_b64)
-            .map_err(|_| NoteError::VerifierKey("key is not padded standard base64"))?;
-        let (&kind, public) = typed
-            .split_first()
-            .ok_or(NoteError::VerifierKey("empty key"))?;
+        let (name, id, kind, public) = split_vkey(text)?;
         if kind != ED25519_TYPE {
             return Err(NoteError::UnsupportedKeyType(kind));
         }
         let public_key: [u8; 32] = public
+            .as_slice()
             .try_into()
             .map_err(|_| NoteError::VerifierKey("an Ed25519 key is 32 bytes"))?;
         let key = Self::new(name, &public_key)?;

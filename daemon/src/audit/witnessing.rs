@@ -1195,11 +1195,17 @@ mod tests {
     /// Saves a checkpoint of the first `size` leaves, signed by the test
     /// log key; returns its note.
     fn sign_at(store: &Store, size: u64) -> String {
+        save_signed(store, size, store.root(size).unwrap())
+    }
+
+    /// Saves a checkpoint of `size` and `root` signed by the test log key;
+    /// returns its note.
+    fn save_signed(store: &Store, size: u64, root: crate::audit::merkle::Hash) -> String {
         let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
         let checkpoint = Checkpoint {
             origin: ORIGIN.into(),
             size,
-            root: store.root(size).unwrap(),
+            root,
         };
         let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
             Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
@@ -1477,20 +1483,7 @@ mod tests {
     /// of its own (serving compares a checkpoint with its rows, not with
     /// the tree); returns its note.
     fn sign_detached(store: &Store, size: u64) -> String {
-        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
-        let checkpoint = Checkpoint {
-            origin: ORIGIN.into(),
-            size,
-            root: [size as u8; 32],
-        };
-        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
-            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
-        })
-        .unwrap();
-        store
-            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
-            .unwrap();
-        note
+        save_signed(store, size, [size as u8; 32])
     }
 
     /// Once a quorum is remembered, a newer one that the newest page does
@@ -1573,19 +1566,7 @@ mod tests {
             })
             .unwrap();
         let size = store.tree_size().unwrap();
-        let sk = ed25519_dalek::SigningKey::from_bytes(&LOG_SEED);
-        let checkpoint = Checkpoint {
-            origin: ORIGIN.into(),
-            size,
-            root: store.root(size).unwrap(),
-        };
-        let note = note::sign_checkpoint(&checkpoint, sk.verifying_key().as_bytes(), |m| {
-            Ok::<_, std::io::Error>(sk.sign(m).to_bytes())
-        })
-        .unwrap();
-        store
-            .save_checkpoint(size, &note, time::OffsetDateTime::now_utc())
-            .unwrap();
+        sign_at(store, size);
         size
     }
 
