@@ -198,6 +198,21 @@ fn verify_with_a_policy_requires_the_witness_quorum() {
             && stderr.contains("not counted"),
         "{stderr}"
     );
+    // A log line of that type too (C2SP tlog-checkpoint: a log may sign
+    // with any type, ML-DSA-44 recommended): named, warned of, lavd's own
+    // line verifies the checkpoint.
+    let (_, mldsa_log) = vkey("other-log.example", 0x06, &[0x24; 1312]);
+    let two_logs = write(
+        "two-logs.policy",
+        &format!("log {key}\nlog {mldsa_log}\nwitness A {a_vkey}\nquorum A\n"),
+    );
+    let out = verify(&with_c, &two_logs);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_ok(&out);
+    assert!(
+        stderr.contains("log=other-log.example") && stderr.contains("unknown_log"),
+        "{stderr}"
+    );
     let needs_c = write(
         "needs-c.policy",
         &format!("log {key}\nwitness A {a_vkey}\nwitness C {c_vkey}\ngroup g all A C\nquorum g\n"),

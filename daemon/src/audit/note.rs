@@ -210,7 +210,7 @@ pub fn typed_key_id(name: &str, kind: u8, public_key: &[u8]) -> u32 {
 ///
 /// # Errors
 /// [`NoteError::VerifierKey`] for the wrong shape or no type byte.
-fn split_vkey(text: &str) -> Result<(&str, u32, u8, Vec<u8>), NoteError> {
+pub(crate) fn split_vkey(text: &str) -> Result<(&str, u32, u8, Vec<u8>), NoteError> {
     // The name holds no `+`, the hex none either; base64 may hold some.
     let (name, rest) = text
         .split_once('+')

@@ -41,12 +41,16 @@ const OTHER_WITNESS_TYPES: [u8; 2] = [0x02, ML_DSA_44_COSIGNATURE_TYPE];
 /// formula, and 0x02 and 0x05 compute theirs otherwise).
 fn check_cosignature_key(key: &note::OtherKey) -> Result<(), String> {
     let cosignature = [COSIGNATURE_V1_TYPE, ML_DSA_44_COSIGNATURE_TYPE].contains(&key.kind());
-    if key.kind() == ML_DSA_44_COSIGNATURE_TYPE
-        && key.public_key().len() != ML_DSA_44_PUBLIC_KEY_BYTES
-    {
+    let length = match key.kind() {
+        ML_DSA_44_COSIGNATURE_TYPE => Some(("ML-DSA-44", ML_DSA_44_PUBLIC_KEY_BYTES)),
+        COSIGNATURE_V1_TYPE => Some(("Ed25519", 32)),
+        _ => None,
+    };
+    if let Some((algorithm, bytes)) = length.filter(|(_, bytes)| key.public_key().len() != *bytes) {
         return Err(format!(
-            "an ML-DSA-44 cosigner key (type 0x06) is {ML_DSA_44_PUBLIC_KEY_BYTES} bytes, not {} \
-             (C2SP tlog-cosignature)",
+            "an {algorithm} cosigner key (type {:#04x}) is {bytes} bytes, not {} (C2SP \
+             tlog-cosignature)",
+            key.kind(),
             key.public_key().len()
         ));
     }
@@ -157,22 +161,15 @@ impl CosignerKey {
     /// [`WitnessError::Key`] naming what is wrong.
     pub fn parse(text: &str) -> Result<Self, WitnessError> {
         let bad = |why: &str| WitnessError::Key(format!("{text}: {why}"));
-        let mut parts = text.splitn(3, '+');
-        let (Some(name), Some(id_hex), Some(key_b64)) = (parts.next(), parts.next(), parts.next())
-        else {
-            return Err(bad("expected <name>+<id>+<key>"));
-        };
-        // One spelling per key, as for the log's keys: `04D2…` is refused
-        // (fuzz/regressions/witness/vkey-upper-case-key-id).
-        let id = note::parse_key_id(id_hex)
-            .ok_or_else(|| bad("the key ID is not 8 lower-case hex digits"))?;
-        let typed = STANDARD
-            .decode(key_b64)
-            .map_err(|_| bad("the key is not padded standard base64"))?;
-        let Some((&COSIGNATURE_V1_TYPE, public)) = typed.split_first() else {
+        // One splitter for every vkey: one spelling per key, as for the
+        // log's keys (`04D2…` is refused:
+        // fuzz/regressions/witness/vkey-upper-case-key-id).
+        let (name, id, kind, public) = note::split_vkey(text).map_err(|e| bad(&e.to_string()))?;
+        if kind != COSIGNATURE_V1_TYPE {
             return Err(bad("not a cosignature/v1 (type 0x04) key"));
-        };
+        }
         let public: [u8; 32] = public
+            .as_slice()
             .try_into()
             .map_err(|_| bad("an Ed25519 key is 32 bytes"))?;
         let key = CosignerKey::new(name, &public)?;
@@ -422,6 +419,10 @@ impl Policy {
                         .logs
                         .iter()
                         .any(|k| k.public_key() == key.public_key())
+                        || policy
+                            .other_logs
+                            .iter()
+                            .any(|k| k.public_key() == key.public_key())
                     {
                         return Err(bad("a log with this key is already defined".into()));
                     }
@@ -463,6 +464,10 @@ impl Policy {
                         .witnesses
                         .iter()
                         .any(|(_, k, _)| k.public_key == key.public_key)
+                        || policy
+                            .other_witnesses
+                            .iter()
+                            .any(|(_, k)| k.public_key() == key.public_key)
                     {
                         return Err(bad("a witness with this key is already defined".into()));
                     }
@@ -556,13 +561,22 @@ impl Policy {
     /// Adds a log (`witness` `None`) or witness key of a type lavd does
     /// not verify, after the checks a known key gets.
     fn add_other(&mut self, key: note::OtherKey, witness: Option<&str>) -> Result<(), String> {
-        let same =
-            |k: &note::OtherKey| k.kind() == key.kind() && k.public_key() == key.public_key();
+        // One key whatever its type (tlog-policy: keys that wrap the same
+        // public key are one).
+        let same = |k: &[u8]| k == key.public_key();
         match witness {
-            None if self.other_logs.iter().any(same) => {
+            None if self.other_logs.iter().any(|k| same(k.public_key()))
+                || self.logs.iter().any(|k| same(k.public_key())) =>
+            {
                 return Err("a log with this key is already defined".into())
             }
-            Some(_) if self.other_witnesses.iter().any(|(_, k)| same(k)) => {
+            Some(_)
+                if self
+                    .other_witnesses
+                    .iter()
+                    .any(|(_, k)| same(k.public_key()))
+                    || self.witnesses.iter().any(|(_, k, _)| same(k.public_key())) =>
+            {
                 return Err("a witness with this key is already defined".into())
             }
             _ => {}
@@ -575,6 +589,12 @@ impl Policy {
             None => self.other_logs.push(key),
         }
         Ok(())
+    }
+
+    /// The log keys it names with a type lavd does not verify (key name
+    /// and type): a checkpoint signed only by one of them is `unknown_log`.
+    pub fn unverifiable_logs(&self) -> impl Iterator<Item = (&str, u8)> {
+        self.other_logs.iter().map(|key| (key.name(), key.kind()))
     }
 
     /// The witnesses it names with a key type lavd does not verify, and
@@ -1247,12 +1267,17 @@ mod tests {
     /// ID right (an ML-DSA-44 witness key, C2SP tlog-cosignature's type
     /// 0x06, is 1312 bytes).
     fn other_vkey(name: &str, kind: u8, len: usize) -> String {
-        let public = vec![kind ^ 0x5a; len];
+        other_vkey_of(name, kind, &vec![kind ^ 0x5a; len])
+    }
+
+    /// A vkey of `name` with `public` as a key of type `kind`, its key ID
+    /// the recommended one.
+    fn other_vkey_of(name: &str, kind: u8, public: &[u8]) -> String {
         let mut typed = vec![kind];
-        typed.extend_from_slice(&public);
+        typed.extend_from_slice(public);
         format!(
             "{name}+{:08x}+{}",
-            note::typed_key_id(name, kind, &public),
+            note::typed_key_id(name, kind, public),
             STANDARD.encode(typed)
         )
     }
@@ -1348,6 +1373,26 @@ mod tests {
             (
                 format!("witness B {static_ct}\nquorum none\n"),
                 "type 0x05 is not a cosigner key's",
+            ),
+            // A 0x04 key on a log line is held to its 32 bytes.
+            (
+                format!("log {}\nquorum none\n", other_vkey("w3.example", 0x04, 31)),
+                "is 32 bytes, not 31",
+            ),
+            // One key under two types is one key.
+            (
+                format!(
+                    "witness A {a}\nwitness B {}\nquorum none\n",
+                    other_vkey_of("w1b.example", 0x02, a.public_key())
+                ),
+                "a witness with this key is already defined",
+            ),
+            (
+                format!(
+                    "log {log}\nlog {}\nquorum none\n",
+                    other_vkey_of("other.example/log", 0x02, log.public_key())
+                ),
+                "a log with this key is already defined",
             ),
             // An ML-DSA-44 log key is held to tlog-cosignature too.
             (

@@ -51,6 +51,10 @@ const SERVE_SCAN_ROWS: u64 = 1024;
 /// largest size the witnesses' newest cosignatures could make the quorum
 /// at, when the newest rows hold no quorum.
 const OLDER_SCAN_PAGES: usize = 8;
+/// How long a search below the newest page is not made again for the same
+/// bound: rows can land below it (a replica storing a late reply) and
+/// lines can become countable (a clock that lagged).
+const SEARCH_AGAIN: Duration = Duration::from_secs(60);
 /// How often a waiting unwrap looks at the store again when nothing was
 /// stored by this process meanwhile (another replica may have stored it).
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -122,10 +126,14 @@ pub struct Witnessing {
     /// reads it again rather than searching the rows again, and never
     /// serves below it. Per process: replicas each keep their own.
     quorum_seen: Mutex<Option<u64>>,
-    /// The largest size [`Self::older_quorum`] has searched below: it only
-    /// grows (witnesses' newest cosignatures only grow), and rows below it
-    /// were searched, so each search happens once.
-    searched: Mutex<Option<u64>>,
+    /// The bound [`Self::older_quorum`] last searched below, and when: a
+    /// search that ended (found or not) is not made again for the same
+    /// bound within [`SEARCH_AGAIN`], so a public route does not page on
+    /// every request. One that failed is not recorded.
+    searched: Mutex<Option<(u64, Instant)>>,
+    /// One search at a time: a request that would search meanwhile waits
+    /// for it, then finds what it found.
+    search: Mutex<()>,
 }
 
 impl std::fmt::Debug for Witnessing {
@@ -151,6 +159,7 @@ impl Witnessing {
             stored: (Mutex::new(0), Condvar::new()),
             quorum_seen: Mutex::new(None),
             searched: Mutex::new(None),
+            search: Mutex::new(()),
         }
     }
 
@@ -434,7 +443,9 @@ impl Witnessing {
                     }
                     _ => None,
                 };
-                match (below, seen) {
+                // Read again: a search this request waited for may have
+                // found a larger one.
+                match (below, *seen_lock()) {
                     (Some(found), _) => Some(found),
                     (None, Some(s)) => {
                         let again = self
@@ -461,8 +472,7 @@ impl Witnessing {
     /// rows at a time, at most [`OLDER_SCAN_PAGES`] times; nothing read
     /// when that size is not above `above` (a quorum found before, still
     /// the newest possible: one query a witness) or was searched below
-    /// before (once each, so a public route does not page on every
-    /// request).
+    /// within [`SEARCH_AGAIN`]. One search at a time.
     fn older_quorum(
         &self,
         size: u64,
@@ -484,34 +494,39 @@ impl Witnessing {
         let Some(could) = could.filter(|&could| could >= from) else {
             return Ok(None);
         };
-        {
-            let mut searched = self
-                .searched
+        let _one = self
+            .search
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let searched = || {
+            self.searched
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if searched.is_some_and(|s| could <= s) {
-                return Ok(None);
-            }
-            *searched = Some(could);
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if searched().is_some_and(|(s, at)| could <= s && at.elapsed() < SEARCH_AGAIN) {
+            return Ok(None);
         }
         // The page above judged `size` whole already (`first_quorum`).
         let mut below = could.saturating_add(1).min(size);
+        let mut found = None;
         for _ in 0..OLDER_SCAN_PAGES {
             if below <= from {
-                return Ok(None);
+                break;
             }
+            // A store error returns before the search is recorded.
             let rows = self.store.cosignatures(from..below, SERVE_SCAN_ROWS)?;
-            if let Some(found) = self.first_quorum(&rows, SERVE_SCAN_ROWS)? {
-                return Ok(Some(found));
-            }
+            found = self.first_quorum(&rows, SERVE_SCAN_ROWS)?;
             match rows.last() {
                 // Its smallest size was judged whole (`first_quorum`); the
                 // next page starts below it.
-                Some(last) if rows.len() as u64 == SERVE_SCAN_ROWS => below = last.size,
-                _ => return Ok(None),
+                Some(last) if found.is_none() && rows.len() as u64 == SERVE_SCAN_ROWS => {
+                    below = last.size;
+                }
+                _ => break,
             }
         }
-        Ok(None)
+        *searched() = Some((could, Instant::now()));
+        Ok(found)
     }
 
     /// A checkpoint of at least `size` leaves that the quorum cosigned, with
@@ -1427,6 +1442,51 @@ mod tests {
         assert_eq!(
             size_and_lines(&fresh.served().unwrap().unwrap()),
             (newest, 0)
+        );
+    }
+
+    /// A search below the newest page that fails on a store error is not
+    /// taken as done: the next request searches again and serves the
+    /// quorum (before, the search was recorded as it began, and the
+    /// fallback was served until the witnesses cosigned again).
+    #[test]
+    fn a_search_a_store_error_cut_short_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lavd.db");
+        let store = Arc::new(Store::open(&path).unwrap());
+        let keys = witness_keys(2);
+        let policy_text = format!(
+            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
+            keys[0].1, keys[1].1
+        );
+        grow(&store, 3);
+        let quorum = 2;
+        sign_at(&store, quorum);
+        for (sk, key) in &keys {
+            cosign_stored(&store, quorum, sk, key);
+        }
+        fill(
+            &path,
+            (4..4 + 2 * SERVE_SCAN_ROWS).map(|size| (size, keys[(size % 2) as usize].1.clone())),
+        );
+        let note = store.checkpoint_at(quorum).unwrap().unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        // A note that is not UTF-8: reading it fails.
+        conn.execute(
+            "UPDATE audit_checkpoints SET note = CAST(X'FF' AS TEXT) WHERE size = ?1",
+            [i64::try_from(quorum).unwrap()],
+        )
+        .unwrap();
+        let witnessing = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        assert!(witnessing.served().is_err());
+        conn.execute(
+            "UPDATE audit_checkpoints SET note = ?1 WHERE size = ?2",
+            rusqlite::params![note, i64::try_from(quorum).unwrap()],
+        )
+        .unwrap();
+        assert_eq!(
+            size_and_lines(&witnessing.served().unwrap().unwrap()),
+            (quorum, 2)
         );
     }
 

@@ -452,6 +452,14 @@ impl LogSource {
             ),
             None => None,
         };
+        for (log, kind) in policy.iter().flat_map(|p| p.unverifiable_logs()) {
+            tracing::warn!(
+                log = %crate::codec::escape_for_terminal(log),
+                key_type = %format!("{kind:#04x}"),
+                "the policy names a log key whose type lavd does not verify (only Ed25519, 0x01): \
+                 a checkpoint signed only by it is refused (unknown_log)"
+            );
+        }
         for (witness, kind) in policy.iter().flat_map(|p| p.unverifiable_witnesses()) {
             tracing::warn!(
                 witness = %crate::codec::escape_for_terminal(witness),

@@ -1020,6 +1020,18 @@ fn witnesses_and_their_policy_must_name_the_same_keys() {
         "audit.witness_policy",
         "names witness `D` with a key of type 0x06",
     );
+    // Nor a log key of such a type: this log's key is Ed25519.
+    let with_mldsa_log =
+        format!("log {mldsa}\nwitness A {k1}\nwitness B {k2}\ngroup G all A B\nquorum G\n");
+    refused(
+        &both,
+        &[
+            ("ca.pem", ca.as_str()),
+            ("p.policy", with_mldsa_log.as_str()),
+        ],
+        "audit.witness_policy",
+        "names log key `w4.example` of type 0x06",
+    );
     // The refresh interval: 1 s to a day; 300 s unset.
     assert_eq!(
         load_with(&both, &files)

@@ -137,6 +137,17 @@ impl Validator<'_> {
                 ),
             ));
         }
+        // The log's own key is Ed25519: another log line is another log's.
+        if let Some((name, kind)) = policy.unverifiable_logs().next() {
+            return Err(self.err(
+                "audit.witness_policy",
+                format!(
+                    "{} names log key `{name}` of type {kind:#04x}; this log's key is Ed25519 \
+                     (type 0x01)",
+                    policy_file.display()
+                ),
+            ));
+        }
         // A served checkpoint carries the log's signature and one line per
         // configured witness: within the 64 signature lines a note may
         // have (`audit::note::MAX_SIGNATURES`), which verifiers bound too.
