@@ -1394,6 +1394,21 @@ mod tests {
                 ),
                 "a log with this key is already defined",
             ),
+            // In either order.
+            (
+                format!(
+                    "log {}\nlog {log}\nquorum none\n",
+                    other_vkey_of("other.example/log", 0x02, log.public_key())
+                ),
+                "a log with this key is already defined",
+            ),
+            (
+                format!(
+                    "witness B {}\nwitness A {a}\nquorum none\n",
+                    other_vkey_of("w1b.example", 0x02, a.public_key())
+                ),
+                "a witness with this key is already defined",
+            ),
             // An ML-DSA-44 log key is held to tlog-cosignature too.
             (
                 format!("log {wrong_id}\nquorum none\n"),

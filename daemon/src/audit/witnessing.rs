@@ -55,6 +55,18 @@ const OLDER_SCAN_PAGES: usize = 8;
 /// bound: rows can land below it (a replica storing a late reply) and
 /// lines can become countable (a clock that lagged).
 const SEARCH_AGAIN: Duration = Duration::from_secs(60);
+/// The same after a search a store error cut short.
+const SEARCH_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+/// A search below the newest page ([`Witnessing::older_quorum`]).
+#[derive(Debug, Clone, Copy)]
+struct Searched {
+    /// The largest size searched below (inclusive).
+    bound: u64,
+    at: Instant,
+    /// A store error cut it short.
+    failed: bool,
+}
 /// How often a waiting unwrap looks at the store again when nothing was
 /// stored by this process meanwhile (another replica may have stored it).
 const WAIT_POLL: Duration = Duration::from_millis(50);
@@ -126,11 +138,11 @@ pub struct Witnessing {
     /// reads it again rather than searching the rows again, and never
     /// serves below it. Per process: replicas each keep their own.
     quorum_seen: Mutex<Option<u64>>,
-    /// The bound [`Self::older_quorum`] last searched below, and when: a
-    /// search that ended (found or not) is not made again for the same
-    /// bound within [`SEARCH_AGAIN`], so a public route does not page on
-    /// every request. One that failed is not recorded.
-    searched: Mutex<Option<(u64, Instant)>>,
+    /// The bound [`Self::older_quorum`] last searched below, when, and
+    /// whether a store error cut it short: it is not made again for the
+    /// same bound within [`SEARCH_AGAIN`] ([`SEARCH_AFTER_FAILURE`] after a
+    /// failure), so a public route does not page on every request.
+    searched: Mutex<Option<Searched>>,
     /// One search at a time: a request that would search meanwhile waits
     /// for it, then finds what it found.
     search: Mutex<()>,
@@ -444,8 +456,10 @@ impl Witnessing {
                     _ => None,
                 };
                 // Read again: a search this request waited for may have
-                // found a larger one.
-                match (below, *seen_lock()) {
+                // found a larger one. (Copied out: the lock is not held
+                // across the reads below.)
+                let seen_now = *seen_lock();
+                match (below, seen_now) {
                     (Some(found), _) => Some(found),
                     (None, Some(s)) => {
                         let again = self
@@ -494,39 +508,75 @@ impl Witnessing {
         let Some(could) = could.filter(|&could| could >= from) else {
             return Ok(None);
         };
-        let _one = self
-            .search
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Before any quorum was seen a request waits for a search under
+        // way (serving the newest signed checkpoint meanwhile could be
+        // followed by the smaller quorum it finds); after, it does not:
+        // it serves the one seen.
+        let _one = match (above, self.search.try_lock()) {
+            (_, Ok(one)) => one,
+            (_, Err(std::sync::TryLockError::Poisoned(p))) => p.into_inner(),
+            (Some(_), Err(std::sync::TryLockError::WouldBlock)) => return Ok(None),
+            (None, Err(std::sync::TryLockError::WouldBlock)) => self
+                .search
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        };
         let searched = || {
             self.searched
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
         };
-        if searched().is_some_and(|(s, at)| could <= s && at.elapsed() < SEARCH_AGAIN) {
-            return Ok(None);
+        // A search that ended is not made again for the same bound within
+        // SEARCH_AGAIN; one that failed, not within SEARCH_AFTER_FAILURE
+        // (requests would otherwise each run it, and fail, in turn).
+        if let Some(last) = *searched() {
+            let wait = if last.failed {
+                SEARCH_AFTER_FAILURE
+            } else {
+                SEARCH_AGAIN
+            };
+            if could <= last.bound && last.at.elapsed() < wait {
+                return Ok(None);
+            }
         }
-        // The page above judged `size` whole already (`first_quorum`).
-        let mut below = could.saturating_add(1).min(size);
-        let mut found = None;
+        let result = self.search_below(from, could.saturating_add(1).min(size));
+        *searched() = Some(Searched {
+            bound: could,
+            at: Instant::now(),
+            failed: result.is_err(),
+        });
+        // Seen before the search is let go: a request that waited for it
+        // finds it.
+        if let Ok(Some((size, _))) = &result {
+            let mut seen = self
+                .quorum_seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *seen = Some(seen.map_or(*size, |s| s.max(*size)));
+        }
+        result
+    }
+
+    /// The pages of [`Self::older_quorum`]'s search: sizes from `from` to
+    /// below `below`, [`SERVE_SCAN_ROWS`] rows at a time, at most
+    /// [`OLDER_SCAN_PAGES`] times.
+    fn search_below(&self, from: u64, mut below: u64) -> Result<Option<(u64, String)>, StoreError> {
         for _ in 0..OLDER_SCAN_PAGES {
             if below <= from {
                 break;
             }
-            // A store error returns before the search is recorded.
             let rows = self.store.cosignatures(from..below, SERVE_SCAN_ROWS)?;
-            found = self.first_quorum(&rows, SERVE_SCAN_ROWS)?;
+            if let Some(found) = self.first_quorum(&rows, SERVE_SCAN_ROWS)? {
+                return Ok(Some(found));
+            }
             match rows.last() {
                 // Its smallest size was judged whole (`first_quorum`); the
                 // next page starts below it.
-                Some(last) if found.is_none() && rows.len() as u64 == SERVE_SCAN_ROWS => {
-                    below = last.size;
-                }
+                Some(last) if rows.len() as u64 == SERVE_SCAN_ROWS => below = last.size,
                 _ => break,
             }
         }
-        *searched() = Some((could, Instant::now()));
-        Ok(found)
+        Ok(None)
     }
 
     /// A checkpoint of at least `size` leaves that the quorum cosigned, with
@@ -1446,9 +1496,10 @@ mod tests {
     }
 
     /// A search below the newest page that fails on a store error is not
-    /// taken as done: the next request searches again and serves the
-    /// quorum (before, the search was recorded as it began, and the
-    /// fallback was served until the witnesses cosigned again).
+    /// taken as done: a request after `SEARCH_AFTER_FAILURE` (1 s) searches
+    /// again and serves the quorum (before, the search was recorded as it
+    /// began, and the fallback was served until the witnesses cosigned
+    /// again).
     #[test]
     fn a_search_a_store_error_cut_short_is_made_again() {
         let dir = tempfile::tempdir().unwrap();
@@ -1484,10 +1535,11 @@ mod tests {
             rusqlite::params![note, i64::try_from(quorum).unwrap()],
         )
         .unwrap();
-        assert_eq!(
-            size_and_lines(&witnessing.served().unwrap().unwrap()),
-            (quorum, 2)
-        );
+        let deadline = Instant::now() + SEARCH_AFTER_FAILURE * 5;
+        while size_and_lines(&witnessing.served().unwrap().unwrap()) != (quorum, 2) {
+            assert!(Instant::now() < deadline, "the search was not made again");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// A size whose rows a full page cuts off (the page ends after two of
