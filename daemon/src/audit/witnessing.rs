@@ -1292,65 +1292,26 @@ mod tests {
     fn a_quorum_older_than_the_rows_read_first_is_still_served() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
-        let ca = crate::dev::pki::DevCa::new().unwrap();
-        let keys: Vec<(ed25519_dalek::SigningKey, CosignerKey)> =
-            [("w1.test", 1u8), ("w2.test", 2)]
-                .into_iter()
-                .map(|(name, seed)| {
-                    let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-                    let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
-                    (sk, key)
-                })
-                .collect();
-        let (k1, k2) = (&keys[0].1, &keys[1].1);
-        let policy_text = format!("witness A {k1}\nwitness B {k2}\ngroup q all A B\nquorum q\n");
-        let witnessing = Witnessing::new(
-            settings(
-                dir.path(),
-                &[("https://w1.test:1", k1), ("https://w2.test:1", k2)],
-                &policy_text,
-                &ca,
-            ),
-            store.clone(),
-            None,
+        let keys = witness_keys(2);
+        let policy_text = format!(
+            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
+            keys[0].1, keys[1].1
         );
-        let cosign = |size: u64, note: &str, who: usize| {
-            let (sk, key) = &keys[who];
-            let body = &note[..note.rfind("\n\n").unwrap() + 1];
-            let line = super::super::witness::cosignature_line::<()>(key, body, unix_now(), |m| {
-                Ok(sk.sign(m).to_bytes())
-            })
-            .unwrap();
-            store
-                .save_cosignature(&Cosignature {
-                    size,
-                    witness: key.name().to_string(),
-                    line,
-                })
-                .unwrap();
-        };
-        let served_size = || {
-            let note = witnessing.served().unwrap().unwrap();
-            let (body, _) = note::split_note(&note).unwrap();
-            (
-                Checkpoint::parse(body).unwrap().size,
-                note.matches("\n— w").count(),
-            )
-        };
+        let witnessing = witnessing_of(dir.path(), &store, &keys, &policy_text);
+        let served = || size_and_lines(&witnessing.served().unwrap().unwrap());
         let last = grow(&store, SERVE_SCAN_ROWS as usize + 8);
         // Both cosign size 2; then only w1, each of the later sizes.
         let quorum = 2;
-        let note = sign_at(&store, quorum);
-        cosign(quorum, &note, 0);
-        cosign(quorum, &note, 1);
-        assert_eq!(served_size(), (quorum, 2));
+        sign_at(&store, quorum);
+        for (sk, key) in &keys {
+            cosign_stored(&store, quorum, sk, key);
+        }
+        assert_eq!(served(), (quorum, 2));
         for size in quorum + 1..=last {
-            let note = if size == last {
-                store.checkpoint_at(size).unwrap().unwrap()
-            } else {
-                sign_at(&store, size)
-            };
-            cosign(size, &note, 0);
+            if size != last {
+                sign_at(&store, size);
+            }
+            cosign_stored(&store, size, &keys[0].0, &keys[0].1);
         }
         assert!(
             store
@@ -1359,11 +1320,11 @@ mod tests {
                 .len() as u64
                 >= SERVE_SCAN_ROWS
         );
-        assert_eq!(served_size(), (quorum, 2));
+        assert_eq!(served(), (quorum, 2));
         // w2 back, on a size w1 cosigned: served from then on.
         let joined = last - 3;
-        cosign(joined, &store.checkpoint_at(joined).unwrap().unwrap(), 1);
-        assert_eq!(served_size(), (joined, 2));
+        cosign_stored(&store, joined, &keys[1].0, &keys[1].1);
+        assert_eq!(served(), (joined, 2));
     }
 
     /// Witness keys `w1.test`, `w2.test`, … with their signing keys.
