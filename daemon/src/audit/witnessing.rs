@@ -1411,14 +1411,17 @@ mod tests {
         )
     }
 
-    /// A quorum several pages below the newest rows (two witnesses of an
-    /// `all` quorum cosigning other sizes in turn ever since) is found a
-    /// page at a time, and remembered: once it lies deeper than the pages
-    /// `served` reads, the process that found it still serves it, with one
-    /// read. A fresh process serves the newest signed checkpoint then (the
-    /// limit, documented in docs/audit.md).
-    #[test]
-    fn a_quorum_pages_below_is_found_and_remembered() {
+    /// A store of 3 leaves whose checkpoint of 2 both witnesses of an
+    /// `all` quorum of two cosigned, with its file, keys and policy.
+    struct Quorum2 {
+        dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: Arc<Store>,
+        keys: Vec<(ed25519_dalek::SigningKey, CosignerKey)>,
+        policy_text: String,
+    }
+
+    fn quorum_at_2() -> Quorum2 {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lavd.db");
         let store = Arc::new(Store::open(&path).unwrap());
@@ -1427,12 +1430,36 @@ mod tests {
             "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
             keys[0].1, keys[1].1
         );
-        let newest = grow(&store, 3);
-        let quorum = 2;
-        sign_at(&store, quorum);
+        grow(&store, 3);
+        sign_at(&store, 2);
         for (sk, key) in &keys {
-            cosign_stored(&store, quorum, sk, key);
+            cosign_stored(&store, 2, sk, key);
         }
+        Quorum2 {
+            dir,
+            path,
+            store,
+            keys,
+            policy_text,
+        }
+    }
+
+    /// A quorum several pages below the newest rows (two witnesses of an
+    /// `all` quorum cosigning other sizes in turn ever since) is found a
+    /// page at a time, and remembered: once it lies deeper than the pages
+    /// `served` reads, the process that found it still serves it, with one
+    /// read. A fresh process serves the newest signed checkpoint then (the
+    /// limit, documented in docs/audit.md).
+    #[test]
+    fn a_quorum_pages_below_is_found_and_remembered() {
+        let Quorum2 {
+            dir,
+            path,
+            store,
+            keys,
+            policy_text,
+        } = quorum_at_2();
+        let (newest, quorum) = (3, 2);
         let turns = |from: u64, count: u64| {
             (from..from + count).map(|size| (size, keys[(size % 2) as usize].1.clone()))
         };
@@ -1463,20 +1490,14 @@ mod tests {
     /// again).
     #[test]
     fn a_search_a_store_error_cut_short_is_made_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("lavd.db");
-        let store = Arc::new(Store::open(&path).unwrap());
-        let keys = witness_keys(2);
-        let policy_text = format!(
-            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
-            keys[0].1, keys[1].1
-        );
-        grow(&store, 3);
+        let Quorum2 {
+            dir,
+            path,
+            store,
+            keys,
+            policy_text,
+        } = quorum_at_2();
         let quorum = 2;
-        sign_at(&store, quorum);
-        for (sk, key) in &keys {
-            cosign_stored(&store, quorum, sk, key);
-        }
         fill(
             &path,
             (4..4 + 2 * SERVE_SCAN_ROWS).map(|size| (size, keys[(size % 2) as usize].1.clone())),
@@ -1568,19 +1589,13 @@ mod tests {
     /// take the size back down).
     #[test]
     fn a_remembered_quorum_neither_hides_a_newer_one_nor_gives_way_to_the_newest_signed() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("lavd.db");
-        let store = Arc::new(Store::open(&path).unwrap());
-        let keys = witness_keys(2);
-        let policy_text = format!(
-            "witness A {}\nwitness B {}\ngroup q all A B\nquorum q\n",
-            keys[0].1, keys[1].1
-        );
-        grow(&store, 3);
-        sign_at(&store, 2);
-        for (sk, key) in &keys {
-            cosign_stored(&store, 2, sk, key);
-        }
+        let Quorum2 {
+            dir,
+            path,
+            store,
+            keys,
+            policy_text,
+        } = quorum_at_2();
         let witnessing = witnessing_of(dir.path(), &store, &keys, &policy_text);
         assert_eq!(
             size_and_lines(&witnessing.served().unwrap().unwrap()),
