@@ -208,6 +208,24 @@ impl TestDb {
         hsm: &str,
         extra: &str,
     ) {
+        self.write_token_config_at(token, module, hsm, &self.url(), extra);
+    }
+
+    /// [`Self::write_token_config`], connecting through a proxy on local
+    /// `port` (e.g. [`CutAtCommit`]) instead of to the server itself.
+    pub fn write_token_config_via(&self, token: &crate::TestToken, port: u16, extra: &str) {
+        let url = self.settings_via(port).url;
+        self.write_token_config_at(token, &crate::module_path(), "sessions = 4\n", &url, extra);
+    }
+
+    fn write_token_config_at(
+        &self,
+        token: &crate::TestToken,
+        module: &std::path::Path,
+        hsm: &str,
+        url: &str,
+        extra: &str,
+    ) {
         let pass = token.path("dbpass");
         std::fs::write(&pass, format!("{}\n", password())).expect("dbpass");
         crate::restrict(&pass);
@@ -216,7 +234,7 @@ impl TestDb {
              [store]\nurl = \"{}\"\npassword_file = \"dbpass\"\npool_size = 8\n{extra}",
             module.display().to_string(),
             token.label,
-            self.url()
+            url
         );
         std::fs::write(token.config(), text).expect("lavd.toml");
     }
@@ -262,6 +280,26 @@ pub struct CutAtCommit {
     /// The bytes of a client message that [`Self::armed`] waits for:
     /// [`Self::COMMIT`] unless [`Self::arm_after_sending`] said otherwise.
     trigger: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// When set, only a connection that has sent a message holding these
+    /// bytes before its trigger is cut ([`Self::arm_after`]).
+    after: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    /// Set by a cut armed with `dark` ([`Self::arm_after`]): every
+    /// connection is cut at its next message and new ones are closed at
+    /// once, until [`Self::light`].
+    dark: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the next cut sets [`Self::dark`].
+    darken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: std::sync::Arc<AtomicU64>,
+}
+
+/// What [`CutAtCommit`]'s connections share with it.
+#[derive(Debug, Clone)]
+struct Shared {
+    armed: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    trigger: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    after: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    dark: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    darken: std::sync::Arc<std::sync::atomic::AtomicBool>,
     cuts: std::sync::Arc<AtomicU64>,
 }
 
@@ -285,33 +323,45 @@ impl CutAtCommit {
             port: listener.local_addr().expect("proxy address").port(),
             armed: Arc::new(AtomicU8::new(0)),
             trigger: Arc::new(std::sync::Mutex::new(Self::COMMIT.to_vec())),
+            after: Arc::new(std::sync::Mutex::new(None)),
+            dark: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            darken: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             cuts: Arc::new(AtomicU64::new(0)),
         };
-        let (armed, trigger, cuts) = (
-            proxy.armed.clone(),
-            proxy.trigger.clone(),
-            proxy.cuts.clone(),
-        );
+        let shared = Shared {
+            armed: proxy.armed.clone(),
+            trigger: proxy.trigger.clone(),
+            after: proxy.after.clone(),
+            dark: proxy.dark.clone(),
+            darken: proxy.darken.clone(),
+            cuts: proxy.cuts.clone(),
+        };
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { continue };
+                if shared.dark.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
                 let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
                     continue;
                 };
-                let (armed, trigger, cuts) = (armed.clone(), trigger.clone(), cuts.clone());
-                std::thread::spawn(move || Self::forward(client, server, &armed, &trigger, &cuts));
+                let shared = shared.clone();
+                std::thread::spawn(move || Self::forward(client, server, &shared));
             }
         });
         proxy
     }
 
-    fn forward(
-        mut client: std::net::TcpStream,
-        mut server: std::net::TcpStream,
-        armed: &std::sync::atomic::AtomicU8,
-        trigger: &std::sync::Mutex<Vec<u8>>,
-        cuts: &AtomicU64,
-    ) {
+    fn forward(mut client: std::net::TcpStream, mut server: std::net::TcpStream, shared: &Shared) {
+        let Shared {
+            armed,
+            trigger,
+            after,
+            dark,
+            darken,
+            cuts,
+        } = shared;
         use std::io::{Read as _, Write as _};
         let (Ok(mut from_server), Ok(mut to_client)) = (server.try_clone(), client.try_clone())
         else {
@@ -322,18 +372,34 @@ impl CutAtCommit {
             let _ = to_client.shutdown(std::net::Shutdown::Both);
         });
         let mut buf = [0u8; 64 * 1024];
+        // Whether this connection has sent the bytes `after` waits for.
+        let mut primed = false;
         loop {
             let n = match client.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if dark.load(Ordering::SeqCst) {
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                break;
+            }
+            let holds = |text: &[u8]| buf[..n].windows(text.len()).any(|w| w == text);
+            if let Some(after) = after
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_deref()
+            {
+                primed |= holds(after);
+            }
             let commit = {
                 let trigger = trigger
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                buf[..n]
-                    .windows(trigger.len())
-                    .any(|w| w == trigger.as_slice())
+                let waits = after
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .is_some();
+                (primed || !waits) && holds(&trigger)
             };
             let mode = if commit {
                 armed.swap(0, Ordering::SeqCst)
@@ -344,6 +410,9 @@ impl CutAtCommit {
                 break;
             }
             if mode != 0 {
+                if darken.swap(false, Ordering::SeqCst) {
+                    dark.store(true, Ordering::SeqCst);
+                }
                 cuts.fetch_add(1, Ordering::SeqCst);
                 // The client hears nothing more. After: the server still
                 // reads the COMMIT before it sees the connection end.
@@ -381,7 +450,35 @@ impl CutAtCommit {
         self.armed.store(Self::AFTER, Ordering::SeqCst);
     }
 
+    /// Cuts the connection of the next COMMIT, just after forwarding it,
+    /// of a connection that has sent a message holding `text` before it
+    /// (a statement with that parameter: one transaction's COMMIT among
+    /// others). With `dark`, every connection is then cut at its next
+    /// message and new ones are closed at once, until [`Self::light`]:
+    /// nobody can ask the server what became of the COMMIT.
+    pub fn arm_after(&self, text: &[u8], dark: bool) {
+        self.set_trigger(Self::COMMIT);
+        *self
+            .after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(text.to_vec());
+        self.darken.store(dark, Ordering::SeqCst);
+        self.armed.store(Self::AFTER, Ordering::SeqCst);
+    }
+
+    /// Forwards connections again after a dark cut ([`Self::arm_after`]).
+    pub fn light(&self) {
+        self.dark.store(false, Ordering::SeqCst);
+    }
+
+    /// Sets the trigger, and forgets a connection [`Self::arm_after`] waited
+    /// for and its darkening.
     fn set_trigger(&self, text: &[u8]) {
+        *self
+            .after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.darken.store(false, Ordering::SeqCst);
         *self
             .trigger
             .lock()

@@ -6,6 +6,7 @@
 //! reload is accepted after it, and the log shows when and why.
 
 use rustix::process::Signal;
+use softhsm_tests::pg::{CutAtCommit, TestDb};
 use softhsm_tests::server::{authorities, serve_config, Authorities, Daemon, Pki};
 use softhsm_tests::vault::{self, Parties, TARGET};
 use softhsm_tests::{shim_module_path, Shim, TestToken};
@@ -230,6 +231,78 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
     let after = loaded(&c.auditor);
     assert_eq!(after.len(), 2, "{after:?}");
     assert!(after[1]["policy"]["require"].get("judicial").is_none());
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+}
+
+/// A trust change's leaf whose COMMIT's fate the daemon cannot learn: on
+/// PostgreSQL, the connection cut just after the COMMIT was sent (the
+/// server commits it) and no connection to be had to ask what became of it
+/// (a [`CutAtCommit`] gone dark). The reload fails and the double lock
+/// stays in force, though the log now says the loosened policy: so the
+/// running trust is logged again after it, once the store takes it, and
+/// nothing is opened until then; the log's last word is the trust in force.
+/// A reload once the store is back applies, logged after both. Before, the
+/// log ended saying the loosened policy while the daemon enforced the
+/// double lock.
+#[test]
+fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_again() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let db = TestDb::create();
+    let proxy = CutAtCommit::start(softhsm_tests::pg::port());
+    db.write_token_config_via(&t, proxy.port(), &serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let first = loaded(&c.auditor);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let body = one_signature_request(&c, "W-FATE");
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+
+    let stored = db.rows("audit_leaves");
+    loosen_policy(&t);
+    proxy.arm_after(b"authorities_loaded", true);
+    reload(&daemon);
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the leaf's COMMIT");
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 1.0),
+        1.0
+    );
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains("whether its audit record was written is unknown")
+            && stderr.contains(
+                "the running authorities are logged again after it once the store takes them"
+            ),
+        "{stderr}"
+    );
+    // The server did commit it: the log says the loosened policy.
+    assert_eq!(db.rows("audit_leaves"), stored + 1);
+
+    proxy.light();
+    daemon.wait_readyz(200);
+    let after = loaded(&c.auditor);
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert!(
+        after[1]["policy"]["require"].get("judicial").is_none(),
+        "{}",
+        after[1]
+    );
+    assert_eq!(
+        after[2]["config_digest"], first[0]["config_digest"],
+        "{after:?}"
+    );
+    assert_eq!(after[2]["policy"]["require"]["judicial"], 1, "{}", after[2]);
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+
+    // With the store back, the same file applies, logged after both.
+    reload(&daemon);
+    let last = loaded(&c.auditor);
+    assert_eq!(last.len(), 4, "{last:?}");
+    assert_eq!(last[3]["config_digest"], after[1]["config_digest"]);
     let r = vault::post(&c.agency, "/v1/unwrap", &body);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }

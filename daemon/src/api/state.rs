@@ -440,35 +440,59 @@ impl ServerState {
             // transaction ends, before the checkpoint's signature is
             // awaited: the fence is held across a commit, not an HSM call.
             let trust = settings.require_trust()?;
-            let unsigned = self
-                .log_authorities_loaded_then(trust, move |committed| {
-                    if committed {
-                        apply(fence);
-                    }
-                })
-                .map_err(|e| {
+            // Leaves the store has not taken yet (the running trust logged
+            // again after a commit whose fate was unknown, below) come
+            // first: a new trust's leaf must not land before them.
+            let waiting = self.audit.deferred_leaves();
+            if waiting > 0 {
+                return Err(ConfigError {
+                    file: self.config_file.clone(),
+                    field: "authorities".into(),
+                    reason: format!(
+                        "not applied: {waiting} audit leaves the store has not taken yet are \
+                         written first; reload again once /readyz is 200"
+                    ),
+                });
+            }
+            // The fence of a commit that did not end committed, kept until
+            // the running trust is logged again.
+            let kept = std::cell::Cell::new(None);
+            let logged = self.log_authorities_loaded_then(trust, |committed| {
+                if committed {
+                    apply(fence);
+                } else {
+                    kept.set(fence);
+                }
+            });
+            let unsigned = match logged {
+                Ok(unsigned) => unsigned,
+                Err(e) => {
                     let unknown = matches!(
                         e.downcast_ref::<LogError>(),
                         Some(LogError::Store(crate::store::StoreError::CommitUnknown(_)))
                     );
-                    ConfigError {
+                    let reason = if unknown {
+                        // The leaf may be durable, saying a trust that does
+                        // not apply: the running one is logged after it,
+                        // with the fence still held, so that the log's last
+                        // word is the trust in force.
+                        let again = self.log_running_trust_again();
+                        format!(
+                            "not applied, and whether its audit record was written is unknown \
+                             (the store lost the commit's answer): {again}: {e:#}"
+                        )
+                    } else {
+                        format!("not applied: its audit record could not be written: {e:#}")
+                    };
+                    drop(kept.take());
+                    return Err(ConfigError {
                         file: self.config_file.clone(),
                         field: "authorities".into(),
-                        reason: if unknown {
-                            // Not settled here (docs/OPERATIONS.md §3): the
-                            // leaf may be durable, saying a trust that does
-                            // not apply.
-                            format!(
-                                "not applied, but whether its audit record was written is \
-                                 unknown (the store lost the commit's answer): the log may say \
-                                 it applies; reload again once the store answers, or restart: \
-                                 {e:#}"
-                            )
-                        } else {
-                            format!("not applied: its audit record could not be written: {e:#}")
-                        },
-                    }
-                })?;
+                        reason,
+                    });
+                }
+            };
+            drop(kept.take());
             if let Some(e) = unsigned {
                 tracing::warn!(error = %e, "the new authorities' audit record is written and they apply, but no checkpoint covers it yet");
             }
@@ -530,6 +554,37 @@ impl ServerState {
             ended,
         )?;
         Ok(receipt.err())
+    }
+
+    /// Logs the running trust's `authorities_loaded` leaf again, after a
+    /// trust change's leaf whose commit has an unknown fate: that leaf may
+    /// be durable though its trust does not apply. Tried once at once; if
+    /// the store does not take it, written later by the deferred writer
+    /// ([`AuditLog::append_later`]), and until then nothing is opened and
+    /// no trust change is applied. Returns what happened, for the reload's
+    /// error.
+    fn log_running_trust_again(&self) -> String {
+        let running = self.current();
+        let event = match authorities_loaded(running.verifier.trust()) {
+            Ok(event) => event,
+            // The running trust was logged this way when it applied.
+            Err(e) => return format!("the running authorities could not be logged again: {e}"),
+        };
+        let batch = |event: Event| AuditAppend {
+            events: vec![event],
+            time: time::OffsetDateTime::now_utc(),
+            spend: Spend::None,
+        };
+        match self.audit.append_committed(batch(event.clone())) {
+            Ok(_) => "the running authorities were logged again after it".into(),
+            Err(again) => {
+                self.audit.append_later(batch(event));
+                format!(
+                    "the running authorities are logged again after it once the store takes \
+                     them ({again}); nothing is opened until then"
+                )
+            }
+        }
     }
 
     /// Marks the server as shutting down: `/readyz` turns false so that
