@@ -490,7 +490,9 @@ fn usable(store: &dyn KeyStore, now: OffsetDateTime) -> Result<Vec<KeyRecord>, K
     Ok(keys)
 }
 
-fn to_jwk(k: &KeyRecord) -> Jwk {
+/// The JWK of PROTOCOL §2 for `k`: its public key with `kid`, `use`,
+/// `lav_suite` and its sealing window.
+pub fn to_jwk(k: &KeyRecord) -> Jwk {
     Jwk {
         kid: Some(k.kid.clone()),
         use_: Some("enc".into()),

@@ -1106,18 +1106,23 @@ pub fn only_usage(sign: bool) -> Vec<cryptoki::object::Attribute> {
     ]
 }
 
-/// `lavd keys generate --kid KID` on `t`'s config, sealable in December
-/// 2026, retained until `destroy_after`.
+/// The `[not_before, not_after]` [`generate_key`] gives (RFC 3339, whole
+/// days): from the start of yesterday (UTC) to 30 days after the start of
+/// today. Relative to today, so that its keys are published whenever the
+/// tests run (fixed dates stopped every key test once they had passed).
+pub fn key_window() -> [String; 2] {
+    let today = time::OffsetDateTime::now_utc().replace_time(time::Time::MIDNIGHT);
+    [
+        lavd::codec::format_time(today - time::Duration::days(1)),
+        lavd::codec::format_time(today + time::Duration::days(30)),
+    ]
+}
+
+/// `lavd keys generate --kid KID` on `t`'s config, sealable within
+/// [`key_window`], retained until `destroy_after`.
 pub fn generate_key(t: &TestToken, kid: &str, destroy_after: &str) -> Output {
-    generate_key_for(
-        t,
-        kid,
-        [
-            "2026-12-01T00:00:00Z",
-            "2027-01-01T00:00:00Z",
-            destroy_after,
-        ],
-    )
+    let [not_before, not_after] = key_window();
+    generate_key_for(t, kid, [&not_before, &not_after, destroy_after])
 }
 
 /// `lavd keys generate --kid KID` on `t`'s config with its `[not_before,

@@ -333,15 +333,16 @@ fn a_pair_a_killed_generation_left_is_named_and_can_be_discarded() {
     ));
     shim.set("fault = hang\nfault_calls = C_GetAttributeValue");
     let config = t.config();
+    let [not_before, not_after] = softhsm_tests::key_window();
     let mut child = softhsm_tests::lavd_command(&[
         "keys",
         "generate",
         "--kid",
         KID,
         "--not-before",
-        "2026-12-01T00:00:00Z",
+        &not_before,
         "--not-after",
-        "2027-01-01T00:00:00Z",
+        &not_after,
         "--destroy-after",
         "2030-01-01T00:00:00Z",
         "--config",

@@ -174,14 +174,16 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
         "invalid_kid",
     );
     // destroy_after before not_after: the message names the pair.
+    let [not_before, not_after] = softhsm_tests::key_window();
     let stderr = assert_fails_with(
-        &softhsm_tests::generate_key(&t, "x", "2026-12-15T00:00:00Z"),
+        &softhsm_tests::generate_key(&t, "x", &not_before),
         1,
         "invalid_dates",
     );
     assert!(
-        stderr
-            .contains("not_after 2027-01-01T00:00:00Z is after destroy_after 2026-12-15T00:00:00Z"),
+        stderr.contains(&format!(
+            "not_after {not_after} is after destroy_after {not_before}"
+        )),
         "{stderr}"
     );
     // Dates apart only by a fraction of a second are one second as the log
@@ -198,24 +200,24 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
             "--not-after",
             na,
             "--destroy-after",
-            "2030-01-01T00:00:00Z",
+            "2100-01-01T00:00:00Z",
         ])
     };
     let stderr = assert_fails_with(
-        &fraction("2027-01-01T00:00:00.2Z", "2027-01-01T00:00:00.7Z"),
+        &fraction("2099-01-01T00:00:00.2Z", "2099-01-01T00:00:00.7Z"),
         1,
         "invalid_dates",
     );
     assert!(
         stderr.contains(
-            "not_before 2027-01-01T00:00:00Z is not before not_after 2027-01-01T00:00:00Z"
+            "not_before 2099-01-01T00:00:00Z is not before not_after 2099-01-01T00:00:00Z"
         ),
         "{stderr}"
     );
     // A fraction with whole seconds between is kept to the second.
     assert_ok(&fraction(
-        "2027-01-01T00:00:00.2Z",
-        "2027-01-01T00:00:01.7Z",
+        "2099-01-01T00:00:00.2Z",
+        "2099-01-01T00:00:01.7Z",
     ));
     let vkey = assert_ok(&t.lavd_with_config(&["audit", "key"]));
     let export = t.path("export.json");
@@ -237,8 +239,8 @@ fn keys_are_listed_after_restart_and_kids_are_never_reused() {
         .iter()
         .find(|k| k["kid"] == "y")
         .unwrap();
-    assert_eq!(y["not_before"], "2027-01-01T00:00:00Z");
-    assert_eq!(y["not_after"], "2027-01-01T00:00:01Z");
+    assert_eq!(y["not_before"], "2099-01-01T00:00:00Z");
+    assert_eq!(y["not_after"], "2099-01-01T00:00:01Z");
 }
 
 #[test]
@@ -507,11 +509,22 @@ fn expired_keys_are_destroyed_by_the_daily_job_and_listed_with_their_state() {
     let gen = |kid: &str, nb: &str, na: &str, da: &str| {
         assert_ok(&softhsm_tests::generate_key_for(&t, kid, [nb, na, da]))
     };
-    gen(
+    // Printed with its PROTOCOL §2 members though it is never published.
+    let printed: serde_json::Value = serde_json::from_str(&gen(
         "2020-01",
         "2020-01-01T00:00:00Z",
         "2020-02-01T00:00:00Z",
         "2021-01-01T00:00:00Z",
+    ))
+    .unwrap();
+    assert_eq!(
+        (&printed["kid"], &printed["use"], &printed["not_after"]),
+        (
+            &serde_json::json!("2020-01"),
+            &serde_json::json!("enc"),
+            &serde_json::json!("2020-02-01T00:00:00Z")
+        ),
+        "{printed}"
     );
     gen(
         "2020-02",

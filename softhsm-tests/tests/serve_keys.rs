@@ -16,7 +16,11 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
         "[roles]\n\"{PROVIDER}\" = [\"provider\"]\n\"{AGENCY}\" = [\"agency\"]\n\
          \"{AUDITOR}\" = [\"auditor\"]\n"
     )));
+    let [from, to] = softhsm_tests::key_window();
     for (kid, from, to, destroy_after) in [
+        // Sealable now: published.
+        ("now", from.as_str(), to.as_str(), "2100-01-01T00:00:00Z"),
+        // Past its `not_after`, retained: never published.
         (
             "2026-11",
             "2026-11-01T00:00:00Z",
@@ -55,9 +59,12 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
     assert_eq!(r.header("cache-control"), Some("no-store"));
     let served = r.json();
     assert_eq!(served, listed);
-    // Only the key still usable is listed, with the PROTOCOL §2 fields.
+    // Only the keys sealable now or later are listed, with the PROTOCOL §2
+    // fields.
+    let mut kids = softhsm_tests::vault::kids(&served);
+    kids.sort();
+    assert_eq!(kids, ["2099-01", "now"]);
     let keys = served["keys"].as_array().unwrap();
-    assert!(!keys.is_empty());
     for k in keys {
         assert_eq!(k["kty"], "EC");
         assert_eq!(k["crv"], "P-256");

@@ -131,16 +131,9 @@ impl KeysCommand {
                     destroy_after,
                 };
                 let record = keys::generate(&hsm, &store, &kid, validity, now)?;
-                outln!(
-                    "{}",
-                    serde_json::to_string_pretty(
-                        &keys::jwks(&store, now)?
-                            .keys
-                            .into_iter()
-                            .find(|k| k.kid.as_deref() == Some(record.kid.as_str()))
-                            .unwrap_or_else(|| record.public.to_jwk())
-                    )?
-                );
+                // With its PROTOCOL §2 members also when it is not
+                // published now (its window not begun or already over).
+                outln!("{}", serde_json::to_string_pretty(&keys::to_jwk(&record))?);
             }
             KeysCommand::DiscardOrphan { config, kid } => {
                 let settings = config.load()?;
