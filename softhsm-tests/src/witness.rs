@@ -285,6 +285,22 @@ impl PyWitness {
         }
     }
 
+    /// Stops the process (SIGSTOP): connections are still accepted by the
+    /// kernel, and answered only once it [`Self::resume`]s.
+    pub fn pause(&self) {
+        self.signal(rustix::process::Signal::STOP);
+    }
+
+    /// Lets a [`Self::pause`]d process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT);
+    }
+
+    fn signal(&self, signal: rustix::process::Signal) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child), signal)
+            .expect("signal witness.py");
+    }
+
     /// `POST /add-checkpoint` with `body`.
     pub fn add(&self, body: &str) -> Response {
         let tcp = std::net::TcpStream::connect(self.addr).expect("connect witness.py");

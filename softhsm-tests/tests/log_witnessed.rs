@@ -662,3 +662,89 @@ fn a_replica_releases_on_a_cosignature_another_replica_stored() {
             >= 1.0
     );
 }
+
+/// A witness named by a host name (`localhost`, looked up, not an IP
+/// address) under `release_after_witness`, with `blocking_threads = 4`:
+/// four unwraps wait for the quorum, holding every blocking thread, while
+/// the witness is stopped (SIGSTOP: each submission times out and is tried
+/// again). Once it runs again, the next submission reaches it and all four
+/// are released. Before, the name was looked up on the blocking pool,
+/// behind the waiting requests, until their wait ran out: 503
+/// `witness_unavailable`, their budget spent.
+#[test]
+fn a_witness_named_by_host_is_reached_while_waiting_unwraps_hold_every_blocking_thread() {
+    let base = serve_config(&vault::roles_toml()).replace(
+        "shutdown_grace_secs = 10\n",
+        "shutdown_grace_secs = 10\nblocking_threads = 4\n",
+    );
+    assert!(base.contains("blocking_threads = 4"), "{base}");
+    let log = LogWithWitnesses::new(&base);
+    let w = PyWitness::start(
+        "w.example",
+        &[7; 32],
+        &log.t.path("py-witness.json"),
+        &log.origin,
+        &log.vkey,
+    );
+    let mut entry = Entry::python(&w, "w.example");
+    entry.url = format!("http://localhost:{}", w.addr.port());
+    log.configure(
+        &[entry],
+        &format!("witness A {}\nquorum A\n", w.vkey),
+        "release_after_witness = true\nwitness_timeout_secs = 20\n\
+         witness_request_timeout_secs = 1",
+    );
+    let daemon = Daemon::start(&log.t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&log.pki).clients(&log.pki, daemon.api);
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-BY-NAME", recipient.public(), 10));
+    let leaves = || {
+        rusqlite::Connection::open(log.t.path("lavd.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM audit_leaves", [], |row| {
+                row.get::<_, i64>(0)
+            })
+            .unwrap()
+    };
+    let before = leaves();
+    let failed = || {
+        daemon.metric("lavd_witness_requests_total{outcome=\"unavailable\",witness=\"w.example\"}")
+    };
+    w.pause();
+    let answers = std::thread::scope(|s| {
+        let unwraps: Vec<_> = (0..4u8)
+            .map(|n| {
+                let envelope = vault::seal(
+                    &log.escrow,
+                    "E-1",
+                    TARGET,
+                    OffsetDateTime::now_utc() - time::Duration::hours(1),
+                    &format!("m{n}"),
+                    &[n; 16],
+                );
+                let body = serde_json::json!({"warrant": warrant, "envelopes": [envelope]});
+                let agency = &c.agency;
+                s.spawn(move || vault::post(agency, "/v1/unwrap", &body))
+            })
+            .collect();
+        // All four committed, so waiting for the quorum; then one more
+        // submission timed out after that.
+        eventually("the four unwraps' leaves", Duration::from_secs(20), || {
+            leaves() >= before + 4
+        });
+        let seen = failed();
+        eventually("a submission after them", Duration::from_secs(20), || {
+            failed() > seen
+        });
+        w.resume();
+        unwraps
+            .into_iter()
+            .map(|u| u.join().unwrap())
+            .collect::<Vec<_>>()
+    });
+    for r in answers {
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(vault::statuses(&r.json()), ["ok"]);
+    }
+}

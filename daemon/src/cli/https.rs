@@ -121,6 +121,37 @@ impl HttpsError {
     }
 }
 
+/// The addresses of `host`, on a thread of its own, not tokio's blocking
+/// pool (where `TcpStream::connect` would look a name up): in `lavd serve`
+/// requests waiting for a witness quorum can hold every thread of that pool
+/// (`[server] blocking_threads`), and the submission they wait for must not
+/// queue behind them. An IP address is taken as it is. The caller's
+/// timeout bounds the wait; a lookup that outlives it ends on its own.
+async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs as _;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+    }
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let name = host.to_string();
+    std::thread::Builder::new()
+        .name("lavd-resolve".into())
+        .spawn(move || {
+            let _ = answer.send(
+                (name.as_str(), port)
+                    .to_socket_addrs()
+                    .map(Iterator::collect::<Vec<_>>),
+            );
+        })?;
+    let addresses = answered
+        .await
+        .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))??;
+    if addresses.is_empty() {
+        return Err(std::io::Error::other("the name has no address"));
+    }
+    Ok(addresses)
+}
+
 /// One HTTPS server (host, port, TLS settings), for async callers: the
 /// CLI's [`Client`] and the daemon's witness submitter.
 pub struct Endpoint {
@@ -345,7 +376,10 @@ impl Endpoint {
             stage,
             reason: format!("{reason:#}"),
         };
-        let tcp = tokio::net::TcpStream::connect((self.host.as_str(), self.port))
+        let addresses = resolve(&self.host, self.port)
+            .await
+            .map_err(|e| unreachable("name resolution", &e))?;
+        let tcp = tokio::net::TcpStream::connect(addresses.as_slice())
             .await
             .map_err(|e| unreachable("connection", &e))?;
         // A request is small writes (headers, body, TLS records): without
