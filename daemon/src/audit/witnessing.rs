@@ -835,12 +835,16 @@ impl Witnessing {
                             replacing = None;
                         }
                         Ok(_) => {
-                            // More than this log has signed.
+                            // More than this log has signed: someone
+                            // holding its key had a larger tree cosigned.
+                            // Counted `fork` as well as `conflict`, the
+                            // outcome operators alert on.
                             tracing::error!(
                                 witness = %w.name, learned, size,
                                 "witness reports a size this log has not signed (a fork, or \
                                  another log with this origin); backing off"
                             );
+                            self.outcome(&w.name, "fork");
                             return Err(());
                         }
                         Err(e) => {
@@ -857,6 +861,7 @@ impl Witnessing {
                         "witness reports a size it cannot have cosigned from this log's \
                          checkpoints (a fork, or another log with this origin); backing off"
                     );
+                    self.outcome(&w.name, "fork");
                     return Err(());
                 }
                 Sent::Learned(learned) if cosigned.is_some_and(|c| learned < c) => {
@@ -984,8 +989,10 @@ impl Witnessing {
                     None => {
                         tracing::error!(
                             witness = %w.name, size, body = %excerpt,
-                            "witness answered 409 without a size: it holds a checkpoint of this \
-                             size with another root (a fork?); backing off"
+                            content_type = reply.content_type.as_deref().unwrap_or(""),
+                            "witness answered 409 without a size lavd can read (C2SP \
+                             tlog-witness: a `text/x.tlog.size` body, the decimal size and a \
+                             newline); backing off"
                         );
                         self.outcome(&w.name, "conflict");
                         Err(())
@@ -2011,6 +2018,59 @@ mod tests {
             "{}",
             metrics.render().unwrap()
         );
+        drop(runtime);
+    }
+
+    /// A witness that answers 409 with a size larger than any checkpoint
+    /// this log has signed (someone holding the log's key had a larger tree
+    /// cosigned: split-view evidence) is counted `fork`, the outcome
+    /// operators alert on, not only `conflict`; nothing of it is stored.
+    #[test]
+    fn a_witness_holding_a_size_beyond_the_log_is_counted_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (u1, k1, s1) = runtime.block_on(witness(dir.path(), "w1.test", 1, log_key(), &ca));
+        // Another tree under the log's key, larger than this one.
+        let other = Store::open(&dir.path().join("other.db")).unwrap();
+        let beyond = grow(&other, 5);
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: other.checkpoint_at(beyond).unwrap().unwrap(),
+        }
+        .encode();
+        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let outcome = s1
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
+                Ok::<_, ()>(sk1.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+
+        let size = grow(&store, 3);
+        let policy_text = format!("witness A {k1}\ngroup q all A\nquorum q\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let fork = r#"lavd_witness_requests_total{outcome="fork",witness="w1.test"}"#;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !counted(&metrics, fork) {
+            assert!(
+                Instant::now() < deadline,
+                "not counted fork in 20 s: {}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), None);
         drop(runtime);
     }
 
