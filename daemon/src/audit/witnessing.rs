@@ -1792,6 +1792,9 @@ mod tests {
         /// The time its cosignatures are stamped (a clock stuck there),
         /// else the time.
         stamp: Option<u64>,
+        /// The seed of a key that signs its cosignatures in place of its
+        /// own: lines with its name and key ID that do not verify.
+        signer: Option<u8>,
     }
 
     /// As [`witness`], for a witness that knows only the log `knows`, and
@@ -1805,9 +1808,14 @@ mod tests {
         ca: &crate::dev::pki::DevCa,
         quirks: Quirks,
     ) -> (String, CosignerKey, Arc<WitnessState>) {
-        let Quirks { before, stamp } = quirks;
+        let Quirks {
+            before,
+            stamp,
+            signer,
+        } = quirks;
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[signer.unwrap_or(seed); 32]);
         let state = Arc::new(WitnessState::create(&dir.join(format!("{seed}.db"))).unwrap());
         let server = ca.server().unwrap();
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -2376,6 +2384,7 @@ mod tests {
             Quirks {
                 before: Some(other_replica),
                 stamp: None,
+                ..Quirks::default()
             },
         ));
         let policy_text = format!("witness A {k1}\nquorum A\n");
@@ -2631,6 +2640,7 @@ mod tests {
                     Quirks {
                         before: Some(lagging_hook),
                         stamp: Some(unix_now() - hour),
+                        ..Quirks::default()
                     },
                 )
                 .await,
@@ -2644,6 +2654,7 @@ mod tests {
                     Quirks {
                         before: Some(ahead_hook),
                         stamp: Some(unix_now() + hour),
+                        ..Quirks::default()
                     },
                 )
                 .await,
@@ -2703,6 +2714,7 @@ mod tests {
                     Quirks {
                         before: Some(hook),
                         stamp: Some(unix_now() + 3600),
+                        ..Quirks::default()
                     },
                 )
                 .await,
@@ -2845,6 +2857,56 @@ mod tests {
             matches!(waited, Err(WaitError::Timeout { .. })),
             "{waited:?}"
         );
+        drop(runtime);
+    }
+
+    /// The same with the configured key's name and key ID: a witness
+    /// whose lines carry them but whose signatures do not verify (signed
+    /// by another key) gets nothing stored and counts `bad_cosignature`.
+    /// The test above would pass were lines judged by name and key ID
+    /// alone; this one would not.
+    #[test]
+    fn a_cosignature_with_the_configured_key_id_that_does_not_verify_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (url, key, state) = runtime.block_on(witness_of(
+            dir.path(),
+            "w2.test",
+            2,
+            ORIGIN,
+            log_key(),
+            &ca,
+            Quirks {
+                signer: Some(3),
+                ..Quirks::default()
+            },
+        ));
+        let size = grow(&store, 3);
+        let policy_text = format!("witness B {key}\nquorum B\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir.path(), &[(&url, &key)], &policy_text, &ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let bad = r#"lavd_witness_requests_total{outcome="bad_cosignature",witness="w2.test"}"#;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !(counted(&metrics, bad)
+            && state.recorded(ORIGIN).unwrap().map(|(s, _)| s) == Some(size))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "never judged: {}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(store.last_cosigned("w2.test").unwrap(), None);
+        assert_eq!(store.cosignatures(0..u64::MAX, 10).unwrap(), Vec::new());
         drop(runtime);
     }
 
