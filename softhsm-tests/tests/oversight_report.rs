@@ -518,9 +518,11 @@ fn charts_from_json(report: &Value) -> Charts {
 
 #[test]
 fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
-    // Under the umask most shells have, so that the modes checked below
-    // are the ones lavd asked for.
-    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o022));
+    // Under a umask that lets group write through (002, as many user
+    // accounts have), so that the modes checked below are the ones lavd
+    // asked for, not the umask's: before, the aggregate report was made
+    // 0666 less the umask, group-writable here.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o002));
     // Chromium is part of the test environment: fail, never skip.
     let version = Command::new("chromium").arg("--version").output();
     assert!(
@@ -782,6 +784,19 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
         "{stderr}"
     );
     assert!(!later_html.exists() && !later_json.exists());
+    // A file checked against the log's key alone is not shown complete (a
+    // copy cut back to an earlier checkpoint would verify the same), and
+    // its page says so at the top; the log read over the API is.
+    assert_eq!(report["verification"]["anchored_by"], json!([]));
+    assert_eq!(from_url["verification"]["anchored_by"], json!(["fetch"]));
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(
+        page.contains("data-anchored=\"false\"><strong>Not shown complete.</strong>"),
+        "{page}"
+    );
+    assert!(!std::fs::read_to_string(&by_url.0)
+        .unwrap()
+        .contains("data-anchored=\"false\""));
     // Over the API or from the export: the same leaves, the same figures.
     from_url["verification"] = report["verification"].clone();
     from_url["period"] = report["period"].clone();

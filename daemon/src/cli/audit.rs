@@ -537,6 +537,22 @@ impl LogSource {
                 unix_time_text(*at)
             );
         }
+        // What ties this view to more than the file's own signature: a
+        // copy cut back to an earlier checkpoint verifies the same
+        // without them.
+        let mut anchored_by = Vec::new();
+        if complete_when_read {
+            anchored_by.push("fetch");
+        }
+        if self.checkpoint.is_some() {
+            anchored_by.push("checkpoint");
+        }
+        if self.previous.is_some() {
+            anchored_by.push("previous");
+        }
+        if quorum_as_of.is_some() {
+            anchored_by.push("witnesses");
+        }
         let summary = match (self.checkpoint, self.previous) {
             (Some(path), _) => {
                 let older =
@@ -569,6 +585,7 @@ impl LogSource {
         let checked_checkpoint = crate::audit::note::with_signatures_by(&new.checkpoint, checked)?;
         Ok(Verified {
             fetched_at: complete_when_read.then_some(started),
+            anchored_by,
             export: new,
             summary,
             cosigned,
@@ -598,6 +615,13 @@ pub struct Verified {
     /// For a log read from the daemon (`--url`) whose served checkpoint was
     /// its newest: when the read began.
     pub fetched_at: Option<time::OffsetDateTime>,
+    /// What showed that this is not a copy cut back to an earlier
+    /// checkpoint: `fetch` (read from the daemon, its newest checkpoint),
+    /// `checkpoint` (`--checkpoint`: a later or equal one the reader
+    /// held), `previous` (`--previous`), `witnesses` (`--policy`'s quorum
+    /// cosigned it). Empty for a file verified against the log's key
+    /// alone.
+    pub anchored_by: Vec<&'static str>,
 }
 
 /// The most bytes `GET /v1/audit/checkpoint`'s reply can hold: a signed

@@ -98,6 +98,7 @@ impl ReportArgs {
             .iter()
             .map(|(name, _)| name.clone())
             .collect();
+        report.verification.anchored_by = verified.anchored_by.clone();
         report.verification.witnessed_as_of = verified
             .quorum_as_of
             .and_then(|t| i64::try_from(t).ok())
@@ -116,7 +117,7 @@ impl ReportArgs {
         // A detail report names callers and warrants (not for
         // publication): its owner's alone. An aggregate one is for others.
         let mode = match report.form {
-            crate::report::Form::Aggregate => 0o666,
+            crate::report::Form::Aggregate => 0o644,
             crate::report::Form::Detail => 0o600,
         };
         let write = |path: &std::path::Path, bytes: &[u8]| {

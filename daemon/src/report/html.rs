@@ -365,6 +365,17 @@ pub fn render(report: &Report) -> String {
              Not for publication; the aggregate form is.</p>",
         ),
     }
+    if report.verification.anchored_by.is_empty() {
+        out.push_str(
+            "<p class=\"form form-detail\" data-anchored=\"false\"><strong>Not shown \
+             complete.</strong> This log was checked against its own key alone: a copy cut \
+             back to an earlier checkpoint, its newest entries left out, would verify the \
+             same. Nothing here shows that the log held no more entries than these. A report \
+             made with <code>--url</code> (from the log itself), <code>--policy</code> \
+             (witnesses), <code>--checkpoint</code> or <code>--previous</code> (a checkpoint \
+             or an export the reader already holds) shows it.</p>",
+        );
+    }
     out.push_str("</header><main>");
 
     let t = &report.totals;
@@ -724,12 +735,29 @@ pub fn render(report: &Report) -> String {
          <dt>root hash</dt><dd><code>{root}</code></dd>\
          <dt>consistent with earlier checkpoints of sizes</dt><dd>{consistent}</dd>\
          <dt>witness cosignatures</dt><dd data-witnesses=\"{count}\">{witnesses}</dd>\
-         <dt>witness quorum as of</dt><dd>{witnessed_as_of}</dd></dl>\
+         <dt>witness quorum as of</dt><dd>{witnessed_as_of}</dd>\
+         <dt>shown not cut back by</dt><dd data-anchored-by=\"{anchors}\">{anchored_by}</dd></dl>\
          <pre aria-label=\"the signed checkpoint\">{checkpoint}</pre></section>",
         size = v.size,
         root = escape(&v.root),
         checkpoint = escape(&v.checkpoint),
         count = v.witnesses.len(),
+        anchors = v.anchored_by.join(" "),
+        anchored_by = if v.anchored_by.is_empty() {
+            "nothing (the log's own signature alone)".to_owned()
+        } else {
+            v.anchored_by
+                .iter()
+                .map(|a| match *a {
+                    "fetch" => "its newest checkpoint, read from the log (--url)",
+                    "checkpoint" => "a checkpoint the reader held (--checkpoint)",
+                    "previous" => "an earlier export (--previous)",
+                    "witnesses" => "the witness policy's quorum (--policy)",
+                    other => other,
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
         witnessed_as_of = v.witnessed_as_of.as_deref().map_or_else(
             || "not known (no witness policy, or its quorum asks for none)".to_owned(),
             escape

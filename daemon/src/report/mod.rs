@@ -171,6 +171,12 @@ pub struct Verification {
     /// view the report was made from is. `None` without a policy, or under
     /// `quorum none`.
     pub witnessed_as_of: Option<String>,
+    /// What tied the log to more than its own signature, so that it is not
+    /// a copy cut back to an earlier checkpoint (`fetch`, `checkpoint`,
+    /// `previous`, `witnesses`; [`crate::cli::audit::Verified`]). Empty:
+    /// nothing shows the log held no more than these entries, and the page
+    /// says so at its top.
+    pub anchored_by: Vec<&'static str>,
 }
 
 /// Headline counts over the period.
@@ -865,6 +871,7 @@ impl Report {
                 consistent_with: summary.consistent_with.clone(),
                 witnesses: Vec::new(),
                 witnessed_as_of: None,
+                anchored_by: Vec::new(),
             },
             totals,
             monthly: monthly.into_values().collect(),
