@@ -573,6 +573,8 @@ pub fn destroy(
     let forced = now < record.destroy_after;
     let code = if forced { "forced" } else { "retention" };
     let mut missing_before = false;
+    // Whether this run wrote the mark and its leaf.
+    let mut marked_here = false;
     if record.destroyed_at.is_none() {
         // On a fresh session that logs in, so a session that silently lost
         // its login cannot make an intact key look absent.
@@ -589,16 +591,18 @@ pub fn destroy(
                 reason,
             },
         }) {
-            Ok(_) => {}
+            Ok(_) => marked_here = true,
             // Another destruction (another replica's retention job) was
-            // recorded first, with its own leaf: finish on the token below.
-            // It may have taken the key from the token after the look
-            // above: not a loss.
+            // recorded first, with its own leaf: finished on the token
+            // below once that leaf is found in the log, as an interrupted
+            // one is (the mark may also have been made by hand, with no
+            // leaf). It may have taken the key from the token after the
+            // look above: not a loss.
             Err(StoreError::KeyAlreadyDestroyed(_)) => missing_before = false,
             Err(e) => return Err(e.into()),
         }
     }
-    if record.destroyed_at.is_none() {
+    if marked_here {
         finish_destruction(hsm, kid)?;
     } else {
         // The store already says destroyed: finishes an interrupted

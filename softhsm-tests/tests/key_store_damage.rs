@@ -225,6 +225,68 @@ fn serve_refuses_to_make_a_store_beside_a_token_that_holds_keys() {
     daemon.wait_readyz(200);
 }
 
+/// A destruction whose store mark is found already made when its own
+/// commit comes (`KeyAlreadyDestroyed`: another replica's retention job
+/// first, or a mark made by hand) finishes on the token only once the log
+/// is shown to hold that destruction's leaf, as an interrupted one does.
+/// Here the mark is made by hand, with no leaf, while the command waits in
+/// its look at the token (a fresh session's `C_Login`, held in the fault
+/// module), after its read of the store: the key stays on the token, and
+/// the command fails `destroy_unlogged`. Before, it deleted the key for
+/// good with nothing in the log.
+#[test]
+fn a_mark_made_by_hand_while_a_destruction_runs_deletes_nothing() {
+    const KID: &str = "2026-12";
+    let t = TestToken::new();
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(&softhsm_tests::shim_module_path(), &shim.hsm_env());
+    assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    assert_ok(&softhsm_tests::generate_key(
+        &t,
+        KID,
+        "2030-01-01T00:00:00Z",
+    ));
+    // The command's own login first, then the fresh session's.
+    shim.set("fault = hang\nfault_calls = C_Login\nfault_after = 1");
+    let config = t.config();
+    let child = softhsm_tests::lavd_command(&[
+        "keys",
+        "destroy",
+        "--kid",
+        KID,
+        "--force",
+        "--reason",
+        "test",
+        "--config",
+        config.to_str().unwrap(),
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    softhsm_tests::eventually(
+        "the destruction's look at the token",
+        std::time::Duration::from_secs(20),
+        || shim.faults() > 0,
+    );
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    assert_eq!(
+        db.execute(
+            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
+             destroy_reason = 'forced: x' WHERE kid = ?1",
+            [KID],
+        )
+        .unwrap(),
+        1
+    );
+    shim.set("");
+    let out = child.wait_with_output().unwrap();
+    let stderr = assert_fails_with(&out, 1, "destroy_unlogged");
+    assert!(stderr.contains(KID), "{stderr}");
+    assert!(t.holds_escrow_key(KID), "the key was deleted");
+}
+
 /// A destruction marked in the store by hand, with no `key_destroyed` leaf
 /// in the log (a real one commits the two together), is not finished on
 /// the token: neither the daily job nor `--kid` deletes the key for good,
