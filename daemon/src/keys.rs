@@ -436,7 +436,7 @@ pub fn jwks_checked(
         // Read from the store, which lavd does not trust to spell it.
         let kid = crate::codec::escape_for_terminal(&record.kid);
         match hsm.escrow_public_key(&record.kid) {
-            Ok(public) if public == record.public => keys.push(to_jwk(&record)),
+            Ok(public) if public == record.public => keys.push(record),
             Ok(_) => tracing::error!(
                 %kid,
                 "the store's public key differs from the HSM's; not publishing it"
@@ -469,7 +469,19 @@ pub fn jwks_checked(
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(JwkSet { keys })
+    // Read again after the token's answers: a destruction that committed
+    // meanwhile (its key still on the token until its second step) must
+    // not be published, or providers would seal to a key already gone.
+    let mut published = Vec::with_capacity(keys.len());
+    for record in keys {
+        match store.get_key(&record.kid)? {
+            Some(now_stored) if now_stored.destroyed_at.is_none() => {
+                published.push(to_jwk(&record));
+            }
+            _ => {}
+        }
+    }
+    Ok(JwkSet { keys: published })
 }
 
 /// The keys to publish: not destroyed, before their `not_after`. A row that

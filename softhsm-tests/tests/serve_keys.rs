@@ -97,3 +97,57 @@ fn a_provider_fetches_the_jwks_that_keys_list_prints() {
         1.0
     );
 }
+
+/// A key whose destruction commits while `GET /v1/keys` checks the set
+/// against the token (held in the check that each key's halves agree, a
+/// `C_DeriveKey`, through the fault module; the store's mark made by hand, as a destruction's first
+/// step leaves it with the key still on the token) is not published: the
+/// set is read again after the token's answers. Before, providers were
+/// given a key already destroyed, to seal envelopes nobody could open.
+#[test]
+fn a_key_marked_destroyed_while_the_set_is_checked_is_not_published() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with_module(
+        &softhsm_tests::shim_module_path(),
+        &format!(
+            "{}\n{}",
+            shim.hsm_env(),
+            serve_config(&format!("[roles]\n\"{PROVIDER}\" = [\"provider\"]\n"))
+        ),
+    );
+    for kid in ["doomed", "kept"] {
+        assert_ok(&softhsm_tests::generate_key(
+            &t,
+            kid,
+            "2100-01-01T00:00:00Z",
+        ));
+    }
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let provider = pki.client(daemon.api, Some(&pki.clients.identity(PROVIDER)));
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    let served = std::thread::scope(|s| {
+        let get = s.spawn(|| provider.get("/v1/keys"));
+        softhsm_tests::eventually(
+            "the set's check against the token",
+            std::time::Duration::from_secs(20),
+            || shim.faults() > 0,
+        );
+        let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+        assert_eq!(
+            db.execute(
+                "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
+                 destroy_reason = 'forced: x' WHERE kid = 'doomed'",
+                [],
+            )
+            .unwrap(),
+            1
+        );
+        shim.set("");
+        get.join().unwrap()
+    });
+    assert_eq!(served.status, 200, "{}", served.text());
+    assert_eq!(softhsm_tests::vault::kids(&served.json()), ["kept"]);
+}
