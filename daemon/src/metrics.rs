@@ -236,7 +236,7 @@ impl Metrics {
             "lavd_witness_requests_total",
             "add-checkpoint requests sent to witnesses, by witness (configured name) and \
              outcome (cosigned, conflict, fork, rolled_back, bad_proof, forbidden, \
-             unknown_origin, bad_request, bad_cosignature, clock_ahead, no_proof, unavailable).",
+             unknown_origin, bad_request, bad_cosignature, clock_ahead, no_proof, redirected, unavailable).",
             &["witness", "outcome"],
         )?;
         let escrow_keys_past_retention = gauge(

@@ -1031,6 +1031,22 @@ impl Witnessing {
                 self.outcome(&w.name, outcome);
                 Err(())
             }
+            // A witness that moved (http to https, another prefix) will
+            // not come back by waiting: its operator, or lavd's, must
+            // change the URL. Not followed: the configured URL is the one
+            // trusted.
+            status @ 300..=399 => {
+                tracing::error!(
+                    witness = %w.name, status,
+                    location = %crate::codec::escape_for_terminal(
+                        reply.location.as_deref().unwrap_or("")
+                    ),
+                    "witness answered with a redirect, which lavd does not follow: set its URL \
+                     to where it points if that is the witness; backing off"
+                );
+                self.outcome(&w.name, "redirected");
+                Err(())
+            }
             status => {
                 tracing::warn!(witness = %w.name, status, body = %excerpt, "witness unavailable; will retry");
                 self.outcome(&w.name, "unavailable");
@@ -1795,6 +1811,9 @@ mod tests {
         /// The seed of a key that signs its cosignatures in place of its
         /// own: lines with its name and key ID that do not verify.
         signer: Option<u8>,
+        /// Answers every request `308 Permanent Redirect` to this
+        /// `Location` (a witness that moved).
+        moved: Option<&'static str>,
     }
 
     /// As [`witness`], for a witness that knows only the log `knows`, and
@@ -1812,6 +1831,7 @@ mod tests {
             before,
             stamp,
             signer,
+            moved,
         } = quirks;
         let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
         let key = CosignerKey::new(name, sk.verifying_key().as_bytes()).unwrap();
@@ -1862,6 +1882,15 @@ mod tests {
                         );
                         async move {
                             let body = req.into_body().collect().await.unwrap().to_bytes();
+                            if let Some(to) = moved {
+                                let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                                *response.status_mut() = hyper::StatusCode::PERMANENT_REDIRECT;
+                                response.headers_mut().insert(
+                                    hyper::header::LOCATION,
+                                    hyper::header::HeaderValue::from_static(to),
+                                );
+                                return Ok(response);
+                            }
                             if let Some(before) = &before {
                                 before(&state);
                             }
@@ -2907,6 +2936,56 @@ mod tests {
         }
         assert_eq!(store.last_cosigned("w2.test").unwrap(), None);
         assert_eq!(store.cosignatures(0..u64::MAX, 10).unwrap(), Vec::new());
+        drop(runtime);
+    }
+
+    /// A witness that answers with a redirect is not followed (the
+    /// configured URL is the one trusted): counted `redirected`, an ERROR
+    /// naming where it points, nothing stored. Before, it was a WARN
+    /// "unavailable; will retry", forever.
+    #[test]
+    fn a_witness_answering_a_redirect_is_counted_redirected() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("lavd.db")).unwrap());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let ca = crate::dev::pki::DevCa::new().unwrap();
+        let (url, key, _) = runtime.block_on(witness_of(
+            dir.path(),
+            "w1.test",
+            1,
+            ORIGIN,
+            log_key(),
+            &ca,
+            Quirks {
+                moved: Some("https://elsewhere.test/w"),
+                ..Quirks::default()
+            },
+        ));
+        let size = grow(&store, 3);
+        let policy_text = format!("witness A {key}\nquorum A\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir.path(), &[(&url, &key)], &policy_text, &ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let redirected = r#"lavd_witness_requests_total{outcome="redirected",witness="w1.test"}"#;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !counted(&metrics, redirected) {
+            assert!(
+                Instant::now() < deadline,
+                "not counted: {}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!counted(
+            &metrics,
+            r#"lavd_witness_requests_total{outcome="unavailable",witness="w1.test"}"#
+        ));
+        assert_eq!(store.last_cosigned("w1.test").unwrap(), None);
         drop(runtime);
     }
 
