@@ -855,3 +855,93 @@ fn a_revocation_waiting_for_a_thread_is_judged_under_the_trust_in_force_when_it_
         "{revocations:?} {change}"
     );
 }
+
+/// A revocation in its audit commit holds a trust reload back until its
+/// leaf is committed, so that its leaf, judged under the running trust,
+/// lands before the reload's `authorities_loaded`. On PostgreSQL the test
+/// holds the log's head row (`SELECT … FOR UPDATE` in a transaction of its
+/// own): the admin's revocation waits inside its commit (the test sees its
+/// backend wait for that lock); a reload that removes the judicial
+/// authority then says it waits for the revocations in their audit commit,
+/// and applies only once the revocation has committed. Before this test,
+/// removing the fence from the revocation path failed no test.
+#[test]
+fn postgres_a_revocation_in_its_commit_holds_a_trust_reload_back() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let db = TestDb::create();
+    db.write_token_config(
+        &t,
+        &format!(
+            "statement_timeout_secs = 60\n{}",
+            serve_config(&vault::roles_toml())
+        ),
+    );
+    let daemon = Daemon::start_logging(&t, "info");
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let waits = "wait for the unwraps and revocations in their audit commit";
+    let waiting_for_the_head = || -> i64 {
+        db.client()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%audit_head%FOR UPDATE%'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let mut holder = db.client();
+    let mut head = holder.transaction().unwrap();
+    head.query("SELECT size FROM audit_head WHERE id = 1 FOR UPDATE", &[])
+        .unwrap();
+    let revoked = std::thread::scope(|s| {
+        let revoked = s.spawn(|| {
+            vault::post(
+                &c.admin,
+                "/v1/warrants/revocations",
+                &serde_json::json!({"id": "W-FENCED", "reason": "quashed"}),
+            )
+        });
+        let within = std::time::Duration::from_secs(20);
+        softhsm_tests::eventually("the revocation waiting in its commit", within, || {
+            waiting_for_the_head() == 1
+        });
+        remove_the_judicial_authority(&t);
+        daemon.signal(Signal::HUP);
+        daemon.expect_notify("RELOADING=1");
+        softhsm_tests::eventually("the reload waiting for the revocation", within, || {
+            daemon.stderr().contains(waits)
+        });
+        assert!(!revoked.is_finished(), "the revocation answered while held");
+        assert_eq!(waiting_for_the_head(), 1, "the reload's leaf did not wait");
+        head.rollback().unwrap();
+        revoked.join().unwrap()
+    });
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    daemon.expect_notify("READY=1");
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0
+    );
+    let size = vault::tree_size(&c.auditor);
+    let events: Vec<(String, serde_json::Value)> = vault::entries(&c.auditor, 0, size)
+        .into_iter()
+        .map(|e| (e.leaf["event"].as_str().unwrap().to_string(), e.leaf))
+        .collect();
+    let revocation = events
+        .iter()
+        .position(|(event, leaf)| event == "revocation" && leaf["warrant_id"] == "W-FENCED")
+        .unwrap_or_else(|| panic!("{events:?}"));
+    let change = events
+        .iter()
+        .rposition(|(event, _)| event == "authorities_loaded")
+        .unwrap();
+    assert!(revocation < change, "{events:?}");
+    assert_eq!(
+        events[change].1["authorities"].as_array().unwrap().len(),
+        1,
+        "{}",
+        events[change].1
+    );
+}
