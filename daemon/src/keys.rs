@@ -472,16 +472,19 @@ pub fn jwks_checked(
     // Read again after the token's answers: a destruction that committed
     // meanwhile (its key still on the token until its second step) must
     // not be published, or providers would seal to a key already gone.
-    let mut published = Vec::with_capacity(keys.len());
-    for record in keys {
-        match store.get_key(&record.kid)? {
-            Some(now_stored) if now_stored.destroyed_at.is_none() => {
-                published.push(to_jwk(&record));
-            }
-            _ => {}
-        }
-    }
-    Ok(JwkSet { keys: published })
+    // One read of the rows; one that became unreadable in between is not
+    // published either (the first read logged those it found).
+    let still: std::collections::HashSet<String> = store
+        .list_keys_each()?
+        .into_iter()
+        .filter_map(|(kid, key)| key.ok().filter(|k| k.destroyed_at.is_none()).map(|_| kid))
+        .collect();
+    let keys = keys
+        .iter()
+        .filter(|record| still.contains(&record.kid))
+        .map(to_jwk)
+        .collect();
+    Ok(JwkSet { keys })
 }
 
 /// The keys to publish: not destroyed, before their `not_after`. A row that

@@ -33,24 +33,13 @@ pub fn roles_toml() -> String {
     )
 }
 
-/// Generates escrow key `kid` with the real CLI, sealable from a day ago
-/// for a month, retained for a year: usable now by the daemon's clock.
+/// Generates escrow key `kid` with the real CLI, sealable within
+/// [`crate::key_window`], retained for a year: usable now by the daemon's
+/// clock.
 /// Returns the public key it prints.
 pub fn generate_escrow_key(t: &TestToken, kid: &str) -> P256PublicKey {
-    let now = OffsetDateTime::now_utc();
-    let at = |d: Duration| lavd::codec::format_time(now + d);
-    let printed = assert_ok(&t.lavd_with_config(&[
-        "keys",
-        "generate",
-        "--kid",
-        kid,
-        "--not-before",
-        &at(-Duration::days(1)),
-        "--not-after",
-        &at(Duration::days(30)),
-        "--destroy-after",
-        &at(Duration::days(365)),
-    ]));
+    let destroy_after = lavd::codec::format_time(OffsetDateTime::now_utc() + Duration::days(365));
+    let printed = assert_ok(&crate::generate_key(t, kid, &destroy_after));
     let jwk = lavd::jwk::Jwk::from_json(printed.as_bytes()).expect("printed JWK");
     P256PublicKey::from_jwk(&jwk).expect("escrow public key")
 }

@@ -240,11 +240,12 @@ fn a_trust_change_whose_leaf_is_written_applies_though_its_checkpoint_is_not() {
 /// server commits it) and no connection to be had to ask what became of it
 /// (a [`CutAtCommit`] gone dark). The reload fails and the double lock
 /// stays in force, though the log now says the loosened policy: so the
-/// running trust is logged again after it, once the store takes it, and
-/// nothing is opened until then; the log's last word is the trust in force.
-/// A reload once the store is back applies, logged after both. Before, the
-/// log ended saying the loosened policy while the daemon enforced the
-/// double lock.
+/// running trust is logged again after it, the reload holding back every
+/// unwrap and revocation at its commit until the store takes that leaf (a
+/// revocation sent meanwhile commits after it); the log's last word is the
+/// trust in force. A reload once the store is back applies, logged after
+/// both. Before, the log ended saying the loosened policy while the daemon
+/// enforced the double lock.
 #[test]
 fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_again() {
     let t = TestToken::new();
@@ -265,8 +266,40 @@ fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_a
     let stored = db.rows("audit_leaves");
     loosen_policy(&t);
     proxy.arm_after(b"authorities_loaded", true);
-    reload(&daemon);
+    daemon.signal(Signal::HUP);
+    daemon.expect_notify("RELOADING=1");
+    let within = std::time::Duration::from_secs(20);
+    softhsm_tests::eventually(
+        "the reload waiting to log the running trust",
+        within,
+        || {
+            daemon
+                .stderr()
+                .contains("the running authorities cannot be logged again yet")
+        },
+    );
     assert_eq!(proxy.cuts(), 1, "the proxy never saw the leaf's COMMIT");
+    // The server did commit it: the log says the loosened policy.
+    assert_eq!(db.rows("audit_leaves"), stored + 1);
+    let revoked = std::thread::scope(|s| {
+        let revoked = s.spawn(|| {
+            vault::post(
+                &c.admin,
+                "/v1/warrants/revocations",
+                &serde_json::json!({"id": "W-MEANWHILE", "reason": "quashed"}),
+            )
+        });
+        // Neither the reload nor the revocation is over while the store is
+        // away.
+        if let Some(m) = daemon.recv_notify(std::time::Duration::from_secs(1)) {
+            panic!("the reload ended while the store was away: {m:?}");
+        }
+        assert!(!revoked.is_finished(), "the revocation answered");
+        proxy.light();
+        daemon.expect_notify("READY=1");
+        revoked.join().unwrap()
+    });
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
     assert_eq!(
         daemon.wait_metric("lavd_config_reloads_total{outcome=\"failed\"}", 1.0),
         1.0
@@ -274,35 +307,39 @@ fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_a
     let stderr = daemon.stderr();
     assert!(
         stderr.contains("whether its audit record was written is unknown")
-            && stderr.contains(
-                "the running authorities are logged again after it once the store takes them"
-            ),
+            && stderr.contains("the running authorities were logged again after it"),
         "{stderr}"
     );
-    // The server did commit it: the log says the loosened policy.
-    assert_eq!(db.rows("audit_leaves"), stored + 1);
-
-    proxy.light();
-    daemon.wait_readyz(200);
-    let after = loaded(&c.auditor);
-    assert_eq!(after.len(), 3, "{after:?}");
+    let size = vault::tree_size(&c.auditor);
+    let entries = vault::entries(&c.auditor, 0, size);
+    let at = |event: &str| -> Vec<usize> {
+        entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.leaf["event"] == event)
+            .map(|(i, _)| i)
+            .collect()
+    };
+    let trusts = at("authorities_loaded");
+    assert_eq!(trusts.len(), 3, "{entries:?}");
+    let [started, changed, again] = [trusts[0], trusts[1], trusts[2]].map(|i| &entries[i].leaf);
     assert!(
-        after[1]["policy"]["require"].get("judicial").is_none(),
-        "{}",
-        after[1]
+        changed["policy"]["require"].get("judicial").is_none(),
+        "{changed}"
     );
-    assert_eq!(
-        after[2]["config_digest"], first[0]["config_digest"],
-        "{after:?}"
+    assert_eq!(again["config_digest"], started["config_digest"], "{again}");
+    assert_eq!(again["policy"]["require"]["judicial"], 1, "{again}");
+    assert!(
+        at("revocation").iter().all(|&r| r > trusts[2]),
+        "{entries:?}"
     );
-    assert_eq!(after[2]["policy"]["require"]["judicial"], 1, "{}", after[2]);
     vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
 
     // With the store back, the same file applies, logged after both.
     reload(&daemon);
     let last = loaded(&c.auditor);
     assert_eq!(last.len(), 4, "{last:?}");
-    assert_eq!(last[3]["config_digest"], after[1]["config_digest"]);
+    assert_eq!(last[3]["config_digest"], changed["config_digest"]);
     let r = vault::post(&c.agency, "/v1/unwrap", &body);
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }

@@ -440,20 +440,6 @@ impl ServerState {
             // transaction ends, before the checkpoint's signature is
             // awaited: the fence is held across a commit, not an HSM call.
             let trust = settings.require_trust()?;
-            // Leaves the store has not taken yet (the running trust logged
-            // again after a commit whose fate was unknown, below) come
-            // first: a new trust's leaf must not land before them.
-            let waiting = self.audit.deferred_leaves();
-            if waiting > 0 {
-                return Err(ConfigError {
-                    file: self.config_file.clone(),
-                    field: "authorities".into(),
-                    reason: format!(
-                        "not applied: {waiting} audit leaves the store has not taken yet are \
-                         written first; reload again once /readyz is 200"
-                    ),
-                });
-            }
             // The fence of a commit that did not end committed, kept until
             // the running trust is logged again.
             let kept = std::cell::Cell::new(None);
@@ -476,7 +462,7 @@ impl ServerState {
                         // not apply: the running one is logged after it,
                         // with the fence still held, so that the log's last
                         // word is the trust in force.
-                        let again = self.log_running_trust_again();
+                        let again = self.log_running_trust_again(&kept);
                         format!(
                             "not applied, and whether its audit record was written is unknown \
                              (the store lost the commit's answer): {again}: {e:#}"
@@ -558,32 +544,51 @@ impl ServerState {
 
     /// Logs the running trust's `authorities_loaded` leaf again, after a
     /// trust change's leaf whose commit has an unknown fate: that leaf may
-    /// be durable though its trust does not apply. Tried once at once; if
-    /// the store does not take it, written later by the deferred writer
-    /// ([`AuditLog::append_later`]), and until then nothing is opened and
-    /// no trust change is applied. Returns what happened, for the reload's
-    /// error.
-    fn log_running_trust_again(&self) -> String {
+    /// be durable though its trust does not apply. `fence` (the reload's,
+    /// held) is let go as this leaf's commit ends, not before: no unwrap's
+    /// or revocation's leaf judged under the running trust commits between
+    /// the two. Tried until the store takes it (every 50 ms at first, then
+    /// every 2 s), or until the server stops (then the next start logs the
+    /// trust it runs). Returns what happened, for the reload's error.
+    fn log_running_trust_again(
+        &self,
+        fence: &std::cell::Cell<Option<std::sync::RwLockWriteGuard<'_, ()>>>,
+    ) -> String {
         let running = self.current();
-        let event = match authorities_loaded(running.verifier.trust()) {
-            Ok(event) => event,
-            // The running trust was logged this way when it applied.
-            Err(e) => return format!("the running authorities could not be logged again: {e}"),
-        };
-        let batch = |event: Event| AuditAppend {
-            events: vec![event],
-            time: time::OffsetDateTime::now_utc(),
-            spend: Spend::None,
-        };
-        match self.audit.append_committed(batch(event.clone())) {
-            Ok(_) => "the running authorities were logged again after it".into(),
-            Err(again) => {
-                self.audit.append_later(batch(event));
-                format!(
-                    "the running authorities are logged again after it once the store takes \
-                     them ({again}); nothing is opened until then"
-                )
+        let mut wait = std::time::Duration::from_millis(50);
+        loop {
+            let logged = self.log_authorities_loaded_then(running.verifier.trust(), |committed| {
+                if committed {
+                    drop(fence.take());
+                }
+            });
+            let e = match logged {
+                Ok(None) => return "the running authorities were logged again after it".into(),
+                Ok(Some(unsigned)) => {
+                    return format!(
+                        "the running authorities were logged again after it (no checkpoint \
+                         covers that yet: {unsigned})"
+                    )
+                }
+                Err(e) => e,
+            };
+            // The running trust's leaf was made when it applied; one that
+            // cannot be made now is no store outage to wait out.
+            if e.downcast_ref::<LogError>().is_none() || self.is_draining() {
+                tracing::error!(
+                    error = %format!("{e:#}"),
+                    "the running authorities could not be logged again after a trust change \
+                     whose record may be written; the next start logs the trust it runs"
+                );
+                return format!("the running authorities could not be logged again: {e:#}");
             }
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                "the running authorities cannot be logged again yet, after a trust change \
+                 whose record may be written; unwraps and revocations wait for it; retrying"
+            );
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(std::time::Duration::from_secs(2));
         }
     }
 

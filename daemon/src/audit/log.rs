@@ -751,11 +751,9 @@ impl AuditLog {
 
     /// Appends `batch` later, on a thread of its own, retrying until the
     /// store takes it (every 50 ms at first, then every 2 s at most): for
-    /// the leaves of HSM opens whose own append was not committed (nothing
+    /// the leaves of HSM opens whose own append was not committed. Nothing
     /// of them was released; these leaves say so, so that no HSM open goes
-    /// unlogged once the store is back), and for the running trust's
-    /// `authorities_loaded` leaf after a trust change's leaf whose commit's
-    /// fate is unknown (`ServerState::reload`). Its spend must be
+    /// unlogged once the store is back. Its spend must be
     /// [`crate::store::Spend::None`] or, in place of the request's open
     /// intent, [`crate::store::Spend::ClearIntent`] (the reservation was
     /// given back with the failed append). The leaves take the time they

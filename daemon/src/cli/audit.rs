@@ -615,12 +615,13 @@ pub struct Verified {
     /// For a log read from the daemon (`--url`) whose served checkpoint was
     /// its newest: when the read began.
     pub fetched_at: Option<time::OffsetDateTime>,
-    /// What showed that this is not a copy cut back to an earlier
-    /// checkpoint: `fetch` (read from the daemon, its newest checkpoint),
-    /// `checkpoint` (`--checkpoint`: a later or equal one the reader
-    /// held), `previous` (`--previous`), `witnesses` (`--policy`'s quorum
-    /// cosigned it). Empty for a file verified against the log's key
-    /// alone.
+    /// What ties this view to more than the log's own signature: `fetch`
+    /// (read from the daemon, its newest checkpoint then: the one that
+    /// shows the log held nothing more, as of the fetch), `checkpoint`
+    /// (`--checkpoint`) and `previous` (`--previous`: it extends one the
+    /// reader held, so it is not cut back below that), `witnesses`
+    /// (`--policy`'s quorum cosigned it, at the times its lines say).
+    /// Empty for a file verified against the log's key alone.
     pub anchored_by: Vec<&'static str>,
 }
 

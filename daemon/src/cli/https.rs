@@ -95,13 +95,14 @@ pub enum HttpsError {
         /// The `Content-Encoding` header (shown escaped, by `{:?}`).
         encoding: String,
     },
-    /// No connection: the TCP connection, the TLS handshake or the HTTP
-    /// handshake failed.
+    /// No connection: the name lookup, the TCP connection, the TLS
+    /// handshake or the HTTP handshake failed.
     #[error("{target}: {stage} failed: {reason}")]
     Unreachable {
         /// `host:port`.
         target: String,
-        /// `connection`, `TLS handshake` or `HTTP handshake`.
+        /// `name resolution`, `connection`, `TLS handshake` or `HTTP
+        /// handshake`.
         stage: &'static str,
         /// Why, as the system or TLS library said.
         reason: String,
@@ -121,28 +122,47 @@ impl HttpsError {
     }
 }
 
+/// The most name lookups [`resolve`] runs at once.
+const MAX_LOOKUPS: usize = 8;
+
+/// Name lookups under way ([`resolve`]).
+static LOOKUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// The addresses of `host`, on a thread of its own, not tokio's blocking
 /// pool (where `TcpStream::connect` would look a name up): in `lavd serve`
 /// requests waiting for a witness quorum can hold every thread of that pool
 /// (`[server] blocking_threads`), and the submission they wait for must not
 /// queue behind them. An IP address is taken as it is. The caller's
-/// timeout bounds the wait; a lookup that outlives it ends on its own.
+/// timeout bounds the wait; a lookup that outlives it ends when the
+/// resolver answers, and at most [`MAX_LOOKUPS`] run at once (a resolver
+/// that never answers holds that many threads, not one per attempt).
 async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs as _;
+    use std::sync::atomic::Ordering;
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![std::net::SocketAddr::new(ip, port)]);
     }
+    if LOOKUPS.fetch_add(1, Ordering::SeqCst) >= MAX_LOOKUPS {
+        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+        return Err(std::io::Error::other(format!(
+            "{MAX_LOOKUPS} name lookups are still waiting for the resolver"
+        )));
+    }
     let (answer, answered) = tokio::sync::oneshot::channel();
     let name = host.to_string();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("lavd-resolve".into())
         .spawn(move || {
-            let _ = answer.send(
-                (name.as_str(), port)
-                    .to_socket_addrs()
-                    .map(Iterator::collect::<Vec<_>>),
-            );
-        })?;
+            let found = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect::<Vec<_>>);
+            LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+            let _ = answer.send(found);
+        });
+    if let Err(e) = spawned {
+        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+        return Err(e);
+    }
     let addresses = answered
         .await
         .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))??;

@@ -365,15 +365,15 @@ pub fn render(report: &Report) -> String {
              Not for publication; the aggregate form is.</p>",
         ),
     }
-    if report.verification.anchored_by.is_empty() {
+    if !report.verification.anchored_by.contains(&"fetch") {
         out.push_str(
             "<p class=\"form form-detail\" data-anchored=\"false\"><strong>Not shown \
-             complete.</strong> This log was checked against its own key alone: a copy cut \
-             back to an earlier checkpoint, its newest entries left out, would verify the \
-             same. Nothing here shows that the log held no more entries than these. A report \
-             made with <code>--url</code> (from the log itself), <code>--policy</code> \
-             (witnesses), <code>--checkpoint</code> or <code>--previous</code> (a checkpoint \
-             or an export the reader already holds) shows it.</p>",
+             complete.</strong> This log was not read from the log itself: a copy cut back to \
+             an earlier checkpoint, its newest entries left out, would verify the same, unless \
+             below a checkpoint or export the reader already held (<code>--checkpoint</code>, \
+             <code>--previous</code>). Nothing here shows that the log held no more entries \
+             than these; a report made with <code>--url</code>, from the log, shows it as of \
+             then.</p>",
         );
     }
     out.push_str("</header><main>");
@@ -736,7 +736,7 @@ pub fn render(report: &Report) -> String {
          <dt>consistent with earlier checkpoints of sizes</dt><dd>{consistent}</dd>\
          <dt>witness cosignatures</dt><dd data-witnesses=\"{count}\">{witnesses}</dd>\
          <dt>witness quorum as of</dt><dd>{witnessed_as_of}</dd>\
-         <dt>shown not cut back by</dt><dd data-anchored-by=\"{anchors}\">{anchored_by}</dd></dl>\
+         <dt>tied to more than its signature by</dt><dd data-anchored-by=\"{anchors}\">{anchored_by}</dd></dl>\
          <pre aria-label=\"the signed checkpoint\">{checkpoint}</pre></section>",
         size = v.size,
         root = escape(&v.root),
@@ -749,10 +749,12 @@ pub fn render(report: &Report) -> String {
             v.anchored_by
                 .iter()
                 .map(|a| match *a {
-                    "fetch" => "its newest checkpoint, read from the log (--url)",
-                    "checkpoint" => "a checkpoint the reader held (--checkpoint)",
-                    "previous" => "an earlier export (--previous)",
-                    "witnesses" => "the witness policy's quorum (--policy)",
+                    "fetch" => "its newest checkpoint, read from the log (--url): complete then",
+                    "checkpoint" => {
+                        "extending a checkpoint the reader held (--checkpoint): not cut back below it"
+                    }
+                    "previous" => "extending an earlier export (--previous): not cut back below it",
+                    "witnesses" => "the witness policy's quorum (--policy), at the times it cosigned",
                     other => other,
                 })
                 .collect::<Vec<_>>()

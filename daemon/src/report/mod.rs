@@ -171,11 +171,10 @@ pub struct Verification {
     /// view the report was made from is. `None` without a policy, or under
     /// `quorum none`.
     pub witnessed_as_of: Option<String>,
-    /// What tied the log to more than its own signature, so that it is not
-    /// a copy cut back to an earlier checkpoint (`fetch`, `checkpoint`,
-    /// `previous`, `witnesses`; [`crate::cli::audit::Verified`]). Empty:
-    /// nothing shows the log held no more than these entries, and the page
-    /// says so at its top.
+    /// What tied the log to more than its own signature
+    /// ([`crate::cli::audit::Verified::anchored_by`]). Only `fetch` shows
+    /// that the log held no more than these entries (as of the fetch);
+    /// without it the page says at its top that it is not shown complete.
     pub anchored_by: Vec<&'static str>,
 }
 
