@@ -548,6 +548,20 @@ impl TestToken {
             .expect("test config is valid")
     }
 
+    /// Marks escrow key `kid` destroyed in the SQLite store by hand, with no
+    /// `key_destroyed` leaf (what an edit of the store, not a destruction,
+    /// leaves). Returns the rows changed.
+    pub fn mark_destroyed_by_hand(&self, kid: &str) -> usize {
+        rusqlite::Connection::open(self.path("lavd.db"))
+            .expect("open the store")
+            .execute(
+                "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
+                 destroy_reason = 'forced: by hand' WHERE kid = ?1",
+                [kid],
+            )
+            .expect("mark the key destroyed")
+    }
+
     /// The first step of `lavd keys destroy` on escrow key `kid`, as lavd
     /// commits it (the store's mark and its `key_destroyed` leaf, forced,
     /// in one transaction), without the second (the token): a destruction

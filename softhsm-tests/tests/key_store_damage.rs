@@ -270,16 +270,7 @@ fn a_mark_made_by_hand_while_a_destruction_runs_deletes_nothing() {
         std::time::Duration::from_secs(20),
         || shim.faults() > 0,
     );
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    assert_eq!(
-        db.execute(
-            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
-             destroy_reason = 'forced: x' WHERE kid = ?1",
-            [KID],
-        )
-        .unwrap(),
-        1
-    );
+    assert_eq!(t.mark_destroyed_by_hand(KID), 1);
     shim.set("");
     let out = child.wait_with_output().unwrap();
     let stderr = assert_fails_with(&out, 1, "destroy_unlogged");
@@ -302,16 +293,7 @@ fn a_destruction_the_log_does_not_hold_is_not_finished() {
         KID,
         "2030-01-01T00:00:00Z",
     ));
-    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    let mark_by_hand = || {
-        db.execute(
-            "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
-             destroy_reason = 'forced: x' WHERE kid = ?1",
-            [KID],
-        )
-        .unwrap()
-    };
-    assert_eq!(mark_by_hand(), 1);
+    assert_eq!(t.mark_destroyed_by_hand(KID), 1);
     // With no audit key on the token (no lavd token lacks one), nothing
     // can be proved in the log: said as such, not as an HSM that is down.
     assert_fails_with(

@@ -135,16 +135,7 @@ fn a_key_marked_destroyed_while_the_set_is_checked_is_not_published() {
             std::time::Duration::from_secs(20),
             || shim.faults() > 0,
         );
-        let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-        assert_eq!(
-            db.execute(
-                "UPDATE escrow_keys SET destroyed_at = '2026-12-10T00:00:00Z', \
-                 destroy_reason = 'forced: x' WHERE kid = 'doomed'",
-                [],
-            )
-            .unwrap(),
-            1
-        );
+        assert_eq!(t.mark_destroyed_by_hand("doomed"), 1);
         shim.set("");
         get.join().unwrap()
     });

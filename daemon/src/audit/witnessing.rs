@@ -1755,6 +1755,44 @@ mod tests {
             .any(|l| l.starts_with(series))
     }
 
+    /// Starts submitters of `store`'s log to the one witness at `url`
+    /// (`key`, a quorum alone), tells them of a checkpoint of `size`, and
+    /// waits up to 20 s for `outcome` to be counted for that witness.
+    /// Returns the metrics.
+    fn submitted_until_counted(
+        runtime: &tokio::runtime::Runtime,
+        dir: &Path,
+        store: &Arc<Store>,
+        (url, key): (&str, &CosignerKey),
+        ca: &crate::dev::pki::DevCa,
+        size: u64,
+        outcome: &str,
+    ) -> Arc<Metrics> {
+        let policy_text = format!("witness A {key}\nquorum A\n");
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let witnessing = Arc::new(Witnessing::new(
+            settings(dir, &[(url, key)], &policy_text, ca),
+            store.clone(),
+            Some(metrics.clone()),
+        ));
+        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
+        witnessing.signed(size);
+        let series = format!(
+            "lavd_witness_requests_total{{outcome=\"{outcome}\",witness=\"{}\"}}",
+            key.name()
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !counted(&metrics, &series) {
+            assert!(
+                Instant::now() < deadline,
+                "{outcome} not counted in 20 s: {}",
+                metrics.render().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        metrics
+    }
+
     /// Has the test witness of `seed` (its `state` and `key`) cosign the
     /// log's checkpoint of `size`, then corrupts its record (another root
     /// at that size), as a witness that was shown a fork would hold.
@@ -2088,25 +2126,7 @@ mod tests {
         assert_eq!(outcome.status(), 200);
 
         let size = grow(&store, 3);
-        let policy_text = format!("witness A {k1}\ngroup q all A\nquorum q\n");
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let witnessing = Arc::new(Witnessing::new(
-            settings(dir.path(), &[(&u1, &k1)], &policy_text, &ca),
-            store.clone(),
-            Some(metrics.clone()),
-        ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let fork = r#"lavd_witness_requests_total{outcome="fork",witness="w1.test"}"#;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !counted(&metrics, fork) {
-            assert!(
-                Instant::now() < deadline,
-                "not counted fork in 20 s: {}",
-                metrics.render().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        submitted_until_counted(&runtime, dir.path(), &store, (&u1, &k1), &ca, size, "fork");
         assert_eq!(store.last_cosigned("w1.test").unwrap(), None);
         drop(runtime);
     }
@@ -2913,27 +2933,17 @@ mod tests {
             },
         ));
         let size = grow(&store, 3);
-        let policy_text = format!("witness B {key}\nquorum B\n");
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let witnessing = Arc::new(Witnessing::new(
-            settings(dir.path(), &[(&url, &key)], &policy_text, &ca),
-            store.clone(),
-            Some(metrics.clone()),
-        ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let bad = r#"lavd_witness_requests_total{outcome="bad_cosignature",witness="w2.test"}"#;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !(counted(&metrics, bad)
-            && state.recorded(ORIGIN).unwrap().map(|(s, _)| s) == Some(size))
-        {
-            assert!(
-                Instant::now() < deadline,
-                "never judged: {}",
-                metrics.render().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        submitted_until_counted(
+            &runtime,
+            dir.path(),
+            &store,
+            (&url, &key),
+            &ca,
+            size,
+            "bad_cosignature",
+        );
+        // The witness did cosign (its own state moved to the size).
+        assert_eq!(state.recorded(ORIGIN).unwrap().map(|(s, _)| s), Some(size));
         assert_eq!(store.last_cosigned("w2.test").unwrap(), None);
         assert_eq!(store.cosignatures(0..u64::MAX, 10).unwrap(), Vec::new());
         drop(runtime);
@@ -2962,25 +2972,15 @@ mod tests {
             },
         ));
         let size = grow(&store, 3);
-        let policy_text = format!("witness A {key}\nquorum A\n");
-        let metrics = Arc::new(Metrics::new().unwrap());
-        let witnessing = Arc::new(Witnessing::new(
-            settings(dir.path(), &[(&url, &key)], &policy_text, &ca),
-            store.clone(),
-            Some(metrics.clone()),
-        ));
-        runtime.block_on(async { witnessing.spawn_submitters().unwrap() });
-        witnessing.signed(size);
-        let redirected = r#"lavd_witness_requests_total{outcome="redirected",witness="w1.test"}"#;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !counted(&metrics, redirected) {
-            assert!(
-                Instant::now() < deadline,
-                "not counted: {}",
-                metrics.render().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let metrics = submitted_until_counted(
+            &runtime,
+            dir.path(),
+            &store,
+            (&url, &key),
+            &ca,
+            size,
+            "redirected",
+        );
         assert!(!counted(
             &metrics,
             r#"lavd_witness_requests_total{outcome="unavailable",witness="w1.test"}"#
