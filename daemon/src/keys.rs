@@ -473,12 +473,21 @@ pub fn jwks_checked(
     // meanwhile (its key still on the token until its second step) must
     // not be published, or providers would seal to a key already gone.
     // One read of the rows; one that became unreadable in between is not
-    // published either (the first read logged those it found).
-    let still: std::collections::HashSet<String> = store
-        .list_keys_each()?
-        .into_iter()
-        .filter_map(|(kid, key)| key.ok().filter(|k| k.destroyed_at.is_none()).map(|_| kid))
-        .collect();
+    // published either.
+    let mut still = std::collections::HashSet::new();
+    for (kid, key) in store.list_keys_each()? {
+        match key {
+            Ok(k) if k.destroyed_at.is_none() => {
+                still.insert(kid);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                kid = %crate::codec::escape_for_terminal(&kid),
+                error = %e,
+                "an escrow key's store row cannot be read; not publishing it"
+            ),
+        }
+    }
     let keys = keys
         .iter()
         .filter(|record| still.contains(&record.kid))

@@ -46,6 +46,12 @@ pub struct Reloadable {
     pub trust_digest: Digest,
 }
 
+/// How long a reload tries to log the running trust again after a trust
+/// change's leaf whose commit has an unknown fate, holding every unwrap and
+/// revocation at its commit, before the process exits 75
+/// ([`ServerState::reload`]).
+pub const RELOG_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The generation of the configuration a daemon starts with; each reload
 /// counts one up.
 pub const FIRST_GENERATION: u64 = 1;
@@ -548,13 +554,18 @@ impl ServerState {
     /// held) is let go as this leaf's commit ends, not before: no unwrap's
     /// or revocation's leaf judged under the running trust commits between
     /// the two. Tried until the store takes it (every 50 ms at first, then
-    /// every 2 s), or until the server stops (then the next start logs the
-    /// trust it runs). Returns what happened, for the reload's error.
+    /// every 2 s) for [`RELOG_WITHIN`]; if it does not, the process exits
+    /// 75 with the fence still held: held requests release nothing (their
+    /// open intents are written as `open_interrupted` leaves), and the next
+    /// start logs the trust its configuration names, so that
+    /// the log and the daemon agree again. Returns what happened, for the
+    /// reload's error.
     fn log_running_trust_again(
         &self,
         fence: &std::cell::Cell<Option<std::sync::RwLockWriteGuard<'_, ()>>>,
     ) -> String {
         let running = self.current();
+        let deadline = std::time::Instant::now() + RELOG_WITHIN;
         let mut wait = std::time::Duration::from_millis(50);
         loop {
             let logged = self.log_authorities_loaded_then(running.verifier.trust(), |committed| {
@@ -572,15 +583,16 @@ impl ServerState {
                 }
                 Err(e) => e,
             };
-            // The running trust's leaf was made when it applied; one that
-            // cannot be made now is no store outage to wait out.
-            if e.downcast_ref::<LogError>().is_none() || self.is_draining() {
+            if std::time::Instant::now() >= deadline {
                 tracing::error!(
                     error = %format!("{e:#}"),
-                    "the running authorities could not be logged again after a trust change \
-                     whose record may be written; the next start logs the trust it runs"
+                    "the running authorities could not be logged again within {} s after a \
+                     trust change whose record may be written: exiting 75 rather than serve \
+                     under a trust the log may not say (the next start logs the trust its \
+                     configuration names)",
+                    RELOG_WITHIN.as_secs()
                 );
-                return format!("the running authorities could not be logged again: {e:#}");
+                std::process::exit(75);
             }
             tracing::warn!(
                 error = %format!("{e:#}"),

@@ -128,6 +128,16 @@ const MAX_LOOKUPS: usize = 8;
 /// Name lookups under way ([`resolve`]).
 static LOOKUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// A place among [`LOOKUPS`], given back when dropped (also if its thread
+/// panics, or cannot be started).
+struct Lookup;
+
+impl Drop for Lookup {
+    fn drop(&mut self) {
+        LOOKUPS.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// The addresses of `host`, on a thread of its own, not tokio's blocking
 /// pool (where `TcpStream::connect` would look a name up): in `lavd serve`
 /// requests waiting for a witness quorum can hold every thread of that pool
@@ -138,31 +148,26 @@ static LOOKUPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 /// that never answers holds that many threads, not one per attempt).
 async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs as _;
-    use std::sync::atomic::Ordering;
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![std::net::SocketAddr::new(ip, port)]);
     }
-    if LOOKUPS.fetch_add(1, Ordering::SeqCst) >= MAX_LOOKUPS {
-        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+    let place = Lookup;
+    if LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_LOOKUPS {
         return Err(std::io::Error::other(format!(
             "{MAX_LOOKUPS} name lookups are still waiting for the resolver"
         )));
     }
     let (answer, answered) = tokio::sync::oneshot::channel();
     let name = host.to_string();
-    let spawned = std::thread::Builder::new()
+    std::thread::Builder::new()
         .name("lavd-resolve".into())
         .spawn(move || {
             let found = (name.as_str(), port)
                 .to_socket_addrs()
                 .map(Iterator::collect::<Vec<_>>);
-            LOOKUPS.fetch_sub(1, Ordering::SeqCst);
+            drop(place);
             let _ = answer.send(found);
-        });
-    if let Err(e) = spawned {
-        LOOKUPS.fetch_sub(1, Ordering::SeqCst);
-        return Err(e);
-    }
+        })?;
     let addresses = answered
         .await
         .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))??;

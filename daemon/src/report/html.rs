@@ -368,12 +368,12 @@ pub fn render(report: &Report) -> String {
     if !report.verification.anchored_by.contains(&"fetch") {
         out.push_str(
             "<p class=\"form form-detail\" data-anchored=\"false\"><strong>Not shown \
-             complete.</strong> This log was not read from the log itself: a copy cut back to \
-             an earlier checkpoint, its newest entries left out, would verify the same, unless \
-             below a checkpoint or export the reader already held (<code>--checkpoint</code>, \
-             <code>--previous</code>). Nothing here shows that the log held no more entries \
-             than these; a report made with <code>--url</code>, from the log, shows it as of \
-             then.</p>",
+             complete.</strong> Nothing here shows that the log held no more entries than \
+             these: a copy cut back to an earlier checkpoint, its newest entries left out, \
+             would verify the same (unless below a checkpoint or export the reader already \
+             held: <code>--checkpoint</code>, <code>--previous</code>). A report made with \
+             <code>--url</code> from the log whose newest checkpoint was the one read shows \
+             it, as of then.</p>",
         );
     }
     out.push_str("</header><main>");
