@@ -14,6 +14,56 @@ use softhsm_tests::vault::{self, Parties};
 use softhsm_tests::TestToken;
 use trust_reload_common::*;
 
+/// A daemon on a fresh database through a [`CutAtCommit`], a
+/// one-signature request refused under the double lock, then the policy
+/// loosened and a SIGHUP sent whose `authorities_loaded` COMMIT the proxy
+/// cuts just after sending it, going dark. Fields drop in order: the
+/// daemon before its token.
+struct Cut {
+    daemon: Daemon,
+    parties: Parties,
+    proxy: CutAtCommit,
+    db: TestDb,
+    pki: Pki,
+    t: TestToken,
+    /// The request, for warrant `id`.
+    body: serde_json::Value,
+    /// The leaves stored before the SIGHUP.
+    stored: i64,
+}
+
+fn reload_with_its_commit_cut(id: &str) -> Cut {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let db = TestDb::create();
+    let proxy = CutAtCommit::start(softhsm_tests::pg::port());
+    db.write_token_config_via(&t, proxy.port(), &serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let parties = Parties::new(&pki);
+    let c = parties.clients(&pki, daemon.api);
+    let first = loaded(&c.auditor);
+    assert_eq!(first.len(), 1, "{first:?}");
+    let body = one_signature_request(&c, id);
+    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
+    let stored = db.rows("audit_leaves");
+    loosen_policy(&t);
+    proxy.arm_after(b"authorities_loaded", true);
+    daemon.signal(Signal::HUP);
+    daemon.expect_notify("RELOADING=1");
+    Cut {
+        daemon,
+        parties,
+        proxy,
+        db,
+        pki,
+        t,
+        body,
+        stored,
+    }
+}
+
 /// A trust change's leaf whose COMMIT's fate the daemon cannot learn: on
 /// PostgreSQL, the connection cut just after the COMMIT was sent (the
 /// server commits it) and no connection to be had to ask what became of it
@@ -27,26 +77,17 @@ use trust_reload_common::*;
 /// enforced the double lock.
 #[test]
 fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_again() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let db = TestDb::create();
-    let proxy = CutAtCommit::start(softhsm_tests::pg::port());
-    db.write_token_config_via(&t, proxy.port(), &serve_config(&vault::roles_toml()));
-    vault::generate_escrow_key(&t, "E-1");
-    let daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
+    let Cut {
+        daemon,
+        parties,
+        proxy,
+        db,
+        pki,
+        t: _t,
+        body,
+        stored,
+    } = reload_with_its_commit_cut("W-FATE");
     let c = parties.clients(&pki, daemon.api);
-    let first = loaded(&c.auditor);
-    assert_eq!(first.len(), 1, "{first:?}");
-    let body = one_signature_request(&c, "W-FATE");
-    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
-
-    let stored = db.rows("audit_leaves");
-    loosen_policy(&t);
-    proxy.arm_after(b"authorities_loaded", true);
-    daemon.signal(Signal::HUP);
-    daemon.expect_notify("RELOADING=1");
     let within = std::time::Duration::from_secs(20);
     softhsm_tests::eventually(
         "the reload waiting to log the running trust",
@@ -130,23 +171,16 @@ fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_a
 /// so the log and the daemon agree again.
 #[test]
 fn postgres_a_trust_change_whose_fate_stays_unknown_ends_the_process() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    let db = TestDb::create();
-    let proxy = CutAtCommit::start(softhsm_tests::pg::port());
-    db.write_token_config_via(&t, proxy.port(), &serve_config(&vault::roles_toml()));
-    vault::generate_escrow_key(&t, "E-1");
-    let mut daemon = Daemon::start(&t);
-    daemon.wait_readyz(200);
-    let parties = Parties::new(&pki);
-    let c = parties.clients(&pki, daemon.api);
-    let body = one_signature_request(&c, "W-STAYS-UNKNOWN");
-    vault::post(&c.agency, "/v1/unwrap", &body).assert_error(403, "policy_not_met");
-
-    loosen_policy(&t);
-    proxy.arm_after(b"authorities_loaded", true);
-    daemon.signal(Signal::HUP);
-    daemon.expect_notify("RELOADING=1");
+    let Cut {
+        mut daemon,
+        parties,
+        proxy,
+        db: _db,
+        pki,
+        t,
+        body,
+        ..
+    } = reload_with_its_commit_cut("W-STAYS-UNKNOWN");
     let status =
         daemon.wait_exit(lavd::api::state::RELOG_WITHIN + std::time::Duration::from_secs(30));
     assert_eq!(status.code(), Some(75), "{}", daemon.stderr());

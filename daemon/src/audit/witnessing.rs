@@ -1793,6 +1793,26 @@ mod tests {
         metrics
     }
 
+    /// Has the test witness `state` (`key`, its seed `seed`) cosign
+    /// `checkpoint` from size 0 directly, not through a submitter, as
+    /// another client of it would; asserts the 200.
+    fn cosigned_directly(state: &WitnessState, key: &CosignerKey, seed: u8, checkpoint: String) {
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint,
+        }
+        .encode();
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let outcome = state
+            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], key, &|| 1, |m| {
+                Ok::<_, ()>(sk.sign(m).to_bytes())
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.status(), 200);
+    }
+
     /// Has the test witness of `seed` (its `state` and `key`) cosign the
     /// log's checkpoint of `size`, then corrupts its record (another root
     /// at that size), as a witness that was shown a fork would hold.
@@ -1804,20 +1824,12 @@ mod tests {
         seed: u8,
         size: u64,
     ) {
-        let body = AddCheckpoint {
-            old_size: 0,
-            proof: Vec::new(),
-            checkpoint: store.checkpoint_at(size).unwrap().unwrap(),
-        }
-        .encode();
-        let sk = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
-        let outcome = state
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], key, &|| 1, |m| {
-                Ok::<_, ()>(sk.sign(m).to_bytes())
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(outcome.status(), 200);
+        cosigned_directly(
+            state,
+            key,
+            seed,
+            store.checkpoint_at(size).unwrap().unwrap(),
+        );
         rusqlite::Connection::open(dir.join(format!("{seed}.db")))
             .unwrap()
             .execute("UPDATE cosigned SET root = zeroblob(32)", [])
@@ -2110,20 +2122,7 @@ mod tests {
         // Another tree under the log's key, larger than this one.
         let other = Store::open(&dir.path().join("other.db")).unwrap();
         let beyond = grow(&other, 5);
-        let body = AddCheckpoint {
-            old_size: 0,
-            proof: Vec::new(),
-            checkpoint: other.checkpoint_at(beyond).unwrap().unwrap(),
-        }
-        .encode();
-        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let outcome = s1
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
-                Ok::<_, ()>(sk1.sign(m).to_bytes())
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(outcome.status(), 200);
+        cosigned_directly(&s1, &k1, 1, other.checkpoint_at(beyond).unwrap().unwrap());
 
         let size = grow(&store, 3);
         submitted_until_counted(&runtime, dir.path(), &store, (&u1, &k1), &ca, size, "fork");
@@ -2153,21 +2152,7 @@ mod tests {
         // w1 already cosigned size 3 for another client: the store knows
         // nothing of it, so the first request (old 0) gets its 409.
         let first = grow(&store, 3);
-        let note = store.checkpoint_at(first).unwrap().unwrap();
-        let body = AddCheckpoint {
-            old_size: 0,
-            proof: Vec::new(),
-            checkpoint: note,
-        }
-        .encode();
-        let sk1 = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let outcome = s1
-            .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
-                Ok::<_, ()>(sk1.sign(m).to_bytes())
-            })
-            .unwrap()
-            .unwrap();
-        assert_eq!(outcome.status(), 200);
+        cosigned_directly(&s1, &k1, 1, store.checkpoint_at(first).unwrap().unwrap());
         let size = grow(&store, 4);
 
         let policy_text = format!(
@@ -2407,19 +2392,7 @@ mod tests {
                     return;
                 }
                 let theirs = grow(&store, 2);
-                let body = AddCheckpoint {
-                    old_size: 0,
-                    proof: Vec::new(),
-                    checkpoint: store.checkpoint_at(theirs).unwrap().unwrap(),
-                }
-                .encode();
-                let outcome = state
-                    .add_checkpoint(body.as_bytes(), &|_| vec![log_key()], &k1, &|| 1, |m| {
-                        Ok::<_, ()>(sk1.sign(m).to_bytes())
-                    })
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(outcome.status(), 200);
+                cosigned_directly(state, &k1, 1, store.checkpoint_at(theirs).unwrap().unwrap());
                 grow(&store, 1);
             })
         };
