@@ -797,6 +797,29 @@ fn a_report_from_a_dev_log_matches_the_leaves_and_renders_in_chromium() {
     assert!(!std::fs::read_to_string(&by_url.0)
         .unwrap()
         .contains("data-anchored=\"false\""));
+    // A checkpoint the reader held only bounds how far back a copy could
+    // be cut: named, and the banner stays.
+    let held = w.join("held-checkpoint.txt");
+    std::fs::write(
+        &held,
+        read_json(&export)["checkpoint"]
+            .as_str()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let (anchored_html, anchored_json) = (w.join("held.html"), w.join("held.json"));
+    let mut args = report_args(&anchored_html, &anchored_json, &export);
+    args.extend(["--checkpoint".to_owned(), held.to_str().unwrap().to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    softhsm_tests::assert_ok(&lavd(&args));
+    assert_eq!(
+        read_json(&anchored_json)["verification"]["anchored_by"],
+        json!(["checkpoint"])
+    );
+    assert!(std::fs::read_to_string(&anchored_html)
+        .unwrap()
+        .contains("data-anchored=\"false\"><strong>Not shown complete.</strong>"));
     // Over the API or from the export: the same leaves, the same figures.
     from_url["verification"] = report["verification"].clone();
     from_url["period"] = report["period"].clone();
