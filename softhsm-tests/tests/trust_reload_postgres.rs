@@ -206,6 +206,112 @@ fn postgres_a_trust_change_whose_fate_stays_unknown_ends_the_process() {
     assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
 }
 
+/// A stop signal while such a reload tries to log the running trust again
+/// is acted on at once: the daemon says it is stopping and drains while
+/// the reload goes on trying (the drain waits for it), and a second signal
+/// ends the process without waiting out `RELOG_WITHIN`; the next start
+/// logs the trust its configuration names, as after exit 75. Before, the
+/// daemon read no signal while a reload ran: both SIGTERMs were ignored
+/// until the reload ended the process with 75, 30 s later.
+#[test]
+fn postgres_a_stop_signal_while_a_trust_reload_cannot_log_is_acted_on_at_once() {
+    let Cut {
+        mut daemon,
+        proxy: _proxy,
+        db: _db,
+        t: _t,
+        ..
+    } = reload_with_its_commit_cut("W-STOPPED");
+    softhsm_tests::eventually(
+        "the reload waiting to log the running trust",
+        std::time::Duration::from_secs(20),
+        || {
+            daemon
+                .stderr()
+                .contains("the running authorities cannot be logged again yet")
+        },
+    );
+    let sent = std::time::Instant::now();
+    daemon.signal(Signal::TERM);
+    daemon.expect_notify("STOPPING=1");
+    assert!(
+        daemon
+            .wait_exit_or_running(std::time::Duration::from_secs(1))
+            .is_none(),
+        "the drain did not wait for the reload: {}",
+        daemon.stderr()
+    );
+    daemon.signal(Signal::TERM);
+    let status = daemon.wait_exit(std::time::Duration::from_secs(20));
+    assert!(
+        sent.elapsed() < lavd::api::state::RELOG_WITHIN,
+        "the stop waited for the reload's end: {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
+    assert!(
+        daemon
+            .stderr()
+            .contains("not waiting for the reload in progress"),
+        "{}",
+        daemon.stderr()
+    );
+}
+
+/// A SIGHUP while a reload runs (here, one waiting to log the running
+/// trust again) is not lost: one more reload starts when that one ends,
+/// and applies the file as it then is. (Signals read while a reload runs
+/// since the stop signal above is; SIGHUPs queued behind one coalesce.)
+#[test]
+fn postgres_a_sighup_during_a_reload_is_applied_after_it() {
+    let Cut {
+        daemon,
+        parties,
+        proxy,
+        db: _db,
+        pki,
+        t: _t,
+        body,
+        ..
+    } = reload_with_its_commit_cut("W-QUEUED");
+    softhsm_tests::eventually(
+        "the reload waiting to log the running trust",
+        std::time::Duration::from_secs(20),
+        || {
+            daemon
+                .stderr()
+                .contains("the running authorities cannot be logged again yet")
+        },
+    );
+    daemon.signal(Signal::HUP);
+    daemon.signal(Signal::HUP);
+    proxy.light();
+    daemon.expect_notify("READY=1");
+    daemon.expect_notify("RELOADING=1");
+    daemon.expect_notify("READY=1");
+    assert_eq!(
+        daemon.wait_metric("lavd_config_reloads_total{outcome=\"ok\"}", 1.0),
+        1.0
+    );
+    let c = parties.clients(&pki, daemon.api);
+    let trusts = loaded(&c.auditor);
+    assert_eq!(trusts.len(), 4, "{trusts:?}");
+    assert_eq!(trusts[3]["config_digest"], trusts[1]["config_digest"]);
+    let r = vault::post(&c.agency, "/v1/unwrap", &body);
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    // Two SIGHUPs during the first reload made one more, not two.
+    assert!(
+        daemon
+            .recv_notify(std::time::Duration::from_millis(500))
+            .is_none(),
+        "a third reload ran"
+    );
+    assert_eq!(
+        daemon.metric("lavd_config_reloads_total{outcome=\"ok\"}"),
+        1.0
+    );
+}
+
 /// A revocation in its audit commit holds a trust reload back until its
 /// leaf is committed, so that its leaf, judged under the running trust,
 /// lands before the reload's `authorities_loaded`. On PostgreSQL the test

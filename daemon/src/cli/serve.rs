@@ -339,9 +339,9 @@ async fn watch_retention(state: Arc<ServerState>) {
 /// fsyncing its audit leaf and signing a checkpoint in the HSM all block: a
 /// thread of its own does it, not the blocking pool, where unwraps waiting
 /// at the envelope gate could hold every thread (a new CRL must not wait
-/// for the clients it revokes). Its caller awaits it, which keeps reloads
-/// one at a time and in signal order; a stop signal waits for the reload
-/// in progress.
+/// for the clients it revokes). Its callers run one at a time, in signal
+/// order; a stop signal does not wait for it, the drain does (unless a
+/// second signal says not to).
 async fn reload(state: &Arc<ServerState>) -> Result<(), String> {
     let reloading = state.clone();
     let (done, result) = tokio::sync::oneshot::channel();
@@ -463,23 +463,56 @@ async fn serve(
     notifier.ready(&status);
     let retention_watch = tokio::spawn(watch_retention(state.clone()));
 
+    // A reload runs as a task while this loop goes on reading signals: a
+    // stop signal sent during a slow reload (a checkpoint signature, a
+    // store that went away: up to `RELOG_WITHIN`) starts the drain at
+    // once, the reload still running (the drain waits for it unless a
+    // second signal says not to). A SIGHUP during a reload queues one
+    // more, started when it ends: it reads every change made before that
+    // SIGHUP (more than one queued coalesce, as signals do).
+    let start_reload = || {
+        notifier.reloading();
+        let state = state.clone();
+        tokio::spawn(async move { reload(&state).await })
+    };
+    let mut reloading: Option<tokio::task::JoinHandle<Result<(), String>>> = None;
+    let mut queued = false;
     loop {
-        match signals.next().await {
-            Event::Reload => {
-                notifier.reloading();
-                let reloaded = reload(&state).await;
+        tokio::select! {
+            event = signals.next() => match event {
+                Event::Reload if reloading.is_some() => queued = true,
+                Event::Reload => reloading = Some(start_reload()),
+                Event::Stop(name) => {
+                    tracing::info!(signal = name, "stopping");
+                    break;
+                }
+            },
+            reloaded = async {
+                match reloading.as_mut() {
+                    Some(running) => running.await,
+                    // Not polled: the branch is off while nothing runs.
+                    None => std::future::pending().await,
+                }
+            }, if reloading.is_some() => {
+                reloading = None;
                 // What `systemctl status` shows until the next reload.
-                match &reloaded {
-                    Ok(()) => notifier.ready(&status),
-                    Err(field) => notifier.ready(&format!(
+                match reloaded {
+                    Ok(Ok(())) => notifier.ready(&status),
+                    Ok(Err(field)) => notifier.ready(&format!(
                         "{status}; the last reload failed ({field}), the previous \
                          configuration is in force"
                     )),
+                    Err(e) => {
+                        tracing::error!(error = %e, "the reload's task ended without an outcome");
+                        notifier.ready(&format!(
+                            "{status}; the last reload ended without an outcome, the \
+                             previous configuration may be in force"
+                        ));
+                    }
                 }
-            }
-            Event::Stop(name) => {
-                tracing::info!(signal = name, "stopping");
-                break;
+                if std::mem::take(&mut queued) {
+                    reloading = Some(start_reload());
+                }
             }
         }
     }
@@ -502,6 +535,14 @@ async fn serve(
         admin,
         startup.server.shutdown_grace,
         &mut signals,
+        Reloads {
+            running: reloading.map(|running| {
+                tokio::spawn(async move {
+                    let _ = running.await;
+                })
+            }),
+            queued,
+        },
         || {
             let state = state.clone();
             async move {
@@ -572,21 +613,41 @@ pub(super) async fn drain<R>(
     admin: server::Listener,
     grace: Duration,
     signals: &mut Signals,
+    before: Reloads,
     on_reload: impl Fn() -> R,
     cut: impl FnOnce(),
 ) where
     R: std::future::Future<Output = ()> + Send + 'static,
 {
     tracing::info!(grace_secs = grace.as_secs(), "draining in-flight requests");
-    // Reloads started while connections drain run as tasks, each after
-    // the one before (one at a time, in signal order), and the newest is
-    // kept here: the drain's deadline future is dropped as soon as the last
-    // connection closes, and must not take a reload with it.
-    let mut reloading: Option<tokio::task::JoinHandle<()>> = None;
-    let mut cut_short = false;
     // Set when a stop signal says not to wait: a reload still queued then
     // does not start (one already running cannot be stopped).
     let given_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Reloads run as tasks, each after the one before (one at a time, in
+    // signal order), and the newest is kept here: the drain's deadline
+    // future is dropped as soon as the last connection closes, and must not
+    // take a reload with it.
+    let queue = |previous: Option<tokio::task::JoinHandle<()>>| {
+        let next = on_reload();
+        let given_up = given_up.clone();
+        tokio::spawn(async move {
+            if let Some(previous) = previous {
+                let _ = previous.await;
+            }
+            if given_up.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::warn!("stopping: a queued reload is not started");
+            } else {
+                next.await;
+            }
+        })
+    };
+    // The reload running when the stop signal came, and one queued behind
+    // it, go on as reloads started while draining do.
+    let mut reloading = before.running;
+    if before.queued {
+        reloading = Some(queue(reloading.take()));
+    }
+    let mut cut_short = false;
     let drained = api
         .shutdown(async {
             let over = tokio::time::sleep(grace);
@@ -604,21 +665,7 @@ pub(super) async fn drain<R>(
                         // Requests still in flight are decided under the
                         // newest configuration (a CRL, a role withdrawn):
                         // a reload still applies while they drain.
-                        Event::Reload => {
-                            let previous = reloading.take();
-                            let next = on_reload();
-                            let given_up = given_up.clone();
-                            reloading = Some(tokio::spawn(async move {
-                                if let Some(previous) = previous {
-                                    let _ = previous.await;
-                                }
-                                if given_up.load(std::sync::atomic::Ordering::SeqCst) {
-                                    tracing::warn!("stopping: a queued reload is not started");
-                                } else {
-                                    next.await;
-                                }
-                            }));
-                        }
+                        Event::Reload => reloading = Some(queue(reloading.take())),
                     },
                 }
             }
@@ -649,6 +696,15 @@ pub(super) async fn drain<R>(
     }
     admin.shutdown(tokio::time::sleep(ADMIN_GRACE)).await;
     tracing::info!("stopped");
+}
+
+/// The reloads a daemon had under way when a stop signal came.
+#[derive(Default)]
+pub(super) struct Reloads {
+    /// The one running.
+    pub running: Option<tokio::task::JoinHandle<()>>,
+    /// Whether a SIGHUP came while it ran (one more reload is owed).
+    pub queued: bool,
 }
 
 /// What a signal asks for.

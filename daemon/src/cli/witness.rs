@@ -17,7 +17,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 
 use super::notify::Notifier;
-use super::serve::{drain, Event, Signals, ADMIN_CONNECTIONS};
+use super::serve::{drain, Event, Reloads, Signals, ADMIN_CONNECTIONS};
 use crate::api::{pipeline, server, Timeouts};
 use crate::audit::witness::CosignerKey;
 use crate::config::{ConfigError, ProcessEnv, WitnessKeySource, WitnessSettings};
@@ -294,6 +294,7 @@ async fn run(
         admin,
         server_settings.shutdown_grace,
         &mut signals,
+        Reloads::default(),
         || async { reloads_nothing() },
         || {},
     )
