@@ -106,7 +106,11 @@ fn add_checkpoint_answers_every_status_of_the_spec() {
         "{}",
         w.daemon.stderr()
     );
-    // A proof from 0 must be empty.
+    // Old 0 with a proof, once a size is recorded: the recorded size
+    // (409) comes before the proof's checks in the spec's order. (A
+    // non-empty proof from a recorded 0, 422, is checked by the unit test
+    // `audit::witness::tests::add_checkpoint_answers_every_case_of_the_spec`
+    // and by the hostile-input target, not over HTTP.)
     let r = w.add(&body(0, &log.proof(s1, s3)[..1], &c3));
     assert_eq!(
         r.status,

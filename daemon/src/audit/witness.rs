@@ -960,7 +960,8 @@ pub fn signed_checkpoint(note: &str, keys: &[VerifierKey]) -> Result<Checkpoint,
 /// when never). Returns the verified checkpoint to record and cosign, or
 /// the answer. The caller must run this and record the result atomically
 /// (a compare-and-swap on `recorded`), so that two requests can never roll
-/// the recorded size back.
+/// the recorded size back: [`authenticate_checkpoint`] before taking the
+/// state, then [`check_against_record`] holding it, is the same.
 ///
 /// # Errors
 /// The [`AddOutcome`] to answer when the checkpoint must not be cosigned.
@@ -969,20 +970,53 @@ pub fn check_add_checkpoint(
     trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
     recorded: &dyn Fn(&str) -> Option<(u64, super::merkle::Hash)>,
 ) -> Result<Checkpoint, AddOutcome> {
+    let checkpoint = authenticate_checkpoint(request, trusted)?;
+    let recorded = recorded(&checkpoint.origin);
+    check_against_record(request, checkpoint, recorded)
+}
+
+/// The checks of `add-checkpoint` that do not depend on what the witness
+/// recorded: a known origin (404), the log's signature (403), a readable
+/// checkpoint (400). They come first in the spec's order, and are where
+/// the cost is (a signature check for each matching line, up to
+/// [`note::MAX_SIGNATURES`]): a witness runs them before it takes its
+/// state, so that a request whose note repeats a signature line many
+/// times does not hold every other one back.
+///
+/// # Errors
+/// The [`AddOutcome`] to answer.
+pub fn authenticate_checkpoint(
+    request: &AddCheckpoint,
+    trusted: &dyn Fn(&str) -> Vec<VerifierKey>,
+) -> Result<Checkpoint, AddOutcome> {
     // The origin is the first line of the note.
     let origin = request.checkpoint.split('\n').next().unwrap_or_default();
     let keys = trusted(origin);
     if keys.is_empty() {
         return Err(AddOutcome::UnknownOrigin);
     }
-    let checkpoint = signed_checkpoint(&request.checkpoint, &keys)?;
+    signed_checkpoint(&request.checkpoint, &keys)
+}
+
+/// The rest of `add-checkpoint`'s checks, on a `checkpoint` that
+/// [`authenticate_checkpoint`] gave for `request`, against what the
+/// witness last cosigned for its origin (`recorded`, read in the same
+/// transaction that records the result).
+///
+/// # Errors
+/// The [`AddOutcome`] to answer.
+pub fn check_against_record(
+    request: &AddCheckpoint,
+    checkpoint: Checkpoint,
+    recorded: Option<(u64, super::merkle::Hash)>,
+) -> Result<Checkpoint, AddOutcome> {
     if request.old_size > checkpoint.size {
         return Err(AddOutcome::BadRequest(format!(
             "old size {} is above the checkpoint's size {}",
             request.old_size, checkpoint.size
         )));
     }
-    let (size, root) = recorded(origin).unwrap_or((0, super::merkle::empty_root()));
+    let (size, root) = recorded.unwrap_or((0, super::merkle::empty_root()));
     if request.old_size != size {
         return Err(AddOutcome::Conflict { size });
     }

@@ -20,7 +20,7 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension as _, Transactio
 use crate::audit::merkle::Hash;
 use crate::audit::note::VerifierKey;
 use crate::audit::witness::{
-    check_add_checkpoint, cosignature_line, signed_checkpoint, AddCheckpoint, AddOutcome,
+    authenticate_checkpoint, check_against_record, cosignature_line, AddCheckpoint, AddOutcome,
     CosignerKey,
 };
 
@@ -241,6 +241,14 @@ impl WitnessState {
             Ok(r) => r,
             Err(why) => return Ok(Ok((AddOutcome::BadRequest(why.to_string()), false))),
         };
+        // The log's signatures are checked before the state is taken: they
+        // do not depend on it, and a note may carry many lines to check.
+        let checkpoint = match authenticate_checkpoint(&request, trusted) {
+            Ok(c) => c,
+            Err(outcome) => return Ok(Ok((outcome, false))),
+        };
+        let (signed_size, signed_root) = (checkpoint.size, checkpoint.root);
+        let origin = checkpoint.origin.clone();
         let mut conn = self
             .conn
             .lock()
@@ -248,25 +256,19 @@ impl WitnessState {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let origin = request
-            .checkpoint
-            .split('\n')
-            .next()
-            .unwrap_or_default()
-            .to_string();
         let recorded = read(&tx, &origin).map_err(|e| self.err(e))?;
-        let checkpoint = match check_add_checkpoint(&request, trusted, &|_| recorded) {
+        let checkpoint = match check_against_record(&request, checkpoint, recorded) {
             Ok(c) => c,
             Err(outcome) => {
+                // Signed by the log (it passed above), at the size recorded,
+                // with another root.
                 let fork = matches!(
                     outcome,
                     AddOutcome::BadProof(_)
                         | AddOutcome::Conflict { .. }
                         | AddOutcome::BadRequest(_)
-                ) && recorded.is_some_and(|(size, root)| {
-                    signed_checkpoint(&request.checkpoint, &trusted(&origin))
-                        .is_ok_and(|c| c.size == size && c.root != root)
-                });
+                ) && recorded
+                    .is_some_and(|(size, root)| signed_size == size && signed_root != root);
                 return Ok(Ok((outcome, fork)));
             }
         };
@@ -420,11 +422,19 @@ mod tests {
     /// Many clients race to add checkpoints of growing sizes, each with the
     /// old size it last saw: every cosigned checkpoint extends the one
     /// recorded before it, the recorded size never goes back, and every
-    /// cosignature verifies under the witness key.
+    /// cosignature verifies under the witness key. Half of them go through
+    /// a second handle on the same file, as a second process would (the
+    /// state's mutex orders one handle's requests; only the transaction
+    /// orders two: a record read before it began would let both cosign
+    /// from one size).
     #[test]
     fn racing_add_checkpoints_never_roll_the_recorded_size_back() {
         let dir = tempfile::tempdir().unwrap();
-        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let path = dir.path().join("witness.db");
+        let first = WitnessState::create(&path).unwrap();
+        let second = WitnessState::open(&path).unwrap();
+        let states = [&first, &second];
+        let state = &first;
         let mut tree = MemoryTree::new();
         for i in 0..200u32 {
             tree.push_leaf(&i.to_be_bytes());
@@ -444,8 +454,14 @@ mod tests {
         let cosigned = std::sync::Mutex::new(Vec::new());
         std::thread::scope(|s| {
             for t in 0..8u64 {
-                let (state, tree, trusted, key, witness_sk, cosigned) =
-                    (&state, &tree, &trusted, &key, &witness_sk, &cosigned);
+                let (state, tree, trusted, key, witness_sk, cosigned) = (
+                    states[usize::from(t % 2 == 1)],
+                    &tree,
+                    &trusted,
+                    &key,
+                    &witness_sk,
+                    &cosigned,
+                );
                 s.spawn(move || {
                     for round in 0..20u64 {
                         let size = 1 + (t * 20 + round * 7) % 200;
@@ -501,6 +517,66 @@ mod tests {
             state.recorded("log.example/a").unwrap().map(|r| r.0),
             Some(recorded)
         );
+    }
+
+    /// The state is written with every commit synced (a cosignature is
+    /// answered only once what it records survives a power cut).
+    #[test]
+    fn the_state_commits_with_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("witness.db");
+        drop(WitnessState::create(&path).unwrap());
+        let state = WitnessState::open(&path).unwrap();
+        let conn = state.conn.lock().unwrap();
+        let synchronous: i64 = conn
+            .query_row("PRAGMA synchronous", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(synchronous, 2, "FULL is 2");
+    }
+
+    /// The log's signatures are checked before the state is taken: a
+    /// request refused on them (403 here, a trusted key's line that does
+    /// not verify) is answered while another holds the state. Before, every
+    /// signature line of a note (up to 64) was checked holding it, so a
+    /// note repeating the log's line held every other request back.
+    #[test]
+    fn signatures_are_checked_without_holding_the_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = WitnessState::create(&dir.path().join("witness.db")).unwrap();
+        let (log, log_sk, key, witness_sk) = one_log();
+        let trusted = |origin: &str| {
+            if origin == "log.example/a" {
+                vec![log.clone()]
+            } else {
+                Vec::new()
+            }
+        };
+        let empty = crate::audit::merkle::empty_root();
+        let good = note(&log_sk, 0, empty);
+        // The log's key line over another text: it does not verify.
+        let forged = good.replacen("\n0\n", "\n1\n", 1);
+        let body = AddCheckpoint {
+            old_size: 0,
+            proof: Vec::new(),
+            checkpoint: forged,
+        }
+        .encode();
+        let held = state.conn.lock().unwrap();
+        let (done, answered) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let outcome = state
+                    .add_checkpoint(body.as_bytes(), &trusted, &key, &|| 1_700_000_000, |m| {
+                        Ok::<_, ()>(witness_sk.sign(m).to_bytes())
+                    })
+                    .unwrap()
+                    .unwrap();
+                done.send(outcome).unwrap();
+            });
+            let outcome = answered.recv_timeout(std::time::Duration::from_secs(5));
+            drop(held);
+            assert!(matches!(outcome, Ok(AddOutcome::Forbidden)), "{outcome:?}");
+        });
     }
 
     /// A state where SQLite cannot keep a write-ahead log (its in-memory

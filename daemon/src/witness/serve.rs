@@ -133,6 +133,9 @@ pub struct WitnessMetrics {
     requests: IntCounterVec,
     cosignatures: IntCounterVec,
     recorded_size: IntGaugeVec,
+    /// Held while `recorded_size` is read and raised: two requests that
+    /// cosigned one after the other may set it in the other order.
+    raising: std::sync::Mutex<()>,
     body_bytes_held: IntGauge,
 }
 
@@ -184,14 +187,24 @@ impl WitnessMetrics {
             requests,
             cosignatures,
             recorded_size,
+            raising: std::sync::Mutex::new(()),
             body_bytes_held,
         })
     }
 
+    /// Raises the recorded size's gauge to `size`, never lowers it: what a
+    /// witness records never goes back, and a request that read the record
+    /// before another one's cosignature may get here after it.
     fn recorded(&self, origin: &str, size: u64) {
-        self.recorded_size
-            .with_label_values(&[origin])
-            .set(i64::try_from(size).unwrap_or(i64::MAX));
+        let _raising = self
+            .raising
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let gauge = self.recorded_size.with_label_values(&[origin]);
+        let size = i64::try_from(size).unwrap_or(i64::MAX);
+        if size > gauge.get() {
+            gauge.set(size);
+        }
     }
 
     /// The metrics' text, with `body_bytes_held` (read when scraped).
@@ -360,14 +373,34 @@ impl Witness {
 }
 
 impl Witness {
+    /// Logs a fork's evidence: the request less the signature lines of
+    /// other keys than the log's (a note may carry up to 64 lines, and
+    /// anyone may replay the evidence once it exists), each of the log's
+    /// lines once.
     fn evidence(&self, origin: &str, status: u16, body: &[u8]) {
         tracing::warn!(
             origin,
             status,
-            request = %String::from_utf8_lossy(body),
+            request = %evidence(origin, body),
             "refused a checkpoint the log signed: it contradicts what this witness cosigned"
         );
     }
+}
+
+/// An `add-checkpoint` body as fork evidence: all of it but the note's
+/// signature lines, of which only those named `origin` (the log's), each
+/// once.
+fn evidence(origin: &str, body: &[u8]) -> String {
+    let body = String::from_utf8_lossy(body);
+    let logs_line = format!("\u{2014} {origin} ");
+    let (head, signatures) = body.rsplit_once("\n\n").unwrap_or((&body, ""));
+    let mut kept: Vec<&str> = Vec::new();
+    for line in signatures.lines() {
+        if line.starts_with(&logs_line) && !kept.contains(&line) {
+            kept.push(line);
+        }
+    }
+    format!("{head}\n\n{}\n", kept.join("\n"))
 }
 
 /// The spec's answer for `outcome`.
@@ -515,4 +548,39 @@ pub fn admin_routes(witness: Arc<Witness>) -> warp::filters::BoxedFilter<(Respon
         },
         move || witness.metrics.render(witness.bodies.held()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two requests that cosigned one after the other may set the gauge in
+    /// the other order: it keeps the larger size (what a witness records
+    /// never goes back).
+    #[test]
+    fn the_recorded_size_gauge_never_goes_back() {
+        let metrics = WitnessMetrics::new(&["log.example/a"]).unwrap();
+        metrics.recorded("log.example/a", 10);
+        metrics.recorded("log.example/a", 5);
+        let gauge = metrics.recorded_size.with_label_values(&["log.example/a"]);
+        assert_eq!(gauge.get(), 10);
+        metrics.recorded("log.example/a", 11);
+        assert_eq!(gauge.get(), 11);
+    }
+
+    /// Fork evidence keeps the request's old size, proof and checkpoint
+    /// and the log's signature lines, once each; other keys' lines (a note
+    /// may carry 64) are left out of the log line.
+    #[test]
+    fn fork_evidence_keeps_the_checkpoint_and_the_logs_lines_only() {
+        let log_line = "\u{2014} log.example/a AAAAAQ==";
+        let other = "\u{2014} other.example/x BBBBBB==";
+        let body = format!(
+            "old 5\nproofline=\n\nlog.example/a\n7\nroot=\n\n{log_line}\n{other}\n{log_line}\n{other}\n"
+        );
+        assert_eq!(
+            evidence("log.example/a", body.as_bytes()),
+            format!("old 5\nproofline=\n\nlog.example/a\n7\nroot=\n\n{log_line}\n")
+        );
+    }
 }

@@ -25,7 +25,8 @@ use lavd::audit::leaf::Leaf;
 use lavd::audit::note::{verify_checkpoint, Checkpoint, VerifierKey};
 use lavd::audit::tiles::{decode_bundle, encode_bundle, Tile, TilePathError};
 use lavd::audit::witness::{
-    check_add_checkpoint, verify_cosignatures, AddCheckpoint, CosignerKey, Policy,
+    check_add_checkpoint, check_against_record, verify_cosignatures, AddCheckpoint, CosignerKey,
+    Policy,
 };
 use lavd::config::{Env, RawConfig, Settings};
 use lavd::envelope::{Envelope, EnvelopeLimits, Header, HeaderBuilder};
@@ -424,6 +425,28 @@ pub fn witness(data: &[u8]) {
             };
             if let Err(outcome) = check_add_checkpoint(&request, &trusted, &|_| None) {
                 assert!(ADD_CHECKPOINT_STATUSES.contains(&outcome.status()));
+            }
+            // Past the signature (which an input rarely carries), against
+            // recorded states: the old size, the consistency proof and the
+            // fork checks see hostile values too.
+            let text = request
+                .checkpoint
+                .rsplit_once("\n\n")
+                .map_or(request.checkpoint.as_str(), |(text, _)| text);
+            if let Ok(checkpoint) = Checkpoint::parse_with_extensions(&format!("{text}\n")) {
+                let seen = [
+                    None,
+                    Some((1, [0; 32])),
+                    Some((request.old_size, checkpoint.root)),
+                    Some((request.old_size, [7; 32])),
+                ];
+                for recorded in seen {
+                    if let Err(outcome) =
+                        check_against_record(&request, checkpoint.clone(), recorded)
+                    {
+                        assert!(ADD_CHECKPOINT_STATUSES.contains(&outcome.status()));
+                    }
+                }
             }
         }
         // The witness answers a body that does not parse with 400.
