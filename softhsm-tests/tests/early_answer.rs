@@ -223,3 +223,76 @@ fn a_body_beyond_max_body_bytes_in_flight_is_503_server_busy_until_others_are_an
         1.0
     );
 }
+
+/// Any role may post a revocation (an authority's may come through
+/// anyone), so the caller about to be revoked could hold the revocations'
+/// whole body budget with slow bodies. The admin's revocations have a
+/// budget of their own (`max_body_bytes`): they are read and applied while
+/// the agency holds every byte of the other, and only the admin's own
+/// bodies can fill it. Before, the admin's revocation was 503
+/// `server_busy` too.
+#[test]
+fn the_caller_a_revocation_would_revoke_cannot_crowd_out_the_admins() {
+    const ADMIN: &str = "spiffe://ops.example/admin";
+    const REVOCATIONS: &str = "/v1/warrants/revocations";
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&format!(
+        "[roles]\n\"{AGENCY}\" = [\"agency\"]\n\"{ADMIN}\" = [\"admin\"]\n\
+         [limits]\nmax_body_bytes = 65536\nmax_body_bytes_in_flight = 100000\n"
+    )));
+    let daemon = Daemon::start(&t);
+    let agency = pki.client(daemon.api, Some(&pki.clients.identity(AGENCY)));
+    let admin = pki.client(daemon.api, Some(&pki.clients.identity(ADMIN)));
+    let held = "lavd_request_body_bytes_held";
+    let wait = std::time::Duration::from_secs(10);
+    let slow = |client: &softhsm_tests::server::Client, length: usize| {
+        let mut conn = client.connect().unwrap();
+        conn.send(
+            format!(
+                "POST {REVOCATIONS} HTTP/1.1\r\nhost: localhost\r\n\
+                 content-type: application/json\r\ncontent-length: {length}\r\n\r\n{{"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        conn
+    };
+
+    // The agency holds the revocations' budget: 2 × 50,000 of 100,000.
+    let _first = slow(&agency, 50000);
+    let _second = slow(&agency, 50000);
+    softhsm_tests::eventually("the agency's bodies to be held", wait, || {
+        daemon.metric(held) == 100000.0
+    });
+    let message = agency
+        .request("POST", REVOCATIONS, Some(&[b' '; 100]))
+        .unwrap()
+        .assert_error(503, "server_busy");
+    assert!(
+        message.contains("limits.max_body_bytes_in_flight, 100000 bytes"),
+        "{message}"
+    );
+
+    // The admin's revocation is read and applied all the same.
+    let revocation = br#"{"id":"W-CROWDED","reason":"quashed"}"#;
+    let r = admin
+        .request("POST", REVOCATIONS, Some(revocation))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // The admin's budget is max_body_bytes: a slow admin body of that size
+    // fills it, and only then is the admin's next one 503.
+    let _admins = slow(&admin, 65536);
+    softhsm_tests::eventually("the admin's body to be held", wait, || {
+        daemon.metric(held) == 165536.0
+    });
+    let message = admin
+        .request("POST", REVOCATIONS, Some(revocation))
+        .unwrap()
+        .assert_error(503, "server_busy");
+    assert!(
+        message.contains("limits.max_body_bytes, 65536 bytes"),
+        "{message}"
+    );
+}

@@ -184,7 +184,9 @@ pub fn routes(readiness: Arc<Readiness>) -> BoxedFilter<(Response,)> {
                 store_retries: store.retries(),
                 hsm_calls_stuck: hsm.stuck_calls(),
                 hsm_call_timeouts: hsm.timed_out_calls(),
-                request_body_bytes_held: state.bodies.held() + state.revocation_bodies.held(),
+                request_body_bytes_held: state.bodies.held()
+                    + state.revocation_bodies.held()
+                    + state.admin_revocation_bodies.held(),
             })
         },
     )

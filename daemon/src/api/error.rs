@@ -61,16 +61,19 @@ pub enum ApiError {
         /// The configured limit.
         limit: usize,
     },
-    /// The bodies of requests in flight already hold so much of
-    /// `limits.max_body_bytes_in_flight` that this one's does not fit; it
-    /// was not read. Answered at once, with `Retry-After`.
+    /// The bodies of requests in flight already hold so much of their
+    /// budget (`limits.max_body_bytes_in_flight`, or for the admin's
+    /// revocations `limits.max_body_bytes`) that this one's does not fit;
+    /// it was not read. Answered at once, with `Retry-After`.
     #[error(
         "the server is holding as many request bodies as it may \
-         (limits.max_body_bytes_in_flight, {limit} bytes); retry later"
+         ({setting}, {limit} bytes); retry later"
     )]
     Busy {
         /// The configured bound.
         limit: usize,
+        /// The setting that bounds it (`limits.max_body_bytes_in_flight`).
+        setting: &'static str,
     },
     /// More envelopes than `limits.max_batch` in one request.
     #[error("the request has {count} items; at most {limit} are allowed")]
@@ -332,7 +335,14 @@ mod tests {
             ),
             (ApiError::HsmUnavailable, 503, "hsm_unavailable"),
             (ApiError::StoreUnavailable, 503, "store_unavailable"),
-            (ApiError::Busy { limit: 2048 }, 503, "server_busy"),
+            (
+                ApiError::Busy {
+                    limit: 2048,
+                    setting: "limits.max_body_bytes_in_flight",
+                },
+                503,
+                "server_busy",
+            ),
             (
                 ApiError::WitnessUnavailable { timeout_secs: 10 },
                 503,

@@ -32,7 +32,7 @@ use warp::http::{header, HeaderValue, Request};
 use warp::reply::Response;
 
 use super::error::{ApiError, ErrorCode};
-use super::identity::{IdentityError, PeerIdentity};
+use super::identity::{IdentityError, PeerIdentity, Role};
 use super::ratelimit::LineThrottle;
 use super::routes::RequestContext;
 use super::server::{self, Activity};
@@ -369,11 +369,16 @@ where
             .then_some(state.limits.max_body_bytes),
     };
     // Revocations have a budget of their own: unwrap bodies (large
-    // batches, slow senders) cannot crowd out a revocation.
-    let budget = if parts.uri.path() == super::routes::REVOCATIONS {
-        &state.revocation_bodies
-    } else {
+    // batches, slow senders) cannot crowd out a revocation. The admin's
+    // have one more: any role may post a revocation (an authority's may
+    // come through anyone), so the caller about to be revoked could hold
+    // the revocations' whole budget with slow bodies.
+    let budget = if parts.uri.path() != super::routes::REVOCATIONS {
         &state.bodies
+    } else if roles.contains(&Role::Admin) {
+        &state.admin_revocation_bodies
+    } else {
+        &state.revocation_bodies
     };
     let (bytes, unread) = match wanted {
         None => (Bytes::new(), Some(body)),
@@ -503,6 +508,8 @@ fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), 
 pub struct BodyBudget {
     bytes: Arc<tokio::sync::Semaphore>,
     capacity: usize,
+    /// The setting that sizes it, for the refusal's message.
+    setting: &'static str,
 }
 
 /// Bytes of a [`BodyBudget`], given back when dropped.
@@ -531,14 +538,15 @@ impl AsRef<[u8]> for HeldBody {
 }
 
 impl BodyBudget {
-    /// A budget of `capacity` bytes.
-    pub fn new(capacity: usize) -> Self {
+    /// A budget of `capacity` bytes, the value of `setting`.
+    pub fn new(capacity: usize, setting: &'static str) -> Self {
         // The semaphore's own bound (`usize::MAX >> 3`; on 64-bit targets
         // far above the configured range, at most 64 GiB).
         let capacity = capacity.min(tokio::sync::Semaphore::MAX_PERMITS);
         BodyBudget {
             bytes: Arc::new(tokio::sync::Semaphore::new(capacity)),
             capacity,
+            setting,
         }
     }
 
@@ -546,6 +554,7 @@ impl BodyBudget {
     fn hold(&self, n: usize) -> Result<BodyHold, ApiError> {
         let busy = ApiError::Busy {
             limit: self.capacity,
+            setting: self.setting,
         };
         let n = u32::try_from(n).map_err(|_| busy.clone())?;
         self.bytes
@@ -748,7 +757,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_is_counted_from_before_its_read_until_its_bytes_are_freed() {
-        let budget = BodyBudget::new(4096);
+        let budget = BodyBudget::new(4096, "limits.max_body_bytes_in_flight");
         let second = Duration::from_secs(1);
         let body = |n| Full::new(Bytes::from(vec![b' '; n]));
 
@@ -769,7 +778,13 @@ mod tests {
             read_bounded_body(&declaring(Some(2000)), body(2000), 4096, second, &budget)
                 .await
                 .unwrap_err();
-        assert_eq!(e, ApiError::Busy { limit: 4096 });
+        assert_eq!(
+            e,
+            ApiError::Busy {
+                limit: 4096,
+                setting: "limits.max_body_bytes_in_flight"
+            }
+        );
         assert_eq!(e.status(), warp::http::StatusCode::SERVICE_UNAVAILABLE);
         assert!(unread.is_some());
         assert_eq!(budget.free(), 1096, "a refused body holds nothing");

@@ -115,6 +115,11 @@ pub struct ServerState {
     /// The same bound for revocations' bodies, apart, so that unwrap
     /// bodies cannot crowd out a revocation.
     pub revocation_bodies: super::pipeline::BodyBudget,
+    /// Revocations' bodies from callers with the admin role, apart again
+    /// (`[limits] max_body_bytes`: one body of the largest size, or
+    /// thousands of an admin's revocations of a few hundred bytes), so
+    /// that no other caller can crowd out the admin's.
+    pub admin_revocation_bodies: super::pipeline::BodyBudget,
     config_file: PathBuf,
     env: Arc<dyn Env>,
     live: RwLock<Arc<Reloadable>>,
@@ -302,9 +307,17 @@ impl ServerState {
             envelope_gate: crate::unwrap::gate::EnvelopeGate::new(
                 startup.limits.max_envelopes_in_flight,
             ),
-            bodies: super::pipeline::BodyBudget::new(startup.limits.max_body_bytes_in_flight),
+            bodies: super::pipeline::BodyBudget::new(
+                startup.limits.max_body_bytes_in_flight,
+                "limits.max_body_bytes_in_flight",
+            ),
             revocation_bodies: super::pipeline::BodyBudget::new(
                 startup.limits.max_body_bytes_in_flight,
+                "limits.max_body_bytes_in_flight",
+            ),
+            admin_revocation_bodies: super::pipeline::BodyBudget::new(
+                startup.limits.max_body_bytes,
+                "limits.max_body_bytes",
             ),
             config_file: startup.file.clone(),
             env,

@@ -262,7 +262,10 @@ impl Witness {
             key,
             signer,
             rate_limiter: RateLimiter::new(limits.rate_limit_per_second, limits.rate_limit_burst),
-            bodies: crate::api::pipeline::BodyBudget::new(limits.max_body_bytes_in_flight),
+            bodies: crate::api::pipeline::BodyBudget::new(
+                limits.max_body_bytes_in_flight,
+                "limits.max_body_bytes_in_flight",
+            ),
             logs,
             limits,
             metrics,
