@@ -445,9 +445,11 @@ impl<S: TileSource> HashReader for TileReader<S> {
         // Its descendants at tree level 8·L: 2^r consecutive hashes, all in
         // one tile since 2^r divides 256.
         let (tile_level, r) = (level / 8, level % 8);
-        let first = index.checked_shl(u32::from(r)).ok_or(outside.clone())?;
+        // `checked_shl` would check only the shift's size, not the bits
+        // shifted out.
         let count = 1u64 << r;
-        let last = first + count - 1;
+        let first = index.checked_mul(count).ok_or(outside.clone())?;
+        let last = first.checked_add(count - 1).ok_or(outside.clone())?;
         let tile = Tile::covering(tile_level, last, self.size).ok_or(outside)?;
         let hashes = self.tile(&tile)?;
         let offset = (first - tile.index * TILE_WIDTH) as usize;
@@ -612,6 +614,27 @@ mod tests {
         // Beyond the tree: an error, not a guess.
         let reader = TileReader::new(Memory(tree.clone()), 300);
         assert!(merkle::root(&reader, 301).is_err());
+    }
+
+    /// A subtree whose first leaf is past `u64` is outside the tree, not a
+    /// wrapped index (`1 << 63` at level 1 wrapped to leaf 0: leaves 0
+    /// and 1's hash).
+    #[test]
+    fn a_subtree_index_past_u64_is_outside_the_tree() {
+        let mut tree = MemoryTree::new();
+        for i in 0..2u32 {
+            tree.push_leaf(&i.to_be_bytes());
+        }
+        let reader = TileReader::new(Memory(tree), 2);
+        assert!(reader.subtree(1, 0).is_ok());
+        assert!(matches!(
+            reader.subtree(1, 1 << 63),
+            Err(TileError::OutsideTree { .. })
+        ));
+        assert!(matches!(
+            reader.subtree(7, u64::MAX >> 7),
+            Err(TileError::OutsideTree { .. })
+        ));
     }
 
     #[test]

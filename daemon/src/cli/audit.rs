@@ -1043,16 +1043,20 @@ fn partial_of_full(bytes: &[u8], width: usize, entries: bool) -> Option<Vec<u8>>
 }
 
 /// The most bytes the resource at `path` can hold: a signed note, a hash
-/// tile (256 hashes) or an entry bundle (256 entries of a length prefix and
-/// at most [`crate::audit::tiles::MAX_ENTRY_BYTES`]).
+/// tile (32 bytes a hash) or an entry bundle (a length prefix and at most
+/// [`crate::audit::tiles::MAX_ENTRY_BYTES`] an entry), of its width (256
+/// unless the path says `.p/W`).
 fn max_resource_bytes(path: &str) -> u64 {
-    use crate::audit::tiles::{MAX_ENTRY_BYTES, TILE_WIDTH};
+    use crate::audit::tiles::{Tile, MAX_ENTRY_BYTES, TILE_WIDTH};
     if path == "checkpoint" {
-        crate::audit::note::MAX_NOTE_BYTES as u64
-    } else if path.starts_with("tile/entries/") {
-        TILE_WIDTH * (2 + MAX_ENTRY_BYTES as u64)
+        return crate::audit::note::MAX_NOTE_BYTES as u64;
+    }
+    let tile = path.strip_prefix("tile/").and_then(|p| Tile::parse(p).ok());
+    let width = tile.as_ref().map_or(TILE_WIDTH, |t| u64::from(t.width));
+    if tile.as_ref().is_some_and(|t| t.level.is_none()) || path.starts_with("tile/entries/") {
+        width * (2 + MAX_ENTRY_BYTES as u64)
     } else {
-        TILE_WIDTH * 32
+        width * 32
     }
 }
 
@@ -1655,5 +1659,21 @@ mod tests {
         );
         std::fs::write(&big, vec![0u8; 8192]).unwrap();
         assert_eq!(read_regular(&big, 8192).unwrap().len(), 8192);
+        // A partial tile's bound is its width's.
+        assert_eq!(max_resource_bytes("tile/0/000.p/3"), 96);
+        assert_eq!(
+            max_resource_bytes("tile/entries/000.p/1"),
+            2 + crate::audit::tiles::MAX_ENTRY_BYTES as u64
+        );
+        assert_eq!(
+            max_resource_bytes("tile/entries/x001/000"),
+            256 * (2 + crate::audit::tiles::MAX_ENTRY_BYTES as u64)
+        );
+        std::fs::write(&big, vec![0u8; 97]).unwrap();
+        let err = read_regular(&big, max_resource_bytes("tile/0/000.p/3")).unwrap_err();
+        assert!(
+            format!("{err}").contains("larger than the 96 bytes"),
+            "{err}"
+        );
     }
 }

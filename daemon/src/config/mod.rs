@@ -698,7 +698,7 @@ pub fn postgres_target(
     v.store(
         raw::RawStore {
             path: None,
-            url: Some(url),
+            url: Some(raw::Unshown(url)),
             password_file,
             password_env,
             password: None,
@@ -726,7 +726,7 @@ impl Validator<'_> {
                  or password_env",
             ));
         }
-        let url = match (raw.path, raw.url) {
+        let url = match (raw.path, raw.url.map(|url| url.0)) {
             (Some(path), None) => {
                 for (field, set) in [
                     ("store.password_file", raw.password_file.is_some()),

@@ -5,6 +5,19 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+/// A value that may hold a secret someone wrongly wrote into the file (a
+/// PIN, a password, a URL with one): `Debug` prints a placeholder, so that
+/// printing a raw config can never show it.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct Unshown<T>(pub(super) T);
+
+impl<T> std::fmt::Debug for Unshown<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<not shown>")
+    }
+}
+
 /// The whole file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -114,7 +127,7 @@ pub struct RawHsm {
     pub(super) pin_file: Option<PathBuf>,
     pub(super) pin_env: Option<String>,
     /// Present only to refuse it with a reason.
-    pub(super) pin: Option<toml::Value>,
+    pub(super) pin: Option<Unshown<toml::Value>>,
     pub(super) refused_pin_record: Option<PathBuf>,
     pub(super) sessions: Option<usize>,
     pub(super) call_timeout_ms: Option<u64>,
@@ -136,12 +149,13 @@ pub struct RawQuirks {
 pub struct RawStore {
     /// An SQLite file.
     pub(super) path: Option<PathBuf>,
-    /// Or a PostgreSQL URL, with the settings below.
-    pub(super) url: Option<String>,
+    /// Or a PostgreSQL URL, with the settings below (one holding a
+    /// password is refused, after this is printed, if ever).
+    pub(super) url: Option<Unshown<String>>,
     pub(super) password_file: Option<PathBuf>,
     pub(super) password_env: Option<String>,
     /// Present only to refuse it with a reason.
-    pub(super) password: Option<toml::Value>,
+    pub(super) password: Option<Unshown<toml::Value>>,
     pub(super) ca_file: Option<PathBuf>,
     pub(super) pool_size: Option<u64>,
     pub(super) pool_wait_secs: Option<u64>,

@@ -1344,6 +1344,25 @@ fn the_pin_never_shows_in_debug() {
     assert!(!shown.contains(pin), "{shown}");
 }
 
+/// A secret wrongly written into the file (a PIN, a password, a URL with
+/// one), refused at load, is not shown by the raw config's `Debug` either.
+#[test]
+fn secrets_written_into_the_file_never_show_in_the_raw_configs_debug() {
+    let text = PG
+        .replace("pin_file = \"pin\"", "pin = \"pin-7g3k-unique\"")
+        .replace("lavd@db.example", "lavd:pw-9x2q-unique@db.example")
+        .replace(
+            "password_file = \"dbpass\"",
+            "password = \"pw-4m8t-unique\"",
+        );
+    let raw = super::RawConfig::parse(&text).unwrap();
+    let shown = format!("{raw:?} {raw:#?}");
+    assert!(shown.contains("<not shown>"), "{shown}");
+    for secret in ["pin-7g3k-unique", "pw-9x2q-unique", "pw-4m8t-unique"] {
+        assert!(!shown.contains(secret), "{secret}: {shown}");
+    }
+}
+
 /// Two listeners clash on the same port when their addresses are the same
 /// or one is the wildcard that takes the other's (`0.0.0.0` for IPv4,
 /// `[::]` for both families); port 0 never clashes, and `0.0.0.0` leaves
