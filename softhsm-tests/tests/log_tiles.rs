@@ -162,7 +162,7 @@ fn the_log_served_as_tiles_verifies_against_its_checkpoint() {
     ] {
         let message = c.auditor.get(&missing).assert_error(404, "not_found");
         assert!(
-            message.contains(&format!("the newest checkpoint has {size}")),
+            message.contains(&format!("the newest checkpoint served has {size}")),
             "{missing}: {message}"
         );
     }

@@ -292,7 +292,22 @@ fn unwraps_wait_for_the_witness_quorum_and_the_log_verifies_under_the_policy() {
     ]));
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&stale).unwrap()).unwrap();
     assert_eq!(v["period"]["observed"], serde_json::Value::Null, "{v}");
-    assert!(v["verification"]["size"].as_u64().unwrap() < after.len() as u64);
+    let served = v["verification"]["size"].as_u64().unwrap();
+    assert!(served < after.len() as u64);
+    // No tile beyond the checkpoint served, though the log signed one:
+    // the leaves past it are published only with a checkpoint covering
+    // them. Before, the log's own newest checkpoint bounded the tiles.
+    let bundle = |width: u64| {
+        c.auditor
+            .get(&format!("/v1/log/tile/entries/000.p/{width}"))
+    };
+    let r = bundle(after.len() as u64);
+    let message = r.assert_error(404, "not_found");
+    assert!(
+        message.contains(&format!("the newest checkpoint served has {served}")),
+        "{message}"
+    );
+    assert_eq!(bundle(served).status, 200);
 
     // Steps 4b-4e: an unwrap of `body` held at its witness wait (w1
     // stopped: its requests time out) until `during` has run, once the

@@ -627,19 +627,33 @@ pub async fn log_tile(path: String, state: Arc<ServerState>) -> Result<Response,
         // served as immutable.
         let head = state.audit.latest_signed_head().map_err(log_error)?;
         let size = head.map_or(0, |(size, _)| size);
+        // With witnesses, the checkpoint served is the quorum's newest,
+        // which may be older than the log's (a witness down): no tile
+        // beyond it either, or leaves would be published that no checkpoint
+        // served covers (C2SP tlog-tiles: a client fetches a partial tile
+        // only for a checkpoint that needs it). Its size only lowers the
+        // bound, so it is read, not verified again.
+        let served = match &state.witnessing {
+            None => size,
+            Some(w) => w
+                .served()
+                .map_err(store_error)?
+                .and_then(|note| note.split('\n').nth(1)?.parse::<u64>().ok())
+                .map_or(size, |served| served.min(size)),
+        };
         // Beyond the checkpoint (or beyond any tree): not there yet.
         let not_covered = |needed: String| ApiError::Refused {
             code: "not_found",
             status: StatusCode::NOT_FOUND,
             message: format!(
-                "tile {} needs a tree of {needed} leaves; the newest checkpoint has {size}",
+                "tile {} needs a tree of {needed} leaves; the newest checkpoint served has {served}",
                 tile.path()
             ),
         };
         let (Some(needed), Some(first)) = (tile.needs_tree_size(), tile.first_node()) else {
             return Err(not_covered("more than 2^64 - 1".into()));
         };
-        if needed > size {
+        if needed > served {
             return Err(not_covered(needed.to_string()));
         }
         let end = first + u64::from(tile.width);
