@@ -1,25 +1,48 @@
 //! Per-identity token buckets (`limits.rate_limit_per_second`,
 //! `limits.rate_limit_burst`).
 //!
-//! Keyed by the certificate's URI SAN, so one misbehaving client cannot
-//! starve the others, however many connections it opens. Buckets of
-//! identities that have been quiet long enough to be full again carry no
-//! information and are dropped when the table grows, so a CA that issues
-//! many identities cannot grow it without bound.
+//! Keyed by the certificate's URI SAN (on the public log listener and the
+//! witness, by the peer's address: [`peer_key`]), so one misbehaving
+//! client cannot starve the others, however many connections it opens.
+//! Buckets of keys that have been quiet long enough to be full again carry
+//! no information and are dropped when the table grows (each time it has
+//! doubled since, so that the scan costs O(1) a new key). The table holds
+//! at most [`MAX_KEYS`]: beyond, new keys share one bucket until pruning
+//! makes room (at most once a second once there), so that many addresses
+//! (an IPv6 prefix's /64s) cannot grow it without bound or make each new
+//! one scan it whole, while the keys already held keep their own.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Above this many identities, full buckets are pruned.
+/// Above this many keys, full buckets are pruned.
 const PRUNE_ABOVE: usize = 4096;
+
+/// The most keys with a bucket of their own (about 6 MiB of table).
+pub const MAX_KEYS: usize = 1 << 16;
+
+/// The bucket new keys share while the table is full. No identity or
+/// address is empty.
+const SHARED: &str = "";
 
 /// A token-bucket rate limiter per identity.
 #[derive(Debug)]
 pub struct RateLimiter {
     per_second: f64,
     burst: f64,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    table: Mutex<Table>,
+}
+
+#[derive(Debug)]
+struct Table {
+    buckets: HashMap<String, Bucket>,
+    /// Pruned when a new key comes with more buckets than this.
+    prune_above: usize,
+    /// When it was last pruned with the table full.
+    pruned_full: Option<Instant>,
+    /// Prunes so far (for the tests).
+    prunes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +58,12 @@ impl RateLimiter {
         RateLimiter {
             per_second,
             burst: f64::from(burst.max(1)),
-            buckets: Mutex::new(HashMap::new()),
+            table: Mutex::new(Table {
+                buckets: HashMap::new(),
+                prune_above: PRUNE_ABOVE,
+                pruned_full: None,
+                prunes: 0,
+            }),
         }
     }
 
@@ -62,15 +90,32 @@ impl RateLimiter {
         // A panic elsewhere while holding the lock cannot leave a bucket
         // half-updated in a way that matters (worst case one request's
         // accounting), so a poisoned lock is still usable.
-        let mut buckets = self
-            .buckets
+        let mut table = self
+            .table
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() > PRUNE_ABOVE && !buckets.contains_key(identity) {
+        let table = &mut *table;
+        let known = table.buckets.contains_key(identity);
+        let full = table.buckets.len() >= MAX_KEYS;
+        let due = !full
+            || table
+                .pruned_full
+                .is_none_or(|at| now.saturating_duration_since(at) >= Duration::from_secs(1));
+        if !known && table.buckets.len() > table.prune_above && due {
             let (rate, burst) = (self.per_second, self.burst);
-            buckets.retain(|_, b| refill(*b, now, rate, burst).tokens < burst);
+            table
+                .buckets
+                .retain(|_, b| refill(*b, now, rate, burst).tokens < burst);
+            table.prunes += 1;
+            table.pruned_full = full.then_some(now);
+            table.prune_above = (2 * table.buckets.len()).clamp(PRUNE_ABOVE, MAX_KEYS - 1);
         }
-        let bucket = buckets.entry(identity.to_string()).or_insert(Bucket {
+        let key = if !known && table.buckets.len() >= MAX_KEYS {
+            SHARED
+        } else {
+            identity
+        };
+        let bucket = table.buckets.entry(key.to_string()).or_insert(Bucket {
             tokens: self.burst,
             at: now,
         });
@@ -271,6 +316,42 @@ mod tests {
         }
         let later = t0 + Duration::from_secs(1);
         limiter.check("spiffe://new", later).unwrap();
-        assert_eq!(limiter.buckets.lock().unwrap().len(), 1);
+        assert_eq!(limiter.table.lock().unwrap().buckets.len(), 1);
+    }
+
+    /// Keys whose buckets never fill again (a rate of one token in 1,000
+    /// s, addresses from an IPv6 prefix's /64s): the table stops at
+    /// `MAX_KEYS`, pruned each time it doubled, and then at most once a
+    /// second, not once for each new key; new keys share one bucket
+    /// meanwhile, while the keys held keep theirs. Before, the table grew
+    /// with every key, and each new one scanned it whole.
+    #[test]
+    fn keys_that_never_fill_again_cannot_grow_the_table_without_bound() {
+        let limiter = RateLimiter::new(0.001, 1);
+        let t0 = Instant::now();
+        for i in 0..MAX_KEYS + 10_000 {
+            let _ = limiter.check(&format!("2001:db8:{i:x}::/64"), t0);
+        }
+        {
+            let table = limiter.table.lock().unwrap();
+            assert_eq!(
+                table.buckets.len(),
+                MAX_KEYS + 1,
+                "the keys and the shared one"
+            );
+            // 4096 → 8192 → … → 65,535, then once at the full table.
+            assert!(table.prunes <= 6, "{} prunes", table.prunes);
+        }
+        // The new keys shared one bucket, spent by the first of them.
+        assert!(limiter.check("2001:db8:ffff:1::/64", t0).is_err());
+        assert!(limiter.check("2001:db8:ffff:2::/64", t0).is_err());
+        // A key held keeps its own (spent) bucket.
+        assert!(limiter.check("2001:db8:0::/64", t0).is_err());
+        // Once buckets are full again (1,000 s on), a new key prunes the
+        // table (at most once a second) and has a bucket of its own.
+        let later = t0 + Duration::from_secs(1001);
+        assert!(limiter.check("2001:db8:ffff:3::/64", later).is_ok());
+        let table = limiter.table.lock().unwrap();
+        assert_eq!(table.buckets.len(), 1);
     }
 }
