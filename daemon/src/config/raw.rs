@@ -246,13 +246,33 @@ impl RawConfig {
 pub(super) fn parse_toml<T: serde::de::DeserializeOwned>(
     text: &str,
 ) -> Result<T, (String, String)> {
-    toml::from_str(text).map_err(|e| {
-        let field = e
+    toml::from_str(text).map_err(|mut e| {
+        let place = e
             .span()
             .map(|span| locate(text, span.start))
             .unwrap_or_else(|| "(file)".into());
-        (field, e.message().trim().to_string())
+        let reason = e.message().trim().to_string();
+        // The key's path as the field, its place in the reason.
+        match key_path(&mut e) {
+            Some(path) => (path, format!("{reason} (at {place})")),
+            None => (place, reason),
+        }
     })
+}
+
+/// The dotted path of the key a type or range error is about
+/// (`limits.max_batch` for `max_batch = -1`), where the parser knows it:
+/// toml keeps it but shows it only in an error's text without the input,
+/// as its last line, `in `…``.
+fn key_path(e: &mut toml::de::Error) -> Option<String> {
+    e.set_input(None);
+    let shown = e.to_string();
+    let path = shown
+        .lines()
+        .last()?
+        .strip_prefix("in `")?
+        .strip_suffix('`')?;
+    (!path.is_empty()).then(|| path.to_string())
 }
 
 /// `line N` plus the enclosing `[table]`, for a byte offset.

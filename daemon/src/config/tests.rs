@@ -245,7 +245,9 @@ fn module_resets_are_off_unless_set_and_bounded() {
 fn unknown_fields_are_refused_with_their_place() {
     let e = load(&format!("{GOOD}\nbogus = 1\n"), &[]).unwrap_err();
     assert!(e.reason.contains("bogus"), "{e}");
-    assert!(e.field.contains("[store]"), "{e}");
+    // The table the key is in, and where.
+    assert_eq!(e.field, "store", "{e}");
+    assert!(e.reason.contains("(at [store] line "), "{e}");
 }
 
 const TLS: &str = r#"
@@ -1342,6 +1344,27 @@ fn the_pin_never_shows_in_debug() {
     let shown = format!("{settings:?} {settings:#?}");
     assert!(shown.contains("<redacted>"), "{shown}");
     assert!(!shown.contains(pin), "{shown}");
+}
+
+/// A value of the wrong type or out of its type's range names its key's
+/// dotted path, not only where it is (STYLE 7: file, field and reason).
+/// Before, `[limits] line 7`. A syntax error, which is about no key,
+/// still names its table and line.
+#[test]
+fn a_value_of_the_wrong_type_names_its_field() {
+    for (extra, field) in [
+        ("[limits]\nmax_batch = -1\n", "limits.max_batch"),
+        ("[limits]\nmax_batch = \"4\"\n", "limits.max_batch"),
+    ] {
+        let e = load(&format!("{GOOD}{extra}"), &[]).unwrap_err();
+        assert_eq!(e.field, field, "{extra}: {}", e.reason);
+        assert!(!e.reason.is_empty());
+    }
+    let sessions = GOOD.replace("pin_file = \"pin\"", "pin_file = \"pin\"\nsessions = \"4\"");
+    let e = load(&sessions, &[]).unwrap_err();
+    assert_eq!(e.field, "hsm.sessions", "{}", e.reason);
+    let e = load(&format!("{GOOD}[limits]\nmax_batch = = 1\n"), &[]).unwrap_err();
+    assert!(e.field.starts_with("[limits] line "), "{}", e.field);
 }
 
 /// A secret wrongly written into the file (a PIN, a password, a URL with
