@@ -247,8 +247,19 @@ fn a_store_is_probed_without_being_made(b: &Backend) {
                 .unwrap();
         }
     }
-    drop(b.open());
+    let store = b.open();
     assert_eq!(lavd::store::probe_existing(&settings).unwrap(), Ok(()));
+    // The schema alone begins no log: a store that may be made there is
+    // still new (refused beside a token holding escrow keys).
+    let why = lavd::store::probe_log_begun(&settings)
+        .unwrap()
+        .expect_err("no leaf yet");
+    assert!(
+        why.contains("holds lavd's schema but no audit leaf"),
+        "{why}"
+    );
+    store.append(batch(vec![key_event(0)])).unwrap();
+    assert_eq!(lavd::store::probe_log_begun(&settings).unwrap(), Ok(()));
 }
 
 fn now() -> OffsetDateTime {

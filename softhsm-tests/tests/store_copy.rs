@@ -125,6 +125,36 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     let out = copy(&other);
     softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
     assert_eq!(db.rows("audit_leaves"), 0);
+    // It left lavd's schema there (its connection migrates before the
+    // copy's transaction) but no leaf: `lavd serve` and `lavd keys
+    // generate` pointed there take it for a new store, refused beside a
+    // token that holds another store's escrow keys (E-1), as no store at
+    // all is. Before, the schema made it a store: a second log began
+    // there, a fork of the one in SQLite.
+    assert!(db.rows("pg_tables WHERE schemaname = 'public'") > 0);
+    db.write_token_config(&t, &config);
+    let generate = [
+        "keys",
+        "generate",
+        "--kid",
+        "E-2",
+        "--not-before",
+        "2026-12-01T00:00:00Z",
+        "--not-after",
+        "2099-01-01T00:00:00Z",
+        "--destroy-after",
+        "2099-06-01T00:00:00Z",
+    ];
+    for command in [&generate[..], &["serve"][..]] {
+        let stderr =
+            softhsm_tests::assert_fails_with(&t.lavd_with_config(command), 1, "store_missing");
+        assert!(
+            stderr.contains("holds lavd's schema but no audit leaf") && stderr.contains("E-1"),
+            "{stderr}"
+        );
+    }
+    assert_eq!(db.rows("audit_leaves"), 0);
+    t.write_config(&config);
     // A source holding an open intent (HSM opens of a process that stopped
     // before their audit commit) is refused: its leaves are not in the log
     // yet, and `lavd serve` writes them at its start.

@@ -117,7 +117,7 @@ impl KeysCommand {
                 keys::check_kid(&kid)?;
                 // Looked at before anything could make it: a generation
                 // makes its store only beside a token without escrow keys.
-                let absent = crate::store::probe_existing(&settings.store)?.err();
+                let absent = crate::store::probe_log_begun(&settings.store)?.err();
                 let hsm = super::open_hsm_minding(settings.refused_pin_record.as_ref(), || {
                     Hsm::open(settings.hsm)
                 })?;

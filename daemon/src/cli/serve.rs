@@ -173,7 +173,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     // The store looked at before anything could create it: one that is not
     // there is made only beside a token without escrow keys, so the HSM is
     // asked first then.
-    let (hsm, store) = match crate::store::probe_existing(&settings.store)?.err() {
+    // A store without a leaf is new too, however it got its schema (a
+    // refused `lavd store copy` migrated its target).
+    let (hsm, store) = match crate::store::probe_log_begun(&settings.store)?.err() {
         Some(why) => {
             let hsm = open_hsm(settings.hsm)?;
             // The audit key first: a token whose objects cannot be seen

@@ -31,8 +31,8 @@ pub enum StoreCommand {
     /// checkpoints, in one transaction. The log is re-verified on the way
     /// (every checkpoint's signature under `--key` and its root against the
     /// copied leaves; the root must come out identical). Refuses a target
-    /// that is not empty; an interrupted copy commits nothing, so it is safe
-    /// to run again. Stop the daemon that uses the SQLite file first.
+    /// that is not empty; an interrupted copy commits none of the copied
+    /// rows (the target may keep lavd's schema), so it is safe to run again. Stop the daemon that uses the SQLite file first.
     Copy {
         /// The SQLite database file.
         #[arg(long, value_name = "FILE")]

@@ -55,6 +55,54 @@ pub fn probe_existing(settings: &StoreSettings) -> Result<Result<(), String>, St
     }
 }
 
+/// [`probe_existing`], and a log begun in it: `Ok(Err(why))` also for a
+/// store that holds lavd's schema but no audit leaf, which is a new store
+/// however it got its schema (a `lavd store copy` refused after it
+/// migrated its target, a `lavd store migrate --new`, a first start that
+/// stopped before its first commit). For the commands that may make a
+/// store, which must refuse to begin a log beside a token that holds
+/// another store's escrow keys: every store that recorded anything holds a
+/// leaf (a key's generation, a start's `authorities_loaded`).
+///
+/// # Errors
+/// As [`probe_existing`].
+pub fn probe_log_begun(settings: &StoreSettings) -> Result<Result<(), String>, StoreError> {
+    if let Err(why) = probe_existing(settings)? {
+        return Ok(Err(why));
+    }
+    let begun = match settings {
+        StoreSettings::Sqlite { path } => {
+            let read = || -> Result<bool, rusqlite::Error> {
+                let conn = rusqlite::Connection::open_with_flags(
+                    path,
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                conn.busy_timeout(std::time::Duration::from_secs(5))?;
+                conn.query_row("SELECT EXISTS (SELECT 1 FROM audit_leaves)", [], |row| {
+                    row.get(0)
+                })
+            };
+            read().map_err(|source| StoreError::Sqlite {
+                path: path.clone(),
+                source,
+            })?
+        }
+        StoreSettings::Postgres(pg) => PgStore::holds_leaves(pg)?,
+    };
+    Ok(if begun {
+        Ok(())
+    } else {
+        let store = match settings {
+            StoreSettings::Sqlite { path } => path.display().to_string(),
+            StoreSettings::Postgres(pg) => pg.url.clone(),
+        };
+        Err(format!(
+            "{store} holds lavd's schema but no audit leaf: no log was begun in it"
+        ))
+    })
+}
+
 /// [`probe_existing`] for a SQLite file. Read only: the file is not
 /// changed (SQLite may create the `-wal` and `-shm` files of a WAL
 /// database beside it).

@@ -794,6 +794,20 @@ impl PgStore {
         row.try_get(0).map_err(|e| store.pg_err(e))
     }
 
+    /// Whether the audit log holds a leaf (a database that
+    /// [`Self::holds_schema`]).
+    ///
+    /// # Errors
+    /// The server's.
+    pub fn holds_leaves(settings: &PgSettings) -> Result<bool, StoreError> {
+        let store = Self::new(settings)?;
+        let mut conn = store.pool.get()?;
+        let row = conn
+            .query_one("SELECT EXISTS (SELECT 1 FROM audit_leaves)", &[])
+            .map_err(|e| store.pg_err(e))?;
+        row.try_get(0).map_err(|e| store.pg_err(e))
+    }
+
     /// The store without touching the server (connections open on demand).
     fn new(settings: &PgSettings) -> Result<Self, StoreError> {
         let unusable = |reason: String| StoreError::Unavailable {
