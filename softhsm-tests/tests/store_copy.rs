@@ -155,6 +155,19 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     }
     assert_eq!(db.rows("audit_leaves"), 0);
     t.write_config(&config);
+    // A target emptied by hand of all but an open intent is not empty: a
+    // replica's sweep would log it for a warrant never asked there.
+    db.client()
+        .batch_execute(
+            "INSERT INTO open_intents (warrant_id, expires_at, leaves) \
+             VALUES ('W-ELSEWHERE', now(), ARRAY[]::BYTEA[])",
+        )
+        .unwrap();
+    let stderr = softhsm_tests::assert_fails_with(&copy(&key), 1, "store_copy_refused");
+    assert!(stderr.contains("is not empty (1 rows)"), "{stderr}");
+    db.client()
+        .batch_execute("DELETE FROM open_intents")
+        .unwrap();
     // A source holding an open intent (HSM opens of a process that stopped
     // before their audit commit) is refused: its leaves are not in the log
     // yet, and `lavd serve` writes them at its start.

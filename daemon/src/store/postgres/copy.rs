@@ -65,11 +65,22 @@ impl PgStore {
         self.size_in(&mut tx, true)?;
         let used: i64 = tx
             .query_one(
+                // Every table a store writes, and the head's size: a
+                // database emptied by hand of some tables only (its open
+                // intents kept, which a replica's sweep would log as
+                // `open_interrupted` for warrants never asked of it) is
+                // not empty.
                 "SELECT (SELECT count(*) FROM escrow_keys) + (SELECT count(*) FROM warrants)
                       + (SELECT count(*) FROM warrant_revocations)
+                      + (SELECT count(*) FROM warrant_reservations)
+                      + (SELECT count(*) FROM cancelled_reservations)
+                      + (SELECT count(*) FROM open_intents)
                       + (SELECT count(*) FROM audit_leaves)
+                      + (SELECT count(*) FROM audit_nodes)
+                      + (SELECT count(*) FROM audit_commit_marks)
                       + (SELECT count(*) FROM audit_checkpoints)
-                      + (SELECT count(*) FROM audit_cosignatures)",
+                      + (SELECT count(*) FROM audit_cosignatures)
+                      + (SELECT coalesce(sum(size), 0) FROM audit_head)::bigint",
                 &[],
             )
             .and_then(|r| r.try_get(0))
