@@ -470,6 +470,67 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
     assert!(format!("{e:#}").starts_with("--alg: "), "{e:#}");
     assert!(!out.exists());
+    // One file for both halves: refused before anything is written (the
+    // public half was renamed over the private one, exit 0).
+    let e = run(&[
+        "keygen",
+        "--kid",
+        "k",
+        "--out",
+        s(&out),
+        "--public-out",
+        s(&out),
+    ])
+    .unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(format!("{e:#}").contains("the same file"), "{e:#}");
+    assert!(!out.exists());
+}
+
+/// `keygen --alg ECDH-ES` makes an agency's recipient key: a P-256 pair
+/// marked for key agreement, whose public half `new --recipient` takes and
+/// whose private half opens (its public key is the one in the warrant).
+#[test]
+fn keygen_makes_a_recipient_key_that_new_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (private, public) = (dir.path().join("r.jwk"), dir.path().join("r.pub.jwk"));
+    run(&[
+        "keygen",
+        "--alg",
+        "ECDH-ES",
+        "--kid",
+        "agency-recipient-1",
+        "--out",
+        s(&private),
+        "--public-out",
+        s(&public),
+    ])
+    .unwrap();
+    let public_jwk: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&public).unwrap()).unwrap();
+    assert_eq!(public_jwk["use"], "enc");
+    assert_eq!(public_jwk["alg"], "ECDH-ES");
+    assert_eq!(public_jwk["kid"], "agency-recipient-1");
+    assert!(public_jwk.get("d").is_none());
+    let key = lavd::jwk::P256PrivateKey::from_jwk(
+        &lavd::jwk::Jwk::from_json(&std::fs::read(&private).unwrap()).unwrap(),
+    )
+    .unwrap();
+    let out = dir.path().join("w.json");
+    let mut args: Vec<&str> = vec!["new"];
+    args.extend_from_slice(NEW_FLAGS);
+    args.extend_from_slice(&["--recipient", s(&public), "--out", s(&out)]);
+    run(&args).unwrap();
+    let jws: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let claims: serde_json::Value =
+        serde_json::from_slice(&lavd::codec::b64_decode(jws["payload"].as_str().unwrap()).unwrap())
+            .unwrap();
+    let recipient = lavd::jwk::P256PublicKey::from_jwk(
+        &lavd::jwk::Jwk::from_json(claims["recipient"].to_string().as_bytes()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(recipient, *key.public());
 }
 
 /// A time flag that is not RFC 3339 UTC is a usage error naming the flag;
@@ -514,7 +575,40 @@ fn bad_times_and_key_files_have_their_codes() {
     .unwrap();
     let not_json = dir.path().join("not.jwk");
     std::fs::write(&not_json, "not json").unwrap();
-    for (file, says) in [(&private, "private key (`d`)"), (&not_json, "recipient ")] {
+    // A signing key (an authority's, from `keygen --alg ES256`) or an
+    // escrow key is no recipient: the flag takes what the claims take
+    // (helper-219's 1: it took them, dropping their members, and results
+    // were sealed to a key no agency opens with).
+    let signing = dir.path().join("signing.pub.jwk");
+    let e = run(&[
+        "keygen",
+        "--kid",
+        "exec-9",
+        "--out",
+        s(&dir.path().join("signing.jwk")),
+        "--public-out",
+        s(&signing),
+    ]);
+    e.unwrap();
+    let public = P256PrivateKey::generate().unwrap().public().to_jwk();
+    let with = |name: &str, member: &str, value: &str| {
+        let path = dir.path().join(name);
+        let mut jwk = serde_json::to_value(&public).unwrap();
+        jwk[member] = serde_json::Value::String(value.into());
+        std::fs::write(&path, jwk.to_string()).unwrap();
+        path
+    };
+    let use_sig = with("use-sig.jwk", "use", "sig");
+    let alg_es256 = with("alg.jwk", "alg", "ES256");
+    let escrow = with("escrow.jwk", "lav_suite", "16-1-2");
+    for (file, says) in [
+        (&private, "private key (`d`)"),
+        (&not_json, "recipient "),
+        (&signing, "`recipient.use` must be \"enc\""),
+        (&use_sig, "`recipient.use` must be \"enc\""),
+        (&alg_es256, "`recipient.alg` must name key agreement"),
+        (&escrow, "`recipient.lav_suite` is not a member"),
+    ] {
         let e = new_with("--id", "OP-2026-0042", file);
         assert_eq!(
             lavd::cli::error_code(&e),

@@ -40,7 +40,7 @@ fn executive_then_judicial_signature_is_accepted_by_inspect() {
         "warrant",
         "keygen",
         "--alg",
-        "ES256",
+        "ECDH-ES",
         "--kid",
         "agency-recipient",
         "--out",

@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use time::OffsetDateTime;
 
 use crate::codec::{b64_encode, format_time_exact, parse_time};
-use crate::jwk::{Jwk, P256PublicKey};
+use crate::jwk::Jwk;
 use crate::warrant::sign::{add_signature, unsigned_warrant};
 use crate::warrant::{
     jws, Algorithm, AuthorityKey, Claims, TrustStore, Verifier, WarrantError, WarrantLimits,
@@ -138,10 +138,13 @@ pub struct InspectArgs {
 /// `lavd warrant keygen`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct KeygenArgs {
-    /// `ES256` or `EdDSA`.
+    /// `ES256` or `EdDSA` (an authority's signing key), or `ECDH-ES` (an
+    /// agency's recipient key, P-256, `use` `enc`: what `lavd warrant new
+    /// --recipient` takes and `lavd open --recipient-key` opens with).
     #[arg(long, default_value = "ES256")]
     pub alg: String,
-    /// The authority's kid, as it will appear in the trust config.
+    /// The key's kid: an authority's, as it will appear in the trust
+    /// config.
     #[arg(long)]
     pub kid: String,
     /// Private JWK file to create (mode 0600; never overwritten).
@@ -322,14 +325,11 @@ impl NewArgs {
             .ok_or_else(|| missing("recipient"))?;
         let jwk =
             Jwk::from_json(&read(recipient_path)?).map_err(|e| bad_recipient(recipient_path, e))?;
-        if jwk.d.is_some() {
-            return Err(bad_recipient(
-                recipient_path,
-                "it contains a private key (`d`); give the agency's public JWK",
-            ));
-        }
-        let recipient =
-            P256PublicKey::from_jwk(&jwk).map_err(|e| bad_recipient(recipient_path, e))?;
+        // The claims' one rule for a recipient (a signing key or an escrow
+        // key is none), not a looser one of its own: the members it would
+        // refuse are not in the claims built below.
+        let recipient = crate::warrant::claims::recipient_key(&jwk)
+            .map_err(|e| bad_recipient(recipient_path, e))?;
         if self.targets.is_empty() {
             return Err(super::Refused::new(
                 "usage",
@@ -601,12 +601,45 @@ fn describe_claims(text: &mut String, c: &Claims, payload: &[u8], all_targets: b
 
 impl KeygenArgs {
     fn run(&self) -> anyhow::Result<()> {
-        let alg = Algorithm::from_name(&self.alg)
-            .map_err(|e: WarrantError| super::Refused::new("usage", format!("--alg: {e}")))?;
-        let key = AuthorityKey::generate(alg, &self.kid)?;
-        let private = zeroize::Zeroizing::new(serde_json::to_string(&key.private_jwk()?)?);
+        if self.public_out.as_deref() == Some(self.out.as_path()) {
+            return Err(super::Refused::new(
+                "usage",
+                "--out and --public-out name the same file: the public key would replace the \
+                 private one",
+            )
+            .into());
+        }
+        let (private, public) = if self.alg == RECIPIENT_ALG {
+            // Checked by the one rule for a warrant's recipient before it
+            // is written.
+            let key = crate::jwk::P256PrivateKey::generate()?;
+            let public = Jwk {
+                kid: Some(self.kid.clone()),
+                use_: Some("enc".into()),
+                alg: Some(RECIPIENT_ALG.into()),
+                ..key.public().to_jwk()
+            };
+            crate::warrant::claims::recipient_key(&public)
+                .map_err(|e| super::Refused::new("usage", format!("--kid: {e}")))?;
+            let private = Jwk {
+                d: key.to_private_jwk().d,
+                ..public.clone()
+            };
+            (
+                zeroize::Zeroizing::new(serde_json::to_string(&private)?),
+                serde_json::to_string(&public)?,
+            )
+        } else {
+            let alg = Algorithm::from_name(&self.alg).map_err(|e: WarrantError| {
+                super::Refused::new("usage", format!("--alg: {e}, or {RECIPIENT_ALG}"))
+            })?;
+            let key = AuthorityKey::generate(alg, &self.kid)?;
+            (
+                zeroize::Zeroizing::new(serde_json::to_string(&key.private_jwk()?)?),
+                serde_json::to_string(&key.public_jwk()?)?,
+            )
+        };
         write_private(&self.out, &private)?;
-        let public = serde_json::to_string(&key.public_jwk()?)?;
         // A public half that cannot be written takes the private one with
         // it: a private key whose public half nobody has would stop a rerun
         // (keygen never overwrites a key) and serve no one.
@@ -620,6 +653,9 @@ impl KeygenArgs {
         })
     }
 }
+
+/// `lavd warrant keygen --alg` for an agency's recipient key.
+const RECIPIENT_ALG: &str = "ECDH-ES";
 
 /// Creates a new file readable only by its owner; never overwrites a key.
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -169,6 +169,56 @@ fn check_list(
     Ok(())
 }
 
+/// The warrant's `recipient`: a public P-256 key agreement key, the one
+/// definition of what may be one, for the claims and for `lavd warrant
+/// new --recipient` alike.
+///
+/// # Errors
+/// [`WarrantError::Malformed`] naming the member.
+pub fn recipient_key(jwk: &Jwk) -> Result<P256PublicKey, WarrantError> {
+    if jwk.d.is_some() {
+        return Err(malformed(
+            "`recipient` contains a private key (`d`); give the public JWK only",
+        ));
+    }
+    // A key agreement key (RFC 7517 §4.2 `use`: `enc`; an `alg`, if
+    // any, of the ECDH-ES family, RFC 7518 §4.6, which JOSE libraries
+    // write on such keys), and nothing that belongs to another kind of
+    // key: a signing algorithm, an escrow key's suite and dates.
+    if jwk.use_.as_deref().is_some_and(|u| u != "enc") {
+        return Err(malformed(
+            "`recipient.use` must be \"enc\" (results are sealed to it), or absent",
+        ));
+    }
+    if let Some(alg) = jwk.alg.as_deref() {
+        if !matches!(
+            alg,
+            "ECDH-ES" | "ECDH-ES+A128KW" | "ECDH-ES+A192KW" | "ECDH-ES+A256KW"
+        ) {
+            return Err(malformed(
+                "`recipient.alg` must name key agreement (ECDH-ES, RFC 7518 §4.6), or be \
+                 absent: results are sealed to this key",
+            ));
+        }
+    }
+    for (member, present) in [
+        ("lav_suite", jwk.lav_suite.is_some()),
+        ("not_before", jwk.not_before.is_some()),
+        ("not_after", jwk.not_after.is_some()),
+    ] {
+        if present {
+            return Err(malformed(format_args!(
+                "`recipient.{member}` is not a member of a recipient key (kty, crv, x, y, \
+                 and optionally kid, use and alg)"
+            )));
+        }
+    }
+    if let Some(kid) = &jwk.kid {
+        check_text("recipient.kid", kid, MAX_RECIPIENT_KID_CHARS)?;
+    }
+    P256PublicKey::from_jwk(jwk).map_err(|e| malformed(format_args!("`recipient`: {e}")))
+}
+
 impl Claims {
     /// Parses the JWS payload bytes strictly (unknown, duplicate or `null`
     /// members, trailing data, out-of-bounds values are all refused).
@@ -180,49 +230,7 @@ impl Claims {
         check_bound("id", &raw.id, crate::bounds::warrant_id)?;
         check_text("legal_basis", &raw.legal_basis, MAX_LEGAL_BASIS_CHARS)?;
         check_bound("agency", &raw.agency, crate::bounds::identity)?;
-        let jwk = &raw.recipient.0;
-        if jwk.d.is_some() {
-            return Err(malformed(
-                "`recipient` contains a private key (`d`); give the public JWK only",
-            ));
-        }
-        // A key agreement key (RFC 7517 §4.2 `use`: `enc`; an `alg`, if
-        // any, of the ECDH-ES family, RFC 7518 §4.6, which JOSE libraries
-        // write on such keys), and nothing that belongs to another kind of
-        // key: a signing algorithm, an escrow key's suite and dates.
-        if jwk.use_.as_deref().is_some_and(|u| u != "enc") {
-            return Err(malformed(
-                "`recipient.use` must be \"enc\" (results are sealed to it), or absent",
-            ));
-        }
-        if let Some(alg) = jwk.alg.as_deref() {
-            if !matches!(
-                alg,
-                "ECDH-ES" | "ECDH-ES+A128KW" | "ECDH-ES+A192KW" | "ECDH-ES+A256KW"
-            ) {
-                return Err(malformed(
-                    "`recipient.alg` must name key agreement (ECDH-ES, RFC 7518 §4.6), or be \
-                     absent: results are sealed to this key",
-                ));
-            }
-        }
-        for (member, present) in [
-            ("lav_suite", jwk.lav_suite.is_some()),
-            ("not_before", jwk.not_before.is_some()),
-            ("not_after", jwk.not_after.is_some()),
-        ] {
-            if present {
-                return Err(malformed(format_args!(
-                    "`recipient.{member}` is not a member of a recipient key (kty, crv, x, y, \
-                     and optionally kid, use and alg)"
-                )));
-            }
-        }
-        if let Some(kid) = &jwk.kid {
-            check_text("recipient.kid", kid, MAX_RECIPIENT_KID_CHARS)?;
-        }
-        let recipient = P256PublicKey::from_jwk(&raw.recipient.0)
-            .map_err(|e| malformed(format_args!("`recipient`: {e}")))?;
+        let recipient = recipient_key(&raw.recipient.0)?;
         check_list("targets", &raw.targets, MAX_TARGETS, crate::bounds::target)?;
         if let Some(kids) = &raw.kids {
             check_list("kids", kids, MAX_KIDS, crate::bounds::kid)?;
