@@ -154,6 +154,8 @@ fn a_closed_standard_output_is_an_error_not_a_panic() {
     jwk.kid = Some("2026-11".into());
     jwk.use_ = Some("enc".into());
     jwk.lav_suite = Some("16-1-2".into());
+    jwk.not_before = Some("2026-11-01T00:00:00Z".into());
+    jwk.not_after = Some("2026-12-01T00:00:00Z".into());
     let set = write(
         dir.path(),
         "keys.json",

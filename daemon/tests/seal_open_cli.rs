@@ -41,6 +41,24 @@ fn jwks(escrow: &P256PrivateKey, suite: &str) -> String {
 /// Runs `lavd seal` with default flags, each replaceable by `overrides`
 /// (flag, value) pairs; a flag not among the defaults is appended.
 fn seal(jwks_path: &Path, overrides: &[(&str, &str)]) -> (anyhow::Result<()>, String, String) {
+    seal_with(jwks_path, overrides, &[])
+}
+
+/// [`seal`] at `time` with `--allow-outside-validity`.
+fn seal_allowing(jwks_path: &Path, time: &str) -> (anyhow::Result<()>, String, String) {
+    seal_with(
+        jwks_path,
+        &[("--time", time)],
+        &["--allow-outside-validity"],
+    )
+}
+
+/// [`seal`], with `switches` (flags without a value) after the others.
+fn seal_with(
+    jwks_path: &Path,
+    overrides: &[(&str, &str)],
+    switches: &[&str],
+) -> (anyhow::Result<()>, String, String) {
     let mut flags = vec![
         ("--jwks", jwks_path.to_str().unwrap()),
         ("--kid", "2026-11"),
@@ -59,6 +77,7 @@ fn seal(jwks_path: &Path, overrides: &[(&str, &str)]) -> (anyhow::Result<()>, St
     for (flag, value) in flags {
         argv.extend([flag, value]);
     }
+    argv.extend_from_slice(switches);
     let Cmd::Seal(args) = Cmd::try_parse_from(argv).unwrap() else {
         unreachable!()
     };
@@ -291,21 +310,62 @@ fn seal_refuses_arrays_where_objects_belong() {
     }
 }
 
+/// A `--time` outside the key's validity is refused (PROTOCOL §2:
+/// providers seal to a key only inside it), nothing written; with
+/// `--allow-outside-validity` it is sealed with a warning. Before, it was
+/// sealed with a warning alone, exit 0.
 #[test]
-fn seal_warns_outside_the_key_validity() {
+fn seal_refuses_a_time_outside_the_key_validity_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let escrow = P256PrivateKey::generate().unwrap();
     let path = write(dir.path(), "keys.json", &jwks(&escrow, LAV_SUITE));
-    let (r, out, warn) = seal(&path, &[("--time", "2026-12-01T00:00:00Z")]);
+    for (time, says) in [
+        (
+            "2026-12-01T00:00:00Z",
+            "time 2026-12-01T00:00:00Z is at or after its not_after 2026-12-01T00:00:00Z",
+        ),
+        ("2026-10-31T23:59:59Z", "is before its not_before"),
+    ] {
+        let (r, out, warn) = seal(&path, &[("--time", time)]);
+        let e = r.unwrap_err();
+        assert_eq!(
+            lavd::cli::error_code(&e),
+            Some("jwks_key_unusable"),
+            "{e:#}"
+        );
+        assert!(
+            format!("{e:#}").contains(says)
+                && format!("{e:#}").contains("--allow-outside-validity"),
+            "{e:#}"
+        );
+        assert_eq!((out.as_str(), warn.as_str()), ("", ""));
+    }
+    let (r, out, warn) = seal_allowing(&path, "2026-12-01T00:00:00Z");
     r.unwrap();
     assert!(out.starts_with(r#"{"v":1,"header":""#), "{out}");
     assert_eq!(
         warn,
         "warning: key `2026-11`: time 2026-12-01T00:00:00Z is at or after its not_after 2026-12-01T00:00:00Z\n"
     );
-    let (r, _, warn) = seal(&path, &[("--time", "2026-10-31T23:59:59Z")]);
-    r.unwrap();
-    assert!(warn.contains("is before its not_before"), "{warn}");
+    // Without dates: refused likewise, sealed only when allowed.
+    let undated = jwks(&escrow, LAV_SUITE).replace(r#","not_after":"2026-12-01T00:00:00Z""#, "");
+    assert!(!undated.contains("not_after"), "{undated}");
+    let undated = write(dir.path(), "undated.json", &undated);
+    let e = seal(&undated, &[]).0.unwrap_err();
+    assert!(format!("{e:#}").contains("has no `not_after`"), "{e:#}");
+    seal_allowing(&undated, "2026-11-26T07:25:21Z").0.unwrap();
+    // A window that holds no time: refused, allowed or not.
+    let inverted = jwks(&escrow, LAV_SUITE).replace("2026-12-01T00:00:00Z", "2026-10-01T00:00:00Z");
+    let inverted = write(dir.path(), "inverted.json", &inverted);
+    let e = seal_allowing(&inverted, "2026-11-26T07:25:21Z")
+        .0
+        .unwrap_err();
+    assert_eq!(
+        lavd::cli::error_code(&e),
+        Some("jwks_key_unusable"),
+        "{e:#}"
+    );
+    assert!(format!("{e:#}").contains("no time is inside it"), "{e:#}");
 }
 
 /// `lavd seal` with only `--time` and `--dek-hex` varying.

@@ -124,6 +124,13 @@ pub struct SealArgs {
     /// kept out of the process list.
     #[arg(long, value_name = "FILE", conflicts_with = "dek_hex")]
     pub dek_file: Option<PathBuf>,
+    /// Seal even when `--time` is outside the key's `[not_before,
+    /// not_after)`, or the key has no such dates (with a warning each):
+    /// PROTOCOL §2 lets providers seal to a key only inside them, and a
+    /// key past `not_after` is destroyed at its `destroy_after`, which may
+    /// come before the message's own retention ends.
+    #[arg(long)]
+    pub allow_outside_validity: bool,
 }
 
 /// The most a `--dek-file` holds: 64 bytes in hex and a line end, with room.
@@ -221,6 +228,18 @@ impl SealArgs {
             .map_err(|e| named("jwks_key_unusable", &format!("not a valid P-256 key: {e}")))?;
         let warnings =
             validity_warnings(jwk, self.time).map_err(|why| named("jwks_key_unusable", &why))?;
+        if !warnings.is_empty() && !self.allow_outside_validity {
+            return Err(named(
+                "jwks_key_unusable",
+                &format!(
+                    "{}: not sealed (providers seal to a key only inside its validity, \
+                     PROTOCOL §2; pick the key whose validity holds --time, or give \
+                     --allow-outside-validity)",
+                    warnings.join("; ")
+                ),
+            )
+            .into());
+        }
         for warning in warnings {
             writeln!(err, "warning: key `{}`: {warning}", self.kid)?;
         }
@@ -273,10 +292,21 @@ fn find_key<'a>(set: &'a JwkSet, kid: &str) -> Result<&'a Jwk, (&'static str, St
     Ok(jwk)
 }
 
-/// Warnings when `time` is outside the key's `[not_before, not_after)`: the
-/// daemon will still open it, but the provider is sealing to a key outside
-/// its published sealing period.
+/// What is wrong when `time` is outside the key's `[not_before, not_after)`
+/// or the key lacks one of them: the daemon would still open it, but the
+/// provider would be sealing to a key outside its published sealing
+/// period. `Err` for dates that are not dates, or a window that holds no
+/// time at all.
 fn validity_warnings(jwk: &Jwk, time: OffsetDateTime) -> Result<Vec<String>, String> {
+    if let (Some(from), Some(to)) = (jwk.not_before.as_deref(), jwk.not_after.as_deref()) {
+        if let (Ok(a), Ok(b)) = (parse_time(from), parse_time(to)) {
+            if a >= b {
+                return Err(format!(
+                    "its not_before {from} is not before its not_after {to}: no time is inside it"
+                ));
+            }
+        }
+    }
     let mut warnings = Vec::new();
     match jwk.not_before.as_deref() {
         None => warnings.push("has no `not_before`".to_owned()),
