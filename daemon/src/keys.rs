@@ -549,6 +549,11 @@ pub struct Destroyed {
     /// [`KeyError::MissingBeforeDestruction`]. False when the store already
     /// said destroyed (an interrupted destruction finished).
     pub missing_before: bool,
+    /// The store said destroyed before this run (an earlier destruction,
+    /// another replica's, or an interrupted one this run finished on the
+    /// token): the row's time and reason are that destruction's, not this
+    /// run's.
+    pub already: bool,
 }
 
 /// Destroys escrow key `kid`: marks it destroyed in the store (final, with
@@ -639,6 +644,7 @@ pub fn destroy(
     Ok(Destroyed {
         record,
         missing_before,
+        already: !marked_here,
     })
 }
 

@@ -300,10 +300,19 @@ fn destroy_is_refused_before_retention_and_final_after() {
         1,
         "duplicate_kid",
     );
-    // Destroying again is harmless and the first record stays.
-    assert_ok(&t.lavd_with_config(&[
+    // Destroying again is harmless and the first record stays; the run
+    // says so (before, it printed the first destruction as its own).
+    let again = t.lavd_with_config(&[
         "keys", "destroy", "--kid", KID, "--force", "--reason", "again",
-    ]));
+    ]);
+    assert_ok(&again);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains(&format!("escrow key {KID} was already destroyed at "))
+            && stderr.contains("court order 42")
+            && stderr.contains("this run recorded nothing"),
+        "{stderr}"
+    );
     assert_fails_with(
         &t.lavd_with_config(&[
             "keys", "destroy", "--kid", "nope", "--force", "--reason", "x",

@@ -86,12 +86,26 @@ fn shown(text: &str) -> String {
     crate::codec::escape_for_terminal(text)
 }
 
-fn report(record: &crate::store::KeyRecord) {
-    eprintln!(
-        "escrow key {} destroyed ({}); envelopes sealed to it can no longer be opened",
-        shown(&record.kid),
-        shown(record.destroy_reason.as_deref().unwrap_or(""))
-    );
+fn report(destroyed: &keys::Destroyed) {
+    let record = &destroyed.record;
+    let reason = shown(record.destroy_reason.as_deref().unwrap_or(""));
+    if destroyed.already {
+        // Not this run's: its `--reason`, if any, is not recorded.
+        let at = record
+            .destroyed_at
+            .map(crate::codec::format_time)
+            .unwrap_or_default();
+        eprintln!(
+            "escrow key {} was already destroyed at {at} ({reason}); nothing of it is left on \
+             the token, and this run recorded nothing",
+            shown(&record.kid)
+        );
+    } else {
+        eprintln!(
+            "escrow key {} destroyed ({reason}); envelopes sealed to it can no longer be opened",
+            shown(&record.kid)
+        );
+    }
 }
 
 fn time_arg(s: &str) -> Result<OffsetDateTime, String> {
@@ -257,7 +271,7 @@ impl KeysCommand {
                         DestroyReason::Retention
                     };
                     let destroyed = keys::destroy(&hsm, store, &open_log, &kid, reason, now)?;
-                    report(&destroyed.record);
+                    report(&destroyed);
                     if destroyed.missing_before {
                         return Err(keys::KeyError::MissingBeforeDestruction(shown(&kid)).into());
                     }
@@ -300,7 +314,7 @@ impl KeysCommand {
                             now,
                         ) {
                             Ok(destroyed) => {
-                                report(&destroyed.record);
+                                report(&destroyed);
                                 if destroyed.missing_before {
                                     let e = keys::KeyError::MissingBeforeDestruction(shown(&k.kid));
                                     eprintln!("lavd: {}: {e}", e.code());
