@@ -203,10 +203,48 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         (cosigned_size, "w1".to_string())
     );
     assert_eq!(row.get::<_, String>(2), "\u{2014} w1 AAAA\n");
-    // A second copy into the now non-empty target is refused.
+    // The source is marked copied, in the transaction that read it: no
+    // lavd opens it again, to copy it (a second copy) or to write to it
+    // (a `lavd keys destroy` timer left on the old config, a `lavd serve`
+    // on the old path after a rollback: each would fork the log or record
+    // what PostgreSQL never sees). Its rows stay as they were. Before,
+    // nothing stopped either.
     let out = copy(&key);
-    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
-    assert!(stderr.contains("not empty"), "{stderr}");
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_moved");
+    assert!(
+        stderr.contains("copied to ") && stderr.contains("lavd store copy"),
+        "{stderr}"
+    );
+    let generate_again = [
+        "keys",
+        "generate",
+        "--kid",
+        "E-3",
+        "--not-before",
+        "2026-12-01T00:00:00Z",
+        "--not-after",
+        "2099-01-01T00:00:00Z",
+        "--destroy-after",
+        "2099-06-01T00:00:00Z",
+    ];
+    for command in [
+        &["keys", "destroy", "--expired"][..],
+        &["keys", "list", "--all"][..],
+        &generate_again[..],
+        &["serve"][..],
+    ] {
+        let stderr =
+            softhsm_tests::assert_fails_with(&t.lavd_with_config(command), 1, "store_moved");
+        assert!(
+            stderr.contains(&format!("its log of {sqlite_size} leaves goes on there")),
+            "{command:?}: {stderr}"
+        );
+    }
+    let kept: i64 = rusqlite::Connection::open(&db_path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kept as u64, sqlite_size);
 
     // lavd serve on PostgreSQL carries on.
     db.write_token_config(&t, &config);

@@ -598,6 +598,7 @@ pub fn error_code(e: &anyhow::Error) -> Option<&'static str> {
             // Not the store failing: it refused, and says why.
             crate::store::StoreError::CopyRefused(_) => "store_copy_refused",
             crate::store::StoreError::InUse { .. } => "store_in_use",
+            crate::store::StoreError::Moved { .. } => "store_moved",
             _ => "store_unavailable",
         });
     }

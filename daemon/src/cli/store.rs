@@ -32,7 +32,9 @@ pub enum StoreCommand {
     /// (every checkpoint's signature under `--key` and its root against the
     /// copied leaves; the root must come out identical). Refuses a target
     /// that is not empty; an interrupted copy commits none of the copied
-    /// rows (the target may keep lavd's schema), so it is safe to run again. Stop the daemon that uses the SQLite file first.
+    /// rows (the target may keep lavd's schema), so it is safe to run again.
+    /// A copy that committed marks the SQLite file copied, which lavd then
+    /// refuses to open (`store_moved`). Stop the daemon that uses the SQLite file first.
     Copy {
         /// The SQLite database file.
         #[arg(long, value_name = "FILE")]

@@ -103,6 +103,38 @@ pub fn probe_log_begun(settings: &StoreSettings) -> Result<Result<(), String>, S
     })
 }
 
+/// The table `lavd store copy` writes into a SQLite store it copied, in the
+/// transaction that read it (made only then: a store never copied has no
+/// such table, whatever its schema version).
+pub(crate) const MOVED_TABLE: &str = "CREATE TABLE IF NOT EXISTS store_moved (
+        id   INTEGER PRIMARY KEY CHECK (id = 0),
+        to_store TEXT NOT NULL,
+        at   TEXT NOT NULL,
+        size INTEGER NOT NULL
+    ) STRICT";
+
+/// Where, when and how many leaves `lavd store copy` copied the store on
+/// `conn` to, if it did.
+fn moved(conn: &Connection) -> Result<Option<(String, String, i64)>, rusqlite::Error> {
+    let marked: i64 = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'store_moved'",
+        [],
+        |row| row.get(0),
+    )?;
+    if marked == 0 {
+        return Ok(None);
+    }
+    use rusqlite::OptionalExtension as _;
+    conn.query_row(
+        "SELECT to_store, at, size FROM store_moved WHERE id = 0",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+    )
+    .optional()
+    // The table without its row: marked all the same.
+    .map(|row| Some(row.unwrap_or_else(|| ("(not recorded)".into(), "(not recorded)".into(), 0))))
+}
+
 /// [`probe_existing`] for a SQLite file. Read only: the file is not
 /// changed (SQLite may create the `-wal` and `-shm` files of a WAL
 /// database beside it).
@@ -274,6 +306,25 @@ pub enum StoreError {
     InUse {
         /// The database file.
         store: String,
+    },
+    /// The SQLite store was copied to PostgreSQL by `lavd store copy`, which
+    /// marked it so: its log goes on there, and a write here (a `lavd keys
+    /// destroy` timer, a `lavd serve` on the old path after a rollback)
+    /// would fork it or record what the copy never sees.
+    #[error(
+        "store {store}: copied to {to} at {at} by lavd store copy (its log of {size} leaves \
+         goes on there); point [store] at that database. This file is kept as the copy left \
+         it, and lavd writes nothing more to it"
+    )]
+    Moved {
+        /// The SQLite file.
+        store: String,
+        /// Where it was copied (the PostgreSQL URL, no password).
+        to: String,
+        /// When (RFC 3339).
+        at: String,
+        /// The leaves copied.
+        size: i64,
     },
     /// `lavd store copy` refused: the target is not empty, or the source log
     /// does not verify. Nothing was committed.
@@ -824,6 +875,16 @@ impl SqliteStore {
             .map_err(err)?;
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(err)?;
+        // Before any migration: a store `lavd store copy` moved is opened by
+        // no one (the copy's own mark; `lavd store copy`'s source too).
+        if let Some((to, at, size)) = moved(&conn).map_err(err)? {
+            return Err(StoreError::Moved {
+                store: path.display().to_string(),
+                to,
+                at,
+                size,
+            });
+        }
         // Every statement of the unwrap path stays prepared (the tree's
         // node reads alone are dozens a request): room for all of them.
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);

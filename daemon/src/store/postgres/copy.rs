@@ -92,9 +92,14 @@ impl PgStore {
             )));
         }
         let sqlite = from.conn();
-        // One read transaction: a consistent snapshot of the source.
+        // One transaction, holding the source's write lock: a consistent
+        // snapshot, and no other writer (a `lavd keys destroy` timer, a
+        // `lavd keys generate`: `lavd serve` holds the file's lock and is
+        // refused before) commits to it from here until it is marked
+        // copied, which refuses every later open of it (a write there
+        // would fork the log or record what the copy never sees).
         sqlite
-            .execute_batch("BEGIN")
+            .execute_batch("BEGIN IMMEDIATE")
             .map_err(|e| from.sqlite_err(e))?;
         let intents: rusqlite::Result<i64> =
             sqlite.query_row("SELECT count(*) FROM open_intents", [], |r| r.get(0));
@@ -107,28 +112,65 @@ impl PgStore {
             ))),
             Ok(_) => self.copy_rows(&sqlite, from, &mut tx, key),
         };
-        let _ = sqlite.execute_batch("ROLLBACK");
+        // The transaction stays open on the connection; the store's own
+        // reads below take the connection again, inside it.
         drop(sqlite);
-        let report = result?;
-        // The source's own stored tree, read once its connection is free:
-        // the root must be identical.
-        if from.tree_size()? != report.leaves || from.root(report.leaves)? != report.root {
-            return Err(StoreError::CopyRefused(
-                "the source's stored tree does not match its leaves".into(),
-            ));
-        }
-        let (committed, warned) = super::warned_during(|| tx.commit());
-        committed.map_err(|e| self.pg_err(e))?;
-        // Answered with a WARNING (a wait for the synchronous standbys
-        // cancelled): the copy is on this server only until a barrier on
-        // the same connection shows it replicated.
-        if warned {
-            self.barrier_on(&mut conn).map_err(|e| {
-                StoreError::CommitUnknown(format!(
-                    "the copy committed with a warning (a wait for the synchronous standbys \
-                     cancelled?), and is not known to be on them: {e}"
-                ))
-            })?;
+        let copied = result.and_then(|report| {
+            // The source's own stored tree: the root must be identical.
+            if from.tree_size()? != report.leaves || from.root(report.leaves)? != report.root {
+                return Err(StoreError::CopyRefused(
+                    "the source's stored tree does not match its leaves".into(),
+                ));
+            }
+            Ok(report)
+        });
+        let copied = match copied {
+            Ok(report) => {
+                let (committed, warned) = super::warned_during(|| tx.commit());
+                match committed.map_err(|e| self.pg_err(e)) {
+                    // Answered with a WARNING (a wait for the synchronous
+                    // standbys cancelled): the copy is on this server only
+                    // until a barrier on the same connection shows it
+                    // replicated.
+                    Ok(()) if warned => self.barrier_on(&mut conn).map(|_| report).map_err(|e| {
+                        StoreError::CommitUnknown(format!(
+                            "the copy committed with a warning (a wait for the synchronous \
+                             standbys cancelled?), and is not known to be on them: {e}"
+                        ))
+                    }),
+                    Ok(()) => Ok(report),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let sqlite = from.conn();
+        let Ok(report) = copied else {
+            // Nothing copied (or not known to be): the source as it was.
+            let _ = sqlite.execute_batch("ROLLBACK");
+            return copied;
+        };
+        let at = crate::codec::format_time(time::OffsetDateTime::now_utc());
+        let size = i64::try_from(report.leaves).unwrap_or(i64::MAX);
+        let marked = sqlite
+            .execute_batch(crate::store::MOVED_TABLE)
+            .and_then(|()| {
+                sqlite.execute(
+                    "INSERT INTO store_moved (id, to_store, at, size) VALUES (0, ?1, ?2, ?3)",
+                    rusqlite::params![self.describe, at, size],
+                )
+            })
+            .and_then(|_| sqlite.execute_batch("COMMIT"));
+        if let Err(e) = marked {
+            let _ = sqlite.execute_batch("ROLLBACK");
+            return Err(StoreError::Unavailable {
+                store: from.path().display().to_string(),
+                reason: format!(
+                    "copied to {} (committed there), but this file could not be marked copied \
+                     ({e}): use the copy, and nothing more of this file (move it away)",
+                    self.describe
+                ),
+            });
         }
         Ok(report)
     }
