@@ -98,7 +98,10 @@ pub fn probe_log_begun(settings: &StoreSettings) -> Result<Result<(), String>, S
             StoreSettings::Postgres(pg) => pg.url.clone(),
         };
         Err(format!(
-            "{store} holds lavd's schema but no audit leaf: no log was begun in it"
+            "{store} holds lavd's schema but no audit leaf: no log was begun in it (a \
+             `lavd store copy` refused, a `lavd store migrate --new`, or a first `lavd keys \
+             generate` whose store commit did not happen, whose key pair on the token is then \
+             deleted by its label)"
         ))
     })
 }
