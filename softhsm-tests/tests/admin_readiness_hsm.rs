@@ -124,3 +124,32 @@ fn a_wrong_audit_key_is_not_ready_and_resets_nothing() {
     daemon.signal(Signal::TERM);
     assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
 }
+
+/// Many `/readyz` at once behind a slow HSM (100 ms a call, a network
+/// HSM's bad day) are answered by the probe running when they came, or the
+/// one after it: all 200. Before, each ran its own probe in turn, behind
+/// the one lock that keeps a hung HSM from taking more than one thread, so
+/// the later ones waited past the check's 5 s and answered 503: a load
+/// balancer's health checks would take a ready daemon out.
+#[test]
+fn readiness_probes_at_once_behind_a_slow_hsm_share_one_probe() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with(
+        &softhsm_tests::shim_module_path(),
+        2,
+        &format!("{}{}", serve_config(&vault::roles_toml()), shim.hsm_env()),
+    );
+    let daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    shim.set("delay_us = 100000");
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let asks: Vec<_> = (0..40)
+            .map(|_| s.spawn(|| daemon.admin_get("/readyz").status))
+            .collect();
+        asks.into_iter().map(|a| a.join().unwrap()).collect()
+    });
+    shim.set("");
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+}

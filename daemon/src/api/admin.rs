@@ -38,8 +38,8 @@ const STORE_LOCK_WAIT: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 pub struct Readiness {
     state: Arc<ServerState>,
-    hsm_probe: Arc<tokio::sync::Mutex<()>>,
-    store_probe: Arc<tokio::sync::Mutex<()>>,
+    hsm_probe: Probe,
+    store_probe: Probe,
     /// 0 unknown, 1 ready, 2 not ready: to log changes only.
     last: AtomicU8,
 }
@@ -65,8 +65,8 @@ impl Readiness {
     pub fn new(state: Arc<ServerState>) -> Self {
         Readiness {
             state,
-            hsm_probe: Arc::new(tokio::sync::Mutex::new(())),
-            store_probe: Arc::new(tokio::sync::Mutex::new(())),
+            hsm_probe: Probe::default(),
+            store_probe: Probe::default(),
             last: AtomicU8::new(0),
         }
     }
@@ -118,12 +118,17 @@ impl Readiness {
         let hsm = self.state.hsm.clone();
         let audit = self.state.audit.clone();
         let probe = self.hsm_probe.clone();
+        let asked = std::time::Instant::now();
         bounded(async move {
             // The guard moves into the blocking task, so a hung HSM holds it
             // and later probes time out waiting instead of piling up threads.
-            let guard = probe.lock_owned().await;
+            let mut guard = probe.lock_owned().await;
+            if let Some(answer) = answered_since(&guard, asked) {
+                return answer;
+            }
             hsm.run(move |h| {
                 let ready = h.check_ready(|_| audit.key_on_token());
+                *guard = Some((std::time::Instant::now(), ready.clone()));
                 drop(guard);
                 Ok(ready)
             })
@@ -137,19 +142,42 @@ impl Readiness {
     async fn check_store(&self) -> Result<(), String> {
         let store = self.state.store.clone();
         let probe = self.store_probe.clone();
+        let asked = std::time::Instant::now();
         bounded(async move {
-            let guard = probe.lock_owned().await;
+            let mut guard = probe.lock_owned().await;
+            if let Some(answer) = answered_since(&guard, asked) {
+                return answer;
+            }
             tokio::task::spawn_blocking(move || {
-                let r = store.check_writable(STORE_LOCK_WAIT);
+                let r = store
+                    .check_writable(STORE_LOCK_WAIT)
+                    .map_err(|e| e.to_string());
+                *guard = Some((std::time::Instant::now(), r.clone()));
                 drop(guard);
                 r
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
         })
         .await
     }
+}
+
+/// One check's lock, held while it runs, with its last answer and when it
+/// came: probes run one at a time, and one that waited for another is
+/// answered by it when it ended after the waiting one was asked (many
+/// `/readyz` at once behind a slow HSM are one probe, not a queue whose
+/// last waits past the check's timeout and answers 503).
+type Probe = Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>>;
+
+/// The answer of a probe that ended after `asked`, if the last one did.
+fn answered_since(
+    last: &Option<(std::time::Instant, Result<(), String>)>,
+    asked: std::time::Instant,
+) -> Option<Result<(), String>> {
+    last.as_ref()
+        .filter(|(ended, _)| *ended >= asked)
+        .map(|(_, answer)| answer.clone())
 }
 
 async fn bounded(
