@@ -138,6 +138,20 @@ impl Drop for Lookup {
     }
 }
 
+/// A name lookup's answer, shared by every caller that asked for the name
+/// while it ran.
+type Answer = Option<Result<Vec<std::net::SocketAddr>, String>>;
+
+/// The lookups under way, by name and port.
+type Lookups = std::collections::HashMap<(String, u16), tokio::sync::watch::Receiver<Answer>>;
+
+/// The lookups under way, by name and port: a caller asking for one joins
+/// it rather than starting another, so a name whose lookup hangs holds one
+/// of the [`MAX_LOOKUPS`] places, however often it is asked for (a
+/// witness's submitter retries), not all of them.
+static IN_FLIGHT: std::sync::LazyLock<std::sync::Mutex<Lookups>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// The addresses of `host`, on a thread of its own, not tokio's blocking
 /// pool (where `TcpStream::connect` would look a name up): in `lavd serve`
 /// requests waiting for a witness quorum can hold every thread of that pool
@@ -145,32 +159,69 @@ impl Drop for Lookup {
 /// queue behind them. An IP address is taken as it is. The caller's
 /// timeout bounds the wait; a lookup that outlives it ends when the
 /// resolver answers, and at most [`MAX_LOOKUPS`] run at once (a resolver
-/// that never answers holds that many threads, not one per attempt).
+/// that never answers holds that many threads, not one per attempt), one
+/// per name and port ([`IN_FLIGHT`]).
 async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
     use std::net::ToSocketAddrs as _;
+    resolve_with(host, port, |name, port| {
+        (name, port)
+            .to_socket_addrs()
+            .map(Iterator::collect::<Vec<_>>)
+    })
+    .await
+}
+
+/// [`resolve`], looking names up with `lookup`.
+async fn resolve_with(
+    host: &str,
+    port: u16,
+    lookup: fn(&str, u16) -> std::io::Result<Vec<std::net::SocketAddr>>,
+) -> std::io::Result<Vec<std::net::SocketAddr>> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(vec![std::net::SocketAddr::new(ip, port)]);
     }
-    let place = Lookup;
-    if LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_LOOKUPS {
-        return Err(std::io::Error::other(format!(
-            "{MAX_LOOKUPS} name lookups are still waiting for the resolver"
-        )));
-    }
-    let (answer, answered) = tokio::sync::oneshot::channel();
-    let name = host.to_string();
-    std::thread::Builder::new()
-        .name("lavd-resolve".into())
-        .spawn(move || {
-            let found = (name.as_str(), port)
-                .to_socket_addrs()
-                .map(Iterator::collect::<Vec<_>>);
-            drop(place);
-            let _ = answer.send(found);
-        })?;
-    let addresses = answered
+    let key = (host.to_string(), port);
+    let mut answered = {
+        let mut in_flight = IN_FLIGHT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match in_flight.get(&key) {
+            Some(running) => running.clone(),
+            None => {
+                let place = Lookup;
+                if LOOKUPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_LOOKUPS {
+                    return Err(std::io::Error::other(format!(
+                        "{MAX_LOOKUPS} name lookups are still waiting for the resolver"
+                    )));
+                }
+                let (answer, answered) = tokio::sync::watch::channel(None);
+                let asked = key.clone();
+                std::thread::Builder::new()
+                    .name("lavd-resolve".into())
+                    .spawn(move || {
+                        let found = lookup(&asked.0, asked.1).map_err(|e| e.to_string());
+                        // Gone from the map before the answer is sent: a
+                        // caller after this point looks the name up again.
+                        IN_FLIGHT
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .remove(&asked);
+                        drop(place);
+                        let _ = answer.send(Some(found));
+                    })?;
+                in_flight.insert(key, answered.clone());
+                answered
+            }
+        }
+    };
+    let found = answered
+        .wait_for(Option::is_some)
         .await
-        .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))??;
+        .map_err(|_| std::io::Error::other("the name lookup ended without an answer"))?
+        .clone();
+    let addresses = found
+        .unwrap_or_else(|| Err("no answer".into()))
+        .map_err(std::io::Error::other)?;
     if addresses.is_empty() {
         return Err(std::io::Error::other("the name has no address"));
     }
@@ -658,6 +709,41 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::Endpoint;
+
+    /// Released by the test below: the name "hung.test" is looked up until
+    /// then.
+    static RELEASE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    fn lookup(name: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        if name == "hung.test" {
+            while !RELEASE.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+        Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+
+    /// A name whose lookup hangs, asked for again and again (a witness's
+    /// submitter retrying), holds one of the lookup places: every ask joins
+    /// the one lookup, and other names are still looked up. Before, each
+    /// ask took a place of its own: the ninth was refused, and so was every
+    /// other name's until the resolver answered.
+    #[tokio::test]
+    async fn a_hung_name_holds_one_lookup_place_however_often_it_is_asked() {
+        let asks: Vec<_> = (0..3 * super::MAX_LOOKUPS)
+            .map(|_| tokio::spawn(super::resolve_with("hung.test", 1, lookup)))
+            .collect();
+        // Every ask has joined the lookup (or is about to).
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(asks.iter().all(|a| !a.is_finished()));
+        let other = super::resolve_with("other.test", 2, lookup).await.unwrap();
+        assert_eq!(other, [std::net::SocketAddr::from(([127, 0, 0, 1], 2))]);
+        RELEASE.store(true, std::sync::atomic::Ordering::SeqCst);
+        for ask in asks {
+            let found = ask.await.unwrap().unwrap();
+            assert_eq!(found, [std::net::SocketAddr::from(([127, 0, 0, 1], 1))]);
+        }
+    }
 
     /// Host, port and prefix of a URL, IPv6 addresses with or without a
     /// port included; malformed authorities are refused.
