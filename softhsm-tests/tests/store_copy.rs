@@ -187,6 +187,11 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     // audit verify --key` takes it).
     let key_file = t.path("audit.vkey");
     std::fs::write(&key_file, format!("{key}\n")).unwrap();
+    // A handle opened before the copy (a `lavd keys` command that opened
+    // the file, then waited for the copy's lock): its write after the copy
+    // is refused too, read under the write lock. Before the check moved
+    // into each write, it would have landed in the copied file.
+    let early = lavd::store::Store::open(&db_path).unwrap();
     let out = copy(key_file.to_str().unwrap());
     let printed = assert_ok(&out);
     assert!(
@@ -240,6 +245,25 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             "{command:?}: {stderr}"
         );
     }
+    use lavd::store::AuditStore as _;
+    let late = early.append(lavd::store::AuditAppend {
+        events: vec![lavd::audit::leaf::KeyGenerated::new(
+            "E-LATE",
+            lavd::codec::parse_time("2026-12-01T00:00:00Z").unwrap(),
+            lavd::codec::parse_time("2027-01-01T00:00:00Z").unwrap(),
+            lavd::codec::parse_time("2028-01-01T00:00:00Z").unwrap(),
+            None,
+        )
+        .unwrap()
+        .into()],
+        time: time::OffsetDateTime::now_utc(),
+        spend: lavd::store::Spend::None,
+    });
+    assert!(
+        matches!(late, Err(lavd::store::StoreError::Moved { .. })),
+        "{late:?}"
+    );
+    drop(early);
     let kept: i64 = rusqlite::Connection::open(&db_path)
         .unwrap()
         .query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
@@ -295,6 +319,64 @@ fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {
         &format!("m{n}"),
         &[7; 32],
     )
+}
+
+/// A copy whose COMMIT loses its answer (the connection cut just after
+/// PostgreSQL got it, which commits it) leaves its source marked copied:
+/// the file is marked before PostgreSQL commits, so no fate of the copy
+/// leaves the two stores both writable. The copy says the fate is
+/// unknown; the target does hold the log. Before, the source was marked
+/// after PostgreSQL's answer, and a lost answer left it unmarked beside a
+/// committed copy: a start on the old path forked the log.
+#[test]
+fn a_copy_whose_commit_answer_is_lost_leaves_its_source_marked() {
+    let t = TestToken::new();
+    t.write_config(&serve_config(&vault::roles_toml()));
+    softhsm_tests::server::make_audit_key(&t);
+    vault::generate_escrow_key(&t, "E-1");
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+    let db = TestDb::create();
+    // The schema first (a refused copy's way of making it is tested above),
+    // so that the only COMMIT after the copy's rows is the copy's.
+    db.write_token_config(&t, &serve_config(&vault::roles_toml()));
+    assert_ok(&t.lavd_with_config(&["store", "migrate", "--new"]));
+    t.write_config(&serve_config(&vault::roles_toml()));
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    proxy.arm_after(b"audit_cosignatures", false);
+    let out = lavd_command(&[
+        "store",
+        "copy",
+        "--from",
+        t.path("lavd.db").to_str().unwrap(),
+        "--to",
+        &db.settings_via(proxy.port()).url,
+        "--password-env",
+        "LAVD_TEST_DB_PASSWORD",
+        "--key",
+        &key,
+    ])
+    .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
+    .output()
+    .expect("lavd store copy");
+    assert_eq!(proxy.cuts(), 1, "{out:?}");
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_unavailable");
+    assert!(
+        stderr.contains("is unknown, so this file stays marked copied"),
+        "{stderr}"
+    );
+    // PostgreSQL committed it; the source refuses every open.
+    let leaves: i64 = rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(db.rows("audit_leaves"), leaves);
+    softhsm_tests::assert_fails_with(
+        &t.lavd_with_config(&["keys", "list", "--all"]),
+        1,
+        "store_moved",
+    );
 }
 
 /// `lavd store migrate --config` on a PostgreSQL store: applies the schema

@@ -1011,6 +1011,19 @@ impl SqliteStore {
             let mut tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(|e| self.sqlite_err(e))?;
+            // Marked copied by `lavd store copy` since this handle opened
+            // the file (a `lavd keys` command that waited for the copy's
+            // lock): its log goes on elsewhere, and nothing more is written
+            // here. Read under the write lock, which the copy holds until
+            // its mark is committed.
+            if let Some((to, at, size)) = super::moved(&tx).map_err(|e| self.sqlite_err(e))? {
+                return Err(StoreError::Moved {
+                    store: self.path().display().to_string(),
+                    to,
+                    at,
+                    size,
+                });
+            }
             let mut size = self.size_in(&tx)?;
             // The group's new tree nodes, kept here until they are written:
             // with the stored ones, the tree as it will commit.
@@ -1117,14 +1130,27 @@ impl SqliteStore {
                 }
             }
             Err(e) => {
-                // Nothing committed: every batch fails, and gets its budget back.
-                let message = match e {
-                    StoreError::CommitFailed(message) => message,
-                    other => other.to_string(),
+                // Nothing committed: every batch fails, and gets its budget
+                // back; a store marked copied says so to each (its own
+                // code, `store_moved`), any other failure as one message.
+                let answer = |e: &StoreError| match e {
+                    StoreError::Moved {
+                        store,
+                        to,
+                        at,
+                        size,
+                    } => StoreError::Moved {
+                        store: store.clone(),
+                        to: to.clone(),
+                        at: at.clone(),
+                        size: *size,
+                    },
+                    StoreError::CommitFailed(message) => StoreError::CommitFailed(message.clone()),
+                    other => StoreError::CommitFailed(other.to_string()),
                 };
                 for pending in done.into_iter().map(|(p, _)| p).chain(queue) {
                     self.give_back_spend(conn, &pending.batch.spend);
-                    pending.answer(Err(StoreError::CommitFailed(message.clone())));
+                    pending.answer(Err(answer(&e)));
                 }
             }
         }

@@ -118,7 +118,7 @@ pub(crate) const MOVED_TABLE: &str = "CREATE TABLE IF NOT EXISTS store_moved (
 
 /// Where, when and how many leaves `lavd store copy` copied the store on
 /// `conn` to, if it did.
-fn moved(conn: &Connection) -> Result<Option<(String, String, i64)>, rusqlite::Error> {
+pub(crate) fn moved(conn: &Connection) -> Result<Option<(String, String, i64)>, rusqlite::Error> {
     let marked: i64 = conn.query_row(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'store_moved'",
         [],
@@ -317,7 +317,9 @@ pub enum StoreError {
     #[error(
         "store {store}: copied to {to} at {at} by lavd store copy (its log of {size} leaves \
          goes on there); point [store] at that database. This file is kept as the copy left \
-         it, and lavd writes nothing more to it"
+         it, and lavd writes nothing more to it (if that database does not hold the log, a \
+         copy that stopped before PostgreSQL committed: remove the mark, sqlite3 FILE 'DROP \
+         TABLE store_moved', and copy again)"
     )]
     Moved {
         /// The SQLite file.

@@ -124,32 +124,20 @@ impl PgStore {
             }
             Ok(report)
         });
-        let copied = match copied {
-            Ok(report) => {
-                let (committed, warned) = super::warned_during(|| tx.commit());
-                match committed.map_err(|e| self.pg_err(e)) {
-                    // Answered with a WARNING (a wait for the synchronous
-                    // standbys cancelled): the copy is on this server only
-                    // until a barrier on the same connection shows it
-                    // replicated.
-                    Ok(()) if warned => self.barrier_on(&mut conn).map(|_| report).map_err(|e| {
-                        StoreError::CommitUnknown(format!(
-                            "the copy committed with a warning (a wait for the synchronous \
-                             standbys cancelled?), and is not known to be on them: {e}"
-                        ))
-                    }),
-                    Ok(()) => Ok(report),
-                    Err(e) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
-        };
         let sqlite = from.conn();
-        let Ok(report) = copied else {
-            // Nothing copied (or not known to be): the source as it was.
-            let _ = sqlite.execute_batch("ROLLBACK");
-            return copied;
+        let report = match copied {
+            Ok(report) => report,
+            Err(e) => {
+                // Nothing copied: the source as it was.
+                let _ = sqlite.execute_batch("ROLLBACK");
+                return Err(e);
+            }
         };
+        // The source is marked copied before PostgreSQL commits, in the
+        // transaction that read it: whatever happens from here (an answer
+        // lost, a crash between the two commits), the file is never
+        // written to while the copy may be the log. Taken back only when
+        // PostgreSQL says for certain it did not commit.
         let at = crate::codec::format_time(time::OffsetDateTime::now_utc());
         let size = i64::try_from(report.leaves).unwrap_or(i64::MAX);
         let marked = sqlite
@@ -163,14 +151,51 @@ impl PgStore {
             .and_then(|_| sqlite.execute_batch("COMMIT"));
         if let Err(e) = marked {
             let _ = sqlite.execute_batch("ROLLBACK");
-            return Err(StoreError::Unavailable {
-                store: from.path().display().to_string(),
-                reason: format!(
-                    "copied to {} (committed there), but this file could not be marked copied \
-                     ({e}): use the copy, and nothing more of this file (move it away)",
+            return Err(from.sqlite_err(e));
+        }
+        drop(sqlite);
+        let (committed, warned) = super::warned_during(|| tx.commit());
+        if let Err(e) = committed {
+            // Only the server's own refusal says the COMMIT did not happen;
+            // a connection lost while it was sent says nothing.
+            let refused = e.as_db_error().is_some();
+            let e = self.pg_err(e);
+            if !refused {
+                return Err(StoreError::CommitUnknown(format!(
+                    "the copy's COMMIT got no answer ({e}): whether {} holds the copy is \
+                     unknown, so this file stays marked copied. If that database holds the log \
+                     (its leaves), use it; if it is empty, remove the mark (sqlite3 FILE 'DROP \
+                     TABLE store_moved') and copy again",
                     self.describe
-                ),
-            });
+                )));
+            }
+            // Not committed: the source is the store again.
+            let unmarked = from
+                .conn()
+                .execute_batch("BEGIN IMMEDIATE; DELETE FROM store_moved; COMMIT;");
+            if let Err(u) = unmarked {
+                let _ = from.conn().execute_batch("ROLLBACK");
+                return Err(StoreError::Unavailable {
+                    store: from.path().display().to_string(),
+                    reason: format!(
+                        "the copy did not commit ({e}), and the mark this file was given before \
+                         could not be taken back ({u}): remove it (sqlite3 FILE 'DROP TABLE \
+                         store_moved') before using the file again"
+                    ),
+                });
+            }
+            return Err(e);
+        }
+        // Answered with a WARNING (a wait for the synchronous standbys
+        // cancelled): the copy is on this server only until a barrier on
+        // the same connection shows it replicated. The source stays marked.
+        if warned {
+            self.barrier_on(&mut conn).map_err(|e| {
+                StoreError::CommitUnknown(format!(
+                    "the copy committed with a warning (a wait for the synchronous standbys \
+                     cancelled?), and is not known to be on them: {e}"
+                ))
+            })?;
         }
         Ok(report)
     }
