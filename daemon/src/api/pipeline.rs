@@ -504,12 +504,15 @@ fn admit(state: &ServerState, conn: &ConnInfo, live: &Reloadable) -> Result<(), 
 /// keeps a request from waiting behind slow senders that hold the budget.
 /// The API has two, one for revocations and one for everything else (the
 /// public log listener reads no body); `lavd witness serve` has its own.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct BodyBudget {
     bytes: Arc<tokio::sync::Semaphore>,
     capacity: usize,
     /// The setting that sizes it, for the refusal's message.
     setting: &'static str,
+    /// Another budget a body that does not fit this one may take its bytes
+    /// from (the admin's revocations: the revocations' budget).
+    fallback: Option<Box<BodyBudget>>,
 }
 
 /// Bytes of a [`BodyBudget`], given back when dropped.
@@ -547,7 +550,18 @@ impl BodyBudget {
             bytes: Arc::new(tokio::sync::Semaphore::new(capacity)),
             capacity,
             setting,
+            fallback: None,
         }
+    }
+
+    /// This budget, taking from `other` (shared with it, not a copy) what
+    /// does not fit here.
+    pub fn or_else(mut self, other: &BodyBudget) -> Self {
+        self.fallback = Some(Box::new(BodyBudget {
+            fallback: None,
+            ..other.clone()
+        }));
+        self
     }
 
     /// `n` bytes, or [`ApiError::Busy`] if fewer are free.
@@ -556,12 +570,16 @@ impl BodyBudget {
             limit: self.capacity,
             setting: self.setting,
         };
-        let n = u32::try_from(n).map_err(|_| busy.clone())?;
-        self.bytes
-            .clone()
-            .try_acquire_many_owned(n)
-            .map(|bytes| BodyHold { bytes })
-            .map_err(|_| busy)
+        let Ok(count) = u32::try_from(n) else {
+            return Err(busy);
+        };
+        match self.bytes.clone().try_acquire_many_owned(count) {
+            Ok(bytes) => Ok(BodyHold { bytes }),
+            Err(_) => match &self.fallback {
+                Some(other) => other.hold(n).map_err(|_| busy),
+                None => Err(busy),
+            },
+        }
     }
 
     /// Bytes not held.

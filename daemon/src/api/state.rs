@@ -118,7 +118,9 @@ pub struct ServerState {
     /// Revocations' bodies from callers with the admin role, apart again
     /// (`[limits] max_body_bytes`: one body of the largest size, or
     /// thousands of an admin's revocations of a few hundred bytes), so
-    /// that no other caller can crowd out the admin's.
+    /// that no other caller can crowd out the admin's; what does not fit
+    /// takes from `revocation_bodies` (a chunked body counts as
+    /// `max_body_bytes` while it is read: it alone fills this one).
     pub admin_revocation_bodies: super::pipeline::BodyBudget,
     config_file: PathBuf,
     env: Arc<dyn Env>,
@@ -293,6 +295,10 @@ impl ServerState {
         audit: AuditLog,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let revocation_bodies = super::pipeline::BodyBudget::new(
+            startup.limits.max_body_bytes_in_flight,
+            "limits.max_body_bytes_in_flight",
+        );
         ServerState {
             hsm,
             store,
@@ -311,14 +317,12 @@ impl ServerState {
                 startup.limits.max_body_bytes_in_flight,
                 "limits.max_body_bytes_in_flight",
             ),
-            revocation_bodies: super::pipeline::BodyBudget::new(
-                startup.limits.max_body_bytes_in_flight,
-                "limits.max_body_bytes_in_flight",
-            ),
             admin_revocation_bodies: super::pipeline::BodyBudget::new(
                 startup.limits.max_body_bytes,
                 "limits.max_body_bytes",
-            ),
+            )
+            .or_else(&revocation_bodies),
+            revocation_bodies,
             config_file: startup.file.clone(),
             env,
             generation: AtomicU64::new(live.generation),
