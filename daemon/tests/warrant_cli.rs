@@ -485,6 +485,23 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
     assert!(format!("{e:#}").contains("the same file"), "{e:#}");
     assert!(!out.exists());
+    // Through a link (as another spelling of one path): the same file all
+    // the same, and nothing left.
+    let dotted = dir.path().join("link.jwk");
+    std::os::unix::fs::symlink(&out, &dotted).unwrap();
+    let e = run(&[
+        "keygen",
+        "--kid",
+        "k",
+        "--out",
+        s(&out),
+        "--public-out",
+        s(&dotted),
+    ])
+    .unwrap_err();
+    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+    assert!(format!("{e:#}").contains("the same file"), "{e:#}");
+    assert!(!out.exists());
 }
 
 /// `keygen --alg ECDH-ES` makes an agency's recipient key: a P-256 pair

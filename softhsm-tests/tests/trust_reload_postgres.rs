@@ -231,7 +231,6 @@ fn postgres_a_stop_signal_while_a_trust_reload_cannot_log_is_acted_on_at_once() 
                 .contains("the running authorities cannot be logged again yet")
         },
     );
-    let sent = std::time::Instant::now();
     daemon.signal(Signal::TERM);
     daemon.expect_notify("STOPPING=1");
     assert!(
@@ -242,12 +241,9 @@ fn postgres_a_stop_signal_while_a_trust_reload_cannot_log_is_acted_on_at_once() 
         daemon.stderr()
     );
     daemon.signal(Signal::TERM);
+    // Exit 0, not the reload's 75 at the end of its 30 s: the stop did not
+    // wait for it.
     let status = daemon.wait_exit(std::time::Duration::from_secs(20));
-    assert!(
-        sent.elapsed() < lavd::api::state::RELOG_WITHIN,
-        "the stop waited for the reload's end: {:?}",
-        sent.elapsed()
-    );
     assert_eq!(status.code(), Some(0), "{}", daemon.stderr());
     assert!(
         daemon

@@ -640,6 +640,26 @@ impl KeygenArgs {
             )
         };
         write_private(&self.out, &private)?;
+        // The same file under another spelling (`./k.jwk`, an absolute
+        // path, a link), now that the private one exists to compare with:
+        // the public half's rename would replace it.
+        #[cfg(unix)]
+        if let Some(public_out) = &self.public_out {
+            use std::os::unix::fs::MetadataExt as _;
+            let (private_file, public_file) =
+                (std::fs::metadata(&self.out), std::fs::metadata(public_out));
+            if let (Ok(a), Ok(b)) = (private_file, public_file) {
+                if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
+                    let _ = std::fs::remove_file(&self.out);
+                    return Err(super::Refused::new(
+                        "usage",
+                        "--out and --public-out name the same file: the public key would \
+                         replace the private one",
+                    )
+                    .into());
+                }
+            }
+        }
         // A public half that cannot be written takes the private one with
         // it: a private key whose public half nobody has would stop a rerun
         // (keygen never overwrites a key) and serve no one.
