@@ -485,23 +485,28 @@ fn missing_flags_and_an_unknown_alg_are_usage_errors() {
     assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
     assert!(format!("{e:#}").contains("the same file"), "{e:#}");
     assert!(!out.exists());
-    // Through a link (as another spelling of one path): the same file all
-    // the same, and nothing left.
-    let dotted = dir.path().join("link.jwk");
-    std::os::unix::fs::symlink(&out, &dotted).unwrap();
-    let e = run(&[
-        "keygen",
-        "--kid",
-        "k",
-        "--out",
-        s(&out),
-        "--public-out",
-        s(&dotted),
-    ])
-    .unwrap_err();
-    assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
-    assert!(format!("{e:#}").contains("the same file"), "{e:#}");
-    assert!(!out.exists());
+    // Another spelling of one path (`d/../k.jwk`), or the public half's
+    // temporary file (`k.partial-download`, removed before it is written):
+    // refused, and nothing left. Before, the private key was replaced or
+    // removed, exit 0.
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    let dotted = dir.path().join("d").join("..").join("k.jwk");
+    let temporary = dir.path().join("k.partial-download");
+    for (private, public) in [(&out, &dotted), (&temporary, &out)] {
+        let e = run(&[
+            "keygen",
+            "--kid",
+            "k",
+            "--out",
+            s(private),
+            "--public-out",
+            s(public),
+        ])
+        .unwrap_err();
+        assert_eq!(lavd::cli::error_code(&e), Some("usage"), "{e:#}");
+        assert!(format!("{e:#}").contains("--out is --public-out"), "{e:#}");
+        assert!(!private.exists() && !public.exists());
+    }
 }
 
 /// `keygen --alg ECDH-ES` makes an agency's recipient key: a P-256 pair

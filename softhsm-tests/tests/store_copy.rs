@@ -321,6 +321,67 @@ fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {
     )
 }
 
+/// A token with a SQLite store holding a key's leaf (its config points
+/// there), a PostgreSQL database with lavd's schema and nothing else (so
+/// that the only COMMIT after a copy's rows is the copy's), and the audit
+/// key's vkey.
+fn sqlite_store_and_an_empty_target() -> (TestToken, TestDb, String) {
+    let t = TestToken::new();
+    t.write_config(&serve_config(&vault::roles_toml()));
+    softhsm_tests::server::make_audit_key(&t);
+    vault::generate_escrow_key(&t, "E-1");
+    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
+        .trim()
+        .to_string();
+    let db = TestDb::create();
+    db.write_token_config(&t, &serve_config(&vault::roles_toml()));
+    assert_ok(&t.lavd_with_config(&["store", "migrate", "--new"]));
+    t.write_config(&serve_config(&vault::roles_toml()));
+    (t, db, key)
+}
+
+/// `lavd store copy` of `t`'s SQLite store to `url` under `key`.
+fn copy_to(t: &TestToken, url: &str, key: &str) -> std::process::Output {
+    lavd_command(&[
+        "store",
+        "copy",
+        "--from",
+        t.path("lavd.db").to_str().unwrap(),
+        "--to",
+        url,
+        "--password-env",
+        "LAVD_TEST_DB_PASSWORD",
+        "--key",
+        key,
+    ])
+    .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
+    .output()
+    .expect("lavd store copy")
+}
+
+/// A copy whose COMMIT the server refuses (here a deferred constraint
+/// trigger raising at COMMIT) takes its mark back: the source is the store
+/// again, and the target holds nothing. Before, the mark's row was deleted
+/// but its table, which marks the file by itself, stayed: every open of the
+/// source was refused `store_moved`.
+#[test]
+fn a_copy_the_target_refuses_to_commit_leaves_its_source_usable() {
+    let (t, db, key) = sqlite_store_and_an_empty_target();
+    db.client()
+        .batch_execute(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'refused at commit'; END $$; \
+             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON audit_leaves \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();",
+        )
+        .unwrap();
+    let out = copy_to(&t, &db.url(), &key);
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_unavailable");
+    assert!(stderr.contains("refused at commit"), "{stderr}");
+    assert_eq!(db.rows("audit_leaves"), 0);
+    assert_ok(&t.lavd_with_config(&["keys", "list", "--all"]));
+}
+
 /// A copy whose COMMIT loses its answer (the connection cut just after
 /// PostgreSQL got it, which commits it) leaves its source marked copied:
 /// the file is marked before PostgreSQL commits, so no fate of the copy
@@ -330,36 +391,10 @@ fn seal(escrow: &lavd::jwk::P256PublicKey, n: usize) -> serde_json::Value {
 /// committed copy: a start on the old path forked the log.
 #[test]
 fn a_copy_whose_commit_answer_is_lost_leaves_its_source_marked() {
-    let t = TestToken::new();
-    t.write_config(&serve_config(&vault::roles_toml()));
-    softhsm_tests::server::make_audit_key(&t);
-    vault::generate_escrow_key(&t, "E-1");
-    let key = assert_ok(&t.lavd_with_config(&["audit", "key"]))
-        .trim()
-        .to_string();
-    let db = TestDb::create();
-    // The schema first (a refused copy's way of making it is tested above),
-    // so that the only COMMIT after the copy's rows is the copy's.
-    db.write_token_config(&t, &serve_config(&vault::roles_toml()));
-    assert_ok(&t.lavd_with_config(&["store", "migrate", "--new"]));
-    t.write_config(&serve_config(&vault::roles_toml()));
+    let (t, db, key) = sqlite_store_and_an_empty_target();
     let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
     proxy.arm_after(b"audit_cosignatures", false);
-    let out = lavd_command(&[
-        "store",
-        "copy",
-        "--from",
-        t.path("lavd.db").to_str().unwrap(),
-        "--to",
-        &db.settings_via(proxy.port()).url,
-        "--password-env",
-        "LAVD_TEST_DB_PASSWORD",
-        "--key",
-        &key,
-    ])
-    .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
-    .output()
-    .expect("lavd store copy");
+    let out = copy_to(&t, &db.settings_via(proxy.port()).url, &key);
     assert_eq!(proxy.cuts(), 1, "{out:?}");
     let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_unavailable");
     assert!(

@@ -127,8 +127,9 @@ impl Readiness {
                 return answer;
             }
             hsm.run(move |h| {
+                let started = std::time::Instant::now();
                 let ready = h.check_ready(|_| audit.key_on_token());
-                *guard = Some((std::time::Instant::now(), ready.clone()));
+                *guard = Some((started, ready.clone()));
                 drop(guard);
                 Ok(ready)
             })
@@ -149,10 +150,11 @@ impl Readiness {
                 return answer;
             }
             tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
                 let r = store
                     .check_writable(STORE_LOCK_WAIT)
                     .map_err(|e| e.to_string());
-                *guard = Some((std::time::Instant::now(), r.clone()));
+                *guard = Some((started, r.clone()));
                 drop(guard);
                 r
             })
@@ -163,20 +165,21 @@ impl Readiness {
     }
 }
 
-/// One check's lock, held while it runs, with its last answer and when it
-/// came: probes run one at a time, and one that waited for another is
-/// answered by it when it ended after the waiting one was asked (many
-/// `/readyz` at once behind a slow HSM are one probe, not a queue whose
-/// last waits past the check's timeout and answers 503).
+/// One check's lock, held while it runs, with its last answer and when
+/// that probe started: probes run one at a time, and one that waited for
+/// another is answered by it when it started after the waiting one was
+/// asked (many `/readyz` at once behind a slow HSM are one probe, or two,
+/// not a queue whose last waits past the check's timeout and answers 503;
+/// no call is answered from a look taken before it was made).
 type Probe = Arc<tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>>;
 
-/// The answer of a probe that ended after `asked`, if the last one did.
+/// The answer of a probe that started after `asked`, if the last one did.
 fn answered_since(
     last: &Option<(std::time::Instant, Result<(), String>)>,
     asked: std::time::Instant,
 ) -> Option<Result<(), String>> {
     last.as_ref()
-        .filter(|(ended, _)| *ended >= asked)
+        .filter(|(started, _)| *started >= asked)
         .map(|(_, answer)| answer.clone())
 }
 

@@ -152,6 +152,20 @@ type Lookups = std::collections::HashMap<(String, u16), tokio::sync::watch::Rece
 static IN_FLIGHT: std::sync::LazyLock<std::sync::Mutex<Lookups>> =
     std::sync::LazyLock::new(Default::default);
 
+/// A lookup's entry in [`IN_FLIGHT`], removed when dropped: also when its
+/// thread panics, so that the name is looked up again, not answered "ended
+/// without an answer" for good.
+struct Forget((String, u16));
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        IN_FLIGHT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.0);
+    }
+}
+
 /// The addresses of `host`, on a thread of its own, not tokio's blocking
 /// pool (where `TcpStream::connect` would look a name up): in `lavd serve`
 /// requests waiting for a witness quorum can hold every thread of that pool
@@ -199,13 +213,13 @@ async fn resolve_with(
                 std::thread::Builder::new()
                     .name("lavd-resolve".into())
                     .spawn(move || {
-                        let found = lookup(&asked.0, asked.1).map_err(|e| e.to_string());
+                        // Made here, not before the spawn: a spawn that
+                        // fails drops the closure while this lock is held.
+                        let asked = Forget(asked);
+                        let found = lookup(&asked.0 .0, asked.0 .1).map_err(|e| e.to_string());
                         // Gone from the map before the answer is sent: a
                         // caller after this point looks the name up again.
-                        IN_FLIGHT
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .remove(&asked);
+                        drop(asked);
                         drop(place);
                         let _ = answer.send(Some(found));
                     })?;
@@ -721,6 +735,31 @@ mod tests {
             }
         }
         Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+
+    /// Asks for "panic.test" so far; the first one's lookup panics.
+    static PANICS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+    fn panicking_once(_: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+        if PANICS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("a resolver that panics (test)");
+        }
+        Ok(vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))])
+    }
+
+    /// A lookup whose thread panics fails its callers and leaves nothing
+    /// behind: the name is looked up again, not answered "ended without an
+    /// answer" for good.
+    #[tokio::test]
+    async fn a_lookup_that_panics_is_not_kept() {
+        let e = super::resolve_with("panic.test", 3, panicking_once)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("without an answer"), "{e}");
+        let found = super::resolve_with("panic.test", 3, panicking_once)
+            .await
+            .unwrap();
+        assert_eq!(found, [std::net::SocketAddr::from(([127, 0, 0, 1], 3))]);
     }
 
     /// A name whose lookup hangs, asked for again and again (a witness's

@@ -640,24 +640,31 @@ impl KeygenArgs {
             )
         };
         write_private(&self.out, &private)?;
-        // The same file under another spelling (`./k.jwk`, an absolute
-        // path, a link), now that the private one exists to compare with:
-        // the public half's rename would replace it.
+        // The same file under another spelling (`d/../k.jwk`, a link), now
+        // that the private one exists to compare with: the public half's
+        // rename would replace it. The public half's temporary file (`write_atomically_with_mode`
+        // removes a stale one first) must not be the private one either.
         #[cfg(unix)]
         if let Some(public_out) = &self.public_out {
             use std::os::unix::fs::MetadataExt as _;
-            let (private_file, public_file) =
-                (std::fs::metadata(&self.out), std::fs::metadata(public_out));
-            if let (Ok(a), Ok(b)) = (private_file, public_file) {
-                if (a.dev(), a.ino()) == (b.dev(), b.ino()) {
-                    let _ = std::fs::remove_file(&self.out);
-                    return Err(super::Refused::new(
-                        "usage",
-                        "--out and --public-out name the same file: the public key would \
-                         replace the private one",
-                    )
-                    .into());
-                }
+            let private_file = std::fs::metadata(&self.out);
+            let public_files = [
+                std::fs::metadata(public_out),
+                std::fs::metadata(public_out.with_extension("partial-download")),
+            ];
+            let same = |b: &std::io::Result<std::fs::Metadata>| match (&private_file, b) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            };
+            if public_files.iter().any(same) {
+                let _ = std::fs::remove_file(&self.out);
+                return Err(super::Refused::new(
+                    "usage",
+                    "--out is --public-out, or the file the public half is written to first \
+                     (its name with the extension `partial-download`): the public key would \
+                     replace or remove the private one",
+                )
+                .into());
             }
         }
         // A public half that cannot be written takes the private one with

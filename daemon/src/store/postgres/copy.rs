@@ -156,9 +156,14 @@ impl PgStore {
         drop(sqlite);
         let (committed, warned) = super::warned_during(|| tx.commit());
         if let Err(e) = committed {
-            // Only the server's own refusal says the COMMIT did not happen;
-            // a connection lost while it was sent says nothing.
-            let refused = e.as_db_error().is_some();
+            // Only the server's own refusal of the statement says the
+            // COMMIT did not happen; a connection lost while it was sent,
+            // or a server going down or crashing as it answered, says
+            // nothing (the group commit's rule, `commit_fate_unknown`).
+            let refused = !super::commit_fate_unknown(
+                e.as_db_error().and_then(|d| d.parsed_severity()),
+                e.code().map(postgres::error::SqlState::code),
+            );
             let e = self.pg_err(e);
             if !refused {
                 return Err(StoreError::CommitUnknown(format!(
@@ -169,10 +174,11 @@ impl PgStore {
                     self.describe
                 )));
             }
-            // Not committed: the source is the store again.
+            // Not committed: the source is the store again (the table
+            // itself marks it, row or not).
             let unmarked = from
                 .conn()
-                .execute_batch("BEGIN IMMEDIATE; DELETE FROM store_moved; COMMIT;");
+                .execute_batch("BEGIN IMMEDIATE; DROP TABLE store_moved; COMMIT;");
             if let Err(u) = unmarked {
                 let _ = from.conn().execute_batch("ROLLBACK");
                 return Err(StoreError::Unavailable {

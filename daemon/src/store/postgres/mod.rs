@@ -726,7 +726,10 @@ fn commit_may_have_landed(code: &SqlState) -> bool {
 /// crashed as it answered, and crash recovery replays a commit record it
 /// had flushed). Any other answer is an error of the statement, and the
 /// transaction rolled back.
-fn commit_fate_unknown(severity: Option<postgres::error::Severity>, code: Option<&str>) -> bool {
+pub(super) fn commit_fate_unknown(
+    severity: Option<postgres::error::Severity>,
+    code: Option<&str>,
+) -> bool {
     let Some(code) = code else {
         return true;
     };
