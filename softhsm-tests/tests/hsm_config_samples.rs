@@ -195,7 +195,9 @@ fn the_kubernetes_configs_load_once_their_placeholders_are_replaced() {
 
         let (field, reason) = RawConfig::parse(&text).expect_err("placeholders refused");
         assert!(
-            field.starts_with("[[authorities]]") && reason.contains("JWK"),
+            field == "authorities.jwk"
+                && reason.contains("JWK")
+                && reason.contains("(at [[authorities]] line "),
             "{manifest}: {field}: {reason}"
         );
 
