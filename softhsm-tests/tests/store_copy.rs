@@ -28,23 +28,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     let w2 = vault::double_lock(&vault::claims("W-2", recipient.public(), 10));
 
     let db = TestDb::create();
-    let copy_from = |from: &std::path::Path, key: &str| {
-        lavd_command(&[
-            "store",
-            "copy",
-            "--from",
-            from.to_str().unwrap(),
-            "--to",
-            &db.url(),
-            "--password-env",
-            "LAVD_TEST_DB_PASSWORD",
-            "--key",
-            key,
-        ])
-        .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
-        .output()
-        .expect("lavd store copy")
-    };
+    let copy_from = |from: &std::path::Path, key: &str| copy(from, &db.url(), key);
     // Some history on SQLite: 3 of W-1's 10 units spent, W-2 revoked.
     let (escrow, sqlite_size) = {
         let daemon = Daemon::start(&t);
@@ -103,7 +87,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             .unwrap();
         size
     };
-    let copy = |key: &str| copy_from(&db_path, key);
+    let copy_db = |key: &str| copy_from(&db_path, key);
     // A file that is no lavd store (empty, as a placeholder or a failed
     // restore leaves it) is refused and left as it was: opened as a store
     // it would have been given lavd's schema, and an empty log copied.
@@ -122,7 +106,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     // A key that did not sign the log: the copy is refused, and commits
     // nothing (the leaves it had written are rolled back).
     let other = lavd::audit::note::verifier_key("lavd.invalid/audit", &[9; 32]).unwrap();
-    let out = copy(&other);
+    let out = copy_db(&other);
     softhsm_tests::assert_fails_with(&out, 1, "store_copy_refused");
     assert_eq!(db.rows("audit_leaves"), 0);
     // It left lavd's schema there (its connection migrates before the
@@ -163,7 +147,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
              VALUES ('W-ELSEWHERE', now(), ARRAY[]::BYTEA[])",
         )
         .unwrap();
-    let stderr = softhsm_tests::assert_fails_with(&copy(&key), 1, "store_copy_refused");
+    let stderr = softhsm_tests::assert_fails_with(&copy_db(&key), 1, "store_copy_refused");
     assert!(stderr.contains("is not empty (1 rows)"), "{stderr}");
     db.client()
         .batch_execute("DELETE FROM open_intents")
@@ -178,7 +162,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
             ["2026-12-05T10:00:00Z"],
         )
         .unwrap();
-    let stderr = softhsm_tests::assert_fails_with(&copy(&key), 1, "store_copy_refused");
+    let stderr = softhsm_tests::assert_fails_with(&copy_db(&key), 1, "store_copy_refused");
     assert!(stderr.contains("holds 1 open intent(s)"), "{stderr}");
     assert_eq!(db.rows("audit_leaves"), 0);
     sqlite.execute("DELETE FROM open_intents", []).unwrap();
@@ -192,7 +176,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     // is refused too, read under the write lock. Before the check moved
     // into each write, it would have landed in the copied file.
     let early = lavd::store::Store::open(&db_path).unwrap();
-    let out = copy(key_file.to_str().unwrap());
+    let out = copy_db(key_file.to_str().unwrap());
     let printed = assert_ok(&out);
     assert!(
         printed.contains(&format!("{sqlite_size} leaves")),
@@ -214,7 +198,7 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
     // on the old path after a rollback: each would fork the log or record
     // what PostgreSQL never sees). Its rows stay as they were. Before,
     // nothing stopped either.
-    let out = copy(&key);
+    let out = copy_db(&key);
     let stderr = softhsm_tests::assert_fails_with(&out, 1, "store_moved");
     assert!(
         stderr.contains("copied to ") && stderr.contains("lavd store copy"),
@@ -340,13 +324,13 @@ fn sqlite_store_and_an_empty_target() -> (TestToken, TestDb, String) {
     (t, db, key)
 }
 
-/// `lavd store copy` of `t`'s SQLite store to `url` under `key`.
-fn copy_to(t: &TestToken, url: &str, key: &str) -> std::process::Output {
+/// `lavd store copy` of the SQLite store `from` to `url` under `key`.
+fn copy(from: &std::path::Path, url: &str, key: &str) -> std::process::Output {
     lavd_command(&[
         "store",
         "copy",
         "--from",
-        t.path("lavd.db").to_str().unwrap(),
+        from.to_str().unwrap(),
         "--to",
         url,
         "--password-env",
@@ -357,6 +341,11 @@ fn copy_to(t: &TestToken, url: &str, key: &str) -> std::process::Output {
     .env("LAVD_TEST_DB_PASSWORD", softhsm_tests::pg::password())
     .output()
     .expect("lavd store copy")
+}
+
+/// [`copy`] of `t`'s SQLite store.
+fn copy_to(t: &TestToken, url: &str, key: &str) -> std::process::Output {
+    copy(&t.path("lavd.db"), url, key)
 }
 
 /// A copy whose COMMIT the server refuses (here a deferred constraint

@@ -32,6 +32,20 @@ struct Cut {
     stored: i64,
 }
 
+/// Returns once the reload says it cannot log the running trust again
+/// yet (it retries).
+fn waiting_to_relog(daemon: &Daemon) {
+    softhsm_tests::eventually(
+        "the reload waiting to log the running trust",
+        std::time::Duration::from_secs(20),
+        || {
+            daemon
+                .stderr()
+                .contains("the running authorities cannot be logged again yet")
+        },
+    );
+}
+
 fn reload_with_its_commit_cut(id: &str) -> Cut {
     let t = TestToken::new();
     let pki = Pki::new(&t);
@@ -88,16 +102,7 @@ fn postgres_a_trust_change_whose_commit_fate_is_unknown_logs_the_running_trust_a
         stored,
     } = reload_with_its_commit_cut("W-FATE");
     let c = parties.clients(&pki, daemon.api);
-    let within = std::time::Duration::from_secs(20);
-    softhsm_tests::eventually(
-        "the reload waiting to log the running trust",
-        within,
-        || {
-            daemon
-                .stderr()
-                .contains("the running authorities cannot be logged again yet")
-        },
-    );
+    waiting_to_relog(&daemon);
     assert_eq!(proxy.cuts(), 1, "the proxy never saw the leaf's COMMIT");
     // The server did commit it: the log says the loosened policy.
     assert_eq!(db.rows("audit_leaves"), stored + 1);
@@ -209,8 +214,7 @@ fn postgres_a_trust_change_whose_fate_stays_unknown_ends_the_process() {
 /// A stop signal while such a reload tries to log the running trust again
 /// is acted on at once: the daemon says it is stopping and drains while
 /// the reload goes on trying (the drain waits for it), and a second signal
-/// ends the process without waiting out `RELOG_WITHIN`; the next start
-/// logs the trust its configuration names, as after exit 75. Before, the
+/// ends the process (exit 0) without waiting out `RELOG_WITHIN`. Before, the
 /// daemon read no signal while a reload ran: both SIGTERMs were ignored
 /// until the reload ended the process with 75, 30 s later.
 #[test]
@@ -222,15 +226,7 @@ fn postgres_a_stop_signal_while_a_trust_reload_cannot_log_is_acted_on_at_once() 
         t: _t,
         ..
     } = reload_with_its_commit_cut("W-STOPPED");
-    softhsm_tests::eventually(
-        "the reload waiting to log the running trust",
-        std::time::Duration::from_secs(20),
-        || {
-            daemon
-                .stderr()
-                .contains("the running authorities cannot be logged again yet")
-        },
-    );
+    waiting_to_relog(&daemon);
     daemon.signal(Signal::TERM);
     daemon.expect_notify("STOPPING=1");
     assert!(
@@ -270,15 +266,7 @@ fn postgres_a_sighup_during_a_reload_is_applied_after_it() {
         body,
         ..
     } = reload_with_its_commit_cut("W-QUEUED");
-    softhsm_tests::eventually(
-        "the reload waiting to log the running trust",
-        std::time::Duration::from_secs(20),
-        || {
-            daemon
-                .stderr()
-                .contains("the running authorities cannot be logged again yet")
-        },
-    );
+    waiting_to_relog(&daemon);
     daemon.signal(Signal::HUP);
     daemon.signal(Signal::HUP);
     proxy.light();
