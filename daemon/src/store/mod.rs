@@ -119,11 +119,12 @@ pub(crate) const MOVED_TABLE: &str = "CREATE TABLE IF NOT EXISTS store_moved (
 /// Where, when and how many leaves `lavd store copy` copied the store on
 /// `conn` to, if it did.
 pub(crate) fn moved(conn: &Connection) -> Result<Option<(String, String, i64)>, rusqlite::Error> {
-    let marked: i64 = conn.query_row(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'store_moved'",
-        [],
-        |row| row.get(0),
-    )?;
+    // Prepared once a connection (every SQLite group commit asks).
+    let marked: i64 = conn
+        .prepare_cached(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'store_moved'",
+        )?
+        .query_row([], |row| row.get(0))?;
     if marked == 0 {
         return Ok(None);
     }
