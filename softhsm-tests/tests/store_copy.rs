@@ -204,22 +204,11 @@ fn an_sqlite_store_copies_into_postgres_and_lavd_carries_on() {
         stderr.contains("copied to ") && stderr.contains("lavd store copy"),
         "{stderr}"
     );
-    let generate_again = [
-        "keys",
-        "generate",
-        "--kid",
-        "E-3",
-        "--not-before",
-        "2026-12-01T00:00:00Z",
-        "--not-after",
-        "2099-01-01T00:00:00Z",
-        "--destroy-after",
-        "2099-06-01T00:00:00Z",
-    ];
     for command in [
         &["keys", "destroy", "--expired"][..],
         &["keys", "list", "--all"][..],
-        &generate_again[..],
+        // E-2, refused above and never made.
+        &generate[..],
         &["serve"][..],
     ] {
         let stderr =
