@@ -25,7 +25,9 @@ pub struct OwnCluster {
     version: String,
 }
 
-pub(crate) fn privileged(program: &str) -> Command {
+/// `program` as root: itself when this process is root, else through
+/// `sudo -n` (which fails rather than asks for a password).
+pub fn privileged(program: &str) -> Command {
     if rustix::process::getuid().is_root() {
         Command::new(program)
     } else {

@@ -12,6 +12,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use softhsm_tests::pg_cluster::privileged;
 use softhsm_tests::replicas::{Cluster, REPLICAS};
 use softhsm_tests::vault;
 
@@ -33,14 +34,7 @@ fn cluster() -> (String, String) {
 
 fn pg_ctl(action: &str) {
     let (version, name) = cluster();
-    let mut command = if rustix::process::getuid().is_root() {
-        Command::new("pg_ctlcluster")
-    } else {
-        let mut c = Command::new("sudo");
-        c.arg("-n").arg("pg_ctlcluster");
-        c
-    };
-    let out = command
+    let out = privileged("pg_ctlcluster")
         .args([&version, &name, action])
         .args(if action == "stop" {
             &["-m", "fast"][..]
@@ -62,7 +56,7 @@ struct Restart;
 impl Drop for Restart {
     fn drop(&mut self) {
         let (version, name) = cluster();
-        let _ = Command::new("pg_ctlcluster")
+        let _ = privileged("pg_ctlcluster")
             .args([&version, &name, "start"])
             .output();
     }
