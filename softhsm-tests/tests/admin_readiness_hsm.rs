@@ -153,3 +153,65 @@ fn readiness_probes_at_once_behind_a_slow_hsm_share_one_probe() {
     shim.set("");
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
 }
+
+/// A probe while the only session is held by a call still inside its
+/// deadline (the fault module holding `C_DeriveKey` of an unwrap) is not
+/// ready because the HSM is busy, and resets nothing. Before, "no session
+/// came free" read as "no logged-in session", which the probe mends with a
+/// module reset: it waited for the running call (holding every new call
+/// back) and would then have ended the sessions of a module that was only
+/// busy; the probe ran past its 5 s and answered "no answer".
+#[test]
+fn a_probe_while_every_session_is_busy_is_not_ready_and_resets_nothing() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_hsm(
+        &softhsm_tests::shim_module_path(),
+        1,
+        "call_timeout_ms = 3000\n",
+        &format!("{}{}", serve_config(&vault::roles_toml()), shim.hsm_env()),
+    );
+    vault::generate_escrow_key(&t, "E-1");
+    let mut daemon = Daemon::start(&t);
+    daemon.wait_readyz(200);
+    let c = Parties::new(&pki).clients(&pki, daemon.api);
+    let escrow = vault::published_key(&c.provider, "E-1");
+    let now = OffsetDateTime::now_utc();
+    let recipient = vault::recipient();
+    let warrant = vault::double_lock(&vault::claims("W-BUSY", recipient.public(), 10));
+    let body = |r: &str| {
+        serde_json::json!({"warrant": warrant, "envelopes": [vault::seal(
+            &escrow, "E-1", TARGET, now - time::Duration::hours(1), r, &[5; 32],
+        )]})
+    };
+
+    shim.set("fault = hang\nfault_calls = C_DeriveKey");
+    std::thread::scope(|s| {
+        let held = s.spawn(|| vault::post(&c.agency, "/v1/unwrap", &body("held")));
+        assert!(
+            softhsm_tests::faults::wait_until(Duration::from_secs(10), || shim.faults() > 0),
+            "the module held no call"
+        );
+        let asked = std::time::Instant::now();
+        let r = daemon.admin_get("/readyz");
+        let answered = asked.elapsed();
+        assert_eq!(r.status, 503, "{}", r.text());
+        assert_eq!(r.json()["hsm"], false, "{}", r.text());
+        assert!(answered < Duration::from_secs(5), "{answered:?}");
+        shim.set("");
+        held.join().unwrap().assert_error(503, "hsm_unavailable");
+    });
+    let log = daemon.stderr();
+    assert!(
+        log.contains("no logged-in session: all 1 HSM sessions stayed busy"),
+        "{log}"
+    );
+    assert!(!log.contains("module reset"), "{log}");
+    daemon.wait_readyz(200);
+    assert_eq!(daemon.metric("lavd_hsm_reconnects_total"), 0.0);
+    let r = vault::post(&c.agency, "/v1/unwrap", &body("after"));
+    assert_eq!(vault::statuses(&r.json()), ["ok"], "{}", r.text());
+    daemon.signal(Signal::TERM);
+    assert_eq!(daemon.wait_exit(Duration::from_secs(30)).code(), Some(0));
+}

@@ -212,6 +212,13 @@ impl HsmError {
         }
     }
 
+    /// True when the HSM did not answer in time or had no session free:
+    /// calls still running hold it, which a module reset cannot hurry.
+    #[must_use]
+    pub fn is_busy(&self) -> bool {
+        matches!(self, HsmError::Busy(_) | HsmError::Timeout { .. })
+    }
+
     /// True when the session or token was lost and a reconnect may help.
     pub fn is_session_lost(&self) -> bool {
         matches!(

@@ -441,6 +441,15 @@ impl Hsm {
     /// True when a session can be had and the user is logged in: the check
     /// behind `/readyz`. It reconnects if the token came back.
     pub fn is_ready(&self) -> bool {
+        self.ready().is_ok()
+    }
+
+    /// [`Hsm::is_ready`] with the reason it is not.
+    ///
+    /// # Errors
+    /// [`HsmError::Busy`] when no session came free in time, else the
+    /// failing call (`CKR_USER_NOT_LOGGED_IN` for a session not logged in).
+    pub fn ready(&self) -> Result<(), HsmError> {
         self.with_session("ready", |s| {
             let info = s.get_session_info()?;
             if matches!(
@@ -456,7 +465,6 @@ impl Hsm {
                 .into())
             }
         })
-        .is_ok()
     }
 
     /// Runs `f` with a pooled, logged-in session. If the session or token was
@@ -652,7 +660,12 @@ impl Hsm {
     /// came back, the partition reconnected): the module is reset once and
     /// checked again, so the daemon recovers without a restart. Not when
     /// the token answers that the key's objects are wrong
-    /// ([`HsmError::is_key_fault`]), which no reset mends.
+    /// ([`HsmError::is_key_fault`]), which no reset mends, nor when every
+    /// session is held by calls still running or the probe's call timed
+    /// out ([`HsmError::is_busy`]): a reset would wait for those calls,
+    /// holding every new one back, then end the sessions of a module that
+    /// was only busy (a hung call is reported by the probe's caller, which
+    /// counts the calls past their deadline).
     ///
     /// # Errors
     /// Why it is not ready, for the log.
@@ -664,11 +677,9 @@ impl Hsm {
         // on a token that answers (each probe would reset the module for
         // nothing, holding every call back, and count a reconnection).
         let check = |h: &Hsm| {
-            if h.is_ready() {
-                has_key(h).map_err(|e| (e.to_string(), !e.is_key_fault()))
-            } else {
-                Err(("no logged-in session".to_string(), true))
-            }
+            h.ready()
+                .map_err(|e| (format!("no logged-in session: {e}"), !e.is_busy()))?;
+            has_key(h).map_err(|e| (e.to_string(), !e.is_key_fault() && !e.is_busy()))
         };
         check(self).or_else(|(first, resettable)| {
             if !resettable {
