@@ -107,6 +107,20 @@ pub enum KeyError {
     /// ([`crate::bounds::reason`]): it is stored and printed by `keys list`.
     #[error("--reason {0}")]
     ReasonInvalid(String),
+    /// The token holds key objects of this key that say `CKA_DESTROYABLE`
+    /// false, which it would refuse to destroy: nothing was recorded (a
+    /// private half so made is refused at look-up, so it opens nothing).
+    #[error(
+        "escrow key {kid}: {objects} of its key objects on the token say CKA_DESTROYABLE false, \
+         so the token would refuse to destroy them; nothing was recorded: remove them, or make \
+         them destroyable, with the token's own tools, then run this again"
+    )]
+    NotDestroyable {
+        /// The key.
+        kid: String,
+        /// How many objects.
+        objects: usize,
+    },
     /// After destruction the token still reports the private key.
     #[error("escrow key {0:?} is still on the token after destruction")]
     StillPresent(String),
@@ -180,6 +194,7 @@ impl KeyError {
             KeyError::ReasonRequired => "reason_required",
             KeyError::ReasonInvalid(_) => "invalid_reason",
             KeyError::StillPresent(_) => "key_still_present",
+            KeyError::NotDestroyable { .. } => "key_not_destroyable",
             KeyError::DestructionUnlogged { .. } => "destroy_unlogged",
             KeyError::MissingBeforeDestruction(_) | KeyError::LostBeforeDestruction(_) => {
                 "key_missing_before_destruction"
@@ -567,8 +582,8 @@ pub struct Destroyed {
 /// # Errors
 /// [`KeyError::UnknownKid`], [`KeyError::RetentionNotReached`],
 /// [`KeyError::ReasonRequired`], [`KeyError::ReasonInvalid`],
-/// [`KeyError::StillPresent`], [`KeyError::DestructionUnlogged`], or an
-/// HSM/store failure.
+/// [`KeyError::NotDestroyable`], [`KeyError::StillPresent`],
+/// [`KeyError::DestructionUnlogged`], or an HSM/store failure.
 pub fn destroy(
     hsm: &Hsm,
     store: &(impl KeyStore + AuditStore),
@@ -608,6 +623,16 @@ pub fn destroy(
         // On a fresh session that logs in, so a session that silently lost
         // its login cannot make an intact key look absent.
         missing_before = hsm.escrow_private_keys(kid)? == 0;
+        // A key the token would refuse to destroy is refused here, before
+        // anything is recorded: the log must not say destroyed a key that
+        // stays on the token.
+        let kept = hsm.escrow_key_objects_not_destroyable(kid)?;
+        if kept > 0 {
+            return Err(KeyError::NotDestroyable {
+                kid: kid.to_string(),
+                objects: kept,
+            });
+        }
         let event: Event = KeyDestroyed::new(kid, code, forced, None)
             .map_err(|e| KeyError::Audit(e.to_string()))?
             .into();

@@ -363,3 +363,66 @@ fn a_new_key_the_token_made_otherwise_than_asked_is_refused_and_discarded() {
         vault::generate_escrow_key(&t, &kid);
     }
 }
+
+/// A key whose private half on the token says `CKA_DESTROYABLE` false
+/// (made or restored outside lavd) cannot be destroyed by the token:
+/// `lavd keys destroy` refuses it `key_not_destroyable` before it records
+/// anything, and the key stays on the token, live in the store, with no
+/// `key_destroyed` leaf. Before, the mark and its leaf were committed, then
+/// the token refused (`CKR_ACTION_PROHIBITED`, answered as a retryable
+/// `hsm_unavailable`): the log said destroyed a key that stayed.
+#[test]
+fn a_key_the_token_cannot_destroy_is_refused_before_anything_is_recorded() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let label = "lav-escrow:E-1";
+    let session = t.session();
+    for handle in session
+        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
+        .unwrap()
+    {
+        session.destroy_object(handle).unwrap();
+    }
+    let (public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
+    session.create_object(&public).unwrap();
+    private.extend(softhsm_tests::only_usage(false));
+    private.push(Attribute::Destroyable(false));
+    session.create_object(&private).unwrap();
+    drop(session);
+    let point = p256::SecretKey::from_slice(&[5; 32])
+        .unwrap()
+        .public_key()
+        .to_encoded_point(false);
+    let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
+    db.execute(
+        "UPDATE escrow_keys SET public_sec1 = ?1 WHERE kid = 'E-1'",
+        [point.as_bytes()],
+    )
+    .unwrap();
+    let leaves = |db: &rusqlite::Connection| -> i64 {
+        db.query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
+            .unwrap()
+    };
+    let before = leaves(&db);
+
+    let out = t.lavd_with_config(&[
+        "keys", "destroy", "--kid", "E-1", "--force", "--reason", "seized",
+    ]);
+    let stderr = softhsm_tests::assert_fails_with(&out, 1, "key_not_destroyable");
+    assert!(
+        stderr.contains("1 of its key objects on the token say CKA_DESTROYABLE false"),
+        "{stderr}"
+    );
+    assert!(t.holds_escrow_key("E-1"));
+    let destroyed: Option<String> = db
+        .query_row(
+            "SELECT destroyed_at FROM escrow_keys WHERE kid = 'E-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(destroyed, None);
+    assert_eq!(leaves(&db), before, "a refused destruction logged a leaf");
+}

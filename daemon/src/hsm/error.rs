@@ -144,6 +144,14 @@ pub enum HsmError {
     /// with it.
     #[error("the derived secret could not be destroyed ({0}); its session was closed")]
     DerivedSecretNotDestroyed(String),
+    /// The token refused to destroy a key object under this label
+    /// (`CKR_ACTION_PROHIBITED`: `CKA_DESTROYABLE` false, or its policy):
+    /// it stays on the token until removed with the token's own tools.
+    #[error(
+        "the token refuses to destroy the key object under {0:?} (CKR_ACTION_PROHIBITED: \
+         CKA_DESTROYABLE false, or the token's policy)"
+    )]
+    KeyNotDestroyable(String),
     /// Every session was busy for the whole wait: the HSM is overloaded or an
     /// operation hangs. Raise `sessions` or look at the HSM.
     #[error("all {0} HSM sessions stayed busy; gave up waiting")]
@@ -198,7 +206,8 @@ impl HsmError {
     /// generation under it, or a look-up that finds two: an operator's
     /// matter, not an outage to retry); `key_attributes_unsafe` for a
     /// private key that could leave the token or lacks its usage;
-    /// `key_refused` for one the token refuses to use; else
+    /// `key_refused` for one the token refuses to use;
+    /// `key_not_destroyable` for one it refuses to destroy; else
     /// `hsm_unavailable`.
     #[must_use]
     pub fn code(&self) -> &'static str {
@@ -208,6 +217,7 @@ impl HsmError {
             HsmError::DuplicateKey(_) => "key_label_taken",
             HsmError::KeyAttributes { .. } => "key_attributes_unsafe",
             HsmError::KeyRefused { .. } => "key_refused",
+            HsmError::KeyNotDestroyable(_) => "key_not_destroyable",
             _ => "hsm_unavailable",
         }
     }

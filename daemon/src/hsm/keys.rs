@@ -831,31 +831,44 @@ impl Hsm {
         // the private key went): that run finds none, though one was there.
         let had = std::cell::Cell::new(false);
         let had_now = self.with_session("destroy_escrow_key", |session| {
-            // Ours are CKA_PRIVATE, as `find_one` looks for them; a public
-            // half from an earlier build is not, and is taken when no
-            // CKA_PRIVATE one is there.
-            let all = |class, private: Option<bool>| {
-                let mut template = vec![
-                    Attribute::Class(class),
-                    Attribute::Label(label.as_bytes().to_vec()),
-                ];
-                template.extend(private.map(Attribute::Private));
-                session.find_objects(&template)
-            };
-            let privates = all(ObjectClass::PRIVATE_KEY, Some(true))?;
-            let mut publics = all(ObjectClass::PUBLIC_KEY, Some(true))?;
-            if publics.is_empty() {
-                publics = all(ObjectClass::PUBLIC_KEY, None)?;
-            }
+            let (privates, publics) = escrow_key_objects(session, &label)?;
             if !privates.is_empty() {
                 had.set(true);
             }
             for handle in privates.into_iter().chain(publics) {
-                destroy_if_present(session, handle)?;
+                destroy_if_present(session, handle, &label)?;
             }
             Ok(had.get())
         })?;
         Ok(had_now || had.get())
+    }
+
+    /// How many of the objects [`Hsm::destroy_escrow_key`] would destroy
+    /// for escrow key `kid` say `CKA_DESTROYABLE` false: the token would
+    /// refuse to destroy them (`CKR_ACTION_PROHIBITED`). Asked before a
+    /// destruction is recorded, so that the log never says destroyed a key
+    /// that stays. An object whose token does not know the attribute
+    /// (before PKCS#11 2.40) counts as destroyable, its default.
+    ///
+    /// # Errors
+    /// The failing PKCS#11 call.
+    pub fn escrow_key_objects_not_destroyable(&self, kid: &str) -> Result<usize, HsmError> {
+        let label = escrow_label(kid);
+        self.with_session("escrow_key_objects_not_destroyable", |session| {
+            let (privates, publics) = escrow_key_objects(session, &label)?;
+            let mut kept = 0;
+            for handle in privates.into_iter().chain(publics) {
+                let read = match session.get_attributes(handle, &[AttributeType::Destroyable]) {
+                    // Gone since the search: nothing to keep.
+                    Err(e) if stale_handle(&e) => continue,
+                    other => other?,
+                };
+                if read.contains(&Attribute::Destroyable(false)) {
+                    kept += 1;
+                }
+            }
+            Ok(kept)
+        })
     }
 
     /// Generates the Ed25519 audit signing key pair under `label`.
@@ -1221,15 +1234,47 @@ fn stale_handle(e: &cryptoki::error::Error) -> bool {
     )
 }
 
-/// Destroys `handle`. An object that another process destroyed between the
-/// search and this call (two retention jobs at once, which the operations
-/// guide allows) is gone all the same: `CKR_OBJECT_HANDLE_INVALID` is
-/// success here, and the caller's presence check on a fresh session says
-/// whether the key is really gone.
-fn destroy_if_present(session: &Session, handle: ObjectHandle) -> Result<(), HsmError> {
+/// The key objects under escrow label `label` that a destruction takes,
+/// as (private halves, public halves): ours are `CKA_PRIVATE`, as
+/// `find_one` looks for them; a public half from an earlier build is not,
+/// and is taken when no `CKA_PRIVATE` one is there.
+fn escrow_key_objects(
+    session: &Session,
+    label: &str,
+) -> Result<(Vec<ObjectHandle>, Vec<ObjectHandle>), HsmError> {
+    let all = |class, private: Option<bool>| {
+        let mut template = vec![
+            Attribute::Class(class),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ];
+        template.extend(private.map(Attribute::Private));
+        session.find_objects(&template)
+    };
+    let privates = all(ObjectClass::PRIVATE_KEY, Some(true))?;
+    let mut publics = all(ObjectClass::PUBLIC_KEY, Some(true))?;
+    if publics.is_empty() {
+        publics = all(ObjectClass::PUBLIC_KEY, None)?;
+    }
+    Ok((privates, publics))
+}
+
+/// Destroys `handle`, an object under `label`. An object that another
+/// process destroyed between the search and this call (two retention jobs
+/// at once, which the operations guide allows) is gone all the same:
+/// `CKR_OBJECT_HANDLE_INVALID` is success here, and the caller's presence
+/// check on a fresh session says whether the key is really gone. One the
+/// token refuses to destroy (`CKR_ACTION_PROHIBITED`: `CKA_DESTROYABLE`
+/// false, or the token's policy) is [`HsmError::KeyNotDestroyable`].
+fn destroy_if_present(
+    session: &Session,
+    handle: ObjectHandle,
+    label: &str,
+) -> Result<(), HsmError> {
+    use cryptoki::error::{Error, RvError};
     match session.destroy_object(handle) {
-        Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::ObjectHandleInvalid, _)) => {
-            Ok(())
+        Err(Error::Pkcs11(RvError::ObjectHandleInvalid, _)) => Ok(()),
+        Err(Error::Pkcs11(RvError::ActionProhibited, _)) => {
+            Err(HsmError::KeyNotDestroyable(label.to_string()))
         }
         other => Ok(other?),
     }
