@@ -17,9 +17,12 @@
  *                              # module's own work runs inside it, as a
  *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
- *         | key_function_not_permitted | key_type_inconsistent
- *                              # the last two: what a token answers a key its
- *                              # policy or type keeps from the operation
+ *         | key_function_not_permitted | key_type_inconsistent | key_handle_invalid
+ *                              # key_function_not_permitted, key_type_inconsistent:
+ *                              # what a token answers a key its policy or type
+ *                              # keeps from the operation; key_handle_invalid:
+ *                              # a key handle that names nothing any more
+ *                              # (the token's objects renumbered)
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below;
  *                              # each name one the module forwards
  *   fault_after = 0            # matching calls let through first (since the last change)
@@ -286,6 +289,9 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 			} else if (!strcmp(value, "key_type_inconsistent")) {
 				out->fault = FAULT_RV;
 				out->fault_rv = CKR_KEY_TYPE_INCONSISTENT;
+			} else if (!strcmp(value, "key_handle_invalid")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_KEY_HANDLE_INVALID;
 			} else {
 				REFUSE("unknown fault `%.200s`", value);
 			}

@@ -270,6 +270,38 @@ fn a_derive_the_token_refuses_for_its_key_denies_that_keys_envelopes_only() {
     assert_eq!(vault::spent(&h.t, id), 4, "only the four opened are spent");
 }
 
+/// A checkpoint signature whose cached audit-key handle names nothing any
+/// more (`CKR_KEY_HANDLE_INVALID` at `C_SignInit`: the token's objects
+/// renumbered) looks the key up again once, as an open does: the request
+/// is answered 200 with its key. Before, it was 503 `spent_not_released`:
+/// budget spent, nothing released, for a one-off the next call survived.
+/// Twice in a row is not a stale handle: still that 503.
+#[test]
+fn a_stale_audit_key_handle_is_looked_up_again_once() {
+    let h = Through::start("STALE-SIGN");
+    let reconnects = h.daemon.metric(RECONNECTS);
+    h.shim
+        .set("fault = key_handle_invalid\nfault_calls = C_SignInit\nfault_limit = 1");
+    let r = h.unwrap_one("stale-once");
+    h.assert_opened(&r, "a stale handle, once");
+    assert_eq!(h.shim.faults(), 1);
+
+    h.shim
+        .set("fault = key_handle_invalid\nfault_calls = C_SignInit\nfault_limit = 2");
+    h.unwrap_one("stale-twice")
+        .assert_error(503, "spent_not_released");
+    assert_eq!(h.shim.faults(), 3);
+    assert_eq!(
+        h.daemon.metric(RECONNECTS),
+        reconnects,
+        "the pool reconnected as for a lost token"
+    );
+
+    h.shim.set("");
+    let r = h.unwrap_one("after");
+    h.assert_opened(&r, "after the stale handles");
+}
+
 #[test]
 fn fault_limit_counts_the_faults_since_the_last_settings_change() {
     let h = Through::start("FAULT-LIMIT");

@@ -1001,9 +1001,25 @@ impl Hsm {
         self.with_session("sign_ed25519", |session| {
             let key = self.cached_handle(session, label, Usage::Sign)?;
             let mechanism = Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure));
-            let signature = session
-                .sign(&mechanism, key, message)
-                .inspect_err(|_| self.forget_handle(label))?;
+            let signature = match session.sign(&mechanism, key, message) {
+                Ok(signature) => signature,
+                Err(e) => {
+                    self.forget_handle(label);
+                    if !stale_handle(&e) {
+                        return Err(e.into());
+                    }
+                    // A cached handle that names nothing any more (the
+                    // token's objects renumbered: a module that reloaded
+                    // its store, a failover) is looked up again once, as
+                    // an open's is: a checkpoint left unsigned costs its
+                    // request's release after the spend committed
+                    // (`spent_not_released`).
+                    let key = self.cached_handle(session, label, Usage::Sign)?;
+                    session
+                        .sign(&mechanism, key, message)
+                        .inspect_err(|_| self.forget_handle(label))?
+                }
+            };
             signature.as_slice().try_into().map_err(|_| {
                 HsmError::Wrapper(format!("{}-byte Ed25519 signature", signature.len()))
             })
