@@ -328,9 +328,13 @@ impl Hsm {
     /// # Errors
     /// As [`Hsm::open`].
     pub fn open_with_observer(
-        settings: HsmSettings,
+        mut settings: HsmSettings,
         observer: Arc<dyn HsmObserver>,
     ) -> Result<Self, HsmError> {
+        // The PIN lives in one place from here, the login's (which a reload
+        // replaces): not also in the settings kept for the process's life,
+        // where a PIN rotated away would stay in memory (wiped on drop).
+        let pin = std::mem::replace(&mut settings.pin, AuthPin::new(String::new().into()));
         let pkcs11 = module(&settings.module, &settings.module_env)?;
         let unreadable_slots = Mutex::new(Vec::new());
         let slot = find_token(
@@ -347,7 +351,7 @@ impl Hsm {
         );
         let spreader = spread::Spreader::start(settings.sessions.max(1), settings.call_timeout)?;
         let login = Mutex::new(Login {
-            pin: Arc::new(settings.pin.clone()),
+            pin: Arc::new(pin),
             refused: None,
         });
         let hsm = Hsm {
