@@ -789,6 +789,12 @@ impl Hsm {
         {
             return;
         }
+        // A reset that ran between this count and the swap zeroed the
+        // count: another now would be a second one at once.
+        if inner.opens.load(Ordering::Relaxed) < every {
+            inner.resetting.store(false, Ordering::Release);
+            return;
+        }
         // Counted among the HSM threads that the end of the process waits
         // for (`spread::quiesce`): the reset may hold the last `Hsm`.
         let alive = spread::Alive::enter();
