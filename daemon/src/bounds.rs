@@ -22,8 +22,9 @@
 //! `[roles]` table, a warrant's `agency`) is printable ASCII with a scheme
 //! ([`identity`]), the one rule of all three. Protocol identifiers that a
 //! provider chose and sealed (targets, provider identities in envelope
-//! headers, `ref`) keep the older rule: an envelope sealed under it must
-//! stay openable, and they are matched byte for byte. (A provider identity
+//! headers) keep the older rule: an envelope sealed under it must stay
+//! openable, and they are matched byte for byte; a header's `ref` is opaque
+//! (PROTOCOL §3): only its length is bounded. (A provider identity
 //! in a header is at most [`MAX_PROVIDER_BYTES`], below a certificate's
 //! [`MAX_IDENTITY_BYTES`]; it is recorded, never compared with the caller.)
 //! The audit leaves hold these names and reasons under the older rule
@@ -478,13 +479,22 @@ pub fn role(value: &str) -> Result<(), BoundError> {
     name(value)
 }
 
-/// An envelope `ref`: opaque, 1..=[`MAX_REF_BYTES`] bytes, no control
-/// character (absent is how a header says "no reference").
+/// An envelope `ref`: opaque (PROTOCOL §3), so any string of at most
+/// [`MAX_REF_BYTES`] bytes, the empty one and control characters included:
+/// lavd neither logs nor compares it, and a stricter rule would leave the
+/// keys of a provider's envelopes unopenable for good. Where it is shown
+/// (`lavd open`), it is quoted and escaped.
 ///
 /// # Errors
-/// As [`text`].
+/// [`BoundError::TooLong`].
 pub fn message_ref(value: &str) -> Result<(), BoundError> {
-    text(value, MAX_REF_BYTES, Unit::Bytes)
+    if value.len() > MAX_REF_BYTES {
+        return Err(BoundError::TooLong {
+            max: MAX_REF_BYTES,
+            unit: Unit::Bytes,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -635,5 +645,8 @@ mod tests {
         assert_eq!(message_ref(&"r".repeat(256)), Ok(()));
         assert!(message_ref(&"r".repeat(257)).is_err());
         assert_eq!(message_ref("a b"), Ok(()));
+        // Opaque: empty, or with control characters, is still a `ref`.
+        assert_eq!(message_ref(""), Ok(()));
+        assert_eq!(message_ref("a\tb\u{0}"), Ok(()));
     }
 }

@@ -607,6 +607,32 @@ mod tests {
         assert_eq!(&dek[..], &[7u8; 32]);
     }
 
+    /// `ref` is opaque (PROTOCOL §3): the empty string and control
+    /// characters are a `ref` like any other; only past 256 bytes is it
+    /// refused.
+    #[test]
+    fn an_opaque_ref_parses_whatever_it_holds() {
+        let limits = EnvelopeLimits::default();
+        for (reference, parsed) in [
+            (r#""""#, Some("")),
+            (r#""a\tb\u0000""#, Some("a\tb\u{0}")),
+            (r#""\u202emsg""#, Some("\u{202e}msg")),
+        ] {
+            let bytes = format!(
+                r#"{{"kid":"2026-11","suite":"16-1-2","provider":"spiffe://p.example","target":"t","time":"2026-11-26T07:25:21Z","ref":{reference}}}"#
+            );
+            let header = Header::parse(bytes.as_bytes(), &limits).unwrap();
+            assert_eq!(header.reference(), parsed, "{bytes}");
+        }
+        let long = format!(
+            r#"{{"kid":"2026-11","suite":"16-1-2","provider":"spiffe://p.example","target":"t","time":"2026-11-26T07:25:21Z","ref":"{}"}}"#,
+            "r".repeat(257)
+        );
+        let e = Header::parse(long.as_bytes(), &limits).unwrap_err();
+        assert_eq!(e.code(), "malformed_envelope");
+        assert!(e.to_string().contains("ref"), "{e}");
+    }
+
     #[test]
     fn digest_is_sha256_of_header_then_enc() {
         let sk = P256PrivateKey::generate().unwrap();
