@@ -419,6 +419,23 @@ impl Validator<'_> {
                     return Err(self.err(&field, format!("role {name:?} is listed twice")));
                 }
             }
+            // A provider puts its identity in every envelope header it
+            // seals (PROTOCOL §3), whose `provider` field has one bound
+            // (`bounds::provider`): a longer identity would seal envelopes
+            // lavd refuses, their keys unopenable for good.
+            if roles.contains(&Role::Provider) && identity.len() > crate::bounds::MAX_PROVIDER_BYTES
+            {
+                return Err(self.err(
+                    &field,
+                    format!(
+                        "an identity with the provider role is at most {} bytes (it is {}): \
+                         providers write it in every envelope header, whose provider field \
+                         holds no more",
+                        crate::bounds::MAX_PROVIDER_BYTES,
+                        identity.len()
+                    ),
+                ));
+            }
             map.insert(identity, roles);
         }
         Ok(RoleMap::new(map))

@@ -509,6 +509,33 @@ fn serve_table_refusals_name_the_field() {
     assert_eq!(e.field, "tls.min_version");
 }
 
+/// An identity with the provider role fits the envelope header's
+/// `provider` field (`bounds::provider`, 512 bytes), which carries it; the
+/// other roles take identities up to a certificate's 2,048 bytes.
+#[test]
+fn a_provider_identity_fits_the_envelope_header() {
+    let identity = |bytes: usize| format!("spiffe://p.example/{}", "x".repeat(bytes - 19));
+    let roles = |identity: &str, role: &str| format!("[roles]\n\"{identity}\" = [\"{role}\"]\n");
+    let long = identity(513);
+    let e = load(&format!("{GOOD}{TLS}{}", roles(&long, "provider")), &[]).unwrap_err();
+    assert_eq!(e.field, format!("roles.{long:?}"), "{e}");
+    assert!(
+        e.reason
+            .contains("an identity with the provider role is at most 512 bytes (it is 513)"),
+        "{e}"
+    );
+    load(
+        &format!("{GOOD}{TLS}{}", roles(&identity(512), "provider")),
+        &[],
+    )
+    .unwrap();
+    load(
+        &format!("{GOOD}{TLS}{}", roles(&identity(2048), "agency")),
+        &[],
+    )
+    .unwrap();
+}
+
 #[test]
 fn a_pin_file_readable_by_others_is_a_warning() {
     use std::os::unix::fs::PermissionsExt as _;
