@@ -51,10 +51,8 @@ impl VerifiedWarrant {
         target: &str,
         time: OffsetDateTime,
     ) -> Result<(), Denial> {
-        if let Some(kids) = &self.claims().kids {
-            if !kids.iter().any(|k| k == kid) {
-                return Err(Denial::KeyNotAllowed(kid.to_string()));
-            }
+        if !self.allows_kid(kid) {
+            return Err(Denial::KeyNotAllowed(kid.to_string()));
         }
         if !self.targets_contain(target) {
             return Err(Denial::TargetNotInWarrant);

@@ -64,6 +64,9 @@ pub struct VerifiedWarrant {
 struct Signed {
     claims: Claims,
     target_set: HashSet<String>,
+    /// `kids` as a set (up to 1,000, looked up once an envelope), or
+    /// `None` when the warrant names none (every key allowed).
+    kid_set: Option<HashSet<String>>,
     digest: [u8; 32],
     normalized_digest: [u8; 32],
     /// [`super::claims::legacy_normalized_digest`]: `None` when it is
@@ -156,6 +159,14 @@ impl VerifiedWarrant {
     }
     pub(super) fn targets_contain(&self, target: &str) -> bool {
         self.signed.target_set.contains(target)
+    }
+    /// Whether escrow key `kid` may be used: the warrant names it, or
+    /// names no keys.
+    pub(super) fn allows_kid(&self, kid: &str) -> bool {
+        self.signed
+            .kid_set
+            .as_ref()
+            .is_none_or(|kids| kids.contains(kid))
     }
 }
 
@@ -294,9 +305,11 @@ impl Verifier {
         let normalized_digest = normalized_digest(jws.payload())?;
         let legacy_normalized_digest = legacy_normalized_digest(jws.payload())?;
         let target_set = claims.targets.iter().cloned().collect();
+        let kid_set = claims.kids.as_ref().map(|k| k.iter().cloned().collect());
         Ok(Signed {
             claims,
             target_set,
+            kid_set,
             digest,
             normalized_digest,
             legacy_normalized_digest,
