@@ -41,16 +41,11 @@ fn unwrapped(
     vault::statuses(&reply)
 }
 
-#[test]
-fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
-    let t = TestToken::new();
-    let pki = Pki::new(&t);
-    t.write_config(&serve_config(&vault::roles_toml()));
-    vault::generate_escrow_key(&t, "E-1");
-    let sound = vault::generate_escrow_key(&t, "E-2");
-
-    // E-1's pair replaced, with the PIN, by one whose private half can be
-    // read off the token; the store row made to agree.
+/// Replaces escrow key E-1's pair on `t`'s token, with the PIN, by one
+/// made outside lavd from the scalar 5: derive only, as lavd's own, with
+/// `odd` added to its private half; the store row made to agree. Returns
+/// the new public key.
+fn replace_e1<const N: usize>(t: &TestToken, odd: [Attribute; N]) -> lavd::jwk::P256PublicKey {
     let label = "lav-escrow:E-1";
     let session = t.session();
     for handle in session
@@ -60,17 +55,15 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
         session.destroy_object(handle).unwrap();
     }
     let (public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
+    session.create_object(&public).unwrap();
+    private.extend(softhsm_tests::only_usage(false));
+    private.extend(odd);
+    session.create_object(&private).unwrap();
+    drop(session);
     let point = p256::SecretKey::from_slice(&[5; 32])
         .unwrap()
         .public_key()
         .to_encoded_point(false);
-    session.create_object(&public).unwrap();
-    // Derive only, as lavd's own: what is wrong is only that it can be read
-    // off the token.
-    private.extend(softhsm_tests::only_usage(false));
-    private.extend([Attribute::Sensitive(false), Attribute::Extractable(true)]);
-    session.create_object(&private).unwrap();
-    drop(session);
     rusqlite::Connection::open(t.path("lavd.db"))
         .unwrap()
         .execute(
@@ -78,7 +71,24 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
             [point.as_bytes()],
         )
         .unwrap();
-    let replaced = lavd::jwk::P256PublicKey::from_sec1(point.as_bytes()).unwrap();
+    lavd::jwk::P256PublicKey::from_sec1(point.as_bytes()).unwrap()
+}
+
+#[test]
+fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
+    let t = TestToken::new();
+    let pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    let sound = vault::generate_escrow_key(&t, "E-2");
+
+    // E-1's pair replaced, with the PIN, by one whose private half can be
+    // read off the token (derive only, as lavd's own: what is wrong is only
+    // that); the store row made to agree.
+    let replaced = replace_e1(
+        &t,
+        [Attribute::Sensitive(false), Attribute::Extractable(true)],
+    );
 
     let daemon = Daemon::start(&t);
     daemon.wait_readyz(200);
@@ -377,30 +387,8 @@ fn a_key_the_token_cannot_destroy_is_refused_before_anything_is_recorded() {
     let _pki = Pki::new(&t);
     t.write_config(&serve_config(&vault::roles_toml()));
     vault::generate_escrow_key(&t, "E-1");
-    let label = "lav-escrow:E-1";
-    let session = t.session();
-    for handle in session
-        .find_objects(&[Attribute::Label(label.as_bytes().to_vec())])
-        .unwrap()
-    {
-        session.destroy_object(handle).unwrap();
-    }
-    let (public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
-    session.create_object(&public).unwrap();
-    private.extend(softhsm_tests::only_usage(false));
-    private.push(Attribute::Destroyable(false));
-    session.create_object(&private).unwrap();
-    drop(session);
-    let point = p256::SecretKey::from_slice(&[5; 32])
-        .unwrap()
-        .public_key()
-        .to_encoded_point(false);
+    replace_e1(&t, [Attribute::Destroyable(false)]);
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
-    db.execute(
-        "UPDATE escrow_keys SET public_sec1 = ?1 WHERE kid = 'E-1'",
-        [point.as_bytes()],
-    )
-    .unwrap();
     let leaves = |db: &rusqlite::Connection| -> i64 {
         db.query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
             .unwrap()
