@@ -107,18 +107,20 @@ pub enum KeyError {
     /// ([`crate::bounds::reason`]): it is stored and printed by `keys list`.
     #[error("--reason {0}")]
     ReasonInvalid(String),
-    /// The token holds key objects of this key that say `CKA_DESTROYABLE`
-    /// false, which it would refuse to destroy: nothing was recorded (a
-    /// private half so made is refused at look-up, so it opens nothing).
+    /// The token holds private key objects of this key that say
+    /// `CKA_DESTROYABLE` false, which it would refuse to destroy: nothing
+    /// was recorded (a private half so made is refused at look-up, so it
+    /// opens nothing).
     #[error(
-        "escrow key {kid}: {objects} of its key objects on the token say CKA_DESTROYABLE false, \
-         so the token would refuse to destroy them; nothing was recorded: remove them, or make \
-         them destroyable, with the token's own tools, then run this again"
+        "escrow key {kid:?}: {objects} of its private key objects on the token say \
+         CKA_DESTROYABLE false, so the token would refuse to destroy them; nothing was \
+         recorded: remove them, or make them destroyable, with the token's own tools, then run \
+         this again"
     )]
     NotDestroyable {
         /// The key.
         kid: String,
-        /// How many objects.
+        /// How many private key objects.
         objects: usize,
     },
     /// After destruction the token still reports the private key.

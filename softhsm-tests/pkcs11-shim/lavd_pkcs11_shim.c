@@ -18,11 +18,14 @@
  *                              # network HSM's work runs inside its round trip
  *   fault = none | device_removed | session_handle_invalid | device_error | hang
  *         | key_function_not_permitted | key_type_inconsistent | key_handle_invalid
+ *         | action_prohibited
  *                              # key_function_not_permitted, key_type_inconsistent:
  *                              # what a token answers a key its policy or type
  *                              # keeps from the operation; key_handle_invalid:
  *                              # a key handle that names nothing any more
- *                              # (the token's objects renumbered)
+ *                              # (the token's objects renumbered);
+ *                              # action_prohibited: what a token's policy
+ *                              # answers an object it will not destroy
  *   fault_calls = C_DeriveKey,C_Sign   # default: every call but the four below;
  *                              # each name one the module forwards
  *   fault_after = 0            # matching calls let through first (since the last change)
@@ -292,6 +295,9 @@ static int parse(FILE *f, struct settings *out, char *why, size_t why_len)
 			} else if (!strcmp(value, "key_handle_invalid")) {
 				out->fault = FAULT_RV;
 				out->fault_rv = CKR_KEY_HANDLE_INVALID;
+			} else if (!strcmp(value, "action_prohibited")) {
+				out->fault = FAULT_RV;
+				out->fault_rv = CKR_ACTION_PROHIBITED;
 			} else {
 				REFUSE("unknown fault `%.200s`", value);
 			}

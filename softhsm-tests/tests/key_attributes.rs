@@ -43,9 +43,13 @@ fn unwrapped(
 
 /// Replaces escrow key E-1's pair on `t`'s token, with the PIN, by one
 /// made outside lavd from the scalar 5: derive only, as lavd's own, with
-/// `odd` added to its private half; the store row made to agree. Returns
-/// the new public key.
-fn replace_e1<const N: usize>(t: &TestToken, odd: [Attribute; N]) -> lavd::jwk::P256PublicKey {
+/// `odd` added to its private half and `odd_public` to its public half;
+/// the store row made to agree. Returns the new public key.
+fn replace_e1<const N: usize, const M: usize>(
+    t: &TestToken,
+    odd: [Attribute; N],
+    odd_public: [Attribute; M],
+) -> lavd::jwk::P256PublicKey {
     let label = "lav-escrow:E-1";
     let session = t.session();
     for handle in session
@@ -54,7 +58,8 @@ fn replace_e1<const N: usize>(t: &TestToken, odd: [Attribute; N]) -> lavd::jwk::
     {
         session.destroy_object(handle).unwrap();
     }
-    let (public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
+    let (mut public, mut private) = softhsm_tests::p256_key_objects(label, &[5; 32], true);
+    public.extend(odd_public);
     session.create_object(&public).unwrap();
     private.extend(softhsm_tests::only_usage(false));
     private.extend(odd);
@@ -88,6 +93,7 @@ fn an_exportable_private_key_under_a_label_is_neither_published_nor_used() {
     let replaced = replace_e1(
         &t,
         [Attribute::Sensitive(false), Attribute::Extractable(true)],
+        [],
     );
 
     let daemon = Daemon::start(&t);
@@ -387,7 +393,7 @@ fn a_key_the_token_cannot_destroy_is_refused_before_anything_is_recorded() {
     let _pki = Pki::new(&t);
     t.write_config(&serve_config(&vault::roles_toml()));
     vault::generate_escrow_key(&t, "E-1");
-    replace_e1(&t, [Attribute::Destroyable(false)]);
+    replace_e1(&t, [Attribute::Destroyable(false)], []);
     let db = rusqlite::Connection::open(t.path("lavd.db")).unwrap();
     let leaves = |db: &rusqlite::Connection| -> i64 {
         db.query_row("SELECT count(*) FROM audit_leaves", [], |r| r.get(0))
@@ -400,7 +406,10 @@ fn a_key_the_token_cannot_destroy_is_refused_before_anything_is_recorded() {
     ]);
     let stderr = softhsm_tests::assert_fails_with(&out, 1, "key_not_destroyable");
     assert!(
-        stderr.contains("1 of its key objects on the token say CKA_DESTROYABLE false"),
+        stderr.contains(
+            "escrow key \"E-1\": 1 of its private key objects on the token say CKA_DESTROYABLE \
+             false"
+        ),
         "{stderr}"
     );
     assert!(t.holds_escrow_key("E-1"));
@@ -413,4 +422,86 @@ fn a_key_the_token_cannot_destroy_is_refused_before_anything_is_recorded() {
         .unwrap();
     assert_eq!(destroyed, None);
     assert_eq!(leaves(&db), before, "a refused destruction logged a leaf");
+}
+
+/// A public half that says `CKA_DESTROYABLE` false does not stop a
+/// destruction: a public key opens nothing, and refusing for it would keep
+/// in use a key an operator is destroying. The private half goes, the
+/// destruction is recorded, and the public half left is said in a warning.
+#[test]
+fn a_public_half_the_token_cannot_destroy_does_not_stop_a_destruction() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    t.write_config(&serve_config(&vault::roles_toml()));
+    vault::generate_escrow_key(&t, "E-1");
+    replace_e1(&t, [], [Attribute::Destroyable(false)]);
+    let out = t.lavd_with_config(&[
+        "keys", "destroy", "--kid", "E-1", "--force", "--reason", "seized",
+    ]);
+    softhsm_tests::assert_ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the token refuses to destroy a public key object under the label"),
+        "{stderr}"
+    );
+    assert!(!t.holds_escrow_key("E-1"));
+    let destroyed: Option<String> = rusqlite::Connection::open(t.path("lavd.db"))
+        .unwrap()
+        .query_row(
+            "SELECT destroyed_at FROM escrow_keys WHERE kid = 'E-1'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(destroyed.is_some());
+}
+
+/// A token whose policy alone refuses `C_DestroyObject`
+/// (`CKR_ACTION_PROHIBITED`, the fault module standing in for it: no
+/// attribute says so beforehand) fails the destruction `key_not_destroyable`,
+/// not a retryable `hsm_unavailable`; the store's mark and its leaf were
+/// already committed (the store, then the HSM), so lavd uses the key no
+/// more, and a run once the token allows it finishes the destruction.
+#[test]
+fn a_destruction_the_tokens_policy_refuses_is_key_not_destroyable() {
+    let t = TestToken::new();
+    let _pki = Pki::new(&t);
+    let shim = softhsm_tests::Shim::new(&t);
+    t.write_config_with(
+        &softhsm_tests::shim_module_path(),
+        2,
+        &format!("{}{}", serve_config(&vault::roles_toml()), shim.hsm_env()),
+    );
+    // The key that signs the log, in which the second run proves the
+    // destruction's leaf before finishing it.
+    softhsm_tests::assert_ok(&t.lavd_with_config(&["keys", "generate-audit"]));
+    vault::generate_escrow_key(&t, "E-1");
+    shim.set("fault = action_prohibited\nfault_calls = C_DestroyObject");
+    let destroy = || {
+        t.lavd_with_config(&[
+            "keys", "destroy", "--kid", "E-1", "--force", "--reason", "seized",
+        ])
+    };
+    let stderr = softhsm_tests::assert_fails_with(&destroy(), 1, "key_not_destroyable");
+    assert!(
+        stderr.contains("the token refuses to destroy the key object under \"lav-escrow:E-1\""),
+        "{stderr}"
+    );
+    assert!(shim.faults() >= 1);
+    assert!(t.holds_escrow_key("E-1"));
+    let destroyed = || -> Option<String> {
+        rusqlite::Connection::open(t.path("lavd.db"))
+            .unwrap()
+            .query_row(
+                "SELECT destroyed_at FROM escrow_keys WHERE kid = 'E-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert!(destroyed().is_some(), "the mark goes first");
+
+    shim.set("");
+    softhsm_tests::assert_ok(&destroy());
+    assert!(!t.holds_escrow_key("E-1"));
 }

@@ -835,29 +835,45 @@ impl Hsm {
             if !privates.is_empty() {
                 had.set(true);
             }
-            for handle in privates.into_iter().chain(publics) {
+            for handle in privates {
                 destroy_if_present(session, handle, &label)?;
+            }
+            // A public half the token refuses to destroy, once the private
+            // ones are gone, opens nothing: said, not a failed destruction.
+            for handle in publics {
+                match destroy_if_present(session, handle, &label) {
+                    Err(HsmError::KeyNotDestroyable(_)) => tracing::warn!(
+                        label = %label,
+                        "the token refuses to destroy a public key object under the label \
+                         (CKR_ACTION_PROHIBITED); the private key is destroyed, so it opens \
+                         nothing: remove it with the token's own tools"
+                    ),
+                    other => other?,
+                }
             }
             Ok(had.get())
         })?;
         Ok(had_now || had.get())
     }
 
-    /// How many of the objects [`Hsm::destroy_escrow_key`] would destroy
-    /// for escrow key `kid` say `CKA_DESTROYABLE` false: the token would
-    /// refuse to destroy them (`CKR_ACTION_PROHIBITED`). Asked before a
-    /// destruction is recorded, so that the log never says destroyed a key
-    /// that stays. An object whose token does not know the attribute
-    /// (before PKCS#11 2.40) counts as destroyable, its default.
+    /// How many of the private halves [`Hsm::destroy_escrow_key`] would
+    /// destroy for escrow key `kid` say `CKA_DESTROYABLE` false: the token
+    /// would refuse to destroy them (`CKR_ACTION_PROHIBITED`). Asked before
+    /// a destruction is recorded, so that the log never says destroyed a
+    /// private key that stays. Public halves are not asked: one left on the
+    /// token opens nothing, and refusing for it would keep a key in use
+    /// that an operator is destroying. An object whose token does not know
+    /// the attribute (before PKCS#11 2.40) counts as destroyable, its
+    /// default.
     ///
     /// # Errors
     /// The failing PKCS#11 call.
     pub fn escrow_key_objects_not_destroyable(&self, kid: &str) -> Result<usize, HsmError> {
         let label = escrow_label(kid);
         self.with_session("escrow_key_objects_not_destroyable", |session| {
-            let (privates, publics) = escrow_key_objects(session, &label)?;
+            let (privates, _) = escrow_key_objects(session, &label)?;
             let mut kept = 0;
-            for handle in privates.into_iter().chain(publics) {
+            for handle in privates {
                 let read = match session.get_attributes(handle, &[AttributeType::Destroyable]) {
                     // Gone since the search: nothing to keep.
                     Err(e) if stale_handle(&e) => continue,

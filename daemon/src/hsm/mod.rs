@@ -681,20 +681,27 @@ impl Hsm {
         // on a token that answers (each probe would reset the module for
         // nothing, holding every call back, and count a reconnection).
         let check = |h: &Hsm| {
-            h.ready()
-                .map_err(|e| (format!("no logged-in session: {e}"), !e.is_busy()))?;
+            h.ready().map_err(|e| {
+                if e.is_busy() {
+                    // Its sessions are logged in, only held.
+                    (e.to_string(), false)
+                } else {
+                    (format!("no logged-in session: {e}"), true)
+                }
+            })?;
             has_key(h).map_err(|e| (e.to_string(), !e.is_key_fault() && !e.is_busy()))
         };
         check(self).or_else(|(first, resettable)| {
-            if !resettable {
-                return Err(first);
-            }
             // A refused PIN is not a module fault: a reset would end the
-            // sessions still logged in, and could not log in again.
+            // sessions still logged in, and could not log in again. Said
+            // whatever else failed.
             if let Some(ckr) = self.login_refused() {
                 return Err(format!(
                     "{first}; the token refused the PIN ({ckr}): replace it and reload or restart"
                 ));
+            }
+            if !resettable {
+                return Err(first);
             }
             match self.reset_module() {
                 Ok(()) => check(self).map_err(|(again, _)| again),
