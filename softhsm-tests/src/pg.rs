@@ -309,6 +309,9 @@ impl CutAtCommit {
     const COMMIT: &'static [u8] = b"Q\x00\x00\x00\x0bCOMMIT\x00";
     const AFTER: u8 = 1;
     const BEFORE: u8 = 2;
+    /// Forward the trigger, then answer the client in the server's stead
+    /// with a PANIC and close ([`Self::arm_panic_after_sending`]).
+    const PANIC: u8 = 3;
 
     /// Listens on a free local port and forwards each connection to the
     /// server on `port`.
@@ -367,9 +370,28 @@ impl CutAtCommit {
         else {
             return;
         };
+        // Set before a trigger armed with PANIC is forwarded: the server's
+        // answers to it are then dropped, and the client hears the forged
+        // one only.
+        let held = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let held_here = held.clone();
         std::thread::spawn(move || {
-            let _ = std::io::copy(&mut from_server, &mut to_client);
-            let _ = to_client.shutdown(std::net::Shutdown::Both);
+            let mut chunk = [0u8; 64 * 1024];
+            loop {
+                let n = match from_server.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if held_here.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if to_client.write_all(&chunk[..n]).is_err() {
+                    break;
+                }
+            }
+            if !held_here.load(Ordering::SeqCst) {
+                let _ = to_client.shutdown(std::net::Shutdown::Both);
+            }
         });
         let mut buf = [0u8; 64 * 1024];
         // Whether this connection has sent the bytes `after` waits for.
@@ -406,14 +428,46 @@ impl CutAtCommit {
             } else {
                 0
             };
+            if mode == Self::PANIC {
+                held.store(true, Ordering::SeqCst);
+            }
             if mode != Self::BEFORE && server.write_all(&buf[..n]).is_err() {
                 break;
+            }
+            if mode == Self::PANIC {
+                // Counted before the client can hear its answer.
+                cuts.fetch_add(1, Ordering::SeqCst);
+                // An ErrorResponse (PostgreSQL protocol 3): severity PANIC,
+                // SQLSTATE XX000, as a backend that crashed answering.
+                let mut fields = Vec::new();
+                for (tag, value) in [
+                    (b'S', "PANIC"),
+                    (b'V', "PANIC"),
+                    (b'C', "XX000"),
+                    (b'M', "forged by the test proxy: the server crashed"),
+                ] {
+                    fields.push(tag);
+                    fields.extend_from_slice(value.as_bytes());
+                    fields.push(0);
+                }
+                fields.push(0);
+                let mut message = vec![b'E'];
+                message.extend_from_slice(&(4 + fields.len() as u32).to_be_bytes());
+                message.extend_from_slice(&fields);
+                let _ = client.write_all(&message);
+                let _ = client.flush();
+                // The client reads it before the connection ends (a write
+                // of its refused by a socket already shut would end its
+                // connection first, the answer unread).
+                std::thread::sleep(Duration::from_millis(300));
             }
             if mode != 0 {
                 if darken.swap(false, Ordering::SeqCst) {
                     dark.store(true, Ordering::SeqCst);
                 }
-                cuts.fetch_add(1, Ordering::SeqCst);
+                if mode != Self::PANIC {
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                }
                 // The client hears nothing more. After: the server still
                 // reads the COMMIT before it sees the connection end.
                 // Before: it never gets it, and rolls back.
@@ -448,6 +502,16 @@ impl CutAtCommit {
     pub fn arm_after_sending(&self, text: &[u8]) {
         self.set_trigger(text);
         self.armed.store(Self::AFTER, Ordering::SeqCst);
+    }
+
+    /// Forwards the next client message holding `text` (which the server
+    /// runs and, in autocommit, commits), then answers it in the server's
+    /// stead with an error of severity PANIC (SQLSTATE XX000) and cuts the
+    /// connection: what a client hears from a backend that crashed as it
+    /// answered, while the server's own answer is dropped.
+    pub fn arm_panic_after_sending(&self, text: &[u8]) {
+        self.set_trigger(text);
+        self.armed.store(Self::PANIC, Ordering::SeqCst);
     }
 
     /// Cuts the connection of the next COMMIT, just after forwarding it,

@@ -2152,6 +2152,32 @@ fn postgres_a_reservation_whose_answer_is_lost_is_cancelled() {
     assert_eq!(store.spent("L").unwrap(), Some(0));
 }
 
+/// A reservation answered with a PANIC (a backend that crashed as it
+/// answered; crash recovery may still replay the statement's commit) is
+/// cancelled as one whose answer was lost: its units are free at once, and
+/// no intent is left for a sweep to log as `open_interrupted` (opens that
+/// never began). Before, only a lost connection, class 08 and 57P0 counted
+/// as the server lost, and a PANIC left the reservation held for its lease.
+#[test]
+fn postgres_a_reservation_answered_with_a_panic_is_cancelled() {
+    let db = TestDb::create();
+    let proxy = softhsm_tests::pg::CutAtCommit::start(softhsm_tests::pg::port());
+    let store = PgStore::connect(&db.settings_via(proxy.port())).unwrap();
+    store.register(&record("L", 1, 1, false, 2)).unwrap();
+    let (bytes, _) = intent("L", 2);
+    proxy.arm_panic_after_sending(b"lavd_reserve_intent");
+    let lost = store.reserve_with_intent("L", &bytes);
+    assert_eq!(proxy.cuts(), 1, "the proxy never saw the reservation");
+    let e = lost.unwrap_err();
+    assert!(e.to_string().contains("forged by the test proxy"), "{e:?}");
+    assert_eq!(db.rows("cancelled_reservations"), 1);
+    assert_eq!(db.rows("warrant_reservations"), 0);
+    assert_eq!(db.rows("open_intents"), 0);
+    let again = store.reserve_with_intent("L", &bytes).unwrap();
+    assert_eq!(again.granted(), 2);
+    store.settle(again, 0).unwrap();
+}
+
 /// A reservation statement that reaches the warrant's lock after its cancel
 /// (queued behind it on the server) grants nothing: the cancel's tombstone
 /// answers it 'cancelled', and no reservation or intent is made.

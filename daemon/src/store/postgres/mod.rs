@@ -739,7 +739,9 @@ pub(super) fn commit_fate_unknown(
 
 /// Whether `e` says the server could not be had or was lost: no
 /// connection within the wait, a connection closed or failing (an I/O
-/// error, class 08), or the server shutting down (57P0). Not a client-side
+/// error, class 08), the server shutting down (57P0), or a PANIC (a
+/// backend that crashed as it answered; crash recovery may replay what it
+/// had committed, as [`commit_fate_unknown`] says). Not a client-side
 /// error (a parameter that would not encode), which has no SQLSTATE either.
 fn server_lost(e: &StoreError) -> bool {
     match e {
@@ -747,6 +749,10 @@ fn server_lost(e: &StoreError) -> bool {
         StoreError::Postgres { error, .. } => {
             error.is_closed()
                 || error.code().is_some_and(commit_may_have_landed)
+                || error
+                    .as_db_error()
+                    .and_then(|d| d.parsed_severity())
+                    .is_some_and(|s| s == postgres::error::Severity::Panic)
                 || std::error::Error::source(error).is_some_and(|s| s.is::<std::io::Error>())
         }
         _ => false,
